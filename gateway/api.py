@@ -1,0 +1,282 @@
+"""The gateway's HTTP JSON API: sandbox state and logs, for people, scripts and agents alike.
+
+Read-only views over the store. A sandbox's ``state`` is derived here, at read time, from what the
+store records (session, disconnect time, exit), so it can never go stale in the database:
+
+- ``exited``: its main process has exited (the exit code is known);
+- ``connected``: a supervisor session is up;
+- ``lost``: disconnected for longer than ``lost_after_s``;
+- ``disconnected``: was connected, is not, for less than that;
+- ``pending``: registered but never connected.
+
+Logs come as a JSON tail, or with ``follow=1`` as a stream of NDJSON lines (one event per line)
+that first sends the tail and then each event as the gateway stores it, until the client goes away
+(or, with ``until_exit=1``, until the sandbox has exited and everything up to its exit is sent).
+A follower wakes on the event store's in-process notification and otherwise re-checks every
+second, so a missed wake-up costs latency, never events: the database is always the source.
+
+Every error is a JSON object ``{"error": "..."}`` with a fitting status; a follow stream that
+fails after it started (the headers are gone by then) ends with such an object as its last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.store import EventStore, SandboxRow, SandboxStore, StoredEvent, StoreError, utcnow
+from gateway.store.schema import EVENT_KINDS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TAIL = 100
+MAX_TAIL = 10_000
+#: A follower re-checks the store at least this often, whether or not it was woken.
+FOLLOW_WAKE_S = 1.0
+FOLLOW_PAGE = 1000
+NDJSON = "application/x-ndjson"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def sandbox_state(row: SandboxRow, now: datetime, lost_after_s: float) -> str:
+    """The derived state of a sandbox (see the module docstring)."""
+    if row.exit_code is not None:
+        return "exited"
+    if row.connected:
+        return "connected"
+    if row.disconnected_at is not None:
+        if (now - row.disconnected_at).total_seconds() > lost_after_s:
+            return "lost"
+        return "disconnected"
+    if row.connected_at is not None:
+        return "disconnected"
+    return "pending"
+
+
+def sandbox_json(row: SandboxRow, now: datetime, lost_after_s: float) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "driver": row.driver,
+        "state": sandbox_state(row, now, lost_after_s),
+        "connected": row.connected,
+        "created_at": _iso(row.created_at),
+        "connected_at": _iso(row.connected_at),
+        "disconnected_since": None if row.connected else _iso(row.disconnected_at),
+        "last_heartbeat_at": _iso(row.last_heartbeat_at),
+        "exit_code": row.exit_code,
+        "exited_at": _iso(row.exited_at),
+        "instance_id": row.instance_id,
+        "session_id": row.session_id,
+        "journal_epoch": row.journal_epoch,
+    }
+
+
+def event_json(event: StoredEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "sequence": event.sequence,
+        "journal_epoch": event.journal_epoch,
+        "timestamp_ms": event.timestamp_ms,
+        "kind": event.kind,
+        "stream": event.stream,
+        "message": event.message,
+        "data": event.data,
+    }
+
+
+def _ndjson(objects: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objects).encode()
+
+
+class ApiError(Exception):
+    """An error answer; raised by handlers, turned into ``{"error": message}`` by the middleware."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+    except web.HTTPException as exc:
+        # aiohttp's own answers (unknown route, wrong method) come as text/plain; an API client
+        # should be able to parse every error the same way.
+        if exc.status < 400:
+            raise
+        message = exc.reason if exc.status != 404 else f"no such resource: {request.path}"
+        return web.json_response({"error": message}, status=exc.status, headers=_allow(exc))
+    except StoreError as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {raw!r}")
+    return value
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ApiError(400, f"{name} must be 1 or 0 (true or false), got {request.query[name]!r}")
+
+
+def _kinds_param(request: web.Request) -> list[str] | None:
+    raw = request.query.get("kinds")
+    if raw is None or raw == "":
+        return None
+    kinds = [k.strip() for k in raw.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in EVENT_KINDS]
+    if unknown or not kinds:
+        raise ApiError(400, f"kinds must be a comma-separated list of {', '.join(EVENT_KINDS)}, got {raw!r}")
+    return kinds
+
+
+class _Api:
+    def __init__(
+        self,
+        sandboxes: SandboxStore,
+        events: EventStore,
+        lost_after_s: float,
+        now: Callable[[], datetime],
+    ) -> None:
+        self.sandboxes = sandboxes
+        self.events = events
+        self.lost_after_s = lost_after_s
+        self.now = now
+
+    async def _sandbox(self, request: web.Request) -> SandboxRow:
+        sandbox_id = request.match_info["id"]
+        row = await self.sandboxes.get(sandbox_id)
+        if row is None:
+            raise ApiError(404, f"no sandbox {sandbox_id!r}")
+        return row
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def list_sandboxes(self, request: web.Request) -> web.StreamResponse:
+        rows = await self.sandboxes.list()
+        now = self.now()
+        return web.json_response({"sandboxes": [sandbox_json(r, now, self.lost_after_s) for r in rows]})
+
+    async def get_sandbox(self, request: web.Request) -> web.StreamResponse:
+        row = await self._sandbox(request)
+        return web.json_response(sandbox_json(row, self.now(), self.lost_after_s))
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        tail = _int_param(request, "tail", DEFAULT_TAIL, 0, MAX_TAIL)
+        kinds = _kinds_param(request)
+        follow = _bool_param(request, "follow")
+        until_exit = _bool_param(request, "until_exit")
+        row = await self._sandbox(request)
+        if follow:
+            return await self._follow(request, row.id, tail, kinds, until_exit)
+        found = await self.events.tail(row.id, tail, kinds=kinds) if tail else []
+        return web.json_response({"sandbox_id": row.id, "events": [event_json(e) for e in found]})
+
+    async def _follow(
+        self, request: web.Request, sandbox_id: str, tail: int, kinds: list[str] | None, until_exit: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            # Reverse proxies (an nginx ingress, say) would otherwise hold lines back in a buffer.
+            headers={"Content-Type": NDJSON, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        try:
+            # The newest id overall is read before the tail, so an event stored in between is either
+            # in the tail or after the cursor: nothing falls between the two.
+            newest = await self.events.tail(sandbox_id, 1)
+            cursor = newest[-1].id if newest else 0
+            first = await self.events.tail(sandbox_id, tail, kinds=kinds) if tail else []
+            if first:
+                cursor = max(cursor, first[-1].id)
+                await response.write(_ndjson([event_json(e) for e in first]))
+            while not _gone(request):
+                # Read the exit before the events: the exit and its record commit together, so once
+                # the exit is seen, one more empty page proves that everything up to it was sent.
+                exited = until_exit and await self._exited_or_gone(sandbox_id)
+                page = await self.events.after(sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds)
+                if page:
+                    cursor = page[-1].id
+                    await response.write(_ndjson([event_json(e) for e in page]))
+                    if len(page) == FOLLOW_PAGE:
+                        continue
+                if exited:
+                    break
+                if not page:
+                    await self.events.wait_for_new(sandbox_id, FOLLOW_WAKE_S)
+        except ConnectionResetError:
+            return response
+        except StoreError as exc:
+            log.warning("following the logs of %s: %s", sandbox_id, exc)
+            try:
+                await response.write(_ndjson([{"error": f"store unavailable: {exc}"}]))
+            except ConnectionResetError:
+                return response
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    async def _exited_or_gone(self, sandbox_id: str) -> bool:
+        row = await self.sandboxes.get(sandbox_id)
+        return row is None or row.exit_code is not None
+
+
+def _gone(request: web.Request) -> bool:
+    # aiohttp does not cancel a handler when its client leaves, and a quiet follower writes
+    # nothing that could fail; so look at the connection before each wait.
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def build_api(
+    *,
+    sandboxes: SandboxStore,
+    events: EventStore,
+    lost_after_s: float,
+    now: Callable[[], datetime] = utcnow,
+) -> web.Application:
+    """The API as an aiohttp application, to run on its own or to mount under another app."""
+    api = _Api(sandboxes, events, lost_after_s, now)
+    app = web.Application(middlewares=[_json_errors])
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
+    app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)
+    app.router.add_get("/api/v1/sandboxes/{id}/logs", api.logs)
+    return app

@@ -1,0 +1,150 @@
+"""The gateway process: one object that owns every server and background task.
+
+``Gateway.start`` opens the database (running migrations), starts the gRPC server (our
+service plus the standard gRPC health service) and the HTTP API, and the task that flushes
+heartbeat times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
+period, flushes once more and closes the database, in that order, so nothing acknowledged is
+left unwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gateway.api import build_api
+from gateway.config import GatewayConfig
+from gateway.server import OpenShellService, server_options
+from gateway.sessions import SessionRegistry
+from gateway.store import Database, EventStore, SandboxStore
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class GatewayStartError(Exception):
+    """The gateway cannot start; the message says why (port taken, database unreachable...)."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise GatewayStartError(f"{address!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.registry = SessionRegistry()
+        self.db: Database | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._sandboxes: SandboxStore | None = None
+
+    @property
+    def sandboxes(self) -> SandboxStore:
+        assert self._sandboxes is not None, "start() first"
+        return self._sandboxes
+
+    @property
+    def grpc_address(self) -> str:
+        host, _ = split_host_port(self.config.grpc.listen)
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        host, _ = split_host_port(self.config.http.listen)
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.http_port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.db = await Database.open(cfg.database.url, migrate=cfg.database.migrate_on_start)
+        self._sandboxes = SandboxStore(self.db)
+        events = EventStore(self.db)
+
+        server = aio.server(options=list(server_options(cfg)))
+        pb_grpc.add_OpenShellServicer_to_server(
+            OpenShellService(config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events),
+            server,
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        try:
+            self.grpc_port = server.add_insecure_port(cfg.grpc.listen)
+        except RuntimeError as exc:
+            await self.db.close()
+            raise GatewayStartError(f"cannot listen for gRPC on {cfg.grpc.listen}: {exc}") from None
+        await server.start()
+        self._server = server
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
+
+        app = build_api(sandboxes=self._sandboxes, events=events, lost_after_s=cfg.sessions.lost_after_s)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, port = split_host_port(cfg.http.listen)
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await self.stop()
+            raise GatewayStartError(f"cannot listen for HTTP on {cfg.http.listen}: {exc.strerror}") from None
+        self._runner = runner
+        # With port 0 the kernel picks one; the runner knows which.
+        self.http_port = int(runner.addresses[0][1]) if runner.addresses else port
+        self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flusher")
+        log.info(
+            "gateway ready",
+            extra={"grpc": self.grpc_address, "http": self.http_url, "database": _mask(cfg.database.url)},
+        )
+
+    async def _flush_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sessions.heartbeat_flush_interval_s)
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        beats = self.registry.take_heartbeats()
+        if beats and self._sandboxes is not None:
+            try:
+                await self._sandboxes.record_heartbeats(beats)
+            except Exception:  # a failed flush must not kill the flusher; the next one retries
+                log.exception("heartbeat flush failed")
+
+    async def stop(self) -> None:
+        self.registry.close_all("gateway shutting down")
+        if self._server is not None:
+            await self._server.stop(self.config.grpc.shutdown_grace_s)
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+            await self._flush_once()
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+        log.info("gateway stopped")
+
+
+def _mask(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -1,0 +1,159 @@
+"""``openshell-gateway``: the control plane's command line.
+
+    openshell-gateway serve   [--config FILE] [--grpc-listen H:P] [--http-listen H:P]
+                              [--database-url URL] [--set K=V]
+    openshell-gateway migrate [--config FILE] [--database-url URL]
+    openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
+    openshell-gateway status  [--api URL] [--lines N] [--json]
+    openshell-gateway config check FILE | config schema
+
+Flags override the environment (OPENSHELL_GATEWAY_*), which overrides the file, which overrides
+the defaults. Every configuration problem is reported with its key path, exit status 78.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig
+from openshell_wire.configfile import ConfigError, deep_merge, load_settings, parse_set_flags
+from openshell_wire.logsetup import setup_logging
+
+EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--grpc-listen", help="host:port for supervisors")
+    p.add_argument("--http-listen", help="host:port for the HTTP API")
+    p.add_argument("--database-url", help="SQLAlchemy async URL")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting by dotted key"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openshell-gateway", description="OpenShell gateway (control plane)"
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _common(sub.add_parser("serve", help="run the gateway"))
+    _common(sub.add_parser("migrate", help="bring the database schema up to date and exit"))
+    demo = sub.add_parser("demo", help="gateway on SQLite + one local demo sandbox, then its status")
+    _common(demo)
+    demo.add_argument(
+        "--steps", type=int, default=12, help="how many steps the demo agent takes (0.5 s each)"
+    )
+    demo.add_argument("--keep-running", action="store_true", help="stay up after the sandbox exits")
+    status = sub.add_parser("status", help="list sandboxes with their state and last log lines")
+    status.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
+    status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
+    status.add_argument("--json", action="store_true", help="print the API's JSON")
+    config = sub.add_parser("config", help="check a config file or print the schema")
+    csub = config.add_subparsers(dest="config_cmd", required=True)
+    check = csub.add_parser("check", help="validate FILE and report every problem by key path")
+    check.add_argument("file", type=Path)
+    csub.add_parser("schema", help="print the JSON Schema of the config")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    if args.grpc_listen:
+        flags["grpc"] = {"listen": args.grpc_listen}
+    if args.http_listen:
+        flags["http"] = {"listen": args.http_listen}
+    if args.database_url:
+        flags["database"] = {"url": args.database_url}
+    if args.log_level:
+        flags["log_level"] = args.log_level
+    if args.log_format:
+        flags["log_format"] = args.log_format
+    return deep_merge(parse_set_flags(args.set), flags)
+
+
+async def _serve(config: GatewayConfig) -> None:
+    from gateway.app import Gateway  # noqa: PLC0415
+
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+async def _migrate(config: GatewayConfig) -> None:
+    from gateway.store import Database  # noqa: PLC0415
+
+    db = await Database.open(config.database.url, migrate=True)
+    await db.close()
+    print("database schema is up to date")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "config":
+        if args.config_cmd == "schema":
+            print(json.dumps(GatewayConfig.model_json_schema(), indent=2))
+            return 0
+        try:
+            load_settings(GatewayConfig, file=args.file, use_env=False)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EX_CONFIG
+        print(f"{args.file}: ok")
+        return 0
+    if args.cmd == "status":
+        from gateway.status import StatusError, fetch_status, render  # noqa: PLC0415
+
+        try:
+            sandboxes = asyncio.run(fetch_status(args.api.rstrip("/"), lines=max(0, args.lines)))
+        except StatusError as exc:
+            print(f"openshell-gateway: {exc}", file=sys.stderr)
+            return EX_UNAVAILABLE
+        if args.json:
+            print(json.dumps(sandboxes, indent=2))
+        else:
+            print(render(sandboxes))
+        return 0
+    try:
+        config = load_settings(GatewayConfig, file=args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level, config.log_format)
+    from gateway.app import GatewayStartError  # noqa: PLC0415
+    from gateway.store import StoreError  # noqa: PLC0415
+
+    try:
+        if args.cmd == "serve":
+            asyncio.run(_serve(config))
+        elif args.cmd == "migrate":
+            asyncio.run(_migrate(config))
+        else:
+            from gateway.demo import run_demo  # noqa: PLC0415
+
+            return asyncio.run(run_demo(config, steps=args.steps, keep_running=args.keep_running))
+    except (GatewayStartError, StoreError) as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""The supervisor-facing gRPC service ``openshell.v1.OpenShell``.
+
+ConnectSupervisor is a state machine per stream (docs/protocol.md draws it):
+
+    AWAIT_HELLO --hello ok--> ACCEPTED --events/heartbeats--> ... --end/stale/replaced--> CLOSED
+         \\--bad hello / timeout--> SessionRejected, CLOSED
+
+A reader task moves the supervisor's messages into the session's inbox; the handler takes
+them one at a time, so events of one sandbox are stored in order, and an acknowledgement is
+sent only after the transaction that stored them has committed. Silence longer than the stale
+bound ends the stream: a blackholed supervisor cannot hold a session forever.
+
+Supervisors that speak only the upstream subset get the upstream behaviour: SessionAccepted,
+heartbeats both ways, and their logs and exit arrive through PushSandboxLogs and
+ReportMainProcessExit, which carry no sequence numbers (the store numbers them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from gateway.config import GatewayConfig
+from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
+from gateway.store import EventStore, SandboxStore
+from openshell_wire import __version__
+from openshell_wire.convert import WireError, event_from_proto
+from openshell_wire.records import (
+    ALL_CAPABILITIES,
+    CAP_EVENTS,
+    Event,
+    JournalEpoch,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    LogStream,
+    Payload,
+    SandboxId,
+)
+from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Ctx = aio.ServicerContext[Any, Any]
+
+#: DNS-1123 subdomain: what a Kubernetes object name (and so a sandbox id) may be.
+_SANDBOX_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class ProtocolError(Exception):
+    """The supervisor sent something not valid at this point; the stream ends with the reason."""
+
+
+def validate_sandbox_id(sandbox_id: str) -> str | None:
+    """None when valid, else the reason."""
+    if not sandbox_id:
+        return "hello without sandbox_id"
+    if not _SANDBOX_ID.match(sandbox_id):
+        return (
+            f"sandbox_id {sandbox_id[:80]!r} is not a valid name (lowercase letters, digits, '-' and '.', "
+            "at most 253 characters, starting and ending alphanumeric)"
+        )
+    return None
+
+
+def _reject(code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0) -> pb.GatewayMessage:
+    msg = pb.GatewayMessage()
+    msg.session_rejected.reason = reason
+    msg.session_rejected.code = code
+    msg.session_rejected.retry_after_ms = retry_after_ms
+    return msg
+
+
+class OpenShellService(pb_grpc.OpenShellServicer):
+    def __init__(
+        self, *, config: GatewayConfig, registry: SessionRegistry, sandboxes: SandboxStore, events: EventStore
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._sandboxes = sandboxes
+        self._events = events
+        self._owner = f"gateway-{id(self):x}"
+
+    # -- ConnectSupervisor ---------------------------------------------------------------
+
+    async def ConnectSupervisor(
+        self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        peer = context.peer()
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), self._config.grpc.hello_timeout_s)
+        except (TimeoutError, StopAsyncIteration):
+            log.info("stream closed before hello", extra={"peer": peer})
+            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received")
+            return
+        if first.WhichOneof("payload") != "hello":
+            kind = first.WhichOneof("payload") or "an unknown message kind"
+            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, f"the first message must be hello, got {kind}")
+            return
+        hello = first.hello
+        problem = validate_sandbox_id(hello.sandbox_id)
+        if problem is not None:
+            log.info("hello rejected: %s", problem, extra={"peer": peer})
+            yield _reject(pb.REJECT_CODE_INVALID_HELLO, problem)
+            return
+        sandbox_id = SandboxId(hello.sandbox_id)
+        if not self._config.sessions.register_unknown and await self._sandboxes.get(sandbox_id) is None:
+            yield _reject(
+                pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+            )
+            return
+        capabilities = frozenset(hello.capabilities) & frozenset(ALL_CAPABILITIES)
+        events_mode = CAP_EVENTS in capabilities
+        if events_mode and not hello.journal_epoch:
+            yield _reject(
+                pb.REJECT_CODE_INVALID_HELLO, "capability 'events' needs a journal_epoch in the hello"
+            )
+            return
+        epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
+
+        await self._sandboxes.ensure(sandbox_id)
+        resume_after = await self._events.high_water_mark(sandbox_id, epoch) if events_mode else 0
+        session = self._registry.open(
+            sandbox_id=sandbox_id,
+            instance_id=hello.instance_id,
+            journal_epoch=epoch,
+            capabilities=capabilities,
+        )
+        now = datetime.now(UTC)
+        await self._sandboxes.mark_connected(
+            sandbox_id,
+            instance_id=hello.instance_id,
+            session_id=session.session_id,
+            journal_epoch=epoch,
+            owner=self._owner,
+            at=now,
+        )
+        log.info(
+            "session accepted",
+            extra={
+                "sandbox_id": sandbox_id,
+                "session_id": session.session_id,
+                "peer": peer,
+                "capabilities": sorted(capabilities),
+                "resume_after": resume_after,
+                "journal_last": hello.journal_last_sequence,
+            },
+        )
+        accepted = pb.GatewayMessage()
+        sa = accepted.session_accepted
+        sa.session_id = session.session_id
+        interval = self._config.sessions.heartbeat_interval_s
+        sa.heartbeat_interval_secs = max(1, round(interval))
+        sa.heartbeat_interval_ms = round(interval * 1000)
+        # An upstream supervisor knows only the whole seconds, which may round above the interval:
+        # the stale bound must leave it room for that.
+        session.stale_after_s = max(interval, sa.heartbeat_interval_secs) + self._config.sessions.grace_s
+        sa.stale_after_ms = round(session.stale_after_s * 1000)
+        sa.capabilities.extend(sorted(capabilities))
+        sa.resume_after_sequence = resume_after
+        sa.owner_epoch = session.owner_epoch
+        yield accepted
+
+        reader = asyncio.create_task(self._read_into(session, request_iterator), name=f"read-{sandbox_id}")
+        reason = "ended"
+        try:
+            async for out in self._serve(session):
+                yield out
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
+            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if self._registry.close(session):
+                await self._sandboxes.mark_disconnected(
+                    sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
+                )
+            log.info(
+                "session closed (%s)",
+                reason,
+                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
+            )
+
+    async def _read_into(
+        self, session: Session, request_iterator: AsyncIterator[pb.SupervisorMessage]
+    ) -> None:
+        error: str | None = None
+        try:
+            async for message in request_iterator:
+                session.inbox.put_nowait(Inbound(message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke; the handler ends the session with this reason
+            error = f"{type(exc).__name__}: {exc}"
+        session.inbox.put_nowait(InboundEnded(error))
+
+    async def _serve(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
+        stale_after = session.stale_after_s
+        while True:
+            try:
+                item = await asyncio.wait_for(session.inbox.get(), timeout=stale_after)
+            except TimeoutError:
+                log.warning(
+                    "session stale: nothing received for %.1fs",
+                    stale_after,
+                    extra={"sandbox_id": session.sandbox_id},
+                )
+                return
+            if isinstance(item, InboundEnded):
+                if item.error:
+                    log.info("stream broke: %s", item.error, extra={"sandbox_id": session.sandbox_id})
+                return
+            if isinstance(item, Close):
+                log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
+                return
+            if isinstance(item, Outbound):
+                yield item.message
+                continue
+            self._registry.touch(session)
+            reply = await self._handle(session, item.message)
+            if reply is not None:
+                yield reply
+
+    async def _handle(self, session: Session, message: pb.SupervisorMessage) -> pb.GatewayMessage | None:
+        kind = message.WhichOneof("payload")
+        if kind == "heartbeat":
+            out = pb.GatewayMessage()
+            out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+            return out
+        if kind == "events":
+            return await self._store_batch(session, message.events)
+        if kind == "hello":
+            raise ProtocolError("a second hello on an accepted session")
+        if kind in ("relay_open_result", "relay_close"):
+            log.debug(
+                "relay message ignored: relays are not implemented", extra={"sandbox_id": session.sandbox_id}
+            )
+            return None
+        # A newer supervisor may send kinds we do not know: ignoring them keeps the session usable.
+        log.debug("unknown message kind ignored", extra={"sandbox_id": session.sandbox_id})
+        return None
+
+    async def _store_batch(self, session: Session, batch: pb.EventBatch) -> pb.GatewayMessage:
+        if CAP_EVENTS not in session.capabilities:
+            raise ProtocolError("events sent without negotiating the 'events' capability")
+        if batch.journal_epoch != session.journal_epoch:
+            raise ProtocolError(
+                f"event batch for journal epoch {batch.journal_epoch!r}, "
+                f"the session's is {session.journal_epoch!r}"
+            )
+        decoded: list[Event] = []
+        previous = 0
+        for raw in batch.events:
+            try:
+                event = event_from_proto(raw)
+            except WireError as exc:
+                raise ProtocolError(str(exc)) from None
+            if event.sequence <= previous:
+                raise ProtocolError(f"sequence {event.sequence} after {previous}: events must ascend")
+            previous = event.sequence
+            decoded.append(event)
+        hwm = await self._events.store_events(session.sandbox_id, session.journal_epoch, decoded)
+        ack = pb.GatewayMessage()
+        ack.event_ack.journal_epoch = session.journal_epoch
+        ack.event_ack.acked_through_sequence = hwm
+        return ack
+
+    # -- upstream unary/streaming paths ---------------------------------------------------
+
+    async def PushSandboxLogs(
+        self,
+        request_iterator: AsyncIterator[pb.PushSandboxLogsRequest],
+        context: Ctx,
+    ) -> pb.PushSandboxLogsResponse:
+        count = 0
+        async for request in request_iterator:
+            items: list[tuple[int, Payload]] = []
+            for line in request.logs:
+                sandbox_id = line.sandbox_id or request.sandbox_id
+                if sandbox_id != request.sandbox_id:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"log line for sandbox {sandbox_id!r} in a request for {request.sandbox_id!r}",
+                    )
+                stream = LogStream.STDERR if line.level in ("error", "warn", "warning") else LogStream.STDOUT
+                items.append((line.timestamp_ms, LogRecord(stream=stream, message=line.message)))
+            await self._check_sandbox(request.sandbox_id, context)
+            if items:
+                await self._events.append_unsequenced(request.sandbox_id, items)
+                count += len(items)
+        log.debug("stored %d upstream log lines", count)
+        return pb.PushSandboxLogsResponse()
+
+    async def ReportMainProcessExit(
+        self, request: pb.ReportMainProcessExitRequest, context: Ctx
+    ) -> pb.ReportMainProcessExitResponse:
+        await self._check_sandbox(request.sandbox_id, context)
+        code = request.exit_code
+        record = LifecycleRecord(
+            kind=LifecycleKind.EXITED,
+            exit_code=code,
+            signal=code - 128 if code > 128 else 0,
+            instance_id=request.instance_id,
+        )
+        await self._events.append_unsequenced(request.sandbox_id, [(_now_ms(), record)])
+        log.info("main process exit reported", extra={"sandbox_id": request.sandbox_id, "exit_code": code})
+        return pb.ReportMainProcessExitResponse()
+
+    async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
+        return pb.HealthResponse(status=pb.SERVICE_STATUS_HEALTHY, version=__version__)
+
+    async def _check_sandbox(self, sandbox_id: str, context: Ctx) -> None:
+        problem = validate_sandbox_id(sandbox_id)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self._config.sessions.register_unknown:
+            await self._sandboxes.ensure(sandbox_id)
+        elif await self._sandboxes.get(sandbox_id) is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"sandbox {sandbox_id} is not known to this gateway"
+            )
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def server_options(config: GatewayConfig) -> Iterable[tuple[str, int]]:
+    g = config.grpc
+    return [
+        ("grpc.max_receive_message_length", g.max_receive_message_bytes),
+        ("grpc.server.max_pending_requests", g.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", g.max_pending_requests_hard_limit),
+        ("grpc.server_max_unrequested_time_in_server", int(g.max_unrequested_time_s)),
+        # Our own heartbeats detect dead peers; these keep idle NATs from dropping the stream and
+        # let supervisors ping as often as every 10 s without being told off.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

@@ -1,0 +1,140 @@
+"""The in-memory registry of live supervisor sessions on this gateway process.
+
+A session is one accepted ConnectSupervisor stream. At most one session per sandbox is live:
+a new hello for the same sandbox replaces the old session (the supervisor reconnected before
+the old stream was noticed dead), and the old stream's handler is told to end through its
+inbox. The registry also remembers when each session last spoke; a flusher task writes those
+times to the database in one batch every few seconds instead of one write per heartbeat.
+
+Room for HA: the session's ``owner_epoch`` will come from the store's ownership table, so that
+a stale owner on another replica cannot write (fencing). Today it is this process's counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+from openshell_wire.records import JournalEpoch, SandboxId, SessionId
+from openshell_wire.v1 import openshell_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message the handler must send on the session's stream."""
+
+    message: pb.GatewayMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The handler must end the stream (replaced by a newer session, shutdown)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    message: pb.SupervisorMessage
+
+
+@dataclass(frozen=True, slots=True)
+class InboundEnded:
+    """The supervisor closed its side, or the read failed."""
+
+    error: str | None
+
+
+InboxItem = Outbound | Close | Inbound | InboundEnded
+
+
+@dataclass(eq=False)
+class Session:
+    sandbox_id: SandboxId
+    session_id: SessionId
+    instance_id: str
+    journal_epoch: JournalEpoch
+    capabilities: frozenset[str]
+    owner_epoch: int
+    opened_at: datetime
+    #: Silence longer than this ends the session (set when it is accepted).
+    stale_after_s: float = 30.0
+    inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
+    last_seen_monotonic: float = field(default_factory=time.monotonic)
+    last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def touch(self) -> None:
+        self.last_seen_monotonic = time.monotonic()
+        self.last_seen_wall = datetime.now(UTC)
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self._live: dict[SandboxId, Session] = {}
+        self._epochs: Final = itertools.count(1)
+        self._dirty: set[SandboxId] = set()
+
+    def open(
+        self,
+        *,
+        sandbox_id: SandboxId,
+        instance_id: str,
+        journal_epoch: JournalEpoch,
+        capabilities: frozenset[str],
+    ) -> Session:
+        session = Session(
+            sandbox_id=sandbox_id,
+            session_id=SessionId(uuid.uuid4().hex),
+            instance_id=instance_id,
+            journal_epoch=journal_epoch,
+            capabilities=capabilities,
+            owner_epoch=next(self._epochs),
+            opened_at=datetime.now(UTC),
+        )
+        old = self._live.get(sandbox_id)
+        if old is not None:
+            log.info("session replaced", extra={"sandbox_id": sandbox_id, "old_session": old.session_id})
+            old.inbox.put_nowait(Close("replaced by a newer session of the same sandbox"))
+        self._live[sandbox_id] = session
+        return session
+
+    def close(self, session: Session) -> bool:
+        """Forget ``session``; False when a newer session already took its place."""
+        if self._live.get(session.sandbox_id) is session:
+            del self._live[session.sandbox_id]
+            self._dirty.discard(session.sandbox_id)
+            return True
+        return False
+
+    def is_current(self, session: Session) -> bool:
+        return self._live.get(session.sandbox_id) is session
+
+    def touch(self, session: Session) -> None:
+        session.touch()
+        self._dirty.add(session.sandbox_id)
+
+    def take_heartbeats(self) -> dict[str, datetime]:
+        """Last-seen times changed since the previous call, for the batched flush."""
+        beats: dict[str, datetime] = {
+            sid: self._live[sid].last_seen_wall for sid in self._dirty if sid in self._live
+        }
+        self._dirty.clear()
+        return beats
+
+    def get(self, sandbox_id: str) -> Session | None:
+        return self._live.get(SandboxId(sandbox_id))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def close_all(self, reason: str) -> None:
+        for session in self._live.values():
+            session.inbox.put_nowait(Close(reason))

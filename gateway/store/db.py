@@ -1,0 +1,223 @@
+"""Opening the gateway's database: URL handling, engine setup, migrations, readable errors.
+
+One async engine serves the whole gateway. SQLite (through aiosqlite) is the zero-setup default
+for a single replica; PostgreSQL (through asyncpg) is what several replicas share. URLs without an
+explicit driver are given the async one (``sqlite:///x.db`` becomes ``sqlite+aiosqlite:///x.db``,
+``postgresql://`` becomes ``postgresql+asyncpg://``), so an operator writes the plain form.
+
+For SQLite every new connection is switched to WAL (readers such as the HTTP API never block the
+writer), ``synchronous=NORMAL`` (a commit survives a crash of the gateway process; an OS crash or
+power loss may roll back the last few commits, events already acknowledged to supervisors among
+them: that is the price of the log throughput, and PostgreSQL is the store for when it matters),
+a busy timeout (the API and the writers share one file) and enforced foreign keys (SQLite leaves
+them off otherwise, which would break the ON DELETE CASCADE from sandboxes to events).
+
+Migrations are Alembic revisions run programmatically on a connection of this same async engine
+(``run_sync``), so no synchronous driver is needed. Whatever goes wrong while opening comes out as
+a :class:`StoreError` naming the database (password masked) and the reason, never as a driver
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: How long to wait for a PostgreSQL server before giving up on a connection attempt.
+PG_CONNECT_TIMEOUT_S = 10.0
+# Replicas that start together must not run the same migration twice at once; a transaction-level
+# advisory lock serialises them and is released by the commit. The number is arbitrary but fixed.
+_PG_MIGRATION_LOCK_KEY = 0x6F70_656E_7368  # "opensh"
+
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+class StoreError(Exception):
+    """The database cannot do what was asked; the message says what, where and why."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as it is safe to log: the password replaced by ``***``."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason: the driver's own message, without SQLAlchemy's SQL echo and links."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def normalise_url(url: str | URL) -> URL:
+    """Parse ``url`` and give it the async driver of its dialect; StoreError if unusable."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid database URL {mask_url(url)!r}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in SUPPORTED_DIALECTS:
+        raise StoreError(
+            f"unsupported database URL {mask_url(parsed)!r}: "
+            f"expected one of {', '.join(SUPPORTED_DIALECTS)} (e.g. sqlite:///var/gateway.db)"
+        )
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=_ASYNC_DRIVERS[backend])
+    return parsed
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL itself needs the lock when another process has it.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
+    """An async engine for ``url``, set up for its dialect (see the module docstring)."""
+    parsed = normalise_url(url)
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {"echo": echo}
+    if backend == "sqlite":
+        path = _sqlite_file(parsed)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot open database {mask_url(parsed)}: cannot create directory "
+                    f"{path.parent}: {describe_error(exc)}"
+                ) from exc
+    else:
+        kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = {"timeout": PG_CONNECT_TIMEOUT_S}
+    try:
+        engine = create_async_engine(parsed, **kwargs)
+    except Exception as exc:  # a missing driver module, a sync-only driver, bad options
+        raise StoreError(f"cannot open database {mask_url(parsed)}: {describe_error(exc)}") from exc
+    if backend == "sqlite":
+        event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+    return engine
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config for the packaged migrations, optionally bound to ``connection``."""
+    cfg = Config()
+    # ConfigParser interpolation would choke on a '%' in the install path.
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade_sync(connection: Connection, revision: str) -> None:
+    command.upgrade(alembic_config(connection), revision)
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema behind ``engine`` to ``revision``, in one transaction where DDL allows."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+        await conn.run_sync(_upgrade_sync, revision)
+
+
+async def migrate(url: str) -> None:
+    """Run every pending migration against ``url`` (``alembic upgrade head``, programmatically)."""
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot migrate database {mask_url(engine.url)}: {describe_error(exc)}") from exc
+    finally:
+        await engine.dispose()
+
+
+class Database:
+    """Owns the gateway's async engine; the stores borrow it."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect: str = engine.dialect.name
+        self.display_url = mask_url(engine.url)
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> Database:
+        """Connect to ``url`` (and migrate it to the newest schema unless told not to)."""
+        engine = create_engine(url)
+        display = mask_url(engine.url)
+        what = "open"
+        try:
+            # Connect first on its own, so that "cannot reach it" and "cannot migrate it" read
+            # differently.
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            if migrate:
+                what = "migrate"
+                await upgrade(engine)
+        except Exception as exc:
+            await engine.dispose()
+            raise StoreError(f"cannot {what} database {display}: {describe_error(exc)}") from exc
+        log.info("database %s open (%s)", display, engine.dialect.name)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Turn a database failure inside the block into a StoreError that starts with ``what``."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        raise StoreError(f"{what}: {describe_error(exc)}") from exc

@@ -1,0 +1,396 @@
+"""The event store: journal records in, log tails and follow streams out.
+
+Supervisors send numbered records (sequence per journal epoch) and replay whatever was not
+acknowledged after a reconnect, so the same record may arrive twice. Each batch is stored in one
+transaction with ON CONFLICT DO NOTHING on (sandbox, journal epoch, sequence): a replayed record
+costs nothing and is stored once, which makes delivery exactly-once in effect. The answer to a
+batch is the high-water mark, the highest sequence stored for that journal, which is what the
+gateway acknowledges and what a reconnecting supervisor resumes after.
+
+Records from the upstream paths (PushSandboxLogs, ReportMainProcessExit) carry no sequence; the
+gateway numbers them itself under the empty journal epoch, one sandbox at a time.
+
+An EXITED lifecycle record also sets the sandbox's exit code in the same transaction, so that the
+exit shown by the API and the record in the log can never disagree.
+
+Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
+again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
+most one timeout. (With several replicas, PostgreSQL LISTEN/NOTIFY will carry the same poke.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Insert, Select, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.schema import UNSEQUENCED_EPOCH
+from gateway.store.schema import events as events_table
+from gateway.store.schema import sandboxes as sandboxes_table
+from openshell_wire.convert import describe
+from openshell_wire.records import (
+    Event,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    Payload,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    sandbox_id: str
+    journal_epoch: str
+    sequence: int
+    timestamp_ms: int
+    kind: str
+    stream: str | None
+    message: str
+    data: dict[str, Any] | None
+
+
+class EventNotifier:
+    """Wakes the readers of one sandbox's events when new ones have been committed."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, int] = {}
+
+    def notify(self, sandbox_id: str) -> None:
+        # Popping makes the next waiter start from a fresh, unset event: one poke per commit.
+        pending = self._events.pop(sandbox_id, None)
+        if pending is not None:
+            pending.set()
+
+    # The timeout is part of the contract, not a convenience: a poke can be missed between a
+    # reader's query and its wait, and the bounded wait is what makes that harmless.
+    async def wait_for_new(self, sandbox_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once something new was stored for ``sandbox_id``, or after ``timeout`` seconds."""
+        pending = self._events.get(sandbox_id)
+        if pending is None:
+            pending = self._events[sandbox_id] = asyncio.Event()
+        self._waiters[sandbox_id] = self._waiters.get(sandbox_id, 0) + 1
+        try:
+            async with asyncio.timeout(timeout):
+                await pending.wait()
+        except TimeoutError:
+            pass
+        finally:
+            left = self._waiters[sandbox_id] - 1
+            if left:
+                self._waiters[sandbox_id] = left
+            else:
+                # Without this, every sandbox ever followed would keep an entry forever.
+                del self._waiters[sandbox_id]
+                if self._events.get(sandbox_id) is pending:
+                    del self._events[sandbox_id]
+
+
+_EVENT_COLUMNS = (
+    events_table.c.id,
+    events_table.c.sandbox_id,
+    events_table.c.journal_epoch,
+    events_table.c.sequence,
+    events_table.c.timestamp_ms,
+    events_table.c.kind,
+    events_table.c.stream,
+    events_table.c.message,
+    events_table.c.data,
+)
+
+
+def _stored(row: Row[Any]) -> StoredEvent:
+    return StoredEvent(
+        id=row.id,
+        sandbox_id=row.sandbox_id,
+        journal_epoch=row.journal_epoch,
+        sequence=row.sequence,
+        timestamp_ms=row.timestamp_ms,
+        kind=row.kind,
+        stream=row.stream,
+        message=row.message,
+        data=json.loads(row.data) if row.data is not None else None,
+    )
+
+
+#: The columns of an inserted event, in the order of the precompiled INSERT's parameters.
+_INSERT_COLUMNS = (
+    "sandbox_id",
+    "journal_epoch",
+    "sequence",
+    "timestamp_ms",
+    "kind",
+    "stream",
+    "message",
+    "data",
+    "received_at",
+)
+
+
+def _row(
+    sandbox_id: str, epoch: str, *, sequence: int, timestamp_ms: int, payload: Payload, received_at: Any
+) -> tuple[Any, ...]:
+    kind: str
+    stream: str | None = None
+    data: dict[str, Any] | None
+    if isinstance(payload, LogRecord):
+        # The hot path (hundreds of lines per batch): no describe(), no JSON unless needed.
+        kind, stream, message = "log", payload.stream.value, payload.message
+        data = {"continued": True} if payload.continued else None
+    else:
+        message = describe(Event(sequence=sequence, timestamp_ms=timestamp_ms, payload=payload))
+        if isinstance(payload, LifecycleRecord):
+            kind = "lifecycle"
+            data = {
+                "kind": payload.kind.value,
+                "pid": payload.pid,
+                "exit_code": payload.exit_code,
+                "signal": payload.signal,
+                "argv": list(payload.argv),
+                "detail": payload.detail,
+                "instance_id": payload.instance_id,
+            }
+        else:
+            kind = "gap"
+            data = {
+                "reason": payload.reason.value,
+                "dropped_records": payload.dropped_records,
+                "dropped_bytes": payload.dropped_bytes,
+                "first_sequence": payload.first_sequence,
+                "last_sequence": payload.last_sequence,
+            }
+    return (
+        sandbox_id,
+        epoch,
+        sequence,
+        timestamp_ms,
+        kind,
+        stream,
+        message,
+        json.dumps(data, separators=(",", ":")) if data is not None else None,
+        received_at,
+    )
+
+
+def _last_exit(items: Sequence[tuple[int, Payload]], received_at: datetime) -> tuple[int, datetime] | None:
+    found: tuple[int, datetime] | None = None
+    for timestamp_ms, payload in items:
+        if isinstance(payload, LifecycleRecord) and payload.kind is LifecycleKind.EXITED:
+            # The supervisor's observation time says when it exited; a record without one (the
+            # upstream path sometimes) falls back to when we heard of it.
+            at = datetime.fromtimestamp(timestamp_ms / 1000, UTC) if timestamp_ms > 0 else received_at
+            found = (payload.exit_code, at)
+    return found
+
+
+class _Shared:
+    """What every EventStore over one Database must share, however many of them are made."""
+
+    def __init__(self) -> None:
+        # A follower made by the API must hear the commits of the store the sessions write with,
+        # and two stores numbering the same sandbox must take the same lock.
+        self.notifier = EventNotifier()
+        self.locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+_shared: weakref.WeakKeyDictionary[Database, _Shared] = weakref.WeakKeyDictionary()
+
+
+class EventStore:
+    """Stores and reads the events of sandboxes; see the module docstring."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        shared = _shared.get(db)
+        if shared is None:
+            shared = _shared[db] = _Shared()
+        self._notifier = shared.notifier
+        self._locks = shared.locks
+        # Batches of log lines are the gateway's hottest write. Through Core, SQLAlchemy builds and
+        # type-processes a parameter dict per row, which halves the rate SQLite can take; so both
+        # INSERTs are compiled once, for this dialect, and executed with plain tuples (executemany).
+        unique = ["sandbox_id", "journal_epoch", "sequence"]
+        idempotent: Insert
+        if db.dialect == "postgresql":
+            idempotent = postgresql.insert(events_table).on_conflict_do_nothing(index_elements=unique)
+        else:
+            idempotent = sqlite.insert(events_table).on_conflict_do_nothing(index_elements=unique)
+        self._idempotent_sql = self._compile(idempotent)
+        # A plain insert for the events we number ourselves: a collision there is a numbering bug
+        # and must fail loudly, not vanish the way a replay does.
+        self._append_sql = self._compile(insert(events_table))
+
+    def notifier(self) -> EventNotifier:
+        return self._notifier
+
+    async def wait_for_new(self, sandbox_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once events were committed for ``sandbox_id``, or after ``timeout`` seconds."""
+        await self._notifier.wait_for_new(sandbox_id, timeout)
+
+    def _compile(self, statement: Insert) -> str:
+        compiled = statement.compile(
+            dialect=self._db.engine.dialect, column_keys=list(_INSERT_COLUMNS), for_executemany=True
+        )
+        order = getattr(compiled, "positiontup", None)
+        if not getattr(compiled, "positional", False) or list(order or ()) != list(_INSERT_COLUMNS):
+            raise StoreError(f"the {self._db.dialect} driver does not take positional parameters")
+        return str(compiled)
+
+    def _bind_received_at(self, at: datetime) -> Any:
+        # Done once per batch instead of once per row, which is the point of the raw path.
+        process = events_table.c.received_at.type.bind_processor(self._db.engine.dialect)
+        return process(at) if process is not None else at
+
+    @staticmethod
+    async def _hwm(conn: AsyncConnection, sandbox_id: str, journal_epoch: str) -> int:
+        top = await conn.scalar(
+            select(func.max(events_table.c.sequence)).where(
+                events_table.c.sandbox_id == sandbox_id, events_table.c.journal_epoch == journal_epoch
+            )
+        )
+        return int(top) if top is not None else 0
+
+    @staticmethod
+    async def _record_exit(
+        conn: AsyncConnection, sandbox_id: str, exit_: tuple[int, datetime] | None
+    ) -> None:
+        if exit_ is not None:
+            await conn.execute(
+                update(sandboxes_table)
+                .where(sandboxes_table.c.id == sandbox_id)
+                .values(exit_code=exit_[0], exited_at=exit_[1])
+            )
+
+    async def store_events(self, sandbox_id: str, journal_epoch: str, events: Sequence[Event]) -> int:
+        """Store a batch idempotently; return the high-water mark of (sandbox, journal epoch).
+
+        The sandbox must already be registered (``SandboxStore.ensure``).
+        """
+        what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
+        if not events:
+            return await self.high_water_mark(sandbox_id, journal_epoch)
+        received_at = utcnow()
+        stored_at = self._bind_received_at(received_at)
+        rows = [
+            _row(
+                sandbox_id,
+                journal_epoch,
+                sequence=e.sequence,
+                timestamp_ms=e.timestamp_ms,
+                payload=e.payload,
+                received_at=stored_at,
+            )
+            for e in events
+        ]
+        exit_ = _last_exit([(e.timestamp_ms, e.payload) for e in events if not e.is_log], received_at)
+        with store_errors(what):
+            async with self._db.engine.begin() as conn:
+                await conn.exec_driver_sql(self._idempotent_sql, rows)
+                await self._record_exit(conn, sandbox_id, exit_)
+                hwm = await self._hwm(conn, sandbox_id, journal_epoch)
+        self._notifier.notify(sandbox_id)
+        return hwm
+
+    async def high_water_mark(self, sandbox_id: str, journal_epoch: str) -> int:
+        """The highest sequence stored for (sandbox, journal epoch); 0 when there is none."""
+        with store_errors(f"cannot read the high-water mark of sandbox {sandbox_id!r}"):
+            async with self._db.engine.connect() as conn:
+                return await self._hwm(conn, sandbox_id, journal_epoch)
+
+    def _lock_for(self, sandbox_id: str) -> asyncio.Lock:
+        lock = self._locks.get(sandbox_id)
+        if lock is None:
+            lock = self._locks[sandbox_id] = asyncio.Lock()
+        return lock
+
+    async def append_unsequenced(self, sandbox_id: str, items: Sequence[tuple[int, Payload]]) -> None:
+        """Store records that came without sequence numbers, numbering them after the last one."""
+        if not items:
+            return
+        what = f"cannot append events for sandbox {sandbox_id!r}"
+        received_at = utcnow()
+        stored_at = self._bind_received_at(received_at)
+        exit_ = _last_exit(items, received_at)
+        lock = self._lock_for(sandbox_id)
+        async with lock:
+            with store_errors(what):
+                async with self._db.engine.begin() as conn:
+                    # On PostgreSQL the row lock serialises replicas numbering the same sandbox (the
+                    # asyncio lock only covers this process); SQLite renders no FOR UPDATE, and
+                    # being single-process it needs none.
+                    found = await conn.scalar(
+                        select(sandboxes_table.c.id)
+                        .where(sandboxes_table.c.id == sandbox_id)
+                        .with_for_update()
+                    )
+                    if found is None:
+                        raise StoreError(f"{what}: no such sandbox")
+                    top = await self._hwm(conn, sandbox_id, UNSEQUENCED_EPOCH)
+                    rows = [
+                        _row(
+                            sandbox_id,
+                            UNSEQUENCED_EPOCH,
+                            sequence=top + i,
+                            timestamp_ms=ts,
+                            payload=payload,
+                            received_at=stored_at,
+                        )
+                        for i, (ts, payload) in enumerate(items, start=1)
+                    ]
+                    await conn.exec_driver_sql(self._append_sql, rows)
+                    await self._record_exit(conn, sandbox_id, exit_)
+        self._notifier.notify(sandbox_id)
+
+    async def _select(self, what: str, query: Select[Any]) -> list[StoredEvent]:
+        with store_errors(what):
+            async with self._db.engine.connect() as conn:
+                result = await conn.execute(query)
+                return [_stored(row) for row in result]
+
+    async def tail(
+        self, sandbox_id: str, limit: int = 100, *, kinds: Sequence[str] | None = None
+    ) -> list[StoredEvent]:
+        """The last ``limit`` events of the sandbox (optionally of ``kinds`` only), oldest first."""
+        query = select(*_EVENT_COLUMNS).where(events_table.c.sandbox_id == sandbox_id)
+        if kinds is not None:
+            query = query.where(events_table.c.kind.in_(list(kinds)))
+        query = query.order_by(events_table.c.id.desc()).limit(limit)
+        found = await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
+        found.reverse()
+        return found
+
+    async def after(
+        self, sandbox_id: str, after_id: int, limit: int = 1000, *, kinds: Sequence[str] | None = None
+    ) -> list[StoredEvent]:
+        """Events with an id above ``after_id``, oldest first: the next page of a follow."""
+        query = select(*_EVENT_COLUMNS).where(
+            events_table.c.sandbox_id == sandbox_id, events_table.c.id > after_id
+        )
+        if kinds is not None:
+            query = query.where(events_table.c.kind.in_(list(kinds)))
+        query = query.order_by(events_table.c.id).limit(limit)
+        return await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
+
+    async def count(self, sandbox_id: str) -> int:
+        with store_errors(f"cannot count the events of sandbox {sandbox_id!r}"):
+            async with self._db.engine.connect() as conn:
+                n = await conn.scalar(
+                    select(func.count())
+                    .select_from(events_table)
+                    .where(events_table.c.sandbox_id == sandbox_id)
+                )
+                return int(n or 0)
+
+
+__all__ = ["EventNotifier", "EventStore", "StoredEvent"]

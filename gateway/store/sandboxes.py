@@ -1,0 +1,186 @@
+"""The sandbox registry: one row per sandbox, its current session, liveness and exit.
+
+A row is created when a sandbox is first seen (by a driver that launches it, or by the hello of a
+supervisor the gateway did not launch). Sessions come and go on the row: connecting records the
+session id, the journal epoch and the owning gateway process; disconnecting is conditional on the
+session id, because a supervisor that reconnects quickly may have its new session registered
+before the old stream's teardown runs, and the old one must not mark the sandbox disconnected.
+
+Exit information stays once written, also across later connections: an exited sandbox's
+supervisor still connects to flush its journal.
+
+Heartbeats are frequent (thousands of sandboxes), so the session layer collects them and writes
+one batch per flush rather than one transaction per heartbeat.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Insert, bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+
+from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.schema import sandboxes as sandboxes_table
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxRow:
+    id: str
+    driver: str
+    created_at: datetime
+    instance_id: str | None
+    session_id: str | None
+    journal_epoch: str | None
+    connected: bool
+    connected_at: datetime | None
+    disconnected_at: datetime | None
+    last_heartbeat_at: datetime | None
+    exit_code: int | None
+    exited_at: datetime | None
+    owner: str | None
+    owner_epoch: int
+    spec: dict[str, Any] | None = None
+
+
+def _sandbox(row: Row[Any]) -> SandboxRow:
+    return SandboxRow(
+        id=row.id,
+        driver=row.driver,
+        created_at=row.created_at,
+        instance_id=row.instance_id,
+        session_id=row.session_id,
+        journal_epoch=row.journal_epoch,
+        connected=bool(row.connected),
+        connected_at=row.connected_at,
+        disconnected_at=row.disconnected_at,
+        last_heartbeat_at=row.last_heartbeat_at,
+        exit_code=row.exit_code,
+        exited_at=row.exited_at,
+        owner=row.owner,
+        owner_epoch=int(row.owner_epoch),
+        spec=json.loads(row.spec) if row.spec is not None else None,
+    )
+
+
+class SandboxStore:
+    """Reads and updates the ``sandboxes`` table; see the module docstring."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def _insert(self) -> Insert:
+        if self._db.dialect == "postgresql":
+            return postgresql.insert(sandboxes_table).on_conflict_do_nothing(index_elements=["id"])
+        return sqlite.insert(sandboxes_table).on_conflict_do_nothing(index_elements=["id"])
+
+    async def ensure(
+        self, sandbox_id: str, *, driver: str = "external", spec: dict[str, Any] | None = None
+    ) -> SandboxRow:
+        """Register the sandbox unless it exists (then its driver and spec are left as they are)."""
+        values = {
+            "id": sandbox_id,
+            "driver": driver,
+            "created_at": utcnow(),
+            "spec": json.dumps(spec) if spec is not None else None,
+        }
+        with store_errors(f"cannot register sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                # Two hellos for a new sandbox may race: the loser's insert is a no-op, and both read
+                # the one row.
+                await conn.execute(self._insert().values(values))
+                row = (
+                    await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
+                ).one()
+        return _sandbox(row)
+
+    async def get(self, sandbox_id: str) -> SandboxRow | None:
+        with store_errors(f"cannot read sandbox {sandbox_id!r}"):
+            async with self._db.engine.connect() as conn:
+                row = (
+                    await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
+                ).first()
+        return _sandbox(row) if row is not None else None
+
+    async def list(self) -> builtins.list[SandboxRow]:
+        with store_errors("cannot list sandboxes"):
+            async with self._db.engine.connect() as conn:
+                result = await conn.execute(select(sandboxes_table).order_by(sandboxes_table.c.id))
+                return [_sandbox(row) for row in result]
+
+    async def mark_connected(
+        self,
+        sandbox_id: str,
+        *,
+        instance_id: str,
+        session_id: str,
+        journal_epoch: str,
+        owner: str,
+        at: datetime,
+    ) -> None:
+        """Record a new session as the sandbox's current one. Exit information is kept."""
+        what = f"cannot mark sandbox {sandbox_id!r} connected"
+        with store_errors(what):
+            async with self._db.engine.begin() as conn:
+                result = await conn.execute(
+                    update(sandboxes_table)
+                    .where(sandboxes_table.c.id == sandbox_id)
+                    .values(
+                        instance_id=instance_id,
+                        session_id=session_id,
+                        journal_epoch=journal_epoch,
+                        owner=owner,
+                        connected=True,
+                        connected_at=at,
+                        last_heartbeat_at=at,
+                        disconnected_at=None,
+                    )
+                )
+                if result.rowcount == 0:
+                    raise StoreError(f"{what}: no such sandbox (register it first)")
+
+    async def mark_disconnected(self, sandbox_id: str, *, session_id: str, at: datetime) -> bool:
+        """Mark the sandbox disconnected if ``session_id`` is still its current, connected session.
+
+        Returns whether the row changed; False means a newer session has taken over (or this one
+        was already marked), and nothing was written.
+        """
+        with store_errors(f"cannot mark sandbox {sandbox_id!r} disconnected"):
+            async with self._db.engine.begin() as conn:
+                result = await conn.execute(
+                    update(sandboxes_table)
+                    .where(
+                        sandboxes_table.c.id == sandbox_id,
+                        sandboxes_table.c.session_id == session_id,
+                        sandboxes_table.c.connected.is_(True),
+                    )
+                    .values(connected=False, disconnected_at=at)
+                )
+                return result.rowcount > 0
+
+    async def record_heartbeats(self, beats: Mapping[str, datetime]) -> None:
+        """Write many sandboxes' last heartbeat times in one transaction."""
+        if not beats:
+            return
+        # bindparam names must differ from the column names, or SQLAlchemy takes them for the SET.
+        statement = (
+            update(sandboxes_table)
+            .where(sandboxes_table.c.id == bindparam("b_id"))
+            .values(last_heartbeat_at=bindparam("b_at"))
+        )
+        params = [{"b_id": sandbox_id, "b_at": at} for sandbox_id, at in beats.items()]
+        with store_errors(f"cannot record the heartbeats of {len(params)} sandboxes"):
+            async with self._db.engine.begin() as conn:
+                await conn.execute(statement, params)
+
+    async def delete(self, sandbox_id: str) -> None:
+        """Forget the sandbox and (by ON DELETE CASCADE) all of its events."""
+        with store_errors(f"cannot delete sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                await conn.execute(delete(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))

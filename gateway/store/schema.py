@@ -1,0 +1,118 @@
+"""The gateway's tables, as SQLAlchemy Core objects on one ``MetaData``.
+
+These definitions are what the store's queries are written against; the tables themselves are
+created only by the Alembic migrations in ``migrations/versions`` (never by ``create_all``), so a
+change here needs a new migration, and a unit test checks that the two still agree.
+
+``sandboxes`` holds one row per sandbox: the session that currently owns it (with an owner and an
+epoch kept for HA fencing), liveness, and the main process's exit. ``events`` holds the journal
+records that supervisors send, unique on (sandbox, journal epoch, sequence) so that a replay after
+a reconnect stores nothing twice. Records that arrive without sequence numbers (the upstream
+PushSandboxLogs and ReportMainProcessExit paths) are numbered by the gateway under the empty
+journal epoch.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+#: Events the gateway numbered itself carry this journal epoch.
+UNSEQUENCED_EPOCH = ""
+
+EVENT_KINDS = ("log", "lifecycle", "gap")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime that always comes back aware and in UTC.
+
+    SQLite has no timezone type: SQLAlchemy stores the wall-clock fields and returns naive values,
+    so an aware non-UTC value would be silently shifted. Normalising to UTC on the way in and
+    attaching UTC on the way out gives both dialects the same behaviour.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            # Naive values inside the gateway are UTC by convention; refusing them would only turn
+            # a harmless slip into an outage.
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+sandboxes = Table(
+    "sandboxes",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("driver", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("instance_id", Text, nullable=True),
+    Column("session_id", Text, nullable=True),
+    Column("journal_epoch", Text, nullable=True),
+    Column("connected", Boolean, nullable=False, server_default=false()),
+    Column("connected_at", UTCDateTime, nullable=True),
+    Column("disconnected_at", UTCDateTime, nullable=True),
+    Column("last_heartbeat_at", UTCDateTime, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("exited_at", UTCDateTime, nullable=True),
+    Column("owner", Text, nullable=True),
+    Column("owner_epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("spec", Text, nullable=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    # SQLite only aliases the rowid (and so only autoincrements) for a column typed exactly
+    # INTEGER PRIMARY KEY; BIGINT there would be a plain column that stays NULL.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "sandbox_id",
+        Text,
+        ForeignKey("sandboxes.id", ondelete="CASCADE", name="fk_events_sandbox_id"),
+        nullable=False,
+    ),
+    Column("journal_epoch", Text, nullable=False),
+    Column("sequence", BigInteger, nullable=False),
+    Column("timestamp_ms", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("stream", Text, nullable=True),
+    Column("message", Text, nullable=False),
+    Column("data", Text, nullable=True),
+    Column("received_at", UTCDateTime, nullable=False),
+    UniqueConstraint("sandbox_id", "journal_epoch", "sequence", name="uq_events_sandbox_epoch_sequence"),
+    # Tail and follow both read one sandbox's events in id order.
+    Index("ix_events_sandbox_id_id", "sandbox_id", "id"),
+)

@@ -1,0 +1,162 @@
+"""Conversion between the plain records and their protobuf form, at the edge of each side.
+
+Everything that arrives from the wire (or from a journal file) passes through ``decode_event``
+or ``event_from_proto``, which raise :class:`WireError` with a readable reason instead of
+letting a malformed message travel inwards.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from openshell_wire.records import (
+    Event,
+    GapReason,
+    GapRecord,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    LogStream,
+)
+from openshell_wire.v1 import openshell_pb2 as pb
+
+
+class WireError(ValueError):
+    """A message that cannot be turned into a record; the text says why."""
+
+
+_STREAM_TO_PB = {
+    LogStream.STDOUT: pb.LOG_STREAM_STDOUT,
+    LogStream.STDERR: pb.LOG_STREAM_STDERR,
+    LogStream.SUPERVISOR: pb.LOG_STREAM_SUPERVISOR,
+}
+_STREAM_FROM_PB = {v: k for k, v in _STREAM_TO_PB.items()}
+_LIFECYCLE_TO_PB = {
+    LifecycleKind.STARTED: pb.LIFECYCLE_KIND_STARTED,
+    LifecycleKind.EXITED: pb.LIFECYCLE_KIND_EXITED,
+    LifecycleKind.START_FAILED: pb.LIFECYCLE_KIND_START_FAILED,
+    LifecycleKind.SUPERVISOR_STARTED: pb.LIFECYCLE_KIND_SUPERVISOR_STARTED,
+}
+_LIFECYCLE_FROM_PB = {v: k for k, v in _LIFECYCLE_TO_PB.items()}
+_GAP_TO_PB = {GapReason.OVERFLOW: pb.GAP_REASON_OVERFLOW, GapReason.CORRUPT: pb.GAP_REASON_CORRUPT}
+_GAP_FROM_PB = {v: k for k, v in _GAP_TO_PB.items()}
+
+
+def event_to_proto(event: Event) -> pb.Event:
+    msg = pb.Event(sequence=event.sequence, timestamp_ms=event.timestamp_ms)
+    p = event.payload
+    if isinstance(p, LogRecord):
+        msg.log.stream = _STREAM_TO_PB[p.stream]
+        msg.log.message = p.message
+        msg.log.continued = p.continued
+    elif isinstance(p, LifecycleRecord):
+        msg.lifecycle.kind = _LIFECYCLE_TO_PB[p.kind]
+        msg.lifecycle.pid = p.pid
+        msg.lifecycle.exit_code = p.exit_code
+        msg.lifecycle.signal = p.signal
+        msg.lifecycle.argv.extend(p.argv)
+        msg.lifecycle.detail = p.detail
+        msg.lifecycle.instance_id = p.instance_id
+    else:
+        msg.gap.reason = _GAP_TO_PB[p.reason]
+        msg.gap.dropped_records = p.dropped_records
+        msg.gap.dropped_bytes = p.dropped_bytes
+        msg.gap.first_sequence = p.first_sequence
+        msg.gap.last_sequence = p.last_sequence
+    return msg
+
+
+def event_from_proto(msg: pb.Event) -> Event:
+    if msg.sequence == 0:
+        raise WireError("event without a sequence number (sequences start at 1)")
+    kind = msg.WhichOneof("kind")
+    payload: LogRecord | LifecycleRecord | GapRecord
+    if kind == "log":
+        stream = _STREAM_FROM_PB.get(msg.log.stream)
+        if stream is None:
+            raise WireError(f"event {msg.sequence}: unknown log stream {msg.log.stream}")
+        payload = LogRecord(stream=stream, message=msg.log.message, continued=msg.log.continued)
+    elif kind == "lifecycle":
+        lk = _LIFECYCLE_FROM_PB.get(msg.lifecycle.kind)
+        if lk is None:
+            raise WireError(f"event {msg.sequence}: unknown lifecycle kind {msg.lifecycle.kind}")
+        lc = msg.lifecycle
+        payload = LifecycleRecord(
+            kind=lk,
+            pid=lc.pid,
+            exit_code=lc.exit_code,
+            signal=lc.signal,
+            argv=tuple(lc.argv),
+            detail=lc.detail,
+            instance_id=lc.instance_id,
+        )
+    elif kind == "gap":
+        reason = _GAP_FROM_PB.get(msg.gap.reason)
+        if reason is None:
+            raise WireError(f"event {msg.sequence}: unknown gap reason {msg.gap.reason}")
+        g = msg.gap
+        payload = GapRecord(
+            reason=reason,
+            dropped_records=g.dropped_records,
+            dropped_bytes=g.dropped_bytes,
+            first_sequence=g.first_sequence,
+            last_sequence=g.last_sequence,
+        )
+    else:
+        raise WireError(f"event {msg.sequence}: no known kind (a newer peer?)")
+    return Event(sequence=msg.sequence, timestamp_ms=msg.timestamp_ms, payload=payload)
+
+
+def encode_event(event: Event) -> bytes:
+    return event_to_proto(event).SerializeToString()
+
+
+def decode_event(data: bytes) -> Event:
+    msg = pb.Event()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"undecodable event ({len(data)} bytes): {exc}") from exc
+    return event_from_proto(msg)
+
+
+def describe(event: Event) -> str:
+    """One human line for an event, as the upstream log path and the CLI show it."""
+    p = event.payload
+    if isinstance(p, LogRecord):
+        return p.message
+    if isinstance(p, LifecycleRecord):
+        if p.kind is LifecycleKind.EXITED:
+            sig = f", signal {p.signal}" if p.signal else ""
+            return f"main process {p.pid} exited with code {p.exit_code}{sig}"
+        if p.kind is LifecycleKind.STARTED:
+            return f"main process started, pid {p.pid}: {' '.join(p.argv)}"
+        if p.kind is LifecycleKind.START_FAILED:
+            return f"main process could not start: {p.detail}"
+        return f"supervisor started (instance {p.instance_id})"
+    return (
+        f"{p.dropped_records} records ({p.dropped_bytes} bytes) were dropped "
+        f"({p.reason.value}), sequences {p.first_sequence}..{p.last_sequence}"
+    )
+
+
+def event_to_log_line(sandbox_id: str, event: Event) -> pb.SandboxLogLine:
+    """The upstream PushSandboxLogs form of an event, for a gateway without ``events``."""
+    p = event.payload
+    if isinstance(p, LogRecord):
+        level = "error" if p.stream is LogStream.STDERR else "info"
+        target = p.stream.value
+    elif isinstance(p, GapRecord):
+        level, target = "warn", "openshell.supervisor.gap"
+    else:
+        level, target = "info", "openshell.supervisor.lifecycle"
+    line = pb.SandboxLogLine(
+        sandbox_id=sandbox_id,
+        timestamp_ms=event.timestamp_ms,
+        level=level,
+        target=target,
+        message=describe(event),
+        source="sandbox",
+    )
+    line.fields["sequence"] = str(event.sequence)
+    return line

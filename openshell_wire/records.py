@@ -1,0 +1,95 @@
+"""Plain, typed journal records: what the supervisor observes and the gateway stores.
+
+A record is one of a log line, a lifecycle change of the main process, or a gap marker that
+stands in for records that will never be delivered. Each carries the per-journal monotonic
+``sequence`` that the supervisor assigns when it appends the record to its journal, and the
+wall-clock time of the observation. The gateway stores records idempotently on
+(sandbox, journal epoch, sequence), which makes a replay after a reconnect harmless.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+SandboxId = NewType("SandboxId", str)
+SessionId = NewType("SessionId", str)
+JournalEpoch = NewType("JournalEpoch", str)
+
+#: Capabilities a peer may announce (SupervisorHello.capabilities, SessionAccepted.capabilities).
+CAP_RESUME = "resume"
+CAP_EVENTS = "events"
+CAP_RECONNECT = "reconnect"
+ALL_CAPABILITIES = (CAP_RESUME, CAP_EVENTS, CAP_RECONNECT)
+
+
+class LogStream(enum.Enum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    SUPERVISOR = "supervisor"
+
+
+class LifecycleKind(enum.Enum):
+    STARTED = "started"
+    EXITED = "exited"
+    START_FAILED = "start_failed"
+    SUPERVISOR_STARTED = "supervisor_started"
+
+
+class GapReason(enum.Enum):
+    OVERFLOW = "overflow"
+    CORRUPT = "corrupt"
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    stream: LogStream
+    message: str
+    #: The line was longer than the capture limit and continues in the next record.
+    continued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleRecord:
+    kind: LifecycleKind
+    pid: int = 0
+    #: For EXITED: the sandbox's exit code, 128 + signal number for a signal exit.
+    exit_code: int = 0
+    signal: int = 0
+    argv: tuple[str, ...] = ()
+    detail: str = ""
+    instance_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    reason: GapReason
+    dropped_records: int
+    dropped_bytes: int
+    first_sequence: int
+    last_sequence: int
+
+
+Payload = LogRecord | LifecycleRecord | GapRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    sequence: int
+    timestamp_ms: int
+    payload: Payload = field(compare=True)
+
+    @property
+    def is_log(self) -> bool:
+        return isinstance(self.payload, LogRecord)
+
+
+def exit_code_from_returncode(returncode: int) -> tuple[int, int]:
+    """Map a subprocess return code to (exit code, signal) as the sandbox reports it.
+
+    asyncio reports a signal death as ``-signum``; shells and Kubernetes report 128 + signum.
+    """
+    if returncode < 0:
+        return 128 - returncode, -returncode
+    return returncode, 0

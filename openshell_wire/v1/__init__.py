@@ -1,0 +1,1 @@
+"""Generated stubs of openshell.v1 (see proto/generate.py)."""

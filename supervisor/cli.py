@@ -1,0 +1,99 @@
+"""``openshell-supervisor``: run a sandbox's main process under supervision, or check a config.
+
+    openshell-supervisor run [--config FILE] [--sandbox-id ID] [--gateway HOST:PORT]
+                             [--journal-dir DIR] [--set KEY=VALUE ...] -- COMMAND [ARG ...]
+    openshell-supervisor config check FILE
+    openshell-supervisor config schema
+
+Flags override the environment (OPENSHELL_SUPERVISOR_*), which overrides the file, which
+overrides the defaults. Exit status of ``run`` is the main process's (128 + signal for a signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from openshell_wire.configfile import ConfigError, deep_merge, load_settings, parse_set_flags
+from openshell_wire.logsetup import setup_logging
+from supervisor.config import SupervisorConfig
+
+EX_CONFIG = 78  # sysexits: configuration error
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openshell-supervisor", description="OpenShell sandbox supervisor")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run COMMAND as the sandbox's main process")
+    run.add_argument("--config", type=Path, help="YAML config file")
+    run.add_argument("--sandbox-id")
+    run.add_argument("--instance-id")
+    run.add_argument("--gateway", help="gateway gRPC address host:port")
+    run.add_argument("--journal-dir", type=Path)
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting by dotted key"
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    config = sub.add_parser("config", help="check a config file or print the schema")
+    csub = config.add_subparsers(dest="config_cmd", required=True)
+    check = csub.add_parser("check", help="validate FILE and report every problem by key path")
+    check.add_argument("file", type=Path)
+    csub.add_parser("schema", help="print the JSON Schema of the config")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    if args.sandbox_id is not None:
+        flags["sandbox_id"] = args.sandbox_id
+    if args.instance_id is not None:
+        flags["instance_id"] = args.instance_id
+    if args.gateway is not None:
+        flags["gateway"] = {"address": args.gateway}
+    if args.journal_dir is not None:
+        flags["journal"] = {"directory": str(args.journal_dir)}
+    if args.log_level is not None:
+        flags["log_level"] = args.log_level
+    if args.log_format is not None:
+        flags["log_format"] = args.log_format
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if command:
+        flags["command"] = command
+    return deep_merge(parse_set_flags(args.set), flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "config":
+        if args.config_cmd == "schema":
+            print(json.dumps(SupervisorConfig.model_json_schema(), indent=2))
+            return 0
+        try:
+            load_settings(SupervisorConfig, file=args.file, use_env=False)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EX_CONFIG
+        print(f"{args.file}: ok")
+        return 0
+    try:
+        config = load_settings(SupervisorConfig, file=args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"openshell-supervisor: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level, config.log_format)
+    from supervisor.agent import run  # noqa: PLC0415 - keeps `config` subcommands light
+
+    return asyncio.run(run(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The supervisor's one typed configuration model.
+
+Loaded flags > environment (``OPENSHELL_SUPERVISOR_<SECTION>__<KEY>``) > YAML file > defaults by
+:func:`openshell_wire.configfile.load_settings`, and validated before anything starts: a wrong
+type or an unknown key stops the supervisor with every problem listed by key path.
+``openshell-supervisor config schema`` prints the JSON Schema of this model and
+``docs/configuration.md`` documents it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from openshell_wire.configfile import LayeredSettings
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GatewaySettings(_Section):
+    address: str = Field(
+        "127.0.0.1:7070",
+        description="host:port of the gateway's gRPC endpoint.",
+        min_length=3,
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Time allowed for connect + hello + accept.")
+
+
+class JournalSettings(_Section):
+    directory: Path = Field(
+        Path("/tmp/openshell/journal"),
+        description="Writable directory for the on-disk journal (an emptyDir in a pod).",
+    )
+    segment_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, description="Roll to a new segment file past this size."
+    )
+    max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=16 * 1024,
+        description="Byte bound of undelivered records; past it the oldest log records give way to a "
+        "gap record that counts them. Lifecycle records are never dropped.",
+    )
+    fsync: Literal["always", "interval", "never"] = Field(
+        "interval",
+        description="always: fsync every record; interval: every fsync_interval_s; never: leave it to the OS",
+    )
+    fsync_interval_s: float = Field(0.2, gt=0, description="Period of fsync under the interval policy.")
+
+    @model_validator(mode="after")
+    def _bound_holds_segments(self) -> JournalSettings:
+        if self.max_bytes < 2 * self.segment_bytes:
+            raise ValueError("max_bytes must be at least twice segment_bytes")
+        return self
+
+
+class SessionSettings(_Section):
+    heartbeat_jitter: float = Field(
+        0.2, ge=0, lt=1, description="Each heartbeat is sent at interval x (1 +/- jitter x random)."
+    )
+    stale_after_intervals: float = Field(
+        3.0, gt=1, description="The gateway is presumed gone after this many heartbeat intervals of silence."
+    )
+    reconnect_initial_s: float = Field(0.5, gt=0, description="First reconnect backoff (full jitter).")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the exponential reconnect backoff.")
+    healthy_session_s: float = Field(
+        10.0, ge=0, description="A session that lasted this long resets the backoff to its start."
+    )
+    batch_max_records: int = Field(500, ge=1, description="Most events in one EventBatch.")
+    batch_max_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        description="Soft byte bound of one EventBatch (below the gateway's message limit).",
+    )
+    max_inflight_batches: int = Field(8, ge=1, description="Batches sent but not yet acknowledged.")
+    exit_flush_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="After the main process exits, wait this long for the gateway to acknowledge everything.",
+    )
+
+
+class CaptureSettings(_Section):
+    max_line_bytes: int = Field(
+        16 * 1024, ge=64, description="Longer lines are split into parts marked as continued, never cut off."
+    )
+    echo: bool = Field(
+        True, description="Also copy the main process's output to the supervisor's own stdout/stderr."
+    )
+
+
+class SupervisorConfig(LayeredSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OPENSHELL_SUPERVISOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    sandbox_id: str = Field(
+        ..., min_length=1, max_length=253, description="The sandbox this supervisor runs."
+    )
+    instance_id: str = Field("", description="Boot id of this supervisor process; generated when empty.")
+    command: list[str] = Field(
+        default_factory=list, description="The main process: argv of the sandbox's agent."
+    )
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"

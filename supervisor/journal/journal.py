@@ -1,0 +1,704 @@
+"""The Journal: an append-only, crash-safe, byte-bounded queue of records between capture and session.
+
+Flow: capture and the process supervisor call :meth:`Journal.append` (synchronous, one ``write``
+per record, fsync by policy), which assigns the next sequence number and wakes the session task
+waiting in :meth:`Journal.wait_for_append`. The session reads with :meth:`Journal.read_after`,
+marks what it puts on the wire with :meth:`Journal.mark_sent`, and passes the gateway's
+acknowledgements to :meth:`Journal.ack`, which deletes whole segments. After a reconnect the session
+reads again from the gateway's resume point; a read that jumps backwards rescans one segment, a
+read that continues where the last one stopped resumes from a cached file offset.
+
+Guarantees and their limits:
+
+* Sequences are never reused, even after every segment is trimmed or the tail is lost: the highest
+  sequence ever assigned lives in the state file (``state``) whenever the segments cannot tell it.
+* Nothing is lost silently. Damage found at open (or by a read) is replaced in place by a CORRUPT
+  gap record; log lines evicted by the byte bound are replaced by OVERFLOW gap records that count
+  them exactly. Lifecycle and gap records are never evicted, nor is anything already sent.
+* The byte bound is enforced on closed segments only, oldest first, each rewritten at most once
+  (after which it holds nothing evictable), down to a low-water mark below ``max_bytes``, so the
+  cost is amortised over many appends.
+* A failed append (disk full, I/O error) raises :class:`JournalError`, cuts the file back to the
+  last whole frame and consumes no sequence, so the next append works once the cause is gone.
+
+Everything runs on the event loop's thread: the only awaits are in ``wait_for_append`` and
+``run_fsync_loop``, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from typing import NamedTuple
+from zlib import crc32
+
+from openshell_wire.convert import WireError, decode_event
+from openshell_wire.records import Event, GapReason, GapRecord, JournalEpoch, LogRecord, Payload
+from supervisor.journal.codec import PayloadEncoder
+from supervisor.journal.errors import JournalError, io_error
+from supervisor.journal.frames import MAGIC, Frame, Kind, kind_of, needed_at, pack_crc, pack_prefix, parse_at
+from supervisor.journal.fsio import TMP_SUFFIX, fsync_directory
+from supervisor.journal.options import FsyncPolicy, JournalOptions, JournalStats
+from supervisor.journal.segments import (
+    Rewritten,
+    Segment,
+    describe_damage,
+    list_segments,
+    rewrite,
+    scan,
+    segment_name,
+)
+from supervisor.journal.state import JournalState, StateFileError, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 256 * 1024
+_OPEN_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+_EVICT_RETRY_S = 1.0
+_LOG = int(Kind.LOG)
+
+
+class _Damaged(Exception):
+    """A read met bytes that are not a valid frame; the segment needs a repair scan."""
+
+    def __init__(self, segment: Segment) -> None:
+        super().__init__(str(segment.path))
+        self.segment = segment
+
+
+class _Cursor(NamedTuple):
+    after: int
+    segment: Segment
+    generation: int
+    offset: int
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Journal:
+    """See the module docstring. Build with :meth:`Journal.open`; not safe across threads."""
+
+    def __init__(self, options: JournalOptions) -> None:
+        self._options = options
+        self._dir = options.directory
+        self._policy = options.fsync
+        self._always = options.fsync is FsyncPolicy.ALWAYS
+        self._segment_bytes = options.segment_bytes
+        self._max_bytes = options.max_bytes
+        self._segments: list[Segment] = []
+        self._active: Segment | None = None
+        self._fd = -1
+        #: Closed segments not yet rewritten by eviction, oldest first.
+        self._compactable: deque[Segment] = deque()
+        self._bytes = 0
+        self._records = 0
+        self._epoch = JournalEpoch("")
+        self._last_sequence = 0
+        self._saved_last_sequence = 0
+        self._acked = 0
+        self._sent = 0
+        self._dropped_total = 0
+        self._corrupt_total = 0
+        self._dirty = False
+        self._state_dirty = False
+        self._closed = True
+        self._encoder = PayloadEncoder()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._cursor: _Cursor | None = None
+        self._reader: tuple[Segment, int, int] | None = None
+        self._evict_retry_at = 0.0
+
+    # ------------------------------------------------------------------ open / recovery
+
+    @classmethod
+    def open(cls, options: JournalOptions) -> Journal:
+        journal = cls(options)
+        journal._recover()
+        return journal
+
+    def _recover(self) -> None:
+        directory = self._dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for leftover in directory.glob("*" + TMP_SUFFIX):
+                leftover.unlink()
+            found = list_segments(directory)
+        except OSError as exc:
+            raise io_error("use the journal directory", directory, exc) from exc
+        state: JournalState | None
+        try:
+            state = load_state(directory)
+        except StateFileError as exc:
+            log.warning(
+                "journal: %s; rebuilding from the segments under a new epoch "
+                "(the gateway will see a new journal)",
+                exc,
+            )
+            state = None
+        else:
+            if state is None and found:
+                log.warning("journal: %s has segments but no state file; starting a new epoch", directory)
+        acked = state.acked_through if state is not None else 0
+        covered = state.last_sequence if state is not None else 0
+        now_ms = _now_ms()
+        for index, (base, path) in enumerate(found):
+            upper = found[index + 1][0] if index + 1 < len(found) else None
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise io_error("read journal segment", path, exc) from exc
+            result = scan(data, base=base, upper=upper)
+            segment = Segment(
+                path,
+                base,
+                size=len(data),
+                records=result.records,
+                first_sequence=result.first_sequence,
+                last_sequence=result.last_sequence,
+                last_log_sequence=result.last_log_sequence,
+            )
+            covered = max(covered, result.covered_through)
+            damages = result.damages
+            if damages:
+                for damage in damages:
+                    log.warning(describe_damage(path, damage))
+                    covered = max(covered, damage.last_missing)
+                try:
+                    rewritten = rewrite(path, data, result, evict_above=None, now_ms=now_ms)
+                except OSError as exc:
+                    raise io_error("repair journal segment", path, exc) from exc
+                self._apply_rewrite(segment, rewritten, counted=False)
+                self._corrupt_total += rewritten.corrupt_records
+            self._segments.append(segment)
+        self._last_sequence = covered
+        self._acked = min(acked, covered)
+        self._sent = self._acked
+        self._epoch = JournalEpoch(state.epoch if state is not None else uuid.uuid4().hex)
+        try:
+            self._save_state()
+        except OSError as exc:
+            raise io_error("write the journal state file in", directory, exc) from exc
+        # Empty segments (a crash right after a roll) and fully acknowledged ones (a crash between
+        # saving the state and unlinking) are dropped now, so the index only holds real records.
+        kept: list[Segment] = []
+        for segment in self._segments:
+            if segment.records == 0 or segment.last_sequence <= self._acked:
+                self._unlink(segment)
+            else:
+                kept.append(segment)
+        self._segments = kept
+        self._bytes = sum(s.size for s in kept)
+        self._records = sum(s.records for s in kept)
+        newest = kept[-1] if kept else None
+        if newest is not None and newest.size < self._segment_bytes:
+            try:
+                self._fd = os.open(newest.path, _OPEN_APPEND)
+            except OSError as exc:
+                raise io_error("open journal segment", newest.path, exc) from exc
+            self._active = newest
+        self._compactable.extend(s for s in kept if s is not self._active)
+        self._closed = False
+        if self._bytes > self._max_bytes:
+            self._enforce_bound()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def epoch(self) -> JournalEpoch:
+        return self._epoch
+
+    @property
+    def first_sequence(self) -> int:
+        for segment in self._segments:
+            if segment.records:
+                return segment.first_sequence
+        return 0
+
+    @property
+    def last_sequence(self) -> int:
+        return self._last_sequence
+
+    @property
+    def acked_through(self) -> int:
+        return self._acked
+
+    @property
+    def options(self) -> JournalOptions:
+        return self._options
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, payload: Payload, *, timestamp_ms: int | None = None) -> Event:
+        sequence = self._last_sequence + 1
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        # This is the hot path (one call per captured line): encode_frame is inlined and the
+        # kind is a plain int; see benchmarks/journal_append.py for what each step costs.
+        if type(payload) is LogRecord:
+            kind = _LOG
+            data = self._encoder.encode_log(sequence, timestamp_ms, payload)
+        else:
+            kind = kind_of(payload)
+            data = self._encoder.encode(sequence, timestamp_ms, payload)
+        prefix = pack_prefix(MAGIC, sequence, kind, len(data))
+        frame = prefix + pack_crc(crc32(data, crc32(prefix))) + data
+        segment = self._active
+        if segment is None:
+            # Also the closed check: a closed journal has no active segment.
+            segment = self._start_segment(sequence)
+        fd = self._fd
+        size = len(frame)
+        try:
+            written = os.write(fd, frame)
+            while written < size:
+                # A short write is how a regular file reports the first bytes past a full disk;
+                # the next write raises ENOSPC, which lands in the except below.
+                written += os.write(fd, frame[written:])
+            if self._always:
+                os.fsync(fd)
+        except OSError as exc:
+            self._cut_back(segment)
+            raise io_error("append to journal segment", segment.path, exc) from exc
+        segment.size += size
+        segment.records += 1
+        segment.last_sequence = sequence
+        if kind == _LOG:
+            segment.last_log_sequence = sequence
+        self._bytes += size
+        self._records += 1
+        self._last_sequence = sequence
+        self._dirty = True
+        if segment.size >= self._segment_bytes:
+            self._roll()
+        if self._bytes > self._max_bytes:
+            self._enforce_bound()
+        if self._waiters:
+            self._wake()
+        return Event(sequence, timestamp_ms, payload)
+
+    def _start_segment(self, sequence: int) -> Segment:
+        if self._closed:
+            raise JournalError(f"journal: {self._dir} is closed")
+        path = self._dir / segment_name(sequence)
+        try:
+            fd = os.open(path, _OPEN_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise io_error("create journal segment", path, exc) from exc
+        if self._policy is not FsyncPolicy.NEVER:
+            try:
+                fsync_directory(self._dir)
+            except OSError as exc:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise io_error("fsync journal directory", self._dir, exc) from exc
+        segment = Segment(path, sequence, first_sequence=sequence, last_sequence=sequence - 1)
+        self._segments.append(segment)
+        self._active = segment
+        self._fd = fd
+        return segment
+
+    def _cut_back(self, segment: Segment) -> None:
+        try:
+            os.ftruncate(self._fd, segment.size)
+        except OSError as exc:
+            # The file may now end in half a frame; stop writing to it so that the half frame
+            # stays past the indexed size, where readers never look and recovery drops it.
+            log.error("journal: cannot cut %s back to %d bytes: %s", segment.path, segment.size, exc)
+            self._roll()
+
+    def _roll(self) -> None:
+        segment = self._active
+        fd = self._fd
+        if segment is None:
+            return
+        self._active = None
+        self._fd = -1
+        try:
+            if self._dirty and self._policy is not FsyncPolicy.NEVER:
+                os.fsync(fd)
+        except OSError as exc:
+            log.warning("journal: fsync of %s failed: %s", segment.path, exc)
+        finally:
+            os.close(fd)
+        self._dirty = False
+        self._compactable.append(segment)
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ byte bound
+
+    def _enforce_bound(self) -> None:
+        if time.monotonic() < self._evict_retry_at:
+            return
+        slack = max(1, min(self._segment_bytes, self._max_bytes // 4))
+        low_water = self._max_bytes - slack
+        while self._bytes > low_water:
+            if self._compactable:
+                segment = self._compactable.popleft()
+                try:
+                    self._evict_from(segment)
+                except OSError as exc:
+                    # Likely the disk is full and the rewrite needs room for its temporary file;
+                    # retry later instead of on every append.
+                    self._compactable.appendleft(segment)
+                    self._evict_retry_at = time.monotonic() + _EVICT_RETRY_S
+                    log.error("journal: cannot evict from %s: %s", segment.path, exc)
+                    return
+                continue
+            active = self._active
+            if (
+                self._bytes > self._max_bytes
+                and active is not None
+                and active.size >= slack // 2
+                and active.last_log_sequence > max(self._sent, self._acked)
+            ):
+                # Everything closed is already as small as it can get: close the current segment
+                # early so it can be evicted from. The size floor keeps this from happening per append.
+                self._roll()
+                continue
+            return
+
+    def _evict_from(self, segment: Segment) -> None:
+        protect = max(self._sent, self._acked)
+        if not segment.alive or segment.last_log_sequence <= protect:
+            return
+        data = segment.path.read_bytes()
+        result = scan(data, base=segment.base, upper=self._upper_of(segment))
+        for damage in result.damages:
+            log.warning(describe_damage(segment.path, damage))
+        rewritten = rewrite(segment.path, data, result, evict_above=protect, now_ms=_now_ms())
+        self._apply_rewrite(segment, rewritten, counted=True)
+        self._dropped_total += rewritten.dropped_records
+        self._corrupt_total += rewritten.corrupt_records
+
+    def _upper_of(self, segment: Segment) -> int | None:
+        index = bisect.bisect_left(self._segments, segment.base, key=lambda s: s.base)
+        return self._segments[index + 1].base if index + 1 < len(self._segments) else None
+
+    def _apply_rewrite(self, segment: Segment, rewritten: Rewritten, *, counted: bool) -> None:
+        if counted:
+            self._bytes += rewritten.size - segment.size
+            self._records += rewritten.records - segment.records
+        segment.size = rewritten.size
+        segment.records = rewritten.records
+        segment.first_sequence = rewritten.first_sequence
+        segment.last_sequence = rewritten.last_sequence if rewritten.records else segment.base - 1
+        segment.last_log_sequence = rewritten.last_log_sequence
+        if rewritten.written:
+            segment.generation += 1
+
+    # ------------------------------------------------------------------ reading
+
+    def read_after(self, sequence: int, *, max_records: int = 500, max_bytes: int = 1 << 20) -> list[Event]:
+        if self._closed or max_records <= 0 or sequence >= self._last_sequence:
+            return []
+        # A repair changes the file under the read; each one removes damage, so this converges.
+        for _attempt in range(8):
+            try:
+                return self._read(sequence, max_records, max_bytes)
+            except _Damaged as damaged:
+                self._repair(damaged.segment)
+        raise JournalError(f"journal: {self._dir} keeps changing under a read; giving up")
+
+    def _read(self, after: int, max_records: int, max_bytes: int) -> list[Event]:
+        segments = self._segments
+        out: list[Event] = []
+        cursor = self._cursor
+        if (
+            cursor is not None
+            and cursor.after == after
+            and cursor.segment.alive
+            and cursor.generation == cursor.segment.generation
+        ):
+            index = bisect.bisect_left(segments, cursor.segment.base, key=lambda s: s.base)
+            offset = cursor.offset
+        else:
+            index = bisect.bisect_right(segments, after, key=lambda s: s.last_sequence)
+            offset = 0
+        budget = max_bytes
+        last_returned = after
+        at_least = 0
+        done = False
+        while index < len(segments) and not done:
+            segment = segments[index]
+            if offset >= segment.size:
+                if index + 1 == len(segments):
+                    break
+                index += 1
+                offset = 0
+                continue
+            want = min(segment.size - offset, max(_READ_CHUNK, at_least))
+            buf = self._pread(segment, want, offset)
+            if len(buf) < want:
+                raise _Damaged(segment)
+            pos = 0
+            at_least = 0
+            while pos < len(buf):
+                frame = parse_at(buf, pos)
+                if frame is None:
+                    need = needed_at(buf, pos)
+                    if need is not None and pos + need > len(buf) and offset + pos + need <= segment.size:
+                        at_least = need
+                        break
+                    raise _Damaged(segment)
+                if frame.sequence > after:
+                    if out and frame.length > budget:
+                        done = True
+                        break
+                    out.append(self._decode(buf, frame, segment))
+                    budget -= frame.length
+                    last_returned = frame.sequence
+                    if len(out) >= max_records:
+                        pos = frame.end
+                        done = True
+                        break
+                pos = frame.end
+            offset += pos
+        if index < len(segments):
+            segment = segments[index]
+            self._cursor = _Cursor(last_returned, segment, segment.generation, offset)
+        else:
+            self._cursor = None
+        return out
+
+    def _pread(self, segment: Segment, size: int, offset: int) -> bytes:
+        reader = self._reader
+        if reader is None or reader[0] is not segment or reader[1] != segment.generation:
+            self._close_reader()
+            try:
+                fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise io_error("open journal segment", segment.path, exc) from exc
+            reader = (segment, segment.generation, fd)
+            self._reader = reader
+        try:
+            return os.pread(reader[2], size, offset)
+        except OSError as exc:
+            raise io_error("read journal segment", segment.path, exc) from exc
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._reader[2])
+            self._reader = None
+
+    def _decode(self, buf: bytes, frame: Frame, segment: Segment) -> Event:
+        payload = buf[frame.payload_offset : frame.end]
+        try:
+            event = decode_event(payload)
+            if event.sequence == frame.sequence:
+                return event
+            problem = f"payload says sequence {event.sequence}"
+        except WireError as exc:
+            problem = str(exc)
+        # The CRC matched, so these are the bytes that were written: a writer bug or a newer
+        # format, not disk damage. Deliver a gap for it rather than stall the stream on it.
+        log.error("journal: record %d in %s cannot be decoded (%s)", frame.sequence, segment.path, problem)
+        self._corrupt_total += 1
+        gap = GapRecord(GapReason.CORRUPT, 1, frame.length, frame.sequence, frame.sequence)
+        return Event(frame.sequence, _now_ms(), gap)
+
+    def _repair(self, segment: Segment) -> None:
+        if not segment.alive:
+            return
+        active = segment is self._active
+        try:
+            data = segment.path.read_bytes()
+            result = scan(data, base=segment.base, upper=self._upper_of(segment))
+            for damage in result.damages:
+                log.warning(describe_damage(segment.path, damage))
+            rewritten = rewrite(segment.path, data, result, evict_above=None, now_ms=_now_ms())
+            if not rewritten.written:
+                # The file was sound and only the index was off (someone cut or grew the file):
+                # trust the bytes on disk.
+                rewritten = rewritten._replace(size=len(data), written=True)
+            if active:
+                os.close(self._fd)
+                self._fd = os.open(segment.path, _OPEN_APPEND)
+        except OSError as exc:
+            raise io_error("repair journal segment", segment.path, exc) from exc
+        self._apply_rewrite(segment, rewritten, counted=True)
+        self._corrupt_total += rewritten.corrupt_records
+        self._close_reader()
+
+    # ------------------------------------------------------------------ acknowledgement
+
+    def mark_sent(self, sequence: int) -> None:
+        self._sent = max(self._sent, min(sequence, self._last_sequence))
+
+    def ack(self, sequence: int) -> None:
+        sequence = min(sequence, self._last_sequence)
+        if sequence <= self._acked:
+            return
+        self._acked = sequence
+        self._sent = max(self._sent, sequence)
+        doomed: list[Segment] = []
+        for segment in self._segments:
+            if segment.last_sequence > sequence:
+                break
+            doomed.append(segment)
+        if not doomed:
+            self._state_dirty = True
+            if self._always:
+                self._try_save_state()
+            return
+        saved = self._try_save_state()
+        if not saved and doomed[-1] is self._segments[-1] and self._saved_last_sequence < self._last_sequence:
+            # With every segment gone, only the state file would remember the last sequence:
+            # keep the newest segment until the state can be written.
+            doomed.pop()
+        for segment in doomed:
+            self._drop_segment(segment)
+
+    def _drop_segment(self, segment: Segment) -> None:
+        if segment is self._active:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._active = None
+            self._fd = -1
+            self._dirty = False
+        if self._reader is not None and self._reader[0] is segment:
+            self._close_reader()
+        self._segments.remove(segment)
+        with contextlib.suppress(ValueError):
+            self._compactable.remove(segment)
+        self._bytes -= segment.size
+        self._records -= segment.records
+        self._unlink(segment)
+
+    def _unlink(self, segment: Segment) -> None:
+        segment.alive = False
+        try:
+            segment.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("journal: cannot delete %s: %s", segment.path, exc)
+
+    def advance_to(self, sequence: int) -> None:
+        if sequence <= self._last_sequence:
+            return
+        self._last_sequence = sequence
+        if self._waiters:
+            self._wake()
+        try:
+            self._save_state()
+        except OSError as exc:
+            self._state_dirty = True
+            raise io_error("record the advanced sequence in", self._dir, exc) from exc
+
+    # ------------------------------------------------------------------ state, fsync, waiting
+
+    def _save_state(self) -> None:
+        last = self._last_sequence
+        save_state(self._dir, JournalState(str(self._epoch), self._acked, last))
+        self._saved_last_sequence = last
+        self._state_dirty = False
+
+    def _try_save_state(self) -> bool:
+        try:
+            self._save_state()
+        except OSError as exc:
+            self._state_dirty = True
+            log.warning("journal: cannot write the state file in %s: %s", self._dir, exc)
+            return False
+        return True
+
+    async def wait_for_append(self, after: int) -> None:
+        loop = asyncio.get_running_loop()
+        while self._last_sequence <= after:
+            if self._closed:
+                raise JournalError(f"journal: {self._dir} is closed")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def run_fsync_loop(self) -> None:
+        if self._policy is not FsyncPolicy.INTERVAL:
+            await asyncio.get_running_loop().create_future()
+            return
+        interval = self._options.fsync_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self._closed:
+                continue
+            try:
+                self.sync()
+            except JournalError as exc:
+                # Transient (EIO, ENOSPC for the state file): keep the loop alive and retry next tick.
+                log.warning("%s", exc)
+
+    def sync(self) -> None:
+        if self._closed:
+            return
+        if self._dirty and self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                assert self._active is not None
+                raise io_error("fsync journal segment", self._active.path, exc) from exc
+            self._dirty = False
+        if self._state_dirty:
+            try:
+                self._save_state()
+            except OSError as exc:
+                raise io_error("write the journal state file in", self._dir, exc) from exc
+
+    def stats(self) -> JournalStats:
+        return JournalStats(
+            bytes_on_disk=self._bytes,
+            records=self._records,
+            segments=len(self._segments),
+            first_sequence=self.first_sequence,
+            last_sequence=self._last_sequence,
+            acked_through=self._acked,
+            sent_through=self._sent,
+            dropped_records_total=self._dropped_total,
+            corrupt_records_total=self._corrupt_total,
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.sync()
+            if self._fd >= 0:
+                os.fsync(self._fd)
+        except (JournalError, OSError) as exc:
+            log.warning("journal: closing %s: %s", self._dir, exc)
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+        self._active = None
+        self._close_reader()
+        self._closed = True
+        self._cursor = None
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(JournalError(f"journal: {self._dir} was closed"))
+
+    def __repr__(self) -> str:
+        return f"<Journal {self._dir} epoch={self._epoch} last={self._last_sequence} acked={self._acked}>"

@@ -1,0 +1,59 @@
+"""What a journal is configured with, and what it reports about itself.
+
+:class:`JournalOptions` is built once by the supervisor's config and handed to ``Journal.open``;
+:class:`JournalStats` is a snapshot that metrics and the health endpoint read. Both are plain frozen
+values so they can be logged and compared without touching the journal.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class FsyncPolicy(enum.Enum):
+    #: fsync after every append: nothing acknowledged by ``append`` is lost on power failure.
+    ALWAYS = "always"
+    #: fsync the segment being written every ``fsync_interval_s`` (``run_fsync_loop``): a power
+    #: failure loses at most that window, which the gateway may already hold (``advance_to``).
+    INTERVAL = "interval"
+    #: leave it to the kernel; only ``sync``, segment rewrites and ``close`` fsync.
+    NEVER = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalOptions:
+    directory: Path
+    #: A segment past this size is closed and a new one started; eviction and trimming work on
+    #: whole closed segments, so this is also their granularity.
+    segment_bytes: int = 4 * 1024 * 1024
+    #: Bound on all segments together. Past it, the oldest unsent log records are replaced by
+    #: overflow gap records; lifecycle and gap records are never dropped, so it is soft for them.
+    max_bytes: int = 64 * 1024 * 1024
+    fsync: FsyncPolicy = FsyncPolicy.INTERVAL
+    fsync_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes <= 0:
+            raise ValueError(f"journal segment_bytes must be positive, not {self.segment_bytes}")
+        if self.max_bytes <= 0:
+            raise ValueError(f"journal max_bytes must be positive, not {self.max_bytes}")
+        if not self.fsync_interval_s > 0:
+            raise ValueError(f"journal fsync_interval_s must be positive, not {self.fsync_interval_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    bytes_on_disk: int
+    #: Records held in segments (including gap records and acknowledged ones not yet trimmed).
+    records: int
+    segments: int
+    first_sequence: int
+    last_sequence: int
+    acked_through: int
+    sent_through: int
+    #: Log records replaced by overflow gap records since open.
+    dropped_records_total: int
+    #: Records lost to corruption found since open (at open, or by a read that hit damage).
+    corrupt_records_total: int

@@ -1,0 +1,76 @@
+"""The journal's small persisted state: its epoch, the acknowledged point, the highest sequence.
+
+Segments alone cannot say everything: once all of them are trimmed after an acknowledgement, or
+after ``advance_to`` moved the sequence past what is on disk, the next sequence number would be
+forgotten and reused, which the gateway (storing on epoch + sequence) would take for a duplicate.
+So ``state.json`` holds::
+
+    {"format": 1, "epoch": "<uuid4 hex>", "acked_through": N, "last_sequence": M}
+
+It is rewritten atomically (``fsio.atomic_write``) whenever those must survive a restart. On open
+the journal takes the larger of ``last_sequence`` and what the segments hold. A missing file means a
+new journal; an unreadable one raises :class:`StateFileError` and the journal rebuilds from its
+segments under a new epoch (the gateway then sees a new journal rather than a mix of two).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.journal.fsio import atomic_write
+
+STATE_FILE = "state.json"
+_FORMAT = 1
+
+
+class StateFileError(Exception):
+    """The state file exists but cannot be used; the text says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalState:
+    epoch: str
+    acked_through: int
+    last_sequence: int
+
+
+def load_state(directory: Path) -> JournalState | None:
+    """The stored state, or None when there is none yet. Raises StateFileError if it is unusable."""
+    path = directory / STATE_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"{path}: cannot read: {exc}") from exc
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateFileError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StateFileError(f"{path}: expected a JSON object")
+    if data.get("format") != _FORMAT:
+        raise StateFileError(f"{path}: unknown format {data.get('format')!r}")
+    epoch = data.get("epoch")
+    acked = data.get("acked_through")
+    last = data.get("last_sequence")
+    if not isinstance(epoch, str) or not epoch:
+        raise StateFileError(f"{path}: missing or empty epoch")
+    for name, value in (("acked_through", acked), ("last_sequence", last)):
+        if type(value) is not int or value < 0:
+            raise StateFileError(f"{path}: {name} must be a non-negative integer, not {value!r}")
+    assert isinstance(acked, int) and isinstance(last, int)
+    return JournalState(epoch=epoch, acked_through=min(acked, last), last_sequence=last)
+
+
+def save_state(directory: Path, state: JournalState) -> None:
+    """Durably replace the state file. Raises OSError."""
+    body = {
+        "format": _FORMAT,
+        "epoch": state.epoch,
+        "acked_through": state.acked_through,
+        "last_sequence": state.last_sequence,
+    }
+    atomic_write(directory / STATE_FILE, [json.dumps(body).encode() + b"\n"])

@@ -1,0 +1,372 @@
+"""The supervisor's resumable session with the gateway.
+
+One ConnectSupervisor stream at a time. Each attempt:
+
+1. opens a fresh channel (a blackholed connection must not be reused), sends the hello with our
+   capabilities and the journal's epoch and sequence range, and waits for SessionAccepted or
+   SessionRejected within ``connect_timeout_s``;
+2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already
+   holds (``resume_after_sequence``), then streams journal records above that point in batches,
+   with at most ``max_inflight_batches`` unacknowledged; each EventAck trims the journal;
+3. in **upstream mode** (a gateway without ``events``) it sends the same records through
+   PushSandboxLogs and the exit through ReportMainProcessExit, trimming when each call succeeds;
+4. heartbeats at the gateway's interval with jitter, and ends the attempt when the gateway has
+   been silent for ``stale_after_intervals`` intervals, so a cut without a reset is noticed.
+
+Between attempts it waits a full-jitter exponential backoff (tenacity), at least the gateway's
+retry-after. An attempt that had a healthy session, or ended on the gateway's reconnect hint,
+starts the backoff again from the beginning after a short random spread, so a gateway restart
+does not make every supervisor reconnect in the same instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from openshell_wire import __version__
+from openshell_wire.convert import event_to_log_line, event_to_proto
+from openshell_wire.records import ALL_CAPABILITIES, CAP_EVENTS, Event, LifecycleKind, LifecycleRecord
+from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+from supervisor.config import SupervisorConfig
+from supervisor.journal import Journal
+
+log = logging.getLogger(__name__)
+
+
+class SessionEnded(Exception):
+    """One attempt is over. ``restart`` means: no backoff, reconnect after ``delay_s``."""
+
+    def __init__(
+        self, reason: str, *, retry_after_s: float = 0.0, restart: bool = False, delay_s: float = 0.0
+    ):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.restart = restart
+        self.delay_s = delay_s
+
+
+@dataclass
+class SessionStatus:
+    state: str = "connecting"  # connecting | connected | backoff | stopped
+    mode: str = ""  # events | upstream
+    session_id: str = ""
+    attempts: int = 0
+    sessions: int = 0
+    last_error: str = ""
+    last_rtt_ms: float | None = None
+    connected_since: float | None = None
+    history: list[str] = field(default_factory=list)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Session:
+    def __init__(self, *, config: SupervisorConfig, journal: Journal, instance_id: str) -> None:
+        self._config = config
+        self._s = config.session
+        self._journal = journal
+        self._instance_id = instance_id
+        self._acked = asyncio.Condition()
+        self.status = SessionStatus()
+
+    # -- public ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a session up until cancelled."""
+        try:
+            while True:
+                retrying = AsyncRetrying(
+                    wait=self._backoff,
+                    retry=retry_if_exception(lambda e: isinstance(e, SessionEnded) and not e.restart),
+                    before_sleep=self._before_sleep,
+                    reraise=True,
+                )
+                try:
+                    async for attempt in retrying:
+                        with attempt:
+                            await self._attempt()
+                except SessionEnded as ended:
+                    # A healthy session ended (or the gateway asked us to move): start over, spread out.
+                    self.status.state = "backoff"
+                    log.info("session ended (%s); reconnecting in %.2fs", ended.reason, ended.delay_s)
+                    await asyncio.sleep(ended.delay_s)
+        finally:
+            self.status.state = "stopped"
+
+    async def wait_acked(self, sequence: int) -> None:
+        """Return once the gateway has acknowledged every record up to ``sequence``."""
+        async with self._acked:
+            await self._acked.wait_for(lambda: self._journal.acked_through >= sequence)
+
+    # -- one attempt -------------------------------------------------------------------
+
+    def _backoff(self, state: RetryCallState) -> float:
+        base = wait_random_exponential(multiplier=self._s.reconnect_initial_s, max=self._s.reconnect_max_s)(
+            state
+        )
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = exc.retry_after_s if isinstance(exc, SessionEnded) else 0.0
+        return max(base, retry_after)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.status.state = "backoff"
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "gateway unreachable (%s); attempt %d, retrying in %.2fs", exc, state.attempt_number, wait
+        )
+
+    async def _attempt(self) -> None:
+        self.status.attempts += 1
+        self.status.state = "connecting"
+        options = [
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.enable_retries", 0),
+            # We reconnect on our own schedule with a fresh channel.
+            ("grpc.initial_reconnect_backoff_ms", 1000),
+        ]
+        channel = aio.insecure_channel(self._config.gateway.address, options=options)
+        call: Any = None
+        accepted_at: float | None = None
+        try:
+            stub = pb_grpc.OpenShellStub(channel)
+            call = stub.ConnectSupervisor()
+            accepted = await self._handshake(call)
+            accepted_at = time.monotonic()
+            await self._run_session(stub, call, accepted)
+        except SessionEnded as ended:
+            raise self._after(ended, accepted_at) from None
+        except aio.AioRpcError as exc:
+            raise self._after(SessionEnded(f"{exc.code().name}: {exc.details()}"), accepted_at) from None
+        except (TimeoutError, OSError) as exc:
+            raise self._after(SessionEnded(f"{type(exc).__name__}: {exc}"), accepted_at) from None
+        finally:
+            self.status.connected_since = None
+            if call is not None:
+                call.cancel()
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+
+    def _after(self, ended: SessionEnded, accepted_at: float | None) -> SessionEnded:
+        """Turn the end of a long healthy session into a restart without backoff."""
+        self.status.last_error = ended.reason
+        healthy = accepted_at is not None and time.monotonic() - accepted_at >= self._s.healthy_session_s
+        if healthy and not ended.restart:
+            ended.restart = True
+            ended.delay_s = random.uniform(0, self._s.reconnect_initial_s)
+        return ended
+
+    async def _handshake(self, call: Any) -> pb.SessionAccepted:
+        hello = pb.SupervisorMessage()
+        h = hello.hello
+        h.sandbox_id = self._config.sandbox_id
+        h.instance_id = self._instance_id
+        h.capabilities.extend(ALL_CAPABILITIES)
+        h.journal_epoch = self._journal.epoch
+        h.journal_first_sequence = self._journal.first_sequence
+        h.journal_last_sequence = self._journal.last_sequence
+        h.supervisor_version = __version__
+        async with asyncio.timeout(self._config.gateway.connect_timeout_s):
+            await call.write(hello)
+            first = await call.read()
+        if first is aio.EOF:
+            raise SessionEnded("the gateway closed the stream before answering the hello")
+        kind = first.WhichOneof("payload")
+        if kind == "session_rejected":
+            r = first.session_rejected
+            raise SessionEnded(f"rejected: {r.reason}", retry_after_s=r.retry_after_ms / 1000)
+        if kind != "session_accepted":
+            raise SessionEnded(f"the gateway answered the hello with {kind or 'an unknown message'}")
+        accepted: pb.SessionAccepted = first.session_accepted
+        return accepted
+
+    async def _run_session(
+        self, stub: pb_grpc.OpenShellStub, call: Any, accepted: pb.SessionAccepted
+    ) -> None:
+        interval = (accepted.heartbeat_interval_ms / 1000) or float(accepted.heartbeat_interval_secs) or 10.0
+        events_mode = CAP_EVENTS in accepted.capabilities
+        self.status.sessions += 1
+        self.status.state = "connected"
+        self.status.mode = "events" if events_mode else "upstream"
+        self.status.session_id = accepted.session_id
+        self.status.connected_since = time.monotonic()
+        write_lock = asyncio.Lock()
+
+        async def write(message: pb.SupervisorMessage) -> None:
+            async with write_lock:
+                await call.write(message)
+
+        if events_mode:
+            resume = accepted.resume_after_sequence
+            if resume > self._journal.last_sequence:
+                # The gateway holds records our disk lost (an fsync-pending tail): never reuse them.
+                log.warning(
+                    "gateway holds sequence %d beyond our journal's %d", resume, self._journal.last_sequence
+                )
+                self._journal.advance_to(resume)
+            if resume < self._journal.acked_through:
+                log.warning(
+                    "gateway resumes at %d below our acknowledged %d: records in between were trimmed",
+                    resume,
+                    self._journal.acked_through,
+                )
+            await self._ack(resume)
+            sender: Coroutine[Any, Any, None] = self._send_events(write, resume)
+        else:
+            sender = self._send_upstream(stub)
+        log.info(
+            "session accepted",
+            extra={"session_id": accepted.session_id, "mode": self.status.mode, "interval_s": interval},
+        )
+        tasks = [
+            asyncio.create_task(self._heartbeats(write, interval), name="heartbeat"),
+            asyncio.create_task(self._receive(call, write, interval), name="receive"),
+            asyncio.create_task(sender, name="send"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+        raise SessionEnded("session tasks ended")
+
+    async def _ack(self, sequence: int) -> None:
+        self._journal.ack(sequence)
+        async with self._acked:
+            self._acked.notify_all()
+
+    async def _heartbeats(
+        self, write: Callable[[pb.SupervisorMessage], Awaitable[None]], interval: float
+    ) -> None:
+        jitter = self._s.heartbeat_jitter
+        while True:
+            await asyncio.sleep(interval * (1 + jitter * random.uniform(-1, 1)))
+            msg = pb.SupervisorMessage()
+            msg.heartbeat.sent_unix_ms = _now_ms()
+            await write(msg)
+
+    async def _receive(
+        self, call: Any, write: Callable[[pb.SupervisorMessage], Awaitable[None]], interval: float
+    ) -> None:
+        stale = interval * self._s.stale_after_intervals
+        while True:
+            try:
+                msg = await asyncio.wait_for(call.read(), stale)
+            except TimeoutError:
+                raise SessionEnded(f"no message from the gateway for {stale:.1f}s") from None
+            if msg is aio.EOF:
+                raise SessionEnded("the gateway closed the stream")
+            kind = msg.WhichOneof("payload")
+            if kind == "event_ack":
+                if msg.event_ack.journal_epoch == self._journal.epoch:
+                    await self._ack(msg.event_ack.acked_through_sequence)
+            elif kind == "heartbeat":
+                if msg.heartbeat.echo_unix_ms:
+                    self.status.last_rtt_ms = max(0, _now_ms() - msg.heartbeat.echo_unix_ms)
+            elif kind == "reconnect":
+                window = msg.reconnect.delay_window_ms / 1000
+                raise SessionEnded(
+                    f"gateway asked to reconnect: {msg.reconnect.reason}",
+                    restart=True,
+                    delay_s=random.uniform(0, window) if window > 0 else 0.0,
+                )
+            elif kind == "session_rejected":
+                r = msg.session_rejected
+                raise SessionEnded(
+                    f"session ended by the gateway: {r.reason}", retry_after_s=r.retry_after_ms / 1000
+                )
+            elif kind == "relay_open":
+                reply = pb.SupervisorMessage()
+                reply.relay_open_result.channel_id = msg.relay_open.channel_id
+                reply.relay_open_result.success = False
+                reply.relay_open_result.error = "unsupported"
+                await write(reply)
+            else:
+                log.debug("ignoring a gateway message of unknown kind")
+
+    async def _send_events(
+        self, write: Callable[[pb.SupervisorMessage], Awaitable[None]], resume: int
+    ) -> None:
+        cursor = resume
+        inflight: list[int] = []  # last sequence of each unacknowledged batch
+        while True:
+            acked = self._journal.acked_through
+            inflight = [s for s in inflight if s > acked]
+            if len(inflight) >= self._s.max_inflight_batches:
+                await self.wait_acked(inflight[0])
+                continue
+            events = self._journal.read_after(
+                cursor, max_records=self._s.batch_max_records, max_bytes=self._s.batch_max_bytes
+            )
+            if not events:
+                await self._journal.wait_for_append(max(cursor, self._journal.last_sequence))
+                continue
+            msg = pb.SupervisorMessage()
+            msg.events.journal_epoch = self._journal.epoch
+            msg.events.events.extend(event_to_proto(e) for e in events)
+            cursor = events[-1].sequence
+            # Mark before the write: while it awaits, appends may evict, and what is on its way
+            # to the gateway must not also be counted in a gap.
+            self._journal.mark_sent(cursor)
+            await write(msg)
+            inflight.append(cursor)
+
+    async def _send_upstream(self, stub: pb_grpc.OpenShellStub) -> None:
+        """The upstream log and exit paths; a call's success is its acknowledgement."""
+        sandbox_id = self._config.sandbox_id
+        timeout = max(self._config.gateway.connect_timeout_s, 10.0)
+        while True:
+            cursor = self._journal.acked_through
+            events = self._journal.read_after(
+                cursor, max_records=self._s.batch_max_records, max_bytes=self._s.batch_max_bytes
+            )
+            if not events:
+                await self._journal.wait_for_append(max(cursor, self._journal.last_sequence))
+                continue
+            pending: list[Event] = []
+            for event in events:
+                p = event.payload
+                if isinstance(p, LifecycleRecord) and p.kind is LifecycleKind.EXITED:
+                    await self._push(stub, sandbox_id, pending, timeout)
+                    pending = []
+                    await stub.ReportMainProcessExit(
+                        pb.ReportMainProcessExitRequest(
+                            sandbox_id=sandbox_id, instance_id=self._instance_id, exit_code=p.exit_code
+                        ),
+                        timeout=timeout,
+                    )  # type: ignore[misc]
+                    self._journal.mark_sent(event.sequence)
+                    await self._ack(event.sequence)
+                else:
+                    pending.append(event)
+            await self._push(stub, sandbox_id, pending, timeout)
+
+    async def _push(
+        self, stub: pb_grpc.OpenShellStub, sandbox_id: str, events: list[Event], deadline_s: float
+    ) -> None:
+        if not events:
+            return
+        request = pb.PushSandboxLogsRequest(sandbox_id=sandbox_id)
+        request.logs.extend(event_to_log_line(sandbox_id, e) for e in events)
+        self._journal.mark_sent(events[-1].sequence)
+        await stub.PushSandboxLogs(iter([request]), timeout=deadline_s)  # type: ignore[misc]
+        await self._ack(events[-1].sequence)

@@ -1,0 +1,217 @@
+"""Bad input from a supervisor gets a clear answer, and the gateway goes on serving everyone else.
+
+An in-process gateway on SQLite, spoken to over real gRPC with hand-made messages: hellos
+that are missing or wrong, oversized messages, message kinds the gateway does not know,
+event batches that break the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
+from openshell_wire.configfile import load_settings
+from openshell_wire.v1 import openshell_pb2 as pb
+
+CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    config = load_settings(
+        GatewayConfig,
+        overrides={
+            "grpc": {"listen": "127.0.0.1:0", "max_receive_message_bytes": 64 * 1024, "hello_timeout_s": 1},
+            "http": {"listen": "127.0.0.1:0"},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+            "sessions": {"heartbeat_interval_s": 0.5, "grace_s": 1.0},
+        },
+        use_env=False,
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    yield gateway
+    await gateway.stop()
+
+
+def _raw_stream(channel: aio.Channel) -> aio.StreamStreamMultiCallable:
+    """A ConnectSupervisor call that sends raw bytes, so we can send what our stubs never would."""
+    return channel.stream_stream(
+        CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+    )
+
+
+def _hello(sandbox_id: str, *, caps: tuple[str, ...] = ("events", "resume"), epoch: str = "e1") -> bytes:
+    msg = pb.SupervisorMessage()
+    msg.hello.sandbox_id = sandbox_id
+    msg.hello.instance_id = "i1"
+    msg.hello.capabilities.extend(caps)
+    msg.hello.journal_epoch = epoch
+    return msg.SerializeToString()
+
+
+def _heartbeat(ms: int = 42) -> bytes:
+    msg = pb.SupervisorMessage()
+    msg.heartbeat.sent_unix_ms = ms
+    return msg.SerializeToString()
+
+
+async def _first_reply(gw: Gateway, *messages: bytes) -> pb.GatewayMessage:
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        for m in messages:
+            await call.write(m)
+        reply = await call.read()
+        call.cancel()
+        assert reply is not aio.EOF
+        return reply  # type: ignore[no-any-return]
+
+
+async def test_hello_without_sandbox_id_is_rejected_with_the_reason(gw: Gateway) -> None:
+    reply = await _first_reply(gw, _hello(""))
+    assert reply.WhichOneof("payload") == "session_rejected"
+    assert reply.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO
+    assert "without sandbox_id" in reply.session_rejected.reason
+
+
+async def test_invalid_sandbox_name_is_rejected(gw: Gateway) -> None:
+    reply = await _first_reply(gw, _hello("Not A Name!"))
+    assert reply.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO
+    assert "not a valid name" in reply.session_rejected.reason
+
+
+async def test_first_message_must_be_a_hello(gw: Gateway) -> None:
+    reply = await _first_reply(gw, _heartbeat())
+    assert reply.session_rejected.code == pb.REJECT_CODE_PROTOCOL_ERROR
+    assert "first message must be hello" in reply.session_rejected.reason
+
+
+async def test_events_capability_without_journal_epoch_is_rejected(gw: Gateway) -> None:
+    reply = await _first_reply(gw, _hello("sb-noepoch", epoch=""))
+    assert reply.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO
+
+
+async def test_silent_stream_gets_no_session(gw: Gateway) -> None:
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        reply = await call.read()  # we never say hello; the hello timeout is 1 s
+        assert reply.session_rejected.code == pb.REJECT_CODE_PROTOCOL_ERROR
+        assert "no hello" in reply.session_rejected.reason
+
+
+async def test_unknown_message_kinds_are_ignored_and_the_session_goes_on(gw: Gateway) -> None:
+    # Field 200 of SupervisorMessage, a varint: what a newer supervisor's new kind looks like to us.
+    unknown = bytes([0xC0, 0x0C, 0x01])
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        await call.write(_hello("sb-unknown"))
+        accepted = await call.read()
+        assert accepted.WhichOneof("payload") == "session_accepted"
+        await call.write(unknown)
+        await call.write(_heartbeat(4242))
+        reply = await call.read()
+        assert reply.WhichOneof("payload") == "heartbeat"
+        assert reply.heartbeat.echo_unix_ms == 4242
+        call.cancel()
+
+
+async def test_oversized_message_is_refused_and_the_gateway_keeps_serving(gw: Gateway) -> None:
+    big = pb.SupervisorMessage()
+    big.events.journal_epoch = "e1"
+    ev = big.events.events.add()
+    ev.sequence = 1
+    ev.log.stream = pb.LOG_STREAM_STDOUT
+    ev.log.message = "x" * (128 * 1024)  # twice the configured limit
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        await call.write(_hello("sb-big"))
+        await call.read()
+        with pytest.raises(aio.AioRpcError) as info:
+            await call.write(big.SerializeToString())
+            while True:
+                msg = await call.read()
+                if msg is aio.EOF:
+                    break
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Nothing of it was stored, and a well-behaved supervisor is still served.
+    reply = await _first_reply(gw, _hello("sb-after-big"))
+    assert reply.WhichOneof("payload") == "session_accepted"
+
+
+async def _send_events(gw: Gateway, sandbox_id: str, batch: pb.SupervisorMessage) -> list[pb.GatewayMessage]:
+    replies = []
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        await call.write(_hello(sandbox_id))
+        replies.append(await call.read())
+        await call.write(batch.SerializeToString())
+        while True:
+            msg = await call.read()
+            if msg is aio.EOF:
+                break
+            replies.append(msg)
+            if msg.WhichOneof("payload") in ("event_ack", "session_rejected"):
+                break
+        call.cancel()
+    return replies
+
+
+async def test_event_batch_of_another_journal_epoch_ends_the_session(gw: Gateway) -> None:
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "not-e1"
+    ev = batch.events.events.add(sequence=1)
+    ev.log.stream = pb.LOG_STREAM_STDOUT
+    replies = await _send_events(gw, "sb-epoch", batch)
+    assert replies[-1].session_rejected.code == pb.REJECT_CODE_PROTOCOL_ERROR
+    assert "journal epoch" in replies[-1].session_rejected.reason
+
+
+async def test_event_without_a_kind_ends_the_session_and_stores_nothing(gw: Gateway) -> None:
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    good = batch.events.events.add(sequence=1)
+    good.log.stream = pb.LOG_STREAM_STDOUT
+    good.log.message = "fine"
+    batch.events.events.add(sequence=2)  # no kind at all
+    replies = await _send_events(gw, "sb-nokind", batch)
+    assert replies[-1].session_rejected.code == pb.REJECT_CODE_PROTOCOL_ERROR
+    assert "event 2" in replies[-1].session_rejected.reason
+    from gateway.store import EventStore
+
+    assert gw.db is not None
+    assert await EventStore(gw.db).count("sb-nokind") == 0, "a bad batch is refused whole"
+
+
+async def test_descending_sequences_end_the_session(gw: Gateway) -> None:
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    for seq in (5, 3):
+        ev = batch.events.events.add(sequence=seq)
+        ev.log.stream = pb.LOG_STREAM_STDOUT
+    replies = await _send_events(gw, "sb-desc", batch)
+    assert "must ascend" in replies[-1].session_rejected.reason
+
+
+async def test_events_are_acknowledged_and_a_replay_is_stored_once(gw: Gateway) -> None:
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    for seq in (1, 2, 3):
+        ev = batch.events.events.add(sequence=seq)
+        ev.log.stream = pb.LOG_STREAM_STDOUT
+        ev.log.message = f"m{seq}"
+    first = await _send_events(gw, "sb-replay", batch)
+    again = await _send_events(gw, "sb-replay", batch)
+    assert first[0].session_accepted.resume_after_sequence == 0
+    assert again[0].session_accepted.resume_after_sequence == 3
+    assert first[-1].event_ack.acked_through_sequence == 3
+    assert again[-1].event_ack.acked_through_sequence == 3
+    from gateway.store import EventStore
+
+    assert gw.db is not None
+    assert [e.message for e in await EventStore(gw.db).tail("sb-replay")] == ["m1", "m2", "m3"]

@@ -1,0 +1,70 @@
+"""A real network cut between the sandbox host and the gateway host (veth + nft drop, no reset).
+
+The cut lasts longer than three heartbeat intervals: the supervisor must notice on its own,
+back off, reconnect after the heal and resume, with no line lost or doubled, and the main
+process must keep running throughout with the same PID.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.netns import NetPair, netns_unavailable
+from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
+
+_reason = netns_unavailable()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
+
+
+@pytest.fixture
+def net() -> Iterator[NetPair]:
+    pair = NetPair.create()
+    yield pair
+    pair.destroy()
+
+
+def test_cut_longer_than_three_heartbeats_is_noticed_and_resumed(tmp_path: Path, net: NetPair) -> None:
+    interval = 0.5
+    gw = GatewayProcess(
+        tmp_path / "gw", grpc_host=net.gateway_ip, netns=net.gateway_ns, heartbeat_interval_s=interval
+    )
+    n = 300
+    sv = SupervisorProcess(
+        tmp_path / "sb",
+        "cut-me",
+        gw.address,
+        writer_command(n, delay=0.03, exit_code=0),
+        netns=net.sandbox_ns,
+    )
+    try:
+        gw.start()
+        sv.start()
+        wait_until(lambda: len(gw.log_lines("cut-me")) >= 30, timeout=30, what="first lines stored")
+        started = [e for e in gw.events("cut-me", "lifecycle") if e["data"]["kind"] == "started"]
+        pid = started[0]["data"]["pid"]
+
+        net.cut()
+        time.sleep(4 * interval * 3)  # well past three heartbeat intervals
+        os.kill(pid, 0)  # the main process is still there, unbothered by the cut
+        stored_during_cut = len(gw.log_lines("cut-me"))
+        net.heal()
+
+        assert sv.wait(timeout=90) == 0, sv.log_text()[-3000:]
+    finally:
+        sv.stop()
+        gw.stop()
+
+    log = sv.log_text()
+    assert "no message from the gateway" in log, "the supervisor should notice the silent cut by itself"
+    assert log.count("session accepted") >= 2, "it should have reconnected after the heal"
+    lines = gw.log_lines("cut-me")
+    assert stored_during_cut < n
+    assert lines == [f"line {i}" for i in range(n)]
+    lifecycle = [e["data"] for e in gw.events("cut-me", "lifecycle")]
+    assert [d["kind"] for d in lifecycle if d["kind"] in ("started", "exited")] == ["started", "exited"]
+    assert lifecycle[-1]["pid"] == pid, "the main process kept its PID across the cut"

@@ -1,0 +1,250 @@
+"""The store against a real PostgreSQL server, started for this test session.
+
+A throwaway cluster is initialised in a temporary directory and listens on 127.0.0.1 at a free
+port; each test gets a database of its own. PostgreSQL refuses to run as root, so under root the
+server's commands run as the ``postgres`` user (or ``nobody``) through ``runuser``. The scenarios
+are the ones the SQLite unit tests run (``tests/unit/test_store.py``), so both dialects are held
+to the same behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.store import Database, EventStore, SandboxStore, StoreError
+from openshell_wire.records import LogRecord, LogStream
+from tests.unit.test_store import (
+    check_append_unsequenced,
+    check_exit_updates_sandbox,
+    check_heartbeats,
+    check_idempotent_store,
+    check_migrations_match_schema,
+    check_schema,
+    check_sessions,
+    check_tail_and_after,
+    log,
+)
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+
+def _pg_bindir() -> Path | None:
+    candidates: list[Path] = []
+    which = shutil.which("pg_ctl")
+    if which:
+        candidates.append(Path(which).parent)
+    # Debian keeps the server binaries out of PATH, one directory per major version; newest first.
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    candidates.extend(versions)
+    for bindir in candidates:
+        if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+            return bindir
+    return None
+
+
+BINDIR = _pg_bindir()
+pytestmark = pytest.mark.skipif(
+    BINDIR is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+
+@dataclass(frozen=True)
+class PgServer:
+    port: int
+    user: str
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _unprivileged_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    pytest.skip("running as root and there is no postgres or nobody user to run PostgreSQL as")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    assert BINDIR is not None
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+    run_as = _unprivileged_user()
+    root = Path(tempfile.mkdtemp(prefix="openshell-pg-"))
+    data = root / "data"
+    if run_as is not None:
+        entry = pwd.getpwnam(run_as)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+    port = _free_port()
+    superuser = "openshell"
+    init = _run_as(
+        run_as,
+        [str(BINDIR / "initdb"), "-D", str(data), "-U", superuser, "--auth=trust", "-E", "UTF8", "--no-sync"],
+    )
+    if init.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
+    # fsync off: the cluster is thrown away, and the tests are not about durability.
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
+    start = _run_as(
+        run_as,
+        [
+            str(BINDIR / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        ],
+    )
+    if start.returncode != 0:
+        server_log = (
+            (root / "server.log").read_text(errors="replace") if (root / "server.log").exists() else ""
+        )
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{server_log}")
+    try:
+        yield PgServer(port=port, user=superuser)
+    finally:
+        _run_as(run_as, [str(BINDIR / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def pg_url(pg_server: PgServer) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
+    )
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield pg_server.url(name)
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
+    )
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[Database]:
+    db = await Database.open(pg_url)
+    yield db
+    await db.close()
+
+
+async def test_migrations_create_the_schema(pg: Database) -> None:
+    assert pg.dialect == "postgresql"
+    await check_schema(pg)
+    await check_migrations_match_schema(pg)
+
+
+async def test_migrating_twice_and_concurrently_is_safe(pg_url: str) -> None:
+    # Replicas starting together all migrate: the advisory lock must make the losers no-ops.
+    opened = await asyncio.gather(*(Database.open(pg_url) for _ in range(4)))
+    try:
+        for db in opened:
+            await check_schema(db)
+    finally:
+        for db in opened:
+            await db.close()
+
+
+async def test_store_events_is_idempotent(pg: Database) -> None:
+    await check_idempotent_store(pg)
+
+
+async def test_an_exit_event_updates_the_sandbox(pg: Database) -> None:
+    await check_exit_updates_sandbox(pg)
+
+
+async def test_append_unsequenced_numbers_concurrent_calls(pg: Database) -> None:
+    await check_append_unsequenced(pg)
+
+
+async def test_append_unsequenced_across_two_engines(pg: Database, pg_url: str) -> None:
+    # Two engines stand in for two replicas: only the row lock, not the asyncio lock, orders them.
+    second = await Database.open(pg_url, migrate=False)
+    try:
+        await SandboxStore(pg).ensure("sb")
+        stores = [EventStore(pg), EventStore(second)]
+        await asyncio.gather(
+            *(
+                stores[n % 2].append_unsequenced(
+                    "sb", [(0, LogRecord(LogStream.STDOUT, f"{n}.{i}")) for i in range(3)]
+                )
+                for n in range(8)
+            )
+        )
+        stored = await EventStore(pg).tail("sb", 100)
+        assert sorted(e.sequence for e in stored) == list(range(1, 25))
+    finally:
+        await second.close()
+
+
+async def test_mark_disconnected_ignores_a_stale_session(pg: Database) -> None:
+    await check_sessions(pg)
+
+
+async def test_record_heartbeats(pg: Database) -> None:
+    await check_heartbeats(pg)
+
+
+async def test_tail_and_after_order(pg: Database) -> None:
+    await check_tail_and_after(pg)
+
+
+async def test_delete_cascades(pg: Database) -> None:
+    sandboxes, events = SandboxStore(pg), EventStore(pg)
+    await sandboxes.ensure("sb")
+    await events.store_events("sb", "e1", [log(1), log(2)])
+    await sandboxes.delete("sb")
+    assert await events.count("sb") == 0
+
+
+async def test_unknown_database_is_a_readable_store_error(pg_server: PgServer) -> None:
+    with pytest.raises(StoreError, match=re.escape(f"cannot open database {pg_server.url('missing')}")):
+        await Database.open(pg_server.url("missing"))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run them: stub freshness, ruff, mypy --strict, pytest.
+# This is the README's test command, and .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+# System tools for the network-namespace tests (they skip with the reason where these are missing).
+if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2; } >/dev/null 2>&1 \
+    || echo "warning: could not install nftables; network-cut tests will skip"
+fi
+
+echo "== generated stubs";  .venv/bin/python proto/generate.py --check
+echo "== ruff";             .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy --strict";    .venv/bin/mypy supervisor gateway openshell_wire
+echo "== pytest"
+set +e
+.venv/bin/pytest -q -rs "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$rc"

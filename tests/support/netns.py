@@ -1,0 +1,83 @@
+"""Two test hosts in network namespaces joined by a veth pair, and an nft rule set that cuts them.
+
+The gateway host and the sandbox host get addresses in 10.213.<n>.0/30: hosts of our own, in
+namespaces this test run creates and removes; nothing leaves the machine. A cut drops packets in
+both directions on the sandbox host (no reset, like a dead link), so only timeouts can notice it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+def netns_unavailable() -> str | None:
+    """The reason network-namespace tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` (apt install iproute2 nftables)"
+    probe = f"osprobe{secrets.token_hex(3)}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _run(*argv: str, stdin: str | None = None) -> None:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+
+
+@dataclass
+class NetPair:
+    gateway_ns: str
+    sandbox_ns: str
+    gateway_ip: str
+    sandbox_ip: str
+
+    @classmethod
+    def create(cls) -> NetPair:
+        tag = secrets.token_hex(3)
+        subnet = int(tag, 16) % 250 + 1
+        pair = cls(f"osgw-{tag}", f"ossb-{tag}", f"10.213.{subnet}.1", f"10.213.{subnet}.2")
+        veth_g, veth_s = f"vg{tag}", f"vs{tag}"
+        _run("ip", "netns", "add", pair.gateway_ns)
+        _run("ip", "netns", "add", pair.sandbox_ns)
+        _run("ip", "link", "add", veth_g, "type", "veth", "peer", "name", veth_s)
+        _run("ip", "link", "set", veth_g, "netns", pair.gateway_ns)
+        _run("ip", "link", "set", veth_s, "netns", pair.sandbox_ns)
+        for ns, dev, ip in (
+            (pair.gateway_ns, veth_g, pair.gateway_ip),
+            (pair.sandbox_ns, veth_s, pair.sandbox_ip),
+        ):
+            _run("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+            _run("ip", "-n", ns, "link", "set", dev, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        return pair
+
+    def cut(self) -> None:
+        rules = f"""
+        table inet oscut {{
+          chain input {{
+            type filter hook input priority 0; policy accept; ip saddr {self.gateway_ip} drop;
+          }}
+          chain output {{
+            type filter hook output priority 0; policy accept; ip daddr {self.gateway_ip} drop;
+          }}
+        }}
+        """
+        _run("ip", "netns", "exec", self.sandbox_ns, "nft", "-f", "-", stdin=rules)
+
+    def heal(self) -> None:
+        _run("ip", "netns", "exec", self.sandbox_ns, "nft", "delete", "table", "inet", "oscut")
+
+    def destroy(self) -> None:
+        for ns in (self.sandbox_ns, self.gateway_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,0 +1,231 @@
+"""Start and stop real gateway and supervisor processes for tests, and read what the gateway stored.
+
+Everything runs as separate programs (``python -m gateway``, ``python -m supervisor``), the way
+operators run them; the store is read back straight from the gateway's SQLite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def writer_command(
+    n: int, *, prefix: str = "line", delay: float = 0.0, exit_code: int = 0, width: int = 0
+) -> list[str]:
+    """A main process that prints ``{prefix} {i}`` for i in 0..n-1 (padded to ``width``), then exits."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        n, prefix, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+        code, width = int(sys.argv[4]), int(sys.argv[5])
+        for i in range(n):
+            line = f"{prefix} {i}"
+            print(line.ljust(width, "."), flush=True)
+            if delay:
+                time.sleep(delay)
+        sys.exit(code)
+        """
+    )
+    return [PYTHON, "-u", "-c", script, str(n), prefix, str(delay), str(exit_code), str(width)]
+
+
+@dataclass
+class GatewayProcess:
+    workdir: Path
+    grpc_host: str = "127.0.0.1"
+    heartbeat_interval_s: float = 0.5
+    grace_s: float = 1.0
+    netns: str | None = None
+    extra: Sequence[str] = ()
+    grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "gateway.db"
+
+    @property
+    def address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "gateway.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            PYTHON, "-m", "gateway", "serve",
+            "--grpc-listen", self.address,
+            "--http-listen", f"127.0.0.1:{self.http_port}",
+            "--database-url", f"sqlite+aiosqlite:///{self.db_path}",
+            "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
+            "--set", f"sessions.grace_s={self.grace_s}",
+            "--set", "sessions.heartbeat_flush_interval_s=0.5",
+            "--log-level", "debug",
+            *self.extra,
+        ]  # fmt: skip
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        with self.log_path.open("ab") as out:
+            out.write(f"--- start {self.starts}\n".encode())
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.starts += 1
+        wait_until(
+            lambda: b"gateway ready" in self.log_path.read_bytes().split(b"--- start")[-1],
+            timeout=60,
+            what=f"gateway ready (see {self.log_path})",
+        )
+        assert self.proc.poll() is None, self.log_text()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    # -- reading what was stored ---------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if not self.db_path.exists():
+            return []
+        with contextlib.closing(
+            sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        ) as conn:
+            try:
+                return list(conn.execute(sql, params))
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                raise
+
+    def events(self, sandbox_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT journal_epoch, sequence, kind, stream, message, data FROM events WHERE sandbox_id = ?"
+        params: list[object] = [sandbox_id]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        sql += " ORDER BY id"
+        rows = self.query(sql, params)
+        return [
+            {"epoch": r[0], "sequence": r[1], "kind": r[2], "stream": r[3], "message": r[4],
+             "data": json.loads(r[5]) if r[5] else None}
+            for r in rows
+        ]  # fmt: skip
+
+    def log_lines(self, sandbox_id: str) -> list[str]:
+        return [e["message"] for e in self.events(sandbox_id, "log") if e["stream"] in ("stdout", "stderr")]
+
+
+@dataclass
+class SupervisorProcess:
+    workdir: Path
+    sandbox_id: str
+    gateway_address: str
+    command: Sequence[str]
+    netns: str | None = None
+    settings: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.workdir / "journal"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "supervisor.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            PYTHON, "-m", "supervisor", "run",
+            "--sandbox-id", self.sandbox_id,
+            "--gateway", self.gateway_address,
+            "--journal-dir", str(self.journal_dir),
+            "--log-level", "debug",
+            "--set", "capture.echo=false",
+            "--set", "session.reconnect_initial_s=0.2",
+            "--set", "session.reconnect_max_s=2",
+            "--set", "gateway.connect_timeout_s=2",
+        ]  # fmt: skip
+        for item in self.settings:
+            argv += ["--set", item]
+        argv += ["--", *self.command]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"supervisor still running after {timeout}s:\n{self.log_text()[-4000:]}"
+            ) from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

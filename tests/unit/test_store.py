@@ -1,0 +1,384 @@
+"""The gateway's store against a real, temporary SQLite file.
+
+The ``check_*`` coroutines take an open database of any dialect; the PostgreSQL integration test
+runs the same ones, so both backends are held to one behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+
+from gateway.store import (
+    UNSEQUENCED_EPOCH,
+    Database,
+    EventStore,
+    SandboxStore,
+    StoreError,
+    migrate,
+)
+from gateway.store.schema import metadata
+from openshell_wire.records import (
+    Event,
+    GapReason,
+    GapRecord,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    LogStream,
+    Payload,
+)
+
+T0 = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
+TS = 1_764_072_000_000  # 2025-11-25T12:00:00Z
+
+
+def log(seq: int, message: str | None = None) -> Event:
+    return Event(seq, TS + seq, LogRecord(LogStream.STDOUT, message or f"line {seq}"))
+
+
+def exited(seq: int, code: int, *, ts: int = TS) -> Event:
+    return Event(seq, ts, LifecycleRecord(LifecycleKind.EXITED, pid=42, exit_code=code))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/state/gateway.db"
+
+
+@pytest.fixture
+async def db(sqlite_url: str) -> AsyncIterator[Database]:
+    database = await Database.open(sqlite_url)
+    yield database
+    await database.close()
+
+
+# -- scenarios shared with tests/integration/test_store_postgres.py -------------------------------
+
+
+async def check_schema(db: Database) -> None:
+    async with db.engine.connect() as conn:
+        version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+        tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+    assert version == ["0001"]
+    assert {"sandboxes", "events", "alembic_version"} <= tables
+
+
+async def check_migrations_match_schema(db: Database) -> None:
+    def diff(conn: Connection) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+    async with db.engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
+
+
+async def check_idempotent_store(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    assert await events.high_water_mark("sb", "e1") == 0
+    batch = [log(s) for s in range(1, 11)]
+    assert await events.store_events("sb", "e1", batch) == 10
+    assert await events.store_events("sb", "e1", batch) == 10  # a replay: nothing new
+    assert await events.store_events("sb", "e1", [log(s) for s in range(5, 16)]) == 15
+    assert await events.count("sb") == 15
+    assert await events.high_water_mark("sb", "e1") == 15
+    # A new journal epoch (a supervisor that lost its journal) numbers from 1 again.
+    assert await events.store_events("sb", "e2", [log(1, "again")]) == 1
+    assert await events.high_water_mark("sb", "e1") == 15
+    stored = await events.tail("sb", 100)
+    assert [(e.journal_epoch, e.sequence) for e in stored] == [("e1", s) for s in range(1, 16)] + [("e2", 1)]
+    assert stored[0].message == "line 1" and stored[0].kind == "log" and stored[0].stream == "stdout"
+    # An empty batch reports the mark without writing.
+    assert await events.store_events("sb", "e1", []) == 15
+
+
+async def check_exit_updates_sandbox(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await events.store_events("sb", "e1", [log(1), exited(2, 137, ts=TS + 5000), log(3, "flushed")])
+    row = await sandboxes.get("sb")
+    assert row is not None
+    assert row.exit_code == 137
+    assert row.exited_at == datetime.fromtimestamp((TS + 5000) / 1000, UTC)
+    lifecycle = await events.tail("sb", 10, kinds=["lifecycle"])
+    assert len(lifecycle) == 1
+    assert lifecycle[0].message == "main process 42 exited with code 137"
+    assert lifecycle[0].data is not None and lifecycle[0].data["exit_code"] == 137
+    assert lifecycle[0].data["kind"] == "exited"
+
+
+async def check_append_unsequenced(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+
+    async def push(n: int) -> None:
+        items: list[tuple[int, Payload]] = [
+            (TS + i, LogRecord(LogStream.STDERR, f"push {n} line {i}")) for i in range(5)
+        ]
+        await events.append_unsequenced("sb", items)
+
+    await asyncio.gather(*(push(n) for n in range(10)))
+    stored = await events.tail("sb", 100)
+    assert [e.sequence for e in stored] == list(range(1, 51))
+    assert {e.journal_epoch for e in stored} == {UNSEQUENCED_EPOCH}
+    # Each call's lines stay together and in order.
+    for start in range(0, 50, 5):
+        chunk = stored[start : start + 5]
+        assert len({e.message.split(" line ")[0] for e in chunk}) == 1
+        assert [e.message.split(" line ")[1] for e in chunk] == ["0", "1", "2", "3", "4"]
+    await events.append_unsequenced("sb", [(0, LifecycleRecord(LifecycleKind.EXITED, pid=7, exit_code=3))])
+    row = await sandboxes.get("sb")
+    assert row is not None and row.exit_code == 3 and row.exited_at is not None
+    assert await events.high_water_mark("sb", UNSEQUENCED_EPOCH) == 51
+
+
+async def check_sessions(db: Database) -> None:
+    sandboxes = SandboxStore(db)
+    await sandboxes.ensure("sb", driver="kubernetes", spec={"image": "busybox"})
+    await sandboxes.mark_connected(
+        "sb", instance_id="i1", session_id="old", journal_epoch="e1", owner="gw-a", at=T0
+    )
+    later = T0 + timedelta(seconds=5)
+    await sandboxes.mark_connected(
+        "sb", instance_id="i1", session_id="new", journal_epoch="e1", owner="gw-b", at=later
+    )
+    # The old stream's teardown runs after the new session registered: it must change nothing.
+    assert not await sandboxes.mark_disconnected("sb", session_id="old", at=later)
+    row = await sandboxes.get("sb")
+    assert row is not None
+    assert row.connected and row.session_id == "new" and row.owner == "gw-b" and row.disconnected_at is None
+    assert row.driver == "kubernetes" and row.spec == {"image": "busybox"}
+    end = later + timedelta(seconds=1)
+    assert await sandboxes.mark_disconnected("sb", session_id="new", at=end)
+    assert not await sandboxes.mark_disconnected("sb", session_id="new", at=end)
+    row = await sandboxes.get("sb")
+    assert row is not None and not row.connected and row.disconnected_at == end
+
+
+async def check_heartbeats(db: Database) -> None:
+    sandboxes = SandboxStore(db)
+    for sid in ("a", "b", "c"):
+        await sandboxes.ensure(sid)
+    beats = {"a": T0, "b": T0 + timedelta(seconds=1), "unknown": T0}
+    await sandboxes.record_heartbeats(beats)
+    await sandboxes.record_heartbeats({})
+    rows = {r.id: r for r in await sandboxes.list()}
+    assert set(rows) == {"a", "b", "c"}
+    assert rows["a"].last_heartbeat_at == T0
+    assert rows["b"].last_heartbeat_at == T0 + timedelta(seconds=1)
+    assert rows["c"].last_heartbeat_at is None
+
+
+async def check_tail_and_after(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await sandboxes.ensure("other")
+    gap = Event(6, TS, GapRecord(GapReason.OVERFLOW, 3, 300, 3, 5))
+    await events.store_events("sb", "e1", [log(1), log(2), gap, log(7), log(8)])
+    await events.store_events("other", "e1", [log(1, "not mine")])
+    tail = await events.tail("sb", 3)
+    assert [e.sequence for e in tail] == [6, 7, 8]
+    assert tail[0].id < tail[1].id < tail[2].id
+    assert tail[0].kind == "gap" and tail[0].data is not None and tail[0].data["dropped_records"] == 3
+    assert [e.sequence for e in await events.tail("sb", 10, kinds=["log"])] == [1, 2, 7, 8]
+    everything = await events.tail("sb", 100)
+    assert [e.sequence for e in await events.after("sb", everything[1].id)] == [6, 7, 8]
+    assert [e.sequence for e in await events.after("sb", everything[1].id, limit=2)] == [6, 7]
+    assert await events.after("sb", everything[-1].id) == []
+    assert await events.count("sb") == 5 and await events.count("other") == 1
+
+
+# -- SQLite -----------------------------------------------------------------------------------------
+
+
+async def test_migrations_create_the_schema(db: Database) -> None:
+    assert db.dialect == "sqlite"
+    await check_schema(db)
+    await check_migrations_match_schema(db)
+
+
+async def test_sqlite_connections_are_tuned(db: Database) -> None:
+    async with db.engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+        assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 1  # NORMAL
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() > 0
+
+
+async def test_migrating_twice_is_a_no_op(sqlite_url: str) -> None:
+    await migrate(sqlite_url)
+    first = await Database.open(sqlite_url)
+    await SandboxStore(first).ensure("kept")
+    await first.close()
+    await migrate(sqlite_url)
+    again = await Database.open(sqlite_url)
+    try:
+        await check_schema(again)
+        assert await SandboxStore(again).get("kept") is not None
+    finally:
+        await again.close()
+
+
+async def test_open_without_migrating_sees_the_existing_schema(sqlite_url: str) -> None:
+    await migrate(sqlite_url)
+    db = await Database.open(sqlite_url, migrate=False)
+    try:
+        await check_schema(db)
+    finally:
+        await db.close()
+
+
+async def test_store_events_is_idempotent(db: Database) -> None:
+    await check_idempotent_store(db)
+
+
+async def test_an_exit_event_updates_the_sandbox(db: Database) -> None:
+    await check_exit_updates_sandbox(db)
+
+
+async def test_append_unsequenced_numbers_concurrent_calls(db: Database) -> None:
+    await check_append_unsequenced(db)
+
+
+async def test_mark_disconnected_ignores_a_stale_session(db: Database) -> None:
+    await check_sessions(db)
+
+
+async def test_record_heartbeats(db: Database) -> None:
+    await check_heartbeats(db)
+
+
+async def test_tail_and_after_order(db: Database) -> None:
+    await check_tail_and_after(db)
+
+
+async def test_connecting_keeps_the_exit(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await events.store_events("sb", "e1", [exited(1, 0)])
+    await sandboxes.mark_connected(
+        "sb", instance_id="i2", session_id="s", journal_epoch="e1", owner="o", at=T0
+    )
+    row = await sandboxes.get("sb")
+    assert row is not None and row.exit_code == 0 and row.connected
+
+
+async def test_ensure_is_race_safe_and_keeps_the_first_registration(db: Database) -> None:
+    sandboxes = SandboxStore(db)
+    rows = await asyncio.gather(*(sandboxes.ensure("sb", spec={"n": n}) for n in range(10)))
+    assert len({r.created_at for r in rows}) == 1
+    assert len({str(r.spec) for r in rows}) == 1
+    assert len(await sandboxes.list()) == 1
+
+
+async def test_datetimes_come_back_aware_and_in_utc(db: Database) -> None:
+    sandboxes = SandboxStore(db)
+    await sandboxes.ensure("sb")
+    local = T0.astimezone(timezone(timedelta(hours=-5)))
+    await sandboxes.mark_connected(
+        "sb", instance_id="i", session_id="s", journal_epoch="e", owner="o", at=local
+    )
+    row = await sandboxes.get("sb")
+    assert row is not None and row.connected_at == T0 and row.connected_at.tzinfo == UTC
+    assert row.created_at.tzinfo == UTC
+
+
+async def test_delete_removes_the_events_too(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await events.store_events("sb", "e1", [log(1), log(2)])
+    await sandboxes.delete("sb")
+    assert await sandboxes.get("sb") is None
+    assert await events.count("sb") == 0
+
+
+async def test_unknown_sandbox_is_a_store_error(db: Database) -> None:
+    events, sandboxes = EventStore(db), SandboxStore(db)
+    with pytest.raises(StoreError, match="'ghost'"):
+        await events.store_events("ghost", "e1", [log(1)])
+    with pytest.raises(StoreError, match="no such sandbox"):
+        await events.append_unsequenced("ghost", [(TS, LogRecord(LogStream.STDOUT, "x"))])
+    with pytest.raises(StoreError, match="no such sandbox"):
+        await sandboxes.mark_connected(
+            "ghost", instance_id="i", session_id="s", journal_epoch="e", owner="o", at=T0
+        )
+
+
+async def test_wait_for_new_wakes_on_a_commit(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await sandboxes.ensure("other")
+    waiter = asyncio.create_task(events.wait_for_new("sb", 30))
+    other = asyncio.create_task(events.wait_for_new("sb", 30))
+    await asyncio.sleep(0.01)
+    await events.store_events("other", "e1", [log(1)])
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # another sandbox's events do not wake it
+    await events.store_events("sb", "e1", [log(1)])
+    async with asyncio.timeout(5):
+        await asyncio.gather(waiter, other)
+    async with asyncio.timeout(5):
+        await events.append_unsequenced("sb", [(TS, LogRecord(LogStream.STDOUT, "x"))])
+    # With nothing new it returns after the timeout, and leaves no bookkeeping behind.
+    async with asyncio.timeout(5):
+        await events.wait_for_new("sb", 0.01)
+    assert events.notifier()._events == {} and events.notifier()._waiters == {}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("not a url", "invalid database URL"),
+        ("mysql://u:hunter2@db/x", "unsupported database URL"),
+        (
+            "postgresql://u:hunter2@127.0.0.1:1/x",
+            "cannot open database postgresql+asyncpg://u:***@127.0.0.1:1/x",
+        ),
+    ],
+)
+async def test_bad_urls_give_a_readable_store_error(url: str, expected: str) -> None:
+    with pytest.raises(StoreError) as caught:
+        await Database.open(url)
+    message = str(caught.value)
+    assert expected in message
+    assert "hunter2" not in message
+    assert "\n" not in message
+
+
+async def test_unwritable_path_gives_a_readable_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # A regular file where a directory should be: fails even for root, unlike permission bits.
+    url = f"sqlite:///{blocker}/sub/gateway.db"
+    with pytest.raises(
+        StoreError, match=r"cannot open database .*a-file/sub/gateway.db.*cannot create directory"
+    ):
+        await Database.open(url)
+    with pytest.raises(StoreError, match="cannot open database"):
+        await migrate(url)
+
+
+async def test_event_stores_over_one_database_share_wakeups_and_numbering(db: Database) -> None:
+    await SandboxStore(db).ensure("sb")
+    writer, reader = EventStore(db), EventStore(db)
+    waiter = asyncio.create_task(reader.wait_for_new("sb", 30))
+    await asyncio.sleep(0.01)
+    await writer.store_events("sb", "e1", [log(1)])
+    async with asyncio.timeout(5):
+        await waiter
+    await asyncio.gather(
+        *(
+            store.append_unsequenced("sb", [(TS, LogRecord(LogStream.STDOUT, "x"))] * 3)
+            for store in (writer, reader, writer, reader)
+        )
+    )
+    assert await writer.high_water_mark("sb", UNSEQUENCED_EPOCH) == 12
