@@ -49,6 +49,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._sandboxes: SandboxStore | None = None
+        self._service: OpenShellService | None = None
 
     @property
     def sandboxes(self) -> SandboxStore:
@@ -72,10 +73,10 @@ class Gateway:
         events = EventStore(self.db)
 
         server = aio.server(options=list(server_options(cfg)))
-        pb_grpc.add_OpenShellServicer_to_server(
-            OpenShellService(config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events),
-            server,
+        self._service = OpenShellService(
+            config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events
         )
+        pb_grpc.add_OpenShellServicer_to_server(self._service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
@@ -135,6 +136,8 @@ class Gateway:
                 await self._flusher
             self._flusher = None
             await self._flush_once()
+        if self._service is not None:
+            await self._service.drain()
         if self.db is not None:
             await self.db.close()
             self.db = None

@@ -32,7 +32,9 @@ class GrpcSettings(_Section):
         description="gRPC core's queue of calls not yet picked up (grpc.server.max_pending_requests). The "
         "default of 1,000 refuses streams at random during a reconnect storm.",
     )
-    max_pending_requests_hard_limit: int = Field(100_000, ge=1)
+    max_pending_requests_hard_limit: int = Field(
+        100_000, ge=1, description="Above this many queued calls every new call is refused."
+    )
     max_unrequested_time_s: float = Field(30.0, gt=0, description="How long a call may wait in that queue.")
     hello_timeout_s: float = Field(10.0, gt=0, description="A stream must say hello within this time.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
@@ -94,8 +96,10 @@ class GatewayConfig(LayeredSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line."
+    )
 
     @model_validator(mode="after")
     def _listen_addresses_differ(self) -> GatewayConfig:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,6 +89,22 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._sandboxes = sandboxes
         self._events = events
         self._owner = f"gateway-{id(self):x}"
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
+
+    async def drain(self) -> None:
+        """Wait for the writes that ended sessions left behind (called on shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- ConnectSupervisor ---------------------------------------------------------------
 
@@ -184,8 +200,14 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             if self._registry.close(session):
-                await self._sandboxes.mark_disconnected(
-                    sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
+                # The handler may be cancelled (the peer went away): the write that records the
+                # disconnection runs as its own task, which the gateway awaits before it closes
+                # the database.
+                self._spawn(
+                    self._sandboxes.mark_disconnected(
+                        sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
+                    ),
+                    name=f"disconnected-{sandbox_id}",
                 )
             log.info(
                 "session closed (%s)",

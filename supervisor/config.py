@@ -112,5 +112,7 @@ class SupervisorConfig(LayeredSettings):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line."
+    )
