@@ -1,7 +1,7 @@
 """Generate docs/configuration.md from the two config models, so the reference never drifts.
 
-    python docs/generate_config_reference.py           # rewrite docs/configuration.md
-    python docs/generate_config_reference.py --check   # fail if it is stale (run by the tests)
+python docs/generate_config_reference.py           # rewrite docs/configuration.md
+python docs/generate_config_reference.py --check   # fail if it is stale (run by the tests)
 """
 
 from __future__ import annotations
@@ -79,10 +79,16 @@ def _rows(model: type[BaseModel], prefix: str, env_prefix: str) -> list[str]:
 
 def render() -> str:
     parts = [INTRO]
-    for title, model, env_prefix, command in (
+    sections: list[tuple[str, type[BaseModel], str, str]] = [
         ("Gateway", GatewayConfig, "OPENSHELL_GATEWAY_", "openshell-gateway serve --config FILE"),
-        ("Supervisor", SupervisorConfig, "OPENSHELL_SUPERVISOR_", "openshell-supervisor run --config FILE -- CMD"),
-    ):
+        (
+            "Supervisor",
+            SupervisorConfig,
+            "OPENSHELL_SUPERVISOR_",
+            "openshell-supervisor run --config FILE -- CMD",
+        ),
+    ]
+    for title, model, env_prefix, command in sections:
         parts.append(f"\n## {title}\n\n`{command}`\n")
         parts.append("| key | type | default | env | meaning |\n|---|---|---|---|---|")
         parts.extend(_rows(model, "", env_prefix))

@@ -25,7 +25,8 @@ def test_precedence_is_flags_then_env_then_file_then_defaults(
 ) -> None:
     path = _write(
         tmp_path,
-        "sandbox_id: from-file\njournal:\n  fsync: never\n  max_bytes: 16777216\ngateway:\n  address: file:1\n",
+        "sandbox_id: from-file\njournal:\n  fsync: never\n  max_bytes: 16777216\n"
+        "gateway:\n  address: file:1\n",
     )
     monkeypatch.setenv("OPENSHELL_SUPERVISOR_JOURNAL__FSYNC", "always")
     monkeypatch.setenv("OPENSHELL_SUPERVISOR_GATEWAY__ADDRESS", "env:2")
@@ -40,7 +41,8 @@ def test_precedence_is_flags_then_env_then_file_then_defaults(
 def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        "grpc:\n  listen: 1.2.3.4:5\n  max_receive_message_bytes: lots\nsessions:\n  heartbeat_interval_s: -1\n"
+        "grpc:\n  listen: 1.2.3.4:5\n  max_receive_message_bytes: lots\n"
+        "sessions:\n  heartbeat_interval_s: -1\n"
         "surprise: true\ndatabase:\n  uri: x\n",
     )
     with pytest.raises(ConfigError) as info:
@@ -82,14 +84,15 @@ def test_cross_field_rules() -> None:
             overrides={"sandbox_id": "s", "journal": {"segment_bytes": 1 << 20, "max_bytes": 1 << 20}},
             use_env=False,
         )
-    with pytest.raises(ConfigError, match="both 127.0.0.1:9"):
+    with pytest.raises(ConfigError, match=r"both 127\.0\.0\.1:9"):
         load_settings(
             GatewayConfig, overrides={"grpc": {"listen": "127.0.0.1:9"}, "http": {"listen": "127.0.0.1:9"}}
         )
 
 
 def test_set_flags_build_nested_values() -> None:
-    assert parse_set_flags(["a.b=1", "a.c=x", "d=true", "e="]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": ""}
+    expected = {"a": {"b": 1, "c": "x"}, "d": True, "e": ""}
+    assert parse_set_flags(["a.b=1", "a.c=x", "d=true", "e="]) == expected
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_set_flags(["novalue"])
 

@@ -10,7 +10,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_reference_is_current() -> None:
-    done = subprocess.run(
-        [sys.executable, "docs/generate_config_reference.py", "--check"], cwd=ROOT, capture_output=True, text=True
-    )
+    argv = [sys.executable, "docs/generate_config_reference.py", "--check"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
