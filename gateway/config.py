@@ -96,7 +96,9 @@ class GatewayConfig(LayeredSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged."
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per event; json: one JSON object per line."
     )

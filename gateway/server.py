@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +43,7 @@ from openshell_wire.records import (
     LogStream,
     Payload,
     SandboxId,
+    sandbox_id_problem,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
@@ -51,9 +51,6 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
-
-#: DNS-1123 subdomain: what a Kubernetes object name (and so a sandbox id) may be.
-_SANDBOX_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class ProtocolError(Exception):
@@ -64,12 +61,7 @@ def validate_sandbox_id(sandbox_id: str) -> str | None:
     """None when valid, else the reason."""
     if not sandbox_id:
         return "hello without sandbox_id"
-    if not _SANDBOX_ID.match(sandbox_id):
-        return (
-            f"sandbox_id {sandbox_id[:80]!r} is not a valid name (lowercase letters, digits, '-' and '.', "
-            "at most 253 characters, starting and ending alphanumeric)"
-        )
-    return None
+    return sandbox_id_problem(sandbox_id)
 
 
 def _reject(code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0) -> pb.GatewayMessage:

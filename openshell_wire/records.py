@@ -10,12 +10,29 @@ wall-clock time of the observation. The gateway stores records idempotently on
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import NewType
 
 SandboxId = NewType("SandboxId", str)
 SessionId = NewType("SessionId", str)
 JournalEpoch = NewType("JournalEpoch", str)
+
+#: DNS-1123 subdomain: what a Kubernetes object name, and so a sandbox id, may be.
+_SANDBOX_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def sandbox_id_problem(sandbox_id: str) -> str | None:
+    """None when ``sandbox_id`` is valid, else the reason (the same rule on both sides)."""
+    if not sandbox_id:
+        return "sandbox_id is empty"
+    if not _SANDBOX_ID.match(sandbox_id):
+        return (
+            f"sandbox_id {sandbox_id[:80]!r} is not a valid name (lowercase letters, digits, '-' and '.', "
+            "at most 253 characters, starting and ending alphanumeric)"
+        )
+    return None
+
 
 #: Capabilities a peer may announce (SupervisorHello.capabilities, SessionAccepted.capabilities).
 CAP_RESUME = "resume"

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from openshell_wire.configfile import LayeredSettings
+from openshell_wire.records import sandbox_id_problem
 
 
 class _Section(BaseModel):
@@ -112,7 +113,18 @@ class SupervisorConfig(LayeredSettings):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged."
+    )
+
+    @field_validator("sandbox_id")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        problem = sandbox_id_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     log_format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per event; json: one JSON object per line."
     )
