@@ -45,11 +45,14 @@ async def run_demo(config: GatewayConfig, *, steps: int, keep_running: bool, out
     try:
         sandbox_id = "demo"
         await gateway.sandboxes.ensure(
-            sandbox_id, driver="local", spec={"command": ["python", "-c", "<demo agent>"]}
+            sandbox_id, driver="local", spec={"command": ["python", "demo-agent.py", str(steps)]}
         )
+        agent = config.drivers.local.work_dir / "demo-agent.py"
+        agent.parent.mkdir(parents=True, exist_ok=True)
+        agent.write_text(DEMO_AGENT)
         await driver.create(
             sandbox_id,
-            [sys.executable, "-u", "-c", DEMO_AGENT, str(steps)],
+            [sys.executable, "-u", str(agent.resolve()), str(steps)],
             extra_args=["--set", "capture.echo=false"],
         )
         print(f"gateway: grpc {gateway.grpc_address}, api {gateway.http_url}")

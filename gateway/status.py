@@ -41,6 +41,14 @@ def _ago(value: str | None) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def _one_line(message: str, limit: int = 160) -> str:
+    """A terminal row per event: the first line, shortened, with a mark when something was cut."""
+    first, *rest = message.splitlines() or [""]
+    if len(first) > limit or rest:
+        return first[:limit] + " ..."
+    return first
+
+
 def render(sandboxes: list[dict[str, Any]]) -> str:
     if not sandboxes:
         return "no sandboxes"
@@ -57,5 +65,5 @@ def render(sandboxes: list[dict[str, Any]]) -> str:
         for ev in sb.get("_events", []):
             stamp = datetime.fromtimestamp(ev["timestamp_ms"] / 1000, UTC).strftime("%H:%M:%S")
             tag = ev.get("stream") or ev["kind"]
-            out.append(f"    {stamp} #{ev['sequence']:<6} {tag:10} {ev['message']}")
+            out.append(f"    {stamp} #{ev['sequence']:<6} {tag:10} {_one_line(ev['message'])}")
     return "\n".join(out)
