@@ -31,11 +31,10 @@ from gateway.config import GatewayConfig
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import EventStore, SandboxStore
 from openshell_wire import __version__
-from openshell_wire.convert import WireError, event_from_proto
+from openshell_wire.convert import WireError
 from openshell_wire.records import (
     ALL_CAPABILITIES,
     CAP_EVENTS,
-    Event,
     JournalEpoch,
     LifecycleKind,
     LifecycleRecord,
@@ -143,6 +142,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             journal_epoch=epoch,
             capabilities=capabilities,
         )
+        session.acked_through = resume_after
         now = datetime.now(UTC)
         await self._sandboxes.mark_connected(
             sandbox_id,
@@ -274,18 +274,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 f"event batch for journal epoch {batch.journal_epoch!r}, "
                 f"the session's is {session.journal_epoch!r}"
             )
-        decoded: list[Event] = []
-        previous = 0
-        for raw in batch.events:
-            try:
-                event = event_from_proto(raw)
-            except WireError as exc:
-                raise ProtocolError(str(exc)) from None
-            if event.sequence <= previous:
-                raise ProtocolError(f"sequence {event.sequence} after {previous}: events must ascend")
-            previous = event.sequence
-            decoded.append(event)
-        hwm = await self._events.store_events(session.sandbox_id, session.journal_epoch, decoded)
+        try:
+            hwm = await self._events.store_wire_batch(
+                session.sandbox_id,
+                session.journal_epoch,
+                batch.events,
+                known_high_water_mark=session.acked_through,
+            )
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+        session.acked_through = hwm
         ack = pb.GatewayMessage()
         ack.event_ack.journal_epoch = session.journal_epoch
         ack.event_ack.acked_through_sequence = hwm

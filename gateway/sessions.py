@@ -67,6 +67,9 @@ class Session:
     opened_at: datetime
     #: Silence longer than this ends the session (set when it is accepted).
     stale_after_s: float = 30.0
+    #: The highest sequence known to be stored for this journal: the resume point given in the
+    #: answer to the hello, then the last acknowledgement (``EventStore.store_wire_batch``).
+    acked_through: int = 0
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))

@@ -31,6 +31,8 @@ _STREAM_TO_PB = {
     LogStream.SUPERVISOR: pb.LOG_STREAM_SUPERVISOR,
 }
 _STREAM_FROM_PB = {v: k for k, v in _STREAM_TO_PB.items()}
+#: Protobuf log stream number -> LogStream (read-only; for fast paths that skip the records).
+STREAM_FROM_PB = _STREAM_FROM_PB
 _LIFECYCLE_TO_PB = {
     LifecycleKind.STARTED: pb.LIFECYCLE_KIND_STARTED,
     LifecycleKind.EXITED: pb.LIFECYCLE_KIND_EXITED,

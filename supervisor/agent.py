@@ -5,17 +5,19 @@ session (it delivers whatever the journal holds, including a previous run's left
 the main process and journal STARTED, capture its lines, and when it exits journal EXITED and
 wait up to ``exit_flush_timeout_s`` for the gateway to acknowledge everything. Undelivered
 records stay in the journal directory, so a supervisor started again over it delivers them.
-Signals sent to the supervisor are forwarded to the main process group.
+Signals sent to the supervisor are forwarded to the main process group from the first moment:
+one that arrives before the main process started is delivered as soon as it has, and SIGTERM or
+SIGINT after it exited cuts the exit flush short (the exit code is still the main process's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
 
 from openshell_wire.records import LifecycleKind, LifecycleRecord, LogRecord, Payload
@@ -47,8 +49,12 @@ class Agent:
         self.journal = Journal.open(journal_options(config))
         self.session = Session(config=config, journal=self.journal, instance_id=self.instance_id)
         self._append_failures = 0
+        self._main: MainProcess | None = None
+        self._main_done = False
+        self._pending_signals: list[signal.Signals] = []
+        self._cut_flush = asyncio.Event()
 
-    def record(self, payload: Payload) -> None:
+    def record(self, payload: Payload) -> bool:
         """Journal one record; a full disk is reported, never allowed to stop the capture."""
         try:
             self.journal.append(payload)
@@ -56,24 +62,62 @@ class Agent:
             self._append_failures += 1
             if self._append_failures == 1 or self._append_failures % 1000 == 0:
                 log.error("journal append failed (%d so far): %s", self._append_failures, exc)
+            return False
+        return True
+
+    async def record_lifecycle(self, payload: LifecycleRecord) -> None:
+        """Journal a lifecycle record, retrying while the disk is full: these are never dropped.
+
+        Acknowledgements trim the journal and free room while we wait, so a full disk with a
+        reachable gateway resolves itself; without one, we give up after the flush timeout and
+        say so, rather than hang the exit.
+        """
+        deadline = time.monotonic() + max(self.config.session.exit_flush_timeout_s, 1.0)
+        while not self.record(payload):
+            if time.monotonic() > deadline:
+                log.critical("lifecycle record could not be journaled and is lost: %s", payload)
+                return
+            await asyncio.sleep(0.5)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._main_done:
+            # The main process is gone; a stop request now only cuts the exit flush short.
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s during the exit flush: not waiting for the gateway any longer", sig.name)
+                self._cut_flush.set()
+        elif self._main is not None and self._main.pid is not None:
+            self._main.send_signal(sig)
+        else:
+            # Not started yet: deliver as soon as it is, so a stop request is never lost.
+            self._pending_signals.append(sig)
 
     async def run(self) -> int:
         if not self.config.command:
             raise SystemExit("openshell-supervisor: no command to run (give it after --, or set `command`)")
-        self.record(
-            LifecycleRecord(
-                kind=LifecycleKind.SUPERVISOR_STARTED, pid=os.getpid(), instance_id=self.instance_id
-            )
-        )
-        background = [
-            asyncio.create_task(self.journal.run_fsync_loop(), name="journal-fsync"),
-            asyncio.create_task(self.session.run(), name="session"),
-        ]
+        loop = asyncio.get_running_loop()
+        # Handlers first: a signal in any later moment is forwarded, queued or honoured.
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        background: list[asyncio.Task[None]] = []
         try:
+            await self.record_lifecycle(
+                LifecycleRecord(
+                    kind=LifecycleKind.SUPERVISOR_STARTED, pid=os.getpid(), instance_id=self.instance_id
+                )
+            )
+            for coro, name in (
+                (self.journal.run_fsync_loop(), "journal-fsync"),
+                (self.session.run(), "session"),
+            ):
+                task = asyncio.create_task(coro, name=name)
+                task.add_done_callback(_report_unexpected_end)
+                background.append(task)
             code = await self._supervise()
             await self._flush()
             return code
         finally:
+            for sig in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(sig)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -88,43 +132,42 @@ class Agent:
             echo_stdout=sys.stdout.buffer if echo else None,
             echo_stderr=sys.stderr.buffer if echo else None,
         )
-        loop = asyncio.get_running_loop()
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, main.send_signal, sig)
+        self._main = main
         try:
-            try:
-                pid = await main.start()
-            except StartFailed as exc:
-                log.error("main process could not start: %s", exc)
-                self.record(LifecycleRecord(kind=LifecycleKind.START_FAILED, detail=str(exc)))
-                self.record(
-                    LifecycleRecord(kind=LifecycleKind.EXITED, exit_code=exc.exit_code, detail=str(exc))
-                )
-                return exc.exit_code
-            self.record(
-                LifecycleRecord(
-                    kind=LifecycleKind.STARTED,
-                    pid=pid,
-                    argv=tuple(self.config.command),
-                    instance_id=self.instance_id,
-                )
+            pid = await main.start()
+        except StartFailed as exc:
+            self._main_done = True
+            log.error("main process could not start: %s", exc)
+            await self.record_lifecycle(LifecycleRecord(kind=LifecycleKind.START_FAILED, detail=str(exc)))
+            await self.record_lifecycle(
+                LifecycleRecord(kind=LifecycleKind.EXITED, exit_code=exc.exit_code, detail=str(exc))
             )
-            log.info("main process started", extra={"pid": pid})
-            status = await main.wait()
-            self.record(
-                LifecycleRecord(
-                    kind=LifecycleKind.EXITED,
-                    pid=pid,
-                    exit_code=status.exit_code,
-                    signal=status.signal,
-                    instance_id=self.instance_id,
-                )
+            return exc.exit_code
+        for sig in self._pending_signals:
+            main.send_signal(sig)
+        self._pending_signals.clear()
+        await self.record_lifecycle(
+            LifecycleRecord(
+                kind=LifecycleKind.STARTED,
+                pid=pid,
+                argv=tuple(self.config.command),
+                instance_id=self.instance_id,
             )
-            log.info("main process exited", extra={"pid": pid, "exit_code": status.exit_code})
-            return status.exit_code
-        finally:
-            for sig in FORWARDED_SIGNALS:
-                loop.remove_signal_handler(sig)
+        )
+        log.info("main process started", extra={"pid": pid})
+        status = await main.wait()
+        self._main_done = True
+        await self.record_lifecycle(
+            LifecycleRecord(
+                kind=LifecycleKind.EXITED,
+                pid=pid,
+                exit_code=status.exit_code,
+                signal=status.signal,
+                instance_id=self.instance_id,
+            )
+        )
+        log.info("main process exited", extra={"pid": pid, "exit_code": status.exit_code})
+        return status.exit_code
 
     def _capture(self, record: LogRecord) -> None:
         self.record(record)
@@ -132,18 +175,31 @@ class Agent:
     async def _flush(self) -> None:
         target = self.journal.last_sequence
         timeout = self.config.session.exit_flush_timeout_s
+        acked = asyncio.create_task(self.session.wait_acked(target), name="exit-flush")
+        cut = asyncio.create_task(self._cut_flush.wait(), name="exit-flush-cut")
         try:
-            await asyncio.wait_for(self.session.wait_acked(target), timeout)
-        except TimeoutError:
-            left = target - self.journal.acked_through
-            log.warning(
-                "gateway did not acknowledge %d records within %.0fs; they stay in %s for the next start",
-                left,
-                timeout,
-                self.config.journal.directory,
-            )
-        else:
+            await asyncio.wait({acked, cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (acked, cut):
+                task.cancel()
+            await asyncio.gather(acked, cut, return_exceptions=True)
+        if self.journal.acked_through >= target:
             log.info("all records delivered", extra={"through": target})
+            return
+        left = target - self.journal.acked_through
+        log.warning(
+            "gateway did not acknowledge %d records; they stay in %s for the next start",
+            left,
+            self.config.journal.directory,
+        )
+
+
+def _report_unexpected_end(task: asyncio.Task[None]) -> None:
+    """A background task must run until cancelled; anything else is a bug that must be seen."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    log.critical("background task %s ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
 
 
 async def run(config: SupervisorConfig) -> int:
@@ -152,6 +208,4 @@ async def run(config: SupervisorConfig) -> int:
     except JournalError as exc:
         log.error("cannot open the journal: %s", exc)
         return 70  # EX_SOFTWARE: nothing ran, nothing was lost
-    with contextlib.suppress(asyncio.CancelledError):
-        return await agent.run()
-    return 130
+    return await agent.run()

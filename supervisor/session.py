@@ -34,7 +34,7 @@ from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from openshell_wire import __version__
-from openshell_wire.convert import event_to_log_line, event_to_proto
+from openshell_wire.convert import event_to_log_line
 from openshell_wire.records import ALL_CAPABILITIES, CAP_EVENTS, Event, LifecycleKind, LifecycleRecord
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
@@ -72,6 +72,43 @@ class SessionStatus:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_LENGTH = [bytes((i,)) for i in range(128)]
+#: Tags (field number << 3 | 2, length-delimited) of SupervisorMessage.events (100),
+#: EventBatch.journal_epoch (1) and EventBatch.events (2).
+_EVENTS_TAG = _varint(pb.SupervisorMessage.EVENTS_FIELD_NUMBER << 3 | 2)
+_EPOCH_TAG = _varint(pb.EventBatch.JOURNAL_EPOCH_FIELD_NUMBER << 3 | 2)
+_EVENT_TAG = _varint(pb.EventBatch.EVENTS_FIELD_NUMBER << 3 | 2)
+
+
+def event_batch_message(epoch: str, records: list[tuple[int, bytes]]) -> pb.SupervisorMessage:
+    """The SupervisorMessage carrying an EventBatch of journal payloads, without decoding them.
+
+    The journal stores each record as the protobuf ``Event`` bytes, so the batch is assembled in
+    the wire format (a length-delimited ``events`` field per record) and parsed once by the C
+    protobuf runtime, instead of decoding every record into Python objects and encoding it again.
+    """
+    tag = _EVENT_TAG
+    parts = []
+    if epoch:
+        raw_epoch = epoch.encode()
+        parts.append(_EPOCH_TAG + _varint(len(raw_epoch)) + raw_epoch)
+    for _sequence, payload in records:
+        size = len(payload)
+        parts.append(tag + (_LENGTH[size] if size < 128 else _varint(size)))
+        parts.append(payload)
+    body = b"".join(parts)
+    return pb.SupervisorMessage.FromString(_EVENTS_TAG + _varint(len(body)) + body)
 
 
 class Session:
@@ -154,6 +191,11 @@ class Session:
             raise self._after(SessionEnded(f"{exc.code().name}: {exc.details()}"), accepted_at) from None
         except (TimeoutError, OSError) as exc:
             raise self._after(SessionEnded(f"{type(exc).__name__}: {exc}"), accepted_at) from None
+        except Exception as exc:
+            # A bug of ours must not end the session task for good: the sandbox would be cut off
+            # from its gateway in silence. Log it loudly and go on with the backoff.
+            log.exception("session attempt failed unexpectedly")
+            raise SessionEnded(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             self.status.connected_since = None
             if call is not None:
@@ -314,16 +356,14 @@ class Session:
             if len(inflight) >= self._s.max_inflight_batches:
                 await self.wait_acked(inflight[0])
                 continue
-            events = self._journal.read_after(
+            records = self._journal.read_raw_after(
                 cursor, max_records=self._s.batch_max_records, max_bytes=self._s.batch_max_bytes
             )
-            if not events:
+            if not records:
                 await self._journal.wait_for_append(max(cursor, self._journal.last_sequence))
                 continue
-            msg = pb.SupervisorMessage()
-            msg.events.journal_epoch = self._journal.epoch
-            msg.events.events.extend(event_to_proto(e) for e in events)
-            cursor = events[-1].sequence
+            msg = event_batch_message(self._journal.epoch, records)
+            cursor = records[-1][0]
             # Mark before the write: while it awaits, appends may evict, and what is on its way
             # to the gateway must not also be counted in a gap.
             self._journal.mark_sent(cursor)

@@ -5,7 +5,9 @@ acknowledged after a reconnect, so the same record may arrive twice. Each batch 
 transaction with ON CONFLICT DO NOTHING on (sandbox, journal epoch, sequence): a replayed record
 costs nothing and is stored once, which makes delivery exactly-once in effect. The answer to a
 batch is the high-water mark, the highest sequence stored for that journal, which is what the
-gateway acknowledges and what a reconnecting supervisor resumes after.
+gateway acknowledges and what a reconnecting supervisor resumes after. A live session knows the
+mark (its resume point, then its last acknowledgement), so its batches are not followed by a
+query for it: after the commit, the mark is at least the batch's last sequence.
 
 Records from the upstream paths (PushSandboxLogs, ReportMainProcessExit) carry no sequence; the
 gateway numbers them itself under the empty journal epoch, one sandbox at a time.
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,11 +36,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.db import Database, StoreError, describe_error, store_errors, utcnow
 from gateway.store.schema import UNSEQUENCED_EPOCH
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
-from openshell_wire.convert import describe
+from openshell_wire.convert import STREAM_FROM_PB, WireError, describe, event_from_proto
 from openshell_wire.records import (
     Event,
     LifecycleKind,
@@ -45,6 +48,7 @@ from openshell_wire.records import (
     LogRecord,
     Payload,
 )
+from openshell_wire.v1 import openshell_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,12 @@ _INSERT_COLUMNS = (
     "data",
     "received_at",
 )
+
+
+#: The ``data`` of a log row whose line continues in the next record (see ``_row``).
+_CONTINUED_DATA = json.dumps({"continued": True}, separators=(",", ":"))
+#: Protobuf log stream number -> the ``stream`` column.
+_STREAM_VALUE = {number: stream.value for number, stream in STREAM_FROM_PB.items()}
 
 
 def _row(
@@ -230,6 +240,7 @@ class EventStore:
         # A plain insert for the events we number ourselves: a collision there is a numbering bug
         # and must fail loudly, not vanish the way a replay does.
         self._append_sql = self._compile(insert(events_table))
+        self._sqlite = db.dialect == "sqlite"
 
     def notifier(self) -> EventNotifier:
         return self._notifier
@@ -272,13 +283,25 @@ class EventStore:
                 .values(exit_code=exit_[0], exited_at=exit_[1])
             )
 
-    async def store_events(self, sandbox_id: str, journal_epoch: str, events: Sequence[Event]) -> int:
+    async def store_events(
+        self,
+        sandbox_id: str,
+        journal_epoch: str,
+        events: Sequence[Event],
+        *,
+        known_high_water_mark: int | None = None,
+    ) -> int:
         """Store a batch idempotently; return the high-water mark of (sandbox, journal epoch).
 
-        The sandbox must already be registered (``SandboxStore.ensure``).
+        With ``known_high_water_mark`` (what the caller last learned of the mark, e.g. the
+        session's resume point and its last acknowledgement) the mark is not read back: once the
+        transaction has committed, every sequence in the batch is stored, so the answer is the
+        larger of the two. It may under-report a mark raised meanwhile by someone else, which only
+        costs an idempotent resend. The sandbox must already be registered (``SandboxStore.ensure``).
         """
-        what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
         if not events:
+            if known_high_water_mark is not None:
+                return known_high_water_mark
             return await self.high_water_mark(sandbox_id, journal_epoch)
         received_at = utcnow()
         stored_at = self._bind_received_at(received_at)
@@ -294,13 +317,135 @@ class EventStore:
             for e in events
         ]
         exit_ = _last_exit([(e.timestamp_ms, e.payload) for e in events if not e.is_log], received_at)
+        last = max(e.sequence for e in events)
+        return await self._store_rows(
+            sandbox_id,
+            journal_epoch,
+            rows,
+            exit_=exit_,
+            last_sequence=last,
+            known_high_water_mark=known_high_water_mark,
+        )
+
+    async def store_wire_batch(
+        self,
+        sandbox_id: str,
+        journal_epoch: str,
+        events: Iterable[pb.Event],
+        *,
+        known_high_water_mark: int,
+    ) -> int:
+        """Validate and store the events of an ``EventBatch`` straight from their protobuf form.
+
+        Stores exactly the rows that ``store_events`` stores for the same events decoded with
+        ``event_from_proto``, and answers as it does with ``known_high_water_mark``. Log lines, the
+        hot path, become rows without an intermediate record; lifecycle and gap records go through
+        the decoder. Raises :class:`WireError` (and stores nothing) for an event the decoder
+        rejects or a sequence that does not ascend.
+        """
+        received_at = utcnow()
+        stored_at = self._bind_received_at(received_at)
+        rows: list[tuple[Any, ...]] = []
+        others: list[tuple[int, Payload]] = []
+        streams = _STREAM_VALUE
+        previous = 0
+        for raw in events:
+            sequence = raw.sequence
+            if sequence and raw.WhichOneof("kind") == "log":
+                line = raw.log
+                stream = streams.get(line.stream)
+                if stream is None:
+                    raise WireError(f"event {sequence}: unknown log stream {line.stream}")
+                if sequence <= previous:
+                    raise WireError(f"sequence {sequence} after {previous}: events must ascend")
+                rows.append(
+                    (
+                        sandbox_id,
+                        journal_epoch,
+                        sequence,
+                        raw.timestamp_ms,
+                        "log",
+                        stream,
+                        line.message,
+                        _CONTINUED_DATA if line.continued else None,
+                        stored_at,
+                    )
+                )
+            else:
+                event = event_from_proto(raw)
+                if sequence <= previous:
+                    raise WireError(f"sequence {sequence} after {previous}: events must ascend")
+                rows.append(
+                    _row(
+                        sandbox_id,
+                        journal_epoch,
+                        sequence=sequence,
+                        timestamp_ms=event.timestamp_ms,
+                        payload=event.payload,
+                        received_at=stored_at,
+                    )
+                )
+                if not event.is_log:
+                    others.append((event.timestamp_ms, event.payload))
+            previous = sequence
+        if not rows:
+            return known_high_water_mark
+        exit_ = _last_exit(others, received_at) if others else None
+        return await self._store_rows(
+            sandbox_id,
+            journal_epoch,
+            rows,
+            exit_=exit_,
+            last_sequence=previous,
+            known_high_water_mark=known_high_water_mark,
+        )
+
+    async def _store_rows(
+        self,
+        sandbox_id: str,
+        journal_epoch: str,
+        rows: list[tuple[Any, ...]],
+        *,
+        exit_: tuple[int, datetime] | None,
+        last_sequence: int,
+        known_high_water_mark: int | None,
+    ) -> int:
+        what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
+        if self._sqlite and exit_ is None and known_high_water_mark is not None:
+            await self._insert_sqlite(what, rows)
+            self._notifier.notify(sandbox_id)
+            return max(known_high_water_mark, last_sequence)
         with store_errors(what):
             async with self._db.engine.begin() as conn:
                 await conn.exec_driver_sql(self._idempotent_sql, rows)
                 await self._record_exit(conn, sandbox_id, exit_)
-                hwm = await self._hwm(conn, sandbox_id, journal_epoch)
+                if known_high_water_mark is None:
+                    hwm = await self._hwm(conn, sandbox_id, journal_epoch)
+                else:
+                    # Committed below: every sequence of the batch is then stored.
+                    hwm = max(known_high_water_mark, last_sequence)
         self._notifier.notify(sandbox_id)
         return hwm
+
+    async def _insert_sqlite(self, what: str, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction of ``rows`` on the aiosqlite driver connection itself.
+
+        Through SQLAlchemy, a batch costs about ten round trips to the driver's thread (begin,
+        execute, commit, cursor and pool bookkeeping), which with batches of a few hundred lines
+        is as much as the inserts themselves. The driver begins the transaction implicitly before
+        the INSERT (its default isolation level), so this is two round trips, plus the pool's
+        rollback on check-in, which is a no-op after the commit.
+        """
+        with store_errors(what):
+            async with self._db.engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                try:
+                    await driver.executemany(self._idempotent_sql, rows)
+                    await driver.commit()
+                except sqlite3.Error as exc:
+                    # The pool's reset on check-in rolls the transaction back.
+                    raise StoreError(f"{what}: {describe_error(exc)}") from exc
 
     async def high_water_mark(self, sandbox_id: str, journal_epoch: str) -> int:
         """The highest sequence stored for (sandbox, journal epoch); 0 when there is none."""

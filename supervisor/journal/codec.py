@@ -36,22 +36,35 @@ def _varint(value: int) -> bytes:
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
-_LOW_GROUP = [bytes((i | 0x80,)) for i in range(128)]
 _STREAM_FIELD = {stream: b"\x08" + _varint(number) for stream, number in _STREAM_NUMBER.items()}
+# Precomputed pieces, so that a line costs a few concatenations: the sequence field's tag and
+# first byte (low seven bits, with or without the continuation bit) ...
+_SEQ_SMALL = [b"\x08" + bytes((i,)) for i in range(128)]
+_SEQ_LOW = [b"\x08" + bytes((i | 0x80,)) for i in range(128)]
+# ... the ``log`` field's tag and one-byte length ...
+_LOG_FIELD = [b"\x52" + bytes((i,)) for i in range(128)]
+# ... and, per stream, the stream field plus the message tag and one-byte length (the message
+# field is omitted when empty, as proto3 does).
+_MESSAGE_HEAD = {
+    stream: [field] + [field + b"\x12" + bytes((i,)) for i in range(1, 128)]
+    for stream, field in _STREAM_FIELD.items()
+}
 
 
 class PayloadEncoder:
     """Encodes payloads to ``Event`` bytes, caching the slowly changing varints between calls."""
 
-    __slots__ = ("_high", "_high_bytes", "_stream", "_stream_field", "_ts", "_ts_field")
+    __slots__ = ("_heads", "_high", "_high_ts", "_stream", "_stream_field", "_ts", "_ts_field")
 
     def __init__(self) -> None:
         self._high = -1
-        self._high_bytes = b""
+        #: The varint of ``sequence >> 7`` followed by the timestamp field.
+        self._high_ts = b""
         self._ts = 0
         self._ts_field = b""
         self._stream: LogStream | None = None
         self._stream_field = b""
+        self._heads: list[bytes] = []
 
     def encode(self, sequence: int, timestamp_ms: int, payload: Payload) -> bytes:
         if type(payload) is LogRecord:
@@ -64,15 +77,16 @@ class PayloadEncoder:
                 return encode_event(Event(sequence, timestamp_ms, record))
             self._ts = timestamp_ms
             self._ts_field = b"\x10" + _varint(timestamp_ms) if timestamp_ms else b""
+            self._high = -1
         if sequence >= 128:
             # Sequences grow by one: the varint of sequence >> 7 changes once every 128 records.
             high = sequence >> 7
             if high != self._high:
                 self._high = high
-                self._high_bytes = _varint(high)
-            head = b"\x08" + _LOW_GROUP[sequence & 0x7F] + self._high_bytes + self._ts_field
+                self._high_ts = _varint(high) + self._ts_field
+            head = _SEQ_LOW[sequence & 0x7F] + self._high_ts
         elif sequence > 0:
-            head = b"\x08" + _ONE_BYTE[sequence] + self._ts_field
+            head = _SEQ_SMALL[sequence] + self._ts_field
         else:
             head = self._ts_field
         stream = record.stream
@@ -80,18 +94,16 @@ class PayloadEncoder:
             # Enum hashing is Python code; lines mostly come from one stream, so compare identity.
             self._stream = stream
             self._stream_field = _STREAM_FIELD[stream]
+            self._heads = _MESSAGE_HEAD[stream]
         try:
             text = record.message.encode()
         except UnicodeEncodeError:
             return encode_event(Event(sequence, timestamp_ms, record))
         size = len(text)
-        if size >= 128:
-            inner = self._stream_field + b"\x12" + _varint(size) + text
-        elif size:
-            inner = self._stream_field + b"\x12" + _ONE_BYTE[size] + text
-        else:
-            inner = self._stream_field
+        inner = self._heads[size] if size < 128 else self._stream_field + b"\x12" + _varint(size)
         if record.continued:
-            inner += b"\x18\x01"
-        size = len(inner)
-        return head + b"\x52" + (_ONE_BYTE[size] if size < 128 else _varint(size)) + inner
+            inner = inner + text + b"\x18\x01"
+            size = len(inner)
+            return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + _varint(size)) + inner
+        size += len(inner)
+        return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + _varint(size)) + inner + text

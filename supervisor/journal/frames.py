@@ -34,6 +34,8 @@ _PREFIX = struct.Struct("<4sQBI")
 _CRC = struct.Struct("<I")
 _HEADER = struct.Struct("<4sQBII")
 HEADER_SIZE = _HEADER.size
+#: The bytes the CRC covers before the payload (all of the header but the CRC itself).
+PREFIX_SIZE = _PREFIX.size
 #: Larger lengths are taken as damage: a real payload is one log line (capped by capture) or a
 #: lifecycle record, far below this.
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -46,6 +48,8 @@ class Kind(enum.IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+#: For readers that inline :func:`parse_at` (the journal's read loop).
+KINDS = _KINDS
 
 
 def kind_of(payload: Payload) -> Kind:
@@ -75,6 +79,7 @@ class Frame(NamedTuple):
 #: Bound methods for the append hot path, which inlines :func:`encode_frame`.
 pack_prefix = _PREFIX.pack
 pack_crc = _CRC.pack
+unpack_header = _HEADER.unpack_from
 
 
 def encode_frame(sequence: int, kind: int, payload: bytes) -> bytes:

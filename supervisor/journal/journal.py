@@ -2,11 +2,13 @@
 
 Flow: capture and the process supervisor call :meth:`Journal.append` (synchronous, one ``write``
 per record, fsync by policy), which assigns the next sequence number and wakes the session task
-waiting in :meth:`Journal.wait_for_append`. The session reads with :meth:`Journal.read_after`,
-marks what it puts on the wire with :meth:`Journal.mark_sent`, and passes the gateway's
-acknowledgements to :meth:`Journal.ack`, which deletes whole segments. After a reconnect the session
-reads again from the gateway's resume point; a read that jumps backwards rescans one segment, a
-read that continues where the last one stopped resumes from a cached file offset.
+waiting in :meth:`Journal.wait_for_append`. The session reads with :meth:`Journal.read_raw_after`
+(the stored protobuf bytes, CRC-checked, forwarded without decoding; :meth:`Journal.read_after`
+decodes them into records), marks what it puts on the wire with :meth:`Journal.mark_sent`, and
+passes the gateway's acknowledgements to :meth:`Journal.ack`, which deletes whole segments. After
+a reconnect the session reads again from the gateway's resume point; a read that jumps backwards
+rescans one segment, a read that continues where the last one stopped resumes from a cached file
+offset.
 
 Guarantees and their limits:
 
@@ -18,6 +20,8 @@ Guarantees and their limits:
 * The byte bound is enforced on closed segments only, oldest first, each rewritten at most once
   (after which it holds nothing evictable), down to a low-water mark below ``max_bytes``, so the
   cost is amortised over many appends.
+* One journal per directory: ``open`` takes an exclusive ``flock`` on its ``lock`` file, held
+  until ``close`` (or the process's death), so a second supervisor over it fails fast.
 * A failed append (disk full, I/O error) raises :class:`JournalError`, cuts the file back to the
   last whole frame and consumes no sequence, so the next append works once the cause is gone.
 
@@ -30,19 +34,32 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import time
 import uuid
 from collections import deque
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from zlib import crc32
 
-from openshell_wire.convert import WireError, decode_event
+from openshell_wire.convert import WireError, decode_event, encode_event
 from openshell_wire.records import Event, GapReason, GapRecord, JournalEpoch, LogRecord, Payload
 from supervisor.journal.codec import PayloadEncoder
 from supervisor.journal.errors import JournalError, io_error
-from supervisor.journal.frames import MAGIC, Frame, Kind, kind_of, needed_at, pack_crc, pack_prefix, parse_at
+from supervisor.journal.frames import (
+    HEADER_SIZE,
+    KINDS,
+    MAGIC,
+    MAX_PAYLOAD,
+    PREFIX_SIZE,
+    Kind,
+    kind_of,
+    pack_crc,
+    pack_prefix,
+    unpack_header,
+)
 from supervisor.journal.fsio import TMP_SUFFIX, fsync_directory
 from supervisor.journal.options import FsyncPolicy, JournalOptions, JournalStats
 from supervisor.journal.segments import (
@@ -61,6 +78,8 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 256 * 1024
 _OPEN_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
 _EVICT_RETRY_S = 1.0
+#: Held (flock) by the open journal, so a second supervisor over the same directory fails fast.
+LOCK_NAME = "lock"
 _LOG = int(Kind.LOG)
 
 
@@ -114,6 +133,7 @@ class Journal:
         self._waiters: list[asyncio.Future[None]] = []
         self._cursor: _Cursor | None = None
         self._reader: tuple[Segment, int, int] | None = None
+        self._lock_fd = -1
         self._evict_retry_at = 0.0
 
     # ------------------------------------------------------------------ open / recovery
@@ -128,6 +148,45 @@ class Journal:
         directory = self._dir
         try:
             directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error("use the journal directory", directory, exc) from exc
+        self._lock_directory()
+        try:
+            self._recover_locked()
+        except BaseException:
+            self._unlock_directory()
+            raise
+
+    def _lock_directory(self) -> None:
+        """Take the directory for this journal alone: two writers would corrupt each other."""
+        directory = self._dir
+        path = directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise io_error("open the lock file", path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise JournalError(
+                    f"journal: {directory} is in use by another process (another supervisor holds "
+                    f"the lock on {path}); each supervisor needs a journal directory of its own"
+                ) from None
+            raise io_error("lock", path, exc) from exc
+        self._lock_fd = fd
+
+    def _unlock_directory(self) -> None:
+        if self._lock_fd >= 0:
+            # Closing the descriptor releases the lock; the file itself stays, harmlessly.
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _recover_locked(self) -> None:
+        directory = self._dir
+        try:
             for leftover in directory.glob("*" + TMP_SUFFIX):
                 leftover.unlink()
             found = list_segments(directory)
@@ -177,6 +236,8 @@ class Journal:
                     raise io_error("repair journal segment", path, exc) from exc
                 self._apply_rewrite(segment, rewritten, counted=False)
                 self._corrupt_total += rewritten.corrupt_records
+            # Written by an earlier run, perhaps by another version: raw reads check them.
+            segment.untrusted_below = segment.size
             self._segments.append(segment)
         self._last_sequence = covered
         self._acked = min(acked, covered)
@@ -236,7 +297,8 @@ class Journal:
 
     # ------------------------------------------------------------------ append
 
-    def append(self, payload: Payload, *, timestamp_ms: int | None = None) -> Event:
+    def append(self, payload: Payload, *, timestamp_ms: int | None = None) -> int:
+        """Journal ``payload``; return its sequence number. Raises :class:`JournalError`."""
         sequence = self._last_sequence + 1
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
@@ -282,7 +344,7 @@ class Journal:
             self._enforce_bound()
         if self._waiters:
             self._wake()
-        return Event(sequence, timestamp_ms, payload)
+        return sequence
 
     def _start_segment(self, sequence: int) -> Segment:
         if self._closed:
@@ -400,23 +462,45 @@ class Journal:
         segment.last_log_sequence = rewritten.last_log_sequence
         if rewritten.written:
             segment.generation += 1
+            if segment.untrusted_below:
+                # Offsets moved; all that is in the file now is as untrusted as any of it was.
+                segment.untrusted_below = rewritten.size
 
     # ------------------------------------------------------------------ reading
 
     def read_after(self, sequence: int, *, max_records: int = 500, max_bytes: int = 1 << 20) -> list[Event]:
+        """Records above ``sequence``, oldest first, decoded; at most ``max_records``, and about
+        ``max_bytes`` of payload (at least one record)."""
+        return self._read_repairing(sequence, max_records, max_bytes, raw=False)
+
+    def read_raw_after(
+        self, sequence: int, *, max_records: int = 500, max_bytes: int = 1 << 20
+    ) -> list[tuple[int, bytes]]:
+        """Like :meth:`read_after`, as (sequence, payload bytes) without decoding them.
+
+        The bytes are the protobuf ``Event`` exactly as the journal stores it (``encode_event``'s
+        output), ready to be forwarded. Every frame's CRC is checked. Frames this process did not
+        write (found at open, or in a segment a read had to repair) are also decoded once, and a
+        record that does not decode comes back as a CORRUPT gap, exactly as :meth:`read_after`
+        delivers it; what this process wrote itself came from valid records, so it is passed on
+        as is.
+        """
+        return self._read_repairing(sequence, max_records, max_bytes, raw=True)
+
+    def _read_repairing(self, sequence: int, max_records: int, max_bytes: int, *, raw: bool) -> list[Any]:
         if self._closed or max_records <= 0 or sequence >= self._last_sequence:
             return []
         # A repair changes the file under the read; each one removes damage, so this converges.
         for _attempt in range(8):
             try:
-                return self._read(sequence, max_records, max_bytes)
+                return self._read(sequence, max_records, max_bytes, raw)
             except _Damaged as damaged:
                 self._repair(damaged.segment)
         raise JournalError(f"journal: {self._dir} keeps changing under a read; giving up")
 
-    def _read(self, after: int, max_records: int, max_bytes: int) -> list[Event]:
+    def _read(self, after: int, max_records: int, max_bytes: int, raw: bool) -> list[Any]:
         segments = self._segments
-        out: list[Event] = []
+        out: list[Any] = []
         cursor = self._cursor
         if (
             cursor is not None
@@ -443,30 +527,51 @@ class Journal:
                 continue
             want = min(segment.size - offset, max(_READ_CHUNK, at_least))
             buf = self._pread(segment, want, offset)
-            if len(buf) < want:
+            size = len(buf)
+            if size < want:
                 raise _Damaged(segment)
+            # Frames that start below this position in ``buf`` were not written by this process.
+            trusted_from = segment.untrusted_below - offset
             pos = 0
             at_least = 0
-            while pos < len(buf):
-                frame = parse_at(buf, pos)
-                if frame is None:
-                    need = needed_at(buf, pos)
-                    if need is not None and pos + need > len(buf) and offset + pos + need <= segment.size:
+            # parse_at (and needed_at), inlined: this loop runs once per record delivered.
+            while pos < size:
+                start = pos + HEADER_SIZE
+                if start > size:
+                    need = HEADER_SIZE
+                else:
+                    magic, sequence, kind, length, crc = unpack_header(buf, pos)
+                    if magic != MAGIC or kind not in KINDS or length > MAX_PAYLOAD:
+                        raise _Damaged(segment)
+                    end = start + length
+                    need = 0 if end <= size else end - pos
+                if need:
+                    if offset + pos + need <= segment.size:
+                        # The frame runs past what was read: read again from its start.
                         at_least = need
                         break
                     raise _Damaged(segment)
-                if frame.sequence > after:
-                    if out and frame.length > budget:
+                payload = buf[start:end]
+                if crc32(payload, crc32(buf[pos : pos + PREFIX_SIZE])) != crc:
+                    raise _Damaged(segment)
+                if sequence > after:
+                    if out and length > budget:
                         done = True
                         break
-                    out.append(self._decode(buf, frame, segment))
-                    budget -= frame.length
-                    last_returned = frame.sequence
+                    if raw:
+                        if pos >= trusted_from:
+                            out.append((sequence, payload))
+                        else:
+                            out.append((sequence, self._checked(payload, sequence, length, segment)))
+                    else:
+                        out.append(self._decode(payload, sequence, length, segment))
+                    budget -= length
+                    last_returned = sequence
                     if len(out) >= max_records:
-                        pos = frame.end
+                        pos = end
                         done = True
                         break
-                pos = frame.end
+                pos = end
             offset += pos
         if index < len(segments):
             segment = segments[index]
@@ -496,21 +601,32 @@ class Journal:
                 os.close(self._reader[2])
             self._reader = None
 
-    def _decode(self, buf: bytes, frame: Frame, segment: Segment) -> Event:
-        payload = buf[frame.payload_offset : frame.end]
+    def _decode(self, payload: bytes, sequence: int, length: int, segment: Segment) -> Event:
+        event = self._try_decode(payload, sequence, segment)
+        return event if event is not None else self._corrupt(sequence, length)
+
+    def _checked(self, payload: bytes, sequence: int, length: int, segment: Segment) -> bytes:
+        """``payload`` if it decodes to a record of ``sequence``, else the bytes of its CORRUPT gap."""
+        if self._try_decode(payload, sequence, segment) is not None:
+            return payload
+        return encode_event(self._corrupt(sequence, length))
+
+    def _try_decode(self, payload: bytes, sequence: int, segment: Segment) -> Event | None:
         try:
             event = decode_event(payload)
-            if event.sequence == frame.sequence:
+            if event.sequence == sequence:
                 return event
             problem = f"payload says sequence {event.sequence}"
         except WireError as exc:
             problem = str(exc)
         # The CRC matched, so these are the bytes that were written: a writer bug or a newer
         # format, not disk damage. Deliver a gap for it rather than stall the stream on it.
-        log.error("journal: record %d in %s cannot be decoded (%s)", frame.sequence, segment.path, problem)
+        log.error("journal: record %d in %s cannot be decoded (%s)", sequence, segment.path, problem)
+        return None
+
+    def _corrupt(self, sequence: int, length: int) -> Event:
         self._corrupt_total += 1
-        gap = GapRecord(GapReason.CORRUPT, 1, frame.length, frame.sequence, frame.sequence)
-        return Event(frame.sequence, _now_ms(), gap)
+        return Event(sequence, _now_ms(), GapRecord(GapReason.CORRUPT, 1, length, sequence, sequence))
 
     def _repair(self, segment: Segment) -> None:
         if not segment.alive:
@@ -533,6 +649,8 @@ class Journal:
             raise io_error("repair journal segment", segment.path, exc) from exc
         self._apply_rewrite(segment, rewritten, counted=True)
         self._corrupt_total += rewritten.corrupt_records
+        # The file changed under us (damage, or someone else wrote to it): check what it holds.
+        segment.untrusted_below = segment.size
         self._close_reader()
 
     # ------------------------------------------------------------------ acknowledgement
@@ -692,6 +810,7 @@ class Journal:
         self._fd = -1
         self._active = None
         self._close_reader()
+        self._unlock_directory()
         self._closed = True
         self._cursor = None
         waiters = self._waiters

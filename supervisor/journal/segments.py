@@ -75,6 +75,9 @@ class Segment:
     last_log_sequence: int = 0
     #: Bumped whenever the file is replaced, so a cached reader position becomes invalid.
     generation: int = 0
+    #: Frames starting below this offset were not written by this process (found at open, or
+    #: in a file a read had to repair): a raw read decodes them once before passing them on.
+    untrusted_below: int = 0
     alive: bool = True
 
 

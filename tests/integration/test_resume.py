@@ -116,3 +116,68 @@ def test_supervisor_restarted_over_its_journal_delivers_what_the_first_run_kept(
     exits = _exits(gateway, "restart")
     assert [e["data"]["exit_code"] for e in exits] == [0, 4]  # type: ignore[index]
     assert len({e["epoch"] for e in gateway.events("restart")}) == 1, "one journal, one epoch"
+
+
+def test_flipped_bit_in_the_journal_costs_exactly_the_damaged_line(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    first = _supervisor(
+        tmp_path,
+        gateway,
+        "bitrot",
+        writer_command(200, prefix="first"),
+        settings=["session.exit_flush_timeout_s=1"],
+    )
+    supervisors.append(first)
+    first.start()
+    assert first.wait(timeout=60) == 0
+
+    # Flip one bit inside the text of line 100 on disk, as a failing disk would.
+    (segment,) = [p for p in first.journal_dir.iterdir() if p.name.startswith("seg-")]
+    data = bytearray(segment.read_bytes())
+    at = data.index(b"first 100\n"[:-1]) + 2
+    data[at] ^= 0x04
+    segment.write_bytes(bytes(data))
+
+    gateway.start()
+    second = _supervisor(tmp_path, gateway, "bitrot", writer_command(1, prefix="second"))
+    supervisors.append(second)
+    second.start()
+    assert second.wait(timeout=60) == 0, second.log_text()[-3000:]
+
+    lines = gateway.log_lines("bitrot")
+    assert lines == [f"first {i}" for i in range(200) if i != 100] + ["second 0"]
+    (gap,) = gateway.events("bitrot", "gap")
+    assert gap["data"]["reason"] == "corrupt"
+    assert gap["data"]["dropped_records"] == 1
+    seqs = [e["sequence"] for e in gateway.events("bitrot")]
+    assert seqs == sorted(seqs), "the gap stands where the damaged line was"
+
+
+def test_sigterm_during_the_exit_flush_keeps_the_main_exit_code_and_the_journal(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    # No gateway: the supervisor would wait a minute for acknowledgements; the kubelet's SIGTERM
+    # must cut that short without turning the sandbox's exit code into a signal death.
+    sv = _supervisor(
+        tmp_path,
+        gateway,
+        "sigflush",
+        writer_command(5, exit_code=3),
+        settings=["session.exit_flush_timeout_s=60"],
+    )
+    supervisors.append(sv)
+    sv.start()
+    wait_until(lambda: "main process exited" in sv.log_text(), timeout=30, what="main process exit")
+    assert sv.proc is not None
+    sv.proc.send_signal(signal.SIGTERM)
+    assert sv.wait(timeout=15) == 3, sv.log_text()[-2000:]
+    assert "stay in" in sv.log_text()
+
+    gateway.start()
+    again = _supervisor(tmp_path, gateway, "sigflush", writer_command(0))
+    supervisors.append(again)
+    again.start()
+    assert again.wait(timeout=60) == 0
+    assert gateway.log_lines("sigflush") == [f"line {i}" for i in range(5)]
+    assert [e["data"]["exit_code"] for e in _exits(gateway, "sigflush")] == [3, 0]  # type: ignore[index]

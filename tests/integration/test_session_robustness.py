@@ -172,3 +172,34 @@ async def test_resume_point_above_the_journal_moves_sequences_past_it(tmp_path: 
             journal.close()
     finally:
         await server.stop(None)
+
+
+async def test_an_internal_error_costs_one_attempt_not_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(requests: AsyncIterator[pb.SupervisorMessage], context: Any) -> AsyncIterator[bytes]:
+        hello = await anext(requests)
+        yield _accepted()
+        async for msg in requests:
+            if msg.WhichOneof("payload") == "events":
+                yield _ack(hello.hello.journal_epoch, msg.events.events[-1].sequence)
+
+    server, port = await _serve(handler)
+    try:
+        session, journal = _session(tmp_path, port)
+        journal.append(LogRecord(LogStream.STDOUT, "still delivered"))
+        real = journal.mark_sent
+        calls = {"n": 0}
+
+        def flaky(sequence: int) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug on the send path")
+            real(sequence)
+
+        monkeypatch.setattr(journal, "mark_sent", flaky)
+        await _deliver(session, journal)
+        assert session.status.attempts >= 2
+        assert "failed unexpectedly" in caplog.text
+    finally:
+        await server.stop(None)

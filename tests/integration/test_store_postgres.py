@@ -36,6 +36,8 @@ from tests.unit.test_store import (
     check_schema,
     check_sessions,
     check_tail_and_after,
+    check_wire_batch_rejects_what_the_decoder_rejects,
+    check_wire_batch_stores_what_store_events_stores,
     log,
 )
 
@@ -195,6 +197,14 @@ async def test_migrating_twice_and_concurrently_is_safe(pg_url: str) -> None:
 
 async def test_store_events_is_idempotent(pg: Database) -> None:
     await check_idempotent_store(pg)
+
+
+async def test_wire_batch_stores_what_store_events_stores(pg: Database) -> None:
+    await check_wire_batch_stores_what_store_events_stores(pg)
+
+
+async def test_wire_batch_rejects_what_the_decoder_rejects(pg: Database) -> None:
+    await check_wire_batch_rejects_what_the_decoder_rejects(pg)
 
 
 async def test_an_exit_event_updates_the_sandbox(pg: Database) -> None:

@@ -18,6 +18,8 @@ from openshell_wire.records import (
     LogStream,
 )
 from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
+from tests.support.journal import append as _append
+from tests.support.journal import crash as _crash
 
 
 def _open(directory: Path, **kw: object) -> Journal:
@@ -38,8 +40,8 @@ def _read_all(journal: Journal, after: int = 0) -> list[Event]:
 
 def test_append_assigns_sequences_and_reads_back_in_order(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
-    events = [journal.append(_line(i), timestamp_ms=1000 + i) for i in range(20)]
-    journal.append(LifecycleRecord(LifecycleKind.STARTED, pid=42, argv=("sleep", "1")), timestamp_ms=5)
+    events = [_append(journal, _line(i), timestamp_ms=1000 + i) for i in range(20)]
+    _append(journal, LifecycleRecord(LifecycleKind.STARTED, pid=42, argv=("sleep", "1")), timestamp_ms=5)
 
     assert [e.sequence for e in events] == list(range(1, 21))
     read = _read_all(journal)
@@ -54,8 +56,8 @@ def test_append_assigns_sequences_and_reads_back_in_order(tmp_path: Path) -> Non
 
 def test_read_after_respects_max_bytes_but_returns_at_least_one(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
-    big = journal.append(LogRecord(LogStream.STDERR, "x" * 5000))
-    small = [journal.append(_line(i)) for i in range(3)]
+    big = _append(journal, LogRecord(LogStream.STDERR, "x" * 5000))
+    small = [_append(journal, _line(i)) for i in range(3)]
     assert journal.read_after(0, max_bytes=10) == [big]
     assert journal.read_after(big.sequence, max_bytes=10) == small[:1]
     assert journal.read_after(big.sequence) == small
@@ -63,7 +65,7 @@ def test_read_after_respects_max_bytes_but_returns_at_least_one(tmp_path: Path) 
 
 def test_read_after_spans_segments_and_can_jump_backwards(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j", segment_bytes=300)
-    events = [journal.append(_line(i)) for i in range(100)]
+    events = [_append(journal, _line(i)) for i in range(100)]
     assert journal.stats().segments > 5
     assert _read_all(journal) == events
     # A reconnect resumes from an earlier point: the cursor must not be trusted.
@@ -75,7 +77,7 @@ def test_read_after_spans_segments_and_can_jump_backwards(tmp_path: Path) -> Non
 def test_ack_trims_whole_segments_and_sequences_survive_reopen(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory, segment_bytes=200)
-    events = [journal.append(_line(i)) for i in range(50)]
+    events = [_append(journal, _line(i)) for i in range(50)]
     segments_before = journal.stats().segments
     journal.ack(30)
     stats = journal.stats()
@@ -94,14 +96,14 @@ def test_ack_trims_whole_segments_and_sequences_survive_reopen(tmp_path: Path) -
     reopened = _open(directory, segment_bytes=200)
     assert reopened.epoch == epoch
     assert (reopened.last_sequence, reopened.acked_through, reopened.first_sequence) == (50, 50, 0)
-    assert reopened.append(_line(99)).sequence == 51
+    assert _append(reopened, _line(99)).sequence == 51
     reopened.close()
 
 
 def test_ack_is_monotonic(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
     for i in range(5):
-        journal.append(_line(i))
+        _append(journal, _line(i))
     journal.ack(4)
     journal.ack(2)
     assert journal.acked_through == 4
@@ -110,23 +112,23 @@ def test_ack_is_monotonic(tmp_path: Path) -> None:
 def test_advance_to_skips_sequences_even_after_restart(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
-    journal.append(_line(0))
+    _append(journal, _line(0))
     journal.advance_to(100)
     journal.advance_to(50)  # never backwards
-    assert journal.append(_line(1)).sequence == 101
+    assert _append(journal, _line(1)).sequence == 101
     journal.advance_to(200)
-    del journal  # a crash: no close
+    _crash(journal)  # a crash: no close
 
     reopened = _open(directory)
     assert reopened.last_sequence == 200
-    assert reopened.append(_line(2)).sequence == 201
+    assert _append(reopened, _line(2)).sequence == 201
     assert [e.sequence for e in _read_all(reopened)] == [1, 101, 201]
 
 
 def test_reopen_recovers_epoch_records_and_acked(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory, segment_bytes=250)
-    events = [journal.append(_line(i), timestamp_ms=i) for i in range(30)]
+    events = [_append(journal, _line(i), timestamp_ms=i) for i in range(30)]
     journal.ack(3)
     epoch = journal.epoch
     assert len(epoch) == 32
@@ -139,7 +141,7 @@ def test_reopen_recovers_epoch_records_and_acked(tmp_path: Path) -> None:
     assert reopened.acked_through == 3
     assert _read_all(reopened, 3) == events[3:]
     assert reopened.stats().corrupt_records_total == 0
-    assert reopened.append(_line(30)).sequence == 31
+    assert _append(reopened, _line(30)).sequence == 31
 
 
 def test_fresh_directories_get_distinct_epochs(tmp_path: Path) -> None:
@@ -151,7 +153,7 @@ def test_corrupt_state_file_is_rebuilt_from_segments(
 ) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
-    events = [journal.append(_line(i)) for i in range(5)]
+    events = [_append(journal, _line(i)) for i in range(5)]
     old_epoch = journal.epoch
     journal.close()
     (directory / "state.json").write_text("{not json")
@@ -172,18 +174,18 @@ def test_state_file_with_wrong_types_is_rebuilt(tmp_path: Path, caplog: pytest.L
     )
     reopened = _open(directory)
     assert "last_sequence" in caplog.text
-    assert reopened.append(_line(0)).sequence == 1
+    assert _append(reopened, _line(0)).sequence == 1
 
 
 async def test_wait_for_append_wakes_on_append(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
-    journal.append(_line(0))
+    _append(journal, _line(0))
     await asyncio.wait_for(journal.wait_for_append(0), 1)  # already satisfied
 
     waiter = asyncio.create_task(journal.wait_for_append(1))
     await asyncio.sleep(0.01)
     assert not waiter.done()
-    journal.append(_line(1))
+    _append(journal, _line(1))
     await asyncio.wait_for(waiter, 1)
 
 
@@ -194,7 +196,7 @@ async def test_wait_for_append_is_cancellable(tmp_path: Path) -> None:
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    journal.append(_line(0))  # no stale waiter trips over the cancelled future
+    _append(journal, _line(0))  # no stale waiter trips over the cancelled future
 
 
 async def test_close_releases_waiters(tmp_path: Path) -> None:
@@ -220,10 +222,10 @@ def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_fsync_always_syncs_every_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = _open(tmp_path / "j", fsync=FsyncPolicy.ALWAYS)
-    journal.append(_line(0))  # creates the segment (and fsyncs the directory)
+    _append(journal, _line(0))  # creates the segment (and fsyncs the directory)
     calls = _count_fsyncs(monkeypatch)
     for i in range(5):
-        journal.append(_line(i))
+        _append(journal, _line(i))
     assert len(calls) == 5
 
 
@@ -232,7 +234,7 @@ def test_fsync_never_does_not_sync_on_append(tmp_path: Path, monkeypatch: pytest
     journal = _open(tmp_path / "j", fsync=FsyncPolicy.NEVER)
     calls.clear()
     for i in range(50):
-        journal.append(_line(i))
+        _append(journal, _line(i))
     assert calls == []
     journal.sync()
     assert len(calls) == 1
@@ -242,9 +244,9 @@ async def test_fsync_interval_loop_syncs_dirty_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = _open(tmp_path / "j", fsync=FsyncPolicy.INTERVAL, fsync_interval_s=0.01)
-    journal.append(_line(0))
+    _append(journal, _line(0))
     calls = _count_fsyncs(monkeypatch)
-    journal.append(_line(1))
+    _append(journal, _line(1))
     assert calls == []
     loop = asyncio.create_task(journal.run_fsync_loop())
     try:
@@ -277,7 +279,7 @@ def test_enospc_on_append_raises_and_the_next_append_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = _open(tmp_path / "j")
-    first = journal.append(_line(0))
+    first = _append(journal, _line(0))
     real_write = os.write
     calls = {"n": 0}
 
@@ -290,12 +292,12 @@ def test_enospc_on_append_raises_and_the_next_append_works(
 
     monkeypatch.setattr(os, "write", full_disk)
     with pytest.raises(JournalError) as info:
-        journal.append(_line(1))
+        _append(journal, _line(1))
     message = str(info.value)
     assert "ENOSPC" in message and "seg-" in message and "full" in message
     monkeypatch.setattr(os, "write", real_write)
 
-    second = journal.append(_line(2))
+    second = _append(journal, _line(2))
     assert second.sequence == 2  # the failed append consumed no sequence
     assert _read_all(journal) == [first, second]
     journal.close()
@@ -328,7 +330,7 @@ def test_append_after_close_is_a_journal_error(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
     journal.close()
     with pytest.raises(JournalError):
-        journal.append(_line(0))
+        _append(journal, _line(0))
 
 
 def test_invalid_options_are_rejected(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from openshell_wire.records import (
     LogStream,
 )
 from supervisor.journal import Journal, JournalOptions
+from tests.support.journal import append as _append
 
 _SEGMENT = 4 * 1024
 _MAX = 16 * 1024
@@ -48,9 +49,9 @@ def test_overflow_counts_every_dropped_line_and_keeps_lifecycle(tmp_path: Path) 
     rng = random.Random(7)
     for i in range(3000):
         if i % 97 == 0:
-            lifecycle.append(journal.append(LifecycleRecord(LifecycleKind.STARTED, pid=i)))
+            lifecycle.append(_append(journal, LifecycleRecord(LifecycleKind.STARTED, pid=i)))
         else:
-            journal.append(LogRecord(LogStream.STDOUT, f"line {i} " + "x" * rng.randrange(0, 150)))
+            _append(journal, LogRecord(LogStream.STDOUT, f"line {i} " + "x" * rng.randrange(0, 150)))
             lines += 1
     stats = journal.stats()
     assert stats.dropped_records_total > 0
@@ -76,12 +77,12 @@ def test_overflow_counts_every_dropped_line_and_keeps_lifecycle(tmp_path: Path) 
 def test_records_up_to_the_sent_mark_are_never_dropped(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
     sent = [
-        journal.append(LogRecord(LogStream.STDERR, f"sent {i} " + "s" * 80)) for i in range(100)
+        _append(journal, LogRecord(LogStream.STDERR, f"sent {i} " + "s" * 80)) for i in range(100)
     ]  # stays under the bound
     journal.mark_sent(sent[-1].sequence)
     lines = len(sent)
     for i in range(2000):
-        journal.append(LogRecord(LogStream.STDOUT, f"later {i} " + "y" * 80))
+        _append(journal, LogRecord(LogStream.STDOUT, f"later {i} " + "y" * 80))
         lines += 1
     assert journal.stats().sent_through == sent[-1].sequence
     assert journal.stats().dropped_records_total > 0
@@ -96,12 +97,12 @@ def test_gap_counts_survive_reopen_and_later_eviction(tmp_path: Path) -> None:
     journal = _open(directory)
     lines = 0
     for i in range(1500):
-        journal.append(LogRecord(LogStream.STDOUT, f"first {i} " + "z" * 90))
+        _append(journal, LogRecord(LogStream.STDOUT, f"first {i} " + "z" * 90))
         lines += 1
     journal.close()
     reopened = _open(directory)
     for i in range(1500):
-        reopened.append(LogRecord(LogStream.STDOUT, f"second {i} " + "z" * 90))
+        _append(reopened, LogRecord(LogStream.STDOUT, f"second {i} " + "z" * 90))
         lines += 1
     _check_accounting(_read_all(reopened), lines)
 
@@ -113,7 +114,7 @@ def test_partial_reads_then_overflow_keep_the_accounting(tmp_path: Path) -> None
     after = 0
     lines = 0
     for i in range(4000):
-        journal.append(LogRecord(LogStream.STDOUT, f"l{i} " + "q" * 100))
+        _append(journal, LogRecord(LogStream.STDOUT, f"l{i} " + "q" * 100))
         lines += 1
         if i % 500 == 0:
             batch = journal.read_after(after, max_records=20)
@@ -128,7 +129,7 @@ def test_partial_reads_then_overflow_keep_the_accounting(tmp_path: Path) -> None
 def test_ack_keeps_working_with_overflow(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
     for i in range(2000):
-        journal.append(LogRecord(LogStream.STDOUT, f"a{i} " + "w" * 100))
+        _append(journal, LogRecord(LogStream.STDOUT, f"a{i} " + "w" * 100))
     journal.ack(journal.last_sequence - 5)
     assert journal.stats().segments == 1
     assert [e.sequence for e in _read_all(journal, journal.acked_through)] == list(

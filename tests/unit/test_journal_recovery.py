@@ -20,6 +20,7 @@ from openshell_wire.records import (
 from supervisor.journal import Journal, JournalOptions
 from supervisor.journal.codec import PayloadEncoder
 from supervisor.journal.frames import HEADER_SIZE, MAGIC, encode_frame, find_next, parse_at
+from tests.support.journal import append as _append
 
 
 def _open(directory: Path, **kw: object) -> Journal:
@@ -52,7 +53,7 @@ def _frame_offsets(path: Path) -> list[int]:
 def test_torn_tail_becomes_a_corrupt_gap_and_appends_continue(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
-    events = [journal.append(_line(i)) for i in range(10)]
+    events = [_append(journal, _line(i)) for i in range(10)]
     journal.close()
     (segment,) = directory.glob("seg-*.log")
     last_frame = _frame_offsets(segment)[-1]
@@ -66,7 +67,7 @@ def test_torn_tail_becomes_a_corrupt_gap_and_appends_continue(tmp_path: Path) ->
     assert gap.sequence == 10
     assert gap.payload == GapRecord(GapReason.CORRUPT, 1, HEADER_SIZE + 3, 10, 10)
     assert reopened.stats().corrupt_records_total == 1
-    nxt = reopened.append(_line(99))
+    nxt = _append(reopened, _line(99))
     assert nxt.sequence == 11
     assert _read_all(reopened, 10) == [nxt]
     reopened.close()
@@ -81,7 +82,7 @@ def test_torn_header_at_the_end_is_a_gap_too(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
     for i in range(3):
-        journal.append(_line(i))
+        _append(journal, _line(i))
     journal.close()
     (segment,) = directory.glob("seg-*.log")
     with open(segment, "ab") as f:
@@ -96,8 +97,8 @@ def test_torn_header_at_the_end_is_a_gap_too(tmp_path: Path) -> None:
 def test_flipped_bit_replaces_exactly_the_damaged_record(tmp_path: Path, where: str) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
-    events = [journal.append(_line(i)) for i in range(20)]
-    lifecycle = journal.append(LifecycleRecord(LifecycleKind.EXITED, pid=7, exit_code=3))
+    events = [_append(journal, _line(i)) for i in range(20)]
+    lifecycle = _append(journal, LifecycleRecord(LifecycleKind.EXITED, pid=7, exit_code=3))
     journal.close()
     (segment,) = directory.glob("seg-*.log")
     offsets = _frame_offsets(segment)
@@ -119,13 +120,13 @@ def test_flipped_bit_replaces_exactly_the_damaged_record(tmp_path: Path, where: 
     assert read[8:] == [*events[8:], lifecycle]
     assert [e.sequence for e in read] == list(range(1, 22))
     assert reopened.stats().corrupt_records_total == 1
-    assert reopened.append(_line(50)).sequence == 22
+    assert _append(reopened, _line(50)).sequence == 22
 
 
 def test_damage_spanning_several_records_is_one_gap_with_the_exact_count(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory, segment_bytes=10_000)
-    events = [journal.append(_line(i)) for i in range(30)]
+    events = [_append(journal, _line(i)) for i in range(30)]
     journal.close()
     (segment,) = directory.glob("seg-*.log")
     offsets = _frame_offsets(segment)
@@ -145,7 +146,7 @@ def test_damage_spanning_several_records_is_one_gap_with_the_exact_count(tmp_pat
 def test_damage_in_an_older_segment_is_bounded_by_the_next_segment(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory, segment_bytes=300)
-    events = [journal.append(_line(i)) for i in range(40)]
+    events = [_append(journal, _line(i)) for i in range(40)]
     journal.close()
     first, second, *_ = sorted(directory.glob("seg-*.log"))
     n_first = len(_frame_offsets(first))
@@ -168,7 +169,7 @@ def test_damage_in_an_older_segment_is_bounded_by_the_next_segment(tmp_path: Pat
 def test_garbage_file_and_leftover_temporaries_do_not_break_open(tmp_path: Path) -> None:
     directory = tmp_path / "j"
     journal = _open(directory)
-    journal.append(_line(0))
+    _append(journal, _line(0))
     journal.close()
     (directory / "seg-00000000000000000001.log.tmp").write_bytes(b"half a rewrite")
     (directory / "notes.txt").write_text("left alone")
@@ -180,7 +181,7 @@ def test_garbage_file_and_leftover_temporaries_do_not_break_open(tmp_path: Path)
 
 def test_damage_found_by_a_read_is_repaired(tmp_path: Path) -> None:
     journal = _open(tmp_path / "j")
-    events = [journal.append(_line(i)) for i in range(10)]
+    events = [_append(journal, _line(i)) for i in range(10)]
     (segment,) = (tmp_path / "j").glob("seg-*.log")
     offsets = _frame_offsets(segment)
     with open(segment, "r+b") as f:
@@ -190,7 +191,7 @@ def test_damage_found_by_a_read_is_repaired(tmp_path: Path) -> None:
     assert [e.sequence for e in read] == list(range(1, 11))
     assert isinstance(read[4].payload, GapRecord)
     assert read[:4] + read[5:] == events[:4] + events[5:]
-    assert journal.append(_line(10)).sequence == 11
+    assert _append(journal, _line(10)).sequence == 11
     assert journal.stats().corrupt_records_total == 1
 
 

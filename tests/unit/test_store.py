@@ -27,6 +27,7 @@ from gateway.store import (
     migrate,
 )
 from gateway.store.schema import metadata
+from openshell_wire.convert import WireError, event_to_proto
 from openshell_wire.records import (
     Event,
     GapReason,
@@ -37,6 +38,7 @@ from openshell_wire.records import (
     LogStream,
     Payload,
 )
+from openshell_wire.v1 import openshell_pb2 as pb
 
 T0 = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
 TS = 1_764_072_000_000  # 2025-11-25T12:00:00Z
@@ -99,6 +101,65 @@ async def check_idempotent_store(db: Database) -> None:
     assert stored[0].message == "line 1" and stored[0].kind == "log" and stored[0].stream == "stdout"
     # An empty batch reports the mark without writing.
     assert await events.store_events("sb", "e1", []) == 15
+
+
+async def check_wire_batch_stores_what_store_events_stores(db: Database) -> None:
+    """The protobuf fast path stores exactly the rows of the record path, for every kind."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    batch = [
+        log(1),
+        Event(2, TS, LogRecord(LogStream.STDERR, "é tab\t", continued=True)),
+        Event(3, 0, LogRecord(LogStream.SUPERVISOR, "")),
+        Event(4, TS, LifecycleRecord(LifecycleKind.STARTED, pid=7, argv=("sh", "-c", "x"), instance_id="i")),
+        Event(5, TS, GapRecord(GapReason.OVERFLOW, 3, 300, 5, 7)),
+        log(8, "x" * 20_000),
+        Event(9, TS + 9, LifecycleRecord(LifecycleKind.EXITED, pid=7, exit_code=137, signal=9)),
+    ]
+    assert await events.store_events("sb", "slow", batch) == 9
+    wire = pb.EventBatch(events=[event_to_proto(e) for e in batch])
+    assert await events.store_wire_batch("sb", "fast", wire.events, known_high_water_mark=0) == 9
+    # A replay is stored once; the answer is the larger of the known mark and the batch's last.
+    assert await events.store_wire_batch("sb", "fast", wire.events, known_high_water_mark=12) == 12
+    assert await events.store_wire_batch("sb", "fast", wire.events[:0], known_high_water_mark=9) == 9
+    assert await events.store_events("sb", "slow", batch[:2], known_high_water_mark=5) == 5
+
+    async with db.engine.connect() as conn:
+        found = (
+            await conn.execute(
+                text(
+                    "SELECT journal_epoch, sequence, timestamp_ms, kind, stream, message, data "
+                    "FROM events WHERE sandbox_id = 'sb' ORDER BY journal_epoch, sequence"
+                )
+            )
+        ).all()
+    slow = [tuple(row[1:]) for row in found if row[0] == "slow"]
+    fast = [tuple(row[1:]) for row in found if row[0] == "fast"]
+    assert len(slow) == len(batch)
+    assert fast == slow
+    row = await sandboxes.get("sb")
+    assert row is not None and row.exit_code == 137
+
+
+async def check_wire_batch_rejects_what_the_decoder_rejects(db: Database) -> None:
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+
+    def wire(*items: pb.Event) -> Any:
+        return pb.EventBatch(events=list(items)).events
+
+    good = event_to_proto(log(1))
+    bad_stream = pb.Event(sequence=2, log=pb.LogEvent(stream=99, message="x"))  # type: ignore[arg-type]
+    cases = {
+        "without a sequence": wire(pb.Event(log=pb.LogEvent(stream=pb.LOG_STREAM_STDOUT))),
+        "unknown log stream 99": wire(good, bad_stream),
+        "no known kind": wire(good, pb.Event(sequence=2)),
+        "sequence 1 after 1: events must ascend": wire(good, good),
+    }
+    for reason, batch in cases.items():
+        with pytest.raises(WireError, match=reason):
+            await events.store_wire_batch("sb", "e1", batch, known_high_water_mark=0)
+    assert await events.count("sb") == 0  # a rejected batch stores nothing
 
 
 async def check_exit_updates_sandbox(db: Database) -> None:
@@ -239,6 +300,14 @@ async def test_open_without_migrating_sees_the_existing_schema(sqlite_url: str) 
 
 async def test_store_events_is_idempotent(db: Database) -> None:
     await check_idempotent_store(db)
+
+
+async def test_wire_batch_stores_what_store_events_stores(db: Database) -> None:
+    await check_wire_batch_stores_what_store_events_stores(db)
+
+
+async def test_wire_batch_rejects_what_the_decoder_rejects(db: Database) -> None:
+    await check_wire_batch_rejects_what_the_decoder_rejects(db)
 
 
 async def test_an_exit_event_updates_the_sandbox(db: Database) -> None:
