@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +82,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._events = events
         self._owner = f"gateway-{id(self):x}"
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -143,15 +145,69 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             capabilities=capabilities,
         )
         session.acked_through = resume_after
-        now = datetime.now(UTC)
-        await self._sandboxes.mark_connected(
-            sandbox_id,
-            instance_id=hello.instance_id,
-            session_id=session.session_id,
-            journal_epoch=epoch,
-            owner=self._owner,
-            at=now,
-        )
+        # From here on the session is in the registry: whatever happens (the peer gives up while
+        # we wait for the database, a protocol error, cancellation), the finally below undoes it.
+        reader: asyncio.Task[None] | None = None
+        reason = "ended"
+        try:
+            yield await self._accept(session, hello, peer)
+            reader = asyncio.create_task(
+                self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
+            )
+            async for out in self._serve(session):
+                yield out
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
+            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            if self._registry.close(session):
+                # The handler may be cancelled (the peer went away): the write that records the
+                # disconnection runs as its own task, which the gateway awaits before it closes
+                # the database.
+                self._spawn(self._record_disconnected(session), name=f"disconnected-{sandbox_id}")
+            log.info(
+                "session closed (%s)",
+                reason,
+                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
+            )
+
+    async def _record_connected(self, session: Session) -> None:
+        # Serialised per sandbox and skipped once replaced, so a slow write of a replaced session
+        # can never land after its successor's and leave the row pointing at the old one.
+        async with self._row_lock(session.sandbox_id):
+            if self._registry.is_current(session):
+                await self._sandboxes.mark_connected(
+                    session.sandbox_id,
+                    instance_id=session.instance_id,
+                    session_id=session.session_id,
+                    journal_epoch=session.journal_epoch,
+                    owner=self._owner,
+                    at=session.opened_at,
+                )
+
+    async def _record_disconnected(self, session: Session) -> None:
+        async with self._row_lock(session.sandbox_id):
+            await self._sandboxes.mark_disconnected(
+                session.sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
+            )
+
+    def _row_lock(self, sandbox_id: str) -> asyncio.Lock:
+        lock = self._row_locks.get(sandbox_id)
+        if lock is None:
+            lock = self._row_locks[sandbox_id] = asyncio.Lock()
+        return lock
+
+    async def _accept(self, session: Session, hello: pb.SupervisorHello, peer: str) -> pb.GatewayMessage:
+        """Record the connection and build the SessionAccepted answer."""
+        sandbox_id = session.sandbox_id
+        capabilities = session.capabilities
+        resume_after = session.acked_through
+        await self._record_connected(session)
         log.info(
             "session accepted",
             extra={
@@ -176,36 +232,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sa.capabilities.extend(sorted(capabilities))
         sa.resume_after_sequence = resume_after
         sa.owner_epoch = session.owner_epoch
-        yield accepted
-
-        reader = asyncio.create_task(self._read_into(session, request_iterator), name=f"read-{sandbox_id}")
-        reason = "ended"
-        try:
-            async for out in self._serve(session):
-                yield out
-        except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-            log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
-            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            if self._registry.close(session):
-                # The handler may be cancelled (the peer went away): the write that records the
-                # disconnection runs as its own task, which the gateway awaits before it closes
-                # the database.
-                self._spawn(
-                    self._sandboxes.mark_disconnected(
-                        sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
-                    ),
-                    name=f"disconnected-{sandbox_id}",
-                )
-            log.info(
-                "session closed (%s)",
-                reason,
-                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
-            )
+        return accepted
 
     async def _read_into(
         self, session: Session, request_iterator: AsyncIterator[pb.SupervisorMessage]

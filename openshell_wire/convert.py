@@ -68,9 +68,15 @@ def event_to_proto(event: Event) -> pb.Event:
     return msg
 
 
+#: Stores keep sequences in a signed 64-bit column; the wire's uint64 may not go above this.
+MAX_SEQUENCE = 2**63 - 1
+
+
 def event_from_proto(msg: pb.Event) -> Event:
     if msg.sequence == 0:
         raise WireError("event without a sequence number (sequences start at 1)")
+    if msg.sequence > MAX_SEQUENCE:
+        raise WireError(f"event sequence {msg.sequence} is above the largest allowed, {MAX_SEQUENCE}")
     kind = msg.WhichOneof("kind")
     payload: LogRecord | LifecycleRecord | GapRecord
     if kind == "log":

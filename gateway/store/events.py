@@ -40,7 +40,7 @@ from gateway.store.db import Database, StoreError, describe_error, store_errors,
 from gateway.store.schema import UNSEQUENCED_EPOCH
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
-from openshell_wire.convert import STREAM_FROM_PB, WireError, describe, event_from_proto
+from openshell_wire.convert import MAX_SEQUENCE, STREAM_FROM_PB, WireError, describe, event_from_proto
 from openshell_wire.records import (
     Event,
     LifecycleKind,
@@ -148,6 +148,11 @@ _CONTINUED_DATA = json.dumps({"continued": True}, separators=(",", ":"))
 _STREAM_VALUE = {number: stream.value for number, stream in STREAM_FROM_PB.items()}
 
 
+def _text(message: str) -> str:
+    """PostgreSQL text cannot hold NUL; store U+FFFD in its place on every database alike."""
+    return message.replace("\x00", "\ufffd") if "\x00" in message else message
+
+
 def _row(
     sandbox_id: str, epoch: str, *, sequence: int, timestamp_ms: int, payload: Payload, received_at: Any
 ) -> tuple[Any, ...]:
@@ -156,7 +161,7 @@ def _row(
     data: dict[str, Any] | None
     if isinstance(payload, LogRecord):
         # The hot path (hundreds of lines per batch): no describe(), no JSON unless needed.
-        kind, stream, message = "log", payload.stream.value, payload.message
+        kind, stream, message = "log", payload.stream.value, _text(payload.message)
         data = {"continued": True} if payload.continued else None
     else:
         message = describe(Event(sequence=sequence, timestamp_ms=timestamp_ms, payload=payload))
@@ -193,14 +198,24 @@ def _row(
     )
 
 
-def _last_exit(items: Sequence[tuple[int, Payload]], received_at: datetime) -> tuple[int, datetime] | None:
-    found: tuple[int, datetime] | None = None
+#: What a batch's lifecycle records leave the sandbox row with: (exit code, exited at), both
+#: None when the main process started again after its last exit.
+ExitState = tuple[int | None, datetime | None]
+
+
+def _last_exit(items: Sequence[tuple[int, Payload]], received_at: datetime) -> ExitState | None:
+    found: ExitState | None = None
     for timestamp_ms, payload in items:
-        if isinstance(payload, LifecycleRecord) and payload.kind is LifecycleKind.EXITED:
+        if not isinstance(payload, LifecycleRecord):
+            continue
+        if payload.kind is LifecycleKind.EXITED:
             # The supervisor's observation time says when it exited; a record without one (the
             # upstream path sometimes) falls back to when we heard of it.
             at = datetime.fromtimestamp(timestamp_ms / 1000, UTC) if timestamp_ms > 0 else received_at
             found = (payload.exit_code, at)
+        elif payload.kind is LifecycleKind.STARTED:
+            # A new run of the main process: an earlier exit no longer describes the sandbox.
+            found = (None, None)
     return found
 
 
@@ -273,9 +288,7 @@ class EventStore:
         return int(top) if top is not None else 0
 
     @staticmethod
-    async def _record_exit(
-        conn: AsyncConnection, sandbox_id: str, exit_: tuple[int, datetime] | None
-    ) -> None:
+    async def _record_exit(conn: AsyncConnection, sandbox_id: str, exit_: ExitState | None) -> None:
         if exit_ is not None:
             await conn.execute(
                 update(sandboxes_table)
@@ -351,7 +364,7 @@ class EventStore:
         previous = 0
         for raw in events:
             sequence = raw.sequence
-            if sequence and raw.WhichOneof("kind") == "log":
+            if sequence and sequence <= MAX_SEQUENCE and raw.WhichOneof("kind") == "log":
                 line = raw.log
                 stream = streams.get(line.stream)
                 if stream is None:
@@ -366,7 +379,7 @@ class EventStore:
                         raw.timestamp_ms,
                         "log",
                         stream,
-                        line.message,
+                        _text(line.message),
                         _CONTINUED_DATA if line.continued else None,
                         stored_at,
                     )
@@ -406,7 +419,7 @@ class EventStore:
         journal_epoch: str,
         rows: list[tuple[Any, ...]],
         *,
-        exit_: tuple[int, datetime] | None,
+        exit_: ExitState | None,
         last_sequence: int,
         known_high_water_mark: int | None,
     ) -> int:

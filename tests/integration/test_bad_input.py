@@ -188,6 +188,16 @@ async def test_event_without_a_kind_ends_the_session_and_stores_nothing(gw: Gate
     assert await EventStore(gw.db).count("sb-nokind") == 0, "a bad batch is refused whole"
 
 
+async def test_sequence_beyond_int64_is_refused_not_a_traceback(gw: Gateway) -> None:
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    ev = batch.events.events.add(sequence=2**63)
+    ev.log.stream = pb.LOG_STREAM_STDOUT
+    replies = await _send_events(gw, "sb-huge", batch)
+    assert replies[-1].session_rejected.code == pb.REJECT_CODE_PROTOCOL_ERROR
+    assert "above the largest allowed" in replies[-1].session_rejected.reason
+
+
 async def test_descending_sequences_end_the_session(gw: Gateway) -> None:
     batch = pb.SupervisorMessage()
     batch.events.journal_epoch = "e1"
@@ -215,3 +225,32 @@ async def test_events_are_acknowledged_and_a_replay_is_stored_once(gw: Gateway) 
 
     assert gw.db is not None
     assert [e.message for e in await EventStore(gw.db).tail("sb-replay")] == ["m1", "m2", "m3"]
+
+
+async def test_a_supervisor_that_gives_up_during_accept_leaves_no_ghost_session(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from gateway.store import SandboxStore
+
+    real = SandboxStore.mark_connected
+
+    async def slow_mark_connected(self: SandboxStore, *args: object, **kwargs: object) -> None:
+        await asyncio.sleep(1.0)  # a slow database
+        await real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SandboxStore, "mark_connected", slow_mark_connected)
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        await call.write(_hello("sb-impatient"))
+        await asyncio.sleep(0.3)
+        call.cancel()  # the supervisor's connect timeout fired
+    for _ in range(50):
+        if len(gw.registry) == 0:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)
+    assert len(gw.registry) == 0, "the cancelled handler must take its session out of the registry"
+    row = await gw.sandboxes.get("sb-impatient")
+    assert row is None or not row.connected, "nor leave the sandbox shown as connected"

@@ -33,6 +33,7 @@ from tests.unit.test_store import (
     check_heartbeats,
     check_idempotent_store,
     check_migrations_match_schema,
+    check_restart_clears_exit_and_nul_survives,
     check_schema,
     check_sessions,
     check_tail_and_after,
@@ -209,6 +210,10 @@ async def test_wire_batch_rejects_what_the_decoder_rejects(pg: Database) -> None
 
 async def test_an_exit_event_updates_the_sandbox(pg: Database) -> None:
     await check_exit_updates_sandbox(pg)
+
+
+async def test_restart_clears_exit_and_nul_survives(pg: Database) -> None:
+    await check_restart_clears_exit_and_nul_survives(pg)
 
 
 async def test_append_unsequenced_numbers_concurrent_calls(pg: Database) -> None:

@@ -177,6 +177,23 @@ async def check_exit_updates_sandbox(db: Database) -> None:
     assert lifecycle[0].data["kind"] == "exited"
 
 
+async def check_restart_clears_exit_and_nul_survives(db: Database) -> None:
+    """A new run of the main process clears the old exit; a NUL byte (which PostgreSQL text
+    cannot hold) is stored as U+FFFD instead of failing the batch forever."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    await events.store_events("sb", "e1", [exited(1, 3)])
+    started = Event(2, TS, LifecycleRecord(LifecycleKind.STARTED, pid=43))
+    await events.store_events("sb", "e1", [started, log(3, "a\x00b")])
+    row = await sandboxes.get("sb")
+    assert row is not None and row.exit_code is None and row.exited_at is None
+    wire = pb.Event(sequence=4, timestamp_ms=TS)
+    wire.log.stream = pb.LOG_STREAM_STDOUT
+    wire.log.message = "c\x00d"
+    await events.store_wire_batch("sb", "e1", [wire], known_high_water_mark=3)
+    assert [e.message for e in await events.tail("sb", 2)] == ["a\ufffdb", "c\ufffdd"]
+
+
 async def check_append_unsequenced(db: Database) -> None:
     sandboxes, events = SandboxStore(db), EventStore(db)
     await sandboxes.ensure("sb")
@@ -312,6 +329,10 @@ async def test_wire_batch_rejects_what_the_decoder_rejects(db: Database) -> None
 
 async def test_an_exit_event_updates_the_sandbox(db: Database) -> None:
     await check_exit_updates_sandbox(db)
+
+
+async def test_restart_clears_exit_and_nul_survives(db: Database) -> None:
+    await check_restart_clears_exit_and_nul_survives(db)
 
 
 async def test_append_unsequenced_numbers_concurrent_calls(db: Database) -> None:
