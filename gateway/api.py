@@ -21,6 +21,7 @@ fails after it started (the headers are gone by then) ends with such an object a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -179,6 +180,11 @@ class _Api:
         self.events = events
         self.lost_after_s = lost_after_s
         self.now = now
+        #: Set when the server shuts down: followers end instead of holding the shutdown up.
+        self.closing = asyncio.Event()
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        self.closing.set()
 
     async def _sandbox(self, request: web.Request) -> SandboxRow:
         sandbox_id = request.match_info["id"]
@@ -227,7 +233,7 @@ class _Api:
             if first:
                 cursor = max(cursor, first[-1].id)
                 await response.write(_ndjson([event_json(e) for e in first]))
-            while not _gone(request):
+            while not _gone(request) and not self.closing.is_set():
                 # Read the exit before the events: the exit and its record commit together, so once
                 # the exit is seen, one more empty page proves that everything up to it was sent.
                 exited = until_exit and await self._exited_or_gone(sandbox_id)
@@ -275,6 +281,7 @@ def build_api(
     """The API as an aiohttp application, to run on its own or to mount under another app."""
     api = _Api(sandboxes, events, lost_after_s, now)
     app = web.Application(middlewares=[_json_errors])
+    app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)

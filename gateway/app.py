@@ -90,7 +90,8 @@ class Gateway:
         await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
 
         app = build_api(sandboxes=self._sandboxes, events=events, lost_after_s=cfg.sessions.lost_after_s)
-        runner = web.AppRunner(app, access_log=None)
+        # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         host, port = split_host_port(cfg.http.listen)
         site = web.TCPSite(runner, host, port)
@@ -120,7 +121,8 @@ class Gateway:
             try:
                 await self._sandboxes.record_heartbeats(beats)
             except Exception:  # a failed flush must not kill the flusher; the next one retries
-                log.exception("heartbeat flush failed")
+                log.exception("heartbeat flush failed; retrying with the next flush")
+                self.registry.requeue_heartbeats(beats)
 
     async def stop(self) -> None:
         self.registry.close_all("gateway shutting down")

@@ -132,6 +132,10 @@ class SessionRegistry:
         self._dirty.clear()
         return beats
 
+    def requeue_heartbeats(self, beats: dict[str, datetime]) -> None:
+        """Mark sandboxes whose heartbeat flush failed as dirty again (if still live)."""
+        self._dirty.update(SandboxId(sid) for sid in beats if sid in self._live)
+
     def get(self, sandbox_id: str) -> Session | None:
         return self._live.get(SandboxId(sandbox_id))
 

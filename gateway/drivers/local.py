@@ -19,7 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from gateway.config import LocalDriverSettings
+from openshell_wire.records import sandbox_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ class LocalDriver:
         extra_args: Sequence[str] = (),
         fresh: bool = True,
     ) -> LocalSandbox:
+        problem = sandbox_id_problem(sandbox_id)
+        if problem is not None:
+            raise ValueError(problem)  # also keeps the id from naming a path outside work_dir
         if sandbox_id in self._sandboxes:
             raise ValueError(f"sandbox {sandbox_id} already runs here")
         directory = (self._settings.work_dir / sandbox_id).resolve()
@@ -98,13 +104,19 @@ class LocalDriver:
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is None or sandbox.process.returncode is not None:
             return
+        # The supervisor forwards SIGTERM to the main process and waits for it; if that takes
+        # longer than the grace period, kill the whole tree: the main process runs in a process
+        # group of its own, so killing the supervisor's group alone would leave it behind.
         with contextlib.suppress(ProcessLookupError):
             sandbox.process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(sandbox.process.wait(), grace_s)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sandbox.process.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                tree = psutil.Process(sandbox.process.pid).children(recursive=True)
+                for proc in [psutil.Process(sandbox.process.pid), *tree]:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
             await sandbox.process.wait()
 
     async def close(self) -> None:

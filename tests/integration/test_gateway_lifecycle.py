@@ -1,0 +1,46 @@
+"""The gateway process as a whole: it stops promptly and cleanly, whoever is still attached."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
+from openshell_wire.configfile import load_settings
+
+
+def _config(tmp_path: Path) -> GatewayConfig:
+    return load_settings(
+        GatewayConfig,
+        overrides={
+            "grpc": {"listen": "127.0.0.1:0"},
+            "http": {"listen": "127.0.0.1:0"},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+        },
+        use_env=False,
+    )
+
+
+async def test_a_log_follower_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    gateway = Gateway(_config(tmp_path))
+    await gateway.start()
+    await gateway.sandboxes.ensure("followed")
+    lines: list[bytes] = []
+
+    async def follow() -> None:
+        async with aiohttp.ClientSession() as http:
+            url = f"{gateway.http_url}/api/v1/sandboxes/followed/logs?follow=1"
+            async with http.get(url) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    lines.append(line)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.5)  # the follower is attached and waiting for events
+    await gateway.stop()
+    # The stream ended cleanly (a complete chunked response), not cut off by the server's
+    # shutdown timeout, which would raise ClientPayloadError here.
+    await asyncio.wait_for(follower, 10)
