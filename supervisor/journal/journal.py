@@ -17,6 +17,9 @@ Guarantees and their limits:
 * Nothing is lost silently. Damage found at open (or by a read) is replaced in place by a CORRUPT
   gap record; log lines evicted by the byte bound are replaced by OVERFLOW gap records that count
   them exactly. Lifecycle and gap records are never evicted, nor is anything already sent.
+* A reader resuming strictly inside a gap's range (the gateway stored the first records it stands
+  for before a restart forgot they were sent) gets the rest of it: the gap is split there on disk
+  (``_split``) and the part above, counting exactly the records above, is delivered.
 * The byte bound is enforced on closed segments only, oldest first, each rewritten at most once
   (after which it holds nothing evictable), down to a low-water mark below ``max_bytes``, so the
   cost is amortised over many appends.
@@ -70,6 +73,7 @@ from supervisor.journal.segments import (
     rewrite,
     scan,
     segment_name,
+    straddling_gap,
 )
 from supervisor.journal.state import JournalState, StateFileError, load_state, save_state
 
@@ -81,10 +85,19 @@ _EVICT_RETRY_S = 1.0
 #: Held (flock) by the open journal, so a second supervisor over the same directory fails fast.
 LOCK_NAME = "lock"
 _LOG = int(Kind.LOG)
+_GAP = int(Kind.GAP)
 
 
 class _Damaged(Exception):
     """A read met bytes that are not a valid frame; the segment needs a repair scan."""
+
+    def __init__(self, segment: Segment) -> None:
+        super().__init__(str(segment.path))
+        self.segment = segment
+
+
+class _Straddle(Exception):
+    """A read resumes inside the range of a gap record: the segment needs that gap split there."""
 
     def __init__(self, segment: Segment) -> None:
         super().__init__(str(segment.path))
@@ -223,6 +236,7 @@ class Journal:
                 first_sequence=result.first_sequence,
                 last_sequence=result.last_sequence,
                 last_log_sequence=result.last_log_sequence,
+                gap_through=result.covered_through,
             )
             covered = max(covered, result.covered_through)
             damages = result.damages
@@ -251,7 +265,7 @@ class Journal:
         # saving the state and unlinking) are dropped now, so the index only holds real records.
         kept: list[Segment] = []
         for segment in self._segments:
-            if segment.records == 0 or segment.last_sequence <= self._acked:
+            if segment.records == 0 or segment.covered_through <= self._acked:
                 self._unlink(segment)
             else:
                 kept.append(segment)
@@ -460,6 +474,7 @@ class Journal:
         segment.first_sequence = rewritten.first_sequence
         segment.last_sequence = rewritten.last_sequence if rewritten.records else segment.base - 1
         segment.last_log_sequence = rewritten.last_log_sequence
+        segment.gap_through = rewritten.covered_through
         if rewritten.written:
             segment.generation += 1
             if segment.untrusted_below:
@@ -496,6 +511,8 @@ class Journal:
                 return self._read(sequence, max_records, max_bytes, raw)
             except _Damaged as damaged:
                 self._repair(damaged.segment)
+            except _Straddle as straddle:
+                self._split(straddle.segment, sequence)
         raise JournalError(f"journal: {self._dir} keeps changing under a read; giving up")
 
     def _read(self, after: int, max_records: int, max_bytes: int, raw: bool) -> list[Any]:
@@ -511,7 +528,7 @@ class Journal:
             index = bisect.bisect_left(segments, cursor.segment.base, key=lambda s: s.base)
             offset = cursor.offset
         else:
-            index = bisect.bisect_right(segments, after, key=lambda s: s.last_sequence)
+            index = bisect.bisect_right(segments, after, key=lambda s: s.covered_through)
             offset = 0
         budget = max_bytes
         last_returned = after
@@ -571,6 +588,11 @@ class Journal:
                         pos = end
                         done = True
                         break
+                elif kind == _GAP and straddling_gap(payload, sequence, after) is not None:
+                    # The reader resumes inside this gap's range (the gateway stored the first
+                    # records it replaced before they were evicted or damaged, then this journal
+                    # was reopened): the rest of its count must not be skipped with it.
+                    raise _Straddle(segment)
                 pos = end
             offset += pos
         if index < len(segments):
@@ -653,6 +675,38 @@ class Journal:
         segment.untrusted_below = segment.size
         self._close_reader()
 
+    def _split(self, segment: Segment, after: int) -> None:
+        """Rewrite ``segment`` with the gap straddling ``after`` cut in two there, on disk.
+
+        Why on disk rather than made up for this one read: the upper part goes out with
+        ``after + 1`` as its sequence, so the gateway's high-water mark may become exactly that.
+        A later resume from there must then see a gap of that own sequence (which it skips, the
+        gateway holding it), not the original range straddling it again, which would count the
+        same records twice; and this must hold across a restart.
+        """
+        if not segment.alive:
+            return
+        active = segment is self._active
+        try:
+            data = segment.path.read_bytes()
+            result = scan(data, base=segment.base, upper=self._upper_of(segment))
+            for damage in result.damages:
+                log.warning(describe_damage(segment.path, damage))
+            rewritten = rewrite(
+                segment.path, data, result, evict_above=None, now_ms=_now_ms(), split_after=after
+            )
+            if active and rewritten.written:
+                os.close(self._fd)
+                self._fd = os.open(segment.path, _OPEN_APPEND)
+        except OSError as exc:
+            raise io_error("split a gap record in journal segment", segment.path, exc) from exc
+        self._apply_rewrite(segment, rewritten, counted=True)
+        self._corrupt_total += rewritten.corrupt_records
+        self._close_reader()
+        log.info(
+            "journal: split a gap record at sequence %d in %s for a resuming reader", after, segment.path
+        )
+
     # ------------------------------------------------------------------ acknowledgement
 
     def mark_sent(self, sequence: int) -> None:
@@ -666,7 +720,7 @@ class Journal:
         self._sent = max(self._sent, sequence)
         doomed: list[Segment] = []
         for segment in self._segments:
-            if segment.last_sequence > sequence:
+            if segment.covered_through > sequence:
                 break
             doomed.append(segment)
         if not doomed:

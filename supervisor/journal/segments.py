@@ -21,7 +21,12 @@ counted as the number of frame starts (magics) in it, at least one.
 :func:`rewrite` turns a scan into a new file: good frames are copied byte for byte, each damage
 becomes one CORRUPT gap record, and, when asked to evict, each run of consecutive log records above
 the protected sequence becomes one OVERFLOW gap record whose own sequence is the first one it
-replaces, so that order is kept and the count of dropped lines is exact.
+replaces, so that order is kept and the count of dropped lines is exact. A run never holds a kept
+record (lifecycle, gap, protected log line) nor a hole in the sequences (``advance_to``): either
+closes it. So every OVERFLOW gap this module writes stands for exactly ``last - first + 1``
+consecutive log records, and any part ``(n, last]`` of its range holds ``last - n`` of them, which
+is what :func:`rewrite` relies on when it splits a gap (``split_after``) for a reader that resumes
+inside one. CORRUPT gaps are consecutive by construction (``Damage.lost``).
 """
 
 from __future__ import annotations
@@ -73,12 +78,23 @@ class Segment:
     #: Highest sequence of a log frame, 0 if none: eviction skips a segment whose log records are
     #: all protected without reading it.
     last_log_sequence: int = 0
+    #: End of the range the segment's gap records stand for, 0 if none (set by scan and rewrite;
+    #: appends, which never write ranges, leave it alone): see ``covered_through``.
+    gap_through: int = 0
     #: Bumped whenever the file is replaced, so a cached reader position becomes invalid.
     generation: int = 0
     #: Frames starting below this offset were not written by this process (found at open, or
     #: in a file a read had to repair): a raw read decodes them once before passing them on.
     untrusted_below: int = 0
     alive: bool = True
+
+    @property
+    def covered_through(self) -> int:
+        """The highest sequence this segment accounts for: its last frame, or further when a gap
+        record near its end stands for a range (``first..last`` of what it replaced). The segment
+        is only done with once that is acknowledged, since a reader resuming inside the range still
+        needs the rest of the gap."""
+        return max(self.last_sequence, self.gap_through)
 
 
 class Damage(NamedTuple):
@@ -175,6 +191,8 @@ class Rewritten(NamedTuple):
     dropped_records: int
     corrupt_records: int
     written: bool
+    #: As :attr:`Segment.covered_through` for the new file (never less than ``last_sequence``).
+    covered_through: int = 0
 
 
 def _gap_frame(reason: GapReason, *, first: int, last: int, count: int, nbytes: int, now_ms: int) -> bytes:
@@ -184,12 +202,81 @@ def _gap_frame(reason: GapReason, *, first: int, last: int, count: int, nbytes: 
     return encode_frame(first, Kind.GAP, encode_event(Event(first, now_ms, gap)))
 
 
-def rewrite(path: Path, data: bytes, found: Scan, *, evict_above: int | None, now_ms: int) -> Rewritten:
+def straddling_gap(payload: bytes, sequence: int, after: int) -> Event | None:
+    """The gap record in ``payload`` (a GAP frame of ``sequence``) if its range runs across
+    ``after``: it starts at or below it, its own sequence is strictly below, and it ends above.
+
+    Such a gap is what a reader resuming at ``after`` would skip (its sequence is not above) while
+    the gateway, which holds ``after`` itself, lacks the rest of what it counts. ``after`` equal to
+    the gap's own sequence is not a straddle: then the gateway holds a record of that sequence and,
+    records on the wire never being evicted, that record is the gap itself.
+    """
+    if sequence >= after:
+        return None
+    try:
+        event = decode_event(payload)
+    except WireError:
+        return None
+    gap = event.payload
+    if (
+        isinstance(gap, GapRecord)
+        and event.sequence == sequence
+        and gap.first_sequence == sequence
+        and gap.last_sequence > after
+    ):
+        return event
+    return None
+
+
+def _split_frames(event: Event, after: int) -> list[bytes]:
+    """``event`` (a gap straddling ``after``) as two gaps: ``first..after`` and ``after+1..last``.
+
+    The upper one counts the records in ``(after, last]``: ``last - after`` of them, as every gap
+    written here stands for consecutive sequences (see the module docstring); capped by the gap's
+    own count for a gap written by an older version whose run might have had holes. The bytes are
+    not known per record, so ``dropped_bytes`` is shared in proportion to the counts (an estimate;
+    the two parts still add up to the original).
+    """
+    gap = event.payload
+    assert isinstance(gap, GapRecord)
+    upper = max(0, min(gap.last_sequence - after, gap.dropped_records))
+    upper_bytes = gap.dropped_bytes * upper // gap.dropped_records if gap.dropped_records else 0
+    first = event.sequence
+    return [
+        _gap_frame(
+            gap.reason,
+            first=first,
+            last=after,
+            count=gap.dropped_records - upper,
+            nbytes=gap.dropped_bytes - upper_bytes,
+            now_ms=event.timestamp_ms,
+        ),
+        _gap_frame(
+            gap.reason,
+            first=after + 1,
+            last=gap.last_sequence,
+            count=upper,
+            nbytes=upper_bytes,
+            now_ms=event.timestamp_ms,
+        ),
+    ]
+
+
+def rewrite(
+    path: Path,
+    data: bytes,
+    found: Scan,
+    *,
+    evict_above: int | None,
+    now_ms: int,
+    split_after: int | None = None,
+) -> Rewritten:
     """Write the repaired (and, with ``evict_above``, evicted) segment over ``path``.
 
     Log frames with a sequence above ``evict_above`` are dropped in favour of OVERFLOW gaps; None
-    means repair only. If nothing would change, the file is left alone (``written`` is False).
-    Raises OSError.
+    means repair only. With ``split_after``, a gap whose range straddles it (:func:`straddling_gap`)
+    is replaced by two gaps that meet there (:func:`_split_frames`). If nothing would change, the
+    file is left alone (``written`` is False). Raises OSError.
     """
     chunks: list[bytes] = []
     records = first = last = last_log = 0
@@ -224,8 +311,10 @@ def rewrite(path: Path, data: bytes, found: Scan, *, evict_above: int | None, no
             )
             run_count = run_bytes = 0
 
+    covered = found.covered_through
     for item in found.items:
         if isinstance(item, Damage):
+            covered = max(covered, item.last_missing)
             changed = True
             flush_run()
             if item.lost:
@@ -245,6 +334,9 @@ def rewrite(path: Path, data: bytes, found: Scan, *, evict_above: int | None, no
             continue
         if item.kind == Kind.LOG and evict_above is not None and item.sequence > evict_above:
             changed = True
+            if run_count and item.sequence != run_last + 1:
+                # A hole in the sequences (``advance_to``): keep each gap's range consecutive.
+                flush_run()
             if run_count == 0:
                 run_first = item.sequence
             run_last = item.sequence
@@ -253,12 +345,25 @@ def rewrite(path: Path, data: bytes, found: Scan, *, evict_above: int | None, no
             dropped += 1
             continue
         flush_run()
+        if split_after is not None and item.kind == Kind.GAP:
+            event = straddling_gap(data[item.payload_offset : item.end], item.sequence, split_after)
+            if event is not None:
+                changed = True
+                lower, upper = _split_frames(event, split_after)
+                emit(lower, item.sequence, Kind.GAP)
+                emit(upper, split_after + 1, Kind.GAP)
+                continue
         emit(data[item.offset : item.end], item.sequence, item.kind)
     flush_run()
+    covered = max(covered, last)
     if not changed:
-        return Rewritten(len(data), records, first, last, last_log, 0, 0, written=False)
+        return Rewritten(
+            len(data), records, first, last, last_log, 0, 0, written=False, covered_through=covered
+        )
     size = atomic_write(path, chunks)
-    return Rewritten(size, records, first, last, last_log, dropped, corrupt, written=True)
+    return Rewritten(
+        size, records, first, last, last_log, dropped, corrupt, written=True, covered_through=covered
+    )
 
 
 def describe_damage(path: Path, damage: Damage) -> str:
