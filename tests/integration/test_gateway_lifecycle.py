@@ -44,3 +44,19 @@ async def test_a_log_follower_does_not_hold_up_shutdown(tmp_path: Path) -> None:
     # The stream ended cleanly (a complete chunked response), not cut off by the server's
     # shutdown timeout, which would raise ClientPayloadError here.
     await asyncio.wait_for(follower, 10)
+
+
+async def test_standard_grpc_health_service_reports_serving(tmp_path: Path) -> None:
+    from grpc import aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gateway = Gateway(_config(tmp_path))
+    await gateway.start()
+    try:
+        async with aio.insecure_channel(gateway.grpc_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "openshell.v1.OpenShell"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await gateway.stop()
