@@ -15,6 +15,10 @@ that first sends the tail and then each event as the gateway stores it, until th
 A follower wakes on the event store's in-process notification and otherwise re-checks every
 second, so a missed wake-up costs latency, never events: the database is always the source.
 
+Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are created with a POST,
+stored, sent at once to the sandbox's live session if it is on this gateway, and otherwise with its
+next session; their state (``pending``, ``applied``, ``failed``) is readable until answered and after.
+
 Every error is a JSON object ``{"error": "..."}`` with a fitting status; a follow stream that
 fails after it started (the headers are gone by then) ends with such an object as its last line.
 """
@@ -25,14 +29,25 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from gateway.store import EventStore, SandboxRow, SandboxStore, StoredEvent, StoreError, utcnow
+from gateway.store import (
+    CommandRow,
+    CommandStore,
+    EventStore,
+    SandboxRow,
+    SandboxStore,
+    StoredEvent,
+    StoreError,
+    utcnow,
+)
 from gateway.store.schema import EVENT_KINDS
+from openshell_wire.records import Command, CommandKind
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +183,67 @@ def _kinds_param(request: web.Request) -> list[str] | None:
     return kinds
 
 
+def command_json(row: CommandRow) -> dict[str, Any]:
+    c = row.command
+    doc: dict[str, Any] = {"id": c.command_id, "sandbox_id": row.sandbox_id, "kind": c.kind.value}
+    if c.kind is CommandKind.STOP:
+        doc["grace_ms"] = c.grace_ms
+    elif c.kind is CommandKind.SIGNAL:
+        doc["signal"] = c.signal
+    else:
+        doc["interval_ms"] = c.interval_ms
+    doc.update(
+        state=row.state, error=row.error, created_at=_iso(row.created_at), answered_at=_iso(row.answered_at)
+    )
+    return doc
+
+
+def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
+    """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like."""
+    if not isinstance(body, dict):
+        raise ApiError(400, 'the body must be a JSON object such as {"kind": "stop"}')
+    kinds = ", ".join(k.value for k in CommandKind)
+    try:
+        kind = CommandKind(body.get("kind"))
+    except ValueError:
+        raise ApiError(400, f"kind must be one of {kinds}, got {body.get('kind')!r}") from None
+    allowed = {"kind", {CommandKind.STOP: "grace_ms", CommandKind.SIGNAL: "signal"}.get(kind, "interval_ms")}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field(s) for a {kind.value} command: {', '.join(unknown)}")
+    if kind is CommandKind.SIGNAL:
+        raw = body.get("signal")
+        try:
+            number = int(signal.Signals[raw]) if isinstance(raw, str) else raw
+        except KeyError:
+            raise ApiError(
+                400, f"signal must be a signal name like SIGTERM or a number, got {raw!r}"
+            ) from None
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65:
+            raise ApiError(400, f"signal must be a signal name like SIGTERM or a number, got {raw!r}")
+        return kind, {"signal": number}
+    field, low, default = ("grace_ms", 0, 0) if kind is CommandKind.STOP else ("interval_ms", 100, None)
+    value = body.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 3_600_000:
+        raise ApiError(400, f"{field} must be an integer from {low} to 3600000, got {value!r}")
+    return kind, {field: value}
+
+
 class _Api:
     def __init__(
         self,
+        *,
         sandboxes: SandboxStore,
         events: EventStore,
         lost_after_s: float,
         now: Callable[[], datetime],
+        commands: CommandStore | None = None,
+        deliver: Callable[[str, Command], bool] | None = None,
     ) -> None:
         self.sandboxes = sandboxes
         self.events = events
+        self.commands = commands
+        self.deliver = deliver
         self.lost_after_s = lost_after_s
         self.now = now
         #: Set when the server shuts down: followers end instead of holding the shutdown up.
@@ -192,6 +258,36 @@ class _Api:
         if row is None:
             raise ApiError(404, f"no sandbox {sandbox_id!r}")
         return row
+
+    def _command_store(self) -> CommandStore:
+        if self.commands is None:
+            raise ApiError(501, "this API serves no commands")
+        return self.commands
+
+    async def create_command(self, request: web.Request) -> web.StreamResponse:
+        store = self._command_store()
+        row = await self._sandbox(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        kind, args = _command_args(body)
+        created = await store.create(row.id, kind, **args)
+        delivered = self.deliver(row.id, created.command) if self.deliver is not None else False
+        return web.json_response({**command_json(created), "delivered": delivered}, status=201)
+
+    async def list_commands(self, request: web.Request) -> web.StreamResponse:
+        store = self._command_store()
+        row = await self._sandbox(request)
+        return web.json_response(
+            {"sandbox_id": row.id, "commands": [command_json(c) for c in await store.list(row.id)]}
+        )
+
+    async def get_command(self, request: web.Request) -> web.StreamResponse:
+        found = await self._command_store().get(request.match_info["command_id"])
+        if found is None:
+            raise ApiError(404, f"no command {request.match_info['command_id']!r}")
+        return web.json_response(command_json(found))
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -277,13 +373,25 @@ def build_api(
     events: EventStore,
     lost_after_s: float,
     now: Callable[[], datetime] = utcnow,
+    commands: CommandStore | None = None,
+    deliver: Callable[[str, Command], bool] | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app."""
-    api = _Api(sandboxes, events, lost_after_s, now)
+    api = _Api(
+        sandboxes=sandboxes,
+        events=events,
+        lost_after_s=lost_after_s,
+        now=now,
+        commands=commands,
+        deliver=deliver,
+    )
     app = web.Application(middlewares=[_json_errors])
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}/logs", api.logs)
+    app.router.add_post("/api/v1/sandboxes/{id}/commands", api.create_command)
+    app.router.add_get("/api/v1/sandboxes/{id}/commands", api.list_commands)
+    app.router.add_get("/api/v1/commands/{command_id}", api.get_command)
     return app

@@ -21,7 +21,7 @@ from gateway.api import build_api
 from gateway.config import GatewayConfig
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
-from gateway.store import Database, EventStore, SandboxStore
+from gateway.store import CommandStore, Database, EventStore, SandboxStore
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ class Gateway:
         self.db = await Database.open(cfg.database.url, migrate=cfg.database.migrate_on_start)
         self._sandboxes = SandboxStore(self.db)
         events = EventStore(self.db)
+        commands = CommandStore(self.db)
 
         server = aio.server(options=list(server_options(cfg)))
         self._service = OpenShellService(
-            config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events
+            config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events, commands=commands
         )
         pb_grpc.add_OpenShellServicer_to_server(self._service, server)
         health_servicer = health.aio.HealthServicer()
@@ -89,7 +90,13 @@ class Gateway:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
 
-        app = build_api(sandboxes=self._sandboxes, events=events, lost_after_s=cfg.sessions.lost_after_s)
+        app = build_api(
+            sandboxes=self._sandboxes,
+            events=events,
+            lost_after_s=cfg.sessions.lost_after_s,
+            commands=commands,
+            deliver=self._service.deliver,
+        )
         # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()

@@ -30,12 +30,14 @@ from grpc import aio
 
 from gateway.config import GatewayConfig
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
-from gateway.store import EventStore, SandboxStore
+from gateway.store import CommandStore, EventStore, SandboxStore
 from openshell_wire import __version__
-from openshell_wire.convert import WireError
+from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
     ALL_CAPABILITIES,
+    CAP_COMMANDS,
     CAP_EVENTS,
+    Command,
     JournalEpoch,
     LifecycleKind,
     LifecycleRecord,
@@ -64,6 +66,12 @@ def validate_sandbox_id(sandbox_id: str) -> str | None:
     return sandbox_id_problem(sandbox_id)
 
 
+def _command_message(command: Command) -> pb.GatewayMessage:
+    msg = pb.GatewayMessage()
+    msg.command.CopyFrom(command_to_proto(command))
+    return msg
+
+
 def _reject(code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0) -> pb.GatewayMessage:
     msg = pb.GatewayMessage()
     msg.session_rejected.reason = reason
@@ -74,12 +82,19 @@ def _reject(code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0)
 
 class OpenShellService(pb_grpc.OpenShellServicer):
     def __init__(
-        self, *, config: GatewayConfig, registry: SessionRegistry, sandboxes: SandboxStore, events: EventStore
+        self,
+        *,
+        config: GatewayConfig,
+        registry: SessionRegistry,
+        sandboxes: SandboxStore,
+        events: EventStore,
+        commands: CommandStore,
     ) -> None:
         self._config = config
         self._registry = registry
         self._sandboxes = sandboxes
         self._events = events
+        self._commands = commands
         self._owner = f"gateway-{id(self):x}"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -93,6 +108,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
+
+    def deliver(self, sandbox_id: str, command: Command) -> bool:
+        """Send a stored command to the sandbox's live session on this gateway, if there is one
+        that speaks ``commands``; otherwise it goes out with the sandbox's next session."""
+        session = self._registry.get(sandbox_id)
+        if session is None or CAP_COMMANDS not in session.capabilities:
+            return False
+        session.inbox.put_nowait(Outbound(_command_message(command)))
+        return True
 
     async def drain(self) -> None:
         """Wait for the writes that ended sessions left behind (called on shutdown)."""
@@ -151,6 +175,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         reason = "ended"
         try:
             yield await self._accept(session, hello, peer)
+            if CAP_COMMANDS in session.capabilities:
+                # Whatever is still unanswered goes out again; the supervisor drops repeats.
+                for row in await self._commands.pending(sandbox_id):
+                    yield _command_message(row.command)
             reader = asyncio.create_task(
                 self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
             )
@@ -282,6 +310,25 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             return out
         if kind == "events":
             return await self._store_batch(session, message.events)
+        if kind == "command_result":
+            try:
+                result = result_from_proto(message.command_result)
+            except WireError as exc:
+                raise ProtocolError(str(exc)) from None
+            if not await self._commands.answer(session.sandbox_id, result):
+                log.info("result for an unknown or answered command %s ignored", result.command_id)
+            else:
+                log.info(
+                    "command answered",
+                    extra={
+                        "sandbox_id": session.sandbox_id,
+                        "command_id": result.command_id,
+                        "applied": result.applied,
+                        "duplicate": result.duplicate,
+                        "error": result.error,
+                    },
+                )
+            return None
         if kind == "hello":
             raise ProtocolError("a second hello on an accepted session")
         if kind in ("relay_open_result", "relay_close"):

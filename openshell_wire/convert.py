@@ -10,6 +10,9 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from openshell_wire.records import (
+    Command,
+    CommandKind,
+    CommandResult,
     Event,
     GapReason,
     GapRecord,
@@ -168,3 +171,54 @@ def event_to_log_line(sandbox_id: str, event: Event) -> pb.SandboxLogLine:
     )
     line.fields["sequence"] = str(event.sequence)
     return line
+
+
+def command_to_proto(command: Command) -> pb.Command:
+    msg = pb.Command(command_id=command.command_id)
+    if command.kind is CommandKind.STOP:
+        msg.stop.grace_ms = command.grace_ms
+    elif command.kind is CommandKind.SIGNAL:
+        msg.signal.signal = command.signal
+    else:
+        msg.heartbeat.interval_ms = command.interval_ms
+    return msg
+
+
+def command_from_proto(msg: pb.Command) -> Command:
+    """The command, or WireError saying why it cannot be applied (its id is kept in the error)."""
+    if not msg.command_id:
+        raise WireError("command without a command_id")
+    action = msg.WhichOneof("action")
+    if action == "stop":
+        return Command(msg.command_id, CommandKind.STOP, grace_ms=msg.stop.grace_ms)
+    if action == "signal":
+        if not 0 < msg.signal.signal < 65:
+            raise WireError(f"command {msg.command_id}: signal {msg.signal.signal} is not a signal number")
+        return Command(msg.command_id, CommandKind.SIGNAL, signal=msg.signal.signal)
+    if action == "heartbeat":
+        if msg.heartbeat.interval_ms < 100:
+            raise WireError(
+                f"command {msg.command_id}: heartbeat interval {msg.heartbeat.interval_ms} ms is below 100 ms"
+            )
+        return Command(msg.command_id, CommandKind.HEARTBEAT, interval_ms=msg.heartbeat.interval_ms)
+    raise WireError(f"command {msg.command_id}: no known action (a newer gateway?)")
+
+
+def result_to_proto(result: CommandResult) -> pb.CommandResult:
+    return pb.CommandResult(
+        command_id=result.command_id, applied=result.applied, error=result.error, duplicate=result.duplicate
+    )
+
+
+def result_from_proto(msg: pb.CommandResult) -> CommandResult:
+    if not msg.command_id:
+        raise WireError("command result without a command_id")
+    return CommandResult(msg.command_id, applied=msg.applied, error=msg.error, duplicate=msg.duplicate)
+
+
+def describe_command(command: Command) -> str:
+    if command.kind is CommandKind.STOP:
+        return f"stop, grace {command.grace_ms} ms" if command.grace_ms else "stop"
+    if command.kind is CommandKind.SIGNAL:
+        return f"signal {command.signal}"
+    return f"heartbeat every {command.interval_ms} ms"

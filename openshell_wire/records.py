@@ -38,7 +38,8 @@ def sandbox_id_problem(sandbox_id: str) -> str | None:
 CAP_RESUME = "resume"
 CAP_EVENTS = "events"
 CAP_RECONNECT = "reconnect"
-ALL_CAPABILITIES = (CAP_RESUME, CAP_EVENTS, CAP_RECONNECT)
+CAP_COMMANDS = "commands"
+ALL_CAPABILITIES = (CAP_RESUME, CAP_EVENTS, CAP_RECONNECT, CAP_COMMANDS)
 
 
 class LogStream(enum.Enum):
@@ -100,6 +101,34 @@ class Event:
     @property
     def is_log(self) -> bool:
         return isinstance(self.payload, LogRecord)
+
+
+class CommandKind(enum.Enum):
+    STOP = "stop"
+    SIGNAL = "signal"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A gateway-to-supervisor command; its id makes applying it twice a no-op."""
+
+    command_id: str
+    kind: CommandKind
+    #: STOP: grace before SIGKILL (0: the supervisor's configured grace).
+    grace_ms: int = 0
+    #: SIGNAL: the signal number.
+    signal: int = 0
+    #: HEARTBEAT: the new interval.
+    interval_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command_id: str
+    applied: bool
+    error: str = ""
+    duplicate: bool = False
 
 
 def exit_code_from_returncode(returncode: int) -> tuple[int, int]:

@@ -34,12 +34,23 @@ from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from openshell_wire import __version__
-from openshell_wire.convert import event_to_log_line
-from openshell_wire.records import ALL_CAPABILITIES, CAP_EVENTS, Event, LifecycleKind, LifecycleRecord
+from openshell_wire.convert import WireError, command_from_proto, describe_command, event_to_log_line
+from openshell_wire.records import (
+    ALL_CAPABILITIES,
+    CAP_EVENTS,
+    Command,
+    CommandKind,
+    Event,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    LogStream,
+)
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+from supervisor.commands import AppliedCommands
 from supervisor.config import SupervisorConfig
-from supervisor.journal import Journal
+from supervisor.journal import Journal, JournalError
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +122,29 @@ def event_batch_message(epoch: str, records: list[tuple[int, bytes]]) -> pb.Supe
     return pb.SupervisorMessage.FromString(_EVENTS_TAG + _varint(len(body)) + body)
 
 
+#: Applies a command (stop or signal) to the sandbox; returns why it could not, or None. It must
+#: return promptly: a stop with a grace period runs on after it has returned.
+CommandHandler = Callable[[Command], Awaitable[str | None]]
+
+
 class Session:
-    def __init__(self, *, config: SupervisorConfig, journal: Journal, instance_id: str) -> None:
+    def __init__(
+        self,
+        *,
+        config: SupervisorConfig,
+        journal: Journal,
+        instance_id: str,
+        on_command: CommandHandler | None = None,
+    ) -> None:
         self._config = config
         self._s = config.session
         self._journal = journal
         self._instance_id = instance_id
         self._acked = asyncio.Condition()
+        self._on_command = on_command
+        self._applied = AppliedCommands(config.journal.directory / "commands.json")
+        #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
+        self._interval_override: float | None = None
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -300,8 +327,10 @@ class Session:
         self, write: Callable[[pb.SupervisorMessage], Awaitable[None]], interval: float
     ) -> None:
         jitter = self._s.heartbeat_jitter
+        self._interval_override = None
         while True:
-            await asyncio.sleep(interval * (1 + jitter * random.uniform(-1, 1)))
+            current = self._interval_override or interval
+            await asyncio.sleep(current * (1 + jitter * random.uniform(-1, 1)))
             msg = pb.SupervisorMessage()
             msg.heartbeat.sent_unix_ms = _now_ms()
             await write(msg)
@@ -336,6 +365,8 @@ class Session:
                 raise SessionEnded(
                     f"session ended by the gateway: {r.reason}", retry_after_s=r.retry_after_ms / 1000
                 )
+            elif kind == "command":
+                await write(await self._command(msg.command))
             elif kind == "relay_open":
                 reply = pb.SupervisorMessage()
                 reply.relay_open_result.channel_id = msg.relay_open.channel_id
@@ -344,6 +375,47 @@ class Session:
                 await write(reply)
             else:
                 log.debug("ignoring a gateway message of unknown kind")
+
+    async def _command(self, raw: pb.Command) -> pb.SupervisorMessage:
+        """Apply one command (at most once per id) and build the answer to send back."""
+        reply = pb.SupervisorMessage()
+        reply.command_result.command_id = raw.command_id
+        try:
+            command = command_from_proto(raw)
+        except WireError as exc:
+            reply.command_result.error = str(exc)
+            self._note(f"command {raw.command_id or '(no id)'} refused: {exc}")
+            return reply
+        if self._applied.seen(command.command_id):
+            reply.command_result.applied = True
+            reply.command_result.duplicate = True
+            return reply
+        try:
+            self._applied.remember(command.command_id)
+        except OSError as exc:
+            # Without the durable note a redelivery could apply it twice: refuse instead.
+            reply.command_result.error = f"cannot record the command id: {exc}"
+            return reply
+        if command.kind is CommandKind.HEARTBEAT:
+            self._interval_override = command.interval_ms / 1000
+            error = None
+        elif self._on_command is None:
+            error = f"{command.kind.value} commands are not supported by this supervisor"
+        else:
+            error = await self._on_command(command)
+        reply.command_result.applied = error is None
+        reply.command_result.error = error or ""
+        self._note(
+            f"command {command.command_id} ({describe_command(command)}): "
+            + ("applied" if error is None else f"failed: {error}")
+        )
+        return reply
+
+    def _note(self, text: str) -> None:
+        """Journal a line of the supervisor's own about the sandbox (an audit trail of commands)."""
+        log.info(text)
+        with contextlib.suppress(JournalError):
+            self._journal.append(LogRecord(stream=LogStream.SUPERVISOR, message=text))
 
     async def _send_events(
         self, write: Callable[[pb.SupervisorMessage], Awaitable[None]], resume: int

@@ -5,6 +5,7 @@ registry of sandboxes and their sessions; ``EventStore`` keeps their journaled e
 exactly once in effect. Everything that fails inside comes out as ``StoreError``.
 """
 
+from gateway.store.commands import CommandRow, CommandStore
 from gateway.store.db import Database, StoreError, migrate, utcnow
 from gateway.store.events import EventNotifier, EventStore, StoredEvent
 from gateway.store.sandboxes import SandboxRow, SandboxStore
@@ -12,6 +13,8 @@ from gateway.store.schema import UNSEQUENCED_EPOCH
 
 __all__ = [
     "UNSEQUENCED_EPOCH",
+    "CommandRow",
+    "CommandStore",
     "Database",
     "EventNotifier",
     "EventStore",

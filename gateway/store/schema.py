@@ -116,3 +116,25 @@ events = Table(
     # Tail and follow both read one sandbox's events in id order.
     Index("ix_events_sandbox_id_id", "sandbox_id", "id"),
 )
+
+#: Commands for supervisors (stop, signal, heartbeat), kept until the supervisor answers: a command
+#: still ``pending`` is sent again on every new session of its sandbox.
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column(
+        "sandbox_id",
+        Text,
+        ForeignKey("sandboxes.id", ondelete="CASCADE", name="fk_commands_sandbox_id"),
+        nullable=False,
+    ),
+    Column("kind", Text, nullable=False),
+    Column("args", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("answered_at", UTCDateTime, nullable=True),
+    # Redelivery reads one sandbox's pending commands in creation order.
+    Index("ix_commands_sandbox_id_state", "sandbox_id", "state"),
+)

@@ -160,6 +160,7 @@ class SupervisorMessage(_message.Message):
     RELAY_OPEN_RESULT_FIELD_NUMBER: _builtins.int
     RELAY_CLOSE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___SupervisorHello: ...
     @_builtins.property
@@ -172,6 +173,8 @@ class SupervisorMessage(_message.Message):
     def events(self) -> Global___EventBatch:
         """ours"""
 
+    @_builtins.property
+    def command_result(self) -> Global___CommandResult: ...
     def __init__(
         self,
         *,
@@ -180,12 +183,13 @@ class SupervisorMessage(_message.Message):
         relay_open_result: Global___RelayOpenResult | None = ...,
         relay_close: Global___RelayClose | None = ...,
         events: Global___EventBatch | None = ...,
+        command_result: Global___CommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "hello", b"hello", "payload", b"payload", "relay_close", b"relay_close", "relay_open_result", b"relay_open_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "events", b"events", "heartbeat", b"heartbeat", "hello", b"hello", "payload", b"payload", "relay_close", b"relay_close", "relay_open_result", b"relay_open_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "hello", b"hello", "payload", b"payload", "relay_close", b"relay_close", "relay_open_result", b"relay_open_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "events", b"events", "heartbeat", b"heartbeat", "hello", b"hello", "payload", b"payload", "relay_close", b"relay_close", "relay_open_result", b"relay_open_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["hello", "heartbeat", "relay_open_result", "relay_close", "events"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["hello", "heartbeat", "relay_open_result", "relay_close", "events", "command_result"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -202,6 +206,7 @@ class GatewayMessage(_message.Message):
     RELAY_CLOSE_FIELD_NUMBER: _builtins.int
     EVENT_ACK_FIELD_NUMBER: _builtins.int
     RECONNECT_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session_accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -218,6 +223,8 @@ class GatewayMessage(_message.Message):
 
     @_builtins.property
     def reconnect(self) -> Global___ReconnectHint: ...
+    @_builtins.property
+    def command(self) -> Global___Command: ...
     def __init__(
         self,
         *,
@@ -228,12 +235,13 @@ class GatewayMessage(_message.Message):
         relay_close: Global___RelayClose | None = ...,
         event_ack: Global___EventAck | None = ...,
         reconnect: Global___ReconnectHint | None = ...,
+        command: Global___Command | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["session_accepted", "session_rejected", "heartbeat", "relay_open", "relay_close", "event_ack", "reconnect"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["session_accepted", "session_rejected", "heartbeat", "relay_open", "relay_close", "event_ack", "reconnect", "command"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -873,3 +881,140 @@ class ReconnectHint(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconnectHint: _TypeAlias = ReconnectHint  # noqa: Y015
+
+@_typing.final
+class Command(_message.Message):
+    """A command from the gateway to the supervisor, sent only after both sides agreed on `commands`.
+    The gateway keeps it until a CommandResult for its id arrives and sends it again on every new
+    session until then; the supervisor remembers the ids it applied, so a command is applied at
+    most once however often it arrives.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    @_builtins.property
+    def stop(self) -> Global___StopCommand: ...
+    @_builtins.property
+    def signal(self) -> Global___SignalCommand: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatCommand: ...
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        stop: Global___StopCommand | None = ...,
+        signal: Global___SignalCommand | None = ...,
+        heartbeat: Global___HeartbeatCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "heartbeat", b"heartbeat", "signal", b"signal", "stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "heartbeat", b"heartbeat", "signal", b"signal", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["stop", "signal", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class StopCommand(_message.Message):
+    """Stop the main process: SIGTERM to its process group, then SIGKILL after the grace period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRACE_MS_FIELD_NUMBER: _builtins.int
+    grace_ms: _builtins.int
+    """0: the supervisor's own configured grace"""
+    def __init__(
+        self,
+        *,
+        grace_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_ms", b"grace_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopCommand: _TypeAlias = StopCommand  # noqa: Y015
+
+@_typing.final
+class SignalCommand(_message.Message):
+    """Send a signal to the main process group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    signal: _builtins.int
+    """the signal number (Linux numbering)"""
+    def __init__(
+        self,
+        *,
+        signal: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalCommand: _TypeAlias = SignalCommand  # noqa: Y015
+
+@_typing.final
+class HeartbeatCommand(_message.Message):
+    """Use another heartbeat interval for the rest of this session (a later session uses the interval
+    its SessionAccepted hands out).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    interval_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatCommand: _TypeAlias = HeartbeatCommand  # noqa: Y015
+
+@_typing.final
+class CommandResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    applied: _builtins.bool
+    """true also for a command applied earlier (see `duplicate`)"""
+    error: _builtins.str
+    """why it could not be applied (unknown action, bad argument, ...)"""
+    duplicate: _builtins.bool
+    """this id was applied before: nothing was done this time"""
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        applied: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "command_id", b"command_id", "duplicate", b"duplicate", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
