@@ -41,6 +41,8 @@ _LIFECYCLE_TO_PB = {
     LifecycleKind.EXITED: pb.LIFECYCLE_KIND_EXITED,
     LifecycleKind.START_FAILED: pb.LIFECYCLE_KIND_START_FAILED,
     LifecycleKind.SUPERVISOR_STARTED: pb.LIFECYCLE_KIND_SUPERVISOR_STARTED,
+    LifecycleKind.OFFLINE_POLICY: pb.LIFECYCLE_KIND_OFFLINE_POLICY,
+    LifecycleKind.RECONNECTED: pb.LIFECYCLE_KIND_RECONNECTED,
 }
 _LIFECYCLE_FROM_PB = {v: k for k, v in _LIFECYCLE_TO_PB.items()}
 _GAP_TO_PB = {GapReason.OVERFLOW: pb.GAP_REASON_OVERFLOW, GapReason.CORRUPT: pb.GAP_REASON_CORRUPT}
@@ -62,6 +64,7 @@ def event_to_proto(event: Event) -> pb.Event:
         msg.lifecycle.argv.extend(p.argv)
         msg.lifecycle.detail = p.detail
         msg.lifecycle.instance_id = p.instance_id
+        msg.lifecycle.duration_ms = p.duration_ms
     else:
         msg.gap.reason = _GAP_TO_PB[p.reason]
         msg.gap.dropped_records = p.dropped_records
@@ -100,6 +103,7 @@ def event_from_proto(msg: pb.Event) -> Event:
             argv=tuple(lc.argv),
             detail=lc.detail,
             instance_id=lc.instance_id,
+            duration_ms=lc.duration_ms,
         )
     elif kind == "gap":
         reason = _GAP_FROM_PB.get(msg.gap.reason)
@@ -144,6 +148,10 @@ def describe(event: Event) -> str:
             return f"main process started, pid {p.pid}: {' '.join(p.argv)}"
         if p.kind is LifecycleKind.START_FAILED:
             return f"main process could not start: {p.detail}"
+        if p.kind is LifecycleKind.OFFLINE_POLICY:
+            return f"offline policy after {p.duration_ms / 1000:.1f}s without the gateway: {p.detail}"
+        if p.kind is LifecycleKind.RECONNECTED:
+            return f"gateway reachable again after {p.duration_ms / 1000:.1f}s"
         return f"supervisor started (instance {p.instance_id})"
     return (
         f"{p.dropped_records} records ({p.dropped_bytes} bytes) were dropped "

@@ -53,6 +53,8 @@ class LifecycleKind(enum.Enum):
     EXITED = "exited"
     START_FAILED = "start_failed"
     SUPERVISOR_STARTED = "supervisor_started"
+    OFFLINE_POLICY = "offline_policy"
+    RECONNECTED = "reconnected"
 
 
 class GapReason(enum.Enum):
@@ -78,6 +80,8 @@ class LifecycleRecord:
     argv: tuple[str, ...] = ()
     detail: str = ""
     instance_id: str = ""
+    #: OFFLINE_POLICY, RECONNECTED: how long the gateway was unreachable.
+    duration_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

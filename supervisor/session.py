@@ -78,6 +78,8 @@ class SessionStatus:
     last_error: str = ""
     last_rtt_ms: float | None = None
     connected_since: float | None = None
+    #: time.monotonic() since when no session has been up (None while connected).
+    offline_since: float | None = field(default_factory=time.monotonic)
     history: list[str] = field(default_factory=list)
 
 
@@ -224,6 +226,8 @@ class Session:
             log.exception("session attempt failed unexpectedly")
             raise SessionEnded(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
+            if self.status.connected_since is not None and self.status.offline_since is None:
+                self.status.offline_since = time.monotonic()
             self.status.connected_since = None
             if call is not None:
                 call.cancel()
@@ -268,6 +272,7 @@ class Session:
     ) -> None:
         interval = (accepted.heartbeat_interval_ms / 1000) or float(accepted.heartbeat_interval_secs) or 10.0
         events_mode = CAP_EVENTS in accepted.capabilities
+        self._note_reconnected()
         self.status.sessions += 1
         self.status.state = "connected"
         self.status.mode = "events" if events_mode else "upstream"
@@ -410,6 +415,17 @@ class Session:
             + ("applied" if error is None else f"failed: {error}")
         )
         return reply
+
+    def _note_reconnected(self) -> None:
+        """Journal the end of an outage (not the first connection), with its length."""
+        since = self.status.offline_since
+        self.status.offline_since = None
+        if since is None or self.status.sessions == 0:
+            return
+        outage_ms = int((time.monotonic() - since) * 1000)
+        with contextlib.suppress(JournalError):
+            self._journal.append(LifecycleRecord(kind=LifecycleKind.RECONNECTED, duration_ms=outage_ms))
+        log.info("gateway reachable again after %.1fs", outage_ms / 1000)
 
     def _note(self, text: str) -> None:
         """Journal a line of the supervisor's own about the sandbox (an audit trail of commands)."""

@@ -175,6 +175,7 @@ def _row(
                 "argv": list(payload.argv),
                 "detail": payload.detail,
                 "instance_id": payload.instance_id,
+                "duration_ms": payload.duration_ms,
             }
         else:
             kind = "gap"

@@ -112,6 +112,10 @@ class _LifecycleKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lifecyc
     LIFECYCLE_KIND_START_FAILED: _LifecycleKind.ValueType  # 3
     """main process could not be started (detail)"""
     LIFECYCLE_KIND_SUPERVISOR_STARTED: _LifecycleKind.ValueType  # 4
+    LIFECYCLE_KIND_OFFLINE_POLICY: _LifecycleKind.ValueType  # 5
+    """the offline policy acted (detail: what; duration_ms: offline so far)"""
+    LIFECYCLE_KIND_RECONNECTED: _LifecycleKind.ValueType  # 6
+    """the gateway is reachable again (duration_ms: the outage)"""
 
 class LifecycleKind(_LifecycleKind, metaclass=_LifecycleKindEnumTypeWrapper): ...
 
@@ -123,6 +127,10 @@ LIFECYCLE_KIND_EXITED: LifecycleKind.ValueType  # 2
 LIFECYCLE_KIND_START_FAILED: LifecycleKind.ValueType  # 3
 """main process could not be started (detail)"""
 LIFECYCLE_KIND_SUPERVISOR_STARTED: LifecycleKind.ValueType  # 4
+LIFECYCLE_KIND_OFFLINE_POLICY: LifecycleKind.ValueType  # 5
+"""the offline policy acted (detail: what; duration_ms: offline so far)"""
+LIFECYCLE_KIND_RECONNECTED: LifecycleKind.ValueType  # 6
+"""the gateway is reachable again (duration_ms: the outage)"""
 Global___LifecycleKind: _TypeAlias = LifecycleKind  # noqa: Y015
 
 class _GapReason:
@@ -766,6 +774,7 @@ class LifecycleEvent(_message.Message):
     ARGV_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
     kind: Global___LifecycleKind.ValueType
     pid: _builtins.int
     exit_code: _builtins.int
@@ -774,6 +783,8 @@ class LifecycleEvent(_message.Message):
     """the terminating signal, 0 if none"""
     detail: _builtins.str
     instance_id: _builtins.str
+    duration_ms: _builtins.int
+    """OFFLINE_POLICY, RECONNECTED: how long the gateway was unreachable"""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -786,10 +797,11 @@ class LifecycleEvent(_message.Message):
         argv: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
         instance_id: _builtins.str = ...,
+        duration_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "detail", b"detail", "exit_code", b"exit_code", "instance_id", b"instance_id", "kind", b"kind", "pid", b"pid", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "detail", b"detail", "duration_ms", b"duration_ms", "exit_code", b"exit_code", "instance_id", b"instance_id", "kind", b"kind", "pid", b"pid", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,6 +47,11 @@ def test_gateway_killed_and_restarted_loses_and_doubles_nothing(
     exits = _exits(gateway, "kill-gw")
     assert len(exits) == 1 and exits[0]["data"]["exit_code"] == 7  # type: ignore[index]
     assert gateway.query("SELECT exit_code FROM sandboxes WHERE id = 'kill-gw'") == [(7,)]
+    # The outage is on record, with its length (the gateway was down for two seconds at least).
+    outages = [
+        e["data"] for e in gateway.events("kill-gw", "lifecycle") if e["data"]["kind"] == "reconnected"
+    ]
+    assert len(outages) == 1 and outages[0]["duration_ms"] >= 1500
 
 
 def test_frozen_gateway_overflows_the_journal_and_the_gap_counts_exactly(
