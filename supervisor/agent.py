@@ -1,20 +1,31 @@
 """The supervisor as a whole: journal, main process, capture and session, owned and shut down.
 
-Order of events: open the journal (recovering it), journal SUPERVISOR_STARTED, start the
-session (it delivers whatever the journal holds, including a previous run's leftovers), start
-the main process and journal STARTED, capture its lines, and when it exits journal EXITED and
-wait up to ``exit_flush_timeout_s`` for the gateway to acknowledge everything. Undelivered
-records stay in the journal directory, so a supervisor started again over it delivers them.
-Signals sent to the supervisor are forwarded to the main process group from the first moment:
-one that arrives before the main process started is delivered as soon as it has, and SIGTERM or
-SIGINT after it exited cuts the exit flush short (the exit code is still the main process's).
+Order of events: open the journal (recovering it), install the reaper (SIGCHLD, child
+subreaper), journal SUPERVISOR_STARTED, start the session (it delivers whatever the journal
+holds, including a previous run's leftovers), start the main process and journal STARTED,
+capture its lines, and when it exits journal EXITED and wait up to ``exit_flush_timeout_s`` for
+the gateway to acknowledge everything. Undelivered records stay in the journal directory, so a
+supervisor started again over it delivers them.
+
+Init duties: every child that exits is reaped, orphans re-parented to us included
+(:mod:`supervisor.reaper`). Signals sent to the supervisor are forwarded to the main process
+group from the first moment: one that arrives before the main process started is delivered as
+soon as it has. SIGTERM or SIGINT is also a stop request: forwarded, then after
+``process.stop_grace_s`` the group is SIGKILLed (exit code 137, journaled with its reason), and
+the main process is not restarted; after it exited, a stop request cuts the exit flush short
+(the exit code is still the main process's). Under ``process.restart: on-failure`` a non-zero
+exit starts the main process again after a full-jitter backoff, at most ``restart_limit`` times;
+each run is journaled (EXITED, then STARTED with "restart n/limit after exit code c") and the
+supervisor exits with the last run's code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -24,11 +35,23 @@ from openshell_wire.records import LifecycleKind, LifecycleRecord, LogRecord, Pa
 from supervisor.config import SupervisorConfig
 from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
 from supervisor.process import MainProcess, StartFailed
+from supervisor.reaper import Reaper
 from supervisor.session import Session
 
 log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def restart_delay(restart: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff before restart number ``restart`` (1, 2, ...).
+
+    A random wait in [0, min(max_s, initial_s * 2 ** (restart - 1))], as tenacity's
+    ``wait_random_exponential`` computes it for the session's reconnects.
+    """
+    high = min(max_s, initial_s * 2 ** min(restart - 1, 62))
+    return (rng or random).uniform(0.0, high)
 
 
 def journal_options(config: SupervisorConfig) -> JournalOptions:
@@ -49,10 +72,13 @@ class Agent:
         self.journal = Journal.open(journal_options(config))
         self.session = Session(config=config, journal=self.journal, instance_id=self.instance_id)
         self._append_failures = 0
+        self.reaper = Reaper()
         self._main: MainProcess | None = None
         self._main_done = False
         self._pending_signals: list[signal.Signals] = []
         self._cut_flush = asyncio.Event()
+        self._stopping = False
+        self._stop_requested = asyncio.Event()
 
     def record(self, payload: Payload) -> bool:
         """Journal one record; a full disk is reported, never allowed to stop the capture."""
@@ -79,23 +105,51 @@ class Agent:
                 return
             await asyncio.sleep(0.5)
 
+    def request_stop(self, reason: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the main process for good: send ``sig`` to its group, SIGKILL the group after
+        ``process.stop_grace_s``, restart it no more. After it exited: cut the exit flush short."""
+        if not self._stopping:
+            self._stopping = True
+            self._stop_requested.set()
+            log.info("%s: stopping the main process (grace %gs)", reason, self.config.process.stop_grace_s)
+        main = self._main
+        if self._main_done:
+            self._cut_flush.set()
+        elif main is None:
+            # Not started yet: deliver as soon as it is, so a stop request is never lost.
+            self._pending_signals.append(sig)
+        elif main.running:
+            main.send_signal(sig)
+            main.kill_after(self.config.process.stop_grace_s)
+        else:
+            # Between two runs (or it just exited): nothing to stop, so do not linger either.
+            self._cut_flush.set()
+
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._main_done:
             # The main process is gone; a stop request now only cuts the exit flush short.
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in STOP_SIGNALS:
                 log.info("%s during the exit flush: not waiting for the gateway any longer", sig.name)
                 self._cut_flush.set()
-        elif self._main is not None and self._main.pid is not None:
-            self._main.send_signal(sig)
+            return
+        if sig in STOP_SIGNALS:
+            self.request_stop(f"{sig.name} received", sig)
+            return
+        main = self._main
+        if main is None:
+            self._pending_signals.append(sig)  # delivered once it has started
+        elif main.running:
+            main.send_signal(sig)
         else:
-            # Not started yet: deliver as soon as it is, so a stop request is never lost.
-            self._pending_signals.append(sig)
+            log.info("%s while the main process is not running: not forwarded", sig.name)
 
     async def run(self) -> int:
         if not self.config.command:
             raise SystemExit("openshell-supervisor: no command to run (give it after --, or set `command`)")
         loop = asyncio.get_running_loop()
-        # Handlers first: a signal in any later moment is forwarded, queued or honoured.
+        # Handlers first: a signal in any later moment is forwarded, queued or honoured, and every
+        # child that exits from now on is reaped.
+        self.reaper.install(loop)
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         background: list[asyncio.Task[None]] = []
@@ -121,12 +175,44 @@ class Agent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            # Last: a background task's own children (a readiness command) are reaped until here.
+            self.reaper.uninstall()
+            if self.reaper.orphans_reaped:
+                log.info("reaped %d orphaned processes", self.reaper.orphans_reaped)
             self.journal.close()
 
     async def _supervise(self) -> int:
+        """Run the main process, again under the restart policy; the last run's exit code."""
+        policy = self.config.process
+        restarts = 0
+        code = await self._run_once("")
+        while code != 0 and not self._stopping and policy.restart == "on-failure":
+            if restarts >= policy.restart_limit:
+                log.warning("main process exited with code %d; restart limit (%d) reached", code, restarts)
+                break
+            restarts += 1
+            delay = restart_delay(restarts, policy.restart_backoff_initial_s, policy.restart_backoff_max_s)
+            log.warning(
+                "main process exited with code %d; restart %d/%d in %.2fs",
+                code,
+                restarts,
+                policy.restart_limit,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            if self._stopping:
+                break
+            code = await self._run_once(f"restart {restarts}/{policy.restart_limit} after exit code {code}")
+        self._main_done = True
+        return code
+
+    async def _run_once(self, detail: str) -> int:
+        """One run of the main process, journaled from STARTED (or START_FAILED) to EXITED."""
         echo = self.config.capture.echo
         main = MainProcess(
             self.config.command,
+            reaper=self.reaper,
             sink=self._capture,
             max_line_bytes=self.config.capture.max_line_bytes,
             echo_stdout=sys.stdout.buffer if echo else None,
@@ -136,33 +222,33 @@ class Agent:
         try:
             pid = await main.start()
         except StartFailed as exc:
-            self._main_done = True
             log.error("main process could not start: %s", exc)
             await self.record_lifecycle(LifecycleRecord(kind=LifecycleKind.START_FAILED, detail=str(exc)))
             await self.record_lifecycle(
                 LifecycleRecord(kind=LifecycleKind.EXITED, exit_code=exc.exit_code, detail=str(exc))
             )
             return exc.exit_code
-        for sig in self._pending_signals:
-            main.send_signal(sig)
-        self._pending_signals.clear()
+        pending, self._pending_signals = self._pending_signals, []
+        for sig in pending:
+            self._on_signal(sig)
         await self.record_lifecycle(
             LifecycleRecord(
                 kind=LifecycleKind.STARTED,
                 pid=pid,
                 argv=tuple(self.config.command),
+                detail=detail,
                 instance_id=self.instance_id,
             )
         )
         log.info("main process started", extra={"pid": pid})
         status = await main.wait()
-        self._main_done = True
         await self.record_lifecycle(
             LifecycleRecord(
                 kind=LifecycleKind.EXITED,
                 pid=pid,
                 exit_code=status.exit_code,
                 signal=status.signal,
+                detail=status.detail,
                 instance_id=self.instance_id,
             )
         )

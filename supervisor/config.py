@@ -102,6 +102,32 @@ class CaptureSettings(_Section):
     )
 
 
+class ProcessSettings(_Section):
+    stop_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="Asked to stop (SIGTERM or SIGINT to the supervisor), the supervisor forwards the "
+        "signal to the main process group, waits this long, then SIGKILLs the group (exit code 137, "
+        "journaled as an exit by signal 9). Keep it plus session.exit_flush_timeout_s below the pod's "
+        "termination grace period.",
+    )
+    restart: Literal["never", "on-failure"] = Field(
+        "never",
+        description="never: the supervisor exits with the main process; on-failure: a non-zero exit "
+        "(not one the supervisor caused by stopping) starts the main process again after a backoff. "
+        "Every restart is journaled; the supervisor exits with the last run's code.",
+    )
+    restart_limit: int = Field(
+        5, ge=0, description="Most restarts under the on-failure policy; past it the last exit code stands."
+    )
+    restart_backoff_initial_s: float = Field(
+        1.0, gt=0, description="First restart backoff (full jitter: a random wait up to this long)."
+    )
+    restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="Cap of the exponential restart backoff (full jitter)."
+    )
+
+
 class SupervisorConfig(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="OPENSHELL_SUPERVISOR_",
@@ -121,6 +147,7 @@ class SupervisorConfig(LayeredSettings):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    process: ProcessSettings = Field(default_factory=ProcessSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."
     )
