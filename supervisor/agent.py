@@ -31,12 +31,14 @@ import sys
 import time
 import uuid
 
-from openshell_wire.records import LifecycleKind, LifecycleRecord, LogRecord, Payload
+from openshell_wire.records import Command, CommandKind, LifecycleKind, LifecycleRecord, LogRecord, Payload
 from supervisor.config import SupervisorConfig
-from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
+from supervisor.http import HttpServer, HttpStartError
+from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions, JournalStats
+from supervisor.metrics import SupervisorMetrics
 from supervisor.process import MainProcess, StartFailed
 from supervisor.reaper import Reaper
-from supervisor.session import Session
+from supervisor.session import Session, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,25 @@ class Agent:
         self.config = config
         self.instance_id = config.instance_id or uuid.uuid4().hex
         self.journal = Journal.open(journal_options(config))
-        self.session = Session(config=config, journal=self.journal, instance_id=self.instance_id)
+        self.metrics = SupervisorMetrics(self)
+        self.session = Session(
+            config=config,
+            journal=self.journal,
+            instance_id=self.instance_id,
+            on_command=self._apply_command,
+            on_rtt=self.metrics.observe_rtt,
+        )
+        self.http = (
+            HttpServer(config.http, self, readiness=config.readiness, metrics=self.metrics)
+            if config.http.enabled
+            else None
+        )
         self._append_failures = 0
+        # What the health, metrics and status endpoints read (supervisor.metrics.SupervisorView).
+        self.loop_heartbeat = time.monotonic()
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.last_exit_code: int | None = None
         self.reaper = Reaper()
         self._main: MainProcess | None = None
         self._main_done = False
@@ -79,6 +98,32 @@ class Agent:
         self._cut_flush = asyncio.Event()
         self._stopping = False
         self._stop_requested = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- the view the HTTP endpoints read -------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.config.sandbox_id
+
+    @property
+    def main_pid(self) -> int | None:
+        main = self._main
+        return main.pid if main is not None and main.running else None
+
+    @property
+    def main_running(self) -> bool:
+        return self._main is not None and self._main.running
+
+    @property
+    def session_status(self) -> SessionStatus:
+        return self.session.status
+
+    @property
+    def journal_stats(self) -> JournalStats:
+        return self.journal.stats()
+
+    # -- records ----------------------------------------------------------------------------
 
     def record(self, payload: Payload) -> bool:
         """Journal one record; a full disk is reported, never allowed to stop the capture."""
@@ -105,13 +150,17 @@ class Agent:
                 return
             await asyncio.sleep(0.5)
 
-    def request_stop(self, reason: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    def request_stop(
+        self, reason: str, sig: signal.Signals = signal.SIGTERM, *, grace_s: float | None = None
+    ) -> None:
         """Stop the main process for good: send ``sig`` to its group, SIGKILL the group after
-        ``process.stop_grace_s``, restart it no more. After it exited: cut the exit flush short."""
+        ``grace_s`` (default ``process.stop_grace_s``), restart it no more. After it exited: cut
+        the exit flush short."""
+        grace = self.config.process.stop_grace_s if grace_s is None else grace_s
         if not self._stopping:
             self._stopping = True
             self._stop_requested.set()
-            log.info("%s: stopping the main process (grace %gs)", reason, self.config.process.stop_grace_s)
+            log.info("%s: stopping the main process (grace %gs)", reason, grace)
         main = self._main
         if self._main_done:
             self._cut_flush.set()
@@ -120,7 +169,7 @@ class Agent:
             self._pending_signals.append(sig)
         elif main.running:
             main.send_signal(sig)
-            main.kill_after(self.config.process.stop_grace_s)
+            main.kill_after(grace)
         else:
             # Between two runs (or it just exited): nothing to stop, so do not linger either.
             self._cut_flush.set()
@@ -143,6 +192,60 @@ class Agent:
         else:
             log.info("%s while the main process is not running: not forwarded", sig.name)
 
+    async def _apply_command(self, command: Command) -> str | None:
+        """Stop and signal commands from the gateway; the session has made sure each id applies once."""
+        if command.kind is CommandKind.STOP:
+            grace = command.grace_ms / 1000 if command.grace_ms else None
+            self.request_stop(f"stop command {command.command_id}", grace_s=grace)
+            return None
+        if command.kind is CommandKind.SIGNAL:
+            try:
+                sig = signal.Signals(command.signal)
+            except ValueError:
+                return f"{command.signal} is not a signal on this system"
+            main = self._main
+            if main is None or not main.running:
+                return "the main process is not running"
+            main.send_signal(sig)
+            return None
+        return f"{command.kind.value} commands are applied by the session"
+
+    async def _tick(self) -> None:
+        """Keep /healthz's heartbeat fresh while the supervisor's own tasks are alive."""
+        while True:
+            if all(not t.done() for t in self._background):
+                self.loop_heartbeat = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    async def _offline_policy(self) -> None:
+        """Apply the offline policy once per outage longer than ``offline.grace_s``."""
+        settings = self.config.offline
+        acted_for: float | None = None
+        while True:
+            await asyncio.sleep(min(1.0, settings.grace_s / 4))
+            since = self.session.status.offline_since
+            if since is None or since == acted_for:
+                continue
+            offline_s = time.monotonic() - since
+            if offline_s < settings.grace_s:
+                continue
+            acted_for = since
+            stop = settings.policy == "stop" and not self._main_done and not self._stopping
+            detail = "stopping the main process" if stop else "keeping the main process running"
+            log.warning(
+                "gateway unreachable for %.0fs: %s (offline policy %s)", offline_s, detail, settings.policy
+            )
+            await self.record_lifecycle(
+                LifecycleRecord(
+                    kind=LifecycleKind.OFFLINE_POLICY,
+                    detail=detail,
+                    duration_ms=int(offline_s * 1000),
+                    instance_id=self.instance_id,
+                )
+            )
+            if stop:
+                self.request_stop("offline policy")
+
     async def run(self) -> int:
         if not self.config.command:
             raise SystemExit("openshell-supervisor: no command to run (give it after --, or set `command`)")
@@ -152,8 +255,10 @@ class Agent:
         self.reaper.install(loop)
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        background: list[asyncio.Task[None]] = []
+        background = self._background
         try:
+            if self.http is not None:
+                await self.http.start()
             await self.record_lifecycle(
                 LifecycleRecord(
                     kind=LifecycleKind.SUPERVISOR_STARTED, pid=os.getpid(), instance_id=self.instance_id
@@ -162,6 +267,8 @@ class Agent:
             for coro, name in (
                 (self.journal.run_fsync_loop(), "journal-fsync"),
                 (self.session.run(), "session"),
+                (self._offline_policy(), "offline-policy"),
+                (self._tick(), "loop-heartbeat"),
             ):
                 task = asyncio.create_task(coro, name=name)
                 task.add_done_callback(_report_unexpected_end)
@@ -175,6 +282,8 @@ class Agent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self.http is not None:
+                await self.http.stop()
             # Last: a background task's own children (a readiness command) are reaped until here.
             self.reaper.uninstall()
             if self.reaper.orphans_reaped:
@@ -191,6 +300,7 @@ class Agent:
                 log.warning("main process exited with code %d; restart limit (%d) reached", code, restarts)
                 break
             restarts += 1
+            self.restarts = restarts
             delay = restart_delay(restarts, policy.restart_backoff_initial_s, policy.restart_backoff_max_s)
             log.warning(
                 "main process exited with code %d; restart %d/%d in %.2fs",
@@ -240,6 +350,7 @@ class Agent:
                 instance_id=self.instance_id,
             )
         )
+        self.started_at = time.time()
         log.info("main process started", extra={"pid": pid})
         status = await main.wait()
         await self.record_lifecycle(
@@ -252,6 +363,7 @@ class Agent:
                 instance_id=self.instance_id,
             )
         )
+        self.last_exit_code = status.exit_code
         log.info("main process exited", extra={"pid": pid, "exit_code": status.exit_code})
         return status.exit_code
 
@@ -294,4 +406,8 @@ async def run(config: SupervisorConfig) -> int:
     except JournalError as exc:
         log.error("cannot open the journal: %s", exc)
         return 70  # EX_SOFTWARE: nothing ran, nothing was lost
-    return await agent.run()
+    try:
+        return await agent.run()
+    except HttpStartError as exc:
+        log.error("%s", exc)
+        return 70

@@ -17,6 +17,8 @@ from pydantic_settings import SettingsConfigDict
 
 from openshell_wire.configfile import LayeredSettings
 from openshell_wire.records import sandbox_id_problem
+from supervisor.http import HttpSettings
+from supervisor.readiness import ReadinessSettings
 
 
 class _Section(BaseModel):
@@ -128,6 +130,16 @@ class ProcessSettings(_Section):
     )
 
 
+class OfflineSettings(_Section):
+    policy: Literal["keep-running", "stop"] = Field(
+        "keep-running",
+        description="What to do once the gateway has been unreachable for grace_s: keep the main process "
+        "running, or stop it (SIGTERM, then SIGKILL after process.stop_grace_s). Either way the decision is "
+        "journaled and reaches the gateway when it is back.",
+    )
+    grace_s: float = Field(300.0, gt=0, description="How long without the gateway before the policy applies.")
+
+
 class SupervisorConfig(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="OPENSHELL_SUPERVISOR_",
@@ -147,6 +159,9 @@ class SupervisorConfig(LayeredSettings):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    offline: OfflineSettings = Field(default_factory=OfflineSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."

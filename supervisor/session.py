@@ -137,6 +137,7 @@ class Session:
         journal: Journal,
         instance_id: str,
         on_command: CommandHandler | None = None,
+        on_rtt: Callable[[float], None] | None = None,
     ) -> None:
         self._config = config
         self._s = config.session
@@ -144,6 +145,7 @@ class Session:
         self._instance_id = instance_id
         self._acked = asyncio.Condition()
         self._on_command = on_command
+        self._on_rtt = on_rtt
         self._applied = AppliedCommands(config.journal.directory / "commands.json")
         #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
         self._interval_override: float | None = None
@@ -358,6 +360,8 @@ class Session:
             elif kind == "heartbeat":
                 if msg.heartbeat.echo_unix_ms:
                     self.status.last_rtt_ms = max(0, _now_ms() - msg.heartbeat.echo_unix_ms)
+                    if self._on_rtt is not None:
+                        self._on_rtt(self.status.last_rtt_ms / 1000)
             elif kind == "reconnect":
                 window = msg.reconnect.delay_window_ms / 1000
                 raise SessionEnded(
