@@ -40,6 +40,7 @@ def test_cut_longer_than_three_heartbeats_is_noticed_and_resumed(tmp_path: Path,
         gw.address,
         writer_command(n, delay=0.03, exit_code=0),
         netns=net.sandbox_ns,
+        settings=["offline.grace_s=1"],  # the default policy, keep running, is journaled too
     )
     try:
         gw.start()
@@ -68,3 +69,43 @@ def test_cut_longer_than_three_heartbeats_is_noticed_and_resumed(tmp_path: Path,
     lifecycle = [e["data"] for e in gw.events("cut-me", "lifecycle")]
     assert [d["kind"] for d in lifecycle if d["kind"] in ("started", "exited")] == ["started", "exited"]
     assert lifecycle[-1]["pid"] == pid, "the main process kept its PID across the cut"
+    decisions = [d for d in lifecycle if d["kind"] == "offline_policy"]
+    assert [d["detail"] for d in decisions] == ["keeping the main process running"]
+
+
+def test_offline_policy_stop_under_a_real_cut_is_journaled_and_reported(tmp_path: Path, net: NetPair) -> None:
+    interval = 0.5
+    gw = GatewayProcess(
+        tmp_path / "gw", grpc_host=net.gateway_ip, netns=net.gateway_ns, heartbeat_interval_s=interval
+    )
+    sv = SupervisorProcess(
+        tmp_path / "sb",
+        "offline-stop",
+        gw.address,
+        writer_command(100_000, delay=0.05),  # would run for over an hour
+        netns=net.sandbox_ns,
+        settings=["offline.policy=stop", "offline.grace_s=2", "process.stop_grace_s=2"],
+    )
+    try:
+        gw.start()
+        sv.start()
+        wait_until(lambda: len(gw.log_lines("offline-stop")) >= 10, timeout=30, what="first lines stored")
+        net.cut()
+        # The supervisor notices (three silent intervals), waits out the grace, stops the agent.
+        wait_until(lambda: "offline policy" in sv.log_text(), timeout=60, what="the offline policy to act")
+        time.sleep(1.0)
+        net.heal()
+        assert sv.wait(timeout=90) == 143, sv.log_text()[-3000:]
+    finally:
+        sv.stop()
+        gw.stop()
+    lifecycle = [e["data"] for e in gw.events("offline-stop", "lifecycle")]
+    kinds = [d["kind"] for d in lifecycle]
+    policy = [d for d in lifecycle if d["kind"] == "offline_policy"]
+    assert len(policy) == 1 and policy[0]["detail"] == "stopping the main process"
+    assert policy[0]["duration_ms"] >= 2000
+    assert kinds.index("offline_policy") < kinds.index("exited")
+    exited = next(d for d in lifecycle if d["kind"] == "exited")
+    assert exited["exit_code"] == 143
+    reconnected = [d for d in lifecycle if d["kind"] == "reconnected"]
+    assert reconnected and reconnected[0]["duration_ms"] >= policy[0]["duration_ms"]
