@@ -8,10 +8,18 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 
-# System tools for the network-namespace tests (they skip with the reason where these are missing).
-if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2; } >/dev/null 2>&1 \
-    || echo "warning: could not install nftables; network-cut tests will skip"
+# System tools some tests use (each skips with the reason where its tool is missing): nft and ip
+# for network cuts, Prometheus and promtool for the metrics tests, strace for the write audit.
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v strace >/dev/null 2>&1 || missing+=(strace)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+      >/dev/null 2>&1 || echo "warning: could not install ${missing[*]}; the tests that need them will skip"
+  fi
 fi
 
 echo "== generated stubs";  .venv/bin/python proto/generate.py --check
