@@ -7,7 +7,10 @@ process must keep running throughout with the same PID.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +112,64 @@ def test_offline_policy_stop_under_a_real_cut_is_journaled_and_reported(tmp_path
     assert exited["exit_code"] == 143
     reconnected = [d for d in lifecycle if d["kind"] == "reconnected"]
     assert reconnected and reconnected[0]["duration_ms"] >= policy[0]["duration_ms"]
+
+
+def _post_in(netns: str, url: str, body: dict[str, object]) -> dict[str, object]:
+    """POST JSON from inside a namespace (the gateway's API listens on its loopback)."""
+    script = (
+        "import json, sys, urllib.request as u;"
+        "r = u.Request(sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': 'application/json'});"
+        "print(u.urlopen(r, timeout=10).read().decode())"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", script, url, json.dumps(body)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    doc: dict[str, object] = json.loads(out.stdout)
+    return doc
+
+
+def test_a_command_sent_during_a_cut_is_applied_after_the_heal(tmp_path: Path, net: NetPair) -> None:
+    agent = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: print('got USR1', flush=True))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    gw = GatewayProcess(
+        tmp_path / "gw", grpc_host=net.gateway_ip, netns=net.gateway_ns, heartbeat_interval_s=0.5
+    )
+    sv = SupervisorProcess(
+        tmp_path / "sb", "cmd-cut", gw.address, [sys.executable, "-u", "-c", agent], netns=net.sandbox_ns
+    )
+    try:
+        gw.start()
+        sv.start()
+        wait_until(lambda: "ready" in gw.log_lines("cmd-cut"), timeout=30, what="the agent is up")
+        net.cut()
+        api = f"http://127.0.0.1:{gw.http_port}/api/v1"
+        created = _post_in(
+            net.gateway_ns, f"{api}/sandboxes/cmd-cut/commands", {"kind": "signal", "signal": 10}
+        )
+        time.sleep(3.0)  # well past the stale bound on both sides: the command cannot have arrived
+        assert "got USR1" not in gw.log_lines("cmd-cut")
+        net.heal()
+        wait_until(
+            lambda: "got USR1" in gw.log_lines("cmd-cut"), timeout=60, what="the command after the heal"
+        )
+        states = gw.query("SELECT state FROM commands WHERE id = ?", [created["id"]])
+        wait_until(
+            lambda: gw.query("SELECT state FROM commands WHERE id = ?", [created["id"]]) == [("applied",)],
+            timeout=30,
+            what=f"the command answered (state {states})",
+        )
+        assert gw.log_lines("cmd-cut").count("got USR1") == 1, "applied once, however often it was sent"
+        assert sv.proc is not None
+        sv.proc.terminate()  # forwarded to the agent, which ends; leaves nothing running
+        assert sv.wait(timeout=30) == 143
+    finally:
+        sv.stop()
+        gw.stop()
