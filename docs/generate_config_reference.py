@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -49,6 +50,11 @@ def _type_name(annotation: Any) -> str:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin in (Union, UnionType):
+        # A "|" would split the markdown table's cell.
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
     return getattr(annotation, "__name__", None) or str(annotation)
 
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
+import grpc
 from aiohttp import web
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.api import build_api
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore
@@ -73,7 +77,9 @@ class Gateway:
         events = EventStore(self.db)
         commands = CommandStore(self.db)
 
-        server = aio.server(options=list(server_options(cfg)))
+        # Only at debug level: a note of each call's credential (issue 8 will validate it).
+        interceptors = [_CredentialNote()] if log.isEnabledFor(logging.DEBUG) else []
+        server = aio.server(options=list(server_options(cfg)), interceptors=interceptors)
         self._service = OpenShellService(
             config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events, commands=commands
         )
@@ -81,7 +87,13 @@ class Gateway:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
-            self.grpc_port = server.add_insecure_port(cfg.grpc.listen)
+            if cfg.grpc.tls.enabled:
+                self.grpc_port = server.add_secure_port(cfg.grpc.listen, server_credentials(cfg.grpc.tls))
+            else:
+                self.grpc_port = server.add_insecure_port(cfg.grpc.listen)
+        except GatewayStartError:
+            await self.db.close()
+            raise
         except RuntimeError as exc:
             await self.db.close()
             raise GatewayStartError(f"cannot listen for gRPC on {cfg.grpc.listen}: {exc}") from None
@@ -151,6 +163,47 @@ class Gateway:
             await self.db.close()
             self.db = None
         log.info("gateway stopped")
+
+
+def _read_pem(what: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GatewayStartError(f"cannot read the gRPC TLS {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise GatewayStartError(f"the gRPC TLS {what} {path} is not a PEM file")
+    return data
+
+
+def server_credentials(tls: GrpcTlsSettings) -> grpc.ServerCredentials:
+    """The gRPC endpoint's TLS credentials; with ``client_ca_file``, client certificates are required."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    cert = _read_pem("certificate", tls.cert_file)
+    key = _read_pem("key", tls.key_file)
+    client_ca = _read_pem("client CA", tls.client_ca_file) if tls.client_ca_file is not None else None
+    log.info("gRPC over TLS%s", " with client certificates required (mTLS)" if client_ca is not None else "")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class _CredentialNote(aio.ServerInterceptor):
+    """Logs (debug) whether a call presented a bearer credential; handlers read it themselves from
+    ``context.invocation_metadata()``. Never logs the credential."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        metadata = handler_call_details.invocation_metadata or ()
+        presented = any(key == "authorization" for key, _ in metadata)
+        log.debug(
+            "gRPC call %s credential",
+            "with a" if presented else "without a",
+            extra={"method": handler_call_details.method},
+        )
+        return await continuation(handler_call_details)
 
 
 def _mask(url: str) -> str:

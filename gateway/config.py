@@ -21,6 +21,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GrpcTlsSettings(_Section):
+    cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain the gRPC endpoint presents. Set with key_file to serve TLS; "
+        "unset: plaintext gRPC.",
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle for client certificates. Set: every supervisor must present a "
+        "certificate signed by it (mTLS).",
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> GrpcTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both (TLS) or neither (plaintext)")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mTLS) needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class GrpcSettings(_Section):
     listen: str = Field("127.0.0.1:7070", description="host:port of the supervisor-facing gRPC endpoint.")
     max_receive_message_bytes: int = Field(
@@ -38,6 +64,7 @@ class GrpcSettings(_Section):
     max_unrequested_time_s: float = Field(30.0, gt=0, description="How long a call may wait in that queue.")
     hello_timeout_s: float = Field(10.0, gt=0, description="A stream must say hello within this time.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
+    tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)
 
 
 class HttpSettings(_Section):

@@ -13,9 +13,12 @@ from openshell_wire.records import (
     Command,
     CommandKind,
     CommandResult,
+    DiskUsage,
     Event,
     GapReason,
     GapRecord,
+    HealthRecord,
+    HealthState,
     LifecycleKind,
     LifecycleRecord,
     LogRecord,
@@ -47,6 +50,12 @@ _LIFECYCLE_TO_PB = {
 _LIFECYCLE_FROM_PB = {v: k for k, v in _LIFECYCLE_TO_PB.items()}
 _GAP_TO_PB = {GapReason.OVERFLOW: pb.GAP_REASON_OVERFLOW, GapReason.CORRUPT: pb.GAP_REASON_CORRUPT}
 _GAP_FROM_PB = {v: k for k, v in _GAP_TO_PB.items()}
+_HEALTH_TO_PB = {
+    HealthState.HEALTHY: pb.HEALTH_STATE_HEALTHY,
+    HealthState.DEGRADED: pb.HEALTH_STATE_DEGRADED,
+    HealthState.UNHEALTHY: pb.HEALTH_STATE_UNHEALTHY,
+}
+_HEALTH_FROM_PB = {v: k for k, v in _HEALTH_TO_PB.items()}
 
 
 def event_to_proto(event: Event) -> pb.Event:
@@ -65,6 +74,24 @@ def event_to_proto(event: Event) -> pb.Event:
         msg.lifecycle.detail = p.detail
         msg.lifecycle.instance_id = p.instance_id
         msg.lifecycle.duration_ms = p.duration_ms
+    elif isinstance(p, HealthRecord):
+        h = msg.health
+        h.state = _HEALTH_TO_PB[p.state]
+        h.reasons.extend(p.reasons)
+        h.change = p.change
+        h.cpu_percent = p.cpu_percent
+        h.rss_bytes = p.rss_bytes
+        h.threads = p.threads
+        h.open_files = p.open_files
+        h.processes = p.processes
+        h.memory_current = p.memory_current
+        h.memory_max = p.memory_max
+        h.oom_kills = p.oom_kills
+        h.cpu_throttled_usec = p.cpu_throttled_usec
+        h.pids_current = p.pids_current
+        h.pids_max = p.pids_max
+        for d in p.disks:
+            h.disks.add(path=d.path, used_bytes=d.used_bytes, total_bytes=d.total_bytes)
     else:
         msg.gap.reason = _GAP_TO_PB[p.reason]
         msg.gap.dropped_records = p.dropped_records
@@ -84,7 +111,7 @@ def event_from_proto(msg: pb.Event) -> Event:
     if msg.sequence > MAX_SEQUENCE:
         raise WireError(f"event sequence {msg.sequence} is above the largest allowed, {MAX_SEQUENCE}")
     kind = msg.WhichOneof("kind")
-    payload: LogRecord | LifecycleRecord | GapRecord
+    payload: LogRecord | LifecycleRecord | GapRecord | HealthRecord
     if kind == "log":
         stream = _STREAM_FROM_PB.get(msg.log.stream)
         if stream is None:
@@ -116,6 +143,28 @@ def event_from_proto(msg: pb.Event) -> Event:
             dropped_bytes=g.dropped_bytes,
             first_sequence=g.first_sequence,
             last_sequence=g.last_sequence,
+        )
+    elif kind == "health":
+        h = msg.health
+        state = _HEALTH_FROM_PB.get(h.state)
+        if state is None:
+            raise WireError(f"event {msg.sequence}: unknown health state {h.state}")
+        payload = HealthRecord(
+            state=state,
+            reasons=tuple(h.reasons),
+            change=h.change,
+            cpu_percent=h.cpu_percent,
+            rss_bytes=h.rss_bytes,
+            threads=h.threads,
+            open_files=h.open_files,
+            processes=h.processes,
+            memory_current=h.memory_current,
+            memory_max=h.memory_max,
+            oom_kills=h.oom_kills,
+            cpu_throttled_usec=h.cpu_throttled_usec,
+            pids_current=h.pids_current,
+            pids_max=h.pids_max,
+            disks=tuple(DiskUsage(d.path, d.used_bytes, d.total_bytes) for d in h.disks),
         )
     else:
         raise WireError(f"event {msg.sequence}: no known kind (a newer peer?)")
@@ -153,9 +202,22 @@ def describe(event: Event) -> str:
         if p.kind is LifecycleKind.RECONNECTED:
             return f"gateway reachable again after {p.duration_ms / 1000:.1f}s"
         return f"supervisor started (instance {p.instance_id})"
+    if isinstance(p, HealthRecord):
+        return describe_health(p)
     return (
         f"{p.dropped_records} records ({p.dropped_bytes} bytes) were dropped "
         f"({p.reason.value}), sequences {p.first_sequence}..{p.last_sequence}"
+    )
+
+
+def describe_health(record: HealthRecord) -> str:
+    """E.g. ``health degraded: memory 91% of limit`` or ``health sample: healthy (rss 52.1 MiB, ...)``."""
+    head = f"health {record.state.value}" if record.change else f"health sample: {record.state.value}"
+    if record.reasons:
+        return f"{head}: {'; '.join(record.reasons)}"
+    return (
+        f"{head} (rss {record.rss_bytes / 1048576:.1f} MiB, cpu {record.cpu_percent:.0f}%, "
+        f"{record.processes} processes)"
     )
 
 
@@ -167,6 +229,9 @@ def event_to_log_line(sandbox_id: str, event: Event) -> pb.SandboxLogLine:
         target = p.stream.value
     elif isinstance(p, GapRecord):
         level, target = "warn", "openshell.supervisor.gap"
+    elif isinstance(p, HealthRecord):
+        level = "info" if p.state is HealthState.HEALTHY else "warn"
+        target = "openshell.supervisor.health"
     else:
         level, target = "info", "openshell.supervisor.lifecycle"
     line = pb.SandboxLogLine(

@@ -1,7 +1,7 @@
 """Plain, typed journal records: what the supervisor observes and the gateway stores.
 
-A record is one of a log line, a lifecycle change of the main process, or a gap marker that
-stands in for records that will never be delivered. Each carries the per-journal monotonic
+A record is one of a log line, a lifecycle change of the main process, a health sample, or a gap
+marker that stands in for records that will never be delivered. Each carries the per-journal monotonic
 ``sequence`` that the supervisor assigns when it appends the record to its journal, and the
 wall-clock time of the observation. The gateway stores records idempotently on
 (sandbox, journal epoch, sequence), which makes a replay after a reconnect harmless.
@@ -62,6 +62,12 @@ class GapReason(enum.Enum):
     CORRUPT = "corrupt"
 
 
+class HealthState(enum.Enum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     stream: LogStream
@@ -93,7 +99,40 @@ class GapRecord:
     last_sequence: int
 
 
-Payload = LogRecord | LifecycleRecord | GapRecord
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    path: str
+    used_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRecord:
+    """A resource sample of the sandbox and the state derived from it (``supervisor.health``).
+
+    ``change`` is True for the record of a state change or a new OOM kill (journaled at once, never
+    evicted) and False for a periodic sample (evictable under the journal's byte bound, like a log line). The
+    cgroup numbers are 0 when unknown; ``memory_max`` and ``pids_max`` are 0 also when unlimited.
+    """
+
+    state: HealthState
+    reasons: tuple[str, ...] = ()
+    change: bool = False
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    threads: int = 0
+    open_files: int = 0
+    processes: int = 0
+    memory_current: int = 0
+    memory_max: int = 0
+    oom_kills: int = 0
+    cpu_throttled_usec: int = 0
+    pids_current: int = 0
+    pids_max: int = 0
+    disks: tuple[DiskUsage, ...] = ()
+
+
+Payload = LogRecord | LifecycleRecord | GapRecord | HealthRecord
 
 
 @dataclass(frozen=True, slots=True)

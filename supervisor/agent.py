@@ -33,12 +33,14 @@ import uuid
 
 from openshell_wire.records import Command, CommandKind, LifecycleKind, LifecycleRecord, LogRecord, Payload
 from supervisor.config import SupervisorConfig
+from supervisor.health import HealthMonitor
 from supervisor.http import HttpServer, HttpStartError
 from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions, JournalStats
 from supervisor.metrics import SupervisorMetrics
 from supervisor.process import MainProcess, StartFailed
 from supervisor.reaper import Reaper
 from supervisor.session import Session, SessionStatus
+from supervisor.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,18 @@ class Agent:
         self.instance_id = config.instance_id or uuid.uuid4().hex
         self.journal = Journal.open(journal_options(config))
         self.metrics = SupervisorMetrics(self)
+        # Samples the main process tree, the cgroup and disks (the journal's included) and
+        # journals the health verdict (supervisor.health); read by /status and /metrics.
+        self.health: HealthMonitor | None = (
+            HealthMonitor(
+                config.health,
+                main_pid=lambda: self.main_pid,
+                record=self.record,
+                extra_disk_paths=[config.journal.directory],
+            )
+            if config.health.enabled
+            else None
+        )
         self.session = Session(
             config=config,
             journal=self.journal,
@@ -85,6 +99,7 @@ class Agent:
             if config.http.enabled
             else None
         )
+        self.telemetry = Telemetry(config.telemetry, self) if config.telemetry.enabled else None
         self._append_failures = 0
         # What the health, metrics and status endpoints read (supervisor.metrics.SupervisorView).
         self.loop_heartbeat = time.monotonic()
@@ -259,6 +274,8 @@ class Agent:
         try:
             if self.http is not None:
                 await self.http.start()
+            if self.telemetry is not None:
+                self.telemetry.start()
             await self.record_lifecycle(
                 LifecycleRecord(
                     kind=LifecycleKind.SUPERVISOR_STARTED, pid=os.getpid(), instance_id=self.instance_id
@@ -269,6 +286,7 @@ class Agent:
                 (self.session.run(), "session"),
                 (self._offline_policy(), "offline-policy"),
                 (self._tick(), "loop-heartbeat"),
+                *([(self.health.run(), "health")] if self.health is not None else []),
             ):
                 task = asyncio.create_task(coro, name=name)
                 task.add_done_callback(_report_unexpected_end)
@@ -284,6 +302,8 @@ class Agent:
             await asyncio.gather(*background, return_exceptions=True)
             if self.http is not None:
                 await self.http.stop()
+            if self.telemetry is not None:
+                await self.telemetry.stop()
             # Last: a background task's own children (a readiness command) are reaped until here.
             self.reaper.uninstall()
             if self.reaper.orphans_reaped:
@@ -368,7 +388,9 @@ class Agent:
         return status.exit_code
 
     def _capture(self, record: LogRecord) -> None:
-        self.record(record)
+        journaled = self.record(record)
+        if self.telemetry is not None:
+            self.telemetry.emit_line(record, self.journal.last_sequence if journaled else None)
 
     async def _flush(self) -> None:
         target = self.journal.last_sequence

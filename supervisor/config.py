@@ -17,8 +17,10 @@ from pydantic_settings import SettingsConfigDict
 
 from openshell_wire.configfile import LayeredSettings
 from openshell_wire.records import sandbox_id_problem
+from supervisor.health import HealthSettings
 from supervisor.http import HttpSettings
 from supervisor.readiness import ReadinessSettings
+from supervisor.telemetry import TelemetrySettings
 
 
 class _Section(BaseModel):
@@ -32,6 +34,51 @@ class GatewaySettings(_Section):
         min_length=3,
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Time allowed for connect + hello + accept.")
+    tls: bool = Field(
+        False, description="Speak TLS to the gateway (verify it with ca_file or the system roots)."
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle that verifies the gateway's certificate; unset: gRPC's default roots "
+        "(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, else its bundled roots). Needs tls. Re-read on every connection "
+        "attempt.",
+    )
+    cert_file: Path | None = Field(
+        None,
+        description="PEM client certificate chain for mTLS (with key_file). Needs tls. Re-read on every "
+        "connection attempt.",
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    server_name: str = Field(
+        "",
+        description="Name the gateway's certificate is verified against (and sent as SNI) instead of the "
+        "host in address; empty: the host in address. Needs tls.",
+    )
+    credential_file: Path | None = Field(
+        None,
+        description="File holding a bearer token, sent as `authorization: Bearer <token>` on every call. "
+        "Symlinks are followed; the file is re-read when it changes (a rotated Kubernetes projected token). "
+        "Missing, unreadable or empty: the connection attempt fails and is retried.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_settings_hold_together(self) -> GatewaySettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both (mTLS) or neither")
+        if not self.tls:
+            stray = [
+                name
+                for name, value in (
+                    ("ca_file", self.ca_file),
+                    ("cert_file", self.cert_file),
+                    ("key_file", self.key_file),
+                    ("server_name", self.server_name),
+                )
+                if value
+            ]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} need tls: true")
+        return self
 
 
 class JournalSettings(_Section):
@@ -162,7 +209,9 @@ class SupervisorConfig(LayeredSettings):
     offline: OfflineSettings = Field(default_factory=OfflineSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."
     )

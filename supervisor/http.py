@@ -9,8 +9,9 @@
             (:mod:`supervisor.readiness`); 503 with the reason otherwise.
 /metrics    Prometheus exposition of :class:`supervisor.metrics.SupervisorMetrics` (text or
             OpenMetrics, as the scraper's Accept header asks).
-/status     one JSON document with the whole picture (main process, session, journal, readiness),
-            for agents and scripts: what a person would piece together from the other three.
+/status     one JSON document with the whole picture (main process, session, journal, readiness,
+            health: the latest sample and verdict of :mod:`supervisor.health`), for agents and
+            scripts: what a person would piece together from the other three.
 ==========  =====================================================================================
 
 Every handler only reads state the supervisor already keeps, through :class:`SupervisorView`: no
@@ -39,7 +40,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, ConfigDict, Field
 
 from openshell_wire import __version__
-from supervisor.metrics import SupervisorMetrics, SupervisorView, monotonic_age
+from supervisor.metrics import SupervisorMetrics, SupervisorView, health_of, monotonic_age
 from supervisor.readiness import ReadinessProbe, ReadinessSettings
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,15 @@ class _Endpoints:
             },
             "journal": journal,
             "readiness": self.readiness.to_json(main_running),
+            "health": _health_json(view),
         }
+
+
+def _health_json(view: SupervisorView) -> dict[str, Any]:
+    monitor = health_of(view)
+    if monitor is None:
+        return {"enabled": False}
+    return monitor.to_json()
 
 
 def build_app(

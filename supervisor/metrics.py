@@ -41,6 +41,7 @@ from openshell_wire import __version__
 if TYPE_CHECKING:
     # Types only: at run time this module reads attributes and needs neither module loaded,
     # which keeps it free of any import cycle with the session that reports into it.
+    from supervisor.health import HealthMonitor
     from supervisor.journal import JournalStats
     from supervisor.session import SessionStatus
 
@@ -53,6 +54,19 @@ RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 #: Session states the gauge ``openshell_supervisor_session_state`` reports, one series each, so a
 #: dashboard can stack them and an alert can match one without a regular expression.
 SESSION_STATES = ("connecting", "connected", "backoff", "stopped")
+
+#: Health states the gauge ``openshell_supervisor_health_state`` reports, one series each.
+HEALTH_STATES = ("healthy", "degraded", "unhealthy")
+
+
+def health_of(view: object) -> HealthMonitor | None:
+    """The view's health monitor, if it has one.
+
+    ``health`` is an optional member of the view, outside :class:`SupervisorView`: None while
+    health sampling is off, and absent from views that predate it (test stand-ins).
+    """
+    monitor: HealthMonitor | None = getattr(view, "health", None)
+    return monitor
 
 
 class SupervisorView(Protocol):
@@ -192,6 +206,75 @@ class _StateCollector(Collector):
             "Records lost to corruption found in the journal.",
             value=stats.corrupt_records_total,
         )
+        yield from _health_metrics(health_of(view))
+
+
+def _health_metrics(monitor: HealthMonitor | None) -> Iterator[Metric]:
+    """The latest health sample (taken every ``health.check_interval_s``, not at the scrape)."""
+    if monitor is None:
+        return
+    state = GaugeMetricFamily(
+        PREFIX + "health_state",
+        "The health verdict (supervisor.health): 1 for the current one.",
+        labels=["state"],
+    )
+    for name in HEALTH_STATES:
+        state.add_metric([name], int(monitor.state.value == name))
+    yield state
+    rec = monitor.last
+    if rec is None:
+        return
+    tree = "of the main process tree (the main process and its descendants)"
+    yield GaugeMetricFamily(
+        PREFIX + "health_cpu_percent", f"CPU use {tree}, percent of one core.", value=rec.cpu_percent
+    )
+    yield GaugeMetricFamily(PREFIX + "health_rss_bytes", f"Resident memory {tree}.", value=rec.rss_bytes)
+    yield GaugeMetricFamily(PREFIX + "health_threads", f"Threads {tree}.", value=rec.threads)
+    yield GaugeMetricFamily(
+        PREFIX + "health_open_files", f"Open file descriptors {tree}.", value=rec.open_files
+    )
+    yield GaugeMetricFamily(
+        PREFIX + "health_processes", "Processes in the main process tree.", value=rec.processes
+    )
+    if monitor.last_cgroup_readable:
+        yield GaugeMetricFamily(
+            PREFIX + "cgroup_memory_current_bytes", "cgroup v2 memory.current.", value=rec.memory_current
+        )
+        if rec.memory_max:
+            yield GaugeMetricFamily(
+                PREFIX + "cgroup_memory_max_bytes",
+                "cgroup v2 memory.max (absent when unlimited).",
+                value=rec.memory_max,
+            )
+        yield CounterMetricFamily(
+            PREFIX + "cgroup_oom_kills",
+            "OOM kills in the cgroup (memory.events oom_kill).",
+            value=rec.oom_kills,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "cgroup_cpu_throttled_seconds",
+            "Time the cgroup was CPU-throttled (cpu.stat throttled_usec).",
+            value=rec.cpu_throttled_usec / 1e6,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "cgroup_pids_current", "cgroup v2 pids.current.", value=rec.pids_current
+        )
+        if rec.pids_max:
+            yield GaugeMetricFamily(
+                PREFIX + "cgroup_pids_max", "cgroup v2 pids.max (absent when unlimited).", value=rec.pids_max
+            )
+    if rec.disks:
+        used = GaugeMetricFamily(
+            PREFIX + "disk_used_bytes", "Used bytes of a watched file system.", labels=["path"]
+        )
+        total = GaugeMetricFamily(
+            PREFIX + "disk_total_bytes", "Size of a watched file system.", labels=["path"]
+        )
+        for disk in rec.disks:
+            used.add_metric([disk.path], disk.used_bytes)
+            total.add_metric([disk.path], disk.total_bytes)
+        yield used
+        yield total
 
 
 class SupervisorMetrics:

@@ -2,7 +2,8 @@
 
 One ConnectSupervisor stream at a time. Each attempt:
 
-1. opens a fresh channel (a blackholed connection must not be reused), sends the hello with our
+1. opens a fresh channel (a blackholed connection must not be reused; TLS material and the bearer
+   credential are read from their files again, see ``credentials.py``), sends the hello with our
    capabilities and the journal's epoch and sequence range, and waits for SessionAccepted or
    SessionRejected within ``connect_timeout_s``;
 2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already
@@ -50,6 +51,7 @@ from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.commands import AppliedCommands
 from supervisor.config import SupervisorConfig
+from supervisor.credentials import CredentialError, GatewayCredentials
 from supervisor.journal import Journal, JournalError
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,9 @@ class Session:
         self._applied = AppliedCommands(config.journal.directory / "commands.json")
         #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
         self._interval_override: float | None = None
+        self._credentials = GatewayCredentials(config.gateway)
+        #: The bearer token of the current attempt, sent with every call (None: no credential file).
+        self._metadata: tuple[tuple[str, str], ...] | None = None
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -201,18 +206,29 @@ class Session:
     async def _attempt(self) -> None:
         self.status.attempts += 1
         self.status.state = "connecting"
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.enable_retries", 0),
             # We reconnect on our own schedule with a fresh channel.
             ("grpc.initial_reconnect_backoff_ms", 1000),
         ]
-        channel = aio.insecure_channel(self._config.gateway.address, options=options)
+        # Credentials and TLS material are read for every attempt, so rotated files are picked up.
+        try:
+            tls = self._credentials.channel_credentials()
+            self._metadata = self._credentials.metadata()
+        except CredentialError as exc:
+            raise self._after(SessionEnded(str(exc)), None) from None
+        address = self._config.gateway.address
+        if tls is None:
+            channel = aio.insecure_channel(address, options=options)
+        else:
+            options.extend(self._credentials.channel_options())
+            channel = aio.secure_channel(address, tls, options=options)
         call: Any = None
         accepted_at: float | None = None
         try:
             stub = pb_grpc.OpenShellStub(channel)
-            call = stub.ConnectSupervisor()
+            call = stub.ConnectSupervisor(metadata=self._metadata)
             accepted = await self._handshake(call)
             accepted_at = time.monotonic()
             await self._run_session(stub, call, accepted)
@@ -485,6 +501,7 @@ class Session:
                             sandbox_id=sandbox_id, instance_id=self._instance_id, exit_code=p.exit_code
                         ),
                         timeout=timeout,
+                        metadata=self._metadata,
                     )  # type: ignore[misc]
                     self._journal.mark_sent(event.sequence)
                     await self._ack(event.sequence)
@@ -500,5 +517,5 @@ class Session:
         request = pb.PushSandboxLogsRequest(sandbox_id=sandbox_id)
         request.logs.extend(event_to_log_line(sandbox_id, e) for e in events)
         self._journal.mark_sent(events[-1].sequence)
-        await stub.PushSandboxLogs(iter([request]), timeout=deadline_s)  # type: ignore[misc]
+        await stub.PushSandboxLogs(iter([request]), timeout=deadline_s, metadata=self._metadata)  # type: ignore[misc]
         await self._ack(events[-1].sequence)

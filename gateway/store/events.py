@@ -12,6 +12,9 @@ query for it: after the commit, the mark is at least the batch's last sequence.
 Records from the upstream paths (PushSandboxLogs, ReportMainProcessExit) carry no sequence; the
 gateway numbers them itself under the empty journal epoch, one sandbox at a time.
 
+Health records (``supervisor.health``) are stored with kind ``health`` and their numbers in ``data``;
+they never touch the sandbox row.
+
 An EXITED lifecycle record also sets the sandbox's exit code in the same transaction, so that the
 exit shown by the API and the record in the log can never disagree.
 
@@ -43,6 +46,7 @@ from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.convert import MAX_SEQUENCE, STREAM_FROM_PB, WireError, describe, event_from_proto
 from openshell_wire.records import (
     Event,
+    HealthRecord,
     LifecycleKind,
     LifecycleRecord,
     LogRecord,
@@ -176,6 +180,28 @@ def _row(
                 "detail": payload.detail,
                 "instance_id": payload.instance_id,
                 "duration_ms": payload.duration_ms,
+            }
+        elif isinstance(payload, HealthRecord):
+            kind = "health"
+            data = {
+                "state": payload.state.value,
+                "reasons": list(payload.reasons),
+                "change": payload.change,
+                "cpu_percent": payload.cpu_percent,
+                "rss_bytes": payload.rss_bytes,
+                "threads": payload.threads,
+                "open_files": payload.open_files,
+                "processes": payload.processes,
+                "memory_current": payload.memory_current,
+                "memory_max": payload.memory_max,
+                "oom_kills": payload.oom_kills,
+                "cpu_throttled_usec": payload.cpu_throttled_usec,
+                "pids_current": payload.pids_current,
+                "pids_max": payload.pids_max,
+                "disks": [
+                    {"path": d.path, "used_bytes": d.used_bytes, "total_bytes": d.total_bytes}
+                    for d in payload.disks
+                ],
             }
         else:
             kind = "gap"

@@ -38,7 +38,7 @@ from sqlalchemy.types import TypeDecorator
 #: Events the gateway numbered itself carry this journal epoch.
 UNSEQUENCED_EPOCH = ""
 
-EVENT_KINDS = ("log", "lifecycle", "gap")
+EVENT_KINDS = ("log", "lifecycle", "gap", "health")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

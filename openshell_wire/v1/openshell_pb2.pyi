@@ -154,6 +154,29 @@ GAP_REASON_CORRUPT: GapReason.ValueType  # 2
 """journal records found damaged on disk and skipped"""
 Global___GapReason: _TypeAlias = GapReason  # noqa: Y015
 
+class _HealthState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HealthStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HEALTH_STATE_UNSPECIFIED: _HealthState.ValueType  # 0
+    HEALTH_STATE_HEALTHY: _HealthState.ValueType  # 1
+    HEALTH_STATE_DEGRADED: _HealthState.ValueType  # 2
+    """a threshold is near (memory, disk, pids, CPU throttling)"""
+    HEALTH_STATE_UNHEALTHY: _HealthState.ValueType  # 3
+    """a limit is (almost) reached, or the kernel OOM-killed a process"""
+
+class HealthState(_HealthState, metaclass=_HealthStateEnumTypeWrapper): ...
+
+HEALTH_STATE_UNSPECIFIED: HealthState.ValueType  # 0
+HEALTH_STATE_HEALTHY: HealthState.ValueType  # 1
+HEALTH_STATE_DEGRADED: HealthState.ValueType  # 2
+"""a threshold is near (memory, disk, pids, CPU throttling)"""
+HEALTH_STATE_UNHEALTHY: HealthState.ValueType  # 3
+"""a limit is (almost) reached, or the kernel OOM-killed a process"""
+Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
+
 @_typing.final
 class SupervisorMessage(_message.Message):
     """---------------------------------------------------------------------------------------------
@@ -707,6 +730,7 @@ class Event(_message.Message):
     LOG_FIELD_NUMBER: _builtins.int
     LIFECYCLE_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     timestamp_ms: _builtins.int
     @_builtins.property
@@ -715,6 +739,8 @@ class Event(_message.Message):
     def lifecycle(self) -> Global___LifecycleEvent: ...
     @_builtins.property
     def gap(self) -> Global___GapEvent: ...
+    @_builtins.property
+    def health(self) -> Global___HealthEvent: ...
     def __init__(
         self,
         *,
@@ -723,12 +749,13 @@ class Event(_message.Message):
         log: Global___LogEvent | None = ...,
         lifecycle: Global___LifecycleEvent | None = ...,
         gap: Global___GapEvent | None = ...,
+        health: Global___HealthEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap", "kind", b"kind", "lifecycle", b"lifecycle", "log", b"log"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap", "health", b"health", "kind", b"kind", "lifecycle", b"lifecycle", "log", b"log"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap", "kind", b"kind", "lifecycle", b"lifecycle", "log", b"log", "sequence", b"sequence", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap", "health", b"health", "kind", b"kind", "lifecycle", b"lifecycle", "log", b"log", "sequence", b"sequence", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["log", "lifecycle", "gap"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["log", "lifecycle", "gap", "health"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -841,6 +868,112 @@ class GapEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GapEvent: _TypeAlias = GapEvent  # noqa: Y015
+
+@_typing.final
+class HealthEvent(_message.Message):
+    """A resource sample of the sandbox: the main process tree (psutil), the supervisor's cgroup v2
+    where readable, and the configured disk paths; with the state derived from thresholds.
+    A state change (or a new OOM kill) is journaled at once (change = true, never evicted, like a
+    lifecycle record); periodic samples (change = false) may give way to a gap under the journal's
+    byte bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    OPEN_FILES_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    MEMORY_CURRENT_FIELD_NUMBER: _builtins.int
+    MEMORY_MAX_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_USEC_FIELD_NUMBER: _builtins.int
+    PIDS_CURRENT_FIELD_NUMBER: _builtins.int
+    PIDS_MAX_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    state: Global___HealthState.ValueType
+    change: _builtins.bool
+    """true: the state changed or an OOM kill happened; false: a periodic sample"""
+    cpu_percent: _builtins.float
+    """the process tree's CPU since the last sample (100 = one core)"""
+    rss_bytes: _builtins.int
+    """resident memory of the process tree"""
+    threads: _builtins.int
+    open_files: _builtins.int
+    processes: _builtins.int
+    """processes in the main process tree (the main process included)"""
+    memory_current: _builtins.int
+    """cgroup memory.current (0: unknown)"""
+    memory_max: _builtins.int
+    """cgroup memory.max (0: unlimited or unknown)"""
+    oom_kills: _builtins.int
+    """cgroup memory.events oom_kill, since the cgroup was created"""
+    cpu_throttled_usec: _builtins.int
+    """cgroup cpu.stat throttled_usec, cumulative"""
+    pids_current: _builtins.int
+    pids_max: _builtins.int
+    """0: unlimited or unknown"""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why the state is not healthy, one short phrase each"""
+
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskUsage]: ...
+    def __init__(
+        self,
+        *,
+        state: Global___HealthState.ValueType = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        change: _builtins.bool = ...,
+        cpu_percent: _builtins.float = ...,
+        rss_bytes: _builtins.int = ...,
+        threads: _builtins.int = ...,
+        open_files: _builtins.int = ...,
+        processes: _builtins.int = ...,
+        memory_current: _builtins.int = ...,
+        memory_max: _builtins.int = ...,
+        oom_kills: _builtins.int = ...,
+        cpu_throttled_usec: _builtins.int = ...,
+        pids_current: _builtins.int = ...,
+        pids_max: _builtins.int = ...,
+        disks: _abc.Iterable[Global___DiskUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "cpu_percent", b"cpu_percent", "cpu_throttled_usec", b"cpu_throttled_usec", "disks", b"disks", "memory_current", b"memory_current", "memory_max", b"memory_max", "oom_kills", b"oom_kills", "open_files", b"open_files", "pids_current", b"pids_current", "pids_max", b"pids_max", "processes", b"processes", "reasons", b"reasons", "rss_bytes", b"rss_bytes", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthEvent: _TypeAlias = HealthEvent  # noqa: Y015
+
+@_typing.final
+class DiskUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    used_bytes: _builtins.int
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        used_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiskUsage: _TypeAlias = DiskUsage  # noqa: Y015
 
 @_typing.final
 class EventAck(_message.Message):

@@ -12,7 +12,12 @@ single ``write`` and a file can be cut at any frame boundary. Each frame is::
     21      n     payload    the protobuf ``openshell.v1.Event`` bytes (``openshell_wire.convert``)
 
 The sequence and the kind are repeated outside the payload so that recovery and eviction can order
-frames and tell a log line from a lifecycle record without decoding protobuf. The magic lets a reader
+frames and tell a log line from a lifecycle record without decoding protobuf. The frame kind is the
+record's *eviction class* rather than its exact type: a health record (``HealthRecord``) has no kind
+of its own but is framed by what may happen to it. A state change (``change``) is framed as
+lifecycle, so it is never evicted; a periodic sample is framed as log, so under the byte bound it
+gives way to an OVERFLOW gap that counts it like a dropped line. (No new kind number: a journal
+written by this version stays readable by one that knows only kinds 1 to 3.) The magic lets a reader
 resynchronise after damage: it searches forward for the magic and accepts a candidate only when its
 length is sane and its CRC matches, so a stray magic inside a payload costs one failed check.
 
@@ -27,7 +32,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from openshell_wire.records import GapRecord, LifecycleRecord, LogRecord, Payload
+from openshell_wire.records import GapRecord, HealthRecord, LifecycleRecord, LogRecord, Payload
 
 MAGIC = b"\xf7OSJ"
 _PREFIX = struct.Struct("<4sQBI")
@@ -59,6 +64,9 @@ def kind_of(payload: Payload) -> Kind:
         return Kind.LIFECYCLE
     if isinstance(payload, GapRecord):
         return Kind.GAP
+    if isinstance(payload, HealthRecord):
+        # See the module docstring: changes are kept like lifecycle records, samples evicted like logs.
+        return Kind.LIFECYCLE if payload.change else Kind.LOG
     raise TypeError(f"not a journal payload: {type(payload).__name__}")
 
 

@@ -16,7 +16,8 @@ Guarantees and their limits:
   sequence ever assigned lives in the state file (``state``) whenever the segments cannot tell it.
 * Nothing is lost silently. Damage found at open (or by a read) is replaced in place by a CORRUPT
   gap record; log lines evicted by the byte bound are replaced by OVERFLOW gap records that count
-  them exactly. Lifecycle and gap records are never evicted, nor is anything already sent.
+  them exactly (periodic health samples count as log lines here, see ``frames``). Lifecycle, gap and
+  health-change records are never evicted, nor is anything already sent.
 * A reader resuming strictly inside a gap's range (the gateway stored the first records it stands
   for before a restart forgot they were sent) gets the rest of it: the gap is split there on disk
   (``_split``) and the part above, counting exactly the records above, is delivered.
