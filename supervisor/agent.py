@@ -30,13 +30,16 @@ import signal
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from openshell_wire.records import Command, CommandKind, LifecycleKind, LifecycleRecord, LogRecord, Payload
 from supervisor.config import SupervisorConfig
+
+if TYPE_CHECKING:
+    from supervisor.http import HttpServer
+    from supervisor.metrics import SupervisorMetrics
 from supervisor.health import HealthMonitor
-from supervisor.http import HttpServer, HttpStartError
 from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions, JournalStats
-from supervisor.metrics import SupervisorMetrics
 from supervisor.process import MainProcess, StartFailed
 from supervisor.reaper import Reaper
 from supervisor.session import Session, SessionStatus
@@ -74,7 +77,16 @@ class Agent:
         self.config = config
         self.instance_id = config.instance_id or uuid.uuid4().hex
         self.journal = Journal.open(journal_options(config))
-        self.metrics = SupervisorMetrics(self)
+        # The endpoints' libraries (aiohttp, prometheus_client) load only when they are on: a
+        # supervisor is in every sandbox, and they would cost it some 15 MiB.
+        self.http: HttpServer | None = None
+        metrics: SupervisorMetrics | None = None
+        if config.http.enabled:
+            from supervisor.http import HttpServer  # noqa: PLC0415
+            from supervisor.metrics import SupervisorMetrics  # noqa: PLC0415
+
+            metrics = SupervisorMetrics(self)
+            self.http = HttpServer(config.http, self, readiness=config.readiness, metrics=metrics)
         # Samples the main process tree, the cgroup and disks (the journal's included) and
         # journals the health verdict (supervisor.health); read by /status and /metrics.
         self.health: HealthMonitor | None = (
@@ -92,12 +104,7 @@ class Agent:
             journal=self.journal,
             instance_id=self.instance_id,
             on_command=self._apply_command,
-            on_rtt=self.metrics.observe_rtt,
-        )
-        self.http = (
-            HttpServer(config.http, self, readiness=config.readiness, metrics=self.metrics)
-            if config.http.enabled
-            else None
+            on_rtt=metrics.observe_rtt if metrics is not None else None,
         )
         self.telemetry = Telemetry(config.telemetry, self) if config.telemetry.enabled else None
         self._append_failures = 0
@@ -273,7 +280,13 @@ class Agent:
         background = self._background
         try:
             if self.http is not None:
-                await self.http.start()
+                from supervisor.http import HttpStartError  # noqa: PLC0415 - loaded with the endpoints
+
+                try:
+                    await self.http.start()
+                except HttpStartError as exc:
+                    log.error("%s", exc)
+                    return 70  # EX_SOFTWARE: nothing was started
             if self.telemetry is not None:
                 self.telemetry.start()
             await self.record_lifecycle(
@@ -428,8 +441,4 @@ async def run(config: SupervisorConfig) -> int:
     except JournalError as exc:
         log.error("cannot open the journal: %s", exc)
         return 70  # EX_SOFTWARE: nothing ran, nothing was lost
-    try:
-        return await agent.run()
-    except HttpStartError as exc:
-        log.error("%s", exc)
-        return 70
+    return await agent.run()

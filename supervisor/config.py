@@ -17,9 +17,8 @@ from pydantic_settings import SettingsConfigDict
 
 from openshell_wire.configfile import LayeredSettings
 from openshell_wire.records import sandbox_id_problem
+from supervisor.endpoint_settings import HttpSettings, ReadinessSettings
 from supervisor.health import HealthSettings
-from supervisor.http import HttpSettings
-from supervisor.readiness import ReadinessSettings
 from supervisor.telemetry import TelemetrySettings
 
 

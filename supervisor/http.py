@@ -37,36 +37,16 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel, ConfigDict, Field
 
 from openshell_wire import __version__
-from supervisor.metrics import SupervisorMetrics, SupervisorView, health_of, monotonic_age
-from supervisor.readiness import ReadinessProbe, ReadinessSettings
+from supervisor.endpoint_settings import HttpSettings, ReadinessSettings
+from supervisor.metrics import SupervisorMetrics
+from supervisor.readiness import ReadinessProbe
+from supervisor.view import SupervisorView, health_of, monotonic_age
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class HttpSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(
-        False,
-        description="Serve /healthz, /readyz, /metrics and /status. Off by default so that several "
-        "supervisors on one host (the local driver) do not fight over a port; pod specs turn it on.",
-    )
-    listen: str = Field(
-        "0.0.0.0:9469",
-        description="host:port to listen on. The kubelet's probes and Prometheus reach the pod's IP, "
-        "so a pod needs 0.0.0.0 (or its IP); port 0 picks a free port.",
-        min_length=3,
-    )
-    healthz_stale_after_s: float = Field(
-        10.0,
-        gt=0,
-        description="/healthz fails when the supervisor loop has not ticked for this long.",
-    )
 
 
 class HttpStartError(Exception):

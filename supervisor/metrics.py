@@ -28,94 +28,26 @@ This module must not import ``supervisor.agent``: the agent sits above it and im
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from openshell_wire import __version__
+from supervisor.view import HEALTH_STATES, SESSION_STATES, SupervisorView, health_of
 
 if TYPE_CHECKING:
     # Types only: at run time this module reads attributes and needs neither module loaded,
     # which keeps it free of any import cycle with the session that reports into it.
     from supervisor.health import HealthMonitor
-    from supervisor.journal import JournalStats
-    from supervisor.session import SessionStatus
 
 PREFIX = "openshell_supervisor_"
 
 #: Heartbeat round trips: sub-millisecond on a node-local gateway, up to seconds on a congested or
 #: distant link (the design's target is p99 < 100 ms at 20,000 sessions per replica).
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-#: Session states the gauge ``openshell_supervisor_session_state`` reports, one series each, so a
-#: dashboard can stack them and an alert can match one without a regular expression.
-SESSION_STATES = ("connecting", "connected", "backoff", "stopped")
-
-#: Health states the gauge ``openshell_supervisor_health_state`` reports, one series each.
-HEALTH_STATES = ("healthy", "degraded", "unhealthy")
-
-
-def health_of(view: object) -> HealthMonitor | None:
-    """The view's health monitor, if it has one.
-
-    ``health`` is an optional member of the view, outside :class:`SupervisorView`: None while
-    health sampling is off, and absent from views that predate it (test stand-ins).
-    """
-    monitor: HealthMonitor | None = getattr(view, "health", None)
-    return monitor
-
-
-class SupervisorView(Protocol):
-    """What the health, metrics and status endpoints read from the supervisor.
-
-    Implemented by the agent (plain attributes satisfy it as well as properties). Every member must
-    be cheap to read and must not block: handlers and the metrics collector read them on the event
-    loop for every request.
-    """
-
-    @property
-    def sandbox_id(self) -> str: ...
-
-    @property
-    def instance_id(self) -> str: ...
-
-    @property
-    def main_pid(self) -> int | None:
-        """Pid of the running main process; None before it started and after it exited."""
-        ...
-
-    @property
-    def main_running(self) -> bool: ...
-
-    @property
-    def started_at(self) -> float | None:
-        """Wall-clock time (``time.time()``) the current (or last) main process started."""
-        ...
-
-    @property
-    def restarts(self) -> int:
-        """Times the main process was started again after it exited (0 for the first start)."""
-        ...
-
-    @property
-    def last_exit_code(self) -> int | None:
-        """Exit code of the last main process that exited (128 + signal for a signal)."""
-        ...
-
-    @property
-    def session_status(self) -> SessionStatus: ...
-
-    @property
-    def journal_stats(self) -> JournalStats: ...
-
-    @property
-    def loop_heartbeat(self) -> float:
-        """``time.monotonic()`` of the supervisor loop's last tick; /healthz fails when it is stale."""
-        ...
 
 
 class _StateCollector(Collector):
@@ -313,8 +245,3 @@ class SupervisorMetrics:
     def observe_rtt(self, seconds: float) -> None:
         """Record one heartbeat round trip; the session calls this for every echoed heartbeat."""
         self.heartbeat_rtt.observe(max(seconds, 0.0))
-
-
-def monotonic_age(at: float | None) -> float | None:
-    """Seconds since a ``time.monotonic()`` instant (None stays None)."""
-    return None if at is None else max(time.monotonic() - at, 0.0)

@@ -35,10 +35,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from supervisor.endpoint_settings import ReadinessSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +47,6 @@ log = logging.getLogger(__name__)
 PID_POLL_S = 0.5
 #: Bytes of a failing command's output kept as the reason (the end, where errors are).
 OUTPUT_TAIL = 512
-
-
-class ReadinessSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["none", "command", "tcp", "http"] = Field(
-        "none",
-        description="none: ready while the main process runs; command: `command` exits 0; tcp: a "
-        "connection to `address` opens; http: a GET of `url` answers 2xx.",
-    )
-    command: list[str] = Field(
-        default_factory=list, description="argv of the check for kind=command (no shell)."
-    )
-    address: str = Field("", description="host:port to connect to for kind=tcp.")
-    url: str = Field("", description="URL to GET for kind=http, e.g. http://127.0.0.1:8080/ready.")
-    period_s: float = Field(5.0, gt=0, description="Time between the end of one check and the next.")
-    timeout_s: float = Field(2.0, gt=0, description="A check that takes longer fails (a command is killed).")
-    initial_delay_s: float = Field(
-        0.0, ge=0, description="Wait this long after the main process started before its first check."
-    )
-
-    @model_validator(mode="after")
-    def _target_given(self) -> ReadinessSettings:
-        if self.kind == "command" and not self.command:
-            raise ValueError("kind=command needs `command`")
-        if self.kind == "tcp":
-            host, sep, port = self.address.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError("kind=tcp needs `address` as host:port")
-        if self.kind == "http" and not self.url.startswith(("http://", "https://")):
-            raise ValueError("kind=http needs `url` starting with http:// or https://")
-        return self
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from openshell_wire import __version__
 from openshell_wire.records import LogRecord, LogStream
-from supervisor.metrics import SESSION_STATES, SupervisorView
+from supervisor.view import SESSION_STATES, SupervisorView
 
 if TYPE_CHECKING:
     # Types only: the SDK is imported when telemetry starts, never by a supervisor without it.
