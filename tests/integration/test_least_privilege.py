@@ -184,13 +184,38 @@ def _probe(python: str, env: dict[str, str]) -> str | None:
     return None
 
 
+def _readable_tree() -> Path | None:
+    """Our packages and the venv's site-packages, hard-linked under a 0755 directory.
+
+    The checkout (and the venv in it) may sit below a directory only root can enter (a CI
+    clone in a 0700 temporary directory, say), where uid 65534 cannot read its own code; in a
+    pod the supervisor comes from an image volume everyone can read. Hard links make this copy
+    cost no data; None where they cannot be made (another filesystem).
+    """
+    tree = Path(tempfile.mkdtemp(prefix="openshell-lp-code-", dir="/tmp"))
+    tree.chmod(0o755)
+    site = sysconfig.get_paths()["purelib"]
+    for src, dst in (
+        (REPO / "supervisor", tree / "code" / "supervisor"),
+        (REPO / "openshell_wire", tree / "code" / "openshell_wire"),
+        (Path(site), tree / "site"),
+    ):
+        dst.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        done = subprocess.run(["cp", "-al", str(src), str(dst)], capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(tree, ignore_errors=True)
+            return None
+    return tree
+
+
 @pytest.fixture(scope="module")
-def interpreter() -> Interpreter:
+def interpreter() -> Iterator[Interpreter]:
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     problem = _probe(PYTHON, env)
     if problem is None:
-        return Interpreter(PYTHON, env)
+        yield Interpreter(PYTHON, env)
+        return
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
     if system is None:
@@ -199,9 +224,20 @@ def interpreter() -> Interpreter:
     system_env["PYTHONPATH"] = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
     system_env["PYTHONNOUSERSITE"] = "1"
     fallback = _probe(system, system_env)
-    if fallback is not None:
-        pytest.skip(f"{problem}; {fallback}")
-    return Interpreter(system, system_env)
+    if fallback is None:
+        yield Interpreter(system, system_env)
+        return
+    tree = _readable_tree()
+    if tree is None:
+        pytest.skip(f"{problem}; {fallback}; and no readable copy of the code could be made")
+    try:
+        system_env["PYTHONPATH"] = os.pathsep.join([str(tree / "code"), str(tree / "site")])
+        copied = _probe(system, system_env)
+        if copied is not None:
+            pytest.skip(f"{problem}; {fallback}; {copied}")
+        yield Interpreter(system, system_env)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 def _status(pid: int) -> dict[str, str]:
