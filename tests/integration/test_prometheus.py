@@ -2,10 +2,11 @@
 
 Prometheus (Debian's ``prometheus`` package; installed with apt-get when missing, skipped with the
 reason when that is impossible) runs as a subprocess on 127.0.0.1 with a free port, a temporary
-TSDB and a config that scrapes the supervisor's endpoint every second. The endpoint is the real
-:class:`supervisor.http.HttpServer` served in this test's event loop over a fake supervisor view
-(``python -m supervisor run`` does not serve HTTP yet), so the test can change the state and watch
-the change arrive in Prometheus. What this proves beyond the unit tests: Prometheus accepts our
+TSDB and a config that scrapes the supervisor's endpoint every second. One endpoint is the real
+:class:`supervisor.http.HttpServer` served in this test's event loop over a fake supervisor view,
+so the test can change the state and watch the change arrive in Prometheus; another is a real
+``python -m supervisor run`` process with its endpoints on, connected to a real gateway. What
+this proves beyond the unit tests: Prometheus accepts our
 exposition (content negotiation, OpenMetrics, names, types) and the series carry the values.
 ``promtool check metrics`` also lints the exposition the way Prometheus's own tooling does.
 """
@@ -228,3 +229,41 @@ async def test_promtool_accepts_the_exposition(metrics_server: HttpServer) -> No
     )
     out, _ = await asyncio.wait_for(proc.communicate(text), 30)
     assert proc.returncode == 0, out.decode()
+
+
+async def test_prometheus_scrapes_a_real_supervisor_process(prometheus_binary: str, tmp_path: Path) -> None:
+    """The same, end to end: ``python -m supervisor run`` with its endpoints on, a real gateway."""
+    import sys
+
+    from tests.support.procs import GatewayProcess, SupervisorProcess
+
+    gateway = GatewayProcess(tmp_path / "gw")
+    port = free_port()
+    sv = SupervisorProcess(
+        tmp_path / "sv",
+        "prom-real",
+        gateway.address,
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        settings=["http.enabled=true", f"http.listen=127.0.0.1:{port}"],
+    )
+    prom: Prometheus | None = None
+    try:
+        gateway.start()
+        sv.start()
+        prom = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as http:
+            await wait_for_value(http, prom, "openshell_supervisor_session_connected", "1")
+            await wait_for_value(http, prom, "openshell_supervisor_main_process_up", "1")
+            info = await query(http, prom, "openshell_supervisor_info")
+            assert info and info[0]["metric"]["sandbox_id"] == "prom-real", info
+            # The supervisor heartbeats every 0.5 s here (the test gateway's interval): round trips
+            # are observed into the histogram.
+            await wait_for_value(http, prom, "openshell_supervisor_heartbeat_rtt_seconds_count > bool 0", "1")
+        assert sv.proc is not None
+        sv.proc.terminate()
+        assert sv.wait(timeout=30) == 143
+    finally:
+        if prom is not None:
+            prom.stop()
+        sv.stop()
+        gateway.stop()
