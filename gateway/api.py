@@ -198,6 +198,10 @@ def command_json(row: CommandRow) -> dict[str, Any]:
     return doc
 
 
+#: The signals a command may send: those this platform knows (the supervisor runs on Linux too).
+_SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
     """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like."""
     if not isinstance(body, dict):
@@ -219,7 +223,7 @@ def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
             raise ApiError(
                 400, f"signal must be a signal name like SIGTERM or a number, got {raw!r}"
             ) from None
-        if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65:
+        if not isinstance(number, int) or isinstance(number, bool) or number not in _SIGNALS:
             raise ApiError(400, f"signal must be a signal name like SIGTERM or a number, got {raw!r}")
         return kind, {"signal": number}
     field, low, default = ("grace_ms", 0, 0) if kind is CommandKind.STOP else ("interval_ms", 100, None)

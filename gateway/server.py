@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from openshell_wire.records import (
     CAP_COMMANDS,
     CAP_EVENTS,
     Command,
+    CommandKind,
     JournalEpoch,
     LifecycleKind,
     LifecycleRecord,
@@ -115,8 +117,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         session = self._registry.get(sandbox_id)
         if session is None or CAP_COMMANDS not in session.capabilities:
             return False
+        self._expect_heartbeats(session, command)
         session.inbox.put_nowait(Outbound(_command_message(command)))
         return True
+
+    def _expect_heartbeats(self, session: Session, command: Command) -> None:
+        """A slower heartbeat asked of the supervisor widens the silence this session may keep,
+        or the gateway would drop the session it just reconfigured (the supervisor jitters its
+        beats by up to half the interval)."""
+        if command.kind is CommandKind.HEARTBEAT:
+            wanted = command.interval_ms / 1000 * 1.5 + self._config.sessions.grace_s
+            session.stale_after_s = max(session.stale_after_s, wanted)
 
     async def drain(self) -> None:
         """Wait for the writes that ended sessions left behind (called on shutdown)."""
@@ -178,6 +189,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
                 for row in await self._commands.pending(sandbox_id):
+                    self._expect_heartbeats(session, row.command)
                     yield _command_message(row.command)
             reader = asyncio.create_task(
                 self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
@@ -276,14 +288,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         session.inbox.put_nowait(InboundEnded(error))
 
     async def _serve(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
-        stale_after = session.stale_after_s
+        session.touch()
         while True:
+            # Only what the supervisor sends counts as a sign of life: our own outbound messages
+            # (commands) must not keep a dead session open.
+            left = session.last_seen_monotonic + session.stale_after_s - time.monotonic()
             try:
-                item = await asyncio.wait_for(session.inbox.get(), timeout=stale_after)
+                item = await asyncio.wait_for(session.inbox.get(), timeout=max(left, 0.0))
             except TimeoutError:
                 log.warning(
                     "session stale: nothing received for %.1fs",
-                    stale_after,
+                    session.stale_after_s,
                     extra={"sandbox_id": session.sandbox_id},
                 )
                 return

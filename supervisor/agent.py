@@ -173,11 +173,18 @@ class Agent:
             await asyncio.sleep(0.5)
 
     def request_stop(
-        self, reason: str, sig: signal.Signals = signal.SIGTERM, *, grace_s: float | None = None
+        self,
+        reason: str,
+        sig: signal.Signals = signal.SIGTERM,
+        *,
+        grace_s: float | None = None,
+        cut_flush: bool = True,
     ) -> None:
         """Stop the main process for good: send ``sig`` to its group, SIGKILL the group after
-        ``grace_s`` (default ``process.stop_grace_s``), restart it no more. After it exited: cut
-        the exit flush short."""
+        ``grace_s`` (default ``process.stop_grace_s``), restart it no more. Once the supervisor is
+        done with the main process, a stop with ``cut_flush`` (a signal to the supervisor: the
+        kubelet is about to kill it) cuts the exit flush short; a stop command from the gateway
+        does not, since that gateway is the one receiving what the flush delivers."""
         grace = self.config.process.stop_grace_s if grace_s is None else grace_s
         if not self._stopping:
             self._stopping = True
@@ -185,16 +192,16 @@ class Agent:
             log.info("%s: stopping the main process (grace %gs)", reason, grace)
         main = self._main
         if self._main_done:
-            self._cut_flush.set()
+            if cut_flush:
+                self._cut_flush.set()
         elif main is None:
             # Not started yet: deliver as soon as it is, so a stop request is never lost.
             self._pending_signals.append(sig)
         elif main.running:
             main.send_signal(sig)
             main.kill_after(grace)
-        else:
-            # Between two runs (or it just exited): nothing to stop, so do not linger either.
-            self._cut_flush.set()
+        # Otherwise it is between two runs (or just exited): _stopping ends the restarts, and the
+        # exit flush still runs; a second signal during it cuts it short.
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._main_done:
@@ -218,7 +225,7 @@ class Agent:
         """Stop and signal commands from the gateway; the session has made sure each id applies once."""
         if command.kind is CommandKind.STOP:
             grace = command.grace_ms / 1000 if command.grace_ms else None
-            self.request_stop(f"stop command {command.command_id}", grace_s=grace)
+            self.request_stop(f"stop command {command.command_id}", grace_s=grace, cut_flush=False)
             return None
         if command.kind is CommandKind.SIGNAL:
             try:
@@ -246,7 +253,7 @@ class Agent:
         while True:
             await asyncio.sleep(min(1.0, settings.grace_s / 4))
             since = self.session.status.offline_since
-            if since is None or since == acted_for:
+            if since is None or since == acted_for or self._main_done:
                 continue
             offline_s = time.monotonic() - since
             if offline_s < settings.grace_s:
@@ -308,8 +315,6 @@ class Agent:
             await self._flush()
             return code
         finally:
-            for sig in FORWARDED_SIGNALS:
-                loop.remove_signal_handler(sig)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -317,6 +322,10 @@ class Agent:
                 await self.http.stop()
             if self.telemetry is not None:
                 await self.telemetry.stop()
+            # Only now: until here a signal must not take the default action (death by signal,
+            # or KeyboardInterrupt) and replace the main process's exit code.
+            for sig in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(sig)
             # Last: a background task's own children (a readiness command) are reaped until here.
             self.reaper.uninstall()
             if self.reaper.orphans_reaped:
@@ -406,16 +415,26 @@ class Agent:
             self.telemetry.emit_line(record, self.journal.last_sequence if journaled else None)
 
     async def _flush(self) -> None:
+        """Wait until the gateway holds everything journaled, records that arrive meanwhile
+        (a command's audit line, a health sample) included, within ``exit_flush_timeout_s``."""
+        deadline = time.monotonic() + self.config.session.exit_flush_timeout_s
         target = self.journal.last_sequence
-        timeout = self.config.session.exit_flush_timeout_s
-        acked = asyncio.create_task(self.session.wait_acked(target), name="exit-flush")
-        cut = asyncio.create_task(self._cut_flush.wait(), name="exit-flush-cut")
-        try:
-            await asyncio.wait({acked, cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (acked, cut):
-                task.cancel()
-            await asyncio.gather(acked, cut, return_exceptions=True)
+        while not self._cut_flush.is_set():
+            acked = asyncio.create_task(self.session.wait_acked(target), name="exit-flush")
+            cut = asyncio.create_task(self._cut_flush.wait(), name="exit-flush-cut")
+            try:
+                await asyncio.wait(
+                    {acked, cut},
+                    timeout=max(deadline - time.monotonic(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for task in (acked, cut):
+                    task.cancel()
+                await asyncio.gather(acked, cut, return_exceptions=True)
+            if self.journal.acked_through < target or self.journal.last_sequence == target:
+                break
+            target = self.journal.last_sequence
         if self.journal.acked_through >= target:
             log.info("all records delivered", extra={"through": target})
             return

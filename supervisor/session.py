@@ -361,8 +361,9 @@ class Session:
     async def _receive(
         self, call: Any, write: Callable[[pb.SupervisorMessage], Awaitable[None]], interval: float
     ) -> None:
-        stale = interval * self._s.stale_after_intervals
         while True:
+            # A heartbeat command may have changed the interval: the silence we accept follows it.
+            stale = (self._interval_override or interval) * self._s.stale_after_intervals
             try:
                 msg = await asyncio.wait_for(call.read(), stale)
             except TimeoutError:
@@ -391,7 +392,10 @@ class Session:
                     f"session ended by the gateway: {r.reason}", retry_after_s=r.retry_after_ms / 1000
                 )
             elif kind == "command":
-                await write(await self._command(msg.command))
+                reply, notes = await self._command(msg.command)
+                await write(reply)
+                for note in notes:
+                    self._note(note)
             elif kind == "relay_open":
                 reply = pb.SupervisorMessage()
                 reply.relay_open_result.channel_id = msg.relay_open.channel_id
@@ -401,26 +405,37 @@ class Session:
             else:
                 log.debug("ignoring a gateway message of unknown kind")
 
-    async def _command(self, raw: pb.Command) -> pb.SupervisorMessage:
-        """Apply one command (at most once per id) and build the answer to send back."""
+    async def _command(self, raw: pb.Command) -> tuple[pb.SupervisorMessage, list[str]]:
+        """Apply one command (at most once per id); the answer to send back and the audit lines.
+
+        The caller writes the answer before it journals the audit lines, so the gateway, which
+        handles a stream's messages in order, has stored the answer by the time it acknowledges
+        them; the exit flush waits for that acknowledgement."""
+        notes: list[str] = []
         reply = pb.SupervisorMessage()
         reply.command_result.command_id = raw.command_id
         try:
             command = command_from_proto(raw)
         except WireError as exc:
             reply.command_result.error = str(exc)
-            self._note(f"command {raw.command_id or '(no id)'} refused: {exc}")
-            return reply
-        if self._applied.seen(command.command_id):
-            reply.command_result.applied = True
+            notes.append(f"command {raw.command_id or '(no id)'} refused: {exc}")
+            return reply, notes
+        earlier = self._applied.outcome(command.command_id)
+        if earlier is not None:
+            reply.command_result.applied = bool(earlier.applied)
+            reply.command_result.error = earlier.error
             reply.command_result.duplicate = True
-            return reply
+            notes.append(
+                f"command {command.command_id} ({describe_command(command)}): repeated, not applied again"
+            )
+            return reply, notes
         try:
-            self._applied.remember(command.command_id)
+            self._applied.begin(command.command_id)
         except OSError as exc:
             # Without the durable note a redelivery could apply it twice: refuse instead.
             reply.command_result.error = f"cannot record the command id: {exc}"
-            return reply
+            notes.append(f"command {command.command_id} refused: {reply.command_result.error}")
+            return reply, notes
         if command.kind is CommandKind.HEARTBEAT:
             self._interval_override = command.interval_ms / 1000
             error = None
@@ -430,11 +445,12 @@ class Session:
             error = await self._on_command(command)
         reply.command_result.applied = error is None
         reply.command_result.error = error or ""
-        self._note(
+        self._applied.finish(command.command_id, applied=error is None, error=error or "")
+        notes.append(
             f"command {command.command_id} ({describe_command(command)}): "
             + ("applied" if error is None else f"failed: {error}")
         )
-        return reply
+        return reply, notes
 
     def _note_reconnected(self) -> None:
         """Journal the end of an outage (not the first connection), with its length."""

@@ -84,7 +84,8 @@ async def test_supervisor_applies_each_command_once_and_answers_every_delivery(t
     assert any("command c1 (signal 10): applied" in line for line in trail)
     # A new supervisor process over the same directory still knows c1.
     again, journal2 = _session(tmp_path, port)
-    assert again._applied.seen("c1")
+    outcome = again._applied.outcome("c1")
+    assert outcome is not None and outcome.applied is True
     journal2.close()
 
 
@@ -200,3 +201,55 @@ async def test_bad_commands_are_refused_with_the_reason(gw: Gateway, body: objec
 async def test_a_command_for_an_unknown_sandbox_is_404(gw: Gateway) -> None:
     status, doc = await _post(gw, "nobody", {"kind": "stop"})
     assert status == 404 and "no sandbox" in doc["error"]
+
+
+async def test_a_stop_command_during_the_exit_flush_does_not_cut_it(tmp_path: Path) -> None:
+    """The gateway that sends ``stop`` is the one receiving the flush: the flush must go on."""
+    from gateway.store import CommandStore, EventStore
+    from tests.support.procs import SupervisorProcess, free_port, writer_command
+
+    port = free_port()
+    sv = SupervisorProcess(
+        tmp_path / "sv",
+        "flush-stop",
+        f"127.0.0.1:{port}",
+        writer_command(2000),
+        settings=["session.exit_flush_timeout_s=60"],
+    )
+    sv.start()  # no gateway yet: the main process writes everything and exits; the flush waits
+    config = load_settings(
+        GatewayConfig,
+        overrides={
+            "grpc": {"listen": f"127.0.0.1:{port}"},
+            "http": {"listen": "127.0.0.1:0"},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+        },
+        use_env=False,
+    )
+    gateway = Gateway(config)
+    try:
+        for _ in range(300):
+            if "main process exited" in sv.log_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "main process exited" in sv.log_text()
+        await gateway.start()
+        assert gateway.db is not None
+        await gateway.sandboxes.ensure("flush-stop")
+        stop = await CommandStore(gateway.db).create("flush-stop", CommandKind.STOP)
+        assert sv.proc is not None
+        for _ in range(600):
+            if sv.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert sv.proc.returncode == 0, sv.log_text()[-2000:]
+        events = EventStore(gateway.db)
+        logs = [
+            e.message for e in await events.tail("flush-stop", 5000, kinds=["log"]) if e.stream == "stdout"
+        ]
+        assert logs == [f"line {i}" for i in range(2000)], "the flush went on after the stop command"
+        row = await CommandStore(gateway.db).get(stop.command.command_id)
+        assert row is not None and row.state == "applied"
+    finally:
+        sv.stop()
+        await gateway.stop()
