@@ -53,6 +53,7 @@ from supervisor.commands import AppliedCommands
 from supervisor.config import SupervisorConfig
 from supervisor.credentials import CredentialError, GatewayCredentials
 from supervisor.journal import Journal, JournalError
+from supervisor.journal.codec import varint
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 _LENGTH = [bytes((i,)) for i in range(128)]
 #: Tags (field number << 3 | 2, length-delimited) of SupervisorMessage.events (100),
 #: EventBatch.journal_epoch (1) and EventBatch.events (2).
-_EVENTS_TAG = _varint(pb.SupervisorMessage.EVENTS_FIELD_NUMBER << 3 | 2)
-_EPOCH_TAG = _varint(pb.EventBatch.JOURNAL_EPOCH_FIELD_NUMBER << 3 | 2)
-_EVENT_TAG = _varint(pb.EventBatch.EVENTS_FIELD_NUMBER << 3 | 2)
+_EVENTS_TAG = varint(pb.SupervisorMessage.EVENTS_FIELD_NUMBER << 3 | 2)
+_EPOCH_TAG = varint(pb.EventBatch.JOURNAL_EPOCH_FIELD_NUMBER << 3 | 2)
+_EVENT_TAG = varint(pb.EventBatch.EVENTS_FIELD_NUMBER << 3 | 2)
 
 
 def event_batch_message(epoch: str, records: list[tuple[int, bytes]]) -> pb.SupervisorMessage:
@@ -117,13 +109,13 @@ def event_batch_message(epoch: str, records: list[tuple[int, bytes]]) -> pb.Supe
     parts = []
     if epoch:
         raw_epoch = epoch.encode()
-        parts.append(_EPOCH_TAG + _varint(len(raw_epoch)) + raw_epoch)
+        parts.append(_EPOCH_TAG + varint(len(raw_epoch)) + raw_epoch)
     for _sequence, payload in records:
         size = len(payload)
-        parts.append(tag + (_LENGTH[size] if size < 128 else _varint(size)))
+        parts.append(tag + (_LENGTH[size] if size < 128 else varint(size)))
         parts.append(payload)
     body = b"".join(parts)
-    return pb.SupervisorMessage.FromString(_EVENTS_TAG + _varint(len(body)) + body)
+    return pb.SupervisorMessage.FromString(_EVENTS_TAG + varint(len(body)) + body)
 
 
 #: Applies a command (stop or signal) to the sandbox; returns why it could not, or None. It must

@@ -26,7 +26,8 @@ _STREAM_NUMBER = {
 }
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint (also used to assemble messages from stored bytes)."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -36,7 +37,7 @@ def _varint(value: int) -> bytes:
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
-_STREAM_FIELD = {stream: b"\x08" + _varint(number) for stream, number in _STREAM_NUMBER.items()}
+_STREAM_FIELD = {stream: b"\x08" + varint(number) for stream, number in _STREAM_NUMBER.items()}
 # Precomputed pieces, so that a line costs a few concatenations: the sequence field's tag and
 # first byte (low seven bits, with or without the continuation bit) ...
 _SEQ_SMALL = [b"\x08" + bytes((i,)) for i in range(128)]
@@ -76,14 +77,14 @@ class PayloadEncoder:
             if timestamp_ms < 0:
                 return encode_event(Event(sequence, timestamp_ms, record))
             self._ts = timestamp_ms
-            self._ts_field = b"\x10" + _varint(timestamp_ms) if timestamp_ms else b""
+            self._ts_field = b"\x10" + varint(timestamp_ms) if timestamp_ms else b""
             self._high = -1
         if sequence >= 128:
             # Sequences grow by one: the varint of sequence >> 7 changes once every 128 records.
             high = sequence >> 7
             if high != self._high:
                 self._high = high
-                self._high_ts = _varint(high) + self._ts_field
+                self._high_ts = varint(high) + self._ts_field
             head = _SEQ_LOW[sequence & 0x7F] + self._high_ts
         elif sequence > 0:
             head = _SEQ_SMALL[sequence] + self._ts_field
@@ -100,10 +101,10 @@ class PayloadEncoder:
         except UnicodeEncodeError:
             return encode_event(Event(sequence, timestamp_ms, record))
         size = len(text)
-        inner = self._heads[size] if size < 128 else self._stream_field + b"\x12" + _varint(size)
+        inner = self._heads[size] if size < 128 else self._stream_field + b"\x12" + varint(size)
         if record.continued:
             inner = inner + text + b"\x18\x01"
             size = len(inner)
-            return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + _varint(size)) + inner
+            return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + varint(size)) + inner
         size += len(inner)
-        return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + _varint(size)) + inner + text
+        return head + (_LOG_FIELD[size] if size < 128 else b"\x52" + varint(size)) + inner + text
