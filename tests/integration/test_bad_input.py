@@ -15,24 +15,20 @@ import pytest
 from grpc import aio
 
 from gateway.app import Gateway
-from gateway.config import GatewayConfig
-from openshell_wire.configfile import load_settings
 from openshell_wire.v1 import openshell_pb2 as pb
+from tests.support.gateway import gateway_config
 
 CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
 
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    config = load_settings(
-        GatewayConfig,
-        overrides={
-            "grpc": {"listen": "127.0.0.1:0", "max_receive_message_bytes": 64 * 1024, "hello_timeout_s": 1},
-            "http": {"listen": "127.0.0.1:0"},
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+    config = gateway_config(
+        tmp_path,
+        {
+            "grpc": {"max_receive_message_bytes": 64 * 1024, "hello_timeout_s": 1},
             "sessions": {"heartbeat_interval_s": 0.5, "grace_s": 1.0},
         },
-        use_env=False,
     )
     gateway = Gateway(config)
     await gateway.start()

@@ -13,11 +13,10 @@ import pytest
 from grpc import aio
 
 from gateway.app import Gateway
-from gateway.config import GatewayConfig
-from openshell_wire.configfile import load_settings
 from openshell_wire.records import Command, CommandKind
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.integration.test_session_robustness import _accepted, _serve, _session
+from tests.support.gateway import gateway_config
 
 CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
 
@@ -91,16 +90,7 @@ async def test_supervisor_applies_each_command_once_and_answers_every_delivery(t
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    config = load_settings(
-        GatewayConfig,
-        overrides={
-            "grpc": {"listen": "127.0.0.1:0"},
-            "http": {"listen": "127.0.0.1:0"},
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
-        },
-        use_env=False,
-    )
-    gateway = Gateway(config)
+    gateway = Gateway(gateway_config(tmp_path))
     await gateway.start()
     yield gateway
     await gateway.stop()
@@ -217,16 +207,7 @@ async def test_a_stop_command_during_the_exit_flush_does_not_cut_it(tmp_path: Pa
         settings=["session.exit_flush_timeout_s=60"],
     )
     sv.start()  # no gateway yet: the main process writes everything and exits; the flush waits
-    config = load_settings(
-        GatewayConfig,
-        overrides={
-            "grpc": {"listen": f"127.0.0.1:{port}"},
-            "http": {"listen": "127.0.0.1:0"},
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
-        },
-        use_env=False,
-    )
-    gateway = Gateway(config)
+    gateway = Gateway(gateway_config(tmp_path, {"grpc": {"listen": f"127.0.0.1:{port}"}}))
     try:
         for _ in range(300):
             if "main process exited" in sv.log_text():

@@ -8,24 +8,11 @@ from pathlib import Path
 import aiohttp
 
 from gateway.app import Gateway
-from gateway.config import GatewayConfig
-from openshell_wire.configfile import load_settings
-
-
-def _config(tmp_path: Path) -> GatewayConfig:
-    return load_settings(
-        GatewayConfig,
-        overrides={
-            "grpc": {"listen": "127.0.0.1:0"},
-            "http": {"listen": "127.0.0.1:0"},
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
-        },
-        use_env=False,
-    )
+from tests.support.gateway import gateway_config
 
 
 async def test_a_log_follower_does_not_hold_up_shutdown(tmp_path: Path) -> None:
-    gateway = Gateway(_config(tmp_path))
+    gateway = Gateway(gateway_config(tmp_path))
     await gateway.start()
     await gateway.sandboxes.ensure("followed")
     lines: list[bytes] = []
@@ -50,7 +37,7 @@ async def test_standard_grpc_health_service_reports_serving(tmp_path: Path) -> N
     from grpc import aio
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    gateway = Gateway(_config(tmp_path))
+    gateway = Gateway(gateway_config(tmp_path))
     await gateway.start()
     try:
         async with aio.insecure_channel(gateway.grpc_address) as channel:
