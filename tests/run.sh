@@ -16,6 +16,13 @@ if [ "$(id -u)" = 0 ]; then
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v strace >/dev/null 2>&1 || missing+=(strace)
+  # The image-volume tests: bundle build, OCI registry, a busybox sandbox under bubblewrap.
+  command -v patchelf >/dev/null 2>&1 || missing+=(patchelf binutils)
+  command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+  command -v umoci >/dev/null 2>&1 || missing+=(umoci)
+  command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+  command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+  [ -x /bin/busybox ] || missing+=(busybox-static)
   if [ "${#missing[@]}" -gt 0 ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
       >/dev/null 2>&1 || echo "warning: could not install ${missing[*]}; the tests that need them will skip"

@@ -1,0 +1,75 @@
+# syntax=docker/dockerfile:1
+#
+# Two images from one file:
+#   docker build --target supervisor -t REGISTRY/openshell/supervisor:0.1.0 .   # the image volume
+#   docker build --target gateway    -t REGISTRY/openshell/gateway:0.1.0 .
+#
+# The supervisor image is FROM scratch and holds one file, /openshell-supervisor: it is mounted
+# as a Kubernetes image volume, never run. imagevolume/oci.py builds the same content without
+# Docker and with a reproducible digest (docs/image-volume.md); this Dockerfile is for pipelines
+# that build with BuildKit. Pass VERSION, REVISION and CREATED (RFC 3339) as build arguments, and
+# SOURCE_DATE_EPOCH too for reproducible layers (BuildKit >= 0.13 honours it).
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=1970-01-01T00:00:00Z
+
+# --- build: the one-file static supervisor bundle -------------------------------------------------
+# Debian's own python3 (3.11 on bookworm), not the python:* images' /usr/local build: staticx
+# refuses an interpreter with a RUNPATH, which those builds carry.
+FROM debian:bookworm-slim AS build
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-dev binutils patchelf gcc libc6-dev git ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# bundle.py makes its own venv from /usr/bin/python3 (PyInstaller, staticx), installs the project
+# from a copy of the sources, and writes /out/openshell-supervisor (and /out/bundle.json).
+ARG SOURCE_DATE_EPOCH
+RUN python3 imagevolume/bundle.py --out /out \
+ && install -m 0555 /out/openshell-supervisor /openshell-supervisor \
+ && /openshell-supervisor --help >/dev/null
+
+# --- supervisor: the image volume's content, one file -------------------------------------------
+FROM scratch AS supervisor
+ARG VERSION
+ARG REVISION
+ARG CREATED
+COPY --from=build --chown=0:0 --chmod=0555 /openshell-supervisor /openshell-supervisor
+LABEL org.opencontainers.image.title="openshell-supervisor" \
+      org.opencontainers.image.description="The self-contained OpenShell sandbox supervisor, one static executable at /openshell-supervisor, meant to be mounted read-only as a Kubernetes image volume." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/openshell/openshell-supervisor" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# --- gateway: the control plane --------------------------------------------------------------------
+FROM python:3.11-slim-bookworm AS gateway
+ARG VERSION
+ARG REVISION
+ARG CREATED
+LABEL org.opencontainers.image.title="openshell-gateway" \
+      org.opencontainers.image.description="The OpenShell gateway: holds the supervisors' sessions and stores their events." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/openshell/openshell-supervisor" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY openshell_wire ./openshell_wire
+COPY supervisor ./supervisor
+COPY gateway ./gateway
+RUN pip install --no-cache-dir . \
+ && rm -rf /src \
+ && groupadd --system --gid 10001 openshell \
+ && useradd --system --uid 10001 --gid openshell --home-dir /var/lib/openshell --create-home \
+      --shell /usr/sbin/nologin openshell
+WORKDIR /var/lib/openshell
+USER 10001:10001
+EXPOSE 7070 7080
+ENTRYPOINT ["openshell-gateway"]
+CMD ["serve"]
