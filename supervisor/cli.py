@@ -2,6 +2,7 @@
 
     openshell-supervisor run [--config FILE] [--sandbox-id ID] [--gateway HOST:PORT]
                              [--journal-dir DIR] [--set KEY=VALUE ...] -- COMMAND [ARG ...]
+    openshell-supervisor install DIR          copy this bundle into DIR (init-container fallback)
     openshell-supervisor config check FILE
     openshell-supervisor config schema
 
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting by dotted key"
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    install = sub.add_parser("install", help="copy this bundle into DIR (the init-container fallback)")
+    install.add_argument("dir", type=Path)
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
     check = csub.add_parser("check", help="validate FILE and report every problem by key path")
@@ -73,6 +76,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "install":
+        from supervisor.install import InstallError, install  # noqa: PLC0415
+
+        try:
+            print(install(args.dir))
+        except InstallError as exc:
+            print(f"openshell-supervisor: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.cmd == "config":
         if args.config_cmd == "schema":
             print(json.dumps(SupervisorConfig.model_json_schema(), indent=2))

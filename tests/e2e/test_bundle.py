@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -185,3 +186,28 @@ def test_bundle_supervises_a_busybox_main_process(
     exits = [e for e in gateway.events("bundle-sb", "lifecycle") if (e["data"] or {}).get("kind") == "exited"]
     assert len(exits) == 1 and exits[0]["data"]["exit_code"] == 3, exits
     assert gateway.query("SELECT exit_code FROM sandboxes WHERE id = 'bundle-sb'") == [(3,)]
+
+
+def test_the_bundle_installs_a_copy_of_itself(bundle: Path, tmp_path: Path) -> None:
+    """The init-container fallback: a FROM scratch image has no cp, so the bundle copies itself."""
+    target = tmp_path / "shared"
+    target.mkdir()
+    done = subprocess.run([str(bundle), "install", str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    copy = target / "openshell-supervisor"
+    assert done.stdout.strip() == str(copy)
+    assert copy.read_bytes() == bundle.read_bytes(), "the bundle itself, not what staticx unpacked"
+    assert copy.stat().st_mode & 0o777 == 0o555
+    schema = subprocess.run([str(copy), "config", "schema"], capture_output=True, text=True, timeout=120)
+    assert schema.returncode == 0 and '"sandbox_id"' in schema.stdout
+
+
+def test_install_outside_a_bundle_says_why(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "install", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "not running from a bundle" in done.stderr
