@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from openshell_wire.configfile import ConfigError, deep_merge, load_settings, parse_set_flags
+from openshell_wire.configfile import (
+    EX_CONFIG,
+    ConfigError,
+    config_command,
+    deep_merge,
+    load_settings,
+    parse_set_flags,
+)
 from openshell_wire.logsetup import setup_logging
 
-EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 
 
@@ -108,16 +114,7 @@ async def _migrate(config: GatewayConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
-        if args.config_cmd == "schema":
-            print(json.dumps(GatewayConfig.model_json_schema(), indent=2))
-            return 0
-        try:
-            load_settings(GatewayConfig, file=args.file, use_env=False)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return EX_CONFIG
-        print(f"{args.file}: ok")
-        return 0
+        return config_command(GatewayConfig, args.config_cmd, getattr(args, "file", None))
     if args.cmd == "status":
         from gateway.status import StatusError, fetch_status, render  # noqa: PLC0415
 

@@ -13,6 +13,8 @@ other.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -163,3 +165,22 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
+
+
+#: sysexits' EX_CONFIG: both components exit with it for a configuration error.
+EX_CONFIG = 78
+
+
+def config_command(model: type[LayeredSettings], subcommand: str, file: Path | None) -> int:
+    """``config schema`` and ``config check FILE``, the same for both components' CLIs."""
+    if subcommand == "schema":
+        print(json.dumps(model.model_json_schema(), indent=2))
+        return 0
+    assert file is not None, "config check needs a file"
+    try:
+        load_settings(model, file=file, use_env=False)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    print(f"{file}: ok")
+    return 0

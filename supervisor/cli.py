@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from openshell_wire.configfile import ConfigError, deep_merge, load_settings, parse_set_flags
+from openshell_wire.configfile import (
+    EX_CONFIG,
+    ConfigError,
+    config_command,
+    deep_merge,
+    load_settings,
+    parse_set_flags,
+)
 from openshell_wire.logsetup import setup_logging
 from supervisor.config import SupervisorConfig
-
-EX_CONFIG = 78  # sysexits: configuration error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,16 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     if args.cmd == "config":
-        if args.config_cmd == "schema":
-            print(json.dumps(SupervisorConfig.model_json_schema(), indent=2))
-            return 0
-        try:
-            load_settings(SupervisorConfig, file=args.file, use_env=False)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return EX_CONFIG
-        print(f"{args.file}: ok")
-        return 0
+        return config_command(SupervisorConfig, args.config_cmd, getattr(args, "file", None))
     try:
         config = load_settings(SupervisorConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:
