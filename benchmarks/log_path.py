@@ -35,24 +35,20 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+from _procs import PYTHON, REPO, child_env, free_port, wait_http
 
-PYTHON = sys.executable
-REPO = Path(__file__).resolve().parents[1]
 SANDBOX_ID = "bench-log-path"
 BASELINE_BATCH = 500
 POLL_INTERVAL_S = 0.01
@@ -77,18 +73,6 @@ _WRITER = textwrap.dedent(
 
 def _message(i: int) -> str:
     return f"{i:08d} " + ("log path benchmark line payload " * 3)[:70]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _cpu(times: Any) -> float:
@@ -176,20 +160,6 @@ def _crossing(samples: list[tuple[float, int]], target: float) -> float:
     raise RuntimeError(f"the store never reached {target:.0f} lines")
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"gateway exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}"
-            )
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"gateway not ready after {timeout:.0f}s (see {log_path})")
-
-
 def end_to_end(
     workdir: Path,
     n: int,
@@ -235,7 +205,7 @@ def end_to_end(
         gateway = subprocess.Popen(gateway_argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     supervisor: subprocess.Popen[bytes] | None = None
     try:
-        _wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
+        wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
         gateway_ps = psutil.Process(gateway.pid)
         gateway_cpu_before = _cpu(gateway_ps.cpu_times())
         reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10, isolation_level=None)

@@ -36,22 +36,18 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+from _procs import PYTHON, REPO, child_env, free_port, wait_http
 
-PYTHON = sys.executable
-REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 SUPERVISOR_ID = "bench-idle-supervisor"
 CLIENT_ID = "bench-idle-bare-client"
@@ -129,32 +125,6 @@ _IMPORT_PROBE = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"gateway exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}"
-            )
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"gateway not ready after {timeout:.0f}s (see {log_path})")
 
 
 @dataclass
@@ -272,7 +242,7 @@ def measure(root: Path, seconds: float) -> list[Sampled]:
         )
     started: list[Sampled] = []
     try:
-        _wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
+        wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
         linger = str(int(seconds + 30))
         supervisor_argv = [
             PYTHON, "-m", "supervisor", "run",
