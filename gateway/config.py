@@ -8,8 +8,9 @@ JSON Schema. Later sections (HA, auth, Kubernetes driver) join this same model.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -106,8 +107,144 @@ class LocalDriverSettings(_Section):
     )
 
 
+# A Kubernetes resource quantity ("500m", "1Gi", "2"), checked here so a typo fails at start.
+_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
+
+
+def _check_quantities(resources: dict[str, str], where: str) -> dict[str, str]:
+    for name, value in resources.items():
+        if not _QUANTITY.match(str(value)):
+            raise ValueError(f"{where}.{name}: {value!r} is not a Kubernetes quantity (e.g. 500m, 1Gi)")
+    return resources
+
+
+class ResourceSettings(_Section):
+    requests: dict[str, str] = Field(
+        default_factory=lambda: {"cpu": "100m", "memory": "256Mi"},
+        description="Container resource requests (Kubernetes quantities).",
+    )
+    limits: dict[str, str] = Field(
+        default_factory=lambda: {"memory": "2Gi"},
+        description="Container resource limits (Kubernetes quantities).",
+    )
+
+    @model_validator(mode="after")
+    def _quantities(self) -> ResourceSettings:
+        _check_quantities(self.requests, "requests")
+        _check_quantities(self.limits, "limits")
+        return self
+
+
+class SupervisorInjectionSettings(_Section):
+    image: str = Field(
+        "ghcr.io/openshell/openshell-supervisor:0.1.0",
+        description="OCI image holding only the supervisor bundle (imagevolume/); pin a digest in production.",
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of the supervisor image."
+    )
+    injection: Literal["image-volume", "init-container"] = Field(
+        "image-volume",
+        description="image-volume: mount the image read-only (Kubernetes ImageVolume, on by default from "
+        "1.35); init-container: an init container copies the bundle into an emptyDir (older clusters).",
+    )
+    tmp_size_limit: str = Field(
+        "256Mi",
+        description="sizeLimit of the emptyDir at /tmp: the bundle unpacks about 81 MB there at every start.",
+    )
+    journal_size_limit: str = Field(
+        "512Mi", description="sizeLimit of the journal's emptyDir; keep above the journal's max_bytes."
+    )
+    settings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Supervisor config values passed as `--set KEY=VALUE` (e.g. journal.max_bytes).",
+    )
+    init_resources: ResourceSettings = Field(
+        default_factory=lambda: ResourceSettings(requests={"cpu": "50m", "memory": "64Mi"}, limits={}),
+        description="Resources of the init container (init-container injection only).",
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SupervisorInjectionSettings:
+        _check_quantities({"tmp_size_limit": self.tmp_size_limit}, "supervisor")
+        _check_quantities({"journal_size_limit": self.journal_size_limit}, "supervisor")
+        return self
+
+
+class SandboxPodSettings(_Section):
+    default_image: str | None = Field(
+        None, description="Sandbox image when a request names none; unset: every request must name one."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of sandbox images."
+    )
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of pull Secrets.")
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount of sandbox pods; unset: the namespace's default."
+    )
+    automount_service_account_token: bool = Field(
+        False, description="Mount a Kubernetes API token into sandboxes (agents rarely need one)."
+    )
+    runtime_class_name: str | None = Field(
+        None, description="RuntimeClass of sandbox pods, e.g. kata or gvisor; unset: the node's default."
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of sandbox pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of sandbox pods.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Tolerations of sandbox pods (Kubernetes objects, as in a pod spec).",
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict, description="Affinity of sandbox pods (a Kubernetes Affinity object)."
+    )
+    resources: ResourceSettings = Field(
+        default_factory=ResourceSettings, description="Resources of the sandbox container."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on sandbox pods.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on sandbox pods."
+    )
+    run_as_user: int = Field(65534, ge=1, description="UID of the sandbox container (never 0: runAsNonRoot).")
+    run_as_group: int = Field(65534, ge=0, description="GID of the sandbox container.")
+    fs_group: int | None = Field(65534, ge=0, description="fsGroup of sandbox pods (owner of the emptyDirs).")
+    read_only_root_filesystem: bool = Field(
+        True, description="Mount the sandbox image read-only; /tmp and the journal are emptyDirs either way."
+    )
+    termination_grace_period_s: int = Field(
+        30, ge=0, description="Kubernetes grace before SIGKILL; keep above the supervisor's stop_grace_s."
+    )
+
+
+class KubernetesDriverSettings(_Section):
+    namespace: str = Field("openshell-sandboxes", description="Namespace the sandbox pods are created in.")
+    kubeconfig: Path | None = Field(
+        None,
+        description="Kubeconfig file; unset: in-cluster credentials when running in a pod, else $KUBECONFIG "
+        "or ~/.kube/config.",
+    )
+    context: str | None = Field(None, description="Kubeconfig context; unset: its current context.")
+    gateway_address: str = Field(
+        "",
+        description="host:port supervisors dial (the gateway Service's gRPC port, e.g. "
+        "openshell-gateway.openshell.svc:7070). Required with drivers.kind=kubernetes.",
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="Timeout of each Kubernetes API request.")
+    supervisor: SupervisorInjectionSettings = Field(default_factory=SupervisorInjectionSettings)
+    pod: SandboxPodSettings = Field(default_factory=SandboxPodSettings)
+
+
 class DriverSettings(_Section):
+    kind: Literal["local", "kubernetes"] = Field(
+        "local", description="Where sandboxes run: local processes (development) or Kubernetes pods."
+    )
     local: LocalDriverSettings = Field(default_factory=LocalDriverSettings)
+    kubernetes: KubernetesDriverSettings = Field(default_factory=KubernetesDriverSettings)
+
+    @model_validator(mode="after")
+    def _kubernetes_needs_an_address(self) -> DriverSettings:
+        if self.kind == "kubernetes" and not self.kubernetes.gateway_address:
+            raise ValueError("kubernetes.gateway_address must be set when kind is kubernetes")
+        return self
 
 
 class GatewayConfig(LayeredSettings):

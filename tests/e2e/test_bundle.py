@@ -10,8 +10,6 @@ image volume, as uid 65534 with no capabilities and a tmpfs ``/tmp`` to unpack i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,86 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from imagevolume.bundle import SYSTEM_PYTHON, BundleError, _is_pyenv, build_bundle
-from tests.support.procs import REPO, GatewayProcess, wait_until
+from tests.e2e.conftest import MOUNT
+from tests.support.procs import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.timeout(900)
-
-BUNDLE_DIR = Path(os.environ.get("OPENSHELL_BUNDLE_DIR", REPO / "build" / "bundle"))
-MOUNT = "/opt/openshell/openshell-supervisor"
-APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id")
-
-
-def _apt_install(*packages: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(
-        ["apt-get", "install", "-y", *packages], env=env, capture_output=True, check=False
-    )
-    return result.returncode == 0
-
-
-def _static_busybox() -> Path | None:
-    path = Path("/bin/busybox")
-    if not path.exists() and not _apt_install("busybox-static"):
-        return None
-    if not path.exists():
-        return None
-    info = subprocess.run(["file", "-L", str(path)], capture_output=True, text=True, check=False).stdout
-    if info and "statically linked" not in info and "static-pie" not in info:
-        _apt_install("busybox-static")  # replaces the dynamic busybox
-        info = subprocess.run(["file", "-L", str(path)], capture_output=True, text=True, check=False).stdout
-        if info and "statically linked" not in info and "static-pie" not in info:
-            return None
-    return path
-
-
-@pytest.fixture(scope="session")
-def bundle() -> Path:
-    if not SYSTEM_PYTHON.exists() or _is_pyenv(SYSTEM_PYTHON):
-        pytest.skip(f"needs Debian's {SYSTEM_PYTHON} (staticx refuses pyenv's Python)")
-    try:
-        return build_bundle(BUNDLE_DIR)
-    except BundleError as exc:
-        pytest.skip(f"cannot build the bundle here: {exc}")
-
-
-@pytest.fixture(scope="session")
-def bwrap() -> str:
-    path = shutil.which("bwrap")
-    if path is None and _apt_install("bubblewrap"):
-        path = shutil.which("bwrap")
-    if path is None:
-        pytest.skip("bubblewrap (apt bubblewrap) is not installed and cannot be installed without root")
-    probe = subprocess.run(
-        [path, "--ro-bind", "/", "/", "--unshare-all", "--uid", "65534", "--gid", "65534", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"bwrap cannot create a sandbox here: {probe.stderr.strip()}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    busybox = _static_busybox()
-    if busybox is None:
-        pytest.skip("needs a static /bin/busybox (apt busybox-static)")
-    root = tmp_path_factory.mktemp("busybox-rootfs")
-    (root / "bin").mkdir()
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    for d in ("tmp", "dev", "proc", "journal", "opt/openshell", "etc"):
-        (root / d).mkdir(parents=True)
-    (root / MOUNT.lstrip("/")).touch()  # the read-only root cannot grow a mount point
-    (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    assert not list(root.rglob("*python*")) and not list(root.rglob("libc*"))
-    return root
 
 
 def _sandbox(bwrap: str, rootfs: Path, bundle: Path, *extra: str, share_net: bool = False) -> list[str]:

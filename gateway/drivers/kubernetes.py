@@ -1,0 +1,244 @@
+"""The Kubernetes sandbox driver: one pod per sandbox, built by :mod:`gateway.drivers.podspec`.
+
+Works from a kubeconfig or in-cluster, against any conformant cluster (nothing here is specific to
+a distribution). It creates a sandbox as a pod plus a Secret with the supervisor's credential
+(owned by the pod, so the garbage collector removes it with the pod even if the gateway is gone),
+watches its pods by label, and deletes both. Everything it needs is the namespaced Role in
+``docs/rbac.md``; a refusal by the API says which verb on which resource was missing.
+
+lightkube is imported here only, so a gateway on the local driver never loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httpx2 as httpx  # lightkube's HTTP library (a maintained httpx fork)
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube.config.kubeconfig import SingleConfig
+from lightkube.core.exceptions import ConfigError
+from lightkube.resources.core_v1 import Pod, Secret
+
+from gateway.config import KubernetesDriverSettings
+from gateway.drivers.podspec import (
+    ANNOTATION_SANDBOX_ID,
+    MANAGED_BY,
+    SandboxRequest,
+    build_credential_secret,
+    build_sandbox_pod,
+    credential_secret_name,
+    pod_name,
+    selector_labels,
+)
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = MANAGED_BY
+_SELECTOR: dict[str, Any] = dict(selector_labels())
+
+
+class KubernetesDriverError(RuntimeError):
+    """The Kubernetes API refused or could not be reached; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class CreatedSandbox:
+    sandbox_id: str
+    pod_name: str
+    pod_uid: str
+    #: sha256 of the bearer token written into the sandbox's Secret; the token itself is not kept.
+    credential_sha256: str
+
+
+@dataclass(frozen=True)
+class PodState:
+    sandbox_id: str
+    pod_name: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown; "Deleted" once it is gone
+    reason: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.phase == "Deleted"
+
+
+def _pod_state(pod: Pod, *, deleted: bool = False) -> PodState | None:
+    meta = pod.metadata
+    if meta is None or meta.name is None:
+        return None
+    sandbox_id = (meta.annotations or {}).get(ANNOTATION_SANDBOX_ID)
+    if sandbox_id is None:
+        return None
+    status = pod.status
+    phase = "Deleted" if deleted else (status.phase if status and status.phase else "Unknown")
+    reason = status.reason if status else None
+    exit_code = None
+    for cs in (status.containerStatuses or []) if status else []:
+        terminated = cs.state.terminated if cs.state else None
+        if terminated is not None:
+            exit_code = terminated.exitCode
+            reason = reason or terminated.reason
+        waiting = cs.state.waiting if cs.state else None
+        if waiting is not None and waiting.reason:
+            reason = reason or waiting.reason
+    return PodState(
+        sandbox_id=sandbox_id, pod_name=meta.name, phase=phase, reason=reason, exit_code=exit_code
+    )
+
+
+class KubernetesDriver:
+    name = "kubernetes"
+
+    def __init__(self, settings: KubernetesDriverSettings, *, client: AsyncClient | None = None) -> None:
+        self._settings = settings
+        self._client = client
+
+    @property
+    def namespace(self) -> str:
+        return self._settings.namespace
+
+    def _load_config(self) -> SingleConfig:
+        s = self._settings
+        try:
+            config = KubeConfig.from_file(s.kubeconfig) if s.kubeconfig is not None else KubeConfig.from_env()
+            single = config.get(context_name=s.context)
+            if single is None:
+                raise ConfigError("no context selected: set drivers.kubernetes.context")
+            return single
+        except (ConfigError, OSError) as exc:
+            where = s.kubeconfig or "in-cluster credentials, $KUBECONFIG or ~/.kube/config"
+            raise KubernetesDriverError(
+                f"cannot load the Kubernetes client config from {where}: {exc}"
+            ) from None
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            self._client = AsyncClient(
+                self._load_config(),
+                namespace=self.namespace,
+                timeout=httpx.Timeout(self._settings.request_timeout_s),
+                field_manager=FIELD_MANAGER,
+            )
+        return self._client
+
+    async def check_access(self) -> None:
+        """List one pod: fails early, with the reason, when the API is unreachable or refuses."""
+        with self._explained("list", "pods"):
+            async for _ in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR, chunk_size=1):
+                break
+
+    async def create(self, request: SandboxRequest) -> CreatedSandbox:
+        pod_obj = build_sandbox_pod(self._settings, request)
+        with self._explained("create", "pods", request.sandbox_id):
+            created = await self.client.create(cast(Pod, Pod.from_dict(pod_obj)))
+        uid = created.metadata.uid if created.metadata and created.metadata.uid else ""
+        token = secrets.token_urlsafe(32)
+        secret = build_credential_secret(self._settings, request.sandbox_id, token, owner_uid=uid or None)
+        try:
+            with self._explained("create", "secrets", request.sandbox_id):
+                await self.client.create(cast(Secret, Secret.from_dict(secret)))
+        except KubernetesDriverError:
+            # A pod without its credential would never connect: take it back, then report.
+            with contextlib.suppress(ApiError, httpx.HTTPError):
+                await self.client.delete(Pod, pod_obj["metadata"]["name"], namespace=self.namespace)
+            raise
+        log.info(
+            "sandbox pod created",
+            extra={
+                "sandbox_id": request.sandbox_id,
+                "pod": pod_obj["metadata"]["name"],
+                "namespace": self.namespace,
+            },
+        )
+        return CreatedSandbox(
+            sandbox_id=request.sandbox_id,
+            pod_name=pod_obj["metadata"]["name"],
+            pod_uid=uid,
+            credential_sha256=hashlib.sha256(token.encode()).hexdigest(),
+        )
+
+    async def get(self, sandbox_id: str) -> PodState | None:
+        try:
+            with self._explained("get", "pods", sandbox_id):
+                pod = await self.client.get(Pod, pod_name(sandbox_id), namespace=self.namespace)
+        except KubernetesDriverError as exc:
+            if isinstance(exc.__cause__, ApiError) and exc.__cause__.status.code == 404:
+                return None
+            raise
+        return _pod_state(pod)
+
+    async def delete(self, sandbox_id: str, *, grace_s: int | None = None) -> bool:
+        """Delete a sandbox's pod and Secret; False when there was no pod."""
+        found = True
+        for resource, name, kind in (
+            (Pod, pod_name(sandbox_id), "pods"),
+            (Secret, credential_secret_name(sandbox_id), "secrets"),
+        ):
+            try:
+                with self._explained("delete", kind, sandbox_id):
+                    await self.client.delete(
+                        resource,
+                        name,
+                        namespace=self.namespace,
+                        grace_period=grace_s if resource is Pod else None,
+                    )
+            except KubernetesDriverError as exc:
+                if isinstance(exc.__cause__, ApiError) and exc.__cause__.status.code == 404:
+                    found = found and resource is not Pod
+                    continue
+                raise
+        return found
+
+    async def states(self) -> list[PodState]:
+        with self._explained("list", "pods"):
+            pods = [p async for p in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR)]
+        return [s for s in map(_pod_state, pods) if s is not None]
+
+    async def watch(self) -> AsyncIterator[PodState]:
+        """Every change of every sandbox pod, for as long as the caller iterates.
+
+        lightkube re-opens the watch when the server closes it; a refusal ends the iteration with
+        :class:`KubernetesDriverError`.
+        """
+        with self._explained("watch", "pods"):
+            async for op, pod in self.client.watch(Pod, namespace=self.namespace, labels=_SELECTOR):
+                state = _pod_state(pod, deleted=op == "DELETED")
+                if state is not None:
+                    yield state
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @contextlib.contextmanager
+    def _explained(self, verb: str, resource: str, sandbox_id: str | None = None) -> Any:
+        """Turn API and transport errors into one clear sentence (the original kept as __cause__)."""
+        what = f"{verb} {resource} in namespace {self.namespace!r}"
+        try:
+            yield
+        except ApiError as exc:
+            code = exc.status.code
+            message = exc.status.message or str(exc)
+            if code == 403:
+                text = (
+                    f"the Kubernetes API refused to {what} (403 Forbidden: {message}); the gateway's "
+                    "identity needs the Role in docs/rbac.md"
+                )
+            elif code == 409 and verb == "create":
+                text = f"sandbox {sandbox_id!r} already has {resource} in namespace {self.namespace!r}"
+            elif code == 422:
+                text = f"the Kubernetes API rejected the object to {what} (422 Invalid): {message}"
+            else:
+                text = f"cannot {what}: {code} {message}"
+            raise KubernetesDriverError(text) from exc
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
+            raise KubernetesDriverError(f"cannot reach the Kubernetes API to {what}: {exc}") from exc

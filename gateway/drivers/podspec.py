@@ -1,0 +1,291 @@
+"""Sandbox pods, built from the gateway config: the one place the supervisor's pod wiring is written.
+
+The Helm chart does not template sandbox pods: it renders the gateway config (``drivers.kubernetes``)
+and the gateway builds every pod here, so the chart and the driver cannot drift apart. The wiring:
+
+* the supervisor image mounted read-only at ``/opt/openshell`` as an image volume
+  (``volumes[].image``), or, where the cluster lacks ImageVolume, an init container from the same
+  image copying the bundle (``openshell-supervisor install``) into an emptyDir mounted there read-only;
+* the container command is the supervisor, wrapping the sandbox's own command after ``--``;
+* the journal on an emptyDir, ``/tmp`` on an emptyDir (the one-file bundle unpacks itself there),
+  so the image's root filesystem can stay read-only;
+* the per-sandbox credential from a Secret, re-read by the supervisor when it changes;
+* the Pod Security Standard "restricted" profile, always: non-root, no privilege escalation, every
+  capability dropped, seccomp RuntimeDefault. Nothing in the config can weaken it.
+
+Functions here are pure (dicts in, dicts out) so tests can check them offline against the
+Kubernetes schemas and the PSS rules, and a real API server can admit exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import KubernetesDriverSettings, SandboxPodSettings, SupervisorInjectionSettings
+from openshell_wire.records import sandbox_id_problem
+
+SUPERVISOR_DIR = "/opt/openshell"
+SUPERVISOR_BIN = f"{SUPERVISOR_DIR}/openshell-supervisor"
+#: Where the bundle sits inside the supervisor image (imagevolume/oci.py puts it at the root).
+IMAGE_BUNDLE_PATH = "/openshell-supervisor"
+JOURNAL_DIR = "/var/lib/openshell/journal"
+TMP_DIR = "/tmp"
+CREDENTIAL_DIR = "/var/run/secrets/openshell"
+CREDENTIAL_KEY = "token"
+
+CONTAINER_NAME = "sandbox"
+INIT_CONTAINER_NAME = "openshell-supervisor-install"
+VOLUME_SUPERVISOR = "openshell-supervisor"
+VOLUME_JOURNAL = "openshell-journal"
+VOLUME_TMP = "openshell-tmp"
+VOLUME_CREDENTIAL = "openshell-credential"
+
+POD_PREFIX = "sandbox-"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "openshell-gateway"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_SANDBOX = "openshell.io/sandbox"
+ANNOTATION_SANDBOX_ID = "openshell.io/sandbox-id"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class PodSpecError(ValueError):
+    """A sandbox request that cannot become a pod; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    sandbox_id: str
+    command: Sequence[str]
+    image: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def pod_name(sandbox_id: str) -> str:
+    problem = sandbox_id_problem(sandbox_id)
+    if problem is not None:
+        raise PodSpecError(problem)
+    name = POD_PREFIX + sandbox_id
+    if len(name) > 253:
+        raise PodSpecError(f"sandbox_id is {len(sandbox_id)} characters; pods allow at most 245")
+    return name
+
+
+def credential_secret_name(sandbox_id: str) -> str:
+    return pod_name(sandbox_id) + "-credential"
+
+
+def sandbox_label(sandbox_id: str) -> str:
+    """The id itself when it fits a label value (63 characters), else a stable digest of it."""
+    if len(sandbox_id) <= 63 and _LABEL_VALUE.match(sandbox_id):
+        return sandbox_id
+    return "h-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:40]
+
+
+def selector_labels() -> dict[str, str]:
+    """What every sandbox pod of this gateway carries: the driver lists and watches by it."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: "sandbox"}
+
+
+def _labels(settings: SandboxPodSettings, sandbox_id: str) -> dict[str, str]:
+    return {**settings.labels, **selector_labels(), LABEL_SANDBOX: sandbox_label(sandbox_id)}
+
+
+def container_security_context(pod: SandboxPodSettings, *, read_only_root: bool) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+        "runAsUser": pod.run_as_user,
+        "runAsGroup": pod.run_as_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context(pod: SandboxPodSettings) -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": pod.run_as_user,
+        "runAsGroup": pod.run_as_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if pod.fs_group is not None:
+        context["fsGroup"] = pod.fs_group
+    return context
+
+
+def _resources(requests: Mapping[str, str], limits: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = dict(requests)
+    if limits:
+        out["limits"] = dict(limits)
+    return out
+
+
+def supervisor_command(
+    settings: KubernetesDriverSettings, sandbox_id: str, command: Sequence[str]
+) -> list[str]:
+    """The container command: the supervisor as init, the sandbox's own command after ``--``."""
+    argv = [
+        SUPERVISOR_BIN, "run",
+        "--sandbox-id", sandbox_id,
+        "--gateway", settings.gateway_address,
+        "--journal-dir", JOURNAL_DIR,
+        "--set", f"gateway.credential_file={CREDENTIAL_DIR}/{CREDENTIAL_KEY}",
+    ]  # fmt: skip
+    for key, value in sorted(settings.supervisor.settings.items()):
+        argv += ["--set", f"{key}={value}"]
+    return [*argv, "--", *command]
+
+
+def supervisor_volume(supervisor: SupervisorInjectionSettings) -> dict[str, Any]:
+    if supervisor.injection == "image-volume":
+        return {
+            "name": VOLUME_SUPERVISOR,
+            "image": {"reference": supervisor.image, "pullPolicy": supervisor.pull_policy},
+        }
+    return {"name": VOLUME_SUPERVISOR, "emptyDir": {"sizeLimit": "64Mi"}}
+
+
+def install_init_container(settings: KubernetesDriverSettings) -> dict[str, Any]:
+    """The fallback without ImageVolume: the bundle copies itself (a FROM scratch image has no cp)."""
+    supervisor, pod = settings.supervisor, settings.pod
+    container: dict[str, Any] = {
+        "name": INIT_CONTAINER_NAME,
+        "image": supervisor.image,
+        "imagePullPolicy": supervisor.pull_policy,
+        "command": [IMAGE_BUNDLE_PATH, "install", SUPERVISOR_DIR],
+        "securityContext": container_security_context(pod, read_only_root=True),
+        "volumeMounts": [
+            {"name": VOLUME_SUPERVISOR, "mountPath": SUPERVISOR_DIR},
+            {"name": VOLUME_TMP, "mountPath": TMP_DIR},
+        ],
+    }
+    resources = _resources(supervisor.init_resources.requests, supervisor.init_resources.limits)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxRequest) -> dict[str, Any]:
+    """The Pod object (a JSON-ready dict) for one sandbox."""
+    pod, supervisor = settings.pod, settings.supervisor
+    name = pod_name(request.sandbox_id)
+    if not request.command:
+        raise PodSpecError(
+            "command is empty: the supervisor wraps the sandbox's command, and the image's own "
+            "ENTRYPOINT/CMD is not read (Kubernetes ignores both once a command is set)"
+        )
+    image = request.image or pod.default_image
+    if not image:
+        raise PodSpecError("image is empty and drivers.kubernetes.pod.default_image is not set")
+    if not settings.gateway_address:
+        raise PodSpecError(
+            "drivers.kubernetes.gateway_address is empty: supervisors would not know where to dial"
+        )
+    for key in request.env:
+        if not key or "=" in key:
+            raise PodSpecError(f"env: {key!r} is not a valid variable name")
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": pod.image_pull_policy,
+        "command": supervisor_command(settings, request.sandbox_id, request.command),
+        "env": [{"name": k, "value": v} for k, v in sorted(request.env.items())],
+        "securityContext": container_security_context(pod, read_only_root=pod.read_only_root_filesystem),
+        "volumeMounts": [
+            {"name": VOLUME_SUPERVISOR, "mountPath": SUPERVISOR_DIR, "readOnly": True},
+            {"name": VOLUME_JOURNAL, "mountPath": JOURNAL_DIR},
+            {"name": VOLUME_TMP, "mountPath": TMP_DIR},
+            {"name": VOLUME_CREDENTIAL, "mountPath": CREDENTIAL_DIR, "readOnly": True},
+        ],
+    }
+    if not container["env"]:
+        del container["env"]
+    resources = _resources(pod.resources.requests, pod.resources.limits)
+    if resources:
+        container["resources"] = resources
+
+    spec: dict[str, Any] = {
+        # The supervisor is the sandbox's init and applies its own restart policy; when it exits,
+        # the sandbox has ended, and the pod stays for its status and logs until deleted.
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": pod.automount_service_account_token,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": pod.termination_grace_period_s,
+        "securityContext": pod_security_context(pod),
+        "containers": [container],
+        "volumes": [
+            supervisor_volume(supervisor),
+            {"name": VOLUME_JOURNAL, "emptyDir": {"sizeLimit": supervisor.journal_size_limit}},
+            {"name": VOLUME_TMP, "emptyDir": {"sizeLimit": supervisor.tmp_size_limit}},
+            {
+                "name": VOLUME_CREDENTIAL,
+                "secret": {
+                    "secretName": credential_secret_name(request.sandbox_id),
+                    # Group-readable through fsGroup; world-readable only when there is no fsGroup.
+                    "defaultMode": 0o440 if pod.fs_group is not None else 0o444,
+                },
+            },
+        ],
+    }
+    if supervisor.injection == "init-container":
+        spec["initContainers"] = [install_init_container(settings)]
+    optional: dict[str, Any] = {
+        "serviceAccountName": pod.service_account_name,
+        "runtimeClassName": pod.runtime_class_name,
+        "priorityClassName": pod.priority_class_name,
+        "nodeSelector": dict(pod.node_selector) or None,
+        "tolerations": list(pod.tolerations) or None,
+        "affinity": dict(pod.affinity) or None,
+        "imagePullSecrets": [{"name": s} for s in pod.image_pull_secrets] or None,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": _labels(pod, request.sandbox_id),
+            "annotations": {**pod.annotations, ANNOTATION_SANDBOX_ID: request.sandbox_id},
+        },
+        "spec": spec,
+    }
+
+
+def build_credential_secret(
+    settings: KubernetesDriverSettings,
+    sandbox_id: str,
+    token: str,
+    *,
+    owner_uid: str | None = None,
+) -> dict[str, Any]:
+    """The Secret holding a sandbox's bearer token; owned by its pod so it goes when the pod goes."""
+    metadata: dict[str, Any] = {
+        "name": credential_secret_name(sandbox_id),
+        "namespace": settings.namespace,
+        "labels": _labels(settings.pod, sandbox_id),
+        "annotations": {ANNOTATION_SANDBOX_ID: sandbox_id},
+    }
+    if owner_uid is not None:
+        metadata["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Pod", "name": pod_name(sandbox_id), "uid": owner_uid}
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata,
+        "data": {CREDENTIAL_KEY: base64.b64encode(token.encode()).decode()},
+    }
