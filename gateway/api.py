@@ -19,6 +19,11 @@ Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are cr
 stored, sent at once to the sandbox's live session if it is on this gateway, and otherwise with its
 next session; their state (``pending``, ``applied``, ``failed``) is readable until answered and after.
 
+With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``)
+creates a sandbox pod and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row and its events
+stay; ``driver_state`` follows the pod). The API has no authentication yet (the auth issue adds
+OIDC): keep ``http.listen`` reachable only by trusted callers.
+
 Every error is a JSON object ``{"error": "..."}`` with a fitting status; a follow stream that
 fails after it started (the headers are gone by then) ends with such an object as its last line.
 """
@@ -36,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.drivers import Provisioner, ProvisionError
 from gateway.store import (
     CommandRow,
     CommandStore,
@@ -47,7 +53,7 @@ from gateway.store import (
     utcnow,
 )
 from gateway.store.schema import EVENT_KINDS
-from openshell_wire.records import Command, CommandKind
+from openshell_wire.records import Command, CommandKind, sandbox_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ def sandbox_json(row: SandboxRow, now: datetime, lost_after_s: float) -> dict[st
         "instance_id": row.instance_id,
         "session_id": row.session_id,
         "journal_epoch": row.journal_epoch,
+        "driver_state": row.driver_state,
     }
 
 
@@ -202,6 +209,36 @@ def command_json(row: CommandRow) -> dict[str, Any]:
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
 
 
+def _sandbox_request(body: object) -> tuple[str, list[str], str | None, dict[str, str]]:
+    """Validate a POSTed sandbox: ``{"id": "sb-1", "command": ["sh", "-c", "..."], "image": "..."}``."""
+    if not isinstance(body, dict):
+        raise ApiError(
+            400, 'the body must be a JSON object such as {"id": "sb-1", "command": ["sleep", "60"]}'
+        )
+    unknown = sorted(set(body) - {"id", "command", "image", "env"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+    sandbox_id, command, image, env = (
+        body.get("id"),
+        body.get("command"),
+        body.get("image"),
+        body.get("env", {}),
+    )
+    problem = sandbox_id_problem(sandbox_id) if isinstance(sandbox_id, str) else "id must be a string"
+    if problem is not None:
+        raise ApiError(400, problem)
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise ApiError(400, "command must be a non-empty list of strings")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise ApiError(400, "image must be a non-empty string when given")
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ApiError(400, "env must be an object of string values")
+    assert isinstance(sandbox_id, str)
+    return sandbox_id, command, image, env
+
+
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
     """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like."""
     if not isinstance(body, dict):
@@ -243,7 +280,9 @@ class _Api:
         now: Callable[[], datetime],
         commands: CommandStore | None = None,
         deliver: Callable[[str, Command], bool] | None = None,
+        provisioner: Provisioner | None = None,
     ) -> None:
+        self.provisioner = provisioner
         self.sandboxes = sandboxes
         self.events = events
         self.commands = commands
@@ -292,6 +331,33 @@ class _Api:
         if found is None:
             raise ApiError(404, f"no command {request.match_info['command_id']!r}")
         return web.json_response(command_json(found))
+
+    def _provisioner(self) -> Provisioner:
+        if self.provisioner is None:
+            raise ApiError(501, "this gateway creates no sandboxes (drivers.kind is not kubernetes)")
+        return self.provisioner
+
+    async def create_sandbox(self, request: web.Request) -> web.StreamResponse:
+        provisioner = self._provisioner()
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        sandbox_id, command, image, env = _sandbox_request(body)
+        try:
+            created = await provisioner.create(sandbox_id, command, image=image, env=env)
+        except ProvisionError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        return web.json_response(created, status=201)
+
+    async def delete_sandbox(self, request: web.Request) -> web.StreamResponse:
+        provisioner = self._provisioner()
+        row = await self._sandbox(request)
+        try:
+            found = await provisioner.delete(row.id)
+        except ProvisionError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        return web.json_response({"id": row.id, "deleted": found}, status=202)
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -379,6 +445,7 @@ def build_api(
     now: Callable[[], datetime] = utcnow,
     commands: CommandStore | None = None,
     deliver: Callable[[str, Command], bool] | None = None,
+    provisioner: Provisioner | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app."""
     api = _Api(
@@ -388,12 +455,15 @@ def build_api(
         now=now,
         commands=commands,
         deliver=deliver,
+        provisioner=provisioner,
     )
     app = web.Application(middlewares=[_json_errors])
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
+    app.router.add_post("/api/v1/sandboxes", api.create_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)
+    app.router.add_delete("/api/v1/sandboxes/{id}", api.delete_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}/logs", api.logs)
     app.router.add_post("/api/v1/sandboxes/{id}/commands", api.create_command)
     app.router.add_get("/api/v1/sandboxes/{id}/commands", api.list_commands)

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.api import build_api
 from gateway.config import GatewayConfig, GrpcTlsSettings
+from gateway.drivers import Provisioner
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore
@@ -54,6 +55,7 @@ class Gateway:
         self._flusher: asyncio.Task[None] | None = None
         self._sandboxes: SandboxStore | None = None
         self._service: OpenShellService | None = None
+        self._provisioner: Provisioner | None = None  # only with drivers.kind=kubernetes
 
     @property
     def sandboxes(self) -> SandboxStore:
@@ -102,7 +104,14 @@ class Gateway:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
 
+        if cfg.drivers.kind == "kubernetes":
+            from gateway.provisioner import KubernetesProvisioner  # noqa: PLC0415 - loads lightkube
+
+            provisioner = KubernetesProvisioner(cfg.drivers.kubernetes, self._sandboxes)
+            await provisioner.start()
+            self._provisioner = provisioner
         app = build_api(
+            provisioner=self._provisioner,
             sandboxes=self._sandboxes,
             events=events,
             lost_after_s=cfg.sessions.lost_after_s,
@@ -157,6 +166,9 @@ class Gateway:
                 await self._flusher
             self._flusher = None
             await self._flush_once()
+        if self._provisioner is not None:
+            await self._provisioner.close()
+            self._provisioner = None
         if self._service is not None:
             await self._service.drain()
         if self.db is not None:

@@ -138,7 +138,8 @@ class ResourceSettings(_Section):
 class SupervisorInjectionSettings(_Section):
     image: str = Field(
         "ghcr.io/openshell/openshell-supervisor:0.1.0",
-        description="OCI image holding only the supervisor bundle (imagevolume/); pin a digest in production.",
+        description="OCI image holding only the supervisor bundle (imagevolume/); pin a digest in "
+        "production.",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the supervisor image."

@@ -1,2 +1,27 @@
-"""Sandbox drivers: how the gateway makes a sandbox exist (a local process today, a Kubernetes pod
-with the supervisor as an image volume next)."""
+"""Sandbox drivers: how the gateway makes a sandbox exist (a local process, or a Kubernetes pod with
+the supervisor as an image volume), and what the HTTP API needs of them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+
+class ProvisionError(Exception):
+    """A sandbox could not be created or deleted; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Provisioner(Protocol):
+    """Creates and deletes sandboxes for the HTTP API (see gateway.provisioner)."""
+
+    async def create(
+        self, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
+    ) -> dict[str, Any]: ...
+
+    async def delete(self, sandbox_id: str) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -44,7 +44,13 @@ _SELECTOR: dict[str, Any] = dict(selector_labels())
 
 
 class KubernetesDriverError(RuntimeError):
-    """The Kubernetes API refused or could not be reached; the message says what and what to do."""
+    """The Kubernetes API refused or could not be reached; the message says what and what to do.
+
+    ``status`` is the API's HTTP status code, None when the API was not reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ class KubernetesDriver:
             with self._explained("get", "pods", sandbox_id):
                 pod = await self.client.get(Pod, pod_name(sandbox_id), namespace=self.namespace)
         except KubernetesDriverError as exc:
-            if isinstance(exc.__cause__, ApiError) and exc.__cause__.status.code == 404:
+            if exc.status == 404:
                 return None
             raise
         return _pod_state(pod)
@@ -191,7 +197,7 @@ class KubernetesDriver:
                         grace_period=grace_s if resource is Pod else None,
                     )
             except KubernetesDriverError as exc:
-                if isinstance(exc.__cause__, ApiError) and exc.__cause__.status.code == 404:
+                if exc.status == 404:
                     found = found and resource is not Pod
                     continue
                 raise
@@ -239,6 +245,6 @@ class KubernetesDriver:
                 text = f"the Kubernetes API rejected the object to {what} (422 Invalid): {message}"
             else:
                 text = f"cannot {what}: {code} {message}"
-            raise KubernetesDriverError(text) from exc
+            raise KubernetesDriverError(text, code) from exc
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise KubernetesDriverError(f"cannot reach the Kubernetes API to {what}: {exc}") from exc

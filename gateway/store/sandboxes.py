@@ -47,6 +47,7 @@ class SandboxRow:
     owner: str | None
     owner_epoch: int
     spec: dict[str, Any] | None = None
+    driver_state: dict[str, Any] | None = None
 
 
 def _sandbox(row: Row[Any]) -> SandboxRow:
@@ -66,6 +67,7 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         owner=row.owner,
         owner_epoch=int(row.owner_epoch),
         spec=json.loads(row.spec) if row.spec is not None else None,
+        driver_state=json.loads(row.driver_state) if row.driver_state is not None else None,
     )
 
 
@@ -178,6 +180,26 @@ class SandboxStore:
         with store_errors(f"cannot record the heartbeats of {len(params)} sandboxes"):
             async with self._db.engine.begin() as conn:
                 await conn.execute(statement, params)
+
+    async def set_spec(self, sandbox_id: str, spec: Mapping[str, Any]) -> None:
+        with store_errors(f"cannot record the spec of sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                await conn.execute(
+                    update(sandboxes_table)
+                    .where(sandboxes_table.c.id == sandbox_id)
+                    .values(spec=json.dumps(dict(spec), sort_keys=True))
+                )
+
+    async def set_driver_state(self, sandbox_id: str, state: Mapping[str, Any]) -> bool:
+        """Record what the driver saw (a pod's phase...); False when the sandbox is unknown."""
+        with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                result = await conn.execute(
+                    update(sandboxes_table)
+                    .where(sandboxes_table.c.id == sandbox_id)
+                    .values(driver_state=json.dumps(dict(state), sort_keys=True))
+                )
+        return bool(result.rowcount)
 
     async def delete(self, sandbox_id: str) -> None:
         """Forget the sandbox and (by ON DELETE CASCADE) all of its events."""

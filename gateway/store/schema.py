@@ -90,6 +90,7 @@ sandboxes = Table(
     Column("owner", Text, nullable=True),
     Column("owner_epoch", BigInteger, nullable=False, server_default=text("0")),
     Column("spec", Text, nullable=True),
+    Column("driver_state", Text, nullable=True),
 )
 
 events = Table(

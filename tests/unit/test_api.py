@@ -114,9 +114,15 @@ async def test_unknown_sandbox_is_404(env: Env) -> None:
 
 async def test_router_errors_are_json_too(env: Env) -> None:
     assert "error" in await get_json(env, "/api/v1/elsewhere", 404)
-    resp = await env.client.post("/api/v1/sandboxes")
+    resp = await env.client.put("/api/v1/sandboxes")
     assert resp.status == 405 and resp.content_type == "application/json"
     assert "error" in await resp.json()
+
+
+async def test_creating_sandboxes_needs_the_kubernetes_driver(env: Env) -> None:
+    resp = await env.client.post("/api/v1/sandboxes", json={"id": "x", "command": ["true"]})
+    assert resp.status == 501
+    assert "drivers.kind" in (await resp.json())["error"]
 
 
 async def test_tail(env: Env) -> None:

@@ -71,7 +71,7 @@ async def check_schema(db: Database) -> None:
     async with db.engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
-    assert version == ["0002"]
+    assert version == ["0003"]
     assert {"sandboxes", "events", "alembic_version"} <= tables
 
 

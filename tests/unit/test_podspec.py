@@ -1,0 +1,188 @@
+"""The sandbox pod the gateway builds: valid for the Kubernetes schema, locked down, wired right."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from gateway.config import GatewayConfig, KubernetesDriverSettings
+from gateway.drivers import podspec
+from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_credential_secret, build_sandbox_pod
+from imagevolume import oci  # a cross-check only: the gateway never imports imagevolume
+
+VERSIONS = ("1.34.0", "1.35.0", "1.37.0")
+
+
+def settings(**overrides: Any) -> KubernetesDriverSettings:
+    return KubernetesDriverSettings.model_validate({"gateway_address": "gw.openshell.svc:7070", **overrides})
+
+
+def request(**overrides: Any) -> SandboxRequest:
+    args: dict[str, Any] = {"sandbox_id": "sb-1", "command": ["python3", "agent.py"], "image": "agent:1"}
+    return SandboxRequest(**{**args, **overrides})
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("injection", ["image-volume", "init-container"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pods_and_secrets_validate_against_the_kubernetes_schema(injection: str, version: str) -> None:
+    s = settings(
+        supervisor={"injection": injection},
+        pod={
+            "runtime_class_name": "gvisor",
+            "node_selector": {"openshell.io/pool": "sandboxes"},
+            "tolerations": [{"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "kata", "operator": "In", "values": ["yes"]}]}
+                        ]
+                    }
+                }
+            },
+            "image_pull_secrets": ["regcred"],
+            "service_account_name": "sandbox",
+            "priority_class_name": "low",
+        },
+    )
+    pod = build_sandbox_pod(s, request(env={"A": "1"}))
+    kubernetes_validate.validate(pod, version, strict=True)
+    kubernetes_validate.validate(
+        build_credential_secret(s, "sb-1", "tok", owner_uid="u-1"), version, strict=True
+    )
+    # And a broken pod does fail (the validation is live): a string where an integer belongs.
+    broken = {**pod, "spec": {**pod["spec"], "terminationGracePeriodSeconds": "thirty"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_the_wiring() -> None:
+    pod = build_sandbox_pod(settings(supervisor={"settings": {"journal.max_bytes": "1000000"}}), request())
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == [
+        "/opt/openshell/openshell-supervisor", "run",
+        "--sandbox-id", "sb-1",
+        "--gateway", "gw.openshell.svc:7070",
+        "--journal-dir", "/var/lib/openshell/journal",
+        "--set", "gateway.credential_file=/var/run/secrets/openshell/token",
+        "--set", "journal.max_bytes=1000000",
+        "--", "python3", "agent.py",
+    ]  # fmt: skip
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/opt/openshell"] == {
+        "name": "openshell-supervisor",
+        "mountPath": "/opt/openshell",
+        "readOnly": True,
+    }
+    assert mounts["/var/run/secrets/openshell"]["readOnly"] is True
+    assert not mounts["/var/lib/openshell/journal"].get("readOnly")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["openshell-supervisor"]["image"] == {
+        "reference": "ghcr.io/openshell/openshell-supervisor:0.1.0",
+        "pullPolicy": "IfNotPresent",
+    }
+    assert volumes["openshell-journal"] == {"name": "openshell-journal", "emptyDir": {"sizeLimit": "512Mi"}}
+    assert volumes["openshell-tmp"]["emptyDir"]["sizeLimit"] == "256Mi"
+    assert volumes["openshell-credential"]["secret"]["secretName"] == "sandbox-sb-1-credential"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert "initContainers" not in pod["spec"]
+    assert pod["metadata"]["annotations"][podspec.ANNOTATION_SANDBOX_ID] == "sb-1"
+
+
+def test_the_init_container_fallback_copies_into_what_the_sandbox_mounts() -> None:
+    pod = build_sandbox_pod(settings(supervisor={"injection": "init-container"}), request())
+    (init,) = pod["spec"]["initContainers"]
+    assert init["image"] == "ghcr.io/openshell/openshell-supervisor:0.1.0"
+    assert init["command"] == ["/openshell-supervisor", "install", "/opt/openshell"]
+    assert {"name": "openshell-supervisor", "mountPath": "/opt/openshell"} in init["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "image" not in volumes["openshell-supervisor"] and "emptyDir" in volumes["openshell-supervisor"]
+
+
+def test_the_bundle_path_matches_the_image_layout() -> None:
+    assert podspec.IMAGE_BUNDLE_PATH == "/" + oci.BUNDLE_PATH
+
+
+def test_every_container_is_locked_down_whatever_the_config() -> None:
+    s = settings(
+        supervisor={"injection": "init-container"},
+        pod={"read_only_root_filesystem": False, "run_as_user": 1000, "fs_group": None},
+    )
+    pod = build_sandbox_pod(s, request())
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert "fsGroup" not in pod["spec"]["securityContext"]
+    for c in containers(pod):
+        ctx = c["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["privileged"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
+        assert ctx["runAsUser"] == 1000 and ctx["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+    # Without fsGroup the token file must be world-readable for the non-root uid to read it.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["openshell-credential"]["secret"]["defaultMode"] == 0o444
+
+
+def test_uid_zero_is_refused_by_the_config() -> None:
+    with pytest.raises(ValueError, match="run_as_user"):
+        settings(pod={"run_as_user": 0})
+
+
+def test_bad_quantities_are_refused_with_their_key() -> None:
+    with pytest.raises(ValueError, match=r"limits\.memory: '2 gigs' is not a Kubernetes quantity"):
+        settings(pod={"resources": {"limits": {"memory": "2 gigs"}}})
+    with pytest.raises(ValueError, match="tmp_size_limit"):
+        settings(supervisor={"tmp_size_limit": "lots"})
+
+
+def test_kind_kubernetes_needs_a_gateway_address() -> None:
+    with pytest.raises(ValueError, match="gateway_address must be set"):
+        GatewayConfig.model_validate({"drivers": {"kind": "kubernetes"}})
+
+
+@pytest.mark.parametrize(
+    ("req", "s", "message"),
+    [
+        (request(command=[]), settings(), "command is empty"),
+        (request(image=None), settings(), "default_image is not set"),
+        (request(sandbox_id="Not_Valid"), settings(), "not a valid name"),
+        (request(sandbox_id="a" * 250), settings(), "at most 245"),
+        (request(env={"A=B": "x"}), settings(), "not a valid variable name"),
+        (request(), KubernetesDriverSettings(), "gateway_address is empty"),
+    ],
+)
+def test_requests_that_cannot_become_pods_say_why(
+    req: SandboxRequest, s: KubernetesDriverSettings, message: str
+) -> None:
+    with pytest.raises(PodSpecError, match=message):
+        build_sandbox_pod(s, req)
+
+
+def test_the_default_image_fills_in() -> None:
+    pod = build_sandbox_pod(settings(pod={"default_image": "busybox:1"}), request(image=None))
+    assert pod["spec"]["containers"][0]["image"] == "busybox:1"
+
+
+def test_long_ids_get_a_digest_label_and_keep_the_id_in_an_annotation() -> None:
+    long_id = "a" * 100
+    pod = build_sandbox_pod(settings(), request(sandbox_id=long_id))
+    label = pod["metadata"]["labels"][podspec.LABEL_SANDBOX]
+    assert len(label) <= 63 and label.startswith("h-")
+    assert pod["metadata"]["annotations"][podspec.ANNOTATION_SANDBOX_ID] == long_id
+    assert pod["metadata"]["name"] == "sandbox-" + long_id
+
+
+def test_the_secret_holds_the_token_and_belongs_to_the_pod() -> None:
+    secret = build_credential_secret(settings(), "sb-1", "s3cret", owner_uid="uid-1")
+    assert base64.b64decode(secret["data"]["token"]) == b"s3cret"
+    assert secret["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "sandbox-sb-1", "uid": "uid-1"}
+    ]
