@@ -40,6 +40,13 @@ from gateway.drivers.podspec import (
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = MANAGED_BY
+
+#: Everything the driver does, as the rules of a namespaced Role in the sandbox namespace: the
+#: chart's Role and docs/rbac.md say exactly this, and the live tests show each verb is needed.
+RBAC_RULES: tuple[dict[str, list[str]], ...] = (
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete", "get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
+)
 _SELECTOR: dict[str, Any] = dict(selector_labels())
 
 
@@ -232,19 +239,37 @@ class KubernetesDriver:
         try:
             yield
         except ApiError as exc:
-            code = exc.status.code
-            message = exc.status.message or str(exc)
-            if code == 403:
-                text = (
-                    f"the Kubernetes API refused to {what} (403 Forbidden: {message}); the gateway's "
-                    "identity needs the Role in docs/rbac.md"
-                )
-            elif code == 409 and verb == "create":
-                text = f"sandbox {sandbox_id!r} already has {resource} in namespace {self.namespace!r}"
-            elif code == 422:
-                text = f"the Kubernetes API rejected the object to {what} (422 Invalid): {message}"
-            else:
-                text = f"cannot {what}: {code} {message}"
-            raise KubernetesDriverError(text, code) from exc
+            raise self._refusal(
+                what, verb, resource, sandbox_id, code=exc.status.code, message=exc.status.message
+            ) from exc
+        except httpx.HTTPStatusError as exc:  # a watch's refusal arrives as a bare HTTP status
+            code = exc.response.status_code
+            raise self._refusal(
+                what, verb, resource, sandbox_id, code=code, message=exc.response.reason_phrase
+            ) from exc
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise KubernetesDriverError(f"cannot reach the Kubernetes API to {what}: {exc}") from exc
+
+    def _refusal(
+        self,
+        what: str,
+        verb: str,
+        resource: str,
+        sandbox_id: str | None,
+        *,
+        code: int | None,
+        message: str | None,
+    ) -> KubernetesDriverError:
+        message = message or "no message"
+        if code == 403:
+            text = (
+                f"the Kubernetes API refused to {what} (403 Forbidden: {message}); the gateway's "
+                "identity needs the Role in docs/rbac.md"
+            )
+        elif code == 409 and verb == "create":
+            text = f"sandbox {sandbox_id!r} already has {resource} in namespace {self.namespace!r}"
+        elif code == 422:
+            text = f"the Kubernetes API rejected the object to {what} (422 Invalid): {message}"
+        else:
+            text = f"cannot {what}: {code} {message}"
+        return KubernetesDriverError(text, code)
