@@ -1,0 +1,581 @@
+"""The Helm chart (helm/openshell), through real Helm (helm_python, the Helm SDK as a library).
+
+For every values file in helm/openshell/ci/: lint passes, the templates render, every object is valid
+against the OpenAPI schemas of several Kubernetes versions, every pod the chart makes (the gateway,
+the migration Job, the `helm test` pod) passes the Pod Security Standard "restricted", and the
+gateway config in the ConfigMap loads with the gateway's own loader and yields sandbox pods that
+pass "restricted" and the schemas too. Then what each values file is for: HA, Gateway API,
+RuntimeClasses, the init-container fallback, an external database; and the chart's refusals.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway import cli as gateway_cli
+from gateway.config import GatewayConfig
+from gateway.drivers.kubernetes import RBAC_RULES
+from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod, selector_labels
+from openshell_wire.configfile import load_settings
+from tests.support import pss
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "openshell"
+CI_DIR = CHART / "ci"
+CI_FILES = sorted(p.name for p in CI_DIR.glob("*.yaml"))
+RELEASE = "openshell"
+NAMESPACE = "openshell"
+#: The oldest release with ImageVolume beta in the schemas, and the newest two bundled.
+KUBE_VERSIONS = sorted({"1.33.0", "1.35.0", kubernetes_validate.latest_version()})
+#: Custom resources: kubernetes_validate has no schema for them (SchemaNotFoundError).
+CRD_GROUPS = {"monitoring.coreos.com", "gateway.networking.k8s.io"}
+SANDBOX_VERBS = {"pods": {"create", "get", "list", "watch", "delete"}, "secrets": {"create", "delete"}}
+
+Obj = dict[str, Any]
+
+
+def ci_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CI_DIR / name).read_text()) or {}
+
+
+@functools.cache
+def _chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+def render(values: dict[str, Any], *, namespace: str = NAMESPACE) -> list[Obj]:
+    manifests = _chart().render(values, name=RELEASE, namespace=namespace)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {}).setdefault("annotations", {})
+                objects.append(doc)
+    return objects
+
+
+@functools.cache
+def _rendered_json(name: str) -> str:
+    return json.dumps(render(ci_values(name)))
+
+
+def rendered(name: str) -> list[Obj]:
+    """The objects of a ci/ values file (a fresh copy: tests may change them)."""
+    objects: list[Obj] = json.loads(_rendered_json(name))
+    return objects
+
+
+def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[Obj], kind: str, *, component: str | None = None) -> Obj:
+    found = [
+        o
+        for o in of_kind(objects, kind)
+        if component is None
+        or o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} objects (component {component})"
+    return found[0]
+
+
+def deployment(objects: list[Obj]) -> Obj:
+    return one(objects, "Deployment", component="gateway")
+
+
+def gateway_container(objects: list[Obj]) -> Obj:
+    containers = deployment(objects)["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "gateway")
+
+
+def config_text(objects: list[Obj]) -> str:
+    text: str = one(objects, "ConfigMap", component="gateway")["data"]["gateway.yaml"]
+    return text
+
+
+def load_config(objects: list[Obj], tmp_path: Path) -> GatewayConfig:
+    """The ConfigMap's gateway.yaml through the gateway's own loader (no environment)."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(objects))
+    return load_settings(GatewayConfig, file=path, use_env=False)
+
+
+def sandbox_pod(config: GatewayConfig) -> Obj:
+    return build_sandbox_pod(config.drivers.kubernetes, SandboxRequest("t", ["sleep", "1"], image="busybox"))
+
+
+def pod_specs(objects: list[Obj]) -> Iterator[tuple[str, Obj]]:
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet", "ReplicaSet"):
+            yield f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            yield f"Pod/{obj['metadata']['name']}", obj["spec"]
+
+
+def validate(obj: Obj) -> None:
+    """kubernetes_validate (strict: unknown fields fail) against every version in KUBE_VERSIONS."""
+    for version in KUBE_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(map(str, exc.path))
+            raise AssertionError(
+                f"{obj['kind']} {obj['metadata'].get('name')} on {version}: {where}: {exc.message}"
+            ) from None
+
+
+def test_every_ci_values_file_is_here() -> None:
+    assert set(CI_FILES) == {
+        "default-values.yaml",
+        "ha-values.yaml",
+        "gateway-api-values.yaml",
+        "openshift-values.yaml",
+        "kata-values.yaml",
+        "gvisor-values.yaml",
+        "no-image-volume-values.yaml",
+        "external-postgresql-values.yaml",
+    }
+
+
+# --- every values file ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_lint_passes(name: str) -> None:
+    report = helm.lint(CHART, ci_values(name), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [], report
+    worse_than_info = [m for m in report["messages"] if m["severity"] >= 2]
+    assert worse_than_info == [], worse_than_info
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_values_match_the_schema(name: str) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(_chart().merge_values(ci_values(name)))
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_every_object_is_valid_kubernetes(name: str) -> None:
+    objects = rendered(name)
+    validated = 0
+    for obj in objects:
+        assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
+        group = obj["apiVersion"].rpartition("/")[0]
+        if group in CRD_GROUPS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+            assert isinstance(obj.get("spec"), dict) and obj["spec"], obj
+            continue
+        validate(obj)
+        validated += 1
+    kinds = {o["kind"] for o in objects}
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Pod"} <= kinds
+    assert validated >= 7
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_every_pod_passes_restricted(name: str) -> None:
+    specs = dict(pod_specs(rendered(name)))
+    assert any(k.startswith("Deployment/") for k in specs)
+    assert any(k.startswith("Pod/") for k in specs)  # the helm test pod
+    for where, spec in specs.items():
+        assert pss.violations(spec, "restricted") == [], where
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str, tmp_path: Path) -> None:
+    objects = rendered(name)
+    config = load_config(objects, tmp_path)
+    assert config.drivers.kind == "kubernetes"
+    assert config.grpc.listen == "0.0.0.0:7070" and config.http.listen == "0.0.0.0:7080"
+    # Supervisors dial the gateway Service's gRPC port.
+    service = one(objects, "Service", component="gateway")
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    sandbox_ns = one(objects, "Role")["metadata"]["namespace"]
+    assert config.drivers.kubernetes.gateway_address == (
+        f"{service['metadata']['name']}.{NAMESPACE}.svc:{grpc_port}"
+    )
+    assert config.drivers.kubernetes.namespace == sandbox_ns
+    pod = sandbox_pod(config)
+    assert pss.violations(pod["spec"], "restricted") == []
+    validate(pod)
+    # The CLI's own check accepts the file too (exit 0; 78 for a bad file).
+    path = tmp_path / "gateway.yaml"
+    assert gateway_cli.main(["config", "check", str(path)]) == 0
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_role_has_exactly_the_drivers_verbs_and_nothing_is_cluster_wide(name: str) -> None:
+    objects = rendered(name)
+    role = one(objects, "Role")
+    verbs: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == [""], rule
+        assert not rule.get("resourceNames"), rule
+        for resource in rule["resources"]:
+            verbs.setdefault(resource, set()).update(rule["verbs"])
+    assert verbs == SANDBOX_VERBS
+    # ... which is what the driver declares it uses (and its live tests show each verb is needed).
+    declared = {r: set(rule["verbs"]) for rule in RBAC_RULES for r in rule["resources"]}
+    assert verbs == declared
+    binding = one(objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    account = deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == account
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
+    values = _chart().merge_values(ci_values(name))
+    objects = rendered(name)
+    spec = deployment(objects)["spec"]["template"]["spec"]
+    container = gateway_container(objects)
+    drain, grace = values["gateway"]["drainSeconds"], values["gateway"]["grpc"]["shutdownGraceSeconds"]
+    assert spec["terminationGracePeriodSeconds"] == drain + grace
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
+    assert container["args"] == ["serve", "--config", "/etc/openshell/gateway.yaml"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 7070, "http": 7080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["grpc"] == {"port": 7070}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/tmp", "/etc/openshell"} <= mounts
+    service = one(objects, "Service", component="gateway")
+    assert {(p["name"], p["appProtocol"]) for p in service["spec"]["ports"]} == {
+        ("grpc", "grpc"),
+        ("http", "http"),
+    }
+    configmap = one(objects, "ConfigMap", component="gateway")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert deployment(objects)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_the_config_checksum_follows_the_config() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        annotations = deployment(render(values))["spec"]["template"]["metadata"]["annotations"]
+        value: str = annotations["checksum/config"]
+        return value
+
+    assert checksum({}) == checksum({})
+    assert checksum({}) != checksum({"gateway": {"logLevel": "debug"}})
+    assert checksum({}) != checksum({"sandboxes": {"pod": {"runtimeClassName": "kata"}}})
+
+
+def test_the_helm_test_pod_asks_the_service_for_healthz() -> None:
+    objects = rendered("default-values.yaml")
+    pod = one(objects, "Pod", component="test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    service = one(objects, "Service", component="gateway")
+    http_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{http_port}/healthz"
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "busybox:1.36"
+    assert container["command"][0] == "wget" and container["command"][-1] == url
+    custom = one(render({"tests": {"image": "registry.example/busybox:1"}}), "Pod", component="test")
+    assert custom["spec"]["containers"][0]["image"] == "registry.example/busybox:1"
+
+
+# --- what each values file is for -------------------------------------------------------------------
+
+
+def test_default_is_one_replica_on_sqlite_without_ha_objects(tmp_path: Path) -> None:
+    objects = rendered("default-values.yaml")
+    dep = deployment(objects)
+    assert dep["spec"]["replicas"] == 1
+    assert "topologySpreadConstraints" not in dep["spec"]["template"]["spec"]
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "RuntimeClass"):
+        assert of_kind(objects, kind) == [], kind
+    config = load_config(objects, tmp_path)
+    assert config.database.url.startswith("sqlite+aiosqlite:////var/lib/openshell/")
+    assert config.database.migrate_on_start is True  # no hook Job with SQLite: the gateway migrates
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in gateway_container(objects)["volumeMounts"]}
+    assert mounts["data"] == "/var/lib/openshell" and "emptyDir" in volumes["data"]
+    assert config.drivers.kubernetes.supervisor.injection == "image-volume"
+    assert any("image" in v for v in sandbox_pod(config)["spec"]["volumes"])
+
+
+def test_ha_values_give_replicas_pdb_hpa_and_topology_spread() -> None:
+    objects = rendered("ha-values.yaml")
+    dep = deployment(objects)
+    selector = dep["spec"]["selector"]["matchLabels"]
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["minReplicas"] > 1 and hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
+    assert "replicas" not in dep["spec"]  # left to the autoscaler
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+    spread = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
+    # Without the autoscaler, the replicas are the Deployment's own.
+    values = ci_values("ha-values.yaml")
+    values["gateway"]["autoscaling"]["enabled"] = False
+    plain = render(values)
+    assert deployment(plain)["spec"]["replicas"] == 3
+    assert of_kind(plain, "HorizontalPodAutoscaler") == [] and len(of_kind(plain, "PodDisruptionBudget")) == 1
+
+
+def test_ha_values_create_a_restricted_sandbox_namespace_and_a_network_policy() -> None:
+    objects = rendered("ha-values.yaml")
+    namespace = one(objects, "Namespace")
+    assert namespace["metadata"]["name"] == "openshell-sandboxes"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert one(objects, "Role")["metadata"]["namespace"] == "openshell-sandboxes"
+    policy = one(objects, "NetworkPolicy")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"] == deployment(objects)["spec"]["selector"]["matchLabels"]
+    )
+    grpc_rule, http_rule = policy["spec"]["ingress"][:2]
+    assert [p["port"] for p in grpc_rule["ports"]] == [7070]
+    peer = grpc_rule["from"][0]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "openshell-sandboxes"}
+    assert [p["port"] for p in http_rule["ports"]] == [7080]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {53, 443, 6443, 5432} <= egress_ports
+    # The sandbox pods the gateway builds carry the labels the policy admits.
+    assert peer["podSelector"]["matchLabels"] == selector_labels()
+
+
+def test_ha_values_render_monitoring_and_a_grafana_dashboard() -> None:
+    objects = rendered("ha-values.yaml")
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    rules = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"OpenShellGatewayDown"}
+    dashboards = [
+        o for o in of_kind(objects, "ConfigMap") if o["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
+    assert len(dashboards) == 1
+    (text,) = dashboards[0]["data"].values()
+    assert json.loads(text)["panels"]
+    defaults = rendered("default-values.yaml")
+    assert not of_kind(defaults, "ServiceMonitor") and not of_kind(defaults, "PrometheusRule")
+
+
+def test_gateway_api_values_render_routes_and_default_values_none() -> None:
+    objects = rendered("gateway-api-values.yaml")
+    service = one(objects, "Service", component="gateway")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    gateway = one(objects, "Gateway")
+    assert gateway["spec"]["gatewayClassName"] == "example-gateway-class"
+    listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
+    for kind, port, section in (("GRPCRoute", ports["grpc"], "grpc"), ("HTTPRoute", ports["http"], "http")):
+        route = one(objects, kind)
+        assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+        assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": section}]
+        assert section in listeners
+        backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+        assert backends == [{"name": service["metadata"]["name"], "port": port}]
+        assert route["spec"]["hostnames"]
+    defaults = rendered("default-values.yaml")
+    for kind in ("Gateway", "GRPCRoute", "HTTPRoute"):
+        assert of_kind(defaults, kind) == []
+    # parentRefs given: used as they are, and no Gateway is made.
+    refs = [{"name": "shared", "namespace": "infra"}]
+    own = render({"gatewayApi": {"enabled": True, "parentRefs": refs}})
+    assert of_kind(own, "Gateway") == []
+    assert one(own, "GRPCRoute")["spec"]["parentRefs"] == refs
+
+
+@pytest.mark.parametrize(
+    ("name", "runtime_class", "handler"),
+    [("kata-values.yaml", "kata", "kata"), ("gvisor-values.yaml", "gvisor", "runsc")],
+)
+def test_runtime_class_values(name: str, runtime_class: str, handler: str, tmp_path: Path) -> None:
+    objects = rendered(name)
+    created = one(objects, "RuntimeClass")
+    assert created["metadata"]["name"] == runtime_class and created["handler"] == handler
+    assert "namespace" not in created["metadata"]  # cluster-scoped
+    config = load_config(objects, tmp_path)
+    assert config.drivers.kubernetes.pod.runtime_class_name == runtime_class
+    assert sandbox_pod(config)["spec"]["runtimeClassName"] == runtime_class
+
+
+def test_kata_overhead_and_scheduling() -> None:
+    created = one(rendered("kata-values.yaml"), "RuntimeClass")
+    assert created["overhead"]["podFixed"] == {"memory": "160Mi", "cpu": "250m"}
+    assert created["scheduling"]["nodeSelector"] == {"katacontainers.io/kata-runtime": "true"}
+
+
+def test_no_image_volume_values_use_the_init_container(tmp_path: Path) -> None:
+    config = load_config(rendered("no-image-volume-values.yaml"), tmp_path)
+    assert config.drivers.kubernetes.supervisor.injection == "init-container"
+    spec = sandbox_pod(config)["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["openshell-supervisor-install"]
+    assert not any("image" in v for v in spec["volumes"])
+
+
+def test_external_postgresql_takes_the_url_from_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = rendered("external-postgresql-values.yaml")
+    expected_env = {
+        "name": "OPENSHELL_GATEWAY_DATABASE__URL",
+        "valueFrom": {"secretKeyRef": {"name": "openshell-database", "key": "url"}},
+    }
+    assert expected_env in gateway_container(objects)["env"]
+    config_yaml = yaml.safe_load(config_text(objects))
+    assert "url" not in config_yaml["database"]
+    assert config_yaml["database"]["migrate_on_start"] is False  # the hook Job migrates
+    # The variable's name is the one the gateway reads: with it set, the URL is the Secret's.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(objects))
+    url = "postgresql+asyncpg://u:p@db.example:5432/openshell"
+    monkeypatch.setenv("OPENSHELL_GATEWAY_DATABASE__URL", url)
+    assert load_settings(GatewayConfig, file=path).database.url == url
+    # No SQLite volume on an external database.
+    assert "data" not in {v["name"] for v in deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_external_postgresql_migrates_in_a_pre_install_hook_job() -> None:
+    objects = rendered("external-postgresql-values.yaml")
+    job = one(objects, "Job", component="migration")
+    hook_config = one(objects, "ConfigMap", component="migration")
+    for obj in (job, hook_config):
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    # The ConfigMap copy exists before the Job (lower weight) and holds the same config.
+    weight = int(hook_config["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert weight < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert hook_config["data"]["gateway.yaml"] == config_text(objects)
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"] == ["migrate", "--config", "/etc/openshell/gateway.yaml"]
+    assert container["env"] == gateway_container(objects)["env"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == hook_config["metadata"]["name"]
+    assert spec["automountServiceAccountToken"] is False
+    # Turned off, the gateway migrates at start instead.
+    values = ci_values("external-postgresql-values.yaml")
+    values["database"]["migrationJob"] = {"enabled": False}
+    off = render(values)
+    assert of_kind(off, "Job") == []
+    assert yaml.safe_load(config_text(off))["database"]["migrate_on_start"] is True
+
+
+def test_openshift_values_leave_the_ids_to_the_scc() -> None:
+    objects = rendered("openshift-values.yaml")
+    for where, spec in pod_specs(objects):
+        contexts = [spec.get("securityContext", {})] + [
+            c.get("securityContext", {}) for c in spec["containers"]
+        ]
+        for context in contexts:
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context), (where, context)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    default_spec = deployment(rendered("default-values.yaml"))["spec"]["template"]["spec"]
+    assert default_spec["securityContext"]["runAsUser"] == 10001
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+
+def test_sqlite_with_several_replicas_is_refused() -> None:
+    with pytest.raises(helm.HelmError, match="shared database"):
+        render({"gateway": {"replicas": 2}})
+    with pytest.raises(helm.HelmError, match="shared database"):
+        render({"gateway": {"autoscaling": {"enabled": True}}})
+
+
+def test_creating_the_release_namespace_is_refused() -> None:
+    with pytest.raises(helm.HelmError, match="createNamespace"):
+        render({"sandboxes": {"createNamespace": True}})
+
+
+def test_the_schema_rejects_unknown_keys_and_wrong_types() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+    for bad in (
+        {"gateway": {"replica": 2}},  # misspelt
+        {"unknownTopLevel": True},
+        {"gateway": {"replicas": "two"}},
+        {"sandboxes": {"supervisor": {"injection": "sidecar"}}},  # not in the enum
+    ):
+        with pytest.raises(helm.HelmError):
+            render(bad)
+        report = helm.lint(CHART, bad, namespace=NAMESPACE)
+        assert report["errors"] or any(m["severity"] >= 3 for m in report["messages"]), bad
+    # null is a type only where documented (Helm itself drops null keys before checking).
+    validator = jsonschema.Draft7Validator(schema)
+    assert validator.is_valid({"tests": {"runAsUser": None}})
+    assert not validator.is_valid({"gateway": {"replicas": None}})
+
+
+# --- generated files ----------------------------------------------------------------------------------
+
+
+def _generate_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("helm_generate", ROOT / "helm" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schema_and_readme_are_current() -> None:
+    done = subprocess.run(
+        [sys.executable, "helm/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readme_lists_every_value() -> None:
+    generate = _generate_module()
+    _, values = generate.parse_values((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    for value in values:
+        assert f"| `{'.'.join(value.path)}` |" in readme
+    assert len(values) > 50
+
+
+def test_generate_refuses_undocumented_values_and_bad_enums() -> None:
+    generate = _generate_module()
+    with pytest.raises(generate.ValuesError, match=r"a\.b"):
+        generate.parse_values("a:\n  # -- documented\n  c: 1\n  b: 2\n")
+    with pytest.raises(generate.ValuesError, match="directly above"):
+        generate.parse_values("# -- separated by a blank line\n\nx: 1\n")
+    with pytest.raises(generate.ValuesError, match="not one of"):
+        generate.parse_values("# -- mode\n# @enum -- a, b\nx: c\n")
+    with pytest.raises(generate.ValuesError, match="no type"):
+        generate.parse_values("# -- nothing to infer from\nx: null\n")
+    _, values = generate.parse_values("# -- (int|null) maybe\nx: null\n# -- a map\ny:\n  z: 1\n")
+    schema = generate.build_schema(values)
+    assert schema["properties"]["x"]["type"] == ["integer", "null"]
+    assert schema["properties"]["y"]["type"] == "object"
+    # A stale file is reported: --check compares with what it would write.
+    readme = generate.build_readme(values, "9.9.9")
+    assert "| `x` | int or null | `null` | maybe |" in readme
