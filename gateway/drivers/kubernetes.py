@@ -161,7 +161,9 @@ class KubernetesDriver:
         except KubernetesDriverError:
             # A pod without its credential would never connect: take it back, then report.
             with contextlib.suppress(ApiError, httpx.HTTPError):
-                await self.client.delete(Pod, pod_obj["metadata"]["name"], namespace=self.namespace)
+                await self.client.delete(
+                    Pod, pod_obj["metadata"]["name"], namespace=self.namespace, grace_period=0
+                )
             raise
         log.info(
             "sandbox pod created",

@@ -1,0 +1,320 @@
+"""The chart against a real API server, with real Helm (helm-python-sdk): any cluster through
+``KUBECONFIG``, or the local control plane the ``kubeconfig`` fixture starts.
+
+1. Install, upgrade and uninstall the chart with an external database (its URL from an existing
+   Secret): every object is accepted server-side, and the migration Job runs as a pre-install and
+   pre-upgrade hook. Hook Jobs must finish for Helm to go on, so this needs pods that complete:
+   kwok's fake nodes on the local control plane, or a real cluster given a database the Job can
+   reach (``OPENSHELL_TEST_DATABASE_URL``) and a gateway image (``OPENSHELL_TEST_GATEWAY_IMAGE``).
+2. The gateway's Kubernetes driver, configured by the ConfigMap the chart installed and running
+   with a TokenRequest token of the chart's own ServiceAccount (so with only the chart's RBAC),
+   creates a sandbox in the namespace the chart created (Pod Security "restricted"), watches it,
+   and deletes it.
+3. On a cluster with real nodes and our images (``OPENSHELL_TEST_GATEWAY_IMAGE`` and
+   ``OPENSHELL_TEST_SUPERVISOR_IMAGE``): a sandbox connects, a NetworkPolicy cuts its egress, it is
+   seen disconnected, the policy goes, it resumes with every line stored once. Skipped otherwise,
+   with the reason: the local control plane runs no containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+from lightkube import ApiError, Client, codecs
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount
+from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
+
+from gateway.config import GatewayConfig
+from gateway.drivers import podspec
+from gateway.drivers.kubernetes import KubernetesDriver, PodState
+from openshell_wire.configfile import load_settings
+from tests.support import kubeaccess
+from tests.support.procs import REPO
+
+pytestmark = pytest.mark.timeout(900)
+
+CHART = REPO / "helm" / "openshell"
+RELEASE = "openshell"
+GATEWAY_IMAGE = os.environ.get("OPENSHELL_TEST_GATEWAY_IMAGE", "")
+SUPERVISOR_IMAGE = os.environ.get("OPENSHELL_TEST_SUPERVISOR_IMAGE", "")
+DATABASE_URL = os.environ.get("OPENSHELL_TEST_DATABASE_URL", "")
+
+
+def _image_values(reference: str) -> dict[str, str]:
+    repository, _, tag = reference.rpartition(":")
+    return (
+        {"repository": repository, "tag": tag} if repository and "/" not in tag else {"repository": reference}
+    )
+
+
+def fake_nodes(admin: Client) -> bool:
+    return any(True for _ in admin.list(Node, labels={"type": "kwok"}))
+
+
+@pytest.fixture(scope="module")
+def admin(kubeconfig: Path) -> Client:
+    return kubeaccess.admin_client(kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def release(admin: Client, kubeconfig: Path) -> Iterator[dict[str, Any]]:
+    """The chart installed once for this module; uninstalled (and checked gone) at the end."""
+    if not fake_nodes(admin) and not (DATABASE_URL and GATEWAY_IMAGE):
+        pytest.skip(
+            "the migration hook Job must complete: needs kwok's fake nodes (the local control plane) or, "
+            "on a real cluster, OPENSHELL_TEST_DATABASE_URL and OPENSHELL_TEST_GATEWAY_IMAGE"
+        )
+    namespace = kubeaccess.unique("os-chart")
+    sandboxes = f"{namespace}-sb"
+    admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
+    admin.create(
+        Secret(
+            metadata=ObjectMeta(name="openshell-db", namespace=namespace),
+            stringData={"url": DATABASE_URL or "postgresql+asyncpg://openshell:secret@db.invalid/openshell"},
+        )
+    )
+    values: dict[str, Any] = {
+        "database": {"existingSecret": "openshell-db", "existingSecretKey": "url"},
+        "sandboxes": {
+            "namespace": sandboxes,
+            "createNamespace": True,
+            "pod": {"defaultImage": "registry.invalid/agent:1"},
+        },
+        "gateway": {"logLevel": "info"},
+    }
+    if GATEWAY_IMAGE:
+        values["gateway"]["image"] = _image_values(GATEWAY_IMAGE)
+    if SUPERVISOR_IMAGE:
+        values["sandboxes"]["supervisor"] = {"image": _image_values(SUPERVISOR_IMAGE)}
+    helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
+    installed = helm.install(str(CHART), RELEASE, values, namespace=namespace, timeout=300)
+    info = {
+        "helm": helm,
+        "namespace": namespace,
+        "sandboxes": sandboxes,
+        "values": values,
+        "installed": installed,
+        "first_hook_run": migration_hook(helm)["last_run"].get("started_at", ""),
+    }
+    try:
+        yield info
+    finally:
+        helm.uninstall(RELEASE, timeout=300, ignore_not_found=True)
+        for name in (namespace, sandboxes):
+            with contextlib.suppress(ApiError):
+                admin.delete(Namespace, name)
+
+
+def _manifest_objects(release: Any) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(release["manifest"]) if d]
+
+
+def test_install_puts_every_object_on_the_server_and_runs_the_migration_hook(
+    admin: Client, release: dict[str, Any]
+) -> None:
+    namespace, sandboxes = release["namespace"], release["sandboxes"]
+    status = release["helm"].status(RELEASE)
+    objects = _manifest_objects(status)
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {k for k, _ in kinds} >= {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    }
+    lookups = {
+        "Deployment": Deployment,
+        "Service": Service,
+        "ConfigMap": ConfigMap,
+        "ServiceAccount": ServiceAccount,
+        "Role": Role,
+        "RoleBinding": RoleBinding,
+        "Namespace": Namespace,
+    }
+    for obj in objects:  # each one is really there, where the chart said
+        kind = lookups.get(obj["kind"])
+        if kind is None:
+            continue
+        ns = obj["metadata"].get("namespace", namespace)
+        if kind is Namespace:
+            assert admin.get(Namespace, obj["metadata"]["name"])
+        else:
+            assert admin.get(kind, obj["metadata"]["name"], namespace=ns)  # type: ignore[call-overload]
+    sb_ns = admin.get(Namespace, sandboxes)
+    assert sb_ns.metadata is not None and sb_ns.metadata.labels is not None
+    assert sb_ns.metadata.labels.get("pod-security.kubernetes.io/enforce") == "restricted"
+    # The Role sits in the sandbox namespace, bound to the gateway's ServiceAccount.
+    role_binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    assert role_binding["metadata"]["namespace"] == sandboxes
+
+    # The migration Job ran as a pre-install hook and succeeded (Helm waits for hook Jobs; its
+    # delete policy removes the Job after success, so the release's hook record is the evidence).
+    job = migration_hook(release["helm"])
+    assert {"pre-install", "pre-upgrade"} <= set(job["events"])
+    assert job["last_run"]["phase"] == "Succeeded", job
+    assert job["last_run"]["started_at"] == release["first_hook_run"]
+
+
+def migration_hook(helm: Any) -> dict[str, Any]:
+    hooks = helm.get_all(RELEASE)["hooks"]
+    (job,) = [h for h in hooks if h["kind"] == "Job"]
+    return {k: v for k, v in job.items() if k != "manifest"}
+
+
+def test_upgrade_runs_the_hook_again_and_rolls_the_gateway(admin: Client, release: dict[str, Any]) -> None:
+    namespace = release["namespace"]
+    before = admin.get(Deployment, f"{RELEASE}-gateway", namespace=namespace)
+    values = json.loads(json.dumps(release["values"]))
+    values["gateway"]["logLevel"] = "debug"
+    upgraded = release["helm"].upgrade(str(CHART), RELEASE, values, namespace=namespace, timeout=300)
+    assert upgraded["revision"] == 2
+    job = migration_hook(release["helm"])
+    assert job["last_run"]["phase"] == "Succeeded"
+    assert job["last_run"]["started_at"] > release["first_hook_run"], "the hook ran again for the upgrade"
+    after = admin.get(Deployment, f"{RELEASE}-gateway", namespace=namespace)
+    annotations = lambda d: (d.spec.template.metadata.annotations or {}) if d.spec else {}  # noqa: E731
+    assert annotations(before) != annotations(after), "a config change rolls the gateway (checksum)"
+    config = admin.get(ConfigMap, f"{RELEASE}-gateway", namespace=namespace)
+    assert config.data is not None and "log_level: debug" in next(iter(config.data.values()))
+
+
+async def test_the_driver_runs_on_the_charts_config_and_rbac(
+    admin: Client, kubeconfig: Path, release: dict[str, Any], tmp_path: Path
+) -> None:
+    namespace, sandboxes = release["namespace"], release["sandboxes"]
+    config_map = admin.get(ConfigMap, f"{RELEASE}-gateway", namespace=namespace)
+    assert config_map.data is not None
+    (name, text), *_ = config_map.data.items()
+    config_file = tmp_path / name
+    config_file.write_text(text)
+    config = load_settings(GatewayConfig, file=config_file, use_env=False)
+    assert config.drivers.kind == "kubernetes" and config.drivers.kubernetes.namespace == sandboxes
+
+    sa_name = f"{RELEASE}-gateway"
+    token = kubeaccess.request_token(admin, sa_name, namespace)
+    identity = kubeaccess.token_kubeconfig(kubeconfig, token, tmp_path / "kc", namespace=namespace)
+    settings = config.drivers.kubernetes.model_copy(update={"kubeconfig": identity})
+    driver = KubernetesDriver(settings)
+    seen: list[PodState] = []
+
+    async def follow() -> None:
+        async for state in driver.watch():
+            seen.append(state)
+
+    try:
+        async with asyncio.timeout(30):
+            while True:  # RBAC takes a moment to be in force
+                try:
+                    await driver.check_access()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.3)
+        watcher = asyncio.create_task(follow())
+        await driver.create(podspec.SandboxRequest("chart-sb", ["sleep", "600"]))
+        pod = admin.get(Pod, "sandbox-chart-sb", namespace=sandboxes)
+        assert pod.spec is not None and pod.spec.containers[0].command is not None
+        assert pod.spec.containers[0].command[3:6] == [
+            "chart-sb",
+            "--gateway",
+            f"{RELEASE}-gateway.{namespace}.svc:7070",
+        ]
+        await _until(lambda: any(s.sandbox_id == "chart-sb" for s in seen))
+        assert await driver.delete("chart-sb", grace_s=0)
+        await _until(lambda: any(s.sandbox_id == "chart-sb" and s.deleted for s in seen))
+        watcher.cancel()
+    finally:
+        await driver.close()
+
+
+def test_uninstall_removes_what_the_chart_made(admin: Client, kubeconfig: Path) -> None:
+    """A release of its own (SQLite, no hook), installed and uninstalled: nothing of it is left."""
+    namespace = kubeaccess.unique("os-uninstall")
+    admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
+    helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
+    try:
+        helm.install(str(CHART), "gone", {}, namespace=namespace, timeout=120)
+        assert admin.get(Deployment, "gone-openshell-gateway", namespace=namespace)
+        helm.uninstall("gone", timeout=120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            left = [d for d in admin.list(Deployment, namespace=namespace)]
+            left += [r for r in admin.list(Role, namespace=namespace)]
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, [o.metadata.name for o in left if o.metadata]
+        assert not [
+            c
+            for c in admin.list(ConfigMap, namespace=namespace)
+            if c.metadata and "gone" in (c.metadata.name or "")
+        ]
+    finally:
+        admin.delete(Namespace, namespace)
+
+
+@pytest.mark.skipif(
+    not (GATEWAY_IMAGE and SUPERVISOR_IMAGE),
+    reason="needs a cluster with real nodes and our images: set OPENSHELL_TEST_GATEWAY_IMAGE and "
+    "OPENSHELL_TEST_SUPERVISOR_IMAGE (the local control plane runs no containers)",
+)
+def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
+    admin: Client, release: dict[str, Any]
+) -> None:
+    namespace, sandboxes = release["namespace"], release["sandboxes"]
+    api = f"/api/v1/namespaces/{namespace}/services/{RELEASE}-gateway:7080/proxy/api/v1"
+    client = admin._client  # the API server's service proxy reaches the gateway's HTTP API
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = client._client.request(method, api + path, json=body)  # type: ignore[attr-defined]
+        response.raise_for_status()
+        return response.json()
+
+    script = "i=0; while [ $i -lt 600 ]; do echo line $i; i=$((i+1)); sleep 0.1; done"
+    call("POST", "/sandboxes", {"id": "live-1", "command": ["sh", "-c", script], "image": "busybox:1.36"})
+    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "connected", 180, "the sandbox connects")
+    cut = codecs.from_dict(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "cut-live-1", "namespace": sandboxes},
+            "spec": {
+                "podSelector": {"matchLabels": {podspec.LABEL_SANDBOX: "live-1"}},
+                "policyTypes": ["Egress"],
+                "egress": [],
+            },
+        }
+    )
+    admin.create(cut)  # type: ignore[call-overload]
+    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "disconnected", 120, "the cut is seen")
+    admin.delete(type(cut), "cut-live-1", namespace=sandboxes)
+    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] in ("connected", "exited"), 180, "resumed")
+    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "exited", 180, "the main process ends")
+    lines = [
+        e["message"] for e in call("GET", "/sandboxes/live-1/logs?tail=10000")["events"] if e["kind"] == "log"
+    ]
+    assert lines == [f"line {i}" for i in range(600)]
+    call("DELETE", "/sandboxes/live-1")
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(30):
+        while not predicate():  # noqa: ASYNC110 - the watch task appends; polling its list is enough here
+            await asyncio.sleep(0.1)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    kubeaccess.wait_for(predicate, timeout=timeout, what=what)
