@@ -24,6 +24,8 @@ creates a sandbox pod and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row 
 stay; ``driver_state`` follows the pod). The API has no authentication yet (the auth issue adds
 OIDC): keep ``http.listen`` reachable only by trusted callers.
 
+``GET /metrics`` is the gateway's Prometheus exposition (:mod:`gateway.metrics`).
+
 Every error is a JSON object ``{"error": "..."}`` with a fitting status; a follow stream that
 fails after it started (the headers are gone by then) ends with such an object as its last line.
 """
@@ -40,8 +42,10 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.drivers import Provisioner, ProvisionError
+from gateway.metrics import GatewayMetrics
 from gateway.store import (
     CommandRow,
     CommandStore,
@@ -446,6 +450,7 @@ def build_api(
     commands: CommandStore | None = None,
     deliver: Callable[[str, Command], bool] | None = None,
     provisioner: Provisioner | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app."""
     api = _Api(
@@ -460,6 +465,14 @@ def build_api(
     app = web.Application(middlewares=[_json_errors])
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
+    if metrics is not None:
+        registry = metrics.registry
+
+        async def metrics_text(request: web.Request) -> web.StreamResponse:
+            body = generate_latest(registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_post("/api/v1/sandboxes", api.create_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway.api import build_api
 from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.drivers import Provisioner
+from gateway.metrics import GatewayMetrics
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore
@@ -47,6 +48,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.registry = SessionRegistry()
+        self.metrics = GatewayMetrics(self.registry)
         self.db: Database | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -83,7 +85,12 @@ class Gateway:
         interceptors = [_CredentialNote()] if log.isEnabledFor(logging.DEBUG) else []
         server = aio.server(options=list(server_options(cfg)), interceptors=interceptors)
         self._service = OpenShellService(
-            config=cfg, registry=self.registry, sandboxes=self._sandboxes, events=events, commands=commands
+            config=cfg,
+            registry=self.registry,
+            sandboxes=self._sandboxes,
+            events=events,
+            commands=commands,
+            metrics=self.metrics,
         )
         pb_grpc.add_OpenShellServicer_to_server(self._service, server)
         health_servicer = health.aio.HealthServicer()
@@ -111,6 +118,7 @@ class Gateway:
             await provisioner.start()
             self._provisioner = provisioner
         app = build_api(
+            metrics=self.metrics,
             provisioner=self._provisioner,
             sandboxes=self._sandboxes,
             events=events,

@@ -30,6 +30,7 @@ import grpc
 from grpc import aio
 
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import CommandStore, EventStore, SandboxStore
 from openshell_wire import __version__
@@ -91,7 +92,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sandboxes: SandboxStore,
         events: EventStore,
         commands: CommandStore,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._config = config
         self._registry = registry
         self._sandboxes = sandboxes
@@ -144,28 +147,30 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             first = await asyncio.wait_for(anext(request_iterator), self._config.grpc.hello_timeout_s)
         except (TimeoutError, StopAsyncIteration):
             log.info("stream closed before hello", extra={"peer": peer})
-            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received")
+            yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received")
             return
         if first.WhichOneof("payload") != "hello":
             kind = first.WhichOneof("payload") or "an unknown message kind"
-            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, f"the first message must be hello, got {kind}")
+            yield self._rejection(
+                pb.REJECT_CODE_PROTOCOL_ERROR, f"the first message must be hello, got {kind}"
+            )
             return
         hello = first.hello
         problem = validate_sandbox_id(hello.sandbox_id)
         if problem is not None:
             log.info("hello rejected: %s", problem, extra={"peer": peer})
-            yield _reject(pb.REJECT_CODE_INVALID_HELLO, problem)
+            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return
         sandbox_id = SandboxId(hello.sandbox_id)
         if not self._config.sessions.register_unknown and await self._sandboxes.get(sandbox_id) is None:
-            yield _reject(
+            yield self._rejection(
                 pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
             )
             return
         capabilities = frozenset(hello.capabilities) & frozenset(ALL_CAPABILITIES)
         events_mode = CAP_EVENTS in capabilities
         if events_mode and not hello.journal_epoch:
-            yield _reject(
+            yield self._rejection(
                 pb.REJECT_CODE_INVALID_HELLO, "capability 'events' needs a journal_epoch in the hello"
             )
             return
@@ -199,7 +204,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
-            yield _reject(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+            yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
         finally:
             if reader is not None:
                 reader.cancel()
@@ -215,6 +220,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 reason,
                 extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
             )
+
+    def _rejection(self, code: pb.RejectCode.ValueType, reason: str) -> pb.GatewayMessage:
+        if self._metrics is not None:
+            self._metrics.sessions_rejected.labels(pb.RejectCode.Name(code)).inc()
+        return _reject(code, reason)
 
     async def _record_connected(self, session: Session) -> None:
         # Serialised per sandbox and skipped once replaced, so a slow write of a replaced session
@@ -248,6 +258,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         capabilities = session.capabilities
         resume_after = session.acked_through
         await self._record_connected(session)
+        if self._metrics is not None:
+            self._metrics.sessions_accepted.inc()
         log.info(
             "session accepted",
             extra={
@@ -363,6 +375,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 f"event batch for journal epoch {batch.journal_epoch!r}, "
                 f"the session's is {session.journal_epoch!r}"
             )
+        started = time.monotonic()
         try:
             hwm = await self._events.store_wire_batch(
                 session.sandbox_id,
@@ -372,6 +385,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
         except WireError as exc:
             raise ProtocolError(str(exc)) from None
+        if self._metrics is not None:
+            self._metrics.batch_store_seconds.observe(time.monotonic() - started)
+            self._metrics.event_batches.inc()
+            self._metrics.events_received.inc(len(batch.events))
         session.acked_through = hwm
         ack = pb.GatewayMessage()
         ack.event_ack.journal_epoch = session.journal_epoch

@@ -258,8 +258,9 @@ helm test openshell -n openshell
   Kata Containers, gVisor, clusters without ImageVolume); each is linted, rendered and checked in CI.
 * Install, upgrade and publishing notes: `docs/helm.md`; the gateway's permissions: `docs/rbac.md`;
   every key of the gateway config: `docs/configuration.md`.
-* Metrics: the ServiceMonitor, PrometheusRule and Grafana dashboard scrape the HTTP port's
-  `/metrics`, which the gateway does not serve yet (planned); only `up` is meaningful until then.
+* Metrics: the ServiceMonitor scrapes the gateway's `/metrics` on the HTTP port
+  (`openshell_gateway_*`: sessions, refusals, event batches and their store latency, process);
+  the PrometheusRule alerts on them and on `up`.
 * OIDC for the HTTP API comes with the auth issue; until then `gateway.extraEnv` and
   `gateway.extraEnvFrom` inject any further `OPENSHELL_GATEWAY_*` settings.
 

@@ -267,3 +267,101 @@ async def test_prometheus_scrapes_a_real_supervisor_process(prometheus_binary: s
             prom.stop()
         sv.stop()
         gateway.stop()
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _find_or_install("prometheus")
+        promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    return promtool
+
+
+async def test_prometheus_scrapes_the_gateway(prometheus_binary: str, tmp_path: Path) -> None:
+    """The gateway's /metrics (what the chart's ServiceMonitor scrapes), read back through Prometheus."""
+    import sys
+
+    from tests.support.procs import GatewayProcess, SupervisorProcess
+
+    gateway = GatewayProcess(tmp_path / "gw")
+    sv = SupervisorProcess(
+        tmp_path / "sv",
+        "prom-gw",
+        gateway.address,
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+    )
+    prom: Prometheus | None = None
+    try:
+        gateway.start()
+        prom = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{gateway.http_port}")
+        async with aiohttp.ClientSession() as http:
+            await wait_for_value(http, prom, "openshell_gateway_sessions", "0")
+            sv.start()
+            await wait_for_value(http, prom, "openshell_gateway_sessions", "1")
+            await wait_for_value(http, prom, "openshell_gateway_sessions_accepted_total", "1")
+            await wait_for_value(http, prom, "openshell_gateway_events_received_total > bool 0", "1")
+            await wait_for_value(
+                http, prom, "openshell_gateway_event_batch_store_seconds_count > bool 0", "1"
+            )
+            build = await query(http, prom, "openshell_gateway_build_info")
+            assert build and build[0]["metric"]["version"], build
+            async with http.get(f"http://127.0.0.1:{gateway.http_port}/metrics") as resp:
+                exposition = await resp.read()
+            assert sv.proc is not None
+            sv.proc.terminate()
+            assert sv.wait(timeout=30) == 143
+            await wait_for_value(http, prom, "openshell_gateway_sessions", "0")
+    finally:
+        if prom is not None:
+            prom.stop()
+        sv.stop()
+        gateway.stop()
+    proc = await asyncio.create_subprocess_exec(
+        _promtool(),
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(exposition), 30)
+    assert proc.returncode == 0, out.decode()
+
+
+def test_promtool_accepts_the_charts_alert_rules(tmp_path: Path) -> None:
+    """The PrometheusRule the chart renders holds rules Prometheus loads, on metrics that exist."""
+    import re
+
+    import helm_python
+    import yaml
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import GatewayMetrics
+    from gateway.sessions import SessionRegistry
+    from tests.support.procs import REPO
+
+    rendered = helm_python.Chart.load(str(REPO / "helm" / "openshell")).render(
+        {"monitoring": {"prometheusRule": {"enabled": True}}}, name="openshell", namespace="openshell"
+    )
+    texts = [text for path, text in rendered.items() if path.endswith(".yaml")]
+    docs = [d for text in texts for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    (rule,) = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump(rule["spec"]))
+    done = subprocess.run([_promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Every gateway series an alert reads, or the Grafana dashboard charts, is one the gateway
+    # exposes: a rule on a misspelt name would load fine and never fire.
+    metrics = GatewayMetrics(SessionRegistry())
+    metrics.sessions_rejected.labels("REJECT_CODE_PROTOCOL_ERROR").inc()
+    exposed = set(re.findall(r"^(openshell_gateway_\w+)", generate_latest(metrics.registry).decode(), re.M))
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    used = set(re.findall(r"openshell_gateway_\w+", exprs))
+    assert used, "the rules alert on the gateway's own metrics"
+    assert used <= exposed, used - exposed
+    dashboard = (REPO / "helm" / "openshell" / "dashboards" / "openshell-gateway.json").read_text()
+    charted = set(re.findall(r"openshell_gateway_\w+", dashboard))
+    assert charted, "the dashboard charts the gateway's own metrics"
+    assert charted <= exposed, charted - exposed
