@@ -38,7 +38,7 @@ from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
 from gateway.config import GatewayConfig
 from gateway.drivers import podspec
-from gateway.drivers.kubernetes import KubernetesDriver, PodState
+from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from openshell_wire.configfile import load_settings
 from tests.support import kubeaccess
 from tests.support.procs import REPO
@@ -236,6 +236,31 @@ async def test_the_driver_runs_on_the_charts_config_and_rbac(
         assert await driver.delete("chart-sb", grace_s=0)
         await _until(lambda: any(s.sandbox_id == "chart-sb" and s.deleted for s in seen))
         watcher.cancel()
+
+        # Take one verb out of the chart's own Role: the driver now fails, saying what is missing.
+        role_name = next(
+            o["metadata"]["name"]
+            for o in _manifest_objects(release["helm"].status(RELEASE))
+            if o["kind"] == "Role"
+        )
+        role = admin.get(Role, role_name, namespace=sandboxes)
+        assert role.rules is not None
+        for rule in role.rules:
+            if rule.resources == ["pods"]:
+                rule.verbs = [v for v in rule.verbs if v != "delete"]
+        admin.replace(role)
+        await driver.create(podspec.SandboxRequest("chart-sb-2", ["sleep", "600"]))
+        async with asyncio.timeout(30):
+            while True:  # until the authorizer has the new Role
+                try:
+                    await driver.delete("chart-sb-2", grace_s=0)
+                except KubernetesDriverError as exc:
+                    refused = exc
+                    break
+                await driver.create(podspec.SandboxRequest("chart-sb-2", ["sleep", "600"]))
+        assert refused.status == 403
+        assert f"refused to delete pods in namespace {sandboxes!r}" in str(refused)
+        assert "docs/rbac.md" in str(refused)
     finally:
         await driver.close()
 
