@@ -45,6 +45,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.drivers import Provisioner, ProvisionError
+from gateway.drivers.podspec import env_problem
 from gateway.metrics import GatewayMetrics
 from gateway.store import (
     CommandRow,
@@ -239,6 +240,10 @@ def _sandbox_request(body: object) -> tuple[str, list[str], str | None, dict[str
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise ApiError(400, "env must be an object of string values")
+    for name in env:
+        problem = env_problem(name)
+        if problem is not None:
+            raise ApiError(400, problem)
     assert isinstance(sandbox_id, str)
     return sandbox_id, command, image, env
 

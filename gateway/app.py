@@ -115,7 +115,12 @@ class Gateway:
             from gateway.provisioner import KubernetesProvisioner  # noqa: PLC0415 - loads lightkube
 
             provisioner = KubernetesProvisioner(cfg.drivers.kubernetes, self._sandboxes)
-            await provisioner.start()
+            try:
+                await provisioner.start()
+            except Exception as exc:
+                await provisioner.close()
+                await self.stop()
+                raise GatewayStartError(f"cannot start the Kubernetes driver: {exc}") from None
             self._provisioner = provisioner
         app = build_api(
             metrics=self.metrics,

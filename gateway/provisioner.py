@@ -1,11 +1,17 @@
 """Creating and deleting sandboxes through the configured driver, and following what it sees.
 
 The HTTP API's ``POST /api/v1/sandboxes`` and ``DELETE /api/v1/sandboxes/{id}`` land here. A
-sandbox is registered in the store first (so its supervisor's hello finds it), then created by
-the driver; if the driver refuses, the registration is taken back and the caller gets the
-driver's reason. For the Kubernetes driver a background task follows the sandbox pods' watch and
-records each pod's phase and reason in the sandbox's ``driver_state``; it re-opens the watch with
-backoff after errors, and :meth:`close` cancels it.
+sandbox is registered in the store first (the insert decides between two creates of one id, and
+the supervisor's hello then finds the row), then created by the driver; if anything goes wrong
+there, the registration this call made is taken back and the caller gets the reason.
+
+For the Kubernetes driver a background task follows the sandbox pods: it lists them (recording
+each pod's phase and reason in its sandbox's ``driver_state``, and marking sandboxes whose pods
+are gone as ``Deleted``), then watches from that list's resourceVersion, and starts over with
+backoff after any error (a 410 Gone included). :meth:`close` cancels it.
+
+HA note: every replica runs this follower today and they write the same rows; a leader (or
+per-owner filtering) comes with the HA milestone.
 """
 
 from __future__ import annotations
@@ -22,10 +28,21 @@ from gateway.config import KubernetesDriverSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from gateway.drivers.podspec import PodSpecError, SandboxRequest
-from gateway.store import SandboxStore
+from gateway.store import SandboxStore, StoreError
 from gateway.store.db import utcnow
 
 log = logging.getLogger(__name__)
+
+DRIVER = "kubernetes"
+
+
+def _status(exc: KubernetesDriverError) -> int:
+    """The HTTP status for a driver failure: the caller's fault (4xx) or the upstream's (502)."""
+    if exc.status == 409:
+        return 409
+    if exc.status in (400, 422):
+        return 400
+    return 502
 
 
 @dataclass
@@ -38,6 +55,9 @@ class KubernetesProvisioner:
     async def start(self) -> None:
         if self.driver is None:
             self.driver = KubernetesDriver(self.settings)
+        # A client config that cannot be loaded is a configuration error: raised, the gateway does
+        # not start. An API that does not answer yet is not: it is logged and retried.
+        self.driver.client  # noqa: B018 - builds the client from the kubeconfig or in-cluster credentials
         try:
             await self.driver.check_access()
         except KubernetesDriverError as exc:
@@ -50,30 +70,50 @@ class KubernetesProvisioner:
     ) -> dict[str, Any]:
         assert self.driver is not None, "start() first"
         request = SandboxRequest(sandbox_id=sandbox_id, command=list(command), image=image, env=dict(env))
-        if await self.sandboxes.get(sandbox_id) is not None:
-            raise ProvisionError(409, f"sandbox {sandbox_id!r} exists")
         spec = {"image": image or self.settings.pod.default_image, "command": list(command)}
-        await self.sandboxes.ensure(sandbox_id, driver="kubernetes", spec=spec)
+        registered = await self.sandboxes.create(
+            sandbox_id,
+            driver=DRIVER,
+            spec=spec,
+            driver_state={"phase": "Creating", "at": utcnow().isoformat()},
+        )
+        if not registered:
+            raise ProvisionError(409, f"sandbox {sandbox_id!r} exists")
         try:
             created = await self.driver.create(request)
-        except PodSpecError as exc:
-            await self.sandboxes.delete(sandbox_id)
-            raise ProvisionError(400, str(exc)) from None
-        except KubernetesDriverError as exc:
-            await self.sandboxes.delete(sandbox_id)
-            raise ProvisionError(409 if exc.status == 409 else 502, str(exc)) from None
-        state = {"phase": "Created", "pod": created.pod_name, "at": utcnow().isoformat()}
-        await self.sandboxes.set_driver_state(sandbox_id, state)
-        # Kept for the credential check of the auth issue: the hash, never the token.
+        except BaseException as exc:
+            # This call registered the id: take it back whatever went wrong, cancellation included,
+            # so the id is free again and no row claims a pod that does not exist.
+            await asyncio.shield(self._forget(sandbox_id))
+            if isinstance(exc, PodSpecError):
+                raise ProvisionError(400, str(exc)) from None
+            if isinstance(exc, KubernetesDriverError):
+                raise ProvisionError(_status(exc), str(exc)) from None
+            if isinstance(exc, Exception):
+                log.exception("sandbox %s: the Kubernetes driver failed unexpectedly", sandbox_id)
+                raise ProvisionError(502, f"the Kubernetes driver failed: {exc!r}") from None
+            raise
+        # Kept for the credential check of the auth milestone: the hash, never the token.
         await self.sandboxes.set_spec(sandbox_id, {**spec, "credential_sha256": created.credential_sha256})
         return {"id": sandbox_id, "pod": created.pod_name, "namespace": self.settings.namespace}
 
+    async def _forget(self, sandbox_id: str) -> None:
+        try:
+            await self.sandboxes.delete(sandbox_id)
+        except StoreError as exc:
+            log.error("sandbox %s: could not take back its registration: %s", sandbox_id, exc)
+
     async def delete(self, sandbox_id: str) -> bool:
         assert self.driver is not None, "start() first"
+        row = await self.sandboxes.get(sandbox_id)
+        if row is not None and row.driver != DRIVER:
+            raise ProvisionError(
+                409, f"sandbox {sandbox_id!r} was not created by the Kubernetes driver (driver: {row.driver})"
+            )
         try:
             return await self.driver.delete(sandbox_id)
         except KubernetesDriverError as exc:
-            raise ProvisionError(502, str(exc)) from None
+            raise ProvisionError(_status(exc), str(exc)) from None
 
     async def _record(self, state: PodState) -> None:
         doc: dict[str, Any] = {"phase": state.phase, "pod": state.pod_name, "at": utcnow().isoformat()}
@@ -83,14 +123,30 @@ class KubernetesProvisioner:
             doc["exit_code"] = state.exit_code
         await self.sandboxes.set_driver_state(state.sandbox_id, doc)
 
+    async def _catch_up(self) -> str | None:
+        """Record every pod as it is now, and the sandboxes whose pods are gone; returns the
+        resourceVersion to watch from."""
+        assert self.driver is not None
+        snapshot = await self.driver.snapshot()
+        present = set()
+        for state in snapshot.states:
+            present.add(state.sandbox_id)
+            await self._record(state)
+        for row in await self.sandboxes.list():
+            phase = (row.driver_state or {}).get("phase")
+            if row.driver == DRIVER and row.id not in present and phase not in ("Deleted", "Creating"):
+                await self.sandboxes.set_driver_state(
+                    row.id, {**(row.driver_state or {}), "phase": "Deleted", "at": utcnow().isoformat()}
+                )
+        return snapshot.resource_version
+
     async def _follow(self) -> None:
         assert self.driver is not None
         failures = 0
         while True:
             try:
-                for state in await self.driver.states():  # catch up on what changed while away
-                    await self._record(state)
-                async for state in self.driver.watch():
+                version = await self._catch_up()
+                async for state in self.driver.watch(version):
                     failures = 0
                     await self._record(state)
             except asyncio.CancelledError:

@@ -11,6 +11,7 @@ lightkube is imported here only, so a gateway on the local driver never loads it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -22,7 +23,7 @@ from typing import Any, cast
 import httpx2 as httpx  # lightkube's HTTP library (a maintained httpx fork)
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.kubeconfig import SingleConfig
-from lightkube.core.exceptions import ConfigError
+from lightkube.core.exceptions import ConfigError, NotReadyError
 from lightkube.resources.core_v1 import Pod, Secret
 
 from gateway.config import KubernetesDriverSettings
@@ -69,6 +70,10 @@ class CreatedSandbox:
     credential_sha256: str
 
 
+#: The API server ends each watch request after this long (lightkube then opens the next).
+WATCH_SERVER_TIMEOUT_S = 300
+
+
 @dataclass(frozen=True)
 class PodState:
     sandbox_id: str
@@ -80,6 +85,12 @@ class PodState:
     @property
     def deleted(self) -> bool:
         return self.phase == "Deleted"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    states: list[PodState]
+    resource_version: str | None
 
 
 def _pod_state(pod: Pod, *, deleted: bool = False) -> PodState | None:
@@ -213,21 +224,51 @@ class KubernetesDriver:
         return found
 
     async def states(self) -> list[PodState]:
+        return (await self.snapshot()).states
+
+    async def snapshot(self) -> Snapshot:
+        """Every sandbox pod now, and the resourceVersion to watch from so no change is missed."""
         with self._explained("list", "pods"):
-            pods = [p async for p in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR)]
-        return [s for s in map(_pod_state, pods) if s is not None]
+            listing = self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR)
+            pods = [p async for p in listing]
+        states = [s for s in map(_pod_state, pods) if s is not None]
+        try:
+            version: str | None = listing.resourceVersion
+        except NotReadyError:  # nothing came back at all
+            version = None
+        return Snapshot(states=states, resource_version=version)
 
-    async def watch(self) -> AsyncIterator[PodState]:
-        """Every change of every sandbox pod, for as long as the caller iterates.
+    async def watch(self, resource_version: str | None = None) -> AsyncIterator[PodState]:
+        """Every change of every sandbox pod after ``resource_version`` (a :meth:`snapshot`'s), for
+        as long as the caller iterates.
 
-        lightkube re-opens the watch when the server closes it; a refusal ends the iteration with
-        :class:`KubernetesDriverError`.
+        Each request asks the server to end it after ``WATCH_SERVER_TIMEOUT_S``; a connection that
+        stays silent well beyond that (dropped by a load balancer or NAT without a reset) is given
+        up and re-opened from the last version seen, so a half-open stream cannot hang the watch.
+        A refusal, or a version too old to resume from (410 Gone: list again), ends the iteration
+        with :class:`KubernetesDriverError`.
         """
-        with self._explained("watch", "pods"):
-            async for op, pod in self.client.watch(Pod, namespace=self.namespace, labels=_SELECTOR):
-                state = _pod_state(pod, deleted=op == "DELETED")
-                if state is not None:
-                    yield state
+        version = resource_version
+        while True:
+            with self._explained("watch", "pods"):
+                stream = self.client.watch(
+                    Pod,
+                    namespace=self.namespace,
+                    labels=_SELECTOR,
+                    resource_version=version,
+                    server_timeout=WATCH_SERVER_TIMEOUT_S,
+                ).__aiter__()
+                while True:
+                    try:
+                        op, pod = await asyncio.wait_for(anext(stream), WATCH_SERVER_TIMEOUT_S + 30)
+                    except TimeoutError:
+                        log.info("sandbox pod watch silent too long; re-opening it from %s", version)
+                        break
+                    if pod.metadata is not None and pod.metadata.resourceVersion:
+                        version = pod.metadata.resourceVersion
+                    state = _pod_state(pod, deleted=op == "DELETED")
+                    if state is not None:
+                        yield state
 
     async def close(self) -> None:
         if self._client is not None:
@@ -251,6 +292,8 @@ class KubernetesDriver:
             ) from exc
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             raise KubernetesDriverError(f"cannot reach the Kubernetes API to {what}: {exc}") from exc
+        except ConfigError as exc:  # e.g. a token file or exec credential plugin failing mid-request
+            raise KubernetesDriverError(f"the Kubernetes client credentials failed to {what}: {exc}") from exc
 
     def _refusal(
         self,

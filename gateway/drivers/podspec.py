@@ -11,7 +11,9 @@ and the gateway builds every pod here, so the chart and the driver cannot drift 
   so the image's root filesystem can stay read-only;
 * the per-sandbox credential from a Secret, re-read by the supervisor when it changes;
 * the Pod Security Standard "restricted" profile, always: non-root, no privilege escalation, every
-  capability dropped, seccomp RuntimeDefault. Nothing in the config can weaken it.
+  capability dropped, seccomp RuntimeDefault. No setting of ``drivers.kubernetes.pod`` weakens the
+  security context; its free-form ``annotations`` and ``labels`` are the operator's (trusted) to
+  set, and a request cannot set environment that reconfigures the supervisor (``env_problem``).
 
 Functions here are pure (dicts in, dicts out) so tests can check them offline against the
 Kubernetes schemas and the PSS rules, and a real API server can admit exactly the same objects.
@@ -67,18 +69,41 @@ class SandboxRequest:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
+CREDENTIAL_SUFFIX = "-credential"
+#: The longest id whose pod and credential Secret names both fit Kubernetes' 253 characters.
+MAX_SANDBOX_ID = 253 - len(POD_PREFIX) - len(CREDENTIAL_SUFFIX)
+
+#: Environment a request may not set: the container's environment is the supervisor's too (the
+#: sandbox's command inherits it), and these would reconfigure the supervisor or the bundle's
+#: loader and interpreter (its config, TMPDIR where it unpacks, LD_PRELOAD, PYTHONPATH...).
+RESERVED_ENV_PREFIXES = ("OPENSHELL_", "LD_", "PYTHON", "STATICX", "_MEI", "_PYI")
+RESERVED_ENV = frozenset({"TMPDIR"})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def env_problem(name: str) -> str | None:
+    """Why ``name`` may not be set by a sandbox request, or None."""
+    if not _ENV_NAME.match(name):
+        return f"env: {name[:80]!r} is not a valid variable name"
+    if name in RESERVED_ENV or name.upper().startswith(RESERVED_ENV_PREFIXES):
+        return f"env: {name!r} is reserved (it would reconfigure the supervisor, not only the sandbox)"
+    return None
+
+
 def pod_name(sandbox_id: str) -> str:
     problem = sandbox_id_problem(sandbox_id)
     if problem is not None:
         raise PodSpecError(problem)
-    name = POD_PREFIX + sandbox_id
-    if len(name) > 253:
-        raise PodSpecError(f"sandbox_id is {len(sandbox_id)} characters; pods allow at most 245")
-    return name
+    if len(sandbox_id) > MAX_SANDBOX_ID:
+        raise PodSpecError(
+            f"sandbox_id is {len(sandbox_id)} characters; on Kubernetes at most {MAX_SANDBOX_ID} "
+            "(its pod and credential Secret are named after it)"
+        )
+    return POD_PREFIX + sandbox_id
 
 
 def credential_secret_name(sandbox_id: str) -> str:
-    return pod_name(sandbox_id) + "-credential"
+    return pod_name(sandbox_id) + CREDENTIAL_SUFFIX
 
 
 def sandbox_label(sandbox_id: str) -> str:
@@ -193,8 +218,9 @@ def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxReques
             "drivers.kubernetes.gateway_address is empty: supervisors would not know where to dial"
         )
     for key in request.env:
-        if not key or "=" in key:
-            raise PodSpecError(f"env: {key!r} is not a valid variable name")
+        problem = env_problem(key)
+        if problem is not None:
+            raise PodSpecError(problem)
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

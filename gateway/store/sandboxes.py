@@ -102,6 +102,30 @@ class SandboxStore:
                 ).one()
         return _sandbox(row)
 
+    async def create(
+        self,
+        sandbox_id: str,
+        *,
+        driver: str,
+        spec: Mapping[str, Any] | None = None,
+        driver_state: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Register a new sandbox; False (and nothing changed) when the id is taken. Of two
+        concurrent creates of one id exactly one gets True: the insert itself decides."""
+        values = {
+            "id": sandbox_id,
+            "driver": driver,
+            "created_at": utcnow(),
+            "spec": json.dumps(dict(spec), sort_keys=True) if spec is not None else None,
+            "driver_state": json.dumps(dict(driver_state), sort_keys=True)
+            if driver_state is not None
+            else None,
+        }
+        with store_errors(f"cannot register sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                inserted = await conn.execute(self._insert().values(values).returning(sandboxes_table.c.id))
+                return inserted.first() is not None
+
     async def get(self, sandbox_id: str) -> SandboxRow | None:
         with store_errors(f"cannot read sandbox {sandbox_id!r}"):
             async with self._db.engine.connect() as conn:

@@ -221,3 +221,18 @@ async def test_each_documented_verb_is_needed(
             await full.delete(sandbox_id, grace_s=0)
         await driver.close()
         await full.close()
+
+
+async def test_the_longest_sandbox_id_fits_pod_and_secret(
+    admin: Client, kubeconfig: Path, sandbox_ns: str, tmp_path: Path
+) -> None:
+    identity = kubeaccess.identity_with_rules(admin, kubeconfig, sandbox_ns, RBAC_RULES, tmp_path / "kc")
+    driver = KubernetesDriver(settings_for(identity, sandbox_ns))
+    longest = "l" * podspec.MAX_SANDBOX_ID
+    try:
+        await granted(driver.states)
+        await driver.create(podspec.SandboxRequest(longest, ["sleep", "1"]))
+        assert admin.get(Secret, podspec.credential_secret_name(longest), namespace=sandbox_ns)
+        assert await driver.delete(longest, grace_s=0)
+    finally:
+        await driver.close()

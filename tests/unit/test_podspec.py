@@ -154,8 +154,10 @@ def test_kind_kubernetes_needs_a_gateway_address() -> None:
         (request(command=[]), settings(), "command is empty"),
         (request(image=None), settings(), "default_image is not set"),
         (request(sandbox_id="Not_Valid"), settings(), "not a valid name"),
-        (request(sandbox_id="a" * 250), settings(), "at most 245"),
+        (request(sandbox_id="a" * 235), settings(), "at most 234"),
         (request(env={"A=B": "x"}), settings(), "not a valid variable name"),
+        (request(env={"OPENSHELL_SUPERVISOR_LOG_LEVEL": "error"}), settings(), "reserved"),
+        (request(env={"ld_preload": "/x.so"}), settings(), "reserved"),
         (request(), KubernetesDriverSettings(), "gateway_address is empty"),
     ],
 )
@@ -186,3 +188,13 @@ def test_the_secret_holds_the_token_and_belongs_to_the_pod() -> None:
     assert secret["metadata"]["ownerReferences"] == [
         {"apiVersion": "v1", "kind": "Pod", "name": "sandbox-sb-1", "uid": "uid-1"}
     ]
+
+
+def test_the_longest_id_names_objects_kubernetes_accepts() -> None:
+    longest = "a" * podspec.MAX_SANDBOX_ID
+    pod = build_sandbox_pod(settings(), request(sandbox_id=longest))
+    secret = build_credential_secret(settings(), longest, "t")
+    assert len(pod["metadata"]["name"]) <= 253 and len(secret["metadata"]["name"]) == 253
+    for version in VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+        kubernetes_validate.validate(secret, version, strict=True)

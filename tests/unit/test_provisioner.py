@@ -1,0 +1,221 @@
+"""The provisioner between the HTTP API, the store and the Kubernetes driver: registration decides
+between concurrent creates, every failure takes the registration back, the watch records phases.
+
+The driver is a stand-in here (the real one runs against a real API server in
+tests/e2e/test_kubernetes_driver.py); the store is the real one on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.api import build_api
+from gateway.config import KubernetesDriverSettings
+from gateway.drivers import ProvisionError
+from gateway.drivers.kubernetes import CreatedSandbox, KubernetesDriverError, PodState, Snapshot
+from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
+from gateway.provisioner import KubernetesProvisioner
+from gateway.store import Database, EventStore, SandboxStore
+
+SETTINGS = KubernetesDriverSettings.model_validate(
+    {"gateway_address": "gw:7070", "pod": {"default_image": "agent:1"}}
+)
+
+
+@dataclass
+class FakeDriver:
+    """Builds the real pod spec (so its checks apply), then does what the test says."""
+
+    fail_with: BaseException | None = None
+    delay: float = 0.0
+    created: list[str] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)
+    pods: dict[str, PodState] = field(default_factory=dict)
+    events: asyncio.Queue[PodState] = field(default_factory=asyncio.Queue)
+
+    @property
+    def client(self) -> object:
+        return object()
+
+    async def check_access(self) -> None:
+        return None
+
+    async def create(self, request: SandboxRequest) -> CreatedSandbox:
+        self.asked.append(request.sandbox_id)
+        build_sandbox_pod(SETTINGS, request)
+        await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.created.append(request.sandbox_id)
+        return CreatedSandbox(request.sandbox_id, f"sandbox-{request.sandbox_id}", "uid-1", "ab" * 32)
+
+    async def delete(self, sandbox_id: str, *, grace_s: int | None = None) -> bool:
+        return self.pods.pop(sandbox_id, None) is not None
+
+    async def snapshot(self) -> Snapshot:
+        return Snapshot(list(self.pods.values()), "42")
+
+    async def watch(self, resource_version: str | None = None) -> AsyncIterator[PodState]:
+        assert resource_version == "42"
+        while True:
+            yield await self.events.get()
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SandboxStore]:
+    db = await Database.open(f"sqlite:///{tmp_path}/gateway.db")
+    try:
+        yield SandboxStore(db)
+    finally:
+        await db.close()
+
+
+def provisioner(store: SandboxStore, driver: FakeDriver) -> KubernetesProvisioner:
+    return KubernetesProvisioner(SETTINGS, store, driver=driver)  # type: ignore[arg-type]
+
+
+async def phase_becomes(store: SandboxStore, sandbox_id: str, phase: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            row = await store.get(sandbox_id)
+            if row is not None and (row.driver_state or {}).get("phase") == phase:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_create_registers_the_sandbox_and_keeps_only_the_token_hash(store: SandboxStore) -> None:
+    created = await provisioner(store, FakeDriver()).create("sb-1", ["sleep", "1"], image=None, env={})
+    assert created == {"id": "sb-1", "pod": "sandbox-sb-1", "namespace": "openshell-sandboxes"}
+    row = await store.get("sb-1")
+    assert row is not None and row.driver == "kubernetes"
+    assert row.spec == {"image": "agent:1", "command": ["sleep", "1"], "credential_sha256": "ab" * 32}
+    assert row.driver_state is not None and row.driver_state["phase"] == "Creating"
+
+
+async def test_of_two_concurrent_creates_one_wins_and_its_row_survives(store: SandboxStore) -> None:
+    driver = FakeDriver(delay=0.05)
+    prov = provisioner(store, driver)
+    results = await asyncio.gather(
+        prov.create("twin", ["true"], image=None, env={}),
+        prov.create("twin", ["true"], image=None, env={}),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, ProvisionError)]
+    assert len(errors) == 1 and errors[0].status == 409, results
+    assert driver.created == ["twin"], "only the winner reached the driver"
+    row = await store.get("twin")
+    assert row is not None and row.spec is not None and "credential_sha256" in row.spec
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (PodSpecError("command is empty"), 400),
+        (KubernetesDriverError("already has pods", 409), 409),
+        (KubernetesDriverError("rejected (422 Invalid)", 422), 400),
+        (KubernetesDriverError("refused (403 Forbidden)", 403), 502),
+        (KubernetesDriverError("cannot reach the Kubernetes API"), 502),
+        (RuntimeError("a bug or a library surprise"), 502),
+    ],
+)
+async def test_every_failure_takes_the_registration_back(
+    store: SandboxStore, failure: BaseException, status: int
+) -> None:
+    prov = provisioner(store, FakeDriver(fail_with=failure))
+    with pytest.raises(ProvisionError) as raised:
+        await prov.create("sb-x", ["true"], image=None, env={})
+    assert raised.value.status == status
+    assert str(failure) in str(raised.value)
+    assert await store.get("sb-x") is None, "the id is free again"
+    # ... so a later create of the same id works.
+    assert await provisioner(store, FakeDriver()).create("sb-x", ["true"], image=None, env={})
+
+
+async def test_a_cancelled_create_takes_the_registration_back(store: SandboxStore) -> None:
+    task = asyncio.create_task(
+        provisioner(store, FakeDriver(delay=10)).create("slow", ["true"], image=None, env={})
+    )
+    await asyncio.sleep(0.1)
+    assert await store.get("slow") is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.get("slow") is None
+
+
+async def test_delete_refuses_sandboxes_of_another_driver(store: SandboxStore) -> None:
+    await store.ensure("outsider", driver="external")
+    with pytest.raises(ProvisionError) as raised:
+        await provisioner(store, FakeDriver()).delete("outsider")
+    assert raised.value.status == 409 and "external" in str(raised.value)
+
+
+async def test_the_follower_records_phases_and_pods_that_vanished(store: SandboxStore) -> None:
+    driver = FakeDriver()
+    prov = provisioner(store, driver)
+    for sandbox_id in ("kept", "gone"):
+        await prov.create(sandbox_id, ["true"], image=None, env={})
+    await store.set_driver_state("gone", {"phase": "Running"})  # seen running before the gateway restarted
+    driver.pods["kept"] = PodState("kept", "sandbox-kept", "Running")
+    await prov.start()
+    try:
+        await phase_becomes(store, "gone", "Deleted")
+        row = await store.get("kept")
+        assert row is not None and row.driver_state is not None and row.driver_state["phase"] == "Running"
+        await driver.events.put(PodState("kept", "sandbox-kept", "Failed", reason="Error", exit_code=3))
+        await phase_becomes(store, "kept", "Failed")
+        state = (await store.get("kept")).driver_state  # type: ignore[union-attr]
+        assert state is not None and state["exit_code"] == 3 and state["reason"] == "Error"
+    finally:
+        await prov.close()
+    assert prov._watcher is None
+
+
+async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore, tmp_path: Path) -> None:
+    driver = FakeDriver()
+    prov = provisioner(store, driver)
+    db = await Database.open(f"sqlite:///{tmp_path}/events.db")
+    app = build_api(sandboxes=store, events=EventStore(db), lost_after_s=60, provisioner=prov)
+    bad: list[tuple[Any, str]] = [
+        ({"id": "Bad_Id", "command": ["true"]}, "not a valid name"),
+        ({"id": "ok", "command": []}, "non-empty list"),
+        (
+            {"id": "ok", "command": ["true"], "env": {"OPENSHELL_SUPERVISOR_OFFLINE__POLICY": "stop"}},
+            "reserved",
+        ),
+        ({"id": "ok", "command": ["true"], "env": {"LD_PRELOAD": "/x.so"}}, "reserved"),
+        ({"id": "ok", "command": ["true"], "env": {"TMPDIR": "/nope"}}, "reserved"),
+        ({"id": "ok", "command": ["true"], "env": {"A": 1}}, "string values"),
+        ({"id": "ok", "command": ["true"], "color": "blue"}, "unknown field"),
+        (["not", "an", "object"], "JSON object"),
+    ]
+    try:
+        async with TestClient(TestServer(app)) as client:
+            for body, message in bad:
+                resp = await client.post("/api/v1/sandboxes", json=body)
+                assert resp.status == 400, (body, await resp.text())
+                assert message in (await resp.json())["error"], body
+            assert driver.asked == [], "the API refused these before asking the driver"
+            resp = await client.post(
+                "/api/v1/sandboxes", json={"id": "ok", "command": ["true"], "env": {"AGENT_MODE": "fast"}}
+            )
+            assert resp.status == 201, await resp.text()
+            resp = await client.post("/api/v1/sandboxes", json={"id": "ok", "command": ["true"]})
+            assert resp.status == 409
+            listed = await (await client.get("/api/v1/sandboxes/ok")).json()
+            assert listed["driver"] == "kubernetes" and listed["driver_state"]["phase"] == "Creating"
+            driver.pods["ok"] = PodState("ok", "sandbox-ok", "Running")
+            resp = await client.delete("/api/v1/sandboxes/ok")
+            assert resp.status == 202 and (await resp.json())["deleted"] is True
+    finally:
+        await db.close()
