@@ -138,6 +138,8 @@ class Journal:
         self._saved_last_sequence = 0
         self._acked = 0
         self._sent = 0
+        #: What the state file says was sent at most (written ahead of ``_sent``; see ``state``).
+        self._sent_reserved = 0
         self._dropped_total = 0
         self._corrupt_total = 0
         self._dirty = False
@@ -256,7 +258,10 @@ class Journal:
             self._segments.append(segment)
         self._last_sequence = covered
         self._acked = min(acked, covered)
-        self._sent = self._acked
+        # What the last run may have sent without an acknowledgement coming back: protected from
+        # eviction like anything sent in this run (see ``state``).
+        self._sent = max(self._acked, min(state.sent_through if state is not None else 0, covered))
+        self._sent_reserved = self._sent
         self._epoch = JournalEpoch(state.epoch if state is not None else uuid.uuid4().hex)
         try:
             self._save_state()
@@ -711,7 +716,14 @@ class Journal:
     # ------------------------------------------------------------------ acknowledgement
 
     def mark_sent(self, sequence: int) -> None:
+        """Call before putting records through ``sequence`` on the wire."""
         self._sent = max(self._sent, min(sequence, self._last_sequence))
+        if self._sent > self._sent_reserved:
+            # Durable before the send: a restart must know these may be at the gateway already.
+            # If the state cannot be written, this run still protects them; the next send retries.
+            previous, self._sent_reserved = self._sent_reserved, self._sent + self._options.sent_reserve
+            if not self._try_save_state():
+                self._sent_reserved = previous
 
     def ack(self, sequence: int) -> None:
         sequence = min(sequence, self._last_sequence)
@@ -778,7 +790,8 @@ class Journal:
 
     def _save_state(self) -> None:
         last = self._last_sequence
-        save_state(self._dir, JournalState(str(self._epoch), self._acked, last))
+        sent = max(self._sent_reserved, self._acked)
+        save_state(self._dir, JournalState(str(self._epoch), self._acked, last, sent))
         self._saved_last_sequence = last
         self._state_dirty = False
 

@@ -33,12 +33,18 @@ class JournalOptions:
     max_bytes: int = 64 * 1024 * 1024
     fsync: FsyncPolicy = FsyncPolicy.INTERVAL
     fsync_interval_s: float = 0.2
+    #: How far ahead of what is sent the state file's ``sent_through`` is written, in sequences:
+    #: one state write per this many records sent. After a restart up to this many records that
+    #: were never sent stay unevictable until sent (8 batches of the session's default 4,000).
+    sent_reserve: int = 32_000
 
     def __post_init__(self) -> None:
         if self.segment_bytes <= 0:
             raise ValueError(f"journal segment_bytes must be positive, not {self.segment_bytes}")
         if self.max_bytes <= 0:
             raise ValueError(f"journal max_bytes must be positive, not {self.max_bytes}")
+        if self.sent_reserve <= 0:
+            raise ValueError(f"journal sent_reserve must be positive, not {self.sent_reserve}")
         if not self.fsync_interval_s > 0:
             raise ValueError(f"journal fsync_interval_s must be positive, not {self.fsync_interval_s}")
 

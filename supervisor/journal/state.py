@@ -5,10 +5,16 @@ after ``advance_to`` moved the sequence past what is on disk, the next sequence 
 forgotten and reused, which the gateway (storing on epoch + sequence) would take for a duplicate.
 So ``state.json`` holds::
 
-    {"format": 1, "epoch": "<uuid4 hex>", "acked_through": N, "last_sequence": M}
+    {"format": 1, "epoch": "<uuid4 hex>", "acked_through": N, "last_sequence": M, "sent_through": S}
 
 It is rewritten atomically (``fsio.atomic_write``) whenever those must survive a restart. On open
-the journal takes the larger of ``last_sequence`` and what the segments hold. A missing file means a
+the journal takes the larger of ``last_sequence`` and what the segments hold.
+
+``sent_through`` is at or above every sequence put on the wire (the journal writes it ahead, in
+steps, before sending past it): after a restart, records at or below it may be stored by the
+gateway although never acknowledged, so they must not be evicted into an overflow gap whose own
+sequence the gateway already holds. Files written before it existed lack it: it is then taken as
+``acked_through``. A missing file means a
 new journal; an unreadable one raises :class:`StateFileError` and the journal rebuilds from its
 segments under a new epoch (the gateway then sees a new journal rather than a mix of two).
 """
@@ -34,6 +40,7 @@ class JournalState:
     epoch: str
     acked_through: int
     last_sequence: int
+    sent_through: int = 0
 
 
 def load_state(directory: Path) -> JournalState | None:
@@ -62,7 +69,12 @@ def load_state(directory: Path) -> JournalState | None:
         if type(value) is not int or value < 0:
             raise StateFileError(f"{path}: {name} must be a non-negative integer, not {value!r}")
     assert isinstance(acked, int) and isinstance(last, int)
-    return JournalState(epoch=epoch, acked_through=min(acked, last), last_sequence=last)
+    sent = data.get("sent_through", acked)
+    if type(sent) is not int or sent < 0:
+        raise StateFileError(f"{path}: sent_through must be a non-negative integer, not {sent!r}")
+    return JournalState(
+        epoch=epoch, acked_through=min(acked, last), last_sequence=last, sent_through=max(sent, acked)
+    )
 
 
 def save_state(directory: Path, state: JournalState) -> None:
@@ -72,5 +84,6 @@ def save_state(directory: Path, state: JournalState) -> None:
         "epoch": state.epoch,
         "acked_through": state.acked_through,
         "last_sequence": state.last_sequence,
+        "sent_through": state.sent_through,
     }
     atomic_write(directory / STATE_FILE, [json.dumps(body).encode() + b"\n"])

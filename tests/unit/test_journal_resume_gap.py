@@ -4,10 +4,16 @@ The scenario (found by review): the gateway stored records the supervisor sent, 
 was lost, the supervisor restarted (forgetting what it had sent) and, with the gateway unreachable,
 evicted those records together with later ones into one OVERFLOW gap whose own sequence is the first
 it replaced. The gateway then resumes after a sequence inside that range.
+
+A journal now writes ``sent_through`` into its state file before it sends, so after a restart it
+no longer evicts what may be at the gateway, and this cannot arise from its own files (the last
+test shows it, at the very edge the split cannot help with). A journal written before that field
+existed still can: these tests make one by removing the field, as an older supervisor wrote it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ from openshell_wire.records import (
 )
 from supervisor.journal import Journal, JournalOptions
 from supervisor.journal.frames import HEADER_SIZE, parse_at
+from supervisor.journal.state import STATE_FILE
 from tests.support.journal import crash
 
 _SEGMENT = 2048
@@ -59,9 +66,18 @@ def _lines(events: list[Event]) -> int:
     return sum(isinstance(e.payload, LogRecord) for e in events)
 
 
+def _forget_sent_mark(directory: Path) -> None:
+    """Make the state file one an older supervisor wrote: without ``sent_through``."""
+    path = directory / STATE_FILE
+    state = json.loads(path.read_text())
+    del state["sent_through"]
+    path.write_text(json.dumps(state))
+
+
 def _restarted_after_lost_ack(directory: Path, *, stored_through: int) -> Journal:
     """Write ``_LINES`` lines; the gateway acknowledged 100 and stored through ``stored_through``
-    (sent, acknowledgement lost); restart while it is unreachable, with a bound that evicts."""
+    (sent, acknowledgement lost); restart while it is unreachable, with a bound that evicts, from
+    state an older supervisor wrote (no sent mark)."""
     journal = _open(directory)
     for i in range(1, _LINES + 1):
         assert journal.append(_line(i)) == i
@@ -69,6 +85,7 @@ def _restarted_after_lost_ack(directory: Path, *, stored_through: int) -> Journa
     journal.mark_sent(stored_through)
     journal.sync()
     crash(journal)
+    _forget_sent_mark(directory)
     reopened = _open(directory, max_bytes=3 * _SEGMENT)
     assert reopened.acked_through == 100
     assert reopened.stats().dropped_records_total > 0
@@ -211,3 +228,43 @@ def test_an_eviction_run_never_spans_a_hole_in_the_sequences(tmp_path: Path) -> 
     gaps = _gaps(_read(reopened, 0, raw=False))
     assert all(g.dropped_records == g.last_sequence - g.first_sequence + 1 for g in gaps)
     assert [(g.first_sequence, g.last_sequence) for g in gaps][:2] == [(1, 5), (51, 55)]
+
+
+@pytest.mark.parametrize("stored_through", [101, 110, 150])
+def test_the_sent_mark_keeps_what_the_gateway_may_hold_through_a_restart(
+    tmp_path: Path, stored_through: int
+) -> None:
+    """The gateway stored through ``stored_through`` (101: exactly the first record an eviction
+    from the acknowledged point would replace, the case no split can repair); the acknowledgement
+    was lost; the supervisor restarts and must evict. Resuming where the gateway is accounts for
+    every line exactly, and nothing at or below what was sent became part of a gap."""
+    directory = tmp_path / "j"
+    options = JournalOptions(directory=directory, segment_bytes=_SEGMENT, sent_reserve=8)
+    journal = Journal.open(options)
+    for i in range(1, _LINES + 1):
+        journal.append(_line(i))
+    journal.ack(100)
+    journal.mark_sent(stored_through)
+    journal.sync()
+    crash(journal)
+    state = json.loads((directory / STATE_FILE).read_text())
+    assert state["sent_through"] >= stored_through, "written before the send"
+    reopened = Journal.open(
+        JournalOptions(directory=directory, segment_bytes=_SEGMENT, max_bytes=3 * _SEGMENT, sent_reserve=8)
+    )
+    assert reopened.stats().dropped_records_total > 0, "the bound did evict"
+    for raw in (False, True):
+        events = _read(reopened, stored_through, raw=raw)
+        assert all(g.first_sequence > stored_through for g in _gaps(events))
+        assert stored_through + _lines(events) + sum(g.dropped_records for g in _gaps(events)) == _LINES
+
+
+def test_without_the_sent_mark_the_edge_case_loses_lines(tmp_path: Path) -> None:
+    """The same at 101 from an older supervisor's state: the gap starts at the very record the
+    gateway holds, so resuming after it skips the gap and the rest of its count is lost. This is
+    what the sent mark prevents (and why the test above can fail)."""
+    directory = tmp_path / "j"
+    journal = _restarted_after_lost_ack(directory, stored_through=101)
+    events = _read(journal, 101, raw=False)
+    accounted = 101 + _lines(events) + sum(g.dropped_records for g in _gaps(events))
+    assert accounted < _LINES
