@@ -266,27 +266,38 @@ async def test_the_driver_runs_on_the_charts_config_and_rbac(
 
 
 def test_uninstall_removes_what_the_chart_made(admin: Client, kubeconfig: Path) -> None:
-    """A release of its own (SQLite, no hook), installed and uninstalled: nothing of it is left."""
+    """A release of its own with the defaults (SQLite, no hook, a sandbox namespace of its own),
+    installed and uninstalled: nothing of it is left."""
     namespace = kubeaccess.unique("os-uninstall")
+    sandboxes = f"{namespace}-sandboxes"
     admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     try:
         helm.install(str(CHART), "gone", {}, namespace=namespace, timeout=120)
         assert admin.get(Deployment, "gone-openshell-gateway", namespace=namespace)
+        created = admin.get(Namespace, sandboxes)
+        assert created.metadata is not None and created.metadata.labels is not None
+        assert created.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert [r for r in admin.list(Role, namespace=sandboxes)], (
+            "the gateway's Role is in the sandbox namespace"
+        )
         helm.uninstall("gone", timeout=120)
+
+        def leftovers() -> list[str]:
+            left = [d.metadata.name for d in admin.list(Deployment, namespace=namespace) if d.metadata]
+            left += [c.metadata.name for c in admin.list(ConfigMap, namespace=namespace) if c.metadata]
+            try:
+                ns = admin.get(Namespace, sandboxes)
+            except ApiError:
+                return [n for n in left if n and n.startswith("gone")]
+            if ns.metadata is None or ns.metadata.deletionTimestamp is None:
+                left.append(f"namespace {sandboxes}")
+            return [n for n in left if n and (n.startswith("gone") or n.startswith("namespace"))]
+
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            left = [d for d in admin.list(Deployment, namespace=namespace)]
-            left += [r for r in admin.list(Role, namespace=namespace)]
-            if not left:
-                break
+        while (left := leftovers()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not left, [o.metadata.name for o in left if o.metadata]
-        assert not [
-            c
-            for c in admin.list(ConfigMap, namespace=namespace)
-            if c.metadata and "gone" in (c.metadata.name or "")
-        ]
+        assert not left, left
     finally:
         admin.delete(Namespace, namespace)
 

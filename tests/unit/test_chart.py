@@ -255,7 +255,9 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     spec = deployment(objects)["spec"]["template"]["spec"]
     container = gateway_container(objects)
     drain, grace = values["gateway"]["drainSeconds"], values["gateway"]["grpc"]["shutdownGraceSeconds"]
-    assert spec["terminationGracePeriodSeconds"] == drain + grace
+    # The preStop drain, gRPC's shutdown grace, then 5 s for the HTTP server and a margin to flush
+    # heartbeats and close the database.
+    assert spec["terminationGracePeriodSeconds"] == drain + grace + 10
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
     assert container["args"] == ["serve", "--config", "/etc/openshell/gateway.yaml"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -391,8 +393,15 @@ def test_gateway_api_values_render_routes_and_default_values_none() -> None:
     gateway = one(objects, "Gateway")
     assert gateway["spec"]["gatewayClassName"] == "example-gateway-class"
     listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
+    # The HTTP API has no authentication yet: no HTTPRoute (nor its listener) unless asked for.
+    assert of_kind(objects, "HTTPRoute") == [] and listeners == {"grpc"}
+    values = ci_values("gateway-api-values.yaml")
+    values["gatewayApi"]["httpRoute"] = {"enabled": True, "hostnames": ["api.openshell.example.com"]}
+    with_http = render(values)
+    gateway = one(with_http, "Gateway")
+    listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
     for kind, port, section in (("GRPCRoute", ports["grpc"], "grpc"), ("HTTPRoute", ports["http"], "http")):
-        route = one(objects, kind)
+        route = one(with_http, kind)
         assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
         assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": section}]
         assert section in listeners
@@ -405,7 +414,7 @@ def test_gateway_api_values_render_routes_and_default_values_none() -> None:
     # parentRefs given: used as they are, and no Gateway is made.
     refs = [{"name": "shared", "namespace": "infra"}]
     own = render({"gatewayApi": {"enabled": True, "parentRefs": refs}})
-    assert of_kind(own, "Gateway") == []
+    assert of_kind(own, "Gateway") == [] and of_kind(own, "HTTPRoute") == []
     assert one(own, "GRPCRoute")["spec"]["parentRefs"] == refs
 
 
@@ -499,6 +508,136 @@ def test_openshift_values_leave_the_ids_to_the_scc() -> None:
     assert default_spec["securityContext"]["runAsUser"] == 10001
 
 
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector against a set of labels ({} selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policy: Obj, port: int, labels: dict[str, str], namespace: str) -> bool:
+    """Whether the policy's ingress lets a pod with these labels, in that namespace, reach port."""
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                return True  # pod addresses may fall in it
+            if "namespaceSelector" in peer:
+                ns_ok = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+            else:
+                ns_ok = namespace == policy["metadata"]["namespace"]
+            if ns_ok and selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def test_sandboxes_get_a_namespace_of_their_own_labelled_restricted_by_default(tmp_path: Path) -> None:
+    objects = rendered("default-values.yaml")
+    namespace = one(objects, "Namespace")
+    assert namespace["metadata"]["name"] == f"{NAMESPACE}-sandboxes"
+    labels = namespace["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    assert one(objects, "Role")["metadata"]["namespace"] == f"{NAMESPACE}-sandboxes"
+    assert load_config(objects, tmp_path).drivers.kubernetes.namespace == f"{NAMESPACE}-sandboxes"
+    # Named explicitly, the namespace is that one (still created unless told otherwise).
+    named = render({"sandboxes": {"namespace": "agents"}})
+    assert one(named, "Namespace")["metadata"]["name"] == "agents"
+    existing = render({"sandboxes": {"namespace": "agents", "createNamespace": False}})
+    assert of_kind(existing, "Namespace") == [] and one(existing, "Role")["metadata"]["namespace"] == "agents"
+
+
+@pytest.mark.parametrize(
+    "sandboxes",
+    [{}, {"namespace": NAMESPACE, "createNamespace": False, "allowReleaseNamespace": True}],
+    ids=["own-namespace", "release-namespace"],
+)
+def test_the_http_api_never_admits_sandbox_pods_but_grpc_does(sandboxes: Obj, tmp_path: Path) -> None:
+    objects = render({"sandboxes": sandboxes, "networkPolicy": {"enabled": True}})
+    policy = one(objects, "NetworkPolicy")
+    config = load_config(objects, tmp_path)
+    pod = sandbox_pod(config)
+    labels, namespace = pod["metadata"]["labels"], config.drivers.kubernetes.namespace
+    assert admitted(policy, 7070, labels, namespace)
+    assert not admitted(policy, 7080, labels, namespace)
+    # Other pods of the release namespace (the helm test pod, an operator's client) still reach it.
+    test_pod = one(objects, "Pod", component="test")
+    assert admitted(policy, 7080, test_pod["metadata"]["labels"], NAMESPACE)
+    assert admitted(policy, 7080, {"app": "client"}, NAMESPACE)
+    assert not admitted(policy, 7080, {"app": "client"}, "elsewhere")
+    assert not admitted(policy, 7070, {"app": "client"}, NAMESPACE)
+
+
+def test_network_policy_admits_prometheus_and_the_gateway_api_data_plane() -> None:
+    policy = one(rendered("ha-values.yaml"), "NetworkPolicy")
+    assert admitted(policy, 7080, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    assert not admitted(policy, 7070, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    policy = one(rendered("gateway-api-values.yaml"), "NetworkPolicy")
+    assert admitted(policy, 7070, {"app": "envoy"}, "gateway-system")
+    assert not admitted(policy, 7080, {"app": "envoy"}, "gateway-system")  # no HTTPRoute
+    values = ci_values("gateway-api-values.yaml")
+    values["gatewayApi"]["httpRoute"] = {"enabled": True}
+    policy = one(render(values), "NetworkPolicy")
+    assert admitted(policy, 7080, {"app": "envoy"}, "gateway-system")
+    # The data plane's peers only with the Gateway API on.
+    plain = render({"networkPolicy": {"enabled": True, "gatewayApiFrom": [{"namespaceSelector": {}}]}})
+    assert not admitted(one(plain, "NetworkPolicy"), 7070, {"app": "envoy"}, "gateway-system")
+
+
+def test_notes_never_print_the_database_url() -> None:
+    notes = _chart().render({}, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
+    assert "Database: SQLite at /var/lib/openshell/gateway.db" in notes
+    assert "sqlite+aiosqlite" not in notes
+
+
+def test_the_migration_job_gets_the_gateways_extra_volumes_and_environment() -> None:
+    values = ci_values("external-postgresql-values.yaml")
+    values["gateway"] = {
+        "extraVolumes": [{"name": "db-ca", "secret": {"secretName": "db-ca"}}],
+        "extraVolumeMounts": [{"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True}],
+        "extraEnv": [{"name": "PGSSLMODE", "value": "verify-full"}],
+        "extraEnvFrom": [{"secretRef": {"name": "db-extra"}}],
+    }
+    objects = render(values)
+    spec = one(objects, "Job", component="migration")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert {"name": "db-ca", "secret": {"secretName": "db-ca"}} in spec["volumes"]
+    assert {"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True} in container["volumeMounts"]
+    gateway = gateway_container(objects)
+    assert container["env"] == gateway["env"] and container["envFrom"] == gateway["envFrom"]
+    validate(one(objects, "Job", component="migration"))
+
+
+def test_a_partial_pod_security_context_renders_valid_yaml() -> None:
+    values: dict[str, Any] = {
+        "database": {"existingSecret": "openshell-database"},
+        "gateway": {"podSecurityContext": {"runAsNonRoot": None, "seccompProfile": None}},
+    }
+    objects = render(values)  # yaml.safe_load_all raises on "{}" followed by keys
+    expected = {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
+    for where, spec in pod_specs(objects):
+        if not where.startswith("Pod/"):
+            assert spec["securityContext"] == expected, where
+    nothing = {k: None for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile")}
+    values["gateway"]["podSecurityContext"] = nothing
+    for where, spec in pod_specs(render(values)):
+        if not where.startswith("Pod/"):
+            assert spec.get("securityContext", {}) == {}, where
+
+
 # --- refusals -----------------------------------------------------------------------------------------
 
 
@@ -511,7 +650,43 @@ def test_sqlite_with_several_replicas_is_refused() -> None:
 
 def test_creating_the_release_namespace_is_refused() -> None:
     with pytest.raises(helm.HelmError, match="createNamespace"):
-        render({"sandboxes": {"createNamespace": True}})
+        render(
+            {"sandboxes": {"namespace": NAMESPACE, "createNamespace": True, "allowReleaseNamespace": True}}
+        )
+
+
+def test_sandboxes_in_the_release_namespace_are_refused_unless_explicitly_allowed() -> None:
+    # They would reach the gateway's unauthenticated HTTP API and live under its Role.
+    for values in (
+        {"sandboxes": {"namespace": NAMESPACE, "createNamespace": False}},
+        {"sandboxes": {"namespace": NAMESPACE}},
+    ):
+        with pytest.raises(helm.HelmError, match="must not share the gateway's namespace"):
+            render(values)
+    allowed = render(
+        {"sandboxes": {"namespace": NAMESPACE, "createNamespace": False, "allowReleaseNamespace": True}}
+    )
+    assert one(allowed, "Role")["metadata"]["namespace"] == NAMESPACE
+    assert of_kind(allowed, "Namespace") == []
+
+
+def test_a_database_url_outside_a_secret_is_refused() -> None:
+    url = "postgresql+asyncpg://openshell:hunter2@db.example:5432/openshell"
+    with pytest.raises(helm.HelmError, match=r"database\.existingSecret"):
+        render({"database": {"url": url}})
+    # With the Secret the url value is ignored: it appears nowhere, NOTES.txt included.
+    values = {"database": {"url": url, "existingSecret": "openshell-database"}}
+    manifests = _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    assert not [path for path, text in manifests.items() if "hunter2" in text]
+    assert "Database: from Secret openshell-database key url" in manifests["openshell/templates/NOTES.txt"]
+
+
+def test_network_policy_refuses_to_cut_off_prometheus_and_the_gateway_api() -> None:
+    with pytest.raises(helm.HelmError, match=r"networkPolicy\.metricsFrom"):
+        render({"networkPolicy": {"enabled": True}, "monitoring": {"serviceMonitor": {"enabled": True}}})
+    gateway_api = {"enabled": True, "parentRefs": [{"name": "shared"}]}
+    with pytest.raises(helm.HelmError, match=r"networkPolicy\.gatewayApiFrom"):
+        render({"networkPolicy": {"enabled": True}, "gatewayApi": gateway_api})
 
 
 def test_the_schema_rejects_unknown_keys_and_wrong_types() -> None:

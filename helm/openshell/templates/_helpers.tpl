@@ -57,8 +57,9 @@ app.kubernetes.io/component: gateway
 {{- end -}}
 {{- end -}}
 
+{{/* The sandbox namespace: sandboxes.namespace, or RELEASE-NAMESPACE-sandboxes. */}}
 {{- define "openshell.sandboxNamespace" -}}
-{{- default .Release.Namespace .Values.sandboxes.namespace -}}
+{{- default (printf "%s-sandboxes" .Release.Namespace) .Values.sandboxes.namespace -}}
 {{- end -}}
 
 {{- define "openshell.gatewayAddress" -}}
@@ -99,8 +100,51 @@ app.kubernetes.io/component: gateway
 {{- if and (include "openshell.ha" .) (include "openshell.sqlite" .) -}}
 {{- fail "more than one gateway replica (gateway.replicas > 1 or gateway.autoscaling.enabled) needs a shared database: set database.existingSecret or a PostgreSQL database.url" -}}
 {{- end -}}
-{{- if and .Values.sandboxes.createNamespace (eq (include "openshell.sandboxNamespace" .) .Release.Namespace) -}}
-{{- fail "sandboxes.createNamespace needs sandboxes.namespace set to a namespace other than the release namespace" -}}
+{{- $sandboxNamespace := include "openshell.sandboxNamespace" . -}}
+{{- if gt (len $sandboxNamespace) 63 -}}
+{{- fail (printf "the sandbox namespace %q is longer than 63 characters: set sandboxes.namespace" $sandboxNamespace) -}}
+{{- end -}}
+{{- if and (eq $sandboxNamespace .Release.Namespace) (not .Values.sandboxes.allowReleaseNamespace) -}}
+{{- fail (printf "sandboxes.namespace is the release namespace %q: sandboxes must not share the gateway's namespace, where they would reach its HTTP API (unauthenticated: it creates and deletes sandboxes) and sit under its Role (pods and Secrets, the database Secret's namespace included). Leave sandboxes.namespace empty (RELEASE-NAMESPACE-sandboxes) or name another namespace; sandboxes.allowReleaseNamespace=true overrides this, unsafely" .Release.Namespace) -}}
+{{- end -}}
+{{- if and .Values.sandboxes.createNamespace (eq $sandboxNamespace .Release.Namespace) -}}
+{{- fail "sandboxes.createNamespace needs sandboxes.namespace set to a namespace other than the release namespace (set sandboxes.createNamespace=false to use an existing one)" -}}
+{{- end -}}
+{{- if and (not .Values.database.existingSecret) (not (hasPrefix "sqlite" .Values.database.url)) -}}
+{{- fail "database.url is not SQLite: its credentials would land in ConfigMaps. Put the URL in a Secret and set database.existingSecret (and database.existingSecretKey)" -}}
+{{- end -}}
+{{- if .Values.networkPolicy.enabled -}}
+{{- if and .Values.monitoring.serviceMonitor.enabled (not .Values.networkPolicy.metricsFrom) -}}
+{{- fail "networkPolicy.enabled with monitoring.serviceMonitor.enabled needs networkPolicy.metricsFrom: the peers (e.g. the Prometheus namespace) allowed to scrape /metrics on 7080; without them the NetworkPolicy blocks the scrapes" -}}
+{{- end -}}
+{{- if and (include "openshell.gatewayApiPorts" .) (not .Values.networkPolicy.gatewayApiFrom) -}}
+{{- fail "networkPolicy.enabled with gatewayApi.enabled needs networkPolicy.gatewayApiFrom: the peers (e.g. the Gateway implementation's namespace) whose proxies forward the routes; without them the NetworkPolicy blocks the routed traffic" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The container ports the Gateway API routes reach (space separated), empty when none. */}}
+{{- define "openshell.gatewayApiPorts" -}}
+{{- $api := .Values.gatewayApi -}}
+{{- if $api.enabled -}}
+{{- $ports := list -}}
+{{- if $api.grpcRoute.enabled }}{{ $ports = append $ports "7070" }}{{ end -}}
+{{- if $api.httpRoute.enabled }}{{ $ports = append $ports "7080" }}{{ end -}}
+{{- join " " $ports -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod securityContext: gateway.podSecurityContext without its null keys. */}}
+{{- define "openshell.podSecurityContext" -}}
+{{- $context := dict -}}
+{{- range $key, $value := .Values.gateway.podSecurityContext -}}
+{{- if not (kindIs "invalid" $value) -}}
+{{- $_ := set $context $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- with $context -}}
+securityContext:
+  {{- toYaml . | nindent 2 }}
 {{- end -}}
 {{- end -}}
 
