@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from imagevolume import oci, registry
 from imagevolume.bundle import SYSTEM_PYTHON, BundleError, _is_pyenv, build_bundle
 from tests.support.procs import REPO
+from tests.support.registry import ensure_tools, running_registry
 
 BUNDLE_DIR = Path(os.environ.get("OPENSHELL_BUNDLE_DIR", REPO / "build" / "bundle"))
 MOUNT_DIR = "/opt/openshell"  # where the image volume is mounted, as in the pod wiring
@@ -94,3 +96,27 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     assert not list(root.rglob("*python*")) and not list(root.rglob("libc*"))
     return root
+
+
+IMAGE_ARGS = {"version": "0.1.0", "revision": "0" * 40, "created": "2026-01-02T03:04:05Z"}
+
+
+@pytest.fixture(scope="session")
+def pulled_image(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The supervisor image, through a real registry and back, unpacked: what a kubelet mounts."""
+    ensure_tools("docker-registry", "skopeo", "umoci")
+    work = tmp_path_factory.mktemp("supervisor-image")
+    layout = work / "oci"
+    digest = oci.build_image(bundle, layout, **IMAGE_ARGS, tag="0.1.0")
+    pulled = work / "pulled"
+    with running_registry(work / "registry") as reg:
+        assert registry.push(layout, registry=reg.host, tag="0.1.0", insecure=True) == digest
+        registry.pull(pulled, registry=reg.host, tag="0.1.0", layout_tag="pulled", insecure=True)
+    unpacked = work / "image-volume"
+    subprocess.run(
+        ["umoci", "raw", "unpack", "--rootless", "--image", f"{pulled}:pulled", str(unpacked)],
+        check=True,
+        capture_output=True,
+    )
+    assert sorted(p.name for p in unpacked.iterdir()) == ["openshell-supervisor"]
+    return unpacked

@@ -23,15 +23,12 @@ import pytest
 
 from gateway.config import KubernetesDriverSettings
 from gateway.drivers import podspec
-from imagevolume import oci, registry
 from tests.support.netns import NetPair, netns_unavailable
 from tests.support.procs import GatewayProcess, wait_until
-from tests.support.registry import ensure_tools, running_registry
 from tests.support.runc import RuncContainer, empty_dir, runc_unavailable, runtime_spec_from_pod, secret_dir
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.netns]
 
-ARGS = {"version": "0.1.0", "revision": "0" * 40, "created": "2026-01-02T03:04:05Z"}
 SANDBOX = "runc-sb"
 INTERVAL = 0.5
 
@@ -55,26 +52,6 @@ def skip_without_runc_or_netns() -> None:
     for reason in (runc_unavailable(), netns_unavailable()):
         if reason is not None:
             pytest.skip(reason)
-
-
-@pytest.fixture
-def pulled_image(bundle: Path, tmp_path: Path) -> Path:
-    """The supervisor image, through a real registry and back, unpacked: what a kubelet mounts."""
-    ensure_tools("docker-registry", "skopeo", "umoci")
-    layout = tmp_path / "oci"
-    digest = oci.build_image(bundle, layout, **ARGS, tag="0.1.0")
-    pulled = tmp_path / "pulled"
-    with running_registry(tmp_path / "registry") as reg:
-        assert registry.push(layout, registry=reg.host, tag="0.1.0", insecure=True) == digest
-        registry.pull(pulled, registry=reg.host, tag="0.1.0", layout_tag="pulled", insecure=True)
-    unpacked = tmp_path / "image-volume"
-    subprocess.run(
-        ["umoci", "raw", "unpack", "--rootless", "--image", f"{pulled}:pulled", str(unpacked)],
-        check=True,
-        capture_output=True,
-    )
-    assert sorted(p.name for p in unpacked.iterdir()) == ["openshell-supervisor"]
-    return unpacked
 
 
 @pytest.fixture

@@ -43,23 +43,34 @@ class NetPair:
     sandbox_ip: str
 
     @classmethod
-    def create(cls) -> NetPair:
+    def create(cls, *, gateway_on_host: bool = False) -> NetPair:
+        """With ``gateway_on_host`` the gateway side is this machine's own namespace (``gateway_ns``
+        is empty): for a gateway that must also reach services on the host's 127.0.0.1."""
         tag = secrets.token_hex(3)
         subnet = int(tag, 16) % 250 + 1
-        pair = cls(f"osgw-{tag}", f"ossb-{tag}", f"10.213.{subnet}.1", f"10.213.{subnet}.2")
+        pair = cls(
+            "" if gateway_on_host else f"osgw-{tag}",
+            f"ossb-{tag}",
+            f"10.213.{subnet}.1",
+            f"10.213.{subnet}.2",
+        )
         veth_g, veth_s = f"vg{tag}", f"vs{tag}"
-        _run("ip", "netns", "add", pair.gateway_ns)
+        if pair.gateway_ns:
+            _run("ip", "netns", "add", pair.gateway_ns)
         _run("ip", "netns", "add", pair.sandbox_ns)
         _run("ip", "link", "add", veth_g, "type", "veth", "peer", "name", veth_s)
-        _run("ip", "link", "set", veth_g, "netns", pair.gateway_ns)
+        if pair.gateway_ns:
+            _run("ip", "link", "set", veth_g, "netns", pair.gateway_ns)
         _run("ip", "link", "set", veth_s, "netns", pair.sandbox_ns)
         for ns, dev, ip in (
             (pair.gateway_ns, veth_g, pair.gateway_ip),
             (pair.sandbox_ns, veth_s, pair.sandbox_ip),
         ):
-            _run("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
-            _run("ip", "-n", ns, "link", "set", dev, "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            where = ["-n", ns] if ns else []
+            _run("ip", *where, "addr", "add", f"{ip}/30", "dev", dev)
+            _run("ip", *where, "link", "set", dev, "up")
+            if ns:
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
         return pair
 
     def cut(self) -> None:
@@ -79,5 +90,7 @@ class NetPair:
         _run("ip", "netns", "exec", self.sandbox_ns, "nft", "delete", "table", "inet", "oscut")
 
     def destroy(self) -> None:
+        # Deleting a namespace deletes its end of the veth pair, and with it the other end.
         for ns in (self.sandbox_ns, self.gateway_ns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            if ns:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
