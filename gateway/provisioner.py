@@ -22,6 +22,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from gateway.config import KubernetesDriverSettings
@@ -34,6 +35,17 @@ from gateway.store.db import utcnow
 log = logging.getLogger(__name__)
 
 DRIVER = "kubernetes"
+#: A sandbox still "Creating" without a pod this long after its registration has failed.
+CREATE_DEADLINE_S = 120.0
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 def _status(exc: KubernetesDriverError) -> int:
@@ -132,11 +144,24 @@ class KubernetesProvisioner:
         for state in snapshot.states:
             present.add(state.sandbox_id)
             await self._record(state)
+        now = utcnow()
         for row in await self.sandboxes.list():
-            phase = (row.driver_state or {}).get("phase")
-            if row.driver == DRIVER and row.id not in present and phase not in ("Deleted", "Creating"):
+            if row.driver != DRIVER or row.id in present:
+                continue
+            recorded = row.driver_state or {}
+            phase = recorded.get("phase")
+            if phase == "Creating":
+                # A create in flight has its pod within moments; one this old never got it (the
+                # gateway stopped between registering and creating): say so rather than wait forever.
+                since = _parse_time(recorded.get("at"))
+                if since is not None and (now - since).total_seconds() > CREATE_DEADLINE_S:
+                    reason = f"no pod appeared within {CREATE_DEADLINE_S:.0f} s of the create"
+                    await self.sandboxes.set_driver_state(
+                        row.id, {"phase": "Failed", "reason": reason, "at": now.isoformat()}
+                    )
+            elif phase not in ("Deleted", "Failed"):
                 await self.sandboxes.set_driver_state(
-                    row.id, {**(row.driver_state or {}), "phase": "Deleted", "at": utcnow().isoformat()}
+                    row.id, {**state, "phase": "Deleted", "at": now.isoformat()}
                 )
         return snapshot.resource_version
 

@@ -22,7 +22,7 @@ from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import CreatedSandbox, KubernetesDriverError, PodState, Snapshot
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
 from gateway.provisioner import KubernetesProvisioner
-from gateway.store import Database, EventStore, SandboxStore
+from gateway.store import Database, EventStore, SandboxStore, utcnow
 
 SETTINGS = KubernetesDriverSettings.model_validate(
     {"gateway_address": "gw:7070", "pod": {"default_image": "agent:1"}}
@@ -166,12 +166,24 @@ async def test_the_follower_records_phases_and_pods_that_vanished(store: Sandbox
     for sandbox_id in ("kept", "gone"):
         await prov.create(sandbox_id, ["true"], image=None, env={})
     await store.set_driver_state("gone", {"phase": "Running"})  # seen running before the gateway restarted
+    # Registered, then the gateway stopped before creating the pod, long ago; and one just now.
+    await store.create(
+        "orphan", driver="kubernetes", driver_state={"phase": "Creating", "at": "2020-01-01T00:00:00+00:00"}
+    )
+    await store.create(
+        "fresh", driver="kubernetes", driver_state={"phase": "Creating", "at": utcnow().isoformat()}
+    )
     driver.pods["kept"] = PodState("kept", "sandbox-kept", "Running")
     await prov.start()
     try:
         await phase_becomes(store, "gone", "Deleted")
         row = await store.get("kept")
         assert row is not None and row.driver_state is not None and row.driver_state["phase"] == "Running"
+        await phase_becomes(store, "orphan", "Failed")
+        orphan = await store.get("orphan")
+        assert orphan is not None and "no pod appeared" in (orphan.driver_state or {})["reason"]
+        fresh = await store.get("fresh")
+        assert fresh is not None and (fresh.driver_state or {})["phase"] == "Creating", "a create in flight"
         await driver.events.put(PodState("kept", "sandbox-kept", "Failed", reason="Error", exit_code=3))
         await phase_becomes(store, "kept", "Failed")
         state = (await store.get("kept")).driver_state  # type: ignore[union-attr]
