@@ -161,7 +161,7 @@ class KubernetesProvisioner:
                     )
             elif phase not in ("Deleted", "Failed"):
                 await self.sandboxes.set_driver_state(
-                    row.id, {**state, "phase": "Deleted", "at": now.isoformat()}
+                    row.id, {**recorded, "phase": "Deleted", "at": now.isoformat()}
                 )
         return snapshot.resource_version
 
