@@ -169,12 +169,10 @@ class KubernetesDriver:
         try:
             with self._explained("create", "secrets", request.sandbox_id):
                 await self.client.create(cast(Secret, Secret.from_dict(secret)))
-        except KubernetesDriverError:
-            # A pod without its credential would never connect: take it back, then report.
-            with contextlib.suppress(ApiError, httpx.HTTPError):
-                await self.client.delete(
-                    Pod, pod_obj["metadata"]["name"], namespace=self.namespace, grace_period=0
-                )
+        except BaseException:
+            # A pod without its credential would never connect: take it back (also when this call
+            # is cancelled), then report.
+            await asyncio.shield(self._take_back(pod_obj["metadata"]["name"]))
             raise
         log.info(
             "sandbox pod created",
@@ -190,6 +188,12 @@ class KubernetesDriver:
             pod_uid=uid,
             credential_sha256=hashlib.sha256(token.encode()).hexdigest(),
         )
+
+    async def _take_back(self, name: str) -> None:
+        try:
+            await self.client.delete(Pod, name, namespace=self.namespace, grace_period=0)
+        except (ApiError, httpx.HTTPError, ConfigError) as exc:
+            log.error("could not delete pod %s after its Secret failed: %s", name, exc)
 
     async def get(self, sandbox_id: str) -> PodState | None:
         try:
@@ -258,17 +262,23 @@ class KubernetesDriver:
                     resource_version=version,
                     server_timeout=WATCH_SERVER_TIMEOUT_S,
                 ).__aiter__()
-                while True:
-                    try:
-                        op, pod = await asyncio.wait_for(anext(stream), WATCH_SERVER_TIMEOUT_S + 30)
-                    except TimeoutError:
-                        log.info("sandbox pod watch silent too long; re-opening it from %s", version)
-                        break
-                    if pod.metadata is not None and pod.metadata.resourceVersion:
-                        version = pod.metadata.resourceVersion
-                    state = _pod_state(pod, deleted=op == "DELETED")
-                    if state is not None:
-                        yield state
+                try:
+                    while True:
+                        try:
+                            op, pod = await asyncio.wait_for(anext(stream), WATCH_SERVER_TIMEOUT_S + 30)
+                        except TimeoutError:
+                            log.info("sandbox pod watch silent too long; re-opening it from %s", version)
+                            break
+                        if pod.metadata is not None and pod.metadata.resourceVersion:
+                            version = pod.metadata.resourceVersion
+                        state = _pod_state(pod, deleted=op == "DELETED")
+                        if state is not None:
+                            yield state
+                finally:
+                    close = getattr(stream, "aclose", None)
+                    if close is not None:
+                        with contextlib.suppress(Exception):
+                            await close()
 
     async def close(self) -> None:
         if self._client is not None:
