@@ -209,26 +209,35 @@ async def test_prometheus_scrapes_and_serves_the_supervisor_metrics(
         await wait_for_value(http, prometheus, "openshell_supervisor_session_reconnects_total", "1")
 
 
-async def test_promtool_accepts_the_exposition(metrics_server: HttpServer) -> None:
+def _promtool() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
         _find_or_install("prometheus")
         promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
-    metrics_server.metrics.observe_rtt(0.01)
-    async with aiohttp.ClientSession() as http, http.get(f"{metrics_server.url}/metrics") as resp:
-        text = await resp.read()
+    return promtool
+
+
+async def assert_promtool_accepts(exposition: bytes) -> None:
+    """``promtool check metrics`` lints the exposition the way Prometheus's own tooling does."""
     proc = await asyncio.create_subprocess_exec(
-        promtool,
+        _promtool(),
         "check",
         "metrics",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(text), 30)
+    out, _ = await asyncio.wait_for(proc.communicate(exposition), 30)
     assert proc.returncode == 0, out.decode()
+
+
+async def test_promtool_accepts_the_exposition(metrics_server: HttpServer) -> None:
+    metrics_server.metrics.observe_rtt(0.01)
+    async with aiohttp.ClientSession() as http, http.get(f"{metrics_server.url}/metrics") as resp:
+        text = await resp.read()
+    await assert_promtool_accepts(text)
 
 
 async def test_prometheus_scrapes_a_real_supervisor_process(prometheus_binary: str, tmp_path: Path) -> None:
@@ -267,16 +276,6 @@ async def test_prometheus_scrapes_a_real_supervisor_process(prometheus_binary: s
             prom.stop()
         sv.stop()
         gateway.stop()
-
-
-def _promtool() -> str:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        _find_or_install("prometheus")
-        promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
-    return promtool
 
 
 async def test_prometheus_scrapes_the_gateway(prometheus_binary: str, tmp_path: Path) -> None:
@@ -318,16 +317,7 @@ async def test_prometheus_scrapes_the_gateway(prometheus_binary: str, tmp_path: 
             prom.stop()
         sv.stop()
         gateway.stop()
-    proc = await asyncio.create_subprocess_exec(
-        _promtool(),
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(exposition), 30)
-    assert proc.returncode == 0, out.decode()
+    await assert_promtool_accepts(exposition)
 
 
 def test_promtool_accepts_the_charts_alert_rules(tmp_path: Path) -> None:

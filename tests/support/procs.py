@@ -42,6 +42,17 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, in
         time.sleep(interval)
 
 
+def wait_for_exit(
+    proc: subprocess.Popen[bytes] | None, timeout: float, *, what: str, log: Callable[[], str]
+) -> int:
+    """``proc``'s exit code; an AssertionError with the tail of its ``log`` if it is still running."""
+    assert proc is not None, f"{what} was never started"
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} still running after {timeout}s:\n{log()[-4000:]}") from None
+
+
 def writer_command(
     n: int, *, prefix: str = "line", delay: float = 0.0, exit_code: int = 0, width: int = 0
 ) -> list[str]:
@@ -211,13 +222,7 @@ class SupervisorProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"supervisor still running after {timeout}s:\n{self.log_text()[-4000:]}"
-            ) from None
+        return wait_for_exit(self.proc, timeout, what="supervisor", log=self.log_text)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import wait_for_exit
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MASKED = [
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
@@ -172,13 +174,7 @@ class RuncContainer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"container still running after {timeout}s:\n{self.log_text()[-4000:]}"
-            ) from None
+        return wait_for_exit(self.proc, timeout, what="container", log=self.log_text)
 
     def stop(self) -> None:
         """Kill and delete the container whatever state it is in; leaves no process behind."""
