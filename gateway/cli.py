@@ -65,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
     status.add_argument("--json", action="store_true", help="print the API's JSON")
+    sandbox = sub.add_parser("sandbox", help="create or delete a sandbox through the HTTP API")
+    ssub = sandbox.add_subparsers(dest="sandbox_cmd", required=True)
+    create = ssub.add_parser("create", help="create a sandbox: [--image IMAGE] [--env N=V] ID -- COMMAND ...")
+    create.add_argument("id")
+    create.add_argument("--image", help="sandbox image (default: the driver's default_image)")
+    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    # Everything after the id is the command (options go before the id), so the command's own
+    # options are never taken for ours.
+    create.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    delete = ssub.add_parser("delete", help="delete a sandbox's pod")
+    delete.add_argument("id")
+    for p in (create, delete):
+        p.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
     check = csub.add_parser("check", help="validate FILE and report every problem by key path")
@@ -111,6 +124,25 @@ async def _migrate(config: GatewayConfig) -> None:
     print("database schema is up to date")
 
 
+def _sandbox_command(args: argparse.Namespace) -> int:
+    from gateway.sandboxcli import SandboxCallError, create_sandbox, delete_sandbox, parse_env  # noqa: PLC0415
+
+    api = args.api.rstrip("/")
+    try:
+        if args.sandbox_cmd == "create":
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            answer = asyncio.run(
+                create_sandbox(api, args.id, command, image=args.image, env=parse_env(args.env))
+            )
+        else:
+            answer = asyncio.run(delete_sandbox(api, args.id))
+    except SandboxCallError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE if exc.status is None or exc.status >= 500 else 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
@@ -128,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(render(sandboxes))
         return 0
+    if args.cmd == "sandbox":
+        return _sandbox_command(args)
     try:
         config = load_settings(GatewayConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:

@@ -8,6 +8,8 @@ tests/e2e/test_kubernetes_driver.py); the store is the real one on SQLite.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from gateway.drivers.kubernetes import CreatedSandbox, KubernetesDriverError, Po
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
 from gateway.provisioner import KubernetesProvisioner
 from gateway.store import Database, EventStore, SandboxStore, utcnow
+from tests.support.procs import child_env
 
 SETTINGS = KubernetesDriverSettings.model_validate(
     {"gateway_address": "gw:7070", "pod": {"default_image": "agent:1"}}
@@ -231,3 +234,55 @@ async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore,
             assert resp.status == 202 and (await resp.json())["deleted"] is True
     finally:
         await db.close()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "sandbox",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
+    store: SandboxStore, tmp_path: Path
+) -> None:
+    driver = FakeDriver()
+    db = await Database.open(f"sqlite:///{tmp_path}/events.db")
+    app = build_api(
+        sandboxes=store, events=EventStore(db), lost_after_s=60, provisioner=provisioner(store, driver)
+    )
+    try:
+        async with TestClient(TestServer(app)) as client:
+            api = str(client.make_url("")).rstrip("/")
+            options = ["--api", api, "--env", "MODE=fast", "--image", "agent:2"]
+            code, out, err = await _cli("create", *options, "cli-1", "--", "sleep", "5")
+            assert code == 0, err
+            expected = {"id": "cli-1", "pod": "sandbox-cli-1", "namespace": "openshell-sandboxes"}
+            assert json.loads(out) == expected
+            row = await store.get("cli-1")
+            assert row is not None and row.spec is not None and row.spec["command"] == ["sleep", "5"]
+            assert row.spec["image"] == "agent:2"
+
+            code, _, err = await _cli("create", "--api", api, "cli-1", "--", "true")
+            assert code == 1 and "exists" in err
+            code, _, err = await _cli("create", "--api", api, "--env", "NOEQUALS", "cli-2", "--", "true")
+            assert code == 1 and "NAME=VALUE" in err
+            code, _, err = await _cli("create", "--api", api, "cli-2")
+            assert code == 1 and "command after --" in err
+
+            driver.pods["cli-1"] = PodState("cli-1", "sandbox-cli-1", "Running")
+            code, out, err = await _cli("delete", "cli-1", "--api", api)
+            assert code == 0 and json.loads(out)["deleted"] is True, err
+    finally:
+        await db.close()
+    code, _, err = await _cli("delete", "x", "--api", "http://127.0.0.1:1")
+    assert code == 69 and "cannot reach the gateway API" in err

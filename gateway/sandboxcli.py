@@ -1,0 +1,70 @@
+"""``openshell-gateway sandbox create|delete``: the HTTP API's sandbox calls from a terminal.
+
+The same requests an agent or a script sends (``POST /api/v1/sandboxes``, ``DELETE
+/api/v1/sandboxes/{id}``); the answer is printed as the API's JSON, and a refusal as the API's
+own sentence with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+
+
+class SandboxCallError(Exception):
+    """The API could not be reached (``status`` None) or refused (its HTTP status and sentence)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SandboxCallError(f"--env {item!r}: expected NAME=VALUE", 400)
+        env[name] = value
+    return env
+
+
+async def _call(
+    api_url: str, method: str, path: str, body: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=60)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.request(method, f"{api_url}/api/v1{path}", json=body) as resp,
+        ):
+            try:
+                doc: dict[str, Any] = await resp.json(content_type=None)
+            except ValueError:
+                doc = {"error": (await resp.text())[:500]}
+            if resp.status >= 400:
+                raise SandboxCallError(str(doc.get("error", doc)), resp.status)
+            return doc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise SandboxCallError(
+            f"cannot reach the gateway API at {api_url}: {exc or type(exc).__name__}"
+        ) from None
+
+
+async def create_sandbox(
+    api_url: str, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
+) -> dict[str, Any]:
+    if not command:
+        raise SandboxCallError("give the sandbox's command after --, e.g. -- python3 agent.py", 400)
+    body: dict[str, Any] = {"id": sandbox_id, "command": list(command)}
+    if image:
+        body["image"] = image
+    if env:
+        body["env"] = dict(env)
+    return await _call(api_url, "POST", "/sandboxes", body)
+
+
+async def delete_sandbox(api_url: str, sandbox_id: str) -> dict[str, Any]:
+    return await _call(api_url, "DELETE", f"/sandboxes/{sandbox_id}")
