@@ -53,6 +53,18 @@ def image_ref(registry: str, tag: str, repository: str = REPOSITORY) -> str:
     return f"docker://{registry.rstrip('/')}/{repository}:{tag}"
 
 
+def _copy_args(side: str, *, all_platforms: bool, insecure: bool, authfile: Path | None) -> list[str]:
+    """``skopeo copy`` options; ``side`` is the registry's end of the copy: ``dest`` or ``src``."""
+    args = ["copy", "--retry-times", "3", "--preserve-digests"]
+    if all_platforms:
+        args.append("--all")
+    if insecure:
+        args.append(f"--{side}-tls-verify=false")
+    if authfile:
+        args += [f"--{side}-authfile", str(authfile)]
+    return args
+
+
 def push(
     layout: Path,
     *,
@@ -68,13 +80,7 @@ def push(
     """Copy ``oci:LAYOUT:LAYOUT_TAG`` to the registry as ``repository:tag``; return the pushed digest."""
     if not (Path(layout) / "index.json").is_file():
         raise RegistryError(f"{layout} is not an OCI image layout (no index.json)")
-    args = ["copy", "--retry-times", "3", "--preserve-digests"]
-    if all_platforms:
-        args.append("--all")
-    if insecure:
-        args.append("--dest-tls-verify=false")
-    if authfile:
-        args += ["--dest-authfile", str(authfile)]
+    args = _copy_args("dest", all_platforms=all_platforms, insecure=insecure, authfile=authfile)
     with tempfile.TemporaryDirectory(prefix="skopeo-digest-") as tmp:
         digest_file = Path(tmp) / "digest"
         args += ["--digestfile", str(digest_file)]
@@ -99,13 +105,7 @@ def pull(
 ) -> None:
     """Copy ``repository:tag`` from the registry into the OCI image layout ``layout`` (created if missing)."""
     Path(layout).mkdir(parents=True, exist_ok=True)
-    args = ["copy", "--retry-times", "3", "--preserve-digests"]
-    if all_platforms:
-        args.append("--all")
-    if insecure:
-        args.append("--src-tls-verify=false")
-    if authfile:
-        args += ["--src-authfile", str(authfile)]
+    args = _copy_args("src", all_platforms=all_platforms, insecure=insecure, authfile=authfile)
     _run([*args, image_ref(registry, tag, repository), f"oci:{layout}:{layout_tag or tag}"], timeout=timeout)
 
 
