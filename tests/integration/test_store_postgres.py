@@ -1,8 +1,7 @@
 """The store against a real PostgreSQL server, started for this test session.
 
-A throwaway cluster is initialised in a temporary directory and listens on 127.0.0.1 at a free
-port; each test gets a database of its own. PostgreSQL refuses to run as root, so under root the
-server's commands run as the ``postgres`` user (or ``nobody``) through ``runuser``. The scenarios
+A throwaway cluster (``tests/support/postgres.py``) listens on 127.0.0.1 at a free port; each test
+gets a database of its own. The scenarios
 are the ones the SQLite unit tests run (``tests/unit/test_store.py``), so both dialects are held
 to the same behaviour.
 """
@@ -10,23 +9,15 @@ to the same behaviour.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import pwd
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from gateway.store import Database, EventStore, SandboxStore, StoreError
 from openshell_wire.records import LogRecord, LogStream
+from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.unit.test_store import (
     check_append_unsequenced,
     check_exit_updates_sandbox,
@@ -45,111 +36,20 @@ from tests.unit.test_store import (
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
 
-def _pg_bindir() -> Path | None:
-    candidates: list[Path] = []
-    which = shutil.which("pg_ctl")
-    if which:
-        candidates.append(Path(which).parent)
-    # Debian keeps the server binaries out of PATH, one directory per major version; newest first.
-    versions = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    candidates.extend(versions)
-    for bindir in candidates:
-        if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
-            return bindir
-    return None
-
-
-BINDIR = _pg_bindir()
 pytestmark = pytest.mark.skipif(
-    BINDIR is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
 )
-
-
-@dataclass(frozen=True)
-class PgServer:
-    port: int
-    user: str
-
-    def url(self, database: str) -> str:
-        return f"postgresql+asyncpg://{self.user}@127.0.0.1:{self.port}/{database}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    if user is not None:
-        argv = ["runuser", "-u", user, "--", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-
-
-def _unprivileged_user() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            pwd.getpwnam(name)
-            return name
-    pytest.skip("running as root and there is no postgres or nobody user to run PostgreSQL as")
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    assert BINDIR is not None
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-    run_as = _unprivileged_user()
-    root = Path(tempfile.mkdtemp(prefix="openshell-pg-"))
-    data = root / "data"
-    if run_as is not None:
-        entry = pwd.getpwnam(run_as)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    port = _free_port()
-    superuser = "openshell"
-    init = _run_as(
-        run_as,
-        [str(BINDIR / "initdb"), "-D", str(data), "-U", superuser, "--auth=trust", "-E", "UTF8", "--no-sync"],
-    )
-    if init.returncode != 0:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
-    # fsync off: the cluster is thrown away, and the tests are not about durability.
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
-    start = _run_as(
-        run_as,
-        [
-            str(BINDIR / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(root / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            options,
-            "start",
-        ],
-    )
-    if start.returncode != 0:
-        server_log = (
-            (root / "server.log").read_text(errors="replace") if (root / "server.log").exists() else ""
-        )
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{server_log}")
     try:
-        yield PgServer(port=port, user=superuser)
-    finally:
-        _run_as(run_as, [str(BINDIR / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
