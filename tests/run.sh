@@ -23,6 +23,11 @@ if [ "$(id -u)" = 0 ]; then
   command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
   [ -x /bin/busybox ] || missing+=(busybox-static)
+  # The local cluster's real node (tests/support/kubenode.py) and the gateway image's root filesystem.
+  command -v runc >/dev/null 2>&1 || missing+=(runc)
+  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+  command -v ipset >/dev/null 2>&1 || missing+=(ipset)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
       >/dev/null 2>&1 || echo "warning: could not install ${missing[*]}; the tests that need them will skip"
@@ -32,9 +37,11 @@ fi
 # The local Kubernetes control plane (kube-apiserver, etcd, ... built from the Go module proxy;
 # minutes the first time, then cached by the pins' hash). Built here rather than inside the first
 # test that needs it; without Go, or if the build fails, the live Kubernetes tests skip with the reason.
+# The same for the local cluster's real node (kubelet, kube-proxy, containerd, CNI plugins, kube-router).
 if command -v go >/dev/null 2>&1 && [ -z "${KUBECONFIG:-}" ]; then
-  echo "== Kubernetes control plane (tests/cluster/build.sh)"
+  echo "== Kubernetes control plane and node (tests/cluster/build.sh)"
   bash tests/cluster/build.sh >/dev/null || echo "warning: the control plane did not build; the live Kubernetes tests will skip"
+  bash tests/cluster/build.sh node >/dev/null || echo "warning: the node did not build; the tests on a real node will skip"
 fi
 
 echo "== generated stubs";  .venv/bin/python proto/generate.py --check

@@ -49,7 +49,8 @@ KWOK_STAGES = "kwok-stages.yaml"
 FAKE_NODE_LABEL = ("type", "kwok")
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"  # virtual IPs the apiserver allocates; nothing routes to them
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"  # virtual IPs; routed only on a real node (kube-proxy)
+SERVICE_API_IP = "10.96.0.1"  # the kubernetes Service: the first address of the range
 READY_TIMEOUT = 30.0
 BUILD_TIMEOUT = 3600.0
 
@@ -69,14 +70,17 @@ class ControlPlaneError(RuntimeError):
 # --- building -------------------------------------------------------------------------------------
 
 
-def build(*, cache: Path | None = None, timeout: float = BUILD_TIMEOUT, quiet: bool = True) -> Path:
-    """Run build.sh (a no-op when the cache already has the binaries) and return the bin directory."""
+def build(
+    *, target: str = "plane", cache: Path | None = None, timeout: float = BUILD_TIMEOUT, quiet: bool = True
+) -> Path:
+    """Run ``build.sh TARGET`` (a no-op when the cache already has the binaries) and return the bin
+    directory. Targets: ``plane`` (this module's processes) and ``node`` (tests/support/kubenode.py)."""
     env = dict(os.environ)
     if cache is not None:
         env["OPENSHELL_CLUSTER_CACHE"] = str(cache)
     try:
         proc = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
+            ["bash", str(BUILD_SCRIPT), target],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if quiet else None,
@@ -94,7 +98,7 @@ def build(*, cache: Path | None = None, timeout: float = BUILD_TIMEOUT, quiet: b
     if not out:
         raise BuildError("build.sh printed no bin directory")
     bin_dir = Path(out[-1])
-    missing = [b for b in BINARIES if not (bin_dir / b).is_file()]
+    missing = [b for b in (BINARIES if target == "plane" else ()) if not (bin_dir / b).is_file()]
     if missing:
         raise BuildError(f"build.sh left no {', '.join(missing)} in {bin_dir}")
     return bin_dir
@@ -115,9 +119,10 @@ class Certs:
     sa_private_key: Path
 
 
-def make_certs(directory: Path, *, days: int = 1) -> Certs:
-    """A CA, an apiserver serving cert (127.0.0.1, localhost, the kubernetes service names), an admin
-    client cert in ``system:masters`` and the service-account token signing key pair (EC P-256)."""
+def make_certs(directory: Path, *, days: int = 1, extra_ips: Sequence[str] = ()) -> Certs:
+    """A CA, an apiserver serving cert (127.0.0.1, localhost, the kubernetes service names, and
+    ``extra_ips``), an admin client cert in ``system:masters`` and the service-account token signing
+    key pair (EC P-256)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -195,10 +200,12 @@ def make_certs(directory: Path, *, days: int = 1) -> Certs:
         return builder.sign(ca_key, hashes.SHA256()), key
 
     dns = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+    dns.append("kubernetes.default.svc.cluster.local")
     serving, serving_key = issue(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
         ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        [x509.DNSName(d) for d in dns]
+        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *extra_ips)],
     )
     admin, admin_key = issue(
         x509.Name(
@@ -226,6 +233,46 @@ def make_certs(directory: Path, *, days: int = 1) -> Certs:
         sa_public_key=sa_public,
         sa_private_key=write_key(sa_key, "sa.key"),
     )
+
+
+def issue_client_cert(
+    certs: Certs, directory: Path, name: str, *, cn: str, orgs: Sequence[str] = ()
+) -> tuple[Path, Path]:
+    """A client certificate for ``cn`` in groups ``orgs``, signed by the plane's CA: (cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(ca.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 def write_kubeconfig(path: Path, server: str, certs: Certs, *, name: str = "openshell-test") -> Path:
@@ -300,8 +347,12 @@ class LocalControlPlane:
         fake_nodes: int = 1,
         ready_timeout: float = READY_TIMEOUT,
         extra_apiserver_args: Sequence[str] = (),
+        address: str = "127.0.0.1",
     ) -> None:
         self._bin_dir = bin_dir
+        # Where the API server listens and what it advertises: 127.0.0.1 unless a real node (in a
+        # namespace of its own, tests/support/kubenode.py) must reach it over a veth.
+        self.address = address
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="openshell-kube-"))
         self.controller_manager = controller_manager
@@ -334,10 +385,11 @@ class LocalControlPlane:
         began = time.monotonic()
         atexit.register(self.stop)
         try:
-            self.certs = certs = make_certs(self.workdir / "pki")
+            extra_ips = [] if self.address == "127.0.0.1" else [self.address, SERVICE_API_IP]
+            self.certs = certs = make_certs(self.workdir / "pki", extra_ips=extra_ips)
             etcd_url = self._start_etcd(bin_dir)
             port = free_port()
-            self.server = f"https://127.0.0.1:{port}"
+            self.server = f"https://{self.address}:{port}"
             write_kubeconfig(self.kubeconfig, self.server, certs)
             self._start_apiserver(bin_dir, certs, etcd_url, port)
             self._wait_ready(began)
@@ -418,8 +470,8 @@ class LocalControlPlane:
             [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={port}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={certs.serving_cert}",
@@ -435,8 +487,13 @@ class LocalControlPlane:
                 "--enable-admission-plugins=NodeRestriction,PodSecurity",
                 # Privileged pods pass validation, so a refusal in a restricted namespace is PodSecurity's.
                 "--allow-privileged=true",
-                # 127.0.0.1 is not a valid endpoint address, and nothing here routes to the service anyway.
-                "--endpoint-reconciler-type=none",
+                # 127.0.0.1 is not a valid endpoint address; with a real node, pods reach the API server
+                # through the kubernetes Service, so its endpoint is kept up to date.
+                "--endpoint-reconciler-type=" + ("none" if self.address == "127.0.0.1" else "lease"),
+                # Logs and exec of real pods: the API server calls the kubelet as the admin.
+                f"--kubelet-client-certificate={certs.admin_cert}",
+                f"--kubelet-client-key={certs.admin_key}",
+                "--kubelet-preferred-address-types=InternalIP",  # node names are not in any DNS here
                 "--profiling=false",
                 *self.extra_apiserver_args,
             ],

@@ -79,7 +79,7 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_registry(workdir: Path, *, timeout: float = 30) -> Iterator[Registry]:
+def running_registry(workdir: Path, *, timeout: float = 30, address: str = "127.0.0.1") -> Iterator[Registry]:
     ensure_tools("docker-registry")
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
@@ -98,12 +98,12 @@ def running_registry(workdir: Path, *, timeout: float = 30) -> Iterator[Registry
               delete:
                 enabled: true
             http:
-              addr: 127.0.0.1:{port}
+              addr: {address}:{port}
             """
         )
     )
     log = workdir / "registry.log"
-    registry = Registry(host=f"127.0.0.1:{port}", root=root, log=log)
+    registry = Registry(host=f"{address}:{port}", root=root, log=log)
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
             ["docker-registry", "serve", str(config)],

@@ -1,0 +1,658 @@
+"""A local Kubernetes cluster with one real node: the control plane of ``kubecluster.py`` plus kubelet,
+containerd (runc), a CNI bridge, kube-proxy (nftables) and kube-router's NetworkPolicy controller, and a
+registry the node pulls from.
+
+The node is what the control plane alone lacks: pods really run (containerd pulls their images from a
+real registry, runc starts them, the runtime mounts image volumes), Services route (kube-proxy) and
+NetworkPolicies are enforced (kube-router's firewall, the one k3s embeds: iptables-nft + ipset; the SIG
+Network kube-network-policies needs the kernel's nft ``queue`` expression, which these machines lack).
+Everything of the node lives in a network namespace ``osnode-<tag>``: the bridge, the pods' veths,
+kube-proxy's and kube-router's rules. The host keeps one veth and one route; the API server and the
+registry listen on the host's end of that veth:
+
+    host: API server, registry, tests   10.86.<k>.1 ── veth ── 10.86.<k>.2   node namespace
+                                                                  └─ cni0 10.89.<k>.1/24 ── pods
+
+There is no cluster DNS: name the gateway by a ClusterIP (the chart's ``gateway.service.clusterIP``).
+
+    python -m tests.support.kubenode up     # start one, print KUBECONFIG and the registry; Ctrl-C stops
+
+Binaries: ``tests/cluster/build.sh`` (plane) and ``tests/cluster/build.sh node``. Needs root, runc,
+iproute2, nftables, iptables and ipset (installed with apt when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support import images, kubecluster
+from tests.support.registry import Registry, running_registry
+
+LINK_PREFIX = "10.86"  # host <-> node veth, a /30 per cluster
+POD_PREFIX = "10.89"  # the node's pods, a /24 per cluster
+NODE_NAME = "node-0"
+READY_TIMEOUT = 120.0
+APT_TOOLS = {"runc": "runc", "ip": "iproute2", "nft": "nftables", "iptables": "iptables", "ipset": "ipset"}
+
+
+class NodeError(RuntimeError):
+    """The node could not be set up or did not become Ready; the message says which part and why."""
+
+
+def node_unavailable() -> str | None:
+    """Why a local node cannot run on this machine (a missing tool or right), or None."""
+    if sys.platform != "linux":
+        return "a local node needs Linux"
+    if os.geteuid() != 0:
+        return "a local node needs root (network namespaces, mounts, runc)"
+    missing = [tool for tool in APT_TOOLS if shutil.which(tool) is None]
+    if missing and shutil.which("apt-get"):
+        packages = sorted({APT_TOOLS[t] for t in missing})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            check=False,
+            timeout=900,
+        )
+        missing = [tool for tool in APT_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"a local node needs {', '.join(missing)} (apt install {' '.join(APT_TOOLS[t] for t in missing)})"
+        )
+    if shutil.which("nsenter") is None:
+        return "a local node needs nsenter (util-linux)"
+    return None
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise NodeError(f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()}")
+    return done
+
+
+# --- network --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeNetwork:
+    """The node's network namespace, its veth to the host, and the host's route to the pod range."""
+
+    name: str
+    host_ip: str
+    node_ip: str
+    pod_cidr: str
+    host_veth: str
+
+    @classmethod
+    def create(cls) -> NodeNetwork:
+        tag = secrets.token_hex(3)
+        k = int(tag, 16) % 250 + 1
+        net = cls(
+            name=f"osnode-{tag}",
+            host_ip=f"{LINK_PREFIX}.{k}.1",
+            node_ip=f"{LINK_PREFIX}.{k}.2",
+            pod_cidr=f"{POD_PREFIX}.{k}.0/24",
+            host_veth=f"onh{tag}",
+        )
+        node_veth = f"onn{tag}"
+        try:
+            _run("ip", "netns", "add", net.name)
+            _run("ip", "link", "add", net.host_veth, "type", "veth", "peer", "name", node_veth)
+            _run("ip", "link", "set", node_veth, "netns", net.name)
+            _run("ip", "addr", "add", f"{net.host_ip}/30", "dev", net.host_veth)
+            _run("ip", "link", "set", net.host_veth, "up")
+            _run("ip", "-n", net.name, "addr", "add", f"{net.node_ip}/30", "dev", node_veth)
+            _run("ip", "-n", net.name, "link", "set", node_veth, "up")
+            _run("ip", "-n", net.name, "link", "set", "lo", "up")
+            _run("ip", "-n", net.name, "route", "add", "default", "via", net.host_ip)
+            _run("ip", "route", "add", net.pod_cidr, "via", net.node_ip)
+            # Per namespace: the node routes between its pods and the host; the host's own stays as is.
+            _run("ip", "netns", "exec", net.name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        except BaseException:
+            net.delete()
+            raise
+        return net
+
+    def prefix(self) -> list[str]:
+        """Runs a command in the node's network namespace and nothing else of it: the mount namespace
+        stays the host's, so the kubelet's volume mounts are seen by containerd and runc."""
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--"]
+
+    def delete(self) -> None:
+        _run("ip", "route", "del", self.pod_cidr, check=False)
+        _run("ip", "link", "del", self.host_veth, check=False)
+        _run("ip", "netns", "del", self.name, check=False)
+
+
+# --- node -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def missing(self) -> list[str]:
+        names = ["kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "kube-router", "pause"]
+        names += [f"cni/{p}" for p in ("bridge", "host-local", "loopback", "portmap")]
+        return [n for n in names if not os.access(self.dir / n, os.X_OK)]
+
+
+def containerd_config(workdir: Path, *, pause_image: str) -> str:
+    root = workdir / "containerd"
+    return textwrap.dedent(
+        f"""\
+        version = 3
+        root = "{root / "root"}"
+        state = "{root / "state"}"
+
+        [grpc]
+          address = "{root / "containerd.sock"}"
+
+        [ttrpc]
+          address = "{root / "containerd.sock.ttrpc"}"
+
+        [plugins.'io.containerd.cri.v1.images']
+          snapshotter = "overlayfs"
+          [plugins.'io.containerd.cri.v1.images'.pinned_images]
+            sandbox = "{pause_image}"
+          [plugins.'io.containerd.cri.v1.images'.registry]
+            config_path = "{root / "certs.d"}"
+
+        [plugins.'io.containerd.cri.v1.runtime']
+          # Lowering oom_score_adj (the kubelet asks -998 for the pause container) needs CAP_SYS_RESOURCE,
+          # which root in these VMs lacks: clamp to ours instead of failing every pod.
+          restrict_oom_score_adj = true
+          # Pod network namespaces under our state directory, not /var/run/netns.
+          netns_mounts_under_state_dir = true
+          [plugins.'io.containerd.cri.v1.runtime'.cni]
+            bin_dirs = ["{workdir / "cni-bin"}"]
+            conf_dir = "{workdir / "cni"}"
+          [plugins.'io.containerd.cri.v1.runtime'.containerd]
+            default_runtime_name = "runc"
+            [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+              runtime_type = "io.containerd.runc.v2"
+              [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+                BinaryName = "{shutil.which("runc") or "runc"}"
+                Root = "{root / "runc"}"
+                SystemdCgroup = false
+
+        [plugins.'io.containerd.nri.v1.nri']
+          disable = true
+        """
+    )
+
+
+def cni_config(pod_cidr: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "openshell-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": True,
+                "ipMasq": False,  # the host routes the pod range back to the node: no NAT needed
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": pod_cidr}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
+                ],
+                "users": [
+                    {"name": "user", "user": {"client-certificate": str(cert), "client-key": str(key)}}
+                ],
+                "contexts": [{"name": "local", "context": {"cluster": "local", "user": "user"}}],
+                "current-context": "local",
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class LocalNode:
+    """containerd, kubelet, kube-proxy and kube-router for one node, in ``network``'s namespace."""
+
+    network: NodeNetwork
+    binaries: NodeBinaries
+    workdir: Path
+    kubelet_kubeconfig: Path  # system:node:<name> in system:nodes
+    admin_kubeconfig: Path  # kube-proxy and kube-router (they need cluster-wide reads)
+    ca_cert: Path
+    pause_image: str
+    registries: Sequence[str] = ()  # HOST:PORT served over plain HTTP
+    name: str = NODE_NAME
+    _procs: list[_Proc] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "containerd" / "containerd.sock"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Proc:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            out.write(("$ " + " ".join(argv) + "\n").encode())
+            popen = subprocess.Popen(
+                [*self.network.prefix(), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        proc = _Proc(name, popen, log)
+        self._procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self._procs:
+            if proc.popen.poll() is not None:
+                raise NodeError(
+                    f"{proc.name} exited ({proc.popen.returncode}); last lines of {proc.log}:\n"
+                    f"{kubecluster.log_tail(proc.log)}"
+                )
+
+    def start(self) -> None:
+        """containerd, the kubelet and kube-proxy; :meth:`start_network_policies` once the Node exists."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start_containerd()
+        self._start_kubelet()
+        self._start_kube_proxy()
+
+    def _start_containerd(self) -> None:
+        for host in self.registries:
+            d = self.workdir / "containerd" / "certs.d" / host
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts.toml").write_text(
+                f'server = "http://{host}"\n\n[host."http://{host}"]\n  capabilities = ["pull", "resolve"]\n'
+            )
+        # CNI plugins from one directory: ours (bin/cni); containerd looks for nothing else.
+        cni_bin = self.workdir / "cni-bin"
+        if not cni_bin.exists():
+            cni_bin.symlink_to(self.binaries.path("cni"))
+        cni_conf = self.workdir / "cni"
+        cni_conf.mkdir(exist_ok=True)
+        (cni_conf / "10-openshell.conflist").write_text(
+            json.dumps(cni_config(self.network.pod_cidr), indent=2)
+        )
+        config = self.workdir / "containerd" / "config.toml"
+        config.write_text(containerd_config(self.workdir, pause_image=self.pause_image))
+        path = f"{self.binaries.dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"  # the shim
+        proc = self._spawn(
+            "containerd", [str(self.binaries.path("containerd")), "--config", str(config)], {"PATH": path}
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                self.check_alive()
+                raise NodeError(f"containerd did not open {self.socket} within 30 s (log: {proc.log})")
+            time.sleep(0.1)
+
+    def _start_kubelet(self) -> None:
+        d = self.workdir / "kubelet"
+        d.mkdir(parents=True, exist_ok=True)
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(self.ca_cert)},
+            },
+            "authorization": {"mode": "Webhook"},
+            "address": self.network.node_ip,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",  # the node namespace's loopback
+            "cgroupDriver": "cgroupfs",
+            # These VMs mount cgroup v1 controllers (hybrid layout); 1.35+ refuses that unless told.
+            "failCgroupV1": False,
+            # Pods get their cgroups from runc; no QoS hierarchy or node allocatable to enforce here.
+            "cgroupsPerQOS": False,
+            "enforceNodeAllocatable": [],
+            "failSwapOn": False,
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "clusterDomain": "cluster.local",
+            "resolvConf": "",  # no cluster DNS, and the host's resolver is not the pods' business
+            "serializeImagePulls": False,
+            # A test machine's disk is often fuller than a node's: evict only when it is really full.
+            "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+        }
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        self._spawn(
+            "kubelet",
+            [
+                str(self.binaries.path("kubelet")),
+                f"--config={d / 'config.yaml'}",
+                f"--kubeconfig={self.kubelet_kubeconfig}",
+                f"--root-dir={d / 'root'}",
+                f"--cert-dir={d / 'pki'}",
+                f"--hostname-override={self.name}",
+                f"--node-ip={self.network.node_ip}",
+                "--v=1",
+            ],
+        )
+
+    def _start_kube_proxy(self) -> None:
+        d = self.workdir / "kube-proxy"
+        d.mkdir(parents=True, exist_ok=True)
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.admin_kubeconfig)},
+            "mode": "nftables",
+            "clusterCIDR": self.network.pod_cidr,
+            "hostnameOverride": self.name,
+            "bindAddress": self.network.node_ip,
+            "healthzBindAddress": "127.0.0.1:10256",  # the node namespace's loopback: no clash
+            "metricsBindAddress": "127.0.0.1:10249",
+            "conntrack": {"maxPerCore": 0},  # leave the kernel's conntrack sizing alone
+        }
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        self._spawn(
+            "kube-proxy", [str(self.binaries.path("kube-proxy")), f"--config={d / 'config.yaml'}", "--v=1"]
+        )
+
+    def start_network_policies(self) -> None:
+        # Only the NetworkPolicy controller ("firewall"): pod networking is the bridge's and Services are
+        # kube-proxy's. (GHSA-phqm-jgc3-qf8g, reported for this version, is about the proxy module,
+        # which does not run here.) It looks its Node up at start, so it starts after the kubelet
+        # registered the node.
+        self._spawn(
+            "kube-router",
+            [
+                str(self.binaries.path("kube-router")),
+                f"--kubeconfig={self.admin_kubeconfig}",
+                f"--hostname-override={self.name}",
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                "--enable-cni=false",
+                "--enable-ipv6=false",
+                "--health-port=0",
+                "--v=1",
+            ],
+        )
+
+    def stop(self) -> None:
+        """Stop the daemons, then take down every container, shim, mount and cgroup the node made."""
+        for proc in reversed(self._procs):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(5)
+        self._procs.clear()
+        self._remove_containers()
+        self._kill_strays()
+        self._unmount_all()
+        self._remove_cgroups()
+
+    def _remove_containers(self) -> None:
+        runc, root = shutil.which("runc"), self.workdir / "containerd" / "runc"
+        if runc is None or not root.exists():
+            return
+        for namespace in root.iterdir():
+            listed = _run(runc, "--root", str(namespace), "list", "-q", check=False).stdout.split()
+            for container in listed:
+                _run(runc, "--root", str(namespace), "delete", "--force", container, check=False)
+
+    def _kill_strays(self) -> None:
+        """Shims outlive containerd by design; ours are the ones started with our socket."""
+        marker = str(self.workdir).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmdline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+    @staticmethod
+    def _remove_cgroups() -> None:
+        """containerd's cgroup parent (k8s.io) under each controller; rmdir takes only empty ones, so a
+        cgroup still in use (another runtime's on a shared machine) stays."""
+        root = Path("/sys/fs/cgroup")
+        for parent in [*root.glob("k8s.io"), *root.glob("*/k8s.io")]:  # cgroup v2, v1 controllers
+            for child in parent.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    def _unmount_all(self) -> None:
+        prefix = str(self.workdir) + "/"
+        for _ in range(3):  # a lazy unmount can uncover another mount at the same point
+            mounts = []
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    point = line.split()[4].replace("\\040", " ")
+                    if point.startswith(prefix):
+                        mounts.append(point)
+            if not mounts:
+                return
+            for point in sorted(mounts, key=len, reverse=True):
+                _run("umount", "-l", point, check=False)
+
+
+# --- the whole cluster ----------------------------------------------------------------------------
+
+
+def build_node(*, quiet: bool = True) -> Path:
+    """``tests/cluster/build.sh node``: the node's binaries (cached); raises kubecluster.BuildError."""
+    return kubecluster.build(target="node", quiet=quiet)
+
+
+class LocalCluster:
+    """A control plane, one real node and a registry on the node's link; see the module docstring."""
+
+    def __init__(self, plane_bin: Path, node_bin: Path, *, workdir: Path | None = None) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="openshell-node-"))
+        self.workdir.chmod(0o755)  # pods' files (e.g. projected tokens) live below it
+        self.plane_bin, self.node_bin = plane_bin, NodeBinaries(node_bin)
+        self._stack = contextlib.ExitStack()
+        self.network: NodeNetwork | None = None
+        self.plane: kubecluster.LocalControlPlane | None = None
+        self.registry: Registry | None = None
+        self.node: LocalNode | None = None
+        self.images = self.workdir / "oci"
+        self.startup_seconds = 0.0
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.plane is not None
+        return self.plane.kubeconfig
+
+    def start(self) -> LocalCluster:
+        missing = self.node_bin.missing()
+        if missing:
+            raise NodeError(f"node binaries missing from {self.node_bin.dir}: {', '.join(missing)}")
+        began = time.monotonic()
+        try:
+            self.network = network = NodeNetwork.create()
+            self._stack.callback(network.delete)
+            self.plane = plane = kubecluster.LocalControlPlane(
+                self.plane_bin, workdir=self.workdir / "plane", fake_nodes=0, address=network.host_ip
+            )
+            self._stack.callback(plane.stop)
+            plane.start()
+            self.registry = self._stack.enter_context(
+                running_registry(self.workdir / "registry", address=network.host_ip)
+            )
+            pause = self.push_files(
+                "pause", "3.10", {"pause": self.node_bin.path("pause")}, entrypoint=["/pause"]
+            )
+            assert plane.certs is not None
+            node_dir = self.workdir / "node"
+            cert, key = kubecluster.issue_client_cert(
+                plane.certs, node_dir / "pki", "kubelet", cn=f"system:node:{NODE_NAME}", orgs=["system:nodes"]
+            )
+            self.node = node = LocalNode(
+                network=network,
+                binaries=self.node_bin,
+                workdir=node_dir,
+                kubelet_kubeconfig=write_kubeconfig(
+                    node_dir / "kubelet.kubeconfig", plane.server, plane.certs.ca_cert, cert, key
+                ),
+                admin_kubeconfig=plane.kubeconfig,
+                ca_cert=plane.certs.ca_cert,
+                pause_image=pause,
+                registries=[self.registry.host],
+            )
+            self._stack.callback(node.stop)
+            node.start()
+            self._wait_node_ready()
+            node.start_network_policies()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def _wait_node_ready(self) -> None:
+        assert self.plane is not None and self.node is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        last = "not registered"
+        while time.monotonic() < deadline:
+            self.node.check_alive()
+            try:
+                node = self.plane.api("GET", f"/api/v1/nodes/{NODE_NAME}")
+                conditions = {c["type"]: c for c in node.get("status", {}).get("conditions", [])}
+                ready = conditions.get("Ready", {})
+                if ready.get("status") == "True":
+                    return
+                last = f"Ready={ready.get('status')}: {ready.get('message', '')}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+            time.sleep(0.5)
+        raise NodeError(
+            f"node {NODE_NAME} not Ready within {READY_TIMEOUT:.0f} s ({last}); kubelet log: "
+            f"{self.node.workdir / 'kubelet.log'}\n{kubecluster.log_tail(self.node.workdir / 'kubelet.log')}"
+        )
+
+    def push_dir(self, repository: str, tag: str, rootfs: Path, **config: Any) -> str:
+        """``rootfs`` as an image in the cluster's registry; returns the reference pods name."""
+        assert self.registry is not None
+        name = f"{repository.replace('/', '-')}-{tag}"
+        source = images.build_from_dir(self.images, name, rootfs, **config)
+        return images.push(source, self.registry.host, repository, tag)
+
+    def push_files(self, repository: str, tag: str, files: dict[str, Path], **config: Any) -> str:
+        """An image of just ``files`` (path in the image -> file here), e.g. one static binary."""
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            root = Path(tmp) / "rootfs"
+            for inside, source in files.items():
+                target = root / inside.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+            return self.push_dir(repository, tag, root, **config)
+
+    def stop(self) -> None:
+        self._stack.close()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_cluster() -> Iterator[LocalCluster]:
+    """Build (cached) and start a LocalCluster; stop and remove it after. Raises kubecluster.BuildError
+    when a binary cannot be built and NodeError when the node cannot run or start."""
+    reason = node_unavailable()
+    if reason:
+        raise NodeError(reason)
+    plane_bin = kubecluster.build()
+    node_bin = build_node()
+    cluster = LocalCluster(plane_bin, node_bin)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.kubenode", description=__doc__)
+    parser.add_argument("command", choices=["up", "build"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            print(build_node(quiet=False))
+            return 0
+        with local_cluster() as cluster:
+            assert cluster.registry is not None
+            print(f"ready in {cluster.startup_seconds:.1f}s; logs in {cluster.workdir}", file=sys.stderr)
+            print(f"registry (plain HTTP): {cluster.registry.host}", file=sys.stderr)
+            print(f"export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
+            print(cluster.kubeconfig, flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            assert cluster.node is not None
+            while True:
+                cluster.node.check_alive()
+                time.sleep(1)
+    except (kubecluster.BuildError, NodeError, kubecluster.ControlPlaneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
