@@ -10,10 +10,9 @@
    with a TokenRequest token of the chart's own ServiceAccount (so with only the chart's RBAC),
    creates a sandbox in the namespace the chart created (Pod Security "restricted"), watches it,
    and deletes it.
-3. On a cluster with real nodes and our images (``OPENSHELL_TEST_GATEWAY_IMAGE`` and
-   ``OPENSHELL_TEST_SUPERVISOR_IMAGE``): a sandbox connects, a NetworkPolicy cuts its egress, it is
-   seen disconnected, the policy goes, it resumes with every line stored once. Skipped otherwise,
-   with the reason: the local control plane runs no containers.
+
+A sandbox that really runs, connects, is cut off by a NetworkPolicy and resumes is
+``test_chart_on_node.py``'s: on a cluster whose node runs pods.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Any
 import helm_python
 import pytest
 import yaml
-from lightkube import ApiError, Client, codecs
+from lightkube import ApiError, Client
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount
@@ -302,55 +301,7 @@ def test_uninstall_removes_what_the_chart_made(admin: Client, kubeconfig: Path) 
         admin.delete(Namespace, namespace)
 
 
-@pytest.mark.skipif(
-    not (GATEWAY_IMAGE and SUPERVISOR_IMAGE),
-    reason="needs a cluster with real nodes and our images: set OPENSHELL_TEST_GATEWAY_IMAGE and "
-    "OPENSHELL_TEST_SUPERVISOR_IMAGE (the local control plane runs no containers)",
-)
-def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
-    admin: Client, release: dict[str, Any]
-) -> None:
-    namespace, sandboxes = release["namespace"], release["sandboxes"]
-    api = f"/api/v1/namespaces/{namespace}/services/{RELEASE}-gateway:7080/proxy/api/v1"
-    client = admin._client  # the API server's service proxy reaches the gateway's HTTP API
-
-    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = client._client.request(method, api + path, json=body)  # type: ignore[attr-defined]
-        response.raise_for_status()
-        return response.json()
-
-    script = "i=0; while [ $i -lt 600 ]; do echo line $i; i=$((i+1)); sleep 0.1; done"
-    call("POST", "/sandboxes", {"id": "live-1", "command": ["sh", "-c", script], "image": "busybox:1.36"})
-    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "connected", 180, "the sandbox connects")
-    cut = codecs.from_dict(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "cut-live-1", "namespace": sandboxes},
-            "spec": {
-                "podSelector": {"matchLabels": {podspec.LABEL_SANDBOX: "live-1"}},
-                "policyTypes": ["Egress"],
-                "egress": [],
-            },
-        }
-    )
-    admin.create(cut)  # type: ignore[call-overload]
-    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "disconnected", 120, "the cut is seen")
-    admin.delete(type(cut), "cut-live-1", namespace=sandboxes)
-    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] in ("connected", "exited"), 180, "resumed")
-    _wait(lambda: call("GET", "/sandboxes/live-1")["state"] == "exited", 180, "the main process ends")
-    lines = [
-        e["message"] for e in call("GET", "/sandboxes/live-1/logs?tail=10000")["events"] if e["kind"] == "log"
-    ]
-    assert lines == [f"line {i}" for i in range(600)]
-    call("DELETE", "/sandboxes/live-1")
-
-
 async def _until(predicate: Any) -> None:
     async with asyncio.timeout(30):
         while not predicate():  # noqa: ASYNC110 - the watch task appends; polling its list is enough here
             await asyncio.sleep(0.1)
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    kubeaccess.wait_for(predicate, timeout=timeout, what=what)

@@ -123,7 +123,9 @@ def identity_with_rules(
     )
 
 
-def wait_for(predicate: Any, *, timeout: float, what: str) -> Any:
+def wait_for(predicate: Any, *, timeout: float, what: str, detail: Any = None) -> Any:
+    """Poll ``predicate`` until truthy; on timeout fail naming ``what``, the last error, and ``detail()``
+    (e.g. a pod's status) when given."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -134,4 +136,7 @@ def wait_for(predicate: Any, *, timeout: float, what: str) -> Any:
         except Exception as exc:
             last = exc
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}" + (f": {last}" if last else ""))
+    about = f": {last}" if last else ""
+    if detail is not None:
+        about += f" ({detail()})"
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{about}")

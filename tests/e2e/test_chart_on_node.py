@@ -1,0 +1,334 @@
+"""The chart on a cluster whose node really runs pods: install it, create a sandbox through the gateway,
+see it connect, cut it off with a NetworkPolicy, see it resume with every line once, uninstall.
+
+Where: any cluster through ``KUBECONFIG`` given our images and a database its pods reach
+(``OPENSHELL_TEST_GATEWAY_IMAGE``, ``OPENSHELL_TEST_SUPERVISOR_IMAGE``, ``OPENSHELL_TEST_DATABASE_URL``;
+``OPENSHELL_TEST_SANDBOX_IMAGE`` defaults to ``busybox:1.36``). Without ``KUBECONFIG``: a local cluster
+with one real node (``tests/support/kubenode.py``: kubelet, containerd + runc, kube-proxy, kube-router),
+whose registry gets images built here (the gateway's root filesystem from Debian and pip, the supervisor
+image from the bundle, a busybox sandbox) and whose pods reach a PostgreSQL started here. It skips with
+the reason where neither can be had.
+
+Why the gateway restarts during the cut: NetworkPolicy implementations (kube-router, Calico, ...) let
+established connections be; a policy stops *new* ones. So the test applies the policy, then rolls the
+gateway (its pod deleted, the Deployment makes another): the supervisor's stream ends and every
+reconnect meets the policy, while the main process goes on writing into the journal. Lifting the policy
+lets it reconnect to the new gateway pod, which resumes from what the database holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+from lightkube import ApiError, Client, codecs
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace, Pod, Secret
+
+from gateway.drivers import podspec
+from imagevolume import oci
+from tests.support import gatewayimage, images, kubeaccess, kubecluster, kubenode
+from tests.support.postgres import PostgresUnavailable, running_postgres
+from tests.support.procs import REPO
+
+pytestmark = pytest.mark.timeout(1500)
+
+CHART = REPO / "helm" / "openshell"
+RELEASE = "openshell"
+GATEWAY_IP = "10.96.200.10"  # the local cluster has no DNS: the gateway Service gets this address
+LINES = 900  # 0.1 s apart: the main process writes through the whole cut
+IMAGE_ARGS = {"version": "0.1.0", "revision": "0" * 40, "created": "2026-01-02T03:04:05Z"}
+
+
+@dataclass
+class Target:
+    """Where the chart goes and what it runs."""
+
+    kubeconfig: Path
+    gateway_image: str
+    supervisor_image: str
+    sandbox_image: str
+    database_url: str
+    values: dict[str, Any] = field(default_factory=dict)  # cluster-specific chart values
+
+
+def _image_values(reference: str) -> dict[str, str]:
+    repository, _, tag = reference.rpartition(":")
+    if repository and "/" not in tag:
+        return {"repository": repository, "tag": tag}
+    return {"repository": reference}
+
+
+@pytest.fixture(scope="module")
+def target(bundle: Path, rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    given = os.environ.get("KUBECONFIG", "")
+    if given:
+        wanted = {
+            "gateway": os.environ.get("OPENSHELL_TEST_GATEWAY_IMAGE", ""),
+            "supervisor": os.environ.get("OPENSHELL_TEST_SUPERVISOR_IMAGE", ""),
+            "database": os.environ.get("OPENSHELL_TEST_DATABASE_URL", ""),
+        }
+        missing = [k for k, v in wanted.items() if not v]
+        if missing:
+            pytest.skip(
+                "KUBECONFIG is set: this test also needs OPENSHELL_TEST_GATEWAY_IMAGE, "
+                "OPENSHELL_TEST_SUPERVISOR_IMAGE and OPENSHELL_TEST_DATABASE_URL (missing: "
+                f"{', '.join(missing)})"
+            )
+        yield Target(
+            Path(given.split(os.pathsep)[0]),
+            wanted["gateway"],
+            wanted["supervisor"],
+            os.environ.get("OPENSHELL_TEST_SANDBOX_IMAGE", "busybox:1.36"),
+            wanted["database"],
+        )
+        return
+    yield from _local_target(bundle, rootfs, tmp_path_factory.mktemp("node-images"))
+
+
+def _local_target(bundle: Path, rootfs: Path, work: Path) -> Iterator[Target]:
+    reason = kubenode.node_unavailable() or gatewayimage.unavailable()
+    if reason:
+        pytest.skip(f"no local cluster with a real node: {reason}")
+    try:
+        plane_bin, node_bin = kubecluster.build(), kubenode.build_node()
+    except kubecluster.BuildError as exc:
+        pytest.skip(f"no local cluster with a real node: {exc.reason}")
+    gateway_rootfs = gatewayimage.build_rootfs()
+    cluster = kubenode.LocalCluster(plane_bin, node_bin)
+    try:
+        cluster.start()  # built but not starting: a failure, not a skip
+        assert cluster.network is not None
+        with running_postgres(listen=cluster.network.host_ip, trust_cidrs=[cluster.network.pod_cidr]) as pg:
+            gateway = cluster.push_dir(
+                "openshell/gateway",
+                "test",
+                gateway_rootfs,
+                entrypoint=gatewayimage.ENTRYPOINT,
+                cmd=["serve"],
+                user=gatewayimage.USER,
+                workdir="/var/lib/openshell",
+                env=gatewayimage.ENV,
+            )
+            layout = work / "supervisor-oci"
+            oci.build_image(bundle, layout, **IMAGE_ARGS, tag="0.1.0")
+            assert cluster.registry is not None
+            supervisor = images.push(
+                f"oci:{layout}:0.1.0", cluster.registry.host, "openshell/supervisor", "0.1.0"
+            )
+            sandbox = cluster.push_dir("busybox", "1", rootfs)
+            yield Target(
+                cluster.kubeconfig,
+                gateway,
+                supervisor,
+                sandbox,
+                pg.url("postgres"),
+                values={
+                    "gateway": {"service": {"clusterIP": GATEWAY_IP}},
+                    "sandboxes": {"gatewayAddress": f"{GATEWAY_IP}:7070"},
+                },
+            )
+    except PostgresUnavailable as exc:
+        pytest.skip(f"the gateway's database cannot run here: {exc}")
+    finally:
+        cluster.cleanup()
+
+
+@dataclass
+class Installed:
+    admin: Client
+    helm: Any
+    namespace: str
+    sandboxes: str
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The gateway's HTTP API through the API server's service proxy."""
+        url = f"/api/v1/namespaces/{self.namespace}/services/{RELEASE}-gateway:7080/proxy/api/v1{path}"
+        response = self.admin._client._client.request(method, url, json=body)  # type: ignore[attr-defined]
+        response.raise_for_status()
+        return response.json()
+
+    def state(self, sandbox: str) -> str:
+        try:
+            return str(self.call("GET", f"/sandboxes/{sandbox}")["state"])
+        except Exception as exc:  # the gateway is restarting: say so, the wait goes on
+            return f"unreachable ({type(exc).__name__})"
+
+    def gateway_pods(self) -> list[Pod]:
+        return list(
+            self.admin.list(Pod, namespace=self.namespace, labels={"app.kubernetes.io/component": "gateway"})
+        )
+
+
+def _pod_logs(admin: Client, namespace: str, lines: int = 30) -> str:
+    """The last lines of every container of every pod in ``namespace``: what a failure report needs."""
+    out = []
+    for pod in admin.list(Pod, namespace=namespace):
+        if pod.metadata is None or pod.spec is None:
+            continue
+        for container in pod.spec.containers:
+            try:
+                logged = admin.log(
+                    pod.metadata.name, namespace=namespace, container=container.name, tail_lines=lines
+                )
+                text = "".join(logged)
+            except Exception as exc:  # a report, best effort
+                text = f"(no log: {exc})"
+            out.append(f"--- {pod.metadata.name}/{container.name}:\n{text}")
+    return "\n".join(out)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def _ready(pod: Pod) -> bool:
+    status = pod.status
+    if status is None or status.conditions is None or (pod.metadata and pod.metadata.deletionTimestamp):
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in status.conditions)
+
+
+@pytest.fixture(scope="module")
+def installed(target: Target) -> Iterator[Installed]:
+    admin = kubeaccess.admin_client(target.kubeconfig)
+    namespace = kubeaccess.unique("os-node")
+    sandboxes = f"{namespace}-sb"
+    admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
+    admin.create(
+        Secret(
+            metadata=ObjectMeta(name="openshell-db", namespace=namespace),
+            stringData={"url": target.database_url},
+        )
+    )
+    values: dict[str, Any] = {
+        "database": {"existingSecret": "openshell-db", "existingSecretKey": "url"},
+        "gateway": {"image": _image_values(target.gateway_image), "logLevel": "info"},
+        "sandboxes": {
+            "namespace": sandboxes,
+            "createNamespace": True,
+            "supervisor": {"image": _image_values(target.supervisor_image)},
+        },
+    }
+    values = _merged(values, target.values)
+    helm = helm_python.Config(kubeconfig_path=target.kubeconfig, namespace=namespace)
+    release = Installed(admin, helm, namespace, sandboxes)
+    try:
+        try:
+            helm.install(str(CHART), RELEASE, values, namespace=namespace, timeout=600)
+        except helm_python.HelmError as exc:
+            raise AssertionError(f"helm install failed: {exc}\n{_pod_logs(admin, namespace)}") from exc
+        kubeaccess.wait_for(
+            lambda: any(_ready(p) for p in release.gateway_pods()),
+            timeout=300,
+            what="a Ready gateway pod",
+            detail=lambda: [p.status for p in release.gateway_pods()],
+        )
+        yield release
+    finally:
+        with contextlib.suppress(Exception):
+            helm.uninstall(RELEASE, timeout=300, ignore_not_found=True)
+        for name in (namespace, sandboxes):
+            with contextlib.suppress(ApiError):
+                admin.delete(Namespace, name)
+
+
+def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
+    installed: Installed, target: Target
+) -> None:
+    sandbox = "live-1"
+    script = f"i=0; while [ $i -lt {LINES} ]; do echo line $i; i=$((i+1)); sleep 0.1; done"
+    installed.call(
+        "POST", "/sandboxes", {"id": sandbox, "command": ["sh", "-c", script], "image": target.sandbox_image}
+    )
+    pod_name = f"sandbox-{sandbox}"
+
+    def pod_detail() -> Any:
+        with contextlib.suppress(ApiError):
+            pod = installed.admin.get(Pod, pod_name, namespace=installed.sandboxes)
+            return pod.status
+        return "no pod"
+
+    kubeaccess.wait_for(
+        lambda: installed.state(sandbox) == "connected",
+        timeout=300,
+        what="the sandbox to connect",
+        detail=pod_detail,
+    )
+
+    cut = codecs.from_dict(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": f"cut-{sandbox}", "namespace": installed.sandboxes},
+            "spec": {
+                "podSelector": {"matchLabels": {podspec.LABEL_SANDBOX: sandbox}},
+                "policyTypes": ["Egress"],
+                "egress": [],
+            },
+        }
+    )
+    installed.admin.create(cut)  # type: ignore[call-overload]
+    # The established stream outlives the policy: end it by rolling the gateway.
+    old = {p.metadata.name for p in installed.gateway_pods() if p.metadata}
+    for name in old:
+        installed.admin.delete(Pod, name, namespace=installed.namespace)
+    kubeaccess.wait_for(
+        lambda: any(
+            _ready(p) and p.metadata and p.metadata.name not in old for p in installed.gateway_pods()
+        ),
+        timeout=300,
+        what="a new gateway pod",
+    )
+    kubeaccess.wait_for(
+        lambda: installed.state(sandbox) == "disconnected",
+        timeout=120,
+        what="the new gateway to see the sandbox cut off",
+    )
+    # The policy holds: for a while every reconnect is refused, and the sandbox stays disconnected.
+    held_until = time.monotonic() + 20
+    while time.monotonic() < held_until:
+        assert installed.state(sandbox) in ("disconnected", "lost"), "reconnected through the NetworkPolicy"
+        time.sleep(2)
+
+    installed.admin.delete(type(cut), f"cut-{sandbox}", namespace=installed.sandboxes)
+    kubeaccess.wait_for(
+        lambda: installed.state(sandbox) in ("connected", "exited"),
+        timeout=300,
+        what="the sandbox to resume",
+        detail=pod_detail,
+    )
+    kubeaccess.wait_for(
+        lambda: installed.state(sandbox) == "exited", timeout=300, what="the main process to end"
+    )
+    row = installed.call("GET", f"/sandboxes/{sandbox}")
+    assert row["exit_code"] == 0, row
+    events = installed.call("GET", f"/sandboxes/{sandbox}/logs?tail=5000")["events"]
+    lines = [e["message"] for e in events if e["kind"] == "log"]
+    assert lines == [f"line {i}" for i in range(LINES)], "every line once, in order"
+    pod = installed.admin.get(Pod, pod_name, namespace=installed.sandboxes)
+    assert pod.status is not None and pod.status.containerStatuses is not None
+    assert pod.status.containerStatuses[0].restartCount == 0, "the cut never restarted the sandbox"
+
+    installed.call("DELETE", f"/sandboxes/{sandbox}")
+    kubeaccess.wait_for(lambda: not _exists(installed, pod_name), timeout=120, what="the sandbox pod to go")
+
+
+def _exists(installed: Installed, pod_name: str) -> bool:
+    try:
+        installed.admin.get(Pod, pod_name, namespace=installed.sandboxes)
+        return True
+    except ApiError:
+        return False
