@@ -40,7 +40,8 @@ command -v sha256sum >/dev/null 2>&1 || fail "sha256sum is missing"
 # script), so editing a wrapper also rebuilds.
 cd "$here" # the globs below are relative to it
 if [ "$target" = plane ]; then
-  inputs=(go.sum go.mod kwok/go.sum kwok/go.mod kwok/main.go build.sh cmd/*/main.go)
+  inputs=(go.sum go.mod kwok/go.sum kwok/go.mod kwok/main.go build.sh cmd/etcd/main.go cmd/kube-apiserver/main.go
+    cmd/kube-controller-manager/main.go cmd/kube-scheduler/main.go)
 else
   inputs=(go.sum go.mod build.sh cmd/kubelet/main.go cmd/kube-proxy/main.go node/*/go.mod node/*/go.sum node/*/tools.go)
 fi
@@ -91,13 +92,13 @@ kube_minor=${kube_minor%%.*}
 vpkg=k8s.io/component-base/version
 kube_ldflags="-X $vpkg.gitVersion=$kube_version -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$kube_minor"
 kube_ldflags+=" -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=1970-01-01T00:00:00Z"
-gobuild() { # dir, output, packages...
-  gobuild_tags "" "$@"
+gobuild() { # dir, output, packages... (Kubernetes' version stamps)
+  gobuild_with "" "$kube_ldflags" "$@"
 }
-gobuild_tags() { # tags, dir, output, packages...
-  local tags=$1 dir=$2 output=$3
-  shift 3
-  if ! (cd "$dir" && go build -trimpath -tags "$tags" -ldflags "-s -w $kube_ldflags" -o "$output" "$@") >>"$log" 2>&1; then
+gobuild_with() { # tags, ldflags, dir, output, packages...
+  local tags=$1 ldflags=$2 dir=$3 output=$4
+  shift 4
+  if ! (cd "$dir" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$output" "$@") >>"$log" 2>&1; then
     reason=$(grep -m1 -E 'error|cannot|not |undefined' "$log" || head -n1 "$log")
     fail "go build failed: ${reason:-see $log} (full log: $log)"
   fi
@@ -118,14 +119,15 @@ if [ "$target" = plane ]; then
 else
   gobuild "$here" "$tmp/" ./cmd/kubelet ./cmd/kube-proxy
   # containerd's own static build leaves out the storage drivers that need cgo; overlayfs is in.
-  ctd_version=$(cd "$here/node/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2)
-  kube_ldflags="-X github.com/containerd/containerd/v2/version.Version=$ctd_version" \
-    gobuild_tags "no_btrfs no_devmapper no_zfs" "$here/node/containerd" "$tmp/" \
+  ctd_version=$(cd "$here/node/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2) ||
+    fail "cannot read the containerd pin"
+  gobuild_with "no_btrfs no_devmapper no_zfs" "-X github.com/containerd/containerd/v2/version.Version=$ctd_version" \
+    "$here/node/containerd" "$tmp/" \
     github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
   gobuild "$here/node/cni" "$tmp/cni/" github.com/containernetworking/plugins/plugins/main/bridge \
     github.com/containernetworking/plugins/plugins/ipam/host-local \
     github.com/containernetworking/plugins/plugins/main/loopback github.com/containernetworking/plugins/plugins/meta/portmap
-  kube_ldflags="" gobuild "$here/node/kube-router" "$tmp/kube-router" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+  gobuild_with "" "" "$here/node/kube-router" "$tmp/kube-router" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
   # The sandbox ("pause") container every pod starts with: upstream's C source from the pinned module.
   kubedir=$(cd "$here" && go list -m -f '{{.Dir}}' k8s.io/kubernetes) || fail "cannot locate the k8s.io/kubernetes module"
   if ! gcc -Os -static -DVERSION="$kube_version-openshell-test" -o "$tmp/pause" \

@@ -22,7 +22,7 @@ from tests.support.registry import ensure_tools, running_registry
 BUNDLE_DIR = Path(os.environ.get("OPENSHELL_BUNDLE_DIR", REPO / "build" / "bundle"))
 MOUNT_DIR = "/opt/openshell"  # where the image volume is mounted, as in the pod wiring
 MOUNT = f"{MOUNT_DIR}/openshell-supervisor"
-APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep")
+APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep", "wget")
 
 
 def _apt_install(*packages: str) -> bool:

@@ -5,7 +5,8 @@
    Secret): every object is accepted server-side, and the migration Job runs as a pre-install and
    pre-upgrade hook. Hook Jobs must finish for Helm to go on, so this needs pods that complete:
    kwok's fake nodes on the local control plane, or a real cluster given a database the Job can
-   reach (``OPENSHELL_TEST_DATABASE_URL``) and a gateway image (``OPENSHELL_TEST_GATEWAY_IMAGE``).
+   reach (``OPENSHELL_TEST_DATABASE_URL``) and a gateway image (``OPENSHELL_TEST_GATEWAY_IMAGE``;
+   ``OPENSHELL_TEST_SUPERVISOR_IMAGE`` too, for the sandbox pods' image volume).
 2. The gateway's Kubernetes driver, configured by the ConfigMap the chart installed and running
    with a TokenRequest token of the chart's own ServiceAccount (so with only the chart's RBAC),
    creates a sandbox in the namespace the chart created (Pod Security "restricted"), watches it,
@@ -51,13 +52,6 @@ SUPERVISOR_IMAGE = os.environ.get("OPENSHELL_TEST_SUPERVISOR_IMAGE", "")
 DATABASE_URL = os.environ.get("OPENSHELL_TEST_DATABASE_URL", "")
 
 
-def _image_values(reference: str) -> dict[str, str]:
-    repository, _, tag = reference.rpartition(":")
-    return (
-        {"repository": repository, "tag": tag} if repository and "/" not in tag else {"repository": reference}
-    )
-
-
 def fake_nodes(admin: Client) -> bool:
     return any(True for _ in admin.list(Node, labels={"type": "kwok"}))
 
@@ -94,9 +88,9 @@ def release(admin: Client, kubeconfig: Path) -> Iterator[dict[str, Any]]:
         "gateway": {"logLevel": "info"},
     }
     if GATEWAY_IMAGE:
-        values["gateway"]["image"] = _image_values(GATEWAY_IMAGE)
+        values["gateway"]["image"] = kubeaccess.image_values(GATEWAY_IMAGE)
     if SUPERVISOR_IMAGE:
-        values["sandboxes"]["supervisor"] = {"image": _image_values(SUPERVISOR_IMAGE)}
+        values["sandboxes"]["supervisor"] = {"image": kubeaccess.image_values(SUPERVISOR_IMAGE)}
     helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     installed = helm.install(str(CHART), RELEASE, values, namespace=namespace, timeout=300)
     info = {

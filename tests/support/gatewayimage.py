@@ -58,8 +58,9 @@ def unavailable() -> str | None:
     if os.geteuid() != 0:
         return "building the gateway's root filesystem needs root (mmdebstrap, file owners)"
     if shutil.which("mmdebstrap") is None and shutil.which("apt-get"):
+        apt = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "mmdebstrap"],
+            [*apt, "mmdebstrap"],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
             capture_output=True,
             check=False,

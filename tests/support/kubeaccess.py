@@ -138,5 +138,20 @@ def wait_for(predicate: Any, *, timeout: float, what: str, detail: Any = None) -
         time.sleep(0.2)
     about = f": {last}" if last else ""
     if detail is not None:
-        about += f" ({detail()})"
+        try:
+            about += f" ({detail()})"
+        except Exception as exc:  # the report must not hide the timeout
+            about += f" (no detail: {exc})"
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{about}")
+
+
+def image_values(reference: str) -> dict[str, str]:
+    """The chart's ``image`` values for ``REPOSITORY:TAG`` or ``REPOSITORY@sha256:...`` (a registry
+    port is not a tag: ``host:5000/x`` stays one repository)."""
+    if "@" in reference:
+        repository, _, digest = reference.partition("@")
+        return {"repository": repository, "digest": digest}
+    repository, _, tag = reference.rpartition(":")
+    if repository and "/" not in tag:
+        return {"repository": repository, "tag": tag}
+    return {"repository": reference}

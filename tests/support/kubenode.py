@@ -6,9 +6,11 @@ The node is what the control plane alone lacks: pods really run (containerd pull
 real registry, runc starts them, the runtime mounts image volumes), Services route (kube-proxy) and
 NetworkPolicies are enforced (kube-router's firewall, the one k3s embeds: iptables-nft + ipset; the SIG
 Network kube-network-policies needs the kernel's nft ``queue`` expression, which these machines lack).
-Everything of the node lives in a network namespace ``osnode-<tag>``: the bridge, the pods' veths,
-kube-proxy's and kube-router's rules. The host keeps one veth and one route; the API server and the
-registry listen on the host's end of that veth:
+Everything of the node lives in a network namespace ``osnode-<tag>`` (the bridge, the pods' veths,
+kube-proxy's and kube-router's rules) and, for containerd and the kubelet, a mount namespace of their
+own in which the paths they insist on (/var/lib/kubelet, /var/log/pods, /var/log/containers,
+/var/lib/cni, /run/containerd) are directories of the node's work directory. The host keeps one veth
+and one route; the API server and the registry listen on the host's end of that veth:
 
     host: API server, registry, tests   10.86.<k>.1 ── veth ── 10.86.<k>.2   node namespace
                                                                   └─ cni0 10.89.<k>.1/24 ── pods
@@ -17,14 +19,21 @@ There is no cluster DNS: name the gateway by a ClusterIP (the chart's ``gateway.
 
     python -m tests.support.kubenode up     # start one, print KUBECONFIG and the registry; Ctrl-C stops
 
+What the node changes on the host and gives back at stop: the kubelet sets six kernel settings
+(vm.overcommit_memory, kernel.panic, ...; a network namespace does not isolate them), which ``stop``
+restores, and containerd's cgroups of our containers.
+
 Binaries: ``tests/cluster/build.sh`` (plane) and ``tests/cluster/build.sh node``. Needs root, runc,
-iproute2, nftables, iptables and ipset (installed with apt when missing).
+iproute2, nftables, iptables, ipset, util-linux (unshare, nsenter), docker-registry, skopeo and umoci
+(installed with apt when missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -50,7 +59,37 @@ LINK_PREFIX = "10.86"  # host <-> node veth, a /30 per cluster
 POD_PREFIX = "10.89"  # the node's pods, a /24 per cluster
 NODE_NAME = "node-0"
 READY_TIMEOUT = 120.0
-APT_TOOLS = {"runc": "runc", "ip": "iproute2", "nft": "nftables", "iptables": "iptables", "ipset": "ipset"}
+APT_TOOLS = {
+    "runc": "runc",
+    "ip": "iproute2",
+    "nft": "nftables",
+    "iptables": "iptables",
+    "ipset": "ipset",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "docker-registry": "docker-registry",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
+}
+# Paths containerd, the CNI plugins and the kubelet use whatever their configuration says (device plugin
+# sockets, container log links, IPAM leases and result caches, shim sockets): in the node's mount
+# namespace each is a directory of the work directory.
+PRIVATE_PATHS = (
+    "/var/lib/kubelet",
+    "/var/log/pods",
+    "/var/log/containers",
+    "/var/lib/cni",
+    "/run/containerd",
+)
+# Set by the kubelet at start (setupKernelTunables); restored by LocalNode.stop.
+KERNEL_TUNABLES = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
 
 
 class NodeError(RuntimeError):
@@ -58,16 +97,18 @@ class NodeError(RuntimeError):
 
 
 def node_unavailable() -> str | None:
-    """Why a local node cannot run on this machine (a missing tool or right), or None."""
+    """Why a local node cannot run on this machine (a missing right or tool), or None. Installs missing
+    tools with apt first when it can."""
     if sys.platform != "linux":
         return "a local node needs Linux"
     if os.geteuid() != 0:
-        return "a local node needs root (network namespaces, mounts, runc)"
+        return "a local node needs root (network and mount namespaces, runc)"
     missing = [tool for tool in APT_TOOLS if shutil.which(tool) is None]
     if missing and shutil.which("apt-get"):
         packages = sorted({APT_TOOLS[t] for t in missing})
+        apt = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+            [*apt, *packages],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
             capture_output=True,
             check=False,
@@ -75,11 +116,8 @@ def node_unavailable() -> str | None:
         )
         missing = [tool for tool in APT_TOOLS if shutil.which(tool) is None]
     if missing:
-        return (
-            f"a local node needs {', '.join(missing)} (apt install {' '.join(APT_TOOLS[t] for t in missing)})"
-        )
-    if shutil.which("nsenter") is None:
-        return "a local node needs nsenter (util-linux)"
+        packages = " ".join(sorted({APT_TOOLS[t] for t in missing}))
+        return f"a local node needs {', '.join(missing)} (apt install {packages})"
     return None
 
 
@@ -105,8 +143,15 @@ class NodeNetwork:
 
     @classmethod
     def create(cls) -> NodeNetwork:
-        tag = secrets.token_hex(3)
-        k = int(tag, 16) % 250 + 1
+        taken = _run("ip", "-4", "route", "show", "table", "all").stdout + _run("ip", "-4", "addr").stdout
+        for _ in range(50):
+            tag = secrets.token_hex(3)
+            k = int(tag, 16) % 250 + 1
+            # Another cluster of ours (or anything else) on these ranges: pick again.
+            if f"{LINK_PREFIX}.{k}." not in taken and f"{POD_PREFIX}.{k}." not in taken:
+                break
+        else:
+            raise NodeError(f"no free {LINK_PREFIX}.K.0/30 and {POD_PREFIX}.K.0/24 pair on this host")
         net = cls(
             name=f"osnode-{tag}",
             host_ip=f"{LINK_PREFIX}.{k}.1",
@@ -125,7 +170,7 @@ class NodeNetwork:
             _run("ip", "-n", net.name, "link", "set", node_veth, "up")
             _run("ip", "-n", net.name, "link", "set", "lo", "up")
             _run("ip", "-n", net.name, "route", "add", "default", "via", net.host_ip)
-            _run("ip", "route", "add", net.pod_cidr, "via", net.node_ip)
+            _run("ip", "route", "add", net.pod_cidr, "via", net.node_ip, "dev", net.host_veth)
             # Per namespace: the node routes between its pods and the host; the host's own stays as is.
             _run("ip", "netns", "exec", net.name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         except BaseException:
@@ -134,12 +179,11 @@ class NodeNetwork:
         return net
 
     def prefix(self) -> list[str]:
-        """Runs a command in the node's network namespace and nothing else of it: the mount namespace
-        stays the host's, so the kubelet's volume mounts are seen by containerd and runc."""
+        """Runs a command in the node's network namespace."""
         return ["nsenter", f"--net=/run/netns/{self.name}", "--"]
 
     def delete(self) -> None:
-        _run("ip", "route", "del", self.pod_cidr, check=False)
+        # Our veth takes our route with it; nothing here names a route or address another owner may hold.
         _run("ip", "link", "del", self.host_veth, check=False)
         _run("ip", "netns", "del", self.name, check=False)
 
@@ -269,17 +313,27 @@ class LocalNode:
     registries: Sequence[str] = ()  # HOST:PORT served over plain HTTP
     name: str = NODE_NAME
     _procs: list[_Proc] = field(default_factory=list)
+    _holder: subprocess.Popen[str] | None = None  # keeps the node's mount namespace
+    _made_dirs: list[Path] = field(default_factory=list)  # mount points created on the host
+    _tunables: dict[str, str] = field(default_factory=dict)  # kernel settings before the kubelet
+    _containers: set[str] = field(default_factory=set)
 
     @property
     def socket(self) -> Path:
         return self.workdir / "containerd" / "containerd.sock"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Proc:
+        assert self._holder is not None, "the mount namespace comes first"
         log = self.workdir / f"{name}.log"
+        enter = [
+            "nsenter",
+            f"--mount=/proc/{self._holder.pid}/ns/mnt",
+            f"--net=/run/netns/{self.network.name}",
+        ]
         with log.open("ab") as out:
             out.write(("$ " + " ".join(argv) + "\n").encode())
             popen = subprocess.Popen(
-                [*self.network.prefix(), *argv],
+                [*enter, "--", *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -302,9 +356,37 @@ class LocalNode:
     def start(self) -> None:
         """containerd, the kubelet and kube-proxy; :meth:`start_network_policies` once the Node exists."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start_mount_namespace()
         self._start_containerd()
+        self._tunables = {key: (Path("/proc/sys") / key).read_text().strip() for key in KERNEL_TUNABLES}
         self._start_kubelet()
         self._start_kube_proxy()
+
+    def _start_mount_namespace(self) -> None:
+        """A process holding a mount namespace (slave of the host's: host mounts show inside, ours stay
+        inside) in which PRIVATE_PATHS are bind mounts of our directories. Everything the node mounts
+        (overlay snapshots, volumes, network namespace files) goes away with it."""
+        binds = []
+        for path in map(Path, PRIVATE_PATHS):
+            if not path.exists():
+                path.mkdir(parents=True)
+                self._made_dirs.append(path)
+            source = self.workdir / "private" / path.relative_to("/")
+            source.mkdir(parents=True, exist_ok=True)
+            binds.append(f"mount --bind {source} {path}")
+        script = "set -e; " + "; ".join(binds) + "; echo ready; exec sleep 2147483647"
+        self._holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self._holder.stdout is not None
+        if self._holder.stdout.readline().strip() != "ready":
+            error = self._holder.stderr.read() if self._holder.stderr else ""
+            raise NodeError(f"could not set up the node's mount namespace: {error.strip()}")
 
     def _start_containerd(self) -> None:
         for host in self.registries:
@@ -423,7 +505,8 @@ class LocalNode:
         )
 
     def stop(self) -> None:
-        """Stop the daemons, then take down every container, shim, mount and cgroup the node made."""
+        """Stop the daemons, then take down every container and shim of the node, its mount namespace
+        and cgroups, and put back the kernel settings the kubelet changed."""
         for proc in reversed(self._procs):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.popen.pid, signal.SIGTERM)
@@ -435,9 +518,22 @@ class LocalNode:
                 proc.popen.wait(5)
         self._procs.clear()
         self._remove_containers()
-        self._kill_strays()
-        self._unmount_all()
+        self._kill_shims()
+        if self._holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._holder.pid, signal.SIGKILL)
+            self._holder.wait(5)
+            self._holder = None
         self._remove_cgroups()
+        for key, value in self._tunables.items():
+            with contextlib.suppress(OSError):
+                if (Path("/proc/sys") / key).read_text().strip() != value:
+                    (Path("/proc/sys") / key).write_text(value)
+        self._tunables.clear()
+        for path in reversed(self._made_dirs):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        self._made_dirs.clear()
 
     def _remove_containers(self) -> None:
         runc, root = shutil.which("runc"), self.workdir / "containerd" / "runc"
@@ -446,48 +542,41 @@ class LocalNode:
         for namespace in root.iterdir():
             listed = _run(runc, "--root", str(namespace), "list", "-q", check=False).stdout.split()
             for container in listed:
+                self._containers.add(container)
                 _run(runc, "--root", str(namespace), "delete", "--force", container, check=False)
 
-    def _kill_strays(self) -> None:
-        """Shims outlive containerd by design; ours are the ones started with our socket."""
-        marker = str(self.workdir).encode()
+    def _kill_shims(self) -> None:
+        """Shims outlive containerd by design; ours are the ones started with our socket's address."""
+        address = str(self.socket).encode()
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if marker in cmdline:
+            if any(a == b"-address" and b == address for a, b in itertools.pairwise(argv)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(entry.name), signal.SIGKILL)
 
-    @staticmethod
-    def _remove_cgroups() -> None:
-        """containerd's cgroup parent (k8s.io) under each controller; rmdir takes only empty ones, so a
-        cgroup still in use (another runtime's on a shared machine) stays."""
+    def _remove_cgroups(self) -> None:
+        """The cgroups runc made for our containers (under containerd's k8s.io parent, per v1
+        controller or in the v2 tree); the parent too when that leaves it empty."""
         root = Path("/sys/fs/cgroup")
-        for parent in [*root.glob("k8s.io"), *root.glob("*/k8s.io")]:  # cgroup v2, v1 controllers
-            for child in parent.iterdir():
-                if child.is_dir():
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
+        for parent in [*root.glob("k8s.io"), *root.glob("*/k8s.io")]:
+            for container in self._containers:
+                with contextlib.suppress(OSError):
+                    (parent / container).rmdir()
             with contextlib.suppress(OSError):
                 parent.rmdir()
 
-    def _unmount_all(self) -> None:
-        prefix = str(self.workdir) + "/"
-        for _ in range(3):  # a lazy unmount can uncover another mount at the same point
-            mounts = []
-            with open("/proc/self/mountinfo") as f:
-                for line in f:
-                    point = line.split()[4].replace("\\040", " ")
-                    if point.startswith(prefix):
-                        mounts.append(point)
-            if not mounts:
-                return
-            for point in sorted(mounts, key=len, reverse=True):
-                _run("umount", "-l", point, check=False)
+
+def mounts_below(directory: Path) -> list[str]:
+    """Mount points under ``directory`` in this process's mount namespace."""
+    prefix = str(directory).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    return [p for p in points if p.startswith(prefix)]
 
 
 # --- the whole cluster ----------------------------------------------------------------------------
@@ -524,6 +613,7 @@ class LocalCluster:
         if missing:
             raise NodeError(f"node binaries missing from {self.node_bin.dir}: {', '.join(missing)}")
         began = time.monotonic()
+        atexit.register(self.cleanup)  # a stray exit still gives back the host's namespaces and settings
         try:
             self.network = network = NodeNetwork.create()
             self._stack.callback(network.delete)
@@ -572,7 +662,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             self.node.check_alive()
             try:
-                node = self.plane.api("GET", f"/api/v1/nodes/{NODE_NAME}")
+                node = self.plane.api("GET", f"/api/v1/nodes/{self.node.name}")
                 conditions = {c["type"]: c for c in node.get("status", {}).get("conditions", [])}
                 ready = conditions.get("Ready", {})
                 if ready.get("status") == "True":
@@ -582,7 +672,7 @@ class LocalCluster:
                 last = f"HTTP {exc.code}"
             time.sleep(0.5)
         raise NodeError(
-            f"node {NODE_NAME} not Ready within {READY_TIMEOUT:.0f} s ({last}); kubelet log: "
+            f"node {self.node.name} not Ready within {READY_TIMEOUT:.0f} s ({last}); kubelet log: "
             f"{self.node.workdir / 'kubelet.log'}\n{kubecluster.log_tail(self.node.workdir / 'kubelet.log')}"
         )
 
@@ -605,11 +695,17 @@ class LocalCluster:
 
     def stop(self) -> None:
         self._stack.close()
+        atexit.unregister(self.cleanup)
 
     def cleanup(self) -> None:
         self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if not self._own_workdir:
+            return
+        left = mounts_below(self.workdir)
+        if left:  # removing the tree would reach through them into what they mount
+            print(f"kubenode: {self.workdir} kept: still mounted: {', '.join(left)}", file=sys.stderr)
+            return
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -632,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.kubenode", description=__doc__)
     parser.add_argument("command", choices=["up", "build"])
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # before start: a stop mid-start cleans up too
     try:
         if args.command == "build":
             print(build_node(quiet=False))
@@ -642,7 +739,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"registry (plain HTTP): {cluster.registry.host}", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
             print(cluster.kubeconfig, flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             assert cluster.node is not None
             while True:
                 cluster.node.check_alive()

@@ -1,4 +1,5 @@
-"""A real OCI registry for tests: Debian's ``docker-registry`` (distribution 2.x) on 127.0.0.1.
+"""A real OCI registry for tests: Debian's ``docker-registry`` (distribution 2.x) on 127.0.0.1 (or the
+address given, e.g. where a local Kubernetes node pulls from).
 
 ``ensure_tools`` installs ``docker-registry``, ``skopeo`` and ``umoci`` with apt when they are
 missing and we are root, and otherwise skips the test with the reason. ``running_registry`` starts
