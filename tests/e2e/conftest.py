@@ -16,38 +16,11 @@ import pytest
 
 from imagevolume import oci, registry
 from imagevolume.bundle import SYSTEM_PYTHON, BundleError, _is_pyenv, build_bundle
+from tests.support.busybox import apt_install, make_rootfs, static_busybox
 from tests.support.procs import REPO
 from tests.support.registry import ensure_tools, running_registry
 
 BUNDLE_DIR = Path(os.environ.get("OPENSHELL_BUNDLE_DIR", REPO / "build" / "bundle"))
-MOUNT_DIR = "/opt/openshell"  # where the image volume is mounted, as in the pod wiring
-MOUNT = f"{MOUNT_DIR}/openshell-supervisor"
-APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep", "wget")
-
-
-def _apt_install(*packages: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(
-        ["apt-get", "install", "-y", *packages], env=env, capture_output=True, check=False
-    )
-    return result.returncode == 0
-
-
-def _static_busybox() -> Path | None:
-    path = Path("/bin/busybox")
-    if not path.exists() and not _apt_install("busybox-static"):
-        return None
-    if not path.exists():
-        return None
-    info = subprocess.run(["file", "-L", str(path)], capture_output=True, text=True, check=False).stdout
-    if info and "statically linked" not in info and "static-pie" not in info:
-        _apt_install("busybox-static")  # replaces the dynamic busybox
-        info = subprocess.run(["file", "-L", str(path)], capture_output=True, text=True, check=False).stdout
-        if info and "statically linked" not in info and "static-pie" not in info:
-            return None
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +36,7 @@ def bundle() -> Path:
 @pytest.fixture(scope="session")
 def bwrap() -> str:
     path = shutil.which("bwrap")
-    if path is None and _apt_install("bubblewrap"):
+    if path is None and apt_install("bubblewrap"):
         path = shutil.which("bwrap")
     if path is None:
         pytest.skip("bubblewrap (apt bubblewrap) is not installed and cannot be installed without root")
@@ -80,22 +53,10 @@ def bwrap() -> str:
 
 @pytest.fixture(scope="session")
 def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    busybox = _static_busybox()
+    busybox = static_busybox()
     if busybox is None:
         pytest.skip("needs a static /bin/busybox (apt busybox-static)")
-    root = tmp_path_factory.mktemp("busybox-rootfs")
-    root.chmod(0o755)  # pytest makes its temp dirs 0700: uid 65534 could not walk from / then
-    (root / "bin").mkdir()
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    for d in ("tmp", "dev", "proc", "sys", "journal", "control", "opt/openshell", "etc"):
-        (root / d).mkdir(parents=True)
-    (root / MOUNT.lstrip("/")).touch()  # the read-only root cannot grow a mount point
-    (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    assert not list(root.rglob("*python*")) and not list(root.rglob("libc*"))
-    return root
+    return make_rootfs(tmp_path_factory.mktemp("busybox-rootfs"), busybox)
 
 
 IMAGE_ARGS = {"version": "0.1.0", "revision": "0" * 40, "created": "2026-01-02T03:04:05Z"}

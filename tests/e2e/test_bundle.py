@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import MOUNT
+from tests.support.busybox import MOUNT
 from tests.support.procs import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.timeout(900)

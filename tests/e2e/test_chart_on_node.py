@@ -33,8 +33,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Pod, Secret
 
 from gateway.drivers import podspec
-from imagevolume import oci
-from tests.support import gatewayimage, images, kubeaccess, kubecluster, kubenode
+from tests.support import gatewayimage, kubeaccess, kubecluster, kubenode, openshelldeploy
 from tests.support.postgres import PostgresUnavailable, running_postgres
 from tests.support.procs import REPO
 
@@ -42,13 +41,11 @@ pytestmark = pytest.mark.timeout(1500)
 
 CHART = REPO / "helm" / "openshell"
 RELEASE = "openshell"
-GATEWAY_IP = "10.96.200.10"  # the local cluster has no DNS: the gateway Service gets this address
 LINES = 1200  # 0.1 s apart (two minutes): the main process writes through the whole cut
 # How long the cut is held once the new gateway sees it: longer than the supervisor's reconnect backoff
 # cap (supervisor reconnect_max_s, 30 s) plus a connect timeout, so reconnects are tried (and meet
 # the policy) during the hold, whatever the jitter.
 HOLD_S = 45
-IMAGE_ARGS = {"version": "0.1.0", "revision": "0" * 40, "created": "2026-01-02T03:04:05Z"}
 
 
 @dataclass
@@ -64,7 +61,7 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     given = os.environ.get("KUBECONFIG", "")
     if given:
         wanted = {
@@ -89,10 +86,10 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         return
     # Only here: the bundle and the busybox root filesystem are built for the local cluster's images.
     bundle, rootfs = request.getfixturevalue("bundle"), request.getfixturevalue("rootfs")
-    yield from _local_target(bundle, rootfs, tmp_path_factory.mktemp("node-images"))
+    yield from _local_target(bundle, rootfs)
 
 
-def _local_target(bundle: Path, rootfs: Path, work: Path) -> Iterator[Target]:
+def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
     reason = kubenode.node_unavailable() or gatewayimage.unavailable()
     if reason:
         pytest.skip(f"no local cluster with a real node: {reason}")
@@ -100,40 +97,22 @@ def _local_target(bundle: Path, rootfs: Path, work: Path) -> Iterator[Target]:
         plane_bin, node_bin = kubecluster.build(), kubenode.build_node()
     except kubecluster.BuildError as exc:
         pytest.skip(f"no local cluster with a real node: {exc.reason}")
-    gateway_rootfs = gatewayimage.build_rootfs()
     cluster = kubenode.LocalCluster(plane_bin, node_bin)
     try:
         cluster.start()  # built but not starting: a failure, not a skip
         assert cluster.network is not None
         with running_postgres(listen=cluster.network.host_ip, trust_cidrs=[cluster.network.pod_cidr]) as pg:
-            gateway = cluster.push_dir(
-                "openshell/gateway",
-                "test",
-                gateway_rootfs,
-                entrypoint=gatewayimage.ENTRYPOINT,
-                cmd=["serve"],
-                user=gatewayimage.USER,
-                workdir="/var/lib/openshell",
-                env=gatewayimage.ENV,
-            )
-            layout = work / "supervisor-oci"
-            oci.build_image(bundle, layout, **IMAGE_ARGS, tag="0.1.0")
             assert cluster.registry is not None
-            supervisor = images.push(
-                f"oci:{layout}:0.1.0", cluster.registry.host, "openshell/supervisor", "0.1.0"
+            pushed = openshelldeploy.push_images(
+                cluster.registry.host, bundle=bundle, sandbox_rootfs=rootfs, tag="test"
             )
-            # Like any busybox image: PATH set (runc looks the test pod's `wget` up in it).
-            sandbox = cluster.push_dir("busybox", "1", rootfs, env=["PATH=/bin"])
             yield Target(
                 cluster.kubeconfig,
-                gateway,
-                supervisor,
-                sandbox,
+                pushed.gateway,
+                pushed.supervisor,
+                pushed.sandbox,
                 pg.url("postgres"),
-                values={
-                    "gateway": {"service": {"clusterIP": GATEWAY_IP}},
-                    "sandboxes": {"gatewayAddress": f"{GATEWAY_IP}:7070"},
-                },
+                values=openshelldeploy.chart_values(pushed),
             )
     except PostgresUnavailable as exc:
         pytest.skip(f"the gateway's database cannot run here: {exc}")
@@ -150,10 +129,7 @@ class Installed:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The gateway's HTTP API through the API server's service proxy."""
-        url = f"/api/v1/namespaces/{self.namespace}/services/{RELEASE}-gateway:7080/proxy/api/v1{path}"
-        response = self.admin._client._client.request(method, url, json=body)  # type: ignore[attr-defined]
-        response.raise_for_status()
-        return response.json()
+        return openshelldeploy.gateway_api(self.admin, self.namespace, RELEASE)(method, path, body)
 
     def state(self, sandbox: str) -> str:
         try:
@@ -188,15 +164,6 @@ def _pod_logs(admin: Client, namespace: str, lines: int = 30) -> str:
     return "\n".join(out)
 
 
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
 def _ready(pod: Pod) -> bool:
     status = pod.status
     if status is None or status.conditions is None or (pod.metadata and pod.metadata.deletionTimestamp):
@@ -219,7 +186,7 @@ def installed(target: Target) -> Iterator[Installed]:
         },
         "tests": {"image": target.sandbox_image},  # busybox: the `helm test` pod needs wget
     }
-    values = _merged(values, target.values)
+    values = openshelldeploy.merged(values, target.values)
     helm = helm_python.Config(kubeconfig_path=target.kubeconfig, namespace=namespace)
     release = Installed(admin, helm, namespace, sandboxes)
     try:

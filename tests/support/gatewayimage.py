@@ -34,7 +34,7 @@ class GatewayImageError(RuntimeError):
     pass
 
 
-def _sources_hash() -> str:
+def sources_hash() -> str:
     digest = hashlib.sha256(f"{SUITE} {PACKAGES} {sys.version_info[:2]}".encode())
     for top in SOURCES:
         path = REPO / top
@@ -79,7 +79,7 @@ def build_rootfs() -> Path:
     reason = unavailable()
     if reason:
         raise GatewayImageError(reason)
-    out = CACHE / _sources_hash()
+    out = CACHE / sources_hash()
     rootfs = out / "rootfs"
     if (out / ".complete").exists():
         return rootfs

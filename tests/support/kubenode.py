@@ -709,15 +709,18 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster() -> Iterator[LocalCluster]:
-    """Build (cached) and start a LocalCluster; stop and remove it after. Raises kubecluster.BuildError
-    when a binary cannot be built and NodeError when the node cannot run or start."""
+def local_cluster(*, workdir: Path | None = None) -> Iterator[LocalCluster]:
+    """Build (cached) and start a LocalCluster; stop it after, and remove its directory unless
+    ``workdir`` was given. Raises kubecluster.BuildError when a binary cannot be built and NodeError
+    when the node cannot run or start."""
     reason = node_unavailable()
     if reason:
         raise NodeError(reason)
     plane_bin = kubecluster.build()
     node_bin = build_node()
-    cluster = LocalCluster(plane_bin, node_bin)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(plane_bin, node_bin, workdir=workdir)
     try:
         yield cluster.start()
     finally:
@@ -727,14 +730,27 @@ def local_cluster() -> Iterator[LocalCluster]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.kubenode", description=__doc__)
     parser.add_argument("command", choices=["up", "build"])
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the cluster's files here (kept on exit); cluster.json in it names the KUBECONFIG and "
+        "the registry, for `python -m tests.support.openshelldeploy DIR`",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # before start: a stop mid-start cleans up too
     try:
         if args.command == "build":
             print(build_node(quiet=False))
             return 0
-        with local_cluster() as cluster:
-            assert cluster.registry is not None
+        with local_cluster(workdir=args.workdir.resolve() if args.workdir else None) as cluster:
+            assert cluster.registry is not None and cluster.network is not None
+            info = {
+                "kubeconfig": str(cluster.kubeconfig),
+                "registry": cluster.registry.host,
+                "host_ip": cluster.network.host_ip,
+                "pod_cidr": cluster.network.pod_cidr,
+            }
+            (cluster.workdir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
             print(f"ready in {cluster.startup_seconds:.1f}s; logs in {cluster.workdir}", file=sys.stderr)
             print(f"registry (plain HTTP): {cluster.registry.host}", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
