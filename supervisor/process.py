@@ -109,6 +109,7 @@ class MainProcess:
         self._exit = self._reaper.watch(proc.pid)
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
+        readers = []
         for pipe, stream, echo in (
             (proc.stdout, LogStream.STDOUT, self._echo[0]),
             (proc.stderr, LogStream.STDERR, self._echo[1]),
@@ -117,6 +118,10 @@ class MainProcess:
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             transport, _ = await loop.connect_read_pipe(functools.partial(_same, protocol), pipe)
             self._transports.append(transport)
+            readers.append((reader, stream, echo))
+        # The pumps start only now, with no await until the caller has journaled STARTED: a first
+        # line that arrived while the pipes were being connected must not be journaled before it.
+        for reader, stream, echo in readers:
             self._pumps.append(
                 asyncio.create_task(
                     pump(reader, stream=stream, sink=self._sink, max_line_bytes=self._max_line, echo=echo),

@@ -146,6 +146,27 @@ async def test_main_process_capture_is_unchanged(reaper: Reaper) -> None:
     assert [r.message for r in lines if r.stream is LogStream.STDERR] == ["err"]
 
 
+async def test_no_line_is_captured_before_start_returns(
+    reaper: Reaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller journals STARTED right after start(): a line captured earlier would come first.
+    Connecting the pipes is made slow here, so a fast first line has time to arrive meanwhile."""
+    loop = asyncio.get_running_loop()
+    connect = loop.connect_read_pipe
+
+    async def slow_connect(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.3)
+        return await connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "connect_read_pipe", slow_connect)
+    lines: list[LogRecord] = []
+    main = _main(reaper, ["/bin/sh", "-c", "echo first; sleep 1"], lines)
+    await main.start()
+    assert lines == [], "a line reached the sink before start() returned"
+    await asyncio.wait_for(main.wait(), 20)
+    assert [r.message for r in lines] == ["first"]
+
+
 async def test_main_process_signal_exit_codes(reaper: Reaper) -> None:
     lines: list[LogRecord] = []
     main = _main(
