@@ -112,12 +112,40 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
                 pushed.supervisor,
                 pushed.sandbox,
                 pg.url("postgres"),
-                values=openshelldeploy.chart_values(pushed),
+                values=openshelldeploy.merged(
+                    openshelldeploy.chart_values(pushed),
+                    _network_policy_values(cluster, pg.port),
+                ),
             )
     except PostgresUnavailable as exc:
         pytest.skip(f"the gateway's database cannot run here: {exc}")
     finally:
         cluster.cleanup()
+
+
+def _network_policy_values(cluster: kubenode.LocalCluster, pg_port: int) -> dict[str, Any]:
+    """The chart's NetworkPolicy on, with this cluster's peers: the API server and PostgreSQL listen on
+    the host's end of the node's link, on ports of their own; the API server's service proxy (how
+    this test reaches the HTTP API) comes from there too."""
+    assert cluster.network is not None and cluster.plane is not None
+    host = {"ipBlock": {"cidr": f"{cluster.network.host_ip}/32"}}
+    not_sandboxes = {  # the chart's default httpFrom, which a list value replaces
+        "podSelector": {
+            "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["sandbox"]}
+            ]
+        }
+    }
+    return {
+        "networkPolicy": {
+            "enabled": True,
+            "httpFrom": [not_sandboxes, host],
+            "apiServerCidrs": [f"{cluster.network.host_ip}/32"],
+            "apiServerPorts": [int(cluster.plane.server.rsplit(":", 1)[1])],
+            "databaseTo": [host],
+            "databasePort": pg_port,
+        }
+    }
 
 
 @dataclass
@@ -224,6 +252,30 @@ def test_helm_test_reaches_the_gateway_through_its_service(installed: Installed)
             f"helm test failed: {exc}\n{_pod_logs(installed.admin, installed.namespace)}"
         ) from exc
     assert '"status":"ok"' in result["logs"].replace(" ", ""), result
+
+
+def test_the_charts_networkpolicy_keeps_sandboxes_off_the_http_api(
+    installed: Installed, target: Target
+) -> None:
+    """The gateway's HTTP API is unauthenticated: the chart's NetworkPolicy admits the `helm test` pod
+    to it (the test above) and sandboxes only to gRPC. A sandbox that tries the API is stopped."""
+    policy = target.values.get("networkPolicy", {})
+    if not policy.get("enabled"):
+        pytest.skip(
+            "the chart's NetworkPolicy is on only where this test knows the cluster's peers (local node)"
+        )
+    address = target.values["sandboxes"]["gatewayAddress"].rsplit(":", 1)[0]
+    wget = f"timeout 10 wget -q -O - http://{address}:7080/healthz >/dev/null 2>&1"
+    probe = f"if {wget}; then echo API-REACHED; else echo API-BLOCKED; fi"
+    installed.call(
+        "POST", "/sandboxes", {"id": "probe", "command": ["sh", "-c", probe], "image": target.sandbox_image}
+    )
+    kubeaccess.wait_for(
+        lambda: installed.state("probe") == "exited", timeout=300, what="the probe sandbox to finish"
+    )
+    # It did connect over gRPC (its lines are here), and the API stayed out of its reach.
+    assert _lines(installed, "probe") == ["API-BLOCKED"]
+    installed.call("DELETE", "/sandboxes/probe")
 
 
 def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(

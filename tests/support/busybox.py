@@ -10,7 +10,7 @@ from pathlib import Path
 
 MOUNT_DIR = "/opt/openshell"  # where the image volume is mounted, as in the pod wiring
 MOUNT = f"{MOUNT_DIR}/openshell-supervisor"
-APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep", "wget")
+APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep", "wget", "timeout")
 
 
 def apt_install(*packages: str) -> bool:
