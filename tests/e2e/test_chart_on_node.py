@@ -154,6 +154,7 @@ class Installed:
     helm: Any
     namespace: str
     sandboxes: str
+    values: dict[str, Any]
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The gateway's HTTP API through the API server's service proxy."""
@@ -216,7 +217,7 @@ def installed(target: Target) -> Iterator[Installed]:
     }
     values = openshelldeploy.merged(values, target.values)
     helm = helm_python.Config(kubeconfig_path=target.kubeconfig, namespace=namespace)
-    release = Installed(admin, helm, namespace, sandboxes)
+    release = Installed(admin, helm, namespace, sandboxes, values)
     try:
         admin.create(Namespace(metadata=ObjectMeta(name=namespace)))
         admin.create(
@@ -383,3 +384,27 @@ def _exists(installed: Installed, pod_name: str) -> bool:
         return True
     except ApiError:
         return False
+
+
+def test_the_init_container_fallback_runs_the_same_sandbox(installed: Installed, target: Target) -> None:
+    """``injection: init-container`` (clusters without image volumes): an init container from the
+    supervisor image installs the bundle into an emptyDir and the sandbox runs it from there."""
+    values = openshelldeploy.merged(
+        installed.values, {"sandboxes": {"supervisor": {"injection": "init-container"}}}
+    )
+    installed.helm.upgrade(str(CHART), RELEASE, values, namespace=installed.namespace, timeout=600)
+    openshelldeploy.wait_rolled_out(installed.admin, installed.namespace, RELEASE)
+    script = "echo from the emptyDir; ls /opt/openshell"
+    installed.call(
+        "POST",
+        "/sandboxes",
+        {"id": "fallback", "command": ["sh", "-c", script], "image": target.sandbox_image},
+    )
+    kubeaccess.wait_for(
+        lambda: installed.state("fallback") == "exited", timeout=300, what="the fallback sandbox"
+    )
+    assert _lines(installed, "fallback") == ["from the emptyDir", "openshell-supervisor"]
+    pod = installed.admin.get(Pod, "sandbox-fallback", namespace=installed.sandboxes)
+    assert pod.spec is not None and pod.spec.initContainers and pod.spec.volumes is not None
+    assert not [v for v in pod.spec.volumes if v.image is not None], "no image volume in this mode"
+    installed.call("DELETE", "/sandboxes/fallback")

@@ -106,6 +106,27 @@ def gateway_api(admin: Any, namespace: str, release: str) -> Callable[..., Any]:
     return call
 
 
+def wait_rolled_out(admin: Any, namespace: str, release: str, timeout: float = 300) -> None:
+    """Until the gateway Deployment's newest generation is all updated and available."""
+    from lightkube.resources.apps_v1 import Deployment
+
+    name = f"{release}-gateway"
+
+    def rolled_out() -> bool:
+        d = admin.get(Deployment, name, namespace=namespace)
+        spec, status = d.spec, d.status
+        return bool(
+            spec
+            and status
+            and status.observedGeneration == (d.metadata.generation if d.metadata else None)
+            and status.updatedReplicas == spec.replicas
+            and status.availableReplicas == spec.replicas
+            and not status.unavailableReplicas
+        )
+
+    kubeaccess.wait_for(rolled_out, timeout=timeout, what=f"deployment/{name} to roll out")
+
+
 # --- the developer loop -----------------------------------------------------------------------------
 
 
@@ -117,7 +138,6 @@ def _tree_tag(bundle: Path) -> str:
 def deploy(cluster_dir: Path, *, namespace: str = "openshell", release: str = "openshell") -> int:
     import helm_python
     from lightkube.models.meta_v1 import ObjectMeta
-    from lightkube.resources.apps_v1 import Deployment
     from lightkube.resources.core_v1 import Namespace
 
     info_file = cluster_dir / "cluster.json"
@@ -156,20 +176,7 @@ def deploy(cluster_dir: Path, *, namespace: str = "openshell", release: str = "o
     )
 
     name = f"{release}-gateway"
-
-    def rolled_out() -> bool:
-        d = admin.get(Deployment, name, namespace=namespace)
-        spec, status = d.spec, d.status
-        return bool(
-            spec
-            and status
-            and status.observedGeneration == (d.metadata.generation if d.metadata else None)
-            and status.updatedReplicas == spec.replicas
-            and status.availableReplicas == spec.replicas
-            and not status.unavailableReplicas
-        )
-
-    kubeaccess.wait_for(rolled_out, timeout=300, what=f"deployment/{name} to roll out")
+    wait_rolled_out(admin, namespace, release)
     call = gateway_api(admin, namespace, release)
     sandbox = f"dev-{int(time.time())}"
     script = "for i in 1 2 3; do echo hello $i from $(id -un); sleep 1; done"
