@@ -392,6 +392,7 @@ class Agent:
                 instance_id=self.instance_id,
             )
         )
+        main.start_capture()  # only now: the main process's lines come after its STARTED record
         self.started_at = time.time()
         log.info("main process started", extra={"pid": pid})
         status = await main.wait()

@@ -72,6 +72,7 @@ class MainProcess:
         self._env = dict(env) if env is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._exit: asyncio.Future[int] | None = None
+        self._readers: list[tuple[asyncio.StreamReader, LogStream, BinaryIO | None]] = []
         self._pumps: list[asyncio.Task[None]] = []
         self._transports: list[asyncio.BaseTransport] = []
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -109,7 +110,6 @@ class MainProcess:
         self._exit = self._reaper.watch(proc.pid)
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
-        readers = []
         for pipe, stream, echo in (
             (proc.stdout, LogStream.STDOUT, self._echo[0]),
             (proc.stderr, LogStream.STDERR, self._echo[1]),
@@ -118,21 +118,28 @@ class MainProcess:
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             transport, _ = await loop.connect_read_pipe(functools.partial(_same, protocol), pipe)
             self._transports.append(transport)
-            readers.append((reader, stream, echo))
-        # The pumps start only now, with no await until the caller has journaled STARTED: a first
-        # line that arrived while the pipes were being connected must not be journaled before it.
-        for reader, stream, echo in readers:
+            self._readers.append((reader, stream, echo))
+        return proc.pid
+
+    def start_capture(self) -> None:
+        """Deliver the main process's lines to the sink from now on (once; :meth:`wait` does it too).
+
+        Apart from :meth:`start` so that the caller journals STARTED before the first line: output
+        written meanwhile waits in the pipes."""
+        if self._pumps:
+            return
+        for reader, stream, echo in self._readers:
             self._pumps.append(
                 asyncio.create_task(
                     pump(reader, stream=stream, sink=self._sink, max_line_bytes=self._max_line, echo=echo),
                     name=f"capture-{stream.value}",
                 )
             )
-        return proc.pid
 
     async def wait(self) -> ExitStatus:
         """Wait for the exit and for the last captured line (the pipes drain first)."""
         assert self._proc is not None and self._exit is not None, "start() first"
+        self.start_capture()
         try:
             returncode = await self._exit
         finally:

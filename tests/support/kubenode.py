@@ -742,7 +742,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             print(build_node(quiet=False))
             return 0
-        with local_cluster(workdir=args.workdir.resolve() if args.workdir else None) as cluster:
+        workdir = args.workdir.resolve() if args.workdir else None
+        if workdir is not None and workdir.exists() and any(workdir.iterdir()):
+            # A cluster's state from before (etcd, containerd, sockets) would be taken for this one's.
+            print(f"error: {workdir} is not empty: remove it or name another --workdir", file=sys.stderr)
+            return 2
+        with local_cluster(workdir=workdir) as cluster:
             assert cluster.registry is not None and cluster.network is not None
             info = {
                 "kubeconfig": str(cluster.kubeconfig),
@@ -750,7 +755,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "host_ip": cluster.network.host_ip,
                 "pod_cidr": cluster.network.pod_cidr,
             }
-            (cluster.workdir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
+            info_file = cluster.workdir / "cluster.json"
+            info_file.write_text(json.dumps(info, indent=2) + "\n")
+            atexit.register(info_file.unlink, missing_ok=True)  # a stopped cluster is no deploy target
             print(f"ready in {cluster.startup_seconds:.1f}s; logs in {cluster.workdir}", file=sys.stderr)
             print(f"registry (plain HTTP): {cluster.registry.host}", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)

@@ -109,6 +109,7 @@ def gateway_api(admin: Any, namespace: str, release: str) -> Callable[..., Any]:
 def wait_rolled_out(admin: Any, namespace: str, release: str, timeout: float = 300) -> None:
     """Until the gateway Deployment's newest generation is all updated and available."""
     from lightkube.resources.apps_v1 import Deployment
+    from lightkube.resources.core_v1 import Pod
 
     name = f"{release}-gateway"
 
@@ -124,7 +125,20 @@ def wait_rolled_out(admin: Any, namespace: str, release: str, timeout: float = 3
             and not status.unavailableReplicas
         )
 
+    def only_new_pods_serve() -> bool:
+        # The old pod drains (preStop) after its ReplicaSet is scaled down and may still be an endpoint.
+        labels = {"app.kubernetes.io/instance": release, "app.kubernetes.io/component": "gateway"}
+        pods = admin.list(Pod, namespace=namespace, labels=labels)
+        return all(
+            p.metadata is not None
+            and p.metadata.deletionTimestamp is None
+            and p.status is not None
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            for p in pods
+        )
+
     kubeaccess.wait_for(rolled_out, timeout=timeout, what=f"deployment/{name} to roll out")
+    kubeaccess.wait_for(only_new_pods_serve, timeout=timeout, what=f"the old {name} pods to go")
 
 
 # --- the developer loop -----------------------------------------------------------------------------

@@ -146,24 +146,18 @@ async def test_main_process_capture_is_unchanged(reaper: Reaper) -> None:
     assert [r.message for r in lines if r.stream is LogStream.STDERR] == ["err"]
 
 
-async def test_no_line_is_captured_before_start_returns(
-    reaper: Reaper, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The caller journals STARTED right after start(): a line captured earlier would come first.
-    Connecting the pipes is made slow here, so a fast first line has time to arrive meanwhile."""
-    loop = asyncio.get_running_loop()
-    connect = loop.connect_read_pipe
-
-    async def slow_connect(*args: object, **kwargs: object) -> object:
-        await asyncio.sleep(0.3)
-        return await connect(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "connect_read_pipe", slow_connect)
+async def test_lines_wait_in_the_pipe_until_capture_starts(reaper: Reaper) -> None:
+    """The agent journals STARTED between start() and start_capture(): no line may reach the sink
+    before, however fast the main process writes (here it has written and exited before)."""
     lines: list[LogRecord] = []
-    main = _main(reaper, ["/bin/sh", "-c", "echo first; sleep 1"], lines)
+    main = _main(reaper, ["/bin/sh", "-c", "echo first"], lines)
     await main.start()
-    assert lines == [], "a line reached the sink before start() returned"
-    await asyncio.wait_for(main.wait(), 20)
+    await _until(lambda: not main.running)  # it wrote, exited and was reaped
+    await asyncio.sleep(0.2)  # and the event loop had every chance to read the pipe
+    assert lines == [], "a line reached the sink before start_capture()"
+    main.start_capture()
+    status = await asyncio.wait_for(main.wait(), 20)
+    assert status.exit_code == 0
     assert [r.message for r in lines] == ["first"]
 
 
@@ -192,6 +186,7 @@ async def test_kill_after_grace_kills_the_whole_group(reaper: Reaper) -> None:
     lines: list[LogRecord] = []
     main = _main(reaper, [sys.executable, "-c", script], lines)
     await main.start()
+    main.start_capture()
     await _until(lambda: lines)
     grandchild = int(lines[0].message)
     main.send_signal(signal.SIGTERM)
