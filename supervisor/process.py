@@ -125,7 +125,7 @@ class MainProcess:
         """Deliver the main process's lines to the sink from now on (once; :meth:`wait` does it too).
 
         Apart from :meth:`start` so that the caller journals STARTED before the first line: output
-        written meanwhile waits in the pipes."""
+        written meanwhile waits in the readers' buffers (and, past their limit, in the pipes)."""
         if self._pumps:
             return
         for reader, stream, echo in self._readers:
