@@ -7,6 +7,7 @@ module generates a throwaway PKI, starts the processes on free 127.0.0.1 ports w
 directory, writes an admin KUBECONFIG and waits for ``/readyz``. There is no kubelet and no container
 runtime: kwok's fake nodes take scheduled pods to ``Running`` (and give them made-up IPs) without running
 anything, so a pod's spec is checked by the real API server, admission and scheduler, never executed.
+For pods that really run, ``tests/support/kubenode.py`` adds a real node to this control plane.
 
     python -m tests.support.kubecluster build   # build (or find) the binaries, print their directory
     python -m tests.support.kubecluster up      # start a control plane, print KUBECONFIG, wait for Ctrl-C
