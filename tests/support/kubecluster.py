@@ -276,20 +276,24 @@ def issue_client_cert(
     return cert_path, key_path
 
 
-def write_kubeconfig(path: Path, server: str, certs: Certs, *, name: str = "openshell-test") -> Path:
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    certs: Certs,
+    *,
+    name: str = "openshell-test",
+    client: tuple[Path, Path] | None = None,
+) -> Path:
+    """A KUBECONFIG for ``server`` trusting the plane's CA, as the admin or as ``client`` (cert, key)."""
+    cert, key = client or (certs.admin_cert, certs.admin_key)
     config: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {"name": name, "cluster": {"server": server, "certificate-authority": str(certs.ca_cert)}}
         ],
-        "users": [
-            {
-                "name": "admin",
-                "user": {"client-certificate": str(certs.admin_cert), "client-key": str(certs.admin_key)},
-            }
-        ],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": "admin", "namespace": "default"}}],
+        "users": [{"name": "user", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": "user", "namespace": "default"}}],
         "current-context": name,
         "preferences": {},
     }
@@ -321,6 +325,19 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_group(popen: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM to the process group of ``popen`` (started in a session of its own), SIGKILL to the
+    group after ``grace`` seconds: whatever the process forked goes with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=5)
 
 
 @dataclass
@@ -621,15 +638,7 @@ class LocalControlPlane:
         etcd is up, but waits out its grace period when etcd went first."""
         procs, self._procs = list(reversed(self._procs)), []
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=grace)
-            # The group too: whatever a process forked (nothing here does) goes with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=5)
+            stop_group(proc.popen, grace)
             proc.log_file.close()
         atexit.unregister(self.stop)
 

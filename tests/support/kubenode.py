@@ -271,27 +271,6 @@ def cni_config(pod_cidr: str) -> dict[str, Any]:
     }
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
-                ],
-                "users": [
-                    {"name": "user", "user": {"client-certificate": str(cert), "client-key": str(key)}}
-                ],
-                "contexts": [{"name": "local", "context": {"cluster": "local", "user": "user"}}],
-                "current-context": "local",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
 @dataclass
 class _Proc:
     name: str
@@ -508,14 +487,7 @@ class LocalNode:
         """Stop the daemons, then take down every container and shim of the node, its mount namespace
         and cgroups, and put back the kernel settings the kubelet changed."""
         for proc in reversed(self._procs):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(10)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(5)
+            kubecluster.stop_group(proc.popen, grace=10)
         self._procs.clear()
         self._remove_containers()
         self._kill_shims()
@@ -637,8 +609,8 @@ class LocalCluster:
                 network=network,
                 binaries=self.node_bin,
                 workdir=node_dir,
-                kubelet_kubeconfig=write_kubeconfig(
-                    node_dir / "kubelet.kubeconfig", plane.server, plane.certs.ca_cert, cert, key
+                kubelet_kubeconfig=kubecluster.write_kubeconfig(
+                    node_dir / "kubelet.kubeconfig", plane.server, plane.certs, client=(cert, key)
                 ),
                 admin_kubeconfig=plane.kubeconfig,
                 ca_cert=plane.certs.ca_cert,
