@@ -19,10 +19,11 @@ Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are cr
 stored, sent at once to the sandbox's live session if it is on this gateway, and otherwise with its
 next session; their state (``pending``, ``applied``, ``failed``) is readable until answered and after.
 
-With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``)
-creates a sandbox pod and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row and its events
-stay; ``driver_state`` follows the pod). The API has no authentication yet (the auth issue adds
-OIDC): keep ``http.listen`` reachable only by trusted callers.
+With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``;
+without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
+and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row and its events stay; ``driver_state``
+follows the pod). The API has no authentication yet (the auth issue adds OIDC): keep
+``http.listen`` reachable only by trusted callers.
 
 ``GET /metrics`` is the gateway's Prometheus exposition (:mod:`gateway.metrics`).
 
@@ -232,8 +233,10 @@ def _sandbox_request(body: object) -> tuple[str, list[str], str | None, dict[str
     problem = sandbox_id_problem(sandbox_id) if isinstance(sandbox_id, str) else "id must be a string"
     if problem is not None:
         raise ApiError(400, problem)
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
-        raise ApiError(400, "command must be a non-empty list of strings")
+    if command is None:
+        command = []  # the image's own ENTRYPOINT and CMD (drivers.kubernetes.registry)
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        raise ApiError(400, "command must be a list of strings (omitted: the image's ENTRYPOINT and CMD)")
     if image is not None and (not isinstance(image, str) or not image):
         raise ApiError(400, "image must be a non-empty string when given")
     if not isinstance(env, dict) or not all(

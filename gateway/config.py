@@ -216,6 +216,39 @@ class SandboxPodSettings(_Section):
     )
 
 
+class RegistrySettings(_Section):
+    resolve_commands: bool = Field(
+        True,
+        description="When a request names no command, read the image's ENTRYPOINT and CMD from its registry "
+        "(with the pod's image_pull_secrets); off: every request must name its command.",
+    )
+    platform: str = Field(
+        "linux/amd64",
+        description="os/architecture[/variant] of the sandbox nodes: the image of a multi-platform index "
+        "whose command is read.",
+    )
+    plain_http: list[str] = Field(
+        default_factory=list,
+        description="Registry hosts (host[:port]) spoken to over plain HTTP instead of HTTPS.",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle for registries' certificates; unset: the system's."
+    )
+    timeout_s: float = Field(15.0, gt=0, description="Timeout of each registry request.")
+    cache_ttl_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long a tag's command is reused (a digest's is kept); one lookup then serves every "
+        "sandbox of that image.",
+    )
+
+    @model_validator(mode="after")
+    def _platform_shape(self) -> RegistrySettings:
+        if not re.fullmatch(r"[a-z0-9_]+/[a-z0-9_]+(/[a-z0-9_]+)?", self.platform):
+            raise ValueError(f"platform {self.platform!r} is not os/architecture[/variant], e.g. linux/amd64")
+        return self
+
+
 class KubernetesDriverSettings(_Section):
     namespace: str = Field("openshell-sandboxes", description="Namespace the sandbox pods are created in.")
     kubeconfig: Path | None = Field(
@@ -232,6 +265,10 @@ class KubernetesDriverSettings(_Section):
     request_timeout_s: float = Field(30.0, gt=0, description="Timeout of each Kubernetes API request.")
     supervisor: SupervisorInjectionSettings = Field(default_factory=SupervisorInjectionSettings)
     pod: SandboxPodSettings = Field(default_factory=SandboxPodSettings)
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings,
+        description="Registry lookups of images' commands, for requests that name none.",
+    )
 
 
 class DriverSettings(_Section):

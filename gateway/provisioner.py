@@ -29,6 +29,7 @@ from gateway.config import KubernetesDriverSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from gateway.drivers.podspec import PodSpecError, SandboxRequest
+from gateway.drivers.registry import RegistryError
 from gateway.store import SandboxStore, StoreError
 from gateway.store.db import utcnow
 
@@ -101,13 +102,26 @@ class KubernetesProvisioner:
                 raise ProvisionError(400, str(exc)) from None
             if isinstance(exc, KubernetesDriverError):
                 raise ProvisionError(_status(exc), str(exc)) from None
+            if isinstance(exc, RegistryError):
+                raise ProvisionError(400 if exc.caller_fault else 502, str(exc)) from None
             if isinstance(exc, Exception):
                 log.exception("sandbox %s: the Kubernetes driver failed unexpectedly", sandbox_id)
                 raise ProvisionError(502, f"the Kubernetes driver failed: {exc!r}") from None
             raise
         # Kept for the credential check of the auth milestone: the hash, never the token.
-        await self.sandboxes.set_spec(sandbox_id, {**spec, "credential_sha256": created.credential_sha256})
-        return {"id": sandbox_id, "pod": created.pod_name, "namespace": self.settings.namespace}
+        spec = {**spec, "command": list(created.command), "credential_sha256": created.credential_sha256}
+        if created.command_from_image:
+            spec["command_from_image"] = created.command_from_image
+        await self.sandboxes.set_spec(sandbox_id, spec)
+        answer: dict[str, Any] = {
+            "id": sandbox_id,
+            "pod": created.pod_name,
+            "namespace": self.settings.namespace,
+            "command": list(created.command),
+        }
+        if created.command_from_image:
+            answer["command_from_image"] = created.command_from_image
+        return answer
 
     async def _forget(self, sandbox_id: str) -> None:
         try:

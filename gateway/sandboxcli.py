@@ -56,9 +56,9 @@ async def _call(
 async def create_sandbox(
     api_url: str, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
 ) -> dict[str, Any]:
-    if not command:
-        raise SandboxCallError("give the sandbox's command after --, e.g. -- python3 agent.py", 400)
-    body: dict[str, Any] = {"id": sandbox_id, "command": list(command)}
+    body: dict[str, Any] = {"id": sandbox_id}
+    if command:  # none: the image's own ENTRYPOINT and CMD
+        body["command"] = list(command)
     if image:
         body["image"] = image
     if env:

@@ -12,12 +12,13 @@ lightkube is imported here only, so a gateway on the local driver never loads it
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import httpx2 as httpx  # lightkube's HTTP library (a maintained httpx fork)
@@ -27,9 +28,19 @@ from lightkube.core.exceptions import ConfigError, NotReadyError
 from lightkube.resources.core_v1 import Pod, Secret
 
 from gateway.config import KubernetesDriverSettings
+from gateway.drivers.imageref import (
+    BasicCredentials,
+    DockerConfigError,
+    ImageReference,
+    ImageReferenceError,
+    credentials_for,
+    parse_docker_config,
+)
 from gateway.drivers.podspec import (
+    ANNOTATION_IMAGE_MANIFEST,
     ANNOTATION_SANDBOX_ID,
     MANAGED_BY,
+    PodSpecError,
     SandboxRequest,
     build_credential_secret,
     build_sandbox_pod,
@@ -37,6 +48,7 @@ from gateway.drivers.podspec import (
     pod_name,
     selector_labels,
 )
+from gateway.drivers.registry import ImageCommand, Platform, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,22 @@ RBAC_RULES: tuple[dict[str, list[str]], ...] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete", "get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
 )
+
+
+def pull_secret_rule(names: list[str]) -> dict[str, list[str]]:
+    """The one more rule when the image's command is read from its registry with pull Secrets:
+    ``get`` on those Secrets by name, nothing else."""
+    return {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": list(names)}
+
+
+def rbac_rules(settings: KubernetesDriverSettings) -> list[dict[str, list[str]]]:
+    """RBAC_RULES, plus read access to the pull Secrets when the driver reads them."""
+    rules = [dict(rule) for rule in RBAC_RULES]
+    if settings.registry.resolve_commands and settings.pod.image_pull_secrets:
+        rules.append(pull_secret_rule(settings.pod.image_pull_secrets))
+    return rules
+
+
 _SELECTOR: dict[str, Any] = dict(selector_labels())
 
 
@@ -68,6 +96,10 @@ class CreatedSandbox:
     pod_uid: str
     #: sha256 of the bearer token written into the sandbox's Secret; the token itself is not kept.
     credential_sha256: str
+    #: The command run under the supervisor: the request's, or the image's ENTRYPOINT + CMD.
+    command: tuple[str, ...] = ()
+    #: The manifest digest the command was read from, when it came from the image.
+    command_from_image: str | None = None
 
 
 #: The API server ends each watch request after this long (lightkube then opens the next).
@@ -120,9 +152,16 @@ def _pod_state(pod: Pod, *, deleted: bool = False) -> PodState | None:
 class KubernetesDriver:
     name = "kubernetes"
 
-    def __init__(self, settings: KubernetesDriverSettings, *, client: AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: KubernetesDriverSettings,
+        *,
+        client: AsyncClient | None = None,
+        registry: RegistryClient | None = None,
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._registry = registry
 
     @property
     def namespace(self) -> str:
@@ -159,8 +198,70 @@ class KubernetesDriver:
             async for _ in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR, chunk_size=1):
                 break
 
+    @property
+    def registry(self) -> RegistryClient:
+        if self._registry is None:
+            r = self._settings.registry
+            self._registry = RegistryClient(
+                platform=Platform.parse(r.platform),
+                plain_http=frozenset(r.plain_http),
+                ca_file=str(r.ca_file) if r.ca_file else None,
+                timeout_s=r.timeout_s,
+                cache_ttl_s=r.cache_ttl_s,
+            )
+        return self._registry
+
+    async def pull_credentials(self, ref: ImageReference) -> BasicCredentials | None:
+        """The first of the pod's pull Secrets holding credentials for ``ref``'s registry, read as
+        the kubelet reads them. One that cannot be read is logged and skipped, as the kubelet does;
+        the registry's refusal then says which credentials were used."""
+        for name in self._settings.pod.image_pull_secrets:
+            try:
+                with self._explained("get", "secrets"):
+                    secret = await self.client.get(Secret, name, namespace=self.namespace)
+            except KubernetesDriverError as exc:
+                log.warning("pull Secret %s not read: %s", name, exc)
+                continue
+            data = secret.data or {}
+            legacy = ".dockerconfigjson" not in data
+            key = ".dockercfg" if legacy else ".dockerconfigjson"
+            if key not in data:
+                log.warning("pull Secret %s has neither .dockerconfigjson nor .dockercfg", name)
+                continue
+            try:
+                found = credentials_for(ref, parse_docker_config(base64.b64decode(data[key]), legacy=legacy))
+            except (DockerConfigError, ValueError) as exc:
+                log.warning("pull Secret %s: %s: %s", name, key, exc)
+                continue
+            if found is not None:
+                return found
+        return None
+
+    async def image_command(self, image: str) -> ImageCommand:
+        """ENTRYPOINT and CMD of ``image``, read from its registry."""
+        try:
+            ref = ImageReference.parse(image)
+        except ImageReferenceError as exc:
+            raise PodSpecError(str(exc)) from None
+        return await self.registry.image_command(ref, await self.pull_credentials(ref))
+
+    async def _with_command(self, request: SandboxRequest) -> tuple[SandboxRequest, ImageCommand | None]:
+        """The request with the image's own command when it names none."""
+        if request.command:
+            return request, None
+        image = request.image or self._settings.pod.default_image
+        if not image or not self._settings.registry.resolve_commands:
+            return request, None  # build_sandbox_pod says what is missing
+        found = await self.image_command(image)
+        if not found.argv:
+            raise PodSpecError(f"image {found.image} has neither ENTRYPOINT nor CMD: name the command to run")
+        return replace(request, command=found.argv), found
+
     async def create(self, request: SandboxRequest) -> CreatedSandbox:
+        request, from_image = await self._with_command(request)
         pod_obj = build_sandbox_pod(self._settings, request)
+        if from_image is not None:
+            pod_obj["metadata"]["annotations"][ANNOTATION_IMAGE_MANIFEST] = from_image.manifest_digest
         with self._explained("create", "pods", request.sandbox_id):
             created = await self.client.create(cast(Pod, Pod.from_dict(pod_obj)))
         uid = created.metadata.uid if created.metadata and created.metadata.uid else ""
@@ -187,6 +288,8 @@ class KubernetesDriver:
             pod_name=pod_obj["metadata"]["name"],
             pod_uid=uid,
             credential_sha256=hashlib.sha256(token.encode()).hexdigest(),
+            command=tuple(request.command),
+            command_from_image=from_image.manifest_digest if from_image else None,
         )
 
     async def _take_back(self, name: str) -> None:
@@ -281,6 +384,9 @@ class KubernetesDriver:
                             await close()
 
     async def close(self) -> None:
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -53,6 +53,8 @@ MANAGED_BY = "openshell-gateway"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_SANDBOX = "openshell.io/sandbox"
 ANNOTATION_SANDBOX_ID = "openshell.io/sandbox-id"
+#: On pods whose command was read from the image: the manifest digest it was read from.
+ANNOTATION_IMAGE_MANIFEST = "openshell.io/command-from-image"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -207,8 +209,9 @@ def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxReques
     name = pod_name(request.sandbox_id)
     if not request.command:
         raise PodSpecError(
-            "command is empty: the supervisor wraps the sandbox's command, and the image's own "
-            "ENTRYPOINT/CMD is not read (Kubernetes ignores both once a command is set)"
+            "command is empty and drivers.kubernetes.registry.resolve_commands is off: the supervisor "
+            "wraps the sandbox's command, and Kubernetes ignores the image's ENTRYPOINT/CMD once a "
+            "command is set, so name the command or turn the registry lookup on"
         )
     image = request.image or pod.default_image
     if not image:

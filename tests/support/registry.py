@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import textwrap
 import time
@@ -65,46 +66,61 @@ class Registry:
     host: str  # HOST:PORT, what skopeo's docker:// references take
     root: Path  # the storage directory
     log: Path
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
 
 def _answers(url: str) -> bool:
+    context = ssl._create_unverified_context() if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(f"{url}/v2/", timeout=1) as response:
+        with urllib.request.urlopen(f"{url}/v2/", timeout=1, context=context) as response:
             return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # up, and asking for credentials
     except (urllib.error.URLError, OSError):
         return False
 
 
 @contextlib.contextmanager
-def running_registry(workdir: Path, *, timeout: float = 30, address: str = "127.0.0.1") -> Iterator[Registry]:
+def running_registry(
+    workdir: Path,
+    *,
+    timeout: float = 30,
+    address: str = "127.0.0.1",
+    auth: str = "",
+    tls: tuple[Path, Path] | None = None,
+    storage: Path | None = None,
+) -> Iterator[Registry]:
     ensure_tools("docker-registry")
     workdir.mkdir(parents=True, exist_ok=True)
-    root = workdir / "storage"
+    root = storage or workdir / "storage"
     root.mkdir(exist_ok=True)
     port = free_port()
     config = workdir / "config.yml"
-    config.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 0.1
-            log:
-              level: info
-            storage:
-              filesystem:
-                rootdirectory: {root}
-              delete:
-                enabled: true
-            http:
-              addr: {address}:{port}
-            """
-        )
+    text = textwrap.dedent(
+        f"""\
+        version: 0.1
+        log:
+          level: info
+        storage:
+          filesystem:
+            rootdirectory: {root}
+          delete:
+            enabled: true
+        http:
+          addr: {address}:{port}
+        """
     )
+    if tls is not None:
+        text += f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n"
+    if auth:
+        text += "auth:\n" + textwrap.indent(textwrap.dedent(auth), "  ")
+    config.write_text(text)
     log = workdir / "registry.log"
-    registry = Registry(host=f"{address}:{port}", root=root, log=log)
+    registry = Registry(host=f"{address}:{port}", root=root, log=log, tls=tls is not None)
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
             ["docker-registry", "serve", str(config)],

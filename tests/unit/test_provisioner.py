@@ -23,6 +23,7 @@ from gateway.config import KubernetesDriverSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import CreatedSandbox, KubernetesDriverError, PodState, Snapshot
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
+from gateway.drivers.registry import RegistryError
 from gateway.provisioner import KubernetesProvisioner
 from gateway.store import Database, EventStore, SandboxStore, utcnow
 from tests.support.procs import child_env
@@ -34,9 +35,14 @@ SETTINGS = KubernetesDriverSettings.model_validate(
 
 @dataclass
 class FakeDriver:
-    """Builds the real pod spec (so its checks apply), then does what the test says."""
+    """Builds the real pod spec (so its checks apply), then does what the test says. A request
+    without a command gets its image's from ``image_commands``, as the real driver's registry
+    lookup would."""
 
     fail_with: BaseException | None = None
+    image_commands: dict[str, list[str]] = field(
+        default_factory=lambda: {"agent:1": ["/bin/agent", "--serve"]}
+    )
     delay: float = 0.0
     created: list[str] = field(default_factory=list)
     asked: list[str] = field(default_factory=list)
@@ -52,12 +58,26 @@ class FakeDriver:
 
     async def create(self, request: SandboxRequest) -> CreatedSandbox:
         self.asked.append(request.sandbox_id)
+        from_image = None
+        if not request.command:
+            image = request.image or "agent:1"
+            if image not in self.image_commands:
+                raise RegistryError(f"{image}: not found in registry", caller_fault=True)
+            request = SandboxRequest(request.sandbox_id, self.image_commands[image], image, request.env)
+            from_image = "sha256:" + "cd" * 32
         build_sandbox_pod(SETTINGS, request)
         await asyncio.sleep(self.delay)
         if self.fail_with is not None:
             raise self.fail_with
         self.created.append(request.sandbox_id)
-        return CreatedSandbox(request.sandbox_id, f"sandbox-{request.sandbox_id}", "uid-1", "ab" * 32)
+        return CreatedSandbox(
+            request.sandbox_id,
+            f"sandbox-{request.sandbox_id}",
+            "uid-1",
+            "ab" * 32,
+            command=tuple(request.command),
+            command_from_image=from_image,
+        )
 
     async def delete(self, sandbox_id: str, *, grace_s: int | None = None) -> bool:
         return self.pods.pop(sandbox_id, None) is not None
@@ -98,7 +118,12 @@ async def phase_becomes(store: SandboxStore, sandbox_id: str, phase: str) -> Non
 
 async def test_create_registers_the_sandbox_and_keeps_only_the_token_hash(store: SandboxStore) -> None:
     created = await provisioner(store, FakeDriver()).create("sb-1", ["sleep", "1"], image=None, env={})
-    assert created == {"id": "sb-1", "pod": "sandbox-sb-1", "namespace": "openshell-sandboxes"}
+    assert created == {
+        "id": "sb-1",
+        "pod": "sandbox-sb-1",
+        "namespace": "openshell-sandboxes",
+        "command": ["sleep", "1"],
+    }
     row = await store.get("sb-1")
     assert row is not None and row.driver == "kubernetes"
     assert row.spec == {"image": "agent:1", "command": ["sleep", "1"], "credential_sha256": "ab" * 32}
@@ -128,6 +153,8 @@ async def test_of_two_concurrent_creates_one_wins_and_its_row_survives(store: Sa
         (KubernetesDriverError("rejected (422 Invalid)", 422), 400),
         (KubernetesDriverError("refused (403 Forbidden)", 403), 502),
         (KubernetesDriverError("cannot reach the Kubernetes API"), 502),
+        (RegistryError("agent:1: not found in registry r", caller_fault=True), 400),
+        (RegistryError("registry r could not be reached", caller_fault=False), 502),
         (RuntimeError("a bug or a library surprise"), 502),
     ],
 )
@@ -203,7 +230,8 @@ async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore,
     app = build_api(sandboxes=store, events=EventStore(db), lost_after_s=60, provisioner=prov)
     bad: list[tuple[Any, str]] = [
         ({"id": "Bad_Id", "command": ["true"]}, "not a valid name"),
-        ({"id": "ok", "command": []}, "non-empty list"),
+        ({"id": "ok", "command": "true"}, "list of strings"),
+        ({"id": "ok", "command": ["sh", 1]}, "list of strings"),
         (
             {"id": "ok", "command": ["true"], "env": {"OPENSHELL_SUPERVISOR_OFFLINE__POLICY": "stop"}},
             "reserved",
@@ -266,7 +294,12 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
             options = ["--api", api, "--env", "MODE=fast", "--image", "agent:2"]
             code, out, err = await _cli("create", *options, "cli-1", "--", "sleep", "5")
             assert code == 0, err
-            expected = {"id": "cli-1", "pod": "sandbox-cli-1", "namespace": "openshell-sandboxes"}
+            expected = {
+                "id": "cli-1",
+                "pod": "sandbox-cli-1",
+                "namespace": "openshell-sandboxes",
+                "command": ["sleep", "5"],
+            }
             assert json.loads(out) == expected
             row = await store.get("cli-1")
             assert row is not None and row.spec is not None and row.spec["command"] == ["sleep", "5"]
@@ -276,8 +309,17 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
             assert code == 1 and "exists" in err
             code, _, err = await _cli("create", "--api", api, "--env", "NOEQUALS", "cli-2", "--", "true")
             assert code == 1 and "NAME=VALUE" in err
-            code, _, err = await _cli("create", "--api", api, "cli-2")
-            assert code == 1 and "command after --" in err
+            # No command: the image's own (its ENTRYPOINT and CMD, from the registry).
+            code, out, err = await _cli("create", "--api", api, "cli-2")
+            assert code == 0, err
+            assert json.loads(out)["command"] == ["/bin/agent", "--serve"]
+            row = await store.get("cli-2")
+            assert row is not None and row.spec is not None
+            assert row.spec["command"] == ["/bin/agent", "--serve"]
+            assert row.spec["command_from_image"] == "sha256:" + "cd" * 32
+            code, _, err = await _cli("create", "--api", api, "--image", "unknown:1", "cli-3")
+            assert code == 1 and "unknown:1: not found in registry" in err
+            assert await store.get("cli-3") is None
 
             driver.pods["cli-1"] = PodState("cli-1", "sandbox-cli-1", "Running")
             code, out, err = await _cli("delete", "cli-1", "--api", api)
