@@ -62,18 +62,6 @@ def without(verb: str, resource: str) -> list[dict[str, Any]]:
     return rules
 
 
-async def granted(call: Any) -> None:
-    """RBAC objects take effect within moments (the authorizer's caches): retry a call the identity
-    is granted until it goes through."""
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                await call()
-                return
-            except KubernetesDriverError:
-                await asyncio.sleep(0.3)
-
-
 async def test_create_watch_delete_with_only_the_documented_rbac(
     admin: Client, kubeconfig: Path, sandbox_ns: str, tmp_path: Path
 ) -> None:
@@ -86,7 +74,7 @@ async def test_create_watch_delete_with_only_the_documented_rbac(
             seen.append(state)
 
     try:
-        await granted(driver.states)
+        await kubeaccess.until_granted(driver.states)
         await driver.check_access()
         watcher = asyncio.create_task(follow())
         created = await driver.create(podspec.SandboxRequest("drv-1", ["sleep", "3600"]))
@@ -188,10 +176,10 @@ async def test_each_documented_verb_is_needed(
     try:
         # Wait until this identity's Role is in force (a granted call succeeds), then the one verb.
         if (verb, resource) == ("list", "pods"):
-            await granted(lambda: driver.get("nothing-here"))
+            await kubeaccess.until_granted(lambda: driver.get("nothing-here"))
         else:
-            await granted(driver.states)
-        await granted(full.states)
+            await kubeaccess.until_granted(driver.states)
+        await kubeaccess.until_granted(full.states)
         if (verb, resource) in (("delete", "pods"), ("delete", "secrets"), ("get", "pods")):
             await _create(full, sandbox_id)  # something to get or delete
 
@@ -230,7 +218,7 @@ async def test_the_longest_sandbox_id_fits_pod_and_secret(
     driver = KubernetesDriver(settings_for(identity, sandbox_ns))
     longest = "l" * podspec.MAX_SANDBOX_ID
     try:
-        await granted(driver.states)
+        await kubeaccess.until_granted(driver.states)
         await driver.create(podspec.SandboxRequest(longest, ["sleep", "1"]))
         assert admin.get(Secret, podspec.credential_secret_name(longest), namespace=sandbox_ns)
         assert await driver.delete(longest, grace_s=0)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,95 +26,22 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.drivers.imageref import BasicCredentials, ImageReference
 from gateway.drivers.registry import Platform, RegistryClient, RegistryError
-from tests.support import certs, images
+from tests.support import certs
+from tests.support.agentimages import Pushed, push_agent_images
 from tests.support.procs import free_port
-from tests.support.registry import Registry, ensure_tools, running_registry
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-@dataclass
-class Pushed:
-    registry: Registry
-    storage: Path
-    digests: dict[str, str] = field(default_factory=dict)  # tag -> manifest digest
-
-    def ref(self, tag: str, host: str | None = None) -> ImageReference:
-        return ImageReference.parse(f"{host or self.registry.host}/team/agent:{tag}")
-
-
-def _request(
-    url: str, *, method: str = "GET", body: bytes | None = None, headers: dict[str, str]
-) -> tuple[bytes, dict[str, str]]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.read(), dict(resp.headers)
+from tests.support.registry import ensure_tools, running_registry
 
 
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     ensure_tools("docker-registry", "skopeo", "umoci")
     work = tmp_path_factory.mktemp("lookup")
-    rootfs = work / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    (rootfs / "bin" / "agent").write_text("#!/bin/sh\n")
-    layout = work / "layout"
-    built = {
-        "1": images.build_from_dir(
-            layout, "1", rootfs, entrypoint=["/bin/agent", "--serve"], cmd=["--port", "80"]
-        ),
-        "cmd-only": images.build_from_dir(layout, "cmd-only", rootfs, cmd=["python3", "main.py"]),
-        "bare": images.build_from_dir(layout, "bare", rootfs),
-        "arm": images.build_from_dir(layout, "arm", rootfs, entrypoint=["/bin/agent-arm"]),
-    }
     with running_registry(work / "open") as reg:
-        result = Pushed(registry=reg, storage=reg.root)
-        for tag, source in built.items():
-            images.push(source, reg.host, "team/agent", tag)
-            body, headers = _request(
-                f"{reg.url}/v2/team/agent/manifests/{tag}", headers={"Accept": OCI_MANIFEST}
-            )
-            result.digests[tag] = headers["Docker-Content-Digest"]
-            # umoci leaves mediaType out of the manifest (optional in OCI): the type is the header's.
-            assert "mediaType" not in json.loads(body)
-            assert headers["Content-Type"] == OCI_MANIFEST
-        # A multi-platform index as buildx pushes one: two images and an attestation-like entry.
-        sizes = {
-            t: len(_request(f"{reg.url}/v2/team/agent/manifests/{t}", headers={"Accept": OCI_MANIFEST})[0])
-            for t in ("1", "arm")
-        }
-        index = {
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": result.digests["1"],
-                    "size": sizes["1"],
-                    "platform": {"os": "linux", "architecture": "amd64"},
-                },
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": result.digests["arm"],
-                    "size": sizes["arm"],
-                    "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"},
-                },
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": result.digests["bare"],
-                    "size": 0,
-                    "platform": {"os": "unknown", "architecture": "unknown"},
-                },
-            ],
-        }
-        _request(
-            f"{reg.url}/v2/team/agent/manifests/multi",
-            method="PUT",
-            body=json.dumps(index).encode(),
-            headers={"Content-Type": OCI_INDEX},
-        )
-        yield result
+        yield push_agent_images(reg, work)
+
+
+def ref(pushed: Pushed, tag: str, host: str | None = None) -> ImageReference:
+    return ImageReference.parse(pushed.reference(tag, host))
 
 
 def client(pushed: Pushed, platform: str = "linux/amd64", **kwargs: object) -> RegistryClient:
@@ -127,15 +52,15 @@ def client(pushed: Pushed, platform: str = "linux/amd64", **kwargs: object) -> R
 async def test_entrypoint_and_cmd_by_tag_and_by_digest(pushed: Pushed) -> None:
     reg = client(pushed)
     try:
-        by_tag = await reg.image_command(pushed.ref("1"))
+        by_tag = await reg.image_command(ref(pushed, "1"))
         assert by_tag.argv == ["/bin/agent", "--serve", "--port", "80"]
         assert by_tag.manifest_digest == pushed.digests["1"]
         by_digest = await reg.image_command(
             ImageReference.parse(f"{pushed.registry.host}/team/agent@{pushed.digests['1']}")
         )
         assert by_digest.argv == by_tag.argv
-        assert (await reg.image_command(pushed.ref("cmd-only"))).argv == ["python3", "main.py"]
-        bare = await reg.image_command(pushed.ref("bare"))
+        assert (await reg.image_command(ref(pushed, "cmd-only"))).argv == ["python3", "main.py"]
+        bare = await reg.image_command(ref(pushed, "bare"))
         assert bare.entrypoint == () and bare.cmd == ()
     finally:
         await reg.close()
@@ -148,7 +73,7 @@ async def test_entrypoint_and_cmd_by_tag_and_by_digest(pushed: Pushed) -> None:
 async def test_an_index_is_narrowed_to_the_platform(pushed: Pushed, platform: str, argv: list[str]) -> None:
     reg = client(pushed, platform)
     try:
-        found = await reg.image_command(pushed.ref("multi"))
+        found = await reg.image_command(ref(pushed, "multi"))
         assert found.argv == argv
         assert found.manifest_digest == pushed.digests["1" if platform == "linux/amd64" else "arm"]
     finally:
@@ -159,7 +84,7 @@ async def test_an_index_without_the_platform_says_what_it_offers(pushed: Pushed)
     reg = client(pushed, "linux/s390x")
     try:
         with pytest.raises(RegistryError) as caught:
-            await reg.image_command(pushed.ref("multi"))
+            await reg.image_command(ref(pushed, "multi"))
         assert caught.value.caller_fault
         assert "has no linux/s390x image (it offers: linux/amd64, linux/arm64/v8, unknown/unknown)" in str(
             caught.value
@@ -172,7 +97,7 @@ async def test_a_missing_tag_is_the_callers_to_fix(pushed: Pushed) -> None:
     reg = client(pushed)
     try:
         with pytest.raises(RegistryError) as caught:
-            await reg.image_command(pushed.ref("no-such-tag"))
+            await reg.image_command(ref(pushed, "no-such-tag"))
         assert caught.value.caller_fault
         assert f"{pushed.registry.host}/team/agent:no-such-tag: not found in registry" in str(caught.value)
     finally:
@@ -183,7 +108,7 @@ async def test_a_plain_http_registry_not_listed_is_named_in_the_error(pushed: Pu
     reg = client(pushed, plain_http=frozenset())
     try:
         with pytest.raises(RegistryError) as caught:
-            await reg.image_command(pushed.ref("1"))
+            await reg.image_command(ref(pushed, "1"))
         assert not caught.value.caller_fault
         assert "drivers.kubernetes.registry.plain_http" in str(caught.value)
     finally:
@@ -196,9 +121,9 @@ async def test_concurrent_lookups_share_one_request_and_the_result_is_cached(pus
     log = pushed.registry.log
     before = log.read_text().count(f"GET /v2/team/agent/manifests/{tag} ")
     try:
-        found = await asyncio.gather(*(reg.image_command(pushed.ref(tag)) for _ in range(20)))
+        found = await asyncio.gather(*(reg.image_command(ref(pushed, tag)) for _ in range(20)))
         assert {tuple(f.argv) for f in found} == {("python3", "main.py")}
-        await reg.image_command(pushed.ref(tag))  # from the cache
+        await reg.image_command(ref(pushed, tag))  # from the cache
     finally:
         await reg.close()
     await asyncio.sleep(0.2)  # the registry writes its access line after the response
@@ -208,15 +133,15 @@ async def test_concurrent_lookups_share_one_request_and_the_result_is_cached(pus
 async def test_tls_with_a_private_ca(pushed: Pushed, tmp_path: Path) -> None:
     pki = certs.make_pki(tmp_path / "pki")
     with running_registry(
-        tmp_path / "tls", tls=(pki.server.cert, pki.server.key), storage=pushed.storage
+        tmp_path / "tls", tls=(pki.server.cert, pki.server.key), storage=pushed.registry.root
     ) as reg:
         untrusted = RegistryClient(platform=Platform.parse("linux/amd64"))
         trusted = RegistryClient(platform=Platform.parse("linux/amd64"), ca_file=str(pki.ca))
         try:
             with pytest.raises(RegistryError) as caught:
-                await untrusted.image_command(pushed.ref("1", reg.host))
+                await untrusted.image_command(ref(pushed, "1", reg.host))
             assert "certificate verify failed" in str(caught.value)
-            assert (await trusted.image_command(pushed.ref("1", reg.host))).argv[0] == "/bin/agent"
+            assert (await trusted.image_command(ref(pushed, "1", reg.host))).argv[0] == "/bin/agent"
         finally:
             await untrusted.close()
             await trusted.close()
@@ -226,18 +151,18 @@ async def test_basic_credentials(pushed: Pushed, tmp_path: Path) -> None:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_bytes(b"puller:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)) + b"\n")
     auth = f"htpasswd:\n  realm: test\n  path: {htpasswd}\n"
-    with running_registry(tmp_path / "basic", auth=auth, storage=pushed.storage) as reg:
+    with running_registry(tmp_path / "basic", auth=auth, storage=pushed.registry.root) as reg:
         lookups = client(pushed, plain_http=frozenset({reg.host}))
         try:
             with pytest.raises(RegistryError) as anonymous:
-                await lookups.image_command(pushed.ref("1", reg.host))
+                await lookups.image_command(ref(pushed, "1", reg.host))
             assert anonymous.value.caller_fault and "HTTP 401) with no credentials" in str(anonymous.value)
             with pytest.raises(RegistryError) as wrong:
-                await lookups.image_command(pushed.ref("1", reg.host), BasicCredentials("puller", "nope"))
+                await lookups.image_command(ref(pushed, "1", reg.host), BasicCredentials("puller", "nope"))
             assert "with the pull secret's user 'puller'" in str(wrong.value)
             assert "nope" not in str(wrong.value)
             found = await lookups.image_command(
-                pushed.ref("1", reg.host), BasicCredentials("puller", "s3cret")
+                ref(pushed, "1", reg.host), BasicCredentials("puller", "s3cret")
             )
             assert found.argv == ["/bin/agent", "--serve", "--port", "80"]
         finally:
@@ -311,16 +236,16 @@ async def test_bearer_token_handshake(
         f"token:\n  realm: {service.url}\n  service: test-registry\n  issuer: test-issuer\n"
         f"  rootcertbundle: {pki.ca}\n"
     )
-    with running_registry(tmp_path / "token", auth=auth, storage=pushed.storage) as reg:
+    with running_registry(tmp_path / "token", auth=auth, storage=pushed.registry.root) as reg:
         lookups = client(pushed, plain_http=frozenset({reg.host}))
         try:
             with pytest.raises(RegistryError) as anonymous:
-                await lookups.image_command(pushed.ref("1", reg.host))
+                await lookups.image_command(ref(pushed, "1", reg.host))
             assert anonymous.value.caller_fault and "with no credentials" in str(anonymous.value)
             creds = BasicCredentials("puller", "s3cret")
-            first = await lookups.image_command(pushed.ref("1", reg.host), creds)
+            first = await lookups.image_command(ref(pushed, "1", reg.host), creds)
             assert first.argv == ["/bin/agent", "--serve", "--port", "80"]
-            other = await lookups.image_command(pushed.ref("cmd-only", reg.host), creds)
+            other = await lookups.image_command(ref(pushed, "cmd-only", reg.host), creds)
             assert other.argv == ["python3", "main.py"]
         finally:
             await lookups.close()

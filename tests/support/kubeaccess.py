@@ -5,10 +5,11 @@ into a kubeconfig of its own). Every function takes the cluster through a KUBECO
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,20 @@ def identity_with_rules(
     return token_kubeconfig(
         admin_kubeconfig, request_token(admin, name, namespace), path, namespace=namespace
     )
+
+
+async def until_granted(call: Callable[[], Awaitable[Any]]) -> None:
+    """RBAC objects take effect within moments (the authorizer's caches): retry a call the identity
+    is granted until it goes through."""
+    from gateway.drivers.kubernetes import KubernetesDriverError
+
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await call()
+                return
+            except KubernetesDriverError:
+                await asyncio.sleep(0.3)
 
 
 def wait_for(predicate: Any, *, timeout: float, what: str, detail: Any = None) -> Any:

@@ -28,7 +28,7 @@ import yaml
 
 from gateway import cli as gateway_cli
 from gateway.config import GatewayConfig
-from gateway.drivers.kubernetes import RBAC_RULES
+from gateway.drivers.kubernetes import RBAC_RULES, pull_secret_rule, rbac_rules
 from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod, selector_labels
 from openshell_wire.configfile import load_settings
 from tests.support import pss
@@ -151,6 +151,7 @@ def test_every_ci_values_file_is_here() -> None:
         "gvisor-values.yaml",
         "no-image-volume-values.yaml",
         "external-postgresql-values.yaml",
+        "private-registry-values.yaml",
     }
 
 
@@ -222,19 +223,37 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
 
 
 @pytest.mark.parametrize("name", CI_FILES)
-def test_role_has_exactly_the_drivers_verbs_and_nothing_is_cluster_wide(name: str) -> None:
+def test_role_has_exactly_the_drivers_verbs_and_nothing_is_cluster_wide(name: str, tmp_path: Path) -> None:
     objects = rendered(name)
     role = one(objects, "Role")
     verbs: dict[str, set[str]] = {}
+    by_name = []
     for rule in role["rules"]:
         assert rule["apiGroups"] == [""], rule
-        assert not rule.get("resourceNames"), rule
+        if rule.get("resourceNames"):
+            by_name.append(rule)
+            continue
         for resource in rule["resources"]:
             verbs.setdefault(resource, set()).update(rule["verbs"])
     assert verbs == SANDBOX_VERBS
     # ... which is what the driver declares it uses (and its live tests show each verb is needed).
     declared = {r: set(rule["verbs"]) for rule in RBAC_RULES for r in rule["resources"]}
     assert verbs == declared
+    # Reading pull Secrets is granted by name only, exactly as the driver's rules for its config say.
+    settings = load_config(objects, tmp_path).drivers.kubernetes
+
+    def canonical(rules: list[dict[str, list[str]]]) -> list[dict[str, list[str]]]:
+        return [{**rule, "verbs": sorted(rule["verbs"])} for rule in rules]
+
+    assert canonical(role["rules"]) == canonical(rbac_rules(settings))
+    assert by_name == (
+        [pull_secret_rule(settings.pod.image_pull_secrets)] if settings.pod.image_pull_secrets else []
+    )
+    if name == "private-registry-values.yaml":
+        assert by_name == [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["agents-pull"]}
+        ]
+        assert settings.registry.platform == "linux/arm64/v8"
     binding = one(objects, "RoleBinding")
     assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
     assert binding["roleRef"] == {

@@ -200,7 +200,12 @@ securityContext:
           "gateway_address" (include "openshell.gatewayAddress" .)
           "request_timeout_s" $v.sandboxes.requestTimeoutSeconds
           "supervisor" $supervisor
-          "pod" $podcfg))
+          "pod" $podcfg
+          "registry" (dict
+            "resolve_commands" $v.sandboxes.registry.resolveCommands
+            "platform" $v.sandboxes.registry.platform
+            "plain_http" $v.sandboxes.registry.plainHttp
+            "cache_ttl_s" $v.sandboxes.registry.cacheTtlSeconds)))
       "log_level" $v.gateway.logLevel
       "log_format" $v.gateway.logFormat -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy $v.gateway.extraConfig) -}}
