@@ -103,6 +103,14 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), {k.lower(): v for k, v in _CHALLENGE.findall(params)}
 
 
+def _identity(credentials: BasicCredentials | None) -> str:
+    """What caches are keyed by: a hash of the credentials (another password is another key, so a
+    rotated or wrong password never gets an answer obtained with the right one)."""
+    if credentials is None:
+        return ""
+    return hashlib.sha256(f"{credentials.username}\0{credentials.password}".encode()).hexdigest()
+
+
 def _sha256(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
@@ -128,7 +136,7 @@ class RegistryClient:
     _cache: OrderedDict[tuple[str, str], tuple[float, ImageCommand]] = field(
         default_factory=OrderedDict, init=False
     )
-    _inflight: dict[tuple[str, str], asyncio.Future[ImageCommand]] = field(default_factory=dict, init=False)
+    _inflight: dict[tuple[str, str], asyncio.Task[ImageCommand]] = field(default_factory=dict, init=False)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -140,8 +148,8 @@ class RegistryClient:
         return self._session
 
     async def close(self) -> None:
-        for future in self._inflight.values():
-            future.cancel()
+        for task in list(self._inflight.values()):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -150,35 +158,35 @@ class RegistryClient:
         self, ref: ImageReference, credentials: BasicCredentials | None = None
     ) -> ImageCommand:
         """ENTRYPOINT and CMD of ``ref`` for the configured platform."""
-        who = credentials.username if credentials else ""
-        key = (str(ref), who)
+        key = (str(ref), _identity(credentials))
         cached = self._cache.get(key)
         if cached is not None and cached[0] > self.clock():
             self._cache.move_to_end(key)
             return cached[1]
-        inflight = self._inflight.get(key)
-        if inflight is not None:
-            return await asyncio.shield(inflight)
-        future: asyncio.Future[ImageCommand] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            found = await self._look_up(ref, credentials)
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                future.set_exception(exc)
-                future.exception()  # retrieved here: waiters, if any, get it too
-            else:
-                future.cancel()
-            raise
-        else:
-            future.set_result(found)
-            ttl = float("inf") if ref.digest else self.cache_ttl_s
-            self._cache[key] = (self.clock() + ttl, found)
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-            return found
-        finally:
+        task = self._inflight.get(key)
+        if task is None:
+            # The lookup is a task of its own, not the first caller's: a caller that gives up
+            # (its request cancelled) does not fail the others waiting for the same image.
+            task = asyncio.create_task(self._look_up_and_keep(key, ref, credentials), name=f"registry {ref}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._settled(key, done))
+        return await asyncio.shield(task)
+
+    def _settled(self, key: tuple[str, str], task: asyncio.Task[ImageCommand]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: when every caller has gone, nobody else will
+
+    async def _look_up_and_keep(
+        self, key: tuple[str, str], ref: ImageReference, credentials: BasicCredentials | None
+    ) -> ImageCommand:
+        found = await self._look_up(ref, credentials)
+        ttl = float("inf") if ref.digest else self.cache_ttl_s
+        self._cache[key] = (self.clock() + ttl, found)
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return found
 
     async def _look_up(self, ref: ImageReference, credentials: BasicCredentials | None) -> ImageCommand:
         accept = (*INDEX_TYPES, *MANIFEST_TYPES)
@@ -290,8 +298,7 @@ class RegistryClient:
     ) -> tuple[bytes, str]:
         url = self._url(ref, tail)
         scope = f"repository:{ref.repository}:pull"
-        who = credentials.username if credentials else ""
-        token_key = (ref.api_host, scope, who)
+        token_key = (ref.api_host, scope, _identity(credentials))
         authorization: str | None = None
         token = self._tokens.get(token_key)
         if token is not None and token.expires > self.clock():

@@ -130,6 +130,19 @@ async def test_concurrent_lookups_share_one_request_and_the_result_is_cached(pus
     assert log.read_text().count(f"GET /v2/team/agent/manifests/{tag} ") - before == 1
 
 
+async def test_a_caller_that_gives_up_does_not_fail_the_others_waiting(pushed: Pushed) -> None:
+    reg = client(pushed, cache_ttl_s=0)
+    try:
+        first = asyncio.create_task(reg.image_command(ref(pushed, "1")))
+        second = asyncio.create_task(reg.image_command(ref(pushed, "1")))
+        await asyncio.sleep(0)  # both wait on the one lookup now
+        first.cancel()
+        assert (await second).argv == ["/bin/agent", "--serve", "--port", "80"]
+        assert first.cancelled()
+    finally:
+        await reg.close()
+
+
 async def test_tls_with_a_private_ca(pushed: Pushed, tmp_path: Path) -> None:
     pki = certs.make_pki(tmp_path / "pki")
     with running_registry(
@@ -165,6 +178,9 @@ async def test_basic_credentials(pushed: Pushed, tmp_path: Path) -> None:
                 ref(pushed, "1", reg.host), BasicCredentials("puller", "s3cret")
             )
             assert found.argv == ["/bin/agent", "--serve", "--port", "80"]
+            # The answer is cached for those credentials only: a wrong password after it is still refused.
+            with pytest.raises(RegistryError, match="HTTP 401"):
+                await lookups.image_command(ref(pushed, "1", reg.host), BasicCredentials("puller", "nope"))
         finally:
             await lookups.close()
 
