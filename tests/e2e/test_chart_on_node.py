@@ -1,15 +1,17 @@
 """The chart on a cluster whose node really runs pods: install it (migration hook, gateway, helm test),
 keep sandboxes off the HTTP API with the chart's NetworkPolicy, create a sandbox through the gateway,
-see it connect, cut it off with a NetworkPolicy, see it resume with every line once, run the
+see it connect, cut it off with a NetworkPolicy, see it resume with every line once, run a sandbox
+without a command (the image's ENTRYPOINT + CMD, read by the gateway pod from the registry), run the
 init-container fallback, uninstall.
 
 Where: any cluster through ``KUBECONFIG`` given our images and a database its pods reach
 (``OPENSHELL_TEST_GATEWAY_IMAGE``, ``OPENSHELL_TEST_SUPERVISOR_IMAGE``, ``OPENSHELL_TEST_DATABASE_URL``;
-``OPENSHELL_TEST_SANDBOX_IMAGE`` defaults to ``busybox:1.36``). Without ``KUBECONFIG``: a local cluster
-with one real node (``tests/support/kubenode.py``: kubelet, containerd + runc, kube-proxy, kube-router),
-whose registry gets images built here (the gateway's root filesystem from Debian and pip, the supervisor
-image from the bundle, a busybox sandbox) and whose pods reach a PostgreSQL started here. It skips with
-the reason where neither can be had.
+``OPENSHELL_TEST_SANDBOX_IMAGE`` defaults to ``busybox:1.36``; for the image-command test,
+``OPENSHELL_TEST_AGENT_IMAGE``, an image whose own command prints ``OPENSHELL_TEST_AGENT_LINE``).
+Without ``KUBECONFIG``: a local cluster with one real node (``tests/support/kubenode.py``: kubelet,
+containerd + runc, kube-proxy, kube-router), whose registry gets images built here (the gateway's root
+filesystem from Debian and pip, the supervisor image from the bundle, a busybox sandbox) and whose pods
+reach a PostgreSQL started here. It skips with the reason where neither can be had.
 
 Why the gateway restarts during the cut: NetworkPolicy implementations (kube-router, Calico, ...) let
 established connections be; a policy stops *new* ones. So the test applies the policy, then rolls the
@@ -59,6 +61,11 @@ class Target:
     supervisor_image: str
     sandbox_image: str
     database_url: str
+    #: An image whose ENTRYPOINT + CMD prints ``agent_line``, in a registry the gateway reaches (for
+    #: ours, ``agent_argv`` is that command); None: not tested.
+    agent_image: str | None = None
+    agent_line: str = ""
+    agent_argv: list[str] | None = None
     values: dict[str, Any] = field(default_factory=dict)  # cluster-specific chart values
 
 
@@ -84,6 +91,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
             wanted["supervisor"],
             os.environ.get("OPENSHELL_TEST_SANDBOX_IMAGE", "busybox:1.36"),
             wanted["database"],
+            # Any image whose ENTRYPOINT + CMD prints one line, and that line.
+            agent_image=os.environ.get("OPENSHELL_TEST_AGENT_IMAGE") or None,
+            agent_line=os.environ.get("OPENSHELL_TEST_AGENT_LINE", ""),
         )
         return
     # Only here: the bundle and the busybox root filesystem are built for the local cluster's images.
@@ -118,6 +128,9 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
                     openshelldeploy.chart_values(pushed),
                     _network_policy_values(cluster, pg.port),
                 ),
+                agent_image=pushed.agent,
+                agent_line=openshelldeploy.AGENT_LINE,
+                agent_argv=openshelldeploy.AGENT_ARGV,
             )
     except PostgresUnavailable as exc:
         pytest.skip(f"the gateway's database cannot run here: {exc}")
@@ -129,8 +142,9 @@ def _network_policy_values(cluster: kubenode.LocalCluster, pg_port: int) -> dict
     """The chart's NetworkPolicy on, with this cluster's peers: the API server and PostgreSQL listen on
     the host's end of the node's link, on ports of their own; the API server's service proxy (how
     this test reaches the HTTP API) comes from there too."""
-    assert cluster.network is not None and cluster.plane is not None
+    assert cluster.network is not None and cluster.plane is not None and cluster.registry is not None
     host = {"ipBlock": {"cidr": f"{cluster.network.host_ip}/32"}}
+    registry_port = int(cluster.registry.host.rsplit(":", 1)[1])
     return {
         "networkPolicy": {
             "enabled": True,
@@ -140,6 +154,8 @@ def _network_policy_values(cluster: kubenode.LocalCluster, pg_port: int) -> dict
             "apiServerPorts": [int(cluster.plane.server.rsplit(":", 1)[1])],
             "databaseTo": [host],
             "databasePort": pg_port,
+            # The registry, for the gateway's lookups of images' own commands (docs/helm.md).
+            "extraEgress": [{"to": [host], "ports": [{"port": registry_port, "protocol": "TCP"}]}],
         }
     }
 
@@ -383,6 +399,24 @@ def _exists(installed: Installed, pod_name: str) -> bool:
         return True
     except ApiError:
         return False
+
+
+def test_a_sandbox_without_a_command_runs_the_images_own(installed: Installed, target: Target) -> None:
+    """The gateway pod reads the image's ENTRYPOINT + CMD from the registry (through the chart's
+    NetworkPolicy) and the supervisor runs them."""
+    if target.agent_image is None:
+        pytest.skip("set OPENSHELL_TEST_AGENT_IMAGE and OPENSHELL_TEST_AGENT_LINE to test this on KUBECONFIG")
+    created = installed.call("POST", "/sandboxes", {"id": "own-command", "image": target.agent_image})
+    if target.agent_argv is not None:
+        assert created["command"] == target.agent_argv, created
+    assert created["command_from_image"].startswith("sha256:"), created
+    kubeaccess.wait_for(
+        lambda: installed.state("own-command") == "exited",
+        timeout=300,
+        what="the sandbox of the image's command",
+    )
+    assert _lines(installed, "own-command") == [target.agent_line]
+    installed.call("DELETE", "/sandboxes/own-command")
 
 
 # Last in this module: it upgrades the release the tests above share.

@@ -35,16 +35,28 @@ GATEWAY_IP = "10.96.200.10"  # no cluster DNS: the gateway Service gets this add
 IMAGE_CREATED = "2026-01-02T03:04:05Z"
 
 
+#: ENTRYPOINT (the first two) + CMD of the ``agent`` image, and the one line it prints.
+AGENT_LINE = "ran the command of the image"
+AGENT_ARGV = ["/bin/sh", "-c", f"echo {AGENT_LINE}"]
+
+
 @dataclass(frozen=True)
 class Images:
     gateway: str
     supervisor: str
     sandbox: str
+    #: busybox with an ENTRYPOINT and CMD of its own: a sandbox created without a command runs them.
+    agent: str
+
+    @property
+    def registry(self) -> str:
+        return self.sandbox.split("/", 1)[0]
 
 
 def push_images(registry: str, *, bundle: Path, sandbox_rootfs: Path, tag: str) -> Images:
     """Build the gateway, supervisor and busybox sandbox images and push them to ``registry`` as
-    ``openshell/gateway:TAG``, ``openshell/supervisor:TAG`` and ``busybox:TAG``."""
+    ``openshell/gateway:TAG``, ``openshell/supervisor:TAG``, ``busybox:TAG`` and ``busybox:TAG-agent``
+    (with ``AGENT_ARGV`` as ENTRYPOINT + CMD)."""
     with tempfile.TemporaryDirectory(prefix="openshell-images-") as tmp:
         layout = Path(tmp) / "oci"
         gateway = images.build_from_dir(
@@ -59,6 +71,9 @@ def push_images(registry: str, *, bundle: Path, sandbox_rootfs: Path, tag: str) 
         )
         # Like any busybox image: PATH set (runc looks the `helm test` pod's `wget` up in it).
         sandbox = images.build_from_dir(layout, "busybox", sandbox_rootfs, env=["PATH=/bin"])
+        agent = images.build_from_dir(
+            layout, "agent", sandbox_rootfs, entrypoint=AGENT_ARGV[:2], cmd=AGENT_ARGV[2:], env=["PATH=/bin"]
+        )
         supervisor_layout = Path(tmp) / "supervisor"
         oci.build_image(
             bundle, supervisor_layout, version="0.1.0", revision="0" * 40, created=IMAGE_CREATED, tag=tag
@@ -67,6 +82,7 @@ def push_images(registry: str, *, bundle: Path, sandbox_rootfs: Path, tag: str) 
             gateway=images.push(gateway, registry, "openshell/gateway", tag),
             supervisor=images.push(f"oci:{supervisor_layout}:{tag}", registry, "openshell/supervisor", tag),
             sandbox=images.push(sandbox, registry, "busybox", tag),
+            agent=images.push(agent, registry, "busybox", f"{tag}-agent"),
         )
 
 
@@ -77,6 +93,8 @@ def chart_values(pushed: Images) -> dict[str, Any]:
         "sandboxes": {
             "gatewayAddress": f"{GATEWAY_IP}:7070",
             "supervisor": {"image": kubeaccess.image_values(pushed.supervisor)},
+            # The local registry speaks plain HTTP: for the lookup of images' own commands.
+            "registry": {"plainHttp": [pushed.registry]},
         },
         "tests": {"image": pushed.sandbox},  # busybox: the `helm test` pod needs wget
     }
