@@ -75,10 +75,17 @@ def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
 
 
 def _run_supervisor(
-    bwrap: str, rootfs: Path, bundle: Path, *, journal: Path, gateway: GatewayProcess, command: Sequence[str]
+    bwrap: str,
+    rootfs: Path,
+    bundle: Path,
+    *,
+    journal: Path,
+    gateway: GatewayProcess,
+    command: Sequence[str],
+    extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     argv = [
-        *_sandbox(bwrap, rootfs, bundle, "--bind", str(journal), "/journal", share_net=True),
+        *_sandbox(bwrap, rootfs, bundle, "--bind", str(journal), "/journal", *extra, share_net=True),
         MOUNT, "run",
         "--sandbox-id", "bundle-sb",
         "--gateway", gateway.address,
@@ -108,6 +115,28 @@ def test_bundle_supervises_a_busybox_main_process(
     exits = [e for e in gateway.events("bundle-sb", "lifecycle") if (e["data"] or {}).get("kind") == "exited"]
     assert len(exits) == 1 and exits[0]["data"]["exit_code"] == 3, exits
     assert gateway.query("SELECT exit_code FROM sandboxes WHERE id = 'bundle-sb'") == [(3,)]
+
+
+def test_the_main_process_gets_the_containers_environment_not_the_bundles(
+    bwrap: str, rootfs: Path, bundle: Path, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """The bootloaders put the unpacked libraries on LD_LIBRARY_PATH and add _PYI_*/STATICX_*
+    variables: none of it may reach the sandbox's programs (they would load our libraries)."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    command = ["/bin/sh", "-c", "env | grep -E '^(LD_|_PYI|_MEI|STATICX|AGENT)' | sort"]
+    result = _run_supervisor(
+        bwrap,
+        rootfs,
+        bundle,
+        journal=journal,
+        gateway=gateway,
+        command=command,
+        extra=["--setenv", "LD_LIBRARY_PATH", "/usr/local/nvidia/lib64", "--setenv", "AGENT_MODE", "fast"],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    wait_until(lambda: len(gateway.log_lines("bundle-sb")) >= 2, timeout=10, what="the env lines stored")
+    assert gateway.log_lines("bundle-sb") == ["AGENT_MODE=fast", "LD_LIBRARY_PATH=/usr/local/nvidia/lib64"]
 
 
 def test_the_bundle_installs_a_copy_of_itself(bundle: Path, tmp_path: Path) -> None:
