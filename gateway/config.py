@@ -231,6 +231,11 @@ class RegistrySettings(_Section):
         default_factory=list,
         description="Registry hosts (host[:port]) spoken to over plain HTTP instead of HTTPS.",
     )
+    allowed: list[str] = Field(
+        default_factory=list,
+        description="Registry hosts lookups may go to (globs such as *.example.com); empty: any. A request "
+        "naming an image elsewhere is refused (the gateway would otherwise fetch from any host it is given).",
+    )
     ca_file: Path | None = Field(
         None, description="PEM CA bundle for registries' certificates; unset: the system's."
     )

@@ -103,13 +103,19 @@ class KubernetesProvisioner:
             if isinstance(exc, KubernetesDriverError):
                 raise ProvisionError(_status(exc), str(exc)) from None
             if isinstance(exc, RegistryError):
-                raise ProvisionError(400 if exc.caller_fault else 502, str(exc)) from None
+                status = 400 if exc.caller_fault else 503 if exc.busy else 502
+                raise ProvisionError(status, str(exc)) from None
             if isinstance(exc, Exception):
                 log.exception("sandbox %s: the Kubernetes driver failed unexpectedly", sandbox_id)
                 raise ProvisionError(502, f"the Kubernetes driver failed: {exc!r}") from None
             raise
         # Kept for the credential check of the auth milestone: the hash, never the token.
-        spec = {**spec, "command": list(created.command), "credential_sha256": created.credential_sha256}
+        spec = {
+            **spec,
+            "image": created.image or spec["image"],
+            "command": list(created.command),
+            "credential_sha256": created.credential_sha256,
+        }
         if created.command_from_image:
             spec["command_from_image"] = created.command_from_image
         await self.sandboxes.set_spec(sandbox_id, spec)
@@ -120,6 +126,7 @@ class KubernetesProvisioner:
             "command": list(created.command),
         }
         if created.command_from_image:
+            answer["image"] = spec["image"]
             answer["command_from_image"] = created.command_from_image
         return answer
 

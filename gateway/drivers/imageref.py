@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import json
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
-#: Keys Docker Hub's credentials are found under in a docker config (``docker login`` writes the first).
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+#: The kubelet's key of ``docker login``'s ``https://index.docker.io/v1/``: Docker Hub's fallback.
+DOCKER_HUB_INDEX = "index.docker.io"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -62,6 +64,8 @@ class ImageReference:
                 raise ImageReferenceError(f"image reference {text!r}: {registry!r} is not a registry host")
         else:
             registry, repository = DOCKER_HUB, rest
+        if registry == DOCKER_HUB_INDEX:  # distribution's reference package says docker.io for both
+            registry = DOCKER_HUB
         if registry == DOCKER_HUB and "/" not in repository:
             repository = f"library/{repository}"
         if not _REPOSITORY.match(repository):
@@ -110,15 +114,31 @@ class DockerConfigError(ValueError):
     """A pull secret's docker config cannot be read; the message names the problem, not the secret."""
 
 
-def _host_of(key: str) -> str:
-    """A docker config ``auths`` key (a host, or a URL as old clients wrote them) as host[:port]."""
-    host = re.sub(r"^[a-z]+://", "", key.strip()).split("/", 1)[0]
-    return host.lower()
+@dataclass(frozen=True)
+class CredentialEntry:
+    """One ``auths`` entry, keyed as the kubelet keys it: host[:port] and an optional path, the
+    scheme and a ``/v1/`` or ``/v2/`` prefix of the path dropped; the host may hold globs."""
+
+    key: str
+    credentials: BasicCredentials
 
 
-def parse_docker_config(raw: bytes, *, legacy: bool = False) -> dict[str, BasicCredentials]:
-    """Credentials by registry host from ``.dockerconfigjson`` (``{"auths": {...}}``) or, with
-    ``legacy``, ``.dockercfg`` (the map itself)."""
+def kubelet_key(location: str) -> str:
+    """The kubelet's key for a docker config location (``https://index.docker.io/v1/`` -> ``index.docker.io``,
+    ``quay.io/org-a`` -> ``quay.io/org-a``)."""
+    value = location.strip()
+    if not value.startswith(("https://", "http://")):
+        value = "https://" + value
+    parsed = urllib.parse.urlsplit(value)
+    path = parsed.path
+    if path.startswith(("/v2/", "/v1/")):
+        path = path[3:]
+    return parsed.netloc + path if path and path != "/" else parsed.netloc
+
+
+def docker_config_entries(raw: bytes, *, legacy: bool = False) -> list[CredentialEntry]:
+    """Every usable entry of ``.dockerconfigjson`` (``{"auths": {...}}``) or, with ``legacy``,
+    ``.dockercfg`` (the map itself), in the file's order."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -126,29 +146,60 @@ def parse_docker_config(raw: bytes, *, legacy: bool = False) -> dict[str, BasicC
     auths = doc if legacy else (doc.get("auths") if isinstance(doc, dict) else None)
     if not isinstance(auths, dict):
         raise DockerConfigError('no "auths" object')
-    found: dict[str, BasicCredentials] = {}
-    for key, entry in auths.items():
+    found: list[CredentialEntry] = []
+    for location, entry in auths.items():
         if not isinstance(entry, dict):
-            raise DockerConfigError(f"the entry for {key!r} is not an object")
+            raise DockerConfigError(f"the entry for {location!r} is not an object")
         username, password = entry.get("username"), entry.get("password")
-        if isinstance(entry.get("auth"), str) and entry["auth"]:
+        if isinstance(entry.get("auth"), str) and entry["auth"].strip():
             try:
-                decoded = base64.b64decode(entry["auth"], validate=True).decode()
+                # Go's decoder, which the kubelet uses, takes the value wrapped over lines too.
+                decoded = base64.b64decode("".join(entry["auth"].split()), validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
-                raise DockerConfigError(f'the "auth" of {key!r} is not base64 of user:password') from None
+                raise DockerConfigError(
+                    f'the "auth" of {location!r} is not base64 of user:password'
+                ) from None
             username, sep, password = decoded.partition(":")
             if not sep:
-                raise DockerConfigError(f'the "auth" of {key!r} has no ":" between user and password')
+                raise DockerConfigError(f'the "auth" of {location!r} has no ":" between user and password')
         if isinstance(username, str) and isinstance(password, str) and username:
-            found[_host_of(key)] = BasicCredentials(username, password)
+            found.append(CredentialEntry(kubelet_key(location), BasicCredentials(username, password)))
     return found
 
 
-def credentials_for(ref: ImageReference, known: Mapping[str, BasicCredentials]) -> BasicCredentials | None:
-    """The credentials a docker config holds for ``ref``'s registry (Docker Hub under any of its names)."""
-    keys = DOCKER_HUB_KEYS if ref.registry == DOCKER_HUB else (ref.registry,)
-    for key in keys:
-        found = known.get(_host_of(key))
-        if found is not None:
-            return found
-    return None
+def _split(schemeless: str) -> tuple[list[str], str, str]:
+    """Host parts, port and path of ``host[:port][/path]``."""
+    parsed = urllib.parse.urlsplit("https://" + schemeless)
+    host, port = parsed.netloc, ""
+    if ":" in host and not host.endswith("]"):
+        host, port = host.rsplit(":", 1)
+    return host.split("."), port, parsed.path
+
+
+def key_matches(key: str, target: str) -> bool:
+    """The kubelet's match of a credential key (globs in host parts, e.g. ``*.gcr.io``) against an
+    image's ``registry/repository``: same port, same number of host parts, each matching, and the
+    key's path a prefix of the image's."""
+    key_parts, key_port, key_path = _split(key)
+    parts, port, path = _split(target)
+    if key_port != port or len(key_parts) != len(parts) or not path.startswith(key_path):
+        return False
+    return all(fnmatch.fnmatchcase(part, glob) for glob, part in zip(key_parts, parts, strict=True))
+
+
+def candidate_credentials(ref: ImageReference, entries: Sequence[CredentialEntry]) -> list[BasicCredentials]:
+    """Every credential the kubelet would try for ``ref``, in its order: the most specific key first
+    (keys sorted in reverse), entries of one key in the order given; for Docker Hub images, the
+    ``index.docker.io`` entries when nothing else matched."""
+    by_key: dict[str, list[BasicCredentials]] = {}
+    for entry in entries:
+        by_key.setdefault(entry.key, []).append(entry.credentials)
+    target = f"{ref.registry}/{ref.repository}"
+    found = [c for key in sorted(by_key, reverse=True) if key_matches(key, target) for c in by_key[key]]
+    if not found and ref.registry == DOCKER_HUB:
+        found = list(by_key.get(DOCKER_HUB_INDEX, []))
+    unique: list[BasicCredentials] = []
+    for credentials in found:
+        if credentials not in unique:
+            unique.append(credentials)
+    return unique

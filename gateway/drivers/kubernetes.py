@@ -30,11 +30,12 @@ from lightkube.resources.core_v1 import Pod, Secret
 from gateway.config import KubernetesDriverSettings
 from gateway.drivers.imageref import (
     BasicCredentials,
+    CredentialEntry,
     DockerConfigError,
     ImageReference,
     ImageReferenceError,
-    credentials_for,
-    parse_docker_config,
+    candidate_credentials,
+    docker_config_entries,
 )
 from gateway.drivers.podspec import (
     ANNOTATION_IMAGE_MANIFEST,
@@ -48,7 +49,7 @@ from gateway.drivers.podspec import (
     pod_name,
     selector_labels,
 )
-from gateway.drivers.registry import ImageCommand, Platform, RegistryClient
+from gateway.drivers.registry import ImageCommand, Platform, RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class CreatedSandbox:
     pod_uid: str
     #: sha256 of the bearer token written into the sandbox's Secret; the token itself is not kept.
     credential_sha256: str
+    #: The image the pod runs (pinned to a digest when the command came from it; None: the default).
+    image: str | None = None
     #: The command run under the supervisor: the request's, or the image's ENTRYPOINT + CMD.
     command: tuple[str, ...] = ()
     #: The manifest digest the command was read from, when it came from the image.
@@ -205,57 +208,81 @@ class KubernetesDriver:
             self._registry = RegistryClient(
                 platform=Platform.parse(r.platform),
                 plain_http=frozenset(r.plain_http),
+                allowed=tuple(r.allowed),
                 ca_file=str(r.ca_file) if r.ca_file else None,
                 timeout_s=r.timeout_s,
                 cache_ttl_s=r.cache_ttl_s,
             )
         return self._registry
 
-    async def pull_credentials(self, ref: ImageReference) -> BasicCredentials | None:
-        """The first of the pod's pull Secrets holding credentials for ``ref``'s registry, read as
-        the kubelet reads them. One that cannot be read is logged and skipped, as the kubelet does;
-        the registry's refusal then says which credentials were used."""
+    async def pull_credentials(self, ref: ImageReference) -> tuple[list[BasicCredentials], list[str]]:
+        """Every credential the kubelet would try for ``ref`` from the pod's pull Secrets (all of
+        them, merged as the kubelet merges them; the most specific key first), and a note for each
+        Secret that could not be read (skipped, as the kubelet skips it)."""
+        entries: list[CredentialEntry] = []
+        notes: list[str] = []
         for name in self._settings.pod.image_pull_secrets:
             try:
                 with self._explained("get", "secrets"):
                     secret = await self.client.get(Secret, name, namespace=self.namespace)
             except KubernetesDriverError as exc:
-                log.warning("pull Secret %s not read: %s", name, exc)
+                notes.append(f"pull Secret {name!r} could not be read: {exc}")
                 continue
             data = secret.data or {}
             legacy = ".dockerconfigjson" not in data
             key = ".dockercfg" if legacy else ".dockerconfigjson"
             if key not in data:
-                log.warning("pull Secret %s has neither .dockerconfigjson nor .dockercfg", name)
+                notes.append(f"pull Secret {name!r} has neither .dockerconfigjson nor .dockercfg")
                 continue
             try:
-                found = credentials_for(ref, parse_docker_config(base64.b64decode(data[key]), legacy=legacy))
+                entries += docker_config_entries(base64.b64decode(data[key]), legacy=legacy)
             except (DockerConfigError, ValueError) as exc:
-                log.warning("pull Secret %s: %s: %s", name, key, exc)
-                continue
-            if found is not None:
-                return found
-        return None
+                notes.append(f"pull Secret {name!r}: {key}: {exc}")
+        for note in notes:
+            log.warning("%s", note)
+        return candidate_credentials(ref, entries), notes
 
     async def image_command(self, image: str) -> ImageCommand:
-        """ENTRYPOINT and CMD of ``image``, read from its registry."""
+        """ENTRYPOINT and CMD of ``image``, read from its registry with each matching credential in
+        turn (the next when the registry refuses one), or anonymously when none matches."""
         try:
             ref = ImageReference.parse(image)
         except ImageReferenceError as exc:
             raise PodSpecError(str(exc)) from None
-        return await self.registry.image_command(ref, await self.pull_credentials(ref))
+        candidates, notes = await self.pull_credentials(ref)
+        refusal: RegistryError | None = None
+        tries: list[BasicCredentials | None] = [*candidates] or [None]
+        for credentials in tries:
+            try:
+                return await self.registry.image_command(ref, credentials)
+            except RegistryError as exc:
+                if not exc.refused:
+                    raise
+                refusal = exc
+        assert refusal is not None
+        if len(candidates) > 1:
+            refusal.args = (f"{refusal} (each of the {len(candidates)} matching credentials was refused)",)
+        if notes:
+            refusal.args = (f"{refusal}; {'; '.join(notes)}",)
+        raise refusal
 
     async def _with_command(self, request: SandboxRequest) -> tuple[SandboxRequest, ImageCommand | None]:
-        """The request with the image's own command when it names none."""
-        if request.command:
-            return request, None
-        image = request.image or self._settings.pod.default_image
-        if not image or not self._settings.registry.resolve_commands:
+        """The request with the image's own command when it names none, and its image pinned to the
+        digest the command was read from (a tag that moves later cannot pair the old command with
+        a new image)."""
+        if request.command or not self._settings.registry.resolve_commands:
             return request, None  # build_sandbox_pod says what is missing
+        image = request.image or self._settings.pod.default_image
+        if not image:
+            raise PodSpecError(
+                "the request names neither a command nor an image, and drivers.kubernetes.pod.default_image "
+                "is not set"
+            )
         found = await self.image_command(image)
         if not found.argv:
             raise PodSpecError(f"image {found.image} has neither ENTRYPOINT nor CMD: name the command to run")
-        return replace(request, command=found.argv), found
+        pinned = image if "@" in image else f"{image}@{found.digest}"
+        return replace(request, command=found.argv, image=pinned), found
 
     async def create(self, request: SandboxRequest) -> CreatedSandbox:
         request, from_image = await self._with_command(request)
@@ -288,6 +315,7 @@ class KubernetesDriver:
             pod_name=pod_obj["metadata"]["name"],
             pod_uid=uid,
             credential_sha256=hashlib.sha256(token.encode()).hexdigest(),
+            image=request.image,
             command=tuple(request.command),
             command_from_image=from_image.manifest_digest if from_image else None,
         )

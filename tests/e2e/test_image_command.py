@@ -30,6 +30,8 @@ from tests.support.registry import ensure_tools, running_registry
 
 pytestmark = pytest.mark.timeout(600)
 PULL_SECRET = "agents-pull"
+#: A second pull Secret for the same registry: the first holds a password rotated away since.
+ROTATED_SECRET = "agents-pull-rotated"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def settings_for(kubeconfig: Path, namespace: str, registry_host: str) -> Kubern
             "gateway_address": "openshell-gateway.openshell.svc:7070",
             "request_timeout_s": 20,
             "supervisor": {"image": "registry.invalid/openshell-supervisor:0.1.0"},
-            "pod": {"image_pull_secrets": [PULL_SECRET]},
+            "pod": {"image_pull_secrets": [ROTATED_SECRET, PULL_SECRET]},
             "registry": {"plain_http": [registry_host], "cache_ttl_s": 0},
         }
     )
@@ -90,6 +92,7 @@ async def test_the_image_command_is_read_with_the_pull_secret_granted_by_name(
     kubeaccess.create_objects(
         admin,
         [
+            docker_config_secret(ROTATED_SECRET, host, "puller", "rotated-away"),
             docker_config_secret(PULL_SECRET, host, "puller", "s3cret"),
             docker_config_secret("not-for-the-gateway", host, "other", "x"),
         ],
@@ -100,17 +103,21 @@ async def test_the_image_command_is_read_with_the_pull_secret_granted_by_name(
         "apiGroups": [""],
         "resources": ["secrets"],
         "verbs": ["get"],
-        "resourceNames": [PULL_SECRET],
+        "resourceNames": [ROTATED_SECRET, PULL_SECRET],
     }
     identity = kubeaccess.identity_with_rules(admin, kubeconfig, sandbox_ns, rules, tmp_path / "kc")
     driver = KubernetesDriver(settings_for(identity, sandbox_ns, host))
     try:
         await kubeaccess.until_granted(driver.states)
+        # Both Secrets' credentials match; the first is refused, the second works (as the kubelet tries them).
         created = await driver.create(podspec.SandboxRequest("img-1", [], image=private.reference("1")))
         assert created.command == tuple(ARGV["1"])
         assert created.command_from_image == private.digests["1"]
+        pinned = f"{private.reference('1')}@{private.digests['1']}"
+        assert created.image == pinned
         pod = admin.get(Pod, "sandbox-img-1", namespace=sandbox_ns)
         assert pod.spec is not None and pod.metadata is not None and pod.metadata.annotations is not None
+        assert pod.spec.containers[0].image == pinned, "the pod runs the image the command was read from"
         command = pod.spec.containers[0].command or []
         assert command[0] == podspec.SUPERVISOR_BIN
         assert command[command.index("--") + 1 :] == ARGV["1"], command
@@ -119,10 +126,12 @@ async def test_the_image_command_is_read_with_the_pull_secret_granted_by_name(
         # An index narrowed to linux/amd64; a request's own command is never replaced.
         multi = await driver.create(podspec.SandboxRequest("img-2", [], image=private.reference("multi")))
         assert multi.command == tuple(ARGV["multi"]) and multi.command_from_image == private.digests["1"]
+        assert multi.image == f"{private.reference('multi')}@{private.digests['multi']}"
         own = await driver.create(
             podspec.SandboxRequest("img-3", ["sleep", "1"], image=private.reference("1"))
         )
         assert own.command == ("sleep", "1") and own.command_from_image is None
+        assert own.image == private.reference("1"), "a request's own command leaves its image as given"
 
         with pytest.raises(PodSpecError, match="has neither ENTRYPOINT nor CMD"):
             await driver.create(podspec.SandboxRequest("img-4", [], image=private.reference("bare")))
@@ -151,6 +160,9 @@ async def test_without_the_secret_rule_the_registry_refusal_says_no_credentials(
         assert caught.value.caller_fault
         assert "HTTP 401) with no credentials" in str(caught.value)
         assert "image_pull_secrets" in str(caught.value)
+        # Why no credentials were used is in the answer, not only in the gateway's log.
+        assert f"pull Secret {ROTATED_SECRET!r} could not be read" in str(caught.value)
+        assert "403 Forbidden" in str(caught.value)
         assert await driver.get("img-5") is None, "no pod without a command"
     finally:
         await driver.close()

@@ -75,6 +75,7 @@ async def test_an_index_is_narrowed_to_the_platform(pushed: Pushed, platform: st
     try:
         found = await reg.image_command(ref(pushed, "multi"))
         assert found.argv == argv
+        assert found.digest == pushed.digests["multi"], "the index's digest: what the pod is pinned to"
         assert found.manifest_digest == pushed.digests["1" if platform == "linux/amd64" else "arm"]
     finally:
         await reg.close()
@@ -86,7 +87,7 @@ async def test_an_index_without_the_platform_says_what_it_offers(pushed: Pushed)
         with pytest.raises(RegistryError) as caught:
             await reg.image_command(ref(pushed, "multi"))
         assert caught.value.caller_fault
-        assert "has no linux/s390x image (it offers: linux/amd64, linux/arm64/v8, unknown/unknown)" in str(
+        assert "has no linux/s390x image (it offers: linux/amd64, linux/arm64, unknown/unknown)" in str(
             caught.value
         )
     finally:
@@ -128,6 +129,78 @@ async def test_concurrent_lookups_share_one_request_and_the_result_is_cached(pus
         await reg.close()
     await asyncio.sleep(0.2)  # the registry writes its access line after the response
     assert log.read_text().count(f"GET /v2/team/agent/manifests/{tag} ") - before == 1
+
+
+async def test_a_config_of_a_mebibyte_is_read_whole(pushed: Pushed) -> None:
+    reg = client(pushed)
+    try:
+        found = await reg.image_command(ref(pushed, "big"))
+        assert found.argv == ["/bin/agent"] and found.digest == pushed.digests["big"]
+    finally:
+        await reg.close()
+
+
+async def test_an_expired_tag_is_checked_with_a_head_and_reused_if_unchanged(pushed: Pushed) -> None:
+    reg = client(pushed, cache_ttl_s=0)
+    log = pushed.registry.log
+    tag = "arm"
+
+    def requests(method: str) -> int:
+        return log.read_text().count(f'"{method} /v2/team/agent/manifests/{tag} ')
+
+    before = requests("GET"), requests("HEAD")
+    try:
+        first = await reg.image_command(ref(pushed, tag))
+        second = await reg.image_command(ref(pushed, tag))
+        assert second == first
+    finally:
+        await reg.close()
+    await asyncio.sleep(0.2)  # the registry writes its access line after the response
+    assert (requests("GET") - before[0], requests("HEAD") - before[1]) == (1, 1)
+
+
+async def test_registries_outside_the_allowed_list_are_refused(pushed: Pushed) -> None:
+    reg = client(pushed, allowed=("*.example.com",))
+    try:
+        with pytest.raises(RegistryError) as caught:
+            await reg.image_command(ref(pushed, "1"))
+        assert caught.value.caller_fault
+        assert "is not in drivers.kubernetes.registry.allowed (*.example.com)" in str(caught.value)
+    finally:
+        await reg.close()
+    reg = client(pushed, allowed=("127.0.0.*:*",))
+    try:
+        assert (await reg.image_command(ref(pushed, "1"))).argv[0] == "/bin/agent"
+    finally:
+        await reg.close()
+
+
+async def test_rate_limits_are_the_registrys_not_the_callers() -> None:
+    """docker-registry never rate-limits, so this one answer comes from a stand-in: Docker Hub's 429."""
+
+    async def limited(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"errors": [{"code": "TOOMANYREQUESTS", "message": "You have reached your pull rate limit."}]},
+            status=429,
+            headers={"Retry-After": "42"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/v2/{tail:.*}", limited)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    host = f"127.0.0.1:{port}"
+    reg = RegistryClient(platform=Platform.parse("linux/amd64"), plain_http=frozenset({host}))
+    try:
+        with pytest.raises(RegistryError) as caught:
+            await reg.image_command(ImageReference.parse(f"{host}/team/agent:1"))
+        assert not caught.value.caller_fault and caught.value.busy
+        assert "HTTP 429" in str(caught.value) and "retry after 42 s" in str(caught.value)
+    finally:
+        await reg.close()
+        await runner.cleanup()
 
 
 async def test_a_caller_that_gives_up_does_not_fail_the_others_waiting(pushed: Pushed) -> None:

@@ -1,10 +1,10 @@
 """Small agent images with known ENTRYPOINT and CMD in a real registry, for the image-command lookups.
 
 ``push_agent_images`` builds four single-layer images with umoci (``team/agent:1`` with both,
-``:cmd-only``, ``:bare`` with neither, ``:arm`` with another entrypoint), pushes them with skopeo
-to an open registry, and adds ``:multi``, a multi-platform OCI index as buildx pushes one (amd64,
-arm64/v8 and an attestation-like unknown/unknown entry). Registries that ask for credentials can
-then serve the same storage (``running_registry(storage=...)``).
+``:cmd-only``, ``:bare`` with neither, ``:arm`` with another entrypoint, ``:big`` with a config of
+about 1 MiB), pushes them with skopeo to an open registry, and adds ``:multi``, a multi-platform OCI
+index as buildx pushes one (amd64, arm64 and an attestation-like unknown/unknown entry). Registries
+that ask for credentials can then serve the same storage (``running_registry(storage=...)``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ ARGV = {
     "bare": [],
     "arm": ["/bin/agent-arm"],
     "multi": ["/bin/agent", "--serve", "--port", "80"],
+    "big": ["/bin/agent"],
 }
+#: Environment entries of ``:big``, whose config (about 1 MiB) arrives in many reads.
+BIG_ENV = [f"VAR_{i:05d}={'x' * 300}" for i in range(3400)]
 
 
 @dataclass
@@ -57,6 +60,7 @@ def push_agent_images(registry: Registry, workdir: Path) -> Pushed:
         "cmd-only": images.build_from_dir(layout, "cmd-only", rootfs, cmd=ARGV["cmd-only"]),
         "bare": images.build_from_dir(layout, "bare", rootfs),
         "arm": images.build_from_dir(layout, "arm", rootfs, entrypoint=ARGV["arm"]),
+        "big": images.build_from_dir(layout, "big", rootfs, entrypoint=ARGV["big"], env=BIG_ENV),
     }
     pushed = Pushed(registry=registry)
     sizes: dict[str, int] = {}
@@ -85,7 +89,8 @@ def push_agent_images(registry: Registry, workdir: Path) -> Pushed:
         "mediaType": OCI_INDEX,
         "manifests": [
             entry("1", {"os": "linux", "architecture": "amd64"}),
-            entry("arm", {"os": "linux", "architecture": "arm64", "variant": "v8"}),
+            # No variant, as buildx writes arm64 (containerd reads it as arm64/v8).
+            entry("arm", {"os": "linux", "architecture": "arm64"}),
             entry("bare", {"os": "unknown", "architecture": "unknown"}),
         ],
     }

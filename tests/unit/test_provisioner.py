@@ -75,6 +75,7 @@ class FakeDriver:
             f"sandbox-{request.sandbox_id}",
             "uid-1",
             "ab" * 32,
+            image=f"{request.image}@sha256:{'ef' * 32}" if from_image else request.image,
             command=tuple(request.command),
             command_from_image=from_image,
         )
@@ -317,6 +318,7 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
             assert row is not None and row.spec is not None
             assert row.spec["command"] == ["/bin/agent", "--serve"]
             assert row.spec["command_from_image"] == "sha256:" + "cd" * 32
+            assert row.spec["image"] == "agent:1@sha256:" + "ef" * 32, "pinned to what the command came from"
             code, _, err = await _cli("create", "--api", api, "--image", "unknown:1", "cli-3")
             assert code == 1 and "unknown:1: not found in registry" in err
             assert await store.get("cli-3") is None

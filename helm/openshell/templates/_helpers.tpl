@@ -205,6 +205,7 @@ securityContext:
             "resolve_commands" $v.sandboxes.registry.resolveCommands
             "platform" $v.sandboxes.registry.platform
             "plain_http" $v.sandboxes.registry.plainHttp
+            "allowed" $v.sandboxes.registry.allowed
             "cache_ttl_s" $v.sandboxes.registry.cacheTtlSeconds)))
       "log_level" $v.gateway.logLevel
       "log_format" $v.gateway.logFormat -}}
