@@ -4,8 +4,9 @@
 #   docker build --target supervisor -t REGISTRY/openshell/supervisor:0.1.0 .   # the image volume
 #   docker build --target gateway    -t REGISTRY/openshell/gateway:0.1.0 .
 #
-# The supervisor image is FROM scratch and holds one file, /openshell-supervisor: it is mounted
-# as a Kubernetes image volume, never run. imagevolume/oci.py builds the same content without
+# The supervisor image is FROM scratch and holds the supervisor's self-contained tree (its loader,
+# libraries, interpreter and packages; imagevolume/bundle.py): it is mounted as a Kubernetes image
+# volume and run from there, never run as an image. imagevolume/oci.py builds the same content without
 # Docker and with a reproducible digest (docs/image-volume.md); this Dockerfile is for pipelines
 # that build with BuildKit. Pass VERSION, REVISION and CREATED (RFC 3339) as build arguments, and
 # SOURCE_DATE_EPOCH too for reproducible layers (BuildKit >= 0.13 honours it).
@@ -14,31 +15,31 @@ ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=1970-01-01T00:00:00Z
 
-# --- build: the one-file static supervisor bundle -------------------------------------------------
-# Debian's own python3 (3.11 on bookworm), not the python:* images' /usr/local build: staticx
-# refuses an interpreter with a RUNPATH, which those builds carry.
+# --- build: the supervisor's self-contained tree ---------------------------------------------------
+# Debian's own python3 (3.11 on bookworm), not the python:* images' /usr/local build: the tree
+# carries Debian's interpreter and the libraries it links, found with ldd.
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv python3-dev binutils patchelf gcc libc6-dev git ca-certificates \
+      python3 python3-venv git ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# bundle.py makes its own venv from /usr/bin/python3 (PyInstaller, staticx), installs the project
-# from a copy of the sources, and writes /out/openshell-supervisor (and /out/bundle.json).
+# bundle.py installs the supervisor's dependencies with pip (from a venv of /usr/bin/python3),
+# copies the interpreter, its standard library and every library they load, and writes /out/tree.
 ARG SOURCE_DATE_EPOCH
 RUN python3 imagevolume/bundle.py --out /out \
- && install -m 0555 /out/openshell-supervisor /openshell-supervisor \
- && /openshell-supervisor --help >/dev/null
+ && /out/tree/lib/ld.so --library-path /out/tree/lib /out/tree/bin/python3 -I -S \
+      /out/tree/openshell-supervisor.py --help >/dev/null
 
 # --- supervisor: the image volume's content, one file -------------------------------------------
 FROM scratch AS supervisor
 ARG VERSION
 ARG REVISION
 ARG CREATED
-COPY --from=build --chown=0:0 --chmod=0555 /openshell-supervisor /openshell-supervisor
+COPY --from=build --chown=0:0 /out/tree/ /
 LABEL org.opencontainers.image.title="openshell-supervisor" \
-      org.opencontainers.image.description="The self-contained OpenShell sandbox supervisor, one static executable at /openshell-supervisor, meant to be mounted read-only as a Kubernetes image volume." \
+      org.opencontainers.image.description="The self-contained OpenShell sandbox supervisor (its loader, libraries, interpreter and packages), meant to be mounted read-only as a Kubernetes image volume and run from there." \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \

@@ -147,11 +147,13 @@ class SupervisorInjectionSettings(_Section):
     injection: Literal["image-volume", "init-container"] = Field(
         "image-volume",
         description="image-volume: mount the image read-only (Kubernetes ImageVolume, on by default from "
-        "1.35); init-container: an init container copies the bundle into an emptyDir (older clusters).",
+        "1.35); init-container: an init container copies the supervisor's tree into an emptyDir (older "
+        "clusters).",
     )
     tmp_size_limit: str = Field(
         "256Mi",
-        description="sizeLimit of the emptyDir at /tmp: the bundle unpacks about 81 MB there at every start.",
+        description="sizeLimit of the sandbox's emptyDir at /tmp (the image's root stays read-only; the "
+        "supervisor itself writes nothing there).",
     )
     journal_size_limit: str = Field(
         "512Mi", description="sizeLimit of the journal's emptyDir; keep above the journal's max_bytes."

@@ -1,21 +1,34 @@
-"""Build the self-contained supervisor: one static executable that needs no Python in the sandbox image.
+"""Build the self-contained supervisor: a directory that runs in any Linux image, with no Python,
+no libc and nothing to unpack.
 
     python imagevolume/bundle.py [--out DIR] [--force]
 
-Steps: a venv from Debian's ``/usr/bin/python3`` (not pyenv's: staticx refuses an interpreter with
-a RUNPATH), the project installed into it (non-editable, from a copy of the sources so the repo
-tree stays clean) with pinned PyInstaller and staticx, ``pyinstaller --onefile`` on a two-line
-entry script that calls ``supervisor.cli.main``, then ``staticx`` so that even libc travels inside.
+The image volume is mounted read-only and executable, so the supervisor runs straight from it:
 
-The result is ``OUT/openshell-supervisor`` with ``OUT/bundle.json`` beside it (source hash, sha256,
-size, tool versions). The output is keyed by a hash of the sources (``supervisor/``,
-``openshell_wire/``, ``pyproject.toml``, this file): when nothing changed, a second call returns at
-once. Builds run with ``PYTHONHASHSEED=0`` and ``SOURCE_DATE_EPOCH`` = the last commit's time, in a
-fixed work directory under OUT, so that two clean builds of the same sources give the same bytes
-(see docs/performance.md, "Supervisor bundle", for what is and is not identical).
+    OUT/tree/
+      lib/ld.so                  the build machine's dynamic loader, under a name of its own
+      lib/lib*.so*               every library the interpreter and the extension modules need (libc too)
+      bin/python3                Debian's python3 (libpython is linked into it)
+      lib/python3.11/            its standard library (what a supervisor never imports left out)
+      site/                      the supervisor, openshell_wire and their dependencies (pip --target)
+      openshell-supervisor.py    the entry: puts site/ on sys.path and calls supervisor.cli.main
+      bundle.json                what was built from what
 
-At run time the executable unpacks itself twice into ``$TMPDIR`` (staticx's libraries, then
-PyInstaller's archive), so the pod needs a writable ``emptyDir`` there.
+and the pod's command is ``/opt/openshell/lib/ld.so --library-path /opt/openshell/lib
+/opt/openshell/bin/python3 -I -S /opt/openshell/openshell-supervisor.py run ...`` (see
+:func:`launcher`). Invoking the loader by path makes it load every library from ``lib/`` whatever
+the sandbox image holds, and the option is not inherited: the sandbox's own programs see nothing
+of it (no ``LD_LIBRARY_PATH``). ``-I -S`` keep the interpreter away from the image's PYTHON*
+variables and site-packages. Every module is compiled ahead (``unchecked-hash`` .pyc files: the
+volume is read-only, and a hash, unlike an mtime, survives image layers).
+
+This replaced a one-file PyInstaller build wrapped by staticx, which unpacked about 81 MB into
+``$TMPDIR`` at every start (about 0.9 s before the first line), ran three processes deep and
+leaked ``LD_LIBRARY_PATH`` into the sandbox's programs (docs/performance.md).
+
+The output is keyed by a hash of the sources (``supervisor/``, ``openshell_wire/``,
+``pyproject.toml``, this file) and of the interpreter: when nothing changed, a second call returns
+at once. Builds run with ``PYTHONHASHSEED=0`` and ``SOURCE_DATE_EPOCH``.
 """
 
 from __future__ import annotations
@@ -24,48 +37,66 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "build" / "bundle"  # build/ is git-ignored
-BUNDLE_NAME = "openshell-supervisor"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
-# Pinned so that a given source hash always means the same tool chain (and the same bytes).
-PYINSTALLER = "pyinstaller==6.22.3"
-PYINSTALLER_HOOKS = "pyinstaller-hooks-contrib==2026.9"
-STATICX = "staticx==0.14.2"
-APT_PACKAGES = ("python3-venv", "patchelf", "binutils")
-SOURCES = ("supervisor", "openshell_wire", "pyproject.toml", "README.md", "imagevolume/bundle.py")
-ENTRY = "from supervisor.cli import main\n\nraise SystemExit(main())\n"
-# staticx's archive is a tar of the patched libraries, stamped with the time it copied them: the
-# only thing that differed between two clean builds. Run it with every tar entry normalised.
-STATICX_WRAPPER = """\
-import os, sys, tarfile
-from staticx.__main__ import main
+SOURCES = ("supervisor", "openshell_wire", "pyproject.toml", "imagevolume/bundle.py")
 
-_epoch = int(os.environ["SOURCE_DATE_EPOCH"])
-_addfile = tarfile.TarFile.addfile
+# The tree's layout (gateway/drivers/podspec.py names the same paths; a unit test holds them equal).
+LOADER = "lib/ld.so"
+LIBRARY_DIR = "lib"
+PYTHON = "bin/python3"
+SITE = "site"
+ENTRY = "openshell-supervisor.py"
+ENTRY_TEXT = """\
+# The supervisor's entry in the image volume (imagevolume/bundle.py): run by bin/python3 -I -S.
+import os
+import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "site"))
+from supervisor.cli import main  # noqa: E402
 
-def addfile(self, tarinfo, fileobj=None):
-    tarinfo.mtime = _epoch
-    tarinfo.uid = tarinfo.gid = 0
-    tarinfo.uname = tarinfo.gname = ""
-    return _addfile(self, tarinfo, fileobj)
-
-
-tarfile.TarFile.addfile = addfile
-sys.argv[0] = "staticx"
 sys.exit(main())
 """
+#: Where pod specs mount the tree; .pyc files name their sources under it.
+MOUNT = "/opt/openshell"
+#: The project's dependencies only the gateway uses (pyproject.toml lists one set for both).
+GATEWAY_ONLY = frozenset({"sqlalchemy", "alembic", "aiosqlite", "asyncpg", "lightkube", "lightkube-models"})
+#: Standard library parts a supervisor never imports (and extension modules that would pull in
+#: ncurses, readline, Berkeley DB, Kerberos, SQLite...).
+STDLIB_LEFT_OUT = (
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
+    "unittest", "venv", "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages",
+)  # fmt: skip
+DYNLOAD_LEFT_OUT = re.compile(r"^(_curses|_curses_panel|readline|_dbm|_gdbm|nis|_sqlite3|_crypt|_tkinter)\.")
+APT_PACKAGES = ("python3-venv",)
 
 
 class BundleError(RuntimeError):
     """The bundle cannot be built here (the message says why and what to install)."""
+
+
+def launcher(root: str = MOUNT) -> list[str]:
+    """The argv prefix that runs the supervisor from a tree at ``root`` (gateway/drivers/podspec.py
+    has the same, and the init container's variant for a tree at /)."""
+    return [
+        f"{root}/{LOADER}",
+        "--library-path",
+        f"{root}/{LIBRARY_DIR}",
+        f"{root}/{PYTHON}",
+        "-I",
+        "-S",
+        f"{root}/{ENTRY}",
+    ]
 
 
 def _log(msg: str) -> None:
@@ -87,12 +118,16 @@ def _source_files() -> list[Path]:
     return files
 
 
+def _interpreter() -> Path:
+    return SYSTEM_PYTHON.resolve()
+
+
 def source_hash() -> str:
-    """sha256 over the relative paths and bytes of every input, plus the tool pins."""
+    """sha256 over the relative paths and bytes of every input, and the interpreter's bytes."""
     h = hashlib.sha256()
-    h.update(f"{PYINSTALLER} {PYINSTALLER_HOOKS} {STATICX}\0".encode())
-    for path in _source_files():
-        h.update(path.relative_to(REPO).as_posix().encode() + b"\0")
+    for path in [*_source_files(), _interpreter()]:
+        name = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+        h.update(name.encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
@@ -115,26 +150,21 @@ def _is_pyenv(python: Path) -> bool:
 
 
 def _missing_prereqs() -> list[str]:
-    missing = []
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import ensurepip, venv"], capture_output=True, check=False
     )
-    if probe.returncode != 0:
-        missing.append("python3-venv")
-    if shutil.which("patchelf") is None:
-        missing.append("patchelf")
-    if shutil.which("objdump") is None:
-        missing.append("binutils")
-    return missing
+    return [] if probe.returncode == 0 else ["python3-venv"]
 
 
 def check_prerequisites(*, install: bool = True) -> None:
-    """Debian's python3 with venv, patchelf and objdump (binutils); apt-installs them as root."""
+    """Debian's python3 with venv (for pip); apt-installs it as root."""
     if not SYSTEM_PYTHON.exists() or _is_pyenv(SYSTEM_PYTHON):
         raise BundleError(
-            f"{SYSTEM_PYTHON} is missing or not the distribution's Python: the bundle must be built from "
-            "Debian's python3 (staticx refuses pyenv's interpreter because of its RUNPATH)"
+            f"{SYSTEM_PYTHON} is missing or not the distribution's Python: the bundle carries Debian's "
+            "python3 and the libraries it links (pyenv's interpreter links to a tree of its own)"
         )
+    if shutil.which("ldd") is None:
+        raise BundleError("ldd (libc-bin) is missing: it lists the libraries to carry")
     missing = _missing_prereqs()
     if not missing:
         return
@@ -154,13 +184,14 @@ def check_prerequisites(*, install: bool = True) -> None:
         raise BundleError(f"still missing after apt-get: {', '.join(still)}")
 
 
-def _run(argv: list[str], *, env: dict[str, str], cwd: Path | None = None) -> None:
+def _run(argv: list[str], *, env: dict[str, str], cwd: Path | None = None) -> str:
     _log("$ " + " ".join(argv))
     result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BundleError(
             f"{argv[0]} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
+    return result.stdout
 
 
 def _build_env(work: Path) -> dict[str, str]:
@@ -175,92 +206,153 @@ def _build_env(work: Path) -> dict[str, str]:
         TZ="UTC",
         LC_ALL="C.UTF-8",
         PYTHONDONTWRITEBYTECODE="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
         TMPDIR=str(work / "tmp"),
     )
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     return env
 
 
-def _venv(work: Path, env: dict[str, str]) -> Path:
-    """A venv from Debian's python3 with the build tools; reused while the tool pins stay the same."""
+def _pip(work: Path, env: dict[str, str]) -> list[str]:
+    """pip of a venv of Debian's python3 (whose own pip, if any, refuses to install: PEP 668)."""
     venv = work / "venv"
-    stamp = venv / ".openshell-tools"
-    tools = f"{PYINSTALLER} {PYINSTALLER_HOOKS} {STATICX}"
-    if stamp.exists() and stamp.read_text() == tools:
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    _run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], env=env)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    _run([*pip, PYINSTALLER, PYINSTALLER_HOOKS, STATICX], env=env)
-    stamp.write_text(tools)
-    return venv
+    if not (venv / "bin" / "python").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        _run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], env=env)
+    return [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
 
 
-def _install_project(work: Path, venv: Path, env: dict[str, str]) -> None:
-    """Install the project non-editably from a copy of its sources (pip builds in-tree otherwise)."""
-    src = work / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
+def supervisor_requirements() -> list[str]:
+    """pyproject.toml's dependencies without the gateway's own."""
+    with (REPO / "pyproject.toml").open("rb") as f:
+        deps: list[str] = tomllib.load(f)["project"]["dependencies"]
+    return [d for d in deps if re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0].lower() not in GATEWAY_ONLY]
+
+
+def _install_site(work: Path, tree: Path, env: dict[str, str]) -> None:
+    site = tree / SITE
+    pip = _pip(work, env)
+    _run([*pip, "--target", str(site), *supervisor_requirements()], env=env)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
     for name in ("supervisor", "openshell_wire"):
-        shutil.copytree(REPO / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    py = str(venv / "bin" / "python")
-    _run([py, "-m", "pip", "install", "--quiet", str(src)], env=env)
-    # The same version number would otherwise count as "already satisfied" after a source change.
-    _run([py, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(src)], env=env)
+        shutil.copytree(REPO / name, site / name, ignore=ignore)
+    shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts of dependencies: not run here
 
 
-def _pyinstaller(work: Path, venv: Path, env: dict[str, str]) -> Path:
-    entry = work / "entry" / "openshell_supervisor_main.py"
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    entry.write_text(ENTRY)
-    for d in ("pyi-dist", "pyi-work"):
-        shutil.rmtree(work / d, ignore_errors=True)
+def _copy_python(tree: Path) -> str:
+    """bin/python3 and the standard library; returns the version (3.11)."""
+    python = _interpreter()
+    version = subprocess.run(
+        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy2(python, tree / PYTHON)
+    stdlib = Path(f"/usr/lib/python{version}")
+    target = tree / LIBRARY_DIR / f"python{version}"
+    left_out = shutil.ignore_patterns("__pycache__", *STDLIB_LEFT_OUT)
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(left_out(directory, names))
+        if Path(directory).name == "lib-dynload":
+            skipped |= {n for n in names if DYNLOAD_LEFT_OUT.match(n)}
+        return skipped
+
+    shutil.copytree(stdlib, target, ignore=ignore, symlinks=False)
+    return version
+
+
+_LDD_LINE = re.compile(r"^\s*(?:(\S+) => )?(/\S+) \(0x[0-9a-f]+\)$")
+
+
+def _elf_files(tree: Path) -> list[Path]:
+    found = []
+    for path in sorted(tree.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    found.append(path)
+    return found
+
+
+def _copy_libraries(tree: Path) -> list[str]:
+    """Every shared library the tree's ELF files load, and the loader; returns their names."""
+    lib = tree / LIBRARY_DIR
+    carried: dict[str, Path] = {}
+    loader: Path | None = None
+    for elf in _elf_files(tree):
+        out = subprocess.run(["ldd", str(elf)], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            m = _LDD_LINE.match(line)
+            if m is None:
+                continue
+            name, path = m.group(1), Path(m.group(2))
+            if name is None:  # the loader's own line
+                loader = path
+            elif not path.is_relative_to(tree):
+                carried.setdefault(name, path)
+    if loader is None:
+        raise BundleError("ldd named no dynamic loader for the interpreter")
+    for name, path in sorted(carried.items()):
+        shutil.copyfile(path, lib / name)  # the file itself, under the name the loader asks for
+    shutil.copyfile(loader, tree / LOADER)
+    os.chmod(tree / LOADER, 0o755)
+    return sorted(carried)
+
+
+def _compile(tree: Path, env: dict[str, str]) -> None:
+    """.pyc files for every module, naming sources as they will be mounted (MOUNT/...)."""
     _run(
         [
-            str(venv / "bin" / "pyinstaller"),
-            "--onefile",
-            "--noconfirm",
-            "--clean",
-            "--log-level=WARN",
-            f"--name={BUNDLE_NAME}",
-            # cli imports supervisor.agent lazily; take every module of both packages regardless.
-            "--collect-submodules=supervisor",
-            "--collect-submodules=openshell_wire",
-            # grpc's roots.pem and the health-checking package come from the contrib hooks;
-            # pydantic's from PyInstaller's own. Exclude what a sandbox supervisor never needs.
-            "--exclude-module=tkinter",
-            "--exclude-module=gateway",
-            "--exclude-module=sqlalchemy",
-            "--exclude-module=alembic",
-            "--exclude-module=asyncpg",
-            "--exclude-module=aiosqlite",
-            f"--distpath={work / 'pyi-dist'}",
-            f"--workpath={work / 'pyi-work'}",
-            f"--specpath={work / 'entry'}",
-            str(entry),
+            str(_interpreter()),
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            str(tree),
+            "-p",
+            MOUNT,
+            # Not the entry script: run as __main__, it is never loaded from a .pyc.
+            str(tree / LIBRARY_DIR),
+            str(tree / SITE),
         ],
         env=env,
-        cwd=work,
     )
-    return work / "pyi-dist" / BUNDLE_NAME
 
 
-def _staticx(work: Path, venv: Path, env: dict[str, str], program: Path) -> Path:
-    out = work / f"{BUNDLE_NAME}.static"
-    out.unlink(missing_ok=True)
-    wrapper = work / "entry" / "staticx_reproducible.py"
-    wrapper.write_text(STATICX_WRAPPER)
-    _run([str(venv / "bin" / "python"), str(wrapper), "--strip", str(program), str(out)], env=env, cwd=work)
-    return out
+def _normalise(tree: Path, epoch: int) -> None:
+    """Read-only for everyone, executable where it was, one mtime: the same bytes from every build."""
+    for path in [tree, *sorted(tree.rglob("*"))]:
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(path, 0o755)
+        else:
+            os.chmod(path, 0o555 if mode & 0o111 else 0o444)
+        os.utime(path, (epoch, epoch), follow_symlinks=False)
 
 
-def _smoke(exe: Path) -> None:
+def tree_digest(tree: Path) -> str:
+    """sha256 over every path, mode and content of the tree (what the image layer will hold)."""
+    h = hashlib.sha256()
+    for path in sorted(tree.rglob("*")):
+        rel = path.relative_to(tree).as_posix()
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        h.update(f"{rel}\0{mode:o}\0".encode())
+        if path.is_file():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _smoke(tree: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
-            [str(exe), "config", "schema"],
+            [*launcher(str(tree)), "config", "schema"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -274,59 +366,60 @@ def _smoke(exe: Path) -> None:
         raise BundleError("the bundle's `config schema` printed no schema")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_bundle(out_dir: Path, *, force: bool = False) -> Path:
-    """Build (or reuse) the static supervisor under ``out_dir``; return the executable's path."""
+    """Build (or reuse) the supervisor tree under ``out_dir``; return the tree's path."""
     out_dir = Path(out_dir).resolve()
-    exe = out_dir / BUNDLE_NAME
+    tree = out_dir / "tree"
     manifest = out_dir / "bundle.json"
+    check_prerequisites()
     key = source_hash()
-    if not force and exe.exists() and manifest.exists():
+    if not force and tree.is_dir() and manifest.exists():
         try:
             meta = json.loads(manifest.read_text())
         except ValueError:
             meta = {}
-        if meta.get("source_hash") == key and meta.get("sha256") == _sha256(exe):
-            print(f"bundle: up to date: {exe}", file=sys.stderr, flush=True)
-            return exe
-    check_prerequisites()
-    work = out_dir / ".work"  # a fixed path: PyInstaller and staticx may record build paths
+        if meta.get("source_hash") == key and meta.get("tree_sha256") == tree_digest(tree):
+            _log(f"up to date: {tree}")
+            return tree
+    work = out_dir / ".work"
     work.mkdir(parents=True, exist_ok=True)
     env = _build_env(work)
-    venv = _venv(work, env)
-    _install_project(work, venv, env)
-    onefile = _pyinstaller(work, venv, env)
-    static = _staticx(work, venv, env, onefile)
-    _smoke(static)
-    tmp = out_dir / f".{BUNDLE_NAME}.tmp"
-    shutil.copyfile(static, tmp)
-    os.chmod(tmp, 0o755)  # staticx writes 0700; the sandbox runs it as another uid
     epoch = int(env["SOURCE_DATE_EPOCH"])
-    os.utime(tmp, (epoch, epoch))
-    os.replace(tmp, exe)
+    staging = out_dir / ".tree.tmp"
+    if staging.exists():
+        _make_writable(staging)
+        shutil.rmtree(staging)
+    version = _copy_python(staging)
+    _install_site(work, staging, env)
+    (staging / ENTRY).write_text(ENTRY_TEXT)
+    libraries = _copy_libraries(staging)
+    _compile(staging, env)
     meta = {
         "source_hash": key,
-        "sha256": _sha256(exe),
-        "size": exe.stat().st_size,
+        "python": version,
+        "interpreter": str(_interpreter()),
+        "libraries": libraries,
+        "requirements": supervisor_requirements(),
         "source_date_epoch": epoch,
-        "python": subprocess.run(
-            [str(venv / "bin" / "python"), "-c", "import sys; print(sys.version.split()[0])"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip(),
-        "tools": [PYINSTALLER, PYINSTALLER_HOOKS, STATICX],
     }
+    (staging / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _normalise(staging, epoch)
+    _smoke(staging)
+    if tree.exists():
+        _make_writable(tree)
+        shutil.rmtree(tree)
+    os.replace(staging, tree)
+    meta["tree_sha256"] = tree_digest(tree)
+    meta["size"] = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
     manifest.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"bundle: built {exe} ({meta['size']} bytes, sha256 {meta['sha256']})", file=sys.stderr, flush=True)
-    return exe
+    _log(f"built {tree} ({meta['size']} bytes, tree sha256 {meta['tree_sha256']})")
+    return tree
+
+
+def _make_writable(tree: Path) -> None:
+    for path in [tree, *tree.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            os.chmod(path, 0o755)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,11 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when the sources did not change")
     args = parser.parse_args(argv)
     try:
-        exe = build_bundle(args.out, force=args.force)
+        tree = build_bundle(args.out, force=args.force)
     except BundleError as exc:
         print(f"bundle: {exc}", file=sys.stderr)
         return 1
-    print(exe)
+    print(tree)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Write the supervisor's OCI image (an image layout directory) with a reproducible digest.
 
-The image exists to be mounted as a Kubernetes image volume, so it holds one file, the
-self-contained supervisor bundle, at ``/openshell-supervisor`` (mode 0555, owner 0:0). Nothing
+The image exists to be mounted as a Kubernetes image volume, so it holds the self-contained
+supervisor tree (``imagevolume/bundle.py``: ``lib/``, ``bin/``, ``site/``,
+``openshell-supervisor.py``) at its root, owner 0:0, files 0555 or 0444, directories 0755. Nothing
 runs the image itself, so its config carries no entrypoint; it does carry the platform and the
 ``org.opencontainers.image.*`` labels.
 
@@ -11,7 +12,7 @@ name; JSON is written with sorted keys and no spaces. So two builds from the sam
 arguments give the same manifest digest (with the same zlib: another zlib version may compress
 differently, which changes the layer digest but never its ``diff_id``).
 
-    python imagevolume/oci.py --bundle dist/openshell-supervisor --out build/oci --tag 0.1.0
+    python imagevolume/oci.py --bundle build/bundle/tree --out build/oci --tag 0.1.0
 
 ``SOURCE_DATE_EPOCH`` (or else the last commit's time) sets ``created`` unless ``--created`` does.
 """
@@ -24,6 +25,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -35,13 +37,12 @@ from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parents[1]
 
-BUNDLE_PATH = "openshell-supervisor"
-BUNDLE_MODE = 0o555
+ENTRY = "openshell-supervisor.py"
 SOURCE = "https://github.com/openshell/openshell-supervisor"
 TITLE = "openshell-supervisor"
 DESCRIPTION = (
-    "The self-contained OpenShell sandbox supervisor, one static executable at /openshell-supervisor, "
-    "meant to be mounted read-only as a Kubernetes image volume."
+    "The self-contained OpenShell sandbox supervisor (its loader, libraries, interpreter and packages), "
+    "meant to be mounted read-only as a Kubernetes image volume and run from there."
 )
 LICENSES = "Apache-2.0"
 
@@ -127,8 +128,13 @@ class _Blobs:
         return f"sha256:{digest}", len(data)
 
 
-def _write_layer(files: Mapping[str, Path], blobs: _Blobs, mtime: int) -> tuple[str, int, str]:
-    """The gzipped tar of ``files`` (path in the image -> file here): (digest, size, diff_id)."""
+def _tree_entries(tree: Path) -> list[tuple[str, Path]]:
+    """(path in the image, file here) for every directory, file and symlink under ``tree``, sorted."""
+    return sorted((p.relative_to(tree).as_posix(), p) for p in tree.rglob("*"))
+
+
+def _write_layer(tree: Path, blobs: _Blobs, mtime: int) -> tuple[str, int, str]:
+    """The gzipped tar of ``tree``'s contents at the image's root: (digest, size, diff_id)."""
     tmp = blobs.dir / f".layer-{os.getpid()}.tmp"
     try:
         with tmp.open("wb") as out:
@@ -139,19 +145,29 @@ def _write_layer(files: Mapping[str, Path], blobs: _Blobs, mtime: int) -> tuple[
                 with tarfile.open(
                     fileobj=uncompressed,  # type: ignore[call-overload]
                     mode="w",
-                    format=tarfile.USTAR_FORMAT,
+                    format=tarfile.PAX_FORMAT,  # long paths (site-packages) without GNU extensions
                 ) as tar:
-                    for name in sorted(files):
-                        source = files[name]
+                    for name, source in _tree_entries(tree):
                         info = tarfile.TarInfo(name)
-                        info.size = source.stat().st_size
-                        info.mode = BUNDLE_MODE
                         info.mtime = mtime
                         info.uid = info.gid = 0
                         info.uname = info.gname = "root"
-                        info.type = tarfile.REGTYPE
-                        with source.open("rb") as f:
-                            tar.addfile(info, f)
+                        st = source.lstat()
+                        if stat.S_ISLNK(st.st_mode):
+                            info.type = tarfile.SYMTYPE
+                            info.linkname = os.readlink(source)
+                            info.mode = 0o777
+                            tar.addfile(info)
+                        elif stat.S_ISDIR(st.st_mode):
+                            info.type = tarfile.DIRTYPE
+                            info.mode = 0o755
+                            tar.addfile(info)
+                        else:
+                            info.type = tarfile.REGTYPE
+                            info.size = st.st_size
+                            info.mode = 0o555 if st.st_mode & 0o111 else 0o444
+                            with source.open("rb") as f:
+                                tar.addfile(info, f)
         digest = compressed.sha.hexdigest()
         tmp.replace(blobs.dir / digest)
     finally:
@@ -177,8 +193,8 @@ def build_image(
     """
     bundle = Path(bundle)
     out_dir = Path(out_dir)
-    if not bundle.is_file():
-        raise ImageError(f"the bundle {bundle} is not a file")
+    if not (bundle / ENTRY).is_file():
+        raise ImageError(f"the bundle {bundle} is not a supervisor tree (no {ENTRY} in it)")
     if arch not in ARCH_VARIANTS:
         raise ImageError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_VARIANTS)}")
     mtime = parse_created(created)
@@ -187,7 +203,7 @@ def build_image(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     blobs = _Blobs(out_dir)
-    layer_digest, layer_size, diff_id = _write_layer({BUNDLE_PATH: bundle}, blobs, mtime)
+    layer_digest, layer_size, diff_id = _write_layer(bundle, blobs, mtime)
 
     platform: dict[str, str] = {"architecture": arch, "os": "linux"}
     variant = ARCH_VARIANTS[arch]
@@ -199,7 +215,7 @@ def build_image(
         # No Entrypoint or Cmd: image volumes mount the image's files, they never run it.
         "config": {"Labels": image_labels},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created": created, "created_by": "imagevolume/oci.py: COPY openshell-supervisor /"}],
+        "history": [{"created": created, "created_by": "imagevolume/oci.py: COPY tree /"}],
     }
     config_digest, config_size = blobs.put(canonical_json(config))
     manifest = {
@@ -289,7 +305,7 @@ def default_created() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, help="the one-file supervisor executable")
+    parser.add_argument("--bundle", type=Path, help="the supervisor tree (imagevolume/bundle.py's output)")
     parser.add_argument("--out", type=Path, required=True, help="the OCI image layout directory")
     parser.add_argument("--tag", help="the tag in the layout (default: the version)")
     parser.add_argument("--version", dest="image_version", help="default: pyproject.toml's version")

@@ -33,7 +33,6 @@ import uuid
 from typing import TYPE_CHECKING
 
 from openshell_wire.records import Command, CommandKind, LifecycleKind, LifecycleRecord, LogRecord, Payload
-from supervisor.childenv import current_main_process_env
 from supervisor.config import SupervisorConfig
 
 if TYPE_CHECKING:
@@ -365,7 +364,6 @@ class Agent:
         echo = self.config.capture.echo
         main = MainProcess(
             self.config.command,
-            env=current_main_process_env(),
             reaper=self.reaper,
             sink=self._capture,
             max_line_bytes=self.config.capture.max_line_bytes,

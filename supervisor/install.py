@@ -1,53 +1,66 @@
-"""``openshell-supervisor install DIR``: copy the running bundle into ``DIR``.
+"""``openshell-supervisor install DIR``: copy the supervisor's tree into ``DIR``.
 
 For clusters without image volumes, an init container from the supervisor's image copies the
-bundle into an emptyDir that the sandbox container then mounts. The image is ``FROM scratch``
-(no shell, no ``cp``), so the bundle copies itself. Only a bundle can: from a Python install the
-command says so and fails.
-
-Inside the bundle the running file is not the bundle itself: staticx unpacks the program into a
-temporary directory and tells it where the original is (``STATICX_PROG_PATH``); a plain
-PyInstaller one-file build is ``sys.executable``.
+tree (``imagevolume/bundle.py``: the loader, the libraries, the interpreter, the packages) into an
+emptyDir that the sandbox container then mounts where the image volume would be. The image is
+``FROM scratch`` (no shell, no ``cp``), so the supervisor copies itself. Only a bundle can: from
+a Python install the command says so and fails.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
-BUNDLE_NAME = "openshell-supervisor"
+#: What the tree holds at its top (imagevolume/bundle.py's layout); nothing else is copied, since
+#: in the init container the tree is the image's root, next to /proc, /dev and the target itself.
+TREE_ENTRIES = ("bin", "lib", "site", "openshell-supervisor.py", "bundle.json")
+ENTRY = "openshell-supervisor.py"
 
 
 class InstallError(Exception):
     pass
 
 
-def bundle_path() -> Path | None:
-    """The bundle this process runs from, or None when it is not a bundle."""
-    staticx = os.environ.get("STATICX_PROG_PATH")
-    if staticx:
-        return Path(staticx)
-    if getattr(sys, "frozen", False):
-        return Path(sys.executable)
+def bundle_root() -> Path | None:
+    """The tree this process runs from (``ROOT/site/supervisor/install.py``), or None."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / ENTRY).is_file() and (root / "lib" / "ld.so").is_file():
+        return root
     return None
 
 
 def install(target_dir: Path) -> Path:
-    """Copy the bundle to ``target_dir/openshell-supervisor`` (atomically, mode 0555)."""
-    source = bundle_path()
+    """Copy the tree into ``target_dir`` (first into a hidden directory there, then each entry
+    moved into place); return the entry script's path there."""
+    source = bundle_root()
     if source is None:
-        raise InstallError("not running from a bundle: install copies the self-contained executable")
+        raise InstallError("not running from a bundle: install copies the supervisor's self-contained tree")
     if not target_dir.is_dir():
         raise InstallError(f"{target_dir} is not a directory")
-    target = target_dir / BUNDLE_NAME
-    tmp = target_dir / f".{BUNDLE_NAME}.tmp"
+    staging = target_dir / ".openshell-install.tmp"
     try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o555)
-        os.replace(tmp, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name in TREE_ENTRIES:
+            path = source / name
+            if path.is_dir():
+                shutil.copytree(path, staging / name, symlinks=True)
+            elif path.exists():
+                shutil.copy2(path, staging / name)
+        for name in TREE_ENTRIES:
+            if not (staging / name).exists():
+                continue
+            # A pod sandbox recreated on the node keeps its emptyDir, and runs the installer again.
+            old = target_dir / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            os.replace(staging / name, old)
+        staging.rmdir()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InstallError(f"cannot copy {source} to {target}: {exc.strerror or exc}") from None
-    return target
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InstallError(f"cannot copy {source} to {target_dir}: {exc.strerror or exc}") from None
+    return target_dir / ENTRY

@@ -39,7 +39,6 @@ from typing import Any
 
 import aiohttp
 
-from supervisor.childenv import current_main_process_env
 from supervisor.endpoint_settings import ReadinessSettings
 
 log = logging.getLogger(__name__)
@@ -89,8 +88,6 @@ async def check_command(argv: list[str], timeout_s: float) -> tuple[bool, str]:
             stderr=asyncio.subprocess.STDOUT,
             # Its own session and process group: a timeout kills whatever the check started too.
             start_new_session=True,
-            # The sandbox's own environment, as the main process gets it (not the bundle's libraries).
-            env=current_main_process_env(),
         )
     except OSError as exc:
         return False, f"cannot run {argv[0]!r}: {exc.strerror or exc}"

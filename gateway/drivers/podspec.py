@@ -5,10 +5,12 @@ and the gateway builds every pod here, so the chart and the driver cannot drift 
 
 * the supervisor image mounted read-only at ``/opt/openshell`` as an image volume
   (``volumes[].image``), or, where the cluster lacks ImageVolume, an init container from the same
-  image copying the bundle (``openshell-supervisor install``) into an emptyDir mounted there read-only;
-* the container command is the supervisor, wrapping the sandbox's own command after ``--``;
-* the journal on an emptyDir, ``/tmp`` on an emptyDir (the one-file bundle unpacks itself there),
-  so the image's root filesystem can stay read-only;
+  image copying the supervisor's tree (``openshell-supervisor install``) into an emptyDir mounted
+  there read-only;
+* the container command is the supervisor, run from that tree by its own loader and interpreter
+  (:func:`launcher`), wrapping the sandbox's own command after ``--``;
+* the journal on an emptyDir, ``/tmp`` on an emptyDir, so the image's root filesystem can stay
+  read-only;
 * the per-sandbox credential from a Secret, re-read by the supervisor when it changes;
 * the Pod Security Standard "restricted" profile, always: non-root, no privilege escalation, every
   capability dropped, seccomp RuntimeDefault. No setting of ``drivers.kubernetes.pod`` weakens the
@@ -32,9 +34,12 @@ from gateway.config import KubernetesDriverSettings, SandboxPodSettings, Supervi
 from openshell_wire.records import sandbox_id_problem
 
 SUPERVISOR_DIR = "/opt/openshell"
-SUPERVISOR_BIN = f"{SUPERVISOR_DIR}/openshell-supervisor"
-#: Where the bundle sits inside the supervisor image (imagevolume/oci.py puts it at the root).
-IMAGE_BUNDLE_PATH = "/openshell-supervisor"
+#: The supervisor tree's layout (imagevolume/bundle.py; tests/unit/test_podspec.py holds them equal).
+TREE_LOADER = "lib/ld.so"
+TREE_LIBRARIES = "lib"
+TREE_PYTHON = "bin/python3"
+TREE_ENTRY = "openshell-supervisor.py"
+SUPERVISOR_TREE_LIMIT = "256Mi"
 JOURNAL_DIR = "/var/lib/openshell/journal"
 TMP_DIR = "/tmp"
 CREDENTIAL_DIR = "/var/run/secrets/openshell"
@@ -76,9 +81,9 @@ CREDENTIAL_SUFFIX = "-credential"
 MAX_SANDBOX_ID = 253 - len(POD_PREFIX) - len(CREDENTIAL_SUFFIX)
 
 #: Environment a request may not set: the container's environment is the supervisor's too (the
-#: sandbox's command inherits it), and these would reconfigure the supervisor or the bundle's
-#: loader and interpreter (its config, TMPDIR where it unpacks, LD_PRELOAD, PYTHONPATH...).
-RESERVED_ENV_PREFIXES = ("OPENSHELL_", "LD_", "PYTHON", "STATICX", "_MEI", "_PYI")
+#: sandbox's command inherits it), and these would reconfigure the supervisor or its loader and
+#: interpreter (its config, LD_PRELOAD, TMPDIR...; PYTHON* the interpreter ignores, as -I says).
+RESERVED_ENV_PREFIXES = ("OPENSHELL_", "LD_", "PYTHON")
 RESERVED_ENV = frozenset({"TMPDIR"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -158,12 +163,47 @@ def _resources(requests: Mapping[str, str], limits: Mapping[str, str]) -> dict[s
     return out
 
 
+def launcher(root: str = SUPERVISOR_DIR) -> list[str]:
+    """The argv prefix that runs the supervisor from its tree at ``root``: the tree's loader, told
+    to take every library from the tree (an option, so the sandbox's programs inherit nothing of
+    it), its interpreter isolated from the image's PYTHON* variables and site-packages (-I -S),
+    and the entry script."""
+    return [
+        f"{root}/{TREE_LOADER}",
+        "--library-path",
+        f"{root}/{TREE_LIBRARIES}",
+        f"{root}/{TREE_PYTHON}",
+        "-I",
+        "-S",
+        f"{root}/{TREE_ENTRY}",
+    ]
+
+
+#: The init container runs the tree at the image's root, where the interpreter does not look for
+#: its standard library (it stops searching at /): PYTHONHOME says where, so that one container
+#: takes -P -s instead of -I (its environment is ours alone: the image sets none).
+INIT_PYTHONHOME = "/"
+
+
+def init_launcher() -> list[str]:
+    return [
+        f"/{TREE_LOADER}",
+        "--library-path",
+        f"/{TREE_LIBRARIES}",
+        f"/{TREE_PYTHON}",
+        "-P",
+        "-s",
+        "-S",
+        f"/{TREE_ENTRY}",
+    ]
+
+
 def supervisor_command(
     settings: KubernetesDriverSettings, sandbox_id: str, command: Sequence[str]
 ) -> list[str]:
     """The container command: the supervisor as init, the sandbox's own command after ``--``."""
     argv = [
-        SUPERVISOR_BIN, "run",
+        *launcher(), "run",
         "--sandbox-id", sandbox_id,
         "--gateway", settings.gateway_address,
         "--journal-dir", JOURNAL_DIR,
@@ -180,17 +220,19 @@ def supervisor_volume(supervisor: SupervisorInjectionSettings) -> dict[str, Any]
             "name": VOLUME_SUPERVISOR,
             "image": {"reference": supervisor.image, "pullPolicy": supervisor.pull_policy},
         }
-    return {"name": VOLUME_SUPERVISOR, "emptyDir": {"sizeLimit": "64Mi"}}
+    # The tree is about 100 MB (docs/image-volume.md).
+    return {"name": VOLUME_SUPERVISOR, "emptyDir": {"sizeLimit": SUPERVISOR_TREE_LIMIT}}
 
 
 def install_init_container(settings: KubernetesDriverSettings) -> dict[str, Any]:
-    """The fallback without ImageVolume: the bundle copies itself (a FROM scratch image has no cp)."""
+    """The fallback without ImageVolume: the tree copies itself (a FROM scratch image has no cp)."""
     supervisor, pod = settings.supervisor, settings.pod
     container: dict[str, Any] = {
         "name": INIT_CONTAINER_NAME,
         "image": supervisor.image,
         "imagePullPolicy": supervisor.pull_policy,
-        "command": [IMAGE_BUNDLE_PATH, "install", SUPERVISOR_DIR],
+        "command": [*init_launcher(), "install", SUPERVISOR_DIR],
+        "env": [{"name": "PYTHONHOME", "value": INIT_PYTHONHOME}],
         "securityContext": container_security_context(pod, read_only_root=True),
         "volumeMounts": [
             {"name": VOLUME_SUPERVISOR, "mountPath": SUPERVISOR_DIR},

@@ -1,7 +1,8 @@
 """Fixtures the sandbox-container tests share: the bundle, a busybox root filesystem, bubblewrap.
 
-The bundle (``imagevolume/bundle.py``) is built once per session into ``build/bundle`` (or
-``$OPENSHELL_BUNDLE_DIR``), cached by a hash of the sources. The root filesystem is Debian's static
+The bundle (``imagevolume/bundle.py``: the supervisor's self-contained tree) is built once per
+session into ``build/bundle/tree`` (or under ``$OPENSHELL_BUNDLE_DIR``), cached by a hash of the
+sources. The root filesystem is Debian's static
 busybox and nothing else: no libc, no Python, like the user images the supervisor must serve.
 """
 
@@ -16,6 +17,7 @@ import pytest
 
 from imagevolume import oci, registry
 from imagevolume.bundle import SYSTEM_PYTHON, BundleError, _is_pyenv, build_bundle
+from supervisor.install import TREE_ENTRIES
 from tests.support.busybox import apt_install, make_rootfs, static_busybox
 from tests.support.procs import REPO
 from tests.support.registry import ensure_tools, running_registry
@@ -26,7 +28,7 @@ BUNDLE_DIR = Path(os.environ.get("OPENSHELL_BUNDLE_DIR", REPO / "build" / "bundl
 @pytest.fixture(scope="session")
 def bundle() -> Path:
     if not SYSTEM_PYTHON.exists() or _is_pyenv(SYSTEM_PYTHON):
-        pytest.skip(f"needs Debian's {SYSTEM_PYTHON} (staticx refuses pyenv's Python)")
+        pytest.skip(f"needs Debian's {SYSTEM_PYTHON} (the tree carries it and the libraries it links)")
     try:
         return build_bundle(BUNDLE_DIR)
     except BundleError as exc:
@@ -79,5 +81,5 @@ def pulled_image(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         check=True,
         capture_output=True,
     )
-    assert sorted(p.name for p in unpacked.iterdir()) == ["openshell-supervisor"]
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(TREE_ENTRIES)
     return unpacked

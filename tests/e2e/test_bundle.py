@@ -1,10 +1,10 @@
-"""The self-contained supervisor bundle runs where there is no Python at all.
+"""The self-contained supervisor tree runs where there is no Python and no libc at all.
 
-The bundle (``imagevolume/bundle.py``) is built once per session into ``build/bundle`` (or
-``$OPENSHELL_BUNDLE_DIR``); the build is cached by a hash of the sources, so only the first run
-pays its minute or so. Each test runs the bundle in a busybox root filesystem (Debian's
-``busybox-static``, nothing else: no libc, no Python) under bubblewrap, mounted read-only like an
-image volume, as uid 65534 with no capabilities and a tmpfs ``/tmp`` to unpack into.
+The tree (``imagevolume/bundle.py``) is built once per session into ``build/bundle/tree`` (or
+``$OPENSHELL_BUNDLE_DIR``); the build is cached by a hash of the sources. Each test runs it in a
+busybox root filesystem (Debian's ``busybox-static``, nothing else: no libc, no Python) under
+bubblewrap, mounted read-only at /opt/openshell like an image volume, as uid 65534 with no
+capabilities, started the way the pod's command starts it (``podspec.launcher``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.busybox import MOUNT
+from gateway.drivers import podspec
+from supervisor.install import TREE_ENTRIES
+from tests.support.busybox import MOUNT_DIR
 from tests.support.procs import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.timeout(900)
@@ -27,7 +29,7 @@ def _sandbox(bwrap: str, rootfs: Path, bundle: Path, *extra: str, share_net: boo
     argv = [
         bwrap,
         "--ro-bind", str(rootfs), "/",
-        "--ro-bind", str(bundle), MOUNT,
+        "--ro-bind", str(bundle), MOUNT_DIR,
         "--tmpfs", "/tmp",
         "--dev", "/dev",
         "--proc", "/proc",
@@ -49,7 +51,7 @@ def _sandbox(bwrap: str, rootfs: Path, bundle: Path, *extra: str, share_net: boo
 
 
 def test_config_schema_in_a_rootfs_without_python(bwrap: str, rootfs: Path, bundle: Path) -> None:
-    argv = [*_sandbox(bwrap, rootfs, bundle), MOUNT, "config", "schema"]
+    argv = [*_sandbox(bwrap, rootfs, bundle), *podspec.launcher(MOUNT_DIR), "config", "schema"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
@@ -60,10 +62,10 @@ def test_config_schema_in_a_rootfs_without_python(bwrap: str, rootfs: Path, bund
         *_sandbox(bwrap, rootfs, bundle),
         "/bin/sh",
         "-c",
-        f"id -u; ls /bin; echo x > {MOUNT} || echo ro",
+        f"id -u; ls /bin /lib 2>&1; echo x > {MOUNT_DIR}/x || echo ro",
     ]
     out = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False).stdout.split()
-    assert out[0] == "65534" and "python3" not in out and out[-1] == "ro", out
+    assert out[0] == "65534" and "python3" not in out and "libc.so.6" not in out and out[-1] == "ro", out
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def _run_supervisor(
 ) -> subprocess.CompletedProcess[str]:
     argv = [
         *_sandbox(bwrap, rootfs, bundle, "--bind", str(journal), "/journal", *extra, share_net=True),
-        MOUNT, "run",
+        *podspec.launcher(MOUNT_DIR), "run",
         "--sandbox-id", "bundle-sb",
         "--gateway", gateway.address,
         "--journal-dir", "/journal",
@@ -120,11 +122,12 @@ def test_bundle_supervises_a_busybox_main_process(
 def test_the_main_process_gets_the_containers_environment_not_the_bundles(
     bwrap: str, rootfs: Path, bundle: Path, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
-    """The bootloaders put the unpacked libraries on LD_LIBRARY_PATH and add _PYI_*/STATICX_*
-    variables: none of it may reach the sandbox's programs (they would load our libraries)."""
+    """The tree's libraries are the loader's business (--library-path, not inherited): nothing of
+    them may reach the sandbox's programs, which would load our libc and libssl. (The one-file
+    bundle this tree replaced leaked LD_LIBRARY_PATH and _PYI_*/STATICX_* variables.)"""
     journal = tmp_path / "journal"
     journal.mkdir()
-    command = ["/bin/sh", "-c", "env | grep -E '^(LD_|_PYI|_MEI|STATICX|AGENT)' | sort"]
+    command = ["/bin/sh", "-c", "env | grep -E '^(LD_|_PYI|_MEI|STATICX|PYTHON|AGENT)' | sort"]
     result = _run_supervisor(
         bwrap,
         rootfs,
@@ -132,24 +135,68 @@ def test_the_main_process_gets_the_containers_environment_not_the_bundles(
         journal=journal,
         gateway=gateway,
         command=command,
-        extra=["--setenv", "LD_LIBRARY_PATH", "/usr/local/nvidia/lib64", "--setenv", "AGENT_MODE", "fast"],
+        extra=[
+            "--setenv",
+            "LD_LIBRARY_PATH",
+            "/usr/local/nvidia/lib64",
+            "--setenv",
+            "AGENT_MODE",
+            "fast",
+            # The image's own Python settings: the sandbox's, and ignored by the supervisor (-I).
+            "--setenv",
+            "PYTHONPATH",
+            "/nowhere",
+        ],
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    wait_until(lambda: len(gateway.log_lines("bundle-sb")) >= 2, timeout=10, what="the env lines stored")
-    assert gateway.log_lines("bundle-sb") == ["AGENT_MODE=fast", "LD_LIBRARY_PATH=/usr/local/nvidia/lib64"]
+    wait_until(lambda: len(gateway.log_lines("bundle-sb")) >= 3, timeout=10, what="the env lines stored")
+    assert gateway.log_lines("bundle-sb") == [
+        "AGENT_MODE=fast",
+        "LD_LIBRARY_PATH=/usr/local/nvidia/lib64",
+        "PYTHONPATH=/nowhere",
+    ]
+
+
+def test_the_supervisor_is_pid_1_with_nothing_unpacked(
+    bwrap: str, rootfs: Path, bundle: Path, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """Run from the read-only tree as the container's first process: no bootloader in between
+    (signals from the runtime reach it), and /tmp stays empty."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    command = ["/bin/sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls -A /tmp | wc -l"]
+    result = _run_supervisor(
+        bwrap, rootfs, bundle, journal=journal, gateway=gateway, command=command, extra=["--as-pid-1"]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    wait_until(lambda: len(gateway.log_lines("bundle-sb")) >= 2, timeout=10, what="the lines stored")
+    pid1, in_tmp = gateway.log_lines("bundle-sb")
+    assert pid1.startswith(f"{MOUNT_DIR}/lib/ld.so --library-path"), pid1
+    assert f"{MOUNT_DIR}/openshell-supervisor.py run" in pid1, pid1
+    assert in_tmp.strip() == "0"
 
 
 def test_the_bundle_installs_a_copy_of_itself(bundle: Path, tmp_path: Path) -> None:
-    """The init-container fallback: a FROM scratch image has no cp, so the bundle copies itself."""
+    """The init-container fallback: a FROM scratch image has no cp, so the tree copies itself, and
+    again over an earlier copy (a recreated pod sandbox keeps its emptyDir)."""
     target = tmp_path / "shared"
     target.mkdir()
-    done = subprocess.run([str(bundle), "install", str(target)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    copy = target / "openshell-supervisor"
-    assert done.stdout.strip() == str(copy)
-    assert copy.read_bytes() == bundle.read_bytes(), "the bundle itself, not what staticx unpacked"
-    assert copy.stat().st_mode & 0o777 == 0o555
-    schema = subprocess.run([str(copy), "config", "schema"], capture_output=True, text=True, timeout=120)
+    for _ in range(2):
+        done = subprocess.run(
+            [*podspec.launcher(str(bundle)), "install", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(target / podspec.TREE_ENTRY)
+    assert sorted(p.name for p in target.iterdir()) == sorted(TREE_ENTRIES)
+    for name in ("lib/ld.so", "bin/python3", "lib/libc.so.6", podspec.TREE_ENTRY):
+        assert (target / name).read_bytes() == (bundle / name).read_bytes(), name
+        assert (target / name).stat().st_mode & 0o777 == (bundle / name).stat().st_mode & 0o777, name
+    schema = subprocess.run(
+        [*podspec.launcher(str(target)), "config", "schema"], capture_output=True, text=True, timeout=120
+    )
     assert schema.returncode == 0 and '"sandbox_id"' in schema.stdout
 
 

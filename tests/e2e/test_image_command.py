@@ -119,7 +119,7 @@ async def test_the_image_command_is_read_with_the_pull_secret_granted_by_name(
         assert pod.spec is not None and pod.metadata is not None and pod.metadata.annotations is not None
         assert pod.spec.containers[0].image == pinned, "the pod runs the image the command was read from"
         command = pod.spec.containers[0].command or []
-        assert command[0] == podspec.SUPERVISOR_BIN
+        assert command[: len(podspec.launcher())] == podspec.launcher()
         assert command[command.index("--") + 1 :] == ARGV["1"], command
         assert pod.metadata.annotations[podspec.ANNOTATION_IMAGE_MANIFEST] == private.digests["1"]
 

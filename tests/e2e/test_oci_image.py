@@ -32,15 +32,42 @@ ARGS = {"version": "0.1.0", "revision": "0123456789abcdef0123456789abcdef0123456
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
-    target = tmp_path / "bundle" / "openshell-supervisor"
-    target.parent.mkdir()
-    source = os.environ.get("OPENSHELL_TEST_BUNDLE") or shutil.which("busybox")
+    """A small tree shaped like the supervisor's (``OPENSHELL_TEST_BUNDLE`` may name a real one):
+    an executable with some bulk, read-only files, nested directories and a library symlink."""
+    given = os.environ.get("OPENSHELL_TEST_BUNDLE")
+    if given:
+        return Path(given)
+    tree = tmp_path / "bundle" / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "lib" / "python3.11").mkdir(parents=True)
+    (tree / "site" / "supervisor").mkdir(parents=True)
+    python = tree / "bin" / "python3"
+    source = shutil.which("busybox")
     if source:
-        shutil.copyfile(source, target)
-    else:  # any file will do: a shell script with some bulk
-        target.write_bytes(b"#!/bin/sh\necho openshell\n" + bytes(range(256)) * 4096)
-    target.chmod(0o755)
-    return target
+        shutil.copyfile(source, python)
+    else:
+        python.write_bytes(b"#!/bin/sh\necho openshell\n" + bytes(range(256)) * 4096)
+    python.chmod(0o755)
+    (tree / "lib" / "ld.so").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    (tree / "lib" / "ld.so").chmod(0o755)
+    (tree / "lib" / "libz.so.1.2.13").write_bytes(b"\x7fELF libz")
+    (tree / "lib" / "libz.so.1").symlink_to("libz.so.1.2.13")
+    (tree / "lib" / "python3.11" / "os.py").write_text("# os\n")
+    (tree / "site" / "supervisor" / "__init__.py").write_text("")
+    (tree / oci.ENTRY).write_text("from supervisor.cli import main\n")
+    return tree
+
+
+def files_of(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry under ``root``: relative path -> (mode, bytes, or a symlink's target)."""
+    found: dict[str, tuple[int, bytes | str]] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            found[rel] = (0o777, os.readlink(p))
+        elif p.is_file():
+            found[rel] = (stat.S_IMODE(p.stat().st_mode), p.read_bytes())
+    return found
 
 
 @pytest.fixture
@@ -90,7 +117,7 @@ def test_the_cli_honours_source_date_epoch(bundle: Path, tmp_path: Path) -> None
     assert [o.stdout.strip() for o in outputs] == [expected, expected]
 
 
-def test_the_layer_holds_only_the_bundle_read_only_and_owned_by_root(bundle: Path, tmp_path: Path) -> None:
+def test_the_layer_holds_only_the_tree_read_only_and_owned_by_root(bundle: Path, tmp_path: Path) -> None:
     layout = tmp_path / "oci"
     digest = oci.build_image(bundle, layout, **ARGS)
     assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
@@ -107,12 +134,23 @@ def test_the_layer_holds_only_the_bundle_read_only_and_owned_by_root(bundle: Pat
     assert (config["architecture"], config["os"]) == ("amd64", "linux")
     assert "Entrypoint" not in config["config"] and "Cmd" not in config["config"]
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        (member,) = tar.getmembers()
-        assert member.name == "openshell-supervisor" and member.isreg()
-        assert (member.mode, member.uid, member.gid) == (0o555, 0, 0)
-        assert member.mtime == oci.parse_created(CREATED)
-        extracted = tar.extractfile(member)
-        assert extracted is not None and extracted.read() == bundle.read_bytes()
+        members = tar.getmembers()
+        assert [m.name for m in members] == sorted(
+            p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+        )
+        for member in members:
+            assert (member.uid, member.gid, member.mtime) == (0, 0, oci.parse_created(CREATED)), member.name
+            local = bundle / member.name
+            if member.isdir():
+                assert member.mode == 0o755
+            elif member.issym():
+                assert member.linkname == os.readlink(local)
+            else:
+                assert member.isreg() and member.mode == (0o555 if local.stat().st_mode & 0o111 else 0o444)
+                extracted = tar.extractfile(member)
+                assert extracted is not None and extracted.read() == local.read_bytes()
+        assert {m.name: m.mode for m in members}["bin/python3"] == 0o555
+        assert {m.name: m.mode for m in members}[oci.ENTRY] == 0o444
 
 
 def test_arm64_images_say_so(bundle: Path, tmp_path: Path) -> None:
@@ -150,11 +188,12 @@ def test_push_pull_and_unpack_through_a_real_registry(
         check=True,
         capture_output=True,
     )
-    files = sorted(p.relative_to(rootfs).as_posix() for p in rootfs.rglob("*"))
-    assert files == ["openshell-supervisor"]
-    unpacked = rootfs / "openshell-supervisor"
-    assert unpacked.read_bytes() == bundle.read_bytes()
-    assert stat.S_IMODE(unpacked.stat().st_mode) == 0o555
+    unpacked = files_of(rootfs)
+    expected = {
+        name: (mode if isinstance(content, str) else (0o555 if mode & 0o111 else 0o444), content)
+        for name, (mode, content) in files_of(bundle).items()
+    }
+    assert unpacked == expected
 
 
 def test_a_multiarch_index_pushes_every_platform(
@@ -203,7 +242,7 @@ def test_the_dockerfile_has_both_targets() -> None:
     assert set(stages) >= {"build", "supervisor", "gateway"}
     assert stages["supervisor"] == "scratch"
     supervisor_stage = text.split(" AS supervisor", 1)[1].split("\nFROM ", 1)[0]
-    assert "COPY --from=build" in supervisor_stage and "/openshell-supervisor" in supervisor_stage
+    assert "COPY --from=build" in supervisor_stage and "/out/tree/" in supervisor_stage
     for key in oci.labels(version="v", revision="r", created="c"):
         assert key in supervisor_stage
     gateway_stage = text.split(" AS gateway", 1)[1].split("\nFROM ", 1)[0]

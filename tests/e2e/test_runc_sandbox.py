@@ -23,6 +23,7 @@ import pytest
 
 from gateway.config import KubernetesDriverSettings
 from gateway.drivers import podspec
+from supervisor.install import TREE_ENTRIES
 from tests.support.netns import NetPair, netns_unavailable
 from tests.support.procs import GatewayProcess, wait_until
 from tests.support.runc import RuncContainer, empty_dir, runc_unavailable, runtime_spec_from_pod, secret_dir
@@ -126,7 +127,9 @@ def test_the_gateways_pod_runs_in_runc_and_rides_out_a_cut(
         }, first
         assert "NoNewPrivs: 1" in first
         assert any(line.startswith("Uid: 65534 65534") for line in first), first
-        assert "/opt/openshell/openshell-supervisor run" in next(x for x in first if x.startswith("pid1")), (
+        # The supervisor itself is PID 1 (no bootloader between it and the runtime's signals).
+        pid1 = next(x for x in first if x.startswith("pid1"))
+        assert "/opt/openshell/openshell-supervisor.py run" in pid1 and "/opt/openshell/lib/ld.so" in pid1, (
             first
         )
         assert {"id 65534:65534", "root read-only", "bundle read-only", "no python"} <= set(first), first
@@ -158,7 +161,7 @@ def test_the_init_container_fallback_installs_the_bundle_for_the_sandbox(
     rootfs: Path, pulled_image: Path, net: NetPair, tmp_path: Path
 ) -> None:
     """Without ImageVolume: the init container runs from the supervisor image itself (nothing in it
-    but the bundle) and copies the bundle into an emptyDir, which the sandbox mounts read-only."""
+    but the tree) and copies the tree into an emptyDir, which the sandbox mounts read-only."""
     gw = GatewayProcess(tmp_path / "gw", grpc_host=net.gateway_ip, netns=net.gateway_ns)
     settings = KubernetesDriverSettings.model_validate(
         {
@@ -167,9 +170,12 @@ def test_the_init_container_fallback_installs_the_bundle_for_the_sandbox(
             "supervisor": {"injection": "init-container", "settings": {"gateway.connect_timeout_s": "2"}},
         }
     )
-    command = ["/bin/sh", "-c", "echo installed by the init container; ls /opt/openshell; exit 4"]
+    command = ["/bin/sh", "-c", "echo installed by the init container; echo $(ls /opt/openshell); exit 4"]
     pod = podspec.build_sandbox_pod(settings, podspec.SandboxRequest("init-sb", command))
-    assert pod["spec"]["volumes"][0] == {"name": podspec.VOLUME_SUPERVISOR, "emptyDir": {"sizeLimit": "64Mi"}}
+    assert pod["spec"]["volumes"][0] == {
+        "name": podspec.VOLUME_SUPERVISOR,
+        "emptyDir": {"sizeLimit": podspec.SUPERVISOR_TREE_LIMIT},
+    }
     fs_group = pod["spec"]["securityContext"]["fsGroup"]
     volumes = {
         podspec.VOLUME_SUPERVISOR: empty_dir(tmp_path / "volumes" / "supervisor", fs_group),
@@ -201,8 +207,10 @@ def test_the_init_container_fallback_installs_the_bundle_for_the_sandbox(
             )
         )
         assert init.wait(timeout=120) == 0, init.log_text()[-4000:]
-        installed = volumes[podspec.VOLUME_SUPERVISOR] / "openshell-supervisor"
-        assert installed.read_bytes() == (pulled_image / "openshell-supervisor").read_bytes()
+        target = volumes[podspec.VOLUME_SUPERVISOR]
+        for name in ("lib/ld.so", "bin/python3", podspec.TREE_ENTRY):
+            assert (target / name).read_bytes() == (pulled_image / name).read_bytes(), name
+        installed = target / "bin" / "python3"
         assert installed.stat().st_uid == 65534 and installed.stat().st_mode & 0o777 == 0o555
 
         gw.start()
@@ -212,4 +220,7 @@ def test_the_init_container_fallback_installs_the_bundle_for_the_sandbox(
         init.stop()
         main.stop()
         gw.stop()
-    assert gw.log_lines("init-sb") == ["installed by the init container", "openshell-supervisor"]
+    assert gw.log_lines("init-sb") == [
+        "installed by the init container",
+        " ".join(sorted(TREE_ENTRIES)),
+    ]

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 MOUNT_DIR = "/opt/openshell"  # where the image volume is mounted, as in the pod wiring
-MOUNT = f"{MOUNT_DIR}/openshell-supervisor"
 APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "env", "id", "grep", "wget", "timeout")
 
 
@@ -47,7 +46,6 @@ def make_rootfs(root: Path, busybox: Path) -> Path:
         (root / "bin" / applet).symlink_to("busybox")
     for d in ("tmp", "dev", "proc", "sys", "journal", "control", "opt/openshell", "etc"):
         (root / d).mkdir(parents=True)
-    (root / MOUNT.lstrip("/")).touch()  # the read-only root cannot grow a mount point
     (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     assert not list(root.rglob("*python*")) and not list(root.rglob("libc*"))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from imagevolume import oci
-from imagevolume.bundle import build_bundle
+from imagevolume.bundle import build_bundle, tree_digest
 from tests.support import busybox, gatewayimage, images, kubeaccess
 from tests.support.procs import REPO
 
@@ -163,7 +163,7 @@ def wait_rolled_out(admin: Any, namespace: str, release: str, timeout: float = 3
 
 
 def _tree_tag(bundle: Path) -> str:
-    digest = hashlib.sha256(gatewayimage.sources_hash().encode() + bundle.read_bytes()).hexdigest()
+    digest = hashlib.sha256(gatewayimage.sources_hash().encode() + tree_digest(bundle).encode()).hexdigest()
     return f"dev-{digest[:12]}"
 
 

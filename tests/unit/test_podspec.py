@@ -11,7 +11,8 @@ import pytest
 from gateway.config import GatewayConfig, KubernetesDriverSettings
 from gateway.drivers import podspec
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_credential_secret, build_sandbox_pod
-from imagevolume import oci  # a cross-check only: the gateway never imports imagevolume
+from imagevolume import bundle, oci  # a cross-check only: the gateway never imports imagevolume
+from supervisor import install
 
 VERSIONS = ("1.34.0", "1.35.0", "1.37.0")
 
@@ -67,7 +68,8 @@ def test_the_wiring() -> None:
     pod = build_sandbox_pod(settings(supervisor={"settings": {"journal.max_bytes": "1000000"}}), request())
     (container,) = pod["spec"]["containers"]
     assert container["command"] == [
-        "/opt/openshell/openshell-supervisor", "run",
+        "/opt/openshell/lib/ld.so", "--library-path", "/opt/openshell/lib",
+        "/opt/openshell/bin/python3", "-I", "-S", "/opt/openshell/openshell-supervisor.py", "run",
         "--sandbox-id", "sb-1",
         "--gateway", "gw.openshell.svc:7070",
         "--journal-dir", "/var/lib/openshell/journal",
@@ -101,14 +103,27 @@ def test_the_init_container_fallback_copies_into_what_the_sandbox_mounts() -> No
     pod = build_sandbox_pod(settings(supervisor={"injection": "init-container"}), request())
     (init,) = pod["spec"]["initContainers"]
     assert init["image"] == "ghcr.io/openshell/openshell-supervisor:0.1.0"
-    assert init["command"] == ["/openshell-supervisor", "install", "/opt/openshell"]
+    assert init["command"] == [
+        "/lib/ld.so", "--library-path", "/lib", "/bin/python3", "-P", "-s", "-S", "/openshell-supervisor.py",
+        "install", "/opt/openshell",
+    ]  # fmt: skip
+    assert init["env"] == [{"name": "PYTHONHOME", "value": "/"}]
     assert {"name": "openshell-supervisor", "mountPath": "/opt/openshell"} in init["volumeMounts"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert "image" not in volumes["openshell-supervisor"] and "emptyDir" in volumes["openshell-supervisor"]
 
 
-def test_the_bundle_path_matches_the_image_layout() -> None:
-    assert podspec.IMAGE_BUNDLE_PATH == "/" + oci.BUNDLE_PATH
+def test_the_launcher_matches_the_trees_layout() -> None:
+    for root in ("/opt/openshell", "/elsewhere"):
+        assert podspec.launcher(root) == bundle.launcher(root)
+    assert podspec.TREE_ENTRY == oci.ENTRY == install.ENTRY
+    assert set(install.TREE_ENTRIES) >= {
+        bundle.LOADER.split("/")[0],
+        bundle.PYTHON.split("/")[0],
+        bundle.SITE,
+        bundle.ENTRY,
+        "bundle.json",
+    }
 
 
 def test_every_container_is_locked_down_whatever_the_config() -> None:
