@@ -50,6 +50,8 @@ from _procs import PYTHON, REPO, child_env, free_port, wait_http
 
 MIB = 1024 * 1024
 SUPERVISOR_ID = "bench-idle-supervisor"
+BUNDLE_ID = "bench-idle-image-tree"
+DEFAULT_TREE = REPO / "build" / "bundle" / "tree"
 CLIENT_ID = "bench-idle-bare-client"
 HEARTBEAT_S = 10.0
 CONNECT_POLL_S = 0.005
@@ -224,7 +226,16 @@ def import_breakdown() -> list[dict[str, Any]]:
     return rows
 
 
-def measure(root: Path, seconds: float) -> list[Sampled]:
+def _tree_launcher(tree: Path) -> list[str]:
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from imagevolume.bundle import launcher
+
+    return launcher(str(tree))
+
+
+def measure(root: Path, seconds: float, bundle: Path | None = None) -> list[Sampled]:
     db_path = root / "gateway.db"
     grpc_address = f"127.0.0.1:{free_port()}"
     http_port = free_port()
@@ -262,6 +273,32 @@ def measure(root: Path, seconds: float) -> list[Sampled]:
                 cwd=root,
             )
         )
+        if bundle is not None:
+            # The shipped form: the image volume's tree, started the way the pod's command starts it.
+            started.append(
+                _start_and_connect(
+                    "supervisor (image tree)",
+                    [
+                        *_tree_launcher(bundle),
+                        "run",
+                        "--sandbox-id",
+                        BUNDLE_ID,
+                        "--gateway",
+                        grpc_address,
+                        "--journal-dir",
+                        str(root / "bundle-journal"),
+                        "--log-level",
+                        "info",
+                        "--",
+                        "sleep",
+                        linger,
+                    ],
+                    sandbox_id=BUNDLE_ID,
+                    db_path=db_path,
+                    log_path=root / "bundle.log",
+                    cwd=root,
+                )
+            )
         client_argv = [PYTHON, "-c", _BARE_CLIENT, grpc_address, CLIENT_ID, str(HEARTBEAT_S)]
         started.append(
             _start_and_connect(
@@ -325,10 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the idle window")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / _RESULT)
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_TREE if DEFAULT_TREE.is_dir() else None,
+        help=f"the supervisor tree (imagevolume/bundle.py) to measure too; default {DEFAULT_TREE} if built",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="supervisor-idle-bench-", dir=args.dir) as tmp:
-        rows = [s.row() for s in measure(Path(tmp), args.seconds)]
+        rows = [s.row() for s in measure(Path(tmp), args.seconds, args.bundle)]
     imports = import_breakdown()
 
     print(f"idle window {args.seconds:.0f}s, gateway heartbeat {HEARTBEAT_S:.0f}s")

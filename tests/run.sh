@@ -16,8 +16,9 @@ if [ "$(id -u)" = 0 ]; then
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v strace >/dev/null 2>&1 || missing+=(strace)
-  # The image-volume tests: bundle build, OCI registry, a busybox sandbox under bubblewrap.
-  command -v patchelf >/dev/null 2>&1 || missing+=(patchelf binutils)
+  # The image-volume tests: the supervisor tree (python3-venv for its pip), OCI registry, a busybox
+  # sandbox under bubblewrap.
+  /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
   command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
   command -v umoci >/dev/null 2>&1 || missing+=(umoci)
   command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
