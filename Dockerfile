@@ -32,7 +32,7 @@ RUN python3 imagevolume/bundle.py --out /out \
  && /out/tree/lib/ld.so --library-path /out/tree/lib /out/tree/bin/python3 -I -S \
       /out/tree/openshell-supervisor.py --help >/dev/null
 
-# --- supervisor: the image volume's content, one file -------------------------------------------
+# --- supervisor: the image volume's content, the tree at its root ---------------------------------
 FROM scratch AS supervisor
 ARG VERSION
 ARG REVISION

@@ -16,9 +16,11 @@ The image volume is mounted read-only and executable, so the supervisor runs str
 
 and the pod's command is ``/opt/openshell/lib/ld.so --library-path /opt/openshell/lib
 /opt/openshell/bin/python3 -I -S /opt/openshell/openshell-supervisor.py run ...`` (see
-:func:`launcher`). Invoking the loader by path makes it load every library from ``lib/`` whatever
-the sandbox image holds, and the option is not inherited: the sandbox's own programs see nothing
-of it (no ``LD_LIBRARY_PATH``). ``-I -S`` keep the interpreter away from the image's PYTHON*
+:func:`launcher`). Invoking the loader by path makes it load the carried libraries from ``lib/``
+whatever the sandbox image holds, and the option is not inherited: the sandbox's own programs see
+nothing of it (no ``LD_LIBRARY_PATH``). What the loader still takes from the image (its
+``/etc/ld.so.preload``, ``LD_PRELOAD``, NSS modules beyond files and dns) is in
+docs/image-volume.md. ``-I -S`` keep the interpreter away from the image's PYTHON*
 variables and site-packages. Every module is compiled ahead (``unchecked-hash`` .pyc files: the
 volume is read-only, and a hash, unlike an mtime, survives image layers).
 
@@ -75,7 +77,7 @@ GATEWAY_ONLY = frozenset({"sqlalchemy", "alembic", "aiosqlite", "asyncpg", "ligh
 #: ncurses, readline, Berkeley DB, Kerberos, SQLite...).
 STDLIB_LEFT_OUT = (
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
-    "unittest", "venv", "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages",
+    "unittest", "venv", "config-*", "site-packages", "dist-packages",
 )  # fmt: skip
 DYNLOAD_LEFT_OUT = re.compile(r"^(_curses|_curses_panel|readline|_dbm|_gdbm|nis|_sqlite3|_crypt|_tkinter)\.")
 APT_PACKAGES = ("python3-venv",)
@@ -129,6 +131,31 @@ def source_hash() -> str:
         name = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
         h.update(name.encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def host_inputs_hash(libraries: dict[str, str]) -> str:
+    """sha256 over what the tree copies from this machine besides the interpreter: the standard
+    library (paths, sizes, mtimes: a package upgrade changes them) and the libraries carried
+    (``name -> path here``, bytes), so that an apt upgrade of libssl or libc rebuilds the tree."""
+    h = hashlib.sha256()
+    version = subprocess.run(
+        [str(_interpreter()), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stdlib = Path(f"/usr/lib/python{version}")
+    for path in sorted(stdlib.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for name, where in sorted(libraries.items()):
+        h.update(f"{name}\0".encode())
+        try:
+            h.update(hashlib.sha256(Path(where).read_bytes()).digest())
+        except OSError:
+            h.update(b"missing")
     return h.hexdigest()
 
 
@@ -232,7 +259,8 @@ def supervisor_requirements() -> list[str]:
 def _install_site(work: Path, tree: Path, env: dict[str, str]) -> None:
     site = tree / SITE
     pip = _pip(work, env)
-    _run([*pip, "--target", str(site), *supervisor_requirements()], env=env)
+    # Wheels only: the build stage has no compiler, and an sdist build would fail obscurely.
+    _run([*pip, "--only-binary=:all:", "--target", str(site), *supervisor_requirements()], env=env)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
     for name in ("supervisor", "openshell_wire"):
         shutil.copytree(REPO / name, site / name, ignore=ignore)
@@ -277,8 +305,13 @@ def _elf_files(tree: Path) -> list[Path]:
     return found
 
 
-def _copy_libraries(tree: Path) -> list[str]:
-    """Every shared library the tree's ELF files load, and the loader; returns their names."""
+#: Libraries glibc itself dlopens at run time, which no ELF file names: libgcc_s for unwinding
+#: (pthread_exit, pthread_cancel: daemon threads at interpreter shutdown).
+ALWAYS_CARRIED = ("libgcc_s.so.1",)
+
+
+def _copy_libraries(tree: Path) -> dict[str, str]:
+    """Every shared library the tree's ELF files load, and the loader; returns name -> source."""
     lib = tree / LIBRARY_DIR
     carried: dict[str, Path] = {}
     loader: Path | None = None
@@ -295,11 +328,19 @@ def _copy_libraries(tree: Path) -> list[str]:
                 carried.setdefault(name, path)
     if loader is None:
         raise BundleError("ldd named no dynamic loader for the interpreter")
+    for name in ALWAYS_CARRIED:
+        if name not in carried:
+            found = sorted(Path("/").glob(f"lib/*-linux-gnu*/{name}")) or sorted(
+                Path("/").glob(f"usr/lib/*-linux-gnu*/{name}")
+            )
+            if not found:
+                raise BundleError(f"{name} (dlopened by glibc) not found on this machine")
+            carried[name] = found[0]
     for name, path in sorted(carried.items()):
         shutil.copyfile(path, lib / name)  # the file itself, under the name the loader asks for
     shutil.copyfile(loader, tree / LOADER)
     os.chmod(tree / LOADER, 0o755)
-    return sorted(carried)
+    return {name: str(path) for name, path in sorted(carried.items())} | {"ld.so": str(loader)}
 
 
 def _compile(tree: Path, env: dict[str, str]) -> None:
@@ -349,7 +390,36 @@ def tree_digest(tree: Path) -> str:
     return h.hexdigest()
 
 
+#: Run by the tree's interpreter: import what the supervisor runs with, then list the shared
+#: objects mapped. On this machine a library missing from lib/ would be found in /lib silently.
+_MAPS_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import asyncio, ssl, uuid, lzma, bz2, zlib, ctypes, hashlib, json
+import grpc, grpc.aio, google.protobuf, pydantic, pydantic_settings, yaml, psutil, aiohttp
+import prometheus_client, opentelemetry.sdk, tenacity
+import supervisor.agent, supervisor.cli, supervisor.http, supervisor.metrics, supervisor.telemetry
+with open("/proc/self/maps") as maps:
+    print("\\n".join(sorted({l.split()[-1] for l in maps if ".so" in l.split()[-1]})))
+"""
+
+
 def _smoke(tree: Path) -> None:
+    probe = subprocess.run(
+        [*launcher(str(tree))[:-1], "-c", _MAPS_PROBE, str(tree / SITE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise BundleError(
+            f"the tree cannot import the supervisor ({probe.returncode}): {probe.stderr[-4000:]}"
+        )
+    outside = [p for p in probe.stdout.split() if not Path(p).resolve().is_relative_to(tree.resolve())]
+    if outside:
+        raise BundleError(f"the tree loads shared objects from this machine, not from lib/: {outside}")
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [*launcher(str(tree)), "config", "schema"],
@@ -378,7 +448,11 @@ def build_bundle(out_dir: Path, *, force: bool = False) -> Path:
             meta = json.loads(manifest.read_text())
         except ValueError:
             meta = {}
-        if meta.get("source_hash") == key and meta.get("tree_sha256") == tree_digest(tree):
+        if (
+            meta.get("source_hash") == key
+            and meta.get("host_inputs_hash") == host_inputs_hash(meta.get("libraries") or {})
+            and meta.get("tree_sha256") == tree_digest(tree)
+        ):
             _log(f"up to date: {tree}")
             return tree
     work = out_dir / ".work"
@@ -396,6 +470,7 @@ def build_bundle(out_dir: Path, *, force: bool = False) -> Path:
     _compile(staging, env)
     meta = {
         "source_hash": key,
+        "host_inputs_hash": host_inputs_hash(libraries),
         "python": version,
         "interpreter": str(_interpreter()),
         "libraries": libraries,

@@ -33,6 +33,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from openshell_wire.records import Command, CommandKind, LifecycleKind, LifecycleRecord, LogRecord, Payload
+from supervisor.childenv import current_main_process_env
 from supervisor.config import SupervisorConfig
 
 if TYPE_CHECKING:
@@ -47,8 +48,19 @@ from supervisor.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+#: As PID 1 the supervisor receives only the signals it handles, and the runtime stops a container
+#: with its image's STOPSIGNAL (SIGQUIT for nginx, for one): each of these stops the sandbox, passed
+#: on to the main process as it came, then SIGKILL after the grace period.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def restart_delay(restart: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
@@ -364,6 +376,7 @@ class Agent:
         echo = self.config.capture.echo
         main = MainProcess(
             self.config.command,
+            env=current_main_process_env(),
             reaper=self.reaper,
             sink=self._capture,
             max_line_bytes=self.config.capture.max_line_bytes,

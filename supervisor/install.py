@@ -31,6 +31,13 @@ def bundle_root() -> Path | None:
     return None
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def install(target_dir: Path) -> Path:
     """Copy the tree into ``target_dir`` (first into a hidden directory there, then each entry
     moved into place); return the entry script's path there."""
@@ -41,7 +48,11 @@ def install(target_dir: Path) -> Path:
         raise InstallError(f"{target_dir} is not a directory")
     staging = target_dir / ".openshell-install.tmp"
     try:
-        shutil.rmtree(staging, ignore_errors=True)
+        # A pod sandbox recreated on the node keeps its emptyDir and runs the installer again:
+        # the earlier copy goes first (nothing runs from it during init), so the volume never
+        # holds two trees against its size limit.
+        for name in (*TREE_ENTRIES, staging.name):
+            _remove(target_dir / name)
         staging.mkdir()
         for name in TREE_ENTRIES:
             path = source / name
@@ -50,15 +61,8 @@ def install(target_dir: Path) -> Path:
             elif path.exists():
                 shutil.copy2(path, staging / name)
         for name in TREE_ENTRIES:
-            if not (staging / name).exists():
-                continue
-            # A pod sandbox recreated on the node keeps its emptyDir, and runs the installer again.
-            old = target_dir / name
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            elif old.exists() or old.is_symlink():
-                old.unlink()
-            os.replace(staging / name, old)
+            if (staging / name).exists():
+                os.replace(staging / name, target_dir / name)
         staging.rmdir()
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

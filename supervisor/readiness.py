@@ -39,6 +39,7 @@ from typing import Any
 
 import aiohttp
 
+from supervisor.childenv import current_main_process_env
 from supervisor.endpoint_settings import ReadinessSettings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ async def check_command(argv: list[str], timeout_s: float) -> tuple[bool, str]:
             stderr=asyncio.subprocess.STDOUT,
             # Its own session and process group: a timeout kills whatever the check started too.
             start_new_session=True,
+            env=current_main_process_env(),  # the sandbox's environment, as the main process gets it
         )
     except OSError as exc:
         return False, f"cannot run {argv[0]!r}: {exc.strerror or exc}"

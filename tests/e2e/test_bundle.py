@@ -127,7 +127,7 @@ def test_the_main_process_gets_the_containers_environment_not_the_bundles(
     bundle this tree replaced leaked LD_LIBRARY_PATH and _PYI_*/STATICX_* variables.)"""
     journal = tmp_path / "journal"
     journal.mkdir()
-    command = ["/bin/sh", "-c", "env | grep -E '^(LD_|_PYI|_MEI|STATICX|PYTHON|AGENT)' | sort"]
+    command = ["/bin/sh", "-c", "env | grep -E '^(LD_|LC_|_PYI|_MEI|STATICX|PYTHON|AGENT)' | sort"]
     result = _run_supervisor(
         bwrap,
         rootfs,
@@ -146,6 +146,13 @@ def test_the_main_process_gets_the_containers_environment_not_the_bundles(
             "--setenv",
             "PYTHONPATH",
             "/nowhere",
+            # A C.UTF-8 locale in the image, as Debian's and Ubuntu's have: the interpreter's
+            # start-up coerces its own locale to it (LC_CTYPE), which must not reach the sandbox.
+            "--tmpfs",
+            "/usr",
+            "--ro-bind",
+            "/usr/lib/locale/C.utf8",
+            "/usr/lib/locale/C.utf8",
         ],
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -126,9 +126,13 @@ def report(sig, frame):
 def stop(sig, frame):
     print("got SIGTERM", flush=True)
     sys.exit(0)
-for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+def quit_(sig, frame):
+    print("got SIGQUIT", flush=True)
+    sys.exit(0)
+for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGWINCH):
     signal.signal(s, report)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGQUIT, quit_)
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
@@ -144,7 +148,7 @@ def test_signals_are_forwarded_to_the_main_process(
     sv.start()
     assert sv.proc is not None
     wait_until(lambda: "ready" in gateway.log_lines("signals"), timeout=30, what="main process ready")
-    for sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2):
+    for sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH):
         sv.proc.send_signal(sig)
         wait_until(
             lambda sig=sig: f"got {sig.name}" in gateway.log_lines("signals"),  # type: ignore[misc]
@@ -160,12 +164,29 @@ def test_signals_are_forwarded_to_the_main_process(
         "got SIGUSR1",
         "got SIGHUP",
         "got SIGUSR2",
+        "got SIGWINCH",
         "got SIGTERM",
     ]
     # It exited within the grace period, by its own hand: no kill, and a stop is never restarted.
     assert len(_lifecycle(gateway, "signals", "started")) == 1
     (exited,) = _lifecycle(gateway, "signals", "exited")
     assert (exited["exit_code"], exited["signal"], exited["detail"]) == (0, 0, "")
+
+
+def test_sigquit_stops_the_sandbox_and_reaches_the_main_process_as_sigquit(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    """An image's STOPSIGNAL may be SIGQUIT (nginx): the runtime sends it to PID 1, the supervisor."""
+    gateway.start()
+    sv = _supervisor(tmp_path, gateway, "quit", _python(SIGNAL_REPORTER), ["process.restart=on-failure"])
+    supervisors.append(sv)
+    sv.start()
+    assert sv.proc is not None
+    wait_until(lambda: "ready" in gateway.log_lines("quit"), timeout=30, what="main process ready")
+    sv.proc.send_signal(signal.SIGQUIT)
+    assert sv.wait(timeout=60) == 0, sv.log_text()[-3000:]
+    assert gateway.log_lines("quit") == ["ready", "got SIGQUIT"]
+    assert len(_lifecycle(gateway, "quit", "started")) == 1, "a stop is never restarted"
 
 
 # -- exit codes ----------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def make_rootfs(root: Path, busybox: Path) -> Path:
     shutil.copy2(busybox, root / "bin" / "busybox")
     for applet in APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
-    for d in ("tmp", "dev", "proc", "sys", "journal", "control", "opt/openshell", "etc"):
+    for d in ("tmp", "dev", "proc", "sys", "journal", "control", "opt/openshell", "etc", "usr"):
         (root / d).mkdir(parents=True)
     (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
