@@ -220,7 +220,10 @@ async def test_the_driver_runs_on_the_charts_config_and_rbac(
         await driver.create(podspec.SandboxRequest("chart-sb", ["sleep", "600"]))
         pod = admin.get(Pod, "sandbox-chart-sb", namespace=sandboxes)
         assert pod.spec is not None and pod.spec.containers[0].command is not None
-        assert pod.spec.containers[0].command[3:6] == [
+        command = pod.spec.containers[0].command
+        after = len(podspec.launcher()) + 1  # the launcher, then "run"
+        assert command[after : after + 4] == [
+            "--sandbox-id",
             "chart-sb",
             "--gateway",
             f"{RELEASE}-gateway.{namespace}.svc:7070",
