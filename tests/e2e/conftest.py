@@ -14,10 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lightkube import Client
 
 from imagevolume import oci, registry
 from imagevolume.bundle import SYSTEM_PYTHON, BundleError, _is_pyenv, build_bundle
 from supervisor.install import TREE_ENTRIES
+from tests.support import kubeaccess
 from tests.support.busybox import apt_install, make_rootfs, static_busybox
 from tests.support.procs import REPO
 from tests.support.registry import ensure_tools, running_registry
@@ -33,6 +35,12 @@ def bundle() -> Path:
         return build_bundle(BUNDLE_DIR)
     except BundleError as exc:
         pytest.skip(f"cannot build the bundle here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def admin(kubeconfig: Path) -> Client:
+    """A client of the cluster with the admin's rights (the tests set things up with it)."""
+    return kubeaccess.admin_client(kubeconfig)
 
 
 @pytest.fixture(scope="session")

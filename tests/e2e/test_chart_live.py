@@ -57,11 +57,6 @@ def fake_nodes(admin: Client) -> bool:
 
 
 @pytest.fixture(scope="module")
-def admin(kubeconfig: Path) -> Client:
-    return kubeaccess.admin_client(kubeconfig)
-
-
-@pytest.fixture(scope="module")
 def release(admin: Client, kubeconfig: Path) -> Iterator[dict[str, Any]]:
     """The chart installed once for this module; uninstalled (and checked gone) at the end."""
     if not fake_nodes(admin) and not (DATABASE_URL and GATEWAY_IMAGE):

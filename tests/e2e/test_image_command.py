@@ -14,7 +14,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import bcrypt
 import pytest
 from lightkube import ApiError, Client
 from lightkube.resources.core_v1 import Pod, Secret
@@ -26,17 +25,12 @@ from gateway.drivers.podspec import PodSpecError
 from gateway.drivers.registry import RegistryError
 from tests.support import kubeaccess
 from tests.support.agentimages import ARGV, Pushed, push_agent_images
-from tests.support.registry import ensure_tools, running_registry
+from tests.support.registry import ensure_tools, htpasswd_auth, running_registry
 
 pytestmark = pytest.mark.timeout(600)
 PULL_SECRET = "agents-pull"
 #: A second pull Secret for the same registry: the first holds a password rotated away since.
 ROTATED_SECRET = "agents-pull-rotated"
-
-
-@pytest.fixture(scope="module")
-def admin(kubeconfig: Path) -> Client:
-    return kubeaccess.admin_client(kubeconfig)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +46,7 @@ def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     work = tmp_path_factory.mktemp("private-registry")
     with running_registry(work / "open") as open_registry:
         pushed = push_agent_images(open_registry, work)
-    htpasswd = work / "htpasswd"
-    htpasswd.write_bytes(b"puller:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)) + b"\n")
-    auth = f"htpasswd:\n  realm: test\n  path: {htpasswd}\n"
+    auth = htpasswd_auth(work, "puller", "s3cret")
     with running_registry(work / "private", auth=auth, storage=open_registry.root) as registry:
         yield Pushed(registry=registry, digests=pushed.digests)
 

@@ -30,11 +30,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def admin(kubeconfig: Path) -> Client:
-    return kubeaccess.admin_client(kubeconfig)
-
-
-@pytest.fixture(scope="module")
 def sandbox_ns(admin: Client) -> Iterator[str]:
     with kubeaccess.namespace(admin, "os-sandboxes") as name:
         yield name

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bcrypt
 import jwt
 import pytest
 from aiohttp import web
@@ -29,7 +28,7 @@ from gateway.drivers.registry import Platform, RegistryClient, RegistryError
 from tests.support import certs
 from tests.support.agentimages import Pushed, push_agent_images
 from tests.support.procs import free_port
-from tests.support.registry import ensure_tools, running_registry
+from tests.support.registry import ensure_tools, htpasswd_auth, running_registry
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +233,7 @@ async def test_tls_with_a_private_ca(pushed: Pushed, tmp_path: Path) -> None:
 
 
 async def test_basic_credentials(pushed: Pushed, tmp_path: Path) -> None:
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(b"puller:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)) + b"\n")
-    auth = f"htpasswd:\n  realm: test\n  path: {htpasswd}\n"
+    auth = htpasswd_auth(tmp_path, "puller", "s3cret")
     with running_registry(tmp_path / "basic", auth=auth, storage=pushed.registry.root) as reg:
         lookups = client(pushed, plain_http=frozenset({reg.host}))
         try:

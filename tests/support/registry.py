@@ -73,6 +73,18 @@ class Registry:
         return f"{'https' if self.tls else 'http'}://{self.host}"
 
 
+def htpasswd_auth(directory: Path, user: str, password: str) -> str:
+    """An ``auth:`` section (for ``running_registry(auth=...)``) admitting ``user`` with HTTP Basic:
+    an htpasswd file in ``directory`` (bcrypt, the only scheme the registry reads)."""
+    import bcrypt
+
+    path = directory / "htpasswd"
+    path.write_bytes(
+        user.encode() + b":" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)) + b"\n"
+    )
+    return f"htpasswd:\n  realm: test\n  path: {path}\n"
+
+
 def _answers(url: str) -> bool:
     context = ssl._create_unverified_context() if url.startswith("https") else None
     try:
