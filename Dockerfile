@@ -21,16 +21,16 @@ ARG CREATED=1970-01-01T00:00:00Z
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv git ca-certificates \
+      python3 python3-venv gcc libc6-dev git ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # bundle.py installs the supervisor's dependencies with pip (from a venv of /usr/bin/python3),
-# copies the interpreter, its standard library and every library they load, and writes /out/tree.
+# copies the interpreter, its standard library and every library they load, compiles the static
+# launcher (gcc), and writes /out/tree.
 ARG SOURCE_DATE_EPOCH
 RUN python3 imagevolume/bundle.py --out /out \
- && /out/tree/lib/ld.so --library-path /out/tree/lib /out/tree/bin/python3 -I -S \
-      /out/tree/openshell-supervisor.py --help >/dev/null
+ && /out/tree/bin/openshell-supervisor --help >/dev/null
 
 # --- supervisor: the image volume's content, the tree at its root ---------------------------------
 FROM scratch AS supervisor

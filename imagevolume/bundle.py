@@ -6,6 +6,7 @@ no libc and nothing to unpack.
 The image volume is mounted read-only and executable, so the supervisor runs straight from it:
 
     OUT/tree/
+      bin/openshell-supervisor   the launcher (static, from imagevolume/launcher.c): what a pod runs
       lib/ld.so                  the build machine's dynamic loader, under a name of its own
       lib/lib*.so*               every library the interpreter and the extension modules need (libc too)
       bin/python3                Debian's python3 (libpython is linked into it)
@@ -14,15 +15,17 @@ The image volume is mounted read-only and executable, so the supervisor runs str
       openshell-supervisor.py    the entry: puts site/ on sys.path and calls supervisor.cli.main
       bundle.json                what was built from what
 
-and the pod's command is ``/opt/openshell/lib/ld.so --library-path /opt/openshell/lib
+and the pod's command is ``/opt/openshell/bin/openshell-supervisor run ...``. The launcher moves
+the image's ``LD_PRELOAD``/``LD_AUDIT`` aside (the supervisor gives them back to the sandbox's
+programs) and executes ``/opt/openshell/lib/ld.so --library-path /opt/openshell/lib
 /opt/openshell/bin/python3 -I -S /opt/openshell/openshell-supervisor.py run ...`` (see
-:func:`launcher`). Invoking the loader by path makes it load the carried libraries from ``lib/``
+:func:`direct`). Invoking the loader by path makes it load the carried libraries from ``lib/``
 whatever the sandbox image holds, and the option is not inherited: the sandbox's own programs see
 nothing of it (no ``LD_LIBRARY_PATH``). What the loader still takes from the image (its
-``/etc/ld.so.preload``, ``LD_PRELOAD``, NSS modules beyond files and dns) is in
-docs/image-volume.md. ``-I -S`` keep the interpreter away from the image's PYTHON*
-variables and site-packages. Every module is compiled ahead (``unchecked-hash`` .pyc files: the
-volume is read-only, and a hash, unlike an mtime, survives image layers).
+``/etc/ld.so.preload``, NSS modules beyond files and dns) is in docs/image-volume.md. ``-I -S``
+keep the interpreter away from the image's PYTHON* variables and site-packages. Every module is
+compiled ahead (``unchecked-hash`` .pyc files: the volume is read-only, and a hash, unlike an
+mtime, survives image layers).
 
 This replaced a one-file PyInstaller build wrapped by staticx, which unpacked about 81 MB into
 ``$TMPDIR`` at every start (about 0.9 s before the first line), ran three processes deep and
@@ -51,9 +54,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "build" / "bundle"  # build/ is git-ignored
 SYSTEM_PYTHON = Path("/usr/bin/python3")
-SOURCES = ("supervisor", "openshell_wire", "pyproject.toml", "imagevolume/bundle.py")
+SOURCES = (
+    "supervisor",
+    "openshell_wire",
+    "pyproject.toml",
+    "imagevolume/bundle.py",
+    "imagevolume/launcher.c",
+)
 
 # The tree's layout (gateway/drivers/podspec.py names the same paths; a unit test holds them equal).
+LAUNCHER = "bin/openshell-supervisor"
+LAUNCHER_SOURCE = REPO / "imagevolume" / "launcher.c"
 LOADER = "lib/ld.so"
 LIBRARY_DIR = "lib"
 PYTHON = "bin/python3"
@@ -80,7 +91,7 @@ STDLIB_LEFT_OUT = (
     "unittest", "venv", "config-*", "site-packages", "dist-packages",
 )  # fmt: skip
 DYNLOAD_LEFT_OUT = re.compile(r"^(_curses|_curses_panel|readline|_dbm|_gdbm|nis|_sqlite3|_crypt|_tkinter)\.")
-APT_PACKAGES = ("python3-venv",)
+APT_PACKAGES = ("python3-venv", "gcc", "libc6-dev")
 
 
 class BundleError(RuntimeError):
@@ -89,7 +100,13 @@ class BundleError(RuntimeError):
 
 def launcher(root: str = MOUNT) -> list[str]:
     """The argv prefix that runs the supervisor from a tree at ``root`` (gateway/drivers/podspec.py
-    has the same, and the init container's variant for a tree at /)."""
+    has the same): the static launcher, which executes :func:`direct`'s command."""
+    return [f"{root}/{LAUNCHER}"]
+
+
+def direct(root: str = MOUNT) -> list[str]:
+    """What the launcher executes for a tree at ``root`` (not at /), without the environment it
+    also sets aside (imagevolume/launcher.c)."""
     return [
         f"{root}/{LOADER}",
         "--library-path",
@@ -180,11 +197,17 @@ def _missing_prereqs() -> list[str]:
     probe = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", "import ensurepip, venv"], capture_output=True, check=False
     )
-    return [] if probe.returncode == 0 else ["python3-venv"]
+    missing = [] if probe.returncode == 0 else ["python3-venv"]
+    if shutil.which("gcc") is None:
+        missing.append("gcc")
+    if not any(Path("/usr/lib").glob("*-linux-gnu*/libc.a")):
+        missing.append("libc6-dev")  # the static libc the launcher links
+    return missing
 
 
 def check_prerequisites(*, install: bool = True) -> None:
-    """Debian's python3 with venv (for pip); apt-installs it as root."""
+    """Debian's python3 with venv (for pip), gcc and a static libc (for the launcher); apt-installs
+    what is missing as root."""
     if not SYSTEM_PYTHON.exists() or _is_pyenv(SYSTEM_PYTHON):
         raise BundleError(
             f"{SYSTEM_PYTHON} is missing or not the distribution's Python: the bundle carries Debian's "
@@ -343,6 +366,25 @@ def _copy_libraries(tree: Path) -> dict[str, str]:
     return {name: str(path) for name, path in sorted(carried.items())} | {"ld.so": str(loader)}
 
 
+def _build_launcher(tree: Path, env: dict[str, str]) -> None:
+    """The static launcher (no build id: the same bytes from the same compiler and libc)."""
+    _run(
+        [
+            "gcc",
+            "-Os",
+            "-static",
+            "-Wall",
+            "-Werror",
+            "-Wl,--build-id=none",
+            "-s",
+            "-o",
+            str(tree / LAUNCHER),
+            str(LAUNCHER_SOURCE),
+        ],
+        env=env,
+    )
+
+
 def _compile(tree: Path, env: dict[str, str]) -> None:
     """.pyc files for every module, naming sources as they will be mounted (MOUNT/...)."""
     _run(
@@ -406,7 +448,7 @@ with open("/proc/self/maps") as maps:
 
 def _smoke(tree: Path) -> None:
     probe = subprocess.run(
-        [*launcher(str(tree))[:-1], "-c", _MAPS_PROBE, str(tree / SITE)],
+        [*direct(str(tree))[:-1], "-c", _MAPS_PROBE, str(tree / SITE)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -467,6 +509,7 @@ def build_bundle(out_dir: Path, *, force: bool = False) -> Path:
     _install_site(work, staging, env)
     (staging / ENTRY).write_text(ENTRY_TEXT)
     libraries = _copy_libraries(staging)
+    _build_launcher(staging, env)
     _compile(staging, env)
     meta = {
         "source_hash": key,

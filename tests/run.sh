@@ -19,6 +19,7 @@ if [ "$(id -u)" = 0 ]; then
   # The image-volume tests: the supervisor tree (python3-venv for its pip), OCI registry, a busybox
   # sandbox under bubblewrap.
   /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)  # the tree's static launcher, the node's pause
   command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
   command -v umoci >/dev/null 2>&1 || missing+=(umoci)
   command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)

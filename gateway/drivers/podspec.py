@@ -7,8 +7,8 @@ and the gateway builds every pod here, so the chart and the driver cannot drift 
   (``volumes[].image``), or, where the cluster lacks ImageVolume, an init container from the same
   image copying the supervisor's tree (``openshell-supervisor install``) into an emptyDir mounted
   there read-only;
-* the container command is the supervisor, run from that tree by its own loader and interpreter
-  (:func:`launcher`), wrapping the sandbox's own command after ``--``;
+* the container command is the supervisor, run from that tree by its launcher (:func:`launcher`),
+  wrapping the sandbox's own command after ``--``;
 * the journal on an emptyDir, ``/tmp`` on an emptyDir, so the image's root filesystem can stay
   read-only;
 * the per-sandbox credential from a Secret, re-read by the supervisor when it changes;
@@ -35,9 +35,7 @@ from openshell_wire.records import sandbox_id_problem
 
 SUPERVISOR_DIR = "/opt/openshell"
 #: The supervisor tree's layout (imagevolume/bundle.py; tests/unit/test_podspec.py holds them equal).
-TREE_LOADER = "lib/ld.so"
-TREE_LIBRARIES = "lib"
-TREE_PYTHON = "bin/python3"
+TREE_LAUNCHER = "bin/openshell-supervisor"
 TREE_ENTRY = "openshell-supervisor.py"
 SUPERVISOR_TREE_LIMIT = "256Mi"
 JOURNAL_DIR = "/var/lib/openshell/journal"
@@ -164,38 +162,10 @@ def _resources(requests: Mapping[str, str], limits: Mapping[str, str]) -> dict[s
 
 
 def launcher(root: str = SUPERVISOR_DIR) -> list[str]:
-    """The argv prefix that runs the supervisor from its tree at ``root``: the tree's loader, told
-    to take every library from the tree (an option, so the sandbox's programs inherit nothing of
-    it), its interpreter isolated from the image's PYTHON* variables and site-packages (-I -S),
-    and the entry script."""
-    return [
-        f"{root}/{TREE_LOADER}",
-        "--library-path",
-        f"{root}/{TREE_LIBRARIES}",
-        f"{root}/{TREE_PYTHON}",
-        "-I",
-        "-S",
-        f"{root}/{TREE_ENTRY}",
-    ]
-
-
-#: The init container runs the tree at the image's root, where the interpreter does not look for
-#: its standard library (it stops searching at /): PYTHONHOME says where, so that one container
-#: takes -P -s instead of -I (its environment is ours alone: the image sets none).
-INIT_PYTHONHOME = "/"
-
-
-def init_launcher() -> list[str]:
-    return [
-        f"/{TREE_LOADER}",
-        "--library-path",
-        f"/{TREE_LIBRARIES}",
-        f"/{TREE_PYTHON}",
-        "-P",
-        "-s",
-        "-S",
-        f"/{TREE_ENTRY}",
-    ]
+    """The argv prefix that runs the supervisor from its tree at ``root`` ("" for the image's own
+    root, in the init container): the tree's static launcher, which starts the tree's loader,
+    libraries and interpreter (imagevolume/launcher.c says how, and what it sets aside)."""
+    return [f"{root}/{TREE_LAUNCHER}"]
 
 
 def supervisor_command(
@@ -231,8 +201,7 @@ def install_init_container(settings: KubernetesDriverSettings) -> dict[str, Any]
         "name": INIT_CONTAINER_NAME,
         "image": supervisor.image,
         "imagePullPolicy": supervisor.pull_policy,
-        "command": [*init_launcher(), "install", SUPERVISOR_DIR],
-        "env": [{"name": "PYTHONHOME", "value": INIT_PYTHONHOME}],
+        "command": [*launcher(""), "install", SUPERVISOR_DIR],
         "securityContext": container_security_context(pod, read_only_root=True),
         "volumeMounts": [
             {"name": VOLUME_SUPERVISOR, "mountPath": SUPERVISOR_DIR},

@@ -10,6 +10,7 @@ capabilities, started the way the pod's command starts it (``podspec.launcher``)
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -181,6 +182,52 @@ def test_the_supervisor_is_pid_1_with_nothing_unpacked(
     assert pid1.startswith(f"{MOUNT_DIR}/lib/ld.so --library-path"), pid1
     assert f"{MOUNT_DIR}/openshell-supervisor.py run" in pid1, pid1
     assert in_tmp.strip() == "0"
+
+
+PRELOAD_PROBE = r"""
+#include <unistd.h>
+__attribute__((constructor)) static void announce(void) {
+    static const char line[] = "the image's preload ran here\n";
+    write(2, line, sizeof line - 1);
+}
+"""
+
+
+def test_the_images_ld_preload_is_the_sandboxs_not_the_supervisors(
+    bwrap: str, rootfs: Path, bundle: Path, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """An image may preload a library (a malloc, built against its own, maybe newer, glibc): the
+    launcher keeps it out of the supervisor's process and the main process gets LD_PRELOAD back."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc builds the preloaded probe library")
+    library = tmp_path / "libprobe.so"
+    source = tmp_path / "probe.c"
+    source.write_text(PRELOAD_PROBE)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    result = _run_supervisor(
+        bwrap,
+        rootfs,
+        bundle,
+        journal=journal,
+        gateway=gateway,
+        command=["/bin/sh", "-c", "env | grep -E '^(LD_|OPENSHELL_SANDBOX)' | sort"],
+        extra=[
+            "--tmpfs",
+            "/usr",
+            "--ro-bind",
+            str(library),
+            "/usr/lib/libprobe.so",
+            "--setenv",
+            "LD_PRELOAD",
+            "/usr/lib/libprobe.so",
+        ],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "the image's preload ran here" not in result.stderr, "the supervisor's loader preloaded it"
+    wait_until(lambda: gateway.log_lines("bundle-sb"), timeout=10, what="the env line stored")
+    assert gateway.log_lines("bundle-sb") == ["LD_PRELOAD=/usr/lib/libprobe.so"]
 
 
 def test_the_bundle_installs_a_copy_of_itself(bundle: Path, tmp_path: Path) -> None:

@@ -22,3 +22,11 @@ def test_the_names_come_from_the_kernels_copy(tmp_path: Path) -> None:
     environ.write_bytes(b"PATH=/bin\0LANG=C\0EMPTY=\0WITH=EQUALS=SIGN\0")
     assert names_started_with(environ) == {"PATH", "LANG", "EMPTY", "WITH"}
     assert names_started_with(tmp_path / "missing") is None
+
+
+def test_what_the_launcher_set_aside_is_given_back() -> None:
+    environ = {"PATH": "/bin", "OPENSHELL_SANDBOX_LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}
+    assert main_process_env(environ, set(environ)) == {
+        "PATH": "/bin",
+        "LD_PRELOAD": "/usr/lib/libjemalloc.so.2",
+    }

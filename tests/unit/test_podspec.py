@@ -68,8 +68,7 @@ def test_the_wiring() -> None:
     pod = build_sandbox_pod(settings(supervisor={"settings": {"journal.max_bytes": "1000000"}}), request())
     (container,) = pod["spec"]["containers"]
     assert container["command"] == [
-        "/opt/openshell/lib/ld.so", "--library-path", "/opt/openshell/lib",
-        "/opt/openshell/bin/python3", "-I", "-S", "/opt/openshell/openshell-supervisor.py", "run",
+        "/opt/openshell/bin/openshell-supervisor", "run",
         "--sandbox-id", "sb-1",
         "--gateway", "gw.openshell.svc:7070",
         "--journal-dir", "/var/lib/openshell/journal",
@@ -103,27 +102,32 @@ def test_the_init_container_fallback_copies_into_what_the_sandbox_mounts() -> No
     pod = build_sandbox_pod(settings(supervisor={"injection": "init-container"}), request())
     (init,) = pod["spec"]["initContainers"]
     assert init["image"] == "ghcr.io/openshell/openshell-supervisor:0.1.0"
-    assert init["command"] == [
-        "/lib/ld.so", "--library-path", "/lib", "/bin/python3", "-P", "-s", "-S", "/openshell-supervisor.py",
-        "install", "/opt/openshell",
-    ]  # fmt: skip
-    assert init["env"] == [{"name": "PYTHONHOME", "value": "/"}]
+    assert init["command"] == ["/bin/openshell-supervisor", "install", "/opt/openshell"]
+    assert "env" not in init, "the launcher sets what the tree needs at the image's root"
     assert {"name": "openshell-supervisor", "mountPath": "/opt/openshell"} in init["volumeMounts"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert "image" not in volumes["openshell-supervisor"] and "emptyDir" in volumes["openshell-supervisor"]
 
 
 def test_the_launcher_matches_the_trees_layout() -> None:
-    for root in ("/opt/openshell", "/elsewhere"):
+    for root in ("/opt/openshell", "/elsewhere", ""):
         assert podspec.launcher(root) == bundle.launcher(root)
     assert podspec.TREE_ENTRY == oci.ENTRY == install.ENTRY
     assert set(install.TREE_ENTRIES) >= {
+        bundle.LAUNCHER.split("/")[0],
         bundle.LOADER.split("/")[0],
         bundle.PYTHON.split("/")[0],
         bundle.SITE,
         bundle.ENTRY,
         "bundle.json",
     }
+    # The launcher executes what bundle.direct() says (imagevolume/launcher.c, read here).
+    source = (bundle.REPO / "imagevolume" / "launcher.c").read_text()
+    for part in ('"/lib/ld.so"', '"--library-path"', '"/lib"', '"/bin/python3"', '"-I"', '"-S"'):
+        assert part in source, part
+    assert bundle.direct("/r") == [
+        "/r/lib/ld.so", "--library-path", "/r/lib", "/r/bin/python3", "-I", "-S", "/r/openshell-supervisor.py"
+    ]  # fmt: skip
 
 
 def test_every_container_is_locked_down_whatever_the_config() -> None:
