@@ -141,6 +141,16 @@ def _interpreter() -> Path:
     return SYSTEM_PYTHON.resolve()
 
 
+def _python_version() -> str:
+    """The interpreter's major.minor (3.11): where its standard library lives."""
+    return subprocess.run(
+        [str(_interpreter()), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def source_hash() -> str:
     """sha256 over the relative paths and bytes of every input, and the interpreter's bytes."""
     h = hashlib.sha256()
@@ -156,13 +166,7 @@ def host_inputs_hash(libraries: dict[str, str]) -> str:
     library (paths, sizes, mtimes: a package upgrade changes them) and the libraries carried
     (``name -> path here``, bytes), so that an apt upgrade of libssl or libc rebuilds the tree."""
     h = hashlib.sha256()
-    version = subprocess.run(
-        [str(_interpreter()), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    stdlib = Path(f"/usr/lib/python{version}")
+    stdlib = Path(f"/usr/lib/python{_python_version()}")
     for path in sorted(stdlib.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             st = path.stat()
@@ -293,12 +297,7 @@ def _install_site(work: Path, tree: Path, env: dict[str, str]) -> None:
 def _copy_python(tree: Path) -> str:
     """bin/python3 and the standard library; returns the version (3.11)."""
     python = _interpreter()
-    version = subprocess.run(
-        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    version = _python_version()
     (tree / "bin").mkdir(parents=True)
     shutil.copy2(python, tree / PYTHON)
     stdlib = Path(f"/usr/lib/python{version}")

@@ -243,6 +243,10 @@ class RegistryClient:
     def _plain(self, host: str) -> bool:
         return host in self.plain_http
 
+    def _plain_registry(self, ref: ImageReference) -> bool:
+        """Whether ``ref``'s registry is spoken to over plain HTTP (listed by name or API host)."""
+        return self._plain(ref.registry) or self._plain(ref.api_host)
+
     def _check_allowed(self, ref: ImageReference) -> None:
         if self.allowed and not any(fnmatch.fnmatchcase(ref.registry, glob) for glob in self.allowed):
             raise RegistryError(
@@ -393,7 +397,7 @@ class RegistryClient:
         return doc
 
     def _url(self, ref: ImageReference, tail: str) -> str:
-        scheme = "http" if self._plain(ref.registry) or self._plain(ref.api_host) else "https"
+        scheme = "http" if self._plain_registry(ref) else "https"
         return f"{scheme}://{ref.api_host}/v2/{ref.repository}/{tail}"
 
     async def _manifest(
@@ -467,7 +471,7 @@ class RegistryClient:
         raise self._refusal(ref, what, 401, credentials, None)
 
     def _hint(self, ref: ImageReference) -> str:
-        if self._plain(ref.registry) or self._plain(ref.api_host):
+        if self._plain_registry(ref):
             return ""
         return " (a registry served over plain HTTP must be listed in drivers.kubernetes.registry.plain_http)"
 

@@ -82,11 +82,14 @@ def _run_supervisor(
     rootfs: Path,
     bundle: Path,
     *,
-    journal: Path,
+    tmp_path: Path,
     gateway: GatewayProcess,
     command: Sequence[str],
     extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
+    """The bundle as a supervisor in the sandbox, its journal on a fresh writable bind mount."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
     argv = [
         *_sandbox(bwrap, rootfs, bundle, "--bind", str(journal), "/journal", *extra, share_net=True),
         *podspec.launcher(MOUNT_DIR), "run",
@@ -105,10 +108,8 @@ def _run_supervisor(
 def test_bundle_supervises_a_busybox_main_process(
     bwrap: str, rootfs: Path, bundle: Path, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
-    journal = tmp_path / "journal"
-    journal.mkdir()
     command = ["/bin/sh", "-c", "echo hello from busybox; exit 3"]
-    result = _run_supervisor(bwrap, rootfs, bundle, journal=journal, gateway=gateway, command=command)
+    result = _run_supervisor(bwrap, rootfs, bundle, tmp_path=tmp_path, gateway=gateway, command=command)
     context = f"supervisor stderr:\n{result.stderr[-4000:]}\ngateway:\n{gateway.log_text()[-4000:]}"
     assert result.returncode == 3, context
     assert "session accepted" in result.stderr, context
@@ -126,14 +127,12 @@ def test_the_main_process_gets_the_containers_environment_not_the_bundles(
     """The tree's libraries are the loader's business (--library-path, not inherited): nothing of
     them may reach the sandbox's programs, which would load our libc and libssl. (The one-file
     bundle this tree replaced leaked LD_LIBRARY_PATH and _PYI_*/STATICX_* variables.)"""
-    journal = tmp_path / "journal"
-    journal.mkdir()
     command = ["/bin/sh", "-c", "env | grep -E '^(LD_|LC_|_PYI|_MEI|STATICX|PYTHON|AGENT)' | sort"]
     result = _run_supervisor(
         bwrap,
         rootfs,
         bundle,
-        journal=journal,
+        tmp_path=tmp_path,
         gateway=gateway,
         command=command,
         extra=[
@@ -170,11 +169,9 @@ def test_the_supervisor_is_pid_1_with_nothing_unpacked(
 ) -> None:
     """Run from the read-only tree as the container's first process: no bootloader in between
     (signals from the runtime reach it), and /tmp stays empty."""
-    journal = tmp_path / "journal"
-    journal.mkdir()
     command = ["/bin/sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls -A /tmp | wc -l"]
     result = _run_supervisor(
-        bwrap, rootfs, bundle, journal=journal, gateway=gateway, command=command, extra=["--as-pid-1"]
+        bwrap, rootfs, bundle, tmp_path=tmp_path, gateway=gateway, command=command, extra=["--as-pid-1"]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     wait_until(lambda: len(gateway.log_lines("bundle-sb")) >= 2, timeout=10, what="the lines stored")
@@ -204,13 +201,11 @@ def test_the_images_ld_preload_is_the_sandboxs_not_the_supervisors(
     source = tmp_path / "probe.c"
     source.write_text(PRELOAD_PROBE)
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    journal = tmp_path / "journal"
-    journal.mkdir()
     result = _run_supervisor(
         bwrap,
         rootfs,
         bundle,
-        journal=journal,
+        tmp_path=tmp_path,
         gateway=gateway,
         command=["/bin/sh", "-c", "env | grep -E '^(LD_|OPENSHELL_SANDBOX)' | sort"],
         extra=[
