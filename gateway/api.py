@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -46,7 +47,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.drivers import Provisioner, ProvisionError
-from gateway.drivers.podspec import env_problem
+from gateway.drivers.podspec import SandboxRequest, request_problem
 from gateway.metrics import GatewayMetrics
 from gateway.store import (
     CommandRow,
@@ -59,7 +60,7 @@ from gateway.store import (
     utcnow,
 )
 from gateway.store.schema import EVENT_KINDS
-from openshell_wire.records import Command, CommandKind, sandbox_id_problem
+from openshell_wire.records import Command, CommandKind
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ MAX_TAIL = 10_000
 FOLLOW_WAKE_S = 1.0
 FOLLOW_PAGE = 1000
 NDJSON = "application/x-ndjson"
+#: The default bound on a request body (``http.max_body_bytes``); aiohttp's own default too.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+#: How deeply a request body may nest: the API's own bodies nest two levels, and Python's JSON
+#: parser recurses once per level (a body of 100,000 brackets would blow its stack).
+MAX_JSON_DEPTH = 32
+_MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -196,6 +203,44 @@ def _kinds_param(request: web.Request) -> list[str] | None:
     return kinds
 
 
+# A JSON string (escapes included), found without backtracking: its brackets do not nest.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str, limit: int) -> bool:
+    """Whether ``text`` nests no deeper than ``limit``, counted in a loop (no recursion)."""
+    depth = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        else:
+            depth -= 1
+    return True
+
+
+async def _json_body(request: web.Request) -> object:
+    """The request's JSON body, or an ApiError saying what is wrong with it (size, encoding,
+    nesting, syntax); never a parser's traceback."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[_MAX_BODY_BYTES]
+        raise ApiError(413, f"the body is larger than {limit} bytes (http.max_body_bytes)") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not UTF-8 (byte {exc.start})") from None
+    if not _json_depth(text, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
 def command_json(row: CommandRow) -> dict[str, Any]:
     c = row.command
     doc: dict[str, Any] = {"id": c.command_id, "sandbox_id": row.sandbox_id, "kind": c.kind.value}
@@ -215,8 +260,13 @@ def command_json(row: CommandRow) -> dict[str, Any]:
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
 
 
-def _sandbox_request(body: object) -> tuple[str, list[str], str | None, dict[str, str]]:
-    """Validate a POSTed sandbox: ``{"id": "sb-1", "command": ["sh", "-c", "..."], "image": "..."}``."""
+def _sandbox_request(body: object) -> SandboxRequest:
+    """Validate a POSTed sandbox: ``{"id": "sb-1", "command": ["sh", "-c", "..."], "image": "..."}``.
+
+    Types are checked here (each refusal names the field); what the values may hold is
+    :func:`~gateway.drivers.podspec.request_problem`'s to say, the one check of every path that
+    creates a sandbox.
+    """
     if not isinstance(body, dict):
         raise ApiError(
             400, 'the body must be a JSON object such as {"id": "sb-1", "command": ["sleep", "60"]}'
@@ -230,25 +280,24 @@ def _sandbox_request(body: object) -> tuple[str, list[str], str | None, dict[str
         body.get("image"),
         body.get("env", {}),
     )
-    problem = sandbox_id_problem(sandbox_id) if isinstance(sandbox_id, str) else "id must be a string"
-    if problem is not None:
-        raise ApiError(400, problem)
+    if not isinstance(sandbox_id, str):
+        raise ApiError(400, "id must be a string")
     if command is None:
         command = []  # the image's own ENTRYPOINT and CMD (drivers.kubernetes.registry)
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         raise ApiError(400, "command must be a list of strings (omitted: the image's ENTRYPOINT and CMD)")
     if image is not None and (not isinstance(image, str) or not image):
         raise ApiError(400, "image must be a non-empty string when given")
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
+    if not isinstance(env, dict):
         raise ApiError(400, "env must be an object of string values")
-    for name in env:
-        problem = env_problem(name)
-        if problem is not None:
-            raise ApiError(400, problem)
-    assert isinstance(sandbox_id, str)
-    return sandbox_id, command, image, env
+    for name, value in env.items():
+        if not isinstance(value, str):
+            raise ApiError(400, f"env.{name[:80]}: must be a string (env is an object of string values)")
+    request = SandboxRequest(sandbox_id=sandbox_id, command=command, image=image, env=env)
+    problem = request_problem(request)
+    if problem is not None:
+        raise ApiError(400, problem)
+    return request
 
 
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
@@ -322,11 +371,7 @@ class _Api:
     async def create_command(self, request: web.Request) -> web.StreamResponse:
         store = self._command_store()
         row = await self._sandbox(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the body is not valid JSON") from None
-        kind, args = _command_args(body)
+        kind, args = _command_args(await _json_body(request))
         created = await store.create(row.id, kind, **args)
         delivered = self.deliver(row.id, created.command) if self.deliver is not None else False
         return web.json_response({**command_json(created), "delivered": delivered}, status=201)
@@ -351,13 +396,11 @@ class _Api:
 
     async def create_sandbox(self, request: web.Request) -> web.StreamResponse:
         provisioner = self._provisioner()
+        wanted = _sandbox_request(await _json_body(request))
         try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the body is not valid JSON") from None
-        sandbox_id, command, image, env = _sandbox_request(body)
-        try:
-            created = await provisioner.create(sandbox_id, command, image=image, env=env)
+            created = await provisioner.create(
+                wanted.sandbox_id, list(wanted.command), image=wanted.image, env=wanted.env
+            )
         except ProvisionError as exc:
             raise ApiError(exc.status, str(exc)) from None
         return web.json_response(created, status=201)
@@ -459,6 +502,7 @@ def build_api(
     deliver: Callable[[str, Command], bool] | None = None,
     provisioner: Provisioner | None = None,
     metrics: GatewayMetrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app."""
     api = _Api(
@@ -470,7 +514,8 @@ def build_api(
         deliver=deliver,
         provisioner=provisioner,
     )
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors], client_max_size=max_body_bytes)
+    app[_MAX_BODY_BYTES] = max_body_bytes
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
     if metrics is not None:

@@ -130,6 +130,7 @@ class Gateway:
             lost_after_s=cfg.sessions.lost_after_s,
             commands=commands,
             deliver=self._service.deliver,
+            max_body_bytes=cfg.http.max_body_bytes,
         )
         # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)

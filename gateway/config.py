@@ -70,6 +70,12 @@ class GrpcSettings(_Section):
 
 class HttpSettings(_Section):
     listen: str = Field("127.0.0.1:7080", description="host:port of the HTTP JSON API.")
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body the HTTP API reads; a larger one is refused with 413.",
+    )
 
 
 class DatabaseSettings(_Section):

@@ -2,7 +2,9 @@
 
 The same requests an agent or a script sends (``POST /api/v1/sandboxes``, ``DELETE
 /api/v1/sandboxes/{id}``); the answer is printed as the API's JSON, and a refusal as the API's
-own sentence with a non-zero exit status.
+own sentence with a non-zero exit status. A request is checked here first by the same rule the
+gateway applies (:func:`gateway.drivers.podspec.request_problem`), so a bad one is refused with
+that sentence before anything is sent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
+
+from gateway.drivers.podspec import SandboxRequest, request_problem
+from openshell_wire.records import sandbox_id_problem
 
 
 class SandboxCallError(Exception):
@@ -56,6 +61,9 @@ async def _call(
 async def create_sandbox(
     api_url: str, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
 ) -> dict[str, Any]:
+    problem = request_problem(SandboxRequest(sandbox_id, list(command), image=image or None, env=dict(env)))
+    if problem is not None:
+        raise SandboxCallError(problem, 400)
     body: dict[str, Any] = {"id": sandbox_id}
     if command:  # none: the image's own ENTRYPOINT and CMD
         body["command"] = list(command)
@@ -67,4 +75,8 @@ async def create_sandbox(
 
 
 async def delete_sandbox(api_url: str, sandbox_id: str) -> dict[str, Any]:
+    # The id becomes a path segment: "../commands" must not name another resource.
+    problem = sandbox_id_problem(sandbox_id)
+    if problem is not None:
+        raise SandboxCallError(f"id: {problem}", 400)
     return await _call(api_url, "DELETE", f"/sandboxes/{sandbox_id}")

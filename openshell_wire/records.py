@@ -26,7 +26,7 @@ def sandbox_id_problem(sandbox_id: str) -> str | None:
     """None when ``sandbox_id`` is valid, else the reason (the same rule on both sides)."""
     if not sandbox_id:
         return "sandbox_id is empty"
-    if not _SANDBOX_ID.match(sandbox_id):
+    if not _SANDBOX_ID.fullmatch(sandbox_id):  # "$" would let a trailing newline through
         return (
             f"sandbox_id {sandbox_id[:80]!r} is not a valid name (lowercase letters, digits, '-' and '.', "
             "at most 253 characters, starting and ending alphanumeric)"

@@ -22,11 +22,21 @@ DOCKER_HUB_API = "registry-1.docker.io"
 #: The kubelet's key of ``docker login``'s ``https://index.docker.io/v1/``: Docker Hub's fallback.
 DOCKER_HUB_INDEX = "index.docker.io"
 
+# Matched with fullmatch: a "$" would let a trailing newline through.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
-_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+#: The distribution project's limit on a name (registry and repository, without tag or digest).
+MAX_NAME = 255
+#: A name, a tag (128) and a digest (71) with their separators.
+MAX_REFERENCE = MAX_NAME + 1 + 128 + 1 + 71
+
+
+def _shown(text: str) -> str:
+    """The reference for an error message: quoted, control characters escaped, cut short."""
+    return repr(text) if len(text) <= 100 else repr(text[:100]) + "..."
 
 
 class ImageReferenceError(ValueError):
@@ -43,35 +53,45 @@ class ImageReference:
     @classmethod
     def parse(cls, text: str) -> ImageReference:
         if not text or text != text.strip():
-            raise ImageReferenceError(f"image reference {text!r} is empty or has surrounding spaces")
+            raise ImageReferenceError(f"image reference {_shown(text)} is empty or has surrounding spaces")
+        if len(text) > MAX_REFERENCE:
+            raise ImageReferenceError(
+                f"image reference {_shown(text)} is {len(text)} characters; at most {MAX_REFERENCE}"
+            )
         rest, digest = text, None
         if "@" in rest:
             rest, digest = rest.split("@", 1)
-            if not _DIGEST.match(digest):
+            if not _DIGEST.fullmatch(digest):
                 raise ImageReferenceError(
-                    f"image reference {text!r}: digest {digest!r} is not sha256:<64 hex digits>"
+                    f"image reference {_shown(text)}: digest {digest!r} is not sha256:<64 hex digits>"
                 )
         tag = None
         last = rest.rsplit("/", 1)[-1]
         if ":" in last:
             rest, tag = rest.rsplit(":", 1)
-            if not _TAG.match(tag):
-                raise ImageReferenceError(f"image reference {text!r}: tag {tag!r} is not a valid tag")
+            if not _TAG.fullmatch(tag):
+                raise ImageReferenceError(f"image reference {_shown(text)}: tag {tag!r} is not a valid tag")
         first, sep, remainder = rest.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost"):
             registry, repository = first, remainder
-            if not _HOST.match(registry):
-                raise ImageReferenceError(f"image reference {text!r}: {registry!r} is not a registry host")
+            if not _HOST.fullmatch(registry):
+                raise ImageReferenceError(
+                    f"image reference {_shown(text)}: {registry!r} is not a registry host"
+                )
         else:
             registry, repository = DOCKER_HUB, rest
         if registry == DOCKER_HUB_INDEX:  # distribution's reference package says docker.io for both
             registry = DOCKER_HUB
         if registry == DOCKER_HUB and "/" not in repository:
             repository = f"library/{repository}"
-        if not _REPOSITORY.match(repository):
+        if len(rest) > MAX_NAME:
             raise ImageReferenceError(
-                f"image reference {text!r}: repository {repository!r} must be lowercase letters, digits "
-                "and separators (. _ __ -) between slashes"
+                f"image reference {_shown(text)}: the name is {len(rest)} characters; at most {MAX_NAME}"
+            )
+        if not _REPOSITORY.fullmatch(repository):
+            raise ImageReferenceError(
+                f"image reference {_shown(text)}: repository {repository!r} must be lowercase letters, "
+                "digits and separators (. _ __ -) between slashes"
             )
         if tag is None and digest is None:
             tag = "latest"

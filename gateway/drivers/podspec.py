@@ -27,10 +27,11 @@ import base64
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.config import KubernetesDriverSettings, SandboxPodSettings, SupervisorInjectionSettings
+from gateway.drivers.imageref import ImageReference, ImageReferenceError
 from openshell_wire.records import sandbox_id_problem
 
 SUPERVISOR_DIR = "/opt/openshell"
@@ -83,16 +84,94 @@ MAX_SANDBOX_ID = 253 - len(POD_PREFIX) - len(CREDENTIAL_SUFFIX)
 #: interpreter (its config, LD_PRELOAD, TMPDIR...; PYTHON* the interpreter ignores, as -I says).
 RESERVED_ENV_PREFIXES = ("OPENSHELL_", "LD_", "PYTHON")
 RESERVED_ENV = frozenset({"TMPDIR"})
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+#: Variable names as every Kubernetes version accepts them (before 1.34 made the relaxed rule,
+#: "any printable ASCII but '='", the default, names had to be C-identifier-like) and as a shell can
+#: read them: a stricter rule than the relaxed one, so one request works on every cluster. Matched
+#: with ``fullmatch``: ``$`` would let a trailing newline through.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+MAX_ENV_NAME = 256
+MAX_ENV = 1024
+MAX_ARGS = 4096
+#: Linux refuses (E2BIG) to exec a single argument or ``NAME=value`` string this long or longer
+#: (MAX_ARG_STRLEN, 32 pages).
+MAX_ARG_BYTES = 128 * 1024
+#: Arguments and environment together: well under the kernel's ARG_MAX and the API server's
+#: object size, leaving room for the supervisor's own arguments.
+MAX_EXEC_BYTES = 1024 * 1024
 
 
 def env_problem(name: str) -> str | None:
     """Why ``name`` may not be set by a sandbox request, or None."""
-    if not _ENV_NAME.match(name):
-        return f"env: {name[:80]!r} is not a valid variable name"
+    if len(name) > MAX_ENV_NAME or not _ENV_NAME.fullmatch(name):
+        return (
+            f"env: {name[:80]!r} is not a valid variable name (a letter or '_', then letters, digits, "
+            f"'_', '.' or '-'; at most {MAX_ENV_NAME} characters)"
+        )
     if name in RESERVED_ENV or name.upper().startswith(RESERVED_ENV_PREFIXES):
         return f"env: {name!r} is reserved (it would reconfigure the supervisor, not only the sandbox)"
     return None
+
+
+def _string_problem(value: str) -> str | None:
+    """Why a string cannot be an argument or an environment value, or None."""
+    if "\x00" in value:
+        # execve takes C strings: a NUL would silently cut the value short.
+        return "contains a NUL byte"
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    if size >= MAX_ARG_BYTES:
+        return f"is {size} bytes; at most {MAX_ARG_BYTES - 1}"
+    return None
+
+
+def request_problem(request: SandboxRequest) -> str | None:
+    """Why ``request`` cannot become a sandbox, naming the field, or None.
+
+    The one check every path that creates a sandbox applies (the HTTP API, the CLI, the pod
+    builder): the id as the wire protocol takes it, the image through the registry reference
+    parser (no path traversal, NUL, whitespace, uppercase repository or bad digest), environment
+    names as above and reserved ones refused, and values and arguments that exec can carry.
+    """
+    problem = sandbox_id_problem(request.sandbox_id)
+    if problem is not None:
+        return f"id: {problem}"
+    if request.image is not None:
+        try:
+            ImageReference.parse(request.image)
+        except ImageReferenceError as exc:
+            return f"image: {exc}"
+    if len(request.command) > MAX_ARGS:
+        return f"command: {len(request.command)} arguments; at most {MAX_ARGS}"
+    if request.command and not request.command[0]:
+        return "command[0]: the program to run is empty"
+    total = 0
+    for i, arg in enumerate(request.command):
+        problem = _string_problem(arg)
+        if problem is not None:
+            return f"command[{i}]: {problem}"
+        total += len(arg.encode()) + 1
+    if len(request.env) > MAX_ENV:
+        return f"env: {len(request.env)} variables; at most {MAX_ENV}"
+    for name, value in request.env.items():
+        problem = env_problem(name)
+        if problem is not None:
+            return problem
+        problem = _string_problem(f"{name}={value}")
+        if problem is not None:
+            return f"env.{name}: value {problem}"
+        total += len(name.encode()) + len(value.encode()) + 2
+    if total > MAX_EXEC_BYTES:
+        return f"command and env: {total} bytes together; at most {MAX_EXEC_BYTES}"
+    return None
+
+
+def check_request(request: SandboxRequest) -> None:
+    """Raise :class:`PodSpecError` with :func:`request_problem`'s reason, if there is one."""
+    problem = request_problem(request)
+    if problem is not None:
+        raise PodSpecError(problem)
 
 
 def pod_name(sandbox_id: str) -> str:
@@ -231,10 +310,8 @@ def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxReques
         raise PodSpecError(
             "drivers.kubernetes.gateway_address is empty: supervisors would not know where to dial"
         )
-    for key in request.env:
-        problem = env_problem(key)
-        if problem is not None:
-            raise PodSpecError(problem)
+    # Again here, after the image's own command was read from its registry: every pod is checked.
+    check_request(replace(request, image=image))
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

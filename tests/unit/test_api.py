@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.api import build_api
-from gateway.store import Database, EventStore, SandboxStore
+from gateway.store import CommandStore, Database, EventStore, SandboxStore
 from openshell_wire.records import Event, LifecycleKind, LifecycleRecord, LogRecord, LogStream
 
 T0 = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
@@ -226,3 +226,60 @@ async def test_follow_until_exit_of_an_exited_sandbox_returns_at_once(env: Env) 
         resp = await env.client.get("/api/v1/sandboxes/sb/logs?follow=1&until_exit=1&kinds=log")
         body = await resp.read()
     assert [json.loads(line)["sequence"] for line in body.splitlines()] == [1]
+
+
+@pytest.fixture
+async def commands_client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    """An API that serves commands, with a small body bound (4 KiB)."""
+    db = await Database.open(f"sqlite:///{tmp_path}/commands.db")
+    sandboxes = SandboxStore(db)
+    await sandboxes.ensure("sb")
+    app = build_api(
+        sandboxes=sandboxes,
+        events=EventStore(db),
+        lost_after_s=LOST_AFTER_S,
+        commands=CommandStore(db),
+        max_body_bytes=4096,
+    )
+    try:
+        async with TestClient(TestServer(app)) as client:
+            yield client
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        # Deeper than Python's recursion limit: the parser itself would raise RecursionError.
+        ("[" * 1500 + "]" * 1500, 400, "nests deeper than 32"),
+        ('{"kind": ' + "[" * 33 + "]" * 33 + "}", 400, "nests deeper than 32"),
+        ("x" * 5000, 413, "larger than 4096 bytes"),
+        (b"\xff\xfe", 400, "not UTF-8"),
+        ('{"kind": "stop"', 400, "not valid JSON"),
+        ('{"kind": "stop", "grace_ms": 1e999}', 400, "grace_ms"),
+        ('{"kind": "stop", "grace_ms": "5"}', 400, "grace_ms"),
+        ('{"kind": ["stop"]}', 400, "kind must be one of"),
+    ],
+)
+async def test_bad_bodies_are_refused_with_the_reason(
+    commands_client: TestClient[Any, Any], body: str | bytes, status: int, words: str
+) -> None:
+    resp = await commands_client.post(
+        "/api/v1/sandboxes/sb/commands", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    assert words in (await resp.json())["error"]
+    # The gateway goes on serving: a good body right after is accepted.
+    resp = await commands_client.post("/api/v1/sandboxes/sb/commands", json={"kind": "stop"})
+    assert resp.status == 201, await resp.text()
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(commands_client: TestClient[Any, Any]) -> None:
+    body = '{"kind": "signal", "signal": "' + "[{" * 100 + '\\"]"}'
+    resp = await commands_client.post(
+        "/api/v1/sandboxes/sb/commands", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400, await resp.text()
+    assert "signal must be a signal name" in (await resp.json())["error"]

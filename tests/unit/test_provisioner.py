@@ -242,6 +242,22 @@ async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore,
         ({"id": "ok", "command": ["true"], "env": {"A": 1}}, "string values"),
         ({"id": "ok", "command": ["true"], "color": "blue"}, "unknown field"),
         (["not", "an", "object"], "JSON object"),
+        # Values the pod (and exec) cannot carry, or that name something else than an image.
+        ({"id": "ok\n", "command": ["true"]}, "not a valid name"),
+        ({"id": "ok", "command": ["true"], "image": "../../etc/passwd"}, "image: "),
+        ({"id": "ok", "command": ["true"], "image": "registry.example/a/../b:1"}, "image: "),
+        ({"id": "ok", "command": ["true"], "image": "busybox\x00:1"}, "image: "),
+        ({"id": "ok", "command": ["true"], "image": "busybox:1\n"}, "image: "),
+        ({"id": "ok", "command": ["true"], "image": "Library/BusyBox"}, "image: "),
+        ({"id": "ok", "command": ["true"], "image": "busybox@sha256:1234"}, "image: "),
+        ({"id": "ok", "command": ["true"], "env": {"FOO": "a\x00b"}}, "env.FOO: value contains a NUL byte"),
+        ({"id": "ok", "command": ["true"], "env": {"FOO": "\ud800"}}, "env.FOO: value is not valid Unicode"),
+        ({"id": "ok", "command": ["true"], "env": {"FOO\n": "x"}}, "not a valid variable name"),
+        ({"id": "ok", "command": ["true"], "env": {"A=B": "x"}}, "not a valid variable name"),
+        ({"id": "ok", "command": ["sh", "-c", "a\x00b"]}, "command[2]: contains a NUL byte"),
+        ({"id": "ok", "command": [""]}, "command[0]: the program to run is empty"),
+        ({"id": "ok", "command": ["echo", "x" * 200_000]}, "command[1]: is 200000 bytes"),
+        ({"id": "ok", "command": ["true"] * 5000}, "command: 5000 arguments"),
     ]
     try:
         async with TestClient(TestServer(app)) as client:
@@ -330,3 +346,23 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
         await db.close()
     code, _, err = await _cli("delete", "x", "--api", "http://127.0.0.1:1")
     assert code == 69 and "cannot reach the gateway API" in err
+
+
+async def test_the_sandbox_cli_checks_a_request_before_sending_it() -> None:
+    """The CLI applies the gateway's own check: a bad request is refused with its reason even
+    where no gateway answers (127.0.0.1:1), so nothing was sent."""
+    nowhere = ["--api", "http://127.0.0.1:1"]
+    code, _, err = await _cli("create", *nowhere, "--image", "../../etc/passwd", "cli-4", "--", "true")
+    assert code == 1 and "image: " in err, err
+    code, _, err = await _cli("create", *nowhere, "--env", "LD_PRELOAD=/x.so", "cli-4", "--", "true")
+    assert code == 1 and "reserved" in err, err
+    code, _, err = await _cli("delete", *nowhere, "../commands")
+    assert code == 1 and "not a valid name" in err, err
+
+
+async def test_the_provisioner_checks_requests_that_do_not_come_through_the_api(store: SandboxStore) -> None:
+    prov = provisioner(store, FakeDriver())
+    with pytest.raises(ProvisionError, match=r"env\.FOO: value contains a NUL byte") as caught:
+        await prov.create("direct", ["true"], image=None, env={"FOO": "a\x00b"})
+    assert caught.value.status == 400
+    assert await store.get("direct") is None, "the registration was taken back"
