@@ -48,7 +48,12 @@ _LIFECYCLE_TO_PB = {
     LifecycleKind.RECONNECTED: pb.LIFECYCLE_KIND_RECONNECTED,
 }
 _LIFECYCLE_FROM_PB = {v: k for k, v in _LIFECYCLE_TO_PB.items()}
-_GAP_TO_PB = {GapReason.OVERFLOW: pb.GAP_REASON_OVERFLOW, GapReason.CORRUPT: pb.GAP_REASON_CORRUPT}
+_GAP_TO_PB = {
+    GapReason.OVERFLOW: pb.GAP_REASON_OVERFLOW,
+    GapReason.CORRUPT: pb.GAP_REASON_CORRUPT,
+    GapReason.WRITE_FAILED: pb.GAP_REASON_WRITE_FAILED,
+    GapReason.UNSPECIFIED: pb.GAP_REASON_UNSPECIFIED,
+}
 _GAP_FROM_PB = {v: k for k, v in _GAP_TO_PB.items()}
 _HEALTH_TO_PB = {
     HealthState.HEALTHY: pb.HEALTH_STATE_HEALTHY,
@@ -98,6 +103,7 @@ def event_to_proto(event: Event) -> pb.Event:
         msg.gap.dropped_bytes = p.dropped_bytes
         msg.gap.first_sequence = p.first_sequence
         msg.gap.last_sequence = p.last_sequence
+        msg.gap.detail = p.detail
     return msg
 
 
@@ -133,16 +139,16 @@ def event_from_proto(msg: pb.Event) -> Event:
             duration_ms=lc.duration_ms,
         )
     elif kind == "gap":
-        reason = _GAP_FROM_PB.get(msg.gap.reason)
-        if reason is None:
-            raise WireError(f"event {msg.sequence}: unknown gap reason {msg.gap.reason}")
         g = msg.gap
         payload = GapRecord(
-            reason=reason,
+            # What matters in a gap is what it counts: a reason from a newer peer must not make
+            # the whole batch refused (and so stall the stream), so it is kept as unspecified.
+            reason=_GAP_FROM_PB.get(g.reason, GapReason.UNSPECIFIED),
             dropped_records=g.dropped_records,
             dropped_bytes=g.dropped_bytes,
             first_sequence=g.first_sequence,
             last_sequence=g.last_sequence,
+            detail=g.detail,
         )
     elif kind == "health":
         h = msg.health
@@ -204,9 +210,10 @@ def describe(event: Event) -> str:
         return f"supervisor started (instance {p.instance_id})"
     if isinstance(p, HealthRecord):
         return describe_health(p)
+    detail = f": {p.detail}" if p.detail else ""
     return (
         f"{p.dropped_records} records ({p.dropped_bytes} bytes) were dropped "
-        f"({p.reason.value}), sequences {p.first_sequence}..{p.last_sequence}"
+        f"({p.reason.value}{detail}), sequences {p.first_sequence}..{p.last_sequence}"
     )
 
 

@@ -60,6 +60,10 @@ class LifecycleKind(enum.Enum):
 class GapReason(enum.Enum):
     OVERFLOW = "overflow"
     CORRUPT = "corrupt"
+    #: The journal could not write them (disk full, I/O error); ``GapRecord.detail`` says why.
+    WRITE_FAILED = "write_failed"
+    #: A reason this side does not know (a newer peer): the gap and its count are kept.
+    UNSPECIFIED = "unspecified"
 
 
 class HealthState(enum.Enum):
@@ -97,6 +101,8 @@ class GapRecord:
     dropped_bytes: int
     first_sequence: int
     last_sequence: int
+    #: Why, in words (for WRITE_FAILED the error, e.g. "No space left on device"); may be empty.
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ class Agent:
                 main_pid=lambda: self.main_pid,
                 record=self.record,
                 extra_disk_paths=[config.journal.directory],
+                journal_stats=self.journal.stats,
             )
             if config.health.enabled
             else None
@@ -160,13 +161,20 @@ class Agent:
     # -- records ----------------------------------------------------------------------------
 
     def record(self, payload: Payload) -> bool:
-        """Journal one record; a full disk is reported, never allowed to stop the capture."""
+        """Journal one record; a full disk is reported, never allowed to stop the capture.
+
+        Never silent either: a log line the journal cannot write is counted in a WRITE_FAILED gap
+        record (``Journal.append``), and a lifecycle or health-change record stays with its
+        caller, who retries. The failure itself is a health change, checked at once.
+        """
         try:
             self.journal.append(payload)
         except JournalError as exc:
             self._append_failures += 1
             if self._append_failures == 1 or self._append_failures % 1000 == 0:
                 log.error("journal append failed (%d so far): %s", self._append_failures, exc)
+            if self.health is not None:
+                self.health.notify()
             return False
         return True
 
@@ -180,7 +188,9 @@ class Agent:
         deadline = time.monotonic() + max(self.config.session.exit_flush_timeout_s, 1.0)
         while not self.record(payload):
             if time.monotonic() > deadline:
-                log.critical("lifecycle record could not be journaled and is lost: %s", payload)
+                # Still not silent: the journal counts it in the next WRITE_FAILED gap record.
+                self.journal.lost(payload)
+                log.critical("lifecycle record could not be journaled (counted in a gap record): %s", payload)
                 return
             await asyncio.sleep(0.5)
 

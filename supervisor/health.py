@@ -21,6 +21,9 @@ The verdict (:func:`evaluate`, a pure function) is the worst of:
 
 ==========================  ==========================================================================
 unhealthy                   an OOM kill in the cgroup since the last sample (for that sample only);
+                            the journal cannot write (``journal cannot write: <why>``: while it
+                            runs on its reserve or has a gap record pending, or for one sample
+                            after any failed append);
                             memory working set (``memory.current - inactive_file``, the number the
                             kubelet evicts on) at ``memory_unhealthy_ratio`` of ``memory.max``; a disk
                             at ``disk_unhealthy_ratio``; ``pids.current`` at ``pids.max``
@@ -33,9 +36,12 @@ Journal: a verdict that differs from the last one journaled, or any new OOM kill
 the state already was unhealthy), is journaled at once as a ``HealthRecord`` with ``change=True``
 (framed like a lifecycle record: never evicted); otherwise a sample is journaled every
 ``interval_s`` with ``change=False`` (framed like a log line: under the journal's byte bound it
-gives way to a gap that counts it). The supervisor starts out presumed healthy, so a healthy start
-journals nothing until the first periodic sample. A change that cannot be journaled (disk full)
-is tried again at the next check.
+gives way to a gap that counts it). The journal starting or ceasing to fail is news as well, even
+when the state stays unhealthy for another reason (a disk already 100% full, say). The supervisor
+starts out presumed healthy, so a healthy start journals nothing until the first periodic sample. A
+change that cannot be journaled (disk full) is tried again at the next check; a failed append wakes
+the monitor at once (:meth:`HealthMonitor.notify`), and on a full disk the journal writes changes
+from its reserve.
 """
 
 from __future__ import annotations
@@ -54,10 +60,14 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from openshell_wire.records import DiskUsage, HealthRecord, HealthState, Payload
+from supervisor.journal import JournalStats
 
 log = logging.getLogger(__name__)
 
 _RANK = {HealthState.HEALTHY: 0, HealthState.DEGRADED: 1, HealthState.UNHEALTHY: 2}
+#: How a reason about the journal's writes starts (the rest is the cause, e.g. "No space left on device").
+JOURNAL_REASON = "journal cannot write: "
+_MIN_WAKE_S = 0.2
 
 
 class HealthSettings(BaseModel):
@@ -168,6 +178,11 @@ class Sample:
     disk_ratios: tuple[float, ...] = ()
     #: The main process the tree was read from (a new one resets the CPU baseline).
     main_pid: int | None = None
+    #: The journal's failed appends since it opened, why it cannot write now (None: it can), and
+    #: the cause of its latest failure.
+    journal_errors: int = 0
+    journal_problem: str | None = None
+    journal_last_error: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +408,13 @@ def evaluate(
     if new:
         unhealthy.append("OOM kill" if new == 1 else f"{new} OOM kills")
 
+    problem = sample.journal_problem
+    if problem is None and sample.journal_errors > (previous.journal_errors if previous is not None else 0):
+        # It failed since the last sample and writes again (a one-off I/O error): still news.
+        problem = sample.journal_last_error or "write failed"
+    if problem is not None:
+        unhealthy.append(JOURNAL_REASON + problem)
+
     if cg.memory_current is not None and cg.memory_max:
         working = max(cg.memory_current - (cg.inactive_file or 0), 0)
         ratio = working / cg.memory_max
@@ -494,12 +516,17 @@ class HealthMonitor:
         main_pid: Callable[[], int | None],
         record: Callable[[Payload], bool],
         extra_disk_paths: Iterable[Path] = (),
+        journal_stats: Callable[[], JournalStats] | None = None,
         proc_cgroup: Path = Path("/proc/self/cgroup"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._main_pid = main_pid
         self._record = record
+        self._journal_stats = journal_stats
+        self._wake = asyncio.Event()
+        #: Whether the record last journaled said the journal cannot write.
+        self._journaled_journal_failing = False
         self._clock = clock
         paths: list[Path] = []
         for path in [*settings.disk_paths, *extra_disk_paths]:
@@ -549,8 +576,17 @@ class HealthMonitor:
                 self.cgroup_dir,
             )
         disks, ratios = read_disks(self.disk_paths)
+        journal = self._journal_stats() if self._journal_stats is not None else None
         return Sample(
-            at=self._clock(), tree=tree, cgroup=cgroup, disks=disks, disk_ratios=ratios, main_pid=pid
+            at=self._clock(),
+            tree=tree,
+            cgroup=cgroup,
+            disks=disks,
+            disk_ratios=ratios,
+            main_pid=pid,
+            journal_errors=journal.write_errors_total if journal is not None else 0,
+            journal_problem=journal.write_problem if journal is not None else None,
+            journal_last_error=journal.last_write_error if journal is not None else "",
         )
 
     def check(self) -> HealthRecord:
@@ -565,10 +601,17 @@ class HealthMonitor:
         self.last_at = sample.at
         self.last_cgroup_readable = sample.cgroup.readable
         now = sample.at
-        if state is not self._journaled_state or _new_oom_kills(sample, previous):
-            # An OOM kill is news even to a sandbox already unhealthy (say, for its memory).
+        journal_failing = any(reason.startswith(JOURNAL_REASON) for reason in reasons)
+        if (
+            state is not self._journaled_state
+            or _new_oom_kills(sample, previous)
+            or journal_failing != self._journaled_journal_failing
+        ):
+            # An OOM kill is news even to a sandbox already unhealthy (say, for its memory), and
+            # so is a journal that stops (or starts again) taking writes.
             change = replace(record, change=True)
             if self._record(change):
+                self._journaled_journal_failing = journal_failing
                 log.log(
                     logging.INFO if state is HealthState.HEALTHY else logging.WARNING,
                     "health %s -> %s%s",
@@ -588,15 +631,25 @@ class HealthMonitor:
             self.samples_journaled += 1
         return record
 
+    def notify(self) -> None:
+        """Check now rather than at the next period (the journal just failed an append)."""
+        self._wake.set()
+
     async def run(self) -> None:
-        """Check every ``check_interval_s`` (at most ``interval_s``) until cancelled."""
+        """Check every ``check_interval_s`` (at most ``interval_s``), or at once after ``notify``,
+        until cancelled."""
         period = min(self.settings.check_interval_s, self.settings.interval_s)
         while True:
+            self._wake.clear()
             try:
                 self.check()
             except Exception:  # a bug here must be seen, but must not stop the supervisor
                 log.exception("health: check failed")
-            await asyncio.sleep(period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), period)
+            if self._wake.is_set():
+                # Woken checks at most a few times a second, however fast appends fail.
+                await asyncio.sleep(min(_MIN_WAKE_S, period))
 
     # -- views ----------------------------------------------------------------------------
 

@@ -135,8 +135,18 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             PREFIX + "journal_corrupt_records",
-            "Records lost to corruption found in the journal.",
+            "Records lost to corruption found in the journal, or to segment files missing or unreadable.",
             value=stats.corrupt_records_total,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "journal_write_failed_records",
+            "Records the journal could not write (disk full, I/O error), each counted by a gap record.",
+            value=stats.write_failed_records_total,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "journal_write_errors",
+            "Journal appends that failed (a lifecycle record retried until written counts per attempt).",
+            value=stats.write_errors_total,
         )
         yield from _health_metrics(health_of(view))
 

@@ -211,6 +211,7 @@ def _row(
                 "dropped_bytes": payload.dropped_bytes,
                 "first_sequence": payload.first_sequence,
                 "last_sequence": payload.last_sequence,
+                "detail": payload.detail,
             }
     return (
         sandbox_id,

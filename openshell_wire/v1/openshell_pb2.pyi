@@ -143,7 +143,11 @@ class _GapReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GapReason.V
     GAP_REASON_OVERFLOW: _GapReason.ValueType  # 1
     """journal byte bound reached while undelivered: oldest logs dropped"""
     GAP_REASON_CORRUPT: _GapReason.ValueType  # 2
-    """journal records found damaged on disk and skipped"""
+    """journal records found damaged on disk and skipped, or a segment missing"""
+    GAP_REASON_WRITE_FAILED: _GapReason.ValueType  # 3
+    """records the journal could not write (disk full, I/O error); GapEvent.detail says why. A
+    decoder that does not know a reason keeps the gap (and its count) with reason unspecified.
+    """
 
 class GapReason(_GapReason, metaclass=_GapReasonEnumTypeWrapper): ...
 
@@ -151,7 +155,11 @@ GAP_REASON_UNSPECIFIED: GapReason.ValueType  # 0
 GAP_REASON_OVERFLOW: GapReason.ValueType  # 1
 """journal byte bound reached while undelivered: oldest logs dropped"""
 GAP_REASON_CORRUPT: GapReason.ValueType  # 2
-"""journal records found damaged on disk and skipped"""
+"""journal records found damaged on disk and skipped, or a segment missing"""
+GAP_REASON_WRITE_FAILED: GapReason.ValueType  # 3
+"""records the journal could not write (disk full, I/O error); GapEvent.detail says why. A
+decoder that does not know a reason keeps the gap (and its count) with reason unspecified.
+"""
 Global___GapReason: _TypeAlias = GapReason  # noqa: Y015
 
 class _HealthState:
@@ -847,11 +855,14 @@ class GapEvent(_message.Message):
     DROPPED_BYTES_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     reason: Global___GapReason.ValueType
     dropped_records: _builtins.int
     dropped_bytes: _builtins.int
     first_sequence: _builtins.int
     last_sequence: _builtins.int
+    detail: _builtins.str
+    """why, in words (WRITE_FAILED: the error, e.g. "No space left on device")"""
     def __init__(
         self,
         *,
@@ -860,10 +871,11 @@ class GapEvent(_message.Message):
         dropped_bytes: _builtins.int = ...,
         first_sequence: _builtins.int = ...,
         last_sequence: _builtins.int = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes", "dropped_records", b"dropped_records", "first_sequence", b"first_sequence", "last_sequence", b"last_sequence", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "dropped_bytes", b"dropped_bytes", "dropped_records", b"dropped_records", "first_sequence", b"first_sequence", "last_sequence", b"last_sequence", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

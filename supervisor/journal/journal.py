@@ -45,6 +45,7 @@ import os
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any, NamedTuple
 from zlib import crc32
 
@@ -59,17 +60,19 @@ from supervisor.journal.frames import (
     MAX_PAYLOAD,
     PREFIX_SIZE,
     Kind,
+    encode_frame,
     kind_of,
     pack_crc,
     pack_prefix,
     unpack_header,
 )
-from supervisor.journal.fsio import TMP_SUFFIX, fsync_directory
+from supervisor.journal.fsio import TMP_SUFFIX, atomic_write, fsync_directory
 from supervisor.journal.options import FsyncPolicy, JournalOptions, JournalStats
 from supervisor.journal.segments import (
     Rewritten,
     Segment,
     describe_damage,
+    gap_frame,
     list_segments,
     rewrite,
     scan,
@@ -85,6 +88,13 @@ _OPEN_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
 _EVICT_RETRY_S = 1.0
 #: Held (flock) by the open journal, so a second supervisor over the same directory fails fast.
 LOCK_NAME = "lock"
+#: Preallocated room given up on a full disk for the records that must not be lost (``reserve_bytes``).
+RESERVE_NAME = "reserve"
+#: How often a freed reserve is allocated again at most (each try is a failing fallocate).
+_RESERVE_RETRY_S = 1.0
+#: How often ``run_fsync_loop`` runs ``maintain``.
+_MAINTAIN_S = 1.0
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _LOG = int(Kind.LOG)
 _GAP = int(Kind.GAP)
 
@@ -105,11 +115,50 @@ class _Straddle(Exception):
         self.segment = segment
 
 
+class _Lost(Exception):
+    """A read found a segment file missing or unreadable: its records are replaced by a gap."""
+
+    def __init__(self, segment: Segment, reason: str) -> None:
+        super().__init__(str(segment.path))
+        self.segment = segment
+        self.reason = reason
+
+
+class _WriteFailed(Exception):
+    """An append's write failed; ``error`` says where and why, ``code`` is the errno if any."""
+
+    def __init__(self, error: JournalError, code: int | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.code = code
+
+    @property
+    def full(self) -> bool:
+        return self.code in _FULL
+
+    @property
+    def reason(self) -> str:
+        """The cause in words, as a gap's detail and a health reason say it."""
+        return os.strerror(self.code) if self.code else str(self.error)
+
+
+def _payload_size(payload: Payload) -> int:
+    """About what ``payload`` takes in a frame, for a gap's ``dropped_bytes`` (not encoded: it
+    is not going to be written)."""
+    if type(payload) is LogRecord:
+        return len(payload.message) + HEADER_SIZE
+    return HEADER_SIZE
+
+
 class _Cursor(NamedTuple):
     after: int
     segment: Segment
     generation: int
     offset: int
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _now_ms() -> int:
@@ -151,6 +200,20 @@ class Journal:
         self._reader: tuple[Segment, int, int] | None = None
         self._lock_fd = -1
         self._evict_retry_at = 0.0
+        # Failed writes (see ``append``): what waits for its WRITE_FAILED gap, and the reserve.
+        self._troubled = False
+        self._pending_records = 0
+        self._pending_bytes = 0
+        self._pending_detail = ""
+        self._write_problem: str | None = None
+        self._last_write_error = ""
+        self._last_error_message = ""
+        self._write_failed_total = 0
+        self._write_errors_total = 0
+        self._reserve_bytes = options.reserve_bytes
+        self._reserve_fd = -1
+        self._reserve_released = False
+        self._reserve_retry_at = 0.0
 
     # ------------------------------------------------------------------ open / recovery
 
@@ -224,12 +287,25 @@ class Journal:
         acked = state.acked_through if state is not None else 0
         covered = state.last_sequence if state is not None else 0
         now_ms = _now_ms()
+        # The first sequence not accounted for yet. Segment names chain (``_start_segment``), so
+        # a name above it means the file holding it went missing; without a state file the
+        # acknowledged point is unknown and only holes between segments can be told.
+        expected: int | None = acked + 1 if state is not None else None
         for index, (base, path) in enumerate(found):
             upper = found[index + 1][0] if index + 1 < len(found) else None
+            if expected is not None and base > expected:
+                self._segments.append(self._gap_segment(expected, base - 1, "segment file missing", now_ms))
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                raise io_error("read journal segment", path, exc) from exc
+                last = upper - 1 if upper is not None else max(base, covered)
+                first = max(base, expected or base)
+                segment = self._gap_segment(
+                    first, last, f"segment unreadable: {_strerror(exc)}", now_ms, path=path, base=base
+                )
+                self._segments.append(segment)
+                expected = segment.covered_through + 1
+                continue
             result = scan(data, base=base, upper=upper)
             segment = Segment(
                 path,
@@ -241,12 +317,10 @@ class Journal:
                 last_log_sequence=result.last_log_sequence,
                 gap_through=result.covered_through,
             )
-            covered = max(covered, result.covered_through)
             damages = result.damages
             if damages:
                 for damage in damages:
                     log.warning(describe_damage(path, damage))
-                    covered = max(covered, damage.last_missing)
                 try:
                     rewritten = rewrite(path, data, result, evict_above=None, now_ms=now_ms)
                 except OSError as exc:
@@ -256,6 +330,9 @@ class Journal:
             # Written by an earlier run, perhaps by another version: raw reads check them.
             segment.untrusted_below = segment.size
             self._segments.append(segment)
+            expected = max(expected or 0, segment.covered_through + 1)
+        for segment in self._segments:
+            covered = max(covered, segment.covered_through)
         self._last_sequence = covered
         self._acked = min(acked, covered)
         # What the last run may have sent without an acknowledgement coming back: protected from
@@ -287,8 +364,51 @@ class Journal:
             self._active = newest
         self._compactable.extend(s for s in kept if s is not self._active)
         self._closed = False
+        if not self._allocate_reserve():
+            self._reserve_released = self._troubled = True
+            self._reserve_retry_at = time.monotonic() + _RESERVE_RETRY_S
+            self._write_problem = "no room for the journal's reserve (the disk is full)"
+            log.error("journal: %s: %s; log lines are counted, not written", directory, self._write_problem)
         if self._bytes > self._max_bytes:
             self._enforce_bound()
+
+    def _gap_segment(
+        self,
+        first: int,
+        last: int,
+        detail: str,
+        now_ms: int,
+        *,
+        path: Path | None = None,
+        base: int | None = None,
+    ) -> Segment:
+        """A segment file holding one CORRUPT gap for ``first..last``, in place of a segment file
+        found missing (a new file) or unreadable (written over ``path``, named ``base``)."""
+        if path is None or base is None:
+            path, base = self._dir / segment_name(first), first
+        if last < first:
+            # Nothing unacknowledged was in it: the empty entry is dropped (and the file deleted).
+            return Segment(path, base, last_sequence=base - 1)
+        count = last - first + 1
+        frame = gap_frame(
+            GapReason.CORRUPT, first=first, last=last, count=count, nbytes=0, now_ms=now_ms, detail=detail
+        )
+        try:
+            size = atomic_write(path, [frame])
+        except OSError as exc:
+            raise io_error("write a gap record for a lost segment to", path, exc) from exc
+        self._corrupt_total += count
+        log.warning(
+            "journal: %s (%s): sequences %d..%d (%d records) replaced by a gap",
+            path,
+            detail,
+            first,
+            last,
+            count,
+        )
+        return Segment(
+            path, base, size=size, records=1, first_sequence=first, last_sequence=first, gap_through=last
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -318,10 +438,20 @@ class Journal:
     # ------------------------------------------------------------------ append
 
     def append(self, payload: Payload, *, timestamp_ms: int | None = None) -> int:
-        """Journal ``payload``; return its sequence number. Raises :class:`JournalError`."""
-        sequence = self._last_sequence + 1
+        """Journal ``payload``; return its sequence number. Raises :class:`JournalError`.
+
+        A failure is never silent. A log line or periodic health sample (an evictable record)
+        that cannot be written is counted, and the count is written as a WRITE_FAILED gap record
+        before any newer record as soon as the disk takes one (``maintain`` also tries). A
+        lifecycle-class record (lifecycle, health change) is not counted: its caller keeps it and
+        retries, or calls :meth:`lost` when it gives up. On a full disk the reserve is freed and
+        used for exactly those (see ``JournalOptions.reserve_bytes``).
+        """
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
+        if self._troubled:
+            return self._append_troubled(payload, timestamp_ms, retry=True)
+        sequence = self._last_sequence + 1
         # This is the hot path (one call per captured line): encode_frame is inlined and the
         # kind is a plain int; see benchmarks/journal_append.py for what each step costs.
         if type(payload) is LogRecord:
@@ -331,11 +461,118 @@ class Journal:
             kind = kind_of(payload)
             data = self._encoder.encode(sequence, timestamp_ms, payload)
         prefix = pack_prefix(MAGIC, sequence, kind, len(data))
-        frame = prefix + pack_crc(crc32(data, crc32(prefix))) + data
+        try:
+            self._write_frame(prefix + pack_crc(crc32(data, crc32(prefix))) + data, sequence, kind, sequence)
+        except _WriteFailed as failed:
+            return self._failed(failed, payload, timestamp_ms, kind=kind, size=len(data), retry=True)
+        return sequence
+
+    def lost(self, payload: Payload) -> None:
+        """Count ``payload``, which its caller could not append and stops retrying, in the next
+        WRITE_FAILED gap (for lifecycle-class records; evictable ones are counted by ``append``)."""
+        self._count_failed(_payload_size(payload))
+
+    def _append_troubled(self, payload: Payload, timestamp_ms: int, *, retry: bool) -> int:
+        """``append`` while failed records wait for their gap, or while the reserve is freed."""
+        kind = _LOG if type(payload) is LogRecord else int(kind_of(payload))
+        if self._reserve_released and kind == _LOG and not self._restore_reserve():
+            # The room freed from the reserve is for what must not be lost; a log line is
+            # counted (in the gap written before the next record) instead of written.
+            self._count_failed(_payload_size(payload))
+            raise JournalError(
+                f"{self._last_error_message or f'journal: {self._dir} is full'}; log record counted in a "
+                f"gap record, not written (the freed reserve is kept for what must not be lost)"
+            )
+        size = _payload_size(payload)
+        try:
+            if self._pending_records:
+                self._write_pending()
+            sequence = self._last_sequence + 1
+            data = self._encoder.encode(sequence, timestamp_ms, payload)
+            size = len(data)
+            frame = encode_frame(sequence, kind, data)
+            self._write_frame(frame, sequence, kind, sequence)
+        except _WriteFailed as failed:
+            return self._failed(failed, payload, timestamp_ms, kind=kind, size=size, retry=retry)
+        self._wrote()
+        return sequence
+
+    def _failed(
+        self, failed: _WriteFailed, payload: Payload, timestamp_ms: int, *, kind: int, size: int, retry: bool
+    ) -> int:
+        """After a failed write: free the reserve on a full disk and try once more, else count an
+        evictable record for its gap; raise the error (or return the sequence of the retry)."""
+        if self._closed:
+            raise failed.error
+        self._note_failure(failed)
+        if retry and failed.full and self._release_reserve():
+            return self._append_troubled(payload, timestamp_ms, retry=False)
+        if kind == _LOG:
+            self._count_failed(size)
+            raise JournalError(f"{failed.error}; the record is counted in a gap record") from None
+        raise failed.error
+
+    def _count_failed(self, size: int) -> None:
+        self._pending_records += 1
+        self._pending_bytes += size
+        self._pending_detail = self._last_write_error or "write failed"
+        self._write_failed_total += 1
+        self._troubled = True
+
+    def _note_failure(self, failed: _WriteFailed) -> None:
+        self._write_errors_total += 1
+        self._last_write_error = failed.reason
+        self._last_error_message = str(failed.error)
+        if self._write_problem is None:
+            log.error("journal: %s", failed.error)
+        self._write_problem = failed.reason
+
+    def _wrote(self) -> None:
+        """A write went through: the journal is well again unless it still runs on its reserve."""
+        if self._reserve_released or self._pending_records:
+            return
+        self._troubled = False
+        if self._write_problem is not None:
+            log.warning("journal: %s takes writes again (after: %s)", self._dir, self._write_problem)
+            self._write_problem = None
+
+    def _write_pending(self) -> None:
+        """Write the WRITE_FAILED gap for the records that could not be written. Raises _WriteFailed."""
+        count = self._pending_records
+        first = self._last_sequence + 1
+        last = first + count - 1
+        frame = gap_frame(
+            GapReason.WRITE_FAILED,
+            first=first,
+            last=last,
+            count=count,
+            nbytes=self._pending_bytes,
+            now_ms=_now_ms(),
+            detail=self._pending_detail,
+        )
+        # The gap takes the sequences of what it stands for, as an eviction gap does, so that a
+        # gap's range always holds exactly the records it counts.
+        self._write_frame(frame, first, _GAP, last)
+        self._pending_records = self._pending_bytes = 0
+        log.warning(
+            "journal: %d records could not be written (%s): counted by a gap record, sequences %d..%d",
+            count,
+            self._pending_detail,
+            first,
+            last,
+        )
+
+    def _write_frame(self, frame: bytes, sequence: int, kind: int, through: int) -> None:
+        """Append one frame of ``sequence`` (standing for sequences up to ``through``): all of it
+        or, cut back, nothing. Raises _WriteFailed."""
         segment = self._active
         if segment is None:
             # Also the closed check: a closed journal has no active segment.
-            segment = self._start_segment(sequence)
+            try:
+                segment = self._start_segment(sequence)
+            except JournalError as exc:
+                cause = exc.__cause__
+                raise _WriteFailed(exc, cause.errno if isinstance(cause, OSError) else None) from None
         fd = self._fd
         size = len(frame)
         try:
@@ -348,15 +585,17 @@ class Journal:
                 os.fsync(fd)
         except OSError as exc:
             self._cut_back(segment)
-            raise io_error("append to journal segment", segment.path, exc) from exc
+            raise _WriteFailed(io_error("append to journal segment", segment.path, exc), exc.errno) from None
         segment.size += size
         segment.records += 1
         segment.last_sequence = sequence
         if kind == _LOG:
             segment.last_log_sequence = sequence
+        if through != sequence:
+            segment.gap_through = max(segment.gap_through, through)
         self._bytes += size
         self._records += 1
-        self._last_sequence = sequence
+        self._last_sequence = through
         self._dirty = True
         if segment.size >= self._segment_bytes:
             self._roll()
@@ -364,12 +603,88 @@ class Journal:
             self._enforce_bound()
         if self._waiters:
             self._wake()
-        return sequence
+
+    # ------------------------------------------------------------------ the reserve
+
+    def _allocate_reserve(self) -> bool:
+        """Make the reserve file hold ``reserve_bytes`` again; False when the disk has no room."""
+        if self._reserve_bytes == 0:
+            return True
+        try:
+            if self._reserve_fd < 0:
+                self._reserve_fd = os.open(
+                    self._dir / RESERVE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+                )
+            os.posix_fallocate(self._reserve_fd, 0, self._reserve_bytes)
+        except OSError:
+            if self._reserve_fd >= 0:
+                # Give back whatever part of it was allocated before the disk ran out.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._reserve_fd, 0)
+            return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve for what must not be lost; False when there was none to free."""
+        if self._reserve_released or self._reserve_bytes == 0 or self._reserve_fd < 0:
+            return False
+        try:
+            os.ftruncate(self._reserve_fd, 0)
+        except OSError as exc:
+            log.error("journal: cannot release the reserve in %s: %s", self._dir, exc)
+            return False
+        self._reserve_released = True
+        self._reserve_retry_at = time.monotonic() + _RESERVE_RETRY_S
+        self._troubled = True
+        log.error(
+            "journal: %s is full: released its %d-byte reserve for gap, health-change and lifecycle "
+            "records; log lines are counted in gap records, not written, until the reserve can be "
+            "allocated again",
+            self._dir,
+            self._reserve_bytes,
+        )
+        return True
+
+    def _restore_reserve(self) -> bool:
+        """Leave reserve mode if the reserve can be allocated again (tried at most once a second)."""
+        if not self._reserve_released:
+            return True
+        now = time.monotonic()
+        if now < self._reserve_retry_at:
+            return False
+        self._reserve_retry_at = now + _RESERVE_RETRY_S
+        if not self._allocate_reserve():
+            return False
+        self._reserve_released = False
+        log.warning("journal: %s has room again (reserve allocated): log lines are written again", self._dir)
+        return True
+
+    def maintain(self) -> None:
+        """Periodic upkeep (``run_fsync_loop`` calls it every second): allocate the reserve again
+        once the disk has room, and write the pending WRITE_FAILED gap when the disk takes it, so
+        the gateway learns of the hole without waiting for the next record."""
+        if self._closed:
+            return
+        self._restore_reserve()
+        if self._pending_records:
+            for retry in (True, False):
+                try:
+                    self._write_pending()
+                except _WriteFailed as failed:
+                    self._note_failure(failed)
+                    if retry and failed.full and self._release_reserve():
+                        continue
+                break
+        self._wrote()
 
     def _start_segment(self, sequence: int) -> Segment:
         if self._closed:
             raise JournalError(f"journal: {self._dir} is closed")
-        path = self._dir / segment_name(sequence)
+        # Named right after what the newest segment accounts for, even when the sequence jumped
+        # (``advance_to``): so the names chain without holes, and a hole in them always means a
+        # segment file that went missing (``_recover_locked``).
+        base = self._segments[-1].covered_through + 1 if self._segments else sequence
+        path = self._dir / segment_name(base)
         try:
             fd = os.open(path, _OPEN_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
@@ -382,7 +697,7 @@ class Journal:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 raise io_error("fsync journal directory", self._dir, exc) from exc
-        segment = Segment(path, sequence, first_sequence=sequence, last_sequence=sequence - 1)
+        segment = Segment(path, base, first_sequence=sequence, last_sequence=base - 1)
         self._segments.append(segment)
         self._active = segment
         self._fd = fd
@@ -519,6 +834,8 @@ class Journal:
                 self._repair(damaged.segment)
             except _Straddle as straddle:
                 self._split(straddle.segment, sequence)
+            except _Lost as lost:
+                self._replace_lost(lost.segment, lost.reason)
         raise JournalError(f"journal: {self._dir} keeps changing under a read; giving up")
 
     def _read(self, after: int, max_records: int, max_bytes: int, raw: bool) -> list[Any]:
@@ -614,14 +931,61 @@ class Journal:
             self._close_reader()
             try:
                 fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise _Lost(segment, "segment file missing") from None
             except OSError as exc:
+                if exc.errno == errno.EIO:
+                    raise _Lost(segment, f"segment unreadable: {_strerror(exc)}") from None
                 raise io_error("open journal segment", segment.path, exc) from exc
             reader = (segment, segment.generation, fd)
             self._reader = reader
         try:
             return os.pread(reader[2], size, offset)
         except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise _Lost(segment, f"segment unreadable: {_strerror(exc)}") from None
             raise io_error("read journal segment", segment.path, exc) from exc
+
+    def _replace_lost(self, segment: Segment, reason: str) -> None:
+        """Replace a segment whose file a read found missing or unreadable by a CORRUPT gap for
+        every unacknowledged sequence it accounted for, so the rest of the journal still delivers."""
+        if not segment.alive:
+            return
+        self._close_reader()
+        if segment is self._active:
+            # Appends went to a file nobody can read back: start a new one after the gap.
+            self._roll()
+        first = max(segment.base, self._acked + 1)
+        last = segment.covered_through
+        if last < first:
+            self._drop_segment(segment)
+            return
+        count = last - first + 1
+        frame = gap_frame(
+            GapReason.CORRUPT, first=first, last=last, count=count, nbytes=0, now_ms=_now_ms(), detail=reason
+        )
+        try:
+            size = atomic_write(segment.path, [frame])
+        except OSError as exc:
+            raise io_error("write a gap record for a lost segment to", segment.path, exc) from exc
+        self._bytes += size - segment.size
+        self._records += 1 - segment.records
+        segment.size = size
+        segment.records = 1
+        segment.first_sequence = segment.last_sequence = first
+        segment.last_log_sequence = 0
+        segment.gap_through = last
+        segment.generation += 1
+        segment.untrusted_below = 0
+        self._corrupt_total += count
+        log.warning(
+            "journal: %s (%s): sequences %d..%d (%d records) replaced by a gap",
+            segment.path,
+            reason,
+            first,
+            last,
+            count,
+        )
 
     def _close_reader(self) -> None:
         if self._reader is not None:
@@ -661,7 +1025,11 @@ class Journal:
             return
         active = segment is self._active
         try:
-            data = segment.path.read_bytes()
+            try:
+                data = segment.path.read_bytes()
+            except FileNotFoundError:
+                self._replace_lost(segment, "segment file missing")
+                return
             result = scan(data, base=segment.base, upper=self._upper_of(segment))
             for damage in result.damages:
                 log.warning(describe_damage(segment.path, damage))
@@ -738,7 +1106,9 @@ class Journal:
             doomed.append(segment)
         if not doomed:
             self._state_dirty = True
-            if self._always:
+            if self._always or not self._segments:
+                # Without segments (after ``advance_to``), only the state file says where the
+                # next segment's name may start without a hole (``_recover_locked``).
                 self._try_save_state()
             return
         saved = self._try_save_state()
@@ -820,19 +1190,23 @@ class Journal:
                     self._waiters.remove(waiter)
 
     async def run_fsync_loop(self) -> None:
-        if self._policy is not FsyncPolicy.INTERVAL:
-            await asyncio.get_running_loop().create_future()
-            return
-        interval = self._options.fsync_interval_s
+        """Until cancelled: fsync by the INTERVAL policy, and under every policy ``maintain``
+        once a second (the reserve, the pending WRITE_FAILED gap)."""
+        interval = self._options.fsync_interval_s if self._policy is FsyncPolicy.INTERVAL else _MAINTAIN_S
+        maintain_at = 0.0
         while True:
             await asyncio.sleep(interval)
             if self._closed:
                 continue
-            try:
-                self.sync()
-            except JournalError as exc:
-                # Transient (EIO, ENOSPC for the state file): keep the loop alive and retry next tick.
-                log.warning("%s", exc)
+            if self._policy is FsyncPolicy.INTERVAL:
+                try:
+                    self.sync()
+                except JournalError as exc:
+                    # Transient (EIO, ENOSPC for the state file): keep the loop alive and retry next tick.
+                    log.warning("%s", exc)
+            if time.monotonic() >= maintain_at:
+                maintain_at = time.monotonic() + _MAINTAIN_S
+                self.maintain()
 
     def sync(self) -> None:
         if self._closed:
@@ -861,6 +1235,11 @@ class Journal:
             sent_through=self._sent,
             dropped_records_total=self._dropped_total,
             corrupt_records_total=self._corrupt_total,
+            write_failed_records_total=self._write_failed_total,
+            write_errors_total=self._write_errors_total,
+            write_failed_pending=self._pending_records,
+            write_problem=self._write_problem,
+            last_write_error=self._last_write_error,
         )
 
     def close(self) -> None:
@@ -878,6 +1257,18 @@ class Journal:
         self._fd = -1
         self._active = None
         self._close_reader()
+        if self._pending_records:
+            log.error(
+                "journal: closing %s with %d records that could not be written and whose gap record "
+                "could not be written either (%s): they are lost without a gap",
+                self._dir,
+                self._pending_records,
+                self._pending_detail,
+            )
+        if self._reserve_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._reserve_fd)
+            self._reserve_fd = -1
         self._unlock_directory()
         self._closed = True
         self._cursor = None

@@ -37,12 +37,19 @@ class JournalOptions:
     #: one state write per this many records sent. After a restart up to this many records that
     #: were never sent stay unevictable until sent (8 batches of the session's default 4,000).
     sent_reserve: int = 32_000
+    #: Bytes kept allocated in the ``reserve`` file beside the segments. When a write meets a full
+    #: disk the journal frees them, and uses the room only for what must not be lost: the gap
+    #: record counting the lines it could not write, health changes and lifecycle records; log
+    #: lines are counted, not written, until the reserve can be allocated again. 0: no reserve.
+    reserve_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if self.segment_bytes <= 0:
             raise ValueError(f"journal segment_bytes must be positive, not {self.segment_bytes}")
         if self.max_bytes <= 0:
             raise ValueError(f"journal max_bytes must be positive, not {self.max_bytes}")
+        if self.reserve_bytes < 0:
+            raise ValueError(f"journal reserve_bytes must not be negative, not {self.reserve_bytes}")
         if self.sent_reserve <= 0:
             raise ValueError(f"journal sent_reserve must be positive, not {self.sent_reserve}")
         if not self.fsync_interval_s > 0:
@@ -61,5 +68,18 @@ class JournalStats:
     sent_through: int
     #: Log records replaced by overflow gap records since open.
     dropped_records_total: int
-    #: Records lost to corruption found since open (at open, or by a read that hit damage).
+    #: Records lost to corruption found since open (at open, or by a read that hit damage), and
+    #: to segment files found missing or unreadable.
     corrupt_records_total: int
+    #: Records that could not be written (disk full, I/O error) since open; each is counted by a
+    #: WRITE_FAILED gap record, written before any newer record as soon as the disk takes it.
+    write_failed_records_total: int = 0
+    #: Appends that failed since open (a lifecycle record retried until it is written counts once
+    #: per attempt here, but is not among the failed records).
+    write_errors_total: int = 0
+    #: Failed records not yet covered by a gap record on disk (the disk still refuses it).
+    write_failed_pending: int = 0
+    #: Why the journal cannot write right now (e.g. "No space left on device"), or None.
+    write_problem: str | None = None
+    #: The cause of the latest failed append, in words ("" if none failed since open).
+    last_write_error: str = ""

@@ -195,9 +195,17 @@ class Rewritten(NamedTuple):
     covered_through: int = 0
 
 
-def _gap_frame(reason: GapReason, *, first: int, last: int, count: int, nbytes: int, now_ms: int) -> bytes:
+def gap_frame(
+    reason: GapReason, *, first: int, last: int, count: int, nbytes: int, now_ms: int, detail: str = ""
+) -> bytes:
+    """The frame of a gap record standing for ``first..last`` (its own sequence is ``first``)."""
     gap = GapRecord(
-        reason=reason, dropped_records=count, dropped_bytes=nbytes, first_sequence=first, last_sequence=last
+        reason=reason,
+        dropped_records=count,
+        dropped_bytes=nbytes,
+        first_sequence=first,
+        last_sequence=last,
+        detail=detail,
     )
     return encode_frame(first, Kind.GAP, encode_event(Event(first, now_ms, gap)))
 
@@ -243,21 +251,23 @@ def _split_frames(event: Event, after: int) -> list[bytes]:
     upper_bytes = gap.dropped_bytes * upper // gap.dropped_records if gap.dropped_records else 0
     first = event.sequence
     return [
-        _gap_frame(
+        gap_frame(
             gap.reason,
             first=first,
             last=after,
             count=gap.dropped_records - upper,
             nbytes=gap.dropped_bytes - upper_bytes,
             now_ms=event.timestamp_ms,
+            detail=gap.detail,
         ),
-        _gap_frame(
+        gap_frame(
             gap.reason,
             first=after + 1,
             last=gap.last_sequence,
             count=upper,
             nbytes=upper_bytes,
             now_ms=event.timestamp_ms,
+            detail=gap.detail,
         ),
     ]
 
@@ -298,7 +308,7 @@ def rewrite(
         nonlocal run_count, run_bytes
         if run_count:
             emit(
-                _gap_frame(
+                gap_frame(
                     GapReason.OVERFLOW,
                     first=run_first,
                     last=run_last,
@@ -320,7 +330,7 @@ def rewrite(
             if item.lost:
                 corrupt += item.lost
                 emit(
-                    _gap_frame(
+                    gap_frame(
                         GapReason.CORRUPT,
                         first=item.first_missing,
                         last=item.last_missing,

@@ -12,6 +12,8 @@ import pytest
 
 from openshell_wire.records import (
     Event,
+    GapReason,
+    GapRecord,
     LifecycleKind,
     LifecycleRecord,
     LogRecord,
@@ -275,10 +277,12 @@ async def test_fsync_loop_for_other_policies_just_waits(tmp_path: Path) -> None:
         await loop
 
 
-def test_enospc_on_append_raises_and_the_next_append_works(
+def test_enospc_on_append_is_counted_by_a_gap_written_before_the_next_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    journal = _open(tmp_path / "j")
+    # Without a reserve: the next append writes the gap first. (A real full disk, with the
+    # reserve, is in test_journal_write_failures.py.)
+    journal = _open(tmp_path / "j", reserve_bytes=0)
     first = _append(journal, _line(0))
     real_write = os.write
     calls = {"n": 0}
@@ -294,16 +298,26 @@ def test_enospc_on_append_raises_and_the_next_append_works(
     with pytest.raises(JournalError) as info:
         _append(journal, _line(1))
     message = str(info.value)
-    assert "ENOSPC" in message and "seg-" in message and "full" in message
+    assert "ENOSPC" in message and "seg-" in message and "full" in message and "counted" in message
+    assert journal.stats().write_failed_pending == 1
+    assert journal.stats().write_problem == "No space left on device"
     monkeypatch.setattr(os, "write", real_write)
 
     second = _append(journal, _line(2))
-    assert second.sequence == 2  # the failed append consumed no sequence
-    assert _read_all(journal) == [first, second]
+    assert second.sequence == 3  # the gap took sequence 2, the one of the line it counts
+    got = _read_all(journal)
+    assert got[0] == first and got[2] == second
+    assert isinstance(got[1].payload, GapRecord) and got[1].sequence == 2
+    assert got[1].payload == GapRecord(
+        GapReason.WRITE_FAILED, 1, got[1].payload.dropped_bytes, 2, 2, "No space left on device"
+    )
+    stats = journal.stats()
+    assert (stats.write_failed_records_total, stats.write_errors_total) == (1, 1)
+    assert (stats.write_failed_pending, stats.write_problem) == (0, None)
     journal.close()
     reopened = _open(tmp_path / "j")
-    assert _read_all(reopened) == [first, second]
-    assert reopened.stats().corrupt_records_total == 0
+    assert [e.sequence for e in _read_all(reopened)] == [1, 2, 3]
+    assert reopened.stats().corrupt_records_total == 0  # the torn half frame was cut back
 
 
 def test_unwritable_directory_gives_journal_error(tmp_path: Path) -> None:

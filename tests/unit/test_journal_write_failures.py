@@ -1,0 +1,322 @@
+"""The journal never loses silently: failed appends on a real full disk, segment files that went
+missing or unreadable, and the health change that says the journal cannot write.
+
+The full disk is a real one (a small tmpfs, as root); the unreadable segment is a real ``read``
+failing with EIO (strace injects it into a process that opens the journal). The I/O error on
+append, with a real supervisor and gateway, is in tests/integration/test_journal_faults.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openshell_wire.records import (
+    Event,
+    GapReason,
+    GapRecord,
+    HealthRecord,
+    HealthState,
+    LifecycleKind,
+    LifecycleRecord,
+    LogRecord,
+    LogStream,
+)
+from supervisor.health import HealthMonitor, HealthSettings
+from supervisor.journal import Journal, JournalError, JournalOptions
+from supervisor.journal import journal as journal_module
+from tests.support.procs import PYTHON, REPO, child_env
+
+LINE = "x" * 100
+JOURNAL_REASON = "journal cannot write: "
+
+
+def _open(directory: Path, **kw: object) -> Journal:
+    return Journal.open(JournalOptions(directory=directory, **kw))  # type: ignore[arg-type]
+
+
+def _line(i: int) -> LogRecord:
+    return LogRecord(LogStream.STDOUT, f"line {i:05d} {LINE}")
+
+
+def _read_all(journal: Journal, after: int = 0) -> list[Event]:
+    out: list[Event] = []
+    while batch := journal.read_after(after):
+        out.extend(batch)
+        after = batch[-1].sequence
+    return out
+
+
+def _walk(events: list[Event], written: list[str]) -> list[GapRecord]:
+    """Check that ``events`` deliver ``written`` in order, each line once or counted by a gap in
+    its place (``delivered + sum(dropped) == written``); the gaps met, in order."""
+    position = 0
+    gaps: list[GapRecord] = []
+    for event in events:
+        payload = event.payload
+        if isinstance(payload, LogRecord):
+            assert payload.message == written[position], (event, position)
+            position += 1
+        elif isinstance(payload, GapRecord):
+            assert payload.first_sequence == event.sequence
+            assert payload.last_sequence - payload.first_sequence + 1 == payload.dropped_records
+            position += payload.dropped_records
+            gaps.append(payload)
+    assert position == len(written), (position, len(written))
+    return gaps
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB file system (tmpfs), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` with one file; return it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 512)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_loses_no_line_silently_and_lifecycle_records_still_get_written(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No waiting between tries to allocate the reserve again.
+    monkeypatch.setattr(journal_module, "_RESERVE_RETRY_S", 0.0, raising=False)
+    journal = _open(small_disk / "j")
+    written: list[str] = []
+
+    def line() -> bool:
+        record = _line(len(written))
+        written.append(record.message)
+        try:
+            journal.append(record)
+        except JournalError as exc:
+            assert "counted" in str(exc)
+            return False
+        return True
+
+    for _ in range(100):
+        assert line()
+    filler = _fill(small_disk)
+    failed = sum(not line() for _ in range(2000))
+    assert failed > 1000, "the disk was full"
+    stats = journal.stats()
+    assert stats.write_problem == "No space left on device"
+    assert stats.write_failed_records_total == failed
+    # A lifecycle record is still written, from the freed reserve, after the gap counting the lines.
+    exited = journal.append(LifecycleRecord(LifecycleKind.EXITED, exit_code=3))
+    assert journal.stats().write_failed_pending == 0
+    # Still full: lines go on being counted (the reserve is not for them).
+    failed_after = sum(not line() for _ in range(50))
+    assert failed_after == 50
+    filler.unlink()
+    journal.maintain()  # the disk has room: the reserve is allocated again, the gap written
+    assert journal.stats().write_problem is None
+    for _ in range(100):
+        assert line()
+
+    events = _read_all(journal)
+    gaps = _walk(events, written)
+    assert {g.reason for g in gaps} == {GapReason.WRITE_FAILED}
+    assert {g.detail for g in gaps} == {"No space left on device"}
+    assert sum(g.dropped_records for g in gaps) == failed + failed_after
+    by_sequence = {e.sequence: e for e in events}
+    assert isinstance(by_sequence[exited].payload, LifecycleRecord)
+    first_gap = next(e for e in events if isinstance(e.payload, GapRecord))
+    assert first_gap.sequence < exited, "the gap comes before any newer record"
+    stats = journal.stats()
+    assert stats.write_failed_records_total == failed + failed_after
+    assert stats.write_errors_total >= 1
+    journal.close()
+    # What was written stays readable after a restart, counted the same way.
+    reopened = _open(small_disk / "j")
+    assert _walk(_read_all(reopened), written) == gaps
+    assert reopened.stats().corrupt_records_total == 0
+    reopened.close()
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("seg-*.log"))
+
+
+def _base(path: Path) -> int:
+    return int(path.name[4:24])
+
+
+def _fill_segments(directory: Path, n: int) -> tuple[Journal, list[str]]:
+    journal = _open(directory, segment_bytes=4096)
+    written = []
+    for i in range(n):
+        written.append(_line(i).message)
+        journal.append(_line(i))
+    assert len(_segments(directory)) >= 5
+    return journal, written
+
+
+@pytest.mark.parametrize("which", ["first", "middle"])
+def test_a_segment_file_missing_at_open_becomes_a_corrupt_gap_counting_its_sequences(
+    tmp_path: Path, which: str
+) -> None:
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    journal.close()
+    segments = _segments(directory)
+    gone = segments[0] if which == "first" else segments[2]
+    following = segments[segments.index(gone) + 1]
+    gone.unlink()
+
+    reopened = _open(directory, segment_bytes=4096)
+    events = _read_all(reopened)
+    (gap,) = _walk(events, written)
+    assert gap.reason is GapReason.CORRUPT and gap.detail == "segment file missing"
+    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
+    assert reopened.stats().corrupt_records_total == gap.dropped_records
+    # The rest still delivers, and appends go on after it.
+    nxt = reopened.append(_line(300))
+    assert nxt == 301 and _read_all(reopened, 300)[-1].sequence == nxt
+    reopened.close()
+    # Counted once: a second open finds the gap on disk and nothing more missing.
+    again = _open(directory, segment_bytes=4096)
+    assert _walk(_read_all(again), [*written, _line(300).message]) == [gap]
+    assert again.stats().corrupt_records_total == 0
+    again.close()
+
+
+def test_a_segment_file_missing_at_read_time_becomes_a_corrupt_gap(tmp_path: Path) -> None:
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    segments = _segments(directory)
+    gone, following = segments[1], segments[2]
+    gone.unlink()
+
+    events = _read_all(journal)
+    (gap,) = _walk(events, written)
+    assert gap.reason is GapReason.CORRUPT and gap.detail == "segment file missing"
+    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
+    assert journal.stats().corrupt_records_total == gap.dropped_records
+    # The active segment deleted under the writer: what it held is counted, appends go on.
+    active = _segments(directory)[-1]
+    active.unlink()
+    journal.append(_line(300))
+    written.append(_line(300).message)
+    events = _read_all(journal)
+    gaps = _walk(events, written)
+    assert gaps[0] == gap and gaps[1].first_sequence == _base(active) and len(gaps) == 2
+    journal.close()
+
+
+_DUMP = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from supervisor.journal import Journal, JournalOptions
+    from openshell_wire.records import GapRecord, LogRecord
+    journal = Journal.open(JournalOptions(directory=Path(sys.argv[1]), segment_bytes=4096))
+    out, after = [], 0
+    while batch := journal.read_after(after):
+        for e in batch:
+            p = e.payload
+            if isinstance(p, GapRecord):
+                out.append(["gap", p.reason.value, p.first_sequence, p.last_sequence, p.dropped_records, p.detail])
+            elif isinstance(p, LogRecord):
+                out.append(["log", p.message])
+        after = batch[-1].sequence
+    journal.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_an_unreadable_segment_at_open_becomes_a_corrupt_gap(tmp_path: Path) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (it injects the read error)")
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    journal.close()
+    segments = _segments(directory)
+    bad, following = segments[1], segments[2]
+    # Every read(2) of that one file fails with EIO, as on a bad sector; nothing else is touched.
+    argv = [
+        strace, "-f", "-qq", "-o", "/dev/null", "-P", str(bad.resolve()),
+        "-e", "trace=read", "-e", "inject=read:error=EIO",
+        PYTHON, "-c", _DUMP, str(directory),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    items = json.loads(done.stdout)
+    gaps = [i for i in items if i[0] == "gap"]
+    assert gaps == [
+        ["gap", "corrupt", _base(bad), _base(following) - 1, _base(following) - _base(bad),
+         "segment unreadable: Input/output error"]
+    ]  # fmt: skip
+    lines = [i[1] for i in items if i[0] == "log"]
+    assert len(lines) + gaps[0][4] == len(written)
+    assert set(lines) <= set(written) and lines == sorted(lines)
+
+
+def test_journal_write_failures_are_a_health_change_even_when_already_unhealthy(tmp_path: Path) -> None:
+    journal = _open(tmp_path / "j")
+    recorded: list[HealthRecord] = []
+    problem: dict[str, object] = {}
+
+    def stats() -> object:
+        real = journal.stats()
+        return type(real)(**{**{f: getattr(real, f) for f in real.__slots__}, **problem})
+
+    monitor = HealthMonitor(
+        HealthSettings(
+            interval_s=3600, check_interval_s=1, disk_unhealthy_ratio=0.000001, disk_degraded_ratio=0.000001
+        ),
+        main_pid=lambda: None,
+        record=lambda p: recorded.append(p) is None,  # type: ignore[func-returns-value]
+        extra_disk_paths=[tmp_path],
+        journal_stats=stats,  # type: ignore[arg-type]
+    )
+    monitor.check()
+    assert [r.state for r in recorded] == [HealthState.UNHEALTHY]  # the disk ratio
+    assert not any(r.startswith(JOURNAL_REASON) for r in recorded[0].reasons)
+    problem.update(write_errors_total=1, write_problem="No space left on device")
+    monitor.check()
+    assert len(recorded) == 2 and recorded[1].change
+    assert JOURNAL_REASON + "No space left on device" in recorded[1].reasons
+    monitor.check()
+    assert len(recorded) == 2  # no news
+    # A one-off error that is over by the next sample is still reported, for that sample.
+    problem.update(write_errors_total=2, write_problem=None, last_write_error=os.strerror(errno.EIO))
+    monitor.check()
+    assert len(recorded) == 2  # still failing as far as the last record said; the cause is in it
+    monitor.check()
+    assert len(recorded) == 3 and not any(r.startswith(JOURNAL_REASON) for r in recorded[2].reasons)
+    problem.update(write_errors_total=3)
+    monitor.check()
+    assert len(recorded) == 4 and JOURNAL_REASON + "Input/output error" in recorded[3].reasons
+    journal.close()
