@@ -187,6 +187,8 @@ class SupervisorProcess:
     command: Sequence[str]
     netns: str | None = None
     settings: Sequence[str] = ()
+    #: A command the supervisor runs under (e.g. strace injecting faults), before its argv.
+    wrapper: Sequence[str] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -213,6 +215,7 @@ class SupervisorProcess:
         for item in self.settings:
             argv += ["--set", item]
         argv += ["--", *self.command]
+        argv = [*self.wrapper, *argv]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         with self.log_path.open("ab") as out:

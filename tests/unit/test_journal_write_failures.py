@@ -245,7 +245,8 @@ _DUMP = textwrap.dedent(
         for e in batch:
             p = e.payload
             if isinstance(p, GapRecord):
-                out.append(["gap", p.reason.value, p.first_sequence, p.last_sequence, p.dropped_records, p.detail])
+                g = [p.reason.value, p.first_sequence, p.last_sequence, p.dropped_records, p.detail]
+                out.append(["gap", *g])
             elif isinstance(p, LogRecord):
                 out.append(["log", p.message])
         after = batch[-1].sequence

@@ -1,0 +1,217 @@
+"""Journal faults with a real supervisor and gateway: a real full disk (a small tmpfs), a real EIO
+on the journal's writes (strace injects it into the supervisor's write(2) calls on its segment) and
+a segment file removed before it was delivered. In each case the gateway ends up with every line
+once or counted by a gap in its place, in order, and the exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
+
+FULL_DISK_AGENT = textwrap.dedent(
+    """
+    import os, sys, time
+    disk = sys.argv[1]
+    def lines(prefix, n):
+        for i in range(n):
+            print(f"{prefix} {i}", flush=True)
+    lines("before", 200)
+    time.sleep(0.5)
+    # Take every free byte of the journal's file system.
+    fd = os.open(os.path.join(disk, "filler"), os.O_WRONLY | os.O_CREAT, 0o644)
+    for size in (65536, 512):
+        try:
+            while True:
+                os.write(fd, b"\\0" * size)
+        except OSError:
+            pass
+    os.close(fd)
+    lines("during", 300)
+    time.sleep(2.5)  # the supervisor captures them against the full disk
+    os.unlink(os.path.join(disk, "filler"))
+    time.sleep(2.5)  # it allocates its reserve again
+    lines("after", 200)
+    sys.exit(3)
+    """
+)
+
+
+def _written(*parts: tuple[str, int]) -> list[str]:
+    return [f"{prefix} {i}" for prefix, n in parts for i in range(n)]
+
+
+def _walk(events: list[dict[str, Any]], written: list[str], reason: str) -> list[dict[str, Any]]:
+    """Events in sequence order deliver ``written`` in order, each line once or counted by a gap
+    of ``reason`` in its place; the gaps."""
+    position = 0
+    gaps = []
+    for event in sorted(events, key=lambda e: e["sequence"]):
+        if event["kind"] == "log" and event["stream"] == "stdout":
+            assert event["message"] == written[position], (event, position)
+            position += 1
+        elif event["kind"] == "gap":
+            data = event["data"]
+            assert data["reason"] == reason, event
+            assert data["first_sequence"] == event["sequence"]
+            assert data["last_sequence"] - data["first_sequence"] + 1 == data["dropped_records"]
+            position += data["dropped_records"]
+            gaps.append(data)
+    assert position == len(written), (position, len(written))
+    return gaps
+
+
+def _exit_code(gateway: GatewayProcess, sandbox_id: str) -> int | None:
+    for event in gateway.events(sandbox_id, "lifecycle"):
+        if event["data"]["kind"] == "exited":
+            return int(event["data"]["exit_code"])
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    mount = tmp_path / "fd" / "journal"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_journal_disk_loses_no_line_silently_and_reaches_the_gateway_as_health(
+    tmp_path: Path, small_disk: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    gateway.start()
+    sv = SupervisorProcess(
+        tmp_path / "fd",
+        "full-disk",
+        gateway.address,
+        [sys.executable, "-u", "-c", FULL_DISK_AGENT, str(small_disk)],
+        settings=["health.interval_s=3600", "health.check_interval_s=0.2"],
+    )
+    assert sv.journal_dir == small_disk
+    supervisors.append(sv)
+    sv.start()
+    assert sv.wait(60) == 3
+    wait_until(lambda: _exit_code(gateway, "full-disk") == 3, timeout=20, what="the exit at the gateway")
+
+    events = gateway.events("full-disk")
+    gaps = _walk(events, _written(("before", 200), ("during", 300), ("after", 200)), "write_failed")
+    assert gaps, "lines were dropped on the full disk, and counted"
+    assert {g["detail"] for g in gaps} == {"No space left on device"}
+    changes = [e for e in events if e["kind"] == "health" and e["data"]["change"]]
+    failing = [c for c in changes if "journal cannot write: No space left on device" in c["data"]["reasons"]]
+    assert failing, changes
+    later = [c for c in changes if c["sequence"] > failing[0]["sequence"]]
+    assert any(not any(r.startswith("journal cannot write") for r in c["data"]["reasons"]) for c in later)
+    assert "journal append failed" in sv.log_text()
+
+
+EIO_AGENT = textwrap.dedent(
+    """
+    import sys, time
+    for i in range(100):
+        print(f"line {i}", flush=True)
+        time.sleep(0.01)
+    sys.exit(0)
+    """
+)
+
+
+def test_an_io_error_on_a_journal_write_is_counted_by_a_gap_and_a_health_change(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (it injects the I/O error)")
+    gateway.start()
+    workdir = tmp_path / "eio"
+    segment = (workdir / "journal").resolve() / "seg-00000000000000000001.log"
+    sv = SupervisorProcess(
+        workdir,
+        "eio",
+        gateway.address,
+        [sys.executable, "-u", "-c", EIO_AGENT],
+        settings=["health.interval_s=3600", "health.check_interval_s=0.2"],
+        # write(2) calls 3 to 5 on the first segment (the first log line and the two tries to write
+        # its gap: the two lifecycle records come first)
+        # fail with EIO, as from a failing disk; nothing else the supervisor does is touched.
+        wrapper=[
+            strace, "-f", "-qq", "-o", "/dev/null", "-P", str(segment),
+            "-e", "trace=write", "-e", "inject=write:error=EIO:when=3..5",
+        ],
+    )  # fmt: skip
+    supervisors.append(sv)
+    sv.start()
+    assert sv.wait(60) == 0
+    wait_until(lambda: _exit_code(gateway, "eio") == 0, timeout=20, what="the exit at the gateway")
+
+    events = gateway.events("eio")
+    gaps = _walk(events, _written(("line", 100)), "write_failed")
+    assert sum(g["dropped_records"] for g in gaps) == 3, gaps
+    assert {g["detail"] for g in gaps} == {"Input/output error"}
+    changes = [e for e in events if e["kind"] == "health" and e["data"]["change"]]
+    assert any("journal cannot write: Input/output error" in c["data"]["reasons"] for c in changes), changes
+
+
+SEGMENT_AGENT = textwrap.dedent(
+    """
+    import os, sys, time
+    for i in range(400):
+        print(f"line {i}", flush=True)
+    open(sys.argv[1], "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    sys.exit(4)
+    """
+)
+
+
+def test_a_segment_removed_before_delivery_is_a_corrupt_gap_at_the_gateway(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    printed, go = tmp_path / "printed", tmp_path / "go"
+    sv = SupervisorProcess(
+        tmp_path / "seg",
+        "seg",
+        gateway.address,  # not started yet: everything waits in the journal
+        [sys.executable, "-u", "-c", SEGMENT_AGENT, str(printed), str(go)],
+        settings=["journal.segment_bytes=4096", "journal.max_bytes=1048576", "health.enabled=false"],
+    )
+    supervisors.append(sv)
+    sv.start()
+    wait_until(printed.exists, timeout=30, what="the agent's lines")
+
+    def segments() -> list[Path]:
+        return sorted(sv.journal_dir.glob("seg-*.log"))
+
+    def settled() -> bool:
+        before = [(p, p.stat().st_size) for p in segments()]
+        wait_until(lambda: True, timeout=1, what="")
+        return len(before) >= 5 and before == [(p, p.stat().st_size) for p in segments()]
+
+    wait_until(settled, timeout=30, what="the lines in the journal", interval=0.3)
+    found = segments()
+    gone, following = found[2], found[3]
+    first, last = int(gone.name[4:24]), int(following.name[4:24]) - 1
+    gone.unlink()
+    gateway.start()
+    go.touch()
+    assert sv.wait(60) == 4
+    wait_until(lambda: _exit_code(gateway, "seg") == 4, timeout=20, what="the exit at the gateway")
+
+    (gap,) = _walk(gateway.events("seg"), _written(("line", 400)), "corrupt")
+    assert (gap["first_sequence"], gap["last_sequence"]) == (first, last)
+    assert gap["detail"] == "segment file missing"
