@@ -5,6 +5,12 @@ sandbox is registered in the store first (the insert decides between two creates
 the supervisor's hello then finds the row), then created by the driver; if anything goes wrong
 there, the registration this call made is taken back and the caller gets the reason.
 
+An id can be created again once its sandbox is gone: once the watch has seen its pod deleted
+(``driver_state`` ``Deleted``), or when its create failed without a pod. The row then becomes the
+new sandbox's, as the next generation; the old one's events stay readable under theirs. A delete
+that is still under way (the pod terminating, its supervisor perhaps still delivering) keeps the
+id taken: until then a create answers 409.
+
 For the Kubernetes driver a background task follows the sandbox pods: it lists them (recording
 each pod's phase and reason in its sandbox's ``driver_state``, and marking sandboxes whose pods
 are gone as ``Deleted``), then watches from that list's resourceVersion, and starts over with
@@ -30,7 +36,7 @@ from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from gateway.drivers.podspec import PodSpecError, SandboxRequest
 from gateway.drivers.registry import RegistryError
-from gateway.store import SandboxStore, StoreError
+from gateway.store import SandboxRow, SandboxStore, StoreError
 from gateway.store.db import utcnow
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,16 @@ def _parse_time(value: object) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
+
+
+def _gone(row: SandboxRow) -> bool:
+    """Whether the sandbox that has this id now is gone, so the id may be created again: its pod
+    was seen deleted, or its create failed before it had one (a Failed pod still exists)."""
+    if row.driver != DRIVER:
+        return False
+    state = row.driver_state or {}
+    phase = state.get("phase")
+    return phase == "Deleted" or (phase == "Failed" and "pod" not in state)
 
 
 def _status(exc: KubernetesDriverError) -> int:
@@ -84,20 +100,21 @@ class KubernetesProvisioner:
         assert self.driver is not None, "start() first"
         request = SandboxRequest(sandbox_id=sandbox_id, command=list(command), image=image, env=dict(env))
         spec = {"image": image or self.settings.pod.default_image, "command": list(command)}
-        registered = await self.sandboxes.create(
+        generation = await self.sandboxes.create(
             sandbox_id,
             driver=DRIVER,
             spec=spec,
             driver_state={"phase": "Creating", "at": utcnow().isoformat()},
+            replaces=_gone,
         )
-        if not registered:
-            raise ProvisionError(409, f"sandbox {sandbox_id!r} exists")
+        if generation is None:
+            raise ProvisionError(409, await self._taken(sandbox_id))
         try:
             created = await self.driver.create(request)
         except BaseException as exc:
             # This call registered the id: take it back whatever went wrong, cancellation included,
             # so the id is free again and no row claims a pod that does not exist.
-            await asyncio.shield(self._forget(sandbox_id))
+            await asyncio.shield(self._forget(sandbox_id, generation, exc))
             if isinstance(exc, PodSpecError):
                 raise ProvisionError(400, str(exc)) from None
             if isinstance(exc, KubernetesDriverError):
@@ -121,6 +138,7 @@ class KubernetesProvisioner:
         await self.sandboxes.set_spec(sandbox_id, spec)
         answer: dict[str, Any] = {
             "id": sandbox_id,
+            "generation": generation,
             "pod": created.pod_name,
             "namespace": self.settings.namespace,
             "command": list(created.command),
@@ -130,9 +148,31 @@ class KubernetesProvisioner:
             answer["command_from_image"] = created.command_from_image
         return answer
 
-    async def _forget(self, sandbox_id: str) -> None:
+    async def _taken(self, sandbox_id: str) -> str:
+        """Why the id cannot be created now, for the 409."""
+        message = f"sandbox {sandbox_id!r} exists"
         try:
-            await self.sandboxes.delete(sandbox_id)
+            row = await self.sandboxes.get(sandbox_id)
+        except StoreError:
+            return message
+        if row is not None and row.driver == DRIVER:
+            phase = (row.driver_state or {}).get("phase")
+            message += (
+                f" (its pod is {phase or 'unknown'}): delete it, and create it again once its pod is gone"
+            )
+        return message
+
+    async def _forget(self, sandbox_id: str, generation: int, failure: BaseException) -> None:
+        try:
+            if generation == 1:
+                await self.sandboxes.delete(sandbox_id)
+            else:
+                # The id had an earlier sandbox whose events must stay: mark the new one failed
+                # (no pod, so the id can be created again) instead of deleting the row.
+                reason = f"the create failed: {failure}" if str(failure) else "the create was cancelled"
+                await self.sandboxes.set_driver_state(
+                    sandbox_id, {"phase": "Failed", "reason": reason, "at": utcnow().isoformat()}
+                )
         except StoreError as exc:
             log.error("sandbox %s: could not take back its registration: %s", sandbox_id, exc)
 
@@ -180,7 +220,8 @@ class KubernetesProvisioner:
                     await self.sandboxes.set_driver_state(
                         row.id, {"phase": "Failed", "reason": reason, "at": now.isoformat()}
                     )
-            elif phase not in ("Deleted", "Failed"):
+            elif phase != "Deleted" and not (phase == "Failed" and "pod" not in recorded):
+                # A pod seen (Failed included) and now gone: deleted, and its id free again.
                 await self.sandboxes.set_driver_state(
                     row.id, {**recorded, "phase": "Deleted", "at": now.isoformat()}
                 )

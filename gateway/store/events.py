@@ -16,7 +16,18 @@ Health records (``supervisor.health``) are stored with kind ``health`` and their
 they never touch the sandbox row.
 
 An EXITED lifecycle record also sets the sandbox's exit code in the same transaction, so that the
-exit shown by the API and the record in the log can never disagree.
+exit shown by the API and the record in the log can never disagree. An exit is recorded once per
+run of the main process: a run begins with a STARTED record (the supervisor journals one for each
+start, restarts under ``process.restart`` included), which clears the sandbox's exit; the first
+EXITED after it sets the exit, and any later one for the same run (a duplicate or late report, or
+a second source) leaves it as it is, with a log line. Journaled records are still stored as they
+came (the journal is the supervisor's account, and its sequence must not have holes); an upstream
+``ReportMainProcessExit`` that would be ignored is not stored at all. So the sandbox's final exit
+is the exit of the last run its supervisor started, whatever arrives after it.
+
+Each event carries the generation of its sandbox when it was stored (``sandboxes.generation``,
+read by the INSERT itself, so no extra round trip): the events of a deleted sandbox stay apart from
+those of a sandbox created again under its id. Reads take a generation; without one they span all.
 
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import weakref
 from collections.abc import Iterable, Sequence
@@ -34,7 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, Select, func, insert, select, update
+from sqlalchemy import Insert, Select, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,6 +66,8 @@ from openshell_wire.records import (
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
@@ -66,6 +80,7 @@ class StoredEvent:
     stream: str | None
     message: str
     data: dict[str, Any] | None
+    generation: int = 1
 
 
 class EventNotifier:
@@ -115,6 +130,7 @@ _EVENT_COLUMNS = (
     events_table.c.stream,
     events_table.c.message,
     events_table.c.data,
+    events_table.c.generation,
 )
 
 
@@ -129,6 +145,7 @@ def _stored(row: Row[Any]) -> StoredEvent:
         stream=row.stream,
         message=row.message,
         data=json.loads(row.data) if row.data is not None else None,
+        generation=int(row.generation),
     )
 
 
@@ -145,6 +162,16 @@ _INSERT_COLUMNS = (
     "received_at",
 )
 
+
+#: The parameters of the precompiled INSERT: the columns above, then the sandbox id again for the
+#: subquery that reads the sandbox's current generation.
+_INSERT_PARAMS = (*_INSERT_COLUMNS, "gen_sandbox_id")
+#: The events' generation, read from the sandbox row by the INSERT itself.
+_GENERATION = (
+    select(sandboxes_table.c.generation)
+    .where(sandboxes_table.c.id == bindparam("gen_sandbox_id"))
+    .scalar_subquery()
+)
 
 #: The ``data`` of a log row whose line continues in the next record (see ``_row``).
 _CONTINUED_DATA = json.dumps({"continued": True}, separators=(",", ":"))
@@ -223,15 +250,23 @@ def _row(
         message,
         json.dumps(data, separators=(",", ":")) if data is not None else None,
         received_at,
+        sandbox_id,
     )
 
 
-#: What a batch's lifecycle records leave the sandbox row with: (exit code, exited at), both
-#: None when the main process started again after its last exit.
-ExitState = tuple[int | None, datetime | None]
+@dataclass(frozen=True, slots=True)
+class ExitState:
+    """What a batch's lifecycle records do to the sandbox's exit (see the module docstring)."""
+
+    #: A STARTED came: a new run, so the row's exit is replaced by ``exit`` (None: cleared).
+    new_run: bool
+    #: (exit code, exited at) of the first EXITED after the batch's last STARTED (or in the batch).
+    exit: tuple[int, datetime] | None
+    #: Exit codes of further EXITED records of that same run: duplicates, not recorded.
+    repeated: tuple[int, ...] = ()
 
 
-def _last_exit(items: Sequence[tuple[int, Payload]], received_at: datetime) -> ExitState | None:
+def _exit_state(items: Sequence[tuple[int, Payload]], received_at: datetime) -> ExitState | None:
     found: ExitState | None = None
     for timestamp_ms, payload in items:
         if not isinstance(payload, LifecycleRecord):
@@ -240,11 +275,48 @@ def _last_exit(items: Sequence[tuple[int, Payload]], received_at: datetime) -> E
             # The supervisor's observation time says when it exited; a record without one (the
             # upstream path sometimes) falls back to when we heard of it.
             at = datetime.fromtimestamp(timestamp_ms / 1000, UTC) if timestamp_ms > 0 else received_at
-            found = (payload.exit_code, at)
+            if found is None:
+                found = ExitState(new_run=False, exit=(payload.exit_code, at))
+            elif found.exit is None:
+                found = ExitState(new_run=found.new_run, exit=(payload.exit_code, at))
+            else:
+                found = ExitState(found.new_run, found.exit, (*found.repeated, payload.exit_code))
         elif payload.kind is LifecycleKind.STARTED:
             # A new run of the main process: an earlier exit no longer describes the sandbox.
-            found = (None, None)
+            found = ExitState(new_run=True, exit=None)
     return found
+
+
+def _log_ignored(sandbox_id: str, code: int, kept: int | None, source: str) -> None:
+    log.info(
+        "sandbox %s: exit code %d from %s ignored: this run's exit is already recorded (%s)",
+        sandbox_id,
+        code,
+        source,
+        f"exit code {kept}" if kept is not None else "a concurrent report",
+        extra={"sandbox_id": sandbox_id, "exit_code": code},
+    )
+
+
+def _without_repeated_exits(
+    sandbox_id: str, items: Sequence[tuple[int, Payload]], recorded: int | None
+) -> list[tuple[int, Payload]]:
+    """``items`` without the EXITED records of a run that has its exit already (``recorded``, or
+    an earlier EXITED in ``items``): such a report is a duplicate, and would contradict the exit
+    the sandbox shows."""
+    kept: list[tuple[int, Payload]] = []
+    exit_code = recorded
+    for timestamp_ms, payload in items:
+        if isinstance(payload, LifecycleRecord):
+            if payload.kind is LifecycleKind.STARTED:
+                exit_code = None
+            elif payload.kind is LifecycleKind.EXITED:
+                if exit_code is not None:
+                    _log_ignored(sandbox_id, payload.exit_code, exit_code, "upstream report")
+                    continue
+                exit_code = payload.exit_code
+        kept.append((timestamp_ms, payload))
+    return kept
 
 
 class _Shared:
@@ -276,13 +348,21 @@ class EventStore:
         unique = ["sandbox_id", "journal_epoch", "sequence"]
         idempotent: Insert
         if db.dialect == "postgresql":
-            idempotent = postgresql.insert(events_table).on_conflict_do_nothing(index_elements=unique)
+            idempotent = (
+                postgresql.insert(events_table)
+                .values(generation=_GENERATION)
+                .on_conflict_do_nothing(index_elements=unique)
+            )
         else:
-            idempotent = sqlite.insert(events_table).on_conflict_do_nothing(index_elements=unique)
+            idempotent = (
+                sqlite.insert(events_table)
+                .values(generation=_GENERATION)
+                .on_conflict_do_nothing(index_elements=unique)
+            )
         self._idempotent_sql = self._compile(idempotent)
         # A plain insert for the events we number ourselves: a collision there is a numbering bug
         # and must fail loudly, not vanish the way a replay does.
-        self._append_sql = self._compile(insert(events_table))
+        self._append_sql = self._compile(insert(events_table).values(generation=_GENERATION))
         self._sqlite = db.dialect == "sqlite"
 
     def notifier(self) -> EventNotifier:
@@ -297,7 +377,7 @@ class EventStore:
             dialect=self._db.engine.dialect, column_keys=list(_INSERT_COLUMNS), for_executemany=True
         )
         order = getattr(compiled, "positiontup", None)
-        if not getattr(compiled, "positional", False) or list(order or ()) != list(_INSERT_COLUMNS):
+        if not getattr(compiled, "positional", False) or list(order or ()) != list(_INSERT_PARAMS):
             raise StoreError(f"the {self._db.dialect} driver does not take positional parameters")
         return str(compiled)
 
@@ -316,13 +396,33 @@ class EventStore:
         return int(top) if top is not None else 0
 
     @staticmethod
-    async def _record_exit(conn: AsyncConnection, sandbox_id: str, exit_: ExitState | None) -> None:
-        if exit_ is not None:
+    async def _record_exit(
+        conn: AsyncConnection, sandbox_id: str, exit_: ExitState | None, *, source: str
+    ) -> None:
+        if exit_ is None:
+            return
+        code, at = exit_.exit if exit_.exit is not None else (None, None)
+        if exit_.new_run:
             await conn.execute(
                 update(sandboxes_table)
                 .where(sandboxes_table.c.id == sandbox_id)
-                .values(exit_code=exit_[0], exited_at=exit_[1])
+                .values(exit_code=code, exited_at=at)
             )
+        elif code is not None:
+            # Only a run without an exit yet takes one: conditional, so two reports racing on
+            # PostgreSQL also keep the first.
+            result = await conn.execute(
+                update(sandboxes_table)
+                .where(sandboxes_table.c.id == sandbox_id, sandboxes_table.c.exit_code.is_(None))
+                .values(exit_code=code, exited_at=at)
+            )
+            if result.rowcount == 0:
+                kept = await conn.scalar(
+                    select(sandboxes_table.c.exit_code).where(sandboxes_table.c.id == sandbox_id)
+                )
+                _log_ignored(sandbox_id, code, kept, source)
+        for repeated in exit_.repeated:
+            _log_ignored(sandbox_id, repeated, code, source)
 
     async def store_events(
         self,
@@ -357,7 +457,7 @@ class EventStore:
             )
             for e in events
         ]
-        exit_ = _last_exit([(e.timestamp_ms, e.payload) for e in events if not e.is_log], received_at)
+        exit_ = _exit_state([(e.timestamp_ms, e.payload) for e in events if not e.is_log], received_at)
         last = max(e.sequence for e in events)
         return await self._store_rows(
             sandbox_id,
@@ -410,6 +510,7 @@ class EventStore:
                         _text(line.message),
                         _CONTINUED_DATA if line.continued else None,
                         stored_at,
+                        sandbox_id,
                     )
                 )
             else:
@@ -431,7 +532,7 @@ class EventStore:
             previous = sequence
         if not rows:
             return known_high_water_mark
-        exit_ = _last_exit(others, received_at) if others else None
+        exit_ = _exit_state(others, received_at) if others else None
         return await self._store_rows(
             sandbox_id,
             journal_epoch,
@@ -459,7 +560,7 @@ class EventStore:
         with store_errors(what):
             async with self._db.engine.begin() as conn:
                 await conn.exec_driver_sql(self._idempotent_sql, rows)
-                await self._record_exit(conn, sandbox_id, exit_)
+                await self._record_exit(conn, sandbox_id, exit_, source=f"journal {journal_epoch!r}")
                 if known_high_water_mark is None:
                     hwm = await self._hwm(conn, sandbox_id, journal_epoch)
                 else:
@@ -501,13 +602,16 @@ class EventStore:
         return lock
 
     async def append_unsequenced(self, sandbox_id: str, items: Sequence[tuple[int, Payload]]) -> None:
-        """Store records that came without sequence numbers, numbering them after the last one."""
+        """Store records that came without sequence numbers, numbering them after the last one.
+
+        An EXITED record for a run whose exit is already recorded (an upstream supervisor's
+        report sent again, or a late one) is dropped with a log line: see the module docstring.
+        """
         if not items:
             return
         what = f"cannot append events for sandbox {sandbox_id!r}"
         received_at = utcnow()
         stored_at = self._bind_received_at(received_at)
-        exit_ = _last_exit(items, received_at)
         lock = self._lock_for(sandbox_id)
         async with lock:
             with store_errors(what):
@@ -515,13 +619,19 @@ class EventStore:
                     # On PostgreSQL the row lock serialises replicas numbering the same sandbox (the
                     # asyncio lock only covers this process); SQLite renders no FOR UPDATE, and
                     # being single-process it needs none.
-                    found = await conn.scalar(
-                        select(sandboxes_table.c.id)
-                        .where(sandboxes_table.c.id == sandbox_id)
-                        .with_for_update()
-                    )
+                    found = (
+                        await conn.execute(
+                            select(sandboxes_table.c.id, sandboxes_table.c.exit_code)
+                            .where(sandboxes_table.c.id == sandbox_id)
+                            .with_for_update()
+                        )
+                    ).first()
                     if found is None:
                         raise StoreError(f"{what}: no such sandbox")
+                    kept = _without_repeated_exits(sandbox_id, items, found.exit_code)
+                    if not kept:
+                        return
+                    exit_ = _exit_state(kept, received_at)
                     top = await self._hwm(conn, sandbox_id, UNSEQUENCED_EPOCH)
                     rows = [
                         _row(
@@ -532,10 +642,10 @@ class EventStore:
                             payload=payload,
                             received_at=stored_at,
                         )
-                        for i, (ts, payload) in enumerate(items, start=1)
+                        for i, (ts, payload) in enumerate(kept, start=1)
                     ]
                     await conn.exec_driver_sql(self._append_sql, rows)
-                    await self._record_exit(conn, sandbox_id, exit_)
+                    await self._record_exit(conn, sandbox_id, exit_, source="upstream report")
         self._notifier.notify(sandbox_id)
 
     async def _select(self, what: str, query: Select[Any]) -> list[StoredEvent]:
@@ -544,38 +654,61 @@ class EventStore:
                 result = await conn.execute(query)
                 return [_stored(row) for row in result]
 
-    async def tail(
-        self, sandbox_id: str, limit: int = 100, *, kinds: Sequence[str] | None = None
-    ) -> list[StoredEvent]:
-        """The last ``limit`` events of the sandbox (optionally of ``kinds`` only), oldest first."""
-        query = select(*_EVENT_COLUMNS).where(events_table.c.sandbox_id == sandbox_id)
+    @staticmethod
+    def _of(query: Select[Any], generation: int | None, kinds: Sequence[str] | None) -> Select[Any]:
+        if generation is not None:
+            query = query.where(events_table.c.generation == generation)
         if kinds is not None:
             query = query.where(events_table.c.kind.in_(list(kinds)))
+        return query
+
+    async def tail(
+        self,
+        sandbox_id: str,
+        limit: int = 100,
+        *,
+        kinds: Sequence[str] | None = None,
+        generation: int | None = None,
+    ) -> list[StoredEvent]:
+        """The last ``limit`` events of the sandbox (optionally of ``kinds`` only, of one
+        ``generation`` only), oldest first."""
+        query = self._of(
+            select(*_EVENT_COLUMNS).where(events_table.c.sandbox_id == sandbox_id), generation, kinds
+        )
         query = query.order_by(events_table.c.id.desc()).limit(limit)
         found = await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
         found.reverse()
         return found
 
     async def after(
-        self, sandbox_id: str, after_id: int, limit: int = 1000, *, kinds: Sequence[str] | None = None
+        self,
+        sandbox_id: str,
+        after_id: int,
+        limit: int = 1000,
+        *,
+        kinds: Sequence[str] | None = None,
+        generation: int | None = None,
     ) -> list[StoredEvent]:
         """Events with an id above ``after_id``, oldest first: the next page of a follow."""
-        query = select(*_EVENT_COLUMNS).where(
-            events_table.c.sandbox_id == sandbox_id, events_table.c.id > after_id
+        query = self._of(
+            select(*_EVENT_COLUMNS).where(
+                events_table.c.sandbox_id == sandbox_id, events_table.c.id > after_id
+            ),
+            generation,
+            kinds,
         )
-        if kinds is not None:
-            query = query.where(events_table.c.kind.in_(list(kinds)))
         query = query.order_by(events_table.c.id).limit(limit)
         return await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
 
-    async def count(self, sandbox_id: str) -> int:
+    async def count(self, sandbox_id: str, *, generation: int | None = None) -> int:
+        query = self._of(
+            select(func.count()).select_from(events_table).where(events_table.c.sandbox_id == sandbox_id),
+            generation,
+            None,
+        )
         with store_errors(f"cannot count the events of sandbox {sandbox_id!r}"):
             async with self._db.engine.connect() as conn:
-                n = await conn.scalar(
-                    select(func.count())
-                    .select_from(events_table)
-                    .where(events_table.c.sandbox_id == sandbox_id)
-                )
+                n = await conn.scalar(query)
                 return int(n or 0)
 
 

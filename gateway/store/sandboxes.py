@@ -9,6 +9,11 @@ before the old stream's teardown runs, and the old one must not mark the sandbox
 Exit information stays once written, also across later connections: an exited sandbox's
 supervisor still connects to flush its journal.
 
+An id names one sandbox at a time, not forever: ``create`` may take over the row of a sandbox
+that is gone (which ones, its caller says: for the Kubernetes driver, those whose pod is deleted),
+as the row's next generation. Everything the row says about the old sandbox is reset; its events
+stay, under their generation, and its pending commands fail (they were meant for the old one).
+
 Heartbeats are frequent (thousands of sandboxes), so the session layer collects them and writes
 one batch per flush rather than one transaction per heartbeat.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +31,9 @@ from sqlalchemy import Insert, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 
+from gateway.store.commands import FAILED, PENDING
 from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
 
 
@@ -48,6 +55,7 @@ class SandboxRow:
     owner_epoch: int
     spec: dict[str, Any] | None = None
     driver_state: dict[str, Any] | None = None
+    generation: int = 1
 
 
 def _sandbox(row: Row[Any]) -> SandboxRow:
@@ -68,6 +76,7 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         owner_epoch=int(row.owner_epoch),
         spec=json.loads(row.spec) if row.spec is not None else None,
         driver_state=json.loads(row.driver_state) if row.driver_state is not None else None,
+        generation=int(row.generation),
     )
 
 
@@ -109,13 +118,19 @@ class SandboxStore:
         driver: str,
         spec: Mapping[str, Any] | None = None,
         driver_state: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Register a new sandbox; False (and nothing changed) when the id is taken. Of two
-        concurrent creates of one id exactly one gets True: the insert itself decides."""
+        replaces: Callable[[SandboxRow], bool] | None = None,
+    ) -> int | None:
+        """Register a new sandbox and return its generation; None (and nothing changed) when the
+        id is taken. Of two concurrent creates of one id exactly one gets a generation: the insert,
+        or for an id in use the generation the update is conditional on, decides.
+
+        ``replaces`` says whether the sandbox that has the id now is gone, so that the id may be
+        created again: then the row is reset to the new sandbox under the next generation.
+        """
+        now = utcnow()
         values = {
-            "id": sandbox_id,
             "driver": driver,
-            "created_at": utcnow(),
+            "created_at": now,
             "spec": json.dumps(dict(spec), sort_keys=True) if spec is not None else None,
             "driver_state": json.dumps(dict(driver_state), sort_keys=True)
             if driver_state is not None
@@ -123,8 +138,53 @@ class SandboxStore:
         }
         with store_errors(f"cannot register sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
-                inserted = await conn.execute(self._insert().values(values).returning(sandboxes_table.c.id))
-                return inserted.first() is not None
+                inserted = await conn.execute(
+                    self._insert().values(id=sandbox_id, **values).returning(sandboxes_table.c.id)
+                )
+                if inserted.first() is not None:
+                    return 1
+                if replaces is None:
+                    return None
+                row = (
+                    await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
+                ).first()
+                if row is None or not replaces(_sandbox(row)):
+                    return None
+                generation = int(row.generation) + 1
+                updated = await conn.execute(
+                    update(sandboxes_table)
+                    .where(
+                        sandboxes_table.c.id == sandbox_id,
+                        sandboxes_table.c.generation == row.generation,
+                    )
+                    .values(
+                        **values,
+                        generation=generation,
+                        instance_id=None,
+                        session_id=None,
+                        journal_epoch=None,
+                        connected=False,
+                        connected_at=None,
+                        disconnected_at=None,
+                        last_heartbeat_at=None,
+                        exit_code=None,
+                        exited_at=None,
+                        owner=None,
+                    )
+                )
+                if updated.rowcount == 0:
+                    return None  # another create took the id meanwhile
+                await conn.execute(
+                    update(commands_table)
+                    .where(commands_table.c.sandbox_id == sandbox_id, commands_table.c.state == PENDING)
+                    .values(
+                        state=FAILED,
+                        error=f"sandbox {sandbox_id!r} was deleted and created again "
+                        f"(generation {generation})",
+                        answered_at=now,
+                    )
+                )
+                return generation
 
     async def get(self, sandbox_id: str) -> SandboxRow | None:
         with store_errors(f"cannot read sandbox {sandbox_id!r}"):

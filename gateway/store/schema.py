@@ -4,8 +4,10 @@ These definitions are what the store's queries are written against; the tables t
 created only by the Alembic migrations in ``migrations/versions`` (never by ``create_all``), so a
 change here needs a new migration, and a unit test checks that the two still agree.
 
-``sandboxes`` holds one row per sandbox: the session that currently owns it (with an owner and an
-epoch kept for HA fencing), liveness, and the main process's exit. ``events`` holds the journal
+``sandboxes`` holds one row per sandbox id: the session that currently owns it (with an owner and
+an epoch kept for HA fencing), liveness, the main process's exit, and its generation (a deleted
+sandbox's id can be created again: the row then describes the new one, and each event carries the
+generation it was stored under, so the old one's events stay readable). ``events`` holds the journal
 records that supervisors send, unique on (sandbox, journal epoch, sequence) so that a replay after
 a reconnect stores nothing twice. Records that arrive without sequence numbers (the upstream
 PushSandboxLogs and ReportMainProcessExit paths) are numbered by the gateway under the empty
@@ -91,6 +93,9 @@ sandboxes = Table(
     Column("owner_epoch", BigInteger, nullable=False, server_default=text("0")),
     Column("spec", Text, nullable=True),
     Column("driver_state", Text, nullable=True),
+    # Which life of this id the row describes: 1 at the first create, one more at each create
+    # after a delete (the old lives' events stay, under their own generation).
+    Column("generation", BigInteger, nullable=False, server_default=text("1")),
 )
 
 events = Table(
@@ -113,6 +118,8 @@ events = Table(
     Column("message", Text, nullable=False),
     Column("data", Text, nullable=True),
     Column("received_at", UTCDateTime, nullable=False),
+    # The sandbox's generation when the event was stored (see ``sandboxes.generation``).
+    Column("generation", BigInteger, nullable=False, server_default=text("1")),
     UniqueConstraint("sandbox_id", "journal_epoch", "sequence", name="uq_events_sandbox_epoch_sequence"),
     # Tail and follow both read one sandbox's events in id order.
     Index("ix_events_sandbox_id_id", "sandbox_id", "id"),

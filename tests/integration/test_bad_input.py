@@ -7,15 +7,19 @@ event batches that break the rules.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from grpc import aio
 
 from gateway.app import Gateway
 from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.gateway import gateway_config
 
 CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
@@ -250,3 +254,133 @@ async def test_a_supervisor_that_gives_up_during_accept_leaves_no_ghost_session(
     assert len(gw.registry) == 0, "the cancelled handler must take its session out of the registry"
     row = await gw.sandboxes.get("sb-impatient")
     assert row is None or not row.connected, "nor leave the sandbox shown as connected"
+
+
+def _lifecycle_batch(*events: tuple[int, int, int | None]) -> pb.SupervisorMessage:
+    """An event batch of (sequence, LIFECYCLE_KIND, exit code) records in journal e1."""
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    for seq, kind, code in events:
+        ev = batch.events.events.add(sequence=seq, timestamp_ms=1_764_072_000_000 + seq)
+        ev.lifecycle.kind = kind  # type: ignore[assignment]
+        ev.lifecycle.pid = 42
+        if code is not None:
+            ev.lifecycle.exit_code = code
+    return batch
+
+
+async def _sandbox_json(gw: Gateway, sandbox_id: str) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{gw.http_url}/api/v1/sandboxes/{sandbox_id}") as resp,
+    ):
+        assert resp.status == 200
+        doc: dict[str, Any] = await resp.json()
+        return doc
+
+
+async def test_an_exit_is_recorded_once_and_late_reports_are_ignored(gw: Gateway) -> None:
+    started, exited = pb.LIFECYCLE_KIND_STARTED, pb.LIFECYCLE_KIND_EXITED
+    replies = await _send_events(gw, "sb-exit", _lifecycle_batch((1, started, None), (2, exited, 3)))
+    assert replies[-1].event_ack.acked_through_sequence == 2
+    assert (await _sandbox_json(gw, "sb-exit"))["exit_code"] == 3
+    # Another source reports the same run's exit with another code (the upstream call), then the
+    # journal carries a late second exit: neither rewrites the exit the sandbox shows.
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        stub = pb_grpc.OpenShellStub(channel)
+        await stub.ReportMainProcessExit(
+            pb.ReportMainProcessExitRequest(sandbox_id="sb-exit", instance_id="i1", exit_code=0)
+        )
+    replies = await _send_events(gw, "sb-exit", _lifecycle_batch((3, exited, 1)))
+    assert replies[-1].event_ack.acked_through_sequence == 3, "the record itself is acknowledged"
+    doc = await _sandbox_json(gw, "sb-exit")
+    assert doc["exit_code"] == 3 and doc["state"] == "exited"
+    # A restart is a new run, whose exit is the sandbox's.
+    await _send_events(gw, "sb-exit", _lifecycle_batch((4, started, None), (5, exited, 0)))
+    assert (await _sandbox_json(gw, "sb-exit"))["exit_code"] == 0
+
+
+async def test_http_bodies_are_bounded_in_size_and_depth(gw: Gateway) -> None:
+    await _send_events(gw, "sb-http", _lifecycle_batch((1, pb.LIFECYCLE_KIND_STARTED, None)))
+    url = f"{gw.http_url}/api/v1/sandboxes/sb-http/commands"
+    headers = {"Content-Type": "application/json"}
+    cases = [
+        ("[" * 100_000 + "]" * 100_000, 400, "nests deeper than"),
+        ('{"kind": "stop", "pad": "' + "x" * (2 * 1024 * 1024) + '"}', 413, "larger than 1048576 bytes"),
+        ('{"kind": "signal", "signal": {"a": [1, {"b": null}]}}', 400, "signal must be"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for body, status, words in cases:
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == status, await resp.text()
+                assert words in (await resp.json())["error"]
+        async with http.post(url, json={"kind": "stop"}) as resp:
+            assert resp.status == 201, "and the gateway goes on serving"
+
+
+@pytest.fixture
+async def kube_gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway with the Kubernetes driver whose API server does not answer (127.0.0.1:1): a
+    request the gateway refuses is refused before the driver is asked, so it never gets to 502."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    config = gateway_config(
+        tmp_path,
+        {
+            "drivers": {
+                "kind": "kubernetes",
+                "kubernetes": {
+                    "kubeconfig": str(kubeconfig),
+                    "gateway_address": "gw:7070",
+                    "request_timeout_s": 2,
+                    "pod": {"default_image": "busybox:1.36"},
+                },
+            }
+        },
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    yield gateway
+    await gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"image": "../../etc/passwd"}, "image: "),
+        ({"image": "registry.example/team/../../x:1"}, "image: "),
+        ({"image": "busybox\x00:1"}, "image: "),
+        ({"image": "BusyBox:1"}, "image: "),
+        ({"image": "busybox@sha256:abc"}, "image: "),
+        ({"env": {"FOO": "a\x00b"}}, "env.FOO: value contains a NUL byte"),
+        ({"env": {"OPENSHELL_GATEWAY": "evil:1"}}, "reserved"),
+        ({"env": {"FOO": ["x"]}}, "env.FOO: must be a string"),
+        ({"command": ["sh", "-c", "echo\x00rm -rf /"]}, "command[2]: contains a NUL byte"),
+        ({"command": "sh"}, "command must be a list of strings"),
+        ({"id": 7}, "id must be a string"),
+    ],
+)
+async def test_sandbox_requests_are_validated_with_the_field_named(
+    kube_gw: Gateway, fields: dict[str, Any], words: str
+) -> None:
+    body = {"id": "sb-bad", "command": ["sleep", "1"], **fields}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{kube_gw.http_url}/api/v1/sandboxes", json=body) as resp:
+            assert resp.status == 400, await resp.text()
+            assert words in (await resp.json())["error"]
+        # The same request without the bad field reaches the driver (whose API is away: 502).
+        good = {"id": "sb-bad", "command": ["sleep", "1"]}
+        async with http.post(f"{kube_gw.http_url}/api/v1/sandboxes", json=good) as resp:
+            assert resp.status == 502, await resp.text()
+    assert await kube_gw.sandboxes.get("sb-bad") is None, "nothing was registered"

@@ -16,14 +16,18 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from gateway.store import Database, EventStore, SandboxStore, StoreError
+from gateway.store.db import create_engine, upgrade
 from openshell_wire.records import LogRecord, LogStream
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.unit.test_store import (
     check_append_unsequenced,
+    check_exit_recorded_once,
     check_exit_updates_sandbox,
     check_heartbeats,
     check_idempotent_store,
+    check_migration_keeps_rows_as_generation_one,
     check_migrations_match_schema,
+    check_recreate_after_delete,
     check_restart_clears_exit_and_nul_survives,
     check_schema,
     check_sessions,
@@ -94,6 +98,27 @@ async def test_migrating_twice_and_concurrently_is_safe(pg_url: str) -> None:
     finally:
         for db in opened:
             await db.close()
+
+
+async def test_migration_0004_keeps_rows_as_generation_one(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    try:
+        await upgrade(engine, "0003")
+    finally:
+        await engine.dispose()
+    db = await Database.open(pg_url, migrate=False)
+    try:
+        await check_migration_keeps_rows_as_generation_one(db)
+    finally:
+        await db.close()
+
+
+async def test_an_exit_is_recorded_once_per_run(pg: Database) -> None:
+    await check_exit_recorded_once(pg)
+
+
+async def test_a_deleted_sandbox_id_can_be_created_again(pg: Database) -> None:
+    await check_recreate_after_delete(pg)
 
 
 async def test_store_events_is_idempotent(pg: Database) -> None:

@@ -26,6 +26,7 @@ from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_
 from gateway.drivers.registry import RegistryError
 from gateway.provisioner import KubernetesProvisioner
 from gateway.store import Database, EventStore, SandboxStore, utcnow
+from openshell_wire.records import Event, LogRecord, LogStream
 from tests.support.procs import child_env
 
 SETTINGS = KubernetesDriverSettings.model_validate(
@@ -123,6 +124,7 @@ async def test_create_registers_the_sandbox_and_keeps_only_the_token_hash(store:
         "id": "sb-1",
         "pod": "sandbox-sb-1",
         "namespace": "openshell-sandboxes",
+        "generation": 1,
         "command": ["sleep", "1"],
     }
     row = await store.get("sb-1")
@@ -315,6 +317,7 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
                 "id": "cli-1",
                 "pod": "sandbox-cli-1",
                 "namespace": "openshell-sandboxes",
+                "generation": 1,
                 "command": ["sleep", "5"],
             }
             assert json.loads(out) == expected
@@ -366,3 +369,64 @@ async def test_the_provisioner_checks_requests_that_do_not_come_through_the_api(
         await prov.create("direct", ["true"], image=None, env={"FOO": "a\x00b"})
     assert caught.value.status == 400
     assert await store.get("direct") is None, "the registration was taken back"
+
+
+async def test_a_deleted_sandbox_can_be_created_again_and_its_old_logs_stay(tmp_path: Path) -> None:
+    db = await Database.open(f"sqlite:///{tmp_path}/gateway.db")
+    store, events, driver = SandboxStore(db), EventStore(db), FakeDriver()
+    prov = provisioner(store, driver)
+    await prov.start()
+    app = build_api(sandboxes=store, events=events, lost_after_s=60, provisioner=prov)
+    body = {"id": "again", "command": ["true"]}
+    try:
+        async with TestClient(TestServer(app)) as client:
+
+            async def logs(query: str = "") -> Any:
+                resp = await client.get(f"/api/v1/sandboxes/again/logs{query}")
+                return resp.status, await resp.json()
+
+            async def pod_gone() -> None:
+                await driver.events.put(PodState("again", "sandbox-again", "Deleted"))
+                await phase_becomes(store, "again", "Deleted")
+
+            resp = await client.post("/api/v1/sandboxes", json=body)
+            assert resp.status == 201 and (await resp.json())["generation"] == 1
+            driver.pods["again"] = PodState("again", "sandbox-again", "Running")
+            await driver.events.put(driver.pods["again"])
+            await phase_becomes(store, "again", "Running")
+            await events.store_events("again", "e1", [Event(1, 0, LogRecord(LogStream.STDOUT, "first life"))])
+
+            assert (await client.delete("/api/v1/sandboxes/again")).status == 202
+            # Its pod is terminating (its supervisor may still deliver): the id stays taken.
+            resp = await client.post("/api/v1/sandboxes", json=body)
+            assert resp.status == 409
+            assert "create it again once its pod is gone" in (await resp.json())["error"]
+
+            await pod_gone()
+            resp = await client.post("/api/v1/sandboxes", json=body)
+            assert resp.status == 201, await resp.text()
+            assert (await resp.json())["generation"] == 2
+            shown = await (await client.get("/api/v1/sandboxes/again")).json()
+            assert shown["generation"] == 2 and shown["state"] == "pending" and shown["exit_code"] is None
+            await events.store_events(
+                "again", "e2", [Event(1, 0, LogRecord(LogStream.STDOUT, "second life"))]
+            )
+            status, now = await logs()
+            assert status == 200 and now["generation"] == 2
+            assert [(e["message"], e["generation"]) for e in now["events"]] == [("second life", 2)]
+            status, before = await logs("?generation=1")
+            assert [(e["message"], e["generation"]) for e in before["events"]] == [("first life", 1)]
+            status, refused = await logs("?generation=3")
+            assert status == 400 and "generation" in refused["error"]
+
+            # A create again that fails keeps every earlier life's events, and frees the id.
+            assert (await client.delete("/api/v1/sandboxes/again")).status == 202
+            await pod_gone()
+            resp = await client.post("/api/v1/sandboxes", json={"id": "again", "image": "unknown:1"})
+            assert resp.status == 400, await resp.text()
+            assert await events.count("again") == 2
+            resp = await client.post("/api/v1/sandboxes", json=body)
+            assert resp.status == 201 and (await resp.json())["generation"] == 4
+    finally:
+        await prov.close()
+        await db.close()

@@ -7,6 +7,7 @@ runs the same ones, so both backends are held to one behaviour.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -20,15 +21,18 @@ from sqlalchemy.engine import Connection
 
 from gateway.store import (
     UNSEQUENCED_EPOCH,
+    CommandStore,
     Database,
     EventStore,
     SandboxStore,
     StoreError,
     migrate,
 )
+from gateway.store.db import create_engine, upgrade
 from gateway.store.schema import metadata
 from openshell_wire.convert import WireError, event_to_proto
 from openshell_wire.records import (
+    CommandKind,
     Event,
     GapReason,
     GapRecord,
@@ -71,7 +75,7 @@ async def check_schema(db: Database) -> None:
     async with db.engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
-    assert version == ["0003"]
+    assert version == ["0004"]
     assert {"sandboxes", "events", "alembic_version"} <= tables
 
 
@@ -219,6 +223,115 @@ async def check_append_unsequenced(db: Database) -> None:
     assert await events.high_water_mark("sb", UNSEQUENCED_EPOCH) == 51
 
 
+def started(seq: int, *, ts: int = TS) -> Event:
+    return Event(seq, ts, LifecycleRecord(LifecycleKind.STARTED, pid=42))
+
+
+async def check_exit_recorded_once(db: Database) -> None:
+    """A run's first exit stays: a late or repeated report (journaled, unsequenced, from the wire)
+    changes nothing; a new run (STARTED) takes its own exit."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+    first_at = datetime.fromtimestamp((TS + 5) / 1000, UTC)
+    await events.store_events("sb", "e1", [started(1), exited(2, 3, ts=TS + 5)])
+
+    async def exit_of() -> tuple[int | None, datetime | None]:
+        row = await sandboxes.get("sb")
+        assert row is not None
+        return row.exit_code, row.exited_at
+
+    assert await exit_of() == (3, first_at)
+    # A late report in the same journal, and one in another batch of the wire path: kept as records
+    # (the journal has no holes), but the sandbox's exit stays the first.
+    await events.store_events("sb", "e1", [exited(3, 0, ts=TS + 9)])
+    wire = pb.EventBatch(events=[event_to_proto(exited(4, 1, ts=TS + 10))])
+    await events.store_wire_batch("sb", "e1", wire.events, known_high_water_mark=3)
+    assert await exit_of() == (3, first_at)
+    assert await events.count("sb") == 4
+    # An upstream ReportMainProcessExit for the exited run: ignored, and not stored either.
+    await events.append_unsequenced("sb", [(TS + 20, LifecycleRecord(LifecycleKind.EXITED, exit_code=0))])
+    assert await exit_of() == (3, first_at)
+    assert await events.high_water_mark("sb", UNSEQUENCED_EPOCH) == 0
+    # A restart is a new run: its exit is the sandbox's; a second exit in one batch is not.
+    await events.store_events("sb", "e1", [started(5), exited(6, 1, ts=TS + 30), exited(7, 9, ts=TS + 31)])
+    assert await exit_of() == (1, datetime.fromtimestamp((TS + 30) / 1000, UTC))
+    # Upstream: a run's exit counts once there too, and only after the run started.
+    await sandboxes.ensure("up")
+    report = LifecycleRecord(LifecycleKind.EXITED, exit_code=5)
+    await events.append_unsequenced("up", [(TS, report), (TS + 1, report)])
+    await events.append_unsequenced("up", [(TS + 2, LifecycleRecord(LifecycleKind.EXITED, exit_code=6))])
+    row = await sandboxes.get("up")
+    assert row is not None and row.exit_code == 5
+    assert await events.count("up") == 1
+
+
+async def check_recreate_after_delete(db: Database) -> None:
+    """An id whose sandbox is gone can be created again, as the next generation: the row is the
+    new sandbox's, the old events stay readable under their generation, old commands fail."""
+    sandboxes, events, commands = SandboxStore(db), EventStore(db), CommandStore(db)
+    assert await sandboxes.create("sb", driver="kubernetes", spec={"image": "a:1"}) == 1
+    await sandboxes.mark_connected(
+        "sb", instance_id="i1", session_id="s1", journal_epoch="e1", owner="gw", at=T0
+    )
+    await events.store_events("sb", "e1", [log(1, "old"), exited(2, 3)])
+    pending = await commands.create("sb", CommandKind.STOP, grace_ms=0)
+
+    assert await sandboxes.create("sb", driver="kubernetes") is None, "taken, nothing says it is gone"
+    assert await sandboxes.create("sb", driver="kubernetes", replaces=lambda row: False) is None
+    assert (await sandboxes.get("sb")).generation == 1  # type: ignore[union-attr]
+
+    gone = [row.generation for row in [await sandboxes.get("sb")] if row is not None]
+    winners = await asyncio.gather(
+        *(
+            sandboxes.create(
+                "sb", driver="kubernetes", spec={"image": "b:2"}, replaces=lambda row: row.generation in gone
+            )
+            for _ in range(3)
+        )
+    )
+    assert sorted(winners, key=lambda g: g or 0) == [None, None, 2], "exactly one create takes the id"
+    row = await sandboxes.get("sb")
+    assert row is not None and row.generation == 2 and row.spec == {"image": "b:2"}
+    assert row.exit_code is None and row.exited_at is None and not row.connected
+    assert row.session_id is None and row.journal_epoch is None and row.last_heartbeat_at is None
+    old_command = await commands.get(pending.command.command_id)
+    assert (
+        old_command is not None
+        and old_command.state == "failed"
+        and "created again" in (old_command.error or "")
+    )
+
+    await events.store_events("sb", "e2", [log(1, "new")])
+    assert [(e.message, e.generation) for e in await events.tail("sb", 10, generation=2)] == [("new", 2)]
+    old = await events.tail("sb", 10, generation=1)
+    assert [e.message for e in old] == ["old", "main process 42 exited with code 3"]
+    assert {e.generation for e in old} == {1}
+    assert await events.count("sb", generation=1) == 2 and await events.count("sb") == 3
+    newest = await events.tail("sb", 1)
+    assert [e.id for e in await events.after("sb", 0, generation=2)] == [newest[0].id]
+
+
+async def check_migration_keeps_rows_as_generation_one(db: Database) -> None:
+    """Rows written before 0004 (here: through the 0003 schema) read as generation 1."""
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO sandboxes (id, driver, created_at) VALUES ('old', 'external', :at)"), {"at": T0}
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO events (sandbox_id, journal_epoch, sequence, timestamp_ms, kind, message, "
+                "received_at) VALUES ('old', 'e1', 1, 0, 'log', 'before', :at)"
+            ),
+            {"at": T0},
+        )
+    await upgrade(db.engine)
+    await check_schema(db)
+    row = await SandboxStore(db).get("old")
+    assert row is not None and row.generation == 1
+    stored = await EventStore(db).tail("old", 10, generation=1)
+    assert [(e.message, e.generation) for e in stored] == [("before", 1)]
+
+
 async def check_sessions(db: Database) -> None:
     sandboxes = SandboxStore(db)
     await sandboxes.ensure("sb", driver="kubernetes", spec={"image": "busybox"})
@@ -337,6 +450,34 @@ async def test_restart_clears_exit_and_nul_survives(db: Database) -> None:
 
 async def test_append_unsequenced_numbers_concurrent_calls(db: Database) -> None:
     await check_append_unsequenced(db)
+
+
+async def test_an_exit_is_recorded_once_per_run(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.store.events"):
+        await check_exit_recorded_once(db)
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert any("exit code 0 from journal 'e1' ignored" in m and "(exit code 3)" in m for m in ignored), (
+        ignored
+    )
+    assert any("from upstream report ignored" in m for m in ignored), ignored
+    assert any("exit code 9" in m for m in ignored), "a second exit of one batch is named too"
+
+
+async def test_a_deleted_sandbox_id_can_be_created_again(db: Database) -> None:
+    await check_recreate_after_delete(db)
+
+
+async def test_migration_0004_keeps_rows_as_generation_one(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    try:
+        await upgrade(engine, "0003")
+    finally:
+        await engine.dispose()
+    db = await Database.open(sqlite_url, migrate=False)
+    try:
+        await check_migration_keeps_rows_as_generation_one(db)
+    finally:
+        await db.close()
 
 
 async def test_mark_disconnected_ignores_a_stale_session(db: Database) -> None:
