@@ -115,6 +115,7 @@ def sandbox_json(row: SandboxRow, now: datetime, lost_after_s: float) -> dict[st
         "session_id": row.session_id,
         "journal_epoch": row.journal_epoch,
         "driver_state": row.driver_state,
+        "generation": row.generation,
     }
 
 
@@ -128,6 +129,7 @@ def event_json(event: StoredEvent) -> dict[str, Any]:
         "stream": event.stream,
         "message": event.message,
         "data": event.data,
+        "generation": event.generation,
     }
 
 
@@ -432,13 +434,24 @@ class _Api:
         follow = _bool_param(request, "follow")
         until_exit = _bool_param(request, "until_exit")
         row = await self._sandbox(request)
+        # The current sandbox's events unless an earlier one (of an id created again) is asked for.
+        generation = _int_param(request, "generation", row.generation, 1, row.generation)
         if follow:
-            return await self._follow(request, row.id, tail, kinds, until_exit)
-        found = await self.events.tail(row.id, tail, kinds=kinds) if tail else []
-        return web.json_response({"sandbox_id": row.id, "events": [event_json(e) for e in found]})
+            return await self._follow(request, row.id, tail, kinds, until_exit, generation=generation)
+        found = await self.events.tail(row.id, tail, kinds=kinds, generation=generation) if tail else []
+        return web.json_response(
+            {"sandbox_id": row.id, "generation": generation, "events": [event_json(e) for e in found]}
+        )
 
     async def _follow(
-        self, request: web.Request, sandbox_id: str, tail: int, kinds: list[str] | None, until_exit: bool
+        self,
+        request: web.Request,
+        sandbox_id: str,
+        tail: int,
+        kinds: list[str] | None,
+        until_exit: bool,
+        *,
+        generation: int,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             # Reverse proxies (an nginx ingress, say) would otherwise hold lines back in a buffer.
@@ -450,15 +463,19 @@ class _Api:
             # in the tail or after the cursor: nothing falls between the two.
             newest = await self.events.tail(sandbox_id, 1)
             cursor = newest[-1].id if newest else 0
-            first = await self.events.tail(sandbox_id, tail, kinds=kinds) if tail else []
+            first = (
+                await self.events.tail(sandbox_id, tail, kinds=kinds, generation=generation) if tail else []
+            )
             if first:
                 cursor = max(cursor, first[-1].id)
                 await response.write(_ndjson([event_json(e) for e in first]))
             while not _gone(request) and not self.closing.is_set():
                 # Read the exit before the events: the exit and its record commit together, so once
                 # the exit is seen, one more empty page proves that everything up to it was sent.
-                exited = until_exit and await self._exited_or_gone(sandbox_id)
-                page = await self.events.after(sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds)
+                exited = until_exit and await self._exited_or_gone(sandbox_id, generation)
+                page = await self.events.after(
+                    sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds, generation=generation
+                )
                 if page:
                     cursor = page[-1].id
                     await response.write(_ndjson([event_json(e) for e in page]))
@@ -480,9 +497,10 @@ class _Api:
             await response.write_eof()
         return response
 
-    async def _exited_or_gone(self, sandbox_id: str) -> bool:
+    async def _exited_or_gone(self, sandbox_id: str, generation: int) -> bool:
         row = await self.sandboxes.get(sandbox_id)
-        return row is None or row.exit_code is not None
+        # An earlier generation has ended for good: the id was created again since.
+        return row is None or row.exit_code is not None or row.generation != generation
 
 
 def _gone(request: web.Request) -> bool:
