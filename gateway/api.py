@@ -22,8 +22,12 @@ next session; their state (``pending``, ``applied``, ``failed``) is readable unt
 With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``;
 without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
 and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row and its events stay; ``driver_state``
-follows the pod). The API has no authentication yet (the auth issue adds OIDC): keep
-``http.listen`` reachable only by trusted callers.
+follows the pod). Once its pod is gone the id can be created again, as the row's next
+``generation``; logs are the current generation's unless ``?generation=N`` asks for an earlier one.
+A request is checked by :func:`gateway.drivers.podspec.request_problem` (400 naming the field), and
+every body is bounded in size (``http.max_body_bytes``, 413) and JSON nesting (400) before parsing.
+The API has no authentication yet (the auth issue adds OIDC): keep ``http.listen`` reachable only
+by trusted callers.
 
 ``GET /metrics`` is the gateway's Prometheus exposition (:mod:`gateway.metrics`).
 
