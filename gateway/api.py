@@ -1,12 +1,14 @@
 """The gateway's HTTP JSON API: sandbox state and logs, for people, scripts and agents alike.
 
-Read-only views over the store. A sandbox's ``state`` is derived here, at read time, from what the
-store records (session, disconnect time, exit), so it can never go stale in the database:
+Read-only views over the store. A sandbox's ``state`` and ``connected`` are derived at read time
+by :mod:`gateway.sandbox_state` (the one rule the status command and the metrics use too) from what
+the store records (session, last heartbeat, disconnect time, exit), so they can never go stale in
+the database:
 
 - ``exited``: its main process has exited (the exit code is known);
-- ``connected``: a supervisor session is up;
+- ``connected``: a supervisor session is up and its last heartbeat is fresh;
 - ``lost``: disconnected for longer than ``lost_after_s``;
-- ``disconnected``: was connected, is not, for less than that;
+- ``disconnected``: was connected, is not (or its heartbeat went stale), for less than that;
 - ``pending``: registered but never connected.
 
 Logs come as a JSON tail, or with ``follow=1`` as a stream of NDJSON lines (one event per line)
@@ -50,9 +52,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.config import SessionSettings
 from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
 from gateway.metrics import GatewayMetrics
+from gateway.sandbox_state import Liveness, disconnected_since, is_connected, sandbox_state
 from gateway.store import (
     CommandRow,
     CommandStore,
@@ -88,30 +92,15 @@ def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at is not None else None
 
 
-def sandbox_state(row: SandboxRow, now: datetime, lost_after_s: float) -> str:
-    """The derived state of a sandbox (see the module docstring)."""
-    if row.exit_code is not None:
-        return "exited"
-    if row.connected:
-        return "connected"
-    if row.disconnected_at is not None:
-        if (now - row.disconnected_at).total_seconds() > lost_after_s:
-            return "lost"
-        return "disconnected"
-    if row.connected_at is not None:
-        return "disconnected"
-    return "pending"
-
-
-def sandbox_json(row: SandboxRow, now: datetime, lost_after_s: float) -> dict[str, Any]:
+def sandbox_json(row: SandboxRow, now: datetime, liveness: Liveness) -> dict[str, Any]:
     return {
         "id": row.id,
         "driver": row.driver,
-        "state": sandbox_state(row, now, lost_after_s),
-        "connected": row.connected,
+        "state": str(sandbox_state(row, now=now, liveness=liveness)),
+        "connected": is_connected(row, now=now, liveness=liveness),
         "created_at": _iso(row.created_at),
         "connected_at": _iso(row.connected_at),
-        "disconnected_since": None if row.connected else _iso(row.disconnected_at),
+        "disconnected_since": _iso(disconnected_since(row, now=now, liveness=liveness)),
         "last_heartbeat_at": _iso(row.last_heartbeat_at),
         "exit_code": row.exit_code,
         "exited_at": _iso(row.exited_at),
@@ -343,7 +332,7 @@ class _Api:
         *,
         sandboxes: SandboxStore,
         events: EventStore,
-        lost_after_s: float,
+        liveness: Liveness,
         now: Callable[[], datetime],
         commands: CommandStore | None = None,
         deliver: Callable[[str, Command], bool] | None = None,
@@ -354,7 +343,7 @@ class _Api:
         self.events = events
         self.commands = commands
         self.deliver = deliver
-        self.lost_after_s = lost_after_s
+        self.liveness = liveness
         self.now = now
         #: Set when the server shuts down: followers end instead of holding the shutdown up.
         self.closing = asyncio.Event()
@@ -426,11 +415,11 @@ class _Api:
     async def list_sandboxes(self, request: web.Request) -> web.StreamResponse:
         rows = await self.sandboxes.list()
         now = self.now()
-        return web.json_response({"sandboxes": [sandbox_json(r, now, self.lost_after_s) for r in rows]})
+        return web.json_response({"sandboxes": [sandbox_json(r, now, self.liveness) for r in rows]})
 
     async def get_sandbox(self, request: web.Request) -> web.StreamResponse:
         row = await self._sandbox(request)
-        return web.json_response(sandbox_json(row, self.now(), self.lost_after_s))
+        return web.json_response(sandbox_json(row, self.now(), self.liveness))
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         tail = _int_param(request, "tail", DEFAULT_TAIL, 0, MAX_TAIL)
@@ -518,7 +507,8 @@ def build_api(
     *,
     sandboxes: SandboxStore,
     events: EventStore,
-    lost_after_s: float,
+    lost_after_s: float | None = None,
+    liveness: Liveness | None = None,
     now: Callable[[], datetime] = utcnow,
     commands: CommandStore | None = None,
     deliver: Callable[[str, Command], bool] | None = None,
@@ -526,11 +516,17 @@ def build_api(
     metrics: GatewayMetrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> web.Application:
-    """The API as an aiohttp application, to run on its own or to mount under another app."""
+    """The API as an aiohttp application, to run on its own or to mount under another app.
+
+    ``liveness`` gives the bounds of the derived state; without it, the default ``sessions``
+    settings with ``lost_after_s`` (when given) are used."""
+    if liveness is None:
+        sessions = SessionSettings() if lost_after_s is None else SessionSettings(lost_after_s=lost_after_s)
+        liveness = Liveness.from_settings(sessions)
     api = _Api(
         sandboxes=sandboxes,
         events=events,
-        lost_after_s=lost_after_s,
+        liveness=liveness,
         now=now,
         commands=commands,
         deliver=deliver,
@@ -541,9 +537,11 @@ def build_api(
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/healthz", api.healthz)
     if metrics is not None:
-        registry = metrics.registry
+        registry, gauges = metrics.registry, metrics
 
         async def metrics_text(request: web.Request) -> web.StreamResponse:
+            # Sandboxes by state are counted at scrape time, by the same rule as the API's.
+            await gauges.count_sandboxes(sandboxes, now=now(), liveness=api.liveness)
             body = generate_latest(registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -1,10 +1,14 @@
 """The gateway process: one object that owns every server and background task.
 
 ``Gateway.start`` opens the database (running migrations), starts the gRPC server (our
-service plus the standard gRPC health service) and the HTTP API, and the task that flushes
-heartbeat times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
-period, flushes once more and closes the database, in that order, so nothing acknowledged is
-left unwritten.
+service plus the standard gRPC health service, both registered through :mod:`gateway.rpc`, which
+decodes frames itself and answers store failures UNAVAILABLE) and the HTTP API, and the task that
+flushes heartbeat times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
+period, flushes once more, gives the disconnection writes still retrying up to the grace period,
+and closes the database, in that order, so nothing acknowledged is left unwritten.
+
+A flush that fails (the store is away) is logged without a traceback, at most once a minute, and
+its times are flushed again with the next one.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ from typing import Any
 import grpc
 from aiohttp import web
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from gateway.api import build_api
 from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.drivers import Provisioner
 from gateway.metrics import GatewayMetrics
+from gateway.rpc import CallGuard, RateLimitedLog, add_service
+from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
-from gateway.store import CommandStore, Database, EventStore, SandboxStore
-from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
+from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ class Gateway:
         self.config = config
         self.registry = SessionRegistry()
         self.metrics = GatewayMetrics(self.registry)
+        self.errors = RateLimitedLog(log)
         self.db: Database | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -91,10 +98,12 @@ class Gateway:
             events=events,
             commands=commands,
             metrics=self.metrics,
+            errors=self.errors,
         )
-        pb_grpc.add_OpenShellServicer_to_server(self._service, server)
+        guard = CallGuard(metrics=self.metrics, errors=self.errors)
+        add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, guard=guard)
         try:
             if cfg.grpc.tls.enabled:
                 self.grpc_port = server.add_secure_port(cfg.grpc.listen, server_credentials(cfg.grpc.tls))
@@ -127,7 +136,7 @@ class Gateway:
             provisioner=self._provisioner,
             sandboxes=self._sandboxes,
             events=events,
-            lost_after_s=cfg.sessions.lost_after_s,
+            liveness=Liveness.from_settings(cfg.sessions),
             commands=commands,
             deliver=self._service.deliver,
             max_body_bytes=cfg.http.max_body_bytes,
@@ -158,12 +167,18 @@ class Gateway:
             await self._flush_once()
 
     async def _flush_once(self) -> None:
-        beats = self.registry.take_heartbeats()
+        stale_after = Liveness.from_settings(self.config.sessions).stale_after_s
+        beats = self.registry.take_heartbeats(renew_after_s=stale_after)
         if beats and self._sandboxes is not None:
             try:
                 await self._sandboxes.record_heartbeats(beats)
-            except Exception:  # a failed flush must not kill the flusher; the next one retries
-                log.exception("heartbeat flush failed; retrying with the next flush")
+            except StoreError as exc:  # a failed flush must not kill the flusher; the next one retries
+                self.metrics.background_write_failures.labels("heartbeats").inc()
+                self.errors.log(
+                    logging.WARNING,
+                    ("heartbeat-flush",),
+                    f"heartbeat flush failed; retrying with the next flush: {exc}",
+                )
                 self.registry.requeue_heartbeats(beats)
 
     async def stop(self) -> None:
@@ -184,7 +199,7 @@ class Gateway:
             await self._provisioner.close()
             self._provisioner = None
         if self._service is not None:
-            await self._service.drain()
+            await self._service.drain(timeout_s=self.config.grpc.shutdown_grace_s)
         if self.db is not None:
             await self.db.close()
             self.db = None

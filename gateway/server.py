@@ -13,6 +13,16 @@ bound ends the stream: a blackholed supervisor cannot hold a session forever.
 Supervisors that speak only the upstream subset get the upstream behaviour: SessionAccepted,
 heartbeats both ways, and their logs and exit arrive through PushSandboxLogs and
 ReportMainProcessExit, which carry no sequence numbers (the store numbers them).
+
+The service is put on the server by :func:`gateway.rpc.add_service`, which decodes the frames
+(a malformed one is INVALID_ARGUMENT) and answers a store failure UNAVAILABLE with a retry hint.
+A session that ends on a store failure is told first: SessionRejected with the same hint.
+
+When a session ends, its disconnection is written by a task of its own, retried with backoff
+while the store fails, until it lands or a newer session owns the sandbox (the write is
+conditional on the session id, so it can never undo a newer session's connection). Until it
+lands, the sandbox's stale heartbeat already keeps it from being shown connected
+(:mod:`gateway.sandbox_state`).
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
+from gateway.rpc import MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
-from gateway.store import CommandStore, EventStore, SandboxStore
+from gateway.store import CommandStore, EventStore, SandboxStore, StoreError
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -56,6 +68,10 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
+
+#: A disconnection that cannot be written is tried again after at most this long (full-jitter
+#: exponential backoff from a fifth of a second).
+DISCONNECT_RETRY_MAX_S = 10.0
 
 
 class ProtocolError(Exception):
@@ -93,8 +109,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         events: EventStore,
         commands: CommandStore,
         metrics: GatewayMetrics | None = None,
+        errors: RateLimitedLog | None = None,
     ) -> None:
         self._metrics = metrics
+        self._errors = errors if errors is not None else RateLimitedLog(log)
         self._config = config
         self._registry = registry
         self._sandboxes = sandboxes
@@ -132,14 +150,44 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             wanted = command.interval_ms / 1000 * 1.5 + self._config.sessions.grace_s
             session.stale_after_s = max(session.stale_after_s, wanted)
 
-    async def drain(self) -> None:
-        """Wait for the writes that ended sessions left behind (called on shutdown)."""
+    async def drain(self, *, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the writes that ended sessions left behind, then cancel
+        what is still retrying (called on shutdown, before the database closes). A disconnection
+        given up this way is still not shown as connected: its heartbeat goes stale."""
+        deadline = time.monotonic() + timeout_s
         while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=left)
+        if self._tasks:
+            pending = set(self._tasks)
+            log.warning(
+                "shutting down with %d disconnection(s) not written: the store is failing", len(pending)
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- ConnectSupervisor ---------------------------------------------------------------
 
     async def ConnectSupervisor(
+        self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        try:
+            async for out in self._connect(request_iterator, context):
+                yield out
+        except StoreError as exc:
+            # Tell our supervisor on the stream (it backs off at least this long), then end the
+            # call UNAVAILABLE with the same hint for any other client (gateway.rpc).
+            retry_after_ms = store_retry_after_ms()
+            reason = f"store unavailable: {exc}"
+            if self._metrics is not None:
+                self._metrics.sessions_rejected.labels(pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)).inc()
+            yield _reject(pb.REJECT_CODE_OVERLOADED, reason, retry_after_ms)
+            raise Unavailable(reason, retry_after_ms=retry_after_ms) from None
+
+    async def _connect(
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
     ) -> AsyncIterator[pb.GatewayMessage]:
         peer = context.peer()
@@ -205,6 +253,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             reason = f"protocol error: {exc}"
             log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
             yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+        except MalformedFrame as exc:
+            reason = str(exc)
+            raise
+        except StoreError as exc:
+            reason = f"store unavailable: {exc}"
+            raise
         finally:
             if reader is not None:
                 reader.cancel()
@@ -241,9 +295,41 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 )
 
     async def _record_disconnected(self, session: Session) -> None:
-        async with self._row_lock(session.sandbox_id):
-            await self._sandboxes.mark_disconnected(
-                session.sandbox_id, session_id=session.session_id, at=datetime.now(UTC)
+        """Mark the sandbox disconnected, retrying while the store fails. The write is conditional
+        on the session id, so once it runs (whether it changed the row or found a newer session
+        there) it is done; the row lock is held per attempt only, so a newer session's connection
+        is never held up behind the backoff, and both writes land in whichever order is right."""
+        at = datetime.now(UTC)
+        sandbox_id = session.sandbox_id
+
+        def failed(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if self._metrics is not None:
+                self._metrics.background_write_failures.labels("disconnect").inc()
+            self._errors.log(
+                logging.WARNING,
+                ("disconnect-write",),
+                f"cannot record that sandbox {sandbox_id} disconnected (attempt {state.attempt_number}), "
+                f"retrying: {exc}",
+                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
+            )
+
+        attempts = 0
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_random_exponential(multiplier=0.2, max=DISCONNECT_RETRY_MAX_S),
+            before_sleep=failed,
+            reraise=True,
+        ):
+            with attempt:
+                attempts += 1
+                async with self._row_lock(sandbox_id):
+                    await self._sandboxes.mark_disconnected(sandbox_id, session_id=session.session_id, at=at)
+        if attempts > 1:
+            log.info(
+                "disconnection recorded after %d attempts",
+                attempts,
+                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
             )
 
     def _row_lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -290,14 +376,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self, session: Session, request_iterator: AsyncIterator[pb.SupervisorMessage]
     ) -> None:
         error: str | None = None
+        malformed: MalformedFrame | None = None
         try:
             async for message in request_iterator:
                 session.inbox.put_nowait(Inbound(message))
         except asyncio.CancelledError:
             raise
+        except MalformedFrame as exc:  # the handler ends the call INVALID_ARGUMENT
+            error, malformed = str(exc), exc
         except Exception as exc:  # the stream broke; the handler ends the session with this reason
             error = f"{type(exc).__name__}: {exc}"
-        session.inbox.put_nowait(InboundEnded(error))
+        session.inbox.put_nowait(InboundEnded(error, malformed=malformed))
 
     async def _serve(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
         session.touch()
@@ -315,6 +404,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 )
                 return
             if isinstance(item, InboundEnded):
+                if item.malformed is not None:
+                    raise item.malformed
                 if item.error:
                     log.info("stream broke: %s", item.error, extra={"sandbox_id": session.sandbox_id})
                 return

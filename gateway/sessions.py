@@ -4,7 +4,11 @@ A session is one accepted ConnectSupervisor stream. At most one session per sand
 a new hello for the same sandbox replaces the old session (the supervisor reconnected before
 the old stream was noticed dead), and the old stream's handler is told to end through its
 inbox. The registry also remembers when each session last spoke; a flusher task writes those
-times to the database in one batch every few seconds instead of one write per heartbeat.
+times to the database in one batch every few seconds instead of one write per heartbeat. The
+database's heartbeat time is what shows a sandbox connected (:mod:`gateway.sandbox_state`), so a
+live session that has not spoken for a whole stale bound (a command widened its heartbeat
+interval) is renewed with the flush time: the gateway still holds it, and its own stale check,
+widened to match, vouches for it.
 
 Room for HA: the session's ``owner_epoch`` will come from the store's ownership table, so that
 a stale owner on another replica cannot write (fencing). Today it is this process's counter.
@@ -51,6 +55,8 @@ class InboundEnded:
     """The supervisor closed its side, or the read failed."""
 
     error: str | None
+    #: The read failed on a frame that is not a valid message: the handler raises this.
+    malformed: Exception | None = None
 
 
 InboxItem = Outbound | Close | Inbound | InboundEnded
@@ -73,6 +79,8 @@ class Session:
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The heartbeat time last handed to the flusher (connecting writes ``opened_at``).
+    last_flushed_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def touch(self) -> None:
         self.last_seen_monotonic = time.monotonic()
@@ -124,11 +132,23 @@ class SessionRegistry:
         session.touch()
         self._dirty.add(session.sandbox_id)
 
-    def take_heartbeats(self) -> dict[str, datetime]:
-        """Last-seen times changed since the previous call, for the batched flush."""
+    def take_heartbeats(self, *, renew_after_s: float | None = None) -> dict[str, datetime]:
+        """Last-seen times changed since the previous call, for the batched flush; with
+        ``renew_after_s`` (the default stale bound), also the flush time for every live session
+        allowed a longer silence whose time was last handed out longer ago than that (see the
+        module docstring)."""
+        now = datetime.now(UTC)
         beats: dict[str, datetime] = {
             sid: self._live[sid].last_seen_wall for sid in self._dirty if sid in self._live
         }
+        if renew_after_s is not None:
+            for live_id, session in self._live.items():
+                widened = session.stale_after_s > renew_after_s
+                idle = (now - session.last_flushed_wall).total_seconds() > renew_after_s
+                if widened and idle and live_id not in beats:
+                    beats[live_id] = now
+        for beat_id, at in beats.items():
+            self._live[SandboxId(beat_id)].last_flushed_wall = at
         self._dirty.clear()
         return beats
 

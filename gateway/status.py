@@ -1,5 +1,8 @@
 """``openshell-gateway status``: the sandboxes, their state and their last log lines, read through
-the HTTP API (the same document an agent reads), rendered for a terminal."""
+the HTTP API (the same document an agent reads), rendered for a terminal. The state and the
+"since" column are the API's, derived by :mod:`gateway.sandbox_state`: a sandbox whose heartbeat
+went stale shows as disconnected since its last heartbeat, even if its disconnection was never
+written."""
 
 from __future__ import annotations
 

@@ -82,6 +82,8 @@ async def test_states(env: Env) -> None:
         "exited", "e1", [Event(1, 0, LifecycleRecord(LifecycleKind.EXITED, pid=1, exit_code=2))]
     )
     env.clock.at = T0 + timedelta(seconds=100 + LOST_AFTER_S / 2)
+    # Connected means a fresh heartbeat too (gateway.sandbox_state).
+    await env.sandboxes.record_heartbeats({"connected": env.clock.at})
 
     listing = await get_json(env, "/api/v1/sandboxes")
     states = {s["id"]: s["state"] for s in listing["sandboxes"]}
@@ -94,7 +96,8 @@ async def test_states(env: Env) -> None:
     assert lost["connected_at"] == T0.isoformat()
     assert lost["session_id"] == "s1" and lost["instance_id"] == "i1" and lost["journal_epoch"] == "e1"
     connected = await get_json(env, "/api/v1/sandboxes/connected")
-    assert connected["disconnected_since"] is None and connected["last_heartbeat_at"] == T0.isoformat()
+    assert connected["disconnected_since"] is None and connected["connected"] is True
+    assert connected["last_heartbeat_at"] == env.clock.at.isoformat()
     ex = await get_json(env, "/api/v1/sandboxes/exited")
     assert ex["exit_code"] == 2 and ex["exited_at"] is not None
     pending = await get_json(env, "/api/v1/sandboxes/pending")
@@ -103,6 +106,28 @@ async def test_states(env: Env) -> None:
     # The same disconnected sandbox turns lost once the clock passes the threshold.
     env.clock.at = T0 + timedelta(seconds=100 + LOST_AFTER_S + 1)
     assert (await get_json(env, "/api/v1/sandboxes/disconnected"))["state"] == "lost"
+
+
+async def test_a_connected_flag_with_a_stale_heartbeat_is_not_shown_connected(env: Env) -> None:
+    """The flag is cleared by one write of one process (which may die, or whose write may fail):
+    past the heartbeat bound the sandbox is disconnected since its last heartbeat, then lost."""
+    from gateway.config import SessionSettings
+    from gateway.sandbox_state import Liveness
+
+    bound = Liveness.from_settings(SessionSettings(lost_after_s=LOST_AFTER_S)).fresh_for_s
+    await env.sandboxes.ensure("flagged")
+    await connect(env, "flagged")
+    env.clock.at = T0 + timedelta(seconds=bound)
+    assert (await get_json(env, "/api/v1/sandboxes/flagged"))["state"] == "connected"
+    env.clock.at = T0 + timedelta(seconds=bound + 1)
+    body = await get_json(env, "/api/v1/sandboxes/flagged")
+    assert body["state"] == "disconnected" and body["connected"] is False
+    assert body["disconnected_since"] == T0.isoformat()
+    env.clock.at = T0 + timedelta(seconds=LOST_AFTER_S + 1)
+    assert (await get_json(env, "/api/v1/sandboxes/flagged"))["state"] == "lost"
+    # A fresh heartbeat shows it connected again: the flag was never cleared.
+    await env.sandboxes.record_heartbeats({"flagged": env.clock.at})
+    assert (await get_json(env, "/api/v1/sandboxes/flagged"))["state"] == "connected"
 
 
 async def test_unknown_sandbox_is_404(env: Env) -> None:

@@ -1,0 +1,255 @@
+"""How the gateway puts its gRPC services on the server: every request frame decoded by us, every
+failure answered with a fitting status (never ``UNKNOWN``), and the log of bad input rate-limited.
+
+grpc-python's generated ``add_..._to_server`` decodes each frame before the servicer runs; a frame
+that is not a valid message then fails inside grpc, which answers ``UNKNOWN: Unexpected <class
+DecodeError>`` and logs an ERROR with a traceback for every such frame, so anyone who can open a
+connection could fill the log. :func:`add_service` therefore registers every method of a service
+(read from its descriptor, so a method added to the ``.proto`` is covered too) with an identity
+deserializer, and decodes the bytes itself:
+
+- a frame that does not decode ends the call with ``INVALID_ARGUMENT`` ("malformed X frame: ..."),
+  counted per method, and logged (one line, no traceback) at most once per peer host and method
+  every ``LOG_INTERVAL_S``, with how many like it were left out since;
+- a :class:`StoreError` (the database unreachable, read-only, failing) ends it with
+  ``UNAVAILABLE`` and the trailing metadata ``grpc-retry-pushback-ms`` (a retry hint spread over
+  ``STORE_RETRY_AFTER_MS`` so that a fleet does not come back in one instant); counted, and logged
+  once per method per interval. A handler that already told its peer (ConnectSupervisor sends
+  ``SessionRejected`` with the same hint first) raises :class:`Unavailable` with it instead;
+- anything else unexpected (a bug) ends it with ``INTERNAL`` and is logged with its traceback,
+  rate-limited too.
+
+What a call had stored before the failure stays stored; nothing is acknowledged that was not
+committed, since an answer is only sent after its write returned.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from grpc import aio
+
+from gateway.metrics import GatewayMetrics
+from gateway.store import StoreError
+
+log = logging.getLogger(__name__)
+
+Ctx = aio.ServicerContext[Any, Any]
+
+#: At most one log line per key (peer host and method, or method for store failures) this often.
+LOG_INTERVAL_S = 60.0
+#: The retry hint for a store failure is drawn from this range, in milliseconds.
+STORE_RETRY_AFTER_MS = (1_000, 5_000)
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class MalformedFrame(Exception):
+    """A request frame that is not a valid encoding of the method's message."""
+
+
+class Unavailable(Exception):
+    """The call cannot be served now; the peer should retry after ``retry_after_ms``."""
+
+    def __init__(self, reason: str, *, retry_after_ms: int) -> None:
+        super().__init__(reason)
+        self.retry_after_ms = retry_after_ms
+
+
+def store_retry_after_ms() -> int:
+    return random.randint(*STORE_RETRY_AFTER_MS)
+
+
+@dataclass(slots=True)
+class _Seen:
+    last: float
+    suppressed: int = 0
+
+
+class RateLimitedLog:
+    """Logs at most one line per key every ``interval_s``; the next line that gets through says how
+    many were left out. Keys are bounded (the oldest forgotten first), so a flood from many peers
+    cannot grow memory. A count left out when the flood stops is only in the metrics."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval_s: float = LOG_INTERVAL_S,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._max_keys = max_keys
+        self._clock = clock
+        self._seen: dict[Hashable, _Seen] = {}
+
+    def log(
+        self,
+        level: int,
+        key: Hashable,
+        message: str,
+        *,
+        exc_info: BaseException | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Log ``message`` unless ``key`` was logged within the interval; True when logged."""
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen.last < self._interval_s:
+            seen.suppressed += 1
+            return False
+        suppressed = seen.suppressed if seen is not None else 0
+        self._seen.pop(key, None)
+        while len(self._seen) >= self._max_keys:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = _Seen(last=now)
+        if suppressed:
+            message += f" (and {suppressed} more like it in the last {self._interval_s:.0f}s)"
+        self._logger.log(level, "%s", message, exc_info=exc_info, extra=extra)
+        return True
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.5:41234`` -> ``ipv4:10.0.0.5``: every connection of one host shares a key."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+class CallGuard:
+    """Turns what a handler raises into the call's status, counts it and logs it, rate-limited."""
+
+    def __init__(
+        self, *, metrics: GatewayMetrics | None = None, errors: RateLimitedLog | None = None
+    ) -> None:
+        self._metrics = metrics
+        self.errors = errors if errors is not None else RateLimitedLog(log)
+
+    async def malformed(self, method: str, context: Ctx, reason: str) -> NoReturn:
+        if self._metrics is not None:
+            self._metrics.malformed_frames.labels(method).inc()
+        peer = context.peer()
+        self.errors.log(
+            logging.WARNING,
+            ("malformed", peer_host(peer), method),
+            f"{method} from {peer} refused: {reason}",
+            extra={"peer": peer, "method": method},
+        )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    async def unavailable(self, method: str, context: Ctx, reason: str, retry_after_ms: int) -> NoReturn:
+        if self._metrics is not None:
+            self._metrics.store_failures.labels(method).inc()
+        self.errors.log(
+            logging.WARNING,
+            ("unavailable", method),
+            f"{method} answered UNAVAILABLE (retry after {retry_after_ms} ms): {reason}",
+            extra={"method": method},
+        )
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            reason,
+            trailing_metadata=((RETRY_PUSHBACK_KEY, str(retry_after_ms)),),
+        )
+
+    async def failed(self, method: str, context: Ctx, exc: Exception) -> NoReturn:
+        self.errors.log(
+            logging.ERROR, ("internal", method, type(exc)), f"{method} failed: {exc!r}", exc_info=exc
+        )
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    async def settle(self, method: str, context: Ctx, exc: Exception) -> NoReturn:
+        """End the call for ``exc``, raised by its handler."""
+        if isinstance(exc, aio.AbortError):
+            raise exc  # the handler chose the status itself
+        if isinstance(exc, MalformedFrame):
+            await self.malformed(method, context, str(exc))
+        if isinstance(exc, Unavailable):
+            await self.unavailable(method, context, str(exc), exc.retry_after_ms)
+        if isinstance(exc, StoreError):
+            await self.unavailable(method, context, f"store unavailable: {exc}", store_retry_after_ms())
+        await self.failed(method, context, exc)
+
+
+def decode(message_class: type[Message], data: bytes) -> Message:
+    try:
+        return message_class.FromString(data)
+    except Exception:  # DecodeError, and whatever else a hostile encoding may provoke
+        raise MalformedFrame(
+            f"malformed {message_class.DESCRIPTOR.name} frame: not a valid protobuf encoding"
+        ) from None
+
+
+async def _decoded(message_class: type[Message], frames: AsyncIterator[bytes]) -> AsyncIterator[Message]:
+    async for data in frames:
+        yield decode(message_class, data)
+
+
+def _handler(method: MethodDescriptor, impl: Any, guard: CallGuard) -> grpc.RpcMethodHandler[Any, Any]:
+    name = method.name
+    request_class = message_factory.GetMessageClass(method.input_type)
+    serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+    client_streaming, server_streaming = method.client_streaming, method.server_streaming
+
+    def request_of(request: Any) -> Any:
+        return _decoded(request_class, request) if client_streaming else decode(request_class, request)
+
+    async def unimplemented(context: Ctx) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this gateway")
+
+    if server_streaming and inspect.isasyncgenfunction(impl):
+
+        async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            try:
+                async for out in impl(request_of(request), context):
+                    yield out
+            except Exception as exc:
+                await guard.settle(name, context, exc)
+
+        behaviour: Any = streaming
+    else:
+
+        async def single(request: Any, context: Ctx) -> Any:
+            try:
+                decoded = request_of(request)
+                if not inspect.iscoroutinefunction(impl):
+                    if not client_streaming:
+                        await unimplemented(context)
+                    async for _ in decoded:  # every frame is still checked, then refused
+                        pass
+                    await unimplemented(context)
+                return await impl(decoded, context)
+            except Exception as exc:
+                await guard.settle(name, context, exc)
+
+        behaviour = single
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make: Any = kinds[(client_streaming, server_streaming)]
+    # No request_deserializer: the handler gets the frame's bytes and decodes them itself.
+    handler: grpc.RpcMethodHandler[Any, Any] = make(behaviour, response_serializer=serialize)
+    return handler
+
+
+def add_service(
+    server: aio.Server, service: ServiceDescriptor | Any, servicer: object, *, guard: CallGuard
+) -> None:
+    """Register every method of ``service`` on ``server``, served by ``servicer``'s methods of the
+    same names (see the module docstring); a method the servicer lacks answers UNIMPLEMENTED."""
+    handlers = {m.name: _handler(m, getattr(servicer, m.name, None), guard) for m in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,210 @@
+"""The store fails under a running gateway: a real PostgreSQL database is made read-only while a
+supervisor dies (SIGKILL), then writable again.
+
+- The API stops showing the dead sandbox connected within the heartbeat bound, although the
+  write that clears its flag failed (the state is derived from the heartbeat too).
+- Supervisors that call meanwhile get UNAVAILABLE with a retry hint (and, on the session stream,
+  SessionRejected with ``retry_after_ms``), never UNKNOWN; the gateway logs no traceback.
+- Once the database is writable again, the failed disconnection write lands (it is retried) and a
+  waiting supervisor connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from grpc import aio
+
+from gateway.config import SessionSettings
+from gateway.sandbox_state import Liveness
+from openshell_wire.v1 import openshell_pb2 as pb
+from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.procs import GatewayProcess, SupervisorProcess
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+pytestmark = pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+HEARTBEAT_S, GRACE_S, FLUSH_S = 0.5, 1.0, 0.5  # GatewayProcess's settings
+FRESH_FOR_S = Liveness.from_settings(
+    SessionSettings(heartbeat_interval_s=HEARTBEAT_S, grace_s=GRACE_S, heartbeat_flush_interval_s=FLUSH_S)
+).fresh_for_s
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+async def database(pg_server: PgServer) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await _admin(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield name
+    admin = await _admin(pg_server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _admin(pg: PgServer, database: str = "postgres") -> Any:
+    return await asyncpg.connect(host="127.0.0.1", port=pg.port, user=pg.user, database=database)
+
+
+async def _set_read_only(pg: PgServer, database: str, on: bool) -> None:
+    """New sessions of ``database`` start read-only (or not); the gateway's open ones are ended,
+    so its pool reconnects with the new default."""
+    admin = await _admin(pg)
+    try:
+        await admin.execute(
+            f'ALTER DATABASE "{database}" SET default_transaction_read_only = {"on" if on else "off"}'
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await admin.close()
+
+
+async def _row(pg: PgServer, database: str, sandbox_id: str) -> Any:
+    conn = await _admin(pg, database)
+    try:
+        return await conn.fetchrow(
+            "SELECT connected, disconnected_at FROM sandboxes WHERE id = $1", sandbox_id
+        )
+    finally:
+        await conn.close()
+
+
+def _api(gateway: GatewayProcess, sandbox_id: str) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{gateway.http_port}/api/v1/sandboxes/{sandbox_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        return {"state": f"http {exc.code}"}
+
+
+async def _until(predicate: Any, *, within: float, what: str) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _kill_tree(sv: SupervisorProcess) -> list[psutil.Process]:
+    """SIGKILL the supervisor (no goodbye on the stream); its main process is killed after."""
+    assert sv.proc is not None
+    children = psutil.Process(sv.proc.pid).children(recursive=True)
+    sv.proc.kill()
+    sv.proc.wait(10)
+    for child in children:
+        child.kill()
+    return children
+
+
+async def test_a_read_only_database_while_a_supervisor_dies(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    gw = GatewayProcess(tmp_path / "gw", extra=["--database-url", pg_server.url(database)])
+    gw.start()
+    try:
+        sv = SupervisorProcess(tmp_path / "sv", "sb-dies", gw.address, ["sleep", "60"])
+        supervisors.append(sv)
+        sv.start()
+        await _until(lambda: _api(gw, "sb-dies").get("state") == "connected", within=30, what="connected")
+
+        await _set_read_only(pg_server, database, True)
+        _kill_tree(sv)
+        # The write that clears the flag fails, yet the API stops showing the sandbox connected
+        # within the heartbeat bound (plus the time for the gateway to see the stream break).
+        gone = await _until(
+            lambda: (body := _api(gw, "sb-dies"))["state"] != "connected" and body,
+            within=FRESH_FOR_S + 5,
+            what="sb-dies not shown connected",
+        )
+        assert gone["state"] == "disconnected" and gone["connected"] is False, gone
+        assert gone["disconnected_since"] is not None
+        assert (await _row(pg_server, database, "sb-dies"))["connected"], "the disconnection write failed"
+
+        # Meanwhile, callers get UNAVAILABLE with a retry hint, never UNKNOWN.
+        async with aio.insecure_channel(gw.address) as channel:
+            hello = pb.SupervisorMessage()
+            hello.hello.sandbox_id = "sb-late"
+            call = channel.stream_stream(
+                "/openshell.v1.OpenShell/ConnectSupervisor",
+                request_serializer=pb.SupervisorMessage.SerializeToString,
+                response_deserializer=pb.GatewayMessage.FromString,
+            )([hello])
+            replies = []
+            with pytest.raises(aio.AioRpcError) as info:
+                async for reply in call:
+                    replies.append(reply)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+            assert "store unavailable" in (info.value.details() or "")
+            pushback = dict(info.value.trailing_metadata() or ())
+            assert int(pushback["grpc-retry-pushback-ms"]) > 0
+            (rejected,) = replies
+            assert rejected.session_rejected.retry_after_ms > 0
+            assert "store unavailable" in rejected.session_rejected.reason
+
+            report = channel.unary_unary(
+                "/openshell.v1.OpenShell/ReportMainProcessExit",
+                request_serializer=pb.ReportMainProcessExitRequest.SerializeToString,
+                response_deserializer=pb.ReportMainProcessExitResponse.FromString,
+            )
+            with pytest.raises(aio.AioRpcError) as info:
+                await report(pb.ReportMainProcessExitRequest(sandbox_id="sb-dies", exit_code=3))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+            assert int(dict(info.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]) > 0
+
+        # A real supervisor that starts now is refused with the reason, and keeps trying.
+        waiting = SupervisorProcess(tmp_path / "sv2", "sb-waits", gw.address, ["sleep", "60"])
+        supervisors.append(waiting)
+        waiting.start()
+        await _until(lambda: "store unavailable" in waiting.log_text(), within=20, what="sb-waits refused")
+
+        await _set_read_only(pg_server, database, False)
+
+        # The disconnection is written once the database takes writes again (the retry), and
+        # the waiting supervisor gets its session.
+        async def disconnected() -> bool:
+            row = await _row(pg_server, database, "sb-dies")
+            return row is not None and not row["connected"] and row["disconnected_at"] is not None
+
+        await _until(disconnected, within=30, what="the retried disconnection write")
+        await _until(lambda: _api(gw, "sb-waits").get("state") == "connected", within=30, what="sb-waits")
+        assert "UNKNOWN" not in waiting.log_text()
+        _kill_tree(waiting)
+    finally:
+        gw.stop()
+    log = gw.log_text()
+    assert "Traceback" not in log, log[-4000:]
+    assert "disconnection recorded after" in log
