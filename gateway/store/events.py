@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Insert, Select, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -65,6 +65,9 @@ from openshell_wire.records import (
     Payload,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
+
+if TYPE_CHECKING:
+    from gateway.rpc import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +290,27 @@ def _exit_state(items: Sequence[tuple[int, Payload]], received_at: datetime) -> 
     return found
 
 
-def _log_ignored(sandbox_id: str, code: int, kept: int | None, source: str) -> None:
-    log.info(
-        "sandbox %s: exit code %d from %s ignored: this run's exit is already recorded (%s)",
-        sandbox_id,
-        code,
-        source,
-        f"exit code {kept}" if kept is not None else "a concurrent report",
-        extra={"sandbox_id": sandbox_id, "exit_code": code},
+_ignored_exits: RateLimitedLog | None = None
+
+
+def _log_ignored(sandbox_id: str, codes: Sequence[int], kept: int | None, source: str) -> None:
+    """One line for the exits of one call that were ignored; at most one a minute for the same run
+    and source, so a peer repeating its report cannot flood the log."""
+    global _ignored_exits  # noqa: PLW0603 - made on first use: gateway.rpc imports the store
+    if not codes:
+        return
+    if _ignored_exits is None:
+        from gateway.rpc import RateLimitedLog  # noqa: PLC0415 - see above
+
+        _ignored_exits = RateLimitedLog(log)
+    which = ", ".join(str(c) for c in codes)
+    recorded = f"exit code {kept}" if kept is not None else "by a concurrent report"
+    _ignored_exits.log(
+        logging.INFO,
+        ("exit-ignored", sandbox_id, source, kept),
+        f"sandbox {sandbox_id}: exit code {which} from {source} ignored: this run's exit is already "
+        f"recorded ({recorded})",
+        extra={"sandbox_id": sandbox_id},
     )
 
 
@@ -305,6 +321,7 @@ def _without_repeated_exits(
     an earlier EXITED in ``items``): such a report is a duplicate, and would contradict the exit
     the sandbox shows."""
     kept: list[tuple[int, Payload]] = []
+    ignored: list[int] = []
     exit_code = recorded
     for timestamp_ms, payload in items:
         if isinstance(payload, LifecycleRecord):
@@ -312,10 +329,11 @@ def _without_repeated_exits(
                 exit_code = None
             elif payload.kind is LifecycleKind.EXITED:
                 if exit_code is not None:
-                    _log_ignored(sandbox_id, payload.exit_code, exit_code, "upstream report")
+                    ignored.append(payload.exit_code)
                     continue
                 exit_code = payload.exit_code
         kept.append((timestamp_ms, payload))
+    _log_ignored(sandbox_id, ignored, exit_code, "upstream report")
     return kept
 
 
@@ -402,6 +420,7 @@ class EventStore:
         if exit_ is None:
             return
         code, at = exit_.exit if exit_.exit is not None else (None, None)
+        ignored, kept = list(exit_.repeated), code
         if exit_.new_run:
             await conn.execute(
                 update(sandboxes_table)
@@ -420,9 +439,8 @@ class EventStore:
                 kept = await conn.scalar(
                     select(sandboxes_table.c.exit_code).where(sandboxes_table.c.id == sandbox_id)
                 )
-                _log_ignored(sandbox_id, code, kept, source)
-        for repeated in exit_.repeated:
-            _log_ignored(sandbox_id, repeated, code, source)
+                ignored.insert(0, code)
+        _log_ignored(sandbox_id, ignored, kept, source)
 
     async def store_events(
         self,
