@@ -26,8 +26,22 @@ Guarantees and their limits:
   cost is amortised over many appends.
 * One journal per directory: ``open`` takes an exclusive ``flock`` on its ``lock`` file, held
   until ``close`` (or the process's death), so a second supervisor over it fails fast.
-* A failed append (disk full, I/O error) raises :class:`JournalError`, cuts the file back to the
-  last whole frame and consumes no sequence, so the next append works once the cause is gone.
+* A failed append (disk full, I/O error) raises :class:`JournalError` and cuts the file back to the
+  last whole frame (a torn frame that cannot be cut is left past the indexed size, and its segment
+  closed: a later scan bounds it by the next segment's name, so it is counted once, by the gap
+  below). It is never silent: a log line (or periodic health sample) that could not be written is
+  counted, and the count goes to disk as a WRITE_FAILED gap record (the error in its ``detail``)
+  before any newer record, taking the sequences of what it stands for. Lifecycle-class records
+  (lifecycle, health changes) are not counted: their callers retry (``lost`` counts one given up).
+* A full disk frees the ``reserve`` file (``reserve_bytes`` preallocated at open) and uses that
+  room only for gap, health-change and lifecycle records; log lines are counted, not written,
+  until ``maintain`` (every second, from ``run_fsync_loop``) can allocate the reserve again. Its
+  limits: the reserve holds a few thousand such records; another process may take the freed room
+  first; and a crash while failed records wait for their gap loses their count (``close`` and
+  ``maintain`` write it as soon as the disk takes it).
+* A segment file found missing (a hole in the chained names, a newest file gone below the state
+  file's ``written_through``) or unreadable (EIO), at open or by a read, is replaced by a CORRUPT
+  gap counting every unacknowledged sequence it held, and the rest of the journal still delivers.
 
 Everything runs on the event loop's thread: the only awaits are in ``wait_for_append`` and
 ``run_fsync_loop``, so no lock is needed.
@@ -214,6 +228,8 @@ class Journal:
         self._reserve_fd = -1
         self._reserve_released = False
         self._reserve_retry_at = 0.0
+        #: ``written_through`` as last saved: kept when every segment is gone (see ``state``).
+        self._written_floor = 0
 
     # ------------------------------------------------------------------ open / recovery
 
@@ -331,6 +347,15 @@ class Journal:
             segment.untrusted_below = segment.size
             self._segments.append(segment)
             expected = max(expected or 0, segment.covered_through + 1)
+        if state is not None and expected is not None and state.written_through >= expected:
+            # The segments end below what the state file saw written: the newest segment file went
+            # missing (or a power failure took what was not fsynced yet). Whatever of it the
+            # gateway holds already lies at or below its resume point, so is never sent again.
+            self._segments.append(
+                self._gap_segment(expected, state.written_through, "segment file missing", now_ms)
+            )
+        if state is not None:
+            self._written_floor = state.written_through
         for segment in self._segments:
             covered = max(covered, segment.covered_through)
         self._last_sequence = covered
@@ -684,6 +709,9 @@ class Journal:
         # (``advance_to``): so the names chain without holes, and a hole in them always means a
         # segment file that went missing (``_recover_locked``).
         base = self._segments[-1].covered_through + 1 if self._segments else sequence
+        if self._segments and self._segments[-1].base == base:
+            # An empty segment (left by a failed write): its name is the one to use.
+            self._drop_segment(self._segments[-1])
         path = self._dir / segment_name(base)
         try:
             fd = os.open(path, _OPEN_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -728,6 +756,8 @@ class Journal:
             os.close(fd)
         self._dirty = False
         self._compactable.append(segment)
+        # The state file's ``written_through`` follows at the next sync (one write per segment).
+        self._state_dirty = True
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -1161,7 +1191,9 @@ class Journal:
     def _save_state(self) -> None:
         last = self._last_sequence
         sent = max(self._sent_reserved, self._acked)
-        save_state(self._dir, JournalState(str(self._epoch), self._acked, last, sent))
+        written = max((s.covered_through for s in self._segments), default=self._written_floor)
+        save_state(self._dir, JournalState(str(self._epoch), self._acked, last, sent, written))
+        self._written_floor = written
         self._saved_last_sequence = last
         self._state_dirty = False
 
@@ -1245,6 +1277,10 @@ class Journal:
     def close(self) -> None:
         if self._closed:
             return
+        if self._pending_records:
+            self.maintain()  # a last try to write the gap for what could not be written
+        # Saved in any case: ``written_through`` lets the next open tell a newest segment gone.
+        self._state_dirty = True
         try:
             self.sync()
             if self._fd >= 0:

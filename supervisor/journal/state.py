@@ -5,7 +5,8 @@ after ``advance_to`` moved the sequence past what is on disk, the next sequence 
 forgotten and reused, which the gateway (storing on epoch + sequence) would take for a duplicate.
 So ``state.json`` holds::
 
-    {"format": 1, "epoch": "<uuid4 hex>", "acked_through": N, "last_sequence": M, "sent_through": S}
+    {"format": 1, "epoch": "<uuid4 hex>", "acked_through": N, "last_sequence": M, "sent_through": S,
+     "written_through": W}
 
 It is rewritten atomically (``fsio.atomic_write``) whenever those must survive a restart. On open
 the journal takes the larger of ``last_sequence`` and what the segments hold.
@@ -14,7 +15,12 @@ the journal takes the larger of ``last_sequence`` and what the segments hold.
 steps, before sending past it): after a restart, records at or below it may be stored by the
 gateway although never acknowledged, so they must not be evicted into an overflow gap whose own
 sequence the gateway already holds. Files written before it existed lack it: it is then taken as
-``acked_through``. A missing file means a
+``acked_through``.
+
+``written_through`` is the highest sequence the segments accounted for when the state was saved
+(unlike ``last_sequence``, never moved by ``advance_to``): on open, segments that end below it lost
+their newest file (or a power failure took an unsynced tail), and the missing sequences become a
+CORRUPT gap. Files written before it existed lack it (0: nothing is checked). A missing file means a
 new journal; an unreadable one raises :class:`StateFileError` and the journal rebuilds from its
 segments under a new epoch (the gateway then sees a new journal rather than a mix of two).
 """
@@ -41,6 +47,7 @@ class JournalState:
     acked_through: int
     last_sequence: int
     sent_through: int = 0
+    written_through: int = 0
 
 
 def load_state(directory: Path) -> JournalState | None:
@@ -72,8 +79,15 @@ def load_state(directory: Path) -> JournalState | None:
     sent = data.get("sent_through", acked)
     if type(sent) is not int or sent < 0:
         raise StateFileError(f"{path}: sent_through must be a non-negative integer, not {sent!r}")
+    written = data.get("written_through", 0)
+    if type(written) is not int or written < 0:
+        raise StateFileError(f"{path}: written_through must be a non-negative integer, not {written!r}")
     return JournalState(
-        epoch=epoch, acked_through=min(acked, last), last_sequence=last, sent_through=max(sent, acked)
+        epoch=epoch,
+        acked_through=min(acked, last),
+        last_sequence=last,
+        sent_through=max(sent, acked),
+        written_through=min(written, last),
     )
 
 
@@ -85,5 +99,6 @@ def save_state(directory: Path, state: JournalState) -> None:
         "acked_through": state.acked_through,
         "last_sequence": state.last_sequence,
         "sent_through": state.sent_through,
+        "written_through": state.written_through,
     }
     atomic_write(directory / STATE_FILE, [json.dumps(body).encode() + b"\n"])

@@ -121,10 +121,13 @@ def test_a_full_journal_disk_loses_no_line_silently_and_reaches_the_gateway_as_h
 
 EIO_AGENT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     for i in range(100):
         print(f"line {i}", flush=True)
         time.sleep(0.01)
+    open(sys.argv[1], "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
     sys.exit(0)
     """
 )
@@ -136,18 +139,20 @@ def test_an_io_error_on_a_journal_write_is_counted_by_a_gap_and_a_health_change(
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (it injects the I/O error)")
-    gateway.start()
     workdir = tmp_path / "eio"
+    printed, go = tmp_path / "printed", tmp_path / "go"
     segment = (workdir / "journal").resolve() / "seg-00000000000000000001.log"
     sv = SupervisorProcess(
         workdir,
         "eio",
+        # Not started yet: no acknowledgement trims the first segment (whose path strace watches)
+        # while the lines are written.
         gateway.address,
-        [sys.executable, "-u", "-c", EIO_AGENT],
+        [sys.executable, "-u", "-c", EIO_AGENT, str(printed), str(go)],
         settings=["health.interval_s=3600", "health.check_interval_s=0.2"],
-        # write(2) calls 3 to 5 on the first segment (the first log line and the two tries to write
-        # its gap: the two lifecycle records come first)
-        # fail with EIO, as from a failing disk; nothing else the supervisor does is touched.
+        # write(2) calls 3 to 5 on the first segment (the first log line and the two tries to
+        # write its gap; the two lifecycle records come first) fail with EIO, as on a failing
+        # disk; nothing else the supervisor does is touched.
         wrapper=[
             strace, "-f", "-qq", "-o", "/dev/null", "-P", str(segment),
             "-e", "trace=write", "-e", "inject=write:error=EIO:when=3..5",
@@ -155,6 +160,9 @@ def test_an_io_error_on_a_journal_write_is_counted_by_a_gap_and_a_health_change(
     )  # fmt: skip
     supervisors.append(sv)
     sv.start()
+    wait_until(printed.exists, timeout=30, what="the agent's lines")
+    gateway.start()
+    go.touch()
     assert sv.wait(60) == 0
     wait_until(lambda: _exit_code(gateway, "eio") == 0, timeout=20, what="the exit at the gateway")
 

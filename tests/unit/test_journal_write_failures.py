@@ -30,6 +30,7 @@ from openshell_wire.records import (
     LifecycleRecord,
     LogRecord,
     LogStream,
+    Payload,
 )
 from supervisor.health import HealthMonitor, HealthSettings
 from supervisor.journal import Journal, JournalError, JournalOptions
@@ -181,7 +182,7 @@ def _fill_segments(directory: Path, n: int) -> tuple[Journal, list[str]]:
     return journal, written
 
 
-@pytest.mark.parametrize("which", ["first", "middle"])
+@pytest.mark.parametrize("which", ["first", "middle", "newest"])
 def test_a_segment_file_missing_at_open_becomes_a_corrupt_gap_counting_its_sequences(
     tmp_path: Path, which: str
 ) -> None:
@@ -189,15 +190,16 @@ def test_a_segment_file_missing_at_open_becomes_a_corrupt_gap_counting_its_seque
     journal, written = _fill_segments(directory, 300)
     journal.close()
     segments = _segments(directory)
-    gone = segments[0] if which == "first" else segments[2]
-    following = segments[segments.index(gone) + 1]
+    gone = {"first": segments[0], "middle": segments[2], "newest": segments[-1]}[which]
+    # The newest file's end is known from the state file (``written_through``) only.
+    last = _base(segments[segments.index(gone) + 1]) - 1 if gone is not segments[-1] else 300
     gone.unlink()
 
     reopened = _open(directory, segment_bytes=4096)
     events = _read_all(reopened)
     (gap,) = _walk(events, written)
     assert gap.reason is GapReason.CORRUPT and gap.detail == "segment file missing"
-    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
+    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), last)
     assert reopened.stats().corrupt_records_total == gap.dropped_records
     # The rest still delivers, and appends go on after it.
     nxt = reopened.append(_line(300))
@@ -289,6 +291,11 @@ def test_journal_write_failures_are_a_health_change_even_when_already_unhealthy(
     recorded: list[HealthRecord] = []
     problem: dict[str, object] = {}
 
+    def record(payload: Payload) -> bool:
+        assert isinstance(payload, HealthRecord)
+        recorded.append(payload)
+        return True
+
     def stats() -> object:
         real = journal.stats()
         return type(real)(**{**{f: getattr(real, f) for f in real.__slots__}, **problem})
@@ -298,7 +305,7 @@ def test_journal_write_failures_are_a_health_change_even_when_already_unhealthy(
             interval_s=3600, check_interval_s=1, disk_unhealthy_ratio=0.000001, disk_degraded_ratio=0.000001
         ),
         main_pid=lambda: None,
-        record=lambda p: recorded.append(p) is None,  # type: ignore[func-returns-value]
+        record=record,
         extra_disk_paths=[tmp_path],
         journal_stats=stats,  # type: ignore[arg-type]
     )
