@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from supervisor.journal import JournalStats
 from supervisor.session import SessionStatus
 
 
-def journal_stats(**changes: int) -> JournalStats:
-    values = {
+def journal_stats(**changes: Any) -> JournalStats:
+    values: dict[str, Any] = {
         "bytes_on_disk": 4096,
         "records": 12,
         "segments": 1,

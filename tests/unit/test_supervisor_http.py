@@ -353,7 +353,13 @@ async def test_metrics_read_the_current_state(client: Client, view: FakeView) ->
     view.connect("s-1")
     view.session_status.attempts += 1
     view.connect("s-2")
-    view.journal_stats = journal_stats(dropped_records_total=7, corrupt_records_total=2, records=40)
+    view.journal_stats = journal_stats(
+        dropped_records_total=7,
+        corrupt_records_total=2,
+        records=40,
+        write_failed_records_total=5,
+        write_errors_total=3,
+    )
     view.start_main(os.getpid())
     view.exit_main(1)
     view.start_main(os.getpid())
@@ -369,6 +375,8 @@ async def test_metrics_read_the_current_state(client: Client, view: FakeView) ->
     assert got[(p + "journal_records", ())] == 40
     assert got[(p + "journal_dropped_records_total", ())] == 7
     assert got[(p + "journal_corrupt_records_total", ())] == 2
+    assert got[(p + "journal_write_failed_records_total", ())] == 5
+    assert got[(p + "journal_write_errors_total", ())] == 3
     assert got[(p + "main_process_up", ())] == 1
     assert got[(p + "main_process_restarts_total", ())] == 1
     assert got[(p + "main_process_last_exit_code", ())] == 1
