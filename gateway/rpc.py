@@ -14,8 +14,10 @@ deserializer, and decodes the bytes itself:
 - a :class:`StoreError` (the database unreachable, read-only, failing) ends it with
   ``UNAVAILABLE`` and the trailing metadata ``grpc-retry-pushback-ms`` (a retry hint spread over
   ``STORE_RETRY_AFTER_MS`` so that a fleet does not come back in one instant); counted, and logged
-  once per method per interval. A handler that already told its peer (ConnectSupervisor sends
-  ``SessionRejected`` with the same hint first) raises :class:`Unavailable` with it instead;
+  once per method per interval. The peer is told only that the store is unavailable: a database's
+  error may name its hosts, and a sandbox is not trusted with them. A handler that already told
+  its peer (ConnectSupervisor sends ``SessionRejected`` with the same hint first) raises
+  :class:`Unavailable` with it instead;
 - anything else unexpected (a bug) ends it with ``INTERNAL`` and is logged with its traceback,
   rate-limited too.
 
@@ -50,6 +52,8 @@ Ctx = aio.ServicerContext[Any, Any]
 LOG_INTERVAL_S = 60.0
 #: The retry hint for a store failure is drawn from this range, in milliseconds.
 STORE_RETRY_AFTER_MS = (1_000, 5_000)
+#: All a peer learns of a store failure; the reason is in the gateway's log.
+STORE_UNAVAILABLE = "store unavailable, retry later"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
@@ -58,11 +62,13 @@ class MalformedFrame(Exception):
 
 
 class Unavailable(Exception):
-    """The call cannot be served now; the peer should retry after ``retry_after_ms``."""
+    """The call cannot be served now; the peer should retry after ``retry_after_ms``. The peer is
+    told ``reason``; ``detail`` (a database's error, which may name hosts) goes to the log only."""
 
-    def __init__(self, reason: str, *, retry_after_ms: int) -> None:
+    def __init__(self, reason: str, *, retry_after_ms: int, detail: str = "") -> None:
         super().__init__(reason)
         self.retry_after_ms = retry_after_ms
+        self.detail = detail
 
 
 def store_retry_after_ms() -> int:
@@ -147,13 +153,15 @@ class CallGuard:
         )
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
-    async def unavailable(self, method: str, context: Ctx, reason: str, retry_after_ms: int) -> NoReturn:
+    async def unavailable(
+        self, method: str, context: Ctx, reason: str, *, retry_after_ms: int, detail: str
+    ) -> NoReturn:
         if self._metrics is not None:
             self._metrics.store_failures.labels(method).inc()
         self.errors.log(
             logging.WARNING,
             ("unavailable", method),
-            f"{method} answered UNAVAILABLE (retry after {retry_after_ms} ms): {reason}",
+            f"{method} answered UNAVAILABLE (retry after {retry_after_ms} ms): {detail or reason}",
             extra={"method": method},
         )
         await context.abort(
@@ -175,9 +183,13 @@ class CallGuard:
         if isinstance(exc, MalformedFrame):
             await self.malformed(method, context, str(exc))
         if isinstance(exc, Unavailable):
-            await self.unavailable(method, context, str(exc), exc.retry_after_ms)
+            await self.unavailable(
+                method, context, str(exc), retry_after_ms=exc.retry_after_ms, detail=exc.detail
+            )
         if isinstance(exc, StoreError):
-            await self.unavailable(method, context, f"store unavailable: {exc}", store_retry_after_ms())
+            await self.unavailable(
+                method, context, STORE_UNAVAILABLE, retry_after_ms=store_retry_after_ms(), detail=str(exc)
+            )
         await self.failed(method, context, exc)
 
 

@@ -42,7 +42,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.rpc import MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
+from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import CommandStore, EventStore, SandboxStore, StoreError
 from openshell_wire import __version__
@@ -181,11 +181,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             # Tell our supervisor on the stream (it backs off at least this long), then end the
             # call UNAVAILABLE with the same hint for any other client (gateway.rpc).
             retry_after_ms = store_retry_after_ms()
-            reason = f"store unavailable: {exc}"
             if self._metrics is not None:
                 self._metrics.sessions_rejected.labels(pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)).inc()
-            yield _reject(pb.REJECT_CODE_OVERLOADED, reason, retry_after_ms)
-            raise Unavailable(reason, retry_after_ms=retry_after_ms) from None
+            yield _reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms)
+            raise Unavailable(STORE_UNAVAILABLE, retry_after_ms=retry_after_ms, detail=str(exc)) from None
 
     async def _connect(
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx

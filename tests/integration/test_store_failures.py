@@ -208,3 +208,28 @@ async def test_a_read_only_database_while_a_supervisor_dies(
     log = gw.log_text()
     assert "Traceback" not in log, log[-4000:]
     assert "disconnection recorded after" in log
+
+
+async def test_a_gateway_stops_while_a_disconnection_write_still_fails(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """The retrying write is owned: shutdown gives it the grace period, then cancels it (the
+    gateway exits on SIGTERM by itself, with a warning, instead of waiting for the database)."""
+    gw = GatewayProcess(tmp_path / "gw", extra=["--database-url", pg_server.url(database)])
+    gw.start()
+    try:
+        sv = SupervisorProcess(tmp_path / "sv", "sb-stuck", gw.address, ["sleep", "60"])
+        supervisors.append(sv)
+        sv.start()
+        await _until(lambda: _api(gw, "sb-stuck").get("state") == "connected", within=30, what="connected")
+        await _set_read_only(pg_server, database, True)
+        _kill_tree(sv)
+        await _until(
+            lambda: "cannot record that sandbox sb-stuck" in gw.log_text(), within=20, what="a retry"
+        )
+    finally:
+        gw.stop()
+    assert gw.proc is not None and gw.proc.returncode == 0, gw.log_text()[-3000:]
+    log = gw.log_text()
+    assert "1 disconnection(s) not written" in log and "gateway stopped" in log
+    assert "Traceback" not in log, log[-3000:]
