@@ -108,6 +108,15 @@ def _api(gateway: GatewayProcess, sandbox_id: str) -> dict[str, Any]:
         return {"state": f"http {exc.code}"}
 
 
+def _metric(gateway: GatewayProcess, series: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+    raise AssertionError(f"{series} not in /metrics")
+
+
 async def _until(predicate: Any, *, within: float, what: str) -> Any:
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -153,6 +162,9 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         assert gone["state"] == "disconnected" and gone["connected"] is False, gone
         assert gone["disconnected_since"] is not None
         assert (await _row(pg_server, database, "sb-dies"))["connected"], "the disconnection write failed"
+        # The metrics count it by the same rule.
+        assert _metric(gw, 'openshell_gateway_sandboxes{state="connected"}') == 0
+        assert _metric(gw, 'openshell_gateway_sandboxes{state="disconnected"}') == 1
 
         # Meanwhile, callers get UNAVAILABLE with a retry hint, never UNKNOWN.
         async with aio.insecure_channel(gw.address) as channel:
