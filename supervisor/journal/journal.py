@@ -486,10 +486,45 @@ class Journal:
             kind = kind_of(payload)
             data = self._encoder.encode(sequence, timestamp_ms, payload)
         prefix = pack_prefix(MAGIC, sequence, kind, len(data))
+        frame = prefix + pack_crc(crc32(data, crc32(prefix))) + data
+        segment = self._active
+        if segment is None:
+            # Starting a segment (and the closed check): the general path.
+            try:
+                self._write_frame(frame, sequence, kind, sequence)
+            except _WriteFailed as failed:
+                return self._failed(failed, payload, timestamp_ms, kind=kind, size=len(data), retry=True)
+            return sequence
+        # ``_write_frame``, inlined for the hot path; keep the two in step.
+        fd = self._fd
+        size = len(frame)
         try:
-            self._write_frame(prefix + pack_crc(crc32(data, crc32(prefix))) + data, sequence, kind, sequence)
-        except _WriteFailed as failed:
-            return self._failed(failed, payload, timestamp_ms, kind=kind, size=len(data), retry=True)
+            written = os.write(fd, frame)
+            while written < size:
+                # A short write is how a regular file reports the first bytes past a full disk;
+                # the next write raises ENOSPC, which lands in the except below.
+                written += os.write(fd, frame[written:])
+            if self._always:
+                os.fsync(fd)
+        except OSError as exc:
+            self._cut_back(segment)
+            error = _WriteFailed(io_error("append to journal segment", segment.path, exc), exc.errno)
+            return self._failed(error, payload, timestamp_ms, kind=kind, size=len(data), retry=True)
+        segment.size += size
+        segment.records += 1
+        segment.last_sequence = sequence
+        if kind == _LOG:
+            segment.last_log_sequence = sequence
+        self._bytes += size
+        self._records += 1
+        self._last_sequence = sequence
+        self._dirty = True
+        if segment.size >= self._segment_bytes:
+            self._roll()
+        if self._bytes > self._max_bytes:
+            self._enforce_bound()
+        if self._waiters:
+            self._wake()
         return sequence
 
     def lost(self, payload: Payload) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from openshell_wire.convert import decode_event, encode_event
 from openshell_wire.records import (
     Event,
     GapReason,
@@ -32,6 +33,7 @@ from openshell_wire.records import (
     LogStream,
     Payload,
 )
+from openshell_wire.v1 import openshell_pb2 as pb
 from supervisor.health import HealthMonitor, HealthSettings
 from supervisor.journal import Journal, JournalError, JournalOptions
 from supervisor.journal import journal as journal_module
@@ -328,3 +330,16 @@ def test_journal_write_failures_are_a_health_change_even_when_already_unhealthy(
     monitor.check()
     assert len(recorded) == 4 and JOURNAL_REASON + "Input/output error" in recorded[3].reasons
     journal.close()
+
+
+def test_a_gap_reason_this_side_does_not_know_keeps_the_gap_and_its_count() -> None:
+    # A newer peer's reason must not make the whole batch refused (the stream would stall on it).
+    msg = pb.Event(sequence=7, timestamp_ms=1)
+    msg.gap.reason = 99  # type: ignore[assignment]
+    msg.gap.dropped_records = 3
+    msg.gap.first_sequence, msg.gap.last_sequence = 7, 9
+    msg.gap.detail = "a newer reason"
+    event = decode_event(msg.SerializeToString())
+    assert event.payload == GapRecord(GapReason.UNSPECIFIED, 3, 0, 7, 9, "a newer reason")
+    written = GapRecord(GapReason.WRITE_FAILED, 2, 10, 3, 4, "No space left on device")
+    assert decode_event(encode_event(Event(3, 1, written))).payload == written
