@@ -676,12 +676,19 @@ class Journal:
                     self._dir / RESERVE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
                 )
             os.posix_fallocate(self._reserve_fd, 0, self._reserve_bytes)
-        except OSError:
+        except OSError as exc:
             if self._reserve_fd >= 0:
                 # Give back whatever part of it was allocated before the disk ran out.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._reserve_fd, 0)
-            return False
+            if exc.errno in _FULL:
+                return False
+            # Not a full disk (a file system without fallocate, say): go on without a reserve
+            # rather than count every line as unwritable.
+            log.warning(
+                "journal: no reserve in %s (%s): a full disk will drop lifecycle records too", self._dir, exc
+            )
+            self._reserve_bytes = 0
         return True
 
     def _release_reserve(self) -> bool:
