@@ -686,7 +686,10 @@ class Journal:
             # Not a full disk (a file system without fallocate, say): go on without a reserve
             # rather than count every line as unwritable.
             log.warning(
-                "journal: no reserve in %s (%s): a full disk will drop lifecycle records too", self._dir, exc
+                "journal: no reserve in %s (%s): on a full disk, lifecycle and health-change records "
+                "wait for room (retried) like everything else",
+                self._dir,
+                exc,
             )
             self._reserve_bytes = 0
         return True
