@@ -222,11 +222,17 @@ def _handler(method: MethodDescriptor, impl: Any, guard: CallGuard) -> grpc.RpcM
     if server_streaming and inspect.isasyncgenfunction(impl):
 
         async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            responses = impl(request_of(request), context)
             try:
-                async for out in impl(request_of(request), context):
+                async for out in responses:
                     yield out
             except Exception as exc:
                 await guard.settle(name, context, exc)
+            finally:
+                # A call cancelled while this wrapper waits at its yield would otherwise leave the
+                # handler suspended until garbage collection: its cleanup (the session registry)
+                # must run now.
+                await responses.aclose()
 
         behaviour: Any = streaming
     else:
