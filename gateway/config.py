@@ -220,7 +220,12 @@ class SandboxPodSettings(_Section):
         True, description="Mount the sandbox image read-only; /tmp and the journal are emptyDirs either way."
     )
     termination_grace_period_s: int = Field(
-        30, ge=0, description="Kubernetes grace before SIGKILL; keep above the supervisor's stop_grace_s."
+        75,
+        ge=0,
+        description="Kubernetes grace before SIGKILL (terminationGracePeriodSeconds). Keep it at least the "
+        "supervisor's process.stop_grace_s + session.exit_delivery_s + 5 (10 + 60 + 5 by default): the main "
+        "process gets its stop grace, then the supervisor its window to deliver the last records and the "
+        "exit.",
     )
 
 

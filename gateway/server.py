@@ -552,10 +552,16 @@ def server_options(config: GatewayConfig) -> Iterable[tuple[str, int]]:
         ("grpc.server.max_pending_requests", g.max_pending_requests),
         ("grpc.server.max_pending_requests_hard_limit", g.max_pending_requests_hard_limit),
         ("grpc.server_max_unrequested_time_in_server", int(g.max_unrequested_time_s)),
-        # Our own heartbeats detect dead peers; these keep idle NATs from dropping the stream and
-        # let supervisors ping as often as every 10 s without being told off.
+        # Our own heartbeats detect dead peers; these keep idle NATs from dropping the stream.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Supervisors send keepalive pings every session.keepalive_time_s (at least 10 s). This is
+        # the least interval gRPC accepts between received pings (the C core's
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; default 5 minutes): after more than
+        # grpc.http2.max_ping_strikes (2) pings sooner than that without data from us in between, a
+        # server ends the connection with GOAWAY too_many_pings. Half the supervisor's least
+        # interval leaves room for timer slack; permit_without_calls keeps the bound from rising to
+        # 2 hours while a connection has no call.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]

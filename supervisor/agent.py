@@ -3,9 +3,10 @@
 Order of events: open the journal (recovering it), install the reaper (SIGCHLD, child
 subreaper), journal SUPERVISOR_STARTED, start the session (it delivers whatever the journal
 holds, including a previous run's leftovers), start the main process and journal STARTED,
-capture its lines, and when it exits journal EXITED and wait up to ``exit_flush_timeout_s`` for
-the gateway to acknowledge everything. Undelivered records stay in the journal directory, so a
-supervisor started again over it delivers them.
+capture its lines, and when it exits journal EXITED and keep delivering for up to
+``session.exit_delivery_s`` until the gateway has acknowledged everything (the session reconnects
+at once and then with a short backoff: :meth:`Session.deliver_exit`). Undelivered records stay in
+the journal directory, so a supervisor started again over it delivers them.
 
 Init duties: every child that exits is reaped, orphans re-parented to us included
 (:mod:`supervisor.reaper`). Signals sent to the supervisor are forwarded to the main process
@@ -440,9 +441,15 @@ class Agent:
 
     async def _flush(self) -> None:
         """Wait until the gateway holds everything journaled, records that arrive meanwhile
-        (a command's audit line, a health sample) included, within ``exit_flush_timeout_s``."""
-        deadline = time.monotonic() + self.config.session.exit_flush_timeout_s
+        (a command's audit line, a health sample) included, within ``session.exit_delivery_s``.
+
+        Disconnected, the session would otherwise sit out a reconnect backoff of up to
+        ``reconnect_max_s`` while the window runs: it is told to try at once and keep trying often."""
+        window = self.config.session.exit_delivery_s
+        deadline = time.monotonic() + window
         target = self.journal.last_sequence
+        if self.journal.acked_through < target:
+            self.session.deliver_exit()
         while not self._cut_flush.is_set():
             acked = asyncio.create_task(self.session.wait_acked(target), name="exit-flush")
             cut = asyncio.create_task(self._cut_flush.wait(), name="exit-flush-cut")
@@ -464,8 +471,11 @@ class Agent:
             return
         left = target - self.journal.acked_through
         log.warning(
-            "gateway did not acknowledge %d records; they stay in %s for the next start",
+            "gateway did not acknowledge %d records within the exit-delivery window (%gs%s); "
+            "they stay in %s for the next start",
             left,
+            window,
+            ", cut short by a stop signal" if self._cut_flush.is_set() else "",
             self.config.journal.directory,
         )
 

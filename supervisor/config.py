@@ -133,12 +133,53 @@ class SessionSettings(_Section):
         description="Soft byte bound of one EventBatch (below the gateway's message limit).",
     )
     max_inflight_batches: int = Field(8, ge=1, description="Batches sent but not yet acknowledged.")
-    exit_flush_timeout_s: float = Field(
-        10.0,
-        ge=0,
-        description="After the main process exits, wait this long for the gateway to acknowledge "
-        "everything. Keep it below the pod's termination grace period (30 s by default).",
+    keepalive_time_s: float = Field(
+        20.0,
+        ge=10,
+        description="Send an HTTP/2 keepalive ping on the gateway connection after this long without "
+        "a frame from the gateway, so a dead connection is noticed also while the session is connecting "
+        "or the gateway's heartbeat interval is long. At least 10 s: the gateway accepts pings that often "
+        "(more often, it would end the connection with GOAWAY too_many_pings).",
     )
+    keepalive_timeout_s: float = Field(
+        10.0, gt=0, description="A keepalive ping unanswered this long closes the connection."
+    )
+    exit_delivery_s: float = Field(
+        60.0,
+        ge=0,
+        description="After the main process exits, keep delivering for this long until the gateway has "
+        "acknowledged everything: reconnect at once, then with backoff capped at exit_reconnect_max_s. "
+        "Past it the supervisor exits and the undelivered records stay in the journal directory (counted "
+        "in its log). On Kubernetes keep the pod's terminationGracePeriodSeconds at least "
+        "process.stop_grace_s + exit_delivery_s + 5 (the gateway's default, "
+        "drivers.kubernetes.pod.termination_grace_period_s, is 75 = 10 + 60 + 5), so a pod deletion leaves "
+        "the whole window before the SIGKILL. A SIGTERM after the main process exited cuts it short.",
+    )
+    exit_reconnect_max_s: float = Field(
+        1.0,
+        gt=0,
+        description="Cap of the reconnect backoff while the exit is being delivered, so a heal is used "
+        "within about this long (the gateway's retry-after still holds).",
+    )
+    exit_flush_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Deprecated: the old name of exit_delivery_s, still accepted (when only it is set, "
+        "it is the window); reads back as exit_delivery_s.",
+    )
+
+    @model_validator(mode="after")
+    def _exit_window_alias(self) -> SessionSettings:
+        given = self.model_fields_set
+        if "exit_flush_timeout_s" in given:
+            if "exit_delivery_s" in given and self.exit_delivery_s != self.exit_flush_timeout_s:
+                raise ValueError(
+                    "exit_flush_timeout_s is the deprecated name of exit_delivery_s: set exit_delivery_s only"
+                )
+            self.exit_delivery_s = self.exit_flush_timeout_s
+        # Code written against the old name reads the window in force.
+        self.exit_flush_timeout_s = self.exit_delivery_s
+        return self
 
 
 class CaptureSettings(_Section):
@@ -156,8 +197,8 @@ class ProcessSettings(_Section):
         ge=0,
         description="Asked to stop (SIGTERM or SIGINT to the supervisor), the supervisor forwards the "
         "signal to the main process group, waits this long, then SIGKILLs the group (exit code 137, "
-        "journaled as an exit by signal 9). Keep it plus session.exit_flush_timeout_s below the pod's "
-        "termination grace period.",
+        "journaled as an exit by signal 9). On Kubernetes keep the pod's terminationGracePeriodSeconds "
+        "at least this plus session.exit_delivery_s + 5.",
     )
     restart: Literal["never", "on-failure"] = Field(
         "never",

@@ -2,10 +2,16 @@
 
 One ConnectSupervisor stream at a time. Each attempt:
 
-1. opens a fresh channel (a blackholed connection must not be reused; TLS material and the bearer
-   credential are read from their files again, see ``credentials.py``), sends the hello with our
-   capabilities and the journal's epoch and sequence range, and waits for SessionAccepted or
-   SessionRejected within ``connect_timeout_s``;
+1. opens a fresh channel on a new TCP connection (TLS material and the bearer credential are read
+   from their files again, see ``credentials.py``), sends the hello with our capabilities and the
+   journal's epoch and sequence range, and waits for SessionAccepted or SessionRejected within
+   ``connect_timeout_s``. The channel has a subchannel pool of its own: with gRPC's default, global
+   pool, a new channel to the same address takes over the previous channel's connection if it still
+   looks READY, and after a blackhole cut the kernel keeps that dead connection ESTABLISHED for many
+   minutes (until its retransmissions give up). Every attempt would then time out on it, and after a
+   heal the session came back only with the next retransmission, tens of seconds later; behind a
+   Service the dead connection also pins the supervisor to a partitioned replica. HTTP/2 keepalive
+   pings (``keepalive_time_s``) end a silent connection within the heartbeat bound too;
 2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already
    holds (``resume_after_sequence``), then streams journal records above that point in batches,
    with at most ``max_inflight_batches`` unacknowledged; each EventAck trims the journal;
@@ -15,9 +21,14 @@ One ConnectSupervisor stream at a time. Each attempt:
    been silent for ``stale_after_intervals`` intervals, so a cut without a reset is noticed.
 
 Between attempts it waits a full-jitter exponential backoff (tenacity), at least the gateway's
-retry-after. An attempt that had a healthy session, or ended on the gateway's reconnect hint,
-starts the backoff again from the beginning after a short random spread, so a gateway restart
-does not make every supervisor reconnect in the same instant.
+retry-after (``SessionRejected.retry_after_ms``, or the ``grpc-retry-pushback-ms`` trailer of an
+UNAVAILABLE status, jittered upwards). An attempt that had a healthy session, or ended on the
+gateway's reconnect hint, starts the backoff again from the beginning after a short random spread,
+so a gateway restart does not make every supervisor reconnect in the same instant.
+
+Once the main process has exited (:meth:`Session.deliver_exit`) there is something urgent to
+deliver and a deadline: the wait in progress is cut short, and from then on the backoff is capped at
+``exit_reconnect_max_s``, so a heal during the exit-delivery window is used within about a second.
 """
 
 from __future__ import annotations
@@ -56,6 +67,26 @@ from supervisor.journal import Journal, JournalError
 from supervisor.journal.codec import varint
 
 log = logging.getLogger(__name__)
+
+
+#: Trailing metadata of an UNAVAILABLE status: how long the gateway asks us to stay away, in ms
+#: (gRPC's retry pushback, as a gateway whose store fails sends it).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback_s(exc: aio.AioRpcError) -> float:
+    """The retry pushback of a failed call in seconds, 0.0 without one (or a malformed one)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_KEY:
+            raw = value.decode(errors="replace") if isinstance(value, bytes) else value
+            try:
+                ms = int(raw)
+            except ValueError:
+                return 0.0
+            # A negative pushback means "do not retry" in gRPC's retry policy; we always retry, and
+            # a gateway cannot make us stay away for more than an hour.
+            return min(max(ms, 0), 3_600_000) / 1000
+    return 0.0
 
 
 class SessionEnded(Exception):
@@ -146,6 +177,10 @@ class Session:
         self._credentials = GatewayCredentials(config.gateway)
         #: The bearer token of the current attempt, sent with every call (None: no credential file).
         self._metadata: tuple[tuple[str, str], ...] | None = None
+        #: Set when there is something urgent to deliver: the wait between attempts ends at once.
+        self._urgent = asyncio.Event()
+        #: The main process has exited: reconnect with the short exit backoff from now on.
+        self._delivering_exit = False
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -155,6 +190,7 @@ class Session:
         try:
             while True:
                 retrying = AsyncRetrying(
+                    sleep=self._sleep,
                     wait=self._backoff,
                     retry=retry_if_exception(lambda e: isinstance(e, SessionEnded) and not e.restart),
                     before_sleep=self._before_sleep,
@@ -167,10 +203,24 @@ class Session:
                 except SessionEnded as ended:
                     # A healthy session ended (or the gateway asked us to move): start over, spread out.
                     self.status.state = "backoff"
-                    log.info("session ended (%s); reconnecting in %.2fs", ended.reason, ended.delay_s)
-                    await asyncio.sleep(ended.delay_s)
+                    delay = ended.delay_s
+                    if self._delivering_exit:
+                        # A drain's spread does not apply to the last records of an exited sandbox.
+                        delay = min(delay, random.uniform(0, self._s.exit_reconnect_max_s))
+                    log.info("session ended (%s); reconnecting in %.2fs", ended.reason, delay)
+                    await self._sleep(delay)
         finally:
             self.status.state = "stopped"
+
+    def deliver_exit(self) -> None:
+        """The main process has exited: try at once and keep the reconnect backoff short.
+
+        Called by the exit-delivery window (``Agent._flush``); a connected session is not touched.
+        """
+        if not self._delivering_exit:
+            self._delivering_exit = True
+            log.info("main process exited: delivering what is left with a short reconnect backoff")
+        self._urgent.set()
 
     async def wait_acked(self, sequence: int) -> None:
         """Return once the gateway has acknowledged every record up to ``sequence``."""
@@ -179,13 +229,43 @@ class Session:
 
     # -- one attempt -------------------------------------------------------------------
 
+    async def _sleep(self, seconds: float) -> None:
+        """Wait between attempts; an urgent delivery (the main process exited) ends the wait."""
+        if seconds > 0 and not self._urgent.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), seconds)
+        # Consumed: only the wait in progress is cut short, later ones follow the (short) backoff.
+        self._urgent.clear()
+
     def _backoff(self, state: RetryCallState) -> float:
-        base = wait_random_exponential(multiplier=self._s.reconnect_initial_s, max=self._s.reconnect_max_s)(
-            state
-        )
+        cap = self._s.exit_reconnect_max_s if self._delivering_exit else self._s.reconnect_max_s
+        base = wait_random_exponential(multiplier=self._s.reconnect_initial_s, max=cap)(state)
         exc = state.outcome.exception() if state.outcome is not None else None
         retry_after = exc.retry_after_s if isinstance(exc, SessionEnded) else 0.0
+        if retry_after > 0:
+            # At least what the gateway asked for, spread upwards: a fleet told the same pushback
+            # must not come back in the same instant.
+            retry_after *= 1 + random.uniform(0, self._s.heartbeat_jitter)
         return max(base, retry_after)
+
+    def _channel_options(self) -> list[tuple[str, int | str]]:
+        s = self._s
+        return [
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.enable_retries", 0),
+            # A subchannel pool of this channel's own, so every attempt opens a new TCP connection
+            # instead of taking over a (possibly dead) one of an earlier channel (module docstring).
+            ("grpc.use_local_subchannel_pool", 1),
+            # We reconnect on our own schedule with a fresh channel.
+            ("grpc.initial_reconnect_backoff_ms", 1000),
+            # A connection the gateway no longer answers is closed after keepalive time + timeout.
+            # The gateway permits a ping every 10 s (gateway/server.py server_options), which
+            # keepalive_time_s respects; pings go on without data written by us (a blackholed write
+            # sits in the socket buffer), as gRPC otherwise stops after two.
+            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
 
     def _before_sleep(self, state: RetryCallState) -> None:
         self.status.state = "backoff"
@@ -198,12 +278,7 @@ class Session:
     async def _attempt(self) -> None:
         self.status.attempts += 1
         self.status.state = "connecting"
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.enable_retries", 0),
-            # We reconnect on our own schedule with a fresh channel.
-            ("grpc.initial_reconnect_backoff_ms", 1000),
-        ]
+        options = self._channel_options()
         # Credentials and TLS material are read for every attempt, so rotated files are picked up.
         try:
             tls = self._credentials.channel_credentials()
@@ -227,7 +302,8 @@ class Session:
         except SessionEnded as ended:
             raise self._after(ended, accepted_at) from None
         except aio.AioRpcError as exc:
-            raise self._after(SessionEnded(f"{exc.code().name}: {exc.details()}"), accepted_at) from None
+            failed = SessionEnded(f"{exc.code().name}: {exc.details()}", retry_after_s=pushback_s(exc))
+            raise self._after(failed, accepted_at) from None
         except (TimeoutError, OSError) as exc:
             raise self._after(SessionEnded(f"{type(exc).__name__}: {exc}"), accepted_at) from None
         except Exception as exc:
@@ -248,7 +324,8 @@ class Session:
         """Turn the end of a long healthy session into a restart without backoff."""
         self.status.last_error = ended.reason
         healthy = accepted_at is not None and time.monotonic() - accepted_at >= self._s.healthy_session_s
-        if healthy and not ended.restart:
+        # A pushback (the gateway's store is failing) keeps its wait, healthy session or not.
+        if healthy and not ended.restart and ended.retry_after_s == 0:
             ended.restart = True
             ended.delay_s = random.uniform(0, self._s.reconnect_initial_s)
         return ended

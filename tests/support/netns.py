@@ -1,8 +1,9 @@
 """Two test hosts in network namespaces joined by a veth pair, and an nft rule set that cuts them.
 
 The gateway host and the sandbox host get addresses in 10.213.<n>.0/30: hosts of our own, in
-namespaces this test run creates and removes; nothing leaves the machine. A cut drops packets in
-both directions on the sandbox host (no reset, like a dead link), so only timeouts can notice it.
+namespaces this test run creates and removes; nothing leaves the machine. A cut drops packets on
+the sandbox host (no reset, like a dead link), in both directions or only one, so only timeouts can
+notice it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Literal
+
+#: Which packets a cut drops, seen from the sandbox.
+CutDirection = Literal["both", "to_gateway", "from_gateway"]
 
 
 def netns_unavailable() -> str | None:
@@ -73,18 +78,47 @@ class NetPair:
                 _run("ip", "-n", ns, "link", "set", "lo", "up")
         return pair
 
-    def cut(self) -> None:
+    def cut(self, direction: CutDirection = "both", *, port: int | None = None) -> None:
+        """Drop packets between the two hosts (``to_gateway``: only the sandbox's, ``from_gateway``:
+        only the gateway's, ``both``); with ``port``, only those of the gateway's TCP port ``port``
+        (after any DNAT: one gateway of several partitioned)."""
+        to_port = f" tcp dport {port}" if port is not None else ""
+        from_port = f" tcp sport {port}" if port is not None else ""
+        inbound = f"ip saddr {self.gateway_ip}{from_port} drop;" if direction != "to_gateway" else ""
+        outbound = f"ip daddr {self.gateway_ip}{to_port} drop;" if direction != "from_gateway" else ""
         rules = f"""
         table inet oscut {{
           chain input {{
-            type filter hook input priority 0; policy accept; ip saddr {self.gateway_ip} drop;
+            type filter hook input priority 0; policy accept; {inbound}
           }}
           chain output {{
-            type filter hook output priority 0; policy accept; ip daddr {self.gateway_ip} drop;
+            type filter hook output priority 0; policy accept; {outbound}
           }}
         }}
         """
         _run("ip", "netns", "exec", self.sandbox_ns, "nft", "-f", "-", stdin=rules)
+
+    def service(self, port: int, *, to_port: int) -> None:
+        """Send the sandbox's new connections to the gateway host's ``port`` on to ``to_port``, as a
+        Kubernetes Service does (kube-proxy's DNAT): calling it again points new connections
+        elsewhere, while conntrack keeps each existing connection on the port it was given."""
+        self.sandbox_exec("nft", "delete", "table", "ip", "osservice", check=False)
+        rules = f"""
+        table ip osservice {{
+          chain output {{
+            type nat hook output priority -100; policy accept;
+            ip daddr {self.gateway_ip} tcp dport {port} dnat to {self.gateway_ip}:{to_port};
+          }}
+        }}
+        """
+        _run("ip", "netns", "exec", self.sandbox_ns, "nft", "-f", "-", stdin=rules)
+
+    def sandbox_exec(self, *argv: str, check: bool = True) -> str:
+        """Run a command in the sandbox's namespace (``ss``, ``nft``); its standard output."""
+        done = subprocess.run(["ip", "netns", "exec", self.sandbox_ns, *argv], capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def heal(self) -> None:
         _run("ip", "netns", "exec", self.sandbox_ns, "nft", "delete", "table", "inet", "oscut")
