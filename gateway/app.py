@@ -172,12 +172,14 @@ class Gateway:
         if beats and self._sandboxes is not None:
             try:
                 await self._sandboxes.record_heartbeats(beats)
-            except StoreError as exc:  # a failed flush must not kill the flusher; the next one retries
+            except Exception as exc:  # a failed flush must not kill the flusher; the next one retries
                 self.metrics.background_write_failures.labels("heartbeats").inc()
                 self.errors.log(
                     logging.WARNING,
                     ("heartbeat-flush",),
                     f"heartbeat flush failed; retrying with the next flush: {exc}",
+                    # A store failure is expected and explained by its message; anything else is a bug.
+                    exc_info=None if isinstance(exc, StoreError) else exc,
                 )
                 self.registry.requeue_heartbeats(beats)
 

@@ -226,22 +226,33 @@ async def test_a_gateway_stops_while_a_disconnection_write_still_fails(
     tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
 ) -> None:
     """The retrying write is owned: shutdown gives it the grace period, then cancels it (the
-    gateway exits on SIGTERM by itself, with a warning, instead of waiting for the database)."""
+    gateway exits on SIGTERM by itself, with a warning, instead of waiting for the database).
+    A live supervisor's heartbeats cannot be flushed meanwhile: logged, without a traceback."""
     gw = GatewayProcess(tmp_path / "gw", extra=["--database-url", pg_server.url(database)])
     gw.start()
     try:
         sv = SupervisorProcess(tmp_path / "sv", "sb-stuck", gw.address, ["sleep", "60"])
-        supervisors.append(sv)
+        lives = SupervisorProcess(tmp_path / "lives", "sb-lives", gw.address, ["sleep", "60"])
+        supervisors.extend([sv, lives])
         sv.start()
-        await _until(lambda: _api(gw, "sb-stuck").get("state") == "connected", within=30, what="connected")
+        lives.start()
+        for sandbox_id in ("sb-stuck", "sb-lives"):
+            await _until(
+                lambda sid=sandbox_id: _api(gw, sid).get("state") == "connected",
+                within=30,
+                what=f"{sandbox_id} connected",
+            )
         await _set_read_only(pg_server, database, True)
         _kill_tree(sv)
         await _until(
             lambda: "cannot record that sandbox sb-stuck" in gw.log_text(), within=20, what="a retry"
         )
+        await _until(lambda: "heartbeat flush failed" in gw.log_text(), within=20, what="a failed flush")
     finally:
         gw.stop()
     assert gw.proc is not None and gw.proc.returncode == 0, gw.log_text()[-3000:]
     log = gw.log_text()
-    assert "1 disconnection(s) not written" in log and "gateway stopped" in log
+    # sb-stuck's, and sb-lives' own, ended by the shutdown.
+    assert "2 disconnection(s) not written" in log and "gateway stopped" in log
     assert "Traceback" not in log, log[-3000:]
+    _kill_tree(lives)
