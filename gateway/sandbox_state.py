@@ -53,7 +53,8 @@ class Liveness:
     @classmethod
     def from_settings(cls, sessions: SessionSettings) -> Liveness:
         interval = sessions.heartbeat_interval_s
-        # The same bound the gateway gives a session (OpenShellService._accept).
+        # The bound the gateway gives each session it accepts (OpenShellService._accept): an
+        # upstream supervisor beats at the interval rounded to whole seconds, at least one.
         stale_after = max(interval, 1, round(interval)) + sessions.grace_s
         return cls(
             stale_after_s=stale_after,

@@ -43,6 +43,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
+from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import CommandStore, EventStore, SandboxStore, StoreError
 from openshell_wire import __version__
@@ -363,8 +364,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sa.heartbeat_interval_secs = max(1, round(interval))
         sa.heartbeat_interval_ms = round(interval * 1000)
         # An upstream supervisor knows only the whole seconds, which may round above the interval:
-        # the stale bound must leave it room for that.
-        session.stale_after_s = max(interval, sa.heartbeat_interval_secs) + self._config.sessions.grace_s
+        # the stale bound leaves it room for that (the API's liveness rule counts on the same bound).
+        session.stale_after_s = Liveness.from_settings(self._config.sessions).stale_after_s
         sa.stale_after_ms = round(session.stale_after_s * 1000)
         sa.capabilities.extend(sorted(capabilities))
         sa.resume_after_sequence = resume_after
