@@ -10,7 +10,7 @@ deserializer, and decodes the bytes itself:
 
 - a frame that does not decode ends the call with ``INVALID_ARGUMENT`` ("malformed X frame: ..."),
   counted per method, and logged (one line, no traceback) at most once per peer host and method
-  every ``LOG_INTERVAL_S``, with how many like it were left out since;
+  every ``LOG_INTERVAL_S`` (:mod:`gateway.ratelimit`), with how many like it were left out since;
 - a :class:`StoreError` (the database unreachable, read-only, failing) ends it with
   ``UNAVAILABLE`` and the trailing metadata ``grpc-retry-pushback-ms`` (a retry hint spread over
   ``STORE_RETRY_AFTER_MS`` so that a fleet does not come back in one instant); counted, and logged
@@ -30,9 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-import time
-from collections.abc import AsyncIterator, Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
@@ -42,14 +40,13 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog as RateLimitedLog  # noqa: PLC0414 - re-exported for app, server
 from gateway.store import StoreError
 
 log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
 
-#: At most one log line per key (peer host and method, or method for store failures) this often.
-LOG_INTERVAL_S = 60.0
 #: The retry hint for a store failure is drawn from this range, in milliseconds.
 STORE_RETRY_AFTER_MS = (1_000, 5_000)
 #: All a peer learns of a store failure; the reason is in the gateway's log.
@@ -73,57 +70,6 @@ class Unavailable(Exception):
 
 def store_retry_after_ms() -> int:
     return random.randint(*STORE_RETRY_AFTER_MS)
-
-
-@dataclass(slots=True)
-class _Seen:
-    last: float
-    suppressed: int = 0
-
-
-class RateLimitedLog:
-    """Logs at most one line per key every ``interval_s``; the next line that gets through says how
-    many were left out. Keys are bounded (the oldest forgotten first), so a flood from many peers
-    cannot grow memory. A count left out when the flood stops is only in the metrics."""
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        *,
-        interval_s: float = LOG_INTERVAL_S,
-        max_keys: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._logger = logger
-        self._interval_s = interval_s
-        self._max_keys = max_keys
-        self._clock = clock
-        self._seen: dict[Hashable, _Seen] = {}
-
-    def log(
-        self,
-        level: int,
-        key: Hashable,
-        message: str,
-        *,
-        exc_info: BaseException | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> bool:
-        """Log ``message`` unless ``key`` was logged within the interval; True when logged."""
-        now = self._clock()
-        seen = self._seen.get(key)
-        if seen is not None and now - seen.last < self._interval_s:
-            seen.suppressed += 1
-            return False
-        suppressed = seen.suppressed if seen is not None else 0
-        self._seen.pop(key, None)
-        while len(self._seen) >= self._max_keys:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[key] = _Seen(last=now)
-        if suppressed:
-            message += f" (and {suppressed} more like it in the last {self._interval_s:.0f}s)"
-        self._logger.log(level, "%s", message, exc_info=exc_info, extra=extra)
-        return True
 
 
 def peer_host(peer: str) -> str:

@@ -224,7 +224,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             return
         epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
 
-        await self._sandboxes.ensure(sandbox_id)
+        registered = await self._sandboxes.ensure(sandbox_id)
         resume_after = await self._events.high_water_mark(sandbox_id, epoch) if events_mode else 0
         session = self._registry.open(
             sandbox_id=sandbox_id,
@@ -233,6 +233,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             capabilities=capabilities,
         )
         session.acked_through = resume_after
+        session.generation = registered.generation
         # From here on the session is in the registry: whatever happens (the peer gives up while
         # we wait for the database, a protocol error, cancellation), the finally below undoes it.
         reader: asyncio.Task[None] | None = None
@@ -292,6 +293,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     journal_epoch=session.journal_epoch,
                     owner=self._owner,
                     at=session.opened_at,
+                    generation=session.generation,
                 )
 
     async def _record_disconnected(self, session: Session) -> None:
@@ -324,7 +326,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             with attempt:
                 attempts += 1
                 async with self._row_lock(sandbox_id):
-                    await self._sandboxes.mark_disconnected(sandbox_id, session_id=session.session_id, at=at)
+                    await self._sandboxes.mark_disconnected(
+                        sandbox_id, session_id=session.session_id, at=at, generation=session.generation
+                    )
         if attempts > 1:
             log.info(
                 "disconnection recorded after %d attempts",
@@ -473,6 +477,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 session.journal_epoch,
                 batch.events,
                 known_high_water_mark=session.acked_through,
+                generation=session.generation,
             )
         except WireError as exc:
             raise ProtocolError(str(exc)) from None

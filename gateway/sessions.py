@@ -76,6 +76,9 @@ class Session:
     #: The highest sequence known to be stored for this journal: the resume point given in the
     #: answer to the hello, then the last acknowledgement (``EventStore.store_wire_batch``).
     acked_through: int = 0
+    #: The sandbox's generation when the hello came: the session's writes are about that sandbox
+    #: only, not one created again under its id meanwhile.
+    generation: int = 1
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))

@@ -18,16 +18,25 @@ they never touch the sandbox row.
 An EXITED lifecycle record also sets the sandbox's exit code in the same transaction, so that the
 exit shown by the API and the record in the log can never disagree. An exit is recorded once per
 run of the main process: a run begins with a STARTED record (the supervisor journals one for each
-start, restarts under ``process.restart`` included), which clears the sandbox's exit; the first
-EXITED after it sets the exit, and any later one for the same run (a duplicate or late report, or
-a second source) leaves it as it is, with a log line. Journaled records are still stored as they
-came (the journal is the supervisor's account, and its sequence must not have holes); an upstream
-``ReportMainProcessExit`` that would be ignored is not stored at all. So the sandbox's final exit
-is the exit of the last run its supervisor started, whatever arrives after it.
+start, restarts under ``process.restart`` included), and the row keeps where the current run began
+(``run_epoch``, ``run_sequence``). A STARTED begins a new run, clearing the exit, only if it is
+newer than that: later in the same journal, or from another journal that is the one connected now
+(a new journal epoch is a new pod's supervisor, and the newest-connected one wins); the first EXITED
+of the current run (later in its journal) sets the exit. Anything else leaves the exit as it is,
+with a log line: a replayed record, a late one of an earlier run or of an older journal, a second
+EXITED of the same run, or a second source (an upstream ``ReportMainProcessExit`` counts for the
+current run only while it has no exit yet). Journaled records are still stored as they came (the
+journal is the supervisor's account, and its sequence must not have holes); an upstream exit report
+that is ignored is not stored at all. So the sandbox's exit is the exit of the newest run, whatever
+arrives after it and however often. (A journal that connects after a newer one, as a second pod of
+the same sandbox would, counts as the newest: one pod per sandbox is the driver's to ensure.)
 
-Each event carries the generation of its sandbox when it was stored (``sandboxes.generation``,
-read by the INSERT itself, so no extra round trip): the events of a deleted sandbox stay apart from
-those of a sandbox created again under its id. Reads take a generation; without one they span all.
+Each event carries the generation of its sandbox that its writer names: a session's is the one its
+hello found (the session handler passes it, and the INSERT binds it), so a batch the old sandbox's
+supervisor still had in flight when the id was created again is stored as the old generation's,
+and its lifecycle records do not touch the new sandbox's exit. The events of a deleted sandbox stay
+apart from those of a sandbox created again under its id. Reads take a generation; without one they
+span all.
 
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
@@ -44,13 +53,14 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Insert, Select, bindparam, func, insert, select, update
+from sqlalchemy import Insert, Select, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import Database, StoreError, describe_error, store_errors, utcnow
 from gateway.store.schema import UNSEQUENCED_EPOCH
 from gateway.store.schema import events as events_table
@@ -65,9 +75,6 @@ from openshell_wire.records import (
     Payload,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
-
-if TYPE_CHECKING:
-    from gateway.rpc import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +170,7 @@ _INSERT_COLUMNS = (
     "message",
     "data",
     "received_at",
-)
-
-
-#: The parameters of the precompiled INSERT: the columns above, then the sandbox id again for the
-#: subquery that reads the sandbox's current generation.
-_INSERT_PARAMS = (*_INSERT_COLUMNS, "gen_sandbox_id")
-#: The events' generation, read from the sandbox row by the INSERT itself.
-_GENERATION = (
-    select(sandboxes_table.c.generation)
-    .where(sandboxes_table.c.id == bindparam("gen_sandbox_id"))
-    .scalar_subquery()
+    "generation",
 )
 
 #: The ``data`` of a log row whose line continues in the next record (see ``_row``).
@@ -188,7 +185,14 @@ def _text(message: str) -> str:
 
 
 def _row(
-    sandbox_id: str, epoch: str, *, sequence: int, timestamp_ms: int, payload: Payload, received_at: Any
+    sandbox_id: str,
+    epoch: str,
+    *,
+    sequence: int,
+    timestamp_ms: int,
+    payload: Payload,
+    received_at: Any,
+    generation: int,
 ) -> tuple[Any, ...]:
     kind: str
     stream: str | None = None
@@ -253,88 +257,88 @@ def _row(
         message,
         json.dumps(data, separators=(",", ":")) if data is not None else None,
         received_at,
-        sandbox_id,
+        generation,
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ExitState:
-    """What a batch's lifecycle records do to the sandbox's exit (see the module docstring)."""
-
-    #: A STARTED came: a new run, so the row's exit is replaced by ``exit`` (None: cleared).
-    new_run: bool
-    #: (exit code, exited at) of the first EXITED after the batch's last STARTED (or in the batch).
-    exit: tuple[int, datetime] | None
-    #: Exit codes of further EXITED records of that same run: duplicates, not recorded.
-    repeated: tuple[int, ...] = ()
+#: A batch's STARTED and EXITED records: (sequence, timestamp in ms, record).
+Lifecycle = list[tuple[int, int, LifecycleRecord]]
 
 
-def _exit_state(items: Sequence[tuple[int, Payload]], received_at: datetime) -> ExitState | None:
-    found: ExitState | None = None
-    for timestamp_ms, payload in items:
-        if not isinstance(payload, LifecycleRecord):
-            continue
-        if payload.kind is LifecycleKind.EXITED:
-            # The supervisor's observation time says when it exited; a record without one (the
-            # upstream path sometimes) falls back to when we heard of it.
-            at = datetime.fromtimestamp(timestamp_ms / 1000, UTC) if timestamp_ms > 0 else received_at
-            if found is None:
-                found = ExitState(new_run=False, exit=(payload.exit_code, at))
-            elif found.exit is None:
-                found = ExitState(new_run=found.new_run, exit=(payload.exit_code, at))
-            else:
-                found = ExitState(found.new_run, found.exit, (*found.repeated, payload.exit_code))
-        elif payload.kind is LifecycleKind.STARTED:
-            # A new run of the main process: an earlier exit no longer describes the sandbox.
-            found = ExitState(new_run=True, exit=None)
-    return found
+def _lifecycle(sequence: int, timestamp_ms: int, payload: Payload, into: Lifecycle) -> None:
+    if isinstance(payload, LifecycleRecord) and payload.kind in (LifecycleKind.STARTED, LifecycleKind.EXITED):
+        into.append((sequence, timestamp_ms, payload))
 
 
-_ignored_exits: RateLimitedLog | None = None
+@dataclass(slots=True)
+class _Run:
+    """The sandbox row's exit and where its current run began, as lifecycle records move them
+    (see the module docstring)."""
+
+    exit_code: int | None
+    exited_at: datetime | None
+    run_epoch: str | None
+    run_sequence: int | None
+    #: The journal epoch of the sandbox's newest session: the newest-connected journal.
+    current_epoch: str | None
+    changed: bool = False
+
+    def started(self, epoch: str, sequence: int) -> bool:
+        """Whether a STARTED at (``epoch``, ``sequence``) begins a new run (then it is recorded)."""
+        if epoch == self.run_epoch:
+            newer = self.run_sequence is None or sequence > self.run_sequence
+        else:
+            # Another journal: a new pod's supervisor if it is the one connected now (or none is,
+            # as with records stored without a session); else an older journal's late record.
+            newer = self.current_epoch is None or epoch == self.current_epoch
+        if newer:
+            self.exit_code, self.exited_at = None, None
+            self.run_epoch, self.run_sequence = epoch, sequence
+            self.changed = True
+        return newer
+
+    def exited(self, epoch: str, sequence: int, code: int, at: datetime) -> bool:
+        """Whether an EXITED at (``epoch``, ``sequence``) is the current run's exit (then it is
+        recorded): the run has none yet, and the record follows its STARTED."""
+        if self.exit_code is not None:
+            return False
+        if epoch == UNSEQUENCED_EPOCH:
+            # An upstream report carries no position: it can only be about the current run.
+            current = True
+        elif self.run_epoch is None:
+            current = self.current_epoch is None or epoch == self.current_epoch
+        else:
+            current = epoch == self.run_epoch and (self.run_sequence is None or sequence > self.run_sequence)
+        if current:
+            self.exit_code, self.exited_at = code, at
+            self.changed = True
+        return current
 
 
-def _log_ignored(sandbox_id: str, codes: Sequence[int], kept: int | None, source: str) -> None:
+def _exit_time(timestamp_ms: int, received_at: datetime) -> datetime:
+    # The supervisor's observation time says when it exited; a record without one (the upstream
+    # path sometimes) falls back to when we heard of it.
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC) if timestamp_ms > 0 else received_at
+
+
+_ignored_exits = RateLimitedLog(log)
+
+
+def _log_ignored(sandbox_id: str, codes: Sequence[int], recorded: int | None, source: str) -> None:
     """One line for the exits of one call that were ignored; at most one a minute for the same run
     and source, so a peer repeating its report cannot flood the log."""
-    global _ignored_exits  # noqa: PLW0603 - made on first use: gateway.rpc imports the store
     if not codes:
         return
-    if _ignored_exits is None:
-        from gateway.rpc import RateLimitedLog  # noqa: PLC0415 - see above
-
-        _ignored_exits = RateLimitedLog(log)
     which = ", ".join(str(c) for c in codes)
-    recorded = f"exit code {kept}" if kept is not None else "by a concurrent report"
+    shown = f"exit code {recorded}" if recorded is not None else "no exit yet"
     _ignored_exits.log(
         logging.INFO,
-        ("exit-ignored", sandbox_id, source, kept),
-        f"sandbox {sandbox_id}: exit code {which} from {source} ignored: this run's exit is already "
-        f"recorded ({recorded})",
+        ("exit-ignored", sandbox_id, source, recorded),
+        f"sandbox {sandbox_id}: exit code {which} from {source} ignored: a repeated or late report "
+        f"(the current run's exit is already recorded, or the report is of an earlier run); the "
+        f"sandbox shows {shown}",
         extra={"sandbox_id": sandbox_id},
     )
-
-
-def _without_repeated_exits(
-    sandbox_id: str, items: Sequence[tuple[int, Payload]], recorded: int | None
-) -> list[tuple[int, Payload]]:
-    """``items`` without the EXITED records of a run that has its exit already (``recorded``, or
-    an earlier EXITED in ``items``): such a report is a duplicate, and would contradict the exit
-    the sandbox shows."""
-    kept: list[tuple[int, Payload]] = []
-    ignored: list[int] = []
-    exit_code = recorded
-    for timestamp_ms, payload in items:
-        if isinstance(payload, LifecycleRecord):
-            if payload.kind is LifecycleKind.STARTED:
-                exit_code = None
-            elif payload.kind is LifecycleKind.EXITED:
-                if exit_code is not None:
-                    ignored.append(payload.exit_code)
-                    continue
-                exit_code = payload.exit_code
-        kept.append((timestamp_ms, payload))
-    _log_ignored(sandbox_id, ignored, exit_code, "upstream report")
-    return kept
 
 
 class _Shared:
@@ -366,21 +370,13 @@ class EventStore:
         unique = ["sandbox_id", "journal_epoch", "sequence"]
         idempotent: Insert
         if db.dialect == "postgresql":
-            idempotent = (
-                postgresql.insert(events_table)
-                .values(generation=_GENERATION)
-                .on_conflict_do_nothing(index_elements=unique)
-            )
+            idempotent = postgresql.insert(events_table).on_conflict_do_nothing(index_elements=unique)
         else:
-            idempotent = (
-                sqlite.insert(events_table)
-                .values(generation=_GENERATION)
-                .on_conflict_do_nothing(index_elements=unique)
-            )
+            idempotent = sqlite.insert(events_table).on_conflict_do_nothing(index_elements=unique)
         self._idempotent_sql = self._compile(idempotent)
         # A plain insert for the events we number ourselves: a collision there is a numbering bug
         # and must fail loudly, not vanish the way a replay does.
-        self._append_sql = self._compile(insert(events_table).values(generation=_GENERATION))
+        self._append_sql = self._compile(insert(events_table))
         self._sqlite = db.dialect == "sqlite"
 
     def notifier(self) -> EventNotifier:
@@ -395,7 +391,7 @@ class EventStore:
             dialect=self._db.engine.dialect, column_keys=list(_INSERT_COLUMNS), for_executemany=True
         )
         order = getattr(compiled, "positiontup", None)
-        if not getattr(compiled, "positional", False) or list(order or ()) != list(_INSERT_PARAMS):
+        if not getattr(compiled, "positional", False) or list(order or ()) != list(_INSERT_COLUMNS):
             raise StoreError(f"the {self._db.dialect} driver does not take positional parameters")
         return str(compiled)
 
@@ -414,33 +410,91 @@ class EventStore:
         return int(top) if top is not None else 0
 
     @staticmethod
-    async def _record_exit(
-        conn: AsyncConnection, sandbox_id: str, exit_: ExitState | None, *, source: str
-    ) -> None:
-        if exit_ is None:
-            return
-        code, at = exit_.exit if exit_.exit is not None else (None, None)
-        ignored, kept = list(exit_.repeated), code
-        if exit_.new_run:
+    async def _generation(conn: AsyncConnection, sandbox_id: str) -> int:
+        """The sandbox's current generation, for writers that have none of their own."""
+        generation = await conn.scalar(
+            select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
+        )
+        if generation is None:
+            raise StoreError(f"no such sandbox {sandbox_id!r} (register it first)")
+        return int(generation)
+
+    @staticmethod
+    async def _run_of(conn: AsyncConnection, sandbox_id: str, generation: int) -> _Run | None:
+        """The row's exit and current run, locked until the transaction ends (on PostgreSQL: two
+        batches, or replicas, applying lifecycle records to one sandbox take turns; SQLite has one
+        writer at a time anyway); None when the row is of another generation now."""
+        row = (
             await conn.execute(
-                update(sandboxes_table)
-                .where(sandboxes_table.c.id == sandbox_id)
-                .values(exit_code=code, exited_at=at)
-            )
-        elif code is not None:
-            # Only a run without an exit yet takes one: conditional, so two reports racing on
-            # PostgreSQL also keep the first.
-            result = await conn.execute(
-                update(sandboxes_table)
-                .where(sandboxes_table.c.id == sandbox_id, sandboxes_table.c.exit_code.is_(None))
-                .values(exit_code=code, exited_at=at)
-            )
-            if result.rowcount == 0:
-                kept = await conn.scalar(
-                    select(sandboxes_table.c.exit_code).where(sandboxes_table.c.id == sandbox_id)
+                select(
+                    sandboxes_table.c.exit_code,
+                    sandboxes_table.c.exited_at,
+                    sandboxes_table.c.run_epoch,
+                    sandboxes_table.c.run_sequence,
+                    sandboxes_table.c.journal_epoch,
                 )
-                ignored.insert(0, code)
-        _log_ignored(sandbox_id, ignored, kept, source)
+                .where(sandboxes_table.c.id == sandbox_id, sandboxes_table.c.generation == generation)
+                .with_for_update()
+            )
+        ).first()
+        if row is None:
+            return None
+        return _Run(
+            exit_code=row.exit_code,
+            exited_at=row.exited_at,
+            run_epoch=row.run_epoch,
+            run_sequence=row.run_sequence,
+            current_epoch=row.journal_epoch,
+        )
+
+    @staticmethod
+    async def _save_run(conn: AsyncConnection, sandbox_id: str, generation: int, run: _Run) -> None:
+        if not run.changed:
+            return
+        await conn.execute(
+            update(sandboxes_table)
+            .where(sandboxes_table.c.id == sandbox_id, sandboxes_table.c.generation == generation)
+            .values(
+                exit_code=run.exit_code,
+                exited_at=run.exited_at,
+                run_epoch=run.run_epoch,
+                run_sequence=run.run_sequence,
+            )
+        )
+
+    async def _apply_lifecycle(
+        self,
+        conn: AsyncConnection,
+        sandbox_id: str,
+        journal_epoch: str,
+        *,
+        generation: int,
+        lifecycle: Lifecycle,
+        received_at: datetime,
+    ) -> None:
+        """Move the sandbox's exit by a journal's STARTED and EXITED records, in their order."""
+        run = await self._run_of(conn, sandbox_id, generation)
+        if run is None:
+            # The id was created again while this supervisor's batch was on its way: its records
+            # are its own sandbox's (stored under its generation), not the new one's.
+            log.info(
+                "lifecycle records of sandbox %s generation %d not applied: the id has been created "
+                "again since",
+                sandbox_id,
+                generation,
+                extra={"sandbox_id": sandbox_id},
+            )
+            return
+        ignored: list[int] = []
+        for sequence, timestamp_ms, record in lifecycle:
+            if record.kind is LifecycleKind.STARTED:
+                run.started(journal_epoch, sequence)
+            elif not run.exited(
+                journal_epoch, sequence, record.exit_code, _exit_time(timestamp_ms, received_at)
+            ):
+                ignored.append(record.exit_code)
+        await self._save_run(conn, sandbox_id, generation, run)
+        _log_ignored(sandbox_id, ignored, run.exit_code, f"journal {journal_epoch!r}")
 
     async def store_events(
         self,
@@ -449,6 +503,7 @@ class EventStore:
         events: Sequence[Event],
         *,
         known_high_water_mark: int | None = None,
+        generation: int | None = None,
     ) -> int:
         """Store a batch idempotently; return the high-water mark of (sandbox, journal epoch).
 
@@ -457,32 +512,40 @@ class EventStore:
         transaction has committed, every sequence in the batch is stored, so the answer is the
         larger of the two. It may under-report a mark raised meanwhile by someone else, which only
         costs an idempotent resend. The sandbox must already be registered (``SandboxStore.ensure``).
+        ``generation`` is the sandbox's the events belong to (a session's: the one its hello
+        found); without it, the row's current one.
         """
         if not events:
             if known_high_water_mark is not None:
                 return known_high_water_mark
             return await self.high_water_mark(sandbox_id, journal_epoch)
+        if generation is None:
+            generation = await self.generation(sandbox_id)
         received_at = utcnow()
         stored_at = self._bind_received_at(received_at)
-        rows = [
-            _row(
-                sandbox_id,
-                journal_epoch,
-                sequence=e.sequence,
-                timestamp_ms=e.timestamp_ms,
-                payload=e.payload,
-                received_at=stored_at,
+        rows = []
+        lifecycle: Lifecycle = []
+        for e in events:
+            rows.append(
+                _row(
+                    sandbox_id,
+                    journal_epoch,
+                    sequence=e.sequence,
+                    timestamp_ms=e.timestamp_ms,
+                    payload=e.payload,
+                    received_at=stored_at,
+                    generation=generation,
+                )
             )
-            for e in events
-        ]
-        exit_ = _exit_state([(e.timestamp_ms, e.payload) for e in events if not e.is_log], received_at)
-        last = max(e.sequence for e in events)
+            _lifecycle(e.sequence, e.timestamp_ms, e.payload, lifecycle)
         return await self._store_rows(
             sandbox_id,
             journal_epoch,
             rows,
-            exit_=exit_,
-            last_sequence=last,
+            generation=generation,
+            lifecycle=lifecycle,
+            received_at=received_at,
+            last_sequence=max(e.sequence for e in events),
             known_high_water_mark=known_high_water_mark,
         )
 
@@ -493,6 +556,7 @@ class EventStore:
         events: Iterable[pb.Event],
         *,
         known_high_water_mark: int,
+        generation: int | None = None,
     ) -> int:
         """Validate and store the events of an ``EventBatch`` straight from their protobuf form.
 
@@ -502,10 +566,12 @@ class EventStore:
         the decoder. Raises :class:`WireError` (and stores nothing) for an event the decoder
         rejects or a sequence that does not ascend.
         """
+        if generation is None:
+            generation = await self.generation(sandbox_id)
         received_at = utcnow()
         stored_at = self._bind_received_at(received_at)
         rows: list[tuple[Any, ...]] = []
-        others: list[tuple[int, Payload]] = []
+        lifecycle: Lifecycle = []
         streams = _STREAM_VALUE
         previous = 0
         for raw in events:
@@ -528,7 +594,7 @@ class EventStore:
                         _text(line.message),
                         _CONTINUED_DATA if line.continued else None,
                         stored_at,
-                        sandbox_id,
+                        generation,
                     )
                 )
             else:
@@ -543,19 +609,23 @@ class EventStore:
                         timestamp_ms=event.timestamp_ms,
                         payload=event.payload,
                         received_at=stored_at,
+                        generation=generation,
                     )
                 )
-                if not event.is_log:
-                    others.append((event.timestamp_ms, event.payload))
+                # Records at or below the known mark are replays, stored before: their effect on
+                # the exit was had then (and the run's position would ignore them anyway).
+                if sequence > known_high_water_mark:
+                    _lifecycle(sequence, event.timestamp_ms, event.payload, lifecycle)
             previous = sequence
         if not rows:
             return known_high_water_mark
-        exit_ = _exit_state(others, received_at) if others else None
         return await self._store_rows(
             sandbox_id,
             journal_epoch,
             rows,
-            exit_=exit_,
+            generation=generation,
+            lifecycle=lifecycle,
+            received_at=received_at,
             last_sequence=previous,
             known_high_water_mark=known_high_water_mark,
         )
@@ -566,19 +636,31 @@ class EventStore:
         journal_epoch: str,
         rows: list[tuple[Any, ...]],
         *,
-        exit_: ExitState | None,
+        generation: int,
+        lifecycle: Lifecycle,
+        received_at: datetime,
         last_sequence: int,
         known_high_water_mark: int | None,
     ) -> int:
         what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
-        if self._sqlite and exit_ is None and known_high_water_mark is not None:
+        if self._sqlite and not lifecycle and known_high_water_mark is not None:
             await self._insert_sqlite(what, rows)
             self._notifier.notify(sandbox_id)
             return max(known_high_water_mark, last_sequence)
         with store_errors(what):
             async with self._db.engine.begin() as conn:
+                # The insert first: on SQLite it takes the write lock, so the row read below for
+                # the exit cannot change before this transaction commits.
                 await conn.exec_driver_sql(self._idempotent_sql, rows)
-                await self._record_exit(conn, sandbox_id, exit_, source=f"journal {journal_epoch!r}")
+                if lifecycle:
+                    await self._apply_lifecycle(
+                        conn,
+                        sandbox_id,
+                        journal_epoch,
+                        generation=generation,
+                        lifecycle=lifecycle,
+                        received_at=received_at,
+                    )
                 if known_high_water_mark is None:
                     hwm = await self._hwm(conn, sandbox_id, journal_epoch)
                 else:
@@ -613,6 +695,12 @@ class EventStore:
             async with self._db.engine.connect() as conn:
                 return await self._hwm(conn, sandbox_id, journal_epoch)
 
+    async def generation(self, sandbox_id: str) -> int:
+        """The sandbox's current generation; a StoreError when it is not registered."""
+        with store_errors(f"cannot read the generation of sandbox {sandbox_id!r}"):
+            async with self._db.engine.connect() as conn:
+                return await self._generation(conn, sandbox_id)
+
     def _lock_for(self, sandbox_id: str) -> asyncio.Lock:
         lock = self._locks.get(sandbox_id)
         if lock is None:
@@ -620,10 +708,11 @@ class EventStore:
         return lock
 
     async def append_unsequenced(self, sandbox_id: str, items: Sequence[tuple[int, Payload]]) -> None:
-        """Store records that came without sequence numbers, numbering them after the last one.
+        """Store records that came without sequence numbers, numbering them after the last one,
+        as the sandbox's current generation (the upstream paths have no session to name one).
 
-        An EXITED record for a run whose exit is already recorded (an upstream supervisor's
-        report sent again, or a late one) is dropped with a log line: see the module docstring.
+        An EXITED record that is not the current run's exit (an upstream supervisor's report sent
+        again, or a late one) is dropped with a log line: see the module docstring.
         """
         if not items:
             return
@@ -637,33 +726,42 @@ class EventStore:
                     # On PostgreSQL the row lock serialises replicas numbering the same sandbox (the
                     # asyncio lock only covers this process); SQLite renders no FOR UPDATE, and
                     # being single-process it needs none.
-                    found = (
-                        await conn.execute(
-                            select(sandboxes_table.c.id, sandboxes_table.c.exit_code)
-                            .where(sandboxes_table.c.id == sandbox_id)
-                            .with_for_update()
-                        )
-                    ).first()
-                    if found is None:
-                        raise StoreError(f"{what}: no such sandbox")
-                    kept = _without_repeated_exits(sandbox_id, items, found.exit_code)
-                    if not kept:
-                        return
-                    exit_ = _exit_state(kept, received_at)
+                    generation = await self._generation(conn, sandbox_id)
+                    run = await self._run_of(conn, sandbox_id, generation)
+                    if run is None:
+                        raise StoreError(f"{what}: the sandbox was created again meanwhile")
                     top = await self._hwm(conn, sandbox_id, UNSEQUENCED_EPOCH)
-                    rows = [
-                        _row(
-                            sandbox_id,
-                            UNSEQUENCED_EPOCH,
-                            sequence=top + i,
-                            timestamp_ms=ts,
-                            payload=payload,
-                            received_at=stored_at,
+                    rows: list[tuple[Any, ...]] = []
+                    ignored: list[int] = []
+                    for timestamp_ms, payload in items:
+                        sequence = top + len(rows) + 1
+                        if isinstance(payload, LifecycleRecord):
+                            if payload.kind is LifecycleKind.STARTED:
+                                run.started(UNSEQUENCED_EPOCH, sequence)
+                            elif payload.kind is LifecycleKind.EXITED and not run.exited(
+                                UNSEQUENCED_EPOCH,
+                                sequence,
+                                payload.exit_code,
+                                _exit_time(timestamp_ms, received_at),
+                            ):
+                                ignored.append(payload.exit_code)
+                                continue
+                        rows.append(
+                            _row(
+                                sandbox_id,
+                                UNSEQUENCED_EPOCH,
+                                sequence=sequence,
+                                timestamp_ms=timestamp_ms,
+                                payload=payload,
+                                received_at=stored_at,
+                                generation=generation,
+                            )
                         )
-                        for i, (ts, payload) in enumerate(kept, start=1)
-                    ]
+                    _log_ignored(sandbox_id, ignored, run.exit_code, "upstream report")
+                    if not rows:
+                        return
                     await conn.exec_driver_sql(self._append_sql, rows)
-                    await self._record_exit(conn, sandbox_id, exit_, source="upstream report")
+                    await self._save_run(conn, sandbox_id, generation, run)
         self._notifier.notify(sandbox_id)
 
     async def _select(self, what: str, query: Select[Any]) -> list[StoredEvent]:

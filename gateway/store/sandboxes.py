@@ -14,6 +14,10 @@ that is gone (which ones, its caller says: for the Kubernetes driver, those whos
 as the row's next generation. Everything the row says about the old sandbox is reset; its events
 stay, under their generation, and its pending commands fail (they were meant for the old one).
 
+Writes on behalf of one sandbox (a session's connection, the driver's create and what its watch
+sees) can take the generation they are about: then they are conditional on it, so a write meant
+for the sandbox that had the id before cannot land on the one that has it now.
+
 Heartbeats are frequent (thousands of sandboxes), so the session layer collects them and writes
 one batch per flush rather than one transaction per heartbeat.
 """
@@ -30,6 +34,7 @@ from typing import Any
 from sqlalchemy import Insert, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
+from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.store.commands import FAILED, PENDING
 from gateway.store.db import Database, StoreError, store_errors, utcnow
@@ -56,6 +61,9 @@ class SandboxRow:
     spec: dict[str, Any] | None = None
     driver_state: dict[str, Any] | None = None
     generation: int = 1
+    #: Where the current run began (see ``schema.sandboxes``): None before the first STARTED.
+    run_epoch: str | None = None
+    run_sequence: int | None = None
 
 
 def _sandbox(row: Row[Any]) -> SandboxRow:
@@ -77,7 +85,14 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         spec=json.loads(row.spec) if row.spec is not None else None,
         driver_state=json.loads(row.driver_state) if row.driver_state is not None else None,
         generation=int(row.generation),
+        run_epoch=row.run_epoch,
+        run_sequence=row.run_sequence,
     )
+
+
+def _of_generation(generation: int | None) -> tuple[ColumnElement[bool], ...]:
+    """The WHERE clause that makes a write conditional on the row's generation, if one is given."""
+    return () if generation is None else (sandboxes_table.c.generation == generation,)
 
 
 class SandboxStore:
@@ -169,6 +184,8 @@ class SandboxStore:
                         last_heartbeat_at=None,
                         exit_code=None,
                         exited_at=None,
+                        run_epoch=None,
+                        run_sequence=None,
                         owner=None,
                     )
                 )
@@ -209,14 +226,18 @@ class SandboxStore:
         journal_epoch: str,
         owner: str,
         at: datetime,
-    ) -> None:
-        """Record a new session as the sandbox's current one. Exit information is kept."""
+        generation: int | None = None,
+    ) -> bool:
+        """Record a new session as the sandbox's current one. Exit information is kept.
+
+        With ``generation`` (the one the session's hello found), nothing is written if the id
+        has been created again since: False then. A row that is missing altogether is an error."""
         what = f"cannot mark sandbox {sandbox_id!r} connected"
         with store_errors(what):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
-                    .where(sandboxes_table.c.id == sandbox_id)
+                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
                     .values(
                         instance_id=instance_id,
                         session_id=session_id,
@@ -229,9 +250,16 @@ class SandboxStore:
                     )
                 )
                 if result.rowcount == 0:
+                    if generation is not None and await conn.scalar(
+                        select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
+                    ):
+                        return False
                     raise StoreError(f"{what}: no such sandbox (register it first)")
+                return True
 
-    async def mark_disconnected(self, sandbox_id: str, *, session_id: str, at: datetime) -> bool:
+    async def mark_disconnected(
+        self, sandbox_id: str, *, session_id: str, at: datetime, generation: int | None = None
+    ) -> bool:
         """Mark the sandbox disconnected if ``session_id`` is still its current, connected session.
 
         Returns whether the row changed; False means a newer session has taken over (or this one
@@ -245,6 +273,7 @@ class SandboxStore:
                         sandboxes_table.c.id == sandbox_id,
                         sandboxes_table.c.session_id == session_id,
                         sandboxes_table.c.connected.is_(True),
+                        *_of_generation(generation),
                     )
                     .values(connected=False, disconnected_at=at)
                 )
@@ -265,28 +294,41 @@ class SandboxStore:
             async with self._db.engine.begin() as conn:
                 await conn.execute(statement, params)
 
-    async def set_spec(self, sandbox_id: str, spec: Mapping[str, Any]) -> None:
+    async def set_spec(
+        self, sandbox_id: str, spec: Mapping[str, Any], *, generation: int | None = None
+    ) -> bool:
+        """Record the sandbox's spec; False when it is unknown (or of another ``generation``)."""
         with store_errors(f"cannot record the spec of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
-                await conn.execute(
+                result = await conn.execute(
                     update(sandboxes_table)
-                    .where(sandboxes_table.c.id == sandbox_id)
+                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
                     .values(spec=json.dumps(dict(spec), sort_keys=True))
                 )
+        return bool(result.rowcount)
 
-    async def set_driver_state(self, sandbox_id: str, state: Mapping[str, Any]) -> bool:
-        """Record what the driver saw (a pod's phase...); False when the sandbox is unknown."""
+    async def set_driver_state(
+        self, sandbox_id: str, state: Mapping[str, Any], *, generation: int | None = None
+    ) -> bool:
+        """Record what the driver saw (a pod's phase...); False when the sandbox is unknown (or
+        of another ``generation``)."""
         with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
-                    .where(sandboxes_table.c.id == sandbox_id)
+                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
                     .values(driver_state=json.dumps(dict(state), sort_keys=True))
                 )
         return bool(result.rowcount)
 
-    async def delete(self, sandbox_id: str) -> None:
-        """Forget the sandbox and (by ON DELETE CASCADE) all of its events."""
+    async def delete(self, sandbox_id: str, *, generation: int | None = None) -> bool:
+        """Forget the sandbox and (by ON DELETE CASCADE) all of its events; with ``generation``,
+        only if the row is still of that generation. Returns whether a row was deleted."""
         with store_errors(f"cannot delete sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
-                await conn.execute(delete(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
+                result = await conn.execute(
+                    delete(sandboxes_table).where(
+                        sandboxes_table.c.id == sandbox_id, *_of_generation(generation)
+                    )
+                )
+        return bool(result.rowcount)

@@ -96,6 +96,11 @@ sandboxes = Table(
     # Which life of this id the row describes: 1 at the first create, one more at each create
     # after a delete (the old lives' events stay, under their own generation).
     Column("generation", BigInteger, nullable=False, server_default=text("1")),
+    # Where the current run of the main process began: the journal epoch and sequence of its
+    # STARTED record. A STARTED resets the exit only if it is newer than this, and an EXITED sets it
+    # only if it follows this, so a replayed or late record cannot move the exit (store/events.py).
+    Column("run_epoch", Text, nullable=True),
+    Column("run_sequence", BigInteger, nullable=True),
 )
 
 events = Table(
@@ -123,6 +128,8 @@ events = Table(
     UniqueConstraint("sandbox_id", "journal_epoch", "sequence", name="uq_events_sandbox_epoch_sequence"),
     # Tail and follow both read one sandbox's events in id order.
     Index("ix_events_sandbox_id_id", "sandbox_id", "id"),
+    # The same, for one generation (the API reads the current one by default).
+    Index("ix_events_sandbox_id_generation_id", "sandbox_id", "generation", "id"),
 )
 
 #: Commands for supervisors (stop, signal, heartbeat), kept until the supervisor answers: a command

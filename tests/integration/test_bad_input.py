@@ -365,7 +365,7 @@ async def kube_gw(tmp_path: Path) -> AsyncIterator[Gateway]:
         ({"image": "busybox@sha256:abc"}, "image: "),
         ({"env": {"FOO": "a\x00b"}}, "env.FOO: value contains a NUL byte"),
         ({"env": {"OPENSHELL_GATEWAY": "evil:1"}}, "reserved"),
-        ({"env": {"FOO": ["x"]}}, "env.FOO: must be a string"),
+        ({"env": {"FOO": ["x"]}}, "env.'FOO': must be a string"),
         ({"command": ["sh", "-c", "echo\x00rm -rf /"]}, "command[2]: contains a NUL byte"),
         ({"command": "sh"}, "command must be a list of strings"),
         ({"id": 7}, "id must be a string"),
