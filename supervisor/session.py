@@ -11,7 +11,8 @@ One ConnectSupervisor stream at a time. Each attempt:
    minutes (until its retransmissions give up). Every attempt would then time out on it, and after a
    heal the session came back only with the next retransmission, tens of seconds later; behind a
    Service the dead connection also pins the supervisor to a partitioned replica. HTTP/2 keepalive
-   pings (``keepalive_time_s``) end a silent connection within the heartbeat bound too;
+   pings close a silent connection after ``keepalive_time_s + keepalive_timeout_s`` whatever the
+   heartbeat interval, besides the session's own stale bound (4.);
 2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already
    holds (``resume_after_sequence``), then streams journal records above that point in batches,
    with at most ``max_inflight_batches`` unacknowledged; each EventAck trims the journal;
@@ -181,6 +182,8 @@ class Session:
         self._urgent = asyncio.Event()
         #: The main process has exited: reconnect with the short exit backoff from now on.
         self._delivering_exit = False
+        #: time.monotonic() before which the gateway asked us not to come back (its retry hint).
+        self._not_before = 0.0
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -236,6 +239,10 @@ class Session:
                 await asyncio.wait_for(self._urgent.wait(), seconds)
         # Consumed: only the wait in progress is cut short, later ones follow the (short) backoff.
         self._urgent.clear()
+        # Not the gateway's retry hint, though: its store is failing, coming back sooner is no use.
+        rest = self._not_before - time.monotonic()
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     def _backoff(self, state: RetryCallState) -> float:
         cap = self._s.exit_reconnect_max_s if self._delivering_exit else self._s.reconnect_max_s
@@ -246,6 +253,7 @@ class Session:
             # At least what the gateway asked for, spread upwards: a fleet told the same pushback
             # must not come back in the same instant.
             retry_after *= 1 + random.uniform(0, self._s.heartbeat_jitter)
+        self._not_before = time.monotonic() + retry_after
         return max(base, retry_after)
 
     def _channel_options(self) -> list[tuple[str, int | str]]:
@@ -259,9 +267,9 @@ class Session:
             # We reconnect on our own schedule with a fresh channel.
             ("grpc.initial_reconnect_backoff_ms", 1000),
             # A connection the gateway no longer answers is closed after keepalive time + timeout.
-            # The gateway permits a ping every 10 s (gateway/server.py server_options), which
-            # keepalive_time_s respects; pings go on without data written by us (a blackholed write
-            # sits in the socket buffer), as gRPC otherwise stops after two.
+            # The gateway permits a ping every 5 s (gateway/server.py server_options), half of
+            # keepalive_time_s's least value; pings go on without data written by us (a blackholed
+            # write sits in the socket buffer), as gRPC otherwise stops after two.
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),

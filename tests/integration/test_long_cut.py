@@ -194,7 +194,10 @@ def test_a_partitioned_replica_is_left_for_another_within_seconds(tmp_path: Path
     """The supervisor talks to a Service address that DNATs to gateway A. A is partitioned (its
     packets dropped) while the Service already sends new connections to B: conntrack keeps the old
     connection on A, as kube-proxy does. The supervisor must reach B within the stale bound plus a
-    backoff step, not when the kernel gives up on A's connection (about 15 minutes)."""
+    backoff step, not when the kernel gives up on A's connection (about 15 minutes).
+
+    A guard more than a reproduction: the supervisor from before the local subchannel pool took
+    over A's dead connection here only in some runs (the cut test above shows it every time)."""
     net = NetPair.create()
     a = GatewayProcess(
         tmp_path / "a", grpc_host=net.gateway_ip, netns=net.gateway_ns, heartbeat_interval_s=0.5
@@ -222,6 +225,11 @@ def test_a_partitioned_replica_is_left_for_another_within_seconds(tmp_path: Path
         partitioned_at = time.monotonic()
         wait_until(lambda: b.log_lines("partitioned"), timeout=60, what="lines at B")
         moved_after = time.monotonic() - partitioned_at
+        # The connection to A, silent for seconds now, is closed (its unacknowledged bytes keep it
+        # in FIN-WAIT), not kept ESTABLISHED for a later channel to take over.
+        kept = net.sandbox_exec(
+            "ss", "-tnH", "state", "established", "dst", f"{net.gateway_ip}:{a.grpc_port}"
+        )
         assert sv.wait(timeout=60) == 0
     finally:
         sv.stop()
@@ -234,6 +242,7 @@ def test_a_partitioned_replica_is_left_for_another_within_seconds(tmp_path: Path
     assert moved_after <= 1.5 + 2.0 + 2.0 + 5.0, (
         f"reached B {moved_after:.1f}s after the partition\n{log[-3000:]}"
     )
+    assert not kept.strip(), f"the connection to the partitioned replica is kept:\n{kept}"
     at_a, at_b = a.log_lines("partitioned"), b.log_lines("partitioned")
     expected = [f"line {i}" for i in range(lines)]
     # B resumes where the journal stands (A's acknowledged records are trimmed): it holds a tail
