@@ -6,10 +6,18 @@ the supervisor's hello then finds the row), then created by the driver; if anyth
 there, the registration this call made is taken back and the caller gets the reason.
 
 An id can be created again once its sandbox is gone: once the watch has seen its pod deleted
-(``driver_state`` ``Deleted``), or when its create failed without a pod. The row then becomes the
-new sandbox's, as the next generation; the old one's events stay readable under theirs. A delete
-that is still under way (the pod terminating, its supervisor perhaps still delivering) keeps the
-id taken: until then a create answers 409.
+(``driver_state`` ``Deleted``), or when its create failed and the create itself took its
+registration back (``Failed`` with ``released``). The row then becomes the new sandbox's, as the
+next generation; the old one's events stay readable under theirs. A delete that is still under way
+(the pod terminating, its supervisor perhaps still delivering) keeps the id taken: until then a
+create answers 409. So does a create that got no pod within ``CREATE_DEADLINE_S`` (marked
+``Failed`` by the watch): it may still be running, on this replica or another, and freeing the id
+would let a second create build the same pod; a DELETE frees it once the driver finds no pod.
+Every write on behalf of one create is conditional on its generation, so a slow create cannot
+write over a later one's row.
+
+What the driver or registry said about a failure goes into ``driver_state``, which the API shows,
+with anything that looks like a credential (URL userinfo, tokens, passwords) masked.
 
 For the Kubernetes driver a background task follows the sandbox pods: it lists them (recording
 each pod's phase and reason in its sandbox's ``driver_state``, and marking sandboxes whose pods
@@ -26,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,12 +66,29 @@ def _parse_time(value: object) -> datetime | None:
 
 def _gone(row: SandboxRow) -> bool:
     """Whether the sandbox that has this id now is gone, so the id may be created again: its pod
-    was seen deleted, or its create failed before it had one (a Failed pod still exists)."""
+    was seen deleted, or its create failed and took its registration back (not a create that is
+    only late: it may still make its pod; nor a Failed pod, which still exists)."""
     if row.driver != DRIVER:
         return False
     state = row.driver_state or {}
     phase = state.get("phase")
-    return phase == "Deleted" or (phase == "Failed" and "pod" not in state)
+    return phase == "Deleted" or (phase == "Failed" and state.get("released") is True)
+
+
+# What may carry a credential in a driver's or registry's error text: the userinfo of a URL, an
+# Authorization header's value, and key=value or "key": "value" pairs of secret-sounding keys.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+_AUTH_VALUE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_SECRET_PAIR = re.compile(
+    r"""(?i)((?:token|password|passwd|secret|credential|api[_-]?key|auth)[a-z_]*["']?\s*[=:]\s*["']?)[^\s"'&,;]+"""
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with whatever looks like a credential replaced by ``***``."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _AUTH_VALUE.sub(r"\1 ***", text)
+    return _SECRET_PAIR.sub(r"\1***", text)
 
 
 def _status(exc: KubernetesDriverError) -> int:
@@ -118,13 +144,13 @@ class KubernetesProvisioner:
             if isinstance(exc, PodSpecError):
                 raise ProvisionError(400, str(exc)) from None
             if isinstance(exc, KubernetesDriverError):
-                raise ProvisionError(_status(exc), str(exc)) from None
+                raise ProvisionError(_status(exc), redact(str(exc))) from None
             if isinstance(exc, RegistryError):
                 status = 400 if exc.caller_fault else 503 if exc.busy else 502
-                raise ProvisionError(status, str(exc)) from None
+                raise ProvisionError(status, redact(str(exc))) from None
             if isinstance(exc, Exception):
                 log.exception("sandbox %s: the Kubernetes driver failed unexpectedly", sandbox_id)
-                raise ProvisionError(502, f"the Kubernetes driver failed: {exc!r}") from None
+                raise ProvisionError(502, redact(f"the Kubernetes driver failed: {exc!r}")) from None
             raise
         # Kept for the credential check of the auth milestone: the hash, never the token.
         spec = {
@@ -135,7 +161,7 @@ class KubernetesProvisioner:
         }
         if created.command_from_image:
             spec["command_from_image"] = created.command_from_image
-        await self.sandboxes.set_spec(sandbox_id, spec)
+        await self.sandboxes.set_spec(sandbox_id, spec, generation=generation)
         answer: dict[str, Any] = {
             "id": sandbox_id,
             "generation": generation,
@@ -163,15 +189,23 @@ class KubernetesProvisioner:
         return message
 
     async def _forget(self, sandbox_id: str, generation: int, failure: BaseException) -> None:
+        # Both writes are conditional on this create's generation: nothing else's row is touched.
         try:
             if generation == 1:
-                await self.sandboxes.delete(sandbox_id)
+                await self.sandboxes.delete(sandbox_id, generation=generation)
             else:
                 # The id had an earlier sandbox whose events must stay: mark the new one failed
-                # (no pod, so the id can be created again) instead of deleting the row.
+                # and released (no pod, so the id can be created again) instead of deleting the row.
                 reason = f"the create failed: {failure}" if str(failure) else "the create was cancelled"
                 await self.sandboxes.set_driver_state(
-                    sandbox_id, {"phase": "Failed", "reason": reason, "at": utcnow().isoformat()}
+                    sandbox_id,
+                    {
+                        "phase": "Failed",
+                        "reason": redact(reason),
+                        "released": True,
+                        "at": utcnow().isoformat(),
+                    },
+                    generation=generation,
                 )
         except StoreError as exc:
             log.error("sandbox %s: could not take back its registration: %s", sandbox_id, exc)
@@ -184,9 +218,19 @@ class KubernetesProvisioner:
                 409, f"sandbox {sandbox_id!r} was not created by the Kubernetes driver (driver: {row.driver})"
             )
         try:
-            return await self.driver.delete(sandbox_id)
+            found = await self.driver.delete(sandbox_id)
         except KubernetesDriverError as exc:
-            raise ProvisionError(_status(exc), str(exc)) from None
+            raise ProvisionError(_status(exc), redact(str(exc))) from None
+        state = (row.driver_state or {}) if row is not None else {}
+        if row is not None and not found and state.get("phase") == "Failed" and "pod" not in state:
+            # A create that never got its pod (marked by the deadline): asked to delete it and
+            # finding no pod, the caller frees the id, for this generation only.
+            await self.sandboxes.set_driver_state(
+                sandbox_id,
+                {**state, "phase": "Deleted", "at": utcnow().isoformat()},
+                generation=row.generation,
+            )
+        return found
 
     async def _record(self, state: PodState) -> None:
         doc: dict[str, Any] = {"phase": state.phase, "pod": state.pod_name, "at": utcnow().isoformat()}
@@ -215,15 +259,19 @@ class KubernetesProvisioner:
                 # A create in flight has its pod within moments; one this old never got it (the
                 # gateway stopped between registering and creating): say so rather than wait forever.
                 since = _parse_time(recorded.get("at"))
+                # Not released: the create may yet make its pod, so the id stays taken (until a
+                # DELETE finds no pod, or the watch sees the pod come and go).
                 if since is not None and (now - since).total_seconds() > CREATE_DEADLINE_S:
                     reason = f"no pod appeared within {CREATE_DEADLINE_S:.0f} s of the create"
                     await self.sandboxes.set_driver_state(
-                        row.id, {"phase": "Failed", "reason": reason, "at": now.isoformat()}
+                        row.id,
+                        {"phase": "Failed", "reason": reason, "at": now.isoformat()},
+                        generation=row.generation,
                     )
             elif phase != "Deleted" and not (phase == "Failed" and "pod" not in recorded):
                 # A pod seen (Failed included) and now gone: deleted, and its id free again.
                 await self.sandboxes.set_driver_state(
-                    row.id, {**recorded, "phase": "Deleted", "at": now.isoformat()}
+                    row.id, {**recorded, "phase": "Deleted", "at": now.isoformat()}, generation=row.generation
                 )
         return snapshot.resource_version
 

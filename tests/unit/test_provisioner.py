@@ -29,6 +29,8 @@ from gateway.store import Database, EventStore, SandboxStore, utcnow
 from openshell_wire.records import Event, LogRecord, LogStream
 from tests.support.procs import child_env
 
+#: A registration time well past the create deadline.
+T_OLD = "2020-01-01T00:00:00+00:00"
 SETTINGS = KubernetesDriverSettings.model_validate(
     {"gateway_address": "gw:7070", "pod": {"default_image": "agent:1"}}
 )
@@ -430,3 +432,59 @@ async def test_a_deleted_sandbox_can_be_created_again_and_its_old_logs_stay(tmp_
     finally:
         await prov.close()
         await db.close()
+
+
+async def test_a_late_create_keeps_its_id_until_it_ends_or_a_delete_finds_no_pod(
+    store: SandboxStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch's deadline marks a create without a pod Failed, but does not free its id: the
+    create may still be making its pod, and a second create would make the same one."""
+    driver = FakeDriver(delay=1.0)
+    prov = provisioner(store, driver)
+    slow = asyncio.create_task(prov.create("late", ["true"], image=None, env={}))
+    await phase_becomes(store, "late", "Creating")
+    monkeypatch.setattr("gateway.provisioner.CREATE_DEADLINE_S", 0.0)
+    await prov._catch_up()
+    await phase_becomes(store, "late", "Failed")
+    with pytest.raises(ProvisionError) as refused:
+        await provisioner(store, FakeDriver()).create("late", ["true"], image=None, env={})
+    assert refused.value.status == 409, "the id is still the first create's"
+    created = await slow
+    row = await store.get("late")
+    assert created["generation"] == 1 and row is not None and row.generation == 1
+    assert row.spec is not None and row.spec["credential_sha256"] == "ab" * 32, "its writes landed"
+
+    # A create the gateway never finished (it stopped in between): a DELETE that finds no pod
+    # frees the id.
+    await store.create("orphan", driver="kubernetes", driver_state={"phase": "Creating", "at": T_OLD})
+    await prov._catch_up()
+    await phase_becomes(store, "orphan", "Failed")
+    with pytest.raises(ProvisionError):
+        await prov.create("orphan", ["true"], image=None, env={})
+    assert await prov.delete("orphan") is False
+    assert (await prov.create("orphan", ["true"], image=None, env={}))["generation"] == 2
+
+
+async def test_a_failed_create_again_shows_no_credentials_and_touches_only_its_generation(
+    store: SandboxStore,
+) -> None:
+    await store.create("cred", driver="kubernetes", driver_state={"phase": "Deleted"})
+    failure = RegistryError(
+        "GET https://robot:hunter2@registry.example/v2/x/manifests/1: 401 (Authorization: Bearer "
+        "tok3n; token=s3cr3t)",
+        caller_fault=False,
+    )
+    with pytest.raises(ProvisionError) as raised:
+        await provisioner(store, FakeDriver(fail_with=failure)).create("cred", ["true"], image=None, env={})
+    row = await store.get("cred")
+    assert row is not None and row.generation == 2
+    state = row.driver_state or {}
+    assert state["phase"] == "Failed" and state["released"] is True
+    for shown in (state["reason"], str(raised.value)):
+        assert "registry.example" in shown
+        assert not any(secret in shown for secret in ("hunter2", "tok3n", "s3cr3t")), shown
+    # The failed create's writes name its generation: on a row of another one they change nothing.
+    assert not await store.set_driver_state("cred", {"phase": "Running"}, generation=1)
+    assert not await store.set_spec("cred", {"image": "x:1"}, generation=1)
+    assert not await store.delete("cred", generation=1)
+    assert (await store.get("cred")).driver_state == state  # type: ignore[union-attr]
