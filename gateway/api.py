@@ -198,20 +198,36 @@ def _kinds_param(request: web.Request) -> list[str] | None:
     return kinds
 
 
-# A JSON string (escapes included), found without backtracking: its brackets do not nest.
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
+# What the nesting check looks at: brackets, and the quotes and backslashes that say whether a
+# bracket is inside a string. A plain character class: one pass, nothing to backtrack (a regex for
+# whole strings retried at every quote of an unterminated one, quadratic in the body's size).
+_JSON_SIGNIFICANT = re.compile(r'[\[\]{}"\\]')
 
 
 def _json_depth(text: str, limit: int) -> bool:
-    """Whether ``text`` nests no deeper than ``limit``, counted in a loop (no recursion)."""
+    """Whether ``text`` nests no deeper than ``limit``: a single linear scan, no recursion, that
+    skips strings (escapes included); the parser afterwards says whether it is valid JSON."""
     depth = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        if match.group() in "[{":
+    in_string = False
+    #: The position of the character a backslash escapes: it has no meaning of its own.
+    escaped_at = -1
+    for match in _JSON_SIGNIFICANT.finditer(text):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        char = match.group()
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             if depth > limit:
                 return False
-        else:
+        elif char in "]}":
             depth -= 1
     return True
 
@@ -287,7 +303,7 @@ def _sandbox_request(body: object) -> SandboxRequest:
         raise ApiError(400, "env must be an object of string values")
     for name, value in env.items():
         if not isinstance(value, str):
-            raise ApiError(400, f"env.{name[:80]}: must be a string (env is an object of string values)")
+            raise ApiError(400, f"env.{name[:80]!r}: must be a string (env is an object of string values)")
     request = SandboxRequest(sandbox_id=sandbox_id, command=command, image=image, env=env)
     problem = request_problem(request)
     if problem is not None:
@@ -465,7 +481,9 @@ class _Api:
             while not _gone(request) and not self.closing.is_set():
                 # Read the exit before the events: the exit and its record commit together, so once
                 # the exit is seen, one more empty page proves that everything up to it was sent.
-                exited = until_exit and await self._exited_or_gone(sandbox_id, generation)
+                # An earlier generation ends once caught up, until_exit or not: the id has been
+                # created again, and nothing new is coming for it.
+                exited = await self._ended(sandbox_id, generation, until_exit=until_exit)
                 page = await self.events.after(
                     sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds, generation=generation
                 )
@@ -490,10 +508,12 @@ class _Api:
             await response.write_eof()
         return response
 
-    async def _exited_or_gone(self, sandbox_id: str, generation: int) -> bool:
+    async def _ended(self, sandbox_id: str, generation: int, *, until_exit: bool) -> bool:
         row = await self.sandboxes.get(sandbox_id)
         # An earlier generation has ended for good: the id was created again since.
-        return row is None or row.exit_code is not None or row.generation != generation
+        if row is None or row.generation != generation:
+            return True
+        return until_exit and row.exit_code is not None
 
 
 def _gone(request: web.Request) -> bool:

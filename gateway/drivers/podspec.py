@@ -126,15 +126,30 @@ def _string_problem(value: str) -> str | None:
     return None
 
 
+def _id_problem(sandbox_id: str) -> str | None:
+    """Why ``sandbox_id`` cannot name a sandbox pod: the wire protocol's rule, and a length its pod
+    and credential Secret names fit in. Checked before anything is registered."""
+    problem = sandbox_id_problem(sandbox_id)
+    if problem is not None:
+        return problem
+    if len(sandbox_id) > MAX_SANDBOX_ID:
+        return (
+            f"sandbox_id is {len(sandbox_id)} characters; on Kubernetes at most {MAX_SANDBOX_ID} "
+            "(its pod and credential Secret are named after it)"
+        )
+    return None
+
+
 def request_problem(request: SandboxRequest) -> str | None:
     """Why ``request`` cannot become a sandbox, naming the field, or None.
 
     The one check every path that creates a sandbox applies (the HTTP API, the CLI, the pod
-    builder): the id as the wire protocol takes it, the image through the registry reference
-    parser (no path traversal, NUL, whitespace, uppercase repository or bad digest), environment
-    names as above and reserved ones refused, and values and arguments that exec can carry.
+    builder): the id as the wire protocol takes it and short enough for its pod's names, the image
+    through the registry reference parser (no path traversal, NUL, whitespace, uppercase repository
+    or bad digest), environment names as above and reserved ones refused, and values and arguments
+    that exec can carry.
     """
-    problem = sandbox_id_problem(request.sandbox_id)
+    problem = _id_problem(request.sandbox_id)
     if problem is not None:
         return f"id: {problem}"
     if request.image is not None:
@@ -175,14 +190,9 @@ def check_request(request: SandboxRequest) -> None:
 
 
 def pod_name(sandbox_id: str) -> str:
-    problem = sandbox_id_problem(sandbox_id)
+    problem = _id_problem(sandbox_id)
     if problem is not None:
         raise PodSpecError(problem)
-    if len(sandbox_id) > MAX_SANDBOX_ID:
-        raise PodSpecError(
-            f"sandbox_id is {len(sandbox_id)} characters; on Kubernetes at most {MAX_SANDBOX_ID} "
-            "(its pod and credential Secret are named after it)"
-        )
     return POD_PREFIX + sandbox_id
 
 

@@ -21,6 +21,7 @@ from gateway.app import Gateway
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.gateway import gateway_config
+from tests.support.procs import GatewayProcess
 
 CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
 
@@ -384,3 +385,32 @@ async def test_sandbox_requests_are_validated_with_the_field_named(
         async with http.post(f"{kube_gw.http_url}/api/v1/sandboxes", json=good) as resp:
             assert resp.status == 502, await resp.text()
     assert await kube_gw.sandboxes.get("sb-bad") is None, "nothing was registered"
+
+
+async def test_an_unterminated_escaped_string_does_not_freeze_the_gateway(tmp_path: Path) -> None:
+    """The nesting check is one linear pass: a body of nearly 1 MiB of escaped quotes that never
+    ends (a regex for whole strings retried at every quote: about 50 minutes of a frozen event
+    loop, gRPC included) is answered at once. A real gateway process, so the old code fails the
+    timeout here instead of hanging the test."""
+    gateway = GatewayProcess(tmp_path / "gw")
+    gateway.start()
+    try:
+        async with aio.insecure_channel(gateway.address) as channel:
+            await pb_grpc.OpenShellStub(channel).ReportMainProcessExit(
+                pb.ReportMainProcessExitRequest(sandbox_id="sb-regex", instance_id="i1", exit_code=0)
+            )
+        body = '{"kind": "stop", "pad": "' + '\\"' * 500_000
+        assert len(body) < 1024 * 1024
+        url = f"http://127.0.0.1:{gateway.http_port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            async with http.post(
+                f"{url}/api/v1/sandboxes/sb-regex/commands",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                assert resp.status == 400, await resp.text()
+                assert "not valid JSON" in (await resp.json())["error"]
+            async with http.get(f"{url}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        gateway.stop()

@@ -253,6 +253,19 @@ async def test_follow_until_exit_of_an_exited_sandbox_returns_at_once(env: Env) 
     assert [json.loads(line)["sequence"] for line in body.splitlines()] == [1]
 
 
+async def test_following_an_earlier_generation_ends_once_caught_up(env: Env) -> None:
+    """The id was created again: nothing more is coming for its earlier generation, so a follow
+    of it ends (until_exit or not) once everything stored for it is sent."""
+    assert await env.sandboxes.create("sb", driver="kubernetes") == 1
+    await env.events.store_events("sb", "e1", [log(1, "first life")])
+    assert await env.sandboxes.create("sb", driver="kubernetes", replaces=lambda row: True) == 2
+    await env.events.store_events("sb", "e2", [log(1, "second life")])
+    async with asyncio.timeout(5):
+        resp = await env.client.get("/api/v1/sandboxes/sb/logs?follow=1&generation=1")
+        body = await resp.read()
+    assert [json.loads(line)["message"] for line in body.splitlines()] == ["first life"]
+
+
 @pytest.fixture
 async def commands_client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
     """An API that serves commands, with a small body bound (4 KiB)."""
@@ -308,3 +321,15 @@ async def test_brackets_inside_strings_do_not_count_as_nesting(commands_client: 
     )
     assert resp.status == 400, await resp.text()
     assert "signal must be a signal name" in (await resp.json())["error"]
+
+
+async def test_a_body_of_exactly_the_bound_is_read(commands_client: TestClient[Any, Any]) -> None:
+    """http.max_body_bytes is the largest body read, as its 413 says ("larger than")."""
+    head, tail = '{"kind": "stop", "pad": "', '"}'
+    for size, status, words in ((4096, 400, "unknown field"), (4097, 413, "larger than 4096 bytes")):
+        body = head + "x" * (size - len(head) - len(tail)) + tail
+        resp = await commands_client.post(
+            "/api/v1/sandboxes/sb/commands", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status == status, await resp.text()
+        assert words in (await resp.json())["error"]

@@ -262,6 +262,9 @@ async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore,
         ({"id": "ok", "command": [""]}, "command[0]: the program to run is empty"),
         ({"id": "ok", "command": ["echo", "x" * 200_000]}, "command[1]: is 200000 bytes"),
         ({"id": "ok", "command": ["true"] * 5000}, "command: 5000 arguments"),
+        # A valid name, but too long for its pod's and credential Secret's names: refused before
+        # anything is registered, not by the pod builder after.
+        ({"id": "a" * 240, "command": ["true"]}, "id: sandbox_id is 240 characters"),
     ]
     try:
         async with TestClient(TestServer(app)) as client:
