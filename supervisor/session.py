@@ -6,11 +6,13 @@ One ConnectSupervisor stream at a time. Each attempt:
    from their files again, see ``credentials.py``), sends the hello with our capabilities and the
    journal's epoch and sequence range, and waits for SessionAccepted or SessionRejected within
    ``connect_timeout_s``. The channel has a subchannel pool of its own: with gRPC's default, global
-   pool, a new channel to the same address takes over the previous channel's connection if it still
-   looks READY, and after a blackhole cut the kernel keeps that dead connection ESTABLISHED for many
-   minutes (until its retransmissions give up). Every attempt would then time out on it, and after a
-   heal the session came back only with the next retransmission, tens of seconds later; behind a
-   Service the dead connection also pins the supervisor to a partitioned replica. HTTP/2 keepalive
+   pool, a new channel to the same address takes over the previous channel's subchannel while it
+   lives: its connection if that still looks READY (after a blackhole cut the kernel keeps a dead
+   connection ESTABLISHED for many minutes, until its retransmissions give up), or its connection
+   attempt, which follows gRPC's own reconnect backoff (up to two minutes) rather than ours. Every
+   attempt would then time out, and after a heal the session came back only with the next
+   retransmission or gRPC reconnect, tens of seconds later; behind a Service a dead connection also
+   pins the supervisor to a partitioned replica. HTTP/2 keepalive
    pings close a silent connection after ``keepalive_time_s + keepalive_timeout_s`` whatever the
    heartbeat interval, besides the session's own stale bound (4.);
 2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already

@@ -3,9 +3,10 @@
 A cut longer than a few retransmission timeouts leaves the supervisor's old TCP connection
 ESTABLISHED on the sandbox side: the kernel retransmits into the void with an exponential backoff
 (0.2 s, 0.4 s, ... 25.6 s, 51.2 s apart) and gives up only after many minutes. A supervisor whose
-new channels took over that connection (gRPC's global subchannel pool) came back only with the
-retransmission after the heal, tens of seconds later, and lost its exit when the main process
-ended meanwhile; behind a Service it never reached the healthy replica at all. These tests check
+new channels took over the last one's subchannel (gRPC's global pool: that connection, or its
+connection attempt with gRPC's own reconnect backoff) came back only with a retransmission or a
+gRPC reconnect after the heal, tens of seconds later, and lost its exit when the main process ended
+meanwhile; behind a Service it could stay on the partitioned replica. These tests check
 the properties, with generous bounds for a loaded machine: the session is back within a few
 seconds plus one backoff step of the heal, every line arrives once, the exit code arrives.
 """
