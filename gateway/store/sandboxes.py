@@ -25,8 +25,9 @@ one batch per flush rather than one transaction per heartbeat.
 from __future__ import annotations
 
 import builtins
+import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -133,14 +134,16 @@ class SandboxStore:
         driver: str,
         spec: Mapping[str, Any] | None = None,
         driver_state: Mapping[str, Any] | None = None,
-        replaces: Callable[[SandboxRow], bool] | None = None,
+        replaces: Callable[[SandboxRow], bool | Awaitable[bool]] | None = None,
     ) -> int | None:
         """Register a new sandbox and return its generation; None (and nothing changed) when the
         id is taken. Of two concurrent creates of one id exactly one gets a generation: the insert,
         or for an id in use the generation the update is conditional on, decides.
 
         ``replaces`` says whether the sandbox that has the id now is gone, so that the id may be
-        created again: then the row is reset to the new sandbox under the next generation.
+        created again: then the row is reset to the new sandbox under the next generation. It may
+        be a coroutine function (to ask a driver, say); the row it judged is the one replaced, or
+        none is: the update is conditional on the generation it read.
         """
         now = utcnow()
         values = {
@@ -163,7 +166,10 @@ class SandboxStore:
                 row = (
                     await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
                 ).first()
-                if row is None or not replaces(_sandbox(row)):
+                if row is None:
+                    return None
+                judged = replaces(_sandbox(row))
+                if not (await judged if inspect.isawaitable(judged) else judged):
                     return None
                 generation = int(row.generation) + 1
                 updated = await conn.execute(
@@ -250,10 +256,11 @@ class SandboxStore:
                     )
                 )
                 if result.rowcount == 0:
-                    if generation is not None and await conn.scalar(
-                        select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
-                    ):
-                        return False
+                    exists = await conn.scalar(
+                        select(sandboxes_table.c.id).where(sandboxes_table.c.id == sandbox_id)
+                    )
+                    if generation is not None and exists is not None:
+                        return False  # the id was created again: the row is another sandbox's
                     raise StoreError(f"{what}: no such sandbox (register it first)")
                 return True
 

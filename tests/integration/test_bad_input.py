@@ -301,6 +301,33 @@ async def test_an_exit_is_recorded_once_and_late_reports_are_ignored(gw: Gateway
     assert (await _sandbox_json(gw, "sb-exit"))["exit_code"] == 0
 
 
+async def test_a_batch_in_flight_when_the_id_is_created_again_stays_with_the_old_sandbox(
+    gw: Gateway,
+) -> None:
+    """The session keeps the generation its hello found: a batch its supervisor sends after the id
+    was created again is stored as the old sandbox's, and its exit is not the new one's."""
+    started, exited = pb.LIFECYCLE_KIND_STARTED, pb.LIFECYCLE_KIND_EXITED
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        call = _raw_stream(channel)()
+        await call.write(_hello("sb-gen"))
+        assert (await call.read()).WhichOneof("payload") == "session_accepted"
+        assert await gw.sandboxes.create("sb-gen", driver="kubernetes", replaces=lambda row: True) == 2
+        await call.write(_lifecycle_batch((1, started, None), (2, exited, 137)).SerializeToString())
+        while (reply := await call.read()) is not aio.EOF:
+            if reply.WhichOneof("payload") == "event_ack":
+                break
+        assert reply.event_ack.acked_through_sequence == 2, "the records are acknowledged"
+        call.cancel()
+    doc = await _sandbox_json(gw, "sb-gen")
+    assert doc["generation"] == 2 and doc["exit_code"] is None and not doc["connected"]
+    from gateway.store import EventStore
+
+    assert gw.db is not None
+    store = EventStore(gw.db)
+    assert await store.count("sb-gen", generation=2) == 0
+    assert await store.count("sb-gen", generation=1) == 2
+
+
 async def test_http_bodies_are_bounded_in_size_and_depth(gw: Gateway) -> None:
     await _send_events(gw, "sb-http", _lifecycle_batch((1, pb.LIFECYCLE_KIND_STARTED, None)))
     url = f"{gw.http_url}/api/v1/sandboxes/sb-http/commands"

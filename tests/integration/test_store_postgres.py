@@ -21,6 +21,8 @@ from openshell_wire.records import LogRecord, LogStream
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.unit.test_store import (
     check_append_unsequenced,
+    check_events_keep_their_sessions_generation,
+    check_exit_moves_only_by_a_newer_run,
     check_exit_recorded_once,
     check_exit_updates_sandbox,
     check_heartbeats,
@@ -115,6 +117,14 @@ async def test_migration_0004_keeps_rows_as_generation_one(pg_url: str) -> None:
 
 async def test_an_exit_is_recorded_once_per_run(pg: Database) -> None:
     await check_exit_recorded_once(pg)
+
+
+async def test_an_exit_moves_only_by_a_newer_run(pg: Database) -> None:
+    await check_exit_moves_only_by_a_newer_run(pg)
+
+
+async def test_events_keep_their_sessions_generation(pg: Database) -> None:
+    await check_events_keep_their_sessions_generation(pg)
 
 
 async def test_a_deleted_sandbox_id_can_be_created_again(pg: Database) -> None:

@@ -7,6 +7,7 @@ runs the same ones, so both backends are held to one behaviour.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -26,6 +27,7 @@ from gateway.store import (
     CommandStore,
     Database,
     EventStore,
+    SandboxRow,
     SandboxStore,
     StoreError,
     migrate,
@@ -267,6 +269,80 @@ async def check_exit_recorded_once(db: Database) -> None:
     assert await events.count("up") == 1
 
 
+async def check_exit_moves_only_by_a_newer_run(db: Database) -> None:
+    """A replayed or late lifecycle record cannot move the exit: a STARTED begins a new run only if
+    it is later in the run's journal or from the journal connected now, an EXITED counts only if
+    it follows the current run's STARTED."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+
+    async def connect(session: str, epoch: str) -> None:
+        await sandboxes.mark_connected(
+            "sb", instance_id="i1", session_id=session, journal_epoch=epoch, owner="gw", at=T0
+        )
+
+    async def exit_code() -> int | None:
+        row = await sandboxes.get("sb")
+        assert row is not None
+        return row.exit_code
+
+    await connect("s1", "e1")
+    first_run = [started(1), exited(2, 1, ts=TS + 2)]
+    await events.store_events("sb", "e1", first_run)
+    await events.store_events("sb", "e1", [started(3), exited(4, 0, ts=TS + 4)])
+    assert await exit_code() == 0
+    # The first run sent again (a replay after a reconnect), on both paths: the newer run's exit stays.
+    await events.store_events("sb", "e1", first_run)
+    wire = pb.EventBatch(events=[event_to_proto(e) for e in first_run])
+    await events.store_wire_batch("sb", "e1", wire.events, known_high_water_mark=0)
+    assert await exit_code() == 0
+    assert await events.count("sb") == 4, "and nothing is stored twice"
+
+    # A new pod's journal (e2) connects and starts its run; then a late pair of the old journal
+    # arrives (its session still draining): e2's run is the sandbox's, running, then exited 0.
+    await connect("s2", "e2")
+    await events.store_events("sb", "e2", [started(1)])
+    assert await exit_code() is None
+    await events.store_events("sb", "e1", [started(5), exited(6, 137, ts=TS + 6)])
+    assert await exit_code() is None, "an older journal's late run does not count"
+    await events.store_events("sb", "e1", [exited(7, 137, ts=TS + 7)])
+    assert await exit_code() is None
+    await events.store_events("sb", "e2", [exited(2, 0, ts=TS + 8)])
+    assert await exit_code() == 0
+    await events.store_events("sb", "e1", [started(8), exited(9, 137, ts=TS + 9)])
+    row = await sandboxes.get("sb")
+    assert row is not None and row.exit_code == 0 and (row.run_epoch, row.run_sequence) == ("e2", 1)
+
+
+async def check_events_keep_their_sessions_generation(db: Database) -> None:
+    """A batch the old sandbox's supervisor had in flight when the id was created again is stored
+    under the generation its session began with, and does not touch the new sandbox's row."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    assert await sandboxes.create("sb", driver="kubernetes") == 1
+    session_generation = (await sandboxes.ensure("sb")).generation
+    await events.store_events("sb", "e1", [started(1)], generation=session_generation)
+    assert await sandboxes.create("sb", driver="kubernetes", replaces=lambda row: True) == 2
+
+    batch = pb.EventBatch(events=[event_to_proto(e) for e in (log(2, "late"), exited(3, 137))])
+    await events.store_wire_batch("sb", "e1", batch.events, known_high_water_mark=1, generation=1)
+    await events.store_events("sb", "e1", [exited(4, 9)], generation=1)
+    assert await events.count("sb", generation=2) == 0
+    assert [e.sequence for e in await events.tail("sb", 10, generation=1)] == [1, 2, 3, 4]
+    # The old session's connection writes are refused too; the new sandbox's own are not.
+    at = T0 + timedelta(seconds=5)
+    assert not await sandboxes.mark_connected(
+        "sb", instance_id="old", session_id="s-old", journal_epoch="e1", owner="gw", at=at, generation=1
+    )
+    row = await sandboxes.get("sb")
+    assert row is not None and row.generation == 2
+    assert row.exit_code is None and row.session_id is None and row.run_epoch is None
+    assert await sandboxes.mark_connected(
+        "sb", instance_id="new", session_id="s-new", journal_epoch="e2", owner="gw", at=at, generation=2
+    )
+    assert not await sandboxes.mark_disconnected("sb", session_id="s-new", at=at, generation=1)
+    assert await sandboxes.mark_disconnected("sb", session_id="s-new", at=at, generation=2)
+
+
 async def check_recreate_after_delete(db: Database) -> None:
     """An id whose sandbox is gone can be created again, as the next generation: the row is the
     new sandbox's, the old events stay readable under their generation, old commands fail."""
@@ -282,16 +358,31 @@ async def check_recreate_after_delete(db: Database) -> None:
     assert await sandboxes.create("sb", driver="kubernetes", replaces=lambda row: False) is None
     assert (await sandboxes.get("sb")).generation == 1  # type: ignore[union-attr]
 
-    gone = [row.generation for row in [await sandboxes.get("sb")] if row is not None]
+    # Two creates that both judged generation 1 gone: each waits until both have read the row
+    # (where the database lets them: PostgreSQL does; SQLite has one writer, and its no-op insert
+    # already holds the other back), so only the update conditional on the generation it read
+    # can keep the second from taking the id over again.
+    seen: list[int] = []
+    both_read = asyncio.Event()
+
+    async def judged_gone(row: SandboxRow) -> bool:
+        seen.append(row.generation)
+        if len(seen) == 2:
+            both_read.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await both_read.wait()
+        return row.generation == 1
+
     winners = await asyncio.gather(
         *(
-            sandboxes.create(
-                "sb", driver="kubernetes", spec={"image": "b:2"}, replaces=lambda row: row.generation in gone
-            )
-            for _ in range(3)
+            sandboxes.create("sb", driver="kubernetes", spec={"image": "b:2"}, replaces=judged_gone)
+            for _ in range(2)
         )
     )
-    assert sorted(winners, key=lambda g: g or 0) == [None, None, 2], "exactly one create takes the id"
+    if db.dialect == "postgresql":
+        assert seen == [1, 1], "both creates read generation 1"
+    assert sorted(winners, key=lambda g: g or 0) == [None, 2], "exactly one create takes the id"
     row = await sandboxes.get("sb")
     assert row is not None and row.generation == 2 and row.spec == {"image": "b:2"}
     assert row.exit_code is None and row.exited_at is None and not row.connected
@@ -469,6 +560,14 @@ async def test_an_exit_is_recorded_once_per_run(
     )
     assert any("from upstream report ignored" in m for m in ignored), ignored
     assert any("exit code 9" in m for m in ignored), "a second exit of one batch is named too"
+
+
+async def test_an_exit_moves_only_by_a_newer_run(db: Database) -> None:
+    await check_exit_moves_only_by_a_newer_run(db)
+
+
+async def test_events_keep_their_sessions_generation(db: Database) -> None:
+    await check_events_keep_their_sessions_generation(db)
 
 
 async def test_a_deleted_sandbox_id_can_be_created_again(db: Database) -> None:
