@@ -162,7 +162,9 @@ class SupervisorInjectionSettings(_Section):
         "supervisor itself writes nothing there).",
     )
     journal_size_limit: str = Field(
-        "512Mi", description="sizeLimit of the journal's emptyDir; keep above the journal's max_bytes."
+        "512Mi",
+        description="sizeLimit of the journal's emptyDir; keep above the journal's max_bytes plus its "
+        "reserve_bytes and one segment_bytes (an unreadable segment set aside).",
     )
     settings: dict[str, str] = Field(
         default_factory=dict,

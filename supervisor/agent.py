@@ -82,6 +82,7 @@ def journal_options(config: SupervisorConfig) -> JournalOptions:
         max_bytes=j.max_bytes,
         fsync=FsyncPolicy(j.fsync),
         fsync_interval_s=j.fsync_interval_s,
+        reserve_bytes=j.reserve_bytes,
     )
 
 

@@ -99,6 +99,15 @@ class JournalSettings(_Section):
         description="always: fsync every record; interval: every fsync_interval_s; never: leave it to the OS",
     )
     fsync_interval_s: float = Field(0.2, gt=0, description="Period of fsync under the interval policy.")
+    reserve_bytes: int = Field(
+        256 * 1024,
+        ge=0,
+        description="Room kept allocated in a `reserve` file beside the segments and freed when the disk "
+        "fills, so that the gap record counting the lines that could not be written, health changes and "
+        "lifecycle records still get written (log lines are counted, not written, until it is allocated "
+        "again). The journal takes up to max_bytes plus this. 0: no reserve (on a full disk those records "
+        "wait for room like the rest).",
+    )
 
     @model_validator(mode="after")
     def _bound_holds_segments(self) -> JournalSettings:

@@ -59,8 +59,9 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from zlib import crc32
 
 from openshell_wire.convert import WireError, decode_event, encode_event
@@ -104,6 +105,8 @@ _EVICT_RETRY_S = 1.0
 LOCK_NAME = "lock"
 #: Preallocated room given up on a full disk for the records that must not be lost (``reserve_bytes``).
 RESERVE_NAME = "reserve"
+#: An unreadable segment file is kept under its name plus this (``_set_aside``).
+BAD_SUFFIX = ".bad"
 #: How often a freed reserve is allocated again at most (each try is a failing fallocate).
 _RESERVE_RETRY_S = 1.0
 #: How often ``run_fsync_loop`` runs ``maintain``.
@@ -111,6 +114,7 @@ _MAINTAIN_S = 1.0
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _LOG = int(Kind.LOG)
 _GAP = int(Kind.GAP)
+_T = TypeVar("_T")
 
 
 class _Damaged(Exception):
@@ -156,14 +160,6 @@ class _WriteFailed(Exception):
         return os.strerror(self.code) if self.code else str(self.error)
 
 
-def _payload_size(payload: Payload) -> int:
-    """About what ``payload`` takes in a frame, for a gap's ``dropped_bytes`` (not encoded: it
-    is not going to be written)."""
-    if type(payload) is LogRecord:
-        return len(payload.message) + HEADER_SIZE
-    return HEADER_SIZE
-
-
 class _Cursor(NamedTuple):
     after: int
     segment: Segment
@@ -198,7 +194,6 @@ class Journal:
         self._records = 0
         self._epoch = JournalEpoch("")
         self._last_sequence = 0
-        self._saved_last_sequence = 0
         self._acked = 0
         self._sent = 0
         #: What the state file says was sent at most (written ahead of ``_sent``; see ``state``).
@@ -230,6 +225,11 @@ class Journal:
         self._reserve_retry_at = 0.0
         #: ``written_through`` as last saved: kept when every segment is gone (see ``state``).
         self._written_floor = 0
+        #: Acknowledged segments wait for a state file saying so before they are deleted (``ack``).
+        self._trim_pending = False
+        #: The highest sequence put on the wire in this run (``_sent`` starts at the state file's
+        #: mark, written ahead): what a lost segment's gap counts as lost starts above it.
+        self._wire = 0
 
     # ------------------------------------------------------------------ open / recovery
 
@@ -300,27 +300,45 @@ class Journal:
         else:
             if state is None and found:
                 log.warning("journal: %s has segments but no state file; starting a new epoch", directory)
-        acked = state.acked_through if state is not None else 0
+        if state is None:
+            # A new journal, or one rebuilt under a new epoch: nothing below its first segment is in
+            # it, so its acknowledged point starts there (saved as 0, the next open would take every
+            # sequence below the first name for a missing file, and deliver that false gap).
+            acked = found[0][0] - 1 if found else 0
+        elif state.written_through is None and found:
+            # Written by the version before chained names, whose rebuild saved 0 here and whose
+            # acknowledgement could trim segments without saving the state: no hole below the first.
+            acked = max(state.acked_through, found[0][0] - 1)
+        else:
+            acked = state.acked_through
         covered = state.last_sequence if state is not None else 0
         now_ms = _now_ms()
+        # Room for the gap records below on a full disk: the reserve the last run left (``_with_room``).
+        self._open_reserve()
         # The first sequence not accounted for yet. Segment names chain (``_start_segment``), so
-        # a name above it means the file holding it went missing; without a state file the
-        # acknowledged point is unknown and only holes between segments can be told.
-        expected: int | None = acked + 1 if state is not None else None
+        # a name above it means the file holding it went missing.
+        expected = acked + 1
         for index, (base, path) in enumerate(found):
             upper = found[index + 1][0] if index + 1 < len(found) else None
-            if expected is not None and base > expected:
-                self._segments.append(self._gap_segment(expected, base - 1, "segment file missing", now_ms))
+            if base > expected:
+                self._segments.append(
+                    self._gap_segment(expected, base - 1, detail="segment file missing", now_ms=now_ms)
+                )
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 last = upper - 1 if upper is not None else max(base, covered)
-                first = max(base, expected or base)
                 segment = self._gap_segment(
-                    first, last, f"segment unreadable: {_strerror(exc)}", now_ms, path=path, base=base
+                    max(base, expected),
+                    last,
+                    detail=f"segment unreadable: {_strerror(exc)}",
+                    now_ms=now_ms,
+                    path=path,
+                    base=base,
                 )
                 self._segments.append(segment)
-                expected = segment.covered_through + 1
+                # A file wholly acknowledged gives an empty entry ending below ``expected``.
+                expected = max(expected, segment.covered_through + 1)
                 continue
             result = scan(data, base=base, upper=upper)
             segment = Segment(
@@ -346,16 +364,16 @@ class Journal:
             # Written by an earlier run, perhaps by another version: raw reads check them.
             segment.untrusted_below = segment.size
             self._segments.append(segment)
-            expected = max(expected or 0, segment.covered_through + 1)
-        if state is not None and expected is not None and state.written_through >= expected:
+            expected = max(expected, segment.covered_through + 1)
+        written_through = state.written_through if state is not None else None
+        if written_through is not None and written_through >= expected:
             # The segments end below what the state file saw written: the newest segment file went
             # missing (or a power failure took what was not fsynced yet). Whatever of it the
             # gateway holds already lies at or below its resume point, so is never sent again.
             self._segments.append(
-                self._gap_segment(expected, state.written_through, "segment file missing", now_ms)
+                self._gap_segment(expected, written_through, detail="segment file missing", now_ms=now_ms)
             )
-        if state is not None:
-            self._written_floor = state.written_through
+        self._written_floor = written_through or 0
         for segment in self._segments:
             covered = max(covered, segment.covered_through)
         self._last_sequence = covered
@@ -389,7 +407,10 @@ class Journal:
             self._active = newest
         self._compactable.extend(s for s in kept if s is not self._active)
         self._closed = False
-        if not self._allocate_reserve():
+        if self._allocate_reserve():
+            # Freed above for a gap record (``_with_room``) and back now: nothing waits for room.
+            self._reserve_released = self._troubled = False
+        else:
             self._reserve_released = self._troubled = True
             self._reserve_retry_at = time.monotonic() + _RESERVE_RETRY_S
             self._write_problem = "no room for the journal's reserve (the disk is full)"
@@ -401,16 +422,19 @@ class Journal:
         self,
         first: int,
         last: int,
+        *,
         detail: str,
         now_ms: int,
-        *,
         path: Path | None = None,
         base: int | None = None,
     ) -> Segment:
         """A segment file holding one CORRUPT gap for ``first..last``, in place of a segment file
-        found missing (a new file) or unreadable (written over ``path``, named ``base``)."""
+        found missing (a new file) or unreadable (``path``, named ``base``: set aside, see
+        ``_set_aside``)."""
         if path is None or base is None:
             path, base = self._dir / segment_name(first), first
+        elif last >= first:
+            self._set_aside(path)
         if last < first:
             # Nothing unacknowledged was in it: the empty entry is dropped (and the file deleted).
             return Segment(path, base, last_sequence=base - 1)
@@ -419,7 +443,7 @@ class Journal:
             GapReason.CORRUPT, first=first, last=last, count=count, nbytes=0, now_ms=now_ms, detail=detail
         )
         try:
-            size = atomic_write(path, [frame])
+            size = self._with_room(lambda: atomic_write(path, [frame]))
         except OSError as exc:
             raise io_error("write a gap record for a lost segment to", path, exc) from exc
         self._corrupt_total += count
@@ -491,7 +515,7 @@ class Journal:
         if segment is None:
             # Starting a segment (and the closed check): the general path.
             try:
-                self._write_frame(frame, sequence, kind, sequence)
+                self._write_frame(frame, sequence=sequence, kind=kind, through=sequence)
             except _WriteFailed as failed:
                 return self._failed(failed, payload, timestamp_ms, kind=kind, size=len(data), retry=True)
             return sequence
@@ -530,7 +554,12 @@ class Journal:
     def lost(self, payload: Payload) -> None:
         """Count ``payload``, which its caller could not append and stops retrying, in the next
         WRITE_FAILED gap (for lifecycle-class records; evictable ones are counted by ``append``)."""
-        self._count_failed(_payload_size(payload))
+        self._count_failed(self._payload_size(payload, _now_ms()))
+
+    def _payload_size(self, payload: Payload, timestamp_ms: int) -> int:
+        """The bytes of ``payload``'s record, as a gap's ``dropped_bytes`` counts them everywhere
+        (an OVERFLOW gap, a failed write): the encoded record, without the frame header."""
+        return len(self._encoder.encode(self._last_sequence + 1, timestamp_ms, payload))
 
     def _append_troubled(self, payload: Payload, timestamp_ms: int, *, retry: bool) -> int:
         """``append`` while failed records wait for their gap, or while the reserve is freed."""
@@ -538,20 +567,19 @@ class Journal:
         if self._reserve_released and kind == _LOG and not self._restore_reserve():
             # The room freed from the reserve is for what must not be lost; a log line is
             # counted (in the gap written before the next record) instead of written.
-            self._count_failed(_payload_size(payload))
+            self._count_failed(self._payload_size(payload, timestamp_ms))
             raise JournalError(
                 f"{self._last_error_message or f'journal: {self._dir} is full'}; log record counted in a "
                 f"gap record, not written (the freed reserve is kept for what must not be lost)"
             )
-        size = _payload_size(payload)
+        size = self._payload_size(payload, timestamp_ms)
         try:
             if self._pending_records:
                 self._write_pending()
             sequence = self._last_sequence + 1
             data = self._encoder.encode(sequence, timestamp_ms, payload)
-            size = len(data)
             frame = encode_frame(sequence, kind, data)
-            self._write_frame(frame, sequence, kind, sequence)
+            self._write_frame(frame, sequence=sequence, kind=kind, through=sequence)
         except _WriteFailed as failed:
             return self._failed(failed, payload, timestamp_ms, kind=kind, size=size, retry=retry)
         self._wrote()
@@ -580,6 +608,8 @@ class Journal:
         self._troubled = True
 
     def _note_failure(self, failed: _WriteFailed) -> None:
+        # Through the slow path until a write goes through (``_wrote``), which ends the problem.
+        self._troubled = True
         self._write_errors_total += 1
         self._last_write_error = failed.reason
         self._last_error_message = str(failed.error)
@@ -612,7 +642,7 @@ class Journal:
         )
         # The gap takes the sequences of what it stands for, as an eviction gap does, so that a
         # gap's range always holds exactly the records it counts.
-        self._write_frame(frame, first, _GAP, last)
+        self._write_frame(frame, sequence=first, kind=_GAP, through=last)
         self._pending_records = self._pending_bytes = 0
         log.warning(
             "journal: %d records could not be written (%s): counted by a gap record, sequences %d..%d",
@@ -622,7 +652,7 @@ class Journal:
             last,
         )
 
-    def _write_frame(self, frame: bytes, sequence: int, kind: int, through: int) -> None:
+    def _write_frame(self, frame: bytes, *, sequence: int, kind: int, through: int) -> None:
         """Append one frame of ``sequence`` (standing for sequences up to ``through``): all of it
         or, cut back, nothing. Raises _WriteFailed."""
         segment = self._active
@@ -665,6 +695,13 @@ class Journal:
             self._wake()
 
     # ------------------------------------------------------------------ the reserve
+
+    def _open_reserve(self) -> None:
+        """Open the reserve file (as the last run left it) without allocating it yet."""
+        if self._reserve_bytes == 0 or self._reserve_fd >= 0:
+            return
+        with contextlib.suppress(OSError):  # ``_allocate_reserve`` tries again, and says why
+            self._reserve_fd = os.open(self._dir / RESERVE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def _allocate_reserve(self) -> bool:
         """Make the reserve file hold ``reserve_bytes`` again; False when the disk has no room."""
@@ -716,36 +753,86 @@ class Journal:
         return True
 
     def _restore_reserve(self) -> bool:
-        """Leave reserve mode if the reserve can be allocated again (tried at most once a second)."""
+        """Leave reserve mode if the reserve can be allocated again (tried at most once a second).
+
+        Only with the reserve's size and as much again free: allocated on a disk with just its
+        size free, it would fill the disk again and the next line would free it again, every
+        second, each time with an error in the log and a health change."""
         if not self._reserve_released:
             return True
         now = time.monotonic()
         if now < self._reserve_retry_at:
             return False
         self._reserve_retry_at = now + _RESERVE_RETRY_S
-        if not self._allocate_reserve():
+        if self._free_bytes() < 2 * self._reserve_bytes or not self._allocate_reserve():
             return False
         self._reserve_released = False
         log.warning("journal: %s has room again (reserve allocated): log lines are written again", self._dir)
         return True
 
+    def _free_bytes(self) -> int:
+        """What the journal's file system has free for it (unknown: as if plenty)."""
+        try:
+            st = os.statvfs(self._dir)
+        except OSError:
+            return 1 << 62
+        return st.f_bavail * st.f_frsize
+
+    def _with_room(self, write: Callable[[], _T]) -> _T:
+        """``write()``; on a full disk once more after freeing the reserve. For what must get
+        written for anything to move again (a gap record in place of a lost segment, the state
+        file before acknowledged segments are deleted): waiting for room could wait forever, the
+        room coming only from trimming what is delivered. Raises OSError."""
+        try:
+            return write()
+        except OSError as exc:
+            if exc.errno not in _FULL or not self._release_reserve():
+                raise
+        return write()
+
+    def _set_aside(self, path: Path) -> None:
+        """Keep an unreadable segment file as ``<name>.bad`` rather than write its gap over it (an
+        EIO may be transient, its records recoverable by hand); only the newest one is kept, so
+        the directory holds at most one segment more than ``max_bytes`` says."""
+        try:
+            os.replace(path, path.with_name(path.name + BAD_SUFFIX))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("journal: cannot set %s aside (%s); its gap record replaces it", path, exc)
+            return
+        for older in sorted(self._dir.glob("seg-*.log" + BAD_SUFFIX))[:-1]:
+            with contextlib.suppress(OSError):
+                older.unlink()
+
     def maintain(self) -> None:
-        """Periodic upkeep (``run_fsync_loop`` calls it every second): allocate the reserve again
-        once the disk has room, and write the pending WRITE_FAILED gap when the disk takes it, so
-        the gateway learns of the hole without waiting for the next record."""
+        """Periodic upkeep (``run_fsync_loop`` calls it every second under every policy): write
+        the pending WRITE_FAILED gap when the disk takes it, so the gateway learns of the hole
+        without waiting for the next record; allocate the reserve again once the disk has room;
+        save the state and trim acknowledged segments if an acknowledgement could not."""
         if self._closed:
             return
-        self._restore_reserve()
+        wrote = False
         if self._pending_records:
+            # First, from the reserve's room if it is freed: allocating the reserve first would
+            # take the room the gap needs.
             for retry in (True, False):
                 try:
                     self._write_pending()
+                    wrote = True
                 except _WriteFailed as failed:
                     self._note_failure(failed)
                     if retry and failed.full and self._release_reserve():
                         continue
                 break
-        self._wrote()
+        if self._reserve_released and self._restore_reserve():
+            wrote = True  # the disk took the reserve's bytes
+        if self._trim_pending and self._try_save_state():
+            self._trim()
+        if wrote:
+            # Only after a write that went through: a failure nothing has been written since (a
+            # lifecycle record its caller retries) is still the journal's problem.
+            self._wrote()
 
     def _start_segment(self, sequence: int) -> Segment:
         if self._closed:
@@ -801,8 +888,9 @@ class Journal:
             os.close(fd)
         self._dirty = False
         self._compactable.append(segment)
-        # The state file's ``written_through`` follows at the next sync (one write per segment).
-        self._state_dirty = True
+        # ``written_through`` follows at once (one small write per segment) under every policy: a
+        # newest closed file lost in a crash is then told at open, its sequences never reused.
+        self._try_save_state()
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -1039,8 +1127,12 @@ class Journal:
         frame = gap_frame(
             GapReason.CORRUPT, first=first, last=last, count=count, nbytes=0, now_ms=_now_ms(), detail=reason
         )
+        path = segment.path
+        self._set_aside(path)
         try:
-            size = atomic_write(segment.path, [frame])
+            # On a full disk from the reserve: else nothing more is delivered, acknowledged, or
+            # trimmed to make room, and every read fails here again.
+            size = self._with_room(lambda: atomic_write(path, [frame]))
         except OSError as exc:
             raise io_error("write a gap record for a lost segment to", segment.path, exc) from exc
         self._bytes += size - segment.size
@@ -1052,7 +1144,9 @@ class Journal:
         segment.gap_through = last
         segment.generation += 1
         segment.untrusted_below = 0
-        self._corrupt_total += count
+        # The gap starts above the acknowledged point (a reader may resume anywhere past it), but
+        # what this run already put on the wire is most likely at the gateway: not counted lost.
+        self._corrupt_total += max(0, last - max(first - 1, self._wire))
         log.warning(
             "journal: %s (%s): sequences %d..%d (%d records) replaced by a gap",
             segment.path,
@@ -1161,6 +1255,7 @@ class Journal:
     def mark_sent(self, sequence: int) -> None:
         """Call before putting records through ``sequence`` on the wire."""
         self._sent = max(self._sent, min(sequence, self._last_sequence))
+        self._wire = max(self._wire, self._sent)
         if self._sent > self._sent_reserved:
             # Durable before the send: a restart must know these may be at the gateway already.
             # If the state cannot be written, this run still protects them; the next send retries.
@@ -1186,13 +1281,28 @@ class Journal:
                 # next segment's name may start without a hole (``_recover_locked``).
                 self._try_save_state()
             return
-        saved = self._try_save_state()
-        if not saved and doomed[-1] is self._segments[-1] and self._saved_last_sequence < self._last_sequence:
-            # With every segment gone, only the state file would remember the last sequence:
-            # keep the newest segment until the state can be written.
-            doomed.pop()
-        for segment in doomed:
-            self._drop_segment(segment)
+        # Deleted only once the state file says they are acknowledged: deleted first, the next
+        # open would see a hole below its first segment and count a false CORRUPT gap. On a full
+        # disk the reserve gives the state file its room (trimming then frees more).
+        self._trim_pending = True
+        try:
+            self._with_room(self._save_state)
+        except OSError as exc:
+            self._state_dirty = True
+            log.warning(
+                "journal: cannot write the state file in %s: %s; acknowledged segments are deleted "
+                "once it can be written",
+                self._dir,
+                exc,
+            )
+            return
+        self._trim()
+
+    def _trim(self) -> None:
+        """Delete the segments wholly acknowledged (the state file saying so already)."""
+        self._trim_pending = False
+        while self._segments and self._segments[0].covered_through <= self._acked:
+            self._drop_segment(self._segments[0])
 
     def _drop_segment(self, segment: Segment) -> None:
         if segment is self._active:
@@ -1239,7 +1349,6 @@ class Journal:
         written = max((s.covered_through for s in self._segments), default=self._written_floor)
         save_state(self._dir, JournalState(str(self._epoch), self._acked, last, sent, written))
         self._written_floor = written
-        self._saved_last_sequence = last
         self._state_dirty = False
 
     def _try_save_state(self) -> bool:
@@ -1267,22 +1376,25 @@ class Journal:
                     self._waiters.remove(waiter)
 
     async def run_fsync_loop(self) -> None:
-        """Until cancelled: fsync by the INTERVAL policy, and under every policy ``maintain``
-        once a second (the reserve, the pending WRITE_FAILED gap)."""
-        interval = self._options.fsync_interval_s if self._policy is FsyncPolicy.INTERVAL else _MAINTAIN_S
-        maintain_at = 0.0
+        """Until cancelled: fsync every ``fsync_interval_s`` under the INTERVAL policy, and under
+        every policy ``maintain`` every second (also when that interval is longer)."""
+        interval = self._options.fsync_interval_s if self._policy is FsyncPolicy.INTERVAL else None
+        tick = min(interval, _MAINTAIN_S) if interval is not None else _MAINTAIN_S
+        sync_at = maintain_at = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
             if self._closed:
                 continue
-            if self._policy is FsyncPolicy.INTERVAL:
+            now = time.monotonic()
+            if interval is not None and now >= sync_at:
+                sync_at = now + interval - tick / 2  # no drift past a tick from sleep's lateness
                 try:
                     self.sync()
                 except JournalError as exc:
                     # Transient (EIO, ENOSPC for the state file): keep the loop alive and retry next tick.
                     log.warning("%s", exc)
-            if time.monotonic() >= maintain_at:
-                maintain_at = time.monotonic() + _MAINTAIN_S
+            if now >= maintain_at:
+                maintain_at = now + _MAINTAIN_S - tick / 2
                 self.maintain()
 
     def sync(self) -> None:
@@ -1300,6 +1412,8 @@ class Journal:
                 self._save_state()
             except OSError as exc:
                 raise io_error("write the journal state file in", self._dir, exc) from exc
+        if self._trim_pending:
+            self._trim()
 
     def stats(self) -> JournalStats:
         return JournalStats(

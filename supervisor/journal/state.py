@@ -20,9 +20,12 @@ sequence the gateway already holds. Files written before it existed lack it: it 
 ``written_through`` is the highest sequence the segments accounted for when the state was saved
 (unlike ``last_sequence``, never moved by ``advance_to``): on open, segments that end below it lost
 their newest file (or a power failure took an unsynced tail), and the missing sequences become a
-CORRUPT gap. Files written before it existed lack it (0: nothing is checked). A missing file means a
-new journal; an unreadable one raises :class:`StateFileError` and the journal rebuilds from its
-segments under a new epoch (the gateway then sees a new journal rather than a mix of two).
+CORRUPT gap. Files written before it existed lack it (``None``): that version named segments after
+their first record, not in a chain, and on a rebuild saved ``acked_through`` 0, so the journal then
+checks neither the newest file nor the names below the first segment (see ``Journal``). A missing
+file means a new journal; an unreadable one raises :class:`StateFileError` and the journal rebuilds
+from its segments under a new epoch (the gateway then sees a new journal rather than a mix of two),
+saving ``acked_through`` just below its first segment: nothing below it is in that new epoch.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class JournalState:
     acked_through: int
     last_sequence: int
     sent_through: int = 0
-    written_through: int = 0
+    #: None: the file was written by a version without it (see the module docstring).
+    written_through: int | None = None
 
 
 def load_state(directory: Path) -> JournalState | None:
@@ -79,15 +83,15 @@ def load_state(directory: Path) -> JournalState | None:
     sent = data.get("sent_through", acked)
     if type(sent) is not int or sent < 0:
         raise StateFileError(f"{path}: sent_through must be a non-negative integer, not {sent!r}")
-    written = data.get("written_through", 0)
-    if type(written) is not int or written < 0:
+    written = data.get("written_through")
+    if written is not None and (type(written) is not int or written < 0):
         raise StateFileError(f"{path}: written_through must be a non-negative integer, not {written!r}")
     return JournalState(
         epoch=epoch,
         acked_through=min(acked, last),
         last_sequence=last,
         sent_through=max(sent, acked),
-        written_through=min(written, last),
+        written_through=None if written is None else min(written, last),
     )
 
 

@@ -267,14 +267,54 @@ async def test_fsync_interval_loop_syncs_dirty_segment(
             await loop
 
 
-async def test_fsync_loop_for_other_policies_just_waits(tmp_path: Path) -> None:
-    journal = _open(tmp_path / "j", fsync=FsyncPolicy.ALWAYS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fsync": FsyncPolicy.ALWAYS},
+        {"fsync": FsyncPolicy.NEVER},
+        # An fsync period longer than the upkeep's: the upkeep still runs every second.
+        {"fsync": FsyncPolicy.INTERVAL, "fsync_interval_s": 30.0},
+    ],
+    ids=["always", "never", "interval-30s"],
+)
+async def test_the_upkeep_runs_under_every_policy_and_writes_a_pending_gap_without_another_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, object]
+) -> None:
+    journal = _open(tmp_path / "j", reserve_bytes=0, **options)
+    _append(journal, _line(0))
+    real_write = os.write
+
+    def eio(*_args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", eio)
+    with pytest.raises(JournalError, match="counted"):
+        _append(journal, _line(1))
+    monkeypatch.setattr(os, "write", real_write)
+    assert journal.stats().write_failed_pending == 1
     loop = asyncio.create_task(journal.run_fsync_loop())
-    await asyncio.sleep(0.02)
-    assert not loop.done()
-    loop.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await loop
+    try:
+        for _ in range(30):  # the upkeep runs every second
+            await asyncio.sleep(0.1)
+            if journal.stats().write_failed_pending == 0:
+                break
+        assert journal.stats().write_failed_pending == 0, "the gap waited for another append"
+        assert not loop.done()
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+    (_, gap) = _read_all(journal)
+    assert gap.sequence == 2 and gap.payload == GapRecord(
+        GapReason.WRITE_FAILED,
+        1,
+        gap.payload.dropped_bytes,
+        2,
+        2,
+        "Input/output error",  # type: ignore[union-attr]
+    )
+    assert journal.stats().write_problem is None
+    journal.close()
 
 
 def test_enospc_on_append_is_counted_by_a_gap_written_before_the_next_record(

@@ -35,8 +35,9 @@ from openshell_wire.records import (
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from supervisor.health import HealthMonitor, HealthSettings
-from supervisor.journal import Journal, JournalError, JournalOptions
+from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
 from supervisor.journal import journal as journal_module
+from tests.support.journal import crash
 from tests.support.procs import PYTHON, REPO, child_env
 
 LINE = "x" * 100
@@ -112,7 +113,7 @@ def test_a_full_disk_loses_no_line_silently_and_lifecycle_records_still_get_writ
     small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No waiting between tries to allocate the reserve again.
-    monkeypatch.setattr(journal_module, "_RESERVE_RETRY_S", 0.0, raising=False)
+    monkeypatch.setattr(journal_module, "_RESERVE_RETRY_S", 0.0)
     journal = _open(small_disk / "j")
     written: list[str] = []
 
@@ -343,3 +344,238 @@ def test_a_gap_reason_this_side_does_not_know_keeps_the_gap_and_its_count() -> N
     assert event.payload == GapRecord(GapReason.UNSPECIFIED, 3, 0, 7, 9, "a newer reason")
     written = GapRecord(GapReason.WRITE_FAILED, 2, 10, 3, 4, "No space left on device")
     assert decode_event(encode_event(Event(3, 1, written))).payload == written
+
+
+def _no_gaps(journal: Journal, written: list[str]) -> list[Event]:
+    """Everything ``journal`` delivers: exactly the tail of ``written``, in order, without a gap."""
+    events = _read_all(journal)
+    assert not [e for e in events if isinstance(e.payload, GapRecord)], events
+    messages = [e.payload.message for e in events if isinstance(e.payload, LogRecord)]
+    assert messages == written[len(written) - len(messages) :]
+    return events
+
+
+def _trimmed(directory: Path) -> tuple[list[str], int]:
+    """A journal of 300 lines whose first segments the gateway acknowledged and which were
+    deleted: the lines, and the name of its first segment left (above 1)."""
+    journal, written = _fill_segments(directory, 300)
+    journal.ack(150)
+    journal.close()
+    first = _base(_segments(directory)[0])
+    assert first > 1
+    return written, first
+
+
+@pytest.mark.parametrize("state", ["missing", "unreadable"])
+def test_a_journal_rebuilt_without_its_state_file_has_no_false_gap_at_the_next_open(
+    tmp_path: Path, state: str
+) -> None:
+    directory = tmp_path / "j"
+    written, first = _trimmed(directory)
+    state_file = directory / "state.json"
+    if state == "missing":
+        state_file.unlink()
+    else:
+        state_file.write_text("{not json")
+    rebuilt = _open(directory, segment_bytes=4096)
+    assert _no_gaps(rebuilt, written)[0].sequence == first
+    rebuilt.close()
+    # The rebuilt state says nothing below the first segment is in this (new) epoch: no
+    # sequence below its name is taken for a missing file.
+    for _ in range(2):
+        again = _open(directory, segment_bytes=4096)
+        assert _no_gaps(again, written)[0].sequence == first
+        assert again.stats().corrupt_records_total == 0
+        again.close()
+
+
+def test_a_directory_written_by_the_previous_version_opens_without_a_false_gap(tmp_path: Path) -> None:
+    # What the version before chained segment names left: a state file without written_through
+    # and with acked_through 0 (its rebuild saved that; its acknowledgement could also trim
+    # segments without saving the state), segments from 85 or so up.
+    directory = tmp_path / "j"
+    written, first = _trimmed(directory)
+    state_file = directory / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["written_through"]
+    state.update(acked_through=0, sent_through=0)
+    state_file.write_text(json.dumps(state))
+    for _ in range(2):
+        journal = _open(directory, segment_bytes=4096)
+        assert _no_gaps(journal, written)[0].sequence == first
+        assert journal.stats().corrupt_records_total == 0
+        journal.append(_line(len(written)))
+        written.append(_line(len(written)).message)
+        journal.close()
+
+
+@pytest.mark.parametrize("reserve", [0, 256 * 1024])
+def test_acknowledged_segments_are_deleted_only_once_the_state_file_says_so(
+    small_disk: Path, reserve: int
+) -> None:
+    directory = small_disk / "j"
+    journal, written = _fill_segments(directory, 300)
+    journal.close()
+    journal = _open(directory, segment_bytes=4096, reserve_bytes=reserve)
+    before = _segments(directory)
+    filler = _fill(small_disk)
+    journal.ack(150)  # the state file cannot be written but from the reserve, if there is one
+    if reserve:
+        assert len(_segments(directory)) < len(before), "the reserve gave the state file its room"
+    else:
+        assert _segments(directory) == before, "kept until the state file says they are acknowledged"
+        filler.unlink()
+        journal.maintain()  # the disk has room: the state is saved, the segments deleted
+        assert len(_segments(directory)) < len(before)
+    crash(journal)  # what is on disk now is what the next open finds
+    filler.unlink(missing_ok=True)
+    reopened = _open(directory, segment_bytes=4096)
+    assert reopened.acked_through == 150
+    events = _no_gaps(reopened, written)
+    assert events[0].sequence <= 151
+    assert reopened.stats().corrupt_records_total == 0
+    reopened.close()
+
+
+def test_a_newest_segment_lost_in_a_crash_under_fsync_always_is_a_gap_and_its_sequences_not_reused(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "j"
+    journal = _open(directory, segment_bytes=4096, fsync=FsyncPolicy.ALWAYS)
+    written: list[str] = []
+    # Appended until a segment has just been closed (no gateway: nothing acknowledged, no state
+    # file written for it), then the process dies and the newest file is lost with it.
+    while len(_segments(directory)) < 4 or _segments(directory)[-1].stat().st_size < 4096:
+        written.append(_line(len(written)).message)
+        journal.append(_line(len(written) - 1))
+    crash(journal)
+    newest = _segments(directory)[-1]
+    newest.unlink()
+
+    reopened = _open(directory, segment_bytes=4096, fsync=FsyncPolicy.ALWAYS)
+    (gap,) = _walk(_read_all(reopened), written)
+    assert (gap.reason, gap.detail) == (GapReason.CORRUPT, "segment file missing")
+    assert (gap.first_sequence, gap.last_sequence) == (_base(newest), len(written))
+    assert reopened.append(_line(len(written))) == len(written) + 1, "no sequence is used twice"
+    reopened.close()
+
+
+def test_a_cut_back_that_fails_leaves_the_torn_frame_counted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = _open(tmp_path / "j", reserve_bytes=0)
+    journal.append(_line(0))
+    real_write, real_ftruncate = os.write, os.ftruncate
+
+    def torn(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(os, "write", eio)
+        return real_write(fd, bytes(data)[:9])  # half a frame lands, the rest fails
+
+    def eio(*_args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", torn)
+    monkeypatch.setattr(os, "ftruncate", eio)
+    with pytest.raises(JournalError, match="counted"):
+        journal.append(_line(1))
+    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    assert len(_segments(tmp_path / "j")) == 1
+    journal.append(_line(2))  # the gap first, in a new segment past the torn frame
+    written = [_line(i).message for i in range(3)]
+    (gap,) = _walk(_read_all(journal), written)
+    assert (gap.reason, gap.first_sequence, gap.detail) == (GapReason.WRITE_FAILED, 2, "Input/output error")
+    journal.close()
+    reopened = _open(tmp_path / "j")
+    assert _walk(_read_all(reopened), written) == [gap]
+    assert reopened.stats().corrupt_records_total == 0, "the torn frame is counted once, by the gap"
+    reopened.close()
+
+
+def test_a_failure_nothing_was_written_since_stays_the_journals_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = _open(tmp_path / "j", reserve_bytes=0)
+    real_write = os.write
+
+    def eio(*_args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", eio)
+    with pytest.raises(JournalError):
+        journal.append(LifecycleRecord(LifecycleKind.EXITED, exit_code=0))  # its caller retries
+    monkeypatch.setattr(os, "write", real_write)
+    journal.maintain()  # nothing written: still failing as far as anyone knows
+    assert journal.stats().write_problem == "Input/output error"
+    journal.append(LifecycleRecord(LifecycleKind.EXITED, exit_code=0))
+    assert journal.stats().write_problem is None
+    journal.close()
+
+
+def test_a_segment_missing_on_a_full_disk_still_becomes_a_gap_from_the_reserve(small_disk: Path) -> None:
+    directory = small_disk / "j"
+    journal, written = _fill_segments(directory, 300)
+    segments = _segments(directory)
+    gone, following = segments[1], segments[2]
+    gone.unlink()
+    filler = _fill(small_disk)
+    (gap,) = _walk(_read_all(journal), written)
+    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
+    filler.unlink()
+    journal.close()
+
+
+def test_an_unreadable_segment_is_set_aside_not_overwritten(tmp_path: Path) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (it injects the read error)")
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    journal.close()
+    bad = _segments(directory)[1]
+    content = bad.read_bytes()
+    argv = [
+        strace, "-f", "-qq", "-o", "/dev/null", "-P", str(bad.resolve()),
+        "-e", "trace=read", "-e", "inject=read:error=EIO",
+        PYTHON, "-c", _DUMP, str(directory),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The EIO may have been transient: the records stay on disk, beside the gap that replaced them.
+    aside = bad.with_name(bad.name + ".bad")
+    assert aside.read_bytes() == content
+    reopened = _open(directory, segment_bytes=4096)
+    (gap,) = _walk(_read_all(reopened), written)
+    assert gap.first_sequence == _base(bad) and reopened.stats().corrupt_records_total == 0
+    reopened.close()
+
+
+def test_the_reserve_comes_back_only_with_room_to_spare_and_after_the_pending_gap(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_RESERVE_RETRY_S", 0.0)
+    reserve = 256 * 1024
+    journal = _open(small_disk / "j", reserve_bytes=reserve)
+    filler = _fill(small_disk)
+    written: list[str] = []
+    while not journal.stats().write_failed_pending:  # the segment's last page fills first
+        written.append(_line(len(written)).message)
+        with contextlib.suppress(JournalError):
+            journal.append(_line(len(written) - 1))
+    reserve_file = small_disk / "j" / "reserve"
+    assert reserve_file.stat().st_blocks == 0, "freed on the full disk"
+    # Room for the reserve (its own freed room and a little), but not for it and as much again:
+    # allocated, it would fill the disk again and the next line would free it again.
+    os.truncate(filler, filler.stat().st_size - 64 * 1024)
+    journal.maintain()
+    assert journal.stats().write_failed_pending == 0, "the gap is written first"
+    assert reserve_file.stat().st_blocks == 0
+    assert journal.stats().write_problem == "No space left on device"
+    filler.unlink()
+    journal.maintain()
+    assert reserve_file.stat().st_blocks * 512 >= reserve
+    assert journal.stats().write_problem is None
+    written.append(_line(len(written)).message)
+    journal.append(_line(len(written) - 1))
+    _walk(_read_all(journal), written)
+    journal.close()
