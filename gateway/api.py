@@ -25,9 +25,11 @@ With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "ima
 without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
 and ``DELETE /api/v1/sandboxes/{id}`` deletes it (the row and its events stay; ``driver_state``
 follows the pod). Once its pod is gone the id can be created again, as the row's next
-``generation``; logs are the current generation's unless ``?generation=N`` asks for an earlier one.
+``generation``; logs are the current generation's unless ``?generation=N`` asks for an earlier one
+(a follow of an earlier one ends once it has sent everything stored for it).
 A request is checked by :func:`gateway.drivers.podspec.request_problem` (400 naming the field), and
-every body is bounded in size (``http.max_body_bytes``, 413) and JSON nesting (400) before parsing.
+every body is bounded in size (``http.max_body_bytes``, 413) and JSON nesting (400, one linear
+scan) before parsing.
 The API has no authentication yet (the auth issue adds OIDC): keep ``http.listen`` reachable only
 by trusted callers.
 
