@@ -34,14 +34,20 @@ Guarantees and their limits:
   before any newer record, taking the sequences of what it stands for. Lifecycle-class records
   (lifecycle, health changes) are not counted: their callers retry (``lost`` counts one given up).
 * A full disk frees the ``reserve`` file (``reserve_bytes`` preallocated at open) and uses that
-  room only for gap, health-change and lifecycle records; log lines are counted, not written,
-  until ``maintain`` (every second, from ``run_fsync_loop``) can allocate the reserve again. Its
-  limits: the reserve holds a few thousand such records; another process may take the freed room
-  first; and a crash while failed records wait for their gap loses their count (``close`` and
-  ``maintain`` write it as soon as the disk takes it).
+  room only for gap, health-change and lifecycle records, and for the state file and lost-segment
+  gaps without which nothing could be acknowledged, trimmed or delivered again (``_with_room``);
+  log lines are counted, not written, until ``maintain`` (every second under every policy, from
+  ``run_fsync_loop``) has written the pending gap and can allocate the reserve again with as much
+  again to spare. Its limits: the reserve holds a few thousand such records; another process may
+  take the freed room first; and a crash while failed records wait for their gap loses their
+  count (``close`` and ``maintain`` write it as soon as the disk takes it).
 * A segment file found missing (a hole in the chained names, a newest file gone below the state
-  file's ``written_through``) or unreadable (EIO), at open or by a read, is replaced by a CORRUPT
-  gap counting every unacknowledged sequence it held, and the rest of the journal still delivers.
+  file's ``written_through``, saved at every roll) or unreadable (EIO, the file set aside as
+  ``.bad``), at open or by a read, is replaced by a CORRUPT gap counting every unacknowledged
+  sequence it held, and the rest of the journal still delivers. Segments are deleted only once the
+  state file has their acknowledgement, and a rebuilt state file starts just below the first
+  segment, so a hole below the first name is always a lost file. Not told: what the newest segment
+  got since the state was last saved, if that file is lost in a crash.
 
 Everything runs on the event loop's thread: the only awaits are in ``wait_for_append`` and
 ``run_fsync_loop``, so no lock is needed.

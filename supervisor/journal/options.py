@@ -40,7 +40,8 @@ class JournalOptions:
     #: Bytes kept allocated in the ``reserve`` file beside the segments. When a write meets a full
     #: disk the journal frees them, and uses the room only for what must not be lost: the gap
     #: record counting the lines it could not write, health changes and lifecycle records; log
-    #: lines are counted, not written, until the reserve can be allocated again. 0: no reserve.
+    #: lines are counted, not written, until the reserve can be allocated again (with as much again
+    #: free). The directory holds up to ``max_bytes`` plus this. 0: no reserve.
     reserve_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
@@ -69,7 +70,8 @@ class JournalStats:
     #: Log records replaced by overflow gap records since open.
     dropped_records_total: int
     #: Records lost to corruption found since open (at open, or by a read that hit damage), and
-    #: to segment files found missing or unreadable.
+    #: to segment files found missing or unreadable (by a read: leaving out what this run had
+    #: already sent, which the gateway most likely holds; at open all unacknowledged ones).
     corrupt_records_total: int
     #: Records that could not be written (disk full, I/O error) since open; each is counted by a
     #: WRITE_FAILED gap record, written before any newer record as soon as the disk takes it.

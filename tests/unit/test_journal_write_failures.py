@@ -579,3 +579,17 @@ def test_the_reserve_comes_back_only_with_room_to_spare_and_after_the_pending_ga
     journal.append(_line(len(written) - 1))
     _walk(_read_all(journal), written)
     journal.close()
+
+
+def test_a_lost_segment_already_sent_is_in_the_gap_but_not_counted_as_lost(tmp_path: Path) -> None:
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    segments = _segments(directory)
+    gone, following = segments[1], segments[2]
+    journal.mark_sent(_base(following))  # on the wire, not acknowledged yet
+    gone.unlink()
+    # A reader resuming below it (the stream broke) gets the gap for every unacknowledged sequence.
+    (gap,) = _walk(_read_all(journal), written)
+    assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
+    assert journal.stats().corrupt_records_total == 0, "sent: most likely at the gateway"
+    journal.close()
