@@ -4,8 +4,10 @@
 service plus the standard gRPC health service, both registered through :mod:`gateway.rpc`, which
 decodes frames itself and answers store failures UNAVAILABLE) and the HTTP API, and the task that
 flushes heartbeat times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
-period, flushes once more, gives the disconnection writes still retrying up to the grace period,
-and closes the database, in that order, so nothing acknowledged is left unwritten.
+period, flushes once more, gives the disconnection writes still retrying what is left of its
+deadline, and closes the database, in that order, so nothing acknowledged is left unwritten; the
+phases share one deadline (``STOP_MARGIN_S`` past the grace period), so a database that hangs
+cannot hold the shutdown past the pod's grace period.
 
 A flush that fails (the store is away) is logged without a traceback, at most once a minute, and
 its times are flushed again with the next one.
@@ -38,6 +40,13 @@ from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+#: ``Gateway.stop`` ends within ``grpc.shutdown_grace_s`` + this. The chart's
+#: terminationGracePeriodSeconds is drainSeconds + grpc.shutdownGraceSeconds + 10: the last 2 s
+#: are for the interpreter to exit.
+STOP_MARGIN_S = 8.0
+#: At most this long (of the margin) to stop the HTTP API.
+HTTP_STOP_S = 5.0
+
 
 class GatewayStartError(Exception):
     """The gateway cannot start; the message says why (port taken, database unreachable...)."""
@@ -55,7 +64,8 @@ class Gateway:
         self.config = config
         self.registry = SessionRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self.errors = RateLimitedLog(log)
+        self._flush_log = RateLimitedLog(log, concern="heartbeat-flush")
+        self._guard: CallGuard | None = None
         self.db: Database | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -98,9 +108,8 @@ class Gateway:
             events=events,
             commands=commands,
             metrics=self.metrics,
-            errors=self.errors,
         )
-        guard = CallGuard(metrics=self.metrics, errors=self.errors)
+        guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
         health_servicer = health.aio.HealthServicer()
         add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, guard=guard)
@@ -174,7 +183,7 @@ class Gateway:
                 await self._sandboxes.record_heartbeats(beats)
             except Exception as exc:  # a failed flush must not kill the flusher; the next one retries
                 self.metrics.background_write_failures.labels("heartbeats").inc()
-                self.errors.log(
+                self._flush_log.log(
                     logging.WARNING,
                     ("heartbeat-flush",),
                     f"heartbeat flush failed; retrying with the next flush: {exc}",
@@ -182,30 +191,57 @@ class Gateway:
                     exc_info=None if isinstance(exc, StoreError) else exc,
                 )
                 self.registry.requeue_heartbeats(beats)
+            else:
+                self.registry.heartbeats_written(beats)
 
     async def stop(self) -> None:
+        """Stop within ``grpc.shutdown_grace_s + STOP_MARGIN_S`` whatever the database does (the
+        chart's ``terminationGracePeriodSeconds`` counts on it): the phases share one deadline, each
+        bounded by what is left of it, and the disconnection writes still retrying get the rest."""
+        loop = asyncio.get_running_loop()
+        grace = self.config.grpc.shutdown_grace_s
+        deadline = loop.time() + grace + STOP_MARGIN_S
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
-            await self._server.stop(self.config.grpc.shutdown_grace_s)
+            await self._server.stop(grace)
             self._server = None
         if self._runner is not None:
-            await self._runner.cleanup()
+            # aiohttp bounds a stuck handler by its shutdown_timeout; this bounds the whole.
+            await _bounded(self._runner.cleanup(), min(HTTP_STOP_S, left()), what="stopping the HTTP API")
             self._runner = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-            await self._flush_once()
+            # A database that hangs (not one that fails) would hold the last flush for as long as
+            # its connect timeout, or forever on an open connection.
+            await _bounded(self._flush_once(), left(), what="the last heartbeat flush")
         if self._provisioner is not None:
-            await self._provisioner.close()
+            await _bounded(self._provisioner.close(), left(), what="closing the Kubernetes driver")
             self._provisioner = None
         if self._service is not None:
-            await self._service.drain(timeout_s=self.config.grpc.shutdown_grace_s)
+            await self._service.drain(timeout_s=left())
+        if self._guard is not None:
+            self._guard.close()
+        self._flush_log.close()
         if self.db is not None:
-            await self.db.close()
+            # At least a moment: a database that answers closes its connections politely.
+            await _bounded(self.db.close(), max(left(), 1.0), what="closing the database")
             self.db = None
         log.info("gateway stopped")
+
+
+async def _bounded(work: Awaitable[None], timeout_s: float, *, what: str) -> None:
+    """Await ``work`` for at most ``timeout_s``; past that it is cancelled, with a warning."""
+    try:
+        await asyncio.wait_for(work, timeout_s)
+    except TimeoutError:
+        log.warning("shutdown: gave up %s after %.1fs (the shutdown deadline)", what, timeout_s)
 
 
 def _read_pem(what: str, path: Path) -> bytes:

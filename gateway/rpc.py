@@ -10,14 +10,15 @@ deserializer, and decodes the bytes itself:
 
 - a frame that does not decode ends the call with ``INVALID_ARGUMENT`` ("malformed X frame: ..."),
   counted per method, and logged (one line, no traceback) at most once per peer host and method
-  every ``LOG_INTERVAL_S`` (:mod:`gateway.ratelimit`), with how many like it were left out since;
+  every ``LOG_INTERVAL_S`` and at most ``LOG_BURST`` lines per interval from all peers together
+  (:mod:`gateway.ratelimit`: one limiter per concern), with how many were left out;
 - a :class:`StoreError` (the database unreachable, read-only, failing) ends it with
   ``UNAVAILABLE`` and the trailing metadata ``grpc-retry-pushback-ms`` (a retry hint spread over
   ``STORE_RETRY_AFTER_MS`` so that a fleet does not come back in one instant); counted, and logged
-  once per method per interval. The peer is told only that the store is unavailable: a database's
-  error may name its hosts, and a sandbox is not trusted with them. A handler that already told
-  its peer (ConnectSupervisor sends ``SessionRejected`` with the same hint first) raises
-  :class:`Unavailable` with it instead;
+  once per method per interval (a limiter of its own). The peer is told only that the store is
+  unavailable: a database's error may name its hosts, and a sandbox is not trusted with them. A
+  handler that already told its peer (ConnectSupervisor sends ``SessionRejected`` with the same
+  hint first) raises :class:`Unavailable` with it instead;
 - anything else unexpected (a bug) ends it with ``INTERNAL`` and is logged with its traceback,
   rate-limited too.
 
@@ -81,17 +82,23 @@ def peer_host(peer: str) -> str:
 class CallGuard:
     """Turns what a handler raises into the call's status, counts it and logs it, rate-limited."""
 
-    def __init__(
-        self, *, metrics: GatewayMetrics | None = None, errors: RateLimitedLog | None = None
-    ) -> None:
+    def __init__(self, *, metrics: GatewayMetrics | None = None) -> None:
         self._metrics = metrics
-        self.errors = errors if errors is not None else RateLimitedLog(log)
+        # One limiter per concern: a flood of bad frames cannot crowd out store failures.
+        self.malformed_log = RateLimitedLog(log, concern="malformed-frame")
+        self.unavailable_log = RateLimitedLog(log, concern="store-failure")
+        self.internal_log = RateLimitedLog(log, concern="internal-error")
+
+    def close(self) -> None:
+        """Write the summaries of what the limiters left out (at shutdown)."""
+        for limiter in (self.malformed_log, self.unavailable_log, self.internal_log):
+            limiter.close()
 
     async def malformed(self, method: str, context: Ctx, reason: str) -> NoReturn:
         if self._metrics is not None:
             self._metrics.malformed_frames.labels(method).inc()
         peer = context.peer()
-        self.errors.log(
+        self.malformed_log.log(
             logging.WARNING,
             ("malformed", peer_host(peer), method),
             f"{method} from {peer} refused: {reason}",
@@ -104,7 +111,7 @@ class CallGuard:
     ) -> NoReturn:
         if self._metrics is not None:
             self._metrics.store_failures.labels(method).inc()
-        self.errors.log(
+        self.unavailable_log.log(
             logging.WARNING,
             ("unavailable", method),
             f"{method} answered UNAVAILABLE (retry after {retry_after_ms} ms): {detail or reason}",
@@ -117,7 +124,7 @@ class CallGuard:
         )
 
     async def failed(self, method: str, context: Ctx, exc: Exception) -> NoReturn:
-        self.errors.log(
+        self.internal_log.log(
             logging.ERROR, ("internal", method, type(exc)), f"{method} failed: {exc!r}", exc_info=exc
         )
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")

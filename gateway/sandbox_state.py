@@ -50,12 +50,18 @@ class Liveness:
     #: Disconnected for longer than this: ``lost``.
     lost_after_s: float
 
+    @staticmethod
+    def stale_after_for(interval_s: float, *, grace_s: float, jitter: float = 0.0) -> float:
+        """The silence allowed a session asked to beat every ``interval_s``: the interval rounded
+        as an upstream supervisor rounds it (whole seconds, at least one), stretched by how much
+        later than the interval a beat may come (``jitter``, a fraction of it), plus ``grace_s``.
+        The one formula for the bound a session is given and the one this rule counts on."""
+        return max(interval_s, 1, round(interval_s)) * (1 + jitter) + grace_s
+
     @classmethod
     def from_settings(cls, sessions: SessionSettings) -> Liveness:
-        interval = sessions.heartbeat_interval_s
-        # The bound the gateway gives each session it accepts (OpenShellService._accept): an
-        # upstream supervisor beats at the interval rounded to whole seconds, at least one.
-        stale_after = max(interval, 1, round(interval)) + sessions.grace_s
+        # The bound the gateway gives each session it accepts (OpenShellService._accept).
+        stale_after = cls.stale_after_for(sessions.heartbeat_interval_s, grace_s=sessions.grace_s)
         return cls(
             stale_after_s=stale_after,
             fresh_for_s=stale_after + 2 * sessions.heartbeat_flush_interval_s,

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,10 +110,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         events: EventStore,
         commands: CommandStore,
         metrics: GatewayMetrics | None = None,
-        errors: RateLimitedLog | None = None,
     ) -> None:
         self._metrics = metrics
-        self._errors = errors if errors is not None else RateLimitedLog(log)
+        # A limiter per concern: a store outage fails the disconnection writes of every session
+        # at once, and their successes come in a burst when it ends.
+        self._retry_log = RateLimitedLog(log, concern="disconnection-retry")
+        self._recorded_log = RateLimitedLog(log, concern="disconnection-recorded")
         self._config = config
         self._registry = registry
         self._sandboxes = sandboxes
@@ -148,7 +150,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         or the gateway would drop the session it just reconfigured (the supervisor jitters its
         beats by up to half the interval)."""
         if command.kind is CommandKind.HEARTBEAT:
-            wanted = command.interval_ms / 1000 * 1.5 + self._config.sessions.grace_s
+            wanted = Liveness.stale_after_for(
+                command.interval_ms / 1000, grace_s=self._config.sessions.grace_s, jitter=0.5
+            )
             session.stale_after_s = max(session.stale_after_s, wanted)
 
     async def drain(self, *, timeout_s: float) -> None:
@@ -169,6 +173,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self._retry_log.close()
+        self._recorded_log.close()
 
     # -- ConnectSupervisor ---------------------------------------------------------------
 
@@ -176,8 +182,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
     ) -> AsyncIterator[pb.GatewayMessage]:
         try:
-            async for out in self._connect(request_iterator, context):
-                yield out
+            # aclosing: when this call is closed at a yield (cancelled), _connect's cleanup (the
+            # registry, the disconnection write) runs now, not whenever asyncio's asyncgen
+            # finalizer gets to it.
+            async with contextlib.aclosing(self._connect(request_iterator, context)) as outs:
+                async for out in outs:
+                    yield out
         except StoreError as exc:
             # Tell our supervisor on the stream (it backs off at least this long), then end the
             # call UNAVAILABLE with the same hint for any other client (gateway.rpc).
@@ -189,7 +199,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
     async def _connect(
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
-    ) -> AsyncIterator[pb.GatewayMessage]:
+    ) -> AsyncGenerator[pb.GatewayMessage]:
         peer = context.peer()
         try:
             first = await asyncio.wait_for(anext(request_iterator), self._config.grpc.hello_timeout_s)
@@ -308,9 +318,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             exc = state.outcome.exception() if state.outcome is not None else None
             if self._metrics is not None:
                 self._metrics.background_write_failures.labels("disconnect").inc()
-            self._errors.log(
+            self._retry_log.log(
                 logging.WARNING,
-                ("disconnect-write",),
+                ("disconnect-write", sandbox_id),
                 f"cannot record that sandbox {sandbox_id} disconnected (attempt {state.attempt_number}), "
                 f"retrying: {exc}",
                 extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
@@ -326,13 +336,21 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             with attempt:
                 attempts += 1
                 async with self._row_lock(sandbox_id):
+                    # Also the sessions this one replaced on this replica: if this session's
+                    # connection was never written, the row still names one of them, which no one
+                    # else will mark disconnected (their close found this session in their place).
                     await self._sandboxes.mark_disconnected(
-                        sandbox_id, session_id=session.session_id, at=at, generation=session.generation
+                        sandbox_id,
+                        session_id=session.session_id,
+                        replaced=session.replaced,
+                        at=at,
+                        generation=session.generation,
                     )
         if attempts > 1:
-            log.info(
-                "disconnection recorded after %d attempts",
-                attempts,
+            self._recorded_log.log(
+                logging.INFO,
+                ("disconnect-recorded", sandbox_id),
+                f"disconnection of sandbox {sandbox_id} recorded after {attempts} attempts",
                 extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
             )
 

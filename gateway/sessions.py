@@ -30,6 +30,10 @@ from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+#: How many replaced sessions' ids a session remembers (a supervisor reconnecting in a loop while
+#: the store fails must not grow it).
+MAX_REPLACED = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Outbound:
@@ -79,10 +83,13 @@ class Session:
     #: The sandbox's generation when the hello came: the session's writes are about that sandbox
     #: only, not one created again under its id meanwhile.
     generation: int = 1
+    #: Ids of the sessions of this sandbox this one replaced on this gateway, newest last
+    #: (bounded): its disconnection write covers the row while it still names one of them.
+    replaced: tuple[SessionId, ...] = ()
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
-    #: The heartbeat time last handed to the flusher (connecting writes ``opened_at``).
+    #: The latest heartbeat time written to the database (connecting writes ``opened_at``).
     last_flushed_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def touch(self) -> None:
@@ -95,6 +102,8 @@ class SessionRegistry:
         self._live: dict[SandboxId, Session] = {}
         self._epochs: Final = itertools.count(1)
         self._dirty: set[SandboxId] = set()
+        #: Heartbeat times of a failed flush, to write with the next one.
+        self._pending: dict[SandboxId, datetime] = {}
 
     def open(
         self,
@@ -117,6 +126,7 @@ class SessionRegistry:
         if old is not None:
             log.info("session replaced", extra={"sandbox_id": sandbox_id, "old_session": old.session_id})
             old.inbox.put_nowait(Close("replaced by a newer session of the same sandbox"))
+            session.replaced = (*old.replaced, old.session_id)[-MAX_REPLACED:]
         self._live[sandbox_id] = session
         return session
 
@@ -125,6 +135,7 @@ class SessionRegistry:
         if self._live.get(session.sandbox_id) is session:
             del self._live[session.sandbox_id]
             self._dirty.discard(session.sandbox_id)
+            self._pending.pop(session.sandbox_id, None)
             return True
         return False
 
@@ -136,28 +147,51 @@ class SessionRegistry:
         self._dirty.add(session.sandbox_id)
 
     def take_heartbeats(self, *, renew_after_s: float | None = None) -> dict[str, datetime]:
-        """Last-seen times changed since the previous call, for the batched flush; with
-        ``renew_after_s`` (the default stale bound), also the flush time for every live session
-        allowed a longer silence whose time was last handed out longer ago than that (see the
-        module docstring)."""
+        """The heartbeat times to flush: last-seen times changed since the previous call, those of
+        a flush that failed (``requeue_heartbeats``), and with ``renew_after_s`` (the default
+        stale bound) the flush time for every live session allowed a longer silence whose time
+        was last written longer ago than that (see the module docstring). Several times for one
+        sandbox are merged by the latest. Call ``heartbeats_written`` once they are stored."""
         now = datetime.now(UTC)
-        beats: dict[str, datetime] = {
-            sid: self._live[sid].last_seen_wall for sid in self._dirty if sid in self._live
-        }
+        beats: dict[str, datetime] = {}
+
+        def merge(sandbox_id: SandboxId, at: datetime) -> None:
+            before = beats.get(sandbox_id)
+            beats[sandbox_id] = at if before is None else max(before, at)
+
+        for sandbox_id, at in self._pending.items():
+            if sandbox_id in self._live:
+                merge(sandbox_id, at)
+        for sandbox_id in self._dirty:
+            if sandbox_id in self._live:
+                merge(sandbox_id, self._live[sandbox_id].last_seen_wall)
         if renew_after_s is not None:
             for live_id, session in self._live.items():
                 widened = session.stale_after_s > renew_after_s
+                # Measured from the last time that was written, not handed out: a renewal whose
+                # flush failed is due again at the next flush.
                 idle = (now - session.last_flushed_wall).total_seconds() > renew_after_s
-                if widened and idle and live_id not in beats:
-                    beats[live_id] = now
-        for beat_id, at in beats.items():
-            self._live[SandboxId(beat_id)].last_flushed_wall = at
+                if widened and idle:
+                    merge(live_id, now)
         self._dirty.clear()
+        self._pending.clear()
         return beats
 
+    def heartbeats_written(self, beats: dict[str, datetime]) -> None:
+        """The flush of ``beats`` committed: they count as written for the renewal."""
+        for sandbox_id, at in beats.items():
+            session = self._live.get(SandboxId(sandbox_id))
+            if session is not None:
+                session.last_flushed_wall = max(session.last_flushed_wall, at)
+
     def requeue_heartbeats(self, beats: dict[str, datetime]) -> None:
-        """Mark sandboxes whose heartbeat flush failed as dirty again (if still live)."""
-        self._dirty.update(SandboxId(sid) for sid in beats if sid in self._live)
+        """The flush of ``beats`` failed: hand them out again with the next flush (if the sandbox
+        is still live), merged by the latest time with whatever comes meanwhile."""
+        for sandbox_id, at in beats.items():
+            key = SandboxId(sandbox_id)
+            if key in self._live:
+                before = self._pending.get(key)
+                self._pending[key] = at if before is None else max(before, at)
 
     def get(self, sandbox_id: str) -> Session | None:
         return self._live.get(SandboxId(sandbox_id))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -265,9 +265,16 @@ class SandboxStore:
                 return True
 
     async def mark_disconnected(
-        self, sandbox_id: str, *, session_id: str, at: datetime, generation: int | None = None
+        self,
+        sandbox_id: str,
+        *,
+        session_id: str,
+        at: datetime,
+        generation: int | None = None,
+        replaced: Sequence[str] = (),
     ) -> bool:
-        """Mark the sandbox disconnected if ``session_id`` is still its current, connected session.
+        """Mark the sandbox disconnected if ``session_id`` (or one of the sessions it ``replaced``,
+        whose own write was skipped) is still its current, connected session.
 
         Returns whether the row changed; False means a newer session has taken over (or this one
         was already marked), and nothing was written.
@@ -278,7 +285,7 @@ class SandboxStore:
                     update(sandboxes_table)
                     .where(
                         sandboxes_table.c.id == sandbox_id,
-                        sandboxes_table.c.session_id == session_id,
+                        sandboxes_table.c.session_id.in_([session_id, *replaced]),
                         sandboxes_table.c.connected.is_(True),
                         *_of_generation(generation),
                     )

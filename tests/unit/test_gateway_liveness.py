@@ -1,16 +1,27 @@
 """The gateway's plumbing for liveness and bad input, without a network: the heartbeat renewal of
-sessions allowed a longer silence, and the rate-limited error log."""
+sessions allowed a longer silence (also across a failed flush), the rate-limited error log, and a
+session's cleanup when its call is closed or its connection write fails (the real service over a
+real SQLite store, driven directly so that the call is closed exactly at a yield)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.metrics import GatewayMetrics
 from gateway.rpc import RateLimitedLog, peer_host
+from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
+from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
 from openshell_wire.records import JournalEpoch, SandboxId
+from openshell_wire.v1 import openshell_pb2 as pb
+from tests.support.gateway import gateway_config
 
 
 def _open(registry: SessionRegistry, sandbox_id: str, *, stale_after_s: float) -> None:
@@ -35,6 +46,7 @@ def test_only_a_session_allowed_a_longer_silence_is_renewed_when_idle() -> None:
     before = datetime.now(UTC)
     beats = registry.take_heartbeats(renew_after_s=2.0)
     assert list(beats) == ["widened"] and beats["widened"] >= before
+    registry.heartbeats_written(beats)
     assert registry.take_heartbeats(renew_after_s=2.0) == {}, "renewed: not again until idle again"
 
 
@@ -51,25 +63,173 @@ def test_a_heartbeat_is_handed_out_once_and_again_after_a_failed_flush() -> None
     assert registry.take_heartbeats(renew_after_s=2.0) == beats
 
 
+def test_a_failed_flush_does_not_undo_the_renewal_of_a_widened_session() -> None:
+    registry = SessionRegistry()
+    _open(registry, "widened", stale_after_s=60.0)
+    session = registry.get("widened")
+    assert session is not None
+    # Its last beat came, and was written, 3 s ago: longer than the default bound.
+    session.last_seen_wall -= timedelta(seconds=3)
+    session.last_flushed_wall = session.last_seen_wall
+    before = datetime.now(UTC)
+    renewal = registry.take_heartbeats(renew_after_s=2.0)
+    assert renewal["widened"] >= before, "renewed with the flush time"
+    registry.requeue_heartbeats(renewal)  # that flush failed
+    again = registry.take_heartbeats(renew_after_s=2.0)
+    assert again["widened"] >= renewal["widened"], "the next flush renews it again, not the older beat"
+    registry.heartbeats_written(again)
+    assert registry.take_heartbeats(renew_after_s=2.0) == {}, "written: not again until idle again"
+
+
 def test_the_error_log_lets_one_line_per_key_through_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     errors = RateLimitedLog(
-        logging.getLogger("test.ratelimit"), interval_s=60, max_keys=2, clock=lambda: now[0]
+        logging.getLogger("test.ratelimit"), concern="bad", interval_s=60, clock=lambda: now[0]
     )
     with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
         assert errors.log(logging.WARNING, "a", "bad a")
         assert not any(errors.log(logging.WARNING, "a", "bad a") for _ in range(199))
+        assert errors.suppressed == 199
         assert errors.log(logging.WARNING, "b", "bad b"), "another key has its own allowance"
         now[0] = 61.0
         assert errors.log(logging.WARNING, "a", "bad a")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["bad a", "bad b", "bad a (and 199 more like it in the last 60s)"]
+    assert messages == [
+        "bad a",
+        "bad b (and 199 more bad lines left out before this one)",
+        "bad a",
+    ]
     assert all(r.exc_info is None for r in caplog.records)
-    errors.log(logging.WARNING, "c", "bad c")
-    assert len(errors._seen) == 2, "keys are bounded"
+
+
+def test_the_error_log_limits_a_flood_from_many_keys(caplog: pytest.LogCaptureFixture) -> None:
+    """20,000 peers each sending one bad frame cost ``burst`` lines and one summary, not 20,000
+    (keys are bounded, and the bucket does not depend on them)."""
+    now = [0.0]
+    errors = RateLimitedLog(
+        logging.getLogger("test.ratelimit"), concern="bad", burst=5, max_keys=100, clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        logged = sum(errors.log(logging.WARNING, ("peer", n), f"bad {n}") for n in range(20_000))
+        errors.close()
+    assert logged == 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 6, messages[:10]
+    assert messages[-1] == "19995 more bad lines left out in the last 60s (rate-limited)"
+    assert errors.suppressed == 0
+
+
+async def test_the_error_log_writes_a_summary_when_a_flood_stops(caplog: pytest.LogCaptureFixture) -> None:
+    errors = RateLimitedLog(logging.getLogger("test.ratelimit"), concern="bad", interval_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for _ in range(3):
+            errors.log(logging.WARNING, "a", "bad a")
+        await asyncio.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad a",
+        "2 more bad lines left out in the last 0s (rate-limited)",
+    ]
+    errors.close()
 
 
 def test_peer_host_drops_the_port() -> None:
     assert peer_host("ipv4:10.0.0.5:41234") == "ipv4:10.0.0.5"
     assert peer_host("ipv6:[::1]:5000") == "ipv6:[::1]"
     assert peer_host("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+# -- a session's cleanup, on the real service ---------------------------------------------
+
+
+class _Peer:
+    """What the service reads of a gRPC call's context: its peer."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+
+class _FlakySandboxes(SandboxStore):
+    """A real SQLite store whose ``mark_connected`` fails while ``failing`` (a store outage that
+    begins between a hello's registration and its connection write)."""
+
+    failing = False
+
+    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> bool:
+        if self.failing:
+            raise StoreError(f"cannot mark sandbox {sandbox_id!r} connected: the database is away")
+        return await super().mark_connected(sandbox_id, **kwargs)
+
+
+async def _hello_then_wait(sandbox_id: str) -> AsyncIterator[pb.SupervisorMessage]:
+    msg = pb.SupervisorMessage()
+    msg.hello.sandbox_id = sandbox_id
+    msg.hello.instance_id = "i1"
+    yield msg
+    await asyncio.Event().wait()  # then silence, as a supervisor between heartbeats
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[tuple[OpenShellService, _FlakySandboxes, GatewayMetrics]]:
+    config = gateway_config(tmp_path)
+    db = await Database.open(config.database.url)
+    registry = SessionRegistry()
+    metrics = GatewayMetrics(registry)
+    sandboxes = _FlakySandboxes(db)
+    svc = OpenShellService(
+        config=config,
+        registry=registry,
+        sandboxes=sandboxes,
+        events=EventStore(db),
+        commands=CommandStore(db),
+        metrics=metrics,
+    )
+    try:
+        yield svc, sandboxes, metrics
+    finally:
+        await svc.drain(timeout_s=5)
+        await db.close()
+
+
+def _live_sessions(metrics: GatewayMetrics) -> float | None:
+    return metrics.registry.get_sample_value("openshell_gateway_sessions")
+
+
+async def test_a_call_closed_at_a_yield_cleans_up_at_once(
+    service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics],
+) -> None:
+    """gRPC closes a streaming handler at its yield when the call is cancelled while the server
+    waits to send (gateway.rpc): the session must leave the registry then, and its disconnection
+    be written, not whenever asyncio's finalizer of the inner generator runs."""
+    svc, sandboxes, metrics = service
+    call = svc.ConnectSupervisor(_hello_then_wait("sb-closed"), _Peer())  # type: ignore[arg-type]
+    accepted = await anext(call)
+    assert accepted.WhichOneof("payload") == "session_accepted"
+    assert _live_sessions(metrics) == 1
+    await call.aclose()  # type: ignore[attr-defined]
+    assert _live_sessions(metrics) == 0, "the session left the registry with the call"
+    await svc.drain(timeout_s=5)
+    row = await sandboxes.get("sb-closed")
+    assert row is not None and not row.connected and row.disconnected_at is not None
+
+
+async def test_a_session_whose_connection_write_failed_still_clears_the_one_it_replaced(
+    service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics],
+) -> None:
+    """S2 replaces S1 on this gateway and S2's connection write fails: S1's own disconnection is
+    skipped (S2 took its place), so S2's must cover the row, which still names S1."""
+    svc, sandboxes, metrics = service
+    first = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
+    assert (await anext(first)).WhichOneof("payload") == "session_accepted"
+    sandboxes.failing = True
+    second = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
+    rejected = await anext(second)
+    assert rejected.session_rejected.retry_after_ms > 0, rejected
+    with pytest.raises(Exception, match="store unavailable"):
+        await anext(second)
+    with pytest.raises(StopAsyncIteration):  # S1 was told to close: it ends
+        await anext(first)
+    sandboxes.failing = False
+    assert _live_sessions(metrics) == 0
+    await svc.drain(timeout_s=5)
+    row = await sandboxes.get("sb-replaced")
+    assert row is not None and not row.connected, "no session holds it: it must not stay connected"
