@@ -593,3 +593,31 @@ def test_a_lost_segment_already_sent_is_in_the_gap_but_not_counted_as_lost(tmp_p
     assert (gap.first_sequence, gap.last_sequence) == (_base(gone), _base(following) - 1)
     assert journal.stats().corrupt_records_total == 0, "sent: most likely at the gateway"
     journal.close()
+
+
+def test_an_unreadable_segment_already_acknowledged_is_no_gap(tmp_path: Path) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (it injects the read error)")
+    directory = tmp_path / "j"
+    journal, written = _fill_segments(directory, 300)
+    journal.close()
+    segments = _segments(directory)
+    bad, following = segments[1], segments[2]
+    # A crash between saving the acknowledgement and deleting the segments it covers.
+    state_file = directory / "state.json"
+    state = json.loads(state_file.read_text())
+    state["acked_through"] = _base(following) - 1
+    state_file.write_text(json.dumps(state))
+    script = _DUMP.replace("journal.close()", "print(journal.stats().corrupt_records_total)\njournal.close()")
+    argv = [
+        strace, "-f", "-qq", "-o", "/dev/null", "-P", str(bad.resolve()),
+        "-e", "trace=read", "-e", "inject=read:error=EIO",
+        PYTHON, "-c", script, str(directory),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    corrupt, items = done.stdout.splitlines()
+    assert int(corrupt) == 0, done.stderr[-3000:]
+    assert [i for i in json.loads(items) if i[0] == "gap"] == []
+    assert [i[1] for i in json.loads(items)] == written[_base(following) - 1 :]
