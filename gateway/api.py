@@ -529,7 +529,6 @@ def build_api(
     *,
     sandboxes: SandboxStore,
     events: EventStore,
-    lost_after_s: float | None = None,
     liveness: Liveness | None = None,
     now: Callable[[], datetime] = utcnow,
     commands: CommandStore | None = None,
@@ -540,11 +539,10 @@ def build_api(
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app.
 
-    ``liveness`` gives the bounds of the derived state; without it, the default ``sessions``
-    settings with ``lost_after_s`` (when given) are used."""
+    ``liveness`` gives the bounds of the derived state (``Liveness.from_settings`` of the
+    gateway's ``sessions`` settings); without it, those of the default settings."""
     if liveness is None:
-        sessions = SessionSettings() if lost_after_s is None else SessionSettings(lost_after_s=lost_after_s)
-        liveness = Liveness.from_settings(sessions)
+        liveness = Liveness.from_settings(SessionSettings())
     api = _Api(
         sandboxes=sandboxes,
         events=events,
@@ -562,7 +560,8 @@ def build_api(
         registry, gauges = metrics.registry, metrics
 
         async def metrics_text(request: web.Request) -> web.StreamResponse:
-            # Sandboxes by state are counted at scrape time, by the same rule as the API's.
+            # Sandboxes by state, by the same rule as the API's: counted again when the last
+            # count is older than a few seconds, in a task the metrics own (GatewayMetrics).
             await gauges.count_sandboxes(sandboxes, now=now(), liveness=api.liveness)
             body = generate_latest(registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

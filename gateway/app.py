@@ -226,6 +226,7 @@ class Gateway:
             self._provisioner = None
         if self._service is not None:
             await self._service.drain(timeout_s=left())
+        await self.metrics.close()
         if self._guard is not None:
             self._guard.close()
         self._flush_log.close()

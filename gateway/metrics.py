@@ -3,7 +3,8 @@
 A registry of its own (never prometheus-client's global one, so several gateways in one test
 process do not collide), holding what a platform team alerts on in this milestone: live
 sessions (read from the session registry at scrape time), sandboxes by derived state (counted from
-the store at scrape time by :mod:`gateway.sandbox_state`, the API's rule), sessions accepted and
+the store by :mod:`gateway.sandbox_state`, the API's rule, in an owned task at most once per
+``SANDBOX_COUNT_TTL_S``, with the time of the last count), sessions accepted and
 refused by reason, event batches stored and their store latency, events received, calls refused
 for a malformed frame or a store failure, failed attempts of retried background writes, and the
 process's own CPU, memory and file descriptors. The chart's ServiceMonitor scrapes it and its
@@ -12,6 +13,8 @@ PrometheusRule alerts on it (``helm/openshell/templates/monitoring.yaml``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import Liveness, SandboxState, sandbox_state
 from gateway.sessions import SessionRegistry
 from gateway.store import SandboxStore, StoreError
@@ -31,6 +35,12 @@ log = logging.getLogger(__name__)
 PREFIX = "openshell_gateway_"
 # Store latency of one batch: a commit on SQLite or PostgreSQL, milliseconds to seconds.
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: The sandboxes gauge is counted again when a scrape finds it older than this...
+SANDBOX_COUNT_TTL_S = 5.0
+#: ...the scrape waits this long for the count, then serves the last one...
+SANDBOX_COUNT_WAIT_S = 2.0
+#: ...and a count that takes longer than this is given up (the series dropped).
+SANDBOX_COUNT_TIMEOUT_S = 10.0
 
 
 class _LiveCollector(Collector):
@@ -73,7 +83,8 @@ class GatewayMetrics:
         )
         self.sandboxes = Gauge(
             PREFIX + "sandboxes",
-            "Sandboxes by derived state (the API's state), counted from the store at scrape time.",
+            "Sandboxes by derived state (the API's state), counted from the store at most "
+            f"{SANDBOX_COUNT_TTL_S:.0f}s before the scrape.",
             ["state"],
             registry=self.registry,
         )
@@ -95,15 +106,64 @@ class GatewayMetrics:
             ["write"],
             registry=self.registry,
         )
+        self.sandboxes_counted = Gauge(
+            PREFIX + "sandboxes_counted_timestamp_seconds",
+            "When the sandboxes gauge was last counted (Unix time); its series are left out while a "
+            "count fails.",
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
+        self._counting: asyncio.Task[None] | None = None
+        self._counted_at: float | None = None
+        self._count_errors = RateLimitedLog(log, concern="sandbox-count")
 
     async def count_sandboxes(self, store: SandboxStore, *, now: datetime, liveness: Liveness) -> None:
-        """Set the ``sandboxes`` gauge; a store failure leaves the last counts (the scrape goes on)."""
+        """Make the ``sandboxes`` gauge at most ``SANDBOX_COUNT_TTL_S`` old, called by each scrape.
+
+        The count runs in a task this object owns (one at a time, whatever the scrape rate), reads
+        only the columns the rule needs, and is bounded by ``SANDBOX_COUNT_TIMEOUT_S``; the scrape
+        waits for it at most ``SANDBOX_COUNT_WAIT_S`` and otherwise serves the last counts. A
+        count that fails drops the series (no stale counts shown as current); the
+        ``sandboxes_counted`` timestamp says when they were last counted.
+
+        Every replica counts the whole table; with HA (issue 20) only the leader should export it.
+        """
+        loop = asyncio.get_running_loop()
+        fresh = self._counted_at is not None and loop.time() - self._counted_at < SANDBOX_COUNT_TTL_S
+        if fresh:
+            return
+        if self._counting is None or self._counting.done():
+            self._counting = asyncio.create_task(
+                self._count(store, now=now, liveness=liveness), name="count-sandboxes"
+            )
+        # shield: a scrape that gives up (or whose client leaves) does not cancel the count.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._counting), SANDBOX_COUNT_WAIT_S)
+
+    async def _count(self, store: SandboxStore, *, now: datetime, liveness: Liveness) -> None:
         try:
-            rows = await store.list()
-        except StoreError as exc:
-            log.warning("cannot count sandboxes for /metrics: %s", exc)
+            async with asyncio.timeout(SANDBOX_COUNT_TIMEOUT_S):
+                rows = await store.liveness()
+        except (StoreError, TimeoutError) as exc:
+            self.sandboxes.clear()
+            self._count_errors.log(
+                logging.WARNING,
+                ("count-sandboxes",),
+                f"cannot count sandboxes for /metrics (the series is left out until a count works): "
+                f"{exc or 'timed out'}",
+            )
             return
         counts = Tally(sandbox_state(row, now=now, liveness=liveness) for row in rows)
         for state in SandboxState:
             self.sandboxes.labels(state.value).set(counts[state])
+        self._counted_at = asyncio.get_running_loop().time()
+        self.sandboxes_counted.set_to_current_time()
+
+    async def close(self) -> None:
+        """Cancel a count still running (the gateway stops)."""
+        if self._counting is not None:
+            self._counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counting
+            self._counting = None
+        self._count_errors.close()

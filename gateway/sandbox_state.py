@@ -26,9 +26,25 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from gateway.config import SessionSettings
-from gateway.store import SandboxRow
+
+
+class LivenessFacts(Protocol):
+    """What the rule reads of a sandbox: a full ``SandboxRow``, or the narrow
+    ``SandboxLiveness`` the metrics count from."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def connected_at(self) -> datetime | None: ...
+    @property
+    def disconnected_at(self) -> datetime | None: ...
+    @property
+    def last_heartbeat_at(self) -> datetime | None: ...
+    @property
+    def exit_code(self) -> int | None: ...
 
 
 class SandboxState(enum.StrEnum):
@@ -69,7 +85,7 @@ class Liveness:
         )
 
 
-def is_connected(row: SandboxRow, *, now: datetime, liveness: Liveness) -> bool:
+def is_connected(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> bool:
     """Flagged connected and heard from within ``fresh_for_s``."""
     if not row.connected:
         return False
@@ -77,7 +93,7 @@ def is_connected(row: SandboxRow, *, now: datetime, liveness: Liveness) -> bool:
     return heard is not None and (now - heard).total_seconds() <= liveness.fresh_for_s
 
 
-def disconnected_since(row: SandboxRow, *, now: datetime, liveness: Liveness) -> datetime | None:
+def disconnected_since(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> datetime | None:
     """When the sandbox stopped being connected: the recorded disconnection, or for a session
     whose disconnection was never written, its last heartbeat. None while connected or never."""
     if is_connected(row, now=now, liveness=liveness):
@@ -87,7 +103,7 @@ def disconnected_since(row: SandboxRow, *, now: datetime, liveness: Liveness) ->
     return row.last_heartbeat_at or row.connected_at
 
 
-def sandbox_state(row: SandboxRow, *, now: datetime, liveness: Liveness) -> SandboxState:
+def sandbox_state(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> SandboxState:
     """``exited`` once the exit is known; else ``connected`` (see :func:`is_connected`);
     else ``lost`` when disconnected longer than ``lost_after_s``, ``disconnected`` when for less;
     else ``pending`` (registered, never connected)."""

@@ -91,6 +91,18 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SandboxLiveness:
+    """The columns the state rule (``gateway.sandbox_state``) reads, and nothing else: counting
+    20,000 sandboxes by state must not read and decode their specs."""
+
+    connected: bool
+    connected_at: datetime | None
+    disconnected_at: datetime | None
+    last_heartbeat_at: datetime | None
+    exit_code: int | None
+
+
 def _of_generation(generation: int | None) -> tuple[ColumnElement[bool], ...]:
     """The WHERE clause that makes a write conditional on the row's generation, if one is given."""
     return () if generation is None else (sandboxes_table.c.generation == generation,)
@@ -222,6 +234,15 @@ class SandboxStore:
             async with self._db.engine.connect() as conn:
                 result = await conn.execute(select(sandboxes_table).order_by(sandboxes_table.c.id))
                 return [_sandbox(row) for row in result]
+
+    async def liveness(self) -> builtins.list[SandboxLiveness]:
+        """What the state rule needs of every sandbox (for counting them by state)."""
+        c = sandboxes_table.c
+        columns = (c.connected, c.connected_at, c.disconnected_at, c.last_heartbeat_at, c.exit_code)
+        with store_errors("cannot read the sandboxes' liveness"):
+            async with self._db.engine.connect() as conn:
+                result = await conn.execute(select(*columns))
+                return [SandboxLiveness(bool(r[0]), r[1], r[2], r[3], r[4]) for r in result]
 
     async def mark_connected(
         self,

@@ -12,13 +12,20 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import text
 
+import gateway.metrics
 from gateway.api import build_api
+from gateway.config import SessionSettings
+from gateway.metrics import GatewayMetrics
+from gateway.sandbox_state import Liveness
+from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore
 from openshell_wire.records import Event, LifecycleKind, LifecycleRecord, LogRecord, LogStream
 
 T0 = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
 LOST_AFTER_S = 60.0
+LIVENESS = Liveness.from_settings(SessionSettings(lost_after_s=LOST_AFTER_S))
 
 
 class Clock:
@@ -42,7 +49,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     db = await Database.open(f"sqlite:///{tmp_path}/gateway.db")
     sandboxes, events = SandboxStore(db), EventStore(db)
     clock = Clock(T0)
-    app = build_api(sandboxes=sandboxes, events=events, lost_after_s=LOST_AFTER_S, now=clock)
+    app = build_api(sandboxes=sandboxes, events=events, liveness=LIVENESS, now=clock)
     try:
         async with TestClient(TestServer(app)) as client:
             yield Env(client, sandboxes, events, clock)
@@ -111,10 +118,7 @@ async def test_states(env: Env) -> None:
 async def test_a_connected_flag_with_a_stale_heartbeat_is_not_shown_connected(env: Env) -> None:
     """The flag is cleared by one write of one process (which may die, or whose write may fail):
     past the heartbeat bound the sandbox is disconnected since its last heartbeat, then lost."""
-    from gateway.config import SessionSettings
-    from gateway.sandbox_state import Liveness
-
-    bound = Liveness.from_settings(SessionSettings(lost_after_s=LOST_AFTER_S)).fresh_for_s
+    bound = LIVENESS.fresh_for_s
     await env.sandboxes.ensure("flagged")
     await connect(env, "flagged")
     env.clock.at = T0 + timedelta(seconds=bound)
@@ -275,7 +279,7 @@ async def commands_client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]
     app = build_api(
         sandboxes=sandboxes,
         events=EventStore(db),
-        lost_after_s=LOST_AFTER_S,
+        liveness=LIVENESS,
         commands=CommandStore(db),
         max_body_bytes=4096,
     )
@@ -333,3 +337,54 @@ async def test_a_body_of_exactly_the_bound_is_read(commands_client: TestClient[A
         )
         assert resp.status == status, await resp.text()
         assert words in (await resp.json())["error"]
+
+
+async def _scrape(client: TestClient[Any, Any]) -> dict[str, float]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    samples = {}
+    for line in (await resp.text()).splitlines():
+        if line.startswith("openshell_gateway_sandboxes"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_count_sandboxes_and_drop_the_counts_when_the_store_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandboxes gauge is counted by the API's rule; a count that fails leaves the series out
+    (no stale counts passed off as current), and says when the last good count was."""
+    monkeypatch.setattr(gateway.metrics, "SANDBOX_COUNT_TTL_S", 0.0)  # every scrape counts again
+    db = await Database.open(f"sqlite:///{tmp_path}/metrics.db")
+    sandboxes = SandboxStore(db)
+    metrics = GatewayMetrics(SessionRegistry())
+    app = build_api(
+        sandboxes=sandboxes, events=EventStore(db), liveness=LIVENESS, now=lambda: T0, metrics=metrics
+    )
+    try:
+        async with TestClient(TestServer(app)) as client:
+            for sid in ("a", "b", "c"):
+                await sandboxes.ensure(sid, spec={"image": "x"})
+            await sandboxes.mark_connected(
+                "a", instance_id="i1", session_id="s1", journal_epoch="e1", owner="gw", at=T0
+            )
+            samples = await _scrape(client)
+            assert samples['openshell_gateway_sandboxes{state="connected"}'] == 1
+            assert samples['openshell_gateway_sandboxes{state="pending"}'] == 2
+            counted = samples["openshell_gateway_sandboxes_counted_timestamp_seconds"]
+            assert counted > 0
+
+            async with db.engine.begin() as conn:  # the table is gone: every read fails
+                await conn.execute(text("ALTER TABLE sandboxes RENAME TO sandboxes_away"))
+            samples = await _scrape(client)
+            assert not any(name.startswith("openshell_gateway_sandboxes{") for name in samples), samples
+            assert samples["openshell_gateway_sandboxes_counted_timestamp_seconds"] == counted
+
+            async with db.engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE sandboxes_away RENAME TO sandboxes"))
+            samples = await _scrape(client)
+            assert samples['openshell_gateway_sandboxes{state="connected"}'] == 1
+        await metrics.close()
+    finally:
+        await db.close()

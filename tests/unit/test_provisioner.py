@@ -19,12 +19,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.api import build_api
-from gateway.config import KubernetesDriverSettings
+from gateway.config import KubernetesDriverSettings, SessionSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import CreatedSandbox, KubernetesDriverError, PodState, Snapshot
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
 from gateway.drivers.registry import RegistryError
 from gateway.provisioner import KubernetesProvisioner
+from gateway.sandbox_state import Liveness
 from gateway.store import Database, EventStore, SandboxStore, utcnow
 from openshell_wire.records import Event, LogRecord, LogStream
 from tests.support.procs import child_env
@@ -232,7 +233,12 @@ async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore,
     driver = FakeDriver()
     prov = provisioner(store, driver)
     db = await Database.open(f"sqlite:///{tmp_path}/events.db")
-    app = build_api(sandboxes=store, events=EventStore(db), lost_after_s=60, provisioner=prov)
+    app = build_api(
+        sandboxes=store,
+        events=EventStore(db),
+        liveness=Liveness.from_settings(SessionSettings(lost_after_s=60)),
+        provisioner=prov,
+    )
     bad: list[tuple[Any, str]] = [
         ({"id": "Bad_Id", "command": ["true"]}, "not a valid name"),
         ({"id": "ok", "command": "true"}, "list of strings"),
@@ -310,7 +316,10 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
     driver = FakeDriver()
     db = await Database.open(f"sqlite:///{tmp_path}/events.db")
     app = build_api(
-        sandboxes=store, events=EventStore(db), lost_after_s=60, provisioner=provisioner(store, driver)
+        sandboxes=store,
+        events=EventStore(db),
+        liveness=Liveness.from_settings(SessionSettings(lost_after_s=60)),
+        provisioner=provisioner(store, driver),
     )
     try:
         async with TestClient(TestServer(app)) as client:
@@ -381,7 +390,12 @@ async def test_a_deleted_sandbox_can_be_created_again_and_its_old_logs_stay(tmp_
     store, events, driver = SandboxStore(db), EventStore(db), FakeDriver()
     prov = provisioner(store, driver)
     await prov.start()
-    app = build_api(sandboxes=store, events=events, lost_after_s=60, provisioner=prov)
+    app = build_api(
+        sandboxes=store,
+        events=events,
+        liveness=Liveness.from_settings(SessionSettings(lost_after_s=60)),
+        provisioner=prov,
+    )
     body = {"id": "again", "command": ["true"]}
     try:
         async with TestClient(TestServer(app)) as client:
