@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 STOP_MARGIN_S = 8.0
 #: At most this long (of the margin) to stop the HTTP API.
 HTTP_STOP_S = 5.0
+#: Kept (of the margin) for closing the database after the disconnection writes.
+CLOSE_RESERVE_S = 1.5
 
 
 class GatewayStartError(Exception):
@@ -225,24 +227,29 @@ class Gateway:
             await _bounded(self._provisioner.close(), left(), what="closing the Kubernetes driver")
             self._provisioner = None
         if self._service is not None:
-            await self._service.drain(timeout_s=left())
+            await self._service.drain(timeout_s=max(0.0, left() - CLOSE_RESERVE_S))
         await self.metrics.close()
         if self._guard is not None:
             self._guard.close()
         self._flush_log.close()
         if self.db is not None:
             # At least a moment: a database that answers closes its connections politely.
-            await _bounded(self.db.close(), max(left(), 1.0), what="closing the database")
+            await _bounded(self.db.close(), max(left(), 0.5), what="closing the database")
             self.db = None
         log.info("gateway stopped")
 
 
-async def _bounded(work: Awaitable[None], timeout_s: float, *, what: str) -> None:
-    """Await ``work`` for at most ``timeout_s``; past that it is cancelled, with a warning."""
-    try:
-        await asyncio.wait_for(work, timeout_s)
-    except TimeoutError:
-        log.warning("shutdown: gave up %s after %.1fs (the shutdown deadline)", what, timeout_s)
+async def _bounded(work: Coroutine[Any, Any, None], timeout_s: float, *, what: str) -> None:
+    """Await ``work`` for at most ``timeout_s``; past that it is cancelled, with a warning, and
+    not waited for: a hung database driver may take its time to give up, and the deadline is
+    the pod's (what is still cancelling ends with the event loop)."""
+    task = asyncio.create_task(work, name=f"shutdown: {what}")
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if task in done:
+        task.result()
+        return
+    task.cancel()
+    log.warning("shutdown: gave up %s after %.1fs (the shutdown deadline)", what, timeout_s)
 
 
 def _read_pem(what: str, path: Path) -> bytes:

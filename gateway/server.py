@@ -73,6 +73,8 @@ Ctx = aio.ServicerContext[Any, Any]
 #: A disconnection that cannot be written is tried again after at most this long (full-jitter
 #: exponential backoff from a fifth of a second).
 DISCONNECT_RETRY_MAX_S = 10.0
+#: On shutdown, how long cancelled disconnection writes are given to end (see ``drain``).
+DRAIN_CANCEL_WAIT_S = 0.5
 
 
 class ProtocolError(Exception):
@@ -172,7 +174,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            # Briefly: a write stuck on a hung database may take its time to notice (the rest of
+            # the cancellation ends with the event loop; the shutdown has a deadline).
+            await asyncio.wait(pending, timeout=DRAIN_CANCEL_WAIT_S)
         self._retry_log.close()
         self._recorded_log.close()
 

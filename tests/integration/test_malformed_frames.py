@@ -20,7 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from openshell_wire.v1 import openshell_pb2 as pb
-from tests.support.procs import GatewayProcess
+from tests.support.procs import GatewayProcess, wait_until
 
 #: A length-delimited field 1 that claims 5 bytes and carries 2: no message type parses it.
 MALFORMED = b"\x0a\x05ab"
@@ -74,6 +74,13 @@ def _metric(gateway: GatewayProcess, name: str, method: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _gauge(gateway: GatewayProcess, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/metrics", timeout=10) as resp:
+        found = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
 @pytest.fixture
 def started(gateway: GatewayProcess) -> GatewayProcess:
     gateway.start()
@@ -105,6 +112,13 @@ async def test_a_malformed_frame_inside_a_session_or_a_log_stream_ends_that_call
         # The gateway goes on serving well-formed calls.
         health = pb.DESCRIPTOR.services_by_name["OpenShell"].methods_by_name["Health"]
         assert await _call(channel, health, pb.HealthRequest().SerializeToString()) == grpc.StatusCode.OK
+    # The session the bad frame ended is gone from the registry, and its row says so.
+    assert _gauge(started, "openshell_gateway_sessions") == 0
+    wait_until(
+        lambda: started.query("SELECT connected FROM sandboxes WHERE id = 'sb-malformed'") == [(0,)],
+        timeout=10,
+        what="sb-malformed marked disconnected",
+    )
     assert "Traceback" not in started.log_text()
 
 

@@ -12,7 +12,10 @@ supervisor dies (SIGKILL), then writable again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -162,9 +165,15 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         assert gone["state"] == "disconnected" and gone["connected"] is False, gone
         assert gone["disconnected_since"] is not None
         assert (await _row(pg_server, database, "sb-dies"))["connected"], "the disconnection write failed"
-        # The metrics count it by the same rule.
-        assert _metric(gw, 'openshell_gateway_sandboxes{state="connected"}') == 0
-        assert _metric(gw, 'openshell_gateway_sandboxes{state="disconnected"}') == 1
+        # The metrics count it by the same rule (counted again within a few seconds).
+        await _until(
+            lambda: (
+                _metric(gw, 'openshell_gateway_sandboxes{state="connected"}') == 0
+                and _metric(gw, 'openshell_gateway_sandboxes{state="disconnected"}') == 1
+            ),
+            within=15,
+            what="the sandboxes gauge",
+        )
 
         # Meanwhile, callers get UNAVAILABLE with a retry hint, never UNKNOWN.
         async with aio.insecure_channel(gw.address) as channel:
@@ -219,7 +228,7 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         gw.stop()
     log = gw.log_text()
     assert "Traceback" not in log, log[-4000:]
-    assert "disconnection recorded after" in log
+    assert "disconnection of sandbox sb-dies recorded after" in log
 
 
 async def test_a_gateway_stops_while_a_disconnection_write_still_fails(
@@ -254,5 +263,78 @@ async def test_a_gateway_stops_while_a_disconnection_write_still_fails(
     log = gw.log_text()
     # sb-stuck's, and sb-lives' own, ended by the shutdown.
     assert "2 disconnection(s) not written" in log and "gateway stopped" in log
+    assert "Traceback" not in log, log[-3000:]
+    _kill_tree(lives)
+
+
+def _api_or_error(gateway: GatewayProcess, sandbox_id: str) -> object:
+    try:
+        return _api(gateway, sandbox_id)
+    except OSError as exc:  # the gateway went away mid-request
+        return exc
+
+
+def _postgres_processes(pg: PgServer) -> list[psutil.Process]:
+    """The server's postmaster (found by its port) and every backend it forked."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and "-p" in cmdline and str(pg.port) in cmdline:
+            return [proc, *proc.children(recursive=True)]
+    raise AssertionError(f"no postgres process listening on port {pg.port}")
+
+
+async def test_a_gateway_stops_within_its_bound_while_the_database_hangs(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """A database that hangs (every postgres process stopped: connections open, nothing answers)
+    rather than one that fails: an API request, the disconnection writes and the closing of the
+    database each wait for it. The shutdown phases share one deadline, so the gateway exits within
+    grpc.shutdown_grace_s + 10 s, what the chart gives it after the preStop drain
+    (terminationGracePeriodSeconds), with nothing logged as a traceback."""
+    grace_s = 5.0  # the default: each phase bounded by it alone added up to more than the pod has
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        extra=["--database-url", pg_server.url(database), "--set", f"grpc.shutdown_grace_s={grace_s}"],
+    )
+    gw.start()
+    stopped: list[psutil.Process] = []
+    try:
+        lives = SupervisorProcess(tmp_path / "lives", "sb-lives", gw.address, ["sleep", "60"])
+        dies = SupervisorProcess(tmp_path / "dies", "sb-dies", gw.address, ["sleep", "60"])
+        supervisors.extend([lives, dies])
+        lives.start()
+        dies.start()
+        for sandbox_id in ("sb-lives", "sb-dies"):
+            await _until(
+                lambda sid=sandbox_id: _api(gw, sid).get("state") == "connected",
+                within=30,
+                what=f"{sandbox_id} connected",
+            )
+        stopped = _postgres_processes(pg_server)
+        for proc in stopped:
+            proc.suspend()
+        _kill_tree(dies)  # its disconnection write now hangs, and so do the heartbeat flushes
+        # An API request that waits for the database too (its answer does not matter).
+        asking = asyncio.create_task(asyncio.to_thread(_api_or_error, gw, "sb-lives"))
+        await asyncio.sleep(2)
+        assert gw.proc is not None
+        began = asyncio.get_running_loop().time()
+        gw.signal(signal.SIGTERM)
+        bound = grace_s + 10
+        try:
+            await asyncio.to_thread(gw.proc.wait, bound + 20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the gateway did not stop in {bound + 20:.0f}s") from None
+        took = asyncio.get_running_loop().time() - began
+        await asking
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+        gw.stop()
+    log = gw.log_text()
+    assert gw.proc.returncode == 0, log[-3000:]
+    assert took < bound, f"stopping took {took:.1f}s, past the pod's {bound:.0f}s: {log[-3000:]}"
+    assert "2 disconnection(s) not written" in log and "gateway stopped" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     _kill_tree(lives)
