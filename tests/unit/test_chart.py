@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from gateway import cli as gateway_cli
+from gateway.app import STOP_MARGIN_S
 from gateway.config import GatewayConfig
 from gateway.drivers.kubernetes import RBAC_RULES, pull_secret_rule, rbac_rules
 from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod, selector_labels
@@ -274,9 +275,10 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     spec = deployment(objects)["spec"]["template"]["spec"]
     container = gateway_container(objects)
     drain, grace = values["gateway"]["drainSeconds"], values["gateway"]["grpc"]["shutdownGraceSeconds"]
-    # The preStop drain, gRPC's shutdown grace, then 5 s for the HTTP server and a margin to flush
-    # heartbeats and close the database.
-    assert spec["terminationGracePeriodSeconds"] == drain + grace + 10
+    # The preStop drain, then the gateway's shutdown deadline (gateway.app.Gateway.stop: the gRPC
+    # grace plus STOP_MARGIN_S, whatever the database does), and 2 s for the process to exit.
+    assert STOP_MARGIN_S + 2 == 10
+    assert spec["terminationGracePeriodSeconds"] == drain + grace + STOP_MARGIN_S + 2
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
     assert container["args"] == ["serve", "--config", "/etc/openshell/gateway.yaml"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
