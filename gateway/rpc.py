@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -160,64 +160,91 @@ async def _decoded(message_class: type[Message], frames: AsyncIterator[bytes]) -
         yield decode(message_class, data)
 
 
-def _handler(method: MethodDescriptor, impl: Any, guard: CallGuard) -> grpc.RpcMethodHandler[Any, Any]:
+#: What a handler is given: one frame's bytes, or the stream of them (client streaming).
+Frames = bytes | AsyncIterator[bytes]
+#: A servicer's method as found by name: a coroutine function, an async generator function, or None.
+Impl = Callable[[Any, Ctx], object] | None
+
+
+def _handler(method: MethodDescriptor, impl: Impl, guard: CallGuard) -> grpc.RpcMethodHandler[bytes, Message]:
+    """The handler for ``method``, its shape taken from the method's descriptor (its streaming
+    flags), then the servicer's ``impl`` fitted into it (or refused UNIMPLEMENTED)."""
     name = method.name
     request_class = message_factory.GetMessageClass(method.input_type)
     serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
     client_streaming, server_streaming = method.client_streaming, method.server_streaming
 
-    def request_of(request: Any) -> Any:
-        return _decoded(request_class, request) if client_streaming else decode(request_class, request)
+    def request_of(request: Frames) -> Message | AsyncIterator[Message]:
+        if client_streaming:
+            assert not isinstance(request, bytes)
+            return _decoded(request_class, request)
+        assert isinstance(request, bytes)
+        return decode(request_class, request)
 
-    async def unimplemented(context: Ctx) -> NoReturn:
+    async def refused(request: Frames, context: Ctx) -> NoReturn:
+        """The servicer lacks the method, or has it in a shape the descriptor does not allow."""
+        try:
+            decoded = request_of(request)
+            if not isinstance(decoded, Message):
+                async for _ in decoded:  # every frame is still checked, then refused
+                    pass
+        except Exception as exc:
+            await guard.settle(name, context, exc)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this gateway")
 
-    if server_streaming and inspect.isasyncgenfunction(impl):
+    async def streaming(request: Frames, context: Ctx) -> AsyncIterator[object]:
+        assert impl is not None
+        responses = impl(request_of(request), context)
+        assert inspect.isasyncgen(responses)
+        try:
+            async for out in responses:
+                yield out
+        except Exception as exc:
+            await guard.settle(name, context, exc)
+        finally:
+            # A call cancelled while this wrapper waits at its yield would otherwise leave the
+            # handler suspended until garbage collection: its cleanup (the session registry)
+            # must run now.
+            await responses.aclose()
 
-        async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            responses = impl(request_of(request), context)
-            try:
-                async for out in responses:
-                    yield out
-            except Exception as exc:
-                await guard.settle(name, context, exc)
-            finally:
-                # A call cancelled while this wrapper waits at its yield would otherwise leave the
-                # handler suspended until garbage collection: its cleanup (the session registry)
-                # must run now.
-                await responses.aclose()
+    async def single(request: Frames, context: Ctx) -> object:
+        assert impl is not None
+        try:
+            result = impl(request_of(request), context)
+            assert inspect.isawaitable(result)
+            return await result
+        except Exception as exc:
+            await guard.settle(name, context, exc)
 
-        behaviour: Any = streaming
+    behaviour: Callable[[Frames, Ctx], object]
+    if server_streaming:
+        # A stream of answers: yielded by an async generator, or written with context.write by a
+        # coroutine (grpc_health's Watch).
+        if inspect.isasyncgenfunction(impl):
+            behaviour = streaming
+        elif inspect.iscoroutinefunction(impl):
+            behaviour = single
+        else:
+            behaviour = refused
     else:
-
-        async def single(request: Any, context: Ctx) -> Any:
-            try:
-                decoded = request_of(request)
-                if not inspect.iscoroutinefunction(impl):
-                    if not client_streaming:
-                        await unimplemented(context)
-                    async for _ in decoded:  # every frame is still checked, then refused
-                        pass
-                    await unimplemented(context)
-                return await impl(decoded, context)
-            except Exception as exc:
-                await guard.settle(name, context, exc)
-
-        behaviour = single
-    kinds = {
+        behaviour = single if inspect.iscoroutinefunction(impl) else refused
+    kinds: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[bytes, Message]]] = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
-    make: Any = kinds[(client_streaming, server_streaming)]
     # No request_deserializer: the handler gets the frame's bytes and decodes them itself.
-    handler: grpc.RpcMethodHandler[Any, Any] = make(behaviour, response_serializer=serialize)
-    return handler
+    return kinds[(client_streaming, server_streaming)](behaviour, response_serializer=serialize)
 
 
 def add_service(
-    server: aio.Server, service: ServiceDescriptor | Any, servicer: object, *, guard: CallGuard
+    server: aio.Server,
+    # Any too: the generated modules' descriptors are upb's, which the stubs do not know.
+    service: ServiceDescriptor | Any,
+    servicer: object,
+    *,
+    guard: CallGuard,
 ) -> None:
     """Register every method of ``service`` on ``server``, served by ``servicer``'s methods of the
     same names (see the module docstring); a method the servicer lacks answers UNIMPLEMENTED."""
