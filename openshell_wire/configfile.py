@@ -14,18 +14,25 @@ other.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+)
 
+log = logging.getLogger(__name__)
 _FILE_DATA: ContextVar[Mapping[str, Any] | None] = ContextVar("openshell_config_file", default=None)
 _USE_ENV: ContextVar[bool] = ContextVar("openshell_config_use_env", default=True)
 
@@ -49,8 +56,76 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_FILE_DATA.get() or {})
 
 
+def _layer_name(source: PydanticBaseSettingsSource) -> str:
+    if isinstance(source, InitSettingsSource):
+        return "flags"
+    if isinstance(source, EnvSettingsSource):
+        return "environment"
+    if isinstance(source, _FileSource):
+        return "file"
+    return type(source).__name__
+
+
+def rename_deprecated(data: Mapping[str, Any], renames: Mapping[str, str], *, layer: str) -> dict[str, Any]:
+    """``data`` (one layer's values) with each deprecated dotted key moved to its new name.
+
+    Done per layer, before the layers are merged, so the usual order (flags > environment > file)
+    decides between an old name in one layer and the new name in another. Both names with different
+    values in one layer are a ConfigError. The mappings on the way are copied, never changed in
+    place."""
+    out = dict(data)
+    for old, new in renames.items():
+        *parents, old_leaf = old.split(".")
+        new_leaf = new.split(".")[-1]
+        node: dict[str, Any] = out
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, Mapping):
+                break
+            node[part] = node = dict(child)
+        else:
+            if old_leaf not in node:
+                continue
+            value = node.pop(old_leaf)
+            if new_leaf in node and node[new_leaf] != value:
+                raise ConfigError(layer, [f"{old} is the deprecated name of {new}: set {new} only"])
+            node[new_leaf] = value
+            log.warning("configuration (%s): %s is deprecated, use %s", layer, old, new)
+    return out
+
+
+class _Renamed(PydanticBaseSettingsSource):
+    """One layer of a model with deprecated keys, with them renamed (:func:`rename_deprecated`)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource, renames: Mapping[str, str]
+    ) -> None:
+        super().__init__(settings_cls)
+        self._inner = inner
+        self._renames = renames
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        super()._set_current_state(state)
+        self._inner._set_current_state(state)
+
+    def _set_settings_sources_data(self, states: dict[str, dict[str, Any]]) -> None:
+        super()._set_settings_sources_data(states)
+        self._inner._set_settings_sources_data(states)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return rename_deprecated(self._inner(), self._renames, layer=_layer_name(self._inner))
+
+
 class LayeredSettings(BaseSettings):
     """Base of each component's config model: flags (init kwargs) > env > file > defaults."""
+
+    #: Deprecated dotted key -> its new dotted key (same section). Each layer is renamed on its own
+    #: before the merge: renaming after it (in a validator) would see an old name from the file and
+    #: the new one from a flag as a conflict instead of letting the flag win.
+    deprecated_keys: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -61,9 +136,13 @@ class LayeredSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        layers: tuple[PydanticBaseSettingsSource, ...] = (init_settings,)
         if _USE_ENV.get():
-            return (init_settings, env_settings, _FileSource(settings_cls))
-        return (init_settings, _FileSource(settings_cls))
+            layers += (env_settings,)
+        layers += (_FileSource(settings_cls),)
+        if not cls.deprecated_keys:
+            return layers
+        return tuple(_Renamed(settings_cls, layer, cls.deprecated_keys) for layer in layers)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -9,8 +9,9 @@ type or an unknown key stops the supervisor with every problem listed by key pat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -173,12 +174,15 @@ class SessionSettings(_Section):
     exit_flush_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="Deprecated: the old name of exit_delivery_s, still accepted (when only it is set, "
-        "it is the window); reads back as exit_delivery_s.",
+        description="Deprecated: the old name of exit_delivery_s, still accepted with a warning. In each "
+        "layer (flags, environment, file) it is read as exit_delivery_s, so the usual order decides "
+        "between the two names (both in one layer must agree). Reads back as exit_delivery_s.",
     )
 
     @model_validator(mode="after")
     def _exit_window_alias(self) -> SessionSettings:
+        # Loaded configuration has the old name renamed per layer already (SupervisorConfig's
+        # deprecated_keys); this covers a SessionSettings built directly.
         given = self.model_fields_set
         if "exit_flush_timeout_s" in given:
             if "exit_delivery_s" in given and self.exit_delivery_s != self.exit_flush_timeout_s:
@@ -243,6 +247,9 @@ class SupervisorConfig(LayeredSettings):
         extra="forbid",
         validate_default=True,
     )
+    deprecated_keys: ClassVar[Mapping[str, str]] = {
+        "session.exit_flush_timeout_s": "session.exit_delivery_s",
+    }
 
     sandbox_id: str = Field(
         ..., min_length=1, max_length=253, description="The sandbox this supervisor runs."

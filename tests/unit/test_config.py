@@ -90,6 +90,28 @@ def test_cross_field_rules() -> None:
         )
 
 
+def test_the_deprecated_exit_window_name_keeps_the_layer_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """session.exit_flush_timeout_s in one layer and session.exit_delivery_s in another: the higher
+    layer wins, as for any other key (not a conflict), and the old name is warned about."""
+    path = _write(tmp_path, "sandbox_id: s\nsession:\n  exit_flush_timeout_s: 30\n")
+    assert load_settings(SupervisorConfig, file=path).session.exit_delivery_s == 30
+    assert "session.exit_flush_timeout_s is deprecated" in caplog.text
+    flag = load_settings(
+        SupervisorConfig, file=path, overrides=parse_set_flags(["session.exit_delivery_s=45"])
+    )
+    assert flag.session.exit_delivery_s == 45 and flag.session.exit_flush_timeout_s == 45
+    monkeypatch.setenv("OPENSHELL_SUPERVISOR_SESSION__EXIT_DELIVERY_S", "90")
+    assert load_settings(SupervisorConfig, file=path).session.exit_delivery_s == 90
+    # The old name in a higher layer beats the new one in a lower layer just the same.
+    old_flag = parse_set_flags(["session.exit_flush_timeout_s=20"])
+    assert load_settings(SupervisorConfig, file=path, overrides=old_flag).session.exit_delivery_s == 20
+    monkeypatch.setenv("OPENSHELL_SUPERVISOR_SESSION__EXIT_FLUSH_TIMEOUT_S", "12")
+    with pytest.raises(ConfigError, match=r"set session\.exit_delivery_s only"):
+        load_settings(SupervisorConfig, file=path)  # both names in the environment, disagreeing
+
+
 def test_set_flags_build_nested_values() -> None:
     expected = {"a": {"b": 1, "c": "x"}, "d": True, "e": ""}
     assert parse_set_flags(["a.b=1", "a.c=x", "d=true", "e="]) == expected

@@ -41,7 +41,7 @@ def test_exit_delivery_window_and_its_deprecated_name(tmp_path: Path) -> None:
     new = _config(tmp_path, exit_delivery_s=9).session
     assert new.exit_delivery_s == 9 and new.exit_flush_timeout_s == 9  # old readers see the window
     assert _config(tmp_path, exit_delivery_s=9, exit_flush_timeout_s=9).session.exit_delivery_s == 9
-    with pytest.raises(ConfigError, match="exit_delivery_s only"):
+    with pytest.raises(ConfigError, match="exit_delivery_s only"):  # both in one layer
         _config(tmp_path, exit_delivery_s=9, exit_flush_timeout_s=8)
     with pytest.raises(ConfigError, match="keepalive_time_s"):
         _config(tmp_path, keepalive_time_s=5)  # the gateway would answer GOAWAY too_many_pings
