@@ -181,8 +181,10 @@ class Gateway:
         stale_after = Liveness.from_settings(self.config.sessions).stale_after_s
         beats = self.registry.take_heartbeats(renew_after_s=stale_after)
         if beats and self._sandboxes is not None:
+            # Each beat is written only while the row names its session.
+            sessions = self.registry.heartbeat_sessions(beats)
             try:
-                await self._sandboxes.record_heartbeats(beats)
+                await self._sandboxes.record_heartbeats(beats, sessions=sessions)
             except Exception as exc:  # a failed flush must not kill the flusher; the next one retries
                 self.metrics.background_write_failures.labels("heartbeats").inc()
                 self._flush_log.log(
@@ -192,7 +194,7 @@ class Gateway:
                     # A store failure is expected and explained by its message; anything else is a bug.
                     exc_info=None if isinstance(exc, StoreError) else exc,
                 )
-                self.registry.requeue_heartbeats(beats)
+                self.registry.requeue_heartbeats(beats, sessions=sessions)
             else:
                 self.registry.heartbeats_written(beats)
 

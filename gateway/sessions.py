@@ -127,6 +127,9 @@ class SessionRegistry:
             log.info("session replaced", extra={"sandbox_id": sandbox_id, "old_session": old.session_id})
             old.inbox.put_nowait(Close("replaced by a newer session of the same sandbox"))
             session.replaced = (*old.replaced, old.session_id)[-MAX_REPLACED:]
+            # The old session's beats are not the new one's (heartbeats are written per session).
+            self._dirty.discard(sandbox_id)
+            self._pending.pop(sandbox_id, None)
         self._live[sandbox_id] = session
         return session
 
@@ -145,6 +148,11 @@ class SessionRegistry:
     def touch(self, session: Session) -> None:
         session.touch()
         self._dirty.add(session.sandbox_id)
+
+    def heartbeat_sessions(self, beats: dict[str, datetime]) -> dict[str, str]:
+        """The session each of ``beats`` is about (the live one), for a write conditional on it;
+        call it with ``take_heartbeats``' result before awaiting anything."""
+        return {sid: self._live[SandboxId(sid)].session_id for sid in beats}
 
     def take_heartbeats(self, *, renew_after_s: float | None = None) -> dict[str, datetime]:
         """The heartbeat times to flush: last-seen times changed since the previous call, those of
@@ -184,12 +192,16 @@ class SessionRegistry:
             if session is not None:
                 session.last_flushed_wall = max(session.last_flushed_wall, at)
 
-    def requeue_heartbeats(self, beats: dict[str, datetime]) -> None:
+    def requeue_heartbeats(
+        self, beats: dict[str, datetime], *, sessions: dict[str, str] | None = None
+    ) -> None:
         """The flush of ``beats`` failed: hand them out again with the next flush (if the sandbox
-        is still live), merged by the latest time with whatever comes meanwhile."""
+        is still live, and with ``sessions`` still in the same session), merged by the latest
+        time with whatever comes meanwhile."""
         for sandbox_id, at in beats.items():
             key = SandboxId(sandbox_id)
-            if key in self._live:
+            live = self._live.get(key)
+            if live is not None and (sessions is None or sessions[sandbox_id] == live.session_id):
                 before = self._pending.get(key)
                 self._pending[key] = at if before is None else max(before, at)
 

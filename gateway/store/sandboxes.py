@@ -314,17 +314,27 @@ class SandboxStore:
                 )
                 return result.rowcount > 0
 
-    async def record_heartbeats(self, beats: Mapping[str, datetime]) -> None:
-        """Write many sandboxes' last heartbeat times in one transaction."""
+    async def record_heartbeats(
+        self, beats: Mapping[str, datetime], *, sessions: Mapping[str, str] | None = None
+    ) -> None:
+        """Write many sandboxes' last heartbeat times in one transaction. With ``sessions`` (the
+        session each beat came from, for every sandbox in ``beats``), a beat is written only
+        while the row still names its session: a session replaced elsewhere (its supervisor
+        reconnected to another gateway) cannot refresh a row that is another session's now."""
         if not beats:
             return
         # bindparam names must differ from the column names, or SQLAlchemy takes them for the SET.
-        statement = (
-            update(sandboxes_table)
-            .where(sandboxes_table.c.id == bindparam("b_id"))
-            .values(last_heartbeat_at=bindparam("b_at"))
-        )
-        params = [{"b_id": sandbox_id, "b_at": at} for sandbox_id, at in beats.items()]
+        c = sandboxes_table.c
+        where = [c.id == bindparam("b_id")]
+        if sessions is not None:
+            where.append(c.session_id == bindparam("b_session"))
+        statement = update(sandboxes_table).where(*where).values(last_heartbeat_at=bindparam("b_at"))
+        params: list[dict[str, object]] = [
+            {"b_id": sandbox_id, "b_at": at} for sandbox_id, at in beats.items()
+        ]
+        if sessions is not None:
+            for param in params:
+                param["b_session"] = sessions[str(param["b_id"])]
         with store_errors(f"cannot record the heartbeats of {len(params)} sandboxes"):
             async with self._db.engine.begin() as conn:
                 await conn.execute(statement, params)

@@ -233,3 +233,51 @@ async def test_a_session_whose_connection_write_failed_still_clears_the_one_it_r
     await svc.drain(timeout_s=5)
     row = await sandboxes.get("sb-replaced")
     assert row is not None and not row.connected, "no session holds it: it must not stay connected"
+
+
+async def test_a_replaced_session_cannot_refresh_the_row_of_another(tmp_path: Path) -> None:
+    """A half-dead session held here while its supervisor reconnected to another gateway: that
+    gateway's session now owns the row, and this gateway's flush of the old session's beats
+    leaves it alone (the heartbeat write is conditional on the session), while the beats of the
+    session the row does name are written."""
+    db = await Database.open(gateway_config(tmp_path).database.url)
+    try:
+        sandboxes = SandboxStore(db)
+        registry = SessionRegistry()
+        for sandbox_id in ("moved", "stays"):
+            await sandboxes.ensure(sandbox_id)
+            session = registry.open(
+                sandbox_id=SandboxId(sandbox_id),
+                instance_id="i1",
+                journal_epoch=JournalEpoch("e1"),
+                capabilities=frozenset(),
+            )
+            await sandboxes.mark_connected(
+                sandbox_id,
+                instance_id="i1",
+                session_id=session.session_id,
+                journal_epoch="e1",
+                owner="here",
+                at=session.opened_at,
+            )
+        elsewhere = datetime.now(UTC)
+        await sandboxes.mark_connected(
+            "moved",
+            instance_id="i1",
+            session_id="s-elsewhere",
+            journal_epoch="e1",
+            owner="there",
+            at=elsewhere,
+        )
+        for sandbox_id in ("moved", "stays"):
+            session = registry.get(sandbox_id)
+            assert session is not None
+            registry.touch(session)
+            session.last_seen_wall = elsewhere + timedelta(seconds=5)
+        beats = registry.take_heartbeats()
+        await sandboxes.record_heartbeats(beats, sessions=registry.heartbeat_sessions(beats))
+        moved, stays = await sandboxes.get("moved"), await sandboxes.get("stays")
+        assert moved is not None and moved.last_heartbeat_at == elsewhere, "another session's row"
+        assert stays is not None and stays.last_heartbeat_at == elsewhere + timedelta(seconds=5)
+    finally:
+        await db.close()
