@@ -136,6 +136,10 @@ class Agent:
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        #: time.monotonic() at which the exit-delivery window of the last exit of the main process
+        #: ends: the EXITED record's retries on a full disk and the delivery after it share it, so
+        #: the supervisor is done within session.exit_delivery_s of that exit (the pod's grace).
+        self._exit_deadline: float | None = None
 
     # -- the view the HTTP endpoints read -------------------------------------------------
 
@@ -180,14 +184,16 @@ class Agent:
             return False
         return True
 
-    async def record_lifecycle(self, payload: LifecycleRecord) -> None:
+    async def record_lifecycle(self, payload: LifecycleRecord, *, deadline: float | None = None) -> None:
         """Journal a lifecycle record, retrying while the disk is full: these are never dropped.
 
         Acknowledgements trim the journal and free room while we wait, so a full disk with a
-        reachable gateway resolves itself; without one, we give up after the flush timeout and
-        say so, rather than hang the exit.
+        reachable gateway resolves itself; without one, we give up at ``deadline`` (a
+        time.monotonic(); by default session.exit_delivery_s from now, at least 1 s) and say so,
+        rather than hang. The exit's records pass the exit-delivery window's deadline.
         """
-        deadline = time.monotonic() + max(self.config.session.exit_flush_timeout_s, 1.0)
+        if deadline is None:
+            deadline = time.monotonic() + max(self.config.session.exit_delivery_s, 1.0)
         while not self.record(payload):
             if time.monotonic() > deadline:
                 # Still not silent: the journal counts it in the next WRITE_FAILED gap record.
@@ -378,6 +384,9 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
             if self._stopping:
+                # Stopped during the restart backoff: the delivery window starts now, not at the
+                # exit the backoff followed.
+                self._exit_deadline = time.monotonic() + self.config.session.exit_delivery_s
                 break
             code = await self._run_once(f"restart {restarts}/{policy.restart_limit} after exit code {code}")
         self._main_done = True
@@ -400,9 +409,13 @@ class Agent:
             pid = await main.start()
         except StartFailed as exc:
             log.error("main process could not start: %s", exc)
-            await self.record_lifecycle(LifecycleRecord(kind=LifecycleKind.START_FAILED, detail=str(exc)))
+            deadline = self._exit_deadline = time.monotonic() + self.config.session.exit_delivery_s
             await self.record_lifecycle(
-                LifecycleRecord(kind=LifecycleKind.EXITED, exit_code=exc.exit_code, detail=str(exc))
+                LifecycleRecord(kind=LifecycleKind.START_FAILED, detail=str(exc)), deadline=deadline
+            )
+            await self.record_lifecycle(
+                LifecycleRecord(kind=LifecycleKind.EXITED, exit_code=exc.exit_code, detail=str(exc)),
+                deadline=deadline,
             )
             return exc.exit_code
         pending, self._pending_signals = self._pending_signals, []
@@ -421,6 +434,7 @@ class Agent:
         self.started_at = time.time()
         log.info("main process started", extra={"pid": pid})
         status = await main.wait()
+        self._exit_deadline = time.monotonic() + self.config.session.exit_delivery_s
         await self.record_lifecycle(
             LifecycleRecord(
                 kind=LifecycleKind.EXITED,
@@ -429,7 +443,8 @@ class Agent:
                 signal=status.signal,
                 detail=status.detail,
                 instance_id=self.instance_id,
-            )
+            ),
+            deadline=self._exit_deadline,
         )
         self.last_exit_code = status.exit_code
         log.info("main process exited", extra={"pid": pid, "exit_code": status.exit_code})
@@ -442,12 +457,13 @@ class Agent:
 
     async def _flush(self) -> None:
         """Wait until the gateway holds everything journaled, records that arrive meanwhile
-        (a command's audit line, a health sample) included, within ``session.exit_delivery_s``.
+        (a command's audit line, a health sample) included, within ``session.exit_delivery_s`` of
+        the main process's exit (the window the EXITED record's retries already used counts).
 
         Disconnected, the session would otherwise sit out a reconnect backoff of up to
         ``reconnect_max_s`` while the window runs: it is told to try at once and keep trying often."""
         window = self.config.session.exit_delivery_s
-        deadline = time.monotonic() + window
+        deadline = self._exit_deadline if self._exit_deadline is not None else time.monotonic() + window
         target = self.journal.last_sequence
         if self.journal.acked_through < target:
             self.session.deliver_exit()

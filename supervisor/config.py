@@ -146,10 +146,13 @@ class SessionSettings(_Section):
     keepalive_time_s: float = Field(
         20.0,
         ge=10,
-        description="Send an HTTP/2 keepalive ping on the gateway connection after this long without "
-        "a frame from the gateway, so a dead connection is noticed also while the session is connecting "
-        "or the gateway's heartbeat interval is long. At least 10 s: the gateway accepts pings that often "
-        "(more often, it would end the connection with GOAWAY too_many_pings).",
+        description="Send an HTTP/2 keepalive ping on an established gateway connection after this long "
+        "without a frame from the gateway, so a connection whose peer no longer answers is closed also "
+        "while the gateway's heartbeat interval is long (the TCP/TLS handshake is bounded by "
+        "gateway.connect_timeout_s only; a gateway whose loop is stuck still answers pings, its "
+        "heartbeats' stale bound catches that). At least 10 s: our gateway accepts pings that often (more "
+        "often, it would end the connection with GOAWAY too_many_pings). Towards a gateway that lacked our "
+        "capabilities in the last session (upstream, gRPC's default ping policy) at least 300 s.",
     )
     keepalive_timeout_s: float = Field(
         10.0, gt=0, description="A keepalive ping unanswered this long closes the connection."

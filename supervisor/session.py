@@ -12,9 +12,11 @@ One ConnectSupervisor stream at a time. Each attempt:
    attempt, which follows gRPC's own reconnect backoff (up to two minutes) rather than ours. Every
    attempt would then time out, and after a heal the session came back only with the next
    retransmission or gRPC reconnect, tens of seconds later; behind a Service a dead connection also
-   pins the supervisor to a partitioned replica. HTTP/2 keepalive
-   pings close a silent connection after ``keepalive_time_s + keepalive_timeout_s`` whatever the
-   heartbeat interval, besides the session's own stale bound (4.);
+   pins the supervisor to a partitioned replica. Once the connection is up, HTTP/2 keepalive pings
+   close it when the peer's network stack stops answering (``keepalive_time_s +
+   keepalive_timeout_s``); the handshake itself is bounded by ``connect_timeout_s`` only, and a
+   gateway whose Python loop is stuck still answers pings from gRPC's C core, so only the
+   session's stale bound (4.) notices a silent gateway;
 2. in **events mode** (the gateway also speaks ``events``) it trims what the gateway already
    holds (``resume_after_sequence``), then streams journal records above that point in batches,
    with at most ``max_inflight_batches`` unacknowledged; each EventAck trims the journal;
@@ -25,9 +27,14 @@ One ConnectSupervisor stream at a time. Each attempt:
 
 Between attempts it waits a full-jitter exponential backoff (tenacity), at least the gateway's
 retry-after (``SessionRejected.retry_after_ms``, or the ``grpc-retry-pushback-ms`` trailer of an
-UNAVAILABLE status, jittered upwards). An attempt that had a healthy session, or ended on the
-gateway's reconnect hint, starts the backoff again from the beginning after a short random spread,
-so a gateway restart does not make every supervisor reconnect in the same instant.
+UNAVAILABLE or RESOURCE_EXHAUSTED status; capped at ``MAX_RETRY_HINT_S``, spread upwards). An
+attempt that had a healthy session, or ended on the gateway's reconnect hint, starts the backoff
+again from the beginning after a short random spread, so a gateway restart does not make every
+supervisor reconnect in the same instant.
+
+A gateway that answers, if only to refuse (a rejection, a retry pushback: its database is down) or
+to send us elsewhere, is reachable: ``SessionStatus.offline_since`` (what the offline policy
+counts) covers only the time in which no gateway answered at all.
 
 Once the main process has exited (:meth:`Session.deliver_exit`) there is something urgent to
 deliver and a deadline: the wait in progress is cut short, and from then on the backoff is capped at
@@ -45,6 +52,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
@@ -75,10 +83,26 @@ log = logging.getLogger(__name__)
 #: Trailing metadata of an UNAVAILABLE status: how long the gateway asks us to stay away, in ms
 #: (gRPC's retry pushback, as a gateway whose store fails sends it).
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: The statuses whose pushback is honoured: the gateway is there but cannot serve us now. On others
+#: (an INTERNAL from a proxy, say) a stray trailer must not keep a sandbox away.
+PUSHBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+#: Most we wait for any retry hint of the gateway (pushback or SessionRejected.retry_after_ms): a
+#: misconfigured or buggy gateway cannot keep its sandboxes away for longer than this at a time.
+MAX_RETRY_HINT_S = 300.0
+#: A retry hint is spread upwards by up to this fraction, so a fleet told the same pushback does
+#: not come back in the same instant.
+RETRY_HINT_SPREAD = 0.2
+#: The keepalive interval towards a gateway without our capabilities (an upstream gateway): gRPC's
+#: default server policy answers pings more often than every 5 minutes without data from it with
+#: GOAWAY too_many_pings, which would end every session (we reconnect, but needlessly).
+UPSTREAM_KEEPALIVE_S = 300.0
 
 
 def pushback_s(exc: aio.AioRpcError) -> float:
-    """The retry pushback of a failed call in seconds, 0.0 without one (or a malformed one)."""
+    """The retry pushback of a failed call in seconds, 0.0 without one (or a malformed one, or on
+    a status other than UNAVAILABLE and RESOURCE_EXHAUSTED)."""
+    if exc.code() not in PUSHBACK_CODES:
+        return 0.0
     for key, value in exc.trailing_metadata() or ():
         if key == PUSHBACK_KEY:
             raw = value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -86,23 +110,31 @@ def pushback_s(exc: aio.AioRpcError) -> float:
                 ms = int(raw)
             except ValueError:
                 return 0.0
-            # A negative pushback means "do not retry" in gRPC's retry policy; we always retry, and
-            # a gateway cannot make us stay away for more than an hour.
-            return min(max(ms, 0), 3_600_000) / 1000
+            # A negative pushback means "do not retry" in gRPC's retry policy; we always retry.
+            return min(max(ms, 0) / 1000, MAX_RETRY_HINT_S)
     return 0.0
 
 
 class SessionEnded(Exception):
-    """One attempt is over. ``restart`` means: no backoff, reconnect after ``delay_s``."""
+    """One attempt is over. ``restart`` means: no backoff, reconnect after ``delay_s``.
+    ``answered``: the gateway itself ended it (a rejection, a pushback, a reconnect hint), so it is
+    reachable, whatever it refused."""
 
     def __init__(
-        self, reason: str, *, retry_after_s: float = 0.0, restart: bool = False, delay_s: float = 0.0
+        self,
+        reason: str,
+        *,
+        retry_after_s: float = 0.0,
+        restart: bool = False,
+        delay_s: float = 0.0,
+        answered: bool = False,
     ):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.restart = restart
         self.delay_s = delay_s
+        self.answered = answered
 
 
 @dataclass
@@ -115,8 +147,13 @@ class SessionStatus:
     last_error: str = ""
     last_rtt_ms: float | None = None
     connected_since: float | None = None
-    #: time.monotonic() since when no session has been up (None while connected).
+    #: time.monotonic() since when no gateway has answered: no session up, and no rejection,
+    #: pushback or reconnect hint since (None while connected or answered). The offline policy
+    #: counts this: a gateway that refuses us (its database is down) is not offline.
     offline_since: float | None = field(default_factory=time.monotonic)
+    #: time.monotonic() since when no session has been up (None while connected): the length of
+    #: the outage journaled when one is up again.
+    disconnected_since: float | None = field(default_factory=time.monotonic)
     history: list[str] = field(default_factory=list)
 
 
@@ -186,6 +223,9 @@ class Session:
         self._delivering_exit = False
         #: time.monotonic() before which the gateway asked us not to come back (its retry hint).
         self._not_before = 0.0
+        #: The last gateway that accepted us lacked our capabilities: ping it no more often than
+        #: gRPC's default server policy allows.
+        self._upstream_gateway = False
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -220,7 +260,10 @@ class Session:
     def deliver_exit(self) -> None:
         """The main process has exited: try at once and keep the reconnect backoff short.
 
-        Called by the exit-delivery window (``Agent._flush``); a connected session is not touched.
+        Called by the exit-delivery window (``Agent._flush``). A wait between attempts in progress
+        ends at once (the gateway's retry hint still holds); a connected session goes on, but the
+        first wait after it ends is skipped, and from now on every backoff, and the spread after a
+        healthy session or a reconnect hint, is capped at ``exit_reconnect_max_s``.
         """
         if not self._delivering_exit:
             self._delivering_exit = True
@@ -252,14 +295,17 @@ class Session:
         exc = state.outcome.exception() if state.outcome is not None else None
         retry_after = exc.retry_after_s if isinstance(exc, SessionEnded) else 0.0
         if retry_after > 0:
-            # At least what the gateway asked for, spread upwards: a fleet told the same pushback
-            # must not come back in the same instant.
-            retry_after *= 1 + random.uniform(0, self._s.heartbeat_jitter)
+            # At least what the gateway asked for (within our cap), spread upwards: a fleet told
+            # the same pushback must not come back in the same instant.
+            retry_after = min(retry_after, MAX_RETRY_HINT_S) * (1 + random.uniform(0, RETRY_HINT_SPREAD))
         self._not_before = time.monotonic() + retry_after
         return max(base, retry_after)
 
     def _channel_options(self) -> list[tuple[str, int | str]]:
         s = self._s
+        keepalive_s = (
+            max(s.keepalive_time_s, UPSTREAM_KEEPALIVE_S) if self._upstream_gateway else s.keepalive_time_s
+        )
         return [
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.enable_retries", 0),
@@ -269,10 +315,12 @@ class Session:
             # We reconnect on our own schedule with a fresh channel.
             ("grpc.initial_reconnect_backoff_ms", 1000),
             # A connection the gateway no longer answers is closed after keepalive time + timeout.
-            # The gateway permits a ping every 5 s (gateway/server.py server_options), half of
+            # Our gateway permits a ping every 5 s (gateway/server.py server_options), half of
             # keepalive_time_s's least value; pings go on without data written by us (a blackholed
-            # write sits in the socket buffer), as gRPC otherwise stops after two.
-            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            # write sits in the socket buffer), as gRPC otherwise stops after two. An upstream
+            # gateway (learnt from the last session) gets gRPC's default server policy's interval:
+            # a GOAWAY too_many_pings would end each session (an UNAVAILABLE we reconnect from).
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
         ]
@@ -312,7 +360,10 @@ class Session:
         except SessionEnded as ended:
             raise self._after(ended, accepted_at) from None
         except aio.AioRpcError as exc:
-            failed = SessionEnded(f"{exc.code().name}: {exc.details()}", retry_after_s=pushback_s(exc))
+            pushback = pushback_s(exc)
+            failed = SessionEnded(
+                f"{exc.code().name}: {exc.details()}", retry_after_s=pushback, answered=pushback > 0
+            )
             raise self._after(failed, accepted_at) from None
         except (TimeoutError, OSError) as exc:
             raise self._after(SessionEnded(f"{type(exc).__name__}: {exc}"), accepted_at) from None
@@ -320,10 +371,12 @@ class Session:
             # A bug of ours must not end the session task for good: the sandbox would be cut off
             # from its gateway in silence. Log it loudly and go on with the backoff.
             log.exception("session attempt failed unexpectedly")
-            raise SessionEnded(f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise self._after(
+                SessionEnded(f"internal error: {type(exc).__name__}: {exc}"), accepted_at
+            ) from exc
         finally:
-            if self.status.connected_since is not None and self.status.offline_since is None:
-                self.status.offline_since = time.monotonic()
+            if self.status.connected_since is not None:
+                self.status.disconnected_since = time.monotonic()
             self.status.connected_since = None
             if call is not None:
                 call.cancel()
@@ -331,8 +384,13 @@ class Session:
                 await channel.close(grace=None)
 
     def _after(self, ended: SessionEnded, accepted_at: float | None) -> SessionEnded:
-        """Turn the end of a long healthy session into a restart without backoff."""
+        """Turn the end of a long healthy session into a restart without backoff, and count the
+        time offline from the first attempt no gateway answered."""
         self.status.last_error = ended.reason
+        if ended.answered:
+            self.status.offline_since = None
+        elif self.status.offline_since is None:
+            self.status.offline_since = time.monotonic()
         healthy = accepted_at is not None and time.monotonic() - accepted_at >= self._s.healthy_session_s
         # A pushback (the gateway's store is failing) keeps its wait, healthy session or not.
         if healthy and not ended.restart and ended.retry_after_s == 0:
@@ -358,7 +416,7 @@ class Session:
         kind = first.WhichOneof("payload")
         if kind == "session_rejected":
             r = first.session_rejected
-            raise SessionEnded(f"rejected: {r.reason}", retry_after_s=r.retry_after_ms / 1000)
+            raise SessionEnded(f"rejected: {r.reason}", retry_after_s=r.retry_after_ms / 1000, answered=True)
         if kind != "session_accepted":
             raise SessionEnded(f"the gateway answered the hello with {kind or 'an unknown message'}")
         accepted: pb.SessionAccepted = first.session_accepted
@@ -369,6 +427,7 @@ class Session:
     ) -> None:
         interval = (accepted.heartbeat_interval_ms / 1000) or float(accepted.heartbeat_interval_secs) or 10.0
         events_mode = CAP_EVENTS in accepted.capabilities
+        self._upstream_gateway = not events_mode
         self._note_reconnected()
         self.status.sessions += 1
         self.status.state = "connected"
@@ -464,11 +523,14 @@ class Session:
                     f"gateway asked to reconnect: {msg.reconnect.reason}",
                     restart=True,
                     delay_s=random.uniform(0, window) if window > 0 else 0.0,
+                    answered=True,
                 )
             elif kind == "session_rejected":
                 r = msg.session_rejected
                 raise SessionEnded(
-                    f"session ended by the gateway: {r.reason}", retry_after_s=r.retry_after_ms / 1000
+                    f"session ended by the gateway: {r.reason}",
+                    retry_after_s=r.retry_after_ms / 1000,
+                    answered=True,
                 )
             elif kind == "command":
                 reply, notes = await self._command(msg.command)
@@ -533,8 +595,8 @@ class Session:
 
     def _note_reconnected(self) -> None:
         """Journal the end of an outage (not the first connection), with its length."""
-        since = self.status.offline_since
-        self.status.offline_since = None
+        since = self.status.disconnected_since
+        self.status.offline_since = self.status.disconnected_since = None
         if since is None or self.status.sessions == 0:
             return
         outage_ms = int((time.monotonic() - since) * 1000)

@@ -76,7 +76,8 @@ log = logging.getLogger(__name__)
 #: How long :meth:`Telemetry.stop` waits for the last export before giving up on it. A healthy
 #: endpoint takes milliseconds; this bound is reached only when the endpoint fails during the
 #: final flush itself (the exporter retries within its own deadline). Counts towards the pod's
-#: termination grace period, after process.stop_grace_s and session.exit_flush_timeout_s.
+#: termination grace period, after process.stop_grace_s and session.exit_delivery_s (one window
+#: from the main process's exit, a full disk's retries of the EXITED record included).
 SHUTDOWN_TIMEOUT_S = 3.0
 #: Log records waiting for the exporter; past this the oldest are dropped.
 LOG_QUEUE_SIZE = 8192

@@ -1,12 +1,14 @@
 """The session's reconnect rules against a real in-process gRPC server: the gateway's retry pushback
-is honoured, and the exit-delivery settings (with their deprecated name) load as documented."""
+is honoured (and capped), a gateway that answers is not offline, an exit cuts the waits short, and
+the exit-delivery settings (with their deprecated name) load as documented."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,8 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.agent import journal_options
 from supervisor.config import SupervisorConfig
 from supervisor.journal import Journal
-from supervisor.session import PUSHBACK_KEY, Session
+from supervisor.session import MAX_RETRY_HINT_S, PUSHBACK_KEY, Session, pushback_s
+from tests.support.procs import free_port
 
 
 def _config(tmp_path: Path, address: str = "127.0.0.1:1", **session: object) -> SupervisorConfig:
@@ -48,10 +51,11 @@ def test_exit_delivery_window_and_its_deprecated_name(tmp_path: Path) -> None:
 
 
 class _StoreDown(pb_grpc.OpenShellServicer):
-    """A gateway whose store fails: every session ends UNAVAILABLE with a retry pushback."""
+    """A gateway whose store fails: every session ends with ``code`` and a retry pushback."""
 
-    def __init__(self, pushback_ms: str) -> None:
+    def __init__(self, pushback_ms: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.pushback_ms = pushback_ms
+        self.code = code
         self.attempts: list[float] = []
 
     async def ConnectSupervisor(
@@ -61,41 +65,179 @@ class _StoreDown(pb_grpc.OpenShellServicer):
     ) -> AsyncIterator[pb.GatewayMessage]:
         self.attempts.append(time.monotonic())
         await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            "store unavailable",
-            trailing_metadata=((PUSHBACK_KEY, self.pushback_ms),),
+            self.code, "store unavailable", trailing_metadata=((PUSHBACK_KEY, self.pushback_ms),)
         )
         yield pb.GatewayMessage()  # unreachable: makes this an async generator, as the method streams
 
 
-async def _attempts_against(tmp_path: Path, pushback_ms: str, *, seconds: float) -> list[float]:
-    servicer = _StoreDown(pushback_ms)
+class _Answering(pb_grpc.OpenShellServicer):
+    """A gateway that answers every hello with ``answer`` (a rejection, or an acceptance followed
+    by a reconnect hint), then waits for the supervisor to go."""
+
+    def __init__(self, *answer: pb.GatewayMessage) -> None:
+        self.answer = answer
+        self.attempts: list[float] = []
+
+    async def ConnectSupervisor(
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        self.attempts.append(time.monotonic())
+        async for _hello in request_iterator:
+            break
+        for message in self.answer:
+            yield message
+        async for _message in request_iterator:
+            pass
+
+
+_Servicer = _StoreDown | _Answering
+
+
+@contextlib.asynccontextmanager
+async def _session_against(tmp_path: Path, servicer: _Servicer, **session: object) -> AsyncIterator[Session]:
+    """A running Session against a real in-process gRPC server with ``servicer``."""
     server = aio.server()
     pb_grpc.add_OpenShellServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    config = _config(tmp_path, f"127.0.0.1:{port}", reconnect_initial_s=0.01, reconnect_max_s=0.05)
+    settings: dict[str, object] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.05, **session}
+    config = _config(tmp_path, f"127.0.0.1:{port}", **settings)
     journal = Journal.open(journal_options(config))
-    session = Session(config=config, journal=journal, instance_id="i")
-    task = asyncio.create_task(session.run())
+    live = Session(config=config, journal=journal, instance_id="i")
+    task = asyncio.create_task(live.run())
     try:
-        await asyncio.sleep(seconds)
+        yield live
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
         journal.close()
-    return servicer.attempts
+
+
+async def _until(predicate: Callable[[], bool], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_retry_pushback_is_honoured(tmp_path: Path) -> None:
-    attempts = await _attempts_against(tmp_path, "1000", seconds=2.5)
-    gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    # At least the pushback between attempts (not the 50 ms backoff cap), spread upwards by jitter.
-    assert 2 <= len(attempts) <= 3, attempts
+    servicer = _StoreDown("1000")
+    async with _session_against(tmp_path, servicer):
+        await asyncio.sleep(2.5)
+    gaps = [b - a for a, b in itertools.pairwise(servicer.attempts)]
+    # At least the pushback between attempts (not the 50 ms backoff cap), spread upwards.
+    assert 2 <= len(servicer.attempts) <= 3, servicer.attempts
     assert all(gap >= 1.0 for gap in gaps), gaps
 
 
-async def test_a_malformed_pushback_is_ignored(tmp_path: Path) -> None:
-    attempts = await _attempts_against(tmp_path, "soon", seconds=0.5)
-    assert len(attempts) >= 4  # the ordinary short backoff
+@pytest.mark.parametrize(
+    "servicer",
+    [
+        pytest.param(lambda: _StoreDown("soon"), id="malformed"),
+        pytest.param(lambda: _StoreDown("1000", grpc.StatusCode.INTERNAL), id="not-unavailable"),
+    ],
+)
+async def test_a_pushback_is_ignored_when_malformed_or_on_another_status(
+    tmp_path: Path, servicer: Callable[[], _StoreDown]
+) -> None:
+    gateway = servicer()
+    async with _session_against(tmp_path, gateway):
+        await _until(lambda: len(gateway.attempts) >= 4, within=5, what="four attempts")
+    gaps = [b - a for a, b in itertools.pairwise(gateway.attempts)]
+    assert all(gap < 0.9 for gap in gaps), gaps  # the ordinary short backoff, not the 1 s pushback
+
+
+def test_the_pushback_is_capped() -> None:
+    def failed(code: grpc.StatusCode, ms: str) -> aio.AioRpcError:
+        return aio.AioRpcError(code, aio.Metadata(), aio.Metadata((PUSHBACK_KEY, ms)))
+
+    assert pushback_s(failed(grpc.StatusCode.UNAVAILABLE, "1500")) == 1.5
+    assert pushback_s(failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "1500")) == 1.5
+    assert pushback_s(failed(grpc.StatusCode.UNAVAILABLE, str(10**9))) == MAX_RETRY_HINT_S
+    assert pushback_s(failed(grpc.StatusCode.UNAVAILABLE, "-5")) == 0.0
+    assert pushback_s(failed(grpc.StatusCode.INTERNAL, "1500")) == 0.0
+
+
+def _rejected(retry_after_ms: int) -> pb.GatewayMessage:
+    message = pb.GatewayMessage()
+    message.session_rejected.reason = "store unavailable"
+    message.session_rejected.retry_after_ms = retry_after_ms
+    return message
+
+
+@pytest.mark.parametrize(
+    "servicer",
+    [
+        pytest.param(lambda: _StoreDown("200"), id="pushback"),
+        pytest.param(lambda: _Answering(_rejected(200)), id="rejected"),
+    ],
+)
+async def test_a_gateway_that_answers_is_not_offline(
+    tmp_path: Path, servicer: Callable[[], _Servicer]
+) -> None:
+    """A gateway that refuses us (its database is down) is reachable: the offline policy, which
+    counts status.offline_since, must not stop a healthy sandbox for the gateway's outage."""
+    gateway = servicer()
+    async with _session_against(tmp_path, gateway) as session:
+        assert session.status.offline_since is not None  # not yet answered
+        await _until(lambda: len(gateway.attempts) >= 3, within=10, what="three answered attempts")
+        assert session.status.offline_since is None, session.status
+        assert session.status.state != "connected"
+
+
+async def test_an_unreachable_gateway_is_offline(tmp_path: Path) -> None:
+    config = _config(tmp_path, f"127.0.0.1:{free_port()}", reconnect_initial_s=0.01, reconnect_max_s=0.05)
+    journal = Journal.open(journal_options(config))
+    session = Session(config=config, journal=journal, instance_id="i")
+    task = asyncio.create_task(session.run())
+    try:
+        await _until(lambda: session.status.attempts >= 3, within=10, what="three refused attempts")
+        assert session.status.offline_since is not None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        journal.close()
+
+
+async def test_an_exit_ends_the_wait_in_progress(tmp_path: Path) -> None:
+    gateway = _StoreDown("soon")  # refused, no pushback: the ordinary (here 300 s) backoff
+    async with _session_against(tmp_path, gateway, reconnect_initial_s=300, reconnect_max_s=300) as session:
+        await _until(lambda: session.status.state == "backoff", within=5, what="the backoff")
+        assert len(gateway.attempts) == 1
+        session.deliver_exit()
+        await _until(lambda: len(gateway.attempts) >= 3, within=5, what="the attempts of the exit")
+    gaps = [b - a for a, b in itertools.pairwise(gateway.attempts[1:])]
+    assert all(gap <= 1.5 for gap in gaps), gaps  # exit_reconnect_max_s (1 s) plus room
+
+
+async def test_an_exit_does_not_cut_the_gateways_pushback_short(tmp_path: Path) -> None:
+    gateway = _StoreDown("1500")
+    async with _session_against(tmp_path, gateway) as session:
+        await _until(lambda: len(gateway.attempts) == 1, within=5, what="the first attempt")
+        session.deliver_exit()
+        await _until(lambda: len(gateway.attempts) >= 2, within=10, what="the second attempt")
+    assert gateway.attempts[1] - gateway.attempts[0] >= 1.5
+
+
+def _accepted_then_reconnect(window_ms: int) -> tuple[pb.GatewayMessage, pb.GatewayMessage]:
+    accepted = pb.GatewayMessage()
+    accepted.session_accepted.session_id = "s"
+    accepted.session_accepted.heartbeat_interval_ms = 10_000
+    hint = pb.GatewayMessage()
+    hint.reconnect.reason = "draining"
+    hint.reconnect.delay_window_ms = window_ms
+    return accepted, hint
+
+
+async def test_during_an_exit_a_reconnect_hint_waits_at_most_the_exit_backoff(tmp_path: Path) -> None:
+    """The gateway asks to reconnect within 600 s (a drain's spread): while an exit is being
+    delivered the supervisor comes back within exit_reconnect_max_s instead."""
+    gateway = _Answering(*_accepted_then_reconnect(600_000))
+    async with _session_against(tmp_path, gateway) as session:
+        session.deliver_exit()  # the first wait is skipped; the later ones are what is checked
+        await _until(lambda: len(gateway.attempts) >= 4, within=10, what="sessions after reconnect hints")
+    gaps = [b - a for a, b in itertools.pairwise(gateway.attempts[1:])]
+    assert all(gap <= 1.5 for gap in gaps), gaps
