@@ -60,22 +60,29 @@ class NetPair:
             f"10.213.{subnet}.2",
         )
         veth_g, veth_s = f"vg{tag}", f"vs{tag}"
-        if pair.gateway_ns:
-            _run("ip", "netns", "add", pair.gateway_ns)
-        _run("ip", "netns", "add", pair.sandbox_ns)
-        _run("ip", "link", "add", veth_g, "type", "veth", "peer", "name", veth_s)
-        if pair.gateway_ns:
-            _run("ip", "link", "set", veth_g, "netns", pair.gateway_ns)
-        _run("ip", "link", "set", veth_s, "netns", pair.sandbox_ns)
-        for ns, dev, ip in (
-            (pair.gateway_ns, veth_g, pair.gateway_ip),
-            (pair.sandbox_ns, veth_s, pair.sandbox_ip),
-        ):
-            where = ["-n", ns] if ns else []
-            _run("ip", *where, "addr", "add", f"{ip}/30", "dev", dev)
-            _run("ip", *where, "link", "set", dev, "up")
-            if ns:
-                _run("ip", "-n", ns, "link", "set", "lo", "up")
+        try:
+            if pair.gateway_ns:
+                _run("ip", "netns", "add", pair.gateway_ns)
+            _run("ip", "netns", "add", pair.sandbox_ns)
+            _run("ip", "link", "add", veth_g, "type", "veth", "peer", "name", veth_s)
+            if pair.gateway_ns:
+                _run("ip", "link", "set", veth_g, "netns", pair.gateway_ns)
+            _run("ip", "link", "set", veth_s, "netns", pair.sandbox_ns)
+            for ns, dev, ip in (
+                (pair.gateway_ns, veth_g, pair.gateway_ip),
+                (pair.sandbox_ns, veth_s, pair.sandbox_ip),
+            ):
+                where = ["-n", ns] if ns else []
+                _run("ip", *where, "addr", "add", f"{ip}/30", "dev", dev)
+                _run("ip", *where, "link", "set", dev, "up")
+                if ns:
+                    _run("ip", "-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            # Half made (a subnet taken by a parallel run, say): leave no namespace or link behind.
+            # A veth still in this namespace (not yet moved) goes with its own deletion.
+            subprocess.run(["ip", "link", "del", veth_g], capture_output=True)
+            pair.destroy()
+            raise
         return pair
 
     def cut(self, direction: CutDirection = "both", *, port: int | None = None) -> None:
