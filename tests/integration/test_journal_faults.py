@@ -243,3 +243,52 @@ def test_a_segment_removed_before_delivery_is_a_corrupt_gap_at_the_gateway(
     (gap,) = _walk(gateway.events("seg"), _written(("line", 400)), "corrupt")
     assert (gap["first_sequence"], gap["last_sequence"]) == (first, last)
     assert gap["detail"] == "segment file missing"
+
+
+EXIT_ON_FULL_DISK_AGENT = textwrap.dedent(
+    """
+    import os, sys
+    disk, exited = sys.argv[1], sys.argv[2]
+    fd = os.open(os.path.join(disk, "filler"), os.O_WRONLY | os.O_CREAT, 0o644)
+    for size in (65536, 512, 1):
+        try:
+            while True:
+                os.write(fd, b"\\0" * size)
+        except OSError:
+            pass
+    os.close(fd)
+    for i in range(200):  # fill what is left of the segment's last page
+        print(f"line {i}".ljust(200, "."), flush=True)
+    open(exited, "w").close()
+    sys.exit(3)
+    """
+)
+
+
+def test_an_exit_on_a_full_disk_is_done_within_one_exit_delivery_window(
+    tmp_path: Path, small_disk: Path, supervisors: list[SupervisorProcess]
+) -> None:
+    """The EXITED record cannot be journaled (the disk stays full, no reserve) and no gateway is
+    there: its retries and the delivery after it share one window from the main process's exit, so
+    the supervisor is done within session.exit_delivery_s of it, inside the pod's grace (it used to
+    retry the record for a whole window before the delivery window began)."""
+    window = 6.0
+    exited = tmp_path / "exited"
+    sv = SupervisorProcess(
+        tmp_path / "fd",
+        "full-disk-exit",
+        f"127.0.0.1:{free_port()}",  # nothing listens: the records cannot be delivered either
+        [sys.executable, "-u", "-c", EXIT_ON_FULL_DISK_AGENT, str(small_disk), str(exited)],
+        settings=[f"session.exit_delivery_s={window}", "journal.reserve_bytes=0", "health.enabled=false"],
+    )
+    assert sv.journal_dir == small_disk
+    supervisors.append(sv)
+    sv.start()
+    wait_until(exited.exists, timeout=30, what="the main process's exit")
+    exited_at = exited.stat().st_mtime
+    assert sv.wait(3 * window) == 3
+    log = sv.log_text()
+    assert "lifecycle record could not be journaled" in log, log[-3000:]
+    done_after = time.time() - exited_at
+    # One window plus room for a loaded machine; two windows is what the old code took.
+    assert done_after < 1.6 * window, f"done {done_after:.1f}s after the exit\n{log[-3000:]}"
