@@ -14,6 +14,7 @@ window) or still writes (the ordinary backoff), every line arrives once, the exi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,9 +275,17 @@ def test_a_partitioned_replica_is_left_for_another_within_seconds(tmp_path: Path
         partitioned_at = time.monotonic()
         wait_until(lambda: b.log_lines("partitioned"), timeout=60, what="lines at B")
         moved_after = time.monotonic() - partitioned_at
-        # The connection to A, silent for seconds now, is closed (its unacknowledged bytes keep it
-        # in FIN-WAIT), not kept ESTABLISHED for a later channel to take over.
-        kept = net.sandbox_exec("ss", "-tnH", "state", "established", "src", f":{to_a[0]}")
+
+        # The connection to A is closed (its unacknowledged bytes keep it in FIN-WAIT), not kept
+        # ESTABLISHED for minutes. Not always at once: in some runs it outlived its closed channel
+        # while the kernel still held unacknowledged bytes, until about 10 s after the partition
+        # (the socket's TCP_USER_TIMEOUT, which gRPC sets from keepalive_timeout_s, 10 s).
+        def kept() -> str:
+            return net.sandbox_exec("ss", "-tnH", "state", "established", "src", f":{to_a[0]}")
+
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not kept().strip(), timeout=20, what="the connection to A to close")
+        still = kept()
         assert sv.wait(timeout=60) == 0
     finally:
         sv.stop()
@@ -284,12 +293,12 @@ def test_a_partitioned_replica_is_left_for_another_within_seconds(tmp_path: Path
         b.stop()
         net.destroy()
     log = sv.log_text()
+    assert not still.strip(), f"the connection to the partitioned replica is kept:\n{still}{log[-3000:]}"
     # The stale bound (3 x 0.5 s) plus one attempt on A's dead connection (2 s) and one backoff step
     # (2 s), plus room for a loaded machine.
     assert moved_after <= 1.5 + 2.0 + 2.0 + 5.0, (
         f"reached B {moved_after:.1f}s after the partition\n{log[-3000:]}"
     )
-    assert not kept.strip(), f"the connection to the partitioned replica is kept:\n{kept}"
     at_a, at_b = a.log_lines("partitioned"), b.log_lines("partitioned")
     expected = [f"line {i}" for i in range(lines)]
     # B resumes where the journal stands (A's acknowledged records are trimmed): it holds a tail
