@@ -21,7 +21,7 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.agent import journal_options
 from supervisor.config import SupervisorConfig
 from supervisor.journal import Journal
-from supervisor.session import MAX_RETRY_HINT_S, PUSHBACK_KEY, Session, pushback_s
+from supervisor.session import MAX_RETRY_HINT_S, PUSHBACK_KEY, UPSTREAM_KEEPALIVE_S, Session, pushback_s
 from tests.support.procs import free_port
 
 
@@ -241,3 +241,18 @@ async def test_during_an_exit_a_reconnect_hint_waits_at_most_the_exit_backoff(tm
         await _until(lambda: len(gateway.attempts) >= 4, within=10, what="sessions after reconnect hints")
     gaps = [b - a for a, b in itertools.pairwise(gateway.attempts[1:])]
     assert all(gap <= 1.5 for gap in gaps), gaps
+
+
+async def test_an_upstream_gateway_is_pinged_no_more_often_than_its_default_policy_allows(
+    tmp_path: Path,
+) -> None:
+    """A gateway without our capabilities (gRPC's default server policy: a ping every 5 minutes
+    without data) would answer 20 s pings with GOAWAY too_many_pings: the next channels ping it
+    at most every UPSTREAM_KEEPALIVE_S."""
+    accepted, hint = _accepted_then_reconnect(0)
+    accepted.session_accepted.ClearField("capabilities")
+    gateway = _Answering(accepted, hint)
+    async with _session_against(tmp_path, gateway) as session:
+        assert dict(session._channel_options())["grpc.keepalive_time_ms"] == 20_000
+        await _until(lambda: session.status.sessions >= 1, within=10, what="a session")
+        assert dict(session._channel_options())["grpc.keepalive_time_ms"] == UPSTREAM_KEEPALIVE_S * 1000
