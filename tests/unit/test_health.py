@@ -460,7 +460,7 @@ def test_changes_are_never_evicted_and_samples_give_way_like_logs(tmp_path: Path
 
 
 def test_the_gateway_stores_kind_health_with_its_numbers() -> None:
-    row = _row("sb", "e1", sequence=5, timestamp_ms=1, payload=RECORD, received_at=None)
+    row = _row("sb", "e1", sequence=5, timestamp_ms=1, payload=RECORD, received_at=None, generation=1)
     assert row[4] == "health" and row[5] is None
     assert row[6] == "health degraded: memory 91% of limit; disk /j 88% full"
     data = json.loads(row[7])
@@ -470,7 +470,13 @@ def test_the_gateway_stores_kind_health_with_its_numbers() -> None:
         {"path": "/data", "used_bytes": 1, "total_bytes": 2},
     ]
     log_row = _row(
-        "sb", "e1", sequence=6, timestamp_ms=1, payload=LogRecord(LogStream.STDOUT, "x"), received_at=None
+        "sb",
+        "e1",
+        sequence=6,
+        timestamp_ms=1,
+        payload=LogRecord(LogStream.STDOUT, "x"),
+        received_at=None,
+        generation=1,
     )
     assert log_row[4] == "log"
 
