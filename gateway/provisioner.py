@@ -11,8 +11,10 @@ registration back (``Failed`` with ``released``). The row then becomes the new s
 next generation; the old one's events stay readable under theirs. A delete that is still under way
 (the pod terminating, its supervisor perhaps still delivering) keeps the id taken: until then a
 create answers 409. So does a create that got no pod within ``CREATE_DEADLINE_S`` (marked
-``Failed`` by the watch): it may still be running, on this replica or another, and freeing the id
-would let a second create build the same pod; a DELETE frees it once the driver finds no pod.
+``Failed`` by the watch when it lists the pods, or still ``Creating``): it may still be running,
+on this replica or another, and freeing the id would let a second create build the same pod; a
+DELETE frees it once the driver finds no pod (a ``Creating`` row only past the deadline, so a
+create still in flight keeps its id).
 Every write on behalf of one create is conditional on its generation, so a slow create cannot
 write over a later one's row.
 
@@ -73,6 +75,18 @@ def _gone(row: SandboxRow) -> bool:
     state = row.driver_state or {}
     phase = state.get("phase")
     return phase == "Deleted" or (phase == "Failed" and state.get("released") is True)
+
+
+def _never_got_pod(state: Mapping[str, Any], *, now: datetime) -> bool:
+    """Whether a sandbox's create never got its pod: marked ``Failed`` by the deadline, or still
+    ``Creating`` past it (then it is no longer in flight: a create has its pod within moments)."""
+    if "pod" in state:
+        return False
+    phase = state.get("phase")
+    if phase == "Failed":
+        return True
+    since = _parse_time(state.get("at"))
+    return phase == "Creating" and since is not None and (now - since).total_seconds() > CREATE_DEADLINE_S
 
 
 # What may carry a credential in a driver's or registry's error text: the userinfo of a URL, an
@@ -222,9 +236,11 @@ class KubernetesProvisioner:
         except KubernetesDriverError as exc:
             raise ProvisionError(_status(exc), redact(str(exc))) from None
         state = (row.driver_state or {}) if row is not None else {}
-        if row is not None and not found and state.get("phase") == "Failed" and "pod" not in state:
-            # A create that never got its pod (marked by the deadline): asked to delete it and
-            # finding no pod, the caller frees the id, for this generation only.
+        if row is not None and not found and _never_got_pod(state, now=utcnow()):
+            # A create that never got its pod (marked by the deadline, or past it unmarked: the
+            # watch checks the deadline only when it lists the pods, and a gateway that stopped
+            # between registering and creating may have restarted before the deadline): asked to
+            # delete it and finding no pod, the caller frees the id, for this generation only.
             await self.sandboxes.set_driver_state(
                 sandbox_id,
                 {**state, "phase": "Deleted", "at": utcnow().isoformat()},

@@ -505,3 +505,26 @@ async def test_a_failed_create_again_shows_no_credentials_and_touches_only_its_g
     assert not await store.set_spec("cred", {"image": "x:1"}, generation=1)
     assert not await store.delete("cred", generation=1)
     assert (await store.get("cred")).driver_state == state  # type: ignore[union-attr]
+
+
+async def test_a_delete_frees_a_create_past_its_deadline_that_the_watch_never_marked(
+    store: SandboxStore,
+) -> None:
+    """A gateway that stopped between registering a sandbox and creating its pod, and came back
+    within the deadline, leaves the row ``Creating``: its watch lists the pods only at start and
+    after an error, so it never marks it. A DELETE that finds no pod frees the id all the same;
+    one of a create still within its deadline (perhaps in flight elsewhere) does not."""
+    prov = provisioner(store, FakeDriver())
+    await store.create("stuck", driver="kubernetes", driver_state={"phase": "Creating", "at": T_OLD})
+    await store.create(
+        "young", driver="kubernetes", driver_state={"phase": "Creating", "at": utcnow().isoformat()}
+    )
+    for sandbox_id in ("stuck", "young"):
+        with pytest.raises(ProvisionError) as refused:
+            await prov.create(sandbox_id, ["true"], image=None, env={})
+        assert refused.value.status == 409
+        assert await prov.delete(sandbox_id) is False
+    assert (await prov.create("stuck", ["true"], image=None, env={}))["generation"] == 2
+    with pytest.raises(ProvisionError) as refused:
+        await prov.create("young", ["true"], image=None, env={})
+    assert refused.value.status == 409, "a create within its deadline may still make its pod"
