@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, select, update
+from sqlalchemy import Insert, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.elements import ColumnElement
@@ -257,14 +257,21 @@ class SandboxStore:
     ) -> bool:
         """Record a new session as the sandbox's current one. Exit information is kept.
 
-        With ``generation`` (the one the session's hello found), nothing is written if the id
-        has been created again since: False then. A row that is missing altogether is an error."""
+        ``at`` is when the session opened: nothing is written if the row already names a session
+        opened later (False then), so a delayed write of a dead session cannot take the row from
+        a newer live one (whose heartbeats are written only while the row names it). With
+        ``generation`` (the one the session's hello found), nothing is written either if the id
+        has been created again since. A row that is missing altogether is an error."""
         what = f"cannot mark sandbox {sandbox_id!r} connected"
         with store_errors(what):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
-                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
+                    .where(
+                        sandboxes_table.c.id == sandbox_id,
+                        *_of_generation(generation),
+                        or_(sandboxes_table.c.connected_at.is_(None), sandboxes_table.c.connected_at <= at),
+                    )
                     .values(
                         instance_id=instance_id,
                         session_id=session_id,
@@ -280,8 +287,8 @@ class SandboxStore:
                     exists = await conn.scalar(
                         select(sandboxes_table.c.id).where(sandboxes_table.c.id == sandbox_id)
                     )
-                    if generation is not None and exists is not None:
-                        return False  # the id was created again: the row is another sandbox's
+                    if exists is not None:
+                        return False  # a newer session's row, or the id was created again
                     raise StoreError(f"{what}: no such sandbox (register it first)")
                 return True
 

@@ -281,3 +281,28 @@ async def test_a_replaced_session_cannot_refresh_the_row_of_another(tmp_path: Pa
         assert stays is not None and stays.last_heartbeat_at == elsewhere + timedelta(seconds=5)
     finally:
         await db.close()
+
+
+async def test_a_delayed_connection_write_cannot_take_the_row_from_a_newer_session(tmp_path: Path) -> None:
+    """The write of a session that opened first lands last (a slow replica, a retried
+    transaction): the row keeps naming the newer session, whose heartbeats are then still written
+    (they are written only while the row names their session)."""
+    db = await Database.open(gateway_config(tmp_path).database.url)
+    try:
+        sandboxes = SandboxStore(db)
+        await sandboxes.ensure("sb")
+        older = datetime.now(UTC)
+        newer = older + timedelta(seconds=1)
+        fields: dict[str, Any] = {"instance_id": "i1", "journal_epoch": "e1", "owner": "here"}
+        assert await sandboxes.mark_connected("sb", session_id="s-new", at=newer, **fields)
+        assert not await sandboxes.mark_connected("sb", session_id="s-old", at=older, **fields)
+        row = await sandboxes.get("sb")
+        assert row is not None and row.session_id == "s-new" and row.connected_at == newer
+        beat = newer + timedelta(seconds=5)
+        await sandboxes.record_heartbeats({"sb": beat}, sessions={"sb": "s-new"})
+        row = await sandboxes.get("sb")
+        assert row is not None and row.last_heartbeat_at == beat, "the live session's beat is written"
+        with pytest.raises(StoreError, match="no such sandbox"):
+            await sandboxes.mark_connected("missing", session_id="s", at=newer, **fields)
+    finally:
+        await db.close()
