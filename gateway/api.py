@@ -70,7 +70,7 @@ from gateway.store import (
     utcnow,
 )
 from gateway.store.schema import EVENT_KINDS
-from openshell_wire.records import Command, CommandKind
+from openshell_wire.records import CommandKind
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class _Api:
         liveness: Liveness,
         now: Callable[[], datetime],
         commands: CommandStore | None = None,
-        deliver: Callable[[str, Command], bool] | None = None,
+        deliver: Callable[[CommandRow], bool] | None = None,
         provisioner: Provisioner | None = None,
     ) -> None:
         self.provisioner = provisioner
@@ -386,7 +386,7 @@ class _Api:
         row = await self._sandbox(request)
         kind, args = _command_args(await _json_body(request))
         created = await store.create(row.id, kind, **args)
-        delivered = self.deliver(row.id, created.command) if self.deliver is not None else False
+        delivered = self.deliver(created) if self.deliver is not None else False
         return web.json_response({**command_json(created), "delivered": delivered}, status=201)
 
     async def list_commands(self, request: web.Request) -> web.StreamResponse:
@@ -532,7 +532,7 @@ def build_api(
     liveness: Liveness | None = None,
     now: Callable[[], datetime] = utcnow,
     commands: CommandStore | None = None,
-    deliver: Callable[[str, Command], bool] | None = None,
+    deliver: Callable[[CommandRow], bool] | None = None,
     provisioner: Provisioner | None = None,
     metrics: GatewayMetrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,

@@ -45,7 +45,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
-from gateway.store import CommandStore, EventStore, SandboxStore, StoreError
+from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -137,14 +137,21 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         if not task.cancelled() and task.exception() is not None:
             log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
 
-    def deliver(self, sandbox_id: str, command: Command) -> bool:
-        """Send a stored command to the sandbox's live session on this gateway, if there is one
-        that speaks ``commands``; otherwise it goes out with the sandbox's next session."""
-        session = self._registry.get(sandbox_id)
+    def deliver(self, created: CommandRow) -> bool:
+        """Send a command just stored to its sandbox's live session on this gateway, if there is
+        one that speaks ``commands`` and is of the generation the command was created for;
+        otherwise it goes out with the sandbox's next session (pending commands are sent at every
+        hello)."""
+        session = self._registry.get(created.sandbox_id)
         if session is None or CAP_COMMANDS not in session.capabilities:
             return False
-        self._expect_heartbeats(session, command)
-        session.inbox.put_nowait(Outbound(_command_message(command)))
+        if created.generation is not None and session.generation != created.generation:
+            # The id was created again around the command: a supervisor of the old sandbox still
+            # connected must not get the new one's command (nor the new one a command the
+            # re-creation failed).
+            return False
+        self._expect_heartbeats(session, created.command)
+        session.inbox.put_nowait(Outbound(_command_message(created.command)))
         return True
 
     def _expect_heartbeats(self, session: Session, command: Command) -> None:

@@ -34,6 +34,10 @@ class CommandRow:
     error: str | None
     created_at: datetime
     answered_at: datetime | None
+    #: The sandbox's generation the command was created for, read in the transaction that stored
+    #: it; known only for a command just created (it is not stored: a re-creation fails the old
+    #: generation's pending commands), so that its delivery reaches only a session of that sandbox.
+    generation: int | None = None
 
 
 def _args(command: Command) -> dict[str, int]:
@@ -69,10 +73,10 @@ class CommandStore:
         now = utcnow()
         with store_errors(f"cannot create a command for sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
-                exists = await conn.scalar(
-                    select(sandboxes_table.c.id).where(sandboxes_table.c.id == sandbox_id)
+                generation = await conn.scalar(
+                    select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
                 )
-                if exists is None:
+                if generation is None:
                     raise StoreError(f"cannot create a command for sandbox {sandbox_id!r}: no such sandbox")
                 await conn.execute(
                     insert(commands_table).values(
@@ -84,7 +88,7 @@ class CommandStore:
                         created_at=now,
                     )
                 )
-        return CommandRow(command, sandbox_id, PENDING, None, now, None)
+        return CommandRow(command, sandbox_id, PENDING, None, now, None, generation=int(generation))
 
     async def pending(self, sandbox_id: str) -> list[CommandRow]:
         query = (

@@ -22,6 +22,8 @@ from sqlalchemy.engine import Connection
 
 import gateway.store.events
 from gateway.ratelimit import RateLimitedLog
+from gateway.server import OpenShellService
+from gateway.sessions import Outbound, SessionRegistry
 from gateway.store import (
     UNSEQUENCED_EPOCH,
     CommandStore,
@@ -36,17 +38,21 @@ from gateway.store.db import create_engine, upgrade
 from gateway.store.schema import metadata
 from openshell_wire.convert import WireError, event_to_proto
 from openshell_wire.records import (
+    CAP_COMMANDS,
     CommandKind,
     Event,
     GapReason,
     GapRecord,
+    JournalEpoch,
     LifecycleKind,
     LifecycleRecord,
     LogRecord,
     LogStream,
     Payload,
+    SandboxId,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
+from tests.support.gateway import gateway_config
 
 T0 = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
 TS = 1_764_072_000_000  # 2025-11-25T12:00:00Z
@@ -720,3 +726,56 @@ async def test_event_stores_over_one_database_share_wakeups_and_numbering(db: Da
         )
     )
     assert await writer.high_water_mark("sb", UNSEQUENCED_EPOCH) == 12
+
+
+async def test_a_command_is_delivered_only_to_a_session_of_its_generation(
+    db: Database, tmp_path: Path
+) -> None:
+    """A command carries the generation its sandbox had when it was stored: a supervisor of the old
+    sandbox still connected when the id was created again does not get the new one's command, and
+    the new one does not get a command of the old one (which the re-creation failed)."""
+    sandboxes, commands = SandboxStore(db), CommandStore(db)
+    registry = SessionRegistry()
+    service = OpenShellService(
+        config=gateway_config(tmp_path),
+        registry=registry,
+        sandboxes=sandboxes,
+        events=EventStore(db),
+        commands=commands,
+    )
+
+    def connect(generation: int) -> asyncio.Queue[Any]:
+        session = registry.open(
+            sandbox_id=SandboxId("sb"),
+            instance_id=f"i{generation}",
+            journal_epoch=JournalEpoch(f"e{generation}"),
+            capabilities=frozenset({CAP_COMMANDS}),
+        )
+        session.generation = generation
+        return session.inbox
+
+    def sent(inbox: asyncio.Queue[Any]) -> list[str]:
+        items = []
+        while not inbox.empty():
+            item = inbox.get_nowait()
+            if isinstance(item, Outbound):
+                items.append(item.message.command.command_id)
+        return items
+
+    assert await sandboxes.create("sb", driver="kubernetes", driver_state={"phase": "Running"}) == 1
+    old_inbox = connect(1)
+    first = await commands.create("sb", CommandKind.SIGNAL, signal=10)
+    assert first.generation == 1 and service.deliver(first)
+    assert sent(old_inbox) == [first.command.command_id]
+
+    assert await sandboxes.create("sb", driver="kubernetes", replaces=lambda row: True) == 2
+    second = await commands.create("sb", CommandKind.STOP, grace_ms=1000)
+    assert second.generation == 2
+    assert not service.deliver(second), "the live session is the old sandbox's"
+    assert sent(old_inbox) == []
+    assert [c.command.command_id for c in await commands.pending("sb")] == [second.command.command_id]
+
+    new_inbox = connect(2)
+    assert not service.deliver(first), "a command of the old sandbox does not reach the new one"
+    assert service.deliver(second)
+    assert sent(new_inbox) == [second.command.command_id]
