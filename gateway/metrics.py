@@ -41,6 +41,8 @@ SANDBOX_COUNT_TTL_S = 5.0
 SANDBOX_COUNT_WAIT_S = 2.0
 #: ...and a count that takes longer than this is given up (the series dropped).
 SANDBOX_COUNT_TIMEOUT_S = 10.0
+#: On shutdown, how long a cancelled count is given to end (see ``close``).
+COUNT_CANCEL_WAIT_S = 0.5
 
 
 class _LiveCollector(Collector):
@@ -160,10 +162,14 @@ class GatewayMetrics:
         self.sandboxes_counted.set_to_current_time()
 
     async def close(self) -> None:
-        """Cancel a count still running (the gateway stops)."""
+        """Cancel a count still running (the gateway stops), waiting for it at most
+        ``COUNT_CANCEL_WAIT_S``: a count stuck on a hung database may take its time to notice
+        (SQLAlchemy finishes a connection's cleanup before it lets a cancellation through), and
+        the shutdown has one deadline for all its phases."""
         if self._counting is not None:
-            self._counting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._counting
-            self._counting = None
+            counting, self._counting = self._counting, None
+            counting.cancel()
+            await asyncio.wait({counting}, timeout=COUNT_CANCEL_WAIT_S)
+            if counting.done() and not counting.cancelled():
+                counting.exception()  # retrieved: the count logs its own failures
         self._count_errors.close()

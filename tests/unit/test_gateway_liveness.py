@@ -6,6 +6,7 @@ real SQLite store, driven directly so that the call is closed exactly at a yield
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.rpc import RateLimitedLog, peer_host
+from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
@@ -305,4 +307,48 @@ async def test_a_delayed_connection_write_cannot_take_the_row_from_a_newer_sessi
         with pytest.raises(StoreError, match="no such sandbox"):
             await sandboxes.mark_connected("missing", session_id="s", at=newer, **fields)
     finally:
+        await db.close()
+
+
+class _HungLiveness(SandboxStore):
+    """A real store whose liveness read hangs and, once cancelled, still takes until ``release``
+    to end, as SQLAlchemy does: it finishes a connection's cleanup (a rollback that waits for the
+    hung server) before it lets a cancellation through."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.release = asyncio.Event()
+
+    async def liveness(self) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            while not self.release.is_set():  # further cancellations are held back too
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.release.wait()
+            raise
+
+
+async def test_closing_the_metrics_does_not_wait_for_a_hung_count(tmp_path: Path) -> None:
+    """Shutdown has one deadline for all its phases: a count stuck on the database is cancelled
+    and given a bounded time to end, not awaited until the database answers."""
+    config = gateway_config(tmp_path)
+    db = await Database.open(config.database.url)
+    store = _HungLiveness(db)
+    metrics = GatewayMetrics(SessionRegistry())
+    scrape = asyncio.create_task(
+        metrics.count_sandboxes(
+            store, now=datetime.now(UTC), liveness=Liveness.from_settings(config.sessions)
+        )
+    )
+    closing: asyncio.Task[None] | None = None
+    try:
+        await asyncio.sleep(0.1)  # the count is under way
+        closing = asyncio.create_task(metrics.close())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        assert closing in done, "close() waited for the count stuck on the database"
+    finally:
+        store.release.set()
+        scrape.cancel()
+        await asyncio.gather(scrape, *([closing] if closing else []), return_exceptions=True)
         await db.close()
