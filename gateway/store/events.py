@@ -25,7 +25,10 @@ newer than that: later in the same journal, or from another journal that is the 
 of the current run (later in its journal) sets the exit. Anything else leaves the exit as it is,
 with a log line: a replayed record, a late one of an earlier run or of an older journal, a second
 EXITED of the same run, or a second source (an upstream ``ReportMainProcessExit`` counts for the
-current run only while it has no exit yet). Journaled records are still stored as they came (the
+current run only while it has no exit yet). One exception: a gap record later in the run's journal
+than both the run's STARTED and its last EXITED may hide a restart's STARTED (lost to a write
+failure, corruption or overflow), so the next EXITED after the gap is the exit of the run begun, at
+the latest, at the gap. Journaled records are still stored as they came (the
 journal is the supervisor's account, and its sequence must not have holes); an upstream exit report
 that is ignored is not stored at all. So the sandbox's exit is the exit of the newest run, whatever
 arrives after it and however often. (A journal that connects after a newer one, as a second pod of
@@ -297,6 +300,28 @@ class _Run:
             self.changed = True
         return newer
 
+    def start_may_be_lost(self, epoch: str, sequence: int) -> int | None:
+        """For an EXITED at (``epoch``, ``sequence``) while the current run has its exit: the
+        position after which a gap record would mean a restart's STARTED may have been lost (the
+        current run's STARTED, or -1 before any), or None when no gap could make it the current
+        run's (another journal's, or an upstream report)."""
+        if self.exit_code is None or epoch == UNSEQUENCED_EPOCH:
+            return None
+        if self.run_epoch is None:
+            return -1 if epoch == self.current_epoch else None
+        if epoch != self.run_epoch:
+            return None
+        if self.run_sequence is None:
+            return -1
+        return self.run_sequence if sequence > self.run_sequence else None
+
+    def restarted_unseen(self, epoch: str, gap_sequence: int) -> None:
+        """A gap at (``epoch``, ``gap_sequence``) after the current run's exit may hide a restart's
+        STARTED: the run is unknown from there, and the next EXITED is its exit."""
+        self.exit_code, self.exited_at = None, None
+        self.run_epoch, self.run_sequence = epoch, gap_sequence
+        self.changed = True
+
     def exited(self, epoch: str, sequence: int, code: int, at: datetime) -> bool:
         """Whether an EXITED at (``epoch``, ``sequence``) is the current run's exit (then it is
         recorded): the run has none yet, and the record follows its STARTED."""
@@ -448,6 +473,39 @@ class EventStore:
         )
 
     @staticmethod
+    async def _last_gap(
+        conn: AsyncConnection,
+        sandbox_id: str,
+        journal_epoch: str,
+        *,
+        generation: int,
+        after: int,
+        before: int,
+    ) -> int | None:
+        """The sequence of the journal's last gap record strictly between ``after`` and ``before``
+        and after its last EXITED record before ``before`` (a gap before the recorded exit cannot
+        hide a later restart), or None. This batch's rows count: they are inserted first."""
+
+        def last(*conditions: Any) -> Select[tuple[Any]]:
+            return select(func.max(events_table.c.sequence)).where(
+                events_table.c.sandbox_id == sandbox_id,
+                events_table.c.journal_epoch == journal_epoch,
+                events_table.c.generation == generation,
+                events_table.c.sequence > after,
+                events_table.c.sequence < before,
+                *conditions,
+            )
+
+        gap = await conn.scalar(last(events_table.c.kind == "gap"))
+        if gap is None:
+            return None
+        # _row writes a lifecycle record's data with "kind" first and no spaces.
+        exit_before = await conn.scalar(
+            last(events_table.c.kind == "lifecycle", events_table.c.data.startswith('{"kind":"exited"'))
+        )
+        return int(gap) if exit_before is None or gap > exit_before else None
+
+    @staticmethod
     async def _save_run(conn: AsyncConnection, sandbox_id: str, generation: int, run: _Run) -> None:
         if not run.changed:
             return
@@ -489,7 +547,16 @@ class EventStore:
         for sequence, timestamp_ms, record in lifecycle:
             if record.kind is LifecycleKind.STARTED:
                 run.started(journal_epoch, sequence)
-            elif not run.exited(
+                continue
+            after = run.start_may_be_lost(journal_epoch, sequence)
+            if after is not None:
+                # Rare (an exit after the run's exit), so the query costs the hot path nothing.
+                gap = await self._last_gap(
+                    conn, sandbox_id, journal_epoch, generation=generation, after=after, before=sequence
+                )
+                if gap is not None:
+                    run.restarted_unseen(journal_epoch, gap)
+            if not run.exited(
                 journal_epoch, sequence, record.exit_code, _exit_time(timestamp_ms, received_at)
             ):
                 ignored.append(record.exit_code)

@@ -22,6 +22,7 @@ from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, run
 from tests.unit.test_store import (
     check_append_unsequenced,
     check_events_keep_their_sessions_generation,
+    check_exit_after_a_gap,
     check_exit_moves_only_by_a_newer_run,
     check_exit_recorded_once,
     check_exit_updates_sandbox,
@@ -121,6 +122,10 @@ async def test_an_exit_is_recorded_once_per_run(pg: Database) -> None:
 
 async def test_an_exit_moves_only_by_a_newer_run(pg: Database) -> None:
     await check_exit_moves_only_by_a_newer_run(pg)
+
+
+async def test_an_exit_after_a_gap_is_the_next_runs(pg: Database) -> None:
+    await check_exit_after_a_gap(pg)
 
 
 async def test_events_keep_their_sessions_generation(pg: Database) -> None:

@@ -320,6 +320,41 @@ async def check_exit_moves_only_by_a_newer_run(db: Database) -> None:
     assert row is not None and row.exit_code == 0 and (row.run_epoch, row.run_sequence) == ("e2", 1)
 
 
+def gap(seq: int, reason: GapReason = GapReason.WRITE_FAILED) -> Event:
+    return Event(seq, TS + seq, GapRecord(reason, 1, 0, seq, seq, detail="No space left on device"))
+
+
+async def check_exit_after_a_gap(db: Database) -> None:
+    """A restart whose STARTED was lost in a gap (a write failure, a corrupt record) still shows
+    its exit: a gap after the recorded exit leaves the run unknown, and the next EXITED is its
+    exit. A gap before the recorded exit proves nothing, and a repeat still changes nothing."""
+    sandboxes, events = SandboxStore(db), EventStore(db)
+    await sandboxes.ensure("sb")
+
+    async def exit_code() -> int | None:
+        row = await sandboxes.get("sb")
+        assert row is not None
+        return row.exit_code
+
+    await events.store_events("sb", "e1", [started(1), gap(2, GapReason.CORRUPT), exited(3, 1)])
+    assert await exit_code() == 1
+    await events.store_events("sb", "e1", [exited(4, 7)])
+    assert await exit_code() == 1, "the gap at 2 came before the run's exit: no restart hides in it"
+    # The restart's STARTED (5) could not be written; its exit, in a later batch, is the sandbox's.
+    await events.store_events("sb", "e1", [gap(6), log(7)])
+    await events.store_events("sb", "e1", [exited(8, 0)])
+    assert await exit_code() == 0
+    await events.store_events("sb", "e1", [exited(9, 9)])
+    assert await exit_code() == 0, "a second exit with no gap before it is still ignored"
+    # In one batch, on the wire path too.
+    wire = pb.EventBatch(events=[event_to_proto(e) for e in (gap(10), exited(11, 2))])
+    await events.store_wire_batch("sb", "e1", wire.events, known_high_water_mark=9)
+    assert await exit_code() == 2
+    # Another journal's gap does not open this one's run.
+    await events.store_events("sb", "e0", [gap(20), exited(21, 5)])
+    assert await exit_code() == 2
+
+
 async def check_events_keep_their_sessions_generation(db: Database) -> None:
     """A batch the old sandbox's supervisor had in flight when the id was created again is stored
     under the generation its session began with, and does not touch the new sandbox's row."""
@@ -570,6 +605,10 @@ async def test_an_exit_is_recorded_once_per_run(
 
 async def test_an_exit_moves_only_by_a_newer_run(db: Database) -> None:
     await check_exit_moves_only_by_a_newer_run(db)
+
+
+async def test_an_exit_after_a_gap_is_the_next_runs(db: Database) -> None:
+    await check_exit_after_a_gap(db)
 
 
 async def test_events_keep_their_sessions_generation(db: Database) -> None:
