@@ -64,6 +64,15 @@ class GrpcSettings(_Section):
     )
     max_unrequested_time_s: float = Field(30.0, gt=0, description="How long a call may wait in that queue.")
     hello_timeout_s: float = Field(10.0, gt=0, description="A stream must say hello within this time.")
+    store_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Deadline of the database work a session waits on: its hello's reads and writes "
+        "together, each event batch, each command result. Past it the supervisor is told "
+        "SessionRejected OVERLOADED with a retry hint (an answer, so it does not count as offline); "
+        "keep it well under supervisors' gateway.connect_timeout_s (5 s by default) and their stale "
+        "bound (3 heartbeat intervals: heartbeats are answered after a batch's store ends).",
+    )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
     tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)
 

@@ -16,7 +16,9 @@ ReportMainProcessExit, which carry no sequence numbers (the store numbers them).
 
 The service is put on the server by :func:`gateway.rpc.add_service`, which decodes the frames
 (a malformed one is INVALID_ARGUMENT) and answers a store failure UNAVAILABLE with a retry hint.
-A session that ends on a store failure is told first: SessionRejected with the same hint.
+A session that ends on a store failure is told first: SessionRejected with the same hint. A
+database that hangs is a store failure too: the store work a supervisor waits on (the hello's,
+each batch's, each command result's) is given up after ``grpc.store_timeout_s`` (see ``_within``).
 
 When a session ends, its disconnection is written by a task of its own, retried with backoff
 while the store fails, until it lands or a newer session owns the sandbox (the write is
@@ -34,7 +36,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -69,6 +71,7 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
+_T = TypeVar("_T")
 
 #: A disconnection that cannot be written is tried again after at most this long (full-jitter
 #: exponential backoff from a fifth of a second).
@@ -125,6 +128,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._commands = commands
         self._owner = f"gateway-{id(self):x}"
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Store calls given up at their deadline (see _within): cancelled, left to end by themselves.
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
@@ -136,6 +141,45 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
+
+    async def _within(self, coro: Coroutine[Any, Any, _T], *, deadline: float, what: str) -> _T:
+        """Run a store call a supervisor is waiting on, giving up at ``deadline`` (monotonic) with
+        a StoreError, which the session answers with SessionRejected OVERLOADED and a retry hint.
+
+        Without it a database that hangs (a stopped server, a blackholed connection, a SQLite lock
+        held long) rather than fails would make the supervisor's hello time out, which it counts
+        as offline (offline.policy stop could then stop healthy sandboxes), and a hung event batch
+        would hold the session's heartbeat answers until it went stale. The call runs in a task of
+        its own and is not awaited past the deadline: SQLAlchemy finishes a connection's cleanup
+        (a rollback that waits for the hung server too) before it lets a cancellation through.
+        A call given up may still commit later; nothing of it was acknowledged, and what it wrote
+        is idempotent (events by sequence, the connection conditional on the session)."""
+        task = asyncio.create_task(coro, name=what)
+        try:
+            await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if not task.done():
+            self._abandon(task)
+            raise StoreError(
+                f"{what}: the database did not answer within {self._config.grpc.store_timeout_s:g}s"
+            )
+        return task.result()
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        self._abandoned.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._abandoned.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("a store call given up at its deadline failed: %s", task.exception())
+
+        task.add_done_callback(done)
+
+    def _store_deadline(self) -> float:
+        return time.monotonic() + self._config.grpc.store_timeout_s
 
     def deliver(self, created: CommandRow) -> bool:
         """Send a command just stored to its sandbox's live session on this gateway, if there is
@@ -174,16 +218,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             if left <= 0:
                 break
             await asyncio.wait(set(self._tasks), timeout=left)
-        if self._tasks:
-            pending = set(self._tasks)
+        pending = set(self._tasks)
+        if pending:
             log.warning(
                 "shutting down with %d disconnection(s) not written: the store is failing", len(pending)
             )
             for task in pending:
                 task.cancel()
+        if pending or self._abandoned:
             # Briefly: a write stuck on a hung database may take its time to notice (the rest of
             # the cancellation ends with the event loop; the shutdown has a deadline).
-            await asyncio.wait(pending, timeout=DRAIN_CANCEL_WAIT_S)
+            await asyncio.wait(pending | self._abandoned, timeout=DRAIN_CANCEL_WAIT_S)
         self._retry_log.close()
         self._recorded_log.close()
 
@@ -231,7 +276,14 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return
         sandbox_id = SandboxId(hello.sandbox_id)
-        if not self._config.sessions.register_unknown and await self._sandboxes.get(sandbox_id) is None:
+        # One deadline for all the store work the hello waits on (see _within).
+        deadline = self._store_deadline()
+        if not self._config.sessions.register_unknown and (
+            await self._within(
+                self._sandboxes.get(sandbox_id), deadline=deadline, what="hello: read the sandbox"
+            )
+            is None
+        ):
             yield self._rejection(
                 pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
             )
@@ -245,8 +297,18 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             return
         epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
 
-        registered = await self._sandboxes.ensure(sandbox_id)
-        resume_after = await self._events.high_water_mark(sandbox_id, epoch) if events_mode else 0
+        registered = await self._within(
+            self._sandboxes.ensure(sandbox_id), deadline=deadline, what="hello: register the sandbox"
+        )
+        resume_after = (
+            await self._within(
+                self._events.high_water_mark(sandbox_id, epoch),
+                deadline=deadline,
+                what="hello: read the high-water mark",
+            )
+            if events_mode
+            else 0
+        )
         session = self._registry.open(
             sandbox_id=sandbox_id,
             instance_id=hello.instance_id,
@@ -260,10 +322,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         reader: asyncio.Task[None] | None = None
         reason = "ended"
         try:
-            yield await self._accept(session, hello, peer)
+            yield await self._accept(session, hello, peer, deadline=deadline)
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
-                for row in await self._commands.pending(sandbox_id):
+                pending = await self._within(
+                    self._commands.pending(sandbox_id),
+                    deadline=self._store_deadline(),
+                    what="read the pending commands",
+                )
+                for row in pending:
                     self._expect_heartbeats(session, row.command)
                     yield _command_message(row.command)
             reader = asyncio.create_task(
@@ -371,12 +438,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             lock = self._row_locks[sandbox_id] = asyncio.Lock()
         return lock
 
-    async def _accept(self, session: Session, hello: pb.SupervisorHello, peer: str) -> pb.GatewayMessage:
-        """Record the connection and build the SessionAccepted answer."""
+    async def _accept(
+        self, session: Session, hello: pb.SupervisorHello, peer: str, *, deadline: float
+    ) -> pb.GatewayMessage:
+        """Record the connection (by ``deadline``) and build the SessionAccepted answer."""
         sandbox_id = session.sandbox_id
         capabilities = session.capabilities
         resume_after = session.acked_through
-        await self._record_connected(session)
+        await self._within(
+            self._record_connected(session), deadline=deadline, what="hello: record the connection"
+        )
         if self._metrics is not None:
             self._metrics.sessions_accepted.inc()
         log.info(
@@ -466,7 +537,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 result = result_from_proto(message.command_result)
             except WireError as exc:
                 raise ProtocolError(str(exc)) from None
-            if not await self._commands.answer(session.sandbox_id, result):
+            answered = await self._within(
+                self._commands.answer(session.sandbox_id, result),
+                deadline=self._store_deadline(),
+                what="store a command result",
+            )
+            if not answered:
                 log.info("result for an unknown or answered command %s ignored", result.command_id)
             else:
                 log.info(
@@ -501,12 +577,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
         started = time.monotonic()
         try:
-            hwm = await self._events.store_wire_batch(
-                session.sandbox_id,
-                session.journal_epoch,
-                batch.events,
-                known_high_water_mark=session.acked_through,
-                generation=session.generation,
+            hwm = await self._within(
+                self._events.store_wire_batch(
+                    session.sandbox_id,
+                    session.journal_epoch,
+                    batch.events,
+                    known_high_water_mark=session.acked_through,
+                    generation=session.generation,
+                ),
+                deadline=self._store_deadline(),
+                what="store an event batch",
             )
         except WireError as exc:
             raise ProtocolError(str(exc)) from None

@@ -31,7 +31,7 @@ from gateway.config import SessionSettings
 from gateway.sandbox_state import Liveness
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
-from tests.support.procs import GatewayProcess, SupervisorProcess
+from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
@@ -338,3 +338,72 @@ async def test_a_gateway_stops_within_its_bound_while_the_database_hangs(
     assert "2 disconnection(s) not written" in log and "gateway stopped" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     _kill_tree(lives)
+
+
+def _first_session_end(sv: SupervisorProcess, *, after: int) -> str | None:
+    """The reason of the first session end the supervisor logged past ``after`` characters."""
+    for line in sv.log_text()[after:].splitlines():
+        for prefix in ("session ended (", "gateway unreachable ("):
+            _, found, rest = line.partition(prefix)
+            if found:
+                return rest
+    return None
+
+
+async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """A database that hangs rather than fails (every postgres process stopped) must still be
+    answered: a supervisor that says hello meanwhile, and one whose event batch is being stored,
+    are told SessionRejected with a retry hint within grpc.store_timeout_s, before their own
+    connect timeout or stale bound. A timeout would count as offline on the supervisor, and
+    offline.policy stop could stop a healthy sandbox over the gateway's database."""
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        # Stale bounds (the supervisor's: 3 heartbeat intervals) above the store deadline: a batch
+        # store holds back the session's heartbeat answers until its deadline.
+        heartbeat_interval_s=2.0,
+        grace_s=5.0,
+        extra=["--database-url", pg_server.url(database), "--set", "grpc.store_timeout_s=2"],
+    )
+    gw.start()
+    stopped: list[psutil.Process] = []
+    waits = ["gateway.connect_timeout_s=5"]  # the default, above the store deadline
+    try:
+        writes = SupervisorProcess(
+            tmp_path / "writes", "sb-writes", gw.address, writer_command(600, delay=0.05), settings=waits
+        )
+        arrives = SupervisorProcess(
+            tmp_path / "arrives", "sb-arrives", gw.address, ["sleep", "60"], settings=waits
+        )
+        supervisors.extend([writes, arrives])
+        writes.start()
+        await _until(lambda: _api(gw, "sb-writes").get("state") == "connected", within=30, what="connected")
+        offsets = {"writes": len(writes.log_text()), "arrives": 0}
+        stopped = _postgres_processes(pg_server)
+        for proc in stopped:
+            proc.suspend()
+        arrives.start()
+        ends = {}
+        for name, sv in (("writes", writes), ("arrives", arrives)):
+            ends[name] = await _until(
+                lambda sv=sv, at=offsets[name]: _first_session_end(sv, after=at),
+                within=20,
+                what=f"{name}: a session end",
+            )
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+    try:
+        for name, reason in ends.items():
+            # "rejected: ..." at the hello, "session ended by the gateway: ..." mid-session: both
+            # a SessionRejected, which the supervisor counts as an answer.
+            assert "store unavailable, retry later" in reason, f"{name}: {reason}"
+        # The database is back: the rejected supervisors connect after their retry hint.
+        await _until(lambda: _api(gw, "sb-arrives").get("state") == "connected", within=30, what="arrives")
+    finally:
+        gw.stop()
+    log = gw.log_text()
+    assert "did not answer within 2s" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
