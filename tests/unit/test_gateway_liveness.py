@@ -352,3 +352,55 @@ async def test_closing_the_metrics_does_not_wait_for_a_hung_count(tmp_path: Path
         scrape.cancel()
         await asyncio.gather(scrape, *([closing] if closing else []), return_exceptions=True)
         await db.close()
+
+
+class _HungSandboxes(SandboxStore):
+    """A real store whose connection write hangs like a write on a stopped database server:
+    a cancellation is held back until ``release`` (SQLAlchemy finishes its cleanup first)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.release = asyncio.Event()
+
+    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> bool:
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+        raise StoreError("the database went away meanwhile")
+
+
+async def test_a_hello_whose_store_work_hangs_is_rejected_with_a_retry_hint(tmp_path: Path) -> None:
+    """The supervisor waiting on a hung database's write gets SessionRejected OVERLOADED with a
+    retry hint after grpc.store_timeout_s, an answer (a timeout would count as offline), and the
+    session leaves the registry; shutdown does not wait for the write stuck on the database."""
+    config = gateway_config(tmp_path, {"grpc": {"store_timeout_s": 0.3}})
+    db = await Database.open(config.database.url)
+    registry = SessionRegistry()
+    sandboxes = _HungSandboxes(db)
+    svc = OpenShellService(
+        config=config,
+        registry=registry,
+        sandboxes=sandboxes,
+        events=EventStore(db),
+        commands=CommandStore(db),
+    )
+    call = svc.ConnectSupervisor(_hello_then_wait("sb-hung"), _Peer())  # type: ignore[arg-type]
+    first = asyncio.create_task(anext(call))
+    try:
+        done, _ = await asyncio.wait({first}, timeout=5)
+        assert first in done, "the hello got no answer while the database hung"
+        answer = first.result()
+        assert answer.session_rejected.code == pb.REJECT_CODE_OVERLOADED, answer
+        assert answer.session_rejected.retry_after_ms > 0, answer
+        with pytest.raises(Exception, match="store unavailable"):
+            await anext(call)
+        assert len(registry) == 0
+        draining = asyncio.create_task(svc.drain(timeout_s=0.2))
+        done, _ = await asyncio.wait({draining}, timeout=5)
+        assert draining in done, "drain waited for the write stuck on the database"
+    finally:
+        sandboxes.release.set()
+        await asyncio.gather(first, return_exceptions=True)
+        await call.aclose()  # type: ignore[attr-defined]
+        await svc.drain(timeout_s=5)
+        await db.close()
