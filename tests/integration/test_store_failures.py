@@ -391,11 +391,9 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
                 within=20,
                 what=f"{name}: a session end",
             )
-    finally:
         for proc in stopped:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.resume()
-    try:
+            proc.resume()
+        stopped = []
         for name, reason in ends.items():
             # "rejected: ..." at the hello, "session ended by the gateway: ..." mid-session: both
             # a SessionRejected, which the supervisor counts as an answer.
@@ -403,6 +401,9 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
         # The database is back: the rejected supervisors connect after their retry hint.
         await _until(lambda: _api(gw, "sb-arrives").get("state") == "connected", within=30, what="arrives")
     finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
         gw.stop()
     log = gw.log_text()
     assert "did not answer within 2s" in log, log[-3000:]
