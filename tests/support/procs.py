@@ -117,12 +117,18 @@ class GatewayProcess:
             out.write(f"--- start {self.starts}\n".encode())
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
         self.starts += 1
+        proc = self.proc
+        # A gateway that exits (its port taken meanwhile by another test's process, say) is told
+        # at once with its log, not after the whole wait.
         wait_until(
-            lambda: b"gateway ready" in self.log_path.read_bytes().split(b"--- start")[-1],
+            lambda: (
+                proc.poll() is not None
+                or b"gateway ready" in self.log_path.read_bytes().split(b"--- start")[-1]
+            ),
             timeout=60,
             what=f"gateway ready (see {self.log_path})",
         )
-        assert self.proc.poll() is None, self.log_text()
+        assert proc.poll() is None, f"the gateway exited with {proc.returncode}:\n{self.log_text()}"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
