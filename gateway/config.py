@@ -71,7 +71,18 @@ class GrpcSettings(_Section):
         "together, each event batch, each command result. Past it the supervisor is told "
         "SessionRejected OVERLOADED with a retry hint (an answer, so it does not count as offline); "
         "keep it well under supervisors' gateway.connect_timeout_s (5 s by default) and their stale "
-        "bound (3 heartbeat intervals: heartbeats are answered after a batch's store ends).",
+        "bound (3 heartbeat intervals: heartbeats are answered after a batch's store ends). Event "
+        "batches have their own deadline, batch_store_timeout_s.",
+    )
+    batch_store_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline of storing one event batch; past it the session ends with SessionRejected "
+        "OVERLOADED and a retry hint, and nothing of the batch is acknowledged. Longer than store_timeout_s "
+        "so that a slow moment of a healthy database (a checkpoint, a vacuum) does not end every session "
+        "that is sending; keep it under supervisors' stale bound (session.stale_after_intervals x "
+        "sessions.heartbeat_interval_s, 30 s by default: the session's heartbeats are answered after a "
+        "batch's store ends).",
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
     tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)

@@ -18,7 +18,8 @@ The service is put on the server by :func:`gateway.rpc.add_service`, which decod
 (a malformed one is INVALID_ARGUMENT) and answers a store failure UNAVAILABLE with a retry hint.
 A session that ends on a store failure is told first: SessionRejected with the same hint. A
 database that hangs is a store failure too: the store work a supervisor waits on (the hello's,
-each batch's, each command result's) is given up after ``grpc.store_timeout_s`` (see ``_within``).
+each command result's) is given up after ``grpc.store_timeout_s``, an event batch's after
+``grpc.batch_store_timeout_s`` (see ``_within``).
 
 When a session ends, its disconnection is written by a task of its own, retried with backoff
 while the store fails, until it lands or a newer session owns the sandbox (the write is
@@ -142,7 +143,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         if not task.cancelled() and task.exception() is not None:
             log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
 
-    async def _within(self, coro: Coroutine[Any, Any, _T], *, deadline: float, what: str) -> _T:
+    async def _within(
+        self, coro: Coroutine[Any, Any, _T], *, deadline: float, what: str, limit_s: float | None = None
+    ) -> _T:
         """Run a store call a supervisor is waiting on, giving up at ``deadline`` (monotonic) with
         a StoreError, which the session answers with SessionRejected OVERLOADED and a retry hint.
 
@@ -155,6 +158,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         A call given up may still commit later; nothing of it was acknowledged, and what it wrote
         is idempotent (events by sequence, the connection conditional on the session)."""
         task = asyncio.create_task(coro, name=what)
+        limit_s = self._config.grpc.store_timeout_s if limit_s is None else limit_s
         try:
             await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
         except asyncio.CancelledError:
@@ -162,9 +166,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             raise
         if not task.done():
             self._abandon(task)
-            raise StoreError(
-                f"{what}: the database did not answer within {self._config.grpc.store_timeout_s:g}s"
-            )
+            raise StoreError(f"{what}: the database did not answer within {limit_s:g}s")
         return task.result()
 
     def _abandon(self, task: asyncio.Task[Any]) -> None:
@@ -178,8 +180,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
         task.add_done_callback(done)
 
-    def _store_deadline(self) -> float:
-        return time.monotonic() + self._config.grpc.store_timeout_s
+    def _store_deadline(self, limit_s: float | None = None) -> float:
+        return time.monotonic() + (self._config.grpc.store_timeout_s if limit_s is None else limit_s)
 
     def deliver(self, created: CommandRow) -> bool:
         """Send a command just stored to its sandbox's live session on this gateway, if there is
@@ -585,8 +587,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     known_high_water_mark=session.acked_through,
                     generation=session.generation,
                 ),
-                deadline=self._store_deadline(),
+                deadline=self._store_deadline(self._config.grpc.batch_store_timeout_s),
                 what="store an event batch",
+                limit_s=self._config.grpc.batch_store_timeout_s,
             )
         except WireError as exc:
             raise ProtocolError(str(exc)) from None

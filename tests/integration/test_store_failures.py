@@ -355,7 +355,8 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
 ) -> None:
     """A database that hangs rather than fails (every postgres process stopped) must still be
     answered: a supervisor that says hello meanwhile, and one whose event batch is being stored,
-    are told SessionRejected with a retry hint within grpc.store_timeout_s, before their own
+    are told SessionRejected with a retry hint within grpc.store_timeout_s (the batch's deadline,
+    grpc.batch_store_timeout_s, set alike here), before their own
     connect timeout or stale bound. A timeout would count as offline on the supervisor, and
     offline.policy stop could stop a healthy sandbox over the gateway's database."""
     gw = GatewayProcess(
@@ -364,7 +365,14 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
         # store holds back the session's heartbeat answers until its deadline.
         heartbeat_interval_s=2.0,
         grace_s=5.0,
-        extra=["--database-url", pg_server.url(database), "--set", "grpc.store_timeout_s=2"],
+        extra=[
+            "--database-url",
+            pg_server.url(database),
+            "--set",
+            "grpc.store_timeout_s=2",
+            "--set",
+            "grpc.batch_store_timeout_s=2",
+        ],
     )
     gw.start()
     stopped: list[psutil.Process] = []

@@ -21,7 +21,8 @@ from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
-from openshell_wire.records import JournalEpoch, SandboxId
+from openshell_wire.convert import event_to_proto
+from openshell_wire.records import CAP_EVENTS, Event, JournalEpoch, LogRecord, LogStream, SandboxId
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.gateway import gateway_config
 
@@ -401,6 +402,58 @@ async def test_a_hello_whose_store_work_hangs_is_rejected_with_a_retry_hint(tmp_
     finally:
         sandboxes.release.set()
         await asyncio.gather(first, return_exceptions=True)
+        await call.aclose()  # type: ignore[attr-defined]
+        await svc.drain(timeout_s=5)
+        await db.close()
+
+
+class _SlowEvents(EventStore):
+    """A real store whose batches take ``delay_s`` longer: a slow moment of a healthy database."""
+
+    delay_s = 0.6
+
+    async def store_wire_batch(self, *args: Any, **kwargs: Any) -> int:
+        await asyncio.sleep(self.delay_s)
+        return await super().store_wire_batch(*args, **kwargs)
+
+
+async def _hello_then_one_batch(sandbox_id: str) -> AsyncIterator[pb.SupervisorMessage]:
+    msg = pb.SupervisorMessage()
+    msg.hello.sandbox_id = sandbox_id
+    msg.hello.instance_id = "i1"
+    msg.hello.capabilities.append(CAP_EVENTS)
+    msg.hello.journal_epoch = "e1"
+    yield msg
+    batch = pb.SupervisorMessage()
+    batch.events.journal_epoch = "e1"
+    batch.events.events.append(
+        event_to_proto(Event(sequence=1, timestamp_ms=1, payload=LogRecord(LogStream.STDOUT, "a line")))
+    )
+    yield batch
+    await asyncio.Event().wait()
+
+
+async def test_an_event_batch_has_its_own_longer_store_deadline(tmp_path: Path) -> None:
+    """A batch that takes longer than grpc.store_timeout_s (the hello's deadline) but less than
+    grpc.batch_store_timeout_s is stored and acknowledged: a slow moment of a healthy database
+    must not end every session that is sending (it did while both shared the hello's 2 s)."""
+    config = gateway_config(tmp_path, {"grpc": {"store_timeout_s": 0.2, "batch_store_timeout_s": 5}})
+    db = await Database.open(config.database.url)
+    svc = OpenShellService(
+        config=config,
+        registry=SessionRegistry(),
+        sandboxes=SandboxStore(db),
+        events=_SlowEvents(db),
+        commands=CommandStore(db),
+    )
+    call = svc.ConnectSupervisor(_hello_then_one_batch("sb-slow"), _Peer())  # type: ignore[arg-type]
+    try:
+        accepted = await asyncio.wait_for(anext(call), 5)
+        assert accepted.WhichOneof("payload") == "session_accepted", accepted
+        answer = await asyncio.wait_for(anext(call), 5)
+        assert answer.WhichOneof("payload") == "event_ack", answer
+        assert answer.event_ack.acked_through_sequence == 1
+    finally:
         await call.aclose()  # type: ignore[attr-defined]
         await svc.drain(timeout_s=5)
         await db.close()
