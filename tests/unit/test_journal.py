@@ -22,10 +22,8 @@ from openshell_wire.records import (
 from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
 from tests.support.journal import append as _append
 from tests.support.journal import crash as _crash
-
-
-def _open(directory: Path, **kw: object) -> Journal:
-    return Journal.open(JournalOptions(directory=directory, **kw))  # type: ignore[arg-type]
+from tests.support.journal import open_journal as _open
+from tests.support.journal import read_all
 
 
 def _line(i: int) -> LogRecord:
@@ -33,11 +31,7 @@ def _line(i: int) -> LogRecord:
 
 
 def _read_all(journal: Journal, after: int = 0) -> list[Event]:
-    out: list[Event] = []
-    while batch := journal.read_after(after, max_records=7):
-        out.extend(batch)
-        after = batch[-1].sequence
-    return out
+    return read_all(journal, after, max_records=7)
 
 
 def test_append_assigns_sequences_and_reads_back_in_order(tmp_path: Path) -> None:

@@ -20,10 +20,11 @@ from openshell_wire.records import (
     Payload,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
-from supervisor.journal import Journal, JournalError, JournalOptions
+from supervisor.journal import Journal, JournalError
 from supervisor.journal.frames import HEADER_SIZE, Kind, encode_frame, parse_at
 from supervisor.session import event_batch_message
 from tests.support.journal import append as _append
+from tests.support.journal import open_journal as _open
 
 _PAYLOADS: list[Payload] = [
     LogRecord(LogStream.STDOUT, "plain"),
@@ -37,10 +38,6 @@ _PAYLOADS: list[Payload] = [
     LifecycleRecord(LifecycleKind.EXITED, pid=42, exit_code=137, signal=9),
     GapRecord(GapReason.OVERFLOW, 3, 300, 5000, 5002),
 ]
-
-
-def _open(directory: Path, **kw: object) -> Journal:
-    return Journal.open(JournalOptions(directory=directory, **kw))  # type: ignore[arg-type]
 
 
 def _read_all_raw(journal: Journal, after: int = 0, **kw: int) -> list[tuple[int, bytes]]:

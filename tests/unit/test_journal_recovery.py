@@ -17,26 +17,15 @@ from openshell_wire.records import (
     LogRecord,
     LogStream,
 )
-from supervisor.journal import Journal, JournalOptions
 from supervisor.journal.codec import PayloadEncoder
 from supervisor.journal.frames import HEADER_SIZE, MAGIC, encode_frame, find_next, parse_at
 from tests.support.journal import append as _append
-
-
-def _open(directory: Path, **kw: object) -> Journal:
-    return Journal.open(JournalOptions(directory=directory, **kw))  # type: ignore[arg-type]
+from tests.support.journal import open_journal as _open
+from tests.support.journal import read_all as _read_all
 
 
 def _line(i: int) -> LogRecord:
     return LogRecord(LogStream.STDOUT, f"line {i:04d}")
-
-
-def _read_all(journal: Journal, after: int = 0) -> list[Event]:
-    out: list[Event] = []
-    while batch := journal.read_after(after):
-        out.extend(batch)
-        after = batch[-1].sequence
-    return out
 
 
 def _frame_offsets(path: Path) -> list[int]:

@@ -35,29 +35,19 @@ from openshell_wire.records import (
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from supervisor.health import HealthMonitor, HealthSettings
-from supervisor.journal import FsyncPolicy, Journal, JournalError, JournalOptions
+from supervisor.journal import FsyncPolicy, Journal, JournalError
 from supervisor.journal import journal as journal_module
 from tests.support.journal import crash
+from tests.support.journal import open_journal as _open
+from tests.support.journal import read_all as _read_all
 from tests.support.procs import PYTHON, REPO, child_env
 
 LINE = "x" * 100
 JOURNAL_REASON = "journal cannot write: "
 
 
-def _open(directory: Path, **kw: object) -> Journal:
-    return Journal.open(JournalOptions(directory=directory, **kw))  # type: ignore[arg-type]
-
-
 def _line(i: int) -> LogRecord:
     return LogRecord(LogStream.STDOUT, f"line {i:05d} {LINE}")
-
-
-def _read_all(journal: Journal, after: int = 0) -> list[Event]:
-    out: list[Event] = []
-    while batch := journal.read_after(after):
-        out.extend(batch)
-        after = batch[-1].sequence
-    return out
 
 
 def _walk(events: list[Event], written: list[str]) -> list[GapRecord]:
