@@ -8,6 +8,7 @@ JSON Schema. Later sections (HA, auth, Kubernetes driver) join this same model.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,21 +23,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GrpcTlsSettings(_Section):
+class TlsSettings(_Section):
+    """TLS of one listener (gRPC or HTTP). The files are read again when they change on disk (a
+    renewed certificate is served to new connections without a restart)."""
+
     cert_file: Path | None = Field(
         None,
-        description="PEM certificate chain the gRPC endpoint presents. Set with key_file to serve TLS; "
-        "unset: plaintext gRPC.",
+        description="PEM certificate chain the endpoint presents. Set with key_file to serve TLS; "
+        "unset: plaintext.",
     )
     key_file: Path | None = Field(None, description="PEM private key of cert_file.")
     client_ca_file: Path | None = Field(
         None,
-        description="PEM CA bundle for client certificates. Set: every supervisor must present a "
-        "certificate signed by it (mTLS).",
+        description="PEM CA bundle for client certificates. Set: every client must present a "
+        "certificate signed by it (mTLS). A certificate proves only that the client holds one of the "
+        "CA's certificates, never which sandbox or person it is: identity comes from the bearer token.",
     )
 
     @model_validator(mode="after")
-    def _pairs(self) -> GrpcTlsSettings:
+    def _pairs(self) -> TlsSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both (TLS) or neither (plaintext)")
         if self.client_ca_file is not None and self.cert_file is None:
@@ -85,7 +90,11 @@ class GrpcSettings(_Section):
         "batch's store ends).",
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
-    tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+
+#: The name the gRPC listener's TLS section had first.
+GrpcTlsSettings = TlsSettings
 
 
 class HttpSettings(_Section):
@@ -95,6 +104,15 @@ class HttpSettings(_Section):
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest request body the HTTP API reads; a larger one is refused with 413.",
+    )
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+
+class OpsSettings(_Section):
+    listen: str = Field(
+        "127.0.0.1:7090",
+        description="host:port of the operations listener: /healthz, /readyz and /metrics, without "
+        "authentication (probes and Prometheus), apart from the API so that auth covers the whole API.",
     )
 
 
@@ -116,7 +134,9 @@ class SessionSettings(_Section):
         300.0, gt=0, description="A sandbox disconnected longer than this is shown as lost."
     )
     register_unknown: bool = Field(
-        True, description="Accept supervisors of sandboxes this gateway did not create (and register them)."
+        False,
+        description="Accept supervisors of sandboxes this gateway did not create (and register them). Off "
+        "by default: with it on, any holder of a valid credential for an unknown id creates a sandbox.",
     )
     heartbeat_flush_interval_s: float = Field(
         5.0, gt=0, description="Last-heartbeat times are written to the database in batches this often."
@@ -325,6 +345,109 @@ class DriverSettings(_Section):
         return self
 
 
+class SupervisorAuthSettings(_Section):
+    required: bool = Field(
+        True,
+        description="Every supervisor call must carry a credential bound to its sandbox (a gateway-minted "
+        "sandbox token or, on Kubernetes, the pod's projected ServiceAccount token). Off: any peer that "
+        "reaches the gRPC port can speak for any sandbox; for development only (logged at start).",
+    )
+    issuer: str = Field("openshell-gateway", description="iss of the sandbox tokens this gateway mints.")
+    audience: str = Field("openshell-sandbox", description="aud of the sandbox tokens this gateway mints.")
+    token_ttl_s: int = Field(
+        3600,
+        ge=60,
+        le=7 * 86400,
+        description="Lifetime of a minted sandbox token; the supervisor renews it over its session "
+        "(RefreshSandboxToken) at about 80 % of it.",
+    )
+    key_rotation_s: int = Field(
+        86400,
+        ge=300,
+        description="A new signing key is made this often (kept in the database, shared by every "
+        "replica, no restart); an older key still verifies the tokens it signed until they expire.",
+    )
+    kubernetes_audience: str = Field(
+        "openshell-gateway",
+        description="Audience of the sandbox pods' projected ServiceAccount tokens (TokenReview checks it).",
+    )
+    kubernetes_token_expiry_s: int = Field(
+        3600,
+        ge=600,
+        le=86400,
+        description="expirationSeconds of the projected token in sandbox pods (the kubelet renews it at "
+        "80 %, whatever the gateway's state).",
+    )
+    review_cache_s: float = Field(
+        300.0,
+        ge=0,
+        description="A TokenReview answer is reused this long at most, and never past the token's expiry.",
+    )
+
+
+class RoleBindings(_Section):
+    admin: list[str] = Field(
+        default_factory=lambda: ["openshell-admin"],
+        description="Role, client role or group names (as found at role_claims) that make a caller admin.",
+    )
+    operator: list[str] = Field(
+        default_factory=lambda: ["openshell-operator"], description="Names that make a caller operator."
+    )
+    viewer: list[str] = Field(
+        default_factory=lambda: ["openshell-viewer"], description="Names that make a caller viewer."
+    )
+
+
+class OidcSettings(_Section):
+    issuer_url: str = Field(
+        "",
+        description="OIDC issuer (e.g. https://keycloak.example.com/realms/openshell); its discovery "
+        "document and JWKS are fetched from it. Unset: the HTTP API takes no tokens (see "
+        "auth.allow_unauthenticated_api).",
+    )
+    audience: list[str] = Field(
+        default_factory=lambda: ["openshell"], description="Accepted aud values (any one must be present)."
+    )
+    ca_file: Path | None = Field(None, description="PEM CA bundle for the issuer; unset: the system's.")
+    leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat (bounded)."
+    )
+    jwks_cache_s: float = Field(
+        3600.0, gt=0, description="The issuer's keys are fetched again after this long."
+    )
+    jwks_min_refetch_s: float = Field(
+        10.0,
+        ge=0,
+        description="A token with an unknown key id refetches the keys (rotation), at most this often.",
+    )
+    role_claims: list[str] = Field(
+        default_factory=lambda: ["realm_access.roles", "resource_access.openshell.roles", "groups"],
+        description="Dotted claim paths whose string values are matched against roles (Keycloak's realm "
+        "roles, a client's roles, groups).",
+    )
+    roles: RoleBindings = Field(default_factory=RoleBindings)
+    username_claim: str = Field("preferred_username", description="Claim naming the caller (else sub).")
+    team_claim: str = Field(
+        "groups",
+        description="Claim holding the caller's teams (Keycloak groups, e.g. /teams/a); a sandbox records "
+        "its creator's first team, and non-admins see their own and their teams' sandboxes.",
+    )
+    cli_client_id: str = Field(
+        "openshell-cli", description="Public client the CLI uses for the device flow (told to it by the API)."
+    )
+
+
+class AuthSettings(_Section):
+    supervisors: SupervisorAuthSettings = Field(default_factory=SupervisorAuthSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+    allow_unauthenticated_api: bool = Field(
+        False,
+        description="Serve the HTTP API without tokens (every caller is admin) on a non-loopback "
+        "http.listen while oidc.issuer_url is unset. Without OIDC and without this, the API must listen "
+        "on a loopback address.",
+    )
+
+
 class GatewayConfig(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="OPENSHELL_GATEWAY_",
@@ -335,6 +458,8 @@ class GatewayConfig(LayeredSettings):
 
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
@@ -347,6 +472,37 @@ class GatewayConfig(LayeredSettings):
 
     @model_validator(mode="after")
     def _listen_addresses_differ(self) -> GatewayConfig:
-        if self.grpc.listen == self.http.listen and not self.grpc.listen.endswith(":0"):
-            raise ValueError(f"grpc.listen and http.listen are both {self.grpc.listen}")
+        named = {
+            "grpc.listen": self.grpc.listen,
+            "http.listen": self.http.listen,
+            "ops.listen": self.ops.listen,
+        }
+        seen: dict[str, str] = {}
+        for key, address in named.items():
+            if address in seen and not address.endswith(":0"):
+                raise ValueError(f"{seen[address]} and {key} are both {address}")
+            seen[address] = key
         return self
+
+    @model_validator(mode="after")
+    def _api_is_protected(self) -> GatewayConfig:
+        if self.auth.oidc.issuer_url or self.auth.allow_unauthenticated_api:
+            return self
+        if not is_loopback(self.http.listen):
+            raise ValueError(
+                f"http.listen {self.http.listen} is reachable from the network but auth.oidc.issuer_url is "
+                "unset: set OIDC, listen on a loopback address, or set auth.allow_unauthenticated_api: true "
+                "(every caller is then admin)"
+            )
+        return self
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` listens on a loopback address only (``localhost``, 127.0.0.0/8, ::1)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -644,6 +644,20 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         log.info("main process exit reported", extra={"sandbox_id": request.sandbox_id, "exit_code": code})
         return pb.ReportMainProcessExitResponse()
 
+    async def IssueSandboxToken(
+        self, request: pb.IssueSandboxTokenRequest, context: Ctx
+    ) -> pb.IssueSandboxTokenResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "sandbox tokens are not issued by this gateway yet"
+        )
+
+    async def RefreshSandboxToken(
+        self, request: pb.RefreshSandboxTokenRequest, context: Ctx
+    ) -> pb.RefreshSandboxTokenResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "sandbox tokens are not issued by this gateway yet"
+        )
+
     async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
         return pb.HealthResponse(status=pb.SERVICE_STATUS_HEALTHY, version=__version__)
 

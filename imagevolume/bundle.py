@@ -83,7 +83,18 @@ sys.exit(main())
 #: Where pod specs mount the tree; .pyc files name their sources under it.
 MOUNT = "/opt/openshell"
 #: The project's dependencies only the gateway uses (pyproject.toml lists one set for both).
-GATEWAY_ONLY = frozenset({"sqlalchemy", "alembic", "aiosqlite", "asyncpg", "lightkube", "lightkube-models"})
+GATEWAY_ONLY = frozenset(
+    {
+        "sqlalchemy",
+        "alembic",
+        "aiosqlite",
+        "asyncpg",
+        "lightkube",
+        "lightkube-models",
+        "pyjwt",
+        "cryptography",
+    }
+)
 #: Standard library parts a supervisor never imports (and extension modules that would pull in
 #: ncurses, readline, Berkeley DB, Kerberos, SQLite...).
 STDLIB_LEFT_OUT = (

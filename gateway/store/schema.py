@@ -101,6 +101,14 @@ sandboxes = Table(
     # only if it follows this, so a replayed or late record cannot move the exit (store/events.py).
     Column("run_epoch", Text, nullable=True),
     Column("run_sequence", BigInteger, nullable=True),
+    # Who created this generation of the sandbox (the caller's username, or the token's subject)
+    # and the team it belongs to (the creator's first team): non-admins see and act on their own
+    # and their teams' sandboxes (gateway/auth). NULL: created without authentication.
+    Column("created_by", Text, nullable=True),
+    Column("team", Text, nullable=True),
+    # The Kubernetes pod's uid once the driver created it: a projected ServiceAccount token is bound
+    # to its sandbox through the pod name and this uid (a pod re-created under the name has another).
+    Column("pod_uid", Text, nullable=True),
 )
 
 events = Table(
@@ -152,4 +160,19 @@ commands = Table(
     Column("answered_at", UTCDateTime, nullable=True),
     # Redelivery reads one sandbox's pending commands in creation order.
     Index("ix_commands_sandbox_id_state", "sandbox_id", "state"),
+)
+
+#: Keys the gateway signs sandbox tokens with, shared by every replica: a new one is made every
+#: ``auth.supervisors.key_rotation_s``; a key signs until ``sign_until`` and verifies until
+#: ``verify_until`` (the last token it signed has expired by then), then it is deleted.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", Text, primary_key=True),
+    Column("algorithm", Text, nullable=False),
+    Column("private_pem", Text, nullable=False),
+    Column("public_pem", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sign_until", UTCDateTime, nullable=False),
+    Column("verify_until", UTCDateTime, nullable=False),
 )

@@ -1175,3 +1175,89 @@ class CommandResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+
+@_typing.final
+class IssueSandboxTokenRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    Sandbox tokens (upstream's messages; its RefreshSandboxTokenResponse field 3, extension
+    service credentials, is not used here and is skipped as an unknown field)
+    ---------------------------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueSandboxTokenRequest: _TypeAlias = IssueSandboxTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueSandboxTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    expires_at_ms: _builtins.int
+    """absolute expiry, ms since the epoch; 0 = never"""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueSandboxTokenResponse: _TypeAlias = IssueSandboxTokenResponse  # noqa: Y015
+
+@_typing.final
+class RefreshSandboxTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXTENSION_SERVICE_NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def extension_service_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        extension_service_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extension_service_names", b"extension_service_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshSandboxTokenRequest: _TypeAlias = RefreshSandboxTokenRequest  # noqa: Y015
+
+@_typing.final
+class RefreshSandboxTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    expires_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshSandboxTokenResponse: _TypeAlias = RefreshSandboxTokenResponse  # noqa: Y015

@@ -55,6 +55,16 @@ class OpenShellStub:
                 request_serializer=openshell_dot_v1_dot_openshell__pb2.HealthRequest.SerializeToString,
                 response_deserializer=openshell_dot_v1_dot_openshell__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.IssueSandboxToken = channel.unary_unary(
+                '/openshell.v1.OpenShell/IssueSandboxToken',
+                request_serializer=openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenResponse.FromString,
+                _registered_method=True)
+        self.RefreshSandboxToken = channel.unary_unary(
+                '/openshell.v1.OpenShell/RefreshSandboxToken',
+                request_serializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.FromString,
+                _registered_method=True)
 
 
 class OpenShellServicer:
@@ -88,6 +98,23 @@ class OpenShellServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueSandboxToken(self, request, context):
+        """Upstream's (proto/openshell.proto, names and fields as there): trade the bootstrap credential
+        in the request's `authorization: Bearer` metadata (a Kubernetes projected ServiceAccount
+        token) for a gateway-minted sandbox token bound to that sandbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshSandboxToken(self, request, context):
+        """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
+        valid one). Older tokens stay valid until their own expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpenShellServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +137,16 @@ def add_OpenShellServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=openshell_dot_v1_dot_openshell__pb2.HealthRequest.FromString,
                     response_serializer=openshell_dot_v1_dot_openshell__pb2.HealthResponse.SerializeToString,
+            ),
+            'IssueSandboxToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueSandboxToken,
+                    request_deserializer=openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenResponse.SerializeToString,
+            ),
+            'RefreshSandboxToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshSandboxToken,
+                    request_deserializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +257,60 @@ class OpenShell:
             '/openshell.v1.OpenShell/Health',
             openshell_dot_v1_dot_openshell__pb2.HealthRequest.SerializeToString,
             openshell_dot_v1_dot_openshell__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueSandboxToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/IssueSandboxToken',
+            openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenRequest.SerializeToString,
+            openshell_dot_v1_dot_openshell__pb2.IssueSandboxTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshSandboxToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/RefreshSandboxToken',
+            openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.SerializeToString,
+            openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,15 @@ class OpenShellStub:
     ReportMainProcessExit: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.ReportMainProcessExitRequest, _openshell_pb2.ReportMainProcessExitResponse]
     """Upstream exit report (success = durably recorded): used when the gateway lacks `events`."""
     Health: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.HealthRequest, _openshell_pb2.HealthResponse]
+    IssueSandboxToken: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.IssueSandboxTokenRequest, _openshell_pb2.IssueSandboxTokenResponse]
+    """Upstream's (proto/openshell.proto, names and fields as there): trade the bootstrap credential
+    in the request's `authorization: Bearer` metadata (a Kubernetes projected ServiceAccount
+    token) for a gateway-minted sandbox token bound to that sandbox.
+    """
+    RefreshSandboxToken: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.RefreshSandboxTokenRequest, _openshell_pb2.RefreshSandboxTokenResponse]
+    """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
+    valid one). Older tokens stay valid until their own expiry.
+    """
 
 @_typing.type_check_only
 class OpenShellAsyncStub(OpenShellStub):
@@ -63,6 +72,15 @@ class OpenShellAsyncStub(OpenShellStub):
     ReportMainProcessExit: _aio.UnaryUnaryMultiCallable[_openshell_pb2.ReportMainProcessExitRequest, _openshell_pb2.ReportMainProcessExitResponse]  # type: ignore[assignment]
     """Upstream exit report (success = durably recorded): used when the gateway lacks `events`."""
     Health: _aio.UnaryUnaryMultiCallable[_openshell_pb2.HealthRequest, _openshell_pb2.HealthResponse]  # type: ignore[assignment]
+    IssueSandboxToken: _aio.UnaryUnaryMultiCallable[_openshell_pb2.IssueSandboxTokenRequest, _openshell_pb2.IssueSandboxTokenResponse]  # type: ignore[assignment]
+    """Upstream's (proto/openshell.proto, names and fields as there): trade the bootstrap credential
+    in the request's `authorization: Bearer` metadata (a Kubernetes projected ServiceAccount
+    token) for a gateway-minted sandbox token bound to that sandbox.
+    """
+    RefreshSandboxToken: _aio.UnaryUnaryMultiCallable[_openshell_pb2.RefreshSandboxTokenRequest, _openshell_pb2.RefreshSandboxTokenResponse]  # type: ignore[assignment]
+    """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
+    valid one). Older tokens stay valid until their own expiry.
+    """
 
 class OpenShellServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -97,5 +115,26 @@ class OpenShellServicer(metaclass=_abc_1.ABCMeta):
         request: _openshell_pb2.HealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_openshell_pb2.HealthResponse, _abc.Awaitable[_openshell_pb2.HealthResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def IssueSandboxToken(
+        self,
+        request: _openshell_pb2.IssueSandboxTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openshell_pb2.IssueSandboxTokenResponse, _abc.Awaitable[_openshell_pb2.IssueSandboxTokenResponse]]:
+        """Upstream's (proto/openshell.proto, names and fields as there): trade the bootstrap credential
+        in the request's `authorization: Bearer` metadata (a Kubernetes projected ServiceAccount
+        token) for a gateway-minted sandbox token bound to that sandbox.
+        """
+
+    @_abc_1.abstractmethod
+    def RefreshSandboxToken(
+        self,
+        request: _openshell_pb2.RefreshSandboxTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openshell_pb2.RefreshSandboxTokenResponse, _abc.Awaitable[_openshell_pb2.RefreshSandboxTokenResponse]]:
+        """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
+        valid one). Older tokens stay valid until their own expiry.
+        """
 
 def add_OpenShellServicer_to_server(servicer: OpenShellServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

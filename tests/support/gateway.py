@@ -16,5 +16,7 @@ def gateway_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None) -
         "grpc": {"listen": "127.0.0.1:0"},
         "http": {"listen": "127.0.0.1:0"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+        # Most tests start supervisors of sandboxes they never created through the API.
+        "sessions": {"register_unknown": True},
     }
     return load_settings(GatewayConfig, overrides=deep_merge(base, overrides or {}), use_env=False)

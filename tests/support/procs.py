@@ -108,6 +108,8 @@ class GatewayProcess:
             "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
             "--set", f"sessions.grace_s={self.grace_s}",
             "--set", "sessions.heartbeat_flush_interval_s=0.5",
+            # Most tests start supervisors of sandboxes they never created through the API.
+            "--set", "sessions.register_unknown=true",
             "--log-level", "debug",
             *self.extra,
         ]  # fmt: skip

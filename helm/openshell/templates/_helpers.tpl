@@ -187,6 +187,7 @@ securityContext:
 {{- $config := dict
       "grpc" (dict "listen" "0.0.0.0:7070" "shutdown_grace_s" $v.gateway.grpc.shutdownGraceSeconds "hello_timeout_s" $v.gateway.grpc.helloTimeoutSeconds)
       "http" (dict "listen" "0.0.0.0:7080")
+      "auth" (dict "allow_unauthenticated_api" true)
       "database" $database
       "sessions" (dict
         "heartbeat_interval_s" $v.gateway.sessions.heartbeatIntervalSeconds
