@@ -60,6 +60,16 @@ class GatewaySettings(_Section):
         "Symlinks are followed; the file is re-read when it changes (a rotated Kubernetes projected token). "
         "Missing, unreadable or empty: the connection attempt fails and is retried.",
     )
+    credential_refresh: bool = Field(
+        True,
+        description="When the credential is a gateway-minted sandbox token (a JWT with exp), renew it over "
+        "the session with RefreshSandboxToken at about 80 % of its lifetime (with jitter, retried with "
+        "backoff while time remains) and keep the renewed token in memory and in "
+        "`<journal.directory>/credential` (0600), so a restarted supervisor still has it; each connection "
+        "attempt uses the newest valid token (largest exp) of credential_file and the renewed one. A gateway "
+        "answering UNIMPLEMENTED or FAILED_PRECONDITION stops the renewal of that token. false: never renew "
+        "(a Kubernetes projected token, which the kubelet rotates).",
+    )
 
     @model_validator(mode="after")
     def _tls_settings_hold_together(self) -> GatewaySettings:
