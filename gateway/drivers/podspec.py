@@ -196,6 +196,15 @@ def pod_name(sandbox_id: str) -> str:
     return POD_PREFIX + sandbox_id
 
 
+def sandbox_of_pod(name: str) -> str | None:
+    """The sandbox id whose pod is named ``name`` (the reverse of :func:`pod_name`), or None when
+    no sandbox's pod could have that name."""
+    if not name.startswith(POD_PREFIX):
+        return None
+    sandbox_id = name[len(POD_PREFIX) :]
+    return sandbox_id if _id_problem(sandbox_id) is None else None
+
+
 def credential_secret_name(sandbox_id: str) -> str:
     return pod_name(sandbox_id) + CREDENTIAL_SUFFIX
 
