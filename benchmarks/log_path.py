@@ -173,6 +173,7 @@ def end_to_end(
     db_path = workdir / "gateway.db"
     grpc_address = f"127.0.0.1:{free_port()}"
     http_port = free_port()
+    ops_port = free_port()
 
     def profile(name: str) -> list[str]:
         return ["-m", "cProfile", "-o", str(profile_dir / name)] if profile_dir is not None else []
@@ -181,6 +182,7 @@ def end_to_end(
         PYTHON, *profile("gateway.prof"), "-m", "gateway", "serve",
         "--grpc-listen", grpc_address,
         "--http-listen", f"127.0.0.1:{http_port}",
+        "--ops-listen", f"127.0.0.1:{ops_port}",
         "--database-url", f"sqlite+aiosqlite:///{db_path}",
         "--log-level", "warning",
     ]  # fmt: skip
@@ -205,7 +207,7 @@ def end_to_end(
         gateway = subprocess.Popen(gateway_argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     supervisor: subprocess.Popen[bytes] | None = None
     try:
-        wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
+        wait_http(f"http://127.0.0.1:{ops_port}/healthz", gateway, gateway_log)
         gateway_ps = psutil.Process(gateway.pid)
         gateway_cpu_before = _cpu(gateway_ps.cpu_times())
         reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10, isolation_level=None)

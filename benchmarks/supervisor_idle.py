@@ -239,11 +239,13 @@ def measure(root: Path, seconds: float, bundle: Path | None = None) -> list[Samp
     db_path = root / "gateway.db"
     grpc_address = f"127.0.0.1:{free_port()}"
     http_port = free_port()
+    ops_port = free_port()
     gateway_log = root / "gateway.log"
     gateway_argv = [
         PYTHON, "-m", "gateway", "serve",
         "--grpc-listen", grpc_address,
         "--http-listen", f"127.0.0.1:{http_port}",
+        "--ops-listen", f"127.0.0.1:{ops_port}",
         "--database-url", f"sqlite+aiosqlite:///{db_path}",
         "--log-level", "info",
     ]  # fmt: skip
@@ -253,7 +255,7 @@ def measure(root: Path, seconds: float, bundle: Path | None = None) -> list[Samp
         )
     started: list[Sampled] = []
     try:
-        wait_http(f"http://127.0.0.1:{http_port}/healthz", gateway, gateway_log)
+        wait_http(f"http://127.0.0.1:{ops_port}/healthz", gateway, gateway_log)
         linger = str(int(seconds + 30))
         supervisor_argv = [
             PYTHON, "-m", "supervisor", "run",

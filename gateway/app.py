@@ -2,8 +2,9 @@
 
 ``Gateway.start`` opens the database (running migrations), starts the gRPC server (our
 service plus the standard gRPC health service, both registered through :mod:`gateway.rpc`, which
-decodes frames itself and answers store failures UNAVAILABLE) and the HTTP API, and the task that
-flushes heartbeat times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
+decodes frames itself and answers store failures UNAVAILABLE), the HTTP API, the operations
+listener (:mod:`gateway.ops`: /healthz, /readyz, /metrics) and the task that flushes heartbeat
+times in batches. ``Gateway.stop`` ends sessions, stops the servers with a grace
 period, flushes once more, gives the disconnection writes still retrying what is left of its
 deadline, and closes the database, in that order, so nothing acknowledged is left unwritten; the
 phases share one deadline (``STOP_MARGIN_S`` past the grace period), so a database that hangs
@@ -31,6 +32,7 @@ from gateway.api import build_api
 from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.drivers import Provisioner
 from gateway.metrics import GatewayMetrics
+from gateway.ops import Readiness, build_ops
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
@@ -71,8 +73,13 @@ class Gateway:
         self.db: Database | None = None
         self.grpc_port = 0
         self.http_port = 0
+        self.ops_port = 0
         self._server: aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._ops_runner: web.AppRunner | None = None
+        self._readiness: Readiness | None = None
+        #: True from the gRPC server's start to the beginning of the shutdown (/readyz reads it).
+        self._grpc_serving = False
         self._flusher: asyncio.Task[None] | None = None
         self._sandboxes: SandboxStore | None = None
         self._service: OpenShellService | None = None
@@ -92,6 +99,11 @@ class Gateway:
     def http_url(self) -> str:
         host, _ = split_host_port(self.config.http.listen)
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.http_port}"
+
+    @property
+    def ops_url(self) -> str:
+        host, _ = split_host_port(self.config.ops.listen)
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.ops_port}"
 
     async def start(self) -> None:
         cfg = self.config
@@ -128,6 +140,7 @@ class Gateway:
             raise GatewayStartError(f"cannot listen for gRPC on {cfg.grpc.listen}: {exc}") from None
         await server.start()
         self._server = server
+        self._grpc_serving = True
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
 
@@ -142,35 +155,49 @@ class Gateway:
                 await self.stop()
                 raise GatewayStartError(f"cannot start the Kubernetes driver: {exc}") from None
             self._provisioner = provisioner
+        liveness = Liveness.from_settings(cfg.sessions)
         app = build_api(
-            metrics=self.metrics,
             provisioner=self._provisioner,
             sandboxes=self._sandboxes,
             events=events,
-            liveness=Liveness.from_settings(cfg.sessions),
+            liveness=liveness,
             commands=commands,
             deliver=self._service.deliver,
             max_body_bytes=cfg.http.max_body_bytes,
         )
         # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
+        self._runner, self.http_port = await self._listen(app, cfg.http.listen, what="the HTTP API")
+        self._readiness = Readiness(self.db, grpc_serving=lambda: self._grpc_serving)
+        ops = build_ops(
+            metrics=self.metrics, sandboxes=self._sandboxes, readiness=self._readiness, liveness=liveness
+        )
+        self._ops_runner, self.ops_port = await self._listen(ops, cfg.ops.listen, what="the ops listener")
+        self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flusher")
+        log.info(
+            "gateway ready",
+            extra={
+                "grpc": self.grpc_address,
+                "http": self.http_url,
+                "ops": self.ops_url,
+                "database": _mask(cfg.database.url),
+            },
+        )
+
+    async def _listen(self, app: web.Application, address: str, *, what: str) -> tuple[web.AppRunner, int]:
+        """Serve ``app`` on ``address``; a port taken (or any bind failure) stops what started and
+        raises GatewayStartError naming the listener."""
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
-        host, port = split_host_port(cfg.http.listen)
+        host, port = split_host_port(address)
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             await self.stop()
-            raise GatewayStartError(f"cannot listen for HTTP on {cfg.http.listen}: {exc.strerror}") from None
-        self._runner = runner
+            raise GatewayStartError(f"cannot listen for {what} on {address}: {exc.strerror or exc}") from None
         # With port 0 the kernel picks one; the runner knows which.
-        self.http_port = int(runner.addresses[0][1]) if runner.addresses else port
-        self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flusher")
-        log.info(
-            "gateway ready",
-            extra={"grpc": self.grpc_address, "http": self.http_url, "database": _mask(cfg.database.url)},
-        )
+        return runner, int(runner.addresses[0][1]) if runner.addresses else port
 
     async def _flush_heartbeats(self) -> None:
         while True:
@@ -209,6 +236,7 @@ class Gateway:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        self._grpc_serving = False  # /readyz says so at once: no new work is sent here
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
             await self._server.stop(grace)
@@ -217,6 +245,14 @@ class Gateway:
             # aiohttp bounds a stuck handler by its shutdown_timeout; this bounds the whole.
             await _bounded(self._runner.cleanup(), min(HTTP_STOP_S, left()), what="stopping the HTTP API")
             self._runner = None
+        if self._ops_runner is not None:
+            await _bounded(
+                self._ops_runner.cleanup(), min(HTTP_STOP_S, left()), what="stopping the ops listener"
+            )
+            self._ops_runner = None
+        if self._readiness is not None:
+            await self._readiness.close()
+            self._readiness = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,7 +1,7 @@
 """``openshell-gateway``: the control plane's command line.
 
     openshell-gateway serve   [--config FILE] [--grpc-listen H:P] [--http-listen H:P]
-                              [--database-url URL] [--set K=V]
+                              [--ops-listen H:P] [--database-url URL] [--set K=V]
     openshell-gateway migrate [--config FILE] [--database-url URL]
     openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
     openshell-gateway status  [--api URL] [--lines N] [--json]
@@ -40,6 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--grpc-listen", help="host:port for supervisors")
     p.add_argument("--http-listen", help="host:port for the HTTP API")
+    p.add_argument("--ops-listen", help="host:port for /healthz, /readyz and /metrics")
     p.add_argument("--database-url", help="SQLAlchemy async URL")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
@@ -92,6 +93,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         flags["grpc"] = {"listen": args.grpc_listen}
     if args.http_listen:
         flags["http"] = {"listen": args.http_listen}
+    if args.ops_listen:
+        flags["ops"] = {"listen": args.ops_listen}
     if args.database_url:
         flags["database"] = {"url": args.database_url}
     if args.log_level:

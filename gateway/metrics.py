@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics, served at ``GET /metrics`` on the HTTP API's port.
+"""The gateway's Prometheus metrics, served at ``GET /metrics`` on the ops listener (``ops.listen``).
 
 A registry of its own (never prometheus-client's global one, so several gateways in one test
 process do not collide), holding what a platform team alerts on in this milestone: live
@@ -106,6 +106,31 @@ class GatewayMetrics:
             PREFIX + "background_write_failures",
             "Failed attempts of retried background writes (disconnections, heartbeat flushes), by write.",
             ["write"],
+            registry=self.registry,
+        )
+        self.supervisor_auth_refusals = Counter(
+            PREFIX + "supervisor_auth_refusals",
+            "Supervisor calls refused for their credential, by reason (gateway.auth.Refusal).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.sandbox_tokens_minted = Counter(
+            PREFIX + "sandbox_tokens_minted",
+            "Sandbox tokens minted (local sandboxes, renewals, exchanges of Kubernetes tokens).",
+            registry=self.registry,
+        )
+        self.api_auth_failures = Counter(
+            PREFIX + "api_auth_failures",
+            "HTTP API requests refused for their bearer token (401, or 503 when the issuer could not be "
+            "asked), or for a token with no OpenShell role (403, no_role), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_denials = Counter(
+            PREFIX + "api_denials",
+            "HTTP API requests refused (403) because the caller's role is too low for the action, by role "
+            "and action.",
+            ["role", "action"],
             registry=self.registry,
         )
         self.sandboxes_counted = Gauge(

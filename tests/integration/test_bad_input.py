@@ -437,7 +437,7 @@ async def test_an_unterminated_escaped_string_does_not_freeze_the_gateway(tmp_pa
             ) as resp:
                 assert resp.status == 400, await resp.text()
                 assert "not valid JSON" in (await resp.json())["error"]
-            async with http.get(f"{url}/healthz") as resp:
+            async with http.get(f"http://127.0.0.1:{gateway.ops_port}/healthz") as resp:
                 assert resp.status == 200
     finally:
         gateway.stop()

@@ -68,14 +68,14 @@ def _hello() -> bytes:
 
 
 def _metric(gateway: GatewayProcess, name: str, method: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     found = re.search(rf'^{name}\{{method="{method}"\}} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
 
 
 def _gauge(gateway: GatewayProcess, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=10) as resp:
         found = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.M)
     assert found, f"{name} not in /metrics"
     return float(found.group(1))

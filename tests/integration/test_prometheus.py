@@ -294,7 +294,7 @@ async def test_prometheus_scrapes_the_gateway(prometheus_binary: str, tmp_path: 
     prom: Prometheus | None = None
     try:
         gateway.start()
-        prom = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{gateway.http_port}")
+        prom = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{gateway.ops_port}")
         async with aiohttp.ClientSession() as http:
             await wait_for_value(http, prom, "openshell_gateway_sessions", "0")
             sv.start()
@@ -306,7 +306,7 @@ async def test_prometheus_scrapes_the_gateway(prometheus_binary: str, tmp_path: 
             )
             build = await query(http, prom, "openshell_gateway_build_info")
             assert build and build[0]["metric"]["version"], build
-            async with http.get(f"http://127.0.0.1:{gateway.http_port}/metrics") as resp:
+            async with http.get(f"http://127.0.0.1:{gateway.ops_port}/metrics") as resp:
                 exposition = await resp.read()
             assert sv.proc is not None
             sv.proc.terminate()

@@ -112,7 +112,7 @@ def _api(gateway: GatewayProcess, sandbox_id: str) -> dict[str, Any]:
 
 
 def _metric(gateway: GatewayProcess, series: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
             name, _, value = line.rpartition(" ")
             if name == series:

@@ -405,6 +405,7 @@ async def test_gateway_with_an_unreadable_tls_file_does_not_start(tmp_path: Path
                 "tls": {"cert_file": str(pki.server.cert), "key_file": str(missing)},
             },
             "http": {"listen": "127.0.0.1:0"},
+            "ops": {"listen": "127.0.0.1:0"},
             "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
         },
         use_env=False,

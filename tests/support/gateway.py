@@ -15,6 +15,7 @@ def gateway_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None) -
     base = {
         "grpc": {"listen": "127.0.0.1:0"},
         "http": {"listen": "127.0.0.1:0"},
+        "ops": {"listen": "127.0.0.1:0"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
         # Most tests start supervisors of sandboxes they never created through the API.
         "sessions": {"register_unknown": True},

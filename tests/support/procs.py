@@ -83,6 +83,8 @@ class GatewayProcess:
     extra: Sequence[str] = ()
     grpc_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    #: Parallel gateways must not share the default ops port (127.0.0.1:7090).
+    ops_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -104,6 +106,7 @@ class GatewayProcess:
             PYTHON, "-m", "gateway", "serve",
             "--grpc-listen", self.address,
             "--http-listen", f"127.0.0.1:{self.http_port}",
+            "--ops-listen", f"127.0.0.1:{self.ops_port}",
             "--database-url", f"sqlite+aiosqlite:///{self.db_path}",
             "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
             "--set", f"sessions.grace_s={self.grace_s}",

@@ -1,0 +1,141 @@
+"""The gateway's operations listener (``ops.listen``, default 127.0.0.1:7090): probes and metrics,
+apart from the HTTP API so that the API's authentication covers the whole API.
+
+/healthz    200 ``{"status": "ok"}`` while the process's event loop answers (liveness: nothing
+            else is checked, so a database outage never gets the gateway restarted).
+/readyz     200 ``{"ready": true, "checks": {...}}`` when the gateway can do its work: the
+            database answers a read within ``READY_DB_TIMEOUT_S`` and its schema is at the
+            migrations' head (``alembic_version`` holds exactly the packaged heads: a replica
+            older or newer than the schema is not ready), and the gRPC server is serving (started,
+            not shutting down). 503 with the failed check's reason otherwise.
+/metrics    the Prometheus exposition (:mod:`gateway.metrics`).
+
+Nothing else is served there, and nothing there needs a credential: keep the listener pod-local
+or reachable only by the kubelet and Prometheus (the chart's NetworkPolicy). It speaks plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+from alembic.script import ScriptDirectory
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog
+from gateway.sandbox_state import Liveness
+from gateway.store import Database, SandboxStore, utcnow
+from gateway.store.db import alembic_config, describe_error
+
+log = logging.getLogger(__name__)
+
+#: A readiness probe waits this long for the database (the kubelet's default timeout is 1 s, the
+#: chart's 3 s); a check still running is shared by the probes that come meanwhile.
+READY_DB_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str
+
+
+def schema_heads() -> frozenset[str]:
+    """The packaged migrations' head revisions (what ``alembic_version`` holds once migrated)."""
+    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+class Readiness:
+    """The database half of /readyz, run in a task this object owns: one check at a time, however
+    many probes come, and a probe never cancels it (SQLAlchemy finishes a connection's cleanup on
+    a hung server before it lets a cancellation through)."""
+
+    def __init__(self, db: Database, *, grpc_serving: Callable[[], bool]) -> None:
+        self._db = db
+        self._grpc_serving = grpc_serving
+        self._heads = schema_heads()
+        self._checking: asyncio.Task[Verdict] | None = None
+        self._log = RateLimitedLog(log, concern="readiness")
+
+    async def _check_database(self) -> Verdict:
+        try:
+            async with self._db.engine.connect() as conn:
+                found = frozenset(
+                    str(v)
+                    for v in (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars()
+                )
+        except Exception as exc:  # any failure of the database is "not ready", with its reason
+            return Verdict(False, f"database: {describe_error(exc)}")
+        if found != self._heads:
+            return Verdict(
+                False,
+                f"database schema at {', '.join(sorted(found)) or 'no revision'}, "
+                f"this gateway needs {', '.join(sorted(self._heads))}",
+            )
+        return Verdict(True, "reachable, schema at head")
+
+    async def check(self) -> dict[str, Verdict]:
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._check_database(), name="readiness-check")
+        try:
+            database = await asyncio.wait_for(asyncio.shield(self._checking), READY_DB_TIMEOUT_S)
+        except TimeoutError:
+            database = Verdict(False, f"database: no answer within {READY_DB_TIMEOUT_S:.0f}s")
+        grpc = Verdict(True, "serving") if self._grpc_serving() else Verdict(False, "gRPC server not serving")
+        verdicts = {"database": database, "grpc": grpc}
+        failed = "; ".join(v.reason for v in verdicts.values() if not v.ok)
+        if failed:
+            self._log.log(logging.WARNING, ("not-ready", failed), f"not ready: {failed}")
+        return verdicts
+
+    async def close(self) -> None:
+        if self._checking is not None:
+            checking, self._checking = self._checking, None
+            checking.cancel()
+            # Bounded like the metrics' count: the shutdown has one deadline for all its phases.
+            await asyncio.wait({checking}, timeout=0.5)
+            if checking.done() and not checking.cancelled():
+                checking.exception()
+        self._log.close()
+
+
+def build_ops(
+    *,
+    metrics: GatewayMetrics,
+    sandboxes: SandboxStore,
+    readiness: Readiness,
+    liveness: Liveness,
+    now: Callable[[], datetime] = utcnow,
+) -> web.Application:
+    """The ops listener's application: /healthz, /readyz and /metrics, nothing else."""
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.StreamResponse:
+        verdicts = await readiness.check()
+        ready = all(v.ok for v in verdicts.values())
+        body = {
+            "ready": ready,
+            "checks": {name: {"ok": v.ok, "reason": v.reason} for name, v in verdicts.items()},
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_text(request: web.Request) -> web.StreamResponse:
+        # Sandboxes by state, by the same rule as the API's: counted again when the last count is
+        # older than a few seconds, in a task the metrics own (GatewayMetrics).
+        await metrics.count_sandboxes(sandboxes, now=now(), liveness=liveness)
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_text)
+    return app
