@@ -37,12 +37,15 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
+from gateway.auth.sandbox_tokens import MintedToken
+from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
@@ -116,8 +119,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         events: EventStore,
         commands: CommandStore,
         metrics: GatewayMetrics | None = None,
+        authenticator: SupervisorAuthenticator | None = None,
     ) -> None:
         self._metrics = metrics
+        #: Every supervisor call's credential goes through it (None: unit tests of other concerns).
+        self._auth = authenticator
         # A limiter per concern: a store outage fails the disconnection writes of every session
         # at once, and their successes come in a burst when it ends.
         self._retry_log = RateLimitedLog(log, concern="disconnection-retry")
@@ -280,6 +286,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sandbox_id = SandboxId(hello.sandbox_id)
         # One deadline for all the store work the hello waits on (see _within).
         deadline = self._store_deadline()
+        # Before anything of the sandbox is read or written: a refused peer learns only the reason.
+        await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
         if not self._config.sessions.register_unknown and (
             await self._within(
                 self._sandboxes.get(sandbox_id), deadline=deadline, what="hello: read the sandbox"
@@ -611,7 +619,29 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         context: Ctx,
     ) -> pb.PushSandboxLogsResponse:
         count = 0
+        # The stream's credential is checked with its first request; every later request must be
+        # for the same sandbox (a stream cannot speak for a sandbox its credential is not for).
+        bound: str | None = None
         async for request in request_iterator:
+            if bound is None:
+                problem = validate_sandbox_id(request.sandbox_id)
+                if problem is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                await self._authenticate(
+                    context, request.sandbox_id, "PushSandboxLogs", deadline=self._store_deadline()
+                )
+                bound = request.sandbox_id
+            elif request.sandbox_id != bound and self._auth is not None and self._auth.required:
+                await self._refuse(
+                    context,
+                    CredentialRefused(
+                        Refusal.OTHER_SANDBOX,
+                        f"this stream's credential is for sandbox {bound}, a request names "
+                        f"{request.sandbox_id}",
+                    ),
+                    method="PushSandboxLogs",
+                    sandbox_id=request.sandbox_id,
+                )
             items: list[tuple[int, Payload]] = []
             for line in request.logs:
                 sandbox_id = line.sandbox_id or request.sandbox_id
@@ -632,6 +662,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     async def ReportMainProcessExit(
         self, request: pb.ReportMainProcessExitRequest, context: Ctx
     ) -> pb.ReportMainProcessExitResponse:
+        problem = validate_sandbox_id(request.sandbox_id)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self._authenticate(
+            context, request.sandbox_id, "ReportMainProcessExit", deadline=self._store_deadline()
+        )
         await self._check_sandbox(request.sandbox_id, context)
         code = request.exit_code
         record = LifecycleRecord(
@@ -647,16 +683,107 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     async def IssueSandboxToken(
         self, request: pb.IssueSandboxTokenRequest, context: Ctx
     ) -> pb.IssueSandboxTokenResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "sandbox tokens are not issued by this gateway yet"
-        )
+        """Trade a sandbox pod's projected ServiceAccount token for a minted one of its sandbox."""
+        auth = self._require_auth()
+        if auth.kubernetes is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this gateway does not run the Kubernetes driver: it has no pod tokens to trade; a "
+                "sandbox token is given to local sandboxes in a file and renewed with RefreshSandboxToken",
+            )
+        principal = await self._credential(context, "IssueSandboxToken", deadline=self._store_deadline())
+        if principal.kind != "kubernetes":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "IssueSandboxToken takes a pod's ServiceAccount token; renew a sandbox token with "
+                "RefreshSandboxToken",
+            )
+        token = await self._mint_for(principal, context, "IssueSandboxToken")
+        return pb.IssueSandboxTokenResponse(token=token.token, expires_at_ms=int(token.expires_at * 1000))
 
     async def RefreshSandboxToken(
         self, request: pb.RefreshSandboxTokenRequest, context: Ctx
     ) -> pb.RefreshSandboxTokenResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "sandbox tokens are not issued by this gateway yet"
+        """A new token for the caller's sandbox and generation, for a still valid minted one."""
+        principal = await self._credential(context, "RefreshSandboxToken", deadline=self._store_deadline())
+        if principal.kind != "sandbox-token":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "a Kubernetes ServiceAccount token is renewed by the kubelet, not by the gateway",
+            )
+        token = await self._mint_for(principal, context, "RefreshSandboxToken")
+        return pb.RefreshSandboxTokenResponse(token=token.token, expires_at_ms=int(token.expires_at * 1000))
+
+    def _require_auth(self) -> SupervisorAuthenticator:
+        if self._auth is None:  # only a service built without one (tests of other concerns)
+            raise RuntimeError("this service has no authenticator")
+        return self._auth
+
+    async def _credential(self, context: Ctx, method: str, *, deadline: float) -> SandboxPrincipal:
+        """The verified credential of a call that names no sandbox but its own (whatever
+        ``required`` says: a token is only ever minted for a valid credential), bound to the
+        sandbox it names."""
+        auth = self._require_auth()
+        try:
+            principal = await self._within(
+                auth.verify(context.invocation_metadata()), deadline=deadline, what=f"{method}: verify"
+            )
+        except CredentialRefused as exc:
+            await self._refuse(context, exc, method=method, sandbox_id="-")
+        try:
+            await self._within(
+                auth.bind(principal, principal.sandbox_id), deadline=deadline, what=f"{method}: bind"
+            )
+        except CredentialRefused as exc:
+            await self._refuse(context, exc, method=method, sandbox_id=principal.sandbox_id)
+        return principal
+
+    async def _mint_for(self, principal: SandboxPrincipal, context: Ctx, method: str) -> MintedToken:
+        auth = self._require_auth()
+        generation = principal.generation
+        if generation is None:  # a pod's token: the sandbox's current life (bind checked the pod)
+            row = await self._sandboxes.get(principal.sandbox_id)
+            if row is None:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{Refusal.UNKNOWN_SANDBOX.value}: sandbox {principal.sandbox_id} is not known",
+                )
+            generation = row.generation
+        minted = await self._within(
+            auth.tokens.mint(principal.sandbox_id, generation=generation),
+            deadline=self._store_deadline(),
+            what=f"{method}: mint",
         )
+        if self._metrics is not None:
+            self._metrics.sandbox_tokens_minted.inc()
+        log.info(
+            "sandbox token issued",
+            extra={"sandbox_id": principal.sandbox_id, "method": method, "kid": minted.kid},
+        )
+        return minted
+
+    async def _authenticate(self, context: Ctx, sandbox_id: str, method: str, *, deadline: float) -> None:
+        """Let the call through only with a credential bound to ``sandbox_id`` (see
+        :mod:`gateway.auth.supervisors`); else end it with the refusal's status and reason."""
+        if self._auth is None or not self._auth.required:
+            return
+        try:
+            await self._within(
+                self._auth.authenticate(
+                    context.invocation_metadata(), sandbox_id=sandbox_id, method=method, peer=context.peer()
+                ),
+                deadline=deadline,
+                what=f"{method}: authenticate",
+            )
+        except CredentialRefused as exc:  # counted and logged by the authenticator
+            await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
+
+    async def _refuse(
+        self, context: Ctx, exc: CredentialRefused, *, method: str, sandbox_id: str
+    ) -> NoReturn:
+        auth = self._require_auth()
+        auth.refused(exc, method=method, peer=context.peer(), sandbox_id=sandbox_id)
+        await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
 
     async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
         return pb.HealthResponse(status=pb.SERVICE_STATUS_HEALTHY, version=__version__)

@@ -1,0 +1,203 @@
+"""The one rule every supervisor call goes through: who is calling, and may it speak for this sandbox.
+
+:meth:`SupervisorAuthenticator.authenticate` reads ``authorization: Bearer <token>`` from the
+call's metadata, verifies the token with the verifier its (unverified) issuer picks (a sandbox
+token this gateway minted, or else, with the Kubernetes driver, the pod's projected
+ServiceAccount token), then binds it to the call:
+
+* the credential's sandbox must be the one the call names (else ``OTHER_SANDBOX``);
+* that sandbox must exist (``UNKNOWN_SANDBOX``), unless ``sessions.register_unknown``;
+* a minted token must be of the sandbox's current generation, and a Kubernetes token's pod uid
+  must be the sandbox's pod's (``STALE``: a token of a deleted and re-created sandbox, or of a
+  replaced pod, is a replay).
+
+A refusal is a :class:`gateway.auth.CredentialRefused`: the call ends with
+``REFUSAL_STATUS[reason]`` and a message naming the reason (never the token), it is counted in
+``openshell_gateway_supervisor_auth_refusals_total{reason}``, and logged (peer host, method,
+reason, sandbox id and nothing of the token), rate-limited like malformed frames.
+
+A verified token is cached by its hash until its expiry (so a reconnect storm does not verify each
+signature again); the binding, which depends on the sandbox's row, is checked on every call.
+
+``auth.supervisors.required: false`` skips all of it: any peer can then speak for any sandbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gateway.auth import CredentialRefused, CredentialVerifier, Refusal, SandboxPrincipal
+from gateway.auth.sandbox_tokens import SandboxTokens, unverified_issuer
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog
+from gateway.store import SandboxStore
+
+log = logging.getLogger(__name__)
+
+#: Verified tokens kept at most (a bound on memory); the cache is emptied when full.
+CACHE_MAX = 10_000
+
+#: A call's invocation metadata (grpc.aio.Metadata, or pairs).
+Metadata = Iterable[tuple[str, Any]] | None
+
+
+def _peer_host(peer: str) -> str:
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+def bearer_token(metadata: Metadata) -> str:
+    """The token of the call's ``authorization: Bearer <token>`` (the scheme in any case)."""
+    values = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if not values:
+        raise CredentialRefused(Refusal.MISSING, "no authorization metadata")
+    if len(values) > 1:
+        raise CredentialRefused(Refusal.MALFORMED, "more than one authorization metadata entry")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise CredentialRefused(Refusal.MALFORMED, "the authorization value is not ASCII") from None
+    if not isinstance(value, str):
+        raise CredentialRefused(Refusal.MALFORMED, "the authorization value is not text")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise CredentialRefused(Refusal.MALFORMED, "authorization is not 'Bearer <token>'")
+    return token
+
+
+class SupervisorAuthenticator:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        tokens: SandboxTokens,
+        sandboxes: SandboxStore,
+        metrics: GatewayMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._settings = config.auth.supervisors
+        self.tokens = tokens
+        self._sandboxes = sandboxes
+        self._metrics = metrics
+        self._clock = clock
+        #: The Kubernetes TokenReview verifier, set once the Kubernetes driver is up.
+        self._kubernetes: CredentialVerifier | None = None
+        self._cache: dict[bytes, SandboxPrincipal] = {}
+        self._log = RateLimitedLog(log, concern="supervisor-auth")
+        if metrics is not None:
+            for reason in Refusal:  # every series exists from the start, at 0
+                metrics.supervisor_auth_refusals.labels(reason.value)
+        if not self.required:
+            log.warning(
+                "auth.supervisors.required is false: supervisor calls are not authenticated, any peer "
+                "that reaches the gRPC port can speak for any sandbox (development only)"
+            )
+
+    @property
+    def required(self) -> bool:
+        return self._settings.required
+
+    def use_kubernetes(self, verifier: CredentialVerifier) -> None:
+        """Accept the sandbox pods' projected ServiceAccount tokens, checked by ``verifier``."""
+        self._kubernetes = verifier
+
+    @property
+    def kubernetes(self) -> CredentialVerifier | None:
+        return self._kubernetes
+
+    def close(self) -> None:
+        self._log.close()
+
+    async def authenticate(
+        self, metadata: Metadata, *, sandbox_id: str, method: str, peer: str
+    ) -> SandboxPrincipal | None:
+        """The caller's principal, bound to ``sandbox_id``; None when auth is not required.
+        Raises :class:`CredentialRefused` (already counted and logged)."""
+        if not self.required:
+            return None
+        try:
+            principal = await self.verify(metadata)
+            await self.bind(principal, sandbox_id)
+        except CredentialRefused as exc:
+            self.refused(exc, method=method, peer=peer, sandbox_id=sandbox_id)
+            raise
+        return principal
+
+    async def verify(self, metadata: Metadata) -> SandboxPrincipal:
+        """The principal of the call's bearer token, not yet bound to any sandbox."""
+        token = bearer_token(metadata)
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if cached.expires_at > now:
+                return cached
+            del self._cache[digest]
+        principal = await self._verifier(token).verify(token)
+        if principal.expires_at <= now:
+            raise CredentialRefused(Refusal.EXPIRED, "the token has expired")
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[digest] = principal
+        return principal
+
+    def _verifier(self, token: str) -> CredentialVerifier:
+        issuer = unverified_issuer(token)
+        if issuer == self._settings.issuer:
+            return self.tokens
+        if self._kubernetes is not None:
+            return self._kubernetes
+        if issuer is None:
+            # No claims to read: the minted tokens' verifier says why (not a JWT, malformed).
+            return self.tokens
+        raise CredentialRefused(
+            Refusal.WRONG_ISSUER,
+            f"the token is not issued by {self._settings.issuer!r} (and this gateway does not run "
+            "the Kubernetes driver, whose pod tokens it would check)",
+        )
+
+    async def bind(self, principal: SandboxPrincipal, sandbox_id: str) -> None:
+        """Whether ``principal`` may act for ``sandbox_id`` as the sandbox is now."""
+        if principal.sandbox_id != sandbox_id:
+            raise CredentialRefused(
+                Refusal.OTHER_SANDBOX,
+                f"the credential is sandbox {principal.sandbox_id}'s, the call names {sandbox_id}",
+            )
+        row = await self._sandboxes.get(sandbox_id)
+        if row is None:
+            if self._config.sessions.register_unknown:
+                return
+            raise CredentialRefused(Refusal.UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known")
+        if principal.kind == "sandbox-token" and principal.generation != row.generation:
+            raise CredentialRefused(
+                Refusal.STALE,
+                f"the token is for generation {principal.generation} of sandbox {sandbox_id}, "
+                f"which is now at generation {row.generation}",
+            )
+        # pod_uid joins the row with the Kubernetes driver's work (migration 0005 has the column).
+        pod_uid = getattr(row, "pod_uid", None)
+        if principal.kind == "kubernetes" and pod_uid and principal.pod_uid != pod_uid:
+            raise CredentialRefused(
+                Refusal.STALE, f"the token is of another pod than sandbox {sandbox_id}'s current one"
+            )
+
+    def refused(self, exc: CredentialRefused, *, method: str, peer: str, sandbox_id: str) -> None:
+        """Count and log a refusal (never the token)."""
+        if self._metrics is not None:
+            self._metrics.supervisor_auth_refusals.labels(exc.reason.value).inc()
+        host = _peer_host(peer)
+        self._log.log(
+            logging.WARNING,
+            ("refused", host, method, exc.reason),
+            f"{method} from {host} for sandbox {sandbox_id} refused ({exc.reason.value}): {exc.detail}",
+            extra={"peer": peer, "method": method, "reason": exc.reason.value, "sandbox_id": sandbox_id},
+        )
