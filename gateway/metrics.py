@@ -108,6 +108,31 @@ class GatewayMetrics:
             ["write"],
             registry=self.registry,
         )
+        self.supervisor_auth_refusals = Counter(
+            PREFIX + "supervisor_auth_refusals",
+            "Supervisor calls refused for their credential, by reason (gateway.auth.Refusal).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.sandbox_tokens_minted = Counter(
+            PREFIX + "sandbox_tokens_minted",
+            "Sandbox tokens minted (local sandboxes, renewals, exchanges of Kubernetes tokens).",
+            registry=self.registry,
+        )
+        self.api_auth_failures = Counter(
+            PREFIX + "api_auth_failures",
+            "HTTP API requests refused for their bearer token (401, or 503 when the issuer could not be "
+            "asked), or for a token with no OpenShell role (403, no_role), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_denials = Counter(
+            PREFIX + "api_denials",
+            "HTTP API requests refused (403) because the caller's role is too low for the action, by role "
+            "and action.",
+            ["role", "action"],
+            registry=self.registry,
+        )
         self.sandboxes_counted = Gauge(
             PREFIX + "sandboxes_counted_timestamp_seconds",
             "When the sandboxes gauge was last counted (Unix time); its series are left out while a "
