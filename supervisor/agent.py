@@ -87,6 +87,11 @@ def journal_options(config: SupervisorConfig) -> JournalOptions:
 
 
 class Agent:
+    def _credential_refused(self) -> str:
+        """The health reason while the gateway refuses our credential ("" otherwise)."""
+        session: Session = self.session
+        return session.status.credential_refused
+
     def __init__(self, config: SupervisorConfig) -> None:
         self.config = config
         self.instance_id = config.instance_id or uuid.uuid4().hex
@@ -110,6 +115,8 @@ class Agent:
                 record=self.record,
                 extra_disk_paths=[config.journal.directory],
                 journal_stats=self.journal.stats,
+                # Read at each check; the session is made below.
+                session_problem=self._credential_refused,
             )
             if config.health.enabled
             else None

@@ -517,10 +517,14 @@ class HealthMonitor:
         record: Callable[[Payload], bool],
         extra_disk_paths: Iterable[Path] = (),
         journal_stats: Callable[[], JournalStats] | None = None,
+        session_problem: Callable[[], str] | None = None,
         proc_cgroup: Path = Path("/proc/self/cgroup"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        #: A problem of the session that is not an outage ("" when none): the gateway refuses our
+        #: credential. The sandbox runs, but nothing it journals is delivered: degraded.
+        self._session_problem = session_problem
         self._main_pid = main_pid
         self._record = record
         self._journal_stats = journal_stats
@@ -594,6 +598,11 @@ class HealthMonitor:
         sample = self.sample()
         previous = self._previous
         state, reasons = evaluate(sample, previous, self.settings)
+        problem = self._session_problem() if self._session_problem is not None else ""
+        if problem:
+            reasons = (*reasons, problem)
+            if state is HealthState.HEALTHY:
+                state = HealthState.DEGRADED
         record = to_record(sample, previous, state, reasons)
         self._previous = sample
         self.state = state

@@ -112,6 +112,16 @@ class _StateCollector(Collector):
             "Connection attempts to the gateway, successful or not.",
             value=status.attempts,
         )
+        yield CounterMetricFamily(
+            PREFIX + "auth_refusals",
+            "Gateway calls refused for our credential (UNAUTHENTICATED or PERMISSION_DENIED).",
+            value=status.auth_refusals,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "credential_renewals",
+            "Gateway-minted sandbox tokens renewed over the session.",
+            value=status.credential_renewals,
+        )
 
         yield GaugeMetricFamily(
             PREFIX + "journal_bytes", "Bytes of journal segments on disk.", value=stats.bytes_on_disk

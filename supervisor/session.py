@@ -36,6 +36,17 @@ A gateway that answers, if only to refuse (a rejection, a retry pushback: its da
 to send us elsewhere, is reachable: ``SessionStatus.offline_since`` (what the offline policy
 counts) covers only the time in which no gateway answered at all.
 
+A gateway that refuses our credential (UNAUTHENTICATED or PERMISSION_DENIED, on ConnectSupervisor
+or an upstream call) is reachable too, but retrying soon is no use: the attempt is logged once per
+distinct reason ("gateway refused our credential: ..."), counted (``status.auth_refusals``), shown
+while it lasts (``status.credential_refused``, a health reason), and retried after the backoff's
+cap (``reconnect_max_s``, jittered), or as soon as the credential file changes (checked every
+second of that wait). The journal keeps everything meanwhile.
+
+A gateway-minted sandbox token is renewed over each session with RefreshSandboxToken at about
+80 % of its lifetime (:func:`refresh_delay`), retried with backoff while it is valid; every call
+from then on sends the renewed one (``credentials.py`` keeps it, also across restarts).
+
 Once the main process has exited (:meth:`Session.deliver_exit`) there is something urgent to
 deliver and a deadline: the wait in progress is cut short, and from then on the backoff is capped at
 ``exit_reconnect_max_s``, so a heal during the exit-delivery window is used within about a second.
@@ -73,7 +84,15 @@ from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.commands import AppliedCommands
 from supervisor.config import SupervisorConfig
-from supervisor.credentials import CredentialError, GatewayCredentials
+from supervisor.credentials import (
+    RENEWED_TOKEN_FILE,
+    CredentialError,
+    GatewayCredentials,
+    TokenTimes,
+    bearer,
+    jwt_times,
+    token_problem,
+)
 from supervisor.journal import Journal, JournalError
 from supervisor.journal.codec import varint
 
@@ -96,6 +115,34 @@ RETRY_HINT_SPREAD = 0.2
 #: default server policy answers pings more often than every 5 minutes without data from it with
 #: GOAWAY too_many_pings, which would end every session (we reconnect, but needlessly).
 UPSTREAM_KEEPALIVE_S = 300.0
+#: Statuses that say the gateway refused our credential: not an outage, and no use retrying soon.
+REFUSAL_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: Statuses of RefreshSandboxToken that say this gateway will not renew this token (an older
+#: gateway without the method, a token it did not mint): stop renewing it.
+NO_REFRESH_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION})
+#: A token is renewed at this fraction of its lifetime, +/- REFRESH_JITTER (a fleet minted at
+#: once must not renew at once), like upstream's supervisor (about 80 %).
+REFRESH_AT = 0.8
+REFRESH_JITTER = 0.05
+#: How often the credential file is checked while a refused credential waits for its retry.
+REFUSED_FILE_POLL_S = 1.0
+
+
+def refresh_delay(times: TokenTimes, *, now: float, seen_at: float, spread: float = 0.0) -> float:
+    """Seconds from ``now`` until a token is due for renewal: at REFRESH_AT (+ ``spread``, within
+    +/- REFRESH_JITTER) of its lifetime, counted from its ``iat``, or from ``seen_at`` (when we
+    first had it) without one. 0 when that is past (renew at once)."""
+    issued = times.issued_at if times.issued_at is not None else min(seen_at, times.expires_at)
+    fraction = REFRESH_AT + max(-REFRESH_JITTER, min(REFRESH_JITTER, spread))
+    return max(issued + (times.expires_at - issued) * fraction - now, 0.0)
+
+
+def refresh_retry_delay(failures: int, *, remaining_s: float, initial_s: float, max_s: float) -> float:
+    """The wait before renewal attempt ``failures + 1`` after ``failures`` failed: exponential with
+    full jitter, and at most half the time the token has left, so it is tried again before it
+    expires however long the backoff."""
+    base = min(initial_s * 2 ** min(failures, 30), max_s)
+    return min(random.uniform(base / 2, base), max(remaining_s, 0.0) / 2)
 
 
 def pushback_s(exc: aio.AioRpcError) -> float:
@@ -128,6 +175,7 @@ class SessionEnded(Exception):
         restart: bool = False,
         delay_s: float = 0.0,
         answered: bool = False,
+        refused: bool = False,
     ):
         super().__init__(reason)
         self.reason = reason
@@ -135,6 +183,8 @@ class SessionEnded(Exception):
         self.restart = restart
         self.delay_s = delay_s
         self.answered = answered
+        #: The gateway refused our credential: retry after the long backoff, not soon.
+        self.refused = refused
 
 
 @dataclass
@@ -155,6 +205,12 @@ class SessionStatus:
     #: the outage journaled when one is up again.
     disconnected_since: float | None = field(default_factory=time.monotonic)
     history: list[str] = field(default_factory=list)
+    #: Calls the gateway ended with UNAUTHENTICATED or PERMISSION_DENIED.
+    auth_refusals: int = 0
+    #: Why the gateway refuses our credential, while it does ("" once a session is accepted).
+    credential_refused: str = ""
+    #: Sandbox tokens renewed with RefreshSandboxToken.
+    credential_renewals: int = 0
 
 
 def _now_ms() -> int:
@@ -214,7 +270,15 @@ class Session:
         self._applied = AppliedCommands(config.journal.directory / "commands.json")
         #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
         self._interval_override: float | None = None
-        self._credentials = GatewayCredentials(config.gateway)
+        self._credentials = GatewayCredentials(
+            config.gateway, renewed_path=config.journal.directory / RENEWED_TOKEN_FILE
+        )
+        #: The last refusal logged (each distinct reason once, not once per retry).
+        self._refusal_logged = ""
+        #: The credential file's version when the gateway refused it: a new one ends the wait.
+        self._refused_stamp: object = None
+        #: A token without iat and when we first had it: its lifetime is counted from then.
+        self._token_seen: tuple[str, float] = ("", 0.0)
         #: The bearer token of the current attempt, sent with every call (None: no credential file).
         self._metadata: tuple[tuple[str, str], ...] | None = None
         #: Set when there is something urgent to deliver: the wait between attempts ends at once.
@@ -280,19 +344,41 @@ class Session:
     async def _sleep(self, seconds: float) -> None:
         """Wait between attempts; an urgent delivery (the main process exited) ends the wait."""
         if seconds > 0 and not self._urgent.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._urgent.wait(), seconds)
+            if self.status.credential_refused:
+                await self._wait_refused(seconds)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), seconds)
         # Consumed: only the wait in progress is cut short, later ones follow the (short) backoff.
         self._urgent.clear()
+        self._refused_stamp = None
         # Not the gateway's retry hint, though: its store is failing, coming back sooner is no use.
         rest = self._not_before - time.monotonic()
         if rest > 0:
             await asyncio.sleep(rest)
 
+    async def _wait_refused(self, seconds: float) -> None:
+        """The wait after a refused credential: ends early when the main process exited, or when
+        the credential file changed (checked every REFUSED_FILE_POLL_S), so a fix is used at once."""
+        deadline = time.monotonic() + seconds
+        while (rest := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), min(rest, REFUSED_FILE_POLL_S))
+                return
+            if self._credentials.file_stamp() != self._refused_stamp:
+                log.info("the gateway credential file changed: trying it now")
+                return
+
     def _backoff(self, state: RetryCallState) -> float:
         cap = self._s.exit_reconnect_max_s if self._delivering_exit else self._s.reconnect_max_s
         base = wait_random_exponential(multiplier=self._s.reconnect_initial_s, max=cap)(state)
         exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, SessionEnded) and exc.refused:
+            # Refused: coming back soon only hammers the gateway's auth (the credential file
+            # changing ends the wait, see _wait_refused). The long wait holds while the exit is
+            # being delivered too: the refusal does not go away because it is urgent.
+            self._not_before = 0.0
+            return self._s.reconnect_max_s * random.uniform(1 - RETRY_HINT_SPREAD, 1.0)
         retry_after = exc.retry_after_s if isinstance(exc, SessionEnded) else 0.0
         if retry_after > 0:
             # At least what the gateway asked for (within our cap), spread upwards: a fleet told
@@ -329,6 +415,10 @@ class Session:
         self.status.state = "backoff"
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if isinstance(exc, SessionEnded) and exc.refused:
+            # Logged at error level once per reason when it happened (_refused).
+            log.debug("credential refused; attempt %d, retrying in %.2fs", state.attempt_number, wait)
+            return
         log.warning(
             "gateway unreachable (%s); attempt %d, retrying in %.2fs", exc, state.attempt_number, wait
         )
@@ -360,6 +450,8 @@ class Session:
         except SessionEnded as ended:
             raise self._after(ended, accepted_at) from None
         except aio.AioRpcError as exc:
+            if exc.code() in REFUSAL_CODES:
+                raise self._after(self._refused(exc), accepted_at) from None
             pushback = pushback_s(exc)
             failed = SessionEnded(
                 f"{exc.code().name}: {exc.details()}", retry_after_s=pushback, answered=pushback > 0
@@ -382,6 +474,26 @@ class Session:
                 call.cancel()
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
+
+    def _refused(self, exc: aio.AioRpcError) -> SessionEnded:
+        """A call ended UNAUTHENTICATED or PERMISSION_DENIED: log it (once per reason), count it
+        and mark it, for status and health, until a session is accepted."""
+        details = exc.details() or ""
+        with contextlib.suppress(CredentialError):
+            # A gateway echoing what it got must not put the token into our log.
+            token = self._credentials.token()
+            if token:
+                details = details.replace(token, "<token>")
+        reason = f"gateway refused our credential: {exc.code().name}: {details}"
+        self.status.auth_refusals += 1
+        self.status.credential_refused = reason
+        self._refused_stamp = self._credentials.file_stamp()
+        if reason != self._refusal_logged:
+            self._refusal_logged = reason
+            log.error("%s", reason)
+        # Answered: the gateway is there (the offline policy is about reaching it, and stopping
+        # the sandbox would not fix a credential); nothing is acknowledged, so nothing is trimmed.
+        return SessionEnded(reason, answered=True, refused=True)
 
     def _after(self, ended: SessionEnded, accepted_at: float | None) -> SessionEnded:
         """Turn the end of a long healthy session into a restart without backoff, and count the
@@ -428,6 +540,7 @@ class Session:
         interval = (accepted.heartbeat_interval_ms / 1000) or float(accepted.heartbeat_interval_secs) or 10.0
         events_mode = CAP_EVENTS in accepted.capabilities
         self._upstream_gateway = not events_mode
+        self.status.credential_refused = self._refusal_logged = ""
         self._note_reconnected()
         self.status.sessions += 1
         self.status.state = "connected"
@@ -467,17 +580,95 @@ class Session:
             asyncio.create_task(self._receive(call, write, interval), name="receive"),
             asyncio.create_task(sender, name="send"),
         ]
+        # Not among the tasks whose end ends the session: a renewal that stops (or fails) leaves
+        # the session up; the token stays valid until its exp.
+        refresher = asyncio.create_task(self._refresh_credential(stub), name="credential refresh")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
+            for task in (*tasks, refresher):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, refresher, return_exceptions=True)
         for task in done:
             exc = task.exception()
             if exc is not None:
                 raise exc
         raise SessionEnded("session tasks ended")
+
+    async def _refresh_credential(self, stub: pb_grpc.OpenShellStub) -> None:
+        """Renew the gateway-minted sandbox token of this session while it lasts; never returns
+        (cancelled with the session)."""
+        try:
+            await self._refresh_loop(stub)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug here must be seen but must not end the session: the token stays valid a while.
+            log.exception("renewing the gateway credential failed unexpectedly")
+        await asyncio.Event().wait()
+
+    async def _refresh_loop(self, stub: pb_grpc.OpenShellStub) -> None:
+        failures = 0
+        timeout = self._config.gateway.connect_timeout_s
+        while True:
+            try:
+                token = self._credentials.token()
+            except CredentialError:
+                return  # nothing valid to renew with; the next attempt reports why
+            times = self._credentials.renewable(token) if token else None
+            if token is None or times is None:
+                return  # not renewable: opaque, renewal off, or the gateway said it cannot
+            now = time.time()
+            if self._token_seen[0] != token:
+                self._token_seen = (token, now)
+            remaining = times.expires_at - now
+            if failures == 0:
+                delay = refresh_delay(
+                    times, now=now, seen_at=self._token_seen[1], spread=random.uniform(-1, 1) * REFRESH_JITTER
+                )
+            elif remaining < 1.0:
+                log.error("the gateway credential expires before it could be renewed")
+                return
+            else:
+                delay = refresh_retry_delay(
+                    failures,
+                    remaining_s=remaining,
+                    initial_s=self._s.reconnect_initial_s,
+                    max_s=self._s.reconnect_max_s,
+                )
+            await asyncio.sleep(delay)
+            try:
+                response = await stub.RefreshSandboxToken(
+                    pb.RefreshSandboxTokenRequest(), metadata=bearer(token), timeout=timeout
+                )  # type: ignore[misc]
+            except aio.AioRpcError as exc:
+                if exc.code() in NO_REFRESH_CODES:
+                    self._credentials.not_renewable(token)
+                    log.warning(
+                        "the gateway does not renew our credential (%s: %s); it is used until it expires",
+                        exc.code().name,
+                        exc.details(),
+                    )
+                    return
+                failures += 1
+                log.warning("renewing the gateway credential failed (%s: %s)", exc.code().name, exc.details())
+                continue
+            renewed: str = response.token
+            new_times = jwt_times(renewed) if token_problem(renewed) is None else None
+            if new_times is None or new_times.expires_at <= times.expires_at:
+                failures += 1
+                log.warning("the gateway answered RefreshSandboxToken with no newer token")
+                continue
+            failures = 0
+            self._credentials.store_renewed(renewed)
+            # Every call from now on (the upstream calls of this session, the next attempts)
+            # sends the renewed token; the open stream keeps the one it was opened with.
+            self._metadata = bearer(renewed)
+            self.status.credential_renewals += 1
+            log.info(
+                "gateway credential renewed",
+                extra={"expires_in_s": round(new_times.expires_at - time.time(), 1)},
+            )
 
     async def _ack(self, sequence: int) -> None:
         self._journal.ack(sequence)
