@@ -29,6 +29,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2
 
 from gateway.api import build_api
+from gateway.auth.sandbox_tokens import SandboxTokens
+from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.drivers import Provisioner
 from gateway.metrics import GatewayMetrics
@@ -38,6 +40,7 @@ from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
+from gateway.store.signing_keys import SigningKeyStore
 from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class Gateway:
         self._flusher: asyncio.Task[None] | None = None
         self._sandboxes: SandboxStore | None = None
         self._service: OpenShellService | None = None
+        self._authenticator: SupervisorAuthenticator | None = None
         self._provisioner: Provisioner | None = None  # only with drivers.kind=kubernetes
 
     @property
@@ -115,6 +119,12 @@ class Gateway:
         # Only at debug level: a note of each call's credential (issue 8 will validate it).
         interceptors = [_CredentialNote()] if log.isEnabledFor(logging.DEBUG) else []
         server = aio.server(options=list(server_options(cfg)), interceptors=interceptors)
+        self._authenticator = SupervisorAuthenticator(
+            cfg,
+            tokens=SandboxTokens(cfg.auth.supervisors, SigningKeyStore(self.db)),
+            sandboxes=self._sandboxes,
+            metrics=self.metrics,
+        )
         self._service = OpenShellService(
             config=cfg,
             registry=self.registry,
@@ -122,6 +132,7 @@ class Gateway:
             events=events,
             commands=commands,
             metrics=self.metrics,
+            authenticator=self._authenticator,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
@@ -155,6 +166,12 @@ class Gateway:
                 await self.stop()
                 raise GatewayStartError(f"cannot start the Kubernetes driver: {exc}") from None
             self._provisioner = provisioner
+            from gateway.auth.kubernetes_tokens import kubernetes_verifier  # noqa: PLC0415 - lightkube
+
+            # Until this point (moments after the gRPC server started) a pod's token is refused
+            # WRONG_ISSUER; its supervisor retries with backoff.
+            assert provisioner.driver is not None
+            self._authenticator.use_kubernetes(kubernetes_verifier(cfg, provisioner.driver.client))
         liveness = Liveness.from_settings(cfg.sessions)
         app = build_api(
             provisioner=self._provisioner,
@@ -269,6 +286,8 @@ class Gateway:
         await self.metrics.close()
         if self._guard is not None:
             self._guard.close()
+        if self._authenticator is not None:
+            self._authenticator.close()
         self._flush_log.close()
         if self.db is not None:
             # At least a moment: a database that answers closes its connections politely.

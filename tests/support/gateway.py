@@ -17,7 +17,9 @@ def gateway_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None) -
         "http": {"listen": "127.0.0.1:0"},
         "ops": {"listen": "127.0.0.1:0"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
-        # Most tests start supervisors of sandboxes they never created through the API.
+        # Most tests start supervisors of sandboxes they never created through the API, without
+        # credentials: the tests of supervisor auth (test_supervisor_auth) turn it on.
         "sessions": {"register_unknown": True},
+        "auth": {"supervisors": {"required": False}},
     }
     return load_settings(GatewayConfig, overrides=deep_merge(base, overrides or {}), use_env=False)

@@ -85,6 +85,12 @@ class GatewayProcess:
     http_port: int = field(default_factory=free_port)
     #: Parallel gateways must not share the default ops port (127.0.0.1:7090).
     ops_port: int = field(default_factory=free_port)
+    #: Supervisor auth required (auth.supervisors.required), sessions.register_unknown left off
+    #: and short-lived tokens: for tests whose supervisors are created through the API. Off, the
+    #: gateway takes supervisors without credentials for any id, as most tests need.
+    auth: bool = False
+    #: Another database than the workdir's SQLite file (e.g. two gateways sharing one).
+    database_url: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -107,12 +113,17 @@ class GatewayProcess:
             "--grpc-listen", self.address,
             "--http-listen", f"127.0.0.1:{self.http_port}",
             "--ops-listen", f"127.0.0.1:{self.ops_port}",
-            "--database-url", f"sqlite+aiosqlite:///{self.db_path}",
+            "--database-url", self.database_url or f"sqlite+aiosqlite:///{self.db_path}",
             "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
             "--set", f"sessions.grace_s={self.grace_s}",
             "--set", "sessions.heartbeat_flush_interval_s=0.5",
-            # Most tests start supervisors of sandboxes they never created through the API.
-            "--set", "sessions.register_unknown=true",
+            *(
+                ["--set", "auth.supervisors.required=true", "--set", "auth.supervisors.token_ttl_s=60"]
+                if self.auth
+                # Most tests start supervisors of sandboxes they never created through the API,
+                # without credentials.
+                else ["--set", "sessions.register_unknown=true", "--set", "auth.supervisors.required=false"]
+            ),
             "--log-level", "debug",
             *self.extra,
         ]  # fmt: skip
