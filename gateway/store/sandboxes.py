@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, or_, select, update
+from sqlalchemy import Insert, bindparam, delete, false, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.elements import ColumnElement
@@ -65,6 +65,18 @@ class SandboxRow:
     #: Where the current run began (see ``schema.sandboxes``): None before the first STARTED.
     run_epoch: str | None = None
     run_sequence: int | None = None
+    #: Who created this generation (a person's username) and its team; None without authentication.
+    created_by: str | None = None
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """A filter of the sandbox list: those created by ``created_by`` or of one of ``teams`` (what a
+    non-admin may see, gateway.auth.people)."""
+
+    created_by: str | None
+    teams: Sequence[str] = ()
 
 
 def _sandbox(row: Row[Any]) -> SandboxRow:
@@ -88,6 +100,8 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         generation=int(row.generation),
         run_epoch=row.run_epoch,
         run_sequence=row.run_sequence,
+        created_by=row.created_by,
+        team=row.team,
     )
 
 
@@ -147,6 +161,8 @@ class SandboxStore:
         spec: Mapping[str, Any] | None = None,
         driver_state: Mapping[str, Any] | None = None,
         replaces: Callable[[SandboxRow], bool | Awaitable[bool]] | None = None,
+        created_by: str | None = None,
+        team: str | None = None,
     ) -> int | None:
         """Register a new sandbox and return its generation; None (and nothing changed) when the
         id is taken. Of two concurrent creates of one id exactly one gets a generation: the insert,
@@ -155,7 +171,8 @@ class SandboxStore:
         ``replaces`` says whether the sandbox that has the id now is gone, so that the id may be
         created again: then the row is reset to the new sandbox under the next generation. It may
         be a coroutine function (to ask a driver, say); the row it judged is the one replaced, or
-        none is: the update is conditional on the generation it read.
+        none is: the update is conditional on the generation it read. ``created_by`` and ``team``
+        are the new generation's (a re-created id belongs to whoever created it again).
         """
         now = utcnow()
         values = {
@@ -165,6 +182,8 @@ class SandboxStore:
             "driver_state": json.dumps(dict(driver_state), sort_keys=True)
             if driver_state is not None
             else None,
+            "created_by": created_by,
+            "team": team,
         }
         with store_errors(f"cannot register sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
@@ -229,10 +248,26 @@ class SandboxStore:
                 ).first()
         return _sandbox(row) if row is not None else None
 
-    async def list(self) -> builtins.list[SandboxRow]:
+    async def list(
+        self, *, owners: Owners | None = None, limit: int | None = None, after: str | None = None
+    ) -> builtins.list[SandboxRow]:
+        """Sandboxes in id order: of ``owners`` only (filtered in the query, so a page of ``limit``
+        is full whenever more visible rows exist), with ids after ``after`` (the last of the
+        previous page)."""
+        c = sandboxes_table.c
+        query = select(sandboxes_table).order_by(c.id)
+        if owners is not None:
+            mine = [c.created_by == owners.created_by] if owners.created_by is not None else []
+            theirs = [c.team.in_(list(owners.teams))] if owners.teams else []
+            # Nobody named, no team: nothing is visible (an empty OR would match everything).
+            query = query.where(or_(*mine, *theirs) if mine or theirs else false())
+        if after is not None:
+            query = query.where(c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
         with store_errors("cannot list sandboxes"):
             async with self._db.engine.connect() as conn:
-                result = await conn.execute(select(sandboxes_table).order_by(sandboxes_table.c.id))
+                result = await conn.execute(query)
                 return [_sandbox(row) for row in result]
 
     async def liveness(self) -> builtins.list[SandboxLiveness]:
