@@ -33,6 +33,7 @@ from gateway.auth.sandbox_tokens import SandboxTokens
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig, GrpcTlsSettings
 from gateway.drivers import Provisioner
+from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
 from gateway.ops import Readiness, build_ops
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
@@ -87,12 +88,21 @@ class Gateway:
         self._sandboxes: SandboxStore | None = None
         self._service: OpenShellService | None = None
         self._authenticator: SupervisorAuthenticator | None = None
-        self._provisioner: Provisioner | None = None  # only with drivers.kind=kubernetes
+        self._provisioner: Provisioner | None = None
+        self._local: LocalProvisioner | None = None  # with drivers.kind=local
 
     @property
     def sandboxes(self) -> SandboxStore:
         assert self._sandboxes is not None, "start() first"
         return self._sandboxes
+
+    async def sandbox_token(self, sandbox_id: str, *, generation: int) -> str | None:
+        """A minted token for a sandbox this process starts itself (the demo); None when
+        supervisor auth is off."""
+        assert self._authenticator is not None, "start() first"
+        if not self._authenticator.required:
+            return None
+        return (await self._authenticator.tokens.mint(sandbox_id, generation=generation)).token
 
     @property
     def grpc_address(self) -> str:
@@ -172,6 +182,17 @@ class Gateway:
             # WRONG_ISSUER; its supervisor retries with backoff.
             assert provisioner.driver is not None
             self._authenticator.use_kubernetes(kubernetes_verifier(cfg, provisioner.driver.client))
+        else:
+            supervisors = cfg.auth.supervisors
+            self._local = LocalProvisioner(
+                cfg.drivers.local,
+                self._sandboxes,
+                gateway_address=self.grpc_address,
+                tokens=self._authenticator.tokens if supervisors.required else None,
+                token_ttl_s=supervisors.token_ttl_s,
+            )
+            self._local.start()
+            self._provisioner = self._local
         liveness = Liveness.from_settings(cfg.sessions)
         app = build_api(
             provisioner=self._provisioner,
@@ -279,8 +300,9 @@ class Gateway:
             # its connect timeout, or forever on an open connection.
             await _bounded(self._flush_once(), left(), what="the last heartbeat flush")
         if self._provisioner is not None:
-            await _bounded(self._provisioner.close(), left(), what="closing the Kubernetes driver")
-            self._provisioner = None
+            # The local driver's sandboxes are this process's children: they are stopped too.
+            await _bounded(self._provisioner.close(), left(), what="closing the sandbox driver")
+            self._provisioner = self._local = None
         if self._service is not None:
             await self._service.drain(timeout_s=max(0.0, left() - CLOSE_RESERVE_S))
         await self.metrics.close()

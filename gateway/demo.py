@@ -44,7 +44,7 @@ async def run_demo(config: GatewayConfig, *, steps: int, keep_running: bool, out
         loop.add_signal_handler(sig, stop.set)
     try:
         sandbox_id = "demo"
-        await gateway.sandboxes.ensure(
+        row = await gateway.sandboxes.ensure(
             sandbox_id, driver="local", spec={"command": ["python", "demo-agent.py", str(steps)]}
         )
         agent = config.drivers.local.work_dir / "demo-agent.py"
@@ -54,6 +54,8 @@ async def run_demo(config: GatewayConfig, *, steps: int, keep_running: bool, out
             sandbox_id,
             [sys.executable, "-u", str(agent.resolve()), str(steps)],
             extra_args=["--set", "capture.echo=false"],
+            # Supervisor auth is on by default: the supervisor presents a token minted for it.
+            credential=await gateway.sandbox_token(sandbox_id, generation=row.generation),
         )
         print(f"gateway: grpc {gateway.grpc_address}, api {gateway.http_url}")
         print(f"sandbox {sandbox_id!r} started; its supervisor log: {driver_log(config, sandbox_id)}\n")
