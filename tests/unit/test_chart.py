@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import ipaddress
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import yaml
 from gateway import cli as gateway_cli
 from gateway.app import STOP_MARGIN_S
 from gateway.config import GatewayConfig
-from gateway.drivers.kubernetes import RBAC_RULES, pull_secret_rule, rbac_rules
+from gateway.drivers.kubernetes import CLUSTER_RBAC_RULES, RBAC_RULES, pull_secret_rule, rbac_rules
 from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod, selector_labels
 from openshell_wire.configfile import load_settings
 from tests.support import pss
@@ -43,8 +44,8 @@ NAMESPACE = "openshell"
 #: The oldest release with ImageVolume beta in the schemas, and the newest two bundled.
 KUBE_VERSIONS = sorted({"1.33.0", "1.35.0", kubernetes_validate.latest_version()})
 #: Custom resources: kubernetes_validate has no schema for them (SchemaNotFoundError).
-CRD_GROUPS = {"monitoring.coreos.com", "gateway.networking.k8s.io"}
-SANDBOX_VERBS = {"pods": {"create", "get", "list", "watch", "delete"}, "secrets": {"create", "delete"}}
+CRD_GROUPS = {"monitoring.coreos.com", "gateway.networking.k8s.io", "cert-manager.io"}
+SANDBOX_VERBS = {"pods": {"create", "get", "list", "watch", "delete"}}
 
 Obj = dict[str, Any]
 
@@ -189,7 +190,8 @@ def test_every_object_is_valid_kubernetes(name: str) -> None:
         validated += 1
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Pod"} <= kinds
-    assert validated >= 7
+    assert {"ClusterRole", "ClusterRoleBinding", "NetworkPolicy"} <= kinds
+    assert validated >= 10
 
 
 @pytest.mark.parametrize("name", CI_FILES)
@@ -207,6 +209,12 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
     config = load_config(objects, tmp_path)
     assert config.drivers.kind == "kubernetes"
     assert config.grpc.listen == "0.0.0.0:7070" and config.http.listen == "0.0.0.0:7080"
+    assert config.ops.listen == "0.0.0.0:7090"
+    # No values file sets OIDC: the API is unauthenticated, said explicitly (the gateway refuses a
+    # network-reachable API otherwise), and supervisors must authenticate.
+    assert config.auth.allow_unauthenticated_api is True and not config.auth.oidc.issuer_url
+    assert config.auth.supervisors.required is True
+    assert config.sessions.register_unknown is False
     # Supervisors dial the gateway Service's gRPC port.
     service = one(objects, "Service", component="gateway")
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
@@ -224,7 +232,9 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
 
 
 @pytest.mark.parametrize("name", CI_FILES)
-def test_role_has_exactly_the_drivers_verbs_and_nothing_is_cluster_wide(name: str, tmp_path: Path) -> None:
+def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wide(
+    name: str, tmp_path: Path
+) -> None:
     objects = rendered(name)
     role = one(objects, "Role")
     verbs: dict[str, set[str]] = {}
@@ -265,7 +275,23 @@ def test_role_has_exactly_the_drivers_verbs_and_nothing_is_cluster_wide(name: st
     account = deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
     assert one(objects, "ServiceAccount")["metadata"]["name"] == account
-    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    # Cluster-wide: TokenReview create only (the sandbox pods' projected tokens), bound to the same
+    # account, exactly as the driver declares it.
+    cluster_role = one(objects, "ClusterRole")
+    assert cluster_role["rules"] == [dict(rule) for rule in CLUSTER_RBAC_RULES]
+    assert cluster_role["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+    ]
+    cluster_binding = one(objects, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": cluster_role["metadata"]["name"],
+    }
+    assert cluster_binding["subjects"] == binding["subjects"]
+    # Two releases in two namespaces never share the cluster-scoped names.
+    other = one(render(ci_values(name), namespace="other"), "ClusterRole")
+    assert other["metadata"]["name"] != cluster_role["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", CI_FILES)
@@ -282,9 +308,11 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
     assert container["args"] == ["serve", "--config", "/etc/openshell/gateway.yaml"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 7070, "http": 7080}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["grpc"] == {"port": 7070}
+    assert ports == {"grpc": 7070, "http": 7080, "ops": 7090}
+    # Every probe on the ops listener: never the API (which takes tokens with OIDC) nor gRPC (TLS).
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", "/etc/openshell"} <= mounts
@@ -292,7 +320,9 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     assert {(p["name"], p["appProtocol"]) for p in service["spec"]["ports"]} == {
         ("grpc", "grpc"),
         ("http", "http"),
+        ("ops", "http"),
     }
+    assert service["spec"]["type"] == "ClusterIP"
     configmap = one(objects, "ConfigMap", component="gateway")
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
@@ -315,8 +345,8 @@ def test_the_helm_test_pod_asks_the_service_for_healthz() -> None:
     pod = one(objects, "Pod", component="test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     service = one(objects, "Service", component="gateway")
-    http_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
-    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{http_port}/healthz"
+    ops_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "ops")
+    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{ops_port}/healthz"
     container = pod["spec"]["containers"][0]
     assert container["image"] == "busybox:1.36"
     assert container["command"][0] == "wget" and container["command"][-1] == url
@@ -332,7 +362,7 @@ def test_default_is_one_replica_on_sqlite_without_ha_objects(tmp_path: Path) -> 
     dep = deployment(objects)
     assert dep["spec"]["replicas"] == 1
     assert "topologySpreadConstraints" not in dep["spec"]["template"]["spec"]
-    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "RuntimeClass"):
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "Job", "RuntimeClass", "Certificate"):
         assert of_kind(objects, kind) == [], kind
     config = load_config(objects, tmp_path)
     assert config.database.url.startswith("sqlite+aiosqlite:////var/lib/openshell/")
@@ -375,7 +405,7 @@ def test_ha_values_create_a_restricted_sandbox_namespace_and_a_network_policy() 
     assert namespace["metadata"]["name"] == "openshell-sandboxes"
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert one(objects, "Role")["metadata"]["namespace"] == "openshell-sandboxes"
-    policy = one(objects, "NetworkPolicy")
+    policy = one(objects, "NetworkPolicy", component="gateway")
     assert (
         policy["spec"]["podSelector"]["matchLabels"] == deployment(objects)["spec"]["selector"]["matchLabels"]
     )
@@ -393,7 +423,7 @@ def test_ha_values_create_a_restricted_sandbox_namespace_and_a_network_policy() 
 def test_ha_values_render_monitoring_and_a_grafana_dashboard() -> None:
     objects = rendered("ha-values.yaml")
     monitor = one(objects, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["port"] == "ops"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     rules = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} >= {"OpenShellGatewayDown"}
@@ -434,7 +464,10 @@ def test_gateway_api_values_render_routes_and_default_values_none() -> None:
         assert of_kind(defaults, kind) == []
     # parentRefs given: used as they are, and no Gateway is made.
     refs = [{"name": "shared", "namespace": "infra"}]
-    own = render({"gatewayApi": {"enabled": True, "parentRefs": refs}})
+    proxies = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infra"}}}]
+    own = render(
+        {"gatewayApi": {"enabled": True, "parentRefs": refs}, "networkPolicy": {"gatewayApiFrom": proxies}}
+    )
     assert of_kind(own, "Gateway") == [] and of_kind(own, "HTTPRoute") == []
     assert one(own, "GRPCRoute")["spec"]["parentRefs"] == refs
 
@@ -588,34 +621,260 @@ def test_sandboxes_get_a_namespace_of_their_own_labelled_restricted_by_default(t
 )
 def test_the_http_api_never_admits_sandbox_pods_but_grpc_does(sandboxes: Obj, tmp_path: Path) -> None:
     objects = render({"sandboxes": sandboxes, "networkPolicy": {"enabled": True}})
-    policy = one(objects, "NetworkPolicy")
+    policy = one(objects, "NetworkPolicy", component="gateway")
     config = load_config(objects, tmp_path)
     pod = sandbox_pod(config)
     labels, namespace = pod["metadata"]["labels"], config.drivers.kubernetes.namespace
     assert admitted(policy, 7070, labels, namespace)
     assert not admitted(policy, 7080, labels, namespace)
-    # Other pods of the release namespace (the helm test pod, an operator's client) still reach it.
+    # Other pods of the release namespace (the helm test pod, an operator's client) still reach it;
+    # the helm test pod reaches the ops port, sandboxes do not.
     test_pod = one(objects, "Pod", component="test")
     assert admitted(policy, 7080, test_pod["metadata"]["labels"], NAMESPACE)
+    assert admitted(policy, 7090, test_pod["metadata"]["labels"], NAMESPACE)
+    assert not admitted(policy, 7090, labels, namespace)
     assert admitted(policy, 7080, {"app": "client"}, NAMESPACE)
     assert not admitted(policy, 7080, {"app": "client"}, "elsewhere")
     assert not admitted(policy, 7070, {"app": "client"}, NAMESPACE)
 
 
 def test_network_policy_admits_prometheus_and_the_gateway_api_data_plane() -> None:
-    policy = one(rendered("ha-values.yaml"), "NetworkPolicy")
-    assert admitted(policy, 7080, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    policy = one(rendered("ha-values.yaml"), "NetworkPolicy", component="gateway")
+    assert admitted(policy, 7090, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
     assert not admitted(policy, 7070, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
-    policy = one(rendered("gateway-api-values.yaml"), "NetworkPolicy")
+    assert not admitted(policy, 7080, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    policy = one(rendered("gateway-api-values.yaml"), "NetworkPolicy", component="gateway")
     assert admitted(policy, 7070, {"app": "envoy"}, "gateway-system")
     assert not admitted(policy, 7080, {"app": "envoy"}, "gateway-system")  # no HTTPRoute
     values = ci_values("gateway-api-values.yaml")
     values["gatewayApi"]["httpRoute"] = {"enabled": True}
-    policy = one(render(values), "NetworkPolicy")
+    policy = one(render(values), "NetworkPolicy", component="gateway")
     assert admitted(policy, 7080, {"app": "envoy"}, "gateway-system")
     # The data plane's peers only with the Gateway API on.
     plain = render({"networkPolicy": {"enabled": True, "gatewayApiFrom": [{"namespaceSelector": {}}]}})
-    assert not admitted(one(plain, "NetworkPolicy"), 7070, {"app": "envoy"}, "gateway-system")
+    assert not admitted(
+        one(plain, "NetworkPolicy", component="gateway"), 7070, {"app": "envoy"}, "gateway-system"
+    )
+
+
+# --- secure by default (issue 19) -------------------------------------------------------------------
+
+
+def sandbox_policy(objects: list[Obj]) -> Obj:
+    return one(objects, "NetworkPolicy", component="sandbox-policy")
+
+
+def egress_allows_address(policy: Obj, address: str, port: int) -> bool:
+    """Whether the policy's egress lets a selected pod open ``address:port`` through an ipBlock rule
+    (the rules naming pods by selector are checked by the tests themselves)."""
+    target = ipaddress.ip_address(address)
+    for rule in policy["spec"]["egress"]:
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "to" not in rule:
+            return True
+        for peer in rule["to"]:
+            block = peer.get("ipBlock")
+            if block is None or target not in ipaddress.ip_network(block["cidr"]):
+                continue
+            if not any(target in ipaddress.ip_network(cidr) for cidr in block.get("except", [])):
+                return True
+    return False
+
+
+def test_sandboxes_get_no_ingress_and_egress_only_to_dns_and_the_gateways_grpc(tmp_path: Path) -> None:
+    objects = rendered("default-values.yaml")
+    config = load_config(objects, tmp_path)
+    policy = sandbox_policy(objects)
+    assert policy["metadata"]["namespace"] == config.drivers.kubernetes.namespace
+    # It selects the pods the gateway builds, and only those.
+    pod = sandbox_pod(config)
+    assert selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+    assert not selects(policy["spec"]["podSelector"], {"app": "other"})
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == []  # nothing connects to a sandbox, not even another one
+    dns, grpc = policy["spec"]["egress"]
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert [p["port"] for p in grpc["ports"]] == [7070]
+    (gateway_peer,) = grpc["to"]
+    gateway_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert selects(gateway_peer["podSelector"], gateway_labels)
+    assert gateway_peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+    # No address at all by ipBlock: the metadata service, other pods, the API, the internet.
+    for address in ("169.254.169.254", "10.0.0.5", "192.168.1.1", "8.8.8.8"):
+        for port in (80, 443, 7070, 7080):
+            assert not egress_allows_address(policy, address, port), (address, port)
+
+
+def test_sandboxes_internet_rule_excepts_the_metadata_address_and_the_cluster() -> None:
+    allow = [{"to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}], "ports": [{"port": 8443, "protocol": "TCP"}]}]
+    values = {
+        "networkPolicy": {
+            "sandboxes": {
+                "internet": {"enabled": True, "ports": [{"port": 443, "protocol": "TCP"}]},
+                "egress": allow,
+            }
+        }
+    }
+    policy = sandbox_policy(render(values))
+    validate(policy)
+    assert egress_allows_address(policy, "8.8.8.8", 443)
+    assert not egress_allows_address(policy, "8.8.8.8", 22)  # the internet rule's ports only
+    for address in ("169.254.169.254", "10.96.0.1", "172.17.0.2", "192.168.0.10"):
+        assert not egress_allows_address(policy, address, 443), address
+    # The allowlist adds what it names, nothing more.
+    assert egress_allows_address(policy, "10.1.2.3", 8443)
+    assert not egress_allows_address(policy, "10.1.3.3", 8443)
+    # Own cluster ranges: the rest of the private space is then the internet's.
+    values["networkPolicy"]["sandboxes"]["clusterCidrs"] = ["10.244.0.0/16", "10.96.0.0/12"]
+    narrowed = sandbox_policy(render(values))
+    assert egress_allows_address(narrowed, "192.168.0.10", 443)
+    assert not egress_allows_address(narrowed, "10.96.0.1", 443)
+    assert not egress_allows_address(narrowed, "169.254.169.254", 443)
+    # Off: no sandbox policy (the gateway's stays).
+    off = render({"networkPolicy": {"sandboxes": {"enabled": False}}})
+    assert [
+        p["metadata"]["labels"]["app.kubernetes.io/component"] for p in of_kind(off, "NetworkPolicy")
+    ] == ["gateway"]
+    assert of_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+
+
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_an_external_service_publishes_grpc_only_unless_the_api_is_asked_for(service_type: str) -> None:
+    clients = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    values: dict[str, Any] = {
+        "gateway": {"service": {"type": service_type}},
+        "networkPolicy": {"grpcFrom": clients},
+    }
+    objects = render(values)
+    internal = one(objects, "Service", component="gateway")
+    assert internal["spec"]["type"] == "ClusterIP"
+    external = one(objects, "Service", component="gateway-external")
+    assert external["spec"]["type"] == service_type
+    assert external["spec"]["selector"] == internal["spec"]["selector"]
+    assert [p["name"] for p in external["spec"]["ports"]] == ["grpc"]
+    notes = _chart().render(values, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
+    assert "is not published outside the cluster" in notes and "port-forward" in notes
+    values["gateway"]["service"]["exposeApi"] = True
+    exposed = one(render(values), "Service", component="gateway-external")
+    assert [p["name"] for p in exposed["spec"]["ports"]] == ["grpc", "http"]  # never ops
+    # ClusterIP (the default): no external Service at all.
+    assert of_kind(rendered("default-values.yaml"), "Service") == [
+        one(rendered("default-values.yaml"), "Service", component="gateway")
+    ]
+    # The NetworkPolicy would block the load balancer's clients: the chart says so instead.
+    with pytest.raises(helm.HelmError, match=r"networkPolicy\.grpcFrom"):
+        render({"gateway": {"service": {"type": service_type}}})
+
+
+def test_without_oidc_the_api_is_unauthenticated_explicitly_and_the_notes_warn(tmp_path: Path) -> None:
+    notes = _chart().render({}, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
+    assert "WARNING: the HTTP API is UNAUTHENTICATED" in notes
+    assert "reachable only from networkPolicy.httpFrom" in notes
+    open_notes = _chart().render({"networkPolicy": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE)[
+        "openshell/templates/NOTES.txt"
+    ]
+    assert "ANY pod of the cluster reaches it" in open_notes
+    assert "allow_unauthenticated_api: true" in config_text(rendered("default-values.yaml"))
+
+
+@pytest.mark.parametrize("source", ["secretName", "configMapName"])
+def test_oidc_values_reach_the_gateway_with_the_issuers_ca(source: str, tmp_path: Path) -> None:
+    oidc = {
+        "issuerUrl": "https://keycloak.example.com/realms/openshell",
+        "audience": ["openshell-api"],
+        "roles": {"admin": ["platform"], "operator": [], "viewer": ["everyone"]},
+        "caBundle": {source: "corp-ca", "key": "bundle.pem"},
+    }
+    objects = render({"auth": {"oidc": oidc}})
+    config = load_config(objects, tmp_path)
+    assert config.auth.oidc.issuer_url == oidc["issuerUrl"]
+    assert config.auth.oidc.audience == ["openshell-api"]
+    assert config.auth.oidc.roles.admin == ["platform"] and config.auth.oidc.roles.viewer == ["everyone"]
+    assert config.auth.allow_unauthenticated_api is False  # rendered only without OIDC
+    assert "allow_unauthenticated_api" not in config_text(objects)
+    # The CA file the config names is the one the pod mounts from the existing object.
+    container = gateway_container(objects)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "oidc-ca")
+    assert str(config.auth.oidc.ca_file) == f"{mount['mountPath']}/bundle.pem"
+    volume = next(
+        v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"] if v["name"] == "oidc-ca"
+    )
+    kind = "secret" if source == "secretName" else "configMap"
+    name_key = "secretName" if kind == "secret" else "name"
+    assert volume[kind][name_key] == "corp-ca"
+    assert volume[kind]["items"] == [{"key": "bundle.pem", "path": "bundle.pem"}]
+    notes = _chart().render({"auth": {"oidc": oidc}}, name=RELEASE, namespace=NAMESPACE)[
+        "openshell/templates/NOTES.txt"
+    ]
+    assert "UNAUTHENTICATED" not in notes
+    with pytest.raises(helm.HelmError, match=r"not both"):
+        render({"auth": {"oidc": {**oidc, "caBundle": {"secretName": "a", "configMapName": "b"}}}})
+    with pytest.raises(helm.HelmError, match=r"issuerUrl is empty"):
+        render({"auth": {"oidc": {"caBundle": {"secretName": "a"}}}})
+
+
+def test_supervisor_identity_values_reach_the_gateway(tmp_path: Path) -> None:
+    values = {
+        "auth": {"supervisors": {"kubernetesAudience": "gw.example", "kubernetesTokenExpirySeconds": 1800}},
+        "gateway": {"sessions": {"registerUnknown": True}},
+    }
+    config = load_config(render(values), tmp_path)
+    assert config.auth.supervisors.kubernetes_audience == "gw.example"
+    assert config.auth.supervisors.kubernetes_token_expiry_s == 1800
+    assert config.sessions.register_unknown is True
+    # The gateway's own bounds hold in the chart's schema too (a bad value fails before install).
+    with pytest.raises(helm.HelmError):
+        render({"auth": {"supervisors": {"kubernetesTokenExpirySeconds": "soon"}}})
+
+
+def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak_it(tmp_path: Path) -> None:
+    objects = render({"tls": {"enabled": True, "existingSecret": "gw-tls", "clientAuth": True}})
+    config = load_config(objects, tmp_path)
+    mount = next(m for m in gateway_container(objects)["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "gw-tls" and "subPath" not in mount  # renewals reach the pod
+    for tls in (config.grpc.tls, config.http.tls):
+        assert str(tls.cert_file) == f"{mount['mountPath']}/tls.crt"
+        assert str(tls.key_file) == f"{mount['mountPath']}/tls.key"
+        assert str(tls.client_ca_file) == f"{mount['mountPath']}/ca.crt"
+    assert config.drivers.kubernetes.supervisor.settings["gateway.tls"] == "true"
+    # The probes stay on the plain ops listener.
+    assert gateway_container(objects)["readinessProbe"]["httpGet"]["port"] == "ops"
+    plain = load_config(render({"tls": {"enabled": True, "existingSecret": "gw-tls"}}), tmp_path)
+    assert plain.grpc.tls.cert_file is not None and plain.grpc.tls.client_ca_file is None
+    with pytest.raises(helm.HelmError, match=r"tls\.existingSecret"):
+        render({"tls": {"enabled": True}})
+
+
+def test_tls_from_cert_manager_renders_a_certificate_the_gateway_mounts(tmp_path: Path) -> None:
+    issuer = {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    values = {
+        "tls": {
+            "enabled": True,
+            "certManager": {"enabled": True, "issuerRef": issuer, "dnsNames": ["gw.example"]},
+        },
+        "gateway": {"service": {"clusterIP": "10.96.0.70"}},
+    }
+    objects = render(values)
+    certificate = one(objects, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["issuerRef"] == issuer
+    service = one(objects, "Service", component="gateway")["metadata"]["name"]
+    assert f"{service}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    assert "gw.example" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["ipAddresses"] == ["10.96.0.70"]
+    volume = next(v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert load_config(objects, tmp_path).grpc.tls.cert_file is not None
+    with pytest.raises(helm.HelmError, match=r"issuerRef"):
+        render({"tls": {"enabled": True, "certManager": {"enabled": True}}})
 
 
 def test_notes_never_print_the_database_url() -> None:

@@ -113,9 +113,26 @@ app.kubernetes.io/component: gateway
 {{- if and (not .Values.database.existingSecret) (not (hasPrefix "sqlite" .Values.database.url)) -}}
 {{- fail "database.url is not SQLite: its credentials would land in ConfigMaps. Put the URL in a Secret and set database.existingSecret (and database.existingSecretKey)" -}}
 {{- end -}}
+{{- if and .Values.auth.oidc.caBundle.secretName .Values.auth.oidc.caBundle.configMapName -}}
+{{- fail "auth.oidc.caBundle: set secretName or configMapName, not both" -}}
+{{- end -}}
+{{- if and (include "openshell.oidcCaVolume" .) (not .Values.auth.oidc.issuerUrl) -}}
+{{- fail "auth.oidc.caBundle is set but auth.oidc.issuerUrl is empty: the CA is for the OIDC issuer" -}}
+{{- end -}}
+{{- if .Values.tls.enabled -}}
+{{- if and (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) -}}
+{{- fail "tls.enabled needs tls.existingSecret (a Secret with tls.crt and tls.key) or tls.certManager.enabled" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef (name and kind of a cert-manager Issuer or ClusterIssuer)" -}}
+{{- end -}}
 {{- if .Values.networkPolicy.enabled -}}
 {{- if and .Values.monitoring.serviceMonitor.enabled (not .Values.networkPolicy.metricsFrom) -}}
-{{- fail "networkPolicy.enabled with monitoring.serviceMonitor.enabled needs networkPolicy.metricsFrom: the peers (e.g. the Prometheus namespace) allowed to scrape /metrics on 7080; without them the NetworkPolicy blocks the scrapes" -}}
+{{- fail "networkPolicy.enabled with monitoring.serviceMonitor.enabled needs networkPolicy.metricsFrom: the peers (e.g. the Prometheus namespace) allowed to scrape /metrics on the ops port 7090; without them the NetworkPolicy blocks the scrapes" -}}
+{{- end -}}
+{{- if and (include "openshell.external" .) (not .Values.networkPolicy.grpcFrom) -}}
+{{- fail "networkPolicy.enabled with gateway.service.type NodePort or LoadBalancer needs networkPolicy.grpcFrom: the clients (e.g. an ipBlock) of the external Service; without them the NetworkPolicy blocks them" -}}
 {{- end -}}
 {{- if and (include "openshell.gatewayApiPorts" .) (not .Values.networkPolicy.gatewayApiFrom) -}}
 {{- fail "networkPolicy.enabled with gatewayApi.enabled needs networkPolicy.gatewayApiFrom: the peers (e.g. the Gateway implementation's namespace) whose proxies forward the routes; without them the NetworkPolicy blocks the routed traffic" -}}
@@ -157,13 +174,16 @@ securityContext:
 {{- if not $v.database.existingSecret -}}
 {{- $_ := set $database "url" $v.database.url -}}
 {{- end -}}
+{{- $settings := deepCopy $sup.settings -}}
+{{- /* Supervisors speak TLS to a TLS gateway (verified against the roots they have: docs/helm.md). */ -}}
+{{- if $v.tls.enabled }}{{ $_ := set $settings "gateway.tls" "true" }}{{ end -}}
 {{- $supervisor := dict
       "image" (include "openshell.image" (list $sup.image .))
       "pull_policy" $sup.pullPolicy
       "injection" $sup.injection
       "tmp_size_limit" $sup.tmpSizeLimit
       "journal_size_limit" $sup.journalSizeLimit
-      "settings" $sup.settings
+      "settings" $settings
       "init_resources" (dict "requests" $sup.initResources.requests "limits" $sup.initResources.limits) -}}
 {{- $podcfg := dict
       "image_pull_policy" $pod.imagePullPolicy
@@ -184,10 +204,37 @@ securityContext:
 {{- with $pod.serviceAccountName }}{{ $_ := set $podcfg "service_account_name" . }}{{ end -}}
 {{- with $pod.runtimeClassName }}{{ $_ := set $podcfg "runtime_class_name" . }}{{ end -}}
 {{- with $pod.priorityClassName }}{{ $_ := set $podcfg "priority_class_name" . }}{{ end -}}
+{{- $oidc := $v.auth.oidc -}}
+{{- $oidccfg := dict
+      "issuer_url" $oidc.issuerUrl
+      "audience" $oidc.audience
+      "role_claims" $oidc.roleClaims
+      "roles" $oidc.roles
+      "username_claim" $oidc.usernameClaim
+      "team_claim" $oidc.teamClaim
+      "cli_client_id" $oidc.cliClientId -}}
+{{- if include "openshell.oidcCaVolume" . }}{{ $_ := set $oidccfg "ca_file" (printf "%s/%s" (include "openshell.oidcCaDir" .) $oidc.caBundle.key) }}{{ end -}}
+{{- $sa := $v.auth.supervisors -}}
+{{- $auth := dict
+      "oidc" $oidccfg
+      "supervisors" (dict
+        "required" $sa.required
+        "kubernetes_audience" $sa.kubernetesAudience
+        "kubernetes_token_expiry_s" $sa.kubernetesTokenExpirySeconds
+        "token_ttl_s" $sa.tokenTtlSeconds) -}}
+{{- /* Without OIDC the API takes no tokens: said explicitly, and only then (the NOTES warn). */ -}}
+{{- if not $oidc.issuerUrl }}{{ $_ := set $auth "allow_unauthenticated_api" true }}{{ end -}}
+{{- $tls := dict -}}
+{{- if $v.tls.enabled -}}
+{{- $dir := "/etc/openshell/tls" -}}
+{{- $tls = dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) -}}
+{{- if $v.tls.clientAuth }}{{ $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $dir) }}{{ end -}}
+{{- end -}}
 {{- $config := dict
-      "grpc" (dict "listen" "0.0.0.0:7070" "shutdown_grace_s" $v.gateway.grpc.shutdownGraceSeconds "hello_timeout_s" $v.gateway.grpc.helloTimeoutSeconds)
-      "http" (dict "listen" "0.0.0.0:7080")
-      "auth" (dict "allow_unauthenticated_api" true)
+      "grpc" (dict "listen" "0.0.0.0:7070" "shutdown_grace_s" $v.gateway.grpc.shutdownGraceSeconds "hello_timeout_s" $v.gateway.grpc.helloTimeoutSeconds "tls" $tls)
+      "http" (dict "listen" "0.0.0.0:7080" "tls" $tls)
+      "ops" (dict "listen" "0.0.0.0:7090")
+      "auth" $auth
       "database" $database
       "sessions" (dict
         "heartbeat_interval_s" $v.gateway.sessions.heartbeatIntervalSeconds
@@ -212,6 +259,24 @@ securityContext:
       "log_format" $v.gateway.logFormat -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy $v.gateway.extraConfig) -}}
 {{- toYaml $merged -}}
+{{- end -}}
+
+{{/* "secret" or "configMap" when the OIDC issuer's CA comes from an existing object, else empty. */}}
+{{- define "openshell.oidcCaVolume" -}}
+{{- $ca := .Values.auth.oidc.caBundle -}}
+{{- if $ca.secretName }}secret{{ else if $ca.configMapName }}configMap{{ end -}}
+{{- end -}}
+
+{{- define "openshell.oidcCaDir" -}}/etc/openshell/oidc-ca{{- end -}}
+
+{{/* The Secret the gateway's TLS files come from (tls.enabled). */}}
+{{- define "openshell.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "openshell.gateway.fullname" .)) .Values.tls.existingSecret -}}
+{{- end -}}
+
+{{/* "true" when the gateway is published by a Service of type NodePort or LoadBalancer. */}}
+{{- define "openshell.external" -}}
+{{- if ne .Values.gateway.service.type "ClusterIP" -}}true{{- end -}}
 {{- end -}}
 
 {{/* The database URL from the existing Secret, when there is one. */}}
