@@ -363,9 +363,10 @@ class SupervisorAuthSettings(_Section):
     )
     key_rotation_s: int = Field(
         86400,
-        ge=300,
+        ge=2,
         description="A new signing key is made this often (kept in the database, shared by every "
-        "replica, no restart); an older key still verifies the tokens it signed until they expire.",
+        "replica, no restart); an older key still verifies the tokens it signed until they expire, "
+        "then it is deleted. Values under an hour are for tests.",
     )
     kubernetes_audience: str = Field(
         "openshell-gateway",
