@@ -30,8 +30,14 @@ follows the pod). Once its pod is gone the id can be created again, as the row's
 A request is checked by :func:`gateway.drivers.podspec.request_problem` (400 naming the field), and
 every body is bounded in size (``http.max_body_bytes``, 413) and JSON nesting (400, one linear
 scan) before parsing.
-The API has no authentication yet (the auth issue adds OIDC): keep ``http.listen`` reachable only
-by trusted callers.
+People authenticate with OIDC bearer tokens (``Authorization: Bearer <access token>``) when
+``auth.oidc.issuer_url`` is set (:mod:`gateway.auth.oidc` verifies them, :mod:`gateway.auth.people`
+says what their role lets them do): a missing or bad token is 401 with ``WWW-Authenticate``, an
+issuer that cannot be asked 503, a token without an OpenShell role 403, and a role too low for the
+endpoint 403. A non-admin sees and acts only on sandboxes it created or of one of its teams;
+another's sandbox (and its logs and commands) is 404, as if it did not exist. ``GET /api/v1/auth``
+(no token needed) tells clients the issuer and the CLI's client id. Without OIDC every caller is
+admin (the configuration allows that only on loopback, or when told to).
 
 This listener carries only ``/api/...``: probes and the Prometheus exposition are on the
 operations listener (:mod:`gateway.ops`, ``ops.listen``), so that auth covers the whole API.
@@ -53,10 +59,15 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from gateway.auth.oidc import TokenProblem, TokenRefused
+from gateway.auth.people import NOBODY_ADMIN, REQUIRED_ROLE, Action, PeopleAuth, Person, may_see, scope_of
 from gateway.config import SessionSettings
 from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import Liveness, disconnected_since, is_connected, sandbox_state
 from gateway.store import (
     CommandRow,
@@ -85,6 +96,12 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 #: parser recurses once per level (a body of 100,000 brackets would blow its stack).
 MAX_JSON_DEPTH = 32
 _MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+#: The caller of a request, set by the authentication middleware before any handler runs.
+_PERSON = web.RequestKey("person", Person)
+#: Paths served without a token: what a client needs to know to get one.
+PUBLIC_PATHS = frozenset({"/api/v1/auth"})
+#: Largest page of ``GET /api/v1/sandboxes?limit=N``.
+MAX_LIST_LIMIT = 1000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -110,6 +127,8 @@ def sandbox_json(row: SandboxRow, now: datetime, liveness: Liveness) -> dict[str
         "journal_epoch": row.journal_epoch,
         "driver_state": row.driver_state,
         "generation": row.generation,
+        "created_by": row.created_by,
+        "team": row.team,
     }
 
 
@@ -134,10 +153,11 @@ def _ndjson(objects: Sequence[dict[str, Any]]) -> bytes:
 class ApiError(Exception):
     """An error answer; raised by handlers, turned into ``{"error": message}`` by the middleware."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @web.middleware
@@ -145,7 +165,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response({"error": exc.message}, status=exc.status)
+        return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:
         # aiohttp's own answers (unknown route, wrong method) come as text/plain; an API client
         # should be able to parse every error the same way.
@@ -159,6 +179,64 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)
+
+
+def _quoted(text: str) -> str:
+    """``text`` as an RFC 7235 quoted-string's content: printable ASCII, no quote or backslash."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
+
+
+def _bearer(header: str | None) -> str:
+    if header is None:
+        raise TokenRefused(TokenProblem.MISSING, "this API needs a bearer token (Authorization: Bearer ...)")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenRefused(TokenProblem.MALFORMED, "the Authorization header is not 'Bearer <token>'")
+    return token.strip()
+
+
+def _authentication(
+    auth: PeopleAuth | None, metrics: GatewayMetrics | None, refusals: RateLimitedLog
+) -> Middleware:
+    """The middleware that names every request's caller (``request[_PERSON]``) before its handler
+    runs, or answers 401/403/503 itself; inside ``_json_errors``, so its answers are JSON too."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if auth is None or request.path in PUBLIC_PATHS:
+            request[_PERSON] = NOBODY_ADMIN
+            return await handler(request)
+        try:
+            person = await auth.person(_bearer(request.headers.get("Authorization")))
+        except TokenRefused as exc:
+            if metrics is not None:
+                metrics.api_auth_failures.labels(exc.problem.value).inc()
+            if exc.status == 503:
+                refusals.log(logging.WARNING, "issuer", f"{request.method} {request.path}: 503: {exc.detail}")
+                raise ApiError(503, exc.detail, headers={"Retry-After": "5"}) from None
+            refusals.log(
+                logging.INFO,
+                (request.remote, exc.problem),
+                f"{request.method} {request.path} from {request.remote}: 401 {exc.problem.value}: "
+                f"{exc.detail}",
+            )
+            challenge = 'Bearer realm="openshell"'
+            if exc.problem is not TokenProblem.MISSING:
+                # RFC 6750: a request without credentials gets the bare challenge, a bad token the error.
+                challenge += f', error="invalid_token", error_description="{_quoted(exc.detail)}"'
+            raise ApiError(401, exc.detail, headers={"WWW-Authenticate": challenge}) from None
+        if person.role is None:
+            if metrics is not None:
+                metrics.api_auth_failures.labels("no_role").inc()
+            raise ApiError(
+                403,
+                f"{person.username or 'the caller'} has no OpenShell role: none of the names at "
+                f"{', '.join(auth.settings.role_claims)} is bound to a role (auth.oidc.roles)",
+            )
+        request[_PERSON] = person
+        return await handler(request)
+
+    return authenticate
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str]:
@@ -272,8 +350,9 @@ def command_json(row: CommandRow) -> dict[str, Any]:
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
 
 
-def _sandbox_request(body: object) -> SandboxRequest:
-    """Validate a POSTed sandbox: ``{"id": "sb-1", "command": ["sh", "-c", "..."], "image": "..."}``.
+def _sandbox_request(body: object) -> tuple[SandboxRequest, str | None]:
+    """Validate a POSTed sandbox: ``{"id": "sb-1", "command": ["sh", "-c", "..."], "image": "..."}``
+    (and the ``team`` it is for, optional).
 
     Types are checked here (each refusal names the field); what the values may hold is
     :func:`~gateway.drivers.podspec.request_problem`'s to say, the one check of every path that
@@ -283,7 +362,7 @@ def _sandbox_request(body: object) -> SandboxRequest:
         raise ApiError(
             400, 'the body must be a JSON object such as {"id": "sb-1", "command": ["sleep", "60"]}'
         )
-    unknown = sorted(set(body) - {"id", "command", "image", "env"})
+    unknown = sorted(set(body) - {"id", "command", "image", "env", "team"})
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
     sandbox_id, command, image, env = (
@@ -305,11 +384,14 @@ def _sandbox_request(body: object) -> SandboxRequest:
     for name, value in env.items():
         if not isinstance(value, str):
             raise ApiError(400, f"env.{name[:80]!r}: must be a string (env is an object of string values)")
+    team = body.get("team")
+    if team is not None and (not isinstance(team, str) or not team or len(team) > 253):
+        raise ApiError(400, "team must be a non-empty string of at most 253 characters when given")
     request = SandboxRequest(sandbox_id=sandbox_id, command=command, image=image, env=env)
     problem = request_problem(request)
     if problem is not None:
         raise ApiError(400, problem)
-    return request
+    return request, team
 
 
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
@@ -354,8 +436,12 @@ class _Api:
         commands: CommandStore | None = None,
         deliver: Callable[[CommandRow], bool] | None = None,
         provisioner: Provisioner | None = None,
+        auth: PeopleAuth | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.provisioner = provisioner
+        self.auth = auth
+        self.metrics = metrics
         self.sandboxes = sandboxes
         self.events = events
         self.commands = commands
@@ -368,12 +454,29 @@ class _Api:
     async def on_shutdown(self, app: web.Application) -> None:
         self.closing.set()
 
-    async def _sandbox(self, request: web.Request) -> SandboxRow:
+    def _caller(self, request: web.Request, action: Action) -> Person:
+        """The caller, if its role allows ``action`` at all (403 otherwise)."""
+        person = request[_PERSON]
+        if not person.may(action):
+            role = person.role.label if person.role is not None else "none"
+            if self.metrics is not None:
+                self.metrics.api_denials.labels(role, action.value).inc()
+            needed = REQUIRED_ROLE[action].label
+            raise ApiError(403, f"role {role} may not {action.value} (that needs {needed} or higher)")
+        return person
+
+    async def _sandbox(self, request: web.Request, action: Action = Action.READ) -> SandboxRow:
+        """The sandbox the path names, if the caller may ``action`` it: one it cannot see is 404,
+        exactly as one that does not exist (ids cannot be probed)."""
+        person = self._caller(request, action)
         sandbox_id = request.match_info["id"]
         row = await self.sandboxes.get(sandbox_id)
-        if row is None:
+        if row is None or not may_see(person, created_by=row.created_by, team=row.team):
             raise ApiError(404, f"no sandbox {sandbox_id!r}")
         return row
+
+    async def auth_info(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.auth.discovery() if self.auth is not None else {"oidc": False})
 
     def _command_store(self) -> CommandStore:
         if self.commands is None:
@@ -382,7 +485,7 @@ class _Api:
 
     async def create_command(self, request: web.Request) -> web.StreamResponse:
         store = self._command_store()
-        row = await self._sandbox(request)
+        row = await self._sandbox(request, Action.COMMAND)
         kind, args = _command_args(await _json_body(request))
         created = await store.create(row.id, kind, **args)
         delivered = self.deliver(created) if self.deliver is not None else False
@@ -396,7 +499,13 @@ class _Api:
         )
 
     async def get_command(self, request: web.Request) -> web.StreamResponse:
+        person = self._caller(request, Action.READ)
         found = await self._command_store().get(request.match_info["command_id"])
+        if found is not None and not person.is_admin:
+            row = await self.sandboxes.get(found.sandbox_id)
+            # Another's command is answered as one that does not exist, like another's sandbox.
+            if row is None or not may_see(person, created_by=row.created_by, team=row.team):
+                found = None
         if found is None:
             raise ApiError(404, f"no command {request.match_info['command_id']!r}")
         return web.json_response(command_json(found))
@@ -407,19 +516,32 @@ class _Api:
         return self.provisioner
 
     async def create_sandbox(self, request: web.Request) -> web.StreamResponse:
+        person = self._caller(request, Action.CREATE)
         provisioner = self._provisioner()
-        wanted = _sandbox_request(await _json_body(request))
+        wanted, team = _sandbox_request(await _json_body(request))
+        if team is None:
+            team = person.teams[0] if person.teams else None
+        elif not person.is_admin and team not in person.teams:
+            raise ApiError(
+                403, f"team {team!r} is not one of yours ({', '.join(person.teams) or 'you have none'})"
+            )
         try:
             created = await provisioner.create(
-                wanted.sandbox_id, list(wanted.command), image=wanted.image, env=wanted.env
+                wanted.sandbox_id,
+                list(wanted.command),
+                image=wanted.image,
+                env=wanted.env,
+                created_by=person.username,
+                team=team,
             )
         except ProvisionError as exc:
             raise ApiError(exc.status, str(exc)) from None
         return web.json_response(created, status=201)
 
     async def delete_sandbox(self, request: web.Request) -> web.StreamResponse:
+        self._caller(request, Action.DELETE)
         provisioner = self._provisioner()
-        row = await self._sandbox(request)
+        row = await self._sandbox(request, Action.DELETE)
         try:
             found = await provisioner.delete(row.id)
         except ProvisionError as exc:
@@ -427,9 +549,20 @@ class _Api:
         return web.json_response({"id": row.id, "deleted": found}, status=202)
 
     async def list_sandboxes(self, request: web.Request) -> web.StreamResponse:
-        rows = await self.sandboxes.list()
+        """All the sandboxes the caller may see, or with ``limit`` a page of them in id order;
+        ``next`` (the last id, when the page is full) is the next page's ``after``."""
+        person = self._caller(request, Action.READ)
+        limit = _int_param(request, "limit", 0, 1, MAX_LIST_LIMIT) or None
+        after = request.query.get("after") or None
+        rows = await self.sandboxes.list(owners=scope_of(person), limit=limit, after=after)
         now = self.now()
-        return web.json_response({"sandboxes": [sandbox_json(r, now, self.liveness) for r in rows]})
+        page_full = limit is not None and len(rows) == limit
+        return web.json_response(
+            {
+                "sandboxes": [sandbox_json(r, now, self.liveness) for r in rows],
+                "next": rows[-1].id if page_full else None,
+            }
+        )
 
     async def get_sandbox(self, request: web.Request) -> web.StreamResponse:
         row = await self._sandbox(request)
@@ -531,11 +664,15 @@ def build_api(
     deliver: Callable[[CommandRow], bool] | None = None,
     provisioner: Provisioner | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    auth: PeopleAuth | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app.
 
     ``liveness`` gives the bounds of the derived state (``Liveness.from_settings`` of the
-    gateway's ``sessions`` settings); without it, those of the default settings."""
+    gateway's ``sessions`` settings); without it, those of the default settings.
+    ``auth`` verifies people's tokens (the app owns it: closed on cleanup); without it, every
+    caller is admin. ``metrics`` counts refusals."""
     if liveness is None:
         liveness = Liveness.from_settings(SessionSettings())
     api = _Api(
@@ -546,10 +683,23 @@ def build_api(
         commands=commands,
         deliver=deliver,
         provisioner=provisioner,
+        auth=auth,
+        metrics=metrics,
     )
-    app = web.Application(middlewares=[_json_errors], client_max_size=max_body_bytes)
+    refusals = RateLimitedLog(log, concern="api-auth")
+    app = web.Application(
+        middlewares=[_json_errors, _authentication(auth, metrics, refusals)], client_max_size=max_body_bytes
+    )
+
+    async def close_log(app: web.Application) -> None:
+        refusals.close()
+        if auth is not None:
+            await auth.close()  # the API owns its verifier (its HTTP client, a fetch under way)
+
+    app.on_cleanup.append(close_log)
     app[_MAX_BODY_BYTES] = max_body_bytes
     app.on_shutdown.append(api.on_shutdown)
+    app.router.add_get("/api/v1/auth", api.auth_info)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_post("/api/v1/sandboxes", api.create_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)

@@ -29,6 +29,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2
 
 from gateway.api import build_api
+from gateway.auth.people import PeopleAuth
 from gateway.auth.sandbox_tokens import SandboxTokens
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig, GrpcTlsSettings
@@ -202,7 +203,12 @@ class Gateway:
             commands=commands,
             deliver=self._service.deliver,
             max_body_bytes=cfg.http.max_body_bytes,
+            # The API owns the verifier (closed with it); without OIDC every caller is admin.
+            auth=PeopleAuth(cfg.auth.oidc) if cfg.auth.oidc.issuer_url else None,
+            metrics=self.metrics,
         )
+        if not cfg.auth.oidc.issuer_url:
+            log.warning("the HTTP API takes no tokens (auth.oidc.issuer_url is unset): every caller is admin")
         # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
         self._runner, self.http_port = await self._listen(app, cfg.http.listen, what="the HTTP API")
         self._readiness = Readiness(self.db, grpc_serving=lambda: self._grpc_serving)

@@ -135,7 +135,14 @@ class KubernetesProvisioner:
         self._watcher = asyncio.create_task(self._follow(), name="kubernetes-pod-watch")
 
     async def create(
-        self, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
+        self,
+        sandbox_id: str,
+        command: Sequence[str],
+        *,
+        image: str | None,
+        env: Mapping[str, str],
+        created_by: str | None = None,
+        team: str | None = None,
     ) -> dict[str, Any]:
         assert self.driver is not None, "start() first"
         request = SandboxRequest(sandbox_id=sandbox_id, command=list(command), image=image, env=dict(env))
@@ -146,6 +153,8 @@ class KubernetesProvisioner:
             spec=spec,
             driver_state={"phase": "Creating", "at": utcnow().isoformat()},
             replaces=_gone,
+            created_by=created_by,
+            team=team,
         )
         if generation is None:
             raise ProvisionError(409, await self._taken(sandbox_id))

@@ -19,7 +19,14 @@ class Provisioner(Protocol):
     """Creates and deletes sandboxes for the HTTP API (see gateway.provisioner)."""
 
     async def create(
-        self, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
+        self,
+        sandbox_id: str,
+        command: Sequence[str],
+        *,
+        image: str | None,
+        env: Mapping[str, str],
+        created_by: str | None = None,
+        team: str | None = None,
     ) -> dict[str, Any]: ...
 
     async def delete(self, sandbox_id: str) -> bool: ...
