@@ -8,7 +8,7 @@ The types every caller shares live here; the verifiers in their own modules:
   TokenReview and bound to the sandbox through the pod name and uid the token names;
 * ``supervisors``: the one rule every supervisor call goes through (which verifier, the binding of
   the credential to the sandbox id the call names, the refusal metric and log line);
-* ``oidc`` and ``roles``: people's bearer tokens and what their roles let them do.
+* ``oidc`` and ``people``: people's bearer tokens and what their roles let them do.
 """
 
 from __future__ import annotations

@@ -333,3 +333,24 @@ def test_roles_come_from_any_claim_path_and_the_highest_wins() -> None:
     assert person_of({**claims, "groups": ["openshell-admin"]}, settings).role is Role.ADMIN
     assert person_of({"sub": "x", "realm_access": {"roles": {"openshell-admin": 1}}}, settings).role is None
     assert person_of({"sub": "x", "preferred_username": "xavier"}, settings).username == "xavier"
+
+
+async def test_without_oidc_every_caller_is_admin(tmp_path: Path) -> None:
+    db = await Database.open(f"sqlite:///{tmp_path}/gateway.db")
+    sandboxes = SandboxStore(db)
+    app = build_api(sandboxes=sandboxes, events=EventStore(db), provisioner=StoreProvisioner(sandboxes))
+    try:
+        async with TestClient(TestServer(app)) as client:
+            await sandboxes.create("theirs", driver="test", created_by="alice", team=TEAM_X)
+            resp = await client.post(
+                "/api/v1/sandboxes", json={"id": "mine", "command": ["true"], "team": TEAM_Y}
+            )
+            assert resp.status == 201, await resp.text()
+            assert await (await client.get("/api/v1/auth")).json() == {"oidc": False}
+            listed = (await (await client.get("/api/v1/sandboxes")).json())["sandboxes"]
+            assert [(s["id"], s["created_by"], s["team"]) for s in listed] == [
+                ("mine", None, TEAM_Y),
+                ("theirs", "alice", TEAM_X),
+            ]
+    finally:
+        await db.close()
