@@ -28,6 +28,7 @@ from tests.unit.test_store import (
     check_exit_updates_sandbox,
     check_heartbeats,
     check_idempotent_store,
+    check_list_by_owner,
     check_migration_keeps_rows_as_generation_one,
     check_migrations_match_schema,
     check_recreate_after_delete,
@@ -134,6 +135,10 @@ async def test_events_keep_their_sessions_generation(pg: Database) -> None:
 
 async def test_a_deleted_sandbox_id_can_be_created_again(pg: Database) -> None:
     await check_recreate_after_delete(pg)
+
+
+async def test_the_list_filters_by_owner_in_the_query(pg: Database) -> None:
+    await check_list_by_owner(pg)
 
 
 async def test_store_events_is_idempotent(pg: Database) -> None:

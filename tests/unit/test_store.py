@@ -35,6 +35,7 @@ from gateway.store import (
     migrate,
 )
 from gateway.store.db import create_engine, upgrade
+from gateway.store.sandboxes import Owners
 from gateway.store.schema import metadata
 from openshell_wire.convert import WireError, event_to_proto
 from openshell_wire.records import (
@@ -384,6 +385,42 @@ async def check_events_keep_their_sessions_generation(db: Database) -> None:
     assert await sandboxes.mark_disconnected("sb", session_id="s-new", at=at, generation=2)
 
 
+async def check_list_by_owner(db: Database) -> None:
+    """The list's owner filter and paging run in the query: created by the person or of one of
+    their teams; a filter naming nobody and no team matches nothing; a re-created id has its new
+    creator."""
+    store = SandboxStore(db)
+    for n, (owner, team) in enumerate([("bob", None), ("dora", "/t/y"), ("alice", "/t/x"), (None, None)] * 3):
+        await store.create(f"sb-{n:02d}", driver="test", created_by=owner, team=team)
+    bobs = Owners(created_by="bob", teams=["/t/y"])
+    assert [r.id for r in await store.list(owners=bobs)] == [
+        "sb-00",
+        "sb-01",
+        "sb-04",
+        "sb-05",
+        "sb-08",
+        "sb-09",
+    ]
+    assert [r.id for r in await store.list(owners=bobs, limit=4, after="sb-00")] == [
+        "sb-01",
+        "sb-04",
+        "sb-05",
+        "sb-08",
+    ]
+    assert [r.id for r in await store.list(owners=Owners(created_by=None, teams=["/t/x"]))] == [
+        "sb-02",
+        "sb-06",
+        "sb-10",
+    ]
+    assert await store.list(owners=Owners(created_by=None)) == []
+    assert len(await store.list()) == 12
+    row = await store.get("sb-02")
+    assert row is not None and (row.created_by, row.team) == ("alice", "/t/x")
+    assert await store.create("sb-02", driver="test", created_by="bob", replaces=lambda _: True) == 2
+    row = await store.get("sb-02")
+    assert row is not None and (row.created_by, row.team) == ("bob", None)
+
+
 async def check_recreate_after_delete(db: Database) -> None:
     """An id whose sandbox is gone can be created again, as the next generation: the row is the
     new sandbox's, the old events stay readable under their generation, old commands fail."""
@@ -617,6 +654,10 @@ async def test_events_keep_their_sessions_generation(db: Database) -> None:
 
 async def test_a_deleted_sandbox_id_can_be_created_again(db: Database) -> None:
     await check_recreate_after_delete(db)
+
+
+async def test_the_list_filters_by_owner_in_the_query(db: Database) -> None:
+    await check_list_by_owner(db)
 
 
 async def test_migration_0004_keeps_rows_as_generation_one(sqlite_url: str) -> None:
