@@ -120,7 +120,18 @@ def load_config(objects: list[Obj], tmp_path: Path) -> GatewayConfig:
 
 
 def sandbox_pod(config: GatewayConfig) -> Obj:
-    return build_sandbox_pod(config.drivers.kubernetes, SandboxRequest("t", ["sleep", "1"], image="busybox"))
+    request = SandboxRequest("t", ["sleep", "1"], image="busybox")
+    return build_sandbox_pod(config.drivers.kubernetes, request, auth=config.auth.supervisors)
+
+
+def projected_token(pod: Obj) -> Obj:
+    """The serviceAccountToken source of the sandbox pod's projected credential volume."""
+    for volume in pod["spec"]["volumes"]:
+        for source in volume.get("projected", {}).get("sources", []):
+            if "serviceAccountToken" in source:
+                token: Obj = source["serviceAccountToken"]
+                return token
+    raise AssertionError(f"no projected token in {pod['spec']['volumes']}")
 
 
 def pod_specs(objects: list[Obj]) -> Iterator[tuple[str, Obj]]:
@@ -828,6 +839,11 @@ def test_supervisor_identity_values_reach_the_gateway(tmp_path: Path) -> None:
     config = load_config(render(values), tmp_path)
     assert config.auth.supervisors.kubernetes_audience == "gw.example"
     assert config.auth.supervisors.kubernetes_token_expiry_s == 1800
+    # ... and the sandbox pods the gateway builds carry that token.
+    token = projected_token(sandbox_pod(config))
+    assert token["audience"] == "gw.example" and token["expirationSeconds"] == 1800
+    defaults = projected_token(sandbox_pod(load_config(rendered("default-values.yaml"), tmp_path)))
+    assert defaults["audience"] == "openshell-gateway" and defaults["expirationSeconds"] == 3600
     assert config.sessions.register_unknown is True
     # The gateway's own bounds hold in the chart's schema too (a bad value fails before install).
     with pytest.raises(helm.HelmError):
