@@ -169,7 +169,9 @@ class Gateway:
         if cfg.drivers.kind == "kubernetes":
             from gateway.provisioner import KubernetesProvisioner  # noqa: PLC0415 - loads lightkube
 
-            provisioner = KubernetesProvisioner(cfg.drivers.kubernetes, self._sandboxes)
+            provisioner = KubernetesProvisioner(
+                cfg.drivers.kubernetes, self._sandboxes, auth=cfg.auth.supervisors
+            )
             try:
                 await provisioner.start()
             except Exception as exc:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gateway.config import KubernetesDriverSettings
+from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from gateway.drivers.podspec import PodSpecError, SandboxRequest
@@ -119,11 +119,13 @@ class KubernetesProvisioner:
     settings: KubernetesDriverSettings
     sandboxes: SandboxStore
     driver: KubernetesDriver | None = None
+    #: The projected token's audience and expiry in the pods (unset: the defaults).
+    auth: SupervisorAuthSettings | None = None
     _watcher: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         if self.driver is None:
-            self.driver = KubernetesDriver(self.settings)
+            self.driver = KubernetesDriver(self.settings, auth=self.auth)
         # A client config that cannot be loaded is a configuration error: raised, the gateway does
         # not start. An API that does not answer yet is not: it is logged and retried.
         self.driver.client  # noqa: B018 - builds the client from the kubeconfig or in-cluster credentials
@@ -175,16 +177,13 @@ class KubernetesProvisioner:
                 log.exception("sandbox %s: the Kubernetes driver failed unexpectedly", sandbox_id)
                 raise ProvisionError(502, redact(f"the Kubernetes driver failed: {exc!r}")) from None
             raise
-        # Kept for the credential check of the auth milestone: the hash, never the token.
-        spec = {
-            **spec,
-            "image": created.image or spec["image"],
-            "command": list(created.command),
-            "credential_sha256": created.credential_sha256,
-        }
+        spec = {**spec, "image": created.image or spec["image"], "command": list(created.command)}
         if created.command_from_image:
             spec["command_from_image"] = created.command_from_image
-        await self.sandboxes.set_spec(sandbox_id, spec, generation=generation)
+        # The pod's uid binds its projected token to this generation (gateway/auth/supervisors.py).
+        await self.sandboxes.set_spec(
+            sandbox_id, spec, generation=generation, pod_uid=created.pod_uid or None
+        )
         answer: dict[str, Any] = {
             "id": sandbox_id,
             "generation": generation,
@@ -263,7 +262,9 @@ class KubernetesProvisioner:
             doc["reason"] = state.reason
         if state.exit_code is not None:
             doc["exit_code"] = state.exit_code
-        await self.sandboxes.set_driver_state(state.sandbox_id, doc)
+        await self.sandboxes.set_driver_state(
+            state.sandbox_id, doc, pod_uid=None if state.deleted else state.pod_uid
+        )
 
     async def _catch_up(self) -> str | None:
         """Record every pod as it is now, and the sandboxes whose pods are gone; returns the

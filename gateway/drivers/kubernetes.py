@@ -1,10 +1,11 @@
 """The Kubernetes sandbox driver: one pod per sandbox, built by :mod:`gateway.drivers.podspec`.
 
 Works from a kubeconfig or in-cluster, against any conformant cluster (nothing here is specific to
-a distribution). It creates a sandbox as a pod plus a Secret with the supervisor's credential
-(owned by the pod, so the garbage collector removes it with the pod even if the gateway is gone),
-watches its pods by label, and deletes both. Everything it needs is the namespaced Role in
-``docs/rbac.md``; a refusal by the API says which verb on which resource was missing.
+a distribution). It creates a sandbox as a pod (its supervisor's credential is a projected
+ServiceAccount token the kubelet writes and renews: no Secret), watches its pods by label, and
+deletes them. Everything it needs is the namespaced Role in ``docs/rbac.md``, plus ``create`` on
+``tokenreviews`` (cluster-scoped) for the gateway to check those tokens; a refusal by the API says
+which verb on which resource was missing.
 
 lightkube is imported here only, so a gateway on the local driver never loads it.
 """
@@ -14,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -27,7 +26,7 @@ from lightkube.config.kubeconfig import SingleConfig
 from lightkube.core.exceptions import ConfigError, NotReadyError
 from lightkube.resources.core_v1 import Pod, Secret
 
-from gateway.config import KubernetesDriverSettings
+from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
 from gateway.drivers.imageref import (
     BasicCredentials,
     CredentialEntry,
@@ -43,9 +42,7 @@ from gateway.drivers.podspec import (
     MANAGED_BY,
     PodSpecError,
     SandboxRequest,
-    build_credential_secret,
     build_sandbox_pod,
-    credential_secret_name,
     pod_name,
     selector_labels,
 )
@@ -57,9 +54,17 @@ FIELD_MANAGER = MANAGED_BY
 
 #: Everything the driver does, as the rules of a namespaced Role in the sandbox namespace: the
 #: chart's Role and docs/rbac.md say exactly this, and the live tests show each verb is needed.
+#: (No Secret verbs: the credential is a projected token now. The credential Secrets of sandboxes
+#: created before are owned by their pods: the garbage collector removes them with the pod.)
 RBAC_RULES: tuple[dict[str, list[str]], ...] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete", "get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
+)
+
+#: The one cluster-scoped permission, a ClusterRole's rule bound to the gateway's identity:
+#: reviewing the sandbox pods' projected tokens (gateway/auth/kubernetes_tokens.py). TokenReview is
+#: not namespaced, so a Role cannot grant it; it reads nothing and changes nothing in the cluster.
+CLUSTER_RBAC_RULES: tuple[dict[str, list[str]], ...] = (
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
 )
 
 
@@ -70,7 +75,8 @@ def pull_secret_rule(names: list[str]) -> dict[str, list[str]]:
 
 
 def rbac_rules(settings: KubernetesDriverSettings) -> list[dict[str, list[str]]]:
-    """RBAC_RULES, plus read access to the pull Secrets when the driver reads them."""
+    """The namespaced Role's rules: RBAC_RULES, plus read access to the pull Secrets when the
+    driver reads them. (The ClusterRole's are CLUSTER_RBAC_RULES, whatever the settings.)"""
     rules = [dict(rule) for rule in RBAC_RULES]
     if settings.registry.resolve_commands and settings.pod.image_pull_secrets:
         rules.append(pull_secret_rule(settings.pod.image_pull_secrets))
@@ -94,9 +100,9 @@ class KubernetesDriverError(RuntimeError):
 class CreatedSandbox:
     sandbox_id: str
     pod_name: str
+    #: The pod's uid: its projected token names it, and it must be the sandbox row's (a pod
+    #: re-created under the same name has another).
     pod_uid: str
-    #: sha256 of the bearer token written into the sandbox's Secret; the token itself is not kept.
-    credential_sha256: str
     #: The image the pod runs (pinned to a digest when the command came from it; None: the default).
     image: str | None = None
     #: The command run under the supervisor: the request's, or the image's ENTRYPOINT + CMD.
@@ -116,6 +122,7 @@ class PodState:
     phase: str  # Pending, Running, Succeeded, Failed, Unknown; "Deleted" once it is gone
     reason: str | None = None
     exit_code: int | None = None
+    pod_uid: str | None = None
 
     @property
     def deleted(self) -> bool:
@@ -148,7 +155,12 @@ def _pod_state(pod: Pod, *, deleted: bool = False) -> PodState | None:
         if waiting is not None and waiting.reason:
             reason = reason or waiting.reason
     return PodState(
-        sandbox_id=sandbox_id, pod_name=meta.name, phase=phase, reason=reason, exit_code=exit_code
+        sandbox_id=sandbox_id,
+        pod_name=meta.name,
+        phase=phase,
+        reason=reason,
+        exit_code=exit_code,
+        pod_uid=meta.uid or None,
     )
 
 
@@ -159,10 +171,12 @@ class KubernetesDriver:
         self,
         settings: KubernetesDriverSettings,
         *,
+        auth: SupervisorAuthSettings | None = None,
         client: AsyncClient | None = None,
         registry: RegistryClient | None = None,
     ) -> None:
         self._settings = settings
+        self._auth = auth
         self._client = client
         self._registry = registry
 
@@ -286,22 +300,12 @@ class KubernetesDriver:
 
     async def create(self, request: SandboxRequest) -> CreatedSandbox:
         request, from_image = await self._with_command(request)
-        pod_obj = build_sandbox_pod(self._settings, request)
+        pod_obj = build_sandbox_pod(self._settings, request, auth=self._auth)
         if from_image is not None:
             pod_obj["metadata"]["annotations"][ANNOTATION_IMAGE_MANIFEST] = from_image.manifest_digest
         with self._explained("create", "pods", request.sandbox_id):
             created = await self.client.create(cast(Pod, Pod.from_dict(pod_obj)))
         uid = created.metadata.uid if created.metadata and created.metadata.uid else ""
-        token = secrets.token_urlsafe(32)
-        secret = build_credential_secret(self._settings, request.sandbox_id, token, owner_uid=uid or None)
-        try:
-            with self._explained("create", "secrets", request.sandbox_id):
-                await self.client.create(cast(Secret, Secret.from_dict(secret)))
-        except BaseException:
-            # A pod without its credential would never connect: take it back (also when this call
-            # is cancelled), then report.
-            await asyncio.shield(self._take_back(pod_obj["metadata"]["name"]))
-            raise
         log.info(
             "sandbox pod created",
             extra={
@@ -314,17 +318,10 @@ class KubernetesDriver:
             sandbox_id=request.sandbox_id,
             pod_name=pod_obj["metadata"]["name"],
             pod_uid=uid,
-            credential_sha256=hashlib.sha256(token.encode()).hexdigest(),
             image=request.image,
             command=tuple(request.command),
             command_from_image=from_image.manifest_digest if from_image else None,
         )
-
-    async def _take_back(self, name: str) -> None:
-        try:
-            await self.client.delete(Pod, name, namespace=self.namespace, grace_period=0)
-        except (ApiError, httpx.HTTPError, ConfigError) as exc:
-            log.error("could not delete pod %s after its Secret failed: %s", name, exc)
 
     async def get(self, sandbox_id: str) -> PodState | None:
         try:
@@ -337,26 +334,17 @@ class KubernetesDriver:
         return _pod_state(pod)
 
     async def delete(self, sandbox_id: str, *, grace_s: int | None = None) -> bool:
-        """Delete a sandbox's pod and Secret; False when there was no pod."""
-        found = True
-        for resource, name, kind in (
-            (Pod, pod_name(sandbox_id), "pods"),
-            (Secret, credential_secret_name(sandbox_id), "secrets"),
-        ):
-            try:
-                with self._explained("delete", kind, sandbox_id):
-                    await self.client.delete(
-                        resource,
-                        name,
-                        namespace=self.namespace,
-                        grace_period=grace_s if resource is Pod else None,
-                    )
-            except KubernetesDriverError as exc:
-                if exc.status == 404:
-                    found = found and resource is not Pod
-                    continue
-                raise
-        return found
+        """Delete a sandbox's pod; False when there was no pod."""
+        try:
+            with self._explained("delete", "pods", sandbox_id):
+                await self.client.delete(
+                    Pod, pod_name(sandbox_id), namespace=self.namespace, grace_period=grace_s
+                )
+        except KubernetesDriverError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def states(self) -> list[PodState]:
         return (await self.snapshot()).states

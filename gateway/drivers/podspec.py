@@ -11,7 +11,12 @@ and the gateway builds every pod here, so the chart and the driver cannot drift 
   wrapping the sandbox's own command after ``--``;
 * the journal on an emptyDir, ``/tmp`` on an emptyDir, so the image's root filesystem can stay
   read-only;
-* the per-sandbox credential from a Secret, re-read by the supervisor when it changes;
+* the supervisor's credential: a projected ServiceAccount token with the gateway's audience
+  (``auth.supervisors.kubernetes_audience``) and a short expiry, bound to the pod, which the
+  kubelet renews and the supervisor re-reads when it changes (``gateway/auth/kubernetes_tokens.py``
+  checks it with a TokenReview). The pod holds no long-lived secret, and the API token stays
+  unmounted (``automountServiceAccountToken: false``); a token with our audience is refused by the
+  Kubernetes API itself, so the projected one gives the sandbox no access to it;
 * the Pod Security Standard "restricted" profile, always: non-root, no privilege escalation, every
   capability dropped, seccomp RuntimeDefault. No setting of ``drivers.kubernetes.pod`` weakens the
   security context; its free-form ``annotations`` and ``labels`` are the operator's (trusted) to
@@ -23,14 +28,18 @@ Kubernetes schemas and the PSS rules, and a real API server can admit exactly th
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gateway.config import KubernetesDriverSettings, SandboxPodSettings, SupervisorInjectionSettings
+from gateway.config import (
+    KubernetesDriverSettings,
+    SandboxPodSettings,
+    SupervisorAuthSettings,
+    SupervisorInjectionSettings,
+)
 from gateway.drivers.imageref import ImageReference, ImageReferenceError
 from openshell_wire.records import sandbox_id_problem
 
@@ -75,8 +84,11 @@ class SandboxRequest:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
+#: The per-sandbox credential Secret of sandboxes created before the projected token: no longer
+#: made; the garbage collector removes an old one with its pod (it is owned by the pod).
 CREDENTIAL_SUFFIX = "-credential"
-#: The longest id whose pod and credential Secret names both fit Kubernetes' 253 characters.
+#: The longest id whose pod name fits Kubernetes' 253 characters, with room for the old credential
+#: Secret's suffix (kept so no id accepted before is refused now, nor one refused before accepted).
 MAX_SANDBOX_ID = 253 - len(POD_PREFIX) - len(CREDENTIAL_SUFFIX)
 
 #: Environment a request may not set: the container's environment is the supervisor's too (the
@@ -205,10 +217,6 @@ def sandbox_of_pod(name: str) -> str | None:
     return sandbox_id if _id_problem(sandbox_id) is None else None
 
 
-def credential_secret_name(sandbox_id: str) -> str:
-    return pod_name(sandbox_id) + CREDENTIAL_SUFFIX
-
-
 def sandbox_label(sandbox_id: str) -> str:
     """The id itself when it fits a label value (63 characters), else a stable digest of it."""
     if len(sandbox_id) <= 63 and _LABEL_VALUE.match(sandbox_id):
@@ -276,6 +284,8 @@ def supervisor_command(
         "--gateway", settings.gateway_address,
         "--journal-dir", JOURNAL_DIR,
         "--set", f"gateway.credential_file={CREDENTIAL_DIR}/{CREDENTIAL_KEY}",
+        # The kubelet renews the projected token; the gateway's RefreshSandboxToken is for its own.
+        "--set", "gateway.credential_refresh=false",
     ]  # fmt: skip
     for key, value in sorted(settings.supervisor.settings.items()):
         argv += ["--set", f"{key}={value}"]
@@ -312,9 +322,37 @@ def install_init_container(settings: KubernetesDriverSettings) -> dict[str, Any]
     return container
 
 
-def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxRequest) -> dict[str, Any]:
-    """The Pod object (a JSON-ready dict) for one sandbox."""
+def credential_volume(pod: SandboxPodSettings, auth: SupervisorAuthSettings) -> dict[str, Any]:
+    """The projected ServiceAccount token the supervisor presents: our audience, a short expiry,
+    bound to the pod (the API server refuses it once the pod is gone), renewed by the kubelet."""
+    return {
+        "name": VOLUME_CREDENTIAL,
+        "projected": {
+            # Group-readable through fsGroup; world-readable only when there is no fsGroup.
+            "defaultMode": 0o440 if pod.fs_group is not None else 0o444,
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": auth.kubernetes_audience,
+                        "expirationSeconds": auth.kubernetes_token_expiry_s,
+                        "path": CREDENTIAL_KEY,
+                    }
+                }
+            ],
+        },
+    }
+
+
+def build_sandbox_pod(
+    settings: KubernetesDriverSettings,
+    request: SandboxRequest,
+    *,
+    auth: SupervisorAuthSettings | None = None,
+) -> dict[str, Any]:
+    """The Pod object (a JSON-ready dict) for one sandbox; ``auth`` gives its token's audience and
+    expiry (unset: the defaults of ``auth.supervisors``)."""
     pod, supervisor = settings.pod, settings.supervisor
+    auth = auth if auth is not None else SupervisorAuthSettings()
     name = pod_name(request.sandbox_id)
     if not request.command:
         raise PodSpecError(
@@ -365,14 +403,7 @@ def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxReques
             supervisor_volume(supervisor),
             {"name": VOLUME_JOURNAL, "emptyDir": {"sizeLimit": supervisor.journal_size_limit}},
             {"name": VOLUME_TMP, "emptyDir": {"sizeLimit": supervisor.tmp_size_limit}},
-            {
-                "name": VOLUME_CREDENTIAL,
-                "secret": {
-                    "secretName": credential_secret_name(request.sandbox_id),
-                    # Group-readable through fsGroup; world-readable only when there is no fsGroup.
-                    "defaultMode": 0o440 if pod.fs_group is not None else 0o444,
-                },
-            },
+            credential_volume(pod, auth),
         ],
     }
     if supervisor.injection == "init-container":
@@ -397,31 +428,4 @@ def build_sandbox_pod(settings: KubernetesDriverSettings, request: SandboxReques
             "annotations": {**pod.annotations, ANNOTATION_SANDBOX_ID: request.sandbox_id},
         },
         "spec": spec,
-    }
-
-
-def build_credential_secret(
-    settings: KubernetesDriverSettings,
-    sandbox_id: str,
-    token: str,
-    *,
-    owner_uid: str | None = None,
-) -> dict[str, Any]:
-    """The Secret holding a sandbox's bearer token; owned by its pod so it goes when the pod goes."""
-    metadata: dict[str, Any] = {
-        "name": credential_secret_name(sandbox_id),
-        "namespace": settings.namespace,
-        "labels": _labels(settings.pod, sandbox_id),
-        "annotations": {ANNOTATION_SANDBOX_ID: sandbox_id},
-    }
-    if owner_uid is not None:
-        metadata["ownerReferences"] = [
-            {"apiVersion": "v1", "kind": "Pod", "name": pod_name(sandbox_id), "uid": owner_uid}
-        ]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": metadata,
-        "data": {CREDENTIAL_KEY: base64.b64encode(token.encode()).decode()},
     }

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, false, or_, select, update
+from sqlalchemy import Insert, bindparam, delete, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.elements import ColumnElement
@@ -68,6 +68,8 @@ class SandboxRow:
     #: Who created this generation (a person's username) and its team; None without authentication.
     created_by: str | None = None
     team: str | None = None
+    #: The Kubernetes pod's uid (its projected token must name it); None before the pod exists.
+    pod_uid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         run_sequence=row.run_sequence,
         created_by=row.created_by,
         team=row.team,
+        pod_uid=row.pod_uid,
     )
 
 
@@ -184,6 +187,7 @@ class SandboxStore:
             else None,
             "created_by": created_by,
             "team": team,
+            "pod_uid": None,  # the new generation's pod is not made yet
         }
         with store_errors(f"cannot register sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
@@ -382,29 +386,48 @@ class SandboxStore:
                 await conn.execute(statement, params)
 
     async def set_spec(
-        self, sandbox_id: str, spec: Mapping[str, Any], *, generation: int | None = None
+        self,
+        sandbox_id: str,
+        spec: Mapping[str, Any],
+        *,
+        generation: int | None = None,
+        pod_uid: str | None = None,
     ) -> bool:
-        """Record the sandbox's spec; False when it is unknown (or of another ``generation``)."""
+        """Record the sandbox's spec (and the uid of the pod its create made); False when it is
+        unknown (or of another ``generation``)."""
+        values: dict[str, Any] = {"spec": json.dumps(dict(spec), sort_keys=True)}
+        if pod_uid is not None:
+            values["pod_uid"] = pod_uid
         with store_errors(f"cannot record the spec of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
                     .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
-                    .values(spec=json.dumps(dict(spec), sort_keys=True))
+                    .values(**values)
                 )
         return bool(result.rowcount)
 
     async def set_driver_state(
-        self, sandbox_id: str, state: Mapping[str, Any], *, generation: int | None = None
+        self,
+        sandbox_id: str,
+        state: Mapping[str, Any],
+        *,
+        generation: int | None = None,
+        pod_uid: str | None = None,
     ) -> bool:
         """Record what the driver saw (a pod's phase...); False when the sandbox is unknown (or
-        of another ``generation``)."""
+        of another ``generation``). ``pod_uid`` fills in the pod's uid only where the row has
+        none (a create that stopped before recording it): the create's own record always wins,
+        so a late event of an earlier pod cannot bind the row to that pod."""
+        values: dict[str, Any] = {"driver_state": json.dumps(dict(state), sort_keys=True)}
+        if pod_uid is not None:
+            values["pod_uid"] = func.coalesce(sandboxes_table.c.pod_uid, pod_uid)
         with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
                     .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
-                    .values(driver_state=json.dumps(dict(state), sort_keys=True))
+                    .values(**values)
                 )
         return bool(result.rowcount)
 

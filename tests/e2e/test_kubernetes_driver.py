@@ -73,7 +73,7 @@ async def test_create_watch_delete_with_only_the_documented_rbac(
         await driver.check_access()
         watcher = asyncio.create_task(follow())
         created = await driver.create(podspec.SandboxRequest("drv-1", ["sleep", "3600"]))
-        assert created.pod_name == "sandbox-drv-1" and len(created.credential_sha256) == 64
+        assert created.pod_name == "sandbox-drv-1" and created.pod_uid
 
         # Admitted under "restricted", image volume and all, exactly as built.
         pod = admin.get(Pod, "sandbox-drv-1", namespace=sandbox_ns)
@@ -82,9 +82,16 @@ async def test_create_watch_delete_with_only_the_documented_rbac(
         assert [v.image.reference for v in image_volumes if v.image] == [
             "registry.invalid/openshell-supervisor:0.1.0"
         ], "the API server kept the image volume (ImageVolume is on)"
-        secret = admin.get(Secret, "sandbox-drv-1-credential", namespace=sandbox_ns)
-        assert secret.metadata is not None and secret.metadata.ownerReferences is not None
-        assert secret.metadata.ownerReferences[0].uid == created.pod_uid
+        assert pod.metadata is not None and pod.metadata.uid == created.pod_uid
+        # The credential is a projected ServiceAccount token for the gateway's audience: no Secret.
+        (projected,) = [v.projected for v in pod.spec.volumes if v.projected is not None]
+        assert projected is not None and projected.sources is not None
+        (source,) = projected.sources
+        assert source.serviceAccountToken is not None
+        assert source.serviceAccountToken.audience == "openshell-gateway"
+        assert pod.spec.automountServiceAccountToken is False
+        with pytest.raises(ApiError):
+            admin.get(Secret, "sandbox-drv-1-credential", namespace=sandbox_ns)
 
         state = await driver.get("drv-1")
         assert state is not None and state.phase in ("Pending", "Running")
@@ -104,8 +111,6 @@ async def test_create_watch_delete_with_only_the_documented_rbac(
             await asyncio.sleep(0.1)
         assert any(s.sandbox_id == "drv-1" and s.deleted for s in seen), seen
         assert await driver.get("drv-1") is None
-        with pytest.raises(ApiError):
-            admin.get(Secret, "sandbox-drv-1-credential", namespace=sandbox_ns)
         assert await driver.delete("drv-1") is False  # already gone: not an error
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -147,8 +152,6 @@ CASES = [
     ("list", "pods"),
     ("watch", "pods"),
     ("delete", "pods"),
-    ("create", "secrets"),
-    ("delete", "secrets"),
 ]
 
 
@@ -175,7 +178,7 @@ async def test_each_documented_verb_is_needed(
         else:
             await kubeaccess.until_granted(driver.states)
         await kubeaccess.until_granted(full.states)
-        if (verb, resource) in (("delete", "pods"), ("delete", "secrets"), ("get", "pods")):
+        if (verb, resource) in (("delete", "pods"), ("get", "pods")):
             await _create(full, sandbox_id)  # something to get or delete
 
         operations = {
@@ -184,8 +187,6 @@ async def test_each_documented_verb_is_needed(
             ("list", "pods"): driver.check_access,
             ("watch", "pods"): lambda: _watch_once(driver),
             ("delete", "pods"): lambda: driver.delete(sandbox_id, grace_s=0),
-            ("create", "secrets"): lambda: _create(driver, sandbox_id),
-            ("delete", "secrets"): lambda: driver.delete(sandbox_id, grace_s=0),
         }
         with pytest.raises(KubernetesDriverError) as failed:
             await operations[(verb, resource)]()
@@ -193,12 +194,6 @@ async def test_each_documented_verb_is_needed(
         assert failed.value.status == 403, message
         assert f"refused to {verb} {resource} in namespace {sandbox_ns!r}" in message
         assert "docs/rbac.md" in message
-        if (verb, resource) == ("create", "secrets"):
-            # The pod was created first; without its credential it is taken back (at once: grace 0,
-            # though a node's kubelet, or kwok, still has the last word on when it is gone).
-            async with asyncio.timeout(30):  # a TimeoutError here: the pod was left behind
-                while await full.get(sandbox_id) is not None:  # noqa: ASYNC110 - polling the API
-                    await asyncio.sleep(0.2)
     finally:
         with contextlib.suppress(KubernetesDriverError):
             await full.delete(sandbox_id, grace_s=0)
@@ -206,7 +201,7 @@ async def test_each_documented_verb_is_needed(
         await full.close()
 
 
-async def test_the_longest_sandbox_id_fits_pod_and_secret(
+async def test_the_longest_sandbox_id_fits_its_pod(
     admin: Client, kubeconfig: Path, sandbox_ns: str, tmp_path: Path
 ) -> None:
     identity = kubeaccess.identity_with_rules(admin, kubeconfig, sandbox_ns, RBAC_RULES, tmp_path / "kc")
@@ -215,7 +210,7 @@ async def test_the_longest_sandbox_id_fits_pod_and_secret(
     try:
         await kubeaccess.until_granted(driver.states)
         await driver.create(podspec.SandboxRequest(longest, ["sleep", "1"]))
-        assert admin.get(Secret, podspec.credential_secret_name(longest), namespace=sandbox_ns)
+        assert admin.get(Pod, podspec.pod_name(longest), namespace=sandbox_ns)
         assert await driver.delete(longest, grace_s=0)
     finally:
         await driver.close()

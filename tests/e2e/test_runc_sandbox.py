@@ -12,7 +12,6 @@ and the main process reads ``/proc/1/status`` (the supervisor's) to show no capa
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import time
@@ -92,11 +91,9 @@ def test_the_gateways_pod_runs_in_runc_and_rides_out_a_cut(
         podspec.VOLUME_TMP: empty_dir(tmp_path / "volumes" / "tmp", fs_group),
         podspec.VOLUME_CREDENTIAL: secret_dir(
             tmp_path / "volumes" / "credential",
-            {
-                k: base64.b64decode(v)
-                for k, v in podspec.build_credential_secret(settings, SANDBOX, "t0k")["data"].items()
-            },
-            mode=pod["spec"]["volumes"][3]["secret"]["defaultMode"],
+            # What the kubelet projects there: the pod's ServiceAccount token (any text here).
+            {podspec.CREDENTIAL_KEY: b"t0k"},
+            mode=pod["spec"]["volumes"][3]["projected"]["defaultMode"],
             fs_group=fs_group,
         ),
     }

@@ -3,20 +3,20 @@
 A real gateway process runs the Kubernetes driver against a real API server (the ``kubeconfig``
 fixture: the local control plane, or any cluster) with only the documented RBAC, in a namespace
 enforcing Pod Security "restricted". A sandbox is created through the gateway's HTTP API; the
-gateway creates its pod and credential Secret. The API server holds no kubelet here, so the test
-plays one for that pod: it reads the pod and Secret back from the API server and runs the pod's
-container with runc (``tests/support/runc.py``), the supervisor image (built, pushed to a real
+gateway creates its pod. The API server holds no kubelet here, so the test plays one for that pod:
+it reads the pod back from the API server, mints what a kubelet projects into it (a token of the
+pod's ServiceAccount with the volume's audience, bound to the pod) and runs the pod's container
+with runc (``tests/support/runc.py``), the supervisor image (built, pushed to a real
 registry, pulled and unpacked) mounted read-only where the image volume goes, in a network
 namespace of its own joined to the gateway's host by a veth pair. The supervisor connects with
-the credential from the Secret, ships the agent's lines, rides out a cut of its link (nft drop),
-resumes with every line once, and its exit reaches the API; deleting the sandbox through the API
-removes pod and Secret. (kwok, where present, plays the kubelet's status part: the pod shows
-Running in the sandbox's ``driver_state``.)
+that token, ships the agent's lines, rides out a cut of its link (nft drop), resumes with every
+line once, and its exit reaches the API; deleting the sandbox through the API removes its pod.
+(kwok, where present, plays the kubelet's status part: the pod shows Running in the sandbox's
+``driver_state``.)
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -29,10 +29,10 @@ from typing import Any
 import pytest
 import yaml
 from lightkube import ApiError
-from lightkube.resources.core_v1 import Node, Pod, Secret
+from lightkube.resources.core_v1 import Node, Pod
 
 from gateway.drivers import podspec
-from gateway.drivers.kubernetes import RBAC_RULES
+from gateway.drivers.kubernetes import CLUSTER_RBAC_RULES, RBAC_RULES
 from tests.support import kubeaccess
 from tests.support.netns import NetPair, netns_unavailable
 from tests.support.procs import GatewayProcess, wait_until
@@ -85,8 +85,14 @@ def test_one_sandbox_end_to_end(
     kubeconfig: Path, rootfs: Path, pulled_image: Path, net: NetPair, tmp_path: Path
 ) -> None:
     admin = kubeaccess.admin_client(kubeconfig)
-    with kubeaccess.namespace(admin, "os-e2e") as namespace:
-        identity = kubeaccess.identity_with_rules(admin, kubeconfig, namespace, RBAC_RULES, tmp_path / "kc")
+    with (
+        kubeaccess.namespace(admin, "os-e2e") as namespace,
+        # TokenReview: the gateway checks the pod's projected token.
+        kubeaccess.cluster_grant(admin, "gateway", namespace, CLUSTER_RBAC_RULES),
+    ):
+        identity = kubeaccess.identity_with_rules(
+            admin, kubeconfig, namespace, RBAC_RULES, tmp_path / "kc", name="gateway"
+        )
         gw = GatewayProcess(tmp_path / "gw", grpc_host=net.gateway_ip, heartbeat_interval_s=INTERVAL)
         config = tmp_path / "gateway.yaml"
         config.write_text(
@@ -136,10 +142,9 @@ def test_one_sandbox_end_to_end(
             )
             assert created[1]["pod"] == f"sandbox-{SANDBOX}"
 
-            # The kubelet's part: the pod and its Secret as the API server holds them.
+            # The kubelet's part: the pod as the API server holds it, and its projected token.
             pod = admin.get(Pod, f"sandbox-{SANDBOX}", namespace=namespace).to_dict()
-            secret = admin.get(Secret, podspec.credential_secret_name(SANDBOX), namespace=namespace)
-            assert secret.data is not None
+            projected = kubeaccess.projected_token(admin, pod)
             fs_group = pod["spec"]["securityContext"]["fsGroup"]
             volumes = {
                 podspec.VOLUME_SUPERVISOR: pulled_image,
@@ -147,7 +152,7 @@ def test_one_sandbox_end_to_end(
                 podspec.VOLUME_TMP: empty_dir(tmp_path / "v" / "tmp", fs_group),
                 podspec.VOLUME_CREDENTIAL: secret_dir(
                     tmp_path / "v" / "credential",
-                    {k: base64.b64decode(v) for k, v in secret.data.items()},
+                    {podspec.CREDENTIAL_KEY: projected.encode()},
                     mode=0o440,
                     fs_group=fs_group,
                 ),
@@ -176,8 +181,7 @@ def test_one_sandbox_end_to_end(
                     timeout=60,
                     what="the pod's phase from the driver's watch",
                 )
-            # The supervisor presents the credential from the Secret (the gateway notes it at debug
-            # level; checking it is the auth milestone's).
+            # The supervisor presents its projected token (the gateway notes it at debug level).
             assert "gRPC call with a credential" in gw.log_text()
 
             net.cut()
@@ -203,10 +207,7 @@ def test_one_sandbox_end_to_end(
             assert status == 202 and deleted["deleted"] is True, deleted
 
             def gone() -> bool:
-                for kind, name in (
-                    (Pod, f"sandbox-{SANDBOX}"),
-                    (Secret, podspec.credential_secret_name(SANDBOX)),
-                ):
+                for kind, name in ((Pod, f"sandbox-{SANDBOX}"),):
                     try:
                         admin.get(kind, name, namespace=namespace)  # type: ignore[call-overload]
                     except ApiError:
@@ -214,7 +215,7 @@ def test_one_sandbox_end_to_end(
                     return False
                 return True
 
-            wait_until(gone, timeout=60, what="pod and Secret deleted")
+            wait_until(gone, timeout=60, what="pod deleted")
             wait_until(
                 lambda: (state(gw)["driver_state"] or {}).get("phase") == "Deleted",
                 timeout=60,

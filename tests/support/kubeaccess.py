@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from lightkube import ApiError, Client, KubeConfig, codecs
-from lightkube.models.authentication_v1 import TokenRequestSpec
+from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, ServiceAccount
 
@@ -72,10 +72,19 @@ def role_objects(name: str, rules: Sequence[Mapping[str, Any]]) -> list[dict[str
 
 
 def request_token(
-    admin: Client, service_account: str, namespace: str, *, audiences: Sequence[str] = (), seconds: int = 600
+    admin: Client,
+    service_account: str,
+    namespace: str,
+    *,
+    audiences: Sequence[str] = (),
+    seconds: int = 600,
+    pod: tuple[str, str] | None = None,
 ) -> str:
-    """A token through the TokenRequest API (``audiences`` empty: the API server's own)."""
-    spec = TokenRequestSpec(audiences=list(audiences), expirationSeconds=seconds)
+    """A token through the TokenRequest API (``audiences`` empty: the API server's own); ``pod``
+    (name, uid) binds it to that pod, as the kubelet's projected tokens are (the API server then
+    names the pod in its TokenReview, and stops accepting the token once the pod is gone)."""
+    bound = BoundObjectReference(apiVersion="v1", kind="Pod", name=pod[0], uid=pod[1]) if pod else None
+    spec = TokenRequestSpec(audiences=list(audiences), expirationSeconds=seconds, boundObjectRef=bound)
     answer = admin.create(
         ServiceAccount.Token(metadata=ObjectMeta(name=service_account, namespace=namespace), spec=spec),
         service_account,
@@ -122,6 +131,60 @@ def identity_with_rules(
     return token_kubeconfig(
         admin_kubeconfig, request_token(admin, name, namespace), path, namespace=namespace
     )
+
+
+def projected_token(admin: Client, pod: Mapping[str, Any]) -> str:
+    """What a kubelet writes into ``pod``'s projected ``serviceAccountToken`` volume source (the
+    first one): a token of the pod's ServiceAccount with the source's audience and expiry, bound
+    to the pod. Plays the kubelet's part where no kubelet runs the pod."""
+    meta, spec = pod["metadata"], pod["spec"]
+    source = next(
+        s["serviceAccountToken"]
+        for v in spec["volumes"]
+        for s in (v.get("projected") or {}).get("sources", [])
+        if "serviceAccountToken" in s
+    )
+    return request_token(
+        admin,
+        spec.get("serviceAccountName") or "default",
+        meta["namespace"],
+        audiences=[source["audience"]] if source.get("audience") else [],
+        seconds=int(source.get("expirationSeconds", 3600)),
+        pod=(meta["name"], meta["uid"]),
+    )
+
+
+@contextlib.contextmanager
+def cluster_grant(
+    admin: Client, service_account: str, namespace: str, rules: Sequence[Mapping[str, Any]]
+) -> Iterator[str]:
+    """A ClusterRole with ``rules`` bound to ``service_account`` of ``namespace`` (cluster-wide
+    permissions, e.g. TokenReview, cannot be granted by a Role); both deleted after."""
+    name = unique(f"os-{namespace}")[:63]
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [dict(r) for r in rules],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+    }
+    created = []
+    try:
+        for obj in (role, binding):
+            resource = codecs.from_dict(obj)
+            admin.create(resource)  # type: ignore[call-overload]
+            created.append(resource)
+        yield name
+    finally:
+        for resource in reversed(created):
+            with contextlib.suppress(ApiError):
+                admin.delete(type(resource), name)
 
 
 async def until_granted(call: Callable[[], Awaitable[Any]]) -> None:

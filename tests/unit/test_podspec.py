@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
-from gateway.config import GatewayConfig, KubernetesDriverSettings
+from gateway.auth.kubernetes_tokens import sandbox_of_pod
+from gateway.config import GatewayConfig, KubernetesDriverSettings, SupervisorAuthSettings
 from gateway.drivers import podspec
-from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_credential_secret, build_sandbox_pod
+from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
 from imagevolume import bundle, oci  # a cross-check only: the gateway never imports imagevolume
 from supervisor import install
 
@@ -32,7 +32,7 @@ def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("injection", ["image-volume", "init-container"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_pods_and_secrets_validate_against_the_kubernetes_schema(injection: str, version: str) -> None:
+def test_pods_validate_against_the_kubernetes_schema(injection: str, version: str) -> None:
     s = settings(
         supervisor={"injection": injection},
         pod={
@@ -55,9 +55,6 @@ def test_pods_and_secrets_validate_against_the_kubernetes_schema(injection: str,
     )
     pod = build_sandbox_pod(s, request(env={"A": "1"}))
     kubernetes_validate.validate(pod, version, strict=True)
-    kubernetes_validate.validate(
-        build_credential_secret(s, "sb-1", "tok", owner_uid="u-1"), version, strict=True
-    )
     # And a broken pod does fail (the validation is live): a string where an integer belongs.
     broken = {**pod, "spec": {**pod["spec"], "terminationGracePeriodSeconds": "thirty"}}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -73,6 +70,7 @@ def test_the_wiring() -> None:
         "--gateway", "gw.openshell.svc:7070",
         "--journal-dir", "/var/lib/openshell/journal",
         "--set", "gateway.credential_file=/var/run/secrets/openshell/token",
+        "--set", "gateway.credential_refresh=false",
         "--set", "journal.max_bytes=1000000",
         "--", "python3", "agent.py",
     ]  # fmt: skip
@@ -91,7 +89,24 @@ def test_the_wiring() -> None:
     }
     assert volumes["openshell-journal"] == {"name": "openshell-journal", "emptyDir": {"sizeLimit": "512Mi"}}
     assert volumes["openshell-tmp"]["emptyDir"]["sizeLimit"] == "256Mi"
-    assert volumes["openshell-credential"]["secret"]["secretName"] == "sandbox-sb-1-credential"
+    # The credential is the pod's projected ServiceAccount token, with our audience and expiry
+    # (renewed by the kubelet), never a Secret; the API server's own token is not mounted.
+    assert volumes["openshell-credential"] == {
+        "name": "openshell-credential",
+        "projected": {
+            "defaultMode": 0o440,
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": "openshell-gateway",
+                        "expirationSeconds": 3600,
+                        "path": "token",
+                    }
+                }
+            ],
+        },
+    }
+    assert not any("secret" in v for v in pod["spec"]["volumes"])
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert "initContainers" not in pod["spec"]
@@ -147,7 +162,7 @@ def test_every_container_is_locked_down_whatever_the_config() -> None:
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
     # Without fsGroup the token file must be world-readable for the non-root uid to read it.
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    assert volumes["openshell-credential"]["secret"]["defaultMode"] == 0o444
+    assert volumes["openshell-credential"]["projected"]["defaultMode"] == 0o444
 
 
 def test_uid_zero_is_refused_by_the_config() -> None:
@@ -201,19 +216,33 @@ def test_long_ids_get_a_digest_label_and_keep_the_id_in_an_annotation() -> None:
     assert pod["metadata"]["name"] == "sandbox-" + long_id
 
 
-def test_the_secret_holds_the_token_and_belongs_to_the_pod() -> None:
-    secret = build_credential_secret(settings(), "sb-1", "s3cret", owner_uid="uid-1")
-    assert base64.b64decode(secret["data"]["token"]) == b"s3cret"
-    assert secret["metadata"]["ownerReferences"] == [
-        {"apiVersion": "v1", "kind": "Pod", "name": "sandbox-sb-1", "uid": "uid-1"}
-    ]
-
-
-def test_the_longest_id_names_objects_kubernetes_accepts() -> None:
-    longest = "a" * podspec.MAX_SANDBOX_ID
-    pod = build_sandbox_pod(settings(), request(sandbox_id=longest))
-    secret = build_credential_secret(settings(), longest, "t")
-    assert len(pod["metadata"]["name"]) <= 253 and len(secret["metadata"]["name"]) == 253
+def test_the_token_has_the_configured_audience_and_expiry() -> None:
+    auth = SupervisorAuthSettings(kubernetes_audience="gw.example", kubernetes_token_expiry_s=900)
+    pod = build_sandbox_pod(settings(), request(), auth=auth)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (source,) = volumes["openshell-credential"]["projected"]["sources"]
+    assert source == {
+        "serviceAccountToken": {"audience": "gw.example", "expirationSeconds": 900, "path": "token"}
+    }
     for version in VERSIONS:
         kubernetes_validate.validate(pod, version, strict=True)
-        kubernetes_validate.validate(secret, version, strict=True)
+
+
+def test_the_longest_id_names_a_pod_kubernetes_accepts() -> None:
+    longest = "a" * podspec.MAX_SANDBOX_ID
+    pod = build_sandbox_pod(settings(), request(sandbox_id=longest))
+    assert len(pod["metadata"]["name"]) <= 253
+    for version in VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+
+
+@pytest.mark.parametrize("sandbox_id", ["sb-1", "a", "a" * podspec.MAX_SANDBOX_ID, "x.y-z"])
+def test_a_pod_name_gives_its_sandbox_back(sandbox_id: str) -> None:
+    assert sandbox_of_pod(podspec.pod_name(sandbox_id)) == sandbox_id
+
+
+@pytest.mark.parametrize(
+    "name", ["sandbox-", "sb-1", "other-sb-1", "sandbox-Not_Valid", "sandbox-" + "a" * 300, "Sandbox-sb-1"]
+)
+def test_a_pod_no_sandbox_could_have_gives_none(name: str) -> None:
+    assert sandbox_of_pod(name) is None

@@ -78,7 +78,6 @@ class FakeDriver:
             request.sandbox_id,
             f"sandbox-{request.sandbox_id}",
             "uid-1",
-            "ab" * 32,
             image=f"{request.image}@sha256:{'ef' * 32}" if from_image else request.image,
             command=tuple(request.command),
             command_from_image=from_image,
@@ -121,7 +120,7 @@ async def phase_becomes(store: SandboxStore, sandbox_id: str, phase: str) -> Non
             await asyncio.sleep(0.02)
 
 
-async def test_create_registers_the_sandbox_and_keeps_only_the_token_hash(store: SandboxStore) -> None:
+async def test_create_registers_the_sandbox_and_its_pod_uid(store: SandboxStore) -> None:
     created = await provisioner(store, FakeDriver()).create("sb-1", ["sleep", "1"], image=None, env={})
     assert created == {
         "id": "sb-1",
@@ -132,7 +131,8 @@ async def test_create_registers_the_sandbox_and_keeps_only_the_token_hash(store:
     }
     row = await store.get("sb-1")
     assert row is not None and row.driver == "kubernetes"
-    assert row.spec == {"image": "agent:1", "command": ["sleep", "1"], "credential_sha256": "ab" * 32}
+    assert row.spec == {"image": "agent:1", "command": ["sleep", "1"]}
+    assert row.pod_uid == "uid-1", "the pod's projected token is bound to the sandbox by this uid"
     assert row.driver_state is not None and row.driver_state["phase"] == "Creating"
 
 
@@ -148,7 +148,7 @@ async def test_of_two_concurrent_creates_one_wins_and_its_row_survives(store: Sa
     assert len(errors) == 1 and errors[0].status == 409, results
     assert driver.created == ["twin"], "only the winner reached the driver"
     row = await store.get("twin")
-    assert row is not None and row.spec is not None and "credential_sha256" in row.spec
+    assert row is not None and row.spec is not None and row.pod_uid == "uid-1"
 
 
 @pytest.mark.parametrize(
@@ -227,6 +227,33 @@ async def test_the_follower_records_phases_and_pods_that_vanished(store: Sandbox
     finally:
         await prov.close()
     assert prov._watcher is None
+
+
+async def test_the_pod_uid_is_the_creates_and_the_watch_only_fills_in_a_missing_one(
+    store: SandboxStore,
+) -> None:
+    """The row's pod uid is what a projected token must name (gateway/auth/supervisors.py): the
+    create records its pod's; the watch records a pod's only where the row has none (a create
+    that stopped before writing it), so a late event of an earlier pod never rebinds the row; an
+    id created again starts without one until its own pod exists."""
+    driver = FakeDriver()
+    prov = provisioner(store, driver)
+    await prov.create("bound", ["true"], image=None, env={})
+    await store.create("unbound", driver="kubernetes", driver_state={"phase": "Creating", "at": T_OLD})
+    driver.pods["unbound"] = PodState("unbound", "sandbox-unbound", "Pending", pod_uid="uid-u")
+    await prov.start()
+    try:
+        await phase_becomes(store, "unbound", "Pending")
+        assert (await store.get("unbound")).pod_uid == "uid-u"  # type: ignore[union-attr]
+        await driver.events.put(PodState("bound", "sandbox-bound", "Running", pod_uid="uid-old"))
+        await phase_becomes(store, "bound", "Running")
+        assert (await store.get("bound")).pod_uid == "uid-1", "the create's pod uid stays"  # type: ignore[union-attr]
+        await driver.events.put(PodState("bound", "sandbox-bound", "Deleted", pod_uid="uid-1"))
+        await phase_becomes(store, "bound", "Deleted")
+        assert await store.create("bound", driver="kubernetes", replaces=lambda row: True) == 2
+        assert (await store.get("bound")).pod_uid is None, "a new generation has no pod yet"  # type: ignore[union-attr]
+    finally:
+        await prov.close()
 
 
 async def test_the_api_validates_before_the_driver_is_asked(store: SandboxStore, tmp_path: Path) -> None:
@@ -469,7 +496,7 @@ async def test_a_late_create_keeps_its_id_until_it_ends_or_a_delete_finds_no_pod
     created = await slow
     row = await store.get("late")
     assert created["generation"] == 1 and row is not None and row.generation == 1
-    assert row.spec is not None and row.spec["credential_sha256"] == "ab" * 32, "its writes landed"
+    assert row.spec is not None and row.pod_uid == "uid-1", "its writes landed"
 
     # A create the gateway never finished (it stopped in between): a DELETE that finds no pod
     # frees the id.
