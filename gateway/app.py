@@ -307,6 +307,11 @@ class Gateway:
             # A database that hangs (not one that fails) would hold the last flush for as long as
             # its connect timeout, or forever on an open connection.
             await _bounded(self._flush_once(), left(), what="the last heartbeat flush")
+        kubernetes = self._authenticator.kubernetes if self._authenticator is not None else None
+        close_reviews = getattr(kubernetes, "close", None)  # the TokenReview verifier's
+        if close_reviews is not None:
+            # Token reviews still in flight are cancelled before the driver's client closes.
+            await _bounded(close_reviews(), left(), what="cancelling token reviews")
         if self._provisioner is not None:
             # The local driver's sandboxes are this process's children: they are stopped too.
             await _bounded(self._provisioner.close(), left(), what="closing the sandbox driver")
