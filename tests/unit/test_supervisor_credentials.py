@@ -199,9 +199,7 @@ def test_a_token_is_renewed_at_about_80_percent_of_its_lifetime() -> None:
 
 
 def test_a_failed_renewal_is_retried_with_backoff_before_the_token_expires() -> None:
-    delays = [
-        refresh_retry_delay(n, remaining_s=10_000, initial_s=0.5, max_s=30) for n in range(1, 12)
-    ]
+    delays = [refresh_retry_delay(n, remaining_s=10_000, initial_s=0.5, max_s=30) for n in range(1, 12)]
     assert all(0 < d <= 30 for d in delays)
     assert max(delays[-3:]) >= 15, "it backs off up to the cap"
     # Never past half the time left: the next try comes before the expiry.
