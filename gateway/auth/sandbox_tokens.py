@@ -234,11 +234,13 @@ class SandboxTokens:
                 algorithms=[ALGORITHM],
                 audience=s.audience,
                 issuer=s.issuer,
-                leeway=LEEWAY_S,
-                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
+                # exp and iat are checked below against our clock (the one tokens are minted by).
+                options={
+                    "require": ["exp", "iat", "iss", "aud", "sub", "jti"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise CredentialRefused(Refusal.EXPIRED, "the token has expired") from None
         except jwt.InvalidAudienceError:
             raise CredentialRefused(Refusal.WRONG_AUDIENCE, f"the token is not for {s.audience!r}") from None
         except jwt.InvalidIssuerError:
@@ -249,6 +251,15 @@ class SandboxTokens:
             raise CredentialRefused(Refusal.BAD_SIGNATURE, "the signature does not verify") from None
         except Exception:  # missing claims, bad types, iat in the future, undecodable parts
             raise CredentialRefused(Refusal.MALFORMED, "the token's claims are not valid") from None
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in (exp, iat)):
+            raise CredentialRefused(Refusal.MALFORMED, "the token's exp or iat is not a time")
+        assert isinstance(exp, int | float) and isinstance(iat, int | float)
+        now = self._clock()
+        if exp + LEEWAY_S <= now:
+            raise CredentialRefused(Refusal.EXPIRED, "the token has expired")
+        if iat - LEEWAY_S > now:
+            raise CredentialRefused(Refusal.MALFORMED, "the token is issued in the future")
         sandbox_id = claims.get("sandbox_id")
         generation = claims.get("gen")
         if (
@@ -263,6 +274,6 @@ class SandboxTokens:
         return SandboxPrincipal(
             sandbox_id=sandbox_id,
             kind="sandbox-token",
-            expires_at=float(claims["exp"]),
+            expires_at=float(exp) + LEEWAY_S,
             generation=generation,
         )
