@@ -4,10 +4,14 @@ generation, the refusal metric and log line, the per-token cache."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import update
 
@@ -158,3 +162,42 @@ async def test_not_required_lets_everything_through(db: Database, caplog: pytest
         )
     assert "any peer" in caplog.text
     assert await authenticator.authenticate((), sandbox_id="x", method="M", peer="p") is None
+
+
+async def test_local_sandboxes_get_a_token_file_renewed_before_it_expires(
+    db: Database, tmp_path: Path
+) -> None:
+    from gateway.config import LocalDriverSettings
+    from gateway.drivers.local import LocalProvisioner
+
+    authenticator, _ = auth(db)
+    # A real supervisor whose gateway is not there: it keeps retrying, its sandbox keeps running.
+    provisioner = LocalProvisioner(
+        LocalDriverSettings(work_dir=tmp_path / "sandboxes"),
+        SandboxStore(db),
+        gateway_address="127.0.0.1:9",
+        tokens=authenticator.tokens,
+        token_ttl_s=0.6,  # rewritten every 0.2 s
+    )
+    provisioner.start()
+    try:
+        created = await provisioner.create(
+            "loc", [sys.executable, "-c", "import time; time.sleep(60)"], image=None, env={}
+        )
+        path = tmp_path / "sandboxes" / "loc" / "gateway-token"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        first = path.read_text().strip()
+        principal = await authenticator.tokens.verify(first)
+        assert (principal.sandbox_id, principal.generation) == ("loc", created["generation"])
+        for _ in range(100):
+            if path.read_text().strip() != first:
+                break
+            await asyncio.sleep(0.05)
+        renewed = path.read_text().strip()
+        assert renewed != first and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert (await authenticator.tokens.verify(renewed)).sandbox_id == "loc"
+        argv = psutil.Process(created["pid"]).cmdline()
+        assert f"gateway.credential_file={path}" in argv and "gateway.credential_refresh=true" in argv
+        assert first not in " ".join(argv)  # the token itself is never on a command line
+    finally:
+        await provisioner.close()
