@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,7 +32,7 @@ from gateway.api import build_api
 from gateway.auth.people import PeopleAuth
 from gateway.auth.sandbox_tokens import SandboxTokens
 from gateway.auth.supervisors import SupervisorAuthenticator
-from gateway.config import GatewayConfig, GrpcTlsSettings
+from gateway.config import GatewayConfig
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
@@ -43,6 +43,8 @@ from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
 from gateway.store.signing_keys import SigningKeyStore
+from gateway.tls import HttpTls, TlsError, grpc_credentials
+from gateway.tls import load as load_tls
 from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
         self._readiness: Readiness | None = None
+        self._http_tls: HttpTls | None = None
         #: True from the gRPC server's start to the beginning of the shutdown (/readyz reads it).
         self._grpc_serving = False
         self._flusher: asyncio.Task[None] | None = None
@@ -113,7 +116,8 @@ class Gateway:
     @property
     def http_url(self) -> str:
         host, _ = split_host_port(self.config.http.listen)
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.http_port}"
+        scheme = "https" if self.config.http.tls.enabled else "http"
+        return f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.http_port}"
 
     @property
     def ops_url(self) -> str:
@@ -150,15 +154,21 @@ class Gateway:
         health_servicer = health.aio.HealthServicer()
         add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, guard=guard)
         try:
-            if cfg.grpc.tls.enabled:
-                self.grpc_port = server.add_secure_port(cfg.grpc.listen, server_credentials(cfg.grpc.tls))
+            # Both listeners' files are checked before anything listens: a bad file stops the start.
+            grpc_tls = load_tls(cfg.grpc.tls, listener="gRPC")
+            http_tls_files = load_tls(cfg.http.tls, listener="HTTP API")
+            self._http_tls = HttpTls(http_tls_files) if http_tls_files is not None else None
+            if grpc_tls is not None:
+                self.grpc_port = server.add_secure_port(cfg.grpc.listen, grpc_credentials(grpc_tls))
             else:
                 self.grpc_port = server.add_insecure_port(cfg.grpc.listen)
-        except GatewayStartError:
+        except TlsError as exc:
             await self.db.close()
-            raise
+            self.db = None
+            raise GatewayStartError(str(exc)) from None
         except RuntimeError as exc:
             await self.db.close()
+            self.db = None
             raise GatewayStartError(f"cannot listen for gRPC on {cfg.grpc.listen}: {exc}") from None
         await server.start()
         self._server = server
@@ -212,7 +222,12 @@ class Gateway:
         if not cfg.auth.oidc.issuer_url:
             log.warning("the HTTP API takes no tokens (auth.oidc.issuer_url is unset): every caller is admin")
         # Followers see the shutdown within a second; the timeout only bounds a stuck handler.
-        self._runner, self.http_port = await self._listen(app, cfg.http.listen, what="the HTTP API")
+        self._runner, self.http_port = await self._listen(
+            app,
+            cfg.http.listen,
+            what="the HTTP API",
+            ssl_context=self._http_tls.context if self._http_tls else None,
+        )
         self._readiness = Readiness(self.db, grpc_serving=lambda: self._grpc_serving)
         ops = build_ops(
             metrics=self.metrics, sandboxes=self._sandboxes, readiness=self._readiness, liveness=liveness
@@ -229,13 +244,15 @@ class Gateway:
             },
         )
 
-    async def _listen(self, app: web.Application, address: str, *, what: str) -> tuple[web.AppRunner, int]:
+    async def _listen(
+        self, app: web.Application, address: str, *, what: str, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[web.AppRunner, int]:
         """Serve ``app`` on ``address``; a port taken (or any bind failure) stops what started and
         raises GatewayStartError naming the listener."""
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         host, port = split_host_port(address)
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -342,28 +359,6 @@ async def _bounded(work: Coroutine[Any, Any, None], timeout_s: float, *, what: s
         return
     task.cancel()
     log.warning("shutdown: gave up %s after %.1fs (the shutdown deadline)", what, timeout_s)
-
-
-def _read_pem(what: str, path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise GatewayStartError(f"cannot read the gRPC TLS {what} {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN " not in data:
-        raise GatewayStartError(f"the gRPC TLS {what} {path} is not a PEM file")
-    return data
-
-
-def server_credentials(tls: GrpcTlsSettings) -> grpc.ServerCredentials:
-    """The gRPC endpoint's TLS credentials; with ``client_ca_file``, client certificates are required."""
-    assert tls.cert_file is not None and tls.key_file is not None
-    cert = _read_pem("certificate", tls.cert_file)
-    key = _read_pem("key", tls.key_file)
-    client_ca = _read_pem("client CA", tls.client_ca_file) if tls.client_ca_file is not None else None
-    log.info("gRPC over TLS%s", " with client certificates required (mTLS)" if client_ca is not None else "")
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 class _CredentialNote(aio.ServerInterceptor):

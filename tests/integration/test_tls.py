@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import Gateway, GatewayStartError
 from gateway.config import GatewayConfig
@@ -31,6 +34,7 @@ from supervisor.credentials import CredentialError, TokenFile
 from supervisor.journal import Journal
 from supervisor.session import Session
 from tests.support.certs import Pki, make_pki
+from tests.support.gateway import gateway_config
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
 
 
@@ -413,3 +417,189 @@ async def test_gateway_with_an_unreadable_tls_file_does_not_start(tmp_path: Path
     gateway = Gateway(config)
     with pytest.raises(GatewayStartError, match=rf"TLS key {missing}: No such file"):
         await gateway.start()
+
+
+# -- the gateway's listeners: HTTPS, mTLS on both, rotation from disk ------------------------
+
+
+def _tls(pair: Any, ca: Path | None = None) -> dict[str, str]:
+    settings = {"cert_file": str(pair.cert), "key_file": str(pair.key)}
+    if ca is not None:
+        settings["client_ca_file"] = str(ca)
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def _tls_listeners(
+    tmp_path: Path, grpc_tls: dict[str, str], http_tls: dict[str, str]
+) -> AsyncIterator[Gateway]:
+    config = gateway_config(tmp_path, {"grpc": {"tls": grpc_tls}, "http": {"tls": http_tls}})
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+def _client_context(ca: Path | None, client: Any = None) -> ssl.SSLContext:
+    if ca is None:  # only to read which certificate the server presents
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])  # gRPC servers want h2
+    return ctx
+
+
+async def _served_certificate(port: int) -> bytes:
+    """The DER certificate a new TLS connection to ``port`` is given."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client_context(None))
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert der is not None
+        return bytes(der)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+def _der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+async def _https_status(url: str, ctx: ssl.SSLContext) -> int:
+    async with aiohttp.ClientSession() as http, http.get(url, ssl=ctx) as resp:
+        return resp.status
+
+
+def _channel_credentials(ca: Path, client: Any = None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=client.key.read_bytes() if client is not None else None,
+        certificate_chain=client.cert.read_bytes() if client is not None else None,
+    )
+
+
+async def _grpc_health(port: int, ca: Path, client: Any = None) -> Any:
+    async with aio.secure_channel(f"127.0.0.1:{port}", _channel_credentials(ca, client)) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        return (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+
+
+async def test_https_api_and_mtls_on_both_listeners(tmp_path: Path, pki: Pki) -> None:
+    other = make_pki(tmp_path / "other-pki", ca_name="someone else's CA")
+    mtls = _tls(pki.server, pki.ca)
+    async with _tls_listeners(tmp_path, mtls, mtls) as gateway:
+        url = f"{gateway.http_url}/api/v1/sandboxes"
+        assert url.startswith("https://")
+        assert await _https_status(url, _client_context(pki.ca, pki.client)) == 200
+        for name, ctx in (
+            ("no client certificate", _client_context(pki.ca)),
+            ("a client certificate of another CA", _client_context(pki.ca, other.client)),
+        ):
+            with pytest.raises(aiohttp.ClientError):
+                await _https_status(url, ctx)
+                pytest.fail(f"HTTPS accepted {name}")
+        with pytest.raises(aiohttp.ClientError):  # plaintext HTTP is not served there
+            async with aiohttp.ClientSession() as http, http.get(url.replace("https", "http", 1)) as resp:
+                await resp.read()
+
+        assert (
+            await _grpc_health(gateway.grpc_port, pki.ca, pki.client)
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        for client in (None, other.client):
+            with pytest.raises(aio.AioRpcError) as refused:
+                await _grpc_health(gateway.grpc_port, pki.ca, client)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _secret_volume(root: Path) -> Path:
+    """A directory laid out like a Kubernetes Secret volume: tls.crt and tls.key are symlinks
+    through ``..data``, which is swapped atomically to a new timestamped directory."""
+    root.mkdir()
+    for name in ("tls.crt", "tls.key"):
+        (root / name).symlink_to(f"..data/{name}")
+    return root
+
+
+def _publish(volume: Path, generation: int, cert: Path, key: Path) -> None:
+    stamped = volume / f"..2026_{generation:02d}"
+    stamped.mkdir()
+    (stamped / "tls.crt").write_bytes(cert.read_bytes())
+    (stamped / "tls.key").write_bytes(key.read_bytes())
+    (volume / "..data_tmp").symlink_to(stamped.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+
+
+async def test_rotated_certificates_are_served_to_new_connections_and_a_broken_rotation_keeps_the_last(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.tls")
+    second = make_pki(tmp_path / "second")
+    third = make_pki(tmp_path / "third")
+    volume = _secret_volume(tmp_path / "secret")
+    _publish(volume, 1, pki.server.cert, pki.server.key)
+    files = {"cert_file": str(volume / "tls.crt"), "key_file": str(volume / "tls.key")}
+    async with _tls_listeners(tmp_path, files, files) as gateway:
+        ports = {"gRPC": gateway.grpc_port, "HTTP": gateway.http_port}
+        for port in ports.values():
+            assert await _served_certificate(port) == _der(pki.server.cert)
+        # An HTTP keep-alive connection made before the rotation.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        api = f"{gateway.http_url}/api/v1/sandboxes"
+        old_ctx = _client_context(pki.ca)
+        try:
+            async with session.get(api, ssl=old_ctx) as resp:
+                assert resp.status == 200
+
+            _publish(volume, 2, second.server.cert, second.server.key)
+            for listener, port in ports.items():
+                assert await _served_certificate(port) == _der(second.server.cert), listener
+            # The connection made before is untouched (the pool reuses it: a new handshake with
+            # the old CA alone would fail now).
+            async with session.get(api, ssl=old_ctx) as resp:
+                assert resp.status == 200
+        finally:
+            await session.close()
+        # The supervisors' side: a gRPC call verified against the new certificate's CA.
+        assert await _grpc_health(gateway.grpc_port, second.ca) == health_pb2.HealthCheckResponse.SERVING
+
+        # A rotation to a key that is not the certificate's: the last good pair stays in use.
+        _publish(volume, 3, third.server.cert, second.server.key)
+        for _ in range(3):
+            for listener, port in ports.items():
+                assert await _served_certificate(port) == _der(second.server.cert), listener
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2, errors  # once per listener, not once per handshake
+        assert all("it is not the key of the certificate" in e for e in errors), errors
+        assert {e.split(" TLS ")[0] for e in errors} == {"cannot use the gRPC", "cannot use the HTTP API"}
+
+        # Half-written files are refused the same way.
+        stamped = volume / "..2026_04"
+        stamped.mkdir()
+        (stamped / "tls.crt").write_bytes(third.server.cert.read_bytes()[:100])
+        (stamped / "tls.key").write_bytes(third.server.key.read_bytes())
+        (volume / "..data_tmp").symlink_to(stamped.name)
+        os.replace(volume / "..data_tmp", volume / "..data")
+        for listener, port in ports.items():
+            assert await _served_certificate(port) == _der(second.server.cert), listener
+
+        # The next good rotation is picked up: nothing was given up for good.
+        _publish(volume, 5, third.server.cert, third.server.key)
+        for listener, port in ports.items():
+            assert await _served_certificate(port) == _der(third.server.cert), listener
+        assert await _grpc_health(gateway.grpc_port, third.ca) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_gateway_with_a_mismatched_http_key_does_not_start(tmp_path: Path, pki: Pki) -> None:
+    config = gateway_config(
+        tmp_path, {"http": {"tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.client.key)}}}
+    )
+    with pytest.raises(GatewayStartError, match=rf"HTTP API TLS key {pki.client.key}: it is not the key"):
+        await Gateway(config).start()
