@@ -4,11 +4,17 @@
                               [--ops-listen H:P] [--database-url URL] [--set K=V]
     openshell-gateway migrate [--config FILE] [--database-url URL]
     openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
-    openshell-gateway status  [--api URL] [--lines N] [--json]
+    openshell-gateway status  [--api URL] [--lines N] [--json] [--token-file FILE]
+    openshell-gateway login   [--api URL] [--issuer URL] [--client-id ID]   OAuth device flow
+    openshell-gateway logout  [--api URL]
     openshell-gateway config check FILE | config schema
 
 Flags override the environment (OPENSHELL_GATEWAY_*), which overrides the file, which overrides
 the defaults. Every configuration problem is reported with its key path, exit status 78.
+
+The API commands (status, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
+or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
+said with what to run, exit status 77.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from openshell_wire.configfile import (
 from openshell_wire.logsetup import setup_logging
 
 EX_UNAVAILABLE = 69
+EX_NOPERM = 77  # no usable token: the message says what to run
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
     status.add_argument("--json", action="store_true", help="print the API's JSON")
+    login = sub.add_parser(
+        "login", help="log in through the OIDC issuer (OAuth device flow) and keep the tokens"
+    )
+    login.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
+    login.add_argument("--issuer", help="the OIDC issuer (default: the one the API names)")
+    login.add_argument("--client-id", help="the public client with the device grant (default: the API's)")
+    logout = sub.add_parser("logout", help="forget the login kept for an API URL")
+    logout.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     sandbox = sub.add_parser("sandbox", help="create or delete a sandbox through the HTTP API")
     ssub = sandbox.add_subparsers(dest="sandbox_cmd", required=True)
     create = ssub.add_parser("create", help="create a sandbox: [--image IMAGE] [--env N=V] ID -- COMMAND ...")
@@ -79,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id")
     for p in (create, delete):
         p.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
+    for p in (status, create, delete):
+        p.add_argument(
+            "--token-file",
+            type=Path,
+            help="a file holding the bearer token (else $OPENSHELL_TOKEN, else the login)",
+        )
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
     check = csub.add_parser("check", help="validate FILE and report every problem by key path")
@@ -128,17 +149,24 @@ async def _migrate(config: GatewayConfig) -> None:
 
 
 def _sandbox_command(args: argparse.Namespace) -> int:
+    from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
     from gateway.sandboxcli import SandboxCallError, create_sandbox, delete_sandbox, parse_env  # noqa: PLC0415
 
     api = args.api.rstrip("/")
     try:
+        credentials = credentials_for(api, token_file=args.token_file)
         if args.sandbox_cmd == "create":
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             answer = asyncio.run(
-                create_sandbox(api, args.id, command, image=args.image, env=parse_env(args.env))
+                create_sandbox(
+                    api, args.id, command, image=args.image, env=parse_env(args.env), credentials=credentials
+                )
             )
         else:
-            answer = asyncio.run(delete_sandbox(api, args.id))
+            answer = asyncio.run(delete_sandbox(api, args.id, credentials=credentials))
+    except ClientAuthError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_NOPERM
     except SandboxCallError as exc:
         print(f"openshell-gateway: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE if exc.status is None or exc.status >= 500 else 1
@@ -146,15 +174,52 @@ def _sandbox_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _login_command(args: argparse.Namespace) -> int:
+    from gateway.clientauth import ClientAuthError, TokenCache, device_login, logout  # noqa: PLC0415
+
+    cache = TokenCache()
+    try:
+        if args.cmd == "logout":
+            found = asyncio.run(logout(args.api, cache=cache))
+            print(f"logged out of {args.api}" if found else f"no login kept for {args.api}")
+            return 0
+        login = asyncio.run(
+            device_login(
+                args.api,
+                cache=cache,
+                issuer=args.issuer,
+                client_id=args.client_id,
+                out=lambda line: print(line, flush=True),
+            )
+        )
+    except ClientAuthError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_NOPERM
+    except KeyboardInterrupt:
+        print("openshell-gateway: login interrupted; nothing was kept", file=sys.stderr)
+        return 130
+    who = f" as {login.username}" if login.username else ""
+    print(f"logged in{who} at {login.issuer} for {login.api_url} (tokens kept in {cache.path})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
         return config_command(GatewayConfig, args.config_cmd, getattr(args, "file", None))
+    if args.cmd in ("login", "logout"):
+        return _login_command(args)
     if args.cmd == "status":
+        from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
         from gateway.status import StatusError, fetch_status, render  # noqa: PLC0415
 
+        api = args.api.rstrip("/")
         try:
-            sandboxes = asyncio.run(fetch_status(args.api.rstrip("/"), lines=max(0, args.lines)))
+            credentials = credentials_for(api, token_file=args.token_file)
+            sandboxes = asyncio.run(fetch_status(api, lines=max(0, args.lines), credentials=credentials))
+        except ClientAuthError as exc:
+            print(f"openshell-gateway: {exc}", file=sys.stderr)
+            return EX_NOPERM
         except StatusError as exc:
             print(f"openshell-gateway: {exc}", file=sys.stderr)
             return EX_UNAVAILABLE

@@ -5,6 +5,10 @@ The same requests an agent or a script sends (``POST /api/v1/sandboxes``, ``DELE
 own sentence with a non-zero exit status. A request is checked here first by the same rule the
 gateway applies (:func:`gateway.drivers.podspec.request_problem`), so a bad one is refused with
 that sentence before anything is sent.
+
+The call carries the caller's bearer token (:mod:`gateway.clientauth`: ``--token-file``,
+``$OPENSHELL_TOKEN`` or the login cache, refreshed as needed); an authentication problem is a
+:class:`~gateway.clientauth.ClientAuthError` that says what to run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.clientauth import ApiClient, Credentials, NoCredentials
 from gateway.drivers.podspec import SandboxRequest, request_problem
 from openshell_wire.records import sandbox_id_problem
 
@@ -37,29 +42,35 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 
 async def _call(
-    api_url: str, method: str, path: str, body: Mapping[str, Any] | None = None
+    api_url: str,
+    method: str,
+    path: str,
+    body: Mapping[str, Any] | None = None,
+    *,
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=60)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as http,
-            http.request(method, f"{api_url}/api/v1{path}", json=body) as resp,
-        ):
-            try:
-                doc: dict[str, Any] = await resp.json(content_type=None)
-            except ValueError:
-                doc = {"error": (await resp.text())[:500]}
-            if resp.status >= 400:
-                raise SandboxCallError(str(doc.get("error", doc)), resp.status)
-            return doc
+        async with ApiClient(api_url, credentials or NoCredentials(api_url), timeout_s=60) as api:
+            status, doc = await api.request(method, path, json_body=body)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SandboxCallError(
             f"cannot reach the gateway API at {api_url}: {exc or type(exc).__name__}"
         ) from None
+    if not isinstance(doc, dict):
+        raise SandboxCallError(f"the API answered HTTP {status} with a non-object", status)
+    if status >= 400:
+        raise SandboxCallError(str(doc.get("error", doc)), status)
+    return doc
 
 
 async def create_sandbox(
-    api_url: str, sandbox_id: str, command: Sequence[str], *, image: str | None, env: Mapping[str, str]
+    api_url: str,
+    sandbox_id: str,
+    command: Sequence[str],
+    *,
+    image: str | None,
+    env: Mapping[str, str],
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     problem = request_problem(SandboxRequest(sandbox_id, list(command), image=image or None, env=dict(env)))
     if problem is not None:
@@ -71,12 +82,14 @@ async def create_sandbox(
         body["image"] = image
     if env:
         body["env"] = dict(env)
-    return await _call(api_url, "POST", "/sandboxes", body)
+    return await _call(api_url, "POST", "/sandboxes", body, credentials=credentials)
 
 
-async def delete_sandbox(api_url: str, sandbox_id: str) -> dict[str, Any]:
+async def delete_sandbox(
+    api_url: str, sandbox_id: str, *, credentials: Credentials | None = None
+) -> dict[str, Any]:
     # The id becomes a path segment: "../commands" must not name another resource.
     problem = sandbox_id_problem(sandbox_id)
     if problem is not None:
         raise SandboxCallError(f"id: {problem}", 400)
-    return await _call(api_url, "DELETE", f"/sandboxes/{sandbox_id}")
+    return await _call(api_url, "DELETE", f"/sandboxes/{sandbox_id}", credentials=credentials)

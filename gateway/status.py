@@ -2,7 +2,9 @@
 the HTTP API (the same document an agent reads), rendered for a terminal. The state and the
 "since" column are the API's, derived by :mod:`gateway.sandbox_state`: a sandbox whose heartbeat
 went stale shows as disconnected since its last heartbeat, even if its disconnection was never
-written."""
+written.
+
+The calls carry the caller's bearer token (:mod:`gateway.clientauth`)."""
 
 from __future__ import annotations
 
@@ -11,26 +13,36 @@ from typing import Any
 
 import aiohttp
 
+from gateway.clientauth import ApiClient, Credentials, NoCredentials
+
 
 class StatusError(Exception):
     pass
 
 
-async def fetch_status(api_url: str, *, lines: int) -> list[dict[str, Any]]:
-    timeout = aiohttp.ClientTimeout(total=10)
+def _refused(api_url: str, what: str, status: int, doc: Any) -> StatusError:
+    message = doc.get("error") if isinstance(doc, dict) else None
+    return StatusError(f"the gateway API at {api_url} refused {what}: HTTP {status}: {message or doc}")
+
+
+async def fetch_status(
+    api_url: str, *, lines: int, credentials: Credentials | None = None
+) -> list[dict[str, Any]]:
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            async with http.get(f"{api_url}/api/v1/sandboxes") as resp:
-                resp.raise_for_status()
-                sandboxes: list[dict[str, Any]] = (await resp.json())["sandboxes"]
+        async with ApiClient(api_url, credentials or NoCredentials(api_url), timeout_s=10) as api:
+            status, doc = await api.request("GET", "/sandboxes")
+            if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("sandboxes"), list):
+                raise _refused(api_url, "the sandbox list", status, doc)
+            sandboxes: list[dict[str, Any]] = doc["sandboxes"]
             for sb in sandboxes:
                 sb["_events"] = []
                 if lines > 0:
-                    async with http.get(
-                        f"{api_url}/api/v1/sandboxes/{sb['id']}/logs", params={"tail": lines}
-                    ) as r:
-                        r.raise_for_status()
-                        sb["_events"] = (await r.json())["events"]
+                    status, doc = await api.request(
+                        "GET", f"/sandboxes/{sb['id']}/logs", params={"tail": lines}
+                    )
+                    if status != 200 or not isinstance(doc, dict):
+                        raise _refused(api_url, f"the logs of {sb['id']}", status, doc)
+                    sb["_events"] = doc.get("events", [])
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise StatusError(f"cannot reach the gateway API at {api_url}: {exc or type(exc).__name__}") from None
     return sandboxes
