@@ -116,7 +116,7 @@ class GatewayMetrics:
         )
         self.sandbox_tokens_minted = Counter(
             PREFIX + "sandbox_tokens_minted",
-            "Sandbox tokens minted (local sandboxes, renewals, exchanges of Kubernetes tokens).",
+            "Sandbox tokens minted over gRPC (RefreshSandboxToken renewals, IssueSandboxToken exchanges).",
             registry=self.registry,
         )
         self.api_auth_failures = Counter(
