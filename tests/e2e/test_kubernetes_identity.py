@@ -31,9 +31,13 @@ from lightkube.resources.core_v1 import Pod, ServiceAccount
 
 from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.kubernetes_tokens import KubernetesTokenVerifier, kubernetes_verifier
+from gateway.auth.sandbox_tokens import SandboxTokens
+from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.drivers import podspec
 from gateway.drivers.kubernetes import CLUSTER_RBAC_RULES, KubernetesDriver, rbac_rules
+from gateway.store import Database, SandboxStore
+from gateway.store.signing_keys import SigningKeyStore
 from tests.support import kubeaccess
 
 pytestmark = pytest.mark.timeout(300)
@@ -247,3 +251,76 @@ async def test_without_the_tokenreviews_rule_the_review_is_refused_clearly(
     finally:
         delete_pod(c, pod)
         await driver.close()
+
+
+async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sandbox_only(
+    cluster: Cluster, gateway_identity: Path, tmp_path: Path
+) -> None:
+    """The gateway's one rule for supervisor calls (gateway/auth/supervisors.py) with this
+    verifier and the real store: a pod's token acts for its sandbox, never for another; once its
+    pod is gone (the sandbox deleted) the token no longer gets in, within review_cache_s (0 here);
+    a pod re-created under the name binds the sandbox to its new uid, so the old pod's token is
+    refused even while it is still cached."""
+    c = cluster
+    cfg = config(c.namespace, review_cache_s=0)
+    driver = driver_for(gateway_identity, c.namespace)
+    db = await Database.open(f"sqlite:///{tmp_path}/gateway.db")
+    sandboxes = SandboxStore(db)
+    authenticator = SupervisorAuthenticator(
+        cfg, tokens=SandboxTokens(cfg.auth.supervisors, SigningKeyStore(db)), sandboxes=sandboxes
+    )
+    authenticator.use_kubernetes(kubernetes_verifier(cfg, driver.client))
+
+    async def call(tok: str, sandbox_id: str) -> SandboxPrincipal | None:
+        return await authenticator.authenticate(
+            [("authorization", f"Bearer {tok}")], sandbox_id=sandbox_id, method="test", peer="ipv4:10.0.0.1:1"
+        )
+
+    pods = {}
+    try:
+        for sandbox_id in ("id-a", "id-b"):
+            pods[sandbox_id] = make_pod(c, sandbox_id)
+            await sandboxes.create(sandbox_id, driver="kubernetes")
+            await sandboxes.set_spec(sandbox_id, {}, pod_uid=pods[sandbox_id]["metadata"]["uid"])
+        token_a = kubeaccess.projected_token(c.admin, pods["id-a"])
+        deadline = time.monotonic() + 30
+        while True:  # the gateway identity's RBAC takes effect within moments
+            try:
+                principal = await call(token_a, "id-a")
+                break
+            except CredentialRefused as exc:
+                if exc.reason is not Refusal.REVIEW_UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.3)
+        assert principal is not None and principal.sandbox_id == "id-a"
+        refusal = await refused(lambda: call(token_a, "id-b"))  # type: ignore[arg-type, return-value]
+        assert refusal.reason is Refusal.OTHER_SANDBOX and refusal.status.name == "PERMISSION_DENIED"
+
+        # The sandbox's pod re-created under its name: the row names the new pod's uid.
+        delete_pod(c, pods["id-a"])
+        pods["id-a"] = make_pod(c, "id-a")
+        await sandboxes.set_spec("id-a", {}, pod_uid=pods["id-a"]["metadata"]["uid"])
+        refusal = await refused(lambda: call(token_a, "id-a"))  # type: ignore[arg-type, return-value]
+        assert refusal.reason in (Refusal.STALE, Refusal.REVIEW_FAILED), refusal
+        assert (await call(kubeaccess.projected_token(c.admin, pods["id-a"]), "id-a")) is not None
+
+        # Sandbox b deleted (its pod gone, its row kept): its token is refused once the API server
+        # has seen the deletion, however long the token itself still lives.
+        token_b = kubeaccess.projected_token(c.admin, pods["id-b"])
+        assert (await call(token_b, "id-b")) is not None
+        delete_pod(c, pods.pop("id-b"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await call(token_b, "id-b")
+            except CredentialRefused as exc:
+                assert exc.reason is Refusal.REVIEW_FAILED, exc
+                break
+            assert time.monotonic() < deadline, "a deleted sandbox's token was still accepted after 30 s"
+            await asyncio.sleep(0.3)
+    finally:
+        for pod in pods.values():
+            delete_pod(c, pod)
+        authenticator.close()
+        await driver.close()
+        await db.close()
