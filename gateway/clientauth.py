@@ -399,7 +399,6 @@ class CachedCredentials:
         self.cache = cache
         self.login = login
         self._clock = clock
-        self._refreshed_after_401 = False
 
     async def authorization(self, http: aiohttp.ClientSession) -> str | None:
         if self.login.expires_at - self._clock() < REFRESH_MARGIN_S:
@@ -407,12 +406,6 @@ class CachedCredentials:
         return f"Bearer {self.login.access_token}"
 
     async def after_unauthorized(self, http: aiohttp.ClientSession, message: str) -> None:
-        if self._refreshed_after_401:
-            raise ClientAuthError(
-                f"the gateway at {self.login.api_url} refused the login's fresh token too ({message}): "
-                f"{login_hint(self.login.api_url)}"
-            )
-        self._refreshed_after_401 = True
         await self.refresh(http, force=True)
 
     async def refresh(self, http: aiohttp.ClientSession, *, force: bool = False) -> None:
@@ -530,12 +523,18 @@ class ApiClient:
                 except ValueError:
                     doc = {"error": (await resp.text())[:500]}
                 status = resp.status
-            if status != 401 or attempt == 2:
+            if status != 401:
                 return status, doc
-            message = doc.get("error") if isinstance(doc, dict) else None
-            await self.credentials.after_unauthorized(
-                self._http, message if isinstance(message, str) else "HTTP 401"
-            )
+            error = doc.get("error") if isinstance(doc, dict) else None
+            message = error if isinstance(error, str) else "HTTP 401"
+            if attempt == 2:
+                # Refreshed and still refused: the login itself is no good here (another issuer,
+                # a role removed, the wrong audience); only a new login can tell.
+                raise ClientAuthError(
+                    f"the gateway at {self.api_url} refused the refreshed token too ({message}): "
+                    f"{login_hint(self.api_url)}"
+                )
+            await self.credentials.after_unauthorized(self._http, message)
         raise AssertionError("unreachable")
 
 
