@@ -10,7 +10,8 @@
 2. The gateway's Kubernetes driver, configured by the ConfigMap the chart installed and running
    with a TokenRequest token of the chart's own ServiceAccount (so with only the chart's RBAC),
    creates a sandbox in the namespace the chart created (Pod Security "restricted"), watches it,
-   and deletes it.
+   and deletes it; with the same token the gateway may review a sandbox's projected token (the
+   chart's tokenreviews ClusterRole), and without the binding it may not.
 
 A sandbox that really runs, connects, is cut off by a NetworkPolicy and resumes is
 ``test_chart_on_node.py``'s: on a cluster whose node runs pods.
@@ -31,10 +32,14 @@ import helm_python
 import pytest
 import yaml
 from lightkube import ApiError, Client
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.authentication_v1 import TokenReview
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount
-from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
+from lightkube.resources.networking_v1 import NetworkPolicy
+from lightkube.resources.rbac_authorization_v1 import ClusterRole, ClusterRoleBinding, Role, RoleBinding
 
 from gateway.config import GatewayConfig
 from gateway.drivers import podspec
@@ -123,6 +128,14 @@ def test_install_puts_every_object_on_the_server_and_runs_the_migration_hook(
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "NetworkPolicy",
+    }
+    cluster_scoped = {
+        "Namespace": Namespace,
+        "ClusterRole": ClusterRole,
+        "ClusterRoleBinding": ClusterRoleBinding,
     }
     lookups = {
         "Deployment": Deployment,
@@ -131,23 +144,26 @@ def test_install_puts_every_object_on_the_server_and_runs_the_migration_hook(
         "ServiceAccount": ServiceAccount,
         "Role": Role,
         "RoleBinding": RoleBinding,
-        "Namespace": Namespace,
+        "NetworkPolicy": NetworkPolicy,
     }
     for obj in objects:  # each one is really there, where the chart said
+        if obj["kind"] in cluster_scoped:
+            assert admin.get(cluster_scoped[obj["kind"]], obj["metadata"]["name"])  # type: ignore[call-overload]
+            continue
         kind = lookups.get(obj["kind"])
         if kind is None:
             continue
         ns = obj["metadata"].get("namespace", namespace)
-        if kind is Namespace:
-            assert admin.get(Namespace, obj["metadata"]["name"])
-        else:
-            assert admin.get(kind, obj["metadata"]["name"], namespace=ns)  # type: ignore[call-overload]
+        assert admin.get(kind, obj["metadata"]["name"], namespace=ns)  # type: ignore[call-overload]
     sb_ns = admin.get(Namespace, sandboxes)
     assert sb_ns.metadata is not None and sb_ns.metadata.labels is not None
     assert sb_ns.metadata.labels.get("pod-security.kubernetes.io/enforce") == "restricted"
     # The Role sits in the sandbox namespace, bound to the gateway's ServiceAccount.
     role_binding = next(o for o in objects if o["kind"] == "RoleBinding")
     assert role_binding["metadata"]["namespace"] == sandboxes
+    # Both NetworkPolicies: the gateway's in its namespace, the sandboxes' in theirs.
+    policies = {o["metadata"]["namespace"] for o in objects if o["kind"] == "NetworkPolicy"}
+    assert policies == {namespace, sandboxes}
 
     # The migration Job ran as a pre-install hook and succeeded (Helm waits for hook Jobs; its
     # delete policy removes the Job after success, so the release's hook record is the evidence).
@@ -252,6 +268,29 @@ async def test_the_driver_runs_on_the_charts_config_and_rbac(
         assert refused.status == 403
         assert f"refused to delete pods in namespace {sandboxes!r}" in str(refused)
         assert "docs/rbac.md" in str(refused)
+
+        # TokenReviews, as the gateway checks sandbox pods' projected tokens: allowed by the chart's
+        # ClusterRole to this ServiceAccount, refused without its binding.
+        reviewer = Client(KubeConfig.from_file(identity), field_manager="openshell-tests")
+        audience = config.auth.supervisors.kubernetes_audience
+        sandbox_token = kubeaccess.request_token(admin, "default", sandboxes, audiences=[audience])
+        review = TokenReview(spec=TokenReviewSpec(token=sandbox_token, audiences=[audience]))
+        answer = reviewer.create(review)
+        assert answer.status is not None and answer.status.authenticated, answer.status
+        binding_name = next(
+            o["metadata"]["name"]
+            for o in _manifest_objects(release["helm"].status(RELEASE))
+            if o["kind"] == "ClusterRoleBinding"
+        )
+        admin.delete(ClusterRoleBinding, binding_name)
+        async with asyncio.timeout(30):
+            while True:  # until the authorizer drops the binding
+                try:
+                    reviewer.create(review)
+                except ApiError as exc:
+                    assert exc.status.code == 403, exc
+                    break
+                await asyncio.sleep(0.3)
     finally:
         await driver.close()
 
@@ -277,6 +316,12 @@ def test_uninstall_removes_what_the_chart_made(admin: Client, kubeconfig: Path) 
         def leftovers() -> list[str]:
             left = [d.metadata.name for d in admin.list(Deployment, namespace=namespace) if d.metadata]
             left += [c.metadata.name for c in admin.list(ConfigMap, namespace=namespace) if c.metadata]
+            # The cluster-scoped grant goes too (it is named after the release's namespace).
+            left += [
+                f"gone: ClusterRole {r.metadata.name}"
+                for r in admin.list(ClusterRole)
+                if r.metadata and r.metadata.name and r.metadata.name.startswith(f"{namespace}-")
+            ]
             try:
                 ns = admin.get(Namespace, sandboxes)
             except ApiError:

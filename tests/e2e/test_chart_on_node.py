@@ -1,8 +1,10 @@
-"""The chart on a cluster whose node really runs pods: install it (migration hook, gateway, helm test),
-keep sandboxes off the HTTP API with the chart's NetworkPolicy, create a sandbox through the gateway,
-see it connect, cut it off with a NetworkPolicy, see it resume with every line once, run a sandbox
-without a command (the image's ENTRYPOINT + CMD, read by the gateway pod from the registry), run the
-init-container fallback, uninstall.
+"""The chart on a cluster whose node really runs pods: install it with its secure defaults (migration
+hook, gateway, helm test), keep sandboxes off the HTTP API, other sandboxes and the cloud metadata
+address with the chart's NetworkPolicies while they reach the gateway's gRPC port, see a sandbox
+connect with its pod's projected ServiceAccount token (a real TokenReview) and that token refused for
+another sandbox's id, cut a sandbox off with a NetworkPolicy, see it resume with every line once, run a
+sandbox without a command (the image's ENTRYPOINT + CMD, read by the gateway pod from the registry),
+run the init-container fallback, uninstall.
 
 Where: any cluster through ``KUBECONFIG`` given our images and a database its pods reach
 (``OPENSHELL_TEST_GATEWAY_IMAGE``, ``OPENSHELL_TEST_SUPERVISOR_IMAGE``, ``OPENSHELL_TEST_DATABASE_URL``;
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +39,8 @@ import pytest
 from lightkube import ApiError, Client, codecs
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Pod, Secret
+from lightkube.resources.networking_v1 import NetworkPolicy
+from lightkube.types import PatchType
 
 from gateway.drivers import podspec
 from tests.support import gatewayimage, kubeaccess, kubecluster, kubenode, openshelldeploy
@@ -67,6 +73,9 @@ class Target:
     agent_line: str = ""
     agent_argv: list[str] | None = None
     values: dict[str, Any] = field(default_factory=dict)  # cluster-specific chart values
+    #: Runs a command in the node's network namespace (the local cluster only): where the test puts
+    #: a stand-in for the cloud metadata service. None: not tested.
+    node_prefix: list[str] | None = None
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
             # Any image whose ENTRYPOINT + CMD prints one line, and that line.
             agent_image=os.environ.get("OPENSHELL_TEST_AGENT_IMAGE") or None,
             agent_line=os.environ.get("OPENSHELL_TEST_AGENT_LINE", ""),
+            # The peers of an unknown cluster (its API server's proxy, its database) are not known
+            # here: the policies would keep this test out of the API.
+            values={"networkPolicy": {"enabled": False}},
         )
         return
     # Only here: the bundle and the busybox root filesystem are built for the local cluster's images.
@@ -131,6 +143,7 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
                 agent_image=pushed.agent,
                 agent_line=openshelldeploy.AGENT_LINE,
                 agent_argv=openshelldeploy.AGENT_ARGV,
+                node_prefix=cluster.network.prefix(),
             )
     except PostgresUnavailable as exc:
         pytest.skip(f"the gateway's database cannot run here: {exc}")
@@ -139,15 +152,14 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
 
 
 def _network_policy_values(cluster: kubenode.LocalCluster, pg_port: int) -> dict[str, Any]:
-    """The chart's NetworkPolicy on, with this cluster's peers: the API server and PostgreSQL listen on
-    the host's end of the node's link, on ports of their own; the API server's service proxy (how
-    this test reaches the HTTP API) comes from there too."""
+    """The chart's NetworkPolicies (on by default) with this cluster's peers: the API server and
+    PostgreSQL listen on the host's end of the node's link, on ports of their own; the API server's
+    service proxy (how this test reaches the HTTP API) comes from there too."""
     assert cluster.network is not None and cluster.plane is not None and cluster.registry is not None
     host = {"ipBlock": {"cidr": f"{cluster.network.host_ip}/32"}}
     registry_port = int(cluster.registry.host.rsplit(":", 1)[1])
     return {
         "networkPolicy": {
-            "enabled": True,
             # Only the API server's proxy: the `helm test` pod must then get in by the chart's own rule.
             "httpFrom": [host],
             "apiServerCidrs": [f"{cluster.network.host_ip}/32"],
@@ -272,8 +284,7 @@ def test_the_charts_networkpolicy_keeps_sandboxes_off_the_http_api(
 ) -> None:
     """The gateway's HTTP API is unauthenticated: the chart's NetworkPolicy admits the `helm test` pod
     to it (the test above) and sandboxes only to gRPC. A sandbox that tries the API is stopped."""
-    policy = target.values.get("networkPolicy", {})
-    if not policy.get("enabled"):
+    if not _policies_on(target):
         pytest.skip(
             "the chart's NetworkPolicy is on only where this test knows the cluster's peers (local node)"
         )
@@ -292,6 +303,244 @@ def test_the_charts_networkpolicy_keeps_sandboxes_off_the_http_api(
     (line,) = _lines(installed, "probe")
     assert line.startswith("rc=143") or ("rc=1 " in line and "Connection refused" in line), line
     installed.call("DELETE", "/sandboxes/probe")
+
+
+def _policies_on(target: Target) -> bool:
+    return bool(target.values.get("networkPolicy", {}).get("enabled", True))
+
+
+@contextlib.contextmanager
+def _listener_on_node(prefix: list[str], address: str, port: int, body: str) -> Iterator[None]:
+    """An HTTP server on ``address:port`` in the node's network namespace, ``body`` at /: a stand-in
+    for the cloud metadata service (the pods' default route leads to the node), so that a refusal is
+    told from "nothing there" by the control that reaches it."""
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / kubeaccess.unique("os-metadata")
+    root.mkdir()
+    (root / "index.html").write_text(body)
+    subprocess.run([*prefix, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    server = subprocess.Popen(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            address,
+            "--directory",
+            str(root),
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        kubeaccess.wait_for(
+            lambda: (
+                subprocess.run(
+                    [
+                        *prefix,
+                        sys.executable,
+                        "-c",
+                        f"import urllib.request as u; u.urlopen('http://{address}:{port}/', timeout=2)",
+                    ],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            timeout=30,
+            what="the metadata stand-in to listen",
+        )
+        yield
+    finally:
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        subprocess.run([*prefix, "ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+        for child in root.iterdir():
+            child.unlink()
+        root.rmdir()
+
+
+METADATA = "169.254.169.254"
+PEER_PORT = 8080
+
+
+def _probe_script(targets: dict[str, str]) -> str:
+    """One line per target: its name, wget's exit status and its message. kube-router rejects
+    (Connection refused); a dropping implementation times out (143); a port that speaks something
+    other than HTTP/1 (gRPC) connects and fails later, with another message."""
+    steps = [
+        f'out=$(timeout 8 wget -q -O - {url} 2>&1); echo "{name} rc=$? $out"' for name, url in targets.items()
+    ]
+    return "; ".join(steps)
+
+
+def _outcomes(lines: list[str]) -> dict[str, str]:
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines}
+
+
+def _blocked(outcome: str) -> bool:
+    return outcome.startswith("rc=143") or ("rc=1 " in outcome and "Connection refused" in outcome)
+
+
+def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, target: Target) -> None:
+    """The chart's sandbox NetworkPolicy (on by default): from inside a sandbox the gateway's gRPC
+    port is reachable; its HTTP API, another sandbox's listening port and the cloud metadata address
+    are not. A second probe under an extra policy that allows the last two reaches both: the first
+    probe's refusals are the policy's, not an empty address."""
+    if not _policies_on(target) or target.node_prefix is None:
+        pytest.skip("the chart's NetworkPolicies are on only where this test knows the cluster (local node)")
+    gateway = target.values["sandboxes"]["gatewayAddress"].rsplit(":", 1)[0]
+    with _listener_on_node(target.node_prefix, METADATA, 80, "metadata-stand-in"):
+        # Another sandbox, listening (busybox httpd) on its pod address.
+        serve = f"echo peer-page > /tmp/index.html && exec busybox httpd -f -p {PEER_PORT} -h /tmp"
+        installed.call(
+            "POST",
+            "/sandboxes",
+            {"id": "net-peer", "command": ["sh", "-c", serve], "image": target.sandbox_image},
+        )
+        kubeaccess.wait_for(
+            lambda: installed.state("net-peer") == "connected", timeout=300, what="the peer sandbox"
+        )
+        peer_pod = installed.admin.get(Pod, "sandbox-net-peer", namespace=installed.sandboxes)
+        assert peer_pod.status is not None and peer_pod.status.podIP
+        targets = {
+            "api": f"http://{gateway}:7080/api/v1/sandboxes",
+            "grpc": f"http://{gateway}:7070/",
+            "peer": f"http://{peer_pod.status.podIP}:{PEER_PORT}/",
+            "metadata": f"http://{METADATA}/",
+        }
+
+        def probe(sandbox: str) -> dict[str, str]:
+            command = ["sh", "-c", _probe_script(targets)]
+            installed.call(
+                "POST", "/sandboxes", {"id": sandbox, "command": command, "image": target.sandbox_image}
+            )
+            kubeaccess.wait_for(
+                lambda: installed.state(sandbox) == "exited", timeout=300, what=f"{sandbox} to finish"
+            )
+            outcomes = _outcomes(_lines(installed, sandbox))
+            installed.call("DELETE", f"/sandboxes/{sandbox}")
+            return outcomes
+
+        secure = probe("net-probe")
+        assert set(secure) == set(targets), secure
+        assert _blocked(secure["api"]), secure
+        assert _blocked(secure["peer"]), secure
+        assert _blocked(secure["metadata"]), secure
+        # gRPC: connected (HTTP/1 gets no answer it understands), neither refused nor timed out; the
+        # probe's own lines came over that port too.
+        assert not _blocked(secure["grpc"]), secure
+
+        # The control: allowed by one more policy, both listeners answer from a sandbox.
+        allow = codecs.from_dict(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "test-allow-listeners", "namespace": installed.sandboxes},
+                "spec": {
+                    "podSelector": {"matchLabels": podspec.selector_labels()},
+                    "policyTypes": ["Ingress", "Egress"],
+                    "ingress": [{"ports": [{"port": PEER_PORT, "protocol": "TCP"}]}],
+                    "egress": [
+                        {
+                            "to": [{"ipBlock": {"cidr": f"{METADATA}/32"}}],
+                            "ports": [{"port": 80, "protocol": "TCP"}],
+                        },
+                        {"ports": [{"port": PEER_PORT, "protocol": "TCP"}]},
+                    ],
+                },
+            }
+        )
+        installed.admin.create(allow)  # type: ignore[call-overload]
+        try:
+            allowed = probe("net-control")
+        finally:
+            installed.admin.delete(NetworkPolicy, "test-allow-listeners", namespace=installed.sandboxes)
+        assert allowed["metadata"].startswith("rc=0 metadata-stand-in"), allowed
+        assert allowed["peer"].startswith("rc=0 peer-page"), allowed
+        assert _blocked(allowed["api"]), allowed  # the gateway's own policy still keeps it out
+        installed.call("DELETE", "/sandboxes/net-peer")
+
+
+def test_a_sandbox_connects_with_its_pods_token_which_no_other_sandbox_id_takes(
+    installed: Installed, target: Target
+) -> None:
+    """Supervisor identity with the chart's defaults (auth.supervisors.required, register_unknown
+    off): the sandbox pod's projected ServiceAccount token (audience auth.supervisors.kubernetes_audience)
+    connects it, through a real TokenReview. The same token, presented from inside that pod by a small
+    gRPC client (the supervisor tree's Python) for another sandbox's id, is refused PERMISSION_DENIED;
+    without any token, UNAUTHENTICATED; for its own sandbox it is taken."""
+    gateway = target.values.get("sandboxes", {}).get("gatewayAddress") or (
+        f"{RELEASE}-gateway.{installed.namespace}.svc:7070"
+    )
+    installed.call(
+        "POST", "/sandboxes", {"id": "victim", "command": ["sleep", "600"], "image": target.sandbox_image}
+    )
+    kubeaccess.wait_for(
+        lambda: installed.state("victim") == "connected", timeout=300, what="the victim sandbox"
+    )
+    client = _IMPOSTOR.format(
+        token=f"{podspec.CREDENTIAL_DIR}/{podspec.CREDENTIAL_KEY}",
+        gateway=gateway,
+        other="victim",
+        own="impostor",
+    )
+    root = podspec.SUPERVISOR_DIR
+    argv = [
+        f"{root}/lib/ld.so",
+        "--library-path",
+        f"{root}/lib",
+        f"{root}/bin/python3",
+        "-I",
+        "-S",
+        "-c",
+        client,
+    ]
+    installed.call("POST", "/sandboxes", {"id": "impostor", "command": argv, "image": target.sandbox_image})
+    kubeaccess.wait_for(lambda: installed.state("impostor") == "exited", timeout=300, what="the impostor")
+    # It connected itself (its lines are here): its own pod's token passed the TokenReview.
+    outcomes = _outcomes([line for line in _lines(installed, "impostor") if line.split(" ", 1)[0] in _CALLS])
+    assert set(outcomes) == set(_CALLS), _lines(installed, "impostor")
+    assert outcomes["other"].startswith("PERMISSION_DENIED"), outcomes
+    assert outcomes["none"].startswith("UNAUTHENTICATED"), outcomes
+    assert outcomes["own"].startswith("OK"), outcomes
+    # The victim is untouched: still connected, no exit, none of the impostor's lines.
+    victim = installed.call("GET", "/sandboxes/victim")
+    assert victim["state"] == "connected" and victim.get("exit_code") is None, victim
+    assert "impostor-line" not in _lines(installed, "victim")
+    assert "impostor-line" in _lines(installed, "impostor")  # the own-id push was stored
+    for sandbox in ("victim", "impostor"):
+        installed.call("DELETE", f"/sandboxes/{sandbox}")
+
+
+_CALLS = ("other", "none", "own")
+#: Run by the sandbox tree's own Python inside the impostor's pod: three calls with one result line each.
+_IMPOSTOR = """
+import sys, time
+sys.path.insert(0, "/opt/openshell/site")
+import grpc
+from openshell_wire.v1 import openshell_pb2 as pb, openshell_pb2_grpc as rpc
+token = open("{token}").read().strip()
+stub = rpc.OpenShellStub(grpc.insecure_channel("{gateway}"))
+def call(name, fn):
+    try:
+        fn()
+        print(name, "OK", flush=True)
+    except grpc.RpcError as exc:
+        print(name, exc.code().name, exc.details(), flush=True)
+bearer = [("authorization", "Bearer " + token)]
+report = pb.ReportMainProcessExitRequest(sandbox_id="{other}", instance_id="x", exit_code=0)
+call("other", lambda: stub.ReportMainProcessExit(report, metadata=bearer, timeout=20))
+call("none", lambda: stub.ReportMainProcessExit(report, timeout=20))
+line = pb.SandboxLogLine(sandbox_id="{own}", timestamp_ms=int(time.time() * 1000), level="info",
+    message="impostor-line", source="sandbox")
+call("own", lambda: stub.PushSandboxLogs(iter([pb.PushSandboxLogsRequest(sandbox_id="{own}", logs=[line])]),
+    metadata=bearer, timeout=20))
+"""
 
 
 def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
@@ -329,6 +578,24 @@ def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
             },
         }
     )
+    # Policies add up: the chart's sandbox policy (which allows the gateway) must leave this sandbox
+    # for the cut to cut. It is put back as it was afterwards.
+    chart_policy = f"{RELEASE}-gateway-sandboxes"
+    if _policies_on(target):
+        installed.admin.patch(
+            NetworkPolicy,
+            chart_policy,
+            {
+                "spec": {
+                    "podSelector": {
+                        "matchExpressions": [
+                            {"key": podspec.LABEL_SANDBOX, "operator": "NotIn", "values": [sandbox]}
+                        ]
+                    }
+                }
+            },
+            namespace=installed.sandboxes,
+        )
     installed.admin.create(cut)  # type: ignore[call-overload]
     # The established stream outlives the policy: end it by rolling the gateway.
     old = {p.metadata.name for p in installed.gateway_pods() if p.metadata}
@@ -357,6 +624,14 @@ def test_a_sandbox_connects_rides_out_a_networkpolicy_cut_and_resumes(
         time.sleep(2)
 
     installed.admin.delete(type(cut), f"cut-{sandbox}", namespace=installed.sandboxes)
+    if _policies_on(target):
+        installed.admin.patch(
+            NetworkPolicy,
+            chart_policy,
+            [{"op": "remove", "path": "/spec/podSelector/matchExpressions"}],
+            namespace=installed.sandboxes,
+            patch_type=PatchType.JSON,
+        )
     kubeaccess.wait_for(
         lambda: installed.state(sandbox) in ("connected", "exited"),
         timeout=300,
