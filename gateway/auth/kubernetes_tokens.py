@@ -270,6 +270,21 @@ class KubernetesTokenVerifier:
         self._cache.clear()
 
 
+def _refused(code: int | None, message: str | None) -> CredentialRefused:
+    """REVIEW_UNAVAILABLE for an error answer of the API server; a refusal of the gateway itself
+    names the rule it lacks and is logged as an error (its operator must act)."""
+    if code == 403:
+        detail = (
+            f"the Kubernetes API refused the gateway a TokenReview (403 Forbidden: {message}); the "
+            "gateway's identity needs create on tokenreviews.authentication.k8s.io (docs/rbac.md)"
+        )
+        log.error("%s", detail)
+    else:
+        detail = f"the Kubernetes API could not review the token: {code} {message}"
+        log.warning("%s", detail)
+    return CredentialRefused(Refusal.REVIEW_UNAVAILABLE, detail)
+
+
 def api_review(client: AsyncClient, audience: str) -> Review:
     """A :data:`Review` through ``client``: a TokenReview for ``audience``; any failure to get an
     answer is REVIEW_UNAVAILABLE (the supervisor retries), saying what the gateway's operator must
@@ -280,22 +295,17 @@ def api_review(client: AsyncClient, audience: str) -> Review:
         try:
             answer = await client.create(body)
         except ApiError as exc:
-            code = exc.status.code
-            message = _clean(exc.status.message, token)
-            if code == 403:
-                detail = (
-                    f"the Kubernetes API refused the gateway a TokenReview (403 Forbidden: {message}); the "
-                    "gateway's identity needs create on tokenreviews.authentication.k8s.io (docs/rbac.md)"
-                )
-                log.error("%s", detail)
-            else:
-                detail = f"the Kubernetes API could not review the token: {code} {message}"
-                log.warning("%s", detail)
-            raise CredentialRefused(Refusal.REVIEW_UNAVAILABLE, detail) from None
+            raise _refused(exc.status.code, _clean(exc.status.message, token)) from None
+        except httpx.HTTPStatusError as exc:  # an error answer that is no Kubernetes Status
+            raise _refused(exc.response.status_code, exc.response.reason_phrase) from None
         except (TimeoutError, httpx.HTTPError, OSError, ConfigError) as exc:
             reason = _clean(str(exc) or type(exc).__name__, token)
             detail = f"cannot reach the Kubernetes API for a TokenReview: {reason}"
             log.warning("%s", detail)
+            raise CredentialRefused(Refusal.REVIEW_UNAVAILABLE, detail) from None
+        except Exception as exc:  # an answer the client cannot read: an outage, never UNKNOWN
+            detail = f"the Kubernetes API's TokenReview answer could not be read: {type(exc).__name__}"
+            log.error("%s", detail)
             raise CredentialRefused(Refusal.REVIEW_UNAVAILABLE, detail) from None
         if answer.status is None:
             raise CredentialRefused(

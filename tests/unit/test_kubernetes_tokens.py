@@ -377,3 +377,50 @@ async def test_an_unreachable_api_is_an_outage_not_a_bad_token() -> None:
         assert "cannot reach the Kubernetes API" in raised.value.detail and tok not in str(raised.value)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (503, {"kind": "Status", "code": 503, "message": "etcd is down"}, "could not review the token: 503"),
+        (403, {"kind": "Status", "code": 403, "message": "forbidden"}, "needs create on tokenreviews"),
+        (201, "not json at all", "could not be read"),
+        (
+            201,
+            {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "spec": {"token": "x"}},
+            "without status",
+        ),
+    ],
+)
+async def test_an_api_that_fails_or_answers_nonsense_is_an_outage(
+    status: int, body: Any, expected: str
+) -> None:
+    """A real HTTP server standing in for the API server's TokenReview endpoint."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def review(request: web.Request) -> web.Response:
+        assert (await request.json())["spec"]["audiences"] == [AUDIENCE]
+        text = body if isinstance(body, str) else json.dumps(body)
+        return web.Response(status=status, text=text, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", review)
+    async with TestServer(app) as server:
+        config = KubeConfig.from_dict(
+            {
+                "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
+                "users": [{"name": "u", "user": {"token": "gateway-token"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+        client = AsyncClient(config, timeout=5)
+        try:
+            tok = token()
+            with pytest.raises(CredentialRefused) as raised:
+                await api_review(client, AUDIENCE)(tok)
+            assert raised.value.reason is Refusal.REVIEW_UNAVAILABLE
+            assert expected in raised.value.detail and tok not in str(raised.value)
+        finally:
+            await client.close()
