@@ -187,9 +187,8 @@ class SupervisorAuthenticator:
                 f"the token is for generation {principal.generation} of sandbox {sandbox_id}, "
                 f"which is now at generation {row.generation}",
             )
-        # pod_uid joins the row with the Kubernetes driver's work (migration 0005 has the column).
-        pod_uid = getattr(row, "pod_uid", None)
-        if principal.kind == "kubernetes" and pod_uid and principal.pod_uid != pod_uid:
+        # A row without a pod uid yet (its create has not recorded it): the pod name binds alone.
+        if principal.kind == "kubernetes" and row.pod_uid and principal.pod_uid != row.pod_uid:
             raise CredentialRefused(
                 Refusal.STALE, f"the token is of another pod than sandbox {sandbox_id}'s current one"
             )
