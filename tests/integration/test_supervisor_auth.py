@@ -195,6 +195,8 @@ def test_a_sandbox_created_through_the_api_connects_with_its_minted_token(env: E
     assert jwt.decode(env.token_of("alpha"), options={"verify_signature": False})["gen"] == 1
     # Its own token lets a call through for its own sandbox.
     assert env.exit_report("alpha", bearer(env.token_of("alpha")), code=0) is None
+    # Health stays open (probes and upstream peers ask it without a credential).
+    assert env.stub.Health(pb.HealthRequest(), timeout=10).status == pb.SERVICE_STATUS_HEALTHY
 
 
 def test_bad_credentials_are_refused_with_their_reason_and_counted(env: Env) -> None:
