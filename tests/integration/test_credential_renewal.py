@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import stat
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from grpc import aio
@@ -39,7 +41,7 @@ from supervisor.config import SupervisorConfig
 from supervisor.credentials import RENEWED_TOKEN_FILE, jwt_times
 from supervisor.journal import Journal
 from supervisor.session import Session
-from tests.support.procs import GatewayProcess
+from tests.support.procs import GatewayProcess, SupervisorProcess, free_port
 
 SANDBOX = "renewal"
 
@@ -387,7 +389,7 @@ async def test_the_real_gateway_renews_the_token_and_the_session_outlives_it(tmp
     )
     try:
         gateway.start()
-        first = await _mint_near_expiry(gateway, ttl_s=60, left_s=4)
+        first = await _mint_near_expiry(gateway, ttl_s=60, left_s=2)
         first_exp = jwt_times(first)
         assert first_exp is not None
         (tmp_path / "token").write_text(first)
@@ -417,4 +419,85 @@ async def test_the_real_gateway_renews_the_token_and_the_session_outlives_it(tmp
                 )
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED, refused.value
     finally:
+        gateway.stop()
+
+
+async def test_a_supervisor_refused_by_the_real_gateway_says_so_until_its_file_is_fixed(
+    tmp_path: Path,
+) -> None:
+    """The supervisor process end to end: the refusal in /status, as a health reason and in
+    /metrics, logged once, and a fixed credential file taken up without a restart."""
+    gateway = GatewayProcess(tmp_path / "gateway", extra=["--set", "auth.supervisors.required=true"])
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text("not-a-token-of-this-gateway\n")
+    sv = SupervisorProcess(
+        tmp_path / "sv",
+        SANDBOX,
+        gateway.address,
+        [sys.executable, "-u", "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        settings=[
+            "http.enabled=true",
+            f"http.listen=127.0.0.1:{port}",
+            "health.check_interval_s=0.2",
+            f"gateway.credential_file={token}",
+            "session.reconnect_max_s=30",
+        ],
+    )
+    try:
+        gateway.start()
+        sv.start()
+        async with aiohttp.ClientSession() as http:
+
+            async def status() -> dict[str, object]:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/status") as resp:
+                        doc: dict[str, object] = await resp.json()
+                        return doc
+                return {}
+
+            def reasons(doc: dict[str, object]) -> list[str]:
+                health = doc.get("health")
+                return list(health.get("reasons", [])) if isinstance(health, dict) else []
+
+            doc: dict[str, object] = {}
+
+            async def refused() -> bool:
+                nonlocal doc
+                doc = await status()
+                return any(r.startswith("gateway refused our credential") for r in reasons(doc))
+
+            deadline = time.monotonic() + 20
+            while not await refused():
+                assert time.monotonic() < deadline, doc
+                await asyncio.sleep(0.1)
+            session = doc["session"]
+            assert isinstance(session, dict)
+            assert session["last_error"] == (
+                "gateway refused our credential: UNAUTHENTICATED: malformed: not a JWT"
+            ), session
+            health = doc["health"]
+            assert isinstance(health, dict) and health["state"] == "degraded", health
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert "openshell_supervisor_auth_refusals_total 1.0" in await resp.text()
+
+            # Fixed: the new file is tried within about a second, not after the 30 s backoff.
+            _replace(token, await _mint_near_expiry(gateway, ttl_s=60, left_s=60))
+            deadline = time.monotonic() + 10
+            while (await status()).get("session", {}).get("state") != "connected":  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, await status()
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while await refused():
+                assert time.monotonic() < deadline, doc
+                await asyncio.sleep(0.1)
+        await _until(lambda: "up" in gateway.log_lines(SANDBOX), "the main process's line at the gateway")
+        log = sv.log_text()
+        said = [
+            line for line in log.splitlines() if "error" in line and "gateway refused our credential" in line
+        ]
+        assert len(said) == 1, log  # once, however many attempts
+        assert "not-a-token-of-this-gateway" not in log
+    finally:
+        sv.stop()
         gateway.stop()
