@@ -17,7 +17,9 @@ unauthenticated ``GET /api/v1/auth`` names the issuer and the CLI's client id, t
 discovery document its device and token endpoints; the CLI prints the verification URI and the
 user code, and polls the token endpoint at the interval the issuer asks for (``slow_down`` adds 5 s,
 ``authorization_pending`` waits, ``expired_token`` and ``access_denied`` end the login with what to
-do).
+do). The device request carries a PKCE S256 challenge and the polls its verifier, as upstream's CLI
+does: an issuer that enforces PKCE on the client (the realm in docs/keycloak does) takes the login,
+and one that does not ignores them.
 
 The cache is written 0600 in a 0700 directory, replaced atomically, under a lock: two commands
 refreshing at once do not both spend the refresh token (Keycloak's rotation would revoke the
@@ -31,8 +33,10 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -587,6 +591,13 @@ async def auth_info(
     return AuthInfo(issuer.rstrip("/"), client_id or "openshell-cli")
 
 
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE verifier (RFC 7636: 43 to 128 unreserved characters) and its S256 challenge."""
+    verifier = secrets.token_urlsafe(64)[:96]
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 async def device_login(
     api_url: str,
     *,
@@ -618,9 +629,17 @@ async def device_login(
                 f"the issuer {info.issuer} publishes no device authorization endpoint: enable the OAuth 2.0 "
                 "device authorization grant (see docs/auth.md)"
             )
+        verifier, challenge = pkce_pair()
         try:
             status, device = await _post_form(
-                http, device_endpoint, {"client_id": info.client_id, "scope": scope}
+                http,
+                device_endpoint,
+                {
+                    "client_id": info.client_id,
+                    "scope": scope,
+                    "code_challenge": challenge,
+                    "code_challenge_method": "S256",
+                },
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ClientAuthError(f"cannot reach {device_endpoint}: {exc or type(exc).__name__}") from None
@@ -654,7 +673,12 @@ async def device_login(
                 status, doc = await _post_form(
                     http,
                     token_endpoint,
-                    {"grant_type": DEVICE_GRANT, "device_code": device_code, "client_id": info.client_id},
+                    {
+                        "grant_type": DEVICE_GRANT,
+                        "device_code": device_code,
+                        "client_id": info.client_id,
+                        "code_verifier": verifier,
+                    },
                 )
             except (aiohttp.ClientError, TimeoutError):
                 continue  # the issuer is away for a moment: ask again at the next interval

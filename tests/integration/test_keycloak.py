@@ -125,6 +125,7 @@ def test_the_realm_gives_tokens_the_gateway_reads(people: People) -> None:
     cli = people.kc.client("openshell-cli")
     assert cli["publicClient"] and not cli["standardFlowEnabled"] and not cli["directAccessGrantsEnabled"]
     assert cli["attributes"]["oauth2.device.authorization.grant.enabled"] == "true"
+    assert cli["attributes"]["pkce.code.challenge.method"] == "S256"  # the login sends one
 
 
 def test_roles_and_teams_through_the_api(people: People, gateway: GatewayProcess) -> None:

@@ -6,6 +6,8 @@ CLI says when it cannot authenticate. The real Keycloak runs in tests/integratio
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import sys
@@ -47,6 +49,7 @@ class Issuer:
     device_polls: int = 0
     base: str = ""
     oidc: bool = True
+    challenge: str = ""
     refuse_all: bool = False  # the API takes no token at all (e.g. the login lost its role)
 
     def issue(self) -> dict[str, Any]:
@@ -82,6 +85,8 @@ class Issuer:
         async def device(request: web.Request) -> web.Response:
             form = await request.post()
             assert form["client_id"] == "cli"
+            assert form["code_challenge_method"] == "S256"
+            self.challenge = str(form["code_challenge"])
             return web.json_response(
                 {
                     "device_code": "dev-code",
@@ -97,6 +102,10 @@ class Issuer:
             if form["grant_type"] == DEVICE_GRANT:
                 self.device_polls += 1
                 assert form["device_code"] == "dev-code"
+                # PKCE (RFC 7636): the poll proves it holds the verifier of the device request's challenge.
+                digest = hashlib.sha256(str(form["code_verifier"]).encode()).digest()
+                if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != self.challenge:
+                    return web.json_response({"error": "invalid_grant"}, status=400)
                 if self.polls:
                     return web.json_response({"error": self.polls.pop(0)}, status=400)
                 return web.json_response(self.issue())
