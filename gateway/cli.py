@@ -222,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_NOPERM
         except StatusError as exc:
             print(f"openshell-gateway: {exc}", file=sys.stderr)
-            return EX_UNAVAILABLE
+            # 403: a token without an OpenShell role (the message says so): not an outage.
+            return EX_NOPERM if exc.status == 403 else EX_UNAVAILABLE
         if args.json:
             print(json.dumps(sandboxes, indent=2))
         else:

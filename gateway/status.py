@@ -17,12 +17,18 @@ from gateway.clientauth import ApiClient, Credentials, NoCredentials
 
 
 class StatusError(Exception):
-    pass
+    """The API could not be reached (``status`` None) or refused (its HTTP status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _refused(api_url: str, what: str, status: int, doc: Any) -> StatusError:
     message = doc.get("error") if isinstance(doc, dict) else None
-    return StatusError(f"the gateway API at {api_url} refused {what}: HTTP {status}: {message or doc}")
+    return StatusError(
+        f"the gateway API at {api_url} refused {what}: HTTP {status}: {message or doc}", status
+    )
 
 
 async def fetch_status(

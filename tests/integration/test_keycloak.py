@@ -2,7 +2,7 @@
 groups and roles made through its admin API, a real gateway checking their tokens, and the CLI's
 device-flow login driven through Keycloak's own pages.
 
-Keycloak starts once for the module (tests/support/keycloak.py; ~30 s quiet, up to ~3 min on a
+Keycloak starts once per session (tests/support/keycloak.py; ~30 s quiet, up to ~3 min on a
 loaded machine) and skips with the reason where Java 21+ or the distribution cannot be had. Run
 under ``flock /tmp/openshell-keycloak.lock`` on a shared machine.
 
@@ -38,7 +38,7 @@ AGENT = [PYTHON, "-u", "-c", "import time; print('agent up', flush=True); time.s
 TEST_CLIENT = "openshell-tests"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
     try:
         with running_keycloak(tmp_path_factory.mktemp("keycloak")) as kc:

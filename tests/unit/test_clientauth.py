@@ -31,6 +31,7 @@ from gateway.clientauth import (
     TokenCache,
     credentials_for,
     device_login,
+    logout,
     read_token_file,
 )
 from tests.support.procs import REPO
@@ -121,6 +122,8 @@ class Issuer:
 
         async def sandboxes(request: web.Request) -> web.Response:
             header = request.headers.get("Authorization", "")
+            if header == "Bearer no-role":
+                return web.json_response({"error": "your token maps to no OpenShell role"}, status=403)
             if self.refuse_all or not header.startswith("Bearer ") or header[7:] not in self.valid:
                 return web.json_response({"error": "missing or bad bearer token"}, status=401)
             return web.json_response({"sandboxes": []})
@@ -355,6 +358,9 @@ async def test_the_cli_sends_the_token_and_says_what_to_do(
     code, _, err = await _cli(env, "status", "--api", issuer.base)
     assert code == 77 and f"openshell-gateway login --api {issuer.base}" in err and "Traceback" not in err
 
+    code, _, err = await _cli({**env, "OPENSHELL_TOKEN": "no-role"}, "status", "--api", issuer.base)
+    assert code == 77 and "no OpenShell role" in err and "Traceback" not in err
+
     (tmp_path / "token").write_bytes(b"\x00\x01 binary")
     code, _, err = await _cli(env, "status", "--api", issuer.base, "--token-file", str(tmp_path / "token"))
     assert code == 77 and "--token-file" in err and "Traceback" not in err
@@ -363,3 +369,14 @@ async def test_the_cli_sends_the_token_and_says_what_to_do(
     cache.path.write_text("[]")
     code, _, err = await _cli(env, "sandbox", "delete", "--api", issuer.base, "x")
     assert code == 77 and "damaged" in err and "Traceback" not in err
+
+
+async def test_logout_forgets_one_api_url_only(issuer: Issuer, cache: TokenCache) -> None:
+    login, _ = await _login(issuer, cache, FakeTime())
+    other = CachedLogin(**{**login.to_json(), "api_url": "http://other:7080"})
+    async with cache.locked():
+        cache.store(other)
+    assert await logout(issuer.base, cache=cache)
+    assert cache.load(issuer.base) is None
+    assert cache.load("http://other:7080") == other
+    assert not await logout(issuer.base, cache=cache)
