@@ -130,9 +130,16 @@ def keycloak_dist(version: str = KEYCLOAK_VERSION) -> Path:
     return dist
 
 
+def _saved_build(dist: Path) -> Path:
+    """Where a run's Quarkus build is kept for the next runs (beside the unpacked distribution)."""
+    return dist.parent / "quarkus-build"
+
+
 def _run_home(dist: Path, home: Path) -> None:
     """A home of the run's own: Keycloak writes its build (``lib/quarkus``), ``data`` and ``conf``
-    there; the jars (``lib/lib``, 160 MB, only read) are a link to the cache."""
+    there; the jars (``lib/lib``, 160 MB, only read) are a link to the cache. The build comes from
+    an earlier run when there is one: Keycloak checks the build options it was made with and builds
+    again only if they differ (about 10 s of the start)."""
     home.mkdir(parents=True)
     for name in ("bin", "conf", "providers", "themes"):
         shutil.copytree(dist / name, home / name, symlinks=True)
@@ -140,6 +147,8 @@ def _run_home(dist: Path, home: Path) -> None:
     for entry in (dist / "lib").iterdir():
         if entry.name == "lib":
             (home / "lib" / "lib").symlink_to(entry)
+        elif entry.name == "quarkus" and _saved_build(dist).is_dir():
+            shutil.copytree(_saved_build(dist), home / "lib" / "quarkus", symlinks=True)
         elif entry.is_dir():
             shutil.copytree(entry, home / "lib" / entry.name, symlinks=True)
         else:
@@ -387,6 +396,22 @@ def _ready(kc: Keycloak) -> bool:
         return False
 
 
+def _save_build(kc: Keycloak, dist: Path) -> None:
+    """Keeps the build this run made (it said "Updating the configuration") for the next runs; a
+    copy under a temporary name first, so a reader never finds half of one."""
+    if "Updating the configuration" not in kc.log_text():
+        return
+    saved = _saved_build(dist)
+    tmp = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(kc.home / "lib" / "quarkus", tmp)
+    shutil.rmtree(saved, ignore_errors=True)
+    try:
+        tmp.rename(saved)
+    except OSError:  # another run saved one meanwhile: as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def running_keycloak(workdir: Path, *, timeout: float = READY_TIMEOUT_S) -> Iterator[Keycloak]:
     """Raises KeycloakUnavailable when it cannot run here, RuntimeError when it failed to start."""
@@ -427,6 +452,7 @@ def running_keycloak(workdir: Path, *, timeout: float = READY_TIMEOUT_S) -> Iter
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Keycloak not ready after {timeout:.0f}s:\n{kc.log_text()[-4000:]}")
             time.sleep(1.0)
+        _save_build(kc, dist)
         yield kc
     finally:
         kc.stop()
