@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.clientauth import (
     DEVICE_GRANT,
@@ -29,6 +31,7 @@ from gateway.clientauth import (
     NoCredentials,
     StaticToken,
     TokenCache,
+    check_token,
     credentials_for,
     device_login,
     logout,
@@ -380,3 +383,43 @@ async def test_logout_forgets_one_api_url_only(issuer: Issuer, cache: TokenCache
     assert cache.load(issuer.base) is None
     assert cache.load("http://other:7080") == other
     assert not await logout(issuer.base, cache=cache)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_token_text_is_a_token_or_a_clear_refusal(text: str) -> None:
+    try:
+        token = check_token(text, origin="OPENSHELL_TOKEN")
+    except ClientAuthError as exc:
+        # One of the fixed sentences: the value itself is never echoed.
+        assert str(exc) in {
+            "OPENSHELL_TOKEN: looks like JSON but does not parse",
+            "OPENSHELL_TOKEN: a JSON object without a string access_token",
+            "OPENSHELL_TOKEN: empty: it should hold an access token",
+            "OPENSHELL_TOKEN: not a bearer token (one word of printable ASCII characters expected)",
+        }
+    else:
+        assert token and token.isascii() and token.isprintable() and not any(c.isspace() for c in token)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=20), inner, max_size=6),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_JSON, st.fixed_dictionaries({"logins": st.dictionaries(st.just("http://gw"), _JSON)})))
+def test_any_cache_document_loads_or_is_called_damaged(doc: object) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = TokenCache(Path(tmp) / "tokens.json")
+        cache.path.write_text(json.dumps(doc))
+        try:
+            login = cache.load("http://gw")
+        except ClientAuthError as exc:
+            assert "damaged" in str(exc) and "openshell-gateway login --api http://gw" in str(exc)
+        else:
+            assert login is None or isinstance(login.access_token, str)
