@@ -165,6 +165,7 @@ def test_every_ci_values_file_is_here() -> None:
         "no-image-volume-values.yaml",
         "external-postgresql-values.yaml",
         "private-registry-values.yaml",
+        "production-values.yaml",
     }
 
 
@@ -221,9 +222,9 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
     assert config.drivers.kind == "kubernetes"
     assert config.grpc.listen == "0.0.0.0:7070" and config.http.listen == "0.0.0.0:7080"
     assert config.ops.listen == "0.0.0.0:7090"
-    # No values file sets OIDC: the API is unauthenticated, said explicitly (the gateway refuses a
-    # network-reachable API otherwise), and supervisors must authenticate.
-    assert config.auth.allow_unauthenticated_api is True and not config.auth.oidc.issuer_url
+    # Without OIDC the API is unauthenticated, said explicitly (the gateway refuses a network-reachable
+    # API otherwise), and only then; supervisors must authenticate either way.
+    assert config.auth.allow_unauthenticated_api is (not config.auth.oidc.issuer_url)
     assert config.auth.supervisors.required is True
     assert config.sessions.register_unknown is False
     # Supervisors dial the gateway Service's gRPC port.
@@ -867,6 +868,22 @@ def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak
     assert plain.grpc.tls.cert_file is not None and plain.grpc.tls.client_ca_file is None
     with pytest.raises(helm.HelmError, match=r"tls\.existingSecret"):
         render({"tls": {"enabled": True}})
+
+
+def test_production_values_publish_grpc_only_and_let_sandboxes_out_on_443(tmp_path: Path) -> None:
+    objects = rendered("production-values.yaml")
+    config = load_config(objects, tmp_path)
+    assert config.auth.oidc.issuer_url and config.auth.oidc.ca_file is not None
+    assert config.grpc.tls.cert_file is not None and config.http.tls.cert_file is not None
+    external = one(objects, "Service", component="gateway-external")
+    assert external["spec"]["type"] == "LoadBalancer"
+    assert [p["name"] for p in external["spec"]["ports"]] == ["grpc"]
+    assert one(objects, "Certificate")["spec"]["issuerRef"]["name"] == "internal-ca"
+    policy = sandbox_policy(objects)
+    assert egress_allows_address(policy, "203.0.113.7", 443)
+    assert not egress_allows_address(policy, "203.0.113.7", 80)
+    assert not egress_allows_address(policy, "169.254.169.254", 443)
+    assert not egress_allows_address(policy, "10.20.0.5", 443)
 
 
 def test_tls_from_cert_manager_renders_a_certificate_the_gateway_mounts(tmp_path: Path) -> None:
