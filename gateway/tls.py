@@ -21,7 +21,17 @@ gRPC uses ``grpc.dynamic_ssl_server_credentials``, whose fetcher gRPC calls befo
 handshake; the HTTP API an ``ssl.SSLContext`` whose ``sni_callback`` (run for every ClientHello,
 with or without a server name) moves the connection onto the context built from the newest good
 material. With ``client_ca_file`` a client certificate signed by that bundle is required (mTLS);
-which CA bundle is trusted follows the file too.
+which CA bundle is trusted follows the file too. On the HTTP API that holds because mTLS turns
+session resumption off there (TLS 1.3 only, no session tickets, see ``HttpTls._context``): a
+resumed session is not verified again and is served from the listener's first context, so a client
+of a CA removed from the file could otherwise go on resuming. gRPC builds a new SSL context (cache
+and ticket keys) for each new configuration, so a resumption there meets the new bundle.
+
+The HTTP API's check runs in the ``sni_callback``, on the event loop: a few ``stat`` calls per
+handshake (about 0.1 ms), and reading, checking and loading the files when they changed (about
+1.5 ms). That is accepted for a local disk or a Secret volume; a TLS file on a file system that
+hangs (NFS, a FUSE secret store) would stall the loop, and gRPC with it. gRPC's check runs in a
+gRPC core thread.
 """
 
 from __future__ import annotations
@@ -261,6 +271,17 @@ class HttpTls:
     def _context(self, material: Material) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if material.client_ca is not None:
+            # A resumed handshake does not verify the client certificate again, and resumption is
+            # served from the listener's first context (OpenSSL's session context: its session
+            # cache and ticket keys), which never follows the files: a client of a CA removed
+            # from client_ca_file could go on resuming. So no resumption with mTLS: TLS 1.3 only
+            # (TLS 1.2 resumes by session ID from a cache Python cannot turn off), and no
+            # session tickets (TLS 1.3's only way to resume; OP_NO_TICKET alone would make
+            # OpenSSL issue stateful ones).
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.options |= ssl.OP_NO_TICKET
+            ctx.num_tickets = 0
         try:
             with _as_files(material) as (cert, key):
                 ctx.load_cert_chain(cert, key, password=_no_password)
