@@ -9,7 +9,9 @@ turns it into a failed attempt (backoff, then retry, the reason in ``status.last
 
 A gateway-minted sandbox token (a JWT with ``exp``) is renewed over the session
 (``Session._refresh_credential``); the renewed token is kept here and in a file of the journal
-directory (:class:`RenewedToken`), and every attempt sends the newest valid token of the two.
+directory (:class:`RenewedToken`), and every attempt sends the newest valid token of the two
+that the gateway has not refused since it last accepted a session (both refused: the newest). A
+stored token that was refused while the file's was then accepted is forgotten.
 Its payload is read without verifying it (the gateway verifies; we only need to know when it
 expires), so the supervisor needs no JWT library.
 """
@@ -170,6 +172,15 @@ class RenewedToken:
         except OSError as exc:
             log.warning("cannot store the renewed gateway credential in %s: %s", self.path, _reason(exc))
 
+    def forget(self) -> None:
+        """Drop the token, in memory and on disk (the gateway refused it and took another)."""
+        self._loaded = True
+        self.token = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove the refused gateway credential %s: %s", self.path, _reason(exc))
+
 
 @dataclass(frozen=True)
 class _Stamp:
@@ -211,6 +222,11 @@ class TokenFile:
             raise
         self._last_error = ""
         return self._token
+
+    @property
+    def stamp(self) -> _Stamp | None:
+        """The version of the file the current token was read from (None: none read)."""
+        return self._stamp
 
     def _stat(self) -> _Stamp:
         try:
@@ -267,8 +283,11 @@ class GatewayCredentials:
             if renewed_path is not None and settings.credential_refresh and self._token is not None
             else None
         )
-        #: Tokens the gateway said it cannot renew (UNIMPLEMENTED, FAILED_PRECONDITION).
+        #: Tokens the gateway said it cannot renew (UNIMPLEMENTED, FAILED_PRECONDITION, a refusal).
         self._not_renewable: set[str] = set()
+        #: Tokens the gateway refused since it last accepted a session: the choice skips them while
+        #: there is another, so a refused stored token does not hide a good file (and the reverse).
+        self._refused: set[str] = set()
         self._tls_digest = b""
         if self._token is not None and not settings.tls:
             log.warning("the gateway credential will be sent without TLS (gateway.tls is false)")
@@ -307,8 +326,24 @@ class GatewayCredentials:
             if stored is not None and _valid(stored):
                 return stored
             raise
-        chosen = newest_token([from_file, stored] if stored is not None else [from_file])
+        candidates = [from_file, stored] if stored is not None and _valid(stored) else [from_file]
+        fresh = [token for token in candidates if token not in self._refused]
+        chosen = newest_token(fresh or candidates)
         return chosen if chosen is not None else from_file
+
+    def refused(self, token: str) -> None:
+        """The gateway refused ``token``: choose another while there is one, until a session is
+        accepted (:meth:`accepted`)."""
+        self._refused.add(token)
+
+    def accepted(self, token: str | None) -> None:
+        """The gateway accepted a session opened with ``token``: a stored token it refused
+        meanwhile is forgotten (it would be chosen again, and refused, on the next reconnect)."""
+        stored = self.renewed.token if self.renewed is not None else None
+        if self.renewed is not None and stored is not None and stored in self._refused and stored != token:
+            log.info("forgetting the renewed gateway credential: the gateway refused it")
+            self.renewed.forget()
+        self._refused.clear()
 
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         """The call metadata (the bearer token), or None without a credential file."""
@@ -326,6 +361,11 @@ class GatewayCredentials:
             return self._token._stat()
         except CredentialError:
             return None
+
+    def loaded_stamp(self) -> object:
+        """The version of the credential file whose token :meth:`token` last read (None: none),
+        compared with :meth:`file_stamp`: a file rotated after that read is a new one."""
+        return self._token.stamp if self._token is not None else None
 
     def renewable(self, token: str) -> TokenTimes | None:
         """When ``token`` expires, if it is to be renewed: renewal on, a JWT with exp, and not one

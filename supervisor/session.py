@@ -39,13 +39,19 @@ counts) covers only the time in which no gateway answered at all.
 A gateway that refuses our credential (UNAUTHENTICATED or PERMISSION_DENIED, on ConnectSupervisor
 or an upstream call) is reachable too, but retrying soon is no use: the attempt is logged once per
 distinct reason ("gateway refused our credential: ..."), counted (``status.auth_refusals``), shown
-while it lasts (``status.credential_refused``, a health reason), and retried after the backoff's
-cap (``reconnect_max_s``, jittered), or as soon as the credential file changes (checked every
-second of that wait). The journal keeps everything meanwhile.
+while it lasts (``status.credential_refused``, a health reason, until a session is accepted or an
+attempt fails for another reason), and retried after the backoff's cap (``reconnect_max_s``,
+jittered), or as soon as the credential file changes (checked every second of that wait; compared
+with the version the refused token was read from). When we hold another token the gateway has not
+refused (the file's, while the refused one was the stored renewed token, or the reverse), that one
+is tried after the normal backoff instead. Only the wait after a refusal is long: a later outage
+follows the normal backoff. The journal keeps everything meanwhile.
 
 A gateway-minted sandbox token is renewed over each session with RefreshSandboxToken at about
 80 % of its lifetime (:func:`refresh_delay`), retried with backoff while it is valid; every call
-from then on sends the renewed one (``credentials.py`` keeps it, also across restarts).
+from then on sends the renewed one (``credentials.py`` keeps it, also across restarts). A refused
+renewal (UNAUTHENTICATED or PERMISSION_DENIED) is a refusal like the others (logged once, counted,
+a health reason) and ends the renewal of that token: it is used until it expires.
 
 Once the main process has exited (:meth:`Session.deliver_exit`) there is something urgent to
 deliver and a deadline: the wait in progress is cut short, and from then on the backoff is capped at
@@ -176,6 +182,7 @@ class SessionEnded(Exception):
         delay_s: float = 0.0,
         answered: bool = False,
         refused: bool = False,
+        other_credential: bool = False,
     ):
         super().__init__(reason)
         self.reason = reason
@@ -185,6 +192,9 @@ class SessionEnded(Exception):
         self.answered = answered
         #: The gateway refused our credential: retry after the long backoff, not soon.
         self.refused = refused
+        #: Refused, but we hold another token it has not refused: try that one after the normal
+        #: backoff.
+        self.other_credential = other_credential
 
 
 @dataclass
@@ -275,11 +285,16 @@ class Session:
         )
         #: The last refusal logged (each distinct reason once, not once per retry).
         self._refusal_logged = ""
-        #: The credential file's version when the gateway refused it: a new one ends the wait.
+        #: The credential file's version the refused token was read with: a new one ends the wait.
         self._refused_stamp: object = None
+        #: The credential file's version when this attempt read its token.
+        self._attempt_stamp: object = None
+        #: The wait in progress follows a refusal (the attempt that just failed was refused).
+        self._waiting_refused = False
         #: A token without iat and when we first had it: its lifetime is counted from then.
         self._token_seen: tuple[str, float] = ("", 0.0)
         #: The bearer token of the current attempt, sent with every call (None: no credential file).
+        self._token: str | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
         #: Set when there is something urgent to deliver: the wait between attempts ends at once.
         self._urgent = asyncio.Event()
@@ -344,14 +359,14 @@ class Session:
     async def _sleep(self, seconds: float) -> None:
         """Wait between attempts; an urgent delivery (the main process exited) ends the wait."""
         if seconds > 0 and not self._urgent.is_set():
-            if self.status.credential_refused:
+            if self._waiting_refused:
                 await self._wait_refused(seconds)
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), seconds)
         # Consumed: only the wait in progress is cut short, later ones follow the (short) backoff.
         self._urgent.clear()
-        self._refused_stamp = None
+        self._waiting_refused = False
         # Not the gateway's retry hint, though: its store is failing, coming back sooner is no use.
         rest = self._not_before - time.monotonic()
         if rest > 0:
@@ -373,7 +388,10 @@ class Session:
         cap = self._s.exit_reconnect_max_s if self._delivering_exit else self._s.reconnect_max_s
         base = wait_random_exponential(multiplier=self._s.reconnect_initial_s, max=cap)(state)
         exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, SessionEnded) and exc.refused:
+        # Only the wait after a refusal is the refused wait: a later failure (the gateway down
+        # while it is fixed) follows the normal backoff.
+        self._waiting_refused = isinstance(exc, SessionEnded) and exc.refused and not exc.other_credential
+        if self._waiting_refused:
             # Refused: coming back soon only hammers the gateway's auth (the credential file
             # changing ends the wait, see _wait_refused). The long wait holds while the exit is
             # being delivered too: the refusal does not go away because it is urgent.
@@ -430,7 +448,10 @@ class Session:
         # Credentials and TLS material are read for every attempt, so rotated files are picked up.
         try:
             tls = self._credentials.channel_credentials()
-            self._metadata = self._credentials.metadata()
+            self._token = self._credentials.token()
+            # The file's version this token was read with: one rotated after it is a fix to try.
+            self._attempt_stamp = self._credentials.loaded_stamp()
+            self._metadata = bearer(self._token) if self._token is not None else None
         except CredentialError as exc:
             raise self._after(SessionEnded(str(exc)), None) from None
         address = self._config.gateway.address
@@ -475,30 +496,53 @@ class Session:
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
 
-    def _refused(self, exc: aio.AioRpcError) -> SessionEnded:
-        """A call ended UNAUTHENTICATED or PERMISSION_DENIED: log it (once per reason), count it
-        and mark it, for status and health, until a session is accepted."""
+    def _redacted(self, exc: aio.AioRpcError, *tokens: str | None) -> str:
+        """The details of a refusal without our tokens: a gateway echoing what it got must not
+        put one into our log."""
         details = exc.details() or ""
+        current: str | None = None
         with contextlib.suppress(CredentialError):
-            # A gateway echoing what it got must not put the token into our log.
-            token = self._credentials.token()
+            current = self._credentials.token()
+        for token in (*tokens, current):
             if token:
                 details = details.replace(token, "<token>")
-        reason = f"gateway refused our credential: {exc.code().name}: {details}"
+        return details
+
+    def _note_refusal(self, reason: str) -> None:
+        """Count a refusal and mark it, for status and health, until a session is accepted;
+        log it once per reason."""
         self.status.auth_refusals += 1
         self.status.credential_refused = reason
-        self._refused_stamp = self._credentials.file_stamp()
         if reason != self._refusal_logged:
             self._refusal_logged = reason
             log.error("%s", reason)
+
+    def _refused(self, exc: aio.AioRpcError) -> SessionEnded:
+        """A call ended UNAUTHENTICATED or PERMISSION_DENIED: log it (once per reason), count it
+        and mark it, for status and health, until a session is accepted."""
+        sent = self._token
+        reason = f"gateway refused our credential: {exc.code().name}: {self._redacted(exc, sent)}"
+        self._note_refusal(reason)
+        # The file's version the refused token was read with, not the one now: a file rotated
+        # while the attempt was on is a fix to try.
+        self._refused_stamp = self._attempt_stamp
+        other = False
+        if sent is not None:
+            self._credentials.refused(sent)
+            with contextlib.suppress(CredentialError):
+                other = self._credentials.token() not in (None, sent)
         # Answered: the gateway is there (the offline policy is about reaching it, and stopping
         # the sandbox would not fix a credential); nothing is acknowledged, so nothing is trimmed.
-        return SessionEnded(reason, answered=True, refused=True)
+        return SessionEnded(reason, answered=True, refused=True, other_credential=other)
 
     def _after(self, ended: SessionEnded, accepted_at: float | None) -> SessionEnded:
         """Turn the end of a long healthy session into a restart without backoff, and count the
         time offline from the first attempt no gateway answered."""
         self.status.last_error = ended.reason
+        if not ended.refused:
+            # Whether the gateway still refuses our credential is not known now (it may be down):
+            # health says what this attempt found.
+            self.status.credential_refused = ""
         if ended.answered:
             self.status.offline_since = None
         elif self.status.offline_since is None:
@@ -541,6 +585,7 @@ class Session:
         events_mode = CAP_EVENTS in accepted.capabilities
         self._upstream_gateway = not events_mode
         self.status.credential_refused = self._refusal_logged = ""
+        self._credentials.accepted(self._token)
         self._note_reconnected()
         self.status.sessions += 1
         self.status.state = "connected"
@@ -642,6 +687,16 @@ class Session:
                     pb.RefreshSandboxTokenRequest(), metadata=bearer(token), timeout=timeout
                 )  # type: ignore[misc]
             except aio.AioRpcError as exc:
+                if exc.code() in REFUSAL_CODES:
+                    # The gateway will not renew this token (a sandbox re-created while this
+                    # session is open, say), and would refuse the next connect with it too: say so
+                    # now, not when it expires; retrying would only be refused again.
+                    self._credentials.not_renewable(token)
+                    self._note_refusal(
+                        f"gateway refused to renew our credential: {exc.code().name}: "
+                        f"{self._redacted(exc, token)}"
+                    )
+                    return
                 if exc.code() in NO_REFRESH_CODES:
                     self._credentials.not_renewable(token)
                     log.warning(
@@ -663,7 +718,7 @@ class Session:
             self._credentials.store_renewed(renewed)
             # Every call from now on (the upstream calls of this session, the next attempts)
             # sends the renewed token; the open stream keeps the one it was opened with.
-            self._metadata = bearer(renewed)
+            self._token, self._metadata = renewed, bearer(renewed)
             self.status.credential_renewals += 1
             log.info(
                 "gateway credential renewed",

@@ -70,8 +70,11 @@ class _MintingGateway(pb_grpc.OpenShellServicer):
         refuse: str = "",
         upstream: bool = False,
         push_code: grpc.StatusCode | None = None,
+        on_refusal: Callable[[], None] | None = None,
     ) -> None:
         self.ttl_s = ttl_s
+        #: Called before each refusal of a token (the test rotates the file while it is on).
+        self.on_refusal = on_refusal
         self.refresh_code = refresh_code
         self.refuse = refuse
         self.upstream = upstream
@@ -95,6 +98,8 @@ class _MintingGateway(pb_grpc.OpenShellServicer):
 
     async def _check(self, context: aio.ServicerContext[object, object]) -> str:
         token = _bearer(context)
+        if self.on_refusal is not None and (self.refuse or token not in self.expiry):
+            self.on_refusal()
         if self.refuse:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.refuse)
         if token not in self.expiry:
@@ -361,6 +366,107 @@ async def test_an_upstream_call_refused_for_the_credential_is_a_refusal(tmp_path
         )
         assert session.status.auth_refusals == 1
         assert journal.acked_through == 0
+
+
+async def test_an_outage_after_a_refusal_follows_the_normal_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused, then the gateway goes away (restarted while it is fixed, say): the attempts
+    against the dead gateway follow the normal backoff, not a retry every second."""
+    caplog.set_level(logging.INFO, logger="supervisor")
+    gw = _MintingGateway(ttl_s=600.0, refuse="credential not accepted")
+    token = tmp_path / "token"
+    token.write_text(gw.mint())
+    changed = "the gateway credential file changed"
+    serving = _serving(gw)
+    address = await serving.__aenter__()
+    try:
+        config = _config(tmp_path, address, reconnect_initial_s=20.0, reconnect_max_s=60.0)
+        async with _running(config) as (session, _):
+            await _until(lambda: session.status.auth_refusals == 1, "the refusal")
+            await serving.__aexit__(None, None, None)  # the gateway is gone (its port closed)
+            serving = None
+            # A new file ends the refused wait: one attempt, against the dead gateway.
+            _replace(token, gw.mint())
+            await _until(lambda: session.status.attempts == 2, "the attempt with the new file", 5)
+            await _until(lambda: session.status.state == "backoff", "the backoff")
+            assert session.status.last_error.startswith("UNAVAILABLE"), session.status.last_error
+            await asyncio.sleep(4.5)
+            # Backoff from 20 s (full jitter): one more attempt at most in 4.5 s, not one a second.
+            assert session.status.attempts <= 3, session.status
+            said = [r.getMessage() for r in caplog.records if changed in r.getMessage()]
+            assert len(said) == 1, said  # only the real change
+            # Health says what the last attempt found: an outage, not a refusal.
+            assert session.status.credential_refused == ""
+    finally:
+        if serving is not None:
+            await serving.__aexit__(None, None, None)
+
+
+async def test_a_refused_stored_token_gives_way_to_the_credential_file(tmp_path: Path) -> None:
+    """A renewed token in the journal directory that the gateway no longer accepts (an earlier
+    sandbox of the same directory), expiring later than the good file's: the file is tried next,
+    not after the stored one expires, and the stored one is forgotten."""
+    gw = _MintingGateway(ttl_s=600.0)
+    stale = _MintingGateway(ttl_s=3000.0).mint()
+    stored = tmp_path / "journal" / RENEWED_TOKEN_FILE
+    stored.parent.mkdir(parents=True)
+    stored.write_text(stale)
+    good = gw.mint()
+    (tmp_path / "token").write_text(good)
+    async with _serving(gw) as address:
+        config = _config(tmp_path, address, reconnect_max_s=30.0)
+        async with _running(config) as (session, journal):
+            await _delivered(session, journal, "with the file's token", 5)
+            assert [t for _, t in gw.connects] == [stale, good]
+            assert session.status.auth_refusals == 1 and session.status.credential_refused == ""
+            assert not stored.exists(), "the refused stored token is forgotten"
+            # The next reconnect starts from the file's token: no second refusal.
+            gw.end_stream.set()
+            await _until(lambda: len(gw.connects) == 3 and session.status.state == "connected", "a reconnect")
+            assert gw.connects[-1][1] == good and session.status.auth_refusals == 1
+
+
+async def test_a_file_rotated_while_the_refused_attempt_was_on_is_tried_at_once(tmp_path: Path) -> None:
+    """The operator replaces the file after the supervisor read it but before the gateway's
+    refusal arrived: the new file is not taken for the refused one."""
+    token = tmp_path / "token"
+    token.write_text("revoked-token-value\n")
+    gw = _MintingGateway(ttl_s=600.0)
+
+    def rotate() -> None:  # once, while the first attempt is being refused
+        if token.read_text().strip() == "revoked-token-value":
+            _replace(token, gw.mint())
+
+    gw.on_refusal = rotate
+    async with (
+        _serving(gw) as address,
+        _running(_config(tmp_path, address, reconnect_max_s=30.0)) as (session, journal),
+    ):
+        await _delivered(session, journal, "with the rotated file", 5)
+        assert session.status.auth_refusals == 1 and len(gw.connects) == 2
+
+
+async def test_a_refused_renewal_is_a_refusal_and_ends_the_renewal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = _MintingGateway(ttl_s=30.0, refresh_code=grpc.StatusCode.PERMISSION_DENIED)
+    (tmp_path / "token").write_text(gw.mint(issued_ago_s=27))  # due for renewal at once
+    async with _serving(gw) as address, _running(_config(tmp_path, address)) as (session, journal):
+        await _until(lambda: gw.refreshes, "a renewal attempt")
+        await _until(lambda: session.status.auth_refusals == 1, "the refusal counted")
+        reason = (
+            "gateway refused to renew our credential: PERMISSION_DENIED: "
+            "this gateway does not renew sandbox tokens"
+        )
+        assert session.status.credential_refused == reason  # a health reason while it lasts
+        await _delivered(session, journal, "still delivered")  # the session goes on
+        # Not retried (before: every reconnect_initial_s, 0.05 s here, until it expired).
+        await asyncio.sleep(1.0)
+        assert len(gw.refreshes) == 1, gw.refreshes
+        assert session.status.state == "connected"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said == [reason], said  # once
 
 
 # -- the real gateway ------------------------------------------------------------------------------

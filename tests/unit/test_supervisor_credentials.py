@@ -152,6 +152,43 @@ def test_an_expired_renewed_token_does_not_stand_in_for_a_missing_file(tmp_path:
         _credentials(config).token()
 
 
+def test_a_refused_token_gives_way_to_another_until_a_session_is_accepted(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    from_file = jwt({"exp": time.time() + 600})
+    stale = jwt({"exp": time.time() + 3000})  # stored, later exp, but no longer accepted
+    (tmp_path / "token").write_text(from_file)
+    stored = config.journal.directory / RENEWED_TOKEN_FILE
+    RenewedToken(stored).store(stale)
+    creds = _credentials(config)
+    assert creds.token() == stale  # the newest, until the gateway refuses it
+    creds.refused(stale)
+    assert creds.token() == from_file
+    # Both refused: the newest again (the gateway may have refused everything for a while).
+    creds.refused(from_file)
+    assert creds.token() == stale
+    # A rotated file is a token not refused yet: chosen at once.
+    fixed = jwt({"exp": time.time() + 601})
+    (tmp_path / "token").write_text(fixed)
+    assert creds.token() == fixed
+    # Accepted with it: the refused stored token is forgotten, in memory and on disk.
+    creds.accepted(fixed)
+    assert not stored.exists()
+    assert creds.token() == fixed
+    assert _credentials(config).token() == fixed
+
+
+def test_an_accepted_session_keeps_a_stored_token_that_was_not_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "token").write_text(jwt({"exp": time.time() + 60}))
+    renewed = jwt({"exp": time.time() + 120})
+    creds = _credentials(config)
+    creds.store_renewed(renewed)
+    creds.refused(creds.token() or "")
+    creds.accepted(renewed)
+    assert creds.token() == renewed
+    assert (config.journal.directory / RENEWED_TOKEN_FILE).read_text().strip() == renewed
+
+
 @pytest.mark.parametrize("content", ["garbage", "", "two words", jwt({"sub": "no exp"})])
 def test_a_bad_renewed_token_file_is_ignored(tmp_path: Path, content: str) -> None:
     config = _config(tmp_path)
