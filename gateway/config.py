@@ -345,6 +345,16 @@ class DriverSettings(_Section):
         return self
 
 
+#: Audiences the Kubernetes API server accepts by default or commonly (kubeadm, kind, k3s, kwok):
+#: never the sandbox pods' token audience.
+KUBERNETES_API_AUDIENCES = (
+    "https://kubernetes.default.svc",
+    "https://kubernetes.default.svc.cluster.local",
+    "kubernetes",
+    "api",
+)
+
+
 class SupervisorAuthSettings(_Section):
     required: bool = Field(
         True,
@@ -370,7 +380,16 @@ class SupervisorAuthSettings(_Section):
     )
     kubernetes_audience: str = Field(
         "openshell-gateway",
-        description="Audience of the sandbox pods' projected ServiceAccount tokens (TokenReview checks it).",
+        min_length=1,
+        description="Audience of the sandbox pods' projected ServiceAccount tokens (TokenReview checks it). "
+        "Must not be one of the API server's own audiences (its --api-audiences): a pod token with one of "
+        "those is a Kubernetes API credential. The well-known ones and kubernetes_api_audiences are refused.",
+    )
+    kubernetes_api_audiences: list[str] = Field(
+        default_factory=list,
+        description="More audiences of this cluster's API server (its --api-audiences, when it uses others "
+        "than https://kubernetes.default.svc[.cluster.local], kubernetes and api, which are always refused) "
+        "that kubernetes_audience must not be.",
     )
     kubernetes_token_expiry_s: int = Field(
         3600,
@@ -384,6 +403,22 @@ class SupervisorAuthSettings(_Section):
         ge=0,
         description="A TokenReview answer is reused this long at most, and never past the token's expiry.",
     )
+
+    @model_validator(mode="after")
+    def _audience_is_not_the_api_servers(self) -> SupervisorAuthSettings:
+        # An empty audience in a projected token means the API server's own: the pod would carry a
+        # credential for the Kubernetes API (automountServiceAccountToken: false notwithstanding).
+        refused = {*KUBERNETES_API_AUDIENCES, *self.kubernetes_api_audiences}
+        if (
+            self.kubernetes_audience.strip() != self.kubernetes_audience
+            or self.kubernetes_audience in refused
+        ):
+            raise ValueError(
+                f"auth.supervisors.kubernetes_audience {self.kubernetes_audience!r} is an audience of the "
+                "Kubernetes API server (or has blanks around it): the sandbox pods' tokens would be "
+                "Kubernetes API credentials; choose one of the gateway's own, e.g. openshell-gateway"
+            )
+        return self
 
 
 class RoleBindings(_Section):

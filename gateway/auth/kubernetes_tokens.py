@@ -16,6 +16,19 @@ and concurrent calls with one token share one review. The exp and aud read from 
 the review are unverified hints used only to refuse early or to bound the cache; what is accepted
 is what the API server's review says.
 
+Any peer that reaches the gRPC port (a sandbox's agent included) can present tokens nobody has
+seen, so what reviews cost is bounded: at most ``MAX_REVIEWS_IN_FLIGHT`` at once (a review waits
+``REVIEW_WAIT_S`` at most for a slot), and new tokens are reviewed at ``REVIEWS_PER_S`` (bursts of
+``REVIEW_BURST``) at most; beyond either the caller gets REVIEW_UNAVAILABLE (UNAVAILABLE: the
+supervisor retries) and nothing is sent to the API server. The limit is global, not per peer (the
+verifier does not see the peer): a flood delays other sandboxes' first reviews, but cannot overload
+the API server through the gateway, and refusals are kept in a cache of their own, so they never
+push accepted reviews out (a sandbox whose review is cached is not affected).
+
+The token must be the configured ServiceAccount's (``drivers.kubernetes.pod.service_account_name``,
+the namespace's ``default`` when unset): a pod of the sandbox namespace running as another
+ServiceAccount speaks for no sandbox, whatever its name.
+
 Such a token is useless against the Kubernetes API itself: its audience is ours, not the API
 server's, so the API server's authenticator refuses it as a credential for API calls.
 """
@@ -57,9 +70,19 @@ EXPIRY_MARGIN_S = 30.0
 #: supervisor retrying a dead token in a loop, short enough that a token refused while the API
 #: server's caches had not yet seen its new pod is accepted moments later.
 REFUSAL_CACHE_S = 5.0
-#: Entries kept at most (the oldest go first): a sandbox holds one token at a time, two around
-#: a renewal.
+#: Accepted reviews kept at most (the oldest go first): a sandbox holds one token at a time, two
+#: around a renewal.
 MAX_CACHE_ENTRIES = 8192
+#: Refusals kept at most, apart from the accepted reviews so that a flood of bad tokens cannot push
+#: those out.
+MAX_REFUSAL_ENTRIES = 1024
+#: TokenReviews sent at once at most; a review waits this long at most for a slot.
+MAX_REVIEWS_IN_FLIGHT = 16
+REVIEW_WAIT_S = 2.0
+#: New tokens reviewed per second at most, with bursts of REVIEW_BURST (a whole gateway's
+#: sandboxes reconnecting after a restart get through in a few retries).
+REVIEWS_PER_S = 20.0
+REVIEW_BURST = 200
 #: The longest text of the API server's we pass on in a refusal.
 MAX_DETAIL = 300
 
@@ -190,6 +213,11 @@ class KubernetesTokenVerifier:
         cache_s: float,
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_CACHE_ENTRIES,
+        max_refusals: int = MAX_REFUSAL_ENTRIES,
+        max_in_flight: int = MAX_REVIEWS_IN_FLIGHT,
+        wait_s: float = REVIEW_WAIT_S,
+        reviews_per_s: float = REVIEWS_PER_S,
+        burst: int = REVIEW_BURST,
     ) -> None:
         self._review = review
         self._audience = audience
@@ -197,18 +225,48 @@ class KubernetesTokenVerifier:
         self._cache_s = cache_s
         self._clock = clock
         self._max_entries = max_entries
+        self._max_refusals = max_refusals
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._refusals: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Entry]] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._wait_s = wait_s
+        self._reviews_per_s = reviews_per_s
+        self._burst = float(burst)
+        self._budget = float(burst)
+        self._budget_at = clock()
+        self._busy_logged_at = -math.inf
+
+    def _cached(self, key: str, now: float) -> _Entry | None:
+        for cache in (self._cache, self._refusals):
+            entry = cache.get(key)
+            if entry is None:
+                continue
+            if entry.until <= now:
+                del cache[key]
+                return None
+            cache.move_to_end(key)  # the least recently used go first
+            return entry
+        return None
+
+    def _keep(self, key: str, entry: _Entry) -> None:
+        if entry.until <= self._clock():
+            return
+        cache, limit = (
+            (self._cache, self._max_entries)
+            if entry.principal is not None
+            else (self._refusals, self._max_refusals)
+        )
+        if key in cache:
+            return
+        cache[key] = entry
+        while len(cache) > limit:
+            cache.popitem(last=False)
 
     async def verify(self, token: str) -> SandboxPrincipal:
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-        now = self._clock()
-        entry = self._cache.get(key)
-        if entry is not None and entry.until <= now:
-            del self._cache[key]
-            entry = None
-        elif entry is not None:
-            self._cache.move_to_end(key)  # the least recently used go first
+        entry = self._cached(key, self._clock())
         if entry is None:
             task = self._inflight.get(key)
             if task is None:
@@ -218,10 +276,7 @@ class KubernetesTokenVerifier:
             # Shielded: one caller giving up (its call cancelled) does not cancel the review the
             # others wait on.
             entry = await asyncio.shield(task)
-            if entry.until > self._clock() and key not in self._cache:
-                self._cache[key] = entry
-                while len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)
+            self._keep(key, entry)
         if entry.refusal is not None:
             raise CredentialRefused(entry.refusal.reason, entry.refusal.detail)
         assert entry.principal is not None
@@ -249,7 +304,18 @@ class KubernetesTokenVerifier:
                 )
         except CredentialRefused as refusal:
             return _Entry(until=refused_until, principal=None, refusal=refusal)
-        status = await self._review(token)
+        self._take_budget(now)
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise self._busy(
+                f"all {self._max_in_flight} review slots stayed taken for {self._wait_s:g} s"
+            ) from None
+        try:
+            status = await self._review(token)
+        finally:
+            self._slots.release()
         # A token without exp (not a projected one) is refused below as bound to no pod; bound
         # the principal's life anyway.
         expires_at = claims.exp if claims.exp is not None else now + self._cache_s
@@ -262,12 +328,32 @@ class KubernetesTokenVerifier:
         until = min(now + self._cache_s, expires_at - EXPIRY_MARGIN_S)
         return _Entry(until=until, principal=principal, refusal=None)
 
+    def _take_budget(self, now: float) -> None:
+        """One review of the rate's budget (a token bucket), or REVIEW_UNAVAILABLE when spent."""
+        elapsed = max(0.0, now - self._budget_at)
+        self._budget = min(self._burst, self._budget + elapsed * self._reviews_per_s)
+        self._budget_at = now
+        if self._budget < 1.0:
+            raise self._busy(f"more than {self._reviews_per_s:g} new tokens a second")
+        self._budget -= 1.0
+
+    def _busy(self, why: str) -> CredentialRefused:
+        now = self._clock()
+        if now - self._busy_logged_at >= 10.0:  # a flood is logged, not every token of it
+            self._busy_logged_at = now
+            log.warning("TokenReviews limited (%s): new pod tokens are refused as unavailable", why)
+        return CredentialRefused(
+            Refusal.REVIEW_UNAVAILABLE,
+            f"the gateway is reviewing too many new tokens ({why}); try again shortly",
+        )
+
     async def close(self) -> None:
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._cache.clear()
+        self._refusals.clear()
 
 
 def _refused(code: int | None, message: str | None) -> CredentialRefused:

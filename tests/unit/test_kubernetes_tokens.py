@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lightkube import AsyncClient, KubeConfig
 from lightkube.models.authentication_v1 import TokenReviewStatus, UserInfo
+from pydantic import ValidationError
 
 from gateway.auth import CredentialRefused, Refusal
 from gateway.auth.kubernetes_tokens import (
@@ -27,6 +28,7 @@ from gateway.auth.kubernetes_tokens import (
     service_account_username,
     unverified_claims,
 )
+from gateway.config import GatewayConfig
 
 AUDIENCE = "openshell-gateway"
 USERNAME = service_account_username("sandboxes", None)
@@ -424,3 +426,136 @@ async def test_an_api_that_fails_or_answers_nonsense_is_an_outage(
             assert expected in raised.value.detail and tok not in str(raised.value)
         finally:
             await client.close()
+
+
+# --- what a flood of unseen tokens costs ---------------------------------------------------------
+
+
+async def test_a_flood_of_refused_tokens_never_pushes_an_accepted_review_out() -> None:
+    api, clock = Api(), Clock()
+    v = KubernetesTokenVerifier(
+        api.review,
+        audience=AUDIENCE,
+        username=USERNAME,
+        cache_s=300,
+        clock=clock,
+        max_entries=10,
+    )
+    good = token(jti="good")
+    await v.verify(good)
+    api.status = answer(authenticated=False, error="invalid bearer token")
+    for n in range(50):
+        clock.now += 1.0  # within the rate: every one of them is reviewed (and refused)
+        with pytest.raises(CredentialRefused) as raised:
+            await v.verify(token(jti=f"garbage-{n}"))
+        assert raised.value.reason is Refusal.REVIEW_FAILED
+    assert api.calls == 51
+    api.status = answer()
+    assert (await v.verify(good)).sandbox_id == "sb-1"
+    assert api.calls == 51, "the accepted review is still cached"
+
+
+async def test_unseen_tokens_are_reviewed_at_a_bounded_rate_and_the_rest_are_unavailable() -> None:
+    api, clock = Api(), Clock()
+    v = KubernetesTokenVerifier(
+        api.review, audience=AUDIENCE, username=USERNAME, cache_s=300, clock=clock, reviews_per_s=2, burst=5
+    )
+    cached = token(jti="cached")
+    await v.verify(cached)
+    refusals = []
+    for n in range(20):
+        try:
+            await v.verify(token(jti=str(n)))
+        except CredentialRefused as exc:
+            refusals.append(exc)
+    assert api.calls == 5, "the burst, then nothing more reaches the API server"
+    assert len(refusals) == 16
+    assert {r.reason for r in refusals} == {Refusal.REVIEW_UNAVAILABLE}
+    assert all(r.status.name == "UNAVAILABLE" for r in refusals), "the supervisor retries"
+    assert (await v.verify(cached)).sandbox_id == "sb-1", "a cached review needs no budget"
+    clock.now += 1.0
+    await v.verify(token(jti="19"))  # the limit is not cached: asked again once the rate allows
+    await v.verify(token(jti="18"))
+    with pytest.raises(CredentialRefused):
+        await v.verify(token(jti="17"))
+    assert api.calls == 7
+
+
+async def test_reviews_in_flight_are_bounded_and_a_caller_waits_only_briefly_for_a_slot() -> None:
+    api, clock = Api(), Clock()
+    api.gate.clear()
+    v = KubernetesTokenVerifier(
+        api.review,
+        audience=AUDIENCE,
+        username=USERNAME,
+        cache_s=300,
+        clock=clock,
+        max_in_flight=3,
+        wait_s=0.2,
+    )
+    calls = [asyncio.create_task(v.verify(token(jti=str(n)))) for n in range(40)]
+    async with asyncio.timeout(10):  # the waiting ones give up after wait_s, not the test's timeout
+        while sum(call.done() for call in calls) < 37:
+            await asyncio.sleep(0.02)
+    assert api.calls == 3, "three reviews at once, the others never sent"
+    refused = [call.exception() for call in calls if call.done()]
+    assert {type(r) for r in refused} == {CredentialRefused}
+    assert {r.reason for r in refused if isinstance(r, CredentialRefused)} == {Refusal.REVIEW_UNAVAILABLE}
+    api.gate.set()
+    held = [call for call in calls if not call.done()]
+    assert [p.sandbox_id for p in await asyncio.gather(*held)] == ["sb-1"] * 3
+
+
+async def test_a_token_of_another_service_account_of_the_namespace_is_no_sandbox() -> None:
+    # Pods of the sandbox namespace that run as another ServiceAccount (the default one, when the
+    # sandboxes have their own) speak for no sandbox, whatever their name.
+    api, clock = Api(answer(username="system:serviceaccount:sandboxes:default")), Clock()
+    v = KubernetesTokenVerifier(
+        api.review,
+        audience=AUDIENCE,
+        username=service_account_username("sandboxes", "openshell-sandbox"),
+        cache_s=300,
+        clock=clock,
+    )
+    with pytest.raises(CredentialRefused) as raised:
+        await v.verify(token())
+    assert raised.value.reason is Refusal.NOT_A_SANDBOX and "openshell-sandbox" in raised.value.detail
+
+
+# --- the audience's configuration --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"kubernetes_audience": ""}, True),
+        ({"kubernetes_audience": " openshell-gateway"}, True),
+        ({"kubernetes_audience": "https://kubernetes.default.svc"}, True),
+        ({"kubernetes_audience": "https://kubernetes.default.svc.cluster.local"}, True),
+        ({"kubernetes_audience": "kubernetes"}, True),
+        ({"kubernetes_audience": "api"}, True),
+        (
+            {
+                "kubernetes_audience": "https://oidc.example",
+                "kubernetes_api_audiences": ["https://oidc.example"],
+            },
+            True,
+        ),
+        (
+            {
+                "kubernetes_audience": "openshell-gateway",
+                "kubernetes_api_audiences": ["https://oidc.example"],
+            },
+            False,
+        ),
+        ({}, False),
+    ],
+)
+def test_the_pods_audience_is_never_one_of_the_api_servers(settings: dict[str, Any], refused: bool) -> None:
+    raw = {"auth": {"supervisors": settings}}
+    if not refused:
+        assert GatewayConfig.model_validate(raw).auth.supervisors.kubernetes_audience
+        return
+    with pytest.raises(ValidationError) as raised:
+        GatewayConfig.model_validate(raw)
+    assert "kubernetes_audience" in str(raised.value)
