@@ -191,8 +191,8 @@ class Gateway:
             self._provisioner = provisioner
             from gateway.auth.kubernetes_tokens import kubernetes_verifier  # noqa: PLC0415 - lightkube
 
-            # Until this point (moments after the gRPC server started) a pod's token is refused
-            # WRONG_ISSUER; its supervisor retries with backoff.
+            # Until this point (after the gRPC server started) a pod's token is answered UNAVAILABLE
+            # (review_unavailable: the gateway is starting), which its supervisor retries soon.
             assert provisioner.driver is not None
             self._authenticator.use_kubernetes(kubernetes_verifier(cfg, provisioner.driver.client))
         else:

@@ -36,6 +36,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -76,6 +77,23 @@ log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
 _T = TypeVar("_T")
+
+#: A sandbox that asks for a token within this long (at most a tenth of token_ttl_s) of the last
+#: one minted for it (the same life, the same pod) gets that one again: minting is not a thing a
+#: token holder can make the gateway do in a loop.
+REMINT_AFTER_S = 30.0
+#: The last token minted per sandbox life kept at most (a bound on memory; emptied when full).
+MINTED_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    """A call's verified credential and the sandbox life it was bound to (None: an unknown
+    sandbox let through by ``register_unknown``)."""
+
+    principal: SandboxPrincipal
+    generation: int | None
+
 
 #: A disconnection that cannot be written is tried again after at most this long (full-jitter
 #: exponential backoff from a fifth of a second).
@@ -138,6 +156,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         # Store calls given up at their deadline (see _within): cancelled, left to end by themselves.
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        #: (sandbox, generation, pod uid) -> (when, the token last minted for it): see REMINT_AFTER_S.
+        self._minted: dict[tuple[str, int, str | None], tuple[float, MintedToken]] = {}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -287,7 +307,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         # One deadline for all the store work the hello waits on (see _within).
         deadline = self._store_deadline()
         # Before anything of the sandbox is read or written: a refused peer learns only the reason.
-        await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
+        binding = await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
         if not self._config.sessions.register_unknown and (
             await self._within(
                 self._sandboxes.get(sandbox_id), deadline=deadline, what="hello: read the sandbox"
@@ -310,6 +330,19 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         registered = await self._within(
             self._sandboxes.ensure(sandbox_id), deadline=deadline, what="hello: register the sandbox"
         )
+        if binding is not None and binding.generation not in (None, registered.generation):
+            # Deleted and created again between the binding and this read: the credential is the
+            # earlier life's, and must not get a session of (and commands for) the new one.
+            await self._refuse(
+                context,
+                CredentialRefused(
+                    Refusal.STALE,
+                    f"sandbox {sandbox_id} was created again (generation {registered.generation}) "
+                    f"while this credential of generation {binding.generation} was checked",
+                ),
+                method="ConnectSupervisor",
+                sandbox_id=sandbox_id,
+            )
         resume_after = (
             await self._within(
                 self._events.high_water_mark(sandbox_id, epoch),
@@ -619,15 +652,19 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         context: Ctx,
     ) -> pb.PushSandboxLogsResponse:
         count = 0
-        # The stream's credential is checked with its first request; every later request must be
-        # for the same sandbox (a stream cannot speak for a sandbox its credential is not for).
+        # The stream's credential is checked with its first request, and the sandbox life it was
+        # bound to is pinned: every later request must be for the same sandbox, still of that life
+        # (not deleted, not created again) while the credential has not expired, and its write is
+        # conditional on that generation, so a stream of an earlier life never writes into a later.
         bound: str | None = None
+        binding: _Binding | None = None
         async for request in request_iterator:
+            # Every request's id is checked before anything uses it (a log line, a status).
+            problem = validate_sandbox_id(request.sandbox_id)
+            if problem is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             if bound is None:
-                problem = validate_sandbox_id(request.sandbox_id)
-                if problem is not None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-                await self._authenticate(
+                binding = await self._authenticate(
                     context, request.sandbox_id, "PushSandboxLogs", deadline=self._store_deadline()
                 )
                 bound = request.sandbox_id
@@ -642,6 +679,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     method="PushSandboxLogs",
                     sandbox_id=request.sandbox_id,
                 )
+            elif binding is not None:
+                await self._still_bound(context, binding, "PushSandboxLogs")
             items: list[tuple[int, Payload]] = []
             for line in request.logs:
                 sandbox_id = line.sandbox_id or request.sandbox_id
@@ -654,7 +693,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 items.append((line.timestamp_ms, LogRecord(stream=stream, message=line.message)))
             await self._check_sandbox(request.sandbox_id, context)
             if items:
-                await self._events.append_unsequenced(request.sandbox_id, items)
+                await self._events.append_unsequenced(
+                    request.sandbox_id, items, generation=binding.generation if binding else None
+                )
                 count += len(items)
         log.debug("stored %d upstream log lines", count)
         return pb.PushSandboxLogsResponse()
@@ -665,7 +706,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         problem = validate_sandbox_id(request.sandbox_id)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        await self._authenticate(
+        binding = await self._authenticate(
             context, request.sandbox_id, "ReportMainProcessExit", deadline=self._store_deadline()
         )
         await self._check_sandbox(request.sandbox_id, context)
@@ -676,7 +717,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             signal=code - 128 if code > 128 else 0,
             instance_id=request.instance_id,
         )
-        await self._events.append_unsequenced(request.sandbox_id, [(_now_ms(), record)])
+        await self._events.append_unsequenced(
+            request.sandbox_id, [(_now_ms(), record)], generation=binding.generation if binding else None
+        )
         log.info("main process exit reported", extra={"sandbox_id": request.sandbox_id, "exit_code": code})
         return pb.ReportMainProcessExitResponse()
 
@@ -698,7 +741,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 "IssueSandboxToken takes a pod's ServiceAccount token; renew a sandbox token with "
                 "RefreshSandboxToken",
             )
-        token = await self._mint_for(principal, context, "IssueSandboxToken")
+        # Bound to this pod (refused once the sandbox's pod is another, or none), and living no
+        # longer than the pod's own token: a trade cannot outlast what was traded.
+        token = await self._mint_for(principal, context, "IssueSandboxToken", not_after=principal.expires_at)
         return pb.IssueSandboxTokenResponse(token=token.token, expires_at_ms=int(token.expires_at * 1000))
 
     async def RefreshSandboxToken(
@@ -738,7 +783,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             await self._refuse(context, exc, method=method, sandbox_id=principal.sandbox_id)
         return principal
 
-    async def _mint_for(self, principal: SandboxPrincipal, context: Ctx, method: str) -> MintedToken:
+    async def _mint_for(
+        self, principal: SandboxPrincipal, context: Ctx, method: str, *, not_after: float | None = None
+    ) -> MintedToken:
+        """A token of the principal's sandbox life, bound to its pod if it has one (a pod token,
+        or a minted one traded for it: renewals keep the pod)."""
         auth = self._require_auth()
         generation = principal.generation
         if generation is None:  # a pod's token: the sandbox's current life (bind checked the pod)
@@ -749,27 +798,51 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     f"{Refusal.UNKNOWN_SANDBOX.value}: sandbox {principal.sandbox_id} is not known",
                 )
             generation = row.generation
+        key = (principal.sandbox_id, generation, principal.pod_uid)
+        now = time.time()
+        recent = self._minted.get(key)
+        reuse_s = min(REMINT_AFTER_S, auth.tokens.token_ttl_s / 10)
+        if (
+            recent is not None
+            and now - recent[0] < reuse_s
+            and (not_after is None or recent[1].expires_at <= not_after)
+        ):
+            log.debug(
+                "sandbox token asked for again within %.0f s: the last one given",
+                reuse_s,
+                extra={"sandbox_id": principal.sandbox_id, "method": method},
+            )
+            return recent[1]
         minted = await self._within(
-            auth.tokens.mint(principal.sandbox_id, generation=generation),
+            auth.tokens.mint(
+                principal.sandbox_id, generation=generation, pod_uid=principal.pod_uid, not_after=not_after
+            ),
             deadline=self._store_deadline(),
             what=f"{method}: mint",
         )
+        if len(self._minted) >= MINTED_MAX:
+            self._minted.clear()
+        self._minted[key] = (now, minted)
         if self._metrics is not None:
             self._metrics.sandbox_tokens_minted.inc()
-        log.info(
+        # Debug only: any token holder can ask (at most once per reuse_s for what it gets signed).
+        log.debug(
             "sandbox token issued",
             extra={"sandbox_id": principal.sandbox_id, "method": method, "kid": minted.kid},
         )
         return minted
 
-    async def _authenticate(self, context: Ctx, sandbox_id: str, method: str, *, deadline: float) -> None:
+    async def _authenticate(
+        self, context: Ctx, sandbox_id: str, method: str, *, deadline: float
+    ) -> _Binding | None:
         """Let the call through only with a credential bound to ``sandbox_id`` (see
-        :mod:`gateway.auth.supervisors`); else end it with the refusal's status and reason."""
+        :mod:`gateway.auth.supervisors`); else end it with the refusal's status and reason.
+        Returns the credential and the sandbox life it is bound to (None: auth not required)."""
         if self._auth is None or not self._auth.required:
-            return
+            return None
         try:
-            await self._within(
-                self._auth.authenticate(
+            bound = await self._within(
+                self._auth.authenticate_bound(
                     context.invocation_metadata(), sandbox_id=sandbox_id, method=method, peer=context.peer()
                 ),
                 deadline=deadline,
@@ -777,6 +850,32 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
         except CredentialRefused as exc:  # counted and logged by the authenticator
             await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
+        assert bound is not None  # required
+        principal, row = bound
+        return _Binding(principal, row.generation if row is not None else None)
+
+    async def _still_bound(self, context: Ctx, binding: _Binding, method: str) -> None:
+        """A later request of a stream: its credential has not expired, and still binds to the
+        sandbox life the stream was opened for (else the stream ends with the refusal)."""
+        auth = self._require_auth()
+        principal = binding.principal
+        try:
+            if principal.expires_at <= time.time():
+                raise CredentialRefused(Refusal.EXPIRED, "the stream's credential has expired")
+            row = await self._within(
+                auth.bind(principal, principal.sandbox_id),
+                deadline=self._store_deadline(),
+                what=f"{method}: bind",
+            )
+            if binding.generation is not None and (row is None or row.generation != binding.generation):
+                now_at = row.generation if row is not None else "none"
+                raise CredentialRefused(
+                    Refusal.STALE,
+                    f"sandbox {principal.sandbox_id} was created again (generation {now_at}) since this "
+                    f"stream's credential was bound to generation {binding.generation}",
+                )
+        except CredentialRefused as exc:
+            await self._refuse(context, exc, method=method, sandbox_id=principal.sandbox_id)
 
     async def _refuse(
         self, context: Ctx, exc: CredentialRefused, *, method: str, sandbox_id: str

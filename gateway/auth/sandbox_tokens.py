@@ -4,25 +4,30 @@ Claims: ``iss`` and ``aud`` (``auth.supervisors.issuer`` / ``audience``), ``sub`
 SPIFFE shape (``spiffe://openshell/sandbox/<id>``) with the plain ``sandbox_id`` beside it, ``gen``
 (the sandbox's generation: a token of a deleted and re-created sandbox is a replay, refused by the
 binding in :mod:`gateway.auth.supervisors`), ``iat``, ``exp`` (``token_ttl_s``) and ``jti``; the
-header names the signing key (``kid``).
+header names the signing key (``kid``). A token traded for a pod's ServiceAccount token
+(``IssueSandboxToken``) also has ``pod_uid``, that pod's (the binding holds it to the sandbox's
+recorded pod, and its renewals keep it), and expires no later than the pod's token.
 
 Verification pins the algorithm (EdDSA only: ``none`` and HMAC-with-the-public-key confusions are
 refused before any key is used) and looks the key up by kid in the key ring.
 
 Keys (table ``signing_keys``, :mod:`gateway.store.signing_keys`) are shared by every replica and
 rotated without a restart: the newest key signs until ``created_at + key_rotation_s``; then the
-next signer makes a new one (a random kid, so replicas rotating at once both succeed, and the
-newest of their keys signs). A key verifies until its last token has expired
-(``sign_until + token_ttl_s + LEEWAY_S``) and is deleted after. The ring is read from the database
-and cached for ``RING_CACHE_S``; a token naming a kid the ring lacks (a key another replica just
-made) re-reads it at once, at most every ``UNKNOWN_KID_REREAD_S``, so a flood of forged kids costs
-one read per interval.
+next signer reads the ring again (another replica may have made the next key already: it is
+adopted) and only if it still has no signer makes a new one (a random kid, so replicas rotating at
+the very same moment both succeed, and the newest of their keys signs). A key verifies until its
+last token has expired (``sign_until + token_ttl_s + LEEWAY_S``) and is deleted after. The ring is
+read from the database and cached for ``RING_CACHE_S``; a token naming a kid the ring lacks (a key
+another replica just made) looks that one kid up at once (a primary-key read). A kid found in no
+database is remembered for ``UNKNOWN_KID_NEGATIVE_S`` (at most ``UNKNOWN_KID_MAX`` of them), so
+repeating a forged kid costs nothing, and no forged kid keeps another replica's real key out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -47,8 +52,10 @@ SUBJECT_PREFIX = "spiffe://openshell/sandbox/"
 LEEWAY_S = 30
 #: The key ring is read from the database again after this long.
 RING_CACHE_S = 10.0
-#: An unknown kid re-reads the ring at most this often.
-UNKNOWN_KID_REREAD_S = 1.0
+#: A kid the database does not have is not looked up again for this long...
+UNKNOWN_KID_NEGATIVE_S = 2.0
+#: ... and this many such kids are remembered at most (the oldest forgotten first).
+UNKNOWN_KID_MAX = 4096
 #: Longer than any token we mint (a few hundred bytes): refused without parsing.
 MAX_TOKEN_CHARS = 4096
 
@@ -100,8 +107,13 @@ class SandboxTokens:
         self._ring: dict[str, _RingKey] = {}
         self._newest: list[str] = []  # kids, newest first
         self._loaded_at = float("-inf")  # monotonic
-        self._unknown_reread_at = float("-inf")
+        #: kid -> when (monotonic) the database was found not to have it.
+        self._unknown: dict[str, float] = {}
         self._lock = asyncio.Lock()
+
+    @property
+    def token_ttl_s(self) -> int:
+        return self._settings.token_ttl_s
 
     # -- the key ring ------------------------------------------------------------------
 
@@ -109,22 +121,23 @@ class SandboxTokens:
         rows = await self._keys.usable(now=_at(self._clock()))
         ring: dict[str, _RingKey] = {}
         for row in rows:
-            known = self._ring.get(row.kid)
-            if known is not None:
-                ring[row.kid] = known
-                continue
-            try:
-                public = serialization.load_pem_public_key(row.public_pem.encode())
-            except ValueError:
-                log.error("signing key %s has an unreadable public key; skipped", row.kid)
-                continue
-            if row.algorithm != ALGORITHM or not isinstance(public, Ed25519PublicKey):
-                log.error("signing key %s is not an Ed25519 key; skipped", row.kid)
-                continue
-            ring[row.kid] = _RingKey(row=row, public=public)
+            key = self._ring.get(row.kid) or self._ring_key(row)
+            if key is not None:
+                ring[row.kid] = key
         self._ring = ring
         self._newest = [row.kid for row in rows if row.kid in ring]
         self._loaded_at = time.monotonic()
+
+    def _ring_key(self, row: SigningKey) -> _RingKey | None:
+        try:
+            public = serialization.load_pem_public_key(row.public_pem.encode())
+        except ValueError:
+            log.error("signing key %s has an unreadable public key; skipped", row.kid)
+            return None
+        if row.algorithm != ALGORITHM or not isinstance(public, Ed25519PublicKey):
+            log.error("signing key %s is not an Ed25519 key; skipped", row.kid)
+            return None
+        return _RingKey(row=row, public=public)
 
     async def _fresh_ring(self) -> None:
         if time.monotonic() - self._loaded_at >= RING_CACHE_S:
@@ -142,6 +155,11 @@ class SandboxTokens:
         async with self._lock:
             await self._fresh_ring()
             key = self._current_signer()
+            if key is None:
+                # Read again first: another replica may have made the next key since our cached
+                # read (then it is adopted, rather than every replica making its own).
+                await self._load()
+                key = self._current_signer()
             if key is None:
                 await self._rotate()
                 key = self._current_signer()
@@ -182,21 +200,45 @@ class SandboxTokens:
         async with self._lock:
             await self._fresh_ring()
             key = self._ring.get(kid)
-            if key is None and time.monotonic() - self._unknown_reread_at >= UNKNOWN_KID_REREAD_S:
-                # Perhaps a key another replica made since our last read.
-                self._unknown_reread_at = time.monotonic()
-                await self._load()
-                key = self._ring.get(kid)
+        if key is not None:
             return key
+        # Perhaps a key another replica made since our last read: look that one kid up (outside
+        # the lock, so a flood of forged kids does not hold up tokens of the keys we know).
+        missed = self._unknown.get(kid)
+        if missed is not None and time.monotonic() - missed < UNKNOWN_KID_NEGATIVE_S:
+            return None
+        row = await self._keys.get(kid)
+        if row is not None and row.verify_until > _at(self._clock()):
+            key = self._ring_key(row)
+        if key is None:
+            self._unknown.pop(kid, None)
+            while len(self._unknown) >= UNKNOWN_KID_MAX:
+                del self._unknown[next(iter(self._unknown))]
+            self._unknown[kid] = time.monotonic()
+            return None
+        self._unknown.pop(kid, None)
+        # Kept for verifying until the next ring read (which has it too, from then on).
+        return self._ring.setdefault(kid, key)
 
     # -- minting and verifying -----------------------------------------------------------
 
-    async def mint(self, sandbox_id: str, *, generation: int) -> MintedToken:
-        """A new token for ``sandbox_id``'s life ``generation``; StoreError if the keys cannot be read."""
+    async def mint(
+        self,
+        sandbox_id: str,
+        *,
+        generation: int,
+        pod_uid: str | None = None,
+        not_after: float | None = None,
+    ) -> MintedToken:
+        """A new token for ``sandbox_id``'s life ``generation`` (and with ``pod_uid``, bound to that
+        pod), expiring after ``token_ttl_s`` or at ``not_after``, whichever is first; StoreError
+        if the keys cannot be read."""
         key = await self._signer()
         assert key.private is not None
         now = int(self._clock())
         expires_at = now + self._settings.token_ttl_s
+        if not_after is not None:
+            expires_at = min(expires_at, int(not_after))
         claims: dict[str, Any] = {
             "iss": self._settings.issuer,
             "aud": self._settings.audience,
@@ -207,6 +249,8 @@ class SandboxTokens:
             "exp": expires_at,
             "jti": uuid.uuid4().hex,
         }
+        if pod_uid is not None:
+            claims["pod_uid"] = pod_uid
         token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.row.kid})
         return MintedToken(token=token, expires_at=float(expires_at), kid=key.row.kid)
 
@@ -252,7 +296,10 @@ class SandboxTokens:
         except Exception:  # missing claims, bad types, iat in the future, undecodable parts
             raise CredentialRefused(Refusal.MALFORMED, "the token's claims are not valid") from None
         exp, iat = claims.get("exp"), claims.get("iat")
-        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in (exp, iat)):
+        if not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in (exp, iat)
+        ):
+            # Not finite: JSON's Infinity would be a token that never expires (and is cached so).
             raise CredentialRefused(Refusal.MALFORMED, "the token's exp or iat is not a time")
         assert isinstance(exp, int | float) and isinstance(iat, int | float)
         now = self._clock()
@@ -271,9 +318,13 @@ class SandboxTokens:
             or generation < 1
         ):
             raise CredentialRefused(Refusal.MALFORMED, "the token names no valid sandbox and generation")
+        pod_uid = claims.get("pod_uid")
+        if pod_uid is not None and (not isinstance(pod_uid, str) or not pod_uid or len(pod_uid) > 128):
+            raise CredentialRefused(Refusal.MALFORMED, "the token's pod_uid is not a pod uid")
         return SandboxPrincipal(
             sandbox_id=sandbox_id,
             kind="sandbox-token",
             expires_at=float(exp) + LEEWAY_S,
             generation=generation,
+            pod_uid=pod_uid,
         )

@@ -7,9 +7,14 @@ ServiceAccount token), then binds it to the call:
 
 * the credential's sandbox must be the one the call names (else ``OTHER_SANDBOX``);
 * that sandbox must exist (``UNKNOWN_SANDBOX``), unless ``sessions.register_unknown``;
+* the sandbox must not be deleted (``driver_state`` ``Deleted``, or a failed create that took its
+  registration back, ``Failed`` + ``released``: ``STALE``): a deleted sandbox's row and generation
+  stay, its credentials must not;
 * a minted token must be of the sandbox's current generation, and a Kubernetes token's pod uid
-  must be the sandbox's pod's (``STALE``: a token of a deleted and re-created sandbox, or of a
-  replaced pod, is a replay).
+  must be the sandbox's pod's, which must be recorded (``STALE``: a token of a deleted and
+  re-created sandbox, of a replaced pod, or of a pod the gateway never recorded, is a replay); a
+  minted token that was traded for a pod's token (``IssueSandboxToken``) carries that pod's uid
+  and is held to it the same way.
 
 A refusal is a :class:`gateway.auth.CredentialRefused`: the call ends with
 ``REFUSAL_STATUS[reason]`` and a message naming the reason (never the token), it is counted in
@@ -35,7 +40,7 @@ from gateway.auth.sandbox_tokens import SandboxTokens, unverified_issuer
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog
-from gateway.store import SandboxStore
+from gateway.store import SandboxRow, SandboxStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,15 @@ CACHE_MAX = 10_000
 
 #: A call's invocation metadata (grpc.aio.Metadata, or pairs).
 Metadata = Iterable[tuple[str, Any]] | None
+
+
+def sandbox_deleted(row: SandboxRow) -> bool:
+    """Whether the row's sandbox is deleted: what the drivers write when a sandbox is deleted
+    (``Deleted``), or when a create failed and took its registration back (``Failed`` with
+    ``released``). The same rule that frees an id for a new create (gateway.provisioner)."""
+    state = row.driver_state or {}
+    phase = state.get("phase")
+    return phase == "Deleted" or (phase == "Failed" and state.get("released") is True)
 
 
 def _peer_host(peer: str) -> str:
@@ -122,15 +136,23 @@ class SupervisorAuthenticator:
     ) -> SandboxPrincipal | None:
         """The caller's principal, bound to ``sandbox_id``; None when auth is not required.
         Raises :class:`CredentialRefused` (already counted and logged)."""
+        bound = await self.authenticate_bound(metadata, sandbox_id=sandbox_id, method=method, peer=peer)
+        return None if bound is None else bound[0]
+
+    async def authenticate_bound(
+        self, metadata: Metadata, *, sandbox_id: str, method: str, peer: str
+    ) -> tuple[SandboxPrincipal, SandboxRow | None] | None:
+        """:meth:`authenticate`, with the sandbox row the binding was checked against (None: an
+        unknown sandbox let through by ``register_unknown``), whose generation a caller pins."""
         if not self.required:
             return None
         try:
             principal = await self.verify(metadata)
-            await self.bind(principal, sandbox_id)
+            row = await self.bind(principal, sandbox_id)
         except CredentialRefused as exc:
             self.refused(exc, method=method, peer=peer, sandbox_id=sandbox_id)
             raise
-        return principal
+        return principal, row
 
     async def verify(self, metadata: Metadata) -> SandboxPrincipal:
         """The principal of the call's bearer token, not yet bound to any sandbox."""
@@ -160,6 +182,13 @@ class SupervisorAuthenticator:
             return self.tokens
         if self._kubernetes is not None:
             return self._kubernetes
+        if self._config.drivers.kind == "kubernetes" and issuer is not None:
+            # The gateway is starting: the Kubernetes driver (whose client checks pod tokens) is
+            # not up yet. An outage the supervisor retries soon, not a refusal of its credential.
+            raise CredentialRefused(
+                Refusal.REVIEW_UNAVAILABLE,
+                "the gateway is starting: pod tokens are checked once its Kubernetes driver is up",
+            )
         if issuer is None:
             # No claims to read: the minted tokens' verifier says why (not a JWT, malformed).
             return self.tokens
@@ -169,8 +198,9 @@ class SupervisorAuthenticator:
             "the Kubernetes driver, whose pod tokens it would check)",
         )
 
-    async def bind(self, principal: SandboxPrincipal, sandbox_id: str) -> None:
-        """Whether ``principal`` may act for ``sandbox_id`` as the sandbox is now."""
+    async def bind(self, principal: SandboxPrincipal, sandbox_id: str) -> SandboxRow | None:
+        """Whether ``principal`` may act for ``sandbox_id`` as the sandbox is now; returns the row
+        it was checked against (None: unknown, let through by ``register_unknown``)."""
         if principal.sandbox_id != sandbox_id:
             raise CredentialRefused(
                 Refusal.OTHER_SANDBOX,
@@ -179,19 +209,30 @@ class SupervisorAuthenticator:
         row = await self._sandboxes.get(sandbox_id)
         if row is None:
             if self._config.sessions.register_unknown:
-                return
+                return None
             raise CredentialRefused(Refusal.UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known")
+        if sandbox_deleted(row):
+            # Its row and generation stay (its events are readable), its credentials must not.
+            raise CredentialRefused(Refusal.STALE, f"sandbox {sandbox_id} was deleted")
         if principal.kind == "sandbox-token" and principal.generation != row.generation:
             raise CredentialRefused(
                 Refusal.STALE,
                 f"the token is for generation {principal.generation} of sandbox {sandbox_id}, "
                 f"which is now at generation {row.generation}",
             )
-        # A row without a pod uid yet (its create has not recorded it): the pod name binds alone.
-        if principal.kind == "kubernetes" and row.pod_uid and principal.pod_uid != row.pod_uid:
-            raise CredentialRefused(
-                Refusal.STALE, f"the token is of another pod than sandbox {sandbox_id}'s current one"
-            )
+        # A Kubernetes token, and a minted one traded for it, are bound to the pod: the row must
+        # name that pod. A row naming none (a failed re-create, a row from before pod uids were
+        # recorded) binds no pod: the pod name alone would let in any pod of that name.
+        if principal.kind == "kubernetes" or principal.pod_uid is not None:
+            if row.pod_uid is None:
+                raise CredentialRefused(
+                    Refusal.STALE, f"no pod is recorded for sandbox {sandbox_id}: a pod token binds nothing"
+                )
+            if principal.pod_uid != row.pod_uid:
+                raise CredentialRefused(
+                    Refusal.STALE, f"the token is of another pod than sandbox {sandbox_id}'s current one"
+                )
+        return row
 
     def refused(self, exc: CredentialRefused, *, method: str, peer: str, sandbox_id: str) -> None:
         """Count and log a refusal (never the token)."""

@@ -111,7 +111,11 @@ class LocalDriver:
         directory = (self._settings.work_dir / sandbox_id).resolve()
         if fresh and directory.exists():
             shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        # 0700: other users cannot read a sandbox's token, journal or output. (Sandboxes share this
+        # uid with each other and the gateway: against them, modes do nothing; see security.md.)
+        self._settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)  # also a directory kept from before (fresh=False)
         auth_args: list[str] = []
         if credential is not None:
             path = directory / CREDENTIAL_FILE
@@ -299,11 +303,21 @@ class LocalProvisioner:
                         exc,
                         extra={"sandbox_id": sandbox.sandbox_id},
                     )
+                except Exception:  # anything else (an unreadable key...): said, and the next round
+                    log.exception(
+                        "cannot renew the token file of sandbox %s",
+                        sandbox.sandbox_id,
+                        extra={"sandbox_id": sandbox.sandbox_id},
+                    )
 
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._refresher
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # never breaks the gateway's stop
+                log.exception("the token file refresher had failed")
             self._refresher = None
         await self.driver.close()

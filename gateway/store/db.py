@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -127,6 +128,11 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
                     f"cannot open database {mask_url(parsed)}: cannot create directory "
                     f"{path.parent}: {describe_error(exc)}"
                 ) from exc
+            # A new file is made 0600 before SQLite makes it (its WAL and shm files take the same
+            # mode): it holds the sandbox token signing keys. An existing file keeps its mode; any
+            # other failure is left to SQLite to report when it opens the file.
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     else:
         kwargs["pool_pre_ping"] = True
         kwargs["connect_args"] = {"timeout": PG_CONNECT_TIMEOUT_S}

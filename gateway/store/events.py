@@ -774,9 +774,13 @@ class EventStore:
             lock = self._locks[sandbox_id] = asyncio.Lock()
         return lock
 
-    async def append_unsequenced(self, sandbox_id: str, items: Sequence[tuple[int, Payload]]) -> None:
+    async def append_unsequenced(
+        self, sandbox_id: str, items: Sequence[tuple[int, Payload]], *, generation: int | None = None
+    ) -> None:
         """Store records that came without sequence numbers, numbering them after the last one,
-        as the sandbox's current generation (the upstream paths have no session to name one).
+        as the sandbox's current generation (the upstream paths have no session to name one), or
+        with ``generation`` (the one the caller's credential was bound to) only while the sandbox
+        is still of it: StoreError, nothing stored, once the id has been created again.
 
         An EXITED record that is not the current run's exit (an upstream supervisor's report sent
         again, or a late one) is dropped with a log line: see the module docstring.
@@ -793,7 +797,8 @@ class EventStore:
                     # On PostgreSQL the row lock serialises replicas numbering the same sandbox (the
                     # asyncio lock only covers this process); SQLite renders no FOR UPDATE, and
                     # being single-process it needs none.
-                    generation = await self._generation(conn, sandbox_id)
+                    if generation is None:
+                        generation = await self._generation(conn, sandbox_id)
                     run = await self._run_of(conn, sandbox_id, generation)
                     if run is None:
                         raise StoreError(f"{what}: the sandbox was created again meanwhile")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Row
 
 from gateway.store.db import Database, store_errors
 from gateway.store.schema import signing_keys as keys_table
@@ -26,6 +28,18 @@ class SigningKey:
     created_at: datetime
     sign_until: datetime
     verify_until: datetime
+
+
+def _key(row: Row[Any]) -> SigningKey:
+    return SigningKey(
+        kid=row.kid,
+        algorithm=row.algorithm,
+        private_pem=row.private_pem,
+        public_pem=row.public_pem,
+        created_at=row.created_at,
+        sign_until=row.sign_until,
+        verify_until=row.verify_until,
+    )
 
 
 class SigningKeyStore:
@@ -43,18 +57,17 @@ class SigningKeyStore:
                         .order_by(keys_table.c.created_at.desc(), keys_table.c.kid.desc())
                     )
                 ).all()
-        return [
-            SigningKey(
-                kid=row.kid,
-                algorithm=row.algorithm,
-                private_pem=row.private_pem,
-                public_pem=row.public_pem,
-                created_at=row.created_at,
-                sign_until=row.sign_until,
-                verify_until=row.verify_until,
-            )
-            for row in rows
-        ]
+        return [_key(row) for row in rows]
+
+    async def get(self, kid: str) -> SigningKey | None:
+        """The key ``kid``, or None (a primary-key read: what a token
+        naming a kid the cached ring lacks costs)."""
+        with store_errors("cannot read a signing key"):
+            async with self._db.engine.connect() as conn:
+                row = (await conn.execute(select(keys_table).where(keys_table.c.kid == kid))).first()
+        if row is None:
+            return None
+        return _key(row)
 
     async def add(self, key: SigningKey) -> None:
         with store_errors("cannot store a new signing key"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
 import stat
 import sys
@@ -284,7 +285,8 @@ def test_bad_credentials_are_refused_with_their_reason_and_counted(env: Env) -> 
 def test_an_agent_holding_its_own_token_cannot_act_for_another_sandbox(env: Env) -> None:
     env.create("charlie")
     env.create("delta")
-    # What an agent inside charlie can read: its supervisor's token file (same uid).
+    # An agent inside charlie holding charlie's token (its supervisor's file; with the local
+    # driver it could read delta's file just as well: same uid, see docs/security.md).
     own = bearer(env.token_of("charlie"))
     refused(
         env.push([("delta", "charlie speaks for delta")], own),
@@ -379,3 +381,80 @@ def test_two_gateways_on_one_database_share_their_keys_and_rotate_them_without_a
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_deleted_sandbox_s_tokens_and_their_renewals_are_refused_by_every_call(env: Env) -> None:
+    env.create("hotel")
+    old = env.token_of("hotel")
+    renewed = env.refresh(bearer(old))
+    env.delete("hotel")  # its row and generation stay; its credentials must not
+    for token in (old, renewed):
+        metadata = bearer(token)
+        refused(env.exit_report("hotel", metadata), grpc.StatusCode.PERMISSION_DENIED, "stale")
+        refused(env.push([("hotel", "ghost line")], metadata), grpc.StatusCode.PERMISSION_DENIED, "stale")
+        refused(env.hello("hotel", metadata), grpc.StatusCode.PERMISSION_DENIED, "stale")
+        refused(env.refresh_error(metadata), grpc.StatusCode.PERMISSION_DENIED, "stale")
+    assert "ghost line" not in env.gateway.log_lines("hotel")
+    assert not [
+        e for e in env.gateway.events("hotel", "lifecycle") if (e["data"] or {}).get("exit_code") == 77
+    ]
+
+
+def test_a_log_stream_cannot_outlive_its_sandbox_into_the_id_s_next_life(env: Env) -> None:
+    env.create("india")
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def requests() -> Iterator[pb.PushSandboxLogsRequest]:
+        while (line := lines.get()) is not None:
+            yield pb.PushSandboxLogsRequest(
+                sandbox_id="india", logs=[pb.SandboxLogLine(message=line, level="info", source="sandbox")]
+            )
+
+    stream = env.stub.PushSandboxLogs.future(requests(), metadata=bearer(env.token_of("india")), timeout=60)
+    try:
+        lines.put("before the re-creation")
+        wait_until(
+            lambda: "before the re-creation" in env.gateway.log_lines("india"),
+            timeout=20,
+            what="the stream's first line is stored",
+        )
+        env.delete("india")
+        assert env.create("india")["generation"] == 2
+        lines.put("into generation 2")
+        lines.put(None)
+        refused(stream.exception(timeout=20), grpc.StatusCode.PERMISSION_DENIED, "stale")
+    finally:
+        lines.put(None)
+        stream.cancel()
+    rows = env.gateway.query(
+        "SELECT generation, message FROM events WHERE sandbox_id = 'india' AND message LIKE '%generation 2%'"
+    )
+    assert rows == []
+
+
+def test_every_request_of_a_log_stream_has_its_sandbox_id_checked_first(env: Env) -> None:
+    env.create("juliet")
+    own = bearer(env.token_of("juliet"))
+    forged = "evil\n2026-12-06 INFO forged gateway line"
+    for bad in (forged, "y" * 20_000):
+        answer = env.push([("juliet", "honest"), (bad, "x")], own)
+        assert isinstance(answer, grpc.RpcError), "accepted"
+        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, (answer.code(), answer.details())
+    assert not any(line.startswith("2026-12-06 INFO forged") for line in env.gateway.log_text().splitlines())
+    assert "y" * 1000 not in env.gateway.log_text()
+
+
+def test_a_token_asked_for_again_at_once_is_the_same_one(env: Env) -> None:
+    env.create("kilo")
+    own = bearer(env.token_of("kilo"))
+    first = env.refresh(own)
+    assert env.refresh(own) == first  # not signed again: a loop of refreshes costs no signing
+    assert env.refresh(bearer(first)) == first
+
+
+def test_local_sandbox_directories_and_the_database_are_the_gateway_user_s_only(env: Env) -> None:
+    env.create("lima")
+    sandboxes = env.token_file("lima").parent.parent
+    assert stat.S_IMODE(os.stat(sandboxes).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(sandboxes / "lima").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(env.gateway.db_path).st_mode) == 0o600

@@ -4,6 +4,9 @@ derandomized search so CI runs the same examples every time:
 * arbitrary ``authorization`` values, JWT-shaped garbage (any header and claims, any signature)
   and mutations of a valid token never crash the authenticator and are never accepted (a mutated
   token is accepted only if it decodes to exactly the original's bytes: base64's unused bits);
+* claims signed with the gateway's own key (what a leaked key, or a bug in minting, would give):
+  a token is accepted only if every claim is sound (its sandbox, subject, generation, finite
+  times, no pod it is not bound to), and its principal expires at a finite time;
 * the hello path of a real gateway process with auth required: whatever the metadata, the
   call ends UNAUTHENTICATED or PERMISSION_DENIED with a reason, never another status (UNKNOWN,
   INTERNAL) and never a session.
@@ -15,17 +18,22 @@ import asyncio
 import base64
 import binascii
 import json
+import math
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.auth import CredentialRefused, Refusal
-from gateway.auth.sandbox_tokens import SandboxTokens
+from gateway.auth.sandbox_tokens import LEEWAY_S, SandboxTokens
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.store import Database, SandboxStore
@@ -56,6 +64,8 @@ class Harness:
         )
         self.loop.run_until_complete(store.create("sb", driver="local"))
         self.valid = self.loop.run_until_complete(self.auth.tokens.mint("sb", generation=1)).token
+        key = self.loop.run_until_complete(SigningKeyStore(self.db).usable(now=datetime.now(UTC)))[0]
+        self.kid, self.private_pem = key.kid, key.private_pem
 
     def refused(self, metadata: Any) -> Refusal:
         """The refusal for ``metadata``; fails the test on acceptance or any other exception."""
@@ -170,6 +180,63 @@ def test_mutated_valid_tokens_are_refused(harness: Harness, data: st.DataObject)
         return
     # Accepted: only a spelling of the same bytes (base64's unused low bits) may be.
     assert segments(mutated) == segments(token), mutated
+
+
+SOUND_CLAIMS: dict[str, Any] = {
+    "iss": "openshell-gateway",
+    "aud": "openshell-sandbox",
+    "sub": "spiffe://openshell/sandbox/sb",
+    "sandbox_id": "sb",
+    "gen": 1,
+    "iat": 1_700_000_000,
+    "exp": 4_000_000_000,
+    "jti": "x",
+}
+times = st.sampled_from([math.inf, -math.inf, 1e308, -1e308, 0, 2**63, 4_000_000_000.5]) | st.floats(
+    allow_nan=False
+)
+
+
+@BUDGET
+@example(changes={"exp": math.inf}, dropped=set())
+@example(changes={"pod_uid": "uid-1"}, dropped=set())
+@given(
+    changes=st.dictionaries(
+        st.sampled_from([*SOUND_CLAIMS, "pod_uid"]),
+        json_values | times | st.sampled_from(["sb", "other", "spiffe://openshell/sandbox/other", 2]),
+        max_size=2,
+    ),
+    dropped=st.sets(st.sampled_from(list(SOUND_CLAIMS)), max_size=1),
+)
+def test_claims_signed_with_the_gateway_s_own_key_are_accepted_only_when_sound(
+    harness: Harness, changes: dict[str, Any], dropped: set[str]
+) -> None:
+    claims = {k: v for k, v in {**SOUND_CLAIMS, **changes}.items() if k not in dropped}
+    # Signed by hand: PyJWT's encode refuses some claim types an attacker's encoder would not.
+    key = serialization.load_pem_private_key(harness.private_pem.encode(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    signing_input = ".".join(
+        [b64(json.dumps({"alg": "EdDSA", "kid": harness.kid}).encode()), b64(json.dumps(claims).encode())]
+    )
+    token = f"{signing_input}.{b64(key.sign(signing_input.encode()))}"
+    try:
+        principal = harness.loop.run_until_complete(
+            harness.auth.authenticate(
+                (("authorization", f"Bearer {token}"),), sandbox_id="sb", method="M", peer="p"
+            )
+        )
+    except CredentialRefused as exc:
+        assert token not in exc.detail
+        return
+    assert principal is not None
+    assert claims["sandbox_id"] == "sb" and claims["sub"] == "spiffe://openshell/sandbox/sb"
+    assert type(claims["gen"]) is int and claims["gen"] == 1
+    for name in ("exp", "iat"):
+        value = claims[name]
+        assert isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    assert claims["exp"] + LEEWAY_S > time.time() and claims["iat"] - LEEWAY_S <= time.time()
+    assert "pod_uid" not in claims  # the row records no pod: no pod-bound token binds to it
+    assert math.isfinite(principal.expires_at)
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,85 @@ async def test_a_key_that_is_not_ed25519_is_skipped(db: Database) -> None:
         await conn.execute(update(signing_keys).values(algorithm="RS256", public_pem=rsa_pem))
     fresh = tokens(db, clock)
     assert await refusal(fresh, minted.token) is Refusal.BAD_SIGNATURE
+
+
+async def test_a_pod_bound_token_carries_its_pod_and_expires_no_later_than_asked(db: Database) -> None:
+    clock = Clock()
+    minter = tokens(db, clock)
+    minted = await minter.mint("sb", generation=2, pod_uid="uid-1", not_after=clock.now + 100)
+    claims = jwt.decode(minted.token, options={"verify_signature": False})
+    assert claims["pod_uid"] == "uid-1" and claims["exp"] == int(clock.now) + 100 == minted.expires_at
+    principal = await minter.verify(minted.token)
+    assert (principal.kind, principal.generation, principal.pod_uid) == ("sandbox-token", 2, "uid-1")
+    # token_ttl_s still bounds it when the pod's token lives longer.
+    assert (await minter.mint("sb", generation=2, not_after=clock.now + 10**6)).expires_at == int(
+        clock.now
+    ) + 600
+    assert (await minter.verify((await minter.mint("sb", generation=2)).token)).pod_uid is None
+    # A pod_uid claim that is no uid is malformed (only reachable with our key: pinned anyway).
+    kid = minted.kid
+    private = (await SigningKeyStore(db).usable(now=datetime.now(UTC)))[0].private_pem
+    for bad in ("", 5, ["uid"], "u" * 200):
+        forged = jwt.encode({**claims, "pod_uid": bad}, private, algorithm="EdDSA", headers={"kid": kid})
+        assert await refusal(minter, forged) is Refusal.MALFORMED
+
+
+async def test_a_time_that_is_not_finite_is_malformed(db: Database) -> None:
+    clock = Clock()
+    minter = tokens(db, clock)
+    minted = await minter.mint("sb", generation=1)
+    claims = jwt.decode(minted.token, options={"verify_signature": False})
+    private = (await SigningKeyStore(db).usable(now=datetime.now(UTC)))[0].private_pem
+    for changes in ({"exp": float("inf")}, {"iat": float("-inf")}):
+        # JSON's Infinity: a token that would never expire, and be cached so.
+        forged = jwt.encode({**claims, **changes}, private, algorithm="EdDSA", headers={"kid": minted.kid})
+        assert await refusal(minter, forged) is Refusal.MALFORMED
+
+
+async def test_three_replicas_rotate_to_one_key_and_find_each_other_s_new_keys(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real ring cache: each replica's cached ring is stale for a while after a rotation.
+    monkeypatch.setattr(sandbox_tokens, "RING_CACHE_S", 10.0)
+    clock = Clock()
+    a, b, c = tokens(db, clock), tokens(db, clock), tokens(db, clock)
+    first = await a.mint("sb", generation=1)
+    for replica in (b, c):
+        await replica.verify(first.token)  # every ring read and cached
+    clock.now += 3601  # the key no longer signs
+    made_by_a = await a.mint("sb", generation=1)
+    assert made_by_a.kid != first.kid
+    await c.verify(made_by_a.token)
+    # b's cached ring shows no signer: it reads the ring again and adopts a's key, rather than
+    # making one more of its own.
+    assert (await b.mint("sb", generation=1)).kid == made_by_a.kid
+    # A made-up kid (anyone can send one) does not keep a real new key out: another replica's
+    # key made just after is found at once.
+    forger = Ed25519PrivateKey.generate()
+    made_up = jwt.encode(
+        jwt.decode(first.token, options={"verify_signature": False}),
+        forger,
+        algorithm="EdDSA",
+        headers={"kid": "made-up"},
+    )
+    assert await refusal(c, made_up) is Refusal.BAD_SIGNATURE
+    clock.now += 1
+    d = tokens(db, clock)
+    await d._rotate()  # a replica that rotated moments later (it had read no key yet): a newer key
+    made_by_d = await d.mint("sb", generation=1)
+    assert made_by_d.kid not in (made_by_a.kid, first.kid)
+    assert (await c.verify(made_by_d.token)).sandbox_id == "sb"
+    assert (await a.verify(made_by_d.token)).sandbox_id == "sb"
+    # The made-up kid is remembered: asking again does not read the database.
+    reads = 0
+    store_get = SigningKeyStore.get
+
+    async def counting(self: SigningKeyStore, kid: str) -> object:
+        nonlocal reads
+        reads += 1
+        return await store_get(self, kid)
+
+    monkeypatch.setattr(SigningKeyStore, "get", counting)
+    for _ in range(5):
+        assert await refusal(c, made_up) is Refusal.BAD_SIGNATURE
+    assert reads == 0
