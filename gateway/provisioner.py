@@ -45,7 +45,7 @@ from typing import Any
 from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
 from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
-from gateway.drivers.podspec import PodSpecError, SandboxRequest
+from gateway.drivers.podspec import PodSpecError, SandboxRequest, pod_name
 from gateway.drivers.registry import RegistryError
 from gateway.store import SandboxRow, SandboxStore, StoreError
 from gateway.store.db import utcnow
@@ -256,15 +256,42 @@ class KubernetesProvisioner:
             )
         return found
 
-    async def _record(self, state: PodState) -> None:
+    async def _record(self, state: PodState) -> bool:
+        """Record what the watch saw of a pod on its sandbox's row, if the pod is that row's; returns
+        whether it was.
+
+        A pod's name, labels and ``openshell.io/sandbox-id`` annotation can be copied by anyone who
+        may create pods in the namespace, so the row is the authority, not the pod: an event is
+        recorded only for the pod whose uid the row holds (the create's), or, for a row without
+        one, for a pod with the sandbox's pod name; its uid is filled in only while the row is
+        ``Creating`` (the gateway stopped between making the pod and writing its uid).
+        Nothing is recorded for a row that is gone (``Deleted``, or ``Failed`` and released): a pod
+        appearing under its name is not one the gateway made for it, and recording it would bind
+        the row to that pod and take the id again. Each write is conditional on the row's
+        generation."""
+        row = await self.sandboxes.get(state.sandbox_id)
+        if row is None or row.driver != DRIVER or _gone(row):
+            return False
+        if row.pod_uid is not None:
+            if state.pod_uid != row.pod_uid:
+                log.debug("sandbox %s: ignoring an event of pod uid %s, not its own", row.id, state.pod_uid)
+                return False
+            fill = None
+        elif state.pod_name != pod_name(row.id):
+            return False
+        else:
+            # Only a row still waiting for its pod takes the uid. A row of another state without
+            # one (from before uids were recorded, or marked Failed by the deadline) shows the
+            # pod's phase but binds no pod: its pod tokens are refused (gateway/auth/supervisors.py).
+            waiting = (row.driver_state or {}).get("phase") == "Creating"
+            fill = state.pod_uid if waiting and not state.deleted else None
         doc: dict[str, Any] = {"phase": state.phase, "pod": state.pod_name, "at": utcnow().isoformat()}
         if state.reason:
             doc["reason"] = state.reason
         if state.exit_code is not None:
             doc["exit_code"] = state.exit_code
-        await self.sandboxes.set_driver_state(
-            state.sandbox_id, doc, pod_uid=None if state.deleted else state.pod_uid
-        )
+        await self.sandboxes.set_driver_state(state.sandbox_id, doc, generation=row.generation, pod_uid=fill)
+        return True
 
     async def _catch_up(self) -> str | None:
         """Record every pod as it is now, and the sandboxes whose pods are gone; returns the
@@ -273,8 +300,9 @@ class KubernetesProvisioner:
         snapshot = await self.driver.snapshot()
         present = set()
         for state in snapshot.states:
-            present.add(state.sandbox_id)
-            await self._record(state)
+            # A pod that is not its row's (a squatter under the name) does not keep the row alive.
+            if await self._record(state):
+                present.add(state.sandbox_id)
         now = utcnow()
         for row in await self.sandboxes.list():
             if row.driver != DRIVER or row.id in present:

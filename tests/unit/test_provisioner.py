@@ -209,7 +209,7 @@ async def test_the_follower_records_phases_and_pods_that_vanished(store: Sandbox
     await store.create(
         "fresh", driver="kubernetes", driver_state={"phase": "Creating", "at": utcnow().isoformat()}
     )
-    driver.pods["kept"] = PodState("kept", "sandbox-kept", "Running")
+    driver.pods["kept"] = PodState("kept", "sandbox-kept", "Running", pod_uid="uid-1")
     await prov.start()
     try:
         await phase_becomes(store, "gone", "Deleted")
@@ -220,7 +220,9 @@ async def test_the_follower_records_phases_and_pods_that_vanished(store: Sandbox
         assert orphan is not None and "no pod appeared" in (orphan.driver_state or {})["reason"]
         fresh = await store.get("fresh")
         assert fresh is not None and (fresh.driver_state or {})["phase"] == "Creating", "a create in flight"
-        await driver.events.put(PodState("kept", "sandbox-kept", "Failed", reason="Error", exit_code=3))
+        await driver.events.put(
+            PodState("kept", "sandbox-kept", "Failed", reason="Error", exit_code=3, pod_uid="uid-1")
+        )
         await phase_becomes(store, "kept", "Failed")
         state = (await store.get("kept")).driver_state  # type: ignore[union-attr]
         assert state is not None and state["exit_code"] == 3 and state["reason"] == "Error"
@@ -233,25 +235,73 @@ async def test_the_pod_uid_is_the_creates_and_the_watch_only_fills_in_a_missing_
     store: SandboxStore,
 ) -> None:
     """The row's pod uid is what a projected token must name (gateway/auth/supervisors.py): the
-    create records its pod's; the watch records a pod's only where the row has none (a create
-    that stopped before writing it), so a late event of an earlier pod never rebinds the row; an
-    id created again starts without one until its own pod exists."""
+    create records its pod's; the watch fills one in only for a row still waiting for its pod (a
+    create that stopped before writing it) and a pod of the sandbox's name; events of any other pod
+    (a late one of an earlier pod) are not the row's and change nothing; an id created again starts
+    without a uid until its own pod exists."""
     driver = FakeDriver()
     prov = provisioner(store, driver)
     await prov.create("bound", ["true"], image=None, env={})
     await store.create("unbound", driver="kubernetes", driver_state={"phase": "Creating", "at": T_OLD})
+    await store.create("misnamed", driver="kubernetes", driver_state={"phase": "Creating", "at": T_OLD})
     driver.pods["unbound"] = PodState("unbound", "sandbox-unbound", "Pending", pod_uid="uid-u")
+    driver.pods["misnamed"] = PodState("misnamed", "sandbox-other", "Running", pod_uid="uid-m")
     await prov.start()
     try:
         await phase_becomes(store, "unbound", "Pending")
         assert (await store.get("unbound")).pod_uid == "uid-u"  # type: ignore[union-attr]
-        await driver.events.put(PodState("bound", "sandbox-bound", "Running", pod_uid="uid-old"))
-        await phase_becomes(store, "bound", "Running")
-        assert (await store.get("bound")).pod_uid == "uid-1", "the create's pod uid stays"  # type: ignore[union-attr]
+        misnamed = await store.get("misnamed")
+        assert misnamed is not None and misnamed.pod_uid is None, "a pod of another name binds nothing"
+        await driver.events.put(PodState("bound", "sandbox-bound", "Deleted", pod_uid="uid-old"))
+        await driver.events.put(PodState("unbound", "sandbox-unbound", "Running", pod_uid="uid-u"))
+        await phase_becomes(store, "unbound", "Running")  # the watch got past the event before
+        bound = await store.get("bound")
+        assert bound is not None and bound.pod_uid == "uid-1", "the create's pod uid stays"
+        assert (bound.driver_state or {})["phase"] == "Creating", "another pod's deletion is not its"
         await driver.events.put(PodState("bound", "sandbox-bound", "Deleted", pod_uid="uid-1"))
         await phase_becomes(store, "bound", "Deleted")
         assert await store.create("bound", driver="kubernetes", replaces=lambda row: True) == 2
         assert (await store.get("bound")).pod_uid is None, "a new generation has no pod yet"  # type: ignore[union-attr]
+    finally:
+        await prov.close()
+
+
+async def test_a_pod_squatting_a_released_sandboxs_name_is_never_recorded_as_its_pod(
+    store: SandboxStore,
+) -> None:
+    """Someone else's pod under a deleted sandbox's pod name (its labels and annotation copied)
+    makes the create again fail; the row stays released with no pod uid, so no token of that pod
+    binds to it and the id can be created again. Nor does such a pod keep a sandbox whose own pod
+    is gone from being marked deleted."""
+    driver = FakeDriver()
+    prov = provisioner(store, driver)
+    await prov.create("x", ["true"], image=None, env={})
+    await prov.create("y", ["true"], image=None, env={})
+    await prov.start()
+    try:
+        await driver.events.put(PodState("x", "sandbox-x", "Deleted", pod_uid="uid-1"))
+        await phase_becomes(store, "x", "Deleted")
+        squatter = PodState("x", "sandbox-x", "Running", pod_uid="uid-squatter")
+        driver.fail_with = KubernetesDriverError("sandbox 'x' already has pods", status=409)
+        with pytest.raises(ProvisionError):
+            await prov.create("x", ["true"], image=None, env={})
+        await driver.events.put(squatter)
+        await driver.events.put(PodState("y", "sandbox-y", "Running", pod_uid="uid-1"))
+        await phase_becomes(store, "y", "Running")  # the watch got past the squatter's event
+        row = await store.get("x")
+        assert row is not None and row.generation == 2 and row.pod_uid is None
+        assert (row.driver_state or {})["phase"] == "Failed" and (row.driver_state or {})["released"]
+    finally:
+        await prov.close()
+
+    # After a restart the list shows the squatter (and one under y's name), not y's own pod.
+    driver.fail_with = None
+    driver.pods = {"x": squatter, "y": PodState("y", "sandbox-y", "Running", pod_uid="uid-squatter")}
+    await prov.start()
+    try:
+        await phase_becomes(store, "y", "Deleted")
+        row = await store.get("x")
+        assert row is not None and row.pod_uid is None and (row.driver_state or {})["phase"] == "Failed"
     finally:
         await prov.close()
 
@@ -432,12 +482,12 @@ async def test_a_deleted_sandbox_can_be_created_again_and_its_old_logs_stay(tmp_
                 return resp.status, await resp.json()
 
             async def pod_gone() -> None:
-                await driver.events.put(PodState("again", "sandbox-again", "Deleted"))
+                await driver.events.put(PodState("again", "sandbox-again", "Deleted", pod_uid="uid-1"))
                 await phase_becomes(store, "again", "Deleted")
 
             resp = await client.post("/api/v1/sandboxes", json=body)
             assert resp.status == 201 and (await resp.json())["generation"] == 1
-            driver.pods["again"] = PodState("again", "sandbox-again", "Running")
+            driver.pods["again"] = PodState("again", "sandbox-again", "Running", pod_uid="uid-1")
             await driver.events.put(driver.pods["again"])
             await phase_becomes(store, "again", "Running")
             await events.store_events("again", "e1", [Event(1, 0, LogRecord(LogStream.STDOUT, "first life"))])
