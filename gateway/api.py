@@ -174,10 +174,10 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         message = exc.reason if exc.status != 404 else f"no such resource: {request.path}"
         return web.json_response({"error": message}, status=exc.status, headers=_allow(exc))
     except StoreError as exc:
-        log.warning("%s %s: %s", request.method, request.path, exc)
+        log.warning("%s %s: %s", request.method, _quoted(request.raw_path), exc)
         return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
     except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+        log.exception("%s %s failed", request.method, _quoted(request.raw_path))
         return web.json_response({"error": "internal error"}, status=500)
 
 
@@ -209,16 +209,18 @@ def _authentication(
         try:
             person = await auth.person(_bearer(request.headers.get("Authorization")))
         except TokenRefused as exc:
+            # The raw (still percent-encoded) path, quoted: the decoded one could hold a newline
+            # that forges a log line.
+            path = _quoted(request.raw_path)
             if metrics is not None:
                 metrics.api_auth_failures.labels(exc.problem.value).inc()
             if exc.status == 503:
-                refusals.log(logging.WARNING, "issuer", f"{request.method} {request.path}: 503: {exc.detail}")
+                refusals.log(logging.WARNING, "issuer", f"{request.method} {path}: 503: {exc.detail}")
                 raise ApiError(503, exc.detail, headers={"Retry-After": "5"}) from None
             refusals.log(
                 logging.INFO,
                 (request.remote, exc.problem),
-                f"{request.method} {request.path} from {request.remote}: 401 {exc.problem.value}: "
-                f"{exc.detail}",
+                f"{request.method} {path} from {request.remote}: 401 {exc.problem.value}: {exc.detail}",
             )
             challenge = 'Bearer realm="openshell"'
             if exc.problem is not TokenProblem.MISSING:
@@ -525,6 +527,12 @@ class _Api:
             raise ApiError(
                 403, f"team {team!r} is not one of yours ({', '.join(person.teams) or 'you have none'})"
             )
+
+        def may_replace(row: SandboxRow) -> bool:
+            # A re-created id keeps its earlier generations' logs and commands: only someone who
+            # may see the sandbox there now may take it over (an admin may take any).
+            return may_see(person, created_by=row.created_by, team=row.team)
+
         try:
             created = await provisioner.create(
                 wanted.sandbox_id,
@@ -533,8 +541,16 @@ class _Api:
                 env=wanted.env,
                 created_by=person.username,
                 team=team,
+                may_replace=may_replace,
             )
         except ProvisionError as exc:
+            if exc.status == 409 and not person.is_admin:
+                row = await self.sandboxes.get(wanted.sandbox_id)
+                if row is None or not may_replace(row):
+                    # Ids are one namespace, so "taken" cannot be hidden; nothing more of
+                    # another's sandbox (its pod's phase, say) is told.
+                    taken = f"sandbox {wanted.sandbox_id!r} is taken: choose another id"
+                    raise ApiError(409, taken) from None
             raise ApiError(exc.status, str(exc)) from None
         return web.json_response(created, status=201)
 

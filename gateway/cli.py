@@ -4,8 +4,8 @@
                               [--ops-listen H:P] [--database-url URL] [--set K=V]
     openshell-gateway migrate [--config FILE] [--database-url URL]
     openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
-    openshell-gateway status  [--api URL] [--lines N] [--json] [--token-file FILE]
-    openshell-gateway login   [--api URL] [--issuer URL] [--client-id ID]   OAuth device flow
+    openshell-gateway status  [--api URL] [--lines N] [--json] [--token-file FILE] [--insecure]
+    openshell-gateway login   [--api URL] [--issuer URL] [--client-id ID] [--insecure]   device flow
     openshell-gateway logout  [--api URL]
     openshell-gateway config check FILE | config schema
 
@@ -14,7 +14,8 @@ the defaults. Every configuration problem is reported with its key path, exit st
 
 The API commands (status, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
 or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
-said with what to run, exit status 77.
+said with what to run, exit status 77. A token is never sent (nor a login made) over plain http to
+a host that is not loopback unless ``--insecure`` says so.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
             type=Path,
             help="a file holding the bearer token (else $OPENSHELL_TOKEN, else the login)",
         )
+    for p in (status, create, delete, login):
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="send tokens (or log in) over plain http to a host that is not loopback: anyone on "
+            "the path can read them",
+        )
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
     check = csub.add_parser("check", help="validate FILE and report every problem by key path")
@@ -154,7 +162,7 @@ def _sandbox_command(args: argparse.Namespace) -> int:
 
     api = args.api.rstrip("/")
     try:
-        credentials = credentials_for(api, token_file=args.token_file)
+        credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
         if args.sandbox_cmd == "create":
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             answer = asyncio.run(
@@ -190,6 +198,7 @@ def _login_command(args: argparse.Namespace) -> int:
                 issuer=args.issuer,
                 client_id=args.client_id,
                 out=lambda line: print(line, flush=True),
+                insecure=args.insecure,
             )
         )
     except ClientAuthError as exc:
@@ -215,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         api = args.api.rstrip("/")
         try:
-            credentials = credentials_for(api, token_file=args.token_file)
+            credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
             sandboxes = asyncio.run(fetch_status(api, lines=max(0, args.lines), credentials=credentials))
         except ClientAuthError as exc:
             print(f"openshell-gateway: {exc}", file=sys.stderr)

@@ -21,7 +21,12 @@ do). The device request carries a PKCE S256 challenge and the polls its verifier
 does: an issuer that enforces PKCE on the client (the realm in docs/keycloak does) takes the login,
 and one that does not ignores them.
 
-The cache is written 0600 in a 0700 directory, replaced atomically, under a lock: two commands
+Tokens for a plain ``http://`` API URL, and a login through one, are refused unless the host is
+loopback or ``--insecure`` is given: they would cross the network readable.
+
+The cache is written 0600 (a new file, never through a link) in a directory of the user's that is
+made or tightened to 0700 (one of another user's is refused), replaced atomically, under a lock:
+a logout is final (a command refreshing meanwhile fails rather than write the login back); two commands
 refreshing at once do not both spend the refresh token (Keycloak's rotation would revoke the
 login). A bad token file or cache is a :class:`ClientAuthError` that says what is wrong and what to
 run, never a traceback, and no message holds a token.
@@ -37,13 +42,17 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+
+from gateway.config import is_loopback
 
 TOKEN_ENV = "OPENSHELL_TOKEN"
 #: An access token this close to its expiry is refreshed before a call.
@@ -91,7 +100,7 @@ def check_token(value: str, *, origin: str) -> str:
     if text.startswith("{"):
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
             raise ClientAuthError(f"{origin}: looks like JSON but does not parse") from None
         token = doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str):
@@ -191,11 +200,25 @@ class TokenCache:
     def _lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")
 
+    def _directory(self) -> None:
+        """The cache's directory, made 0700 if missing, tightened to 0700 if it is the user's, and
+        refused if it is someone else's (they could swap the files in it)."""
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        if info.st_uid != os.getuid():
+            raise ClientAuthError(
+                f"the login cache's directory {directory} belongs to another user: refusing to keep "
+                "tokens there (set XDG_CONFIG_HOME to a directory of yours)"
+            )
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(directory, 0o700)
+
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
         """Held across a read, a refresh and the write, so that concurrent commands take turns."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._directory()
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             # flock blocks; in a thread the event loop (and a Ctrl-C) is not held up meanwhile.
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
@@ -216,7 +239,10 @@ class TokenCache:
             ) from None
         if len(raw) > MAX_FILE_BYTES:
             raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-        doc = json.loads(raw.decode("utf-8"))
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise ValueError("nested too deeply to be a login cache") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("logins", {}), dict):
             raise ValueError("not an object with a logins object")
         if doc.get("version", CACHE_VERSION) != CACHE_VERSION:
@@ -234,9 +260,12 @@ class TokenCache:
             ) from None
 
     def _write(self, doc: dict[str, Any]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._directory()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a crashed run's (or a planted link: unlinking removes the link only)
+        # Never through a link, never an existing file: the tokens go into a file made here.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(doc, f, indent=2, sort_keys=True)
@@ -417,7 +446,11 @@ class CachedCredentials:
         async with self.cache.locked():
             # Another command may have refreshed meanwhile: its token is as good as ours would be.
             current = self.cache.load(api_url)
-            if current is not None and current.access_token != self.login.access_token:
+            if current is None:
+                # Logged out since this command read the cache: refreshing would write the login
+                # back, and the logout would not stick.
+                raise ClientAuthError(f"logged out of {api_url} meanwhile: {login_hint(api_url)}")
+            if current.access_token != self.login.access_token:
                 self.login = current
                 if current.expires_at - self._clock() >= REFRESH_MARGIN_S:
                     return
@@ -462,14 +495,48 @@ class CachedCredentials:
             self.login = login
 
 
+def plain_http_host(url: str) -> str | None:
+    """The host of a plain ``http://`` URL to a host that is not loopback (a bearer token sent
+    there can be read on the path), else None."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "http":
+        return None
+    host = parsed.hostname or ""
+    return None if is_loopback(f"{host}:0") else host
+
+
+def _refuse_plain_http(url: str, what: str, insecure: bool) -> None:
+    host = plain_http_host(url)
+    if host is not None and not insecure:
+        raise ClientAuthError(
+            f"refusing to send {what} over plain http to {host} ({url}): anyone on the path could read "
+            "it; use https, or pass --insecure to send it anyway"
+        )
+
+
 def credentials_for(
     api_url: str,
     *,
     token_file: Path | None = None,
     env: Mapping[str, str] | None = None,
     cache: TokenCache | None = None,
+    insecure: bool = False,
 ) -> Credentials:
-    """The first of ``--token-file``, ``$OPENSHELL_TOKEN``, the login cache, or none."""
+    """The first of ``--token-file``, ``$OPENSHELL_TOKEN``, the login cache, or none. A token for
+    a plain-http API URL on a host that is not loopback is refused unless ``insecure``."""
+    found = _credentials_for(api_url, token_file=token_file, env=env, cache=cache)
+    if not isinstance(found, NoCredentials):
+        _refuse_plain_http(api_url, "a bearer token", insecure)
+    return found
+
+
+def _credentials_for(
+    api_url: str,
+    *,
+    token_file: Path | None,
+    env: Mapping[str, str] | None,
+    cache: TokenCache | None,
+) -> Credentials:
     env = os.environ if env is None else env
     if token_file is not None:
         return StaticToken(read_token_file(token_file), origin=f"--token-file {token_file}", api_url=api_url)
@@ -608,12 +675,20 @@ async def device_login(
     scope: str = "openid",
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Any] = asyncio.sleep,
+    insecure: bool = False,
 ) -> CachedLogin:
-    """Runs the device flow, stores the login in ``cache`` and returns it."""
+    """Runs the device flow, stores the login in ``cache`` and returns it. Over plain http to a
+    host that is not loopback (the API's answer naming the issuer, the issuer itself) it is
+    refused unless ``insecure``: an on-path attacker could name their own login page."""
     api_url = normalize_api_url(api_url)
+    if issuer is None:
+        _refuse_plain_http(api_url, "a login (the API names the issuer)", insecure)
+    else:
+        _refuse_plain_http(issuer, "a login", insecure)
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         info = await auth_info(http, api_url, issuer=issuer, client_id=client_id)
+        _refuse_plain_http(info.issuer, "a login", insecure)
         discovery = await _get_json(
             http, f"{info.issuer}/.well-known/openid-configuration", "the issuer's discovery document"
         )

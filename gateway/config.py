@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -465,12 +466,45 @@ class OidcSettings(_Section):
     username_claim: str = Field("preferred_username", description="Claim naming the caller (else sub).")
     team_claim: str = Field(
         "groups",
-        description="Claim holding the caller's teams (Keycloak groups, e.g. /teams/a); a sandbox records "
-        "its creator's first team, and non-admins see their own and their teams' sandboxes.",
+        description="Claim holding the caller's groups (Keycloak group paths, e.g. /teams/a); those under "
+        "team_prefix are the caller's teams. Non-admins see their own and their teams' sandboxes.",
+    )
+    team_prefix: str = Field(
+        "/teams/",
+        description="Only groups whose name starts with this are teams (role groups and a realm's default "
+        "groups are not); names bound in roles never are. Empty: every group is a team.",
+    )
+    allowed_clients: list[str] = Field(
+        default_factory=lambda: ["openshell-cli"],
+        description="Clients (the token's azp) whose tokens the API accepts; add a UI's or a service "
+        "account's client here. Empty: any client whose token carries the audience.",
+    )
+    allow_insecure_issuer: bool = Field(
+        False,
+        description="Accept an http:// issuer_url or jwks_uri on a non-loopback host (its keys can then be "
+        "replaced by anyone on the path: tests only).",
     )
     cli_client_id: str = Field(
         "openshell-cli", description="Public client the CLI uses for the device flow (told to it by the API)."
     )
+
+    def insecure_url(self, url: str) -> bool:
+        """Whether fetching ``url`` would trust keys anyone on the path could replace: http:// (or
+        anything but https://) to a host that is not loopback, unless allow_insecure_issuer."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme == "https" or self.allow_insecure_issuer:
+            return False
+        return not (parsed.scheme == "http" and is_loopback(f"{parsed.hostname or ''}:0"))
+
+    @model_validator(mode="after")
+    def _issuer_is_https(self) -> OidcSettings:
+        if self.issuer_url and self.insecure_url(self.issuer_url):
+            raise ValueError(
+                f"auth.oidc.issuer_url {self.issuer_url} is not https (nor http to a loopback host): the "
+                "issuer's keys decide who everybody is, so they are fetched over https only "
+                "(auth.oidc.allow_insecure_issuer: true accepts it, for tests)"
+            )
+        return self
 
 
 class AuthSettings(_Section):

@@ -37,7 +37,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -145,6 +145,7 @@ class KubernetesProvisioner:
         env: Mapping[str, str],
         created_by: str | None = None,
         team: str | None = None,
+        may_replace: Callable[[SandboxRow], bool] | None = None,
     ) -> dict[str, Any]:
         assert self.driver is not None, "start() first"
         request = SandboxRequest(sandbox_id=sandbox_id, command=list(command), image=image, env=dict(env))
@@ -155,6 +156,7 @@ class KubernetesProvisioner:
             spec=spec,
             driver_state={"phase": "Creating", "at": utcnow().isoformat()},
             replaces=_gone,
+            may_replace=may_replace,
             created_by=created_by,
             team=team,
         )

@@ -6,18 +6,26 @@ one exactly (a proxy or a typo that serves another realm's keys is refused, not 
 for its JWKS (``jwks_uri``). The keys are kept ``jwks_cache_s``; a token signed with a key id they
 do not hold makes the verifier fetch them again (the issuer rotated its key), but at most every
 ``jwks_min_refetch_s``, so a stream of tokens with invented key ids cannot turn the gateway into a
-load generator against the issuer. Concurrent callers that need a fetch share one.
+load generator against the issuer. Concurrent callers that need a fetch share one. Stale keys still
+verify while one background fetch renews them (a hanging issuer holds up nobody whose key is
+known); only a token whose key id is unknown waits for a fetch, at most ``UNKNOWN_KEY_WAIT_S``, and
+one that arrives within ``jwks_min_refetch_s`` of the last fetch is answered 503 (retry), not a
+final 401, since the issuer may have just rotated. The issuer and its ``jwks_uri`` must be https
+(or http to a loopback host) unless ``auth.oidc.allow_insecure_issuer``.
 
 A token is accepted when its signature verifies with one of those keys under an asymmetric
 algorithm the key itself allows (the header's ``alg`` is never trusted alone: ``none``, HMAC and an
 algorithm of another key type are refused, so a public key cannot be used as an HMAC secret), its
 ``iss`` is the issuer, its ``aud`` holds one of ``auth.oidc.audience``, and ``exp``, ``nbf`` and
-``iat`` hold within ``leeway_s`` of this clock. Keycloak names its client in ``azp`` and puts the
-client in ``aud`` only through an audience mapper: docs/auth.md says how to add one.
+``iat`` hold within ``leeway_s`` of this clock, and its ``azp`` (the client it was issued to) is
+one of ``auth.oidc.allowed_clients``. Keycloak puts a client in ``aud`` through an audience mapper
+(docs/auth.md), but also, by its default audience-resolve mapper, in every client's token for a
+person holding that client's roles: so the audience alone does not say which application asks.
 
 Failures are :class:`TokenRefused`: a bad token is 401 with its reason (a fixed set, the metric's
 label); an issuer that cannot be asked (down, its TLS refused, a malformed answer) is 503, because
-the caller's token may well be good. No message ever holds the token or a part of it.
+the caller's token may well be good (so is an unknown key id within the refetch bound). No
+message ever holds the token or a part of it.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ _KEY_TYPE_ALGORITHMS: dict[str, frozenset[str]] = {
 _EC_CURVE_ALGORITHM = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 #: One request to the issuer (discovery or JWKS) is given up after this long.
 FETCH_TIMEOUT_S = 10.0
+#: A token whose key id is unknown waits this long at most for the keys to be fetched again.
+UNKNOWN_KEY_WAIT_S = 5.0
 #: Largest discovery document or JWKS read (a few kilobytes in practice).
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
@@ -66,6 +76,8 @@ class TokenProblem(StrEnum):
     MALFORMED = "malformed"  # not "Bearer <jwt>", not a JWT, a claim of the wrong type or missing
     BAD_ALGORITHM = "bad_algorithm"  # none, HMAC, or not an algorithm of the key
     UNKNOWN_KEY = "unknown_key"  # a key id the issuer does not publish (after a refetch)
+    UNKNOWN_KEY_RETRY = "unknown_key_retry"  # not in the keys fetched a moment ago: 503, retry
+    WRONG_CLIENT = "wrong_client"  # azp is not one of auth.oidc.allowed_clients
     BAD_SIGNATURE = "bad_signature"
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"  # nbf or iat in the future, beyond the leeway
@@ -85,7 +97,8 @@ class TokenRefused(Exception):
 
     @property
     def status(self) -> int:
-        return 503 if self.problem is TokenProblem.ISSUER_UNAVAILABLE else 401
+        transient = (TokenProblem.ISSUER_UNAVAILABLE, TokenProblem.UNKNOWN_KEY_RETRY)
+        return 503 if self.problem in transient else 401
 
 
 class _Keys:
@@ -214,33 +227,58 @@ class OidcVerifier:
         except jwt.PyJWTError as exc:
             # The remaining ones name a claim of the wrong type or a token that does not parse.
             raise TokenRefused(TokenProblem.MALFORMED, f"the token is malformed: {exc}") from None
+        azp = claims.get("azp")
+        if s.allowed_clients and azp not in s.allowed_clients:
+            # Keycloak's audience-resolve mapper puts openshell in the aud of ANY client's token
+            # for a person holding an openshell client role: the audience alone does not say the
+            # token was meant for this API.
+            shown = azp if isinstance(azp, str) and len(azp) <= 100 else "none"
+            raise TokenRefused(
+                TokenProblem.WRONG_CLIENT,
+                f"the token was issued to client {shown!r}, not one of {', '.join(s.allowed_clients)} "
+                "(auth.oidc.allowed_clients)",
+            )
         return claims
 
     async def _key(self, kid: str | None) -> tuple[PyJWK, frozenset[str]]:
         s = self.settings
         now = self._clock()
-        stale = self._fetched_at is None or now - self._fetched_at >= s.jwks_cache_s
         found = self._keys.find(kid) if self._keys is not None else None
-        if found is not None and not stale:
+        if found is not None:
+            stale = self._fetched_at is None or now - self._fetched_at >= s.jwks_cache_s
+            if stale and self._fetch is None and self._may_fetch(now):
+                # Stale-while-revalidate: the key verifies now, and one fetch renews the keys in
+                # the background. A hanging issuer then holds up nobody whose key is known.
+                self._start_fetch()
             return found
-        # Stale keys are fetched again; an unknown key id too (the issuer may have rotated), but
-        # no sooner than jwks_min_refetch_s after the last fetch, failed or not.
-        may_fetch = self._attempted_at is None or now - self._attempted_at >= s.jwks_min_refetch_s
-        if may_fetch or self._fetch is not None:
+        # An unknown key id (the issuer may have rotated), or no keys yet: this caller waits for a
+        # fetch, a bounded time, but no sooner than jwks_min_refetch_s after the last one ended.
+        if self._fetch is not None or self._may_fetch(now):
+            self._start_fetch()
+            assert self._fetch is not None
             try:
-                await self._shared_fetch()
-            except TokenRefused:
-                if found is not None:
-                    # The issuer is away but this key was published a moment ago: keep verifying
-                    # with it rather than lock everybody out while the issuer restarts.
-                    return found
-                raise
+                # Shielded: one caller giving up (its client went, or the bound) must not cancel
+                # the fetch the others wait on.
+                await asyncio.wait_for(asyncio.shield(self._fetch), UNKNOWN_KEY_WAIT_S)
+            except TimeoutError:
+                raise TokenRefused(
+                    TokenProblem.ISSUER_UNAVAILABLE,
+                    f"the OIDC issuer did not answer within {UNKNOWN_KEY_WAIT_S:g} s",
+                ) from None
+            found = self._keys.find(kid) if self._keys is not None else None
         elif self._keys is None:
             raise TokenRefused(
                 TokenProblem.ISSUER_UNAVAILABLE,
                 f"the OIDC issuer's keys could not be fetched: {self._last_error or 'not yet fetched'}",
             )
-        found = self._keys.find(kid) if self._keys is not None else None
+        else:
+            # The keys were fetched a moment ago, before this key may have been published: the
+            # token may be good, so this is "retry", not a final refusal.
+            raise TokenRefused(
+                TokenProblem.UNKNOWN_KEY_RETRY,
+                "the token's key id is not among the issuer's keys fetched a moment ago; they are "
+                f"fetched again at most every {s.jwks_min_refetch_s:g} s (auth.oidc.jwks_min_refetch_s)",
+            )
         if found is None:
             raise TokenRefused(
                 TokenProblem.UNKNOWN_KEY,
@@ -250,13 +288,22 @@ class OidcVerifier:
             )
         return found
 
-    async def _shared_fetch(self) -> None:
+    def _may_fetch(self, now: float) -> bool:
+        # Measured from the end of the last attempt: a fetch that took long (a hanging issuer)
+        # is not followed straight away by the next.
+        return self._attempted_at is None or now - self._attempted_at >= self.settings.jwks_min_refetch_s
+
+    def _start_fetch(self) -> None:
         if self._fetch is None:
             self._fetch = asyncio.create_task(self._fetch_keys(), name="oidc-jwks-fetch")
             self._fetch.add_done_callback(self._fetch_done)
-        # Shielded: one caller going away (its client disconnected) must not cancel the fetch the
-        # others wait on.
-        await asyncio.shield(self._fetch)
+
+    async def refreshed(self) -> None:
+        """Wait for the fetch under way, if any (a background refresh; tests and shutdown)."""
+        fetch = self._fetch
+        if fetch is not None:
+            with contextlib.suppress(TokenRefused):
+                await asyncio.shield(fetch)
 
     def _fetch_done(self, task: asyncio.Task[None]) -> None:
         if self._fetch is task:
@@ -265,7 +312,7 @@ class OidcVerifier:
             task.exception()  # retrieved here: every waiter may have gone
 
     async def _fetch_keys(self) -> None:
-        self._attempted_at = self._clock()
+        started = self._attempted_at = self._clock()
         self.fetches += 1
         issuer = self.settings.issuer_url
         try:
@@ -280,8 +327,14 @@ class OidcVerifier:
             jwks_uri = discovery.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not jwks_uri:
                 raise ValueError("the discovery document has no jwks_uri")
+            if self.settings.insecure_url(jwks_uri):
+                raise ValueError(
+                    f"the discovery document's jwks_uri {jwks_uri[:200]!r} is not https: keys fetched "
+                    "over plain http could be anyone's (auth.oidc.allow_insecure_issuer)"
+                )
             keys = _Keys(await self._get_json(jwks_uri))
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            self._attempted_at = self._clock()
             self._last_error = str(exc) or type(exc).__name__
             log.warning("OIDC: cannot fetch the signing keys of %s: %s", issuer, self._last_error)
             raise TokenRefused(
@@ -291,7 +344,8 @@ class OidcVerifier:
         if not keys.by_kid:
             log.warning("OIDC: the issuer %s publishes no usable signing key", issuer)
         self._keys = keys
-        self._fetched_at = self._attempted_at
+        self._fetched_at = started
+        self._attempted_at = self._clock()
         self._last_error = None
         log.info("OIDC: fetched %d signing key(s) of %s", len(keys.by_kid), issuer)
 

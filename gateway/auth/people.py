@@ -1,7 +1,8 @@
 """People: who a verified token names, their role, and the one rule of what they may do.
 
 A token's claims give the caller (:class:`Person`): a username (``auth.oidc.username_claim``, else
-``sub``), teams (``team_claim``: Keycloak group paths such as ``/teams/a``) and one role, the
+``sub``), teams (the groups at ``team_claim`` under ``team_prefix``, such as ``/teams/a``, never a
+name bound to a role; sorted) and one role, the
 highest of those the names found at ``role_claims`` map to through ``auth.oidc.roles``:
 
 - ``viewer``: reads (sandboxes, their logs, their commands);
@@ -10,8 +11,11 @@ highest of those the names found at ``role_claims`` map to through ``auth.oidc.r
 
 Non-admins see and act only on the sandboxes they created or whose team is one of theirs
 (:func:`may_see`, and :func:`scope_of` for the list, filtered in the query so that paging stays
-right). Anything else is answered as if it did not exist (404), so ids cannot be probed. A caller
-whose token maps to no role is refused everything (403).
+right). Anything else is answered as if it did not exist (404). Ids share one namespace, so a
+create of a taken id still says it is taken (409, nothing more about another's sandbox), and an
+id re-created by someone who may not see its current sandbox is refused so: that would hand
+them the earlier generations' logs and commands. A caller whose token maps to no role is refused
+everything (403).
 
 Without OIDC (``auth.oidc.issuer_url`` unset) nobody is asked for a token and every caller is
 :data:`NOBODY_ADMIN`: the configuration allows that only on a loopback listener, or when
@@ -128,7 +132,20 @@ def person_of(claims: Mapping[str, Any], settings: OidcSettings) -> Person:
     username = next(iter(claim_values(claims, settings.username_claim)), None)
     if not username:
         username = next(iter(claim_values(claims, "sub")), None)
-    teams = tuple(dict.fromkeys(claim_values(claims, settings.team_claim)))  # ordered, no repeats
+    prefix = settings.team_prefix
+    bound = {*settings.roles.admin, *settings.roles.operator, *settings.roles.viewer}
+    # Only groups under team_prefix are teams: a role group (/openshell-operators) or a realm's
+    # default group would otherwise make everybody holding it team-mates. Sorted, because the
+    # first team is a sandbox's default and Keycloak promises no order.
+    teams = tuple(
+        sorted(
+            {
+                name
+                for name in claim_values(claims, settings.team_claim)
+                if name.startswith(prefix) and name != prefix and name not in bound
+            }
+        )
+    )
     return Person(username=username or None, role=role_of(names, settings), teams=teams)
 
 

@@ -3,8 +3,11 @@ the supervisor as an image volume), and what the HTTP API needs of them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from gateway.store import SandboxRow
 
 
 class ProvisionError(Exception):
@@ -27,6 +30,7 @@ class Provisioner(Protocol):
         env: Mapping[str, str],
         created_by: str | None = None,
         team: str | None = None,
+        may_replace: Callable[[SandboxRow], bool] | None = None,
     ) -> dict[str, Any]: ...
 
     async def delete(self, sandbox_id: str) -> bool: ...

@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,7 @@ class LocalProvisioner:
         env: Mapping[str, str],
         created_by: str | None = None,
         team: str | None = None,
+        may_replace: Callable[[SandboxRow], bool] | None = None,
     ) -> dict[str, Any]:
         if image is not None:
             raise ProvisionError(400, "the local driver runs commands on this machine: it takes no image")
@@ -244,6 +245,7 @@ class LocalProvisioner:
             spec={"command": list(command)},
             driver_state={"phase": "Running", "at": utcnow().isoformat()},
             replaces=self._gone,
+            may_replace=may_replace,
             created_by=created_by,
             team=team,
         )

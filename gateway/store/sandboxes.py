@@ -164,6 +164,7 @@ class SandboxStore:
         spec: Mapping[str, Any] | None = None,
         driver_state: Mapping[str, Any] | None = None,
         replaces: Callable[[SandboxRow], bool | Awaitable[bool]] | None = None,
+        may_replace: Callable[[SandboxRow], bool] | None = None,
         created_by: str | None = None,
         team: str | None = None,
     ) -> int | None:
@@ -174,8 +175,11 @@ class SandboxStore:
         ``replaces`` says whether the sandbox that has the id now is gone, so that the id may be
         created again: then the row is reset to the new sandbox under the next generation. It may
         be a coroutine function (to ask a driver, say); the row it judged is the one replaced, or
-        none is: the update is conditional on the generation it read. ``created_by`` and ``team``
-        are the new generation's (a re-created id belongs to whoever created it again).
+        none is: the update is conditional on the generation it read. ``may_replace``, asked
+        first about that same row, says whether this creator may take the id over at all: the row
+        keeps the earlier generations' events and commands, so whoever re-creates it may read
+        them. ``created_by`` and ``team`` are the new generation's (a re-created id belongs to
+        whoever created it again, its history included).
         """
         now = utcnow()
         values = {
@@ -202,6 +206,8 @@ class SandboxStore:
                     await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
                 ).first()
                 if row is None:
+                    return None
+                if may_replace is not None and not may_replace(_sandbox(row)):
                     return None
                 judged = replaces(_sandbox(row))
                 if not (await judged if inspect.isawaitable(judged) else judged):

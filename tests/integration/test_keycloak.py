@@ -83,6 +83,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, keycloak: Keycloak) -> Ite
             # Rotation: an unknown key id refetches at once, and a removed key ages out quickly.
             "--set", "auth.oidc.jwks_min_refetch_s=0",
             "--set", "auth.oidc.jwks_cache_s=2",
+            # The CLI's client and the test clients made here; no other client's token is taken.
+            "--set", f"auth.oidc.allowed_clients=[openshell-cli, {TEST_CLIENT}, openshell-short]",
         ],
     )  # fmt: skip
     gw.start()
@@ -167,6 +169,29 @@ def test_a_token_without_the_api_audience_is_refused(people: People, gateway: Ga
     token = people.token("alice", client="openshell-no-audience", secret=secret)
     status, doc = call(gateway, "GET", "/sandboxes", token)
     assert status == 401 and "aud" in doc["error"], doc
+
+
+def test_a_token_of_another_client_is_refused_though_keycloak_gives_it_the_audience(
+    people: People, gateway: GatewayProcess
+) -> None:
+    """Keycloak's default audience-resolve mapper puts openshell in the aud of ANY client's token
+    for a person holding an openshell client role, no audience mapper needed: only azp
+    (auth.oidc.allowed_clients) tells an unrelated application's token from the CLI's."""
+    kc = people.kc
+    api = kc.client("openshell")
+    kc.admin("POST", f"/clients/{api['id']}/roles", {"name": "openshell-operator"})
+    password = kc.create_user("eve", groups=["/teams/a"])
+    user_id = kc.admin("GET", "/users?username=eve&exact=true")[0]["id"]
+    role = kc.admin("GET", f"/clients/{api['id']}/roles/openshell-operator")
+    kc.admin("POST", f"/users/{user_id}/role-mappings/clients/{api['id']}", [role])
+    secret = kc.create_test_client("unrelated-app", mappers=False)
+    token = str(kc.password_token("unrelated-app", secret, "eve", password)["access_token"])
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["azp"] == "unrelated-app"
+    assert "openshell" in ([claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"])
+    assert claims["resource_access"]["openshell"]["roles"] == ["openshell-operator"]
+    status, doc = call(gateway, "GET", "/sandboxes", token)
+    assert status == 401 and "'unrelated-app'" in doc["error"] and "allowed_clients" in doc["error"], doc
 
 
 def test_an_expired_token_is_refused(people: People, gateway: GatewayProcess) -> None:

@@ -70,7 +70,11 @@ class TestIssuer:
     url: str = ""
     #: What the discovery document says the issuer is (default: the real URL).
     claimed_issuer: str | None = None
+    #: What the discovery document names as the JWKS (default: this server's).
+    jwks_uri: str | None = None
     _runner: web.AppRunner | None = None
+    #: Answers being held back (delay_s): cut short by stop(), which would otherwise wait them out.
+    _held: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def start(self) -> TestIssuer:
         app = web.Application()
@@ -85,17 +89,27 @@ class TestIssuer:
         return self
 
     async def stop(self) -> None:
+        for task in self._held:
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def _discovery(self, request: web.Request) -> web.Response:
-        return web.json_response({"issuer": self.claimed_issuer or self.url, "jwks_uri": f"{self.url}/jwks"})
+        return web.json_response(
+            {"issuer": self.claimed_issuer or self.url, "jwks_uri": self.jwks_uri or f"{self.url}/jwks"}
+        )
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_requests += 1
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            task = asyncio.current_task()
+            assert task is not None
+            self._held.add(task)
+            try:
+                await asyncio.sleep(self.delay_s)
+            finally:
+                self._held.discard(task)
         return web.json_response({"keys": [k.jwk() for k in self.published]})
 
     def claims(self, **overrides: Any) -> dict[str, Any]:

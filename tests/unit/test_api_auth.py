@@ -10,7 +10,8 @@ makes a pod; the real one is tested in test_provisioner.py and the e2e tests).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from gateway.config import OidcSettings
 from gateway.drivers import ProvisionError
 from gateway.metrics import GatewayMetrics
 from gateway.sessions import SessionRegistry
-from gateway.store import CommandStore, Database, EventStore, SandboxStore
+from gateway.store import CommandStore, Database, EventStore, SandboxRow, SandboxStore
 from openshell_wire.records import CommandKind, Event, LogRecord, LogStream
 from tests.support.oidc import AUDIENCE, SigningKey, TestIssuer
 
@@ -36,6 +37,8 @@ class StoreProvisioner:
     def __init__(self, store: SandboxStore) -> None:
         self.store = store
         self.deleted: list[str] = []
+        #: Ids whose sandbox is gone (its process exited, its pod deleted): they may be created again.
+        self.gone: set[str] = set()
 
     async def create(
         self,
@@ -46,12 +49,21 @@ class StoreProvisioner:
         env: Mapping[str, str],
         created_by: str | None = None,
         team: str | None = None,
+        may_replace: Callable[[SandboxRow], bool] | None = None,
     ) -> dict[str, Any]:
         generation = await self.store.create(
-            sandbox_id, driver="test", spec={"command": list(command)}, created_by=created_by, team=team
+            sandbox_id,
+            driver="test",
+            spec={"command": list(command)},
+            replaces=lambda row: row.id in self.gone,
+            may_replace=may_replace,
+            created_by=created_by,
+            team=team,
         )
         if generation is None:
-            raise ProvisionError(409, f"sandbox {sandbox_id!r} exists")
+            # As the Kubernetes provisioner's 409 does: the phase of the pod there now.
+            raise ProvisionError(409, f"sandbox {sandbox_id!r} exists (its pod is Running)")
+        self.gone.discard(sandbox_id)
         return {"id": sandbox_id, "generation": generation}
 
     async def delete(self, sandbox_id: str) -> bool:
@@ -354,3 +366,99 @@ async def test_without_oidc_every_caller_is_admin(tmp_path: Path) -> None:
             ]
     finally:
         await db.close()
+
+
+async def test_an_id_is_re_created_only_by_whoever_may_see_it_so_its_history_stays_theirs(env: Env) -> None:
+    """A re-created id keeps its earlier generations' logs and commands (?generation=N): someone
+    who may not see the sandbox there now must not get them by creating the id again."""
+    alice = env.token("alice", realm=["openshell-operator"], groups=[TEAM_X])
+    carol = env.token("carol", realm=["openshell-operator"], groups=[TEAM_X])
+    bob = env.token("bob", realm=["openshell-operator"], groups=[TEAM_Y])
+    admin = env.token("root", realm=["openshell-admin"])
+    await env.call(
+        "POST", "/api/v1/sandboxes", alice, body={"id": "secret-sb", "command": ["true"]}, status=201
+    )
+    await env.events.store_events(
+        "secret-sb", "e1", [Event(1, 1, LogRecord(LogStream.STDOUT, "AWS_SECRET=hunter2"))], generation=1
+    )
+    command = await env.call(
+        "POST", "/api/v1/sandboxes/secret-sb/commands", alice, body={"kind": "stop"}, status=201
+    )
+    # Running: bob is told it is taken, and nothing more (not its pod's phase) ...
+    running = await env.call(
+        "POST", "/api/v1/sandboxes", bob, body={"id": "secret-sb", "command": ["true"]}, status=409
+    )
+    assert running["error"] == "sandbox 'secret-sb' is taken: choose another id"
+    # ... and gone (its process exited, its pod deleted): the same answer, and no takeover.
+    env.provisioner.gone.add("secret-sb")
+    gone = await env.call(
+        "POST", "/api/v1/sandboxes", bob, body={"id": "secret-sb", "command": ["true"]}, status=409
+    )
+    assert gone == running
+    for path in (
+        "/api/v1/sandboxes/secret-sb/logs?generation=1",
+        "/api/v1/sandboxes/secret-sb/commands",
+        f"/api/v1/commands/{command['id']}",
+    ):
+        await env.call("GET", path, bob, status=404)
+    logs = await env.call("GET", "/api/v1/sandboxes/secret-sb/logs?generation=1", alice, status=200)
+    assert [e["message"] for e in logs["events"]] == ["AWS_SECRET=hunter2"]
+    # Alice's team-mate may: the id stays with the people who could read its history anyway.
+    again = await env.call(
+        "POST", "/api/v1/sandboxes", carol, body={"id": "secret-sb", "command": ["true"]}, status=201
+    )
+    assert again["generation"] == 2
+    await env.call("GET", "/api/v1/sandboxes/secret-sb/logs?generation=1", alice, status=200)
+    # The same 409 as before for a live one; an admin may take any id over.
+    await env.call(
+        "POST", "/api/v1/sandboxes", alice, body={"id": "secret-sb", "command": ["true"]}, status=409
+    )
+    env.provisioner.gone.add("secret-sb")
+    taken = await env.call(
+        "POST", "/api/v1/sandboxes", admin, body={"id": "secret-sb", "command": ["true"]}, status=201
+    )
+    assert taken["generation"] == 3
+
+
+def test_only_groups_under_the_team_prefix_are_teams_never_a_role_group() -> None:
+    settings = OidcSettings.model_validate(
+        {
+            "issuer_url": "https://idp.example/realms/r",
+            **OIDC,
+            "roles": {"operator": ["/openshell-operators"], "admin": ["/teams/admins"]},
+        }
+    )
+    claims = {
+        "preferred_username": "carol",
+        # Keycloak's order, which it does not promise: a role group first, a default group.
+        "groups": ["/openshell-operators", "/teams/b", "/everyone", "/teams/a", "/teams/", "/teams/admins"],
+    }
+    person = person_of(claims, settings)
+    assert (person.role, person.teams) == (Role.ADMIN, ("/teams/a", "/teams/b"))
+    everything = settings.model_copy(update={"team_prefix": ""})
+    assert person_of(claims, everything).teams == ("/everyone", "/teams/", "/teams/a", "/teams/b")
+
+
+async def test_a_sandbox_created_without_a_team_gets_the_first_team_by_name(env: Env) -> None:
+    dora = env.token("dora", realm=["openshell-operator"], groups=["/openshell-everyone", "/teams/z", TEAM_Y])
+    await env.call("POST", "/api/v1/sandboxes", dora, body={"id": "sb-d", "command": ["true"]}, status=201)
+    assert (await env.call("GET", "/api/v1/sandboxes/sb-d", dora, status=200))["team"] == TEAM_Y
+    answer = await env.call(
+        "POST",
+        "/api/v1/sandboxes",
+        dora,
+        body={"id": "sb-e", "command": ["true"], "team": "/openshell-everyone"},
+        status=403,
+    )
+    assert "not one of yours" in answer["error"]
+
+
+async def test_refusal_log_lines_cannot_be_forged_through_the_path(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.api")
+    resp = await env.client.get("/api/v1/sandboxes/x%0aINFO%20forged%20line%0d")
+    assert resp.status == 401
+    lines = [r.getMessage() for r in caplog.records if "401" in r.getMessage()]
+    assert lines and all("\n" not in line and "\r" not in line for line in lines)
+    assert "/api/v1/sandboxes/x%0ainfo%20forged%20line%0d" in lines[0].lower()  # as sent, still encoded

@@ -286,7 +286,7 @@ def test_token_sources_in_order(tmp_path: Path, cache: TokenCache) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     env = {"OPENSHELL_TOKEN": "from-env"}
-    api = "http://gw:7080"
+    api = "https://gw:7080"
     first = credentials_for(api, token_file=token_file, env=env, cache=cache)
     assert isinstance(first, StaticToken) and first.origin.startswith("--token-file")
     second = credentials_for(api, env=env, cache=cache)
@@ -423,3 +423,99 @@ def test_any_cache_document_loads_or_is_called_damaged(doc: object) -> None:
             assert "damaged" in str(exc) and "openshell-gateway login --api http://gw" in str(exc)
         else:
             assert login is None or isinstance(login.access_token, str)
+
+
+# Deep enough that json.loads raises RecursionError rather than ValueError.
+_DEEP = '{"a":' + "[" * 100_000
+
+
+def test_deeply_nested_json_is_a_clean_refusal_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ClientAuthError, match=r"^OPENSHELL_TOKEN: looks like JSON but does not parse$"):
+        check_token(_DEEP, origin="OPENSHELL_TOKEN")
+    token_file = tmp_path / "token"
+    token_file.write_text(_DEEP)
+    with pytest.raises(ClientAuthError, match="does not parse"):
+        read_token_file(token_file)
+    cache = TokenCache(tmp_path / "openshell" / "tokens.json")
+    cache.path.parent.mkdir(mode=0o700)
+    cache.path.write_text('{"logins":' + "[" * 100_000)
+    with pytest.raises(ClientAuthError, match=r"damaged.*openshell-gateway login --api https://gw"):
+        cache.load("https://gw")
+
+
+async def test_a_deeply_nested_cache_is_kept_aside_by_a_login(issuer: Issuer, cache: TokenCache) -> None:
+    cache.path.parent.mkdir(parents=True, mode=0o700)
+    cache.path.write_text('{"logins":' + "[" * 100_000)
+    await _login(issuer, cache, FakeTime())
+    assert cache.load(issuer.base) is not None
+    assert len(list(cache.path.parent.glob("tokens.json.damaged-*"))) == 1
+
+
+async def test_a_logout_sticks_when_a_command_refreshes_meanwhile(issuer: Issuer, cache: TokenCache) -> None:
+    login, _ = await _login(issuer, cache, FakeTime())
+    # A command loaded the login, then the user logged out; the command's token is near expiry.
+    creds = CachedCredentials(cache, login, clock=lambda: login.expires_at - 1)
+    assert await logout(issuer.base, cache=cache)
+    async with ApiClient(issuer.base, creds) as api:
+        with pytest.raises(ClientAuthError, match=r"logged out of .* meanwhile.*openshell-gateway login"):
+            await api.request("GET", "/sandboxes")
+    assert cache.load(issuer.base) is None  # not written back
+    assert issuer.refresh_grants == 0
+
+
+async def test_the_cache_directory_is_tightened_and_the_temporary_file_never_follows_a_link(
+    issuer: Issuer, cache: TokenCache, tmp_path: Path
+) -> None:
+    cache.path.parent.mkdir(parents=True, mode=0o755)
+    os.chmod(cache.path.parent, 0o755)  # whatever the umask: made by someone else, say
+    # A link planted where the temporary file goes: the tokens must not land at its target.
+    target = tmp_path / "planted"
+    target.write_text("")
+    (cache.path.parent / f".tokens.json.{os.getpid()}.tmp").symlink_to(target)
+    await _login(issuer, cache, FakeTime())
+    assert cache.path.parent.stat().st_mode & 0o777 == 0o700
+    assert cache.path.stat().st_mode & 0o777 == 0o600 and not cache.path.is_symlink()
+    assert target.read_text() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory to another user")
+async def test_a_cache_directory_of_another_user_is_refused(issuer: Issuer, cache: TokenCache) -> None:
+    cache.path.parent.mkdir(parents=True, mode=0o700)
+    os.chown(cache.path.parent, 65534, 65534)
+    with pytest.raises(ClientAuthError, match="belongs to another user"):
+        await _login(issuer, cache, FakeTime())
+    assert not cache.path.exists()
+
+
+def test_a_token_is_not_sent_over_plain_http_to_another_host_unless_insecure(tmp_path: Path) -> None:
+    env = {"OPENSHELL_TOKEN": "a-token"}
+    cache = TokenCache(tmp_path / "tokens.json")
+    with pytest.raises(ClientAuthError, match=r"plain http to gw\.example\.com.*--insecure"):
+        credentials_for("http://gw.example.com:7080", env=env, cache=cache)
+    assert isinstance(
+        credentials_for("http://gw.example.com:7080", env=env, cache=cache, insecure=True), StaticToken
+    )
+    for fine in (
+        "https://gw.example.com",
+        "http://127.0.0.1:7080",
+        "http://localhost:7080",
+        "http://[::1]:7080",
+    ):
+        assert isinstance(credentials_for(fine, env=env, cache=cache), StaticToken)
+    # Without a token nothing is at stake: the call goes (a gateway without OIDC).
+    assert isinstance(credentials_for("http://gw.example.com", env={}, cache=cache), NoCredentials)
+
+
+async def test_a_login_over_plain_http_to_another_host_is_refused_unless_insecure(cache: TokenCache) -> None:
+    # Refused before anything is asked: gw.invalid does not resolve, and is never looked up.
+    with pytest.raises(ClientAuthError, match=r"refusing to send a login .*plain http to gw\.invalid"):
+        await device_login("http://gw.invalid:7080", cache=cache, out=print)
+    with pytest.raises(ClientAuthError, match=r"plain http to keycloak\.invalid"):
+        await device_login(
+            "https://gw.invalid",
+            cache=cache,
+            out=print,
+            issuer="http://keycloak.invalid/realms/o",
+            client_id="c",
+        )
+    assert not cache.path.exists()

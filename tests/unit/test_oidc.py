@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from gateway.auth import oidc
 from gateway.auth.oidc import OidcVerifier, TokenProblem, TokenRefused
 from gateway.config import OidcSettings
 from tests.support.oidc import AUDIENCE, SigningKey, TestIssuer
@@ -154,11 +156,13 @@ async def test_a_rotated_key_is_fetched_and_unknown_key_ids_refetch_at_most_ever
     # Invented key ids within jwks_min_refetch_s: refused without asking the issuer again.
     for n in range(20):
         exc = await refused(verifier, issuer.token(SigningKey(f"made-up-{n}", "RS256", new.private)))
-        assert exc.problem is TokenProblem.UNKNOWN_KEY
+        # Not final: the keys were fetched a moment ago, and the issuer may have rotated since.
+        assert (exc.problem, exc.status) == (TokenProblem.UNKNOWN_KEY_RETRY, 503)
     assert issuer.jwks_requests == 2
-    # After it, one more fetch.
+    # After it, one more fetch; a key id still unknown after it is refused for good.
     clock.at += 11
-    await refused(verifier, issuer.token(SigningKey("made-up", "RS256", new.private)))
+    exc = await refused(verifier, issuer.token(SigningKey("made-up", "RS256", new.private)))
+    assert (exc.problem, exc.status) == (TokenProblem.UNKNOWN_KEY, 401)
     assert issuer.jwks_requests == 3
 
 
@@ -168,7 +172,8 @@ async def test_a_rotation_within_min_refetch_is_seen_once_the_bound_passes(
     assert await verifier.verify(issuer.token())
     new = SigningKey.ec("k3")
     issuer.published.append(new)
-    assert (await refused(verifier, issuer.token(new))).problem is TokenProblem.UNKNOWN_KEY
+    # Within the refetch bound: 503, retry (a real rotation a made-up key id cannot make final).
+    assert (await refused(verifier, issuer.token(new))).status == 503
     clock.at += 10
     assert await verifier.verify(issuer.token(new))
 
@@ -180,9 +185,11 @@ async def test_the_keys_are_fetched_again_after_jwks_cache_s(issuer: TestIssuer,
         await verifier.verify(token)
         clock.at += 59
         await verifier.verify(token)
+        await verifier.refreshed()
         assert issuer.jwks_requests == 1
         clock.at += 2
-        await verifier.verify(token)
+        await verifier.verify(token)  # verified with the stale keys, renewed in the background
+        await verifier.refreshed()
         assert issuer.jwks_requests == 2
     finally:
         await verifier.close()
@@ -220,10 +227,11 @@ async def test_keys_already_fetched_still_verify_while_the_issuer_is_down(
     await issuer.stop()
     clock.at += 7200  # past jwks_cache_s: a refetch is due, and fails
     assert await verifier.verify(token)
-    # A key it never saw: unknown within the refetch bound (the issuer was just tried), then 503
-    # once the issuer is tried again and still cannot be asked (the token may be good).
+    await verifier.refreshed()
+    # A key it never saw: 503 either way (the token may be good): within the refetch bound (the
+    # issuer was just tried), then once the issuer is tried again and still cannot be asked.
     unseen = issuer.token(SigningKey.rsa("k9"))
-    assert (await refused(verifier, unseen)).problem is TokenProblem.UNKNOWN_KEY
+    assert (await refused(verifier, unseen)).problem is TokenProblem.UNKNOWN_KEY_RETRY
     clock.at += 10
     assert (await refused(verifier, unseen)).problem is TokenProblem.ISSUER_UNAVAILABLE
 
@@ -235,3 +243,68 @@ async def test_a_discovery_document_of_another_issuer_is_refused(
     exc = await refused(verifier, issuer.token())
     assert exc.status == 503
     assert "must be the issuer exactly" in exc.detail
+
+
+async def test_a_hanging_issuer_holds_up_no_token_whose_key_is_known(
+    issuer: TestIssuer, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past jwks_cache_s the keys are renewed by ONE background fetch; meanwhile tokens of known
+    keys verify at once with the stale keys, however long the issuer takes to answer."""
+    monkeypatch.setattr(oidc, "FETCH_TIMEOUT_S", 3.0)  # the old code waited this out on every call
+    verifier = OidcVerifier(settings(issuer, jwks_cache_s=60), clock=clock)
+    try:
+        await verifier.verify(issuer.token())
+        issuer.delay_s = 30  # accepts the connection, does not answer
+        clock.at += 61
+        renewal = None
+        for n in range(3):
+            claims = await verifier.verify(issuer.token(preferred_username=f"u{n}"))
+            assert claims["preferred_username"] == f"u{n}"
+            # Answered while the renewal is still under way: nobody waited for it, and it is the
+            # one renewal, past jwks_min_refetch_s too.
+            assert verifier._fetch is not None and not verifier._fetch.done()
+            assert renewal in (None, verifier._fetch)
+            renewal = verifier._fetch
+            clock.at += 11
+        await asyncio.sleep(0.2)
+        assert (verifier.fetches, issuer.jwks_requests) == (2, 2)
+    finally:
+        await verifier.close()
+
+
+async def test_only_the_allowed_clients_tokens_are_accepted(issuer: TestIssuer, clock: Clock) -> None:
+    """Keycloak's audience-resolve mapper puts openshell in the aud of any client's token for a
+    person holding an openshell client role: azp says which application the token was issued to."""
+    verifier = OidcVerifier(settings(issuer), clock=clock)  # allowed_clients: the default
+    try:
+        assert await verifier.verify(issuer.token(azp="openshell-cli"))
+        for azp in ("unrelated-app", None, 7):
+            exc = await refused(verifier, issuer.token(azp=azp))
+            assert (exc.problem, exc.status) == (TokenProblem.WRONG_CLIENT, 401)
+        assert "'unrelated-app'" in (await refused(verifier, issuer.token(azp="unrelated-app"))).detail
+    finally:
+        await verifier.close()
+    anyone = OidcVerifier(settings(issuer, allowed_clients=[]), clock=clock)
+    try:
+        assert await anyone.verify(issuer.token(azp="unrelated-app"))
+    finally:
+        await anyone.close()
+
+
+def test_an_issuer_over_plain_http_to_another_host_is_refused() -> None:
+    with pytest.raises(ValidationError, match="allow_insecure_issuer"):
+        OidcSettings.model_validate({"issuer_url": "http://keycloak.example.com/realms/o"})
+    for fine in (
+        {"issuer_url": "https://keycloak.example.com/realms/o"},
+        {"issuer_url": "http://127.0.0.1:8080/realms/o"},
+        {"issuer_url": "http://localhost:8080/realms/o"},
+        {"issuer_url": "http://keycloak.example.com/realms/o", "allow_insecure_issuer": True},
+    ):
+        OidcSettings.model_validate(fine)
+
+
+async def test_a_jwks_uri_over_plain_http_is_refused(issuer: TestIssuer, verifier: OidcVerifier) -> None:
+    issuer.jwks_uri = "http://keys.invalid/jwks"  # never asked: refused before
+    exc = await refused(verifier, issuer.token())
+    assert exc.status == 503 and "is not https" in exc.detail
+    assert issuer.jwks_requests == 0
