@@ -505,12 +505,12 @@ def plain_http_host(url: str) -> str | None:
     return None if is_loopback(f"{host}:0") else host
 
 
-def _refuse_plain_http(url: str, what: str, insecure: bool) -> None:
+def _refuse_plain_http(url: str, what: str, insecure: bool, *, risk: str = "read it") -> None:
     host = plain_http_host(url)
     if host is not None and not insecure:
         raise ClientAuthError(
-            f"refusing to send {what} over plain http to {host} ({url}): anyone on the path could read "
-            "it; use https, or pass --insecure to send it anyway"
+            f"refusing to {what} over plain http to {host} ({url}): anyone on the path could {risk}; "
+            "use https, or pass --insecure to do it anyway"
         )
 
 
@@ -526,7 +526,7 @@ def credentials_for(
     a plain-http API URL on a host that is not loopback is refused unless ``insecure``."""
     found = _credentials_for(api_url, token_file=token_file, env=env, cache=cache)
     if not isinstance(found, NoCredentials):
-        _refuse_plain_http(api_url, "a bearer token", insecure)
+        _refuse_plain_http(api_url, "send a bearer token", insecure)
     return found
 
 
@@ -682,13 +682,19 @@ async def device_login(
     refused unless ``insecure``: an on-path attacker could name their own login page."""
     api_url = normalize_api_url(api_url)
     if issuer is None:
-        _refuse_plain_http(api_url, "a login (the API names the issuer)", insecure)
+        # The API's unauthenticated answer names the issuer: over http, anyone's login page.
+        _refuse_plain_http(
+            api_url,
+            "ask which issuer to log in to",
+            insecure,
+            risk="name their own login page (--issuer names it yourself)",
+        )
     else:
-        _refuse_plain_http(issuer, "a login", insecure)
+        _refuse_plain_http(issuer, "log in", insecure, risk="read the tokens")
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         info = await auth_info(http, api_url, issuer=issuer, client_id=client_id)
-        _refuse_plain_http(info.issuer, "a login", insecure)
+        _refuse_plain_http(info.issuer, "log in", insecure, risk="read the tokens")
         discovery = await _get_json(
             http, f"{info.issuer}/.well-known/openid-configuration", "the issuer's discovery document"
         )

@@ -508,7 +508,9 @@ def test_a_token_is_not_sent_over_plain_http_to_another_host_unless_insecure(tmp
 
 async def test_a_login_over_plain_http_to_another_host_is_refused_unless_insecure(cache: TokenCache) -> None:
     # Refused before anything is asked: gw.invalid does not resolve, and is never looked up.
-    with pytest.raises(ClientAuthError, match=r"refusing to send a login .*plain http to gw\.invalid"):
+    with pytest.raises(
+        ClientAuthError, match=r"refusing to ask which issuer .*plain http to gw\.invalid.*--issuer"
+    ):
         await device_login("http://gw.invalid:7080", cache=cache, out=print)
     with pytest.raises(ClientAuthError, match=r"plain http to keycloak\.invalid"):
         await device_login(
