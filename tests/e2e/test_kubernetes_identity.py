@@ -257,10 +257,13 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
     cluster: Cluster, gateway_identity: Path, tmp_path: Path
 ) -> None:
     """The gateway's one rule for supervisor calls (gateway/auth/supervisors.py) with this
-    verifier and the real store: a pod's token acts for its sandbox, never for another; once its
-    pod is gone (the sandbox deleted) the token no longer gets in, within review_cache_s (0 here);
-    a pod re-created under the name binds the sandbox to its new uid, so the old pod's token is
-    refused even while it is still cached."""
+    verifier and the real store: a pod's token acts for its sandbox, never for another; a pod
+    made under the sandbox's pod name by someone else than the gateway (its row still naming the
+    gateway's pod) is refused ``stale`` although the API server accepts its token; so is any pod
+    for a row that names no pod; once the gateway's create re-records the sandbox's pod, the old
+    pod's token is refused ``stale`` even while its accepted review is still cached (review cache
+    on); once its pod is gone (the sandbox deleted) a token no longer gets in, within
+    review_cache_s (0 for that step)."""
     c = cluster
     cfg = config(c.namespace, review_cache_s=0)
     driver = driver_for(gateway_identity, c.namespace)
@@ -270,9 +273,20 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
         cfg, tokens=SandboxTokens(cfg.auth.supervisors, SigningKeyStore(db)), sandboxes=sandboxes
     )
     authenticator.use_kubernetes(kubernetes_verifier(cfg, driver.client))
+    # The same with the review cache on: a token reviewed once is not asked about again, so only
+    # the binding to the row's pod uid can refuse it.
+    cached_cfg = config(c.namespace, review_cache_s=300)
+    cached = SupervisorAuthenticator(
+        cached_cfg,
+        tokens=SandboxTokens(cached_cfg.auth.supervisors, SigningKeyStore(db)),
+        sandboxes=sandboxes,
+    )
+    cached.use_kubernetes(kubernetes_verifier(cached_cfg, driver.client))
 
-    async def call(tok: str, sandbox_id: str) -> SandboxPrincipal | None:
-        return await authenticator.authenticate(
+    async def call(
+        tok: str, sandbox_id: str, *, through: SupervisorAuthenticator = authenticator
+    ) -> SandboxPrincipal | None:
+        return await through.authenticate(
             [("authorization", f"Bearer {tok}")], sandbox_id=sandbox_id, method="test", peer="ipv4:10.0.0.1:1"
         )
 
@@ -296,13 +310,30 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
         refusal = await refused(lambda: call(token_a, "id-b"))  # type: ignore[arg-type, return-value]
         assert refusal.reason is Refusal.OTHER_SANDBOX and refusal.status.name == "PERMISSION_DENIED"
 
-        # The sandbox's pod re-created under its name: the row names the new pod's uid.
+        assert (await call(token_a, "id-a", through=cached)) is not None  # reviewed, and cached
+
+        # Someone else makes a pod under the sandbox's pod name (the gateway's is gone; labels,
+        # annotation and ServiceAccount copied): the API server accepts its token, but the row
+        # still names the gateway's pod.
         delete_pod(c, pods["id-a"])
         pods["id-a"] = make_pod(c, "id-a")
+        token_new = kubeaccess.projected_token(c.admin, pods["id-a"])
+        for through in (authenticator, cached):
+            refusal = await refused(lambda t=through: call(token_new, "id-a", through=t))  # type: ignore[arg-type, return-value]
+            assert refusal.reason is Refusal.STALE, refusal
+        # A row that names no pod (a failed create again, or a row from before uids were
+        # recorded) binds none: the pod's name alone does not let it in.
+        await sandboxes.create("id-c", driver="kubernetes")
+        pods["id-c"] = make_pod(c, "id-c")
+        refusal = await refused(lambda: call(kubeaccess.projected_token(c.admin, pods["id-c"]), "id-c"))  # type: ignore[arg-type, return-value]
+        assert refusal.reason is Refusal.STALE, refusal
+
+        # The gateway's create records the new pod: its token gets in, and the old pod's, whose
+        # accepted review is still cached, is refused by the binding alone.
         await sandboxes.set_spec("id-a", {}, pod_uid=pods["id-a"]["metadata"]["uid"])
-        refusal = await refused(lambda: call(token_a, "id-a"))  # type: ignore[arg-type, return-value]
-        assert refusal.reason in (Refusal.STALE, Refusal.REVIEW_FAILED), refusal
-        assert (await call(kubeaccess.projected_token(c.admin, pods["id-a"]), "id-a")) is not None
+        assert (await call(token_new, "id-a", through=cached)) is not None
+        refusal = await refused(lambda: call(token_a, "id-a", through=cached))  # type: ignore[arg-type, return-value]
+        assert refusal.reason is Refusal.STALE, refusal
 
         # Sandbox b deleted (its pod gone, its row kept): its token is refused once the API server
         # has seen the deletion, however long the token itself still lives.
@@ -322,5 +353,6 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
         for pod in pods.values():
             delete_pod(c, pod)
         authenticator.close()
+        cached.close()
         await driver.close()
         await db.close()
