@@ -13,6 +13,8 @@ values.yaml is the single source: each value has a helm-docs style comment direc
 * ``# -- (int|null) text`` overrides the type taken from the default (names: string, int, number,
   bool, list, object, null, joined with ``|``).
 * ``# @enum -- a, b, c`` on a following comment line limits the value to those strings.
+* ``# @range -- MIN, MAX`` on a following comment line bounds a number (inclusive), e.g. the
+  gateway's own bounds, so a bad value fails ``helm install`` instead of crash-looping the gateway.
 
 The schema is JSON Schema draft-07 with ``additionalProperties: false`` on the top level and every
 section, so a misspelt key fails ``helm lint``/``install`` instead of being ignored.
@@ -41,6 +43,7 @@ README = CHART / "README.md"
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(?:\s|$)")
 _DOC = re.compile(r"^ *# -- ?(?:\((?P<type>[a-z|]+)\) *)?(?P<text>.*)$")
 _ENUM = re.compile(r"^ *# @enum -- *(?P<values>.+)$")
+_RANGE = re.compile(r"^ *# @range -- *(?P<min>-?[0-9.]+) *, *(?P<max>-?[0-9.]+) *$")
 _MORE = re.compile(r"^ *#(?: (?P<text>.*))?$")
 
 _TYPES = {
@@ -79,6 +82,7 @@ class Value:
     description: str
     types: list[str]
     enum: list[str] | None = None
+    bounds: tuple[float, float] | None = None
 
 
 @dataclass
@@ -86,6 +90,7 @@ class _Doc:
     lines: list[str] = field(default_factory=list)
     type_override: str | None = None
     enum: list[str] | None = None
+    bounds: tuple[float, float] | None = None
 
 
 def _json_type(value: Any, where: str) -> str:
@@ -139,6 +144,8 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 doc = _Doc(lines=[m["text"].strip()], type_override=m["type"])
             elif doc is not None and (m := _ENUM.match(line)) is not None:
                 doc.enum = [v.strip() for v in m["values"].split(",") if v.strip()]
+            elif doc is not None and (m := _RANGE.match(line)) is not None:
+                doc.bounds = (float(m["min"]), float(m["max"]))
             elif doc is not None and (m := _MORE.match(line)) is not None:
                 doc.lines.append((m["text"] or "").strip())
             continue
@@ -161,10 +168,14 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 types = [_json_type(default, where)]
             if doc.enum is not None and default not in doc.enum:
                 raise ValuesError(f"{where}: default {default!r} is not one of {doc.enum}")
+            if doc.bounds is not None and not (
+                isinstance(default, int | float) and doc.bounds[0] <= default <= doc.bounds[1]
+            ):
+                raise ValuesError(f"{where}: default {default!r} is outside {doc.bounds}")
             description = " ".join(part for part in doc.lines if part)
             if not description:
                 raise ValuesError(f"{where}: empty '# --' description")
-            values.append(Value(path, default, description, types, doc.enum))
+            values.append(Value(path, default, description, types, doc.enum, doc.bounds))
             skip_below = indent
         elif isinstance(default, dict) and default:
             stack.append((indent, m["key"]))
@@ -194,6 +205,10 @@ def _leaf_schema(value: Value) -> dict[str, Any]:
     }
     if value.enum is not None:
         schema["enum"] = value.enum
+    if value.bounds is not None:
+        low, high = value.bounds
+        schema["minimum"] = int(low) if low.is_integer() else low
+        schema["maximum"] = int(high) if high.is_integer() else high
     if value.types == ["array"] and value.default:
         item_types = {_json_type(item, ".".join(value.path)) for item in value.default}
         if len(item_types) == 1:
@@ -234,6 +249,9 @@ def _type_cell(value: Value) -> str:
     shown = " or ".join(_SHOWN[t] for t in value.types)
     if value.enum is not None:
         shown += ": one of " + ", ".join(f"`{v}`" for v in value.enum)
+    if value.bounds is not None:
+        low, high = (int(b) if b.is_integer() else b for b in value.bounds)
+        shown += f", {low} to {high}"
     return shown
 
 

@@ -310,54 +310,60 @@ def _policies_on(target: Target) -> bool:
 
 
 @contextlib.contextmanager
-def _listener_on_node(prefix: list[str], address: str, port: int, body: str) -> Iterator[None]:
-    """An HTTP server on ``address:port`` in the node's network namespace, ``body`` at /: a stand-in
-    for the cloud metadata service (the pods' default route leads to the node), so that a refusal is
-    told from "nothing there" by the control that reaches it."""
+def _listener_on_node(prefix: list[str], address: str, ports: list[int], body: str) -> Iterator[None]:
+    """An HTTP server on ``address:port`` for each port in the node's network namespace, ``body`` at /:
+    a stand-in for the cloud metadata service (the pods' default route leads to the node) and for a
+    DNS server that is not the cluster's (TCP 53), so that a refusal is told from "nothing there" by
+    the control that reaches it."""
     root = Path(os.environ.get("TMPDIR", "/tmp")) / kubeaccess.unique("os-metadata")
     root.mkdir()
     (root / "index.html").write_text(body)
     subprocess.run([*prefix, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
-    server = subprocess.Popen(
-        [
-            *prefix,
-            sys.executable,
-            "-m",
-            "http.server",
-            "--bind",
-            address,
-            "--directory",
-            str(root),
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        kubeaccess.wait_for(
-            lambda: (
-                subprocess.run(
-                    [
-                        *prefix,
-                        sys.executable,
-                        "-c",
-                        f"import urllib.request as u; u.urlopen('http://{address}:{port}/', timeout=2)",
-                    ],
-                    capture_output=True,
-                ).returncode
-                == 0
-            ),
-            timeout=30,
-            what="the metadata stand-in to listen",
+    servers = [
+        subprocess.Popen(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "http.server",
+                "--bind",
+                address,
+                "--directory",
+                str(root),
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            kubeaccess.wait_for(
+                lambda port=port: (
+                    subprocess.run(
+                        [
+                            *prefix,
+                            sys.executable,
+                            "-c",
+                            f"import urllib.request as u; u.urlopen('http://{address}:{port}/', timeout=2)",
+                        ],
+                        capture_output=True,
+                    ).returncode
+                    == 0
+                ),
+                timeout=30,
+                what=f"the stand-in on {address}:{port} to listen",
+            )
         yield
     finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=10)
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        for server in servers:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=10)
+            if server.poll() is None:
+                server.kill()
+                server.wait()
         subprocess.run([*prefix, "ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
         for child in root.iterdir():
             child.unlink()
@@ -388,13 +394,18 @@ def _blocked(outcome: str) -> bool:
 
 def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, target: Target) -> None:
     """The chart's sandbox NetworkPolicy (on by default): from inside a sandbox the gateway's gRPC
-    port is reachable; its HTTP API, another sandbox's listening port and the cloud metadata address
-    are not. A second probe under an extra policy that allows the last two reaches both: the first
-    probe's refusals are the policy's, not an empty address."""
+    port is reachable; its HTTP API, another sandbox's listening port, the cloud metadata address and
+    a DNS port (53) of a server that is not the cluster DNS are not. A second probe under an extra
+    sandbox policy that allows all of these, the API's port included, reaches the peer, the metadata
+    address and that port 53: the first probe's refusals are the policy's, not an empty address. The
+    API stays out of reach then too: the gateway's own ingress policy (httpFrom: here the API
+    server's address only) refuses it, the layer that still holds with the sandbox policy relaxed."""
     if not _policies_on(target) or target.node_prefix is None:
         pytest.skip("the chart's NetworkPolicies are on only where this test knows the cluster (local node)")
     gateway = target.values["sandboxes"]["gatewayAddress"].rsplit(":", 1)[0]
-    with _listener_on_node(target.node_prefix, METADATA, 80, "metadata-stand-in"):
+    # The chart renders the API on 0.0.0.0 here (auth.allowUnauthenticatedApi: the test reaches it
+    # through the API server's service proxy), so only the policies keep sandboxes off it.
+    with _listener_on_node(target.node_prefix, METADATA, [80, 53], "metadata-stand-in"):
         # Another sandbox, listening (busybox httpd) on its pod address.
         serve = f"echo peer-page > /tmp/index.html && exec busybox httpd -f -p {PEER_PORT} -h /tmp"
         installed.call(
@@ -412,6 +423,8 @@ def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, ta
             "grpc": f"http://{gateway}:7070/",
             "peer": f"http://{peer_pod.status.podIP}:{PEER_PORT}/",
             "metadata": f"http://{METADATA}/",
+            # TCP 53 of a server that is not the cluster DNS (its peer is dnsTo: kube-dns pods only).
+            "dns-other": f"http://{METADATA}:53/",
         }
 
         def probe(sandbox: str) -> dict[str, str]:
@@ -431,11 +444,13 @@ def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, ta
         assert _blocked(secure["api"]), secure
         assert _blocked(secure["peer"]), secure
         assert _blocked(secure["metadata"]), secure
+        assert _blocked(secure["dns-other"]), secure
         # gRPC: connected (HTTP/1 gets no answer it understands), neither refused nor timed out; the
         # probe's own lines came over that port too.
         assert not _blocked(secure["grpc"]), secure
 
-        # The control: allowed by one more policy, both listeners answer from a sandbox.
+        # The control: one more sandbox policy allows the peer, the metadata address on 80 and 53, and
+        # the API's port 7080 anywhere; all but the API answer.
         allow = codecs.from_dict(
             {
                 "apiVersion": "networking.k8s.io/v1",
@@ -448,9 +463,10 @@ def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, ta
                     "egress": [
                         {
                             "to": [{"ipBlock": {"cidr": f"{METADATA}/32"}}],
-                            "ports": [{"port": 80, "protocol": "TCP"}],
+                            "ports": [{"port": 80, "protocol": "TCP"}, {"port": 53, "protocol": "TCP"}],
                         },
                         {"ports": [{"port": PEER_PORT, "protocol": "TCP"}]},
+                        {"ports": [{"port": 7080, "protocol": "TCP"}]},
                     ],
                 },
             }
@@ -461,8 +477,10 @@ def test_sandboxes_reach_only_dns_and_the_gateways_grpc(installed: Installed, ta
         finally:
             installed.admin.delete(NetworkPolicy, "test-allow-listeners", namespace=installed.sandboxes)
         assert allowed["metadata"].startswith("rc=0 metadata-stand-in"), allowed
+        assert allowed["dns-other"].startswith("rc=0 metadata-stand-in"), allowed
         assert allowed["peer"].startswith("rc=0 peer-page"), allowed
-        assert _blocked(allowed["api"]), allowed  # the gateway's own policy still keeps it out
+        # The sandbox side now lets 7080 out: the gateway's own ingress policy is what refuses it.
+        assert _blocked(allowed["api"]), allowed
         installed.call("DELETE", "/sandboxes/net-peer")
 
 

@@ -97,6 +97,10 @@ def chart_values(pushed: Images) -> dict[str, Any]:
             "registry": {"plainHttp": [pushed.registry]},
         },
         "tests": {"image": pushed.sandbox},  # busybox: the `helm test` pod needs wget
+        # Without OIDC the chart keeps the API on the pod's loopback; this local cluster's callers
+        # reach it through the API server's service proxy (the pod's address), so it is opened,
+        # unauthenticated, on purpose: the NetworkPolicies' httpFrom admits only that proxy.
+        "auth": {"allowUnauthenticatedApi": True},
     }
 
 

@@ -220,11 +220,11 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
     objects = rendered(name)
     config = load_config(objects, tmp_path)
     assert config.drivers.kind == "kubernetes"
-    assert config.grpc.listen == "0.0.0.0:7070" and config.http.listen == "0.0.0.0:7080"
-    assert config.ops.listen == "0.0.0.0:7090"
-    # Without OIDC the API is unauthenticated, said explicitly (the gateway refuses a network-reachable
-    # API otherwise), and only then; supervisors must authenticate either way.
-    assert config.auth.allow_unauthenticated_api is (not config.auth.oidc.issuer_url)
+    assert config.grpc.listen == "0.0.0.0:7070" and config.ops.listen == "0.0.0.0:7090"
+    # Without OIDC the API takes no tokens, so it listens on loopback (a port-forward reaches it, no
+    # pod does); no values file opens it unauthenticated. Supervisors must authenticate either way.
+    assert config.http.listen == ("0.0.0.0:7080" if config.auth.oidc.issuer_url else "127.0.0.1:7080")
+    assert config.auth.allow_unauthenticated_api is False
     assert config.auth.supervisors.required is True
     assert config.sessions.register_unknown is False
     # Supervisors dial the gateway Service's gRPC port.
@@ -460,6 +460,7 @@ def test_gateway_api_values_render_routes_and_default_values_none() -> None:
     assert of_kind(objects, "HTTPRoute") == [] and listeners == {"grpc"}
     values = ci_values("gateway-api-values.yaml")
     values["gatewayApi"]["httpRoute"] = {"enabled": True, "hostnames": ["api.openshell.example.com"]}
+    values["auth"] = {"oidc": {"issuerUrl": "https://keycloak.example.com/realms/openshell"}}
     with_http = render(values)
     gateway = one(with_http, "Gateway")
     listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
@@ -660,6 +661,7 @@ def test_network_policy_admits_prometheus_and_the_gateway_api_data_plane() -> No
     assert not admitted(policy, 7080, {"app": "envoy"}, "gateway-system")  # no HTTPRoute
     values = ci_values("gateway-api-values.yaml")
     values["gatewayApi"]["httpRoute"] = {"enabled": True}
+    values["auth"] = {"allowUnauthenticatedApi": True}
     policy = one(render(values), "NetworkPolicy", component="gateway")
     assert admitted(policy, 7080, {"app": "envoy"}, "gateway-system")
     # The data plane's peers only with the Gateway API on.
@@ -724,6 +726,79 @@ def test_sandboxes_get_no_ingress_and_egress_only_to_dns_and_the_gateways_grpc(t
             assert not egress_allows_address(policy, address, port), (address, port)
 
 
+def test_an_allowlist_rule_without_to_is_refused_unless_explicitly_allowed() -> None:
+    # A rule without `to` reaches any address on its ports: the metadata address and the cluster too.
+    rule = {"ports": [{"port": 443, "protocol": "TCP"}]}
+    named = {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    with pytest.raises(helm.HelmError, match=r"egress\[1\] has no `to`.*metadata"):
+        render({"networkPolicy": {"sandboxes": {"egress": [named, rule]}}})
+    policy = sandbox_policy(
+        render({"networkPolicy": {"sandboxes": {"egress": [named, rule], "allowEgressWithoutTo": True}}})
+    )
+    assert egress_allows_address(policy, "169.254.169.254", 443)  # what the override means
+    # Not refused where no sandbox policy is rendered.
+    render({"networkPolicy": {"sandboxes": {"enabled": False, "egress": [rule]}}})
+
+
+def test_default_metadata_ranges_cover_the_big_clouds() -> None:
+    values = {"networkPolicy": {"sandboxes": {"internet": {"enabled": True}}}}
+    policy = sandbox_policy(render(values))
+    assert egress_allows_address(policy, "203.0.113.7", 443)
+    for address in ("169.254.169.254", "100.100.100.200"):  # AWS/GCP/Azure, Alibaba Cloud
+        assert not egress_allows_address(policy, address, 80), address
+
+
+def test_dns_peers_and_ports_are_configurable_for_openshift_and_nodelocal_dns(tmp_path: Path) -> None:
+    def dns_rules(objects: list[Obj]) -> tuple[Obj, Obj]:
+        gateway = one(objects, "NetworkPolicy", component="gateway")["spec"]["egress"][0]
+        sandbox = sandbox_policy(objects)["spec"]["egress"][0]
+        return gateway, sandbox
+
+    def ports(rule: Obj) -> set[tuple[int, str]]:
+        return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+    # Defaults: 53; the gateway to any DNS server, sandboxes to kube-system's kube-dns pods only.
+    gateway, sandbox = dns_rules(rendered("default-values.yaml"))
+    assert ports(gateway) == ports(sandbox) == {(53, "UDP"), (53, "TCP")}
+    assert "to" not in gateway
+    # OpenShift: openshift-dns's pods on 5353 (its Service's 53 after DNAT), for both policies.
+    gateway, sandbox = dns_rules(rendered("openshift-values.yaml"))
+    assert ports(gateway) == ports(sandbox) == {(5353, "UDP"), (5353, "TCP")}
+    openshift_dns = {"dns.operator.openshift.io/daemonset-dns": "default"}
+    for rule in (gateway, sandbox):
+        (peer,) = rule["to"]
+        assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "openshift-dns"}
+        assert peer["podSelector"]["matchLabels"] == openshift_dns
+    # NodeLocal DNSCache: its link-local address as an ipBlock peer.
+    nodelocal = [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    objects = render({"networkPolicy": {"dnsTo": nodelocal, "sandboxes": {"dnsTo": nodelocal}}})
+    gateway, sandbox = dns_rules(objects)
+    assert gateway["to"] == sandbox["to"] == nodelocal
+    assert egress_allows_address(sandbox_policy(objects), "169.254.20.10", 53)
+    assert not egress_allows_address(sandbox_policy(objects), "169.254.169.254", 53)
+    validate(sandbox_policy(objects))
+
+
+def test_the_oidc_issuer_gets_an_egress_rule_of_its_own() -> None:
+    def egress(values: dict[str, Any]) -> list[Obj]:
+        rules: list[Obj] = one(render(values), "NetworkPolicy", component="gateway")["spec"]["egress"]
+        return rules
+
+    issuer = "https://keycloak.example.com/realms/openshell"
+    keycloak = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keycloak"}}}]
+    values: dict[str, Any] = {
+        "auth": {"oidc": {"issuerUrl": issuer}},
+        "networkPolicy": {"apiServerCidrs": ["10.0.0.1/32"], "issuerTo": keycloak, "issuerPorts": [8443]},
+    }
+    rules = egress(values)
+    assert {"ports": [{"port": 8443, "protocol": "TCP"}], "to": keycloak} in rules
+    values["networkPolicy"].pop("issuerTo")
+    values["networkPolicy"].pop("issuerPorts")
+    assert {"ports": [{"port": 443, "protocol": "TCP"}]} in egress(values)  # default: 443 anywhere
+    # Without OIDC there is no issuer to reach.
+    assert not [r for r in egress({}) if r.get("ports") == [{"port": 443, "protocol": "TCP"}]]
+
+
 def test_sandboxes_internet_rule_excepts_the_metadata_address_and_the_cluster() -> None:
     allow = [{"to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}], "ports": [{"port": 8443, "protocol": "TCP"}]}]
     values = {
@@ -774,6 +849,7 @@ def test_an_external_service_publishes_grpc_only_unless_the_api_is_asked_for(ser
     notes = _chart().render(values, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
     assert "is not published outside the cluster" in notes and "port-forward" in notes
     values["gateway"]["service"]["exposeApi"] = True
+    values["auth"] = {"oidc": {"issuerUrl": "https://keycloak.example.com/realms/openshell"}}
     exposed = one(render(values), "Service", component="gateway-external")
     assert [p["name"] for p in exposed["spec"]["ports"]] == ["grpc", "http"]  # never ops
     # ClusterIP (the default): no external Service at all.
@@ -785,15 +861,58 @@ def test_an_external_service_publishes_grpc_only_unless_the_api_is_asked_for(ser
         render({"gateway": {"service": {"type": service_type}}})
 
 
-def test_without_oidc_the_api_is_unauthenticated_explicitly_and_the_notes_warn(tmp_path: Path) -> None:
-    notes = _chart().render({}, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
+def notes_of(values: dict[str, Any]) -> str:
+    text: str = _chart().render(values, name=RELEASE, namespace=NAMESPACE)["openshell/templates/NOTES.txt"]
+    return text
+
+
+def test_without_oidc_the_api_listens_on_loopback_unless_explicitly_opened(tmp_path: Path) -> None:
+    # Default: no token check, so no network listener at all; only a port-forward reaches it (no pod,
+    # no sandbox, whatever the CNI does with NetworkPolicies).
+    objects = rendered("default-values.yaml")
+    config = load_config(objects, tmp_path)
+    assert config.http.listen == "127.0.0.1:7080"
+    assert config.auth.allow_unauthenticated_api is False
+    assert "allow_unauthenticated_api" not in config_text(objects)
+    notes = notes_of({})
+    assert "UNAUTHENTICATED" not in notes
+    assert "reachable only through a port-forward" in notes
+    # The explicit opt-in: 0.0.0.0 with allow_unauthenticated_api, and the NOTES warn that only an
+    # enforced NetworkPolicy keeps pods off it.
+    opened = {"auth": {"allowUnauthenticatedApi": True}}
+    config = load_config(render(opened), tmp_path)
+    assert config.http.listen == "0.0.0.0:7080" and config.auth.allow_unauthenticated_api is True
+    notes = notes_of(opened)
     assert "WARNING: the HTTP API is UNAUTHENTICATED" in notes
-    assert "reachable only from networkPolicy.httpFrom" in notes
-    open_notes = _chart().render({"networkPolicy": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE)[
-        "openshell/templates/NOTES.txt"
-    ]
-    assert "ANY pod of the cluster reaches it" in open_notes
-    assert "allow_unauthenticated_api: true" in config_text(rendered("default-values.yaml"))
+    assert "IF your CNI enforces NetworkPolicy" in notes
+    assert "reachable only from networkPolicy.httpFrom" not in notes
+    open_notes = notes_of({**opened, "networkPolicy": {"enabled": False}})
+    assert "ANY pod of the cluster, sandboxes included, reaches it" in open_notes
+    # With OIDC the opt-in changes nothing: the API takes tokens.
+    oidc = {"auth": {"allowUnauthenticatedApi": True, "oidc": {"issuerUrl": "https://idp.example/realms/o"}}}
+    config = load_config(render(oidc), tmp_path)
+    assert config.http.listen == "0.0.0.0:7080" and config.auth.allow_unauthenticated_api is False
+
+
+def test_routing_or_publishing_the_api_without_oidc_is_refused_unless_explicitly_opened() -> None:
+    route = ci_values("gateway-api-values.yaml")
+    route["gatewayApi"]["httpRoute"] = {"enabled": True}
+    with pytest.raises(helm.HelmError, match=r"httpRoute.*UNAUTHENTICATED.*auth\.oidc\.issuerUrl"):
+        render(route)
+    expose: dict[str, Any] = {
+        "gateway": {"service": {"type": "LoadBalancer", "exposeApi": True}},
+        "networkPolicy": {"grpcFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]},
+    }
+    with pytest.raises(helm.HelmError, match=r"exposeApi.*UNAUTHENTICATED.*auth\.oidc\.issuerUrl"):
+        render(expose)
+    # Opened explicitly: rendered, and the NOTES name every way in besides httpFrom.
+    for values, where in ((route, "The HTTPRoute routes it"), (expose, "publishes it to its clients")):
+        values["auth"] = {"allowUnauthenticatedApi": True}
+        render(values)
+        notes = notes_of(values)
+        assert "UNAUTHENTICATED" in notes and where in notes
+    # exposeApi with a ClusterIP Service publishes nothing: not refused.
+    render({"gateway": {"service": {"exposeApi": True}}})
 
 
 @pytest.mark.parametrize("source", ["secretName", "configMapName"])
@@ -846,9 +965,16 @@ def test_supervisor_identity_values_reach_the_gateway(tmp_path: Path) -> None:
     defaults = projected_token(sandbox_pod(load_config(rendered("default-values.yaml"), tmp_path)))
     assert defaults["audience"] == "openshell-gateway" and defaults["expirationSeconds"] == 3600
     assert config.sessions.register_unknown is True
-    # The gateway's own bounds hold in the chart's schema too (a bad value fails before install).
+    # The gateway's own bounds hold in the chart's schema too (a bad value fails before install,
+    # instead of a gateway that crash-loops on its config).
     with pytest.raises(helm.HelmError):
         render({"auth": {"supervisors": {"kubernetesTokenExpirySeconds": "soon"}}})
+    for key, low, high in (("kubernetesTokenExpirySeconds", 600, 86400), ("tokenTtlSeconds", 60, 604800)):
+        for bad in (low - 1, high + 1):
+            with pytest.raises(helm.HelmError, match=key):
+                render({"auth": {"supervisors": {key: bad}}})
+        for good in (low, high):
+            load_config(render({"auth": {"supervisors": {key: good}}}), tmp_path)
 
 
 def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak_it(tmp_path: Path) -> None:
@@ -860,7 +986,10 @@ def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak
     for tls in (config.grpc.tls, config.http.tls):
         assert str(tls.cert_file) == f"{mount['mountPath']}/tls.crt"
         assert str(tls.key_file) == f"{mount['mountPath']}/tls.key"
-        assert str(tls.client_ca_file) == f"{mount['mountPath']}/ca.crt"
+    # mTLS on the API only: sandbox pods hold no client certificate (their pod token is their
+    # identity), so requiring one on gRPC would refuse every supervisor at the handshake.
+    assert str(config.http.tls.client_ca_file) == f"{mount['mountPath']}/ca.crt"
+    assert config.grpc.tls.client_ca_file is None
     assert config.drivers.kubernetes.supervisor.settings["gateway.tls"] == "true"
     # The probes stay on the plain ops listener.
     assert gateway_container(objects)["readinessProbe"]["httpGet"]["port"] == "ops"

@@ -124,6 +124,21 @@ app.kubernetes.io/component: gateway
 {{- fail "tls.enabled needs tls.existingSecret (a Secret with tls.crt and tls.key) or tls.certManager.enabled" -}}
 {{- end -}}
 {{- end -}}
+{{- if not (or .Values.auth.oidc.issuerUrl .Values.auth.allowUnauthenticatedApi) -}}
+{{- if and .Values.gatewayApi.enabled .Values.gatewayApi.httpRoute.enabled -}}
+{{- fail "gatewayApi.httpRoute.enabled without auth.oidc.issuerUrl would route the UNAUTHENTICATED HTTP API (every caller admin: creates and deletes sandboxes) to whoever reaches the Gateway: set auth.oidc.issuerUrl (or, unsafely, auth.allowUnauthenticatedApi=true)" -}}
+{{- end -}}
+{{- if and .Values.gateway.service.exposeApi (include "openshell.external" .) -}}
+{{- fail "gateway.service.exposeApi without auth.oidc.issuerUrl would publish the UNAUTHENTICATED HTTP API (every caller admin: creates and deletes sandboxes) on the external Service: set auth.oidc.issuerUrl (or, unsafely, auth.allowUnauthenticatedApi=true)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.sandboxes.enabled (not .Values.networkPolicy.sandboxes.allowEgressWithoutTo) -}}
+{{- range $i, $rule := .Values.networkPolicy.sandboxes.egress -}}
+{{- if not $rule.to -}}
+{{- fail (printf "networkPolicy.sandboxes.egress[%d] has no `to`: it would let sandboxes reach ANY address on its ports, the cloud metadata address and every pod and Service of the cluster included. Name its peers in `to`; for the internet on some ports use networkPolicy.sandboxes.internet (enabled, ports), which excepts metadataCidrs and clusterCidrs; networkPolicy.sandboxes.allowEgressWithoutTo=true overrides this, unsafely" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
 {{- fail "tls.certManager.enabled needs tls.certManager.issuerRef (name and kind of a cert-manager Issuer or ClusterIssuer)" -}}
 {{- end -}}
@@ -222,17 +237,28 @@ securityContext:
         "kubernetes_audience" $sa.kubernetesAudience
         "kubernetes_token_expiry_s" $sa.kubernetesTokenExpirySeconds
         "token_ttl_s" $sa.tokenTtlSeconds) -}}
-{{- /* Without OIDC the API takes no tokens: said explicitly, and only then (the NOTES warn). */ -}}
-{{- if not $oidc.issuerUrl }}{{ $_ := set $auth "allow_unauthenticated_api" true }}{{ end -}}
+{{- /* Without OIDC the API takes no tokens: it listens on loopback (port-forward only), unless the
+       operator explicitly opens it unauthenticated (the NOTES warn). */ -}}
+{{- $httpListen := "0.0.0.0:7080" -}}
+{{- if not $oidc.issuerUrl -}}
+{{- if $v.auth.allowUnauthenticatedApi -}}
+{{- $_ := set $auth "allow_unauthenticated_api" true -}}
+{{- else -}}
+{{- $httpListen = "127.0.0.1:7080" -}}
+{{- end -}}
+{{- end -}}
 {{- $tls := dict -}}
+{{- $httpTls := dict -}}
 {{- if $v.tls.enabled -}}
 {{- $dir := "/etc/openshell/tls" -}}
 {{- $tls = dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) -}}
-{{- if $v.tls.clientAuth }}{{ $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $dir) }}{{ end -}}
+{{- $httpTls = deepCopy $tls -}}
+{{- /* mTLS on the API only: sandbox pods have no client certificate (their identity is the pod token). */ -}}
+{{- if $v.tls.clientAuth }}{{ $_ := set $httpTls "client_ca_file" (printf "%s/ca.crt" $dir) }}{{ end -}}
 {{- end -}}
 {{- $config := dict
       "grpc" (dict "listen" "0.0.0.0:7070" "shutdown_grace_s" $v.gateway.grpc.shutdownGraceSeconds "hello_timeout_s" $v.gateway.grpc.helloTimeoutSeconds "tls" $tls)
-      "http" (dict "listen" "0.0.0.0:7080" "tls" $tls)
+      "http" (dict "listen" $httpListen "tls" $httpTls)
       "ops" (dict "listen" "0.0.0.0:7090")
       "auth" $auth
       "database" $database
