@@ -215,6 +215,15 @@ class SupervisorInjectionSettings(_Section):
         default_factory=lambda: ResourceSettings(requests={"cpu": "50m", "memory": "64Mi"}, limits={}),
         description="Resources of the init container (init-container injection only).",
     )
+    gateway_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle (a path in the gateway's pod) that signed the gateway's gRPC certificate, "
+        "for supervisors to verify it: the driver publishes it as the ConfigMap openshell-gateway-ca (key "
+        "ca.crt) in the sandbox namespace at start and whenever the file changes, and sandbox pods mount it "
+        "read-only and speak TLS verified against it (gateway.tls, gateway.ca_file). The gateway's identity "
+        "then needs configmaps create, and get/update/patch on that name, in the sandbox namespace "
+        "(docs/rbac.md). Unset: supervisors use their settings' roots.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> SupervisorInjectionSettings:

@@ -134,6 +134,9 @@ class KubernetesProvisioner:
         except KubernetesDriverError as exc:
             # Not fatal: the API may come back; creates answer with the reason meanwhile.
             log.error("kubernetes driver cannot reach its namespace: %s", exc)
+        if self.settings.supervisor.gateway_ca_file is not None:
+            # Supervisors verify the gateway against this CA: published now and on every change.
+            self.driver.start_gateway_ca_publisher()
         self._watcher = asyncio.create_task(self._follow(), name="kubernetes-pod-watch")
 
     async def create(

@@ -24,7 +24,9 @@ import httpx2 as httpx  # lightkube's HTTP library (a maintained httpx fork)
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.kubeconfig import SingleConfig
 from lightkube.core.exceptions import ConfigError, NotReadyError
-from lightkube.resources.core_v1 import Pod, Secret
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret
+from lightkube.types import PatchType
 
 from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
 from gateway.drivers.imageref import (
@@ -39,6 +41,9 @@ from gateway.drivers.imageref import (
 from gateway.drivers.podspec import (
     ANNOTATION_IMAGE_MANIFEST,
     ANNOTATION_SANDBOX_ID,
+    GATEWAY_CA_CONFIGMAP,
+    GATEWAY_CA_KEY,
+    LABEL_MANAGED_BY,
     MANAGED_BY,
     PodSpecError,
     SandboxRequest,
@@ -74,13 +79,37 @@ def pull_secret_rule(names: list[str]) -> dict[str, list[str]]:
     return {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": list(names)}
 
 
+def gateway_ca_rules() -> list[dict[str, list[str]]]:
+    """The rules for publishing the gateway's CA (supervisor.gateway_ca_file): ``create`` on
+    ConfigMaps (RBAC cannot limit a create by name: the name is not known when it is authorized),
+    and ``get``/``update``/``patch`` on that one ConfigMap by name; nothing to read or change any
+    other ConfigMap."""
+    return [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "update", "patch"],
+            "resourceNames": [GATEWAY_CA_CONFIGMAP],
+        },
+    ]
+
+
 def rbac_rules(settings: KubernetesDriverSettings) -> list[dict[str, list[str]]]:
     """The namespaced Role's rules: RBAC_RULES, plus read access to the pull Secrets when the
-    driver reads them. (The ClusterRole's are CLUSTER_RBAC_RULES, whatever the settings.)"""
+    driver reads them, plus the CA ConfigMap's when it publishes one. (The ClusterRole's are
+    CLUSTER_RBAC_RULES, whatever the settings.)"""
     rules = [dict(rule) for rule in RBAC_RULES]
     if settings.registry.resolve_commands and settings.pod.image_pull_secrets:
         rules.append(pull_secret_rule(settings.pod.image_pull_secrets))
+    if settings.supervisor.gateway_ca_file is not None:
+        rules += gateway_ca_rules()
     return rules
+
+
+#: How often the gateway's CA file is checked for a change to publish (a renewal of a CA is rare;
+#: the kubelet takes up to a minute or so more to bring the ConfigMap's update into the pods).
+GATEWAY_CA_POLL_S = 30.0
 
 
 _SELECTOR: dict[str, Any] = dict(selector_labels())
@@ -179,6 +208,9 @@ class KubernetesDriver:
         self._auth = auth
         self._client = client
         self._registry = registry
+        #: The CA text last published (or found already published), and the task keeping it so.
+        self._published_ca: str | None = None
+        self._ca_publisher: asyncio.Task[None] | None = None
 
     @property
     def namespace(self) -> str:
@@ -214,6 +246,92 @@ class KubernetesDriver:
         with self._explained("list", "pods"):
             async for _ in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR, chunk_size=1):
                 break
+
+    def _read_gateway_ca(self) -> str:
+        path = self._settings.supervisor.gateway_ca_file
+        assert path is not None
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KubernetesDriverError(
+                f"cannot read drivers.kubernetes.supervisor.gateway_ca_file {str(path)!r} to publish it to "
+                f"supervisors: {exc} (with the chart: the TLS Secret must carry ca.crt)"
+            ) from None
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise KubernetesDriverError(
+                f"drivers.kubernetes.supervisor.gateway_ca_file {str(path)!r} holds no PEM certificate: "
+                "supervisors could verify nothing against it; not published"
+            )
+        return text
+
+    async def publish_gateway_ca(self) -> bool:
+        """Publish supervisor.gateway_ca_file as the ConfigMap sandbox pods mount, unless it already
+        says the same; True when it was created or changed. Raises KubernetesDriverError."""
+        text = self._read_gateway_ca()
+        if text == self._published_ca:
+            return False
+        body = {"data": {GATEWAY_CA_KEY: text}}
+        with self._explained("get", "configmaps"):
+            try:
+                current = await self.client.get(ConfigMap, GATEWAY_CA_CONFIGMAP, namespace=self.namespace)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise
+                current = None
+        if current is not None and (current.data or {}).get(GATEWAY_CA_KEY) == text:
+            self._published_ca = text
+            return False
+        if current is None:
+            created = ConfigMap(
+                metadata=ObjectMeta(
+                    name=GATEWAY_CA_CONFIGMAP,
+                    namespace=self.namespace,
+                    labels={LABEL_MANAGED_BY: MANAGED_BY},
+                ),
+                data={GATEWAY_CA_KEY: text},
+            )
+            try:
+                with self._explained("create", "configmaps"):
+                    await self.client.create(created)
+            except KubernetesDriverError as exc:
+                if exc.status != 409:  # else another replica created it meanwhile: patch it below
+                    raise
+            else:
+                self._published_ca = text
+                log.info("gateway CA published to supervisors", extra={"namespace": self.namespace})
+                return True
+        # A merge patch of the one key: no resourceVersion to race on between replicas.
+        with self._explained("patch", "configmaps"):
+            await self.client.patch(
+                ConfigMap, GATEWAY_CA_CONFIGMAP, body, namespace=self.namespace, patch_type=PatchType.MERGE
+            )
+        self._published_ca = text
+        log.info("gateway CA published to supervisors (changed)", extra={"namespace": self.namespace})
+        return True
+
+    def start_gateway_ca_publisher(self, *, interval_s: float = GATEWAY_CA_POLL_S) -> None:
+        """With supervisor.gateway_ca_file: publish it now and whenever it changes, in a task this
+        driver owns (cancelled by :meth:`close`). A failure is logged and tried again next time:
+        the file may appear later (a Certificate being issued), the API may come back."""
+        if self._settings.supervisor.gateway_ca_file is None or self._ca_publisher is not None:
+            return
+        self._ca_publisher = asyncio.create_task(
+            self._keep_gateway_ca(interval_s), name="gateway-ca-publisher"
+        )
+
+    async def _keep_gateway_ca(self, interval_s: float) -> None:
+        failing: str | None = None
+        while True:
+            try:
+                await self.publish_gateway_ca()
+                failing = None
+            except KubernetesDriverError as exc:
+                if str(exc) != failing:  # once per distinct failure, not every poll
+                    log.error("gateway CA not published to supervisors: %s", exc)
+                failing = str(exc)
+            except Exception:
+                log.exception("gateway CA publisher failed unexpectedly; trying again")
+            await asyncio.sleep(interval_s)
 
     @property
     def registry(self) -> RegistryClient:
@@ -400,6 +518,11 @@ class KubernetesDriver:
                             await close()
 
     async def close(self) -> None:
+        if self._ca_publisher is not None:
+            self._ca_publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ca_publisher
+            self._ca_publisher = None
         if self._registry is not None:
             await self._registry.close()
             self._registry = None

@@ -52,6 +52,12 @@ JOURNAL_DIR = "/var/lib/openshell/journal"
 TMP_DIR = "/tmp"
 CREDENTIAL_DIR = "/var/run/secrets/openshell"
 CREDENTIAL_KEY = "token"
+#: The gateway's CA (drivers.kubernetes.supervisor.gateway_ca_file), published by the driver as this
+#: ConfigMap in the sandbox namespace and mounted read-only (not by subPath: updates reach the pod,
+#: and the supervisor re-reads the file on every connection).
+GATEWAY_CA_CONFIGMAP = "openshell-gateway-ca"
+GATEWAY_CA_KEY = "ca.crt"
+GATEWAY_CA_DIR = "/var/run/openshell/tls"
 
 CONTAINER_NAME = "sandbox"
 INIT_CONTAINER_NAME = "openshell-supervisor-install"
@@ -59,6 +65,7 @@ VOLUME_SUPERVISOR = "openshell-supervisor"
 VOLUME_JOURNAL = "openshell-journal"
 VOLUME_TMP = "openshell-tmp"
 VOLUME_CREDENTIAL = "openshell-credential"
+VOLUME_GATEWAY_CA = "openshell-gateway-ca"
 
 POD_PREFIX = "sandbox-"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -287,6 +294,10 @@ def supervisor_command(
         # The kubelet renews the projected token; the gateway's RefreshSandboxToken is for its own.
         "--set", "gateway.credential_refresh=false",
     ]  # fmt: skip
+    if settings.supervisor.gateway_ca_file is not None:
+        # The gateway's private CA, from the ConfigMap the driver publishes (settings may still
+        # override either: they come after).
+        argv += ["--set", "gateway.tls=true", "--set", f"gateway.ca_file={GATEWAY_CA_DIR}/{GATEWAY_CA_KEY}"]
     for key, value in sorted(settings.supervisor.settings.items()):
         argv += ["--set", f"{key}={value}"]
     return [*argv, "--", *command]
@@ -406,6 +417,19 @@ def build_sandbox_pod(
             credential_volume(pod, auth),
         ],
     }
+    if supervisor.gateway_ca_file is not None:
+        container["volumeMounts"].append(
+            {"name": VOLUME_GATEWAY_CA, "mountPath": GATEWAY_CA_DIR, "readOnly": True}
+        )
+        spec["volumes"].append(
+            {
+                "name": VOLUME_GATEWAY_CA,
+                "configMap": {
+                    "name": GATEWAY_CA_CONFIGMAP,
+                    "items": [{"key": GATEWAY_CA_KEY, "path": GATEWAY_CA_KEY}],
+                },
+            }
+        )
     if supervisor.injection == "init-container":
         spec["initContainers"] = [install_init_container(settings)]
     optional: dict[str, Any] = {

@@ -30,8 +30,19 @@ import yaml
 from gateway import cli as gateway_cli
 from gateway.app import STOP_MARGIN_S
 from gateway.config import GatewayConfig
-from gateway.drivers.kubernetes import CLUSTER_RBAC_RULES, RBAC_RULES, pull_secret_rule, rbac_rules
-from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod, selector_labels
+from gateway.drivers.kubernetes import (
+    CLUSTER_RBAC_RULES,
+    RBAC_RULES,
+    gateway_ca_rules,
+    pull_secret_rule,
+    rbac_rules,
+)
+from gateway.drivers.podspec import (
+    GATEWAY_CA_CONFIGMAP,
+    SandboxRequest,
+    build_sandbox_pod,
+    selector_labels,
+)
 from openshell_wire.configfile import load_settings
 from tests.support import pss
 
@@ -251,8 +262,12 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
     role = one(objects, "Role")
     verbs: dict[str, set[str]] = {}
     by_name = []
+    settings = load_config(objects, tmp_path).drivers.kubernetes
+    ca_rules = gateway_ca_rules() if settings.supervisor.gateway_ca_file is not None else []
     for rule in role["rules"]:
         assert rule["apiGroups"] == [""], rule
+        if rule in ca_rules:  # the CA ConfigMap (TLS only): checked below
+            continue
         if rule.get("resourceNames"):
             by_name.append(rule)
             continue
@@ -263,7 +278,6 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
     declared = {r: set(rule["verbs"]) for rule in RBAC_RULES for r in rule["resources"]}
     assert verbs == declared
     # Reading pull Secrets is granted by name only, exactly as the driver's rules for its config say.
-    settings = load_config(objects, tmp_path).drivers.kubernetes
 
     def canonical(rules: list[dict[str, list[str]]]) -> list[dict[str, list[str]]]:
         return [{**rule, "verbs": sorted(rule["verbs"])} for rule in rules]
@@ -990,7 +1004,28 @@ def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak
     # identity), so requiring one on gRPC would refuse every supervisor at the handshake.
     assert str(config.http.tls.client_ca_file) == f"{mount['mountPath']}/ca.crt"
     assert config.grpc.tls.client_ca_file is None
-    assert config.drivers.kubernetes.supervisor.settings["gateway.tls"] == "true"
+    # Supervisors verify the gateway against the Secret's ca.crt: the driver publishes that file
+    # (a ConfigMap in the sandbox namespace, which the Role lets it write by name) and sandbox pods
+    # mount it and speak TLS against it.
+    assert str(config.drivers.kubernetes.supervisor.gateway_ca_file) == f"{mount['mountPath']}/ca.crt"
+    assert [
+        r for r in one(objects, "Role")["rules"] if r["resources"] == ["configmaps"]
+    ] == gateway_ca_rules()
+    pod = sandbox_pod(config)
+    argv = pod["spec"]["containers"][0]["command"]
+    assert "gateway.tls=true" in argv and "gateway.ca_file=/var/run/openshell/tls/ca.crt" in argv
+    ca_volume = next(v for v in pod["spec"]["volumes"] if "configMap" in v)
+    assert ca_volume["configMap"]["name"] == GATEWAY_CA_CONFIGMAP
+    assert pss.violations(pod["spec"], "restricted") == []
+    validate(pod)
+    # Without TLS: no CA, no ConfigMap permission.
+    assert (
+        load_config(rendered("default-values.yaml"), tmp_path).drivers.kubernetes.supervisor.gateway_ca_file
+        is None
+    )
+    assert not [
+        r for r in one(rendered("default-values.yaml"), "Role")["rules"] if r["resources"] == ["configmaps"]
+    ]
     # The probes stay on the plain ops listener.
     assert gateway_container(objects)["readinessProbe"]["httpGet"]["port"] == "ops"
     plain = load_config(render({"tls": {"enabled": True, "existingSecret": "gw-tls"}}), tmp_path)
@@ -1004,6 +1039,8 @@ def test_production_values_publish_grpc_only_and_let_sandboxes_out_on_443(tmp_pa
     config = load_config(objects, tmp_path)
     assert config.auth.oidc.issuer_url and config.auth.oidc.ca_file is not None
     assert config.grpc.tls.cert_file is not None and config.http.tls.cert_file is not None
+    # The private issuer's CA reaches the supervisors (the Certificate's Secret's ca.crt).
+    assert config.drivers.kubernetes.supervisor.gateway_ca_file is not None
     external = one(objects, "Service", component="gateway-external")
     assert external["spec"]["type"] == "LoadBalancer"
     assert [p["name"] for p in external["spec"]["ports"]] == ["grpc"]

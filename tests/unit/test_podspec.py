@@ -228,6 +228,50 @@ def test_the_token_has_the_configured_audience_and_expiry() -> None:
         kubernetes_validate.validate(pod, version, strict=True)
 
 
+def test_a_gateway_ca_file_is_mounted_from_its_configmap_and_named_to_the_supervisor() -> None:
+    # The gateway's private CA (a .svc name has no public certificate): the driver publishes it as a
+    # ConfigMap; the pod mounts it read-only and the supervisor speaks TLS verified against it.
+    pod = build_sandbox_pod(settings(supervisor={"gateway_ca_file": "/etc/openshell/tls/ca.crt"}), request())
+    (container,) = pod["spec"]["containers"]
+    argv = container["command"]
+    ca_path = f"{podspec.GATEWAY_CA_DIR}/{podspec.GATEWAY_CA_KEY}"
+    assert argv[argv.index("gateway.tls=true") - 1] == "--set"
+    assert argv[argv.index(f"gateway.ca_file={ca_path}") - 1] == "--set"
+    assert argv.index(f"gateway.ca_file={ca_path}") < argv.index("--")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == podspec.GATEWAY_CA_DIR)
+    assert mount["readOnly"] is True and "subPath" not in mount  # updates reach the pod
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"] == {
+        "name": podspec.GATEWAY_CA_CONFIGMAP,
+        "items": [{"key": podspec.GATEWAY_CA_KEY, "path": podspec.GATEWAY_CA_KEY}],
+    }
+    for version in VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+    # Without it: no mount, no TLS setting of the driver's own.
+    plain = build_sandbox_pod(settings(), request())
+    assert not [v for v in plain["spec"]["volumes"] if "configMap" in v]
+    assert not [a for a in plain["spec"]["containers"][0]["command"] if a.startswith("gateway.ca_file=")]
+
+
+def test_publishing_the_gateway_ca_adds_only_its_configmap_rules() -> None:
+    from gateway.drivers.kubernetes import RBAC_RULES, gateway_ca_rules, rbac_rules
+
+    assert rbac_rules(settings()) == [dict(r) for r in RBAC_RULES]
+    with_ca = rbac_rules(settings(supervisor={"gateway_ca_file": "/ca.crt"}))
+    assert with_ca == [*[dict(r) for r in RBAC_RULES], *gateway_ca_rules()]
+    named = [r for r in gateway_ca_rules() if "resourceNames" in r]
+    assert named == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "update", "patch"],
+            "resourceNames": [podspec.GATEWAY_CA_CONFIGMAP],
+        }
+    ]
+    # Unnamed: create only (RBAC cannot limit a create by name).
+    assert [r["verbs"] for r in gateway_ca_rules() if "resourceNames" not in r] == [["create"]]
+
+
 def test_the_longest_id_names_a_pod_kubernetes_accepts() -> None:
     longest = "a" * podspec.MAX_SANDBOX_ID
     pod = build_sandbox_pod(settings(), request(sandbox_id=longest))

@@ -190,8 +190,6 @@ securityContext:
 {{- $_ := set $database "url" $v.database.url -}}
 {{- end -}}
 {{- $settings := deepCopy $sup.settings -}}
-{{- /* Supervisors speak TLS to a TLS gateway (verified against the roots they have: docs/helm.md). */ -}}
-{{- if $v.tls.enabled }}{{ $_ := set $settings "gateway.tls" "true" }}{{ end -}}
 {{- $supervisor := dict
       "image" (include "openshell.image" (list $sup.image .))
       "pull_policy" $sup.pullPolicy
@@ -200,6 +198,9 @@ securityContext:
       "journal_size_limit" $sup.journalSizeLimit
       "settings" $settings
       "init_resources" (dict "requests" $sup.initResources.requests "limits" $sup.initResources.limits) -}}
+{{- /* Supervisors speak TLS to a TLS gateway, verified against the TLS Secret's ca.crt, which the
+       driver publishes in the sandbox namespace for the sandbox pods to mount (docs/helm.md). */ -}}
+{{- if $v.tls.enabled }}{{ $_ := set $supervisor "gateway_ca_file" "/etc/openshell/tls/ca.crt" }}{{ end -}}
 {{- $podcfg := dict
       "image_pull_policy" $pod.imagePullPolicy
       "image_pull_secrets" $pod.imagePullSecrets
