@@ -15,6 +15,8 @@ values.yaml is the single source: each value has a helm-docs style comment direc
 * ``# @enum -- a, b, c`` on a following comment line limits the value to those strings.
 * ``# @range -- MIN, MAX`` on a following comment line bounds a number (inclusive), e.g. the
   gateway's own bounds, so a bad value fails ``helm install`` instead of crash-looping the gateway.
+* ``# @pattern -- REGEX`` (the rest of the line) makes a string match REGEX; ``# @notin -- a, b``
+  refuses those strings: both for values the gateway refuses at start.
 
 The schema is JSON Schema draft-07 with ``additionalProperties: false`` on the top level and every
 section, so a misspelt key fails ``helm lint``/``install`` instead of being ignored.
@@ -44,6 +46,8 @@ _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(?:\s|$)")
 _DOC = re.compile(r"^ *# -- ?(?:\((?P<type>[a-z|]+)\) *)?(?P<text>.*)$")
 _ENUM = re.compile(r"^ *# @enum -- *(?P<values>.+)$")
 _RANGE = re.compile(r"^ *# @range -- *(?P<min>-?[0-9.]+) *, *(?P<max>-?[0-9.]+) *$")
+_PATTERN = re.compile(r"^ *# @pattern -- (?P<pattern>.+)$")
+_NOTIN = re.compile(r"^ *# @notin -- *(?P<values>.+)$")
 _MORE = re.compile(r"^ *#(?: (?P<text>.*))?$")
 
 _TYPES = {
@@ -83,6 +87,8 @@ class Value:
     types: list[str]
     enum: list[str] | None = None
     bounds: tuple[float, float] | None = None
+    pattern: str | None = None
+    notin: list[str] | None = None
 
 
 @dataclass
@@ -91,6 +97,8 @@ class _Doc:
     type_override: str | None = None
     enum: list[str] | None = None
     bounds: tuple[float, float] | None = None
+    pattern: str | None = None
+    notin: list[str] | None = None
 
 
 def _json_type(value: Any, where: str) -> str:
@@ -146,6 +154,10 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 doc.enum = [v.strip() for v in m["values"].split(",") if v.strip()]
             elif doc is not None and (m := _RANGE.match(line)) is not None:
                 doc.bounds = (float(m["min"]), float(m["max"]))
+            elif doc is not None and (m := _PATTERN.match(line)) is not None:
+                doc.pattern = m["pattern"].strip()
+            elif doc is not None and (m := _NOTIN.match(line)) is not None:
+                doc.notin = [v.strip() for v in m["values"].split(",") if v.strip()]
             elif doc is not None and (m := _MORE.match(line)) is not None:
                 doc.lines.append((m["text"] or "").strip())
             continue
@@ -172,10 +184,18 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 isinstance(default, int | float) and doc.bounds[0] <= default <= doc.bounds[1]
             ):
                 raise ValuesError(f"{where}: default {default!r} is outside {doc.bounds}")
+            if doc.pattern is not None and not (
+                isinstance(default, str) and re.search(doc.pattern, default) is not None
+            ):
+                raise ValuesError(f"{where}: default {default!r} does not match {doc.pattern!r}")
+            if doc.notin is not None and default in doc.notin:
+                raise ValuesError(f"{where}: default {default!r} is one of the refused {doc.notin}")
             description = " ".join(part for part in doc.lines if part)
             if not description:
                 raise ValuesError(f"{where}: empty '# --' description")
-            values.append(Value(path, default, description, types, doc.enum, doc.bounds))
+            values.append(
+                Value(path, default, description, types, doc.enum, doc.bounds, doc.pattern, doc.notin)
+            )
             skip_below = indent
         elif isinstance(default, dict) and default:
             stack.append((indent, m["key"]))
@@ -209,6 +229,10 @@ def _leaf_schema(value: Value) -> dict[str, Any]:
         low, high = value.bounds
         schema["minimum"] = int(low) if low.is_integer() else low
         schema["maximum"] = int(high) if high.is_integer() else high
+    if value.pattern is not None:
+        schema["pattern"] = value.pattern
+    if value.notin is not None:
+        schema["not"] = {"enum": value.notin}
     if value.types == ["array"] and value.default:
         item_types = {_json_type(item, ".".join(value.path)) for item in value.default}
         if len(item_types) == 1:
@@ -252,6 +276,10 @@ def _type_cell(value: Value) -> str:
     if value.bounds is not None:
         low, high = (int(b) if b.is_integer() else b for b in value.bounds)
         shown += f", {low} to {high}"
+    if value.pattern is not None:
+        shown += f", matching `{value.pattern}`"
+    if value.notin is not None:
+        shown += ", not " + ", ".join(f"`{v}`" for v in value.notin)
     return shown
 
 
@@ -276,11 +304,12 @@ helm test openshell -n openshell
   Kata Containers, gVisor, clusters without ImageVolume); each is linted, rendered and checked in CI.
 * Install, upgrade and publishing notes: `docs/helm.md`; the gateway's permissions: `docs/rbac.md`;
   every key of the gateway config: `docs/configuration.md`.
-* Metrics: the ServiceMonitor scrapes the gateway's `/metrics` on the HTTP port
+* Metrics: the ServiceMonitor scrapes the gateway's `/metrics` on the ops port (7090)
   (`openshell_gateway_*`: sessions, refusals, event batches and their store latency, process);
   the PrometheusRule alerts on them and on `up`.
-* OIDC for the HTTP API comes with the auth issue; until then `gateway.extraEnv` and
-  `gateway.extraEnvFrom` inject any further `OPENSHELL_GATEWAY_*` settings.
+* OIDC for the HTTP API: `auth.oidc` (without it the API listens on the pod's loopback only);
+  `gateway.extraConfig`, `gateway.extraEnv` and `gateway.extraEnvFrom` set any further gateway
+  settings.
 
 ## Values
 

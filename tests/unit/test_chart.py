@@ -26,9 +26,17 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from lightkube.models.authentication_v1 import TokenReviewStatus, UserInfo
 
 from gateway import cli as gateway_cli
 from gateway.app import STOP_MARGIN_S
+from gateway.auth import CredentialRefused, Refusal
+from gateway.auth.kubernetes_tokens import (
+    EXTRA_POD_NAME,
+    EXTRA_POD_UID,
+    principal_of_review,
+    service_account_username,
+)
 from gateway.config import GatewayConfig
 from gateway.drivers.kubernetes import (
     CLUSTER_RBAC_RULES,
@@ -41,6 +49,7 @@ from gateway.drivers.podspec import (
     GATEWAY_CA_CONFIGMAP,
     SandboxRequest,
     build_sandbox_pod,
+    pod_name,
     selector_labels,
 )
 from openshell_wire.configfile import load_settings
@@ -300,7 +309,7 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
     }
     account = deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
-    assert one(objects, "ServiceAccount")["metadata"]["name"] == account
+    assert one(objects, "ServiceAccount", component="gateway")["metadata"]["name"] == account
     # Cluster-wide: TokenReview create only (the sandbox pods' projected tokens), bound to the same
     # account, exactly as the driver declares it.
     cluster_role = one(objects, "ClusterRole")
@@ -991,6 +1000,133 @@ def test_supervisor_identity_values_reach_the_gateway(tmp_path: Path) -> None:
             load_config(render({"auth": {"supervisors": {key: good}}}), tmp_path)
 
 
+def _reviewed_as(config: GatewayConfig, username: str) -> str:
+    """What the gateway's verifier (its username for this config, as kubernetes_verifier builds it)
+    makes of an authenticated TokenReview of sandbox t's pod token issued to ``username``."""
+    kubernetes = config.drivers.kubernetes
+    status = TokenReviewStatus(
+        authenticated=True,
+        audiences=[config.auth.supervisors.kubernetes_audience],
+        user=UserInfo(username=username, extra={EXTRA_POD_NAME: [pod_name("t")], EXTRA_POD_UID: ["u"]}),
+    )
+    try:
+        principal = principal_of_review(
+            status,
+            token="t.o.k",
+            audience=config.auth.supervisors.kubernetes_audience,
+            username=service_account_username(kubernetes.namespace, kubernetes.pod.service_account_name),
+            expires_at=0.0,
+        )
+    except CredentialRefused as exc:
+        return exc.reason.value
+    return principal.sandbox_id
+
+
+def test_sandbox_pods_run_as_a_service_account_of_their_own(tmp_path: Path) -> None:
+    # By default the chart creates the sandbox pods' ServiceAccount in the sandbox namespace, mounts
+    # no API token from it and binds it to nothing; the gateway builds every sandbox pod with it and
+    # takes pod tokens of that ServiceAccount only, so a pod of the namespace's `default` (or any
+    # other) ServiceAccount speaks for no sandbox.
+    objects = rendered("default-values.yaml")
+    config = load_config(objects, tmp_path)
+    account = one(objects, "ServiceAccount", component="sandbox")
+    sandbox_ns = config.drivers.kubernetes.namespace
+    assert account["metadata"] == {
+        **account["metadata"],
+        "name": "openshell-sandbox",
+        "namespace": sandbox_ns,
+    }
+    assert account["automountServiceAccountToken"] is False
+    validate(account)
+    assert config.drivers.kubernetes.pod.service_account_name == "openshell-sandbox"
+    pod = sandbox_pod(config)
+    assert pod["spec"]["serviceAccountName"] == "openshell-sandbox"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    for binding in of_kind(objects, "RoleBinding") + of_kind(objects, "ClusterRoleBinding"):
+        assert all(s["name"] != "openshell-sandbox" for s in binding["subjects"]), binding
+    # Pods naming a ServiceAccount need no verb of the gateway's: its Role stays pods (and what TLS
+    # and pull Secrets add), never serviceaccounts.
+    assert all("serviceaccounts" not in rule["resources"] for rule in one(objects, "Role")["rules"])
+    own = f"system:serviceaccount:{sandbox_ns}:openshell-sandbox"
+    assert _reviewed_as(config, own) == "t"
+    for other in ("default", "openshell-gateway", "someone"):
+        assert _reviewed_as(config, f"system:serviceaccount:{sandbox_ns}:{other}") == "not_a_sandbox"
+    assert Refusal.NOT_A_SANDBOX.value == "not_a_sandbox"
+    # Every values file: the sandbox pods' ServiceAccount is one the chart made, in their namespace.
+    for name in CI_FILES:
+        made = one(rendered(name), "ServiceAccount", component="sandbox")
+        built = load_config(rendered(name), tmp_path).drivers.kubernetes
+        assert (made["metadata"]["name"], made["metadata"]["namespace"]) == (
+            built.pod.service_account_name,
+            built.namespace,
+        ), name
+    # A ServiceAccount of the operator's: the chart creates none and the gateway takes its tokens only.
+    named = render({"sandboxes": {"pod": {"serviceAccountName": "agents"}}})
+    assert [a["metadata"]["name"] for a in of_kind(named, "ServiceAccount")] == ["openshell-gateway"]
+    config = load_config(named, tmp_path)
+    assert sandbox_pod(config)["spec"]["serviceAccountName"] == "agents"
+    assert _reviewed_as(config, f"system:serviceaccount:{sandbox_ns}:agents") == "t"
+    assert _reviewed_as(config, own) == "not_a_sandbox"
+    # The name follows fullnameOverride.
+    renamed = render({"fullnameOverride": "os"})
+    assert one(renamed, "ServiceAccount", component="sandbox")["metadata"]["name"] == "os-sandbox"
+
+
+def test_oidc_client_team_and_issuer_values_reach_the_gateway(tmp_path: Path) -> None:
+    # Defaults: the gateway's own (the CLI's client only, teams under /teams/, https issuers only).
+    defaults = load_config(rendered("default-values.yaml"), tmp_path).auth.oidc
+    assert defaults.allowed_clients == ["openshell-cli"]
+    assert defaults.team_prefix == "/teams/"
+    assert defaults.allow_insecure_issuer is False
+    oidc = {
+        "issuerUrl": "https://keycloak.example.com/realms/openshell",
+        "allowedClients": ["openshell-cli", "openshell-ui"],
+        "teamPrefix": "/groups/teams/",
+    }
+    config = load_config(render({"auth": {"oidc": oidc}}), tmp_path).auth.oidc
+    assert config.allowed_clients == ["openshell-cli", "openshell-ui"]
+    assert config.team_prefix == "/groups/teams/"
+    # Empty: any client, every group a team (the values' empty list and string reach the gateway).
+    config = load_config(
+        render({"auth": {"oidc": {**oidc, "allowedClients": [], "teamPrefix": ""}}}), tmp_path
+    )
+    assert config.auth.oidc.allowed_clients == [] and config.auth.oidc.team_prefix == ""
+    # An http issuer on a non-loopback host: the gateway refuses it unless allowInsecureIssuer.
+    insecure = {"auth": {"oidc": {**oidc, "issuerUrl": "http://keycloak.test:8080/realms/openshell"}}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(render(insecure)))
+    assert gateway_cli.main(["config", "check", str(path)]) != 0
+    insecure["auth"]["oidc"]["allowInsecureIssuer"] = True
+    assert load_config(render(insecure), tmp_path).auth.oidc.allow_insecure_issuer is True
+    with pytest.raises(helm.HelmError, match="allowedClients"):
+        render({"auth": {"oidc": {"allowedClients": "openshell-cli"}}})
+
+
+def test_the_schema_refuses_the_api_servers_audiences_as_the_gateway_does(tmp_path: Path) -> None:
+    for bad in (
+        "",
+        " openshell-gateway",
+        "openshell-gateway ",
+        "https://kubernetes.default.svc",
+        "https://kubernetes.default.svc.cluster.local",
+        "kubernetes",
+        "api",
+    ):
+        with pytest.raises(helm.HelmError, match="kubernetesAudience"):
+            render({"auth": {"supervisors": {"kubernetesAudience": bad}}})
+        # ... which the gateway would refuse at start anyway.
+        config = render({"auth": {"supervisors": {"kubernetesAudience": "openshell-gateway"}}})
+        text = config_text(config).replace(
+            "kubernetes_audience: openshell-gateway", f"kubernetes_audience: {bad!r}"
+        )
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text)
+        assert gateway_cli.main(["config", "check", str(path)]) != 0, bad
+    for good in ("openshell-gateway", "https://gateway.example/openshell", "gw api"):
+        config = load_config(render({"auth": {"supervisors": {"kubernetesAudience": good}}}), tmp_path)
+        assert config.auth.supervisors.kubernetes_audience == good
+
+
 def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak_it(tmp_path: Path) -> None:
     objects = render({"tls": {"enabled": True, "existingSecret": "gw-tls", "clientAuth": True}})
     config = load_config(objects, tmp_path)
@@ -1226,6 +1362,18 @@ def test_generate_refuses_undocumented_values_and_bad_enums() -> None:
         generate.parse_values("# -- mode\n# @enum -- a, b\nx: c\n")
     with pytest.raises(generate.ValuesError, match="no type"):
         generate.parse_values("# -- nothing to infer from\nx: null\n")
+    with pytest.raises(generate.ValuesError, match="does not match"):
+        generate.parse_values("# -- name\n# @pattern -- ^\\S+$\nx: ''\n")
+    with pytest.raises(generate.ValuesError, match="refused"):
+        generate.parse_values("# -- name\n# @notin -- a, b\nx: b\n")
+    _, (audience,) = generate.parse_values("# -- name\n# @pattern -- ^\\S+$\n# @notin -- a, b\nx: c\n")
+    assert generate.build_schema([audience])["properties"]["x"] == {
+        "type": "string",
+        "description": "name",
+        "default": "c",
+        "pattern": "^\\S+$",
+        "not": {"enum": ["a", "b"]},
+    }
     _, values = generate.parse_values("# -- (int|null) maybe\nx: null\n# -- a map\ny:\n  z: 1\n")
     schema = generate.build_schema(values)
     assert schema["properties"]["x"]["type"] == ["integer", "null"]

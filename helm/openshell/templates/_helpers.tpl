@@ -57,6 +57,12 @@ app.kubernetes.io/component: gateway
 {{- end -}}
 {{- end -}}
 
+{{/* The sandbox pods' ServiceAccount: sandboxes.pod.serviceAccountName, or FULLNAME-sandbox, which the
+chart creates. The gateway takes supervisor pod tokens of this ServiceAccount only. */}}
+{{- define "openshell.sandboxServiceAccountName" -}}
+{{- default (printf "%s-sandbox" (include "openshell.fullname" . | trunc 55 | trimSuffix "-")) .Values.sandboxes.pod.serviceAccountName -}}
+{{- end -}}
+
 {{/* The sandbox namespace: sandboxes.namespace, or RELEASE-NAMESPACE-sandboxes. */}}
 {{- define "openshell.sandboxNamespace" -}}
 {{- default (printf "%s-sandboxes" .Release.Namespace) .Values.sandboxes.namespace -}}
@@ -217,7 +223,9 @@ securityContext:
       "read_only_root_filesystem" $pod.readOnlyRootFilesystem
       "termination_grace_period_s" $pod.terminationGracePeriodSeconds -}}
 {{- with $pod.defaultImage }}{{ $_ := set $podcfg "default_image" . }}{{ end -}}
-{{- with $pod.serviceAccountName }}{{ $_ := set $podcfg "service_account_name" . }}{{ end -}}
+{{- /* Always named: unset, the gateway would take tokens of the namespace's default ServiceAccount,
+       which any pod of the namespace runs as. */ -}}
+{{- $_ := set $podcfg "service_account_name" (include "openshell.sandboxServiceAccountName" .) -}}
 {{- with $pod.runtimeClassName }}{{ $_ := set $podcfg "runtime_class_name" . }}{{ end -}}
 {{- with $pod.priorityClassName }}{{ $_ := set $podcfg "priority_class_name" . }}{{ end -}}
 {{- $oidc := $v.auth.oidc -}}
@@ -228,6 +236,9 @@ securityContext:
       "roles" $oidc.roles
       "username_claim" $oidc.usernameClaim
       "team_claim" $oidc.teamClaim
+      "team_prefix" $oidc.teamPrefix
+      "allowed_clients" $oidc.allowedClients
+      "allow_insecure_issuer" $oidc.allowInsecureIssuer
       "cli_client_id" $oidc.cliClientId -}}
 {{- if include "openshell.oidcCaVolume" . }}{{ $_ := set $oidccfg "ca_file" (printf "%s/%s" (include "openshell.oidcCaDir" .) $oidc.caBundle.key) }}{{ end -}}
 {{- $sa := $v.auth.supervisors -}}
