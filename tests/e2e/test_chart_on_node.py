@@ -37,8 +37,9 @@ from typing import Any
 import helm_python
 import pytest
 from lightkube import ApiError, Client, codecs
+from lightkube.models.authentication_v1 import TokenRequestSpec
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Namespace, Pod, Secret
+from lightkube.resources.core_v1 import Namespace, Pod, Secret, ServiceAccount, ServiceAccountToken
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import PatchType
 
@@ -491,7 +492,9 @@ def test_a_sandbox_connects_with_its_pods_token_which_no_other_sandbox_id_takes(
     off): the sandbox pod's projected ServiceAccount token (audience auth.supervisors.kubernetes_audience)
     connects it, through a real TokenReview. The same token, presented from inside that pod by a small
     gRPC client (the supervisor tree's Python) for another sandbox's id, is refused PERMISSION_DENIED;
-    without any token, UNAUTHENTICATED; for its own sandbox it is taken."""
+    without any token, UNAUTHENTICATED; for its own sandbox it is taken. Sandbox pods run as the
+    chart's own ServiceAccount, so a token of the namespace's `default` ServiceAccount (with the
+    gateway's audience, valid for the API server) is refused PERMISSION_DENIED for its own id too."""
     gateway = target.values.get("sandboxes", {}).get("gatewayAddress") or (
         f"{RELEASE}-gateway.{installed.namespace}.svc:7070"
     )
@@ -501,11 +504,18 @@ def test_a_sandbox_connects_with_its_pods_token_which_no_other_sandbox_id_takes(
     kubeaccess.wait_for(
         lambda: installed.state("victim") == "connected", timeout=300, what="the victim sandbox"
     )
+    # The chart made the sandbox pods' ServiceAccount (no API token mounted) and the pod runs as it.
+    account = f"{RELEASE}-sandbox"
+    made = installed.admin.get(ServiceAccount, account, namespace=installed.sandboxes)
+    assert made.automountServiceAccountToken is False
+    victim_pod = installed.admin.get(Pod, podspec.pod_name("victim"), namespace=installed.sandboxes)
+    assert victim_pod.spec is not None and victim_pod.spec.serviceAccountName == account
     client = _IMPOSTOR.format(
         token=f"{podspec.CREDENTIAL_DIR}/{podspec.CREDENTIAL_KEY}",
         gateway=gateway,
         other="victim",
         own="impostor",
+        default_token=_default_account_token(installed),
     )
     root = podspec.SUPERVISOR_DIR
     argv = [
@@ -525,6 +535,8 @@ def test_a_sandbox_connects_with_its_pods_token_which_no_other_sandbox_id_takes(
     assert set(outcomes) == set(_CALLS), _lines(installed, "impostor")
     assert outcomes["other"].startswith("PERMISSION_DENIED"), outcomes
     assert outcomes["none"].startswith("UNAUTHENTICATED"), outcomes
+    assert outcomes["default"].startswith("PERMISSION_DENIED not_a_sandbox"), outcomes
+    assert f":{installed.sandboxes}:default'" in outcomes["default"], outcomes
     assert outcomes["own"].startswith("OK"), outcomes
     # The victim is untouched: still connected, no exit, none of the impostor's lines.
     victim = installed.call("GET", "/sandboxes/victim")
@@ -535,7 +547,25 @@ def test_a_sandbox_connects_with_its_pods_token_which_no_other_sandbox_id_takes(
         installed.call("DELETE", f"/sandboxes/{sandbox}")
 
 
-_CALLS = ("other", "none", "own")
+def _default_account_token(installed: Installed) -> str:
+    """A token of the sandbox namespace's `default` ServiceAccount with the gateway's audience: what
+    any pod of that namespace not made by the gateway could hold."""
+    try:
+        installed.admin.get(ServiceAccount, "default", namespace=installed.sandboxes)
+    except ApiError:  # the ServiceAccount controller has not made it yet
+        installed.admin.create(
+            ServiceAccount(metadata=ObjectMeta(name="default", namespace=installed.sandboxes))
+        )
+    request = ServiceAccountToken(
+        metadata=ObjectMeta(namespace=installed.sandboxes),
+        spec=TokenRequestSpec(audiences=["openshell-gateway"], expirationSeconds=600),
+    )
+    answer = installed.admin.create(request, name="default", namespace=installed.sandboxes)
+    assert answer.status is not None and answer.status.token
+    return str(answer.status.token)
+
+
+_CALLS = ("other", "none", "default", "own")
 #: Run by the sandbox tree's own Python inside the impostor's pod: three calls with one result line each.
 _IMPOSTOR = """
 import sys, time
@@ -554,6 +584,9 @@ bearer = [("authorization", "Bearer " + token)]
 report = pb.ReportMainProcessExitRequest(sandbox_id="{other}", instance_id="x", exit_code=0)
 call("other", lambda: stub.ReportMainProcessExit(report, metadata=bearer, timeout=20))
 call("none", lambda: stub.ReportMainProcessExit(report, timeout=20))
+elsewhere = [("authorization", "Bearer {default_token}")]
+mine = pb.ReportMainProcessExitRequest(sandbox_id="{own}", instance_id="x", exit_code=0)
+call("default", lambda: stub.ReportMainProcessExit(mine, metadata=elsewhere, timeout=20))
 line = pb.SandboxLogLine(sandbox_id="{own}", timestamp_ms=int(time.time() * 1000), level="info",
     message="impostor-line", source="sandbox")
 call("own", lambda: stub.PushSandboxLogs(iter([pb.PushSandboxLogsRequest(sandbox_id="{own}", logs=[line])]),
