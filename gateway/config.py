@@ -527,6 +527,37 @@ class AuthSettings(_Section):
     )
 
 
+class HaSettings(_Section):
+    replica_id: str = Field(
+        "",
+        description="This replica's stable id (the chart sets the pod name). Empty: the host name. Two live "
+        "replicas must never share one: the id names the owner of sessions and the lease row.",
+    )
+    advertise_address: str = Field(
+        "",
+        description="host:port other replicas and operators see for this replica's gRPC endpoint (recorded "
+        "in its lease row). Empty: grpc.listen.",
+    )
+    lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="A replica whose lease row was not renewed for this long is dead to the others: its "
+        "sandboxes show disconnected, then lost after sessions.lost_after_s.",
+    )
+    renew_interval_s: float = Field(
+        5.0, gt=0, description="How often a replica renews its lease row (well under lease_s)."
+    )
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> HaSettings:
+        if self.renew_interval_s * 2 > self.lease_s:
+            raise ValueError(
+                f"renew_interval_s ({self.renew_interval_s}) must be at most half of lease_s "
+                f"({self.lease_s}): one late renewal must not make a live replica look dead"
+            )
+        return self
+
+
 class GatewayConfig(LayeredSettings):
     model_config = SettingsConfigDict(
         env_prefix="OPENSHELL_GATEWAY_",
@@ -539,6 +570,7 @@ class GatewayConfig(LayeredSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    ha: HaSettings = Field(default_factory=HaSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)

@@ -176,3 +176,17 @@ signing_keys = Table(
     Column("sign_until", UTCDateTime, nullable=False),
     Column("verify_until", UTCDateTime, nullable=False),
 )
+
+#: One row per gateway replica, renewed every ``ha.renew_interval_s``: a replica whose
+#: ``renewed_at`` is older than ``ha.lease_s`` is dead to the others (its sessions' sandboxes show
+#: disconnected). ``sessions`` and ``draining`` are what it last said of itself.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("address", Text, nullable=False),
+    Column("sessions", Integer, nullable=False, server_default=text("0")),
+    Column("draining", Boolean, nullable=False, server_default=false()),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("renewed_at", UTCDateTime, nullable=False),
+)

@@ -86,7 +86,7 @@ async def check_schema(db: Database) -> None:
     async with db.engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
-    assert version == ["0005"]
+    assert version == ["0006"]
     assert {"sandboxes", "events", "signing_keys", "alembic_version"} <= tables
 
 
