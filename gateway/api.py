@@ -68,7 +68,13 @@ from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog
-from gateway.sandbox_state import Liveness, disconnected_since, is_connected, sandbox_state
+from gateway.sandbox_state import (
+    Liveness,
+    ReplicaLeases,
+    disconnected_since,
+    is_connected,
+    sandbox_state,
+)
 from gateway.store import (
     CommandRow,
     CommandStore,
@@ -110,15 +116,17 @@ def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at is not None else None
 
 
-def sandbox_json(row: SandboxRow, now: datetime, liveness: Liveness) -> dict[str, Any]:
+def sandbox_json(
+    row: SandboxRow, now: datetime, liveness: Liveness, *, leases: ReplicaLeases | None = None
+) -> dict[str, Any]:
     return {
         "id": row.id,
         "driver": row.driver,
-        "state": str(sandbox_state(row, now=now, liveness=liveness)),
-        "connected": is_connected(row, now=now, liveness=liveness),
+        "state": str(sandbox_state(row, now=now, liveness=liveness, leases=leases)),
+        "connected": is_connected(row, now=now, liveness=liveness, leases=leases),
         "created_at": _iso(row.created_at),
         "connected_at": _iso(row.connected_at),
-        "disconnected_since": _iso(disconnected_since(row, now=now, liveness=liveness)),
+        "disconnected_since": _iso(disconnected_since(row, now=now, liveness=liveness, leases=leases)),
         "last_heartbeat_at": _iso(row.last_heartbeat_at),
         "exit_code": row.exit_code,
         "exited_at": _iso(row.exited_at),
@@ -440,8 +448,10 @@ class _Api:
         provisioner: Provisioner | None = None,
         auth: PeopleAuth | None = None,
         metrics: GatewayMetrics | None = None,
+        leases: Callable[[], Awaitable[ReplicaLeases]] | None = None,
     ) -> None:
         self.provisioner = provisioner
+        self.leases = leases
         self.auth = auth
         self.metrics = metrics
         self.sandboxes = sandboxes
@@ -571,18 +581,25 @@ class _Api:
         limit = _int_param(request, "limit", 0, 1, MAX_LIST_LIMIT) or None
         after = request.query.get("after") or None
         rows = await self.sandboxes.list(owners=scope_of(person), limit=limit, after=after)
+        leases = await self._leases()
         now = self.now()
         page_full = limit is not None and len(rows) == limit
         return web.json_response(
             {
-                "sandboxes": [sandbox_json(r, now, self.liveness) for r in rows],
+                "sandboxes": [sandbox_json(r, now, self.liveness, leases=leases) for r in rows],
                 "next": rows[-1].id if page_full else None,
             }
         )
 
     async def get_sandbox(self, request: web.Request) -> web.StreamResponse:
         row = await self._sandbox(request)
-        return web.json_response(sandbox_json(row, self.now(), self.liveness))
+        leases = await self._leases()
+        return web.json_response(sandbox_json(row, self.now(), self.liveness, leases=leases))
+
+    async def _leases(self) -> ReplicaLeases | None:
+        """The replicas' leases (one cached snapshot for the whole listing), or None without
+        them (the API on its own: the heartbeat rule alone)."""
+        return await self.leases() if self.leases is not None else None
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         tail = _int_param(request, "tail", DEFAULT_TAIL, 0, MAX_TAIL)
@@ -682,13 +699,15 @@ def build_api(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     auth: PeopleAuth | None = None,
     metrics: GatewayMetrics | None = None,
+    leases: Callable[[], Awaitable[ReplicaLeases]] | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app.
 
     ``liveness`` gives the bounds of the derived state (``Liveness.from_settings`` of the
     gateway's ``sessions`` settings); without it, those of the default settings.
     ``auth`` verifies people's tokens (the app owns it: closed on cleanup); without it, every
-    caller is admin. ``metrics`` counts refusals."""
+    caller is admin. ``metrics`` counts refusals. ``leases`` reads the replicas' leases (cached,
+    ``gateway.replicas.LeaseView``): a sandbox whose owner's lease lapsed is not connected."""
     if liveness is None:
         liveness = Liveness.from_settings(SessionSettings())
     api = _Api(
@@ -701,6 +720,7 @@ def build_api(
         provisioner=provisioner,
         auth=auth,
         metrics=metrics,
+        leases=leases,
     )
     refusals = RateLimitedLog(log, concern="api-auth")
     app = web.Application(

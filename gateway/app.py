@@ -37,11 +37,13 @@ from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
 from gateway.ops import Readiness, build_ops
+from gateway.replicas import LeaseRenewer, LeaseView, advertise_address, replica_id
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
+from gateway.store.replicas import ReplicaStore
 from gateway.store.signing_keys import SigningKeyStore
 from gateway.tls import HttpTls, TlsError, grpc_credentials
 from gateway.tls import load as load_tls
@@ -94,6 +96,8 @@ class Gateway:
         self._authenticator: SupervisorAuthenticator | None = None
         self._provisioner: Provisioner | None = None
         self._local: LocalProvisioner | None = None  # with drivers.kind=local
+        #: This replica's lease row (gateway.replicas), renewed from just before gRPC serves.
+        self._renewer: LeaseRenewer | None = None
 
     @property
     def sandboxes(self) -> SandboxStore:
@@ -170,6 +174,18 @@ class Gateway:
             await self.db.close()
             self.db = None
             raise GatewayStartError(f"cannot listen for gRPC on {cfg.grpc.listen}: {exc}") from None
+        replicas = ReplicaStore(self.db)
+        self._renewer = LeaseRenewer(
+            replicas,
+            replica=replica_id(cfg.ha),
+            address=advertise_address(cfg),
+            ha=cfg.ha,
+            sessions=lambda: len(self.registry),
+        )
+        # The lease is written before the first session can name this replica its owner.
+        await self._renewer.start()
+        lease_view = LeaseView(replicas, ha=cfg.ha)
+        self.metrics.use_leases(self._renewer.replica, lease_view.leases)
         await server.start()
         self._server = server
         self._grpc_serving = True
@@ -218,6 +234,7 @@ class Gateway:
             # The API owns the verifier (closed with it); without OIDC every caller is admin.
             auth=PeopleAuth(cfg.auth.oidc) if cfg.auth.oidc.issuer_url else None,
             metrics=self.metrics,
+            leases=lease_view.leases,
         )
         if not cfg.auth.oidc.issuer_url:
             log.warning("the HTTP API takes no tokens (auth.oidc.issuer_url is unset): every caller is admin")
@@ -300,6 +317,11 @@ class Gateway:
             return max(0.0, deadline - loop.time())
 
         self._grpc_serving = False  # /readyz says so at once: no new work is sent here
+        if self._renewer is not None:
+            # The others see this replica going before its sessions end.
+            await _bounded(
+                self._renewer.drain(), min(HTTP_STOP_S, left()), what="marking this replica draining"
+            )
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
             await self._server.stop(grace)
@@ -335,6 +357,10 @@ class Gateway:
             self._provisioner = self._local = None
         if self._service is not None:
             await self._service.drain(timeout_s=max(0.0, left() - CLOSE_RESERVE_S))
+        if self._renewer is not None:
+            # After the sessions ended: a deleted row says at once that this replica holds nothing.
+            await _bounded(self._renewer.stop(), max(left(), 0.5), what="deleting this replica's lease")
+            self._renewer = None
         await self.metrics.close()
         if self._guard is not None:
             self._guard.close()

@@ -7,8 +7,9 @@ the store by :mod:`gateway.sandbox_state`, the API's rule, in an owned task at m
 ``SANDBOX_COUNT_TTL_S``, with the time of the last count), sessions accepted and
 refused by reason, event batches stored and their store latency, events received, calls refused
 for a malformed frame or a store failure, failed attempts of retried background writes, and the
-process's own CPU, memory and file descriptors. The chart's ServiceMonitor scrapes it and its
-PrometheusRule alerts on it (``helm/openshell/templates/monitoring.yaml``).
+process's own CPU, memory and file descriptors; with the replicas' leases (issue 20), the replicas
+alive (counted with the sandboxes, from the ``replicas`` table) and this replica's id. The chart's
+ServiceMonitor scrapes it and its PrometheusRule alerts on it (``helm/openshell/templates/monitoring.yaml``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.ratelimit import RateLimitedLog
-from gateway.sandbox_state import Liveness, SandboxState, sandbox_state
+from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, sandbox_state
 from gateway.sessions import SessionRegistry
 from gateway.store import SandboxStore, StoreError
 from openshell_wire import __version__
@@ -133,6 +134,17 @@ class GatewayMetrics:
             ["role", "action"],
             registry=self.registry,
         )
+        self.replicas_alive = Gauge(
+            PREFIX + "replicas_alive",
+            "Gateway replicas whose lease (the replicas table) is alive, counted with the sandboxes "
+            "gauge; NaN while that count fails.",
+            registry=self.registry,
+        )
+        self.replica = Info(
+            PREFIX + "replica", "This gateway replica's id (ha.replica_id).", registry=self.registry
+        )
+        #: Reads the replicas' leases for the count (``use_leases``); None: no lease rule.
+        self._leases: Callable[[], Awaitable[ReplicaLeases]] | None = None
         self.sandboxes_counted = Gauge(
             PREFIX + "sandboxes_counted_timestamp_seconds",
             "When the sandboxes gauge was last counted (Unix time); its series are left out while a "
@@ -143,6 +155,12 @@ class GatewayMetrics:
         self._counting: asyncio.Task[None] | None = None
         self._counted_at: float | None = None
         self._count_errors = RateLimitedLog(log, concern="sandbox-count")
+
+    def use_leases(self, replica_id: str, leases: Callable[[], Awaitable[ReplicaLeases]]) -> None:
+        """Count sandboxes with the owners' leases (as the API shows them), and the replicas alive;
+        name this replica."""
+        self._leases = leases
+        self.replica.info({"replica": replica_id})
 
     async def count_sandboxes(self, store: SandboxStore, *, now: datetime, liveness: Liveness) -> None:
         """Make the ``sandboxes`` gauge at most ``SANDBOX_COUNT_TTL_S`` old, called by each scrape.
@@ -171,8 +189,10 @@ class GatewayMetrics:
         try:
             async with asyncio.timeout(SANDBOX_COUNT_TIMEOUT_S):
                 rows = await store.liveness()
+                leases = await self._leases() if self._leases is not None else None
         except (StoreError, TimeoutError) as exc:
             self.sandboxes.clear()
+            self.replicas_alive.set(float("nan"))
             self._count_errors.log(
                 logging.WARNING,
                 ("count-sandboxes",),
@@ -180,7 +200,9 @@ class GatewayMetrics:
                 f"{exc or 'timed out'}",
             )
             return
-        counts = Tally(sandbox_state(row, now=now, liveness=liveness) for row in rows)
+        counts = Tally(sandbox_state(row, now=now, liveness=liveness, leases=leases) for row in rows)
+        if leases is not None:
+            self.replicas_alive.set(leases.alive_count(now=now))
         for state in SandboxState:
             self.sandboxes.labels(state.value).set(counts[state])
         self._counted_at = asyncio.get_running_loop().time()

@@ -18,13 +18,20 @@ gateway holding it (``SessionRegistry.take_heartbeats``), so it stays fresh as w
 Past that bound a sandbox still flagged connected is shown ``disconnected`` since its last
 heartbeat, and ``lost`` after ``lost_after_s``, exactly as if the disconnection had been written.
 
-Issue 20 adds replica leases: the owner's lease joins the heartbeat here, in this one function.
+With several replicas (issue 20) the heartbeat alone is not enough either: a replica killed
+between two flushes leaves its sandboxes' heartbeats fresh for up to ``fresh_for_s``, and nothing
+else would ever clear their flag. So a sandbox also needs its owner's lease (``ReplicaLeases``, read
+from the ``replicas`` table) to be alive, renewed within ``ha.lease_s`` of now. An owner whose row
+lapsed or is missing (deleted at a clean shutdown, or never written) holds nothing: its sandboxes
+show ``disconnected`` since they were last heard from, and ``lost`` after ``lost_after_s``. Callers
+that pass no leases (single-process tools and tests) get the heartbeat rule alone.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -45,6 +52,28 @@ class LivenessFacts(Protocol):
     def last_heartbeat_at(self) -> datetime | None: ...
     @property
     def exit_code(self) -> int | None: ...
+    @property
+    def owner(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLeases:
+    """When each replica last renewed its lease (a snapshot of the ``replicas`` table), and how
+    long a renewal holds."""
+
+    lease_s: float
+    renewed_at: Mapping[str, datetime] = field(default_factory=dict)
+
+    def alive(self, replica_id: str | None, *, now: datetime) -> bool:
+        """``replica_id`` renewed within ``lease_s`` of ``now``; a missing row, or no owner, is
+        not alive."""
+        if replica_id is None:
+            return False
+        renewed = self.renewed_at.get(replica_id)
+        return renewed is not None and (now - renewed).total_seconds() <= self.lease_s
+
+    def alive_count(self, *, now: datetime) -> int:
+        return sum(1 for rid in self.renewed_at if self.alive(rid, now=now))
 
 
 class SandboxState(enum.StrEnum):
@@ -85,33 +114,44 @@ class Liveness:
         )
 
 
-def is_connected(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> bool:
-    """Flagged connected and heard from within ``fresh_for_s``."""
+def is_connected(
+    row: LivenessFacts, *, now: datetime, liveness: Liveness, leases: ReplicaLeases | None = None
+) -> bool:
+    """Flagged connected, held by an owner whose lease is alive (when ``leases`` are given), and
+    heard from within ``fresh_for_s``."""
     if not row.connected:
+        return False
+    if leases is not None and not leases.alive(row.owner, now=now):
         return False
     heard = row.last_heartbeat_at or row.connected_at
     return heard is not None and (now - heard).total_seconds() <= liveness.fresh_for_s
 
 
-def disconnected_since(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> datetime | None:
+def disconnected_since(
+    row: LivenessFacts, *, now: datetime, liveness: Liveness, leases: ReplicaLeases | None = None
+) -> datetime | None:
     """When the sandbox stopped being connected: the recorded disconnection, or for a session
-    whose disconnection was never written, its last heartbeat. None while connected or never."""
-    if is_connected(row, now=now, liveness=liveness):
+    whose disconnection was never written (its heartbeat went stale, or its owner's lease lapsed),
+    its last heartbeat: the last moment it was known to be connected. None while connected or
+    never."""
+    if is_connected(row, now=now, liveness=liveness, leases=leases):
         return None
     if not row.connected:
         return row.disconnected_at
     return row.last_heartbeat_at or row.connected_at
 
 
-def sandbox_state(row: LivenessFacts, *, now: datetime, liveness: Liveness) -> SandboxState:
+def sandbox_state(
+    row: LivenessFacts, *, now: datetime, liveness: Liveness, leases: ReplicaLeases | None = None
+) -> SandboxState:
     """``exited`` once the exit is known; else ``connected`` (see :func:`is_connected`);
     else ``lost`` when disconnected longer than ``lost_after_s``, ``disconnected`` when for less;
     else ``pending`` (registered, never connected)."""
     if row.exit_code is not None:
         return SandboxState.EXITED
-    if is_connected(row, now=now, liveness=liveness):
+    if is_connected(row, now=now, liveness=liveness, leases=leases):
         return SandboxState.CONNECTED
-    since = disconnected_since(row, now=now, liveness=liveness)
+    since = disconnected_since(row, now=now, liveness=liveness, leases=leases)
     if since is not None:
         if (now - since).total_seconds() > liveness.lost_after_s:
             return SandboxState.LOST

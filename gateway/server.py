@@ -49,6 +49,7 @@ from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
+from gateway.replicas import replica_id
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
@@ -151,7 +152,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._sandboxes = sandboxes
         self._events = events
         self._commands = commands
-        self._owner = f"gateway-{id(self):x}"
+        # This replica's id (the lease row's): another replica tells from it whether the owner lives.
+        self._owner = replica_id(config.ha)
         self._tasks: set[asyncio.Task[Any]] = set()
         # Store calls given up at their deadline (see _within): cancelled, left to end by themselves.
         self._abandoned: set[asyncio.Task[Any]] = set()

@@ -118,6 +118,8 @@ class SandboxLiveness:
     disconnected_at: datetime | None
     last_heartbeat_at: datetime | None
     exit_code: int | None
+    #: The replica holding the session (its lease decides whether ``connected`` still holds).
+    owner: str | None = None
 
 
 def _of_generation(generation: int | None) -> tuple[ColumnElement[bool], ...]:
@@ -283,11 +285,11 @@ class SandboxStore:
     async def liveness(self) -> builtins.list[SandboxLiveness]:
         """What the state rule needs of every sandbox (for counting them by state)."""
         c = sandboxes_table.c
-        columns = (c.connected, c.connected_at, c.disconnected_at, c.last_heartbeat_at, c.exit_code)
+        columns = (c.connected, c.connected_at, c.disconnected_at, c.last_heartbeat_at, c.exit_code, c.owner)
         with store_errors("cannot read the sandboxes' liveness"):
             async with self._db.engine.connect() as conn:
                 result = await conn.execute(select(*columns))
-                return [SandboxLiveness(bool(r[0]), r[1], r[2], r[3], r[4]) for r in result]
+                return [SandboxLiveness(bool(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in result]
 
     async def mark_connected(
         self,

@@ -1,0 +1,232 @@
+"""Replica leases and the liveness derived from them (issue 20): the state rule with a stubbed
+clock, the ``replicas`` table on a real SQLite store, the renewer through a store outage, the
+per-process cache, and a real in-process gateway (its row written at start, deleted at stop, and a
+sandbox held by a replica with no live lease shown disconnected by its API and metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import HaSettings
+from gateway.replicas import LeaseRenewer, LeaseView, replica_id
+from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, disconnected_since, sandbox_state
+from gateway.store import Database, StoreError
+from gateway.store.replicas import ReplicaLease, ReplicaStore
+from tests.support.gateway import gateway_config
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+# Heartbeats fresh for 10 s, lost 60 s after the disconnection.
+LIVENESS = Liveness(stale_after_s=8.0, fresh_for_s=10.0, lost_after_s=60.0)
+HA = HaSettings(lease_s=15.0, renew_interval_s=5.0)
+
+
+@dataclass(frozen=True)
+class _Row:
+    connected: bool = True
+    connected_at: datetime | None = T0
+    disconnected_at: datetime | None = None
+    last_heartbeat_at: datetime | None = T0
+    exit_code: int | None = None
+    owner: str | None = "gw-a"
+
+
+def _leases(**renewed: datetime) -> ReplicaLeases:
+    return ReplicaLeases(lease_s=HA.lease_s, renewed_at={k.replace("_", "-"): v for k, v in renewed.items()})
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_a_sandbox_is_connected_while_its_owners_lease_and_its_heartbeat_are_alive() -> None:
+    now = _at(5)
+    leases = _leases(gw_a=_at(0))
+    assert sandbox_state(_Row(), now=now, liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    assert disconnected_since(_Row(), now=now, liveness=LIVENESS, leases=leases) is None
+
+
+def test_a_lapsed_lease_shows_the_sandbox_disconnected_then_lost_though_its_heartbeat_is_fresh() -> None:
+    # The owner last renewed at T0 - 12 s; its lease (15 s) lapsed at T0 + 3 s.
+    leases = _leases(gw_a=_at(-12))
+    row = _Row(last_heartbeat_at=_at(1))
+    assert sandbox_state(row, now=_at(2), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    # Lapsed: disconnected, since it was last heard from (the heartbeat alone would say connected).
+    assert sandbox_state(row, now=_at(4), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert disconnected_since(row, now=_at(4), liveness=LIVENESS, leases=leases) == _at(1)
+    assert sandbox_state(row, now=_at(4), liveness=LIVENESS) is SandboxState.CONNECTED, "no leases: old rule"
+    # Lost once disconnected for longer than lost_after_s.
+    assert sandbox_state(row, now=_at(61), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert sandbox_state(row, now=_at(62), liveness=LIVENESS, leases=leases) is SandboxState.LOST
+
+
+def test_an_owner_without_a_lease_row_holds_nothing() -> None:
+    leases = _leases(gw_b=_at(0))  # another replica lives; gw-a has no row (deleted, or never)
+    assert sandbox_state(_Row(), now=_at(1), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    no_owner = _Row(owner=None)
+    assert sandbox_state(no_owner, now=_at(1), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+
+
+def test_a_stale_heartbeat_is_disconnected_though_the_owner_lives() -> None:
+    leases = _leases(gw_a=_at(20))
+    assert sandbox_state(_Row(), now=_at(21), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert disconnected_since(_Row(), now=_at(21), liveness=LIVENESS, leases=leases) == T0
+
+
+def test_exited_and_recorded_disconnections_do_not_depend_on_the_lease() -> None:
+    leases = _leases()
+    exited = _Row(exit_code=0)
+    assert sandbox_state(exited, now=_at(1), liveness=LIVENESS, leases=leases) is SandboxState.EXITED
+    gone = _Row(connected=False, disconnected_at=_at(1))
+    assert sandbox_state(gone, now=_at(2), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert disconnected_since(gone, now=_at(2), liveness=LIVENESS, leases=leases) == _at(1)
+
+
+def test_alive_counts_only_leases_renewed_within_lease_s() -> None:
+    leases = _leases(gw_a=_at(0), gw_b=_at(-16), gw_c=_at(-15))
+    assert leases.alive_count(now=T0) == 2
+    assert not leases.alive("gw-b", now=T0) and leases.alive("gw-c", now=T0)
+
+
+def test_the_replica_id_is_the_setting_or_the_host_name() -> None:
+    import socket
+
+    assert replica_id(HaSettings(replica_id="openshell-gateway-0")) == "openshell-gateway-0"
+    assert replica_id(HaSettings()) == socket.gethostname()
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Any:
+    database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}")
+    yield database
+    await database.close()
+
+
+async def test_the_lease_row_is_created_renewed_marked_draining_and_deleted(db: Database) -> None:
+    store = ReplicaStore(db)
+    await store.renew("gw-a", address="a:1", sessions=0, draining=False, started_at=T0, renewed_at=T0)
+    await store.renew("gw-a", address="a:1", sessions=3, draining=False, started_at=T0, renewed_at=_at(5))
+    await store.renew("gw-b", address="b:1", sessions=1, draining=False, started_at=T0, renewed_at=_at(4))
+    await store.mark_draining("gw-b")
+    assert await store.leases() == [
+        ReplicaLease("gw-a", "a:1", 3, False, T0, _at(5)),
+        ReplicaLease("gw-b", "b:1", 1, True, T0, _at(4)),
+    ]
+    await store.delete("gw-b")
+    assert [r.id for r in await store.leases()] == ["gw-a"]
+
+
+class _FlakyReplicas(ReplicaStore):
+    """A real store whose writes and reads fail while ``failing`` (a database outage)."""
+
+    failing = False
+    reads = 0
+
+    async def renew(self, replica_id: str, **kwargs: Any) -> None:
+        if self.failing:
+            raise StoreError("cannot renew the lease: the database is away")
+        await super().renew(replica_id, **kwargs)
+
+    async def leases(self) -> list[ReplicaLease]:
+        self.reads += 1
+        return await super().leases()
+
+
+async def test_the_renewer_outlives_a_store_outage_and_renews_after_it(db: Database) -> None:
+    store = _FlakyReplicas(db)
+    ha = HaSettings(replica_id="gw-a", lease_s=0.2, renew_interval_s=0.05)
+    renewer = LeaseRenewer(store, replica="gw-a", address="a:1", ha=ha, sessions=lambda: 2)
+    store.failing = True
+    await renewer.start()  # the first write fails: logged, not raised
+    await asyncio.sleep(0.2)
+    assert renewer.failures >= 2 and await store.leases() == []
+    store.failing = False
+    await asyncio.sleep(0.15)
+    [row] = await store.leases()
+    assert row.id == "gw-a" and row.sessions == 2 and renewer.failures == 0
+    await renewer.drain()
+    assert (await store.leases())[0].draining
+    await renewer.stop()
+    assert await store.leases() == []
+
+
+async def test_the_lease_view_reads_the_table_once_per_half_interval(db: Database) -> None:
+    store = _FlakyReplicas(db)
+    await store.renew("gw-a", address="a:1", sessions=0, draining=False, started_at=T0, renewed_at=T0)
+    clock = [100.0]
+    view = LeaseView(store, ha=HA, monotonic=lambda: clock[0])
+    first, second = await asyncio.gather(view.leases(), view.leases())
+    assert first is second and store.reads == 1
+    clock[0] += HA.renew_interval_s / 2 - 0.1
+    await view.leases()
+    assert store.reads == 1
+    clock[0] += 0.2
+    assert (await view.leases()).renewed_at == {"gw-a": T0} and store.reads == 2
+
+
+async def _get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_a_gateway_holds_a_lease_and_shows_a_dead_owners_sandbox_disconnected(tmp_path: Path) -> None:
+    config = gateway_config(
+        tmp_path,
+        {
+            "ha": {
+                "replica_id": "gw-here",
+                "advertise_address": "gw-here.example:50051",
+                "lease_s": 2.0,
+                "renew_interval_s": 1.0,
+            },
+            "sessions": {"heartbeat_interval_s": 60.0},  # the heartbeat stays fresh for minutes
+        },
+    )
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        assert gw.db is not None
+        [row] = await ReplicaStore(gw.db).leases()
+        assert (row.id, row.address, row.draining) == ("gw-here", "gw-here.example:50051", False)
+        now = datetime.now(UTC)
+        # One sandbox held by this replica, one by a replica that died and whose row lapsed.
+        await ReplicaStore(gw.db).renew(
+            "gw-dead",
+            address="x:1",
+            sessions=1,
+            draining=False,
+            started_at=now,
+            renewed_at=now - timedelta(seconds=3),
+        )
+        for sandbox_id, owner in (("sb-here", "gw-here"), ("sb-dead", "gw-dead")):
+            await gw.sandboxes.ensure(sandbox_id, driver="external")
+            await gw.sandboxes.mark_connected(
+                sandbox_id, instance_id="i", session_id="s", journal_epoch="e", owner=owner, at=now
+            )
+        listed = await _get_json(f"{gw.http_url}/api/v1/sandboxes")
+        states = {s["id"]: (s["state"], s["connected"]) for s in listed["sandboxes"]}
+        assert states == {"sb-here": ("connected", True), "sb-dead": ("disconnected", False)}
+        one = await _get_json(f"{gw.http_url}/api/v1/sandboxes/sb-dead")
+        assert one["state"] == "disconnected" and one["disconnected_since"] is not None
+        async with aiohttp.ClientSession() as http, http.get(f"{gw.ops_url}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'openshell_gateway_sandboxes{state="connected"} 1.0' in metrics
+        assert 'openshell_gateway_sandboxes{state="disconnected"} 1.0' in metrics
+        assert "openshell_gateway_replicas_alive 1.0" in metrics
+        assert 'openshell_gateway_replica_info{replica="gw-here"} 1.0' in metrics
+    finally:
+        db = await Database.open(config.database.url)
+        await gw.stop()
+        try:
+            # A clean stop deletes the row: the others know at once that it holds nothing.
+            assert [r.id for r in await ReplicaStore(db).leases()] == ["gw-dead"]
+        finally:
+            await db.close()
