@@ -1,0 +1,172 @@
+"""Replica leases with real parts (issue 20 point 2): two gateway processes on one real
+PostgreSQL database, a real supervisor connected to replica A, A killed with SIGKILL (no shutdown,
+no disconnection write, its lease row left behind). Replica B, which never held the session,
+shows the sandbox disconnected once A's lease lapsed, then lost after ``sessions.lost_after_s``.
+
+The heartbeat interval is long (30 s), so the heartbeat rule alone would show the sandbox
+connected for half a minute after the kill: the lease is what B goes by. Before the lease, a
+crashed gateway's sandboxes stayed "connected" for as long as their heartbeat bound.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import SessionSettings
+from gateway.sandbox_state import Liveness
+from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+pytestmark = pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+LEASE_S, RENEW_S, LOST_AFTER_S = 2.0, 0.5, 4.0
+HEARTBEAT_S = 30.0
+FRESH_FOR_S = Liveness.from_settings(
+    SessionSettings(heartbeat_interval_s=HEARTBEAT_S, grace_s=1.0, heartbeat_flush_interval_s=0.5)
+).fresh_for_s
+# The lease lapses LEASE_S after the last renewal; B reads the table at most RENEW_S / 2 late.
+SLACK_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
+    )
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield pg_server.url(name)
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
+    )
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _replica(workdir: Path, replica_id: str, database_url: str) -> GatewayProcess:
+    return GatewayProcess(
+        workdir,
+        heartbeat_interval_s=HEARTBEAT_S,
+        database_url=database_url,
+        extra=[
+            "--set", f"ha.replica_id={replica_id}",
+            "--set", f"ha.lease_s={LEASE_S}",
+            "--set", f"ha.renew_interval_s={RENEW_S}",
+            "--set", f"sessions.lost_after_s={LOST_AFTER_S}",
+        ],
+    )  # fmt: skip
+
+
+def _get(gateway: GatewayProcess, path: str) -> Any:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 404 until the supervisor's hello registered it
+        return {"state": f"http {exc.code}"}
+
+
+def _metric(gateway: GatewayProcess, series: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+    return None
+
+
+async def _lease_rows(database_url: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return {r["id"]: r for r in await conn.fetch("SELECT * FROM replicas")}
+    finally:
+        await conn.close()
+
+
+async def test_a_killed_replicas_sandbox_is_shown_disconnected_then_lost_by_another(
+    tmp_path: Path, database_url: str, supervisors: list[SupervisorProcess]
+) -> None:
+    assert FRESH_FOR_S > LEASE_S + SLACK_S + LOST_AFTER_S, "the heartbeat alone must not explain it"
+    a = _replica(tmp_path / "a", "gw-a", database_url)
+    b = _replica(tmp_path / "b", "gw-b", database_url)
+    a.start()  # A migrates first: B then finds the schema in place
+    try:
+        b.start()
+        rows = await _lease_rows(database_url)
+        assert set(rows) == {"gw-a", "gw-b"} and rows["gw-a"]["address"] == a.address
+        sv = SupervisorProcess(tmp_path / "sv", "sb-1", a.address, command=writer_command(100_000, delay=0.1))
+        supervisors.append(sv)
+        sv.start()
+        wait_until(
+            lambda: _get(b, "/api/v1/sandboxes/sb-1")["state"] == "connected",
+            timeout=30,
+            what="B showing the sandbox held by A connected",
+        )
+        assert _metric(b, "openshell_gateway_replicas_alive") == 2.0
+
+        a.kill()  # SIGKILL: no draining mark, no disconnection write, the lease row stays
+        killed = time.monotonic()
+        doc = wait_until(
+            lambda: (d := _get(b, "/api/v1/sandboxes/sb-1"))["state"] != "connected" and d,
+            timeout=LEASE_S + SLACK_S,
+            what="B showing the dead replica's sandbox not connected within the lease",
+        )
+        assert doc["state"] == "disconnected" and doc["connected"] is False, doc
+        # Since it was last heard from: after it connected, before B noticed.
+        since = datetime.fromisoformat(doc["disconnected_since"])
+        assert since >= datetime.fromisoformat(doc["connected_at"]), doc
+        wait_until(
+            lambda: _get(b, "/api/v1/sandboxes/sb-1")["state"] == "lost",
+            timeout=LOST_AFTER_S + SLACK_S,
+            what="B showing it lost after sessions.lost_after_s",
+        )
+        assert time.monotonic() - killed < FRESH_FOR_S, "the lease decided, not the heartbeat"
+        wait_until(
+            lambda: _metric(b, "openshell_gateway_replicas_alive") == 1.0,
+            timeout=10,  # the count is redone every few seconds
+            what="B counting one replica alive",
+        )
+        # B never held the session: the row still names A (whose row is still there, lapsed).
+        rows = await _lease_rows(database_url)
+        assert set(rows) == {"gw-a", "gw-b"} and not rows["gw-a"]["draining"]
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            owner, connected = await conn.fetchrow("SELECT owner, connected FROM sandboxes WHERE id = 'sb-1'")
+        finally:
+            await conn.close()
+        assert (owner, connected) == ("gw-a", True), "nothing was written for the sandbox since the kill"
+        assert "sb-1" not in b.log_text(), "B never heard of the session"
+
+        # A clean stop marks the row draining and then deletes it.
+        b.stop()
+        assert set(await _lease_rows(database_url)) == {"gw-a"}
+    finally:
+        a.kill()
+        b.stop()
