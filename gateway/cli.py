@@ -10,7 +10,9 @@
     openshell-gateway config check FILE | config schema
 
 Flags override the environment (OPENSHELL_GATEWAY_*), which overrides the file, which overrides
-the defaults. Every configuration problem is reported with its key path, exit status 78.
+the defaults. Every configuration problem is reported with its key path, exit status 78; so is a
+database whose schema is newer than this gateway knows (``serve`` and ``migrate`` refuse it). A
+database that cannot be reached or migrated is exit status 69.
 
 The API commands (status, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
 or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
@@ -248,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     from gateway.app import GatewayStartError  # noqa: PLC0415
     from gateway.store import StoreError  # noqa: PLC0415
+    from gateway.store.db import SchemaError  # noqa: PLC0415
 
     try:
         if args.cmd == "serve":
@@ -258,6 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.demo import run_demo  # noqa: PLC0415
 
             return asyncio.run(run_demo(config, steps=args.steps, keep_running=args.keep_running))
+    except SchemaError as exc:
+        # A database migrated by a newer gateway: a deployment mismatch, not an outage that a
+        # restart would outlive, so the configuration status rather than "unavailable".
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except (GatewayStartError, StoreError) as exc:
         print(f"openshell-gateway: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE

@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aiohttp import web
-from alembic.script import ScriptDirectory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import Liveness
 from gateway.store import Database, SandboxStore, utcnow
-from gateway.store.db import alembic_config, describe_error
+from gateway.store.db import describe_error, packaged_heads, schema_state
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class Verdict:
 
 def schema_heads() -> frozenset[str]:
     """The packaged migrations' head revisions (what ``alembic_version`` holds once migrated)."""
-    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+    return packaged_heads()
 
 
 class Readiness:
@@ -59,25 +57,18 @@ class Readiness:
     def __init__(self, db: Database, *, grpc_serving: Callable[[], bool]) -> None:
         self._db = db
         self._grpc_serving = grpc_serving
-        self._heads = schema_heads()
         self._checking: asyncio.Task[Verdict] | None = None
         self._log = RateLimitedLog(log, concern="readiness")
 
     async def _check_database(self) -> Verdict:
         try:
             async with self._db.engine.connect() as conn:
-                found = frozenset(
-                    str(v)
-                    for v in (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars()
-                )
+                state = await conn.run_sync(schema_state)
         except Exception as exc:  # any failure of the database is "not ready", with its reason
             return Verdict(False, f"database: {describe_error(exc)}")
-        if found != self._heads:
-            return Verdict(
-                False,
-                f"database schema at {', '.join(sorted(found)) or 'no revision'}, "
-                f"this gateway needs {', '.join(sorted(self._heads))}",
-            )
+        if not state.at_head:
+            # Missing, older (not migrated yet) or newer (another version migrated it), said so.
+            return Verdict(False, state.describe())
         return Verdict(True, "reachable, schema at head")
 
     async def check(self) -> dict[str, Verdict]:

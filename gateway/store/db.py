@@ -13,8 +13,13 @@ a busy timeout (the API and the writers share one file) and enforced foreign key
 them off otherwise, which would break the ON DELETE CASCADE from sandboxes to events).
 
 Migrations are Alembic revisions run programmatically on a connection of this same async engine
-(``run_sync``), so no synchronous driver is needed. Whatever goes wrong while opening comes out as
-a :class:`StoreError` naming the database (password masked) and the reason, never as a driver
+(``run_sync``), so no synchronous driver is needed, in one transaction that first takes the
+database's own lock: a transaction-level advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` (the
+file's write lock) on SQLite. Replicas or ``migrate`` jobs that start together therefore migrate one
+after the other, and those that come second find the schema at head and do nothing. A schema at a
+revision this code does not know (migrated by a newer gateway) is never touched: opening it raises
+:class:`SchemaError`, with or without migrating. Whatever goes wrong while opening comes out as a
+:class:`StoreError` naming the database (password masked) and the reason, never as a driver
 traceback.
 """
 
@@ -25,13 +30,17 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
@@ -47,6 +56,10 @@ PG_CONNECT_TIMEOUT_S = 10.0
 # Replicas that start together must not run the same migration twice at once; a transaction-level
 # advisory lock serialises them and is released by the commit. The number is arbitrary but fixed.
 _PG_MIGRATION_LOCK_KEY = 0x6F70_656E_7368  # "opensh"
+#: How long a migration waits for SQLite's write lock (another process migrating, or writing). The
+#: PostgreSQL advisory lock is waited for without a bound, as a second ``migrate`` must never run
+#: before the first finished; on SQLite a generous bound stands in for that.
+SQLITE_MIGRATION_LOCK_WAIT_MS = 600_000
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -54,6 +67,11 @@ _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 class StoreError(Exception):
     """The database cannot do what was asked; the message says what, where and why."""
+
+
+class SchemaError(StoreError):
+    """The database's schema is at a revision this code does not know (a newer gateway migrated it):
+    nothing may read, write or migrate it. Not a passing outage: retrying does not help."""
 
 
 def utcnow() -> datetime:
@@ -155,16 +173,104 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+@dataclass(frozen=True)
+class _Scripts:
+    known: frozenset[str]
+    heads: frozenset[str]
+
+
+@cache
+def _scripts() -> _Scripts:
+    # Read once per process: the packaged revisions do not change while it runs.
+    script = ScriptDirectory.from_config(alembic_config())
+    return _Scripts(
+        known=frozenset(rev.revision for rev in script.walk_revisions()),
+        heads=frozenset(script.get_heads()),
+    )
+
+
+def packaged_heads() -> frozenset[str]:
+    """The packaged migrations' head revisions (what ``alembic_version`` holds once migrated)."""
+    return _scripts().heads
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database's schema stands against the migrations packaged with this code."""
+
+    #: The revisions in ``alembic_version``; empty when there is no schema (never migrated).
+    current: frozenset[str]
+    #: The packaged heads: what ``current`` is once migrated.
+    heads: frozenset[str]
+    #: Those of ``current`` no packaged script has: a newer gateway migrated the database.
+    unknown: frozenset[str]
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.heads
+
+    def describe(self) -> str:
+        """Why the schema is not usable as it stands, said for an operator ('' when at head)."""
+        found, needed = ", ".join(sorted(self.current)), ", ".join(sorted(self.heads))
+        if self.unknown:
+            return (
+                f"database schema is at revision {found}, newer than this gateway knows (its newest is "
+                f"{needed}): a newer gateway migrated it; run that version or a later one"
+            )
+        if not self.current:
+            return f"database schema missing (no revision recorded; this gateway needs {needed}): " + (
+                "run openshell-gateway migrate"
+            )
+        if not self.at_head:
+            return (
+                f"database schema at revision {found}, older than this gateway's {needed}: "
+                "run openshell-gateway migrate"
+            )
+        return ""
+
+
+def schema_state(connection: Connection) -> SchemaState:
+    """The schema's standing, read on ``connection`` (for ``AsyncConnection.run_sync``)."""
+    scripts = _scripts()
+    current = frozenset(MigrationContext.configure(connection).get_current_heads())
+    return SchemaState(current=current, heads=scripts.heads, unknown=current - scripts.known)
+
+
 def _upgrade_sync(connection: Connection, revision: str) -> None:
+    # Read under the migration lock: what a replica that migrated first left is what counts.
+    state = schema_state(connection)
+    if state.unknown:
+        # Alembic would stop with "Can't locate revision"; say what it means instead, and change
+        # nothing (a downgrade is never this code's to guess).
+        raise SchemaError(state.describe())
     command.upgrade(alembic_config(connection), revision)
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the schema behind ``engine`` to ``revision``, in one transaction where DDL allows."""
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
-        await conn.run_sync(_upgrade_sync, revision)
+    """Bring the schema behind ``engine`` to ``revision`` in one transaction, holding the database's
+    migration lock (see the module docstring); SchemaError when the schema is newer than this code."""
+    async with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        try:
+            if sqlite:
+                # pysqlite runs DDL outside any transaction unless one is begun by hand: without
+                # this, two processes would both see no schema and both create it (the second
+                # failing on "table already exists"), and a crash could leave half a revision.
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_MIGRATION_LOCK_WAIT_MS}")
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY}
+                )
+            await conn.run_sync(_upgrade_sync, revision)
+            await conn.commit()
+        finally:
+            if sqlite:
+                # Back to the ordinary wait for the connection's next user (the pool keeps it); a
+                # failure here must not hide the migration's own.
+                with contextlib.suppress(SQLAlchemyError):
+                    await conn.rollback()
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 async def migrate(url: str) -> None:
@@ -172,6 +278,8 @@ async def migrate(url: str) -> None:
     engine = create_engine(url)
     try:
         await upgrade(engine)
+    except SchemaError as exc:
+        raise SchemaError(f"cannot migrate database {mask_url(engine.url)}: {exc}") from None
     except StoreError:
         raise
     except Exception as exc:
@@ -199,9 +307,20 @@ class Database:
             # differently.
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
+                # Read before migrating too, so that a newer schema is refused in the same words
+                # whether this gateway migrates or not.
+                state = await conn.run_sync(schema_state)
+            if state.unknown:
+                raise SchemaError(state.describe())
             if migrate:
                 what = "migrate"
                 await upgrade(engine)
+            elif not state.at_head:
+                # Served anyway (a migration job may be on its way); /readyz says not ready meanwhile.
+                log.warning("%s; /readyz answers not ready until then", state.describe())
+        except SchemaError as exc:
+            await engine.dispose()
+            raise SchemaError(f"cannot use database {display}: {exc}") from None
         except Exception as exc:
             await engine.dispose()
             raise StoreError(f"cannot {what} database {display}: {describe_error(exc)}") from exc
