@@ -5,9 +5,10 @@ apart from the HTTP API so that the API's authentication covers the whole API.
             else is checked, so a database outage never gets the gateway restarted).
 /readyz     200 ``{"ready": true, "checks": {...}}`` when the gateway can do its work: the
             database answers a read within ``READY_DB_TIMEOUT_S`` and its schema is at the
-            migrations' head (``alembic_version`` holds exactly the packaged heads: a replica
-            older or newer than the schema is not ready), and the gRPC server is serving (started,
-            not shutting down). 503 with the failed check's reason otherwise.
+            migrations' head, or past it (a schema missing or older than this gateway is not
+            ready: run ``openshell-gateway migrate``; one that a rollout's migration moved past
+            this running replica is served on, see ``Readiness``), and the gRPC server is serving
+            (started, not shutting down). 503 with the failed check's reason otherwise.
 /metrics    the Prometheus exposition (:mod:`gateway.metrics`).
 
 Nothing else is served there, and nothing there needs a credential: keep the listener pod-local
@@ -66,8 +67,18 @@ class Readiness:
                 state = await conn.run_sync(schema_state)
         except Exception as exc:  # any failure of the database is "not ready", with its reason
             return Verdict(False, f"database: {describe_error(exc)}")
+        if state.unknown:
+            # A rollout migrates before its new pods start (the chart's hook), so the replicas still
+            # running the previous version see a schema newer than theirs: they serve on, or every
+            # rollout would empty the Service. Revisions are additive for that reason (see
+            # docs/architecture.md, "Migrations"); a restart of this version is refused instead.
+            return Verdict(
+                True,
+                f"reachable, schema at {', '.join(sorted(state.current))}, newer than this gateway's "
+                f"{', '.join(sorted(state.heads))}: serving on until replaced (a restart is refused)",
+            )
         if not state.at_head:
-            # Missing, older (not migrated yet) or newer (another version migrated it), said so.
+            # Missing or older (not migrated yet), said so with what to run.
             return Verdict(False, state.describe())
         return Verdict(True, "reachable, schema at head")
 

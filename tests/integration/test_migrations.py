@@ -8,7 +8,8 @@
   ``serve`` (migrating at start or not) and ``migrate`` with exit status 78 and a message naming both
   revisions; nothing is changed.
 - A gateway told not to migrate serves a database whose schema is missing or older, and /readyz
-  says not ready and why until ``migrate`` has run.
+  says not ready and why until ``migrate`` has run; a running gateway whose schema a newer version
+  migrated (a rollout's hook) stays ready and says so.
 - A database filled at every earlier revision migrates to head with every row kept and readable
   through the stores.
 """
@@ -294,6 +295,18 @@ async def test_readiness_says_why_a_schema_missing_or_older_is_not_ready(tmp_pat
         assert done.returncode == 0, done.stdout + done.stderr
         wait_until(lambda: _readyz(gateway)[0] == 200, timeout=30, what="ready once migrated")
         assert _readyz(gateway)[1]["checks"]["database"]["reason"] == "reachable, schema at head"
+
+        # A newer version's migration (a rollout's hook) moves the schema past this running
+        # replica: it stays ready, saying so, or each rollout would take every old pod out at once.
+        await _execute(url, f"UPDATE alembic_version SET version_num = '{FUTURE}'")
+        wait_until(
+            lambda: FUTURE in _readyz(gateway)[1]["checks"]["database"]["reason"],
+            timeout=30,
+            what="the readiness check seeing the newer schema",
+        )
+        status, body = _readyz(gateway)
+        assert status == 200 and body["ready"], body
+        assert "newer than this gateway's" in body["checks"]["database"]["reason"], body
     finally:
         gateway.stop()
 

@@ -96,18 +96,27 @@ async def test_readyz_checks_the_database_and_its_schema(
     assert resp.status == 200
     assert (await resp.json())["checks"]["database"] == {"ok": True, "reason": "reachable, schema at head"}
 
-    async with db.engine.begin() as conn:  # a schema this gateway does not know (a newer replica's)
+    # A schema this gateway does not know (a newer version's, migrated by a rollout's hook while
+    # this replica runs): served on, said so (a restart of this version is refused instead).
+    async with db.engine.begin() as conn:
         await conn.execute(text("UPDATE alembic_version SET version_num = 'fffffffffff'"))
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    reason = (await resp.json())["checks"]["database"]["reason"]
+    assert reason.startswith("reachable, schema at fffffffffff, newer than this gateway's "), reason
+
+    async with db.engine.begin() as conn:  # an older schema: not ready until migrated
+        await conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
     resp = await client.get("/readyz")
     assert resp.status == 503
     reason = (await resp.json())["checks"]["database"]["reason"]
-    assert reason.startswith("database schema at fffffffffff, this gateway needs "), reason
+    assert reason.startswith("database schema at revision 0001, older than this gateway's "), reason
 
-    async with db.engine.begin() as conn:  # the database answers no read
+    async with db.engine.begin() as conn:  # no schema at all
         await conn.execute(text("DROP TABLE alembic_version"))
     resp = await client.get("/readyz")
     assert resp.status == 503
-    assert "no such table" in (await resp.json())["checks"]["database"]["reason"]
+    assert "database schema missing" in (await resp.json())["checks"]["database"]["reason"]
 
 
 async def test_a_taken_ops_port_is_a_clear_start_error(tmp_path: Path) -> None:
