@@ -18,8 +18,10 @@ A follower wakes on the event store's in-process notification and otherwise re-c
 second, so a missed wake-up costs latency, never events: the database is always the source.
 
 Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are created with a POST,
-stored, sent at once to the sandbox's live session if it is on this gateway, and otherwise with its
-next session; their state (``pending``, ``applied``, ``failed``) is readable until answered and after.
+stored with an expiry (``expires_in_s``, else ``commands.ttl_s``), sent at once to the sandbox's
+live session if it is on this gateway (``delivered`` says whether that session wrote it to its
+stream), and otherwise with its next session unless it expires first; their state (``pending``,
+``applied``, ``failed``, ``expired``) is readable until answered and after.
 
 With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``;
 without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
@@ -63,7 +65,7 @@ from aiohttp.typedefs import Middleware
 
 from gateway.auth.oidc import TokenProblem, TokenRefused
 from gateway.auth.people import NOBODY_ADMIN, REQUIRED_ROLE, Action, PeopleAuth, Person, may_see, scope_of
-from gateway.config import SessionSettings
+from gateway.config import CommandSettings, SessionSettings
 from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
 from gateway.metrics import GatewayMetrics
@@ -351,7 +353,12 @@ def command_json(row: CommandRow) -> dict[str, Any]:
     else:
         doc["interval_ms"] = c.interval_ms
     doc.update(
-        state=row.state, error=row.error, created_at=_iso(row.created_at), answered_at=_iso(row.answered_at)
+        state=row.state,
+        error=row.error,
+        created_at=_iso(row.created_at),
+        answered_at=_iso(row.answered_at),
+        expires_at=_iso(row.expires_at),
+        late_result=row.late_result,
     )
     return doc
 
@@ -404,8 +411,22 @@ def _sandbox_request(body: object) -> tuple[SandboxRequest, str | None]:
     return request, team
 
 
+def _command_ttl(body: dict[str, Any], settings: CommandSettings) -> float:
+    """The POSTed ``expires_in_s`` (seconds from now, within ``commands.max_ttl_s``), else the
+    default ``commands.ttl_s``."""
+    value = body.get("expires_in_s")
+    if value is None:
+        return settings.ttl_s
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 1 <= value <= settings.max_ttl_s:
+        raise ApiError(
+            400, f"expires_in_s must be a number of seconds from 1 to {settings.max_ttl_s:g}, got {value!r}"
+        )
+    return float(value)
+
+
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
-    """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like."""
+    """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like
+    (``expires_in_s`` is :func:`_command_ttl`'s)."""
     if not isinstance(body, dict):
         raise ApiError(400, 'the body must be a JSON object such as {"kind": "stop"}')
     kinds = ", ".join(k.value for k in CommandKind)
@@ -413,7 +434,8 @@ def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
         kind = CommandKind(body.get("kind"))
     except ValueError:
         raise ApiError(400, f"kind must be one of {kinds}, got {body.get('kind')!r}") from None
-    allowed = {"kind", {CommandKind.STOP: "grace_ms", CommandKind.SIGNAL: "signal"}.get(kind, "interval_ms")}
+    field = {CommandKind.STOP: "grace_ms", CommandKind.SIGNAL: "signal"}.get(kind, "interval_ms")
+    allowed = {"kind", "expires_in_s", field}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(400, f"unknown field(s) for a {kind.value} command: {', '.join(unknown)}")
@@ -444,7 +466,8 @@ class _Api:
         liveness: Liveness,
         now: Callable[[], datetime],
         commands: CommandStore | None = None,
-        deliver: Callable[[CommandRow], bool] | None = None,
+        deliver: Callable[[CommandRow], Awaitable[bool]] | None = None,
+        command_settings: CommandSettings | None = None,
         provisioner: Provisioner | None = None,
         auth: PeopleAuth | None = None,
         metrics: GatewayMetrics | None = None,
@@ -458,6 +481,7 @@ class _Api:
         self.events = events
         self.commands = commands
         self.deliver = deliver
+        self.command_settings = command_settings or CommandSettings()
         self.liveness = liveness
         self.now = now
         #: Set when the server shuts down: followers end instead of holding the shutdown up.
@@ -498,9 +522,13 @@ class _Api:
     async def create_command(self, request: web.Request) -> web.StreamResponse:
         store = self._command_store()
         row = await self._sandbox(request, Action.COMMAND)
-        kind, args = _command_args(await _json_body(request))
-        created = await store.create(row.id, kind, **args)
-        delivered = self.deliver(created) if self.deliver is not None else False
+        body = await _json_body(request)
+        kind, args = _command_args(body)
+        assert isinstance(body, dict)  # _command_args refuses anything else
+        created = await store.create(row.id, kind, ttl_s=_command_ttl(body, self.command_settings), **args)
+        # True only once the sandbox's live session (of the command's generation) has written it
+        # to its stream; otherwise it goes out with the next session, unless it expires first.
+        delivered = await self.deliver(created) if self.deliver is not None else False
         return web.json_response({**command_json(created), "delivered": delivered}, status=201)
 
     async def list_commands(self, request: web.Request) -> web.StreamResponse:
@@ -694,7 +722,8 @@ def build_api(
     liveness: Liveness | None = None,
     now: Callable[[], datetime] = utcnow,
     commands: CommandStore | None = None,
-    deliver: Callable[[CommandRow], bool] | None = None,
+    deliver: Callable[[CommandRow], Awaitable[bool]] | None = None,
+    command_settings: CommandSettings | None = None,
     provisioner: Provisioner | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     auth: PeopleAuth | None = None,
@@ -717,6 +746,7 @@ def build_api(
         now=now,
         commands=commands,
         deliver=deliver,
+        command_settings=command_settings,
         provisioner=provisioner,
         auth=auth,
         metrics=metrics,

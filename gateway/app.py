@@ -230,6 +230,7 @@ class Gateway:
             liveness=liveness,
             commands=commands,
             deliver=self._service.deliver,
+            command_settings=cfg.commands,
             max_body_bytes=cfg.http.max_body_bytes,
             # The API owns the verifier (closed with it); without OIDC every caller is admin.
             auth=PeopleAuth(cfg.auth.oidc) if cfg.auth.oidc.issuer_url else None,

@@ -144,6 +144,31 @@ class SessionSettings(_Section):
     )
 
 
+class CommandSettings(_Section):
+    ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="A command's time to live when its POST names none (expires_in_s): a command still "
+        "unanswered by then ends expired and is never sent again.",
+    )
+    max_ttl_s: float = Field(
+        86400.0, gt=0, description="The longest time to live a POST may ask for (expires_in_s)."
+    )
+    delivery_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="How long a POST waits for the sandbox's live session to write the command to its "
+        "stream before it answers delivered: false (the command stays pending and goes out with the "
+        "sandbox's next session).",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> CommandSettings:
+        if self.ttl_s > self.max_ttl_s:
+            raise ValueError(f"ttl_s ({self.ttl_s}) must be at most max_ttl_s ({self.max_ttl_s})")
+        return self
+
+
 class LocalDriverSettings(_Section):
     work_dir: Path = Field(
         Path("var/openshell/sandboxes"), description="Where local sandboxes keep their journal and files."
@@ -573,6 +598,7 @@ class GatewayConfig(LayeredSettings):
     ha: HaSettings = Field(default_factory=HaSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    commands: CommandSettings = Field(default_factory=CommandSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."

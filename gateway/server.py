@@ -54,6 +54,7 @@ from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unava
 from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
+from gateway.store.commands import Answer
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -118,6 +119,20 @@ def _command_message(command: Command) -> pb.GatewayMessage:
     msg = pb.GatewayMessage()
     msg.command.CopyFrom(command_to_proto(command))
     return msg
+
+
+@dataclass(frozen=True, slots=True)
+class _CommandOut(Outbound):
+    """A command the API hands a live session: ``taken`` turns True once the session has written
+    it to its stream, False if the session ends first or the command expires in the inbox."""
+
+    expires_at: datetime
+    taken: asyncio.Future[bool]
+
+
+def _settle(taken: asyncio.Future[bool], value: bool) -> None:
+    if not taken.done():
+        taken.set_result(value)
 
 
 def _reject(code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0) -> pb.GatewayMessage:
@@ -211,11 +226,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     def _store_deadline(self, limit_s: float | None = None) -> float:
         return time.monotonic() + (self._config.grpc.store_timeout_s if limit_s is None else limit_s)
 
-    def deliver(self, created: CommandRow) -> bool:
+    async def deliver(self, created: CommandRow) -> bool:
         """Send a command just stored to its sandbox's live session on this gateway, if there is
-        one that speaks ``commands`` and is of the generation the command was created for;
-        otherwise it goes out with the sandbox's next session (pending commands are sent at every
-        hello)."""
+        one that speaks ``commands`` and is of the generation the command was created for, and
+        wait up to ``commands.delivery_wait_s`` for the session to write it to its stream: True
+        means it did (a session merely existing is not enough: it may be dead and not yet
+        noticed). Otherwise it goes out with the sandbox's next session (pending commands are sent
+        at every hello) unless it expires first; a session slower than the wait may still send it."""
         session = self._registry.get(created.sandbox_id)
         if session is None or CAP_COMMANDS not in session.capabilities:
             return False
@@ -224,9 +241,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             # connected must not get the new one's command (nor the new one a command the
             # re-creation failed).
             return False
+        if created.expires_at <= datetime.now(UTC):
+            return False
         self._expect_heartbeats(session, created.command)
-        session.inbox.put_nowait(Outbound(_command_message(created.command)))
-        return True
+        taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        message = _command_message(created.command)
+        session.inbox.put_nowait(_CommandOut(message, expires_at=created.expires_at, taken=taken))
+        try:
+            # shield: a POST that gives up must not cancel the outcome the session settles.
+            return await asyncio.wait_for(asyncio.shield(taken), self._config.commands.delivery_wait_s)
+        except TimeoutError:
+            return False
 
     def _expect_heartbeats(self, session: Session, command: Command) -> None:
         """A slower heartbeat asked of the supervisor widens the silence this session may keep,
@@ -403,6 +428,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 # disconnection runs as its own task, which the gateway awaits before it closes
                 # the database.
                 self._spawn(self._record_disconnected(session), name=f"disconnected-{sandbox_id}")
+            # Out of the registry now, so nothing more is queued: commands still waiting in the
+            # inbox were not taken (they stay pending for the next session).
+            while not session.inbox.empty():
+                item = session.inbox.get_nowait()
+                if isinstance(item, _CommandOut):
+                    _settle(item.taken, False)
             log.info(
                 "session closed (%s)",
                 reason,
@@ -561,6 +592,19 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             if isinstance(item, Close):
                 log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
                 return
+            if isinstance(item, _CommandOut):
+                if item.expires_at <= datetime.now(UTC):
+                    _settle(item.taken, False)  # expired while queued: never sent
+                    continue
+                try:
+                    yield item.message
+                except BaseException:
+                    # Closed at the yield: the write failed or the call was cancelled.
+                    _settle(item.taken, False)
+                    raise
+                # Resumed: gRPC has written the message to this open stream.
+                _settle(item.taken, True)
+                continue
             if isinstance(item, Outbound):
                 yield item.message
                 continue
@@ -587,8 +631,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 deadline=self._store_deadline(),
                 what="store a command result",
             )
-            if not answered:
+            if answered is Answer.IGNORED:
                 log.info("result for an unknown or answered command %s ignored", result.command_id)
+            elif answered is Answer.LATE:
+                log.info(
+                    "result for command %s came after it expired: kept as its late result, "
+                    "the command stays expired",
+                    result.command_id,
+                    extra={"sandbox_id": session.sandbox_id, "applied": result.applied},
+                )
             else:
                 log.info(
                     "command answered",

@@ -158,6 +158,12 @@ commands = Table(
     Column("error", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("answered_at", UTCDateTime, nullable=True),
+    # After it, the command is never sent and ends ``expired``; NULL on rows stored before
+    # revision 0007, which expire ``LEGACY_TTL_S`` after creation (gateway.store.commands).
+    Column("expires_at", UTCDateTime, nullable=True),
+    # The supervisor's answer (applied, failed) when it came after the command expired: recorded,
+    # without turning the state back.
+    Column("late_result", Text, nullable=True),
     # Redelivery reads one sandbox's pending commands in creation order.
     Index("ix_commands_sandbox_id_state", "sandbox_id", "state"),
 )

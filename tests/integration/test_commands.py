@@ -4,6 +4,7 @@ at most once by the supervisor however often they arrive."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,15 @@ import pytest
 from grpc import aio
 
 from gateway.app import Gateway
+from gateway.store import Database
 from openshell_wire.records import Command, CommandKind
 from openshell_wire.v1 import openshell_pb2 as pb
+from tests.integration.test_control import AGENT, _http
 from tests.integration.test_session_robustness import _accepted, _serve, _session
+from tests.integration.test_store_postgres import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
+from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
+from tests.unit.test_commands_store import check_command_expiry
 
 CONNECT = "/openshell.v1.OpenShell/ConnectSupervisor"
 
@@ -234,3 +240,73 @@ async def test_a_stop_command_during_the_exit_flush_does_not_cut_it(tmp_path: Pa
     finally:
         sv.stop()
         await gateway.stop()
+
+
+def test_a_command_that_expires_while_the_supervisor_is_away_is_never_delivered(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    """Real gateway and supervisor processes: commands posted while the supervisor is connected
+    are delivered (written to its stream) and applied; one posted while it is away that expires
+    before it returns ends expired and never reaches it, while one still valid does."""
+    gateway.start()
+    api = f"http://127.0.0.1:{gateway.http_port}/api/v1"
+    usr1_lines = lambda: gateway.log_lines("exp").count("got USR1")  # noqa: E731
+
+    def start_supervisor() -> SupervisorProcess:
+        sv = SupervisorProcess(tmp_path / "exp", "exp", gateway.address, [sys.executable, "-u", "-c", AGENT])
+        supervisors.append(sv)
+        sv.start()
+        return sv
+
+    def state(command_id: str) -> dict[str, Any]:
+        status, doc = _http("GET", f"{api}/commands/{command_id}")
+        assert status == 200, doc
+        return dict(doc)
+
+    def post(body: dict[str, Any]) -> dict[str, Any]:
+        status, doc = _http("POST", f"{api}/sandboxes/exp/commands", body)
+        assert status == 201, doc
+        return dict(doc)
+
+    def stop(sv: SupervisorProcess) -> None:
+        stopped = post({"kind": "stop", "grace_ms": 5000})
+        assert stopped["delivered"] is True, "the live session wrote it to its stream"
+        assert sv.wait(timeout=60) == 0, sv.log_text()[-2000:]
+        assert state(stopped["id"])["state"] == "applied"
+
+    first = start_supervisor()
+    wait_until(lambda: "ready" in gateway.log_lines("exp"), timeout=30, what="the agent is up")
+    live = post({"kind": "signal", "signal": "SIGUSR1"})
+    assert live["delivered"] is True and live["state"] == "pending"
+    wait_until(lambda: state(live["id"])["state"] == "applied", timeout=30, what="the live command answered")
+    assert usr1_lines() == 1
+    stop(first)
+
+    # Away: nobody takes these. One expires before the supervisor returns; one is still valid.
+    doomed = post({"kind": "signal", "signal": "SIGUSR1", "expires_in_s": 1})
+    # Applied by the supervisor's session itself: sent at the hello, before the agent's handlers.
+    kept = post({"kind": "heartbeat", "interval_ms": 1000, "expires_in_s": 120})
+    assert doomed["delivered"] is False and kept["delivered"] is False
+    assert doomed["expires_at"] < kept["expires_at"]
+    wait_until(lambda: state(doomed["id"])["state"] == "expired", timeout=10, what="the command expired")
+
+    second = start_supervisor()
+    wait_until(lambda: state(kept["id"])["state"] == "applied", timeout=30, what="the valid one redelivered")
+    wait_until(lambda: gateway.log_lines("exp").count("ready") == 2, timeout=30, what="the agent is up")
+    stop(second)
+    after = state(doomed["id"])
+    assert (after["state"], after["late_result"], after["answered_at"]) == ("expired", None, None)
+    assert usr1_lines() == 1, "the expired command's signal never reached the agent"
+    assert gateway.log_lines("exp")[-1] == "bye", "the agent ended by the stop command"
+    audit = [e["message"] for e in gateway.events("exp", "log") if e["stream"] == "supervisor"]
+    assert any(kept["id"] in line for line in audit), audit
+    assert not any(doomed["id"] in line for line in audit), audit
+    assert doomed["id"] not in first.log_text() + second.log_text()
+
+
+async def test_command_expiry_on_postgresql(pg_url: str) -> None:  # noqa: F811 (the fixture)
+    db = await Database.open(pg_url)
+    try:
+        await check_command_expiry(db)
+    finally:
+        await db.close()

@@ -26,6 +26,7 @@ from gateway.server import OpenShellService
 from gateway.sessions import Outbound, SessionRegistry
 from gateway.store import (
     UNSEQUENCED_EPOCH,
+    CommandRow,
     CommandStore,
     Database,
     EventStore,
@@ -836,27 +837,33 @@ async def test_a_command_is_delivered_only_to_a_session_of_its_generation(
         return session.inbox
 
     def sent(inbox: asyncio.Queue[Any]) -> list[str]:
+        """What a session's handler would write, each marked taken as the write does."""
         items = []
         while not inbox.empty():
             item = inbox.get_nowait()
             if isinstance(item, Outbound):
                 items.append(item.message.command.command_id)
+                item.taken.set_result(True)  # type: ignore[attr-defined]
         return items
+
+    async def deliver(row: CommandRow, inbox: asyncio.Queue[Any]) -> tuple[bool, list[str]]:
+        delivering = asyncio.create_task(service.deliver(row))
+        await asyncio.sleep(0)  # queued (or refused) by now
+        taken = sent(inbox)
+        return await delivering, taken
 
     assert await sandboxes.create("sb", driver="kubernetes", driver_state={"phase": "Running"}) == 1
     old_inbox = connect(1)
     first = await commands.create("sb", CommandKind.SIGNAL, signal=10)
-    assert first.generation == 1 and service.deliver(first)
-    assert sent(old_inbox) == [first.command.command_id]
+    assert first.generation == 1
+    assert await deliver(first, old_inbox) == (True, [first.command.command_id])
 
     assert await sandboxes.create("sb", driver="kubernetes", replaces=lambda row: True) == 2
     second = await commands.create("sb", CommandKind.STOP, grace_ms=1000)
     assert second.generation == 2
-    assert not service.deliver(second), "the live session is the old sandbox's"
-    assert sent(old_inbox) == []
+    assert await deliver(second, old_inbox) == (False, []), "the live session is the old sandbox's"
     assert [c.command.command_id for c in await commands.pending("sb")] == [second.command.command_id]
 
     new_inbox = connect(2)
-    assert not service.deliver(first), "a command of the old sandbox does not reach the new one"
-    assert service.deliver(second)
-    assert sent(new_inbox) == [second.command.command_id]
+    assert not await service.deliver(first), "a command of the old sandbox does not reach the new one"
+    assert await deliver(second, new_inbox) == (True, [second.command.command_id])
