@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 STOP_MARGIN_S = 8.0
 #: At most this long (of the margin) to stop the HTTP API.
 HTTP_STOP_S = 5.0
+#: How long a shutdown waits to mark this replica draining in its lease row (best effort).
+DRAIN_MARK_S = 1.0
 #: Kept (of the margin) for closing the database after the disconnection writes.
 CLOSE_RESERVE_S = 1.5
 
@@ -319,9 +321,10 @@ class Gateway:
 
         self._grpc_serving = False  # /readyz says so at once: no new work is sent here
         if self._renewer is not None:
-            # The others see this replica going before its sessions end.
+            # The others see this replica going before its sessions end. Best effort, and short: a
+            # hung database must not eat the sessions' shutdown time (renewals keep saying it).
             await _bounded(
-                self._renewer.drain(), min(HTTP_STOP_S, left()), what="marking this replica draining"
+                self._renewer.drain(), min(DRAIN_MARK_S, left()), what="marking this replica draining"
             )
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
@@ -360,7 +363,8 @@ class Gateway:
             await self._service.drain(timeout_s=max(0.0, left() - CLOSE_RESERVE_S))
         if self._renewer is not None:
             # After the sessions ended: a deleted row says at once that this replica holds nothing.
-            await _bounded(self._renewer.stop(), max(left(), 0.5), what="deleting this replica's lease")
+            # Only within the deadline: a row not deleted expires after ha.lease_s.
+            await _bounded(self._renewer.stop(), left(), what="deleting this replica's lease")
             self._renewer = None
         await self.metrics.close()
         if self._guard is not None:
