@@ -401,6 +401,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     what="read the pending commands",
                 )
                 for row in pending:
+                    if row.expires_at <= datetime.now(UTC):
+                        continue  # expired since the read (a slow stream): the next read marks it
                     self._expect_heartbeats(session, row.command)
                     yield _command_message(row.command)
             reader = asyncio.create_task(
