@@ -15,8 +15,9 @@ heartbeat flushes as well.
 On a clean shutdown the row is first marked draining, then deleted once the sessions are closed:
 a deleted row tells the others at once that this replica holds nothing, where an expired one would
 keep the sandboxes it still held (whose disconnection writes failed) shown connected for up to
-``ha.lease_s`` more, and ids of pods gone for good would pile up. When the deletion fails, the row
-expires by itself.
+``ha.lease_s`` more. When the deletion fails, the row expires by itself. Rows not renewed for
+``FORGET_AFTER_LEASES`` leases (crashed replicas whose id never came back) are deleted by any
+live replica's renewal, so ids of pods gone for good do not pile up.
 
 :class:`LeaseView` is what the API and metrics read: a snapshot of every row's ``renewed_at``,
 cached per process for half a renewal interval, so listing 10,000 sandboxes reads the table once.
@@ -32,7 +33,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.config import GatewayConfig, HaSettings
 from gateway.ratelimit import RateLimitedLog
@@ -41,6 +42,10 @@ from gateway.store.db import StoreError, utcnow
 from gateway.store.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
+
+#: Rows of other replicas not renewed for this many leases are deleted by any renewal: dead
+#: either way, and a crashed pod's id would otherwise stay forever.
+FORGET_AFTER_LEASES = 10
 
 
 def replica_id(ha: HaSettings) -> str:
@@ -81,6 +86,7 @@ class LeaseRenewer:
 
     async def renew_once(self) -> bool:
         """Write the row now; False (logged, rate-limited) when the store failed."""
+        now = self._clock()
         try:
             await self._store.renew(
                 self.replica,
@@ -88,7 +94,8 @@ class LeaseRenewer:
                 sessions=self._sessions(),
                 draining=self._draining,
                 started_at=self._started_at,
-                renewed_at=self._clock(),
+                renewed_at=now,
+                forget_before=now - timedelta(seconds=FORGET_AFTER_LEASES * self._ha.lease_s),
             )
         except Exception as exc:  # never ends the renewer: the next tick retries
             self.failures += 1

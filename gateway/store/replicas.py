@@ -45,9 +45,12 @@ class ReplicaStore:
         draining: bool,
         started_at: datetime,
         renewed_at: datetime,
+        forget_before: datetime | None = None,
     ) -> None:
-        """Write the replica's row, creating it if missing (a row deleted meanwhile, or expired and
-        removed by an operator, comes back with the next renewal)."""
+        """Write the replica's row, creating it if missing (a row deleted meanwhile comes back with
+        the next renewal). With ``forget_before``, rows of other replicas last renewed before it
+        are deleted in the same transaction: a lapsed row and a missing one mean the same (dead),
+        and the ids of pods gone for good must not pile up."""
         insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
         values = {
             "id": replica_id,
@@ -66,6 +69,12 @@ class ReplicaStore:
         with store_errors(f"cannot renew the lease of replica {replica_id!r}"):
             async with self._db.engine.begin() as conn:
                 await conn.execute(stmt)
+                if forget_before is not None:
+                    await conn.execute(
+                        delete(replicas_table).where(
+                            replicas_table.c.renewed_at < forget_before, replicas_table.c.id != replica_id
+                        )
+                    )
 
     async def mark_draining(self, replica_id: str) -> None:
         with store_errors(f"cannot mark replica {replica_id!r} draining"):

@@ -123,6 +123,23 @@ async def test_the_lease_row_is_created_renewed_marked_draining_and_deleted(db: 
     assert [r.id for r in await store.leases()] == ["gw-a"]
 
 
+async def test_a_renewal_forgets_rows_lapsed_for_ten_leases(db: Database) -> None:
+    store = ReplicaStore(db)
+    for rid, age in (("gw-gone", 10 * HA.lease_s + 1), ("gw-late", 10 * HA.lease_s - 1)):
+        renewed = T0 - timedelta(seconds=age)
+        await store.renew(
+            rid, address="x:1", sessions=0, draining=False, started_at=renewed, renewed_at=renewed
+        )
+    clock = [T0 - timedelta(seconds=10 * HA.lease_s + 1)]  # the renewer's own row is never forgotten
+    renewer = LeaseRenewer(
+        store, replica="gw-a", address="a:1", ha=HA, sessions=lambda: 0, clock=lambda: clock[0]
+    )
+    assert await renewer.renew_once()
+    clock[0] = T0
+    assert await renewer.renew_once()
+    assert [r.id for r in await store.leases()] == ["gw-a", "gw-late"]
+
+
 class _FlakyReplicas(ReplicaStore):
     """A real store whose writes and reads fail while ``failing`` (a database outage)."""
 
