@@ -2,9 +2,11 @@
 
 A row is created when a sandbox is first seen (by a driver that launches it, or by the hello of a
 supervisor the gateway did not launch). Sessions come and go on the row: connecting records the
-session id, the journal epoch and the owning gateway process; disconnecting is conditional on the
-session id, because a supervisor that reconnects quickly may have its new session registered
-before the old stream's teardown runs, and the old one must not mark the sandbox disconnected.
+session id, the journal epoch and the owning replica (its ``ha.replica_id``: its lease in the
+``replicas`` table decides whether the session still counts, :mod:`gateway.sandbox_state`);
+disconnecting is conditional on the session id, because a supervisor that reconnects quickly may
+have its new session registered before the old stream's teardown runs, and the old one must not
+mark the sandbox disconnected.
 
 Exit information stays once written, also across later connections: an exited sandbox's
 supervisor still connects to flush its journal.
