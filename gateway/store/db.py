@@ -29,7 +29,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -44,7 +44,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,12 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     command.upgrade(alembic_config(connection), revision)
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the schema behind ``engine`` to ``revision`` in one transaction, holding the database's
-    migration lock (see the module docstring); SchemaError when the schema is newer than this code."""
+@contextlib.asynccontextmanager
+async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in one transaction that holds the database's migration lock (see the module
+    docstring), committed when the block ends without an exception. The gateway's migrations and
+    the ``alembic`` command line (``migrations/env.py``) both run in one, so they wait for each
+    other."""
     async with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
         try:
@@ -262,7 +265,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY}
                 )
-            await conn.run_sync(_upgrade_sync, revision)
+            yield conn
             await conn.commit()
         finally:
             if sqlite:
@@ -271,6 +274,13 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
                 with contextlib.suppress(SQLAlchemyError):
                     await conn.rollback()
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema behind ``engine`` to ``revision`` in one transaction, holding the database's
+    migration lock; SchemaError when the schema is newer than this code."""
+    async with migration_transaction(engine) as conn:
+        await conn.run_sync(_upgrade_sync, revision)
 
 
 async def migrate(url: str) -> None:

@@ -17,7 +17,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from gateway.store.db import create_engine
+from gateway.store.db import create_engine, migration_transaction
 from gateway.store.schema import metadata
 
 config = context.config
@@ -41,9 +41,10 @@ def _run_on(connection: Connection) -> None:
 async def _run_standalone(url: str) -> None:
     engine = create_engine(url)
     try:
-        async with engine.connect() as conn:
+        # Under the gateway's migration lock: a hand-run upgrade and a replica's start wait for
+        # each other instead of racing on the same revision.
+        async with migration_transaction(engine) as conn:
             await conn.run_sync(_run_on)
-            await conn.commit()
     finally:
         await engine.dispose()
 
