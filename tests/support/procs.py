@@ -117,6 +117,9 @@ class GatewayProcess:
             "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
             "--set", f"sessions.grace_s={self.grace_s}",
             "--set", "sessions.heartbeat_flush_interval_s=0.5",
+            # A replica id of its own (stable across restarts): gateways of one test share a host
+            # name, the default id, and would take each other's lease row (extra may override it).
+            "--set", f"ha.replica_id=gateway-{self.grpc_port}",
             *(
                 ["--set", "auth.supervisors.required=true", "--set", "auth.supervisors.token_ttl_s=60"]
                 if self.auth
