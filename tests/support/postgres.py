@@ -70,8 +70,13 @@ def _unprivileged_user() -> str | None:
 
 
 @contextlib.contextmanager
-def running_postgres(*, listen: str = "127.0.0.1", trust_cidrs: Sequence[str] = ()) -> Iterator[PgServer]:
-    """Raises PostgresUnavailable when it cannot run here, RuntimeError when it failed to start."""
+def running_postgres(
+    *, listen: str = "127.0.0.1", trust_cidrs: Sequence[str] = (), fsync: bool = False
+) -> Iterator[PgServer]:
+    """Raises PostgresUnavailable when it cannot run here, RuntimeError when it failed to start.
+
+    ``fsync=True`` keeps PostgreSQL's durable default (benchmarks/ha_store.py compares stores as
+    deployed); tests leave it off."""
     bindir = pg_bindir()
     if bindir is None:
         raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
@@ -97,8 +102,9 @@ def running_postgres(*, listen: str = "127.0.0.1", trust_cidrs: Sequence[str] = 
             for cidr in trust_cidrs:
                 hba.write(f"host all all {cidr} trust\n")
     listen_addresses = ",".join(dict.fromkeys(["127.0.0.1", listen]))
-    # fsync off: the cluster is thrown away, and the tests are not about durability.
-    options = f"-c listen_addresses={listen_addresses} -p {port} -k {root} -c fsync=off"
+    # fsync off unless asked: the cluster is thrown away, and the tests are not about durability.
+    durability = "on" if fsync else "off"
+    options = f"-c listen_addresses={listen_addresses} -p {port} -k {root} -c fsync={durability}"
     start = _run_as(
         run_as,
         [
