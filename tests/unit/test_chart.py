@@ -573,7 +573,7 @@ def test_external_postgresql_migrates_in_a_pre_install_hook_job() -> None:
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["args"] == ["migrate", "--config", "/etc/openshell/gateway.yaml"]
-    assert container["env"] == gateway_container(objects)["env"]
+    assert container["env"] == _without_replica_id(gateway_container(objects)["env"])
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["config"]["configMap"]["name"] == hook_config["metadata"]["name"]
     assert spec["automountServiceAccountToken"] is False
@@ -1232,7 +1232,8 @@ def test_the_migration_job_gets_the_gateways_extra_volumes_and_environment() -> 
     assert {"name": "db-ca", "secret": {"secretName": "db-ca"}} in spec["volumes"]
     assert {"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True} in container["volumeMounts"]
     gateway = gateway_container(objects)
-    assert container["env"] == gateway["env"] and container["envFrom"] == gateway["envFrom"]
+    assert container["env"] == _without_replica_id(gateway["env"])
+    assert container["envFrom"] == gateway["envFrom"]
     validate(one(objects, "Job", component="migration"))
 
 
@@ -1381,3 +1382,17 @@ def test_generate_refuses_undocumented_values_and_bad_enums() -> None:
     # A stale file is reported: --check compares with what it would write.
     readme = generate.build_readme(values, "9.9.9")
     assert "| `x` | int or null | `null` | maybe |" in readme
+
+
+def _without_replica_id(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gateway container's environment but its replica id (the migration Job has no lease)."""
+    return [item for item in env if item["name"] != "OPENSHELL_GATEWAY_HA__REPLICA_ID"]
+
+
+def test_each_gateway_replica_is_named_after_its_pod() -> None:
+    objects = render({})
+    env = gateway_container(objects)["env"]
+    assert {
+        "name": "OPENSHELL_GATEWAY_HA__REPLICA_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    } in env
