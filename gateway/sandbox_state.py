@@ -30,6 +30,7 @@ that pass no leases (single-process tools and tests) get the heartbeat rule alon
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +57,13 @@ class LivenessFacts(Protocol):
     def owner(self) -> str | None: ...
 
 
+#: The owner a gateway of a release before replica leases wrote (``gateway-`` and the hex of a
+#: Python object id, 9 digits or more): it renews no lease row, so during a rolling upgrade from
+#: such a release its live sessions would otherwise show disconnected on the new replicas. A
+#: replica id of that very shape without a row gets the heartbeat rule alone, as before leases.
+LEGACY_OWNER = re.compile(r"gateway-[0-9a-f]{9,}")
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaLeases:
     """When each replica last renewed its lease (a snapshot of the ``replicas`` table), and how
@@ -66,11 +74,14 @@ class ReplicaLeases:
 
     def alive(self, replica_id: str | None, *, now: datetime) -> bool:
         """``replica_id`` renewed within ``lease_s`` of ``now``; a missing row, or no owner, is
-        not alive."""
+        not alive. A session owned by a gateway of a release before leases (during a rolling
+        upgrade) has no row to renew: the heartbeat rule alone judges it (see LEGACY_OWNER)."""
         if replica_id is None:
             return False
         renewed = self.renewed_at.get(replica_id)
-        return renewed is not None and (now - renewed).total_seconds() <= self.lease_s
+        if renewed is None:
+            return LEGACY_OWNER.fullmatch(replica_id) is not None
+        return (now - renewed).total_seconds() <= self.lease_s
 
     def alive_count(self, *, now: datetime) -> int:
         return sum(1 for rid in self.renewed_at if self.alive(rid, now=now))

@@ -74,6 +74,21 @@ def test_an_owner_without_a_lease_row_holds_nothing() -> None:
     assert sandbox_state(no_owner, now=_at(1), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
 
 
+def test_a_session_of_a_gateway_from_before_leases_is_judged_by_its_heartbeat_alone() -> None:
+    # During a rolling upgrade, a replica of the previous release owns sessions as
+    # "gateway-<hex of an object id>" and writes no lease row: its live sandboxes stay connected
+    # while their heartbeats are fresh (not disconnected on every new replica), and a stale
+    # heartbeat still shows them disconnected.
+    leases = _leases(gw_b=_at(0))
+    legacy = _Row(owner="gateway-7f3a2b1c0d10")
+    assert sandbox_state(legacy, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    assert sandbox_state(legacy, now=_at(11), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    # A replica id of today's shape without a row holds nothing (the tests' gateway-<port> too).
+    for owner in ("gateway-7070", "gw-a", "openshell-gateway-5d9c8b7f6-x2x4q"):
+        row = _Row(owner=owner)
+        assert sandbox_state(row, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+
+
 def test_a_stale_heartbeat_is_disconnected_though_the_owner_lives() -> None:
     leases = _leases(gw_a=_at(20))
     assert sandbox_state(_Row(), now=_at(21), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
