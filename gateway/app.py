@@ -364,7 +364,13 @@ class Gateway:
         if self._renewer is not None:
             # After the sessions ended: a deleted row says at once that this replica holds nothing.
             # Only within the deadline: a row not deleted expires after ha.lease_s.
-            await _bounded(self._renewer.stop(), left(), what="deleting this replica's lease")
+            # Never out of the database's closing reserve (CLOSE_RESERVE_S): a pool closed in time
+            # lets the process exit at once, a hung one keeps it in asyncio's teardown.
+            await _bounded(
+                self._renewer.stop(),
+                max(0.0, min(DRAIN_MARK_S, left() - CLOSE_RESERVE_S)),
+                what="deleting this replica's lease",
+            )
             self._renewer = None
         await self.metrics.close()
         if self._guard is not None:
