@@ -31,6 +31,12 @@ LOG_INTERVAL_S = 60.0
 LOG_BURST = 10
 
 
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.5:41234`` -> ``ipv4:10.0.0.5``: every connection of one host shares a key."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
 class RateLimitedLog:
     """Logs at most one line per key every ``interval_s`` and at most ``burst`` lines per
     ``interval_s`` in all; see the module docstring."""

@@ -42,6 +42,7 @@ from grpc import aio
 
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog as RateLimitedLog  # noqa: PLC0414 - re-exported for app, server
+from gateway.ratelimit import peer_host as peer_host  # noqa: PLC0414 - re-exported
 from gateway.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,6 @@ class Unavailable(Exception):
 
 def store_retry_after_ms() -> int:
     return random.randint(*STORE_RETRY_AFTER_MS)
-
-
-def peer_host(peer: str) -> str:
-    """``ipv4:10.0.0.5:41234`` -> ``ipv4:10.0.0.5``: every connection of one host shares a key."""
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
 
 
 class CallGuard:

@@ -39,7 +39,7 @@ from gateway.auth import CredentialRefused, CredentialVerifier, Refusal, Sandbox
 from gateway.auth.sandbox_tokens import SandboxTokens, unverified_issuer
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import RateLimitedLog
+from gateway.ratelimit import RateLimitedLog, peer_host
 from gateway.store import SandboxRow, SandboxStore
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,6 @@ def sandbox_deleted(row: SandboxRow) -> bool:
     state = row.driver_state or {}
     phase = state.get("phase")
     return phase == "Deleted" or (phase == "Failed" and state.get("released") is True)
-
-
-def _peer_host(peer: str) -> str:
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
 
 
 def bearer_token(metadata: Metadata) -> str:
@@ -238,7 +233,7 @@ class SupervisorAuthenticator:
         """Count and log a refusal (never the token)."""
         if self._metrics is not None:
             self._metrics.supervisor_auth_refusals.labels(exc.reason.value).inc()
-        host = _peer_host(peer)
+        host = peer_host(peer)
         self._log.log(
             logging.WARNING,
             ("refused", host, method, exc.reason),
