@@ -124,6 +124,26 @@ class DatabaseSettings(_Section):
         "postgresql+asyncpg://user:pass@host/db.",
     )
     migrate_on_start: bool = Field(True, description="Run the schema migrations when the gateway starts.")
+    pool_size: int = Field(
+        10, ge=1, description="PostgreSQL: connections the pool keeps open (SQLite: one file, ignored)."
+    )
+    max_overflow: int = Field(
+        10, ge=0, description="PostgreSQL: connections opened beyond pool_size under load, closed after."
+    )
+    pool_timeout_s: float = Field(
+        10.0, gt=0, description="PostgreSQL: how long a query waits for a free connection of the pool."
+    )
+    pool_recycle_s: float = Field(
+        300.0,
+        gt=0,
+        description="PostgreSQL: a pooled connection older than this is replaced (after a failover, "
+        "connections to the old primary do not linger).",
+    )
+    connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="PostgreSQL: the time to open one connection (each host of a multi-host URL).",
+    )
 
 
 class SessionSettings(_Section):
@@ -153,6 +173,12 @@ class CommandSettings(_Section):
     )
     max_ttl_s: float = Field(
         86400.0, gt=0, description="The longest time to live a POST may ask for (expires_in_s)."
+    )
+    redeliver_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a replica reads the pending commands of the sessions it owns from the table, "
+        "for a notification missed (its listening connection broke) or an owner that changed.",
     )
     delivery_wait_s: float = Field(
         2.0,
@@ -552,6 +578,33 @@ class AuthSettings(_Section):
     )
 
 
+class LeaderSettings(_Section):
+    lease_name: str = Field(
+        "openshell-gateway-leader",
+        description="Kubernetes driver: the coordination.k8s.io/v1 Lease (in the gateway's namespace) whose "
+        "holder alone watches pods and writes driver state.",
+    )
+    lease_duration_s: float = Field(
+        15.0, gt=0, description="A leader that has not renewed the Lease for this long is replaced."
+    )
+    renew_deadline_s: float = Field(
+        10.0,
+        gt=0,
+        description="A leader that could not renew within this time stops its cluster-wide work (before "
+        "another may take over at lease_duration_s).",
+    )
+    retry_period_s: float = Field(2.0, gt=0, description="How often the Lease is renewed or tried.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderSettings:
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                f"need retry_period_s ({self.retry_period_s}) < renew_deadline_s ({self.renew_deadline_s}) "
+                f"< lease_duration_s ({self.lease_duration_s}): a leader must stop before another may start"
+            )
+        return self
+
+
 class HaSettings(_Section):
     replica_id: str = Field(
         "",
@@ -572,6 +625,7 @@ class HaSettings(_Section):
     renew_interval_s: float = Field(
         5.0, gt=0, description="How often a replica renews its lease row (well under lease_s)."
     )
+    leader: LeaderSettings = Field(default_factory=LeaderSettings)
 
     @model_validator(mode="after")
     def _renew_within_lease(self) -> HaSettings:

@@ -109,6 +109,10 @@ sandboxes = Table(
     # The Kubernetes pod's uid once the driver created it: a projected ServiceAccount token is bound
     # to its sandbox through the pod name and this uid (a pod re-created under the name has another).
     Column("pod_uid", Text, nullable=True),
+    # The run (``replicas.run_id``) of the replica whose session claimed the sandbox with
+    # ``owner_epoch``: the owner is alive only while that very run's lease is (a replica restarted
+    # under the same id does not revive its predecessor's sessions). Revision 0008.
+    Column("owner_run", Text, nullable=True),
 )
 
 events = Table(
@@ -164,6 +168,10 @@ commands = Table(
     # The supervisor's answer (applied, failed) when it came after the command expired: recorded,
     # without turning the state back.
     Column("late_result", Text, nullable=True),
+    # When, and by which replica, the sandbox's owning session wrote the command to its stream: a
+    # POST answered by another replica waits for this (revision 0008).
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Column("delivered_by", Text, nullable=True),
     # Redelivery reads one sandbox's pending commands in creation order.
     Index("ix_commands_sandbox_id_state", "sandbox_id", "state"),
 )
@@ -194,5 +202,20 @@ replicas = Table(
     Column("sessions", Integer, nullable=False, server_default=text("0")),
     Column("draining", Boolean, nullable=False, server_default=false()),
     Column("started_at", UTCDateTime, nullable=False),
+    Column("renewed_at", UTCDateTime, nullable=False),
+    # A random id per process (revision 0008): a restart under the same ``id`` is another run.
+    Column("run_id", Text, nullable=True),
+)
+
+#: One row per cluster-wide role (the Kubernetes driver's pod watch and driver state): ``term``
+#: grows at every change of ``holder``, and the holder's writes are conditional on its term, so a
+#: paused ex-leader that wakes up cannot write after another took over (revision 0008).
+leadership = Table(
+    "leadership",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("term", BigInteger, nullable=False, server_default=text("0")),
+    Column("acquired_at", UTCDateTime, nullable=False),
     Column("renewed_at", UTCDateTime, nullable=False),
 )
