@@ -37,7 +37,7 @@ from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
 from gateway.ops import Readiness, build_ops
-from gateway.replicas import LeaseRenewer, LeaseView, advertise_address, replica_id
+from gateway.replicas import LeaseRenewer, LeaseView, ReplicaIdentity, advertise_address, this_replica
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
@@ -132,6 +132,8 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
+        #: Resolved once per start: every part that names this replica uses the same identity.
+        self.identity: ReplicaIdentity = this_replica(cfg.ha)
         self.db = await Database.open(cfg.database.url, migrate=cfg.database.migrate_on_start)
         self._sandboxes = SandboxStore(self.db)
         events = EventStore(self.db)
@@ -179,7 +181,7 @@ class Gateway:
         replicas = ReplicaStore(self.db)
         self._renewer = LeaseRenewer(
             replicas,
-            replica=replica_id(cfg.ha),
+            replica=self.identity.id,
             address=advertise_address(cfg),
             ha=cfg.ha,
             sessions=lambda: len(self.registry),

@@ -32,7 +32,9 @@ import contextlib
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gateway.config import GatewayConfig, HaSettings
@@ -46,6 +48,21 @@ log = logging.getLogger(__name__)
 #: Rows of other replicas not renewed for this many leases are deleted by any renewal: dead
 #: either way, and a crashed pod's id would otherwise stay forever.
 FORGET_AFTER_LEASES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaIdentity:
+    """Who this process is to the others: its stable ``id`` (the lease row's key, a session
+    owner's name) and ``run``, random at every start, so a replica restarted under the same id is
+    told apart from its predecessor (``replicas.run_id``, ``sandboxes.owner_run``)."""
+
+    id: str
+    run: str
+
+
+def this_replica(ha: HaSettings) -> ReplicaIdentity:
+    """This process's identity: :func:`replica_id` and a new run id."""
+    return ReplicaIdentity(id=replica_id(ha), run=uuid.uuid4().hex)
 
 
 def replica_id(ha: HaSettings) -> str:
