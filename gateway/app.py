@@ -36,7 +36,7 @@ from gateway.config import GatewayConfig
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
-from gateway.ops import Readiness, build_ops
+from gateway.ops import HealthFollower, Readiness, build_ops
 from gateway.replicas import LeaseRenewer, LeaseView, ReplicaIdentity, advertise_address, this_replica
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
@@ -89,6 +89,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
         self._readiness: Readiness | None = None
+        self._health: HealthFollower | None = None
         self._http_tls: HttpTls | None = None
         #: True from the gRPC server's start to the beginning of the shutdown (/readyz reads it).
         self._grpc_serving = False
@@ -134,7 +135,9 @@ class Gateway:
         cfg = self.config
         #: Resolved once per start: every part that names this replica uses the same identity.
         self.identity: ReplicaIdentity = this_replica(cfg.ha)
-        self.db = await Database.open(cfg.database.url, migrate=cfg.database.migrate_on_start)
+        self.db = await Database.open(
+            cfg.database.url, migrate=cfg.database.migrate_on_start, settings=cfg.database
+        )
         self._sandboxes = SandboxStore(self.db)
         events = EventStore(self.db)
         commands = CommandStore(self.db)
@@ -251,6 +254,19 @@ class Gateway:
             ssl_context=self._http_tls.context if self._http_tls else None,
         )
         self._readiness = Readiness(self.db, grpc_serving=lambda: self._grpc_serving)
+
+        async def set_health(serving: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", "openshell.v1.OpenShell"):
+                await health_servicer.set(service, status)
+
+        # gRPC health follows /readyz's verdict (the database, its schema), not only the server's life.
+        self._health = HealthFollower(self._readiness, set_serving=set_health)
+        self._health.start()
         ops = build_ops(
             metrics=self.metrics, sandboxes=self._sandboxes, readiness=self._readiness, liveness=liveness
         )
@@ -341,6 +357,9 @@ class Gateway:
                 self._ops_runner.cleanup(), min(HTTP_STOP_S, left()), what="stopping the ops listener"
             )
             self._ops_runner = None
+        if self._health is not None:
+            await self._health.close()
+            self._health = None
         if self._readiness is not None:
             await self._readiness.close()
             self._readiness = None

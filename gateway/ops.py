@@ -11,6 +11,12 @@ apart from the HTTP API so that the API's authentication covers the whole API.
             (started, not shutting down). 503 with the failed check's reason otherwise.
 /metrics    the Prometheus exposition (:mod:`gateway.metrics`).
 
+gRPC health (``grpc.health.v1``, services ``""`` and ``openshell.v1.OpenShell``) gives the same
+verdict as /readyz: :class:`HealthFollower` asks :class:`Readiness` every ``HEALTH_INTERVAL_S`` and
+sets both services NOT_SERVING while it fails (the database unreachable, its schema missing or older
+than this gateway), SERVING again once it passes, so a gRPC-aware balancer or probe stops routing
+supervisors to a replica that could only reject them. A change is logged once, not every check.
+
 Nothing else is served there, and nothing there needs a credential: keep the listener pod-local
 or reachable only by the kubelet and Prometheus (the chart's NetworkPolicy). It speaks plain HTTP.
 """
@@ -18,8 +24,9 @@ or reachable only by the kubelet and Prometheus (the chart's NetworkPolicy). It 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 #: A readiness probe waits this long for the database (the kubelet's default timeout is 1 s, the
 #: chart's 3 s); a check still running is shared by the probes that come meanwhile.
 READY_DB_TIMEOUT_S = 2.0
+#: How often gRPC health asks for the readiness verdict.
+HEALTH_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,58 @@ class Readiness:
             if checking.done() and not checking.cancelled():
                 checking.exception()
         self._log.close()
+
+
+class HealthFollower:
+    """Keeps gRPC health on the readiness verdict, in a task it owns (see the module docstring).
+    ``set_serving`` is given the new verdict only when it changes, and once at the start."""
+
+    def __init__(
+        self,
+        readiness: Readiness,
+        *,
+        set_serving: Callable[[bool], Awaitable[None]],
+        interval_s: float = HEALTH_INTERVAL_S,
+    ) -> None:
+        self._readiness = readiness
+        self._set_serving = set_serving
+        self._interval_s = interval_s
+        self._serving: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> bool | None:
+        return self._serving
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="grpc-health-follower")
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                verdicts = await self._readiness.check()
+            except Exception as exc:  # a bug in a check must not leave health stuck on its last word
+                log.error("readiness check failed: %r", exc, exc_info=exc)
+                verdicts = {"check": Verdict(False, f"readiness check failed: {exc!r}")}
+            serving = all(v.ok for v in verdicts.values())
+            if serving != self._serving:
+                if self._serving is not None:
+                    reasons = "; ".join(v.reason for v in verdicts.values() if not v.ok)
+                    if serving:
+                        log.info("gRPC health SERVING again: ready")
+                    else:
+                        log.warning("gRPC health NOT_SERVING: %s", reasons)
+                self._serving = serving
+                await self._set_serving(serving)
+            await asyncio.sleep(self._interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            # Bounded: a check stuck on a hung database is the Readiness' task, shielded from this.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=0.5)
 
 
 def build_ops(

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -55,6 +55,7 @@ from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
 from gateway.store.commands import Answer
+from gateway.store.db import is_transient
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -102,6 +103,9 @@ class _Binding:
 DISCONNECT_RETRY_MAX_S = 10.0
 #: On shutdown, how long cancelled disconnection writes are given to end (see ``drain``).
 DRAIN_CANCEL_WAIT_S = 0.5
+#: An event batch whose transaction the database lost is tried again after this pause, doubled up
+#: to the largest, until its deadline (see ``_retrying``).
+STORE_RETRY_INITIAL_S, STORE_RETRY_MAX_S = 0.1, 1.0
 
 
 class ProtocolError(Exception):
@@ -225,6 +229,23 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
     def _store_deadline(self, limit_s: float | None = None) -> float:
         return time.monotonic() + (self._config.grpc.store_timeout_s if limit_s is None else limit_s)
+
+    @staticmethod
+    async def _retrying(call: Callable[[], Awaitable[_T]], *, deadline: float) -> _T:
+        """``call()`` tried again with backoff while it fails because the database is unreachable
+        for now (a restart, a failover: its transaction was lost, not refused) and ``deadline`` is
+        not reached; for idempotent writes only (an event batch: by sequence). ``_within`` still
+        bounds the whole, so a long outage ends the session as before; a short one is not seen by
+        the supervisor, since nothing is acknowledged before a commit."""
+        pause = STORE_RETRY_INITIAL_S
+        while True:
+            try:
+                return await call()
+            except StoreError as exc:
+                if not is_transient(exc) or time.monotonic() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, STORE_RETRY_MAX_S)
 
     async def deliver(self, created: CommandRow) -> bool:
         """Send a command just stored to its sandbox's live session on this gateway, if there is
@@ -674,16 +695,20 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 f"the session's is {session.journal_epoch!r}"
             )
         started = time.monotonic()
+        deadline = self._store_deadline(self._config.grpc.batch_store_timeout_s)
         try:
             hwm = await self._within(
-                self._events.store_wire_batch(
-                    session.sandbox_id,
-                    session.journal_epoch,
-                    batch.events,
-                    known_high_water_mark=session.acked_through,
-                    generation=session.generation,
+                self._retrying(
+                    lambda: self._events.store_wire_batch(
+                        session.sandbox_id,
+                        session.journal_epoch,
+                        batch.events,
+                        known_high_water_mark=session.acked_through,
+                        generation=session.generation,
+                    ),
+                    deadline=deadline,
                 ),
-                deadline=self._store_deadline(self._config.grpc.batch_store_timeout_s),
+                deadline=deadline,
                 what="store an event batch",
                 limit_s=self._config.grpc.batch_store_timeout_s,
             )

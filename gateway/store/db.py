@@ -21,14 +21,32 @@ revision this code does not know (migrated by a newer gateway) is never touched:
 :class:`SchemaError`, with or without migrating. Whatever goes wrong while opening comes out as a
 :class:`StoreError` naming the database (password masked) and the reason, never as a driver
 traceback.
+
+PostgreSQL connections come from a pool sized by ``database.pool_size`` / ``max_overflow``, checked
+with a ping before use (``pool_pre_ping``: a connection the server or a failover ended is replaced
+rather than failing its next query) and replaced after ``pool_recycle_s``. A URL may name several
+hosts (``postgresql://u:p@/db?host=h1:5432&host=h2:5432&target_session_attrs=read-write``): asyncpg
+tries them in order and, with ``target_session_attrs=read-write``, keeps only the primary, so after
+a failover new connections go to the promoted one. A new connection that cannot be made (the server
+restarting, no primary yet) is tried again with backoff for up to ``pool_timeout_s`` before its
+caller sees the error: a short outage makes writes wait, not fail (their callers' own deadlines
+still bound them). Each host is given ``connect_timeout_s``.
+
+On PostgreSQL the migration transaction runs with ``SET LOCAL lock_timeout``
+(``MIGRATION_LOCK_TIMEOUT_S``): DDL that would queue behind a long transaction (and make every query
+on that table queue behind it) gives up instead, is logged with what it waited for, and the whole
+migration is retried with backoff. Waiting for another migration's advisory lock is logged too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,13 +64,23 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from gateway.config import DatabaseSettings
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-#: How long to wait for a PostgreSQL server before giving up on a connection attempt.
-PG_CONNECT_TIMEOUT_S = 10.0
+#: The first and the largest pause between attempts to open a PostgreSQL connection.
+CONNECT_RETRY_INITIAL_S, CONNECT_RETRY_MAX_S = 0.1, 1.0
+#: PostgreSQL: the DDL of a migration waits at most this long for a table's lock before the whole
+#: migration is rolled back and tried again (see the module docstring).
+MIGRATION_LOCK_TIMEOUT_S = 5.0
+#: How many times a migration that timed out on a lock is tried in all, and the pause before the
+#: first retry (doubled each time, with jitter).
+MIGRATION_ATTEMPTS, MIGRATION_RETRY_INITIAL_S = 6, 1.0
+#: How often the wait for another migration's advisory lock is logged.
+MIGRATION_WAIT_LOG_S = 5.0
 # Replicas that start together must not run the same migration twice at once; a transaction-level
 # advisory lock serialises them and is released by the commit. The number is arbitrary but fixed.
 _PG_MIGRATION_LOCK_KEY = 0x6F70_656E_7368  # "opensh"
@@ -131,8 +159,92 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
-    """An async engine for ``url``, set up for its dialect (see the module docstring)."""
+#: SQLSTATEs of a server that is not there for now: connection failures (class 08), and a server
+#: shutting down, crashed or still starting (57P01-57P03), which a replica's promotion also answers.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database is unreachable for now, as opposed to a
+    refusal that retrying would only repeat (bad credentials, a missing database, a constraint)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, (OSError, TimeoutError)):
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATES):
+            return True
+        # asyncpg, when no host of a multi-host URL is the primary (target_session_attrs) yet.
+        if type(current).__name__ == "TargetServerAttributeNotMatched":
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class _Outage:
+    """A database's reachability as this process's new connections see it: one WARNING when they
+    start failing and one INFO when they work again, however many callers wait meanwhile."""
+
+    def __init__(self, display_url: str) -> None:
+        self._display = display_url
+        self._since: float | None = None
+
+    def failed(self, exc: BaseException, *, retrying_for_s: float) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "database %s unreachable (%s): new connections are retried for up to %gs each",
+                self._display,
+                describe_error(exc),
+                retrying_for_s,
+            )
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            down_s, self._since = time.monotonic() - self._since, None
+            log.info("database %s reachable again after %.1fs", self._display, down_s)
+
+
+def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
+    """asyncpg's connect, tried again with backoff for up to ``pool_timeout_s`` while the failure is
+    transient (see the module docstring); each host of the URL gets ``connect_timeout_s``."""
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+
+        hosts = kwargs.get("host")
+        count = len(hosts) if isinstance(hosts, list) else 1
+        # asyncpg's timeout covers all the hosts it tries: each gets its share.
+        kwargs["timeout"] = settings.connect_timeout_s * count
+        deadline = time.monotonic() + settings.pool_timeout_s
+        pause = CONNECT_RETRY_INITIAL_S
+        while True:
+            try:
+                conn = await asyncpg.connect(*args, **kwargs)
+            except Exception as exc:
+                left = deadline - time.monotonic()
+                if not is_transient(exc) or left <= 0:
+                    raise
+                outage.failed(exc, retrying_for_s=settings.pool_timeout_s)
+                await asyncio.sleep(min(pause * random.uniform(0.5, 1.0), left))
+                pause = min(pause * 2, CONNECT_RETRY_MAX_S)
+                continue
+            outage.succeeded()
+            return conn
+
+    return connect
+
+
+def create_engine(
+    url: str | URL, *, echo: bool = False, settings: DatabaseSettings | None = None
+) -> AsyncEngine:
+    """An async engine for ``url``, set up for its dialect (see the module docstring); ``settings``
+    gives a PostgreSQL engine its pool and timeouts (the defaults of ``database`` without)."""
+    settings = settings if settings is not None else DatabaseSettings()
     parsed = normalise_url(url)
     backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {"echo": echo}
@@ -152,14 +264,30 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
             with contextlib.suppress(OSError):
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     else:
-        kwargs["pool_pre_ping"] = True
-        kwargs["connect_args"] = {"timeout": PG_CONNECT_TIMEOUT_S}
+        kwargs.update(
+            pool_pre_ping=True,
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            # The pool's own wait for a free connection; a new one's wait for the server is the
+            # retrying connect's (the same bound).
+            pool_timeout=settings.pool_timeout_s,
+            pool_recycle=settings.pool_recycle_s,
+        )
     try:
         engine = create_async_engine(parsed, **kwargs)
     except Exception as exc:  # a missing driver module, a sync-only driver, bad options
         raise StoreError(f"cannot open database {mask_url(parsed)}: {describe_error(exc)}") from exc
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+    else:
+        connect = _retrying_connect(settings, _Outage(mask_url(parsed)))
+
+        def use_retrying_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+            # The dialect has parsed the URL (hosts, ports, target_session_attrs) into cparams; only
+            # the function that connects with them is ours.
+            cparams["async_creator_fn"] = connect
+
+        event.listen(engine.sync_engine, "do_connect", use_retrying_connect)
     return engine
 
 
@@ -246,6 +374,39 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     command.upgrade(alembic_config(connection), revision)
 
 
+async def _take_pg_migration_lock(conn: AsyncConnection) -> None:
+    """Take the transaction-level advisory lock, saying every ``MIGRATION_WAIT_LOG_S`` who holds it
+    while it waits (without a bound: a second migration must never run before the first ended)."""
+    key = {"key": _PG_MIGRATION_LOCK_KEY}
+    began = time.monotonic()
+    next_log = began
+    while not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), key)).scalar():
+        if time.monotonic() >= next_log:
+            holders = (
+                await conn.execute(
+                    text(
+                        "SELECT a.pid, coalesce(a.application_name, ''),"
+                        " coalesce(host(a.client_addr), 'local'), a.xact_start"
+                        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                        " WHERE l.locktype = 'advisory' AND l.granted"
+                        " AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1"
+                    ),
+                    {"hi": _PG_MIGRATION_LOCK_KEY >> 32, "lo": _PG_MIGRATION_LOCK_KEY & 0xFFFF_FFFF},
+                )
+            ).all()
+            log.warning(
+                "waiting %.0fs for the migration lock, held by another migration (%s)",
+                time.monotonic() - began,
+                ", ".join(
+                    f"pid {pid} {app or 'unnamed'} from {addr} since {since}"
+                    for pid, app, addr, since in holders
+                )
+                or "holder not visible",
+            )
+            next_log += MIGRATION_WAIT_LOG_S
+        await asyncio.sleep(0.2)
+
+
 @contextlib.asynccontextmanager
 async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in one transaction that holds the database's migration lock (see the module
@@ -262,8 +423,10 @@ async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConne
                 await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_MIGRATION_LOCK_WAIT_MS}")
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY}
+                await _take_pg_migration_lock(conn)
+                # Taken only now: the advisory lock above is waited for without a bound.
+                await conn.exec_driver_sql(
+                    f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'"
                 )
             yield conn
             await conn.commit()
@@ -276,11 +439,36 @@ async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConne
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
+def _lock_timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == "55P03"
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema behind ``engine`` to ``revision`` in one transaction, holding the database's
-    migration lock; SchemaError when the schema is newer than this code."""
-    async with migration_transaction(engine) as conn:
-        await conn.run_sync(_upgrade_sync, revision)
+    migration lock; SchemaError when the schema is newer than this code. On PostgreSQL a statement
+    that waited ``MIGRATION_LOCK_TIMEOUT_S`` for a table's lock rolls the whole migration back, and
+    it is tried again with backoff (``MIGRATION_ATTEMPTS`` in all), each wait logged."""
+    pause = MIGRATION_RETRY_INITIAL_S
+    for attempt in range(1, MIGRATION_ATTEMPTS + 1):
+        try:
+            async with migration_transaction(engine) as conn:
+                await conn.run_sync(_upgrade_sync, revision)
+            return
+        except DBAPIError as exc:
+            if not _lock_timed_out(exc) or attempt == MIGRATION_ATTEMPTS:
+                raise
+            statement = " ".join((exc.statement or "").split())[:200]
+            log.warning(
+                "migration attempt %d/%d waited %gs for a lock (another transaction holds the table: %s); "
+                "rolled back, trying again in %.1fs",
+                attempt,
+                MIGRATION_ATTEMPTS,
+                MIGRATION_LOCK_TIMEOUT_S,
+                statement or describe_error(exc),
+                pause,
+            )
+            await asyncio.sleep(pause * random.uniform(1.0, 1.5))
+            pause *= 2
 
 
 async def migrate(url: str) -> None:
@@ -307,9 +495,12 @@ class Database:
         self.display_url = mask_url(engine.url)
 
     @classmethod
-    async def open(cls, url: str, *, migrate: bool = True) -> Database:
-        """Connect to ``url`` (and migrate it to the newest schema unless told not to)."""
-        engine = create_engine(url)
+    async def open(
+        cls, url: str, *, migrate: bool = True, settings: DatabaseSettings | None = None
+    ) -> Database:
+        """Connect to ``url`` (and migrate it to the newest schema unless told not to); ``settings``
+        size the pool and bound its waits (see :func:`create_engine`)."""
+        engine = create_engine(url, settings=settings)
         display = mask_url(engine.url)
         what = "open"
         try:

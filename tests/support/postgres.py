@@ -48,9 +48,41 @@ class PgServer:
     host: str
     port: int
     user: str
+    #: Set by running_postgres, for stop() and start() (a database outage under a running gateway).
+    control: tuple[Path, Path, str | None, str] | None = None  # (bindir, data dir, run as, options)
 
     def url(self, database: str, *, host: str | None = None) -> str:
         return f"postgresql+asyncpg://{self.user}@{host or self.host}:{self.port}/{database}"
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m mode`` (fast: sessions ended, a clean shutdown; immediate: a crash)."""
+        assert self.control is not None
+        bindir, data, run_as, _ = self.control
+        done = _run_as(run_as, [str(bindir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "stop"])
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed:\n{done.stdout}\n{done.stderr}")
+
+    def start(self) -> None:
+        """Start it again, on the same port and data, after stop()."""
+        assert self.control is not None
+        bindir, data, run_as, options = self.control
+        log = data.parent / "server.log"
+        argv = [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        ]
+        done = _run_as(run_as, argv)
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}")
 
 
 def _run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -127,7 +159,7 @@ def running_postgres(
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{server_log}")
     try:
-        yield PgServer(host=listen, port=port, user=superuser)
+        yield PgServer(host=listen, port=port, user=superuser, control=(bindir, data, run_as, options))
     finally:
         _run_as(run_as, [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,271 @@
+"""Database faults under a running gateway, with a real PostgreSQL server stopped and started
+(issue 20 point 5):
+
+- readiness: gRPC health (services "" and openshell.v1.OpenShell) and /readyz turn NOT_SERVING while
+  the database is down, and SERVING again once it is back;
+- PostgreSQL restarted under traffic (supervisors writing numbered lines): every line stored exactly
+  once and in order, no session ended over it, one log line per outage;
+- a multi-host URL whose first host is dead reaches the live one (target_session_attrs=read-write);
+- a migration's DDL gives up on a table lock after lock_timeout and is tried again, and the wait
+  for another migration's advisory lock is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.store import Database
+from gateway.store import db as dbmod
+from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.procs import GatewayProcess, SupervisorProcess, free_port, writer_command
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+pytestmark = pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+SERVICES = ("", "openshell.v1.OpenShell")
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+async def database(pg_server: PgServer) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await _connect(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield name
+    admin = await _connect(pg_server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _connect(pg: PgServer, database: str = "postgres") -> Any:
+    return await asyncpg.connect(host="127.0.0.1", port=pg.port, user=pg.user, database=database)
+
+
+async def _until(predicate: Any, *, within: float, what: str) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def _readyz(gw: GatewayProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.ops_port}/readyz", timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def _health(gw: GatewayProcess) -> set[int]:
+    """The status of each of the two health services (one value when they agree)."""
+    async with aio.insecure_channel(gw.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        statuses = set()
+        for service in SERVICES:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            statuses.add(answer.status)
+        return statuses
+
+
+async def test_grpc_health_and_readyz_follow_the_database(
+    tmp_path: Path, pg_server: PgServer, database: str
+) -> None:
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        extra=["--database-url", pg_server.url(database), "--set", "database.pool_timeout_s=3"],
+    )
+    gw.start()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        assert await _health(gw) == {serving}
+        assert _readyz(gw) == 200
+        pg_server.stop()
+        try:
+            # Both probes say so while the database is down: no replica left in a balancer that could
+            # only reject its supervisors.
+            await _until(_health_is(gw, not_serving), within=20, what="gRPC health NOT_SERVING")
+            assert _readyz(gw) == 503
+        finally:
+            pg_server.start()
+        await _until(_health_is(gw, serving), within=30, what="gRPC health SERVING again")
+        await _until(lambda: _readyz(gw) == 200, within=30, what="/readyz ready again")
+    finally:
+        gw.stop()
+    log = gw.log_text()
+    # A change is logged once each way, not once per check.
+    assert log.count("gRPC health NOT_SERVING") == 1, log[-3000:]
+    assert log.count("gRPC health SERVING again") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _health_is(gw: GatewayProcess, status: int) -> Any:
+    async def check() -> bool:
+        return await _health(gw) == {status}
+
+    return check
+
+
+async def _stored_lines(pg: PgServer, database: str, sandbox_id: str) -> list[tuple[str, int, str]]:
+    conn = await _connect(pg, database)
+    try:
+        rows = await conn.fetch(
+            "SELECT journal_epoch, sequence, message FROM events"
+            " WHERE sandbox_id = $1 AND kind = 'log' ORDER BY id",
+            sandbox_id,
+        )
+        return [(r["journal_epoch"], r["sequence"], r["message"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_postgres_restarted_under_traffic_loses_and_doubles_nothing(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """Three supervisors write numbered lines while PostgreSQL is restarted twice (a clean stop and
+    a crash). Every line is stored exactly once, in order; the batches caught by a restart wait and
+    are retried, so no session ends over it and nobody is told the store is unavailable."""
+    lines = 400
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        # Stale bounds (6 s on the supervisor, 7 s here) above a restart: heartbeats are answered
+        # after the batch being stored, which waits for the database.
+        heartbeat_interval_s=2.0,
+        grace_s=5.0,
+        extra=["--database-url", pg_server.url(database)],
+    )
+    gw.start()
+    ids = [f"sb-traffic-{i}" for i in range(3)]
+    try:
+        for sandbox_id in ids:
+            sv = SupervisorProcess(
+                tmp_path / sandbox_id, sandbox_id, gw.address, writer_command(lines, delay=0.02)
+            )
+            supervisors.append(sv)
+            sv.start()
+
+        async def writing() -> bool:
+            counts = [len(await _stored_lines(pg_server, database, sid)) for sid in ids]
+            return all(c >= 20 for c in counts)
+
+        await _until(writing, within=30, what="every supervisor writing")
+        for mode in ("fast", "immediate"):
+            pg_server.stop(mode)
+            await asyncio.sleep(1.0)
+            pg_server.start()
+            await asyncio.sleep(1.5)
+        for sv in supervisors:
+            assert sv.wait(60) == 0, sv.log_text()[-3000:]
+        for sandbox_id in ids:
+            stored = await _stored_lines(pg_server, database, sandbox_id)
+            keys = [(epoch, seq) for epoch, seq, _ in stored]
+            assert len(keys) == len(set(keys)), f"{sandbox_id}: a (epoch, sequence) stored twice"
+            assert [m for _, _, m in stored] == [f"line {i}" for i in range(lines)], sandbox_id
+    finally:
+        gw.stop()
+    log = gw.log_text()
+    for sv in supervisors:
+        assert "store unavailable" not in sv.log_text(), sv.log_text()[-3000:]
+    assert "answered UNAVAILABLE" not in log, log[-3000:]
+    # One line per outage, not per session or per attempt.
+    outages = log.count("unreachable (")
+    assert 1 <= outages <= 2, log[-3000:]
+    assert log.count("reachable again after") == outages, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+async def test_a_multi_host_url_reaches_the_live_primary(pg_server: PgServer, database: str) -> None:
+    """The form a Patroni cluster is reached by: the first host is down, the second the primary."""
+    dead = free_port()
+    url = (
+        f"postgresql+asyncpg://{pg_server.user}@/{database}"
+        f"?host=127.0.0.1:{dead}&host=127.0.0.1:{pg_server.port}&target_session_attrs=read-write"
+    )
+    db = await Database.open(url)
+    try:
+        async with db.engine.begin() as conn:
+            port = (await conn.exec_driver_sql("SELECT inet_server_port()")).scalar()
+            await conn.exec_driver_sql("CREATE TABLE reached (n int)")
+        assert port == pg_server.port
+    finally:
+        await db.close()
+
+
+async def test_migrations_wait_for_locks_with_a_bound_and_say_so(
+    pg_server: PgServer, database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long transaction on a table the next revision alters: the DDL gives up after lock_timeout
+    (instead of queueing every query on that table behind it), the migration is rolled back and tried
+    again, logged with the statement; once the transaction ends it completes. Another migration's
+    advisory lock is waited for without a bound, logged with who holds it."""
+    monkeypatch.setattr(dbmod, "MIGRATION_LOCK_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr(dbmod, "MIGRATION_RETRY_INITIAL_S", 0.2, raising=False)
+    monkeypatch.setattr(dbmod, "MIGRATION_WAIT_LOG_S", 0.5, raising=False)
+    caplog.set_level(logging.WARNING, logger="gateway.store.db")
+    url = pg_server.url(database)
+    engine = dbmod.create_engine(url)
+    holder = await _connect(pg_server, database)
+    try:
+        await dbmod.upgrade(engine, "0007")
+        # A reader's open transaction on commands (0008 adds columns to it).
+        reader = holder.transaction()
+        await reader.start()
+        await holder.execute("SELECT count(*) FROM commands")
+        migrating = asyncio.create_task(dbmod.upgrade(engine))
+        await _until(lambda: "migration attempt 1/" in caplog.text, within=15, what="a lock timeout")
+        assert "ALTER TABLE" in caplog.text, caplog.text
+        assert not migrating.done()
+        await reader.rollback()
+        await asyncio.wait_for(migrating, 30)
+
+        caplog.clear()
+        # Another migration holding the advisory lock (as migration_transaction takes it).
+        other = holder.transaction()
+        await other.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", dbmod._PG_MIGRATION_LOCK_KEY)
+        waiting = asyncio.create_task(dbmod.upgrade(engine))
+        await _until(lambda: "for the migration lock" in caplog.text, within=15, what="the wait logged")
+        assert f"pid {holder.get_server_pid()}" in caplog.text, caplog.text
+        assert not waiting.done()
+        await other.rollback()
+        await asyncio.wait_for(waiting, 30)
+    finally:
+        await holder.close()
+        await engine.dispose()
+    check = await _connect(pg_server, database)
+    try:
+        assert {await check.fetchval("SELECT version_num FROM alembic_version")} == set(
+            dbmod.packaged_heads()
+        )
+    finally:
+        await check.close()
