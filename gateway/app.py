@@ -43,6 +43,7 @@ from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
+from gateway.store.leadership import LeadershipStore
 from gateway.store.replicas import ReplicaStore
 from gateway.store.signing_keys import SigningKeyStore
 from gateway.tls import HttpTls, TlsError, grpc_credentials
@@ -200,10 +201,17 @@ class Gateway:
         await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
 
         if cfg.drivers.kind == "kubernetes":
+            from gateway.leader import Election  # noqa: PLC0415 - loads lightkube
             from gateway.provisioner import KubernetesProvisioner  # noqa: PLC0415 - loads lightkube
 
             provisioner = KubernetesProvisioner(
-                cfg.drivers.kubernetes, self._sandboxes, auth=cfg.auth.supervisors
+                cfg.drivers.kubernetes,
+                self._sandboxes,
+                auth=cfg.auth.supervisors,
+                # One pod watch in the cluster: this replica's runs only while it holds the Lease.
+                election=Election(
+                    identity=self.identity, settings=cfg.ha.leader, store=LeadershipStore(self.db)
+                ),
             )
             try:
                 await provisioner.start()
@@ -344,6 +352,11 @@ class Gateway:
             await _bounded(
                 self._renewer.drain(), min(DRAIN_MARK_S, left()), what="marking this replica draining"
             )
+        step_down = getattr(self._provisioner, "step_down", None)  # the Kubernetes driver's leader
+        if step_down is not None:
+            # The Lease released first: another replica takes the pod watch over within its retry
+            # period instead of a lease duration after this one is gone.
+            await _bounded(step_down(), min(DRAIN_MARK_S * 3, left()), what="releasing the leader Lease")
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
             await self._server.stop(grace)

@@ -584,6 +584,11 @@ class LeaderSettings(_Section):
         description="Kubernetes driver: the coordination.k8s.io/v1 Lease (in the gateway's namespace) whose "
         "holder alone watches pods and writes driver state.",
     )
+    namespace: str = Field(
+        "",
+        description="The namespace of that Lease: the gateway's own (the chart sets its release namespace); "
+        "empty: drivers.kubernetes.namespace.",
+    )
     lease_duration_s: float = Field(
         15.0, gt=0, description="A leader that has not renewed the Lease for this long is replaced."
     )

@@ -23,11 +23,16 @@ with anything that looks like a credential (URL userinfo, tokens, passwords) mas
 
 For the Kubernetes driver a background task follows the sandbox pods: it lists them (recording
 each pod's phase and reason in its sandbox's ``driver_state``, and marking sandboxes whose pods
-are gone as ``Deleted``), then watches from that list's resourceVersion, and starts over with
-backoff after any error (a 410 Gone included). :meth:`close` cancels it.
+are gone as ``Deleted``), then watches from that list's resourceVersion. After an error it waits
+(with backoff) and resumes the watch from the resourceVersion of the last event it *recorded* (an
+event whose write failed is delivered again); a 410 Gone (that version is too old) lists again.
+:meth:`close` cancels it.
 
-HA note: every replica runs this follower today and they write the same rows; a leader (or
-per-owner filtering) comes with the HA milestone.
+With several replicas (``election`` set, as the gateway does) the follower runs only on the leader
+(:mod:`gateway.leader`): one pod watch in the cluster, and its writes are conditional on the
+leader's term, so a paused ex-leader that wakes up writes nothing. A new leader starts with a full
+list, so what changed while no one (or a dying leader) watched is recorded: the list is the state,
+not a replay of events. Creates and deletes are per request and run on any replica.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ from gateway.drivers import ProvisionError
 from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError, PodState
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, pod_name
 from gateway.drivers.registry import RegistryError
+from gateway.leader import Election, LeaderElector
 from gateway.store import SandboxRow, SandboxStore, StoreError
 from gateway.store.db import utcnow
+from gateway.store.leadership import LeaderTerm, NotLeader
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +112,12 @@ def redact(text: str) -> str:
     return _SECRET_PAIR.sub(r"\1***", text)
 
 
+def _termed(doc: dict[str, Any], leader: LeaderTerm | None) -> dict[str, Any]:
+    """``doc`` with the term of the leader recording it (``leader_term``), when there is one: which
+    leader wrote a row is visible in the API, and a stale write would show an older term."""
+    return doc if leader is None else {**doc, "leader_term": leader.term}
+
+
 def _status(exc: KubernetesDriverError) -> int:
     """The HTTP status for a driver failure: the caller's fault (4xx) or the upstream's (502)."""
     if exc.status == 409:
@@ -121,7 +134,11 @@ class KubernetesProvisioner:
     driver: KubernetesDriver | None = None
     #: The projected token's audience and expiry in the pods (unset: the defaults).
     auth: SupervisorAuthSettings | None = None
+    #: Set: the pod watch runs only while this replica leads (gateway/leader.py). None: always
+    #: (one gateway alone, e.g. the unit tests).
+    election: Election | None = None
     _watcher: asyncio.Task[None] | None = field(default=None, init=False)
+    _elector: LeaderElector | None = field(default=None, init=False)
 
     async def start(self) -> None:
         if self.driver is None:
@@ -137,7 +154,20 @@ class KubernetesProvisioner:
         if self.settings.supervisor.gateway_ca_file is not None:
             # Supervisors verify the gateway against this CA: published now and on every change.
             self.driver.start_gateway_ca_publisher()
-        self._watcher = asyncio.create_task(self._follow(), name="kubernetes-pod-watch")
+        if self.election is None:
+            self._watcher = asyncio.create_task(self._follow(None), name="kubernetes-pod-watch")
+        else:
+            # The elector owns the watch's task: started when this replica leads, cancelled when
+            # it stops leading.
+            self._elector = LeaderElector(
+                self.driver.client,
+                namespace=self.election.namespace(self.settings.namespace),
+                identity=self.election.identity,
+                settings=self.election.settings,
+                store=self.election.store,
+                lead=self._follow,
+            )
+            self._elector.start()
 
     async def create(
         self,
@@ -261,7 +291,7 @@ class KubernetesProvisioner:
             )
         return found
 
-    async def _record(self, state: PodState) -> bool:
+    async def _record(self, state: PodState, leader: LeaderTerm | None = None) -> bool:
         """Record what the watch saw of a pod on its sandbox's row, if the pod is that row's; returns
         whether it was.
 
@@ -273,7 +303,7 @@ class KubernetesProvisioner:
         Nothing is recorded for a row that is gone (``Deleted``, or ``Failed`` and released): a pod
         appearing under its name is not one the gateway made for it, and recording it would bind
         the row to that pod and take the id again. Each write is conditional on the row's
-        generation."""
+        generation, and on ``leader``'s term when given (NotLeader when it no longer holds)."""
         row = await self.sandboxes.get(state.sandbox_id)
         if row is None or row.driver != DRIVER or _gone(row):
             return False
@@ -295,10 +325,12 @@ class KubernetesProvisioner:
             doc["reason"] = state.reason
         if state.exit_code is not None:
             doc["exit_code"] = state.exit_code
-        await self.sandboxes.set_driver_state(state.sandbox_id, doc, generation=row.generation, pod_uid=fill)
+        await self.sandboxes.set_driver_state(
+            state.sandbox_id, _termed(doc, leader), generation=row.generation, pod_uid=fill, leader=leader
+        )
         return True
 
-    async def _catch_up(self) -> str | None:
+    async def _catch_up(self, leader: LeaderTerm | None = None) -> str | None:
         """Record every pod as it is now, and the sandboxes whose pods are gone; returns the
         resourceVersion to watch from."""
         assert self.driver is not None
@@ -306,7 +338,7 @@ class KubernetesProvisioner:
         present = set()
         for state in snapshot.states:
             # A pod that is not its row's (a squatter under the name) does not keep the row alive.
-            if await self._record(state):
+            if await self._record(state, leader):
                 present.add(state.sandbox_id)
         now = utcnow()
         for row in await self.sandboxes.list():
@@ -324,34 +356,58 @@ class KubernetesProvisioner:
                     reason = f"no pod appeared within {CREATE_DEADLINE_S:.0f} s of the create"
                     await self.sandboxes.set_driver_state(
                         row.id,
-                        {"phase": "Failed", "reason": reason, "at": now.isoformat()},
+                        _termed({"phase": "Failed", "reason": reason, "at": now.isoformat()}, leader),
                         generation=row.generation,
+                        leader=leader,
                     )
             elif phase != "Deleted" and not (phase == "Failed" and "pod" not in recorded):
                 # A pod seen (Failed included) and now gone: deleted, and its id free again.
                 await self.sandboxes.set_driver_state(
-                    row.id, {**recorded, "phase": "Deleted", "at": now.isoformat()}, generation=row.generation
+                    row.id,
+                    _termed({**recorded, "phase": "Deleted", "at": now.isoformat()}, leader),
+                    generation=row.generation,
+                    leader=leader,
                 )
         return snapshot.resource_version
 
-    async def _follow(self) -> None:
+    async def _follow(self, leader: LeaderTerm | None) -> None:
+        """List, then watch, for as long as this task runs (the leader's work under ``leader``'s
+        term). NotLeader ends it: another replica leads (the elector then stops leading)."""
         assert self.driver is not None
         failures = 0
+        #: The resourceVersion of the last event recorded (None: list again).
+        version: str | None = None
         while True:
             try:
-                version = await self._catch_up()
+                if version is None:
+                    version = await self._catch_up(leader)
                 async for state in self.driver.watch(version):
                     failures = 0
-                    await self._record(state)
-            except asyncio.CancelledError:
+                    await self._record(state, leader)
+                    # Only once recorded: an event whose write failed is seen again on resuming.
+                    version = state.resource_version or version
+            except (asyncio.CancelledError, NotLeader):
                 raise
             except Exception as exc:  # the watch must outlive API and database hiccups
                 failures += 1
                 delay = random.uniform(0, min(30.0, 0.5 * 2**failures))
-                log.warning("sandbox pod watch failed (%s); again in %.1fs", exc, delay)
+                if isinstance(exc, KubernetesDriverError) and exc.status == 410:
+                    version = None  # too old to resume from: list again
+                    log.info("sandbox pod watch: its resourceVersion expired (410 Gone); listing again")
+                else:
+                    resume = f"resuming from resourceVersion {version}" if version else "listing again"
+                    log.warning("sandbox pod watch failed (%s); %s in %.1fs", exc, resume, delay)
                 await asyncio.sleep(delay)
 
+    async def step_down(self) -> None:
+        """Stop leading and release the Lease at once (a drain: the next leader need not wait for
+        it to expire). Idempotent."""
+        if self._elector is not None:
+            await self._elector.stop()
+            self._elector = None
+
     async def close(self) -> None:
+        await self.step_down()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -52,5 +52,6 @@ def setup_logging(level: str, fmt: str, *, stream: TextIO | None = None, prefix:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries stay quiet unless asked.
-    for noisy in ("aiosqlite", "sqlalchemy.engine", "alembic", "asyncio"):
+    # httpx(2): one INFO line per request, the leader Lease renewal every retry period included.
+    for noisy in ("aiosqlite", "sqlalchemy.engine", "alembic", "asyncio", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -152,6 +152,8 @@ class PodState:
     reason: str | None = None
     exit_code: int | None = None
     pod_uid: str | None = None
+    #: The pod's resourceVersion in a watch event: to resume the watch after it.
+    resource_version: str | None = None
 
     @property
     def deleted(self) -> bool:
@@ -510,7 +512,7 @@ class KubernetesDriver:
                             version = pod.metadata.resourceVersion
                         state = _pod_state(pod, deleted=op == "DELETED")
                         if state is not None:
-                            yield state
+                            yield replace(state, resource_version=version)
                 finally:
                     close = getattr(stream, "aclose", None)
                     if close is not None:

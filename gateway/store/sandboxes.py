@@ -41,6 +41,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.store.commands import FAILED, PENDING
 from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.leadership import LeaderTerm
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
 
@@ -424,21 +425,27 @@ class SandboxStore:
         *,
         generation: int | None = None,
         pod_uid: str | None = None,
+        leader: LeaderTerm | None = None,
     ) -> bool:
         """Record what the driver saw (a pod's phase...); False when the sandbox is unknown (or
         of another ``generation``). ``pod_uid`` fills in the pod's uid only where the row has
         none (a create that stopped before recording it): the create's own record always wins,
-        so a late event of an earlier pod cannot bind the row to that pod."""
+        so a late event of an earlier pod cannot bind the row to that pod. With ``leader`` (the
+        pod watch's writes) the write is made only while that leader's term holds, in the same
+        statement; else it raises NotLeader (gateway/store/leadership.py)."""
         values: dict[str, Any] = {"driver_state": json.dumps(dict(state), sort_keys=True)}
         if pod_uid is not None:
             values["pod_uid"] = func.coalesce(sandboxes_table.c.pod_uid, pod_uid)
+        fence = () if leader is None else (leader.holds(),)
         with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
-                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
+                    .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation), *fence)
                     .values(**values)
                 )
+                if leader is not None and not result.rowcount:
+                    await leader.check(conn)
         return bool(result.rowcount)
 
     async def delete(self, sandbox_id: str, *, generation: int | None = None) -> bool:

@@ -31,8 +31,10 @@ import yaml
 from lightkube import ApiError
 from lightkube.resources.core_v1 import Node, Pod
 
+from gateway.config import LeaderSettings
 from gateway.drivers import podspec
 from gateway.drivers.kubernetes import CLUSTER_RBAC_RULES, RBAC_RULES
+from gateway.leader import lease_rules
 from tests.support import kubeaccess
 from tests.support.netns import NetPair, netns_unavailable
 from tests.support.procs import GatewayProcess, wait_until
@@ -91,7 +93,13 @@ def test_one_sandbox_end_to_end(
         kubeaccess.cluster_grant(admin, "gateway", namespace, CLUSTER_RBAC_RULES),
     ):
         identity = kubeaccess.identity_with_rules(
-            admin, kubeconfig, namespace, RBAC_RULES, tmp_path / "kc", name="gateway"
+            # The driver's Role and the leader Lease's (the Lease in the driver's namespace here).
+            admin,
+            kubeconfig,
+            namespace,
+            [*RBAC_RULES, *lease_rules(LeaderSettings().lease_name)],
+            tmp_path / "kc",
+            name="gateway",
         )
         gw = GatewayProcess(
             tmp_path / "gw", grpc_host=net.gateway_ip, heartbeat_interval_s=INTERVAL, auth=True

@@ -1,0 +1,110 @@
+"""The ``leadership`` table: the fence behind the Kubernetes driver's leader (:mod:`gateway.leader`).
+
+A Kubernetes Lease tells who leads, not who may still write: a leader paused (SIGSTOP, a long GC,
+a frozen VM) past its lease wakes up believing it leads, with events of its pod watch still to
+record. So every driver-state write of the leader's is conditional, in its own statement, on the
+term it was elected for (:meth:`LeaderTerm.holds`), and a new leader raises the term *before* it
+does anything: from then on the old leader's writes change nothing and raise :class:`NotLeader`.
+
+The term is the Lease's ``leaseTransitions`` at the acquisition (the elector makes it at least one
+more than the term recorded here, so a Lease deleted and created again does not start over).
+:meth:`LeadershipStore.claim` records it only if it is higher than the one recorded: the Lease's
+optimistic concurrency (one update per resourceVersion) gives each term to one acquisition, and an
+acquisition that lost the race, or was paused between its Lease update and this claim, can never
+take the row back from a newer one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import exists, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.schema import leadership as leadership_table
+
+
+class NotLeader(StoreError):
+    """A write conditional on a leader's term found a newer term: another replica leads now, and
+    this one's write was not made."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderTerm:
+    """What a leader's writes carry: the role's name (the Lease's), the holder and its term."""
+
+    name: str
+    holder: str
+    term: int
+
+    def holds(self) -> ColumnElement[bool]:
+        """The SQL condition a fenced write adds to its WHERE: the row still records this term."""
+        return exists().where(leadership_table.c.name == self.name, leadership_table.c.term == self.term)
+
+    async def check(self, conn: AsyncConnection) -> None:
+        """Raise :class:`NotLeader` unless the term still holds (after a fenced write changed no
+        row: tells a lost leadership from a row that is not there)."""
+        current = (
+            await conn.execute(select(leadership_table.c.term).where(leadership_table.c.name == self.name))
+        ).scalar_one_or_none()
+        if current != self.term:
+            raise NotLeader(
+                f"replica {self.holder!r} no longer leads {self.name!r}: its term is {self.term}, "
+                f"the recorded one {current} (another replica took over)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    name: str
+    holder: str
+    term: int
+    acquired_at: datetime
+    renewed_at: datetime
+
+
+class LeadershipStore:
+    """Reads and claims the ``leadership`` rows; see the module docstring."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def get(self, name: str) -> Leadership | None:
+        with store_errors(f"cannot read the leadership of {name!r}"):
+            async with self._db.engine.connect() as conn:
+                row = (
+                    await conn.execute(select(leadership_table).where(leadership_table.c.name == name))
+                ).one_or_none()
+        if row is None:
+            return None
+        return Leadership(
+            name=row.name,
+            holder=row.holder,
+            term=int(row.term),
+            acquired_at=row.acquired_at,
+            renewed_at=row.renewed_at,
+        )
+
+    async def claim(self, name: str, *, holder: str, term: int) -> LeaderTerm | None:
+        """Record ``holder`` as the leader of ``name`` at ``term`` if no higher or equal term is
+        recorded; the term to write under, or None when a newer leader already claimed it."""
+        insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
+        now = utcnow()
+        stmt = insert(leadership_table).values(
+            name=name, holder=holder, term=term, acquired_at=now, renewed_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[leadership_table.c.name],
+            set_={"holder": holder, "term": term, "acquired_at": now, "renewed_at": now},
+            # Monotonic: an older acquisition (lost the Lease race, or paused before claiming)
+            # never takes the row back.
+            where=leadership_table.c.term < term,
+        )
+        with store_errors(f"cannot claim the leadership of {name!r}"):
+            async with self._db.engine.begin() as conn:
+                result = await conn.execute(stmt)
+        return LeaderTerm(name=name, holder=holder, term=term) if result.rowcount else None
