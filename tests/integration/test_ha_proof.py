@@ -1,0 +1,608 @@
+"""The proof with real parts (issue 20 point 7a): three gateway processes on one real PostgreSQL
+behind Debian haproxy in TCP mode (standing in for a Service), real supervisors whose main
+processes write numbered lines all along, connected through haproxy. Meanwhile:
+
+1. the replica holding the most sessions is killed with SIGKILL, and its supervisors reconnect
+   through haproxy to the other two; it is started again;
+2. all three are restarted one by one (SIGTERM, wait, start again under the same id and ports);
+3. two replicas are killed with SIGKILL at once (every session moves to the last one), then
+   started again;
+4. the replica holding the most sessions is frozen (SIGSTOP) until its supervisors moved and its
+   lease lapsed, then woken;
+5. all along, commands (a SIGUSR1 the main process counts, a heartbeat interval) are POSTed
+   through haproxy's API frontend, so most reach a replica that does not hold the session.
+
+The scenario runs once (a module fixture); each invariant is its own test over what it left in
+the database: every line exactly once and in order, every main process the one that started
+(one STARTED record, its PID in every line it wrote), every command delivered. Commands posted
+through a replica that does not hold the session reach it only at its next hello until commands
+are routed between replicas (issue 20 point 3): the test that asks for every command is marked
+xfail(strict=True) and starts failing once routing lands, to be unmarked then.
+
+Run with ``-s`` to see what was measured (reconnect times, lines, repeats dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.haproxy import Backend, HAProxy, running_haproxy
+from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.procs import PYTHON, GatewayProcess, SupervisorProcess, wait_until
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+pytestmark = pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+SANDBOXES = 6
+LINE_EVERY_S = 0.05
+COMMAND_EVERY_S = 0.25
+#: Short leases, so a killed replica's sandboxes are not shown connected for long (nothing here
+#: depends on it: haproxy's check takes the replica out, the supervisors' cut stream moves them).
+LEASE_S, RENEW_S = 2.0, 0.5
+#: A session moved to another replica within this (haproxy's check, the supervisor's backoff,
+#: the hello, the replay); a wait, not a speed asserted.
+SETTLE_S = 30.0
+
+#: The main process: ``<pid> <i>`` every LINE_EVERY_S until the stop file appears, then one last
+#: line with the count and the SIGUSR1s it received (the signal commands, as the process saw them).
+WRITER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    stop, every = sys.argv[1], float(sys.argv[2])
+    received = 0
+    def on_usr1(signum, frame):
+        global received
+        received += 1
+    signal.signal(signal.SIGUSR1, on_usr1)
+    pid, i = os.getpid(), 0
+    while not os.path.exists(stop):
+        print(f"{pid} {i}", flush=True)
+        i += 1
+        time.sleep(every)
+    print(f"done {pid} {i} signals {received}", flush=True)
+    """
+)
+
+
+@dataclass
+class Posted:
+    sandbox_id: str
+    status: int
+    body: dict[str, Any]
+    phase: str
+
+
+@dataclass
+class Proof:
+    """What the scenario left behind, read from the database once every supervisor had exited."""
+
+    sandbox_ids: list[str]
+    supervisor_pids: dict[str, int]
+    exit_codes: dict[str, int]
+    events: dict[str, list[dict[str, Any]]]
+    commands: dict[str, dict[str, Any]]
+    connected_at: dict[str, datetime]
+    posted: list[Posted]
+    post_errors: list[str]
+    final_round: set[str]
+    #: Each sandbox's (owner, session id, connected) before the frozen replica woke and after.
+    before_wake: dict[str, tuple[Any, ...]]
+    after_wake: dict[str, tuple[Any, ...]]
+    frozen_id: str
+    #: GET /api/v1/sandboxes through haproxy, once per replica in turn, once all had settled.
+    views: list[dict[str, Any]]
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self, sandbox_id: str) -> list[str]:
+        return [
+            e["message"] for e in self.events[sandbox_id] if e["kind"] == "log" and e["stream"] == "stdout"
+        ]
+
+    def trail(self, sandbox_id: str, command_id: str) -> list[str]:
+        """The supervisor's own lines about ``command_id``."""
+        prefix = f"command {command_id} "
+        return [
+            e["message"]
+            for e in self.events[sandbox_id]
+            if e["kind"] == "log" and e["stream"] != "stdout" and e["message"].startswith(prefix)
+        ]
+
+    def lifecycle(self, sandbox_id: str, kind: str) -> list[dict[str, Any]]:
+        return [
+            e["data"]
+            for e in self.events[sandbox_id]
+            if e["kind"] == "lifecycle" and e["data"]["kind"] == kind
+        ]
+
+
+# -- the database, read directly ----------------------------------------------------------
+
+
+def _dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+def _sql(url: str, query: str, *args: object) -> list[Any]:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(_dsn(url))
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _admin(server: PgServer, statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=server.port, user=server.user, database="postgres"
+        )
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _line_counts(url: str) -> dict[str, int]:
+    rows = _sql(
+        url, "SELECT sandbox_id, count(*) FROM events WHERE kind = 'log' AND stream = 'stdout' GROUP BY 1"
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def _owners(url: str) -> dict[str, str | None]:
+    """Each sandbox's owner while it is connected (None while not)."""
+    return {r[0]: (r[1] if r[2] else None) for r in _sql(url, "SELECT id, owner, connected FROM sandboxes")}
+
+
+def _rows(url: str) -> dict[str, tuple[Any, ...]]:
+    return {r[0]: tuple(r[1:]) for r in _sql(url, "SELECT id, owner, session_id, connected FROM sandboxes")}
+
+
+def _api(proxy: HAProxy, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{proxy.http_url}{path}", timeout=10) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+        return doc
+
+
+# -- the scenario ---------------------------------------------------------------------------
+
+
+class CommandPoster:
+    """POSTs a command every COMMAND_EVERY_S through haproxy's API frontend, to each sandbox in
+    turn, alternating a SIGUSR1 and a heartbeat interval, in a thread owned by the scenario."""
+
+    def __init__(self, proxy: HAProxy, sandbox_ids: list[str]) -> None:
+        self._proxy = proxy
+        self._ids = sandbox_ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="command-poster", daemon=True)
+        self.phase = "start"
+        self.posted: list[Posted] = []
+        self.errors: list[str] = []
+        self._n = 0
+
+    def post(self, sandbox_id: str) -> Posted | None:
+        body: dict[str, Any] = (
+            {"kind": "signal", "signal": "SIGUSR1"}
+            if self._n % 2 == 0
+            else {"kind": "heartbeat", "interval_ms": 500}
+        )
+        self._n += 1
+        request = urllib.request.Request(
+            f"{self._proxy.http_url}/api/v1/sandboxes/{sandbox_id}/commands",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                posted = Posted(sandbox_id, resp.status, json.loads(resp.read()), self.phase)
+        except urllib.error.HTTPError as exc:
+            posted = Posted(sandbox_id, exc.code, {"error": exc.read().decode(errors="replace")}, self.phase)
+        except OSError as exc:  # a replica cut mid-request: whether it stored the command is unknown
+            self.errors.append(f"{self.phase}: {sandbox_id}: {exc}")
+            return None
+        self.posted.append(posted)
+        return posted
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.wait(COMMAND_EVERY_S):
+            self.post(self._ids[i % len(self._ids)])
+            i += 1
+
+    def __enter__(self) -> CommandPoster:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _replica(workdir: Path, database_url: str) -> GatewayProcess:
+    return GatewayProcess(
+        workdir,
+        database_url=database_url,
+        extra=["--set", f"ha.lease_s={LEASE_S}", "--set", f"ha.renew_interval_s={RENEW_S}"],
+    )
+
+
+def _rid(gw: GatewayProcess) -> str:
+    return f"gateway-{gw.grpc_port}"  # GatewayProcess's replica id, stable across its restarts
+
+
+def _events_received(gw: GatewayProcess) -> float:
+    """This run of ``gw``'s count of events received (repeats included); 0 if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.ops_port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                name, _, value = line.rpartition(" ")
+                if name == "openshell_gateway_events_received_total":
+                    return float(value)
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proof]:
+    root = tmp_path_factory.mktemp("ha-proof")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _admin(pg_server, f'CREATE DATABASE "{name}"')
+    url = pg_server.url(name)
+    gateways = [_replica(root / f"gw{i}", url) for i in range(3)]
+    supervisors: list[SupervisorProcess] = []
+    received = 0.0  # events received, summed over every run of every replica (read before it stops)
+    try:
+        for gw in gateways:  # one after the other: the first migrates, the others find the schema
+            gw.start()
+        backends = [Backend(_rid(gw), gw.grpc_port, gw.http_port, gw.ops_port) for gw in gateways]
+        with running_haproxy(root / "haproxy", backends) as proxy:
+            ids = [f"ha-{i}" for i in range(SANDBOXES)]
+            for sandbox_id in ids:
+                workdir = root / sandbox_id
+                sv = SupervisorProcess(
+                    workdir,
+                    sandbox_id,
+                    proxy.grpc_address,
+                    [PYTHON, "-u", "-c", WRITER, str(workdir / "stop"), str(LINE_EVERY_S)],
+                    settings=["session.exit_flush_timeout_s=60"],
+                )
+                supervisors.append(sv)
+                sv.start()
+            by_id = {_rid(gw): gw for gw in gateways}
+            measured: dict[str, Any] = {}
+
+            def settled(what: str, alive: list[GatewayProcess], *, at_least: int = 10) -> float:
+                """Wait until every sandbox is connected to a live replica and has stored
+                ``at_least`` more lines since; the seconds it took."""
+                began = time.monotonic()
+                before = _line_counts(url)
+                live = {_rid(gw) for gw in alive}
+
+                def done() -> bool:
+                    owners, counts = _owners(url), _line_counts(url)
+                    return all(
+                        owners.get(s) in live and counts.get(s, 0) >= before.get(s, 0) + at_least for s in ids
+                    )
+
+                wait_until(done, timeout=SETTLE_S, what=what, interval=0.2)
+                return round(time.monotonic() - began, 2)
+
+            def stop(gw: GatewayProcess, *, kill: bool) -> None:
+                nonlocal received
+                received += _events_received(gw)
+                if kill:
+                    gw.kill()
+                else:
+                    gw.stop()
+
+            measured["first sessions"] = settled("every supervisor connected through haproxy", gateways)
+            spread = Counter(_owners(url).values())
+            measured["sessions per replica at first"] = sorted(spread.values(), reverse=True)
+            assert len(spread) >= 2, f"haproxy spread the sessions over the replicas: {spread}"
+
+            with CommandPoster(proxy, ids) as poster:
+                # 1. kill -9 the replica holding the most sessions
+                poster.phase = "kill-1"
+                victim = by_id[spread.most_common(1)[0][0]]  # type: ignore[index]
+                stop(victim, kill=True)
+                others = [gw for gw in gateways if gw is not victim]
+                measured["moved after kill -9 of one (s)"] = settled(
+                    "sessions moved off the killed one", others
+                )
+                victim.start()
+                wait_until(lambda: all(proxy.server_states().values()), timeout=SETTLE_S, what="all UP again")
+
+                # 2. restart all three one by one
+                for gw in gateways:
+                    poster.phase = f"restart-{_rid(gw)}"
+                    began = time.monotonic()
+                    stop(gw, kill=False)
+                    measured.setdefault("SIGTERM to exit (s)", []).append(round(time.monotonic() - began, 2))
+                    measured.setdefault("settled after a SIGTERM (s)", []).append(
+                        settled("sessions moved off the stopped one", [g for g in gateways if g is not gw])
+                    )
+                    gw.start()
+                    wait_until(
+                        lambda: all(proxy.server_states().values()), timeout=SETTLE_S, what="all UP again"
+                    )
+
+                # 3. kill -9 two at once: every session goes to the third
+                poster.phase = "kill-2"
+                owners = Counter(_owners(url).values())
+                pair = sorted(gateways, key=lambda g: owners.get(_rid(g), 0), reverse=True)[:2]
+                for gw in pair:
+                    stop(gw, kill=True)
+                (last,) = [gw for gw in gateways if gw not in pair]
+                measured["moved after kill -9 of two at once (s)"] = settled(
+                    "sessions all on the last one", [last]
+                )
+                for gw in pair:
+                    gw.start()
+                wait_until(lambda: all(proxy.server_states().values()), timeout=SETTLE_S, what="all UP again")
+                measured["settled after the restarts (s)"] = settled("sessions settled", gateways)
+
+                # 4. freeze (SIGSTOP) the replica holding the most sessions: its connections stay
+                # open and silent; the supervisors' stale bound moves them; it wakes up later, its
+                # lease lapsed, with sessions it still believes it holds.
+                poster.phase = "freeze"
+                owners = Counter(_owners(url).values())
+                frozen = max(gateways, key=lambda g: owners.get(_rid(g), 0))
+                frozen.signal(signal.SIGSTOP)
+                try:
+                    measured["moved off a frozen replica (s)"] = settled(
+                        "sessions moved off the frozen one", [g for g in gateways if g is not frozen]
+                    )
+                    time.sleep(LEASE_S + RENEW_S)  # its lease lapses while it sleeps
+                    before_wake = _rows(url)
+                finally:
+                    frozen.signal(signal.SIGCONT)
+                wait_until(lambda: all(proxy.server_states().values()), timeout=SETTLE_S, what="all UP again")
+                time.sleep(2 * RENEW_S + 1.0)  # whatever the woken one does with its old sessions, done
+                after_wake = _rows(url)
+                poster.phase = "after"
+                settled("sessions settled", gateways)
+
+            # Every replica's API (round robin: each in turn) shows every sandbox connected.
+            views = [_api(proxy, "/api/v1/sandboxes") for _ in range(2 * len(gateways))]
+
+            # 5. a last round with the sessions quiet: three commands per sandbox through haproxy,
+            # so round robin sends most to a replica that does not hold the session.
+            final = CommandPoster(proxy, ids)
+            final.phase = "final"
+            for _ in range(3):
+                for sandbox_id in ids:
+                    final.post(sandbox_id)
+            final_round = {p.body["id"] for p in final.posted if p.status == 201}
+            # Routing (issue 20 point 3) would take them within a second; a wait, nothing asserted.
+            with contextlib.suppress(AssertionError):
+                wait_until(
+                    lambda: all(
+                        r[0] != "pending"
+                        for r in _sql(url, "SELECT state FROM commands WHERE id = ANY($1)", list(final_round))
+                    ),
+                    timeout=5,
+                    what="the last round of commands answered",
+                )
+
+            # Every main process ends: its last line says how far it got.
+            for sv in supervisors:
+                (sv.workdir / "stop").touch()
+            exit_codes = {sv.sandbox_id: sv.wait(90) for sv in supervisors}
+            received += sum(_events_received(gw) for gw in gateways)
+
+        events: dict[str, list[dict[str, Any]]] = {s: [] for s in ids}
+        rows = _sql(
+            url,
+            "SELECT sandbox_id, journal_epoch, sequence, kind, stream, message, data FROM events "
+            "WHERE sandbox_id = ANY($1) ORDER BY id",
+            ids,
+        )
+        for r in rows:
+            events[r[0]].append(
+                {"epoch": r[1], "sequence": r[2], "kind": r[3], "stream": r[4], "message": r[5],
+                 "data": json.loads(r[6]) if r[6] else None}
+            )  # fmt: skip
+        commands = {
+            r["id"]: dict(r)
+            for r in _sql(url, "SELECT id, sandbox_id, kind, state, created_at, answered_at FROM commands")
+        }
+        connected_at = {r[0]: r[1] for r in _sql(url, "SELECT id, connected_at FROM sandboxes")}
+        result = Proof(
+            sandbox_ids=ids,
+            supervisor_pids={sv.sandbox_id: sv.proc.pid for sv in supervisors if sv.proc is not None},
+            exit_codes=exit_codes,
+            events=events,
+            commands=commands,
+            connected_at=connected_at,
+            posted=[*poster.posted, *final.posted],
+            post_errors=[*poster.errors, *final.errors],
+            final_round=final_round,
+            before_wake=before_wake,
+            after_wake=after_wake,
+            frozen_id=_rid(frozen),
+            views=views,
+            measured=measured,
+        )
+        _measure(result, received)
+        print("\nHA proof, measured:", json.dumps(result.measured, indent=1, default=str), file=sys.stderr)
+        yield result
+    finally:
+        for sv in supervisors:
+            (sv.workdir / "stop").touch()  # a main process the supervisor's kill would orphan ends too
+            sv.stop()
+        for gw in gateways:
+            gw.stop()
+        _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _measure(proof: Proof, received: float) -> None:
+    m = proof.measured
+    stored = sum(len(e) for e in proof.events.values())
+    m["lines stored"] = sum(len(proof.lines(s)) for s in proof.sandbox_ids)
+    m["events stored"] = stored
+    # Received counts each replica's runs up to their stop (a killed one's last few ms are missed).
+    m["events received, repeats included"] = int(received)
+    # Repeats a moved session sent again, dropped by the store; approximate (a killed replica's
+    # last few milliseconds of events are counted by nobody).
+    m["received - stored"] = int(received) - stored
+    outages = [d["duration_ms"] for s in proof.sandbox_ids for d in proof.lifecycle(s, "reconnected")]
+    m["reconnections"] = len(outages)
+    if outages:
+        outages.sort()
+        m["outage ms (min/median/max)"] = (outages[0], outages[len(outages) // 2], outages[-1])
+    m["commands posted"] = len(proof.posted)
+    m["posts failed (replica cut mid-request)"] = len(proof.post_errors)
+    m["commands by state"] = dict(Counter(c["state"] for c in proof.commands.values()))
+    m["delivered: true at the POST"] = sum(1 for p in proof.posted if p.body.get("delivered"))
+    m["repeats the supervisors answered without applying"] = sum(
+        1
+        for s in proof.sandbox_ids
+        for e in proof.events[s]
+        if e["kind"] == "log" and e["message"].endswith("repeated, not applied again")
+    )
+
+
+# -- the invariants ---------------------------------------------------------------------------
+
+
+def test_every_line_arrives_exactly_once_and_in_order(proof: Proof) -> None:
+    for sandbox_id in proof.sandbox_ids:
+        assert proof.exit_codes[sandbox_id] == 0, sandbox_id
+        lines = proof.lines(sandbox_id)
+        assert lines, sandbox_id
+        last = lines[-1].split()
+        assert last[0] == "done", f"{sandbox_id}: the last line is the main process's summary: {lines[-1]}"
+        pid, count = last[1], int(last[2])
+        assert lines == [f"{pid} {i}" for i in range(count)] + [lines[-1]], (
+            f"{sandbox_id}: every numbered line once, in order, nothing after the summary"
+        )
+        sequences = [e["sequence"] for e in proof.events[sandbox_id]]
+        assert sequences == sorted(set(sequences)), (
+            f"{sandbox_id}: every record stored once, in journal order"
+        )
+        assert len({e["epoch"] for e in proof.events[sandbox_id]}) == 1, (
+            f"{sandbox_id}: one journal throughout"
+        )
+    # The cuts happened while lines were written: every sandbox was moved at least once (each
+    # replica was restarted in turn, so whichever held it last among them).
+    for sandbox_id in proof.sandbox_ids:
+        assert proof.lifecycle(sandbox_id, "reconnected"), sandbox_id
+
+
+def test_every_main_process_keeps_its_pid(proof: Proof) -> None:
+    for sandbox_id in proof.sandbox_ids:
+        (started,) = proof.lifecycle(sandbox_id, "started")
+        (exited,) = proof.lifecycle(sandbox_id, "exited")
+        (supervisor,) = proof.lifecycle(sandbox_id, "supervisor_started")
+        assert supervisor["pid"] == proof.supervisor_pids[sandbox_id], "the supervisor itself never restarted"
+        pids = {
+            line.split()[1] if line.startswith("done") else line.split()[0]
+            for line in proof.lines(sandbox_id)
+        }
+        assert pids == {str(started["pid"])}, f"{sandbox_id}: every line from the process that started"
+        assert exited["pid"] == started["pid"] and exited["exit_code"] == 0
+
+
+def test_commands_that_reached_the_owning_session_are_applied_once(proof: Proof) -> None:
+    """Without routing, a command reaches the session if the replica that took the POST held it
+    (delivered: true) or if the sandbox's session began again after the command was stored
+    (pending commands go out at every hello): each of those is applied, and no command is failed,
+    expired or lost whatever replica took it."""
+    assert proof.posted, "commands were posted"
+    for p in proof.posted:
+        assert p.status == 201, f"a POST through haproxy was refused: {p}"
+        assert p.body["id"] in proof.commands, f"a command acknowledged at its POST is stored: {p}"
+    states = Counter(c["state"] for c in proof.commands.values())
+    assert set(states) <= {"applied", "pending"}, f"no command failed or expired: {states}"
+    reached = {p.body["id"] for p in proof.posted if p.body.get("delivered")}
+    for command_id, c in proof.commands.items():
+        # A margin for the commit of the POST racing the hello's read of the pending commands.
+        if c["created_at"] < proof.connected_at[c["sandbox_id"]] - timedelta(seconds=1):
+            reached.add(command_id)
+    assert reached, "some commands reached their session"
+    not_applied = sorted(i for i in reached if proof.commands[i]["state"] != "applied")
+    assert not not_applied, f"commands that reached their session but were not applied: {not_applied}"
+    # Applied once by the supervisor however often it came (its own audit lines, journaled and
+    # stored with the sandbox's records); a pending one never was.
+    for command_id, c in proof.commands.items():
+        trail = proof.trail(c["sandbox_id"], command_id)
+        times = sum(1 for line in trail if line.endswith(": applied"))
+        assert times == (1 if c["state"] == "applied" else 0), (command_id, c["state"], trail)
+    # The main process saw the signals: at most one per applied signal command (the kernel may
+    # merge two sent together, as at a hello with several pending).
+    for sandbox_id in proof.sandbox_ids:
+        signals = sum(
+            1
+            for c in proof.commands.values()
+            if c["sandbox_id"] == sandbox_id and c["kind"] == "signal" and c["state"] == "applied"
+        )
+        received = int(proof.lines(sandbox_id)[-1].split()[-1])
+        assert received <= signals and (received > 0) == (signals > 0), (sandbox_id, received, signals)
+
+
+def test_every_replica_shows_every_sandbox_connected(proof: Proof) -> None:
+    for view in proof.views:
+        states = {s["id"]: s["state"] for s in view["sandboxes"]}
+        assert all(states.get(i) == "connected" for i in proof.sandbox_ids), states
+
+
+def test_a_frozen_replica_that_wakes_takes_nothing_back(proof: Proof) -> None:
+    """Its supervisors moved while it slept; awake, it must not mark their new sessions
+    disconnected nor claim them back."""
+    moved = [i for i in proof.sandbox_ids if proof.before_wake[i][0] != proof.frozen_id]
+    assert moved == proof.sandbox_ids, f"every session had moved off the frozen replica: {proof.before_wake}"
+    changed = {
+        i: (proof.before_wake[i], proof.after_wake[i])
+        for i in moved
+        if proof.before_wake[i] != proof.after_wake[i]
+    }
+    assert not changed, f"the woken replica changed sessions held by others: {changed}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 20 point 3: a command posted to a replica that does not hold the session waits for "
+    "the sandbox's next hello; routing between replicas (LISTEN/NOTIFY) is not in yet. Remove this mark "
+    "when it lands.",
+)
+def test_every_command_posted_through_any_replica_is_applied(proof: Proof) -> None:
+    assert proof.final_round, "the last round was posted"
+    pending = sorted(i for i, c in proof.commands.items() if c["state"] != "applied")
+    assert not pending, f"{len(pending)} of {len(proof.commands)} commands not applied: {pending[:10]}"
