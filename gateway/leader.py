@@ -195,15 +195,15 @@ class LeaderElector:
             timeout = max(0.1, deadline - (sent - self._renewed_at))
         try:
             held = await asyncio.wait_for(self._try_acquire_or_renew(), timeout)
-        except (TimeoutError, ApiError, OSError, StoreError) as exc:
+        except Exception as exc:  # the API or the database away, a transport or config error...
             held = None
+            what = str(exc) if isinstance(exc, ApiError | StoreError) else repr(exc)
+            if isinstance(exc, ApiError) and exc.status.code == 403:
+                what += (
+                    " (the gateway's identity needs create, and get and update on this Lease: docs/rbac.md)"
+                )
             self._log.log(
-                logging.WARNING, ("lease",), f"leader Lease {self._lease_name!r} not renewed: {exc}"
-            )
-        except Exception as exc:  # a transport error of the HTTP library, a config error...
-            held = None
-            self._log.log(
-                logging.WARNING, ("lease",), f"leader Lease {self._lease_name!r} not renewed: {exc!r}"
+                logging.WARNING, ("lease",), f"leader Lease {self._lease_name!r} not renewed: {what}"
             )
         if held is not None:
             self._renewed_at = sent

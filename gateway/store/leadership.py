@@ -2,9 +2,11 @@
 
 A Kubernetes Lease tells who leads, not who may still write: a leader paused (SIGSTOP, a long GC,
 a frozen VM) past its lease wakes up believing it leads, with events of its pod watch still to
-record. So every driver-state write of the leader's is conditional, in its own statement, on the
-term it was elected for (:meth:`LeaderTerm.holds`), and a new leader raises the term *before* it
-does anything: from then on the old leader's writes change nothing and raise :class:`NotLeader`.
+record. So every driver-state write of the leader's is conditional, in its own transaction, on the
+term it was elected for (:meth:`LeaderTerm.hold`, and :meth:`LeaderTerm.holds` in its WHERE), and
+a new leader raises the term *before* it does anything: from then on the old leader's writes
+change nothing and raise :class:`NotLeader`. On PostgreSQL the write holds the leadership row
+share-locked until it commits, so the claim waits for a write in flight rather than pass it.
 
 The term is the Lease's ``leaseTransitions`` at the acquisition (the elector makes it at least one
 more than the term recorded here, so a Lease deleted and created again does not start over).
@@ -44,6 +46,19 @@ class LeaderTerm:
     def holds(self) -> ColumnElement[bool]:
         """The SQL condition a fenced write adds to its WHERE: the row still records this term."""
         return exists().where(leadership_table.c.name == self.name, leadership_table.c.term == self.term)
+
+    async def hold(self, conn: AsyncConnection) -> None:
+        """At the start of a fenced write's transaction: raise :class:`NotLeader` unless the term
+        holds, and on PostgreSQL keep the leadership row share-locked until the commit, so a newer
+        leader's claim waits for this write and no write of this term commits after the claim.
+        (SQLite has one writer at a time: the claim and the write are serialised anyway.)"""
+        found = await conn.execute(
+            select(leadership_table.c.term)
+            .where(leadership_table.c.name == self.name, leadership_table.c.term == self.term)
+            .with_for_update(read=True)
+        )
+        if found.first() is None:
+            await self.check(conn)
 
     async def check(self, conn: AsyncConnection) -> None:
         """Raise :class:`NotLeader` unless the term still holds (after a fenced write changed no

@@ -431,14 +431,16 @@ class SandboxStore:
         of another ``generation``). ``pod_uid`` fills in the pod's uid only where the row has
         none (a create that stopped before recording it): the create's own record always wins,
         so a late event of an earlier pod cannot bind the row to that pod. With ``leader`` (the
-        pod watch's writes) the write is made only while that leader's term holds, in the same
-        statement; else it raises NotLeader (gateway/store/leadership.py)."""
+        pod watch's writes) the write is made only while that leader's term holds, checked in the
+        same transaction; else it raises NotLeader (gateway/store/leadership.py)."""
         values: dict[str, Any] = {"driver_state": json.dumps(dict(state), sort_keys=True)}
         if pod_uid is not None:
             values["pod_uid"] = func.coalesce(sandboxes_table.c.pod_uid, pod_uid)
         fence = () if leader is None else (leader.holds(),)
         with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
+                if leader is not None:
+                    await leader.hold(conn)
                 result = await conn.execute(
                     update(sandboxes_table)
                     .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation), *fence)

@@ -52,6 +52,7 @@ from gateway.drivers.podspec import (
     pod_name,
     selector_labels,
 )
+from gateway.leader import lease_rules
 from openshell_wire.configfile import load_settings
 from tests.support import pss
 
@@ -115,6 +116,14 @@ def one(objects: list[Obj], kind: str, *, component: str | None = None) -> Obj:
         or o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
     ]
     assert len(found) == 1, f"{len(found)} {kind} objects (component {component})"
+    return found[0]
+
+
+def sandbox_rbac(objects: list[Obj], kind: str = "Role") -> Obj:
+    """The driver's Role (or its RoleBinding) in the sandbox namespace, FULLNAME-sandboxes; the
+    other Role is the leader Lease's (FULLNAME-leader, in the release namespace)."""
+    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"].endswith("-sandboxes")]
+    assert len(found) == 1, f"{len(found)} {kind} objects named *-sandboxes"
     return found[0]
 
 
@@ -250,7 +259,7 @@ def test_gateway_config_loads_and_builds_restricted_valid_sandbox_pods(name: str
     # Supervisors dial the gateway Service's gRPC port.
     service = one(objects, "Service", component="gateway")
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-    sandbox_ns = one(objects, "Role")["metadata"]["namespace"]
+    sandbox_ns = sandbox_rbac(objects)["metadata"]["namespace"]
     assert config.drivers.kubernetes.gateway_address == (
         f"{service['metadata']['name']}.{NAMESPACE}.svc:{grpc_port}"
     )
@@ -268,7 +277,7 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
     name: str, tmp_path: Path
 ) -> None:
     objects = rendered(name)
-    role = one(objects, "Role")
+    role = sandbox_rbac(objects)
     verbs: dict[str, set[str]] = {}
     by_name = []
     settings = load_config(objects, tmp_path).drivers.kubernetes
@@ -300,7 +309,7 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["agents-pull"]}
         ]
         assert settings.registry.platform == "linux/arm64/v8"
-    binding = one(objects, "RoleBinding")
+    binding = sandbox_rbac(objects, "RoleBinding")
     assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -327,6 +336,37 @@ def test_role_has_exactly_the_drivers_verbs_and_only_tokenreviews_are_cluster_wi
     # Two releases in two namespaces never share the cluster-scoped names.
     other = one(render(ci_values(name), namespace="other"), "ClusterRole")
     assert other["metadata"]["name"] != cluster_role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_the_leader_lease_role_is_namespaced_and_only_the_leases(name: str, tmp_path: Path) -> None:
+    """Issue 20 point 4: RBAC gains only what the leader Lease needs (gateway.leader.lease_rules),
+    in the gateway's own namespace, bound to its account; the config names that Lease there."""
+    objects = rendered(name)
+    config = load_config(objects, tmp_path)
+    lease = config.ha.leader.lease_name
+    assert lease.endswith("-gateway-leader"), lease
+    assert config.ha.leader.namespace == NAMESPACE
+    (role,) = [r for r in of_kind(objects, "Role") if r["metadata"]["name"].endswith("-leader")]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == lease_rules(lease)
+    (binding,) = [b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-leader")]
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == sandbox_rbac(objects, "RoleBinding")["subjects"]
+    # Exactly two Roles: the driver's (sandbox namespace) and this one; no cluster-wide lease rule.
+    assert len(of_kind(objects, "Role")) == 2
+    assert all("leases" not in rule["resources"] for rule in one(objects, "ClusterRole")["rules"]), (
+        "the Lease is namespaced"
+    )
+    # Two releases in one namespace hold two Leases.
+    (tmp_path / "second").mkdir()
+    other = load_config(render({**ci_values(name), "fullnameOverride": "second"}), tmp_path / "second")
+    assert other.ha.leader.lease_name != lease
 
 
 @pytest.mark.parametrize("name", CI_FILES)
@@ -439,7 +479,7 @@ def test_ha_values_create_a_restricted_sandbox_namespace_and_a_network_policy() 
     namespace = one(objects, "Namespace")
     assert namespace["metadata"]["name"] == "openshell-sandboxes"
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert one(objects, "Role")["metadata"]["namespace"] == "openshell-sandboxes"
+    assert sandbox_rbac(objects)["metadata"]["namespace"] == "openshell-sandboxes"
     policy = one(objects, "NetworkPolicy", component="gateway")
     assert (
         policy["spec"]["podSelector"]["matchLabels"] == deployment(objects)["spec"]["selector"]["matchLabels"]
@@ -641,13 +681,15 @@ def test_sandboxes_get_a_namespace_of_their_own_labelled_restricted_by_default(t
     labels = namespace["metadata"]["labels"]
     for mode in ("enforce", "audit", "warn"):
         assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
-    assert one(objects, "Role")["metadata"]["namespace"] == f"{NAMESPACE}-sandboxes"
+    assert sandbox_rbac(objects)["metadata"]["namespace"] == f"{NAMESPACE}-sandboxes"
     assert load_config(objects, tmp_path).drivers.kubernetes.namespace == f"{NAMESPACE}-sandboxes"
     # Named explicitly, the namespace is that one (still created unless told otherwise).
     named = render({"sandboxes": {"namespace": "agents"}})
     assert one(named, "Namespace")["metadata"]["name"] == "agents"
     existing = render({"sandboxes": {"namespace": "agents", "createNamespace": False}})
-    assert of_kind(existing, "Namespace") == [] and one(existing, "Role")["metadata"]["namespace"] == "agents"
+    assert (
+        of_kind(existing, "Namespace") == [] and sandbox_rbac(existing)["metadata"]["namespace"] == "agents"
+    )
 
 
 @pytest.mark.parametrize(
@@ -1046,7 +1088,7 @@ def test_sandbox_pods_run_as_a_service_account_of_their_own(tmp_path: Path) -> N
         assert all(s["name"] != "openshell-sandbox" for s in binding["subjects"]), binding
     # Pods naming a ServiceAccount need no verb of the gateway's: its Role stays pods (and what TLS
     # and pull Secrets add), never serviceaccounts.
-    assert all("serviceaccounts" not in rule["resources"] for rule in one(objects, "Role")["rules"])
+    assert all("serviceaccounts" not in rule["resources"] for rule in sandbox_rbac(objects)["rules"])
     own = f"system:serviceaccount:{sandbox_ns}:openshell-sandbox"
     assert _reviewed_as(config, own) == "t"
     for other in ("default", "openshell-gateway", "someone"):
@@ -1145,7 +1187,7 @@ def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak
     # mount it and speak TLS against it.
     assert str(config.drivers.kubernetes.supervisor.gateway_ca_file) == f"{mount['mountPath']}/ca.crt"
     assert [
-        r for r in one(objects, "Role")["rules"] if r["resources"] == ["configmaps"]
+        r for r in sandbox_rbac(objects)["rules"] if r["resources"] == ["configmaps"]
     ] == gateway_ca_rules()
     pod = sandbox_pod(config)
     argv = pod["spec"]["containers"][0]["command"]
@@ -1160,7 +1202,7 @@ def test_tls_from_an_existing_secret_serves_both_listeners_and_supervisors_speak
         is None
     )
     assert not [
-        r for r in one(rendered("default-values.yaml"), "Role")["rules"] if r["resources"] == ["configmaps"]
+        r for r in sandbox_rbac(rendered("default-values.yaml"))["rules"] if r["resources"] == ["configmaps"]
     ]
     # The probes stay on the plain ops listener.
     assert gateway_container(objects)["readinessProbe"]["httpGet"]["port"] == "ops"
@@ -1282,7 +1324,7 @@ def test_sandboxes_in_the_release_namespace_are_refused_unless_explicitly_allowe
     allowed = render(
         {"sandboxes": {"namespace": NAMESPACE, "createNamespace": False, "allowReleaseNamespace": True}}
     )
-    assert one(allowed, "Role")["metadata"]["namespace"] == NAMESPACE
+    assert sandbox_rbac(allowed)["metadata"]["namespace"] == NAMESPACE
     assert of_kind(allowed, "Namespace") == []
 
 

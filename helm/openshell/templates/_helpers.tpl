@@ -293,10 +293,16 @@ securityContext:
             "plain_http" $v.sandboxes.registry.plainHttp
             "allowed" $v.sandboxes.registry.allowed
             "cache_ttl_s" $v.sandboxes.registry.cacheTtlSeconds)))
+      "ha" (dict "leader" (dict "lease_name" (include "openshell.leaderLease" .) "namespace" .Release.Namespace))
       "log_level" $v.gateway.logLevel
       "log_format" $v.gateway.logFormat -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy $v.gateway.extraConfig) -}}
 {{- toYaml $merged -}}
+{{- end -}}
+
+{{/* The leader Lease's name (ha.leader.lease_name): one per release, in the release's namespace. */}}
+{{- define "openshell.leaderLease" -}}
+{{- printf "%s-leader" (include "openshell.gateway.fullname" .) -}}
 {{- end -}}
 
 {{/* "secret" or "configMap" when the OIDC issuer's CA comes from an existing object, else empty. */}}
