@@ -14,14 +14,17 @@ the database:
 Logs come as a JSON tail, or with ``follow=1`` as a stream of NDJSON lines (one event per line)
 that first sends the tail and then each event as the gateway stores it, until the client goes away
 (or, with ``until_exit=1``, until the sandbox has exited and everything up to its exit is sent).
-A follower wakes on the event store's in-process notification and otherwise re-checks every
-second, so a missed wake-up costs latency, never events: the database is always the source.
+A follower wakes on the event store's notification, which on PostgreSQL comes from whichever
+replica stored the batch (:mod:`gateway.notify`, within about a second), and otherwise re-checks
+every few seconds (every second while this replica's listening connection is down), so a missed
+wake-up costs latency, never events: the database is always the source.
 
 Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are created with a POST,
 stored with an expiry (``expires_in_s``, else ``commands.ttl_s``), sent at once to the sandbox's
-live session if it is on this gateway (``delivered`` says whether that session wrote it to its
-stream), and otherwise with its next session unless it expires first; their state (``pending``,
-``applied``, ``failed``, ``expired``) is readable until answered and after.
+live session on whichever replica holds it (:mod:`gateway.routing`; ``delivered`` says whether that
+session wrote it to its stream within ``commands.delivery_wait_s``, which the owning replica records
+as ``delivered_at``/``delivered_by``), and otherwise with its next session unless it expires first;
+their state (``pending``, ``applied``, ``failed``, ``expired``) is readable until answered and after.
 
 With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``;
 without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
@@ -69,6 +72,7 @@ from gateway.config import CommandSettings, SessionSettings
 from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
 from gateway.metrics import GatewayMetrics
+from gateway.notify import Notifier
 from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import (
     Liveness,
@@ -94,8 +98,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TAIL = 100
 MAX_TAIL = 10_000
-#: A follower re-checks the store at least this often, whether or not it was woken.
+#: A follower re-checks the store at least this often while notifications may be missed (this
+#: replica's listening connection is down, or the API runs without a notifier) ...
 FOLLOW_WAKE_S = 1.0
+#: ... and this often while they arrive: a slow poll, only for a notification lost all the same.
+FOLLOW_POLL_S = 5.0
 FOLLOW_PAGE = 1000
 NDJSON = "application/x-ndjson"
 #: The default bound on a request body (``http.max_body_bytes``); aiohttp's own default too.
@@ -359,6 +366,9 @@ def command_json(row: CommandRow) -> dict[str, Any]:
         answered_at=_iso(row.answered_at),
         expires_at=_iso(row.expires_at),
         late_result=row.late_result,
+        # Written to the stream of the sandbox's live session, on that replica (None: not yet).
+        delivered_at=_iso(row.delivered_at),
+        delivered_by=row.delivered_by,
     )
     return doc
 
@@ -472,7 +482,9 @@ class _Api:
         auth: PeopleAuth | None = None,
         metrics: GatewayMetrics | None = None,
         leases: Callable[[], Awaitable[ReplicaLeases]] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        self.notifier = notifier
         self.provisioner = provisioner
         self.leases = leases
         self.auth = auth
@@ -687,7 +699,8 @@ class _Api:
                 if exited:
                     break
                 if not page:
-                    await self.events.wait_for_new(sandbox_id, FOLLOW_WAKE_S)
+                    live = self.notifier is not None and self.notifier.live
+                    await self.events.wait_for_new(sandbox_id, FOLLOW_POLL_S if live else FOLLOW_WAKE_S)
         except ConnectionResetError:
             return response
         except StoreError as exc:
@@ -729,6 +742,7 @@ def build_api(
     auth: PeopleAuth | None = None,
     metrics: GatewayMetrics | None = None,
     leases: Callable[[], Awaitable[ReplicaLeases]] | None = None,
+    notifier: Notifier | None = None,
 ) -> web.Application:
     """The API as an aiohttp application, to run on its own or to mount under another app.
 
@@ -736,7 +750,9 @@ def build_api(
     gateway's ``sessions`` settings); without it, those of the default settings.
     ``auth`` verifies people's tokens (the app owns it: closed on cleanup); without it, every
     caller is admin. ``metrics`` counts refusals. ``leases`` reads the replicas' leases (cached,
-    ``gateway.replicas.LeaseView``): a sandbox whose owner's lease lapsed is not connected."""
+    ``gateway.replicas.LeaseView``): a sandbox whose owner's lease lapsed is not connected.
+    ``notifier`` (the one the event store's notes come through) lets a follower poll slowly
+    while it is live; without it, followers re-check every second."""
     if liveness is None:
         liveness = Liveness.from_settings(SessionSettings())
     api = _Api(
@@ -751,6 +767,7 @@ def build_api(
         auth=auth,
         metrics=metrics,
         leases=leases,
+        notifier=notifier,
     )
     refusals = RateLimitedLog(log, concern="api-auth")
     app = web.Application(

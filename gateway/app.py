@@ -36,8 +36,10 @@ from gateway.config import GatewayConfig
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
+from gateway.notify import Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
 from gateway.replicas import LeaseRenewer, LeaseView, ReplicaIdentity, advertise_address, this_replica
+from gateway.routing import CommandRouter
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService, server_options
@@ -90,6 +92,8 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
         self._readiness: Readiness | None = None
+        self._notifier: Notifier | None = None
+        self._router: CommandRouter | None = None
         self._health: HealthFollower | None = None
         self._http_tls: HttpTls | None = None
         #: True from the gRPC server's start to the beginning of the shutdown (/readyz reads it).
@@ -141,7 +145,11 @@ class Gateway:
         )
         self._sandboxes = SandboxStore(self.db)
         events = EventStore(self.db)
-        commands = CommandStore(self.db)
+        # Commands and event batches committed on any replica wake this one (issue 20 point 3).
+        notifier = self._notifier = notifier_for(
+            self.db.engine.url, self.db.engine.dialect, replica=self.identity.id
+        )
+        commands = CommandStore(self.db, notifier=notifier)
 
         # Only at debug level: a note of each call's credential (issue 8 will validate it).
         interceptors = [_CredentialNote()] if log.isEnabledFor(logging.DEBUG) else []
@@ -193,6 +201,21 @@ class Gateway:
         # The lease is written before the first session can name this replica its owner.
         await self._renewer.start()
         lease_view = LeaseView(replicas, ha=cfg.ha)
+        # A follower of a sandbox's logs wakes on another replica's batches too.
+        notifier.subscribe(
+            lambda note: events.notifier().notify(note.sandbox_id) if note.topic is Topic.EVENTS else None
+        )
+        self._router = CommandRouter(
+            commands=commands,
+            registry=self.registry,
+            hand_off=self._service.hand_off,
+            notifier=notifier,
+            replica=self.identity.id,
+            settings=cfg.commands,
+        )
+        self._router.start()
+        # Before sessions are taken: each (re)connection of the listener redelivers from the table.
+        await notifier.start()
         self.metrics.use_leases(self._renewer.replica, lease_view.leases)
         await server.start()
         self._server = server
@@ -244,7 +267,9 @@ class Gateway:
             events=events,
             liveness=liveness,
             commands=commands,
-            deliver=self._service.deliver,
+            # Any replica's session: the router waits for the owner's delivered notification.
+            deliver=self._router.wait_delivered,
+            notifier=notifier,
             command_settings=cfg.commands,
             max_body_bytes=cfg.http.max_body_bytes,
             # The API owns the verifier (closed with it); without OIDC every caller is admin.
@@ -393,6 +418,14 @@ class Gateway:
             # The local driver's sandboxes are this process's children: they are stopped too.
             await _bounded(self._provisioner.close(), left(), what="closing the sandbox driver")
             self._provisioner = self._local = None
+        if self._router is not None:
+            # Sessions have ended: nothing is left to hand over; deliveries not recorded are read
+            # again by the sandbox's next session.
+            await _bounded(self._router.stop(), min(DRAIN_MARK_S, left()), what="stopping the command router")
+            self._router = None
+        if self._notifier is not None:
+            await _bounded(self._notifier.stop(), min(DRAIN_MARK_S, left()), what="closing the listener")
+            self._notifier = None
         if self._service is not None:
             await self._service.drain(timeout_s=max(0.0, left() - CLOSE_RESERVE_S))
         if self._renewer is not None:

@@ -254,25 +254,36 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         means it did (a session merely existing is not enough: it may be dead and not yet
         noticed). Otherwise it goes out with the sandbox's next session (pending commands are sent
         at every hello) unless it expires first; a session slower than the wait may still send it."""
-        session = self._registry.get(created.sandbox_id)
-        if session is None or CAP_COMMANDS not in session.capabilities:
+        taken = self.hand_off(created)
+        if taken is None:
             return False
-        if created.generation is not None and session.generation != created.generation:
-            # The id was created again around the command: a supervisor of the old sandbox still
-            # connected must not get the new one's command (nor the new one a command the
-            # re-creation failed).
-            return False
-        if created.expires_at <= datetime.now(UTC):
-            return False
-        self._expect_heartbeats(session, created.command)
-        taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        message = _command_message(created.command)
-        session.inbox.put_nowait(_CommandOut(message, expires_at=created.expires_at, taken=taken))
         try:
             # shield: a POST that gives up must not cancel the outcome the session settles.
             return await asyncio.wait_for(asyncio.shield(taken), self._config.commands.delivery_wait_s)
         except TimeoutError:
             return False
+
+    def hand_off(self, created: CommandRow) -> asyncio.Future[bool] | None:
+        """Queue a command for its sandbox's live session on this replica (see ``deliver``; the
+        command router of :mod:`gateway.routing` uses this for any replica's commands): None when
+        no session here may take it, else a future the session settles, True once it wrote the
+        command to its stream, False if it ended first or the command expired in its inbox
+        (``created.expires_at`` on this replica's clock)."""
+        session = self._registry.get(created.sandbox_id)
+        if session is None or CAP_COMMANDS not in session.capabilities:
+            return None
+        if created.generation is not None and session.generation != created.generation:
+            # The id was created again around the command: a supervisor of the old sandbox still
+            # connected must not get the new one's command (nor the new one a command the
+            # re-creation failed).
+            return None
+        if created.expires_at <= datetime.now(UTC):
+            return None
+        self._expect_heartbeats(session, created.command)
+        taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        message = _command_message(created.command)
+        session.inbox.put_nowait(_CommandOut(message, expires_at=created.expires_at, taken=taken))
+        return taken
 
     def _expect_heartbeats(self, session: Session, command: Command) -> None:
         """A slower heartbeat asked of the supervisor widens the silence this session may keep,
@@ -421,11 +432,20 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     deadline=self._store_deadline(),
                     what="read the pending commands",
                 )
+                sent: list[str] = []
                 for row in pending:
                     if row.expires_at <= datetime.now(UTC):
                         continue  # expired since the read (a slow stream): the next read marks it
                     self._expect_heartbeats(session, row.command)
                     yield _command_message(row.command)
+                    sent.append(row.command.command_id)
+                if sent:
+                    # Written to this stream: recorded (and a POST waiting on it told), so the
+                    # router's redelivery does not send them again.
+                    self._spawn(
+                        self._commands.mark_delivered(sandbox_id, sent, by=self._owner),
+                        name=f"delivered-{sandbox_id}",
+                    )
             reader = asyncio.create_task(
                 self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
             )

@@ -211,6 +211,10 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._live)
 
+    def sandbox_ids(self) -> list[SandboxId]:
+        """The sandboxes whose live session this replica holds (a copy)."""
+        return list(self._live)
+
     def close_all(self, reason: str) -> None:
         for session in self._live.values():
             session.inbox.put_nowait(Close(reason))

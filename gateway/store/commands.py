@@ -15,23 +15,35 @@ reads of the API show a pending command past its expiry as ``expired`` before an
 marked it. A supervisor's answer that arrives after the expiry (it took the command just before,
 or the answer was held up) is recorded in ``late_result`` with its time, but the state stays
 ``expired``: whoever looked at the command after its expiry was told it would never apply, and
-the state does not change under them. Expiry is measured on the clock of the gateway replica that
-reads or answers, so replicas' clocks must agree to within the precision wanted (NTP does).
+the state does not change under them. On PostgreSQL every expiry is measured on the database's clock
+(``statement_timestamp()``: the creation's expiry, and every comparison in the reads, the answer and
+the delivery mark), so replicas whose clocks disagree still agree on whether a command has expired;
+only the session's last check before it writes a command to its stream uses the replica's clock,
+through the time left that the database measured (:meth:`CommandStore.deliverable`). SQLite is one
+process and uses its clock.
+
+Routing (issue 20 point 3): a command's creation and its notification (:mod:`gateway.notify`) commit
+together, so the replica holding the sandbox's session hears of it at once and hands it over; the
+session's write to its stream is recorded (``delivered_at``, ``delivered_by``, only while the command
+is pending and unexpired) together with a notification back, which ends the POSTing replica's wait.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, DateTime, and_, func, insert, or_, select, update
 from sqlalchemy.engine import Row
 
+from gateway.notify import Note, Notifier, Topic, publish
 from gateway.store.db import Database, StoreError, store_errors, utcnow
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
@@ -75,6 +87,19 @@ class CommandRow:
     #: it; known only for a command just created (it is not stored: a re-creation fails the old
     #: generation's pending commands), so that its delivery reaches only a session of that sandbox.
     generation: int | None = None
+    #: When and by which replica the sandbox's live session wrote it to its stream (None: not yet).
+    delivered_at: datetime | None = None
+    delivered_by: str | None = None
+
+
+#: A point in time for the queries: the replica's clock (a value) or the database's (SQL).
+When = datetime | ColumnElement[datetime]
+
+
+def _db_clock() -> ColumnElement[datetime]:
+    # The statement's start, not the transaction's (now()): a long transaction must not hold time.
+    # Typed as the plain type: arithmetic with a timedelta binds an interval, not a UTCDateTime.
+    return func.statement_timestamp(type_=DateTime(timezone=True))
 
 
 def _args(command: Command) -> dict[str, int]:
@@ -85,7 +110,7 @@ def _args(command: Command) -> dict[str, int]:
     return {"interval_ms": command.interval_ms}
 
 
-def _past_expiry(now: datetime) -> ColumnElement[bool]:
+def _past_expiry(now: When) -> ColumnElement[bool]:
     c = commands_table.c
     # Each side spelled out (no NOT over a NULL comparison): a row without an expiry is a legacy one.
     return or_(
@@ -94,7 +119,7 @@ def _past_expiry(now: datetime) -> ColumnElement[bool]:
     )
 
 
-def _before_expiry(now: datetime) -> ColumnElement[bool]:
+def _before_expiry(now: When) -> ColumnElement[bool]:
     c = commands_table.c
     return or_(
         c.expires_at > now,
@@ -118,12 +143,44 @@ def _row(row: Row[Any], now: datetime) -> CommandRow:
         answered_at=row.answered_at,
         expires_at=expires_at,
         late_result=row.late_result,
+        generation=getattr(row, "generation", None),
+        delivered_at=row.delivered_at,
+        delivered_by=row.delivered_by,
     )
 
 
 class CommandStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, notifier: Notifier | None = None) -> None:
         self._db = db
+        #: Told of each committed note (the in-process notifier hands it on; PostgreSQL's has
+        #: the server deliver it). None: nobody routes (a store used on its own).
+        self._notifier = notifier
+        self._pg = db.dialect == "postgresql"
+
+    def _clock(self, now: datetime | None) -> When:
+        """``now`` if given (tests); else the database's clock on PostgreSQL, this process's on
+        SQLite (one process, one clock)."""
+        if now is not None:
+            return now
+        return _db_clock() if self._pg else utcnow()
+
+    def _reads(self, now: datetime | None, *columns: Any) -> tuple[Any, ...]:
+        """The columns of a read, plus the database's time on PostgreSQL (see ``_now_of``)."""
+        if now is None and self._pg:
+            return (*columns, _db_clock().label("db_now"))
+        return columns
+
+    @staticmethod
+    def _now_of(row: Row[Any], now: datetime | None) -> datetime:
+        if now is not None:
+            return now
+        db_now = getattr(row, "db_now", None)
+        return db_now if isinstance(db_now, datetime) else utcnow()
+
+    def _committed(self, notes: Sequence[Note]) -> None:
+        if self._notifier is not None:
+            for note in notes:
+                self._notifier.committed(note)
 
     async def create(
         self,
@@ -141,8 +198,9 @@ class CommandStore:
         command = Command(
             command_id=uuid.uuid4().hex, kind=kind, grace_ms=grace_ms, signal=signal, interval_ms=interval_ms
         )
-        now = utcnow()
-        expires_at = now + timedelta(seconds=ttl_s)
+        clock = self._clock(None)
+        c = commands_table.c
+        note = Note(Topic.COMMAND, sandbox_id, command.command_id)
         with store_errors(f"cannot create a command for sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 generation = await conn.scalar(
@@ -150,17 +208,23 @@ class CommandStore:
                 )
                 if generation is None:
                     raise StoreError(f"cannot create a command for sandbox {sandbox_id!r}: no such sandbox")
-                await conn.execute(
-                    insert(commands_table).values(
+                stored = await conn.execute(
+                    insert(commands_table)
+                    .values(
                         id=command.command_id,
                         sandbox_id=sandbox_id,
                         kind=kind.value,
                         args=json.dumps(_args(command)),
                         state=PENDING,
-                        created_at=now,
-                        expires_at=expires_at,
+                        created_at=clock,
+                        expires_at=clock + timedelta(seconds=ttl_s),
                     )
+                    .returning(c.created_at, c.expires_at)
                 )
+                now, expires_at = stored.one()
+                # In the same transaction: the owning replica hears of it only once it is stored.
+                await publish(conn, note)
+        self._committed([note])
         return CommandRow(
             command, sandbox_id, PENDING, None, now, None, expires_at, generation=int(generation)
         )
@@ -168,18 +232,22 @@ class CommandStore:
     async def pending(self, sandbox_id: str, *, now: datetime | None = None) -> list[CommandRow]:
         """The commands to send to a new session, in creation order: those pending and unexpired.
         Those pending past their expiry are marked ``expired`` in the same transaction."""
-        now = utcnow() if now is None else now
+        clock = self._clock(now)
         c = commands_table.c
         mine = and_(c.sandbox_id == sandbox_id, c.state == PENDING)
-        query = select(commands_table).where(mine, _before_expiry(now)).order_by(c.created_at, c.id)
+        query = (
+            select(*self._reads(now, commands_table))
+            .where(mine, _before_expiry(clock))
+            .order_by(c.created_at, c.id)
+        )
         with store_errors(f"cannot read the pending commands of sandbox {sandbox_id!r}"):
             async with self._db.engine.begin() as conn:
                 expired = await conn.execute(
                     update(commands_table)
-                    .where(mine, _past_expiry(now))
+                    .where(mine, _past_expiry(clock))
                     .values(state=EXPIRED, error=EXPIRED_ERROR)
                 )
-                rows = [_row(r, now) for r in await conn.execute(query)]
+                rows = [_row(r, self._now_of(r, now)) for r in await conn.execute(query)]
         if expired.rowcount:
             log.info(
                 "%d command(s) expired before a session took them: not sent",
@@ -192,29 +260,26 @@ class CommandStore:
         self, sandbox_id: str, limit: int = 100, *, now: datetime | None = None
     ) -> list[CommandRow]:
         query = (
-            select(commands_table)
+            select(*self._reads(now, commands_table))
             .where(commands_table.c.sandbox_id == sandbox_id)
             .order_by(commands_table.c.created_at.desc(), commands_table.c.id)
             .limit(limit)
         )
-        now = utcnow() if now is None else now
         with store_errors(f"cannot list the commands of sandbox {sandbox_id!r}"):
             async with self._db.engine.connect() as conn:
-                return [_row(r, now) for r in await conn.execute(query)]
+                return [_row(r, self._now_of(r, now)) for r in await conn.execute(query)]
 
     async def get(self, command_id: str, *, now: datetime | None = None) -> CommandRow | None:
-        now = utcnow() if now is None else now
+        query = select(*self._reads(now, commands_table)).where(commands_table.c.id == command_id)
         with store_errors(f"cannot read command {command_id!r}"):
             async with self._db.engine.connect() as conn:
-                row = (
-                    await conn.execute(select(commands_table).where(commands_table.c.id == command_id))
-                ).first()
-        return _row(row, now) if row is not None else None
+                row = (await conn.execute(query)).first()
+        return _row(row, self._now_of(row, now)) if row is not None else None
 
     async def answer(self, sandbox_id: str, result: CommandResult, *, now: datetime | None = None) -> Answer:
         """Record the supervisor's answer: the command's state if it was pending and unexpired;
         its ``late_result`` (the state stays ``expired``) if it had expired and had no answer yet."""
-        now = utcnow() if now is None else now
+        clock = self._clock(now)
         c = commands_table.c
         outcome = APPLIED if result.applied else FAILED
         this = and_(c.id == result.command_id, c.sandbox_id == sandbox_id)
@@ -222,8 +287,8 @@ class CommandStore:
             async with self._db.engine.begin() as conn:
                 done = await conn.execute(
                     update(commands_table)
-                    .where(this, c.state == PENDING, _before_expiry(now))
-                    .values(state=outcome, error=result.error or None, answered_at=now)
+                    .where(this, c.state == PENDING, _before_expiry(clock))
+                    .values(state=outcome, error=result.error or None, answered_at=clock)
                 )
                 if done.rowcount:
                     return Answer.RECORDED
@@ -234,9 +299,74 @@ class CommandStore:
                     update(commands_table)
                     .where(
                         this,
-                        or_(c.state == EXPIRED, and_(c.state == PENDING, _past_expiry(now))),
+                        or_(c.state == EXPIRED, and_(c.state == PENDING, _past_expiry(clock))),
                         c.late_result.is_(None),
                     )
-                    .values(state=EXPIRED, error=error, late_result=outcome, answered_at=now)
+                    .values(state=EXPIRED, error=error, late_result=outcome, answered_at=clock)
                 )
         return Answer.LATE if late.rowcount else Answer.IGNORED
+
+    async def deliverable(
+        self, sandbox_ids: Collection[str], *, now: datetime | None = None
+    ) -> Sequence[tuple[CommandRow, timedelta]]:
+        """The commands a replica holding the sessions of ``sandbox_ids`` must still hand over, in
+        one query for all of them: pending, unexpired, never written to a stream (``delivered_at``
+        unset: one written to a session that then died goes out at the next hello, with every
+        pending one), in creation order, each with its sandbox's current generation (a pending
+        command is of it: a re-creation fails the earlier one's) and the time it has left on the
+        database's clock, which the caller turns into a deadline on its own clock."""
+        if not sandbox_ids:
+            return []
+        clock = self._clock(now)
+        c = commands_table.c
+        query = (
+            select(*self._reads(now, commands_table, sandboxes_table.c.generation.label("generation")))
+            .join(sandboxes_table, sandboxes_table.c.id == c.sandbox_id)
+            .where(
+                c.sandbox_id.in_(sorted(sandbox_ids)),
+                c.state == PENDING,
+                c.delivered_at.is_(None),
+                _before_expiry(clock),
+            )
+            .order_by(c.created_at, c.id)
+        )
+        # (``list`` is a method of this class: the builtin's name does not reach here.)
+        found: builtins.list[tuple[CommandRow, timedelta]] = []
+        with store_errors("cannot read the commands to deliver"):
+            async with self._db.engine.connect() as conn:
+                for r in await conn.execute(query):
+                    at = self._now_of(r, now)
+                    row = _row(r, at)
+                    found.append((row, row.expires_at - at))
+        return found
+
+    async def mark_delivered(
+        self, sandbox_id: str, command_ids: Sequence[str], *, by: str, now: datetime | None = None
+    ) -> Sequence[str]:
+        """Record that the sandbox's live session on replica ``by`` wrote these commands to its
+        stream, for those still pending and unexpired and not recorded yet, and tell the replicas
+        (a POST waits for it); returns the ids recorded."""
+        if not command_ids:
+            return []
+        clock = self._clock(now)
+        c = commands_table.c
+        with store_errors(f"cannot record the delivery of commands of sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                marked = await conn.execute(
+                    update(commands_table)
+                    .where(
+                        c.id.in_(list(command_ids)),
+                        c.sandbox_id == sandbox_id,
+                        c.state == PENDING,
+                        c.delivered_at.is_(None),
+                        _before_expiry(clock),
+                    )
+                    .values(delivered_at=clock, delivered_by=by)
+                    .returning(c.id)
+                )
+                done = [str(i) for i in marked.scalars()]
+                notes = [Note(Topic.DELIVERED, sandbox_id, i) for i in done]
+                for note in notes:
+                    await publish(conn, note)
+        self._committed(notes)
+        return done

@@ -43,7 +43,9 @@ span all.
 
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
-most one timeout. (With several replicas, PostgreSQL LISTEN/NOTIFY will carry the same poke.)
+most one timeout. On PostgreSQL each transaction that stores events also sends one notification
+for its sandbox (:func:`gateway.notify.publish`, delivered on commit), which pokes the readers on
+every replica.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.notify import Note, Topic, publish
 from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import Database, StoreError, describe_error, store_errors, utcnow
 from gateway.store.schema import UNSEQUENCED_EPOCH
@@ -733,6 +736,8 @@ class EventStore:
                 else:
                     # Committed below: every sequence of the batch is then stored.
                     hwm = max(known_high_water_mark, last_sequence)
+                # Followers on other replicas (PostgreSQL; one note per transaction).
+                await publish(conn, Note(Topic.EVENTS, sandbox_id))
         self._notifier.notify(sandbox_id)
         return hwm
 
@@ -834,6 +839,7 @@ class EventStore:
                         return
                     await conn.exec_driver_sql(self._append_sql, rows)
                     await self._save_run(conn, sandbox_id, generation, run)
+                    await publish(conn, Note(Topic.EVENTS, sandbox_id))
         self._notifier.notify(sandbox_id)
 
     async def _select(self, what: str, query: Select[Any]) -> list[StoredEvent]:

@@ -1,0 +1,260 @@
+"""Any replica answers (issue 20 point 3), with real parts: two gateway processes on one real
+PostgreSQL database, a real supervisor connected to replica A, the API used through replica B.
+
+- A command POSTed to B reaches the session on A through LISTEN/NOTIFY: B answers delivered: true
+  (A recorded that its session wrote it to its stream), and the supervisor applies it.
+- A follow of the sandbox's logs on B wakes on the batches A stores (its slow poll is five seconds).
+- A's listening connection killed (pg_terminate_backend, found by its application_name) and kept
+  from coming back: a command POSTed to B meanwhile is not delivered (B says so); once A listens
+  again it reads the table at once and delivers it. One that expired meanwhile is never sent.
+- Expiry on one clock: a replica whose clock runs an hour ahead still sees a fresh command pending
+  and records its answer (the database's clock decides, not the replica's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sys
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import api as api_module
+from gateway.store import CommandStore, Database, SandboxStore
+from gateway.store import commands as commands_module
+from gateway.store.commands import Answer
+from openshell_wire.records import CommandKind, CommandResult
+from tests.integration.test_control import AGENT, _http
+from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
+from tests.support.postgres import pg_bindir
+from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
+
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+pytestmark = pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
+
+SANDBOX = "rt"
+#: Well under the follower's slow poll (api.FOLLOW_POLL_S): only a notification explains it.
+WAKE_WITHIN_S = 2.5
+
+
+def _replica(workdir: Path, replica_id: str, url: str, *extra: str) -> GatewayProcess:
+    return GatewayProcess(
+        workdir,
+        heartbeat_interval_s=1.0,
+        database_url=url,
+        extra=["--set", f"ha.replica_id={replica_id}", *extra],
+    )
+
+
+def _plain(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+class _Follower:
+    """``GET .../logs?follow=1&tail=0`` on a gateway, its lines queued with the time each came."""
+
+    def __init__(self, gateway: GatewayProcess, sandbox_id: str) -> None:
+        url = f"http://127.0.0.1:{gateway.http_port}/api/v1/sandboxes/{sandbox_id}/logs?follow=1&tail=0"
+        self._response = urllib.request.urlopen(url, timeout=60)
+        self.lines: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self._response:
+                self.lines.put((time.monotonic(), json.loads(raw)))
+        except Exception:  # closed by the test: the reading simply ends
+            return
+
+    def close(self) -> None:
+        self._response.close()
+
+    def wait_for(self, message: str, timeout: float) -> float:
+        """When the line ``message`` came (monotonic), waiting at most ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                at, doc = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if doc.get("message") == message:
+                return at
+        raise AssertionError(f"the follower did not see {message!r} within {timeout:.1f}s")
+
+
+def test_a_command_posted_to_another_replica_reaches_the_session_and_follow_wakes_there(
+    tmp_path: Path,
+    database_url: str,  # noqa: F811 (the fixture)
+    supervisors: list[SupervisorProcess],
+) -> None:
+    assert WAKE_WITHIN_S < api_module.FOLLOW_POLL_S
+    a = _replica(tmp_path / "a", "gw-a", database_url)
+    b = _replica(tmp_path / "b", "gw-b", database_url)
+    a.start()
+    follower: _Follower | None = None
+    try:
+        b.start()
+        sv = SupervisorProcess(tmp_path / "sv", SANDBOX, a.address, [sys.executable, "-u", "-c", AGENT])
+        supervisors.append(sv)
+        sv.start()
+        api_b = f"http://127.0.0.1:{b.http_port}/api/v1"
+
+        def lines() -> list[str]:
+            status, doc = _http("GET", f"{api_b}/sandboxes/{SANDBOX}/logs?tail=1000")
+            return (
+                [e["message"] for e in doc["events"] if e.get("stream") == "stdout"] if status == 200 else []
+            )
+
+        wait_until(lambda: "ready" in lines(), timeout=30, what="the agent up, its line read through B")
+        follower = _Follower(b, SANDBOX)
+        time.sleep(0.5)  # the follower has sent its (empty) tail and waits
+
+        status, created = _http(
+            "POST", f"{api_b}/sandboxes/{SANDBOX}/commands", {"kind": "signal", "signal": "SIGUSR1"}
+        )
+        assert status == 201, created
+        assert created["delivered"] is True, "A's session wrote it to its stream, and B was told"
+
+        def command() -> dict[str, Any]:
+            status, doc = _http("GET", f"{api_b}/commands/{created['id']}")
+            assert status == 200, doc
+            return dict(doc)
+
+        wait_until(lambda: command()["state"] == "applied", timeout=20, what="the command applied")
+        assert command()["delivered_by"] == "gw-a"
+        # Stored through A (seen here as soon as it is), while B's follower, in its own thread, was
+        # in a wait begun before it: it woke on A's notification, not at the end of its slow poll.
+        stored = wait_until(
+            lambda: "got USR1" in lines() and time.monotonic(), timeout=20, interval=0.05, what="stored"
+        )
+        woke = follower.wait_for("got USR1", timeout=20)
+        assert woke - stored < WAKE_WITHIN_S
+        assert lines().count("got USR1") == 1
+        assert "notifications: the listening connection is down" not in a.log_text() + b.log_text()
+    finally:
+        if follower is not None:
+            follower.close()
+        a.stop()
+        b.stop()
+
+
+async def _admin(url: str, sql: str) -> list[Any]:
+    """Run ``sql`` from the server's ``postgres`` database (a database cannot shut itself)."""
+    conn = await asyncpg.connect(_plain(url).rsplit("/", 1)[0] + "/postgres")
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+async def test_a_command_posted_while_the_owners_listener_is_down_is_redelivered_when_it_returns(
+    tmp_path: Path,
+    database_url: str,  # noqa: F811 (the fixture)
+    supervisors: list[SupervisorProcess],
+) -> None:
+    # The periodic redelivery far away: only the one at the listener's reconnection explains it.
+    a = _replica(tmp_path / "a", "gw-a", database_url, "--set", "commands.redeliver_interval_s=600")
+    b = _replica(tmp_path / "b", "gw-b", database_url, "--set", "commands.delivery_wait_s=1")
+    a.start()
+    db_name = database_url.rsplit("/", 1)[1]
+    try:
+        b.start()
+        sv = SupervisorProcess(tmp_path / "sv", SANDBOX, a.address, [sys.executable, "-u", "-c", AGENT])
+        supervisors.append(sv)
+        sv.start()
+        api_b = f"http://127.0.0.1:{b.http_port}/api/v1"
+
+        def usr1() -> int:
+            status, doc = _http("GET", f"{api_b}/sandboxes/{SANDBOX}/logs?tail=1000")
+            return [e["message"] for e in doc.get("events", [])].count("got USR1") if status == 200 else 0
+
+        def state(command_id: str) -> dict[str, Any]:
+            status, doc = _http("GET", f"{api_b}/commands/{command_id}")
+            assert status == 200, doc
+            return dict(doc)
+
+        def post(body: dict[str, Any]) -> dict[str, Any]:
+            status, doc = _http("POST", f"{api_b}/sandboxes/{SANDBOX}/commands", body)
+            assert status == 201, doc
+            return dict(doc)
+
+        wait_until(
+            lambda: _http("GET", f"{api_b}/sandboxes/{SANDBOX}")[1].get("state") == "connected",
+            timeout=30,
+            what="B showing the sandbox connected (to A)",
+        )
+        wait_until(
+            lambda: state(post({"kind": "heartbeat", "interval_ms": 1000})["id"])["state"] == "applied",
+            timeout=30,
+            what="the supervisor connected to A and taking commands",
+        )
+
+        # No new connection to the database (the pools keep theirs), then A's listener killed.
+        await _admin(database_url, f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+        try:
+            killed = await _admin(
+                database_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'openshell-listen gw-a'",
+            )
+            assert [r[0] for r in killed] == [True], "exactly one listening connection, A's"
+            wait_until(
+                lambda: "notifications: the listening connection is down" in a.log_text(),
+                timeout=10,
+                what="A noticing its listener is gone",
+            )
+            missed = post({"kind": "signal", "signal": "SIGUSR1", "expires_in_s": 120})
+            doomed = post({"kind": "signal", "signal": "SIGUSR1", "expires_in_s": 1})
+            assert missed["delivered"] is False and doomed["delivered"] is False, "A heard nothing"
+            wait_until(lambda: state(doomed["id"])["state"] == "expired", timeout=10, what="expired")
+            assert state(missed["id"])["state"] == "pending" and usr1() == 0
+        finally:
+            await _admin(database_url, f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+
+        # A listens again and reads the table at once (the periodic round is ten minutes away).
+        wait_until(lambda: state(missed["id"])["state"] == "applied", timeout=20, what="redelivered")
+        assert state(missed["id"])["delivered_by"] == "gw-a"
+        assert "notifications: listening again" in a.log_text()
+        await asyncio.sleep(1.5)  # anything else sent would have been applied by now
+        assert usr1() == 1, "the expired command's signal never reached the agent"
+        after = state(doomed["id"])
+        assert (after["state"], after["delivered_at"], after["late_result"]) == ("expired", None, None)
+        assert doomed["id"] not in sv.log_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_command_expiry_follows_the_database_clock_not_the_replicas(
+    database_url: str,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = await Database.open(database_url)
+    try:
+        await SandboxStore(db).ensure("clock")
+        commands = CommandStore(db)
+        created = await commands.create("clock", CommandKind.SIGNAL, signal=10, ttl_s=60)
+        # Read and answered by a replica whose clock runs an hour ahead.
+        ahead = commands_module.utcnow() + timedelta(hours=1)
+        monkeypatch.setattr(commands_module, "utcnow", lambda: ahead)
+        seen = await commands.get(created.command.command_id)
+        assert seen is not None and seen.state == "pending"
+        assert [r.command.command_id for r in await commands.pending("clock")] == [created.command.command_id]
+        result = CommandResult(command_id=created.command.command_id, applied=True)
+        assert await commands.answer("clock", result) is Answer.RECORDED
+        done = await commands.get(created.command.command_id)
+        assert done is not None and done.state == "applied" and done.answered_at is not None
+        assert done.answered_at < ahead - timedelta(minutes=30), "stamped by the database's clock"
+    finally:
+        await db.close()
