@@ -197,11 +197,13 @@ class LeaderElector:
             held = await asyncio.wait_for(self._try_acquire_or_renew(), timeout)
         except Exception as exc:  # the API or the database away, a transport or config error...
             held = None
-            what = str(exc) if isinstance(exc, ApiError | StoreError) else repr(exc)
-            if isinstance(exc, ApiError) and exc.status.code == 403:
-                what += (
-                    " (the gateway's identity needs create, and get and update on this Lease: docs/rbac.md)"
-                )
+            what = str(exc) if isinstance(exc, StoreError) else repr(exc)
+            if isinstance(exc, ApiError):
+                what = f"{exc.status.code} {exc.status.reason}: {exc}"
+                if exc.status.code == 403:
+                    what += (
+                        " (the gateway's identity needs create, get and update on this Lease: docs/rbac.md)"
+                    )
             self._log.log(
                 logging.WARNING, ("lease",), f"leader Lease {self._lease_name!r} not renewed: {what}"
             )
