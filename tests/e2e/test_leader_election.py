@@ -5,9 +5,9 @@ Role plus :func:`gateway.leader.lease_rules`).
 
 - One holds the ``coordination.k8s.io/v1`` Lease (holderIdentity = its replica id) and alone runs
   the pod watch: driver-state writes carry its term (``leader_term``); the other never leads,
-  yet creates sandboxes (per-request work) through its own API.
+  yet creates and deletes sandboxes (per-request work) through its own API.
 - The leader killed with SIGKILL: the other takes the Lease over (leaseTransitions + 1) and what
-  changed meanwhile (a pod deleted, another created) shows up in driver state: nothing missed.
+  changed meanwhile (a sandbox deleted, another created) shows up in driver state: nothing missed.
 - The new leader paused with SIGSTOP, the first restarted: it takes over; pods change; the paused
   ex-leader wakes up (its watch may still deliver what it buffered) and writes nothing: the rows
   keep the newest leader's term and the pods' real phases, and it says it stopped leading.
@@ -162,7 +162,9 @@ def test_one_leader_watches_pods_and_a_paused_ex_leader_writes_nothing(
 
         # The leader dies without a word; pods change before anyone watches again.
         leader.kill()
-        admin.delete(Pod, "sandbox-ld-1", namespace=namespace, grace_period=0)
+        # A delete, like a create, is per request: the replica that does not lead makes it.
+        status, doc = api(other, "DELETE", "/sandboxes/ld-1")
+        assert status == 202 and doc["deleted"] is True, doc
         create(other, "ld-2")
         holder, term2 = wait_until(
             lambda: (held := lease(admin, namespace))[0] == _replica_id(other) and held,
