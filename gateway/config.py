@@ -131,7 +131,10 @@ class DatabaseSettings(_Section):
         10, ge=0, description="PostgreSQL: connections opened beyond pool_size under load, closed after."
     )
     pool_timeout_s: float = Field(
-        10.0, gt=0, description="PostgreSQL: how long a query waits for a free connection of the pool."
+        10.0,
+        gt=0,
+        description="PostgreSQL: how long a query waits for a free connection of the pool, and how long a "
+        "new connection is tried again (with backoff) while the server is unreachable (restart, failover).",
     )
     pool_recycle_s: float = Field(
         300.0,
@@ -142,7 +145,8 @@ class DatabaseSettings(_Section):
     connect_timeout_s: float = Field(
         5.0,
         gt=0,
-        description="PostgreSQL: the time to open one connection (each host of a multi-host URL).",
+        description="PostgreSQL: the time to open one connection, given to each host of a multi-host URL "
+        "(?host=a:5432&host=b:5432&target_session_attrs=read-write).",
     )
 
 
