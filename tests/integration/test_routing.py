@@ -25,20 +25,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from grpc import aio
 
 from gateway import api as api_module
+from gateway.app import Gateway
 from gateway.store import CommandStore, Database, SandboxStore
 from gateway.store import commands as commands_module
 from gateway.store.commands import Answer
 from openshell_wire.records import CommandKind, CommandResult
+from openshell_wire.v1 import openshell_pb2 as pb
+from tests.integration.test_commands import CONNECT, _hello
 from tests.integration.test_control import AGENT, _http
 from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
+from tests.support.gateway import gateway_config
 from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
-pytestmark = pytest.mark.skipif(
+#: The tests on PostgreSQL (the last one, on SQLite, runs without it).
+needs_pg = pytest.mark.skipif(
     pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
 )
 
@@ -93,6 +99,7 @@ class _Follower:
         raise AssertionError(f"the follower did not see {message!r} within {timeout:.1f}s")
 
 
+@needs_pg
 def test_a_command_posted_to_another_replica_reaches_the_session_and_follow_wakes_there(
     tmp_path: Path,
     database_url: str,  # noqa: F811 (the fixture)
@@ -158,6 +165,7 @@ async def _admin(url: str, sql: str) -> list[Any]:
         await conn.close()
 
 
+@needs_pg
 async def test_a_command_posted_while_the_owners_listener_is_down_is_redelivered_when_it_returns(
     tmp_path: Path,
     database_url: str,  # noqa: F811 (the fixture)
@@ -236,6 +244,7 @@ async def test_a_command_posted_while_the_owners_listener_is_down_is_redelivered
         b.stop()
 
 
+@needs_pg
 async def test_command_expiry_follows_the_database_clock_not_the_replicas(
     database_url: str,  # noqa: F811 (the fixture)
     monkeypatch: pytest.MonkeyPatch,
@@ -258,3 +267,39 @@ async def test_command_expiry_follows_the_database_clock_not_the_replicas(
         assert done.answered_at < ahead - timedelta(minutes=30), "stamped by the database's clock"
     finally:
         await db.close()
+
+
+async def test_a_command_whose_notification_never_came_is_delivered_by_the_periodic_round(
+    tmp_path: Path,
+) -> None:
+    """One gateway on SQLite (its in-process notifier): a command stored without any notification
+    (as when the owner's listener missed it) reaches the live session within a redelivery round,
+    is recorded delivered by this replica, and is not sent again by the rounds after."""
+    gw = Gateway(gateway_config(tmp_path, {"commands": {"redeliver_interval_s": 0.3}}))
+    await gw.start()
+    try:
+        async with aio.insecure_channel(gw.grpc_address) as channel:
+            raw = channel.stream_stream(
+                CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+            )
+            call = raw()
+            await call.write(_hello("quiet"))
+            assert (await call.read()).WhichOneof("payload") == "session_accepted"
+            assert gw.db is not None
+            # A store without a notifier: nobody is told of this command.
+            created = await CommandStore(gw.db).create("quiet", CommandKind.SIGNAL, signal=10, ttl_s=60)
+            sent = await asyncio.wait_for(call.read(), timeout=10)
+            assert sent.command.command_id == created.command.command_id
+            # Recorded right after the write (the router awaits the session's hand-off).
+            for _ in range(100):
+                row = await CommandStore(gw.db).get(created.command.command_id)
+                if row is not None and row.delivered_at is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert row is not None and row.delivered_at is not None and row.delivered_by == gw.identity.id
+            # Delivered: the next rounds leave it alone (only a new session's hello sends it again).
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call.read(), timeout=1.0)
+            call.cancel()
+    finally:
+        await gw.stop()
