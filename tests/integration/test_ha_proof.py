@@ -110,6 +110,8 @@ class Proof:
     before_wake: dict[str, tuple[Any, ...]]
     after_wake: dict[str, tuple[Any, ...]]
     frozen_id: str
+    #: Why the sessions did not all move off the frozen replica ("" when they did).
+    frozen_stuck: str
     #: GET /api/v1/sandboxes through haproxy, once per replica in turn, once all had settled.
     views: list[dict[str, Any]]
     measured: dict[str, Any] = field(default_factory=dict)
@@ -181,6 +183,17 @@ def _owners(url: str) -> dict[str, str | None]:
 
 def _rows(url: str) -> dict[str, tuple[Any, ...]]:
     return {r[0]: tuple(r[1:]) for r in _sql(url, "SELECT id, owner, session_id, connected FROM sandboxes")}
+
+
+def _waits(url: str) -> str:
+    """The database's open transactions and the lock waits, for a failure's message."""
+    rows = _sql(
+        url,
+        "SELECT pid, state, wait_event_type, now() - xact_start AS age, pg_blocking_pids(pid) AS blocked_by,"
+        " left(query, 160) AS query FROM pg_stat_activity"
+        " WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+    )
+    return "transactions: " + "; ".join(str(dict(r)) for r in rows)
 
 
 def _api(proxy: HAProxy, path: str) -> dict[str, Any]:
@@ -388,13 +401,19 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 owners = Counter(_owners(url).values())
                 frozen = max(gateways, key=lambda g: owners.get(_rid(g), 0))
                 frozen.signal(signal.SIGSTOP)
+                stuck = ""
                 try:
                     measured["moved off a frozen replica (s)"] = settled(
                         "sessions moved off the frozen one", [g for g in gateways if g is not frozen]
                     )
+                except AssertionError as exc:
+                    # Said by its own test, with what the database was waiting on; the
+                    # scenario goes on once the replica wakes.
+                    stuck = f"{exc}; owners {_owners(url)}; {_waits(url)}"
+                else:
                     time.sleep(LEASE_S + RENEW_S)  # its lease lapses while it sleeps
-                    before_wake = _rows(url)
                 finally:
+                    before_wake = _rows(url)
                     frozen.signal(signal.SIGCONT)
                 wait_until(lambda: all(proxy.server_states().values()), timeout=SETTLE_S, what="all UP again")
                 time.sleep(2 * RENEW_S + 1.0)  # whatever the woken one does with its old sessions, done
@@ -460,6 +479,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
             before_wake=before_wake,
             after_wake=after_wake,
             frozen_id=_rid(frozen),
+            frozen_stuck=stuck,
             views=views,
             measured=measured,
         )
@@ -562,12 +582,18 @@ def test_commands_that_reached_the_owning_session_are_applied_once(proof: Proof)
     assert reached, "some commands reached their session"
     not_applied = sorted(i for i in reached if proof.commands[i]["state"] != "applied")
     assert not not_applied, f"commands that reached their session but were not applied: {not_applied}"
-    # Applied once by the supervisor however often it came (its own audit lines, journaled and
-    # stored with the sandbox's records); a pending one never was.
+    # Applied at most once by the supervisor however often it came (its own audit lines,
+    # journaled and stored with the sandbox's records), and an applied one is on its record. Not
+    # "exactly one 'applied' line": the supervisor journals its audit line after writing the
+    # answer, so a stream cut at that moment loses the line (the command stays applied, and its
+    # redelivery is noted "repeated, not applied again").
     for command_id, c in proof.commands.items():
         trail = proof.trail(c["sandbox_id"], command_id)
-        times = sum(1 for line in trail if line.endswith(": applied"))
-        assert times == (1 if c["state"] == "applied" else 0), (command_id, c["state"], trail)
+        assert sum(1 for line in trail if line.endswith(": applied")) <= 1, (command_id, trail)
+        # (A pending one may be on it too: applied, its answer lost with a killed replica, and
+        # no hello since to send it again.)
+        if c["state"] == "applied":
+            assert trail, f"an applied command is on the supervisor's record: {command_id}"
     # The main process saw the signals: at most one per applied signal command (the kernel may
     # merge two sent together, as at a hello with several pending).
     for sandbox_id in proof.sandbox_ids:
@@ -586,9 +612,18 @@ def test_every_replica_shows_every_sandbox_connected(proof: Proof) -> None:
         assert all(states.get(i) == "connected" for i in proof.sandbox_ids), states
 
 
+def test_sessions_move_off_a_frozen_replica(proof: Proof) -> None:
+    """A replica frozen (SIGSTOP: a stalled node, a long pause) keeps its connections open and
+    silent; its supervisors' stale bound ends them and haproxy sends them to the others, where
+    they must carry on storing lines."""
+    assert not proof.frozen_stuck, proof.frozen_stuck
+
+
 def test_a_frozen_replica_that_wakes_takes_nothing_back(proof: Proof) -> None:
     """Its supervisors moved while it slept; awake, it must not mark their new sessions
     disconnected nor claim them back."""
+    if proof.frozen_stuck:
+        pytest.skip("the sessions never moved off the frozen replica (the test above)")
     moved = [i for i in proof.sandbox_ids if proof.before_wake[i][0] != proof.frozen_id]
     assert moved == proof.sandbox_ids, f"every session had moved off the frozen replica: {proof.before_wake}"
     changed = {
