@@ -538,9 +538,13 @@ class _Api:
         kind, args = _command_args(body)
         assert isinstance(body, dict)  # _command_args refuses anything else
         created = await store.create(row.id, kind, ttl_s=_command_ttl(body, self.command_settings), **args)
-        # True only once the sandbox's live session (of the command's generation) has written it
-        # to its stream; otherwise it goes out with the next session, unless it expires first.
-        delivered = await self.deliver(created) if self.deliver is not None else False
+        # True only once the sandbox's live session (of the command's generation), on whichever
+        # replica, has written it to its stream; otherwise it goes out later, unless it expires
+        # first. A sandbox no session holds (its row says so) is not waited for: nothing can
+        # take it within the wait but a hello, which sends it anyway.
+        delivered = False
+        if self.deliver is not None and row.connected:
+            delivered = await self.deliver(created)
         return web.json_response({**command_json(created), "delivered": delivered}, status=201)
 
     async def list_commands(self, request: web.Request) -> web.StreamResponse:
