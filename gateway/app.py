@@ -147,7 +147,10 @@ class Gateway:
         events = EventStore(self.db)
         # Commands and event batches committed on any replica wake this one (issue 20 point 3).
         notifier = self._notifier = notifier_for(
-            self.db.engine.url, self.db.engine.dialect, replica=self.identity.id
+            self.db.engine.url,
+            self.db.engine.dialect,
+            replica=self.identity.id,
+            connect_timeout_s=cfg.database.connect_timeout_s,
         )
         commands = CommandStore(self.db, notifier=notifier)
 

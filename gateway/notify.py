@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 #: The one channel every replica listens on (a version in the name: a future payload format
 #: gets a channel of its own, so replicas of two releases never misread each other).
 CHANNEL = "openshell_v1"
-#: How long connecting the listening connection may take, and a check of it.
+#: How long connecting the listening connection may take (per host; ``database.connect_timeout_s``
+#: when the app passes it), and a check of it.
 CONNECT_TIMEOUT_S = 5.0
 #: A listening connection that has heard nothing is checked this often (a half-open TCP
 #: connection is not noticed otherwise: a listener only reads).
@@ -162,9 +163,12 @@ class PostgresNotifier(Notifier):
     """LISTEN on one connection of its own, reconnected with backoff when it breaks; an owned
     task, cancelled by :meth:`stop`."""
 
-    def __init__(self, url: URL, dialect: Dialect, *, replica: str) -> None:
+    def __init__(
+        self, url: URL, dialect: Dialect, *, replica: str, connect_timeout_s: float = CONNECT_TIMEOUT_S
+    ) -> None:
         super().__init__()
         self._connect_args = listen_connect_args(url, dialect)
+        self._connect_timeout_s = connect_timeout_s
         #: Shown in pg_stat_activity: an operator (or a test) finds this replica's listener by it.
         self.application_name = f"openshell-listen {replica}"[:63]
         self._task: asyncio.Task[None] | None = None
@@ -181,7 +185,7 @@ class PostgresNotifier(Notifier):
         self._task = asyncio.create_task(self._run(), name="notify-listener")
         # The first attempt, bounded: a database down at start is the reconnect loop's to handle.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CONNECT_TIMEOUT_S * 2):
+            async with asyncio.timeout(self._connect_timeout_s * 2):
                 await self._first.wait()
 
     async def stop(self) -> None:
@@ -227,7 +231,7 @@ class PostgresNotifier(Notifier):
         conn = await asyncpg.connect(
             **self._connect_args,
             # asyncpg's timeout covers all the hosts of a multi-host URL: each gets its share.
-            timeout=CONNECT_TIMEOUT_S * (len(hosts) if isinstance(hosts, list) else 1),
+            timeout=self._connect_timeout_s * (len(hosts) if isinstance(hosts, list) else 1),
             server_settings={"application_name": self.application_name},
         )
         lost = asyncio.Event()
@@ -247,7 +251,7 @@ class PostgresNotifier(Notifier):
                         await lost.wait()
                 if not lost.is_set():
                     try:
-                        await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_S)
+                        await conn.fetchval("SELECT 1", timeout=self._connect_timeout_s)
                     except Exception:  # a dead connection: reconnect
                         return
         finally:
@@ -270,8 +274,10 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def notifier_for(url: URL, dialect: Dialect, *, replica: str) -> Notifier:
+def notifier_for(
+    url: URL, dialect: Dialect, *, replica: str, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> Notifier:
     """The notifier for the engine's database: PostgreSQL listens, anything else is one process."""
     if dialect.name == "postgresql":
-        return PostgresNotifier(url, dialect, replica=replica)
+        return PostgresNotifier(url, dialect, replica=replica, connect_timeout_s=connect_timeout_s)
     return InProcessNotifier()
