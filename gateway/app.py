@@ -38,7 +38,14 @@ from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
 from gateway.notify import Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
-from gateway.replicas import LeaseRenewer, LeaseView, ReplicaIdentity, advertise_address, this_replica
+from gateway.replicas import (
+    LeaseRenewer,
+    LeaseStartError,
+    LeaseView,
+    ReplicaIdentity,
+    advertise_address,
+    this_replica,
+)
 from gateway.routing import CommandRouter
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
@@ -196,14 +203,21 @@ class Gateway:
         replicas = ReplicaStore(self.db)
         self._renewer = LeaseRenewer(
             replicas,
-            replica=self.identity.id,
+            identity=self.identity,
             address=advertise_address(cfg),
             ha=cfg.ha,
             sessions=lambda: len(self.registry),
         )
-        # The lease is written before the first session can name this replica its owner.
-        await self._renewer.start()
-        lease_view = LeaseView(replicas, ha=cfg.ha)
+        # The lease is written before the first session can name this replica its owner: start()
+        # retries for up to ha.lease_s, and without a lease this replica does not serve.
+        try:
+            await self._renewer.start()
+        except LeaseStartError as exc:
+            self._renewer = None
+            await self.db.close()
+            self.db = None
+            raise GatewayStartError(str(exc)) from None
+        lease_view = LeaseView(replicas, ha=cfg.ha, timeout_s=cfg.grpc.store_timeout_s)
         # A follower of a sandbox's logs wakes on another replica's batches too.
         notifier.subscribe(
             lambda note: events.notifier().notify(note.sandbox_id) if note.topic is Topic.EVENTS else None

@@ -25,6 +25,17 @@ from the ``replicas`` table) to be alive, renewed within ``ha.lease_s`` of now. 
 lapsed or is missing (deleted at a clean shutdown, or never written) holds nothing: its sandboxes
 show ``disconnected`` since they were last heard from, and ``lost`` after ``lost_after_s``. Callers
 that pass no leases (single-process tools and tests) get the heartbeat rule alone.
+
+The owner is a run, not only a replica id: a row that names the run of its session
+(``sandboxes.owner_run``) counts only while the lease row is of that very run (``replicas.run_id``),
+so a replica restarted under the same id does not revive the sessions its crashed predecessor left
+flagged connected. A row without ``owner_run`` (written before the owner's run was recorded) keeps
+the rule by replica id.
+
+The lease is judged on the clock it was written with: the database's on PostgreSQL (the snapshot
+carries its offset from this process's clock, ``ReplicaLeases.skew``), so a replica whose clock is
+off neither kills nor revives others' leases. Heartbeat times are still written on each replica's
+clock: the heartbeat bound assumes clocks in step (NTP) well within ``fresh_for_s``.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from gateway.config import SessionSettings
@@ -55,6 +66,8 @@ class LivenessFacts(Protocol):
     def exit_code(self) -> int | None: ...
     @property
     def owner(self) -> str | None: ...
+    @property
+    def owner_run(self) -> str | None: ...
 
 
 #: The owner a gateway of a release before replica leases wrote (``gateway-`` and the hex of a
@@ -66,21 +79,35 @@ LEGACY_OWNER = re.compile(r"gateway-[0-9a-f]{9,}")
 
 @dataclass(frozen=True, slots=True)
 class ReplicaLeases:
-    """When each replica last renewed its lease (a snapshot of the ``replicas`` table), and how
-    long a renewal holds."""
+    """When each replica last renewed its lease and with which run (a snapshot of the ``replicas``
+    table), how long a renewal holds, and the clock the renewals were written on."""
 
     lease_s: float
     renewed_at: Mapping[str, datetime] = field(default_factory=dict)
+    #: Each row's run (``replicas.run_id``; None or absent: a row of a release before run ids).
+    runs: Mapping[str, str | None] = field(default_factory=dict)
+    #: The database's clock minus this process's, measured when the snapshot was read (PostgreSQL
+    #: writes ``renewed_at`` with its own ``now()``); None: renewals were written on this process's
+    #: clock (SQLite, one process).
+    skew: timedelta | None = None
 
-    def alive(self, replica_id: str | None, *, now: datetime) -> bool:
-        """``replica_id`` renewed within ``lease_s`` of ``now``; a missing row, or no owner, is
-        not alive. A session owned by a gateway of a release before leases (during a rolling
-        upgrade) has no row to renew: the heartbeat rule alone judges it (see LEGACY_OWNER)."""
+    def alive(self, replica_id: str | None, *, now: datetime, run: str | None = None) -> bool:
+        """``replica_id`` renewed within ``lease_s`` of ``now`` (this process's clock, moved onto
+        the database's by ``skew``) and, when ``run`` is given (the session's ``owner_run``), by
+        that very run; a missing row, or no owner, is not alive. A session owned by a gateway of a
+        release before leases (during a rolling upgrade) has no row to renew: the heartbeat rule
+        alone judges it (see LEGACY_OWNER)."""
         if replica_id is None:
             return False
         renewed = self.renewed_at.get(replica_id)
         if renewed is None:
             return LEGACY_OWNER.fullmatch(replica_id) is not None
+        if run is not None and self.runs.get(replica_id) != run:
+            # Another run holds the id now: the session's own process is gone (or, with two live
+            # processes misconfigured under one id, the renewer logs it as an error).
+            return False
+        if self.skew is not None:
+            now = now + self.skew
         return (now - renewed).total_seconds() <= self.lease_s
 
     def alive_count(self, *, now: datetime) -> int:
@@ -128,11 +155,11 @@ class Liveness:
 def is_connected(
     row: LivenessFacts, *, now: datetime, liveness: Liveness, leases: ReplicaLeases | None = None
 ) -> bool:
-    """Flagged connected, held by an owner whose lease is alive (when ``leases`` are given), and
-    heard from within ``fresh_for_s``."""
+    """Flagged connected, held by an owner (replica and run) whose lease is alive (when ``leases``
+    are given), and heard from within ``fresh_for_s``."""
     if not row.connected:
         return False
-    if leases is not None and not leases.alive(row.owner, now=now):
+    if leases is not None and not leases.alive(row.owner, run=row.owner_run, now=now):
         return False
     heard = row.last_heartbeat_at or row.connected_at
     return heard is not None and (now - heard).total_seconds() <= liveness.fresh_for_s

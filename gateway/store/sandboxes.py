@@ -73,6 +73,8 @@ class SandboxRow:
     team: str | None = None
     #: The Kubernetes pod's uid (its projected token must name it); None before the pod exists.
     pod_uid: str | None = None
+    #: The run (``ReplicaIdentity.run``) of the owner process: a restarted replica is another run.
+    owner_run: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,7 @@ def _sandbox(row: Row[Any]) -> SandboxRow:
         created_by=row.created_by,
         team=row.team,
         pod_uid=row.pod_uid,
+        owner_run=row.owner_run,
     )
 
 
@@ -123,6 +126,8 @@ class SandboxLiveness:
     exit_code: int | None
     #: The replica holding the session (its lease decides whether ``connected`` still holds).
     owner: str | None = None
+    #: The run of that replica's process that claimed the session (see ``SandboxRow.owner_run``).
+    owner_run: str | None = None
 
 
 def _of_generation(generation: int | None) -> tuple[ColumnElement[bool], ...]:
@@ -288,11 +293,19 @@ class SandboxStore:
     async def liveness(self) -> builtins.list[SandboxLiveness]:
         """What the state rule needs of every sandbox (for counting them by state)."""
         c = sandboxes_table.c
-        columns = (c.connected, c.connected_at, c.disconnected_at, c.last_heartbeat_at, c.exit_code, c.owner)
+        columns = (
+            c.connected,
+            c.connected_at,
+            c.disconnected_at,
+            c.last_heartbeat_at,
+            c.exit_code,
+            c.owner,
+            c.owner_run,
+        )
         with store_errors("cannot read the sandboxes' liveness"):
             async with self._db.engine.connect() as conn:
                 result = await conn.execute(select(*columns))
-                return [SandboxLiveness(bool(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in result]
+                return [SandboxLiveness(bool(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in result]
 
     async def mark_connected(
         self,

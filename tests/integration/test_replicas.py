@@ -6,24 +6,37 @@ shows the sandbox disconnected once A's lease lapsed, then lost after ``sessions
 The heartbeat interval is long (30 s), so the heartbeat rule alone would show the sandbox
 connected for half a minute after the kill: the lease is what B goes by. Before the lease, a
 crashed gateway's sandboxes stayed "connected" for as long as their heartbeat bound.
+
+Then the review's follow-ups on the same real database: renewers whose clocks are an hour off
+change no lease (one clock, the database's); and revision 0008 marks expired the legacy pending
+commands that a replica of a release before expiry would still send, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import insert, select
 
-from gateway.config import SessionSettings
+from gateway.config import HaSettings, SessionSettings
+from gateway.replicas import FORGET_AFTER_LEASES, LeaseRenewer, LeaseView, ReplicaIdentity
 from gateway.sandbox_state import Liveness
+from gateway.store import Database
+from gateway.store.commands import LEGACY_TTL_S
+from gateway.store.db import create_engine, upgrade
+from gateway.store.replicas import ReplicaStore
+from gateway.store.schema import commands as commands_table
+from gateway.store.schema import sandboxes as sandboxes_table
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
 
@@ -170,3 +183,102 @@ async def test_a_killed_replicas_sandbox_is_shown_disconnected_then_lost_by_anot
     finally:
         a.kill()
         b.stop()
+
+
+def _clock(off: timedelta) -> Callable[[], datetime]:
+    """A wall clock ``off`` from the true one (a replica whose NTP failed)."""
+    return lambda: datetime.now(UTC) + off
+
+
+async def test_renewers_with_clocks_an_hour_off_change_no_lease(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review finding 3: on PostgreSQL a lease is written and judged on the database's clock.
+    # Before, a replica an hour behind wrote renewals already lapsed for every other replica, and
+    # one far enough ahead deleted the others' live rows as forgotten on every renewal.
+    ha = HaSettings(lease_s=LEASE_S, renew_interval_s=RENEW_S)
+    behind = timedelta(hours=-1)
+    ahead = timedelta(seconds=FORGET_AFTER_LEASES * LEASE_S + 60)
+    db = await Database.open(database_url)
+    try:
+        store = ReplicaStore(db)
+        renewers = [
+            LeaseRenewer(
+                store,
+                identity=ReplicaIdentity(id=rid, run=rid + "-run"),
+                address=f"{rid}:1",
+                ha=ha,
+                sessions=lambda: 0,
+                clock=_clock(off),
+            )
+            for rid, off in (("gw-behind", behind), ("gw-ahead", ahead), ("gw-right", timedelta()))
+        ]
+        for _ in range(2):  # each renews after the others: the one ahead would forget the one behind
+            for renewer in renewers:
+                assert await renewer.renew_once()
+        rows = {r.id: r for r in await store.leases()}
+        assert set(rows) == {"gw-behind", "gw-ahead", "gw-right"}, "a live row was forgotten"
+        spread = max(r.renewed_at for r in rows.values()) - min(r.renewed_at for r in rows.values())
+        assert spread < timedelta(seconds=LEASE_S), rows
+        # Every reader, whatever its clock, sees the three alive, and a lapsed one dead.
+        for off in (behind, ahead, timedelta()):
+            view = LeaseView(store, ha=ha, timeout_s=5.0, clock=_clock(off))
+            leases = await view.leases()
+            here = datetime.now(UTC) + off
+            assert leases.alive_count(now=here) == 3, off
+            assert all(leases.alive(r.id, run=r.run_id, now=here) for r in rows.values())
+            assert not leases.alive("gw-right", now=here + timedelta(seconds=LEASE_S + 1))
+        for renewer in renewers:
+            await renewer.stop()
+    finally:
+        await db.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+async def test_revision_0008_expires_legacy_pending_commands_an_old_replica_would_send(
+    tmp_path: Path, database_url: str, dialect: str
+) -> None:
+    # Review finding 4: a replica of a release before 0007 reads only ``state``; pending rows
+    # past the legacy time to live must not look pending to it once the rollout migrated.
+    url = database_url if dialect == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(seconds=LEGACY_TTL_S + 60), now - timedelta(seconds=30)
+    rows = {
+        # id: (state, created_at, expires_at) -> the state expected after 0008
+        "legacy-old": (("pending", old, None), "expired"),
+        "legacy-recent": (("pending", recent, None), "pending"),
+        "new-old": (("pending", old, now + timedelta(seconds=600)), "pending"),  # its own expiry rules
+        "answered-old": (("applied", old, None), "applied"),
+    }
+    engine = create_engine(url)
+    try:
+        await upgrade(engine, "0007")
+        async with engine.begin() as conn:
+            await conn.execute(insert(sandboxes_table).values(id="sb-1", driver="external", created_at=old))
+            for cid, ((state, created_at, expires_at), _) in rows.items():
+                await conn.execute(
+                    insert(commands_table).values(
+                        id=cid,
+                        sandbox_id="sb-1",
+                        kind="signal",
+                        args=json.dumps({"signal": 15}),
+                        state=state,
+                        created_at=created_at,
+                        expires_at=expires_at,
+                    )
+                )
+        await upgrade(engine, "0008")
+        async with engine.connect() as conn:
+            stored = {
+                r.id: (r.state, r.error)
+                for r in await conn.execute(
+                    select(commands_table.c.id, commands_table.c.state, commands_table.c.error)
+                )
+            }
+    finally:
+        await engine.dispose()
+    assert {cid: state for cid, (state, _) in stored.items()} == {
+        cid: want for cid, (_, want) in rows.items()
+    }
+    assert stored["legacy-old"][1] is not None and stored["legacy-old"][1].startswith("expired")

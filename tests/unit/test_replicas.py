@@ -6,6 +6,8 @@ sandbox held by a replica with no live lease shown disconnected by its API and m
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,13 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import text
 
-from gateway.app import Gateway
+from gateway.app import Gateway, GatewayStartError
 from gateway.config import HaSettings
-from gateway.replicas import LeaseRenewer, LeaseView, replica_id
+from gateway.replicas import LeaseRenewer, LeaseStartError, LeaseView, ReplicaIdentity, replica_id
 from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, disconnected_since, sandbox_state
 from gateway.store import Database, StoreError
-from gateway.store.replicas import ReplicaLease, ReplicaStore
+from gateway.store.replicas import LeaseSnapshot, Renewal, ReplicaLease, ReplicaStore
 from tests.support.gateway import gateway_config
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -36,6 +39,7 @@ class _Row:
     last_heartbeat_at: datetime | None = T0
     exit_code: int | None = None
     owner: str | None = "gw-a"
+    owner_run: str | None = None
 
 
 def _leases(**renewed: datetime) -> ReplicaLeases:
@@ -44,6 +48,10 @@ def _leases(**renewed: datetime) -> ReplicaLeases:
 
 def _at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+def _identity(replica: str) -> ReplicaIdentity:
+    return ReplicaIdentity(id=replica, run=uuid.uuid4().hex)
 
 
 def test_a_sandbox_is_connected_while_its_owners_lease_and_its_heartbeat_are_alive() -> None:
@@ -110,6 +118,33 @@ def test_alive_counts_only_leases_renewed_within_lease_s() -> None:
     assert not leases.alive("gw-b", now=T0) and leases.alive("gw-c", now=T0)
 
 
+def test_a_session_of_an_earlier_run_of_the_same_replica_id_is_not_revived() -> None:
+    # Review finding 2: gw-a crashed with the session of run r1 flagged connected, and came back
+    # as run r2 under the same id; its renewal must not count for r1's session.
+    leases = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-a": _at(4)}, runs={"gw-a": "r2"})
+    theirs = _Row(owner_run="r1")
+    assert sandbox_state(theirs, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert disconnected_since(theirs, now=_at(5), liveness=LIVENESS, leases=leases) == T0
+    mine = _Row(owner_run="r2")
+    assert sandbox_state(mine, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    # A session recorded without its run (before the run was recorded) keeps the rule by id.
+    assert sandbox_state(_Row(), now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    # A lease row of a release before run ids holds no session that names its run.
+    unknown = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-a": _at(4)})
+    assert sandbox_state(mine, now=_at(5), liveness=LIVENESS, leases=unknown) is SandboxState.DISCONNECTED
+
+
+def test_leases_are_judged_on_the_database_clock_whatever_this_processs_clock_says() -> None:
+    # Review finding 3: renewed at T0 by the database's clock; this process's clock runs an hour
+    # behind (skew +1 h) or ahead (skew -1 h): the lease is alive for lease_s of database time.
+    for off in (timedelta(hours=-1), timedelta(hours=1)):
+        leases = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-a": T0}, runs={"gw-a": "r1"}, skew=-off)
+        here = T0 + off  # this process's clock at database time T0
+        assert leases.alive("gw-a", run="r1", now=here + timedelta(seconds=HA.lease_s))
+        assert not leases.alive("gw-a", run="r1", now=here + timedelta(seconds=HA.lease_s + 1))
+        assert leases.alive_count(now=here) == 1
+
+
 def test_the_replica_id_is_the_setting_or_the_host_name() -> None:
     import socket
 
@@ -147,7 +182,7 @@ async def test_a_renewal_forgets_rows_lapsed_for_ten_leases(db: Database) -> Non
         )
     clock = [T0 - timedelta(seconds=10 * HA.lease_s + 1)]  # the renewer's own row is never forgotten
     renewer = LeaseRenewer(
-        store, replica="gw-a", address="a:1", ha=HA, sessions=lambda: 0, clock=lambda: clock[0]
+        store, identity=_identity("gw-a"), address="a:1", ha=HA, sessions=lambda: 0, clock=lambda: clock[0]
     )
     assert await renewer.renew_once()
     clock[0] = T0
@@ -161,24 +196,26 @@ class _FlakyReplicas(ReplicaStore):
     failing = False
     reads = 0
 
-    async def renew(self, replica_id: str, **kwargs: Any) -> None:
+    async def renew(self, replica_id: str, **kwargs: Any) -> Renewal:
         if self.failing:
             raise StoreError("cannot renew the lease: the database is away")
-        await super().renew(replica_id, **kwargs)
+        return await super().renew(replica_id, **kwargs)
 
-    async def leases(self) -> list[ReplicaLease]:
+    async def snapshot(self) -> LeaseSnapshot:
         self.reads += 1
-        return await super().leases()
+        if self.failing:
+            raise StoreError("cannot read the replicas' leases: the database is away")
+        return await super().snapshot()
 
 
 async def test_the_renewer_outlives_a_store_outage_and_renews_after_it(db: Database) -> None:
     store = _FlakyReplicas(db)
     ha = HaSettings(replica_id="gw-a", lease_s=0.2, renew_interval_s=0.05)
-    renewer = LeaseRenewer(store, replica="gw-a", address="a:1", ha=ha, sessions=lambda: 2)
+    renewer = LeaseRenewer(store, identity=_identity("gw-a"), address="a:1", ha=ha, sessions=lambda: 2)
+    await renewer.start()
     store.failing = True
-    await renewer.start()  # the first write fails: logged, not raised
     await asyncio.sleep(0.2)
-    assert renewer.failures >= 2 and await store.leases() == []
+    assert renewer.failures >= 2
     store.failing = False
     await asyncio.sleep(0.15)
     [row] = await store.leases()
@@ -189,11 +226,127 @@ async def test_the_renewer_outlives_a_store_outage_and_renews_after_it(db: Datab
     assert await store.leases() == []
 
 
+async def test_the_start_waits_for_the_first_renewal_and_fails_without_one(db: Database) -> None:
+    # Review finding 1: a start that carried on without its row let sessions name an owner with
+    # no lease (shown disconnected on every replica).
+    store = _FlakyReplicas(db)
+    ha = HaSettings(replica_id="gw-a", lease_s=0.4, renew_interval_s=0.05)
+    renewer = LeaseRenewer(store, identity=_identity("gw-a"), address="a:1", ha=ha, sessions=lambda: 0)
+    store.failing = True
+    asyncio.get_running_loop().call_later(0.15, lambda: setattr(store, "failing", False))
+    await renewer.start()
+    assert [r.id for r in await store.leases()] == ["gw-a"], "the row exists once start() returns"
+    await renewer.stop()
+
+    store.failing = True
+    never = LeaseRenewer(store, identity=_identity("gw-a"), address="a:1", ha=ha, sessions=lambda: 0)
+    with pytest.raises(LeaseStartError, match=r"cannot write this replica's lease \('gw-a'\).*within 0.4s"):
+        await never.start()
+    assert never.failures >= 2, "retried until the deadline"
+    store.failing = False
+    assert await store.leases() == []
+
+
+async def test_two_live_processes_under_one_id_are_reported_and_never_delete_each_others_row(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ReplicaStore(db)
+    first, second = _identity("gw-a"), _identity("gw-a")
+    a = LeaseRenewer(store, identity=first, address="a:1", ha=HA, sessions=lambda: 0)
+    b = LeaseRenewer(store, identity=second, address="b:1", ha=HA, sessions=lambda: 0)
+    with caplog.at_level(logging.WARNING, logger="gateway.replicas"):
+        assert await a.renew_once()
+        # b's first write finds a's fresh row: a predecessor, or a live twin; not yet an error.
+        assert await b.renew_once()
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert "was held by run " + first.run in caplog.records[0].getMessage()
+        # a wrote the row before and finds b's run in it: two live processes.
+        assert await a.renew_once()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "two live gateway processes share the replica id 'gw-a'" in errors[0], errors
+    assert first.run in errors[0] and second.run in errors[0] and "ha.replica_id" in errors[0]
+    # b stops: the row is a's now, so b neither marks it draining nor deletes it.
+    await b.drain()
+    await b.stop()
+    [row] = await store.leases()
+    assert (row.run_id, row.draining) == (first.run, False)
+    await a.stop()
+    assert await store.leases() == []
+
+
+class _HeldReplicas(ReplicaStore):
+    """A real store whose renewals wait, with their values taken, until ``release`` is set (a
+    renewal in flight), and whose snapshot reads hang while ``hang`` is set."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.hang = False
+
+    async def renew(self, replica_id: str, **kwargs: Any) -> Renewal:
+        self.entered.set()
+        await self.release.wait()
+        return await super().renew(replica_id, **kwargs)
+
+    async def snapshot(self) -> LeaseSnapshot:
+        if self.hang:
+            await asyncio.Event().wait()
+        return await super().snapshot()
+
+
+async def test_a_renewal_in_flight_cannot_undo_the_draining_mark(db: Database) -> None:
+    # Review finding 7: the renewal read draining=false before drain() began.
+    store = _HeldReplicas(db)
+    store.release.set()
+    renewer = LeaseRenewer(store, identity=_identity("gw-a"), address="a:1", ha=HA, sessions=lambda: 0)
+    assert await renewer.renew_once()
+    store.release.clear()
+    store.entered.clear()
+    in_flight = asyncio.create_task(renewer.renew_once())
+    await store.entered.wait()
+    drain = asyncio.create_task(renewer.drain())
+    await asyncio.sleep(0.05)
+    store.release.set()
+    assert await in_flight
+    await drain
+    [row] = await store.leases()
+    assert row.draining, "the renewal in flight wrote draining=false over the mark"
+    await renewer.stop()
+
+
+async def test_the_lease_view_reads_with_a_deadline_and_serves_the_last_snapshot_one_more_ttl(
+    db: Database,
+) -> None:
+    # Review finding 8: a hung read held every API request and the metrics on the view's lock.
+    store = _HeldReplicas(db)
+    store.release.set()
+    await store.renew("gw-a", address="a:1", sessions=0, draining=False, started_at=T0, renewed_at=T0)
+    clock = [100.0]
+    ttl = HA.renew_interval_s / 2
+    view = LeaseView(store, ha=HA, timeout_s=0.1, monotonic=lambda: clock[0])
+    snapshot = await view.leases()
+    store.hang = True
+    clock[0] += ttl + 0.1  # due for a read, which hangs: the snapshot is served once more
+    assert await asyncio.wait_for(view.leases(), 1.0) is snapshot
+    clock[0] += ttl  # two TTLs old: no longer served
+    with pytest.raises(StoreError, match=r"cannot read the replicas' leases within 0.1s"):
+        await asyncio.wait_for(view.leases(), 1.0)
+    # Requests meanwhile get the failure at once, not one deadline each.
+    waits = await asyncio.wait_for(
+        asyncio.gather(*(view.leases() for _ in range(5)), return_exceptions=True), 0.5
+    )
+    assert all(isinstance(w, StoreError) for w in waits)
+    store.hang = False
+    clock[0] += ttl
+    assert (await view.leases()).renewed_at == {"gw-a": T0}
+
+
 async def test_the_lease_view_reads_the_table_once_per_half_interval(db: Database) -> None:
     store = _FlakyReplicas(db)
     await store.renew("gw-a", address="a:1", sessions=0, draining=False, started_at=T0, renewed_at=T0)
     clock = [100.0]
-    view = LeaseView(store, ha=HA, monotonic=lambda: clock[0])
+    view = LeaseView(store, ha=HA, timeout_s=1.0, monotonic=lambda: clock[0])
     first, second = await asyncio.gather(view.leases(), view.leases())
     assert first is second and store.reads == 1
     clock[0] += HA.renew_interval_s / 2 - 0.1
@@ -262,3 +415,25 @@ async def test_a_gateway_holds_a_lease_and_shows_a_dead_owners_sandbox_disconnec
             assert [r.id for r in await ReplicaStore(db).leases()] == ["gw-dead"]
         finally:
             await db.close()
+
+
+async def test_a_gateway_that_cannot_write_its_lease_does_not_start(tmp_path: Path) -> None:
+    config = gateway_config(
+        tmp_path, {"ha": {"replica_id": "gw-here", "lease_s": 0.6, "renew_interval_s": 0.3}}
+    )
+    db = await Database.open(config.database.url)
+    try:
+        async with db.engine.begin() as conn:  # the replicas table gone: every renewal fails
+            await conn.execute(text("ALTER TABLE replicas RENAME TO replicas_away"))
+    finally:
+        await db.close()
+    gw = Gateway(config)
+    try:
+        with pytest.raises(
+            GatewayStartError, match=r"cannot write this replica's lease \('gw-here'\).*within 0.6s"
+        ):
+            await gw.start()
+        assert gw.db is None, "the database was closed"
+    finally:
+        if gw.db is not None:  # it started (without its lease): stopped, for the failure to show
+            await gw.stop()

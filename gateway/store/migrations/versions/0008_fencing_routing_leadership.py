@@ -9,6 +9,9 @@ records (routing through any replica), and the leadership term (cluster-wide wor
   the command to its stream (a POST on another replica waits for this, not for a local queue).
 - ``leadership``: one row per cluster-wide role; ``term`` grows at each change of holder, and the
   leader's writes (driver state) are conditional on it, so a paused ex-leader cannot write.
+- Data: pending commands stored without an expiry and older than the legacy time to live are
+  marked expired, so replicas of a release before 0007 still serving during the rollout (they read
+  only ``state``) do not send them.
 
 Revision ID: 0008
 Revises: 0007
@@ -18,6 +21,7 @@ Create Date: 2026-12-06
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from alembic import op
@@ -42,9 +46,49 @@ def upgrade() -> None:
         sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
     )
+    _expire_legacy_commands()
+
+
+#: gateway.store.commands.LEGACY_TTL_S and EXPIRED_ERROR as of this revision (a migration keeps
+#: the values it was written with, whatever the code says later).
+_LEGACY_TTL_S = 300
+_EXPIRED_ERROR = "expired: no session of its sandbox took it before its expiry, and it is never sent now"
+
+
+def _expire_legacy_commands() -> None:
+    """Mark expired the pending commands without an expiry that are past LEGACY_TTL_S already.
+    The new code already reads them as expired; a replica of a release before revision 0007,
+    still serving during the rollout, reads only ``state`` and would send them at the next hello
+    (a stop an hour late). It sends nothing that is not ``pending``. Rows that expire while such a
+    replica still serves are not covered (see docs/high-availability.md)."""
+    commands = sa.table(
+        "commands",
+        sa.column("state", sa.Text()),
+        sa.column("error", sa.Text()),
+        sa.column("created_at", sa.DateTime(timezone=True)),
+        sa.column("expires_at", sa.DateTime(timezone=True)),
+    )
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        # The database's clock, as the gateway's queries judge expiry on PostgreSQL.
+        cutoff: sa.ColumnElement[datetime] = sa.func.now() - sa.literal(timedelta(seconds=_LEGACY_TTL_S))
+    else:
+        # SQLite stores UTC wall-clock fields (gateway.store.schema.UTCDateTime): a naive UTC bound.
+        now = datetime.now(UTC).replace(tzinfo=None)
+        cutoff = sa.literal(now - timedelta(seconds=_LEGACY_TTL_S), sa.DateTime())
+    op.execute(
+        commands.update()
+        .where(
+            commands.c.state == "pending",
+            commands.c.expires_at.is_(None),
+            commands.c.created_at < cutoff,
+        )
+        .values(state="expired", error=sa.func.coalesce(commands.c.error, _EXPIRED_ERROR))
+    )
 
 
 def downgrade() -> None:
+    # The commands marked expired stay so: 0007's downgrade maps expired to failed.
     op.drop_table("leadership")
     for table, column in (
         ("commands", "delivered_by"),
