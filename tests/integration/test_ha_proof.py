@@ -14,10 +14,10 @@ processes write numbered lines all along, connected through haproxy. Meanwhile:
 
 The scenario runs once (a module fixture); each invariant is its own test over what it left in
 the database: every line exactly once and in order, every main process the one that started
-(one STARTED record, its PID in every line it wrote), every command delivered. Commands posted
-through a replica that does not hold the session reach it only at its next hello until commands
-are routed between replicas (issue 20 point 3): the test that asks for every command is marked
-xfail(strict=True) and starts failing once routing lands, to be unmarked then.
+(one STARTED record, its PID in every line it wrote), every command delivered and applied at
+most once, wherever it was posted (a replica that does not hold the session routes it, issue 20
+point 3), every replica's API showing every sandbox connected, and a frozen replica that wakes
+taking nothing back.
 
 Run with ``-s`` to see what was measured (reconnect times, lines, repeats dropped).
 """
@@ -38,7 +38,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,6 @@ class Proof:
     exit_codes: dict[str, int]
     events: dict[str, list[dict[str, Any]]]
     commands: dict[str, dict[str, Any]]
-    connected_at: dict[str, datetime]
     posted: list[Posted]
     post_errors: list[str]
     final_round: set[str]
@@ -432,7 +430,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 for sandbox_id in ids:
                     final.post(sandbox_id)
             final_round = {p.body["id"] for p in final.posted if p.status == 201}
-            # Routing (issue 20 point 3) would take them within a second; a wait, nothing asserted.
+            # Routing (issue 20 point 3) takes them within a second; the test says if it did not.
             with contextlib.suppress(AssertionError):
                 wait_until(
                     lambda: all(
@@ -465,14 +463,12 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
             r["id"]: dict(r)
             for r in _sql(url, "SELECT id, sandbox_id, kind, state, created_at, answered_at FROM commands")
         }
-        connected_at = {r[0]: r[1] for r in _sql(url, "SELECT id, connected_at FROM sandboxes")}
         result = Proof(
             sandbox_ids=ids,
             supervisor_pids={sv.sandbox_id: sv.proc.pid for sv in supervisors if sv.proc is not None},
             exit_codes=exit_codes,
             events=events,
             commands=commands,
-            connected_at=connected_at,
             posted=[*poster.posted, *final.posted],
             post_errors=[*poster.errors, *final.errors],
             final_round=final_round,
@@ -563,25 +559,20 @@ def test_every_main_process_keeps_its_pid(proof: Proof) -> None:
         assert exited["pid"] == started["pid"] and exited["exit_code"] == 0
 
 
-def test_commands_that_reached_the_owning_session_are_applied_once(proof: Proof) -> None:
-    """Without routing, a command reaches the session if the replica that took the POST held it
-    (delivered: true) or if the sandbox's session began again after the command was stored
-    (pending commands go out at every hello): each of those is applied, and no command is failed,
-    expired or lost whatever replica took it."""
+def test_commands_are_stored_and_applied_at_most_once(proof: Proof) -> None:
+    """Every POST through haproxy is answered and its command stored, none fails or expires, each
+    one the owning session took (delivered: true) is applied, and the supervisor applies each at
+    most once however often it arrives (redelivered at a hello, or by the periodic round)."""
     assert proof.posted, "commands were posted"
     for p in proof.posted:
         assert p.status == 201, f"a POST through haproxy was refused: {p}"
         assert p.body["id"] in proof.commands, f"a command acknowledged at its POST is stored: {p}"
     states = Counter(c["state"] for c in proof.commands.values())
     assert set(states) <= {"applied", "pending"}, f"no command failed or expired: {states}"
-    reached = {p.body["id"] for p in proof.posted if p.body.get("delivered")}
-    for command_id, c in proof.commands.items():
-        # A margin for the commit of the POST racing the hello's read of the pending commands.
-        if c["created_at"] < proof.connected_at[c["sandbox_id"]] - timedelta(seconds=1):
-            reached.add(command_id)
-    assert reached, "some commands reached their session"
-    not_applied = sorted(i for i in reached if proof.commands[i]["state"] != "applied")
-    assert not not_applied, f"commands that reached their session but were not applied: {not_applied}"
+    taken = {p.body["id"] for p in proof.posted if p.body.get("delivered")}
+    assert taken, "some commands were taken by their session at once"
+    not_applied = sorted(i for i in taken if proof.commands[i]["state"] != "applied")
+    assert not not_applied, f"commands their session took but did not apply: {not_applied}"
     # Applied at most once by the supervisor however often it came (its own audit lines,
     # journaled and stored with the sandbox's records), and an applied one is on its record. Not
     # "exactly one 'applied' line": the supervisor journals its audit line after writing the
@@ -634,13 +625,10 @@ def test_a_frozen_replica_that_wakes_takes_nothing_back(proof: Proof) -> None:
     assert not changed, f"the woken replica changed sessions held by others: {changed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 point 3: a command posted to a replica that does not hold the session waits for "
-    "the sandbox's next hello; routing between replicas (LISTEN/NOTIFY) is not in yet. Remove this mark "
-    "when it lands.",
-)
 def test_every_command_posted_through_any_replica_is_applied(proof: Proof) -> None:
+    """Routed between replicas (issue 20 point 3: NOTIFY, redelivery): a command reaches the
+    session wherever it was posted, including the last round, posted with the sessions quiet,
+    which only routing delivers."""
     assert proof.final_round, "the last round was posted"
     pending = sorted(i for i, c in proof.commands.items() if c["state"] != "applied")
     assert not pending, f"{len(pending)} of {len(proof.commands)} commands not applied: {pending[:10]}"
