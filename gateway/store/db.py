@@ -374,16 +374,12 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     command.upgrade(alembic_config(connection), revision)
 
 
-async def _take_pg_migration_lock(conn: AsyncConnection) -> None:
-    """Take the transaction-level advisory lock, saying every ``MIGRATION_WAIT_LOG_S`` who holds it
-    while it waits (without a bound: a second migration must never run before the first ended)."""
-    key = {"key": _PG_MIGRATION_LOCK_KEY}
-    began = time.monotonic()
-    next_log = began
-    while not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), key)).scalar():
-        if time.monotonic() >= next_log:
-            holders = (
-                await conn.execute(
+async def _migration_lock_holders(engine: AsyncEngine) -> str:
+    """Who holds the migration lock, read on another connection (best effort: for the log only)."""
+    try:
+        async with engine.connect() as other:
+            rows = (
+                await other.execute(
                     text(
                         "SELECT a.pid, coalesce(a.application_name, ''),"
                         " coalesce(host(a.client_addr), 'local'), a.xact_start"
@@ -394,17 +390,37 @@ async def _take_pg_migration_lock(conn: AsyncConnection) -> None:
                     {"hi": _PG_MIGRATION_LOCK_KEY >> 32, "lo": _PG_MIGRATION_LOCK_KEY & 0xFFFF_FFFF},
                 )
             ).all()
+    except Exception as exc:  # the log line must not fail the migration
+        return f"holder not read: {describe_error(exc)}"
+    return ", ".join(
+        f"pid {pid} {app or 'unnamed'} from {addr} since {since}" for pid, app, addr, since in rows
+    ) or ("holder not visible")
+
+
+async def _take_pg_migration_lock(conn: AsyncConnection) -> None:
+    """Take the transaction-level advisory lock, waited for without a bound (a second migration must
+    never run before the first ended), saying every ``MIGRATION_WAIT_LOG_S`` who holds it."""
+    began = time.monotonic()
+    taking = asyncio.create_task(
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY}),
+        name="migration lock",
+    )
+    try:
+        while True:
+            done, _ = await asyncio.wait({taking}, timeout=MIGRATION_WAIT_LOG_S)
+            if done:
+                taking.result()
+                return
             log.warning(
                 "waiting %.0fs for the migration lock, held by another migration (%s)",
                 time.monotonic() - began,
-                ", ".join(
-                    f"pid {pid} {app or 'unnamed'} from {addr} since {since}"
-                    for pid, app, addr, since in holders
-                )
-                or "holder not visible",
+                await _migration_lock_holders(conn.engine),
             )
-            next_log += MIGRATION_WAIT_LOG_S
-        await asyncio.sleep(0.2)
+    finally:
+        if not taking.done():
+            taking.cancel()
+            with contextlib.suppress(BaseException):
+                await taking
 
 
 @contextlib.asynccontextmanager
