@@ -178,6 +178,7 @@ class Gateway:
             commands=commands,
             metrics=self.metrics,
             authenticator=self._authenticator,
+            identity=self.identity,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
@@ -359,10 +360,11 @@ class Gateway:
         stale_after = Liveness.from_settings(self.config.sessions).stale_after_s
         beats = self.registry.take_heartbeats(renew_after_s=stale_after)
         if beats and self._sandboxes is not None:
-            # Each beat is written only while the row names its session.
+            # Each beat is written only while the row names its session and its claim (fencing).
             sessions = self.registry.heartbeat_sessions(beats)
+            epochs = self.registry.heartbeat_epochs(beats)
             try:
-                await self._sandboxes.record_heartbeats(beats, sessions=sessions)
+                fenced = await self._sandboxes.record_heartbeats(beats, sessions=sessions, epochs=epochs)
             except Exception as exc:  # a failed flush must not kill the flusher; the next one retries
                 self.metrics.background_write_failures.labels("heartbeats").inc()
                 self._flush_log.log(
@@ -375,6 +377,8 @@ class Gateway:
                 self.registry.requeue_heartbeats(beats, sessions=sessions)
             else:
                 self.registry.heartbeats_written(beats)
+                # Sessions whose sandbox a newer session claimed end now (SessionRejected SUPERSEDED).
+                self.registry.fence(fenced, sessions)
 
     async def stop(self) -> None:
         """Stop within ``grpc.shutdown_grace_s + STOP_MARGIN_S`` whatever the database does (the

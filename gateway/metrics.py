@@ -109,6 +109,13 @@ class GatewayMetrics:
             ["write"],
             registry=self.registry,
         )
+        self.fenced_writes = Counter(
+            PREFIX + "fenced_writes",
+            "Writes of a session refused because a newer session claimed its sandbox (the owner "
+            "epoch moved), by kind: events, heartbeats, disconnect, command_result.",
+            ["kind"],
+            registry=self.registry,
+        )
         self.supervisor_auth_refusals = Counter(
             PREFIX + "supervisor_auth_refusals",
             "Supervisor calls refused for their credential, by reason (gateway.auth.Refusal).",

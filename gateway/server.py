@@ -21,9 +21,17 @@ database that hangs is a store failure too: the store work a supervisor waits on
 each command result's) is given up after ``grpc.store_timeout_s``, an event batch's after
 ``grpc.batch_store_timeout_s`` (see ``_within``).
 
+A hello claims the sandbox in the database before the session is accepted (one UPDATE raises
+the row's ``owner_epoch``; ``SessionAccepted.owner_epoch`` is that epoch), and every write of the
+session is fenced on it (:mod:`gateway.store.fencing`): once a newer session has claimed the
+sandbox, here or on another replica, a batch, a command result or a heartbeat flush of this one
+writes nothing, nothing is acknowledged, and the stream ends with SessionRejected SUPERSEDED
+saying who owns the sandbox now. The database's epoch, not this process, orders the sessions'
+writes.
+
 When a session ends, its disconnection is written by a task of its own, retried with backoff
 while the store fails, until it lands or a newer session owns the sandbox (the write is
-conditional on the session id, so it can never undo a newer session's connection). Until it
+conditional on the session's claim, so it can never undo a newer session's connection). Until it
 lands, the sandbox's stale heartbeat already keeps it from being shown connected
 (:mod:`gateway.sandbox_state`).
 """
@@ -34,7 +42,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,13 +56,14 @@ from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.replicas import replica_id
+from gateway.replicas import ReplicaIdentity, this_replica
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sandbox_state import Liveness
-from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry
+from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry, new_session_id
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
 from gateway.store.commands import Answer
 from gateway.store.db import is_transient
+from gateway.store.fencing import Fenced
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -158,6 +166,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         commands: CommandStore,
         metrics: GatewayMetrics | None = None,
         authenticator: SupervisorAuthenticator | None = None,
+        identity: ReplicaIdentity | None = None,
     ) -> None:
         self._metrics = metrics
         #: Every supervisor call's credential goes through it (None: unit tests of other concerns).
@@ -171,12 +180,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._sandboxes = sandboxes
         self._events = events
         self._commands = commands
-        # This replica's id (the lease row's): another replica tells from it whether the owner lives.
-        self._owner = replica_id(config.ha)
+        # This replica's id and run (the lease row's): another replica tells from them whether the
+        # owner of a session lives. The app passes its own; a service alone (tests) makes one.
+        self._identity = identity if identity is not None else this_replica(config.ha)
+        self._owner = self._identity.id
         self._tasks: set[asyncio.Task[Any]] = set()
         # Store calls given up at their deadline (see _within): cancelled, left to end by themselves.
         self._abandoned: set[asyncio.Task[Any]] = set()
-        self._row_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         #: (sandbox, generation, pod uid) -> (when, the token last minted for it): see REMINT_AFTER_S.
         self._minted: dict[tuple[str, int, str | None], tuple[float, MintedToken]] = {}
 
@@ -402,29 +412,73 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 method="ConnectSupervisor",
                 sandbox_id=sandbox_id,
             )
-        resume_after = (
-            await self._within(
-                self._events.high_water_mark(sandbox_id, epoch),
+        session_id = new_session_id()
+        opened_at = datetime.now(UTC)
+        try:
+            owner_epoch = await self._within(
+                self._sandboxes.mark_connected(
+                    sandbox_id,
+                    instance_id=hello.instance_id,
+                    session_id=session_id,
+                    journal_epoch=epoch,
+                    owner=self._identity.id,
+                    owner_run=self._identity.run,
+                    at=opened_at,
+                    generation=registered.generation,
+                ),
                 deadline=deadline,
-                what="hello: read the high-water mark",
+                what="hello: claim the sandbox",
             )
-            if events_mode
-            else 0
-        )
+        except BaseException:
+            # Given up at its deadline or cancelled (the peer left), the claim may still commit:
+            # undo it then, conditional on this session's id, which nobody else writes.
+            self._spawn(
+                self._record_disconnected(sandbox_id, session_id, generation=registered.generation),
+                name=f"disconnected-{sandbox_id}",
+            )
+            raise
+        if owner_epoch is None:
+            yield self._rejection(
+                pb.REJECT_CODE_SUPERSEDED,
+                f"sandbox {sandbox_id} was created again while this hello was handled; reconnect",
+            )
+            return
         session = self._registry.open(
             sandbox_id=sandbox_id,
             instance_id=hello.instance_id,
             journal_epoch=epoch,
             capabilities=capabilities,
+            owner_epoch=owner_epoch,
+            session_id=session_id,
+            opened_at=opened_at,
         )
-        session.acked_through = resume_after
+        if session is None:
+            # Another hello of this sandbox on this replica claimed it after us but entered the
+            # registry first: it owns the sandbox (this claim is fenced already).
+            yield self._rejection(
+                pb.REJECT_CODE_SUPERSEDED,
+                f"sandbox {sandbox_id} is owned by a newer session on this replica "
+                f"({self._identity.id}); this hello's claim (epoch {owner_epoch}) was taken",
+            )
+            return
         session.generation = registered.generation
         # From here on the session is in the registry: whatever happens (the peer gives up while
         # we wait for the database, a protocol error, cancellation), the finally below undoes it.
         reader: asyncio.Task[None] | None = None
         reason = "ended"
         try:
-            yield await self._accept(session, hello, peer, deadline=deadline)
+            # Read after the claim: an older owner can no longer raise the mark after this read
+            # without it being stored (its batches are fenced from now on).
+            session.acked_through = (
+                await self._within(
+                    self._events.high_water_mark(sandbox_id, epoch),
+                    deadline=deadline,
+                    what="hello: read the high-water mark",
+                )
+                if events_mode
+                else 0
+            )
+            yield self._accept(session, hello, peer)
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
                 pending = await self._within(
@@ -455,6 +509,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             reason = f"protocol error: {exc}"
             log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
             yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+        except Fenced as exc:
+            # Nothing of the fenced write was committed, and nothing of it acknowledged.
+            reason = f"fenced: {exc}"
+            session.fenced = True
+            self._count_fenced(exc.kind)
+            log.warning(
+                "session fenced: %s",
+                exc,
+                extra={"sandbox_id": sandbox_id, "session_id": session.session_id, "epoch": exc.epoch},
+            )
+            yield self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc))
         except MalformedFrame as exc:
             reason = str(exc)
             raise
@@ -466,11 +531,19 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
-            if self._registry.close(session):
+            if self._registry.close(session) and not session.fenced:
                 # The handler may be cancelled (the peer went away): the write that records the
                 # disconnection runs as its own task, which the gateway awaits before it closes
-                # the database.
-                self._spawn(self._record_disconnected(session), name=f"disconnected-{sandbox_id}")
+                # the database. A fenced session's would be fenced too: a newer one owns the row.
+                self._spawn(
+                    self._record_disconnected(
+                        sandbox_id,
+                        session.session_id,
+                        generation=session.generation,
+                        owner_epoch=session.owner_epoch,
+                    ),
+                    name=f"disconnected-{sandbox_id}",
+                )
             # Out of the registry now, so nothing more is queued: commands still waiting in the
             # inbox were not taken (they stay pending for the next session).
             while not session.inbox.empty():
@@ -488,28 +561,23 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             self._metrics.sessions_rejected.labels(pb.RejectCode.Name(code)).inc()
         return _reject(code, reason)
 
-    async def _record_connected(self, session: Session) -> None:
-        # Serialised per sandbox and skipped once replaced, so a slow write of a replaced session
-        # can never land after its successor's and leave the row pointing at the old one.
-        async with self._row_lock(session.sandbox_id):
-            if self._registry.is_current(session):
-                await self._sandboxes.mark_connected(
-                    session.sandbox_id,
-                    instance_id=session.instance_id,
-                    session_id=session.session_id,
-                    journal_epoch=session.journal_epoch,
-                    owner=self._owner,
-                    at=session.opened_at,
-                    generation=session.generation,
-                )
+    def _count_fenced(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.fenced_writes.labels(kind).inc()
 
-    async def _record_disconnected(self, session: Session) -> None:
+    async def _record_disconnected(
+        self,
+        sandbox_id: str,
+        session_id: str,
+        *,
+        generation: int,
+        owner_epoch: int | None = None,
+    ) -> None:
         """Mark the sandbox disconnected, retrying while the store fails. The write is conditional
-        on the session id, so once it runs (whether it changed the row or found a newer session
-        there) it is done; the row lock is held per attempt only, so a newer session's connection
-        is never held up behind the backoff, and both writes land in whichever order is right."""
+        on the session (its id, and with ``owner_epoch`` its claim), so once it runs, whether it
+        changed the row or found a newer session there (fenced: counted, not retried), it is done,
+        and it can land in any order with a newer session's claim."""
         at = datetime.now(UTC)
-        sandbox_id = session.sandbox_id
 
         def failed(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -520,53 +588,48 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 ("disconnect-write", sandbox_id),
                 f"cannot record that sandbox {sandbox_id} disconnected (attempt {state.attempt_number}), "
                 f"retrying: {exc}",
-                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
+                extra={"sandbox_id": sandbox_id, "session_id": session_id},
             )
 
         attempts = 0
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(StoreError),
-            wait=wait_random_exponential(multiplier=0.2, max=DISCONNECT_RETRY_MAX_S),
-            before_sleep=failed,
-            reraise=True,
-        ):
-            with attempt:
-                attempts += 1
-                async with self._row_lock(sandbox_id):
-                    # Also the sessions this one replaced on this replica: if this session's
-                    # connection was never written, the row still names one of them, which no one
-                    # else will mark disconnected (their close found this session in their place).
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(StoreError),
+                wait=wait_random_exponential(multiplier=0.2, max=DISCONNECT_RETRY_MAX_S),
+                before_sleep=failed,
+                reraise=True,
+            ):
+                with attempt:
+                    attempts += 1
                     await self._sandboxes.mark_disconnected(
                         sandbox_id,
-                        session_id=session.session_id,
-                        replaced=session.replaced,
+                        session_id=session_id,
                         at=at,
-                        generation=session.generation,
+                        generation=generation,
+                        owner_epoch=owner_epoch,
                     )
+        except Fenced as exc:
+            # The usual end of a session whose supervisor reconnected elsewhere first.
+            self._count_fenced(exc.kind)
+            log.info(
+                "disconnection not recorded: %s",
+                exc,
+                extra={"sandbox_id": sandbox_id, "session_id": session_id},
+            )
+            return
         if attempts > 1:
             self._recorded_log.log(
                 logging.INFO,
                 ("disconnect-recorded", sandbox_id),
                 f"disconnection of sandbox {sandbox_id} recorded after {attempts} attempts",
-                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
+                extra={"sandbox_id": sandbox_id, "session_id": session_id},
             )
 
-    def _row_lock(self, sandbox_id: str) -> asyncio.Lock:
-        lock = self._row_locks.get(sandbox_id)
-        if lock is None:
-            lock = self._row_locks[sandbox_id] = asyncio.Lock()
-        return lock
-
-    async def _accept(
-        self, session: Session, hello: pb.SupervisorHello, peer: str, *, deadline: float
-    ) -> pb.GatewayMessage:
-        """Record the connection (by ``deadline``) and build the SessionAccepted answer."""
+    def _accept(self, session: Session, hello: pb.SupervisorHello, peer: str) -> pb.GatewayMessage:
+        """The SessionAccepted answer of a session whose claim is recorded."""
         sandbox_id = session.sandbox_id
         capabilities = session.capabilities
         resume_after = session.acked_through
-        await self._within(
-            self._record_connected(session), deadline=deadline, what="hello: record the connection"
-        )
         if self._metrics is not None:
             self._metrics.sessions_accepted.inc()
         log.info(
@@ -578,6 +641,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 "capabilities": sorted(capabilities),
                 "resume_after": resume_after,
                 "journal_last": hello.journal_last_sequence,
+                "owner_epoch": session.owner_epoch,
             },
         )
         accepted = pb.GatewayMessage()
@@ -634,6 +698,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 return
             if isinstance(item, Close):
                 log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
+                if item.fenced:
+                    self._count_fenced("heartbeats")
+                    yield self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason)
                 return
             if isinstance(item, _CommandOut):
                 if item.expires_at <= datetime.now(UTC):
@@ -670,7 +737,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             except WireError as exc:
                 raise ProtocolError(str(exc)) from None
             answered = await self._within(
-                self._commands.answer(session.sandbox_id, result),
+                self._commands.answer(session.sandbox_id, result, owner_epoch=session.owner_epoch),
                 deadline=self._store_deadline(),
                 what="store a command result",
             )
@@ -725,6 +792,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         batch.events,
                         known_high_water_mark=session.acked_through,
                         generation=session.generation,
+                        owner_epoch=session.owner_epoch,
                     ),
                     deadline=deadline,
                 ),

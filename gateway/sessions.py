@@ -10,29 +10,30 @@ live session that has not spoken for a whole stale bound (a command widened its 
 interval) is renewed with the flush time: the gateway still holds it, and its own stale check,
 widened to match, vouches for it.
 
-Room for HA: the session's ``owner_epoch`` will come from the store's ownership table, so that
-a stale owner on another replica cannot write (fencing). Today it is this process's counter.
+A session's ``owner_epoch`` is its claim on the sandbox in the database
+(``SandboxStore.mark_connected``), made before it enters the registry; every write of the session
+is conditional on it (:mod:`gateway.store.fencing`). The registry orders its sessions by that
+epoch too: a session whose claim is older than the live one's (two hellos of one sandbox on this
+replica whose claims committed in the other order) is not let in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
 
 from openshell_wire.records import JournalEpoch, SandboxId, SessionId
 from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: How many replaced sessions' ids a session remembers (a supervisor reconnecting in a loop while
-#: the store fails must not grow it).
-MAX_REPLACED = 8
+
+def new_session_id() -> SessionId:
+    return SessionId(uuid.uuid4().hex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,9 @@ class Close:
     """The handler must end the stream (replaced by a newer session, shutdown)."""
 
     reason: str
+    #: A newer claim fenced this session's writes: the stream ends with SessionRejected SUPERSEDED
+    #: and this reason, not silently.
+    fenced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,9 @@ class Session:
     #: The sandbox's generation when the hello came: the session's writes are about that sandbox
     #: only, not one created again under its id meanwhile.
     generation: int = 1
-    #: Ids of the sessions of this sandbox this one replaced on this gateway, newest last
-    #: (bounded): its disconnection write covers the row while it still names one of them.
-    replaced: tuple[SessionId, ...] = ()
+    #: A write of this session was fenced (a newer claim owns the sandbox): its disconnection is
+    #: not written (it would be fenced too).
+    fenced: bool = False
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -100,7 +104,6 @@ class Session:
 class SessionRegistry:
     def __init__(self) -> None:
         self._live: dict[SandboxId, Session] = {}
-        self._epochs: Final = itertools.count(1)
         self._dirty: set[SandboxId] = set()
         #: Heartbeat times of a failed flush, to write with the next one.
         self._pending: dict[SandboxId, datetime] = {}
@@ -112,21 +115,28 @@ class SessionRegistry:
         instance_id: str,
         journal_epoch: JournalEpoch,
         capabilities: frozenset[str],
-    ) -> Session:
+        owner_epoch: int = 0,
+        session_id: SessionId | None = None,
+        opened_at: datetime | None = None,
+    ) -> Session | None:
+        """Register a session whose claim returned ``owner_epoch`` (0: none, for tests of the
+        registry alone), replacing this sandbox's live one; None (nothing changed) when the live
+        one's claim is newer: this session lost the sandbox before it began."""
+        old = self._live.get(sandbox_id)
+        if old is not None and old.owner_epoch > owner_epoch:
+            return None
         session = Session(
             sandbox_id=sandbox_id,
-            session_id=SessionId(uuid.uuid4().hex),
+            session_id=session_id if session_id is not None else new_session_id(),
             instance_id=instance_id,
             journal_epoch=journal_epoch,
             capabilities=capabilities,
-            owner_epoch=next(self._epochs),
-            opened_at=datetime.now(UTC),
+            owner_epoch=owner_epoch,
+            opened_at=opened_at if opened_at is not None else datetime.now(UTC),
         )
-        old = self._live.get(sandbox_id)
         if old is not None:
             log.info("session replaced", extra={"sandbox_id": sandbox_id, "old_session": old.session_id})
             old.inbox.put_nowait(Close("replaced by a newer session of the same sandbox"))
-            session.replaced = (*old.replaced, old.session_id)[-MAX_REPLACED:]
             # The old session's beats are not the new one's (heartbeats are written per session).
             self._dirty.discard(sandbox_id)
             self._pending.pop(sandbox_id, None)
@@ -153,6 +163,26 @@ class SessionRegistry:
         """The session each of ``beats`` is about (the live one), for a write conditional on it;
         call it with ``take_heartbeats``' result before awaiting anything."""
         return {sid: self._live[SandboxId(sid)].session_id for sid in beats}
+
+    def heartbeat_epochs(self, beats: dict[str, datetime]) -> dict[str, int]:
+        """The claim (``owner_epoch``) of the session each of ``beats`` is about, for a write
+        fenced on it; call it with ``heartbeat_sessions``, before awaiting anything."""
+        return {sid: self._live[SandboxId(sid)].owner_epoch for sid in beats}
+
+    def fence(self, sandbox_ids: set[str], sessions: dict[str, str]) -> None:
+        """A heartbeat flush found these sandboxes claimed by newer sessions: end their sessions
+        here (if still the ones ``sessions`` names) with SessionRejected SUPERSEDED."""
+        for sandbox_id in sandbox_ids:
+            live = self._live.get(SandboxId(sandbox_id))
+            if live is not None and live.session_id == sessions.get(sandbox_id):
+                live.fenced = True
+                live.inbox.put_nowait(
+                    Close(
+                        f"sandbox {sandbox_id} is owned by a newer session: this session's claim "
+                        f"(epoch {live.owner_epoch}) was taken, its heartbeats are not recorded",
+                        fenced=True,
+                    )
+                )
 
     def take_heartbeats(self, *, renew_after_s: float | None = None) -> dict[str, datetime]:
         """The heartbeat times to flush: last-seen times changed since the previous call, those of

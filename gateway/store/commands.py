@@ -45,6 +45,7 @@ from sqlalchemy.engine import Row
 
 from gateway.notify import Note, Notifier, Topic, publish
 from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.fencing import check_owner
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.records import Command, CommandKind, CommandResult
@@ -276,21 +277,41 @@ class CommandStore:
                 row = (await conn.execute(query)).first()
         return _row(row, self._now_of(row, now)) if row is not None else None
 
-    async def answer(self, sandbox_id: str, result: CommandResult, *, now: datetime | None = None) -> Answer:
+    async def answer(
+        self,
+        sandbox_id: str,
+        result: CommandResult,
+        *,
+        now: datetime | None = None,
+        owner_epoch: int | None = None,
+    ) -> Answer:
         """Record the supervisor's answer: the command's state if it was pending and unexpired;
-        its ``late_result`` (the state stays ``expired``) if it had expired and had no answer yet."""
+        its ``late_result`` (the state stays ``expired``) if it had expired and had no answer yet.
+        With ``owner_epoch`` (the answering session's claim) only while the sandbox's row still
+        carries it: else :class:`~gateway.store.fencing.Fenced`, nothing recorded (a paused
+        replica's late answer cannot overwrite what the owner's session recorded)."""
         clock = self._clock(now)
         c = commands_table.c
         outcome = APPLIED if result.applied else FAILED
         this = and_(c.id == result.command_id, c.sandbox_id == sandbox_id)
         with store_errors(f"cannot record the result of command {result.command_id!r}"):
             async with self._db.engine.begin() as conn:
+
+                async def fence(*, first: bool) -> None:
+                    # PostgreSQL: first, the row stays locked until the commit, so a newer claim
+                    # waits for this answer or this answer sees it. SQLite: after the write, whose
+                    # lock (taken by the first write, not a read) keeps the claim out until then.
+                    if owner_epoch is not None and first == (self._db.dialect != "sqlite"):
+                        await check_owner(conn, sandbox_id, owner_epoch, kind="command_result")
+
+                await fence(first=True)
                 done = await conn.execute(
                     update(commands_table)
                     .where(this, c.state == PENDING, _before_expiry(clock))
                     .values(state=outcome, error=result.error or None, answered_at=clock)
                 )
                 if done.rowcount:
+                    await fence(first=False)
                     return Answer.RECORDED
                 error = EXPIRED_ERROR
                 if result.error:
@@ -304,6 +325,7 @@ class CommandStore:
                     )
                     .values(state=EXPIRED, error=error, late_result=outcome, answered_at=clock)
                 )
+                await fence(first=False)
         return Answer.LATE if late.rowcount else Answer.IGNORED
 
     async def deliverable(

@@ -41,6 +41,12 @@ and its lifecycle records do not touch the new sandbox's exit. The events of a d
 apart from those of a sandbox created again under its id. Reads take a generation; without one they
 span all.
 
+A session's batches are fenced (:mod:`gateway.store.fencing`): with the ``owner_epoch`` its claim
+returned, a batch is stored only while the sandbox's row still carries that epoch, checked in the
+batch's own transaction; once a newer session has claimed the sandbox (the supervisor reconnected
+to another replica while this one was paused), the batch raises ``Fenced`` and nothing of it is
+committed, so nothing is acknowledged that the owner did not store.
+
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
 most one timeout. On PostgreSQL each transaction that stores events also sends one notification
@@ -68,6 +74,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.notify import Note, Topic, publish
 from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import Database, StoreError, describe_error, store_errors, utcnow
+from gateway.store.fencing import Fenced, check_owner
 from gateway.store.schema import UNSEQUENCED_EPOCH
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
@@ -166,6 +173,9 @@ def _stored(row: Row[Any]) -> StoredEvent:
 
 
 #: The columns of an inserted event, in the order of the precompiled INSERT's parameters.
+#: The claim a fenced batch checks on the SQLite fast path (``_insert_sqlite``).
+_CLAIM_SQL = "SELECT owner_epoch, owner FROM sandboxes WHERE id = ?"
+
 _INSERT_COLUMNS = (
     "sandbox_id",
     "journal_epoch",
@@ -574,6 +584,7 @@ class EventStore:
         *,
         known_high_water_mark: int | None = None,
         generation: int | None = None,
+        owner_epoch: int | None = None,
     ) -> int:
         """Store a batch idempotently; return the high-water mark of (sandbox, journal epoch).
 
@@ -583,7 +594,8 @@ class EventStore:
         larger of the two. It may under-report a mark raised meanwhile by someone else, which only
         costs an idempotent resend. The sandbox must already be registered (``SandboxStore.ensure``).
         ``generation`` is the sandbox's the events belong to (a session's: the one its hello
-        found); without it, the row's current one.
+        found); without it, the row's current one. With ``owner_epoch`` (the session's claim) the
+        batch is fenced: :class:`Fenced`, nothing stored, once the row carries another epoch.
         """
         if not events:
             if known_high_water_mark is not None:
@@ -617,6 +629,7 @@ class EventStore:
             received_at=received_at,
             last_sequence=max(e.sequence for e in events),
             known_high_water_mark=known_high_water_mark,
+            owner_epoch=owner_epoch,
         )
 
     async def store_wire_batch(
@@ -627,6 +640,7 @@ class EventStore:
         *,
         known_high_water_mark: int,
         generation: int | None = None,
+        owner_epoch: int | None = None,
     ) -> int:
         """Validate and store the events of an ``EventBatch`` straight from their protobuf form.
 
@@ -634,7 +648,8 @@ class EventStore:
         ``event_from_proto``, and answers as it does with ``known_high_water_mark``. Log lines, the
         hot path, become rows without an intermediate record; lifecycle and gap records go through
         the decoder. Raises :class:`WireError` (and stores nothing) for an event the decoder
-        rejects or a sequence that does not ascend.
+        rejects or a sequence that does not ascend, and :class:`Fenced` (stores nothing) when
+        ``owner_epoch`` is given and no longer the row's (see ``store_events``).
         """
         if generation is None:
             generation = await self.generation(sandbox_id)
@@ -698,6 +713,7 @@ class EventStore:
             received_at=received_at,
             last_sequence=previous,
             known_high_water_mark=known_high_water_mark,
+            owner_epoch=owner_epoch,
         )
 
     async def _store_rows(
@@ -711,17 +727,24 @@ class EventStore:
         received_at: datetime,
         last_sequence: int,
         known_high_water_mark: int | None,
+        owner_epoch: int | None = None,
     ) -> int:
         what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
         if self._sqlite and not lifecycle and known_high_water_mark is not None:
-            await self._insert_sqlite(what, rows)
+            await self._insert_sqlite(what, rows, sandbox_id=sandbox_id, owner_epoch=owner_epoch)
             self._notifier.notify(sandbox_id)
             return max(known_high_water_mark, last_sequence)
         with store_errors(what):
             async with self._db.engine.begin() as conn:
-                # The insert first: on SQLite it takes the write lock, so the row read below for
-                # the exit cannot change before this transaction commits.
+                if owner_epoch is not None and not self._sqlite:
+                    # Before the insert on PostgreSQL: the row stays locked until the commit, so a
+                    # newer claim waits for this batch or this batch sees it (see check_owner).
+                    await check_owner(conn, sandbox_id, owner_epoch, kind="events")
+                # The insert first on SQLite: it takes the write lock, so the row read below for
+                # the exit (and the claim checked right after) cannot change before this commits.
                 await conn.exec_driver_sql(self._idempotent_sql, rows)
+                if owner_epoch is not None and self._sqlite:
+                    await check_owner(conn, sandbox_id, owner_epoch, kind="events")
                 if lifecycle:
                     await self._apply_lifecycle(
                         conn,
@@ -741,14 +764,18 @@ class EventStore:
         self._notifier.notify(sandbox_id)
         return hwm
 
-    async def _insert_sqlite(self, what: str, rows: list[tuple[Any, ...]]) -> None:
+    async def _insert_sqlite(
+        self, what: str, rows: list[tuple[Any, ...]], *, sandbox_id: str, owner_epoch: int | None
+    ) -> None:
         """One transaction of ``rows`` on the aiosqlite driver connection itself.
 
         Through SQLAlchemy, a batch costs about ten round trips to the driver's thread (begin,
         execute, commit, cursor and pool bookkeeping), which with batches of a few hundred lines
         is as much as the inserts themselves. The driver begins the transaction implicitly before
         the INSERT (its default isolation level), so this is two round trips, plus the pool's
-        rollback on check-in, which is a no-op after the commit.
+        rollback on check-in, which is a no-op after the commit. With ``owner_epoch`` the claim is
+        read after the INSERT (which holds the write lock until the commit) and the batch is
+        rolled back if it moved: one more round trip.
         """
         with store_errors(what):
             async with self._db.engine.connect() as conn:
@@ -756,6 +783,19 @@ class EventStore:
                 assert driver is not None
                 try:
                     await driver.executemany(self._idempotent_sql, rows)
+                    if owner_epoch is not None:
+                        cursor = await driver.execute(_CLAIM_SQL, (sandbox_id,))
+                        claim = await cursor.fetchone()
+                        await cursor.close()
+                        if claim is None or int(claim[0]) != owner_epoch:
+                            await driver.rollback()
+                            raise Fenced(
+                                sandbox_id,
+                                kind="events",
+                                epoch=owner_epoch,
+                                current_epoch=None if claim is None else int(claim[0]),
+                                owner=None if claim is None else claim[1],
+                            )
                     await driver.commit()
                 except sqlite3.Error as exc:
                     # The pool's reset on check-in rolls the transaction back.

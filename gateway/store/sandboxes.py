@@ -2,11 +2,15 @@
 
 A row is created when a sandbox is first seen (by a driver that launches it, or by the hello of a
 supervisor the gateway did not launch). Sessions come and go on the row: connecting records the
-session id, the journal epoch and the owning replica (its ``ha.replica_id``: its lease in the
-``replicas`` table decides whether the session still counts, :mod:`gateway.sandbox_state`);
-disconnecting is conditional on the session id, because a supervisor that reconnects quickly may
-have its new session registered before the old stream's teardown runs, and the old one must not
-mark the sandbox disconnected.
+session id, the journal epoch and the owning replica (its ``ha.replica_id`` and the run of the
+process, ``owner_run``: the lease of that run in the ``replicas`` table decides whether the session
+still counts, :mod:`gateway.sandbox_state`). Connecting is a claim: one UPDATE raises
+``owner_epoch`` and returns it, so the newest hello owns the row, whichever replica's clock says
+what; every later write of the session (heartbeats, its disconnection, and in the event and
+command stores its batches and results) is conditional on that epoch and raises
+:class:`~gateway.store.fencing.Fenced` once a newer claim took the row (:mod:`gateway.store.fencing`).
+A supervisor that reconnects quickly may have its new session registered before the old stream's
+teardown runs: the old one's disconnection then finds a newer epoch and writes nothing.
 
 Exit information stays once written, also across later connections: an exited sandbox's
 supervisor still connects to flush its journal.
@@ -41,6 +45,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.store.commands import FAILED, PENDING
 from gateway.store.db import Database, StoreError, store_errors, utcnow
+from gateway.store.fencing import Fenced
 from gateway.store.leadership import LeaderTerm
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
@@ -75,6 +80,10 @@ class SandboxRow:
     pod_uid: str | None = None
     #: The run (``ReplicaIdentity.run``) of the owner process: a restarted replica is another run.
     owner_run: str | None = None
+
+
+#: How many sandboxes' claims a heartbeat flush checks per query (see ``record_heartbeats``).
+HEARTBEAT_CHECK_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +253,7 @@ class SandboxStore:
                         run_epoch=None,
                         run_sequence=None,
                         owner=None,
+                        owner_run=None,
                     )
                 )
                 if updated.rowcount == 0:
@@ -317,43 +327,45 @@ class SandboxStore:
         owner: str,
         at: datetime,
         generation: int | None = None,
-    ) -> bool:
-        """Record a new session as the sandbox's current one. Exit information is kept.
+        owner_run: str | None = None,
+    ) -> int | None:
+        """Claim the sandbox for a new session and return the claim's ``owner_epoch`` (at least
+        1). Exit information is kept.
 
-        ``at`` is when the session opened: nothing is written if the row already names a session
-        opened later (False then), so a delayed write of a dead session cannot take the row from
-        a newer live one (whose heartbeats are written only while the row names it). With
-        ``generation`` (the one the session's hello found), nothing is written either if the id
-        has been created again since. A row that is missing altogether is an error."""
+        One statement raises the epoch and records the session, so of two claims the one that
+        commits last owns the row and the other's later writes are fenced (its epoch is no longer
+        the row's): the newest hello wins, and an owner that was paused cannot take it back. ``at``
+        (when the session opened) is only recorded, never compared: replicas' clocks do not order
+        claims. With ``generation`` (the one the session's hello found), nothing is written, and
+        None returned, if the id has been created again since. A row that is missing altogether
+        is an error."""
         what = f"cannot mark sandbox {sandbox_id!r} connected"
+        c = sandboxes_table.c
         with store_errors(what):
             async with self._db.engine.begin() as conn:
-                result = await conn.execute(
+                epoch = await conn.scalar(
                     update(sandboxes_table)
-                    .where(
-                        sandboxes_table.c.id == sandbox_id,
-                        *_of_generation(generation),
-                        or_(sandboxes_table.c.connected_at.is_(None), sandboxes_table.c.connected_at <= at),
-                    )
+                    .where(c.id == sandbox_id, *_of_generation(generation))
                     .values(
+                        owner_epoch=c.owner_epoch + 1,
                         instance_id=instance_id,
                         session_id=session_id,
                         journal_epoch=journal_epoch,
                         owner=owner,
+                        owner_run=owner_run,
                         connected=True,
                         connected_at=at,
                         last_heartbeat_at=at,
                         disconnected_at=None,
                     )
+                    .returning(c.owner_epoch)
                 )
-                if result.rowcount == 0:
-                    exists = await conn.scalar(
-                        select(sandboxes_table.c.id).where(sandboxes_table.c.id == sandbox_id)
-                    )
+                if epoch is None:
+                    exists = await conn.scalar(select(c.id).where(c.id == sandbox_id))
                     if exists is not None:
-                        return False  # a newer session's row, or the id was created again
+                        return None  # the id was created again
                     raise StoreError(f"{what}: no such sandbox (register it first)")
-                return True
+                return int(epoch)
 
     async def mark_disconnected(
         self,
@@ -362,52 +374,90 @@ class SandboxStore:
         session_id: str,
         at: datetime,
         generation: int | None = None,
-        replaced: Sequence[str] = (),
+        owner_epoch: int | None = None,
     ) -> bool:
-        """Mark the sandbox disconnected if ``session_id`` (or one of the sessions it ``replaced``,
-        whose own write was skipped) is still its current, connected session.
+        """Mark the sandbox disconnected if ``session_id`` is still its current, connected session
+        (and with ``owner_epoch``, its claim is still the row's).
 
-        Returns whether the row changed; False means a newer session has taken over (or this one
-        was already marked), and nothing was written.
+        Returns whether the row changed; False means this session was already marked, or (without
+        ``owner_epoch``) a newer session has taken over, and nothing was written. With
+        ``owner_epoch``, a newer claim raises :class:`Fenced` (nothing written either): the caller
+        learns that the sandbox is another session's, not merely that this one was marked.
         """
+        c = sandboxes_table.c
+        where = [c.id == sandbox_id, c.session_id == session_id, *_of_generation(generation)]
+        if owner_epoch is not None:
+            where.append(c.owner_epoch == owner_epoch)
         with store_errors(f"cannot mark sandbox {sandbox_id!r} disconnected"):
             async with self._db.engine.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
-                    .where(
-                        sandboxes_table.c.id == sandbox_id,
-                        sandboxes_table.c.session_id.in_([session_id, *replaced]),
-                        sandboxes_table.c.connected.is_(True),
-                        *_of_generation(generation),
-                    )
+                    .where(*where, c.connected.is_(True))
                     .values(connected=False, disconnected_at=at)
                 )
-                return result.rowcount > 0
+                if result.rowcount > 0:
+                    return True
+                if owner_epoch is not None:
+                    row = (
+                        await conn.execute(select(c.owner_epoch, c.owner).where(c.id == sandbox_id))
+                    ).first()
+                    if row is None or int(row.owner_epoch) != owner_epoch:
+                        raise Fenced(
+                            sandbox_id,
+                            kind="disconnect",
+                            epoch=owner_epoch,
+                            current_epoch=None if row is None else int(row.owner_epoch),
+                            owner=None if row is None else row.owner,
+                        )
+                return False
 
     async def record_heartbeats(
-        self, beats: Mapping[str, datetime], *, sessions: Mapping[str, str] | None = None
-    ) -> None:
+        self,
+        beats: Mapping[str, datetime],
+        *,
+        sessions: Mapping[str, str] | None = None,
+        epochs: Mapping[str, int] | None = None,
+    ) -> set[str]:
         """Write many sandboxes' last heartbeat times in one transaction. With ``sessions`` (the
         session each beat came from, for every sandbox in ``beats``), a beat is written only
         while the row still names its session: a session replaced elsewhere (its supervisor
-        reconnected to another gateway) cannot refresh a row that is another session's now."""
+        reconnected to another gateway) cannot refresh a row that is another session's now.
+        With ``epochs`` (each beat's session's claim), only while the row still carries that
+        claim: the ids whose claim was taken by a newer one (fenced: their beat was not written)
+        are returned, read in the same transaction, so their sessions can be ended."""
         if not beats:
-            return
+            return set()
         # bindparam names must differ from the column names, or SQLAlchemy takes them for the SET.
         c = sandboxes_table.c
         where = [c.id == bindparam("b_id")]
         if sessions is not None:
             where.append(c.session_id == bindparam("b_session"))
+        if epochs is not None:
+            where.append(c.owner_epoch == bindparam("b_epoch"))
         statement = update(sandboxes_table).where(*where).values(last_heartbeat_at=bindparam("b_at"))
         params: list[dict[str, object]] = [
             {"b_id": sandbox_id, "b_at": at} for sandbox_id, at in beats.items()
         ]
-        if sessions is not None:
-            for param in params:
-                param["b_session"] = sessions[str(param["b_id"])]
+        for param in params:
+            key = str(param["b_id"])
+            if sessions is not None:
+                param["b_session"] = sessions[key]
+            if epochs is not None:
+                param["b_epoch"] = epochs[key]
+        fenced: set[str] = set()
         with store_errors(f"cannot record the heartbeats of {len(params)} sandboxes"):
             async with self._db.engine.begin() as conn:
                 await conn.execute(statement, params)
+                if epochs is not None:
+                    ids = list(beats)
+                    # In chunks: a flush may name thousands of sandboxes, and SQLite's bound
+                    # parameters per statement are limited.
+                    for first in range(0, len(ids), HEARTBEAT_CHECK_CHUNK):
+                        chunk = ids[first : first + HEARTBEAT_CHECK_CHUNK]
+                        rows = await conn.execute(select(c.id, c.owner_epoch).where(c.id.in_(chunk)))
+                        found = {row.id: int(row.owner_epoch) for row in rows}
+                        fenced.update(sid for sid in chunk if found.get(sid) != epochs[sid])
+        return fenced
 
     async def set_spec(
         self,

@@ -44,6 +44,8 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     """admission control; retry after retry_after_ms"""
     REJECT_CODE_PROTOCOL_ERROR: _RejectCode.ValueType  # 4
     """a message arrived that is not valid at this point"""
+    REJECT_CODE_SUPERSEDED: _RejectCode.ValueType  # 5
+    """a newer session claimed the sandbox (owner epoch); reconnect"""
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper): ...
 
@@ -56,6 +58,8 @@ REJECT_CODE_OVERLOADED: RejectCode.ValueType  # 3
 """admission control; retry after retry_after_ms"""
 REJECT_CODE_PROTOCOL_ERROR: RejectCode.ValueType  # 4
 """a message arrived that is not valid at this point"""
+REJECT_CODE_SUPERSEDED: RejectCode.ValueType  # 5
+"""a newer session claimed the sandbox (owner epoch); reconnect"""
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 
 class _ServiceStatus:

@@ -34,6 +34,7 @@ def _open(registry: SessionRegistry, sandbox_id: str, *, stale_after_s: float) -
         journal_epoch=JournalEpoch("e"),
         capabilities=frozenset(),
     )
+    assert session is not None
     session.stale_after_s = stale_after_s
 
 
@@ -157,7 +158,7 @@ class _FlakySandboxes(SandboxStore):
 
     failing = False
 
-    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> bool:
+    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> int | None:
         if self.failing:
             raise StoreError(f"cannot mark sandbox {sandbox_id!r} connected: the database is away")
         return await super().mark_connected(sandbox_id, **kwargs)
@@ -215,23 +216,29 @@ async def test_a_call_closed_at_a_yield_cleans_up_at_once(
     assert row is not None and not row.connected and row.disconnected_at is not None
 
 
-async def test_a_session_whose_connection_write_failed_still_clears_the_one_it_replaced(
+async def test_a_hello_whose_claim_failed_leaves_the_owner_in_place(
     service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics],
 ) -> None:
-    """S2 replaces S1 on this gateway and S2's connection write fails: S1's own disconnection is
-    skipped (S2 took its place), so S2's must cover the row, which still names S1."""
+    """S2's claim of a sandbox S1 holds fails (the store is away): S2 is refused with a retry hint
+    and never enters the registry, so S1, still the row's owner, keeps its session; when S1 ends,
+    its own disconnection clears the row."""
     svc, sandboxes, metrics = service
     first = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
-    assert (await anext(first)).WhichOneof("payload") == "session_accepted"
+    accepted = await anext(first)
+    assert accepted.WhichOneof("payload") == "session_accepted"
     sandboxes.failing = True
     second = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
     rejected = await anext(second)
     assert rejected.session_rejected.retry_after_ms > 0, rejected
     with pytest.raises(Exception, match="store unavailable"):
         await anext(second)
-    with pytest.raises(StopAsyncIteration):  # S1 was told to close: it ends
-        await anext(first)
     sandboxes.failing = False
+    assert _live_sessions(metrics) == 1, "S1 still holds the sandbox"
+    row = await sandboxes.get("sb-replaced")
+    assert row is not None and row.connected
+    assert row.session_id == accepted.session_accepted.session_id
+    assert row.owner_epoch == accepted.session_accepted.owner_epoch
+    await first.aclose()  # type: ignore[attr-defined]
     assert _live_sessions(metrics) == 0
     await svc.drain(timeout_s=5)
     row = await sandboxes.get("sb-replaced")
@@ -255,6 +262,7 @@ async def test_a_replaced_session_cannot_refresh_the_row_of_another(tmp_path: Pa
                 journal_epoch=JournalEpoch("e1"),
                 capabilities=frozenset(),
             )
+            assert session is not None
             await sandboxes.mark_connected(
                 sandbox_id,
                 instance_id="i1",
@@ -286,27 +294,37 @@ async def test_a_replaced_session_cannot_refresh_the_row_of_another(tmp_path: Pa
         await db.close()
 
 
-async def test_a_delayed_connection_write_cannot_take_the_row_from_a_newer_session(tmp_path: Path) -> None:
-    """The write of a session that opened first lands last (a slow replica, a retried
-    transaction): the row keeps naming the newer session, whose heartbeats are then still written
-    (they are written only while the row names their session)."""
+async def test_the_newest_claim_owns_the_row_whatever_the_clocks_say(tmp_path: Path) -> None:
+    """Claims are ordered by the database's epoch, not by when each replica's clock says its
+    session opened: the claim that commits last owns the row (even with an earlier ``at``), and
+    the heartbeats and disconnection of the session it displaced are refused (fenced)."""
     db = await Database.open(gateway_config(tmp_path).database.url)
     try:
         sandboxes = SandboxStore(db)
         await sandboxes.ensure("sb")
-        older = datetime.now(UTC)
-        newer = older + timedelta(seconds=1)
+        later = datetime.now(UTC)
+        earlier = later - timedelta(seconds=1)  # a replica whose clock is behind
         fields: dict[str, Any] = {"instance_id": "i1", "journal_epoch": "e1", "owner": "here"}
-        assert await sandboxes.mark_connected("sb", session_id="s-new", at=newer, **fields)
-        assert not await sandboxes.mark_connected("sb", session_id="s-old", at=older, **fields)
+        first = await sandboxes.mark_connected("sb", session_id="s-first", at=later, **fields)
+        second = await sandboxes.mark_connected("sb", session_id="s-second", at=earlier, **fields)
+        assert first is not None and second is not None and second > first
         row = await sandboxes.get("sb")
-        assert row is not None and row.session_id == "s-new" and row.connected_at == newer
-        beat = newer + timedelta(seconds=5)
-        await sandboxes.record_heartbeats({"sb": beat}, sessions={"sb": "s-new"})
+        assert row is not None and row.session_id == "s-second" and row.owner_epoch == second
+        beat = later + timedelta(seconds=5)
+        fenced = await sandboxes.record_heartbeats(
+            {"sb": beat}, sessions={"sb": "s-second"}, epochs={"sb": second}
+        )
+        assert fenced == set()
         row = await sandboxes.get("sb")
-        assert row is not None and row.last_heartbeat_at == beat, "the live session's beat is written"
+        assert row is not None and row.last_heartbeat_at == beat, "the owner's beat is written"
+        fenced = await sandboxes.record_heartbeats(
+            {"sb": beat + timedelta(seconds=5)}, sessions={"sb": "s-second"}, epochs={"sb": first}
+        )
+        assert fenced == {"sb"}
+        row = await sandboxes.get("sb")
+        assert row is not None and row.last_heartbeat_at == beat, "the displaced claim's beat is not"
         with pytest.raises(StoreError, match="no such sandbox"):
-            await sandboxes.mark_connected("missing", session_id="s", at=newer, **fields)
+            await sandboxes.mark_connected("missing", session_id="s", at=later, **fields)
     finally:
         await db.close()
 
