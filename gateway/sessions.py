@@ -170,7 +170,7 @@ class SessionRegistry:
         return {sid: self._live[SandboxId(sid)].owner_epoch for sid in beats}
 
     def fence(self, sandbox_ids: set[str], sessions: dict[str, str]) -> None:
-        """A heartbeat flush found these sandboxes claimed by newer sessions: end their sessions
+        """A heartbeat flush found these sandboxes claimed by newer sessions (or gone): end their sessions
         here (if still the ones ``sessions`` names) with SessionRejected SUPERSEDED."""
         for sandbox_id in sandbox_ids:
             live = self._live.get(SandboxId(sandbox_id))
@@ -178,8 +178,9 @@ class SessionRegistry:
                 live.fenced = True
                 live.inbox.put_nowait(
                     Close(
-                        f"sandbox {sandbox_id} is owned by a newer session: this session's claim "
-                        f"(epoch {live.owner_epoch}) was taken, its heartbeats are not recorded",
+                        f"sandbox {sandbox_id} is owned by a newer session (or was deleted): this "
+                        f"session's claim (epoch {live.owner_epoch}) no longer holds, its heartbeats "
+                        "are not recorded",
                         fenced=True,
                     )
                 )
