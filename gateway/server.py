@@ -585,7 +585,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 self._metrics.background_write_failures.labels("disconnect").inc()
             self._retry_log.log(
                 logging.WARNING,
-                ("disconnect-write", sandbox_id),
+                # One key for all sandboxes: an outage fails every session's write at once, and is
+                # one line (a minute) rather than one per session; the summary counts the others.
+                ("disconnect-write",),
                 f"cannot record that sandbox {sandbox_id} disconnected (attempt {state.attempt_number}), "
                 f"retrying: {exc}",
                 extra={"sandbox_id": sandbox_id, "session_id": session_id},

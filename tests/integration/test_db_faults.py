@@ -204,6 +204,71 @@ async def test_postgres_restarted_under_traffic_loses_and_doubles_nothing(
     assert "Traceback" not in log, log[-3000:]
 
 
+async def test_a_long_outage_ends_sessions_unavailable_with_one_log_line(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """PostgreSQL down for longer than an event batch's deadline: the writing sessions end with
+    SessionRejected and UNAVAILABLE plus a retry hint (never UNKNOWN), the gateway logs the outage
+    once (not once per session or per attempt), and once the database is back every line is stored
+    exactly once, in order."""
+    lines = 300
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        heartbeat_interval_s=2.0,
+        grace_s=5.0,
+        extra=[
+            "--database-url",
+            pg_server.url(database),
+            "--set",
+            "grpc.batch_store_timeout_s=3",
+            "--set",
+            "database.pool_timeout_s=2",
+        ],
+    )
+    gw.start()
+    ids = [f"sb-outage-{i}" for i in range(3)]
+    try:
+        for sandbox_id in ids:
+            sv = SupervisorProcess(
+                tmp_path / sandbox_id, sandbox_id, gw.address, writer_command(lines, delay=0.02)
+            )
+            supervisors.append(sv)
+            sv.start()
+
+        async def writing() -> bool:
+            counts = [len(await _stored_lines(pg_server, database, sid)) for sid in ids]
+            return all(c >= 20 for c in counts)
+
+        await _until(writing, within=30, what="every supervisor writing")
+        pg_server.stop()
+        try:
+            await _until(
+                lambda: all("store unavailable" in sv.log_text() for sv in supervisors),
+                within=30,
+                what="every session told the store is unavailable",
+            )
+        finally:
+            pg_server.start()
+        for sv in supervisors:
+            assert sv.wait(60) == 0, sv.log_text()[-3000:]
+        for sandbox_id in ids:
+            stored = await _stored_lines(pg_server, database, sandbox_id)
+            keys = [(epoch, seq) for epoch, seq, _ in stored]
+            assert len(keys) == len(set(keys)), f"{sandbox_id}: a (epoch, sequence) stored twice"
+            assert [m for _, _, m in stored] == [f"line {i}" for i in range(lines)], sandbox_id
+    finally:
+        gw.stop()
+    log = gw.log_text()
+    for sv in supervisors:
+        assert "UNKNOWN" not in sv.log_text(), sv.log_text()[-3000:]
+    assert log.count("unreachable (") == 1, log[-4000:]
+    assert log.count("reachable again after") == 1, log[-4000:]
+    # The rate-limited lines of the outage: one each, whatever the number of sessions.
+    assert log.count("answered UNAVAILABLE") == 1, log[-4000:]
+    assert log.count("cannot record that sandbox") <= 1, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+
+
 async def test_a_multi_host_url_reaches_the_live_primary(pg_server: PgServer, database: str) -> None:
     """The form a Patroni cluster is reached by: the first host is down, the second the primary."""
     dead = free_port()
