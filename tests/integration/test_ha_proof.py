@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.haproxy import Backend, HAProxy, running_haproxy
@@ -632,3 +633,104 @@ def test_every_command_posted_through_any_replica_is_applied(proof: Proof) -> No
     assert proof.final_round, "the last round was posted"
     pending = sorted(i for i, c in proof.commands.items() if c["state"] != "applied")
     assert not pending, f"{len(pending)} of {len(proof.commands)} commands not applied: {pending[:10]}"
+
+
+#: How long a sandbox may stay stalled behind a frozen replica's transaction: the stale bound, a
+#: reconnection and a timeout on the frozen replica's idle transaction of a few seconds.
+FROZEN_TRANSACTION_BOUND_S = 15.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 20 points 1 and 5: a replica frozen inside a transaction keeps the sandbox's row "
+    "locked (its gateway connections set no idle_in_transaction_session_timeout), so the replica the "
+    "session moves to cannot claim or write the sandbox until the frozen one wakes. Remove this mark "
+    "once the database ends such a transaction.",
+)
+def test_a_replica_frozen_inside_a_transaction_does_not_stall_its_sandbox(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """The harder version of the freeze, made certain: the replica holding the session is frozen
+    while its transaction on the sandbox's row is open (it waits for a lock the test holds; the
+    test then releases it, so the frozen process's connection holds the row, idle in
+    transaction). The session must move to the other replica and go on storing lines."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _admin(pg_server, f'CREATE DATABASE "{name}"')
+    url = pg_server.url(name)
+    gateways = [_replica(tmp_path / f"gw{i}", url) for i in range(2)]
+    sv: SupervisorProcess | None = None
+    frozen: GatewayProcess | None = None
+    try:
+        for gw in gateways:
+            gw.start()
+        backends = [Backend(_rid(gw), gw.grpc_port, gw.http_port, gw.ops_port) for gw in gateways]
+        with running_haproxy(tmp_path / "haproxy", backends) as proxy:
+            sv = SupervisorProcess(
+                tmp_path / "sv",
+                "frozen-tx",
+                proxy.grpc_address,
+                [PYTHON, "-u", "-c", WRITER, str(tmp_path / "stop"), str(LINE_EVERY_S)],
+            )
+            sv.start()
+            holder_id = wait_until(
+                lambda: _line_counts(url).get("frozen-tx", 0) >= 20 and _owners(url).get("frozen-tx"),
+                timeout=SETTLE_S,
+                what="the session storing lines",
+            )
+            frozen = next(gw for gw in gateways if _rid(gw) == holder_id)
+            (other,) = [gw for gw in gateways if gw is not frozen]
+            assert frozen.proc is not None
+            ports = {c.laddr.port for c in psutil.Process(frozen.proc.pid).net_connections(kind="tcp")}
+
+            async def freeze_inside_a_transaction() -> None:
+                conn = await asyncpg.connect(_dsn(url))
+                try:
+                    async with conn.transaction():
+                        await conn.execute("SELECT 1 FROM sandboxes WHERE id = 'frozen-tx' FOR UPDATE")
+                        me = await conn.fetchval("SELECT pg_backend_pid()")
+                        waiting = (
+                            "SELECT client_port FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+                        )
+                        for _ in range(100):  # the holder's next write for the sandbox (its heartbeat flush)
+                            if {r[0] for r in await conn.fetch(waiting, me)} & ports:
+                                break
+                            await asyncio.sleep(0.1)
+                        else:
+                            raise AssertionError("the holder never waited on the sandbox's row")
+                        frozen.signal(signal.SIGSTOP)
+                    # Released: the frozen process's statement takes the row and its transaction
+                    # stays open, the process not there to end it.
+                    idle = "SELECT state FROM pg_stat_activity WHERE client_port = ANY($1::int[])"
+                    for _ in range(50):
+                        if "idle in transaction" in {r[0] for r in await conn.fetch(idle, list(ports))}:
+                            return
+                        await asyncio.sleep(0.1)
+                    raise AssertionError("the frozen replica's transaction is not left open")
+                finally:
+                    await conn.close()
+
+            asyncio.run(freeze_inside_a_transaction())
+            before = _line_counts(url)["frozen-tx"]
+            moved = False
+            with contextlib.suppress(AssertionError):
+                moved = wait_until(
+                    lambda: (
+                        _owners(url).get("frozen-tx") == _rid(other)
+                        and _line_counts(url)["frozen-tx"] >= before + 20
+                    ),
+                    timeout=FROZEN_TRANSACTION_BOUND_S,
+                    what="the session moved and storing lines",
+                )
+            assert moved, (
+                f"the sandbox stalled behind the frozen replica for {FROZEN_TRANSACTION_BOUND_S:.0f} s: "
+                f"owner {_owners(url).get('frozen-tx')}, "
+                f"{_line_counts(url)['frozen-tx'] - before} lines since; "
+                f"{_waits(url)}"
+            )
+    finally:
+        (tmp_path / "stop").touch()
+        if sv is not None:
+            sv.stop()
+        for gw in gateways:
+            gw.stop()  # SIGCONT first
+        _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
