@@ -37,7 +37,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import Liveness
 from gateway.store import Database, SandboxStore, utcnow
-from gateway.store.db import describe_error, packaged_heads, schema_state
+from gateway.store.db import describe_error, packaged_heads, schema_state, unreachable_reason
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,13 @@ class Readiness:
         try:
             database = await asyncio.wait_for(asyncio.shield(self._checking), READY_DB_TIMEOUT_S)
         except TimeoutError:
-            database = Verdict(False, f"database: no answer within {READY_DB_TIMEOUT_S:.0f}s")
+            # New connections are retried while the server is unreachable: say why they fail.
+            why = unreachable_reason(self._db.engine)
+            database = Verdict(
+                False,
+                f"database: no answer within {READY_DB_TIMEOUT_S:.0f}s"
+                + (f" (unreachable: {why})" if why else ""),
+            )
         grpc = Verdict(True, "serving") if self._grpc_serving() else Verdict(False, "gRPC server not serving")
         verdicts = {"database": database, "grpc": grpc}
         failed = "; ".join(v.reason for v in verdicts.values() if not v.ok)

@@ -47,6 +47,7 @@ import os
 import random
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -192,8 +193,11 @@ class _Outage:
     def __init__(self, display_url: str) -> None:
         self._display = display_url
         self._since: float | None = None
+        #: Why new connections fail, while they do ('' otherwise): for /readyz's reason.
+        self.reason = ""
 
     def failed(self, exc: BaseException, *, retrying_for_s: float) -> None:
+        self.reason = describe_error(exc)
         if self._since is None:
             self._since = time.monotonic()
             log.warning(
@@ -204,9 +208,21 @@ class _Outage:
             )
 
     def succeeded(self) -> None:
+        self.reason = ""
         if self._since is not None:
             down_s, self._since = time.monotonic() - self._since, None
             log.info("database %s reachable again after %.1fs", self._display, down_s)
+
+
+#: Each PostgreSQL engine's outage state (see unreachable_reason).
+_OUTAGES: weakref.WeakKeyDictionary[Any, _Outage] = weakref.WeakKeyDictionary()
+
+
+def unreachable_reason(engine: AsyncEngine) -> str:
+    """Why ``engine``'s new connections are failing right now ('' when they are not, or SQLite):
+    a caller that gave up waiting for one (a readiness probe) can still say why."""
+    outage = _OUTAGES.get(engine.sync_engine)
+    return outage.reason if outage is not None else ""
 
 
 def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
@@ -280,7 +296,8 @@ def create_engine(
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
     else:
-        connect = _retrying_connect(settings, _Outage(mask_url(parsed)))
+        outage = _OUTAGES[engine.sync_engine] = _Outage(mask_url(parsed))
+        connect = _retrying_connect(settings, outage)
 
         def use_retrying_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
             # The dialect has parsed the URL (hosts, ports, target_session_attrs) into cparams; only

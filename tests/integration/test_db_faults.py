@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import urllib.error
 import urllib.request
@@ -87,6 +88,15 @@ def _readyz(gw: GatewayProcess) -> int:
         return int(exc.code)
 
 
+def _readyz_body(gw: GatewayProcess) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.ops_port}/readyz", timeout=10) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+    return body
+
+
 async def _health(gw: GatewayProcess) -> set[int]:
     """The status of each of the two health services (one value when they agree)."""
     async with aio.insecure_channel(gw.address) as channel:
@@ -116,6 +126,8 @@ async def test_grpc_health_and_readyz_follow_the_database(
             # only reject its supervisors.
             await _until(_health_is(gw, not_serving), within=20, what="gRPC health NOT_SERVING")
             assert _readyz(gw) == 503
+            # With the reason the new connections fail for, not only that the probe gave up.
+            assert "unreachable: " in _readyz_body(gw)["checks"]["database"]["reason"]
         finally:
             pg_server.start()
         await _until(_health_is(gw, serving), within=30, what="gRPC health SERVING again")
