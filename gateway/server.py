@@ -244,7 +244,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     async def _retrying(call: Callable[[], Awaitable[_T]], *, deadline: float) -> _T:
         """``call()`` tried again with backoff while it fails because the database is unreachable
         for now (a restart, a failover: its transaction was lost, not refused) and ``deadline`` is
-        not reached; for idempotent writes only (an event batch: by sequence). ``_within`` still
+        not reached; for idempotent writes only (an event batch: by sequence; a command result:
+        only while pending). ``_within`` still
         bounds the whole, so a long outage ends the session as before; a short one is not seen by
         the supervisor, since nothing is acknowledged before a commit."""
         pause = STORE_RETRY_INITIAL_S
@@ -738,9 +739,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 result = result_from_proto(message.command_result)
             except WireError as exc:
                 raise ProtocolError(str(exc)) from None
+            deadline = self._store_deadline()
             answered = await self._within(
-                self._commands.answer(session.sandbox_id, result, owner_epoch=session.owner_epoch),
-                deadline=self._store_deadline(),
+                # Retried like a batch: an answer is conditional on the command still pending, so
+                # one replayed after a commit whose reply was lost changes nothing (IGNORED).
+                self._retrying(
+                    lambda: self._commands.answer(
+                        session.sandbox_id, result, owner_epoch=session.owner_epoch
+                    ),
+                    deadline=deadline,
+                ),
+                deadline=deadline,
                 what="store a command result",
             )
             if answered is Answer.IGNORED:
