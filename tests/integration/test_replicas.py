@@ -7,13 +7,16 @@ The heartbeat interval is long (30 s), so the heartbeat rule alone would show th
 connected for half a minute after the kill: the lease is what B goes by. Before the lease, a
 crashed gateway's sandboxes stayed "connected" for as long as their heartbeat bound.
 
-Then the review's follow-ups on the same real database: renewers whose clocks are an hour off
-change no lease (one clock, the database's); and revision 0008 marks expired the legacy pending
-commands that a replica of a release before expiry would still send, on SQLite and PostgreSQL.
+Then the review's follow-ups on the same real database: A killed and started again under the same
+replica id (a new run) does not bring its predecessor's session back as connected on either
+replica; renewers whose clocks are an hour off change no lease (one clock, the database's); and
+revision 0008 marks expired the legacy pending commands that a replica of a release before
+expiry would still send, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -182,6 +185,57 @@ async def test_a_killed_replicas_sandbox_is_shown_disconnected_then_lost_by_anot
         assert set(await _lease_rows(database_url)) == {"gw-a"}
     finally:
         a.kill()
+        b.stop()
+
+
+async def test_a_replica_restarted_under_its_id_does_not_revive_its_predecessors_session(
+    tmp_path: Path, database_url: str, supervisors: list[SupervisorProcess]
+) -> None:
+    # Review finding 2: the lease row is keyed by the stable id; a new run of gw-a renewing it must
+    # not make the session its killed predecessor left flagged connected count as alive. The new
+    # run listens elsewhere, so the supervisor (still dialling the dead address) cannot reconnect:
+    # any "connected" seen afterwards is the predecessor's session revived.
+    a = _replica(tmp_path / "a", "gw-a", database_url)
+    b = _replica(tmp_path / "b", "gw-b", database_url)
+    a.start()
+    again = _replica(tmp_path / "a2", "gw-a", database_url)
+    try:
+        b.start()
+        sv = SupervisorProcess(tmp_path / "sv", "sb-1", a.address, command=writer_command(100_000, delay=0.1))
+        supervisors.append(sv)
+        sv.start()
+        wait_until(
+            lambda: _get(b, "/api/v1/sandboxes/sb-1")["state"] == "connected",
+            timeout=30,
+            what="B showing the sandbox held by A connected",
+        )
+        first_run = (await _lease_rows(database_url))["gw-a"]["run_id"]
+        a.kill()
+        killed = time.monotonic()
+        again.start()  # the same replica id, a new run: it renews the row at once
+        rows = await _lease_rows(database_url)
+        assert rows["gw-a"]["run_id"] not in (None, first_run), "the new run took the row over"
+        # Every replica's view of the table refreshes within RENEW_S / 2: look for a while longer.
+        seen = []
+        until = time.monotonic() + 4 * RENEW_S
+        while time.monotonic() < until:
+            seen += [_get(g, "/api/v1/sandboxes/sb-1")["state"] for g in (b, again)]
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - killed < FRESH_FOR_S, "the heartbeat alone would still say connected"
+        assert "connected" not in seen, seen
+        # Since it was last heard from, which with a 30 s heartbeat may be past lost_after_s already.
+        assert set(seen) <= {"disconnected", "lost"}, seen
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            owner, owner_run, connected = await conn.fetchrow(
+                "SELECT owner, owner_run, connected FROM sandboxes WHERE id = 'sb-1'"
+            )
+        finally:
+            await conn.close()
+        assert (owner, owner_run, connected) == ("gw-a", first_run, True), "the row still names the dead run"
+    finally:
+        a.kill()
+        again.stop()
         b.stop()
 
 
