@@ -537,13 +537,17 @@ class _Api:
         body = await _json_body(request)
         kind, args = _command_args(body)
         assert isinstance(body, dict)  # _command_args refuses anything else
+        # Read before the command is stored: a failed read of the leases answers 503 having
+        # stored nothing.
+        held = is_connected(row, now=self.now(), liveness=self.liveness, leases=await self._leases())
         created = await store.create(row.id, kind, ttl_s=_command_ttl(body, self.command_settings), **args)
         # True only once the sandbox's live session (of the command's generation), on whichever
         # replica, has written it to its stream; otherwise it goes out later, unless it expires
-        # first. A sandbox no session holds (its row says so) is not waited for: nothing can
-        # take it within the wait but a hello, which sends it anyway.
+        # first. A sandbox no live session holds (by the one state rule: a crashed owner's or a
+        # stale session's does not count) is not waited for: nothing can take it within the
+        # wait but a hello, which sends it anyway.
         delivered = False
-        if self.deliver is not None and row.connected:
+        if self.deliver is not None and held:
             delivered = await self.deliver(created)
         return web.json_response({**command_json(created), "delivered": delivered}, status=201)
 

@@ -437,3 +437,43 @@ async def test_a_gateway_that_cannot_write_its_lease_does_not_start(tmp_path: Pa
     finally:
         if gw.db is not None:  # it started (without its lease): stopped, for the failure to show
             await gw.stop()
+
+
+async def test_a_command_for_a_sandbox_whose_owner_is_dead_is_not_waited_for(tmp_path: Path) -> None:
+    # The POST waits for a delivery only while the one state rule says a live session holds the
+    # sandbox; the raw flag of a crashed owner's row made it wait delivery_wait_s for nothing.
+    config = gateway_config(
+        tmp_path,
+        {
+            "ha": {"replica_id": "gw-here", "lease_s": 2.0, "renew_interval_s": 1.0},
+            "sessions": {"heartbeat_interval_s": 60.0},  # the heartbeat alone says connected
+            "commands": {"delivery_wait_s": 60.0},
+        },
+    )
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        assert gw.db is not None
+        now = datetime.now(UTC)
+        await ReplicaStore(gw.db).renew(
+            "gw-dead",
+            address="x:1",
+            sessions=1,
+            draining=False,
+            started_at=now,
+            renewed_at=now - timedelta(seconds=3),
+        )
+        await gw.sandboxes.ensure("sb-dead", driver="external")
+        await gw.sandboxes.mark_connected(
+            "sb-dead", instance_id="i", session_id="s", journal_epoch="e", owner="gw-dead", at=now
+        )
+        url = f"{gw.http_url}/api/v1/sandboxes/sb-dead/commands"
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
+            http.post(url, json={"kind": "signal", "signal": "SIGUSR1"}) as resp,
+        ):
+            assert resp.status == 201, await resp.text()
+            body = await resp.json()
+        assert (body["delivered"], body["state"]) == (False, "pending"), body
+    finally:
+        await gw.stop()
