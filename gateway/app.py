@@ -210,9 +210,14 @@ class Gateway:
             sessions=lambda: len(self.registry),
         )
         # The lease is written before the first session can name this replica its owner: start()
-        # retries for up to ha.lease_s, and without a lease this replica does not serve.
+        # retries for up to ha.lease_s, and without a lease this replica does not serve. On a
+        # schema still missing or older (not migrated here) the lease cannot be written until the
+        # migration job has run: this replica serves not ready meanwhile and renews from then on.
         try:
-            await self._renewer.start()
+            if self.db.schema_ready_at_open:
+                await self._renewer.start()
+            else:
+                self._renewer.start_in_background()
         except LeaseStartError as exc:
             self._renewer = None
             await self.db.close()

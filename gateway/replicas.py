@@ -187,6 +187,13 @@ class LeaseRenewer:
                 age,
             )
 
+    def start_in_background(self) -> None:
+        """Renew from an owned task only, without waiting for a first write: for a replica that
+        starts on a schema not yet migrated (readiness says not ready, a migration job is on its
+        way), whose lease cannot be written until the job has run. Its sessions cannot be written
+        either until then, so none names this replica before its lease exists."""
+        self._task = asyncio.create_task(self._run(first_now=True), name="replica-lease-renewer")
+
     async def start(self, *, deadline_s: float | None = None) -> None:
         """Write the row, retrying until it is written, then renew it in an owned task. Sessions
         must not name this replica their owner before its lease exists (they would show
@@ -212,7 +219,13 @@ class LeaseRenewer:
             await asyncio.sleep(min(retry_s, max(0.0, deadline - loop.time())))
         self._task = asyncio.create_task(self._run(), name="replica-lease-renewer")
 
-    async def _run(self) -> None:
+    async def _run(self, *, first_now: bool = False) -> None:
+        if first_now:
+            # Until the first write succeeds, try every second rather than every interval.
+            written = await self.renew_once()
+            while not written:
+                await asyncio.sleep(min(1.0, self._ha.renew_interval_s))
+                written = await self.renew_once()
         while True:
             await asyncio.sleep(self._ha.renew_interval_s)
             await self.renew_once()
