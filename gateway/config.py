@@ -142,6 +142,14 @@ class DatabaseSettings(_Section):
         description="PostgreSQL: a pooled connection older than this is replaced (after a failover, "
         "connections to the old primary do not linger).",
     )
+    idle_in_transaction_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="PostgreSQL: the server ends a gateway transaction left idle this long (a replica "
+        "frozen or cut off mid-transaction), releasing the sandbox rows it held: without it another "
+        "replica could not claim or write those sandboxes until the frozen one woke. The gateway's own "
+        "transactions are never idle for more than a moment.",
+    )
     connect_timeout_s: float = Field(
         5.0,
         gt=0,

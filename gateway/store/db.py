@@ -236,6 +236,15 @@ def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
         count = len(hosts) if isinstance(hosts, list) else 1
         # asyncpg's timeout covers all the hosts it tries: each gets its share.
         kwargs["timeout"] = settings.connect_timeout_s * count
+        # A transaction whose client froze (SIGSTOP, a paused VM, a cut) would otherwise hold the
+        # sandbox rows it locked for as long as it stays frozen: the owner fence's row lock and
+        # a newer owner's claim would wait on it. The server ends it instead (its writes roll back,
+        # nothing of them was acknowledged).
+        server_settings = dict(kwargs.get("server_settings") or {})
+        server_settings.setdefault(
+            "idle_in_transaction_session_timeout", str(round(settings.idle_in_transaction_timeout_s * 1000))
+        )
+        kwargs["server_settings"] = server_settings
         deadline = time.monotonic() + settings.pool_timeout_s
         pause = CONNECT_RETRY_INITIAL_S
         while True:
@@ -522,10 +531,13 @@ async def migrate(url: str) -> None:
 class Database:
     """Owns the gateway's async engine; the stores borrow it."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, schema_ready: bool = True) -> None:
         self.engine = engine
         self.dialect: str = engine.dialect.name
         self.display_url = mask_url(engine.url)
+        #: Whether the schema was at (or past) this code's head when opened: False when it was
+        #: missing or older and not migrated here (a migration job is expected to run meanwhile).
+        self.schema_ready_at_open = schema_ready
 
     @classmethod
     async def open(
@@ -559,7 +571,7 @@ class Database:
             await engine.dispose()
             raise StoreError(f"cannot {what} database {display}: {describe_error(exc)}") from exc
         log.info("database %s open (%s)", display, engine.dialect.name)
-        return cls(engine)
+        return cls(engine, schema_ready=migrate or state.at_head)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -640,13 +640,6 @@ def test_every_command_posted_through_any_replica_is_applied(proof: Proof) -> No
 FROZEN_TRANSACTION_BOUND_S = 15.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 points 1 and 5: a replica frozen inside a transaction keeps the sandbox's row "
-    "locked (its gateway connections set no idle_in_transaction_session_timeout), so the replica the "
-    "session moves to cannot claim or write the sandbox until the frozen one wakes. Remove this mark "
-    "once the database ends such a transaction.",
-)
 def test_a_replica_frozen_inside_a_transaction_does_not_stall_its_sandbox(
     pg_server: PgServer, tmp_path: Path
 ) -> None:
