@@ -4,7 +4,8 @@ The API stores a command and its notification in one transaction (:mod:`gateway.
 :mod:`gateway.notify`); every replica's :class:`CommandRouter` hears it, and the one whose registry
 holds the sandbox's live session reads the sandbox's deliverable commands from the table and
 hands them to the session. Once the session wrote one to its stream, the router records
-``delivered_at``/``delivered_by`` (only while the command is pending and unexpired) with a
+``delivered_at``/``delivered_by`` (only while the command is pending and unexpired, and while the
+session's claim on the sandbox is still the newest: fenced like its other writes) with a
 notification back, which ends the wait of the POST on whichever replica it came in
 (:meth:`CommandRouter.wait_delivered`).
 
@@ -35,9 +36,20 @@ from gateway.store import CommandRow, CommandStore, StoreError
 
 log = logging.getLogger(__name__)
 
-#: Hands a command to the live session on this replica: None if none may take it, else a future
-#: the session settles (True once written to its stream). ``OpenShellService.hand_off``.
-HandOff = Callable[[CommandRow], "asyncio.Future[bool] | None"]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handed:
+    """A command queued for a live session: ``taken`` is the future the session settles (True
+    once written to its stream), ``owner_epoch`` the session's claim, which the delivery mark is
+    fenced with (a paused old owner must not mark a command delivered to its dead stream)."""
+
+    taken: asyncio.Future[bool]
+    owner_epoch: int
+
+
+#: Hands a command to the live session on this replica: None if none may take it, else what it
+#: was handed to. ``OpenShellService.hand_off``.
+HandOff = Callable[[CommandRow], "Handed | None"]
 #: A hand-off is awaited at most this long past the command's expiry (the session settles the
 #: future itself when the command expires in its inbox; this only bounds a session gone wrong).
 HAND_OFF_SLACK_S = 1.0
@@ -172,21 +184,24 @@ class CommandRouter:
                 continue
             # The database's time left, from now on this replica's clock.
             local = dataclasses.replace(row, expires_at=datetime.now(UTC) + left)
-            taken = self._hand_off(local)
-            if taken is None:
+            handed = self._hand_off(local)
+            if handed is None:
                 continue  # no session here for it (any more): its next session's hello sends it
             self._handing.add(command_id)
-            self._spawn(self._record(local, taken, left), name=f"deliver-{command_id}")
+            self._spawn(self._record(local, handed, left), name=f"deliver-{command_id}")
 
-    async def _record(self, row: CommandRow, taken: asyncio.Future[bool], left: timedelta) -> None:
+    async def _record(self, row: CommandRow, handed: Handed, left: timedelta) -> None:
         command_id = row.command.command_id
         try:
             try:
                 async with asyncio.timeout(left.total_seconds() + HAND_OFF_SLACK_S):
-                    written = await asyncio.shield(taken)
+                    written = await asyncio.shield(handed.taken)
             except TimeoutError:
                 return
             if written:
-                await self._commands.mark_delivered(row.sandbox_id, [command_id], by=self._replica)
+                # Fenced with the session's claim: recorded only while it still owns the sandbox.
+                await self._commands.mark_delivered(
+                    row.sandbox_id, [command_id], by=self._replica, owner_epoch=handed.owner_epoch or None
+                )
         finally:
             self._handing.discard(command_id)

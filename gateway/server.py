@@ -57,6 +57,7 @@ from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaIdentity, this_replica
+from gateway.routing import Handed
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sandbox_state import Liveness
 from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry, new_session_id
@@ -265,21 +266,21 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         means it did (a session merely existing is not enough: it may be dead and not yet
         noticed). Otherwise it goes out with the sandbox's next session (pending commands are sent
         at every hello) unless it expires first; a session slower than the wait may still send it."""
-        taken = self.hand_off(created)
-        if taken is None:
+        handed = self.hand_off(created)
+        if handed is None:
             return False
         try:
             # shield: a POST that gives up must not cancel the outcome the session settles.
-            return await asyncio.wait_for(asyncio.shield(taken), self._config.commands.delivery_wait_s)
+            return await asyncio.wait_for(asyncio.shield(handed.taken), self._config.commands.delivery_wait_s)
         except TimeoutError:
             return False
 
-    def hand_off(self, created: CommandRow) -> asyncio.Future[bool] | None:
+    def hand_off(self, created: CommandRow) -> Handed | None:
         """Queue a command for its sandbox's live session on this replica (see ``deliver``; the
         command router of :mod:`gateway.routing` uses this for any replica's commands): None when
-        no session here may take it, else a future the session settles, True once it wrote the
-        command to its stream, False if it ended first or the command expired in its inbox
-        (``created.expires_at`` on this replica's clock)."""
+        no session here may take it, else the session's claim and a future the session settles,
+        True once it wrote the command to its stream, False if it ended first or the command
+        expired in its inbox (``created.expires_at`` on this replica's clock)."""
         session = self._registry.get(created.sandbox_id)
         if session is None or CAP_COMMANDS not in session.capabilities:
             return None
@@ -294,7 +295,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         message = _command_message(created.command)
         session.inbox.put_nowait(_CommandOut(message, expires_at=created.expires_at, taken=taken))
-        return taken
+        return Handed(taken, session.owner_epoch)
 
     def _expect_heartbeats(self, session: Session, command: Command) -> None:
         """A slower heartbeat asked of the supervisor widens the silence this session may keep,
@@ -498,7 +499,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # Written to this stream: recorded (and a POST waiting on it told), so the
                     # router's redelivery does not send them again.
                     self._spawn(
-                        self._commands.mark_delivered(sandbox_id, sent, by=self._owner),
+                        self._commands.mark_delivered(
+                            sandbox_id, sent, by=self._owner, owner_epoch=session.owner_epoch
+                        ),
                         name=f"delivered-{sandbox_id}",
                     )
             reader = asyncio.create_task(

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Row
 
 from gateway.notify import Note, Notifier, Topic, publish
 from gateway.store.db import Database, StoreError, store_errors, utcnow
-from gateway.store.fencing import check_owner
+from gateway.store.fencing import Fenced, check_owner
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.records import Command, CommandKind, CommandResult
@@ -363,32 +363,62 @@ class CommandStore:
         return found
 
     async def mark_delivered(
-        self, sandbox_id: str, command_ids: Sequence[str], *, by: str, now: datetime | None = None
+        self,
+        sandbox_id: str,
+        command_ids: Sequence[str],
+        *,
+        by: str,
+        owner_epoch: int | None = None,
+        now: datetime | None = None,
     ) -> Sequence[str]:
         """Record that the sandbox's live session on replica ``by`` wrote these commands to its
         stream, for those still pending and unexpired and not recorded yet, and tell the replicas
-        (a POST waits for it); returns the ids recorded."""
+        (a POST waits for it); returns the ids recorded.
+
+        With ``owner_epoch`` (the claim of the session that wrote them) only while the sandbox's
+        row still carries it, checked in the same transaction: a paused old owner writing to a
+        stream that is already dead must not mark a command delivered, or the new owner's
+        redelivery would skip it until the next hello. A fenced mark records nothing (returns
+        no ids) and raises nothing: the session itself is fenced at its next write."""
         if not command_ids:
             return []
         clock = self._clock(now)
         c = commands_table.c
-        with store_errors(f"cannot record the delivery of commands of sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
-                marked = await conn.execute(
-                    update(commands_table)
-                    .where(
-                        c.id.in_(list(command_ids)),
-                        c.sandbox_id == sandbox_id,
-                        c.state == PENDING,
-                        c.delivered_at.is_(None),
-                        _before_expiry(clock),
+        try:
+            with store_errors(f"cannot record the delivery of commands of sandbox {sandbox_id!r}"):
+                async with self._db.engine.begin() as conn:
+
+                    async def fence(*, first: bool) -> None:
+                        # As in ``answer``: PostgreSQL locks the row first, SQLite checks after the
+                        # write that took its lock (a raise rolls the write back).
+                        if owner_epoch is not None and first == (self._db.dialect != "sqlite"):
+                            await check_owner(conn, sandbox_id, owner_epoch, kind="delivery")
+
+                    await fence(first=True)
+                    marked = await conn.execute(
+                        update(commands_table)
+                        .where(
+                            c.id.in_(list(command_ids)),
+                            c.sandbox_id == sandbox_id,
+                            c.state == PENDING,
+                            c.delivered_at.is_(None),
+                            _before_expiry(clock),
+                        )
+                        .values(delivered_at=clock, delivered_by=by)
+                        .returning(c.id)
                     )
-                    .values(delivered_at=clock, delivered_by=by)
-                    .returning(c.id)
-                )
-                done = [str(i) for i in marked.scalars()]
-                notes = [Note(Topic.DELIVERED, sandbox_id, i) for i in done]
-                for note in notes:
-                    await publish(conn, note)
+                    done = [str(i) for i in marked.scalars()]
+                    await fence(first=False)
+                    notes = [Note(Topic.DELIVERED, sandbox_id, i) for i in done]
+                    for note in notes:
+                        await publish(conn, note)
+        except Fenced as exc:
+            log.info(
+                "delivery of %d command(s) not recorded: %s (they stay deliverable to the owner)",
+                len(command_ids),
+                exc,
+                extra={"sandbox_id": sandbox_id},
+            )
+            return []
         self._committed(notes)
         return done

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.store.schema import sandboxes as sandboxes_table
 
 #: What was refused (the ``kind`` label of ``openshell_gateway_fenced_writes_total``).
-FencedKind = Literal["events", "heartbeats", "disconnect", "command_result"]
+FencedKind = Literal["events", "heartbeats", "disconnect", "command_result", "delivery"]
 
 
 class Fenced(Exception):

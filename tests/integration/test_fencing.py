@@ -155,6 +155,52 @@ async def _older_claims_writes_are_refused(db: Database) -> None:
     assert row is not None and not row.connected and row.owner == "gw-b" and row.owner_run == "rb"
 
 
+async def test_an_older_claims_delivery_mark_records_nothing_on_sqlite(tmp_path: Path) -> None:
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    try:
+        await _older_claims_delivery_mark_records_nothing(db)
+    finally:
+        await db.close()
+
+
+@needs_postgres
+async def test_an_older_claims_delivery_mark_records_nothing_on_postgresql(database_url: str) -> None:
+    db = await Database.open(database_url)
+    try:
+        await _older_claims_delivery_mark_records_nothing(db)
+    finally:
+        await db.close()
+
+
+async def _older_claims_delivery_mark_records_nothing(db: Database) -> None:
+    """A paused old owner that wrote a command to its (dead) stream must not mark it delivered:
+    the newer session's redelivery would skip it until the next hello."""
+    sandboxes, commands = SandboxStore(db), CommandStore(db)
+    await sandboxes.ensure("sb")
+    at = datetime.now(UTC)
+    fields: dict[str, Any] = {"instance_id": "i1", "journal_epoch": "j1", "generation": 1}
+    old = await sandboxes.mark_connected(
+        "sb", session_id="s-old", owner="gw-a", owner_run="ra", at=at, **fields
+    )
+    new = await sandboxes.mark_connected(
+        "sb", session_id="s-new", owner="gw-b", owner_run="rb", at=at, **fields
+    )
+    assert old is not None and new is not None and new > old
+    created = await commands.create("sb", CommandKind.STOP, grace_ms=1000, ttl_s=60.0)
+    command_id = created.command.command_id
+
+    assert await commands.mark_delivered("sb", [command_id], by="gw-a", owner_epoch=old) == []
+    row = await commands.get(command_id)
+    assert row is not None and row.delivered_at is None and row.delivered_by is None
+    assert [r.command.command_id for r, _ in await commands.deliverable(["sb"])] == [command_id]
+
+    # The owner's mark lands.
+    assert await commands.mark_delivered("sb", [command_id], by="gw-b", owner_epoch=new) == [command_id]
+    row = await commands.get(command_id)
+    assert row is not None and row.delivered_by == "gw-b"
+    assert await commands.deliverable(["sb"]) == []
+
+
 # -- two real replicas, one frozen -------------------------------------------------------------
 
 
