@@ -139,6 +139,7 @@ class _CommandOut(Outbound):
     """A command the API hands a live session: ``taken`` turns True once the session has written
     it to its stream, False if the session ends first or the command expires in the inbox."""
 
+    command: Command
     expires_at: datetime
     taken: asyncio.Future[bool]
 
@@ -291,10 +292,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             return None
         if created.expires_at <= datetime.now(UTC):
             return None
-        self._expect_heartbeats(session, created.command)
         taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         message = _command_message(created.command)
-        session.inbox.put_nowait(_CommandOut(message, expires_at=created.expires_at, taken=taken))
+        session.inbox.put_nowait(
+            _CommandOut(message, command=created.command, expires_at=created.expires_at, taken=taken)
+        )
         return Handed(taken, session.owner_epoch)
 
     def _expect_heartbeats(self, session: Session, command: Command) -> None:
@@ -712,6 +714,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 if item.expires_at <= datetime.now(UTC):
                     _settle(item.taken, False)  # expired while queued: never sent
                     continue
+                # Widened only now that it is written: a heartbeat command that expired in the
+                # inbox or was never taken must not let a dead session stay silent longer.
+                self._expect_heartbeats(session, item.command)
                 try:
                     yield item.message
                 except BaseException:

@@ -20,9 +20,19 @@ from gateway.rpc import RateLimitedLog, peer_host
 from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
-from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
+from gateway.store import CommandRow, CommandStore, Database, EventStore, SandboxStore, StoreError
 from openshell_wire.convert import event_to_proto
-from openshell_wire.records import CAP_EVENTS, Event, JournalEpoch, LogRecord, LogStream, SandboxId
+from openshell_wire.records import (
+    CAP_COMMANDS,
+    CAP_EVENTS,
+    Command,
+    CommandKind,
+    Event,
+    JournalEpoch,
+    LogRecord,
+    LogStream,
+    SandboxId,
+)
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.gateway import gateway_config
 
@@ -475,3 +485,57 @@ async def test_an_event_batch_has_its_own_longer_store_deadline(tmp_path: Path) 
         await call.aclose()  # type: ignore[attr-defined]
         await svc.drain(timeout_s=5)
         await db.close()
+
+
+async def _hello_with_commands(sandbox_id: str) -> AsyncIterator[pb.SupervisorMessage]:
+    msg = pb.SupervisorMessage()
+    msg.hello.sandbox_id = sandbox_id
+    msg.hello.instance_id = "i1"
+    msg.hello.capabilities.append(CAP_COMMANDS)
+    yield msg
+    await asyncio.Event().wait()
+
+
+def _heartbeat_command(sandbox_id: str, *, expires_in_s: float) -> CommandRow:
+    now = datetime.now(UTC)
+    return CommandRow(
+        command=Command(command_id=f"hb-{sandbox_id}", kind=CommandKind.HEARTBEAT, interval_ms=60_000),
+        sandbox_id=sandbox_id,
+        state="pending",
+        error=None,
+        created_at=now,
+        answered_at=None,
+        expires_at=now + timedelta(seconds=expires_in_s),
+    )
+
+
+async def test_a_slower_heartbeat_widens_the_silence_only_once_written(
+    service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics],
+) -> None:
+    """Review finding 9: a heartbeat command that expires in the inbox (never sent) must not
+    widen the silence the session may keep; one written to the stream does."""
+    svc, _, _ = service
+    call = svc.ConnectSupervisor(_hello_with_commands("sb-hb"), _Peer())  # type: ignore[arg-type]
+    assert (await anext(call)).WhichOneof("payload") == "session_accepted"
+    session = svc._registry.get("sb-hb")
+    assert session is not None
+    session.stale_after_s = 1.0
+    handed = svc.hand_off(_heartbeat_command("sb-hb", expires_in_s=0.05))
+    assert handed is not None
+    assert session.stale_after_s == 1.0, "queued, not written: the allowed silence is the same"
+    await asyncio.sleep(0.1)  # it expires in the inbox
+    with pytest.raises(StopAsyncIteration):  # dropped unsent, then the session goes stale
+        await asyncio.wait_for(anext(call), timeout=10)
+    assert handed.taken.result() is False
+    assert session.stale_after_s == 1.0, "never sent: the allowed silence is the same"
+
+    call = svc.ConnectSupervisor(_hello_with_commands("sb-hb2"), _Peer())  # type: ignore[arg-type]
+    assert (await anext(call)).WhichOneof("payload") == "session_accepted"
+    session = svc._registry.get("sb-hb2")
+    assert session is not None
+    session.stale_after_s = 1.0
+    handed = svc.hand_off(_heartbeat_command("sb-hb2", expires_in_s=30))
+    assert handed is not None
+    assert (await asyncio.wait_for(anext(call), timeout=10)).WhichOneof("payload") == "command"
+    assert session.stale_after_s > 60, "written: the session may now stay silent past the slower beat"
+    await call.aclose()  # type: ignore[attr-defined]
