@@ -278,6 +278,10 @@ class Session:
         self._on_command = on_command
         self._on_rtt = on_rtt
         self._applied = AppliedCommands(config.journal.directory / "commands.json")
+        #: Held from a command's apply until its answer is written, and by the event sender from
+        #: its read of the journal until its batch is written: the answer goes out on the stream
+        #: before the batch carrying the command's audit line (see ``_receive``).
+        self._answering = asyncio.Lock()
         #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
         self._interval_override: float | None = None
         self._credentials = GatewayCredentials(
@@ -779,10 +783,16 @@ class Session:
                     answered=True,
                 )
             elif kind == "command":
-                reply, notes = await self._command(msg.command)
-                await write(reply)
-                for note in notes:
-                    self._note(note)
+                async with self._answering:
+                    reply, notes = await self._command(msg.command)
+                    # Journaled once applied, before the answer: a stream cut at the answer's
+                    # write must not lose the line while the command stays applied. The lock
+                    # keeps the batch carrying the line behind the answer on the stream, so the
+                    # gateway (which handles a stream's messages in order) has stored the answer
+                    # when it acknowledges the line; the exit flush waits for that.
+                    for note in notes:
+                        self._note(note)
+                    await write(reply)
             elif kind == "relay_open":
                 reply = pb.SupervisorMessage()
                 reply.relay_open_result.channel_id = msg.relay_open.channel_id
@@ -795,9 +805,10 @@ class Session:
     async def _command(self, raw: pb.Command) -> tuple[pb.SupervisorMessage, list[str]]:
         """Apply one command (at most once per id); the answer to send back and the audit lines.
 
-        The caller writes the answer before it journals the audit lines, so the gateway, which
-        handles a stream's messages in order, has stored the answer by the time it acknowledges
-        them; the exit flush waits for that acknowledgement."""
+        The caller journals the audit lines before it writes the answer, and holds back the
+        event batches meanwhile (``_answering``), so the gateway, which handles a stream's
+        messages in order, has stored the answer by the time it acknowledges them; the exit
+        flush waits for that acknowledgement."""
         notes: list[str] = []
         reply = pb.SupervisorMessage()
         reply.command_result.command_id = raw.command_id
@@ -867,18 +878,22 @@ class Session:
             if len(inflight) >= self._s.max_inflight_batches:
                 await self.wait_acked(inflight[0])
                 continue
-            records = self._journal.read_raw_after(
-                cursor, max_records=self._s.batch_max_records, max_bytes=self._s.batch_max_bytes
-            )
+            # Not while a command is being answered: its audit line, journaled before its answer
+            # is written, must reach the gateway after the answer (see ``_receive``).
+            async with self._answering:
+                records = self._journal.read_raw_after(
+                    cursor, max_records=self._s.batch_max_records, max_bytes=self._s.batch_max_bytes
+                )
+                if records:
+                    msg = event_batch_message(self._journal.epoch, records)
+                    cursor = records[-1][0]
+                    # Mark before the write: while it awaits, appends may evict, and what is on
+                    # its way to the gateway must not also be counted in a gap.
+                    self._journal.mark_sent(cursor)
+                    await write(msg)
             if not records:
                 await self._journal.wait_for_append(max(cursor, self._journal.last_sequence))
                 continue
-            msg = event_batch_message(self._journal.epoch, records)
-            cursor = records[-1][0]
-            # Mark before the write: while it awaits, appends may evict, and what is on its way
-            # to the gateway must not also be counted in a gap.
-            self._journal.mark_sent(cursor)
-            await write(msg)
             inflight.append(cursor)
 
     async def _send_upstream(self, stub: pb_grpc.OpenShellStub) -> None:

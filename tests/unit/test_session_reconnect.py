@@ -16,6 +16,8 @@ import pytest
 from grpc import aio
 
 from openshell_wire.configfile import ConfigError, load_settings
+from openshell_wire.convert import command_to_proto
+from openshell_wire.records import Command, CommandKind
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.agent import journal_options
@@ -256,3 +258,39 @@ async def test_an_upstream_gateway_is_pinged_no_more_often_than_its_default_poli
         assert dict(session._channel_options())["grpc.keepalive_time_ms"] == 20_000
         await _until(lambda: session.status.sessions >= 1, within=10, what="a session")
         assert dict(session._channel_options())["grpc.keepalive_time_ms"] == UPSTREAM_KEEPALIVE_S * 1000
+
+
+async def test_a_commands_audit_line_is_journaled_before_its_answer(tmp_path: Path) -> None:
+    """The stream is cut exactly at the write of a command's answer (the real call cancelled, then
+    written to): the command is applied, and its audit line must be in the journal all the same
+    (it goes out with the next session); before, it was journaled only after the write."""
+    command = pb.GatewayMessage()
+    command.command.CopyFrom(
+        command_to_proto(Command(command_id="c1", kind=CommandKind.HEARTBEAT, interval_ms=5_000))
+    )
+    server = aio.server()
+    pb_grpc.add_OpenShellServicer_to_server(_Answering(command), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = _config(tmp_path, f"127.0.0.1:{port}")
+    journal = Journal.open(journal_options(config))
+    session = Session(config=config, journal=journal, instance_id="i")
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+            hello = pb.SupervisorMessage()
+            hello.hello.sandbox_id = "pushback"
+            await call.write(hello)
+
+            async def cut_at_the_answer(message: pb.SupervisorMessage) -> None:
+                assert message.WhichOneof("payload") == "command_result"
+                call.cancel()
+                await call.write(message)
+
+            with pytest.raises((asyncio.InvalidStateError, aio.AioRpcError, aio.UsageError)):
+                await session._receive(call, cut_at_the_answer, 1.0)
+        lines = [getattr(e.payload, "message", "") for e in journal.read_after(0)]
+        assert any(line.startswith("command c1 (") and line.endswith(": applied") for line in lines), lines
+    finally:
+        await server.stop(None)
+        journal.close()
