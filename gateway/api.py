@@ -25,6 +25,9 @@ live session on whichever replica holds it (:mod:`gateway.routing`; ``delivered`
 session wrote it to its stream within ``commands.delivery_wait_s``, which the owning replica records
 as ``delivered_at``/``delivered_by``), and otherwise with its next session unless it expires first;
 their state (``pending``, ``applied``, ``failed``, ``expired``) is readable until answered and after.
+A command POST may carry an ``Idempotency-Key`` header (1 to 200 visible ASCII characters): a
+repeat with the same key for the same sandbox answers the command stored first (200, same id,
+nothing stored again) instead of 201, or 422 if its body differs.
 
 With the Kubernetes driver, ``POST /api/v1/sandboxes`` (``{"id", "command", "image", "env"}``;
 without a command, the image's ENTRYPOINT and CMD read from its registry) creates a sandbox pod
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -91,6 +95,7 @@ from gateway.store import (
     StoreError,
     utcnow,
 )
+from gateway.store.commands import IdempotencyMismatch
 from gateway.store.schema import EVENT_KINDS
 from openshell_wire.records import CommandKind
 
@@ -434,6 +439,35 @@ def _command_ttl(body: dict[str, Any], settings: CommandSettings) -> float:
     return float(value)
 
 
+#: The longest ``Idempotency-Key`` accepted (a UUID is 36 characters).
+IDEMPOTENCY_KEY_MAX = 200
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]+")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The command POST's ``Idempotency-Key`` header, if any: 1 to ``IDEMPOTENCY_KEY_MAX`` visible
+    ASCII characters (no spaces), else 400."""
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    if not (len(raw) <= IDEMPOTENCY_KEY_MAX and _IDEMPOTENCY_KEY.fullmatch(raw)):
+        shown = raw if len(raw) <= 80 else raw[:80] + "..."
+        raise ApiError(
+            400,
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters "
+            f"(no spaces), such as a UUID; got {shown!r}",
+        )
+    return raw
+
+
+def _request_digest(kind: CommandKind, args: dict[str, int], body: dict[str, Any]) -> str:
+    """What a retry with the same idempotency key must repeat: the validated command and its
+    requested expiry (as given: absent stays absent, whatever ``commands.ttl_s`` says later)."""
+    given = body.get("expires_in_s")
+    canonical = {"kind": kind.value, **args, "expires_in_s": None if given is None else float(given)}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
 def _command_args(body: object) -> tuple[CommandKind, dict[str, int]]:
     """Validate a POSTed command: ``{"kind": "signal", "signal": "SIGUSR1"}`` and the like
     (``expires_in_s`` is :func:`_command_ttl`'s)."""
@@ -537,10 +571,27 @@ class _Api:
         body = await _json_body(request)
         kind, args = _command_args(body)
         assert isinstance(body, dict)  # _command_args refuses anything else
+        ttl_s = _command_ttl(body, self.command_settings)
+        key = _idempotency_key(request)
         # Read before the command is stored: a failed read of the leases answers 503 having
         # stored nothing.
         held = is_connected(row, now=self.now(), liveness=self.liveness, leases=await self._leases())
-        created = await store.create(row.id, kind, ttl_s=_command_ttl(body, self.command_settings), **args)
+        try:
+            created = await store.create(
+                row.id,
+                kind,
+                ttl_s=ttl_s,
+                idempotency_key=key,
+                request_digest=None if key is None else _request_digest(kind, args, body),
+                **args,
+            )
+        except IdempotencyMismatch as exc:
+            raise ApiError(422, str(exc)) from None
+        if created.replayed:
+            # A retry of a POST whose command is stored: that command, as it is now, once.
+            return web.json_response(
+                {**command_json(created), "delivered": created.delivered_at is not None}, status=200
+            )
         # True only once the sandbox's live session (of the command's generation), on whichever
         # replica, has written it to its stream; otherwise it goes out later, unless it expires
         # first. A sandbox no live session holds (by the one state rule: a crashed owner's or a

@@ -31,6 +31,7 @@ is pending and unexpired) together with a notification back, which ends the POST
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import logging
 import uuid
@@ -42,6 +43,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, DateTime, and_, func, insert, or_, select, update
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
 
 from gateway.notify import Note, Notifier, Topic, publish
 from gateway.store.db import Database, StoreError, store_errors, utcnow
@@ -91,6 +93,24 @@ class CommandRow:
     #: When and by which replica the sandbox's live session wrote it to its stream (None: not yet).
     delivered_at: datetime | None = None
     delivered_by: str | None = None
+    #: True when ``create`` found a command stored earlier with the same idempotency key (and the
+    #: same request) and answered it instead of storing another.
+    replayed: bool = False
+
+
+class IdempotencyMismatch(Exception):
+    """A command POST reused an idempotency key of its sandbox for a different request: nothing
+    was stored (the API answers 422)."""
+
+    def __init__(self, sandbox_id: str, key: str, earlier: CommandRow) -> None:
+        self.sandbox_id = sandbox_id
+        self.key = key
+        self.earlier = earlier
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for another request on sandbox {sandbox_id!r} "
+            f"(command {earlier.command.command_id}, {earlier.command.kind.value}): a retry must "
+            "repeat the same request; a new command needs a new key"
+        )
 
 
 #: A point in time for the queries: the replica's clock (a value) or the database's (SQL).
@@ -192,10 +212,22 @@ class CommandStore:
         signal: int = 0,
         interval_ms: int = 0,
         ttl_s: float = LEGACY_TTL_S,
+        idempotency_key: str | None = None,
+        request_digest: str | None = None,
     ) -> CommandRow:
-        """Store a pending command that expires ``ttl_s`` from now (the API bounds it)."""
+        """Store a pending command that expires ``ttl_s`` from now (the API bounds it).
+
+        With ``idempotency_key``: if the sandbox has a command stored with that key already, it
+        is returned (``replayed``) and nothing is stored, provided it was created by the same
+        request (``request_digest``); else :class:`IdempotencyMismatch`. Two creations racing
+        with one key (two replicas) store one command: the unique index refuses the second,
+        which then answers the first's."""
         if not ttl_s > 0:
             raise ValueError(f"a command's time to live must be positive, got {ttl_s!r}")
+        if idempotency_key is not None:
+            earlier = await self._keyed(sandbox_id, idempotency_key, request_digest)
+            if earlier is not None:
+                return earlier
         command = Command(
             command_id=uuid.uuid4().hex, kind=kind, grace_ms=grace_ms, signal=signal, interval_ms=interval_ms
         )
@@ -203,32 +235,63 @@ class CommandStore:
         c = commands_table.c
         note = Note(Topic.COMMAND, sandbox_id, command.command_id)
         with store_errors(f"cannot create a command for sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
-                generation = await conn.scalar(
-                    select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
-                )
-                if generation is None:
-                    raise StoreError(f"cannot create a command for sandbox {sandbox_id!r}: no such sandbox")
-                stored = await conn.execute(
-                    insert(commands_table)
-                    .values(
-                        id=command.command_id,
-                        sandbox_id=sandbox_id,
-                        kind=kind.value,
-                        args=json.dumps(_args(command)),
-                        state=PENDING,
-                        created_at=clock,
-                        expires_at=clock + timedelta(seconds=ttl_s),
+            try:
+                async with self._db.engine.begin() as conn:
+                    generation = await conn.scalar(
+                        select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
                     )
-                    .returning(c.created_at, c.expires_at)
-                )
-                now, expires_at = stored.one()
-                # In the same transaction: the owning replica hears of it only once it is stored.
-                await publish(conn, note)
+                    if generation is None:
+                        raise StoreError(
+                            f"cannot create a command for sandbox {sandbox_id!r}: no such sandbox"
+                        )
+                    stored = await conn.execute(
+                        insert(commands_table)
+                        .values(
+                            id=command.command_id,
+                            sandbox_id=sandbox_id,
+                            kind=kind.value,
+                            args=json.dumps(_args(command)),
+                            state=PENDING,
+                            created_at=clock,
+                            expires_at=clock + timedelta(seconds=ttl_s),
+                            idempotency_key=idempotency_key,
+                            request_digest=request_digest,
+                        )
+                        .returning(c.created_at, c.expires_at)
+                    )
+                    now, expires_at = stored.one()
+                    # In the same transaction: the owning replica hears of it only once it is stored.
+                    await publish(conn, note)
+            except IntegrityError:
+                # Another creation with this key committed first (on another replica): its
+                # command is the answer. Anything else (the sandbox deleted meanwhile) fails.
+                if idempotency_key is None:
+                    raise
+                earlier = await self._keyed(sandbox_id, idempotency_key, request_digest)
+                if earlier is None:
+                    raise
+                return earlier
         self._committed([note])
         return CommandRow(
             command, sandbox_id, PENDING, None, now, None, expires_at, generation=int(generation)
         )
+
+    async def _keyed(self, sandbox_id: str, key: str, request_digest: str | None) -> CommandRow | None:
+        """The sandbox's command stored with idempotency key ``key``, marked ``replayed``; None if
+        there is none; :class:`IdempotencyMismatch` if it was created by another request."""
+        c = commands_table.c
+        query = select(*self._reads(None, commands_table)).where(
+            c.sandbox_id == sandbox_id, c.idempotency_key == key
+        )
+        with store_errors(f"cannot read the command of idempotency key {key!r}"):
+            async with self._db.engine.connect() as conn:
+                row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        earlier = dataclasses.replace(_row(row, self._now_of(row, None)), replayed=True)
+        if row.request_digest != request_digest:
+            raise IdempotencyMismatch(sandbox_id, key, earlier)
+        return earlier
 
     async def pending(self, sandbox_id: str, *, now: datetime | None = None) -> list[CommandRow]:
         """The commands to send to a new session, in creation order: those pending and unexpired.

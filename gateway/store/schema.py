@@ -172,8 +172,15 @@ commands = Table(
     # POST answered by another replica waits for this (revision 0008).
     Column("delivered_at", UTCDateTime, nullable=True),
     Column("delivered_by", Text, nullable=True),
+    # The client's Idempotency-Key of the POST that created it, and a digest of that POST's
+    # request: a retry with the same key answers this command instead of storing another
+    # (revision 0009). NULL: created without a key (never matched: NULLs are distinct).
+    Column("idempotency_key", Text, nullable=True),
+    Column("request_digest", Text, nullable=True),
     # Redelivery reads one sandbox's pending commands in creation order.
     Index("ix_commands_sandbox_id_state", "sandbox_id", "state"),
+    # One command per key and sandbox, even for two retries racing on two replicas.
+    Index("ux_commands_sandbox_id_idempotency_key", "sandbox_id", "idempotency_key", unique=True),
 )
 
 #: Keys the gateway signs sandbox tokens with, shared by every replica: a new one is made every
