@@ -30,7 +30,9 @@ The owner is a run, not only a replica id: a row that names the run of its sessi
 (``sandboxes.owner_run``) counts only while the lease row is of that very run (``replicas.run_id``),
 so a replica restarted under the same id does not revive the sessions its crashed predecessor left
 flagged connected. A row without ``owner_run`` (written before the owner's run was recorded) keeps
-the rule by replica id.
+the rule by replica id, and so does a lease row without ``run_id`` (renewed by a replica of the
+release before run ids, during a rollout from it: that replica's hellos leave a newer release's
+``owner_run`` in the sandbox row, which must not make its live session look dead).
 
 The lease is judged on the clock it was written with: the database's on PostgreSQL (the snapshot
 carries its offset from this process's clock, ``ReplicaLeases.skew``), so a replica whose clock is
@@ -73,7 +75,8 @@ class LivenessFacts(Protocol):
 #: The owner a gateway of a release before replica leases wrote (``gateway-`` and the hex of a
 #: Python object id, 9 digits or more): it renews no lease row, so during a rolling upgrade from
 #: such a release its live sessions would otherwise show disconnected on the new replicas. A
-#: replica id of that very shape without a row gets the heartbeat rule alone, as before leases.
+#: replica id of that very shape without a row gets the heartbeat rule alone, as before leases,
+#: but only for a sandbox row without ``owner_run``: such a release never writes one.
 LEGACY_OWNER = re.compile(r"gateway-[0-9a-f]{9,}")
 
 
@@ -93,18 +96,25 @@ class ReplicaLeases:
 
     def alive(self, replica_id: str | None, *, now: datetime, run: str | None = None) -> bool:
         """``replica_id`` renewed within ``lease_s`` of ``now`` (this process's clock, moved onto
-        the database's by ``skew``) and, when ``run`` is given (the session's ``owner_run``), by
-        that very run; a missing row, or no owner, is not alive. A session owned by a gateway of a
-        release before leases (during a rolling upgrade) has no row to renew: the heartbeat rule
-        alone judges it (see LEGACY_OWNER)."""
+        the database's by ``skew``) and, when ``run`` is given (the session's ``owner_run``) and
+        the row carries a run, by that very run; a missing row, or no owner, is not alive. A
+        session owned by a gateway of a release before leases (during a rolling upgrade) has no
+        row to renew: when it names no run, the heartbeat rule alone judges it (see LEGACY_OWNER).
+        A row without a run (renewed by a release before run ids) is judged by id alone."""
         if replica_id is None:
             return False
         renewed = self.renewed_at.get(replica_id)
         if renewed is None:
-            return LEGACY_OWNER.fullmatch(replica_id) is not None
-        if run is not None and self.runs.get(replica_id) != run:
+            # Only a row without owner_run can be a release before leases: an owner_run was
+            # written by a release that renews a lease, so its missing row means dead, whatever
+            # the id looks like (a host name such as gateway-1a2b3c4d5 matches the pattern).
+            return run is None and LEGACY_OWNER.fullmatch(replica_id) is not None
+        held_by = self.runs.get(replica_id)
+        if run is not None and held_by is not None and held_by != run:
             # Another run holds the id now: the session's own process is gone (or, with two live
-            # processes misconfigured under one id, the renewer logs it as an error).
+            # processes misconfigured under one id, the renewer logs it as an error). A row
+            # without a run was renewed by a release before run ids (a rollout from it): that
+            # writer knows no runs, so it is judged by id, as before run ids.
             return False
         if self.skew is not None:
             now = now + self.skew

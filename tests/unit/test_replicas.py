@@ -129,9 +129,33 @@ def test_a_session_of_an_earlier_run_of_the_same_replica_id_is_not_revived() -> 
     assert sandbox_state(mine, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
     # A session recorded without its run (before the run was recorded) keeps the rule by id.
     assert sandbox_state(_Row(), now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
-    # A lease row of a release before run ids holds no session that names its run.
-    unknown = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-a": _at(4)})
-    assert sandbox_state(mine, now=_at(5), liveness=LIVENESS, leases=unknown) is SandboxState.DISCONNECTED
+
+
+def test_a_lease_row_without_a_run_holds_its_sessions_by_id_during_a_rollout() -> None:
+    # Review (s7) finding 6: during a rollout from the release before run ids, an old pod's lease
+    # row has no run_id and its hello leaves owner_run as a newer pod's earlier session wrote it.
+    # Its live session must stay connected (it was shown disconnected, then lost, on every new
+    # replica); its lapsed lease still shows it disconnected.
+    for runs in ({"gw-old": None}, {}):
+        leases = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-old": _at(4)}, runs=runs)
+        assert leases.alive("gw-old", run="r-new", now=_at(5)), runs
+        row = _Row(owner="gw-old", owner_run="r-new")
+        assert sandbox_state(row, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+        assert not leases.alive("gw-old", run="r-new", now=_at(4 + HA.lease_s + 1)), runs
+
+
+def test_the_legacy_owner_rule_is_only_for_rows_without_a_run() -> None:
+    # Review (s7) finding 7: an owner_run is written only by a release that renews a lease, so a
+    # missing lease row means a dead owner even when its id has the legacy shape (a host name
+    # such as gateway-1a2b3c4d5 does); a row without owner_run keeps the heartbeat rule.
+    leases = _leases(gw_b=_at(0))
+    assert not leases.alive("gateway-1a2b3c4d5", run="r1", now=_at(1))
+    assert leases.alive("gateway-1a2b3c4d5", now=_at(1))
+    new = _Row(owner="gateway-1a2b3c4d5", owner_run="r1")
+    assert sandbox_state(new, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.DISCONNECTED
+    assert disconnected_since(new, now=_at(5), liveness=LIVENESS, leases=leases) == T0
+    legacy = _Row(owner="gateway-1a2b3c4d5")
+    assert sandbox_state(legacy, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
 
 
 def test_leases_are_judged_on_the_database_clock_whatever_this_processs_clock_says() -> None:
