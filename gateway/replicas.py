@@ -29,6 +29,8 @@ back) are deleted by any live replica's renewal, so ids of pods gone for good do
 
 Lease times are the database's on PostgreSQL (``gateway.store.replicas``): written with its
 ``now()`` and judged against it, so no replica's clock matters; SQLite is one process, on its clock.
+A reader measures its offset from the database's clock around one statement on a connection
+already checked out, so a wait for the pool is not taken for skew (it would age every lease).
 
 :class:`LeaseView` is what the API and metrics read: a snapshot of every row's ``renewed_at`` and
 run, cached per process for half a renewal interval, so listing 10,000 sandboxes reads the table
@@ -291,9 +293,8 @@ class LeaseView:
                 return cached[1]
             if failed is not None and at - failed[0] < self._ttl_s:
                 return self._stale_or_raise(failed[1], at)
-            before = self._clock()
             try:
-                snapshot = await asyncio.wait_for(self._store.snapshot(), self._timeout_s)
+                snapshot = await asyncio.wait_for(self._store.snapshot(clock=self._clock), self._timeout_s)
             except (StoreError, TimeoutError) as exc:
                 error = (
                     exc
@@ -307,8 +308,13 @@ class LeaseView:
                 lease_s=self._ha.lease_s,
                 renewed_at={r.id: r.renewed_at for r in snapshot.rows},
                 runs={r.id: r.run_id for r in snapshot.rows},
-                # Taken before the read: the database's now() is of the read's start too.
-                skew=None if snapshot.database_now is None else snapshot.database_now - before,
+                # Both clocks read around one statement on the checked-out connection: the wait
+                # for the pool (and its pre-ping) is not counted as skew.
+                skew=(
+                    None
+                    if snapshot.database_now is None or snapshot.local_now is None
+                    else snapshot.database_now - snapshot.local_now
+                ),
             )
             self._cached = (self._monotonic(), leases)
             return leases

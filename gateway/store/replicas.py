@@ -14,6 +14,7 @@ SQLite is one process: it keeps that process's clock (``renewed_at`` as given).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy import Row, and_, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.store.db import Database, store_errors
+from gateway.store.db import Database, store_errors, utcnow
 from gateway.store.schema import replicas as replicas_table
 
 
@@ -51,10 +52,12 @@ class Renewal:
 @dataclass(frozen=True, slots=True)
 class LeaseSnapshot:
     """Every row, and the database's clock when they were read (None on SQLite: the reader's own
-    clock is the one leases were written with)."""
+    clock is the one leases were written with), with the reader's clock at that same instant
+    (``local_now``: the midpoint of the statement that read the database's, None without one)."""
 
     rows: list[ReplicaLease]
     database_now: datetime | None
+    local_now: datetime | None = None
 
 
 def _lease(r: Row[Any]) -> ReplicaLease:
@@ -161,13 +164,22 @@ class ReplicaStore:
         """Every row, alive or not."""
         return (await self.snapshot()).rows
 
-    async def snapshot(self) -> LeaseSnapshot:
+    async def snapshot(self, *, clock: Callable[[], datetime] = utcnow) -> LeaseSnapshot:
         """Every row, alive or not, with the database's clock of the same read on PostgreSQL (the
-        clock the rows were renewed on, which a reader must compare them with)."""
+        clock the rows were renewed on, which a reader must compare them with) and ``clock``'s
+        reading at that instant. Both are taken on the connection already checked out, around one
+        statement (``clock_timestamp()``, the time it ran, against the midpoint of ``clock``
+        before and after it): a wait for the pool, its pre-ping or a new connection's handshake
+        would otherwise count as skew and make every lease look older by that much."""
         with store_errors("cannot read the replicas' leases"):
             async with self._db.engine.connect() as conn:
                 database_now: datetime | None = None
+                local_now: datetime | None = None
                 if self._db.dialect == "postgresql":
-                    database_now = (await conn.execute(select(func.now()))).scalar_one()
+                    before = clock()
+                    database_now = (await conn.execute(select(func.clock_timestamp()))).scalar_one()
+                    local_now = before + (clock() - before) / 2
                 result = await conn.execute(select(replicas_table).order_by(replicas_table.c.id))
-                return LeaseSnapshot(rows=[_lease(r) for r in result], database_now=database_now)
+                return LeaseSnapshot(
+                    rows=[_lease(r) for r in result], database_now=database_now, local_now=local_now
+                )

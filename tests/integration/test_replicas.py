@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 
 from gateway.config import HaSettings, SessionSettings
 from gateway.replicas import FORGET_AFTER_LEASES, LeaseRenewer, LeaseView, ReplicaIdentity
@@ -287,6 +287,38 @@ async def test_renewers_with_clocks_an_hour_off_change_no_lease(
     finally:
         await db.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_lease_views_skew_leaves_out_the_wait_for_a_connection(database_url: str) -> None:
+    # Review (s7) finding 9: the view took this process's time before checking out a connection,
+    # so a wait for the pool counted as clock skew and made every lease look older by it; with a
+    # wait as long as the lease, a replica that had just renewed was shown dead.
+    ha = HaSettings(lease_s=LEASE_S, renew_interval_s=RENEW_S)
+    db = await Database.open(database_url)
+    slow = False
+
+    def checkout(*_: Any) -> None:
+        if slow:
+            time.sleep(LEASE_S)  # a checkout that waits (a busy pool, a slow pre-ping)
+
+    try:
+        store = ReplicaStore(db)
+        renewer = LeaseRenewer(
+            store, identity=ReplicaIdentity(id="gw-a", run="r1"), address="a:1", ha=ha, sessions=lambda: 0
+        )
+        assert await renewer.renew_once()
+        renewed = datetime.now(UTC)
+        event.listen(db.engine.sync_engine, "checkout", checkout)
+        slow = True
+        leases = await LeaseView(store, ha=ha, timeout_s=10 * LEASE_S).leases()
+        slow = False
+        assert leases.skew is not None and abs(leases.skew.total_seconds()) < LEASE_S / 4, leases.skew
+        # Judged as of its renewal, the lease is alive (the skew made it LEASE_S older: lapsed).
+        assert leases.alive("gw-a", run="r1", now=renewed)
+        await renewer.stop()
+    finally:
+        slow = False
+        await db.close()
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

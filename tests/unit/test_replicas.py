@@ -225,11 +225,11 @@ class _FlakyReplicas(ReplicaStore):
             raise StoreError("cannot renew the lease: the database is away")
         return await super().renew(replica_id, **kwargs)
 
-    async def snapshot(self) -> LeaseSnapshot:
+    async def snapshot(self, **kwargs: Any) -> LeaseSnapshot:
         self.reads += 1
         if self.failing:
             raise StoreError("cannot read the replicas' leases: the database is away")
-        return await super().snapshot()
+        return await super().snapshot(**kwargs)
 
 
 async def test_the_renewer_outlives_a_store_outage_and_renews_after_it(db: Database) -> None:
@@ -313,10 +313,10 @@ class _HeldReplicas(ReplicaStore):
         await self.release.wait()
         return await super().renew(replica_id, **kwargs)
 
-    async def snapshot(self) -> LeaseSnapshot:
+    async def snapshot(self, **kwargs: Any) -> LeaseSnapshot:
         if self.hang:
             await asyncio.Event().wait()
-        return await super().snapshot()
+        return await super().snapshot(**kwargs)
 
 
 async def test_a_renewal_in_flight_cannot_undo_the_draining_mark(db: Database) -> None:
