@@ -179,6 +179,9 @@ class Gateway:
             metrics=self.metrics,
             authenticator=self._authenticator,
             identity=self.identity,
+            # Hellos wait for this run's lease row (written before serving, except on a schema
+            # not migrated yet: see below).
+            lease_written=lambda: self._renewer is not None and self._renewer.written,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
@@ -212,7 +215,8 @@ class Gateway:
         # The lease is written before the first session can name this replica its owner: start()
         # retries for up to ha.lease_s, and without a lease this replica does not serve. On a
         # schema still missing or older (not migrated here) the lease cannot be written until the
-        # migration job has run: this replica serves not ready meanwhile and renews from then on.
+        # migration job has run: this replica serves not ready meanwhile and renews from then on,
+        # refusing hellos (OVERLOADED, retried) until its first renewal has written the row.
         try:
             if self.db.schema_ready_at_open:
                 await self._renewer.start()

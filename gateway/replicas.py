@@ -128,6 +128,11 @@ class LeaseRenewer:
         self.failures = 0
         self._last_error = ""
 
+    @property
+    def written(self) -> bool:
+        """This run has written its row (sessions may name it their owner from then on)."""
+        return self._written
+
     async def renew_once(self) -> bool:
         """Write the row now; False (logged, rate-limited) when the store failed."""
         async with self._write:
@@ -192,8 +197,10 @@ class LeaseRenewer:
     def start_in_background(self) -> None:
         """Renew from an owned task only, without waiting for a first write: for a replica that
         starts on a schema not yet migrated (readiness says not ready, a migration job is on its
-        way), whose lease cannot be written until the job has run. Its sessions cannot be written
-        either until then, so none names this replica before its lease exists."""
+        way), whose lease cannot be written until the job has run. Between the job's end and the
+        first write (up to a second of retry, or longer while the write fails) the sandboxes
+        table is usable already: the gateway refuses hellos until ``written`` (OVERLOADED with a
+        retry hint), so no session names this replica before its lease exists."""
         self._task = asyncio.create_task(self._run(first_now=True), name="replica-lease-renewer")
 
     async def start(self, *, deadline_s: float | None = None) -> None:

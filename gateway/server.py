@@ -169,8 +169,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         metrics: GatewayMetrics | None = None,
         authenticator: SupervisorAuthenticator | None = None,
         identity: ReplicaIdentity | None = None,
+        lease_written: Callable[[], bool] | None = None,
     ) -> None:
         self._metrics = metrics
+        #: Whether this run's lease row exists yet (None: always, as in tests of other concerns).
+        self._lease_written = lease_written
         #: Every supervisor call's credential goes through it (None: unit tests of other concerns).
         self._auth = authenticator
         # A limiter per concern: a store outage fails the disconnection writes of every session
@@ -377,6 +380,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return
         sandbox_id = SandboxId(hello.sandbox_id)
+        if self._lease_written is not None and not self._lease_written():
+            # A replica started before its schema was migrated renews in the background: a claim
+            # before its first renewal would name an owner without a lease row, shown disconnected
+            # on every replica. Refused like a store outage (OVERLOADED with a retry hint).
+            raise StoreError("this replica's lease is not written yet (its schema was being migrated)")
         # One deadline for all the store work the hello waits on (see _within).
         deadline = self._store_deadline()
         # Before anything of the sandbox is read or written: a refused peer learns only the reason.

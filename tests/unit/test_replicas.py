@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from grpc import aio
 from sqlalchemy import text
 
 from gateway.app import Gateway, GatewayStartError
@@ -22,7 +23,10 @@ from gateway.config import HaSettings
 from gateway.replicas import LeaseRenewer, LeaseStartError, LeaseView, ReplicaIdentity, replica_id
 from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, disconnected_since, sandbox_state
 from gateway.store import Database, StoreError
+from gateway.store.db import create_engine, upgrade
 from gateway.store.replicas import LeaseSnapshot, Renewal, ReplicaLease, ReplicaStore
+from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.gateway import gateway_config
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -499,5 +503,67 @@ async def test_a_command_for_a_sandbox_whose_owner_is_dead_is_not_waited_for(tmp
             assert resp.status == 201, await resp.text()
             body = await resp.json()
         assert (body["delivered"], body["state"]) == (False, "pending"), body
+    finally:
+        await gw.stop()
+
+
+async def _hello(gw: Gateway, sandbox_id: str) -> pb.GatewayMessage:
+    """A raw hello over gRPC; the gateway's first answer."""
+    async with aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+        hello = pb.SupervisorMessage()
+        hello.hello.sandbox_id = sandbox_id
+        hello.hello.instance_id = "i1"
+        await call.write(hello)
+        try:
+            return await asyncio.wait_for(call.read(), 10)
+        finally:
+            call.cancel()
+
+
+async def test_a_replica_started_before_its_migration_takes_no_session_before_its_lease(
+    tmp_path: Path,
+) -> None:
+    # Review (s7) finding 10: a replica started on a schema not migrated yet renews in the
+    # background; once the migration job had run, a hello could claim a sandbox (owner_run = this
+    # run) before the first renewal wrote the row, and the sandbox showed disconnected everywhere.
+    # Here the lease write keeps failing after the migration (the table renamed away), which
+    # stretches that window: the hello is refused, retryable, until the row exists.
+    config = gateway_config(
+        tmp_path,
+        {
+            "database": {"migrate_on_start": False},
+            "ha": {"replica_id": "gw-here", "lease_s": 2.0, "renew_interval_s": 0.5},
+        },
+    )
+    engine = create_engine(config.database.url)
+    try:
+        await upgrade(engine, "0008")  # an older schema: the gateway does not migrate it
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE replicas RENAME TO replicas_away"))
+    finally:
+        await engine.dispose()
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        assert gw.db is not None
+        engine = create_engine(config.database.url)
+        try:
+            await upgrade(engine)  # the migration job: sandboxes can be claimed from now on
+        finally:
+            await engine.dispose()
+        answer = await _hello(gw, "sb-early")
+        assert answer.session_rejected.code == pb.REJECT_CODE_OVERLOADED, answer
+        assert answer.session_rejected.retry_after_ms > 0, answer
+        row = await gw.sandboxes.get("sb-early")
+        assert row is None or row.owner is None, row
+        async with gw.db.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE replicas_away RENAME TO replicas"))
+        for _ in range(100):  # the background renewal writes the row within a second or so
+            if [r.id for r in await ReplicaStore(gw.db).leases()] == ["gw-here"]:
+                break
+            await asyncio.sleep(0.1)
+        answer = await _hello(gw, "sb-early")
+        assert answer.HasField("session_accepted"), answer
     finally:
         await gw.stop()
