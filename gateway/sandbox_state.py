@@ -76,7 +76,8 @@ class LivenessFacts(Protocol):
 #: Python object id, 9 digits or more): it renews no lease row, so during a rolling upgrade from
 #: such a release its live sessions would otherwise show disconnected on the new replicas. A
 #: replica id of that very shape without a row gets the heartbeat rule alone, as before leases,
-#: but only for a sandbox row without ``owner_run``: such a release never writes one.
+#: but only for a sandbox row without ``owner_run`` (such a release never writes one) or whose
+#: ``owner_run`` is another replica's run (left by a newer replica's earlier session).
 LEGACY_OWNER = re.compile(r"gateway-[0-9a-f]{9,}")
 
 
@@ -105,10 +106,14 @@ class ReplicaLeases:
             return False
         renewed = self.renewed_at.get(replica_id)
         if renewed is None:
-            # Only a row without owner_run can be a release before leases: an owner_run was
-            # written by a release that renews a lease, so its missing row means dead, whatever
-            # the id looks like (a host name such as gateway-1a2b3c4d5 matches the pattern).
-            return run is None and LEGACY_OWNER.fullmatch(replica_id) is not None
+            # A release before leases writes no owner_run: a row whose owner_run is the owner's
+            # own was written by a release that renews a lease, so its missing row means dead,
+            # whatever the id looks like (a host name such as gateway-1a2b3c4d5 matches the
+            # pattern). An owner_run of another replica's lease row was left there by a newer
+            # replica's earlier session: the legacy owner's hello does not know the column.
+            if LEGACY_OWNER.fullmatch(replica_id) is None:
+                return False
+            return run is None or any(r == run for rid, r in self.runs.items() if rid != replica_id)
         held_by = self.runs.get(replica_id)
         if run is not None and held_by is not None and held_by != run:
             # Another run holds the id now: the session's own process is gone (or, with two live

@@ -160,6 +160,11 @@ def test_the_legacy_owner_rule_is_only_for_rows_without_a_run() -> None:
     assert disconnected_since(new, now=_at(5), liveness=LIVENESS, leases=leases) == T0
     legacy = _Row(owner="gateway-1a2b3c4d5")
     assert sandbox_state(legacy, now=_at(5), liveness=LIVENESS, leases=leases) is SandboxState.CONNECTED
+    # A legacy owner's hello leaves the owner_run of a newer replica's earlier session (it does not
+    # know the column): a run of another lease row is not the owner's, so the legacy rule holds.
+    runs = ReplicaLeases(lease_s=HA.lease_s, renewed_at={"gw-b": _at(0)}, runs={"gw-b": "r-b"})
+    moved = _Row(owner="gateway-1a2b3c4d5", owner_run="r-b")
+    assert sandbox_state(moved, now=_at(5), liveness=LIVENESS, leases=runs) is SandboxState.CONNECTED
 
 
 def test_leases_are_judged_on_the_database_clock_whatever_this_processs_clock_says() -> None:
