@@ -372,8 +372,20 @@ class Gateway:
             # Each beat is written only while the row names its session and its claim (fencing).
             sessions = self.registry.heartbeat_sessions(beats)
             epochs = self.registry.heartbeat_epochs(beats)
+            # Bounded: a flush stuck on a database that stopped answering would stop the flusher,
+            # and every replica would soon show every sandbox here disconnected.
+            deadline_s = self.config.grpc.batch_store_timeout_s
             try:
-                fenced = await self._sandboxes.record_heartbeats(beats, sessions=sessions, epochs=epochs)
+                try:
+                    async with asyncio.timeout(deadline_s):
+                        fenced = await self._sandboxes.record_heartbeats(
+                            beats, sessions=sessions, epochs=epochs
+                        )
+                except TimeoutError:
+                    raise StoreError(
+                        f"cannot record the heartbeats of {len(beats)} sandboxes: "
+                        f"the database did not answer within {deadline_s:g}s"
+                    ) from None
             except Exception as exc:  # a failed flush must not kill the flusher; the next one retries
                 self.metrics.background_write_failures.labels("heartbeats").inc()
                 self._flush_log.log(

@@ -144,17 +144,28 @@ class DatabaseSettings(_Section):
     )
     idle_in_transaction_timeout_s: float = Field(
         10.0,
-        gt=0,
+        ge=0,
         description="PostgreSQL: the server ends a gateway transaction left idle this long (a replica "
         "frozen or cut off mid-transaction), releasing the sandbox rows it held: without it another "
         "replica could not claim or write those sandboxes until the frozen one woke. The gateway's own "
-        "transactions are never idle for more than a moment.",
+        "transactions are never idle for more than a moment. Set with SET on each new connection (a "
+        "session-mode pooler passes it on); 0 sets nothing: then set it on the role instead (ALTER ROLE "
+        "... SET idle_in_transaction_session_timeout), as behind a transaction-mode pooler.",
     )
     connect_timeout_s: float = Field(
         5.0,
         gt=0,
         description="PostgreSQL: the time to open one connection, given to each host of a multi-host URL "
-        "(?host=a:5432&host=b:5432&target_session_attrs=read-write).",
+        "in turn (?host=a:5432&host=b:5432&target_session_attrs=read-write): a host that does not answer "
+        "costs this long before the next is tried.",
+    )
+    statement_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="PostgreSQL: the longest the gateway waits for the server's answer to one statement "
+        "(its pool's ping included); past it the connection is dropped, not reused. A primary that froze "
+        "or was cut off (its replica promoted) would otherwise hold each pooled connection, and the "
+        "calls waiting on it, forever. Above grpc.batch_store_timeout_s. Migrations are not bounded.",
     )
 
 

@@ -225,14 +225,14 @@ class PostgresNotifier(Notifier):
 
     async def _listen_once(self) -> None:
         """Listen until the connection breaks (returns) or cannot be made (raises)."""
-        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+        # Not at the top: gateway.store imports this module.
+        from gateway.store.db import connect_each_host  # noqa: PLC0415
 
-        hosts = self._connect_args.get("host")
-        conn = await asyncpg.connect(
-            **self._connect_args,
-            # asyncpg's timeout covers all the hosts of a multi-host URL: each gets its share.
-            timeout=self._connect_timeout_s * (len(hosts) if isinstance(hosts, list) else 1),
-            server_settings={"application_name": self.application_name},
+        # Each host of a multi-host URL in turn, each with its own timeout: a first host that drops
+        # packets must not keep the listener from the primary behind it.
+        conn = await connect_each_host(
+            {**self._connect_args, "server_settings": {"application_name": self.application_name}},
+            timeout_s=self._connect_timeout_s,
         )
         lost = asyncio.Event()
         try:

@@ -25,12 +25,21 @@ traceback.
 PostgreSQL connections come from a pool sized by ``database.pool_size`` / ``max_overflow``, checked
 with a ping before use (``pool_pre_ping``: a connection the server or a failover ended is replaced
 rather than failing its next query) and replaced after ``pool_recycle_s``. A URL may name several
-hosts (``postgresql://u:p@/db?host=h1:5432&host=h2:5432&target_session_attrs=read-write``): asyncpg
-tries them in order and, with ``target_session_attrs=read-write``, keeps only the primary, so after
-a failover new connections go to the promoted one. A new connection that cannot be made (the server
-restarting, no primary yet) is tried again with backoff for up to ``pool_timeout_s`` before its
-caller sees the error: a short outage makes writes wait, not fail (their callers' own deadlines
-still bound them). Each host is given ``connect_timeout_s``.
+hosts (``postgresql://u:p@/db?host=h1:5432&host=h2:5432&target_session_attrs=read-write``): they
+are tried in order, one asyncpg connect each with its own ``connect_timeout_s`` (asyncpg's own
+multi-host connect spends one timeout on all of them, so a first host that drops packets used it up
+and the second was never tried), and with ``target_session_attrs=read-write`` only the primary is
+kept, so after a failover new connections go to the promoted one. A new connection that cannot be
+made (the server restarting, no primary yet) is tried again with backoff for up to
+``pool_timeout_s`` before its caller sees the error: a short outage makes writes wait, not fail
+(their callers' own deadlines still bound them).
+
+Every statement, the pool's ping included, waits at most ``statement_timeout_s`` for the server
+(asyncpg's ``command_timeout``), and a connection whose statement timed out is dropped, never
+reused: a primary that froze or was cut off would otherwise keep each pooled connection, and the
+call on it, waiting forever after its replica was promoted. Migrations are not bounded this way.
+``idle_in_transaction_session_timeout`` is set with ``SET`` once connected, not as a startup
+parameter, which PgBouncer refuses.
 
 On PostgreSQL the migration transaction runs with ``SET LOCAL lock_timeout``
 (``MIGRATION_LOCK_TIMEOUT_S``): DDL that would queue behind a long transaction (and make every query
@@ -61,7 +70,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -163,6 +172,9 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 #: SQLSTATEs of a server that is not there for now: connection failures (class 08), and a server
 #: shutting down, crashed or still starting (57P01-57P03), which a replica's promotion also answers.
 _TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+#: Of class 08, a protocol violation (08P01) is a refusal, not an outage: a pooler refusing a startup
+#: parameter answers it, and would answer it again.
+_REFUSAL_SQLSTATES = ("08P01",)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -177,7 +189,11 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(current, (OSError, TimeoutError)):
             return True
         sqlstate = getattr(current, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_TRANSIENT_SQLSTATES):
+        if (
+            isinstance(sqlstate, str)
+            and sqlstate.startswith(_TRANSIENT_SQLSTATES)
+            and sqlstate not in _REFUSAL_SQLSTATES
+        ):
             return True
         # asyncpg, when no host of a multi-host URL is the primary (target_session_attrs) yet.
         if type(current).__name__ == "TargetServerAttributeNotMatched":
@@ -225,31 +241,58 @@ def unreachable_reason(engine: AsyncEngine) -> str:
     return outage.reason if outage is not None else ""
 
 
+async def connect_each_host(kwargs: dict[str, Any], *, timeout_s: float) -> Any:
+    """``asyncpg.connect(**kwargs)``, but the hosts of a multi-host URL are tried one after the other,
+    each with its own ``timeout_s``: asyncpg's own walk gives one timeout to all of them, so a first
+    host that drops packets (a dead node, a partition) used it all and the next was never tried.
+    A host that is unreachable or not what ``target_session_attrs`` asks for passes to the next; any
+    other refusal (credentials, a missing database) is raised at once. The last host's error is
+    raised when none would do."""
+    import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+
+    hosts = kwargs.get("host")
+    if not isinstance(hosts, list):
+        return await asyncpg.connect(**kwargs, timeout=timeout_s)
+    ports = kwargs.get("port")
+    port_of = ports if isinstance(ports, list) else [ports] * len(hosts)
+    failure: BaseException | None = None
+    for host, port in zip(hosts, port_of, strict=True):
+        try:
+            return await asyncpg.connect(**{**kwargs, "host": host, "port": port}, timeout=timeout_s)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            failure = exc
+    assert failure is not None  # a list of hosts is never empty (the dialect refuses that URL)
+    raise failure
+
+
 def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
-    """asyncpg's connect, tried again with backoff for up to ``pool_timeout_s`` while the failure is
-    transient (see the module docstring); each host of the URL gets ``connect_timeout_s``."""
+    """A new pool connection: :func:`connect_each_host`, tried again with backoff for up to
+    ``pool_timeout_s`` while the failure is transient (see the module docstring)."""
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
-        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
-
-        hosts = kwargs.get("host")
-        count = len(hosts) if isinstance(hosts, list) else 1
-        # asyncpg's timeout covers all the hosts it tries: each gets its share.
-        kwargs["timeout"] = settings.connect_timeout_s * count
-        # A transaction whose client froze (SIGSTOP, a paused VM, a cut) would otherwise hold the
-        # sandbox rows it locked for as long as it stays frozen: the owner fence's row lock and
-        # a newer owner's claim would wait on it. The server ends it instead (its writes roll back,
-        # nothing of them was acknowledged).
-        server_settings = dict(kwargs.get("server_settings") or {})
-        server_settings.setdefault(
-            "idle_in_transaction_session_timeout", str(round(settings.idle_in_transaction_timeout_s * 1000))
-        )
-        kwargs["server_settings"] = server_settings
+        # Every statement's wait for the server is bounded (see the module docstring).
+        kwargs["command_timeout"] = settings.statement_timeout_s
+        idle_ms = round(settings.idle_in_transaction_timeout_s * 1000)
         deadline = time.monotonic() + settings.pool_timeout_s
         pause = CONNECT_RETRY_INITIAL_S
         while True:
             try:
-                conn = await asyncpg.connect(*args, **kwargs)
+                conn = await connect_each_host(kwargs, timeout_s=settings.connect_timeout_s)
+                try:
+                    if idle_ms > 0:
+                        # A transaction whose client froze (SIGSTOP, a paused VM, a cut) would
+                        # otherwise hold the sandbox rows it locked for as long as it stays frozen:
+                        # the owner fence's row lock and a newer owner's claim would wait on it. The
+                        # server ends it instead (its writes roll back, nothing of them was
+                        # acknowledged). A SET, not a startup parameter: PgBouncer refuses unknown
+                        # startup parameters (or drops them, with ignore_startup_parameters), while
+                        # a session-mode pooler passes a SET on to the server connection it pins.
+                        await conn.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+                except BaseException:
+                    conn.terminate()
+                    raise
             except Exception as exc:
                 left = deadline - time.monotonic()
                 if not is_transient(exc) or left <= 0:
@@ -262,6 +305,14 @@ def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
             return conn
 
     return connect
+
+
+def _drop_timed_out(context: ExceptionContext) -> None:
+    """A statement that ran out of ``statement_timeout_s`` leaves its connection waiting on a server
+    that did not answer (asyncpg still cancelling it): it is treated as a disconnect, so the pool
+    drops it instead of handing it to the next caller."""
+    if isinstance(context.original_exception, TimeoutError):
+        context.is_disconnect = True
 
 
 def create_engine(
@@ -314,6 +365,7 @@ def create_engine(
             cparams["async_creator_fn"] = connect
 
         event.listen(engine.sync_engine, "do_connect", use_retrying_connect)
+        event.listen(engine.sync_engine, "handle_error", _drop_timed_out)
     return engine
 
 
@@ -449,6 +501,20 @@ async def _take_pg_migration_lock(conn: AsyncConnection) -> None:
                 await taking
 
 
+async def _unbounded_statements(conn: AsyncConnection) -> Any:
+    """Lift asyncpg's statement bound on ``conn`` and return what restores it: the advisory lock is
+    waited for without a bound, and a revision's DDL may take longer than statement_timeout_s on a
+    large table. (asyncpg keeps the bound in the connection's private config; no setter exists.)"""
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    bounded = raw._config
+    raw._config = bounded._replace(command_timeout=None)
+
+    def restore() -> None:
+        raw._config = bounded
+
+    return restore
+
+
 @contextlib.asynccontextmanager
 async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in one transaction that holds the database's migration lock (see the module
@@ -457,6 +523,7 @@ async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConne
     other."""
     async with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
+        restore_bound: Any = None
         try:
             if sqlite:
                 # pysqlite runs DDL outside any transaction unless one is begun by hand: without
@@ -465,6 +532,7 @@ async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConne
                 await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_MIGRATION_LOCK_WAIT_MS}")
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:
+                restore_bound = await _unbounded_statements(conn)
                 await _take_pg_migration_lock(conn)
                 # Taken only now: the advisory lock above is waited for without a bound.
                 await conn.exec_driver_sql(
@@ -473,6 +541,8 @@ async def migration_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConne
             yield conn
             await conn.commit()
         finally:
+            if restore_bound is not None:
+                restore_bound()
             if sqlite:
                 # Back to the ordinary wait for the connection's next user (the pool keeps it); a
                 # failure here must not hide the migration's own.

@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -26,6 +29,8 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.config import DatabaseSettings
+from gateway.notify import PostgresNotifier
 from gateway.store import Database
 from gateway.store import db as dbmod
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
@@ -296,6 +301,154 @@ async def test_a_multi_host_url_reaches_the_live_primary(pg_server: PgServer, da
         assert port == pg_server.port
     finally:
         await db.close()
+
+
+def _blackhole() -> tuple[socket.socket, list[socket.socket], int]:
+    """A port on 127.0.0.1 that drops SYNs, as a dead node's address does: a listener whose accept
+    queue is full and never accepted from (no root or netns needed). Returns what to close."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    # The queue fills as the handshakes complete; a SYN after that goes unanswered.
+    time.sleep(0.3)
+    return listener, fillers, port
+
+
+async def test_a_first_host_that_blackholes_does_not_keep_the_pool_or_listener_from_the_primary(
+    pg_server: PgServer, database: str
+) -> None:
+    """A multi-host URL whose first host drops packets (a dead node, a partition): each host gets its
+    own connect_timeout_s, so the live primary second is reached, by the pool and by the listener.
+    (asyncpg's own walk gave one timeout to all hosts: the first used it up, the second was never
+    tried, and every new connection failed for as long as the first host blackholed.)"""
+    listener, fillers, dead = _blackhole()
+    url = (
+        f"postgresql+asyncpg://{pg_server.user}@/{database}"
+        f"?host=127.0.0.1:{dead}&host=127.0.0.1:{pg_server.port}&target_session_attrs=read-write"
+    )
+    settings = DatabaseSettings(connect_timeout_s=1.0, pool_timeout_s=4.0)
+    try:
+        db = await Database.open(url, migrate=False, settings=settings)
+        try:
+            async with db.engine.connect() as conn:
+                assert (await conn.exec_driver_sql("SELECT inet_server_port()")).scalar() == pg_server.port
+            notifier = PostgresNotifier(db.engine.url, db.engine.dialect, replica="t", connect_timeout_s=1.0)
+            await notifier.start()
+            try:
+                await _until(lambda: notifier.live, within=10, what="the listener on the live host")
+            finally:
+                await notifier.stop()
+        finally:
+            await db.close()
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+async def test_idle_in_transaction_timeout_is_set_after_connecting_not_at_startup(
+    pg_server: PgServer, database: str
+) -> None:
+    """The bound is SET once connected (pg_settings says 'session'): PgBouncer refuses a startup
+    parameter it does not track (08P01), which is a refusal to report, not an outage to retry."""
+    db = await Database.open(
+        pg_server.url(database), migrate=False, settings=DatabaseSettings(idle_in_transaction_timeout_s=7)
+    )
+    try:
+        async with db.engine.connect() as conn:
+            setting, source = (
+                await conn.exec_driver_sql(
+                    "SELECT setting, source FROM pg_settings"
+                    " WHERE name = 'idle_in_transaction_session_timeout'"
+                )
+            ).one()
+        assert (setting, source) == ("7000", "session")
+    finally:
+        await db.close()
+    refused = asyncpg.exceptions.ProtocolViolationError("unsupported startup parameter: x")
+    assert refused.sqlstate == "08P01"
+    assert not dbmod.is_transient(refused)
+    assert dbmod.is_transient(asyncpg.exceptions.ConnectionDoesNotExistError("gone"))
+
+
+def _postgres_processes(pg: PgServer) -> list[Any]:
+    import psutil
+
+    assert pg.control is not None
+    pid = int((pg.control[1] / "postmaster.pid").read_text().split()[0])
+    top = psutil.Process(pid)
+    return [top, *top.children(recursive=True)]
+
+
+async def test_a_frozen_primary_does_not_hold_the_pool(pg_server: PgServer, database: str) -> None:
+    """The pool's connections are on a primary that then freezes (SIGSTOP: a hung node whose replica
+    was promoted; its kernel still acknowledges, so nothing ever fails on its own). Callers give up
+    at their own deadlines; statement_timeout_s then ends the waits they left behind (the pool's
+    ping included), the stuck connections are dropped, not reused, and new calls reach the other
+    host. Without the bound each abandoned call kept its pool slot forever, the pool filled, and
+    nothing reached the promoted host."""
+    try:
+        other = contextlib.ExitStack()
+        second = other.enter_context(running_postgres())
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    with other:
+        admin = await _connect(second)
+        try:
+            await admin.execute(f'CREATE DATABASE "{database}"')
+        finally:
+            await admin.close()
+        url = (
+            f"postgresql+asyncpg://{pg_server.user}@/{database}?host=127.0.0.1:{pg_server.port}"
+            f"&host=127.0.0.1:{second.port}&target_session_attrs=read-write"
+        )
+        settings = DatabaseSettings(
+            pool_size=2, max_overflow=0, pool_timeout_s=4.0, connect_timeout_s=1.0, statement_timeout_s=1.0
+        )
+        db = await Database.open(url, migrate=False, settings=settings)
+
+        async def port() -> int:
+            async with db.engine.connect() as conn:
+                return int((await conn.exec_driver_sql("SELECT inet_server_port()")).scalar_one())
+
+        async def two_at_once() -> list[int]:
+            # Both pool slots in use together: both pooled connections are on the first host.
+            async with db.engine.connect() as one, db.engine.connect() as two:
+                return [
+                    int((await c.exec_driver_sql("SELECT inet_server_port()")).scalar_one())
+                    for c in (one, two)
+                ]
+
+        async def reaches_second() -> bool:
+            try:
+                return await asyncio.wait_for(port(), 3) == second.port
+            except Exception:
+                return False
+
+        frozen: list[Any] = []
+        try:
+            assert await two_at_once() == [pg_server.port, pg_server.port]
+            # Read now: the pooled connections' backends are among the postmaster's children.
+            frozen = _postgres_processes(pg_server)
+            for proc in frozen:
+                proc.suspend()
+            # Callers with a deadline of their own (as the gRPC paths have) give up on both slots.
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(port(), 0.3)
+            await _until(reaches_second, within=20, what="a new call on the promoted host")
+        finally:
+            for proc in frozen:
+                with contextlib.suppress(Exception):
+                    proc.resume()
+            await asyncio.wait_for(db.close(), 15)
 
 
 async def test_migrations_wait_for_locks_with_a_bound_and_say_so(
