@@ -139,7 +139,7 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
                 pg.url("postgres"),
                 values=openshelldeploy.merged(
                     openshelldeploy.chart_values(pushed),
-                    _network_policy_values(cluster, pg.port),
+                    openshelldeploy.network_policy_values(cluster, pg.port),
                 ),
                 agent_image=pushed.agent,
                 agent_line=openshelldeploy.AGENT_LINE,
@@ -150,27 +150,6 @@ def _local_target(bundle: Path, rootfs: Path) -> Iterator[Target]:
         pytest.skip(f"the gateway's database cannot run here: {exc}")
     finally:
         cluster.cleanup()
-
-
-def _network_policy_values(cluster: kubenode.LocalCluster, pg_port: int) -> dict[str, Any]:
-    """The chart's NetworkPolicies (on by default) with this cluster's peers: the API server and
-    PostgreSQL listen on the host's end of the node's link, on ports of their own; the API server's
-    service proxy (how this test reaches the HTTP API) comes from there too."""
-    assert cluster.network is not None and cluster.plane is not None and cluster.registry is not None
-    host = {"ipBlock": {"cidr": f"{cluster.network.host_ip}/32"}}
-    registry_port = int(cluster.registry.host.rsplit(":", 1)[1])
-    return {
-        "networkPolicy": {
-            # Only the API server's proxy: the `helm test` pod must then get in by the chart's own rule.
-            "httpFrom": [host],
-            "apiServerCidrs": [f"{cluster.network.host_ip}/32"],
-            "apiServerPorts": [int(cluster.plane.server.rsplit(":", 1)[1])],
-            "databaseTo": [host],
-            "databasePort": pg_port,
-            # The registry, for the gateway's lookups of images' own commands (docs/helm.md).
-            "extraEgress": [{"to": [host], "ports": [{"port": registry_port, "protocol": "TCP"}]}],
-        }
-    }
 
 
 @dataclass

@@ -104,6 +104,28 @@ def chart_values(pushed: Images) -> dict[str, Any]:
     }
 
 
+def network_policy_values(cluster: Any, pg_port: int) -> dict[str, Any]:
+    """The chart's NetworkPolicies (on by default) with the peers of ``cluster`` (a
+    ``kubenode.LocalCluster``): the API server and PostgreSQL listen on the host's end of the node's
+    link, on ports of their own; the API server's service proxy (how the tests reach the HTTP API)
+    comes from there too."""
+    assert cluster.network is not None and cluster.plane is not None and cluster.registry is not None
+    host = {"ipBlock": {"cidr": f"{cluster.network.host_ip}/32"}}
+    registry_port = int(cluster.registry.host.rsplit(":", 1)[1])
+    return {
+        "networkPolicy": {
+            # Only the API server's proxy: the `helm test` pod must then get in by the chart's own rule.
+            "httpFrom": [host],
+            "apiServerCidrs": [f"{cluster.network.host_ip}/32"],
+            "apiServerPorts": [int(cluster.plane.server.rsplit(":", 1)[1])],
+            "databaseTo": [host],
+            "databasePort": pg_port,
+            # The registry, for the gateway's lookups of images' own commands (docs/helm.md).
+            "extraEgress": [{"to": [host], "ports": [{"port": registry_port, "protocol": "TCP"}]}],
+        }
+    }
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``extra`` laid over it, nested dictionaries merged key by key."""
     out = dict(base)
@@ -119,6 +141,20 @@ def gateway_api(admin: Any, namespace: str, release: str) -> Callable[..., Any]:
     error answer (httpx's HTTPStatusError, the gateway's ``{"error": ...}`` in its response)."""
     api = f"/api/v1/namespaces/{namespace}/services/{release}-gateway:7080/proxy/api/v1"
     http = admin._client._client  # lightkube's own httpx client: its TLS and credentials
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = http.request(method, api + path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    return call
+
+
+def pod_api(admin: Any, namespace: str, pod: str) -> Callable[..., Any]:
+    """Like :func:`gateway_api`, but on one gateway pod's HTTP API (the API server's pod proxy):
+    what that one replica answers, whichever the Service would have picked."""
+    api = f"/api/v1/namespaces/{namespace}/pods/{pod}:7080/proxy/api/v1"
+    http = admin._client._client
 
     def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = http.request(method, api + path, json=body)
