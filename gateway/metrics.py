@@ -112,7 +112,9 @@ class GatewayMetrics:
         self.fenced_writes = Counter(
             PREFIX + "fenced_writes",
             "Writes of a session refused because a newer session claimed its sandbox (the owner "
-            "epoch moved), by kind: events, heartbeats, disconnect, command_result.",
+            "epoch moved), by kind: events, heartbeats, command_result, delivery (a paused or cut-off "
+            "owner writing after its session moved: worth an alert), and disconnect_superseded (an old "
+            "session's disconnection after its supervisor reconnected elsewhere: routine in a rollout).",
             ["kind"],
             registry=self.registry,
         )

@@ -22,7 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.store.schema import sandboxes as sandboxes_table
 
 #: What was refused (the ``kind`` label of ``openshell_gateway_fenced_writes_total``).
-FencedKind = Literal["events", "heartbeats", "disconnect", "command_result", "delivery"]
+#: ``disconnect_superseded`` stands apart: the old session's disconnection refused because its
+#: supervisor already reconnected elsewhere, the normal end of a session that moved (every rollout,
+#: every replica lost), not a paused owner writing over a newer one; the others are worth an alert.
+FencedKind = Literal["events", "heartbeats", "disconnect_superseded", "command_result", "delivery"]
 
 
 class Fenced(Exception):
@@ -58,15 +61,21 @@ class Fenced(Exception):
 async def check_owner(conn: AsyncConnection, sandbox_id: str, owner_epoch: int, *, kind: FencedKind) -> None:
     """Raise :class:`Fenced` unless the sandbox's row still carries ``owner_epoch``.
 
-    On PostgreSQL the row is locked (FOR NO KEY UPDATE) until the transaction ends, so a newer
-    claim (an UPDATE of the same row) waits for this transaction to commit, and this write is
-    ordered before it: it either lands before the claim or is refused. NO KEY: the events'
-    foreign key takes a KEY SHARE lock on the row, which this must not conflict with. SQLite has
-    one writer at a time: call this after the transaction's first write, which took the lock."""
+    On PostgreSQL the row is locked FOR KEY SHARE until the transaction ends. A claim takes the
+    row FOR UPDATE before raising the epoch (``SandboxStore.mark_connected``), which conflicts with
+    KEY SHARE: a newer claim waits for this transaction to commit, and this read waits for an
+    uncommitted claim and then reads its epoch, so this write either lands before the claim or is
+    refused. KEY SHARE, not a stronger lock: the heartbeat flush updates every held sandbox's row
+    in one transaction (FOR NO KEY UPDATE on each), and a fence that conflicted with it made every
+    batch wait for the whole flush; KEY SHARE does not conflict with it, nor with another batch's.
+    SQLite has one writer at a time: call this after the transaction's first write, which took
+    the lock."""
     c = sandboxes_table.c
     row = (
         await conn.execute(
-            select(c.owner_epoch, c.owner).where(c.id == sandbox_id).with_for_update(key_share=True)
+            select(c.owner_epoch, c.owner)
+            .where(c.id == sandbox_id)
+            .with_for_update(read=True, key_share=True)
         )
     ).first()
     if row is None or int(row.owner_epoch) != owner_epoch:

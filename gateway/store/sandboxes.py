@@ -343,6 +343,10 @@ class SandboxStore:
         c = sandboxes_table.c
         with store_errors(what):
             async with self._db.engine.begin() as conn:
+                # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
+                # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the claim
+                # waits for writes in flight, and they for it; the UPDATE alone would not.
+                await conn.execute(select(c.id).where(c.id == sandbox_id).with_for_update())
                 epoch = await conn.scalar(
                     update(sandboxes_table)
                     .where(c.id == sandbox_id, *_of_generation(generation))
@@ -404,7 +408,7 @@ class SandboxStore:
                     if row is None or int(row.owner_epoch) != owner_epoch:
                         raise Fenced(
                             sandbox_id,
-                            kind="disconnect",
+                            kind="disconnect_superseded",
                             epoch=owner_epoch,
                             current_epoch=None if row is None else int(row.owner_epoch),
                             owner=None if row is None else row.owner,

@@ -127,8 +127,10 @@ async def _older_claims_writes_are_refused(db: Database) -> None:
     assert await sandboxes.record_heartbeats(
         {"sb": at + timedelta(seconds=30)}, sessions={"sb": "s-new"}, epochs={"sb": old}
     ) == {"sb"}
-    with pytest.raises(Fenced):
+    with pytest.raises(Fenced) as refused:
         await sandboxes.mark_disconnected("sb", session_id="s-old", at=at, generation=1, owner_epoch=old)
+    # Counted apart from the writes worth an alert: the routine end of a session that moved.
+    assert refused.value.kind == "disconnect_superseded"
     with pytest.raises(Fenced):
         await commands.answer(
             "sb", CommandResult(command_id=created.command.command_id, applied=True), owner_epoch=old
@@ -199,6 +201,60 @@ async def _older_claims_delivery_mark_records_nothing(db: Database) -> None:
     row = await commands.get(command_id)
     assert row is not None and row.delivered_by == "gw-b"
     assert await commands.deliverable(["sb"]) == []
+
+
+@needs_postgres
+async def test_a_fenced_batch_does_not_wait_for_the_heartbeat_flush_but_a_claim_waits_for_it(
+    database_url: str,
+) -> None:
+    """The fence's row lock (FOR KEY SHARE) does not conflict with the heartbeat flush's UPDATE of
+    the same row, held open here as a flush over thousands of rows would hold it: a batch stores
+    while the flush's transaction is still open. (FOR NO KEY UPDATE made every batch wait for the
+    whole flush.) A claim still waits for a batch holding the fence, and is ordered after it."""
+    db = await Database.open(database_url)
+    raw = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        sandboxes, events = SandboxStore(db), EventStore(db)
+        await sandboxes.ensure("sb")
+        at = datetime.now(UTC)
+        epoch = await sandboxes.mark_connected(
+            "sb", session_id="s1", owner="gw-a", owner_run="ra", instance_id="i1", journal_epoch="j1", at=at
+        )
+        assert epoch is not None
+        flush = raw.transaction()
+        await flush.start()
+        await raw.execute("UPDATE sandboxes SET last_heartbeat_at = now() WHERE id = 'sb'")
+        stored = await asyncio.wait_for(
+            events.store_wire_batch(
+                "sb", "j1", [_log(1, "during")], known_high_water_mark=0, owner_epoch=epoch
+            ),
+            5,
+        )
+        assert stored == 1
+        await flush.commit()
+
+        # A batch holding the fence (its transaction open): a claim waits for it.
+        batch = raw.transaction()
+        await batch.start()
+        assert await raw.fetchval("SELECT owner_epoch FROM sandboxes WHERE id = 'sb' FOR KEY SHARE") == epoch
+        claim = asyncio.create_task(
+            sandboxes.mark_connected(
+                "sb",
+                session_id="s2",
+                owner="gw-b",
+                owner_run="rb",
+                instance_id="i1",
+                journal_epoch="j1",
+                at=at,
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not claim.done(), "a claim must wait for a write holding the fence"
+        await batch.commit()
+        assert await asyncio.wait_for(claim, 5) == epoch + 1
+    finally:
+        await raw.close()
+        await db.close()
 
 
 # -- two real replicas, one frozen -------------------------------------------------------------
