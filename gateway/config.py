@@ -86,9 +86,9 @@ class GrpcSettings(_Section):
         description="Deadline of storing one event batch; past it the session ends with SessionRejected "
         "OVERLOADED and a retry hint, and nothing of the batch is acknowledged. Longer than store_timeout_s "
         "so that a slow moment of a healthy database (a checkpoint, a vacuum) does not end every session "
-        "that is sending; keep it under supervisors' stale bound (session.stale_after_intervals x "
-        "sessions.heartbeat_interval_s, 30 s by default: the session's heartbeats are answered after a "
-        "batch's store ends).",
+        "that is sending. The session answers heartbeats while a batch is being stored, so it may exceed "
+        "supervisors' stale bound (session.stale_after_intervals x sessions.heartbeat_interval_s, 30 s by "
+        "default); a command result is still stored within store_timeout_s.",
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
     tls: TlsSettings = Field(default_factory=TlsSettings)

@@ -39,6 +39,7 @@ lands, the sandbox's stale heartbeat already keeps it from being shown connected
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -60,7 +61,16 @@ from gateway.replicas import ReplicaIdentity, this_replica
 from gateway.routing import Handed
 from gateway.rpc import STORE_UNAVAILABLE, MalformedFrame, RateLimitedLog, Unavailable, store_retry_after_ms
 from gateway.sandbox_state import Liveness
-from gateway.sessions import Close, Inbound, InboundEnded, Outbound, Session, SessionRegistry, new_session_id
+from gateway.sessions import (
+    Close,
+    Inbound,
+    InboundEnded,
+    InboxItem,
+    Outbound,
+    Session,
+    SessionRegistry,
+    new_session_id,
+)
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
 from gateway.store.commands import Answer
 from gateway.store.db import is_transient
@@ -692,55 +702,115 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         session.inbox.put_nowait(InboundEnded(error, malformed=malformed))
 
     async def _serve(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
+        """The session's loop: what the supervisor sends, and what is queued for it, in order.
+
+        An event batch is stored in a task of the session's own (``storing``), at most one at a
+        time, while the loop goes on answering heartbeats (and sending commands): a database that
+        hangs longer than the supervisor's stale bound, but not past the batch's deadline, does
+        not end the session from the supervisor's side. Batches that arrive meanwhile wait their
+        turn (the supervisor bounds how many it has in flight), so they are stored, and acked, in
+        the order they came, each knowing the high-water mark of the one before. A command result
+        is still stored before the next message is read: an ack of a later batch (carrying the
+        command's audit line) means the answer is stored."""
         session.touch()
-        while True:
-            # Only what the supervisor sends counts as a sign of life: our own outbound messages
-            # (commands) must not keep a dead session open.
-            left = session.last_seen_monotonic + session.stale_after_s - time.monotonic()
-            try:
-                item = await asyncio.wait_for(session.inbox.get(), timeout=max(left, 0.0))
-            except TimeoutError:
-                log.warning(
-                    "session stale: nothing received for %.1fs",
-                    session.stale_after_s,
-                    extra={"sandbox_id": session.sandbox_id},
-                )
-                return
-            if isinstance(item, InboundEnded):
-                if item.malformed is not None:
-                    raise item.malformed
-                if item.error:
-                    log.info("stream broke: %s", item.error, extra={"sandbox_id": session.sandbox_id})
-                return
-            if isinstance(item, Close):
-                log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
-                if item.fenced:
-                    self._count_fenced("heartbeats")
-                    yield self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason)
-                return
-            if isinstance(item, _CommandOut):
-                if item.expires_at <= datetime.now(UTC):
-                    _settle(item.taken, False)  # expired while queued: never sent
+        getter: asyncio.Task[InboxItem] | None = None
+        storing: asyncio.Task[pb.GatewayMessage] | None = None
+        waiting: collections.deque[pb.EventBatch] = collections.deque()
+        try:
+            while True:
+                if storing is not None and storing.done():
+                    ack = storing.result()  # what the store raised ends the session, as before
+                    storing = None
+                    yield ack
                     continue
-                # Widened only now that it is written: a heartbeat command that expired in the
-                # inbox or was never taken must not let a dead session stay silent longer.
-                self._expect_heartbeats(session, item.command)
-                try:
+                if storing is None and waiting:
+                    storing = asyncio.create_task(
+                        self._store_batch(session, waiting.popleft()), name=f"store-{session.sandbox_id}"
+                    )
+                if getter is None and not session.inbox.empty():
+                    item: InboxItem = session.inbox.get_nowait()
+                else:
+                    if getter is None:
+                        getter = asyncio.create_task(session.inbox.get(), name=f"inbox-{session.sandbox_id}")
+                    # Only what the supervisor sends counts as a sign of life: our own outbound
+                    # messages (commands) must not keep a dead session open.
+                    left = session.last_seen_monotonic + session.stale_after_s - time.monotonic()
+                    await asyncio.wait(
+                        {getter} if storing is None else {getter, storing},
+                        timeout=max(left, 0.0),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if storing is not None and storing.done():
+                        continue  # its ack first
+                    if not getter.done():
+                        log.warning(
+                            "session stale: nothing received for %.1fs",
+                            session.stale_after_s,
+                            extra={"sandbox_id": session.sandbox_id},
+                        )
+                        return
+                    item, getter = getter.result(), None
+                if isinstance(item, InboundEnded | Close):
+                    # What was received before the end is stored (and acked, if the stream can
+                    # still carry it) first, as when batches were stored one by one in the loop.
+                    if storing is not None:
+                        yield await storing
+                        storing = None
+                    while waiting:
+                        yield await self._store_batch(session, waiting.popleft())
+                if isinstance(item, InboundEnded):
+                    if item.malformed is not None:
+                        raise item.malformed
+                    if item.error:
+                        log.info("stream broke: %s", item.error, extra={"sandbox_id": session.sandbox_id})
+                    return
+                if isinstance(item, Close):
+                    log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
+                    if item.fenced:
+                        self._count_fenced("heartbeats")
+                        yield self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason)
+                    return
+                if isinstance(item, _CommandOut):
+                    if item.expires_at <= datetime.now(UTC):
+                        _settle(item.taken, False)  # expired while queued: never sent
+                        continue
+                    # Widened only now that it is written: a heartbeat command that expired in the
+                    # inbox or was never taken must not let a dead session stay silent longer.
+                    self._expect_heartbeats(session, item.command)
+                    try:
+                        yield item.message
+                    except BaseException:
+                        # Closed at the yield: the write failed or the call was cancelled.
+                        _settle(item.taken, False)
+                        raise
+                    # Resumed: gRPC has written the message to this open stream.
+                    _settle(item.taken, True)
+                    continue
+                if isinstance(item, Outbound):
                     yield item.message
-                except BaseException:
-                    # Closed at the yield: the write failed or the call was cancelled.
-                    _settle(item.taken, False)
-                    raise
-                # Resumed: gRPC has written the message to this open stream.
-                _settle(item.taken, True)
-                continue
-            if isinstance(item, Outbound):
-                yield item.message
-                continue
-            self._registry.touch(session)
-            reply = await self._handle(session, item.message)
-            if reply is not None:
-                yield reply
+                    continue
+                self._registry.touch(session)
+                if item.message.WhichOneof("payload") == "events":
+                    waiting.append(item.message.events)
+                    continue
+                reply = await self._handle(session, item.message)
+                if reply is not None:
+                    yield reply
+        finally:
+            # Owned here: a store in flight ends with the session (nothing of it was acked; what
+            # it commits later is idempotent by sequence), and a command taken from the inbox but
+            # not written was not delivered.
+            tasks = [t for t in (getter, storing) if t is not None]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                # asyncio.wait: never raises what the tasks did, yet lets our own cancellation through.
+                await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled() and task.exception() is None and task is getter:
+                    taken = task.result()
+                    if isinstance(taken, _CommandOut):
+                        _settle(taken.taken, False)
 
     async def _handle(self, session: Session, message: pb.SupervisorMessage) -> pb.GatewayMessage | None:
         kind = message.WhichOneof("payload")

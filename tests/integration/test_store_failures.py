@@ -416,3 +416,62 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
     log = gw.log_text()
     assert "did not answer within 2s" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+async def test_heartbeats_are_answered_while_a_batch_waits_for_a_hung_database(
+    tmp_path: Path, pg_server: PgServer, database: str, supervisors: list[SupervisorProcess]
+) -> None:
+    """The database hangs (every postgres process stopped) for longer than the supervisor's stale
+    bound (3 heartbeat intervals: 1.5 s) but less than an event batch's deadline
+    (grpc.batch_store_timeout_s): the session answers heartbeats while the batch waits, so the
+    supervisor keeps its session, and the batch is stored and acknowledged once the database is
+    back (every line lands). Before, the session answered nothing until the batch was stored, and
+    the supervisor ended the session as stale."""
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        extra=["--database-url", pg_server.url(database), "--set", "grpc.batch_store_timeout_s=20"],
+    )
+    gw.start()
+    stopped: list[psutil.Process] = []
+    lines = 300
+    try:
+        writes = SupervisorProcess(
+            tmp_path / "writes", "sb-hb", gw.address, writer_command(lines, delay=0.03), settings=()
+        )
+        supervisors.append(writes)
+        writes.start()
+        await _until(lambda: _api(gw, "sb-hb").get("state") == "connected", within=30, what="connected")
+        await asyncio.sleep(0.5)  # lines are being stored
+        offset = len(writes.log_text())
+        stopped = _postgres_processes(pg_server)
+        for proc in stopped:
+            proc.suspend()
+        await asyncio.sleep(5)  # past the supervisor's stale bound, with batches waiting
+        for proc in stopped:
+            proc.resume()
+        stopped = []
+
+        async def all_stored() -> bool:
+            conn = await _admin(pg_server, database)
+            try:
+                count = await conn.fetchval(
+                    "SELECT count(*) FROM events"
+                    " WHERE sandbox_id = 'sb-hb' AND kind = 'log' AND stream = 'stdout'"
+                )
+            finally:
+                await conn.close()
+            return bool(count == lines)
+
+        await _until(all_stored, within=30, what="every line stored once the database is back")
+        # Read before the gateway stops (which ends the session).
+        ended = _first_session_end(writes, after=offset)
+        served = gw.log_text()
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()
+        gw.stop()
+    assert ended is None, writes.log_text()[offset:][-3000:]
+    # (The session may have ended since, normally: the writer is done and its supervisor exits.)
+    assert "session stale" not in served and "store unavailable" not in served, served[-3000:]
+    assert "Traceback" not in gw.log_text(), gw.log_text()[-3000:]
