@@ -553,8 +553,11 @@ def test_every_line_arrives_exactly_once_and_in_order(proof: Proof) -> None:
 
 def test_every_main_process_keeps_its_pid(proof: Proof) -> None:
     for sandbox_id in proof.sandbox_ids:
-        (started,) = proof.lifecycle(sandbox_id, "started")
-        (exited,) = proof.lifecycle(sandbox_id, "exited")
+        starts, exits = proof.lifecycle(sandbox_id, "started"), proof.lifecycle(sandbox_id, "exited")
+        assert len(starts) == 1 and len(exits) == 1, (
+            f"{sandbox_id}: one STARTED, one EXITED: {starts} {exits}"
+        )
+        started, exited = starts[0], exits[0]
         assert len(proof.lifecycle(sandbox_id, "supervisor_started")) == 1, "the supervisor never restarted"
         assert proof.restarts[sandbox_id] == 0, f"{sandbox_id}: its container never restarted"
         pids = {
