@@ -300,7 +300,14 @@ def supervisor_command(
         argv += ["--set", "gateway.tls=true", "--set", f"gateway.ca_file={GATEWAY_CA_DIR}/{GATEWAY_CA_KEY}"]
     for key, value in sorted(settings.supervisor.settings.items()):
         argv += ["--set", f"{key}={value}"]
-    return [*argv, "--", *command]
+    return [*argv, "--", *(kubernetes_literal(arg) for arg in command)]
+
+
+def kubernetes_literal(value: str) -> str:
+    """``value`` escaped for a container's command or an env value, where the kubelet expands
+    ``$(NAME)`` to the env variable NAME and turns ``$$`` into ``$``: the sandbox's command and env
+    must reach its process as written, as they do with the local driver."""
+    return value.replace("$", "$$")
 
 
 def supervisor_volume(supervisor: SupervisorInjectionSettings) -> dict[str, Any]:
@@ -386,7 +393,7 @@ def build_sandbox_pod(
         "image": image,
         "imagePullPolicy": pod.image_pull_policy,
         "command": supervisor_command(settings, request.sandbox_id, request.command),
-        "env": [{"name": k, "value": v} for k, v in sorted(request.env.items())],
+        "env": [{"name": k, "value": kubernetes_literal(v)} for k, v in sorted(request.env.items())],
         "securityContext": container_security_context(pod, read_only_root=pod.read_only_root_filesystem),
         "volumeMounts": [
             {"name": VOLUME_SUPERVISOR, "mountPath": SUPERVISOR_DIR, "readOnly": True},

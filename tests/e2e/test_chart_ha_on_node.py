@@ -620,11 +620,6 @@ def test_the_upgrade_ran_the_migration_hook(proof: Proof) -> None:
     assert proof.measured["lines stored while the hook ran"] > 0, "the sandboxes wrote while it ran"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Kubernetes driver puts the sandbox's command in the container's command unescaped: "
-    "the kubelet expands $(VAR) references and turns $$ into $ (gateway/drivers/podspec.py)",
-)
 def test_the_command_reaches_the_main_process_as_written(proof: Proof) -> None:
     """The same command runs the same on every driver: ``$$`` and ``$(NAME)`` in it are the
     shell's, not Kubernetes' variable references."""

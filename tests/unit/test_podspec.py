@@ -290,3 +290,39 @@ def test_a_pod_name_gives_its_sandbox_back(sandbox_id: str) -> None:
 )
 def test_a_pod_no_sandbox_could_have_gives_none(name: str) -> None:
     assert sandbox_of_pod(name) is None
+
+
+def _kubelet_expand(value: str, env: dict[str, str]) -> str:
+    """What the kubelet makes of a command argument or env value (k8s.io/kubernetes
+    third_party/forked/golang/expansion): ``$$`` is ``$``, ``$(NAME)`` a defined variable's value,
+    anything else as it stands. A model of it, to check what the pod spec must carry."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "$" and i + 1 < len(value):
+            if value[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            if value[i + 1] == "(":
+                end = value.find(")", i + 2)
+                if end != -1 and value[i + 2 : end] in env:
+                    out.append(env[value[i + 2 : end]])
+                    i = end + 1
+                    continue
+        out.append(value[i])
+        i += 1
+    return "".join(out)
+
+
+def test_the_command_and_env_reach_the_process_as_written() -> None:
+    """The kubelet expands ``$(NAME)`` and ``$$`` in a container's command and env values: the
+    sandbox's own command and env are escaped so that they arrive as the caller wrote them (the
+    real kubelet showed it: tests/e2e/test_chart_ha_on_node.py)."""
+    env = {"GREETING": "expanded", "PRICE": "$5 $(GREETING) $$"}
+    command = ["sh", "-c", "echo '$$ $(GREETING)' $((1+1)) $"]
+    pod = build_sandbox_pod(settings(), request(command=command, env=env))
+    (main,) = pod["spec"]["containers"]
+    given = main["command"][main["command"].index("--") + 1 :]
+    assert [_kubelet_expand(arg, env) for arg in given] == command
+    values = {e["name"]: _kubelet_expand(e["value"], env) for e in main["env"] if e["name"] in env}
+    assert values == env
