@@ -155,6 +155,46 @@ class PatroniCluster:
         node.proc.wait(10)
         self.killed.append(node.name)
 
+    def walreceiver(self, node: Node) -> psutil.Process:
+        """The standby ``node``'s WAL receiver (the process streaming the primary's WAL to it), found
+        under the postmaster of its data directory (waited for: it starts after the standby)."""
+        data_dir = str(self.root / node.name)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                if proc.info["name"] == "postgres" and data_dir in (proc.info["cmdline"] or []):
+                    for child in proc.children():
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            if "walreceiver" in " ".join(child.cmdline()):
+                                return child
+            time.sleep(0.2)
+        raise AssertionError(f"no WAL receiver on {node.name}\n{self.logs()}")
+
+    @contextlib.contextmanager
+    def replication_cut(self, standby: Node, primary: Node) -> Iterator[None]:
+        """Drop what ``primary`` sends on ``standby``'s replication connection (an nft rule on the
+        loopback for that connection's ports only), its connection left up: the standby falls
+        behind the primary's commits and, if the primary dies meanwhile, never gets them. (A
+        frozen WAL receiver would not do: its kernel still buffers the WAL, read once it wakes.)"""
+        receiver = self.walreceiver(standby)
+        ports = sorted(
+            c.laddr.port
+            for c in receiver.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == primary.pg_port
+        )
+        assert ports, f"{standby.name}'s WAL receiver is not connected to {primary.name}"
+        table = f"openshell_replication_cut_{os.getpid()}"
+        rules = (
+            f"table inet {table} {{\n chain input {{\n"
+            "  type filter hook input priority 0; policy accept;\n"
+            f"  tcp sport {primary.pg_port} tcp dport {{ {', '.join(map(str, ports))} }} drop\n }}\n}}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False, capture_output=True)
+
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log_text()[-3000:]}" for n in self.nodes)
 
