@@ -33,6 +33,7 @@ from gateway.notify import Note, Notifier, Topic
 from gateway.ratelimit import RateLimitedLog
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandRow, CommandStore, StoreError
+from gateway.store.commands import APPLIED, FAILED
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,15 @@ class CommandRouter:
                 waiters.remove(waiter)
             if not waiters:
                 self._waiting.pop(command_id, None)
-        # The notification may have been lost (the listener reconnecting): the table says.
+        # The notification may have been lost (the listener reconnecting): the table says. An
+        # answered command was delivered, whether or not the mark got there first.
         try:
             row = await self._commands.get(command_id)
         except StoreError:
             return False
-        return row is not None and row.delivered_at is not None
+        return row is not None and (
+            row.delivered_at is not None or row.state in (APPLIED, FAILED) or row.late_result is not None
+        )
 
     # -- the owning replica's side --------------------------------------------------------
 

@@ -831,7 +831,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 # one replayed after a commit whose reply was lost changes nothing (IGNORED).
                 self._retrying(
                     lambda: self._commands.answer(
-                        session.sandbox_id, result, owner_epoch=session.owner_epoch
+                        session.sandbox_id, result, owner_epoch=session.owner_epoch, by=self._owner
                     ),
                     deadline=deadline,
                 ),

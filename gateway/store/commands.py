@@ -41,7 +41,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, DateTime, and_, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
@@ -347,16 +347,32 @@ class CommandStore:
         *,
         now: datetime | None = None,
         owner_epoch: int | None = None,
+        by: str | None = None,
     ) -> Answer:
         """Record the supervisor's answer: the command's state if it was pending and unexpired;
         its ``late_result`` (the state stays ``expired``) if it had expired and had no answer yet.
         With ``owner_epoch`` (the answering session's claim) only while the sandbox's row still
         carries it: else :class:`~gateway.store.fencing.Fenced`, nothing recorded (a paused
-        replica's late answer cannot overwrite what the owner's session recorded)."""
+        replica's late answer cannot overwrite what the owner's session recorded).
+
+        An answer proves the command reached the supervisor: a recorded one (in time or late)
+        also records ``delivered_at``/``delivered_by`` (``by``, the answering replica) if the
+        delivery mark has not yet, and tells the replicas (a POST waits for it). The owner's mark
+        runs after the session wrote the command, so the supervisor's answer can commit first:
+        without this the command stayed ``applied`` with no ``delivered_at``, and its POST
+        answered ``delivered: false``, inviting a second, doubled command."""
         clock = self._clock(now)
         c = commands_table.c
         outcome = APPLIED if result.applied else FAILED
         this = and_(c.id == result.command_id, c.sandbox_id == sandbox_id)
+        delivered = {
+            # Bound as the columns' types: a value goes through their storage format (SQLite).
+            "delivered_at": func.coalesce(
+                c.delivered_at, literal(clock, c.delivered_at.type) if isinstance(clock, datetime) else clock
+            ),
+            "delivered_by": func.coalesce(c.delivered_by, literal(by, c.delivered_by.type)),
+        }
+        note = Note(Topic.DELIVERED, sandbox_id, result.command_id)
         with store_errors(f"cannot record the result of command {result.command_id!r}"):
             async with self._db.engine.begin() as conn:
 
@@ -371,25 +387,32 @@ class CommandStore:
                 done = await conn.execute(
                     update(commands_table)
                     .where(this, c.state == PENDING, _before_expiry(clock))
-                    .values(state=outcome, error=result.error or None, answered_at=clock)
+                    .values(state=outcome, error=result.error or None, answered_at=clock, **delivered)
                 )
                 if done.rowcount:
                     await fence(first=False)
-                    return Answer.RECORDED
-                error = EXPIRED_ERROR
-                if result.error:
-                    error = f"{EXPIRED_ERROR}; the late answer's error: {result.error}"
-                late = await conn.execute(
-                    update(commands_table)
-                    .where(
-                        this,
-                        or_(c.state == EXPIRED, and_(c.state == PENDING, _past_expiry(clock))),
-                        c.late_result.is_(None),
+                    await publish(conn, note)
+                    answered = Answer.RECORDED
+                else:
+                    error = EXPIRED_ERROR
+                    if result.error:
+                        error = f"{EXPIRED_ERROR}; the late answer's error: {result.error}"
+                    late = await conn.execute(
+                        update(commands_table)
+                        .where(
+                            this,
+                            or_(c.state == EXPIRED, and_(c.state == PENDING, _past_expiry(clock))),
+                            c.late_result.is_(None),
+                        )
+                        .values(state=EXPIRED, error=error, late_result=outcome, answered_at=clock, **delivered)
                     )
-                    .values(state=EXPIRED, error=error, late_result=outcome, answered_at=clock)
-                )
-                await fence(first=False)
-        return Answer.LATE if late.rowcount else Answer.IGNORED
+                    await fence(first=False)
+                    answered = Answer.LATE if late.rowcount else Answer.IGNORED
+                    if late.rowcount:
+                        await publish(conn, note)
+        if answered is not Answer.IGNORED:
+            self._committed([note])
+        return answered
 
     async def deliverable(
         self, sandbox_ids: Collection[str], *, now: datetime | None = None

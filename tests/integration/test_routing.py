@@ -34,7 +34,7 @@ from gateway.store import commands as commands_module
 from gateway.store.commands import Answer
 from openshell_wire.records import CommandKind, CommandResult
 from openshell_wire.v1 import openshell_pb2 as pb
-from tests.integration.test_commands import CONNECT, _hello
+from tests.integration.test_commands import CONNECT, _get, _hello, _post, _result
 from tests.integration.test_control import AGENT, _http
 from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
@@ -301,5 +301,53 @@ async def test_a_command_whose_notification_never_came_is_delivered_by_the_perio
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(call.read(), timeout=1.0)
             call.cancel()
+    finally:
+        await gw.stop()
+
+
+async def test_a_command_answered_before_its_delivery_mark_reads_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One gateway on SQLite, a supervisor that answers each command as soon as it reads it, and
+    the owner's delivery mark held back (a slow pool checkout or commit on a loaded replica): the
+    answer commits first. The POST still answers delivered: true (the answer records the delivery
+    and tells the waiting POST), and the command's delivered_at/delivered_by are set: a client
+    told "false" would post the action again."""
+    real = commands_module.CommandStore.mark_delivered
+
+    async def slow(self: CommandStore, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(commands_module.CommandStore, "mark_delivered", slow)
+    gw = Gateway(gateway_config(tmp_path, {"commands": {"delivery_wait_s": 2.0}}))
+    await gw.start()
+    try:
+        async with aio.insecure_channel(gw.grpc_address) as channel:
+            raw = channel.stream_stream(
+                CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+            )
+            call = raw()
+            await call.write(_hello("race"))
+            assert (await call.read()).WhichOneof("payload") == "session_accepted"
+
+            async def answer_at_once() -> None:
+                while True:
+                    msg = await call.read()
+                    if msg.WhichOneof("payload") == "command":
+                        await call.write(_result(msg.command.command_id))
+
+            answering = asyncio.create_task(answer_at_once())
+            try:
+                for _ in range(3):
+                    status, created = await _post(gw, "race", {"kind": "signal", "signal": "SIGUSR1"})
+                    assert status == 201, created
+                    doc = await _get(gw, f"/api/v1/commands/{created['id']}")
+                    assert doc["state"] == "applied"
+                    assert created["delivered"] is True, "applied, so delivered"
+                    assert doc["delivered_at"] is not None and doc["delivered_by"] == gw.identity.id
+            finally:
+                answering.cancel()
+                call.cancel()
     finally:
         await gw.stop()
