@@ -102,6 +102,7 @@ class Gateway:
         self._notifier: Notifier | None = None
         self._router: CommandRouter | None = None
         self._health: HealthFollower | None = None
+        self._health_servicer: health.aio.HealthServicer | None = None
         self._http_tls: HttpTls | None = None
         #: True from the gRPC server's start to the beginning of the shutdown (/readyz reads it).
         self._grpc_serving = False
@@ -185,7 +186,7 @@ class Gateway:
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = self._health_servicer = health.aio.HealthServicer()
         add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, guard=guard)
         try:
             # Both listeners' files are checked before anything listens: a bad file stops the start.
@@ -247,8 +248,10 @@ class Gateway:
         await server.start()
         self._server = server
         self._grpc_serving = True
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.SERVING)
+        # NOT_SERVING until the health follower's first verdict (below, once the database and its
+        # schema are checked) says otherwise: /readyz says the same meanwhile.
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set("openshell.v1.OpenShell", health_pb2.HealthCheckResponse.NOT_SERVING)
 
         if cfg.drivers.kind == "kubernetes":
             from gateway.leader import Election  # noqa: PLC0415 - loads lightkube
@@ -412,6 +415,10 @@ class Gateway:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        if self._health_servicer is not None:
+            # gRPC health says so at once too, not at the follower's next tick; the follower's
+            # later verdicts are ignored from here.
+            await self._health_servicer.enter_graceful_shutdown()
         self._grpc_serving = False  # /readyz says so at once: no new work is sent here
         if self._renewer is not None:
             # The others see this replica going before its sessions end. Best effort, and short: a
