@@ -171,23 +171,28 @@ class CommandRouter:
             self._wake.clear()
             try:
                 await self._redeliver(self._registry.sandbox_ids())
-            except StoreError as exc:
+            except Exception as exc:
+                # Any failure, not only the store's: a bug on one odd row must not end the rounds
+                # (and with them every redelivery) for the life of the process without a word.
                 self._failures.log(
                     logging.WARNING,
                     ("redeliver",),
                     f"command redelivery: {exc} (tried again in {self._settings.redeliver_interval_s:g}s)",
+                    exc_info=None if isinstance(exc, StoreError) else exc,
                 )
 
     async def _redeliver(self, sandbox_ids: Collection[str]) -> None:
         """Hand the deliverable commands of these sandboxes (one query) to their sessions here."""
         if not sandbox_ids:
             return
+        # Taken before the query: the deadline then errs early by the read's latency, never late.
+        before = datetime.now(UTC)
         for row, left in await self._commands.deliverable(sandbox_ids):
             command_id = row.command.command_id
             if command_id in self._handing:
                 continue
-            # The database's time left, from now on this replica's clock.
-            local = dataclasses.replace(row, expires_at=datetime.now(UTC) + left)
+            # The database's time left, from this replica's clock when the read began.
+            local = dataclasses.replace(row, expires_at=before + left)
             handed = self._hand_off(local)
             if handed is None:
                 continue  # no session here for it (any more): its next session's hello sends it

@@ -190,6 +190,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         # at once, and their successes come in a burst when it ends.
         self._retry_log = RateLimitedLog(log, concern="disconnection-retry")
         self._recorded_log = RateLimitedLog(log, concern="disconnection-recorded")
+        # An outage ends every session at once: a line or two for all of them, not one each.
+        self._outage_closed_log = RateLimitedLog(log, concern="sessions-closed-store", burst=2)
         self._config = config
         self._registry = registry
         self._sandboxes = sandboxes
@@ -345,6 +347,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             await asyncio.wait(pending | self._abandoned, timeout=DRAIN_CANCEL_WAIT_S)
         self._retry_log.close()
         self._recorded_log.close()
+        self._outage_closed_log.close()
 
     # -- ConnectSupervisor ---------------------------------------------------------------
 
@@ -574,11 +577,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 item = session.inbox.get_nowait()
                 if isinstance(item, _CommandOut):
                     _settle(item.taken, False)
-            log.info(
-                "session closed (%s)",
-                reason,
-                extra={"sandbox_id": sandbox_id, "session_id": session.session_id},
-            )
+            closed = {"sandbox_id": sandbox_id, "session_id": session.session_id}
+            if reason.startswith("store unavailable"):
+                self._outage_closed_log.log(
+                    logging.INFO, ("store",), f"session closed ({reason}); others may follow", extra=closed
+                )
+            else:
+                log.info("session closed (%s)", reason, extra=closed)
 
     def _rejection(self, code: pb.RejectCode.ValueType, reason: str) -> pb.GatewayMessage:
         if self._metrics is not None:

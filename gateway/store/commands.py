@@ -404,7 +404,9 @@ class CommandStore:
                             or_(c.state == EXPIRED, and_(c.state == PENDING, _past_expiry(clock))),
                             c.late_result.is_(None),
                         )
-                        .values(state=EXPIRED, error=error, late_result=outcome, answered_at=clock, **delivered)
+                        .values(
+                            state=EXPIRED, error=error, late_result=outcome, answered_at=clock, **delivered
+                        )
                     )
                     await fence(first=False)
                     answered = Answer.LATE if late.rowcount else Answer.IGNORED

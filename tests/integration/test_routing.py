@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import sys
 import threading
@@ -29,13 +30,15 @@ from grpc import aio
 
 from gateway import api as api_module
 from gateway.app import Gateway
-from gateway.store import CommandStore, Database, SandboxStore
+from gateway.store import CommandStore, Database, SandboxStore, StoreError
 from gateway.store import commands as commands_module
 from gateway.store.commands import Answer
+from gateway.store.events import EventStore
 from openshell_wire.records import CommandKind, CommandResult
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.integration.test_commands import CONNECT, _get, _hello, _post, _result
 from tests.integration.test_control import AGENT, _http
+from tests.integration.test_fencing import _batch, _log
 from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
 from tests.support.postgres import pg_bindir
@@ -349,5 +352,89 @@ async def test_a_command_answered_before_its_delivery_mark_reads_delivered(
             finally:
                 answering.cancel()
                 call.cancel()
+    finally:
+        await gw.stop()
+
+
+async def test_the_redelivery_rounds_outlive_a_failure_that_is_not_the_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic round's read fails once with a plain bug (not a StoreError): it is logged and
+    the next round delivers a command stored without any notification; the ticker used to die
+    silently, and with it every redelivery for the life of the process."""
+    real = commands_module.CommandStore.deliverable
+    failed: list[bool] = []
+
+    async def broken_once(self: CommandStore, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise ValueError("an odd row")
+        return await real(self, *args, **kwargs)
+
+    gw = Gateway(gateway_config(tmp_path, {"commands": {"redeliver_interval_s": 0.3}}))
+    await gw.start()
+    try:
+        async with aio.insecure_channel(gw.grpc_address) as channel:
+            raw = channel.stream_stream(
+                CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+            )
+            call = raw()
+            await call.write(_hello("odd"))
+            assert (await call.read()).WhichOneof("payload") == "session_accepted"
+            monkeypatch.setattr(commands_module.CommandStore, "deliverable", broken_once)
+            for _ in range(40):
+                if failed:
+                    break
+                await asyncio.sleep(0.05)
+            assert failed, "a round ran (and failed)"
+            assert gw.db is not None
+            created = await CommandStore(gw.db).create("odd", CommandKind.SIGNAL, signal=10, ttl_s=60)
+            sent = await asyncio.wait_for(call.read(), timeout=10)
+            assert sent.command.command_id == created.command.command_id
+            assert "command redelivery: an odd row" in caplog.text
+            call.cancel()
+    finally:
+        await gw.stop()
+
+
+async def test_an_outage_that_ends_every_session_logs_a_line_not_one_per_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four sessions whose batches all fail with a store error (the database away): each ends with
+    "store unavailable", and the gateway's log says so once for all of them, not once each."""
+
+    async def down(self: EventStore, *args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the database is away")
+
+    monkeypatch.setattr(EventStore, "store_wire_batch", down)
+    caplog.set_level(logging.INFO, logger="gateway.server")
+    gw = Gateway(gateway_config(tmp_path, {}))
+    await gw.start()
+    try:
+        async with aio.insecure_channel(gw.grpc_address) as channel:
+            raw = channel.stream_stream(
+                CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+            )
+            calls = []
+            for i in range(4):
+                call = raw()
+                await call.write(_hello(f"out-{i}"))
+                assert (await call.read()).WhichOneof("payload") == "session_accepted"
+                calls.append(call)
+            for call in calls:
+                await call.write(_batch("e1", _log(1, "x")).SerializeToString())
+            for call in calls:
+                while True:
+                    msg = await asyncio.wait_for(call.read(), timeout=10)
+                    if msg is aio.EOF or msg.WhichOneof("payload") == "session_rejected":
+                        break
+                call.cancel()
+        for _ in range(40):  # the handlers' last lines
+            if sum("store unavailable" in r.getMessage() for r in caplog.records) >= 1:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session closed")]
+        assert len(closed) == 1 and "store unavailable" in closed[0], closed
     finally:
         await gw.stop()
