@@ -506,7 +506,15 @@ async def _unbounded_statements(conn: AsyncConnection) -> Any:
     waited for without a bound, and a revision's DDL may take longer than statement_timeout_s on a
     large table. (asyncpg keeps the bound in the connection's private config; no setter exists.)"""
     raw: Any = (await conn.get_raw_connection()).driver_connection
-    bounded = raw._config
+    bounded = getattr(raw, "_config", None)
+    if bounded is None or not hasattr(bounded, "_replace"):
+        # Another asyncpg keeps it elsewhere: migrate with the bound rather than not at all (a
+        # revision slower than statement_timeout_s then fails, saying so, and is retried).
+        log.warning(
+            "cannot lift the statement timeout for the migration on this asyncpg version; "
+            "it runs bounded by database.statement_timeout_s"
+        )
+        return lambda: None
     raw._config = bounded._replace(command_timeout=None)
 
     def restore() -> None:
