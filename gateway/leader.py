@@ -12,9 +12,13 @@ client-go's ``leaderelection`` holds it:
   (this replica's id), ``acquireTime`` and ``leaseTransitions + 1``; every write is an update at
   the resourceVersion read, so of two candidates one wins and the other gets 409 Conflict;
 - a leader that has not renewed within ``renew_deadline_s`` (counted from the moment its last
-  successful renewal was *sent*) stops its work at once, before another may take over at
-  ``lease_duration_s``; on shutdown it releases the Lease (no holder, 1 s duration), so the next
-  replica takes over within one retry period rather than a lease duration.
+  successful renewal was *sent*) stops its work at that deadline, before another may take over at
+  ``lease_duration_s``: while holding, the loop sleeps until the next retry period or the deadline,
+  whichever comes first, and a renewal or a term claim in flight is given only what is left of it
+  (client-go may overrun it by a retry period); on shutdown it releases the Lease (no holder, 1 s
+  duration), so the next replica takes over within one retry period rather than a lease duration.
+  Stopping is cancelling the work: a database write already under way when it is cancelled may
+  still end (commit or roll back) after the deadline; the term fence below is what keeps that safe.
 
 Unlike client-go, a process that finds the Lease held under its own id but did not take it itself
 (a predecessor of the same id that crashed) takes it over as a new term rather than renewing it.
@@ -25,7 +29,8 @@ delivering. So on each acquisition the leader records its term in the database
 writes are conditional on that term: once a newer leader claimed, an old one's writes change
 nothing (:class:`~gateway.store.leadership.NotLeader`). The term is the Lease's
 ``leaseTransitions``, raised above the recorded term when it lags (a Lease deleted and created
-again).
+again). The recorded row is keyed by the Lease's namespace and name, so two
+deployments sharing a database with a Lease each never share a term.
 
 The work is a coroutine (``lead(term)``) run as a task owned here while this replica leads, and
 cancelled when it stops leading or the elector stops.
@@ -34,7 +39,6 @@ cancelled when it stops leading or the elector stops.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -125,6 +129,10 @@ class LeaderElector:
         self._renewed_at = 0.0
         self._term: LeaderTerm | None = None
         self._work: asyncio.Task[None] | None = None
+        #: The term claim in flight, and the leaseTransitions it is for.
+        self._claiming: asyncio.Task[LeaderTerm | None] | None = None
+        self._claiming_for = -1
+        self._dropped: set[asyncio.Task[LeaderTerm | None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._log = RateLimitedLog(log, concern="leader election", interval_s=60.0)
 
@@ -142,9 +150,13 @@ class LeaderElector:
         released expires after its duration)."""
         if self._loop is not None:
             self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            # Not ``suppress(CancelledError)`` around ``await``: that would also absorb a
+            # cancellation of the caller.
+            await asyncio.wait({self._loop})
             self._loop = None
+        self._drop_claim()
+        if self._dropped:
+            await asyncio.wait(set(self._dropped))
         await self._stop_work("this gateway is stopping")
         if self._holding is not None:
             try:
@@ -158,20 +170,45 @@ class LeaderElector:
     def _lease_name(self) -> str:
         return self._settings.lease_name
 
+    @property
+    def _row_name(self) -> str:
+        """The leadership row's key: ``namespace/name`` of the Lease (two deployments sharing one
+        database, each with its own Lease of the same name, must not share a term)."""
+        return f"{self._namespace}/{self._settings.lease_name}"
+
+    def _left(self) -> float:
+        """Seconds left of the renew deadline (negative: past it)."""
+        return self._settings.renew_deadline_s - (time.monotonic() - self._renewed_at)
+
     async def _run(self) -> None:
         retry = self._settings.retry_period_s
         while True:
+            began = time.monotonic()
             try:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the election must outlive anything one round does
                 log.exception("leader election round failed unexpectedly; trying again")
-            # Candidates spread their tries (client-go's jitter); the leader renews on time.
-            delay = retry if self._holding is not None else retry * (1 + 0.2 * random.random())
+            # Candidates spread their tries (client-go's jitter); the leader renews on time, and
+            # wakes at its renew deadline if that comes first (a renewal failing fast must not push
+            # the stop a retry period past it, possibly past lease_duration_s). The margin keeps the
+            # wake-up from landing a hair before the deadline and trying once more.
+            if self._holding is not None:
+                # A retry period from the round's start (a claim waited on may have taken part of it).
+                delay = max(0.0, min(retry - (time.monotonic() - began), self._left() + 0.001))
+            else:
+                delay = retry * (1 + 0.2 * random.random())
             await asyncio.sleep(delay)
 
     async def _tick(self) -> None:
+        try:
+            await self._round()
+        finally:
+            if self._holding is None:
+                self._drop_claim()  # its Lease lost: a term recorded later would lead nothing
+
+    async def _round(self) -> None:
         if self._work is not None and self._work.done():
             failure = None if self._work.cancelled() else self._work.exception()
             self._work = None
@@ -184,17 +221,22 @@ class LeaderElector:
                 log.error("the leader's work ended (%r); starting it again", failure)
                 self._start_work(self._term)
         deadline = self._settings.renew_deadline_s
-        if self._work is not None and time.monotonic() - self._renewed_at >= deadline:
-            # Woken up late (a pause, a starved loop): stop before any await lets the work go on.
+        if (self._work is not None or self._holding is not None) and self._left() <= 0:
+            # The deadline reached (on time, or woken up late: a pause, a starved loop): stop
+            # before any await lets the work go on.
             await self._stop_work(f"no renewal within renew_deadline_s ({deadline:g} s)")
             self._term = None
             self._holding = None
         sent = time.monotonic()
         timeout = self._settings.retry_period_s
         if self._holding is not None:
-            timeout = max(0.1, deadline - (sent - self._renewed_at))
+            timeout = max(0.0, self._left())  # a renewal that lands after the deadline is too late
         try:
-            held = await asyncio.wait_for(self._try_acquire_or_renew(), timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands
+            # as the call ends (it returns or raises the call's outcome instead), and the stopped
+            # loop would go on campaigning.
+            async with asyncio.timeout(timeout):
+                held = await self._try_acquire_or_renew()
         except Exception as exc:  # the API or the database away, a transport or config error...
             held = None
             what = str(exc) if isinstance(exc, StoreError) else repr(exc)
@@ -223,9 +265,34 @@ class LeaderElector:
 
     async def _claim(self, transitions: int) -> None:
         """Record the term in the database before any work; on failure the Lease is kept and the
-        claim tried again next period (no work runs unfenced)."""
+        claim tried again next period (no work runs unfenced; the claim is idempotent, so a retry
+        of one that committed unseen answers the term).
+
+        The claim runs as its own task and this round waits for it at most until the next renewal
+        is due: it may wait on a fenced write in flight (an ex-leader frozen inside one, until
+        PostgreSQL ends that transaction after ``database.idle_in_transaction_timeout_s``), and
+        meanwhile the Lease must still be renewed; the next rounds renew and look at it again."""
+        claiming = self._claiming
+        if claiming is None or self._claiming_for != transitions:
+            self._drop_claim()
+            claiming = self._claiming = asyncio.create_task(
+                self._store.claim(self._row_name, holder=self._identity.id, term=transitions),
+                name=f"leader-claim-{transitions}",
+            )
+            self._claiming_for = transitions
+        wait = max(0.0, min(self._settings.retry_period_s, self._left()))
+        done, _ = await asyncio.wait({claiming}, timeout=wait)
+        if not done:
+            self._log.log(
+                logging.WARNING,
+                ("claim",),
+                "leadership held but not yet recorded: the claim waits (for a write of an earlier "
+                "leader still in flight?); renewing the Lease meanwhile",
+            )
+            return
+        self._claiming = None
         try:
-            term = await self._store.claim(self._lease_name, holder=self._identity.id, term=transitions)
+            term = claiming.result()
         except StoreError as exc:
             self._log.log(logging.WARNING, ("claim",), f"leadership held but not yet recorded: {exc}")
             return
@@ -237,6 +304,8 @@ class LeaderElector:
             )
             self._holding = None
             return
+        if self._left() <= 0:
+            return  # recorded, but the Lease is past its deadline: the next round stops holding it
         self._term = term
         log.info(
             "leading: this replica holds the leader Lease and runs the cluster-wide work",
@@ -244,16 +313,38 @@ class LeaderElector:
         )
         self._start_work(term)
 
+    def _drop_claim(self) -> None:
+        """Cancel a claim in flight (this replica no longer holds the Lease it was for); kept until
+        it ended, so that stop() waits for it."""
+        claiming, self._claiming = self._claiming, None
+        if claiming is None:
+            return
+        claiming.cancel()
+        self._dropped.add(claiming)
+
+        def ended(task: asyncio.Task[LeaderTerm | None]) -> None:
+            self._dropped.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure of a claim given up is not news
+
+        claiming.add_done_callback(ended)
+
     def _start_work(self, term: LeaderTerm) -> None:
         self._work = asyncio.create_task(self._lead(term), name=f"leader-work-{term.term}")
 
     async def _stop_work(self, why: str) -> None:
-        work, self._work = self._work, None
+        work = self._work
         if work is None:
             return
         work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
+        # Wait for the work to end without absorbing a cancellation of *this* task (the election
+        # loop being stopped meanwhile): suppressing CancelledError around ``await work`` would eat
+        # it, and the loop would go on and could lead again after stop(). The work stays referenced
+        # until it ended, so stop() still waits for it if this wait is cancelled.
+        await asyncio.wait({work})
+        self._work = None
+        if not work.cancelled() and work.exception() is not None:
+            log.warning("the leader's work ended with %r", work.exception())
         log.warning("stopped leading: %s", why, extra={"lease": self._lease_name})
 
     def _observe(self, spec: LeaseSpec | None) -> None:
@@ -291,7 +382,7 @@ class LeaderElector:
             acquired: datetime | None = spec.acquireTime
         else:
             # A new term: above both the Lease's and the recorded one (a Lease created again).
-            recorded = await self._store.get(self._lease_name)
+            recorded = await self._store.get(self._row_name)
             transitions = max(transitions + 1, (recorded.term + 1) if recorded is not None else 0)
             acquired = now
         lease.spec = LeaseSpec(
@@ -312,7 +403,7 @@ class LeaderElector:
         return transitions
 
     async def _create(self, now: datetime, duration: int) -> int | None:
-        recorded = await self._store.get(self._lease_name)
+        recorded = await self._store.get(self._row_name)
         transitions = (recorded.term + 1) if recorded is not None else 0
         lease = Lease(
             metadata=ObjectMeta(name=self._lease_name, namespace=self._namespace),

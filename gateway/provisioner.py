@@ -14,7 +14,9 @@ create answers 409. So does a create that got no pod within ``CREATE_DEADLINE_S`
 ``Failed`` by the watch when it lists the pods, or still ``Creating``): it may still be running,
 on this replica or another, and freeing the id would let a second create build the same pod; a
 DELETE frees it once the driver finds no pod (a ``Creating`` row only past the deadline, so a
-create still in flight keeps its id).
+create still in flight keeps its id). With several replicas the deadline is stamped and judged on
+the database's clock (:meth:`LeadershipStore.now`): the create, the leader's list and the DELETE
+may run on three replicas, and a clock ahead on one of them must not judge another's create old.
 Every write on behalf of one create is conditional on its generation, so a slow create cannot
 write over a later one's row.
 
@@ -187,7 +189,8 @@ class KubernetesProvisioner:
             sandbox_id,
             driver=DRIVER,
             spec=spec,
-            driver_state={"phase": "Creating", "at": utcnow().isoformat()},
+            # On the clock CREATE_DEADLINE_S is judged with, whichever replica judges it.
+            driver_state={"phase": "Creating", "at": (await self._now()).isoformat()},
             replaces=_gone,
             may_replace=may_replace,
             created_by=created_by,
@@ -230,6 +233,14 @@ class KubernetesProvisioner:
             answer["image"] = spec["image"]
             answer["command_from_image"] = created.command_from_image
         return answer
+
+    async def _now(self) -> datetime:
+        """The clock ``CREATE_DEADLINE_S`` is stamped and judged with: the database's when replicas
+        share it (``election`` set), so that skew between them does not free an id whose create is
+        still in flight on another; this process's alone."""
+        if self.election is None:
+            return utcnow()
+        return await self.election.store.now()
 
     async def _taken(self, sandbox_id: str) -> str:
         """Why the id cannot be created now, for the 409."""
@@ -279,7 +290,7 @@ class KubernetesProvisioner:
         except KubernetesDriverError as exc:
             raise ProvisionError(_status(exc), redact(str(exc))) from None
         state = (row.driver_state or {}) if row is not None else {}
-        if row is not None and not found and _never_got_pod(state, now=utcnow()):
+        if row is not None and not found and _never_got_pod(state, now=await self._now()):
             # A create that never got its pod (marked by the deadline, or past it unmarked: the
             # watch checks the deadline only when it lists the pods, and a gateway that stopped
             # between registering and creating may have restarted before the deadline): asked to
@@ -340,7 +351,7 @@ class KubernetesProvisioner:
             # A pod that is not its row's (a squatter under the name) does not keep the row alive.
             if await self._record(state, leader):
                 present.add(state.sandbox_id)
-        now = utcnow()
+        now = await self._now()
         for row in await self.sandboxes.list():
             if row.driver != DRIVER or row.id in present:
                 continue

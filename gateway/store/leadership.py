@@ -13,15 +13,21 @@ more than the term recorded here, so a Lease deleted and created again does not 
 :meth:`LeadershipStore.claim` records it only if it is higher than the one recorded: the Lease's
 optimistic concurrency (one update per resourceVersion) gives each term to one acquisition, and an
 acquisition that lost the race, or was paused between its Lease update and this claim, can never
-take the row back from a newer one.
+take the row back from a newer one. A claim repeated by the same acquisition (same term, same
+holder: its first attempt committed but the reply was lost) answers that term again rather than
+reading as a newer leader's.
+
+The row's ``name`` is the Lease's namespace and name (``namespace/name``, built by the elector):
+two deployments sharing one database but each with its own Lease (same name, other namespaces)
+must not share one term. The column is free text, so this needed no migration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import exists, select
+from sqlalchemy import DateTime, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
@@ -104,9 +110,23 @@ class LeadershipStore:
             renewed_at=row.renewed_at,
         )
 
+    async def now(self) -> datetime:
+        """The database's clock (``statement_timestamp()`` on PostgreSQL; SQLite is a file on this
+        host: this process's clock): what deadlines judged by several replicas are stamped and
+        judged with, so that a replica whose clock is off does not judge another's stamp."""
+        if self._db.dialect != "postgresql":
+            return utcnow()
+        with store_errors("cannot read the database's clock"):
+            async with self._db.engine.connect() as conn:
+                found: datetime = (
+                    await conn.execute(select(func.statement_timestamp(type_=DateTime(timezone=True))))
+                ).scalar_one()
+        return found.astimezone(UTC)
+
     async def claim(self, name: str, *, holder: str, term: int) -> LeaderTerm | None:
-        """Record ``holder`` as the leader of ``name`` at ``term`` if no higher or equal term is
-        recorded; the term to write under, or None when a newer leader already claimed it."""
+        """Record ``holder`` as the leader of ``name`` at ``term`` if no higher term is recorded, nor
+        this term by another holder; the term to write under, or None when a newer leader already
+        claimed it. Idempotent: the same claim again (its reply lost) answers the term."""
         insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
         now = utcnow()
         stmt = insert(leadership_table).values(
@@ -116,8 +136,13 @@ class LeadershipStore:
             index_elements=[leadership_table.c.name],
             set_={"holder": holder, "term": term, "acquired_at": now, "renewed_at": now},
             # Monotonic: an older acquisition (lost the Lease race, or paused before claiming)
-            # never takes the row back.
-            where=leadership_table.c.term < term,
+            # never takes the row back. The same acquisition again (a claim whose commit was
+            # acknowledged too late to be seen) rewrites its own row: one Lease update gives a term
+            # to one holder, so (term, holder) is that acquisition.
+            where=or_(
+                leadership_table.c.term < term,
+                (leadership_table.c.term == term) & (leadership_table.c.holder == holder),
+            ),
         )
         with store_errors(f"cannot claim the leadership of {name!r}"):
             async with self._db.engine.begin() as conn:
