@@ -9,13 +9,21 @@ Role plus :func:`gateway.leader.lease_rules`).
 - The leader killed with SIGKILL: the other takes the Lease over (leaseTransitions + 1) and what
   changed meanwhile (a sandbox deleted, another created) shows up in driver state: nothing missed.
 - The new leader paused with SIGSTOP, the first restarted: it takes over; pods change; the paused
-  ex-leader wakes up (its watch may still deliver what it buffered) and writes nothing: the rows
-  keep the newest leader's term and the pods' real phases, and it says it stopped leading.
+  ex-leader wakes up and writes nothing: the rows keep the newest leader's term and the pods' real
+  phases, and it says it stopped leading. What stops it here is its own renew deadline (its
+  elector, woken past it, cancels the watch before the watch's first database round trip), not
+  the term fence: this part passes with the fence removed.
 - SIGTERM releases the Lease (no holder), so the other takes it without waiting for it to expire.
+
+The term fence itself, with real parts: an old term's pod watch (the provisioner's own, in this
+process) against the real API server and real PostgreSQL, still running after a newer term was
+recorded, receives a pod's deletion and writes nothing (NotLeader ends it). That test fails with
+the fence removed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -31,13 +39,17 @@ from lightkube import ApiError, Client
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Pod
 
-from gateway.drivers.kubernetes import RBAC_RULES
+from gateway.config import KubernetesDriverSettings
+from gateway.drivers.kubernetes import RBAC_RULES, KubernetesDriver
 from gateway.leader import lease_rules
-from tests.integration.test_store_postgres import pg_server, pg_url, pytestmark
+from gateway.provisioner import KubernetesProvisioner
+from gateway.store import Database, SandboxStore
+from gateway.store.leadership import LeadershipStore, NotLeader
+from tests.integration.test_store_postgres import pg, pg_server, pg_url, pytestmark
 from tests.support import kubeaccess
 from tests.support.procs import GatewayProcess, wait_until
 
-__all__ = ["pg_server", "pg_url", "pytestmark"]  # the PostgreSQL fixtures and skip, shared
+__all__ = ["pg", "pg_server", "pg_url", "pytestmark"]  # the PostgreSQL fixtures and skip, shared
 
 LEASE = "openshell-gateway-leader"
 LEASE_DURATION_S, RENEW_DEADLINE_S, RETRY_PERIOD_S = 4.0, 3.0, 0.5
@@ -231,3 +243,63 @@ def test_one_leader_watches_pods_and_a_paused_ex_leader_writes_nothing(
             if gw.proc is not None:
                 gw.proc.send_signal(signal.SIGCONT)
             gw.stop()
+
+
+async def test_an_old_terms_pod_watch_writes_nothing_once_a_newer_term_is_recorded(
+    admin: Client, kubeconfig: Path, namespace: str, pg: Database
+) -> None:
+    """The term fence with real parts (review finding 1): the SIGSTOP case above never reaches it,
+    because the woken ex-leader's elector stops the watch first. Here nothing stops the old
+    term's watch but the fence: it lists and watches the real API server, a newer term is recorded
+    in the real PostgreSQL database and the newer leader's list is recorded; then a pod is
+    deleted. The old watch receives that event, its write raises NotLeader (which ends the watch)
+    and the row keeps the newer term's record. With the fence removed it records the deletion
+    under the old term and watches on."""
+    settings = KubernetesDriverSettings.model_validate(
+        {
+            "namespace": namespace,
+            "kubeconfig": str(kubeconfig),
+            "gateway_address": "gw:7070",
+            "request_timeout_s": 5,
+            "supervisor": {"image": "registry.invalid/openshell-supervisor:0.1.0"},
+            "pod": {"default_image": "registry.invalid/agent:1"},
+        }
+    )
+    sandboxes, terms = SandboxStore(pg), LeadershipStore(pg)
+    old_leader = KubernetesProvisioner(settings, sandboxes, driver=KubernetesDriver(settings))
+    new_leader = KubernetesProvisioner(settings, sandboxes, driver=KubernetesDriver(settings))
+    watch: asyncio.Task[None] | None = None
+    try:
+        await old_leader.create("fence-1", ["sleep", "3600"], image=None, env={})
+        old = await terms.claim(f"{namespace}/{LEASE}", holder="gw-old", term=1)
+        assert old is not None
+        watch = asyncio.create_task(old_leader._follow(old))
+
+        async def term_of_row() -> object:
+            row = await sandboxes.get("fence-1")
+            return (row.driver_state or {}).get("leader_term") if row is not None else None
+
+        async with asyncio.timeout(30):
+            while await term_of_row() != 1:  # the old term's list recorded the pod
+                assert not watch.done(), watch
+                await asyncio.sleep(0.1)
+        new = await terms.claim(f"{namespace}/{LEASE}", holder="gw-new", term=2)
+        assert new is not None
+        await new_leader._catch_up(new)
+        recorded = await sandboxes.get("fence-1")
+        assert recorded is not None and recorded.driver_state is not None
+        assert recorded.driver_state["leader_term"] == 2
+        # A change only the old watch is there to see.
+        await asyncio.to_thread(admin.delete, Pod, "sandbox-fence-1", namespace=namespace, grace_period=0)
+        done, _ = await asyncio.wait({watch}, timeout=20)
+        row = await sandboxes.get("fence-1")
+        assert row is not None and row.driver_state == recorded.driver_state, (
+            "the old term's watch wrote after a newer term was recorded"
+        )
+        assert watch in done and isinstance(watch.exception(), NotLeader), "NotLeader ends the old watch"
+    finally:
+        if watch is not None and not watch.done():
+            watch.cancel()
+            await asyncio.wait({watch})
+        await old_leader.close()
+        await new_leader.close()
