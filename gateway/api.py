@@ -104,7 +104,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TAIL = 100
 MAX_TAIL = 10_000
 #: A follower re-checks the store at least this often while notifications may be missed (this
-#: replica's listening connection is down, or the API runs without a notifier) ...
+#: replica's listening connection is down, the API runs without a notifier, or on SQLite, where
+#: a writer outside this process is heard of by no one) ...
 FOLLOW_WAKE_S = 1.0
 #: ... and this often while they arrive: a slow poll, only for a notification lost all the same.
 FOLLOW_POLL_S = 5.0
@@ -746,6 +747,8 @@ class _Api:
                 # the exit is seen, one more empty page proves that everything up to it was sent.
                 # An earlier generation ends once caught up, until_exit or not: the id has been
                 # created again, and nothing new is coming for it.
+                # A token before the reads: a commit after them wakes the wait below at once.
+                token = self.events.watch(sandbox_id)
                 exited = await self._ended(sandbox_id, generation, until_exit=until_exit)
                 page = await self.events.after(
                     sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds, generation=generation
@@ -759,7 +762,9 @@ class _Api:
                     break
                 if not page:
                     live = self.notifier is not None and self.notifier.live
-                    await self.events.wait_for_new(sandbox_id, FOLLOW_POLL_S if live else FOLLOW_WAKE_S)
+                    await self.events.wait_for_new(
+                        sandbox_id, FOLLOW_POLL_S if live else FOLLOW_WAKE_S, since=token
+                    )
         except ConnectionResetError:
             return response
         except StoreError as exc:

@@ -36,7 +36,7 @@ from gateway.config import GatewayConfig
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
-from gateway.notify import Notifier, Topic, notifier_for
+from gateway.notify import Note, Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
 from gateway.replicas import (
     LeaseRenewer,
@@ -233,6 +233,8 @@ class Gateway:
         notifier.subscribe(
             lambda note: events.notifier().notify(note.sandbox_id) if note.topic is Topic.EVENTS else None
         )
+        # ... told by a note sent after this replica's commits (coalesced; see gateway.notify).
+        events.notifier().forward = lambda sandbox_id: notifier.soon(Note(Topic.EVENTS, sandbox_id))
         self._router = CommandRouter(
             commands=commands,
             registry=self.registry,

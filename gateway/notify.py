@@ -38,6 +38,8 @@ from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from gateway.ratelimit import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 #: The one channel every replica listens on (a version in the name: a future payload format
@@ -51,6 +53,15 @@ CONNECT_TIMEOUT_S = 5.0
 CHECK_INTERVAL_S = 10.0
 #: Reconnection backoff: full jitter, exponential from a fifth of a second up to this.
 RECONNECT_MAX_S = 5.0
+#: Notes sent with :meth:`Notifier.soon` wait this long for others to go out with them, in one
+#: statement: a replica's event commits then cost the cluster one notifying commit per interval.
+COALESCE_S = 0.075
+#: At most this many distinct notes wait to go out (more are dropped: the followers' poll).
+MAX_OUTGOING = 10_000
+#: Past this share of PostgreSQL's notification queue in use (pg_notification_queue_usage(), read
+#: at each check) the gateway warns: a listener that stopped reading (a frozen replica) pins it,
+#: and once full, every notifying commit fails.
+QUEUE_WARN_USAGE = 0.1
 
 
 class Topic(StrEnum):
@@ -116,6 +127,12 @@ class Notifier:
     def committed(self, note: Note) -> None:
         """The writer's transaction that published ``note`` has committed."""
 
+    def soon(self, note: Note) -> None:
+        """Send ``note`` to every replica after the fact, outside any transaction, coalesced with
+        the others of the next few dozen milliseconds (PostgreSQL; a no-op elsewhere: one process,
+        whose writers poke their readers themselves). For what is committed already and may be
+        lost (events: a follower polls besides); see :class:`PostgresNotifier`."""
+
     async def start(self) -> None:
         """Begin receiving (PostgreSQL: returns once listening, or the first attempt failed and
         the reconnection goes on in the background)."""
@@ -140,6 +157,12 @@ class Notifier:
 
 class InProcessNotifier(Notifier):
     """SQLite (one process): a committed note goes straight to this process's subscribers."""
+
+    @property
+    def live(self) -> bool:
+        # Nothing written by another process (a second gateway on the same file, a tool) is ever
+        # heard of here: followers keep their fast poll, as before notifications existed.
+        return False
 
     def committed(self, note: Note) -> None:
         self._dispatch(note)
@@ -176,12 +199,59 @@ class PostgresNotifier(Notifier):
         self._first = asyncio.Event()
         #: In an outage (logged once when it begins, once when it ends).
         self._down = False
+        #: The listening connection while it listens; it also sends the notes of :meth:`soon`
+        #: (one statement at a time: the lock).
+        self._conn: Any = None
+        self._conn_lock = asyncio.Lock()
+        #: The payloads :meth:`soon` was given, sent by the owned task ``_sender``.
+        self._outgoing: dict[str, None] = {}
+        self._send = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        #: pg_notification_queue_usage() at the last check (0..1), None before the first.
+        self.queue_usage: float | None = None
+        self._queue_high = False
+        self._send_failures = RateLimitedLog(log, concern="notify-send")
 
     @property
     def live(self) -> bool:
         return self._live
 
+    def soon(self, note: Note) -> None:
+        if len(self._outgoing) < MAX_OUTGOING:
+            self._outgoing[note.encode()] = None
+            self._send.set()
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._send.wait()
+            # Outside any transaction and coalesced: a transaction that notifies takes a
+            # cluster-wide lock at its commit, held through the WAL flush (and a synchronous
+            # standby's answer), so a note in every event batch's transaction serialised every
+            # replica's commits. Lost if not listening now: the followers poll fast meanwhile.
+            await asyncio.sleep(COALESCE_S)
+            self._send.clear()
+            payloads, self._outgoing = list(self._outgoing), {}
+            conn = self._conn
+            if conn is None or not payloads:
+                continue
+            try:
+                async with self._conn_lock:
+                    await conn.execute(
+                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                        CHANNEL,
+                        payloads,
+                        timeout=self._connect_timeout_s,
+                    )
+            except Exception as exc:  # the listener notices a dead connection itself
+                self._send_failures.log(
+                    logging.WARNING,
+                    ("send",),
+                    f"notifications: {len(payloads)} note(s) not sent ({_describe(exc)}); "
+                    "followers see the events at their next poll",
+                )
+
     async def start(self) -> None:
+        self._sender = asyncio.create_task(self._send_forever(), name="notify-sender")
         self._task = asyncio.create_task(self._run(), name="notify-listener")
         # The first attempt, bounded: a database down at start is the reconnect loop's to handle.
         with contextlib.suppress(TimeoutError):
@@ -189,11 +259,13 @@ class PostgresNotifier(Notifier):
                 await self._first.wait()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._sender, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sender = self._task = None
+        self._send_failures.close()
 
     async def _run(self) -> None:
         while True:
@@ -239,6 +311,7 @@ class PostgresNotifier(Notifier):
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANNEL, self._received)
             self._live = True
+            self._conn = conn
             self._first.set()
             if self._down:
                 self._down = False
@@ -251,13 +324,34 @@ class PostgresNotifier(Notifier):
                         await lost.wait()
                 if not lost.is_set():
                     try:
-                        await conn.fetchval("SELECT 1", timeout=self._connect_timeout_s)
+                        # The check is a measurement too: see QUEUE_WARN_USAGE.
+                        async with self._conn_lock:
+                            usage = await conn.fetchval(
+                                "SELECT pg_notification_queue_usage()", timeout=self._connect_timeout_s
+                            )
                     except Exception:  # a dead connection: reconnect
                         return
+                    self._queue_usage(float(usage))
         finally:
             self._live = False
+            self._conn = None
             with contextlib.suppress(Exception):
                 conn.terminate()
+
+    def _queue_usage(self, usage: float) -> None:
+        self.queue_usage = usage
+        # Once when it rises past the mark and once when it is back under half of it.
+        if not self._queue_high and usage >= QUEUE_WARN_USAGE:
+            self._queue_high = True
+            log.warning(
+                "notifications: PostgreSQL's notification queue is %.0f%% full: a listener that "
+                "stopped reading (a frozen replica: see application_name 'openshell-listen <id>' in "
+                "pg_stat_activity) holds it; when it is full every notifying commit fails",
+                usage * 100,
+            )
+        elif self._queue_high and usage < QUEUE_WARN_USAGE / 2:
+            self._queue_high = False
+            log.info("notifications: PostgreSQL's notification queue is %.0f%% full again", usage * 100)
 
     def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         note = Note.decode(payload)

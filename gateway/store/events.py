@@ -49,9 +49,12 @@ committed, so nothing is acknowledged that the owner did not store.
 
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
-most one timeout. On PostgreSQL each transaction that stores events also sends one notification
-for its sandbox (:func:`gateway.notify.publish`, delivered on commit), which pokes the readers on
-every replica.
+most one timeout (a reader takes a token before its read, so a poke between its read and its wait
+is not missed). On PostgreSQL the replicas' readers are told by a note sent after the commit, not
+in its transaction: a transaction that notifies takes a cluster-wide lock at its commit, held
+through the WAL flush, which serialised every replica's event commits. The app forwards each
+committed sandbox id to :meth:`gateway.notify.Notifier.soon`, which coalesces them (one statement
+every few dozen milliseconds); a note lost on the way costs a follower one slow poll.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import json
 import logging
 import sqlite3
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -71,7 +74,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.notify import Note, Topic, publish
 from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import Database, StoreError, describe_error, store_errors, utcnow
 from gateway.store.fencing import Fenced, check_owner
@@ -106,23 +108,60 @@ class StoredEvent:
     generation: int = 1
 
 
+#: The sandboxes whose last poke an :class:`EventNotifier` remembers (the most recently poked):
+#: a reader's token for one forgotten since only waits for its next poke or its timeout.
+REMEMBERED_POKES = 10_000
+
+
 class EventNotifier:
     """Wakes the readers of one sandbox's events when new ones have been committed."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
+        #: Pokes so far (the tokens of :meth:`watch`), and the last one of each sandbox, oldest
+        #: first (bounded by REMEMBERED_POKES).
+        self._pokes = 0
+        self._last_poke: dict[str, int] = {}
+        #: Called with the sandbox id of each commit made here (see :meth:`committed`).
+        self.forward: Callable[[str], None] | None = None
+
+    def watch(self, sandbox_id: str) -> int:
+        """A token to take before a read: ``wait_for_new(..., since=token)`` then returns at once
+        if a poke came since, which a wait begun after the read would otherwise miss."""
+        return self._pokes
+
+    def committed(self, sandbox_id: str) -> None:
+        """Events of ``sandbox_id`` were committed by this process: wake its readers here and
+        hand the id to ``forward`` (the notes to the other replicas, sent after the commit)."""
+        self.notify(sandbox_id)
+        if self.forward is not None:
+            self.forward(sandbox_id)
 
     def notify(self, sandbox_id: str) -> None:
+        self._pokes += 1
+        self._last_poke.pop(sandbox_id, None)
+        self._last_poke[sandbox_id] = self._pokes
+        if len(self._last_poke) > REMEMBERED_POKES:
+            del self._last_poke[next(iter(self._last_poke))]
         # Popping makes the next waiter start from a fresh, unset event: one poke per commit.
         pending = self._events.pop(sandbox_id, None)
         if pending is not None:
             pending.set()
 
-    # The timeout is part of the contract, not a convenience: a poke can be missed between a
-    # reader's query and its wait, and the bounded wait is what makes that harmless.
-    async def wait_for_new(self, sandbox_id: str, timeout: float) -> None:  # noqa: ASYNC109
-        """Return once something new was stored for ``sandbox_id``, or after ``timeout`` seconds."""
+    # The timeout is part of the contract, not a convenience: a poke missed all the same (a reader
+    # without a token, a note lost between replicas) costs one timeout, not a hang.
+    async def wait_for_new(
+        self,
+        sandbox_id: str,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        since: int | None = None,
+    ) -> None:
+        """Return once something new was stored for ``sandbox_id`` (since the token ``since`` of
+        :meth:`watch`, when given), or after ``timeout`` seconds."""
+        if since is not None and self._last_poke.get(sandbox_id, 0) > since:
+            return
         pending = self._events.get(sandbox_id)
         if pending is None:
             pending = self._events[sandbox_id] = asyncio.Event()
@@ -420,9 +459,20 @@ class EventStore:
     def notifier(self) -> EventNotifier:
         return self._notifier
 
-    async def wait_for_new(self, sandbox_id: str, timeout: float) -> None:  # noqa: ASYNC109
-        """Return once events were committed for ``sandbox_id``, or after ``timeout`` seconds."""
-        await self._notifier.wait_for_new(sandbox_id, timeout)
+    def watch(self, sandbox_id: str) -> int:
+        """See :meth:`EventNotifier.watch`."""
+        return self._notifier.watch(sandbox_id)
+
+    async def wait_for_new(
+        self,
+        sandbox_id: str,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        since: int | None = None,
+    ) -> None:
+        """Return once events were committed for ``sandbox_id`` (since the token of
+        :meth:`watch`, when given), or after ``timeout`` seconds."""
+        await self._notifier.wait_for_new(sandbox_id, timeout, since=since)
 
     def _compile(self, statement: Insert) -> str:
         compiled = statement.compile(
@@ -732,7 +782,7 @@ class EventStore:
         what = f"cannot store events for sandbox {sandbox_id!r} (journal {journal_epoch!r})"
         if self._sqlite and not lifecycle and known_high_water_mark is not None:
             await self._insert_sqlite(what, rows, sandbox_id=sandbox_id, owner_epoch=owner_epoch)
-            self._notifier.notify(sandbox_id)
+            self._notifier.committed(sandbox_id)
             return max(known_high_water_mark, last_sequence)
         with store_errors(what):
             async with self._db.engine.begin() as conn:
@@ -759,9 +809,9 @@ class EventStore:
                 else:
                     # Committed below: every sequence of the batch is then stored.
                     hwm = max(known_high_water_mark, last_sequence)
-                # Followers on other replicas (PostgreSQL; one note per transaction).
-                await publish(conn, Note(Topic.EVENTS, sandbox_id))
-        self._notifier.notify(sandbox_id)
+        # Followers here at once; on other replicas through a note sent after the commit, not in
+        # it (see the module docstring).
+        self._notifier.committed(sandbox_id)
         return hwm
 
     async def _insert_sqlite(
@@ -879,8 +929,7 @@ class EventStore:
                         return
                     await conn.exec_driver_sql(self._append_sql, rows)
                     await self._save_run(conn, sandbox_id, generation, run)
-                    await publish(conn, Note(Topic.EVENTS, sandbox_id))
-        self._notifier.notify(sandbox_id)
+        self._notifier.committed(sandbox_id)
 
     async def _select(self, what: str, query: Select[Any]) -> list[StoredEvent]:
         with store_errors(what):

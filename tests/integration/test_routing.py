@@ -30,6 +30,7 @@ from grpc import aio
 
 from gateway import api as api_module
 from gateway.app import Gateway
+from gateway.notify import CHANNEL, Note, PostgresNotifier, Topic
 from gateway.store import CommandStore, Database, SandboxStore, StoreError
 from gateway.store import commands as commands_module
 from gateway.store.commands import Answer
@@ -438,3 +439,39 @@ async def test_an_outage_that_ends_every_session_logs_a_line_not_one_per_session
         assert len(closed) == 1 and "store unavailable" in closed[0], closed
     finally:
         await gw.stop()
+
+
+@needs_pg
+async def test_event_batches_send_their_notes_after_the_commit_coalesced(
+    database_url: str,  # noqa: F811 (the fixture)
+) -> None:
+    """Twenty batches of one sandbox in a row, and a raw listener on the channel: it hears the
+    sandbox's events note, but far fewer than one per batch, since no batch's transaction sends one
+    (a transaction that notifies takes a cluster-wide lock through its commit's flush, which
+    serialised every replica's event commits); the notifier sends them after the commits,
+    coalesced."""
+    db = await Database.open(database_url)
+    listener = await asyncpg.connect(_plain(database_url))
+    heard: list[str] = []
+    await listener.add_listener(CHANNEL, lambda *args: heard.append(args[3]))
+    notifier = PostgresNotifier(db.engine.url, db.engine.dialect, replica="gw-burst")
+    try:
+        await SandboxStore(db).ensure("burst")
+        events = EventStore(db)
+        events.notifier().forward = lambda sandbox_id: notifier.soon(Note(Topic.EVENTS, sandbox_id))
+        await notifier.start()
+        batches = 20
+        for i in range(1, batches + 1):
+            await events.store_wire_batch("burst", "j1", [_log(i, f"line {i}")], known_high_water_mark=i - 1)
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # any later note
+        assert heard, "the other replicas are told"
+        assert {Note.decode(p) for p in heard} == {Note(Topic.EVENTS, "burst")}
+        assert len(heard) <= batches // 4, f"{len(heard)} notes for {batches} batches: not coalesced"
+    finally:
+        await notifier.stop()
+        await listener.close()
+        await db.close()

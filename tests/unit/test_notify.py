@@ -1,15 +1,18 @@
 """The notification layer's own rules (gateway/notify.py): the payload's format and bound, a
 payload this gateway does not understand, the listener's connection made from the engine's URL,
-and the in-process notifier's hand-over on commit."""
+the in-process notifier's hand-over on commit, and the event readers' wake-ups (a token taken
+before a read; commits forwarded to the other replicas, received pokes not)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.notify import CHANNEL, InProcessNotifier, Note, PostgresNotifier, Topic, listen_connect_args
+from gateway.store.events import EventNotifier
 
 
 def test_a_note_round_trips_and_stays_far_below_postgresqls_payload_limit() -> None:
@@ -69,5 +72,37 @@ async def test_the_in_process_notifier_hands_a_committed_note_to_every_subscribe
     note = Note(Topic.COMMAND, "sb", "c1")
     notifier.committed(note)
     assert seen == [note], "one subscriber's failure does not starve the others"
-    assert notifier.live
+    assert not notifier.live, "a writer outside this process is heard of by no one: followers poll fast"
     await notifier.stop()
+
+
+async def test_a_poke_between_a_readers_read_and_its_wait_is_not_missed() -> None:
+    """A follower takes a token before its read; a commit poked after the read (before the wait
+    began) ends the wait at once, not at the end of the poll. A poke of another sandbox does not."""
+    notifier = EventNotifier()
+    token = notifier.watch("sb")
+    notifier.notify("other")
+    assert await _waits(notifier, "sb", since=token), "another sandbox's poke does not wake it"
+    token = notifier.watch("sb")
+    notifier.notify("sb")  # committed while the reader was reading
+    started = time.monotonic()
+    await notifier.wait_for_new("sb", 30, since=token)
+    assert time.monotonic() - started < 5, "woken by the poke, not by the timeout"
+    assert await _waits(notifier, "sb", since=notifier.watch("sb")), "a fresh token waits again"
+
+
+async def _waits(notifier: EventNotifier, sandbox_id: str, *, since: int) -> bool:
+    started = time.monotonic()
+    await notifier.wait_for_new(sandbox_id, 0.2, since=since)
+    return time.monotonic() - started >= 0.15
+
+
+def test_a_committed_sandbox_is_forwarded_and_a_received_poke_is_not() -> None:
+    """Commits here go to the other replicas (forward); a poke that came from them does not go
+    back out, or every note would echo between replicas for ever."""
+    notifier = EventNotifier()
+    sent: list[str] = []
+    notifier.forward = sent.append
+    notifier.committed("sb")
+    notifier.notify("from-elsewhere")
+    assert sent == ["sb"]
