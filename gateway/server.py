@@ -506,14 +506,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             yield self._accept(session, hello, peer)
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
+                # The time left is the database's, from this replica's clock before the read: the
+                # deadline errs early by the read's latency, never late, whatever the clocks say.
+                before = datetime.now(UTC)
                 pending = await self._within(
-                    self._commands.pending(sandbox_id),
+                    self._commands.pending_left(sandbox_id),
                     deadline=self._store_deadline(),
                     what="read the pending commands",
                 )
                 sent: list[str] = []
-                for row in pending:
-                    if row.expires_at <= datetime.now(UTC):
+                for row, left in pending:
+                    if before + left <= datetime.now(UTC):
                         continue  # expired since the read (a slow stream): the next read marks it
                     self._expect_heartbeats(session, row.command)
                     yield _command_message(row.command)

@@ -296,6 +296,13 @@ class CommandStore:
     async def pending(self, sandbox_id: str, *, now: datetime | None = None) -> list[CommandRow]:
         """The commands to send to a new session, in creation order: those pending and unexpired.
         Those pending past their expiry are marked ``expired`` in the same transaction."""
+        return [row for row, _ in await self.pending_left(sandbox_id, now=now)]
+
+    async def pending_left(
+        self, sandbox_id: str, *, now: datetime | None = None
+    ) -> list[tuple[CommandRow, timedelta]]:
+        """:meth:`pending`, each with the time it has left on the database's clock (as
+        :meth:`deliverable`), which the caller turns into a deadline on its own clock."""
         clock = self._clock(now)
         c = commands_table.c
         mine = and_(c.sandbox_id == sandbox_id, c.state == PENDING)
@@ -311,7 +318,11 @@ class CommandStore:
                     .where(mine, _past_expiry(clock))
                     .values(state=EXPIRED, error=EXPIRED_ERROR)
                 )
-                rows = [_row(r, self._now_of(r, now)) for r in await conn.execute(query)]
+                rows: builtins.list[tuple[CommandRow, timedelta]] = []
+                for r in await conn.execute(query):
+                    at = self._now_of(r, now)
+                    row = _row(r, at)
+                    rows.append((row, row.expires_at - at))
         if expired.rowcount:
             log.info(
                 "%d command(s) expired before a session took them: not sent",

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import timedelta
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import pytest
 from grpc import aio
 
 from gateway import api as api_module
+from gateway import server as server_module
 from gateway.app import Gateway
 from gateway.notify import CHANNEL, Note, PostgresNotifier, Topic
 from gateway.store import CommandStore, Database, SandboxStore, StoreError
@@ -475,3 +476,47 @@ async def test_event_batches_send_their_notes_after_the_commit_coalesced(
         await notifier.stop()
         await listener.close()
         await db.close()
+
+
+class _HourAhead(datetime):
+    """``datetime`` for a replica whose clock runs an hour ahead of the database's."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        return datetime.now(tz) + timedelta(hours=1)
+
+
+@needs_pg
+async def test_a_hello_sends_a_fresh_pending_command_whatever_the_replicas_clock_says(
+    tmp_path: Path,
+    database_url: str,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway's session code on a clock an hour ahead of the database's: a command with a
+    minute left is still sent at the hello (the database measures the time left). It used to
+    compare the database's expiry with this replica's clock and skip the command."""
+    gw = Gateway(
+        gateway_config(
+            tmp_path,
+            # The periodic redelivery far away: only the hello's pending read can send it.
+            {"database": {"url": database_url}, "commands": {"redeliver_interval_s": 600}},
+        )
+    )
+    await gw.start()
+    try:
+        assert gw.db is not None
+        await SandboxStore(gw.db).ensure("skew")
+        created = await CommandStore(gw.db).create("skew", CommandKind.SIGNAL, signal=10, ttl_s=60)
+        monkeypatch.setattr(server_module, "datetime", _HourAhead)
+        async with aio.insecure_channel(gw.grpc_address) as channel:
+            raw = channel.stream_stream(
+                CONNECT, request_serializer=lambda b: b, response_deserializer=pb.GatewayMessage.FromString
+            )
+            call = raw()
+            await call.write(_hello("skew"))
+            assert (await call.read()).WhichOneof("payload") == "session_accepted"
+            sent = await asyncio.wait_for(call.read(), timeout=5)
+            assert sent.command.command_id == created.command.command_id
+            call.cancel()
+    finally:
+        await gw.stop()
