@@ -11,7 +11,15 @@ import time
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.notify import CHANNEL, InProcessNotifier, Note, PostgresNotifier, Topic, listen_connect_args
+from gateway.notify import (
+    CHANNEL,
+    QUEUE_WARN_USAGE,
+    InProcessNotifier,
+    Note,
+    PostgresNotifier,
+    Topic,
+    listen_connect_args,
+)
 from gateway.store.events import EventNotifier
 
 
@@ -106,3 +114,17 @@ def test_a_committed_sandbox_is_forwarded_and_a_received_poke_is_not() -> None:
     notifier.committed("sb")
     notifier.notify("from-elsewhere")
     assert sent == ["sb"]
+
+
+def test_a_filling_notification_queue_is_warned_of_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The listener's check reads pg_notification_queue_usage(): past the mark one WARNING (a
+    listener that stopped reading, a frozen replica's, pins the queue; full, every notifying
+    commit fails), one INFO once it is back under half the mark, nothing in between."""
+    engine = create_async_engine("postgresql+asyncpg://u:p@h/db")
+    notifier = PostgresNotifier(engine.url, engine.dialect, replica="gw-a")
+    with caplog.at_level(logging.INFO, logger="gateway.notify"):
+        for usage in (0.0, QUEUE_WARN_USAGE, QUEUE_WARN_USAGE * 2, QUEUE_WARN_USAGE * 0.9, 0.0, 0.0):
+            notifier._queue_usage(usage)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "openshell-listen" in lines[0][1] and notifier.queue_usage == 0.0
