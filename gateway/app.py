@@ -331,7 +331,7 @@ class Gateway:
 
         # gRPC health follows /readyz's verdict (the database, its schema), not only the server's life.
         self._health = HealthFollower(self._readiness, set_serving=set_health)
-        self._health.start()
+        await self._health.start()
         ops = build_ops(
             metrics=self.metrics, sandboxes=self._sandboxes, readiness=self._readiness, liveness=liveness
         )

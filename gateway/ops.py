@@ -143,27 +143,33 @@ class HealthFollower:
     def serving(self) -> bool | None:
         return self._serving
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Give the first verdict now (a gateway that says it is ready answers health with it),
+        then follow in the owned task."""
+        await self._check()
         self._task = asyncio.create_task(self._follow(), name="grpc-health-follower")
 
     async def _follow(self) -> None:
         while True:
-            try:
-                verdicts = await self._readiness.check()
-            except Exception as exc:  # a bug in a check must not leave health stuck on its last word
-                log.error("readiness check failed: %r", exc, exc_info=exc)
-                verdicts = {"check": Verdict(False, f"readiness check failed: {exc!r}")}
-            serving = all(v.ok for v in verdicts.values())
-            if serving != self._serving:
-                if self._serving is not None:
-                    reasons = "; ".join(v.reason for v in verdicts.values() if not v.ok)
-                    if serving:
-                        log.info("gRPC health SERVING again: ready")
-                    else:
-                        log.warning("gRPC health NOT_SERVING: %s", reasons)
-                self._serving = serving
-                await self._set_serving(serving)
             await asyncio.sleep(self._interval_s)
+            await self._check()
+
+    async def _check(self) -> None:
+        try:
+            verdicts = await self._readiness.check()
+        except Exception as exc:  # a bug in a check must not leave health stuck on its last word
+            log.error("readiness check failed: %r", exc, exc_info=exc)
+            verdicts = {"check": Verdict(False, f"readiness check failed: {exc!r}")}
+        serving = all(v.ok for v in verdicts.values())
+        if serving != self._serving:
+            if self._serving is not None:
+                reasons = "; ".join(v.reason for v in verdicts.values() if not v.ok)
+                if serving:
+                    log.info("gRPC health SERVING again: ready")
+                else:
+                    log.warning("gRPC health NOT_SERVING: %s", reasons)
+            self._serving = serving
+            await self._set_serving(serving)
 
     async def close(self) -> None:
         if self._task is not None:
