@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.kubelet_expansion import expand, expand_env
 from tests.support.procs import wait_for_exit
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -70,7 +71,8 @@ def runtime_spec_from_pod(
     if ctx.get("capabilities", {}).get("drop") != ["ALL"]:
         raise ValueError("this little kubelet only runs containers that drop ALL capabilities")
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": pod["metadata"]["name"][:63]}
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    # As the kubelet does: $(NAME) and $$ in env values, command and args are its to expand.
+    env = expand_env(container.get("env", []), env)
     groups = [pod_ctx["fsGroup"]] if "fsGroup" in pod_ctx else []
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -93,7 +95,7 @@ def runtime_spec_from_pod(
         "process": {
             "terminal": False,
             "user": {"uid": ctx["runAsUser"], "gid": ctx.get("runAsGroup", 0), "additionalGids": groups},
-            "args": [*container["command"], *container.get("args", [])],
+            "args": [expand(a, env) for a in (*container["command"], *container.get("args", []))],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},

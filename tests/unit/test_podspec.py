@@ -13,6 +13,7 @@ from gateway.drivers import podspec
 from gateway.drivers.podspec import PodSpecError, SandboxRequest, build_sandbox_pod
 from imagevolume import bundle, oci  # a cross-check only: the gateway never imports imagevolume
 from supervisor import install
+from tests.support.kubelet_expansion import expand, expand_env
 
 VERSIONS = ("1.34.0", "1.35.0", "1.37.0")
 
@@ -292,28 +293,6 @@ def test_a_pod_no_sandbox_could_have_gives_none(name: str) -> None:
     assert sandbox_of_pod(name) is None
 
 
-def _kubelet_expand(value: str, env: dict[str, str]) -> str:
-    """What the kubelet makes of a command argument or env value (k8s.io/kubernetes
-    third_party/forked/golang/expansion): ``$$`` is ``$``, ``$(NAME)`` a defined variable's value,
-    anything else as it stands. A model of it, to check what the pod spec must carry."""
-    out, i = [], 0
-    while i < len(value):
-        if value[i] == "$" and i + 1 < len(value):
-            if value[i + 1] == "$":
-                out.append("$")
-                i += 2
-                continue
-            if value[i + 1] == "(":
-                end = value.find(")", i + 2)
-                if end != -1 and value[i + 2 : end] in env:
-                    out.append(env[value[i + 2 : end]])
-                    i = end + 1
-                    continue
-        out.append(value[i])
-        i += 1
-    return "".join(out)
-
-
 def test_the_command_and_env_reach_the_process_as_written() -> None:
     """The kubelet expands ``$(NAME)`` and ``$$`` in a container's command and env values: the
     sandbox's own command and env are escaped so that they arrive as the caller wrote them (the
@@ -323,6 +302,6 @@ def test_the_command_and_env_reach_the_process_as_written() -> None:
     pod = build_sandbox_pod(settings(), request(command=command, env=env))
     (main,) = pod["spec"]["containers"]
     given = main["command"][main["command"].index("--") + 1 :]
-    assert [_kubelet_expand(arg, env) for arg in given] == command
-    values = {e["name"]: _kubelet_expand(e["value"], env) for e in main["env"] if e["name"] in env}
+    assert [expand(arg, env) for arg in given] == command
+    values = expand_env([e for e in main["env"] if e["name"] in env])
     assert values == env
