@@ -94,6 +94,7 @@ from openshell_wire.records import (
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+from openshell_wire.v1 import sandbox_pb2 as sb
 
 log = logging.getLogger(__name__)
 
@@ -1156,6 +1157,26 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         auth = self._require_auth()
         auth.refused(exc, method=method, peer=context.peer(), sandbox_id=sandbox_id)
         await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
+
+    # -- upstream's configuration calls (issue 21, part A replaces these) -----------------------
+
+    async def GetSandboxConfig(
+        self, request: sb.GetSandboxConfigRequest, context: Ctx
+    ) -> sb.GetSandboxConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetSandboxConfig: not yet")
+
+    async def UpdateConfig(self, request: pb.UpdateConfigRequest, context: Ctx) -> pb.UpdateConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UpdateConfig: not yet")
+
+    async def ReportPolicyStatus(
+        self, request: pb.ReportPolicyStatusRequest, context: Ctx
+    ) -> pb.ReportPolicyStatusResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReportPolicyStatus: not yet")
+
+    async def GetSandboxProviderEnvironment(
+        self, request: pb.GetSandboxProviderEnvironmentRequest, context: Ctx
+    ) -> pb.GetSandboxProviderEnvironmentResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetSandboxProviderEnvironment: not yet")
 
     async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
         return pb.HealthResponse(status=pb.SERVICE_STATUS_HEALTHY, version=__version__)

@@ -35,6 +35,7 @@ _STREAM_TO_PB = {
     LogStream.STDOUT: pb.LOG_STREAM_STDOUT,
     LogStream.STDERR: pb.LOG_STREAM_STDERR,
     LogStream.SUPERVISOR: pb.LOG_STREAM_SUPERVISOR,
+    LogStream.OCSF: pb.LOG_STREAM_OCSF,
 }
 _STREAM_FROM_PB = {v: k for k, v in _STREAM_TO_PB.items()}
 #: Protobuf log stream number -> LogStream (read-only; for fast paths that skip the records).
@@ -70,6 +71,12 @@ def event_to_proto(event: Event) -> pb.Event:
         msg.log.stream = _STREAM_TO_PB[p.stream]
         msg.log.message = p.message
         msg.log.continued = p.continued
+        if p.level:
+            msg.log.level = p.level
+        if p.target:
+            msg.log.target = p.target
+        for key, value in p.fields:
+            msg.log.fields[key] = value
     elif isinstance(p, LifecycleRecord):
         msg.lifecycle.kind = _LIFECYCLE_TO_PB[p.kind]
         msg.lifecycle.pid = p.pid
@@ -122,7 +129,15 @@ def event_from_proto(msg: pb.Event) -> Event:
         stream = _STREAM_FROM_PB.get(msg.log.stream)
         if stream is None:
             raise WireError(f"event {msg.sequence}: unknown log stream {msg.log.stream}")
-        payload = LogRecord(stream=stream, message=msg.log.message, continued=msg.log.continued)
+        line = msg.log
+        payload = LogRecord(
+            stream=stream,
+            message=line.message,
+            continued=line.continued,
+            level=line.level,
+            target=line.target,
+            fields=tuple(sorted(line.fields.items())),
+        )
     elif kind == "lifecycle":
         lk = _LIFECYCLE_FROM_PB.get(msg.lifecycle.kind)
         if lk is None:

@@ -46,6 +46,8 @@ class LogStream(enum.Enum):
     STDOUT = "stdout"
     STDERR = "stderr"
     SUPERVISOR = "supervisor"
+    #: OCSF event lines (an upstream supervisor's level "OCSF"): network, process, policy, findings.
+    OCSF = "ocsf"
 
 
 class LifecycleKind(enum.Enum):
@@ -78,6 +80,12 @@ class LogRecord:
     message: str
     #: The line was longer than the capture limit and continues in the next record.
     continued: bool = False
+    #: A structured line's level, lower case ("info", "warn", "error", "ocsf"; empty for captured
+    #: output), its target (logger or tracing target) and its fields, in the order received: what
+    #: an upstream supervisor's SandboxLogLine carries.
+    level: str = ""
+    target: str = ""
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ def _generate(out: Path) -> None:
 def _rewrite(text: str) -> str:
     text = re.sub(r"^from openshell\.v1 import (\w+)", r"from . import \1", text, flags=re.M)
     text = re.sub(r"^import openshell\.v1\.(\w+)$", r"from . import \1", text, flags=re.M)
-    text = re.sub(r"\bopenshell\.v1\.(openshell_pb2)\b", r"\1", text)
+    text = re.sub(r"\bopenshell\.v1\.(\w+_pb2)\b", r"\1", text)
     return HEADER + text
 
 

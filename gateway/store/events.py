@@ -256,6 +256,15 @@ def _row(
         # The hot path (hundreds of lines per batch): no describe(), no JSON unless needed.
         kind, stream, message = "log", payload.stream.value, _text(payload.message)
         data = {"continued": True} if payload.continued else None
+        if payload.level or payload.target or payload.fields:
+            # A structured line (an upstream supervisor's): its level, target and fields are kept.
+            data = dict(data or {})
+            if payload.level:
+                data["level"] = payload.level
+            if payload.target:
+                data["target"] = payload.target
+            if payload.fields:
+                data["fields"] = {_text(k): _text(v) for k, v in payload.fields}
     else:
         message = describe(Event(sequence=sequence, timestamp_ms=timestamp_ms, payload=payload))
         if isinstance(payload, LifecycleRecord):
@@ -711,7 +720,14 @@ class EventStore:
         previous = 0
         for raw in events:
             sequence = raw.sequence
-            if sequence and sequence <= MAX_SEQUENCE and raw.WhichOneof("kind") == "log":
+            if (
+                sequence
+                and sequence <= MAX_SEQUENCE
+                and raw.WhichOneof("kind") == "log"
+                and not (raw.log.level or raw.log.target or raw.log.fields)
+            ):
+                # Captured output (every line our supervisor journals); a structured line takes
+                # the general path below, which keeps its level, target and fields.
                 line = raw.log
                 stream = streams.get(line.stream)
                 if stream is None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -113,6 +114,15 @@ sandboxes = Table(
     # ``owner_epoch``: the owner is alive only while that very run's lease is (a replica restarted
     # under the same id does not revive its predecessor's sessions). Revision 0008.
     Column("owner_run", Text, nullable=True),
+    # The ``SupervisorHello.connection_epoch`` of the session that holds the claim (0: none sent):
+    # a later, lower one of the same supervisor instance is a stale connection (revision 0010).
+    Column("connection_epoch", BigInteger, nullable=False, server_default=text("0")),
+    # The policy an upstream supervisor synced with UpdateConfig (a serialized
+    # ``openshell.sandbox.v1.SandboxPolicy``; NULL: none yet), the version this gateway gave it and
+    # its SHA-256: GetSandboxConfig hands it back. Reset with every new generation. Revision 0010.
+    Column("policy", LargeBinary, nullable=True),
+    Column("policy_version", Integer, nullable=False, server_default=text("0")),
+    Column("policy_hash", Text, nullable=True),
 )
 
 events = Table(

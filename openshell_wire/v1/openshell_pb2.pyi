@@ -18,6 +18,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from . import sandbox_pb2 as _sandbox_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -92,6 +93,10 @@ class _LogStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogStream.V
     LOG_STREAM_STDERR: _LogStream.ValueType  # 2
     LOG_STREAM_SUPERVISOR: _LogStream.ValueType  # 3
     """the supervisor's own messages about the sandbox"""
+    LOG_STREAM_OCSF: _LogStream.ValueType  # 4
+    """An OCSF (Open Cybersecurity Schema Framework) event line: what an upstream supervisor pushes
+    with level "OCSF" (its shorthand text; network, process, policy and finding events).
+    """
 
 class LogStream(_LogStream, metaclass=_LogStreamEnumTypeWrapper): ...
 
@@ -100,6 +105,10 @@ LOG_STREAM_STDOUT: LogStream.ValueType  # 1
 LOG_STREAM_STDERR: LogStream.ValueType  # 2
 LOG_STREAM_SUPERVISOR: LogStream.ValueType  # 3
 """the supervisor's own messages about the sandbox"""
+LOG_STREAM_OCSF: LogStream.ValueType  # 4
+"""An OCSF (Open Cybersecurity Schema Framework) event line: what an upstream supervisor pushes
+with level "OCSF" (its shorthand text; network, process, policy and finding events).
+"""
 Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
 
 class _LifecycleKind:
@@ -188,6 +197,27 @@ HEALTH_STATE_DEGRADED: HealthState.ValueType  # 2
 HEALTH_STATE_UNHEALTHY: HealthState.ValueType  # 3
 """a limit is (almost) reached, or the kernel OOM-killed a process"""
 Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
+
+class _PolicyStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PolicyStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicyStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POLICY_STATUS_UNSPECIFIED: _PolicyStatus.ValueType  # 0
+    POLICY_STATUS_PENDING: _PolicyStatus.ValueType  # 1
+    POLICY_STATUS_LOADED: _PolicyStatus.ValueType  # 2
+    POLICY_STATUS_FAILED: _PolicyStatus.ValueType  # 3
+    POLICY_STATUS_SUPERSEDED: _PolicyStatus.ValueType  # 4
+
+class PolicyStatus(_PolicyStatus, metaclass=_PolicyStatusEnumTypeWrapper): ...
+
+POLICY_STATUS_UNSPECIFIED: PolicyStatus.ValueType  # 0
+POLICY_STATUS_PENDING: PolicyStatus.ValueType  # 1
+POLICY_STATUS_LOADED: PolicyStatus.ValueType  # 2
+POLICY_STATUS_FAILED: PolicyStatus.ValueType  # 3
+POLICY_STATUS_SUPERSEDED: PolicyStatus.ValueType  # 4
+Global___PolicyStatus: _TypeAlias = PolicyStatus  # noqa: Y015
 
 @_typing.final
 class SupervisorMessage(_message.Message):
@@ -301,6 +331,7 @@ class SupervisorHello(_message.Message):
 
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_EPOCH_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     JOURNAL_EPOCH_FIELD_NUMBER: _builtins.int
     JOURNAL_FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
@@ -309,6 +340,10 @@ class SupervisorHello(_message.Message):
     sandbox_id: _builtins.str
     instance_id: _builtins.str
     """Boot id / process epoch: a new value every time the supervisor process starts."""
+    connection_epoch: _builtins.int
+    """Upstream's (its HA work, PR #1868): counts this instance's connection attempts from 1, so a
+    gateway tells a newer connection of the same instance from a late, older one. 0: not sent.
+    """
     journal_epoch: _builtins.str
     """Identifies the on-disk journal whose sequence numbers follow. A new journal (a new pod,
     a wiped directory) gets a new epoch and starts again at sequence 1.
@@ -331,6 +366,7 @@ class SupervisorHello(_message.Message):
         *,
         sandbox_id: _builtins.str = ...,
         instance_id: _builtins.str = ...,
+        connection_epoch: _builtins.int = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         journal_epoch: _builtins.str = ...,
         journal_first_sequence: _builtins.int = ...,
@@ -339,7 +375,7 @@ class SupervisorHello(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "instance_id", b"instance_id", "journal_epoch", b"journal_epoch", "journal_first_sequence", b"journal_first_sequence", "journal_last_sequence", b"journal_last_sequence", "sandbox_id", b"sandbox_id", "supervisor_version", b"supervisor_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connection_epoch", b"connection_epoch", "instance_id", b"instance_id", "journal_epoch", b"journal_epoch", "journal_first_sequence", b"journal_first_sequence", "journal_last_sequence", b"journal_last_sequence", "sandbox_id", b"sandbox_id", "supervisor_version", b"supervisor_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -777,9 +813,32 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 class LogEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STREAM_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     CONTINUED_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
     stream: Global___LogStream.ValueType
     message: _builtins.str
     """without the trailing newline"""
@@ -787,16 +846,27 @@ class LogEvent(_message.Message):
     """The line was longer than the capture limit: this part continues in the next LogEvent of
     the same stream.
     """
+    level: _builtins.str
+    """A structured line's level as a lower-case name ("info", "warn", "error", "ocsf", ...; empty
+    for captured output), its target (a logger or tracing target) and its fields: what an upstream
+    supervisor's SandboxLogLine carries.
+    """
+    target: _builtins.str
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
         stream: Global___LogStream.ValueType = ...,
         message: _builtins.str = ...,
         continued: _builtins.bool = ...,
+        level: _builtins.str = ...,
+        target: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "message", b"message", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "fields", b"fields", "level", b"level", "message", b"message", "stream", b"stream", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1250,18 +1320,411 @@ class RefreshSandboxTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    EXTENSION_CREDENTIALS_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     expires_at_ms: _builtins.int
+    @_builtins.property
+    def extension_credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExtensionServiceCredential]:
+        """Upstream's; our gateway registers no extension services and sends none."""
+
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         expires_at_ms: _builtins.int = ...,
+        extension_credentials: _abc.Iterable[Global___ExtensionServiceCredential] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "extension_credentials", b"extension_credentials", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefreshSandboxTokenResponse: _TypeAlias = RefreshSandboxTokenResponse  # noqa: Y015
+
+@_typing.final
+class ExtensionServiceCredential(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    token: _builtins.str
+    expires_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        token: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "service_name", b"service_name", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtensionServiceCredential: _TypeAlias = ExtensionServiceCredential  # noqa: Y015
+
+@_typing.final
+class UpdateConfigRequest(_message.Message):
+    """-- upstream's supervisor configuration calls (openshell.proto at 2f7fb655) ------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnnotationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    SETTING_KEY_FIELD_NUMBER: _builtins.int
+    SETTING_VALUE_FIELD_NUMBER: _builtins.int
+    DELETE_SETTING_FIELD_NUMBER: _builtins.int
+    GLOBAL_FIELD_NUMBER: _builtins.int
+    MERGE_OPERATIONS_FIELD_NUMBER: _builtins.int
+    EXPECTED_RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the sandbox's name (ours: its id)"""
+    setting_key: _builtins.str
+    delete_setting: _builtins.bool
+    expected_resource_version: _builtins.int
+    workspace: _builtins.str
+    @_builtins.property
+    def policy(self) -> _sandbox_pb2.SandboxPolicy: ...
+    @_builtins.property
+    def setting_value(self) -> _sandbox_pb2.SettingValue: ...
+    @_builtins.property
+    def merge_operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyMergeOperation]: ...
+    @_builtins.property
+    def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: _sandbox_pb2.SandboxPolicy | None = ...,
+        setting_key: _builtins.str = ...,
+        setting_value: _sandbox_pb2.SettingValue | None = ...,
+        delete_setting: _builtins.bool = ...,
+        merge_operations: _abc.Iterable[Global___PolicyMergeOperation] | None = ...,
+        expected_resource_version: _builtins.int = ...,
+        annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        workspace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "setting_value", b"setting_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "delete_setting", b"delete_setting", "expected_resource_version", b"expected_resource_version", "global", b"global", "merge_operations", b"merge_operations", "name", b"name", "policy", b"policy", "setting_key", b"setting_key", "setting_value", b"setting_value", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateConfigRequest: _TypeAlias = UpdateConfigRequest  # noqa: Y015
+
+@_typing.final
+class PolicyMergeOperation(_message.Message):
+    """Upstream's oneof of rule edits (add_rule = 1 ... remove_binary = 6) is not transcribed: our
+    gateway refuses every merge operation, and only counts them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyMergeOperation: _TypeAlias = PolicyMergeOperation  # noqa: Y015
+
+@_typing.final
+class UpdateConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnnotationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_HASH_FIELD_NUMBER: _builtins.int
+    SETTINGS_REVISION_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    policy_hash: _builtins.str
+    settings_revision: _builtins.int
+    deleted: _builtins.bool
+    @_builtins.property
+    def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        policy_hash: _builtins.str = ...,
+        settings_revision: _builtins.int = ...,
+        deleted: _builtins.bool = ...,
+        annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "deleted", b"deleted", "policy_hash", b"policy_hash", "settings_revision", b"settings_revision", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateConfigResponse: _TypeAlias = UpdateConfigResponse  # noqa: Y015
+
+@_typing.final
+class ReportPolicyStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LOAD_ERROR_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    version: _builtins.int
+    status: Global___PolicyStatus.ValueType
+    load_error: _builtins.str
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        status: Global___PolicyStatus.ValueType = ...,
+        load_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_error", b"load_error", "sandbox_id", b"sandbox_id", "status", b"status", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPolicyStatusRequest: _TypeAlias = ReportPolicyStatusRequest  # noqa: Y015
+
+@_typing.final
+class ReportPolicyStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPolicyStatusResponse: _TypeAlias = ReportPolicyStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetSandboxProviderEnvironmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    SUPPORTS_STATIC_CREDENTIAL_BINDINGS_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    supports_static_credential_bindings: _builtins.bool
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        supports_static_credential_bindings: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sandbox_id", b"sandbox_id", "supports_static_credential_bindings", b"supports_static_credential_bindings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSandboxProviderEnvironmentRequest: _TypeAlias = GetSandboxProviderEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class GetSandboxProviderEnvironmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvironmentEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CredentialExpiresAtMsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class DynamicCredentialsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ProviderProfileCredential: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ProviderProfileCredential | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class StaticCredentialBindingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___StaticCredentialBinding: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___StaticCredentialBinding | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    PROVIDER_ENV_REVISION_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    DYNAMIC_CREDENTIALS_FIELD_NUMBER: _builtins.int
+    STATIC_CREDENTIAL_BINDINGS_FIELD_NUMBER: _builtins.int
+    NON_SECRET_ENVIRONMENT_KEYS_FIELD_NUMBER: _builtins.int
+    provider_env_revision: _builtins.int
+    @_builtins.property
+    def environment(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def credential_expires_at_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def dynamic_credentials(self) -> _containers.MessageMap[_builtins.str, Global___ProviderProfileCredential]: ...
+    @_builtins.property
+    def static_credential_bindings(self) -> _containers.MessageMap[_builtins.str, Global___StaticCredentialBinding]: ...
+    @_builtins.property
+    def non_secret_environment_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        environment: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        provider_env_revision: _builtins.int = ...,
+        credential_expires_at_ms: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        dynamic_credentials: _abc.Mapping[_builtins.str, Global___ProviderProfileCredential] | None = ...,
+        static_credential_bindings: _abc.Mapping[_builtins.str, Global___StaticCredentialBinding] | None = ...,
+        non_secret_environment_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_expires_at_ms", b"credential_expires_at_ms", "dynamic_credentials", b"dynamic_credentials", "environment", b"environment", "non_secret_environment_keys", b"non_secret_environment_keys", "provider_env_revision", b"provider_env_revision", "static_credential_bindings", b"static_credential_bindings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSandboxProviderEnvironmentResponse: _TypeAlias = GetSandboxProviderEnvironmentResponse  # noqa: Y015
+
+@_typing.final
+class ProviderProfileCredential(_message.Message):
+    """Upstream's provider credential descriptions (fields 1-10 and 1-3 there) are not transcribed:
+    our gateway attaches no providers and sends none of them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderProfileCredential: _TypeAlias = ProviderProfileCredential  # noqa: Y015
+
+@_typing.final
+class StaticCredentialBinding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StaticCredentialBinding: _TypeAlias = StaticCredentialBinding  # noqa: Y015

@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from . import openshell_pb2 as openshell_dot_v1_dot_openshell__pb2
+from . import sandbox_pb2 as openshell_dot_v1_dot_sandbox__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,26 @@ class OpenShellStub:
                 request_serializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.SerializeToString,
                 response_deserializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.FromString,
                 _registered_method=True)
+        self.GetSandboxConfig = channel.unary_unary(
+                '/openshell.v1.OpenShell/GetSandboxConfig',
+                request_serializer=openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigResponse.FromString,
+                _registered_method=True)
+        self.UpdateConfig = channel.unary_unary(
+                '/openshell.v1.OpenShell/UpdateConfig',
+                request_serializer=openshell_dot_v1_dot_openshell__pb2.UpdateConfigRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_openshell__pb2.UpdateConfigResponse.FromString,
+                _registered_method=True)
+        self.ReportPolicyStatus = channel.unary_unary(
+                '/openshell.v1.OpenShell/ReportPolicyStatus',
+                request_serializer=openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusResponse.FromString,
+                _registered_method=True)
+        self.GetSandboxProviderEnvironment = channel.unary_unary(
+                '/openshell.v1.OpenShell/GetSandboxProviderEnvironment',
+                request_serializer=openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentRequest.SerializeToString,
+                response_deserializer=openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentResponse.FromString,
+                _registered_method=True)
 
 
 class OpenShellServicer:
@@ -115,6 +136,37 @@ class OpenShellServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSandboxConfig(self, request, context):
+        """Upstream's calls of an upstream supervisor outside its developer mode (names and fields as in
+        upstream's proto/openshell.proto at 2f7fb655; docs/upstream.md says what our gateway answers).
+        The sandbox's configuration: the policy its supervisor synced (UpdateConfig), no settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateConfig(self, request, context):
+        """Taken from a sandbox's supervisor for its own sandbox only: the policy it found (its image's
+        or its restrictive default) when GetSandboxConfig had none, or that policy enriched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPolicyStatus(self, request, context):
+        """The supervisor's report of loading a policy version: recorded as the sandbox's event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSandboxProviderEnvironment(self, request, context):
+        """Provider credentials for the sandbox's environment: our gateway attaches none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpenShellServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +199,26 @@ def add_OpenShellServicer_to_server(servicer, server):
                     servicer.RefreshSandboxToken,
                     request_deserializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.FromString,
                     response_serializer=openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.SerializeToString,
+            ),
+            'GetSandboxConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSandboxConfig,
+                    request_deserializer=openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigResponse.SerializeToString,
+            ),
+            'UpdateConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateConfig,
+                    request_deserializer=openshell_dot_v1_dot_openshell__pb2.UpdateConfigRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_openshell__pb2.UpdateConfigResponse.SerializeToString,
+            ),
+            'ReportPolicyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPolicyStatus,
+                    request_deserializer=openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusResponse.SerializeToString,
+            ),
+            'GetSandboxProviderEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSandboxProviderEnvironment,
+                    request_deserializer=openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentRequest.FromString,
+                    response_serializer=openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +383,114 @@ class OpenShell:
             '/openshell.v1.OpenShell/RefreshSandboxToken',
             openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenRequest.SerializeToString,
             openshell_dot_v1_dot_openshell__pb2.RefreshSandboxTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSandboxConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/GetSandboxConfig',
+            openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigRequest.SerializeToString,
+            openshell_dot_v1_dot_sandbox__pb2.GetSandboxConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/UpdateConfig',
+            openshell_dot_v1_dot_openshell__pb2.UpdateConfigRequest.SerializeToString,
+            openshell_dot_v1_dot_openshell__pb2.UpdateConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPolicyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/ReportPolicyStatus',
+            openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusRequest.SerializeToString,
+            openshell_dot_v1_dot_openshell__pb2.ReportPolicyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSandboxProviderEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openshell.v1.OpenShell/GetSandboxProviderEnvironment',
+            openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentRequest.SerializeToString,
+            openshell_dot_v1_dot_openshell__pb2.GetSandboxProviderEnvironmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ docs/protocol.md describes the session state machine built on these messages.
 from collections import abc as _abc
 from grpc import aio as _aio
 from . import openshell_pb2 as _openshell_pb2
+from . import sandbox_pb2 as _sandbox_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -59,6 +60,19 @@ class OpenShellStub:
     """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
     valid one). Older tokens stay valid until their own expiry.
     """
+    GetSandboxConfig: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetSandboxConfigRequest, _sandbox_pb2.GetSandboxConfigResponse]
+    """Upstream's calls of an upstream supervisor outside its developer mode (names and fields as in
+    upstream's proto/openshell.proto at 2f7fb655; docs/upstream.md says what our gateway answers).
+    The sandbox's configuration: the policy its supervisor synced (UpdateConfig), no settings.
+    """
+    UpdateConfig: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.UpdateConfigRequest, _openshell_pb2.UpdateConfigResponse]
+    """Taken from a sandbox's supervisor for its own sandbox only: the policy it found (its image's
+    or its restrictive default) when GetSandboxConfig had none, or that policy enriched.
+    """
+    ReportPolicyStatus: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.ReportPolicyStatusRequest, _openshell_pb2.ReportPolicyStatusResponse]
+    """The supervisor's report of loading a policy version: recorded as the sandbox's event."""
+    GetSandboxProviderEnvironment: _grpc.UnaryUnaryMultiCallable[_openshell_pb2.GetSandboxProviderEnvironmentRequest, _openshell_pb2.GetSandboxProviderEnvironmentResponse]
+    """Provider credentials for the sandbox's environment: our gateway attaches none."""
 
 @_typing.type_check_only
 class OpenShellAsyncStub(OpenShellStub):
@@ -81,6 +95,19 @@ class OpenShellAsyncStub(OpenShellStub):
     """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
     valid one). Older tokens stay valid until their own expiry.
     """
+    GetSandboxConfig: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetSandboxConfigRequest, _sandbox_pb2.GetSandboxConfigResponse]  # type: ignore[assignment]
+    """Upstream's calls of an upstream supervisor outside its developer mode (names and fields as in
+    upstream's proto/openshell.proto at 2f7fb655; docs/upstream.md says what our gateway answers).
+    The sandbox's configuration: the policy its supervisor synced (UpdateConfig), no settings.
+    """
+    UpdateConfig: _aio.UnaryUnaryMultiCallable[_openshell_pb2.UpdateConfigRequest, _openshell_pb2.UpdateConfigResponse]  # type: ignore[assignment]
+    """Taken from a sandbox's supervisor for its own sandbox only: the policy it found (its image's
+    or its restrictive default) when GetSandboxConfig had none, or that policy enriched.
+    """
+    ReportPolicyStatus: _aio.UnaryUnaryMultiCallable[_openshell_pb2.ReportPolicyStatusRequest, _openshell_pb2.ReportPolicyStatusResponse]  # type: ignore[assignment]
+    """The supervisor's report of loading a policy version: recorded as the sandbox's event."""
+    GetSandboxProviderEnvironment: _aio.UnaryUnaryMultiCallable[_openshell_pb2.GetSandboxProviderEnvironmentRequest, _openshell_pb2.GetSandboxProviderEnvironmentResponse]  # type: ignore[assignment]
+    """Provider credentials for the sandbox's environment: our gateway attaches none."""
 
 class OpenShellServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -136,5 +163,42 @@ class OpenShellServicer(metaclass=_abc_1.ABCMeta):
         """Upstream's: renew the calling sandbox's gateway-minted token (the request carries a still
         valid one). Older tokens stay valid until their own expiry.
         """
+
+    @_abc_1.abstractmethod
+    def GetSandboxConfig(
+        self,
+        request: _sandbox_pb2.GetSandboxConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.GetSandboxConfigResponse, _abc.Awaitable[_sandbox_pb2.GetSandboxConfigResponse]]:
+        """Upstream's calls of an upstream supervisor outside its developer mode (names and fields as in
+        upstream's proto/openshell.proto at 2f7fb655; docs/upstream.md says what our gateway answers).
+        The sandbox's configuration: the policy its supervisor synced (UpdateConfig), no settings.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateConfig(
+        self,
+        request: _openshell_pb2.UpdateConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openshell_pb2.UpdateConfigResponse, _abc.Awaitable[_openshell_pb2.UpdateConfigResponse]]:
+        """Taken from a sandbox's supervisor for its own sandbox only: the policy it found (its image's
+        or its restrictive default) when GetSandboxConfig had none, or that policy enriched.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportPolicyStatus(
+        self,
+        request: _openshell_pb2.ReportPolicyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openshell_pb2.ReportPolicyStatusResponse, _abc.Awaitable[_openshell_pb2.ReportPolicyStatusResponse]]:
+        """The supervisor's report of loading a policy version: recorded as the sandbox's event."""
+
+    @_abc_1.abstractmethod
+    def GetSandboxProviderEnvironment(
+        self,
+        request: _openshell_pb2.GetSandboxProviderEnvironmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openshell_pb2.GetSandboxProviderEnvironmentResponse, _abc.Awaitable[_openshell_pb2.GetSandboxProviderEnvironmentResponse]]:
+        """Provider credentials for the sandbox's environment: our gateway attaches none."""
 
 def add_OpenShellServicer_to_server(servicer: OpenShellServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

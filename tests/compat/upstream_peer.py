@@ -58,6 +58,13 @@ HERE = Path(__file__).resolve().parent
 PROTO = HERE / "upstream_openshell.proto"
 #: The path upstream's descriptors carry; the stubs are compiled under it.
 PROTO_NAME = "openshell/v1/openshell.proto"
+#: Upstream's supervisor configuration and inference messages (packages openshell.sandbox.v1 and
+#: openshell.inference.v1), compiled beside it: import them as openshell.v1.sandbox_pb2,
+#: openshell.v1.inference_pb2 and openshell.v1.inference_pb2_grpc once load_stubs has run.
+EXTRA_PROTOS = {
+    "openshell/v1/sandbox.proto": HERE / "upstream_sandbox.proto",
+    "openshell/v1/inference.proto": HERE / "upstream_inference.proto",
+}
 
 
 class PeerError(Exception):
@@ -76,7 +83,20 @@ def load_stubs(stubs_dir: Path) -> tuple[ModuleType, ModuleType]:
     (src / PROTO_NAME).parent.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROTO, src / PROTO_NAME)
-    rc = protoc.main(["protoc", f"-I{src}", f"--python_out={out}", f"--grpc_python_out={out}", PROTO_NAME])
+    for name, path in EXTRA_PROTOS.items():
+        shutil.copyfile(path, src / name)
+    include = str(Path(protoc.__file__).parent / "_proto")  # google/protobuf/struct.proto
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{src}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO_NAME,
+            *EXTRA_PROTOS,
+        ]
+    )
     if rc != 0:
         raise PeerError(f"protoc failed ({rc}) on {PROTO}")
     sys.path.insert(0, str(out))
