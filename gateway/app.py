@@ -57,6 +57,7 @@ from gateway.store.replicas import ReplicaStore
 from gateway.store.signing_keys import SigningKeyStore
 from gateway.tls import HttpTls, TlsError, grpc_credentials
 from gateway.tls import load as load_tls
+from openshell_wire.v1 import inference_pb2
 from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,11 @@ class Gateway:
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
+        # Upstream's supervisor asks this one for its inference routes: the same service answers
+        # (OpenShellService.GetInferenceBundle, with the same credentials), so it gets none.
+        add_service(
+            server, inference_pb2.DESCRIPTOR.services_by_name["Inference"], self._service, guard=guard
+        )
         health_servicer = self._health_servicer = health.aio.HealthServicer()
         add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, guard=guard)
         try:

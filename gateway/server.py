@@ -52,6 +52,7 @@ import grpc
 from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from gateway import upstream_config
 from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
@@ -92,6 +93,7 @@ from openshell_wire.records import (
     SandboxId,
     sandbox_id_problem,
 )
+from openshell_wire.v1 import inference_pb2 as inf
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from openshell_wire.v1 import sandbox_pb2 as sb
@@ -1158,25 +1160,97 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         auth.refused(exc, method=method, peer=context.peer(), sandbox_id=sandbox_id)
         await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
 
-    # -- upstream's configuration calls (issue 21, part A replaces these) -----------------------
+    # -- upstream's configuration calls (the answers' rules: gateway/upstream_config.py) --------
+
+    async def _own_sandbox(self, sandbox_id: str, context: Ctx, method: str) -> _Binding | None:
+        """A call of a sandbox principal for its own sandbox: the id is valid, the credential is
+        bound to it (else the call ends with the refusal), and the sandbox is known."""
+        problem = validate_sandbox_id(sandbox_id)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: {problem}")
+        binding = await self._authenticate(context, sandbox_id, method, deadline=self._store_deadline())
+        await self._check_sandbox(sandbox_id, context)
+        return binding
 
     async def GetSandboxConfig(
         self, request: sb.GetSandboxConfigRequest, context: Ctx
     ) -> sb.GetSandboxConfigResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetSandboxConfig: not yet")
+        """The policy the sandbox's supervisor synced (none before its first sync), no settings."""
+        binding = await self._own_sandbox(request.sandbox_id, context, "GetSandboxConfig")
+        generation = binding.generation if binding is not None else None
+        stored = await self._sandboxes.policy(request.sandbox_id, generation=generation)
+        if stored is None:
+            await self._created_again(context, request.sandbox_id, generation)
+        return upstream_config.config_response(stored)
 
     async def UpdateConfig(self, request: pb.UpdateConfigRequest, context: Ctx) -> pb.UpdateConfigResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UpdateConfig: not yet")
+        """Only a sandbox supervisor's sync of its own policy (``name`` is the sandbox's id)."""
+        if not request.name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "UpdateConfig: name the sandbox (its id) in `name`"
+            )
+        binding = await self._own_sandbox(request.name, context, "UpdateConfig")
+        refused = upstream_config.update_problem(request)
+        if refused is not None:
+            await context.abort(refused.code, refused.message)
+        blob = upstream_config.policy_bytes(request.policy)
+        digest = upstream_config.policy_hash(blob)
+        generation = binding.generation if binding is not None else None
+        # Conditional on the life the credential was bound to: a token of an earlier sandbox of
+        # this id writes nothing into the current one.
+        version = await self._sandboxes.set_policy(
+            request.name, blob, policy_hash=digest, generation=generation
+        )
+        if version is None:
+            await self._created_again(context, request.name, generation)
+        await self._events.append_unsequenced(
+            request.name, [(_now_ms(), upstream_config.sync_record(version, digest))], generation=generation
+        )
+        log.info(
+            "policy synced by the sandbox's supervisor",
+            extra={"sandbox_id": request.name, "policy_version": version},
+        )
+        return pb.UpdateConfigResponse(version=version, policy_hash=digest)
 
     async def ReportPolicyStatus(
         self, request: pb.ReportPolicyStatusRequest, context: Ctx
     ) -> pb.ReportPolicyStatusResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReportPolicyStatus: not yet")
+        """The supervisor's report on a policy version, recorded as the sandbox's event."""
+        binding = await self._own_sandbox(request.sandbox_id, context, "ReportPolicyStatus")
+        record = upstream_config.status_record(request)
+        if isinstance(record, upstream_config.Refused):
+            await context.abort(record.code, record.message)
+        await self._events.append_unsequenced(
+            request.sandbox_id,
+            [(_now_ms(), record)],
+            generation=binding.generation if binding is not None else None,
+        )
+        return pb.ReportPolicyStatusResponse()
 
     async def GetSandboxProviderEnvironment(
         self, request: pb.GetSandboxProviderEnvironmentRequest, context: Ctx
     ) -> pb.GetSandboxProviderEnvironmentResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetSandboxProviderEnvironment: not yet")
+        await self._own_sandbox(request.sandbox_id, context, "GetSandboxProviderEnvironment")
+        return upstream_config.provider_environment()
+
+    async def GetInferenceBundle(
+        self, request: inf.GetInferenceBundleRequest, context: Ctx
+    ) -> inf.GetInferenceBundleResponse:
+        """``openshell.inference.v1.Inference``'s one call (gateway/app.py puts this service on
+        the server for it too). It names no sandbox: the credential's own is the caller's. Without
+        required credentials anyone gets the (empty) bundle: it holds nothing to keep."""
+        if self._auth is not None and self._auth.required:
+            await self._credential(context, "GetInferenceBundle", deadline=self._store_deadline())
+        return upstream_config.inference_bundle()
+
+    async def _created_again(self, context: Ctx, sandbox_id: str, generation: int | None) -> NoReturn:
+        """End a call whose sandbox life is gone (the id deleted, or created again, after its
+        credential was bound): nothing was written."""
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"sandbox {sandbox_id} was deleted or created again since this call's credential was "
+            f"bound to generation {generation}: nothing written",
+        )
 
     async def Health(self, request: pb.HealthRequest, context: Ctx) -> pb.HealthResponse:
         return pb.HealthResponse(status=pb.SERVICE_STATUS_HEALTHY, version=__version__)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, false, func, or_, select, update
+from sqlalchemy import Insert, bindparam, case, delete, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.elements import ColumnElement
@@ -80,6 +80,19 @@ class SandboxRow:
     pod_uid: str | None = None
     #: The run (``ReplicaIdentity.run``) of the owner process: a restarted replica is another run.
     owner_run: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    """The policy an upstream supervisor synced for its sandbox (UpdateConfig), as stored: the
+    deterministic serialization of its ``SandboxPolicy`` (None until a sync), our version of it
+    (0 until a sync, then 1, raised by each sync that changes it) and the SHA-256 hex of the bytes.
+    Read on its own (``SandboxStore.policy``): no other read carries the policy's bytes."""
+
+    policy: bytes | None
+    version: int
+    policy_hash: str | None
+    generation: int
 
 
 #: How many sandboxes' claims a heartbeat flush checks per query (see ``record_heartbeats``).
@@ -254,6 +267,12 @@ class SandboxStore:
                         run_sequence=None,
                         owner=None,
                         owner_run=None,
+                        # The earlier sandbox's supervisor synced its policy and claimed with its
+                        # connection epoch: the new one starts without either.
+                        connection_epoch=0,
+                        policy=None,
+                        policy_version=0,
+                        policy_hash=None,
                     )
                 )
                 if updated.rowcount == 0:
@@ -277,6 +296,51 @@ class SandboxStore:
                     await conn.execute(select(sandboxes_table).where(sandboxes_table.c.id == sandbox_id))
                 ).first()
         return _sandbox(row) if row is not None else None
+
+    async def policy(self, sandbox_id: str, *, generation: int | None = None) -> StoredPolicy | None:
+        """The sandbox's synced policy (see :class:`StoredPolicy`); None when the sandbox is
+        unknown, or with ``generation``, when the id has been created again since."""
+        c = sandboxes_table.c
+        with store_errors(f"cannot read the policy of sandbox {sandbox_id!r}"):
+            async with self._db.engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(c.policy, c.policy_version, c.policy_hash, c.generation).where(
+                            c.id == sandbox_id, *_of_generation(generation)
+                        )
+                    )
+                ).first()
+        if row is None:
+            return None
+        blob = bytes(row.policy) if row.policy is not None else None
+        return StoredPolicy(blob, int(row.policy_version), row.policy_hash, int(row.generation))
+
+    async def set_policy(
+        self, sandbox_id: str, policy: bytes, *, policy_hash: str, generation: int | None = None
+    ) -> int | None:
+        """Store the policy a sandbox's supervisor synced and return its version: the stored one
+        when the same bytes come again (``policy_hash`` is their SHA-256), else one more. None, and
+        nothing written, when the sandbox is unknown or (with ``generation``) created again since.
+
+        One UPDATE decides the version from the row's own hash, so two syncs racing each other
+        cannot both take the same number for different policies."""
+        c = sandboxes_table.c
+        with store_errors(f"cannot store the policy of sandbox {sandbox_id!r}"):
+            async with self._db.engine.begin() as conn:
+                version = await conn.scalar(
+                    update(sandboxes_table)
+                    .where(c.id == sandbox_id, *_of_generation(generation))
+                    .values(
+                        policy=policy,
+                        policy_hash=policy_hash,
+                        # A NULL hash (no policy yet) compares unknown: the ELSE, version 1.
+                        policy_version=case(
+                            (c.policy_hash == policy_hash, c.policy_version), else_=c.policy_version + 1
+                        ),
+                    )
+                    .returning(c.policy_version)
+                )
+        return int(version) if version is not None else None
 
     async def list(
         self, *, owners: Owners | None = None, limit: int | None = None, after: str | None = None

@@ -40,6 +40,7 @@ from tests.unit.test_store import (
     check_wire_batch_stores_what_store_events_stores,
     log,
 )
+from tests.unit.test_upstream_config import check_policy_store
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
@@ -208,3 +209,9 @@ async def test_delete_cascades(pg: Database) -> None:
 async def test_unknown_database_is_a_readable_store_error(pg_server: PgServer) -> None:
     with pytest.raises(StoreError, match=re.escape(f"cannot open database {pg_server.url('missing')}")):
         await Database.open(pg_server.url("missing"))
+
+
+async def test_policy_sync_store(pg: Database) -> None:
+    # Upstream supervisors' synced policy (tests/unit/test_upstream_config.py): the version CASE
+    # and the reset of a new generation, on PostgreSQL.
+    await check_policy_store(pg)

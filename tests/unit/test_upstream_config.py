@@ -1,0 +1,161 @@
+"""The rules of our answers to upstream's supervisor configuration calls (gateway/upstream_config.py)
+and the store of the policy it syncs (SandboxStore.policy/set_policy; the same scenario runs on
+PostgreSQL in tests/integration/test_store_postgres.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import select, update
+
+from gateway import upstream_config
+from gateway.store import Database, SandboxStore
+from gateway.store.sandboxes import StoredPolicy
+from gateway.store.schema import sandboxes
+from openshell_wire.records import LogStream
+from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import sandbox_pb2 as sb
+
+
+def policy(*read_only: str) -> sb.SandboxPolicy:
+    return sb.SandboxPolicy(
+        version=1,
+        filesystem=sb.FilesystemPolicy(include_workdir=True, read_only=list(read_only), read_write=["/tmp"]),
+        landlock=sb.LandlockPolicy(compatibility="best_effort"),
+    )
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(f"sqlite:///{tmp_path}/state/gateway.db")
+    yield database
+    await database.close()
+
+
+async def check_policy_store(db: Database) -> None:
+    """Absent until a sync; version 1, the same on a repeat, 2 on a change; a write for an earlier
+    generation lands nothing; a new generation starts without a policy and connection epoch."""
+    store = SandboxStore(db)
+    assert await store.create("pol", driver="local") == 1
+    absent = await store.policy("pol")
+    assert absent is not None and absent.policy is None and absent.version == 0 and absent.policy_hash is None
+    assert await store.policy("nobody") is None
+    assert await store.set_policy("nobody", b"x", policy_hash="h") is None
+
+    first = upstream_config.policy_bytes(policy("/usr"))
+    h1 = upstream_config.policy_hash(first)
+    assert await store.set_policy("pol", first, policy_hash=h1, generation=1) == 1
+    assert await store.set_policy("pol", first, policy_hash=h1, generation=1) == 1
+    second = upstream_config.policy_bytes(policy("/usr", "/lib"))
+    h2 = upstream_config.policy_hash(second)
+    assert await store.set_policy("pol", second, policy_hash=h2) == 2
+    stored = await store.policy("pol", generation=1)
+    assert stored is not None and (stored.policy, stored.version, stored.policy_hash) == (second, 2, h2)
+    # Going back to an earlier policy is a change too.
+    assert await store.set_policy("pol", first, policy_hash=h1) == 3
+
+    async with db.engine.begin() as conn:
+        await conn.execute(update(sandboxes).where(sandboxes.c.id == "pol").values(connection_epoch=7))
+    assert await store.create("pol", driver="local", replaces=lambda row: True) == 2
+    again = await store.policy("pol")
+    assert again is not None and again.policy is None and again.version == 0 and again.generation == 2
+    async with db.engine.connect() as conn:
+        assert await conn.scalar(select(sandboxes.c.connection_epoch).where(sandboxes.c.id == "pol")) == 0
+    # A sync bound to the earlier life writes nothing into this one, nor reads it.
+    assert await store.set_policy("pol", first, policy_hash=h1, generation=1) is None
+    assert await store.policy("pol", generation=1) is None
+    now = await store.policy("pol")
+    assert now is not None and now.policy is None
+
+
+async def test_policy_store(db: Database) -> None:
+    await check_policy_store(db)
+
+
+def test_config_answer_without_and_with_a_policy() -> None:
+    none = upstream_config.config_response(None)
+    assert not none.HasField("policy") and none.version == 0 and none.policy_hash == ""
+    assert none.policy_source == sb.POLICY_SOURCE_UNSPECIFIED
+    assert none.policy_validation_failure_mode == "fail_closed" and none.workspace == ""
+    assert not none.settings and not none.supervisor_middleware_services
+    assert none.provider_env_revision == 0 and not none.extension_authentication_enabled
+
+    blob = upstream_config.policy_bytes(policy("/usr"))
+    digest = upstream_config.policy_hash(blob)
+    answer = upstream_config.config_response(StoredPolicy(blob, 4, digest, 1))
+    assert answer.policy == policy("/usr")
+    assert (answer.version, answer.policy_hash, answer.config_revision) == (4, digest, 4)
+    assert answer.policy_source == sb.POLICY_SOURCE_SANDBOX
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        (pb.UpdateConfigRequest(name="s", policy=policy(), setting_key="k"), "no settings"),
+        (
+            pb.UpdateConfigRequest(name="s", setting_value=sb.SettingValue(bool_value=True)),
+            "no settings",
+        ),
+        (pb.UpdateConfigRequest(name="s", policy=policy(), delete_setting=True), "no settings"),
+        (pb.UpdateConfigRequest(name="s", policy=policy(), **{"global": True}), "no global policy"),
+        (
+            pb.UpdateConfigRequest(name="s", policy=policy(), merge_operations=[pb.PolicyMergeOperation()]),
+            "does not merge",
+        ),
+        (pb.UpdateConfigRequest(name="s", policy=policy(), expected_resource_version=3), "resource versions"),
+        (pb.UpdateConfigRequest(name="s", policy=policy(), annotations={"a": "b"}), "no annotations"),
+        (pb.UpdateConfigRequest(name="s", policy=policy(), workspace="w"), "no workspaces"),
+        (pb.UpdateConfigRequest(name="s"), "no policy"),
+        (
+            pb.UpdateConfigRequest(name="s", policy=policy("/x" * (upstream_config.POLICY_MAX_BYTES // 2))),
+            "more than this gateway keeps",
+        ),
+    ],
+)
+def test_update_config_takes_only_a_policy_sync(request_: pb.UpdateConfigRequest, words: str) -> None:
+    refused = upstream_config.update_problem(request_)
+    assert refused is not None and refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in refused.message and refused.message.startswith("UpdateConfig: ")
+
+
+def test_update_config_takes_a_policy_sync() -> None:
+    assert upstream_config.update_problem(pb.UpdateConfigRequest(name="s", policy=policy("/usr"))) is None
+    # An empty policy is still a policy (upstream's restrictive default has lists; ours need not).
+    assert upstream_config.update_problem(pb.UpdateConfigRequest(name="s", policy=sb.SandboxPolicy())) is None
+
+
+def test_policy_status_records_the_supervisor_s_word() -> None:
+    loaded = upstream_config.status_record(
+        pb.ReportPolicyStatusRequest(sandbox_id="s", version=3, status=pb.POLICY_STATUS_LOADED)
+    )
+    assert not isinstance(loaded, upstream_config.Refused)
+    assert loaded.message == "policy version 3 loaded by the sandbox's supervisor"
+    assert (loaded.level, loaded.target, loaded.stream) == ("info", "openshell.policy", LogStream.SUPERVISOR)
+    assert loaded.fields == (("version", "3"), ("status", "loaded"))
+    failed = upstream_config.status_record(
+        pb.ReportPolicyStatusRequest(
+            sandbox_id="s", version=2, status=pb.POLICY_STATUS_FAILED, load_error="bad"
+        )
+    )
+    assert not isinstance(failed, upstream_config.Refused)
+    assert failed.level == "error" and failed.message.endswith(
+        "failed to load in the sandbox's supervisor: bad"
+    )
+    assert ("load_error", "bad") in failed.fields
+    for status in (pb.POLICY_STATUS_UNSPECIFIED, 99):
+        refused = upstream_config.status_record(
+            pb.ReportPolicyStatusRequest(sandbox_id="s", version=1, status=status)  # type: ignore[arg-type]
+        )
+        assert isinstance(refused, upstream_config.Refused)
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_no_providers_and_no_inference() -> None:
+    env = upstream_config.provider_environment()
+    assert not env.environment and env.provider_env_revision == 0
+    bundle = upstream_config.inference_bundle()
+    assert not bundle.routes and bundle.revision == upstream_config.INFERENCE_REVISION
+    assert bundle.generated_at_ms > 0
