@@ -7,7 +7,8 @@ a sandbox is connected: clearing it is one write, by the one gateway process tha
 and that process may die first, or its write may fail while the database is read-only or away.
 So a sandbox counts as connected only while its last heartbeat is also fresh:
 
-    fresh_for_s = stale bound (interval, rounded up as an upstream supervisor rounds it, + grace)
+    fresh_for_s = the largest stale bound a session gets (interval, rounded as an upstream
+                  supervisor rounds it, at least upstream's 5 s floor, + grace)
                   + 2 x heartbeat flush interval
 
 A live session is never silent for longer than the stale bound (the gateway ends it), the
@@ -129,6 +130,13 @@ class ReplicaLeases:
         return sum(1 for rid in self.renewed_at if self.alive(rid, now=now))
 
 
+#: Upstream's supervisor beats every ``max(heartbeat_interval_secs, 5)`` seconds whatever it is told
+#: (../shared/WIRE.md, "Heartbeats"; upstream supervisor_session.rs): a session without our
+#: capabilities is given a stale bound of at least this interval, or a short configured interval
+#: would end it between two of its beats.
+UPSTREAM_HEARTBEAT_FLOOR_S = 5.0
+
+
 class SandboxState(enum.StrEnum):
     PENDING = "pending"
     CONNECTED = "connected"
@@ -148,22 +156,40 @@ class Liveness:
     #: Disconnected for longer than this: ``lost``.
     lost_after_s: float
 
+    #: The same for a session without our capabilities (an upstream supervisor): at least its
+    #: heartbeat floor (UPSTREAM_HEARTBEAT_FLOOR_S). 0: as ``stale_after_s`` (tests' own bounds).
+    upstream_stale_after_s: float = 0.0
+
     @staticmethod
-    def stale_after_for(interval_s: float, *, grace_s: float, jitter: float = 0.0) -> float:
+    def stale_after_for(
+        interval_s: float, *, grace_s: float, jitter: float = 0.0, upstream: bool = False
+    ) -> float:
         """The silence allowed a session asked to beat every ``interval_s``: the interval rounded
-        as an upstream supervisor rounds it (whole seconds, at least one), stretched by how much
-        later than the interval a beat may come (``jitter``, a fraction of it), plus ``grace_s``.
-        The one formula for the bound a session is given and the one this rule counts on."""
-        return max(interval_s, 1, round(interval_s)) * (1 + jitter) + grace_s
+        as an upstream supervisor rounds it (whole seconds, at least one; with ``upstream``, at
+        least the 5 s it beats at the fastest), stretched by how much later than the interval a
+        beat may come (``jitter``, a fraction of it), plus ``grace_s``. The one formula for the
+        bound a session is given and the one this rule counts on."""
+        interval = max(interval_s, 1, round(interval_s))
+        if upstream:
+            interval = max(interval, UPSTREAM_HEARTBEAT_FLOOR_S)
+        return interval * (1 + jitter) + grace_s
+
+    def stale_after_of(self, *, upstream: bool) -> float:
+        """The bound a session is given: an upstream one's, or ours."""
+        return max(self.stale_after_s, self.upstream_stale_after_s) if upstream else self.stale_after_s
 
     @classmethod
     def from_settings(cls, sessions: SessionSettings) -> Liveness:
-        # The bound the gateway gives each session it accepts (OpenShellService._accept).
+        # The bounds the gateway gives the sessions it accepts (OpenShellService._accept); a
+        # heartbeat counts as fresh for the largest of them, or an upstream sandbox would show
+        # disconnected between two of its beats.
         stale_after = cls.stale_after_for(sessions.heartbeat_interval_s, grace_s=sessions.grace_s)
+        upstream = cls.stale_after_for(sessions.heartbeat_interval_s, grace_s=sessions.grace_s, upstream=True)
         return cls(
             stale_after_s=stale_after,
-            fresh_for_s=stale_after + 2 * sessions.heartbeat_flush_interval_s,
+            fresh_for_s=max(stale_after, upstream) + 2 * sessions.heartbeat_flush_interval_s,
             lost_after_s=sessions.lost_after_s,
+            upstream_stale_after_s=upstream,
         )
 
 

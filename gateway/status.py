@@ -86,5 +86,9 @@ def render(sandboxes: list[dict[str, Any]]) -> str:
         for ev in sb.get("_events", []):
             stamp = datetime.fromtimestamp(ev["timestamp_ms"] / 1000, UTC).strftime("%H:%M:%S")
             tag = ev.get("stream") or ev["kind"]
+            # A structured line (an upstream supervisor's) shows its level beside the stream.
+            level = (ev.get("data") or {}).get("level")
+            if isinstance(level, str) and level:
+                tag = f"{tag}/{level}"
             out.append(f"    {stamp} #{ev['sequence']:<6} {tag:10} {_one_line(ev['message'])}")
     return "\n".join(out)

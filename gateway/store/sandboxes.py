@@ -95,6 +95,28 @@ class StoredPolicy:
     generation: int
 
 
+class StaleConnection(Exception):
+    """A hello refused by ``mark_connected``: the supervisor instance holding the sandbox is still
+    live on a connection of a higher (or the same) ``connection_epoch`` than this hello's, so this
+    one is a late, stale connection of that same process. Nothing was written."""
+
+    def __init__(self, sandbox_id: str, *, instance_id: str, connection_epoch: int, held_epoch: int) -> None:
+        super().__init__(
+            f"sandbox {sandbox_id} is held by a newer connection of supervisor instance "
+            f"{instance_id!r} (connection epoch {held_epoch}); this hello's connection epoch "
+            f"{connection_epoch} is not newer: a stale connection of the same supervisor"
+        )
+        self.instance_id = instance_id
+        self.connection_epoch = connection_epoch
+        self.held_epoch = held_epoch
+
+
+def _heard_within(heard: datetime | None, at: datetime, bound_s: float) -> bool:
+    # Heartbeat times are written on each replica's clock (see gateway.sandbox_state): the bound
+    # assumes clocks in step, as the API's liveness rule does.
+    return heard is not None and (at - heard).total_seconds() <= bound_s
+
+
 #: How many sandboxes' claims a heartbeat flush checks per query (see ``record_heartbeats``).
 HEARTBEAT_CHECK_CHUNK = 500
 
@@ -392,9 +414,19 @@ class SandboxStore:
         at: datetime,
         generation: int | None = None,
         owner_run: str | None = None,
+        connection_epoch: int = 0,
+        live_for_s: float | None = None,
     ) -> int | None:
         """Claim the sandbox for a new session and return the claim's ``owner_epoch`` (at least
         1). Exit information is kept.
+
+        ``connection_epoch`` is the hello's (``SupervisorHello.connection_epoch``, 0: none), stored
+        with the claim. A hello of the instance holding the claim, with an epoch from 1 up to the
+        claim's own, while that session is live (flagged connected, heard from within
+        ``live_for_s`` of ``at``), is a late connection of the same supervisor: nothing is written
+        and :class:`StaleConnection` is raised, so it can never take the sandbox from that
+        supervisor's newer connection. Checked under the row lock the claim takes, in its
+        transaction.
 
         One statement raises the epoch and records the session, so of two claims the one that
         commits last owns the row and the other's later writes are fenced (its epoch is no longer
@@ -410,7 +442,34 @@ class SandboxStore:
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the claim
                 # waits for writes in flight, and they for it; the UPDATE alone would not.
-                await conn.execute(select(c.id).where(c.id == sandbox_id).with_for_update())
+                held = (
+                    await conn.execute(
+                        select(
+                            c.instance_id,
+                            c.connection_epoch,
+                            c.connected,
+                            c.last_heartbeat_at,
+                            c.connected_at,
+                        )
+                        .where(c.id == sandbox_id)
+                        .with_for_update()
+                    )
+                ).first()
+                if (
+                    held is not None
+                    and connection_epoch > 0
+                    and held.instance_id == instance_id
+                    and connection_epoch <= held.connection_epoch
+                    and held.connected
+                    and live_for_s is not None
+                    and _heard_within(held.last_heartbeat_at or held.connected_at, at, live_for_s)
+                ):
+                    raise StaleConnection(
+                        sandbox_id,
+                        instance_id=instance_id,
+                        connection_epoch=connection_epoch,
+                        held_epoch=int(held.connection_epoch),
+                    )
                 epoch = await conn.scalar(
                     update(sandboxes_table)
                     .where(c.id == sandbox_id, *_of_generation(generation))
@@ -421,6 +480,7 @@ class SandboxStore:
                         journal_epoch=journal_epoch,
                         owner=owner,
                         owner_run=owner_run,
+                        connection_epoch=connection_epoch,
                         connected=True,
                         connected_at=at,
                         last_heartbeat_at=at,
