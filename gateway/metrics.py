@@ -97,6 +97,14 @@ class GatewayMetrics:
             ["method"],
             registry=self.registry,
         )
+        self.upstream_config_calls = Counter(
+            PREFIX + "upstream_config_calls",
+            "Configuration calls of upstream OpenShell supervisors answered (GetSandboxConfig, "
+            "UpdateConfig, ReportPolicyStatus, GetSandboxProviderEnvironment, GetInferenceBundle: "
+            "docs/upstream.md), by method; refused calls are not counted.",
+            ["method"],
+            registry=self.registry,
+        )
         self.store_failures = Counter(
             PREFIX + "store_failures",
             "gRPC calls answered UNAVAILABLE because the store failed, by method.",

@@ -59,6 +59,17 @@ class Config(Env):
         answer: pb.UpdateConfigResponse = self.stub.UpdateConfig(request, metadata=metadata, timeout=10)
         return answer
 
+    def answered(self) -> dict[str, float]:
+        """openshell_gateway_upstream_config_calls_total by method."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.gateway.ops_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        counts: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("openshell_gateway_upstream_config_calls_total{"):
+                method = line.split('method="', 1)[1].split('"', 1)[0]
+                counts[method] = float(line.rsplit(" ", 1)[1])
+        return counts
+
     def policy_events(self, sandbox_id: str) -> list[dict[str, Any]]:
         """The sandbox's policy events, as its logs in the HTTP API show them."""
         with urllib.request.urlopen(f"{self.api}/sandboxes/{sandbox_id}/logs?tail=1000", timeout=10) as r:
@@ -111,6 +122,7 @@ def test_every_call_needs_the_sandbox_s_own_credential(env: Config) -> None:
             ),
         ),
     ]
+    before = env.answered()
     for call, request in calls:
         refused(error_of(call, request), grpc.StatusCode.UNAUTHENTICATED, "missing")
         refused(error_of(call, request, metadata=other), grpc.StatusCode.PERMISSION_DENIED, "other_sandbox")
@@ -119,6 +131,7 @@ def test_every_call_needs_the_sandbox_s_own_credential(env: Config) -> None:
         grpc.StatusCode.UNAUTHENTICATED,
         "missing",
     )
+    assert env.answered() == before  # refused calls are not counted as answered
     # Nothing of those refused calls was stored: still no policy, no policy events.
     assert not env.config("cfg-a", own).HasField("policy")
     assert env.policy_events("cfg-a") == []
@@ -134,6 +147,11 @@ def test_every_call_needs_the_sandbox_s_own_credential(env: Config) -> None:
     assert not bundle.routes and bundle.revision and bundle.generated_at_ms > 0
     again = env.inference.GetInferenceBundle(inf.GetInferenceBundleRequest(), metadata=own, timeout=10)
     assert again.revision == bundle.revision
+    answered = env.answered()
+    assert answered.get("GetInferenceBundle", 0) - before.get("GetInferenceBundle", 0) == 2
+    assert (
+        answered.get("GetSandboxProviderEnvironment", 0) - before.get("GetSandboxProviderEnvironment", 0) == 1
+    )
 
 
 def test_the_policy_synced_by_the_supervisor_is_answered_back_as_its_own(env: Config) -> None:
