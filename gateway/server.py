@@ -76,6 +76,8 @@ from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, St
 from gateway.store.commands import Answer
 from gateway.store.db import is_transient
 from gateway.store.fencing import Fenced
+from gateway.store.sandboxes import StaleConnection
+from gateway.upstream_logs import log_record as upstream_log_record
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
 from openshell_wire.records import (
@@ -87,8 +89,6 @@ from openshell_wire.records import (
     JournalEpoch,
     LifecycleKind,
     LifecycleRecord,
-    LogRecord,
-    LogStream,
     Payload,
     SandboxId,
     sandbox_id_problem,
@@ -453,10 +453,23 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     owner_run=self._identity.run,
                     at=opened_at,
                     generation=registered.generation,
+                    connection_epoch=hello.connection_epoch,
+                    # Live as the API's rule says: a session heard from within fresh_for_s.
+                    live_for_s=Liveness.from_settings(self._config.sessions).fresh_for_s,
                 ),
                 deadline=deadline,
                 what="hello: claim the sandbox",
             )
+        except StaleConnection as exc:
+            # A delayed hello of the supervisor that holds the sandbox on a newer connection:
+            # refused without a claim (nothing was written), so it cannot take the sandbox back.
+            log.warning(
+                "hello refused: %s",
+                exc,
+                extra={"sandbox_id": sandbox_id, "peer": peer, "instance_id": exc.instance_id},
+            )
+            yield self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc))
+            return
         except BaseException:
             # Given up at its deadline or cancelled (the peer left), the claim may still commit:
             # undo it then, conditional on this session's id, which nobody else writes.
@@ -687,9 +700,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         interval = self._config.sessions.heartbeat_interval_s
         sa.heartbeat_interval_secs = max(1, round(interval))
         sa.heartbeat_interval_ms = round(interval * 1000)
-        # An upstream supervisor knows only the whole seconds, which may round above the interval:
-        # the stale bound leaves it room for that (the API's liveness rule counts on the same bound).
-        session.stale_after_s = Liveness.from_settings(self._config.sessions).stale_after_s
+        # An upstream supervisor knows only the whole seconds, which may round above the interval,
+        # and beats no faster than every 5 s: a session without our capabilities gets a stale
+        # bound with room for both (the API's liveness rule counts on the largest bound).
+        session.stale_after_s = Liveness.from_settings(self._config.sessions).stale_after_of(
+            upstream=not capabilities
+        )
         sa.stale_after_ms = round(session.stale_after_s * 1000)
         sa.capabilities.extend(sorted(capabilities))
         sa.resume_after_sequence = resume_after
@@ -965,8 +981,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"log line for sandbox {sandbox_id!r} in a request for {request.sandbox_id!r}",
                     )
-                stream = LogStream.STDERR if line.level in ("error", "warn", "warning") else LogStream.STDOUT
-                items.append((line.timestamp_ms, LogRecord(stream=stream, message=line.message)))
+                items.append((line.timestamp_ms, upstream_log_record(line)))
             await self._check_sandbox(request.sandbox_id, context)
             if items:
                 await self._events.append_unsequenced(
