@@ -198,6 +198,10 @@ def test_an_upstream_supervisor_in_normal_mode_runs_to_completion(env: Env) -> N
         assert data.get("fields") == {"line": str(i), "peer": '"upstream"'}, e
     ocsf = [e for e in lines if e["message"].startswith("NET:OPEN [INFO] ALLOWED python3(")]
     assert len(ocsf) == 3 and {e["stream"] for e in ocsf} == {"ocsf"}, ocsf
+    # The sync and the supervisor's LOADED report are recorded in the sandbox's logs.
+    policy_events = [e["message"] for e in lines if (e["data"] or {}).get("target") == "openshell.policy"]
+    assert "policy version 1 loaded by the sandbox's supervisor" in policy_events, policy_events
+    assert any(m.startswith("policy version 1 synced by the sandbox's supervisor") for m in policy_events)
     # The exit code is stored.
     exits = [e for e in events if e["kind"] == "lifecycle" and (e["data"] or {}).get("exit_code") == 7]
     assert exits, [e for e in events if e["kind"] == "lifecycle"]
@@ -208,7 +212,9 @@ def test_upstream_s_five_second_heartbeats_keep_its_session_at_a_one_second_inte
     code, summary = env.run_peer("beats", env.token_file("beats"), "--run-s", "11.5")
     assert (code, summary["reason"]) == (0, None), summary
     # Told 1 s, it beat every 5 s (twice in the run), and the gateway kept the one session.
-    [session] = summary["sessions"]
+    sessions = summary["sessions"]
+    assert len(sessions) == 1, f"the gateway ended its session between two 5 s beats: {sessions}"
+    [session] = sessions
     assert session["accepted"] and session["heartbeat_interval_secs"] == 1, session
     assert session.get("heartbeats") == 2 and "end" not in session, session
 
