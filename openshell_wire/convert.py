@@ -244,18 +244,30 @@ def describe_health(record: HealthRecord) -> str:
 
 
 def event_to_log_line(sandbox_id: str, event: Event) -> pb.SandboxLogLine:
-    """The upstream PushSandboxLogs form of an event, for a gateway without ``events``."""
+    """The upstream PushSandboxLogs form of an event, for a gateway without ``events``.
+
+    Levels are upstream's names in upstream's case ("INFO", "WARN", "ERROR", "OCSF"): its
+    supervisor sends tracing's level names, its CLI prints ``level`` as sent, and its gateway's
+    level filter (openshell-server src/grpc/validation.rs ``level_matches``) upper-cases before it
+    compares, with unknown names always passing. A captured line's target is its stream."""
     p = event.payload
+    fields: tuple[tuple[str, str], ...] = ()
     if isinstance(p, LogRecord):
-        level = "error" if p.stream is LogStream.STDERR else "info"
-        target = p.stream.value
+        if p.stream is LogStream.OCSF:
+            level = "OCSF"
+        elif p.level:
+            level = p.level.upper()
+        else:
+            level = "ERROR" if p.stream is LogStream.STDERR else "INFO"
+        target = p.target or p.stream.value
+        fields = p.fields
     elif isinstance(p, GapRecord):
-        level, target = "warn", "openshell.supervisor.gap"
+        level, target = "WARN", "openshell.supervisor.gap"
     elif isinstance(p, HealthRecord):
-        level = "info" if p.state is HealthState.HEALTHY else "warn"
+        level = "INFO" if p.state is HealthState.HEALTHY else "WARN"
         target = "openshell.supervisor.health"
     else:
-        level, target = "info", "openshell.supervisor.lifecycle"
+        level, target = "INFO", "openshell.supervisor.lifecycle"
     line = pb.SandboxLogLine(
         sandbox_id=sandbox_id,
         timestamp_ms=event.timestamp_ms,
@@ -264,6 +276,8 @@ def event_to_log_line(sandbox_id: str, event: Event) -> pb.SandboxLogLine:
         message=describe(event),
         source="sandbox",
     )
+    line.fields.update(fields)
+    # Ours, set last: a structured line's own "sequence" field cannot hide the journal's.
     line.fields["sequence"] = str(event.sequence)
     return line
 

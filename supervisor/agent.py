@@ -289,7 +289,14 @@ class Agent:
         acted_for: float | None = None
         while True:
             await asyncio.sleep(min(1.0, settings.grace_s / 4))
-            since = self.session.status.offline_since
+            status = self.session.status
+            since = status.offline_since
+            refused = False
+            if settings.count_auth_refusals and status.refused_since is not None:
+                # Refused, then unreachable (or the reverse) is one stretch without a gateway
+                # that takes us: counted from the earlier of the two.
+                refused = since is None or status.refused_since < since
+                since = status.refused_since if refused else since
             if since is None or since == acted_for or self._main_done:
                 continue
             offline_s = time.monotonic() - since
@@ -299,7 +306,11 @@ class Agent:
             stop = settings.policy == "stop" and not self._main_done and not self._stopping
             detail = "stopping the main process" if stop else "keeping the main process running"
             log.warning(
-                "gateway unreachable for %.0fs: %s (offline policy %s)", offline_s, detail, settings.policy
+                "gateway %s for %.0fs: %s (offline policy %s)",
+                "refusing our credential" if refused else "unreachable",
+                offline_s,
+                detail,
+                settings.policy,
             )
             await self.record_lifecycle(
                 LifecycleRecord(

@@ -251,6 +251,13 @@ class OfflineSettings(_Section):
         "journaled and reaches the gateway when it is back.",
     )
     grace_s: float = Field(300.0, gt=0, description="How long without the gateway before the policy applies.")
+    count_auth_refusals: bool = Field(
+        False,
+        description="Count the time in which the gateway refuses our credential (UNAUTHENTICATED or "
+        "PERMISSION_DENIED) as time without the gateway. Off by default: a refusing gateway is there, the "
+        "journal keeps everything, and stopping the sandbox does not renew its credential. Turn it on for a "
+        "sandbox that must stop once it can no longer prove its identity to the gateway.",
+    )
 
 
 class SupervisorConfig(LayeredSettings):

@@ -112,11 +112,16 @@ class _StateCollector(Collector):
             "Connection attempts to the gateway, successful or not.",
             value=status.attempts,
         )
-        yield CounterMetricFamily(
+        refusals = CounterMetricFamily(
             PREFIX + "auth_refusals",
-            "Gateway calls refused for our credential (UNAUTHENTICATED or PERMISSION_DENIED).",
-            value=status.auth_refusals,
+            "Gateway calls refused for our credential, by status code (UNAUTHENTICATED, PERMISSION_DENIED).",
+            labels=["code"],
         )
+        # Both codes always: a series that appears only with the first refusal defeats rate().
+        codes = {"UNAUTHENTICATED": 0, "PERMISSION_DENIED": 0, **status.auth_refusal_codes}
+        for code, count in sorted(codes.items()):
+            refusals.add_metric([code], count)
+        yield refusals
         yield CounterMetricFamily(
             PREFIX + "credential_renewals",
             "Gateway-minted sandbox tokens renewed over the session.",

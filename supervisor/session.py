@@ -21,7 +21,8 @@ One ConnectSupervisor stream at a time. Each attempt:
    holds (``resume_after_sequence``), then streams journal records above that point in batches,
    with at most ``max_inflight_batches`` unacknowledged; each EventAck trims the journal;
 3. in **upstream mode** (a gateway without ``events``) it sends the same records through
-   PushSandboxLogs and the exit through ReportMainProcessExit, trimming when each call succeeds;
+   PushSandboxLogs, at most ``UPSTREAM_MAX_LINES`` lines per request (what upstream's gateway
+   keeps of one), and the exit through ReportMainProcessExit, trimming when each call succeeds;
 4. heartbeats at the gateway's interval with jitter, and ends the attempt when the gateway has
    been silent for ``stale_after_intervals`` intervals, so a cut without a reset is noticed.
 
@@ -38,9 +39,13 @@ counts) covers only the time in which no gateway answered at all.
 
 A gateway that refuses our credential (UNAUTHENTICATED or PERMISSION_DENIED, on ConnectSupervisor
 or an upstream call) is reachable too, but retrying soon is no use: the attempt is logged once per
-distinct reason ("gateway refused our credential: ..."), counted (``status.auth_refusals``), shown
-while it lasts (``status.credential_refused``, a health reason, until a session is accepted or an
-attempt fails for another reason), and retried after the backoff's cap (``reconnect_max_s``,
+distinct reason ("gateway refused our credential: ..."), counted (``status.auth_refusals``, and by
+status code in ``status.auth_refusal_codes``), shown while it lasts (``status.credential_refused``,
+a health reason, until the credential is accepted: an events-mode session accepted, or in upstream
+mode a call that succeeds, since an upstream gateway may accept the stream and refuse the calls; or
+until an attempt fails for another reason), and ``status.refused_since`` says since when (the
+offline policy counts it only with ``offline.count_auth_refusals``); it is retried after the backoff's
+cap (``reconnect_max_s``,
 jittered), or as soon as the credential file changes (checked every second of that wait; compared
 with the version the refused token was read from). When we hold another token the gateway has not
 refused (the file's, while the refused one was the stored renewed token, or the reverse), that one
@@ -117,6 +122,11 @@ MAX_RETRY_HINT_S = 300.0
 #: A retry hint is spread upwards by up to this fraction, so a fleet told the same pushback does
 #: not come back in the same instant.
 RETRY_HINT_SPREAD = 0.2
+#: Most log lines in one PushSandboxLogsRequest: upstream's gateway keeps only the first 100 of each
+#: request and answers OK all the same (openshell-server src/grpc/policy.rs:4105,
+#: ``batch.logs.into_iter().take(100)``), so anything past them would be trimmed from our journal as
+#: delivered and lost.
+UPSTREAM_MAX_LINES = 100
 #: The keepalive interval towards a gateway without our capabilities (an upstream gateway): gRPC's
 #: default server policy answers pings more often than every 5 minutes without data from it with
 #: GOAWAY too_many_pings, which would end every session (we reconnect, but needlessly).
@@ -217,6 +227,11 @@ class SessionStatus:
     history: list[str] = field(default_factory=list)
     #: Calls the gateway ended with UNAUTHENTICATED or PERMISSION_DENIED.
     auth_refusals: int = 0
+    #: The same, by status code name (the metric's ``code`` label).
+    auth_refusal_codes: dict[str, int] = field(default_factory=dict)
+    #: time.monotonic() of the first refusal since the gateway last accepted our credential (None
+    #: while it does). Apart from offline_since: the offline policy counts it only when told to.
+    refused_since: float | None = None
     #: Why the gateway refuses our credential, while it does ("" once a session is accepted).
     credential_refused: str = ""
     #: Sandbox tokens renewed with RefreshSandboxToken.
@@ -512,11 +527,15 @@ class Session:
                 details = details.replace(token, "<token>")
         return details
 
-    def _note_refusal(self, reason: str) -> None:
-        """Count a refusal and mark it, for status and health, until a session is accepted;
+    def _note_refusal(self, reason: str, code: grpc.StatusCode) -> None:
+        """Count a refusal and mark it, for status and health, until the credential is accepted;
         log it once per reason."""
         self.status.auth_refusals += 1
+        codes = self.status.auth_refusal_codes
+        codes[code.name] = codes.get(code.name, 0) + 1
         self.status.credential_refused = reason
+        if self.status.refused_since is None:
+            self.status.refused_since = time.monotonic()
         if reason != self._refusal_logged:
             self._refusal_logged = reason
             log.error("%s", reason)
@@ -526,7 +545,7 @@ class Session:
         and mark it, for status and health, until a session is accepted."""
         sent = self._token
         reason = f"gateway refused our credential: {exc.code().name}: {self._redacted(exc, sent)}"
-        self._note_refusal(reason)
+        self._note_refusal(reason, exc.code())
         # The file's version the refused token was read with, not the one now: a file rotated
         # while the attempt was on is a fix to try.
         self._refused_stamp = self._attempt_stamp
@@ -563,6 +582,10 @@ class Session:
         h = hello.hello
         h.sandbox_id = self._config.sandbox_id
         h.instance_id = self._instance_id
+        # Upstream's rule (its HA work): this process's connection attempt, counted from 1, with a
+        # fresh instance_id per process and nothing persisted, so a reconnect of ours supersedes
+        # the owner record our previous session left on an upstream gateway.
+        h.connection_epoch = self.status.attempts
         h.capabilities.extend(ALL_CAPABILITIES)
         h.journal_epoch = self._journal.epoch
         h.journal_first_sequence = self._journal.first_sequence
@@ -588,8 +611,11 @@ class Session:
         interval = (accepted.heartbeat_interval_ms / 1000) or float(accepted.heartbeat_interval_secs) or 10.0
         events_mode = CAP_EVENTS in accepted.capabilities
         self._upstream_gateway = not events_mode
-        self.status.credential_refused = self._refusal_logged = ""
-        self._credentials.accepted(self._token)
+        if events_mode:
+            # The stream is what needs the credential: accepting it accepts the credential. An
+            # upstream gateway may accept the stream and refuse every call (a method-scoped auth):
+            # there the first call that succeeds says so (_credential_accepted).
+            self._credential_accepted()
         self._note_reconnected()
         self.status.sessions += 1
         self.status.state = "connected"
@@ -698,7 +724,8 @@ class Session:
                     self._credentials.not_renewable(token)
                     self._note_refusal(
                         f"gateway refused to renew our credential: {exc.code().name}: "
-                        f"{self._redacted(exc, token)}"
+                        f"{self._redacted(exc, token)}",
+                        exc.code(),
                     )
                     return
                 if exc.code() in NO_REFRESH_CODES:
@@ -850,6 +877,13 @@ class Session:
         )
         return reply, notes
 
+    def _credential_accepted(self) -> None:
+        """The gateway accepted our credential: the refusal (if any) is over."""
+        if self.status.credential_refused or self.status.refused_since is not None or self._refusal_logged:
+            self.status.credential_refused = self._refusal_logged = ""
+            self.status.refused_since = None
+        self._credentials.accepted(self._token)
+
     def _note_reconnected(self) -> None:
         """Journal the end of an outage (not the first connection), with its length."""
         since = self.status.disconnected_since
@@ -922,6 +956,7 @@ class Session:
                         metadata=self._metadata,
                     )  # type: ignore[misc]
                     self._journal.mark_sent(event.sequence)
+                    self._credential_accepted()
                     await self._ack(event.sequence)
                 else:
                     pending.append(event)
@@ -932,8 +967,17 @@ class Session:
     ) -> None:
         if not events:
             return
-        request = pb.PushSandboxLogsRequest(sandbox_id=sandbox_id)
-        request.logs.extend(event_to_log_line(sandbox_id, e) for e in events)
+        # One call carries the whole batch as several requests of at most UPSTREAM_MAX_LINES
+        # lines: the call's OK is the only acknowledgement upstream gives, and it covers every
+        # request of the call, so trimming after it is safe; one call per batch (not one per 100
+        # lines) keeps a batch to one round trip. A call that fails is sent again whole (what
+        # upstream stored of it arrives twice: at-least-once, as before).
+        lines = [event_to_log_line(sandbox_id, e) for e in events]
+        requests = [
+            pb.PushSandboxLogsRequest(sandbox_id=sandbox_id, logs=lines[i : i + UPSTREAM_MAX_LINES])
+            for i in range(0, len(lines), UPSTREAM_MAX_LINES)
+        ]
         self._journal.mark_sent(events[-1].sequence)
-        await stub.PushSandboxLogs(iter([request]), timeout=deadline_s, metadata=self._metadata)  # type: ignore[misc]
+        await stub.PushSandboxLogs(iter(requests), timeout=deadline_s, metadata=self._metadata)  # type: ignore[misc]
+        self._credential_accepted()
         await self._ack(events[-1].sequence)

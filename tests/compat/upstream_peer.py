@@ -8,19 +8,27 @@ own code. Run it as a separate process: it must never share a descriptor pool wi
 ``openshell_wire`` (both define ``openshell.v1.*``).
 
     upstream_peer.py gateway --listen HOST:PORT --out FILE [--heartbeat-secs 1] [--crash-after-lines K]
+                     [--keep-lines 100] [--require-token TOKEN [--stream-open]]
     upstream_peer.py supervisor --gateway HOST:PORT --sandbox-id ID --lines N --exit-code C
 
 gateway
     ConnectSupervisor answers the hello with SessionAccepted{session_id, heartbeat_interval_secs},
     answers each heartbeat with a heartbeat and sends its own every interval; PushSandboxLogs
-    appends every SandboxLogLine to FILE as one JSON object per line; ReportMainProcessExit
+    appends the SandboxLogLines it keeps to FILE as one JSON object per line: like upstream's
+    gateway (openshell-server src/grpc/policy.rs:4105) only the first ``--keep-lines`` (100) of
+    each request, answering OK all the same; what it drops is recorded as ``{"dropped": n,
+    "dropped_lines": [the lines]}`` (0 keeps everything); ReportMainProcessExit
     appends ``{"exit": code, "instance_id": ..., "sandbox_id": ...}``; Health answers HEALTHY.
     FILE also gets ``{"gateway_started": pid}`` at start and ``{"hello": ..., "unknown_fields":
     [numbers]}`` / ``{"session_end": ...}`` per stream, so a reader can tell restarts and
     sessions apart. ``--crash-after-lines K`` makes it die (exit 137) right after it has stored the
     PushSandboxLogs request that brings its count to K, before answering: the one window in
-    which an upstream client cannot know that its lines were stored. Prints "upstream gateway
-    ready" once listening and runs until SIGTERM/SIGINT.
+    which an upstream client cannot know that its lines were stored. ``--require-token TOKEN``:
+    every call without the metadata ``authorization: Bearer TOKEN`` ends UNAUTHENTICATED, as
+    upstream's gateway ends a call whose sandbox JWT does not verify, recorded as
+    ``{"refused": method}``; with ``--stream-open`` ConnectSupervisor is let through (a stream
+    opened before its token expired stays open while new calls are refused). Prints "upstream
+    gateway ready" once listening and runs until SIGTERM/SIGINT.
 
 supervisor
     Opens ConnectSupervisor, sends hello{sandbox_id, instance_id}, prints the first reply as
@@ -49,6 +57,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
@@ -145,6 +154,18 @@ class Recorder:
 
 def make_gateway(pb: ModuleType, pb_grpc: ModuleType, recorder: Recorder, args: argparse.Namespace) -> Any:
     interval: int = args.heartbeat_secs
+    keep: int = args.keep_lines
+
+    async def authorized(method: str, context: Any) -> bool:
+        """Without the required bearer token the call ends UNAUTHENTICATED, before anything is read."""
+        if not args.require_token:
+            return True
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("authorization") == f"Bearer {args.require_token}":
+            return True
+        recorder.write({"refused": method})
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid sandbox token")
+        return False  # abort raises; for the type checker
 
     class UpstreamGateway(pb_grpc.OpenShellServicer):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
@@ -153,6 +174,8 @@ def make_gateway(pb: ModuleType, pb_grpc: ModuleType, recorder: Recorder, args: 
         async def ConnectSupervisor(
             self, request_iterator: AsyncIterator[Any], context: Any
         ) -> AsyncIterator[Any]:
+            if not args.stream_open and not await authorized("ConnectSupervisor", context):
+                return
             try:
                 first = await anext(request_iterator)
             except StopAsyncIteration:
@@ -211,18 +234,25 @@ def make_gateway(pb: ModuleType, pb_grpc: ModuleType, recorder: Recorder, args: 
                 recorder.write({"session_end": session_id, **counts})
 
         async def PushSandboxLogs(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
+            await authorized("PushSandboxLogs", context)
             async for request in request_iterator:
-                recorder.write(*(to_dict(line) for line in request.logs))
-                self.lines += len(request.logs)
+                logs = list(request.logs)
+                kept, dropped = (logs[:keep], logs[keep:]) if keep else (logs, [])
+                records = [to_dict(line) for line in kept]
+                if dropped:
+                    records.append({"dropped": len(dropped), "dropped_lines": [to_dict(x) for x in dropped]})
+                recorder.write(*records)
+                self.lines += len(kept)
                 if args.crash_after_lines and self.lines >= args.crash_after_lines:
                     # Stored, not yet answered: the client sees the call fail.
                     recorder.write(
-                        {"crash": os.getpid(), "after_lines": self.lines, "request_lines": len(request.logs)}
+                        {"crash": os.getpid(), "after_lines": self.lines, "request_lines": len(kept)}
                     )
                     os._exit(137)
             return pb.PushSandboxLogsResponse()
 
         async def ReportMainProcessExit(self, request: Any, context: Any) -> Any:
+            await authorized("ReportMainProcessExit", context)
             recorder.write(
                 {
                     "exit": request.exit_code,
@@ -413,6 +443,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gw.add_argument("--out", required=True, type=Path, help="append what was received here (JSON lines)")
     gw.add_argument("--heartbeat-secs", type=int, default=1)
     gw.add_argument("--crash-after-lines", type=int, default=0, metavar="K")
+    gw.add_argument(
+        "--keep-lines", type=int, default=100, metavar="N", help="lines kept of each request, as upstream"
+    )
+    gw.add_argument("--require-token", default="", metavar="TOKEN", help="refuse calls without this bearer")
+    gw.add_argument("--stream-open", action="store_true", help="--require-token spares ConnectSupervisor")
     sv = sub.add_parser("supervisor", help="an upstream-only supervisor")
     sv.add_argument("--gateway", required=True, metavar="HOST:PORT")
     sv.add_argument("--sandbox-id", required=True)

@@ -308,6 +308,72 @@ def test_our_supervisor_replays_a_push_stored_but_unanswered(
     assert [r["exit"] for r in records if "exit" in r] == [code]
 
 
+def test_our_supervisor_sends_no_more_lines_per_request_than_an_upstream_gateway_keeps(
+    tmp_path: Path, upstream_gateway: UpstreamGateway, supervisors: list[SupervisorProcess]
+) -> None:
+    """Upstream's gateway keeps the first 100 lines of each PushSandboxLogsRequest and answers OK
+    (the peer does the same and records what it drops): 600 lines written at once, so batches are
+    large, all arrive exactly once (a gateway that keeps everything would see no replay here)."""
+    upstream_gateway.start()
+    n, code = 600, 4
+    sv = _supervisor(tmp_path, upstream_gateway.address, "compat-keep", writer_command(n, exit_code=code))
+    supervisors.append(sv)
+    sv.start()
+    assert sv.wait(timeout=60) == code, sv.log_text()[-3000:]
+    records = upstream_gateway.records()
+    dropped = [r for r in records if "dropped" in r]
+    assert dropped == [], f"the gateway dropped {sum(r['dropped'] for r in dropped)} lines"
+    assert _stdout(records) == [f"line {i}" for i in range(n)]
+    assert _check_replays_only_the_unacknowledged_tail(records) == []
+    assert [r["exit"] for r in records if "exit" in r] == [code]
+
+
+@pytest.mark.parametrize("stream_open", [False, True], ids=["all-calls", "calls-only"])
+def test_our_supervisor_waits_out_a_refused_credential_on_an_upstream_gateway(
+    tmp_path: Path, upstream_gateway: UpstreamGateway, supervisors: list[SupervisorProcess], stream_open: bool
+) -> None:
+    """An upstream gateway that refuses our token (UNAUTHENTICATED, as upstream's answers a sandbox
+    JWT that does not verify): on every call, or (``calls-only``) on the calls but not on a stream
+    it lets open, as when a token expires under an open session. The refusal is logged once, is
+    not an outage ("gateway unreachable"), is retried at the backoff's cap and not sooner; once the
+    credential file holds the right token, everything arrives, once."""
+    extra = ["--require-token", "right-token"] + (["--stream-open"] if stream_open else [])
+    upstream_gateway.start(*extra)
+    credential = tmp_path / "credential"
+    credential.write_text("wrong-token\n")
+    n, code = 50, 6
+    sv = SupervisorProcess(
+        tmp_path / "compat-refused",
+        "compat-refused",
+        upstream_gateway.address,
+        writer_command(n, exit_code=code),
+        # A short cap: the wait after a refusal is the cap, so "slowly" fits in a few seconds.
+        settings=[f"gateway.credential_file={credential}", "session.reconnect_max_s=3"],
+    )
+    supervisors.append(sv)
+    sv.start()
+    wait_until(
+        lambda: sum("refused" in r for r in upstream_gateway.records()) >= 1, timeout=30, what="a refusal"
+    )
+    time.sleep(4.5)
+    refused = [r["refused"] for r in upstream_gateway.records() if "refused" in r]
+    # At the 3 s cap (spread 0.8-1.0) 4.5 s hold at most two more; the normal backoff from
+    # 0.2 s would have made several.
+    assert 1 <= len(refused) <= 3, refused
+    assert set(refused) == ({"PushSandboxLogs"} if stream_open else {"ConnectSupervisor"}), refused
+    log_text = sv.log_text()
+    assert log_text.count("gateway refused our credential: UNAUTHENTICATED") == 1, log_text[-3000:]
+    assert "gateway unreachable" not in log_text, log_text[-3000:]
+    assert _stdout(upstream_gateway.records()) == []
+
+    credential.write_text("right-token\n")
+    assert sv.wait(timeout=60) == code, sv.log_text()[-3000:]
+    records = upstream_gateway.records()
+    assert _stdout(records) == [f"line {i}" for i in range(n)]
+    assert [r["exit"] for r in records if "exit" in r] == [code]
+    assert "gateway unreachable" not in sv.log_text()
+
+
 # -- upstream supervisor, our gateway ---------------------------------------------------------
 
 

@@ -430,7 +430,7 @@ def test_health_record_round_trips_the_wire() -> None:
     assert decode_event(encode_event(sample)) == sample
     assert describe(sample) == "health sample: healthy (rss 1.0 MiB, cpu 0%, 1 processes)"
     line = event_to_log_line("sb", event)
-    assert line.target == "openshell.supervisor.health" and line.level == "warn"
+    assert line.target == "openshell.supervisor.health" and line.level == "WARN"
     assert line.message == "health degraded: memory 91% of limit; disk /j 88% full"
 
 

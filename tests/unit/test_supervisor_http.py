@@ -354,6 +354,7 @@ async def test_metrics_read_the_current_state(client: Client, view: FakeView) ->
     view.session_status.attempts += 1
     view.connect("s-2")
     view.session_status.auth_refusals = 2
+    view.session_status.auth_refusal_codes = {"UNAUTHENTICATED": 2}
     view.journal_stats = journal_stats(
         dropped_records_total=7,
         corrupt_records_total=2,
@@ -373,7 +374,8 @@ async def test_metrics_read_the_current_state(client: Client, view: FakeView) ->
     assert got[(p + "session_state", (("state", "backoff"),))] == 0
     assert got[(p + "session_reconnects_total", ())] == 1
     assert got[(p + "session_connect_attempts_total", ())] == 3
-    assert got[(p + "auth_refusals_total", ())] == 2
+    assert got[(p + "auth_refusals_total", (("code", "UNAUTHENTICATED"),))] == 2
+    assert got[(p + "auth_refusals_total", (("code", "PERMISSION_DENIED"),))] == 0
     assert got[(p + "journal_records", ())] == 40
     assert got[(p + "journal_dropped_records_total", ())] == 7
     assert got[(p + "journal_corrupt_records_total", ())] == 2
