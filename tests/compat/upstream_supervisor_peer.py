@@ -41,7 +41,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -71,6 +72,14 @@ HEARTBEAT_FLOOR_S = 5
 #: Upstream's inference bundle refresh (OPENSHELL_ROUTE_REFRESH_INTERVAL_SECS default).
 ROUTE_REFRESH_S = 5.0
 CALL_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The stubs of one channel."""
+
+    stub: Any
+    inference: Any
 
 
 class Fatal(Exception):
@@ -111,9 +120,8 @@ class Supervisor:
         self.pb = stubs["pb"]
         self.sb = stubs["sb"]
         self.inf = stubs["inf"]
-        self.channel = aio.insecure_channel(args.gateway)
-        self.stub = stubs["pb_grpc"].OpenShellStub(self.channel)
-        self.inference = stubs["inf_grpc"].InferenceStub(self.channel)
+        self.pb_grpc = stubs["pb_grpc"]
+        self.inf_grpc = stubs["inf_grpc"]
         self.instance_id = str(uuid.uuid4())  # one per process, as upstream's HA branch
         self.token = ""
         self.calls: dict[str, Counter[str]] = {}
@@ -142,9 +150,17 @@ class Supervisor:
         if code == "OK" and method != "RefreshSandboxToken" and self.summary["tokens_refreshed"]:
             self.summary["calls_ok_with_refreshed_token"] += 1
 
-    async def call(self, method: str, invoke: Callable[[], Awaitable[T]]) -> T:
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        """A new channel, as upstream's helpers open one per call (grpc_client.rs connect()): a
+        restarted gateway is reached at the next call, not after a shared channel's own backoff."""
+        async with aio.insecure_channel(self.args.gateway) as channel:
+            yield Connection(self.pb_grpc.OpenShellStub(channel), self.inf_grpc.InferenceStub(channel))
+
+    async def call(self, method: str, invoke: Callable[[Connection], Awaitable[T]]) -> T:
         try:
-            result = await invoke()
+            async with self.connect() as c:
+                result = await invoke(c)
         except grpc.RpcError as exc:
             self.record(method, exc.code().name)
             raise
@@ -155,7 +171,7 @@ class Supervisor:
                 self.summary["unknown_fields"][method] = seen
         return result
 
-    async def retried(self, method: str, invoke: Callable[[], Awaitable[T]]) -> T:
+    async def retried(self, method: str, invoke: Callable[[Connection], Awaitable[T]]) -> T:
         """Upstream's grpc_retry: 5 attempts (sleeping 1, 2, 4, 4 s) for transient codes only."""
         for attempt in range(1, 6):
             try:
@@ -170,8 +186,8 @@ class Supervisor:
                 await asyncio.sleep(min(2 ** (attempt - 1), 4))
         raise AssertionError("unreachable")
 
-    def get_config(self) -> Awaitable[Any]:
-        return self.stub.GetSandboxConfig(
+    def get_config(self, c: Connection) -> Awaitable[Any]:
+        return c.stub.GetSandboxConfig(
             self.sb.GetSandboxConfigRequest(sandbox_id=self.args.sandbox_id),
             metadata=self.metadata(),
             timeout=CALL_TIMEOUT_S,
@@ -189,7 +205,7 @@ class Supervisor:
         sa_token = self.args.sa_token
         answer = await self.retried(
             "IssueSandboxToken",
-            lambda: self.stub.IssueSandboxToken(
+            lambda c: c.stub.IssueSandboxToken(
                 self.pb.IssueSandboxTokenRequest(),
                 metadata=(("authorization", f"Bearer {sa_token}"),),
                 timeout=CALL_TIMEOUT_S,
@@ -203,7 +219,7 @@ class Supervisor:
             try:
                 answer = await self.call(
                     "RefreshSandboxToken",
-                    lambda: self.stub.RefreshSandboxToken(
+                    lambda c: c.stub.RefreshSandboxToken(
                         self.pb.RefreshSandboxTokenRequest(), metadata=self.metadata(), timeout=CALL_TIMEOUT_S
                     ),
                 )
@@ -250,7 +266,8 @@ class Supervisor:
         pending = self.log_lines()
         backoff = 1.0
         while True:
-            call = self.stub.PushSandboxLogs(metadata=self.metadata())
+            channel = aio.insecure_channel(self.args.gateway)
+            call = self.pb_grpc.OpenShellStub(channel).PushSandboxLogs(metadata=self.metadata())
             try:
                 while pending:
                     batch = pending[:BATCH]
@@ -275,6 +292,7 @@ class Supervisor:
                     return
             finally:
                 call.cancel()
+                await channel.close()
             if finished.is_set():
                 return
             await asyncio.sleep(backoff)
@@ -317,7 +335,7 @@ class Supervisor:
             policy = self.restrictive_default()
             await self.retried(
                 "UpdateConfig",
-                lambda: self.stub.UpdateConfig(
+                lambda c: c.stub.UpdateConfig(
                     self.pb.UpdateConfigRequest(name=self.args.sandbox, policy=policy, workspace=""),
                     metadata=self.metadata(),
                     timeout=CALL_TIMEOUT_S,
@@ -337,7 +355,7 @@ class Supervisor:
             try:
                 await self.call(
                     "ReportPolicyStatus",
-                    lambda: self.stub.ReportPolicyStatus(
+                    lambda c: c.stub.ReportPolicyStatus(
                         self.pb.ReportPolicyStatusRequest(
                             sandbox_id=self.args.sandbox_id,
                             version=version,
@@ -386,7 +404,7 @@ class Supervisor:
         try:
             answer = await self.call(
                 "GetSandboxProviderEnvironment",
-                lambda: self.stub.GetSandboxProviderEnvironment(
+                lambda c: c.stub.GetSandboxProviderEnvironment(
                     self.pb.GetSandboxProviderEnvironmentRequest(
                         sandbox_id=self.args.sandbox_id, supports_static_credential_bindings=True
                     ),
@@ -405,7 +423,7 @@ class Supervisor:
         try:
             return await self.call(
                 "GetInferenceBundle",
-                lambda: self.inference.GetInferenceBundle(
+                lambda c: c.inference.GetInferenceBundle(
                     self.inf.GetInferenceBundleRequest(), metadata=self.metadata(), timeout=CALL_TIMEOUT_S
                 ),
             )
@@ -438,7 +456,8 @@ class Supervisor:
 
     async def session(self, attempt: int, session: dict[str, Any]) -> None:
         pb = self.pb
-        call = self.stub.ConnectSupervisor(metadata=self.metadata())
+        channel = aio.insecure_channel(self.args.gateway)
+        call = self.pb_grpc.OpenShellStub(channel).ConnectSupervisor(metadata=self.metadata())
         try:
             hello = pb.SupervisorHello(
                 sandbox_id=self.args.sandbox_id, instance_id=self.instance_id, connection_epoch=attempt
@@ -494,6 +513,7 @@ class Supervisor:
                 session["ended_at"] = time.time()
         finally:
             call.cancel()
+            await channel.close()
 
     # -- exit ----------------------------------------------------------------------------
 
@@ -504,7 +524,7 @@ class Supervisor:
             try:
                 await self.call(
                     "ReportMainProcessExit",
-                    lambda: self.stub.ReportMainProcessExit(
+                    lambda c: c.stub.ReportMainProcessExit(
                         self.pb.ReportMainProcessExitRequest(
                             sandbox_id=self.args.sandbox_id,
                             instance_id=self.instance_id,
@@ -557,7 +577,6 @@ class Supervisor:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.channel.close()
 
     def report(self, *, exit_code: int, reason: str | None) -> dict[str, Any]:
         return {

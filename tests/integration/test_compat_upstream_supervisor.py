@@ -243,7 +243,9 @@ def test_the_connection_epoch_rises_across_reconnects_and_the_newest_connection_
             what="the peer's first session",
         )
         assert gateway.query("SELECT connection_epoch FROM sandboxes WHERE id = 'epoch'") == [(1,)]
-        gateway.stop()
+        # Killed, so its claim is still fresh in the database when the peer comes back: the newer
+        # epoch of the same instance must win it.
+        gateway.kill()
         gateway.start()
         wait_until(
             lambda: env.sandbox("epoch").get("state") == "connected",
