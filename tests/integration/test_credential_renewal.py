@@ -585,7 +585,9 @@ async def test_a_supervisor_refused_by_the_real_gateway_says_so_until_its_file_i
             health = doc["health"]
             assert isinstance(health, dict) and health["state"] == "degraded", health
             async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                assert "openshell_supervisor_auth_refusals_total 1.0" in await resp.text()
+                text = await resp.text()
+                assert 'openshell_supervisor_auth_refusals_total{code="UNAUTHENTICATED"} 1.0' in text
+                assert 'openshell_supervisor_auth_refusals_total{code="PERMISSION_DENIED"} 0.0' in text
 
             # Fixed: the new file is tried within about a second, not after the 30 s backoff.
             _replace(token, await _mint_near_expiry(gateway, ttl_s=60, left_s=60))
