@@ -213,7 +213,9 @@ def describe(event: Event) -> str:
     if isinstance(p, LifecycleRecord):
         if p.kind is LifecycleKind.EXITED:
             sig = f", signal {p.signal}" if p.signal else ""
-            return f"main process {p.pid} exited with code {p.exit_code}{sig}"
+            # Upstream's ReportMainProcessExit carries no pid: 0 is "not known", not a process.
+            who = f"main process {p.pid}" if p.pid else "main process"
+            return f"{who} exited with code {p.exit_code}{sig}"
         if p.kind is LifecycleKind.STARTED:
             return f"main process started, pid {p.pid}: {' '.join(p.argv)}"
         if p.kind is LifecycleKind.START_FAILED:

@@ -274,7 +274,13 @@ class SupervisorConfig(LayeredSettings):
     sandbox_id: str = Field(
         ..., min_length=1, max_length=253, description="The sandbox this supervisor runs."
     )
-    instance_id: str = Field("", description="Boot id of this supervisor process; generated when empty.")
+    instance_id: str = Field(
+        "",
+        description="Boot id of this supervisor process; generated when empty. Set it only to a value that "
+        "differs per process: a restarted supervisor counts its connection_epoch from 1 again, so with the "
+        "same instance_id the gateway refuses its hellos (SUPERSEDED) until the previous process's session "
+        "goes stale.",
+    )
     command: list[str] = Field(
         default_factory=list, description="The main process: argv of the sandbox's agent."
     )

@@ -64,7 +64,10 @@ def jwt_times(token: str) -> TokenTimes | None:
 
     None for anything that is not a three-part JWT whose payload is base64url JSON with a
     numeric ``exp``: an opaque token, a Kubernetes token without exp (never), garbage. Such a
-    token is sent as it is and never renewed.
+    token is sent as it is and never renewed. ``exp`` 0 is None too: upstream's gateway mints its
+    tokens with ``exp: 0`` when their TTL is 0 (its default), meaning "never expires", not 1970;
+    renewing one only brings another ``exp: 0`` token, so it is not renewed at all (upstream's own
+    supervisor renews such a token every 6 h, to the same effect).
     """
     parts = token.split(".")
     if len(parts) != 3 or not parts[1]:
@@ -86,7 +89,7 @@ def jwt_times(token: str) -> TokenTimes | None:
         return float(value)
 
     exp = number("exp")
-    if exp is None:
+    if exp is None or exp == 0:
         return None
     iat = number("iat")
     return TokenTimes(expires_at=exp, issued_at=iat if iat is not None and iat < exp else None)

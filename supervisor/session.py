@@ -43,10 +43,10 @@ distinct reason ("gateway refused our credential: ..."), counted (``status.auth_
 status code in ``status.auth_refusal_codes``), shown while it lasts (``status.credential_refused``,
 a health reason, until the credential is accepted: an events-mode session accepted, or in upstream
 mode a call that succeeds, since an upstream gateway may accept the stream and refuse the calls; or
-until an attempt fails for another reason), and ``status.refused_since`` says since when (the
-offline policy counts it only with ``offline.count_auth_refusals``); it is retried after the backoff's
-cap (``reconnect_max_s``,
-jittered), or as soon as the credential file changes (checked every second of that wait; compared
+until an attempt fails for another reason), and ``status.refused_since`` says since when attempts
+are refused (the offline policy counts it only with ``offline.count_auth_refusals``); it is retried
+after the backoff's cap (``reconnect_max_s``, jittered), or as soon as the credential file changes
+(checked every second of that wait; compared
 with the version the refused token was read from). When we hold another token the gateway has not
 refused (the file's, while the refused one was the stored renewed token, or the reverse), that one
 is tried after the normal backoff instead. Only the wait after a refusal is long: a later outage
@@ -56,7 +56,9 @@ A gateway-minted sandbox token is renewed over each session with RefreshSandboxT
 80 % of its lifetime (:func:`refresh_delay`), retried with backoff while it is valid; every call
 from then on sends the renewed one (``credentials.py`` keeps it, also across restarts). A refused
 renewal (UNAUTHENTICATED or PERMISSION_DENIED) is a refusal like the others (logged once, counted,
-a health reason) and ends the renewal of that token: it is used until it expires.
+a health reason) and ends the renewal of that token: it is used until it expires. It does not start
+``status.refused_since`` (the session is up and the token still valid); the attempts refused once
+it has expired do.
 
 Once the main process has exited (:meth:`Session.deliver_exit`) there is something urgent to
 deliver and a deadline: the wait in progress is cut short, and from then on the backoff is capped at
@@ -127,6 +129,10 @@ RETRY_HINT_SPREAD = 0.2
 #: ``batch.logs.into_iter().take(100)``), so anything past them would be trimmed from our journal as
 #: delivered and lost.
 UPSTREAM_MAX_LINES = 100
+#: Most bytes in one PushSandboxLogsRequest: upstream's gateway decodes at most 1 MiB per message
+#: (openshell-server src/multiplex.rs:200, ``MAX_GRPC_DECODE_SIZE = 1_048_576``) and fails the whole
+#: call on a larger one, after publishing the requests before it; 64 KiB of headroom below that.
+UPSTREAM_MAX_REQUEST_BYTES = 1024 * 1024 - 64 * 1024
 #: The keepalive interval towards a gateway without our capabilities (an upstream gateway): gRPC's
 #: default server policy answers pings more often than every 5 minutes without data from it with
 #: GOAWAY too_many_pings, which would end every session (we reconnect, but needlessly).
@@ -142,6 +148,62 @@ REFRESH_AT = 0.8
 REFRESH_JITTER = 0.05
 #: How often the credential file is checked while a refused credential waits for its retry.
 REFUSED_FILE_POLL_S = 1.0
+
+
+def _field_bytes(size: int) -> int:
+    """What a length-delimited field of ``size`` bytes (field number below 16) adds to a message."""
+    return 1 + len(varint(size)) + size
+
+
+def _cut_to_fit(line: pb.SandboxLogLine, room: int) -> pb.SandboxLogLine:
+    """``line`` shortened to at most ``room`` bytes: its message cut (at a character boundary) and
+    marked, its fields dropped but for the journal's sequence. Only a line that alone is over the
+    request limit gets here; sending it whole would fail every push behind it."""
+    original = line.ByteSize()
+    cut = pb.SandboxLogLine()
+    cut.CopyFrom(line)
+    cut.ClearField("fields")
+    if "sequence" in line.fields:
+        cut.fields["sequence"] = line.fields["sequence"]
+    marker = f" [cut by the supervisor: the line was {original} bytes, over upstream's message limit]"
+    text = line.message.encode()
+    keep = len(text)
+    while True:
+        cut.message = text[:keep].decode(errors="ignore") + marker
+        over = cut.ByteSize() - room
+        if over <= 0 or keep == 0:
+            return cut
+        keep = max(keep - over, 0)
+
+
+def upstream_requests(sandbox_id: str, lines: list[pb.SandboxLogLine]) -> list[pb.PushSandboxLogsRequest]:
+    """``lines`` in order as PushSandboxLogsRequests of at most ``UPSTREAM_MAX_LINES`` lines and
+    ``UPSTREAM_MAX_REQUEST_BYTES`` bytes each, whichever comes first; a line over the byte limit
+    alone goes alone, cut to fit (and says so)."""
+    base = pb.PushSandboxLogsRequest(sandbox_id=sandbox_id).ByteSize()
+    requests: list[pb.PushSandboxLogsRequest] = []
+    batch: list[pb.SandboxLogLine] = []
+    size = base
+    for whole in lines:
+        line = whole
+        cost = _field_bytes(line.ByteSize())
+        if cost > UPSTREAM_MAX_REQUEST_BYTES - base:
+            # The room for the line's body inside its field: the field's own tag and length take
+            # at most 1 + 4 bytes at this size.
+            line = _cut_to_fit(whole, UPSTREAM_MAX_REQUEST_BYTES - base - 5)
+            log.warning(
+                "a log line over upstream's message limit was cut",
+                extra={"sequence": line.fields.get("sequence", "")},
+            )
+            cost = _field_bytes(line.ByteSize())
+        if batch and (len(batch) >= UPSTREAM_MAX_LINES or size + cost > UPSTREAM_MAX_REQUEST_BYTES):
+            requests.append(pb.PushSandboxLogsRequest(sandbox_id=sandbox_id, logs=batch))
+            batch, size = [], base
+        batch.append(line)
+        size += cost
+    if batch:
+        requests.append(pb.PushSandboxLogsRequest(sandbox_id=sandbox_id, logs=batch))
+    return requests
 
 
 def refresh_delay(times: TokenTimes, *, now: float, seen_at: float, spread: float = 0.0) -> float:
@@ -527,14 +589,17 @@ class Session:
                 details = details.replace(token, "<token>")
         return details
 
-    def _note_refusal(self, reason: str, code: grpc.StatusCode) -> None:
+    def _note_refusal(self, reason: str, code: grpc.StatusCode, *, ends_attempt: bool = True) -> None:
         """Count a refusal and mark it, for status and health, until the credential is accepted;
-        log it once per reason."""
+        log it once per reason. Only a refusal that ends an attempt starts ``refused_since`` (the
+        offline policy's clock with ``offline.count_auth_refusals``): a refused renewal leaves the
+        session up and its token valid until its exp, and the refusals once it has expired end
+        attempts. So in both modes the clock runs from the first refused attempt, whatever clears it."""
         self.status.auth_refusals += 1
         codes = self.status.auth_refusal_codes
         codes[code.name] = codes.get(code.name, 0) + 1
         self.status.credential_refused = reason
-        if self.status.refused_since is None:
+        if ends_attempt and self.status.refused_since is None:
             self.status.refused_since = time.monotonic()
         if reason != self._refusal_logged:
             self._refusal_logged = reason
@@ -571,8 +636,10 @@ class Session:
         elif self.status.offline_since is None:
             self.status.offline_since = time.monotonic()
         healthy = accepted_at is not None and time.monotonic() - accepted_at >= self._s.healthy_session_s
-        # A pushback (the gateway's store is failing) keeps its wait, healthy session or not.
-        if healthy and not ended.restart and ended.retry_after_s == 0:
+        # A pushback (the gateway's store is failing) keeps its wait, healthy session or not; so
+        # does a refusal (an upstream gateway refusing the calls of a long session): retrying it
+        # at once would only be refused again.
+        if healthy and not ended.restart and not ended.refused and ended.retry_after_s == 0:
             ended.restart = True
             ended.delay_s = random.uniform(0, self._s.reconnect_initial_s)
         return ended
@@ -584,7 +651,9 @@ class Session:
         h.instance_id = self._instance_id
         # Upstream's rule (its HA work): this process's connection attempt, counted from 1, with a
         # fresh instance_id per process and nothing persisted, so a reconnect of ours supersedes
-        # the owner record our previous session left on an upstream gateway.
+        # the owner record our previous session left on an upstream gateway. A configured
+        # instance_id kept across restarts breaks that: the restarted process counts from 1 again
+        # and our gateway refuses its hellos SUPERSEDED until the old claim goes stale.
         h.connection_epoch = self.status.attempts
         h.capabilities.extend(ALL_CAPABILITIES)
         h.journal_epoch = self._journal.epoch
@@ -726,6 +795,7 @@ class Session:
                         f"gateway refused to renew our credential: {exc.code().name}: "
                         f"{self._redacted(exc, token)}",
                         exc.code(),
+                        ends_attempt=False,
                     )
                     return
                 if exc.code() in NO_REFRESH_CODES:
@@ -968,15 +1038,11 @@ class Session:
         if not events:
             return
         # One call carries the whole batch as several requests of at most UPSTREAM_MAX_LINES
-        # lines: the call's OK is the only acknowledgement upstream gives, and it covers every
-        # request of the call, so trimming after it is safe; one call per batch (not one per 100
-        # lines) keeps a batch to one round trip. A call that fails is sent again whole (what
-        # upstream stored of it arrives twice: at-least-once, as before).
-        lines = [event_to_log_line(sandbox_id, e) for e in events]
-        requests = [
-            pb.PushSandboxLogsRequest(sandbox_id=sandbox_id, logs=lines[i : i + UPSTREAM_MAX_LINES])
-            for i in range(0, len(lines), UPSTREAM_MAX_LINES)
-        ]
+        # lines and UPSTREAM_MAX_REQUEST_BYTES bytes: the call's OK is the only acknowledgement
+        # upstream gives, and it covers every request of the call, so trimming after it is safe;
+        # one call per batch (not one per request) keeps a batch to one round trip. A call that
+        # fails is sent again whole (what upstream stored of it arrives twice: at-least-once).
+        requests = upstream_requests(sandbox_id, [event_to_log_line(sandbox_id, e) for e in events])
         self._journal.mark_sent(events[-1].sequence)
         await stub.PushSandboxLogs(iter(requests), timeout=deadline_s, metadata=self._metadata)  # type: ignore[misc]
         self._credential_accepted()

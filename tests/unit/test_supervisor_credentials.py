@@ -65,6 +65,8 @@ def test_the_times_of_a_jwt_are_read_from_its_payload() -> None:
         pytest.param(f"a.{_b64(bytes([0xFF, 0xFE]))}.c", id="not utf-8"),
         pytest.param(jwt([1, 2]), id="not an object"),
         pytest.param(jwt({"sub": "sb"}), id="no exp"),
+        # Upstream's gateway mints exp 0 for "never expires" (its default TTL of 0).
+        pytest.param(jwt({"sub": "sb", "iat": 1000, "exp": 0}), id="exp 0"),
         pytest.param(jwt({"exp": "2000"}), id="exp a string"),
         pytest.param(jwt({"exp": True}), id="exp a bool"),
         pytest.param(jwt({"exp": None}), id="exp null"),
