@@ -76,7 +76,7 @@ from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, St
 from gateway.store.commands import Answer
 from gateway.store.db import is_transient
 from gateway.store.fencing import Fenced
-from gateway.store.sandboxes import StaleConnection
+from gateway.store.sandboxes import StaleConnection, StoredPolicy
 from gateway.upstream_logs import log_record as upstream_log_record
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
@@ -109,6 +109,9 @@ _T = TypeVar("_T")
 REMINT_AFTER_S = 30.0
 #: The last token minted per sandbox life kept at most (a bound on memory; emptied when full).
 MINTED_MAX = 10_000
+#: The largest ``SupervisorHello.connection_epoch`` taken (the wire's uint64 is stored in a signed
+#: 64-bit column, ``sandboxes.connection_epoch``).
+MAX_CONNECTION_EPOCH = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +395,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         hello = first.hello
         problem = validate_sandbox_id(hello.sandbox_id)
         if problem is not None:
+            log.info("hello rejected: %s", problem, extra={"peer": peer})
+            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
+            return
+        if hello.connection_epoch > MAX_CONNECTION_EPOCH:
+            # uint64 on the wire, a signed 64-bit column in the store: refused here, before any
+            # store work, rather than failing the claim (a traceback on SQLite, a false store
+            # outage on PostgreSQL). No honest supervisor counts its connections that far.
+            problem = (
+                f"connection_epoch {hello.connection_epoch} out of range (at most {MAX_CONNECTION_EPOCH})"
+            )
             log.info("hello rejected: %s", problem, extra={"peer": peer})
             yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return
@@ -946,8 +959,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         count = 0
         # The stream's credential is checked with its first request, and the sandbox life it was
         # bound to is pinned: every later request must be for the same sandbox, still of that life
-        # (not deleted, not created again) while the credential has not expired, and its write is
-        # conditional on that generation, so a stream of an earlier life never writes into a later.
+        # (not deleted, not created again), and its write is conditional on that generation, so a
+        # stream of an earlier life never writes into a later. The credential's expiry is checked
+        # at the call's start only, as upstream's gateway does (its router authenticates each RPC
+        # once): upstream's supervisor keeps one stream open for the sandbox's life with the token
+        # it opened it with, and turns its log push off for good on an UNAUTHENTICATED end.
         bound: str | None = None
         binding: _Binding | None = None
         async for request in request_iterator:
@@ -1146,13 +1162,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         return _Binding(principal, row.generation if row is not None else None)
 
     async def _still_bound(self, context: Ctx, binding: _Binding, method: str) -> None:
-        """A later request of a stream: its credential has not expired, and still binds to the
-        sandbox life the stream was opened for (else the stream ends with the refusal)."""
+        """A later request of a stream: its credential still binds to the sandbox life the stream
+        was opened for (else the stream ends with the refusal). Its expiry is not checked again:
+        it was valid when the call opened (see PushSandboxLogs), and the generation fences an
+        earlier life."""
         auth = self._require_auth()
         principal = binding.principal
         try:
-            if principal.expires_at <= time.time():
-                raise CredentialRefused(Refusal.EXPIRED, "the stream's credential has expired")
             row = await self._within(
                 auth.bind(principal, principal.sandbox_id),
                 deadline=self._store_deadline(),
@@ -1177,25 +1193,43 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
     # -- upstream's configuration calls (the answers' rules: gateway/upstream_config.py) --------
 
-    async def _own_sandbox(self, sandbox_id: str, context: Ctx, method: str) -> _Binding | None:
+    async def _own_sandbox(
+        self, sandbox_id: str, context: Ctx, method: str, *, check: bool = True
+    ) -> _Binding | None:
         """A call of a sandbox principal for its own sandbox: the id is valid, the credential is
-        bound to it (else the call ends with the refusal), and the sandbox is known."""
+        bound to it (else the call ends with the refusal), and the sandbox is known (unless
+        ``check`` is False: the caller's own read of the row tells)."""
         problem = validate_sandbox_id(sandbox_id)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: {problem}")
         binding = await self._authenticate(context, sandbox_id, method, deadline=self._store_deadline())
-        await self._check_sandbox(sandbox_id, context)
+        # A bound generation means the bind read the row and found the sandbox there, not
+        # deleted: a second read would say nothing more (upstream polls every 10 s per sandbox).
+        if check and (binding is None or binding.generation is None):
+            await self._check_sandbox(sandbox_id, context)
         return binding
+
+    async def _policy_of(
+        self, sandbox_id: str, context: Ctx, binding: _Binding | None
+    ) -> tuple[int | None, StoredPolicy]:
+        """The sandbox's stored policy, in one read where the sandbox is known: only a read that
+        finds no row (an unknown sandbox, without bound credentials) goes through
+        :meth:`_check_sandbox` (registered, or NOT_FOUND) and reads again."""
+        generation = binding.generation if binding is not None else None
+        stored = await self._sandboxes.policy(sandbox_id, generation=generation)
+        if stored is None and generation is None:
+            await self._check_sandbox(sandbox_id, context)
+            stored = await self._sandboxes.policy(sandbox_id)
+        if stored is None:
+            await self._created_again(context, sandbox_id, generation)
+        return generation, stored
 
     async def GetSandboxConfig(
         self, request: sb.GetSandboxConfigRequest, context: Ctx
     ) -> sb.GetSandboxConfigResponse:
         """The policy the sandbox's supervisor synced (none before its first sync), no settings."""
-        binding = await self._own_sandbox(request.sandbox_id, context, "GetSandboxConfig")
-        generation = binding.generation if binding is not None else None
-        stored = await self._sandboxes.policy(request.sandbox_id, generation=generation)
-        if stored is None:
-            await self._created_again(context, request.sandbox_id, generation)
+        binding = await self._own_sandbox(request.sandbox_id, context, "GetSandboxConfig", check=False)
+        _, stored = await self._policy_of(request.sandbox_id, context, binding)
         self._answered("GetSandboxConfig")
         return upstream_config.config_response(stored)
 
@@ -1205,13 +1239,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "UpdateConfig: name the sandbox (its id) in `name`"
             )
-        binding = await self._own_sandbox(request.name, context, "UpdateConfig")
-        refused = upstream_config.update_problem(request)
+        binding = await self._own_sandbox(request.name, context, "UpdateConfig", check=False)
+        generation, stored = await self._policy_of(request.name, context, binding)
+        # What a sync may change is judged against the stored policy. Two syncs at once are both
+        # judged against the same one; each is then still safe and only adds to it.
+        refused = upstream_config.update_problem(
+            request, stored=None if stored.policy is None else sb.SandboxPolicy.FromString(stored.policy)
+        )
         if refused is not None:
             await context.abort(refused.code, refused.message)
         blob = upstream_config.policy_bytes(request.policy)
         digest = upstream_config.policy_hash(blob)
-        generation = binding.generation if binding is not None else None
         # Conditional on the life the credential was bound to: a token of an earlier sandbox of
         # this id writes nothing into the current one.
         version = await self._sandboxes.set_policy(
@@ -1259,7 +1297,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         the server for it too). It names no sandbox: the credential's own is the caller's. Without
         required credentials anyone gets the (empty) bundle: it holds nothing to keep."""
         if self._auth is not None and self._auth.required:
-            await self._credential(context, "GetInferenceBundle", deadline=self._store_deadline())
+            # The credential's signature and expiry only (cached after the first call), no bind
+            # read of the store: the bundle is the same empty one for every sandbox, and a token of
+            # a deleted sandbox learns nothing from it (upstream refreshes it every 5 s).
+            try:
+                await self._within(
+                    self._auth.verify(context.invocation_metadata()),
+                    deadline=self._store_deadline(),
+                    what="GetInferenceBundle: verify",
+                )
+            except CredentialRefused as exc:
+                await self._refuse(context, exc, method="GetInferenceBundle", sandbox_id="-")
         self._answered("GetInferenceBundle")
         return upstream_config.inference_bundle()
 
@@ -1269,7 +1317,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
     async def _created_again(self, context: Ctx, sandbox_id: str, generation: int | None) -> NoReturn:
         """End a call whose sandbox life is gone (the id deleted, or created again, after its
-        credential was bound): nothing was written."""
+        credential was bound): nothing was written. Without a bound life (auth not required) the
+        sandbox was deleted between the check and the read: it is not known now."""
+        if generation is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"sandbox {sandbox_id} is not known to this gateway (deleted): nothing written",
+            )
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"sandbox {sandbox_id} was deleted or created again since this call's credential was "

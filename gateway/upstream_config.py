@@ -83,9 +83,18 @@ def config_response(stored: StoredPolicy | None) -> sb.GetSandboxConfigResponse:
     return answer
 
 
-def update_problem(request: pb.UpdateConfigRequest) -> Refused | None:
+def update_problem(
+    request: pb.UpdateConfigRequest, *, stored: sb.SandboxPolicy | None = None
+) -> Refused | None:
     """None for what this gateway takes of UpdateConfig (a sandbox supervisor's sync of its own
-    policy), else why not. The sandbox's name is checked by the caller (it is its id)."""
+    policy), else why not. The sandbox's name is checked by the caller (it is its id).
+
+    ``stored`` is the policy the sandbox synced before (None: its first sync). The caller is
+    always the sandbox (its credential), and that credential can sit in files the sandbox's agent
+    reads, so a sync gets what upstream's gateway gives a sandbox caller (``policy.rs``
+    ``UpdateConfig``), no more: the safety check on every sync, and once a policy is stored,
+    Landlock and process unchanged and the filesystem only added to (they apply at the
+    supervisor's next start, so a change there would widen what the agent gets then)."""
 
     def invalid(message: str) -> Refused:
         return Refused(grpc.StatusCode.INVALID_ARGUMENT, f"UpdateConfig: {message}")
@@ -107,6 +116,89 @@ def update_problem(request: pb.UpdateConfigRequest) -> Refused | None:
     size = request.policy.ByteSize()
     if size > POLICY_MAX_BYTES:
         return invalid(f"the policy is {size} bytes, more than this gateway keeps ({POLICY_MAX_BYTES})")
+    if stored is not None:
+        changed = static_change(stored, request.policy)
+        if changed is not None:
+            return invalid(changed)
+    unsafe = safety_violations(request.policy)
+    if unsafe:
+        return invalid(f"policy contains unsafe content: {'; '.join(unsafe)}")
+    return None
+
+
+#: Upstream's bounds on a policy's filesystem paths (openshell-policy ``MAX_FILESYSTEM_PATHS``,
+#: ``MAX_PATH_LENGTH``) and its range of a numeric sandbox user or group (``MIN_SANDBOX_UID``,
+#: ``MAX_SANDBOX_UID``: 0 is root; 2^32-1 is "no identity" in Linux's APIs).
+MAX_FILESYSTEM_PATHS = 256
+MAX_PATH_LENGTH = 4096
+MIN_SANDBOX_ID = 1
+MAX_SANDBOX_ID = 2**32 - 2
+
+
+def _valid_identity(value: str) -> bool:
+    """Upstream's ``is_valid_sandbox_identity``: the name ``sandbox`` or a numeric id in range
+    (never root, by name or by 0)."""
+    if value == "sandbox":
+        return True
+    if not value.isascii() or not value.isdigit():
+        return False
+    return MIN_SANDBOX_ID <= int(value) <= MAX_SANDBOX_ID
+
+
+def safety_violations(policy: sb.SandboxPolicy) -> list[str]:
+    """The process and filesystem part of upstream's ``validate_sandbox_policy``, with its
+    messages: the user and group the agent runs as, relative paths, ``..`` components, a
+    read-write ``/``, too long paths and too many. Its network checks (TLD wildcards, endpoint
+    ports, L7 and middleware rules) are not repeated here: upstream's supervisor checks its
+    network rules itself when it loads them."""
+    found: list[str] = []
+    if policy.HasField("process"):
+        for field in ("run_as_user", "run_as_group"):
+            value = getattr(policy.process, field)
+            if value and not _valid_identity(value):
+                found.append(
+                    f"{field} must be 'sandbox' or a numeric UID/GID in range "
+                    f"[{MIN_SANDBOX_ID}, {MAX_SANDBOX_ID}], got '{value}'"
+                )
+    if policy.HasField("filesystem"):
+        fs = policy.filesystem
+        total = len(fs.read_only) + len(fs.read_write)
+        if total > MAX_FILESYSTEM_PATHS:
+            found.append(f"too many filesystem paths ({total} > {MAX_FILESYSTEM_PATHS})")
+        for path in [*fs.read_only, *fs.read_write]:
+            if len(path) > MAX_PATH_LENGTH:
+                found.append(f"path exceeds maximum length ({len(path)} > {MAX_PATH_LENGTH}): {path[:64]}…")
+                continue
+            if not path.startswith("/"):
+                found.append(f"path must be absolute (start with '/'): {path}")
+            if ".." in path.split("/"):
+                found.append(f"path contains '..' traversal component: {path}")
+        for path in fs.read_write:
+            if not path.rstrip("/"):
+                found.append(f"read-write path is overly broad: {path}")
+    return found
+
+
+def static_change(stored: sb.SandboxPolicy, new: sb.SandboxPolicy) -> str | None:
+    """Upstream's ``validate_static_fields_unchanged`` with its messages: what a sync may not
+    change of a stored policy. Upstream compares with the sandbox's first policy; this gateway
+    keeps only the latest, which the supervisor's own syncs only ever add to, so a path added by
+    an earlier sync may not be removed either."""
+    if stored.HasField("filesystem"):
+        if not new.HasField("filesystem"):
+            return "filesystem policy cannot be removed on a live sandbox"
+        base, update = stored.filesystem, new.filesystem
+        if base.include_workdir != update.include_workdir:
+            return "filesystem include_workdir cannot be changed on a live sandbox"
+        for kind in ("read_only", "read_write"):
+            kept = set(getattr(update, kind))
+            for path in getattr(base, kind):
+                if path not in kept:
+                    return f"filesystem {kind} path '{path}' cannot be removed on a live sandbox"
+    # An unset part differs from a set empty one, as upstream's Option does.
+    for part in ("landlock", "process"):
+        if stored.HasField(part) != new.HasField(part) or getattr(stored, part) != getattr(new, part):
+            return f"{part} policy cannot be changed on a live sandbox (applied at startup)"
     return None
 
 

@@ -264,3 +264,94 @@ def test_a_recreated_sandbox_starts_without_a_policy_and_its_earlier_token_write
     assert not env.config("cfg-e", new).HasField("policy")
     assert env.gateway.query("SELECT policy, policy_version FROM sandboxes WHERE id = 'cfg-e'") == [(None, 0)]
     assert env.sync(pb.UpdateConfigRequest(name="cfg-e", policy=policy("/new")), new).version == 1
+
+
+def restrictive_default() -> sb.SandboxPolicy:
+    """The shape of upstream's restrictive default (tests/compat/upstream_supervisor_peer.py)."""
+    return sb.SandboxPolicy(
+        version=1,
+        filesystem=sb.FilesystemPolicy(
+            include_workdir=True, read_only=["/usr", "/lib", "/etc"], read_write=["/tmp", "/dev/null"]
+        ),
+        landlock=sb.LandlockPolicy(compatibility="best_effort"),
+        process=sb.ProcessPolicy(run_as_user="sandbox", run_as_group="sandbox"),
+    )
+
+
+def test_the_sandbox_s_credential_cannot_widen_what_its_supervisor_enforces_at_start(env: Config) -> None:
+    """Upstream's gateway's limits on a sandbox's own sync: once a policy is stored, Landlock and
+    process stay and paths are only added; never root or '..' or a read-write '/'. Refused syncs
+    leave the stored policy and the events as they were; the supervisor's own flow (discovery,
+    then enrichment) still passes."""
+    _, own = env.start("cfg-f")
+    root = restrictive_default()
+    root.process.run_as_user = "root"
+    first_root = error_of(
+        env.stub.UpdateConfig, pb.UpdateConfigRequest(name="cfg-f", policy=root), metadata=own
+    )
+    assert first_root.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy contains unsafe content: run_as_user must be 'sandbox'" in (first_root.details() or "")
+    assert not env.config("cfg-f", own).HasField("policy")
+
+    first = env.sync(pb.UpdateConfigRequest(name="cfg-f", policy=restrictive_default()), own)
+    assert first.version == 1
+    enriched = restrictive_default()
+    enriched.filesystem.read_only.append("/sandbox")
+    second = env.sync(pb.UpdateConfigRequest(name="cfg-f", policy=enriched), own)
+    assert second.version == 2
+
+    def edited(edit: Any) -> sb.SandboxPolicy:
+        policy_ = sb.SandboxPolicy()
+        policy_.CopyFrom(enriched)
+        edit(policy_)
+        return policy_
+
+    cases: list[tuple[sb.SandboxPolicy, str]] = [
+        (
+            edited(lambda p: setattr(p.process, "run_as_user", "1000")),
+            "process policy cannot be changed on a live sandbox (applied at startup)",
+        ),
+        (
+            edited(lambda p: setattr(p.landlock, "compatibility", "hard_requirement")),
+            "landlock policy cannot be changed on a live sandbox (applied at startup)",
+        ),
+        (
+            edited(lambda p: p.filesystem.read_only.remove("/sandbox")),
+            "filesystem read_only path '/sandbox' cannot be removed on a live sandbox",
+        ),
+        (
+            edited(lambda p: setattr(p.filesystem, "include_workdir", False)),
+            "filesystem include_workdir cannot be changed on a live sandbox",
+        ),
+        (edited(lambda p: p.filesystem.read_write.append("/")), "read-write path is overly broad: /"),
+        (edited(lambda p: p.filesystem.read_only.append("/x/../root")), "'..' traversal component"),
+        (edited(lambda p: setattr(p.process, "run_as_group", "0")), "process policy cannot be changed"),
+    ]
+    for policy_, words in cases:
+        error = error_of(
+            env.stub.UpdateConfig, pb.UpdateConfigRequest(name="cfg-f", policy=policy_), metadata=own
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (words, error.details())
+        assert words in (error.details() or ""), (words, error.details())
+    kept = env.config("cfg-f", own)
+    assert (kept.policy, kept.version, kept.policy_hash) == (enriched, 2, second.policy_hash)
+    assert len(env.policy_events("cfg-f")) == 2  # the two syncs taken, none of the refused
+
+
+def test_the_inference_bundle_needs_a_valid_credential_only(env: Config) -> None:
+    """GetInferenceBundle checks the token's signature and expiry, not the sandbox's row (it is
+    the same empty bundle for everyone): a deleted sandbox's token still gets it, while its
+    configuration calls are refused."""
+    _, own = env.start("cfg-g")
+    env.delete("cfg-g")
+    bundle = env.inference.GetInferenceBundle(inf.GetInferenceBundleRequest(), metadata=own, timeout=10)
+    assert not bundle.routes and bundle.revision
+    refused(
+        error_of(env.stub.GetSandboxConfig, sb.GetSandboxConfigRequest(sandbox_id="cfg-g"), metadata=own),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "stale",
+    )
+    forged = error_of(
+        env.inference.GetInferenceBundle, inf.GetInferenceBundleRequest(), metadata=bearer("not-a-jwt")
+    )
+    assert forged.code() == grpc.StatusCode.UNAUTHENTICATED, forged.details()

@@ -4,7 +4,7 @@ PostgreSQL in tests/integration/test_store_postgres.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -159,3 +159,128 @@ def test_no_providers_and_no_inference() -> None:
     bundle = upstream_config.inference_bundle()
     assert not bundle.routes and bundle.revision == upstream_config.INFERENCE_REVISION
     assert bundle.generated_at_ms > 0
+
+
+def restrictive_default() -> sb.SandboxPolicy:
+    """The shape of upstream's restrictive default (tests/compat/upstream_supervisor_peer.py)."""
+    return sb.SandboxPolicy(
+        version=1,
+        filesystem=sb.FilesystemPolicy(
+            include_workdir=True,
+            read_only=["/usr", "/lib", "/proc", "/dev/urandom", "/app", "/etc", "/var/log"],
+            read_write=["/tmp", "/dev/null"],
+        ),
+        landlock=sb.LandlockPolicy(compatibility="best_effort"),
+        process=sb.ProcessPolicy(run_as_user="sandbox", run_as_group="sandbox"),
+    )
+
+
+def sync(policy_: sb.SandboxPolicy, stored: sb.SandboxPolicy | None = None) -> str | None:
+    refused = upstream_config.update_problem(pb.UpdateConfigRequest(name="s", policy=policy_), stored=stored)
+    if refused is None:
+        return None
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.message.startswith("UpdateConfig: ")
+    return refused.message.removeprefix("UpdateConfig: ")
+
+
+def changed(edit: Callable[[sb.SandboxPolicy], object]) -> sb.SandboxPolicy:
+    policy_ = restrictive_default()
+    edit(policy_)
+    return policy_
+
+
+def test_a_sync_may_only_add_paths_to_the_stored_policy() -> None:
+    """Upstream's gateway's rule for a sandbox's own sync once a policy is stored, with its
+    messages: Landlock and process unchanged, no path removed, include_workdir unchanged."""
+    stored = restrictive_default()
+    # The discovery sync (nothing stored) and the enrichment sync (paths added) pass, as does
+    # the same policy again and a change of network rules.
+    assert sync(restrictive_default()) is None
+    enriched = changed(lambda p: p.filesystem.read_only.extend(["/opt/venv", "/sandbox"]))
+    enriched.filesystem.read_write.append("/sandbox/work")
+    assert sync(enriched, stored) is None
+    assert sync(restrictive_default(), stored) is None
+    networked = changed(lambda p: p.network_policies["pypi"].endpoints.add(host="pypi.org", port=443))
+    assert sync(networked, stored) is None
+
+    cases: list[tuple[sb.SandboxPolicy, str]] = [
+        (
+            changed(lambda p: setattr(p.process, "run_as_user", "1000")),
+            "process policy cannot be changed on a live sandbox (applied at startup)",
+        ),
+        (changed(lambda p: p.ClearField("process")), "process policy cannot be changed"),
+        (
+            changed(lambda p: setattr(p.landlock, "compatibility", "hard_requirement")),
+            "landlock policy cannot be changed on a live sandbox (applied at startup)",
+        ),
+        (changed(lambda p: p.ClearField("landlock")), "landlock policy cannot be changed"),
+        (
+            changed(lambda p: p.filesystem.read_only.remove("/etc")),
+            "filesystem read_only path '/etc' cannot be removed on a live sandbox",
+        ),
+        (
+            changed(lambda p: p.filesystem.read_write.remove("/tmp")),
+            "filesystem read_write path '/tmp' cannot be removed on a live sandbox",
+        ),
+        (
+            changed(lambda p: setattr(p.filesystem, "include_workdir", False)),
+            "filesystem include_workdir cannot be changed on a live sandbox",
+        ),
+        (
+            changed(lambda p: p.ClearField("filesystem")),
+            "filesystem policy cannot be removed on a live sandbox",
+        ),
+    ]
+    for policy_, words in cases:
+        message = sync(policy_, stored)
+        assert message is not None and words in message, (policy_, message)
+        # The same policy as a first sync is taken: upstream backfills its baseline from it.
+        assert sync(policy_) is None, policy_
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (
+            lambda p: setattr(p.process, "run_as_user", "root"),
+            "run_as_user must be 'sandbox' or a numeric UID/GID in range [1, 4294967294], got 'root'",
+        ),
+        (lambda p: setattr(p.process, "run_as_group", "0"), "run_as_group must be 'sandbox'"),
+        (lambda p: setattr(p.process, "run_as_user", "4294967295"), "got '4294967295'"),
+        (lambda p: setattr(p.process, "run_as_user", "+1000"), "got '+1000'"),
+        (
+            lambda p: p.filesystem.read_only.append("/usr/../root"),
+            "path contains '..' traversal component: /usr/../root",
+        ),
+        (lambda p: p.filesystem.read_write.append("tmp"), "path must be absolute (start with '/'): tmp"),
+        (lambda p: p.filesystem.read_write.append("/"), "read-write path is overly broad: /"),
+        (lambda p: p.filesystem.read_write.append("//"), "read-write path is overly broad: //"),
+        (
+            lambda p: p.filesystem.read_only.extend(f"/d{i}" for i in range(250)),
+            "too many filesystem paths (259 > 256)",
+        ),
+        (
+            lambda p: p.filesystem.read_only.append("/" + "a" * 4096),
+            "path exceeds maximum length (4097 > 4096)",
+        ),
+    ],
+)
+def test_every_sync_gets_upstream_s_safety_check(
+    edit: Callable[[sb.SandboxPolicy], object], words: str
+) -> None:
+    """On the first sync and on later ones alike: never the agent as root, no '..', no read-write
+    '/' (upstream's validate_sandbox_policy, its process and filesystem part)."""
+    unsafe = changed(edit)
+    for stored in (None, unsafe):
+        message = sync(unsafe, stored)
+        assert message is not None and message.startswith("policy contains unsafe content: "), message
+        assert words in message, message
+
+
+def test_the_safety_check_takes_what_upstream_takes() -> None:
+    ids = changed(lambda p: p.process.CopyFrom(sb.ProcessPolicy(run_as_user="1", run_as_group="4294967294")))
+    assert sync(ids) is None
+    # Read-only '/' is not overly broad for upstream (only read-write is); trailing slashes pass.
+    assert sync(changed(lambda p: p.filesystem.read_only.extend(["/", "/opt/"]))) is None
+    assert sync(sb.SandboxPolicy(process=sb.ProcessPolicy())) is None  # unset: the runtime's choice
