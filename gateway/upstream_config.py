@@ -13,6 +13,8 @@ the supervisor synced one, ``GetSandboxConfig`` has none (version 0), and upstre
 then takes its image's ``/etc/openshell/policy.yaml`` or its own restrictive default and syncs it,
 as it does against upstream's gateway for a sandbox created without a policy; from then on the
 answer is that policy, as it was sent (its deterministic serialization), with our version of it.
+A sync gets the limits upstream's gateway sets a sandbox's own sync (:func:`update_problem`): the
+sandbox's credential may be read by its agent, which must not widen what its next start enforces.
 Settings, providers, inference routes, workspaces and middleware services: this gateway has none,
 and says so with empty answers, so the supervisor never waits on something that will not come.
 docs/upstream.md says the same for operators.
