@@ -251,6 +251,13 @@ def make_gateway(pb: ModuleType, pb_grpc: ModuleType, recorder: Recorder, args: 
                     os._exit(137)
             return pb.PushSandboxLogsResponse()
 
+        async def RefreshSandboxToken(self, request: Any, context: Any) -> Any:
+            """Upstream's gateway with its default TTL of 0 mints every token with ``exp: 0``
+            ("never expires") and re-mints one on refresh: the required token is such a token."""
+            await authorized("RefreshSandboxToken", context)
+            recorder.write({"refresh": "RefreshSandboxToken"})
+            return pb.RefreshSandboxTokenResponse(token=args.require_token)
+
         async def ReportMainProcessExit(self, request: Any, context: Any) -> Any:
             await authorized("ReportMainProcessExit", context)
             recorder.write(
@@ -271,7 +278,8 @@ def make_gateway(pb: ModuleType, pb_grpc: ModuleType, recorder: Recorder, args: 
 async def run_gateway(pb: ModuleType, pb_grpc: ModuleType, args: argparse.Namespace) -> int:
     recorder = Recorder(Path(args.out))
     recorder.write({"gateway_started": os.getpid()})
-    server = aio.server()
+    # Upstream's gateway decodes at most 1 MiB per message (openshell-server src/multiplex.rs:200).
+    server = aio.server(options=[("grpc.max_receive_message_length", 1024 * 1024)])
     pb_grpc.add_OpenShellServicer_to_server(make_gateway(pb, pb_grpc, recorder, args), server)
     if server.add_insecure_port(args.listen) == 0:
         raise PeerError(f"cannot listen on {args.listen}")

@@ -14,6 +14,7 @@ and they never send any of ours.
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -372,6 +373,46 @@ def test_our_supervisor_waits_out_a_refused_credential_on_an_upstream_gateway(
     assert _stdout(records) == [f"line {i}" for i in range(n)]
     assert [r["exit"] for r in records if "exit" in r] == [code]
     assert "gateway unreachable" not in sv.log_text()
+
+
+def test_our_supervisor_does_not_renew_an_upstream_never_expiring_token(
+    tmp_path: Path, upstream_gateway: UpstreamGateway, supervisors: list[SupervisorProcess]
+) -> None:
+    """Upstream's gateway mints sandbox JWTs with ``exp: 0`` by default ("never expires", handcheck
+    2.2): our supervisor sends it as it is, never calls RefreshSandboxToken and logs no warning or
+    error about renewing it (it renewed at once, got another exp-0 token and logged an ERROR)."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT"}).encode())
+    payload = b64(json.dumps({"sub": "compat-exp0", "iat": int(time.time()), "exp": 0}).encode())
+    token = f"{header}.{payload}.c2ln"
+    upstream_gateway.start("--require-token", token)
+    credential = tmp_path / "credential"
+    credential.write_text(token + "\n")
+    n, code = 20, 3
+    sv = SupervisorProcess(
+        tmp_path / "compat-exp0",
+        "compat-exp0",
+        upstream_gateway.address,
+        # Alive a few seconds: a renewal would be due at once.
+        ["/bin/sh", "-c", f"sleep 3; for i in $(seq 0 {n - 1}); do echo line $i; done; exit {code}"],
+        settings=[f"gateway.credential_file={credential}", "gateway.credential_refresh=true"],
+    )
+    supervisors.append(sv)
+    sv.start()
+    assert sv.wait(timeout=60) == code, sv.log_text()[-3000:]
+    records = upstream_gateway.records()
+    assert [r for r in records if "refresh" in r or "refused" in r] == []
+    assert _stdout(records) == [f"line {i}" for i in range(n)]
+    log_text = sv.log_text()
+    for complaint in (
+        "no newer token",
+        "expires before it could be renewed",
+        "renewing the gateway credential",
+    ):
+        assert complaint not in log_text, log_text[-3000:]
 
 
 # -- upstream supervisor, our gateway ---------------------------------------------------------
