@@ -6,18 +6,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import grpc
 import pytest
 from sqlalchemy import select, update
 
 from gateway import upstream_config
-from gateway.store import Database, SandboxStore
+from gateway.server import OpenShellService
+from gateway.sessions import SessionRegistry
+from gateway.store import CommandStore, Database, EventStore, SandboxStore
 from gateway.store.sandboxes import StoredPolicy
 from gateway.store.schema import sandboxes
 from openshell_wire.records import LogStream
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import sandbox_pb2 as sb
+from tests.support.gateway import gateway_config
 
 
 def policy(*read_only: str) -> sb.SandboxPolicy:
@@ -284,3 +288,110 @@ def test_the_safety_check_takes_what_upstream_takes() -> None:
     # Read-only '/' is not overly broad for upstream (only read-write is); trailing slashes pass.
     assert sync(changed(lambda p: p.filesystem.read_only.extend(["/", "/opt/"]))) is None
     assert sync(sb.SandboxPolicy(process=sb.ProcessPolicy())) is None  # unset: the runtime's choice
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+
+class _Context:
+    """What the service reads of a unary call's context, and its abort (which raises, as grpc's)."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise _Aborted(code, details)
+
+
+class _CountingSandboxes(SandboxStore):
+    """A real SQLite store that counts its reads of a sandbox, and can delete the sandbox just
+    before the next policy write (the race of a deletion between a call's check and its write)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.reads: list[str] = []
+        self.delete_before_write = False
+
+    async def get(self, sandbox_id: str, *args: Any, **kwargs: Any) -> Any:
+        self.reads.append("get")
+        return await super().get(sandbox_id, *args, **kwargs)
+
+    async def ensure(self, sandbox_id: str, *args: Any, **kwargs: Any) -> Any:
+        self.reads.append("ensure")
+        return await super().ensure(sandbox_id, *args, **kwargs)
+
+    async def policy(self, sandbox_id: str, *, generation: int | None = None) -> StoredPolicy | None:
+        self.reads.append("policy")
+        return await super().policy(sandbox_id, generation=generation)
+
+    async def set_policy(
+        self, sandbox_id: str, policy: bytes, *, policy_hash: str, generation: int | None = None
+    ) -> int | None:
+        if self.delete_before_write:
+            await self.delete(sandbox_id)
+        return await super().set_policy(sandbox_id, policy, policy_hash=policy_hash, generation=generation)
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[tuple[OpenShellService, _CountingSandboxes]]:
+    """The gateway's service without supervisor credentials (their binding read is
+    tests/integration/test_upstream_config.py's), on a real store."""
+    config = gateway_config(tmp_path, {"sessions": {"register_unknown": False}})
+    database = await Database.open(config.database.url)
+    sandboxes = _CountingSandboxes(database)
+    svc = OpenShellService(
+        config=config,
+        registry=SessionRegistry(),
+        sandboxes=sandboxes,
+        events=EventStore(database),
+        commands=CommandStore(database),
+    )
+    try:
+        yield svc, sandboxes
+    finally:
+        await svc.drain(timeout_s=5)
+        await database.close()
+
+
+async def test_a_config_poll_reads_the_store_once(
+    service: tuple[OpenShellService, _CountingSandboxes],
+) -> None:
+    """Upstream's supervisor polls GetSandboxConfig every 10 s: one read of a known sandbox (it
+    was a check of the sandbox and then the policy's read); an unknown one is still NOT_FOUND."""
+    svc, sandboxes = service
+    await sandboxes.create("poll", driver="local")
+    ctx: Any = _Context()
+    answer = await svc.GetSandboxConfig(sb.GetSandboxConfigRequest(sandbox_id="poll"), ctx)
+    assert not answer.HasField("policy") and sandboxes.reads == ["policy"]
+    sandboxes.reads.clear()
+    await svc.UpdateConfig(pb.UpdateConfigRequest(name="poll", policy=restrictive_default()), ctx)
+    assert sandboxes.reads == ["policy"]
+    sandboxes.reads.clear()
+    assert (await svc.GetSandboxConfig(sb.GetSandboxConfigRequest(sandbox_id="poll"), ctx)).version == 1
+    assert sandboxes.reads == ["policy"]
+    with pytest.raises(_Aborted) as unknown:
+        await svc.GetSandboxConfig(sb.GetSandboxConfigRequest(sandbox_id="nobody"), ctx)
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_sandbox_deleted_during_a_sync_is_not_found(
+    service: tuple[OpenShellService, _CountingSandboxes],
+) -> None:
+    """Without credentials there is no bound generation: a sandbox deleted between the call's
+    check and its write is not known any more (NOT_FOUND), not FAILED_PRECONDITION about a
+    "generation None"; nothing is written."""
+    svc, sandboxes = service
+    await sandboxes.create("gone", driver="local")
+    sandboxes.delete_before_write = True
+    with pytest.raises(_Aborted) as gone:
+        await svc.UpdateConfig(pb.UpdateConfigRequest(name="gone", policy=restrictive_default()), _Context())  # type: ignore[arg-type]
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND, gone.value.details
+    assert "sandbox gone is not known to this gateway" in gone.value.details
+    assert "None" not in gone.value.details
+    assert await sandboxes.policy("gone") is None
