@@ -6,16 +6,21 @@ upper-case levels, OCSF lines, ``connection_epoch`` counting its reconnects."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 from grpc import aio
 
 from gateway.app import Gateway
+from gateway.auth.sandbox_tokens import LEEWAY_S
 from gateway.sandbox_state import UPSTREAM_HEARTBEAT_FLOOR_S
 from gateway.status import render
 from gateway.store import Database, SandboxStore
@@ -310,3 +315,79 @@ async def _connection_epoch_claims(sandboxes: SandboxStore) -> None:
     )
     assert await sandboxes.mark_disconnected("sb", session_id="s-6", at=at)
     assert await claim("inst-3", 1, "s-1b") is not None
+
+
+# -- an open log stream and its token's expiry -------------------------------------------------
+
+
+@pytest.fixture
+async def gw_auth(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway requiring supervisor credentials, as upstream's supervisor meets it."""
+    config = gateway_config(
+        tmp_path,
+        {"sessions": {"register_unknown": False}, "auth": {"supervisors": {"required": True}}},
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    yield gateway
+    await gateway.stop()
+
+
+def _token(db_path: Path, sandbox_id: str, *, exp: float) -> str:
+    """A sandbox token signed with the gateway's own key (read from its database, as
+    test_compat_upstream_supervisor does), expiring at ``exp``."""
+    with sqlite3.connect(db_path) as db:
+        kid, pem = db.execute(
+            "SELECT kid, private_pem FROM signing_keys ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
+    now = int(time.time())
+    claims = {
+        "iss": "openshell-gateway",
+        "aud": "openshell-sandbox",
+        "sub": f"spiffe://openshell/sandbox/{sandbox_id}",
+        "sandbox_id": sandbox_id,
+        "gen": 1,
+        "iat": now - 60,
+        "exp": int(exp),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, pem, algorithm="EdDSA", headers={"kid": kid})
+
+
+async def test_an_open_log_stream_keeps_delivering_after_its_token_expired(
+    gw_auth: Gateway, tmp_path: Path
+) -> None:
+    """Upstream's supervisor keeps one PushSandboxLogs stream open for the sandbox's life, with the
+    token it opened it with, and turns its log push off for good on an UNAUTHENTICATED end: a
+    request written after that token's expiry (and the verifier's leeway) is stored."""
+    await gw_auth.sandboxes.ensure("sb-long")
+    # A token minted the gateway's way makes its signing key; ours is signed with that key.
+    assert await gw_auth.sandbox_token("sb-long", generation=1) is not None
+    # Valid for about 2 s more (exp + the leeway), so the stream outlives it in a short test.
+    expires_at = time.time() - LEEWAY_S + 2
+    token = _token(tmp_path / "gw.db", "sb-long", exp=expires_at)
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[pb.PushSandboxLogsRequest]:
+        while (line := await lines.get()) is not None:
+            yield pb.PushSandboxLogsRequest(
+                sandbox_id="sb-long",
+                logs=[pb.SandboxLogLine(level="INFO", target="openshell_sandbox", message=line)],
+            )
+
+    async with aio.insecure_channel(gw_auth.grpc_address) as channel:
+        call = pb_grpc.OpenShellStub(channel).PushSandboxLogs(
+            requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=30
+        )
+        lines.put_nowait("while the token is valid")
+        async with asyncio.timeout(10):
+            while not any(  # noqa: ASYNC110 - polls the gateway's HTTP API, nothing to wait on
+                e["message"] == "while the token is valid" for e in await _logs(gw_auth, "sb-long")
+            ):
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(max(0.0, int(expires_at) + LEEWAY_S - time.time()) + 0.5)
+        lines.put_nowait("after the token expired")
+        lines.put_nowait(None)
+        await call  # OK: not UNAUTHENTICATED
+    stored = [e["message"] for e in await _logs(gw_auth, "sb-long")]
+    assert stored == ["while the token is valid", "after the token expired"], stored
