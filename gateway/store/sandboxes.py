@@ -35,10 +35,10 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, case, delete, false, func, or_, select, update
+from sqlalchemy import Insert, and_, bindparam, case, delete, false, func, not_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.elements import ColumnElement
@@ -111,10 +111,24 @@ class StaleConnection(Exception):
         self.held_epoch = held_epoch
 
 
-def _heard_within(heard: datetime | None, at: datetime, bound_s: float) -> bool:
-    # Heartbeat times are written on each replica's clock (see gateway.sandbox_state): the bound
-    # assumes clocks in step, as the API's liveness rule does.
-    return heard is not None and (at - heard).total_seconds() <= bound_s
+def _held_live(
+    instance_id: str, connection_epoch: int, *, at: datetime, live_for_s: float
+) -> ColumnElement[bool]:
+    """True (never NULL) when the row's claim is held by ``instance_id`` on a connection epoch of at
+    least ``connection_epoch`` and that session is live (flagged connected, heard from within
+    ``live_for_s`` of ``at``): a hello with that epoch is a late connection of the same supervisor.
+    Heartbeat times are written on each replica's clock (see gateway.sandbox_state): the bound
+    assumes clocks in step, as the API's liveness rule does."""
+    c = sandboxes_table.c
+    heard = func.coalesce(c.last_heartbeat_at, c.connected_at)
+    return and_(
+        c.instance_id.is_not(None),
+        c.instance_id == instance_id,
+        c.connection_epoch >= connection_epoch,
+        c.connected.is_(True),
+        heard.is_not(None),
+        heard >= at - timedelta(seconds=live_for_s),
+    )
 
 
 #: How many sandboxes' claims a heartbeat flush checks per query (see ``record_heartbeats``).
@@ -425,8 +439,10 @@ class SandboxStore:
         claim's own, while that session is live (flagged connected, heard from within
         ``live_for_s`` of ``at``), is a late connection of the same supervisor: nothing is written
         and :class:`StaleConnection` is raised, so it can never take the sandbox from that
-        supervisor's newer connection. Checked under the row lock the claim takes, in its
-        transaction.
+        supervisor's newer connection. The rule is part of the claiming UPDATE's condition, so it
+        is checked and the claim made in one statement (atomic on both dialects); the row is read
+        afterwards only to tell why nothing was claimed. ``connection_epoch`` must fit the signed
+        64-bit column (the hello refuses larger ones).
 
         One statement raises the epoch and records the session, so of two claims the one that
         commits last owns the row and the other's later writes are fenced (its epoch is no longer
@@ -442,37 +458,16 @@ class SandboxStore:
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the claim
                 # waits for writes in flight, and they for it; the UPDATE alone would not.
-                held = (
-                    await conn.execute(
-                        select(
-                            c.instance_id,
-                            c.connection_epoch,
-                            c.connected,
-                            c.last_heartbeat_at,
-                            c.connected_at,
-                        )
-                        .where(c.id == sandbox_id)
-                        .with_for_update()
-                    )
-                ).first()
-                if (
-                    held is not None
-                    and connection_epoch > 0
-                    and held.instance_id == instance_id
-                    and connection_epoch <= held.connection_epoch
-                    and held.connected
-                    and live_for_s is not None
-                    and _heard_within(held.last_heartbeat_at or held.connected_at, at, live_for_s)
-                ):
-                    raise StaleConnection(
-                        sandbox_id,
-                        instance_id=instance_id,
-                        connection_epoch=connection_epoch,
-                        held_epoch=int(held.connection_epoch),
-                    )
+                await conn.execute(select(c.id).where(c.id == sandbox_id).with_for_update())
+                # The stale-connection rule is in the claim's own WHERE, not in a read before it:
+                # one statement is atomic on both dialects (on SQLite the read above runs outside
+                # the transaction the UPDATE begins, so a newer hello could claim in between).
+                stale: tuple[ColumnElement[bool], ...] = ()
+                if connection_epoch > 0 and live_for_s is not None:
+                    stale = (_held_live(instance_id, connection_epoch, at=at, live_for_s=live_for_s),)
                 epoch = await conn.scalar(
                     update(sandboxes_table)
-                    .where(c.id == sandbox_id, *_of_generation(generation))
+                    .where(c.id == sandbox_id, *_of_generation(generation), *(not_(x) for x in stale))
                     .values(
                         owner_epoch=c.owner_epoch + 1,
                         instance_id=instance_id,
@@ -489,10 +484,24 @@ class SandboxStore:
                     .returning(c.owner_epoch)
                 )
                 if epoch is None:
-                    exists = await conn.scalar(select(c.id).where(c.id == sandbox_id))
-                    if exists is not None:
+                    # Nothing claimed: read the row (in this transaction) only to tell why.
+                    row = (
+                        await conn.execute(
+                            select(c.generation, c.connection_epoch, *stale).where(c.id == sandbox_id)
+                        )
+                    ).first()
+                    if row is None:
+                        raise StoreError(f"{what}: no such sandbox (register it first)")
+                    if generation is not None and row.generation != generation:
                         return None  # the id was created again
-                    raise StoreError(f"{what}: no such sandbox (register it first)")
+                    if stale and row[2]:
+                        raise StaleConnection(
+                            sandbox_id,
+                            instance_id=instance_id,
+                            connection_epoch=connection_epoch,
+                            held_epoch=int(row.connection_epoch),
+                        )
+                    raise StoreError(f"{what}: the claim matched no row, for no reason it can tell")
                 return int(epoch)
 
     async def mark_disconnected(

@@ -18,6 +18,7 @@ import aiohttp
 import jwt
 import pytest
 from grpc import aio
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.app import Gateway
 from gateway.auth.sandbox_tokens import LEEWAY_S
@@ -391,3 +392,100 @@ async def test_an_open_log_stream_keeps_delivering_after_its_token_expired(
         await call  # OK: not UNAUTHENTICATED
     stored = [e["message"] for e in await _logs(gw_auth, "sb-long")]
     assert stored == ["while the token is valid", "after the token expired"], stored
+
+
+# -- connection_epoch out of range -----------------------------------------------------------
+
+
+async def test_a_connection_epoch_beyond_the_store_s_range_is_refused_at_the_hello(gw: Gateway) -> None:
+    await _refuses_an_epoch_out_of_range(gw)
+
+
+@needs_postgres
+async def test_a_connection_epoch_beyond_the_store_s_range_is_refused_at_the_hello_on_postgresql(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811 (the fixture)
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        {
+            "database": {"url": pg_url},
+            "sessions": {"heartbeat_interval_s": INTERVAL_S, "grace_s": GRACE_S},
+        },
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        await _refuses_an_epoch_out_of_range(gateway)
+    finally:
+        await gateway.stop()
+
+
+async def _refuses_an_epoch_out_of_range(gw: Gateway) -> None:
+    """uint64 on the wire, a signed 64-bit column: 2^63 and above are refused INVALID_HELLO with a
+    reason (not INTERNAL, not a store outage), nothing is claimed, and 2^63 - 1 still claims."""
+    async with aio.insecure_channel(gw.grpc_address) as channel:
+        for epoch in (2**63, 2**64 - 1):
+            call, answer = await _connect(channel, "sb-range", instance_id="inst-1", connection_epoch=epoch)
+            assert answer.WhichOneof("payload") == "session_rejected", answer
+            assert answer.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO, answer
+            assert "connection_epoch" in answer.session_rejected.reason, answer
+            assert "out of range" in answer.session_rejected.reason, answer
+            call.cancel()
+        row = await gw.sandboxes.get("sb-range")
+        assert row is None or not row.connected, "a refused hello claims nothing"
+        call, answer = await _connect(channel, "sb-range", instance_id="inst-1", connection_epoch=2**63 - 1)
+        assert answer.WhichOneof("payload") == "session_accepted", answer
+        call.cancel()
+
+
+# -- the stale-connection rule and the claim are one statement -------------------------------
+
+
+async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The late hello (epoch 1) is paused right after its first read of the row; the newer one
+    (epoch 2) claims and commits meanwhile; the late one then must not claim (on SQLite a read
+    before the UPDATE runs outside the UPDATE's transaction, so the rule must be in the UPDATE)."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    try:
+        sandboxes = SandboxStore(db)
+        await sandboxes.ensure("sb")
+        at = datetime.now(UTC)
+        paused, resume = asyncio.Event(), asyncio.Event()
+        real_execute = AsyncConnection.execute
+
+        async def execute(self: AsyncConnection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await real_execute(self, statement, *args, **kwargs)
+            task = asyncio.current_task()
+            if task is not None and task.get_name() == "late" and not paused.is_set():
+                paused.set()
+                await resume.wait()
+            return result
+
+        monkeypatch.setattr(AsyncConnection, "execute", execute)
+
+        async def claim(session_id: str, epoch: int) -> int | None:
+            return await sandboxes.mark_connected(
+                "sb",
+                instance_id="inst-1",
+                session_id=session_id,
+                journal_epoch="",
+                owner="gw-a",
+                at=at,
+                connection_epoch=epoch,
+                live_for_s=30.0,
+            )
+
+        late = asyncio.create_task(claim("s-late", 1), name="late")
+        async with asyncio.timeout(10):
+            await paused.wait()
+            assert await claim("s-newer", 2) is not None
+            resume.set()
+            with pytest.raises(StaleConnection):
+                await late
+        row = await sandboxes.get("sb")
+        assert row is not None and row.session_id == "s-newer" and row.connected
+    finally:
+        await db.close()
