@@ -9,22 +9,31 @@ whose stubs are compiled from the upstream-only protos (load_stubs); never load 
 
     upstream_supervisor_peer.py --gateway HOST:PORT --sandbox-id ID --sandbox NAME
         [--token-file F | --k8s-sa-token-file F] [--poll-interval-s 10] [--lines N]
-        [--ocsf-lines K] [--exit-code C] [--run-s S]
+        [--ocsf-lines K] [--exit-code C] [--run-s S] [--retry-delay-scale 1.0]
 
 In upstream's order: the token (the file's, or IssueSandboxToken with the ServiceAccount token as
-Bearer), then ``authorization: Bearer <token>`` on every call; the PushSandboxLogs stream (batches
-of at most 50 lines; levels INFO/WARN/ERROR with a tracing target and fields, OCSF lines as level
-"OCSF", target "ocsf", shorthand text); GetSandboxConfig (codes upstream deems fatal exit 1 at
-once, transient ones get 5 tries, then exit 1); no policy: UpdateConfig with the restrictive
-default, GetSandboxConfig again, still none: exit 1; GetSandboxProviderEnvironment (an error: carry
+Bearer), then ``authorization: Bearer <token>`` on every call, the token current when the call
+opens; the log push (log_push.rs): the --lines + --ocsf-lines lines come one after another over
+--run-s (levels INFO/WARN/ERROR with a tracing target and fields, OCSF lines as level "OCSF",
+target "ocsf", shorthand text) and go on one long-lived PushSandboxLogs stream per connection, a
+request at 50 lines or every 500 ms, the stream kept with the token it opened with (a refreshed
+token is used only by the next stream), reopened with backoff (1 s doubling to 30 s) when it
+ends, given up for good when it ends UNAUTHENTICATED; GetSandboxConfig (grpc_retry: 5 tries
+sleeping 1, 2, 4, 4 s times --retry-delay-scale on EVERY error, since upstream's
+is_retryable_error never finds the tonic Status in the miette chain, then exit 1); no policy:
+UpdateConfig with the restrictive default and GetSandboxConfig again, on one connection and
+retried together the same way, still none: exit 1; GetSandboxProviderEnvironment (an error: carry
 on); GetInferenceBundle (an error: routing off, else refreshed every 5 s); the poll loop
-(GetSandboxConfig every poll interval, ReportPolicyStatus LOADED once for a SANDBOX policy of
-version > 0); RefreshSandboxToken at about 80 % of the JWT's exp; GetSandboxConfig once more (the
-main process's start); ConnectSupervisor with hello{sandbox_id, instance_id, connection_epoch =
-attempt from 1}, beating every max(heartbeat_interval_secs, 5) s, reconnecting on any error or
-rejection with upstream's backoff (1 s doubling to 30 s, never reset). After --run-s,
-ReportMainProcessExit until it is answered OK, then one line ``{"summary": ...}`` on stdout and
-exit 0; a fatal error prints the summary too, its reason on stderr, and exits 1.
+(GetSandboxConfig every poll interval; ReportPolicyStatus LOADED for the first poll if it matches
+the loaded SANDBOX policy, for a new policy, and for the same hash at a higher version);
+RefreshSandboxToken at about 80 % of the JWT's exp; GetSandboxConfig once more (the main process's
+start); ConnectSupervisor with hello{sandbox_id, instance_id, connection_epoch = attempt from 1},
+beating every max(heartbeat_interval_secs, 5) s, reconnecting on any error or rejection with
+upstream's backoff (1 s doubling to 30 s, never reset). Every channel sends HTTP/2 keepalive
+pings as upstream's client does (10 s, 20 s timeout, also when idle). After --run-s,
+ReportMainProcessExit until it is answered OK, the log lines still pending flushed and the stream
+closed, then one line ``{"summary": ...}`` on stdout and exit 0; a fatal error prints the summary
+too, its reason on stderr, and exits 1.
 """
 
 from __future__ import annotations
@@ -53,8 +62,10 @@ from upstream_peer import PeerError, load_stubs, to_dict, unknown_fields
 
 T = TypeVar("T")
 
-#: Codes upstream's grpc_retry retries (crates/openshell-sandbox/src/lib.rs is_retryable_error);
-#: any other status is fatal at once. A transport error reaches grpc as UNAVAILABLE.
+#: The codes is_retryable_error names as transient (crates/openshell-sandbox/src/lib.rs). Only the
+#: policy status reporter, which looks at the tonic Status itself, goes by them: grpc_retry at
+#: startup gets a miette Report whose chain hides the Status, so it retries every error (checked
+#: against upstream's binary: UNIMPLEMENTED was retried 5 times, then exit 1).
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -65,13 +76,24 @@ RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-#: Upstream's log push flushes at 50 lines (log_push.rs).
+#: Upstream's log push flushes at 50 lines or every 500 ms (log_push.rs).
 BATCH = 50
+FLUSH_S = 0.5
+#: Upstream's log push backoff between streams (log_push.rs INITIAL_BACKOFF, MAX_BACKOFF).
+PUSH_BACKOFF_S = (1.0, 30.0)
 #: Upstream's heartbeat floor (supervisor_session.rs: max(heartbeat_interval_secs, 5)).
 HEARTBEAT_FLOOR_S = 5
 #: Upstream's inference bundle refresh (OPENSHELL_ROUTE_REFRESH_INTERVAL_SECS default).
 ROUTE_REFRESH_S = 5.0
 CALL_TIMEOUT_S = 10.0
+#: Upstream's channel (grpc_client.rs build_plain_channel): HTTP/2 pings every 10 s, also when
+#: idle, a 20 s timeout. grpc's client would stop after 2 pings without data: upstream's does not.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +157,11 @@ class Supervisor:
             "calls_ok_with_refreshed_token": 0,
             "heartbeats_sent": 0,
             "log_lines_sent": 0,
+            "log_requests_sent": 0,
+            "log_streams_opened": 0,
+            "log_push_disabled": False,
+            "first_log_write_at": None,
+            "last_log_write_at": None,
             "inference_routing": None,
             "unknown_fields": {},
         }
@@ -154,13 +181,17 @@ class Supervisor:
     async def connect(self) -> AsyncIterator[Connection]:
         """A new channel, as upstream's helpers open one per call (grpc_client.rs connect()): a
         restarted gateway is reached at the next call, not after a shared channel's own backoff."""
-        async with aio.insecure_channel(self.args.gateway) as channel:
+        async with aio.insecure_channel(self.args.gateway, options=CHANNEL_OPTIONS) as channel:
             yield Connection(self.pb_grpc.OpenShellStub(channel), self.inf_grpc.InferenceStub(channel))
 
     async def call(self, method: str, invoke: Callable[[Connection], Awaitable[T]]) -> T:
+        async with self.connect() as c:
+            return await self.call_on(c, method, invoke(c))
+
+    async def call_on(self, c: Connection, method: str, pending: Awaitable[T]) -> T:
+        """One call on an open connection, recorded by its code."""
         try:
-            async with self.connect() as c:
-                result = await invoke(c)
+            result = await pending
         except grpc.RpcError as exc:
             self.record(method, exc.code().name)
             raise
@@ -171,19 +202,18 @@ class Supervisor:
                 self.summary["unknown_fields"][method] = seen
         return result
 
-    async def retried(self, method: str, invoke: Callable[[Connection], Awaitable[T]]) -> T:
-        """Upstream's grpc_retry: 5 attempts (sleeping 1, 2, 4, 4 s) for transient codes only."""
-        for attempt in range(1, 6):
+    async def retried(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Upstream's grpc_retry as its binary behaves: 5 attempts, sleeping 1, 2, 4, 4 s (times
+        --retry-delay-scale), on every error (see RETRYABLE), then exit 1."""
+        for n in range(1, 6):
             try:
-                return await self.call(method, invoke)
+                return await attempt()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise Fatal(f"{method} failed: {exc.code().name}: {exc.details()}") from None
-                if attempt == 5:
+                if n == 5:
                     raise Fatal(
-                        f"{method} failed after 5 attempts: {exc.code().name}: {exc.details()}"
+                        f"{what} failed after 5 attempts: {exc.code().name}: {exc.details()}"
                     ) from None
-                await asyncio.sleep(min(2 ** (attempt - 1), 4))
+                await asyncio.sleep(min(2 ** (n - 1), 4) * self.args.retry_delay_scale)
         raise AssertionError("unreachable")
 
     def get_config(self, c: Connection) -> Awaitable[Any]:
@@ -205,10 +235,13 @@ class Supervisor:
         sa_token = self.args.sa_token
         answer = await self.retried(
             "IssueSandboxToken",
-            lambda c: c.stub.IssueSandboxToken(
-                self.pb.IssueSandboxTokenRequest(),
-                metadata=(("authorization", f"Bearer {sa_token}"),),
-                timeout=CALL_TIMEOUT_S,
+            lambda: self.call(
+                "IssueSandboxToken",
+                lambda c: c.stub.IssueSandboxToken(
+                    self.pb.IssueSandboxTokenRequest(),
+                    metadata=(("authorization", f"Bearer {sa_token}"),),
+                    timeout=CALL_TIMEOUT_S,
+                ),
             ),
         )
         self.token = answer.token
@@ -232,76 +265,134 @@ class Supervisor:
 
     # -- logs ----------------------------------------------------------------------------
 
-    def log_lines(self) -> list[Any]:
+    def log_line(self, i: int) -> Any:
+        """The i-th line the peer logs: --lines plain ones, then --ocsf-lines OCSF ones."""
         now_ms = int(time.time() * 1000)
-        levels = ("INFO", "WARN", "ERROR")
-        lines = [
-            self.pb.SandboxLogLine(
+        if i < self.args.lines:
+            return self.pb.SandboxLogLine(
                 sandbox_id=self.args.sandbox_id,
-                timestamp_ms=now_ms + i,
-                level=levels[i % 3],
+                timestamp_ms=now_ms,
+                level=("INFO", "WARN", "ERROR")[i % 3],
                 target="openshell_sandbox::peer",
                 message=f"upstream normal-mode line {i}",
                 source="sandbox",
                 fields={"line": str(i), "peer": '"upstream"'},  # tracing's Debug formatting
             )
-            for i in range(self.args.lines)
-        ]
-        lines += [
-            self.pb.SandboxLogLine(
-                sandbox_id=self.args.sandbox_id,
-                timestamp_ms=now_ms + self.args.lines + i,
-                level="OCSF",
-                target="ocsf",
-                message=f"NET:OPEN [INFO] ALLOWED python3({42 + i}) -> api.example.com:443 [policy:default]",
-                source="sandbox",
-            )
-            for i in range(self.args.ocsf_lines)
-        ]
-        return lines
+        return self.pb.SandboxLogLine(
+            sandbox_id=self.args.sandbox_id,
+            timestamp_ms=now_ms,
+            level="OCSF",
+            target="ocsf",
+            message=f"NET:OPEN [INFO] ALLOWED python3({42 + i - self.args.lines}) -> api.example.com:443 "
+            "[policy:default]",
+            source="sandbox",
+        )
 
-    async def push_logs(self, finished: asyncio.Event) -> None:
-        """One long-lived client stream, batches of <= 50; reconnects 1 s -> 30 s, but an
-        UNAUTHENTICATED answer disables log push for good (log_push.rs)."""
-        pending = self.log_lines()
-        backoff = 1.0
-        while True:
-            channel = aio.insecure_channel(self.args.gateway)
-            call = self.pb_grpc.OpenShellStub(channel).PushSandboxLogs(metadata=self.metadata())
-            try:
-                while pending:
-                    batch = pending[:BATCH]
-                    await call.write(
-                        self.pb.PushSandboxLogsRequest(sandbox_id=self.args.sandbox_id, logs=batch)
-                    )
-                    # Written is gone, as upstream's: only the not yet written are sent again.
-                    del pending[: len(batch)]
-                    self.summary["log_lines_sent"] += len(batch)
-                backoff = 1.0
-                await finished.wait()
-                await call.done_writing()
-                await call
-                self.record("PushSandboxLogs", "OK")
-                return
-            except Exception as exc:
-                # A write on a call that has ended raises without its status: ask the call.
-                code = exc.code() if isinstance(exc, grpc.RpcError) else await _status(call)
-                self.record("PushSandboxLogs", code.name if code is not None else code_name(exc))
+    async def produce_logs(self, lines: asyncio.Queue[Any]) -> None:
+        """The tracing layer: the lines come one after another over --run-s (the last a little
+        before its end), as a sandbox's supervisor logs over its life, not all at its start."""
+        total = self.args.lines + self.args.ocsf_lines
+        started = time.monotonic()
+        for i in range(total):
+            await asyncio.sleep(max(0.0, started + self.args.run_s * i / total - time.monotonic()))
+            lines.put_nowait(self.log_line(i))
+
+    async def push_logs(self, lines: asyncio.Queue[Any]) -> None:
+        """log_push.rs run_push_loop: one client stream per connection, kept open for the run; a
+        request when 50 lines are pending or every 500 ms; the stream's ``authorization`` is the
+        token current when it opened (upstream's interceptor runs once per call). When the
+        connection fails or the call ends, the lines not yet written wait out a backoff (1 s
+        doubling to 30 s, reset on connect) and go on a new stream; an UNAUTHENTICATED end
+        disables log push for good. A None on ``lines`` is the process's end: flush, close the
+        stream, await its answer."""
+        batch: list[Any] = []
+        backoff = PUSH_BACKOFF_S[0]
+        next_line = _NextLine(lines)
+        try:
+            while True:
+                async with aio.insecure_channel(self.args.gateway, options=CHANNEL_OPTIONS) as channel:
+                    try:
+                        # CachedOpenShellClient::connect: a failed connect backs off, not reset.
+                        await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT_S)
+                    except TimeoutError:
+                        code, exiting = None, False
+                        self.record("PushSandboxLogs", "CONNECT_FAILED")
+                    else:
+                        backoff = PUSH_BACKOFF_S[0]
+                        code, exiting = await self._log_stream(channel, batch, next_line)
+                        self.record("PushSandboxLogs", code.name if code is not None else "NO_STATUS")
+                if exiting:
+                    return
                 if code == grpc.StatusCode.UNAUTHENTICATED:
+                    self.summary["log_push_disabled"] = True
                     print("log push disabled after authentication failure", file=sys.stderr, flush=True)
                     return
-            finally:
-                call.cancel()
-                await channel.close()
-            if finished.is_set():
-                return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+                if not await next_line.drain(batch, backoff):
+                    return  # the process ended while disconnected: upstream drops the batch
+                backoff = min(backoff * 2, PUSH_BACKOFF_S[1])
+        finally:
+            next_line.close()
+
+    async def _log_stream(
+        self, channel: aio.Channel, batch: list[Any], next_line: _NextLine
+    ) -> tuple[grpc.StatusCode | None, bool]:
+        """One PushSandboxLogs call: its status, and whether it ended with the process's end."""
+        loop = asyncio.get_running_loop()
+        call = self.pb_grpc.OpenShellStub(channel).PushSandboxLogs(metadata=self.metadata())
+        self.summary["log_streams_opened"] += 1
+        ended = asyncio.ensure_future(call.code())
+        exiting = False
+        try:
+            try:
+                if batch:
+                    await self._write_logs(call, batch)
+                next_flush = loop.time() + FLUSH_S
+                while True:
+                    line = await next_line.get(until=next_flush, unless=ended)
+                    if line is _END:
+                        if batch:
+                            await self._write_logs(call, batch)
+                        await call.done_writing()
+                        exiting = True
+                        break
+                    if line is not None:
+                        batch.append(line)
+                        if len(batch) >= BATCH:
+                            await self._write_logs(call, batch)
+                        continue
+                    if ended.done():
+                        break  # the call ended (the gateway answered or the stream broke)
+                    if batch:
+                        await self._write_logs(call, batch)
+                    while next_flush <= loop.time():  # tokio's interval, MissedTickBehavior::Skip
+                        next_flush += FLUSH_S
+            except Exception:  # a write on a call that has ended: its status tells why
+                exiting = False
+            try:
+                code: grpc.StatusCode | None = await asyncio.wait_for(asyncio.shield(ended), CALL_TIMEOUT_S)
+            except (TimeoutError, grpc.RpcError):
+                code = None
+            return code, exiting
+        finally:
+            ended.cancel()
+            call.cancel()
+
+    async def _write_logs(self, call: Any, batch: list[Any]) -> None:
+        await call.write(self.pb.PushSandboxLogsRequest(sandbox_id=self.args.sandbox_id, logs=batch))
+        # Written is gone, as upstream's (the lines are moved into the request).
+        self.summary["log_lines_sent"] += len(batch)
+        self.summary["log_requests_sent"] += 1
+        now = time.time()
+        self.summary["first_log_write_at"] = self.summary["first_log_write_at"] or now
+        self.summary["last_log_write_at"] = now
+        batch.clear()
 
     # -- policy --------------------------------------------------------------------------
 
     def restrictive_default(self) -> Any:
-        """The shape of upstream's restrictive_default_policy: no network policies (deny egress)."""
+        """The shape of upstream's restrictive_default_policy (openshell-policy lib.rs): no network
+        policies (deny egress), and no process identity (left to the compute runtime). Upstream's
+        enrich_proto_baseline_paths adds paths it finds on its host before the sync: not done here."""
         return self.sb.SandboxPolicy(
             version=1,
             filesystem=self.sb.FilesystemPolicy(
@@ -310,7 +401,6 @@ class Supervisor:
                 read_write=["/tmp", "/dev/null"],
             ),
             landlock=self.sb.LandlockPolicy(compatibility="best_effort"),
-            process=self.sb.ProcessPolicy(run_as_user="sandbox", run_as_group="sandbox"),
         )
 
     def remember_config(self, answer: Any) -> None:
@@ -327,22 +417,30 @@ class Supervisor:
         }
 
     async def load_policy(self) -> Any:
-        answer = await self.retried("GetSandboxConfig", self.get_config)
+        answer = await self.retried("Policy fetch", lambda: self.call("GetSandboxConfig", self.get_config))
         if not answer.HasField("policy"):
             # Upstream discovers a local policy (none here) and falls back to the restrictive default.
             if not self.args.sandbox:
                 raise Fatal("policy sync requires the sandbox name (--sandbox)")
             policy = self.restrictive_default()
-            await self.retried(
-                "UpdateConfig",
-                lambda c: c.stub.UpdateConfig(
-                    self.pb.UpdateConfigRequest(name=self.args.sandbox, policy=policy, workspace=""),
-                    metadata=self.metadata(),
-                    timeout=CALL_TIMEOUT_S,
-                ),
-            )
-            self.summary["policy_updates"].append(to_dict(policy))
-            answer = await self.retried("GetSandboxConfig", self.get_config)
+
+            async def sync_and_fetch() -> Any:
+                # sync_policy_and_fetch_snapshot: both calls on one connection, retried together.
+                async with self.connect() as c:
+                    await self.call_on(
+                        c,
+                        "UpdateConfig",
+                        c.stub.UpdateConfig(
+                            self.pb.UpdateConfigRequest(name=self.args.sandbox, policy=policy, workspace=""),
+                            metadata=self.metadata(),
+                            timeout=CALL_TIMEOUT_S,
+                        ),
+                    )
+                    if not self.summary["policy_updates"]:
+                        self.summary["policy_updates"].append(to_dict(policy))
+                    return await self.call_on(c, "GetSandboxConfig", self.get_config(c))
+
+            answer = await self.retried("Policy discovery sync", sync_and_fetch)
             if not answer.HasField("policy"):
                 raise Fatal("Server still returned no policy after sync — this is a bug")
         self.remember_config(answer)
@@ -375,16 +473,25 @@ class Supervisor:
             return
 
     async def poll_loop(self, loaded: Any) -> None:
+        """run_policy_poll_loop: the first poll acknowledges the loaded policy if it is still the
+        sandbox's (initial_poll_disposition; a failed first poll acknowledges nothing); later, a
+        new policy is loaded and reported, and the same hash at a higher version reported too
+        (unchanged_policy_revision_candidate)."""
         version, policy_hash = loaded.version, loaded.policy_hash
-        reported = False
+        first = True
         while True:
             try:
                 answer = await self.call("GetSandboxConfig", self.get_config)
             except grpc.RpcError:
                 answer = None  # poll errors are ignored
+            initial, first = first, False
             if answer is not None:
                 sandbox_policy = answer.policy_source == self.sb.POLICY_SOURCE_SANDBOX
-                if answer.policy_hash != policy_hash:
+                if initial and answer.policy_hash == policy_hash:
+                    if sandbox_policy and answer.version > 0:
+                        version = answer.version
+                        await self.report_status(version)
+                elif answer.policy_hash != policy_hash:
                     if answer.HasField("policy"):
                         version, policy_hash = answer.version, answer.policy_hash
                         self.remember_config(answer)
@@ -393,8 +500,9 @@ class Supervisor:
                     else:
                         # "runtime reload requires a policy payload": upstream fails closed.
                         self.summary["quarantined"] = True
-                elif not reported and sandbox_policy and answer.version == version and version > 0:
-                    reported = True
+                elif sandbox_policy and policy_hash and answer.version > version:
+                    version = answer.version
+                    self.remember_config(answer)
                     await self.report_status(version)
             await asyncio.sleep(self.args.poll_interval_s)
 
@@ -456,7 +564,7 @@ class Supervisor:
 
     async def session(self, attempt: int, session: dict[str, Any]) -> None:
         pb = self.pb
-        channel = aio.insecure_channel(self.args.gateway)
+        channel = aio.insecure_channel(self.args.gateway, options=CHANNEL_OPTIONS)
         call = self.pb_grpc.OpenShellStub(channel).ConnectSupervisor(metadata=self.metadata())
         try:
             hello = pb.SupervisorHello(
@@ -546,9 +654,10 @@ class Supervisor:
         self.tasks[-1].set_name(name)
 
     async def run(self) -> None:
-        finished = asyncio.Event()
+        lines: asyncio.Queue[Any] = asyncio.Queue()
         await self.acquire_token()
-        self.spawn(self.push_logs(finished), "log-push")
+        self.spawn(self.produce_logs(lines), "log-lines")
+        self.spawn(self.push_logs(lines), "log-push")
         self.spawn(self.refresh_loop(), "token-refresh")
         loaded = await self.load_policy()
         await self.provider_env()
@@ -565,10 +674,14 @@ class Supervisor:
         await asyncio.sleep(self.args.run_s)
         # The main process has exited: the session task is aborted, the exit reported until acked.
         for task in self.tasks:
-            if task.get_name() != "log-push":
+            if task.get_name() not in ("log-push", "log-lines"):
                 task.cancel()
         await self.report_exit()
-        finished.set()
+        # The tracing layer is dropped: its last lines (all logged by now) are flushed.
+        producer = next(t for t in self.tasks if t.get_name() == "log-lines")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(producer), CALL_TIMEOUT_S)
+        lines.put_nowait(None)
         log_push = next(t for t in self.tasks if t.get_name() == "log-push")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(log_push), CALL_TIMEOUT_S)
@@ -587,13 +700,46 @@ class Supervisor:
         }
 
 
-async def _status(call: Any) -> grpc.StatusCode | None:
-    if not call.done():
-        return None
-    with contextlib.suppress(Exception):
-        code: grpc.StatusCode = await call.code()
-        return code
-    return None
+#: What _NextLine.get answers for the process's end (a None put on the queue).
+_END = object()
+
+
+class _NextLine:
+    """The log push's receiving end of the tracing layer's channel: one pending get, kept across
+    waits, so a line is never lost to a timeout."""
+
+    def __init__(self, lines: asyncio.Queue[Any]) -> None:
+        self.lines = lines
+        self.getter: asyncio.Future[Any] | None = None
+
+    async def get(self, *, until: float, unless: asyncio.Future[Any]) -> Any:
+        """The next line, _END, or None once ``until`` (loop time) has come or ``unless`` is done."""
+        if self.getter is None:
+            self.getter = asyncio.ensure_future(self.lines.get())
+        left = max(0.0, until - asyncio.get_running_loop().time())
+        await asyncio.wait({self.getter, unless}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if not self.getter.done():
+            return None
+        line, self.getter = self.getter.result(), None
+        return _END if line is None else line
+
+    async def drain(self, batch: list[Any], seconds: float) -> bool:
+        """drain_during_backoff: wait ``seconds``, the lines meanwhile added to ``batch``; False
+        if the process ended meanwhile."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        never: asyncio.Future[Any] = loop.create_future()
+        while loop.time() < until:
+            line = await self.get(until=until, unless=never)
+            if line is _END:
+                return False
+            if line is not None:
+                batch.append(line)
+        return True
+
+    def close(self) -> None:
+        if self.getter is not None:
+            self.getter.cancel()
 
 
 def _messages(supervisor: Supervisor) -> list[type]:
@@ -638,6 +784,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ocsf-lines", type=int, default=0)
     parser.add_argument("--exit-code", type=int, default=0)
     parser.add_argument("--run-s", type=float, default=10.0, help="how long the main process runs")
+    parser.add_argument(
+        "--retry-delay-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the startup retries' 1, 2, 4, 4 s sleeps (tests need not wait 11 s)",
+    )
     return parser.parse_args(argv)
 
 

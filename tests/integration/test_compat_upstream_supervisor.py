@@ -25,6 +25,7 @@ from typing import Any
 import jwt
 import pytest
 
+from gateway.auth.sandbox_tokens import LEEWAY_S
 from tests.support.procs import PYTHON, REPO, GatewayProcess, wait_until
 
 PEER = REPO / "tests" / "compat" / "upstream_supervisor_peer.py"
@@ -164,6 +165,8 @@ def test_an_upstream_supervisor_in_normal_mode_runs_to_completion(env: Env) -> N
     config = summary["config"]
     assert config["has_policy"] and config["version"] == 1 and config["policy_hash"], config
     assert config["policy"] == summary["policy_updates"][0]
+    # Upstream's restrictive default leaves the process identity to the runtime.
+    assert "process" not in config["policy"], config["policy"]
     assert config["policy_source"] == "POLICY_SOURCE_SANDBOX"
     stored = env.gateway.query("SELECT policy_version, policy_hash FROM sandboxes WHERE id = 'norm'")
     assert stored == [(1, config["policy_hash"])]
@@ -182,7 +185,9 @@ def test_an_upstream_supervisor_in_normal_mode_runs_to_completion(env: Env) -> N
     assert summary["tokens_refreshed"] >= 1 and _codes(summary, "RefreshSandboxToken").get("OK"), summary
     assert summary["calls_ok_with_refreshed_token"] > 0
     assert _codes(summary, "ReportMainProcessExit") == {"OK": 1}
+    # The lines came over the run, several requests on the one stream it held open.
     assert _codes(summary, "PushSandboxLogs") == {"OK": 1}
+    assert summary["log_streams_opened"] == 1 and summary["log_requests_sent"] > 1, summary
     assert summary["log_lines_sent"] == 123
 
     events = env.logs("norm")
@@ -205,6 +210,31 @@ def test_an_upstream_supervisor_in_normal_mode_runs_to_completion(env: Env) -> N
     # The exit code is stored.
     exits = [e for e in events if e["kind"] == "lifecycle" and (e["data"] or {}).get("exit_code") == 7]
     assert exits, [e for e in events if e["kind"] == "lifecycle"]
+
+
+def test_an_upstream_supervisor_s_log_stream_keeps_delivering_after_the_token_it_opened_with_expired(
+    env: Env,
+) -> None:
+    """Upstream's supervisor holds one PushSandboxLogs stream for its life, with the token it
+    opened with, and turns its log push off for good when the stream ends UNAUTHENTICATED: the
+    gateway must not refuse an open stream's later requests once that token has expired (its
+    supervisor has renewed it for later calls)."""
+    generation = env.create("late")
+    token = env.token_file("late", ttl_s=6, generation=generation)
+    expires = jwt.decode(token.read_text(), options={"verify_signature": False})["exp"]
+    # 40 lines, one about every second: the last ones are written after exp + the leeway.
+    code, summary = env.run_peer("late", token, "--lines", "40", "--run-s", "42", timeout=90)
+    assert (code, summary["reason"]) == (0, None), summary
+    # The premise: the stream opened with the 6 s token (renewed meanwhile) was still written to
+    # after the gateway would accept that token no more.
+    assert summary["tokens_refreshed"] >= 1, summary
+    assert summary["last_log_write_at"] > expires + LEEWAY_S, (summary["last_log_write_at"], expires)
+    assert summary["log_streams_opened"] == 1 and not summary["log_push_disabled"], summary
+    refused = {m: c for m, c in summary["calls"].items() if "UNAUTHENTICATED" in c}
+    assert not refused, refused
+    assert _codes(summary, "PushSandboxLogs") == {"OK": 1}, summary
+    stored = [e for e in env.logs("late") if e["message"].startswith("upstream normal-mode line ")]
+    assert sorted(int(e["message"].rsplit(" ", 1)[1]) for e in stored) == list(range(40))
 
 
 def test_upstream_s_five_second_heartbeats_keep_its_session_at_a_one_second_interval(env: Env) -> None:
@@ -268,15 +298,28 @@ def test_the_connection_epoch_rises_across_reconnects_and_the_newest_connection_
         gateway.stop()
 
 
-def test_a_refused_credential_ends_the_upstream_supervisor_at_once_as_upstream_s_would(env: Env) -> None:
+def test_a_refused_credential_ends_the_upstream_supervisor_after_five_tries_as_upstream_s_does(
+    env: Env,
+) -> None:
     env.create("owner")
     env.create("victim")
+    # Upstream's binary retries its startup GetSandboxConfig on every error, PERMISSION_DENIED
+    # too (1, 2, 4, 4 s; a quarter of that here), then exits 1. Its 5 lines are logged meanwhile.
     code, summary = env.run_peer(
-        "victim", env.token_file("owner"), "--lines", "5", "--run-s", "30", timeout=30
+        "victim",
+        env.token_file("owner"),
+        "--lines",
+        "5",
+        "--run-s",
+        "2",
+        "--retry-delay-scale",
+        "0.25",
+        timeout=30,
     )
-    # PERMISSION_DENIED is fatal to upstream's startup GetSandboxConfig: exit 1 at once, no retry.
     assert code == 1, summary
-    assert _codes(summary, "GetSandboxConfig") == {"PERMISSION_DENIED": 1}, summary
-    assert "PERMISSION_DENIED" in summary["reason"]
+    assert _codes(summary, "GetSandboxConfig") == {"PERMISSION_DENIED": 5}, summary
+    assert summary["reason"].startswith("Policy fetch failed after 5 attempts: PERMISSION_DENIED"), summary
     assert summary["sessions"] == []
+    # Its log stream was refused too, and nothing of it was stored.
+    assert set(_codes(summary, "PushSandboxLogs")) == {"PERMISSION_DENIED"}, summary
     assert not [e for e in env.logs("victim") if e["message"].startswith("upstream normal-mode line")]
