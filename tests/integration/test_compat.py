@@ -343,11 +343,19 @@ def test_our_supervisor_waits_out_a_refused_credential_on_an_upstream_gateway(
     credential = tmp_path / "credential"
     credential.write_text("wrong-token\n")
     n, code = 50, 6
+    # The main process lives until the test lets it go: its exit would cut the refused wait short
+    # once (exit delivery is urgent), which is right but would make the count below a race.
+    release = tmp_path / "release"
     sv = SupervisorProcess(
         tmp_path / "compat-refused",
         "compat-refused",
         upstream_gateway.address,
-        writer_command(n, exit_code=code),
+        [
+            "/bin/sh",
+            "-c",
+            f"for i in $(seq 0 {n - 1}); do echo line $i; done; "
+            f"while [ ! -e {release} ]; do sleep 0.1; done; exit {code}",
+        ],
         # A short cap: the wait after a refusal is the cap, so "slowly" fits in a few seconds.
         settings=[f"gateway.credential_file={credential}", "session.reconnect_max_s=3"],
     )
@@ -368,6 +376,12 @@ def test_our_supervisor_waits_out_a_refused_credential_on_an_upstream_gateway(
     assert _stdout(upstream_gateway.records()) == []
 
     credential.write_text("right-token\n")
+    wait_until(
+        lambda: _stdout(upstream_gateway.records()) == [f"line {i}" for i in range(n)],
+        timeout=30,
+        what="every line once the credential file holds the right token",
+    )
+    release.touch()
     assert sv.wait(timeout=60) == code, sv.log_text()[-3000:]
     records = upstream_gateway.records()
     assert _stdout(records) == [f"line {i}" for i in range(n)]

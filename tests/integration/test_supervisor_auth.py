@@ -113,7 +113,8 @@ class Env:
     def push(self, requests: Sequence[tuple[str, str]], metadata: Metadata | None) -> grpc.RpcError | None:
         messages = [
             pb.PushSandboxLogsRequest(
-                sandbox_id=sandbox_id, logs=[pb.SandboxLogLine(message=line, level="info", source="sandbox")]
+                sandbox_id=sandbox_id,
+                logs=[pb.SandboxLogLine(message=line, level="info", target="stdout", source="sandbox")],
             )
             for sandbox_id, line in requests
         ]
@@ -407,7 +408,8 @@ def test_a_log_stream_cannot_outlive_its_sandbox_into_the_id_s_next_life(env: En
     def requests() -> Iterator[pb.PushSandboxLogsRequest]:
         while (line := lines.get()) is not None:
             yield pb.PushSandboxLogsRequest(
-                sandbox_id="india", logs=[pb.SandboxLogLine(message=line, level="info", source="sandbox")]
+                sandbox_id="india",
+                logs=[pb.SandboxLogLine(message=line, level="info", target="stdout", source="sandbox")],
             )
 
     stream = env.stub.PushSandboxLogs.future(requests(), metadata=bearer(env.token_of("india")), timeout=60)
