@@ -334,11 +334,25 @@ async def test_a_frozen_replica_woken_after_its_supervisor_moved_writes_nothing(
                 # Sent to the frozen A: in flight until it wakes (the kernel holds the bytes).
                 await call_a.write(_batch("j1", _log(2, "a-2"), _log(3, "a-3")))
                 await call_a.write(_heartbeat())
-                # The supervisor gives A up and moves to B, which claims the sandbox anew.
-                call_b = pb_grpc.OpenShellStub(to_b).ConnectSupervisor()
-                await call_b.write(_hello("sb-f", "j1"))
-                accepted_b = (await _read(call_b)).session_accepted
-                assert accepted_b.owner_epoch > accepted_a.owner_epoch, "the newest hello's claim"
+                # The supervisor gives A up and moves to B, which claims the sandbox anew. A may be
+                # frozen inside a heartbeat flush's transaction, holding the row: B's claim then
+                # waits for it until PostgreSQL ends that idle transaction
+                # (database.idle_in_transaction_timeout_s) and B answers OVERLOADED meanwhile; a
+                # supervisor retries after the hint, as this does.
+                refusals: list[pb.SessionRejected] = []
+                async with asyncio.timeout(40):
+                    while True:
+                        call_b = pb_grpc.OpenShellStub(to_b).ConnectSupervisor()
+                        await call_b.write(_hello("sb-f", "j1"))
+                        answer_b = await _read(call_b)
+                        if answer_b.WhichOneof("payload") == "session_accepted":
+                            break
+                        assert answer_b.session_rejected.code == pb.REJECT_CODE_OVERLOADED, answer_b
+                        refusals.append(answer_b.session_rejected)
+                        call_b.cancel()
+                        await asyncio.sleep(max(answer_b.session_rejected.retry_after_ms / 1000, 0.2))
+                accepted_b = answer_b.session_accepted
+                assert accepted_b.owner_epoch > accepted_a.owner_epoch, ("the newest hello's claim", refusals)
                 assert accepted_b.resume_after_sequence == 1
                 await call_b.write(_batch("j1", _log(2, "b-2")))
                 assert (await _read(call_b)).event_ack.acked_through_sequence == 2
