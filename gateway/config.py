@@ -68,7 +68,13 @@ class GrpcSettings(_Section):
     max_pending_requests_hard_limit: int = Field(
         100_000, ge=1, description="Above this many queued calls every new call is refused."
     )
-    max_unrequested_time_s: float = Field(30.0, gt=0, description="How long a call may wait in that queue.")
+    max_unrequested_time_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a call may wait in that queue before gRPC core cancels it. A hello older than "
+        "supervisors' gateway.connect_timeout_s (5 s) belongs to a supervisor that gave up: working on it "
+        "is how a reconnect storm collapsed.",
+    )
     hello_timeout_s: float = Field(10.0, gt=0, description="A stream must say hello within this time.")
     store_timeout_s: float = Field(
         2.0,
@@ -167,6 +173,15 @@ class DatabaseSettings(_Section):
         "or was cut off (its replica promoted) would otherwise hold each pooled connection, and the "
         "calls waiting on it, forever. Above grpc.batch_store_timeout_s. Migrations are not bounded.",
     )
+    ping_after_idle_s: float = Field(
+        2.0,
+        ge=0,
+        description="PostgreSQL: a pooled connection idle longer than this is pinged when checked out (a "
+        "connection to a primary that went away is found before a query uses it); one used more recently "
+        "is not, which saves three round trips per checkout under load. 0: ping at every checkout. A "
+        "connection that fails at first use invalidates the pool, and that one operation is retried "
+        "(event batches) or answered with a retry hint (hellos).",
+    )
 
 
 class SessionSettings(_Section):
@@ -184,6 +199,141 @@ class SessionSettings(_Section):
     )
     heartbeat_flush_interval_s: float = Field(
         5.0, gt=0, description="Last-heartbeat times are written to the database in batches this often."
+    )
+    max_heartbeats_per_s: float = Field(
+        1000.0,
+        ge=0,
+        description="Adaptive heartbeats (Nomad's rule): each replica hands out the interval "
+        "clamp(its sessions / max_heartbeats_per_s, heartbeat_interval_s, max_heartbeat_interval_s), to new "
+        "sessions and, through SessionUpdate, to live ones that speak the 'interval' capability, so the "
+        "heartbeats one replica answers per second stay bounded as its fleet grows. 0: always "
+        "heartbeat_interval_s.",
+    )
+    max_heartbeat_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="The longest adaptive interval: it bounds how long a dead supervisor goes unnoticed "
+        "(about 1.5 x this + grace_s).",
+    )
+    interval_update_s: float = Field(
+        10.0, gt=0, description="How often the adaptive interval is computed again (with hysteresis)."
+    )
+
+    @model_validator(mode="after")
+    def _interval_bounds(self) -> SessionSettings:
+        if self.max_heartbeats_per_s and self.max_heartbeat_interval_s < self.heartbeat_interval_s:
+            raise ValueError(
+                f"max_heartbeat_interval_s ({self.max_heartbeat_interval_s}) must be at least "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) while max_heartbeats_per_s is set"
+            )
+        return self
+
+
+class AdmissionSettings(_Section):
+    enabled: bool = Field(
+        True,
+        description="Bound the hellos a replica works on (off only to show the collapse in benchmarks). "
+        "A hello over a bound is answered at once with SessionRejected OVERLOADED and a jittered "
+        "retry_after_ms, before any signature check or database work: no queue forms in front of "
+        "supervisors' 5 s connect timeout.",
+    )
+    max_concurrent_handshakes: int = Field(
+        32, ge=1, description="Hellos doing database work at once on this replica."
+    )
+    hellos_per_s: float = Field(300.0, gt=0, description="Hellos admitted per second on this replica.")
+    hello_burst: int = Field(300, ge=1, description="Hellos admitted at once above that rate (token bucket).")
+    max_sessions: int = Field(
+        0,
+        ge=0,
+        description="Live sessions this replica holds at most (0: no bound). Size it under the process's "
+        "file descriptor limit (one per session, plus the database's and the listeners').",
+    )
+    retry_after_min_ms: int = Field(1000, ge=0, description="Shortest retry_after_ms a refused hello gets.")
+    retry_after_max_ms: int = Field(
+        30000,
+        ge=1,
+        description="Longest retry_after_ms: refused hellos are spread up to the time the backlog needs "
+        "at hellos_per_s, within these bounds.",
+    )
+    refuse_over_share: bool = Field(
+        True,
+        description="Refuse (OVERLOADED, retry within a second) a hello on a replica above its fair share "
+        "while another replica takes sessions: it redials through the Service and lands elsewhere, "
+        "instead of being moved later.",
+    )
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> AdmissionSettings:
+        if self.retry_after_min_ms > self.retry_after_max_ms:
+            raise ValueError(
+                f"retry_after_min_ms ({self.retry_after_min_ms}) must be at most retry_after_max_ms "
+                f"({self.retry_after_max_ms})"
+            )
+        return self
+
+
+class DrainSettings(_Section):
+    settle_s: float = Field(
+        2.0,
+        ge=0,
+        description="After SIGTERM, how long the replica waits (unready, refusing hellos) before the first "
+        "reconnect hint, so endpoints and balancers stop sending here: a hint sent earlier could bring "
+        "the supervisor straight back.",
+    )
+    window_s: float = Field(
+        30.0,
+        ge=1,
+        description="Reconnect hints are spread over this window; sessions left at its end get one "
+        "spread over final_spread_s. Keep it >= sessions per replica / max_hints_per_s.",
+    )
+    max_hints_per_s: float = Field(
+        200.0, gt=0, description="At most this many sessions are asked to reconnect per second."
+    )
+    min_hints_per_s: float = Field(
+        20.0, gt=0, description="At least this many per second (few sessions leave quickly)."
+    )
+    hint_spread_s: float = Field(
+        1.0,
+        ge=0,
+        description="A hinted supervisor reconnects within a random delay up to this (the hint's "
+        "delay_window_ms); the gateway's pacing spreads the load, so it is short.",
+    )
+    final_spread_s: float = Field(
+        5.0, ge=0, description="The spread given to sessions still here at the end of the window."
+    )
+
+    @model_validator(mode="after")
+    def _rates(self) -> DrainSettings:
+        if self.min_hints_per_s > self.max_hints_per_s:
+            raise ValueError(
+                f"min_hints_per_s ({self.min_hints_per_s}) must be at most max_hints_per_s "
+                f"({self.max_hints_per_s})"
+            )
+        return self
+
+
+class RebalanceSettings(_Section):
+    enabled: bool = Field(
+        True,
+        description="A replica holding more than its fair share (the fleet's sessions over the replicas "
+        "taking sessions, from the lease rows) x (1 + tolerance) asks the excess to reconnect, at a "
+        "bounded rate, never below fair share.",
+    )
+    interval_s: float = Field(
+        5.0, gt=0, description="How often the shares are computed again (at least ha.renew_interval_s)."
+    )
+    tolerance: float = Field(0.1, ge=0, description="How far above fair share a replica may stay.")
+    max_moves_per_s: float = Field(50.0, gt=0, description="Sessions asked to move per second, per replica.")
+    hint_spread_s: float = Field(1.0, ge=0, description="The spread of a moved supervisor's reconnect.")
+    max_session_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="A safety net for balancers that pin connections: a session older than this (less a "
+        "random part up to max_session_age_jitter of it) is asked to reconnect, while another replica "
+        "takes sessions. 0: off.",
+    )
+    max_session_age_jitter: float = Field(
+        0.2, ge=0, le=1, description="The random part of max_session_age_s (a fraction of it)."
     )
 
 
@@ -681,6 +831,9 @@ class GatewayConfig(LayeredSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     commands: CommandSettings = Field(default_factory=CommandSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    drain: DrainSettings = Field(default_factory=DrainSettings)
+    rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."
@@ -701,6 +854,15 @@ class GatewayConfig(LayeredSettings):
             if address in seen and not address.endswith(":0"):
                 raise ValueError(f"{seen[address]} and {key} are both {address}")
             seen[address] = key
+        return self
+
+    @model_validator(mode="after")
+    def _rebalance_after_renewals(self) -> GatewayConfig:
+        if self.rebalance.enabled and self.rebalance.interval_s < self.ha.renew_interval_s:
+            raise ValueError(
+                f"rebalance.interval_s ({self.rebalance.interval_s}) must be at least ha.renew_interval_s "
+                f"({self.ha.renew_interval_s}): the shares come from the lease rows, renewed that often"
+            )
         return self
 
     @model_validator(mode="after")

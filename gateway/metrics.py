@@ -157,6 +157,62 @@ class GatewayMetrics:
             "gauge; NaN while that count fails.",
             registry=self.registry,
         )
+        # Drain, admission, rebalancing and adaptive heartbeats (issue 22; docs/operations.md).
+        self.draining = Gauge(
+            PREFIX + "draining",
+            "1 from SIGTERM on: this replica refuses hellos and moves its sessions away.",
+            registry=self.registry,
+        )
+        self.reconnect_hints = Counter(
+            PREFIX + "reconnect_hints",
+            "Sessions asked to reconnect elsewhere, by reason: drain, shutdown (left at the drain's end), "
+            "rebalance, max_age.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.admission_refusals = Counter(
+            PREFIX + "admission_refusals",
+            "Hellos refused by admission control (SessionRejected OVERLOADED with a retry hint) before any "
+            "work, by reason: draining, max_sessions, rate, concurrency, over_share.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.handshakes_inflight = Gauge(
+            PREFIX + "handshakes_inflight",
+            "Hellos admitted and not yet answered (their database work in progress).",
+            registry=self.registry,
+        )
+        self.handshake_seconds = Histogram(
+            PREFIX + "handshake_seconds",
+            "Time from an admitted hello to its SessionAccepted.",
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.fleet_sessions = Gauge(
+            PREFIX + "fleet_sessions",
+            "Sessions held by all live replicas, from their lease rows (this replica's counted live).",
+            registry=self.registry,
+        )
+        self.fair_share = Gauge(
+            PREFIX + "fair_share",
+            "The fleet's sessions over the replicas taking sessions (alive, not draining).",
+            registry=self.registry,
+        )
+        self.rebalance_excess = Gauge(
+            PREFIX + "rebalance_excess",
+            "Sessions this replica holds above its fair share x (1 + rebalance.tolerance): being moved.",
+            registry=self.registry,
+        )
+        self.heartbeat_interval = Gauge(
+            PREFIX + "heartbeat_interval_seconds",
+            "The heartbeat interval this replica hands out now (adaptive: sessions.max_heartbeats_per_s).",
+            registry=self.registry,
+        )
+        self.session_updates = Counter(
+            PREFIX + "session_updates",
+            "SessionUpdate messages written to live sessions (a new heartbeat interval).",
+            registry=self.registry,
+        )
         self.replica = Info(
             PREFIX + "replica", "This gateway replica's id (ha.replica_id).", registry=self.registry
         )

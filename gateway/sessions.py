@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from openshell_wire.records import JournalEpoch, SandboxId, SessionId
+from openshell_wire.records import CAP_RECONNECT, JournalEpoch, SandboxId, SessionId
 from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ class Session:
     #: A write of this session was fenced (a newer claim owns the sandbox): its disconnection is
     #: not written (it would be fenced too).
     fenced: bool = False
+    #: Why this session was asked to reconnect elsewhere (drain, rebalance, max age), once it was:
+    #: a session is hinted at most once, and its disconnection write may wait for the move.
+    hinted: str | None = None
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -249,3 +252,20 @@ class SessionRegistry:
     def close_all(self, reason: str) -> None:
         for session in self._live.values():
             session.inbox.put_nowait(Close(reason))
+
+    def hint(self, session: Session, *, reason: str, spread_s: float) -> bool:
+        """Ask ``session``'s supervisor to reconnect (elsewhere, through the Service) within a
+        random delay up to ``spread_s``, then end the stream: a ReconnectHint for a supervisor that
+        speaks ``reconnect`` (it reconnects without a backoff penalty), a plain end for one that does
+        not (it reconnects after its own backoff). False, and nothing sent, when the session is no
+        longer the live one or was hinted already."""
+        if not self.is_current(session) or session.hinted is not None:
+            return False
+        session.hinted = reason
+        if CAP_RECONNECT in session.capabilities:
+            message = pb.GatewayMessage()
+            message.reconnect.reason = reason
+            message.reconnect.delay_window_ms = round(spread_s * 1000)
+            session.inbox.put_nowait(Outbound(message))
+        session.inbox.put_nowait(Close(f"asked to reconnect ({reason})"))
+        return True

@@ -280,6 +280,7 @@ class GatewayMessage(_message.Message):
     EVENT_ACK_FIELD_NUMBER: _builtins.int
     RECONNECT_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    SESSION_UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session_accepted(self) -> Global___SessionAccepted: ...
     @_builtins.property
@@ -298,6 +299,8 @@ class GatewayMessage(_message.Message):
     def reconnect(self) -> Global___ReconnectHint: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def session_update(self) -> Global___SessionUpdate: ...
     def __init__(
         self,
         *,
@@ -309,12 +312,13 @@ class GatewayMessage(_message.Message):
         event_ack: Global___EventAck | None = ...,
         reconnect: Global___ReconnectHint | None = ...,
         command: Global___Command | None = ...,
+        session_update: Global___SessionUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected", "session_update", b"session_update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "event_ack", b"event_ack", "heartbeat", b"heartbeat", "payload", b"payload", "reconnect", b"reconnect", "relay_close", b"relay_close", "relay_open", b"relay_open", "session_accepted", b"session_accepted", "session_rejected", b"session_rejected", "session_update", b"session_update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["session_accepted", "session_rejected", "heartbeat", "relay_open", "relay_close", "event_ack", "reconnect", "command"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["session_accepted", "session_rejected", "heartbeat", "relay_open", "relay_close", "event_ack", "reconnect", "command", "session_update"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1112,6 +1116,35 @@ class ReconnectHint(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconnectHint: _TypeAlias = ReconnectHint  # noqa: Y015
+
+@_typing.final
+class SessionUpdate(_message.Message):
+    """New settings for a live session, sent only when both sides listed the `interval` capability
+    (adaptive heartbeats: a replica lengthens the interval as its sessions grow). Not a command: no
+    result, nothing journaled. A zero field leaves that setting as it is.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    STALE_AFTER_MS_FIELD_NUMBER: _builtins.int
+    heartbeat_interval_ms: _builtins.int
+    """The heartbeat interval to use from the next beat on."""
+    stale_after_ms: _builtins.int
+    """How long the gateway now waits without any message before declaring the session stale."""
+    def __init__(
+        self,
+        *,
+        heartbeat_interval_ms: _builtins.int = ...,
+        stale_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "stale_after_ms", b"stale_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionUpdate: _TypeAlias = SessionUpdate  # noqa: Y015
 
 @_typing.final
 class Command(_message.Message):
