@@ -28,6 +28,7 @@ from aiohttp import web
 from grpc import aio
 from grpc_health.v1 import health, health_pb2
 
+from gateway.admission import Admission
 from gateway.api import build_api
 from gateway.auth.people import PeopleAuth
 from gateway.auth.sandbox_tokens import SandboxTokens
@@ -55,6 +56,7 @@ from gateway.store import CommandStore, Database, EventStore, SandboxStore, Stor
 from gateway.store.leadership import LeadershipStore
 from gateway.store.replicas import ReplicaStore
 from gateway.store.signing_keys import SigningKeyStore
+from gateway.tasks import BackgroundTasks
 from gateway.tls import HttpTls, TlsError, grpc_credentials
 from gateway.tls import load as load_tls
 from openshell_wire.v1 import inference_pb2
@@ -115,6 +117,15 @@ class Gateway:
         self._local: LocalProvisioner | None = None  # with drivers.kind=local
         #: This replica's lease row (gateway.replicas), renewed from just before gRPC serves.
         self._renewer: LeaseRenewer | None = None
+        #: The replicas' lease rows as this replica last read them (set by start()).
+        self._lease_view: LeaseView | None = None
+        #: Which hellos are worked on (drain, bounds, fair share): one per process.
+        self.admission = Admission(
+            config.admission, sessions=lambda: len(self.registry), metrics=self.metrics
+        )
+        #: The long-lived loops of this process (rebalancer, heartbeat governor, drain), cancelled
+        #: by stop().
+        self.tasks = BackgroundTasks("gateway")
 
     @property
     def sandboxes(self) -> SandboxStore:
@@ -184,6 +195,7 @@ class Gateway:
             # Hellos wait for this run's lease row (written before serving, except on a schema
             # not migrated yet: see below).
             lease_written=lambda: self._renewer is not None and self._renewer.written,
+            admission=self.admission if cfg.admission.enabled else None,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
@@ -234,7 +246,7 @@ class Gateway:
             await self.db.close()
             self.db = None
             raise GatewayStartError(str(exc)) from None
-        lease_view = LeaseView(replicas, ha=cfg.ha, timeout_s=cfg.grpc.store_timeout_s)
+        lease_view = self._lease_view = LeaseView(replicas, ha=cfg.ha, timeout_s=cfg.grpc.store_timeout_s)
         # A follower of a sandbox's logs wakes on another replica's batches too.
         notifier.subscribe(
             lambda note: events.notifier().notify(note.sandbox_id) if note.topic is Topic.EVENTS else None
@@ -439,6 +451,7 @@ class Gateway:
             # The Lease released first: another replica takes the pod watch over within its retry
             # period instead of a lease duration after this one is gone.
             await _bounded(step_down(), min(DRAIN_MARK_S * 3, left()), what="releasing the leader Lease")
+        await self.tasks.close(timeout_s=min(DRAIN_MARK_S, left()))
         self.registry.close_all("gateway shutting down")
         if self._server is not None:
             await self._server.stop(grace)

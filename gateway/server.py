@@ -53,6 +53,7 @@ from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from gateway import upstream_config
+from gateway.admission import Admission
 from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
@@ -186,8 +187,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         authenticator: SupervisorAuthenticator | None = None,
         identity: ReplicaIdentity | None = None,
         lease_written: Callable[[], bool] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._metrics = metrics
+        #: Bounds the hellos worked on (None: no bound, as in tests of other concerns).
+        self._admission = admission
         #: Whether this run's lease row exists yet (None: always, as in tests of other concerns).
         self._lease_written = lease_written
         #: Every supervisor call's credential goes through it (None: unit tests of other concerns).
