@@ -39,6 +39,7 @@ from gateway.drivers.local import LocalProvisioner
 from gateway.metrics import GatewayMetrics
 from gateway.notify import Note, Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
+from gateway.rebalance import Rebalancer
 from gateway.replicas import (
     LeaseRenewer,
     LeaseStartError,
@@ -355,6 +356,19 @@ class Gateway:
         )
         self._ops_runner, self.ops_port = await self._listen(ops, cfg.ops.listen, what="the ops listener")
         self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flusher")
+        # Shares from the lease rows (issue 22 point 2): sheds this replica's excess, and tells
+        # admission when a hello would put it further above its share.
+        self.rebalancer = Rebalancer(
+            cfg.rebalance,
+            ha=cfg.ha,
+            me=self.identity.id,
+            registry=self.registry,
+            leases=lease_view.leases,
+            draining=lambda: self.admission.draining,
+            metrics=self.metrics,
+        )
+        self.admission.over_share = self.rebalancer.over_share
+        self.tasks.spawn(self.rebalancer.run(), name="rebalancer")
         log.info(
             "gateway ready",
             extra={

@@ -32,9 +32,9 @@ Lease times are the database's on PostgreSQL (``gateway.store.replicas``): writt
 A reader measures its offset from the database's clock around one statement on a connection
 already checked out, so a wait for the pool is not taken for skew (it would age every lease).
 
-:class:`LeaseView` is what the API and metrics read: a snapshot of every row's ``renewed_at`` and
-run, cached per process for half a renewal interval, so listing 10,000 sandboxes reads the table
-once. Half an interval keeps a live replica's cached renewal at most ``1.5 x renew_interval_s``
+:class:`LeaseView` is what the API, the metrics and the rebalancer read: a snapshot of every row's
+``renewed_at``, run, sessions held and draining flag, cached per process for half a renewal
+interval, so listing 10,000 sandboxes reads the table once. Half an interval keeps a live replica's cached renewal at most ``1.5 x renew_interval_s``
 old, within ``lease_s`` (at least two intervals) with one late renewal to spare. A read has a
 deadline (``grpc.store_timeout_s``): past it, or on a failure, the previous snapshot is served for
 one more half interval, then the read fails with StoreError (503).
@@ -315,6 +315,8 @@ class LeaseView:
                 lease_s=self._ha.lease_s,
                 renewed_at={r.id: r.renewed_at for r in snapshot.rows},
                 runs={r.id: r.run_id for r in snapshot.rows},
+                sessions={r.id: r.sessions for r in snapshot.rows},
+                draining={r.id: r.draining for r in snapshot.rows},
                 # Both clocks read around one statement on the checked-out connection: the wait
                 # for the pool (and its pre-ping) is not counted as skew.
                 skew=(
@@ -322,6 +324,7 @@ class LeaseView:
                     if snapshot.database_now is None or snapshot.local_now is None
                     else snapshot.database_now - snapshot.local_now
                 ),
+                read_at=self._monotonic(),
             )
             self._cached = (self._monotonic(), leases)
             return leases

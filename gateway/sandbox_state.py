@@ -95,6 +95,14 @@ class ReplicaLeases:
     #: writes ``renewed_at`` with its own ``now()``); None: renewals were written on this process's
     #: clock (SQLite, one process).
     skew: timedelta | None = None
+    #: Each row's sessions held at its last renewal (``replicas.sessions``), for the rebalancer.
+    sessions: Mapping[str, int] = field(default_factory=dict)
+    #: Each row's draining flag at its last renewal (``replicas.draining``): such a replica takes
+    #: no sessions.
+    draining: Mapping[str, bool] = field(default_factory=dict)
+    #: When this process read the snapshot (its monotonic clock; None: not from a read, a test's):
+    #: the rebalancer acts on a snapshot only while it is fresh.
+    read_at: float | None = None
 
     def alive(self, replica_id: str | None, *, now: datetime, run: str | None = None) -> bool:
         """``replica_id`` renewed within ``lease_s`` of ``now`` (this process's clock, moved onto
