@@ -40,9 +40,9 @@ CAP_EVENTS = "events"
 CAP_RECONNECT = "reconnect"
 CAP_COMMANDS = "commands"
 #: The gateway may change the heartbeat interval of a live session with SessionUpdate (adaptive
-#: heartbeats). Not in ALL_CAPABILITIES until both sides implement it.
+#: heartbeats).
 CAP_INTERVAL = "interval"
-ALL_CAPABILITIES = (CAP_RESUME, CAP_EVENTS, CAP_RECONNECT, CAP_COMMANDS)
+ALL_CAPABILITIES = (CAP_RESUME, CAP_EVENTS, CAP_RECONNECT, CAP_COMMANDS, CAP_INTERVAL)
 
 
 class LogStream(enum.Enum):

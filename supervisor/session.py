@@ -361,6 +361,14 @@ class Session:
         self._answering = asyncio.Lock()
         #: Set by a HEARTBEAT command; the heartbeat loop reads it before every beat.
         self._interval_override: float | None = None
+        #: Set by the gateway's SessionUpdate (adaptive heartbeats) for the current session; the
+        #: command's override wins over it.
+        self._session_interval: float | None = None
+        #: Set when either changes: a heartbeat sleep in progress is cut short to the new interval.
+        self._interval_changed = asyncio.Event()
+        #: (time.monotonic(), delay window) of the reconnect hint that ended the last session: a new
+        #: session within the window (+ connect_timeout_s) is a move, not an outage.
+        self._hinted: tuple[float, float] | None = None
         self._credentials = GatewayCredentials(
             config.gateway, renewed_path=config.journal.directory / RENEWED_TOKEN_FILE
         )
@@ -686,16 +694,30 @@ class Session:
             # there the first call that succeeds says so (_credential_accepted).
             self._credential_accepted()
         self._note_reconnected()
+        self._session_interval = None
         self.status.sessions += 1
         self.status.state = "connected"
         self.status.mode = "events" if events_mode else "upstream"
         self.status.session_id = accepted.session_id
         self.status.connected_since = time.monotonic()
         write_lock = asyncio.Lock()
+        half_closed = False
 
         async def write(message: pb.SupervisorMessage) -> None:
             async with write_lock:
+                if half_closed:
+                    return  # the session is ending on a reconnect hint: what is unsent is resent
                 await call.write(message)
+
+        async def half_close() -> None:
+            # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it
+            # does not depend on it).
+            nonlocal half_closed
+            async with write_lock:
+                half_closed = True
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await call.done_writing()
 
         if events_mode:
             resume = accepted.resume_after_sequence
@@ -721,7 +743,7 @@ class Session:
         )
         tasks = [
             asyncio.create_task(self._heartbeats(write, interval), name="heartbeat"),
-            asyncio.create_task(self._receive(call, write, interval), name="receive"),
+            asyncio.create_task(self._receive(call, write, interval, half_close=half_close), name="receive"),
             asyncio.create_task(sender, name="send"),
         ]
         # Not among the tasks whose end ends the session: a renewal that stops (or fails) leaves
@@ -836,19 +858,35 @@ class Session:
     ) -> None:
         jitter = self._s.heartbeat_jitter
         self._interval_override = None
+        loop = asyncio.get_running_loop()
         while True:
-            current = self._interval_override or interval
-            await asyncio.sleep(current * (1 + jitter * random.uniform(-1, 1)))
+            due = loop.time() + self._interval(interval) * (1 + jitter * random.uniform(-1, 1))
+            while (left := due - loop.time()) > 0:
+                self._interval_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interval_changed.wait(), left)
+                    # A shorter interval applies to the sleep in progress (the gateway's stale
+                    # bound may follow it); a longer one from the next beat (the gateway widens
+                    # its bound as it writes the update, not before).
+                    due = min(
+                        due, loop.time() + self._interval(interval) * (1 + jitter * random.uniform(-1, 1))
+                    )
             msg = pb.SupervisorMessage()
             msg.heartbeat.sent_unix_ms = _now_ms()
             await write(msg)
 
     async def _receive(
-        self, call: Any, write: Callable[[pb.SupervisorMessage], Awaitable[None]], interval: float
+        self,
+        call: Any,
+        write: Callable[[pb.SupervisorMessage], Awaitable[None]],
+        interval: float,
+        *,
+        half_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         while True:
-            # A heartbeat command may have changed the interval: the silence we accept follows it.
-            stale = (self._interval_override or interval) * self._s.stale_after_intervals
+            # A heartbeat command or a SessionUpdate may have changed the interval: the silence we
+            # accept follows it.
+            stale = self._interval(interval) * self._s.stale_after_intervals
             try:
                 msg = await asyncio.wait_for(call.read(), stale)
             except TimeoutError:
@@ -866,6 +904,9 @@ class Session:
                         self._on_rtt(self.status.last_rtt_ms / 1000)
             elif kind == "reconnect":
                 window = msg.reconnect.delay_window_ms / 1000
+                self._hinted = (time.monotonic(), window)
+                if half_close is not None:
+                    await half_close()
                 raise SessionEnded(
                     f"gateway asked to reconnect: {msg.reconnect.reason}",
                     restart=True,
@@ -890,6 +931,21 @@ class Session:
                     for note in notes:
                         self._note(note)
                     await write(reply)
+            elif kind == "session_update":
+                # Adaptive heartbeats: the gateway's interval for this session from now on; nothing
+                # journaled (it is not about the sandbox). A HEARTBEAT command's interval wins.
+                update = msg.session_update
+                if update.heartbeat_interval_ms:
+                    self._session_interval = update.heartbeat_interval_ms / 1000
+                    self._interval_changed.set()
+                    log.info(
+                        "heartbeat interval set by the gateway to %.2fs",
+                        self._session_interval,
+                        extra={
+                            "interval_s": self._session_interval,
+                            "overridden": bool(self._interval_override),
+                        },
+                    )
             elif kind == "relay_open":
                 reply = pb.SupervisorMessage()
                 reply.relay_open_result.channel_id = msg.relay_open.channel_id
@@ -933,6 +989,7 @@ class Session:
             return reply, notes
         if command.kind is CommandKind.HEARTBEAT:
             self._interval_override = command.interval_ms / 1000
+            self._interval_changed.set()
             error = None
         elif self._on_command is None:
             error = f"{command.kind.value} commands are not supported by this supervisor"
@@ -954,12 +1011,26 @@ class Session:
             self.status.refused_since = None
         self._credentials.accepted(self._token)
 
+    def _interval(self, accepted_s: float) -> float:
+        """The heartbeat interval now: a HEARTBEAT command's, else the gateway's last SessionUpdate,
+        else the session's accepted one."""
+        return self._interval_override or self._session_interval or accepted_s
+
     def _note_reconnected(self) -> None:
-        """Journal the end of an outage (not the first connection), with its length."""
+        """Journal the end of an outage (not the first connection), with its length; a session
+        the gateway moved (a reconnect hint, then a new session within its window plus
+        connect_timeout_s) is no outage: a drain or rebalance adds nothing to the sandbox's history."""
         since = self.status.disconnected_since
         self.status.offline_since = self.status.disconnected_since = None
+        hinted, self._hinted = self._hinted, None
         if since is None or self.status.sessions == 0:
             return
+        if hinted is not None:
+            at, window = hinted
+            moved_in = time.monotonic() - at
+            if moved_in <= window + self._config.gateway.connect_timeout_s:
+                log.debug("moved to another gateway session in %.1fs after a reconnect hint", moved_in)
+                return
         outage_ms = int((time.monotonic() - since) * 1000)
         with contextlib.suppress(JournalError):
             self._journal.append(LifecycleRecord(kind=LifecycleKind.RECONNECTED, duration_ms=outage_ms))

@@ -17,7 +17,14 @@ from grpc import aio
 
 from openshell_wire.configfile import ConfigError, load_settings
 from openshell_wire.convert import command_to_proto
-from openshell_wire.records import Command, CommandKind
+from openshell_wire.records import (
+    ALL_CAPABILITIES,
+    CAP_INTERVAL,
+    Command,
+    CommandKind,
+    LifecycleKind,
+    LifecycleRecord,
+)
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.agent import journal_options
@@ -294,3 +301,133 @@ async def test_a_commands_audit_line_is_journaled_before_its_answer(tmp_path: Pa
     finally:
         await server.stop(None)
         journal.close()
+
+
+class _Beats(pb_grpc.OpenShellServicer):
+    """A gateway that answers every hello with ``answer`` and records when heartbeats come
+    (answering each with an echo when ``echo``)."""
+
+    def __init__(self, *answer: pb.GatewayMessage, echo: bool = True) -> None:
+        self.answer = answer
+        self.echo = echo
+        self.beats: list[float] = []
+        self.ends: list[float] = []
+
+    async def ConnectSupervisor(
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        async for _hello in request_iterator:
+            break
+        for message in self.answer:
+            yield message
+        async for message in request_iterator:
+            if message.WhichOneof("payload") == "heartbeat":
+                self.beats.append(time.monotonic())
+                if self.echo:
+                    echo = pb.GatewayMessage()
+                    echo.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+                    yield echo
+        self.ends.append(time.monotonic())
+
+
+def _update(interval_ms: int) -> pb.GatewayMessage:
+    message = pb.GatewayMessage()
+    message.session_update.heartbeat_interval_ms = interval_ms
+    message.session_update.stale_after_ms = interval_ms + 20_000
+    return message
+
+
+def _accepted(interval_ms: int) -> pb.GatewayMessage:
+    accepted = pb.GatewayMessage()
+    accepted.session_accepted.session_id = "s"
+    accepted.session_accepted.heartbeat_interval_ms = interval_ms
+    accepted.session_accepted.capabilities.extend(ALL_CAPABILITIES)
+    return accepted
+
+
+def test_the_supervisor_announces_the_interval_capability() -> None:
+    assert CAP_INTERVAL in ALL_CAPABILITIES
+
+
+async def test_a_session_update_sets_the_heartbeat_interval_at_once(tmp_path: Path) -> None:
+    """Accepted at 30 s, then told 100 ms: the sleep in progress is cut short and beats follow the
+    new interval (before SessionUpdate existed, the first beat came after ~30 s)."""
+    gateway = _Beats(_accepted(30_000), _update(100))
+    async with _session_against(tmp_path, gateway):
+        await _until(lambda: len(gateway.beats) >= 8, within=10, what="beats at the updated interval")
+    gaps = [b - a for a, b in itertools.pairwise(gateway.beats)]
+    assert max(gaps) < 1.0, gaps
+
+
+async def test_a_session_update_sets_the_stale_bound(tmp_path: Path) -> None:
+    """A gateway that stops answering is given up after the updated interval x
+    stale_after_intervals (0.2 s x 3), not the accepted 30 s one."""
+    gateway = _Beats(_accepted(30_000), _update(200), echo=False)
+    async with _session_against(tmp_path, gateway) as session:
+        await _until(
+            lambda: "no message from the gateway for 0.6s" in session.status.last_error,
+            within=10,
+            what="the session ended stale on the updated bound",
+        )
+
+
+async def test_a_heartbeat_command_wins_over_a_session_update(tmp_path: Path) -> None:
+    """The operator's HEARTBEAT command (30 s) set on the session, then the gateway's adaptive
+    100 ms: the command's interval stays."""
+    command = pb.GatewayMessage()
+    command.command.CopyFrom(
+        command_to_proto(Command(command_id="c-hb", kind=CommandKind.HEARTBEAT, interval_ms=30_000))
+    )
+    gateway = _Beats(_accepted(200), command, _update(100))
+    async with _session_against(tmp_path, gateway):
+        await asyncio.sleep(1.5)
+    # At most the beat whose sleep began before the command (at the accepted 200 ms).
+    assert len(gateway.beats) <= 1, gateway.beats
+
+
+def _reconnected(journal: Journal) -> int:
+    return sum(
+        1
+        for e in journal.read_after(0)
+        if isinstance(e.payload, LifecycleRecord) and e.payload.kind is LifecycleKind.RECONNECTED
+    )
+
+
+async def test_no_reconnected_record_after_a_hinted_move(tmp_path: Path) -> None:
+    """Every session ends on a reconnect hint (a drain, a rebalance) and the next is accepted
+    within the hint's window: no RECONNECTED lifecycle record (before, one per move)."""
+    accepted, hint = _accepted_then_reconnect(200)
+    gateway = _Answering(accepted, hint)
+    async with _session_against(tmp_path, gateway) as session:
+        await _until(lambda: session.status.sessions >= 4, within=10, what="four sessions")
+        assert _reconnected(session._journal) == 0
+
+
+async def test_a_reconnected_record_after_a_real_outage(tmp_path: Path) -> None:
+    """A session that ends without a hint (the gateway closed the stream), then a new one: the
+    outage is journaled; so is one after a hint whose new session came later than its window
+    plus connect_timeout_s."""
+    accepted = _accepted(10_000)
+
+    class _Closing(_Answering):
+        async def ConnectSupervisor(
+            self,
+            request_iterator: AsyncIterator[pb.SupervisorMessage],
+            context: aio.ServicerContext[object, object],
+        ) -> AsyncIterator[pb.GatewayMessage]:
+            self.attempts.append(time.monotonic())
+            async for _hello in request_iterator:
+                break
+            for message in self.answer:
+                yield message
+
+    gateway = _Closing(accepted)
+    async with _session_against(tmp_path, gateway) as session:
+        await _until(lambda: session.status.sessions >= 3, within=10, what="three sessions")
+        assert _reconnected(session._journal) >= 1
+        # A hint long ago (its window and the connect timeout passed): an outage all the same.
+        session._hinted = (time.monotonic() - 60, 1.0)
+        before = _reconnected(session._journal)
+        await _until(lambda: _reconnected(session._journal) > before, within=10, what="a record")
