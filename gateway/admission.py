@@ -1,19 +1,31 @@
-"""Admission control of hellos (issue 22 point 3): SEAM, implemented by the admission work.
+"""Admission control of hellos (issue 22 point 3).
 
-The interface the rest of the gateway uses: ``Admission.try_enter()`` never awaits and never
-touches the store; it answers a :class:`Ticket` (held until the hello is answered) or a
-:class:`Refusal`, which the hello answers at once with SessionRejected OVERLOADED and
-``retry_after_ms(refusal)``. ``draining`` is set by the drain.
+``Admission.try_enter()`` never awaits and never touches the store: it answers a :class:`Ticket`
+(held until the hello is answered) or a :class:`Refusal`, which the hello answers at once with
+SessionRejected OVERLOADED and ``retry_after_ms(refusal)``. There is no queue: a queue in front of
+the supervisors' 5 s connect timeout is how the gateway collapsed (it kept working on hellos whose
+supervisors had already given up), so what cannot be taken now is told when to come back.
+
+The checks, in order: ``draining`` (set by the drain on SIGTERM), then, when ``admission.enabled``,
+``max_sessions``, the token bucket (``hellos_per_s``, burst ``hello_burst``) and the concurrent
+handshakes (``max_concurrent_handshakes``), then the rebalancer's ``over_share``. A token is taken
+only when every check passed, so a refused hello costs nothing of the rate.
 """
 
 from __future__ import annotations
 
 import enum
+import random
+import time
 from collections.abc import Callable
 from types import TracebackType
 
 from gateway.config import AdmissionSettings
 from gateway.metrics import GatewayMetrics
+
+#: A draining or over-share replica's refusal: another replica takes the hello now, so come back
+#: soon (through the Service, which picks again), spread over this window.
+REDIRECT_RETRY_MS = (200, 1000)
 
 
 class Refusal(enum.StrEnum):
@@ -24,11 +36,17 @@ class Refusal(enum.StrEnum):
     OVER_SHARE = "over_share"
 
 
+#: Refusals that mean "this replica is busy": their retry-after is sized to the backlog.
+_BUSY = frozenset({Refusal.MAX_SESSIONS, Refusal.RATE, Refusal.CONCURRENCY})
+
+
 class Ticket:
     """An admitted hello's place among the concurrent handshakes; released on exit."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, *, started: float) -> None:
         self._admission = admission
+        self._started = started
+        self._released = False
 
     def __enter__(self) -> Ticket:
         return self
@@ -38,8 +56,18 @@ class Ticket:
     ) -> None:
         self.release()
 
+    def accepted(self) -> None:
+        """The hello's SessionAccepted was written: its handshake time is recorded, and the slot freed."""
+        if not self._released:
+            self._admission._observe_handshake(self._admission._clock() - self._started)
+        self.release()
+
     def release(self) -> None:
         """Idempotent: the hello was answered (or failed)."""
+        if self._released:
+            return
+        self._released = True
+        self._admission._leave()
 
 
 class Admission:
@@ -50,19 +78,109 @@ class Admission:
         sessions: Callable[[], int],
         metrics: GatewayMetrics | None = None,
         over_share: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
         self._metrics = metrics
-        #: Set by the rebalancer once it exists (see gateway.rebalance).
+        self._clock = clock
+        self._random = rng if rng is not None else random.Random()
+        #: Set by the rebalancer once it exists (see gateway.rebalance); None: never over share.
         self.over_share = over_share
-        #: Set by the drain on SIGTERM: every hello is refused from then on.
+        #: Set by the drain on SIGTERM: every hello is refused from then on, whether or not
+        #: ``admission.enabled`` (which switches off the bounds only).
         self.draining = False
+        # Token bucket: full at start (a replica that just started takes one burst at once).
+        self._tokens = float(settings.hello_burst)
+        self._refilled = clock()
+        self.inflight = 0
+        # Busy refusals of the current and the previous whole second (a sliding estimate of the
+        # last second's refusals, in constant memory whatever the storm).
+        self._second = int(clock())
+        self._refused_now = 0
+        self._refused_before = 0
+
+    # -- the gate ----------------------------------------------------------------------------
 
     def try_enter(self) -> Ticket | Refusal:
+        refusal = self._check()
+        if refusal is not None:
+            if refusal in _BUSY:
+                self._count_busy()
+            if self._metrics is not None:
+                self._metrics.admission_refusals.labels(refusal.value).inc()
+            return refusal
+        if self._settings.enabled:
+            self._tokens -= 1.0
+        self.inflight += 1
+        if self._metrics is not None:
+            self._metrics.handshakes_inflight.set(self.inflight)
+        return Ticket(self, started=self._clock())
+
+    def _check(self) -> Refusal | None:
         if self.draining:
             return Refusal.DRAINING
-        return Ticket(self)
+        settings = self._settings
+        if settings.enabled:
+            if settings.max_sessions and self._sessions() >= settings.max_sessions:
+                return Refusal.MAX_SESSIONS
+            self._refill()
+            if self._tokens < 1.0:
+                return Refusal.RATE
+            if self.inflight >= settings.max_concurrent_handshakes:
+                return Refusal.CONCURRENCY
+        if settings.refuse_over_share and self.over_share is not None and self.over_share():
+            return Refusal.OVER_SHARE
+        return None
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._refilled)
+        self._refilled = now
+        self._tokens = min(
+            float(self._settings.hello_burst), self._tokens + elapsed * self._settings.hellos_per_s
+        )
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        if self._metrics is not None:
+            self._metrics.handshakes_inflight.set(self.inflight)
+
+    def _observe_handshake(self, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.handshake_seconds.observe(seconds)
+
+    # -- the retry hint ----------------------------------------------------------------------
+
+    def _roll(self) -> float:
+        """Move the per-second refusal counts on to the current second; the current one's fraction."""
+        now = self._clock()
+        second = int(now)
+        if second != self._second:
+            self._refused_before = self._refused_now if second == self._second + 1 else 0
+            self._refused_now = 0
+            self._second = second
+        return now - second
+
+    def _count_busy(self) -> None:
+        self._roll()
+        self._refused_now += 1
+
+    def refused_last_s(self) -> float:
+        """Busy refusals over the last second (the previous second's share still inside it)."""
+        fraction = self._roll()
+        return self._refused_now + self._refused_before * (1.0 - fraction)
 
     def retry_after_ms(self, refusal: Refusal) -> int:
-        return self._settings.retry_after_min_ms
+        """A jittered retry hint: a refused cohort comes back spread, not as one burst.
+
+        Busy refusals: ``U(lo, hi)`` with ``lo = retry_after_min_ms`` and ``hi`` the time the last
+        second's refused hellos need at ``hellos_per_s``, clamped to ``[2 lo, retry_after_max_ms]``.
+        Draining and over-share: ``U(200, 1000)`` ms (another replica takes it now)."""
+        if refusal not in _BUSY:
+            return self._random.randint(*REDIRECT_RETRY_MS)
+        lo = self._settings.retry_after_min_ms
+        backlog_ms = self.refused_last_s() / self._settings.hellos_per_s * 1000.0
+        hi = min(max(backlog_ms, 2.0 * lo), float(self._settings.retry_after_max_ms))
+        return round(self._random.uniform(lo, max(lo, hi)))

@@ -196,7 +196,9 @@ class Gateway:
             # Hellos wait for this run's lease row (written before serving, except on a schema
             # not migrated yet: see below).
             lease_written=lambda: self._renewer is not None and self._renewer.written,
-            admission=self.admission if cfg.admission.enabled else None,
+            # Always: admission.enabled switches off the bounds only, a draining replica still
+            # refuses every hello.
+            admission=self.admission,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)

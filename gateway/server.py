@@ -53,7 +53,8 @@ from grpc import aio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from gateway import upstream_config
-from gateway.admission import Admission
+from gateway.admission import Admission, Ticket
+from gateway.admission import Refusal as AdmissionRefusal
 from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
@@ -364,14 +365,18 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     async def ConnectSupervisor(
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
     ) -> AsyncIterator[pb.GatewayMessage]:
+        # The hello's admission ticket (if any) is held here, so that however the hello ends
+        # (answered, refused, failed, cancelled) its concurrency slot is freed.
+        admitted = contextlib.ExitStack()
         try:
             # aclosing: when this call is closed at a yield (cancelled), _connect's cleanup (the
             # registry, the disconnection write) runs now, not whenever asyncio's asyncgen
             # finalizer gets to it.
-            async with contextlib.aclosing(self._connect(request_iterator, context)) as outs:
+            async with contextlib.aclosing(self._connect(request_iterator, context, admitted)) as outs:
                 async for out in outs:
                     yield out
         except StoreError as exc:
+            admitted.close()
             # Tell our supervisor on the stream (it backs off at least this long), then end the
             # call UNAVAILABLE with the same hint for any other client (gateway.rpc).
             retry_after_ms = store_retry_after_ms()
@@ -379,9 +384,14 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 self._metrics.sessions_rejected.labels(pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)).inc()
             yield _reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms)
             raise Unavailable(STORE_UNAVAILABLE, retry_after_ms=retry_after_ms, detail=str(exc)) from None
+        finally:
+            admitted.close()
 
     async def _connect(
-        self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: Ctx,
+        admitted: contextlib.ExitStack,
     ) -> AsyncGenerator[pb.GatewayMessage]:
         peer = context.peer()
         try:
@@ -412,6 +422,23 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             log.info("hello rejected: %s", problem, extra={"peer": peer})
             yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return
+        ticket: Ticket | None = None
+        if self._admission is not None:
+            # Before any signature check or store work, and no queue: a hello over a bound is
+            # answered now, with when to come back (see gateway.admission).
+            entered = self._admission.try_enter()
+            if isinstance(entered, AdmissionRefusal):
+                retry_after_ms = self._admission.retry_after_ms(entered)
+                log.debug(
+                    "hello refused: overloaded (%s)",
+                    entered.value,
+                    extra={"peer": peer, "sandbox_id": hello.sandbox_id, "retry_after_ms": retry_after_ms},
+                )
+                yield self._rejection(
+                    pb.REJECT_CODE_OVERLOADED, f"overloaded: {entered.value}, retry later", retry_after_ms
+                )
+                return
+            ticket = admitted.enter_context(entered)
         sandbox_id = SandboxId(hello.sandbox_id)
         if self._lease_written is not None and not self._lease_written():
             # A replica started before its schema was migrated renews in the background: a claim
@@ -537,6 +564,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 else 0
             )
             yield self._accept(session, hello, peer)
+            if ticket is not None:
+                ticket.accepted()  # written: the handshake is over, its slot freed
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
                 # The time left is the database's, from this replica's clock before the read: the
@@ -621,10 +650,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             else:
                 log.info("session closed (%s)", reason, extra=closed)
 
-    def _rejection(self, code: pb.RejectCode.ValueType, reason: str) -> pb.GatewayMessage:
+    def _rejection(
+        self, code: pb.RejectCode.ValueType, reason: str, retry_after_ms: int = 0
+    ) -> pb.GatewayMessage:
         if self._metrics is not None:
             self._metrics.sessions_rejected.labels(pb.RejectCode.Name(code)).inc()
-        return _reject(code, reason)
+        return _reject(code, reason, retry_after_ms)
 
     def _count_fenced(self, kind: str) -> None:
         if self._metrics is not None:

@@ -1,0 +1,197 @@
+"""The admission gate (gateway/admission.py) on an injected clock: its bounds, their order, the
+tickets, and the spread of the retry hints it hands out."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from gateway.admission import REDIRECT_RETRY_MS, Admission, Refusal, Ticket
+from gateway.config import AdmissionSettings
+from gateway.metrics import GatewayMetrics
+from gateway.sessions import SessionRegistry
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate(
+    clock: Clock, *, sessions: int = 0, metrics: GatewayMetrics | None = None, **settings: Any
+) -> Admission:
+    defaults: dict[str, Any] = {
+        "hellos_per_s": 10.0,
+        "hello_burst": 5,
+        "max_concurrent_handshakes": 100,
+        "retry_after_min_ms": 1000,
+        "retry_after_max_ms": 30000,
+    }
+    return Admission(
+        AdmissionSettings(**{**defaults, **settings}),
+        sessions=lambda: sessions,
+        metrics=metrics,
+        clock=clock,
+        rng=random.Random(7),
+    )
+
+
+def enter(admission: Admission) -> Ticket:
+    ticket = admission.try_enter()
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+def admitted_of(admission: Admission, n: int) -> int:
+    """How many of ``n`` hellos at this moment are admitted (each answered at once)."""
+    admitted = 0
+    for _ in range(n):
+        entered = admission.try_enter()
+        if isinstance(entered, Ticket):
+            entered.release()
+            admitted += 1
+    return admitted
+
+
+def test_the_bucket_admits_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    admission = gate(clock)
+    for _ in range(5):
+        enter(admission).release()
+    assert admission.try_enter() is Refusal.RATE
+    # Refused hellos take no token: 0.1 s later there is exactly one.
+    clock.now += 0.1
+    enter(admission).release()
+    assert admission.try_enter() is Refusal.RATE
+    # Over any long stretch: burst + rate x time, never more.
+    admitted = 0
+    for _ in range(1000):
+        clock.now += 0.01
+        admitted += admitted_of(admission, 1)
+    assert admitted == pytest.approx(100, abs=1)
+    # Idle for long: the bucket fills to the burst only.
+    clock.now += 3600
+    assert admitted_of(admission, 50) == 5
+
+
+def test_the_concurrency_bound_counts_tickets_until_released() -> None:
+    clock = Clock()
+    metrics = GatewayMetrics(SessionRegistry())
+    admission = gate(clock, hello_burst=100, max_concurrent_handshakes=3, metrics=metrics)
+    held = [enter(admission) for _ in range(3)]
+    assert admission.try_enter() is Refusal.CONCURRENCY
+    assert metrics.registry.get_sample_value("openshell_gateway_handshakes_inflight") == 3
+    held[0].release()
+    held[0].release()  # idempotent: frees one slot, not two
+    with held[1]:
+        pass
+    held[1].release()
+    assert admission.inflight == 1
+    assert metrics.registry.get_sample_value("openshell_gateway_handshakes_inflight") == 1
+    a, b = enter(admission), enter(admission)
+    assert admission.try_enter() is Refusal.CONCURRENCY
+    clock.now += 0.25
+    b.accepted()
+    b.accepted()
+    b.release()
+    assert admission.inflight == 2
+    # Only accepted hellos are timed, once each.
+    assert metrics.registry.get_sample_value("openshell_gateway_handshake_seconds_count") == 1
+    assert metrics.registry.get_sample_value("openshell_gateway_handshake_seconds_sum") == pytest.approx(0.25)
+    for ticket in (a, held[2]):
+        ticket.release()
+    assert admission.inflight == 0
+    refused = metrics.registry.get_sample_value(
+        "openshell_gateway_admission_refusals_total", {"reason": "concurrency"}
+    )
+    assert refused == 2
+
+
+def test_the_order_of_the_checks() -> None:
+    clock = Clock()
+    over = {"share": True}
+    admission = gate(clock, sessions=10, max_sessions=10, hello_burst=1, max_concurrent_handshakes=1)
+    admission.over_share = lambda: over["share"]
+    admission.draining = True
+    assert admission.try_enter() is Refusal.DRAINING
+    admission.draining = False
+    assert admission.try_enter() is Refusal.MAX_SESSIONS
+    admission = gate(clock, sessions=9, max_sessions=10, hello_burst=1, max_concurrent_handshakes=1)
+    admission.over_share = lambda: over["share"]
+    assert admission.try_enter() is Refusal.OVER_SHARE
+    # None of those took the one token.
+    over["share"] = False
+    held = enter(admission)
+    assert admission.try_enter() is Refusal.RATE  # the rate is checked before the concurrency
+    clock.now += 1
+    assert admission.try_enter() is Refusal.CONCURRENCY
+    held.release()
+    # refuse_over_share off: the rebalancer's answer is not asked.
+    admission = gate(clock, refuse_over_share=False)
+    admission.over_share = lambda: True
+    enter(admission).release()
+
+
+def test_draining_refuses_everything_even_with_the_bounds_off() -> None:
+    clock = Clock()
+    admission = gate(clock, enabled=False, hello_burst=1, max_concurrent_handshakes=1, max_sessions=1)
+    # Bounds off: no rate, no concurrency, no session count.
+    held = [enter(admission) for _ in range(50)]
+    assert admission.inflight == 50
+    admission.draining = True
+    for _ in range(20):
+        assert admission.try_enter() is Refusal.DRAINING
+        clock.now += 0.5
+    for ticket in held:
+        ticket.release()
+    assert admission.inflight == 0
+    retries = {admission.retry_after_ms(Refusal.DRAINING) for _ in range(200)}
+    assert min(retries) >= REDIRECT_RETRY_MS[0] and max(retries) <= REDIRECT_RETRY_MS[1]
+    assert len(retries) > 100
+
+
+def test_retry_after_is_spread_within_bounds_and_sized_to_the_backlog() -> None:
+    clock = Clock()
+    admission = gate(
+        clock, hellos_per_s=10.0, hello_burst=1, retry_after_min_ms=1000, retry_after_max_ms=30000
+    )
+    enter(admission).release()
+    # A few refused: the window is [lo, 2 lo].
+    first = []
+    for _ in range(5):
+        refusal = admission.try_enter()
+        assert refusal is Refusal.RATE
+        first.append(admission.retry_after_ms(refusal))
+    assert all(1000 <= ms <= 2000 for ms in first)
+    # 150 refused within the same second at 10 per second: 15 s of backlog, spread up to it.
+    hints = []
+    for _ in range(145):
+        refusal = admission.try_enter()
+        assert refusal is Refusal.RATE
+        hints.append(admission.retry_after_ms(refusal))
+    assert all(1000 <= ms <= 15000 for ms in hints)
+    assert max(hints) > 10000
+    assert len(set(hints)) > 130  # distinct: the cohort does not come back together
+    # A storm far above what the bound can spread: capped at the maximum.
+    for _ in range(5000):
+        admission.try_enter()
+    capped = [admission.retry_after_ms(Refusal.RATE) for _ in range(500)]
+    assert all(1000 <= ms <= 30000 for ms in capped) and max(capped) > 25000
+    # Seconds later the backlog is forgotten (the previous second counts for its share only).
+    clock.now += 1.5
+    assert admission.refused_last_s() == pytest.approx(0.5 * 5150, rel=0.01)
+    clock.now += 1.0
+    assert admission.refused_last_s() == 0
+    assert all(1000 <= admission.retry_after_ms(Refusal.RATE) <= 2000 for _ in range(100))
+
+
+def test_retry_after_with_equal_bounds() -> None:
+    clock = Clock()
+    admission = gate(clock, retry_after_min_ms=500, retry_after_max_ms=500, hello_burst=1)
+    enter(admission)
+    assert {admission.retry_after_ms(Refusal.RATE) for _ in range(20)} == {500}
