@@ -5,13 +5,21 @@ come back, spread, and obey it; a refused real supervisor does not count itself 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import random
 import re
 import time
+import urllib.request
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from grpc import aio
+
+from openshell_wire.v1 import openshell_pb2 as pb
+from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
 from tests.support.simsup import SimSupervisor
 
@@ -176,3 +184,65 @@ def test_a_refused_supervisor_waits_the_retry_after_and_is_not_offline(tmp_path:
     text = supervisor.log_text()
     assert "unreachable for" not in text and "offline policy" not in text, text[-3000:]
     assert "rejected: overloaded: rate, retry later" in text
+
+
+async def hello_then_leave(address: str, sandbox_id: str, *, after_s: float) -> None:
+    """A hello whose client gives up ``after_s`` later, answered or not (its 5 s timeout, squeezed)."""
+    async with aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        call: Any = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+        hello = pb.SupervisorMessage()
+        hello.hello.sandbox_id = sandbox_id
+        hello.hello.instance_id = sandbox_id
+        hello.hello.connection_epoch = 1
+        with contextlib.suppress(aio.AioRpcError):
+            await call.write(hello)
+            await asyncio.sleep(after_s)
+        call.cancel()
+
+
+def inflight(gateway: GatewayProcess) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=5).read().decode()
+    match = re.search(r"^openshell_gateway_handshakes_inflight (\S+)$", body, re.MULTILINE)
+    assert match, body[:2000]
+    return float(match.group(1))
+
+
+def test_hellos_that_give_up_midway_free_their_handshake_slots(tmp_path: Path) -> None:
+    """However a hello ends (answered, refused, or its client gone while the gateway works on it),
+    its place among the concurrent handshakes is freed: a leak would refuse every hello for good
+    once max_concurrent_handshakes of them leaked."""
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        heartbeat_interval_s=5.0,
+        extra=[
+            "--set", "admission.max_concurrent_handshakes=2",
+            "--set", "admission.hellos_per_s=10000",
+            "--set", "admission.hello_burst=10000",
+        ],
+    )  # fmt: skip
+    gateway.start()
+    try:
+
+        async def storm() -> None:
+            # Rounds of 40 at once, each leaving 0-30 ms after its hello: many leave while their
+            # hello is worked on (the claim, the reads), some after their answer.
+            for round_ in range(5):
+                await asyncio.gather(
+                    *(
+                        hello_then_leave(
+                            gateway.address, f"leaver-{round_}-{i}", after_s=random.uniform(0, 0.03)
+                        )
+                        for i in range(40)
+                    )
+                )
+
+        asyncio.run(storm())
+        wait_until(lambda: inflight(gateway) == 0, timeout=15, what="no handshake left in flight")
+        # And the gateway still takes hellos: a burst larger than the bound, all accepted.
+        sims = asyncio.run(burst(gateway.address, 10, timeout_s=30))
+        assert all(sim.sessions for sim in sims), [sim.rejections for sim in sims]
+        assert inflight(gateway) == 0
+    finally:
+        gateway.stop()
+    log = gateway.log_text()
+    assert "Traceback" not in log and not re.search(r"^\S+ (error|critical)", log, re.MULTILINE), log[-3000:]
