@@ -34,10 +34,11 @@ already checked out, so a wait for the pool is not taken for skew (it would age 
 
 :class:`LeaseView` is what the API, the metrics and the rebalancer read: a snapshot of every row's
 ``renewed_at``, run, sessions held and draining flag, cached per process for half a renewal
-interval, so listing 10,000 sandboxes reads the table once. Half an interval keeps a live replica's cached renewal at most ``1.5 x renew_interval_s``
-old, within ``lease_s`` (at least two intervals) with one late renewal to spare. A read has a
-deadline (``grpc.store_timeout_s``): past it, or on a failure, the previous snapshot is served for
-one more half interval, then the read fails with StoreError (503).
+interval, so listing 10,000 sandboxes reads the table once. Half an interval keeps a live
+replica's cached renewal at most ``1.5 x renew_interval_s`` old, within ``lease_s`` (at least two
+intervals) with one late renewal to spare. A read has a deadline (``grpc.store_timeout_s``):
+past it, or on a failure, the previous snapshot is served for one more half interval, then the
+read fails with StoreError (503).
 """
 
 from __future__ import annotations
