@@ -36,6 +36,7 @@ from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
+from gateway.heartbeats import HeartbeatGovernor
 from gateway.metrics import GatewayMetrics
 from gateway.notify import Note, Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
@@ -127,6 +128,8 @@ class Gateway:
         #: The long-lived loops of this process (rebalancer, heartbeat governor, drain), cancelled
         #: by stop().
         self.tasks = BackgroundTasks("gateway")
+        #: The heartbeat interval this replica hands out (adaptive: sessions.max_heartbeats_per_s).
+        self.heartbeats = HeartbeatGovernor(config.sessions, registry=self.registry, metrics=self.metrics)
 
     @property
     def sandboxes(self) -> SandboxStore:
@@ -199,6 +202,7 @@ class Gateway:
             # Always: admission.enabled switches off the bounds only, a draining replica still
             # refuses every hello.
             admission=self.admission,
+            heartbeats=self.heartbeats,
         )
         guard = self._guard = CallGuard(metrics=self.metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["OpenShell"], self._service, guard=guard)
@@ -270,6 +274,7 @@ class Gateway:
         self.metrics.use_leases(self._renewer.replica, lease_view.leases)
         await server.start()
         self._server = server
+        self.tasks.spawn(self.heartbeats.run(), name="heartbeat governor")
         self._grpc_serving = True
         # NOT_SERVING until the health follower's first verdict (below, once the database and its
         # schema are checked) says otherwise: /readyz says the same meanwhile.

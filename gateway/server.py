@@ -59,6 +59,7 @@ from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
+from gateway.heartbeats import HeartbeatGovernor, SessionUpdateOut
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaIdentity, this_replica
 from gateway.routing import Handed
@@ -189,8 +190,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         identity: ReplicaIdentity | None = None,
         lease_written: Callable[[], bool] | None = None,
         admission: Admission | None = None,
+        heartbeats: HeartbeatGovernor | None = None,
     ) -> None:
         self._metrics = metrics
+        #: The interval handed out (adaptive; a governor that never runs keeps the fixed one).
+        self._heartbeats = (
+            heartbeats if heartbeats is not None else HeartbeatGovernor(config.sessions, registry=registry)
+        )
         #: Bounds the hellos worked on (None: no bound, as in tests of other concerns).
         self._admission = admission
         #: Whether this run's lease row exists yet (None: always, as in tests of other concerns).
@@ -745,15 +751,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         accepted = pb.GatewayMessage()
         sa = accepted.session_accepted
         sa.session_id = session.session_id
-        interval = self._config.sessions.heartbeat_interval_s
+        # The adaptive interval (gateway.heartbeats): this replica's sessions / max_heartbeats_per_s,
+        # clamped; the fixed heartbeat_interval_s while few sessions are held.
+        interval = self._heartbeats.interval_s
+        session.heartbeat_interval_s = interval
         sa.heartbeat_interval_secs = max(1, round(interval))
         sa.heartbeat_interval_ms = round(interval * 1000)
         # An upstream supervisor knows only the whole seconds, which may round above the interval,
         # and beats no faster than every 5 s: a session without our capabilities gets a stale
-        # bound with room for both (the API's liveness rule counts on the largest bound).
-        session.stale_after_s = Liveness.from_settings(self._config.sessions).stale_after_of(
-            upstream=not capabilities
-        )
+        # bound with room for both. A bound above the fixed interval's is kept fresh for the API
+        # by the heartbeat flush's renewal (SessionRegistry.take_heartbeats).
+        session.stale_after_s = self._heartbeats.stale_after_s(interval, upstream=not capabilities)
         sa.stale_after_ms = round(session.stale_after_s * 1000)
         sa.capabilities.extend(sorted(capabilities))
         sa.resume_after_sequence = resume_after
@@ -860,6 +868,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         raise
                     # Resumed: gRPC has written the message to this open stream.
                     _settle(item.taken, True)
+                    continue
+                if isinstance(item, SessionUpdateOut):
+                    # Widened as it is written, never narrowed: a supervisor that never got a
+                    # longer interval keeps the old pace, and one told a shorter one may still be
+                    # in a sleep of the old length.
+                    session.stale_after_s = max(session.stale_after_s, item.stale_after_s)
+                    yield item.message
+                    if self._metrics is not None:
+                        self._metrics.session_updates.inc()
                     continue
                 if isinstance(item, Outbound):
                     yield item.message

@@ -93,6 +93,9 @@ class Session:
     #: Why this session was asked to reconnect elsewhere (drain, rebalance, max age), once it was:
     #: a session is hinted at most once, and its disconnection write may wait for the move.
     hinted: str | None = None
+    #: The heartbeat interval last handed to the supervisor (SessionAccepted, then SessionUpdate
+    #: when queued: :mod:`gateway.heartbeats`); 0 until accepted.
+    heartbeat_interval_s: float = 0.0
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
