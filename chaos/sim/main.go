@@ -212,7 +212,7 @@ loop:
 		"rejected": st.rejected.Load(), "rejected_by_code": st.rejectedByCode, "failed_attempts": st.failedAttempts.Load(),
 		"connect_timeouts": st.connectTimeouts.Load(), "hints": st.hints.Load(), "session_updates": st.updates.Load(),
 		"heartbeats_sent": st.hbSent.Load(), "heartbeats_echoed": st.hbEchoed.Load(),
-		"rtt_ms": map[string]float64{"p50": qa[0], "p90": qa[1], "p99": qa[2], "p999": qa[3]},
+		"rtt_ms":         map[string]float64{"p50": qa[0], "p90": qa[1], "p99": qa[2], "p999": qa[3]},
 		"events_written": st.eventsWritten.Load(), "events_acked": st.eventsAcked.Load(), "checks": st.checks.Load(),
 		"violations": st.violations.Load(), "violation_samples": st.violationText, "errors": st.errCounts,
 		"series": series, "supervisors": finals,

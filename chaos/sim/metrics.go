@@ -69,9 +69,9 @@ func quantiles(c []uint64, qs ...float64) []float64 {
 // stats are the fleet's counters, shared by every simulated supervisor of this process.
 type stats struct {
 	up, attempts, accepted, rejected, failedAttempts, connectTimeouts atomic.Int64
-	hbSent, hbEchoed, hints, updates                        atomic.Int64
-	eventsWritten, eventsAcked, checks, violations          atomic.Int64
-	rttAll, rttWin                                          *hist
+	hbSent, hbEchoed, hints, updates                                  atomic.Int64
+	eventsWritten, eventsAcked, checks, violations                    atomic.Int64
+	rttAll, rttWin                                                    *hist
 
 	mu             sync.Mutex
 	violationText  []string

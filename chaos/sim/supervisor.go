@@ -256,7 +256,8 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 		}
 		return time.Duration(float64(iv) * (1 + s.c.jitter*(2*mrand.Float64()-1)))
 	}
-	hb := time.NewTimer(nextBeat())
+	delay := nextBeat()
+	hb := time.NewTimer(delay)
 	defer hb.Stop()
 	var evTick <-chan time.Time
 	if s.c.eventEvery > 0 {
@@ -282,8 +283,11 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 			}
 			return o, e.err
 		case <-hb.C:
-			// Stale after three intervals without a word from the gateway, as the supervisor.
-			if time.Since(time.Unix(0, lastFromGateway.Load())) > 3*time.Duration(intervalNs.Load()) {
+			// Stale after three intervals without a word from the gateway, as the supervisor; the gateway
+			// only answers beats, so the beat just due (set before a SessionUpdate shortened the
+			// interval) counts too.
+			bound := 3 * max(time.Duration(intervalNs.Load()), delay)
+			if time.Since(time.Unix(0, lastFromGateway.Load())) > bound {
 				return o, errors.New("gateway stale")
 			}
 			now := time.Now()
@@ -294,7 +298,8 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 				Heartbeat: &pb.SupervisorHeartbeat{SentUnixMs: ms}}}); err != nil {
 				return o, err
 			}
-			hb.Reset(nextBeat())
+			delay = nextBeat()
+			hb.Reset(delay)
 		case <-evTick:
 			if !writing.Load() {
 				continue
