@@ -34,6 +34,7 @@ from gateway.auth.people import PeopleAuth
 from gateway.auth.sandbox_tokens import SandboxTokens
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
+from gateway.drain import SHUTDOWN, Drainer
 from gateway.drivers import Provisioner
 from gateway.drivers.local import LocalProvisioner
 from gateway.heartbeats import HeartbeatGovernor
@@ -67,8 +68,8 @@ from openshell_wire.v1 import openshell_pb2 as pb
 log = logging.getLogger(__name__)
 
 #: ``Gateway.stop`` ends within ``grpc.shutdown_grace_s`` + this. The chart's
-#: terminationGracePeriodSeconds is drainSeconds + grpc.shutdownGraceSeconds + 10: the last 2 s
-#: are for the interpreter to exit.
+#: terminationGracePeriodSeconds is preStopSeconds + drain settle + window (``Gateway.drain``) +
+#: grpc.shutdownGraceSeconds + 10: the last 2 s are for the process to exit.
 STOP_MARGIN_S = 8.0
 #: At most this long (of the margin) to stop the HTTP API.
 HTTP_STOP_S = 5.0
@@ -128,6 +129,8 @@ class Gateway:
         #: The long-lived loops of this process (rebalancer, heartbeat governor, drain), cancelled
         #: by stop().
         self.tasks = BackgroundTasks("gateway")
+        #: When the drain began (loop time; None: serving). See begin_drain().
+        self._draining_since: float | None = None
         #: The heartbeat interval this replica hands out (adaptive: sessions.max_heartbeats_per_s).
         self.heartbeats = HeartbeatGovernor(config.sessions, registry=self.registry, metrics=self.metrics)
 
@@ -445,10 +448,57 @@ class Gateway:
                 # Sessions whose sandbox a newer session claimed end now (SessionRejected SUPERSEDED).
                 self.registry.fence(fenced, sessions)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining_since is not None
+
+    async def begin_drain(self) -> None:
+        """Stop taking work, before any session is touched (idempotent): every hello is refused
+        (OVERLOADED "draining", with a short retry hint: it may still reach us while endpoints
+        move), /readyz says 503 and gRPC health NOT_SERVING, the lease row says draining (the
+        others stop counting this replica) and the Kubernetes driver's leader Lease is released.
+        Each store step is bounded: a hung database must not eat the drain's time."""
+        if self._draining_since is not None:
+            return
+        self._draining_since = asyncio.get_running_loop().time()
+        self.admission.draining = True
+        self.metrics.draining.set(1)
+        self._grpc_serving = False  # /readyz says so at once: no new work is sent here
+        if self._health_servicer is not None:
+            # gRPC health says so at once too, not at the follower's next tick; the follower's
+            # later verdicts are ignored from here.
+            await self._health_servicer.enter_graceful_shutdown()
+        log.info("draining: refusing hellos, not ready", extra={"sessions": len(self.registry)})
+        if self._renewer is not None:
+            # The others see this replica going before its sessions move. Best effort, and short
+            # (renewals keep saying it).
+            await _bounded(self._renewer.drain(), DRAIN_MARK_S, what="marking this replica draining")
+        step_down = getattr(self._provisioner, "step_down", None)  # the Kubernetes driver's leader
+        if step_down is not None:
+            # The Lease released first: another replica takes the pod watch over within its retry
+            # period instead of a lease duration after this one is gone.
+            await _bounded(step_down(), DRAIN_MARK_S * 3, what="releasing the leader Lease")
+
+    async def drain(self) -> None:
+        """The first SIGTERM's work before the stop (gateway.drain): ``begin_drain``, then the
+        sessions are asked to reconnect elsewhere at a paced rate until none is left or
+        ``drain.settle_s + drain.window_s`` after the drain began. Cancelled by a second signal."""
+        await self.begin_drain()
+        assert self._draining_since is not None
+        settings = self.config.drain
+        drainer = Drainer(self.registry, settings, metrics=self.metrics)
+        task = self.tasks.spawn(
+            drainer.run(deadline=self._draining_since + settings.settle_s + settings.window_s), name="drain"
+        )
+        # Cancelling this call cancels the drainer too (a task awaiting a task cancels it).
+        await task
+
     async def stop(self) -> None:
         """Stop within ``grpc.shutdown_grace_s + STOP_MARGIN_S`` whatever the database does (the
         chart's ``terminationGracePeriodSeconds`` counts on it): the phases share one deadline, each
-        bounded by what is left of it, and the disconnection writes still retrying get the rest."""
+        bounded by what is left of it, and the disconnection writes still retrying get the rest.
+        Without a drain before it (``drain``), it begins with ``begin_drain``'s steps; the sessions
+        still here are asked to reconnect within ``drain.final_spread_s`` (not a bare end)."""
         loop = asyncio.get_running_loop()
         grace = self.config.grpc.shutdown_grace_s
         deadline = loop.time() + grace + STOP_MARGIN_S
@@ -456,24 +506,20 @@ class Gateway:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
-        if self._health_servicer is not None:
-            # gRPC health says so at once too, not at the follower's next tick; the follower's
-            # later verdicts are ignored from here.
-            await self._health_servicer.enter_graceful_shutdown()
-        self._grpc_serving = False  # /readyz says so at once: no new work is sent here
-        if self._renewer is not None:
-            # The others see this replica going before its sessions end. Best effort, and short: a
-            # hung database must not eat the sessions' shutdown time (renewals keep saying it).
-            await _bounded(
-                self._renewer.drain(), min(DRAIN_MARK_S, left()), what="marking this replica draining"
-            )
-        step_down = getattr(self._provisioner, "step_down", None)  # the Kubernetes driver's leader
-        if step_down is not None:
-            # The Lease released first: another replica takes the pod watch over within its retry
-            # period instead of a lease duration after this one is gone.
-            await _bounded(step_down(), min(DRAIN_MARK_S * 3, left()), what="releasing the leader Lease")
+        await self.begin_drain()
+        # The drain's pacing (if a second signal cut it short), the rebalancer, the governor.
         await self.tasks.close(timeout_s=min(DRAIN_MARK_S, left()))
-        self.registry.close_all("gateway shutting down")
+        hinted = self.registry.close_all(
+            "gateway shutting down", hint=SHUTDOWN, spread_s=self.config.drain.final_spread_s
+        )
+        if hinted:
+            self.metrics.reconnect_hints.labels(SHUTDOWN).inc(hinted)
+            log.info(
+                "asked %d sessions to reconnect within %.1fs",
+                hinted,
+                self.config.drain.final_spread_s,
+                extra={"hinted": hinted},
+            )
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,12 @@ from openshell_wire.logsetup import setup_logging
 
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77  # no usable token: the message says what to run
+#: A third SIGTERM/SIGINT: the stop did not finish.
+EX_SIGNALLED = 1
+#: After the stop, how long the tasks still running get to end before the process exits anyway.
+EXIT_WAIT_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -136,18 +145,82 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _serve(config: GatewayConfig) -> None:
+    """Serve until SIGTERM or SIGINT: the first drains (``Gateway.drain``), then stops; a second
+    cuts the drain short and stops at once (the stop's own deadline); a third exits the process
+    at once. Once stopped, the process exits whatever is left running (``_leave``)."""
     from gateway.app import Gateway  # noqa: PLC0415
 
     gateway = Gateway(config)
     await gateway.start()
-    stop = asyncio.Event()
+    first, second = asyncio.Event(), asyncio.Event()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: draining, then stopping", sig.name, extra={"signal": sig.name})
+            first.set()
+        elif signals == 2:
+            log.warning("%s again: stopping now, without the rest of the drain", sig.name)
+            second.set()
+        else:
+            _exit_now(EX_SIGNALLED, f"{sig.name} a third time: exiting at once, nothing more is written")
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await stop.wait()
+        await first.wait()
+        drain = asyncio.create_task(gateway.drain(), name="drain")
+        cut = asyncio.create_task(second.wait(), name="second signal")
+        await asyncio.wait({drain, cut}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, cut):
+            task.cancel()
+        for outcome in await asyncio.gather(drain, cut, return_exceptions=True):
+            if isinstance(outcome, Exception):  # a bug: the stop below still runs
+                log.error("the drain failed; stopping", exc_info=outcome)
     finally:
         await gateway.stop()
+    await _leave(timeout_s=EXIT_WAIT_S)
+
+
+async def _leave(*, timeout_s: float) -> None:
+    """After the stop: cancel what is still running and wait up to ``timeout_s`` for it; what is
+    left after that (a task that ignores its cancellation, a store call stuck in a database driver's
+    thread on a locked SQLite file) would keep asyncio.run's teardown, or the interpreter's wait for
+    its threads, from ever ending: the process exits at once instead, saying what it left."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    for task in tasks:
+        task.cancel()
+    pending: set[asyncio.Task[Any]] = set()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    threads = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+    if pending or threads:
+        names = sorted(
+            f"{task.get_name()} ({getattr(task.get_coro(), '__qualname__', '?')})" for task in pending
+        )
+        names += sorted(f"thread {thread.name}" for thread in threads)
+        _exit_now(
+            0,
+            f"stopped, leaving {len(pending)} tasks and {len(threads)} threads that did not end: "
+            + ", ".join(names[:10]),
+        )
+
+
+def _exit_now(code: int, why: str) -> None:
+    """Exit the process now, without waiting for tasks or threads; said first (logs flushed)."""
+    log.warning("%s (exit status %d)", why, code, extra={"exit_status": code})
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _migrate(config: GatewayConfig) -> None:

@@ -59,6 +59,7 @@ from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
 from gateway.config import GatewayConfig
+from gateway.drain import disconnect_delay_s
 from gateway.heartbeats import HeartbeatGovernor, SessionUpdateOut
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaIdentity, this_replica
@@ -633,12 +634,14 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 # The handler may be cancelled (the peer went away): the write that records the
                 # disconnection runs as its own task, which the gateway awaits before it closes
                 # the database. A fenced session's would be fenced too: a newer one owns the row.
+                # A session asked to move waits for its supervisor's claim elsewhere (drain).
                 self._spawn(
                     self._record_disconnected(
                         sandbox_id,
                         session.session_id,
                         generation=session.generation,
                         owner_epoch=session.owner_epoch,
+                        delay_s=disconnect_delay_s(session.hinted, self._config),
                     ),
                     name=f"disconnected-{sandbox_id}",
                 )
@@ -674,12 +677,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         *,
         generation: int,
         owner_epoch: int | None = None,
+        delay_s: float = 0.0,
     ) -> None:
         """Mark the sandbox disconnected, retrying while the store fails. The write is conditional
         on the session (its id, and with ``owner_epoch`` its claim), so once it runs, whether it
         changed the row or found a newer session there (fenced: counted, not retried), it is done,
-        and it can land in any order with a newer session's claim."""
+        and it can land in any order with a newer session's claim. ``delay_s``: a session asked to
+        reconnect elsewhere waits for its supervisor's new claim, which usually wins, so the API
+        does not show a moved sandbox disconnected meanwhile (the shutdown's deadline bounds it)."""
         at = datetime.now(UTC)
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
 
         def failed(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -713,9 +721,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         owner_epoch=owner_epoch,
                     )
         except Fenced as exc:
-            # The usual end of a session whose supervisor reconnected elsewhere first.
+            # The usual end of a session whose supervisor reconnected elsewhere first (a drain
+            # moves thousands: debug, counted in fenced_writes).
             self._count_fenced(exc.kind)
-            log.info(
+            log.debug(
                 "disconnection not recorded: %s",
                 exc,
                 extra={"sandbox_id": sandbox_id, "session_id": session_id},

@@ -252,9 +252,21 @@ class SessionRegistry:
         """The sandboxes whose live session this replica holds (a copy)."""
         return list(self._live)
 
-    def close_all(self, reason: str) -> None:
-        for session in self._live.values():
-            session.inbox.put_nowait(Close(reason))
+    def sessions(self) -> list[Session]:
+        """The live sessions (a copy)."""
+        return list(self._live.values())
+
+    def close_all(self, reason: str, *, hint: str | None = None, spread_s: float = 0.0) -> int:
+        """End every live session; with ``hint``, as ``hint()`` with that reason and ``spread_s``
+        (a session hinted already just ends), so a supervisor that speaks ``reconnect`` moves
+        within its spread instead of seeing a bare end of stream. The number of hints sent."""
+        hinted = 0
+        for session in list(self._live.values()):
+            if hint is not None and self.hint(session, reason=hint, spread_s=spread_s):
+                hinted += 1
+            else:
+                session.inbox.put_nowait(Close(reason))
+        return hinted
 
     def hint(self, session: Session, *, reason: str, spread_s: float) -> bool:
         """Ask ``session``'s supervisor to reconnect (elsewhere, through the Service) within a

@@ -117,6 +117,9 @@ class GatewayProcess:
             "--set", f"sessions.heartbeat_interval_s={self.heartbeat_interval_s}",
             "--set", f"sessions.grace_s={self.grace_s}",
             "--set", "sessions.heartbeat_flush_interval_s=0.5",
+            # No balancer to wait for on SIGTERM: the drain's hints go out at once (extra may
+            # set it, as tests/integration/test_drain.py does).
+            "--set", "drain.settle_s=0",
             # A replica id of its own (stable across restarts): gateways of one test share a host
             # name, the default id, and would take each other's lease row (extra may override it).
             "--set", f"ha.replica_id=gateway-{self.grpc_port}",

@@ -179,13 +179,17 @@ class SimSupervisor:
             "last_heard": time.monotonic(),
         }
         outcome: list[tuple[str, float, int]] = []  # (end, wait, failures)
+        # One write at a time on a gRPC aio call (a second one in flight fails the call INTERNAL,
+        # GRPC_CALL_ERROR_TOO_MANY_OPERATIONS): heartbeats and batches take turns.
+        writing = asyncio.Lock()
 
         async def heartbeats() -> None:
             while True:
                 await asyncio.sleep(state["interval_s"] * random.uniform(0.8, 1.2))
                 beat = pb.SupervisorMessage()
                 beat.heartbeat.sent_unix_ms = int(time.time() * 1000)
-                await call.write(beat)
+                async with writing:
+                    await call.write(beat)
 
         async def sender() -> None:
             while True:
@@ -199,7 +203,8 @@ class SimSupervisor:
                         event = batch.events.events.add(sequence=seq, timestamp_ms=int(time.time() * 1000))
                         event.log.stream = pb.LOG_STREAM_STDOUT
                         event.log.message = f"{self.sandbox_id} line {seq}"
-                    await call.write(batch)
+                    async with writing:
+                        await call.write(batch)
                     state["sent"] = upto
 
         async def receiver() -> None:

@@ -1,0 +1,110 @@
+"""The drain's pacing (gateway.drain) over a real SessionRegistry, and the shutdown's final hints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.config import DrainSettings, GatewayConfig
+from gateway.drain import Drainer, disconnect_delay_s, pace
+from gateway.sessions import Close, InboxItem, Outbound, Session, SessionRegistry
+from openshell_wire.records import CAP_EVENTS, CAP_RECONNECT, JournalEpoch, SandboxId
+
+
+def _open(
+    registry: SessionRegistry, n: int, *, capabilities: frozenset[str], prefix: str = "s"
+) -> list[Session]:
+    sessions = []
+    for i in range(n):
+        session = registry.open(
+            sandbox_id=SandboxId(f"{prefix}{i}"),
+            instance_id="i",
+            journal_epoch=JournalEpoch("e"),
+            capabilities=capabilities,
+            owner_epoch=1,
+        )
+        assert session is not None
+        sessions.append(session)
+    return sessions
+
+
+async def _handler(
+    registry: SessionRegistry, session: Session, seen: dict[str, list[tuple[float, InboxItem]]]
+) -> None:
+    """What the session's stream handler does with its inbox: writes, then ends on Close."""
+    while True:
+        item = await session.inbox.get()
+        seen.setdefault(session.sandbox_id, []).append((time.monotonic(), item))
+        if isinstance(item, Close):
+            registry.close(session)
+            return
+
+
+def test_pace_spreads_over_the_window_within_the_bounds() -> None:
+    assert pace(1000, window_s=10, min_rate=20, max_rate=200) == 100
+    assert pace(10_000, window_s=10, min_rate=20, max_rate=200) == 200
+    assert pace(5, window_s=10, min_rate=20, max_rate=200) == 20
+    assert pace(0, window_s=10, min_rate=20, max_rate=200) == 20
+
+
+def test_only_moved_sessions_wait_for_their_disconnection_write() -> None:
+    config = GatewayConfig()
+    assert disconnect_delay_s(None, config) == 0
+    assert disconnect_delay_s("shutdown", config) == 0
+    assert disconnect_delay_s("drain", config) == config.drain.hint_spread_s + config.grpc.store_timeout_s
+    assert (
+        disconnect_delay_s("rebalance", config)
+        == config.rebalance.hint_spread_s + config.grpc.store_timeout_s
+    )
+
+
+async def test_the_drain_settles_then_hints_every_session_once_at_the_paced_rate() -> None:
+    registry = SessionRegistry()
+    sessions = _open(registry, 30, capabilities=frozenset({CAP_EVENTS, CAP_RECONNECT}))
+    # One without `reconnect` (an upstream supervisor): its stream just ends, paced the same.
+    (plain,) = _open(registry, 1, capabilities=frozenset({CAP_EVENTS}), prefix="plain")
+    seen: dict[str, list[tuple[float, InboxItem]]] = {}
+    handlers = [asyncio.create_task(_handler(registry, s, seen)) for s in [*sessions, plain]]
+    settings = DrainSettings(
+        settle_s=0.3, window_s=1.6, max_hints_per_s=1000, min_hints_per_s=1, hint_spread_s=0.5
+    )
+    began = time.monotonic()
+    await Drainer(registry, settings).run(deadline=began + settings.settle_s + settings.window_s)
+    took = time.monotonic() - began
+    await asyncio.gather(*handlers)
+    assert len(registry) == 0
+    # Empty before the deadline: it returned then, not at the deadline.
+    assert took < settings.settle_s + settings.window_s
+    hints = sorted(t for items in seen.values() for t, item in items if isinstance(item, Close))
+    assert hints[0] - began >= settings.settle_s * 0.95
+    # Spread over (most of) the window, not sent at once.
+    assert hints[-1] - hints[0] >= 0.8 * (settings.window_s - settings.settle_s) * 0.9 * 30 / 31
+    for session in sessions:
+        kinds = [type(item) for _, item in seen[session.sandbox_id]]
+        assert kinds == [Outbound, Close], kinds
+        (message,) = [item.message for _, item in seen[session.sandbox_id] if isinstance(item, Outbound)]
+        assert message.reconnect.reason == "drain" and message.reconnect.delay_window_ms == 500
+    assert [type(item) for _, item in seen[plain.sandbox_id]] == [Close]
+
+
+async def test_at_the_deadline_the_rest_get_the_shutdown_hint_and_nobody_two() -> None:
+    registry = SessionRegistry()
+    sessions = _open(registry, 20, capabilities=frozenset({CAP_RECONNECT}))
+    settings = DrainSettings(settle_s=0, window_s=1, max_hints_per_s=10, min_hints_per_s=1)
+    began = time.monotonic()
+    # Nobody leaves (the handlers are stuck): the drain ends at its deadline.
+    await Drainer(registry, settings).run(deadline=began + 0.5)
+    assert 0.5 <= time.monotonic() - began < 1.0
+    drained = [s for s in sessions if s.hinted == "drain"]
+    assert 1 <= len(drained) <= 7, len(drained)
+    hinted = registry.close_all("gateway shutting down", hint="shutdown", spread_s=5)
+    assert hinted == len(sessions) - len(drained)
+    for session in sessions:
+        items = [session.inbox.get_nowait() for _ in range(session.inbox.qsize())]
+        reconnects = [i.message.reconnect for i in items if isinstance(i, Outbound)]
+        assert len(reconnects) == 1, items  # one hint each, whichever came first
+        assert isinstance(items[-1], Close)
+        if session in drained:
+            assert reconnects[0].reason == "drain"
+        else:
+            assert reconnects[0].reason == "shutdown" and reconnects[0].delay_window_ms == 5000
