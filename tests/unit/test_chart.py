@@ -375,12 +375,15 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     objects = rendered(name)
     spec = deployment(objects)["spec"]["template"]["spec"]
     container = gateway_container(objects)
-    drain, grace = values["gateway"]["drainSeconds"], values["gateway"]["grpc"]["shutdownGraceSeconds"]
-    # The preStop drain, then the gateway's shutdown deadline (gateway.app.Gateway.stop: the gRPC
-    # grace plus STOP_MARGIN_S, whatever the database does), and 2 s for the process to exit.
+    drain, grace = values["gateway"]["drain"], values["gateway"]["grpc"]["shutdownGraceSeconds"]
+    # The gateway's drain (settle, then the paced hints over the window: gateway.drain), then its
+    # stop's deadline (gateway.app.Gateway.stop: the gRPC grace plus STOP_MARGIN_S, whatever the
+    # database does), and 2 s for the process to exit; no preStop sleep unless asked.
     assert STOP_MARGIN_S + 2 == 10
-    assert spec["terminationGracePeriodSeconds"] == drain + grace + STOP_MARGIN_S + 2
-    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain)]
+    assert spec["terminationGracePeriodSeconds"] == (
+        drain["preStopSeconds"] + drain["settleSeconds"] + drain["windowSeconds"] + grace + STOP_MARGIN_S + 2
+    )
+    assert drain["preStopSeconds"] == 0 and "lifecycle" not in container
     assert container["args"] == ["serve", "--config", "/etc/openshell/gateway.yaml"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 7070, "http": 7080, "ops": 7090}
@@ -402,6 +405,54 @@ def test_the_gateway_pod_is_wired_as_documented(name: str) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
     assert deployment(objects)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_the_drain_values_reach_the_gateway_and_its_grace_period(tmp_path: Path) -> None:
+    """The drain's values are the gateway's drain.* settings; terminationGracePeriodSeconds is
+    preStop + settle + window + shutdownGrace + 10 (47 s by default); the deprecated drainSeconds
+    is the window when set; a preStop sleep only when asked."""
+    objects = render({})
+    config = load_config(objects, tmp_path).drain
+    assert (config.settle_s, config.window_s, config.max_hints_per_s) == (2, 30, 200)
+    assert config.min_hints_per_s <= config.max_hints_per_s
+    assert deployment(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 47
+    assert "lifecycle" not in gateway_container(objects)
+    values = {
+        "gateway": {
+            "drain": {
+                "preStopSeconds": 3,
+                "settleSeconds": 1.5,
+                "windowSeconds": 50,
+                "maxHintsPerSecond": 10,
+            },
+            "grpc": {"shutdownGraceSeconds": 7},
+        }
+    }
+    objects = render(values)
+    config = load_config(objects, tmp_path).drain
+    assert (config.settle_s, config.window_s, config.max_hints_per_s, config.min_hints_per_s) == (
+        1.5,
+        50,
+        10,
+        10,
+    )
+    # A fractional settle is rounded up: the grace never falls short of the drain.
+    assert (
+        deployment(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 3 + 2 + 50 + 7 + 10
+    )
+    assert gateway_container(objects)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
+    objects = render({"gateway": {"drainSeconds": 15}})
+    assert load_config(objects, tmp_path).drain.window_s == 15
+    assert (
+        deployment(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 0 + 2 + 15 + 5 + 10
+    )
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(
+            _chart().merge_values({"gateway": {"drain": {"windowSeconds": 0}}})
+        )
 
 
 def test_the_config_checksum_follows_the_config() -> None:

@@ -274,6 +274,11 @@ securityContext:
       "ops" (dict "listen" "0.0.0.0:7090")
       "auth" $auth
       "database" $database
+      "drain" (dict
+        "settle_s" $v.gateway.drain.settleSeconds
+        "window_s" (include "openshell.drainWindowSeconds" . | float64)
+        "max_hints_per_s" $v.gateway.drain.maxHintsPerSecond
+        "min_hints_per_s" (min $v.gateway.drain.maxHintsPerSecond 20))
       "sessions" (dict
         "heartbeat_interval_s" $v.gateway.sessions.heartbeatIntervalSeconds
         "grace_s" $v.gateway.sessions.graceSeconds
@@ -332,4 +337,13 @@ securityContext:
       name: {{ .Values.database.existingSecret }}
       key: {{ .Values.database.existingSecretKey }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The drain's window, seconds: gateway.drain.windowSeconds, or the deprecated gateway.drainSeconds
+when it is set (it was a preStop sleep; its time now goes to the drain).
+*/}}
+{{- define "openshell.drainWindowSeconds" -}}
+{{- $g := .Values.gateway -}}
+{{- if kindIs "invalid" $g.drainSeconds -}}{{ $g.drain.windowSeconds }}{{- else -}}{{ $g.drainSeconds }}{{- end -}}
 {{- end -}}
