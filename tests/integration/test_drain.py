@@ -115,6 +115,27 @@ async def test_the_process_exits_within_the_stop_deadline_with_store_calls_stuck
     assert code == 0, f"exit status {code} after {took:.1f}s:\n{log[-3000:]}"
 
 
+async def test_a_third_signal_exits_at_once_with_status_1(tmp_path: Path) -> None:
+    """SIGTERM, SIGTERM, SIGINT while the stop waits on a locked store: the third ends the process
+    at once (status 1, said in the log), without waiting for the stop's deadline."""
+    gateway = GatewayProcess(tmp_path / "gw", extra=["--set", "grpc.shutdown_grace_s=5"])
+    gateway.start()
+    holder = sqlite3.connect(gateway.db_path, timeout=1, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the stop's lease writes wait on it, up to their bounds
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            gateway.signal(sig)
+            await asyncio.sleep(0.3)
+        code = await _wait_exit(gateway, 3.0)
+    finally:
+        holder.close()
+        gateway.kill()
+    log = gateway.log_text()
+    assert code == 1, log[-3000:]
+    assert "SIGINT a third time: exiting at once" in log, log[-3000:]
+    assert "gateway stopped" not in log.split("--- start")[-1]
+
+
 # -- the drain onto other replicas (PostgreSQL) --------------------------------------------------
 
 SETTLE_S, WINDOW_S, MAX_HINTS_PER_S, MIN_HINTS_PER_S = 1.0, 5.0, 50.0, 20.0
