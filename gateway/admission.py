@@ -36,6 +36,9 @@ class Refusal(enum.StrEnum):
     OVER_SHARE = "over_share"
 
 
+#: Weight of the latest handshake in the moving average of how long one takes.
+HANDSHAKE_EWMA = 0.05
+
 #: Refusals that mean "this replica is busy": their retry-after is sized to the backlog.
 _BUSY = frozenset({Refusal.MAX_SESSIONS, Refusal.RATE, Refusal.CONCURRENCY})
 
@@ -67,7 +70,7 @@ class Ticket:
         if self._released:
             return
         self._released = True
-        self._admission._leave()
+        self._admission._leave(self._admission._clock() - self._started)
 
 
 class Admission:
@@ -100,6 +103,8 @@ class Admission:
         self._second = int(clock())
         self._refused_now = 0
         self._refused_before = 0
+        #: How long a handshake holds its place (moving average of every release; None: none yet).
+        self._handshake_s: float | None = None
 
     # -- the gate ----------------------------------------------------------------------------
 
@@ -142,8 +147,11 @@ class Admission:
             float(self._settings.hello_burst), self._tokens + elapsed * self._settings.hellos_per_s
         )
 
-    def _leave(self) -> None:
+    def _leave(self, held_s: float) -> None:
         self.inflight -= 1
+        held_s = max(0.0, held_s)
+        previous = self._handshake_s
+        self._handshake_s = held_s if previous is None else previous + HANDSHAKE_EWMA * (held_s - previous)
         if self._metrics is not None:
             self._metrics.handshakes_inflight.set(self.inflight)
 
@@ -172,15 +180,26 @@ class Admission:
         fraction = self._roll()
         return self._refused_now + self._refused_before * (1.0 - fraction)
 
+    def capacity_per_s(self) -> float:
+        """Hellos this replica can take per second now: ``hellos_per_s``, or fewer when slow
+        handshakes hold the concurrency bound (Little's law: places / time each is held)."""
+        rate = self._settings.hellos_per_s
+        if not self._settings.enabled or self._handshake_s is None or self._handshake_s <= 0:
+            return rate
+        return min(rate, self._settings.max_concurrent_handshakes / self._handshake_s)
+
     def retry_after_ms(self, refusal: Refusal) -> int:
         """A jittered retry hint: a refused cohort comes back spread, not as one burst.
 
         Busy refusals: ``U(lo, hi)`` with ``lo = retry_after_min_ms`` and ``hi`` the time the last
-        second's refused hellos need at ``hellos_per_s``, clamped to ``[2 lo, retry_after_max_ms]``.
-        Draining and over-share: ``U(200, 1000)`` ms (another replica takes it now)."""
+        second's refused hellos need at :meth:`capacity_per_s`, clamped to
+        ``[2 lo, retry_after_max_ms]``: when the store makes each handshake slow, the concurrency
+        bound, not the rate, is what takes them, and a hint sized to the rate would bring them
+        back to be refused again. Draining and over-share: ``U(200, 1000)`` ms (another replica
+        takes it now)."""
         if refusal not in _BUSY:
             return self._random.randint(*REDIRECT_RETRY_MS)
         lo = self._settings.retry_after_min_ms
-        backlog_ms = self.refused_last_s() / self._settings.hellos_per_s * 1000.0
+        backlog_ms = self.refused_last_s() / self.capacity_per_s() * 1000.0
         hi = min(max(backlog_ms, 2.0 * lo), float(self._settings.retry_after_max_ms))
         return round(self._random.uniform(lo, max(lo, hi)))

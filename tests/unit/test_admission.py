@@ -195,3 +195,33 @@ def test_retry_after_with_equal_bounds() -> None:
     admission = gate(clock, retry_after_min_ms=500, retry_after_max_ms=500, hello_burst=1)
     enter(admission)
     assert {admission.retry_after_ms(Refusal.RATE) for _ in range(20)} == {500}
+
+
+def test_slow_handshakes_size_the_hint_to_what_the_concurrency_bound_takes() -> None:
+    """When the store makes each handshake slow, the concurrency bound takes fewer hellos a second
+    than the rate allows: the hint is sized to that, or the cohort comes back to be refused again."""
+    clock = Clock()
+    admission = gate(clock, hellos_per_s=100.0, hello_burst=100, max_concurrent_handshakes=4)
+    # Fast handshakes (10 ms each): 4 places take 400 a second, so the rate (100) is the bound.
+    for _ in range(40):
+        ticket = enter(admission)
+        clock.now += 0.01
+        ticket.accepted()
+    assert admission.capacity_per_s() == 100.0
+    # Slow ones (2 s each, a struggling database): 4 places take 2 a second.
+    for _ in range(200):
+        held = [enter(admission) for _ in range(4)]
+        clock.now += 2.0
+        for ticket in held:
+            ticket.release()
+    assert admission.capacity_per_s() == pytest.approx(2.0, rel=0.05)
+    held = [enter(admission) for _ in range(4)]
+    for _ in range(20):
+        assert admission.try_enter() is Refusal.CONCURRENCY
+    # 20 refused at 2 a second: 10 s of backlog (at the rate it would have been 0.2 s, so 1-2 s).
+    hints = [admission.retry_after_ms(Refusal.CONCURRENCY) for _ in range(200)]
+    assert all(1000 <= ms <= 10000 for ms in hints) and max(hints) > 8000
+    for ticket in held:
+        ticket.release()
+    # With the bounds off, the configured rate is all there is.
+    assert gate(clock, enabled=False).capacity_per_s() == 10.0
