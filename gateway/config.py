@@ -322,7 +322,13 @@ class RebalanceSettings(_Section):
     interval_s: float = Field(
         5.0, gt=0, description="How often the shares are computed again (at least ha.renew_interval_s)."
     )
-    tolerance: float = Field(0.1, ge=0, description="How far above fair share a replica may stay.")
+    tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="How far above fair share a replica may stay (a fraction of it). With n replicas "
+        "taking sessions the least loaded holds at least fair x (1 - (n - 1) x tolerance): 0.05 keeps "
+        "three replicas within 10 % of a third.",
+    )
     max_moves_per_s: float = Field(50.0, gt=0, description="Sessions asked to move per second, per replica.")
     hint_spread_s: float = Field(1.0, ge=0, description="The spread of a moved supervisor's reconnect.")
     max_session_age_s: float = Field(

@@ -203,9 +203,10 @@ class SimSupervisor:
                         event = batch.events.events.add(sequence=seq, timestamp_ms=int(time.time() * 1000))
                         event.log.stream = pb.LOG_STREAM_STDOUT
                         event.log.message = f"{self.sandbox_id} line {seq}"
+                    # Sent before the write returns: the receiver may read its ack first.
+                    state["sent"] = upto
                     async with writing:
                         await call.write(batch)
-                    state["sent"] = upto
 
         async def receiver() -> None:
             while True:
