@@ -103,6 +103,11 @@ async def _scenario(gateway: GatewayProcess, real: SupervisorProcess) -> None:
         # Falls by at most half the gap to the 0.5 s target per update.
         assert all(b < a and b >= a - (a - 500) / 2 - 1 for a, b in itertools.pairwise(down)), steps
         assert min(steps) >= MIN_S * 1000, steps
+        # The updates were paced at RATE a second (counted on the clients, in 2 s windows with a
+        # second's slack for their shared event loop stalling on this machine).
+        times = sorted(t for s in everyone + late for t, _, _ in s.updates)
+        busiest = max(sum(1 for u in times if t <= u < t + 2) for t in times)
+        assert busiest <= 3 * RATE, f"{busiest} updates within 2 s"
         # No session ended (stale or otherwise) while the interval changed.
         ended = {
             s.sandbox_id: [r.end for r in s.sessions if r.ended_at is not None]

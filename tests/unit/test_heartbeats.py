@@ -6,9 +6,11 @@ only when written)."""
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 
 from gateway.config import SessionSettings
 from gateway.heartbeats import HeartbeatGovernor, IntervalRule, SessionUpdateOut
+from gateway.sandbox_state import Liveness
 from gateway.sessions import SessionRegistry
 from openshell_wire.records import CAP_EVENTS, CAP_INTERVAL, JournalEpoch, SandboxId
 
@@ -106,3 +108,22 @@ def test_the_governor_recomputes_once_per_period_and_updates_capable_sessions_on
     assert session.stale_after_s == 30.0
     clock.now += 0.1
     assert governor.recompute() and governor.interval_s == 10.0  # 1,000 sessions: at once
+
+
+def test_the_flush_renews_a_session_given_a_longer_adaptive_bound() -> None:
+    """The API shows a sandbox connected while its heartbeat is fresher than the fixed interval's
+    bound (+ 2 flushes): a session given a longer adaptive interval, silent longer than that, is
+    renewed by the flush (SessionRegistry.take_heartbeats' rule for widened sessions)."""
+    settings = _settings(grace_s=2)
+    registry = SessionRegistry()
+    governor = HeartbeatGovernor(settings, registry=registry)
+    _open(registry, 1, CAP_EVENTS, CAP_INTERVAL)
+    session = registry.get("sb-0")
+    assert session is not None
+    fixed = Liveness.from_settings(settings).stale_after_s
+    session.stale_after_s = governor.stale_after_s(20.0)
+    assert session.stale_after_s > fixed
+    session.last_flushed_wall = datetime.now(UTC) - timedelta(seconds=fixed + 1)
+    registry.take_heartbeats(renew_after_s=fixed)  # the open's own touch, if any
+    session.last_flushed_wall = datetime.now(UTC) - timedelta(seconds=fixed + 1)
+    assert "sb-0" in registry.take_heartbeats(renew_after_s=fixed)
