@@ -213,7 +213,7 @@ class SessionSettings(_Section):
         60.0,
         gt=0,
         description="The longest adaptive interval: it bounds how long a dead supervisor goes unnoticed "
-        "(about 1.5 x this + grace_s).",
+        "(its stale bound, about 1.2 x this + grace_s: docs/capacity.md).",
     )
     interval_update_s: float = Field(
         10.0, gt=0, description="How often the adaptive interval is computed again (with hysteresis)."
