@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,13 @@ from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
 from tests.support.simsup import DEFAULT_CAPABILITIES, SimSupervisor
 
 RATE = 20.0
+#: The real supervisor's main process: it waits until its parent (the supervisor, killed at the
+#: end) is gone, so no process outlives the test.
+ORPHAN_SAFE = [
+    sys.executable,
+    "-c",
+    "import os, time\nparent = os.getppid()\nwhile os.getppid() == parent: time.sleep(0.2)",
+]
 MIN_S = 0.5
 WITH_INTERVAL = (*DEFAULT_CAPABILITIES, CAP_INTERVAL)
 assert set(WITH_INTERVAL) == {CAP_RESUME, CAP_EVENTS, CAP_RECONNECT, CAP_INTERVAL}
@@ -140,7 +148,7 @@ def test_the_interval_follows_the_sessions_and_no_session_ends(tmp_path: Path) -
         tmp_path / "supervisor",
         sandbox_id="real-sup",
         gateway_address=gateway.address,
-        command=["sleep", "600"],
+        command=ORPHAN_SAFE,
     )
     try:
         real.start()
