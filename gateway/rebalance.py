@@ -42,6 +42,7 @@ import logging
 import math
 import time
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,9 +184,9 @@ class Rebalancer:
         self._clock = clock
         #: The last snapshot read (None before the first read).
         self._snapshot: ReplicaLeases | None = None
-        #: (monotonic time, count) of the hints sent recently, counted in flight until they can
-        #: have landed and been renewed into another row.
-        self._sent: list[tuple[float, int]] = []
+        #: When each recent hint was sent (monotonic, oldest first): counted in flight until it
+        #: can have landed and been renewed into another row. A deque: over_share reads it per hello.
+        self._sent: deque[float] = deque()
         self._log = RateLimitedLog(log, concern="rebalance")
 
     @property
@@ -200,9 +201,11 @@ class Rebalancer:
         return self._settings.interval_s + self._ha.renew_interval_s
 
     def in_flight(self) -> int:
+        """Sessions this replica asked to move within ``settle_s``."""
         cutoff = self._monotonic() - self.settle_s
-        self._sent = [(at, n) for at, n in self._sent if at >= cutoff]
-        return sum(n for _, n in self._sent)
+        while self._sent and self._sent[0] < cutoff:
+            self._sent.popleft()
+        return len(self._sent)
 
     def fleet(self) -> Fleet | None:
         """The fleet from the last snapshot and the live count; None without a fresh snapshot."""
@@ -311,7 +314,7 @@ class Rebalancer:
             if self._registry.hint(session, reason=reason, spread_s=self._settings.hint_spread_s):
                 sent += 1
                 hinted.append(session)
-                self._sent.append((self._monotonic(), 1))
+                self._sent.append(self._monotonic())
                 if self._metrics is not None:
                     self._metrics.reconnect_hints.labels(reason).inc()
         return sent
