@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import signal
 import sqlite3
 import subprocess
@@ -228,6 +230,24 @@ class _Fleet:
         await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
 
 
+async def _shown_disconnected(gateway: GatewayProcess, done: asyncio.Event) -> set[str]:
+    """The drain-* sandboxes ``gateway``'s API showed disconnected at least once until ``done``."""
+    seen: set[str] = set()
+    url = f"http://127.0.0.1:{gateway.http_port}/api/v1/sandboxes"
+
+    def poll() -> None:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            for sandbox in json.loads(resp.read())["sandboxes"]:
+                if sandbox["id"].startswith("drain-") and sandbox["state"] == "disconnected":
+                    seen.add(sandbox["id"])
+
+    while not done.is_set():
+        await asyncio.to_thread(poll)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.2)
+    return seen
+
+
 async def _wait_exit(gateway: GatewayProcess, timeout_s: float) -> int:
     assert gateway.proc is not None
     proc = gateway.proc
@@ -250,6 +270,7 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
 ) -> None:
     a, b, c = (_replica(tmp_path / name, database_url) for name in "abc")
     fleet = _Fleet(SESSIONS, [a.address])
+    poller: asyncio.Task[set[str]] | None = None
     try:
         a.start()  # migrates the database; B and C start together after it
         await asyncio.gather(asyncio.to_thread(b.start), asyncio.to_thread(c.start))
@@ -260,6 +281,8 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
         a.signal(signal.SIGTERM)
         # The Service's endpoints follow /readyz: A is left out from now on.
         fleet.ready = [b.address, c.address]
+        polling = asyncio.Event()
+        poller = asyncio.create_task(_shown_disconnected(b, polling))
         unready = await asyncio.to_thread(
             wait_until, lambda: _readyz(a) == 503, timeout=5, what="A's /readyz 503", interval=0.05
         )
@@ -274,7 +297,11 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
         exited_after = time.monotonic() - began
         await fleet.wait_connected({b.address, c.address}, timeout_s=20)
         await asyncio.sleep(1.5)  # records written after the move, stored on B and C
+        polling.set()
+        flashed = await poller
     finally:
+        if poller is not None:
+            poller.cancel()
         await fleet.close()
         for gateway in (a, b, c):
             gateway.stop()
@@ -299,6 +326,9 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
     # Every hinted supervisor came back on B or C at its first attempt (no bounce off A).
     bounced = [r for sim in fleet.sims for r in sim.rejections if r[0] > began and r[4] == a.address]
     assert not bounced, bounced[:3]
+    # The moved sessions' disconnection writes waited for the new claims: the API (polled every
+    # 200 ms on B) did not show them disconnected meanwhile.
+    assert len(flashed) <= SESSIONS // 50, sorted(flashed)
     assert not await stored_problems(database_url, fleet.sims)
 
 
