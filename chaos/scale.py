@@ -261,8 +261,9 @@ class SimRun:
 
 
 def sim_args(
-    server: Server,
+    address: str,
     *,
+    watch_pid: int | None = None,
     n: int,
     prefix: str,
     rate: float,
@@ -273,9 +274,11 @@ def sim_args(
     extra: Sequence[str] = (),
 ) -> list[str]:
     args = [
-        "-addr", server.address, "-n", str(n), "-prefix", prefix, "-rate", str(rate),
-        "-duration", f"{duration_s}s", "-src", ",".join(sources), "-watch-pid", str(server.pid),
+        "-addr", address, "-n", str(n), "-prefix", prefix, "-rate", str(rate),
+        "-duration", f"{duration_s}s", "-src", ",".join(sources),
     ]  # fmt: skip
+    if watch_pid is not None:
+        args += ["-watch-pid", str(watch_pid)]
     if event_every_s > 0:
         args += ["-event-every", f"{event_every_s}s"]
     if unjittered:
@@ -441,7 +444,8 @@ def steady_phase(
         run = SimRun(
             sim,
             sim_args(
-                server,
+                server.address,
+                watch_pid=server.pid,
                 n=n,
                 prefix=f"{server.kind[0]}s",
                 rate=rate,
@@ -478,7 +482,8 @@ def storm_phase(
         run = SimRun(
             sim,
             sim_args(
-                server,
+                server.address,
+                watch_pid=server.pid,
                 n=n,
                 prefix="su" if unjittered else "sj",
                 rate=rate,
@@ -516,7 +521,8 @@ def markdown(results: dict[str, Any]) -> str:
     p = results["parameters"]
     lines = [
         f"Scale benchmark, {results['date']} on {results['machine']}: {p['sessions']} sessions opened at "
-        f"{p['rate']}/s, held {p['hold_s']} s, events every {p['event_every_s'] or 'never'} s; "
+        f"{p['rate']}/s, held {p['hold_s']} s, "
+        f"{'events every ' + str(p['event_every_s']) + ' s' if p['event_every_s'] else 'no events'}; "
         f"server pinned to core 0, simulator to core 1 ({'pinned' if results['pinned'] else 'NOT pinned'}).",
         "",
         "| server | held | RTT p50 / p99 ms (worst second) | CPU % / 1,000 sessions | CPU us / heartbeat | "
@@ -524,13 +530,22 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, f in results["steady"].items():
+        if "error" in f:
+            lines.append(f"| {name} | failed: {f['error']} | | | | | | |")
+            continue
         lines.append(
             f"| {name} | {f['held']} of {f['sessions']} | {f['rtt_p50_ms']} / {f['rtt_p99_ms']} "
             f"({f['rtt_p99_worst_second_ms']}) | {f['cpu_percent_per_1000']} | {f['cpu_us_per_heartbeat']} | "
             f"{f['rss_mib_per_1000']} | {f['sim_cpu_percent']} | {f['rejected'] or 0} |"
         )
     gw, echo = results["steady"].get("gateway"), results["steady"].get("echo")
-    if gw and echo and gw["cpu_us_per_heartbeat"] and echo["cpu_us_per_heartbeat"]:
+    if (
+        gw
+        and echo
+        and gw.get("cpu_us_per_heartbeat")
+        and echo.get("cpu_us_per_heartbeat")
+        and echo["cpu_us_per_heartbeat"]
+    ):
         lines += [
             "",
             f"Gateway CPU per heartbeat: "
@@ -546,7 +561,10 @@ def markdown(results: dict[str, Any]) -> str:
             " | attempts | rejected |",
             "|---|---|---|---|---|---|",
         ]
-        for f in results["storms"].values():
+        for name, f in results["storms"].items():
+            if "error" in f:
+                lines.append(f"| {name} | failed: {f['error']} | | | | |")
+                continue
             lines.append(
                 f"| {f['backoff']} | {f['restart_s']} | {f['resumed_50_s']} / {f['resumed_90_s']} / "
                 f"{f['resumed_99_s']} / {f['resumed_100_s']} ({f['resumed']} of {f['sessions']}) | "
@@ -578,6 +596,8 @@ def plots(results: dict[str, Any], out: Path) -> str:
     written = []
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for name, f in results["steady"].items():
+        if "series" not in f:
+            continue
         t = [s["t"] for s in f["series"]]
         ax1.plot(t, [s["up"] for s in f["series"]], label=name)
         ax2.semilogy(t, [max(s["rtt_p99_ms"], 0.01) for s in f["series"]], label=f"{name} p99")
@@ -591,6 +611,8 @@ def plots(results: dict[str, Any], out: Path) -> str:
     if results["storms"]:
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
         for f in results["storms"].values():
+            if "series" not in f:
+                continue
             t = [s["t"] for s in f["series"]]
             ax1.plot(t, [s["up"] for s in f["series"]], label=f["backoff"])
             ax2.plot(t, [s["accepts"] for s in f["series"]], label=f["backoff"])
@@ -645,8 +667,8 @@ def bench(args: argparse.Namespace) -> int:
     ]
     if args.storm_sessions:
         phases += [("storm", "jittered", gateway("storm-j")), ("storm", "upstream", gateway("storm-u"))]
-    for kind, name, server in phases:
-        print(f"bench: {kind} {name} ...", file=sys.stderr, flush=True)
+
+    def run_phase(kind: str, name: str, server: Server) -> None:
         if kind == "steady":
             results["steady"][name] = steady_phase(
                 sim, server, n=args.sessions, rate=args.rate, hold_s=args.hold, settle_s=args.settle,
@@ -657,6 +679,16 @@ def bench(args: argparse.Namespace) -> int:
                 sim, server, n=args.storm_sessions, rate=args.rate, unjittered=name == "upstream",
                 settle_s=args.settle, out=work / f"{kind}-{name}.json", timeout_s=args.storm_timeout,
             )  # fmt: skip
+
+    for kind, name, server in phases:
+        print(f"bench: {kind} {name} ...", file=sys.stderr, flush=True)
+        try:
+            run_phase(kind, name, server)
+        except RuntimeError as exc:
+            # A phase that breaks (a gateway that never holds its sessions) is a result, not a crash.
+            print(f"bench: {kind} {name}: {exc}", file=sys.stderr)
+            results["steady" if kind == "steady" else "storms"][name] = {"error": str(exc)}
+    results["listen_overflows"] = listen_overflows() - overflows
     results["listen_overflows"] = listen_overflows() - overflows
     results["plots"] = plots(results, out)
     (out / "scale.json").write_text(json.dumps(results, indent=1) + "\n")

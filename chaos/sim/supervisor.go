@@ -6,6 +6,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 
 	pb "openshell.test/chaos/sim/pb"
 )
@@ -136,6 +138,8 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 	select {
 	case a := <-fc:
 		if a.err != nil {
+			// UNAVAILABLE / RESOURCE_EXHAUSTED may carry gRPC's retry pushback: honoured as retry_after_ms.
+			o.retryAfter = pushback(stream.Trailer())
 			return o, a.err
 		}
 		m = a.m
@@ -281,6 +285,7 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 				o.retryAfter = time.Duration(e.reject.RetryAfterMs) * time.Millisecond
 				return o, fmt.Errorf("rejected mid-session %v: %s", e.reject.Code, e.reject.Reason)
 			}
+			o.retryAfter = pushback(stream.Trailer())
 			return o, e.err
 		case <-hb.C:
 			// Stale after three intervals without a word from the gateway, as the supervisor; the gateway
@@ -314,6 +319,16 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 			}
 		}
 	}
+}
+
+// pushback reads the grpc-retry-pushback-ms trailer (0 when absent or not a number).
+func pushback(md metadata.MD) time.Duration {
+	for _, v := range md.Get("grpc-retry-pushback-ms") {
+		if ms, err := strconv.ParseInt(v, 10, 64); err == nil && ms > 0 {
+			return time.Duration(ms) * time.Millisecond
+		}
+	}
+	return 0
 }
 
 // wait chooses the pause before the next attempt, as the real supervisor does (or upstream's, with -unjittered).
