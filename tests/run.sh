@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,chaos]'
 
 # System tools some tests use (each skips with the reason where its tool is missing): nft and ip
 # for network cuts, Prometheus and promtool for the metrics tests, strace for the write audit.
@@ -45,10 +45,15 @@ if command -v go >/dev/null 2>&1 && [ -z "${KUBECONFIG:-}" ]; then
   bash tests/cluster/build.sh >/dev/null || echo "warning: the control plane did not build; the live Kubernetes tests will skip"
   bash tests/cluster/build.sh node >/dev/null || echo "warning: the node did not build; the tests on a real node will skip"
 fi
+# The scale simulator (chaos/sim; ~45 s cold, then cached by its sources' hash), built here too.
+if command -v go >/dev/null 2>&1; then
+  echo "== scale simulator (chaos/build.sh)"
+  bash chaos/build.sh >/dev/null || echo "warning: the simulator did not build; tests/integration/test_simulator.py will fail"
+fi
 
 echo "== generated stubs";  .venv/bin/python proto/generate.py --check
 echo "== ruff";             .venv/bin/ruff check . && .venv/bin/ruff format --check .
-echo "== mypy --strict";    .venv/bin/mypy supervisor gateway openshell_wire
+echo "== mypy --strict";    .venv/bin/mypy supervisor gateway openshell_wire chaos
 echo "== pytest"
 set +e
 .venv/bin/pytest -q -rs "$@"
