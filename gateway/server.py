@@ -80,7 +80,7 @@ from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, St
 from gateway.store.commands import Answer
 from gateway.store.db import is_transient
 from gateway.store.fencing import Fenced
-from gateway.store.sandboxes import StaleConnection, StoredPolicy
+from gateway.store.sandboxes import SandboxRow, StaleConnection, StoredPolicy
 from gateway.upstream_logs import log_record as upstream_log_record
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
@@ -121,10 +121,12 @@ MAX_CONNECTION_EPOCH = 2**63 - 1
 @dataclass(frozen=True, slots=True)
 class _Binding:
     """A call's verified credential and the sandbox life it was bound to (None: an unknown
-    sandbox let through by ``register_unknown``)."""
+    sandbox let through by ``register_unknown``), with the row the binding read (a hello claims
+    on it instead of reading the sandbox again)."""
 
     principal: SandboxPrincipal
     generation: int | None
+    row: SandboxRow | None = None
 
 
 #: A disconnection that cannot be written is tried again after at most this long (full-jitter
@@ -456,12 +458,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         deadline = self._store_deadline()
         # Before anything of the sandbox is read or written: a refused peer learns only the reason.
         binding = await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
-        if not self._config.sessions.register_unknown and (
-            await self._within(
+        # The row the binding read is the one claimed (its generation pins the claim: a sandbox
+        # created again since is caught by the claim itself, which then writes nothing). Read here
+        # only without one (auth off, or an unknown sandbox let through), and registered only when
+        # missing: a known sandbox's hello costs no write before its claim.
+        registered = binding.row if binding is not None else None
+        if registered is None:
+            registered = await self._within(
                 self._sandboxes.get(sandbox_id), deadline=deadline, what="hello: read the sandbox"
             )
-            is None
-        ):
+        if registered is None and not self._config.sessions.register_unknown:
             yield self._rejection(
                 pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
             )
@@ -475,9 +481,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             return
         epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
 
-        registered = await self._within(
-            self._sandboxes.ensure(sandbox_id), deadline=deadline, what="hello: register the sandbox"
-        )
+        if registered is None:
+            registered = await self._within(
+                self._sandboxes.ensure(sandbox_id), deadline=deadline, what="hello: register the sandbox"
+            )
         if binding is not None and binding.generation not in (None, registered.generation):
             # Deleted and created again between the binding and this read: the credential is the
             # earlier life's, and must not get a session of (and commands for) the new one.
@@ -494,8 +501,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         session_id = new_session_id()
         opened_at = datetime.now(UTC)
         try:
-            owner_epoch = await self._within(
-                self._sandboxes.mark_connected(
+            claimed = await self._within(
+                self._sandboxes.claim(
                     sandbox_id,
                     instance_id=hello.instance_id,
                     session_id=session_id,
@@ -507,6 +514,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     connection_epoch=hello.connection_epoch,
                     # Live as the API's rule says: a session heard from within fresh_for_s.
                     live_for_s=Liveness.from_settings(self._config.sessions).fresh_for_s,
+                    # Read in the claim's transaction, after its UPDATE: an older owner can no
+                    # longer raise the mark after this read without it being stored (its batches
+                    # are fenced from then on; see SandboxStore.claim).
+                    read_high_water_mark=events_mode,
                 ),
                 deadline=deadline,
                 what="hello: claim the sandbox",
@@ -529,7 +540,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 name=f"disconnected-{sandbox_id}",
             )
             raise
-        if owner_epoch is None:
+        if claimed is None:
             yield self._rejection(
                 pb.REJECT_CODE_SUPERSEDED,
                 f"sandbox {sandbox_id} was created again while this hello was handled; reconnect",
@@ -540,7 +551,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             instance_id=hello.instance_id,
             journal_epoch=epoch,
             capabilities=capabilities,
-            owner_epoch=owner_epoch,
+            owner_epoch=claimed.owner_epoch,
             session_id=session_id,
             opened_at=opened_at,
         )
@@ -550,7 +561,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             yield self._rejection(
                 pb.REJECT_CODE_SUPERSEDED,
                 f"sandbox {sandbox_id} is owned by a newer session on this replica "
-                f"({self._identity.id}); this hello's claim (epoch {owner_epoch}) was taken",
+                f"({self._identity.id}); this hello's claim (epoch {claimed.owner_epoch}) was taken",
             )
             return
         session.generation = registered.generation
@@ -559,17 +570,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         reader: asyncio.Task[None] | None = None
         reason = "ended"
         try:
-            # Read after the claim: an older owner can no longer raise the mark after this read
-            # without it being stored (its batches are fenced from now on).
-            session.acked_through = (
-                await self._within(
-                    self._events.high_water_mark(sandbox_id, epoch),
-                    deadline=deadline,
-                    what="hello: read the high-water mark",
-                )
-                if events_mode
-                else 0
-            )
+            session.acked_through = claimed.high_water_mark
             yield self._accept(session, hello, peer)
             if ticket is not None:
                 ticket.accepted()  # written: the handshake is over, its slot freed
@@ -1220,7 +1221,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             await context.abort(exc.status, f"{exc.reason.value}: {exc.detail}")
         assert bound is not None  # required
         principal, row = bound
-        return _Binding(principal, row.generation if row is not None else None)
+        return _Binding(principal, row.generation if row is not None else None, row)
 
     async def _still_bound(self, context: Ctx, binding: _Binding, method: str) -> None:
         """A later request of a stream: its credential still binds to the sandbox life the stream

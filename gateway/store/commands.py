@@ -302,33 +302,40 @@ class CommandStore:
         self, sandbox_id: str, *, now: datetime | None = None
     ) -> list[tuple[CommandRow, timedelta]]:
         """:meth:`pending`, each with the time it has left on the database's clock (as
-        :meth:`deliverable`), which the caller turns into a deadline on its own clock."""
+        :meth:`deliverable`), which the caller turns into a deadline on its own clock.
+
+        Every hello of a session with ``commands`` reads this, so it is one read, without a write
+        transaction, unless a row has expired: only then are the expired ones marked (the same
+        conditional UPDATE as before, idempotent; a row found expired here is expired for the
+        UPDATE too, time only moves forward)."""
         clock = self._clock(now)
         c = commands_table.c
         mine = and_(c.sandbox_id == sandbox_id, c.state == PENDING)
-        query = (
-            select(*self._reads(now, commands_table))
-            .where(mine, _before_expiry(clock))
-            .order_by(c.created_at, c.id)
-        )
+        query = select(*self._reads(now, commands_table)).where(mine).order_by(c.created_at, c.id)
+        rows: builtins.list[tuple[CommandRow, timedelta]] = []
+        expired = 0
         with store_errors(f"cannot read the pending commands of sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
-                expired = await conn.execute(
-                    update(commands_table)
-                    .where(mine, _past_expiry(clock))
-                    .values(state=EXPIRED, error=EXPIRED_ERROR)
-                )
-                rows: builtins.list[tuple[CommandRow, timedelta]] = []
+            async with self._db.engine.connect() as conn:
                 for r in await conn.execute(query):
                     at = self._now_of(r, now)
-                    row = _row(r, at)
-                    rows.append((row, row.expires_at - at))
-        if expired.rowcount:
-            log.info(
-                "%d command(s) expired before a session took them: not sent",
-                expired.rowcount,
-                extra={"sandbox_id": sandbox_id},
-            )
+                    row = _row(r, at)  # EXPIRED when past its expiry on that clock
+                    if row.state == PENDING:
+                        rows.append((row, row.expires_at - at))
+                    else:
+                        expired += 1
+            if expired:
+                async with self._db.engine.begin() as conn:
+                    marked = await conn.execute(
+                        update(commands_table)
+                        .where(mine, _past_expiry(clock))
+                        .values(state=EXPIRED, error=EXPIRED_ERROR)
+                    )
+                if marked.rowcount:
+                    log.info(
+                        "%d command(s) expired before a session took them: not sent",
+                        marked.rowcount,
+                        extra={"sandbox_id": sandbox_id},
+                    )
         return rows
 
     async def list(

@@ -48,7 +48,17 @@ from gateway.store.db import Database, StoreError, store_errors, utcnow
 from gateway.store.fencing import Fenced
 from gateway.store.leadership import LeaderTerm
 from gateway.store.schema import commands as commands_table
+from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A recorded claim: its ``owner_epoch`` and, when asked for, the high-water mark of the
+    session's journal epoch read after it (see :meth:`SandboxStore.claim`)."""
+
+    owner_epoch: int
+    high_water_mark: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +441,36 @@ class SandboxStore:
         connection_epoch: int = 0,
         live_for_s: float | None = None,
     ) -> int | None:
+        """The claim of :meth:`claim` without the high-water mark: its ``owner_epoch``, or None."""
+        claimed = await self.claim(
+            sandbox_id,
+            instance_id=instance_id,
+            session_id=session_id,
+            journal_epoch=journal_epoch,
+            owner=owner,
+            at=at,
+            generation=generation,
+            owner_run=owner_run,
+            connection_epoch=connection_epoch,
+            live_for_s=live_for_s,
+        )
+        return claimed.owner_epoch if claimed is not None else None
+
+    async def claim(
+        self,
+        sandbox_id: str,
+        *,
+        instance_id: str,
+        session_id: str,
+        journal_epoch: str,
+        owner: str,
+        at: datetime,
+        generation: int | None = None,
+        owner_run: str | None = None,
+        connection_epoch: int = 0,
+        live_for_s: float | None = None,
+        read_high_water_mark: bool = False,
+    ) -> Claim | None:
         """Claim the sandbox for a new session and return the claim's ``owner_epoch`` (at least
         1). Exit information is kept.
 
@@ -450,7 +490,17 @@ class SandboxStore:
         (when the session opened) is only recorded, never compared: replicas' clocks do not order
         claims. With ``generation`` (the one the session's hello found), nothing is written, and
         None returned, if the id has been created again since. A row that is missing altogether
-        is an error."""
+        is an error.
+
+        With ``read_high_water_mark``, the claim also carries the highest event sequence stored
+        for (sandbox, ``journal_epoch``), read in the claim's transaction by a statement of its own
+        AFTER the UPDATE (0 when there is none): the resume point must be read after the claim,
+        so that the previous owner cannot raise it unseen. On PostgreSQL (READ COMMITTED) each
+        statement takes its snapshot when it starts, and this one starts with the row lock held:
+        every batch of the previous owner either committed before it (and is seen) or waits on
+        the lock and is then fenced. It must not be folded into the UPDATE (a RETURNING subquery,
+        a CTE): one statement has one snapshot, taken before it waited for the lock, and could
+        miss a batch committed meanwhile. On SQLite the transaction holds the one writer."""
         what = f"cannot mark sandbox {sandbox_id!r} connected"
         c = sandboxes_table.c
         with store_errors(what):
@@ -502,7 +552,16 @@ class SandboxStore:
                             held_epoch=int(row.connection_epoch),
                         )
                     raise StoreError(f"{what}: the claim matched no row, for no reason it can tell")
-                return int(epoch)
+                mark = 0
+                if read_high_water_mark:
+                    top = await conn.scalar(
+                        select(func.max(events_table.c.sequence)).where(
+                            events_table.c.sandbox_id == sandbox_id,
+                            events_table.c.journal_epoch == journal_epoch,
+                        )
+                    )
+                    mark = int(top) if top is not None else 0
+                return Claim(owner_epoch=int(epoch), high_water_mark=mark)
 
     async def mark_disconnected(
         self,

@@ -235,13 +235,13 @@ async def test_a_supervisor_that_gives_up_during_accept_leaves_no_ghost_session(
 
     from gateway.store import SandboxStore
 
-    real = SandboxStore.mark_connected
+    real = SandboxStore.claim  # the hello's claim
 
-    async def slow_mark_connected(self: SandboxStore, *args: object, **kwargs: object) -> None:
+    async def slow_claim(self: SandboxStore, *args: object, **kwargs: object) -> object:
         await asyncio.sleep(1.0)  # a slow database
-        await real(self, *args, **kwargs)  # type: ignore[arg-type]
+        return await real(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SandboxStore, "mark_connected", slow_mark_connected)
+    monkeypatch.setattr(SandboxStore, "claim", slow_claim)
     async with aio.insecure_channel(gw.grpc_address) as channel:
         call = _raw_stream(channel)()
         await call.write(_hello("sb-impatient"))

@@ -21,6 +21,7 @@ from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandRow, CommandStore, Database, EventStore, SandboxStore, StoreError
+from gateway.store.sandboxes import Claim
 from openshell_wire.convert import event_to_proto
 from openshell_wire.records import (
     CAP_COMMANDS,
@@ -163,15 +164,15 @@ class _Peer:
 
 
 class _FlakySandboxes(SandboxStore):
-    """A real SQLite store whose ``mark_connected`` fails while ``failing`` (a store outage that
-    begins between a hello's registration and its connection write)."""
+    """A real SQLite store whose claim (``claim``, which ``mark_connected`` calls too) fails while
+    ``failing`` (a store outage that begins between a hello's registration and its claim)."""
 
     failing = False
 
-    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> int | None:
+    async def claim(self, sandbox_id: str, **kwargs: Any) -> Claim | None:
         if self.failing:
             raise StoreError(f"cannot mark sandbox {sandbox_id!r} connected: the database is away")
-        return await super().mark_connected(sandbox_id, **kwargs)
+        return await super().claim(sandbox_id, **kwargs)
 
 
 async def _hello_then_wait(sandbox_id: str) -> AsyncIterator[pb.SupervisorMessage]:
@@ -391,7 +392,7 @@ class _HungSandboxes(SandboxStore):
         super().__init__(db)
         self.release = asyncio.Event()
 
-    async def mark_connected(self, sandbox_id: str, **kwargs: Any) -> bool:
+    async def claim(self, sandbox_id: str, **kwargs: Any) -> Claim | None:
         while not self.release.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await self.release.wait()
