@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,chaos]'
+# Not the chaos extra (matplotlib, ~200 MiB, for the bench's plots only): the install stays fast.
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 
 # System tools some tests use (each skips with the reason where its tool is missing): nft and ip
 # for network cuts, Prometheus and promtool for the metrics tests, strace for the write audit.
