@@ -377,7 +377,10 @@ class Gateway:
             draining=lambda: self.admission.draining,
             metrics=self.metrics,
         )
-        self.admission.over_share = self.rebalancer.over_share
+        if cfg.rebalance.enabled:
+            # With rebalancing off (a balancer that pins connections) a refusal for share would
+            # send the supervisor back to the same replica, to be refused again.
+            self.admission.over_share = self.rebalancer.over_share
         self.tasks.spawn(self.rebalancer.run(), name="rebalancer")
         log.info(
             "gateway ready",
