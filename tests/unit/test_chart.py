@@ -448,6 +448,12 @@ def test_the_drain_values_reach_the_gateway_and_its_grace_period(tmp_path: Path)
         deployment(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         == 0 + 2 + 15 + 5 + 10
     )
+    # drainSeconds: 0 was valid before (no preStop sleep): an upgrade keeping it renders a config
+    # the gateway takes (drain.window_s >= 1), the window being drain.windowSeconds.
+    for old in (0, -1):
+        objects = render({"gateway": {"drainSeconds": old}})
+        assert load_config(objects, tmp_path).drain.window_s == 30
+        assert deployment(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 47
     schema = json.loads((CHART / "values.schema.json").read_text())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft7Validator(schema).validate(

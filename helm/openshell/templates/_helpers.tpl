@@ -341,9 +341,10 @@ securityContext:
 
 {{/*
 The drain's window, seconds: gateway.drain.windowSeconds, or the deprecated gateway.drainSeconds
-when it is set (it was a preStop sleep; its time now goes to the drain).
+when it is set (it was a preStop sleep; its time now goes to the drain). Its 0 meant "no preStop
+sleep", a valid value in older values files (as was a negative one), and is no window: it leaves drain.windowSeconds.
 */}}
 {{- define "openshell.drainWindowSeconds" -}}
 {{- $g := .Values.gateway -}}
-{{- if kindIs "invalid" $g.drainSeconds -}}{{ $g.drain.windowSeconds }}{{- else -}}{{ $g.drainSeconds }}{{- end -}}
+{{- if or (kindIs "invalid" $g.drainSeconds) (le (int $g.drainSeconds) 0) -}}{{ $g.drain.windowSeconds }}{{- else -}}{{ $g.drainSeconds }}{{- end -}}
 {{- end -}}
