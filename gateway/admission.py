@@ -128,7 +128,9 @@ class Admission:
             return Refusal.DRAINING
         settings = self._settings
         if settings.enabled:
-            if settings.max_sessions and self._sessions() >= settings.max_sessions:
+            # The hellos in their handshake become sessions too: counting them keeps the bound a
+            # bound (the setting is sized under the file descriptor limit).
+            if settings.max_sessions and self._sessions() + self.inflight >= settings.max_sessions:
                 return Refusal.MAX_SESSIONS
             self._refill()
             if self._tokens < 1.0:

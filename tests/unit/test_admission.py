@@ -121,7 +121,7 @@ def test_the_order_of_the_checks() -> None:
     assert admission.try_enter() is Refusal.DRAINING
     admission.draining = False
     assert admission.try_enter() is Refusal.MAX_SESSIONS
-    admission = gate(clock, sessions=9, max_sessions=10, hello_burst=1, max_concurrent_handshakes=1)
+    admission = gate(clock, sessions=8, max_sessions=10, hello_burst=1, max_concurrent_handshakes=1)
     admission.over_share = lambda: over["share"]
     assert admission.try_enter() is Refusal.OVER_SHARE
     # None of those took the one token.
@@ -225,3 +225,14 @@ def test_slow_handshakes_size_the_hint_to_what_the_concurrency_bound_takes() -> 
         ticket.release()
     # With the bounds off, the configured rate is all there is.
     assert gate(clock, enabled=False).capacity_per_s() == 10.0
+
+
+def test_max_sessions_counts_the_handshakes_in_flight() -> None:
+    """Every admitted hello becomes a session: with 8 sessions and 2 in their handshake, a bound
+    of 10 is reached, not exceeded by up to max_concurrent_handshakes."""
+    clock = Clock()
+    admission = gate(clock, sessions=8, max_sessions=10, hello_burst=10, hellos_per_s=100.0)
+    held = [enter(admission), enter(admission)]
+    assert admission.try_enter() is Refusal.MAX_SESSIONS
+    held[0].release()
+    enter(admission).release()
