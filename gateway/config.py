@@ -295,11 +295,17 @@ class DrainSettings(_Section):
     hint_spread_s: float = Field(
         1.0,
         ge=0,
+        le=60,
         description="A hinted supervisor reconnects within a random delay up to this (the hint's "
-        "delay_window_ms); the gateway's pacing spreads the load, so it is short.",
+        "delay_window_ms); the gateway's pacing spreads the load, so it is short. At most 60 s: the "
+        "supervisor caps the window there (and at its session.reconnect_max_s).",
     )
     final_spread_s: float = Field(
-        5.0, ge=0, description="The spread given to sessions still here at the end of the window."
+        5.0,
+        ge=0,
+        le=60,
+        description="The spread given to sessions still here at the end of the window (at most 60 s, "
+        "as hint_spread_s).",
     )
 
     @model_validator(mode="after")
@@ -330,7 +336,12 @@ class RebalanceSettings(_Section):
         "three replicas within 10 % of a third.",
     )
     max_moves_per_s: float = Field(50.0, gt=0, description="Sessions asked to move per second, per replica.")
-    hint_spread_s: float = Field(1.0, ge=0, description="The spread of a moved supervisor's reconnect.")
+    hint_spread_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="The spread of a moved supervisor's reconnect (at most 60 s, as drain.hint_spread_s).",
+    )
     max_session_age_s: float = Field(
         0.0,
         ge=0,

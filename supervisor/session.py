@@ -121,6 +121,11 @@ PUSHBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURC
 #: Most we wait for any retry hint of the gateway (pushback or SessionRejected.retry_after_ms): a
 #: misconfigured or buggy gateway cannot keep its sandboxes away for longer than this at a time.
 MAX_RETRY_HINT_S = 300.0
+#: Most a reconnect hint's delay_window_ms is trusted for (also capped at session.reconnect_max_s):
+#: the window is both the delay before the next hello and how long an outage after the hint goes
+#: unjournaled, so a misconfigured gateway (a 10 min spread) must neither keep the sandbox away nor
+#: hide a real outage for that long. The gateway's *_spread_s settings are bounded to it (le=60).
+MAX_HINT_WINDOW_S = 60.0
 #: A retry hint is spread upwards by up to this fraction, so a fleet told the same pushback does
 #: not come back in the same instant.
 RETRY_HINT_SPREAD = 0.2
@@ -903,7 +908,7 @@ class Session:
                     if self._on_rtt is not None:
                         self._on_rtt(self.status.last_rtt_ms / 1000)
             elif kind == "reconnect":
-                window = msg.reconnect.delay_window_ms / 1000
+                window = min(msg.reconnect.delay_window_ms / 1000, MAX_HINT_WINDOW_S, self._s.reconnect_max_s)
                 self._hinted = (time.monotonic(), window)
                 if half_close is not None:
                     await half_close()

@@ -14,7 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
+from pydantic import ValidationError
 
+from gateway.config import DrainSettings, RebalanceSettings
 from openshell_wire.configfile import ConfigError, load_settings
 from openshell_wire.convert import command_to_proto
 from openshell_wire.records import (
@@ -30,7 +32,14 @@ from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from supervisor.agent import journal_options
 from supervisor.config import SupervisorConfig
 from supervisor.journal import Journal
-from supervisor.session import MAX_RETRY_HINT_S, PUSHBACK_KEY, UPSTREAM_KEEPALIVE_S, Session, pushback_s
+from supervisor.session import (
+    MAX_HINT_WINDOW_S,
+    MAX_RETRY_HINT_S,
+    PUSHBACK_KEY,
+    UPSTREAM_KEEPALIVE_S,
+    Session,
+    pushback_s,
+)
 from tests.support.procs import free_port
 
 
@@ -245,7 +254,9 @@ async def test_during_an_exit_a_reconnect_hint_waits_at_most_the_exit_backoff(tm
     """The gateway asks to reconnect within 600 s (a drain's spread): while an exit is being
     delivered the supervisor comes back within exit_reconnect_max_s instead."""
     gateway = _Answering(*_accepted_then_reconnect(600_000))
-    async with _session_against(tmp_path, gateway) as session:
+    # reconnect_max_s 300: the hint's window is then capped at MAX_HINT_WINDOW_S (60 s) only, so
+    # what brings the supervisor back sooner is the exit's cap.
+    async with _session_against(tmp_path, gateway, reconnect_max_s=300) as session:
         session.deliver_exit()  # the first wait is skipped; the later ones are what is checked
         await _until(lambda: len(gateway.attempts) >= 4, within=10, what="sessions after reconnect hints")
     gaps = [b - a for a, b in itertools.pairwise(gateway.attempts[1:])]
@@ -407,8 +418,7 @@ async def test_no_reconnected_record_after_a_hinted_move(tmp_path: Path) -> None
 
 async def test_a_reconnected_record_after_a_real_outage(tmp_path: Path) -> None:
     """A session that ends without a hint (the gateway closed the stream), then a new one: the
-    outage is journaled; so is one after a hint whose new session came later than its window
-    plus connect_timeout_s."""
+    outage is journaled."""
     accepted = _accepted(10_000)
 
     class _Closing(_Answering):
@@ -427,7 +437,76 @@ async def test_a_reconnected_record_after_a_real_outage(tmp_path: Path) -> None:
     async with _session_against(tmp_path, gateway) as session:
         await _until(lambda: session.status.sessions >= 3, within=10, what="three sessions")
         assert _reconnected(session._journal) >= 1
-        # A hint long ago (its window and the connect timeout passed): an outage all the same.
-        session._hinted = (time.monotonic() - 60, 1.0)
-        before = _reconnected(session._journal)
-        await _until(lambda: _reconnected(session._journal) > before, within=10, what="a record")
+
+
+class _HintThenDown(pb_grpc.OpenShellServicer):
+    """The first session is accepted and ended by a reconnect hint with ``window_ms``; every hello
+    is then refused (UNAVAILABLE, no pushback) for ``down_s`` after the hint; then the next is
+    accepted and kept: a real outage right after a hint."""
+
+    def __init__(self, window_ms: int, *, down_s: float) -> None:
+        self.accepted, self.hint = _accepted_then_reconnect(window_ms)
+        self.down_s = down_s
+        self.hinted_at: float | None = None
+        self.accepted_at: list[float] = []
+
+    async def ConnectSupervisor(
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        if self.hinted_at is not None and time.monotonic() < self.hinted_at + self.down_s:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        async for _hello in request_iterator:
+            break
+        self.accepted_at.append(time.monotonic())
+        yield self.accepted
+        if self.hinted_at is None:
+            self.hinted_at = time.monotonic()
+            yield self.hint
+        async for _message in request_iterator:
+            pass
+
+
+@pytest.mark.parametrize(
+    "window_ms",
+    [
+        pytest.param(100, id="short-window"),
+        # A misconfigured gateway's 10 min window: capped (at reconnect_max_s, 50 ms here), it
+        # neither keeps the supervisor away nor hides the outage (before: no hello for minutes).
+        pytest.param(600_000, id="huge-window-capped"),
+    ],
+)
+async def test_a_real_outage_after_a_reconnect_hint_is_journaled(tmp_path: Path, window_ms: int) -> None:
+    """A hint, then the gateways refuse for longer than the window plus connect_timeout_s (2 s):
+    exactly one RECONNECTED record for the next session, whose duration covers the refusal."""
+    down_s = 2.8
+    gateway = _HintThenDown(window_ms, down_s=down_s)
+    async with _session_against(tmp_path, gateway) as session:
+        await _until(lambda: session.status.sessions >= 2, within=15, what="the session after the outage")
+        records = [
+            e.payload
+            for e in session._journal.read_after(0)
+            if isinstance(e.payload, LifecycleRecord) and e.payload.kind is LifecycleKind.RECONNECTED
+        ]
+    assert len(records) == 1, records
+    assert gateway.hinted_at is not None
+    assert records[0].duration_ms >= (down_s - 0.1) * 1000, records
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        pytest.param(DrainSettings, "hint_spread_s", id="drain.hint_spread_s"),
+        pytest.param(DrainSettings, "final_spread_s", id="drain.final_spread_s"),
+        pytest.param(RebalanceSettings, "hint_spread_s", id="rebalance.hint_spread_s"),
+    ],
+)
+def test_the_gateways_hint_spreads_are_bounded_to_the_supervisors_cap(
+    settings: type[DrainSettings | RebalanceSettings], field: str
+) -> None:
+    """A gateway configured with a 10 min spread fails with a clear error rather than sending a
+    window every supervisor would cap at MAX_HINT_WINDOW_S."""
+    assert settings.model_validate({field: MAX_HINT_WINDOW_S})
+    with pytest.raises(ValidationError, match="less than or equal to 60"):
+        settings.model_validate({field: 600})
