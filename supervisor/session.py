@@ -126,6 +126,9 @@ MAX_RETRY_HINT_S = 300.0
 #: unjournaled, so a misconfigured gateway (a 10 min spread) must neither keep the sandbox away nor
 #: hide a real outage for that long. The gateway's *_spread_s settings are bounded to it (le=60).
 MAX_HINT_WINDOW_S = 60.0
+#: Least heartbeat interval a SessionUpdate may set (the gateway's own floor): a buggy gateway
+#: sending 1 ms must not make us beat a thousand times a second with a 3 ms silence bound.
+MIN_UPDATE_INTERVAL_S = 0.1
 #: A retry hint is spread upwards by up to this fraction, so a fleet told the same pushback does
 #: not come back in the same instant.
 RETRY_HINT_SPREAD = 0.2
@@ -718,11 +721,12 @@ class Session:
             # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it
             # does not depend on it).
             nonlocal half_closed
-            async with write_lock:
-                half_closed = True
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(1.0):
-                        await call.done_writing()
+            # Bounded as a whole: a write blocked on flow control holds the lock, and the receive
+            # task must not wait on it (the gateway's Close right after the hint ends the call).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0), write_lock:
+                    half_closed = True
+                    await call.done_writing()
 
         if events_mode:
             resume = accepted.resume_after_sequence
@@ -942,6 +946,14 @@ class Session:
                 update = msg.session_update
                 if update.heartbeat_interval_ms:
                     self._session_interval = update.heartbeat_interval_ms / 1000
+                    if self._session_interval < MIN_UPDATE_INTERVAL_S:
+                        log.warning(
+                            "the gateway's heartbeat interval %.3fs raised to %.1fs",
+                            self._session_interval,
+                            MIN_UPDATE_INTERVAL_S,
+                            extra={"interval_s": self._session_interval},
+                        )
+                        self._session_interval = MIN_UPDATE_INTERVAL_S
                     self._interval_changed.set()
                     log.info(
                         "heartbeat interval set by the gateway to %.2fs",

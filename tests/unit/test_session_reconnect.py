@@ -26,6 +26,8 @@ from openshell_wire.records import (
     CommandKind,
     LifecycleKind,
     LifecycleRecord,
+    LogRecord,
+    LogStream,
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
@@ -510,3 +512,64 @@ def test_the_gateways_hint_spreads_are_bounded_to_the_supervisors_cap(
     assert settings.model_validate({field: MAX_HINT_WINDOW_S})
     with pytest.raises(ValidationError, match="less than or equal to 60"):
         settings.model_validate({field: 600})
+
+
+async def test_a_session_update_interval_has_a_floor(tmp_path: Path) -> None:
+    """A gateway bug sends a 1 ms interval: the supervisor beats at its 100 ms floor, not ~1,000/s
+    (before the floor: hundreds of beats in the second)."""
+    gateway = _Beats(_accepted(30_000), _update(1))
+    async with _session_against(tmp_path, gateway):
+        await _until(lambda: len(gateway.beats) >= 3, within=10, what="beats at the floor")
+        first = gateway.beats[0]
+        await asyncio.sleep(1.0)
+    in_the_second = [t for t in gateway.beats if first < t <= first + 1.0]
+    # 100 ms apart at least, jitter aside: about 10 in a second; 1 ms would give hundreds.
+    assert len(in_the_second) <= 20, len(in_the_second)
+
+
+class _NeverReads(pb_grpc.OpenShellServicer):
+    """Accepts the hello, never reads the supervisor's messages again (its writes block on flow
+    control once the window is full), then sends a reconnect hint."""
+
+    def __init__(self, *, hint_after_s: float) -> None:
+        self.accepted, self.hint = _accepted_then_reconnect(0)
+        self.accepted.session_accepted.capabilities.extend(ALL_CAPABILITIES)
+        self.hint_after_s = hint_after_s
+        self.attempts: list[float] = []
+
+    async def ConnectSupervisor(
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        self.attempts.append(time.monotonic())
+        async for _hello in request_iterator:
+            break
+        yield self.accepted
+        await asyncio.sleep(self.hint_after_s)
+        yield self.hint
+        await asyncio.sleep(3600)  # no Close: only the supervisor's own bound ends the session
+
+
+async def test_a_reconnect_hint_is_not_held_up_by_a_write_blocked_on_flow_control(tmp_path: Path) -> None:
+    """Megabytes pending and a gateway that stops reading: a write blocks holding the write lock
+    when the hint comes. The session ends all the same (half_close's wait for the lock is bounded)
+    and the supervisor comes back (before: it waited on the lock for ever)."""
+    gateway = _NeverReads(hint_after_s=2.0)
+    server = aio.server()
+    pb_grpc.add_OpenShellServicer_to_server(gateway, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = _config(tmp_path, f"127.0.0.1:{port}", reconnect_initial_s=0.01, reconnect_max_s=0.05)
+    journal = Journal.open(journal_options(config))
+    for i in range(12_000):
+        journal.append(LogRecord(stream=LogStream.STDOUT, message=f"{i:06d} " + "x" * 1000))
+    live = Session(config=config, journal=journal, instance_id="i")
+    task = asyncio.create_task(live.run())
+    try:
+        await _until(lambda: len(gateway.attempts) >= 2, within=20, what="a hello after the hint")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop(None)
+        journal.close()
