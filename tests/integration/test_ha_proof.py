@@ -114,6 +114,9 @@ class Proof:
     #: GET /api/v1/sandboxes asked of each replica directly (its own HTTP port, not haproxy's
     #: round robin), by replica id, once all had settled.
     views: dict[str, dict[str, Any]]
+    #: For each sandbox, the phases whose stopped (SIGTERM) or killed (SIGKILL) replica held its
+    #: session just before, e.g. ["kill-1", "restart-gw1", "kill-2"].
+    moved_in: dict[str, list[str]] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
 
     def lines(self, sandbox_id: str) -> list[str]:
@@ -352,8 +355,13 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 full = time.monotonic() - began
                 return round(first[0] if first else full, 2), round(full, 2)
 
-            def stop(gw: GatewayProcess, *, kill: bool) -> None:
+            moved_in: dict[str, list[str]] = {s: [] for s in ids}
+
+            def stop(gw: GatewayProcess, *, kill: bool, phase: str) -> None:
                 nonlocal received
+                for sandbox_id, owner in _owners(url).items():
+                    if owner == _rid(gw) and sandbox_id in moved_in:
+                        moved_in[sandbox_id].append(phase)
                 received += _events_received(gw)
                 if kill:
                     gw.kill()
@@ -369,7 +377,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 # 1. kill -9 the replica holding the most sessions
                 poster.phase = "kill-1"
                 victim = by_id[spread.most_common(1)[0][0]]  # type: ignore[index]
-                stop(victim, kill=True)
+                stop(victim, kill=True, phase="kill-1")
                 others = [gw for gw in gateways if gw is not victim]
                 measured["moved after kill -9 of one: first line / 10 lines (s)"] = settled(
                     "sessions moved off the killed one", others
@@ -381,7 +389,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 for gw in gateways:
                     poster.phase = f"restart-{_rid(gw)}"
                     began = time.monotonic()
-                    stop(gw, kill=False)
+                    stop(gw, kill=False, phase=f"restart-{_rid(gw)}")
                     measured.setdefault("SIGTERM to exit (s)", []).append(round(time.monotonic() - began, 2))
                     measured.setdefault("settled after a SIGTERM: first line / 10 lines (s)", []).append(
                         settled("sessions moved off the stopped one", [g for g in gateways if g is not gw])
@@ -396,7 +404,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 owners = Counter(_owners(url).values())
                 pair = sorted(gateways, key=lambda g: owners.get(_rid(g), 0), reverse=True)[:2]
                 for gw in pair:
-                    stop(gw, kill=True)
+                    stop(gw, kill=True, phase="kill-2")
                 (last,) = [gw for gw in gateways if gw not in pair]
                 measured["moved after kill -9 of two at once: first line / 10 lines (s)"] = settled(
                     "sessions all on the last one", [last]
@@ -493,6 +501,7 @@ def proof(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
             frozen_id=_rid(frozen),
             frozen_stuck=stuck,
             views=views,
+            moved_in=moved_in,
             measured=measured,
         )
         _measure(result, received)
@@ -519,6 +528,7 @@ def _measure(proof: Proof, received: float) -> None:
     m["received - stored"] = int(received) - stored
     outages = [d["duration_ms"] for s in proof.sandbox_ids for d in proof.lifecycle(s, "reconnected")]
     m["reconnections"] = len(outages)
+    m["phases that stopped or killed the session's replica"] = proof.moved_in
     if outages:
         outages.sort()
         m["outage ms (min/median/max)"] = (outages[0], outages[len(outages) // 2], outages[-1])
@@ -568,10 +578,20 @@ def test_every_line_arrives_exactly_once_and_in_order(proof: Proof) -> None:
         assert len({e["epoch"] for e in proof.events[sandbox_id]}) == 1, (
             f"{sandbox_id}: one journal throughout"
         )
-    # The cuts happened while lines were written. A move on a reconnect hint (a replica's drain on
-    # SIGTERM, a rebalance) journals no RECONNECTED record (it is not an outage: docs/protocol.md),
-    # so only the kill -9 phases leave one, and those moved the sessions of three replicas.
-    assert any(proof.lifecycle(sandbox_id, "reconnected") for sandbox_id in proof.sandbox_ids)
+    # The cuts happened while lines were written: each kill -9 phase and the restarts took down a
+    # replica holding sessions (which ones varies with haproxy and the rebalancer). A move on a
+    # reconnect hint (a replica's drain on SIGTERM, a rebalance) journals no RECONNECTED record (it
+    # is not an outage: docs/protocol.md); a kill -9 is one, so every sandbox whose replica was
+    # killed under it journaled at least one.
+    phases = {p for moved in proof.moved_in.values() for p in moved}
+    assert {"kill-1", "kill-2"} <= phases, proof.moved_in
+    assert any(p.startswith("restart-") for p in phases), proof.moved_in
+    for sandbox_id in proof.sandbox_ids:
+        moved = proof.moved_in[sandbox_id]
+        if any(p.startswith("kill-") for p in moved):
+            assert proof.lifecycle(sandbox_id, "reconnected"), (
+                f"{sandbox_id}: a RECONNECTED record for the outage of the kill -9 ({moved})"
+            )
 
 
 def test_every_main_process_keeps_its_pid(proof: Proof) -> None:
