@@ -36,6 +36,10 @@ SHUTDOWN = "shutdown"
 #: How often the drainer looks again for sessions it has not hinted yet (a hello admitted just
 #: before the drain began) while hinted ones are still ending.
 RECHECK_S = 0.1
+#: At most this many hints back to back when the drainer is late (its loop stalled: a GC, a slow
+#: callback): the pace is a token bucket of this depth, so a stall of any length is not caught up
+#: in a burst onto the receivers. In any second at most ``rate + HINT_BURST`` hints are sent.
+HINT_BURST = 5
 #: The hints are spread over this share of the window left after the settle, so the last hinted
 #: sessions have time to leave before its end (they would get a second, shorter spread otherwise).
 WINDOW_SHARE = 0.9
@@ -95,7 +99,9 @@ class Drainer:
             rate,
             extra={"sessions": len(sessions), "hints_per_s": rate},
         )
-        began = self._clock()
+        # The token bucket: the next hint may go at ``ready_at``; a late drainer (a stalled loop)
+        # banks at most HINT_BURST - 1 of the slots it missed.
+        ready_at = self._clock()
         while self._clock() < deadline and len(self._registry):
             if not sessions:
                 # Hinted sessions are still ending (a batch being stored); a session admitted
@@ -105,13 +111,20 @@ class Drainer:
                     await self._sleep_until(min(self._clock() + RECHECK_S, deadline))
                     continue
             session = sessions.pop()
+            now = self._clock()
             if not self._registry.hint(session, reason=DRAIN, spread_s=s.hint_spread_s):
                 continue  # ended or replaced meanwhile: no slot spent on it
             self.hinted += 1
+            log.debug(
+                "drain: session asked to reconnect",
+                extra={"sandbox_id": session.sandbox_id, "session_id": session.session_id},
+            )
             if self._metrics is not None:
                 self._metrics.reconnect_hints.labels(DRAIN).inc()
-            # Slots counted from the start, so the rate holds however long each wake-up takes.
-            await self._sleep_until(min(began + self.hinted / rate, deadline))
+            # Slots follow each other at 1 / rate whatever each wake-up takes, but the debt of a
+            # late drainer is capped at HINT_BURST slots (a token bucket), and it always yields.
+            ready_at = max(ready_at, now - (HINT_BURST - 1) / rate) + 1 / rate
+            await self._sleep_until(min(ready_at, deadline))
         left = len(self._registry)
         log.info(
             "drain: %s after %d hints",
@@ -121,6 +134,5 @@ class Drainer:
         )
 
     async def _sleep_until(self, when: float) -> None:
-        delay = when - self._clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        # Always a yield, even when late: the loop's other work (the hinted streams' ends) runs.
+        await asyncio.sleep(max(when - self._clock(), 0))

@@ -28,8 +28,10 @@ from pathlib import Path
 import pytest
 from grpc import aio
 
+from gateway.drain import HINT_BURST
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
+from tests.integration.test_admission import stamp
 from tests.support.haproxy import Backend, running_haproxy
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
@@ -142,6 +144,8 @@ async def test_a_third_signal_exits_at_once_with_status_1(tmp_path: Path) -> Non
 
 SETTLE_S, WINDOW_S, MAX_HINTS_PER_S, MIN_HINTS_PER_S = 1.0, 5.0, 50.0, 20.0
 SESSIONS = 200
+#: How long after A's /readyz says 503 the simulated Service stops listing it (endpoints' lag).
+ENDPOINTS_LAG_S = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -279,15 +283,18 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
         await asyncio.sleep(1.5)  # a few records each, stored on A
         began = time.monotonic()
         a.signal(signal.SIGTERM)
-        # The Service's endpoints follow /readyz: A is left out from now on.
-        fleet.ready = [b.address, c.address]
         polling = asyncio.Event()
         poller = asyncio.create_task(_shown_disconnected(b, polling))
+        # The Service's endpoints follow /readyz, a moment late (ENDPOINTS_LAG_S, shorter than the
+        # settle): A is left out after it says 503. A hint sent before that (a drain without its
+        # settle) brings supervisors back to A, to be refused.
         unready = await asyncio.to_thread(
             wait_until, lambda: _readyz(a) == 503, timeout=5, what="A's /readyz 503", interval=0.05
         )
         assert unready
         unready_after = time.monotonic() - began
+        await asyncio.sleep(ENDPOINTS_LAG_S)
+        fleet.ready = [b.address, c.address]
         answer = await _hello(a.address, "straight-to-a", timeout_s=5)
         assert answer is not None and answer.WhichOneof("payload") == "session_rejected", answer
         rejected = answer.session_rejected
@@ -318,12 +325,17 @@ async def test_a_sigterm_moves_every_session_to_the_other_replicas_paced_and_not
     assert all(len(sim.hints) == 1 for sim in fleet.sims), [s.hints for s in fleet.sims if len(s.hints) != 1][
         :3
     ]
-    # Paced: none before the settle, at most max_hints_per_s in any second, spread over seconds.
+    # Paced: none before the settle, at most max_hints_per_s (+ the bucket's burst) in any second of
+    # the gateway's own clock (its log's timestamps: the clients' loop bunches what it receives),
+    # spread over seconds.
     assert hints[0] - began >= SETTLE_S * 0.9, hints[0] - began
-    peak = max(sum(1 for t in hints if start <= t < start + 1.0) for start in hints)
-    assert peak <= MAX_HINTS_PER_S * 1.1, peak
-    assert hints[-1] - hints[0] >= (SESSIONS / MAX_HINTS_PER_S) * 0.8, hints[-1] - hints[0]
-    # Every hinted supervisor came back on B or C at its first attempt (no bounce off A).
+    sent = [stamp(line) for line in log.splitlines() if "drain: session asked to reconnect" in line]
+    assert len(sent) == SESSIONS, len(sent)
+    peak = max(sum(1 for t in sent if start <= t < start + 1.0) for start in sent)
+    assert peak <= MAX_HINTS_PER_S + HINT_BURST, peak
+    assert sent[-1] - sent[0] >= (SESSIONS - HINT_BURST) / MAX_HINTS_PER_S * 0.9, sent[-1] - sent[0]
+    # Every hinted supervisor came back on B or C at its first attempt (no bounce off A): the
+    # drain's settle outlasted the endpoints' lag.
     bounced = [r for sim in fleet.sims for r in sim.rejections if r[0] > began and r[4] == a.address]
     assert not bounced, bounced[:3]
     # The moved sessions' disconnection writes waited for the new claims: the API (polled every

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 from gateway.config import DrainSettings, GatewayConfig
-from gateway.drain import Drainer, disconnect_delay_s, pace
+from gateway.drain import HINT_BURST, Drainer, disconnect_delay_s, pace
 from gateway.sessions import Close, InboxItem, Outbound, Session, SessionRegistry
 from openshell_wire.records import CAP_EVENTS, CAP_RECONNECT, JournalEpoch, SandboxId
 
@@ -108,3 +109,47 @@ async def test_at_the_deadline_the_rest_get_the_shutdown_hint_and_nobody_two() -
             assert reconnects[0].reason == "drain"
         else:
             assert reconnects[0].reason == "shutdown" and reconnects[0].delay_window_ms == 5000
+
+
+class _TimedRegistry(SessionRegistry):
+    """Records when each hint is sent (the gateway's side, not when a handler reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hinted_at: list[float] = []
+
+    def hint(self, session: Session, *, reason: str, spread_s: float) -> bool:
+        sent = super().hint(session, reason=reason, spread_s=spread_s)
+        if sent:
+            self.hinted_at.append(time.monotonic())
+        return sent
+
+
+async def test_a_stalled_loop_is_not_caught_up_in_a_burst() -> None:
+    """The pace is a token bucket: after the loop stalls (here 0.6 s of blocking work 0.3 s into
+    the hints), at most HINT_BURST missed slots go back to back, so no second holds more than
+    rate + HINT_BURST hints (the slot arithmetic from the start sent 24 at once, 60 in a second)."""
+    registry = _TimedRegistry()
+    rate = 40
+    sessions = _open(registry, 60, capabilities=frozenset({CAP_RECONNECT}))
+    seen: dict[str, list[tuple[float, InboxItem]]] = {}
+    handlers = [asyncio.create_task(_handler(registry, s, seen)) for s in sessions]
+    settings = DrainSettings(settle_s=0, window_s=5, max_hints_per_s=rate, min_hints_per_s=rate)
+
+    async def stall() -> None:
+        await asyncio.sleep(0.3)
+        time.sleep(0.6)  # noqa: ASYNC251 - blocks the loop, as a GC or a slow callback does
+
+    staller = asyncio.create_task(stall())
+    await Drainer(registry, settings).run(deadline=time.monotonic() + settings.window_s)
+    await asyncio.gather(staller, *handlers)
+    assert len(registry.hinted_at) == len(sessions)
+    times = registry.hinted_at
+    peak = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert peak <= rate + HINT_BURST, peak
+    # The longest run of hints sent back to back (< 1 ms apart) is the burst, not the missed slots.
+    run = longest = 1
+    for earlier, later in itertools.pairwise(times):
+        run = run + 1 if later - earlier < 0.001 else 1
+        longest = max(longest, run)
+    assert longest <= HINT_BURST, longest
