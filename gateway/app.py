@@ -131,6 +131,9 @@ class Gateway:
         self.tasks = BackgroundTasks("gateway")
         #: When the drain began (loop time; None: serving). See begin_drain().
         self._draining_since: float | None = None
+        #: begin_drain's awaited steps (health, lease mark, leader step-down), run once as their own
+        #: task: a second signal cancelling the drain does not cancel them, stop() awaits the rest.
+        self._drain_steps: asyncio.Task[None] | None = None
         #: The heartbeat interval this replica hands out (adaptive: sessions.max_heartbeats_per_s).
         self.heartbeats = HeartbeatGovernor(config.sessions, registry=self.registry, metrics=self.metrics)
 
@@ -460,13 +463,19 @@ class Gateway:
         (OVERLOADED "draining", with a short retry hint: it may still reach us while endpoints
         move), /readyz says 503 and gRPC health NOT_SERVING, the lease row says draining (the
         others stop counting this replica) and the Kubernetes driver's leader Lease is released.
-        Each store step is bounded: a hung database must not eat the drain's time."""
-        if self._draining_since is not None:
-            return
-        self._draining_since = asyncio.get_running_loop().time()
-        self.admission.draining = True
-        self.metrics.draining.set(1)
-        self._grpc_serving = False  # /readyz says so at once: no new work is sent here
+        Each store step is bounded: a hung database must not eat the drain's time. The awaited
+        steps run once, as their own task: a caller cancelled meanwhile (a second signal during
+        the drain) leaves them running, and the next call (stop's) waits for what is left of them,
+        so the lease's draining mark and the leader step-down are never skipped."""
+        if self._drain_steps is None:
+            self._draining_since = asyncio.get_running_loop().time()
+            self.admission.draining = True
+            self.metrics.draining.set(1)
+            self._grpc_serving = False  # /readyz says so at once: no new work is sent here
+            self._drain_steps = asyncio.create_task(self._begin_drain_steps(), name="begin drain")
+        await asyncio.shield(self._drain_steps)
+
+    async def _begin_drain_steps(self) -> None:
         if self._health_servicer is not None:
             # gRPC health says so at once too, not at the follower's next tick; the follower's
             # later verdicts are ignored from here.

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from pathlib import Path
 
+import pytest
+
+from gateway.app import Gateway
 from gateway.config import DrainSettings, GatewayConfig
 from gateway.drain import HINT_BURST, Drainer, disconnect_delay_s, pace
 from gateway.sessions import Close, InboxItem, Outbound, Session, SessionRegistry
+from gateway.store.replicas import ReplicaStore
 from openshell_wire.records import CAP_EVENTS, CAP_RECONNECT, JournalEpoch, SandboxId
+from tests.support.gateway import gateway_config
 
 
 def _open(
@@ -153,3 +160,39 @@ async def test_a_stalled_loop_is_not_caught_up_in_a_burst() -> None:
         run = run + 1 if later - earlier < 0.001 else 1
         longest = max(longest, run)
     assert longest <= HINT_BURST, longest
+
+
+async def test_a_second_signal_during_begin_drain_leaves_the_lease_mark_and_step_down_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain cancelled (a second signal) while begin_drain waits for the lease's draining
+    mark: the mark still completes and the leader step-down after it still runs, within stop()
+    (before, stop()'s begin_drain returned at once and the Lease was held until it lapsed)."""
+    marked: list[str] = []
+    stepped: list[bool] = []
+    mark_draining = ReplicaStore.mark_draining
+
+    async def slow_mark(self: ReplicaStore, replica_id: str, *, run: str | None = None) -> None:
+        await asyncio.sleep(0.3)  # a database answering slowly
+        await mark_draining(self, replica_id, run=run)
+        marked.append(replica_id)
+
+    async def step_down() -> None:
+        stepped.append(True)
+
+    monkeypatch.setattr(ReplicaStore, "mark_draining", slow_mark)
+    gw = Gateway(gateway_config(tmp_path, {"ha": {"replica_id": "gw-drained"}}))
+    await gw.start()
+    try:
+        # The Kubernetes driver's leader step-down, on the provisioner where begin_drain looks.
+        monkeypatch.setattr(gw._provisioner, "step_down", step_down, raising=False)
+        drain = asyncio.create_task(gw.drain())
+        await asyncio.sleep(0.1)  # inside the lease mark
+        assert gw.draining and not marked
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+    finally:
+        await gw.stop()
+    assert marked == ["gw-drained"]
+    assert stepped == [True]
