@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import random
 import re
 import time
@@ -38,6 +39,22 @@ def stamp(line: str) -> float:
     match = TS.match(line)
     assert match, line
     return datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
+
+
+def implausible_repeats(n: int, values: int) -> int:
+    """How many times one value coming up in ``n`` uniform draws over at least ``values`` integers
+    (the narrowest range a busy hint is drawn from: [lo, 2 lo]) is too many to be luck: the
+    smallest k with values x P(Poisson(n / values) >= k) < 1e-4 (a false failure in 10,000 runs
+    at most). A hint that does not spread (a fixed value, a few values) reaches it."""
+    mean = n / values
+    term = math.exp(-mean)  # P(X = 0)
+    below = 0.0  # P(X < k)
+    k = 0
+    while values * (1.0 - below) >= 1e-4:
+        below += term
+        k += 1
+        term *= mean / k
+    return k
 
 
 def burst_gateway(tmp_path: Path) -> GatewayProcess:
@@ -81,7 +98,6 @@ def test_a_burst_of_hellos_is_answered_within_the_rate_and_all_come_in(tmp_path:
     gateway = burst_gateway(tmp_path)
     gateway.start()
     try:
-        started = time.monotonic()
         sims = asyncio.run(burst(gateway.address, CLIENTS, timeout_s=60))
     finally:
         gateway.stop()
@@ -106,7 +122,10 @@ def test_a_burst_of_hellos_is_answered_within_the_rate_and_all_come_in(tmp_path:
     # Retry-afters within bounds, and spread (a refused cohort does not come back together).
     hints = [ms for _, _, ms, _, _ in rejections]
     assert min(hints) >= MIN_MS and max(hints) <= MAX_MS, (min(hints), max(hints))
-    assert len(set(hints)) >= 0.8 * len(hints), f"{len(set(hints))} distinct of {len(hints)}"
+    worst_repeat = max(Counter(hints).values())
+    assert worst_repeat < implausible_repeats(len(hints), MIN_MS + 1), (
+        f"a hint repeated {worst_repeat} times in {len(hints)}: {Counter(hints).most_common(3)}"
+    )
     assert max(hints) > 2 * MIN_MS, "the spread did not grow with the backlog"
     # Each sim obeyed its hint: its next attempt no sooner than the retry-after.
     for sim in sims:
@@ -124,7 +143,6 @@ def test_a_burst_of_hellos_is_answered_within_the_rate_and_all_come_in(tmp_path:
     assert len(accepted) == sum(len(sim.sessions) for sim in sims)
     worst = max(sum(1 for t in accepted if start <= t < start + 1.0) for start in accepted)
     assert worst <= RATE + BURST + CONCURRENCY, f"{worst} accepted within one second"
-    assert time.monotonic() - started < 75
     # Nothing worked on for a client that gave up, and nothing at error level.
     assert log.count("stream closed before hello") == 0
     assert not re.search(r"^\S+ (error|critical)", log, re.MULTILINE), log[-3000:]
