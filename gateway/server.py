@@ -78,7 +78,7 @@ from gateway.sessions import (
 )
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
 from gateway.store.commands import Answer
-from gateway.store.db import is_transient
+from gateway.store.db import cancels_safely, is_transient
 from gateway.store.fencing import Fenced
 from gateway.store.sandboxes import SandboxRow, StaleConnection, StoredPolicy
 from gateway.upstream_logs import log_record as upstream_log_record
@@ -134,6 +134,17 @@ class _Binding:
 DISCONNECT_RETRY_MAX_S = 10.0
 #: On shutdown, how long cancelled disconnection writes are given to end (see ``drain``).
 DRAIN_CANCEL_WAIT_S = 0.5
+#: SQLite: how many store calls given up at their deadline may still run (they are not cancelled:
+#: see ``_within``); past it, a new call is refused at once. SQLite's pool holds 15 connections
+#: (SQLAlchemy's 5 and 10 overflow): beyond that a new call would only queue behind calls nobody
+#: waits for any more.
+MAX_GIVEN_UP_STORE_CALLS = 15
+
+
+class _NotAnswered(StoreError):
+    """A store call ``_within`` gave up at its deadline, or refused because the store is behind."""
+
+
 #: An event batch whose transaction the database lost is tried again after this pause, doubled up
 #: to the largest, until its deadline (see ``_retrying``).
 STORE_RETRY_INITIAL_S, STORE_RETRY_MAX_S = 0.1, 1.0
@@ -222,8 +233,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._identity = identity if identity is not None else this_replica(config.ha)
         self._owner = self._identity.id
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Store calls given up at their deadline (see _within): cancelled, left to end by themselves.
+        # Store calls given up at their deadline (see _within): left to end by themselves.
         self._abandoned: set[asyncio.Task[Any]] = set()
+        # Whether those are cancelled too: not on SQLite, where that can leave the file locked.
+        self._cancel_given_up = cancels_safely(config.database.url)
         #: (sandbox, generation, pod uid) -> (when, the token last minted for it): see REMINT_AFTER_S.
         self._minted: dict[tuple[str, int, str | None], tuple[float, MintedToken]] = {}
 
@@ -238,7 +251,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             log.error("background write failed: %s", task.exception(), extra={"task": task.get_name()})
 
     async def _within(
-        self, coro: Coroutine[Any, Any, _T], *, deadline: float, what: str, limit_s: float | None = None
+        self,
+        coro: Coroutine[Any, Any, _T],
+        *,
+        deadline: float,
+        what: str,
+        limit_s: float | None = None,
+        undo: Callable[[], Coroutine[Any, Any, Any]] | None = None,
     ) -> _T:
         """Run a store call a supervisor is waiting on, giving up at ``deadline`` (monotonic) with
         a StoreError, which the session answers with SessionRejected OVERLOADED and a retry hint.
@@ -250,27 +269,49 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         its own and is not awaited past the deadline: SQLAlchemy finishes a connection's cleanup
         (a rollback that waits for the hung server too) before it lets a cancellation through.
         A call given up may still commit later; nothing of it was acknowledged, and what it wrote
-        is idempotent (events by sequence, the connection conditional on the session)."""
-        task = asyncio.create_task(coro, name=what)
+        is idempotent (events by sequence, the connection conditional on the session).
+
+        On PostgreSQL the call given up is cancelled (a hung server would hold it otherwise). On
+        SQLite it is left to run to its end, which the busy timeout bounds: cancelled inside a
+        write transaction, it could leave its connection holding the file's write lock with no one
+        to release it (see :func:`gateway.store.db.cancels_safely`). At most
+        ``MAX_GIVEN_UP_STORE_CALLS`` such calls run; past that the store is behind, and a new call
+        is refused at once without touching it (a hello answered OVERLOADED with a retry hint).
+
+        ``undo``: what reverts the call if it is given up (at the deadline, or its caller
+        cancelled), spawned once the call has ended: it may commit after it was given up, and an
+        undo that ran first would find nothing to revert."""
         limit_s = self._config.grpc.store_timeout_s if limit_s is None else limit_s
+        if not self._cancel_given_up and len(self._abandoned) >= MAX_GIVEN_UP_STORE_CALLS:
+            coro.close()
+            raise _NotAnswered(
+                f"{what}: the database is behind ({len(self._abandoned)} store calls given up "
+                f"after {limit_s:g}s still running)"
+            )
+        task = asyncio.create_task(coro, name=what)
         try:
             await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
         except asyncio.CancelledError:
-            self._abandon(task)
+            self._abandon(task, undo=undo)
             raise
         if not task.done():
-            self._abandon(task)
-            raise StoreError(f"{what}: the database did not answer within {limit_s:g}s")
+            self._abandon(task, undo=undo)
+            raise _NotAnswered(f"{what}: the database did not answer within {limit_s:g}s")
         return task.result()
 
-    def _abandon(self, task: asyncio.Task[Any]) -> None:
-        task.cancel()
+    def _abandon(
+        self, task: asyncio.Task[Any], *, undo: Callable[[], Coroutine[Any, Any, Any]] | None = None
+    ) -> None:
+        if self._cancel_given_up:
+            task.cancel()
         self._abandoned.add(task)
 
         def done(task: asyncio.Task[Any]) -> None:
             self._abandoned.discard(task)
             if not task.cancelled() and task.exception() is not None:
                 log.debug("a store call given up at its deadline failed: %s", task.exception())
+            if undo is not None:
+                self._spawn(undo(), name=f"undo-{task.get_name()}")
 
         task.add_done_callback(done)
 
@@ -521,6 +562,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 ),
                 deadline=deadline,
                 what="hello: claim the sandbox",
+                # Given up at its deadline or cancelled (the peer left), the claim may still
+                # commit: undone after it ended, conditional on this session's id, which nobody
+                # else writes.
+                undo=lambda: self._record_disconnected(
+                    sandbox_id, session_id, generation=registered.generation
+                ),
             )
         except StaleConnection as exc:
             # A delayed hello of the supervisor that holds the sandbox on a newer connection:
@@ -532,9 +579,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
             yield self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc))
             return
+        except (_NotAnswered, asyncio.CancelledError):
+            raise  # given up (undone by _within once the claim ended), or never run
         except BaseException:
-            # Given up at its deadline or cancelled (the peer left), the claim may still commit:
-            # undo it then, conditional on this session's id, which nobody else writes.
+            # The claim failed, perhaps in its commit, which may have landed: undone too.
             self._spawn(
                 self._record_disconnected(sandbox_id, session_id, generation=registered.generation),
                 name=f"disconnected-{sandbox_id}",

@@ -150,6 +150,26 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
+def cancels_safely(url: str | URL) -> bool:
+    """Whether a store call on ``url``'s database may be cancelled mid-transaction (by a caller that
+    stopped waiting for it) without leaving the database locked: not on SQLite.
+
+    There, a cancellation thrown into the call while its connection is inside a write transaction
+    makes SQLAlchemy's cleanup (the rollback) fail with the CancelledError, so the pool invalidates
+    the connection and closes it. But the cancelled statement's sqlite3 cursor is still alive (the
+    CancelledError's traceback holds its frame, in a reference cycle), so ``sqlite3_close_v2``
+    only makes the connection a zombie: it keeps its transaction, and the file's write lock, until
+    the garbage collector frees that cursor, which an idle gateway may not do for minutes. Every
+    other writer meanwhile waits out its busy timeout with a pooled connection held, and the pool
+    runs dry. A SQLite store call is therefore let run to its end (it is bounded by the busy
+    timeout) rather than cancelled. A PostgreSQL connection closed mid-transaction is rolled back by
+    the server at once, and the cancellation is what ends a call a hung server holds."""
+    try:
+        return normalise_url(url).get_backend_name() != "sqlite"
+    except StoreError:
+        return True
+
+
 def _sqlite_file(url: URL) -> Path | None:
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
