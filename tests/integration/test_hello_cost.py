@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 
 import asyncpg
 import asyncpg.prepared_stmt
+import pytest
 from grpc import aio
 from sqlalchemy import event
 
@@ -31,7 +33,7 @@ from openshell_wire.records import ALL_CAPABILITIES
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.gateway import gateway_config
-from tests.support.postgres import running_postgres
+from tests.support.postgres import pg_bindir, running_postgres
 
 #: The bounds a warm hello now keeps: the bind's read (1 statement); the claim, with the
 #: high-water mark read after its UPDATE in the same transaction (3); the pending commands' read
@@ -64,6 +66,10 @@ class Counts:
     statements: list[str] = field(default_factory=list)
     round_trips: list[str] = field(default_factory=list)
     open: dict[int, list[str]] = field(default_factory=dict)
+
+    def read_commands(self) -> bool:
+        """The pending commands' read (the hello's last store work) has ended its transaction."""
+        return any(s.startswith("SELECT commands.") for txn in self.transactions for s in txn)
 
     def writes(self) -> int:
         return sum(1 for txn in self.transactions if any(_writes(s) for s in txn))
@@ -163,10 +169,19 @@ async def gateway(tmp_path: Path, url: str | None) -> AsyncIterator[Gateway]:
         await gw.stop()
 
 
-async def hello(gw: Gateway, sandbox_id: str, token: str, counts: Counts) -> str:
-    """One hello with every capability, counted from its write until the pending commands were
-    read (the session sends them right after SessionAccepted; a command-less sandbox's read is
-    the last store work of the hello)."""
+async def _until(predicate: Any, *, what: str, within: float = 30.0) -> None:
+    """Polls an async predicate: the counted window is fenced by what happened, not by sleeps a
+    loaded machine could outlast."""
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def hello(gw: Gateway, sandbox_id: str, token: str, counts: Counts, *, counted: bool) -> str:
+    """One hello with every capability, counted (``counted``) from its write until the pending
+    commands were read (the session sends them right after SessionAccepted; a command-less
+    sandbox's read is the last store work of the hello)."""
     channel = aio.insecure_channel(gw.grpc_address)
     try:
         call = pb_grpc.OpenShellStub(channel).ConnectSupervisor(
@@ -181,8 +196,12 @@ async def hello(gw: Gateway, sandbox_id: str, token: str, counts: Counts) -> str
         counts.on = True
         await call.write(message)
         first = await call.read()
-        # The pending commands' read runs after the answer: let it end inside the window.
-        await asyncio.sleep(0.5)
+        if counted:  # the pending commands' read runs after the answer: it ends inside the window
+
+            async def read() -> bool:
+                return counts.read_commands()
+
+            await _until(read, what="the pending commands read")
         counts.on = False
         call.cancel()
         return str(first.WhichOneof("payload"))
@@ -196,10 +215,15 @@ async def count_warm_hello(gw: Gateway, counts: Counts) -> Counts:
     await gw.sandboxes.create(sandbox_id, driver="external")
     token = await gw.sandbox_token(sandbox_id, generation=1)
     # The first hello warms the caches (the token's verification, prepared statements).
-    assert await hello(gw, sandbox_id, token, Counts()) == "session_accepted"
-    await asyncio.sleep(0.5)  # its disconnection written, outside the counted window
+    assert await hello(gw, sandbox_id, token, Counts(), counted=False) == "session_accepted"
+
+    async def disconnected() -> bool:  # its disconnection written, outside the counted window
+        row = await gw.sandboxes.get(sandbox_id)
+        return gw.registry.get(sandbox_id) is None and row is not None and not row.connected
+
+    await _until(disconnected, what="the first hello's disconnection written")
     with counting(gw, counts):
-        assert await hello(gw, sandbox_id, token, counts) == "session_accepted"
+        assert await hello(gw, sandbox_id, token, counts, counted=True) == "session_accepted"
     return counts
 
 
@@ -217,6 +241,9 @@ async def test_a_warm_hello_on_sqlite_costs_few_transactions(tmp_path: Path) -> 
     check(counts)
 
 
+@pytest.mark.skipif(
+    pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
+)
 async def test_a_warm_hello_on_postgres_costs_few_round_trips(tmp_path: Path) -> None:
     with running_postgres() as pg:
         async with gateway(tmp_path, pg.url("postgres")) as gw:
