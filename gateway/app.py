@@ -498,7 +498,9 @@ class Gateway:
         await self.begin_drain()
         assert self._draining_since is not None
         settings = self.config.drain
-        drainer = Drainer(self.registry, settings, metrics=self.metrics)
+        drainer = Drainer(
+            self.registry, settings, metrics=self.metrics, handshakes=lambda: self.admission.inflight
+        )
         task = self.tasks.spawn(
             drainer.run(deadline=self._draining_since + settings.settle_s + settings.window_s), name="drain"
         )

@@ -73,20 +73,25 @@ class Drainer:
         settings: DrainSettings,
         *,
         metrics: GatewayMetrics | None = None,
+        handshakes: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
+        #: Hellos admitted before the drain and still in their handshake (admission's in-flight
+        #: count): each becomes a session to hint, so the drain is not over while there are any.
+        self._handshakes = handshakes
         self._clock = clock
         #: Sessions asked to reconnect by this drain.
         self.hinted = 0
 
     async def run(self, *, deadline: float) -> None:
         """Settle, then hint every session at the paced rate; return once the registry is empty
-        or at ``deadline`` (on ``clock``), whichever comes first."""
+        and no hello admitted before the drain is still in its handshake, or at ``deadline`` (on
+        ``clock``), whichever comes first."""
         s = self._settings
-        if len(self._registry) and s.settle_s > 0:
+        if self._left() and s.settle_s > 0:
             await self._sleep_until(min(self._clock() + s.settle_s, deadline))
         sessions = self._registry.sessions()
         random.shuffle(sessions)
@@ -102,10 +107,10 @@ class Drainer:
         # The token bucket: the next hint may go at ``ready_at``; a late drainer (a stalled loop)
         # banks at most HINT_BURST - 1 of the slots it missed.
         ready_at = self._clock()
-        while self._clock() < deadline and len(self._registry):
+        while self._clock() < deadline and self._left():
             if not sessions:
                 # Hinted sessions are still ending (a batch being stored); a session admitted
-                # just before the drain began is hinted too.
+                # just before the drain began (its hello still in its claim then) is hinted too.
                 sessions = [x for x in self._registry.sessions() if x.hinted is None]
                 if not sessions:
                     await self._sleep_until(min(self._clock() + RECHECK_S, deadline))
@@ -125,13 +130,19 @@ class Drainer:
             # late drainer is capped at HINT_BURST slots (a token bucket), and it always yields.
             ready_at = max(ready_at, now - (HINT_BURST - 1) / rate) + 1 / rate
             await self._sleep_until(min(ready_at, deadline))
-        left = len(self._registry)
+        left, handshakes = len(self._registry), self._handshakes()
         log.info(
             "drain: %s after %d hints",
-            "every session left" if not left else f"{left} sessions still here at the deadline",
+            "every session left"
+            if not left and not handshakes
+            else f"{left} sessions and {handshakes} handshakes still here at the deadline",
             self.hinted,
-            extra={"hinted": self.hinted, "left": left},
+            extra={"hinted": self.hinted, "left": left, "handshakes": handshakes},
         )
+
+    def _left(self) -> bool:
+        """Sessions here, or hellos that will open one (a session opens before its ticket goes)."""
+        return bool(len(self._registry) or self._handshakes())
 
     async def _sleep_until(self, when: float) -> None:
         # Always a yield, even when late: the loop's other work (the hinted streams' ends) runs.

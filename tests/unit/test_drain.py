@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.admission import Admission, Ticket
 from gateway.app import Gateway
-from gateway.config import DrainSettings, GatewayConfig
+from gateway.config import AdmissionSettings, DrainSettings, GatewayConfig
 from gateway.drain import HINT_BURST, Drainer, disconnect_delay_s, pace
 from gateway.sessions import Close, InboxItem, Outbound, Session, SessionRegistry
 from gateway.store.replicas import ReplicaStore
@@ -196,3 +197,34 @@ async def test_a_second_signal_during_begin_drain_leaves_the_lease_mark_and_step
         await gw.stop()
     assert marked == ["gw-drained"]
     assert stepped == [True]
+
+
+async def test_the_drain_waits_for_a_hello_admitted_before_it_and_hints_its_session() -> None:
+    """A hello admitted just before the drain, still in its claim when the last session leaves:
+    the drain waits for it (admission's in-flight count) and hints the session it opens, instead
+    of leaving it to the stop's cancellation (before: the drain returned on the empty registry)."""
+    registry = SessionRegistry()
+    admission = Admission(AdmissionSettings(), sessions=lambda: len(registry))
+    ticket = admission.try_enter()
+    assert isinstance(ticket, Ticket)
+    admission.draining = True
+    settings = DrainSettings(settle_s=0.1, window_s=5, max_hints_per_s=50, min_hints_per_s=1)
+    seen: dict[str, list[tuple[float, InboxItem]]] = {}
+
+    async def hello() -> None:
+        await asyncio.sleep(0.5)  # the claim's store work
+        (session,) = _open(registry, 1, capabilities=frozenset({CAP_RECONNECT}), prefix="late")
+        ticket.accepted()  # SessionAccepted written: the ticket goes after the session opened
+        await _handler(registry, session, seen)
+
+    began = time.monotonic()
+    late = asyncio.create_task(hello())
+    await Drainer(registry, settings, handshakes=lambda: admission.inflight).run(
+        deadline=began + settings.settle_s + settings.window_s
+    )
+    # Hinted, so its handler ends (unhinted, it would wait for the stop's cancellation).
+    done, _ = await asyncio.wait({late}, timeout=5)
+    late.cancel()
+    assert done, "the session opened after the drain was never hinted"
+    assert [type(item) for _, item in seen["late0"]] == [Outbound, Close]
+    assert len(registry) == 0 and admission.inflight == 0
