@@ -360,6 +360,10 @@ class Gateway:
             )
             for service in ("", "openshell.v1.OpenShell"):
                 await health_servicer.set(service, status)
+            if serving and self._renewer is not None:
+                # From now on the lease row says this replica takes sessions (not before: see
+                # gateway.replicas, the others would shed toward a replica no one routes to yet).
+                self._renewer.ready()
 
         # gRPC health follows /readyz's verdict (the database, its schema), not only the server's life.
         self._health = HealthFollower(self._readiness, set_serving=set_health)

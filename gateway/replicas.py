@@ -9,7 +9,7 @@ the sessions its crashed predecessor left flagged connected do not count as its 
 (:mod:`gateway.sandbox_state`).
 
 :class:`LeaseRenewer` is an owned background task. Its start writes the row (address, sessions
-held, draining=false, started_at, renewed_at, run_id), retrying for up to ``ha.lease_s``: the
+held, draining, started_at, renewed_at, run_id), retrying for up to ``ha.lease_s``: the
 gateway serves no session before its lease exists, and does not start when it cannot write it
 (LeaseStartError). It then renews the row every ``ha.renew_interval_s``. A failed renewal is logged
 (rate-limited) and retried at the next tick; it never ends the task nor the process, and nothing
@@ -18,6 +18,14 @@ holds (they end by their own rules). Other replicas see it dead once ``ha.lease_
 without a renewal, which is true of a store outage long enough to stop heartbeat flushes as well.
 A renewal that finds the row written by another run since its own last write logs an error: two
 live processes share the id (a misconfiguration: each takes the lease from the other).
+
+``draining`` is true until the gateway is ready (:meth:`LeaseRenewer.ready`: its gRPC server
+serves and its first health verdict is SERVING; written at once): the others' rebalancers count
+only replicas that take sessions as receivers (:mod:`gateway.rebalance`), and a replica whose row
+exists while the Service does not route to it yet (a surge pod before its readiness probe) would
+make them shed and refuse sessions that cannot land there. The flag is the existing column, read
+by nothing else; a release before it reads such a row as a draining replica, which it is not
+sending sessions to either.
 
 On a clean shutdown the row is first marked draining (after any renewal in flight, so that one
 cannot write draining=false back), then deleted once the sessions are closed: a deleted row tells
@@ -117,6 +125,10 @@ class LeaseRenewer:
         self._clock = clock
         self._started_at = clock()
         self._draining = False
+        #: False until ready() (the row says draining meanwhile, see the module docstring).
+        self._ready = False
+        #: Set by ready(): the renewal loop writes at once instead of at its next tick.
+        self._kick = asyncio.Event()
         #: Held around every write of the row: a renewal in flight when drain() begins commits
         #: before the draining mark, never after it (it would write draining=false back).
         self._write = asyncio.Lock()
@@ -144,7 +156,7 @@ class LeaseRenewer:
                     run=self.identity.run,
                     address=self._address,
                     sessions=self._sessions(),
-                    draining=self._draining,
+                    draining=self._draining or not self._ready,
                     started_at=self._started_at,
                     renewed_at=now,
                     forget_after_s=FORGET_AFTER_LEASES * self._ha.lease_s,
@@ -237,8 +249,17 @@ class LeaseRenewer:
                 await asyncio.sleep(min(1.0, self._ha.renew_interval_s))
                 written = await self.renew_once()
         while True:
-            await asyncio.sleep(self._ha.renew_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._ha.renew_interval_s)
+            self._kick.clear()
             await self.renew_once()
+
+    def ready(self) -> None:
+        """The gateway takes sessions from now on (see the module docstring): the renewals say
+        draining=false unless drain() was called, and the next one is written at once."""
+        if not self._ready:
+            self._ready = True
+            self._kick.set()
 
     async def drain(self) -> None:
         """Say this replica is draining (shutdown has begun): renewals keep saying so. After any

@@ -287,6 +287,7 @@ async def test_two_live_processes_under_one_id_are_reported_and_never_delete_eac
     first, second = _identity("gw-a"), _identity("gw-a")
     a = LeaseRenewer(store, identity=first, address="a:1", ha=HA, sessions=lambda: 0)
     b = LeaseRenewer(store, identity=second, address="b:1", ha=HA, sessions=lambda: 0)
+    a.ready()
     with caplog.at_level(logging.WARNING, logger="gateway.replicas"):
         assert await a.renew_once()
         # b's first write finds a's fresh row: a predecessor, or a live twin; not yet an error.
@@ -572,3 +573,26 @@ async def test_a_replica_started_before_its_migration_takes_no_session_before_it
         assert answer.HasField("session_accepted"), answer
     finally:
         await gw.stop()
+
+
+async def test_the_row_says_draining_until_the_gateway_is_ready(db: Database) -> None:
+    # Review finding 2 (gateway): a row written before the gateway takes sessions made the others'
+    # rebalancers shed toward a replica no supervisor could reach yet.
+    store = ReplicaStore(db)
+    ha = HaSettings(replica_id="gw-a", lease_s=10.0, renew_interval_s=5.0)
+    renewer = LeaseRenewer(store, identity=_identity("gw-a"), address="a:1", ha=ha, sessions=lambda: 0)
+    await renewer.start()
+    [row] = await store.leases()
+    assert row.draining, "not ready yet: not a receiver"
+    renewer.ready()  # written at once, not at the next renewal 5 s later
+    for _ in range(100):
+        [row] = await store.leases()
+        if not row.draining:
+            break
+        await asyncio.sleep(0.01)
+    assert not row.draining
+    await renewer.drain()
+    renewer.ready()  # a late readiness verdict does not undo the drain's mark
+    await asyncio.sleep(0.05)
+    assert (await store.leases())[0].draining
+    await renewer.stop()
