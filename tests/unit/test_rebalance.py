@@ -6,6 +6,7 @@ below fair share, nothing while draining or with a stale snapshot, the maximum s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -51,20 +52,45 @@ def _leases(
 
 def test_one_replica_alone_has_no_excess_and_never_refuses() -> None:
     fleet = fleet_of(_leases({"a": (900, False, 1)}), me="a", mine=1000, draining=False, now=T0)
-    assert fleet == Fleet(alive=1, receivers=1, total=1000, mine=1000)
-    assert fair_share(fleet) == 1000
+    assert fleet == Fleet(alive=1, receivers=1, total=900, mine=900, live=1000)
+    assert fair_share(fleet) == 900
     assert excess(fleet, tolerance=0.1) == 0
     assert not over_share(fleet, tolerance=0.1)
 
 
-def test_this_replica_counted_live_even_without_its_row() -> None:
-    # A new replica whose row the snapshot does not have yet, and one whose row says another count.
+def test_this_replica_counted_by_its_row_like_the_others_and_acting_only_if_live_agrees() -> None:
+    # A new replica whose row the snapshot does not have yet: its live count.
     fleet = fleet_of(_leases({"b": (100, False, 1)}), me="a", mine=300, draining=False, now=T0)
-    assert (fleet.alive, fleet.receivers, fleet.total) == (2, 2, 400)
+    assert (fleet.alive, fleet.receivers, fleet.total, fleet.mine) == (2, 2, 400, 300)
+    # Its row, as old as the others' (review finding 1: its live count against their older rows
+    # made every replica of a storm look above the others).
     fleet = fleet_of(
-        _leases({"a": (5, False, 1), "b": (100, False, 1)}), me="a", mine=300, draining=False, now=T0
+        _leases({"a": (100, False, 1), "b": (100, False, 1), "c": (100, False, 1)}),
+        me="a",
+        mine=300,
+        draining=False,
+        now=T0,
     )
-    assert fleet.total == 400, "the row's 5 is replaced by the live 300"
+    assert (fleet.total, fleet.mine, fleet.live) == (300, 100, 300)
+    assert excess(fleet, tolerance=0.0) == 0 and not over_share(fleet, tolerance=0.0)
+    # The row above, the live count not (sessions left since): nothing either; both above: the
+    # smaller excess.
+    rows = {"a": (300, False, 1), "b": (0, False, 1), "c": (0, False, 1)}
+    fleet = fleet_of(_leases(rows), me="a", mine=90, draining=False, now=T0)
+    assert excess(fleet, tolerance=0.0) == 0 and not over_share(fleet, tolerance=0.0)
+    fleet = fleet_of(_leases(rows), me="a", mine=150, draining=False, now=T0)
+    assert excess(fleet, tolerance=0.0) == 50 and over_share(fleet, tolerance=0.0)
+
+
+def test_a_replica_that_stopped_renewing_is_no_receiver_before_its_lease_lapses() -> None:
+    # Review finding 3: a killed replica's row, alive for ha.lease_s, counted as a receiver with
+    # room, so the survivors refused its supervisors for share.
+    rows = {"a": (150, False, 0), "b": (150, False, 0), "dead": (150, False, 2.5 * HA.renew_interval_s)}
+    fleet = fleet_of(_leases(rows), me="a", mine=225, draining=False, now=T0, fresh_s=2 * HA.renew_interval_s)
+    assert (fleet.alive, fleet.receivers, fleet.total, fleet.others) == (3, 2, 450, 150)
+    assert fair_share(fleet) == 225, "its sessions are on their way to the two that renew"
+    # Without the freshness bound (the API's liveness alone) it was one of three receivers.
+    assert fleet_of(_leases(rows), me="a", mine=225, draining=False, now=T0).receivers == 3
 
 
 def test_a_draining_replica_counts_in_the_total_but_takes_nothing() -> None:
@@ -195,15 +221,19 @@ class _Clock:
 
 def _rebalancer(
     registry: SessionRegistry,
-    leases: ReplicaLeases | Exception,
+    leases: ReplicaLeases | Exception | list[ReplicaLeases],
     *,
     settings: RebalanceSettings | None = None,
     draining: list[bool] | None = None,
     clock: _Clock | None = None,
 ) -> Rebalancer:
+    """``leases``: one snapshot for every read, or a list read in turn (the last one repeated)."""
+
     async def read() -> ReplicaLeases:
         if isinstance(leases, Exception):
             raise leases
+        if isinstance(leases, list):
+            return leases.pop(0) if len(leases) > 1 else leases[0]
         return leases
 
     flag = draining if draining is not None else [False]
@@ -219,14 +249,32 @@ def _rebalancer(
     )
 
 
+def _renewals(
+    mine: int, others: dict[str, tuple[int, bool, float]], *, read_at: float
+) -> list[ReplicaLeases]:
+    """Two snapshots with this replica's ("a") row at ``mine``, renewed between them: the row view
+    above share at two of its renewals in a row is what confirms it."""
+    return [
+        _leases({"a": (mine, False, 1.0), **others}, read_at=read_at),
+        _leases({"a": (mine, False, 0.0), **others}, read_at=read_at),
+    ]
+
+
+async def _confirmed(rebalancer: Rebalancer) -> int:
+    """The first two rounds: the first one only sees the row above share (no move, no refusal)."""
+    assert await rebalancer.tick() == 0
+    assert rebalancer.over_share() is False, "one snapshot above share is not confirmed"
+    return await rebalancer.tick()
+
+
 async def test_a_round_moves_half_the_excess_oldest_first_and_counts_them_in_flight() -> None:
     registry = _registry(300)
     clock = _Clock()
     rebalancer = _rebalancer(
-        registry, _leases({"b": (0, False, 0), "c": (0, False, 0)}, read_at=clock.t), clock=clock
+        registry, _renewals(300, {"b": (0, False, 0), "c": (0, False, 0)}, read_at=clock.t), clock=clock
     )
     assert rebalancer.over_share() is False, "no snapshot yet: never refuses"
-    assert await rebalancer.tick() == 100  # excess 200, damped by half
+    assert await _confirmed(rebalancer) == 100  # excess 200, damped by half
     hinted = _hinted(registry)
     assert len(hinted) == 100 and {r for _, r in hinted} == {REASON_REBALANCE}
     assert {sid for sid, _ in hinted} == {f"sb-{i:04d}" for i in range(200, 300)}, "the oldest"
@@ -236,33 +284,89 @@ async def test_a_round_moves_half_the_excess_oldest_first_and_counts_them_in_fli
     assert isinstance(items[0], Outbound) and items[0].message.reconnect.reason == REASON_REBALANCE
     assert items[0].message.reconnect.delay_window_ms == 500
     assert isinstance(items[1], Close)
-    # Their streams end: the registry forgets them, and the total still counts them (in flight).
+    # Their streams end: the registry forgets them, and the total still counts them (in flight)
+    # until another row shows them.
     for sid, _ in hinted:
         s = registry.get(sid)
         assert s is not None
         registry.close(s)
     fleet = rebalancer.fleet()
-    assert fleet is not None and (fleet.mine, fleet.total) == (200, 300)
-    assert rebalancer.over_share() is True, "200 > 100 x 1.1 + 1"
-    # Next round, the others' rows still say 0 (not renewed yet): half of the remaining 100.
+    assert fleet is not None and (fleet.mine, fleet.live, fleet.total) == (300, 200, 400)
+    assert rebalancer.in_flight() == 100
+    # Closed loop: until they land, no more moves and no refusal for share.
+    assert rebalancer.over_share() is False
+    assert await rebalancer.tick() == 0
+    # They land (b and c grew by 60 of them, the rest came back here); this row renewed at 240.
+    clock.t += 1
+    rebalancer._leases = _snapshots([_leases(
+        {"a": (240, False, 0), "b": (30, False, 0), "c": (30, False, 0)}, read_at=clock.t
+    )])  # fmt: skip
+    # Fair 100; the row says 240, the live count 200: excess 100 (the smaller), half of it.
     assert await rebalancer.tick() == 50
+    assert rebalancer.in_flight() == 50
     # Once settled, the rows say where they landed; within tolerance at 105, nothing moves.
     clock.t += rebalancer.settle_s + 1
     settled = _registry(105)
     rebalancer = _rebalancer(
-        settled, _leases({"b": (97, False, 0), "c": (98, False, 0)}, read_at=clock.t), clock=clock
+        settled, _renewals(105, {"b": (97, False, 0), "c": (98, False, 0)}, read_at=clock.t), clock=clock
     )
-    assert await rebalancer.tick() == 0
+    assert await _confirmed(rebalancer) == 0
     assert rebalancer.over_share() is False
+
+
+def _snapshots(leases: list[ReplicaLeases]) -> Callable[[], Awaitable[ReplicaLeases]]:
+    async def read() -> ReplicaLeases:
+        return leases.pop(0) if len(leases) > 1 else leases[0]
+
+    return read
+
+
+async def test_moves_that_do_not_land_stop_the_moves_and_the_refusals() -> None:
+    # Review finding 2: b's row renews, but no supervisor reaches b (a pod not routed to yet,
+    # a NetworkPolicy): the moved sessions came back and were refused everywhere, and a shrank.
+    registry = _registry(300)
+    clock = _Clock()
+    rebalancer = _rebalancer(registry, _renewals(300, {"b": (0, False, 0)}, read_at=clock.t), clock=clock)
+    assert await _confirmed(rebalancer) == 75  # fair 150, excess 150, half of it
+    # They all come back here (b takes none): a's row still 300, b's still 0.
+    for sid, _ in _hinted(registry):
+        s = registry.get(sid)
+        assert s is not None
+        registry.close(s)
+        registry.open(
+            sandbox_id=SandboxId(sid),
+            instance_id="i",
+            journal_epoch=JournalEpoch("e"),
+            capabilities=OURS,
+            owner_epoch=2,
+            opened_at=T0,
+        )
+    assert len(registry) == 300 and _hinted(registry) == []
+    assert rebalancer.over_share() is False, "never refuses while its moves have not landed"
+    waited = 0.0
+    while waited <= rebalancer.settle_s + 1:
+        clock.t += 1.0
+        waited += 1.0
+        rebalancer._leases = _snapshots(
+            [_leases({"a": (300, False, 0), "b": (0, False, 0)}, read_at=clock.t)]
+        )
+        assert await rebalancer.tick() == 0, "no more moves into the void"
+        assert rebalancer.over_share() is False
+    assert rebalancer.holding() and rebalancer.in_flight() == 0
+    # After the hold (settle_s x 2), a smaller batch tries again.
+    clock.t += 2 * rebalancer.settle_s
+    rebalancer._leases = _snapshots([_leases({"a": (300, False, 0), "b": (0, False, 0)}, read_at=clock.t)])
+    assert 0 < await rebalancer.tick() <= 38
 
 
 async def test_never_below_fair_share_when_sessions_leave_during_a_round() -> None:
     registry = _registry(40)
     rebalancer = _rebalancer(
         registry,
-        _leases({"b": (0, False, 0), "c": (0, False, 0), "d": (0, False, 0)}, read_at=1000.0),
+        _renewals(40, {"b": (0, False, 0), "c": (0, False, 0), "d": (0, False, 0)}, read_at=1000.0),
         settings=RebalanceSettings(interval_s=1.0, max_moves_per_s=100.0, hint_spread_s=0.1),
     )
+    assert await rebalancer.tick() == 0
     # fair 10, excess 30, 15 to move; meanwhile 20 sessions end on their own (the youngest).
     task = asyncio.create_task(rebalancer.tick())
     await asyncio.sleep(0.035)
@@ -273,7 +377,7 @@ async def test_never_below_fair_share_when_sessions_leave_during_a_round() -> No
     sent = await task
     leaving = len(_hinted(registry))
     assert len(registry) - leaving >= 10, "down to fair share, never below"
-    assert sent < 15
+    assert 0 < sent < 15
 
 
 async def test_no_moves_while_draining_alone_with_a_stale_snapshot_or_a_failed_read() -> None:
@@ -294,9 +398,9 @@ async def test_no_moves_while_draining_alone_with_a_stale_snapshot_or_a_failed_r
     assert await failing.tick() == 0 and failing.over_share() is False
     assert _hinted(registry) == []
     off = _rebalancer(
-        registry, _leases(two, read_at=clock.t), settings=RebalanceSettings(enabled=False), clock=clock
+        registry, _renewals(300, two, read_at=clock.t), settings=RebalanceSettings(enabled=False), clock=clock
     )
-    assert await off.tick() == 0
+    assert await _confirmed(off) == 0
     assert off.over_share() is True, "arrivals are still refused over share"
 
 
@@ -305,10 +409,11 @@ async def test_a_drain_beginning_mid_round_stops_the_moves() -> None:
     draining = [False]
     rebalancer = _rebalancer(
         registry,
-        _leases({"b": (0, False, 0), "c": (0, False, 0)}, read_at=1000.0),
+        _renewals(300, {"b": (0, False, 0), "c": (0, False, 0)}, read_at=1000.0),
         settings=RebalanceSettings(interval_s=1.0, max_moves_per_s=200.0),
         draining=draining,
     )
+    assert await rebalancer.tick() == 0
     task = asyncio.create_task(rebalancer.tick())
     await asyncio.sleep(0.05)
     draining[0] = True
