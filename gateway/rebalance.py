@@ -31,8 +31,9 @@ first; sessions without it (upstream's supervisor) only when none of those is le
 
 The loop is closed (:class:`Rebalancer`): the row view must show this replica above its share
 at two of its own renewals in a row (a difference of renewal phases during a common growth lasts
-less than that), and once it moved sessions it moves no more, and refuses nothing for share, until
-the other receivers' rows grew by a quarter of what it moved (they landed). When they did not
+less than that), and once it moved sessions it moves no more until the other receivers' rows grew
+by a quarter of what it moved (they landed); it refuses nothing for share meanwhile unless its
+previous moves were seen landing. When they did not
 within ``settle_s`` (a receiver nobody can reach: its row renews, no supervisor gets to it), it
 holds for ``settle_s`` x 2^failures (at most ``MAX_HOLD_DOUBLINGS``) and then tries a smaller
 batch: sessions moved into a void come back here, instead of being refused everywhere.
@@ -245,6 +246,9 @@ class Rebalancer:
         #: the failures in a row (the hold doubles, the next batch halves).
         self._hold_until = 0.0
         self._failures = 0
+        #: The last moves checked landed: arrivals may be refused for share while the next ones
+        #: are on their way (they would land back here); never before that is known.
+        self._landing = False
         #: This replica's row's renewal at the first snapshot of the current run of snapshots
         #: showing its row above its share (None: the last one did not).
         self._over_since: datetime | None = None
@@ -296,8 +300,10 @@ class Rebalancer:
 
     def over_share(self) -> bool:
         """For ``Admission.over_share``: never awaits, never reads the store."""
-        if not self._confirmed or self.holding():
+        if not self._confirmed or self._monotonic() < self._hold_until:
             return False
+        if self._pending and not self._landing:
+            return False  # moves on their way, and none seen landing yet: maybe into a void
         fleet = self.fleet()
         return fleet is not None and over_share(fleet, tolerance=self._tolerance)
 
@@ -308,7 +314,7 @@ class Rebalancer:
         if self._pending:
             landed = fleet.others - self._pending_base
             if landed >= max(1, math.ceil(self._pending * LANDED_PART)):
-                self._pending, self._failures = 0, 0
+                self._pending, self._failures, self._landing = 0, 0, True
             elif now - self._pending_since > self.settle_s:
                 self._failures += 1
                 hold_s = self.settle_s * 2 ** min(self._failures, MAX_HOLD_DOUBLINGS)
@@ -319,7 +325,7 @@ class Rebalancer:
                     f"within {self.settle_s:g}s (the other receivers' rows grew by {landed}); not "
                     f"moving nor refusing for share for {hold_s:g}s: is another replica unreachable?",
                 )
-                self._pending, self._hold_until = 0, now + hold_s
+                self._pending, self._hold_until, self._landing = 0, now + hold_s, False
         row_over = fleet.mine > fair_share(fleet) * (1 + self._tolerance) and fleet.receivers >= 2
         renewed = snapshot.renewed_at.get(self._me)
         if not row_over or renewed is None:

@@ -304,6 +304,7 @@ async def test_a_round_moves_half_the_excess_oldest_first_and_counts_them_in_fli
     # Fair 100; the row says 240, the live count 200: excess 100 (the smaller), half of it.
     assert await rebalancer.tick() == 50
     assert rebalancer.in_flight() == 50
+    assert rebalancer.over_share() is True, "the last moves landed: arrivals go elsewhere meanwhile"
     # Once settled, the rows say where they landed; within tolerance at 105, nothing moves.
     clock.t += rebalancer.settle_s + 1
     settled = _registry(105)
