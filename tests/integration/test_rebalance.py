@@ -8,7 +8,13 @@ replica holds a third of them, plus or minus 10 % (its ``openshell_gateway_sessi
 most 1.5 x the excess asked to move (no ping-pong between replicas), no hint at all for three
 intervals once even, and every event stored exactly once (no loss, no double). Then C is killed:
 its supervisors land on A and B, which end even at a half each and stop moving sessions (C's row
-counts its sessions until it lapses: a few moves meanwhile, at most what C held).
+counts its sessions until it lapses: a few moves meanwhile, at most what C held), refusing at most
+a tenth of them over share (C stops being a receiver two renewals after its last one).
+
+Then the review's two other cases: a storm over three empty replicas at once is not refused over
+share (each replica judged by its row, like the others), and a replica whose row renews but that
+no supervisor reaches takes nothing from the other (moves that do not land stop the moves and the
+refusals).
 
 The issue's 3,000-supervisor version runs with the Go simulator (chaos/); ``SUPERVISORS`` here can
 be raised for a run by hand.
