@@ -192,7 +192,7 @@ async def test_sessions_all_on_one_replica_even_out_over_three_without_loss(
 
 
 #: Supervisors of the two tests below (a storm at once, one replica's load).
-STORM = 300
+STORM = 200
 
 
 async def _run_all(sims: list[SimSupervisor], stop: asyncio.Event) -> list[asyncio.Task[None]]:
