@@ -170,6 +170,22 @@ def cancels_safely(url: str | URL) -> bool:
         return True
 
 
+def _roll_back_before_closing(dbapi_connection: Any, _record: Any, _exc: BaseException | None) -> None:
+    """SQLite: a connection the pool invalidates (its cleanup interrupted, typically by a
+    cancellation: see :func:`cancels_safely`) is rolled back on its aiosqlite thread before the
+    pool closes it. Closed with the cancelled statement's cursor still alive, it would otherwise be
+    a zombie that keeps its transaction, and the file's write lock, until the garbage collector
+    frees that cursor. Queued, not awaited: this runs inside the pool's synchronous cleanup, and
+    the thread takes its work in order, so the rollback lands before the close."""
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    # aiosqlite keeps its work queue and sqlite3 connection private; another version without them
+    # is left as it was (no worse than without this listener).
+    work = getattr(driver, "_tx", None)
+    raw = getattr(driver, "_connection", None)
+    if work is not None and raw is not None:
+        work.put_nowait((None, raw.rollback))
+
+
 def _sqlite_file(url: URL) -> Path | None:
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -375,6 +391,7 @@ def create_engine(
         raise StoreError(f"cannot open database {mask_url(parsed)}: {describe_error(exc)}") from exc
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        event.listen(engine.sync_engine.pool, "invalidate", _roll_back_before_closing)
     else:
         outage = _OUTAGES[engine.sync_engine] = _Outage(mask_url(parsed))
         connect = _retrying_connect(settings, outage)

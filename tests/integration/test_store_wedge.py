@@ -15,6 +15,8 @@ write lock, /readyz says 200, and SIGTERM stops the gateway (a wedged one never 
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +27,9 @@ import uuid
 from pathlib import Path
 
 from grpc import aio
+from sqlalchemy import text
 
+from gateway.store.db import create_engine
 from openshell_wire.records import ALL_CAPABILITIES
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
@@ -124,3 +128,48 @@ async def test_a_hello_burst_with_store_calls_given_up_leaves_no_wedge(tmp_path:
             raise AssertionError("the gateway did not exit within 20 s of SIGTERM after the burst") from None
     finally:
         gw.stop()
+
+
+async def test_write_transactions_cancelled_anywhere_leave_the_sqlite_file_unlocked(tmp_path: Path) -> None:
+    """The cause itself, below the gateway: write transactions on the gateway's SQLite engine
+    cancelled at random points (as a shutdown or any other caller's cancellation may still do),
+    with the garbage collector off, as it may as well be for minutes in an idle gateway. The
+    connections whose cleanup was interrupted are rolled back before they are closed, so no zombie
+    keeps the write lock, and the pool is whole."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)"))
+            await conn.execute(text("INSERT INTO t VALUES (1, 0)"))
+
+        async def write() -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE t SET n = n + 1 WHERE id = 1"))
+                await conn.execute(text("SELECT n FROM t"))
+
+        rng = random.Random(22)
+        gc.disable()
+        try:
+            cancelled = 0
+            # Three rounds: one round leaves no zombie about one time in five.
+            for _ in range(3):
+                tasks = []
+                for _ in range(300):
+                    task = asyncio.create_task(write())
+                    asyncio.get_running_loop().call_later(rng.uniform(0, 0.05), task.cancel)
+                    tasks.append(task)
+                    await asyncio.sleep(0.001)
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                cancelled += sum(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+            assert cancelled > 0, "no write was cancelled: the test tests nothing"
+            deadline = time.monotonic() + 10.0
+            while not await asyncio.to_thread(_write_lock_free, tmp_path / "x.db"):
+                assert time.monotonic() < deadline, (
+                    f"after {cancelled} cancelled write transactions the SQLite file stays locked"
+                )
+                await asyncio.sleep(0.5)
+            assert engine.pool.checkedout() == 0, engine.pool.status()  # type: ignore[attr-defined]
+        finally:
+            gc.enable()
+    finally:
+        await engine.dispose()
