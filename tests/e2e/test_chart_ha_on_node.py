@@ -3,9 +3,11 @@
 sandboxes whose main processes write numbered lines, then a rollout while they write: ``helm
 upgrade`` with a changed pod annotation, so the chart's pre-upgrade migration hook runs against the
 serving replicas and the Deployment then replaces all three pods one by one (maxSurge 1,
-maxUnavailable 0; each old pod leaves the Service, drains for ``drainSeconds`` and stops, ending its
-sessions). All along, commands (a SIGUSR1 the main process counts, a heartbeat interval) are POSTed
-through the gateway Service, so most reach a replica that does not hold the session.
+maxUnavailable 0; each old pod refuses new sessions and leaves the Service, then drains: it asks
+its sessions to reconnect to another replica at a paced rate, and stops once none is left; a move
+that short is no outage, so the supervisors journal no RECONNECTED: the sandbox's owner changing
+proves it). All along, commands (a SIGUSR1 the main process counts, a heartbeat interval) are
+POSTed through the gateway Service, so most reach a replica that does not hold the session.
 
 The scenario runs once (a module fixture); each invariant is its own test over what it left in the
 database and the cluster: every line exactly once and in order, every main process the one that
@@ -527,8 +529,14 @@ def test_the_rollout_replaced_every_replica_and_moved_every_session(proof: Proof
         f"the Service spread the sessions: {proof.owners_before}"
     )
     assert set(proof.owners_after.values()) <= proof.new_pods, proof.owners_after
+    # A drained session moves on a reconnect hint and its supervisor journals no RECONNECTED for a
+    # move that short, so the move is proven by the owner: an old pod before, a new one after.
+    # ("reconnections" in the measurements counts the real outages, ~0 through a drain.)
     for sandbox_id in proof.sandbox_ids:
-        assert proof.lifecycle(sandbox_id, "reconnected"), f"{sandbox_id} moved with its replica"
+        before, after = proof.owners_before.get(sandbox_id), proof.owners_after.get(sandbox_id)
+        assert before in proof.old_pods and after in proof.new_pods, (
+            f"{sandbox_id} moved with its replica: owner {before} before, {after} after"
+        )
 
 
 def test_every_line_arrives_exactly_once_and_in_order(proof: Proof) -> None:
