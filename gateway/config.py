@@ -173,15 +173,6 @@ class DatabaseSettings(_Section):
         "or was cut off (its replica promoted) would otherwise hold each pooled connection, and the "
         "calls waiting on it, forever. Above grpc.batch_store_timeout_s. Migrations are not bounded.",
     )
-    ping_after_idle_s: float = Field(
-        2.0,
-        ge=0,
-        description="PostgreSQL: a pooled connection idle longer than this is pinged when checked out (a "
-        "connection to a primary that went away is found before a query uses it); one used more recently "
-        "is not, which saves three round trips per checkout under load. 0: ping at every checkout. A "
-        "connection that fails at first use invalidates the pool, and that one operation is retried "
-        "(event batches) or answered with a retry hint (hellos).",
-    )
 
 
 class SessionSettings(_Section):
