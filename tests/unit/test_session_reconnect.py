@@ -481,7 +481,9 @@ class _HintThenDown(pb_grpc.OpenShellServicer):
 )
 async def test_a_real_outage_after_a_reconnect_hint_is_journaled(tmp_path: Path, window_ms: int) -> None:
     """A hint, then the gateways refuse for longer than the window plus connect_timeout_s (2 s):
-    exactly one RECONNECTED record for the next session, whose duration covers the refusal."""
+    the first RECONNECTED record is the next session's, whose duration covers the refusal (none
+    for the hinted move itself). Later ones may follow: a loaded CI machine once ended the session
+    after the outage too (a 4 ms reconnect), which is journaled as it should be."""
     down_s = 2.8
     gateway = _HintThenDown(window_ms, down_s=down_s)
     async with _session_against(tmp_path, gateway) as session:
@@ -491,7 +493,7 @@ async def test_a_real_outage_after_a_reconnect_hint_is_journaled(tmp_path: Path,
             for e in session._journal.read_after(0)
             if isinstance(e.payload, LifecycleRecord) and e.payload.kind is LifecycleKind.RECONNECTED
         ]
-    assert len(records) == 1, records
+    assert records, "the outage after the hint was not journaled"
     assert gateway.hinted_at is not None
     assert records[0].duration_ms >= (down_s - 0.1) * 1000, records
 
