@@ -92,7 +92,7 @@ async def test_the_process_exits_within_the_stop_deadline_with_store_calls_stuck
         ],
     )  # fmt: skip
     gateway.start()
-    holder = sqlite3.connect(gateway.db_path, timeout=1, isolation_level=None)
+    holder = sqlite3.connect(gateway.db_path, timeout=10, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")  # the write lock, held until the end of the test
         # Many hellos at once, each stuck on the lock; their callers give up after a second.
@@ -124,7 +124,7 @@ async def test_a_third_signal_exits_at_once_with_status_1(tmp_path: Path) -> Non
     at once (status 1, said in the log), without waiting for the stop's deadline."""
     gateway = GatewayProcess(tmp_path / "gw", extra=["--set", "grpc.shutdown_grace_s=5"])
     gateway.start()
-    holder = sqlite3.connect(gateway.db_path, timeout=1, isolation_level=None)
+    holder = sqlite3.connect(gateway.db_path, timeout=10, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")  # the stop's lease writes wait on it, up to their bounds
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):

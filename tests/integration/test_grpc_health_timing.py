@@ -70,7 +70,8 @@ async def test_health_turns_not_serving_as_soon_as_shutdown_begins(tmp_path: Pat
     gw = Gateway(gateway_config(tmp_path))
     await gw.start()
     stopping: asyncio.Task[None] | None = None
-    holder = sqlite3.connect(tmp_path / "gw.db", timeout=10)
+    # check_same_thread=False: the lock is taken off the event loop (below) and released on it.
+    holder = sqlite3.connect(tmp_path / "gw.db", timeout=10, check_same_thread=False)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
             for _ in range(100):
@@ -78,7 +79,9 @@ async def test_health_turns_not_serving_as_soon_as_shutdown_begins(tmp_path: Pat
                     break
                 await asyncio.sleep(0.1)
             assert await _status(channel) == SERVING
-            holder.execute("BEGIN IMMEDIATE")
+            # Off the loop: the gateway runs on this loop, and a write transaction of its own (a lease
+            # renewal) can only commit while the loop runs; waiting on the lock here would block it.
+            await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
             stopping = asyncio.create_task(gw.stop())
             await asyncio.sleep(0.2)
             assert not stopping.done()
