@@ -1,0 +1,288 @@
+"""What the chaos scenarios share: real gateways and writer sandboxes started off the event loop, waits
+that poll the store, and the closing check every scenario with real supervisors runs.
+
+A :class:`WriterSandbox` is a real supervisor (``python -m supervisor run``) whose main process prints
+``line 0`` .. ``line n-1`` and exits with a chosen code (tests/support/procs.py ``writer_command``),
+together with the :class:`~chaos.invariants.Expect` its stored events must satisfy once it ended. A
+scenario starts a few of them (one that ends during the fault, so its exit must still arrive after the
+heal, one that keeps writing through it), injects its fault, heals, waits with :func:`wait_exits`, and
+ends with :func:`check_all`: every invariant on every sandbox plus the resume bound.
+
+Starting and stopping processes blocks (``Popen.wait``, polling a log file), so those calls run in a
+thread (:func:`asyncio.to_thread`): the scenario's own loop keeps sampling and marking meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from chaos.invariants import Expect, check_sandbox, resumed_after, stored_events
+from chaos.suite import Trial, Unavailable
+from tests.support.netns import netns_unavailable
+from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
+
+
+def unix_ms() -> int:
+    """Wall clock in ms since the epoch: what stored events' timestamps are compared with."""
+    return int(time.time() * 1000)
+
+
+def require_netns() -> None:
+    """Raise :class:`Unavailable` when this machine cannot create network namespaces (no root, no nft)."""
+    reason = netns_unavailable()
+    if reason is not None:
+        raise Unavailable(reason)
+
+
+def sqlite_url(gateway: GatewayProcess) -> str:
+    """The database URL of a gateway on its workdir's SQLite file (what the invariants read)."""
+    return gateway.database_url or f"sqlite+aiosqlite:///{gateway.db_path}"
+
+
+async def start_gateway(trial: Trial, gateway: GatewayProcess, *, what: str = "gateway") -> GatewayProcess:
+    """Start ``gateway`` (waits for its "gateway ready") off the loop, and mark it."""
+    await asyncio.to_thread(gateway.start)
+    trial.mark(f"{what} ready at {gateway.address}")
+    return gateway
+
+
+async def stop_all(*processes: GatewayProcess | SupervisorProcess | None) -> None:
+    """Stop whatever was started (supervisors killed, gateways terminated), ignoring what never ran;
+    for a scenario's ``finally``."""
+    for proc in processes:
+        if proc is not None:
+            await asyncio.to_thread(proc.stop)
+
+
+@dataclass
+class WriterSandbox:
+    """A real supervisor whose main process writes ``lines`` numbered lines, ``delay`` s apart, then
+    exits with ``exit_code``; :attr:`expect` is what its store must show once it ended."""
+
+    process: SupervisorProcess
+    lines: int
+    exit_code: int = 0
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.process.sandbox_id
+
+    @property
+    def expect(self) -> Expect:
+        return Expect(self.sandbox_id, lines=self.lines, exit_code=self.exit_code)
+
+    @classmethod
+    def create(
+        cls,
+        trial: Trial,
+        name: str,
+        *,
+        gateway_address: str,
+        lines: int,
+        delay: float,
+        exit_code: int = 0,
+        netns: str | None = None,
+        settings: Sequence[str] = (),
+    ) -> WriterSandbox:
+        """A sandbox ``{scenario}-{name}-{repeat}`` (ids differ across repeats sharing a database),
+        its supervisor's files under the trial's workdir; not started yet."""
+        sandbox_id = f"{trial.scenario}-{name}-{trial.repeat}"
+        process = SupervisorProcess(
+            trial.workdir / name,
+            sandbox_id,
+            gateway_address,
+            writer_command(lines, delay=delay, exit_code=exit_code),
+            netns=netns,
+            settings=settings,
+        )
+        return cls(process=process, lines=lines, exit_code=exit_code)
+
+    def start(self) -> None:
+        self.process.start()
+
+    @property
+    def running(self) -> bool:
+        return self.process.proc is not None and self.process.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.proc.pid if self.process.proc is not None else None
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[object]], *, within_s: float, what: str, interval: float = 0.2
+) -> object:
+    """Poll the async ``predicate`` until it returns something true; its value. A TimeoutError naming
+    ``what`` when ``within_s`` passes first (a scenario's failure, recorded by the runner)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within_s:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def stored_line_counts(database_url: str, sandbox_ids: Sequence[str]) -> dict[str, int]:
+    """How many output lines the gateway stored per sandbox (cheap: one COUNT per call)."""
+    counts = dict.fromkeys(sandbox_ids, 0)
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            for sandbox_id in sandbox_ids:
+                row = await conn.execute(
+                    text(
+                        "SELECT COUNT(*) FROM events WHERE sandbox_id = :sid AND kind = 'log' "
+                        "AND stream IN ('stdout', 'stderr')"
+                    ),
+                    {"sid": sandbox_id},
+                )
+                counts[sandbox_id] = int(row.scalar_one())
+    except Exception:  # the store may not exist yet (no table before the first hello)
+        return counts
+    finally:
+        await engine.dispose()
+    return counts
+
+
+async def wait_lines(
+    trial: Trial, database_url: str, sandboxes: Sequence[WriterSandbox], *, at_least: int, within_s: float
+) -> None:
+    """Wait until every sandbox has ``at_least`` lines stored (the sessions settled), sampling the
+    total as the series ``lines stored``."""
+    ids = [s.sandbox_id for s in sandboxes]
+
+    async def settled() -> bool:
+        counts = await stored_line_counts(database_url, ids)
+        trial.sample("lines stored", sum(counts.values()))
+        return all(counts[i] >= min(at_least, s.lines) for i, s in zip(ids, sandboxes, strict=True))
+
+    await wait_for(settled, within_s=within_s, what=f"{at_least} lines stored for each of {ids}")
+    trial.mark(f"sessions settled ({at_least}+ lines stored each)")
+
+
+async def hold(
+    trial: Trial,
+    seconds: float,
+    *,
+    database_url: str | None = None,
+    sandboxes: Sequence[WriterSandbox] = (),
+    every_s: float = 0.5,
+) -> None:
+    """Sleep ``seconds`` (a fault's duration), sampling the stored lines' total meanwhile when given a
+    database: the plot shows the store flat during a cut and catching up after."""
+    deadline = time.monotonic() + seconds
+    ids = [s.sandbox_id for s in sandboxes]
+    while (left := deadline - time.monotonic()) > 0:
+        if database_url is not None and ids:
+            counts = await stored_line_counts(database_url, ids)
+            trial.sample("lines stored", sum(counts.values()))
+        await asyncio.sleep(min(every_s, max(left, 0.0)))
+
+
+async def wait_exits(
+    trial: Trial,
+    sandboxes: Sequence[WriterSandbox],
+    *,
+    within_s: float,
+    database_url: str | None = None,
+) -> dict[str, int | None]:
+    """Wait for every supervisor to exit (it exits once its main process ended and its journal was
+    delivered); each one's exit code, None for one still running at the deadline (a violation, not an
+    exception: the checks still run). Exit codes other than the expected one are violations too."""
+    deadline = time.monotonic() + within_s
+    codes: dict[str, int | None] = {}
+    ids = [s.sandbox_id for s in sandboxes]
+    while True:
+        for sandbox in sandboxes:
+            proc = sandbox.process.proc
+            if sandbox.sandbox_id not in codes and proc is not None and proc.poll() is not None:
+                codes[sandbox.sandbox_id] = proc.returncode
+                trial.mark(f"{sandbox.sandbox_id}: supervisor exited {proc.returncode}")
+        if len(codes) == len(sandboxes) or time.monotonic() > deadline:
+            break
+        if database_url is not None:
+            counts = await stored_line_counts(database_url, ids)
+            trial.sample("lines stored", sum(counts.values()))
+        await asyncio.sleep(0.3)
+    for sandbox in sandboxes:
+        code = codes.setdefault(sandbox.sandbox_id, None)
+        if code is None:
+            trial.violate(f"{sandbox.sandbox_id}: supervisor still running {within_s:.0f}s after the heal")
+        elif code != sandbox.exit_code:
+            trial.violate(f"{sandbox.sandbox_id}: supervisor exited {code}, expected {sandbox.exit_code}")
+    return codes
+
+
+@dataclass
+class CheckResult:
+    """What :func:`check_all` found, for figures a scenario adds of its own."""
+
+    #: Seconds from the heal to the first RECONNECTED record, per sandbox (None: none stored).
+    resumed_s: dict[str, float | None] = field(default_factory=dict)
+    gaps: int = 0
+    dropped: int = 0
+    reconnects: int = 0
+
+
+async def check_all(
+    trial: Trial,
+    database_url: str,
+    expects: Sequence[Expect | WriterSandbox],
+    *,
+    heal_unix_ms: int | None,
+    resume_bound_s: float,
+    must_resume: Sequence[str] | None = None,
+) -> CheckResult:
+    """Every invariant on every sandbox's stored events (violations recorded on the trial) and the
+    resume bound: each sandbox in ``must_resume`` (default: all) must have a RECONNECTED record within
+    ``resume_bound_s`` of ``heal_unix_ms``. Records the figures ``resume_max_s``, ``gaps``,
+    ``dropped_lines`` and ``reconnects``. With ``heal_unix_ms`` None (no outage) only the invariants."""
+    wanted = [e.expect if isinstance(e, WriterSandbox) else e for e in expects]
+    events = await stored_events(database_url, [e.sandbox_id for e in wanted])
+    result = CheckResult()
+    for expect in wanted:
+        mine = events[expect.sandbox_id]
+        trial.check(check_sandbox(mine, expect))
+        result.gaps += sum(1 for e in mine if e.kind == "gap")
+        result.dropped += sum(int((e.data or {}).get("dropped_records", 0)) for e in mine if e.kind == "gap")
+        result.reconnects += sum(
+            1 for e in mine if e.kind == "lifecycle" and (e.data or {}).get("kind") == "reconnected"
+        )
+        if heal_unix_ms is not None:
+            result.resumed_s[expect.sandbox_id] = resumed_after(mine, heal_unix_ms)
+    trial.figure("gaps", result.gaps)
+    trial.figure("dropped_lines", result.dropped)
+    trial.figure("reconnects", result.reconnects)
+    if heal_unix_ms is not None:
+        for sandbox_id in must_resume if must_resume is not None else [e.sandbox_id for e in wanted]:
+            took = result.resumed_s.get(sandbox_id)
+            if took is None:
+                trial.violate(f"{sandbox_id}: no RECONNECTED record after the heal")
+            elif took > resume_bound_s:
+                trial.violate(
+                    f"{sandbox_id}: resumed {took:.1f}s after the heal, bound {resume_bound_s:.0f}s"
+                )
+        times = [t for t in result.resumed_s.values() if t is not None]
+        if times:
+            trial.figure("resume_max_s", round(max(times), 3))
+    trial.mark(f"checked {len(wanted)} sandboxes: {len(trial.violations)} violations")
+    return result
+
+
+def with_lines(expect: Expect, lines: int) -> Expect:
+    """``expect`` with another line count (a writer stopped early by the scenario)."""
+    return replace(expect, lines=lines)
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
