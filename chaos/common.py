@@ -15,6 +15,7 @@ thread (:func:`asyncio.to_thread`): the scenario's own loop keeps sampling and m
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from chaos.invariants import Expect, check_sandbox, resumed_after, stored_events
+from chaos.net import netns_unavailable
 from chaos.suite import Trial, Unavailable
-from tests.support.netns import netns_unavailable
 from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
 
 
@@ -61,6 +62,45 @@ async def stop_all(*processes: GatewayProcess | SupervisorProcess | None) -> Non
             await asyncio.to_thread(proc.stop)
 
 
+#: A main process that prints ``{prefix} {i}`` for i in 0..n-1, ``delay`` seconds apart, and exits with
+#: ``exit_code``; before line k of each ``k:path`` pause it creates ``path + ".reached"`` and waits until
+#: ``path`` exists (the scenario opens the gate once its fault is in place, or healed).
+GATED_WRITER = """
+import os, sys, time
+prefix, n, delay, code = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+pauses = dict((int(k), p) for k, _, p in (a.partition(":") for a in sys.argv[5:]))
+for i in range(n):
+    if i in pauses:
+        open(pauses[i] + ".reached", "w").close()
+        while not os.path.exists(pauses[i]):
+            time.sleep(0.05)
+    print(f"{prefix} {i}", flush=True)
+    if delay:
+        time.sleep(delay)
+sys.exit(code)
+"""
+
+
+def gated_writer(
+    n: int, *, delay: float, exit_code: int, prefix: str = "line", pauses: Sequence[tuple[int, Path]] = ()
+) -> list[str]:
+    """The :data:`GATED_WRITER` command line."""
+    return [
+        sys.executable, "-u", "-c", GATED_WRITER, prefix, str(n), str(delay), str(exit_code),
+        *(f"{k}:{path}" for k, path in pauses),
+    ]  # fmt: skip
+
+
+def open_gate(gate: Path) -> None:
+    """Let a gated writer waiting on ``gate`` go on."""
+    gate.touch()
+
+
+def gate_reached(gate: Path) -> bool:
+    """A gated writer is waiting on ``gate`` (or went past it)."""
+    return gate.with_name(gate.name + ".reached").exists()
+
+
 @dataclass
 class WriterSandbox:
     """A real supervisor whose main process writes ``lines`` numbered lines, ``delay`` s apart, then
@@ -90,15 +130,22 @@ class WriterSandbox:
         exit_code: int = 0,
         netns: str | None = None,
         settings: Sequence[str] = (),
+        pauses: Sequence[tuple[int, Path]] = (),
     ) -> WriterSandbox:
         """A sandbox ``{scenario}-{name}-{repeat}`` (ids differ across repeats sharing a database),
-        its supervisor's files under the trial's workdir; not started yet."""
+        its supervisor's files under the trial's workdir; not started yet. With ``pauses`` its
+        writer is the gated one (:func:`gated_writer`)."""
         sandbox_id = f"{trial.scenario}-{name}-{trial.repeat}"
+        command = (
+            gated_writer(lines, delay=delay, exit_code=exit_code, pauses=pauses)
+            if pauses
+            else writer_command(lines, delay=delay, exit_code=exit_code)
+        )
         process = SupervisorProcess(
             trial.workdir / name,
             sandbox_id,
             gateway_address,
-            writer_command(lines, delay=delay, exit_code=exit_code),
+            command,
             netns=netns,
             settings=settings,
         )
