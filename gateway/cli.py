@@ -43,7 +43,7 @@ from openshell_wire.configfile import (
     load_settings,
     parse_set_flags,
 )
-from openshell_wire.logsetup import setup_logging
+from openshell_wire.logsetup import quiet_vanished_peers, setup_logging
 
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77  # no usable token: the message says what to run
@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"openshell-gateway: {exc}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(config.log_level, config.log_format)
+    # gRPC logs a client gone before its reply as an ERROR with a traceback: made a counted debug
+    # line (openshell_gateway_peer_vanished_total), so a storm of callers giving up is no error storm.
+    quiet_vanished_peers()
     from gateway.app import GatewayStartError  # noqa: PLC0415
     from gateway.store import StoreError  # noqa: PLC0415
     from gateway.store.db import SchemaError  # noqa: PLC0415

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.ratelimit import RateLimitedLog
@@ -30,6 +30,7 @@ from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, sandbox
 from gateway.sessions import SessionRegistry
 from gateway.store import SandboxStore, StoreError
 from openshell_wire import __version__
+from openshell_wire.logsetup import vanished_peers
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class _LiveCollector(Collector):
             PREFIX + "sessions", "Supervisor sessions open on this gateway now.", value=len(self._sessions)
         )
         yield InfoMetricFamily(PREFIX + "build", "The gateway's version.", value={"version": __version__})
+        # Counted by the log filter (one per process, as gRPC's logger is): not an error of ours.
+        yield CounterMetricFamily(
+            PREFIX + "peer_vanished",
+            "gRPC calls whose client went away while their reply was being sent (logged at debug).",
+            value=vanished_peers(),
+        )
 
 
 class GatewayMetrics:

@@ -2,6 +2,10 @@
 
 Context travels in ``extra={...}`` (sandbox_id, session_id, ...); the text format appends it as
 ``key=value`` pairs and the JSON format as fields, so both stay greppable.
+
+A server (the gateway) also installs :class:`VanishedPeerFilter` (:func:`quiet_vanished_peers`):
+gRPC's asyncio server says "a client went away" as an ERROR with a traceback, which a storm of
+clients giving up would turn into thousands; it is made a counted debug line.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -55,3 +60,75 @@ def setup_logging(level: str, fmt: str, *, stream: TextIO | None = None, prefix:
     # httpx(2): one INFO line per request, the leader Lease renewal every retry period included.
     for noisy in ("aiosqlite", "sqlalchemy.engine", "alembic", "asyncio", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+#: The logger of gRPC's asyncio server (``grpc/_cython/_cygrpc/aio/server.pyx.pxi``).
+GRPC_SERVER_LOGGER = "grpc._cython.cygrpc"
+# What gRPC's server logs when a batch of a call fails and its client is not yet known to be gone...
+_VANISHED_MSG = "ExecuteBatchError raised in core by servicer method ["
+# ...and what its exception says when core ran the batch and failed it (the call was cancelled or
+# its connection lost), as opposed to 'Failed grpc_call_start_batch: <error>', a batch core would
+# not start (e.g. two writes at once on one call): a misuse of ours, which stays an error.
+_FAILED_IN_CORE = 'Failed "execute_batch"'
+
+
+class VanishedPeerFilter(logging.Filter):
+    """Makes gRPC's "ExecuteBatchError raised in core" about a client that went away a debug line
+    without traceback, and counts it.
+
+    gRPC's asyncio server ignores a failed batch of a call whose client it knows has left, but a
+    client that leaves while the reply (a refusal's status, a message) is on its way is often known
+    only a moment later: the failure is then logged at ERROR with its traceback, once per client.
+    That is the peer's departure, not a fault of the server: a storm of hellos whose callers gave
+    up would fill the log with thousands of tracebacks. Only that record, with the exception gRPC
+    raises for a batch core failed, is changed; every other record of gRPC keeps its level.
+    Shown when its logger is enabled for debug (the gateway's ``log_level: debug``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """How many such records were seen (shown or not) since the filter was made."""
+        return self._count
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not is_vanished_peer(record):
+            return True
+        with self._lock:
+            self._count += 1
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        record.peer_vanished = True
+        # The logger let the record through at ERROR: at DEBUG it is shown only if debug is on.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def is_vanished_peer(record: logging.LogRecord) -> bool:
+    """The record gRPC's asyncio server logs for a batch core failed on a call whose client left."""
+    if record.name != GRPC_SERVER_LOGGER or record.levelno != logging.ERROR:
+        return False
+    if not isinstance(record.msg, str) or not record.msg.startswith(_VANISHED_MSG):
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return (
+        exc is not None and type(exc).__name__ == "ExecuteBatchError" and str(exc).startswith(_FAILED_IN_CORE)
+    )
+
+
+_vanished = VanishedPeerFilter()
+
+
+def quiet_vanished_peers() -> VanishedPeerFilter:
+    """Install :class:`VanishedPeerFilter` on gRPC's server logger (once per process: the logger is
+    the process's) and return it."""
+    logging.getLogger(GRPC_SERVER_LOGGER).addFilter(_vanished)  # no-op when already there
+    return _vanished
+
+
+def vanished_peers() -> int:
+    """How many "client went away" records of gRPC's server this process has counted."""
+    return _vanished.count

@@ -143,18 +143,12 @@ def test_a_burst_of_hellos_is_answered_within_the_rate_and_all_come_in(tmp_path:
     assert len(accepted) == sum(len(sim.sessions) for sim in sims)
     worst = max(sum(1 for t in accepted if start <= t < start + 1.0) for start in accepted)
     assert worst <= RATE + BURST + CONCURRENCY, f"{worst} accepted within one second"
-    # Nothing worked on for a client that gave up, and nothing at error level: gRPC core's own
-    # ExecuteBatchError (its status could not be sent to a client that had just given up; seen once
-    # in a full CI run) is the peer's departure, not the gateway's, and is left out.
+    # Nothing worked on for a client that gave up, and nothing at error level: not even gRPC's own
+    # "ExecuteBatchError raised in core" when a refusal's status finds its client gone (seen once in
+    # a full CI run): the gateway logs that at debug (tests/unit/test_logsetup.py).
     assert log.count("stream closed before hello") == 0
-    ours = re.sub(
-        r"^\S+ error\s+grpc\._cython\.cygrpc: ExecuteBatchError raised in core.*?(?=^\d{4}-|\Z)",
-        "",
-        log,
-        flags=re.MULTILINE | re.DOTALL,
-    )
-    assert not re.search(r"^\S+ (error|critical)", ours, re.MULTILINE), ours[-3000:]
-    assert "Traceback" not in ours
+    assert not re.search(r"^\S+ (error|critical)", log, re.MULTILINE), log[-3000:]
+    assert "Traceback" not in log
 
 
 def test_a_refused_supervisor_waits_the_retry_after_and_is_not_offline(tmp_path: Path) -> None:
@@ -206,12 +200,20 @@ def test_a_refused_supervisor_waits_the_retry_after_and_is_not_offline(tmp_path:
             assert 700 <= ms <= 1500, line
             assert stamp(following) - stamp(line) >= ms / 1000, (line, following)
     # Refused for longer than its offline grace (and the policy's 0.25 s look), yet answered:
-    # never offline. (Each refusal is still logged as "gateway unreachable (rejected: ...)" by the
-    # retry loop; the offline clock is what counts.)
+    # never offline.
     assert stamp(lines[-1]) - stamp(refused[0]) > 1.5
     text = supervisor.log_text()
     assert "unreachable for" not in text and "offline policy" not in text, text[-3000:]
-    assert "rejected: overloaded: rate, retry later" in text
+    # And said as what it is, once per refusal: busy, not a network fault.
+    assert "gateway unreachable" not in text, text[-3000:]
+    busy = re.findall(
+        r"^\S+ info\s+supervisor\.session: gateway busy \(rejected: overloaded: rate, retry later\); "
+        r"attempt \d+, retrying in [\d.]+s as it asked \(at least ([\d.]+)s\)",
+        text,
+        re.MULTILINE,
+    )
+    assert len(busy) == len(refused), (busy, refused)
+    assert all(0.7 <= float(at_least) <= 1.5 for at_least in busy), busy
 
 
 async def hello_then_leave(address: str, sandbox_id: str, *, after_s: float) -> None:
@@ -228,11 +230,15 @@ async def hello_then_leave(address: str, sandbox_id: str, *, after_s: float) -> 
         call.cancel()
 
 
-def inflight(gateway: GatewayProcess) -> float:
+def metric(gateway: GatewayProcess, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/metrics", timeout=5).read().decode()
-    match = re.search(r"^openshell_gateway_handshakes_inflight (\S+)$", body, re.MULTILINE)
+    match = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
     assert match, body[:2000]
     return float(match.group(1))
+
+
+def inflight(gateway: GatewayProcess) -> float:
+    return metric(gateway, "openshell_gateway_handshakes_inflight")
 
 
 def test_hellos_that_give_up_midway_free_their_handshake_slots(tmp_path: Path) -> None:
@@ -271,7 +277,13 @@ def test_hellos_that_give_up_midway_free_their_handshake_slots(tmp_path: Path) -
         sims = asyncio.run(burst(gateway.address, 10, timeout_s=30))
         assert all(sim.sessions for sim in sims), [sim.rejections for sim in sims]
         assert inflight(gateway) == 0
+        # A client gone while its reply was on the way (gRPC's "ExecuteBatchError raised in core",
+        # rare: the race is gRPC's) is counted, and logged at debug only.
+        vanished = metric(gateway, "openshell_gateway_peer_vanished_total")
     finally:
         gateway.stop()
     log = gateway.log_text()
+    assert vanished == len(
+        re.findall(r"^\S+ debug\s+grpc\._cython\.cygrpc: ExecuteBatchError", log, re.MULTILINE)
+    )
     assert "Traceback" not in log and not re.search(r"^\S+ (error|critical)", log, re.MULTILINE), log[-3000:]
