@@ -263,6 +263,7 @@ class SessionEnded(Exception):
         answered: bool = False,
         refused: bool = False,
         other_credential: bool = False,
+        busy: bool = False,
     ):
         super().__init__(reason)
         self.reason = reason
@@ -275,6 +276,9 @@ class SessionEnded(Exception):
         #: Refused, but we hold another token it has not refused: try that one after the normal
         #: backoff.
         self.other_credential = other_credential
+        #: Refused OVERLOADED (admission, a store outage): the gateway is up but busy, and said
+        #: when to come back (``retry_after_s``); logged as such, not as a network fault.
+        self.busy = busy
 
 
 @dataclass
@@ -534,6 +538,18 @@ class Session:
             # Logged at error level once per reason when it happened (_refused).
             log.debug("credential refused; attempt %d, retrying in %.2fs", state.attempt_number, wait)
             return
+        if isinstance(exc, SessionEnded) and exc.busy:
+            # An answer, not a fault of the network: the gateway sheds load (or its store is out)
+            # and said when to come back. Info: it is counted and alerted on at the gateway.
+            log.info(
+                "gateway busy (%s); attempt %d, retrying in %.2fs as it asked (at least %.2fs)",
+                exc.reason,
+                state.attempt_number,
+                wait,
+                exc.retry_after_s,
+                extra={"retry_after_ms": round(exc.retry_after_s * 1000)},
+            )
+            return
         log.warning(
             "gateway unreachable (%s); attempt %d, retrying in %.2fs", exc, state.attempt_number, wait
         )
@@ -684,7 +700,12 @@ class Session:
         kind = first.WhichOneof("payload")
         if kind == "session_rejected":
             r = first.session_rejected
-            raise SessionEnded(f"rejected: {r.reason}", retry_after_s=r.retry_after_ms / 1000, answered=True)
+            raise SessionEnded(
+                f"rejected: {r.reason}",
+                retry_after_s=r.retry_after_ms / 1000,
+                answered=True,
+                busy=r.code == pb.REJECT_CODE_OVERLOADED,
+            )
         if kind != "session_accepted":
             raise SessionEnded(f"the gateway answered the hello with {kind or 'an unknown message'}")
         accepted: pb.SessionAccepted = first.session_accepted
@@ -928,6 +949,7 @@ class Session:
                     f"session ended by the gateway: {r.reason}",
                     retry_after_s=r.retry_after_ms / 1000,
                     answered=True,
+                    busy=r.code == pb.REJECT_CODE_OVERLOADED,
                 )
             elif kind == "command":
                 async with self._answering:

@@ -343,7 +343,7 @@ async def test_a_gateway_stops_within_its_bound_while_the_database_hangs(
 def _first_session_end(sv: SupervisorProcess, *, after: int) -> str | None:
     """The reason of the first session end the supervisor logged past ``after`` characters."""
     for line in sv.log_text()[after:].splitlines():
-        for prefix in ("session ended (", "gateway unreachable ("):
+        for prefix in ("session ended (", "gateway unreachable (", "gateway busy ("):
             _, found, rest = line.partition(prefix)
             if found:
                 return rest
