@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -34,7 +35,7 @@ from chaos.common import (
     wait_lines,
 )
 from chaos.invariants import Expect, StoredEvent, check_sandbox, stored_events
-from chaos.suite import Trial, scenario
+from chaos.suite import Trial, Unavailable, scenario
 from tests.support.procs import GatewayProcess, SupervisorProcess
 
 #: A main process that prints ``{prefix} {i}`` for i in 0..n-1, ``delay`` seconds apart, and exits with
@@ -336,3 +337,119 @@ def _numbers(events: Sequence[StoredEvent], prefix: str) -> list[int]:
         if event.kind == "log" and head == prefix and tail.isdigit():
             found.append(int(tail))
     return sorted(found)
+
+
+# -- journal-disk-full -----------------------------------------------------------------------------
+
+#: The journal's file system in this scenario: small enough to fill at once, big enough for the
+#: journal's segments and reserve.
+JOURNAL_DISK = "4m"
+
+
+def _fill(directory: Path) -> int:
+    """Take every free byte of ``directory``'s file system into one file; the bytes written."""
+    written = 0
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (65536, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    written += os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return written
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise Unavailable(f"cannot mount a tmpfs for the journal: {done.stderr.strip() or done.returncode}")
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+async def _exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
+
+
+@scenario(
+    "journal-disk-full",
+    summary="the journal's disk (a small tmpfs) filled while the gateway is down, so the journal must "
+    "hold lines: every line stored once or counted by a WRITE_FAILED gap, the lifecycle records kept, "
+    "nothing doubled once the space is back and the gateway restarted",
+    needs=("root",),
+)
+async def journal_disk_full(trial: Trial) -> None:
+    if os.geteuid() != 0:
+        raise Unavailable("mounting a small tmpfs (a real full disk) needs root")
+    before, during, after = 200, (300 if trial.quick else 5000), 200
+    full_s = 2.0 if trial.quick else 30.0
+    gateway = GatewayProcess(trial.workdir / "gateway")
+    url = sqlite_url(gateway)
+    filled, freed = trial.workdir / "filled.gate", trial.workdir / "freed.gate"
+    sandbox = gated_sandbox(
+        trial,
+        "full-disk",
+        gateway_address=gateway.address,
+        lines=before + during + after,
+        # Lines keep coming after the kill (2 s of them before the gate): the journal holds what
+        # the gateway has not acknowledged when its disk fills.
+        delay=0.01,
+        exit_code=3,
+        pauses=[(before, filled), (before + during, freed)],
+        # Health checks every 0.2 s: the full disk turns the sandbox unhealthy and back.
+        settings=["health.interval_s=3600", "health.check_interval_s=0.2"],
+    )
+    disk = sandbox.process.journal_dir
+    _mount_tmpfs(disk, JOURNAL_DISK)
+    try:
+        await start_gateway(trial, gateway)
+        sandbox.start()
+        await wait_lines(trial, url, [sandbox], at_least=50, within_s=60)
+        await asyncio.to_thread(gateway.kill)
+        trial.mark("gateway killed -9: the journal holds what follows")
+        await wait_for(
+            functools.partial(_exists, Path(f"{filled}.reached")), within_s=30, what="the first lines written"
+        )
+        taken = await asyncio.to_thread(_fill, disk)
+        trial.mark(f"journal disk full ({taken} bytes taken)")
+        filled.touch()
+        await wait_for(
+            functools.partial(_exists, Path(f"{freed}.reached")),
+            within_s=60,
+            what="the lines against the full disk",
+        )
+        await hold(trial, full_s)
+        (disk / "filler").unlink()
+        trial.mark("journal disk freed")
+        # The journal allocates its reserve again and writes the pending gap (within about a second).
+        await hold(trial, 2.5)
+        heal_unix_ms = unix_ms()
+        await start_gateway(trial, gateway, what="gateway started again")
+        freed.touch()
+        await wait_exits(trial, [sandbox], within_s=120, database_url=url)
+        result = await check_all(
+            trial, url, [sandbox], heal_unix_ms=heal_unix_ms, resume_bound_s=GATEWAY_RESTART_RESUME_BOUND_S
+        )
+        events = (await stored_events(url, [sandbox.sandbox_id]))[sandbox.sandbox_id]
+        reasons = {str((e.data or {}).get("reason")) for e in events if e.kind == "gap"}
+        trial.figure("lines_dropped_on_full_disk", result.dropped)
+        if result.dropped == 0:
+            trial.violate("no line was dropped: the disk never filled under the journal")
+        if not reasons <= {"write_failed", "overflow"}:
+            trial.violate(f"gap reasons {sorted(reasons)}: only write_failed or overflow expected")
+        if result.dropped > during:
+            trial.violate(
+                f"{result.dropped} records dropped, more than the {during} lines written on the full disk"
+            )
+    finally:
+        await stop_all(sandbox.process, gateway)
+        await asyncio.to_thread(_unmount, disk)
