@@ -18,8 +18,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from chaos.common import (
     WriterSandbox,
@@ -36,6 +41,7 @@ from chaos.common import (
 )
 from chaos.invariants import Expect, StoredEvent, check_sandbox, stored_events
 from chaos.suite import Trial, Unavailable, scenario
+from tests.support.postgres import PgServer, PostgresUnavailable, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess
 
 #: A main process that prints ``{prefix} {i}`` for i in 0..n-1, ``delay`` seconds apart, and exits with
@@ -453,3 +459,138 @@ async def journal_disk_full(trial: Trial) -> None:
     finally:
         await stop_all(sandbox.process, gateway)
         await asyncio.to_thread(_unmount, disk)
+
+
+# -- postgres-restart ------------------------------------------------------------------------------
+
+#: From PostgreSQL started again to the gateway's /readyz 200 and to new lines of every writer stored:
+#: the pool's reconnection is retried with backoff (database.pool_timeout_s), a session cut by the
+#: outage comes back with the supervisor's backoff (capped at 2 s here).
+POSTGRES_RESUME_BOUND_S = 20.0
+
+
+def _readyz(gateway: GatewayProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.ops_port}/readyz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+async def _ready(gateway: GatewayProcess) -> bool:
+    return await asyncio.to_thread(_readyz, gateway) == 200
+
+
+@contextlib.asynccontextmanager
+async def postgres_database(trial: Trial) -> AsyncIterator[tuple[PgServer, str]]:
+    """A throwaway PostgreSQL server (tests/support/postgres.py) with one empty database; Unavailable
+    when PostgreSQL cannot run here."""
+    stack = contextlib.ExitStack()
+    try:
+        server = await asyncio.to_thread(stack.enter_context, running_postgres())
+    except PostgresUnavailable as exc:
+        raise Unavailable(str(exc)) from None
+    try:
+        name = f"chaos_{trial.repeat}"
+        admin = create_async_engine(server.url("postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            await admin.dispose()
+        yield server, name
+    finally:
+        await asyncio.to_thread(stack.close)
+
+
+async def _all_grew(url: str, since: dict[str, int], sandboxes: Sequence[WriterSandbox]) -> bool:
+    """Every sandbox still running has more lines stored than ``since`` (or has stored them all)."""
+    counts = await stored_line_counts(url, list(since))
+    return all(
+        counts[s.sandbox_id] > since[s.sandbox_id] or counts[s.sandbox_id] >= s.lines for s in sandboxes
+    )
+
+
+@scenario(
+    "postgres-restart",
+    summary="the gateway's PostgreSQL restarted (a fast stop, then an immediate one: a crash) with writers "
+    "connected, one main process ending during the outage: invariants, the gateway ready and every "
+    f"writer's lines stored again within {POSTGRES_RESUME_BOUND_S:.0f}s of each restart",
+    needs=("postgres",),
+)
+async def postgres_restart(trial: Trial) -> None:
+    outage_s = 1.0 if trial.quick else 20.0
+    async with postgres_database(trial) as (server, database):
+        url = server.url(database)
+        gateway = GatewayProcess(trial.workdir / "gateway", database_url=url)
+        gate = trial.workdir / "ends-down.gate"
+        writing_s = 2 * outage_s + (8 if trial.quick else 20)
+        sandboxes = [
+            gated_sandbox(
+                trial,
+                f"outlasts-{i}",
+                gateway_address=gateway.address,
+                lines=int(writing_s * 50),
+                delay=0.02,
+                exit_code=0,
+            )
+            for i in range(2)
+        ]
+        # Its last lines and its exit are written while PostgreSQL is down (the first outage).
+        ends_down = gated_sandbox(
+            trial,
+            "ends-down",
+            gateway_address=gateway.address,
+            lines=300,
+            delay=0.002,
+            exit_code=5,
+            pauses=[(100, gate)],
+        )
+        sandboxes.append(ends_down)
+        try:
+            await start_gateway(trial, gateway)
+            for sandbox in sandboxes:
+                sandbox.start()
+            await wait_lines(trial, url, sandboxes, at_least=50, within_s=60)
+            worst_ready = worst_stored = 0.0
+            for mode in ("fast", "immediate"):
+                await asyncio.to_thread(server.stop, mode)
+                trial.mark(f"PostgreSQL stopped ({mode})")
+                gate.touch()
+                await hold(trial, outage_s)
+                before = await stored_line_counts(url, [s.sandbox_id for s in sandboxes])
+                await asyncio.to_thread(server.start)
+                healed = time.monotonic()
+                trial.mark("PostgreSQL started again")
+                await wait_for(
+                    functools.partial(_ready, gateway), within_s=60, what="the gateway ready again"
+                )
+                ready_s = time.monotonic() - healed
+                trial.mark(f"gateway ready again after {ready_s:.1f}s")
+                running = [s for s in sandboxes if s.running]
+                await wait_for(
+                    functools.partial(_all_grew, url, before, running),
+                    within_s=60,
+                    what="new lines of every writer stored",
+                )
+                stored_s = time.monotonic() - healed
+                trial.mark(f"every running writer's lines stored again after {stored_s:.1f}s")
+                worst_ready, worst_stored = max(worst_ready, ready_s), max(worst_stored, stored_s)
+                for what, took in (("ready", ready_s), ("storing every writer's lines", stored_s)):
+                    if took > POSTGRES_RESUME_BOUND_S:
+                        trial.violate(
+                            f"gateway {what} {took:.1f}s after the {mode} restart, "
+                            f"bound {POSTGRES_RESUME_BOUND_S:.0f}s"
+                        )
+            trial.figure("ready_again_max_s", round(worst_ready, 3))
+            trial.figure("stored_again_max_s", round(worst_stored, 3))
+            await wait_exits(trial, sandboxes, within_s=120, database_url=url)
+            # Sessions a short outage did not end journal no RECONNECTED: resumption is measured by
+            # the lines stored again (above), not by that record.
+            await check_all(trial, url, sandboxes, heal_unix_ms=None, resume_bound_s=POSTGRES_RESUME_BOUND_S)
+            if "Traceback" in gateway.log_text():
+                trial.violate("the gateway logged a traceback (see gateway/gateway.log)")
+        finally:
+            await stop_all(*(s.process for s in sandboxes), gateway)
