@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from chaos.common import (
 )
 from chaos.invariants import Expect, StoredEvent, check_sandbox, stored_events
 from chaos.suite import Trial, Unavailable, scenario
+from tests.support.haproxy import Backend, HAProxy, running_haproxy
 from tests.support.postgres import PgServer, PostgresUnavailable, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess
 from tests.support.simsup import SimSupervisor, stored_problems
@@ -726,3 +729,173 @@ def _back_at(sim: SimSupervisor, healed: float) -> float | None:
 
 async def _all_back(sims: Sequence[SimSupervisor], healed: float) -> bool:
     return all(_back_at(sim, healed) is not None for sim in sims)
+
+
+# -- rolling-restart -------------------------------------------------------------------------------
+
+#: No sandbox may be without a session longer than this during the roll: a drained session moves
+#: within its hint's window (hint_spread_s here) plus a connect; one the drain cut short reconnects
+#: with the supervisor's backoff (capped at 2 s for the real ones, 10 s for the simulated ones).
+ROLLING_OUTAGE_BOUND_S = 12.0
+
+
+def _replica(workdir: Path, database_url: str, *, window_s: float) -> GatewayProcess:
+    return GatewayProcess(
+        workdir,
+        heartbeat_interval_s=2.0,
+        database_url=database_url,
+        extra=[
+            "--set", "ha.lease_s=3",
+            "--set", "ha.renew_interval_s=0.5",
+            "--set", "grpc.shutdown_grace_s=1",
+            # haproxy's check (300 ms, 2 falls) takes the replica out before its first hint.
+            "--set", "drain.settle_s=0.8",
+            "--set", f"drain.window_s={window_s}",
+            "--set", "drain.hint_spread_s=0.5",
+        ],
+    )  # fmt: skip
+
+
+async def _up_in(proxy: HAProxy, name: str) -> bool:
+    return (await asyncio.to_thread(proxy.server_states, "grpc")).get(name, False)
+
+
+def _sim_outages(sim: SimSupervisor) -> list[float]:
+    """Seconds between each of ``sim``'s sessions and the next."""
+    return [
+        later.accepted_at - earlier.ended_at
+        for earlier, later in itertools.pairwise(sim.sessions)
+        if earlier.ended_at is not None
+    ]
+
+
+@scenario(
+    "rolling-restart",
+    summary="three gateway replicas on PostgreSQL behind haproxy restarted one after the other with SIGTERM "
+    "(the drain), simulated and real supervisors connected: sessions move, every replica exits 0 within "
+    f"its drain, no sandbox without a session longer than {ROLLING_OUTAGE_BOUND_S:.0f}s, invariants",
+    needs=("postgres", "haproxy"),
+)
+async def rolling_restart(trial: Trial) -> None:
+    if shutil.which("haproxy") is None and shutil.which("haproxy", path="/usr/sbin") is None:
+        raise Unavailable("haproxy is not installed (apt-get install haproxy)")
+    count = 60 if trial.quick else 300
+    window_s = 2.0 if trial.quick else 10.0
+    async with postgres_database(trial) as (server, database):
+        url = server.url(database)
+        replicas = {name: _replica(trial.workdir / name, url, window_s=window_s) for name in ("a", "b", "c")}
+        stack = contextlib.ExitStack()
+        roll_s = 3 * (window_s + 6)
+        writers: list[WriterSandbox] = []
+        sims: list[SimSupervisor] = []
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for replica in replicas.values():
+                await start_gateway(trial, replica, what=f"replica {replica.workdir.name}")
+            backends = [Backend(name, g.grpc_port, g.http_port, g.ops_port) for name, g in replicas.items()]
+            proxy = await asyncio.to_thread(
+                stack.enter_context, running_haproxy(trial.workdir / "haproxy", backends)
+            )
+            address = proxy.grpc_address
+            writers = [
+                gated_sandbox(
+                    trial,
+                    f"writer-{i}",
+                    gateway_address=address,
+                    lines=int((roll_s + 10) * 20),
+                    delay=0.05,
+                    exit_code=0,
+                )
+                for i in range(3)
+            ]
+            sims = [
+                SimSupervisor(
+                    f"{trial.scenario}-sim{i:04d}-{trial.repeat}", lambda: [address], write_every_s=1.0
+                )
+                for i in range(count)
+            ]
+            for writer in writers:
+                writer.start()
+            tasks = [asyncio.create_task(sim.run(stop), name=f"sim-{sim.sandbox_id}") for sim in sims]
+            tasks.append(asyncio.create_task(_sample_sessions(trial, sims, 0.25), name="sample-sessions"))
+            await wait_for(
+                functools.partial(_all_connected, sims), within_s=120, what=f"all {count} sessions up"
+            )
+            await wait_lines(trial, url, writers, at_least=20, within_s=60)
+            rolled = time.monotonic()
+            worst_exit = 0.0
+            for name, replica in replicas.items():
+                assert replica.proc is not None
+                proc = replica.proc
+                signalled = time.monotonic()
+                replica.signal(signal.SIGTERM)
+                trial.mark(f"replica {name}: SIGTERM")
+                exit_bound = 0.8 + window_s + 1 + 10
+                code = await asyncio.to_thread(_wait_proc, proc, exit_bound)
+                took = time.monotonic() - signalled
+                worst_exit = max(worst_exit, took)
+                if code is None:
+                    trial.violate(f"replica {name} still running {exit_bound:.0f}s after SIGTERM")
+                    await asyncio.to_thread(replica.kill)
+                elif code != 0:
+                    trial.violate(f"replica {name} exited {code} after SIGTERM")
+                trial.mark(f"replica {name}: exited {code} after {took:.1f}s")
+                await start_gateway(trial, replica, what=f"replica {name} started again")
+                await wait_for(
+                    functools.partial(_up_in, proxy, name), within_s=30, what=f"haproxy routing to {name}"
+                )
+            trial.figure("roll_s", round(time.monotonic() - rolled, 3))
+            trial.figure("replica_exit_max_s", round(worst_exit, 3))
+            await hold(trial, 3.0)
+            if not await _all_connected(sims):
+                trial.violate(
+                    f"{sum(not s.connected for s in sims)} simulated sessions not connected after the roll"
+                )
+            stop.set()
+            await asyncio.gather(*tasks[:-1], return_exceptions=True)
+            ends = [s.end for sim in sims for s in sim.sessions[:-1]]
+            trial.figure("sessions", count)
+            trial.figure("moves_hinted", sum(1 for e in ends if e == "hint"))
+            trial.figure("sessions_ended_without_hint", sum(1 for e in ends if e != "hint"))
+            trial.figure("rejections", sum(len(sim.rejections) for sim in sims))
+            outages = [o for sim in sims for o in _sim_outages(sim)]
+            if outages:
+                trial.figure("sim_outage_max_s", round(max(outages), 3))
+                if max(outages) > ROLLING_OUTAGE_BOUND_S:
+                    trial.violate(
+                        f"a simulated sandbox was without a session for {max(outages):.1f}s, "
+                        f"bound {ROLLING_OUTAGE_BOUND_S:.0f}s"
+                    )
+            problems = await stored_problems(url, sims)
+            trial.check(problems[:20])
+            await wait_exits(trial, writers, within_s=180, database_url=url)
+            await check_all(trial, url, writers, heal_unix_ms=None, resume_bound_s=ROLLING_OUTAGE_BOUND_S)
+            events = await stored_events(url, [w.sandbox_id for w in writers])
+            longest = max(
+                (
+                    int((e.data or {}).get("duration_ms", 0)) / 1000
+                    for found in events.values()
+                    for e in found
+                    if e.kind == "lifecycle" and (e.data or {}).get("kind") == "reconnected"
+                ),
+                default=0.0,
+            )
+            trial.figure("writer_outage_max_s", longest)
+            if longest > ROLLING_OUTAGE_BOUND_S:
+                trial.violate(f"a RECONNECTED outage of {longest:.1f}s, bound {ROLLING_OUTAGE_BOUND_S:.0f}s")
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_all(*(w.process for w in writers))
+            await asyncio.to_thread(stack.close)
+            await stop_all(*replicas.values())
+
+
+def _wait_proc(proc: subprocess.Popen[bytes], within_s: float) -> int | None:
+    try:
+        return proc.wait(within_s)
+    except subprocess.TimeoutExpired:
+        return None
