@@ -1,12 +1,12 @@
-"""``python -m chaos bench``: the scale benchmark (chaos/scale.py). The chaos suite's ``run NAME|all``
-will be another subcommand here."""
+"""``python -m chaos bench``: the scale benchmark (chaos/scale.py); ``python -m chaos run NAME|all|ci``:
+the chaos suite (chaos/run.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from chaos import scale
+from chaos import run, scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +20,17 @@ def main(argv: list[str] | None = None) -> int:
         description=(scale.__doc__ or "").split("\n\n")[0],
     )
     scale.add_arguments(bench)
+    chaos_run = commands.add_parser(
+        "run",
+        help="the chaos suite: scenarios by name, 'all' or 'ci', with a JSON and markdown report",
+        description=(run.__doc__ or "").split("\n\n")[0],
+    )
+    run.add_arguments(chaos_run)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return scale.bench(args)
+    if args.command == "run":
+        return run.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
