@@ -139,7 +139,7 @@ def run_trial(scenario: Scenario, *, repeat: int, options: Options, timeout_s: f
         trial.skipped = str(exc) or "unavailable here"
     except TimeoutError as exc:
         trial.error = (
-            f"TimeoutError: {exc}" if str(exc) else f"cancelled after the trial timeout of {timeout_s:.0f}s"
+            f"TimeoutError: {exc}" if str(exc) else f"cancelled after the trial timeout of {timeout_s:g}s"
         )
         (workdir / "error.log").write_text(traceback.format_exc())
     except Exception as exc:  # the scenario's own failure: recorded, and the run goes on
