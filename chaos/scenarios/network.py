@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -56,6 +57,9 @@ from tests.support.procs import GatewayProcess
 HEARTBEAT_S = 0.5
 GRACE_S = 1.0
 
+#: The `keeps` supervisor's /status port in the sandbox's namespace (the delay scenario only).
+STATUS_PORT = 9469
+
 #: Seconds from the heal to each sandbox's RECONNECTED record: the supervisors here back off at most
 #: 2 s with a 2 s connect timeout (tests/support/procs.py), so an attempt starts within ~4 s of the
 #: heal; the rest is the hello on a loaded 2-core machine.
@@ -77,6 +81,20 @@ class Link:
 
     async def hold(self, trial: Trial, seconds: float) -> None:
         await hold(trial, seconds, database_url=self.database_url, sandboxes=self.sandboxes)
+
+    async def rtt_ms(self) -> float | None:
+        """The ``keeps`` supervisor's last heartbeat round trip (its /status, served on the sandbox's
+        loopback in the delay scenario), or None when it has none or cannot be asked."""
+        script = (
+            "import json, urllib.request as u;"
+            f"print(json.load(u.urlopen('http://127.0.0.1:{STATUS_PORT}/status', timeout=3))"
+            "['session']['last_rtt_ms'])"
+        )
+        out = await asyncio.to_thread(self.net.sandbox_exec, sys.executable, "-c", script, check=False)
+        try:
+            return float(out.strip())
+        except ValueError:
+            return None
 
 
 #: What the fault must do to the sessions: ``breaks`` them (each sandbox still running at the heal
@@ -119,6 +137,9 @@ async def _network_trial(
     fault_gate = trial.workdir / "fault.gate"
     heal_gate = trial.workdir / "heal.gate"
     keeps_during = int(fault_s * 20 * 0.8)
+    # The delay scenario asks the `keeps` supervisor for its heartbeat round trips: proof that the
+    # proxy delayed what it carried.
+    status = [f"http.enabled={str(proxy).lower()}", f"http.listen=127.0.0.1:{STATUS_PORT}"]
     sandboxes = [
         WriterSandbox.create(
             trial, "ends", gateway_address=dial, lines=240, delay=0.005, exit_code=3,
@@ -127,6 +148,7 @@ async def _network_trial(
         WriterSandbox.create(
             trial, "keeps", gateway_address=dial, lines=40 + keeps_during + 60, delay=0.05, exit_code=0,
             netns=net.sandbox_ns, pauses=[(40, fault_gate), (40 + keeps_during, heal_gate)],
+            settings=status,
         ),
         WriterSandbox.create(
             trial, "backlog", gateway_address=dial, lines=2020, delay=0.0, exit_code=0,
@@ -149,9 +171,8 @@ async def _network_trial(
             return gate_reached(fault_gate)
 
         await wait_for(all_waiting, within_s=30, what="the writers at the fault gate")
-        before = unix_ms()
         await fault(trial, link, fault_s)
-        heal_ms = unix_ms()
+        heal_ms, heal_at = unix_ms(), trial.now()
         running = [s.sandbox_id for s in sandboxes if s.running]
         await asyncio.to_thread(net.heal, check=False)
         if delay_proxy is not None:
@@ -171,7 +192,9 @@ async def _network_trial(
             # phases) has nothing left to resume.
             must_resume=running,
         )
-        trial.figure("fault_s", round((heal_ms - before) / 1000, 1))
+        began = next((at for at, what in trial.marks if what.startswith("fault:")), None)
+        if began is not None:
+            trial.figure("fault_s", round(heal_at - began, 1))
         if sessions == "survives" and result.reconnects:
             trial.violate(
                 f"{result.reconnects} reconnections under a fault that must not end a session "
@@ -194,10 +217,10 @@ def _fault_s(trial: Trial) -> float:
     return 8.0 if trial.quick else 45.0
 
 
-async def _start_fault(trial: Trial, what: str, *, gate: bool = True) -> None:
+async def _start_fault(trial: Trial, what: str) -> None:
+    """Mark the fault in place and let the writers waiting for it go on."""
     trial.mark(what)
-    if gate:
-        open_gate(trial.workdir / "fault.gate")
+    open_gate(trial.workdir / "fault.gate")
 
 
 # -- blackhole and reset -----------------------------------------------------------------------------
@@ -280,13 +303,34 @@ async def asymmetric_from_gateway(trial: Trial) -> None:
 DELAY_MS, JITTER_MS = 200.0, 300.0
 
 
+async def _sample_rtt(trial: Trial, link: Link, seconds: float) -> list[float]:
+    """Hold ``seconds`` while sampling the heartbeat round trip every 2 s; the samples."""
+    samples: list[float] = []
+    deadline = trial.now() + seconds
+    while (left := deadline - trial.now()) > 0:
+        if (rtt := await link.rtt_ms()) is not None:
+            samples.append(rtt)
+            trial.sample("heartbeat RTT (ms)", rtt)
+        await link.hold(trial, min(2.0, left))
+    return samples
+
+
 async def _delay(trial: Trial, link: Link, seconds: float) -> None:
     assert link.proxy is not None
+    before = await _sample_rtt(trial, link, 3.0)
     link.proxy.set_delay(DELAY_MS, jitter_ms=JITTER_MS)
     await _start_fault(
         trial, f"fault: delay {DELAY_MS:.0f}+{JITTER_MS:.0f} ms each way (round trip up to 1 s)"
     )
-    await link.hold(trial, seconds)
+    during = await _sample_rtt(trial, link, seconds)
+    # A heartbeat answered within the first 1-2 s may still be an undelayed one; the later ones
+    # must all carry twice the delay, or the proxy did not delay and the scenario proved nothing.
+    if not during or max(during) < 2 * DELAY_MS:
+        trial.violate(f"heartbeat round trips {during} ms under a delay of {DELAY_MS:.0f} ms each way")
+    if during:
+        trial.figure("rtt_delayed_max_ms", round(max(during)))
+    if before:
+        trial.figure("rtt_before_max_ms", round(max(before)))
 
 
 @scenario(
