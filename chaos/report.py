@@ -50,6 +50,7 @@ def markdown(doc: dict[str, Any], out: Path) -> str:
         "",
         f"Command: `{doc['command']}` (seed {doc['seed']}), {doc['duration_s']} s.",
         f"Machine: {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, git {m['git_head']}.",
+        *(["", "**Interrupted**: only the trials that ended are listed."] if doc.get("interrupted") else []),
         "",
         "| scenario | repeats | passed | skipped | failed | figures (min / median / max) |",
         "|---|---|---|---|---|---|",

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,8 +124,26 @@ def machine() -> dict[str, Any]:
 
 
 async def _run_trial(scenario: Scenario, trial: Trial, *, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        await scenario.fn(trial)
+    # SIGTERM ends the run as Ctrl-C does: the trial is cancelled (its finally stops what it started
+    # and removes its namespaces), then the trials that ended are reported. asyncio.run does this for
+    # SIGINT only.
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await scenario.fn(trial)
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def run_trial(scenario: Scenario, *, repeat: int, options: Options, timeout_s: float) -> Trial:
@@ -148,6 +167,10 @@ def run_trial(scenario: Scenario, *, repeat: int, options: Options, timeout_s: f
         (workdir / "error.log").write_text(traceback.format_exc())
     trial.duration_s = trial.now()
     return trial
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def verdict(trial: Trial) -> str:
@@ -179,12 +202,15 @@ def run(args: argparse.Namespace) -> int:
     trials: list[Trial] = []
     began = time.monotonic()
     interrupted = False
+    # Between trials too (the loop's handler is gone once its trial ended).
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         for scenario in chosen:
             for repeat in range(1, args.repeat + 1):
                 options = Options(workdir=out, quick=args.quick, seed=seed + repeat)
                 _say(f"[{scenario.name} #{repeat}] start")
                 trial = run_trial(scenario, repeat=repeat, options=options, timeout_s=args.trial_timeout)
+                signal.signal(signal.SIGTERM, _terminated)
                 trials.append(trial)
                 why = trial.skipped or trial.error or "; ".join(trial.violations[:3])
                 _say(
@@ -194,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # asyncio.run cancelled the trial (its finally cleaned up); what ran so far is still reported.
         interrupted = True
-        _say("chaos: interrupted; reporting the trials that ended")
+        _say("chaos: interrupted (the trial under way was cleaned up); reporting the trials that ended")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     doc = {
         "command": " ".join(command),
         "seed": seed,

@@ -11,8 +11,9 @@ lines (chaos/common.py's gated writer):
   exit-delivery window, 60 s by default, which bounds the full run's faults);
 - ``keeps``: writes 40 lines, waits for the fault, writes at 20 lines a second through it, waits for
   the heal and writes 60 more, exits 0: lines journaled during the fault are replayed after it;
-- ``backlog``: writes 20 lines, waits for the fault, then 2,000 at once and exits 0: a backlog that
-  the replay after the heal carries (or, past the journal's byte bound, gap records count).
+- ``backlog``: writes 20 lines, waits for the fault, then 2,000 at once and exits 0, with a journal
+  bounded to 64 KiB of undelivered records: when the fault holds them back, the oldest give way to
+  gap records that count them, and the replay after the heal carries the rest.
 
 Then: the fault (marked), held for its duration (quick: 8 s; full: 45 s, past TCP's first
 retransmission timeouts and SYN retries), healed (marked), every supervisor's exit awaited, and
@@ -56,6 +57,11 @@ from tests.support.procs import GatewayProcess
 #: the gateway hears nothing from for 1.5 s ends; the supervisor's own silence bound is 3 intervals.
 HEARTBEAT_S = 0.5
 GRACE_S = 1.0
+
+#: The `backlog` supervisor's journal holds at most 64 KiB undelivered (the least allowed is 16 KiB):
+#: its 2,000 lines written during a cut overflow it, so the oldest give way to gap records that
+#: count them, and "every dropped line counted" is checked on real drops.
+BACKLOG_JOURNAL = ("journal.max_bytes=65536", "journal.segment_bytes=16384")
 
 #: The `keeps` supervisor's /status port in the sandbox's namespace (the delay scenario only).
 STATUS_PORT = 9469
@@ -152,7 +158,7 @@ async def _network_trial(
         ),
         WriterSandbox.create(
             trial, "backlog", gateway_address=dial, lines=2020, delay=0.0, exit_code=0,
-            netns=net.sandbox_ns, pauses=[(20, fault_gate)],
+            netns=net.sandbox_ns, pauses=[(20, fault_gate)], settings=BACKLOG_JOURNAL,
         ),
     ]  # fmt: skip
     url = sqlite_url(gateway)
