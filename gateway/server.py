@@ -74,6 +74,7 @@ from gateway.sessions import (
     Outbound,
     Session,
     SessionRegistry,
+    Wake,
     new_session_id,
 )
 from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, StoreError
@@ -116,6 +117,10 @@ MINTED_MAX = 10_000
 #: The largest ``SupervisorHello.connection_epoch`` taken (the wire's uint64 is stored in a signed
 #: 64-bit column, ``sandboxes.connection_epoch``).
 MAX_CONNECTION_EPOCH = 2**63 - 1
+#: A stale check that ran this much later than its timer was due (the event loop was behind)
+#: looks once more this much later before it ends the session: the supervisor's beat may be
+#: received but not yet in the inbox.
+STALE_RECHECK_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -853,8 +858,23 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         the order they came, each knowing the high-water mark of the one before. A command result
         is still stored before the next message is read: an ack of a later batch (carrying the
         command's audit line) means the answer is stored."""
+        loop = asyncio.get_running_loop()
         session.touch()
-        getter: asyncio.Task[InboxItem] | None = None
+        inbox = session.inbox
+        stale_check = Wake("stale check")
+        stored = Wake("stored")
+
+        def check_stale() -> None:
+            inbox.put_nowait(stale_check)
+
+        # One timer per stale bound, not one per message: when it fires, the loop looks at the
+        # last time the supervisor spoke and sets it again for what is left (a wait_for or a
+        # getter task per message cost more than answering the heartbeat). Its reminder queues
+        # behind the messages already in the inbox; a beat the reader has not queued yet (the
+        # loop was behind: the check came late) gets one more look (STALE_RECHECK_S) first.
+        due_at = time.monotonic() + session.stale_after_s
+        timer = loop.call_later(session.stale_after_s, check_stale)
+        rechecked = False
         storing: asyncio.Task[pb.GatewayMessage] | None = None
         waiting: collections.deque[pb.EventBatch] = collections.deque()
         try:
@@ -868,29 +888,30 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     storing = asyncio.create_task(
                         self._store_batch(session, waiting.popleft()), name=f"store-{session.sandbox_id}"
                     )
-                if getter is None and not session.inbox.empty():
-                    item: InboxItem = session.inbox.get_nowait()
-                else:
-                    if getter is None:
-                        getter = asyncio.create_task(session.inbox.get(), name=f"inbox-{session.sandbox_id}")
-                    # Only what the supervisor sends counts as a sign of life: our own outbound
-                    # messages (commands) must not keep a dead session open.
-                    left = session.last_seen_monotonic + session.stale_after_s - time.monotonic()
-                    await asyncio.wait(
-                        {getter} if storing is None else {getter, storing},
-                        timeout=max(left, 0.0),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if storing is not None and storing.done():
-                        continue  # its ack first
-                    if not getter.done():
-                        log.warning(
-                            "session stale: nothing received for %.1fs",
-                            session.stale_after_s,
-                            extra={"sandbox_id": session.sandbox_id},
-                        )
-                        return
-                    item, getter = getter.result(), None
+                    storing.add_done_callback(lambda _: inbox.put_nowait(stored))
+                # Queue.get: cancelled while waiting, it takes nothing (an item stays queued for
+                # the cleanup in _connect, which settles commands not taken).
+                item: InboxItem = inbox.get_nowait() if not inbox.empty() else await inbox.get()
+                if isinstance(item, Wake):
+                    if item is stale_check:
+                        # Only what the supervisor sends counts as a sign of life: our own outbound
+                        # messages (commands) must not keep a dead session open.
+                        now = time.monotonic()
+                        due = session.last_seen_monotonic + session.stale_after_s
+                        if due > now:
+                            due_at, rechecked = due, False
+                            timer = loop.call_later(due - now, check_stale)
+                        elif now - due_at > STALE_RECHECK_S and not rechecked:
+                            due_at, rechecked = now + STALE_RECHECK_S, True
+                            timer = loop.call_later(STALE_RECHECK_S, check_stale)
+                        else:
+                            log.warning(
+                                "session stale: nothing received for %.1fs",
+                                session.stale_after_s,
+                                extra={"sandbox_id": session.sandbox_id},
+                            )
+                            return
+                    continue  # a stored batch: its ack at the top
                 if isinstance(item, InboundEnded | Close):
                     # What was received before the end is stored (and acked, if the stream can
                     # still carry it) first, as when batches were stored one by one in the loop.
@@ -940,34 +961,31 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     yield item.message
                     continue
                 self._registry.touch(session)
-                if item.message.WhichOneof("payload") == "events":
-                    waiting.append(item.message.events)
+                message = item.message
+                if message.HasField("heartbeat"):
+                    # The hot path, answered here: one message per session per interval.
+                    out = pb.GatewayMessage()
+                    out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+                    yield out
                     continue
-                reply = await self._handle(session, item.message)
+                if message.HasField("events"):
+                    waiting.append(message.events)
+                    continue
+                reply = await self._handle(session, message)
                 if reply is not None:
                     yield reply
         finally:
+            timer.cancel()
             # Owned here: a store in flight ends with the session (nothing of it was acked; what
-            # it commits later is idempotent by sequence), and a command taken from the inbox but
-            # not written was not delivered.
-            tasks = [t for t in (getter, storing) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                # asyncio.wait: never raises what the tasks did, yet lets our own cancellation through.
-                await asyncio.wait(tasks)
-            for task in tasks:
-                if not task.cancelled() and task.exception() is None and task is getter:
-                    taken = task.result()
-                    if isinstance(taken, _CommandOut):
-                        _settle(taken.taken, False)
+            # it commits later is idempotent by sequence).
+            if storing is not None:
+                storing.cancel()
+                # asyncio.wait: never raises what the task did, yet lets our own cancellation through.
+                await asyncio.wait([storing])
 
     async def _handle(self, session: Session, message: pb.SupervisorMessage) -> pb.GatewayMessage | None:
+        """A message other than a heartbeat (answered in ``_serve``'s loop)."""
         kind = message.WhichOneof("payload")
-        if kind == "heartbeat":
-            out = pb.GatewayMessage()
-            out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
-            return out
         if kind == "events":
             return await self._store_batch(session, message.events)
         if kind == "command_result":

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from openshell_wire.records import CAP_RECONNECT, JournalEpoch, SandboxId, SessionId
 from openshell_wire.v1 import openshell_pb2 as pb
@@ -67,7 +67,15 @@ class InboundEnded:
     malformed: Exception | None = None
 
 
-InboxItem = Outbound | Close | Inbound | InboundEnded
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """The handler's own reminder (its stale timer fired, or its batch's store ended): look again.
+    Nothing to send; one timer per stale bound and one per stored batch, never one per message."""
+
+    why: str
+
+
+InboxItem = Outbound | Close | Inbound | InboundEnded | Wake
 
 
 @dataclass(eq=False)
@@ -97,14 +105,31 @@ class Session:
     #: when queued: :mod:`gateway.heartbeats`); 0 until accepted.
     heartbeat_interval_s: float = 0.0
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
+    #: When the supervisor last spoke, on the monotonic clock: the one clock read per message
+    #: (``touch``). Its wall time is derived when a flush asks for it (``last_seen_wall``).
     last_seen_monotonic: float = field(default_factory=time.monotonic)
-    last_seen_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
     #: The latest heartbeat time written to the database (connecting writes ``opened_at``).
     last_flushed_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: ``last_seen_monotonic`` as a wall time, once derived (None: not since the last touch).
+    _seen_wall: datetime | None = field(default=None, init=False, repr=False)
 
-    def touch(self) -> None:
-        self.last_seen_monotonic = time.monotonic()
-        self.last_seen_wall = datetime.now(UTC)
+    def touch(self, now: float | None = None) -> None:
+        self.last_seen_monotonic = time.monotonic() if now is None else now
+        self._seen_wall = None
+
+    @property
+    def last_seen_wall(self) -> datetime:
+        """When the supervisor last spoke, as a wall time: derived from the monotonic time once
+        per touch (a flush asks for a few thousand every few seconds; a touch comes with every
+        message), then the same value until the next touch."""
+        if self._seen_wall is None:
+            ago = time.monotonic() - self.last_seen_monotonic
+            self._seen_wall = datetime.now(UTC) - timedelta(seconds=max(ago, 0.0))
+        return self._seen_wall
+
+    @last_seen_wall.setter
+    def last_seen_wall(self, value: datetime) -> None:
+        self._seen_wall = value
 
 
 class SessionRegistry:
@@ -211,12 +236,12 @@ class SessionRegistry:
             if sandbox_id in self._live:
                 merge(sandbox_id, self._live[sandbox_id].last_seen_wall)
         if renew_after_s is not None:
+            idle_since = now - timedelta(seconds=renew_after_s)
             for live_id, session in self._live.items():
-                widened = session.stale_after_s > renew_after_s
                 # Measured from the last time that was written, not handed out: a renewal whose
-                # flush failed is due again at the next flush.
-                idle = (now - session.last_flushed_wall).total_seconds() > renew_after_s
-                if widened and idle:
+                # flush failed is due again at the next flush. The cheap test first: this loop
+                # runs over every live session at every flush, on the event loop.
+                if session.stale_after_s > renew_after_s and session.last_flushed_wall < idle_since:
                     merge(live_id, now)
         self._dirty.clear()
         self._pending.clear()

@@ -141,8 +141,11 @@ def _held_live(
     )
 
 
-#: How many sandboxes' claims a heartbeat flush checks per query (see ``record_heartbeats``).
-HEARTBEAT_CHECK_CHUNK = 500
+#: How many sandboxes' heartbeats a flush writes, and whose claims it checks, per statement (see
+#: ``record_heartbeats``): SQLite's bound parameters per statement are limited, and the
+#: parameters of each statement are processed on the event loop, so a flush of thousands in one
+#: statement stalled every session's heartbeat answer for as long (issue 22).
+HEARTBEAT_CHECK_CHUNK = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,25 +634,25 @@ class SandboxStore:
         if epochs is not None:
             where.append(c.owner_epoch == bindparam("b_epoch"))
         statement = update(sandboxes_table).where(*where).values(last_heartbeat_at=bindparam("b_at"))
-        params: list[dict[str, object]] = [
-            {"b_id": sandbox_id, "b_at": at} for sandbox_id, at in beats.items()
-        ]
-        for param in params:
-            key = str(param["b_id"])
-            if sessions is not None:
-                param["b_session"] = sessions[key]
-            if epochs is not None:
-                param["b_epoch"] = epochs[key]
+        ids = list(beats)
         fenced: set[str] = set()
-        with store_errors(f"cannot record the heartbeats of {len(params)} sandboxes"):
+        with store_errors(f"cannot record the heartbeats of {len(ids)} sandboxes"):
             async with self._db.engine.begin() as conn:
-                await conn.execute(statement, params)
-                if epochs is not None:
-                    ids = list(beats)
-                    # In chunks: a flush may name thousands of sandboxes, and SQLite's bound
-                    # parameters per statement are limited.
-                    for first in range(0, len(ids), HEARTBEAT_CHECK_CHUNK):
-                        chunk = ids[first : first + HEARTBEAT_CHECK_CHUNK]
+                # One transaction, written in chunks: between two statements the event loop
+                # answers heartbeats while the database works, instead of waiting for the
+                # parameters of thousands of rows to be built and processed at once.
+                for first in range(0, len(ids), HEARTBEAT_CHECK_CHUNK):
+                    chunk = ids[first : first + HEARTBEAT_CHECK_CHUNK]
+                    params: list[dict[str, object]] = []
+                    for sandbox_id in chunk:
+                        param: dict[str, object] = {"b_id": sandbox_id, "b_at": beats[sandbox_id]}
+                        if sessions is not None:
+                            param["b_session"] = sessions[sandbox_id]
+                        if epochs is not None:
+                            param["b_epoch"] = epochs[sandbox_id]
+                        params.append(param)
+                    await conn.execute(statement, params)
+                    if epochs is not None:
                         rows = await conn.execute(select(c.id, c.owner_epoch).where(c.id.in_(chunk)))
                         found = {row.id: int(row.owner_epoch) for row in rows}
                         fenced.update(sid for sid in chunk if found.get(sid) != epochs[sid])
