@@ -45,11 +45,13 @@ from gateway.leader import lease_rules
 from gateway.provisioner import KubernetesProvisioner
 from gateway.store import Database, SandboxStore
 from gateway.store.leadership import LeadershipStore, NotLeader
-from tests.integration.test_store_postgres import pg, pg_server, pg_url, pytestmark
+from tests.integration.conftest import database, database_url, pg_server, pg_url
+from tests.integration.test_store_postgres import pg, pytestmark
 from tests.support import kubeaccess
 from tests.support.procs import GatewayProcess, wait_until
 
-__all__ = ["pg", "pg_server", "pg_url", "pytestmark"]  # the PostgreSQL fixtures and skip, shared
+# The PostgreSQL fixtures (tests/integration/conftest.py: this directory is outside its reach) and skip.
+__all__ = ["database", "database_url", "pg", "pg_server", "pg_url", "pytestmark"]
 
 LEASE = "openshell-gateway-leader"
 LEASE_DURATION_S, RENEW_DEADLINE_S, RETRY_PERIOD_S = 4.0, 3.0, 0.5

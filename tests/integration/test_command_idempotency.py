@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 
 from gateway.app import Gateway
-from tests.integration.test_store_postgres import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
 
 
@@ -37,7 +36,7 @@ async def test_idempotent_command_posts_on_sqlite(tmp_path: Path) -> None:
         await _racing_retries_with_one_key_store_one_command(gw)
 
 
-async def test_idempotent_command_posts_on_postgresql(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+async def test_idempotent_command_posts_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     async with _gateway(tmp_path, pg_url) as gw:
         await _a_retried_command_post_with_its_key_is_stored_once(gw)
         await _racing_retries_with_one_key_store_one_command(gw)

@@ -19,7 +19,6 @@ from openshell_wire.records import Command, CommandKind
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.integration.test_control import AGENT, _http
 from tests.integration.test_session_robustness import _accepted, _serve, _session
-from tests.integration.test_store_postgres import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
 from tests.unit.test_commands_store import check_command_expiry
@@ -304,7 +303,7 @@ def test_a_command_that_expires_while_the_supervisor_is_away_is_never_delivered(
     assert doomed["id"] not in first.log_text() + second.log_text()
 
 
-async def test_command_expiry_on_postgresql(pg_url: str) -> None:  # noqa: F811 (the fixture)
+async def test_command_expiry_on_postgresql(pg_url: str) -> None:
     db = await Database.open(pg_url)
     try:
         await check_command_expiry(db)

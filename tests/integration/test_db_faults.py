@@ -20,8 +20,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,31 +41,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 SERVICES = ("", "openshell.v1.OpenShell")
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-async def database(pg_server: PgServer) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await _connect(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield name
-    admin = await _connect(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _connect(pg: PgServer, database: str = "postgres") -> Any:

@@ -22,10 +22,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pytest
 from grpc import aio
 
 from gateway.drain import HINT_BURST
@@ -33,7 +31,6 @@ from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.integration.test_admission import stamp
 from tests.support.haproxy import Backend, running_haproxy
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
 from tests.support.simsup import SimSupervisor, stored_problems
 
@@ -146,38 +143,6 @@ SETTLE_S, WINDOW_S, MAX_HINTS_PER_S, MIN_HINTS_PER_S = 1.0, 5.0, 50.0, 20.0
 SESSIONS = 200
 #: How long after A's /readyz says 503 the simulated Service stops listing it (endpoints' lag).
 ENDPOINTS_LAG_S = 0.4
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    if pg_bindir() is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
-    asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield pg_server.url(name)
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def _replica(workdir: Path, database_url: str, *extra: str) -> GatewayProcess:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from openshell_wire.convert import event_to_proto
 from openshell_wire.records import CommandKind, CommandResult, Event, LogRecord, LogStream
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.postgres import PgServer, pg_bindir
 from tests.support.procs import GatewayProcess, wait_until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
@@ -37,17 +35,6 @@ asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip i
 needs_postgres = pytest.mark.skipif(
     pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
 )
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    if pg_bindir() is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found")
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 async def _admin(pg_server: PgServer, sql: str) -> None:
@@ -58,14 +45,6 @@ async def _admin(pg_server: PgServer, sql: str) -> None:
         await admin.execute(sql)
     finally:
         await admin.close()
-
-
-@pytest.fixture
-async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    await _admin(pg_server, f'CREATE DATABASE "{name}"')
-    yield pg_server.url(name)
-    await _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _log(sequence: int, message: str) -> pb.Event:

@@ -45,7 +45,7 @@ import psutil
 import pytest
 
 from tests.support.haproxy import Backend, HAProxy, running_haproxy
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.postgres import PgServer, pg_bindir
 from tests.support.procs import PYTHON, GatewayProcess, SupervisorProcess, wait_until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
@@ -285,15 +285,6 @@ def _events_received(gw: GatewayProcess) -> float:
     except OSError:
         pass
     return 0.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

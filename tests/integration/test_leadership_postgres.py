@@ -9,7 +9,7 @@ import pytest
 
 from gateway.store import Database
 from gateway.store.leadership import LeadershipStore, LeaderTerm, NotLeader
-from tests.integration.test_store_postgres import pg, pg_server, pg_url, pytestmark
+from tests.integration.test_store_postgres import pg, pytestmark
 from tests.unit.test_leadership import (
     NAME,
     LeaseApi,
@@ -19,7 +19,7 @@ from tests.unit.test_leadership import (
     elector,
 )
 
-__all__ = ["pg", "pg_server", "pg_url", "pytestmark"]  # the fixtures and the skip, shared
+__all__ = ["pg", "pytestmark"]  # the fixture and the skip, shared
 
 
 async def test_terms_only_grow(pg: Database) -> None:

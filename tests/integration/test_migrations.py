@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 from gateway.store import CommandStore, Database, EventStore, SandboxStore
 from gateway.store.db import _PG_MIGRATION_LOCK_KEY, alembic_config, create_engine, upgrade
 from gateway.store.signing_keys import SigningKeyStore
-from tests.support.postgres import PgServer, PostgresUnavailable, running_postgres
+from tests.support.postgres import PgServer
 from tests.support.procs import PYTHON, REPO, GatewayProcess, free_port, wait_until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
@@ -64,18 +64,10 @@ def _head() -> str:
 # -- databases ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty database of each dialect (PostgreSQL: a database of its own on one server)."""
+    """A fresh, empty database of each dialect (PostgreSQL: a database of its own on one server).
+    Over conftest's PostgreSQL-only ``database_url`` on purpose: every test here runs on both."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
         return

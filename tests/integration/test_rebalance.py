@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
 from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess
 from tests.support.simsup import SimSupervisor, stored_problems
@@ -97,7 +96,7 @@ def _over_share(sims: list[SimSupervisor]) -> int:
 
 async def test_sessions_all_on_one_replica_even_out_over_three_without_loss(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
 ) -> None:
     gateways = [_replica(tmp_path / name, f"gw-{name}", database_url) for name in ("a", "b", "c")]
     a, b, c = gateways
@@ -211,7 +210,7 @@ async def _all_connected(sims: list[SimSupervisor], *, within_s: float, what: st
 
 async def test_a_storm_over_three_empty_replicas_is_not_refused_for_share(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
 ) -> None:
     """Review finding 1: every replica compared its live count with the others' older rows, so in
     a storm over several replicas growing together each one was above the others and refused
@@ -250,7 +249,7 @@ async def test_a_storm_over_three_empty_replicas_is_not_refused_for_share(
 
 async def test_a_replica_no_supervisor_reaches_takes_nothing_from_the_others(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
 ) -> None:
     """Review finding 2: B's row renews, but no supervisor can reach B (not routed to yet, a
     NetworkPolicy, a wrong port): A shed toward it and refused every hello for share, its moved

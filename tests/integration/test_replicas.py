@@ -22,8 +22,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from gateway.store.db import create_engine, upgrade
 from gateway.store.replicas import ReplicaStore
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import sandboxes as sandboxes_table
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until, writer_command
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
@@ -56,35 +55,6 @@ FRESH_FOR_S = Liveness.from_settings(
 ).fresh_for_s
 # The lease lapses LEASE_S after the last renewal; B reads the table at most RENEW_S / 2 late.
 SLACK_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield pg_server.url(name)
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def _replica(workdir: Path, replica_id: str, database_url: str) -> GatewayProcess:

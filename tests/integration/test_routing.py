@@ -41,7 +41,6 @@ from openshell_wire.v1 import openshell_pb2 as pb
 from tests.integration.test_commands import CONNECT, _get, _hello, _post, _result
 from tests.integration.test_control import AGENT, _http
 from tests.integration.test_fencing import _batch, _log
-from tests.integration.test_replicas import database_url, pg_server  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
 from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, wait_until
@@ -107,7 +106,7 @@ class _Follower:
 @needs_pg
 def test_a_command_posted_to_another_replica_reaches_the_session_and_follow_wakes_there(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
     supervisors: list[SupervisorProcess],
 ) -> None:
     assert WAKE_WITHIN_S < api_module.FOLLOW_POLL_S
@@ -173,7 +172,7 @@ async def _admin(url: str, sql: str) -> list[Any]:
 @needs_pg
 async def test_a_command_posted_while_the_owners_listener_is_down_is_redelivered_when_it_returns(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
     supervisors: list[SupervisorProcess],
 ) -> None:
     # The periodic redelivery far away: only the one at the listener's reconnection explains it.
@@ -251,7 +250,7 @@ async def test_a_command_posted_while_the_owners_listener_is_down_is_redelivered
 
 @needs_pg
 async def test_command_expiry_follows_the_database_clock_not_the_replicas(
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     db = await Database.open(database_url)
@@ -444,7 +443,7 @@ async def test_an_outage_that_ends_every_session_logs_a_line_not_one_per_session
 
 @needs_pg
 async def test_event_batches_send_their_notes_after_the_commit_coalesced(
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
 ) -> None:
     """Twenty batches of one sandbox in a row, and a raw listener on the channel: it hears the
     sandbox's events note, but far fewer than one per batch, since no batch's transaction sends one
@@ -489,7 +488,7 @@ class _HourAhead(datetime):
 @needs_pg
 async def test_a_hello_sends_a_fresh_pending_command_whatever_the_replicas_clock_says(
     tmp_path: Path,
-    database_url: str,  # noqa: F811 (the fixture)
+    database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The gateway's session code on a clock an hour ahead of the database's: a command with a

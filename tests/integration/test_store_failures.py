@@ -17,8 +17,6 @@ import json
 import signal
 import subprocess
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from grpc import aio
 from gateway.config import SessionSettings
 from gateway.sandbox_state import Liveness
 from openshell_wire.v1 import openshell_pb2 as pb
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.postgres import PgServer, pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
@@ -43,31 +41,6 @@ HEARTBEAT_S, GRACE_S, FLUSH_S = 0.5, 1.0, 0.5  # GatewayProcess's settings
 FRESH_FOR_S = Liveness.from_settings(
     SessionSettings(heartbeat_interval_s=HEARTBEAT_S, grace_s=GRACE_S, heartbeat_flush_interval_s=FLUSH_S)
 ).fresh_for_s
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-async def database(pg_server: PgServer) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield name
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _admin(pg: PgServer, database: str = "postgres") -> Any:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.store import Database, EventStore, SandboxStore, StoreError
 from gateway.store.db import create_engine, upgrade
 from openshell_wire.records import LogRecord, LogStream
-from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
+from tests.support.postgres import PgServer, pg_bindir
 from tests.unit.test_store import (
     check_append_unsequenced,
     check_events_keep_their_sessions_generation,
@@ -48,37 +47,6 @@ asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip i
 pytestmark = pytest.mark.skipif(
     pg_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
 )
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        with running_postgres() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-
-
-@pytest.fixture
-async def pg_url(pg_server: PgServer) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield pg_server.url(name)
-    admin = await asyncpg.connect(
-        host="127.0.0.1", port=pg_server.port, user=pg_server.user, database="postgres"
-    )
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from gateway.store.sandboxes import StaleConnection
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.integration.test_fencing import needs_postgres
-from tests.integration.test_store_postgres import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.support.gateway import gateway_config
 
 #: What the test gateway hands out: one-second beats and a short grace, so a session that beats
@@ -253,7 +252,7 @@ async def test_connection_epoch_claims_on_sqlite(tmp_path: Path) -> None:
 
 
 @needs_postgres
-async def test_connection_epoch_claims_on_postgresql(pg_url: str) -> None:  # noqa: F811 (the fixture)
+async def test_connection_epoch_claims_on_postgresql(pg_url: str) -> None:
     db = await Database.open(pg_url)
     try:
         await _connection_epoch_claims(SandboxStore(db))
@@ -404,7 +403,7 @@ async def test_a_connection_epoch_beyond_the_store_s_range_is_refused_at_the_hel
 @needs_postgres
 async def test_a_connection_epoch_beyond_the_store_s_range_is_refused_at_the_hello_on_postgresql(
     tmp_path: Path,
-    pg_url: str,  # noqa: F811 (the fixture)
+    pg_url: str,
 ) -> None:
     config = gateway_config(
         tmp_path,
