@@ -81,6 +81,12 @@ def logs() -> Iterator[Callable[[str, str], io.StringIO]]:
     saved = (root.handlers[:], root.level)
     grpc_logger = logging.getLogger(GRPC_SERVER_LOGGER)
     grpc_filters = grpc_logger.filters[:]
+    # setup_logging quietens a few libraries' loggers: as they were for the tests after this one.
+    levels = {
+        name: logger.level
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
 
     def setup(level: str, fmt: str) -> io.StringIO:
         out = io.StringIO()
@@ -90,8 +96,11 @@ def logs() -> Iterator[Callable[[str, str], io.StringIO]]:
         return out
 
     yield setup
-    root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
     grpc_logger.filters[:] = grpc_filters
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 async def _call(methods: list[str], *, calls: int = 1) -> None:
