@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -47,7 +49,7 @@ from chaos.suite import Trial, Unavailable, scenario
 from tests.support.haproxy import Backend, HAProxy, running_haproxy
 from tests.support.patroni import Node, PatroniCluster, running_patroni
 from tests.support.postgres import PgServer, PostgresUnavailable, running_postgres
-from tests.support.procs import GatewayProcess, SupervisorProcess
+from tests.support.procs import GatewayProcess, SupervisorProcess, free_port
 from tests.support.simsup import SimSupervisor, stored_problems
 
 #: A main process that prints ``{prefix} {i}`` for i in 0..n-1, ``delay`` seconds apart, and exits with
@@ -268,6 +270,7 @@ async def supervisor_kill(trial: Trial) -> None:
     sid = f"{trial.scenario}-victim-{trial.repeat}"
     # One supervisor per container start: the same sandbox id and journal directory, the command
     # started anew; each run's lines carry a prefix of their own, so each is checked on its own.
+    ports = [free_port() for _ in range(kills + 1)]
     runs = [
         SupervisorProcess(
             trial.workdir / "victim",
@@ -276,6 +279,8 @@ async def supervisor_kill(trial: Trial) -> None:
             gated_writer(killed_lines, delay=0.001, exit_code=0, prefix=f"run{k}")
             if k < kills
             else gated_writer(last_lines, delay=0.0, exit_code=0, prefix=f"run{k}"),
+            # Its /status says how much of its journal the gateway had not acknowledged at the kill.
+            settings=["http.enabled=true", f"http.listen=127.0.0.1:{ports[k]}"],
         )
         for k in range(kills + 1)
     ]
@@ -294,6 +299,7 @@ async def supervisor_kill(trial: Trial) -> None:
         await start_gateway(trial, gateway)
         began_unix_ms: list[int] = []
         stored_at_kill: list[int] = []
+        unacked: list[int] = []
         for k, run in enumerate(runs[:-1]):
             began_unix_ms.append(unix_ms())
             run.start()
@@ -302,6 +308,15 @@ async def supervisor_kill(trial: Trial) -> None:
                 within_s=60,
                 what=f"run {k}: lines stored",
             )
+            # The harder case once: the gateway is down too, so everything journaled since is
+            # unacknowledged and only the restarted supervisor's replay can deliver it.
+            gateway_down = k == 1
+            if gateway_down:
+                await asyncio.to_thread(gateway.kill)
+                trial.mark(f"run {k}: gateway killed -9 first, the journal holds what follows")
+                await hold(trial, 1.0)
+            journal = await asyncio.to_thread(_journal_status, ports[k])
+            unacked.append(int(journal.get("last_sequence", 0)) - int(journal.get("acked_through", 0)))
             assert run.proc is not None
             children = _children(run.proc.pid)
             orphans += children
@@ -321,6 +336,8 @@ async def supervisor_kill(trial: Trial) -> None:
                 )
             except TimeoutError:
                 trial.violate(f"run {k}: the orphaned main process {children} still runs 10s after the kill")
+            if gateway_down:
+                await start_gateway(trial, gateway, what="gateway started again")
         began_unix_ms.append(unix_ms())
         last.start()
         trial.mark("supervisor started again on the same journal, its main process to end")
@@ -329,7 +346,14 @@ async def supervisor_kill(trial: Trial) -> None:
         found = (await stored_events(url, [sid]))[sid]
         for expect in killed_runs:
             trial.check(v for v in check_sandbox(found, expect) if v not in trial.violations)
-        trial.figure("journal_epochs", len({e.epoch for e in found}))
+        epochs = len({e.epoch for e in found})
+        trial.figure("journal_epochs", epochs)
+        # The state file is replaced atomically: a kill -9 cannot tear it, so every restart must go on
+        # in the same epoch; in it, check_sandbox's "no hole" covers everything journaled before a kill
+        # (later runs' records have higher sequences), acknowledged or not.
+        if epochs != 1:
+            trial.violate(f"{sid}: {epochs} journal epochs after kill -9 restarts (the state file was lost)")
+        trial.figure("unacked_records_at_kill_max", max(unacked, default=0))
         replayed = 0
         for k in range(kills):
             numbers = _numbers(found, f"run{k}")
@@ -360,6 +384,16 @@ async def supervisor_kill(trial: Trial) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await stop_all(*runs, gateway)
+
+
+def _journal_status(port: int) -> dict[str, Any]:
+    """The supervisor's /status journal section ({} when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+            journal: dict[str, Any] = json.loads(resp.read())["journal"]
+            return journal
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 async def _run_lines_at_least(url: str, sandbox_id: str, prefix: str, n: int) -> bool:
