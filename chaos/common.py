@@ -201,15 +201,23 @@ async def stored_line_counts(database_url: str, sandbox_ids: Sequence[str]) -> d
 
 
 async def wait_lines(
-    trial: Trial, database_url: str, sandboxes: Sequence[WriterSandbox], *, at_least: int, within_s: float
+    trial: Trial,
+    database_url: str,
+    sandboxes: Sequence[WriterSandbox],
+    *,
+    at_least: int,
+    within_s: float,
+    series: str | None = "lines stored",
 ) -> None:
     """Wait until every sandbox has ``at_least`` lines stored (the sessions settled), sampling the
-    total as the series ``lines stored``."""
+    total as ``series`` (None: no sample, for a wait on some of the sandboxes only, whose total
+    would dip the plot of all of them)."""
     ids = [s.sandbox_id for s in sandboxes]
 
     async def settled() -> bool:
         counts = await stored_line_counts(database_url, ids)
-        trial.sample("lines stored", sum(counts.values()))
+        if series is not None:
+            trial.sample(series, sum(counts.values()))
         return all(counts[i] >= min(at_least, s.lines) for i, s in zip(ids, sandboxes, strict=True))
 
     await wait_for(settled, within_s=within_s, what=f"{at_least} lines stored for each of {ids}")

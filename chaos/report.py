@@ -96,7 +96,9 @@ def plots(doc: dict[str, Any], out: Path) -> str:
             for t in trials:
                 points = t["series"].get(what, [])
                 if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], label=f"#{t['repeat']}")
+                    # Steps: a sample holds until the next (a link up or down, a count).
+                    xs, ys = [p[0] for p in points], [p[1] for p in points]
+                    ax.plot(xs, ys, drawstyle="steps-post", label=f"#{t['repeat']}")
             for at, mark in trials[0]["marks"]:
                 if any(word in mark.lower() for word in _FAULT_WORDS) and "VIOLATION" not in mark:
                     ax.axvline(at, color="grey", linestyle=":", linewidth=0.8)

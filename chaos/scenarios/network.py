@@ -170,8 +170,8 @@ async def _network_trial(
             trial.mark(f"delay proxy at {delay_proxy.address}")
         for sandbox in sandboxes:
             sandbox.start()
-        await wait_lines(trial, url, sandboxes[:2], at_least=40, within_s=90)
-        await wait_lines(trial, url, sandboxes[2:], at_least=20, within_s=30)
+        await wait_lines(trial, url, sandboxes, at_least=20, within_s=90)
+        await wait_lines(trial, url, sandboxes[:2], at_least=40, within_s=30, series=None)
 
         async def all_waiting() -> bool:
             return gate_reached(fault_gate)
