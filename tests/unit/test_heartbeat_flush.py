@@ -80,5 +80,17 @@ async def test_a_flush_of_many_is_one_transaction_of_bounded_statements(tmp_path
                 assert row.last_heartbeat_at == opened, f"{sandbox_id}: another session's row was written"
             else:
                 assert row.last_heartbeat_at == beats[sandbox_id], sandbox_id
+        # Nothing fenced (every row written, a count SQLite reports): no claim is read back.
+        statements.clear()
+        event.listen(sync_engine, "before_cursor_execute", executed)
+        try:
+            kept = [sid for sid in ids if sid not in taken]
+            fenced = await sandboxes.record_heartbeats(
+                {sid: at for sid in kept}, sessions={sid: f"s-{sid}" for sid in kept}, epochs=epochs
+            )
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", executed)
+        assert fenced == set()
+        assert [kind for kind, _ in statements if kind != "UPDATE"] == [], statements
     finally:
         await db.close()
