@@ -15,6 +15,9 @@ thread (:func:`asyncio.to_thread`): the scenario's own loop keeps sampling and m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,9 +27,10 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from chaos.invariants import Expect, check_sandbox, resumed_after, stored_events
+from chaos.invariants import Expect, check_sandbox, resumed_after, stored_events, tail_problems
 from chaos.net import netns_unavailable
 from chaos.suite import Trial, Unavailable
+from supervisor.journal.state import StateFileError, load_state
 from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
 
 
@@ -54,11 +58,37 @@ async def start_gateway(trial: Trial, gateway: GatewayProcess, *, what: str = "g
     return gateway
 
 
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (none once it is gone), from /proc."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
+
+
+def _stop_supervisor(process: SupervisorProcess) -> None:
+    """Kill the supervisor and its main process's group. The main process runs in a session of its
+    own (supervisor/process.py), so the supervisor's -9 leaves it behind; a gated writer waiting on
+    a gate nobody opens never writes, never meets a closed pipe, and would sleep on for ever."""
+    proc = process.proc
+    children = children_of(proc.pid) if proc is not None and proc.poll() is None else []
+    process.stop()
+    for child in children:
+        with contextlib.suppress(OSError):  # gone already, or not a group leader: its pid is enough
+            os.killpg(child, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+
+
 async def stop_all(*processes: GatewayProcess | SupervisorProcess | None) -> None:
-    """Stop whatever was started (supervisors killed, gateways terminated), ignoring what never ran;
-    for a scenario's ``finally``."""
+    """Stop whatever was started (supervisors killed with their main processes' groups, gateways
+    terminated), ignoring what never ran; for a scenario's ``finally``."""
     for proc in processes:
-        if proc is not None:
+        if isinstance(proc, SupervisorProcess):
+            await asyncio.to_thread(_stop_supervisor, proc)
+        elif proc is not None:
             await asyncio.to_thread(proc.stop)
 
 
@@ -96,6 +126,14 @@ def open_gate(gate: Path) -> None:
     gate.touch()
 
 
+def open_gates(*gates: Path) -> None:
+    """Open every gate, for a scenario's ``finally``: a writer still waiting on one goes on to its end
+    (and to a closed pipe once its supervisor is stopped) instead of waiting for ever."""
+    for gate in gates:
+        with contextlib.suppress(OSError):
+            gate.touch()
+
+
 def gate_reached(gate: Path) -> bool:
     """A gated writer is waiting on ``gate`` (or went past it)."""
     return gate.with_name(gate.name + ".reached").exists()
@@ -109,6 +147,10 @@ class WriterSandbox:
     process: SupervisorProcess
     lines: int
     exit_code: int = 0
+    #: The gaps its journal may write (see :class:`~chaos.invariants.Expect`): none by default.
+    gap_reasons: frozenset[str] = frozenset()
+    max_dropped: int | None = 0
+    droppable: tuple[int, int] | None = None
 
     @property
     def sandbox_id(self) -> str:
@@ -116,7 +158,27 @@ class WriterSandbox:
 
     @property
     def expect(self) -> Expect:
-        return Expect(self.sandbox_id, lines=self.lines, exit_code=self.exit_code)
+        return Expect(
+            self.sandbox_id,
+            lines=self.lines,
+            exit_code=self.exit_code,
+            gap_reasons=self.gap_reasons,
+            max_dropped=self.max_dropped,
+            droppable=self.droppable,
+        )
+
+    def last_journaled(self) -> tuple[str, int] | None:
+        """The supervisor's journal epoch and last sequence from the state file it left in its workdir,
+        once it exited as expected (what the store must reach: :func:`~chaos.invariants.tail_problems`);
+        None while it runs, after another exit (a kill may leave the state behind), or without one."""
+        proc = self.process.proc
+        if proc is None or proc.poll() is None or proc.returncode != self.exit_code:
+            return None
+        try:
+            state = load_state(self.process.journal_dir)
+        except StateFileError:
+            return None
+        return (state.epoch, state.last_sequence) if state is not None else None
 
     @classmethod
     def create(
@@ -131,6 +193,9 @@ class WriterSandbox:
         netns: str | None = None,
         settings: Sequence[str] = (),
         pauses: Sequence[tuple[int, Path]] = (),
+        gap_reasons: frozenset[str] = frozenset(),
+        max_dropped: int | None = 0,
+        droppable: tuple[int, int] | None = None,
     ) -> WriterSandbox:
         """A sandbox ``{scenario}-{name}-{repeat}`` (ids differ across repeats sharing a database),
         its supervisor's files under the trial's workdir; not started yet. With ``pauses`` its
@@ -149,7 +214,14 @@ class WriterSandbox:
             netns=netns,
             settings=settings,
         )
-        return cls(process=process, lines=lines, exit_code=exit_code)
+        return cls(
+            process=process,
+            lines=lines,
+            exit_code=exit_code,
+            gap_reasons=gap_reasons,
+            max_dropped=max_dropped,
+            droppable=droppable,
+        )
 
     def start(self) -> None:
         self.process.start()
@@ -178,8 +250,10 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-async def stored_line_counts(database_url: str, sandbox_ids: Sequence[str]) -> dict[str, int]:
-    """How many output lines the gateway stored per sandbox (cheap: one COUNT per call)."""
+async def stored_line_counts(database_url: str, sandbox_ids: Sequence[str]) -> dict[str, int] | None:
+    """How many output lines the gateway stored per sandbox (cheap: one COUNT per call); None when the
+    store does not answer (its database down, no table before the first hello): never zeros, which
+    a caller comparing counts would take for a measurement."""
     counts = dict.fromkeys(sandbox_ids, 0)
     engine = create_async_engine(database_url)
     try:
@@ -193,11 +267,18 @@ async def stored_line_counts(database_url: str, sandbox_ids: Sequence[str]) -> d
                     {"sid": sandbox_id},
                 )
                 counts[sandbox_id] = int(row.scalar_one())
-    except Exception:  # the store may not exist yet (no table before the first hello)
-        return counts
+    except Exception:  # any failure of the store's answer means "no figure", whatever its class
+        return None
     finally:
         await engine.dispose()
     return counts
+
+
+def _sample_total(trial: Trial, series: str, counts: dict[str, int] | None) -> None:
+    """Sample the stored lines' total; nothing while the store does not answer (a plot must not show
+    zeros it never measured)."""
+    if counts is not None:
+        trial.sample(series, sum(counts.values()))
 
 
 async def wait_lines(
@@ -217,7 +298,9 @@ async def wait_lines(
     async def settled() -> bool:
         counts = await stored_line_counts(database_url, ids)
         if series is not None:
-            trial.sample(series, sum(counts.values()))
+            _sample_total(trial, series, counts)
+        if counts is None:
+            return False
         return all(counts[i] >= min(at_least, s.lines) for i, s in zip(ids, sandboxes, strict=True))
 
     await wait_for(settled, within_s=within_s, what=f"{at_least} lines stored for each of {ids}")
@@ -238,8 +321,7 @@ async def hold(
     ids = [s.sandbox_id for s in sandboxes]
     while (left := deadline - time.monotonic()) > 0:
         if database_url is not None and ids:
-            counts = await stored_line_counts(database_url, ids)
-            trial.sample("lines stored", sum(counts.values()))
+            _sample_total(trial, "lines stored", await stored_line_counts(database_url, ids))
         await asyncio.sleep(min(every_s, max(left, 0.0)))
 
 
@@ -265,8 +347,7 @@ async def wait_exits(
         if len(codes) == len(sandboxes) or time.monotonic() > deadline:
             break
         if database_url is not None:
-            counts = await stored_line_counts(database_url, ids)
-            trial.sample("lines stored", sum(counts.values()))
+            _sample_total(trial, "lines stored", await stored_line_counts(database_url, ids))
         await asyncio.sleep(0.3)
     for sandbox in sandboxes:
         code = codes.setdefault(sandbox.sandbox_id, None)
@@ -299,16 +380,28 @@ async def check_all(
 ) -> CheckResult:
     """Every invariant on every sandbox's stored events (violations recorded on the trial) and the
     resume bound: each sandbox in ``must_resume`` (default: all) must have a RECONNECTED record within
-    ``resume_bound_s`` of ``heal_unix_ms``. Records the figures ``resume_max_s``, ``gaps``,
-    ``dropped_lines`` and ``reconnects``. With ``heal_unix_ms`` None (no outage) only the invariants."""
+    ``resume_bound_s`` of ``heal_unix_ms``. A writer sandbox whose supervisor exited as expected is
+    also checked for a lost tail against its journal's state file. Records the figures
+    ``resume_max_s``, ``gaps``, ``dropped_lines`` and ``reconnects``, and ``gaps.<name>`` and
+    ``dropped_lines.<name>`` per sandbox that has gaps (which one dropped shows in the report).
+    With ``heal_unix_ms`` None (no outage) only the invariants."""
     wanted = [e.expect if isinstance(e, WriterSandbox) else e for e in expects]
     events = await stored_events(database_url, [e.sandbox_id for e in wanted])
     result = CheckResult()
-    for expect in wanted:
+    for item, expect in zip(expects, wanted, strict=True):
         mine = events[expect.sandbox_id]
         trial.check(check_sandbox(mine, expect))
-        result.gaps += sum(1 for e in mine if e.kind == "gap")
-        result.dropped += sum(int((e.data or {}).get("dropped_records", 0)) for e in mine if e.kind == "gap")
+        if isinstance(item, WriterSandbox) and (journaled := item.last_journaled()) is not None:
+            epoch, last = journaled
+            trial.check(tail_problems(mine, expect.sandbox_id, epoch=epoch, last_sequence=last))
+        gaps = [e for e in mine if e.kind == "gap"]
+        dropped = sum(int((e.data or {}).get("dropped_records", 0)) for e in gaps)
+        if gaps:
+            name = _short_name(trial, expect.sandbox_id)
+            trial.figure(f"gaps.{name}", len(gaps))
+            trial.figure(f"dropped_lines.{name}", dropped)
+        result.gaps += len(gaps)
+        result.dropped += dropped
         result.reconnects += sum(
             1 for e in mine if e.kind == "lifecycle" and (e.data or {}).get("kind") == "reconnected"
         )
@@ -331,6 +424,12 @@ async def check_all(
             trial.figure("resume_max_s", round(max(times), 3))
     trial.mark(f"checked {len(wanted)} sandboxes: {len(trial.violations)} violations")
     return result
+
+
+def _short_name(trial: Trial, sandbox_id: str) -> str:
+    """``ends`` for ``blackhole-ends-1``: the same figure name across repeats."""
+    name = sandbox_id.removeprefix(f"{trial.scenario}-")
+    return name.removesuffix(f"-{trial.repeat}")
 
 
 def with_lines(expect: Expect, lines: int) -> Expect:

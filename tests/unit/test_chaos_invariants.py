@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chaos.invariants import Expect, StoredEvent, check_sandbox, resumed_after
+from chaos.invariants import Expect, StoredEvent, check_sandbox, resumed_after, tail_problems
 
 SID = "sb"
 
@@ -47,10 +47,24 @@ def _store(lines: int, *, exit_code: int = 0) -> list[StoredEvent]:
     return events
 
 
-def _gap(sequence: int, first: int, last: int, dropped: int) -> StoredEvent:
+def _gap(sequence: int, first: int, last: int, dropped: int, *, reason: str = "overflow") -> StoredEvent:
     return _event(
-        sequence, "gap", data={"first_sequence": first, "last_sequence": last, "dropped_records": dropped}
+        sequence,
+        "gap",
+        data={"reason": reason, "first_sequence": first, "last_sequence": last, "dropped_records": dropped},
     )
+
+
+def _dropped(lines: int, first: int, last: int, *, count: int | None = None) -> list[StoredEvent]:
+    """A store whose sequences first..last (log lines) gave way to one OVERFLOW gap record, as the
+    journal writes it: under the first sequence of its range, counting ``last - first + 1``."""
+    events = [e for e in _store(lines) if not first <= e.sequence <= last]
+    events.insert(first - 1, _gap(first, first, last, last - first + 1 if count is None else count))
+    return events
+
+
+#: A sandbox whose journal may drop, like the network scenarios' backlog.
+DROPS = {"gap_reasons": frozenset({"overflow"}), "max_dropped": None}
 
 
 def test_a_correct_store_has_no_violation() -> None:
@@ -64,18 +78,89 @@ def test_a_hole_is_a_violation() -> None:
 
 
 def test_a_hole_covered_by_a_gap_record_is_none_and_its_lines_are_counted() -> None:
-    # Sequences 4..6 (lines 2..4) gave way to a gap record that counts them, stored as sequence 13.
-    events = [e for e in _store(10) if not 4 <= e.sequence <= 6]
-    events.append(_gap(13, 4, 6, 3))
-    assert check_sandbox(events, Expect(SID, lines=10, exit_code=0)) == []
+    # Sequences 4..6 (lines 2..4) gave way to a gap record that counts them, where the journal may drop.
+    assert check_sandbox(_dropped(10, 4, 6), Expect(SID, lines=10, exit_code=0, **DROPS)) == []
 
 
 def test_missing_lines_the_gaps_do_not_count_are_a_violation() -> None:
     # The gap record covers the sequences but says only 1 record was dropped: 3 lines are missing.
-    events = [e for e in _store(10) if not 4 <= e.sequence <= 6]
-    events.append(_gap(13, 4, 6, 1))
-    problems = check_sandbox(events, Expect(SID, lines=10, exit_code=0))
-    assert any("3 lines missing but gap records count 1" in p for p in problems), problems
+    problems = check_sandbox(_dropped(10, 4, 6, count=1), Expect(SID, lines=10, exit_code=0, **DROPS))
+    assert any("counts 1 records for 3 sequences" in p for p in problems), problems
+    assert any("2..4 (3 lines, 1 counted between)" in p for p in problems), problems
+
+
+def test_any_gap_on_a_journal_that_cannot_drop_is_a_violation() -> None:
+    # The reviewer's `gapcover` mutant: a line replaced by a consistent OVERFLOW gap counting it. On a
+    # sandbox with the default journal (no gap allowed) that is a loss, however well it is counted.
+    problems = check_sandbox(_dropped(10, 5, 5), Expect(SID, lines=10, exit_code=0))
+    assert any("reason not allowed here" in p for p in problems), problems
+    assert any("count 1 dropped records, at most 0 allowed" in p for p in problems), problems
+    # A reason the sandbox does not allow is one too.
+    events = _dropped(10, 5, 5)
+    events[4] = _gap(5, 5, 5, 1, reason="corrupt")
+    problems = check_sandbox(events, Expect(SID, lines=10, exit_code=0, **DROPS))
+    assert any("(corrupt, 5..5): reason not allowed" in p for p in problems), problems
+    # And more dropped than the sandbox's bound.
+    limited = {**DROPS, "max_dropped": 2}
+    problems = check_sandbox(_dropped(10, 4, 6), Expect(SID, lines=10, exit_code=0, **limited))
+    assert any("count 3 dropped records, at most 2 allowed" in p for p in problems), problems
+
+
+def test_a_gap_elsewhere_does_not_explain_a_missing_line() -> None:
+    # Line 1 (sequence 3) silently lost; a real gap for lines 5..6 (sequences 7..8) counts 2, enough
+    # by count for 3 missing lines overall, but nothing lies between line 1's stored neighbours.
+    events = [e for e in _dropped(10, 7, 8) if e.sequence != 3]
+    events.insert(2, _gap(3, 3, 3, 1))
+    assert check_sandbox(events, Expect(SID, lines=10, exit_code=0, **DROPS)) == []
+    events = [e for e in _dropped(10, 7, 8) if e.sequence != 3]
+    problems = check_sandbox(events, Expect(SID, lines=10, exit_code=0, **DROPS))
+    assert any("1..1 (1 lines, 0 counted between)" in p for p in problems), problems
+
+
+def test_a_gap_counted_twice_or_over_stored_records_is_a_violation() -> None:
+    # The same drop counted twice under two sequences would inflate the count and hide a loss.
+    events = _dropped(10, 4, 6)
+    events.append(_gap(13, 4, 6, 3))
+    problems = check_sandbox(events, Expect(SID, lines=10, exit_code=0, **DROPS))
+    assert any("stored as sequence 13, not the first of its range" in p for p in problems), problems
+    assert any("overlap (one drop counted twice)" in p for p in problems), problems
+    # A gap whose range holds records that were stored.
+    events = _store(10)
+    events[3] = _gap(4, 4, 6, 3)
+    problems = check_sandbox(events, Expect(SID, lines=10, exit_code=0, **DROPS))
+    assert any("covers stored sequences [5, 6]" in p for p in problems), problems
+
+
+def test_lines_missing_outside_the_droppable_ones_are_a_violation() -> None:
+    # The backlog writer's journal overflows only with lines written after the fault (>= 3 here).
+    expect = Expect(SID, lines=10, exit_code=0, droppable=(3, 10), **DROPS)
+    assert check_sandbox(_dropped(10, 6, 8), expect) == []
+    problems = check_sandbox(_dropped(10, 4, 6), expect)
+    assert any("1 lines missing outside the droppable 3..9, first [2]" in p for p in problems), problems
+
+
+def test_lines_out_of_order_with_their_sequences_are_a_violation() -> None:
+    # A replay that stored lines under the wrong sequences: no hole, no duplicate, but out of order.
+    events = _store(5)
+    events[2], events[3] = _line(3, 2), _line(4, 1)
+    problems = check_sandbox(events, Expect(SID, lines=5, exit_code=0))
+    assert any(
+        "lines out of order with their sequences: 1 times, first line 1 after line 2" in p for p in problems
+    )
+
+
+def test_a_lost_tail_is_a_violation() -> None:
+    # The last records (here the exit) never stored: no hole below the highest stored sequence.
+    events = _store(5)
+    assert tail_problems(events, SID, epoch="e1", last_sequence=7) == []
+    problems = tail_problems(events[:-1], SID, epoch="e1", last_sequence=7)
+    assert problems == [
+        f"{SID}: epoch e1: the store ends at sequence 6, the supervisor's journal at 7 "
+        "(1 records of the tail lost)"
+    ]
+    # A tail dropped into a gap record is covered by the gap's range.
+    assert tail_problems([*events[:-2], _gap(6, 6, 7, 2)], SID, epoch="e1", last_sequence=7) == []
+    assert "nothing stored" in tail_problems(events, SID, epoch="e2", last_sequence=3)[0]
 
 
 def test_a_duplicate_sequence_is_a_violation() -> None:
