@@ -2,9 +2,10 @@
 
 The table has a row per scenario: its repeats, how many passed, were skipped (with the reason) or
 failed (with the first violations or the error), and each figure the trials recorded as
-min / median / max across the repeats that recorded it. The plots (one PNG per scenario, a panel per
-series, every repeat a line, the fault and the heal as vertical lines) need matplotlib, the optional
-``chaos`` extra; without it the report says so instead.
+min / median / max across the passed repeats that recorded it (a failed trial's figures would widen
+a range it does not stand for: they are shown only where no repeat passed, marked so). The plots
+(one PNG per scenario, a panel per series, every repeat a line, the fault and the heal as vertical
+lines) need matplotlib, the optional ``chaos`` extra; without it the report says so instead.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def markdown(doc: dict[str, Any], out: Path) -> str:
         f"Machine: {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, git {m['git_head']}.",
         *(["", "**Interrupted**: only the trials that ended are listed."] if doc.get("interrupted") else []),
         "",
-        "| scenario | repeats | passed | skipped | failed | figures (min / median / max) |",
+        "| scenario | repeats | passed | skipped | failed | figures of the passed (min / median / max) |",
         "|---|---|---|---|---|---|",
     ]
     for name, trials in by_scenario.items():
@@ -65,10 +66,13 @@ def markdown(doc: dict[str, Any], out: Path) -> str:
             first = failed[0]
             why = first["error"] or "; ".join(first["violations"][:3])
             fail_cell = f"{len(failed)}: #{first['repeat']}: {why}"
-        ran = [t for t in trials if t["skipped"] is None]
+        good = [t for t in trials if t["passed"]]
+        figures = _figures(good)
+        if not good and (theirs := _figures(failed)) != "-":
+            figures = f"failed trials only: {theirs}"
         lines.append(
             f"| {name} | {len(trials)} | {passed} | {_cell(skip_cell)} | {_cell(fail_cell)} "
-            f"| {_cell(_figures(ran))} |"
+            f"| {_cell(figures)} |"
         )
     lines += ["", plots(doc, out)]
     return "\n".join(lines) + "\n"

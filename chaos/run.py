@@ -100,18 +100,29 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _git_head() -> str:
+def _git(*argv: str) -> str | None:
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *argv],
             capture_output=True,
             text=True,
             cwd=Path(__file__).resolve().parents[1],
             timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _git_head() -> str:
+    """The commit the run's code came from, ``-dirty`` with the number of changed files when the tree
+    had uncommitted changes (then the figures are not the commit's alone)."""
+    head = (_git("describe", "--always", "--dirty") or "").strip()
+    if not head:
         return "unknown"
-    return done.stdout.strip() or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = len(status.splitlines()) if status is not None else 0
+    return f"{head} ({changed} files changed)" if changed else head
 
 
 def machine() -> dict[str, Any]:

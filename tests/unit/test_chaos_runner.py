@@ -29,6 +29,13 @@ async def _violates(trial: Trial) -> None:
     trial.violate("sb: 3 events lost (no gap record covers them), first [4, 5, 6]")
 
 
+async def _flaky(trial: Trial) -> None:
+    # The first repeat fails with a figure far off the passed one's.
+    trial.figure("resume_max_s", 90.0 if trial.repeat == 1 else 1.0)
+    if trial.repeat == 1:
+        trial.violate("sb: no RECONNECTED record after the heal")
+
+
 async def _raises(trial: Trial) -> None:
     raise RuntimeError("the gateway exited with 1:\nlong log text")
 
@@ -53,6 +60,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> None:
         ("t-raises", _raises),
         ("t-unavailable", _unavailable),
         ("t-hangs", _hangs),
+        ("t-flaky", _flaky),
     ]:
         monkeypatch.setitem(SCENARIOS, name, Scenario(name=name, summary=name, fn=fn))
 
@@ -101,6 +109,25 @@ def test_failures_and_skips_are_recorded_and_the_run_goes_on(
     assert "| t-passes | 2 | 2 | 0 | 0 | resume_max_s 2.5 / 3 / 3.5 |" in md
     assert "| t-unavailable | 2 | 0 | 2: needs root to create network namespaces | 0 |" in md
     assert "| t-violates | 2 | 0 | 0 | 2: #1: sb: 3 events lost" in md
+
+
+@pytest.mark.usefixtures("fake")
+def test_the_figures_are_the_passed_trials_or_marked_as_the_failed_ones(tmp_path: Path) -> None:
+    assert run.run(_args(tmp_path, "t-flaky", "t-violates", repeat=2)) == 1
+    md = (tmp_path / "chaos.md").read_text()
+    assert (
+        "| t-flaky | 2 | 1 | 0 | 1: #1: sb: no RECONNECTED record after the heal | resume_max_s 1 |" in md
+    ), md
+    assert "| t-violates | 2 | 0 | 0 | 2: #1: sb: 3 events lost" in md and md.count("failed trials only") == 0
+    doc = json.loads((tmp_path / "chaos.json").read_text())
+    # The machine line says whether the tree had uncommitted changes (git describe --dirty).
+    assert doc["machine"]["git_head"] != "" and "rev-parse" not in doc["machine"]["git_head"]
+
+
+@pytest.mark.usefixtures("fake")
+def test_only_failed_trials_figures_are_marked(tmp_path: Path) -> None:
+    assert run.run(_args(tmp_path, "t-flaky", repeat=1)) == 1
+    assert "| failed trials only: resume_max_s 90 |" in (tmp_path / "chaos.md").read_text()
 
 
 @pytest.mark.usefixtures("fake")
