@@ -18,6 +18,7 @@ sandbox host (table ``inet oscut``), so :meth:`NetPair.heal` undoes any of them:
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -143,16 +144,23 @@ class NetPair:
         if not 0 <= percent <= 100:
             raise ValueError(f"loss percent must be within 0..100, not {percent}")
         inbound = (
-            f"ip saddr {self.gateway_ip} numgen random mod 100 < {percent} drop;"
+            f"ip saddr {self.gateway_ip} numgen random mod 100 < {percent} counter drop;"
             if direction != "to_gateway"
             else ""
         )
         outbound = (
-            f"ip daddr {self.gateway_ip} numgen random mod 100 < {percent} drop;"
+            f"ip daddr {self.gateway_ip} numgen random mod 100 < {percent} counter drop;"
             if direction != "from_gateway"
             else ""
         )
         self._faults(inbound=inbound, outbound=outbound)
+
+    def dropped_packets(self) -> int | None:
+        """The packets the loss rules in place have dropped so far (their nft counters), or None
+        when no fault with counters is in place: proof that the rule really dropped something."""
+        listing = self.sandbox_exec("nft", "list", "table", "inet", "oscut", check=False)
+        found = [int(n) for n in re.findall(r"counter packets (\d+)", listing)]
+        return sum(found) if found else None
 
     def _faults(self, *, inbound: str, outbound: str) -> None:
         # One table for every fault: a new fault replaces the one in place (no heal needed between

@@ -35,6 +35,7 @@ from typing import Literal
 
 from chaos.common import (
     WriterSandbox,
+    check_after_error,
     check_all,
     gate_reached,
     hold,
@@ -48,6 +49,7 @@ from chaos.common import (
     wait_for,
     wait_lines,
 )
+from chaos.invariants import stored_events
 from chaos.net import CutDirection, NetPair
 from chaos.proxy import DelayProxy
 from chaos.suite import Trial, scenario
@@ -195,12 +197,14 @@ async def _network_trial(
             trial,
             url,
             sandboxes,
-            heal_unix_ms=heal_ms if sessions == "breaks" else None,
+            # Under `either` (loss) no session has to end, but one that did resume is bounded too.
+            heal_unix_ms=heal_ms if sessions != "survives" else None,
             resume_bound_s=RESUME_BOUND_S,
             # One that delivered its exit and ended before the last heal (a flapping link's up
             # phases) has nothing left to resume.
-            must_resume=running,
+            must_resume=running if sessions == "breaks" else [],
         )
+        await _ended_during_fault(trial, url, sandboxes[0], heal_ms)
         began = next((at for at, what in trial.marks if what.startswith("fault:")), None)
         if began is not None:
             trial.figure("fault_s", round(heal_at - began, 1))
@@ -209,6 +213,10 @@ async def _network_trial(
                 f"{result.reconnects} reconnections under a fault that must not end a session "
                 f"(heartbeat {heartbeat_s}s, grace {grace_s}s)"
             )
+    except Exception:
+        # The report should say what was lost, not only which wait timed out.
+        await check_after_error(trial, url, sandboxes)
+        raise
     finally:
         # Whatever happened: no fault left, no process, no namespace.
         with contextlib.suppress(Exception):
@@ -220,6 +228,18 @@ async def _network_trial(
             await asyncio.to_thread(delay_proxy.stop)
         await stop_all(gateway)
         await asyncio.to_thread(net.destroy)
+
+
+async def _ended_during_fault(trial: Trial, url: str, ends: WriterSandbox, heal_ms: int) -> None:
+    """`ends`' main process must have exited during the fault (journaled before the heal): else its
+    exit was never held by the journal through an outage, which is what the sandbox is for."""
+    events = (await stored_events(url, [ends.sandbox_id]))[ends.sandbox_id]
+    exits = [e for e in events if e.kind == "lifecycle" and (e.data or {}).get("kind") == "exited"]
+    if exits and exits[0].timestamp_ms >= heal_ms:
+        trial.violate(
+            f"{ends.sandbox_id}: its main process exited {(exits[0].timestamp_ms - heal_ms) / 1000:.1f}s "
+            "after the heal, not during the fault"
+        )
 
 
 def _fault_s(trial: Trial) -> float:
@@ -364,6 +384,14 @@ async def _loss(trial: Trial, link: Link, seconds: float) -> None:
     await asyncio.to_thread(link.net.loss, LOSS_PERCENT, "both")
     await _start_fault(trial, f"fault: {LOSS_PERCENT} % of packets dropped at random, both ways")
     await link.hold(trial, seconds)
+    # The rules' counters, read before the heal removes them: a rule that dropped nothing (broken,
+    # or matching no packet) would let the scenario pass having tested nothing.
+    dropped = await asyncio.to_thread(link.net.dropped_packets)
+    trial.figure("loss_dropped_packets", dropped if dropped is not None else 0)
+    if not dropped:
+        trial.violate(
+            f"the loss rules dropped no packet in {seconds:.0f}s ({dropped}): no fault was in place"
+        )
 
 
 @scenario(

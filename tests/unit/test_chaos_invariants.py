@@ -219,3 +219,11 @@ def test_resumed_after_is_the_first_reconnected_record_after_the_heal() -> None:
     ]
     assert resumed_after(events, 10_000) == 2.5
     assert resumed_after(events, 30_000) is None
+
+
+def test_a_check_before_the_writer_ended_reports_holes_but_not_the_missing_exit() -> None:
+    # What a scenario that failed midway checks (chaos/common.py check_after_error): the lost
+    # line shows, the exit and the lines not written yet do not.
+    events = [e for e in _store(10)[:-1] if e.sequence != 5]
+    problems = check_sandbox(events, Expect(SID, lines=20, exit_code=0, complete=False), settled=False)
+    assert problems == [f"{SID}: epoch e1: 1 events lost (no gap record covers them), first [5]"]
