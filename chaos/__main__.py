@@ -1,12 +1,13 @@
 """``python -m chaos bench``: the scale benchmark (chaos/scale.py); ``python -m chaos run NAME|all|ci``:
-the chaos suite (chaos/run.py)."""
+the chaos suite (chaos/run.py); ``python -m chaos rebalance``: three replicas, all sessions on one at first
+(chaos/rebalance.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from chaos import run, scale
+from chaos import rebalance, run, scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +27,20 @@ def main(argv: list[str] | None = None) -> int:
         description=(run.__doc__ or "").split("\n\n")[0],
     )
     run.add_arguments(chaos_run)
+    chaos_rebalance = commands.add_parser(
+        "rebalance",
+        help="three replicas on PostgreSQL, every simulated session on one at first: time until each holds "
+        "a third, nothing lost or doubled",
+        description=(rebalance.__doc__ or "").split("\n\n")[0],
+    )
+    rebalance.add_arguments(chaos_rebalance)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return scale.bench(args)
     if args.command == "run":
         return run.run(args)
+    if args.command == "rebalance":
+        return rebalance.rebalance(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,11 @@ class Server:
     core: int = 0
     grpc_port: int = field(default_factory=free_port)
     settings: Sequence[str] = ()
+    ops_port: int = field(default_factory=free_port)
+    #: The echo server's heartbeat interval (ms): the gateway's at the same size, for a fair comparison.
+    interval_ms: int = 10_000
+    #: The gateway's replica id (ha.replica_id); default bench-<grpc port>.
+    replica_id: str = ""
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -123,17 +129,24 @@ class Server:
 
     def argv(self) -> list[str]:
         if self.kind == "echo":
-            return [sys.executable, "-m", "chaos.echo_server", self.address]
+            return [
+                sys.executable,
+                "-m",
+                "chaos.echo_server",
+                self.address,
+                "--interval-ms",
+                str(self.interval_ms),
+            ]
         return [
             sys.executable, "-m", "gateway", "serve",
             "--grpc-listen", self.address,
             "--http-listen", f"127.0.0.1:{free_port()}",
-            "--ops-listen", f"127.0.0.1:{free_port()}",
+            "--ops-listen", f"127.0.0.1:{self.ops_port}",
             "--database-url", self.url,
             # Simulated supervisors have no credentials and were never created through the API.
             "--set", "sessions.register_unknown=true",
             "--set", "auth.supervisors.required=false",
-            "--set", f"ha.replica_id=bench-{self.grpc_port}",
+            "--set", f"ha.replica_id={self.replica_id or f'bench-{self.grpc_port}'}",
             *self.settings,
             "--log-level", "info",
         ]  # fmt: skip
@@ -171,6 +184,22 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+    def metric(self, name: str, *, timeout_s: float = 5.0) -> float | None:
+        """A gateway's unlabelled metric from its ops listener's /metrics; None if absent or unreachable."""
+        if self.kind != "gateway":
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/metrics", timeout=timeout_s) as r:
+                body = r.read().decode()
+        except OSError:
+            return None
+        for line in body.splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                with contextlib.suppress(ValueError):
+                    return float(value)
+        return None
 
     def stop(self, *, timeout_s: float = 30.0) -> bool:
         """SIGTERM, SIGKILL after timeout_s: whether it exited by itself (a hung shutdown is a finding)."""
@@ -338,12 +367,17 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def steady_figures(result: dict[str, Any], *, rss_before_mib: float, settle_s: float = 5.0) -> dict[str, Any]:
-    """Figures of a ramp-and-hold run over its steady window (from settle_s after all were up)."""
+def steady_figures(
+    result: dict[str, Any], *, rss_before_mib: float, steady_after_s: float = 15.0
+) -> dict[str, Any]:
+    """Figures of a ramp-and-hold run over its steady window only: from steady_after_s after all were
+    up (the hellos over, and every supervisor beating at the interval it was last given), to the end.
+    CPU and heartbeats are both counted in that window, so the hellos' work is not in the CPU per
+    heartbeat; ``hellos_in_window`` says whether any session came or went in it."""
     series = result["series"]
     n = result["n"]
     all_up = result["all_up_at_s"]
-    start = (all_up if all_up >= 0 else series[-1]["t"] / 2) + settle_s
+    start = (all_up if all_up >= 0 else series[-1]["t"] / 2) + steady_after_s
     window = [s for s in series if s["t"] >= start] or series[-3:]
     first, last = window[0], window[-1]
     seconds = max(last["t"] - first["t"], 1e-9)
@@ -356,6 +390,8 @@ def steady_figures(result: dict[str, Any], *, rss_before_mib: float, settle_s: f
         "held": held,
         "all_up_at_s": all_up,
         "window_s": round(seconds, 1),
+        "window_from_s": round(first["t"], 1),
+        "hellos_in_window": sum(s["accepts"] for s in window[1:]),
         "heartbeats_per_s": round(beats / seconds, 1),
         "rtt_p50_ms": round(_median([s["rtt_p50_ms"] for s in window if s["heartbeats_echoed"]]), 2),
         "rtt_p99_ms": round(_median([s["rtt_p99_ms"] for s in window if s["heartbeats_echoed"]]), 2),
@@ -435,6 +471,7 @@ def steady_phase(
     rate: float,
     hold_s: float,
     settle_s: float,
+    steady_after_s: float,
     event_every_s: float,
     out: Path,
 ) -> dict[str, Any]:
@@ -459,7 +496,68 @@ def steady_phase(
             result = run.result(timeout_s=n / max(rate, 1) + hold_s + 120)
         finally:
             run.kill()
-        figures = steady_figures(result, rss_before_mib=rss_before)
+        figures = steady_figures(result, rss_before_mib=rss_before, steady_after_s=steady_after_s)
+        # The interval the server handed out at the end: the gateway's adaptive one (read from it,
+        # hysteresis and all), echo's the one it was told (the gateway's, for the same beats).
+        interval = server.metric("openshell_gateway_heartbeat_interval_seconds")
+        figures["interval_s"] = interval if interval is not None else server.interval_ms / 1000
+        if server.kind == "gateway":
+            figures["store_problems"] = stored_problems(server.url, result)
+    figures["series"] = result["series"]
+    return figures
+
+
+def hello_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """Sessions opened per second at saturation: n over the time from the first start to the last
+    session's accept (each supervisor's accept time, to the millisecond), and the best second."""
+    start = result["start_unix_ms"]
+    accepted = sorted(
+        (s["last_accept_unix_ms"] - start) / 1000
+        for s in result["supervisors"]
+        if s["last_accept_unix_ms"] > 0
+    )
+    n = result["n"]
+    last = accepted[-1] if len(accepted) == n else None
+    return {
+        "sessions": n,
+        "held": len(accepted),
+        "all_up_s": round(last, 2) if last is not None else None,
+        "half_up_s": round(accepted[n // 2 - 1], 2) if len(accepted) >= n // 2 > 0 else None,
+        "hellos_per_s": round(n / last, 1) if last else None,
+        "accepts_per_s_peak": max((s["accepts"] for s in result["series"]), default=0),
+        "attempts": result["attempts"],
+        "rejected": result["rejected_by_code"],
+        "connect_timeouts": result["connect_timeouts"],
+        "violations": result["violations"],
+    }
+
+
+def hello_phase(
+    sim: Path, server: Server, *, n: int, rate: float, settle_s: float, timeout_s: float, out: Path
+) -> dict[str, Any]:
+    """A burst of n hellos (at ``rate`` per second, 0: all at once) until all are up or timeout_s."""
+    with running(server):
+        time.sleep(settle_s)
+        run = SimRun(
+            sim,
+            sim_args(
+                server.address,
+                watch_pid=server.pid,
+                n=n,
+                prefix=f"{server.kind[0]}h",
+                rate=rate,
+                duration_s=0,
+            ),
+            out,
+        )
+        run.start()
+        try:
+            run.wait_up(n, timeout_s=timeout_s)
+            time.sleep(1.5)
+            result = run.finish()
+        finally:
+            run.kill()
+        figures = hello_figures(result)
         if server.kind == "gateway":
             figures["store_problems"] = stored_problems(server.url, result)
     figures["series"] = result["series"]
@@ -519,22 +617,49 @@ def storm_phase(
 
 def markdown(results: dict[str, Any]) -> str:
     p = results["parameters"]
+    load = ", ".join(f"{x:.2f}" for x in results.get("load_before", ()))
     lines = [
-        f"Scale benchmark, {results['date']} on {results['machine']}: {p['sessions']} sessions opened at "
-        f"{p['rate']}/s, held {p['hold_s']} s, "
-        f"{'events every ' + str(p['event_every_s']) + ' s' if p['event_every_s'] else 'no events'}; "
-        f"server pinned to core 0, simulator to core 1 ({'pinned' if results['pinned'] else 'NOT pinned'}).",
-        "",
-        "| server | held | RTT p50 / p99 ms (worst second) | CPU % / 1,000 sessions | CPU us / heartbeat | "
-        "RSS MiB / 1,000 | sim CPU % | rejected |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Scale benchmark, {results['date']} on {results['machine']} (load average before: {load}); "
+        f"server pinned to core 0, simulator to core 1 ({'pinned' if results['pinned'] else 'NOT pinned'}); "
+        f"gateway settings: {' '.join(p.get('gateway_settings') or []) or 'defaults'}.",
     ]
+    if results.get("hellos"):
+        lines += [
+            "",
+            f"Burst: {p['hello_sessions']} hellos started "
+            f"{'at once' if not p['hello_rate'] else 'at ' + str(p['hello_rate']) + '/s'}.",
+            "",
+            "| server | held | half up / all up (s) | hellos / s (all over all-up time) | best second "
+            "| attempts | connect timeouts | rejected |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, f in results["hellos"].items():
+            if "error" in f:
+                lines.append(f"| {name} | failed: {f['error']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {f['held']} of {f['sessions']} | {f['half_up_s']} / {f['all_up_s']} | "
+                f"{f['hellos_per_s']} | {f['accepts_per_s_peak']} | {f['attempts']} | "
+                f"{f['connect_timeouts']} | {f['rejected'] or 0} |"
+            )
+    if results["steady"]:
+        lines += [
+            "",
+            f"Steady: {p['sessions']} sessions opened at {p['rate']}/s, held {p['hold_s']} s, "
+            f"{'events every ' + str(p['event_every_s']) + ' s' if p['event_every_s'] else 'no events'}; "
+            f"figures over the window from {p.get('steady_after_s')} s after all were up to the end.",
+            "",
+            "| server | held | interval s | window s (hellos in it) | RTT p50 / p99 ms (worst second) "
+            "| CPU % / 1,000 sessions | CPU us / heartbeat | RSS MiB / 1,000 | sim CPU % | rejected |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for name, f in results["steady"].items():
         if "error" in f:
-            lines.append(f"| {name} | failed: {f['error']} | | | | | | |")
+            lines.append(f"| {name} | failed: {f['error']} | | | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {f['held']} of {f['sessions']} | {f['rtt_p50_ms']} / {f['rtt_p99_ms']} "
+            f"| {name} | {f['held']} of {f['sessions']} | {f.get('interval_s')} | {f['window_s']} "
+            f"({f['hellos_in_window']}) | {f['rtt_p50_ms']} / {f['rtt_p99_ms']} "
             f"({f['rtt_p99_worst_second_ms']}) | {f['cpu_percent_per_1000']} | {f['cpu_us_per_heartbeat']} | "
             f"{f['rss_mib_per_1000']} | {f['sim_cpu_percent']} | {f['rejected'] or 0} |"
         )
@@ -573,7 +698,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
     problems = [
         (k, f["store_problems"])
-        for k, f in [*results["steady"].items(), *results["storms"].items()]
+        for k, f in [*results["hellos"].items(), *results["steady"].items(), *results["storms"].items()]
         if f.get("store_problems")
     ]
     lines += [
@@ -594,20 +719,35 @@ def plots(results: dict[str, Any], out: Path) -> str:
     except ImportError:
         return "No plots: matplotlib is not installed (pip install -e '.[chaos]')."
     written = []
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for name, f in results["steady"].items():
-        if "series" not in f:
-            continue
-        t = [s["t"] for s in f["series"]]
-        ax1.plot(t, [s["up"] for s in f["series"]], label=name)
-        ax2.semilogy(t, [max(s["rtt_p99_ms"], 0.01) for s in f["series"]], label=f"{name} p99")
-    ax1.set_ylabel("sessions up")
-    ax2.set_ylabel("heartbeat RTT p99 (ms)")
-    ax2.set_xlabel("s")
-    ax1.legend()
-    ax2.legend()
-    fig.savefig(out / "scale_steady.png", dpi=100)
-    written.append("scale_steady.png")
+    if results["steady"]:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        for name, f in results["steady"].items():
+            if "series" not in f:
+                continue
+            t = [s["t"] for s in f["series"]]
+            ax1.plot(t, [s["up"] for s in f["series"]], label=name)
+            ax2.semilogy(t, [max(s["rtt_p99_ms"], 0.01) for s in f["series"]], label=f"{name} p99")
+        ax1.set_ylabel("sessions up")
+        ax2.set_ylabel("heartbeat RTT p99 (ms)")
+        ax2.set_xlabel("s")
+        ax1.legend()
+        ax2.legend()
+        fig.savefig(out / "scale_steady.png", dpi=100)
+        written.append("scale_steady.png")
+    if results["hellos"]:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        for name, f in results["hellos"].items():
+            if "series" not in f:
+                continue
+            t = [s["t"] for s in f["series"]]
+            ax1.plot(t, [s["up"] for s in f["series"]], label=name)
+            ax2.plot(t, [s["accepts"] for s in f["series"]], label=name)
+        ax1.set_ylabel("sessions up")
+        ax2.set_ylabel("sessions opened / s")
+        ax2.set_xlabel("s after the burst's start")
+        ax1.legend()
+        fig.savefig(out / "scale_hellos.png", dpi=100)
+        written.append("scale_hellos.png")
     if results["storms"]:
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
         for f in results["storms"].values():
@@ -635,9 +775,10 @@ def bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if max(args.sessions, args.storm_sessions) + 200 > soft:
+    biggest = max(args.sessions, args.storm_sessions, args.hello_sessions)
+    if biggest + 200 > soft:
         print(
-            f"bench: {max(args.sessions, args.storm_sessions)} sessions need as many descriptors in the "
+            f"bench: {biggest} sessions need as many descriptors in the "
             f"server and in the simulator; the limit is {soft} (ulimit -n)",
             file=sys.stderr,
         )
@@ -652,8 +793,12 @@ def bench(args: argparse.Namespace) -> int:
         "parameters": {
             "sessions": args.sessions, "rate": args.rate, "hold_s": args.hold,
             "event_every_s": args.event_every, "storm_sessions": args.storm_sessions,
+            "steady_after_s": args.steady_after, "hello_sessions": args.hello_sessions,
+            "hello_rate": args.hello_rate, "gateway_settings": args.set or [],
             "database": "postgresql" if args.database_url else "sqlite",
         },
+        "load_before": os.getloadavg(),
+        "hellos": {},
         "steady": {},
         "storms": {},
     }  # fmt: skip
@@ -661,18 +806,37 @@ def bench(args: argparse.Namespace) -> int:
     def gateway(tag: str) -> Server:
         return Server("gateway", work / tag, database_url=args.database_url, settings=gateway_settings)
 
-    phases: list[tuple[str, str, Server]] = [
-        ("steady", "gateway", gateway("steady")),
-        ("steady", "echo", Server("echo", work / "echo")),
-    ]
+    phases: list[tuple[str, str, Server]] = []
+    if args.hello_sessions:
+        phases += [
+            ("hellos", "gateway", gateway("hellos")),
+            ("hellos", "echo", Server("echo", work / "echo-h")),
+        ]
+    if args.sessions:
+        phases += [
+            ("steady", "gateway", gateway("steady")),
+            ("steady", "echo", Server("echo", work / "echo")),
+        ]
     if args.storm_sessions:
         phases += [("storm", "jittered", gateway("storm-j")), ("storm", "upstream", gateway("storm-u"))]
 
     def run_phase(kind: str, name: str, server: Server) -> None:
-        if kind == "steady":
+        if kind == "hellos":
+            results["hellos"][name] = hello_phase(
+                sim, server, n=args.hello_sessions, rate=args.hello_rate, settle_s=args.settle,
+                timeout_s=args.hello_timeout, out=work / f"{kind}-{name}.json",
+            )  # fmt: skip
+        elif kind == "steady":
+            if server.kind == "echo":
+                # Echo hands out the interval the gateway ended its steady phase with (adaptive at this
+                # size), so both answer the same heartbeats per second per session.
+                interval = results["steady"].get("gateway", {}).get("interval_s")
+                if interval:
+                    server.interval_ms = round(interval * 1000)
             results["steady"][name] = steady_phase(
                 sim, server, n=args.sessions, rate=args.rate, hold_s=args.hold, settle_s=args.settle,
-                event_every_s=args.event_every, out=work / f"{kind}-{name}.json",
+                steady_after_s=args.steady_after, event_every_s=args.event_every,
+                out=work / f"{kind}-{name}.json",
             )  # fmt: skip
         else:
             results["storms"][name] = storm_phase(
@@ -687,8 +851,7 @@ def bench(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             # A phase that breaks (a gateway that never holds its sessions) is a result, not a crash.
             print(f"bench: {kind} {name}: {exc}", file=sys.stderr)
-            results["steady" if kind == "steady" else "storms"][name] = {"error": str(exc)}
-    results["listen_overflows"] = listen_overflows() - overflows
+            results["storms" if kind == "storm" else kind][name] = {"error": str(exc)}
     results["listen_overflows"] = listen_overflows() - overflows
     results["plots"] = plots(results, out)
     (out / "scale.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -698,15 +861,31 @@ def bench(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     failed = any(
         f.get("store_problems") or f.get("violations")
-        for f in [*results["steady"].values(), *results["storms"].values()]
+        for f in [*results["hellos"].values(), *results["steady"].values(), *results["storms"].values()]
     )
     return 1 if failed else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sessions", type=int, default=3000, help="simulated supervisors in the steady phases"
+        "--sessions", type=int, default=3000, help="simulated supervisors in the steady phases (0: none)"
     )
+    parser.add_argument(
+        "--steady-after",
+        type=float,
+        default=15,
+        help="the steady window starts this long after all sessions are up (hellos over, intervals applied)",
+    )
+    parser.add_argument(
+        "--hello-sessions",
+        type=int,
+        default=0,
+        help="a burst of this many hellos, gateway then echo (0: none)",
+    )
+    parser.add_argument(
+        "--hello-rate", type=float, default=0, help="the burst's starts per second (0: all at once)"
+    )
+    parser.add_argument("--hello-timeout", type=float, default=180, help="give up on a burst after this")
     parser.add_argument("--rate", type=float, default=100, help="sessions opened per second")
     parser.add_argument("--hold", type=float, default=40, help="seconds held after the last opened")
     parser.add_argument("--settle", type=float, default=5, help="seconds between 'ready' and the first hello")

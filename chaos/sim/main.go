@@ -92,10 +92,11 @@ func main() {
 		out      = flag.String("out", "", "final JSON result file (default: the last line of stdout)")
 		drain    = flag.Duration("drain", 10*time.Second, "at the end: stop writing, wait this long for the acknowledgements")
 		watch    = flag.String("watch-pid", "", "comma-separated pids whose CPU seconds and RSS are sampled each second")
+		addrFile = flag.String("addr-file", "", "a file holding the comma-separated addresses, re-read when it changes (a Service's endpoints); -addr until it exists")
 	)
 	flag.Parse()
 	c := &cfg{addrs: splitList(*addrs), caps: splitList(*caps), jitter: *jitter, connectTimeout: *connTO,
-		eventEvery: *evEvery, eventsPerTick: *evPer, maxInflight: 8, batchMax: 1000, upstream: *unjit}
+		eventEvery: *evEvery, eventsPerTick: *evPer, maxInflight: 8, batchMax: 1000, upstream: *unjit, addrFile: *addrFile}
 	if len(c.addrs) == 0 || *n <= 0 {
 		die("need -addr and -n > 0")
 	}

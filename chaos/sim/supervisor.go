@@ -6,6 +6,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,10 @@ type cfg struct {
 	maxInflight    int
 	batchMax       int
 	upstream       bool // upstream's reconnect: 1 s doubling to 30 s, no jitter, never reset
+	addrFile       string
+	addrMu         sync.Mutex
+	addrMtime      time.Time
+	addrSize       int64
 }
 
 // The real supervisor's reconnect policy (supervisor/session.py, docs/protocol.md).
@@ -49,6 +54,24 @@ const (
 )
 
 var writing atomic.Bool
+
+// endpoints are the addresses an attempt picks from: -addr, or with -addr-file the file's current
+// comma-separated list (re-read when it changes), as a Service's endpoints follow the ready pods.
+func (c *cfg) endpoints() []string {
+	if c.addrFile == "" {
+		return c.addrs
+	}
+	c.addrMu.Lock()
+	defer c.addrMu.Unlock()
+	if fi, err := os.Stat(c.addrFile); err == nil && (fi.ModTime() != c.addrMtime || fi.Size() != c.addrSize) {
+		if raw, err := os.ReadFile(c.addrFile); err == nil {
+			if list := splitList(string(raw)); len(list) > 0 {
+				c.addrs, c.addrMtime, c.addrSize = list, fi.ModTime(), fi.Size()
+			}
+		}
+	}
+	return c.addrs
+}
 
 type sup struct {
 	c         *cfg
@@ -105,7 +128,8 @@ func (s *sup) interval(ms uint32) time.Duration {
 
 // session runs one attempt and, if accepted, its session until it ends.
 func (s *sup) session(ctx context.Context) (o outcome, err error) {
-	addr := s.c.addrs[mrand.IntN(len(s.c.addrs))]
+	addrs := s.c.endpoints()
+	addr := addrs[mrand.IntN(len(addrs))]
 	conn, err := s.dial(addr)
 	if err != nil {
 		return o, err
