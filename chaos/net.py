@@ -22,7 +22,10 @@ import re
 import secrets
 import shutil
 import subprocess
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 #: Which packets a cut drops, seen from the sandbox.
@@ -214,3 +217,55 @@ class NetPair:
         for ns in (self.sandbox_ns, self.gateway_ns):
             if ns:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+#: The namespaces :meth:`NetPair.create` names, and the run's age past which an empty one is a leftover
+#: (longer than any trial takes between creating its namespaces and starting a process in them).
+_PAIR_NS = re.compile(r"^os(gw|sb)-[0-9a-f]{6}$")
+LEFTOVER_AGE_S = 600.0
+
+
+def sweep_leftovers(
+    *,
+    min_age_s: float = LEFTOVER_AGE_S,
+    netns_dir: Path = Path("/run/netns"),
+    only: Collection[str] | None = None,
+) -> list[str]:
+    """Remove what a run stopped hard (SIGKILL, a second signal before this version) left behind, and
+    say so, one line each: a namespace of ours older than ``min_age_s`` with no process in it is
+    deleted; one with processes is left alone (another run, or a test, may still use it) and named;
+    a tmpfs still mounted on a journal-disk-full journal is named with the command that removes it
+    (a mount cannot tell which run made it). Never raises: a sweep that fails is one more line."""
+    lines: list[str] = []
+    now = time.time()
+    try:
+        names = sorted(n for n in os.listdir(netns_dir) if _PAIR_NS.match(n) and (only is None or n in only))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            age = now - (netns_dir / name).stat().st_mtime
+        except OSError:
+            continue
+        if age < min_age_s:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        if pids:
+            lines.append(
+                f"namespace {name} ({age / 60:.0f} min old) still has processes {pids[:5]}: left alone"
+            )
+            continue
+        gone = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+        if gone.returncode == 0:
+            lines.append(f"removed the leftover namespace {name} ({age / 60:.0f} min old, no process in it)")
+        else:
+            lines.append(f"cannot remove the leftover namespace {name}: {gone.stderr.strip()}")
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        mounts = []
+    for entry in mounts:
+        fields = entry.split()
+        if len(fields) >= 3 and fields[2] == "tmpfs" and fields[1].endswith("/full-disk/journal"):
+            lines.append(f"a chaos journal tmpfs is still mounted at {fields[1]} (umount {fields[1]})")
+    return lines

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos import report
+from chaos.net import sweep_leftovers
 from chaos.suite import SCENARIOS, Options, Scenario, Trial, Unavailable
 
 
@@ -144,10 +145,18 @@ async def _run_trial(scenario: Scenario, trial: Trial, *, timeout_s: float) -> N
 
     def terminate() -> None:
         nonlocal terminated
+        if terminated:
+            # A second Ctrl-C or SIGTERM while the cancelled trial's finally runs would cut its
+            # cleanup short and leave processes, namespaces and mounts behind: ignored.
+            _say("chaos: already stopping: the trial under way is being cleaned up")
+            return
         terminated = True
         task.cancel()
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    loop = asyncio.get_running_loop()
+    # SIGINT too (instead of asyncio.run's own handler, whose second Ctrl-C raises at once).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, terminate)
     try:
         async with asyncio.timeout(timeout_s):
             await scenario.fn(trial)
@@ -202,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"python -m chaos run: {exc}", file=sys.stderr)
         return 2
+    # What an earlier run stopped hard (SIGKILL) left behind: namespaces and mounts nobody removes.
+    for line in sweep_leftovers():
+        _say(f"chaos: warning: {line}")
     out: Path = args.out or Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)

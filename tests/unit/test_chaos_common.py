@@ -1,18 +1,24 @@
 """The chaos scenarios' shared pieces (chaos/common.py) that a verdict rests on: a store that does not
-answer gives no line counts (not zeros a scenario would take for a measurement), and stopping a
-writer sandbox leaves no main process behind, even one waiting on a gate nobody opened."""
+answer gives no line counts (not zeros a scenario would take for a measurement), stopping a writer
+sandbox leaves no main process behind, even one waiting on a gate nobody opened, and the sweep at a
+run's start removes the namespaces a hard-stopped run left (chaos/net.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from chaos.common import children_of, gated_writer, stop_all, stored_line_counts
+from chaos.net import netns_unavailable, sweep_leftovers
 from tests.support.procs import SupervisorProcess, free_port
 
 
@@ -67,3 +73,33 @@ def test_stop_all_ends_a_gated_main_process_its_supervisor_leaves_behind(tmp_pat
         for pid in children:  # whatever the verdict, nothing of this test left running
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_sweep_removes_an_empty_namespace_of_ours_and_leaves_one_in_use() -> None:
+    if (reason := netns_unavailable()) is not None:
+        pytest.skip(reason)
+    empty, used = f"osgw-{secrets.token_hex(3)}", f"ossb-{secrets.token_hex(3)}"
+    sleeper: subprocess.Popen[bytes] | None = None
+    try:
+        for name in (empty, used):
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        sleeper = subprocess.Popen(["ip", "netns", "exec", used, "sleep", "30"])
+        deadline = time.monotonic() + 10
+        while not subprocess.run(
+            ["ip", "netns", "pids", used], capture_output=True, text=True
+        ).stdout.strip():
+            assert time.monotonic() < deadline, "the sleeper never entered its namespace"
+            time.sleep(0.05)
+        # As a SIGKILLed run leaves them (the age bound at 0: /run/netns's times cannot be set back;
+        # these two only, so that nobody else's namespace is touched).
+        lines = sweep_leftovers(min_age_s=0, only={empty, used})
+        assert any(f"removed the leftover namespace {empty}" in line for line in lines), lines
+        assert any(f"namespace {used}" in line and "left alone" in line for line in lines), lines
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert empty not in listed and used in listed
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait(10)
+        for name in (empty, used):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)

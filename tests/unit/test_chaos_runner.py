@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,18 @@ async def _passes(trial: Trial) -> None:
 
 async def _violates(trial: Trial) -> None:
     trial.violate("sb: 3 events lost (no gap record covers them), first [4, 5, 6]")
+
+
+async def _signalled_twice(trial: Trial) -> None:
+    # SIGTERM once (the run stops), then again and a Ctrl-C while the cleanup runs: both ignored.
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(30)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.3)
+        cleaned.append(trial.scenario)
 
 
 async def _flaky(trial: Trial) -> None:
@@ -61,6 +75,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> None:
         ("t-unavailable", _unavailable),
         ("t-hangs", _hangs),
         ("t-flaky", _flaky),
+        ("t-signalled-twice", _signalled_twice),
     ]:
         monkeypatch.setitem(SCENARIOS, name, Scenario(name=name, summary=name, fn=fn))
 
@@ -147,6 +162,20 @@ def test_a_trial_past_its_timeout_is_cancelled_cleaned_up_and_failed(
     assert by["t-hangs"]["error"] == "cancelled after the trial timeout of 0.5s"
     assert by["t-passes"]["passed"]
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("fake")
+def test_signals_during_a_cancelled_trials_cleanup_are_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cleaned.clear()
+    assert run.run(_args(tmp_path, "t-signalled-twice", "t-passes")) == 130
+    assert cleaned == ["t-signalled-twice"], "the cleanup ran to its end"
+    err = capsys.readouterr().err
+    assert err.count("already stopping") == 2 and "interrupted" in err, err
+    # Only the trials that ended are reported (t-passes runs first: the registry's order).
+    trials = json.loads((tmp_path / "chaos.json").read_text())["trials"]
+    assert [t["scenario"] for t in trials] == ["t-passes"]
 
 
 @pytest.mark.usefixtures("fake")
