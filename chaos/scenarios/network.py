@@ -422,10 +422,12 @@ async def _flapping(trial: Trial, link: Link, seconds: float) -> None:
     rng = random.Random(trial.options.seed)
     deadline = trial.now() + seconds
     flips = 0
-    await _start_fault(trial, "fault: flapping link (blackhole on and off every 1-4 s)")
     while True:
         await asyncio.to_thread(link.net.cut, "both")
         flips += 1
+        if flips == 1:
+            # The writers go on once the first cut is in place, as under every other fault.
+            await _start_fault(trial, "fault: flapping link (blackhole on and off every 1-4 s)")
         trial.sample("link up", 0)
         if trial.now() + 4.0 >= deadline:
             await link.hold(trial, LAST_CUT_S)
