@@ -19,8 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +34,7 @@ from chaos.common import (
     WriterSandbox,
     check_all,
     children_of,
+    gated_writer,
     hold,
     open_gates,
     sqlite_url,
@@ -54,42 +53,6 @@ from tests.support.patroni import Node, PatroniCluster, running_patroni
 from tests.support.postgres import PgServer, PostgresUnavailable, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess, free_port
 from tests.support.simsup import SimSupervisor, stored_problems
-
-#: A main process that prints ``{prefix} {i}`` for i in 0..n-1, ``delay`` seconds apart, and exits with
-#: ``exit_code``; before line k of each ``k:path`` pause it creates ``path + ".reached"`` and waits until
-#: ``path`` exists (the scenario opens the gate once its fault is in place).
-GATED_WRITER = textwrap.dedent(
-    """
-    import os, sys, time
-    prefix, n, delay, code = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    pauses = dict((int(k), p) for k, _, p in (a.partition(":") for a in sys.argv[5:]))
-    for i in range(n):
-        if i in pauses:
-            open(pauses[i] + ".reached", "w").close()
-            while not os.path.exists(pauses[i]):
-                time.sleep(0.05)
-        print(f"{prefix} {i}", flush=True)
-        if delay:
-            time.sleep(delay)
-    sys.exit(code)
-    """
-)
-
-
-def gated_writer(
-    n: int, *, delay: float, exit_code: int, prefix: str = "line", pauses: Sequence[tuple[int, Path]] = ()
-) -> list[str]:
-    return [
-        sys.executable,
-        "-u",
-        "-c",
-        GATED_WRITER,
-        prefix,
-        str(n),
-        str(delay),
-        str(exit_code),
-        *(f"{k}:{path}" for k, path in pauses),
-    ]
 
 
 def gated_sandbox(
@@ -238,13 +201,6 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
-
-
-def prefixed_writer(prefix: str, n: int, *, delay: float, exit_code: int) -> list[str]:
-    """gated_writer's command with lines ``{prefix} {i}`` instead of ``line {i}``."""
-    command = gated_writer(n, delay=delay, exit_code=exit_code)
-    command[3] = GATED_WRITER.replace('f"line {i}"', f'f"{prefix} {{i}}"')
-    return command
 
 
 @scenario(

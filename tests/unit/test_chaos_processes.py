@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from chaos.common import gated_writer
 from chaos.scenarios import processes
 from chaos.suite import SCENARIOS
 from tests.support.simsup import SessionRecord, SimSupervisor
@@ -32,7 +33,7 @@ def test_every_process_fault_of_issue_22_is_registered_and_only_gateway_kill_is_
 
 def test_the_gated_writer_stops_before_the_gated_line_until_the_gate_opens(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    command = processes.gated_writer(5, delay=0.0, exit_code=3, prefix="run1", pauses=[(2, gate)])
+    command = gated_writer(5, delay=0.0, exit_code=3, prefix="run1", pauses=[(2, gate)])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
