@@ -113,7 +113,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"acknowledged, {f['checks']} acknowledgements checked) | "
         f"{'met' if not f['violations'] and not f['store_problems'] else 'MISSED'} |",
         f"| sessions moved | | {f['hints']} reconnect hints received, {f['attempts']} attempts, "
-        f"rejected {f['rejected'] or 0} | |",
+        f"rejected {f['rejected'] or 0}, {f['connect_timeouts']} connect timeouts | |",
     ]
     if f["store_problems"]:
         lines += ["", "Store problems: " + "; ".join(f["store_problems"])]
@@ -265,6 +265,8 @@ def _run(
             events_written=result["events_written"],
             events_acked=result["events_acked"],
             checks=result["checks"],
+            connect_timeouts=result["connect_timeouts"],
+            errors=result["errors"],
             store_problems=stored_problems(url, result),
         )
     except RuntimeError as exc:
