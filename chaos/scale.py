@@ -474,6 +474,7 @@ def steady_phase(
     steady_after_s: float,
     event_every_s: float,
     out: Path,
+    up_timeout_s: float = 180.0,
 ) -> dict[str, Any]:
     with running(server):
         time.sleep(settle_s)
@@ -486,14 +487,19 @@ def steady_phase(
                 n=n,
                 prefix=f"{server.kind[0]}s",
                 rate=rate,
-                duration_s=hold_s,
+                duration_s=0,
                 event_every_s=event_every_s,
             ),
             out,
         )
         run.start()
         try:
-            result = run.result(timeout_s=n / max(rate, 1) + hold_s + 120)
+            # Held for steady_after_s + hold_s from the moment all are up (not from the last start: a
+            # server that refuses hellos for a while must not get a shorter window), or from the
+            # give-up time if they never all come up (then the figures say how many were held).
+            run.wait_up(n, timeout_s=n / max(rate, 1) + up_timeout_s)
+            time.sleep(steady_after_s + hold_s)
+            result = run.finish()
         finally:
             run.kill()
         figures = steady_figures(result, rss_before_mib=rss_before, steady_after_s=steady_after_s)
@@ -645,9 +651,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results["steady"]:
         lines += [
             "",
-            f"Steady: {p['sessions']} sessions opened at {p['rate']}/s, held {p['hold_s']} s, "
+            f"Steady: {p['sessions']} sessions opened at {p['rate']}/s, "
             f"{'events every ' + str(p['event_every_s']) + ' s' if p['event_every_s'] else 'no events'}; "
-            f"figures over the window from {p.get('steady_after_s')} s after all were up to the end.",
+            f"figures over a window of {p['hold_s']} s from {p.get('steady_after_s')} s after all were up.",
             "",
             "| server | held | interval s | window s (hellos in it) | RTT p50 / p99 ms (worst second) "
             "| CPU % / 1,000 sessions | CPU us / heartbeat | RSS MiB / 1,000 | sim CPU % | rejected |",
@@ -887,7 +893,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hello-timeout", type=float, default=180, help="give up on a burst after this")
     parser.add_argument("--rate", type=float, default=100, help="sessions opened per second")
-    parser.add_argument("--hold", type=float, default=40, help="seconds held after the last opened")
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=40,
+        help="seconds of the steady window (from --steady-after after all are up)",
+    )
     parser.add_argument("--settle", type=float, default=5, help="seconds between 'ready' and the first hello")
     parser.add_argument(
         "--event-every", type=float, default=0, help="each supervisor writes a log line this often (s)"
