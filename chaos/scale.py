@@ -580,6 +580,7 @@ def storm_phase(
     settle_s: float,
     out: Path,
     timeout_s: float,
+    up_timeout_s: float = 180.0,
 ) -> dict[str, Any]:
     with running(server):
         time.sleep(settle_s)
@@ -598,7 +599,7 @@ def storm_phase(
         )
         run.start()
         try:
-            if not run.wait_up(n, timeout_s=n / max(rate, 1) + 120):
+            if not run.wait_up(n, timeout_s=n / max(rate, 1) + up_timeout_s):
                 raise RuntimeError(f"storm: only {run.up} of {n} sessions came up before the kill")
             time.sleep(3)
             killed = int(time.time() * 1000)
@@ -842,12 +843,13 @@ def bench(args: argparse.Namespace) -> int:
             results["steady"][name] = steady_phase(
                 sim, server, n=args.sessions, rate=args.rate, hold_s=args.hold, settle_s=args.settle,
                 steady_after_s=args.steady_after, event_every_s=args.event_every,
-                out=work / f"{kind}-{name}.json",
+                out=work / f"{kind}-{name}.json", up_timeout_s=args.up_timeout,
             )  # fmt: skip
         else:
             results["storms"][name] = storm_phase(
                 sim, server, n=args.storm_sessions, rate=args.rate, unjittered=name == "upstream",
                 settle_s=args.settle, out=work / f"{kind}-{name}.json", timeout_s=args.storm_timeout,
+                up_timeout_s=args.up_timeout,
             )  # fmt: skip
 
     for kind, name, server in phases:
@@ -905,6 +907,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--storm-sessions", type=int, default=1000, help="sessions in each storm (0: no storm)"
+    )
+    parser.add_argument(
+        "--up-timeout",
+        type=float,
+        default=180,
+        help="wait this long past the ramp (sessions / rate) for all up before a hold or a kill",
     )
     parser.add_argument(
         "--storm-timeout", type=float, default=120, help="give up on a storm's recovery after this"
