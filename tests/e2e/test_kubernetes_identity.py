@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 from lightkube import Client, codecs
+from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Pod, ServiceAccount
 
@@ -104,6 +106,24 @@ def make_pod(
 
 def delete_pod(c: Cluster, pod: dict[str, Any]) -> None:
     c.admin.delete(Pod, pod["metadata"]["name"], namespace=pod["metadata"]["namespace"], grace_period=0)
+
+
+def delete_pod_for_good(c: Cluster, pod: dict[str, Any]) -> None:
+    """Delete the pod as a kubelet would see it deleted (graceful: the node, here kwok, removes it)
+    and wait until it is gone. Before a pod of the same name is made: a forced delete left kwok
+    to act on the old pod's name later, and once (a loaded CI run) it deleted the new pod."""
+    name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+    c.admin.delete(Pod, name, namespace=namespace)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c.admin.get(Pod, name, namespace=namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return
+            raise
+        assert time.monotonic() < deadline, f"pod {name} still there 60 s after its deletion"
+        time.sleep(0.2)
 
 
 async def refused(verify: Callable[[], Awaitable[SandboxPrincipal]]) -> CredentialRefused:
@@ -315,7 +335,7 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
         # Someone else makes a pod under the sandbox's pod name (the gateway's is gone; labels,
         # annotation and ServiceAccount copied): the API server accepts its token, but the row
         # still names the gateway's pod.
-        delete_pod(c, pods["id-a"])
+        delete_pod_for_good(c, pods["id-a"])
         pods["id-a"] = make_pod(c, "id-a")
         token_new = kubeaccess.projected_token(c.admin, pods["id-a"])
         for through in (authenticator, cached):
@@ -351,7 +371,8 @@ async def test_through_the_authenticator_a_pods_token_speaks_for_its_own_live_sa
             await asyncio.sleep(0.3)
     finally:
         for pod in pods.values():
-            delete_pod(c, pod)
+            with contextlib.suppress(ApiError):  # already gone: nothing to clean up
+                delete_pod(c, pod)
         authenticator.close()
         cached.close()
         await driver.close()
