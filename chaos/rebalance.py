@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import resource
@@ -35,6 +34,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from chaos.plotting import pyplot
 from chaos.scale import Server, SimRun, SimulatorUnavailable, build_simulator, sim_args, stored_problems
 from tests.support.postgres import PostgresUnavailable, running_postgres
 
@@ -122,11 +122,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out: Path) -> str:
-    try:
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "No plot: matplotlib is not installed (pip install -e '.[chaos]')."
     samples = results["samples"]
     started = results["figures"].get("others_started_s") or 0.0

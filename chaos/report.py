@@ -10,10 +10,11 @@ lines) need matplotlib, the optional ``chaos`` extra; without it the report says
 
 from __future__ import annotations
 
-import importlib
 import statistics
 from pathlib import Path
 from typing import Any
+
+from chaos.plotting import pyplot
 
 #: Marks drawn as vertical lines on the plots: the fault's start and its heal.
 _FAULT_WORDS = ("fault", "cut", "heal", "reset", "loss", "delay", "kill", "restart")
@@ -79,12 +80,8 @@ def markdown(doc: dict[str, Any], out: Path) -> str:
 
 
 def plots(doc: dict[str, Any], out: Path) -> str:
-    # Optional (the `chaos` extra): imported by name so the report works, and type-checks, without it.
-    try:
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "No plots: matplotlib is not installed (pip install -e '.[chaos]')."
     written = []
     by_scenario: dict[str, list[dict[str, Any]]] = {}

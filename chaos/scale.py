@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import resource
@@ -40,6 +39,8 @@ from typing import IO, Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from chaos.plotting import pyplot
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SH = REPO / "chaos" / "build.sh"
@@ -718,12 +719,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plots(results: dict[str, Any], out: Path) -> str:
-    # Optional (the `chaos` extra): imported by name so the report works, and type-checks, without it.
-    try:
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "No plots: matplotlib is not installed (pip install -e '.[chaos]')."
     written = []
     if results["steady"]:
