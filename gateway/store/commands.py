@@ -236,7 +236,7 @@ class CommandStore:
         note = Note(Topic.COMMAND, sandbox_id, command.command_id)
         with store_errors(f"cannot create a command for sandbox {sandbox_id!r}"):
             try:
-                async with self._db.engine.begin() as conn:
+                async with self._db.begin() as conn:
                     generation = await conn.scalar(
                         select(sandboxes_table.c.generation).where(sandboxes_table.c.id == sandbox_id)
                     )
@@ -324,7 +324,7 @@ class CommandStore:
                     else:
                         expired += 1
             if expired:
-                async with self._db.engine.begin() as conn:
+                async with self._db.begin() as conn:
                     marked = await conn.execute(
                         update(commands_table)
                         .where(mine, _past_expiry(clock))
@@ -392,7 +392,7 @@ class CommandStore:
         }
         note = Note(Topic.DELIVERED, sandbox_id, result.command_id)
         with store_errors(f"cannot record the result of command {result.command_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
 
                 async def fence(*, first: bool) -> None:
                     # PostgreSQL: first, the row stays locked until the commit, so a newer claim
@@ -492,7 +492,7 @@ class CommandStore:
         c = commands_table.c
         try:
             with store_errors(f"cannot record the delivery of commands of sandbox {sandbox_id!r}"):
-                async with self._db.engine.begin() as conn:
+                async with self._db.begin() as conn:
 
                     async def fence(*, first: bool) -> None:
                         # As in ``answer``: PostgreSQL locks the row first, SQLite checks after the

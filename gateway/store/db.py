@@ -653,6 +653,26 @@ class Database:
         #: Whether the schema was at (or past) this code's head when opened: False when it was
         #: missing or older and not migrated here (a migration job is expected to run meanwhile).
         self.schema_ready_at_open = schema_ready
+        # SQLite has one writer per file, and a pooled connection that finds the lock taken waits
+        # in SQLite's busy handler, which sleeps in growing steps (up to 100 ms) instead of being
+        # woken when the lock frees: under many concurrent writers (a burst of hellos) the file's
+        # lock stood idle between holders and 72 % of the gateway's samples were those sleeps
+        # (issue 22). This process's writers therefore queue here, woken in turn; the busy
+        # timeout still covers other processes on the same file.
+        self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed when the block ends without an exception
+        (``engine.begin()``); on SQLite, taken in turn with this process's other writers. Every
+        store write goes through here; a block must not open another inside it (the lock is not
+        reentrant)."""
+        if self._sqlite_writer is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._sqlite_writer, self.engine.begin() as conn:
+            yield conn
 
     @classmethod
     async def open(

@@ -801,7 +801,7 @@ class EventStore:
             self._notifier.committed(sandbox_id)
             return max(known_high_water_mark, last_sequence)
         with store_errors(what):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 if owner_epoch is not None and not self._sqlite:
                     # Before the insert on PostgreSQL: the row stays locked until the commit, so a
                     # newer claim waits for this batch or this batch sees it (see check_owner).
@@ -904,7 +904,7 @@ class EventStore:
         lock = self._lock_for(sandbox_id)
         async with lock:
             with store_errors(what):
-                async with self._db.engine.begin() as conn:
+                async with self._db.begin() as conn:
                     # On PostgreSQL the row lock serialises replicas numbering the same sandbox (the
                     # asyncio lock only covers this process); SQLite renders no FOR UPDATE, and
                     # being single-process it needs none.

@@ -145,6 +145,6 @@ class LeadershipStore:
             ),
         )
         with store_errors(f"cannot claim the leadership of {name!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(stmt)
         return LeaderTerm(name=name, holder=holder, term=term) if result.rowcount else None

@@ -105,7 +105,7 @@ class ReplicaStore:
         insert = postgresql.insert if postgres else sqlite.insert
         c = replicas_table.c
         with store_errors(f"cannot renew the lease of replica {replica_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 if postgres:
                     # now() is the transaction's start: the same instant for every statement here.
                     now: datetime = (await conn.execute(select(func.now()))).scalar_one()
@@ -149,7 +149,7 @@ class ReplicaStore:
     async def mark_draining(self, replica_id: str, *, run: str | None = None) -> None:
         """Mark the row draining (only ``run``'s, when given)."""
         with store_errors(f"cannot mark replica {replica_id!r} draining"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 await conn.execute(
                     update(replicas_table).where(self._of_run(replica_id, run)).values(draining=True)
                 )
@@ -157,7 +157,7 @@ class ReplicaStore:
     async def delete(self, replica_id: str, *, run: str | None = None) -> None:
         """Delete the row (only ``run``'s, when given)."""
         with store_errors(f"cannot delete the lease of replica {replica_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 await conn.execute(delete(replicas_table).where(self._of_run(replica_id, run)))
 
     async def leases(self) -> list[ReplicaLease]:

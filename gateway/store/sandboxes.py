@@ -228,7 +228,7 @@ class SandboxStore:
             "spec": json.dumps(spec) if spec is not None else None,
         }
         with store_errors(f"cannot register sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 # Two hellos for a new sandbox may race: the loser's insert is a no-op, and both read
                 # the one row.
                 await conn.execute(self._insert().values(values))
@@ -275,7 +275,7 @@ class SandboxStore:
             "pod_uid": None,  # the new generation's pod is not made yet
         }
         with store_errors(f"cannot register sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 inserted = await conn.execute(
                     self._insert().values(id=sandbox_id, **values).returning(sandboxes_table.c.id)
                 )
@@ -375,7 +375,7 @@ class SandboxStore:
         cannot both take the same number for different policies."""
         c = sandboxes_table.c
         with store_errors(f"cannot store the policy of sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 version = await conn.scalar(
                     update(sandboxes_table)
                     .where(c.id == sandbox_id, *_of_generation(generation))
@@ -507,7 +507,7 @@ class SandboxStore:
         what = f"cannot mark sandbox {sandbox_id!r} connected"
         c = sandboxes_table.c
         with store_errors(what):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the claim
                 # waits for writes in flight, and they for it; the UPDATE alone would not.
@@ -588,7 +588,7 @@ class SandboxStore:
         if owner_epoch is not None:
             where.append(c.owner_epoch == owner_epoch)
         with store_errors(f"cannot mark sandbox {sandbox_id!r} disconnected"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
                     .where(*where, c.connected.is_(True))
@@ -637,7 +637,7 @@ class SandboxStore:
         ids = list(beats)
         fenced: set[str] = set()
         with store_errors(f"cannot record the heartbeats of {len(ids)} sandboxes"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 # One transaction, written in chunks: between two statements the event loop
                 # answers heartbeats while the database works, instead of waiting for the
                 # parameters of thousands of rows to be built and processed at once.
@@ -677,7 +677,7 @@ class SandboxStore:
         if pod_uid is not None:
             values["pod_uid"] = pod_uid
         with store_errors(f"cannot record the spec of sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(
                     update(sandboxes_table)
                     .where(sandboxes_table.c.id == sandbox_id, *_of_generation(generation))
@@ -705,7 +705,7 @@ class SandboxStore:
             values["pod_uid"] = func.coalesce(sandboxes_table.c.pod_uid, pod_uid)
         fence = () if leader is None else (leader.holds(),)
         with store_errors(f"cannot record the driver state of sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 if leader is not None:
                     await leader.hold(conn)
                 result = await conn.execute(
@@ -721,7 +721,7 @@ class SandboxStore:
         """Forget the sandbox and (by ON DELETE CASCADE) all of its events; with ``generation``,
         only if the row is still of that generation. Returns whether a row was deleted."""
         with store_errors(f"cannot delete sandbox {sandbox_id!r}"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(
                     delete(sandboxes_table).where(
                         sandboxes_table.c.id == sandbox_id, *_of_generation(generation)

@@ -71,7 +71,7 @@ class SigningKeyStore:
 
     async def add(self, key: SigningKey) -> None:
         with store_errors("cannot store a new signing key"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 await conn.execute(
                     insert(keys_table).values(
                         kid=key.kid,
@@ -87,6 +87,6 @@ class SigningKeyStore:
     async def delete_expired(self, *, now: datetime) -> int:
         """Delete the keys that verify nothing any more; returns how many."""
         with store_errors("cannot delete expired signing keys"):
-            async with self._db.engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(delete(keys_table).where(keys_table.c.verify_until <= now))
         return int(result.rowcount or 0)
