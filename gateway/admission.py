@@ -105,6 +105,8 @@ class Admission:
         self._refused_before = 0
         #: How long a handshake holds its place (moving average of every release; None: none yet).
         self._handshake_s: float | None = None
+        self._window_ms = 0
+        self._window_at = float("-inf")
 
     # -- the gate ----------------------------------------------------------------------------
 
@@ -160,6 +162,22 @@ class Admission:
     def _observe_handshake(self, seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.handshake_seconds.observe(seconds)
+
+    # -- the reconnect window -----------------------------------------------------------------
+
+    def reconnect_window_ms(self) -> int:
+        """Over how long this replica's supervisors spread their reconnects if they lose it at once
+        (``SessionAccepted.reconnect_window_ms``): the sessions it holds over ``hellos_per_s``,
+        the time it needs to take them all back, capped at ``reconnect_window_max_ms``. Without
+        it, a killed replica's whole fleet redials within the supervisors' first backoff steps
+        (0.5, 1, 2 s): far more hellos than one process answers before their 5 s connect timeout
+        (issue 22's storm). Recomputed at most once a second: it is read for every heartbeat."""
+        now = self._clock()
+        if now - self._window_at >= 1.0:
+            self._window_at = now
+            window = self._sessions() / self._settings.hellos_per_s * 1000.0
+            self._window_ms = round(min(window, float(self._settings.reconnect_window_max_ms)))
+        return self._window_ms
 
     # -- the retry hint ----------------------------------------------------------------------
 

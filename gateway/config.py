@@ -246,6 +246,13 @@ class AdmissionSettings(_Section):
         description="Longest retry_after_ms: refused hellos are spread up to the time the backlog needs "
         "at hellos_per_s, within these bounds.",
     )
+    reconnect_window_max_ms: int = Field(
+        30000,
+        ge=0,
+        description="Longest reconnect window handed to supervisors (SessionAccepted and each heartbeat "
+        "answer's reconnect_window_ms: sessions held / hellos_per_s): a fleet that loses this replica at "
+        "once spreads its reconnects over the time the replica needs to take them back. 0: none handed out.",
+    )
     refuse_over_share: bool = Field(
         True,
         description="Refuse (OVERLOADED, retry within a second) a hello on a replica above its fair share "

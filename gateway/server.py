@@ -829,6 +829,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sa.capabilities.extend(sorted(capabilities))
         sa.resume_after_sequence = resume_after
         sa.owner_epoch = session.owner_epoch
+        if self._admission is not None:
+            sa.reconnect_window_ms = self._admission.reconnect_window_ms()
         return accepted
 
     async def _read_into(
@@ -966,6 +968,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # The hot path, answered here: one message per session per interval.
                     out = pb.GatewayMessage()
                     out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+                    if self._admission is not None:
+                        # Kept current on live sessions: the fleet grows after most hellos.
+                        out.heartbeat.reconnect_window_ms = self._admission.reconnect_window_ms()
                     yield out
                     continue
                 if message.HasField("events"):

@@ -31,7 +31,13 @@ retry-after (``SessionRejected.retry_after_ms``, or the ``grpc-retry-pushback-ms
 UNAVAILABLE or RESOURCE_EXHAUSTED status; capped at ``MAX_RETRY_HINT_S``, spread upwards). An
 attempt that had a healthy session, or ended on the gateway's reconnect hint, starts the backoff
 again from the beginning after a short random spread, so a gateway restart does not make every
-supervisor reconnect in the same instant.
+supervisor reconnect in the same instant. The gateway also hands out a reconnect window
+(``SessionAccepted.reconnect_window_ms``, kept current in each heartbeat answer: the time it needs
+to take all its sessions back): when an attempt gets no answer at all (the gateway is down or cut
+off), the next wait is drawn over at least that window, so a whole fleet that lost its gateway at
+once comes back spread over the time the gateway needs, not within the first backoff steps, where
+its hellos would queue past their connect timeout (issue 22's storm). A lone supervisor that lost
+its connection is not slowed: its first attempt, the short spread above, usually succeeds.
 
 A gateway that answers, if only to refuse (a rejection, a retry pushback: its database is down) or
 to send us elsewhere, is reachable: ``SessionStatus.offline_since`` (what the offline policy
@@ -406,6 +412,9 @@ class Session:
         #: The last gateway that accepted us lacked our capabilities: ping it no more often than
         #: gRPC's default server policy allows.
         self._upstream_gateway = False
+        #: The gateway's reconnect window (seconds; 0: none given), from the last session's accept
+        #: and heartbeat answers: the least range of the wait after an attempt nobody answered.
+        self._reconnect_window_s = 0.0
         self.status = SessionStatus()
 
     # -- public ------------------------------------------------------------------------
@@ -504,6 +513,13 @@ class Session:
             # the same pushback must not come back in the same instant.
             retry_after = min(retry_after, MAX_RETRY_HINT_S) * (1 + random.uniform(0, RETRY_HINT_SPREAD))
         self._not_before = time.monotonic() + retry_after
+        window = min(self._reconnect_window_s, cap)
+        if window > 0 and isinstance(exc, SessionEnded) and not exc.answered:
+            # Nobody answered: the gateway is likely down for its whole fleet, which redials
+            # now. Full jitter over its window, unless our own backoff has grown past it.
+            ceiling = min(cap, self._s.reconnect_initial_s * 2 ** (state.attempt_number - 1))
+            if window > ceiling:
+                base = random.uniform(0, window)
         return max(base, retry_after)
 
     def _channel_options(self) -> list[tuple[str, int | str]]:
@@ -709,6 +725,7 @@ class Session:
         if kind != "session_accepted":
             raise SessionEnded(f"the gateway answered the hello with {kind or 'an unknown message'}")
         accepted: pb.SessionAccepted = first.session_accepted
+        self._reconnect_window_s = accepted.reconnect_window_ms / 1000
         return accepted
 
     async def _run_session(
@@ -928,6 +945,8 @@ class Session:
                 if msg.event_ack.journal_epoch == self._journal.epoch:
                     await self._ack(msg.event_ack.acked_through_sequence)
             elif kind == "heartbeat":
+                if msg.heartbeat.reconnect_window_ms:
+                    self._reconnect_window_s = msg.heartbeat.reconnect_window_ms / 1000
                 if msg.heartbeat.echo_unix_ms:
                     self.status.last_rtt_ms = max(0, _now_ms() - msg.heartbeat.echo_unix_ms)
                     if self._on_rtt is not None:

@@ -81,6 +81,8 @@ type sup struct {
 	j         *journal
 	// Unix ms of the last accepted hello: after a storm, when this supervisor resumed.
 	lastAccept atomic.Int64
+	// The gateway's reconnect window (ns; SessionAccepted / GatewayHeartbeat reconnect_window_ms).
+	window atomic.Int64
 }
 
 // outcome of one attempt: how the next wait is chosen.
@@ -90,6 +92,7 @@ type outcome struct {
 	retryAfter time.Duration // SessionRejected.retry_after_ms
 	hintWindow time.Duration // ReconnectHint.delay_window_ms
 	hinted     bool
+	answered   bool // the gateway answered the hello (accepted or rejected it)
 }
 
 func (s *sup) dial(addr string) (*grpc.ClientConn, error) {
@@ -173,6 +176,7 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 	case <-ctx.Done():
 		return o, ctx.Err()
 	}
+	o.answered = true
 	if rj := m.GetSessionRejected(); rj != nil {
 		noteRejected(rj.Code.String())
 		o.retryAfter = time.Duration(rj.RetryAfterMs) * time.Millisecond
@@ -188,6 +192,7 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 	defer func() { o.lasted = time.Since(start) }()
 	st.accepted.Add(1)
 	s.lastAccept.Store(start.UnixMilli())
+	s.window.Store(int64(time.Duration(acc.ReconnectWindowMs) * time.Millisecond))
 	ms := acc.HeartbeatIntervalMs
 	if ms == 0 {
 		ms = acc.HeartbeatIntervalSecs * 1000
@@ -246,6 +251,9 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 			lastFromGateway.Store(time.Now().UnixNano())
 			switch p := m.Payload.(type) {
 			case *pb.GatewayMessage_Heartbeat:
+				if w := p.Heartbeat.ReconnectWindowMs; w > 0 {
+					s.window.Store(int64(time.Duration(w) * time.Millisecond))
+				}
 				if v, ok := pending.LoadAndDelete(p.Heartbeat.EchoUnixMs); ok {
 					d := time.Since(v.(time.Time))
 					st.rttAll.add(d)
@@ -371,6 +379,10 @@ func (s *sup) wait(o outcome, failures int) (time.Duration, int) {
 			failures = 0
 		}
 		ceil := min(reconnectInitial<<min(failures, 20), reconnectMax)
+		// Nobody answered: spread over the gateway's reconnect window, as the supervisor does.
+		if win := min(time.Duration(s.window.Load()), reconnectMax); !o.answered && win > ceil {
+			ceil = win
+		}
 		w = time.Duration(mrand.Int64N(int64(ceil) + 1)) // full jitter
 		failures++
 	}

@@ -412,16 +412,20 @@ class GatewayHeartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ECHO_UNIX_MS_FIELD_NUMBER: _builtins.int
+    RECONNECT_WINDOW_MS_FIELD_NUMBER: _builtins.int
     echo_unix_ms: _builtins.int
     """ours: SupervisorHeartbeat.sent_unix_ms of the heartbeat this answers (0 when unsolicited)."""
+    reconnect_window_ms: _builtins.int
+    """ours: the current SessionAccepted.reconnect_window_ms (0: unchanged / not given)."""
     def __init__(
         self,
         *,
         echo_unix_ms: _builtins.int = ...,
+        reconnect_window_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo_unix_ms", b"echo_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo_unix_ms", b"echo_unix_ms", "reconnect_window_ms", b"reconnect_window_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,6 +442,7 @@ class SessionAccepted(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     STALE_AFTER_MS_FIELD_NUMBER: _builtins.int
     OWNER_EPOCH_FIELD_NUMBER: _builtins.int
+    RECONNECT_WINDOW_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     heartbeat_interval_secs: _builtins.int
     resume_after_sequence: _builtins.int
@@ -450,6 +455,12 @@ class SessionAccepted(_message.Message):
     """How long the gateway waits without any message before declaring the session stale."""
     owner_epoch: _builtins.int
     """Ownership epoch of this session (room for HA fencing; informational for supervisors)."""
+    reconnect_window_ms: _builtins.int
+    """Over how long this gateway's sessions should spread their reconnects when it is lost (killed,
+    cut off): the time it needs to take them all back. A supervisor whose first attempt after a
+    lost session gets no answer waits a full-jitter backoff over at least this window, so a fleet
+    that lost its gateway at once does not come back at once. 0: the supervisor's own backoff.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ours"""
@@ -464,10 +475,11 @@ class SessionAccepted(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         stale_after_ms: _builtins.int = ...,
         owner_epoch: _builtins.int = ...,
+        reconnect_window_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_interval_secs", b"heartbeat_interval_secs", "owner_epoch", b"owner_epoch", "resume_after_sequence", b"resume_after_sequence", "session_id", b"session_id", "stale_after_ms", b"stale_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_interval_secs", b"heartbeat_interval_secs", "owner_epoch", b"owner_epoch", "reconnect_window_ms", b"reconnect_window_ms", "resume_after_sequence", b"resume_after_sequence", "session_id", b"session_id", "stale_after_ms", b"stale_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -106,6 +106,10 @@ def test_a_burst_of_hellos_is_answered_within_the_rate_and_all_come_in(tmp_path:
     # All eventually accepted, obeying the retry-afters.
     left_out = [sim.sandbox_id for sim in sims if not sim.sessions]
     assert not left_out, f"{len(left_out)} never accepted: {left_out[:10]}"
+    # The reconnect window handed out grows with the sessions held: sessions / hellos_per_s (read
+    # at most once a second), the time this replica needs to take them back if they lose it.
+    windows = [record.reconnect_window_ms for sim in sims for record in sim.sessions]
+    assert 0.5 * CLIENTS / RATE * 1000 <= max(windows) <= CLIENTS / RATE * 1000, sorted(windows)[-5:]
     # Every attempt was answered (accepted or refused) before the client's 5 s timeout: an attempt
     # without an answer (timed out, or an RPC error) has neither a session nor a rejection.
     unanswered = {

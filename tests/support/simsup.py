@@ -44,6 +44,7 @@ class SessionRecord:
     ended_at: float | None = None
     end: str = ""
     interval_ms: int = 0
+    reconnect_window_ms: int = 0
 
 
 @dataclass
@@ -171,7 +172,12 @@ class SimSupervisor:
             self.violations.append(f"resume point {resume} above written {self.written} at {address}")
         self.acked = max(self.acked, min(resume, self.written))
         interval_ms = accepted.heartbeat_interval_ms or accepted.heartbeat_interval_secs * 1000
-        record = SessionRecord(address=address, accepted_at=time.monotonic(), interval_ms=interval_ms)
+        record = SessionRecord(
+            address=address,
+            accepted_at=time.monotonic(),
+            interval_ms=interval_ms,
+            reconnect_window_ms=accepted.reconnect_window_ms,
+        )
         self.sessions.append(record)
         state: dict[str, Any] = {
             "interval_s": interval_ms / 1000,

@@ -236,3 +236,23 @@ def test_max_sessions_counts_the_handshakes_in_flight() -> None:
     assert admission.try_enter() is Refusal.MAX_SESSIONS
     held[0].release()
     enter(admission).release()
+
+
+def test_the_reconnect_window_is_the_time_to_take_the_sessions_back() -> None:
+    clock = Clock()
+    held = [0]
+    admission = Admission(
+        AdmissionSettings(hellos_per_s=500.0, reconnect_window_max_ms=30000),
+        sessions=lambda: held[0],
+        clock=clock,
+    )
+    assert admission.reconnect_window_ms() == 0  # nothing held: nothing to spread
+    held[0] = 10_000
+    assert admission.reconnect_window_ms() == 0  # read at most once a second (every heartbeat asks)
+    clock.now += 1.0
+    assert admission.reconnect_window_ms() == 20_000  # 10,000 sessions at 500 hellos/s
+    held[0] = 100_000
+    clock.now += 1.0
+    assert admission.reconnect_window_ms() == 30_000  # capped
+    off = Admission(AdmissionSettings(reconnect_window_max_ms=0), sessions=lambda: 5000, clock=clock)
+    assert off.reconnect_window_ms() == 0

@@ -581,3 +581,53 @@ async def test_a_reconnect_hint_is_not_held_up_by_a_write_blocked_on_flow_contro
         await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
         journal.close()
+
+
+def _accepted_with_window(window_ms: int) -> pb.GatewayMessage:
+    accepted = pb.GatewayMessage()
+    accepted.session_accepted.session_id = "s"
+    accepted.session_accepted.heartbeat_interval_ms = 10_000
+    accepted.session_accepted.reconnect_window_ms = window_ms
+    return accepted
+
+
+@pytest.mark.parametrize("window_ms", [0, 5000])
+async def test_a_lost_gateway_is_redialled_over_its_reconnect_window(tmp_path: Path, window_ms: int) -> None:
+    """The gateway that accepted us said how long it needs to take its fleet back
+    (reconnect_window_ms); it dies. The first attempt after the healthy session still comes at
+    once (a lone supervisor that lost its connection is not slowed), but once an attempt gets no
+    answer the waits are drawn over the window, not the first backoff steps: a fleet that lost its
+    gateway at once comes back spread (issue 22's storm). Without a window, the ordinary backoff."""
+    server = aio.server()
+    pb_grpc.add_OpenShellServicer_to_server(_Answering(_accepted_with_window(window_ms)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = _config(
+        tmp_path,
+        f"127.0.0.1:{port}",
+        reconnect_initial_s=0.01,
+        reconnect_max_s=10,
+        healthy_session_s=0.1,
+    )
+    journal = Journal.open(journal_options(config))
+    session = Session(config=config, journal=journal, instance_id="i")
+    task = asyncio.create_task(session.run())
+    try:
+        await _until(lambda: session.status.state == "connected", within=10, what="the session")
+        await asyncio.sleep(0.3)  # healthy: its end restarts the backoff
+        await server.stop(None)  # killed: nothing answers on the port from now on
+        await _until(lambda: session.status.attempts >= 2, within=2, what="the first attempt after the loss")
+        stopped_at = time.monotonic()
+        await asyncio.sleep(3.0)
+        redials = session.status.attempts - 2
+        assert time.monotonic() - stopped_at < 4.0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        journal.close()
+    if window_ms:
+        # Waits drawn from U(0, 5 s): six of them within 3 s has probability (3/5)^6 / 6! < 1e-4.
+        assert redials <= 5, redials
+    else:
+        # The backoff's first steps (U(0, 0.01 x 2^n)) add up to under 1.3 s for seven waits.
+        assert redials >= 7, redials
