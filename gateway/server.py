@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -58,6 +58,7 @@ from gateway.admission import Refusal as AdmissionRefusal
 from gateway.auth import CredentialRefused, Refusal, SandboxPrincipal
 from gateway.auth.sandbox_tokens import MintedToken
 from gateway.auth.supervisors import SupervisorAuthenticator
+from gateway.batching import Batcher
 from gateway.config import GatewayConfig
 from gateway.drain import disconnect_delay_s
 from gateway.heartbeats import HeartbeatGovernor, SessionUpdateOut
@@ -81,7 +82,15 @@ from gateway.store import CommandRow, CommandStore, EventStore, SandboxStore, St
 from gateway.store.commands import Answer
 from gateway.store.db import cancels_safely, is_transient
 from gateway.store.fencing import Fenced
-from gateway.store.sandboxes import SandboxRow, StaleConnection, StoredPolicy
+from gateway.store.sandboxes import (
+    Claim,
+    ClaimRequest,
+    NoSuchSandbox,
+    SandboxRow,
+    StaleConnection,
+    StoredPolicy,
+)
+from gateway.tasks import BackgroundTasks
 from gateway.upstream_logs import log_record as upstream_log_record
 from openshell_wire import __version__
 from openshell_wire.convert import WireError, command_to_proto, result_from_proto
@@ -144,6 +153,11 @@ DRAIN_CANCEL_WAIT_S = 0.5
 #: (SQLAlchemy's 5 and 10 overflow): beyond that a new call would only queue behind calls nobody
 #: waits for any more.
 MAX_GIVEN_UP_STORE_CALLS = 15
+
+#: The most hellos claimed in one transaction, and whose pending commands one read fetches (group
+#: commit, gateway.batching): enough for a burst's batches to amortise their round trips; the
+#: work of one batch (its JSON, its rows) is done on the event loop and must stay short.
+HELLO_BATCH_MAX = 64
 
 
 class _NotAnswered(StoreError):
@@ -244,6 +258,19 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self._cancel_given_up = cancels_safely(config.database.url)
         #: (sandbox, generation, pod uid) -> (when, the token last minted for it): see REMINT_AFTER_S.
         self._minted: dict[tuple[str, int, str | None], tuple[float, MintedToken]] = {}
+        # Group commit of the hellos' store work: one transaction claims every hello that arrived
+        # while the previous one ran, one read fetches their pending commands (issue 22: a burst
+        # of hellos was bound by the round trips of one transaction each, not by CPU).
+        self._batches = BackgroundTasks("hello-batches")
+        self._claims: Batcher[ClaimRequest, Claim | None] = Batcher(
+            sandboxes.claim_many, name="hello-claims", tasks=self._batches, max_size=HELLO_BATCH_MAX
+        )
+        self._pending_reads: Batcher[str, list[tuple[CommandRow, timedelta]]] = Batcher(
+            commands.pending_left_many,
+            name="hello-pending-commands",
+            tasks=self._batches,
+            max_size=HELLO_BATCH_MAX,
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -411,6 +438,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             # Briefly: a write stuck on a hung database may take its time to notice (the rest of
             # the cancellation ends with the event loop; the shutdown has a deadline).
             await asyncio.wait(pending | self._abandoned, timeout=DRAIN_CANCEL_WAIT_S)
+        self._claims.close()
+        self._pending_reads.close()
+        await self._batches.close(timeout_s=DRAIN_CANCEL_WAIT_S)
         self._retry_log.close()
         self._recorded_log.close()
         self._outage_closed_log.close()
@@ -504,20 +534,6 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         deadline = self._store_deadline()
         # Before anything of the sandbox is read or written: a refused peer learns only the reason.
         binding = await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
-        # The row the binding read is the one claimed (its generation pins the claim: a sandbox
-        # created again since is caught by the claim itself, which then writes nothing). Read here
-        # only without one (auth off, or an unknown sandbox let through), and registered only when
-        # missing: a known sandbox's hello costs no write before its claim.
-        registered = binding.row if binding is not None else None
-        if registered is None:
-            registered = await self._within(
-                self._sandboxes.get(sandbox_id), deadline=deadline, what="hello: read the sandbox"
-            )
-        if registered is None and not self._config.sessions.register_unknown:
-            yield self._rejection(
-                pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
-            )
-            return
         capabilities = frozenset(hello.capabilities) & frozenset(ALL_CAPABILITIES)
         events_mode = CAP_EVENTS in capabilities
         if events_mode and not hello.journal_epoch:
@@ -526,12 +542,29 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
             return
         epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
-
-        if registered is None:
+        register_unknown = self._config.sessions.register_unknown
+        # The row the binding read is the one claimed (its generation pins the claim: a sandbox
+        # created again since is caught by the claim itself, which then writes nothing). Without
+        # a binding (auth off) nothing is read first: the claim, unpinned, reports the generation
+        # it claimed, and registers a missing row itself when register_unknown allows (or refuses
+        # it, NoSuchSandbox, writing nothing): the hello's store work is one batched transaction.
+        registered = binding.row if binding is not None else None
+        if binding is not None and registered is None:
+            # An unknown sandbox let through by the credential check (rare): registered first, so
+            # the binding's generation is checked against the row before anything is claimed.
+            if not register_unknown:
+                yield self._rejection(
+                    pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+                )
+                return
             registered = await self._within(
                 self._sandboxes.ensure(sandbox_id), deadline=deadline, what="hello: register the sandbox"
             )
-        if binding is not None and binding.generation not in (None, registered.generation):
+        if (
+            binding is not None
+            and registered is not None
+            and binding.generation not in (None, registered.generation)
+        ):
             # Deleted and created again between the binding and this read: the credential is the
             # earlier life's, and must not get a session of (and commands for) the new one.
             await self._refuse(
@@ -546,34 +579,43 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
         session_id = new_session_id()
         opened_at = datetime.now(UTC)
+        pinned = registered.generation if registered is not None else None
         try:
             claimed = await self._within(
-                self._sandboxes.claim(
-                    sandbox_id,
-                    instance_id=hello.instance_id,
-                    session_id=session_id,
-                    journal_epoch=epoch,
-                    owner=self._identity.id,
-                    owner_run=self._identity.run,
-                    at=opened_at,
-                    generation=registered.generation,
-                    connection_epoch=hello.connection_epoch,
-                    # Live as the API's rule says: a session heard from within fresh_for_s.
-                    live_for_s=Liveness.from_settings(self._config.sessions).fresh_for_s,
-                    # Read in the claim's transaction, after its UPDATE: an older owner can no
-                    # longer raise the mark after this read without it being stored (its batches
-                    # are fenced from then on; see SandboxStore.claim).
-                    read_high_water_mark=events_mode,
+                self._claims.submit(
+                    ClaimRequest(
+                        sandbox_id,
+                        instance_id=hello.instance_id,
+                        session_id=session_id,
+                        journal_epoch=epoch,
+                        owner=self._identity.id,
+                        owner_run=self._identity.run,
+                        at=opened_at,
+                        generation=pinned,
+                        connection_epoch=hello.connection_epoch,
+                        # Live as the API's rule says: a session heard from within fresh_for_s.
+                        live_for_s=Liveness.from_settings(self._config.sessions).fresh_for_s,
+                        # Read in the claim's transaction, after its UPDATE: an older owner can no
+                        # longer raise the mark after this read without it being stored (its
+                        # batches are fenced from then on; see SandboxStore.claim).
+                        read_high_water_mark=events_mode,
+                        register=registered is None and register_unknown,
+                    )
                 ),
                 deadline=deadline,
                 what="hello: claim the sandbox",
                 # Given up at its deadline or cancelled (the peer left), the claim may still
-                # commit: undone after it ended, conditional on this session's id, which nobody
-                # else writes.
-                undo=lambda: self._record_disconnected(
-                    sandbox_id, session_id, generation=registered.generation
-                ),
+                # commit: undone after it ended (the batcher delivers a cancellation only once
+                # the batch holding the claim has ended), conditional on this session's id, which
+                # nobody else writes.
+                undo=lambda: self._record_disconnected(sandbox_id, session_id, generation=pinned),
             )
+        except NoSuchSandbox:
+            # Not registered (register_unknown off) and nothing written.
+            yield self._rejection(
+                pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+            )
+            return
         except StaleConnection as exc:
             # A delayed hello of the supervisor that holds the sandbox on a newer connection:
             # refused without a claim (nothing was written), so it cannot take the sandbox back.
@@ -589,7 +631,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         except BaseException:
             # The claim failed, perhaps in its commit, which may have landed: undone too.
             self._spawn(
-                self._record_disconnected(sandbox_id, session_id, generation=registered.generation),
+                self._record_disconnected(sandbox_id, session_id, generation=pinned),
                 name=f"disconnected-{sandbox_id}",
             )
             raise
@@ -617,7 +659,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 f"({self._identity.id}); this hello's claim (epoch {claimed.owner_epoch}) was taken",
             )
             return
-        session.generation = registered.generation
+        session.generation = claimed.generation
         # From here on the session is in the registry: whatever happens (the peer gives up while
         # we wait for the database, a protocol error, cancellation), the finally below undoes it.
         reader: asyncio.Task[None] | None = None
@@ -633,7 +675,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 # deadline errs early by the read's latency, never late, whatever the clocks say.
                 before = datetime.now(UTC)
                 pending = await self._within(
-                    self._commands.pending_left(sandbox_id),
+                    self._pending_reads.submit(sandbox_id),
                     deadline=self._store_deadline(),
                     what="read the pending commands",
                 )
@@ -729,7 +771,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         sandbox_id: str,
         session_id: str,
         *,
-        generation: int,
+        generation: int | None,
         owner_epoch: int | None = None,
         delay_s: float = 0.0,
     ) -> None:

@@ -308,35 +308,49 @@ class CommandStore:
         transaction, unless a row has expired: only then are the expired ones marked (the same
         conditional UPDATE as before, idempotent; a row found expired here is expired for the
         UPDATE too, time only moves forward)."""
+        (left,) = await self.pending_left_many([sandbox_id], now=now)
+        return left
+
+    async def pending_left_many(
+        self, sandbox_ids: Sequence[str], *, now: datetime | None = None
+    ) -> builtins.list[builtins.list[tuple[CommandRow, timedelta]]]:
+        """:meth:`pending_left` of many sandboxes (in order; an id given twice is answered twice)
+        in one read, ``WHERE sandbox_id IN (...)``, and at most one write marking the expired rows
+        of all of them: a burst of hellos reads its pending commands in a few round trips, not one
+        per hello (issue 22)."""
+        if not sandbox_ids:
+            return []
+        ids = sorted(set(sandbox_ids))
         clock = self._clock(now)
         c = commands_table.c
-        mine = and_(c.sandbox_id == sandbox_id, c.state == PENDING)
+        mine = and_(c.sandbox_id.in_(ids), c.state == PENDING)
         query = select(*self._reads(now, commands_table)).where(mine).order_by(c.created_at, c.id)
-        rows: builtins.list[tuple[CommandRow, timedelta]] = []
-        expired = 0
-        with store_errors(f"cannot read the pending commands of sandbox {sandbox_id!r}"):
+        found: dict[str, builtins.list[tuple[CommandRow, timedelta]]] = {i: [] for i in ids}
+        expired: dict[str, int] = {}
+        what = f"sandbox {ids[0]!r}" if len(ids) == 1 else f"{len(ids)} sandboxes ({ids[0]!r}...)"
+        with store_errors(f"cannot read the pending commands of {what}"):
             async with self._db.engine.connect() as conn:
                 for r in await conn.execute(query):
                     at = self._now_of(r, now)
                     row = _row(r, at)  # EXPIRED when past its expiry on that clock
                     if row.state == PENDING:
-                        rows.append((row, row.expires_at - at))
+                        found[row.sandbox_id].append((row, row.expires_at - at))
                     else:
-                        expired += 1
+                        expired[row.sandbox_id] = expired.get(row.sandbox_id, 0) + 1
             if expired:
                 async with self._db.begin() as conn:
                     marked = await conn.execute(
                         update(commands_table)
-                        .where(mine, _past_expiry(clock))
+                        .where(c.sandbox_id.in_(sorted(expired)), c.state == PENDING, _past_expiry(clock))
                         .values(state=EXPIRED, error=EXPIRED_ERROR)
                     )
                 if marked.rowcount:
                     log.info(
                         "%d command(s) expired before a session took them: not sent",
                         marked.rowcount,
-                        extra={"sandbox_id": sandbox_id},
+                        extra={"sandbox_id": ids[0]} if len(ids) == 1 else {"sandbox_ids": sorted(expired)},
                     )
-        return rows
+        return [builtins.list(found[i]) for i in sandbox_ids]
 
     async def list(
         self, sandbox_id: str, limit: int = 100, *, now: datetime | None = None

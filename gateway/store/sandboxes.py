@@ -31,22 +31,44 @@ one batch per flush rather than one transaction per heartbeat.
 from __future__ import annotations
 
 import builtins
+import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, and_, bindparam, case, delete, false, func, not_, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Insert,
+    Text,
+    Update,
+    and_,
+    bindparam,
+    case,
+    column,
+    delete,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.store.commands import FAILED, PENDING
 from gateway.store.db import Database, StoreError, store_errors, utcnow
 from gateway.store.fencing import Fenced
 from gateway.store.leadership import LeaderTerm
+from gateway.store.schema import UTCDateTime
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
@@ -59,6 +81,32 @@ class Claim:
 
     owner_epoch: int
     high_water_mark: int
+    #: The generation of the row claimed (the pinned one, or without a pin, the row's).
+    generation: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One hello's claim, as :meth:`SandboxStore.claim` takes it (see there); ``register``: a
+    missing row is registered (as ``ensure`` does, driver ``external``) and claimed, rather than
+    refused with :class:`NoSuchSandbox`."""
+
+    sandbox_id: str
+    instance_id: str
+    session_id: str
+    journal_epoch: str
+    owner: str
+    at: datetime
+    generation: int | None = None
+    owner_run: str | None = None
+    connection_epoch: int = 0
+    live_for_s: float | None = None
+    read_high_water_mark: bool = False
+    register: bool = False
+
+
+class NoSuchSandbox(StoreError):
+    """A claim of a sandbox that has no row (and was not to be registered): nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +177,16 @@ def _held_live(
     ``live_for_s`` of ``at``): a hello with that epoch is a late connection of the same supervisor.
     Heartbeat times are written on each replica's clock (see gateway.sandbox_state): the bound
     assumes clocks in step, as the API's liveness rule does."""
+    return _held_live_since(instance_id, connection_epoch, since=at - timedelta(seconds=live_for_s))
+
+
+def _held_live_since(
+    instance_id: str | ColumnElement[Any],
+    connection_epoch: int | ColumnElement[Any],
+    *,
+    since: datetime | ColumnElement[Any],
+) -> ColumnElement[bool]:
+    """:func:`_held_live` with its bound as a time (or, in a batched claim, each request's column)."""
     c = sandboxes_table.c
     heard = func.coalesce(c.last_heartbeat_at, c.connected_at)
     return and_(
@@ -137,7 +195,70 @@ def _held_live(
         c.connection_epoch >= connection_epoch,
         c.connected.is_(True),
         heard.is_not(None),
-        heard >= at - timedelta(seconds=live_for_s),
+        heard >= since,
+    )
+
+
+#: The batched claim's requests as a table (``v``), from one JSON array parameter ``rows``: the
+#: statement's text does not depend on the batch's size (compiled once), and SQLite refuses
+#: SQLAlchemy's VALUES construct. Times are as the columns store them on the dialect.
+_CLAIM_SOURCE = {
+    "postgresql": "SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id text, "
+    "instance_id text, session_id text, journal_epoch text, owner text, owner_run text, "
+    "at timestamptz, since timestamptz, generation bigint, connection_epoch bigint)",
+    "sqlite": "SELECT value ->> '$.id' AS id, value ->> '$.instance_id' AS instance_id, "
+    "value ->> '$.session_id' AS session_id, value ->> '$.journal_epoch' AS journal_epoch, "
+    "value ->> '$.owner' AS owner, value ->> '$.owner_run' AS owner_run, value ->> '$.at' AS at, "
+    "value ->> '$.since' AS since, value ->> '$.generation' AS generation, "
+    "value ->> '$.connection_epoch' AS connection_epoch FROM json_each(:rows)",
+}
+
+
+@functools.cache
+def _claim_statement(dialect: str) -> Update:
+    """The batched claim's UPDATE (see ``SandboxStore.claim_many``): each request's row claimed
+    with its own values, under its own generation pin and stale-connection rule."""
+    c = sandboxes_table.c
+    v = (
+        text(_CLAIM_SOURCE[dialect])
+        .columns(
+            column("id", Text),
+            column("instance_id", Text),
+            column("session_id", Text),
+            column("journal_epoch", Text),
+            column("owner", Text),
+            column("owner_run", Text),
+            column("at", UTCDateTime()),
+            column("since", UTCDateTime()),
+            column("generation", BigInteger),
+            column("connection_epoch", BigInteger),
+        )
+        .subquery("v")
+    )
+    stale = and_(
+        v.c.since.is_not(None), _held_live_since(v.c.instance_id, v.c.connection_epoch, since=v.c.since)
+    )
+    return (
+        update(sandboxes_table)
+        .where(
+            c.id == v.c.id,
+            or_(v.c.generation.is_(None), c.generation == v.c.generation),
+            not_(stale),
+        )
+        .values(
+            owner_epoch=c.owner_epoch + 1,
+            instance_id=v.c.instance_id,
+            session_id=v.c.session_id,
+            journal_epoch=v.c.journal_epoch,
+            owner=v.c.owner,
+            owner_run=v.c.owner_run,
+            connection_epoch=v.c.connection_epoch,
+            connected=True,
+            connected_at=v.c.at,
+            last_heartbeat_at=v.c.at,
+            disconnected_at=None,
+        )
+        .returning(c.id, c.owner_epoch, c.generation)
     )
 
 
@@ -504,67 +625,188 @@ class SandboxStore:
         the lock and is then fenced. It must not be folded into the UPDATE (a RETURNING subquery,
         a CTE): one statement has one snapshot, taken before it waited for the lock, and could
         miss a batch committed meanwhile. On SQLite the transaction holds the one writer."""
-        what = f"cannot mark sandbox {sandbox_id!r} connected"
+        (outcome,) = await self.claim_many(
+            [
+                ClaimRequest(
+                    sandbox_id,
+                    instance_id=instance_id,
+                    session_id=session_id,
+                    journal_epoch=journal_epoch,
+                    owner=owner,
+                    at=at,
+                    generation=generation,
+                    owner_run=owner_run,
+                    connection_epoch=connection_epoch,
+                    live_for_s=live_for_s,
+                    read_high_water_mark=read_high_water_mark,
+                )
+            ]
+        )
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> builtins.list[Claim | Exception | None]:
+        """Many hellos' claims (see :meth:`claim`, whose rules each one follows exactly) in ONE
+        transaction of a constant number of statements, whatever their number (group commit: a
+        burst of hellos was bound by the round trips of one transaction each, issue 22). Returns
+        one outcome per request, in order: its :class:`Claim`, None (the pinned generation is
+        gone), or the exception :meth:`claim` would raise for it alone (:class:`StaleConnection`,
+        :class:`NoSuchSandbox`); the others are claimed all the same. A failure of the transaction
+        raises StoreError: then nothing of any of them was written.
+
+        The statements: the registering INSERT (only with ``register`` requests, ids in order);
+        the rows locked FOR UPDATE in id order (two replicas' batches lock in the same order, so
+        they cannot deadlock); one UPDATE .. FROM the requests' values (a JSON array: the statement
+        text is the same whatever the batch's size) .. RETURNING the claimed rows, each with its
+        own generation pin and stale-connection rule; one SELECT of the high-water marks, after
+        the UPDATE as :meth:`claim` requires. Two requests of one sandbox are claimed in their
+        order, one UPDATE each (the later owns the row, the earlier is fenced as if it came
+        first). A request the UPDATE did not claim is explained by a read of its row."""
+        if not requests:
+            return []
+        ids = sorted({r.sandbox_id for r in requests})
+        what = f"cannot mark {len(ids)} sandbox(es) connected ({ids[0]!r}...)"
+        if len(ids) == 1:
+            what = f"cannot mark sandbox {ids[0]!r} connected"
+        # Rounds: the n-th request of each sandbox goes in the n-th UPDATE (one round, unless a
+        # sandbox said hello twice in the batch: an UPDATE .. FROM joining a row twice would
+        # apply one of the two, unpredictably, on PostgreSQL).
+        rounds: builtins.list[builtins.list[int]] = []
+        seen: dict[str, int] = {}
+        for index, request in enumerate(requests):
+            n = seen.get(request.sandbox_id, 0)
+            seen[request.sandbox_id] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(index)
+        outcomes: builtins.list[Claim | Exception | None] = [None] * len(requests)
+        claimed: dict[int, tuple[int, int]] = {}  # request index -> (owner_epoch, generation)
         c = sandboxes_table.c
         with store_errors(what):
             async with self._db.begin() as conn:
+                registering = sorted({r.sandbox_id for r in requests if r.register})
+                if registering:
+                    # Before any lock, in id order (like the locks below): two batches
+                    # registering the same new ids wait on each other in one order.
+                    now = utcnow()
+                    await conn.execute(
+                        self._insert().values(
+                            [
+                                {"id": i, "driver": "external", "created_at": now, "spec": None}
+                                for i in registering
+                            ]
+                        )
+                    )
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
-                # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the claim
-                # waits for writes in flight, and they for it; the UPDATE alone would not.
-                await conn.execute(select(c.id).where(c.id == sandbox_id).with_for_update())
-                # The stale-connection rule is in the claim's own WHERE, not in a read before it:
-                # one statement is atomic on both dialects (on SQLite the read above runs outside
-                # the transaction the UPDATE begins, so a newer hello could claim in between).
-                stale: tuple[ColumnElement[bool], ...] = ()
-                if connection_epoch > 0 and live_for_s is not None:
-                    stale = (_held_live(instance_id, connection_epoch, at=at, live_for_s=live_for_s),)
-                epoch = await conn.scalar(
-                    update(sandboxes_table)
-                    .where(c.id == sandbox_id, *_of_generation(generation), *(not_(x) for x in stale))
-                    .values(
-                        owner_epoch=c.owner_epoch + 1,
-                        instance_id=instance_id,
-                        session_id=session_id,
-                        journal_epoch=journal_epoch,
-                        owner=owner,
-                        owner_run=owner_run,
-                        connection_epoch=connection_epoch,
-                        connected=True,
-                        connected_at=at,
-                        last_heartbeat_at=at,
-                        disconnected_at=None,
+                # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the
+                # claim waits for writes in flight, and they for it; the UPDATE alone would not.
+                await conn.execute(select(c.id).where(c.id.in_(ids)).order_by(c.id).with_for_update())
+                for round_ in rounds:
+                    # The stale-connection rule is in the claim's own WHERE, not in a read before
+                    # it: one statement is atomic on both dialects.
+                    rows = await conn.execute(
+                        _claim_statement(conn.dialect.name),
+                        {"rows": self._claim_rows(conn.dialect, requests, round_)},
                     )
-                    .returning(c.owner_epoch)
-                )
-                if epoch is None:
-                    # Nothing claimed: read the row (in this transaction) only to tell why.
-                    row = (
-                        await conn.execute(
-                            select(c.generation, c.connection_epoch, *stale).where(c.id == sandbox_id)
-                        )
-                    ).first()
-                    if row is None:
-                        raise StoreError(f"{what}: no such sandbox (register it first)")
-                    if generation is not None and row.generation != generation:
-                        return None  # the id was created again
-                    if stale and row[2]:
-                        raise StaleConnection(
-                            sandbox_id,
-                            instance_id=instance_id,
-                            connection_epoch=connection_epoch,
-                            held_epoch=int(row.connection_epoch),
-                        )
-                    raise StoreError(f"{what}: the claim matched no row, for no reason it can tell")
-                mark = 0
-                if read_high_water_mark:
-                    top = await conn.scalar(
-                        select(func.max(events_table.c.sequence)).where(
-                            events_table.c.sandbox_id == sandbox_id,
-                            events_table.c.journal_epoch == journal_epoch,
-                        )
+                    by_id = {row.id: (int(row.owner_epoch), int(row.generation)) for row in rows}
+                    for index in round_:
+                        got = by_id.get(requests[index].sandbox_id)
+                        if got is not None:
+                            claimed[index] = got
+                        else:
+                            outcomes[index] = await self._unclaimed(conn, requests[index])
+                marks: dict[tuple[str, str], int] = {}
+                wanted = {
+                    (requests[i].sandbox_id, requests[i].journal_epoch)
+                    for i in claimed
+                    if requests[i].read_high_water_mark
+                }
+                if wanted:
+                    e = events_table.c
+                    top = await conn.execute(
+                        select(e.sandbox_id, e.journal_epoch, func.max(e.sequence))
+                        .where(tuple_(e.sandbox_id, e.journal_epoch).in_(sorted(wanted)))
+                        .group_by(e.sandbox_id, e.journal_epoch)
                     )
-                    mark = int(top) if top is not None else 0
-                return Claim(owner_epoch=int(epoch), high_water_mark=mark)
+                    marks = {(row[0], row[1]): int(row[2]) for row in top if row[2] is not None}
+        for index, (owner_epoch, generation) in claimed.items():
+            request = requests[index]
+            outcomes[index] = Claim(
+                owner_epoch=owner_epoch,
+                high_water_mark=marks.get((request.sandbox_id, request.journal_epoch), 0)
+                if request.read_high_water_mark
+                else 0,
+                generation=generation,
+            )
+        return outcomes
+
+    @staticmethod
+    def _claim_rows(dialect: Dialect, requests: Sequence[ClaimRequest], round_: Sequence[int]) -> str:
+        """The JSON array of a round's requests, the claim statement's one parameter; times as
+        the column type binds them on this dialect (SQLite compares its stored text)."""
+        # The dialect's own processing of the column (SQLite: its stored text, which the stale
+        # rule compares as text); PostgreSQL's recordset parses ISO 8601.
+        bind = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+
+        def stamp(at: datetime) -> Any:
+            if dialect.name == "postgresql" or bind is None:
+                return at.astimezone(UTC).isoformat()
+            return bind(at)
+
+        rows = []
+        for index in round_:
+            r = requests[index]
+            live = r.connection_epoch > 0 and r.live_for_s is not None
+            rows.append(
+                {
+                    "id": r.sandbox_id,
+                    "instance_id": r.instance_id,
+                    "session_id": r.session_id,
+                    "journal_epoch": r.journal_epoch,
+                    "owner": r.owner,
+                    "owner_run": r.owner_run,
+                    "at": stamp(r.at),
+                    # Heard from since then: the holder is live (None: no stale rule applies).
+                    "since": stamp(r.at - timedelta(seconds=r.live_for_s or 0.0)) if live else None,
+                    "generation": r.generation,
+                    "connection_epoch": r.connection_epoch,
+                }
+            )
+        return json.dumps(rows)
+
+    async def _unclaimed(self, conn: AsyncConnection, request: ClaimRequest) -> Exception | None:
+        """Why ``request`` was not claimed (read in the claim's transaction): the outcome of
+        :meth:`claim` for it."""
+        c = sandboxes_table.c
+        what = f"cannot mark sandbox {request.sandbox_id!r} connected"
+        stale: tuple[ColumnElement[bool], ...] = ()
+        if request.connection_epoch > 0 and request.live_for_s is not None:
+            stale = (
+                _held_live(
+                    request.instance_id,
+                    request.connection_epoch,
+                    at=request.at,
+                    live_for_s=request.live_for_s,
+                ),
+            )
+        row = (
+            await conn.execute(
+                select(c.generation, c.connection_epoch, *stale).where(c.id == request.sandbox_id)
+            )
+        ).first()
+        if row is None:
+            return NoSuchSandbox(f"{what}: no such sandbox (register it first)")
+        if request.generation is not None and row.generation != request.generation:
+            return None  # the id was created again
+        if stale and row[2]:
+            return StaleConnection(
+                request.sandbox_id,
+                instance_id=request.instance_id,
+                connection_epoch=request.connection_epoch,
+                held_epoch=int(row.connection_epoch),
+            )
+        return StoreError(f"{what}: the claim matched no row, for no reason it can tell")
 
     async def mark_disconnected(
         self,
