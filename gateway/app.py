@@ -423,8 +423,13 @@ class Gateway:
             await self._flush_once()
 
     async def _flush_once(self) -> None:
-        stale_after = Liveness.from_settings(self.config.sessions).stale_after_s
-        beats = self.registry.take_heartbeats(renew_after_s=stale_after)
+        # Only the sessions whose written time would otherwise go stale for a reader before the
+        # flush after next (gateway.sessions): not one row per heartbeat.
+        sessions_cfg = self.config.sessions
+        due_after = Liveness.from_settings(sessions_cfg).heartbeat_write_after(
+            sessions_cfg.heartbeat_flush_interval_s
+        )
+        beats = self.registry.take_heartbeats(renew_after_s=due_after)
         if beats and self._sandboxes is not None:
             # Each beat is written only while the row names its session and its claim (fencing).
             sessions = self.registry.heartbeat_sessions(beats)
@@ -452,9 +457,9 @@ class Gateway:
                     # A store failure is expected and explained by its message; anything else is a bug.
                     exc_info=None if isinstance(exc, StoreError) else exc,
                 )
-                self.registry.requeue_heartbeats(beats, sessions=sessions)
+                # Nothing counts as written: the next flush finds these due again, newest times.
             else:
-                self.registry.heartbeats_written(beats)
+                self.registry.heartbeats_written(beats, sessions=sessions)
                 # Sessions whose sandbox a newer session claimed end now (SessionRejected SUPERSEDED).
                 self.registry.fence(fenced, sessions)
 

@@ -182,6 +182,13 @@ class Liveness:
             interval = max(interval, UPSTREAM_HEARTBEAT_FLOOR_S)
         return interval * (1 + jitter) + grace_s
 
+    def heartbeat_write_after(self, flush_interval_s: float) -> float:
+        """How old the heartbeat time written for a live session may grow before a flush must
+        write a newer one (``SessionRegistry.take_heartbeats``): ``fresh_for_s`` less three flush
+        intervals, so the row never looks stale while the session is live even when the next
+        flush runs up to one interval late and the one after it fails (the next one writes)."""
+        return max(0.0, self.fresh_for_s - 3 * flush_interval_s)
+
     def stale_after_of(self, *, upstream: bool) -> float:
         """The bound a session is given: an upstream one's, or ours."""
         return max(self.stale_after_s, self.upstream_stale_after_s) if upstream else self.stale_after_s

@@ -1004,7 +1004,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 if isinstance(item, Outbound):
                     yield item.message
                     continue
-                self._registry.touch(session)
+                # What the flush writes is derived from this (SessionRegistry.take_heartbeats).
+                session.touch()
                 message = item.message
                 if message.HasField("heartbeat"):
                     # The hot path, answered here: one message per session per interval.

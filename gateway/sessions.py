@@ -4,11 +4,29 @@ A session is one accepted ConnectSupervisor stream. At most one session per sand
 a new hello for the same sandbox replaces the old session (the supervisor reconnected before
 the old stream was noticed dead), and the old stream's handler is told to end through its
 inbox. The registry also remembers when each session last spoke; a flusher task writes those
-times to the database in one batch every few seconds instead of one write per heartbeat. The
-database's heartbeat time is what shows a sandbox connected (:mod:`gateway.sandbox_state`), so a
-live session that has not spoken for a whole stale bound (a command widened its heartbeat
-interval) is renewed with the flush time: the gateway still holds it, and its own stale check,
-widened to match, vouches for it.
+times to the database in one batch every few seconds (``sessions.heartbeat_flush_interval_s``, F).
+
+The database's heartbeat time matters only to readers that ask "heard from within ``fresh_for_s``?"
+(:mod:`gateway.sandbox_state`: the API's and the metrics' "connected", another replica's view of
+the row, a late hello's ``_held_live``; ``fresh_for_s`` is the largest stale bound of the fixed
+interval, upstream's 5 s floor included, + 2F). So a flush does not write every beat: it writes a
+session's time only once the time written last is older than W = ``fresh_for_s`` - 3F
+(``Liveness.heartbeat_write_after``, 25 s by default; ``take_heartbeats``). The next flush comes
+within F, or 2F when it runs late, and if that one fails the one after it within F more, so the
+row's time is never older than W + 3F = ``fresh_for_s`` while the session is live, and every
+reader's verdict is the one it had when each beat was written. At 10 s intervals (F = 5 s) a row
+is written every 13-30 s (22 s on average) instead of every 10 s. What is written is the time the
+supervisor last spoke, a real one, except for a live session allowed a longer silence than W (a
+command or the adaptive interval widened its heartbeat interval, or it is near its own bound)
+whose last word is older than W: it is renewed with the flush time, as the gateway still holds
+it and its own stale check vouches for it. A flush that fails counts nothing as written: the next
+one finds the same sessions due, with their latest times.
+
+What a reader sees differently: ``last_heartbeat_at`` means "heard from at least this recently":
+it may be up to ``fresh_for_s`` behind the last beat (was 2F), so a sandbox whose replica died
+shows ``disconnected`` since a time up to that much before its last beat, and is shown so no later
+than before. A session whose row another claim took (fenced) learns it at its next write, within
+W + 2F instead of 2F (its event batches are fenced on their own, at once).
 
 A session's ``owner_epoch`` is its claim on the sandbox in the database
 (``SandboxStore.mark_connected``), made before it enters the registry; every write of the session
@@ -21,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -122,22 +141,23 @@ class Session:
         """When the supervisor last spoke, as a wall time: derived from the monotonic time once
         per touch (a flush asks for a few thousand every few seconds; a touch comes with every
         message), then the same value until the next touch."""
-        if self._seen_wall is None:
-            ago = time.monotonic() - self.last_seen_monotonic
-            self._seen_wall = datetime.now(UTC) - timedelta(seconds=max(ago, 0.0))
-        return self._seen_wall
+        return self.seen_wall_at(datetime.now(UTC), time.monotonic())
 
     @last_seen_wall.setter
     def last_seen_wall(self, value: datetime) -> None:
         self._seen_wall = value
 
+    def seen_wall_at(self, now_wall: datetime, now_monotonic: float) -> datetime:
+        """``last_seen_wall`` from a clock pair the caller read once (a flush: one pair for all)."""
+        if self._seen_wall is None:
+            ago = now_monotonic - self.last_seen_monotonic
+            self._seen_wall = now_wall - timedelta(seconds=max(ago, 0.0))
+        return self._seen_wall
+
 
 class SessionRegistry:
     def __init__(self) -> None:
         self._live: dict[SandboxId, Session] = {}
-        self._dirty: set[SandboxId] = set()
-        #: Heartbeat times of a failed flush, to write with the next one.
-        self._pending: dict[SandboxId, datetime] = {}
 
     def open(
         self,
@@ -156,6 +176,7 @@ class SessionRegistry:
         old = self._live.get(sandbox_id)
         if old is not None and old.owner_epoch > owner_epoch:
             return None
+        opened = opened_at if opened_at is not None else datetime.now(UTC)
         session = Session(
             sandbox_id=sandbox_id,
             session_id=session_id if session_id is not None else new_session_id(),
@@ -163,14 +184,16 @@ class SessionRegistry:
             journal_epoch=journal_epoch,
             capabilities=capabilities,
             owner_epoch=owner_epoch,
-            opened_at=opened_at if opened_at is not None else datetime.now(UTC),
+            opened_at=opened,
+            # The claim wrote this heartbeat time (before the session got here): the next write
+            # is due W after it, not after now.
+            last_flushed_wall=opened,
         )
         if old is not None:
+            # The old session's beats are not the new one's: heartbeats are written per session,
+            # and the flush looks at live sessions only.
             log.info("session replaced", extra={"sandbox_id": sandbox_id, "old_session": old.session_id})
             old.inbox.put_nowait(Close("replaced by a newer session of the same sandbox"))
-            # The old session's beats are not the new one's (heartbeats are written per session).
-            self._dirty.discard(sandbox_id)
-            self._pending.pop(sandbox_id, None)
         self._live[sandbox_id] = session
         return session
 
@@ -178,8 +201,6 @@ class SessionRegistry:
         """Forget ``session``; False when a newer session already took its place."""
         if self._live.get(session.sandbox_id) is session:
             del self._live[session.sandbox_id]
-            self._dirty.discard(session.sandbox_id)
-            self._pending.pop(session.sandbox_id, None)
             return True
         return False
 
@@ -187,8 +208,8 @@ class SessionRegistry:
         return self._live.get(session.sandbox_id) is session
 
     def touch(self, session: Session) -> None:
+        """The supervisor spoke (the session loop calls ``Session.touch`` itself: the same)."""
         session.touch()
-        self._dirty.add(session.sandbox_id)
 
     def heartbeat_sessions(self, beats: dict[str, datetime]) -> dict[str, str]:
         """The session each of ``beats`` is about (the live one), for a write conditional on it;
@@ -216,56 +237,45 @@ class SessionRegistry:
                     )
                 )
 
-    def take_heartbeats(self, *, renew_after_s: float | None = None) -> dict[str, datetime]:
-        """The heartbeat times to flush: last-seen times changed since the previous call, those of
-        a flush that failed (``requeue_heartbeats``), and with ``renew_after_s`` (the default
-        stale bound) the flush time for every live session allowed a longer silence whose time
-        was last written longer ago than that (see the module docstring). Several times for one
-        sandbox are merged by the latest. Call ``heartbeats_written`` once they are stored."""
-        now = datetime.now(UTC)
+    def take_heartbeats(
+        self, *, renew_after_s: float | None = None, at: tuple[datetime, float] | None = None
+    ) -> dict[str, datetime]:
+        """The heartbeat times a flush must write (see the module docstring): with
+        ``renew_after_s`` (W, ``Liveness.heartbeat_write_after``), for each live session whose
+        time written last is older than W, the time it last spoke if that is newer, or the flush
+        time if the session may be silent longer than W and was (the renewal); without it, every
+        time newer than the one written. Nothing counts as written until ``heartbeats_written``:
+        after a failed flush the next call finds the same sessions due, with their latest times.
+
+        It runs over every live session on the event loop at each flush: one comparison of two
+        datetimes for a session not due, and one clock read for all (``at``: that pair, wall
+        and monotonic, read by the caller)."""
+        now, now_monotonic = (datetime.now(UTC), time.monotonic()) if at is None else at
+        due_before = now if renew_after_s is None else now - timedelta(seconds=renew_after_s)
+        renew_above = math.inf if renew_after_s is None else renew_after_s
         beats: dict[str, datetime] = {}
-
-        def merge(sandbox_id: SandboxId, at: datetime) -> None:
-            before = beats.get(sandbox_id)
-            beats[sandbox_id] = at if before is None else max(before, at)
-
-        for sandbox_id, at in self._pending.items():
-            if sandbox_id in self._live:
-                merge(sandbox_id, at)
-        for sandbox_id in self._dirty:
-            if sandbox_id in self._live:
-                merge(sandbox_id, self._live[sandbox_id].last_seen_wall)
-        if renew_after_s is not None:
-            idle_since = now - timedelta(seconds=renew_after_s)
-            for live_id, session in self._live.items():
-                # Measured from the last time that was written, not handed out: a renewal whose
-                # flush failed is due again at the next flush. The cheap test first: this loop
-                # runs over every live session at every flush, on the event loop.
-                if session.stale_after_s > renew_after_s and session.last_flushed_wall < idle_since:
-                    merge(live_id, now)
-        self._dirty.clear()
-        self._pending.clear()
+        for sandbox_id, session in self._live.items():
+            written = session.last_flushed_wall
+            if written >= due_before:
+                continue  # fresh enough for every reader until the flush after next
+            seen = session.seen_wall_at(now, now_monotonic)
+            if seen < due_before and session.stale_after_s > renew_above:
+                beats[sandbox_id] = now
+            elif seen > written:
+                beats[sandbox_id] = seen
         return beats
 
-    def heartbeats_written(self, beats: dict[str, datetime]) -> None:
-        """The flush of ``beats`` committed: they count as written for the renewal."""
-        for sandbox_id, at in beats.items():
-            session = self._live.get(SandboxId(sandbox_id))
-            if session is not None:
-                session.last_flushed_wall = max(session.last_flushed_wall, at)
-
-    def requeue_heartbeats(
+    def heartbeats_written(
         self, beats: dict[str, datetime], *, sessions: dict[str, str] | None = None
     ) -> None:
-        """The flush of ``beats`` failed: hand them out again with the next flush (if the sandbox
-        is still live, and with ``sessions`` still in the same session), merged by the latest
-        time with whatever comes meanwhile."""
+        """The flush of ``beats`` committed: they count as written (the next write of each is due
+        W after it), for the sessions ``sessions`` names (``heartbeat_sessions``) if still live:
+        a session that replaced one during the flush has its own time, its claim's."""
         for sandbox_id, at in beats.items():
-            key = SandboxId(sandbox_id)
-            live = self._live.get(key)
-            if live is not None and (sessions is None or sessions[sandbox_id] == live.session_id):
-                before = self._pending.get(key)
-                self._pending[key] = at if before is None else max(before, at)
+            session = self._live.get(SandboxId(sandbox_id))
+            if session is None or (sessions is not None and sessions.get(sandbox_id) != session.session_id):
+                continue
+            session.last_flushed_wall = max(session.last_flushed_wall, at)
 
     def get(self, sandbox_id: str) -> Session | None:
         return self._live.get(SandboxId(sandbox_id))

@@ -53,29 +53,38 @@ def test_only_a_session_allowed_a_longer_silence_is_renewed_when_idle() -> None:
     registry = SessionRegistry()
     _open(registry, "usual", stale_after_s=2.0)
     _open(registry, "widened", stale_after_s=60.0)
-    assert registry.take_heartbeats(renew_after_s=2.0) == {}, "both were just handed out"
+    assert registry.take_heartbeats(renew_after_s=2.0) == {}, "both were just written by the claim"
     for sid in ("usual", "widened"):
         session = registry.get(sid)
         assert session is not None
-        session.last_flushed_wall -= timedelta(seconds=3)
+        # Both last spoke, and had that written, 3 s ago: longer than the default bound.
+        session.last_seen_wall -= timedelta(seconds=3)
+        session.last_flushed_wall = session.last_seen_wall
     before = datetime.now(UTC)
     beats = registry.take_heartbeats(renew_after_s=2.0)
+    # The usual one has nothing newer to write (its own stale check ends it); the widened one
+    # is vouched for by the gateway that holds it.
     assert list(beats) == ["widened"] and beats["widened"] >= before
     registry.heartbeats_written(beats)
     assert registry.take_heartbeats(renew_after_s=2.0) == {}, "renewed: not again until idle again"
 
 
-def test_a_heartbeat_is_handed_out_once_and_again_after_a_failed_flush() -> None:
+def test_a_heartbeat_is_written_once_due_and_again_after_a_failed_flush() -> None:
     registry = SessionRegistry()
     _open(registry, "sb", stale_after_s=2.0)
     session = registry.get("sb")
     assert session is not None
     registry.touch(session)
+    assert registry.take_heartbeats(renew_after_s=2.0) == {}, "the claim's time is fresh enough"
+    session.last_flushed_wall -= timedelta(seconds=3)
     beats = registry.take_heartbeats(renew_after_s=2.0)
     assert beats == {"sb": session.last_seen_wall}
-    assert registry.take_heartbeats(renew_after_s=2.0) == {}
-    registry.requeue_heartbeats(beats)
-    assert registry.take_heartbeats(renew_after_s=2.0) == beats
+    # That flush failed (nothing written): the next one finds it due again, with its latest time.
+    registry.touch(session)
+    again = registry.take_heartbeats(renew_after_s=2.0)
+    assert list(again) == ["sb"] and again["sb"] >= beats["sb"]
+    registry.heartbeats_written(again, sessions=registry.heartbeat_sessions(again))
+    assert registry.take_heartbeats(renew_after_s=2.0) == {}, "written: not again until R old"
 
 
 def test_a_failed_flush_does_not_undo_the_renewal_of_a_widened_session() -> None:
@@ -89,7 +98,7 @@ def test_a_failed_flush_does_not_undo_the_renewal_of_a_widened_session() -> None
     before = datetime.now(UTC)
     renewal = registry.take_heartbeats(renew_after_s=2.0)
     assert renewal["widened"] >= before, "renewed with the flush time"
-    registry.requeue_heartbeats(renewal)  # that flush failed
+    # That flush failed: nothing counts as written.
     again = registry.take_heartbeats(renew_after_s=2.0)
     assert again["widened"] >= renewal["widened"], "the next flush renews it again, not the older beat"
     registry.heartbeats_written(again)

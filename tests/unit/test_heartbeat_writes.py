@@ -1,0 +1,149 @@
+"""Which heartbeat times a flush writes (``SessionRegistry.take_heartbeats``, the rule in
+gateway/sessions.py's docstring), over a long simulated run on a virtual clock: a session's time is
+written only once the one written last is older than W (``Liveness.heartbeat_write_after``), so
+a session beating every 10 s has a row write every 13-30 s, not one per beat; and every reader's
+verdict still holds: with flushes that run late and some that fail (never two in a row), the row of
+every live session is never older than ``fresh_for_s`` (the API shows it connected all along), a
+session allowed a longer silence (widened interval) is renewed, and what is written is never later
+than the flush (a real time heard, or the flush's own for a renewal)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from gateway.config import SessionSettings
+from gateway.sandbox_state import Liveness
+from gateway.sessions import SessionRegistry
+from openshell_wire.records import JournalEpoch, SandboxId
+
+SETTINGS = SessionSettings(heartbeat_interval_s=10.0, grace_s=20.0, heartbeat_flush_interval_s=5.0)
+LIVENESS = Liveness.from_settings(SETTINGS)
+F = SETTINGS.heartbeat_flush_interval_s
+W = LIVENESS.heartbeat_write_after(F)
+WALL0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+MONO0 = 1000.0
+
+
+def test_the_bounds_leave_three_flushes_above_the_write_bound() -> None:
+    assert LIVENESS.fresh_for_s == 40.0
+    assert W == 25.0
+
+
+def _simulate(
+    *, sessions: int, widened: int, hours: float, seed: int
+) -> tuple[dict[str, int], int, list[str]]:
+    """Sessions beating every 10 s (+ up to 20 % jitter), ``widened`` of them every 50 s with a
+    60 s stale bound; a flush every F plus up to F/2 late, one in eight failing (never two in a
+    row). Returns the rows written per sandbox, the beats, and every moment a reader would have
+    seen a live session's row older than fresh_for_s (or a time in the future)."""
+    rng = random.Random(seed)
+    registry = SessionRegistry()
+    interval: dict[str, float] = {}
+    next_beat: dict[str, float] = {}
+    for i in range(sessions):
+        sid = f"sb-{i:03d}"
+        session = registry.open(
+            sandbox_id=SandboxId(sid),
+            instance_id="i",
+            journal_epoch=JournalEpoch("e"),
+            capabilities=frozenset(),
+            opened_at=WALL0,
+        )
+        assert session is not None
+        session.touch(MONO0)
+        wide = i < widened
+        session.stale_after_s = 60.0 if wide else LIVENESS.stale_after_s
+        interval[sid] = 50.0 if wide else SETTINGS.heartbeat_interval_s
+        next_beat[sid] = rng.uniform(0, interval[sid])
+    stored = dict.fromkeys(interval, WALL0)
+    writes = dict.fromkeys(interval, 0)
+    beats = 0
+    problems: list[str] = []
+    t = 0.0
+    next_flush = F
+    failed = False
+    end = hours * 3600
+    step = 0.5
+    while t < end:
+        t += step
+        wall = WALL0 + timedelta(seconds=t)
+        for sid, due in next_beat.items():
+            if due <= t:
+                session = registry.get(sid)
+                assert session is not None
+                session.touch(MONO0 + due)
+                beats += 1
+                next_beat[sid] = due + interval[sid] * (1 + rng.uniform(0, 0.2))
+        if t >= next_flush:
+            taken = registry.take_heartbeats(renew_after_s=W, at=(wall, MONO0 + t))
+            failed = not failed and rng.random() < 1 / 8
+            if not failed:
+                for sid, at in taken.items():
+                    if at > wall:
+                        problems.append(f"{t:.1f}s {sid}: wrote {at}, after the flush")
+                    stored[sid] = max(stored[sid], at)
+                    writes[sid] += 1
+                registry.heartbeats_written(taken, sessions=registry.heartbeat_sessions(taken))
+            # The next flush: one interval, and up to half one more when it runs late.
+            next_flush = t + F + rng.uniform(0, F / 2)
+        for sid, at in stored.items():
+            age = (wall - at).total_seconds()
+            if age > LIVENESS.fresh_for_s:
+                problems.append(f"{t:.1f}s {sid}: row {age:.1f}s old, shown disconnected while live")
+    return writes, beats, problems
+
+
+def test_a_row_is_written_once_its_time_would_go_stale_not_per_beat() -> None:
+    hours = 1.0
+    writes, beats, problems = _simulate(sessions=40, widened=0, hours=hours, seed=1)
+    assert not problems, problems[:5]
+    # One row per beat before: 300-360 beats per session-hour at 10-12 s. Now a write each time
+    # the written one passes W: at most one per W - 12 s (the beat written may be 12 s old).
+    per_session = [n / hours for n in writes.values()]
+    assert beats / 40 / hours > 290
+    assert max(per_session) <= 3600 / (W - 12), per_session
+    assert sum(per_session) / len(per_session) <= 3600 / 18, per_session
+    assert min(per_session) >= 3600 / LIVENESS.fresh_for_s, per_session
+
+
+def test_widened_sessions_are_renewed_and_failed_flushes_are_made_up() -> None:
+    """The harder mix: sessions silent for 50-60 s between beats (a command or the adaptive
+    interval widened them) beside usual ones, over three simulated hours with late and failed
+    flushes: every live row stays fresh for the readers."""
+    writes, _, problems = _simulate(sessions=30, widened=10, hours=3.0, seed=7)
+    assert not problems, problems[:5]
+    assert all(n > 0 for n in writes.values())
+
+
+def test_a_session_not_due_is_left_alone_and_a_replaced_one_keeps_its_claims_time() -> None:
+    registry = SessionRegistry()
+    first = registry.open(
+        sandbox_id=SandboxId("sb"),
+        instance_id="i",
+        journal_epoch=JournalEpoch("e"),
+        capabilities=frozenset(),
+        owner_epoch=1,
+        opened_at=WALL0,
+    )
+    assert first is not None
+    first.touch(MONO0 + W + 1)
+    due = registry.take_heartbeats(renew_after_s=W, at=(WALL0 + timedelta(seconds=W + 2), MONO0 + W + 2))
+    assert due == {"sb": WALL0 + timedelta(seconds=W + 1)}
+    sessions = registry.heartbeat_sessions(due)
+    # Replaced while that flush was in flight: the new session's row time is its claim's.
+    opened = WALL0 + timedelta(seconds=W + 1.5)
+    second = registry.open(
+        sandbox_id=SandboxId("sb"),
+        instance_id="i",
+        journal_epoch=JournalEpoch("e"),
+        capabilities=frozenset(),
+        owner_epoch=2,
+        opened_at=opened,
+    )
+    assert second is not None
+    registry.heartbeats_written(due, sessions=sessions)
+    assert second.last_flushed_wall == opened
+    # Beating, but its claim's time is not W old yet: nothing to write.
+    second.touch(MONO0 + W + 10)
+    assert registry.take_heartbeats(renew_after_s=W, at=(opened + timedelta(seconds=W), MONO0 + W + 11)) == {}
