@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -84,6 +85,7 @@ from gateway.store.db import cancels_safely, is_transient
 from gateway.store.fencing import Fenced
 from gateway.store.sandboxes import (
     Claim,
+    ClaimBusy,
     ClaimRequest,
     NoSuchSandbox,
     SandboxRow,
@@ -263,7 +265,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         # of hellos was bound by the round trips of one transaction each, not by CPU).
         self._batches = BackgroundTasks("hello-batches")
         self._claims: Batcher[ClaimRequest, Claim | None] = Batcher(
-            sandboxes.claim_many, name="hello-claims", tasks=self._batches, max_size=HELLO_BATCH_MAX
+            functools.partial(sandboxes.claim_many, skip_locked=True),
+            name="hello-claims",
+            tasks=self._batches,
+            max_size=HELLO_BATCH_MAX,
         )
         self._pending_reads: Batcher[str, list[tuple[CommandRow, timedelta]]] = Batcher(
             commands.pending_left_many,
@@ -416,6 +421,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 command.interval_ms / 1000, grace_s=self._config.sessions.grace_s, jitter=0.5
             )
             session.stale_after_s = max(session.stale_after_s, wanted)
+
+    async def _claim(self, request: ClaimRequest) -> Claim | None:
+        """The hello's claim, in the next batch (gateway.batching); a row the batch found held by
+        another transaction (ClaimBusy) is claimed alone, waiting for the lock as it must, so one
+        sandbox's row held long delays that sandbox's hello only, not the batches."""
+        try:
+            return await self._claims.submit(request)
+        except ClaimBusy:
+            return await self._sandboxes.claim_one(request)
 
     async def drain(self, *, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the writes that ended sessions left behind, then cancel
@@ -582,7 +596,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         pinned = registered.generation if registered is not None else None
         try:
             claimed = await self._within(
-                self._claims.submit(
+                self._claim(
                     ClaimRequest(
                         sandbox_id,
                         instance_id=hello.instance_id,

@@ -109,6 +109,12 @@ class NoSuchSandbox(StoreError):
     """A claim of a sandbox that has no row (and was not to be registered): nothing was written."""
 
 
+class ClaimBusy(Exception):
+    """A batched claim (``claim_many(skip_locked=True)``) found its row locked by another
+    transaction (a write of the session in flight, another replica's claim) and left it: nothing
+    was written; claim it alone (:meth:`SandboxStore.claim_one`), which waits for the lock."""
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxRow:
     id: str
@@ -646,7 +652,16 @@ class SandboxStore:
             raise outcome
         return outcome
 
-    async def claim_many(self, requests: Sequence[ClaimRequest]) -> builtins.list[Claim | Exception | None]:
+    async def claim_one(self, request: ClaimRequest) -> Claim | None:
+        """:meth:`claim` of one :class:`ClaimRequest`."""
+        (outcome,) = await self.claim_many([request])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def claim_many(
+        self, requests: Sequence[ClaimRequest], *, skip_locked: bool = False
+    ) -> builtins.list[Claim | Exception | None]:
         """Many hellos' claims (see :meth:`claim`, whose rules each one follows exactly) in ONE
         transaction of a constant number of statements, whatever their number (group commit: a
         burst of hellos was bound by the round trips of one transaction each, issue 22). Returns
@@ -662,7 +677,14 @@ class SandboxStore:
         own generation pin and stale-connection rule; one SELECT of the high-water marks, after
         the UPDATE as :meth:`claim` requires. Two requests of one sandbox are claimed in their
         order, one UPDATE each (the later owns the row, the earlier is fenced as if it came
-        first). A request the UPDATE did not claim is explained by a read of its row."""
+        first). A request the UPDATE did not claim is explained by a read of its row.
+
+        ``skip_locked`` (PostgreSQL; SQLite has one writer, nothing to skip): a row another
+        transaction holds is left, its request answered :class:`ClaimBusy`, so that one sandbox's
+        row held long (a replica frozen inside a write of it, see docs/high-availability.md)
+        stalls that sandbox's hello alone, not the batch and every hello queued behind it. A row
+        missing (and not registered) is answered ClaimBusy too on PostgreSQL (the lock's read
+        cannot tell the two apart): the request claimed alone says which."""
         if not requests:
             return []
         ids = sorted({r.sandbox_id for r in requests})
@@ -701,7 +723,16 @@ class SandboxStore:
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the
                 # claim waits for writes in flight, and they for it; the UPDATE alone would not.
-                await conn.execute(select(c.id).where(c.id.in_(ids)).order_by(c.id).with_for_update())
+                locking = select(c.id).where(c.id.in_(ids)).order_by(c.id)
+                if skip_locked and conn.dialect.name == "postgresql":
+                    locked = set(await conn.scalars(locking.with_for_update(skip_locked=True)))
+                    for index, request in enumerate(requests):
+                        if request.sandbox_id not in locked:
+                            outcomes[index] = ClaimBusy(request.sandbox_id)
+                    rounds = [[i for i in r if requests[i].sandbox_id in locked] for r in rounds]
+                    rounds = [r for r in rounds if r]
+                else:
+                    await conn.execute(locking.with_for_update())
                 for round_ in rounds:
                     # The stale-connection rule is in the claim's own WHERE, not in a read before
                     # it: one statement is atomic on both dialects.

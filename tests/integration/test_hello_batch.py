@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from grpc import aio
 from sqlalchemy import insert, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.app import Gateway
 from gateway.store import SandboxStore
@@ -324,3 +325,64 @@ async def test_a_burst_of_hellos_costs_far_fewer_statements_than_its_hellos_one_
     print(f"one hello: {len(single.statements)} statements; {len(ids)} hellos: {len(burst.statements)}")
     # One by one (the code before the group commit) a hello took 5 statements: 500 here.
     assert len(burst.statements) < len(ids) * len(single.statements) / 3, burst.report()
+
+
+def _hello(sandbox_id: str) -> pb.SupervisorMessage:
+    message = pb.SupervisorMessage()
+    message.hello.sandbox_id = sandbox_id
+    message.hello.instance_id = "i-" + sandbox_id
+    message.hello.connection_epoch = 1
+    message.hello.capabilities.extend(ALL_CAPABILITIES)
+    message.hello.journal_epoch = "e1"
+    return message
+
+
+async def test_a_row_held_by_another_transaction_delays_its_own_hello_only(
+    tmp_path: Path, database_url: str
+) -> None:
+    """PostgreSQL: a sandbox's row held long (a replica frozen inside a write of it) must not stall
+    the batch, nor the hellos queued behind it: the batch skips the row (FOR UPDATE SKIP LOCKED)
+    and that hello alone waits for the lock, then is claimed."""
+    overrides: dict[str, Any] = {
+        "database": {"url": database_url},
+        "sessions": {"register_unknown": True},
+        "rebalance": {"enabled": False},
+        "admission": {"enabled": False},
+        # Room for a loaded machine: the held hello must outlast the others, not its deadline.
+        "grpc": {"store_timeout_s": 20.0},
+    }
+    gw = Gateway(gateway_config(tmp_path, overrides))
+    await gw.start()
+    ids = [f"sb-{n:02d}" for n in range(20)]
+    for sandbox_id in [*ids, "sb-held"]:
+        await gw.sandboxes.create(sandbox_id, driver="external")
+    # A plain engine: no idle-in-transaction timeout ends its hold before the test does.
+    holder = create_async_engine(database_url)
+    channels = [aio.insecure_channel(gw.grpc_address) for _ in range(len(ids) + 1)]
+    try:
+        async with holder.connect() as conn:
+            txn = await conn.begin()
+            await conn.execute(
+                select(sandboxes_table.c.id).where(sandboxes_table.c.id == "sb-held").with_for_update()
+            )
+            held_call = pb_grpc.OpenShellStub(channels[0]).ConnectSupervisor()
+            await held_call.write(_hello("sb-held"))
+            held_answer = asyncio.ensure_future(held_call.read())
+            await asyncio.sleep(0.2)  # its batch is in flight, or it is queued: either way
+            calls = [pb_grpc.OpenShellStub(ch).ConnectSupervisor() for ch in channels[1:]]
+            for call, sandbox_id in zip(calls, ids, strict=True):
+                await call.write(_hello(sandbox_id))
+            # Answered while the row is still held (a batch waiting on it would hold them all).
+            answers = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 15)
+            assert [a.WhichOneof("payload") for a in answers] == ["session_accepted"] * len(ids)
+            assert not held_answer.done()  # still waiting for the row
+            await txn.rollback()
+        answer = await asyncio.wait_for(held_answer, 15)
+        assert answer.WhichOneof("payload") == "session_accepted"
+        held_call.cancel()
+        for call in calls:
+            call.cancel()
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
+        await holder.dispose()
+        await gw.stop()
