@@ -10,6 +10,7 @@ too (a trigger refusing one of its rows), not a mock.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -386,3 +387,40 @@ async def test_a_row_held_by_another_transaction_delays_its_own_hello_only(
         await asyncio.gather(*(ch.close() for ch in channels))
         await holder.dispose()
         await gw.stop()
+
+
+async def test_two_replicas_batches_of_overlapping_sandboxes_neither_deadlock_nor_lose_a_claim(
+    url: str,
+) -> None:
+    """Two replicas (two engines on one database) claim overlapping sets of sandboxes in batches,
+    each batch in its own order, many times at once: no deadlock (the rows are locked in id
+    order), and each sandbox's claims got distinct epochs, one per claim, the last one the row's."""
+    one, two = await Database.open(url), await Database.open(url, migrate=False)
+    try:
+        stores = [SandboxStore(one), SandboxStore(two)]
+        ids = [f"sb-{n:02d}" for n in range(12)]
+        for sandbox_id in ids:
+            await stores[0].ensure(sandbox_id)
+        rng = random.Random(3)
+
+        async def replica(store: SandboxStore, owner: str) -> list[tuple[str, int]]:
+            got: list[tuple[str, int]] = []
+            for _ in range(8):
+                batch = rng.sample(ids, 8)  # overlapping the other replica's, in any order
+                outcomes = await store.claim_many([_request(i, owner=owner) for i in batch])
+                for sandbox_id, outcome in zip(batch, outcomes, strict=True):
+                    assert isinstance(outcome, Claim), outcome
+                    got.append((sandbox_id, outcome.owner_epoch))
+            return got
+
+        results = await asyncio.wait_for(
+            asyncio.gather(replica(stores[0], "replica-a"), replica(stores[1], "replica-b")), 60
+        )
+        rows = await _rows(one)
+        for sandbox_id in ids:
+            epochs = sorted(e for r in results for i, e in r if i == sandbox_id)
+            assert epochs == list(range(1, len(epochs) + 1)), (sandbox_id, epochs)
+            assert rows[sandbox_id].owner_epoch == len(epochs)
+    finally:
+        await two.close()
+        await one.close()
