@@ -14,19 +14,22 @@ session's time only once the time written last is older than W = ``fresh_for_s``
 (``Liveness.heartbeat_write_after``, 25 s by default; ``take_heartbeats``). The next flush comes
 within F, or 2F when it runs late, and if that one fails the one after it within F more, so the
 row's time is never older than W + 3F = ``fresh_for_s`` while the session is live, and every
-reader's verdict is the one it had when each beat was written. At 10 s intervals (F = 5 s) a row
-is written every 13-30 s (22 s on average) instead of every 10 s. What is written is the time the
-supervisor last spoke, a real one, except for a live session allowed a longer silence than W (a
-command or the adaptive interval widened its heartbeat interval, or it is near its own bound)
-whose last word is older than W: it is renewed with the flush time, as the gateway still holds
-it and its own stale check vouches for it. A flush that fails counts nothing as written: the next
-one finds the same sessions due, with their latest times.
+reader's verdict is the one it had when each beat was written. What is written is the flush's own
+time: the gateway holds the session and vouches for it while it is within its own stale bound (its
+stale check ends it, and the disconnection is written, once it is not), as the replica's lease
+vouches for all its sessions. A time written by the supervisor's last beat would advance the row
+by one beat interval only, and at intervals above W / 2 need a write per beat; the flush's time
+advances it by W or more. So a row is written every W + F (30 s by default) whatever the heartbeat
+interval: 0.37 rows per heartbeat at 10 s intervals (was 1), 0.55 at 15 s. A session past its own
+stale bound whose stale check has not ended it yet gets the time it last spoke instead, if newer. A
+flush that fails counts nothing as written: the next one finds the same sessions due.
 
-What a reader sees differently: ``last_heartbeat_at`` means "heard from at least this recently":
-it may be up to ``fresh_for_s`` behind the last beat (was 2F), so a sandbox whose replica died
-shows ``disconnected`` since a time up to that much before its last beat, and is shown so no later
-than before. A session whose row another claim took (fenced) learns it at its next write, within
-W + 2F instead of 2F (its event batches are fenced on their own, at once).
+What a reader sees differently: ``last_heartbeat_at`` means "the gateway holding the session last
+vouched for it then" (up to W + 3F = ``fresh_for_s`` ago while it lives; was up to 2F), so a
+sandbox whose replica died shows ``disconnected`` since a time up to that much before the death,
+and stops showing ``connected`` no later than ``fresh_for_s`` after it (or when the replica's
+lease lapses, with leases). A session whose row another claim took (fenced) learns it at its next
+write, within W + 2F instead of 2F (its event batches are fenced on their own, at once).
 
 A session's ``owner_epoch`` is its claim on the sandbox in the database
 (``SandboxStore.mark_connected``), made before it enters the registry; every write of the session
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -242,24 +244,25 @@ class SessionRegistry:
     ) -> dict[str, datetime]:
         """The heartbeat times a flush must write (see the module docstring): with
         ``renew_after_s`` (W, ``Liveness.heartbeat_write_after``), for each live session whose
-        time written last is older than W, the time it last spoke if that is newer, or the flush
-        time if the session may be silent longer than W and was (the renewal); without it, every
-        time newer than the one written. Nothing counts as written until ``heartbeats_written``:
-        after a failed flush the next call finds the same sessions due, with their latest times.
+        time written last is older than W, the flush time while the session is within its own
+        stale bound (the gateway vouches for it), else the time it last spoke if that is newer
+        (its stale check is about to end it); without it, every time heard that is newer than
+        the one written. Nothing counts as written until ``heartbeats_written``: after a failed
+        flush the next call finds the same sessions due, with their latest times.
 
         It runs over every live session on the event loop at each flush: one comparison of two
         datetimes for a session not due, and one clock read for all (``at``: that pair, wall
         and monotonic, read by the caller)."""
         now, now_monotonic = (datetime.now(UTC), time.monotonic()) if at is None else at
-        due_before = now if renew_after_s is None else now - timedelta(seconds=renew_after_s)
-        renew_above = math.inf if renew_after_s is None else renew_after_s
+        vouch = renew_after_s is not None
+        due_before = now - timedelta(seconds=renew_after_s) if renew_after_s is not None else now
         beats: dict[str, datetime] = {}
         for sandbox_id, session in self._live.items():
             written = session.last_flushed_wall
             if written >= due_before:
                 continue  # fresh enough for every reader until the flush after next
             seen = session.seen_wall_at(now, now_monotonic)
-            if seen < due_before and session.stale_after_s > renew_above:
+            if vouch and (now - seen).total_seconds() <= session.stale_after_s:
                 beats[sandbox_id] = now
             elif seen > written:
                 beats[sandbox_id] = seen

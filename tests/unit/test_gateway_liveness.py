@@ -77,8 +77,9 @@ def test_a_heartbeat_is_written_once_due_and_again_after_a_failed_flush() -> Non
     registry.touch(session)
     assert registry.take_heartbeats(renew_after_s=2.0) == {}, "the claim's time is fresh enough"
     session.last_flushed_wall -= timedelta(seconds=3)
+    before = datetime.now(UTC)
     beats = registry.take_heartbeats(renew_after_s=2.0)
-    assert beats == {"sb": session.last_seen_wall}
+    assert list(beats) == ["sb"] and beats["sb"] >= before, "vouched for: within its own bound"
     # That flush failed (nothing written): the next one finds it due again, with its latest time.
     registry.touch(session)
     again = registry.take_heartbeats(renew_after_s=2.0)
