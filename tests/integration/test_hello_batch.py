@@ -26,7 +26,7 @@ from gateway.app import Gateway
 from gateway.store import SandboxStore
 from gateway.store.db import Database, StoreError
 from gateway.store.fencing import Fenced
-from gateway.store.sandboxes import Claim, ClaimRequest, NoSuchSandbox, StaleConnection
+from gateway.store.sandboxes import Claim, ClaimBusy, ClaimRequest, NoSuchSandbox, StaleConnection
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.records import ALL_CAPABILITIES
@@ -424,3 +424,39 @@ async def test_two_replicas_batches_of_overlapping_sandboxes_neither_deadlock_no
     finally:
         await two.close()
         await one.close()
+
+
+async def test_a_skipping_batch_leaves_held_rows_and_the_single_claim_explains_the_missing(
+    db: Database,
+) -> None:
+    """``claim_many(skip_locked=True)`` (the hello path's): a row another transaction holds is
+    answered ClaimBusy on PostgreSQL, as is a missing one there (the lock's read cannot tell them
+    apart); ``claim_one`` then waits for the lock, or says NoSuchSandbox. SQLite skips nothing."""
+    store = SandboxStore(db)
+    for sandbox_id in ("sb-held", "sb-free"):
+        await store.ensure(sandbox_id)
+    async with db.engine.connect() as conn:
+        txn = await conn.begin()
+        if db.dialect == "postgresql":
+            await conn.execute(
+                select(sandboxes_table.c.id).where(sandboxes_table.c.id == "sb-held").with_for_update()
+            )
+            outcomes = await store.claim_many(
+                [_request("sb-held"), _request("sb-free"), _request("sb-missing")], skip_locked=True
+            )
+            assert isinstance(outcomes[0], ClaimBusy) and isinstance(outcomes[2], ClaimBusy)
+            assert isinstance(outcomes[1], Claim)
+            waiting = asyncio.ensure_future(store.claim_one(_request("sb-held")))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # waits for the lock, as a single claim always did
+        await txn.rollback()
+    if db.dialect == "postgresql":
+        assert isinstance(await asyncio.wait_for(waiting, 10), Claim)
+    else:
+        outcomes = await store.claim_many(
+            [_request("sb-held"), _request("sb-free"), _request("sb-missing")], skip_locked=True
+        )
+        assert isinstance(outcomes[0], Claim) and isinstance(outcomes[1], Claim)
+        assert isinstance(outcomes[2], NoSuchSandbox)
+    with pytest.raises(NoSuchSandbox):
+        await store.claim_one(_request("sb-missing"))
