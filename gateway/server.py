@@ -39,7 +39,6 @@ lands, the sandbox's stale heartbeat already keeps it from being shown connected
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -160,6 +159,37 @@ MAX_GIVEN_UP_STORE_CALLS = 15
 #: commit, gateway.batching): enough for a burst's batches to amortise their round trips; the
 #: work of one batch (its JSON, its rows) is done on the event loop and must stay short.
 HELLO_BATCH_MAX = 64
+
+
+class _Admitted:
+    """The hello's admission ticket, if it got one, released however the call ends. Held by the
+    call's frame for the session's life: an ExitStack here cost a 760-byte deque per session."""
+
+    __slots__ = ("_ticket",)
+
+    def __init__(self) -> None:
+        self._ticket: Ticket | None = None
+
+    def hold(self, ticket: Ticket) -> Ticket:
+        self._ticket = ticket
+        return ticket
+
+    def close(self) -> None:
+        if self._ticket is not None:
+            self._ticket.release()  # idempotent
+            self._ticket = None
+
+
+#: The capability sets seen so far, each kept once: a hello's set (a subset of ALL_CAPABILITIES,
+#: so at most 2**len of them) is shared by every session that has it instead of held per session.
+_CAPABILITY_SETS: dict[frozenset[str], frozenset[str]] = {}
+_KNOWN_CAPABILITIES = frozenset(ALL_CAPABILITIES)
+
+
+def _capability_set(offered: Iterable[str]) -> frozenset[str]:
+    """The capabilities of ``offered`` this gateway speaks (unknown ones ignored), interned."""
+    known = frozenset(offered) & _KNOWN_CAPABILITIES
+    return _CAPABILITY_SETS.setdefault(known, known)
 
 
 class _NotAnswered(StoreError):
@@ -466,7 +496,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
     ) -> AsyncIterator[pb.GatewayMessage]:
         # The hello's admission ticket (if any) is held here, so that however the hello ends
         # (answered, refused, failed, cancelled) its concurrency slot is freed.
-        admitted = contextlib.ExitStack()
+        admitted = _Admitted()
         try:
             # aclosing: when this call is closed at a yield (cancelled), _connect's cleanup (the
             # registry, the disconnection write) runs now, not whenever asyncio's asyncgen
@@ -490,7 +520,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         self,
         request_iterator: AsyncIterator[pb.SupervisorMessage],
         context: Ctx,
-        admitted: contextlib.ExitStack,
+        admitted: _Admitted,
     ) -> AsyncGenerator[pb.GatewayMessage]:
         peer = context.peer()
         try:
@@ -537,7 +567,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     pb.REJECT_CODE_OVERLOADED, f"overloaded: {entered.value}, retry later", retry_after_ms
                 )
                 return
-            ticket = admitted.enter_context(entered)
+            ticket = admitted.hold(entered)
+            del entered
         sandbox_id = SandboxId(hello.sandbox_id)
         if self._lease_written is not None and not self._lease_written():
             # A replica started before its schema was migrated renews in the background: a claim
@@ -548,7 +579,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         deadline = self._store_deadline()
         # Before anything of the sandbox is read or written: a refused peer learns only the reason.
         binding = await self._authenticate(context, sandbox_id, "ConnectSupervisor", deadline=deadline)
-        capabilities = frozenset(hello.capabilities) & frozenset(ALL_CAPABILITIES)
+        capabilities = _capability_set(hello.capabilities)
         events_mode = CAP_EVENTS in capabilities
         if events_mode and not hello.journal_epoch:
             yield self._rejection(
@@ -683,6 +714,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             yield self._accept(session, hello, peer)
             if ticket is not None:
                 ticket.accepted()  # written: the handshake is over, its slot freed
+            # This frame lives as long as the session: what only the hello needed goes now (the
+            # hello's message, the claim's answer and the ticket would otherwise be held per session).
+            del first, hello, claimed, binding, registered
+            ticket = None
+            admitted.close()
             if CAP_COMMANDS in session.capabilities:
                 # Whatever is still unanswered goes out again; the supervisor drops repeats.
                 # The time left is the database's, from this replica's clock before the read: the
@@ -934,7 +970,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         timer = loop.call_later(session.stale_after_s, check_stale)
         rechecked = False
         storing: asyncio.Task[pb.GatewayMessage] | None = None
-        waiting: collections.deque[pb.EventBatch] = collections.deque()
+        # A list, not a deque: a deque costs 760 bytes per session even while empty, and
+        # batches wait here one or two at a time (the supervisor bounds those in flight).
+        waiting: list[pb.EventBatch] = []
         try:
             while True:
                 if storing is not None and storing.done():
@@ -944,7 +982,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     continue
                 if storing is None and waiting:
                     storing = asyncio.create_task(
-                        self._store_batch(session, waiting.popleft()), name=f"store-{session.sandbox_id}"
+                        self._store_batch(session, waiting.pop(0)), name=f"store-{session.sandbox_id}"
                     )
                     storing.add_done_callback(lambda _: inbox.put_nowait(stored))
                 # Queue.get: cancelled while waiting, it takes nothing (an item stays queued for
@@ -977,7 +1015,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         yield await storing
                         storing = None
                     while waiting:
-                        yield await self._store_batch(session, waiting.popleft())
+                        yield await self._store_batch(session, waiting.pop(0))
                 if isinstance(item, InboundEnded):
                     if item.malformed is not None:
                         raise item.malformed
