@@ -446,10 +446,16 @@ async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_
 ) -> None:
     """The late hello (epoch 1) is paused right after its first read of the row; the newer one
     (epoch 2) claims and commits meanwhile; the late one then must not claim (on SQLite a read
-    before the UPDATE runs outside the UPDATE's transaction, so the rule must be in the UPDATE)."""
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    before the UPDATE runs outside the UPDATE's transaction, so the rule must be in the UPDATE).
+    The newer hello claims through a second Database on the file, as another gateway process
+    would: within one process the store's SQLite writer lock (Database.begin) already keeps the
+    two claims apart, so only another process can interleave."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    db = await Database.open(url)
+    other = await Database.open(url)
     try:
         sandboxes = SandboxStore(db)
+        elsewhere = SandboxStore(other)
         await sandboxes.ensure("sb")
         at = datetime.now(UTC)
         paused, resume = asyncio.Event(), asyncio.Event()
@@ -465,8 +471,8 @@ async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_
 
         monkeypatch.setattr(AsyncConnection, "execute", execute)
 
-        async def claim(session_id: str, epoch: int) -> int | None:
-            return await sandboxes.mark_connected(
+        async def claim(session_id: str, epoch: int, store: SandboxStore = sandboxes) -> int | None:
+            return await store.mark_connected(
                 "sb",
                 instance_id="inst-1",
                 session_id=session_id,
@@ -480,11 +486,12 @@ async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_
         late = asyncio.create_task(claim("s-late", 1), name="late")
         async with asyncio.timeout(10):
             await paused.wait()
-            assert await claim("s-newer", 2) is not None
+            assert await claim("s-newer", 2, elsewhere) is not None
             resume.set()
             with pytest.raises(StaleConnection):
                 await late
         row = await sandboxes.get("sb")
         assert row is not None and row.session_id == "s-newer" and row.connected
     finally:
+        await other.close()
         await db.close()
