@@ -460,6 +460,7 @@ class Gateway:
                 # Nothing counts as written: the next flush finds these due again, newest times.
             else:
                 self.registry.heartbeats_written(beats, sessions=sessions)
+                self.metrics.heartbeat_rows_written.inc(len(beats) - len(fenced))
                 # Sessions whose sandbox a newer session claimed end now (SessionRejected SUPERSEDED).
                 self.registry.fence(fenced, sessions)
 

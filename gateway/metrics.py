@@ -220,6 +220,12 @@ class GatewayMetrics:
             "SessionUpdate messages written to live sessions (a new heartbeat interval).",
             registry=self.registry,
         )
+        self.heartbeat_rows_written = Counter(
+            PREFIX + "heartbeat_rows_written",
+            "Sandbox rows whose heartbeat time a committed flush wrote: only those whose written time "
+            "would otherwise go stale for a reader, not one per heartbeat (gateway/sessions.py).",
+            registry=self.registry,
+        )
         self.replica = Info(
             PREFIX + "replica", "This gateway replica's id (ha.replica_id).", registry=self.registry
         )

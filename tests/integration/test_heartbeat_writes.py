@@ -31,6 +31,14 @@ LIVENESS = Liveness.from_settings(SETTINGS)
 WRITE_AFTER_S = LIVENESS.heartbeat_write_after(SETTINGS.heartbeat_flush_interval_s)
 
 
+def _rows_written(gateway: GatewayProcess) -> float:
+    url = f"http://127.0.0.1:{gateway.ops_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    prefix = "openshell_gateway_heartbeat_rows_written_total "
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def _api_states(gateway: GatewayProcess) -> dict[str, str]:
     url = f"http://127.0.0.1:{gateway.http_port}/api/v1/sandboxes"
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -53,6 +61,7 @@ async def _scenario(gateway: GatewayProcess, store: SandboxStore) -> None:
         changes: Counter[str] = Counter()
         problems: list[str] = []
         beats_before = sum(len(sim.rtts) for sim in sims)
+        rows_before = await asyncio.to_thread(_rows_written, gateway)
         end = time.monotonic() + WATCH_S
         while time.monotonic() < end:
             rows = {row.id: row for row in await store.list() if row.id.startswith("beat-")}
@@ -71,6 +80,7 @@ async def _scenario(gateway: GatewayProcess, store: SandboxStore) -> None:
             ]
             await asyncio.sleep(0.2)
         beats = sum(len(sim.rtts) for sim in sims) - beats_before
+        rows = await asyncio.to_thread(_rows_written, gateway) - rows_before
         # Every session beat all along (the API and the rule above saw them all live).
         assert all(sim.connected and len(sim.sessions) == 1 for sim in sims), [s.sessions for s in sims]
         assert not problems, problems[:10]
@@ -80,6 +90,8 @@ async def _scenario(gateway: GatewayProcess, store: SandboxStore) -> None:
         assert beats >= SESSIONS * WATCH_S, f"only {beats} heartbeats answered"
         most = int(WATCH_S / (WRITE_AFTER_S - 0.6)) + 1
         assert max(changes.values(), default=0) <= most, f"row writes in {WATCH_S:g}s: {changes}"
+        # The gateway's own count says the same (what it wrote, not only what a reader noticed).
+        assert 0 < rows <= SESSIONS * most, (rows, beats)
         # Kill -9: nothing writes the disconnection, the rows stay flagged connected. The rule
         # alone shows them disconnected once their time is fresh_for_s old: never later than
         # fresh_for_s after the gateway died, since the row's time is one it wrote while alive.
