@@ -161,6 +161,11 @@ MAX_GIVEN_UP_STORE_CALLS = 15
 HELLO_BATCH_MAX = 64
 
 
+#: The session loop's reminders to itself (see ``_serve``).
+_STALE_CHECK = Wake("stale check")
+_STORED = Wake("stored")
+
+
 class _Admitted:
     """The hello's admission ticket, if it got one, released however the call ends. Held by the
     call's frame for the session's life: an ExitStack here cost a 760-byte deque per session."""
@@ -955,11 +960,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         loop = asyncio.get_running_loop()
         session.touch()
         inbox = session.inbox
-        stale_check = Wake("stale check")
-        stored = Wake("stored")
-
-        def check_stale() -> None:
-            inbox.put_nowait(stale_check)
+        # Shared reminders, and the timer puts one straight into this inbox: no closure, cell or
+        # Wake of its own per session (each timer reaches only its own session's inbox).
+        check_stale = functools.partial(inbox.put_nowait, _STALE_CHECK)
 
         # One timer per stale bound, not one per message: when it fires, the loop looks at the
         # last time the supervisor spoke and sets it again for what is left (a wait_for or a
@@ -984,12 +987,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     storing = asyncio.create_task(
                         self._store_batch(session, waiting.pop(0)), name=f"store-{session.sandbox_id}"
                     )
-                    storing.add_done_callback(lambda _: inbox.put_nowait(stored))
+                    storing.add_done_callback(lambda _: inbox.put_nowait(_STORED))
                 # Queue.get: cancelled while waiting, it takes nothing (an item stays queued for
                 # the cleanup in _connect, which settles commands not taken).
                 item: InboxItem = inbox.get_nowait() if not inbox.empty() else await inbox.get()
                 if isinstance(item, Wake):
-                    if item is stale_check:
+                    if item is _STALE_CHECK:
                         # Only what the supervisor sends counts as a sign of life: our own outbound
                         # messages (commands) must not keep a dead session open.
                         now = time.monotonic()
