@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from gateway.sandbox_state import Liveness
 from gateway.server import OpenShellService
 from gateway.sessions import SessionRegistry
 from gateway.store import CommandRow, CommandStore, Database, EventStore, SandboxStore, StoreError
-from gateway.store.sandboxes import Claim
+from gateway.store.sandboxes import Claim, ClaimRequest
 from openshell_wire.convert import event_to_proto
 from openshell_wire.records import (
     CAP_COMMANDS,
@@ -174,15 +174,19 @@ class _Peer:
 
 
 class _FlakySandboxes(SandboxStore):
-    """A real SQLite store whose claim (``claim``, which ``mark_connected`` calls too) fails while
-    ``failing`` (a store outage that begins between a hello's registration and its claim)."""
+    """A real SQLite store whose claims (``claim_many``: a hello's batched claim, and ``claim``
+    and ``mark_connected``, batches of one) fail while ``failing`` (a store outage that begins
+    between a hello's registration and its claim)."""
 
     failing = False
 
-    async def claim(self, sandbox_id: str, **kwargs: Any) -> Claim | None:
+    async def claim_many(
+        self, requests: Sequence[ClaimRequest], *, skip_locked: bool = False
+    ) -> list[Claim | Exception | None]:
         if self.failing:
-            raise StoreError(f"cannot mark sandbox {sandbox_id!r} connected: the database is away")
-        return await super().claim(sandbox_id, **kwargs)
+            ids = ", ".join(repr(r.sandbox_id) for r in requests)
+            raise StoreError(f"cannot mark sandbox {ids} connected: the database is away")
+        return await super().claim_many(requests, skip_locked=skip_locked)
 
 
 async def _hello_then_wait(sandbox_id: str) -> AsyncIterator[pb.SupervisorMessage]:
@@ -402,7 +406,9 @@ class _HungSandboxes(SandboxStore):
         super().__init__(db)
         self.release = asyncio.Event()
 
-    async def claim(self, sandbox_id: str, **kwargs: Any) -> Claim | None:
+    async def claim_many(
+        self, requests: Sequence[ClaimRequest], *, skip_locked: bool = False
+    ) -> list[Claim | Exception | None]:
         while not self.release.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await self.release.wait()
