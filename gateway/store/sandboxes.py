@@ -220,6 +220,25 @@ _CLAIM_SOURCE = {
 }
 
 
+#: The batched claim's lock of its rows and its read of the high-water marks, built once: their
+#: ids go in as expanding parameters (a list of ids as literals was coerced one by one for every
+#: batch, a few percent of the event loop in a burst of hellos).
+_LOCK_ROWS = (
+    select(sandboxes_table.c.id)
+    .where(sandboxes_table.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(sandboxes_table.c.id)
+)
+_HIGH_WATER_MARKS = (
+    select(events_table.c.sandbox_id, events_table.c.journal_epoch, func.max(events_table.c.sequence))
+    .where(
+        tuple_(events_table.c.sandbox_id, events_table.c.journal_epoch).in_(
+            bindparam("pairs", expanding=True)
+        )
+    )
+    .group_by(events_table.c.sandbox_id, events_table.c.journal_epoch)
+)
+
+
 @functools.cache
 def _claim_statement(dialect: str) -> Update:
     """The batched claim's UPDATE (see ``SandboxStore.claim_many``): each request's row claimed
@@ -704,7 +723,6 @@ class SandboxStore:
             rounds[n].append(index)
         outcomes: builtins.list[Claim | Exception | None] = [None] * len(requests)
         claimed: dict[int, tuple[int, int]] = {}  # request index -> (owner_epoch, generation)
-        c = sandboxes_table.c
         with store_errors(what):
             async with self._db.begin() as conn:
                 registering = sorted({r.sandbox_id for r in requests if r.register})
@@ -723,16 +741,17 @@ class SandboxStore:
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the
                 # claim waits for writes in flight, and they for it; the UPDATE alone would not.
-                locking = select(c.id).where(c.id.in_(ids)).order_by(c.id)
                 if skip_locked and conn.dialect.name == "postgresql":
-                    locked = set(await conn.scalars(locking.with_for_update(skip_locked=True)))
+                    locked = set(
+                        await conn.scalars(_LOCK_ROWS.with_for_update(skip_locked=True), {"ids": ids})
+                    )
                     for index, request in enumerate(requests):
                         if request.sandbox_id not in locked:
                             outcomes[index] = ClaimBusy(request.sandbox_id)
                     rounds = [[i for i in r if requests[i].sandbox_id in locked] for r in rounds]
                     rounds = [r for r in rounds if r]
                 else:
-                    await conn.execute(locking.with_for_update())
+                    await conn.execute(_LOCK_ROWS.with_for_update(), {"ids": ids})
                 for round_ in rounds:
                     # The stale-connection rule is in the claim's own WHERE, not in a read before
                     # it: one statement is atomic on both dialects.
@@ -754,12 +773,7 @@ class SandboxStore:
                     if requests[i].read_high_water_mark
                 }
                 if wanted:
-                    e = events_table.c
-                    top = await conn.execute(
-                        select(e.sandbox_id, e.journal_epoch, func.max(e.sequence))
-                        .where(tuple_(e.sandbox_id, e.journal_epoch).in_(sorted(wanted)))
-                        .group_by(e.sandbox_id, e.journal_epoch)
-                    )
+                    top = await conn.execute(_HIGH_WATER_MARKS, {"pairs": sorted(wanted)})
                     marks = {(row[0], row[1]): int(row[2]) for row in top if row[2] is not None}
         for index, (owner_epoch, generation) in claimed.items():
             request = requests[index]
