@@ -232,7 +232,9 @@ class AdmissionSettings(_Section):
         64, ge=1, description="Hellos doing database work at once on this replica."
     )
     hellos_per_s: float = Field(1000.0, gt=0, description="Hellos admitted per second on this replica.")
-    hello_burst: int = Field(1000, ge=1, description="Hellos admitted at once above that rate (token bucket).")
+    hello_burst: int = Field(
+        1000, ge=1, description="Hellos admitted at once above that rate (token bucket)."
+    )
     max_sessions: int = Field(
         0,
         ge=0,
