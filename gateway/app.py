@@ -427,7 +427,8 @@ class Gateway:
         # flush after next (gateway.sessions): not one row per heartbeat.
         sessions_cfg = self.config.sessions
         due_after = Liveness.from_settings(sessions_cfg).heartbeat_write_after(
-            sessions_cfg.heartbeat_flush_interval_s
+            sessions_cfg.heartbeat_flush_interval_s,
+            flush_deadline_s=self.config.grpc.batch_store_timeout_s,
         )
         beats = self.registry.take_heartbeats(renew_after_s=due_after)
         if beats and self._sandboxes is not None:

@@ -182,12 +182,18 @@ class Liveness:
             interval = max(interval, UPSTREAM_HEARTBEAT_FLOOR_S)
         return interval * (1 + jitter) + grace_s
 
-    def heartbeat_write_after(self, flush_interval_s: float) -> float:
+    def heartbeat_write_after(self, flush_interval_s: float, *, flush_deadline_s: float) -> float:
         """How old the heartbeat time written for a live session may grow before a flush must
-        write a newer one (``SessionRegistry.take_heartbeats``): ``fresh_for_s`` less three flush
-        intervals, so the row never looks stale while the session is live even when the next
-        flush runs up to one interval late and the one after it fails (the next one writes)."""
-        return max(0.0, self.fresh_for_s - 3 * flush_interval_s)
+        write a newer one (``SessionRegistry.take_heartbeats``): ``fresh_for_s`` less two flush
+        intervals and two flush deadlines (W = fresh - 2F - 2D). The time written is the flush's
+        own, taken when it starts and visible when it commits: the flush that finds the row due
+        starts at most F + D after it became due (the one before it ran up to its deadline D,
+        then the flusher slept F) and commits within D, and one flush that fails at once costs F
+        more, so the row never looks stale while the session is live. Counting the flushes'
+        durations matters: with W = fresh - 3F two flushes that each took their deadline left
+        rows older than fresh_for_s for every reader (and let a late hello past the
+        stale-connection rule). 0: write every flush."""
+        return max(0.0, self.fresh_for_s - 2 * flush_interval_s - 2 * flush_deadline_s)
 
     def stale_after_of(self, *, upstream: bool) -> float:
         """The bound a session is given: an upstream one's, or ours."""

@@ -10,26 +10,28 @@ The database's heartbeat time matters only to readers that ask "heard from withi
 (:mod:`gateway.sandbox_state`: the API's and the metrics' "connected", another replica's view of
 the row, a late hello's ``_held_live``; ``fresh_for_s`` is the largest stale bound of the fixed
 interval, upstream's 5 s floor included, + 2F). So a flush does not write every beat: it writes a
-session's time only once the time written last is older than W = ``fresh_for_s`` - 3F
-(``Liveness.heartbeat_write_after``, 25 s by default; ``take_heartbeats``). The next flush comes
-within F, or 2F when it runs late, and if that one fails the one after it within F more, so the
-row's time is never older than W + 3F = ``fresh_for_s`` while the session is live, and every
-reader's verdict is the one it had when each beat was written. What is written is the flush's own
-time: the gateway holds the session and vouches for it while it is within its own stale bound (its
-stale check ends it, and the disconnection is written, once it is not), as the replica's lease
-vouches for all its sessions. A time written by the supervisor's last beat would advance the row
-by one beat interval only, and at intervals above W / 2 need a write per beat; the flush's time
-advances it by W or more. So a row is written every W + F (30 s by default) whatever the heartbeat
-interval: 0.37 rows per heartbeat at 10 s intervals (was 1), 0.55 at 15 s. A session past its own
-stale bound whose stale check has not ended it yet gets the time it last spoke instead, if newer. A
-flush that fails counts nothing as written: the next one finds the same sessions due.
+session's time only once the time written last is older than W = ``fresh_for_s`` - 2F - 2D, D
+being the flush's own deadline (``grpc.batch_store_timeout_s``; ``Liveness.heartbeat_write_after``,
+10 s by default; ``take_heartbeats``). The flush that finds a row due starts at most F + D after it
+became due (the flush before it ran to its deadline, then the flusher slept F) and commits within
+D; a flush that fails at once costs F more. So the row's time is never older than ``fresh_for_s``
+while the session is live, also when flushes take their whole deadline, and every reader's verdict
+is the one it had when each beat was written. What is written is the flush's own time: the gateway
+holds the session and vouches for it while it is within its own stale bound (its stale check ends
+it, and the disconnection is written, once it is not), as the replica's lease vouches for all its
+sessions. A time written by the supervisor's last beat would advance the row by one beat interval
+only; the flush's time advances it by W or more. So a row is written about every W + F (15 s by
+default) whatever the heartbeat interval: about 0.67 rows per heartbeat at 10 s intervals (was 1),
+fewer as the adaptive interval grows. A session past its own stale bound whose stale check has not
+ended it yet gets the time it last spoke instead, if newer. A flush that fails counts nothing as
+written: the next one finds the same sessions due.
 
 What a reader sees differently: ``last_heartbeat_at`` means "the gateway holding the session last
-vouched for it then" (up to W + 3F = ``fresh_for_s`` ago while it lives; was up to 2F), so a
-sandbox whose replica died shows ``disconnected`` since a time up to that much before the death,
-and stops showing ``connected`` no later than ``fresh_for_s`` after it (or when the replica's
-lease lapses, with leases). A session whose row another claim took (fenced) learns it at its next
-write, within W + 2F instead of 2F (its event batches are fenced on their own, at once).
+vouched for it then" (up to ``fresh_for_s`` ago while it lives; was up to 2F), so a sandbox whose
+replica died shows ``disconnected`` since a time up to that much before the death, and stops
+showing ``connected`` no later than ``fresh_for_s`` after it (or when the replica's lease lapses,
+with leases). A session whose row another claim took (fenced) learns it at its next write, within
+W + F + 2D instead of 2F (its event batches are fenced on their own, at once).
 
 A session's ``owner_epoch`` is its claim on the sandbox in the database
 (``SandboxStore.mark_connected``), made before it enters the registry; every write of the session

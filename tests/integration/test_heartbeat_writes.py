@@ -26,9 +26,14 @@ WATCH_S = 10.0
 #: GatewayProcess's settings: 0.5 s heartbeats, 1 s grace, a flush every 0.5 s.
 SETTINGS = SessionSettings(heartbeat_interval_s=0.5, grace_s=1.0, heartbeat_flush_interval_s=0.5)
 LIVENESS = Liveness.from_settings(SETTINGS)
-#: How old a written time may grow before the flush writes a newer one (5.5 s here: the upstream
-#: floor's 6 s bound + 2 flushes, less 3 flushes).
-WRITE_AFTER_S = LIVENESS.heartbeat_write_after(SETTINGS.heartbeat_flush_interval_s)
+#: The flush's deadline here (grpc.batch_store_timeout_s, 10 s by default: with it this test's
+#: 0.5 s flushes would have to write every time).
+FLUSH_DEADLINE_S = 1.0
+#: How old a written time may grow before the flush writes a newer one (4 s here: the upstream
+#: floor's 6 s bound + 2 flushes, less 2 flushes and 2 deadlines).
+WRITE_AFTER_S = LIVENESS.heartbeat_write_after(
+    SETTINGS.heartbeat_flush_interval_s, flush_deadline_s=FLUSH_DEADLINE_S
+)
 
 
 def _rows_written(gateway: GatewayProcess) -> float:
@@ -85,7 +90,7 @@ async def _scenario(gateway: GatewayProcess, store: SandboxStore) -> None:
         assert all(sim.connected and len(sim.sessions) == 1 for sim in sims), [s.sessions for s in sims]
         assert not problems, problems[:10]
         # One row per heartbeat before (a flush every 0.5 s wrote every beat of the last 0.5 s:
-        # ~20 changes per row in 10 s); now a write once the written time is 5.5 s old (the
+        # ~20 changes per row in 10 s); now a write once the written time is 4 s old (the
         # flush's own time: 0.6 s of slack for a row written with a beat's time instead).
         assert beats >= SESSIONS * WATCH_S, f"only {beats} heartbeats answered"
         most = int(WATCH_S / (WRITE_AFTER_S - 0.6)) + 1
@@ -118,7 +123,9 @@ async def _scenario(gateway: GatewayProcess, store: SandboxStore) -> None:
 
 
 def test_heartbeat_times_are_written_when_due_and_readers_see_every_session_live(tmp_path: Path) -> None:
-    gateway = GatewayProcess(tmp_path / "gateway")
+    gateway = GatewayProcess(
+        tmp_path / "gateway", extra=["--set", f"grpc.batch_store_timeout_s={FLUSH_DEADLINE_S}"]
+    )
     assert (gateway.heartbeat_interval_s, gateway.grace_s) == (
         SETTINGS.heartbeat_interval_s,
         SETTINGS.grace_s,

@@ -21,14 +21,46 @@ from openshell_wire.records import JournalEpoch, SandboxId
 SETTINGS = SessionSettings(heartbeat_interval_s=10.0, grace_s=20.0, heartbeat_flush_interval_s=5.0)
 LIVENESS = Liveness.from_settings(SETTINGS)
 F = SETTINGS.heartbeat_flush_interval_s
-W = LIVENESS.heartbeat_write_after(F)
+#: The flush's deadline (grpc.batch_store_timeout_s's default).
+D = 10.0
+W = LIVENESS.heartbeat_write_after(F, flush_deadline_s=D)
 WALL0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 MONO0 = 1000.0
 
 
-def test_the_bounds_leave_three_flushes_above_the_write_bound() -> None:
+def test_the_bounds_leave_two_flushes_and_two_deadlines_above_the_write_bound() -> None:
     assert LIVENESS.fresh_for_s == 40.0
-    assert W == 25.0
+    assert W == 10.0
+
+
+def test_a_row_stays_fresh_when_flushes_take_their_whole_deadline() -> None:
+    """The worst schedule: a flush starts just before the row is due and takes its whole deadline
+    D, the flusher sleeps F, the next flush finds the row due and fails at once, the one after it
+    (F later) takes D again and commits. The time it writes must reach the database before the
+    one written first is fresh_for_s old (with W = fresh_for_s - 3F, 25 s, it came 15 s late: two
+    flushes near their deadline showed a live sandbox disconnected, found in review)."""
+    registry = SessionRegistry()
+    session = registry.open(
+        sandbox_id=SandboxId("sb"),
+        instance_id="i",
+        journal_epoch=JournalEpoch("e"),
+        capabilities=frozenset(),
+        opened_at=WALL0,
+    )
+    assert session is not None
+    written = WALL0  # the claim's time
+    t = W - 0.01
+    session.touch(MONO0 + t)
+    assert registry.take_heartbeats(renew_after_s=W, at=(WALL0 + timedelta(seconds=t), MONO0 + t)) == {}
+    t += D + F  # that flush took its deadline; the flusher slept F
+    failed = registry.take_heartbeats(renew_after_s=W, at=(WALL0 + timedelta(seconds=t), MONO0 + t))
+    assert failed, "due by now"
+    t += F  # it failed at once (nothing counted as written); the next one
+    session.touch(MONO0 + t)
+    again = registry.take_heartbeats(renew_after_s=W, at=(WALL0 + timedelta(seconds=t), MONO0 + t))
+    assert again, "still due: the failed flush wrote nothing"
+    committed_at = t + D
+    assert committed_at - (written - WALL0).total_seconds() <= LIVENESS.fresh_for_s
 
 
 def _simulate(
