@@ -43,7 +43,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -117,6 +117,8 @@ log = logging.getLogger(__name__)
 
 Ctx = aio.ServicerContext[Any, Any]
 _T = TypeVar("_T")
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 #: A sandbox that asks for a token within this long (at most a tenth of token_ttl_s) of the last
 #: one minted for it (the same life, the same pod) gets that one again: minting is not a thing a
@@ -300,13 +302,15 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         # of hellos was bound by the round trips of one transaction each, not by CPU).
         self._batches = BackgroundTasks("hello-batches")
         self._claims: Batcher[ClaimRequest, Claim | None] = Batcher(
-            functools.partial(sandboxes.claim_many, skip_locked=True),
+            self._bounded_batch(
+                functools.partial(sandboxes.claim_many, skip_locked=True), what="claim the hellos' sandboxes"
+            ),
             name="hello-claims",
             tasks=self._batches,
             max_size=HELLO_BATCH_MAX,
         )
         self._pending_reads: Batcher[str, list[tuple[CommandRow, timedelta]]] = Batcher(
-            commands.pending_left_many,
+            self._bounded_batch(commands.pending_left_many, what="read the hellos' pending commands"),
             name="hello-pending-commands",
             tasks=self._batches,
             max_size=HELLO_BATCH_MAX,
@@ -457,6 +461,30 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
             session.stale_after_s = max(session.stale_after_s, wanted)
 
+    def _bounded_batch(
+        self, run: Callable[[Sequence[_In]], Awaitable[_Out]], *, what: str
+    ) -> Callable[[Sequence[_In]], Awaitable[_Out]]:
+        """A hellos' batch that gives up at ``grpc.store_timeout_s`` where a store call can be
+        cancelled safely (PostgreSQL: the transaction is rolled back with its connection). Every
+        hello of a batch was submitted before it started, so each one's own deadline has passed
+        by then; without this bound a batch on a connection that hangs (a primary frozen or cut
+        off) held every later hello of the replica behind it until statement_timeout_s dropped
+        the connection, where hellos each on their own connection reached the new primary at
+        once. On SQLite the batch runs to its end, as every SQLite store call does (see
+        ``cancels_safely``)."""
+        if not self._cancel_given_up:
+            return run
+        limit_s = self._config.grpc.store_timeout_s
+
+        async def bounded(items: Sequence[_In]) -> _Out:
+            try:
+                async with asyncio.timeout(limit_s):
+                    return await run(items)
+            except TimeoutError:
+                raise StoreError(f"cannot {what}: the database did not answer within {limit_s:g}s") from None
+
+        return bounded
+
     async def _claim(self, request: ClaimRequest) -> Claim | None:
         """The hello's claim, in the next batch (gateway.batching); a row the batch found held by
         another transaction (ClaimBusy) is claimed alone, waiting for the lock as it must, so one
@@ -543,6 +571,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         hello = first.hello
         problem = validate_sandbox_id(hello.sandbox_id)
         if problem is not None:
+            log.info("hello rejected: %s", problem, extra={"peer": peer})
+            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
+            return
+        if "\x00" in hello.instance_id or "\x00" in hello.journal_epoch:
+            # PostgreSQL's text (and jsonb, which the batched claim sends its requests in) cannot
+            # hold NUL: refused here, or its claim would fail the whole batch of hellos it rode in.
+            problem = "instance_id and journal_epoch must not contain NUL characters"
             log.info("hello rejected: %s", problem, extra={"peer": peer})
             yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
             return

@@ -657,9 +657,21 @@ class Database:
         # in SQLite's busy handler, which sleeps in growing steps (up to 100 ms) instead of being
         # woken when the lock frees: under many concurrent writers (a burst of hellos) the file's
         # lock stood idle between holders and 72 % of the gateway's samples were those sleeps
-        # (issue 22). This process's writers therefore queue here, woken in turn; the busy
-        # timeout still covers other processes on the same file.
+        # (issue 22). This process's writers therefore queue here, woken in turn (through begin(),
+        # or writing() for the event inserts on the driver itself); the busy timeout still covers
+        # other processes on the same file.
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """This process's turn to write, on SQLite (nothing on PostgreSQL): for a writer that
+        commits on the driver connection itself instead of through :meth:`begin` (the event
+        inserts), so that it, too, queues here rather than in SQLite's busy handler."""
+        if self._sqlite_writer is None:
+            yield
+            return
+        async with self._sqlite_writer:
+            yield
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:

@@ -844,7 +844,9 @@ class EventStore:
         rolled back if it moved: one more round trip.
         """
         with store_errors(what):
-            async with self._db.engine.connect() as conn:
+            # In turn with this process's other writers (Database.writing): a transaction of
+            # theirs must not sleep in SQLite's busy handler behind this one.
+            async with self._db.writing(), self._db.engine.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
                 assert driver is not None
                 try:

@@ -556,3 +556,27 @@ async def test_a_slower_heartbeat_widens_the_silence_only_once_written(
     assert (await asyncio.wait_for(anext(call), timeout=10)).WhichOneof("payload") == "command"
     assert session.stale_after_s > 60, "written: the session may now stay silent past the slower beat"
     await call.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("field", ["instance_id", "journal_epoch"])
+async def test_a_hello_with_nul_in_its_ids_is_refused_before_any_store_work(
+    service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics], field: str
+) -> None:
+    """PostgreSQL cannot store NUL in text, and the batched claim sends its requests as one jsonb
+    parameter: such a hello would fail the batch of every hello it rode in. Refused at once."""
+    svc, sandboxes, _ = service
+
+    async def hello() -> AsyncIterator[pb.SupervisorMessage]:
+        msg = pb.SupervisorMessage()
+        msg.hello.sandbox_id = "sb-nul"
+        msg.hello.instance_id = "i1"
+        setattr(msg.hello, field, "bad\x00id")
+        yield msg
+        await asyncio.Event().wait()
+
+    call = svc.ConnectSupervisor(hello(), _Peer())  # type: ignore[arg-type]
+    answer = await anext(call)
+    assert answer.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO, answer
+    assert "NUL" in answer.session_rejected.reason
+    assert await sandboxes.get("sb-nul") is None  # nothing registered or claimed
+    await call.aclose()  # type: ignore[attr-defined]
