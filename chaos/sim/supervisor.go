@@ -92,7 +92,7 @@ type outcome struct {
 	retryAfter time.Duration // SessionRejected.retry_after_ms
 	hintWindow time.Duration // ReconnectHint.delay_window_ms
 	hinted     bool
-	answered   bool // the gateway answered the hello (accepted or rejected it)
+	answered   bool // the gateway rejected the hello: it is there (the supervisor's SessionEnded.answered)
 }
 
 func (s *sup) dial(addr string) (*grpc.ClientConn, error) {
@@ -176,8 +176,8 @@ func (s *sup) session(ctx context.Context) (o outcome, err error) {
 	case <-ctx.Done():
 		return o, ctx.Err()
 	}
-	o.answered = true
 	if rj := m.GetSessionRejected(); rj != nil {
+		o.answered = true
 		noteRejected(rj.Code.String())
 		o.retryAfter = time.Duration(rj.RetryAfterMs) * time.Millisecond
 		return o, fmt.Errorf("rejected %v: %s", rj.Code, rj.Reason)
@@ -380,7 +380,9 @@ func (s *sup) wait(o outcome, failures int) (time.Duration, int) {
 		}
 		ceil := min(reconnectInitial<<min(failures, 20), reconnectMax)
 		// Nobody answered: spread over the gateway's reconnect window, as the supervisor does.
-		if win := min(time.Duration(s.window.Load()), reconnectMax); !o.answered && win > ceil {
+		// Not after a healthy session: its first redial comes at once, as the supervisor's restart.
+		healthy := o.accepted && o.lasted >= healthySession
+		if win := min(time.Duration(s.window.Load()), reconnectMax); !o.answered && !healthy && win > ceil {
 			ceil = win
 		}
 		w = time.Duration(mrand.Int64N(int64(ceil) + 1)) // full jitter
