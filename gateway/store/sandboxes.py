@@ -650,26 +650,21 @@ class SandboxStore:
         the lock and is then fenced. It must not be folded into the UPDATE (a RETURNING subquery,
         a CTE): one statement has one snapshot, taken before it waited for the lock, and could
         miss a batch committed meanwhile. On SQLite the transaction holds the one writer."""
-        (outcome,) = await self.claim_many(
-            [
-                ClaimRequest(
-                    sandbox_id,
-                    instance_id=instance_id,
-                    session_id=session_id,
-                    journal_epoch=journal_epoch,
-                    owner=owner,
-                    at=at,
-                    generation=generation,
-                    owner_run=owner_run,
-                    connection_epoch=connection_epoch,
-                    live_for_s=live_for_s,
-                    read_high_water_mark=read_high_water_mark,
-                )
-            ]
+        return await self.claim_one(
+            ClaimRequest(
+                sandbox_id,
+                instance_id=instance_id,
+                session_id=session_id,
+                journal_epoch=journal_epoch,
+                owner=owner,
+                at=at,
+                generation=generation,
+                owner_run=owner_run,
+                connection_epoch=connection_epoch,
+                live_for_s=live_for_s,
+                read_high_water_mark=read_high_water_mark,
+            )
         )
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
     async def claim_one(self, request: ClaimRequest) -> Claim | None:
         """:meth:`claim` of one :class:`ClaimRequest`."""

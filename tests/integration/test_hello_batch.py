@@ -260,15 +260,7 @@ async def _burst(gw: Gateway, ids: list[str], counts: Counts) -> list[str]:
     calls = [pb_grpc.OpenShellStub(ch).ConnectSupervisor() for ch in channels]
     try:
         await asyncio.gather(*(ch.channel_ready() for ch in channels))
-        hellos = []
-        for sandbox_id in ids:
-            message = pb.SupervisorMessage()
-            message.hello.sandbox_id = sandbox_id
-            message.hello.instance_id = "i-" + sandbox_id
-            message.hello.connection_epoch = 1
-            message.hello.capabilities.extend(ALL_CAPABILITIES)
-            message.hello.journal_epoch = "e1"
-            hellos.append(message)
+        hellos = [_hello(sandbox_id) for sandbox_id in ids]
         counts.on = True
         await asyncio.gather(*(call.write(m) for call, m in zip(calls, hellos, strict=True)))
         answers = await asyncio.gather(*(call.read() for call in calls))
