@@ -37,6 +37,8 @@ class ScriptedWatch(FakeDriver):
         if not self.scripts:
             self.played.set()
         for event in events:
+            # The list after a 410 shows what the watch last showed, as the API server's would.
+            self.pods[event.sandbox_id] = event
             yield event
         if error is not None:
             raise error
