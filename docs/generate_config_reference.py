@@ -36,11 +36,34 @@ Each component has one typed configuration model. Values are taken, highest firs
 3. **the YAML file** given with `--config FILE` (the keys below, nested as mappings),
 4. **defaults**.
 
-Everything is validated before the component starts. A wrong type, a value out of range or an
-unknown key (in the file, in `--set` or in an environment variable with the component's prefix)
-stops it with every problem listed by its dotted key path, exit status 78. Check a file without
-starting anything with `openshell-gateway config check FILE` or `openshell-supervisor config check
-FILE`; print the JSON Schema (for editors and CI) with `... config schema`.
+Everything is validated before the component starts (before it opens its database or binds a
+port), and `config check` validates with the same rules, so it refuses exactly what `serve`
+(`run`) would. Each problem is one line naming its dotted key path (or the file's line, or the
+environment variable), all of them at once; the exit status is 78 (EX_CONFIG), from `serve`,
+`migrate`, `run` and `config check` alike, never a traceback. Checked:
+
+- types and ranges of every key, and the rules that tie keys together (named in the table);
+- unknown keys: in the file, in `--set`, and in environment variables with the component's prefix,
+  a whole unknown section included (`OPENSHELL_GATEWAY_GRPCC__LISTEN`, a typo, is an error, not
+  ignored);
+- the file itself: valid YAML whose top level is a mapping, no key given twice in one mapping (at
+  any depth: YAML would keep the last in silence; the error names the key and both lines), and
+  only string keys (`1: x` or `true: x` is an error naming the line: quote such a key);
+- listen addresses (`grpc.listen`, `http.listen`, `ops.listen`, the supervisor's `http.listen`):
+  `host:port` with a port from 0 to 65535 and a host that is an IPv4 address, an IPv6 address in
+  brackets (`[::]:7070`) or a DNS name; empty (`:7080`, every interface) except for `grpc.listen`,
+  which gRPC requires a host for (`0.0.0.0:7070`);
+- `database.url`: a SQLAlchemy URL for `sqlite` or `postgresql`, with their async driver
+  (`aiosqlite`, `asyncpg`) or none: `mysql://`, `postgresql+psycopg2://` or `sqlite:relative`
+  (which is no URL: `sqlite:///relative.db`, `sqlite:////absolute.db`) are refused. Messages show
+  a URL's password as `***`.
+
+`openshell-gateway config check FILE` and `openshell-supervisor config check FILE` check FILE
+together with the environment's `OPENSHELL_GATEWAY_*` (`OPENSHELL_SUPERVISOR_*`) variables, as the
+component reads them. The supervisor's `sandbox_id` is usually given per pod on the command line
+(`--sandbox-id`), so a file without it is `ok` (the answer says that `run` must be given it);
+`config check FILE --sandbox-id ID` checks the id too. Print the JSON Schema (for editors and CI)
+with `... config schema`.
 """
 
 

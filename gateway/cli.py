@@ -10,9 +10,11 @@
     openshell-gateway config check FILE | config schema
 
 Flags override the environment (OPENSHELL_GATEWAY_*), which overrides the file, which overrides
-the defaults. Every configuration problem is reported with its key path, exit status 78; so is a
-database whose schema is newer than this gateway knows (``serve`` and ``migrate`` refuse it). A
-database that cannot be reached or migrated is exit status 69.
+the defaults. Every configuration problem is reported with its key path, exit status 78, before
+the database is opened or a port bound; ``config check FILE`` reads FILE with the environment
+through the same rules (:mod:`openshell_wire.configcheck`), so it refuses what ``serve`` would. A
+database whose schema is newer than this gateway knows is exit status 78 too (``serve`` and
+``migrate`` refuse it); one that cannot be reached or migrated is exit status 69.
 
 The API commands (status, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
 or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
@@ -35,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
+from openshell_wire.configcheck import check_command, load_checked, report
 from openshell_wire.configfile import (
     EX_CONFIG,
     ConfigError,
     config_command,
     deep_merge,
-    load_settings,
     parse_set_flags,
 )
 from openshell_wire.logsetup import quiet_vanished_peers, setup_logging
@@ -121,7 +123,11 @@ def _parser() -> argparse.ArgumentParser:
         )
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
-    check = csub.add_parser("check", help="validate FILE and report every problem by key path")
+    check = csub.add_parser(
+        "check",
+        help="validate FILE with the environment's OPENSHELL_GATEWAY_* as serve reads them; every "
+        "problem by key path, exit status 78",
+    )
     check.add_argument("file", type=Path)
     csub.add_parser("schema", help="print the JSON Schema of the config")
     return parser
@@ -295,7 +301,9 @@ def _login_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "config":
-        return config_command(GatewayConfig, args.config_cmd, getattr(args, "file", None))
+        if args.config_cmd == "check":
+            return check_command(GatewayConfig, args.file, program="openshell-gateway")
+        return config_command(GatewayConfig, args.config_cmd, None)
     if args.cmd in ("login", "logout"):
         return _login_command(args)
     if args.cmd == "status":
@@ -321,10 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "sandbox":
         return _sandbox_command(args)
     try:
-        config = load_settings(GatewayConfig, file=args.config, overrides=_overrides(args))
+        config = load_checked(GatewayConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return report("openshell-gateway", exc)
     setup_logging(config.log_level, config.log_format)
     # gRPC logs a client gone before its reply as an ERROR with a traceback: made a counted debug
     # line (openshell_gateway_peer_vanished_total), so a storm of callers giving up is no error storm.

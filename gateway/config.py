@@ -14,14 +14,24 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from openshell_wire.configfile import LayeredSettings
+from openshell_wire.hostport import listen_address_problem
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _listen_address(address: str, *, host_required: bool = False) -> str:
+    problem = listen_address_problem(address, host_required=host_required)
+    if problem is not None:
+        raise ValueError(problem)
+    return address
 
 
 class TlsSettings(_Section):
@@ -99,6 +109,12 @@ class GrpcSettings(_Section):
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time given to open calls on shutdown.")
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        # gRPC core refuses an empty host (HTTP's listeners read it as every interface).
+        return _listen_address(value, host_required=True)
+
 
 #: The name the gRPC listener's TLS section had first.
 GrpcTlsSettings = TlsSettings
@@ -114,6 +130,11 @@ class HttpSettings(_Section):
     )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        return _listen_address(value)
+
 
 class OpsSettings(_Section):
     listen: str = Field(
@@ -122,12 +143,49 @@ class OpsSettings(_Section):
         "authentication (probes and Prometheus), apart from the API so that auth covers the whole API.",
     )
 
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        return _listen_address(value)
+
+
+#: The database each URL scheme names, and the one async driver the gateway speaks it through
+#: (PostgreSQL's notifications and connection handling are asyncpg's: gateway.notify, gateway.store).
+DATABASE_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as the gateway's database URL, or None: what the store would
+    refuse when it opens the database, said before anything starts. Never shows the password."""
+    example = "e.g. sqlite:///var/openshell/gateway.db or postgresql://user@host/db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return (
+            f"not a database URL ({example}; a SQLite path after sqlite:/// is relative, after "
+            "sqlite://// absolute)"
+        )
+    shown = parsed.render_as_string(hide_password=True)
+    dialect, _, driver = parsed.drivername.partition("+")
+    if dialect == "postgres" and not driver:  # the old name, which the store reads as postgresql
+        return None
+    expected = DATABASE_DRIVERS.get(dialect)
+    if expected is None:
+        return f"{shown}: unsupported database {dialect!r}: expected sqlite or postgresql ({example})"
+    if driver and driver != expected:
+        return (
+            f"{shown}: the gateway speaks to {dialect} through {expected} only, not {driver}: start "
+            f"the URL with {dialect}:// (or {dialect}+{expected}://)"
+        )
+    return None
+
 
 class DatabaseSettings(_Section):
     url: str = Field(
         "sqlite+aiosqlite:///var/openshell/gateway.db",
-        description="SQLAlchemy async URL. The embedded default is SQLite; PostgreSQL: "
-        "postgresql+asyncpg://user:pass@host/db.",
+        description="SQLAlchemy async URL: sqlite or postgresql, with their async driver (aiosqlite, "
+        "asyncpg) or none (it is added). The embedded default is SQLite; PostgreSQL: "
+        "postgresql://user:pass@host/db.",
     )
     migrate_on_start: bool = Field(True, description="Run the schema migrations when the gateway starts.")
     pool_size: int = Field(
@@ -173,6 +231,14 @@ class DatabaseSettings(_Section):
         "or was cut off (its replica promoted) would otherwise hold each pooled connection, and the "
         "calls waiting on it, forever. Above grpc.batch_store_timeout_s. Migrations are not bounded.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, value: str) -> str:
+        problem = database_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class SessionSettings(_Section):

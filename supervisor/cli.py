@@ -3,11 +3,15 @@
     openshell-supervisor run [--config FILE] [--sandbox-id ID] [--gateway HOST:PORT]
                              [--journal-dir DIR] [--set KEY=VALUE ...] -- COMMAND [ARG ...]
     openshell-supervisor install DIR          copy this bundle into DIR (init-container fallback)
-    openshell-supervisor config check FILE
+    openshell-supervisor config check FILE [--sandbox-id ID]
     openshell-supervisor config schema
 
 Flags override the environment (OPENSHELL_SUPERVISOR_*), which overrides the file, which
-overrides the defaults. Exit status of ``run`` is the main process's (128 + signal for a signal).
+overrides the defaults. Exit status of ``run`` is the main process's (128 + signal for a signal);
+a configuration problem is exit status 78, each problem on its line, before anything starts.
+``config check`` reads FILE with the environment through the same rules
+(:mod:`openshell_wire.configcheck`), so it refuses what ``run`` would; a FILE without sandbox_id
+is ok there (each pod gives its own with ``--sandbox-id``).
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from openshell_wire.configcheck import check_command, load_checked, report
 from openshell_wire.configfile import (
-    EX_CONFIG,
     ConfigError,
     config_command,
     deep_merge,
-    load_settings,
     parse_set_flags,
 )
 from openshell_wire.logsetup import setup_logging
 from supervisor.config import SupervisorConfig
+
+#: The sandbox id ``config check`` validates a file with when no layer gives one (a valid id).
+_CHECK_SANDBOX_ID = "sandbox-id-given-when-run"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,8 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("dir", type=Path)
     config = sub.add_parser("config", help="check a config file or print the schema")
     csub = config.add_subparsers(dest="config_cmd", required=True)
-    check = csub.add_parser("check", help="validate FILE and report every problem by key path")
+    check = csub.add_parser(
+        "check",
+        help="validate FILE with the environment's OPENSHELL_SUPERVISOR_* as run reads them; every "
+        "problem by key path, exit status 78",
+    )
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--sandbox-id",
+        help="the id run will be given (else a file without sandbox_id is checked as one that gets it "
+        "on the command line)",
+    )
     csub.add_parser("schema", help="print the JSON Schema of the config")
     return parser
 
@@ -90,12 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     if args.cmd == "config":
-        return config_command(SupervisorConfig, args.config_cmd, getattr(args, "file", None))
+        if args.config_cmd == "check":
+            # One file commonly serves every sandbox, each pod giving its id as --sandbox-id.
+            return check_command(
+                SupervisorConfig,
+                args.file,
+                program="openshell-supervisor",
+                overrides={"sandbox_id": args.sandbox_id} if args.sandbox_id is not None else None,
+                given_when_run={"sandbox_id": _CHECK_SANDBOX_ID},
+            )
+        return config_command(SupervisorConfig, args.config_cmd, None)
     try:
-        config = load_settings(SupervisorConfig, file=args.config, overrides=_overrides(args))
+        config = load_checked(SupervisorConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:
-        print(f"openshell-supervisor: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return report("openshell-supervisor", exc)
     setup_logging(config.log_level, config.log_format)
     from supervisor.agent import run  # noqa: PLC0415 - keeps `config` subcommands light
 

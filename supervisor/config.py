@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import SettingsConfigDict
 
 from openshell_wire.configfile import LayeredSettings
+from openshell_wire.hostport import listen_address_problem
 from openshell_wire.records import sandbox_id_problem
 from supervisor.endpoint_settings import HttpSettings, ReadinessSettings
 from supervisor.health import HealthSettings
@@ -304,6 +305,16 @@ class SupervisorConfig(LayeredSettings):
         problem = sandbox_id_problem(value)
         if problem is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _listen_address(cls, value: HttpSettings) -> HttpSettings:
+        # Checked with the rest of the config, not when the endpoint binds (exit status 70 then,
+        # after the journal was opened): aiohttp would bind port 99999 as 34463 without a word.
+        problem = listen_address_problem(value.listen)
+        if problem is not None:
+            raise ValueError(f"http.listen {problem}")
         return value
 
     log_format: Literal["text", "json"] = Field(
