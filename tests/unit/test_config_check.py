@@ -20,6 +20,7 @@ import yaml
 
 from gateway import cli as gateway_cli
 from openshell_wire.configfile import deep_merge
+from openshell_wire.hostport import listen_address_problem
 
 GATEWAY = Path(sys.executable).with_name("openshell-gateway")
 EX_CONFIG = 78
@@ -79,6 +80,14 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, str], list[str]]] = [
         "",
         {},
         ["database.url", "not a database URL"],
+    ),
+    (
+        # A rule across keys quotes the whole input back: never the database's password.
+        "password-in-a-rule-across-keys",
+        {"http": {"listen": "0.0.0.0:0"}, "database": {"url": "postgresql://u:hunter2@db/x"}},
+        "",
+        {},
+        ["http.listen 0.0.0.0:0 is reachable from the network", "postgresql://u:***@db/x"],
     ),
     ("ip-out-of-range", {"grpc": {"listen": "999.1.1.1:80"}}, "", {}, ["grpc.listen", "not an IPv4 address"]),
     (
@@ -220,3 +229,32 @@ def test_a_merge_key_may_be_overridden_but_a_key_not_repeated(
         f"database:\n  url: sqlite:///{tmp_path / 'x.db'}\n"
     )
     assert gateway_cli.main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("address", "host_required", "problem"),
+    [
+        ("127.0.0.1:7070", True, None),
+        ("0.0.0.0:0", True, None),
+        ("[::]:7070", True, None),
+        ("gateway-0.gateway.svc.cluster.local:7070", True, None),
+        (":7080", False, None),
+        (":7080", True, "has no host"),
+        ("999.1.1.1:80", False, "not an IPv4 address"),
+        ("1.2.3:80", False, "not an IPv4 address"),
+        ("host:65536", False, "out of range"),
+        ("host:-1", False, "not a number"),
+        ("host", False, "is not host:port"),
+        ("host:", False, "has no port"),
+        ("[zz]:80", False, "not an IPv6 address"),
+        ("::1:80", False, "in brackets"),
+        ("under_score:80", False, "neither an IP address nor a host name"),
+        ("http://host:80", False, "is not host:port"),
+    ],
+)
+def test_listen_address_rules(address: str, host_required: bool, problem: str | None) -> None:
+    found = listen_address_problem(address, host_required=host_required)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found and repr(address) in found
