@@ -45,7 +45,10 @@ environment variable), all of them at once; the exit status is 78 (EX_CONFIG), f
 - types and ranges of every key, and the rules that tie keys together (named in the table);
 - unknown keys: in the file, in `--set`, and in environment variables with the component's prefix,
   a whole unknown section included (`OPENSHELL_GATEWAY_GRPCC__LISTEN`, a typo, is an error, not
-  ignored);
+  ignored). Kubernetes' service links of a Service named like the component
+  (`OPENSHELL_GATEWAY_SERVICE_HOST`, `OPENSHELL_GATEWAY_PORT=tcp://...`,
+  `OPENSHELL_GATEWAY_EXTERNAL_PORT_443_TCP_ADDR`, ...) are let through; the chart's pods turn them
+  off (`enableServiceLinks: false`);
 - the file itself: valid YAML whose top level is a mapping, no key given twice in one mapping (at
   any depth: YAML would keep the last in silence; the error names the key and both lines), and
   only string keys (`1: x` or `true: x` is an error naming the line: quote such a key);

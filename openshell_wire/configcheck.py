@@ -13,7 +13,8 @@ cannot see:
 - **the environment's names**: pydantic-settings reads only the variables that name a field, so
   ``OPENSHELL_GATEWAY_GRPCC__LISTEN`` (a typo of a section) is ignored without a word. Every
   variable under the component's prefix must name a top-level setting (an unknown key inside a
-  section is already the model's error).
+  section is already the model's error), except Kubernetes' service links of a Service named
+  like the component (``OPENSHELL_GATEWAY_SERVICE_HOST``, ``..._PORT_7070_TCP``).
 
 The rest (types, ranges, URLs, listen addresses, rules across keys) is the typed model's own
 validation, the one place both commands share. A message never shows a database password: the
@@ -39,6 +40,16 @@ from openshell_wire.configfile import (
     load_settings,
 )
 
+#: What Kubernetes puts in every pod's environment for each Service of its namespace (service
+#: links, unless enableServiceLinks: false), after the Service's name: Services named
+#: openshell-gateway or openshell-gateway-external give OPENSHELL_GATEWAY_SERVICE_HOST,
+#: OPENSHELL_GATEWAY_EXTERNAL_PORT_7070_TCP_ADDR, ... and OPENSHELL_GATEWAY_PORT=tcp://10.0.0.7:7070.
+#: No setting has these names, and a Service of the deployment's own must not stop it from starting.
+_SERVICE_LINK = re.compile(
+    r"(\w+_)?(service_host|service_port(_\w+)?|port_\d+_(tcp|udp|sctp)(_(proto|port|addr))?)"
+)
+_SERVICE_LINK_PORT = re.compile(r"(\w+_)?port")
+_SERVICE_LINK_PORT_VALUE = re.compile(r"(tcp|udp|sctp)://\S+")
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s'\"]*:)[^@\s'\"]*@")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -110,12 +121,17 @@ def unknown_environment(model: type[LayeredSettings], environ: Mapping[str, str]
         lowered = name.lower()
         if not prefix or not lowered.startswith(prefix):
             continue
-        section = lowered[len(prefix) :].split(delimiter, 1)[0]
-        if section not in known:
-            problems.append(
-                f"environment {name}: {section or '(nothing)'} is no setting (settings: "
-                f"{', '.join(sorted(known))}; a key inside one is {prefix.upper()}SECTION{delimiter}KEY)"
-            )
+        rest = lowered[len(prefix) :]
+        section = rest.split(delimiter, 1)[0]
+        if section in known or _SERVICE_LINK.fullmatch(rest):
+            continue
+        # A bare <NAME>_PORT only by its value: OPENSHELL_GATEWAY_GRPC_PORT=7070 is a typo to report.
+        if _SERVICE_LINK_PORT.fullmatch(rest) and _SERVICE_LINK_PORT_VALUE.fullmatch(environ[name]):
+            continue
+        problems.append(
+            f"environment {name}: {section or '(nothing)'} is no setting (settings: "
+            f"{', '.join(sorted(known))}; a key inside one is {prefix.upper()}SECTION{delimiter}KEY)"
+        )
     return problems
 
 

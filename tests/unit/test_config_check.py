@@ -258,3 +258,35 @@ def test_listen_address_rules(address: str, host_required: bool, problem: str | 
         assert found is None
     else:
         assert found is not None and problem in found and repr(address) in found
+
+
+def test_kubernetes_service_links_are_no_unknown_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Services named openshell-gateway(-external) put these in every pod of their namespace (unless
+    enableServiceLinks: false): they must not stop the gateway; a look-alike typo still does."""
+    for name in [name for name in os.environ if name.startswith("OPENSHELL_")]:
+        monkeypatch.delenv(name)
+    links = {
+        "OPENSHELL_GATEWAY_SERVICE_HOST": "10.0.0.7",
+        "OPENSHELL_GATEWAY_SERVICE_PORT": "7070",
+        "OPENSHELL_GATEWAY_SERVICE_PORT_GRPC": "7070",
+        "OPENSHELL_GATEWAY_PORT": "tcp://10.0.0.7:7070",
+        "OPENSHELL_GATEWAY_PORT_7070_TCP": "tcp://10.0.0.7:7070",
+        "OPENSHELL_GATEWAY_PORT_7070_TCP_PROTO": "tcp",
+        "OPENSHELL_GATEWAY_PORT_7070_TCP_PORT": "7070",
+        "OPENSHELL_GATEWAY_PORT_7070_TCP_ADDR": "10.0.0.7",
+        "OPENSHELL_GATEWAY_EXTERNAL_SERVICE_HOST": "10.0.0.8",
+        "OPENSHELL_GATEWAY_EXTERNAL_PORT": "tcp://10.0.0.8:443",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    path = _write(tmp_path)
+    assert gateway_cli.main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == f"{path}: ok\n"
+
+    monkeypatch.setenv("OPENSHELL_GATEWAY_GRPC_PORT", "7071")
+    assert gateway_cli.main(["config", "check", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    _assert_refusal(err, ["environment OPENSHELL_GATEWAY_GRPC_PORT: grpc_port is no setting"])
+    assert "SERVICE_HOST" not in err
