@@ -14,6 +14,11 @@ the database:
 Logs come as a JSON tail, or with ``follow=1`` as a stream of NDJSON lines (one event per line)
 that first sends the tail and then each event as the gateway stores it, until the client goes away
 (or, with ``until_exit=1``, until the sandbox has exited and everything up to its exit is sent).
+Both forms take filters, evaluated by the database (:class:`gateway.store.events.LogQuery`):
+``since``/``until`` on the record's own time (RFC 3339, or a duration back from now such as
+``10m``), ``stream``, ``level`` (a floor, over the records that carry one: captured lines carry
+none) and ``text`` (a case-sensitive substring); gap records are never dropped by them
+(docs/log-queries.md).
 A follower wakes on the event store's notification, which on PostgreSQL comes from whichever
 replica stored the batch (:mod:`gateway.notify`, within about a second), and otherwise re-checks
 every few seconds (every second while this replica's listening connection is down), so a missed
@@ -64,7 +69,7 @@ import logging
 import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -96,8 +101,10 @@ from gateway.store import (
     utcnow,
 )
 from gateway.store.commands import IdempotencyMismatch
+from gateway.store.events import LOG_LEVELS, LogQuery
 from gateway.store.schema import EVENT_KINDS
-from openshell_wire.records import CommandKind
+from gateway.upstream_logs import normalize_level
+from openshell_wire.records import CommandKind, LogStream
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +307,86 @@ def _kinds_param(request: web.Request) -> list[str] | None:
     if unknown or not kinds:
         raise ApiError(400, f"kinds must be a comma-separated list of {', '.join(EVENT_KINDS)}, got {raw!r}")
     return kinds
+
+
+#: A relative time, as a Go duration (kubectl's ``--since``): ``30s``, ``10m``, ``2h``, ``1h30m``.
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+#: The longest ``text`` a log query may look for.
+MAX_TEXT = 1000
+
+
+def _time_param(request: web.Request, name: str, now: datetime) -> int | None:
+    """An instant in ms since the epoch, from an RFC 3339 timestamp (with its offset) or a duration
+    before ``now`` (``10m``: ten minutes ago)."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        if _DURATION.fullmatch(raw):
+            seconds = sum(float(n) * _DURATION_UNIT_S[unit] for n, unit in _DURATION_PART.findall(raw))
+            return int((now - timedelta(seconds=seconds)).timestamp() * 1000)
+        at = datetime.fromisoformat(raw.upper())  # RFC 3339 allows a lower-case t and z
+        if at.tzinfo is not None:
+            return int(at.timestamp() * 1000)
+    except (ValueError, OverflowError):
+        pass
+    hint = " (a '+' in a URL query must be sent as %2B)" if " " in raw else ""
+    raise ApiError(
+        400,
+        f"{name} must be an RFC 3339 timestamp with its offset (2026-01-02T15:04:05Z) or a duration "
+        f"before now (30s, 10m, 2h, 1h30m), got {raw!r}{hint}",
+    )
+
+
+def _streams_param(request: web.Request) -> tuple[str, ...] | None:
+    raw = request.query.get("stream")
+    if raw is None or raw == "":
+        return None
+    known = [s.value for s in LogStream]
+    streams = tuple(s.strip() for s in raw.split(",") if s.strip())
+    if not streams or any(s not in known for s in streams):
+        raise ApiError(400, f"stream must be a comma-separated list of {', '.join(known)}, got {raw!r}")
+    return streams
+
+
+def _level_param(request: web.Request) -> str | None:
+    raw = request.query.get("level")
+    if raw is None or raw == "":
+        return None
+    # The spellings the store normalises pushed lines' levels with (WARN, warning: warn).
+    level = normalize_level(raw)
+    if level not in LOG_LEVELS:
+        raise ApiError(400, f"level must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return level
+
+
+def _text_param(request: web.Request) -> str | None:
+    raw = request.query.get("text")
+    if raw is None or raw == "":
+        return None
+    if len(raw) > MAX_TEXT:
+        raise ApiError(400, f"text must be at most {MAX_TEXT} characters, got {len(raw)}")
+    return raw
+
+
+def _log_query(request: web.Request, now: datetime) -> LogQuery:
+    """The filters of a logs request (see :class:`gateway.store.events.LogQuery`)."""
+    since = _time_param(request, "since", now)
+    until = _time_param(request, "until", now)
+    if since is not None and until is not None and since > until:
+        raise ApiError(
+            400,
+            f"since ({request.query['since']!r}) must not be later than until ({request.query['until']!r})",
+        )
+    return LogQuery(
+        since_ms=since,
+        until_ms=until,
+        streams=_streams_param(request),
+        min_level=_level_param(request),
+        text=_text_param(request),
+    )
 
 
 # What the nesting check looks at: brackets, and the quotes and backslashes that say whether a
@@ -706,12 +793,19 @@ class _Api:
         kinds = _kinds_param(request)
         follow = _bool_param(request, "follow")
         until_exit = _bool_param(request, "until_exit")
+        matching = _log_query(request, self.now())
         row = await self._sandbox(request)
         # The current sandbox's events unless an earlier one (of an id created again) is asked for.
         generation = _int_param(request, "generation", row.generation, 1, row.generation)
         if follow:
-            return await self._follow(request, row.id, tail, kinds, until_exit, generation=generation)
-        found = await self.events.tail(row.id, tail, kinds=kinds, generation=generation) if tail else []
+            return await self._follow(
+                request, row.id, tail, kinds, until_exit, generation=generation, matching=matching
+            )
+        found = (
+            await self.events.tail(row.id, tail, kinds=kinds, generation=generation, matching=matching)
+            if tail
+            else []
+        )
         return web.json_response(
             {"sandbox_id": row.id, "generation": generation, "events": [event_json(e) for e in found]}
         )
@@ -725,6 +819,7 @@ class _Api:
         until_exit: bool,
         *,
         generation: int,
+        matching: LogQuery,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             # Reverse proxies (an nginx ingress, say) would otherwise hold lines back in a buffer.
@@ -737,7 +832,11 @@ class _Api:
             newest = await self.events.tail(sandbox_id, 1)
             cursor = newest[-1].id if newest else 0
             first = (
-                await self.events.tail(sandbox_id, tail, kinds=kinds, generation=generation) if tail else []
+                await self.events.tail(
+                    sandbox_id, tail, kinds=kinds, generation=generation, matching=matching
+                )
+                if tail
+                else []
             )
             if first:
                 cursor = max(cursor, first[-1].id)
@@ -750,11 +849,10 @@ class _Api:
                 # A token before the reads: a commit after them wakes the wait below at once.
                 token = self.events.watch(sandbox_id)
                 exited = await self._ended(sandbox_id, generation, until_exit=until_exit)
-                page = await self.events.after(
-                    sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds, generation=generation
+                page, cursor = await self.events.page_after(
+                    sandbox_id, cursor, FOLLOW_PAGE, kinds=kinds, generation=generation, matching=matching
                 )
                 if page:
-                    cursor = page[-1].id
                     await response.write(_ndjson([event_json(e) for e in page]))
                     if len(page) == FOLLOW_PAGE:
                         continue

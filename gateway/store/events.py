@@ -47,6 +47,11 @@ batch's own transaction; once a newer session has claimed the sandbox (the super
 to another replica while this one was paused), the batch raises ``Fenced`` and nothing of it is
 committed, so nothing is acknowledged that the owner did not store.
 
+Reads filter in SQL (:class:`LogQuery`: the record's own time, stream, level, a substring of the
+message), on either database, and never drop a gap record by stream, level or text: a reader must
+tell lost lines from no lines. A follow's page (:meth:`EventStore.page_after`) moves its cursor past
+the rows it read whether they matched or not.
+
 Readers of a live log wait on an in-process notifier that each commit pokes. It only says "look
 again"; the database stays the source of truth, and waits are bounded, so a missed poke costs at
 most one timeout (a reader takes a token before its read, so a poke between its read and its wait
@@ -69,8 +74,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, Select, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Select,
+    and_,
+    cast,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -106,6 +125,111 @@ class StoredEvent:
     message: str
     data: dict[str, Any] | None
     generation: int = 1
+
+
+#: Log levels from the least severe up, as the store keeps them (lower case, ``warning`` as
+#: ``warn``: :func:`gateway.upstream_logs.normalize_level`). ``ocsf`` (an OCSF event's line) ranks
+#: as ``info``, as upstream's own level filter ranks it.
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+_LEVEL_RANK = {**{name: rank for rank, name in enumerate(LOG_LEVELS)}, "ocsf": LOG_LEVELS.index("info")}
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """What a read keeps of a sandbox's events besides their kinds and generation; each field
+    None (or empty) keeps everything. Every condition is evaluated by the database.
+
+    - ``since_ms``/``until_ms``: the record's own time (``timestamp_ms``, the supervisor's clock
+      when it journaled the record), inclusive at both ends; a record that came without one
+      (0, possible on the upstream path) is placed by when the gateway received it.
+    - ``streams``: log lines of those streams; records of other kinds have no stream and are left out.
+    - ``min_level``: records at that level or above (one of :data:`LOG_LEVELS`): a structured line
+      by its own level (a level this list does not know is kept, as upstream's filter keeps it);
+      a lifecycle record is ``info``, a health record ``info`` when healthy and ``warn`` when not
+      (the levels :func:`openshell_wire.convert.event_to_log_line` gives them). A captured line
+      (stdout, stderr, the supervisor's own notes) carries no level and is left out: a line on
+      stderr is not an error, and ``streams`` is the way to ask for stderr.
+    - ``text``: log lines and records whose message contains it (case-sensitive, no pattern).
+
+    Gap records are never dropped by ``streams``, ``min_level`` or ``text``: a reader must be able
+    to tell lost lines from no lines. By time, a gap record is kept from ``since_ms`` on, also
+    after ``until_ms``: the supervisor notes a loss at or after the lost records' time (an overflow
+    is noted when the records are evicted, maybe long after they were written), so a gap noted
+    after the range may stand for records inside it.
+    """
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    streams: tuple[str, ...] | None = None
+    min_level: str | None = None
+    text: str | None = None
+
+    @property
+    def narrows(self) -> bool:
+        return any(
+            v is not None for v in (self.since_ms, self.until_ms, self.streams, self.min_level)
+        ) or bool(self.text)
+
+
+def _at_or_after(at_ms: int, *, after: bool) -> ColumnElement[bool]:
+    """The record's time is at or after (``after``) or at or before ``at_ms``."""
+    ts, received = events_table.c.timestamp_ms, events_table.c.received_at
+    at = datetime.fromtimestamp(at_ms / 1000, UTC)
+    if after:
+        return or_(and_(ts > 0, ts >= at_ms), and_(ts <= 0, received >= at))
+    return or_(and_(ts > 0, ts <= at_ms), and_(ts <= 0, received <= at))
+
+
+def _level_of_line(dialect: str) -> ColumnElement[Any]:
+    """A log row's structured level (from its ``data``), NULL when it has none."""
+    if dialect == "postgresql":
+        level: ColumnElement[Any] = cast(events_table.c.data, JSONB)["level"].astext
+        return level
+    return func.json_extract(events_table.c.data, "$.level")
+
+
+def _at_level(min_level: str, dialect: str) -> ColumnElement[bool]:
+    """Records at ``min_level`` or above (see :class:`LogQuery`)."""
+    floor = _LEVEL_RANK[min_level]
+    kind = events_table.c.kind
+    at_or_above = [name for name, rank in _LEVEL_RANK.items() if rank >= floor]
+    level = _level_of_line(dialect)
+    lines = and_(
+        kind == "log",
+        events_table.c.data.is_not(None),
+        or_(level.in_(at_or_above), and_(level.is_not(None), level != "", level.not_in(list(_LEVEL_RANK)))),
+    )
+    info = floor <= _LEVEL_RANK["info"]
+    warn = floor <= _LEVEL_RANK["warn"]
+    # _row writes a health record's data with "state" first and no spaces.
+    healthy = events_table.c.data.startswith('{"state":"healthy"')
+    health = (kind == "health") if info else and_(kind == "health", ~healthy) if warn else false()
+    lifecycle = (kind == "lifecycle") if info else false()
+    return or_(lines, health, lifecycle)
+
+
+def _contains(text: str, dialect: str) -> ColumnElement[bool]:
+    """The message contains ``text``, case-sensitively (SQLite's LIKE ignores ASCII case)."""
+    message = events_table.c.message
+    if dialect == "postgresql":
+        return func.strpos(message, text) > 0
+    return func.instr(message, text) > 0
+
+
+def _matching(query: LogQuery, dialect: str) -> ColumnElement[bool]:
+    """The condition for the events ``query`` keeps (gap records as :class:`LogQuery` says)."""
+    since = _at_or_after(query.since_ms, after=True) if query.since_ms is not None else true()
+    content: list[ColumnElement[bool]] = [since]
+    if query.until_ms is not None:
+        content.append(_at_or_after(query.until_ms, after=False))
+    if query.streams is not None:
+        content.append(events_table.c.stream.in_(list(query.streams)))
+    if query.min_level is not None:
+        content.append(_at_level(query.min_level, dialect))
+    if query.text:
+        # The store keeps U+FFFD for NUL (``_text``), and PostgreSQL cannot bind a NUL.
+        content.append(_contains(_text(query.text), dialect))
+    return or_(and_(*content), and_(events_table.c.kind == "gap", since))
 
 
 #: The sandboxes whose last poke an :class:`EventNotifier` remembers (the most recently poked):
@@ -955,12 +1079,19 @@ class EventStore:
                 result = await conn.execute(query)
                 return [_stored(row) for row in result]
 
-    @staticmethod
-    def _of(query: Select[Any], generation: int | None, kinds: Sequence[str] | None) -> Select[Any]:
+    def _of(
+        self,
+        query: Select[Any],
+        generation: int | None,
+        kinds: Sequence[str] | None,
+        matching: LogQuery | None = None,
+    ) -> Select[Any]:
         if generation is not None:
             query = query.where(events_table.c.generation == generation)
         if kinds is not None:
             query = query.where(events_table.c.kind.in_(list(kinds)))
+        if matching is not None and matching.narrows:
+            query = query.where(_matching(matching, self._db.dialect))
         return query
 
     async def tail(
@@ -970,11 +1101,15 @@ class EventStore:
         *,
         kinds: Sequence[str] | None = None,
         generation: int | None = None,
+        matching: LogQuery | None = None,
     ) -> list[StoredEvent]:
         """The last ``limit`` events of the sandbox (optionally of ``kinds`` only, of one
-        ``generation`` only), oldest first."""
+        ``generation`` only, those ``matching`` keeps only), oldest first."""
         query = self._of(
-            select(*_EVENT_COLUMNS).where(events_table.c.sandbox_id == sandbox_id), generation, kinds
+            select(*_EVENT_COLUMNS).where(events_table.c.sandbox_id == sandbox_id),
+            generation,
+            kinds,
+            matching,
         )
         query = query.order_by(events_table.c.id.desc()).limit(limit)
         found = await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
@@ -1001,6 +1136,46 @@ class EventStore:
         query = query.order_by(events_table.c.id).limit(limit)
         return await self._select(f"cannot read the events of sandbox {sandbox_id!r}", query)
 
+    async def page_after(
+        self,
+        sandbox_id: str,
+        after_id: int,
+        limit: int = 1000,
+        *,
+        kinds: Sequence[str] | None = None,
+        generation: int | None = None,
+        matching: LogQuery | None = None,
+    ) -> tuple[list[StoredEvent], int]:
+        """The next page of a follow that keeps only what ``matching`` keeps: the events above
+        ``after_id``, oldest first, and the id the next page starts after. That is the newest id
+        read past, matching or not, so that a follower whose filter matches little does not scan
+        the same rows again at every wake-up."""
+        if matching is None or not matching.narrows:
+            page = await self.after(sandbox_id, after_id, limit, kinds=kinds, generation=generation)
+            return page, page[-1].id if page else after_id
+        what = f"cannot read the events of sandbox {sandbox_id!r}"
+        with store_errors(what):
+            async with self._db.engine.connect() as conn:
+                # The bound first: rows committed after it are the next page's, whatever their id.
+                top = await conn.scalar(
+                    select(func.max(events_table.c.id)).where(events_table.c.sandbox_id == sandbox_id)
+                )
+                if top is None or top <= after_id:
+                    return [], after_id
+                query = self._of(
+                    select(*_EVENT_COLUMNS).where(
+                        events_table.c.sandbox_id == sandbox_id,
+                        events_table.c.id > after_id,
+                        events_table.c.id <= top,
+                    ),
+                    generation,
+                    kinds,
+                    matching,
+                )
+                result = await conn.execute(query.order_by(events_table.c.id).limit(limit))
+                page = [_stored(row) for row in result]
+        return page, page[-1].id if len(page) == limit else int(top)
+
     async def count(self, sandbox_id: str, *, generation: int | None = None) -> int:
         query = self._of(
             select(func.count()).select_from(events_table).where(events_table.c.sandbox_id == sandbox_id),
@@ -1013,4 +1188,4 @@ class EventStore:
                 return int(n or 0)
 
 
-__all__ = ["EventNotifier", "EventStore", "StoredEvent"]
+__all__ = ["LOG_LEVELS", "EventNotifier", "EventStore", "LogQuery", "StoredEvent"]
