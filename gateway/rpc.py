@@ -150,9 +150,28 @@ def decode(message_class: type[Message], data: bytes) -> Message:
         ) from None
 
 
-async def _decoded(message_class: type[Message], frames: AsyncIterator[bytes]) -> AsyncIterator[Message]:
-    async for data in frames:
-        yield decode(message_class, data)
+class Requests:
+    """A client stream's requests, decoded: read with the call's own ``context.read()`` (the frames'
+    bytes, no deserializer registered), not through grpc's request iterator. Per held stream that is
+    neither grpc's async generator over ``read()`` nor one of ours over it (each with its frame, its
+    pending ``asend`` and its entry in the loop's weak set of async generators): a few hundred
+    bytes of every session (``python -m chaos.memprobe``)."""
+
+    __slots__ = ("_context", "_message_class")
+
+    def __init__(self, message_class: type[Message], context: Ctx) -> None:
+        self._message_class = message_class
+        self._context = context
+
+    def __aiter__(self) -> Requests:
+        return self
+
+    async def __anext__(self) -> Message:
+        data = await self._context.read()
+        if data is aio.EOF:
+            raise StopAsyncIteration
+        assert isinstance(data, bytes)
+        return decode(self._message_class, data)
 
 
 #: What a handler is given: one frame's bytes, or the stream of them (client streaming).
@@ -169,17 +188,17 @@ def _handler(method: MethodDescriptor, impl: Impl, guard: CallGuard) -> grpc.Rpc
     serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
     client_streaming, server_streaming = method.client_streaming, method.server_streaming
 
-    def request_of(request: Frames) -> Message | AsyncIterator[Message]:
+    def request_of(request: Frames, context: Ctx) -> Message | AsyncIterator[Message]:
         if client_streaming:
-            assert not isinstance(request, bytes)
-            return _decoded(request_class, request)
+            # grpc's own request iterator (``request``) is never iterated: see Requests.
+            return Requests(request_class, context)
         assert isinstance(request, bytes)
         return decode(request_class, request)
 
     async def refused(request: Frames, context: Ctx) -> NoReturn:
         """The servicer lacks the method, or has it in a shape the descriptor does not allow."""
         try:
-            decoded = request_of(request)
+            decoded = request_of(request, context)
             if not isinstance(decoded, Message):
                 async for _ in decoded:  # every frame is still checked, then refused
                     pass
@@ -189,7 +208,7 @@ def _handler(method: MethodDescriptor, impl: Impl, guard: CallGuard) -> grpc.Rpc
 
     async def streaming(request: Frames, context: Ctx) -> AsyncIterator[object]:
         assert impl is not None
-        responses = impl(request_of(request), context)
+        responses = impl(request_of(request, context), context)
         assert inspect.isasyncgen(responses)
         try:
             async for out in responses:
@@ -205,7 +224,7 @@ def _handler(method: MethodDescriptor, impl: Impl, guard: CallGuard) -> grpc.Rpc
     async def single(request: Frames, context: Ctx) -> object:
         assert impl is not None
         try:
-            result = impl(request_of(request), context)
+            result = impl(request_of(request, context), context)
             assert inspect.isawaitable(result)
             return await result
         except Exception as exc:

@@ -1634,4 +1634,13 @@ def server_options(config: GatewayConfig) -> Iterable[tuple[str, int]]:
         # 2 hours while a connection has no call.
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Per connection, and a replica holds tens of thousands (issue 22's memory figure, measured
+        # with ``python -m chaos.memprobe --server echo --rss-only``): channelz's bookkeeping of each
+        # socket, which nothing here reads (no channelz service is served), ~0.55 KB; and the HPACK
+        # header tables, ~0.5 KB together. A supervisor's connection carries one long stream and a
+        # few unary calls (a token renewal, upstream's config polls): the tables would save a few
+        # hundred bytes of repeated headers now and then, against half a kilobyte held all along.
+        ("grpc.enable_channelz", 0),
+        ("grpc.http2.hpack_table_size.decoder", 0),
+        ("grpc.http2.hpack_table_size.encoder", 0),
     ]
