@@ -4,7 +4,7 @@ PostgreSQL, with what a real supervisor captured and what the upstream path (Pus
 brought in with levels.
 
 The supervisor's main process fills its journal before the gateway is there (the bound is small,
-so the oldest lines are evicted and gap records say so), then writes two groups of lines three
+so the oldest lines are evicted and gap records say so), then writes two groups of lines four
 seconds apart (``alpha``, ``bravo``; on stdout and stderr, some with ``needle``), and one more group
 (``charlie``) when the test asks for it, while a follow is open.
 """
@@ -30,6 +30,9 @@ import aiohttp
 import grpc
 import pytest
 
+from gateway.store import Database, EventStore, SandboxStore
+from gateway.store.events import LogQuery
+from openshell_wire.records import LogRecord, LogStream
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.postgres import PgServer
@@ -52,7 +55,7 @@ MAIN = textwrap.dedent(
         print(f"{tag} err needle", file=sys.stderr, flush=True)
         print(f"{tag} err Needle", file=sys.stderr, flush=True)
     group("alpha")
-    time.sleep(3)
+    time.sleep(4)
     group("bravo")
     open(os.path.join(work, "written"), "w").close()
     while not os.path.exists(os.path.join(work, "go")):
@@ -265,14 +268,14 @@ def test_time_range_splits_what_the_supervisor_captured(logged: Logged) -> None:
     stored = _events(logged, CAPTURED)
     alpha = max(e["timestamp_ms"] for e in stored if e["message"].startswith("alpha"))
     bravo = min(e["timestamp_ms"] for e in stored if e["message"].startswith("bravo"))
-    assert bravo - alpha >= 2500, "the main process slept three seconds between the groups"
-    middle = alpha + 1000
+    assert bravo - alpha >= 3000, "the main process slept four seconds between the groups"
+    middle = (alpha + bravo) // 2
     assert _lines(_events(logged, CAPTURED, since=_rfc3339(middle))) == _lines(stored, groups=("bravo",))
     assert _lines(_events(logged, CAPTURED, until=_rfc3339(middle))) == _lines(stored, groups=("alpha",))
-    # Relative, as kubectl's --since: whole seconds back from now land between alpha + 1 s and
-    # alpha + 2 s, so before the bravo group.
-    back = (time.time() * 1000 - middle) // 1000
-    assert _lines(_events(logged, CAPTURED, since=f"{back:.0f}s")) == _lines(stored, groups=("bravo",))
+    # Relative, as kubectl's --since (a Go duration, fractions allowed): from the gateway's clock
+    # a moment later than this one, so a little after the middle, well before the bravo group.
+    back_s = (time.time() * 1000 - middle) / 1000
+    assert _lines(_events(logged, CAPTURED, since=f"{back_s:.3f}s")) == _lines(stored, groups=("bravo",))
     assert _lines(_events(logged, CAPTURED, since="1h", stream="stdout", text="needle")) == [
         "alpha out needle",
         "bravo out needle",
@@ -324,30 +327,38 @@ def test_bad_parameters_are_400_naming_them(logged: Logged, query: str, named: s
 # -- follow -------------------------------------------------------------------------------------
 
 
-async def _first_lines(url: str, *, count: int, trigger: Any) -> list[dict[str, Any]]:
-    """The first ``count`` log lines a follow of ``url`` sends after ``trigger`` ran."""
-    got: list[dict[str, Any]] = []
+async def _follow(url: str, *, tail: int, new: int, trigger: Any) -> tuple[list[str], list[str]]:
+    """The messages of the ``tail`` (at least one) log lines a follow of ``url`` sends first, and of
+    the ``new`` ones it sends after ``trigger`` ran (run once the tail is in: the follower is past
+    its first read by then, so what the trigger brings comes as new)."""
+    first: list[str] = []
+    later: list[str] = []
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         assert resp.status == 200, await resp.text()
-        await asyncio.sleep(0.5)  # attached and waiting
-        await asyncio.to_thread(trigger)
         async with asyncio.timeout(30):
             async for raw in resp.content:
                 event = json.loads(raw)
                 assert "error" not in event, event
-                if event.get("kind") == "log":
-                    got.append(event)
-                    if len(got) == count:
-                        break
-    return got
+                if event.get("kind") != "log":
+                    continue
+                if len(first) < tail:
+                    first.append(event["message"])
+                    if len(first) == tail:
+                        await asyncio.to_thread(trigger)
+                    continue
+                later.append(event["message"])
+                if len(later) == new:
+                    break
+    return first, later
 
 
 async def test_a_follow_sends_what_matches_and_nothing_else(logged: Logged) -> None:
-    url = f"{logged.api}/{CAPTURED}/logs?follow=1&tail=0&stream=stderr&text=needle"
-    got = await _first_lines(url, count=1, trigger=(logged.work / "go").touch)
+    url = f"{logged.api}/{CAPTURED}/logs?follow=1&tail=1&stream=stderr&text=needle"
+    first, later = await _follow(url, tail=1, new=1, trigger=(logged.work / "go").touch)
+    assert first == ["bravo err needle"]
     # charlie out needle and charlie err plain came first: only their absence lets this line be
-    # the first one sent.
-    assert _messages(got) == ["charlie err needle"]
+    # the first new one sent.
+    assert later == ["charlie err needle"]
     stored = _lines(_events(logged, CAPTURED), groups=("charlie",))
     assert stored == ["charlie out needle", "charlie err plain", "charlie err needle"]
 
@@ -361,6 +372,36 @@ async def test_a_follow_by_level_and_time(logged: Logged) -> None:
         ("WARN", "app", "later warn but early", T0 + 1000),
         ("ERROR", "app", "later error", T0 + 21_000),
     ]
-    got = await _first_lines(url, count=3, trigger=lambda: _push(logged.gateway, "followed", pushed))
+    first, later = await _follow(
+        url, tail=2, new=1, trigger=lambda: _push(logged.gateway, "followed", pushed)
+    )
     # The tail (the last two that match), then only the new line that matches both.
-    assert _messages(got) == ["an odd level", "err line", "later error"]
+    assert first == ["an odd level", "err line"]
+    assert later == ["later error"]
+
+
+# -- the follow's cursor ------------------------------------------------------------------------
+
+
+async def test_a_filtered_follow_page_moves_past_what_did_not_match(tmp_path: Path) -> None:
+    """A follower whose filter matches little reads each row once: its next page starts after the
+    newest row read, not after the last one that matched."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}")
+    try:
+        await SandboxStore(db).ensure("sb")
+        events = EventStore(db)
+        lines = [(T0, LogRecord(stream=LogStream.STDOUT, message=f"line {i}")) for i in range(10)]
+        await events.append_unsequenced("sb", [*lines, (T0, LogRecord(LogStream.STDERR, "the one"))])
+        newest = (await events.tail("sb", 1))[-1].id
+        stderr = LogQuery(streams=("stderr",))
+        page, cursor = await events.page_after("sb", 0, 5, matching=stderr)
+        assert [e.message for e in page] == ["the one"] and cursor == newest
+        assert await events.page_after("sb", cursor, 5, matching=stderr) == ([], newest)
+        # Nothing matched: the cursor still moves to the newest row read.
+        page, cursor = await events.page_after("sb", 0, 5, matching=LogQuery(text="absent"))
+        assert page == [] and cursor == newest
+        # A full page: the next one starts after its last row (more may match beyond it).
+        page, cursor = await events.page_after("sb", 0, 3, matching=LogQuery(streams=("stdout",)))
+        assert [e.message for e in page] == ["line 0", "line 1", "line 2"] and cursor == page[-1].id
+    finally:
+        await db.close()
