@@ -69,7 +69,7 @@ import logging
 import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -326,9 +326,12 @@ def _time_param(request: web.Request, name: str, now: datetime) -> int | None:
     try:
         if _DURATION.fullmatch(raw):
             seconds = sum(float(n) * _DURATION_UNIT_S[unit] for n, unit in _DURATION_PART.findall(raw))
-            return int((now - timedelta(seconds=seconds)).timestamp() * 1000)
-        at = datetime.fromisoformat(raw.upper())  # RFC 3339 allows a lower-case t and z
+            at = now - timedelta(seconds=seconds)
+        else:
+            at = datetime.fromisoformat(raw.upper())  # RFC 3339 allows a lower-case t and z
         if at.tzinfo is not None:
+            # In UTC too (0001-01-01T00:00:00+01:00 is not), as the store turns it back to a datetime.
+            at.astimezone(UTC)
             return int(at.timestamp() * 1000)
     except (ValueError, OverflowError):
         pass

@@ -310,6 +310,9 @@ def test_a_gap_noted_after_the_range_is_kept(logged: Logged) -> None:
         ("until=10m5", "until"),
         ("since=2026-12-07T10:00:00+01:00", "%2B"),
         ("since=99999999999999h", "since"),
+        # In range as written, out of it in UTC (year 0, year 10000).
+        ("since=0001-01-01T00:00:00%2B01:00", "since"),
+        ("until=9999-12-31T23:59:59-01:00", "until"),
         ("since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z", "since"),
         ("stream=stdin", "stream"),
         ("stream=,", "stream"),
@@ -405,3 +408,11 @@ async def test_a_filtered_follow_page_moves_past_what_did_not_match(tmp_path: Pa
         assert [e.message for e in page] == ["line 0", "line 1", "line 2"] and cursor == page[-1].id
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("text", ["%00", "%FF", "%ED%A0%80", "%F0%9F%98%80", "%5C", "'%3B--"])
+def test_odd_text_is_searched_for_not_a_failure(logged: Logged, text: str) -> None:
+    """A NUL (stored as U+FFFD, which PostgreSQL text cannot hold), bytes that are not UTF-8, quotes."""
+    status, body = _get(f"{logged.api}/{CAPTURED}/logs?text={text}")
+    assert status == 200, body
+    assert {e["kind"] for e in body["events"]} <= {"gap"}
