@@ -80,6 +80,9 @@ from gateway.auth.people import NOBODY_ADMIN, REQUIRED_ROLE, Action, PeopleAuth,
 from gateway.config import CommandSettings, SessionSettings
 from gateway.drivers import Provisioner, ProvisionError
 from gateway.drivers.podspec import SandboxRequest, request_problem
+from gateway.fleet import DEFAULT_LIMIT as FLEET_DEFAULT_LIMIT
+from gateway.fleet import MAX_LIMIT as FLEET_MAX_LIMIT
+from gateway.fleet import FleetRequest, exited_since, fleet_summary
 from gateway.metrics import GatewayMetrics
 from gateway.notify import Notifier
 from gateway.ratelimit import RateLimitedLog
@@ -781,6 +784,23 @@ class _Api:
             }
         )
 
+    async def fleet(self, request: web.Request) -> web.StreamResponse:
+        """The fleet summary (:mod:`gateway.fleet`): counts by state and health, the unhealthy and
+        the recently exited sandboxes, the replicas' load; all of it only what the caller may list."""
+        person = self._caller(request, Action.READ)
+        now = self.now()
+        limit = _int_param(request, "limit", FLEET_DEFAULT_LIMIT, 1, FLEET_MAX_LIMIT)
+        wanted = FleetRequest(
+            owners=scope_of(person),
+            show_replicas=person.is_admin,
+            exited_since=exited_since(_time_param(request, "since", now), now=now),
+            limit=limit,
+        )
+        summary = await fleet_summary(
+            self.sandboxes.fleet(), wanted, now=now, liveness=self.liveness, leases=await self._leases()
+        )
+        return web.json_response(summary)
+
     async def get_sandbox(self, request: web.Request) -> web.StreamResponse:
         row = await self._sandbox(request)
         leases = await self._leases()
@@ -948,6 +968,7 @@ def build_api(
     app[_MAX_BODY_BYTES] = max_body_bytes
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/api/v1/auth", api.auth_info)
+    app.router.add_get("/api/v1/fleet", api.fleet)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_post("/api/v1/sandboxes", api.create_sandbox)
     app.router.add_get("/api/v1/sandboxes/{id}", api.get_sandbox)

@@ -5,6 +5,7 @@
     openshell-gateway migrate [--config FILE] [--database-url URL]
     openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
     openshell-gateway status  [--api URL] [--lines N] [--json] [--token-file FILE] [--insecure]
+    openshell-gateway fleet   [--api URL] [--since T] [--limit N] [-o text|json] [--token-file FILE]
     openshell-gateway login   [--api URL] [--issuer URL] [--client-id ID] [--insecure]   device flow
     openshell-gateway logout  [--api URL]
     openshell-gateway config check FILE | config schema
@@ -16,7 +17,7 @@ through the same rules (:mod:`openshell_wire.configcheck`), so it refuses what `
 database whose schema is newer than this gateway knows is exit status 78 too (``serve`` and
 ``migrate`` refuse it); one that cannot be reached or migrated is exit status 69.
 
-The API commands (status, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
+The API commands (status, fleet, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
 or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
 said with what to run, exit status 77. A token is never sent (nor a login made) over plain http to
 a host that is not loopback unless ``--insecure`` says so.
@@ -87,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
     status.add_argument("--json", action="store_true", help="print the API's JSON")
+    fleet = sub.add_parser(
+        "fleet",
+        help="the fleet summary: counts by state and health, unhealthy and exited sandboxes, replicas",
+    )
+    fleet.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
+    fleet.add_argument(
+        "--since", help="exited since: RFC 3339 or a duration back from now (default: the API's, 1h)"
+    )
+    fleet.add_argument("--limit", type=int, help="longest list of unhealthy and of exited sandboxes")
+    fleet.add_argument(
+        "-o", "--output", choices=["text", "json"], default="text", help="json: the API's document"
+    )
     login = sub.add_parser(
         "login", help="log in through the OIDC issuer (OAuth device flow) and keep the tokens"
     )
@@ -108,13 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id")
     for p in (create, delete):
         p.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
-    for p in (status, create, delete):
+    for p in (status, fleet, create, delete):
         p.add_argument(
             "--token-file",
             type=Path,
             help="a file holding the bearer token (else $OPENSHELL_TOKEN, else the login)",
         )
-    for p in (status, create, delete, login):
+    for p in (status, fleet, create, delete, login):
         p.add_argument(
             "--insecure",
             action="store_true",
@@ -268,6 +281,27 @@ def _sandbox_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_command(args: argparse.Namespace) -> int:
+    from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
+    from gateway.sandboxcli import SandboxCallError, fetch_fleet, render_fleet  # noqa: PLC0415
+
+    api = args.api.rstrip("/")
+    try:
+        credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
+        doc = asyncio.run(fetch_fleet(api, since=args.since, limit=args.limit, credentials=credentials))
+    except ClientAuthError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        return EX_NOPERM
+    except SandboxCallError as exc:
+        print(f"openshell-gateway: {exc}", file=sys.stderr)
+        # A token refused (401) or without an OpenShell role (403), as status says: not an outage.
+        if exc.status in (401, 403):
+            return EX_NOPERM
+        return EX_UNAVAILABLE if exc.status is None or exc.status >= 500 else 1
+    print(json.dumps(doc, indent=2) if args.output == "json" else render_fleet(doc))
+    return 0
+
+
 def _login_command(args: argparse.Namespace) -> int:
     from gateway.clientauth import ClientAuthError, TokenCache, device_login, logout  # noqa: PLC0415
 
@@ -328,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "sandbox":
         return _sandbox_command(args)
+    if args.cmd == "fleet":
+        return _fleet_command(args)
     try:
         config = load_checked(GatewayConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:

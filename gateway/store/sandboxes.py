@@ -37,7 +37,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -72,6 +72,9 @@ from gateway.store.schema import UTCDateTime
 from gateway.store.schema import commands as commands_table
 from gateway.store.schema import events as events_table
 from gateway.store.schema import sandboxes as sandboxes_table
+
+if TYPE_CHECKING:
+    from gateway.store.fleet import FleetQueries
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +561,12 @@ class SandboxStore:
             async with self._db.engine.connect() as conn:
                 result = await conn.execute(query)
                 return [_sandbox(row) for row in result]
+
+    def fleet(self) -> FleetQueries:
+        """The fleet summary's counts and lists over this store's database (gateway.store.fleet)."""
+        from gateway.store.fleet import FleetQueries  # noqa: PLC0415 (it imports this module)
+
+        return FleetQueries(self._db)
 
     async def liveness(self) -> builtins.list[SandboxLiveness]:
         """What the state rule needs of every sandbox (for counting them by state)."""
