@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,16 +25,17 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from gateway.api import build_api
 from gateway.auth.people import PeopleAuth
 from gateway.cli import main
 from gateway.config import HaSettings, OidcSettings, SessionSettings
 from gateway.replicas import LeaseView
-from gateway.sandbox_state import Liveness
+from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, sandbox_state
 from gateway.store import Database, EventStore, SandboxStore, utcnow
 from gateway.store.replicas import ReplicaStore
+from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.records import (
     Event,
     HealthRecord,
@@ -428,3 +430,54 @@ async def test_the_cli_prints_the_summary_and_its_json(
     unreachable = ["fleet", "--api", "http://127.0.0.1:1", "--token-file", str(token_file)]
     assert await asyncio.to_thread(main, unreachable) == 69
     assert "cannot reach the gateway API at http://127.0.0.1:1" in capsys.readouterr().err
+
+
+async def test_the_sql_rule_decides_as_the_python_rule_on_random_rows(env: Env) -> None:
+    """Rows no session handler would leave as well (a heartbeat without a connection, a legacy
+    owner's id, a lease row without a run), times on and around every bound: the SQL ``CASE``
+    and :func:`sandbox_state` agree on each row."""
+    rng = random.Random(23)
+    now = env.t0
+    edges = [0.0, LIVENESS.fresh_for_s, LOST_AFTER_S, 200.0]
+
+    def ago() -> datetime | None:
+        if rng.random() < 0.2:
+            return None
+        edge = rng.choice(edges)
+        return now - timedelta(seconds=max(0.0, edge + rng.choice([-1e-6, 0.0, 1e-6, rng.uniform(-30, 30)])))
+
+    rows = [
+        {
+            "id": f"r{i:04d}",
+            "driver": "test",
+            "created_at": now,
+            "connected": rng.random() < 0.6,
+            "connected_at": ago(),
+            "disconnected_at": ago(),
+            "last_heartbeat_at": ago(),
+            "exit_code": 1 if rng.random() < 0.1 else None,
+            "owner": rng.choice([None, "gw-a", "gw-b", "gw-old", "gw-dead", "gateway-0123456789ab"]),
+            "owner_run": rng.choice([None, "a1", "a2", "b1", "o1"]),
+        }
+        for i in range(600)
+    ]
+    async with env.db.engine.begin() as conn:
+        await conn.execute(insert(sandboxes_table), rows)
+    leases = ReplicaLeases(
+        lease_s=HA.lease_s,
+        renewed_at={"gw-a": now - timedelta(seconds=10), "gw-b": now - timedelta(seconds=40), "gw-old": now},
+        runs={"gw-a": "a2", "gw-b": "b1", "gw-old": None},
+    )
+    queries = env.sandboxes.fleet()
+    for leases_given in (leases, None):
+        live = await queries.live_owners(owners=None, leases=leases_given, now=now)
+        counts = await queries.counts(
+            owners=None, now=now, liveness=LIVENESS, live=live, exited_since=now - timedelta(hours=1)
+        )
+        decided = Counter(
+            str(sandbox_state(r, now=now, liveness=LIVENESS, leases=leases_given))
+            for r in await env.sandboxes.list()
+        )
+        assert counts.by_state == {s.value: decided.get(s.value, 0) for s in SandboxState}
+        # Every branch was taken, with and without leases.
+        assert all(counts.by_state.values()), counts.by_state
