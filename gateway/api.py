@@ -24,6 +24,10 @@ replica stored the batch (:mod:`gateway.notify`, within about a second), and oth
 every few seconds (every second while this replica's listening connection is down), so a missed
 wake-up costs latency, never events: the database is always the source.
 
+``GET /api/v1/fleet`` summarises what the caller may list (:mod:`gateway.fleet`): counts by state
+and by last reported health, the unhealthy and the recently exited sandboxes, and (for admins) the
+replicas' load, each part one bounded statement (docs/fleet.md).
+
 Commands for a sandbox's supervisor (``stop``, ``signal``, ``heartbeat``) are created with a POST,
 stored with an expiry (``expires_in_s``, else ``commands.ttl_s``), sent at once to the sandbox's
 live session on whichever replica holds it (:mod:`gateway.routing`; ``delivered`` says whether that

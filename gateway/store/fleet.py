@@ -156,8 +156,8 @@ class ExitedSandbox:
     generation: int
     exit_code: int
     exited_at: datetime
-    #: The EXITED lifecycle record's message (``main process 12 exited with code 137 (signal 9)``)
-    #: and detail; None when the exit came without one.
+    #: The newest EXITED lifecycle record's message (``main process 12 exited with code 137,
+    #: signal 9``) and detail; None when the exit came without one.
     reason: str | None
 
 
