@@ -54,6 +54,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 
 from gateway.config import LeaderSettings
+from gateway.metrics import note_leader
 from gateway.ratelimit import RateLimitedLog
 from gateway.replicas import ReplicaIdentity
 from gateway.store.db import StoreError, utcnow
@@ -127,7 +128,7 @@ class LeaderElector:
         self._holding: int | None = None
         #: Monotonic time the last successful renewal (or the acquisition) was sent.
         self._renewed_at = 0.0
-        self._term: LeaderTerm | None = None
+        self._leading_term: LeaderTerm | None = None
         self._work: asyncio.Task[None] | None = None
         #: The term claim in flight, and the leaseTransitions it is for.
         self._claiming: asyncio.Task[LeaderTerm | None] | None = None
@@ -141,8 +142,18 @@ class LeaderElector:
         """The term this replica leads under now, or None."""
         return self._term
 
+    @property
+    def _term(self) -> LeaderTerm | None:
+        return self._leading_term
+
+    @_term.setter
+    def _term(self, term: LeaderTerm | None) -> None:
+        self._leading_term = term
+        note_leader(self._identity.id, term is not None)  # the openshell_gateway_leader gauge
+
     def start(self) -> None:
         if self._loop is None:
+            note_leader(self._identity.id, self._term is not None)
             self._loop = asyncio.create_task(self._run(), name="leader-election")
 
     async def stop(self) -> None:
@@ -164,6 +175,7 @@ class LeaderElector:
             except Exception as exc:  # best effort: a Lease not released expires
                 log.warning("leader Lease %r not released (%r); it expires by itself", self._lease_name, exc)
             self._holding = None
+        note_leader(self._identity.id, None)
         self._log.close()
 
     @property

@@ -10,6 +10,17 @@ for a malformed frame or a store failure, failed attempts of retried background 
 process's own CPU, memory and file descriptors; with the replicas' leases (issue 20), the replicas
 alive (counted with the sandboxes, from the ``replicas`` table) and this replica's id. The chart's
 ServiceMonitor scrapes it and its PrometheusRule alerts on it (``helm/openshell/templates/monitoring.yaml``).
+
+Issue 23 adds what the supervisors' records say, counted as they are stored (``observe_records``,
+told by :class:`gateway.store.events.EventStore` after each commit, for the records above the
+session's acknowledged mark only, so a replayed batch is not counted twice): gaps by reason and
+the records they lost, lifecycle records by kind, main-process restarts; the health of the
+sandboxes whose sessions this replica holds (the newest health record of each one's current
+session, counted at scrape time over the live sessions: no database read) with their OOM kills;
+heartbeats answered, reconnections, the resume backlog, bytes of stored batches; every database
+statement's latency and every database error (:func:`gateway.store.db.observe_statements`, one
+hook for the whole process); and whether this replica leads (:func:`note_leader`). No label
+names a sandbox: every label takes a handful of values. docs/metrics.md lists them all.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
@@ -29,8 +40,17 @@ from gateway.ratelimit import RateLimitedLog
 from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, sandbox_state
 from gateway.sessions import SessionRegistry
 from gateway.store import SandboxStore, StoreError
+from gateway.store.db import observe_statements
 from openshell_wire import __version__
 from openshell_wire.logsetup import vanished_peers
+from openshell_wire.records import (
+    GapRecord,
+    HealthRecord,
+    HealthState,
+    LifecycleKind,
+    LifecycleRecord,
+    Payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +65,59 @@ SANDBOX_COUNT_WAIT_S = 2.0
 SANDBOX_COUNT_TIMEOUT_S = 10.0
 #: On shutdown, how long a cancelled count is given to end (see ``close``).
 COUNT_CANCEL_WAIT_S = 0.5
+# Records a supervisor held when it resumed: none to a day offline at thousands of lines/s.
+BACKLOG_BUCKETS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+#: The statement label: the first keyword of the SQL, one of these (else "other").
+STATEMENT_KINDS = frozenset({"select", "insert", "update", "delete", "begin", "commit", "rollback"})
+#: A health state before a session's first health record.
+HEALTH_UNKNOWN = "unknown"
+#: The prefix of the STARTED record's detail that the supervisor's restart policy writes
+#: (``supervisor.agent``: "restart 2/5 after exit code 1").
+RESTART_DETAIL = "restart "
+
+# Process-wide, as the database hook they are fed by is (one gateway per process in production;
+# several gateways in one test process share them). Registered in each GatewayMetrics' registry.
+_DB_SECONDS = Histogram(
+    PREFIX + "db_statement_seconds",
+    "Time of each database statement (SQLAlchemy's cursor execution, in this process), by its first "
+    "SQL keyword; the event inserts on SQLite's own connection are timed by event_batch_store_seconds.",
+    ["statement"],
+    buckets=STORE_BUCKETS,
+    registry=None,
+)
+_DB_ERRORS = Counter(
+    PREFIX + "db_errors",
+    "Database statements that failed (in this process), by SQLAlchemy's error class (OperationalError, "
+    "IntegrityError, ...; TimeoutError for a statement timed out).",
+    ["error"],
+    registry=None,
+)
+#: Replica id -> whether its leader elector (gateway.leader) leads now; absent: no elector runs.
+_LEADING: dict[str, bool] = {}
+
+
+def _statement_done(statement: str, seconds: float) -> None:
+    keyword = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else ""
+    _DB_SECONDS.labels(keyword if keyword in STATEMENT_KINDS else "other").observe(seconds)
+
+
+def _statement_failed(error: str) -> None:
+    _DB_ERRORS.labels(error).inc()
+
+
+def note_leader(replica: str, leading: bool | None) -> None:
+    """What :class:`gateway.leader.LeaderElector` tells of its replica: True while it leads, False
+    while it campaigns, None once it stopped (the ``leader`` series is then left out)."""
+    if leading is None:
+        _LEADING.pop(replica, None)
+    else:
+        _LEADING[replica] = leading
 
 
 class _LiveCollector(Collector):
-    def __init__(self, sessions: SessionRegistry) -> None:
+    def __init__(self, sessions: SessionRegistry, owner: GatewayMetrics) -> None:
         self._sessions = sessions
+        self._owner = owner
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -62,12 +130,67 @@ class _LiveCollector(Collector):
             "gRPC calls whose client went away while their reply was being sent (logged at debug).",
             value=vanished_peers(),
         )
+        yield from self._health()
+        replica = self._owner.replica_id
+        leading = _LEADING.get(replica) if replica is not None else None
+        if leading is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "leader",
+                "1 while this replica holds the leader Lease and runs the cluster-wide work (the "
+                "Kubernetes driver's pod watch), 0 while it campaigns; absent without an election.",
+                value=float(leading),
+            )
+
+    def _health(self) -> Iterator[Metric]:
+        """The live sessions here by their newest health record, and the OOM kills those count;
+        entries of sessions that ended are dropped on the way."""
+        states = Tally({state.value: 0 for state in HealthState})
+        states[HEALTH_UNKNOWN] = 0
+        oom_kills = 0
+        reported = self._owner.health
+        for session in self._sessions.sessions():
+            seen = reported.get(session.sandbox_id)
+            if seen is None or seen[0] != session.session_id:
+                states[HEALTH_UNKNOWN] += 1
+                continue
+            states[seen[1]] += 1
+            oom_kills += seen[2]
+        for sandbox_id in [s for s, seen in reported.items() if not self._live(s, seen[0])]:
+            del reported[sandbox_id]
+        family = GaugeMetricFamily(
+            PREFIX + "sandbox_health",
+            "Sandboxes whose sessions this replica holds, by the state of their supervisor's newest "
+            "health record in that session (unknown: none yet); sum over the replicas for the fleet.",
+            labels=["state"],
+        )
+        for state, count in states.items():
+            family.add_metric([state], count)
+        yield family
+        yield GaugeMetricFamily(
+            PREFIX + "sandbox_oom_kills",
+            "OOM kills in the sandboxes whose sessions this replica holds, as their newest health "
+            "records count them (the cgroup's count since each sandbox started).",
+            value=oom_kills,
+        )
+
+    def _live(self, sandbox_id: str, session_id: str) -> bool:
+        session = self._sessions.get(sandbox_id)
+        return session is not None and session.session_id == session_id
 
 
 class GatewayMetrics:
     def __init__(self, sessions: SessionRegistry) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_LiveCollector(sessions))
+        #: This replica's id (``use_leases``); None until then.
+        self.replica_id: str | None = None
+        #: Sandbox id -> (session id, health state, OOM kills) of the newest health record stored
+        #: for a session of this replica's (``observe_records``); pruned at each scrape.
+        self.health: dict[str, tuple[str, str, int]] = {}
+        self._sessions = sessions
+        self.registry.register(_LiveCollector(sessions, self))
+        self.registry.register(_DB_SECONDS)
+        self.registry.register(_DB_ERRORS)
+        observe_statements(done=_statement_done, failed=_statement_failed)
         self.sessions_accepted = Counter(
             PREFIX + "sessions_accepted", "Supervisor sessions accepted.", registry=self.registry
         )
@@ -98,6 +221,14 @@ class GatewayMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.sandboxes_not_exited = Gauge(
+            PREFIX + "sandboxes_not_exited",
+            "Sandboxes in any state but exited (the sandboxes gauge's sum without them), counted with it: "
+            "those whose supervisors should hold sessions (the page alert OpenShellNoSupervisorSessions "
+            "reads it). NaN before the first count and while a count fails.",
+            registry=self.registry,
+        )
+        self.sandboxes_not_exited.set(float("nan"))
         self.malformed_frames = Counter(
             PREFIX + "malformed_frames",
             "gRPC calls refused with INVALID_ARGUMENT because a frame was not a valid message, by method.",
@@ -229,6 +360,66 @@ class GatewayMetrics:
         self.replica = Info(
             PREFIX + "replica", "This gateway replica's id (ha.replica_id).", registry=self.registry
         )
+        # What the supervisors report (issue 23): counted as stored, see observe_records.
+        self.heartbeats = Counter(
+            PREFIX + "heartbeats",
+            "Supervisor heartbeats answered (each one's round trip is measured by its supervisor: "
+            "openshell_supervisor_heartbeat_rtt_seconds).",
+            registry=self.registry,
+        )
+        self.reconnects = Counter(
+            PREFIX + "session_reconnects",
+            "Sessions accepted for a sandbox an earlier session had claimed (owner epoch above 1), on "
+            "any replica: reconnections after a cut, a drain, a rebalance or a supervisor restart.",
+            registry=self.registry,
+        )
+        self.resume_backlog = Histogram(
+            PREFIX + "resume_backlog_records",
+            "At each hello of a supervisor with a journal: the records it held that the gateway had not "
+            "acknowledged (its journal's last sequence minus the stored high-water mark).",
+            buckets=BACKLOG_BUCKETS,
+            registry=self.registry,
+        )
+        self.event_bytes = Counter(
+            PREFIX + "event_bytes_received",
+            "Bytes (protobuf encoding) of the event batches stored and acknowledged, repeats included.",
+            registry=self.registry,
+        )
+        self.gaps = Counter(
+            PREFIX + "supervisor_gaps",
+            "Gap records stored (records a supervisor lost and counted), by reason: overflow (its "
+            "journal's byte bound), corrupt (a damaged journal segment), write_failed (disk full, I/O "
+            "error), unspecified.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.gap_records = Counter(
+            PREFIX + "supervisor_gap_dropped_records",
+            "Records lost, as the stored gap records count them, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.lifecycle = Counter(
+            PREFIX + "supervisor_lifecycle_records",
+            "Lifecycle records stored, by kind: started, exited, start_failed, supervisor_started (a "
+            "container's start or restart), offline_policy, reconnected.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            PREFIX + "main_process_restarts",
+            "Main processes restarted by their supervisor's restart policy (STARTED records of a restart).",
+            registry=self.registry,
+        )
+        self.health_changes = Counter(
+            PREFIX + "supervisor_health_changes",
+            "Health records of a change (a new state or a new OOM kill) stored, by the new state.",
+            ["state"],
+            registry=self.registry,
+        )
+        for reason in ("overflow", "corrupt", "write_failed"):
+            self.gaps.labels(reason)
+            self.gap_records.labels(reason)
         #: Reads the replicas' leases for the count (``use_leases``); None: no lease rule.
         self._leases: Callable[[], Awaitable[ReplicaLeases]] | None = None
         self.sandboxes_counted = Gauge(
@@ -246,7 +437,35 @@ class GatewayMetrics:
         """Count sandboxes with the owners' leases (as the API shows them), and the replicas alive;
         name this replica."""
         self._leases = leases
+        self.replica_id = replica_id
         self.replica.info({"replica": replica_id})
+
+    def session_accepted(self, *, owner_epoch: int, journal_last: int, resume_after: int) -> None:
+        """A hello answered SessionAccepted: a reconnection when its sandbox was claimed before;
+        the backlog when the supervisor has a journal (an upstream supervisor sends no sequence)."""
+        self.sessions_accepted.inc()
+        if owner_epoch > 1:
+            self.reconnects.inc()
+        if journal_last > 0:
+            self.resume_backlog.observe(max(0, journal_last - resume_after))
+
+    def observe_records(self, sandbox_id: str, records: Sequence[Payload]) -> None:
+        """The gap, lifecycle and health records of one batch, newly stored (above the session's
+        mark), told by the event store after the commit."""
+        for record in records:
+            if isinstance(record, GapRecord):
+                self.gaps.labels(record.reason.value).inc()
+                self.gap_records.labels(record.reason.value).inc(record.dropped_records)
+            elif isinstance(record, LifecycleRecord):
+                self.lifecycle.labels(record.kind.value).inc()
+                if record.kind is LifecycleKind.STARTED and record.detail.startswith(RESTART_DETAIL):
+                    self.restarts.inc()
+            elif isinstance(record, HealthRecord):
+                if record.change:
+                    self.health_changes.labels(record.state.value).inc()
+                session = self._sessions.get(sandbox_id)
+                if session is not None:
+                    self.health[sandbox_id] = (session.session_id, record.state.value, record.oom_kills)
 
     async def count_sandboxes(self, store: SandboxStore, *, now: datetime, liveness: Liveness) -> None:
         """Make the ``sandboxes`` gauge at most ``SANDBOX_COUNT_TTL_S`` old, called by each scrape.
@@ -278,6 +497,7 @@ class GatewayMetrics:
                 leases = await self._leases() if self._leases is not None else None
         except (StoreError, TimeoutError) as exc:
             self.sandboxes.clear()
+            self.sandboxes_not_exited.set(float("nan"))
             self.replicas_alive.set(float("nan"))
             self._count_errors.log(
                 logging.WARNING,
@@ -291,6 +511,7 @@ class GatewayMetrics:
             self.replicas_alive.set(leases.alive_count(now=now))
         for state in SandboxState:
             self.sandboxes.labels(state.value).set(counts[state])
+        self.sandboxes_not_exited.set(sum(counts.values()) - counts[SandboxState.EXITED])
         self._counted_at = asyncio.get_running_loop().time()
         self.sandboxes_counted.set_to_current_time()
 

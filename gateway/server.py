@@ -265,6 +265,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         heartbeats: HeartbeatGovernor | None = None,
     ) -> None:
         self._metrics = metrics
+        if metrics is not None:
+            events.on_records = metrics.observe_records  # gaps, lifecycle, health: as stored
         #: The interval handed out (adaptive; a governor that never runs keeps the fixed one).
         self._heartbeats = (
             heartbeats if heartbeats is not None else HeartbeatGovernor(config.sessions, registry=registry)
@@ -930,7 +932,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         capabilities = session.capabilities
         resume_after = session.acked_through
         if self._metrics is not None:
-            self._metrics.sessions_accepted.inc()
+            self._metrics.session_accepted(
+                owner_epoch=session.owner_epoch,
+                journal_last=hello.journal_last_sequence,
+                resume_after=resume_after,
+            )
         log.info(
             "session accepted",
             extra={
@@ -1101,6 +1107,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # The hot path, answered here: one message per session per interval.
                     out = pb.GatewayMessage()
                     out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+                    if self._metrics is not None:
+                        self._metrics.heartbeats.inc()
                     if self._admission is not None:
                         # Kept current on live sessions: the fleet grows after most hellos.
                         out.heartbeat.reconnect_window_ms = self._admission.reconnect_window_ms()
@@ -1209,6 +1217,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             self._metrics.batch_store_seconds.observe(time.monotonic() - started)
             self._metrics.event_batches.inc()
             self._metrics.events_received.inc(len(batch.events))
+            self._metrics.event_bytes.inc(batch.ByteSize())
         session.acked_through = hwm
         ack = pb.GatewayMessage()
         ack.event_ack.journal_epoch = session.journal_epoch

@@ -57,7 +57,7 @@ import random
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -343,6 +343,52 @@ def _retrying_connect(settings: DatabaseSettings, outage: _Outage) -> Any:
     return connect
 
 
+@dataclass(frozen=True, slots=True)
+class _StatementObserver:
+    done: Callable[[str, float], None]
+    failed: Callable[[str], None]
+
+
+#: Told of every statement of this process's engines (the gateway's metrics): one for the process.
+_statement_observer: _StatementObserver | None = None
+#: Where a connection keeps the start times of its statements in flight (``Connection.info``).
+_STARTED = "openshell_statement_started"
+
+
+def observe_statements(*, done: Callable[[str, float], None], failed: Callable[[str], None]) -> None:
+    """Have every database statement of this process reported: ``done(sql, seconds)`` when it
+    returns, ``failed(error class)`` when it raises (SQLAlchemy's class, e.g. ``OperationalError``,
+    or ``TimeoutError`` for one timed out). One observer per process; a later call replaces it."""
+    global _statement_observer  # noqa: PLW0603 - the engines' listeners read it at each statement
+    _statement_observer = _StatementObserver(done, failed)
+
+
+def _statement_started(
+    conn: Connection, _cursor: Any, _sql: str, _params: Any, _ctx: Any, _many: bool
+) -> None:
+    conn.info.setdefault(_STARTED, []).append(time.perf_counter())
+
+
+def _statement_ended(conn: Connection, _cursor: Any, sql: str, _params: Any, _ctx: Any, _many: bool) -> None:
+    started = conn.info.get(_STARTED)
+    if started and _statement_observer is not None:
+        _statement_observer.done(sql, time.perf_counter() - started.pop())
+
+
+def _statement_failed(context: ExceptionContext) -> None:
+    started = context.connection.info.get(_STARTED) if context.connection is not None else None
+    if started:
+        started.pop()
+    if _statement_observer is None:
+        return
+    if isinstance(context.original_exception, TimeoutError):
+        _statement_observer.failed("TimeoutError")
+    elif context.sqlalchemy_exception is not None:
+        _statement_observer.failed(type(context.sqlalchemy_exception).__name__)
+    else:
+        _statement_observer.failed("other")
+
+
 def _drop_timed_out(context: ExceptionContext) -> None:
     """A statement that ran out of ``statement_timeout_s`` leaves its connection waiting on a server
     that did not answer (asyncpg still cancelling it): it is treated as a disconnect, so the pool
@@ -389,6 +435,10 @@ def create_engine(
         engine = create_async_engine(parsed, **kwargs)
     except Exception as exc:  # a missing driver module, a sync-only driver, bad options
         raise StoreError(f"cannot open database {mask_url(parsed)}: {describe_error(exc)}") from exc
+    # Every statement's time and failure, for the metrics (observe_statements).
+    event.listen(engine.sync_engine, "before_cursor_execute", _statement_started)
+    event.listen(engine.sync_engine, "after_cursor_execute", _statement_ended)
+    event.listen(engine.sync_engine, "handle_error", _statement_failed)
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         event.listen(engine.sync_engine.pool, "invalidate", _roll_back_before_closing)

@@ -567,6 +567,10 @@ _shared: weakref.WeakKeyDictionary[Database, _Shared] = weakref.WeakKeyDictionar
 class EventStore:
     """Stores and reads the events of sandboxes; see the module docstring."""
 
+    #: Told, after the commit, of a wire batch's gap, lifecycle and health records above the
+    #: caller's known mark (new ones, not replays): the gateway's metrics (GatewayMetrics).
+    on_records: Callable[[str, Sequence[Payload]], None] | None = None
+
     def __init__(self, db: Database) -> None:
         self._db = db
         shared = _shared.get(db)
@@ -840,6 +844,7 @@ class EventStore:
         stored_at = self._bind_received_at(received_at)
         rows: list[tuple[Any, ...]] = []
         lifecycle: Lifecycle = []
+        noted: list[Payload] = []  # for on_records
         streams = _STREAM_VALUE
         previous = 0
         for raw in events:
@@ -891,10 +896,12 @@ class EventStore:
                 # the exit was had then (and the run's position would ignore them anyway).
                 if sequence > known_high_water_mark:
                     _lifecycle(sequence, event.timestamp_ms, event.payload, lifecycle)
+                    if not isinstance(event.payload, LogRecord):  # a structured line: not noted
+                        noted.append(event.payload)
             previous = sequence
         if not rows:
             return known_high_water_mark
-        return await self._store_rows(
+        hwm = await self._store_rows(
             sandbox_id,
             journal_epoch,
             rows,
@@ -905,6 +912,9 @@ class EventStore:
             known_high_water_mark=known_high_water_mark,
             owner_epoch=owner_epoch,
         )
+        if noted and self.on_records is not None:
+            self.on_records(sandbox_id, noted)
+        return hwm
 
     async def _store_rows(
         self,

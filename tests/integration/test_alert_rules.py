@@ -1,0 +1,149 @@
+"""The chart's page alert, OpenShellNoSupervisorSessions, unit-tested by ``promtool test rules`` (the
+Prometheus project's own rule tester) on the PrometheusRule the chart renders: it fires when the
+replicas hold no supervisor session for ``for`` while sandboxes (not exited) exist, and not when a
+session is held, when only exited sandboxes remain, before ``for`` has passed, or when no gateway
+reports at all (OpenShellGatewayDown's case); the value turns it off and ``for``/``severity`` apply.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import yaml
+
+from tests.integration.test_prometheus import _promtool
+from tests.support.procs import REPO
+
+ALERT = "OpenShellNoSupervisorSessions"
+
+
+def rendered_rule(values: dict[str, Any]) -> dict[str, Any]:
+    rendered = helm_python.Chart.load(str(REPO / "helm" / "openshell")).render(
+        {"monitoring": {"prometheusRule": {"enabled": True, **values}}},
+        name="openshell",
+        namespace="openshell",
+    )
+    docs = [
+        d
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for d in yaml.safe_load_all(text)
+        if isinstance(d, dict)
+    ]
+    (rule,) = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    return rule
+
+
+def alert_of(rule: dict[str, Any]) -> dict[str, Any] | None:
+    found = [r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == ALERT]
+    return found[0] if found else None
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    body = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return {"series": f"{name}{{{body}}}", "values": values}
+
+
+def test_the_page_alert_fires_only_without_sessions_while_sandboxes_exist(tmp_path: Path) -> None:
+    rule = rendered_rule({})
+    alert = alert_of(rule)
+    assert alert is not None, "on by default with the PrometheusRule"
+    assert alert["for"] == "5m" and alert["labels"] == {"severity": "critical"}
+    job = re.search(r'job="([^"]+)"', alert["expr"])
+    assert job is not None
+    common = {"job": job.group(1), "namespace": "openshell"}
+    replica_a = {**common, "instance": "10.0.0.1:7090", "pod": "gw-a"}
+    replica_b = {**common, "instance": "10.0.0.2:7090", "pod": "gw-b"}
+
+    def sandboxes(replica: dict[str, str], values: str) -> dict[str, str]:
+        """Sandboxes not exited, as a replica counts them (every replica counts the whole table)."""
+        return series("openshell_gateway_sandboxes_not_exited", values, **replica)
+
+    def sessions(replica: dict[str, str], values: str) -> dict[str, str]:
+        return series("openshell_gateway_sessions", values, **replica)
+
+    def expected(count: int) -> list[dict[str, Any]]:
+        annotations = {
+            key: text.replace("{{ $value }}", str(count)) for key, text in alert["annotations"].items()
+        }
+        return [{"exp_labels": {"severity": "critical"}, "exp_annotations": annotations}]
+
+    tests = [
+        {
+            # Both replicas count 3 sandboxes not exited (one of them a count behind at first)
+            # and hold no session.
+            "interval": "1m",
+            "input_series": [
+                sandboxes(replica_a, "3x20"),
+                sandboxes(replica_b, "2 3x19"),
+                sessions(replica_a, "0x20"),
+                sessions(replica_b, "0x20"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": ALERT, "exp_alerts": []},  # not yet: for 5m
+                {"eval_time": "10m", "alertname": ALERT, "exp_alerts": expected(3)},
+            ],
+        },
+        {
+            # One session held on one replica: no page.
+            "interval": "1m",
+            "input_series": [
+                sandboxes(replica_a, "6x20"),
+                sessions(replica_a, "1x20"),
+                sessions(replica_b, "0x20"),
+            ],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": []}],
+        },
+        {
+            # Only exited sandboxes: nothing to connect.
+            "interval": "1m",
+            "input_series": [sandboxes(replica_a, "0x20"), sessions(replica_a, "0x20")],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": []}],
+        },
+        {
+            # The count fails (NaN): no page on a number nobody has.
+            "interval": "1m",
+            "input_series": [sandboxes(replica_a, " ".join(["NaN"] * 21)), sessions(replica_a, "0x20")],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": []}],
+        },
+        {
+            # No gateway reports sessions at all (none up): the down alert's case, not this one.
+            "interval": "1m",
+            "input_series": [sandboxes(replica_a, "2x3")],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": []}],
+        },
+        {
+            # Sessions lost for 3 minutes (a rollout), then back: no page.
+            "interval": "1m",
+            "input_series": [
+                sandboxes(replica_a, "2x20"),
+                sessions(replica_a, "2 0 0 0 2x16"),
+            ],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": []}],
+        },
+        {
+            # Pending sandboxes whose supervisors never connect: paged too.
+            "interval": "1m",
+            "input_series": [sandboxes(replica_a, "2x20"), sessions(replica_a, "0x20")],
+            "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": expected(2)}],
+        },
+    ]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    (tmp_path / "tests.yml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    done = subprocess.run(
+        [_promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_page_alert_follows_its_values() -> None:
+    assert alert_of(rendered_rule({"noSupervisorSessions": {"enabled": False}})) is None
+    tuned = alert_of(rendered_rule({"noSupervisorSessions": {"for": "15m", "severity": "page"}}))
+    assert tuned is not None
+    assert tuned["for"] == "15m" and tuned["labels"] == {"severity": "page"}
