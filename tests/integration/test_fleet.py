@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from openshell_wire.records import (
     LifecycleRecord,
 )
 from tests.support.oidc import AUDIENCE, SigningKey, TestIssuer
+from tests.support.procs import PYTHON, REPO, GatewayProcess, SupervisorProcess, wait_until
 from tests.unit.test_api_auth import OIDC
 
 LOST_AFTER_S = 60.0
@@ -481,3 +483,78 @@ async def test_the_sql_rule_decides_as_the_python_rule_on_random_rows(env: Env) 
         assert counts.by_state == {s.value: decided.get(s.value, 0) for s in SandboxState}
         # Every branch was taken, with and without leases.
         assert all(counts.by_state.values()), counts.by_state
+
+
+# ------------------------------------------------------------ a real gateway and real supervisors
+
+
+def _fleet_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "gateway", "fleet", "--api", f"http://127.0.0.1:{gateway.http_port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+def test_a_real_gateways_fleet_through_the_cli(
+    tmp_path: Path, gateway: GatewayProcess, supervisors: list[SupervisorProcess]
+) -> None:
+    """A gateway process (without OIDC every caller is admin), three supervisors: one whose disk
+    counts as full (unhealthy), one healthy, one whose main process exits with 3; the CLI, run
+    as a process, reads them as the summary says."""
+    gateway.start()
+    sleeper = [PYTHON, "-c", "import time; time.sleep(120)"]
+    health = ["health.interval_s=0.5", "health.check_interval_s=0.2", f"health.disk_paths=[{tmp_path}]"]
+    for sid, command, settings in (
+        (
+            "ill",
+            sleeper,
+            [*health, "health.disk_degraded_ratio=0.000001", "health.disk_unhealthy_ratio=0.000001"],
+        ),
+        ("fine", sleeper, health),
+        ("quits", [PYTHON, "-c", "import sys; sys.exit(3)"], health),
+    ):
+        sv = SupervisorProcess(tmp_path / sid, sid, gateway.address, command, settings=settings)
+        supervisors.append(sv)
+        sv.start()
+
+    seen: list[dict[str, Any]] = []
+
+    def summary() -> dict[str, Any] | None:
+        run = _fleet_cli(gateway, "-o", "json")
+        assert run.returncode == 0, run.stderr
+        doc: dict[str, Any] = json.loads(run.stdout)
+        seen[:] = [doc]
+        replicas = doc["replicas"]
+        ready = (
+            doc["by_state"]["connected"] == 2
+            and doc["by_state"]["exited"] == 1
+            and doc["by_health"]["unhealthy"] == 1
+            and doc["by_health"]["healthy"] == 1
+            and replicas
+            and replicas[0]["sessions"] == 2
+        )
+        return doc if ready else None
+
+    try:
+        doc = wait_until(summary, timeout=60, what="the fleet as the supervisors made it", interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the last summary: {seen}") from None
+    (ill,) = doc["unhealthy"]["sandboxes"]
+    assert ill["id"] == "ill" and ill["state"] == "connected" and ill["health"] == "unhealthy"
+    assert ill["reason"].startswith("disk "), ill
+    (quits,) = doc["exited"]["sandboxes"]
+    assert quits["id"] == "quits" and quits["exit_code"] == 3
+    assert quits["reason"].endswith("exited with code 3"), quits
+    (replica,) = doc["replicas"]
+    assert replica["id"] == f"gateway-{gateway.grpc_port}" and replica["alive"] is True
+    assert replica["draining"] is False and 0 <= replica["lease_age_s"] < 30
+
+    text = _fleet_cli(gateway, "--since", "10m")
+    assert text.returncode == 0, text.stderr
+    assert "3 sandboxes: pending 0, connected 2, disconnected 0, lost 0, exited 1" in text.stdout
+    assert "ill" in text.stdout and "unhealthy" in text.stdout and "exit 3" in text.stdout
+    bad = _fleet_cli(gateway, "--limit", "0")
+    assert bad.returncode == 1 and "limit must be an integer from 1 to 500" in bad.stderr
