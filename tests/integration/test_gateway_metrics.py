@@ -42,9 +42,16 @@ from tests.support.gateway import gateway_config
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    return str(request.getfixturevalue("database_url"))
+
+
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(gateway_config(tmp_path))
+async def gw(db_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    gateway = Gateway(gateway_config(tmp_path, {"database": {"url": db_url}}))
     await gateway.start()
     try:
         yield gateway
@@ -220,14 +227,13 @@ async def test_database_statements_and_errors_are_counted_by_kind(gw: Gateway) -
     async with gw.db.engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
         await conn.execute(text("SELECT 2"))
-    with pytest.raises(Exception, match="no such table"):
+    with pytest.raises(Exception, match=r"no such table|does not exist"):
         async with gw.db.engine.connect() as conn:
             await conn.execute(text("SELECT * FROM no_such_table"))
     after = await scrape(gw)
-    failed = (value(after, errors, error="OperationalError") or 0) - (
-        value(before, errors, error="OperationalError") or 0
-    )
-    assert failed == 1
+    # SQLite's error is an OperationalError, PostgreSQL's (undefined table) a ProgrammingError.
+    error = "OperationalError" if gw.db.dialect == "sqlite" else "ProgrammingError"
+    assert (value(after, errors, error=error) or 0) - (value(before, errors, error=error) or 0) == 1
     # At least: the gateway's own background work (lease renewals, counts) may select meanwhile.
     assert (value(after, selects, statement="select") or 0) - (
         value(before, selects, statement="select") or 0
