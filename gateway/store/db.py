@@ -351,7 +351,8 @@ class _StatementObserver:
 
 #: Told of every statement of this process's engines (the gateway's metrics): one for the process.
 _statement_observer: _StatementObserver | None = None
-#: Where a connection keeps the start times of its statements in flight (``Connection.info``).
+#: Where a connection keeps the start time of its statement in flight (``Connection.info``; a
+#: connection runs one statement at a time, and the entry is taken when it ends or fails).
 _STARTED = "openshell_statement_started"
 
 
@@ -366,19 +367,18 @@ def observe_statements(*, done: Callable[[str, float], None], failed: Callable[[
 def _statement_started(
     conn: Connection, _cursor: Any, _sql: str, _params: Any, _ctx: Any, _many: bool
 ) -> None:
-    conn.info.setdefault(_STARTED, []).append(time.perf_counter())
+    conn.info[_STARTED] = time.perf_counter()
 
 
 def _statement_ended(conn: Connection, _cursor: Any, sql: str, _params: Any, _ctx: Any, _many: bool) -> None:
-    started = conn.info.get(_STARTED)
-    if started and _statement_observer is not None:
-        _statement_observer.done(sql, time.perf_counter() - started.pop())
+    started = conn.info.pop(_STARTED, None)
+    if started is not None and _statement_observer is not None:
+        _statement_observer.done(sql, time.perf_counter() - started)
 
 
 def _statement_failed(context: ExceptionContext) -> None:
-    started = context.connection.info.get(_STARTED) if context.connection is not None else None
-    if started:
-        started.pop()
+    if context.connection is not None:
+        context.connection.info.pop(_STARTED, None)
     if _statement_observer is None:
         return
     if isinstance(context.original_exception, TimeoutError):

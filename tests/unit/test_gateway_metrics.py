@@ -95,3 +95,26 @@ async def test_another_replicas_election_is_not_this_ones(db: Database) -> None:
         assert leader(metrics) is None
     finally:
         await el.stop()
+
+
+async def test_the_statement_hook_leaves_nothing_on_the_connection(db: Database) -> None:
+    """A connection lives for hours in the pool: the start time the hook keeps on it for the
+    statement in flight is taken when the statement ends or fails, whether anyone observes or not
+    (f3a3d27 kept a list there, and without an observer never emptied it)."""
+    from sqlalchemy import text
+
+    from gateway.store import db as db_module
+
+    observer = db_module._statement_observer
+    try:
+        for watching in (False, True):
+            db_module._statement_observer = observer if watching else None
+            async with db.engine.connect() as conn:
+                for _ in range(3):
+                    await conn.execute(text("SELECT 1"))
+                with pytest.raises(Exception, match="no such table"):
+                    await conn.execute(text("SELECT * FROM no_such_table"))
+                info = (await conn.get_raw_connection()).info
+                assert db_module._STARTED not in info, info
+    finally:
+        db_module._statement_observer = observer
