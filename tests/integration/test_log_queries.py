@@ -58,7 +58,11 @@ MAIN = textwrap.dedent(
     time.sleep(4)
     group("bravo")
     open(os.path.join(work, "written"), "w").close()
+    # "end" also ends the first wait: the fixture's teardown kills the supervisor (SIGKILL), which
+    # leaves this process behind if the follow test that writes "go" did not run (-k, a failure).
     while not os.path.exists(os.path.join(work, "go")):
+        if os.path.exists(os.path.join(work, "end")):
+            sys.exit(0)
         time.sleep(0.05)
     print("charlie out needle", flush=True)
     print("charlie err plain", file=sys.stderr, flush=True)
