@@ -324,6 +324,9 @@ _DURATION_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 MAX_TEXT = 1000
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _time_param(request: web.Request, name: str, now: datetime) -> int | None:
     """An instant in ms since the epoch, from an RFC 3339 timestamp (with its offset) or a duration
     before ``now`` (``10m``: ten minutes ago)."""
@@ -339,7 +342,9 @@ def _time_param(request: web.Request, name: str, now: datetime) -> int | None:
         if at.tzinfo is not None:
             # In UTC too (0001-01-01T00:00:00+01:00 is not), as the store turns it back to a datetime.
             at.astimezone(UTC)
-            return int(at.timestamp() * 1000)
+            # Integer arithmetic: timestamp() * 1000 in floats puts some instants 1 ms early
+            # (.005 s is 4.999... ms), and an inclusive until would then leave out its own record.
+            return (at - _EPOCH) // timedelta(milliseconds=1)
     except (ValueError, OverflowError):
         pass
     hint = " (a '+' in a URL query must be sent as %2B)" if " " in raw else ""

@@ -157,18 +157,29 @@ class Requests:
     pending ``asend`` and its entry in the loop's weak set of async generators): a few hundred
     bytes of every session (``python -m chaos.memprobe``)."""
 
-    __slots__ = ("_context", "_message_class")
+    __slots__ = ("_context", "_ended", "_message_class")
 
     def __init__(self, message_class: type[Message], context: Ctx) -> None:
         self._message_class = message_class
         self._context = context
+        self._ended = False
 
     def __aiter__(self) -> Requests:
         return self
 
     async def __anext__(self) -> Message:
-        data = await self._context.read()
+        # Ended for good, as an async generator is, by the stream's end, a failed read or a read
+        # cancelled while it waited: a read after a cancelled one could ask gRPC for a second
+        # message while the first receive is still pending in its core.
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            data = await self._context.read()
+        except BaseException:
+            self._ended = True
+            raise
         if data is aio.EOF:
+            self._ended = True
             raise StopAsyncIteration
         assert isinstance(data, bytes)
         return decode(self._message_class, data)

@@ -377,10 +377,13 @@ def _statement_ended(conn: Connection, _cursor: Any, sql: str, _params: Any, _ct
 
 
 def _statement_failed(context: ExceptionContext) -> None:
-    if context.connection is not None:
-        context.connection.info.pop(_STARTED, None)
+    # The connection's start time is left in place (the next statement's start overwrites it):
+    # ``context.connection.info`` would revalidate an invalidated connection, that is, connect again
+    # from inside the error handling, and a failure there would come back here.
     if _statement_observer is None:
         return
+    if isinstance(context.original_exception, asyncio.CancelledError):
+        return  # the caller went away (a follow closed, a session ended): not the database's failure
     if isinstance(context.original_exception, TimeoutError):
         _statement_observer.failed("TimeoutError")
     elif context.sqlalchemy_exception is not None:
@@ -438,7 +441,6 @@ def create_engine(
     # Every statement's time and failure, for the metrics (observe_statements).
     event.listen(engine.sync_engine, "before_cursor_execute", _statement_started)
     event.listen(engine.sync_engine, "after_cursor_execute", _statement_ended)
-    event.listen(engine.sync_engine, "handle_error", _statement_failed)
     if backend == "sqlite":
         event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         event.listen(engine.sync_engine.pool, "invalidate", _roll_back_before_closing)
@@ -453,6 +455,8 @@ def create_engine(
 
         event.listen(engine.sync_engine, "do_connect", use_retrying_connect)
         event.listen(engine.sync_engine, "handle_error", _drop_timed_out)
+    # After _drop_timed_out: a listener that raised would keep the ones after it from running.
+    event.listen(engine.sync_engine, "handle_error", _statement_failed)
     return engine
 
 

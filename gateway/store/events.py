@@ -384,9 +384,9 @@ def _row(
             # A structured line (an upstream supervisor's): its level, target and fields are kept.
             data = dict(data or {})
             if payload.level:
-                data["level"] = payload.level
+                data["level"] = _text(payload.level)
             if payload.target:
-                data["target"] = payload.target
+                data["target"] = _text(payload.target)
             if payload.fields:
                 data["fields"] = {_text(k): _text(v) for k, v in payload.fields}
     else:

@@ -31,7 +31,7 @@ import builtins
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, false, func, or_, select, true
@@ -169,11 +169,16 @@ class FleetCounts:
     exited_recently: int
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _record_ms(timestamp_ms: Any, received_at: Any) -> int | None:
     if timestamp_ms is not None and int(timestamp_ms) > 0:
         return int(timestamp_ms)
     if isinstance(received_at, datetime):
-        return int(received_at.timestamp() * 1000)
+        # Integer arithmetic (timestamp() * 1000 in floats is 1 ms early for some instants).
+        at: datetime = received_at if received_at.tzinfo is not None else received_at.replace(tzinfo=UTC)
+        return (at - _EPOCH) // timedelta(milliseconds=1)
     return None
 
 

@@ -420,3 +420,21 @@ def test_odd_text_is_searched_for_not_a_failure(logged: Logged, text: str) -> No
     status, body = _get(f"{logged.api}/{CAPTURED}/logs?text={text}")
     assert status == 200, body
     assert {e["kind"] for e in body["events"]} <= {"gap"}
+
+
+def test_a_nul_in_a_pushed_level_or_target_does_not_break_level_queries(logged: Logged) -> None:
+    """A structured line's level and target are stored as the message is (a NUL as U+FFFD): in
+    the row's JSON a NUL is the escape \\u0000, which PostgreSQL's jsonb refuses, so every
+    ``level`` query of the sandbox that read the row failed there (5xx) while SQLite answered."""
+    _push(
+        logged.gateway,
+        "nul-fields",
+        [("warn", "tar\x00get", "after a NUL", T0), ("wa\x00rn", "t", "odd level", T0)],
+    )
+    wait_until(
+        lambda: len(_events(logged, "nul-fields", kinds="log")) == 2,
+        timeout=30,
+        what="the pushed lines stored",
+    )
+    events = _events(logged, "nul-fields", level="warn")
+    assert [e["message"] for e in events if e["kind"] == "log"] == ["after a NUL", "odd level"], events
