@@ -13,3 +13,9 @@ def test_configuration_reference_is_current() -> None:
     argv = [sys.executable, "docs/generate_config_reference.py", "--check"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cli_reference_is_current() -> None:
+    argv = [sys.executable, "docs/generate_cli_reference.py", "--check"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
