@@ -352,7 +352,8 @@ class _StatementObserver:
 #: Told of every statement of this process's engines (the gateway's metrics): one for the process.
 _statement_observer: _StatementObserver | None = None
 #: Where a connection keeps the start time of its statement in flight (``Connection.info``; a
-#: connection runs one statement at a time, and the entry is taken when it ends or fails).
+#: connection runs one statement at a time: the entry is taken when the statement ends, and after a
+#: failure the next statement's start overwrites it, so a connection holds one entry at most).
 _STARTED = "openshell_statement_started"
 
 

@@ -6,6 +6,7 @@ operators run them; the store is read back straight from the gateway's SQLite fi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -25,10 +26,21 @@ PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: Ports this process handed out lately: the kernel may give a port that was just released again at
+#: once, so two ports of one GatewayProcess came out equal (its gRPC and HTTP listeners on one port:
+#: the gateway refused to start, exit 78, in a CI run).
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=2048)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise RuntimeError("no free port that was not handed out lately")
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.1) -> Any:
