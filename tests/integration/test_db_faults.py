@@ -33,6 +33,7 @@ from gateway.store import Database
 from gateway.store import db as dbmod
 from tests.support.postgres import PgServer, PostgresUnavailable, pg_bindir, running_postgres
 from tests.support.procs import GatewayProcess, SupervisorProcess, free_port, writer_command
+from tests.support.waiting import until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
@@ -45,17 +46,6 @@ SERVICES = ("", "openshell.v1.OpenShell")
 
 async def _connect(pg: PgServer, database: str = "postgres") -> Any:
     return await asyncpg.connect(host="127.0.0.1", port=pg.port, user=pg.user, database=database)
-
-
-async def _until(predicate: Any, *, within: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 def _readyz(gw: GatewayProcess) -> int:
@@ -102,14 +92,14 @@ async def test_grpc_health_and_readyz_follow_the_database(
         try:
             # Both probes say so while the database is down: no replica left in a balancer that could
             # only reject its supervisors.
-            await _until(_health_is(gw, not_serving), within=20, what="gRPC health NOT_SERVING")
+            await until(_health_is(gw, not_serving), within=20, what="gRPC health NOT_SERVING")
             assert _readyz(gw) == 503
             # With the reason the new connections fail for, not only that the probe gave up.
             assert "unreachable: " in _readyz_body(gw)["checks"]["database"]["reason"]
         finally:
             pg_server.start()
-        await _until(_health_is(gw, serving), within=30, what="gRPC health SERVING again")
-        await _until(lambda: _readyz(gw) == 200, within=30, what="/readyz ready again")
+        await until(_health_is(gw, serving), within=30, what="gRPC health SERVING again")
+        await until(lambda: _readyz(gw) == 200, within=30, what="/readyz ready again")
     finally:
         gw.stop()
     log = gw.log_text()
@@ -173,7 +163,7 @@ async def test_postgres_restarted_under_traffic_loses_and_doubles_nothing(
             counts = [len(await _stored_lines(pg_server, database, sid)) for sid in ids]
             return all(c >= 20 for c in counts)
 
-        await _until(writing, within=30, what="every supervisor writing")
+        await until(writing, within=30, what="every supervisor writing")
         for mode in ("fast", "immediate"):
             pg_server.stop(mode)
             await asyncio.sleep(1.0)
@@ -236,10 +226,10 @@ async def test_a_long_outage_ends_sessions_unavailable_with_one_log_line(
             counts = [len(await _stored_lines(pg_server, database, sid)) for sid in ids]
             return all(c >= 20 for c in counts)
 
-        await _until(writing, within=30, what="every supervisor writing")
+        await until(writing, within=30, what="every supervisor writing")
         pg_server.stop()
         try:
-            await _until(
+            await until(
                 lambda: all("store unavailable" in sv.log_text() for sv in supervisors),
                 within=30,
                 what="every session told the store is unavailable",
@@ -323,7 +313,7 @@ async def test_a_first_host_that_blackholes_does_not_keep_the_pool_or_listener_f
             notifier = PostgresNotifier(db.engine.url, db.engine.dialect, replica="t", connect_timeout_s=1.0)
             await notifier.start()
             try:
-                await _until(lambda: notifier.live, within=10, what="the listener on the live host")
+                await until(lambda: notifier.live, within=10, what="the listener on the live host")
             finally:
                 await notifier.stop()
         finally:
@@ -423,7 +413,7 @@ async def test_a_frozen_primary_does_not_hold_the_pool(pg_server: PgServer, data
             for _ in range(2):
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(port(), 0.3)
-            await _until(reaches_second, within=20, what="a new call on the promoted host")
+            await until(reaches_second, within=20, what="a new call on the promoted host")
         finally:
             for proc in frozen:
                 with contextlib.suppress(Exception):
@@ -452,7 +442,7 @@ async def test_migrations_wait_for_locks_with_a_bound_and_say_so(
         await reader.start()
         await holder.execute("SELECT count(*) FROM commands")
         migrating = asyncio.create_task(dbmod.upgrade(engine))
-        await _until(lambda: "migration attempt 1/" in caplog.text, within=15, what="a lock timeout")
+        await until(lambda: "migration attempt 1/" in caplog.text, within=15, what="a lock timeout")
         assert "ALTER TABLE" in caplog.text, caplog.text
         assert not migrating.done()
         await reader.rollback()
@@ -464,7 +454,7 @@ async def test_migrations_wait_for_locks_with_a_bound_and_say_so(
         await other.start()
         await holder.execute("SELECT pg_advisory_xact_lock($1)", dbmod._PG_MIGRATION_LOCK_KEY)
         waiting = asyncio.create_task(dbmod.upgrade(engine))
-        await _until(lambda: "for the migration lock" in caplog.text, within=15, what="the wait logged")
+        await until(lambda: "for the migration lock" in caplog.text, within=15, what="the wait logged")
         assert f"pid {holder.get_server_pid()}" in caplog.text, caplog.text
         assert not waiting.done()
         await other.rollback()

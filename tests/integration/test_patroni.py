@@ -35,6 +35,7 @@ import pytest
 from tests.support.patroni import TTL_S, PatroniCluster, running_patroni
 from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
+from tests.support.waiting import until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
@@ -101,7 +102,7 @@ async def test_the_primary_killed_under_traffic_loses_and_doubles_nothing(
                 counts = [len(await _lines(first.pg_port, sid)) for sid in ids]
                 return all(c >= 50 for c in counts)
 
-            await _until(writing, within=30, what="every supervisor writing")
+            await until(writing, within=30, what="every supervisor writing")
             # The standby falls behind from here (what the primary streams to it dropped, its
             # connection up): in synchronous mode the primary's commits wait for it, so nothing is
             # acknowledged that the standby lacks; asynchronous, they are acknowledged and lost
@@ -110,7 +111,7 @@ async def test_the_primary_killed_under_traffic_loses_and_doubles_nothing(
                 await asyncio.sleep(1.5)
                 killed_at = time.monotonic()
                 cluster.kill_node(first)
-            promoted = await _until(cluster.primary, within=TTL_S * 3, what="a promoted replica")
+            promoted = await until(cluster.primary, within=TTL_S * 3, what="a promoted replica")
             promoted_after = time.monotonic() - killed_at
             assert promoted.name == "pg1"
 
@@ -121,7 +122,7 @@ async def test_the_primary_killed_under_traffic_loses_and_doubles_nothing(
                     states[sid].add(_state(gw, sid))
                 return all(sv.proc is not None and sv.proc.poll() is not None for sv in supervisors)
 
-            await _until(all_done, within=90, what="every supervisor done")
+            await until(all_done, within=90, what="every supervisor done")
             done_after = time.monotonic() - killed_at
             for sv in supervisors:
                 assert sv.proc is not None and sv.proc.returncode == 0, sv.log_text()[-3000:]
@@ -150,14 +151,3 @@ def _assert_clean(gw: GatewayProcess, supervisors: list[SupervisorProcess], clus
         # A resume below what the gateway acknowledged is an acknowledged line the promoted node
         # lost (the supervisor would send it again if its segment was still on disk).
         assert "below our acknowledged" not in sv.log_text(), sv.log_text()[-3000:]
-
-
-async def _until(predicate: Any, *, within: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)

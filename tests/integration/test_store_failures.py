@@ -30,6 +30,7 @@ from gateway.sandbox_state import Liveness
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.postgres import PgServer, pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, writer_command
+from tests.support.waiting import until
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
 
@@ -93,17 +94,6 @@ def _metric(gateway: GatewayProcess, series: str) -> float:
     raise AssertionError(f"{series} not in /metrics")
 
 
-async def _until(predicate: Any, *, within: float, what: str) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 def _kill_tree(sv: SupervisorProcess) -> list[psutil.Process]:
     """SIGKILL the supervisor (no goodbye on the stream); its main process is killed after."""
     assert sv.proc is not None
@@ -124,13 +114,13 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         sv = SupervisorProcess(tmp_path / "sv", "sb-dies", gw.address, ["sleep", "60"])
         supervisors.append(sv)
         sv.start()
-        await _until(lambda: _api(gw, "sb-dies").get("state") == "connected", within=30, what="connected")
+        await until(lambda: _api(gw, "sb-dies").get("state") == "connected", within=30, what="connected")
 
         await _set_read_only(pg_server, database, True)
         _kill_tree(sv)
         # The write that clears the flag fails, yet the API stops showing the sandbox connected
         # within the heartbeat bound (plus the time for the gateway to see the stream break).
-        gone = await _until(
+        gone = await until(
             lambda: (body := _api(gw, "sb-dies"))["state"] != "connected" and body,
             within=FRESH_FOR_S + 5,
             what="sb-dies not shown connected",
@@ -139,7 +129,7 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         assert gone["disconnected_since"] is not None
         assert (await _row(pg_server, database, "sb-dies"))["connected"], "the disconnection write failed"
         # The metrics count it by the same rule (counted again within a few seconds).
-        await _until(
+        await until(
             lambda: (
                 _metric(gw, 'openshell_gateway_sandboxes{state="connected"}') == 0
                 and _metric(gw, 'openshell_gateway_sandboxes{state="disconnected"}') == 1
@@ -183,7 +173,7 @@ async def test_a_read_only_database_while_a_supervisor_dies(
         waiting = SupervisorProcess(tmp_path / "sv2", "sb-waits", gw.address, ["sleep", "60"])
         supervisors.append(waiting)
         waiting.start()
-        await _until(lambda: "store unavailable" in waiting.log_text(), within=20, what="sb-waits refused")
+        await until(lambda: "store unavailable" in waiting.log_text(), within=20, what="sb-waits refused")
 
         await _set_read_only(pg_server, database, False)
 
@@ -193,8 +183,8 @@ async def test_a_read_only_database_while_a_supervisor_dies(
             row = await _row(pg_server, database, "sb-dies")
             return row is not None and not row["connected"] and row["disconnected_at"] is not None
 
-        await _until(disconnected, within=30, what="the retried disconnection write")
-        await _until(lambda: _api(gw, "sb-waits").get("state") == "connected", within=30, what="sb-waits")
+        await until(disconnected, within=30, what="the retried disconnection write")
+        await until(lambda: _api(gw, "sb-waits").get("state") == "connected", within=30, what="sb-waits")
         assert "UNKNOWN" not in waiting.log_text()
         _kill_tree(waiting)
     finally:
@@ -219,17 +209,15 @@ async def test_a_gateway_stops_while_a_disconnection_write_still_fails(
         sv.start()
         lives.start()
         for sandbox_id in ("sb-stuck", "sb-lives"):
-            await _until(
+            await until(
                 lambda sid=sandbox_id: _api(gw, sid).get("state") == "connected",
                 within=30,
                 what=f"{sandbox_id} connected",
             )
         await _set_read_only(pg_server, database, True)
         _kill_tree(sv)
-        await _until(
-            lambda: "cannot record that sandbox sb-stuck" in gw.log_text(), within=20, what="a retry"
-        )
-        await _until(lambda: "heartbeat flush failed" in gw.log_text(), within=20, what="a failed flush")
+        await until(lambda: "cannot record that sandbox sb-stuck" in gw.log_text(), within=20, what="a retry")
+        await until(lambda: "heartbeat flush failed" in gw.log_text(), within=20, what="a failed flush")
     finally:
         gw.stop()
     assert gw.proc is not None and gw.proc.returncode == 0, gw.log_text()[-3000:]
@@ -278,7 +266,7 @@ async def test_a_gateway_stops_within_its_bound_while_the_database_hangs(
         lives.start()
         dies.start()
         for sandbox_id in ("sb-lives", "sb-dies"):
-            await _until(
+            await until(
                 lambda sid=sandbox_id: _api(gw, sid).get("state") == "connected",
                 within=30,
                 what=f"{sandbox_id} connected",
@@ -359,7 +347,7 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
         )
         supervisors.extend([writes, arrives])
         writes.start()
-        await _until(lambda: _api(gw, "sb-writes").get("state") == "connected", within=30, what="connected")
+        await until(lambda: _api(gw, "sb-writes").get("state") == "connected", within=30, what="connected")
         offsets = {"writes": len(writes.log_text()), "arrives": 0}
         stopped = _postgres_processes(pg_server)
         for proc in stopped:
@@ -367,7 +355,7 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
         arrives.start()
         ends = {}
         for name, sv in (("writes", writes), ("arrives", arrives)):
-            ends[name] = await _until(
+            ends[name] = await until(
                 lambda sv=sv, at=offsets[name]: _first_session_end(sv, after=at),
                 within=20,
                 what=f"{name}: a session end",
@@ -380,7 +368,7 @@ async def test_a_hung_database_is_answered_with_a_rejection_not_a_timeout(
             # a SessionRejected, which the supervisor counts as an answer.
             assert "store unavailable, retry later" in reason, f"{name}: {reason}"
         # The database is back: the rejected supervisors connect after their retry hint.
-        await _until(lambda: _api(gw, "sb-arrives").get("state") == "connected", within=30, what="arrives")
+        await until(lambda: _api(gw, "sb-arrives").get("state") == "connected", within=30, what="arrives")
     finally:
         for proc in stopped:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -413,7 +401,7 @@ async def test_heartbeats_are_answered_while_a_batch_waits_for_a_hung_database(
         )
         supervisors.append(writes)
         writes.start()
-        await _until(lambda: _api(gw, "sb-hb").get("state") == "connected", within=30, what="connected")
+        await until(lambda: _api(gw, "sb-hb").get("state") == "connected", within=30, what="connected")
         await asyncio.sleep(0.5)  # lines are being stored
         offset = len(writes.log_text())
         stopped = _postgres_processes(pg_server)
@@ -435,7 +423,7 @@ async def test_heartbeats_are_answered_while_a_batch_waits_for_a_hung_database(
                 await conn.close()
             return bool(count == lines)
 
-        await _until(all_stored, within=30, what="every line stored once the database is back")
+        await until(all_stored, within=30, what="every line stored once the database is back")
         # Read before the gateway stops (which ends the session).
         ended = _first_session_end(writes, after=offset)
         served = gw.log_text()

@@ -28,6 +28,7 @@ from gateway.store.replicas import LeaseSnapshot, Renewal, ReplicaLease, Replica
 from openshell_wire.v1 import openshell_pb2 as pb
 from openshell_wire.v1 import openshell_pb2_grpc as pb_grpc
 from tests.support.gateway import gateway_config
+from tests.support.waiting import until
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 # Heartbeats fresh for 10 s, lost 60 s after the disconnection.
@@ -413,8 +414,16 @@ async def test_a_gateway_holds_a_lease_and_shows_a_dead_owners_sandbox_disconnec
     await gw.start()
     try:
         assert gw.db is not None
-        [row] = await ReplicaStore(gw.db).leases()
-        assert (row.id, row.address, row.draining) == ("gw-here", "gw-here.example:50051", False)
+        store = ReplicaStore(gw.db)
+        [row] = await store.leases()
+        assert (row.id, row.address) == ("gw-here", "gw-here.example:50051")
+
+        async def taking_sessions() -> bool:
+            # The row says draining until the first SERVING verdict, written by the renewer's
+            # next write (in the background, after start() has returned).
+            return [(r.id, r.draining) for r in await store.leases()] == [("gw-here", False)]
+
+        await until(taking_sessions, within=10, what="the lease row saying the replica takes sessions")
         now = datetime.now(UTC)
         # One sandbox held by this replica, one by a replica that died and whose row lapsed.
         await ReplicaStore(gw.db).renew(
