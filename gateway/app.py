@@ -50,6 +50,7 @@ from gateway.replicas import (
     advertise_address,
     this_replica,
 )
+from gateway.retention import Retention
 from gateway.routing import CommandRouter
 from gateway.rpc import CallGuard, RateLimitedLog, add_service
 from gateway.sandbox_state import Liveness
@@ -58,6 +59,7 @@ from gateway.sessions import SessionRegistry
 from gateway.store import CommandStore, Database, EventStore, SandboxStore, StoreError
 from gateway.store.leadership import LeadershipStore
 from gateway.store.replicas import ReplicaStore
+from gateway.store.retention import EventRetention
 from gateway.store.signing_keys import SigningKeyStore
 from gateway.tasks import BackgroundTasks
 from gateway.tls import HttpTls, TlsError, grpc_credentials
@@ -389,6 +391,10 @@ class Gateway:
             # send the supervisor back to the same replica, to be refused again.
             self.admission.over_share = self.rebalancer.over_share
         self.tasks.spawn(self.rebalancer.run(), name="rebalancer")
+        if cfg.retention.enabled:
+            # Old events go in small batches (issue 23 point 3): docs/log-retention.md.
+            retention = Retention(cfg.retention, EventRetention(self.db), metrics=self.metrics)
+            self.tasks.spawn(retention.run(), name="retention")
         log.info(
             "gateway ready",
             extra={

@@ -451,6 +451,44 @@ class CommandSettings(_Section):
         return self
 
 
+class RetentionSettings(_Section):
+    """How long the ``events`` table keeps what supervisors sent (docs/log-retention.md)."""
+
+    enabled: bool = Field(
+        True, description="Run the retention task on this replica (every replica may run it: see the docs)."
+    )
+    max_age_s: float | None = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Log lines and health records received longer ago than this are deleted; null: kept "
+        "whatever their age. The newest record of each journal is always kept (it is the resume point).",
+    )
+    lifecycle_max_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="Lifecycle and gap records received longer ago than this are deleted; null: kept while "
+        "the sandbox's row exists (they are few, decide its exit and tell lost lines from silence).",
+    )
+    max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bound on the stored size of log lines and health records (message and data, plus 64 "
+        "bytes a row), whole table: the oldest go first past it; null: no bound. Each run reads the size "
+        "of what it keeps, so a bound of many GiB costs a scan of them every interval_s.",
+    )
+    interval_s: float = Field(300.0, gt=0, description="Time between two retention runs.")
+    batch_size: int = Field(
+        1000,
+        ge=1,
+        le=10000,
+        description="Rows deleted per statement, each in its own short transaction: what bounds how long a "
+        "writer can wait behind retention (SQLite's single write lock, PostgreSQL's row locks).",
+    )
+    pause_s: float = Field(
+        0.05, ge=0, description="Pause between two deletion batches, so writers get the database in between."
+    )
+
+
 class LocalDriverSettings(_Section):
     work_dir: Path = Field(
         Path("var/openshell/sandboxes"), description="Where local sandboxes keep their journal and files."
@@ -917,6 +955,7 @@ class GatewayConfig(LayeredSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     drain: DrainSettings = Field(default_factory=DrainSettings)
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."

@@ -428,6 +428,64 @@ class GatewayMetrics:
             "count fails.",
             registry=self.registry,
         )
+        # Log retention and OTLP log export (issue 23 point 3: gateway.retention, gateway.otlp_logs).
+        self.retention_deleted = Counter(
+            PREFIX + "retention_deleted_events",
+            "Events deleted by retention on this replica, by kind (log, health, lifecycle, gap).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("log", "health", "lifecycle", "gap"):
+            self.retention_deleted.labels(kind)
+        self.retention_batch_seconds = Histogram(
+            PREFIX + "retention_batch_seconds",
+            "How long one retention batch's delete held the database (its transaction).",
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.retention_run_seconds = Gauge(
+            PREFIX + "retention_last_run_duration_seconds",
+            "How long this replica's last retention run took, pauses included.",
+            registry=self.registry,
+        )
+        self.retention_last_run = Gauge(
+            PREFIX + "retention_last_run_timestamp_seconds",
+            "When this replica's last retention run ended (Unix time).",
+            registry=self.registry,
+        )
+        self.retained_events = Gauge(
+            PREFIX + "retained_events",
+            "Events in the table after the last retention run (all kinds).",
+            registry=self.registry,
+        )
+        self.retained_bytes = Gauge(
+            PREFIX + "retained_log_bytes",
+            "Size of the stored log and health rows as retention.max_bytes counts it, measured at the "
+            "start of the last retention run.",
+            registry=self.registry,
+        )
+        self.otlp_exported = Counter(
+            PREFIX + "otlp_log_records_exported",
+            "Stored events exported as OTLP log records (accepted by the receiver), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.otlp_failures = Counter(
+            PREFIX + "otlp_log_export_failures",
+            "Failed OTLP log export requests (each retried, with backoff, from the same cursor).",
+            registry=self.registry,
+        )
+        self.otlp_lag = Gauge(
+            PREFIX + "otlp_log_export_lag_events",
+            "Events stored but not yet exported (newest event id minus the export cursor), on the "
+            "exporting replica; 0 elsewhere.",
+            registry=self.registry,
+        )
+        self.otlp_exporting = Gauge(
+            PREFIX + "otlp_log_exporter",
+            "1 while this replica holds the OTLP log export (one replica at a time), else 0.",
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
         self._counting: asyncio.Task[None] | None = None
         self._counted_at: float | None = None
