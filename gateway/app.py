@@ -64,6 +64,7 @@ from gateway.store.signing_keys import SigningKeyStore
 from gateway.tasks import BackgroundTasks
 from gateway.tls import HttpTls, TlsError, grpc_credentials
 from gateway.tls import load as load_tls
+from openshell_wire import __version__
 from openshell_wire.v1 import inference_pb2
 from openshell_wire.v1 import openshell_pb2 as pb
 
@@ -371,7 +372,11 @@ class Gateway:
         self._health = HealthFollower(self._readiness, set_serving=set_health)
         await self._health.start()
         ops = build_ops(
-            metrics=self.metrics, sandboxes=self._sandboxes, readiness=self._readiness, liveness=liveness
+            metrics=self.metrics,
+            sandboxes=self._sandboxes,
+            readiness=self._readiness,
+            liveness=liveness,
+            status=self.status,
         )
         self._ops_runner, self.ops_port = await self._listen(ops, cfg.ops.listen, what="the ops listener")
         self._flusher = asyncio.create_task(self._flush_heartbeats(), name="heartbeat-flusher")
@@ -474,6 +479,23 @@ class Gateway:
     @property
     def draining(self) -> bool:
         return self._draining_since is not None
+
+    def status(self) -> dict[str, Any]:
+        """The ops listener's /status: this replica and what it decided at start."""
+        driver: dict[str, Any] = {"kind": self.config.drivers.kind}
+        kube = getattr(self._provisioner, "driver", None)
+        if self.config.drivers.kind == "kubernetes":
+            choice = getattr(kube, "injection", None)
+            driver["namespace"] = self.config.drivers.kubernetes.namespace
+            # None until the cluster answered (decided at the first creation then).
+            driver["injection"] = None if choice is None else choice.as_dict()
+        return {
+            "version": __version__,
+            "replica": self.identity.id,
+            "run": self.identity.run,
+            "draining": self.draining,
+            "driver": driver,
+        }
 
     async def begin_drain(self) -> None:
         """Stop taking work, before any session is touched (idempotent): every hello is refused

@@ -536,11 +536,13 @@ class SupervisorInjectionSettings(_Section):
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the supervisor image."
     )
-    injection: Literal["image-volume", "init-container"] = Field(
-        "image-volume",
+    injection: Literal["auto", "image-volume", "init-container"] = Field(
+        "auto",
         description="image-volume: mount the image read-only (Kubernetes ImageVolume, on by default from "
         "1.35); init-container: an init container copies the supervisor's tree into an emptyDir (older "
-        "clusters).",
+        "clusters); auto: image-volume when the API server is 1.35 or newer and keeps a sandbox pod's "
+        "image volume in a dry run at start, else init-container (gateway/drivers/injection.py; the "
+        "choice is logged and shown on the ops listener's /status).",
     )
     tmp_size_limit: str = Field(
         "256Mi",

@@ -10,6 +10,9 @@ apart from the HTTP API so that the API's authentication covers the whole API.
             this running replica is served on, see ``Readiness``), and the gRPC server is serving
             (started, not shutting down). 503 with the failed check's reason otherwise.
 /metrics    the Prometheus exposition (:mod:`gateway.metrics`).
+/status     200, what this replica is and what it decided at start, for an operator: its version,
+            replica id and run, whether it drains, and its driver (the Kubernetes driver's
+            supervisor injection: :mod:`gateway.drivers.injection`).
 
 gRPC health (``grpc.health.v1``, services ``""`` and ``openshell.v1.OpenShell``) gives the same
 verdict as /readyz: :class:`HealthFollower` asks :class:`Readiness` every ``HEALTH_INTERVAL_S`` and
@@ -29,6 +32,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -186,9 +190,10 @@ def build_ops(
     sandboxes: SandboxStore,
     readiness: Readiness,
     liveness: Liveness,
+    status: Callable[[], dict[str, Any]] = dict,
     now: Callable[[], datetime] = utcnow,
 ) -> web.Application:
-    """The ops listener's application: /healthz, /readyz and /metrics, nothing else."""
+    """The ops listener's application: /healthz, /readyz, /metrics and /status, nothing else."""
 
     async def healthz(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -209,7 +214,11 @@ def build_ops(
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def status_doc(request: web.Request) -> web.StreamResponse:
+        return web.json_response(status())
+
     app = web.Application()
+    app.router.add_get("/status", status_doc)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_text)

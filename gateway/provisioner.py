@@ -153,6 +153,10 @@ class KubernetesProvisioner:
         except KubernetesDriverError as exc:
             # Not fatal: the API may come back; creates answer with the reason meanwhile.
             log.error("kubernetes driver cannot reach its namespace: %s", exc)
+        else:
+            # Image volume or init container, from the cluster's answers; logged. Unanswered (the
+            # API down): decided at the first creation instead.
+            await self.driver.choose_injection()
         if self.settings.supervisor.gateway_ca_file is not None:
             # Supervisors verify the gateway against this CA: published now and on every change.
             self.driver.start_gateway_ca_publisher()

@@ -38,6 +38,7 @@ from gateway.drivers.imageref import (
     candidate_credentials,
     docker_config_entries,
 )
+from gateway.drivers.injection import InjectionChoice, choose_injection
 from gateway.drivers.podspec import (
     ANNOTATION_IMAGE_MANIFEST,
     ANNOTATION_SANDBOX_ID,
@@ -213,6 +214,10 @@ class KubernetesDriver:
         #: The CA text last published (or found already published), and the task keeping it so.
         self._published_ca: str | None = None
         self._ca_publisher: asyncio.Task[None] | None = None
+        #: How the supervisor gets into pods here (gateway.drivers.injection): decided by
+        #: choose_injection() at start, or at the first creation when the API did not answer then.
+        self.injection: InjectionChoice | None = None
+        self._choosing = asyncio.Lock()
 
     @property
     def namespace(self) -> str:
@@ -248,6 +253,21 @@ class KubernetesDriver:
         with self._explained("list", "pods"):
             async for _ in self.client.list(Pod, namespace=self.namespace, labels=_SELECTOR, chunk_size=1):
                 break
+
+    async def choose_injection(self) -> InjectionChoice:
+        """Ask the cluster how to inject the supervisor (once; see gateway.drivers.injection)."""
+        async with self._choosing:
+            if self.injection is None:
+                self.injection = await choose_injection(self.client, self._settings, auth=self._auth)
+            return self.injection
+
+    async def _pod_settings(self) -> KubernetesDriverSettings:
+        """The settings a sandbox pod is built from: the injection mode decided, never ``auto``."""
+        choice = self.injection or await self.choose_injection()
+        if choice.mode == self._settings.supervisor.injection:
+            return self._settings
+        supervisor = self._settings.supervisor.model_copy(update={"injection": choice.mode})
+        return self._settings.model_copy(update={"supervisor": supervisor})
 
     def _read_gateway_ca(self) -> str:
         path = self._settings.supervisor.gateway_ca_file
@@ -420,7 +440,7 @@ class KubernetesDriver:
 
     async def create(self, request: SandboxRequest) -> CreatedSandbox:
         request, from_image = await self._with_command(request)
-        pod_obj = build_sandbox_pod(self._settings, request, auth=self._auth)
+        pod_obj = build_sandbox_pod(await self._pod_settings(), request, auth=self._auth)
         if from_image is not None:
             pod_obj["metadata"]["annotations"][ANNOTATION_IMAGE_MANIFEST] = from_image.manifest_digest
         with self._explained("create", "pods", request.sandbox_id):

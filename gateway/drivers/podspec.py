@@ -310,8 +310,15 @@ def kubernetes_literal(value: str) -> str:
     return value.replace("$", "$$")
 
 
+def injection_mode(supervisor: SupervisorInjectionSettings) -> str:
+    """``image-volume`` or ``init-container``. The Kubernetes driver decides ``auto`` by asking the
+    cluster (gateway.drivers.injection) and builds pods with the decided mode; a caller that did not
+    ask (a test, an offline rendering) gets the image volume, what clusters from 1.35 mount."""
+    return "image-volume" if supervisor.injection == "auto" else supervisor.injection
+
+
 def supervisor_volume(supervisor: SupervisorInjectionSettings) -> dict[str, Any]:
-    if supervisor.injection == "image-volume":
+    if injection_mode(supervisor) == "image-volume":
         return {
             "name": VOLUME_SUPERVISOR,
             "image": {"reference": supervisor.image, "pullPolicy": supervisor.pull_policy},
@@ -437,7 +444,7 @@ def build_sandbox_pod(
                 },
             }
         )
-    if supervisor.injection == "init-container":
+    if injection_mode(supervisor) == "init-container":
         spec["initContainers"] = [install_init_container(settings)]
     optional: dict[str, Any] = {
         "serviceAccountName": pod.service_account_name,

@@ -1,0 +1,193 @@
+"""How the supervisor gets into sandbox pods on this cluster: an image volume or an init container.
+
+``drivers.kubernetes.supervisor.injection`` is ``auto`` by default: the gateway asks the cluster at
+start, once, and every sandbox pod it builds uses the answer. Two facts decide it:
+
+- **the API server's version**, from ``/version`` (the emulated version when the server emulates
+  an older one, ``--emulated-version``: that is the version whose features it serves). Image
+  volumes are on by default from Kubernetes 1.35 (beta, default on; GA in 1.36). Before that the
+  ``ImageVolume`` feature gate is off unless an administrator turned it on, and node runtimes
+  (containerd before 2.1, CRI-O before 1.31) do not mount them;
+- **a server-side dry run** (``dryRun=All``: admitted, validated, never stored) of a sandbox pod
+  built as the driver builds them, with the image volume. An API server whose ``ImageVolume``
+  gate is off drops the field (Kubernetes drops the fields of disabled features on create), and the
+  pod is then refused as a volume without a source: proof that image volumes cannot be mounted.
+  The same dry run also runs the namespace's admission (Pod Security, quotas, policy engines): a
+  refusal for any other reason is said in the log at start, before the first sandbox meets it.
+
+``auto`` picks the image volume when the server is 1.35 or newer and the dry run keeps the volume;
+otherwise the init container, which works on every version. When the cluster cannot be asked (the
+API unreachable at start), the choice is made again at the first sandbox's creation; until then
+nothing depends on it. A configured ``image-volume`` is kept as configured, and a probe that says
+the cluster cannot mount image volumes is logged as an error (every sandbox would fail to start).
+
+The node's runtime is not checked: what it runs is in ``Node.status.nodeInfo``, readable only with a
+cluster-scoped permission the gateway does not ask for (docs/rbac.md). A 1.35 cluster whose nodes
+run an older containerd is the one case ``auto`` gets wrong; set ``init-container`` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import httpx2 as httpx
+from lightkube import ApiError, AsyncClient
+from lightkube.resources.core_v1 import Pod
+
+from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
+from gateway.drivers.podspec import VOLUME_SUPERVISOR, SandboxRequest, build_sandbox_pod
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["image-volume", "init-container"]
+#: The first release whose API servers and kubelets mount image volumes by default.
+IMAGE_VOLUME_DEFAULT_FROM = (1, 35)
+#: The dry run's sandbox id (its pod is never stored).
+PROBE_SANDBOX_ID = "openshell-injection-probe"
+
+_MINOR = re.compile(r"^(\d+)")
+
+
+@dataclass(frozen=True)
+class InjectionChoice:
+    """What the gateway uses, and what it found out: shown in its log and on the ops ``/status``."""
+
+    configured: str
+    mode: Mode
+    #: The API server's version as it serves features ("1.36"), None when it could not be read.
+    server_version: str | None
+    #: True: the dry run kept the image volume; False: the server dropped or refused it; None: the
+    #: dry run failed for another reason (``problem`` says which) or was not made.
+    image_volume_accepted: bool | None
+    #: Why this mode, in a sentence.
+    reason: str
+    #: A dry-run refusal that is not about the image volume: the sandbox pods may be refused too.
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "configured": self.configured,
+            "mode": self.mode,
+            "server_version": self.server_version,
+            "image_volume_accepted": self.image_volume_accepted,
+            "reason": self.reason,
+            "problem": self.problem,
+        }
+
+
+def _version_of(doc: dict[str, Any]) -> tuple[int, int] | None:
+    """``(major, minor)`` of a ``/version`` document: the emulated version when there is one."""
+    for major_key, minor_key in (("emulationMajor", "emulationMinor"), ("major", "minor")):
+        major, minor = str(doc.get(major_key) or ""), _MINOR.match(str(doc.get(minor_key) or ""))
+        if major.isdigit() and minor is not None:
+            return int(major), int(minor.group(1))
+    return None
+
+
+async def server_version(client: AsyncClient) -> tuple[int, int] | None:
+    """The API server's ``/version``, or None (logged) when it cannot be read.
+
+    lightkube has no call for the non-resource path ``/version``; its HTTP client (configured with
+    the server, credentials and CA of the kubeconfig) does the request."""
+    http = client._client._client  # private: see the docstring
+    try:
+        response = await http.get("/version")
+        response.raise_for_status()
+        doc = response.json()
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        log.warning("cannot read the Kubernetes API server's version: %s", exc)
+        return None
+    return _version_of(doc) if isinstance(doc, dict) else None
+
+
+def _keeps_image_volume(pod: Pod) -> bool:
+    volumes = pod.spec.volumes if pod.spec is not None and pod.spec.volumes else []
+    return any(v.name == VOLUME_SUPERVISOR and v.image is not None for v in volumes)
+
+
+def _about_the_volume(exc: ApiError) -> bool:
+    """A 422 on the supervisor's volume: what a server that dropped the disabled field answers."""
+    message = exc.status.message or ""
+    return exc.status.code == 422 and (VOLUME_SUPERVISOR in message or "volumes[" in message)
+
+
+async def dry_run_image_volume(
+    client: AsyncClient,
+    settings: KubernetesDriverSettings,
+    *,
+    auth: SupervisorAuthSettings | None,
+) -> tuple[bool | None, str | None]:
+    """Whether the API server keeps a sandbox pod's image volume (dry run), and a refusal that is
+    about something else."""
+    probe_settings = settings.model_copy(
+        update={"supervisor": settings.supervisor.model_copy(update={"injection": "image-volume"})}
+    )
+    image = settings.pod.default_image or settings.supervisor.image
+    request = SandboxRequest(sandbox_id=PROBE_SANDBOX_ID, command=["true"], image=image, env={})
+    doc = build_sandbox_pod(probe_settings, request, auth=auth)
+    try:
+        # The driver's client names the sandbox namespace (as for every sandbox pod).
+        created = await client.create(cast(Pod, Pod.from_dict(doc)), dry_run=True)
+    except ApiError as exc:
+        if _about_the_volume(exc):
+            return False, None
+        return None, f"a sandbox pod was refused by the API server ({exc.status.code}): {exc.status.message}"
+    except (httpx.HTTPError, OSError) as exc:
+        return None, f"the API server did not answer the dry run: {exc}"
+    return _keeps_image_volume(created), None
+
+
+def decide(
+    configured: str,
+    *,
+    version: tuple[int, int] | None,
+    accepted: bool | None,
+    problem: str | None,
+) -> InjectionChoice:
+    """The mode for ``configured`` given what the cluster said (pure: the rule in one place)."""
+    shown = None if version is None else f"{version[0]}.{version[1]}"
+    recent = version is not None and version >= IMAGE_VOLUME_DEFAULT_FROM
+    floor = "{}.{}".format(*IMAGE_VOLUME_DEFAULT_FROM)
+    if configured != "auto":
+        mode = cast(Mode, configured)
+        reason = f"{mode} as configured (drivers.kubernetes.supervisor.injection)"
+        if mode == "image-volume" and accepted is False:
+            reason += "; the API server drops image volumes: every sandbox pod will be refused"
+        return InjectionChoice(configured, mode, shown, accepted, reason, problem)
+    if accepted is False:
+        why = f"the API server ({shown or 'version unknown'}) drops image volumes (ImageVolume off)"
+        return InjectionChoice(configured, "init-container", shown, accepted, why, problem)
+    if not recent:
+        why = (
+            f"the API server is {shown}, before {floor} (image volumes on by default)"
+            if shown
+            else "the API server's version is unknown"
+        )
+        return InjectionChoice(configured, "init-container", shown, accepted, why, problem)
+    if accepted is None:
+        why = f"the API server is {shown} (image volumes on by default), the dry run did not say otherwise"
+        return InjectionChoice(configured, "image-volume", shown, accepted, why, problem)
+    why = f"the API server is {shown} and keeps a sandbox pod's image volume (dry run)"
+    return InjectionChoice(configured, "image-volume", shown, accepted, why, problem)
+
+
+async def choose_injection(
+    client: AsyncClient,
+    settings: KubernetesDriverSettings,
+    *,
+    auth: SupervisorAuthSettings | None,
+) -> InjectionChoice:
+    """Ask the cluster and decide (see the module docstring); logs the choice."""
+    version = await server_version(client)
+    accepted, problem = await dry_run_image_volume(client, settings, auth=auth)
+    choice = decide(settings.supervisor.injection, version=version, accepted=accepted, problem=problem)
+    level = logging.ERROR if choice.mode == "image-volume" and accepted is False else logging.INFO
+    log.log(level, "supervisor injection: %s (%s)", choice.mode, choice.reason, extra=choice.as_dict())
+    if problem is not None:
+        log.error(
+            "%s; sandboxes created in namespace %s may be refused the same way", problem, settings.namespace
+        )
+    return choice
