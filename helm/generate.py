@@ -17,6 +17,13 @@ values.yaml is the single source: each value has a helm-docs style comment direc
   gateway's own bounds, so a bad value fails ``helm install`` instead of crash-looping the gateway.
 * ``# @pattern -- REGEX`` (the rest of the line) makes a string match REGEX; ``# @notin -- a, b``
   refuses those strings: both for values the gateway refuses at start.
+* ``# @items -- NAME`` types a list's items by one of the shared definitions (``DEFINITIONS``:
+  ``pullSecret`` is a Secret's name or ``{name: ...}``, the two forms charts take for pull Secrets).
+
+Every value and section whose type does not include null is ``required`` in its parent: Helm drops a
+key set to null (``--set key=null``, or ``key:`` left empty in a values file) from the merged values,
+so without this the templates would see it missing and render ``<nil>`` or a broken object. The
+``global`` section (Helm hands it to every chart, with its parent's keys) takes unknown keys.
 
 The schema is JSON Schema draft-07 with ``additionalProperties: false`` on the top level and every
 section, so a misspelt key fails ``helm lint``/``install`` instead of being ignored.
@@ -48,6 +55,7 @@ _ENUM = re.compile(r"^ *# @enum -- *(?P<values>.+)$")
 _RANGE = re.compile(r"^ *# @range -- *(?P<min>-?[0-9.]+) *, *(?P<max>-?[0-9.]+) *$")
 _PATTERN = re.compile(r"^ *# @pattern -- (?P<pattern>.+)$")
 _NOTIN = re.compile(r"^ *# @notin -- *(?P<values>.+)$")
+_ITEMS = re.compile(r"^ *# @items -- *(?P<name>[A-Za-z]+) *$")
 _MORE = re.compile(r"^ *#(?: (?P<text>.*))?$")
 
 _TYPES = {
@@ -75,6 +83,25 @@ _SHOWN = {
 }
 
 
+#: Shared item types (``# @items -- NAME``), written to the schema's ``definitions``.
+DEFINITIONS: dict[str, dict[str, Any]] = {
+    "pullSecret": {
+        "description": "A pull Secret: its name, or {name: NAME} (a LocalObjectReference).",
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "minLength": 1}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        ],
+    },
+}
+#: Sections that take keys this chart does not know (Helm's global values, shared with a parent).
+_OPEN_SECTIONS = {("global",)}
+
+
 class ValuesError(Exception):
     """values.yaml breaks a documentation rule; the message says where."""
 
@@ -89,6 +116,7 @@ class Value:
     bounds: tuple[float, float] | None = None
     pattern: str | None = None
     notin: list[str] | None = None
+    items: str | None = None
 
 
 @dataclass
@@ -99,6 +127,7 @@ class _Doc:
     bounds: tuple[float, float] | None = None
     pattern: str | None = None
     notin: list[str] | None = None
+    items: str | None = None
 
 
 def _json_type(value: Any, where: str) -> str:
@@ -158,6 +187,8 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 doc.pattern = m["pattern"].strip()
             elif doc is not None and (m := _NOTIN.match(line)) is not None:
                 doc.notin = [v.strip() for v in m["values"].split(",") if v.strip()]
+            elif doc is not None and (m := _ITEMS.match(line)) is not None:
+                doc.items = m["name"]
             elif doc is not None and (m := _MORE.match(line)) is not None:
                 doc.lines.append((m["text"] or "").strip())
             continue
@@ -190,11 +221,16 @@ def parse_values(text: str) -> tuple[dict[str, Any], list[Value]]:
                 raise ValuesError(f"{where}: default {default!r} does not match {doc.pattern!r}")
             if doc.notin is not None and default in doc.notin:
                 raise ValuesError(f"{where}: default {default!r} is one of the refused {doc.notin}")
+            if doc.items is not None and (doc.items not in DEFINITIONS or types != ["array"]):
+                known = sorted(DEFINITIONS)
+                raise ValuesError(f"{where}: @items {doc.items} needs a list and one of {known}")
             description = " ".join(part for part in doc.lines if part)
             if not description:
                 raise ValuesError(f"{where}: empty '# --' description")
             values.append(
-                Value(path, default, description, types, doc.enum, doc.bounds, doc.pattern, doc.notin)
+                Value(
+                    path, default, description, types, doc.enum, doc.bounds, doc.pattern, doc.notin, doc.items
+                )
             )
             skip_below = indent
         elif isinstance(default, dict) and default:
@@ -233,7 +269,9 @@ def _leaf_schema(value: Value) -> dict[str, Any]:
         schema["pattern"] = value.pattern
     if value.notin is not None:
         schema["not"] = {"enum": value.notin}
-    if value.types == ["array"] and value.default:
+    if value.items is not None:
+        schema["items"] = {"$ref": f"#/definitions/{value.items}"}
+    elif value.types == ["array"] and value.default:
         item_types = {_json_type(item, ".".join(value.path)) for item in value.default}
         if len(item_types) == 1:
             schema["items"] = {"type": item_types.pop()}
@@ -247,17 +285,33 @@ def build_schema(values: list[Value]) -> dict[str, Any]:
         "description": "Generated by helm/generate.py from the comments in values.yaml; do not edit.",
         "type": "object",
         "additionalProperties": False,
-        # Helm passes `global` to every chart; this chart has no global values.
-        "properties": {"global": {"type": "object", "description": "Helm's global values (unused)."}},
+        "properties": {},
     }
     for value in values:
         node = root
-        for key in value.path[:-1]:
+        for depth, key in enumerate(value.path[:-1], start=1):
+            _require(node, key)  # a section: its values' defaults live in it
             node = node["properties"].setdefault(
-                key, {"type": "object", "additionalProperties": False, "properties": {}}
+                key,
+                {
+                    "type": "object",
+                    "additionalProperties": value.path[:depth] in _OPEN_SECTIONS,
+                    "properties": {},
+                },
             )
         node["properties"][value.path[-1]] = _leaf_schema(value)
+        if "null" not in value.types:
+            _require(node, value.path[-1])
+    used = {v.items for v in values if v.items is not None}
+    if used:
+        root["definitions"] = {name: DEFINITIONS[name] for name in sorted(used)}
     return root
+
+
+def _require(node: dict[str, Any], key: str) -> None:
+    required: list[str] = node.setdefault("required", [])
+    if key not in required:
+        required.append(key)
 
 
 def _cell(text: str) -> str:

@@ -11,9 +11,11 @@ RuntimeClasses, the init-container fallback, an external database; and the chart
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import ipaddress
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -195,6 +197,8 @@ def test_every_ci_values_file_is_here() -> None:
         "external-postgresql-values.yaml",
         "private-registry-values.yaml",
         "production-values.yaml",
+        "airgapped-values.yaml",
+        "ingress-values.yaml",
     }
 
 
@@ -1420,8 +1424,411 @@ def test_the_schema_rejects_unknown_keys_and_wrong_types() -> None:
         assert report["errors"] or any(m["severity"] >= 3 for m in report["messages"]), bad
     # null is a type only where documented (Helm itself drops null keys before checking).
     validator = jsonschema.Draft7Validator(schema)
-    assert validator.is_valid({"tests": {"runAsUser": None}})
-    assert not validator.is_valid({"gateway": {"replicas": None}})
+    defaults = _chart().merge_values({})
+    assert validator.is_valid({**defaults, "tests": {**defaults["tests"], "runAsUser": None}})
+    assert not validator.is_valid({**defaults, "gateway": {**defaults["gateway"], "replicas": None}})
+
+
+@pytest.mark.parametrize(
+    ("values", "missing"),
+    [
+        ({"gateway": {"image": {"repository": None}}}, "/gateway/image': missing property 'repository'"),
+        ({"gateway": {"replicas": None}}, "/gateway': missing property 'replicas'"),
+        ({"sandboxes": {"supervisor": None}}, "/sandboxes': missing property 'supervisor'"),
+        ({"database": {"migrationJob": {"serviceAccount": {"create": None}}}}, "missing property 'create'"),
+    ],
+)
+def test_a_required_value_set_to_null_is_refused_by_name(values: dict[str, Any], missing: str) -> None:
+    """Issue 24 point 5: Helm drops a key set to null (`--set key=null`, an empty `key:` in a values
+    file) from the merged values; the schema requires every value whose type has no null, so the
+    install fails naming it instead of rendering `<nil>` into an image reference or a config."""
+    with pytest.raises(helm.HelmError) as refused:
+        render(values)
+    assert missing in str(refused.value)
+    # Where null is a documented value it is accepted.
+    render({"tests": {"runAsUser": None}, "gateway": {"drainSeconds": None}})
+
+
+# --- registries (issue 24 point 4) ------------------------------------------------------------------
+
+#: The images a default install runs: the gateway (and migration Job), the supervisor, the test pod.
+UPSTREAM_GATEWAY = "ghcr.io/openshell/openshell-gateway:0.1.0"
+UPSTREAM_SUPERVISOR = "ghcr.io/openshell/openshell-supervisor:0.1.0"
+
+
+def every_image(objects: list[Obj], tmp_path: Path) -> dict[str, str]:
+    """Every image reference the release makes a pod pull, by where: its own pods' containers and
+    the sandbox pods the gateway builds from the rendered config (the supervisor image)."""
+    images = {}
+    for where, spec in pod_specs(objects):
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            images[f"{where}/{container['name']}"] = container["image"]
+    config = load_config(objects, tmp_path)
+    images["sandbox/supervisor"] = config.drivers.kubernetes.supervisor.image
+    return images
+
+
+def pull_secrets_by_pod(objects: list[Obj], tmp_path: Path) -> dict[str, list[str]]:
+    found = {
+        where: [s["name"] for s in spec.get("imagePullSecrets", [])] for where, spec in pod_specs(objects)
+    }
+    pod = sandbox_pod(load_config(objects, tmp_path))
+    found["sandbox"] = [s["name"] for s in pod["spec"].get("imagePullSecrets", [])]
+    return found
+
+
+def test_global_image_registry_moves_every_image_with_one_setting(tmp_path: Path) -> None:
+    """Issue 24 point 4: global.imageRegistry was accepted and ignored; now it is the one setting of
+    a mirror that keeps the upstream paths, for every image: the gateway, the migration Job, the
+    supervisor image the gateway puts in sandbox pods (through its config) and the test pod."""
+    values = {**ci_values("external-postgresql-values.yaml"), "global": {"imageRegistry": "mirror.corp:5000"}}
+    objects = render(values)
+    (tmp_path / "upstream").mkdir()
+    upstream = every_image(render(ci_values("external-postgresql-values.yaml")), tmp_path / "upstream")
+    images = every_image(objects, tmp_path)
+    assert set(images) == set(upstream)
+    assert {k for k in images if k.startswith("Job/")} and {k for k in images if k.startswith("Pod/")}
+    assert images == {
+        where: {
+            UPSTREAM_GATEWAY: "mirror.corp:5000/openshell/openshell-gateway:0.1.0",
+            UPSTREAM_SUPERVISOR: "mirror.corp:5000/openshell/openshell-supervisor:0.1.0",
+            "busybox:1.36": "mirror.corp:5000/library/busybox:1.36",
+        }[image]
+        for where, image in upstream.items()
+    }
+    # The sandbox pods the gateway builds pull the supervisor from the mirror, by either injection.
+    for injection in ("image-volume", "init-container"):
+        (tmp_path / injection).mkdir()
+        injected = {**values, "sandboxes": {"supervisor": {"injection": injection}}}
+        pod = json.dumps(sandbox_pod(load_config(render(injected), tmp_path / injection)))
+        assert "mirror.corp:5000/openshell/openshell-supervisor:0.1.0" in pod
+        assert "ghcr.io" not in pod
+    # Sandbox images are the requests' own: never rewritten.
+    default_image = render({**values, "sandboxes": {"pod": {"defaultImage": "registry.example.com/a:1"}}})
+    (tmp_path / "default").mkdir()
+    assert load_config(default_image, tmp_path / "default").drivers.kubernetes.pod.default_image == (
+        "registry.example.com/a:1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("registry", "reference", "expected"),
+    [
+        (
+            "mirror.corp",
+            "ghcr.io/openshell/openshell-gateway",
+            "mirror.corp/openshell/openshell-gateway:0.1.0",
+        ),
+        ("mirror.corp/", "localhost/gw", "mirror.corp/gw:0.1.0"),
+        ("mirror.corp/ghcr", "ghcr.io/o/gw", "mirror.corp/ghcr/o/gw:0.1.0"),
+        ("mirror.corp", "registry:5000/o/gw", "mirror.corp/o/gw:0.1.0"),
+        ("mirror.corp", "openshell/gw", "mirror.corp/openshell/gw:0.1.0"),  # Docker Hub, a user's
+        ("mirror.corp", "gw", "mirror.corp/library/gw:0.1.0"),  # Docker Hub, an official image
+        ("", "ghcr.io/o/gw", "ghcr.io/o/gw:0.1.0"),
+    ],
+)
+def test_the_registry_is_replaced_as_container_runtimes_parse_it(
+    registry: str, reference: str, expected: str
+) -> None:
+    values = {"global": {"imageRegistry": registry}, "gateway": {"image": {"repository": reference}}}
+    assert gateway_container(render(values))["image"] == expected
+    digest = "sha256:" + "0" * 64
+    pinned = {**values, "gateway": {"image": {"repository": reference, "digest": digest}}}
+    assert gateway_container(render(pinned))["image"] == expected.rsplit(":", 1)[0] + "@" + digest
+
+
+def test_the_airgapped_values_pull_everything_from_the_mirror(tmp_path: Path) -> None:
+    objects = rendered("airgapped-values.yaml")
+    images = every_image(objects, tmp_path)
+    assert all(image.startswith("mirror.internal:5000/") for image in images.values()), images
+    (tmp_path / "secrets").mkdir()
+    found = pull_secrets_by_pod(objects, tmp_path / "secrets")
+    assert found and all(names == ["mirror-pull"] for names in found.values()), found
+
+
+def test_global_pull_secrets_reach_every_pod_sandboxes_included(tmp_path: Path) -> None:
+    """global.imagePullSecrets goes to every pod the release makes pull an image, the sandbox pods
+    (which pull the supervisor image) through the gateway's config; items are names or {name}."""
+    values = {
+        **ci_values("external-postgresql-values.yaml"),
+        "global": {"imagePullSecrets": ["mirror", {"name": "corp"}]},
+        "gateway": {"imagePullSecrets": [{"name": "gw"}, "mirror"]},
+        "sandboxes": {"pod": {"imagePullSecrets": ["agents"]}},
+    }
+    objects = render(values)
+    found = pull_secrets_by_pod(objects, tmp_path)
+    assert {k.split("/")[0] for k in found} == {"Deployment", "Job", "Pod", "sandbox"}
+    for where, names in found.items():
+        if where.startswith(("Deployment/", "Job/")):
+            assert names == ["mirror", "corp", "gw"], where  # global first, each once
+        elif where == "sandbox":
+            assert names == ["mirror", "corp", "agents"]
+        else:
+            assert names == ["mirror", "corp"], where  # the helm test pod
+    # The gateway reads the sandbox pods' pull Secrets (image commands): by name, all of them.
+    settings = load_config(objects, tmp_path).drivers.kubernetes
+    assert pull_secret_rule(settings.pod.image_pull_secrets) in sandbox_rbac(objects)["rules"]
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job", "Pod"):
+            validate(obj)
+    # Without any, no pod names one (and the Role reads no Secret).
+    plain = render({})
+    assert all("imagePullSecrets" not in spec for _, spec in pod_specs(plain))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"global": {"imagePullSecrets": [{"secret": "x"}]}},
+        {"global": {"imagePullSecrets": [{"name": ""}]}},
+        {"gateway": {"imagePullSecrets": [3]}},
+        {"sandboxes": {"pod": {"imagePullSecrets": [{"name": "a", "namespace": "b"}]}}},
+        {"global": {"imagePullSecrets": "mirror"}},
+    ],
+)
+def test_pull_secret_items_are_typed(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError) as refused:
+        render(bad)
+    assert "imagePullSecrets" in str(refused.value)
+
+
+def test_global_takes_a_parents_other_keys() -> None:
+    """Helm hands `global` to every chart with its parent's keys: unknown ones are not refused."""
+    render({"global": {"storageClass": "fast", "imageRegistry": ""}})
+
+
+# --- chart conventions (issue 24 point 5) ----------------------------------------------------------
+
+
+def test_the_migration_job_has_its_own_service_account_pod_metadata_and_priority() -> None:
+    values = {
+        **ci_values("external-postgresql-values.yaml"),
+        "gateway": {"priorityClassName": "gateway-priority"},
+    }
+    values["database"] = {
+        **values["database"],
+        "migrationJob": {
+            "podAnnotations": {"sidecar.istio.io/inject": "false"},
+            "podLabels": {"db-client": "true"},
+            "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "db@p.iam"}},
+        },
+    }
+    objects = render(values)
+    job = one(objects, "Job", component="migration")
+    template = job["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert template["metadata"]["labels"]["db-client"] == "true"
+    spec = template["spec"]
+    assert spec["priorityClassName"] == "gateway-priority"  # the gateway's unless its own
+    account = one(objects, "ServiceAccount", component="migration")
+    assert spec["serviceAccountName"] == account["metadata"]["name"] == "openshell-migrate"
+    assert spec["serviceAccountName"] != deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account["automountServiceAccountToken"] is False and spec["automountServiceAccountToken"] is False
+    # A hook too, created before the Job (the release's objects do not exist yet at pre-install).
+    annotations = account["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(annotations["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    assert annotations["iam.gke.io/gcp-service-account"] == "db@p.iam"
+    validate(account)
+    validate(job)
+    # Its own priority class; an existing account; the namespace's default.
+    values["database"]["migrationJob"] = {
+        "priorityClassName": "batch",
+        "serviceAccount": {"create": False, "name": "db-migrator"},
+    }
+    objects = render(values)
+    spec = one(objects, "Job", component="migration")["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "batch" and spec["serviceAccountName"] == "db-migrator"
+    assert of_kind([o for o in objects if o["metadata"]["name"] == "db-migrator"], "ServiceAccount") == []
+    values["database"]["migrationJob"] = {"serviceAccount": {"create": False}}
+    spec = one(render(values), "Job", component="migration")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "default"
+
+
+def test_extra_objects_are_rendered_through_tpl() -> None:
+    values = {
+        "extraObjects": [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "{{ .Release.Name }}-extra", "namespace": "{{ .Release.Namespace }}"},
+                "data": {"sandboxes": '{{ include "openshell.sandboxNamespace" . }}'},
+            },
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {{ .Release.Name }}-pull\n"
+            "type: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{}'\n",
+        ]
+    }
+    objects = render(values)
+    extra = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "openshell-extra")
+    assert extra["metadata"]["namespace"] == NAMESPACE and extra["data"] == {
+        "sandboxes": "openshell-sandboxes"
+    }
+    secret = one(objects, "Secret")
+    assert secret["metadata"]["name"] == "openshell-pull"
+    validate(extra)
+    validate(secret)
+
+
+#: Rendered by templates/monitoring.yaml and dashboards.yaml, which do not take commonAnnotations yet.
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("name", CI_FILES)
+def test_common_labels_and_annotations_reach_every_object(name: str) -> None:
+    values = {
+        **ci_values(name),
+        "commonLabels": {"team": "agents"},
+        "commonAnnotations": {"owner": "platform"},
+    }
+    objects = render(values)
+    checked = 0
+    for obj in objects:
+        if obj["kind"] in MONITORING_KINDS or "grafana_dashboard" in obj["metadata"].get("labels", {}):
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"]["labels"]["team"] == "agents", where
+        assert obj["metadata"]["annotations"]["owner"] == "platform", where
+        checked += 1
+    assert checked >= 15
+    # An object's own annotations stay (and win over the common ones).
+    service = render(
+        {
+            "commonAnnotations": {"a": "common", "b": "common"},
+            "gateway": {"service": {"annotations": {"b": "own"}}},
+        }
+    )
+    assert one(service, "Service", component="gateway")["metadata"]["annotations"] == {
+        "a": "common",
+        "b": "own",
+    }
+
+
+def test_ingress_values_route_grpc_and_admit_the_controller(tmp_path: Path) -> None:
+    objects = rendered("ingress-values.yaml")
+    (ingress,) = of_kind(objects, "Ingress")
+    validate(ingress)
+    assert ingress["metadata"]["name"] == "openshell-gateway-grpc"
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "grpc.openshell.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = one(objects, "Service", component="gateway")
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "grpc"}}
+    assert "grpc" in {p["name"] for p in service["spec"]["ports"]}
+    # The gateway's NetworkPolicy admits the controller's pods on the routed port only.
+    policy = next(
+        p
+        for p in of_kind(objects, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "gateway"
+    )
+    controller = ci_values("ingress-values.yaml")["networkPolicy"]["ingressFrom"]
+    rules = [r for r in policy["spec"]["ingress"] if r["from"] == controller]
+    assert [r["ports"] for r in rules] == [[{"port": 7070, "protocol": "TCP"}]]
+    # Off by default.
+    assert of_kind(render({}), "Ingress") == []
+
+
+def test_ingress_refusals() -> None:
+    base = {
+        "ingress": {"enabled": True, "grpc": {"host": "g.example.com"}},
+        "networkPolicy": {"enabled": False},
+    }
+    render(base)
+    for values, message in (
+        ({"ingress": {"enabled": True}}, "ingress.grpc.enabled needs ingress.grpc.host"),
+        ({**base, "networkPolicy": {"enabled": True}}, "networkPolicy.ingressFrom"),
+        (
+            {**base, "ingress": {**base["ingress"], "http": {"enabled": True, "host": "api.example.com"}}},
+            "ingress.http.enabled without auth.oidc.issuerUrl",
+        ),
+        ({**base, "ingress": {"enabled": True, "grpc": {"enabled": False}}}, "needs ingress.grpc.enabled or"),
+    ):
+        with pytest.raises(helm.HelmError, match=re.escape(message)):
+            render(values)
+    # With OIDC the API may be routed: a second Ingress, on the http port.
+    oidc = {
+        **base,
+        "auth": {"oidc": {"issuerUrl": "https://id.example.com/realms/x"}},
+        "ingress": {**base["ingress"], "http": {"enabled": True, "host": "api.example.com"}},
+    }
+    names = {i["metadata"]["name"]: i for i in of_kind(render(oidc), "Ingress")}
+    assert set(names) == {"openshell-gateway-grpc", "openshell-gateway-http"}
+    http = names["openshell-gateway-http"]
+    assert http["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "http"}
+    assert "nginx.ingress.kubernetes.io/backend-protocol" not in http["metadata"]["annotations"]
+
+
+def test_the_sandbox_namespace_is_created_or_only_referenced() -> None:
+    """sandboxes.createNamespace false: the chart references the namespace (its Role, RoleBinding,
+    ServiceAccount and NetworkPolicy go in it) and creates none. True on a cluster where it exists
+    and is not the release's: the install is refused by name (lookup; tested on a live cluster in
+    tests/e2e, here offline the lookup finds nothing and the Namespace renders)."""
+    existing = render({"sandboxes": {"namespace": "agents", "createNamespace": False}})
+    assert of_kind(existing, "Namespace") == []
+    in_it = {
+        f"{o['kind']}/{o['metadata']['name']}" for o in existing if o["metadata"].get("namespace") == "agents"
+    }
+    assert {"Role/openshell-gateway-sandboxes", "RoleBinding/openshell-gateway-sandboxes"} <= in_it
+    assert "ServiceAccount/openshell-sandbox" in in_it
+    template = (CHART / "templates" / "namespace.yaml").read_text()
+    assert 'include "openshell.refuseForeign"' in template
+
+
+def test_runtime_classes_are_created_only_when_asked() -> None:
+    assert of_kind(render({}), "RuntimeClass") == []
+    # Pointing sandboxes at a RuntimeClass the cluster already has (GKE Sandbox's gvisor) creates none.
+    assert of_kind(render({"sandboxes": {"pod": {"runtimeClassName": "gvisor"}}}), "RuntimeClass") == []
+
+
+# --- packaging and release ----------------------------------------------------------------------------
+
+
+def test_the_package_ships_the_ci_values_and_the_artifact_hub_metadata(tmp_path: Path) -> None:
+    archive = Path(helm.package(CHART, destination=tmp_path))
+    packaged = helm.Chart.load_archive(archive.read_bytes())
+    names = {f["name"] for f in packaged.files}
+    assert {f"ci/{name}" for name in CI_FILES} <= names  # the README names them
+    assert {"CHANGELOG.md", "README.md"} <= names
+    meta = packaged.metadata
+    assert meta["icon"].startswith("https://") and meta["icon"].endswith("/helm/openshell/icon.svg")
+    assert (CHART / "icon.svg").read_text().startswith("<svg")
+    assert meta["maintainers"] and all(m["name"] for m in meta["maintainers"])
+
+
+def test_artifact_hub_annotations_match_the_values_and_the_changelog() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    annotations = chart["annotations"]
+    images = {i["image"] for i in yaml.safe_load(annotations["artifacthub.io/images"])}
+    defaults = render({})
+    assert images == {c["image"] for _, spec in pod_specs(defaults) for c in spec["containers"]} | {
+        f"ghcr.io/openshell/openshell-supervisor:{chart['appVersion']}"
+    }
+    changes = yaml.safe_load(annotations["artifacthub.io/changes"])
+    changelog = (CHART / "CHANGELOG.md").read_text()
+    section = changelog.split(f"\n## {chart['version']}\n", 1)[1].split("\n## ", 1)[0]
+    entries = []
+    kind = ""
+    for line in section.splitlines():
+        if line.startswith("### "):
+            kind = line[4:].strip().lower()
+        elif line.startswith("- "):
+            entries.append({"kind": kind, "description": line[2:].strip()})
+    assert changes == entries
+
+
+def test_tests_use_the_helm_version_the_release_uses() -> None:
+    """The release workflow's Helm is the one these tests run (helm-python-sdk bundles the Helm SDK)."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release-chart.yml").read_text())
+    steps = workflow["jobs"]["publish"]["steps"]
+    (setup,) = [s for s in steps if str(s.get("uses", "")).startswith("azure/setup-helm@")]
+    assert setup["with"]["version"] == helm.helm_sdk_version()
+    # The publisher (helm/publish.py) runs the same helm-python-sdk as these tests.
+    installs = " ".join(s.get("run", "") for s in steps if "pip install" in s.get("run", ""))
+    assert f'"helm-python-sdk=={importlib.metadata.version("helm-python-sdk")}"' in installs
+    assert any("helm/publish.py" in s.get("run", "") for s in steps)
 
 
 # --- generated files ----------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ app.kubernetes.io/part-of: openshell
 {{- end }}
 {{- end -}}
 
+{{/* metadata.annotations of an object: commonAnnotations under its own (a dict, may be empty),
+or nothing when both are empty. */}}
+{{- define "openshell.annotations" -}}
+{{- $root := index . 0 -}}
+{{- $all := merge (deepCopy (index . 1 | default dict)) ($root.Values.commonAnnotations | default dict) -}}
+{{- with $all -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
 {{- define "openshell.gateway.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "openshell.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -76,14 +87,64 @@ chart creates. The gateway takes supervisor pod tokens of this ServiceAccount on
 {{- end -}}
 {{- end -}}
 
-{{/* REPOSITORY@DIGEST, or REPOSITORY:TAG (tag defaulting to the appVersion). */}}
+{{/* REPOSITORY@DIGEST, or REPOSITORY:TAG (tag defaulting to the appVersion), the repository moved
+to global.imageRegistry when that is set (openshell.registryImage). */}}
 {{- define "openshell.image" -}}
 {{- $image := index . 0 -}}
 {{- $root := index . 1 -}}
+{{- $repository := include "openshell.registryImage" (list $image.repository $root) -}}
 {{- if $image.digest -}}
-{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+An image reference (repository, or a whole reference with its tag or digest) with its registry
+replaced by global.imageRegistry, when that is set. The first path component is the registry when
+it has a dot or a port or is localhost (the rule container runtimes use); without one the image is
+Docker Hub's, whose one-component names live under library/. So a mirror that keeps the upstream
+paths needs that one setting: ghcr.io/openshell/openshell-gateway becomes
+MIRROR/openshell/openshell-gateway and busybox:1.36 MIRROR/library/busybox:1.36.
+*/}}
+{{- define "openshell.registryImage" -}}
+{{- $reference := index . 0 -}}
+{{- $registry := (index . 1).Values.global.imageRegistry | default "" | trimSuffix "/" -}}
+{{- if not $registry -}}
+{{- $reference -}}
+{{- else -}}
+{{- $parts := splitList "/" $reference -}}
+{{- $first := first $parts -}}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) -}}
+{{- $parts = rest $parts -}}
+{{- else if eq (len $parts) 1 -}}
+{{- $parts = prepend $parts "library" -}}
+{{- end -}}
+{{- printf "%s/%s" $registry (join "/" $parts) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The names of pull Secrets: global.imagePullSecrets and then the given list (each item a name or
+{name: NAME}), duplicates dropped, as a JSON list (fromJsonArray turns it back into one).
+*/}}
+{{- define "openshell.pullSecretNames" -}}
+{{- $root := index . 0 -}}
+{{- $names := list -}}
+{{- range concat ($root.Values.global.imagePullSecrets | default list) (index . 1 | default list) -}}
+{{- if kindIs "map" . }}{{ $names = append $names .name }}{{ else }}{{ $names = append $names . }}{{ end -}}
+{{- end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}
+
+{{/* The imagePullSecrets of a pod spec (global.imagePullSecrets and the given list), or nothing. */}}
+{{- define "openshell.imagePullSecrets" -}}
+{{- with include "openshell.pullSecretNames" . | fromJsonArray -}}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
 {{- end -}}
 {{- end -}}
 
@@ -134,6 +195,9 @@ chart creates. The gateway takes supervisor pod tokens of this ServiceAccount on
 {{- if and .Values.gatewayApi.enabled .Values.gatewayApi.httpRoute.enabled -}}
 {{- fail "gatewayApi.httpRoute.enabled without auth.oidc.issuerUrl would route the UNAUTHENTICATED HTTP API (every caller admin: creates and deletes sandboxes) to whoever reaches the Gateway: set auth.oidc.issuerUrl (or, unsafely, auth.allowUnauthenticatedApi=true)" -}}
 {{- end -}}
+{{- if and .Values.ingress.enabled .Values.ingress.http.enabled -}}
+{{- fail "ingress.http.enabled without auth.oidc.issuerUrl would route the UNAUTHENTICATED HTTP API (every caller admin: creates and deletes sandboxes) to whoever reaches the Ingress controller: set auth.oidc.issuerUrl (or, unsafely, auth.allowUnauthenticatedApi=true)" -}}
+{{- end -}}
 {{- if and .Values.gateway.service.exposeApi (include "openshell.external" .) -}}
 {{- fail "gateway.service.exposeApi without auth.oidc.issuerUrl would publish the UNAUTHENTICATED HTTP API (every caller admin: creates and deletes sandboxes) on the external Service: set auth.oidc.issuerUrl (or, unsafely, auth.allowUnauthenticatedApi=true)" -}}
 {{- end -}}
@@ -155,6 +219,9 @@ chart creates. The gateway takes supervisor pod tokens of this ServiceAccount on
 {{- if and (include "openshell.external" .) (not .Values.networkPolicy.grpcFrom) -}}
 {{- fail "networkPolicy.enabled with gateway.service.type NodePort or LoadBalancer needs networkPolicy.grpcFrom: the clients (e.g. an ipBlock) of the external Service; without them the NetworkPolicy blocks them" -}}
 {{- end -}}
+{{- if and (include "openshell.ingressPorts" .) (not .Values.networkPolicy.ingressFrom) -}}
+{{- fail "networkPolicy.enabled with ingress.enabled needs networkPolicy.ingressFrom: the peers (e.g. the Ingress controller's namespace) whose pods forward the Ingresses' traffic; without them the NetworkPolicy blocks it" -}}
+{{- end -}}
 {{- if and (include "openshell.gatewayApiPorts" .) (not .Values.networkPolicy.gatewayApiFrom) -}}
 {{- fail "networkPolicy.enabled with gatewayApi.enabled needs networkPolicy.gatewayApiFrom: the peers (e.g. the Gateway implementation's namespace) whose proxies forward the routes; without them the NetworkPolicy blocks the routed traffic" -}}
 {{- end -}}
@@ -168,6 +235,36 @@ chart creates. The gateway takes supervisor pod tokens of this ServiceAccount on
 {{- $ports := list -}}
 {{- if $api.grpcRoute.enabled }}{{ $ports = append $ports "7070" }}{{ end -}}
 {{- if $api.httpRoute.enabled }}{{ $ports = append $ports "7080" }}{{ end -}}
+{{- join " " $ports -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Refuses to create a cluster object (kind, name) that exists already and is not this release's, with
+a message naming the setting that stops the chart creating it. Helm's lookup sees the cluster on
+install and upgrade (and `--dry-run=server`); under `helm template` and client-side dry runs it
+finds nothing, so there Helm's own "exists and cannot be imported" error remains.
+*/}}
+{{- define "openshell.refuseForeign" -}}
+{{- $root := index . 0 -}}
+{{- $kind := index . 2 -}}
+{{- $name := index . 3 -}}
+{{- $found := lookup (index . 1) $kind "" $name -}}
+{{- if $found -}}
+{{- $annotations := $found.metadata.annotations | default dict -}}
+{{- if not (and (eq (get $annotations "meta.helm.sh/release-name") $root.Release.Name) (eq (get $annotations "meta.helm.sh/release-namespace") $root.Release.Namespace)) -}}
+{{- fail (printf "the %s %q exists already and is not this release's: %s" $kind $name (index . 4)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The container ports the Ingresses route to (space separated), empty when none. */}}
+{{- define "openshell.ingressPorts" -}}
+{{- $ingress := .Values.ingress -}}
+{{- if $ingress.enabled -}}
+{{- $ports := list -}}
+{{- if $ingress.grpc.enabled }}{{ $ports = append $ports "7070" }}{{ end -}}
+{{- if $ingress.http.enabled }}{{ $ports = append $ports "7080" }}{{ end -}}
 {{- join " " $ports -}}
 {{- end -}}
 {{- end -}}
@@ -209,7 +306,7 @@ securityContext:
 {{- if $v.tls.enabled }}{{ $_ := set $supervisor "gateway_ca_file" "/etc/openshell/tls/ca.crt" }}{{ end -}}
 {{- $podcfg := dict
       "image_pull_policy" $pod.imagePullPolicy
-      "image_pull_secrets" $pod.imagePullSecrets
+      "image_pull_secrets" (include "openshell.pullSecretNames" (list . $pod.imagePullSecrets) | fromJsonArray)
       "automount_service_account_token" $pod.automountServiceAccountToken
       "node_selector" $pod.nodeSelector
       "tolerations" $pod.tolerations
