@@ -1765,7 +1765,7 @@ def test_the_sandbox_namespace_is_created_or_only_referenced() -> None:
     """sandboxes.createNamespace false: the chart references the namespace (its Role, RoleBinding,
     ServiceAccount and NetworkPolicy go in it) and creates none. True on a cluster where it exists
     and is not the release's: the install is refused by name (lookup; tested on a live cluster in
-    tests/e2e, here offline the lookup finds nothing and the Namespace renders)."""
+    tests/e2e/test_chart_adoption.py; here, offline, the lookup finds nothing and the Namespace renders)."""
     existing = render({"sandboxes": {"namespace": "agents", "createNamespace": False}})
     assert of_kind(existing, "Namespace") == []
     in_it = {
