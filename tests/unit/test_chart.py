@@ -1784,6 +1784,87 @@ def test_runtime_classes_are_created_only_when_asked() -> None:
     assert of_kind(render({"sandboxes": {"pod": {"runtimeClassName": "gvisor"}}}), "RuntimeClass") == []
 
 
+def test_the_opt_in_sandbox_test_reaches_the_api_as_the_values_say() -> None:
+    """tests.sandbox (issue 24 point 5): a second `helm test` pod, the gateway image running
+    files/sandbox-test.py (tests/integration/test_chart_sandbox_test.py runs it against a gateway)."""
+    assert not [p for p in of_kind(render({}), "Pod") if p["metadata"]["name"].endswith("-test-sandbox")]
+    objects = rendered("production-values.yaml")  # OIDC, TLS from cert-manager
+    (pod,) = [p for p in of_kind(objects, "Pod") if p["metadata"]["name"] == "openshell-test-sandbox"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == gateway_container(objects)["image"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPENSHELL_TEST_API"]["value"] == "https://openshell-gateway.openshell.svc:7080"
+    assert env["OPENSHELL_TEST_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "openshell-test-token", "key": "token"}
+    }
+    assert env["OPENSHELL_TEST_CA_FILE"]["value"] == "/etc/openshell-test/tls/ca.crt"
+    assert env["OPENSHELL_TEST_IMAGE"]["value"] == "busybox:1.36"
+    assert json.loads(env["OPENSHELL_TEST_COMMAND"]["value"]) == ["sleep", "120"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "openshell-gateway-tls"
+    configmap = next(
+        c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"] == "openshell-test-sandbox"
+    )
+    assert configmap["data"]["sandbox-test.py"] == (CHART / "files" / "sandbox-test.py").read_text()
+    assert int(configmap["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0  # before the pod
+    # The test pod is admitted to the API by the default httpFrom (a pod of the release namespace).
+    labels = pod["metadata"]["labels"]
+    policy = next(
+        p
+        for p in of_kind(objects, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "gateway"
+    )
+    api_rules = [r for r in policy["spec"]["ingress"] if {"port": 7080, "protocol": "TCP"} in r["ports"]]
+    assert any(admitted_by(rule, labels) for rule in api_rules)
+    # With a defaultImage the gateway's default is used; an image of its own wins.
+    default = render(
+        {
+            "tests": {"sandbox": {"enabled": True}},
+            "auth": {"allowUnauthenticatedApi": True},
+            "sandboxes": {"pod": {"defaultImage": "registry.example.com/agent:1"}},
+        }
+    )
+    (pod,) = [p for p in of_kind(default, "Pod") if p["metadata"]["name"] == "openshell-test-sandbox"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["OPENSHELL_TEST_IMAGE"] == "" and env["OPENSHELL_TEST_API"].startswith("http://")
+    assert "OPENSHELL_TEST_TOKEN" not in env
+
+
+def admitted_by(rule: Obj, labels: dict[str, str]) -> bool:
+    """Whether an ingress rule admits a pod of the release namespace with ``labels``."""
+    for peer in rule.get("from", []):
+        if "namespaceSelector" in peer or "ipBlock" in peer:
+            continue
+        if selects(peer.get("podSelector", {}), labels):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({}, "tests.sandbox.enabled needs the HTTP API reachable from the test pod"),
+        (
+            {"auth": {"oidc": {"issuerUrl": "https://id.example.com/realms/x"}}},
+            "needs tests.sandbox.tokenSecret.name",
+        ),
+        (
+            {
+                "auth": {"allowUnauthenticatedApi": True},
+                "tls": {"enabled": True, "existingSecret": "tls", "clientAuth": True},
+            },
+            "cannot run with tls.clientAuth",
+        ),
+    ],
+)
+def test_the_sandbox_test_is_refused_where_it_cannot_reach_the_api(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render({**values, "tests": {"sandbox": {"enabled": True}}})
+
+
 # --- packaging and release ----------------------------------------------------------------------------
 
 
