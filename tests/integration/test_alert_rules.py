@@ -147,3 +147,60 @@ def test_the_page_alert_follows_its_values() -> None:
     tuned = alert_of(rendered_rule({"noSupervisorSessions": {"for": "15m", "severity": "page"}}))
     assert tuned is not None
     assert tuned["for"] == "15m" and tuned["labels"] == {"severity": "page"}
+
+
+def test_records_lost_fires_per_reason_and_only_on_a_loss(tmp_path: Path) -> None:
+    """OpenShellSupervisorRecordsLost: a rise of the gap records' dropped count within 15 minutes,
+    per reason, summed over the replicas; nothing on counters that stay put (exported at 0)."""
+    rule = rendered_rule({})
+    (alert,) = [r for r in alert_rules_of(rule) if r["alert"] == "OpenShellSupervisorRecordsLost"]
+    assert alert["labels"] == {"severity": "warning"}
+    job = re.search(r'job="([^"]+)"', alert["expr"])
+    assert job is not None
+    common = {"job": job.group(1), "namespace": "openshell"}
+    a = {**common, "instance": "10.0.0.1:7090", "pod": "gw-a"}
+    b = {**common, "instance": "10.0.0.2:7090", "pod": "gw-b"}
+    name = "openshell_gateway_supervisor_gap_dropped_records_total"
+
+    def fired(reason: str, count: int) -> dict[str, Any]:
+        labels = {"severity": "warning", "namespace": "openshell", "reason": reason}
+        annotations = {
+            key: text.replace("{{ $value | humanize }}", str(count)).replace("{{ $labels.reason }}", reason)
+            for key, text in alert["annotations"].items()
+        }
+        return {"exp_labels": labels, "exp_annotations": annotations}
+
+    tests = [
+        {
+            # 40 records dropped past a journal's bound on replica A at minute 5, 20 more on B at
+            # minute 6: one alert for the reason, the replicas summed; quiet 15 minutes later.
+            # Nothing corrupt: the corrupt counter stays at 0.
+            "interval": "1m",
+            "input_series": [
+                series(name, "0x4 40x30", **a, reason="overflow"),
+                series(name, "0x5 20x30", **b, reason="overflow"),
+                series(name, "0x35", **a, reason="corrupt"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": "OpenShellSupervisorRecordsLost", "exp_alerts": []},
+                {
+                    "eval_time": "10m",
+                    "alertname": "OpenShellSupervisorRecordsLost",
+                    "exp_alerts": [fired("overflow", 60)],
+                },
+                {"eval_time": "25m", "alertname": "OpenShellSupervisorRecordsLost", "exp_alerts": []},
+            ],
+        },
+    ]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    (tmp_path / "tests.yml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    done = subprocess.run(
+        [_promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def alert_rules_of(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]

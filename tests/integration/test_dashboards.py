@@ -83,7 +83,14 @@ NEEDS_MORE: Mapping[tuple[str, str, str], str] = {
     ),
 }
 #: Alerts a healthy fleet must not fire, pending included, over the whole scene.
-QUIET_ALERTS = ("OpenShellGatewayDown", "OpenShellGatewaySlowEventStore", "OpenShellNoSupervisorSessions")
+QUIET_ALERTS = (
+    "OpenShellGatewayDown",
+    "OpenShellGatewaySlowEventStore",
+    "OpenShellNoSupervisorSessions",
+    "OpenShellSupervisorRecordsLost",
+)
+#: A steady stretch before the drain, so that the pictures show the rates settled.
+STEADY_S = 6
 
 
 def load_dashboards() -> list[dict[str, Any]]:
@@ -371,6 +378,7 @@ def scene(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 supervisors[-1].start()
             _until(prom, "sum(openshell_gateway_sessions) == 4", "every supervisor connected")
             steady = time.time()
+            time.sleep(STEADY_S)
             _until(prom, "openshell_supervisor_main_process_restarts_total{pod='busy'}", "a restart")
             _until(prom, "sum(openshell_gateway_supervisor_health_changes_total)", "a health change")
             # B drains: its sessions go to A, which takes 3 and refuses the fourth.
