@@ -41,6 +41,7 @@ from gateway.heartbeats import HeartbeatGovernor
 from gateway.metrics import GatewayMetrics
 from gateway.notify import Note, Notifier, Topic, notifier_for
 from gateway.ops import HealthFollower, Readiness, build_ops
+from gateway.otlp_logs import OtlpLogExport
 from gateway.rebalance import Rebalancer
 from gateway.replicas import (
     LeaseRenewer,
@@ -132,6 +133,8 @@ class Gateway:
         #: The long-lived loops of this process (rebalancer, heartbeat governor, drain), cancelled
         #: by stop().
         self.tasks = BackgroundTasks("gateway")
+        #: The OTLP log export (otlp_logs.enabled), released at stop for another replica to take over.
+        self._otlp: OtlpLogExport | None = None
         #: When the drain began (loop time; None: serving). See begin_drain().
         self._draining_since: float | None = None
         #: begin_drain's awaited steps (health, lease mark, leader step-down), run once as their own
@@ -400,6 +403,10 @@ class Gateway:
             # Old events go in small batches (issue 23 point 3): docs/log-retention.md.
             retention = Retention(cfg.retention, EventRetention(self.db), metrics=self.metrics)
             self.tasks.spawn(retention.run(), name="retention")
+        if cfg.otlp_logs.enabled:
+            # Stored events to an OTLP receiver, from one replica at a time: docs/otlp-logs.md.
+            self._otlp = OtlpLogExport(cfg.otlp_logs, self.db, replica=self.identity.id, metrics=self.metrics)
+            self.tasks.spawn(self._otlp.run(), name="OTLP log export")
         log.info(
             "gateway ready",
             extra={
@@ -562,6 +569,12 @@ class Gateway:
         await self.begin_drain()
         # The drain's pacing (if a second signal cut it short), the rebalancer, the governor.
         await self.tasks.close(timeout_s=min(DRAIN_MARK_S, left()))
+        if self._otlp is not None:
+            # Another replica exports from the stored position at once, not after the lease.
+            await _bounded(
+                self._otlp.release(), min(DRAIN_MARK_S, left()), what="releasing the OTLP log export"
+            )
+            self._otlp = None
         hinted = self.registry.close_all(
             "gateway shutting down", hint=SHUTDOWN, spread_s=self.config.drain.final_spread_s
         )

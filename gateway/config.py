@@ -489,6 +489,79 @@ class RetentionSettings(_Section):
     )
 
 
+EventKind = Literal["log", "lifecycle", "gap", "health"]
+
+
+class OtlpLogsSettings(_Section):
+    """Export of stored events as OTLP logs (docs/otlp-logs.md)."""
+
+    enabled: bool = Field(False, description="Export stored events to endpoint as OTLP/gRPC log records.")
+    endpoint: str = Field(
+        "http://127.0.0.1:4317",
+        description="The OTLP/gRPC receiver (an OpenTelemetry collector): http://host:port or https://host:port.",
+    )
+    insecure: bool | None = Field(
+        None,
+        description="Plain gRPC without TLS; null: by the endpoint's scheme (http: plain, https: TLS).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra gRPC metadata sent with every export (e.g. an API key)."
+    )
+    kinds: list[EventKind] = Field(
+        default_factory=lambda: list[EventKind](["log", "lifecycle", "gap"]),
+        description="Which kinds of stored events are exported (gap records should stay: they tell a "
+        "receiver lost lines from silence).",
+    )
+    batch_size: int = Field(512, ge=1, le=10000, description="Records per export request (and per read).")
+    max_pending_ids: int = Field(
+        20000,
+        ge=1,
+        description="Most event ids skipped by the tail (not committed yet) looked for again; with "
+        "batch_size, what bounds the exporter's memory. Past it the oldest are given up at once, with a "
+        "warning.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Deadline of one export request (at most lease_s / 2).")
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="How often the exporter looks for new events when it is caught up."
+    )
+    settle_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long an event id skipped by the tail (a transaction still open on PostgreSQL) is "
+        "looked for again before it is taken for a rollback or a refused duplicate.",
+    )
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="One replica exports at a time: the holder of the export's row renews it; when it has "
+        "not for this long another replica takes over from the stored position.",
+    )
+    max_backoff_s: float = Field(
+        15.0, gt=0, description="Longest wait between two failed exports (at most lease_s / 2)."
+    )
+    service_name: str = Field(
+        "openshell-gateway", description="The records' service.name resource attribute."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, value: str) -> str:
+        parsed = urllib.parse.urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
+            raise ValueError(f"{value!r} is not http://host:port or https://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _renewed_within_lease(self) -> OtlpLogsSettings:
+        for key in ("timeout_s", "poll_interval_s", "max_backoff_s"):
+            if getattr(self, key) * 2 > self.lease_s:
+                raise ValueError(
+                    f"{key} ({getattr(self, key)}) must be at most half of lease_s ({self.lease_s}): the "
+                    "exporter renews its lease between two waits of that length"
+                )
+        return self
+
+
 class LocalDriverSettings(_Section):
     work_dir: Path = Field(
         Path("var/openshell/sandboxes"), description="Where local sandboxes keep their journal and files."
@@ -958,6 +1031,7 @@ class GatewayConfig(LayeredSettings):
     drain: DrainSettings = Field(default_factory=DrainSettings)
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    otlp_logs: OtlpLogsSettings = Field(default_factory=OtlpLogsSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level logged."
