@@ -461,7 +461,7 @@ class GatewayMetrics:
         self.retained_bytes = Gauge(
             PREFIX + "retained_log_bytes",
             "Size of the stored log and health rows as retention.max_bytes counts it, measured at the "
-            "start of the last retention run.",
+            "start of the last retention run (only with retention.max_bytes set).",
             registry=self.registry,
         )
         self.otlp_exported = Counter(

@@ -44,7 +44,8 @@ class RunResult:
     #: The longest one batch's delete held the database (its transaction), in seconds.
     longest_batch_s: float = 0.0
     rows_before: int = 0
-    bulk_bytes_before: int = 0
+    #: None: not measured (no ``max_bytes``).
+    bulk_bytes_before: int | None = None
 
     @property
     def total(self) -> int:
@@ -73,11 +74,11 @@ class Retention:
                     self._metrics.background_write_failures.labels("retention").inc()
             await asyncio.sleep(self._settings.interval_s)
 
-    async def cutoffs(self, bulk_bytes: int) -> Cutoffs:
+    async def cutoffs(self, bulk_bytes: int | None) -> Cutoffs:
         s = self._settings
         now = utcnow()
         through = None
-        if s.max_bytes is not None and bulk_bytes > s.max_bytes:
+        if s.max_bytes is not None and bulk_bytes is not None and bulk_bytes > s.max_bytes:
             through = await self._store.size_cutoff(s.max_bytes)
         return Cutoffs(
             bulk_before=now - timedelta(seconds=s.max_age_s) if s.max_age_s is not None else None,
@@ -91,7 +92,7 @@ class Retention:
         s = self._settings
         started = time.monotonic()
         result = RunResult()
-        totals = await self._store.totals()
+        totals = await self._store.totals(with_bytes=s.max_bytes is not None)
         result.rows_before, result.bulk_bytes_before = totals.rows, totals.bulk_bytes
         cutoffs = await self.cutoffs(totals.bulk_bytes)
         after = 0
@@ -118,7 +119,8 @@ class Retention:
             self._metrics.retention_run_seconds.set(elapsed)
             self._metrics.retention_last_run.set(time.time())
             self._metrics.retained_events.set(totals.rows - result.total)
-            self._metrics.retained_bytes.set(totals.bulk_bytes)
+            if totals.bulk_bytes is not None:
+                self._metrics.retained_bytes.set(totals.bulk_bytes)
         log.info(
             "retention run: %d events deleted in %d batches (%.2fs, longest batch %.3fs), %d were stored",
             result.total,

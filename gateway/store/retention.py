@@ -88,7 +88,8 @@ class Batch:
 @dataclass(frozen=True, slots=True)
 class Totals:
     rows: int
-    bulk_bytes: int
+    #: None: not measured (no size bound).
+    bulk_bytes: int | None
 
 
 class EventRetention:
@@ -97,14 +98,15 @@ class EventRetention:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def totals(self) -> Totals:
-        """Every row, and the size bound's count of the log and health rows (one scan)."""
+    async def totals(self, *, with_bytes: bool) -> Totals:
+        """Every row, and ``with_bytes`` the size bound's count of the log and health rows (one
+        scan either way; the sizes read every message, so they are asked for only with a bound)."""
         e = events_table.c
-        bulk = func.sum(row_bytes()).filter(e.kind.in_(BULK_KINDS))
+        bulk = func.sum(row_bytes()).filter(e.kind.in_(BULK_KINDS)) if with_bytes else func.count()
         with store_errors("cannot measure the events table"):
             async with self._db.engine.connect() as conn:
                 row = (await conn.execute(select(func.count(), bulk).select_from(events_table))).one()
-        return Totals(rows=int(row[0] or 0), bulk_bytes=int(row[1] or 0))
+        return Totals(rows=int(row[0] or 0), bulk_bytes=int(row[1] or 0) if with_bytes else None)
 
     async def size_cutoff(self, max_bytes: int) -> int | None:
         """The newest id of a log or health row that does not fit in ``max_bytes`` counted from the

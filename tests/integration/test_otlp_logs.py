@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from tests.support.gateway import gateway_config
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedLog
 from tests.support.postgres import pg_bindir
 from tests.support.procs import GatewayProcess, SupervisorProcess, free_port
+from tests.support.waiting import until
 
 TS = 1_764_072_000_000
 
@@ -223,11 +223,12 @@ async def check_receiver_down_then_back(db: Database) -> None:
     run = Running(OtlpLogExport(settings(down.endpoint), db, replica="r1", metrics=metrics))
     try:
         assert await events.store_events("sb", "j", [line(s) for s in range(1, 51)]) == 50
-        deadline = time.monotonic() + 30
         failures = "openshell_gateway_otlp_log_export_failures_total"
-        while (metrics.registry.get_sample_value(failures) or 0) < 2:
-            assert time.monotonic() < deadline, "the export did not fail against a closed port"
-            await asyncio.sleep(0.05)
+        await until(
+            lambda: (metrics.registry.get_sample_value(failures) or 0) >= 2,
+            within=30,
+            what="two failed exports to a closed port",
+        )
         assert await ExportCursorStore(db).position() == 0
         assert await events.store_events("sb", "j", [line(s) for s in range(51, 101)]) == 100
         await down.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 from sqlalchemy import update
@@ -23,6 +22,7 @@ from gateway.store.db import utcnow
 from gateway.store.retention import EventRetention
 from gateway.store.schema import events as events_table
 from tests.support.procs import GatewayProcess, SupervisorProcess
+from tests.support.waiting import until
 
 SANDBOX = "retention-resume"
 
@@ -37,14 +37,6 @@ def two_phases(release: Path) -> list[str]:
         "time.sleep(1)\n"
     )
     return [sys.executable, "-u", "-c", script, str(release)]
-
-
-async def until(check: object, *, within: float, what: str) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_supervisor_resumes_after_retention(
