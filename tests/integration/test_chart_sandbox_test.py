@@ -32,7 +32,7 @@ def _test_pod_env() -> dict[str, str]:
     (configmap,) = [d for d in docs if d and d["kind"] == "ConfigMap"]
     assert configmap["data"]["sandbox-test.py"] == SCRIPT.read_text()  # the file, unchanged
     (container,) = pod["spec"]["containers"]
-    assert container["command"] == ["python", "/etc/openshell-test/sandbox-test.py"]
+    assert container["command"] == ["python3", "/etc/openshell-test/sandbox-test.py"]
     return {e["name"]: e["value"] for e in container["env"]}
 
 

@@ -1817,6 +1817,26 @@ def test_the_opt_in_sandbox_test_reaches_the_api_as_the_values_say() -> None:
     )
     api_rules = [r for r in policy["spec"]["ingress"] if {"port": 7080, "protocol": "TCP"} in r["ports"]]
     assert any(admitted_by(rule, labels) for rule in api_rules)
+    # ... and by a rule of its own where httpFrom names other peers only.
+    narrow = render(
+        {
+            **ci_values("production-values.yaml"),
+            "networkPolicy": {
+                **ci_values("production-values.yaml")["networkPolicy"],
+                "httpFrom": [{"ipBlock": {"cidr": "192.0.2.1/32"}}],
+            },
+        }
+    )
+    policy = next(
+        p
+        for p in of_kind(narrow, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "gateway"
+    )
+    api_rules = [r for r in policy["spec"]["ingress"] if {"port": 7080, "protocol": "TCP"} in r["ports"]]
+    assert [admitted_by(rule, labels) for rule in api_rules] == [False, True]
+    assert not any(
+        admitted_by(rule, {**labels, "app.kubernetes.io/component": "sandbox"}) for rule in api_rules
+    )
     # With a defaultImage the gateway's default is used; an image of its own wins.
     default = render(
         {
