@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import images, kubecluster
+from tests.support import gvisor, images, kubecluster
 from tests.support.registry import Registry, running_registry
 
 LINK_PREFIX = "10.86"  # host <-> node veth, a /30 per cluster
@@ -204,9 +204,12 @@ class NodeBinaries:
         return [n for n in names if not os.access(self.dir / n, os.X_OK)]
 
 
-def containerd_config(workdir: Path, *, pause_image: str) -> str:
+def containerd_config(workdir: Path, *, pause_image: str, runsc: gvisor.Runtime | None = None) -> str:
+    """containerd's config; with ``runsc``, a second runtime, handler ``runsc`` (gVisor), beside the
+    default runc (opt-in: ``LocalCluster(..., gvisor=...)``)."""
     root = workdir / "containerd"
-    return textwrap.dedent(
+    extra = "" if runsc is None else "\n" + runsc.containerd_section(root)
+    base = textwrap.dedent(
         f"""\
         version = 3
         root = "{root / "root"}"
@@ -247,6 +250,7 @@ def containerd_config(workdir: Path, *, pause_image: str) -> str:
           disable = true
         """
     )
+    return base + extra
 
 
 def cni_config(pod_cidr: str) -> dict[str, Any]:
@@ -291,6 +295,7 @@ class LocalNode:
     pause_image: str
     registries: Sequence[str] = ()  # HOST:PORT served over plain HTTP
     name: str = NODE_NAME
+    gvisor: gvisor.Runtime | None = None  # the runtime handler ``runsc`` too (tests/support/gvisor.py)
     _procs: list[_Proc] = field(default_factory=list)
     _holder: subprocess.Popen[str] | None = None  # keeps the node's mount namespace
     _made_dirs: list[Path] = field(default_factory=list)  # mount points created on the host
@@ -384,7 +389,9 @@ class LocalNode:
             json.dumps(cni_config(self.network.pod_cidr), indent=2)
         )
         config = self.workdir / "containerd" / "config.toml"
-        config.write_text(containerd_config(self.workdir, pause_image=self.pause_image))
+        config.write_text(containerd_config(self.workdir, pause_image=self.pause_image, runsc=self.gvisor))
+        if self.gvisor is not None:
+            self.gvisor.write_files(self.workdir / "containerd")
         path = f"{self.binaries.dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"  # the shim
         proc = self._spawn(
             "containerd", [str(self.binaries.path("containerd")), "--config", str(config)], {"PATH": path}
@@ -508,6 +515,8 @@ class LocalNode:
         self._made_dirs.clear()
 
     def _remove_containers(self) -> None:
+        if self.gvisor is not None:
+            self._containers.update(self.gvisor.delete_containers(self.workdir / "containerd"))
         runc, root = shutil.which("runc"), self.workdir / "containerd" / "runc"
         if runc is None or not root.exists():
             return
@@ -562,7 +571,17 @@ def build_node(*, quiet: bool = True) -> Path:
 class LocalCluster:
     """A control plane, one real node and a registry on the node's link; see the module docstring."""
 
-    def __init__(self, plane_bin: Path, node_bin: Path, *, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        plane_bin: Path,
+        node_bin: Path,
+        *,
+        workdir: Path | None = None,
+        gvisor: gvisor.Runtime | None = None,
+    ) -> None:
+        """``gvisor``: runsc (``tests.support.gvisor.Runtime(gvisor.build())``) as the node's runtime
+        handler ``runsc`` too. None (the default): runc only."""
+        self.gvisor = gvisor
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="openshell-node-"))
         self.workdir.chmod(0o755)  # pods' files (e.g. projected tokens) live below it
@@ -616,6 +635,7 @@ class LocalCluster:
                 ca_cert=plane.certs.ca_cert,
                 pause_image=pause,
                 registries=[self.registry.host],
+                gvisor=self.gvisor,
             )
             self._stack.callback(node.stop)
             node.start()
@@ -681,7 +701,9 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(*, workdir: Path | None = None) -> Iterator[LocalCluster]:
+def local_cluster(
+    *, workdir: Path | None = None, gvisor: gvisor.Runtime | None = None
+) -> Iterator[LocalCluster]:
     """Build (cached) and start a LocalCluster; stop it after, and remove its directory unless
     ``workdir`` was given. Raises kubecluster.BuildError when a binary cannot be built and NodeError
     when the node cannot run or start."""
@@ -692,7 +714,7 @@ def local_cluster(*, workdir: Path | None = None) -> Iterator[LocalCluster]:
     node_bin = build_node()
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(plane_bin, node_bin, workdir=workdir)
+    cluster = LocalCluster(plane_bin, node_bin, workdir=workdir, gvisor=gvisor)
     try:
         yield cluster.start()
     finally:
@@ -708,6 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="keep the cluster's files here (kept on exit); cluster.json in it names the KUBECONFIG and "
         "the registry, for `python -m tests.support.openshelldeploy DIR`",
     )
+    parser.add_argument(
+        "--gvisor",
+        action="store_true",
+        help="also register gVisor's runsc as the runtime handler `runsc` (tests/support/gvisor.py)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # before start: a stop mid-start cleans up too
     try:
@@ -719,7 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A cluster's state from before (etcd, containerd, sockets) would be taken for this one's.
             print(f"error: {workdir} is not empty: remove it or name another --workdir", file=sys.stderr)
             return 2
-        with local_cluster(workdir=workdir) as cluster:
+        with local_cluster(
+            workdir=workdir,
+            gvisor=gvisor.Runtime(gvisor.build(quiet=False), shim=gvisor.default_shim())
+            if args.gvisor
+            else None,
+        ) as cluster:
             assert cluster.registry is not None and cluster.network is not None
             info = {
                 "kubeconfig": str(cluster.kubeconfig),
