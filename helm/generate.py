@@ -354,8 +354,11 @@ helm install openshell oci://ghcr.io/openshell/charts/openshell --version {versi
 helm test openshell -n openshell
 ```
 
-* Example values files for common setups are in `ci/` (HA with PostgreSQL, Gateway API, OpenShift,
-  Kata Containers, gVisor, clusters without ImageVolume); each is linted, rendered and checked in CI.
+* Example values files for common setups are in `ci/`, shipped in the package (HA with PostgreSQL,
+  Gateway API, Ingress, OpenShift, Kata Containers, gVisor, clusters without ImageVolume, a private
+  registry, an air-gapped mirror); each is linted, rendered and checked in CI.
+* A mirror of every image the chart deploys is one setting, `global.imageRegistry` (with
+  `global.imagePullSecrets`); changes by version are in `CHANGELOG.md`.
 * Install, upgrade and publishing notes: `docs/helm.md`; the gateway's permissions: `docs/rbac.md`;
   every key of the gateway config: `docs/configuration.md`.
 * Metrics: the ServiceMonitor scrapes the gateway's `/metrics` on the ops port (7090)
