@@ -21,6 +21,7 @@ and draws it again.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -88,8 +89,20 @@ def scaled(unit: str | None, values: Sequence[float]) -> tuple[list[float], str]
 
 
 def _points(series: Series) -> tuple[list[datetime], list[float]]:
-    times = [datetime.fromtimestamp(float(t), UTC) for t, _ in series["values"]]
-    return times, [float(v) for _, v in series["values"]]
+    """The series' samples, with a NaN where the answer has a hole (a target down, a series not
+    yet there): matplotlib breaks the line there, as Grafana does, instead of bridging it."""
+    pairs = [(float(t), float(v)) for t, v in series["values"]]
+    steps = sorted(b[0] - a[0] for a, b in itertools.pairwise(pairs))
+    step = steps[len(steps) // 2] if steps else 0.0
+    times: list[datetime] = []
+    values: list[float] = []
+    for i, (t, v) in enumerate(pairs):
+        if i and step and t - pairs[i - 1][0] > 1.5 * step:
+            times.append(datetime.fromtimestamp(pairs[i - 1][0] + step, UTC))
+            values.append(math.nan)
+        times.append(datetime.fromtimestamp(t, UTC))
+        values.append(v)
+    return times, values
 
 
 def _stat_text(value: float, unit: str | None) -> str:

@@ -1,6 +1,6 @@
 """The chart's Grafana dashboards and alert rules, evaluated by a real Prometheus on real data.
 
-The scene (one module-scoped run, about a minute): two gateway replicas on one real PostgreSQL
+The scene (one module-scoped run, about 40 seconds): two gateway replicas on one real PostgreSQL
 server, behind Debian's haproxy standing in for their Service; four real ``python -m supervisor
 run`` processes dialing haproxy, with their /metrics listeners on (the sandbox dashboard's source);
 a real Prometheus (Debian's package) scraping every gateway and supervisor each second, with the
@@ -10,12 +10,16 @@ for what the chart's ServiceMonitor (and a PodMonitor) add: ``job`` the gateway 
 
 What happens meanwhile, so that every panel has something to draw: one sandbox's main process
 writes lines fast, exits 3 every few seconds and is restarted by its supervisor (lifecycle records,
-restarts, an exit code); every supervisor journals health records twice a second; replica A admits
-at most 3 sessions (``admission.max_sessions``). Then replica B gets SIGTERM: it drains (its
-sessions are hinted away and reconnect through haproxy to A, which refuses the fourth:
-admission's and SessionRejected's counters, while B's target is down: the replicas-down alert goes
-pending). B is started again, and A's rebalancer moves its excess to B (rebalance hints,
-reconnections, the backlog at the hello).
+restarts, an exit code); another's supervisor finds its disk "nearly full" (a 0.1 % bound: a
+health change to degraded); every supervisor journals health records twice a second; replica A
+admits at most 3 sessions (``admission.max_sessions``). Where the tests' Kubernetes API server runs
+(the session's ``kubeconfig`` fixture), the replicas run the Kubernetes driver with its leader
+election, so one of them leads. After a steady stretch, the database server ends every gateway
+connection (a blip: database errors counted). Then replica B gets SIGTERM: it drains (its sessions
+are hinted away and reconnect through haproxy to A, which refuses the fourth: admission's and
+SessionRejected's counters, while B's target is down: the replicas-down alert goes pending). B is
+started again, and A's rebalancer moves its excess to B (rebalance hints, reconnections, the
+backlog at the hello).
 
 Then every target of every panel of every dashboard under helm/openshell/dashboards/ is asked of
 Prometheus's HTTP API as Grafana asks it (``/api/v1/query_range`` over the scene, its template
@@ -29,6 +33,8 @@ directory, or into ``$OPENSHELL_DASHBOARD_PICTURES`` (docs/dashboards, to update
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
@@ -48,7 +54,10 @@ import helm_python
 import pytest
 import yaml
 
+from gateway.drivers.kubernetes import RBAC_RULES
+from gateway.leader import lease_rules
 from tests.integration.test_prometheus import _find_or_install
+from tests.support import kubeaccess
 from tests.support.haproxy import Backend, running_haproxy
 from tests.support.postgres import PgServer, pg_bindir
 from tests.support.procs import REPO, GatewayProcess, SupervisorProcess, free_port, wait_until, writer_command
@@ -71,17 +80,18 @@ TICK = "import time\nwhile True: print('tick', flush=True); time.sleep(0.5)"
 #: Targets that cannot answer here, and why (the test fails if one of them answers: then it belongs
 #: with the others). Keyed by (dashboard uid, panel title, refId).
 NEEDS_MORE: Mapping[tuple[str, str, str], str] = {
-    ("openshell-gateway-ha", "Leader", "A"): (
-        "the leader gauge exists only with the Kubernetes driver's election (a Lease on an API "
-        "server): tests/e2e/test_leader_metric.py reads it from real replicas"
-    ),
-    ("openshell-gateway-ha", "Database errors per second", "A"): (
-        "no statement fails on a healthy database; tests/integration/test_db_faults.py makes them fail"
-    ),
-    ("openshell-gateway-ha", "Database errors per second", "B"): (
-        "no gRPC call is answered UNAVAILABLE on a healthy database"
+    ("openshell-gateway-ha", "Database errors", "B"): (
+        "a cut connection is replaced and the statement retried: a gRPC call is answered UNAVAILABLE "
+        "only while the database stays away (tests/integration/test_db_faults.py)"
     ),
 }
+#: Without the tests' Kubernetes API server (the ``kubeconfig`` fixture skips), no election runs.
+WITHOUT_KUBERNETES: Mapping[tuple[str, str, str], str] = {
+    ("openshell-gateway-ha", "Leader", "A"): (
+        "the leader gauge exists only with the Kubernetes driver's election (a Lease on an API server)"
+    ),
+}
+LEASE = "openshell-gateway-leader"
 #: Alerts a healthy fleet must not fire, pending included, over the whole scene.
 QUIET_ALERTS = (
     "OpenShellGatewayDown",
@@ -269,6 +279,8 @@ class Scene:
     steady: float
     end: float
     gateway_job: str
+    #: The replicas ran the Kubernetes driver's leader election.
+    elected: bool
 
     def query_range(self, promql: str, *, start: float | None = None) -> list[dict[str, Any]]:
         since = self.start if start is None else start
@@ -319,8 +331,18 @@ def _supervisor(root: Path, sandbox_id: str, address: str, port: int) -> Supervi
     )
 
 
-def _replica(root: Path, name: str, database_url: str, *extra: str) -> GatewayProcess:
-    return GatewayProcess(
+@dataclass(frozen=True)
+class Election:
+    """The Kubernetes driver against the tests' API server, and its leader election (a Lease)."""
+
+    namespace: str
+    identity: Path
+
+
+def _replica(
+    root: Path, name: str, database_url: str, *extra: str, election: Election | None
+) -> GatewayProcess:
+    gw = GatewayProcess(
         root / name,
         database_url=database_url,
         extra=[
@@ -332,6 +354,69 @@ def _replica(root: Path, name: str, database_url: str, *extra: str) -> GatewayPr
             *extra,
         ],
     )  # fmt: skip
+    if election is not None:
+        # As tests/e2e/test_leader_election.py runs its replicas: the pod watch is the leader's.
+        config = root / f"{name}.yaml"
+        kubernetes = {
+            "namespace": election.namespace,
+            "kubeconfig": str(election.identity),
+            "gateway_address": gw.address,
+            "request_timeout_s": 5,
+            "supervisor": {"image": "registry.invalid/openshell-supervisor:0.1.0"},
+            "pod": {"default_image": "registry.invalid/agent:1"},
+        }
+        leader = {
+            "lease_name": LEASE,
+            "lease_duration_s": 4.0,
+            "renew_deadline_s": 3.0,
+            "retry_period_s": 0.5,
+        }
+        config.write_text(
+            yaml.safe_dump(
+                {"drivers": {"kind": "kubernetes", "kubernetes": kubernetes}, "ha": {"leader": leader}}
+            )
+        )
+        gw.extra = [*gw.extra, "--config", str(config)]
+    return gw
+
+
+@contextlib.contextmanager
+def _election(request: pytest.FixtureRequest, root: Path) -> Iterator[Election | None]:
+    """The tests' Kubernetes API server (the session's ``kubeconfig``), with a namespace and the
+    gateway's documented RBAC; None where there is none (the test then says the leader panel has
+    nothing to show)."""
+    try:
+        kubeconfig: Path = request.getfixturevalue("kubeconfig")
+    except pytest.skip.Exception:
+        yield None
+        return
+    admin = kubeaccess.admin_client(kubeconfig)
+    with kubeaccess.namespace(admin, "os-dashboards") as namespace:
+        rules = [*RBAC_RULES, *lease_rules(LEASE)]
+        identity = kubeaccess.identity_with_rules(
+            admin, kubeconfig, namespace, rules, root / "kc", name="gateway"
+        )
+        yield Election(namespace, identity)
+
+
+def _cut_connections(server: PgServer) -> None:
+    """Every gateway connection to the database ended by the server (as a failover or a restart
+    ends them): the statements in flight on them fail."""
+    asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install asyncpg)")
+
+    async def cut() -> None:
+        conn = await asyncpg.connect(
+            host=server.host, port=server.port, user=server.user, database="postgres"
+        )
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE pid <> pg_backend_pid() AND datname = 'postgres'"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(cut())
 
 
 def _until(prom: PrometheusServer, promql: str, what: str, *, timeout: float = 45) -> None:
@@ -339,13 +424,27 @@ def _until(prom: PrometheusServer, promql: str, what: str, *, timeout: float = 4
 
 
 @pytest.fixture(scope="module")
-def scene(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+def scene(
+    pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Scene]:
     binary = _find_or_install("prometheus")
     root = tmp_path_factory.mktemp("dashboards")
+    with _election(request, root) as election:
+        yield from _scene(binary, root, pg_server, election)
+
+
+def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | None) -> Iterator[Scene]:
     url = pg_server.url("postgres")  # the module's own server: its default database is ours alone
-    a = _replica(root, "a", url, "--set", "admission.max_sessions=3")
-    # B stays a while in its drain (settle) before it hints: scraped draining, hints counted.
-    b = _replica(root, "b", url, "--set", "drain.settle_s=2")
+    a = _replica(root, "a", url, "--set", "admission.max_sessions=3", election=election)
+    # B stays a while in its drain (settle) before it hints, and hints one session a second, the
+    # supervisors coming back within 2 s: scraped draining, and again while it hints.
+    drain = (
+        "drain.settle_s=2",
+        "drain.max_hints_per_s=1",
+        "drain.min_hints_per_s=1",
+        "drain.hint_spread_s=2",
+    )
+    b = _replica(root, "b", url, *[f for item in drain for f in ("--set", item)], election=election)
     rule = rendered_rule()
     job = re.search(r'job="([^"]+)"', alert_rules(rule)[0]["expr"])
     assert job is not None
@@ -377,8 +476,17 @@ def scene(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 supervisors.append(_supervisor(root, sandbox_id, proxy.grpc_address, port))
                 supervisors[-1].start()
             _until(prom, "sum(openshell_gateway_sessions) == 4", "every supervisor connected")
+            if election is not None:
+                _until(prom, "max(openshell_gateway_leader)", "a replica leading")
             steady = time.time()
             time.sleep(STEADY_S)
+            # A database blip: the connections cut (once a second, until a statement in flight
+            # on one of them failed: an idle one is replaced by the pool's ping, not counted).
+            deadline = time.monotonic() + 20
+            while not prom.value("sum(openshell_gateway_db_errors_total)"):
+                assert time.monotonic() < deadline, "no database error counted with the connections cut"
+                _cut_connections(pg_server)
+                time.sleep(1)
             _until(prom, "openshell_supervisor_main_process_restarts_total{pod='busy'}", "a restart")
             _until(prom, "sum(openshell_gateway_supervisor_health_changes_total)", "a health change")
             # B drains: its sessions go to A, which takes 3 and refuses the fourth.
@@ -393,7 +501,7 @@ def scene(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
             _until(prom, "sum(openshell_gateway_sessions) == 4", "every supervisor connected again")
             time.sleep(5)  # the last moves' rates in a few more samples
             end = time.time()
-            yield Scene(prom, start, steady, end, job.group(1))
+            yield Scene(prom, start, steady, end, job.group(1), elected=election is not None)
     except BaseException:
         print(prom.log_text()[-3000:], a.log_text()[-3000:], b.log_text()[-3000:], sep="\n---\n")
         raise
@@ -461,9 +569,10 @@ def test_every_dashboard_query_returns_data(scene: Scene, tmp_path: Path) -> Non
                 panels.setdefault(panel["id"], []).append(result)
                 if not _has_a_number(result):
                     empty[(dashboard["uid"], panel["title"], target["refId"])] = promql
-    unexpected = {key: q for key, q in empty.items() if key not in NEEDS_MORE}
+    needs_more = {**NEEDS_MORE, **({} if scene.elected else WITHOUT_KUBERNETES)}
+    unexpected = {key: q for key, q in empty.items() if key not in needs_more}
     assert not unexpected, f"queries without data: {json.dumps([*map(list, unexpected.items())], indent=1)}"
-    answered = set(NEEDS_MORE) - set(empty)
+    answered = set(needs_more) - set(empty)
     assert not answered, f"these answer now, take them out of NEEDS_MORE: {answered}"
 
     saved = {"dashboards": load_dashboards(), "answers": answers}
