@@ -1545,6 +1545,10 @@ def test_the_airgapped_values_pull_everything_from_the_mirror(tmp_path: Path) ->
     (tmp_path / "secrets").mkdir()
     found = pull_secrets_by_pod(objects, tmp_path / "secrets")
     assert found and all(names == ["mirror-pull"] for names in found.values()), found
+    notes = notes_of(ci_values("airgapped-values.yaml"))
+    assert "global.imagePullSecrets mirror-pull: each must exist in openshell" in notes
+    assert "and in openshell-sandboxes (sandbox pods)" in notes
+    assert "Every image of the chart comes from mirror.internal:5000" in notes
 
 
 def test_global_pull_secrets_reach_every_pod_sandboxes_included(tmp_path: Path) -> None:
