@@ -506,7 +506,8 @@ def test_default_is_one_replica_on_sqlite_without_ha_objects(tmp_path: Path) -> 
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in gateway_container(objects)["volumeMounts"]}
     assert mounts["data"] == "/var/lib/openshell" and "emptyDir" in volumes["data"]
-    assert config.drivers.kubernetes.supervisor.injection == "image-volume"
+    # Chosen by the gateway from the cluster at start (gateway/drivers/injection.py).
+    assert config.drivers.kubernetes.supervisor.injection == "auto"
     assert any("image" in v for v in sandbox_pod(config)["spec"]["volumes"])
 
 
@@ -2008,3 +2009,14 @@ def test_each_gateway_replica_is_named_after_its_pod() -> None:
         "name": "OPENSHELL_GATEWAY_HA__REPLICA_ID",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
     } in env
+
+
+def test_the_notes_say_how_the_supervisor_is_injected() -> None:
+    # auto (the default): where to read the gateway's choice.
+    auto = notes_of({})
+    assert "Supervisor injection: auto" in auto and "/status" in auto and "port-forward" in auto
+    pinned = notes_of({"sandboxes": {"supervisor": {"injection": "image-volume"}}})
+    assert "needs the ImageVolume feature" in pinned and "/status" not in pinned
+    assert "Supervisor injection: init-container" in notes_of(
+        {"sandboxes": {"supervisor": {"injection": "init-container"}}}
+    )
