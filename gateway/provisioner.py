@@ -155,8 +155,11 @@ class KubernetesProvisioner:
             log.error("kubernetes driver cannot reach its namespace: %s", exc)
         else:
             # Image volume or init container, from the cluster's answers; logged. Unanswered (the
-            # API down): decided at the first creation instead.
-            await self.driver.choose_injection()
+            # API down): decided at the first creation instead. Never a reason not to start.
+            try:
+                await self.driver.choose_injection()
+            except Exception as exc:
+                log.warning("cannot choose the supervisor's injection now (%r); the first creation will", exc)
         if self.settings.supervisor.gateway_ca_file is not None:
             # Supervisors verify the gateway against this CA: published now and on every change.
             self.driver.start_gateway_ca_publisher()
