@@ -556,12 +556,23 @@ def _has_a_number(series: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(v)) for s in series for _, v in s["values"])
 
 
-def test_every_dashboard_query_returns_data(scene: Scene, tmp_path: Path) -> None:
-    answers: dict[str, dict[int, list[list[dict[str, Any]]]]] = {}
+@dataclass(frozen=True)
+class Answers:
+    """What Prometheus answered to every target, as ``chaos.dashboards`` takes it, and the targets
+    that answered no number (their substituted query)."""
+
+    by_dashboard: dict[str, dict[int, list[list[dict[str, Any]]]]]
+    empty: dict[tuple[str, str, str], str]
+    elected: bool
+
+
+@pytest.fixture(scope="module")
+def answers(scene: Scene) -> Answers:
+    by_dashboard: dict[str, dict[int, list[list[dict[str, Any]]]]] = {}
     empty: dict[tuple[str, str, str], str] = {}
     for dashboard in load_dashboards():
         values = _variables(scene, dashboard)
-        panels = answers.setdefault(dashboard["uid"], {})
+        panels = by_dashboard.setdefault(dashboard["uid"], {})
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
                 promql = _substituted(target["expr"], values)
@@ -569,24 +580,27 @@ def test_every_dashboard_query_returns_data(scene: Scene, tmp_path: Path) -> Non
                 panels.setdefault(panel["id"], []).append(result)
                 if not _has_a_number(result):
                     empty[(dashboard["uid"], panel["title"], target["refId"])] = promql
-    needs_more = {**NEEDS_MORE, **({} if scene.elected else WITHOUT_KUBERNETES)}
-    unexpected = {key: q for key, q in empty.items() if key not in needs_more}
+    return Answers(by_dashboard, empty, scene.elected)
+
+
+def test_every_dashboard_query_returns_data(answers: Answers) -> None:
+    needs_more = {**NEEDS_MORE, **({} if answers.elected else WITHOUT_KUBERNETES)}
+    unexpected = {key: q for key, q in answers.empty.items() if key not in needs_more}
     assert not unexpected, f"queries without data: {json.dumps([*map(list, unexpected.items())], indent=1)}"
-    answered = set(needs_more) - set(empty)
+    answered = set(needs_more) - set(answers.empty)
     assert not answered, f"these answer now, take them out of NEEDS_MORE: {answered}"
 
-    saved = {"dashboards": load_dashboards(), "answers": answers}
-    out = Path(os.environ.get("OPENSHELL_DASHBOARD_PICTURES") or tmp_path)
-    (tmp_path / "answers.json").write_text(json.dumps(saved))
-    pictures(tmp_path / "answers.json", out)
 
-
-def pictures(answers: Path, out: Path) -> None:
-    """What ``python -m chaos.dashboards`` draws from the saved answers: one PNG per dashboard."""
+def test_pictures_of_the_dashboards(answers: Answers, tmp_path: Path) -> None:
+    """What ``python -m chaos.dashboards`` draws from the saved answers: one PNG per dashboard, in
+    ``$OPENSHELL_DASHBOARD_PICTURES`` when set (docs/dashboards), else in the test's directory."""
+    saved = tmp_path / "answers.json"
+    saved.write_text(json.dumps({"dashboards": load_dashboards(), "answers": answers.by_dashboard}))
     pytest.importorskip("matplotlib", reason="matplotlib draws the pictures (pip install -e '.[chaos]')")
     from chaos.dashboards import render_saved
 
-    written = render_saved(json.loads(answers.read_text()), out)
+    out = Path(os.environ.get("OPENSHELL_DASHBOARD_PICTURES") or tmp_path)
+    written = render_saved(json.loads(saved.read_text()), out)
     assert sorted(p.name for p in written) == sorted(f"{d['uid']}.png" for d in load_dashboards())
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
