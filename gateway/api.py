@@ -24,6 +24,10 @@ replica stored the batch (:mod:`gateway.notify`, within about a second), and oth
 every few seconds (every second while this replica's listening connection is down), so a missed
 wake-up costs latency, never events: the database is always the source.
 
+``GET /api/v1/version`` names the gateway's release (``{"version": "0.1.0", "api": "v1"}``) for
+``openshell-gateway version``; it takes a token as every read does (a release number tells an
+attacker which advisories apply, so it is not told to anyone who asks).
+
 ``GET /api/v1/fleet`` summarises what the caller may list (:mod:`gateway.fleet`): counts by state
 and by last reported health, the unhealthy and the recently exited sandboxes, and (for admins) the
 replicas' load, each part one bounded statement (docs/fleet.md).
@@ -68,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import re
@@ -137,8 +142,18 @@ _PERSON = web.RequestKey("person", Person)
 PUBLIC_PATHS = frozenset({"/api/v1/auth"})
 #: Largest page of ``GET /api/v1/sandboxes?limit=N``.
 MAX_LIST_LIMIT = 1000
+#: The installed distribution whose version ``GET /api/v1/version`` answers.
+DISTRIBUTION = "openshell-supervisor"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def server_version() -> str:
+    """This gateway's release, from its installed package's metadata."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree never installed
+        return "unknown"
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -660,6 +675,10 @@ class _Api:
             raise ApiError(404, f"no sandbox {sandbox_id!r}")
         return row
 
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        self._caller(request, Action.READ)
+        return web.json_response({"version": server_version(), "api": "v1"})
+
     async def auth_info(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.auth.discovery() if self.auth is not None else {"oidc": False})
 
@@ -977,6 +996,7 @@ def build_api(
     app[_MAX_BODY_BYTES] = max_body_bytes
     app.on_shutdown.append(api.on_shutdown)
     app.router.add_get("/api/v1/auth", api.auth_info)
+    app.router.add_get("/api/v1/version", api.version)
     app.router.add_get("/api/v1/fleet", api.fleet)
     app.router.add_get("/api/v1/sandboxes", api.list_sandboxes)
     app.router.add_post("/api/v1/sandboxes", api.create_sandbox)

@@ -1,13 +1,11 @@
-"""``openshell-gateway``: the control plane's command line.
+"""``openshell-gateway``: the control plane's command line, the server and its operators' client.
+
+Server commands (this module)::
 
     openshell-gateway serve   [--config FILE] [--grpc-listen H:P] [--http-listen H:P]
                               [--ops-listen H:P] [--database-url URL] [--set K=V]
     openshell-gateway migrate [--config FILE] [--database-url URL]
     openshell-gateway demo    [--steps N] [--keep-running]      the main job on the embedded default
-    openshell-gateway status  [--api URL] [--lines N] [--json] [--token-file FILE] [--insecure]
-    openshell-gateway fleet   [--api URL] [--since T] [--limit N] [-o text|json] [--token-file FILE]
-    openshell-gateway login   [--api URL] [--issuer URL] [--client-id ID] [--insecure]   device flow
-    openshell-gateway logout  [--api URL]
     openshell-gateway config check FILE | config schema
 
 Flags override the environment (OPENSHELL_GATEWAY_*), which overrides the file, which overrides
@@ -17,17 +15,21 @@ through the same rules (:mod:`openshell_wire.configcheck`), so it refuses what `
 database whose schema is newer than this gateway knows is exit status 78 too (``serve`` and
 ``migrate`` refuse it); one that cannot be reached or migrated is exit status 69.
 
-The API commands (status, fleet, sandbox) send a bearer token from ``--token-file``, ``$OPENSHELL_TOKEN``
-or the login cache (``login``), refreshed as needed (:mod:`gateway.clientauth`); a token problem is
-said with what to run, exit status 77. A token is never sent (nor a login made) over plain http to
-a host that is not loopback unless ``--insecure`` says so.
+API commands (:mod:`gateway.ctl`): ``get``, ``logs``, ``create``, ``delete``, ``signal``,
+``stop``, ``commands``, ``status``, ``fleet``, ``version``, ``login``, ``logout`` and ``config
+get-contexts|current-context|use-context|set-context|delete-context``. They talk to the API
+their context names (:mod:`gateway.ctl.contexts`) with a bearer token from ``--token-file``,
+``$OPENSHELL_TOKEN``, the context's token file or the login cache (:mod:`gateway.clientauth`);
+their exit statuses are :mod:`gateway.ctl.exits`'s. Here only the line is split: everything
+after the first ``--`` is ``create``'s sandbox command and never reaches argparse.
+
+Bare, the program prints its help and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -38,6 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.ctl.contexts import API_ENV, CONFIG_ENV, CONTEXT_ENV, DEFAULT_API
+from gateway.ctl.exits import UNAVAILABLE as EX_UNAVAILABLE
+from gateway.ctl.parser import (
+    HelpFormatter,
+    add_client_commands,
+    add_connection_options,
+    add_context_commands,
+    add_sandbox_create_delete,
+    command_parser,
+)
 from openshell_wire.configcheck import check_command, load_checked, report
 from openshell_wire.configfile import (
     EX_CONFIG,
@@ -48,8 +60,8 @@ from openshell_wire.configfile import (
 )
 from openshell_wire.logsetup import quiet_vanished_peers, setup_logging
 
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77  # no usable token: the message says what to run
+#: The commands this module runs; every other one is an API command (gateway.ctl).
+SERVER_COMMANDS = frozenset({"serve", "migrate", "demo"})
 #: A third SIGTERM/SIGINT: the stop did not finish.
 EX_SIGNALLED = 1
 #: After the stop, how long the tasks still running get to end before the process exits anyway.
@@ -73,26 +85,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="openshell-gateway", description="OpenShell gateway (control plane)"
+        prog="openshell-gateway",
+        description="OpenShell gateway (control plane): run it, and operate its sandboxes through its API",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    _common(sub.add_parser("serve", help="run the gateway"))
-    _common(sub.add_parser("migrate", help="bring the database schema up to date and exit"))
-    demo = sub.add_parser("demo", help="gateway on SQLite + one local demo sandbox, then its status")
-    _common(demo)
-    demo.add_argument(
-        "--steps", type=int, default=12, help="how many steps the demo agent takes (0.5 s each)"
+    add_connection_options(parser, top=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    add_client_commands(sub)
+    status = command_parser(
+        sub,
+        "status",
+        help="list sandboxes with their state and last log lines",
+        epilog="examples:\n  openshell-gateway status\n  openshell-gateway status --lines 0 --json",
     )
-    demo.add_argument("--keep-running", action="store_true", help="stay up after the sandbox exits")
-    status = sub.add_parser("status", help="list sandboxes with their state and last log lines")
-    status.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
     status.add_argument("--json", action="store_true", help="print the API's JSON")
-    fleet = sub.add_parser(
+    fleet = command_parser(
+        sub,
         "fleet",
         help="the fleet summary: counts by state and health, unhealthy and exited sandboxes, replicas",
+        epilog="examples:\n  openshell-gateway fleet\n"
+        "  openshell-gateway fleet --since 15m --limit 50 -o json",
     )
-    fleet.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     fleet.add_argument(
         "--since", help="exited since: RFC 3339 or a duration back from now (default: the API's, 1h)"
     )
@@ -100,50 +115,83 @@ def _parser() -> argparse.ArgumentParser:
     fleet.add_argument(
         "-o", "--output", choices=["text", "json"], default="text", help="json: the API's document"
     )
-    login = sub.add_parser(
-        "login", help="log in through the OIDC issuer (OAuth device flow) and keep the tokens"
+    login = command_parser(
+        sub,
+        "login",
+        help="log in through the OIDC issuer (OAuth device flow) and keep the tokens",
+        epilog="examples:\n  openshell-gateway login --api https://gateway.example.com\n"
+        "  openshell-gateway login --context prod",
     )
-    login.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
     login.add_argument("--issuer", help="the OIDC issuer (default: the one the API names)")
     login.add_argument("--client-id", help="the public client with the device grant (default: the API's)")
-    logout = sub.add_parser("logout", help="forget the login kept for an API URL")
-    logout.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
-    sandbox = sub.add_parser("sandbox", help="create or delete a sandbox through the HTTP API")
-    ssub = sandbox.add_subparsers(dest="sandbox_cmd", required=True)
-    create = ssub.add_parser("create", help="create a sandbox: [--image IMAGE] [--env N=V] ID -- COMMAND ...")
-    create.add_argument("id")
-    create.add_argument("--image", help="sandbox image (default: the driver's default_image)")
-    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    # Everything after the id is the command (options go before the id), so the command's own
-    # options are never taken for ours.
-    create.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
-    delete = ssub.add_parser("delete", help="delete a sandbox's pod")
-    delete.add_argument("id")
-    for p in (create, delete):
-        p.add_argument("--api", default="http://127.0.0.1:7080", help="the gateway's HTTP API URL")
-    for p in (status, fleet, create, delete):
-        p.add_argument(
-            "--token-file",
-            type=Path,
-            help="a file holding the bearer token (else $OPENSHELL_TOKEN, else the login)",
-        )
-    for p in (status, fleet, create, delete, login):
-        p.add_argument(
-            "--insecure",
-            action="store_true",
-            help="send tokens (or log in) over plain http to a host that is not loopback: anyone on "
-            "the path can read them",
-        )
-    config = sub.add_parser("config", help="check a config file or print the schema")
-    csub = config.add_subparsers(dest="config_cmd", required=True)
+    command_parser(
+        sub,
+        "logout",
+        help="forget the login kept for an API URL",
+        epilog="example:\n  openshell-gateway logout --context prod",
+    )
+    sandbox = command_parser(
+        sub,
+        "sandbox",
+        help="create or delete a sandbox (the earlier spelling of create and delete)",
+        epilog="examples:\n  openshell-gateway sandbox create sb-1 -- python3 agent.py\n"
+        "  openshell-gateway sandbox delete sb-1",
+        connection=False,
+    )
+    add_sandbox_create_delete(sandbox.add_subparsers(dest="sandbox_cmd", required=True, metavar="COMMAND"))
+    config = command_parser(
+        sub,
+        "config",
+        help="the client's contexts; or check a gateway config file, or print its schema",
+        epilog="examples:\n  openshell-gateway config set-context prod --api https://gw.example.com --use\n"
+        "  openshell-gateway config get-contexts\n  openshell-gateway config check gateway.yaml",
+        connection=False,
+    )
+    csub = config.add_subparsers(dest="config_cmd", required=True, metavar="COMMAND")
     check = csub.add_parser(
         "check",
-        help="validate FILE with the environment's OPENSHELL_GATEWAY_* as serve reads them; every "
-        "problem by key path, exit status 78",
+        help="validate a gateway config FILE with the environment's OPENSHELL_GATEWAY_* as serve reads "
+        "them; every problem by key path, exit status 78",
+        formatter_class=HelpFormatter,
     )
     check.add_argument("file", type=Path)
-    csub.add_parser("schema", help="print the JSON Schema of the config")
+    csub.add_parser(
+        "schema", help="print the JSON Schema of the gateway's config", formatter_class=HelpFormatter
+    )
+    add_context_commands(csub)
+    for name, what in (
+        ("serve", "run the gateway"),
+        ("migrate", "bring the database schema up to date and exit"),
+    ):
+        _common(command_parser(sub, name, help=what, epilog="", connection=False))
+    demo = command_parser(
+        sub,
+        "demo",
+        help="gateway on SQLite + one local demo sandbox, then its status",
+        epilog="",
+        connection=False,
+    )
+    _common(demo)
+    demo.add_argument(
+        "--steps", type=int, default=12, help="how many steps the demo agent takes (0.5 s each)"
+    )
+    demo.add_argument("--keep-running", action="store_true", help="stay up after the sandbox exits")
     return parser
+
+
+EPILOG = f"""examples:
+  openshell-gateway config set-context prod --api https://gateway.example.com --use
+  openshell-gateway login
+  openshell-gateway get -o wide
+  openshell-gateway create sb-1 --env MODE=fast -- python3 agent.py --verbose
+  openshell-gateway logs sb-1 -f --stream stderr
+  openshell-gateway signal sb-1 USR1 --wait
+  openshell-gateway stop sb-1
+
+The API commands talk to: --api, else --context's API, else ${API_ENV}, else the API of
+${CONTEXT_ENV}'s context or of the config file's current_context, else {DEFAULT_API}
+(the client config file: ${CONFIG_ENV}, else ~/.config/openshell/config.yaml). Options go
+before or after the command word. Exit statuses: docs/cli.md."""
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,115 +303,54 @@ async def _migrate(config: GatewayConfig) -> None:
     print("database schema is up to date")
 
 
-def _sandbox_command(args: argparse.Namespace) -> int:
-    from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
-    from gateway.sandboxcli import SandboxCallError, create_sandbox, delete_sandbox, parse_env  # noqa: PLC0415
-
-    api = args.api.rstrip("/")
-    try:
-        credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
-        if args.sandbox_cmd == "create":
-            command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            answer = asyncio.run(
-                create_sandbox(
-                    api, args.id, command, image=args.image, env=parse_env(args.env), credentials=credentials
-                )
-            )
-        else:
-            answer = asyncio.run(delete_sandbox(api, args.id, credentials=credentials))
-    except ClientAuthError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        return EX_NOPERM
-    except SandboxCallError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE if exc.status is None or exc.status >= 500 else 1
-    print(json.dumps(answer, indent=2))
-    return 0
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """The words before the first ``--`` (argparse's) and after it (the sandbox's command, never
+    parsed: ``python3 agent.py --verbose`` stays the command's), or None without ``--``."""
+    words = list(argv)
+    if "--" not in words:
+        return words, None
+    at = words.index("--")
+    return words[:at], words[at + 1 :]
 
 
-def _fleet_command(args: argparse.Namespace) -> int:
-    from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
-    from gateway.sandboxcli import SandboxCallError, fetch_fleet, render_fleet  # noqa: PLC0415
-
-    api = args.api.rstrip("/")
-    try:
-        credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
-        doc = asyncio.run(fetch_fleet(api, since=args.since, limit=args.limit, credentials=credentials))
-    except ClientAuthError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        return EX_NOPERM
-    except SandboxCallError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        # A token refused (401) or without an OpenShell role (403), as status says: not an outage.
-        if exc.status in (401, 403):
-            return EX_NOPERM
-        return EX_UNAVAILABLE if exc.status is None or exc.status >= 500 else 1
-    print(json.dumps(doc, indent=2) if args.output == "json" else render_fleet(doc))
-    return 0
-
-
-def _login_command(args: argparse.Namespace) -> int:
-    from gateway.clientauth import ClientAuthError, TokenCache, device_login, logout  # noqa: PLC0415
-
-    cache = TokenCache()
-    try:
-        if args.cmd == "logout":
-            found = asyncio.run(logout(args.api, cache=cache))
-            print(f"logged out of {args.api}" if found else f"no login kept for {args.api}")
-            return 0
-        login = asyncio.run(
-            device_login(
-                args.api,
-                cache=cache,
-                issuer=args.issuer,
-                client_id=args.client_id,
-                out=lambda line: print(line, flush=True),
-                insecure=args.insecure,
-            )
-        )
-    except ClientAuthError as exc:
-        print(f"openshell-gateway: {exc}", file=sys.stderr)
-        return EX_NOPERM
-    except KeyboardInterrupt:
-        print("openshell-gateway: login interrupted; nothing was kept", file=sys.stderr)
-        return 130
-    who = f" as {login.username}" if login.username else ""
-    print(f"logged in{who} at {login.issuer} for {login.api_url} (tokens kept in {cache.path})")
-    return 0
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` is for."""
+    found = parser
+    for dest in ("cmd", "sandbox_cmd", "config_cmd"):
+        name = getattr(args, dest, None)
+        subs = [a for a in found._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subs or name not in subs[0].choices:
+            break
+        found = subs[0].choices[name]
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.cmd == "config":
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not words:
+        # Bare: what it can do, as kubectl and helm answer; not an error.
+        parser.print_help()
+        return 0
+    before, command = split_command(words)
+    args, unknown = parser.parse_known_args(before)
+    creates = args.cmd == "create" or (args.cmd == "sandbox" and args.sandbox_cmd == "create")
+    if unknown:
+        # Said by the command's own parser (its usage, not the program's); in create, with
+        # where the sandbox's command goes.
+        hint = " (the sandbox's command and its options go after --)" if creates else ""
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    if command is not None and not creates:
+        parser.error(f"{args.cmd}: takes no command after -- (only create does)")
+    args.command = command or []
+    if args.cmd == "config" and args.config_cmd in ("check", "schema"):
         if args.config_cmd == "check":
             return check_command(GatewayConfig, args.file, program="openshell-gateway")
         return config_command(GatewayConfig, args.config_cmd, None)
-    if args.cmd in ("login", "logout"):
-        return _login_command(args)
-    if args.cmd == "status":
-        from gateway.clientauth import ClientAuthError, credentials_for  # noqa: PLC0415
-        from gateway.status import StatusError, fetch_status, render  # noqa: PLC0415
+    if args.cmd not in SERVER_COMMANDS:
+        from gateway.ctl.commands import run  # noqa: PLC0415
 
-        api = args.api.rstrip("/")
-        try:
-            credentials = credentials_for(api, token_file=args.token_file, insecure=args.insecure)
-            sandboxes = asyncio.run(fetch_status(api, lines=max(0, args.lines), credentials=credentials))
-        except ClientAuthError as exc:
-            print(f"openshell-gateway: {exc}", file=sys.stderr)
-            return EX_NOPERM
-        except StatusError as exc:
-            print(f"openshell-gateway: {exc}", file=sys.stderr)
-            # 403: a token without an OpenShell role (the message says so): not an outage.
-            return EX_NOPERM if exc.status == 403 else EX_UNAVAILABLE
-        if args.json:
-            print(json.dumps(sandboxes, indent=2))
-        else:
-            print(render(sandboxes))
-        return 0
-    if args.cmd == "sandbox":
-        return _sandbox_command(args)
-    if args.cmd == "fleet":
-        return _fleet_command(args)
+        return run(args)
     try:
         config = load_checked(GatewayConfig, file=args.config, overrides=_overrides(args))
     except ConfigError as exc:

@@ -6,7 +6,8 @@ token, taken from the first of:
 1. ``--token-file FILE``: a file holding the token (alone, or a token endpoint's JSON answer with
    ``access_token``); never refreshed: when the gateway refuses it, the CLI says so and stops;
 2. ``$OPENSHELL_TOKEN``: the same, from the environment;
-3. the login cache, ``~/.config/openshell/tokens.json`` (``$XDG_CONFIG_HOME`` honoured), written
+3. the ``token_file`` of the context whose API is called (:mod:`gateway.ctl.contexts`), the same;
+4. the login cache, ``~/.config/openshell/tokens.json`` (``$XDG_CONFIG_HOME`` honoured), written
    by ``openshell-gateway login --api URL``: one entry per API URL with its issuer, client,
    access and refresh tokens. An access token within :data:`REFRESH_MARGIN_S` of its expiry is
    refreshed before the call, and a call answered 401 is refreshed and sent again, once.
@@ -118,8 +119,8 @@ def check_token(value: str, *, origin: str) -> str:
     return text
 
 
-def read_token_file(path: Path) -> str:
-    origin = f"--token-file {path}"
+def read_token_file(path: Path, *, origin: str | None = None) -> str:
+    origin = origin or f"--token-file {path}"
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -521,10 +522,16 @@ def credentials_for(
     env: Mapping[str, str] | None = None,
     cache: TokenCache | None = None,
     insecure: bool = False,
+    context_token_file: Path | None = None,
+    context: str | None = None,
 ) -> Credentials:
-    """The first of ``--token-file``, ``$OPENSHELL_TOKEN``, the login cache, or none. A token for
-    a plain-http API URL on a host that is not loopback is refused unless ``insecure``."""
-    found = _credentials_for(api_url, token_file=token_file, env=env, cache=cache)
+    """The first of ``--token-file``, ``$OPENSHELL_TOKEN``, the token file of the ``context`` the
+    API URL came from, the login cache, or none. A token for a plain-http API URL on a host that
+    is not loopback is refused unless ``insecure``."""
+    found = _credentials_for(
+        api_url, token_file=token_file, env=env, cache=cache,
+        context_token_file=context_token_file, context=context,
+    )  # fmt: skip
     if not isinstance(found, NoCredentials):
         _refuse_plain_http(api_url, "send a bearer token", insecure)
     return found
@@ -536,6 +543,8 @@ def _credentials_for(
     token_file: Path | None,
     env: Mapping[str, str] | None,
     cache: TokenCache | None,
+    context_token_file: Path | None = None,
+    context: str | None = None,
 ) -> Credentials:
     env = os.environ if env is None else env
     if token_file is not None:
@@ -543,6 +552,10 @@ def _credentials_for(
     value = env.get(TOKEN_ENV)
     if value:
         return StaticToken(check_token(value, origin=TOKEN_ENV), origin=TOKEN_ENV, api_url=api_url)
+    if context_token_file is not None:
+        origin = f"context {context}'s token_file {context_token_file}"
+        token = read_token_file(context_token_file, origin=origin)
+        return StaticToken(token, origin=origin, api_url=api_url)
     cache = cache or TokenCache(default_cache_path(env))
     login = cache.load(api_url)
     if login is not None:
@@ -607,6 +620,40 @@ class ApiClient:
                 )
             await self.credentials.after_unauthorized(self._http, message)
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, *, params: Mapping[str, str | int] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET whose body is read as it arrives (a log follow): no overall deadline, only for
+        connecting. A 401 gets one new token and one retry, as :meth:`request`; any other status
+        is the caller's to read."""
+        assert self._http is not None, "use ApiClient as an async context manager"
+        # Only the connection is bounded: a quiet follow may send nothing for hours.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout.total, sock_read=None)
+        for attempt in (1, 2):
+            headers: dict[str, str] = {}
+            authorization = await self.credentials.authorization(self._http)
+            if authorization is not None:
+                headers["Authorization"] = authorization
+            async with self._http.get(
+                f"{self.api_url}/api/v1{path}", params=params, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status != 401:
+                    yield resp
+                    return
+                try:
+                    doc: Any = await resp.json(content_type=None)
+                except ValueError:
+                    doc = None
+            error = doc.get("error") if isinstance(doc, dict) else None
+            message = error if isinstance(error, str) else "HTTP 401"
+            if attempt == 2:
+                raise ClientAuthError(
+                    f"the gateway at {self.api_url} refused the refreshed token too ({message}): "
+                    f"{login_hint(self.api_url)}"
+                )
+            await self.credentials.after_unauthorized(self._http, message)
 
 
 # -- the login: OAuth 2.0 device authorization grant ------------------------------------------

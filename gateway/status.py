@@ -73,7 +73,9 @@ def _one_line(message: str, limit: int = 160) -> str:
 def render(sandboxes: list[dict[str, Any]]) -> str:
     if not sandboxes:
         return "no sandboxes"
-    out = [f"{'SANDBOX':24} {'STATE':13} {'EXIT':>4}  {'LAST HEARTBEAT':15} {'SINCE':12}"]
+    # As wide as the longest id: an id is never cut (two that share a prefix stay two).
+    width = max(24, *(len(sb["id"]) for sb in sandboxes))
+    out = [f"{'SANDBOX':{width}} {'STATE':13} {'EXIT':>4}  {'LAST HEARTBEAT':15} {'SINCE':12}"]
     for sb in sandboxes:
         exit_code = "" if sb.get("exit_code") is None else str(sb["exit_code"])
         since = (
@@ -82,7 +84,7 @@ def render(sandboxes: list[dict[str, Any]]) -> str:
             else sb.get("connected_at")
         )
         beat = _ago(sb.get("last_heartbeat_at"))
-        out.append(f"{sb['id'][:24]:24} {sb['state']:13} {exit_code:>4}  {beat:15} {_ago(since):12}")
+        out.append(f"{sb['id']:{width}} {sb['state']:13} {exit_code:>4}  {beat:15} {_ago(since):12}".rstrip())
         for ev in sb.get("_events", []):
             stamp = datetime.fromtimestamp(ev["timestamp_ms"] / 1000, UTC).strftime("%H:%M:%S")
             tag = ev.get("stream") or ev["kind"]
