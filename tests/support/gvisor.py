@@ -93,21 +93,16 @@ def build(*, quiet: bool = True) -> Path:
     log.write_text("")
     with tempfile.TemporaryDirectory(dir=out, prefix=".build.") as tmp:
         work = Path(tmp)
-        _go(
-            go,
-            ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(work / RUNSC), f"{MODULE}/runsc"],
-            env,
-            log,
-        )
-        _go(
-            go,
-            ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(work / SHIM), f"{MODULE}/shim"],
-            env,
-            log,
-        )
+        static = ["build", "-trimpath", "-ldflags", "-s -w"]
+        _go(go, [*static, "-o", str(work / RUNSC), f"{MODULE}/runsc"], env, log)
+        _go(go, [*static, "-o", str(work / SHIM), f"{MODULE}/shim"], env, log)
         modfile = _patched_module(go, work, env, log)
-        patched = ["-modfile", str(modfile), "-o", str(work / SHIM_NO_OOM_CAP), f"{MODULE}/shim"]
-        _go(go, ["build", "-trimpath", "-ldflags", "-s -w", *patched], env, log)
+        _go(
+            go,
+            [*static, "-modfile", str(modfile), "-o", str(work / SHIM_NO_OOM_CAP), f"{MODULE}/shim"],
+            env,
+            log,
+        )
         bin_dir.mkdir(exist_ok=True)
         for name in names:
             shutil.move(work / name, bin_dir / name)
@@ -185,6 +180,8 @@ def unavailable(bin_dir: Path) -> str | None:
             )
         except subprocess.TimeoutExpired:
             return f"`{' '.join(argv)}` did not finish within {PROBE_TIMEOUT:.0f} s"
+        except OSError as exc:
+            return f"cannot execute {argv[0]}: {exc.strerror}"
     if done.returncode == 0:
         return None
     last = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-1:]
