@@ -8,7 +8,7 @@ The file is ``$OPENSHELL_CONFIG`` if set, else ``config.yaml`` in ``$XDG_CONFIG_
     contexts:
       prod:
         api: https://gateway.example.com
-        token_file: ~/.config/openshell/prod.token   # optional
+        token_file: prod.token   # optional; a relative path is beside this file
       dev:
         api: http://10.0.0.7:7080
         insecure: true      # tokens over plain http to a host that is not loopback
@@ -180,6 +180,7 @@ def _from_context(config: ClientConfig, name: str, *, path: Path, named_by: str)
         raise ConfigError(
             str(path), [f"contexts.{name}: no such context, named by {named_by}{where}; known: {known}"]
         )
-    return Target(
-        found.api, f"context {name}", context=name, token_file=found.token_file, insecure=found.insecure
-    )
+    token_file = found.token_file
+    if token_file is not None and not token_file.is_absolute():
+        token_file = path.parent / token_file  # as kubeconfig's paths: beside the file, not the cwd
+    return Target(found.api, f"context {name}", context=name, token_file=token_file, insecure=found.insecure)
