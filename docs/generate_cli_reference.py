@@ -36,7 +36,10 @@ INTRO = """# Command-line reference
 `openshell-gateway` is both the gateway (`serve`, `migrate`, `demo`, `config check|schema`) and
 its operators' client, shaped after kubectl: `get`, `logs`, `create`, `delete`, `signal`,
 `stop`, `commands`, `status`, `fleet`, `version`, `login`, `logout` and the contexts of `config`.
-Run bare, it prints its help and exits 0.
+Run bare, it prints its help and exits 0. The client's code is `gateway/ctl/`, a module per job:
+`contexts` (this config file and the precedence below), `parser` (the commands' options, help and
+examples), `calls` (the HTTP requests), `output` (tables, JSON, YAML), `commands` (one function
+per command) and `exits` (the table at the end of this section).
 
 ## Where the client talks to: contexts
 
