@@ -11,6 +11,7 @@ is how one stops them.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.metadata
 import json
@@ -38,6 +39,7 @@ from gateway.ctl.output import (
     table,
 )
 from gateway.drivers.podspec import SandboxRequest, request_problem
+from gateway.status import render
 from openshell_wire.configfile import ConfigError
 
 PROGRAM = "openshell-gateway"
@@ -64,7 +66,7 @@ def client_version() -> str:
         return "unknown"
 
 
-def run(args: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the API command ``args`` describes (``args.cmd``, ``args.config_cmd``...)."""
     endless = getattr(args, "watch", False) or getattr(args, "follow", False)
     try:
@@ -85,7 +87,10 @@ def run(args: Any) -> int:
         return asyncio.run(_with_api(args, target, credentials))
     except KeyboardInterrupt:
         # Ctrl-C is how one ends a watch or a follow; anything else was cut short.
-        return exits.OK if endless else exits.INTERRUPTED
+        if endless:
+            return exits.OK
+        _say(f"{args.cmd} interrupted" + ("; nothing was kept" if args.cmd == "login" else ""))
+        return exits.INTERRUPTED
     except BrokenPipeError:
         # The reader had enough (``| head``): no traceback, and none at exit from the flush either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -104,7 +109,7 @@ def run(args: Any) -> int:
         return exits.for_status(exc.status)
 
 
-async def _with_api(args: Any, target: Target, credentials: Credentials) -> int:
+async def _with_api(args: argparse.Namespace, target: Target, credentials: Credentials) -> int:
     name = args.sandbox_cmd if args.cmd == "sandbox" else args.cmd
     handler = _HANDLERS[name]
     async with Api(target.api, credentials) as api:
@@ -118,7 +123,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _get(args: Any, api: Api) -> int:
+async def _get(args: argparse.Namespace, api: Api) -> int:
     if args.interval <= 0:
         raise UsageError(f"--interval must be more than 0 seconds, got {args.interval}")
 
@@ -169,7 +174,7 @@ def _watched(sb: dict[str, Any]) -> str:
 # -- logs -----------------------------------------------------------------------------------
 
 
-async def _logs(args: Any, api: Api) -> int:
+async def _logs(args: argparse.Namespace, api: Api) -> int:
     params: dict[str, str | int] = {}
     for name in ("tail", "since", "until", "stream", "level", "text", "kinds", "generation"):
         value = getattr(args, name)
@@ -217,11 +222,11 @@ def signal_value(text: str) -> str | int:
     return name
 
 
-async def _signal(args: Any, api: Api) -> int:
+async def _signal(args: argparse.Namespace, api: Api) -> int:
     return await _send(args, api, {"kind": "signal", "signal": signal_value(args.signal)})
 
 
-async def _stop(args: Any, api: Api) -> int:
+async def _stop(args: argparse.Namespace, api: Api) -> int:
     body: dict[str, Any] = {"kind": "stop"}
     if args.grace is not None:
         if args.grace < 0:
@@ -230,7 +235,7 @@ async def _stop(args: Any, api: Api) -> int:
     return await _send(args, api, body)
 
 
-async def _send(args: Any, api: Api, body: dict[str, Any]) -> int:
+async def _send(args: argparse.Namespace, api: Api, body: dict[str, Any]) -> int:
     if args.expires_in is not None:
         body["expires_in_s"] = args.expires_in
     sent = await api.send_command(args.id, body)
@@ -281,7 +286,7 @@ async def _await_answer(api: Api, command: dict[str, Any], *, timeout_s: float) 
     return command
 
 
-async def _commands(args: Any, api: Api) -> int:
+async def _commands(args: argparse.Namespace, api: Api) -> int:
     found = await api.commands(args.id)
     if args.output != "table":
         print(dump({"sandbox_id": args.id, "commands": found}, args.output))
@@ -295,7 +300,7 @@ async def _commands(args: Any, api: Api) -> int:
 # -- create, delete ---------------------------------------------------------------------------
 
 
-async def _create(args: Any, api: Api) -> int:
+async def _create(args: argparse.Namespace, api: Api) -> int:
     env = parse_env(args.env)
     command = list(args.command)
     problem = request_problem(SandboxRequest(args.id, command, image=args.image or None, env=env))
@@ -317,7 +322,7 @@ async def _create(args: Any, api: Api) -> int:
     return exits.OK
 
 
-async def _delete(args: Any, api: Api) -> int:
+async def _delete(args: argparse.Namespace, api: Api) -> int:
     answer = await api.delete(args.id)
     if args.output != "text":
         print(dump(answer, args.output))
@@ -331,7 +336,7 @@ async def _delete(args: Any, api: Api) -> int:
 # -- version, status, fleet -------------------------------------------------------------------
 
 
-async def _version(args: Any, api: Api) -> int:
+async def _version(args: argparse.Namespace, api: Api) -> int:
     try:
         server = await api.version()
     except ApiCallError as exc:
@@ -340,7 +345,7 @@ async def _version(args: Any, api: Api) -> int:
     return _print_version(args, server, api.api_url)
 
 
-def _print_version(args: Any, server: dict[str, Any] | None, api_url: str | None) -> int:
+def _print_version(args: argparse.Namespace, server: dict[str, Any] | None, api_url: str | None) -> int:
     doc: dict[str, Any] = {"client": {"version": client_version()}}
     if server is not None:
         doc["server"] = {**server, "url": api_url}
@@ -353,9 +358,7 @@ def _print_version(args: Any, server: dict[str, Any] | None, api_url: str | None
     return exits.OK
 
 
-async def _status(args: Any, api: Api) -> int:
-    from gateway.status import render  # noqa: PLC0415
-
+async def _status(args: argparse.Namespace, api: Api) -> int:
     sandboxes = await api.sandboxes()
     for sb in sandboxes:
         sb["_events"] = await api.logs(sb["id"], {"tail": args.lines}) if args.lines > 0 else []
@@ -363,14 +366,14 @@ async def _status(args: Any, api: Api) -> int:
     return exits.OK
 
 
-async def _fleet(args: Any, api: Api) -> int:
+async def _fleet(args: argparse.Namespace, api: Api) -> int:
     params = {k: str(v) for k, v in (("since", args.since), ("limit", args.limit)) if v is not None}
     doc = await api.fleet(params)
     print(json.dumps(doc, indent=2) if args.output == "json" else render_fleet(doc))
     return exits.OK
 
 
-_HANDLERS: dict[str, Callable[[Any, Api], Awaitable[int]]] = {
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Api], Awaitable[int]]] = {
     "get": _get,
     "logs": _logs,
     "signal": _signal,
@@ -387,7 +390,7 @@ _HANDLERS: dict[str, Callable[[Any, Api], Awaitable[int]]] = {
 # -- login, logout --------------------------------------------------------------------------
 
 
-def _login(args: Any, target: Target) -> int:
+def _login(args: argparse.Namespace, target: Target) -> int:
     cache = TokenCache()
     api = target.api
     if args.cmd == "logout":
@@ -412,7 +415,7 @@ def _login(args: Any, target: Target) -> int:
 # -- config: the contexts -------------------------------------------------------------------
 
 
-def _contexts_command(args: Any) -> int:
+def _contexts_command(args: argparse.Namespace) -> int:
     path = contexts.config_path()
     config = contexts.load(path)
     if args.config_cmd == "get-contexts":
