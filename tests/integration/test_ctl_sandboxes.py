@@ -224,6 +224,9 @@ def test_get_watch_prints_a_sandbox_that_changed_and_ends_on_ctrl_c(
     finally:
         code, _, err = interrupt(watch)
     assert code == 0 and "Traceback" not in err, err
+    # A follow until the exit ends by itself, with the exit's record last.
+    last = ok(cli(env, "logs", "ctl-watched", "-f", "--until-exit", "--kinds", "lifecycle")).splitlines()[-1]
+    assert "exited with code 7" in last, last
 
 
 # ------------------------------------------------------------------------------------ logs
@@ -245,6 +248,8 @@ def test_logs_by_stream_text_tail_and_time(
 
     assert len(ok(cli(env, "logs", "ctl-logs", "--tail", "2")).splitlines()) == 2
     assert ok(cli(env, "logs", "ctl-logs", "--until", "2000-01-01T00:00:00Z")) == ""
+    # A level is a floor over the lines that carry one; captured lines carry none.
+    assert ok(cli(env, "logs", "ctl-logs", "--level", "warn", "--kinds", "log")) == ""
     assert "ready" in ok(cli(env, "logs", "ctl-logs", "--since", "10m"))
 
     bad = cli(env, "logs", "ctl-logs", "--since", "soon")
