@@ -39,7 +39,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             "%(default)" in text
             or not action.option_strings
             or default in (None, False, [], argparse.SUPPRESS)
-            or isinstance(action, argparse._HelpAction)
         ):
             return text
         return f"{text} (default: %(default)s)"
