@@ -51,6 +51,7 @@ from openshell_wire.records import (
     LifecycleRecord,
     Payload,
 )
+from openshell_wire.v1 import openshell_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ COUNT_CANCEL_WAIT_S = 0.5
 BACKLOG_BUCKETS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 #: The statement label: the first keyword of the SQL, one of these (else "other").
 STATEMENT_KINDS = frozenset({"select", "insert", "update", "delete", "begin", "commit", "rollback"})
+#: The labels of the labelled counters, exported at 0 (see GatewayMetrics); kept equal to their
+#: owners' values by tests/unit/test_metrics_labels.py (those modules import this one).
+REJECT_CODES = tuple(v.name for v in pb.RejectCode.DESCRIPTOR.values if v.name != "REJECT_CODE_UNSPECIFIED")
+ADMISSION_REFUSALS = ("draining", "max_sessions", "rate", "concurrency", "over_share")  # admission.Refusal
+HINT_REASONS = ("drain", "shutdown", "rebalance", "max_age")  # drain.DRAIN/SHUTDOWN, rebalance.REASON_*
 #: A health state before a session's first health record.
 HEALTH_UNKNOWN = "unknown"
 #: The prefix of the STARTED record's detail that the supervisor's restart policy writes
@@ -420,6 +426,19 @@ class GatewayMetrics:
         for reason in ("overflow", "corrupt", "write_failed"):
             self.gaps.labels(reason)
             self.gap_records.labels(reason)
+        # Every known label of the labelled counters exported at 0 from the start: a series that
+        # appears only with its first increment hides that increment from rate() and increase(),
+        # so the first refusal, hint or restart of a replica's life would never show on a panel.
+        for code in REJECT_CODES:
+            self.sessions_rejected.labels(code)
+        for reason in ADMISSION_REFUSALS:
+            self.admission_refusals.labels(reason)
+        for reason in HINT_REASONS:
+            self.reconnect_hints.labels(reason)
+        for lifecycle_kind in LifecycleKind:
+            self.lifecycle.labels(lifecycle_kind.value)
+        for state in HealthState:
+            self.health_changes.labels(state.value)
         #: Reads the replicas' leases for the count (``use_leases``); None: no lease rule.
         self._leases: Callable[[], Awaitable[ReplicaLeases]] | None = None
         self.sandboxes_counted = Gauge(
