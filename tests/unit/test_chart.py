@@ -1677,10 +1677,6 @@ def test_extra_objects_are_rendered_through_tpl() -> None:
     validate(secret)
 
 
-#: Rendered by templates/monitoring.yaml and dashboards.yaml, which do not take commonAnnotations yet.
-MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
-
-
 @pytest.mark.parametrize("name", CI_FILES)
 def test_common_labels_and_annotations_reach_every_object(name: str) -> None:
     values = {
@@ -1691,8 +1687,6 @@ def test_common_labels_and_annotations_reach_every_object(name: str) -> None:
     objects = render(values)
     checked = 0
     for obj in objects:
-        if obj["kind"] in MONITORING_KINDS or "grafana_dashboard" in obj["metadata"].get("labels", {}):
-            continue
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         assert obj["metadata"]["labels"]["team"] == "agents", where
         assert obj["metadata"]["annotations"]["owner"] == "platform", where
