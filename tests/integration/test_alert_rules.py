@@ -204,3 +204,109 @@ def test_records_lost_fires_per_reason_and_only_on_a_loss(tmp_path: Path) -> Non
 
 def alert_rules_of(rule: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+
+
+def _promtool_test(tmp_path: Path, rule: dict[str, Any], tests: list[dict[str, Any]]) -> None:
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    (tmp_path / "tests.yml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    done = subprocess.run(
+        [_promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _replicas(alert: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    job = re.search(r'job="([^"]+)"', alert["expr"])
+    assert job is not None
+    common = {"job": job.group(1), "namespace": "openshell"}
+    return {**common, "instance": "10.0.0.1:7090", "pod": "gw-a"}, {
+        **common,
+        "instance": "10.0.0.2:7090",
+        "pod": "gw-b",
+    }
+
+
+def test_retention_stale_fires_when_no_replica_finished_a_run_for_an_hour(tmp_path: Path) -> None:
+    """OpenShellLogRetentionStale: judged on the newest run of any replica; a gauge at 0 (retention
+    off, or never run on a replica) is not judged."""
+    name, alertname = "openshell_gateway_retention_last_run_timestamp_seconds", "OpenShellLogRetentionStale"
+    (alert,) = [r for r in alert_rules_of(rendered_rule({})) if r["alert"] == alertname]
+    a, b = _replicas(alert)
+    labels = {"severity": "warning", "namespace": "openshell"}
+    fired = [{"exp_labels": labels, "exp_annotations": alert["annotations"]}]
+    tests = [
+        {
+            # A ran at t=300 s and then never again; B never ran (0): stale from 3,900 s, for 15
+            # minutes: fires at about 81 minutes, not before.
+            "interval": "1m",
+            "input_series": [series(name, "300x120", **a), series(name, "0x120", **b)],
+            "alert_rule_test": [
+                {"eval_time": "70m", "alertname": alertname, "exp_alerts": []},
+                {"eval_time": "90m", "alertname": alertname, "exp_alerts": fired},
+            ],
+        },
+        {
+            # A stopped at 300 s but B runs every 5 minutes (its gauge follows time): never stale.
+            "interval": "5m",
+            "input_series": [series(name, "300x30", **a), series(name, "300+300x30", **b)],
+            "alert_rule_test": [{"eval_time": "120m", "alertname": alertname, "exp_alerts": []}],
+        },
+        {
+            # Retention off on every replica: the gauges stay 0, nothing to judge.
+            "interval": "1m",
+            "input_series": [series(name, "0x120", **a), series(name, "0x120", **b)],
+            "alert_rule_test": [{"eval_time": "110m", "alertname": alertname, "exp_alerts": []}],
+        },
+    ]
+    _promtool_test(tmp_path, rendered_rule({}), tests)
+
+
+def test_otlp_export_failing_fires_only_with_failures_and_events_waiting(tmp_path: Path) -> None:
+    lag, failures = (
+        "openshell_gateway_otlp_log_export_lag_events",
+        "openshell_gateway_otlp_log_export_failures_total",
+    )
+    alertname = "OpenShellOtlpLogExportFailing"
+    (alert,) = [r for r in alert_rules_of(rendered_rule({})) if r["alert"] == alertname]
+    a, b = _replicas(alert)
+
+    def fired(waiting: int) -> list[dict[str, Any]]:
+        annotations = {
+            key: text.replace("{{ $value | humanize }}", str(waiting))
+            for key, text in alert["annotations"].items()
+        }
+        return [
+            {"exp_labels": {"severity": "warning", "namespace": "openshell"}, "exp_annotations": annotations}
+        ]
+
+    tests = [
+        {
+            # A exports (B does not: lag 0 there); its receiver refuses from minute 2 on, 500 events wait.
+            "interval": "1m",
+            "input_series": [
+                series(lag, "0 0 500x40", **a),
+                series(lag, "0x42", **b),
+                series(failures, "0 0 1+1x40", **a),
+                series(failures, "0x42", **b),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": alertname, "exp_alerts": []},  # not yet: for 15m
+                {"eval_time": "25m", "alertname": alertname, "exp_alerts": fired(500)},
+            ],
+        },
+        {
+            # Failures, but nothing waits (every retry went through): quiet.
+            "interval": "1m",
+            "input_series": [series(lag, "0x40", **a), series(failures, "0+1x40", **a)],
+            "alert_rule_test": [{"eval_time": "30m", "alertname": alertname, "exp_alerts": []}],
+        },
+        {
+            # Events wait (a burst being exported) without a failure: quiet.
+            "interval": "1m",
+            "input_series": [series(lag, "9000x40", **a), series(failures, "0x40", **a)],
+            "alert_rule_test": [{"eval_time": "30m", "alertname": alertname, "exp_alerts": []}],
+        },
+    ]
+    _promtool_test(tmp_path, rendered_rule({}), tests)
