@@ -685,9 +685,27 @@ class SandboxPodSettings(_Section):
     annotations: dict[str, str] = Field(
         default_factory=dict, description="Extra annotations on sandbox pods."
     )
-    run_as_user: int = Field(65534, ge=1, description="UID of the sandbox container (never 0: runAsNonRoot).")
-    run_as_group: int = Field(65534, ge=0, description="GID of the sandbox container.")
-    fs_group: int | None = Field(65534, ge=0, description="fsGroup of sandbox pods (owner of the emptyDirs).")
+    # Unset in the config, an id is the platform's: 65534 on Kubernetes, the SCC's on OpenShift
+    # (gateway/drivers/openshift.platform_pod_settings reads model_fields_set); null is never set.
+    run_as_user: int | None = Field(
+        65534,
+        ge=1,
+        description="UID of the sandbox container (never 0: runAsNonRoot). null: not set (the image's USER, "
+        "or on OpenShift the UID its SCC assigns from the namespace's range). Not given: 65534, or on "
+        "OpenShift (drivers.kubernetes.platform) left to the SCC.",
+    )
+    run_as_group: int | None = Field(
+        65534,
+        ge=0,
+        description="GID of the sandbox container. null: not set (the image's group, or 0 on OpenShift). Not "
+        "given: 65534, or on OpenShift left unset.",
+    )
+    fs_group: int | None = Field(
+        65534,
+        ge=0,
+        description="fsGroup of sandbox pods (owner of the emptyDirs). null: none (on OpenShift its SCC "
+        "assigns one from the namespace's range). Not given: 65534, or on OpenShift left to the SCC.",
+    )
     read_only_root_filesystem: bool = Field(
         True, description="Mount the sandbox image read-only; /tmp and the journal are emptyDirs either way."
     )
@@ -753,6 +771,14 @@ class KubernetesDriverSettings(_Section):
         "openshell-gateway.openshell.svc:7070). Required with drivers.kind=kubernetes.",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Timeout of each Kubernetes API request.")
+    platform: Literal["auto", "kubernetes", "openshift"] = Field(
+        "auto",
+        description="openshift: sandbox pods leave the ids the config does not give (pod.run_as_user, "
+        "run_as_group, fs_group) to the namespace's SecurityContextConstraints (restricted-v2), and the "
+        "supervisor's injection (auto) takes the image volume only where a dry run proved the SCC admits it; "
+        "kubernetes: neither; auto: openshift when the API server serves the security.openshift.io group, "
+        "asked at start (gateway/drivers/openshift.py; docs/openshift.md).",
+    )
     supervisor: SupervisorInjectionSettings = Field(default_factory=SupervisorInjectionSettings)
     pod: SandboxPodSettings = Field(default_factory=SandboxPodSettings)
     registry: RegistrySettings = Field(

@@ -21,6 +21,13 @@ API unreachable at start), the choice is made again at the first sandbox's creat
 nothing depends on it. A configured ``image-volume`` is kept as configured, and a probe that says
 the cluster cannot mount image volumes is logged as an error (every sandbox would fail to start).
 
+On OpenShift (gateway.drivers.openshift) the dry run also passes the namespace's SCC admission,
+which decides image volumes on its own: ``restricted-v2`` lists the ``image`` volume type from
+OpenShift 4.20 (openshift/cluster-kube-apiserver-operator, 2025-11), earlier releases and custom
+SCCs may not. A refusal by the SCC of the image volume ("image volumes are not allowed to be used")
+counts as the server dropping it, and ``auto`` takes the image volume there only when the dry run
+kept it: the version alone is not enough.
+
 The node's runtime is not checked: what it runs is in ``Node.status.nodeInfo``, readable only with a
 cluster-scoped permission the gateway does not ask for (docs/rbac.md). A 1.35 cluster whose nodes
 run an older containerd is the one case ``auto`` gets wrong; set ``init-container`` there.
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import httpx2 as httpx
@@ -66,6 +73,8 @@ class InjectionChoice:
     reason: str
     #: A dry-run refusal that is not about the image volume: the sandbox pods may be refused too.
     problem: str | None = None
+    #: kubernetes or openshift (gateway.drivers.openshift): the SCC's say weighs on openshift.
+    platform: str = "kubernetes"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +84,7 @@ class InjectionChoice:
             "image_volume_accepted": self.image_volume_accepted,
             "reason": self.reason,
             "problem": self.problem,
+            "platform": self.platform,
         }
 
 
@@ -108,9 +118,17 @@ def _keeps_image_volume(pod: Pod) -> bool:
     return any(v.name == VOLUME_SUPERVISOR and v.image is not None for v in volumes)
 
 
+#: What OpenShift's SCC admission says of a volume type its SCCs do not list (403 Forbidden;
+#: apiserver-library-go, sccmatching/provider.go).
+SCC_REFUSED_IMAGE_VOLUME = "image volumes are not allowed to be used"
+
+
 def _about_the_volume(exc: ApiError) -> bool:
-    """A 422 on the supervisor's volume: what a server that dropped the disabled field answers."""
+    """A 422 on the supervisor's volume: what a server that dropped the disabled field answers; or
+    an SCC's 403 refusing image volumes (it forbids what every other SCC check may pass)."""
     message = exc.status.message or ""
+    if exc.status.code == 403 and SCC_REFUSED_IMAGE_VOLUME in message:
+        return True
     return exc.status.code == 422 and (VOLUME_SUPERVISOR in message or "volumes[" in message)
 
 
@@ -146,8 +164,29 @@ def decide(
     version: tuple[int, int] | None,
     accepted: bool | None,
     problem: str | None,
+    platform: str = "kubernetes",
 ) -> InjectionChoice:
     """The mode for ``configured`` given what the cluster said (pure: the rule in one place)."""
+    choice = _decide(configured, version=version, accepted=accepted, problem=problem)
+    if (
+        platform == "openshift"
+        and configured == "auto"
+        and choice.mode == "image-volume"
+        and accepted is not True
+    ):
+        # The SCC decides image volumes whatever the version: only a dry run it admitted proves them.
+        why = f"on OpenShift the SCC's say on image volumes is unknown (the dry run failed): {choice.reason}"
+        choice = replace(choice, mode="init-container", reason=why)
+    return replace(choice, platform=platform)
+
+
+def _decide(
+    configured: str,
+    *,
+    version: tuple[int, int] | None,
+    accepted: bool | None,
+    problem: str | None,
+) -> InjectionChoice:
     shown = None if version is None else f"{version[0]}.{version[1]}"
     recent = version is not None and version >= IMAGE_VOLUME_DEFAULT_FROM
     floor = "{}.{}".format(*IMAGE_VOLUME_DEFAULT_FROM)
@@ -179,11 +218,15 @@ async def choose_injection(
     settings: KubernetesDriverSettings,
     *,
     auth: SupervisorAuthSettings | None,
+    platform: str = "kubernetes",
 ) -> InjectionChoice:
-    """Ask the cluster and decide (see the module docstring); logs the choice."""
+    """Ask the cluster and decide (see the module docstring); logs the choice. ``settings`` are the
+    ones sandbox pods are built from on ``platform`` (gateway.drivers.openshift.platform_pod_settings)."""
     version = await server_version(client)
     accepted, problem = await dry_run_image_volume(client, settings, auth=auth)
-    choice = decide(settings.supervisor.injection, version=version, accepted=accepted, problem=problem)
+    choice = decide(
+        settings.supervisor.injection, version=version, accepted=accepted, problem=problem, platform=platform
+    )
     level = logging.ERROR if choice.mode == "image-volume" and accepted is False else logging.INFO
     log.log(level, "supervisor injection: %s (%s)", choice.mode, choice.reason, extra=choice.as_dict())
     if problem is not None:

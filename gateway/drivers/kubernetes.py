@@ -1,11 +1,12 @@
 """The Kubernetes sandbox driver: one pod per sandbox, built by :mod:`gateway.drivers.podspec`.
 
-Works from a kubeconfig or in-cluster, against any conformant cluster (nothing here is specific to
-a distribution). It creates a sandbox as a pod (its supervisor's credential is a projected
-ServiceAccount token the kubelet writes and renews: no Secret), watches its pods by label, and
-deletes them. Everything it needs is the namespaced Role in ``docs/rbac.md``, plus ``create`` on
-``tokenreviews`` (cluster-scoped) for the gateway to check those tokens; a refusal by the API says
-which verb on which resource was missing.
+Works from a kubeconfig or in-cluster, against any conformant cluster; on OpenShift the sandbox
+pods leave their ids to the SCC (gateway.drivers.openshift, asked of discovery at start). It
+creates a sandbox as a pod (its supervisor's credential is a projected ServiceAccount token the
+kubelet writes and renews: no Secret), watches its pods by label, and deletes them. Everything it
+needs is the namespaced Role in ``docs/rbac.md``, plus ``create`` on ``tokenreviews``
+(cluster-scoped) for the gateway to check those tokens; a refusal by the API says which verb on
+which resource was missing.
 
 lightkube is imported here only, so a gateway on the local driver never loads it.
 """
@@ -39,6 +40,7 @@ from gateway.drivers.imageref import (
     docker_config_entries,
 )
 from gateway.drivers.injection import InjectionChoice, choose_injection
+from gateway.drivers.openshift import PlatformChoice, choose_platform, platform_pod_settings
 from gateway.drivers.podspec import (
     ANNOTATION_IMAGE_MANIFEST,
     ANNOTATION_SANDBOX_ID,
@@ -217,6 +219,8 @@ class KubernetesDriver:
         #: How the supervisor gets into pods here (gateway.drivers.injection): decided by
         #: choose_injection() at start, or at the first creation when the API did not answer then.
         self.injection: InjectionChoice | None = None
+        #: Kubernetes or OpenShift (gateway.drivers.openshift): decided with the injection.
+        self.platform: PlatformChoice | None = None
         self._choosing = asyncio.Lock()
 
     @property
@@ -255,19 +259,31 @@ class KubernetesDriver:
                 break
 
     async def choose_injection(self) -> InjectionChoice:
-        """Ask the cluster how to inject the supervisor (once; see gateway.drivers.injection)."""
+        """Ask the cluster which platform it is and how to inject the supervisor (once each; see
+        gateway.drivers.openshift and gateway.drivers.injection). The dry run of the injection's
+        probe is built for the platform: on OpenShift, with the ids left to the SCC."""
         async with self._choosing:
+            if self.platform is None:
+                self.platform = await choose_platform(self.client, self._settings)
             if self.injection is None:
-                self.injection = await choose_injection(self.client, self._settings, auth=self._auth)
+                self.injection = await choose_injection(
+                    self.client,
+                    platform_pod_settings(self._settings, self.platform.platform),
+                    auth=self._auth,
+                    platform=self.platform.platform,
+                )
             return self.injection
 
     async def _pod_settings(self) -> KubernetesDriverSettings:
-        """The settings a sandbox pod is built from: the injection mode decided, never ``auto``."""
+        """The settings a sandbox pod is built from: for the platform, with the injection mode
+        decided, never ``auto``."""
         choice = self.injection or await self.choose_injection()
-        if choice.mode == self._settings.supervisor.injection:
-            return self._settings
-        supervisor = self._settings.supervisor.model_copy(update={"injection": choice.mode})
-        return self._settings.model_copy(update={"supervisor": supervisor})
+        assert self.platform is not None  # decided before the injection
+        settings = platform_pod_settings(self._settings, self.platform.platform)
+        if choice.mode == settings.supervisor.injection:
+            return settings
+        supervisor = settings.supervisor.model_copy(update={"injection": choice.mode})
+        return settings.model_copy(update={"supervisor": supervisor})
 
     def _read_gateway_ca(self) -> str:
         path = self._settings.supervisor.gateway_ca_file

@@ -240,6 +240,13 @@ def _labels(settings: SandboxPodSettings, sandbox_id: str) -> dict[str, str]:
     return {**settings.labels, **selector_labels(), LABEL_SANDBOX: sandbox_label(sandbox_id)}
 
 
+def _ids(pod: SandboxPodSettings) -> dict[str, int]:
+    """The ids the settings give; an unset one is left to the platform (the image's USER, or on
+    OpenShift the SCC, which fills it from the namespace's range and refuses one outside it)."""
+    ids = {"runAsUser": pod.run_as_user, "runAsGroup": pod.run_as_group}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
 def container_security_context(pod: SandboxPodSettings, *, read_only_root: bool) -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,
@@ -247,8 +254,7 @@ def container_security_context(pod: SandboxPodSettings, *, read_only_root: bool)
         "capabilities": {"drop": ["ALL"]},
         "readOnlyRootFilesystem": read_only_root,
         "runAsNonRoot": True,
-        "runAsUser": pod.run_as_user,
-        "runAsGroup": pod.run_as_group,
+        **_ids(pod),
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -256,8 +262,7 @@ def container_security_context(pod: SandboxPodSettings, *, read_only_root: bool)
 def pod_security_context(pod: SandboxPodSettings) -> dict[str, Any]:
     context: dict[str, Any] = {
         "runAsNonRoot": True,
-        "runAsUser": pod.run_as_user,
-        "runAsGroup": pod.run_as_group,
+        **_ids(pod),
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if pod.fs_group is not None:
@@ -353,7 +358,8 @@ def credential_volume(pod: SandboxPodSettings, auth: SupervisorAuthSettings) -> 
     return {
         "name": VOLUME_CREDENTIAL,
         "projected": {
-            # Group-readable through fsGroup; world-readable only when there is no fsGroup.
+            # Group-readable through fsGroup; world-readable only when there is no fsGroup (also
+            # on OpenShift, whose SCC adds one the gateway does not know: 0444 needs no id).
             "defaultMode": 0o440 if pod.fs_group is not None else 0o444,
             "sources": [
                 {
