@@ -16,10 +16,11 @@ tests check that the counts equal what ``GET /api/v1/sandboxes`` shows for the s
 **Health.** A sandbox's health is what its supervisor last reported: the newest ``health`` event
 of its current generation (``healthy``, ``degraded``, ``unhealthy``; ``unknown`` without one).
 Health is counted over the sandboxes that have not exited (an exited sandbox's last sample says
-nothing about now). The newest health event is found through the ``(sandbox_id, generation, id)``
-index, read backwards to the first health record: cheap while supervisors sample health
-periodically (``health.interval_s``), a longer walk for a sandbox that logs much and samples
-never.
+nothing about now). The newest health event is found through the partial index
+``ix_events_health`` (``(sandbox_id, generation, id)`` of the health events only, migration 0011),
+read backwards: one index probe per sandbox, whatever else it logged. (Through the index of every
+event, a sandbox that logs much and samples health never or seldom cost a walk over all its
+lines.)
 
 **Visibility.** Every statement is filtered by the caller's :class:`Owners` (the rule of the
 sandbox list), so a caller's counts and lists hold only what it may list.
@@ -52,6 +53,8 @@ _EXITED_PREFIX = '{"kind":"exited"'
 
 _s = sandboxes_table.c
 _e = events_table.c
+#: The condition of the partial index ix_events_health (see the module docstring).
+_IS_HEALTH = _e.kind == "health"
 
 
 def visible_to(owners: Owners | None) -> ColumnElement[bool]:
@@ -115,7 +118,7 @@ def _newest_health(column: ColumnElement[Any]) -> Any:
     """``column`` of the newest health event of each sandbox's current generation (correlated)."""
     return (
         select(column)
-        .where(_e.sandbox_id == _s.id, _e.generation == _s.generation, _e.kind == "health")
+        .where(_e.sandbox_id == _s.id, _e.generation == _s.generation, _IS_HEALTH)
         .order_by(_e.id.desc())
         .limit(1)
         .correlate(sandboxes_table)
@@ -302,7 +305,7 @@ class FleetQueries:
     async def _since(conn: Any, sandbox_id: str, generation: int, health: str) -> int | None:
         """The time of the first report of the current run of ``health`` reports: the first
         health event after the newest one of another state."""
-        of_sandbox = (_e.sandbox_id == sandbox_id, _e.generation == generation, _e.kind == "health")
+        of_sandbox = (_e.sandbox_id == sandbox_id, _e.generation == generation, _IS_HEALTH)
         other = (
             select(func.max(_e.id))
             .where(*of_sandbox, ~_e.data.startswith(_HEALTH_PREFIX % health))

@@ -152,6 +152,16 @@ events = Table(
     Index("ix_events_sandbox_id_id", "sandbox_id", "id"),
     # The same, for one generation (the API reads the current one by default).
     Index("ix_events_sandbox_id_generation_id", "sandbox_id", "generation", "id"),
+    # A sandbox's newest health events, for the fleet summary (gateway.store.fleet): the health
+    # records only, so finding them never walks a sandbox's log lines.
+    Index(
+        "ix_events_health",
+        "sandbox_id",
+        "generation",
+        "id",
+        sqlite_where=text("kind = 'health'"),
+        postgresql_where=text("kind = 'health'"),
+    ),
 )
 
 #: Commands for supervisors (stop, signal, heartbeat), kept until the supervisor answers: a command

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import insert, text
+from sqlalchemy import insert, select, text
 
 from gateway.api import build_api
 from gateway.auth.people import PeopleAuth
@@ -35,6 +35,7 @@ from gateway.config import HaSettings, OidcSettings, SessionSettings
 from gateway.replicas import LeaseView
 from gateway.sandbox_state import Liveness, ReplicaLeases, SandboxState, sandbox_state
 from gateway.store import Database, EventStore, SandboxStore, utcnow
+from gateway.store.fleet import health_column
 from gateway.store.replicas import ReplicaStore
 from gateway.store.schema import sandboxes as sandboxes_table
 from openshell_wire.records import (
@@ -432,6 +433,28 @@ async def test_the_cli_prints_the_summary_and_its_json(
     unreachable = ["fleet", "--api", "http://127.0.0.1:1", "--token-file", str(token_file)]
     assert await asyncio.to_thread(main, unreachable) == 69
     assert "cannot reach the gateway API at http://127.0.0.1:1" in capsys.readouterr().err
+
+
+async def test_the_newest_health_is_found_through_the_partial_index(env: Env) -> None:
+    """Each sandbox's newest health report is one probe of ix_events_health (the health events
+    only), never a walk back over its log lines: the plan of the counts' health column says so on
+    both dialects (PostgreSQL told not to scan sequentially: on a few rows it would)."""
+    statement = select(sandboxes_table.c.id, health_column())
+    async with env.db.engine.connect() as conn:
+        # Compiled as the gateway runs it: its bound parameters stay parameters.
+        compiled = statement.compile(dialect=conn.dialect)
+        params: Any = (
+            tuple(compiled.params[name] for name in compiled.positiontup or ())
+            if compiled.positional
+            else compiled.params
+        )
+        if conn.dialect.name == "sqlite":
+            rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
+            plan = [" ".join(map(str, row)) for row in rows]
+        else:
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = [str(row[0]) for row in await conn.exec_driver_sql(f"EXPLAIN {compiled}", params)]
+    assert any("ix_events_health" in line for line in plan), "\n".join(plan)
 
 
 async def test_the_sql_rule_decides_as_the_python_rule_on_random_rows(env: Env) -> None:
