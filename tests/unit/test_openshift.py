@@ -18,7 +18,7 @@ from gateway.drivers.openshift import platform_pod_settings, serves_scc_group
 from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod
 from openshell_wire.configfile import load_settings
 from tests.support import pss, scc
-from tests.unit.test_chart import ci_values, deployment, load_config, one, render, rendered
+from tests.unit.test_chart import _chart, ci_values, deployment, load_config, one, render, rendered
 
 REQUEST = SandboxRequest("t", ["sleep", "1"], image="busybox")
 
@@ -177,3 +177,31 @@ def test_the_route_exposes_the_api_only_with_oidc() -> None:
     values["openshift"]["route"]["tls"] = {"termination": "passthrough"}
     with pytest.raises(Exception, match=r"needs tls\.enabled"):
         render(values)
+
+
+def test_what_the_loader_was_given_counts_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """platform_pod_settings reads which ids the config gave (model_fields_set): through the real
+    loader, from the file and from the environment alike, never from the defaults."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "drivers:\n  kind: kubernetes\n  kubernetes:\n    gateway_address: gw:7070\n"
+        "    pod: {run_as_group: 1000680000}\n"
+    )
+    monkeypatch.setenv("OPENSHELL_GATEWAY_DRIVERS__KUBERNETES__POD__FS_GROUP", "1000680001")
+    kube = load_settings(GatewayConfig, file=path).drivers.kubernetes
+    pod = platform_pod_settings(kube, "openshift").pod
+    assert (pod.run_as_user, pod.run_as_group, pod.fs_group) == (None, 1000680000, 1000680001)
+    assert platform_pod_settings(kube, "kubernetes").pod.run_as_user == 65534
+
+
+def test_the_notes_say_where_the_ids_come_from() -> None:
+    """(The warning for an OpenShift cluster without openshift.enabled reads .Capabilities, which
+    this renderer cannot set: not tested.)"""
+    values = ci_values("openshift-values.yaml")
+    values["openshift"]["route"] = {"enabled": True}
+    values["auth"] = {"oidc": {"issuerUrl": "https://idp.example.com/realms/x"}}
+    manifests = _chart().render(values, name="openshell", namespace="openshell")
+    notes = next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+    assert "take their ids from the SCC" in notes and "get route openshell-gateway-http" in notes
+    default = _chart().render(ci_values("default-values.yaml"), name="openshell", namespace="openshell")
+    assert "SCC" not in next(text for path, text in default.items() if path.endswith("NOTES.txt"))
