@@ -3,9 +3,11 @@ The live answers of real API servers are tests/e2e/test_injection_probe.py's."""
 
 from __future__ import annotations
 
+import httpx2 as httpx
 import pytest
+from lightkube import ApiError
 
-from gateway.drivers.injection import _version_of, decide
+from gateway.drivers.injection import _about_the_volume, _version_of, decide
 
 
 @pytest.mark.parametrize(
@@ -44,3 +46,44 @@ def test_the_version_read_is_the_emulated_one_when_there_is_one() -> None:
         34,
     )
     assert _version_of({"gitVersion": "v1.36.0"}) is None
+
+
+def _refusal(code: int, message: str) -> ApiError:
+    request = httpx.Request("POST", "https://api.example/api/v1/namespaces/s/pods?dryRun=All")
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
+    return ApiError(request=request, response=httpx.Response(code, json=body, request=request))
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "about"),
+    [
+        # OpenShift's SCC admission where no usable SCC lists the image volume type (before 4.20).
+        (
+            403,
+            'pods "sandbox-openshell-injection-probe" is forbidden: unable to validate against any security '
+            'context constraint: [provider "restricted-v2": Forbidden: spec.volumes[0]: Invalid value: '
+            '"image": image volumes are not allowed to be used]',
+            True,
+        ),
+        (422, 'Pod "x" is invalid: spec.volumes[0]: Required value: must specify a volume type', True),
+        # Pod Security or an SCC refusing something else: not about the volume.
+        (403, 'pods "x" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true', False),
+        (
+            403,
+            'unable to validate against any security context constraint: [provider "restricted-v2": '
+            "Forbidden: spec.containers[0].securityContext.runAsUser: Invalid value: 65534: must be in the "
+            "ranges: [1000680000, 1000689999]]",
+            False,
+        ),
+    ],
+)
+def test_which_refusals_are_about_the_image_volume(code: int, message: str, about: bool) -> None:
+    assert _about_the_volume(_refusal(code, message)) is about
+
+
+def test_on_openshift_auto_needs_the_dry_run_to_have_kept_the_volume() -> None:
+    assert decide("auto", version=(1, 36), accepted=None, problem="p", platform="openshift").mode == (
+        "init-container"
+    )
+    kept = decide("auto", version=(1, 36), accepted=True, problem=None, platform="openshift")
+    assert (kept.mode, kept.platform) == ("image-volume", "openshift")
