@@ -40,7 +40,7 @@ from gateway.drivers.imageref import (
     docker_config_entries,
 )
 from gateway.drivers.injection import InjectionChoice, choose_injection
-from gateway.drivers.openshift import PlatformChoice, choose_platform, platform_pod_settings
+from gateway.drivers.openshift import PlatformChoice, PlatformUnknown, choose_platform, platform_pod_settings
 from gateway.drivers.podspec import (
     ANNOTATION_IMAGE_MANIFEST,
     ANNOTATION_SANDBOX_ID,
@@ -264,7 +264,11 @@ class KubernetesDriver:
         probe is built for the platform: on OpenShift, with the ids left to the SCC."""
         async with self._choosing:
             if self.platform is None:
-                self.platform = await choose_platform(self.client, self._settings)
+                try:
+                    self.platform = await choose_platform(self.client, self._settings)
+                except PlatformUnknown as exc:
+                    # Not cached: asked again at start's retry or the next creation (a 502 meanwhile).
+                    raise KubernetesDriverError(f"{exc}; drivers.kubernetes.platform is auto") from None
             if self.injection is None:
                 self.injection = await choose_injection(
                     self.client,
