@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from gateway.config import GatewayConfig, KubernetesDriverSettings
 from gateway.drivers.injection import SCC_REFUSED_IMAGE_VOLUME, decide
+from gateway.drivers.kubernetes import KubernetesDriver, KubernetesDriverError
 from gateway.drivers.openshift import platform_pod_settings, serves_scc_group
 from gateway.drivers.podspec import SandboxRequest, build_sandbox_pod
 from openshell_wire.configfile import load_settings
@@ -205,3 +206,23 @@ def test_the_notes_say_where_the_ids_come_from() -> None:
     assert "take their ids from the SCC" in notes and "get route openshell-gateway-http" in notes
     default = _chart().render(ci_values("default-values.yaml"), name="openshell", namespace="openshell")
     assert "SCC" not in next(text for path, text in default.items() if path.endswith("NOTES.txt"))
+
+
+async def test_discovery_that_does_not_answer_is_a_driver_error_and_not_kept(tmp_path: Path) -> None:
+    """An API server that does not answer (a closed port): auto cannot say, the driver says why
+    (a KubernetesDriverError: the provisioner logs it at start, a creation answers 502) and asks again."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n"
+    )
+    settings = KubernetesDriverSettings(gateway_address="gw:7070", kubeconfig=kubeconfig, request_timeout_s=2)
+    driver = KubernetesDriver(settings)
+    try:
+        for _ in range(2):
+            with pytest.raises(KubernetesDriverError, match=r"discovery \(/apis\).*platform is auto"):
+                await driver.choose_injection()
+            assert driver.platform is None and driver.injection is None
+    finally:
+        await driver.close()
