@@ -75,6 +75,18 @@ STATEMENT_KINDS = frozenset({"select", "insert", "update", "delete", "begin", "c
 REJECT_CODES = tuple(v.name for v in pb.RejectCode.DESCRIPTOR.values if v.name != "REJECT_CODE_UNSPECIFIED")
 ADMISSION_REFUSALS = ("draining", "max_sessions", "rate", "concurrency", "over_share")  # admission.Refusal
 HINT_REASONS = ("drain", "shutdown", "rebalance", "max_age")  # drain.DRAIN/SHUTDOWN, rebalance.REASON_*
+#: The error classes gateway.store.db's statement hook reports most (SQLAlchemy's wrapper of each
+#: PEP 249 exception class a driver raises; TimeoutError for a statement timed out), exported at 0.
+DB_ERROR_CLASSES = (
+    "OperationalError",
+    "IntegrityError",
+    "InterfaceError",
+    "ProgrammingError",
+    "DataError",
+    "InternalError",
+    "DatabaseError",
+    "TimeoutError",
+)
 #: A health state before a session's first health record.
 HEALTH_UNKNOWN = "unknown"
 #: The prefix of the STARTED record's detail that the supervisor's restart policy writes
@@ -98,6 +110,10 @@ _DB_ERRORS = Counter(
     ["error"],
     registry=None,
 )
+# At 0 from the start, as the labelled counters of GatewayMetrics: the first error of a replica's
+# life would otherwise create its series and go unseen by rate().
+for _error_class in DB_ERROR_CLASSES:
+    _DB_ERRORS.labels(_error_class)
 #: Replica id -> whether its leader elector (gateway.leader) leads now; absent: no elector runs.
 _LEADING: dict[str, bool] = {}
 
