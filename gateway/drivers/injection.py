@@ -16,9 +16,13 @@ start, once, and every sandbox pod it builds uses the answer. Two facts decide i
   refusal for any other reason is said in the log at start, before the first sandbox meets it.
 
 ``auto`` picks the image volume when the server is 1.35 or newer and the dry run keeps the volume;
-otherwise the init container, which works on every version. When the cluster cannot be asked (the
-API unreachable at start), the choice is made again at the first sandbox's creation; until then
-nothing depends on it. A configured ``image-volume`` is kept as configured, and a probe that says
+otherwise the init container, which works on every version. When the cluster does not answer (the
+version unread, the dry run timed out, throttled or failed with a 5xx) the choice is provisional
+(``settled`` false, the init container unless the version alone says otherwise, "provisional" in
+its reason) and asked again at a creation, at most every minute, until the cluster answers: a
+transient failure at start does not decide for the process's life. A 422 is about the image
+volume only when it names the supervisor's volume (by name or its ``spec.volumes[i]``); an
+operator's bad extra volume is another problem. A configured ``image-volume`` is kept as configured, and a probe that says
 the cluster cannot mount image volumes is logged as an error (every sandbox would fail to start).
 
 On OpenShift (gateway.drivers.openshift) the dry run also passes the namespace's SCC admission,
@@ -45,6 +49,7 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Pod
 
 from gateway.config import KubernetesDriverSettings, SupervisorAuthSettings
+from gateway.drivers.kubeapi import NonResourceError, get_json
 from gateway.drivers.podspec import VOLUME_SUPERVISOR, SandboxRequest, build_sandbox_pod
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["image-volume", "init-container"]
 #: The first release whose API servers and kubelets mount image volumes by default.
 IMAGE_VOLUME_DEFAULT_FROM = (1, 35)
+#: How a dry run the server did not answer is said (the choice is then not settled).
+UNANSWERED = "the API server did not answer the dry run"
 #: The dry run's sandbox id (its pod is never stored).
 PROBE_SANDBOX_ID = "openshell-injection-probe"
 
@@ -75,9 +82,14 @@ class InjectionChoice:
     problem: str | None = None
     #: kubernetes or openshift (gateway.drivers.openshift): the SCC's say weighs on openshift.
     platform: str = "kubernetes"
+    #: False when the cluster did not answer (the version unread, the dry run unanswered: a
+    #: timeout, a 429 or 5xx): the choice is provisional and asked again (the driver's
+    #: ``RETRY_UNSETTLED_S``), so a transient failure at start does not decide for the process's life.
+    settled: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "settled": self.settled,
             "configured": self.configured,
             "mode": self.mode,
             "server_version": self.server_version,
@@ -98,17 +110,11 @@ def _version_of(doc: dict[str, Any]) -> tuple[int, int] | None:
 
 
 async def server_version(client: AsyncClient) -> tuple[int, int] | None:
-    """The API server's ``/version``, or None (logged) when it cannot be read.
-
-    lightkube has no call for the non-resource path ``/version``; its HTTP client (configured with
-    the server, credentials and CA of the kubeconfig) does the request."""
-    http = client._client._client  # private: see the docstring
+    """The API server's ``/version``, or None (logged) when it cannot be read."""
     try:
-        response = await http.get("/version")
-        response.raise_for_status()
-        doc = response.json()
-    except (httpx.HTTPError, ValueError, OSError) as exc:
-        log.warning("cannot read the Kubernetes API server's version: %s", exc)
+        doc = await get_json(client, "/version")
+    except NonResourceError as exc:
+        log.warning("%s", exc)
         return None
     return _version_of(doc) if isinstance(doc, dict) else None
 
@@ -123,13 +129,20 @@ def _keeps_image_volume(pod: Pod) -> bool:
 SCC_REFUSED_IMAGE_VOLUME = "image volumes are not allowed to be used"
 
 
-def _about_the_volume(exc: ApiError) -> bool:
-    """A 422 on the supervisor's volume: what a server that dropped the disabled field answers; or
-    an SCC's 403 refusing image volumes (it forbids what every other SCC check may pass)."""
+def _about_the_volume(exc: ApiError, *, index: int = -1) -> bool:
+    """A 422 on the supervisor's volume (``spec.volumes[index]``, the position of the supervisor's
+    volume in the probe pod; a volume without a source is what a server that dropped the disabled
+    field sees), or one naming the volume; or an SCC's 403 refusing image volumes (it forbids what
+    every other SCC check may pass). A 422 on another volume (an operator's) is not about it."""
     message = exc.status.message or ""
     if exc.status.code == 403 and SCC_REFUSED_IMAGE_VOLUME in message:
         return True
-    return exc.status.code == 422 and (VOLUME_SUPERVISOR in message or "volumes[" in message)
+    return exc.status.code == 422 and (VOLUME_SUPERVISOR in message or f"spec.volumes[{index}]" in message)
+
+
+def _unanswered(exc: ApiError) -> bool:
+    """A refusal that says nothing of the pod: throttled or the server's own failure."""
+    return exc.status.code == 429 or (exc.status.code or 0) >= 500
 
 
 async def dry_run_image_volume(
@@ -146,15 +159,18 @@ async def dry_run_image_volume(
     image = settings.pod.default_image or settings.supervisor.image
     request = SandboxRequest(sandbox_id=PROBE_SANDBOX_ID, command=["true"], image=image, env={})
     doc = build_sandbox_pod(probe_settings, request, auth=auth)
+    index = next(i for i, v in enumerate(doc["spec"]["volumes"]) if v["name"] == VOLUME_SUPERVISOR)
     try:
         # The driver's client names the sandbox namespace (as for every sandbox pod).
         created = await client.create(cast(Pod, Pod.from_dict(doc)), dry_run=True)
     except ApiError as exc:
-        if _about_the_volume(exc):
+        if _about_the_volume(exc, index=index):
             return False, None
+        if _unanswered(exc):
+            return None, f"{UNANSWERED} ({exc.status.code}): {exc.status.message}"
         return None, f"a sandbox pod was refused by the API server ({exc.status.code}): {exc.status.message}"
     except (httpx.HTTPError, OSError) as exc:
-        return None, f"the API server did not answer the dry run: {exc}"
+        return None, f"{UNANSWERED}: {exc}"
     return _keeps_image_volume(created), None
 
 
@@ -227,6 +243,9 @@ async def choose_injection(
     choice = decide(
         settings.supervisor.injection, version=version, accepted=accepted, problem=problem, platform=platform
     )
+    unanswered = version is None or (problem is not None and problem.startswith(UNANSWERED))
+    if unanswered and settings.supervisor.injection == "auto":
+        choice = replace(choice, settled=False, reason=f"{choice.reason} (provisional: asked again)")
     level = logging.ERROR if choice.mode == "image-volume" and accepted is False else logging.INFO
     log.log(level, "supervisor injection: %s (%s)", choice.mode, choice.reason, extra=choice.as_dict())
     if problem is not None:

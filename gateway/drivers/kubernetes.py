@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -59,6 +60,9 @@ from gateway.drivers.registry import ImageCommand, Platform, RegistryClient, Reg
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = MANAGED_BY
+#: A provisional injection choice (the cluster did not answer: gateway.drivers.injection) is asked
+#: again at a creation at most this often, so a cluster that keeps failing is not asked per pod.
+RETRY_UNSETTLED_S = 60.0
 
 #: Everything the driver does, as the rules of a namespaced Role in the sandbox namespace: the
 #: chart's Role and docs/rbac.md say exactly this, and the live tests show each verb is needed.
@@ -222,6 +226,9 @@ class KubernetesDriver:
         #: Kubernetes or OpenShift (gateway.drivers.openshift): decided with the injection.
         self.platform: PlatformChoice | None = None
         self._choosing = asyncio.Lock()
+        #: When the injection was last asked (monotonic): a provisional one is asked again after
+        #: RETRY_UNSETTLED_S, at a creation.
+        self._injection_asked = 0.0
 
     @property
     def namespace(self) -> str:
@@ -269,7 +276,11 @@ class KubernetesDriver:
                 except PlatformUnknown as exc:
                     # Not cached: asked again at start's retry or the next creation (a 502 meanwhile).
                     raise KubernetesDriverError(f"{exc}; drivers.kubernetes.platform is auto") from None
+            unsettled = self.injection is not None and not self.injection.settled
+            if unsettled and time.monotonic() - self._injection_asked >= RETRY_UNSETTLED_S:
+                self.injection = None  # the cluster did not answer last time: ask again
             if self.injection is None:
+                self._injection_asked = time.monotonic()
                 self.injection = await choose_injection(
                     self.client,
                     platform_pod_settings(self._settings, self.platform.platform),
@@ -280,8 +291,10 @@ class KubernetesDriver:
 
     async def _pod_settings(self) -> KubernetesDriverSettings:
         """The settings a sandbox pod is built from: for the platform, with the injection mode
-        decided, never ``auto``."""
-        choice = self.injection or await self.choose_injection()
+        decided, never ``auto`` (a provisional choice is asked again, see choose_injection)."""
+        choice = self.injection
+        if choice is None or not choice.settled:
+            choice = await self.choose_injection()
         assert self.platform is not None  # decided before the injection
         settings = platform_pod_settings(self._settings, self.platform.platform)
         if choice.mode == settings.supervisor.injection:

@@ -25,10 +25,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx2 as httpx
 from lightkube import AsyncClient
 
 from gateway.config import KubernetesDriverSettings
+from gateway.drivers.kubeapi import NonResourceError, get_json
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,11 @@ def serves_scc_group(group_list: Any) -> bool:
 async def api_groups(client: AsyncClient) -> dict[str, Any]:
     """The API server's ``GET /apis`` (discovery, readable by every authenticated identity).
 
-    lightkube has no discovery call; its HTTP client (the kubeconfig's server, credentials and CA)
-    does the request, as gateway.drivers.injection.server_version does for ``/version``."""
-    http = client._client._client  # private: see the docstring
+    lightkube has no discovery call: gateway.drivers.kubeapi reads it."""
     try:
-        response = await http.get("/apis")
-        response.raise_for_status()
-        doc = response.json()
-    except (httpx.HTTPError, ValueError, OSError) as exc:
-        raise PlatformUnknown(f"cannot read the API server's discovery (/apis): {exc}") from None
+        doc = await get_json(client, "/apis")
+    except NonResourceError as exc:
+        raise PlatformUnknown(f"discovery (/apis) did not answer: {exc}") from None
     if not isinstance(doc, dict):
         raise PlatformUnknown("the API server's /apis is not an APIGroupList")
     return doc

@@ -10,18 +10,22 @@ A namespace whose quota allows no pod shows a dry-run refusal that is not about 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from lightkube import Client
 from lightkube.models.core_v1 import LimitRangeItem, LimitRangeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import LimitRange, Pod, ServiceAccount
 
+from chaos.proxy import DelayProxy
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, KubernetesDriverSettings
+from gateway.drivers import kubernetes as kubernetes_driver
 from gateway.drivers.injection import decide
 from gateway.drivers.kubernetes import KubernetesDriver, rbac_rules
 from gateway.drivers.podspec import INIT_CONTAINER_NAME, VOLUME_SUPERVISOR, SandboxRequest, pod_name
@@ -34,10 +38,14 @@ pytestmark = pytest.mark.timeout(600)
 SERVICE_ACCOUNT = "sandbox"
 
 
-def settings(namespace: str, kubeconfig: Path, **supervisor: str) -> KubernetesDriverSettings:
+def settings(
+    namespace: str, kubeconfig: Path, *, platform: str = "auto", **supervisor: str
+) -> KubernetesDriverSettings:
     return KubernetesDriverSettings.model_validate(
         {
             "namespace": namespace,
+            "platform": platform,
+            "request_timeout_s": 5,
             "kubeconfig": str(kubeconfig),
             "gateway_address": "openshell-gateway.openshell.svc:7070",
             "supervisor": {"image": "registry.invalid/openshell-supervisor:0.1.0", **supervisor},
@@ -186,3 +194,36 @@ async def test_the_ops_status_shows_the_choice(
     assert doc["driver"]["kind"] == "kubernetes" and doc["driver"]["namespace"] == sandbox_namespace
     assert injection["configured"] == "auto" and injection["mode"] in ("image-volume", "init-container")
     assert injection["server_version"] and injection["reason"]
+
+
+async def test_a_choice_made_while_the_api_did_not_answer_is_asked_again(
+    admin: Client, kubeconfig: Path, sandbox_namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API out of reach at start: the choice is provisional (init-container, said so) and not
+    kept for the process's life; once the API answers, the next creation asks again and settles."""
+    if os.environ.get("KUBECONFIG"):
+        pytest.skip("reaches the API server through a local proxy: the tests' own control plane only")
+    identity = gateway_identity(admin, kubeconfig, sandbox_namespace, tmp_path / "gateway")
+    doc = yaml.safe_load(identity.read_text())
+    api = urllib.parse.urlsplit(doc["clusters"][0]["cluster"]["server"])
+    proxy = DelayProxy(workdir=tmp_path / "proxy", host="127.0.0.1", target=f"127.0.0.1:{api.port}")
+    # The gateway dials the proxy's port, where nothing listens yet: every call is refused.
+    doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    (tmp_path / "via-proxy").write_text(yaml.safe_dump(doc))
+    driver = KubernetesDriver(settings(sandbox_namespace, tmp_path / "via-proxy", platform="kubernetes"))
+    try:
+        first = await driver.choose_injection()
+        assert (first.settled, first.mode, first.server_version) == (False, "init-container", None), first
+        assert "provisional" in first.reason
+        monkeypatch.setattr(kubernetes_driver, "RETRY_UNSETTLED_S", 0.0)
+        proxy.start()
+        await driver.create(SandboxRequest("sb-late", ["true"], image="registry.invalid/agent:1"))
+        settled = driver.injection
+        assert settled is not None and settled.settled and settled.mode == "image-volume", settled
+        pod = admin.get(Pod, pod_name("sb-late"), namespace=sandbox_namespace)
+        assert pod.spec is not None and pod.spec.volumes
+        [tree] = [v for v in pod.spec.volumes if v.name == VOLUME_SUPERVISOR]
+        assert tree.image is not None and not pod.spec.initContainers
+    finally:
+        proxy.stop()
+        await driver.close()

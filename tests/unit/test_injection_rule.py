@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import httpx2 as httpx
 import pytest
-from lightkube import ApiError
+from lightkube import ApiError, AsyncClient, KubeConfig
 
 from gateway.drivers.injection import _about_the_volume, _version_of, decide
+from gateway.drivers.kubeapi import NonResourceError, lightkube_http
 
 
 @pytest.mark.parametrize(
@@ -78,7 +79,34 @@ def _refusal(code: int, message: str) -> ApiError:
     ],
 )
 def test_which_refusals_are_about_the_image_volume(code: int, message: str, about: bool) -> None:
-    assert _about_the_volume(_refusal(code, message)) is about
+    # The probe pod's supervisor volume is its first (index 0) in these messages.
+    assert _about_the_volume(_refusal(code, message), index=0) is about
+
+
+def test_a_422_on_another_volume_is_not_about_the_supervisors() -> None:
+    other = 'Pod "x" is invalid: spec.volumes[2].secret.secretName: Required value'
+    assert _about_the_volume(_refusal(422, other), index=0) is False
+    assert _about_the_volume(_refusal(422, other.replace("[2]", "[0]")), index=0) is True
+
+
+def test_lightkubes_http_client_is_where_the_gateway_reads_it() -> None:
+    """kubeapi reaches into lightkube for /version and /apis: an upgrade that moves the client
+    fails here, not at a creation."""
+    config = KubeConfig.from_dict(
+        {
+            "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+    )
+    assert isinstance(lightkube_http(AsyncClient(config)), httpx.AsyncClient)
+
+    class Moved:
+        pass
+
+    with pytest.raises(NonResourceError, match="not where this gateway expects it"):
+        lightkube_http(Moved())  # type: ignore[arg-type]
 
 
 def test_on_openshift_auto_needs_the_dry_run_to_have_kept_the_volume() -> None:
