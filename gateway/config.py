@@ -631,6 +631,15 @@ class SupervisorInjectionSettings(_Section):
         default_factory=dict,
         description="Supervisor config values passed as `--set KEY=VALUE` (e.g. journal.max_bytes).",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port on which every sandbox's supervisor serves its own /metrics (and /healthz, "
+        "/readyz, /status), declared as the container port named `metrics` for a PodMonitor (the "
+        "chart's monitoring.podMonitor; the one-sandbox dashboard reads it). Null: off (the fleet's "
+        "metrics are the gateway's). The sandbox's own process must not listen on it.",
+    )
     init_resources: ResourceSettings = Field(
         default_factory=lambda: ResourceSettings(requests={"cpu": "50m", "memory": "64Mi"}, limits={}),
         description="Resources of the init container (init-container injection only).",

@@ -490,9 +490,7 @@ class GatewayMetrics:
         )
         self.retained_events = Gauge(
             PREFIX + "retained_events",
-            "Events in the table after the last retention run (all kinds): counted on SQLite and with "
-            "retention.max_bytes set; otherwise PostgreSQL's planner estimate of the rows at the run's "
-            "start (pg_class.reltuples scaled to the table's pages), less those the run deleted.",
+            "Events in the table after the last retention run (all kinds).",
             registry=self.registry,
         )
         self.retained_bytes = Gauge(

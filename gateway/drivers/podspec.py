@@ -60,6 +60,8 @@ GATEWAY_CA_KEY = "ca.crt"
 GATEWAY_CA_DIR = "/var/run/openshell/tls"
 
 CONTAINER_NAME = "sandbox"
+#: The container port of the supervisor's own endpoints (drivers.kubernetes.supervisor.metrics_port).
+METRICS_PORT_NAME = "metrics"
 INIT_CONTAINER_NAME = "openshell-supervisor-install"
 VOLUME_SUPERVISOR = "openshell-supervisor"
 VOLUME_JOURNAL = "openshell-journal"
@@ -303,6 +305,14 @@ def supervisor_command(
         # The gateway's private CA, from the ConfigMap the driver publishes (settings may still
         # override either: they come after).
         argv += ["--set", "gateway.tls=true", "--set", f"gateway.ca_file={GATEWAY_CA_DIR}/{GATEWAY_CA_KEY}"]
+    if settings.supervisor.metrics_port is not None:
+        # The supervisor's own endpoints on the pod's IP, for a PodMonitor (settings may override).
+        argv += [
+            "--set",
+            "http.enabled=true",
+            "--set",
+            f"http.listen=0.0.0.0:{settings.supervisor.metrics_port}",
+        ]
     for key, value in sorted(settings.supervisor.settings.items()):
         argv += ["--set", f"{key}={value}"]
     return [*argv, "--", *(kubernetes_literal(arg) for arg in command)]
@@ -417,6 +427,10 @@ def build_sandbox_pod(
     }
     if not container["env"]:
         del container["env"]
+    if settings.supervisor.metrics_port is not None:
+        container["ports"] = [
+            {"name": METRICS_PORT_NAME, "containerPort": settings.supervisor.metrics_port, "protocol": "TCP"}
+        ]
     resources = _resources(pod.resources.requests, pod.resources.limits)
     if resources:
         container["resources"] = resources

@@ -2014,3 +2014,40 @@ def test_the_notes_say_how_the_supervisor_is_injected() -> None:
     assert "Supervisor injection: init-container" in notes_of(
         {"sandboxes": {"supervisor": {"injection": "init-container"}}}
     )
+
+
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_sandbox_metrics_reach_the_pods_the_podmonitor_and_only_the_named_scrapers(tmp_path: Path) -> None:
+    values = {
+        "sandboxes": {"supervisor": {"metrics": {"enabled": True, "port": 9470}}},
+        "networkPolicy": {"sandboxes": {"metricsFrom": [PROMETHEUS]}},
+        "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}}},
+    }
+    objects = render(values)
+    # The gateway builds every sandbox pod with the port, under the labels the PodMonitor selects.
+    pod = sandbox_pod(load_config(objects, tmp_path))
+    [container] = pod["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9470, "protocol": "TCP"}]
+    (monitor,) = of_kind(objects, "PodMonitor")
+    assert monitor["metadata"]["namespace"] == pod["metadata"]["namespace"] == f"{NAMESPACE}-sandboxes"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # The sandboxes' policy admits the named scrapers, on that port only.
+    policy = one(objects, "NetworkPolicy", component="sandbox-policy")
+    assert policy["spec"]["ingress"] == [{"from": [PROMETHEUS], "ports": [{"port": 9470, "protocol": "TCP"}]}]
+    # Off (the default): no port, no monitor, no ingress at all.
+    default = render({})
+    assert "ports" not in sandbox_pod(load_config(default, tmp_path))["spec"]["containers"][0]
+    assert of_kind(default, "PodMonitor") == []
+    assert one(default, "NetworkPolicy", component="sandbox-policy")["spec"]["ingress"] == []
+
+
+def test_sandbox_metrics_without_their_scrapers_or_a_monitor_without_metrics_are_refused() -> None:
+    with pytest.raises(helm.HelmError, match=r"networkPolicy\.sandboxes\.metricsFrom"):
+        render({"sandboxes": {"supervisor": {"metrics": {"enabled": True}}}})
+    with pytest.raises(helm.HelmError, match=r"needs sandboxes\.supervisor\.metrics\.enabled"):
+        render({"monitoring": {"podMonitor": {"enabled": True}}})

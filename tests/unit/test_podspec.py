@@ -6,6 +6,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from pydantic import ValidationError
 
 from gateway.auth.kubernetes_tokens import sandbox_of_pod
 from gateway.config import GatewayConfig, KubernetesDriverSettings, SupervisorAuthSettings
@@ -305,3 +306,19 @@ def test_the_command_and_env_reach_the_process_as_written() -> None:
     assert [expand(arg, env) for arg in given] == command
     values = expand_env([e for e in main["env"] if e["name"] in env])
     assert values == env
+
+
+def test_the_supervisors_metrics_port_is_served_and_declared_only_when_set() -> None:
+    off = build_sandbox_pod(settings(), request())["spec"]["containers"][0]
+    assert "ports" not in off and not any(arg.startswith("http.") for arg in off["command"])
+    on = build_sandbox_pod(settings(supervisor={"metrics_port": 9469}), request())["spec"]["containers"][0]
+    assert on["ports"] == [{"name": "metrics", "containerPort": 9469, "protocol": "TCP"}]
+    before_the_command = on["command"][: on["command"].index("--")]
+    assert "http.enabled=true" in before_the_command and "http.listen=0.0.0.0:9469" in before_the_command
+    # The operator's settings come after, so they may still move it.
+    moved = build_sandbox_pod(
+        settings(supervisor={"metrics_port": 9469, "settings": {"http.listen": "0.0.0.0:9500"}}), request()
+    )["spec"]["containers"][0]["command"]
+    assert moved.index("http.listen=0.0.0.0:9500") > moved.index("http.listen=0.0.0.0:9469")
+    with pytest.raises(ValidationError):
+        settings(supervisor={"metrics_port": 0})

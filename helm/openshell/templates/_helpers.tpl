@@ -304,6 +304,7 @@ securityContext:
 {{- /* Supervisors speak TLS to a TLS gateway, verified against the TLS Secret's ca.crt, which the
        driver publishes in the sandbox namespace for the sandbox pods to mount (docs/helm.md). */ -}}
 {{- if $v.tls.enabled }}{{ $_ := set $supervisor "gateway_ca_file" "/etc/openshell/tls/ca.crt" }}{{ end -}}
+{{- if $sup.metrics.enabled }}{{ $_ := set $supervisor "metrics_port" (int $sup.metrics.port) }}{{ end -}}
 {{- $podcfg := dict
       "image_pull_policy" $pod.imagePullPolicy
       "image_pull_secrets" (include "openshell.pullSecretNames" (list . $pod.imagePullSecrets) | fromJsonArray)
