@@ -490,6 +490,7 @@ class RetentionSettings(_Section):
 
 
 EventKind = Literal["log", "lifecycle", "gap", "health"]
+_GRPC_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
 class OtlpLogsSettings(_Section):
@@ -505,7 +506,9 @@ class OtlpLogsSettings(_Section):
         description="Plain gRPC without TLS; null: by the endpoint's scheme (http: plain, https: TLS).",
     )
     headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra gRPC metadata sent with every export (e.g. an API key)."
+        default_factory=dict,
+        description="Extra gRPC metadata sent with every export (e.g. an API key); names are lowercased "
+        "(gRPC's are case-insensitive and sent lowercase).",
     )
     kinds: list[EventKind] = Field(
         default_factory=lambda: list[EventKind](["log", "lifecycle", "gap"]),
@@ -550,6 +553,25 @@ class OtlpLogsSettings(_Section):
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
             raise ValueError(f"{value!r} is not http://host:port or https://host:port")
         return value
+
+    @field_validator("headers")
+    @classmethod
+    def _metadata_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # gRPC refuses a key with capitals at every export (INTERNAL, "Invalid metadata"), long
+        # after the start: lowercase them here, and refuse what no case makes valid.
+        out: dict[str, str] = {}
+        given: dict[str, str] = {}
+        for key, item in value.items():
+            name = key.lower()
+            if not _GRPC_METADATA_KEY.fullmatch(name) or name.startswith("grpc-"):
+                raise ValueError(
+                    f"header {key!r} is not a gRPC metadata key (letters, digits, '-', '_' and '.'; "
+                    "not starting with 'grpc-')"
+                )
+            if name in given:
+                raise ValueError(f"headers {given[name]!r} and {key!r} are the same gRPC metadata key")
+            given[name], out[name] = key, item
+        return out
 
     @model_validator(mode="after")
     def _renewed_within_lease(self) -> OtlpLogsSettings:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 SCOPE = "openshell.gateway.events"
 #: Missing ids looked for in one statement (well under both drivers' bound on parameters).
 HOLES_PER_QUERY = 5000
+#: The SDK exporter's logger: one line per failed attempt, which the export takes for its reason.
+SDK_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+#: An unexpected error of the export's loop is logged with its traceback at most this often.
+CRASH_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,15 +226,61 @@ class Tail:
     #: The highest id read so far.
     top: int
     #: Ids missing below ``top`` (not committed yet, or never), with when they were first missed.
+    #: A tail starting from the stored position takes the ids between it and the first id read
+    #: for holes too: a transaction still open when the export changed hands (a takeover, a
+    #: restart, a database error) commits there.
     holes: dict[int, float]
-    #: Whether ``top`` was read by this tail (not the stored position it started from): ids
-    #: between the stored position and the first id read are not taken for holes (they are rows
-    #: retention deleted, or given up before the position was stored).
-    started: bool = False
 
     def settled(self) -> int:
         """Every id at or below this has been exported or given up: the position to store."""
         return min(self.holes) - 1 if self.holes else self.top
+
+
+class _SdkErrors(logging.Filter):
+    """Takes what the SDK exporter logs while it exports for us, in that thread: the last line is
+    why the export failed (UNAVAILABLE, UNAUTHENTICATED, a TLS error...), which our own warning
+    gives, rate-limited. The SDK's lines themselves are dropped (one per attempt); other threads'
+    pass untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self._local, "capturing", False):
+            return True
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 4 and hasattr(args[2], "name"):
+            # "Failed to export %s to %s, error code: %s, error details: %s"
+            self._local.last = f"{args[2].name}: {args[3]}"
+        else:
+            self._local.last = record.getMessage()
+        return False
+
+    def export(self, exporter: LogRecordExporter, records: Sequence[ReadableLogRecord]) -> tuple[bool, str]:
+        """Export (blocking: run in a thread); whether the receiver accepted, and why not."""
+        self._local.capturing, self._local.last = True, None
+        try:
+            result = exporter.export(records)
+        except Exception as exc:  # a failed export whatever the cause: retried
+            return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            self._local.capturing = False
+        if getattr(result, "name", "") == "SUCCESS":
+            return True, ""
+        return False, self._local.last or "the exporter gave no reason"
+
+
+_SDK_ERRORS = _SdkErrors()
+
+
+def _capture_sdk_errors() -> None:
+    logger = logging.getLogger(SDK_LOGGER)
+    if _SDK_ERRORS not in logger.filters:
+        # First: the SDK's own duplicate filter would otherwise hide a repeated reason.
+        logger.filters.insert(0, _SDK_ERRORS)
+    if not logger.isEnabledFor(logging.ERROR):
+        logger.setLevel(logging.ERROR)
 
 
 class OtlpLogExport:
@@ -253,6 +304,8 @@ class OtlpLogExport:
         self._kinds = set(settings.kinds)
         self._resource: Any = None
         self._scope: Any = None
+        self._crash_logged_at: float | None = None
+        self._crashes_unlogged = 0
 
     def _exporter(self) -> LogRecordExporter:
         if self._sender is None:
@@ -280,33 +333,55 @@ class OtlpLogExport:
             }
         )
         self._scope = InstrumentationScope(SCOPE, __version__)
-        # The SDK logs an ERROR at every failed attempt; ours (rate-limited, with the count) and
-        # the failures metric replace it.
-        logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
+        # The SDK logs an ERROR at every failed attempt; ours (rate-limited, with the count and
+        # the SDK's reason) and the failures metric replace it.
+        _capture_sdk_errors()
         exporter = self._exporter()
         try:
             while True:
                 try:
-                    position = await self._cursor.claim(self._replica, lease_s=s.lease_s)
-                except StoreError as exc:
-                    log.warning("OTLP log export: cannot claim the export: %s", exc)
-                    position = None
-                self._set_holding(position is not None)
-                if position is None:
-                    await asyncio.sleep(s.lease_s / 3)
-                    continue
-                log.info("OTLP log export: this replica exports, from event id %d", position)
-                try:
-                    await self._export_from(Tail(top=position, holes={}), exporter)
-                except LostExport:
-                    log.info("OTLP log export: another replica took the export over")
-                except StoreError as exc:
-                    log.warning("OTLP log export paused: %s", exc)
-                    await asyncio.sleep(s.poll_interval_s)
+                    await self._claim_and_export(exporter)
+                except Exception:  # a defect must not end the export for good
+                    self._log_crash()
+                    # Within the lease (max_backoff_s is at most half of it): the row stays ours.
+                    await asyncio.sleep(s.max_backoff_s)
         finally:
             self._set_holding(False)
             # Interrupts a retry the SDK exporter may be sleeping in (its thread ends soon after).
             exporter.shutdown()  # type: ignore[no-untyped-call]
+
+    async def _claim_and_export(self, exporter: LogRecordExporter) -> None:
+        """One turn: claim the export, then export until it is lost or the database fails."""
+        s = self._settings
+        try:
+            position = await self._cursor.claim(self._replica, lease_s=s.lease_s)
+        except StoreError as exc:
+            log.warning("OTLP log export: cannot claim the export: %s", exc)
+            position = None
+        self._set_holding(position is not None)
+        if position is None:
+            await asyncio.sleep(s.lease_s / 3)
+            return
+        log.info("OTLP log export: this replica exports, from event id %d", position)
+        try:
+            await self._export_from(Tail(top=position, holes={}), exporter)
+        except LostExport:
+            log.info("OTLP log export: another replica took the export over")
+        except StoreError as exc:
+            log.warning("OTLP log export paused: %s", exc)
+            await asyncio.sleep(s.poll_interval_s)
+
+    def _log_crash(self) -> None:
+        now = time.monotonic()
+        if self._crash_logged_at is not None and now - self._crash_logged_at < CRASH_LOG_INTERVAL_S:
+            self._crashes_unlogged += 1
+            return
+        log.exception(
+            "OTLP log export: unexpected error, going on after %.1fs (%d more since the last logged)",
+            self._settings.max_backoff_s,
+            self._crashes_unlogged,
+        )
+        self._crash_logged_at, self._crashes_unlogged = now, 0
 
     async def release(self) -> None:
         """At shutdown, after the task ended: let another replica take over at once (nothing
@@ -318,6 +393,16 @@ class OtlpLogExport:
             self._metrics.otlp_exporting.set(1 if holding else 0)
             if not holding:
                 self._metrics.otlp_lag.set(0)
+
+    def _set_lag(self, newest: int | None, position: int) -> None:
+        if self._metrics is not None and newest is not None:
+            self._metrics.otlp_lag.set(max(0, newest - position))
+
+    async def _newest(self) -> int | None:
+        with store_errors("cannot read the newest event id"):
+            async with self._db.engine.connect() as conn:
+                newest = await conn.scalar(select(func.max(events_table.c.id)))
+        return None if newest is None else int(newest)
 
     async def _read(self, tail: Tail) -> tuple[list[Row], int | None]:
         """The next page above ``tail.top``, the holes that appeared since, and the newest id."""
@@ -338,33 +423,56 @@ class OtlpLogExport:
     async def _export_from(self, tail: Tail, exporter: LogRecordExporter) -> None:
         s = self._settings
         while True:
+            # Every id at or below this was accepted by the receiver or given up: taken before this
+            # page touches the holes, it is what the lease is renewed at until the receiver accepted
+            # the page (after, the holes this page adds or fills could put it inside the page).
+            before = tail.settled()
             rows, newest = await self._read(tail)
             now = time.monotonic()
             for row in rows:
                 tail.holes.pop(row.id, None)
             page_ids = [r.id for r in rows if r.id > tail.top]
-            expected = tail.top + 1 if tail.started else (page_ids[0] if page_ids else 0)
-            for event_id in page_ids:
-                for missing in range(expected, event_id):
-                    tail.holes[missing] = now
-                expected = event_id + 1
-            # Until the receiver accepted this page, the lease is renewed at the position before it.
-            before = tail.settled()
+            given_up = self._add_holes(tail, page_ids, now)
             if page_ids:
                 tail.top = page_ids[-1]
-                tail.started = True
-            self._forget_old_holes(tail, now)
+            given_up += self._forget_old_holes(tail, now)
+            if given_up:
+                log.warning(
+                    "OTLP log export: %d missing event ids given up early (more than max_pending_ids %d)",
+                    given_up,
+                    s.max_pending_ids,
+                )
+            self._set_lag(newest, before)
             chosen = [r for r in rows if r.kind in self._kinds]
             if chosen:
                 await self._send(chosen, exporter, renew_at=before)
             if not await self._cursor.advance(self._replica, tail.settled()):
                 raise LostExport
-            if self._metrics is not None and newest is not None:
-                self._metrics.otlp_lag.set(max(0, newest - tail.settled()))
+            self._set_lag(newest, tail.settled())
             if len(page_ids) < s.batch_size:
                 await asyncio.sleep(s.poll_interval_s)
 
-    def _forget_old_holes(self, tail: Tail, now: float) -> None:
+    def _add_holes(self, tail: Tail, page_ids: list[int], now: float) -> int:
+        """Takes the ids missing between ``tail.top`` and the page's ids for holes, the newest
+        ``max_pending_ids`` of them at most (a gap of millions of ids, rows deleted by retention,
+        costs no memory); returns how many were given up at once."""
+        gaps: list[tuple[int, int]] = []
+        expected = tail.top + 1
+        for event_id in page_ids:
+            if event_id > expected:
+                gaps.append((expected, event_id))
+            expected = event_id + 1
+        room, given_up = self._settings.max_pending_ids, 0
+        for low, high in reversed(gaps):
+            taken = min(room, high - low)
+            tail.holes.update(dict.fromkeys(range(high - taken, high), now))
+            given_up += high - low - taken
+            room -= taken
+        return given_up
+
+    def _forget_old_holes(self, tail: Tail, now: float) -> int:
+        """Drops the holes looked for longer than ``settle_s``, then the oldest past
+        ``max_pending_ids``; returns how many of the latter."""
         s = self._settings
         for hole, since in list(tail.holes.items()):
             if now - since > s.settle_s:
@@ -373,11 +481,7 @@ class OtlpLogExport:
         if excess > 0:
             for hole in sorted(tail.holes)[:excess]:
                 del tail.holes[hole]
-            log.warning(
-                "OTLP log export: %d missing event ids given up early (more than max_pending_ids %d)",
-                excess,
-                s.max_pending_ids,
-            )
+        return max(0, excess)
 
     async def _send(self, rows: Sequence[Row], exporter: LogRecordExporter, *, renew_at: int) -> None:
         s = self._settings
@@ -390,19 +494,24 @@ class OtlpLogExport:
         failures = 0
         async for attempt in retrying:
             with attempt:
-                if failures and not await self._cursor.advance(self._replica, renew_at):
+                if failures:
                     # Renewed at each retry: a long outage of the receiver keeps the export here.
-                    raise LostExport
-                result = await asyncio.to_thread(exporter.export, records)
-                if getattr(result, "name", "") != "SUCCESS":
+                    if not await self._cursor.advance(self._replica, renew_at):
+                        raise LostExport
+                    # What waits, kept current through the outage (the failing-export alert reads it).
+                    self._set_lag(await self._newest(), renew_at)
+                accepted, reason = await asyncio.to_thread(_SDK_ERRORS.export, exporter, records)
+                if not accepted:
                     failures += 1
                     if self._metrics is not None:
                         self._metrics.otlp_failures.inc()
                     if failures == 1 or failures % 10 == 0:
                         log.warning(
-                            "OTLP log export to %s failed (%d times in a row), retrying with backoff",
+                            "OTLP log export to %s failed (%d times in a row): %s; retrying with backoff",
                             s.endpoint,
                             failures,
+                            reason,
+                            extra={"endpoint": s.endpoint, "failures": failures, "reason": reason},
                         )
                     raise ExportFailed
         if failures:

@@ -13,7 +13,8 @@ is kept by all of them, and two replicas racing over the same batch cost each ot
 locks at most. To spare the duplicate work, set ``retention.enabled: false`` on all replicas but
 some.
 
-A failed run (the database away) is logged and counted; the next one comes an interval later.
+A failed run (the database away, or an unexpected error: logged with its traceback) is logged and
+counted; the next one comes an interval later.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 #: The first run comes this long after the start at most (a restart should not delay retention by
 #: a whole interval, nor run it in the middle of the start's reconnect storm).
 FIRST_RUN_DELAY_S = 30.0
+#: An unexpected error of a run is logged with its traceback at most this often.
+CRASH_LOG_INTERVAL_S = 600.0
 
 
 @dataclass(slots=True)
@@ -65,14 +68,27 @@ class Retention:
 
     async def run(self) -> None:
         await asyncio.sleep(min(self._settings.interval_s, FIRST_RUN_DELAY_S))
+        crash_logged_at: float | None = None
         while True:
             try:
                 await self.run_once()
             except StoreError as exc:
                 log.warning("retention run failed, the next in %.0fs: %s", self._settings.interval_s, exc)
-                if self._metrics is not None:
-                    self._metrics.background_write_failures.labels("retention").inc()
+                self._count_failure()
+            except Exception:  # a defect must not end retention for the process's life
+                # With its traceback, at most every CRASH_LOG_INTERVAL_S (the interval may be short).
+                now = time.monotonic()
+                if crash_logged_at is None or now - crash_logged_at >= CRASH_LOG_INTERVAL_S:
+                    log.exception(
+                        "retention run failed unexpectedly, the next in %.0fs", self._settings.interval_s
+                    )
+                    crash_logged_at = now
+                self._count_failure()
             await asyncio.sleep(self._settings.interval_s)
+
+    def _count_failure(self) -> None:
+        if self._metrics is not None:
+            self._metrics.background_write_failures.labels("retention").inc()
 
     async def cutoffs(self, bulk_bytes: int | None) -> Cutoffs:
         s = self._settings

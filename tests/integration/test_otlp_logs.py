@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from sqlalchemy import delete, insert, update
 
 from gateway.app import Gateway
 from gateway.config import OtlpLogsSettings
@@ -28,7 +30,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.otlp_logs import OtlpLogExport
 from gateway.sessions import SessionRegistry
 from gateway.store import Database, EventStore, SandboxStore
+from gateway.store.db import utcnow
 from gateway.store.export_cursor import ExportCursorStore
+from gateway.store.schema import events as events_table
 from openshell_wire.records import (
     Event,
     GapReason,
@@ -447,3 +451,209 @@ async def test_gateway_runs_the_export_and_releases_it_at_stop(
         assert await ExportCursorStore(db).claim("another-replica", lease_s=30) == 2
     finally:
         await db.close()
+
+
+# -- defects found in review (issue 23 point 3): each test failed on the code before the fix -------
+
+
+class RefusingLogs(logs_service_pb2_grpc.LogsServiceServicer):
+    """A receiver that wants an API key (``x-api-key: secret``): without it, UNAUTHENTICATED."""
+
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
+
+    async def Export(
+        self, request: logs_service_pb2.ExportLogsServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        if dict(context.invocation_metadata() or ()).get("x-api-key") != "secret":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid x-api-key")
+        self.receiver.log_requests.append(request)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
+@pytest.fixture
+async def keyed_receiver() -> AsyncIterator[OtlpReceiver]:
+    rx = OtlpReceiver()
+    server = grpc.aio.server()
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(RefusingLogs(rx), server)  # type: ignore[no-untyped-call]
+    rx.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield rx
+    finally:
+        await server.stop(grace=0.5)
+
+
+def failures(metrics: GatewayMetrics) -> float:
+    return metrics.registry.get_sample_value("openshell_gateway_otlp_log_export_failures_total") or 0
+
+
+async def test_position_stays_below_records_not_accepted(db: Database) -> None:
+    """A page with a hole (id 3 missing, as an uncommitted id on PostgreSQL) that the receiver
+    refuses: the lease is renewed at every retry, but the stored position stays below the page
+    (it was stored at 2, inside the page, so a restart would never have sent 1 and 2)."""
+    await SandboxStore(db).ensure("sb")
+    await EventStore(db).store_events("sb", "j", [line(s) for s in range(1, 5)])
+    async with db.begin() as conn:
+        await conn.execute(delete(events_table).where(events_table.c.id == 3))
+    rx = OtlpReceiver()
+    down = FixedPortReceiver(rx, free_port())
+    metrics = GatewayMetrics(SessionRegistry())
+    run = Running(OtlpLogExport(settings(down.endpoint), db, replica="r1", metrics=metrics))
+    try:
+        await until(lambda: failures(metrics) >= 3, within=30, what="three failed exports")
+        assert await ExportCursorStore(db).position() == 0
+        await down.start()
+        got = await wait_keys(rx, lambda k: len(k) >= 3, "the three records once the receiver is back")
+        assert sorted(seq for _, _, seq in got) == [1, 2, 4]
+    finally:
+        await run.stop()
+        await down.stop()
+
+
+async def test_memory_bounded_by_max_pending_ids_across_a_large_id_gap(
+    db: Database, receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two million ids missing between two rows (retention, or ids spent by rollbacks): only the
+    newest max_pending_ids are looked for again, the rest counted as given up at once; the
+    exporter does not build an entry per missing id first (250 MiB before the fix)."""
+    await SandboxStore(db).ensure("sb")
+    events = EventStore(db)
+    await events.store_events("sb", "j", [line(1)])
+    run = Running(OtlpLogExport(settings(receiver.endpoint, max_pending_ids=1000), db, replica="r1"))
+    tracemalloc.start()
+    try:
+        await wait_keys(receiver, lambda k: len(k) >= 1, "the first record")
+        tracemalloc.reset_peak()
+        async with db.begin() as conn:
+            await conn.execute(
+                insert(events_table).values(
+                    id=2_000_001, sandbox_id="sb", journal_epoch="j", sequence=2, timestamp_ms=TS,
+                    kind="log", stream="stdout", message="far", received_at=utcnow(), generation=1,
+                )
+            )  # fmt: skip
+        await wait_keys(receiver, lambda k: ("sb", "j", 2) in k, "the record after the gap")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await run.stop()
+    assert peak < 30 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert "1998999 missing event ids given up" in caplog.text
+
+
+async def test_lag_shows_the_waiting_events_during_an_outage(db: Database) -> None:
+    """The receiver goes down while the export is caught up: the lag gauge counts what waits (it
+    stayed 0 before the fix, so the failing-export alert, lag > 0 and failures, never fired)."""
+    await SandboxStore(db).ensure("sb")
+    events = EventStore(db)
+    rx = OtlpReceiver()
+    port = FixedPortReceiver(rx, free_port())
+    await port.start()
+    metrics = GatewayMetrics(SessionRegistry())
+    run = Running(OtlpLogExport(settings(port.endpoint), db, replica="r1", metrics=metrics))
+    lag = "openshell_gateway_otlp_log_export_lag_events"
+    try:
+        await events.store_events("sb", "j", [line(s) for s in range(1, 11)])
+        await wait_keys(rx, lambda k: len(k) >= 10, "the first ten")
+        await until(lambda: metrics.registry.get_sample_value(lag) == 0, within=10, what="lag 0")
+        await port.stop()
+        await events.store_events("sb", "j", [line(s) for s in range(11, 111)])
+        await until(lambda: failures(metrics) >= 2, within=30, what="two failed exports")
+        await events.store_events("sb", "j", [line(s) for s in range(111, 161)])
+        await until(
+            lambda: (metrics.registry.get_sample_value(lag) or 0) >= 150,
+            within=30,
+            what="the lag counting the 150 events waiting",
+        )
+    finally:
+        await run.stop()
+
+
+async def test_a_failed_export_says_why(
+    db: Database, keyed_receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    await SandboxStore(db).ensure("sb")
+    await EventStore(db).store_events("sb", "j", [line(1)])
+    metrics = GatewayMetrics(SessionRegistry())
+    run = Running(OtlpLogExport(settings(keyed_receiver.endpoint), db, replica="r1", metrics=metrics))
+    try:
+        await until(lambda: failures(metrics) >= 1, within=30, what="a refused export")
+        await asyncio.sleep(0.2)
+    finally:
+        await run.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.otlp_logs"]
+    assert any("UNAUTHENTICATED" in m and "no valid x-api-key" in m for m in warnings), warnings
+
+
+async def test_header_names_with_capitals_are_sent(db: Database, keyed_receiver: OtlpReceiver) -> None:
+    """gRPC refuses metadata keys with capitals (INTERNAL, invalid metadata): the config lowercases
+    them (gRPC's keys are case-insensitive)."""
+    await SandboxStore(db).ensure("sb")
+    await EventStore(db).store_events("sb", "j", [line(1)])
+    s = settings(keyed_receiver.endpoint, headers={"X-Api-Key": "secret"})
+    run = Running(OtlpLogExport(s, db, replica="r1"))
+    try:
+        await wait_keys(keyed_receiver, lambda k: len(k) >= 1, "the record sent with the key")
+    finally:
+        await run.stop()
+
+
+async def test_the_export_survives_an_unexpected_error(
+    db: Database, receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row the export cannot read (its data not JSON): the error is logged with its traceback,
+    the task goes on; once the row is repaired it is exported (the task had ended before)."""
+    await SandboxStore(db).ensure("sb")
+    events = EventStore(db)
+    await events.store_events("sb", "j", [line(1)])
+    async with db.begin() as conn:
+        await conn.execute(update(events_table).where(events_table.c.id == 1).values(data="{not json"))
+    run = Running(OtlpLogExport(settings(receiver.endpoint), db, replica="r1"))
+    try:
+        await until(
+            lambda: any(r.exc_info for r in caplog.records if r.name == "gateway.otlp_logs"),
+            within=10,
+            what="the error logged with its traceback",
+        )
+        async with db.begin() as conn:
+            await conn.execute(update(events_table).where(events_table.c.id == 1).values(data=None))
+        await events.store_events("sb", "j", [line(2)])
+        got = await wait_keys(receiver, lambda k: len(k) >= 2, "both records after the repair")
+        assert not run.task.done()
+    finally:
+        await run.stop()
+    assert sorted(seq for _, _, seq in got) == [1, 2]
+
+
+@needs_pg
+async def test_postgres_late_commit_across_a_handover(pg: Database, receiver: OtlpReceiver) -> None:
+    """An id still uncommitted when the export changes hands (a rollout: SIGTERM releases, another
+    replica takes over at once): the new holder looks for it too (it started after the stored
+    position's first read id, never looking below it, before the fix)."""
+    events = EventStore(pg)
+    await SandboxStore(pg).ensure("slow")
+    await SandboxStore(pg).ensure("fast")
+    first = Running(OtlpLogExport(settings(receiver.endpoint), pg, replica="r1"))
+    second: Running | None = None
+    try:
+        await events.store_events("fast", "j", [line(1)])
+        await wait_keys(receiver, lambda k: len(k) >= 1, "the first record")
+        async with pg.engine.connect() as conn:
+            trans = await conn.begin()
+            await conn.exec_driver_sql(
+                "INSERT INTO events (sandbox_id, journal_epoch, sequence, timestamp_ms, kind, stream, "
+                "message, received_at, generation) VALUES ('slow', 'j', 1, 1, 'log', 'stdout', 'late', "
+                "now(), 1)"
+            )
+            await events.store_events("fast", "j", [line(2)])
+            await wait_keys(receiver, lambda k: ("fast", "j", 2) in k, "the earlier-committed record")
+            await asyncio.sleep(0.3)
+            await first.stop()
+            second = Running(OtlpLogExport(settings(receiver.endpoint), pg, replica="r2"))
+            await asyncio.sleep(0.5)
+            await trans.commit()
+        got = await wait_keys(receiver, lambda k: ("slow", "j", 1) in k, "the late record, from r2")
+        assert got[("slow", "j", 1)][0].resource["service.instance.id"] == "r2"
+    finally:
+        if second is not None:
+            await second.stop()
