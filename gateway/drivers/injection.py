@@ -22,8 +22,9 @@ version unread, the dry run timed out, throttled or failed with a 5xx) the choic
 its reason) and asked again at a creation, at most every minute, until the cluster answers: a
 transient failure at start does not decide for the process's life. A 422 is about the image
 volume only when it names the supervisor's volume (by name or its ``spec.volumes[i]``); an
-operator's bad extra volume is another problem. A configured ``image-volume`` is kept as configured, and a probe that says
-the cluster cannot mount image volumes is logged as an error (every sandbox would fail to start).
+operator's bad extra volume is another problem. A configured ``image-volume`` is kept as
+configured, and a probe that says the cluster cannot mount image volumes is logged as an error
+(every sandbox would fail to start).
 
 On OpenShift (gateway.drivers.openshift) the dry run also passes the namespace's SCC admission,
 which decides image volumes on its own: ``restricted-v2`` lists the ``image`` volume type from
