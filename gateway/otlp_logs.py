@@ -10,24 +10,34 @@ Each round reads at most ``batch_size`` events above the highest id read so far,
 ``kinds`` into the OpenTelemetry SDK's log records (:func:`log_record`) and hands them to the SDK's
 OTLP/gRPC exporter, in a thread (the exporter blocks). Only after the receiver accepted them does
 the position move; a failed export is tried again with exponential backoff and jitter
-(tenacity), the lease renewed at each attempt, so a receiver down for an hour loses nothing: the
-events wait in the table (retention permitting: see docs/otlp-logs.md).
+(tenacity), the lease renewed at each attempt (at the position from before the page: never past
+a record the receiver has not accepted), so a receiver down for an hour loses nothing: the events
+wait in the table (retention permitting: see docs/otlp-logs.md), and the lag gauge counts them
+through the outage. The warning about a failed export gives the SDK exporter's reason (its own log
+lines, one per attempt, are taken in the exporting thread: :class:`_SdkErrors`). An unexpected
+error does not end the task: it is logged with its traceback (rate-limited) and the loop goes on.
 
 **Ids are not committed in order on PostgreSQL**: a batch's transaction draws its ids, then may
 commit after a later batch's. An id missing between two ids read is kept as a *hole* and looked
 for again at every round for ``settle_s``; found, it is exported then; still missing after that,
 it is taken for a rolled-back insert or a refused duplicate (``ON CONFLICT DO NOTHING`` spends ids
 too) and forgotten. The stored position is the id below the oldest hole, so a restart reads the
-holes' range again: delivery is **at least once** (a record can arrive twice after a restart, a
-takeover or an export whose answer was lost). Every record carries ``openshell.sandbox_id``,
-``openshell.journal_epoch`` and ``openshell.sequence``, which identify it: a receiver that must
-not see repeats drops them on that key. Memory is bounded by ``batch_size`` records and
-``max_pending_ids`` holes (past it, the oldest hole is given up at once, with a warning).
+holes' range again, and a tail that starts from the stored position (a restart, a takeover, a
+database error) takes the ids between it and the first id it reads for holes too: a transaction
+still open at the handover is found when it commits. Delivery is **at least once** (a record can
+arrive twice after a restart, a takeover or an export whose answer was lost). Every record carries
+``openshell.sandbox_id``, ``openshell.journal_epoch`` and ``openshell.sequence``, which identify
+it: a receiver that must not see repeats drops them on that key. Memory is bounded by
+``batch_size`` records and ``max_pending_ids`` holes: of a gap wider than that only the newest
+``max_pending_ids`` ids are registered, and past it the oldest holes are given up at once, with a
+warning and the count.
 
 Gap records are exported as records of their own (``event.name`` ``openshell.gap``, severity WARN)
 with the gap's reason and its range (``openshell.gap.first_sequence``/``last_sequence``, the
 records and bytes dropped): a receiver tells lost lines (a gap record covering their sequences)
-from silence (no record, no gap). The SDK's log record carries everything needed (body, times,
+from silence (no record, no gap), as long as every kind is exported: a kind left out of
+``kinds`` (``health`` by default) leaves sequence holes no gap record covers (docs/otlp-logs.md,
+"Loss or silence"). The SDK's log record carries everything needed (body, times,
 severity, attributes, event name), so the protobuf encoding is the SDK exporter's, not ours.
 """
 
@@ -48,6 +58,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from gateway.config import OtlpLogsSettings
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import Database, StoreError, store_errors
 from gateway.store.export_cursor import ExportCursorStore
 from gateway.store.schema import events as events_table
@@ -64,8 +75,6 @@ SCOPE = "openshell.gateway.events"
 HOLES_PER_QUERY = 5000
 #: The SDK exporter's logger: one line per failed attempt, which the export takes for its reason.
 SDK_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
-#: An unexpected error of the export's loop is logged with its traceback at most this often.
-CRASH_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +313,8 @@ class OtlpLogExport:
         self._kinds = set(settings.kinds)
         self._resource: Any = None
         self._scope: Any = None
-        self._crash_logged_at: float | None = None
-        self._crashes_unlogged = 0
+        #: An unexpected error of the loop, logged with its traceback (once a minute per type).
+        self._crash_log = RateLimitedLog(log, concern="otlp-export-error")
 
     def _exporter(self) -> LogRecordExporter:
         if self._sender is None:
@@ -341,11 +350,17 @@ class OtlpLogExport:
             while True:
                 try:
                     await self._claim_and_export(exporter)
-                except Exception:  # a defect must not end the export for good
-                    self._log_crash()
+                except Exception as exc:  # a defect must not end the export for good
+                    self._crash_log.log(
+                        logging.ERROR,
+                        type(exc).__qualname__,
+                        f"OTLP log export: unexpected error, going on in {s.max_backoff_s:g}s",
+                        exc_info=exc,
+                    )
                     # Within the lease (max_backoff_s is at most half of it): the row stays ours.
                     await asyncio.sleep(s.max_backoff_s)
         finally:
+            self._crash_log.close()
             self._set_holding(False)
             # Interrupts a retry the SDK exporter may be sleeping in (its thread ends soon after).
             exporter.shutdown()  # type: ignore[no-untyped-call]
@@ -370,18 +385,6 @@ class OtlpLogExport:
         except StoreError as exc:
             log.warning("OTLP log export paused: %s", exc)
             await asyncio.sleep(s.poll_interval_s)
-
-    def _log_crash(self) -> None:
-        now = time.monotonic()
-        if self._crash_logged_at is not None and now - self._crash_logged_at < CRASH_LOG_INTERVAL_S:
-            self._crashes_unlogged += 1
-            return
-        log.exception(
-            "OTLP log export: unexpected error, going on after %.1fs (%d more since the last logged)",
-            self._settings.max_backoff_s,
-            self._crashes_unlogged,
-        )
-        self._crash_logged_at, self._crashes_unlogged = now, 0
 
     async def release(self) -> None:
         """At shutdown, after the task ended: let another replica take over at once (nothing

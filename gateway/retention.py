@@ -28,6 +28,7 @@ from datetime import timedelta
 
 from gateway.config import RetentionSettings
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimitedLog
 from gateway.store.db import StoreError, utcnow
 from gateway.store.retention import Cutoffs, EventRetention
 
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 #: The first run comes this long after the start at most (a restart should not delay retention by
 #: a whole interval, nor run it in the middle of the start's reconnect storm).
 FIRST_RUN_DELAY_S = 30.0
-#: An unexpected error of a run is logged with its traceback at most this often.
-CRASH_LOG_INTERVAL_S = 600.0
 
 
 @dataclass(slots=True)
@@ -68,23 +67,26 @@ class Retention:
 
     async def run(self) -> None:
         await asyncio.sleep(min(self._settings.interval_s, FIRST_RUN_DELAY_S))
-        crash_logged_at: float | None = None
-        while True:
-            try:
-                await self.run_once()
-            except StoreError as exc:
-                log.warning("retention run failed, the next in %.0fs: %s", self._settings.interval_s, exc)
-                self._count_failure()
-            except Exception:  # a defect must not end retention for the process's life
-                # With its traceback, at most every CRASH_LOG_INTERVAL_S (the interval may be short).
-                now = time.monotonic()
-                if crash_logged_at is None or now - crash_logged_at >= CRASH_LOG_INTERVAL_S:
-                    log.exception(
-                        "retention run failed unexpectedly, the next in %.0fs", self._settings.interval_s
+        # An unexpected error, with its traceback: once a minute per type (the interval may be short).
+        crashes = RateLimitedLog(log, concern="retention-error")
+        try:
+            while True:
+                try:
+                    await self.run_once()
+                except StoreError as exc:
+                    log.warning("retention run failed, the next in %.0fs: %s", self._settings.interval_s, exc)
+                    self._count_failure()
+                except Exception as exc:  # a defect must not end retention for the process's life
+                    crashes.log(
+                        logging.ERROR,
+                        type(exc).__qualname__,
+                        f"retention run failed unexpectedly, the next in {self._settings.interval_s:.0f}s",
+                        exc_info=exc,
                     )
-                    crash_logged_at = now
-                self._count_failure()
-            await asyncio.sleep(self._settings.interval_s)
+                    self._count_failure()
+                await asyncio.sleep(self._settings.interval_s)
+        finally:
+            crashes.close()
 
     def _count_failure(self) -> None:
         if self._metrics is not None:
