@@ -62,6 +62,12 @@ contexts:
 use-context NAME`, `config get-contexts`, `config current-context` and `config delete-context
 NAME` edit and show it (rewritten 0600, atomically; comments are not kept).
 
+A `token_file` is read where it says: `config set-context --token-file FILE` stores FILE made
+absolute from the directory it was typed in (as `kubectl config set-credentials` does), so
+`--token-file prod.token` run in `~/work` stores `~/work/prod.token` (with your home spelled
+out). A relative `token_file` written into the file by hand is read beside the config file
+(as kubeconfig's paths are), whatever directory a command runs in; `~` is expanded in both.
+
 The API a command calls is the first of: `--api URL`; the api of `--context NAME`;
 `$OPENSHELL_API`; the api of `$OPENSHELL_CONTEXT`'s context, else of `current_context`;
 `http://127.0.0.1:7080`. The bearer token is the first of `--token-file`, `$OPENSHELL_TOKEN`,
@@ -85,8 +91,28 @@ error (exit 2), never part of the command. Any other command refuses a `--` with
 with `-o json` or `-o yaml`; `commands`, `create`, `delete`, `signal`, `stop`, `version` and
 `config get-contexts` take `-o` too. `get --watch` re-reads every `--interval` seconds (2 by
 default) and prints each sandbox whose state, exit code, generation, driver state or connection
-changed; `logs -f` prints each new event as the gateway stores it (the API's follow stream).
-Both end on Ctrl-C with exit status 0.
+changed: a table's rows are aligned to the widest cell printed so far (only the widths are
+kept, not the rows, so a watch can run for days over any number of sandboxes). With `-o json`
+a watch prints one sandbox object per line (NDJSON) from the start, every sandbox first and
+then each one that changed, never the list's `{"sandboxes": [...]}` envelope (that is `get -o
+json` without `--watch`); with `-o yaml` one YAML document (`---`) per sandbox the same way.
+
+`logs -f` prints each new event as the gateway stores it (the API's follow stream). Both end on
+Ctrl-C with exit status 0. When the gateway ends the stream itself, `logs -f` exits 0 only if
+that is the follow's end (`--until-exit` and the sandbox has exited, or the `--generation` asked
+for has since been followed by another); otherwise (the gateway shut down or restarted) it says
+so on stderr and exits 69, and running it again goes on (with `--tail` as needed: the API
+cannot resume a follow after a given event, so some events may print twice). A gateway that
+vanishes without closing the connection (a host gone, a NAT that forgot it) is found by TCP
+keepalive probes on the follow's connection (after a minute of silence, about a minute more),
+then exit 69: the gateway writes nothing on an idle follow that a read timeout could wait for.
+
+Numeric options are checked before anything is sent: a value that is not a finite number in
+the option's range (`--grace nan`, `--interval 0`, `--tail -1`, `--expires-in inf`) is a usage
+error naming the option, exit status 2. The ranges are the API's where it has one (`--grace` 0
+to 3600 s, `--tail` and `status --lines` 0 to 10000, `fleet --limit` 1 to 500, `--expires-in`
+from 1 s up to the gateway's `commands.max_ttl_s`), and for the client's own waits (`--interval`,
+`--timeout`) more than 0 up to a day.
 
 ## Exit statuses
 

@@ -43,12 +43,15 @@ from gateway.config import GatewayConfig
 from gateway.ctl.contexts import API_ENV, CONFIG_ENV, CONTEXT_ENV, DEFAULT_API
 from gateway.ctl.exits import UNAVAILABLE as EX_UNAVAILABLE
 from gateway.ctl.parser import (
+    MAX_FLEET_LIMIT,
+    MAX_TAIL,
     HelpFormatter,
     add_client_commands,
     add_connection_options,
     add_context_commands,
     add_sandbox_create_delete,
     command_parser,
+    count,
 )
 from openshell_wire.configcheck import check_command, load_checked, report
 from openshell_wire.configfile import (
@@ -99,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         help="list sandboxes with their state and last log lines",
         epilog="examples:\n  openshell-gateway status\n  openshell-gateway status --lines 0 --json",
     )
-    status.add_argument("--lines", type=int, default=5, help="log lines per sandbox")
+    status.add_argument("--lines", type=count(low=0, high=MAX_TAIL), default=5, help="log lines per sandbox")
     status.add_argument("--json", action="store_true", help="print the API's JSON")
     fleet = command_parser(
         sub,
@@ -111,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     fleet.add_argument(
         "--since", help="exited since: RFC 3339 or a duration back from now (default: the API's, 1h)"
     )
-    fleet.add_argument("--limit", type=int, help="longest list of unhealthy and of exited sandboxes")
+    fleet.add_argument(
+        "--limit",
+        type=count(low=1, high=MAX_FLEET_LIMIT),
+        help="longest list of unhealthy and of exited sandboxes",
+    )
     fleet.add_argument(
         "-o", "--output", choices=["text", "json"], default="text", help="json: the API's document"
     )
@@ -173,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(demo)
     demo.add_argument(
-        "--steps", type=int, default=12, help="how many steps the demo agent takes (0.5 s each)"
+        "--steps", type=count(low=0), default=12, help="how many steps the demo agent takes (0.5 s each)"
     )
     demo.add_argument("--keep-running", action="store_true", help="stay up after the sandbox exits")
     return parser

@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import stat
 import time
 import urllib.parse
@@ -67,6 +68,14 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CACHE_VERSION = 1
 #: One request to the API, the issuer's discovery, device or token endpoint.
 HTTP_TIMEOUT_S = 30.0
+#: A follow's TCP keepalive: the first probe after this long without traffic, then one every
+#: KEEPALIVE_INTERVAL_S, the connection dead after KEEPALIVE_PROBES unanswered. The gateway
+#: writes nothing on a quiet follow, so a read timeout cannot tell a quiet one from a peer that
+#: is gone (a host down, a NAT entry dropped); the kernel's probes, answered by the peer's TCP
+#: stack whatever its program does, can.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_PROBES = 4
 
 
 class ClientAuthError(Exception):
@@ -640,6 +649,7 @@ class ApiClient:
                 f"{self.api_url}/api/v1{path}", params=params, headers=headers, timeout=timeout
             ) as resp:
                 if resp.status != 401:
+                    _keep_alive(resp)
                     yield resp
                     return
                 try:
@@ -654,6 +664,23 @@ class ApiClient:
                     f"{login_hint(self.api_url)}"
                 )
             await self.credentials.after_unauthorized(self._http, message)
+
+
+def _keep_alive(resp: aiohttp.ClientResponse) -> None:
+    """TCP keepalive on ``resp``'s connection (see KEEPALIVE_IDLE_S), where the platform has it."""
+    transport = resp.connection.transport if resp.connection is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has all three; elsewhere the system's timing applies
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 # -- the login: OAuth 2.0 device authorization grant ------------------------------------------

@@ -19,7 +19,8 @@ import aiohttp
 from gateway.clientauth import ApiClient, Credentials
 from openshell_wire.records import sandbox_id_problem
 
-#: One request's deadline (a follow has none once connected: :meth:`ApiClient.stream`).
+#: One request's deadline (a follow has none once connected, only TCP keepalive:
+#: :meth:`ApiClient.stream`).
 CALL_TIMEOUT_S = 60.0
 #: The page size of the sandbox list (the API's largest).
 LIST_PAGE = 1000
@@ -116,11 +117,19 @@ class Api:
                     line = raw.strip()
                     if not line:
                         continue
-                    event = json.loads(line)
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        event = None
+                    if not isinstance(event, dict):
+                        # A proxy's page in the middle of the stream, say: not the API's.
+                        shown = line[:200].decode(errors="replace")
+                        raise ApiCallError(f"the follow stream sent a line that is not an event: {shown!r}")
                     if "error" in event and "sequence" not in event:
                         raise ApiCallError(f"the follow ended: {event['error']}", 503)
                     yield event
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # OSError: the keepalive's verdict on a dead peer (ETIMEDOUT) or a reset, mid-read.
             raise self._unreachable(exc) from None
 
     async def send_command(self, sandbox_id: str, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ token (:func:`gateway.clientauth.credentials_for`), then runs one asyncio loop f
 failure is one sentence on stderr, never a traceback: a bad client config file (78, file and key
 named), a token problem (77, what to run), the API's refusal (its sentence; 404 is 3, 401/403 77,
 5xx or no answer 69, any other 4xx 1). ``get --watch`` and ``logs -f`` end on Ctrl-C with 0: that
-is how one stops them.
+is how one stops them; any other command interrupted by Ctrl-C exits 130. A ``logs -f`` whose
+stream the gateway ended before its end (a shutdown) says so and exits 69.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.ctl import contexts, exits
 from gateway.ctl.calls import Api, ApiCallError
 from gateway.ctl.contexts import ClientConfig, Context, Target
 from gateway.ctl.output import (
+    Columns,
     command_table,
     dump,
     event_line,
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return asyncio.run(_with_api(args, target, credentials))
     except KeyboardInterrupt:
-        # Ctrl-C is how one ends a watch or a follow; anything else was cut short.
+        # Ctrl-C is how one ends a watch or a follow (0); any other command was cut short, and
+        # says so as a shell expects of an interrupted program (130, exits.INTERRUPTED).
         if endless:
             return exits.OK
         _say(f"{args.cmd} interrupted" + ("; nothing was kept" if args.cmd == "login" else ""))
@@ -124,25 +127,35 @@ def _now() -> datetime:
 
 
 async def _get(args: argparse.Namespace, api: Api) -> int:
-    if args.interval <= 0:
-        raise UsageError(f"--interval must be more than 0 seconds, got {args.interval}")
+    if args.id is not None and not args.id:
+        raise UsageError("get: the sandbox id is empty (no id lists them all)")
 
     async def read() -> list[dict[str, Any]]:
         return [await api.sandbox(args.id)] if args.id else await api.sandboxes()
 
     found = await read()
     wide = args.output == "wide"
-    headers = sandbox_headers(wide=wide)
-    # Every row printed so far: a watch's later rows are aligned to them (never narrower).
-    printed = [sandbox_row(sb, wide=wide, now=_now()) for sb in found]
-    if args.output in ("json", "yaml"):
+    if args.watch and args.output in ("json", "yaml"):
+        # A stream of documents, one per sandbox from the first (kubectl's watch): JSON one
+        # object per line (NDJSON), YAML one document each; never the list's envelope.
+        for sb in found:
+            _print_watched(sb, args.output)
+    elif args.output in ("json", "yaml"):
         print(dump(found[0] if args.id else {"sandboxes": found}, args.output), flush=True)
-    elif found:
-        print(table(headers, printed), flush=True)
-    else:
-        print("no sandboxes", flush=True)
+        return exits.OK
+    # The widest cell of each column so far, not the rows: a watch over thousands of sandboxes
+    # for days holds one number per column, and a later row is never narrower than an earlier.
+    columns = Columns(sandbox_headers(wide=wide))
+    if args.output in ("table", "wide"):
+        rows = [sandbox_row(sb, wide=wide, now=_now()) for sb in found]
+        if found:
+            columns.widen(rows)
+            print("\n".join(columns.line(row) for row in [columns.headers, *rows]), flush=True)
+        else:
+            print("no sandboxes", flush=True)
     if not args.watch:
         return exits.OK
+    # One short string per sandbox seen: what the next read is compared with.
     seen = {sb["id"]: _watched(sb) for sb in found}
     while True:
         await asyncio.sleep(args.interval)
@@ -154,17 +167,20 @@ async def _get(args: argparse.Namespace, api: Api) -> int:
                 changed.append(sb)
         if not changed:
             continue
-        if args.output == "json":
+        if args.output in ("json", "yaml"):
             for sb in changed:
-                print(json.dumps(sb, indent=2), flush=True)
-        elif args.output == "yaml":
-            for sb in changed:
-                print("---\n" + dump(sb, "yaml"), flush=True)
+                _print_watched(sb, args.output)
         else:
             rows = [sandbox_row(sb, wide=wide, now=_now()) for sb in changed]
-            lines = table(headers, printed + rows).splitlines()
-            print("\n".join(lines[-len(rows) :]), flush=True)
-            printed += rows
+            columns.widen(rows)
+            print("\n".join(columns.line(row) for row in rows), flush=True)
+
+
+def _print_watched(sb: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(sb, separators=(",", ":")), flush=True)
+    else:
+        print("---\n" + dump(sb, "yaml"), flush=True)
 
 
 def _watched(sb: dict[str, Any]) -> str:
@@ -195,7 +211,32 @@ async def _logs(args: argparse.Namespace, api: Api) -> int:
         return exits.OK
     async for event in api.follow(args.id, params):
         show(event)
-    return exits.OK
+    return await _follow_ended(args, api)
+
+
+async def _follow_ended(args: argparse.Namespace, api: Api) -> int:
+    """After the follow stream ended by the server's own end of the body: 0 when that was its
+    end (the sandbox exited with --until-exit; the --generation asked for has been followed by
+    another), else 69 and why on stderr, since a script must not take a cut follow for a whole one.
+
+    The gateway also ends every follow when it shuts down, and the stream cannot say which;
+    the sandbox's record does. A follow cannot be resumed where it stopped (the API's follow
+    takes no event id to start after), so it is not reconnected."""
+    try:
+        sb = await api.sandbox(args.id)
+    except ApiCallError as exc:
+        _say(f"logs {args.id}: the follow ended before the sandbox exited ({exc})")
+        return exits.UNAVAILABLE
+    if args.generation is not None and sb.get("generation") != args.generation:
+        return exits.OK
+    if args.until_exit and sb.get("exit_code") is not None:
+        return exits.OK
+    what = "exited" if sb.get("exit_code") is not None else "was still running"
+    _say(
+        f"logs {args.id}: the gateway ended the follow while the sandbox {what} "
+        "(shutting down or restarting?); run the command again to go on"
+    )
+    return exits.UNAVAILABLE
 
 
 # -- commands for the supervisor -------------------------------------------------------------
@@ -228,9 +269,7 @@ async def _signal(args: argparse.Namespace, api: Api) -> int:
 
 async def _stop(args: argparse.Namespace, api: Api) -> int:
     body: dict[str, Any] = {"kind": "stop"}
-    if args.grace is not None:
-        if args.grace < 0:
-            raise UsageError(f"--grace must be 0 or more seconds, got {args.grace}")
+    if args.grace is not None:  # parse time checked it: finite, 0 to the API's most
         body["grace_ms"] = round(args.grace * 1000)
     return await _send(args, api, body)
 
@@ -466,6 +505,10 @@ def _contexts_command(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             fields[key] = value
+    if args.set_token_file is not None:
+        # Made absolute here, from where it was typed (as kubectl config set-credentials does):
+        # kept relative, it would be read beside the config file, the rule for a hand-written one.
+        fields["token_file"] = args.set_token_file.expanduser().absolute()
     if "api" not in fields:
         raise UsageError(f"config set-context: a new context needs --api URL ({args.name!r} is new)")
     try:

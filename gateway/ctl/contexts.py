@@ -50,9 +50,16 @@ DEFAULT_API = "http://127.0.0.1:7080"
 
 def check_api_url(value: str) -> str:
     """An http(s) URL with a host, without a trailing slash; ValueError saying what is wrong."""
-    parsed = urllib.parse.urlsplit(value)
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        port = parsed.port  # a port out of range or not a number raises here
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc}): {value!r}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValueError(f"not an http:// or https:// URL with a host: {value!r}")
+        hint = "" if "://" in value else " (it needs its scheme, as in http://HOST:PORT)"
+        raise ValueError(f"not an http:// or https:// URL with a host: {value!r}{hint}")
+    if any(c.isspace() for c in parsed.netloc) or port == 0:
+        raise ValueError(f"not a host and port one can connect to: {value!r}")
     if parsed.query or parsed.fragment:
         raise ValueError(f"an API URL has no query or fragment: {value!r}")
     return value.rstrip("/")

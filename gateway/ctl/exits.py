@@ -22,7 +22,8 @@ UNAVAILABLE = 69
 NOPERM = 77
 #: A bad configuration: the client config file (named with the key), or the server's.
 CONFIG = EX_CONFIG
-#: ``login`` interrupted (``get --watch`` and ``logs -f`` end with 0 on Ctrl-C: that is their end).
+#: Any command interrupted by Ctrl-C (SIGINT) before it finished: the shell's 128 + 2. Not
+#: ``get --watch`` and ``logs -f``, which end with 0 on Ctrl-C: that is their end.
 INTERRUPTED = 130
 
 TABLE: tuple[tuple[int, str], ...] = (
@@ -33,11 +34,13 @@ TABLE: tuple[tuple[int, str], ...] = (
      "that is not one of its options), a missing argument, a bad value (said which)"),
     (NOT_FOUND, "no such sandbox or command, or not one the caller may see (the API's 404)"),
     (UNAVAILABLE, "unavailable: the API unreachable or answering 5xx, a command no supervisor "
-     "answered within `--wait`'s `--timeout` (or that expired); the database or cluster at start"),
+     "answered within `--wait`'s `--timeout` (or that expired), a `logs -f` the gateway ended "
+     "before its end (a shutdown: said on stderr); the database or cluster at start"),
     (NOPERM, "no usable token, or the API refused it (401) or the caller's role (403); says what to run"),
     (CONFIG, "a configuration error: the client config file (file and key named), `config check`, "
      "and any server command before it opens or binds anything"),
-    (INTERRUPTED, "`login` interrupted"),
+    (INTERRUPTED, "any command interrupted by Ctrl-C (SIGINT) before it finished, as a shell counts "
+     "it (128 + 2), except `get --watch` and `logs -f` (0); an interrupted `login` keeps nothing"),
 )  # fmt: skip
 
 

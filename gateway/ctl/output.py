@@ -27,12 +27,27 @@ def dump(doc: object, fmt: str) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns as wide as their widest cell, three spaces apart (the last column unpadded)."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = []
-    for row in (headers, *rows):
-        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [str(row[-1])]
-        lines.append("   ".join(cells).rstrip())
-    return "\n".join(lines)
+    columns = Columns(headers)
+    columns.widen(rows)
+    return "\n".join(columns.line(row) for row in (headers, *rows))
+
+
+class Columns:
+    """A table printed in parts (``get --watch``): each column as wide as its widest cell so far,
+    so that a later row is never narrower than an earlier one, without keeping the rows."""
+
+    def __init__(self, headers: Sequence[str]) -> None:
+        self.headers = list(headers)
+        self.widths = [len(h) for h in headers]
+
+    def widen(self, rows: Sequence[Sequence[str]]) -> None:
+        for row in rows:
+            self.widths = [max(w, len(str(cell))) for w, cell in zip(self.widths, row, strict=True)]
+
+    def line(self, row: Sequence[str]) -> str:
+        """``row`` as :func:`table` prints it (the last column unpadded)."""
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], self.widths, strict=False)] + [str(row[-1])]
+        return "   ".join(cells).rstrip()
 
 
 def age(value: object, *, now: datetime) -> str:

@@ -15,6 +15,8 @@ kubectl's habits, within argparse:
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,62 @@ from openshell_wire.records import LogStream
 WATCH_INTERVAL_S = 2.0
 #: ``signal``/``stop --wait`` gives up (exit 69) after this long without the supervisor's answer.
 WAIT_TIMEOUT_S = 30.0
+
+# The API's own bounds (gateway/api.py; tests/unit/test_ctl_cli.py checks they agree), so that a
+# value it would refuse is a usage error naming the option before anything is sent. The client
+# cannot import them: gateway.api pulls in the store and the server.
+#: ``stop --grace``: the API takes grace_ms from 0 to 3600000.
+MAX_GRACE_S = 3600.0
+#: ``logs --tail`` and ``status --lines``: the API's MAX_TAIL.
+MAX_TAIL = 10_000
+#: ``fleet --limit``: the API's (gateway.fleet's) MAX_LIMIT.
+MAX_FLEET_LIMIT = 500
+#: ``--expires-in``: the API's least; its greatest is the gateway's commands.max_ttl_s (its
+#: sentence says which when a value is over it).
+MIN_EXPIRES_IN_S = 1.0
+#: The longest ``--interval`` and ``--timeout``: a day (a longer sleep is a typo, and asyncio's
+#: timers refuse some huge values with an OverflowError).
+MAX_CLIENT_WAIT_S = 86400.0
+
+
+def seconds(*, low: float, high: float | None, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from ``low`` (excluded if ``low_open``) to
+    ``high`` (None: no bound of ours); anything else (``nan``, ``inf``, ``-1``, ``soon``) is a
+    usage error that argparse prints naming the option (exit 2)."""
+    if high is None:
+        shown = f"more than {low:g}" if low_open else f"of {low:g} or more"
+    else:
+        shown = f"more than {low:g} up to {high:g}" if low_open else f"from {low:g} to {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        too_high = high is not None and value > high
+        if not math.isfinite(value) or too_high or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"expected a number of seconds {shown}, got {text!r}")
+        return value
+
+    parse.__name__ = "seconds"  # argparse names the type in some of its messages
+    return parse
+
+
+def count(*, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (None: no upper bound)."""
+    shown = f"from {low} to {high}" if high is not None else f"of {low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {shown}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number {shown}, got {text!r}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -98,11 +156,15 @@ def _wait(p: argparse.ArgumentParser) -> None:
         help="wait until the supervisor has applied the command (exit 1 if it failed it)",
     )
     p.add_argument(
-        "--timeout", type=float, default=WAIT_TIMEOUT_S, metavar="S", help="with --wait: the longest wait"
+        "--timeout",
+        type=seconds(low=0, high=MAX_CLIENT_WAIT_S, low_open=True),
+        default=WAIT_TIMEOUT_S,
+        metavar="S",
+        help="with --wait: the longest wait",
     )
     p.add_argument(
         "--expires-in",
-        type=float,
+        type=seconds(low=MIN_EXPIRES_IN_S, high=None),
         metavar="S",
         help="drop the command if no session took it within S seconds "
         "(default: the gateway's commands.ttl_s)",
@@ -164,7 +226,7 @@ def add_client_commands(sub: Any) -> None:
     get.add_argument("-w", "--watch", action="store_true", help="keep printing the rows that change")
     get.add_argument(
         "--interval",
-        type=float,
+        type=seconds(low=0, high=MAX_CLIENT_WAIT_S, low_open=True),
         default=WATCH_INTERVAL_S,
         metavar="S",
         help="with --watch: seconds between reads",
@@ -194,7 +256,12 @@ def add_client_commands(sub: Any) -> None:
         action="store_true",
         help="with -f: end once the sandbox has exited and all is printed",
     )
-    logs.add_argument("--tail", type=int, metavar="N", help="the last N events (default: the API's, 100)")
+    logs.add_argument(
+        "--tail",
+        type=count(low=0, high=MAX_TAIL),
+        metavar="N",
+        help=f"the last N events, up to {MAX_TAIL} (default: the API's, 100)",
+    )
     logs.add_argument("--since", metavar="T", help="from T: RFC 3339 or a duration back from now (10m, 2h)")
     logs.add_argument("--until", metavar="T", help="up to T, as --since")
     logs.add_argument("--stream", choices=[s.value for s in LogStream], help="only this stream's lines")
@@ -203,7 +270,7 @@ def add_client_commands(sub: Any) -> None:
     logs.add_argument(
         "--kinds", metavar="K,K", help="record kinds: log, lifecycle, gap, health (default: the API's)"
     )
-    logs.add_argument("--generation", type=int, metavar="N", help="an earlier sandbox of this id")
+    logs.add_argument("--generation", type=count(low=1), metavar="N", help="an earlier sandbox of this id")
     _output(logs, ("text", "json"), "text")
 
     signal = command_parser(
@@ -230,9 +297,9 @@ def add_client_commands(sub: Any) -> None:
     stop.add_argument("id", help="the sandbox's id")
     stop.add_argument(
         "--grace",
-        type=float,
+        type=seconds(low=0, high=MAX_GRACE_S),
         metavar="S",
-        help="seconds before SIGKILL (default: the supervisor's process.stop_grace_s)",
+        help=f"seconds before SIGKILL, 0 to {MAX_GRACE_S:g} (default: the supervisor's process.stop_grace_s)",
     )
     _wait(stop)
 

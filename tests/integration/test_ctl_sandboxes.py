@@ -275,6 +275,45 @@ def test_logs_follow_prints_a_line_written_after_it_started(
     assert "stderr" not in rest
 
 
+def test_logs_follow_cut_by_the_gateways_shutdown_says_so_and_exits_69(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The gateway ends every follow when it shuts down, with a clean end of the body: that must
+    not read as the end of the sandbox's logs (exit 0 and nothing said)."""
+    own = GatewayProcess(tmp_path / "gateway")
+    own.start()
+    try:
+        env = {**env, "OPENSHELL_API": api_of(own)}
+        started(env, own, "ctl-cut", tmp_path / "go")
+        follow = popen(env, "logs", "ctl-cut", "-f")
+        assert "ready" in read_until(follow, "ready")[-1]
+        own.stop()
+        _, err = follow.communicate(timeout=30)
+    finally:
+        own.stop()
+    assert follow.returncode == exits.UNAVAILABLE, (follow.returncode, err)
+    assert "ctl-cut" in err and "follow" in err and "Traceback" not in err, err
+
+
+def test_get_watch_json_is_one_sandbox_object_per_line(
+    env: dict[str, str], gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    ok(cli(env, "create", "ctl-ndjson-a", "--", PYTHON, "-c", "import time; time.sleep(60)"))
+    watch = popen(env, "get", "--watch", "--interval", "0.3", "-o", "json")
+    try:
+        first = json.loads(read_until(watch, '"ctl-ndjson-a"')[-1])
+        assert first["id"] == "ctl-ndjson-a"
+        ok(cli(env, "create", "ctl-ndjson-b", "--", PYTHON, "-c", "import time; time.sleep(60)"))
+        lines = read_until(watch, '"ctl-ndjson-b"')
+    finally:
+        code, rest, err = interrupt(watch)
+    assert code == 0 and "Traceback" not in err, err
+    # Every line one whole sandbox object, from the first: no list envelope, no indented document.
+    for line in [*lines, *rest.splitlines()]:
+        doc = json.loads(line)
+        assert isinstance(doc, dict) and "id" in doc and "state" in doc, line
+
+
 # ---------------------------------------------------------------------- signal, stop, commands
 
 

@@ -6,15 +6,19 @@ and the streams are the point."""
 from __future__ import annotations
 
 import os
+import signal as signals
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from gateway import api, fleet
 from gateway.cli import _parser, split_command
 from gateway.clientauth import ClientAuthError, StaticToken, credentials_for
-from gateway.ctl import exits
+from gateway.ctl import exits, parser
 from gateway.ctl.commands import UsageError, signal_value
 from gateway.ctl.contexts import DEFAULT_API, resolve
 from gateway.ctl.output import table
@@ -214,3 +218,140 @@ def test_each_api_status_has_one_exit_status() -> None:
     assert [exits.for_status(s) for s in (None, 400, 401, 403, 404, 409, 422, 500, 503)] == [
         69, 1, 77, 77, 3, 1, 1, 69, 69,
     ]  # fmt: skip
+
+
+# -------------------------------------------------------- issue 23 point 4: the review's findings
+
+
+def _cli_in(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run from ``cwd`` (``python -m gateway`` finds the checkout through PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [PYTHON, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": path},
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def test_set_context_stores_a_relative_token_file_from_where_it_was_typed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    work, cfg = tmp_path / "work", tmp_path / "cfg"
+    work.mkdir()
+    (work / "prod.token").write_text("secret")
+    env = {**env, "OPENSHELL_CONFIG": str(cfg / "config.yaml")}
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    set_context = _cli_in(
+        work, env, "config", "set-context", "prod", "--api", dead, "--token-file", "prod.token"
+    )
+    assert set_context.returncode == 0, set_context
+    stored = yaml.safe_load((cfg / "config.yaml").read_text())["contexts"]["prod"]["token_file"]
+    assert stored == str(work / "prod.token")
+    # Read from anywhere: the token is found (the call then fails to connect: 69, not 77).
+    done = _cli_in(tmp_path, env, "get", "--context", "prod")
+    assert done.returncode == exits.UNAVAILABLE and "cannot reach" in done.stderr, done
+
+
+def test_a_hand_written_relative_token_file_is_beside_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "cfg" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text("contexts: {prod: {api: 'http://x', token_file: prod.token}}")
+    target = resolve(api=None, context="prod", env={}, path=path)
+    assert target.token_file == tmp_path / "cfg" / "prod.token"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["stop", "sb", "--grace", "nan"], "--grace"),
+        (["stop", "sb", "--grace", "inf"], "--grace"),
+        (["stop", "sb", "--grace", "-1"], "--grace"),
+        (["stop", "sb", "--grace", "3601"], "--grace"),  # the API's most: 3600000 ms
+        (["get", "--watch", "--interval", "nan"], "--interval"),
+        (["get", "--watch", "--interval", "0"], "--interval"),
+        (["get", "--watch", "--interval", "1e300"], "--interval"),
+        (["signal", "sb", "USR1", "--wait", "--timeout", "nan"], "--timeout"),
+        (["signal", "sb", "USR1", "--wait", "--timeout", "-5"], "--timeout"),
+        (["signal", "sb", "USR1", "--expires-in", "inf"], "--expires-in"),
+        (["stop", "sb", "--expires-in", "0.5"], "--expires-in"),  # the API's least: 1 s
+        (["logs", "sb", "--tail", "-1"], "--tail"),
+        (["logs", "sb", "--tail", "10001"], "--tail"),
+        (["logs", "sb", "--generation", "0"], "--generation"),
+        (["status", "--lines", "-3"], "--lines"),
+        (["fleet", "--limit", "0"], "--limit"),
+        (["demo", "--steps", "-1"], "--steps"),
+    ],
+)
+def test_a_numeric_option_out_of_its_range_is_a_usage_error_naming_it(
+    env: dict[str, str], args: list[str], option: str
+) -> None:
+    done = _cli({**env, "OPENSHELL_API": f"http://127.0.0.1:{_closed_port()}"}, *args)
+    assert done.returncode == exits.USAGE, done
+    assert f"argument {option}:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_clients_numeric_bounds_are_the_apis() -> None:
+    assert parser.MAX_TAIL == api.MAX_TAIL
+    assert parser.MAX_FLEET_LIMIT == fleet.MAX_LIMIT
+    most = round(parser.MAX_GRACE_S * 1000)
+    assert api._command_args({"kind": "stop", "grace_ms": most})[1] == {"grace_ms": most}
+    with pytest.raises(api.ApiError):
+        api._command_args({"kind": "stop", "grace_ms": most + 1})
+    settings = api.CommandSettings()
+    assert api._command_ttl({"expires_in_s": parser.MIN_EXPIRES_IN_S}, settings) == parser.MIN_EXPIRES_IN_S
+    with pytest.raises(api.ApiError):
+        api._command_ttl({"expires_in_s": parser.MIN_EXPIRES_IN_S - 0.01}, settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("gw.example.com:7080", "it needs its scheme"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://exa mple.com", "not a host and port"),
+        ("http://[::1", "Invalid IPv6 URL"),
+    ],
+)
+def test_a_bad_api_url_is_said_before_anything_is_sent(env: dict[str, str], url: str, problem: str) -> None:
+    done = _cli(env, "get", "--api", url)
+    assert done.returncode == exits.CONFIG and problem in done.stderr, done
+
+
+def test_an_empty_sandbox_id_is_refused_not_a_listing(env: dict[str, str]) -> None:
+    done = _cli({**env, "OPENSHELL_API": f"http://127.0.0.1:{_closed_port()}"}, "get", "")
+    assert done.returncode == exits.USAGE and "sandbox id is empty" in done.stderr, done
+
+
+def test_any_interrupted_one_shot_command_exits_130_as_the_table_says(env: dict[str, str]) -> None:
+    """A gateway that takes the connection and never answers: Ctrl-C cuts ``get`` short."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        api = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "gateway", "get", "--api", api],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        mute.settimeout(30)
+        conn, _ = mute.accept()  # the request is on its way: the command is waiting for the answer
+        with conn:
+            time.sleep(0.2)
+            proc.send_signal(signals.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == exits.INTERRUPTED == 130 and "get interrupted" in err and "Traceback" not in err
+    meaning = dict(exits.TABLE)[exits.INTERRUPTED]
+    assert "any command" in meaning and "`get --watch` and `logs -f` (0)" in meaning, meaning
