@@ -441,9 +441,12 @@ class OtlpLogExport:
             given_up += self._forget_old_holes(tail, now)
             if given_up:
                 log.warning(
-                    "OTLP log export: %d missing event ids given up early (more than max_pending_ids %d)",
+                    "OTLP log export: %d missing event ids given up early (more than max_pending_ids %d "
+                    "missing below event id %d: rows deleted, or ids no transaction committed)",
                     given_up,
                     s.max_pending_ids,
+                    tail.top,
+                    extra={"given_up": given_up, "below_event_id": tail.top},
                 )
             self._set_lag(newest, before)
             chosen = [r for r in rows if r.kind in self._kinds]
