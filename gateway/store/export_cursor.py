@@ -1,18 +1,20 @@
 """Where the OTLP log export stands, and which replica runs it: one row of the ``leadership`` table.
 
 The export tails the ``events`` table by id (:mod:`gateway.otlp_logs`). Its position must outlive
-the process (a restart resumes where the last run stopped: nothing lost, nothing sent again beyond
-what was in flight), and one replica at a time should export (N replicas exporting the same table
-would send everything N times). Both fit the ``leadership`` table's row for a cluster-wide role,
-under the name :data:`EXPORT_NAME` (the column is free text, so this needed no migration):
+the process (a restart resumes where the last run stopped: nothing lost; what lies above the
+stored position, the batch in flight and the records above ids still missing, is sent again), and
+one replica at a time should export (N replicas exporting the same table would send everything
+N times). Both fit the ``leadership`` table's row for a cluster-wide role, under the name
+:data:`EXPORT_NAME` (the column is free text, so this needed no migration; a table of its own, with
+a column named for the position, is left for a later schema change):
 
 - ``holder`` is the replica that exports, ``renewed_at`` its lease: it renews it with every step
   of the cursor, and at least every ``lease_s / 3`` while it waits; a row not renewed for
   ``lease_s`` (judged on the database's clock, :meth:`LeadershipStore.now`) is taken over by the
   next replica that asks, from the stored position.
-- ``term`` is the position: every event with an id at or below it has been exported (or given up
-  for a rollback: see :mod:`gateway.otlp_logs`). It only grows (:meth:`ExportCursorStore.advance`
-  never moves it back).
+- ``term`` is the position: every event with an id at or below it has been accepted by the
+  receiver (or its id given up for a rollback: see :mod:`gateway.otlp_logs`), never more. It only
+  grows (:meth:`ExportCursorStore.advance` never moves it back).
 
 Every advance is conditional on the holder, so a replica that was paused past its lease and wakes
 up cannot move the position of the replica that took over: it learns it lost the export and stops.
