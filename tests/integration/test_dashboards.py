@@ -27,8 +27,18 @@ variables resolved by their own ``label_values`` queries, ``$__rate_interval`` a
 ``RATE_INTERVAL``), and must answer at least one series with a number in it, except the few in
 ``NEEDS_MORE``, which say why. Every series an alert rule reads must exist (Prometheus evaluated the
 rules all along without an error), and the alerts that must not fire on a healthy fleet stay
-inactive. The answers are saved and drawn (chaos/dashboards.py) into PNGs: into the test's temporary
-directory, or into ``$OPENSHELL_DASHBOARD_PICTURES`` (docs/dashboards, to update the docs' pictures).
+inactive.
+
+What "answers something" cannot see is checked too. The chart is rendered with a fullnameOverride
+(job ``sbx-gateway``: the dashboards take the job from a variable, not a name pattern), and
+Prometheus scrapes replica A a second time under another release's job in the same namespace (its
+series must not be added in). Early on, quiet-2's supervisor stops and REUSED's starts on its
+address (a new pod given a freed IP): the sandbox dashboard drawn for REUSED must show none of
+quiet-2's samples. The key panels' numbers at the end are compared with the known fleet (replicas,
+sessions, the fair share, the sandboxes the API lists), and no panel or alert may sum a gauge that
+every replica counts for the whole table (``TABLE_WIDE``). The answers are saved and drawn
+(chaos/dashboards.py) into PNGs: into the test's temporary directory, or into
+``$OPENSHELL_DASHBOARD_PICTURES`` (docs/dashboards, to update the docs' pictures).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter as Tally
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +79,17 @@ pytestmark = pytest.mark.skipif(
 
 DASHBOARDS = REPO / "helm" / "openshell" / "dashboards"
 RELEASE, NAMESPACE, SANDBOX_NAMESPACE = "openshell", "openshell", "openshell-sandboxes"
+#: The chart rendered with a fullnameOverride: its gateway Service, so the ServiceMonitor's job, is
+#: ``sbx-gateway``, a name without "openshell" in it (the dashboards must not guess the job's name).
+CHART_VALUES: Mapping[str, Any] = {
+    "fullnameOverride": "sbx",
+    # The chart refuses a NetworkPolicy without the scrapers' peers; none here.
+    "networkPolicy": {"enabled": False},
+    "monitoring": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+}
+#: Another release's gateway job in the same namespace (Prometheus scrapes replica A again under it):
+#: the dashboards' panels must not add its series to the chosen release's.
+OTHER_JOB = "openshell-canary-gateway"
 #: What Grafana's $__rate_interval is for a 1 s scrape (4 intervals), with room for a late scrape.
 RATE_INTERVAL = "10s"
 #: The sandbox the sandbox dashboard is drawn for: the one whose main process exits and restarts.
@@ -75,12 +97,15 @@ BUSY = "busy"
 #: A sandbox whose supervisor finds it degraded (a health change, by the fleet's counters).
 DEGRADED = "low-disk"
 SANDBOXES = (BUSY, DEGRADED, "quiet-1", "quiet-2")
+#: Started on quiet-2's port once quiet-2's supervisor stopped: another pod given the same IP (the
+#: same ``instance``); its sandbox dashboard must show none of quiet-2's samples.
+REUSED = "reused"
 #: The others' main process: a line every half second.
 TICK = "import time\nwhile True: print('tick', flush=True); time.sleep(0.5)"
 #: Targets that cannot answer here, and why (the test fails if one of them answers: then it belongs
 #: with the others). Keyed by (dashboard uid, panel title, refId).
 NEEDS_MORE: Mapping[tuple[str, str, str], str] = {
-    ("openshell-gateway-ha", "Database errors", "B"): (
+    ("openshell-gateway-ha", "Database errors per second", "B"): (
         "a cut connection is replaced and the statement retried: a gRPC call is answered UNAVAILABLE "
         "only while the database stays away (tests/integration/test_db_faults.py)"
     ),
@@ -103,14 +128,20 @@ QUIET_ALERTS = (
 STEADY_S = 6
 
 
+#: How the sandbox dashboard picks the chosen sandbox's series at each instant.
+SANDBOX_JOIN = 'and on (instance) openshell_supervisor_info{namespace="$namespace", sandbox_id="$sandbox"}'
+
+
 def load_dashboards() -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))]
 
 
-def rendered_rule() -> dict[str, Any]:
-    """The PrometheusRule the chart renders for release ``openshell`` in namespace ``openshell``."""
+def rendered_monitoring() -> tuple[dict[str, Any], str]:
+    """The PrometheusRule the chart renders (``CHART_VALUES``, release ``openshell`` in namespace
+    ``openshell``), and the job label its ServiceMonitor's targets get: the Prometheus Operator
+    names the job after the Service the endpoints belong to (the ServiceMonitor sets no jobLabel)."""
     rendered = helm_python.Chart.load(str(REPO / "helm" / "openshell")).render(
-        {"monitoring": {"prometheusRule": {"enabled": True}}}, name=RELEASE, namespace=NAMESPACE
+        dict(CHART_VALUES), name=RELEASE, namespace=NAMESPACE
     )
     docs = [
         d
@@ -120,7 +151,22 @@ def rendered_rule() -> dict[str, Any]:
         if isinstance(d, dict)
     ]
     (rule,) = [d for d in docs if d.get("kind") == "PrometheusRule"]
-    return rule
+    (monitor,) = [d for d in docs if d.get("kind") == "ServiceMonitor"]
+    assert "jobLabel" not in monitor["spec"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    (service,) = [
+        d
+        for d in docs
+        if d.get("kind") == "Service"
+        and selector.items() <= d["metadata"].get("labels", {}).items()
+        and ports <= {p["name"] for p in d["spec"]["ports"]}
+    ]
+    return rule, service["metadata"]["name"]
+
+
+def rendered_rule() -> dict[str, Any]:
+    return rendered_monitoring()[0]
 
 
 def alert_rules(rule: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -153,14 +199,34 @@ def test_every_dashboard_is_grafana_json_with_targets_on_the_datasource_variable
             for target in panel["targets"]:
                 assert target["expr"].strip(), where
                 assert target.get("datasource", panel["datasource"]) == panel["datasource"], where
-                # Every gateway query is scoped to the chosen namespace's gateways.
-                if "openshell_gateway_" in target["expr"] or "up{" in target["expr"]:
-                    assert 'namespace="$namespace"' in target["expr"], where
+                # Every gateway query is scoped to the chosen release's gateways: its job (the
+                # Service's name, whatever the release's name overrides) in the chosen namespace.
+                if "openshell_gateway_" in target["expr"] or re.search(r"\bup\{", target["expr"]):
+                    assert 'job="$job", namespace="$namespace"' in target["expr"], where
+                assert "job=~" not in target["expr"], where
+                # The sandbox's series chosen at each instant by the target naming that sandbox
+                # then: an instance (a pod IP) is another sandbox's before or after.
+                if uid == "openshell-sandbox":
+                    assert SANDBOX_JOIN in target["expr"], where
+                    selectors = set(re.findall(r"\{[^}]*\}", target["expr"]))
+                    assert selectors == {
+                        '{namespace="$namespace"}',
+                        SANDBOX_JOIN[SANDBOX_JOIN.index("{") :],
+                    }, where
             grid = panel["gridPos"]
             assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, where
         for name, variable in variables.items():
             if variable["type"] == "query":
                 assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+        if uid != "openshell-sandbox":
+            # One release's gateways: the job variable (one value), found in the chosen namespace.
+            job = variables["job"]
+            assert (
+                job["query"]["query"]
+                == 'label_values(openshell_gateway_build_info{namespace="$namespace"}, job)'
+            )
+            assert not job.get("multi") and not job.get("includeAll"), uid
+            assert [*variables].index("namespace") < [*variables].index("job"), uid
 
 
 def test_the_chart_renders_one_configmap_per_dashboard_under_its_whole_name() -> None:
@@ -182,6 +248,138 @@ def test_the_chart_renders_one_configmap_per_dashboard_under_its_whole_name() ->
         ((key, text),) = config_map["data"].items()
         assert config_map["metadata"]["name"].endswith(key.removesuffix(".json"))
         assert json.loads(text) == json.loads((DASHBOARDS / key).read_text())
+
+
+# -- table-wide gauges: never summed over the replicas ------------------------------------------------
+
+#: The gauges every replica counts from the whole store (docs/metrics.md, "Per replica or
+#: fleet-wide"; gateway/metrics.py's help texts): each replica exports the same fleet-wide number,
+#: so a sum over the replicas counts it once per replica. max, min or avg over the replicas, or a
+#: panel per replica (``by (pod)``, ``by (instance)``), never a sum.
+TABLE_WIDE = frozenset(
+    "openshell_gateway_" + name
+    for name in (
+        "sandboxes",  # by state, counted from the sandboxes table
+        "sandboxes_not_exited",
+        "replicas_alive",  # the replicas table's live leases
+        "fleet_sessions",  # every live replica's lease row
+        "fair_share",  # fleet_sessions over the replicas taking sessions
+        "retained_events",  # the events table after a retention run
+        "retained_log_bytes",
+    )
+)
+_AGGREGATIONS = frozenset(
+    {
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    }
+)
+#: Aggregations whose value over replicas that all say the same number is that number.
+_SAME_NUMBER = frozenset({"max", "min", "avg", "group"})
+_PER_REPLICA = frozenset({"pod", "instance"})
+_HEAD = re.compile(r"(\w+)\s*(?:(by|without)\s*\(([^)]*)\)\s*)?$")
+_TAIL = re.compile(r"^\s*(by|without)\s*\(([^)]*)\)")
+
+
+def _enclosing_aggregations(expr: str, at: int) -> list[tuple[str, str | None, frozenset[str]]]:
+    """The aggregations whose argument holds position ``at`` of ``expr``, innermost first: (operator,
+    by or without or None, its labels). Both of PromQL's forms: ``sum by (x) (...)``, ``sum(...) by (x)``."""
+    found: list[tuple[str, str | None, frozenset[str]]] = []
+    depth, opens = 0, []
+    for i in range(at - 1, -1, -1):  # the unclosed "(" before ``at``, innermost first
+        if expr[i] == ")":
+            depth += 1
+        elif expr[i] == "(":
+            if depth:
+                depth -= 1
+            else:
+                opens.append(i)
+    for start in opens:
+        head = _HEAD.search(expr[:start])
+        if head is None or head.group(1) not in _AGGREGATIONS:
+            continue
+        modifier, labels = head.group(2), head.group(3)
+        if modifier is None:
+            end, depth = start, 0
+            for end in range(start, len(expr)):
+                depth += {"(": 1, ")": -1}.get(expr[end], 0)
+                if depth == 0:
+                    break
+            tail = _TAIL.match(expr[end + 1 :])
+            if tail is not None:
+                modifier, labels = tail.groups()
+        names = frozenset(n.strip() for n in (labels or "").split(",") if n.strip())
+        found.append((head.group(1), modifier, names))
+    return found
+
+
+def summed_table_wide(expr: str) -> list[str]:
+    """Where ``expr`` adds up a table-wide gauge over the replicas: under an aggregation that is
+    neither one of ``_SAME_NUMBER`` nor per replica (``by`` keeping pod or instance)."""
+    problems = []
+    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        if match.group() not in TABLE_WIDE:
+            continue
+        for op, modifier, labels in _enclosing_aggregations(expr, match.start()):
+            per_replica = modifier == "by" and bool(labels & _PER_REPLICA)
+            if op not in _SAME_NUMBER and not per_replica:
+                problems.append(f"{match.group()} under {op} {modifier or ''} ({', '.join(sorted(labels))})")
+    return problems
+
+
+def test_the_table_wide_check_finds_a_sum_over_the_replicas() -> None:
+    """The check below can fail: a sum over the replicas (however written) is found, what keeps one
+    number per replica or takes the same number once is not."""
+    g = 'openshell_gateway_sandboxes_not_exited{job="$job"}'
+    for summed in (
+        f"sum({g})",
+        f"sum by (namespace) ({g})",
+        f"sum({g}) by (namespace)",
+        f"sum without (pod, instance) ({g})",
+        f"sum(max by (pod) ({g}))",
+        f"count({g}) * 2",
+        'sum by (state) (openshell_gateway_sandboxes{job="$job"})',
+        "sum(openshell_gateway_fair_share)",
+    ):
+        assert summed_table_wide(summed), summed
+    for fine in (
+        f"max({g})",
+        f"max by (pod) ({g})",
+        f"sum by (pod) ({g})",
+        f"sum({g}) by (instance)",
+        f"avg({g}) > 0 and on () sum(openshell_gateway_sessions)",
+        "sum(openshell_gateway_sandboxes_counted_timestamp_seconds)",  # each replica's own
+        f"{g} > 0",
+    ):
+        assert not summed_table_wide(fine), fine
+
+
+def test_no_dashboard_or_alert_sums_a_table_wide_gauge_over_the_replicas() -> None:
+    exprs = [
+        (f"{d['uid']} panel {p['id']} ({p['title']}) {t['refId']}", t["expr"])
+        for d in load_dashboards()
+        for p in d["panels"]
+        for t in p["targets"]
+    ]
+    exprs += [(r["alert"], r["expr"]) for r in alert_rules(rendered_rule())]
+    read = {name for _, expr in exprs for name in TABLE_WIDE if re.search(rf"\b{name}\b", expr)}
+    assert read >= {"openshell_gateway_" + n for n in ("sandboxes", "sandboxes_not_exited", "replicas_alive")}
+    problems = {where: found for where, expr in exprs if (found := summed_table_wide(expr))}
+    assert not problems, problems
+    # Each one a gauge the gateway exports.
+    source = (REPO / "gateway" / "metrics.py").read_text()
+    for name in TABLE_WIDE:
+        assert f'PREFIX + "{name.removeprefix("openshell_gateway_")}"' in source, name
 
 
 # -- the scene --------------------------------------------------------------------------------------
@@ -281,6 +479,15 @@ class Scene:
     gateway_job: str
     #: The replicas ran the Kubernetes driver's leader election.
     elected: bool
+    #: When the REUSED supervisor was started on quiet-2's address (after quiet-2's stopped).
+    reused_since: float
+    #: What the API listed at the end: sandboxes by state.
+    listed: Mapping[str, int]
+
+    def at_end(self, promql: str) -> list[float]:
+        """The instant values of ``promql`` at the scene's end."""
+        result = self.prometheus.api("query", query=promql, time=f"{self.end:.3f}")["result"]
+        return [float(s["value"][1]) for s in result]
 
     def query_range(self, promql: str, *, start: float | None = None) -> list[dict[str, Any]]:
         since = self.start if start is None else start
@@ -419,6 +626,16 @@ def _cut_connections(server: PgServer) -> None:
     asyncio.run(cut())
 
 
+def _listed(http_port: int) -> dict[str, int]:
+    """The sandboxes the gateway's API lists, counted by state."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/sandboxes", timeout=10) as resp:
+        body = json.loads(resp.read())
+    states: dict[str, int] = {}
+    for sandbox in body["sandboxes"]:
+        states[sandbox["state"]] = states.get(sandbox["state"], 0) + 1
+    return states
+
+
 def _until(prom: PrometheusServer, promql: str, what: str, *, timeout: float = 45) -> None:
     wait_until(lambda: (prom.value(promql) or 0) > 0, timeout=timeout, what=f"{what} ({promql})")
 
@@ -445,17 +662,21 @@ def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | No
         "drain.hint_spread_s=2",
     )
     b = _replica(root, "b", url, *[f for item in drain for f in ("--set", item)], election=election)
-    rule = rendered_rule()
-    job = re.search(r'job="([^"]+)"', alert_rules(rule)[0]["expr"])
-    assert job is not None
+    rule, job = rendered_monitoring()
+    assert job == "sbx-gateway"
+    # The alerts read the job the ServiceMonitor's targets get.
+    assert all(f'job="{job}"' in r["expr"] for r in alert_rules(rule))
     ports = {sandbox_id: free_port() for sandbox_id in SANDBOXES}
     prom = PrometheusServer(
         binary,
         root / "prometheus",
         jobs={
-            job.group(1): [
-                (f"127.0.0.1:{gw.ops_port}", {"namespace": NAMESPACE, "pod": f"openshell-gateway-{name}"})
+            job: [
+                (f"127.0.0.1:{gw.ops_port}", {"namespace": NAMESPACE, "pod": f"sbx-gateway-{name}"})
                 for name, gw in (("a", a), ("b", b))
+            ],
+            OTHER_JOB: [
+                (f"127.0.0.1:{a.ops_port}", {"namespace": NAMESPACE, "pod": "openshell-canary-gateway-a"})
             ],
             "openshell-supervisor": [
                 (f"127.0.0.1:{port}", {"namespace": SANDBOX_NAMESPACE, "pod": sandbox_id})
@@ -475,15 +696,36 @@ def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | No
             for sandbox_id, port in ports.items():
                 supervisors.append(_supervisor(root, sandbox_id, proxy.grpc_address, port))
                 supervisors[-1].start()
-            _until(prom, "sum(openshell_gateway_sessions) == 4", "every supervisor connected")
+            _until(prom, f'sum(openshell_gateway_sessions{{job="{job}"}}) == 4', "every supervisor connected")
+            # quiet-2's pod goes, another sandbox's pod comes up with its IP: same instance.
+            # A few of its samples first (its connected session among them): what must not show.
+            _until(
+                prom,
+                'count_over_time(openshell_supervisor_session_connected{pod="quiet-2"}[1m]) >= 3'
+                ' and openshell_supervisor_session_connected{pod="quiet-2"} == 1',
+                "quiet-2 scraped connected",
+            )
+            quiet = supervisors[SANDBOXES.index("quiet-2")]
+            quiet.stop()
+            wait_until(
+                lambda: prom.value('up{pod="quiet-2"} == 0') is not None, timeout=30, what="quiet-2 down"
+            )
+            reused_since = time.time()
+            supervisors.append(_supervisor(root, REUSED, proxy.grpc_address, ports["quiet-2"]))
+            supervisors[-1].start()
+            _until(prom, f'openshell_supervisor_info{{sandbox_id="{REUSED}"}}', "the new pod scraped")
+            _until(prom, f'sum(openshell_gateway_sessions{{job="{job}"}}) == 4', "its supervisor connected")
             if election is not None:
                 _until(prom, "max(openshell_gateway_leader)", "a replica leading")
             steady = time.time()
             time.sleep(STEADY_S)
             # A database blip: the connections cut (once a second, until a statement in flight
             # on one of them failed: an idle one is replaced by the pool's ping, not counted).
+            # Errors counted before (a replica's start) do not count: the panel must show this rise.
+            errors = f'sum(openshell_gateway_db_errors_total{{job="{job}"}})'
+            before = prom.value(errors) or 0
             deadline = time.monotonic() + 20
-            while not prom.value("sum(openshell_gateway_db_errors_total)"):
+            while (prom.value(errors) or 0) <= before:
                 assert time.monotonic() < deadline, "no database error counted with the connections cut"
                 _cut_connections(pg_server)
                 time.sleep(1)
@@ -498,10 +740,20 @@ def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | No
             _until(prom, 'ALERTS{alertname="OpenShellGatewayReplicasDown"}', "replicas-down pending")
             b.start()
             _until(prom, 'sum(openshell_gateway_reconnect_hints_total{reason="rebalance"})', "a move")
-            _until(prom, "sum(openshell_gateway_sessions) == 4", "every supervisor connected again")
+            _until(prom, f'sum(openshell_gateway_sessions{{job="{job}"}}) == 4', "every supervisor back")
             time.sleep(5)  # the last moves' rates in a few more samples
             end = time.time()
-            yield Scene(prom, start, steady, end, job.group(1), elected=election is not None)
+            listed = _listed(a.http_port)
+            yield Scene(
+                prom,
+                start,
+                steady,
+                end,
+                job,
+                elected=election is not None,
+                reused_since=reused_since,
+                listed=listed,
+            )
     except BaseException:
         print(prom.log_text()[-3000:], a.log_text()[-3000:], b.log_text()[-3000:], sep="\n---\n")
         raise
@@ -516,10 +768,11 @@ def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | No
 # -- every query answers ----------------------------------------------------------------------------
 
 
-def _variables(scene: Scene, dashboard: Mapping[str, Any]) -> dict[str, str]:
+def _variables(scene: Scene, dashboard: Mapping[str, Any], *, sandbox: str = BUSY) -> dict[str, str]:
     """The dashboard's template variables as Grafana would fill them in for this scene: each query
-    variable by its own query (which must answer), the namespace and sandbox the scene's."""
-    chosen = {"namespace": None, "sandbox": BUSY}
+    variable by its own query (which must answer), the namespace, release (job) and sandbox the
+    scene's."""
+    chosen = {"namespace": None, "job": scene.gateway_job, "sandbox": sandbox}
     values: dict[str, str] = {}
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
@@ -589,6 +842,83 @@ def test_every_dashboard_query_returns_data(answers: Answers) -> None:
     assert not unexpected, f"queries without data: {json.dumps([*map(list, unexpected.items())], indent=1)}"
     answered = set(needs_more) - set(answers.empty)
     assert not answered, f"these answer now, take them out of NEEDS_MORE: {answered}"
+
+
+def _panel(dashboard_uid: str, title: str) -> dict[str, Any]:
+    (dashboard,) = [d for d in load_dashboards() if d["uid"] == dashboard_uid]
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == title]
+    return dict(panel)
+
+
+def _last_totals(series: list[dict[str, Any]], samples: int) -> list[float]:
+    """The panel's series added up at each of the last ``samples`` timestamps: what a stat panel
+    of one series shows, or the total of a panel's lines."""
+    totals: dict[float, float] = {}
+    for s in series:
+        for ts, value in s["values"]:
+            totals[ts] = totals.get(ts, 0.0) + float(value)
+    return [totals[ts] for ts in sorted(totals)[-samples:]]
+
+
+def test_key_panels_show_the_scenes_numbers(answers: Answers, scene: Scene) -> None:
+    """At the scene's end the fleet is known: two replicas up, four supervisors connected (two each
+    after the rebalancing), the sandboxes the API lists. A panel that adds up a table-wide gauge over
+    the replicas, or takes in another release's gateways, shows more, all the time. What is compared
+    is the panel's total most often shown over the last five seconds: a session being moved is
+    counted by no replica, or by two lease rows (one not yet renewed), for a moment."""
+    live = len(SANDBOXES)  # quiet-2's supervisor stopped, REUSED's took its place
+    listed = sum(scene.listed.values())
+    not_exited = listed - scene.listed.get("exited", 0)
+    assert listed == len(SANDBOXES) + 1, scene.listed  # quiet-2 left disconnected (or lost)
+    expected = {
+        ("openshell-gateway", "Gateway replicas up", "A"): 2,
+        ("openshell-gateway", "Supervisor sessions", "A"): live,
+        ("openshell-gateway", "Sandboxes not exited", "A"): not_exited,
+        ("openshell-gateway", "Sandboxes by state", "A"): listed,
+        ("openshell-gateway", "Sessions and reconnections", "A"): live,
+        ("openshell-gateway-ha", "Replicas up", "A"): 2,
+        ("openshell-gateway-ha", "Replicas alive (leases)", "A"): 2,
+        ("openshell-gateway-ha", "Sessions (lease rows)", "A"): live,
+        ("openshell-gateway-ha", "Sessions per replica", "A"): live,
+        ("openshell-gateway-ha", "Sessions per replica", "B"): live / 2,  # the fair share
+    }
+    wrong = {}
+    for (uid, title, ref_id), value in expected.items():
+        panel = _panel(uid, title)
+        index = [target["refId"] for target in panel["targets"]].index(ref_id)
+        last = _last_totals(answers.by_dashboard[uid][panel["id"]][index], 5)
+        ((shown, _),) = Tally(last).most_common(1)
+        if shown != value:
+            wrong[(uid, title, ref_id)] = (last, value)
+    assert not wrong, f"(last five totals, expected): {wrong}"
+    # The database blip is a rise and a fall on the errors panel, not a count that stays up.
+    errors = _panel("openshell-gateway-ha", "Database errors per second")
+    drawn = _last_totals(answers.by_dashboard["openshell-gateway-ha"][errors["id"]][0], 10**6)
+    counted = scene.prometheus.api(
+        "query",
+        query=f'openshell_gateway_db_errors_total{{job="{scene.gateway_job}"}} > 0',
+        time=f"{scene.end:.3f}",
+    )["result"]
+    assert max(drawn) > 0 and drawn[-1] == 0, (drawn, [(s["metric"], s["value"][1]) for s in counted])
+
+
+def test_the_sandbox_dashboard_shows_no_other_sandbox_of_its_address(scene: Scene) -> None:
+    """REUSED's supervisor listens where quiet-2's did (a new pod given a freed IP): the sandbox
+    dashboard drawn for REUSED over the whole scene shows nothing from before it started, although
+    quiet-2's series carry the same ``instance``."""
+    (dashboard,) = [d for d in load_dashboards() if d["uid"] == "openshell-sandbox"]
+    values = _variables(scene, dashboard, sandbox=REUSED)
+    earlier: dict[str, float] = {}
+    answered = 0
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            series = scene.query_range(_substituted(target["expr"], values))
+            answered += _has_a_number(series)
+            first = min((float(ts) for s in series for ts, _ in s["values"]), default=math.inf)
+            if first < scene.reused_since:
+                earlier[f"{panel['title']} {target['refId']}"] = scene.reused_since - first
+    assert answered, "no panel answered for the sandbox on the reused address"
+    assert not earlier, f"seconds of another sandbox's samples shown: {earlier}"
 
 
 def test_pictures_of_the_dashboards(answers: Answers, tmp_path: Path) -> None:
