@@ -110,9 +110,10 @@ then exit 69: the gateway writes nothing on an idle follow that a read timeout c
 Numeric options are checked before anything is sent: a value that is not a finite number in
 the option's range (`--grace nan`, `--interval 0`, `--tail -1`, `--expires-in inf`) is a usage
 error naming the option, exit status 2. The ranges are the API's where it has one (`--grace` 0
-to 3600 s, `--tail` and `status --lines` 0 to 10000, `fleet --limit` 1 to 500, `--expires-in`
-from 1 s up to the gateway's `commands.max_ttl_s`), and for the client's own waits (`--interval`,
-`--timeout`) more than 0 up to a day.
+to 3600 s, `--tail` and `status --lines` 0 to 10000, `--expires-in` from 1 s up to the
+gateway's `commands.max_ttl_s`), and for the client's own waits (`--interval`, `--timeout`) more
+than 0 up to a day. `fleet --limit` (1 to 500) and a value over the gateway's
+`commands.max_ttl_s` are the API's to refuse: its sentence, exit status 1.
 
 ## Exit statuses
 

@@ -43,7 +43,6 @@ from gateway.config import GatewayConfig
 from gateway.ctl.contexts import API_ENV, CONFIG_ENV, CONTEXT_ENV, DEFAULT_API
 from gateway.ctl.exits import UNAVAILABLE as EX_UNAVAILABLE
 from gateway.ctl.parser import (
-    MAX_FLEET_LIMIT,
     MAX_TAIL,
     HelpFormatter,
     add_client_commands,
@@ -114,11 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     fleet.add_argument(
         "--since", help="exited since: RFC 3339 or a duration back from now (default: the API's, 1h)"
     )
-    fleet.add_argument(
-        "--limit",
-        type=count(low=1, high=MAX_FLEET_LIMIT),
-        help="longest list of unhealthy and of exited sandboxes",
-    )
+    # Its range (1 to 500) is left to the API, whose sentence names it (exit 1).
+    fleet.add_argument("--limit", type=int, help="longest list of unhealthy and of exited sandboxes")
     fleet.add_argument(
         "-o", "--output", choices=["text", "json"], default="text", help="json: the API's document"
     )

@@ -37,8 +37,6 @@ WAIT_TIMEOUT_S = 30.0
 MAX_GRACE_S = 3600.0
 #: ``logs --tail`` and ``status --lines``: the API's MAX_TAIL.
 MAX_TAIL = 10_000
-#: ``fleet --limit``: the API's (gateway.fleet's) MAX_LIMIT.
-MAX_FLEET_LIMIT = 500
 #: ``--expires-in``: the API's least; its greatest is the gateway's commands.max_ttl_s (its
 #: sentence says which when a value is over it).
 MIN_EXPIRES_IN_S = 1.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import api, fleet
+from gateway import api
 from gateway.cli import _parser, split_command
 from gateway.clientauth import ClientAuthError, StaticToken, credentials_for
 from gateway.ctl import exits, parser
@@ -288,7 +288,6 @@ def _closed_port() -> int:
         (["logs", "sb", "--tail", "10001"], "--tail"),
         (["logs", "sb", "--generation", "0"], "--generation"),
         (["status", "--lines", "-3"], "--lines"),
-        (["fleet", "--limit", "0"], "--limit"),
         (["demo", "--steps", "-1"], "--steps"),
     ],
 )
@@ -302,7 +301,6 @@ def test_a_numeric_option_out_of_its_range_is_a_usage_error_naming_it(
 
 def test_the_clients_numeric_bounds_are_the_apis() -> None:
     assert parser.MAX_TAIL == api.MAX_TAIL
-    assert parser.MAX_FLEET_LIMIT == fleet.MAX_LIMIT
     most = round(parser.MAX_GRACE_S * 1000)
     assert api._command_args({"kind": "stop", "grace_ms": most})[1] == {"grace_ms": most}
     with pytest.raises(api.ApiError):
