@@ -22,7 +22,12 @@ rank below ``--token-file``/``--insecure`` and ``$OPENSHELL_TOKEN``.
 A missing file is an empty one; a file that does not parse or holds an unknown key, or a context
 named that it does not hold, is a :class:`~openshell_wire.configfile.ConfigError` naming the
 file and the key (exit status 78). ``config set-context``, ``use-context`` and
-``delete-context`` rewrite the file (0600, atomically); comments in it are not kept.
+``delete-context`` rewrite the file (0600, atomically; one that cannot be written is the same
+exit status, naming it); comments in it are not kept.
+
+A relative ``token_file`` in the file is read beside the file (as kubeconfig's paths are), not
+from the directory a command runs in; ``config set-context --token-file`` stores its FILE made
+absolute from where it was typed, so what one types is what is read.
 """
 
 from __future__ import annotations
@@ -119,7 +124,17 @@ def problems(exc: ValidationError) -> list[str]:
 
 
 def save(path: Path, config: ClientConfig) -> None:
-    """Write ``config`` to ``path`` atomically, readable by its owner only."""
+    """Write ``config`` to ``path`` atomically, readable by its owner only; ConfigError naming
+    the file when it cannot be written (its directory a file, not writable, a full disk)."""
+    try:
+        _write(path, config)
+    except OSError as exc:
+        raise ConfigError(
+            str(path), [f"cannot write: {exc.strerror or exc}: {exc.filename or path}"]
+        ) from None
+
+
+def _write(path: Path, config: ClientConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc: dict[str, Any] = config.model_dump(mode="json", exclude_defaults=True)
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)

@@ -353,3 +353,11 @@ def test_any_interrupted_one_shot_command_exits_130_as_the_table_says(env: dict[
     assert proc.returncode == exits.INTERRUPTED == 130 and "get interrupted" in err and "Traceback" not in err
     meaning = dict(exits.TABLE)[exits.INTERRUPTED]
     assert "any command" in meaning and "`get --watch` and `logs -f` (0)" in meaning, meaning
+
+
+def test_a_config_file_that_cannot_be_written_is_78_naming_it(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "config.yaml"  # its directory is a file
+    done = _cli({**env, "OPENSHELL_CONFIG": str(path)}, "config", "set-context", "a", "--api", "http://x")
+    assert done.returncode == exits.CONFIG and "cannot write" in done.stderr, done
+    assert str(path) in done.stderr and "Traceback" not in done.stderr
