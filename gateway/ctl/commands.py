@@ -146,11 +146,13 @@ async def _get(args: argparse.Namespace, api: Api) -> int:
     # The widest cell of each column so far, not the rows: a watch over thousands of sandboxes
     # for days holds one number per column, and a later row is never narrower than an earlier.
     columns = Columns(sandbox_headers(wide=wide))
+    headed = False  # the header goes before the first rows, whenever they come
     if args.output in ("table", "wide"):
         rows = [sandbox_row(sb, wide=wide, now=_now()) for sb in found]
         if found:
             columns.widen(rows)
             print("\n".join(columns.line(row) for row in [columns.headers, *rows]), flush=True)
+            headed = True
         else:
             print("no sandboxes", flush=True)
     if not args.watch:
@@ -173,7 +175,11 @@ async def _get(args: argparse.Namespace, api: Api) -> int:
         else:
             rows = [sandbox_row(sb, wide=wide, now=_now()) for sb in changed]
             columns.widen(rows)
-            print("\n".join(columns.line(row) for row in rows), flush=True)
+            print(
+                "\n".join(columns.line(row) for row in ([] if headed else [columns.headers]) + rows),
+                flush=True,
+            )
+            headed = True
 
 
 def _print_watched(sb: dict[str, Any], fmt: str) -> None:

@@ -100,3 +100,22 @@ def test_a_watchs_rows_are_aligned_to_the_widest_cell_so_far() -> None:
     state_at = [re.search(r" {3}\S", line).end() - 1 for line in lines]  # type: ignore[union-attr]
     # Never narrower than before: each row's STATE starts no earlier than the ones above it.
     assert state_at == sorted(state_at) and state_at[-1] > state_at[0], lines
+
+
+def test_a_watch_that_began_with_no_sandboxes_prints_the_header_before_its_first_rows() -> None:
+    out = io.StringIO()
+
+    class Empty(ChangingApi):
+        async def sandboxes(self) -> list[dict[str, Any]]:
+            found = await super().sandboxes()
+            return [] if self.read == 1 else found
+
+    with contextlib.redirect_stdout(out), pytest.raises(ChangingApi.Done):
+        asyncio.run(_get(_args("table"), Empty(count=1, reads=3)))  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["no", "sandboxes"],
+        ["ID", "STATE"],
+        ["sb-00000", "disconnected"],
+        ["sb-00000", "connected"],
+    ], lines
