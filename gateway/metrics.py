@@ -490,7 +490,9 @@ class GatewayMetrics:
         )
         self.retained_events = Gauge(
             PREFIX + "retained_events",
-            "Events in the table after the last retention run (all kinds).",
+            "Events in the table after the last retention run (all kinds): counted on SQLite and with "
+            "retention.max_bytes set; otherwise PostgreSQL's planner estimate of the rows at the run's "
+            "start (pg_class.reltuples scaled to the table's pages), less those the run deleted.",
             registry=self.registry,
         )
         self.retained_bytes = Gauge(

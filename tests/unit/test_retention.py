@@ -13,15 +13,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, text, update
 
 from gateway.config import RetentionSettings
 from gateway.metrics import GatewayMetrics
 from gateway.retention import Retention
 from gateway.sessions import SessionRegistry
 from gateway.store import UNSEQUENCED_EPOCH, Database, EventStore, SandboxStore
-from gateway.store.db import utcnow
-from gateway.store.retention import EventRetention
+from gateway.store import retention as store_retention
+from gateway.store.db import StoreError, utcnow
+from gateway.store.retention import EventRetention, delete_statement, page_query
 from gateway.store.schema import events as events_table
 from openshell_wire.records import (
     Event,
@@ -199,6 +200,74 @@ async def check_writers_keep_flowing(db: Database, *, rows: int, bound_s: float)
     return deletion_s, worst
 
 
+class Statements:
+    """Counts the statements on the ``events`` table sent through a database's engine."""
+
+    def __init__(self, db: Database) -> None:
+        self.count = 0
+        event.listen(db.engine.sync_engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "FROM events" in statement:
+            self.count += 1
+
+
+async def interleaved(db: Database, *, journals: int, rows: int) -> None:
+    """``journals`` journals of sandbox sb, stored a row of each at a time (as a fleet logs), all old."""
+    events = EventStore(db)
+    await SandboxStore(db).ensure("sb")
+    for s in range(1, rows + 1):
+        for j in range(journals):
+            await events.store_events("sb", f"j{j}", [line(s)])
+    async with db.begin() as conn:
+        await conn.execute(update(events_table).values(received_at=utcnow() - timedelta(days=10)))
+
+
+async def check_statements_per_page(db: Database) -> None:
+    """A page costs one read and one delete, however many journals it holds (the newest-row rule is
+    inside them, not a lookup per journal); a later run starts after the rows the first settled."""
+    await interleaved(db, journals=40, rows=5)
+    store = EventRetention(db)
+    run = Retention(RetentionSettings(batch_size=20, pause_s=0.0), store)
+    statements = Statements(db)
+
+    result = await run.run_once()
+
+    # The measurement, then 200 rows in 10 full pages and an empty one: 11 reads, and a delete for
+    # each of the 8 pages holding sequences 1-4 (the last two hold only the newest rows).
+    assert statements.count == 1 + 11 + 8, statements.count
+    assert result.deleted == {"log": 40 * 4}
+    assert [s for s, _ in await stored(db, "sb", "j7")] == [5]
+    async with db.engine.connect() as conn:
+        last = await conn.scalar(select(events_table.c.id).order_by(events_table.c.id.desc()).limit(1))
+    assert store.walk_start == last
+
+    # Only the 40 newest rows are left, kept for good: the next run reads past them, not through.
+    statements.count = 0
+    assert (await run.run_once()).total == 0
+    assert statements.count == 1 + 1, statements.count
+
+
+async def check_full_walk_catches_resumed_journal(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal's kept newest row that a later record made deletable lies before the walk's start:
+    the next walk from id 0 (every FULL_WALK_S, and the first after a start) deletes it."""
+    events = EventStore(db)
+    await SandboxStore(db).ensure("sb")
+    await events.store_events("sb", "idle", [line(s) for s in range(1, 4)])
+    await age(db, "sb", "idle", through=3)
+    store = EventRetention(db)
+    run = Retention(RetentionSettings(batch_size=2, pause_s=0.0), store)
+    assert (await run.run_once()).deleted == {"log": 2}
+    await events.store_events("sb", "idle", [line(4)])  # the journal resumes, 3 is no longer its newest
+
+    assert (await run.run_once()).total == 0  # 3 is before the start: kept, for now
+    monkeypatch.setattr(store_retention, "FULL_WALK_S", 0.0)
+    assert (await run.run_once()).deleted == {"log": 1}
+    assert await stored(db, "sb", "idle") == [(4, "log")]
+    # A new process (a restart) walks from id 0 at once.
+    assert EventRetention(db).walk_start == 0
+
+
 # -- SQLite ----------------------------------------------------------------------------------------
 
 
@@ -245,6 +314,70 @@ async def test_retention_task_runs_and_stops(db: Database) -> None:
 
 async def _one_left(db: Database) -> bool:
     return len(await stored(db, "sb", "j")) == 1
+
+
+async def test_statements_per_page(db: Database) -> None:
+    await check_statements_per_page(db)
+
+
+async def test_full_walk_catches_resumed_journal(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    await check_full_walk_catches_resumed_journal(db, monkeypatch)
+
+
+async def test_failed_delete_does_not_move_the_start(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk's start moves past a page only once its delete succeeded: a run that failed
+    (the database away) leaves its rows to the next run, not to the next walk from id 0."""
+    events = EventStore(db)
+    await SandboxStore(db).ensure("sb")
+    await events.store_events("sb", "j", [line(s) for s in range(1, 11)])
+    await age(db, "sb", "j", through=10)
+    store = EventRetention(db)
+    run = Retention(RetentionSettings(batch_size=4, pause_s=0.0), store)
+    real_delete = store.delete
+
+    async def failing(ids: list[int]) -> object:
+        raise StoreError("the database is away")
+
+    monkeypatch.setattr(store, "delete", failing)
+    with pytest.raises(StoreError):
+        await run.run_once()
+    assert store.walk_start == 0
+    monkeypatch.setattr(store, "delete", real_delete)
+    assert (await run.run_once()).deleted == {"log": 9}
+
+
+async def test_sqlite_plans_probe_the_unique_index(db: Database) -> None:
+    """SQLite: the page is a range of the rowid, the delete rowid lookups, and each row's newest
+    sequence one search of the unique (sandbox_id, journal_epoch, sequence) index."""
+    async with db.engine.connect() as conn:
+        indexes = (await conn.exec_driver_sql("PRAGMA index_list(events)")).all()
+        unique = None
+        for index in indexes:
+            columns = (await conn.exec_driver_sql(f"PRAGMA index_info('{index[1]}')")).all()
+            if [c[2] for c in columns] == ["sandbox_id", "journal_epoch", "sequence"]:
+                unique = str(index[1])
+        assert unique is not None, indexes
+        for statement, walk in (
+            (page_query(5, batch_size=1000), "SEARCH events USING INTEGER PRIMARY KEY (rowid>?)"),
+            (delete_statement([1, 2, 3]), "SEARCH events USING INTEGER PRIMARY KEY (rowid=?)"),
+        ):
+            sql = str(statement.compile(db.engine, compile_kwargs={"literal_binds": True}))
+            plan = "\n".join(str(r[3]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+            assert walk in plan, plan
+            assert f"SEARCH newer USING COVERING INDEX {unique} (sandbox_id=? AND journal_epoch=?)" in plan, (
+                plan
+            )
+            assert "SCAN" not in plan, plan
+
+
+async def test_totals_count_on_sqlite(db: Database) -> None:
+    events = EventStore(db)
+    await SandboxStore(db).ensure("sb")
+    await events.store_events("sb", "j", [line(s) for s in range(1, 11)])
+    totals = await EventRetention(db).totals(with_bytes=False)
+    assert (totals.rows, totals.exact) == (10, True)
+    async with db.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM events")) == 10
 
 
 def test_settings_refuse_nonsense() -> None:
