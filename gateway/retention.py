@@ -136,15 +136,17 @@ class Retention:
         if self._metrics is not None:
             self._metrics.retention_run_seconds.set(elapsed)
             self._metrics.retention_last_run.set(time.time())
-            self._metrics.retained_events.set(totals.rows - result.total)
+            # An estimate (PostgreSQL without max_bytes) may be below the rows this run deleted.
+            self._metrics.retained_events.set(max(0, totals.rows - result.total))
             if totals.bulk_bytes is not None:
                 self._metrics.retained_bytes.set(totals.bulk_bytes)
         log.info(
-            "retention run: %d events deleted in %d batches (%.2fs, longest batch %.3fs), %d were stored",
+            "retention run: %d events deleted in %d batches (%.2fs, longest batch %.3fs), %s%d were stored",
             result.total,
             result.batches,
             elapsed,
             result.longest_batch_s,
+            "" if totals.exact else "about ",
             totals.rows,
             extra={
                 "deleted": dict(result.deleted),
