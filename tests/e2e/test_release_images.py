@@ -21,11 +21,14 @@ sources did not change rebuilds nothing; revision and SOURCE_DATE_EPOCH are pinn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -55,6 +58,7 @@ class Release:
     registry: Registry
     images: dict[str, dict[str, Any]]  # release.py's JSON: target -> repository, digest, reference
     chart: Path
+    private_key: Path
     public_key: Path
     cosign: str
     seconds: float
@@ -101,7 +105,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
         print(f"\nimagevolume/release.py: {seconds:.0f}s", file=sys.stderr)
         images = json.loads(done.stdout)
         assert json.loads((work / "digests.json").read_text()) == images
-        yield Release(registry, images, work / "chart", public_key, cosign_binary, seconds)
+        yield Release(registry, images, work / "chart", private_key, public_key, cosign_binary, seconds)
 
 
 def test_the_release_workflow_lints_clean_and_runs_the_tested_script() -> None:
@@ -184,6 +188,58 @@ def test_the_released_chart_pulls_both_images_by_digest(release: Release) -> Non
     rendered = "\n".join(manifests.values())
     assert supervisor["reference"] in rendered
     assert f":{VERSION}" not in rendered  # by digest, never by tag
+
+
+def test_the_chart_with_the_digests_is_published_and_signed_as_the_workflow_does(release: Release) -> None:
+    """The workflow's last steps: helm/publish.py pushes the chart copy, and cosign signs it by the
+    digest publish.py printed (parsed the way the workflow's shell does)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "helm" / "publish.py"),
+            "--chart", str(release.chart),
+            "--remote", f"oci://{release.registry.host}/charts",
+            "--plain-http",
+        ],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # The workflow's shell: `read -r _ reference _`, then the digest of the manifest skopeo reads
+    # (helm/publish.py prints one only when Helm's registry client returns it).
+    reference = done.stdout.split()[1]
+    tagged = reference.removeprefix("oci://")
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{tagged}"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    chart = tagged.rsplit(":", 1)[0]  # ${tagged%:*}
+    assert chart == f"{release.registry.host}/charts/openshell"
+    assert json.loads(raw)["config"]["mediaType"] == "application/vnd.cncf.helm.config.v1+json"
+    signed = subprocess.run(
+        [release.cosign, "sign", "--yes", "--key", str(release.private_key), "--tlog-upload=false",
+         "--allow-http-registry", f"{chart}@{digest}"],
+        env=cosign.environment(), capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    verified = cosign.verify(release.cosign, f"{chart}@{digest}", release.public_key)
+    assert verified.returncode == 0, verified.stderr
+    # What was pushed is the chart with the digests: helm pulls it back with them in its values.
+    import helm_python as helm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client = helm.RegistryClient(plain_http=True)
+        try:
+            client.pull(f"oci://{chart}", version=reference.rsplit(":", 1)[1], destination=tmp)
+        finally:
+            client.close()
+        (archive,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("openshell/values.yaml")
+            assert member is not None
+            values = yaml.safe_load(member.read())
+    assert values["gateway"]["image"]["digest"] == release.images["gateway"]["digest"]
+    assert values["sandboxes"]["supervisor"]["image"]["digest"] == release.images["supervisor"]["digest"]
 
 
 def _unpack(reference: str, work: Path) -> Path:
