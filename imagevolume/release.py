@@ -241,7 +241,7 @@ def chart_with_digests(chart: Path, out: Path, pushed: Sequence[Pushed]) -> Path
     """A copy of ``chart`` at ``out`` whose values pull every pushed image by its digest."""
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(chart, out, ignore=shutil.ignore_patterns("charts/*.tgz.lock"))
+    shutil.copytree(chart, out)
     values = out / "values.yaml"
     text = values.read_text(encoding="utf-8")
     for image in pushed:
