@@ -73,6 +73,8 @@ STATEMENT_KINDS = frozenset({"select", "insert", "update", "delete", "begin", "c
 #: The labels of the labelled counters, exported at 0 (see GatewayMetrics); kept equal to their
 #: owners' values by tests/unit/test_metrics_labels.py (those modules import this one).
 REJECT_CODES = tuple(v.name for v in pb.RejectCode.DESCRIPTOR.values if v.name != "REJECT_CODE_UNSPECIFIED")
+#: The supervisor service's methods: each may be answered UNAVAILABLE when the store fails.
+STORE_METHODS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["OpenShell"].methods)
 ADMISSION_REFUSALS = ("draining", "max_sessions", "rate", "concurrency", "over_share")  # admission.Refusal
 HINT_REASONS = ("drain", "shutdown", "rebalance", "max_age")  # drain.DRAIN/SHUTDOWN, rebalance.REASON_*
 #: The error classes gateway.store.db's statement hook reports most (SQLAlchemy's wrapper of each
@@ -447,6 +449,8 @@ class GatewayMetrics:
         # so the first refusal, hint or restart of a replica's life would never show on a panel.
         for code in REJECT_CODES:
             self.sessions_rejected.labels(code)
+        for method in STORE_METHODS:
+            self.store_failures.labels(method)
         for reason in ADMISSION_REFUSALS:
             self.admission_refusals.labels(reason)
         for reason in HINT_REASONS:

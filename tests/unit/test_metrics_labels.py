@@ -37,6 +37,7 @@ def test_every_known_series_is_exported_at_zero_before_anything_happened() -> No
     text = generate_latest(GatewayMetrics(SessionRegistry()).registry).decode()
     expected = [
         *(f'sessions_rejected_total{{code="{c}"}} 0.0' for c in metrics.REJECT_CODES),
+        *(f'store_failures_total{{method="{m}"}} 0.0' for m in ("ConnectSupervisor", "PushSandboxLogs")),
         *(f'admission_refusals_total{{reason="{r}"}} 0.0' for r in metrics.ADMISSION_REFUSALS),
         *(f'reconnect_hints_total{{reason="{r}"}} 0.0' for r in metrics.HINT_REASONS),
         *(f'supervisor_lifecycle_records_total{{kind="{k.value}"}} 0.0' for k in LifecycleKind),
