@@ -226,3 +226,28 @@ async def test_discovery_that_does_not_answer_is_a_driver_error_and_not_kept(tmp
             assert driver.platform is None and driver.injection is None
     finally:
         await driver.close()
+
+
+def test_openshift_enabled_alone_leaves_every_pods_ids_to_the_scc() -> None:
+    """openshift.enabled is the one setting: the gateway, the migration Job and both helm test pods
+    are admitted by restricted-v2 without nulling gateway.podSecurityContext or tests.runAsUser
+    (the migration Job and the sandbox test kept 10001 before, and were refused)."""
+    objects = render(
+        {
+            "openshift": {"enabled": True},
+            "database": {"existingSecret": "openshell-database"},
+            "auth": {"oidc": {"issuerUrl": "https://keycloak.example.com/realms/openshell"}},
+            "tests": {"sandbox": {"enabled": True, "tokenSecret": {"name": "sandbox-test-token"}}},
+        }
+    )
+    specs = {
+        f"{o['kind']}/{o['metadata']['name']}": (
+            o["spec"]["template"]["spec"] if o["kind"] in ("Deployment", "Job") else o["spec"]
+        )
+        for o in objects
+        if o["kind"] in ("Deployment", "Job", "Pod")
+    }
+    assert any(k.startswith("Job/") for k in specs) and sum(k.startswith("Pod/") for k in specs) == 2, specs
+    for name, spec in specs.items():
+        admission = scc.admit(spec)
+        assert admission.admitted, (name, admission.violations)

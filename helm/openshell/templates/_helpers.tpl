@@ -272,8 +272,11 @@ finds nothing, so there Helm's own "exists and cannot be imported" error remains
 {{/* The pod securityContext: gateway.podSecurityContext without its null keys. */}}
 {{- define "openshell.podSecurityContext" -}}
 {{- $context := dict -}}
+{{- /* On OpenShift the SCC assigns the ids from the namespace's range (and refuses others): the
+       gateway, the migration Job and the helm test pods alike leave them out. */ -}}
+{{- $assigned := ternary (list "runAsUser" "runAsGroup" "fsGroup") list .Values.openshift.enabled -}}
 {{- range $key, $value := .Values.gateway.podSecurityContext -}}
-{{- if not (kindIs "invalid" $value) -}}
+{{- if and (not (kindIs "invalid" $value)) (not (has $key $assigned)) -}}
 {{- $_ := set $context $key $value -}}
 {{- end -}}
 {{- end -}}
