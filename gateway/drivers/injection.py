@@ -22,7 +22,9 @@ version unread, the dry run timed out, throttled or failed with a 5xx) the choic
 its reason) and asked again at a creation, at most every minute, until the cluster answers: a
 transient failure at start does not decide for the process's life. A 422 is about the image
 volume only when it names the supervisor's volume (by name or its ``spec.volumes[i]``); an
-operator's bad extra volume is another problem. A configured ``image-volume`` is kept as
+operator's bad extra volume is another problem. A refusal the server does not tie to the volume
+(a policy engine's own list of volume types) makes ``auto`` dry-run the init container's pod too,
+and take the init container when that one is admitted. A configured ``image-volume`` is kept as
 configured, and a probe that says the cluster cannot mount image volumes is logged as an error
 (every sandbox would fail to start).
 
@@ -146,6 +148,32 @@ def _unanswered(exc: ApiError) -> bool:
     return exc.status.code == 429 or (exc.status.code or 0) >= 500
 
 
+def _probe_pod(
+    settings: KubernetesDriverSettings, *, auth: SupervisorAuthSettings | None, injection: Mode
+) -> dict[str, Any]:
+    """A sandbox pod built as the driver builds them, with ``injection``, for a dry run."""
+    probe_settings = settings.model_copy(
+        update={"supervisor": settings.supervisor.model_copy(update={"injection": injection})}
+    )
+    image = settings.pod.default_image or settings.supervisor.image
+    request = SandboxRequest(sandbox_id=PROBE_SANDBOX_ID, command=["true"], image=image, env={})
+    return build_sandbox_pod(probe_settings, request, auth=auth)
+
+
+async def dry_run_admits_init_container(
+    client: AsyncClient, settings: KubernetesDriverSettings, *, auth: SupervisorAuthSettings | None
+) -> bool:
+    """Whether the namespace's admission takes a sandbox pod with the init container (dry run)."""
+    try:
+        await client.create(
+            cast(Pod, Pod.from_dict(_probe_pod(settings, auth=auth, injection="init-container"))),
+            dry_run=True,
+        )
+    except (ApiError, httpx.HTTPError, OSError):
+        return False
+    return True
+
+
 async def dry_run_image_volume(
     client: AsyncClient,
     settings: KubernetesDriverSettings,
@@ -154,12 +182,7 @@ async def dry_run_image_volume(
 ) -> tuple[bool | None, str | None]:
     """Whether the API server keeps a sandbox pod's image volume (dry run), and a refusal that is
     about something else."""
-    probe_settings = settings.model_copy(
-        update={"supervisor": settings.supervisor.model_copy(update={"injection": "image-volume"})}
-    )
-    image = settings.pod.default_image or settings.supervisor.image
-    request = SandboxRequest(sandbox_id=PROBE_SANDBOX_ID, command=["true"], image=image, env={})
-    doc = build_sandbox_pod(probe_settings, request, auth=auth)
+    doc = _probe_pod(settings, auth=auth, injection="image-volume")
     index = next(i for i, v in enumerate(doc["spec"]["volumes"]) if v["name"] == VOLUME_SUPERVISOR)
     try:
         # The driver's client names the sandbox namespace (as for every sandbox pod).
@@ -245,6 +268,21 @@ async def choose_injection(
         settings.supervisor.injection, version=version, accepted=accepted, problem=problem, platform=platform
     )
     unanswered = version is None or (problem is not None and problem.startswith(UNANSWERED))
+    refused = accepted is None and problem is not None and not problem.startswith(UNANSWERED)
+    # Refused for a reason the server did not tie to the volume (a policy engine's own list of
+    # volume types, a webhook): if the init container's pod is admitted, the volume was the
+    # difference, and the pods that would be admitted are the init container's.
+    if (
+        refused
+        and settings.supervisor.injection == "auto"
+        and choice.mode == "image-volume"
+        and await dry_run_admits_init_container(client, settings, auth=auth)
+    ):
+        why = (
+            "the namespace's admission refuses a sandbox pod with the image volume and admits "
+            "it with the init container"
+        )
+        choice = replace(choice, mode="init-container", reason=why)
     if unanswered and settings.supervisor.injection == "auto":
         choice = replace(choice, settled=False, reason=f"{choice.reason} (provisional: asked again)")
     level = logging.ERROR if choice.mode == "image-volume" and accepted is False else logging.INFO

@@ -13,11 +13,12 @@ import os
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from lightkube import Client
+from lightkube import Client, codecs
 from lightkube.models.core_v1 import LimitRangeItem, LimitRangeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import LimitRange, Pod, ServiceAccount
@@ -26,12 +27,13 @@ from chaos.proxy import DelayProxy
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, KubernetesDriverSettings
 from gateway.drivers import kubernetes as kubernetes_driver
-from gateway.drivers.injection import decide
+from gateway.drivers.injection import InjectionChoice, decide
 from gateway.drivers.kubernetes import KubernetesDriver, rbac_rules
 from gateway.drivers.podspec import INIT_CONTAINER_NAME, VOLUME_SUPERVISOR, SandboxRequest, pod_name
 from tests.support import kubeaccess
 from tests.support.gateway import gateway_config
 from tests.support.kubecluster import BuildError, LocalControlPlane, build
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -227,3 +229,80 @@ async def test_a_choice_made_while_the_api_did_not_answer_is_asked_again(
     finally:
         proxy.stop()
         await driver.close()
+
+
+def _no_image_volumes(namespace: str) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy (the API server's own CEL admission, as a policy engine would
+    do it) refusing pods with an image volume in ``namespace``: a 422 that names no volume index."""
+    name = f"no-image-volumes-{namespace}"
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [""],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["pods"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": (
+                            "!has(object.spec.volumes) || object.spec.volumes.all(v, !has(v.image))"
+                        ),
+                        "message": "image is not an allowed volume type in this namespace",
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        },
+    ]
+
+
+async def test_an_admission_rule_against_image_volumes_makes_auto_take_the_init_container(
+    admin: Client, kubeconfig: Path, sandbox_namespace: str, tmp_path: Path
+) -> None:
+    """A refusal the server does not tie to the volume (a policy's own list of volume types): the
+    pod with the init container is dry-run too, and admitted, so auto takes the init container."""
+    if os.environ.get("KUBECONFIG"):
+        pytest.skip("creates cluster-wide admission policies: the tests' own control plane only")
+    identity = gateway_identity(admin, kubeconfig, sandbox_namespace, tmp_path / "gateway")
+    policies = [codecs.from_dict(doc) for doc in _no_image_volumes(sandbox_namespace)]
+    for policy in policies:
+        admin.create(policy)  # type: ignore[call-overload]
+    try:
+
+        async def chosen() -> InjectionChoice | None:
+            driver = KubernetesDriver(settings(sandbox_namespace, identity, platform="kubernetes"))
+            try:
+                choice = await driver.choose_injection()
+            finally:
+                await driver.close()
+            # The policy takes effect within moments (the API server's policy cache).
+            return choice if choice.problem is not None else None
+
+        choice = await until(chosen, within=30, what="the admission policy refusing the image volume")
+    finally:
+        for policy in reversed(policies):
+            admin.delete(type(policy), policy.metadata.name)
+    assert choice.problem is not None and "image is not an allowed volume type" in choice.problem
+    assert (choice.mode, choice.settled, choice.image_volume_accepted) == ("init-container", True, None)
+    assert "admits it with the init container" in choice.reason
