@@ -73,9 +73,18 @@ def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
     )
 
 
+#: The CLI as ``python -m gateway``, with SIGINT turned back into KeyboardInterrupt first: a test run
+#: started in the background (nohup, ``&``, a CI runner) ignores SIGINT, a child inherits that,
+#: Python then installs no KeyboardInterrupt, and the Ctrl-C the tests send would never arrive.
+_CLI_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'openshell-gateway'; runpy.run_module('gateway', run_name='__main__')"
+)
+
+
 def popen(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [PYTHON, "-m", "gateway", *args],
+        [PYTHON, "-c", _CLI_WITH_CTRL_C, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -154,8 +154,16 @@ def unavailable() -> str | None:
 
 def base_image() -> str:
     """:data:`BASE_NAME` in buildah's storage (made once, then cached): Debian bookworm, minbase."""
-    if buildah("images", "--quiet", "--filter", f"reference={BASE_NAME}").strip():
-        return BASE_NAME
+    try:
+        if buildah("images", "--quiet", "--filter", f"reference={BASE_NAME}").strip():
+            return BASE_NAME
+    except BuildahError as exc:
+        # A storage entry left half-written (a run killed while it committed the base, seen once:
+        # "reading manifest for image instance ...: file does not exist (consider removing the
+        # image to resolve the issue)"): removed and made again, as buildah itself advises.
+        if "consider removing the image" not in str(exc):
+            raise
+        subprocess.run(_argv("rmi", "--force", BASE_NAME), capture_output=True, check=False)
     tarball = CACHE / "debian-base" / f"{SUITE}-minbase-{BASE_KEY}.tar"
     if not tarball.exists():
         tarball.parent.mkdir(parents=True, exist_ok=True)

@@ -485,7 +485,9 @@ def test_the_helm_test_pod_asks_the_service_for_healthz() -> None:
     url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{ops_port}/healthz"
     container = pod["spec"]["containers"][0]
     assert container["image"] == "busybox:1.36"
-    assert container["command"][0] == "wget" and container["command"][-1] == url
+    assert container["command"][:2] == ["sh", "-c"] and container["command"][-1] == url
+    # Tried again, each try bounded (a connection to a pod that is going never answers).
+    assert "timeout 5 wget" in container["command"][2] and pod["spec"]["activeDeadlineSeconds"] == 120
     custom = one(render({"tests": {"image": "registry.example/busybox:1"}}), "Pod", component="test")
     assert custom["spec"]["containers"][0]["image"] == "registry.example/busybox:1"
 

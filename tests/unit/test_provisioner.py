@@ -401,7 +401,7 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
     try:
         async with TestClient(TestServer(app)) as client:
             api = str(client.make_url("")).rstrip("/")
-            options = ["--api", api, "--env", "MODE=fast", "--image", "agent:2"]
+            options = ["--api", api, "--env", "MODE=fast", "--image", "agent:2", "-o", "json"]
             code, out, err = await _cli("create", *options, "cli-1", "--", "sleep", "5")
             assert code == 0, err
             expected = {
@@ -419,9 +419,9 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
             code, _, err = await _cli("create", "--api", api, "cli-1", "--", "true")
             assert code == 1 and "exists" in err
             code, _, err = await _cli("create", "--api", api, "--env", "NOEQUALS", "cli-2", "--", "true")
-            assert code == 1 and "NAME=VALUE" in err
+            assert code == 2 and "NAME=VALUE" in err  # a usage error (docs/cli.md, exit statuses)
             # No command: the image's own (its ENTRYPOINT and CMD, from the registry).
-            code, out, err = await _cli("create", "--api", api, "cli-2")
+            code, out, err = await _cli("create", "--api", api, "cli-2", "-o", "json")
             assert code == 0, err
             assert json.loads(out)["command"] == ["/bin/agent", "--serve"]
             row = await store.get("cli-2")
@@ -434,7 +434,7 @@ async def test_the_sandbox_cli_creates_and_deletes_through_the_api(
             assert await store.get("cli-3") is None
 
             driver.pods["cli-1"] = PodState("cli-1", "sandbox-cli-1", "Running")
-            code, out, err = await _cli("delete", "cli-1", "--api", api)
+            code, out, err = await _cli("delete", "cli-1", "--api", api, "-o", "json")
             assert code == 0 and json.loads(out)["deleted"] is True, err
     finally:
         await db.close()
