@@ -132,14 +132,7 @@ def test_the_page_alert_fires_only_without_sessions_while_sandboxes_exist(tmp_pa
             "alert_rule_test": [{"eval_time": "10m", "alertname": ALERT, "exp_alerts": expected(2)}],
         },
     ]
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
-    (tmp_path / "tests.yml").write_text(
-        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
-    )
-    done = subprocess.run(
-        [_promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _promtool_test(tmp_path, rule, tests)
 
 
 def test_the_page_alert_follows_its_values() -> None:
@@ -192,14 +185,7 @@ def test_records_lost_fires_per_reason_and_only_on_a_loss(tmp_path: Path) -> Non
             ],
         },
     ]
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
-    (tmp_path / "tests.yml").write_text(
-        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
-    )
-    done = subprocess.run(
-        [_promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _promtool_test(tmp_path, rule, tests)
 
 
 def alert_rules_of(rule: dict[str, Any]) -> list[dict[str, Any]]:
