@@ -237,6 +237,52 @@ def refresh_retry_delay(failures: int, *, remaining_s: float, initial_s: float, 
     return min(random.uniform(base / 2, base), max(remaining_s, 0.0) / 2)
 
 
+async def finished_call_error(call: Any) -> aio.AioRpcError:
+    """The status a finished call ended with, as the error a read of it raises."""
+    return aio.AioRpcError(
+        await call.code(),
+        await call.initial_metadata(),
+        await call.trailing_metadata(),
+        await call.details(),
+        await call.debug_error_string(),
+    )
+
+
+class StreamWriter:
+    """The one way a session's tasks (heartbeats, sender, command answers) write to its stream:
+    one message at a time, nothing after the half-close, and a call the gateway ended seen as its
+    status."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._lock = asyncio.Lock()
+        self._half_closed = False
+
+    async def write(self, message: pb.SupervisorMessage) -> None:
+        async with self._lock:
+            if self._half_closed:
+                return  # the session is ending on a reconnect hint: what is unsent is resent
+            try:
+                await self._call.write(message)
+            except asyncio.InvalidStateError:
+                # The gateway ended the call while a writer was between messages (the reader sees
+                # the status a moment later): end the session with that status, as the reader
+                # would, not as an internal error of ours.
+                if not self._call.done():
+                    raise
+                raise await finished_call_error(self._call) from None
+
+    async def half_close(self) -> None:
+        # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it
+        # does not depend on it). Bounded as a whole: a write blocked on flow control holds the
+        # lock, and the receive task must not wait on it (the gateway's Close right after the
+        # hint ends the call).
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0), self._lock:
+                self._half_closed = True
+                await self._call.done_writing()
+
+
 def pushback_s(exc: aio.AioRpcError) -> float:
     """The retry pushback of a failed call in seconds, 0.0 without one (or a malformed one, or on
     a status other than UNAVAILABLE and RESOURCE_EXHAUSTED)."""
@@ -746,25 +792,8 @@ class Session:
         self.status.mode = "events" if events_mode else "upstream"
         self.status.session_id = accepted.session_id
         self.status.connected_since = time.monotonic()
-        write_lock = asyncio.Lock()
-        half_closed = False
-
-        async def write(message: pb.SupervisorMessage) -> None:
-            async with write_lock:
-                if half_closed:
-                    return  # the session is ending on a reconnect hint: what is unsent is resent
-                await call.write(message)
-
-        async def half_close() -> None:
-            # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it
-            # does not depend on it).
-            nonlocal half_closed
-            # Bounded as a whole: a write blocked on flow control holds the lock, and the receive
-            # task must not wait on it (the gateway's Close right after the hint ends the call).
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0), write_lock:
-                    half_closed = True
-                    await call.done_writing()
+        writer = StreamWriter(call)
+        write = writer.write
 
         if events_mode:
             resume = accepted.resume_after_sequence
@@ -790,7 +819,9 @@ class Session:
         )
         tasks = [
             asyncio.create_task(self._heartbeats(write, interval), name="heartbeat"),
-            asyncio.create_task(self._receive(call, write, interval, half_close=half_close), name="receive"),
+            asyncio.create_task(
+                self._receive(call, write, interval, half_close=writer.half_close), name="receive"
+            ),
             asyncio.create_task(sender, name="send"),
         ]
         # Not among the tasks whose end ends the session: a renewal that stops (or fails) leaves

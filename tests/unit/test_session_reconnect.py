@@ -40,6 +40,7 @@ from supervisor.session import (
     PUSHBACK_KEY,
     UPSTREAM_KEEPALIVE_S,
     Session,
+    StreamWriter,
     pushback_s,
 )
 from tests.support.procs import free_port
@@ -631,3 +632,59 @@ async def test_a_lost_gateway_is_redialled_over_its_reconnect_window(tmp_path: P
     else:
         # The backoff's first steps (U(0, 0.01 x 2^n)) add up to under 1.3 s for seven waits.
         assert redials >= 7, redials
+
+
+class _AcceptsThenAborts(pb_grpc.OpenShellServicer):
+    """A gateway that accepts, reads a little and ends the call with UNAVAILABLE and a pushback,
+    while the supervisor is still writing its backlog."""
+
+    def __init__(self) -> None:
+        self.attempts: list[float] = []
+
+    async def ConnectSupervisor(
+        self,
+        request_iterator: AsyncIterator[pb.SupervisorMessage],
+        context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        self.attempts.append(time.monotonic())
+        accepted = pb.GatewayMessage()
+        accepted.session_accepted.session_id = "s"
+        accepted.session_accepted.heartbeat_interval_ms = 10_000
+        accepted.session_accepted.capabilities.extend(ALL_CAPABILITIES)
+        async for _hello in request_iterator:
+            break
+        yield accepted
+        async for _message in request_iterator:
+            break
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "stale session", trailing_metadata=((PUSHBACK_KEY, "20"),)
+        )
+
+
+async def test_a_write_to_a_call_the_gateway_ended_raises_the_calls_status(tmp_path: Path) -> None:
+    """The gateway ends a session's call while a writer of the supervisor is between messages (a
+    stale bound on a loaded machine, say): the write must raise the call's status, as a read does,
+    so the session ends with it and its pushback, not with gRPC's InvalidStateError taken for an
+    internal error of ours (test_network_cut failed so once)."""
+    server = aio.server()
+    pb_grpc.add_OpenShellServicer_to_server(_AcceptsThenAborts(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+        writer = StreamWriter(call)
+        hello = pb.SupervisorMessage()
+        hello.hello.sandbox_id = "s"
+        await writer.write(hello)
+        assert (await call.read()).HasField("session_accepted")  # status comes after the messages
+        await writer.write(hello)  # the servicer aborts after reading the message after the hello
+        assert await call.code() == grpc.StatusCode.UNAVAILABLE  # finished; nothing read its status
+        with pytest.raises(aio.AioRpcError) as ended:
+            await writer.write(hello)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "stale session"
+        assert pushback_s(ended.value) == 0.02
+    finally:
+        await channel.close(None)
+        await server.stop(None)
