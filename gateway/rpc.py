@@ -44,6 +44,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimitedLog as RateLimitedLog  # noqa: PLC0414 - re-exported for app, server
 from gateway.ratelimit import peer_host as peer_host  # noqa: PLC0414 - re-exported
 from gateway.store import StoreError
+from openshell_wire.logsetup import is_failed_batch
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ class CallGuard:
         """End the call for ``exc``, raised by its handler."""
         if isinstance(exc, aio.AbortError):
             raise exc  # the handler chose the status itself
+        if is_failed_batch(exc):
+            # A context.write to a client that left: gRPC's server takes it as it takes a yielded
+            # answer it could not send (a counted debug line, openshell_wire.logsetup), not as
+            # an internal error of ours.
+            raise exc
         if isinstance(exc, MalformedFrame):
             await self.malformed(method, context, str(exc))
         if isinstance(exc, Unavailable):

@@ -43,7 +43,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -526,19 +526,20 @@ class OpenShellService(pb_grpc.OpenShellServicer):
 
     # -- ConnectSupervisor ---------------------------------------------------------------
 
-    async def ConnectSupervisor(
+    async def ConnectSupervisor(  # type: ignore[override]  # the stubs know only generators
         self, request_iterator: AsyncIterator[pb.SupervisorMessage], context: Ctx
-    ) -> AsyncIterator[pb.GatewayMessage]:
+    ) -> None:
+        # A coroutine writing with context.write, not an async generator yielding: per held
+        # session that is no generator object (ours and gRPC's wrapper's), no aclosing and no entry
+        # in the loop's weak set of async generators (python -m chaos.memprobe), and one await
+        # per message instead of a value raised through every generator layer. A call cancelled
+        # (the peer left) cancels this coroutine: _connect's cleanup (the registry, the
+        # disconnection write) runs at once.
         # The hello's admission ticket (if any) is held here, so that however the hello ends
         # (answered, refused, failed, cancelled) its concurrency slot is freed.
         admitted = _Admitted()
         try:
-            # aclosing: when this call is closed at a yield (cancelled), _connect's cleanup (the
-            # registry, the disconnection write) runs now, not whenever asyncio's asyncgen
-            # finalizer gets to it.
-            async with contextlib.aclosing(self._connect(request_iterator, context, admitted)) as outs:
-                async for out in outs:
-                    yield out
+            await self._connect(request_iterator, context, admitted)
         except StoreError as exc:
             admitted.close()
             # Tell our supervisor on the stream (it backs off at least this long), then end the
@@ -546,7 +547,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             retry_after_ms = store_retry_after_ms()
             if self._metrics is not None:
                 self._metrics.sessions_rejected.labels(pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)).inc()
-            yield _reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms)
+            await context.write(_reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms))
             raise Unavailable(STORE_UNAVAILABLE, retry_after_ms=retry_after_ms, detail=str(exc)) from None
         finally:
             admitted.close()
@@ -556,32 +557,33 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         request_iterator: AsyncIterator[pb.SupervisorMessage],
         context: Ctx,
         admitted: _Admitted,
-    ) -> AsyncGenerator[pb.GatewayMessage]:
+    ) -> None:
         peer = context.peer()
+        send = context.write
         try:
             first = await asyncio.wait_for(anext(request_iterator), self._config.grpc.hello_timeout_s)
         except (TimeoutError, StopAsyncIteration):
             log.info("stream closed before hello", extra={"peer": peer})
-            yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received")
+            await send(self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received"))
             return
         if first.WhichOneof("payload") != "hello":
             kind = first.WhichOneof("payload") or "an unknown message kind"
-            yield self._rejection(
-                pb.REJECT_CODE_PROTOCOL_ERROR, f"the first message must be hello, got {kind}"
+            await send(
+                self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, f"the first message must be hello, got {kind}")
             )
             return
         hello = first.hello
         problem = validate_sandbox_id(hello.sandbox_id)
         if problem is not None:
             log.info("hello rejected: %s", problem, extra={"peer": peer})
-            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
+            await send(self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem))
             return
         if "\x00" in hello.instance_id or "\x00" in hello.journal_epoch:
             # PostgreSQL's text (and jsonb, which the batched claim sends its requests in) cannot
             # hold NUL: refused here, or its claim would fail the whole batch of hellos it rode in.
             problem = "instance_id and journal_epoch must not contain NUL characters"
             log.info("hello rejected: %s", problem, extra={"peer": peer})
-            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
+            await send(self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem))
             return
         if hello.connection_epoch > MAX_CONNECTION_EPOCH:
             # uint64 on the wire, a signed 64-bit column in the store: refused here, before any
@@ -591,7 +593,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 f"connection_epoch {hello.connection_epoch} out of range (at most {MAX_CONNECTION_EPOCH})"
             )
             log.info("hello rejected: %s", problem, extra={"peer": peer})
-            yield self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem)
+            await send(self._rejection(pb.REJECT_CODE_INVALID_HELLO, problem))
             return
         ticket: Ticket | None = None
         if self._admission is not None:
@@ -605,8 +607,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     entered.value,
                     extra={"peer": peer, "sandbox_id": hello.sandbox_id, "retry_after_ms": retry_after_ms},
                 )
-                yield self._rejection(
-                    pb.REJECT_CODE_OVERLOADED, f"overloaded: {entered.value}, retry later", retry_after_ms
+                await send(
+                    self._rejection(
+                        pb.REJECT_CODE_OVERLOADED, f"overloaded: {entered.value}, retry later", retry_after_ms
+                    )
                 )
                 return
             ticket = admitted.hold(entered)
@@ -624,8 +628,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         capabilities = _capability_set(hello.capabilities)
         events_mode = CAP_EVENTS in capabilities
         if events_mode and not hello.journal_epoch:
-            yield self._rejection(
-                pb.REJECT_CODE_INVALID_HELLO, "capability 'events' needs a journal_epoch in the hello"
+            await send(
+                self._rejection(
+                    pb.REJECT_CODE_INVALID_HELLO, "capability 'events' needs a journal_epoch in the hello"
+                )
             )
             return
         epoch = JournalEpoch(hello.journal_epoch if events_mode else "")
@@ -640,8 +646,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             # An unknown sandbox let through by the credential check (rare): registered first, so
             # the binding's generation is checked against the row before anything is claimed.
             if not register_unknown:
-                yield self._rejection(
-                    pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+                await send(
+                    self._rejection(
+                        pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+                    )
                 )
                 return
             registered = await self._within(
@@ -699,8 +707,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
         except NoSuchSandbox:
             # Not registered (register_unknown off) and nothing written.
-            yield self._rejection(
-                pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+            await send(
+                self._rejection(
+                    pb.REJECT_CODE_UNKNOWN_SANDBOX, f"sandbox {sandbox_id} is not known to this gateway"
+                )
             )
             return
         except StaleConnection as exc:
@@ -711,7 +721,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 exc,
                 extra={"sandbox_id": sandbox_id, "peer": peer, "instance_id": exc.instance_id},
             )
-            yield self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc))
+            await send(self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc)))
             return
         except (_NotAnswered, asyncio.CancelledError):
             raise  # given up (undone by _within once the claim ended), or never run
@@ -723,9 +733,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             )
             raise
         if claimed is None:
-            yield self._rejection(
-                pb.REJECT_CODE_SUPERSEDED,
-                f"sandbox {sandbox_id} was created again while this hello was handled; reconnect",
+            await send(
+                self._rejection(
+                    pb.REJECT_CODE_SUPERSEDED,
+                    f"sandbox {sandbox_id} was created again while this hello was handled; reconnect",
+                )
             )
             return
         session = self._registry.open(
@@ -740,10 +752,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         if session is None:
             # Another hello of this sandbox on this replica claimed it after us but entered the
             # registry first: it owns the sandbox (this claim is fenced already).
-            yield self._rejection(
-                pb.REJECT_CODE_SUPERSEDED,
-                f"sandbox {sandbox_id} is owned by a newer session on this replica "
-                f"({self._identity.id}); this hello's claim (epoch {claimed.owner_epoch}) was taken",
+            await send(
+                self._rejection(
+                    pb.REJECT_CODE_SUPERSEDED,
+                    f"sandbox {sandbox_id} is owned by a newer session on this replica "
+                    f"({self._identity.id}); this hello's claim (epoch {claimed.owner_epoch}) was taken",
+                )
             )
             return
         session.generation = claimed.generation
@@ -753,7 +767,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         reason = "ended"
         try:
             session.acked_through = claimed.high_water_mark
-            yield self._accept(session, hello, peer)
+            await send(self._accept(session, hello, peer))
             if ticket is not None:
                 ticket.accepted()  # written: the handshake is over, its slot freed
             # This frame lives as long as the session: what only the hello needed goes now (the
@@ -776,7 +790,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     if before + left <= datetime.now(UTC):
                         continue  # expired since the read (a slow stream): the next read marks it
                     self._expect_heartbeats(session, row.command)
-                    yield _command_message(row.command)
+                    await send(_command_message(row.command))
                     sent.append(row.command.command_id)
                 if sent:
                     # Written to this stream: recorded (and a POST waiting on it told), so the
@@ -790,12 +804,11 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             reader = asyncio.create_task(
                 self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
             )
-            async for out in self._serve(session):
-                yield out
+            await self._serve(session, send)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
-            yield self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc))
+            await send(self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc)))
         except Fenced as exc:
             # Nothing of the fenced write was committed, and nothing of it acknowledged.
             reason = f"fenced: {exc}"
@@ -806,7 +819,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 exc,
                 extra={"sandbox_id": sandbox_id, "session_id": session.session_id, "epoch": exc.epoch},
             )
-            yield self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc))
+            await send(self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc)))
         except MalformedFrame as exc:
             reason = str(exc)
             raise
@@ -987,7 +1000,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             error = f"{type(exc).__name__}: {exc}"
         session.inbox.put_nowait(InboundEnded(error, malformed=malformed))
 
-    async def _serve(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
+    async def _serve(self, session: Session, send: Callable[[pb.GatewayMessage], Awaitable[None]]) -> None:
         """The session's loop: what the supervisor sends, and what is queued for it, in order.
 
         An event batch is stored in a task of the session's own (``storing``), at most one at a
@@ -1022,7 +1035,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 if storing is not None and storing.done():
                     ack = storing.result()  # what the store raised ends the session, as before
                     storing = None
-                    yield ack
+                    await send(ack)
                     continue
                 if storing is None and waiting:
                     storing = asyncio.create_task(
@@ -1056,10 +1069,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # What was received before the end is stored (and acked, if the stream can
                     # still carry it) first, as when batches were stored one by one in the loop.
                     if storing is not None:
-                        yield await storing
+                        await send(await storing)
                         storing = None
                     while waiting:
-                        yield await self._store_batch(session, waiting.pop(0))
+                        await send(await self._store_batch(session, waiting.pop(0)))
                 if isinstance(item, InboundEnded):
                     if item.malformed is not None:
                         raise item.malformed
@@ -1070,7 +1083,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
                     if item.fenced:
                         self._count_fenced("heartbeats")
-                        yield self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason)
+                        await send(self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason))
                     return
                 if isinstance(item, _CommandOut):
                     if item.expires_at <= datetime.now(UTC):
@@ -1080,12 +1093,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # inbox or was never taken must not let a dead session stay silent longer.
                     self._expect_heartbeats(session, item.command)
                     try:
-                        yield item.message
+                        await send(item.message)
                     except BaseException:
-                        # Closed at the yield: the write failed or the call was cancelled.
+                        # The write failed or the call was cancelled.
                         _settle(item.taken, False)
                         raise
-                    # Resumed: gRPC has written the message to this open stream.
+                    # Returned: gRPC has written the message to this open stream.
                     _settle(item.taken, True)
                     continue
                 if isinstance(item, SessionUpdateOut):
@@ -1093,33 +1106,30 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # longer interval keeps the old pace, and one told a shorter one may still be
                     # in a sleep of the old length.
                     session.stale_after_s = max(session.stale_after_s, item.stale_after_s)
-                    yield item.message
+                    await send(item.message)
                     if self._metrics is not None:
                         self._metrics.session_updates.inc()
                     continue
                 if isinstance(item, Outbound):
-                    yield item.message
+                    await send(item.message)
                     continue
                 # What the flush writes is derived from this (SessionRegistry.take_heartbeats).
                 session.touch()
                 message = item.message
+                # Neither the message nor its answer stays bound to this frame while the session
+                # waits for the next one (a few hundred bytes of every held session).
+                del item
                 if message.HasField("heartbeat"):
                     # The hot path, answered here: one message per session per interval.
-                    out = pb.GatewayMessage()
-                    out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
-                    if self._metrics is not None:
-                        self._metrics.heartbeats.inc()
-                    if self._admission is not None:
-                        # Kept current on live sessions: the fleet grows after most hellos.
-                        out.heartbeat.reconnect_window_ms = self._admission.reconnect_window_ms()
-                    yield out
+                    await send(self._heartbeat_answer(message))
+                    del message
                     continue
                 if message.HasField("events"):
                     waiting.append(message.events)
                     continue
                 reply = await self._handle(session, message)
                 if reply is not None:
-                    yield reply
+                    await send(reply)
         finally:
             timer.cancel()
             # Owned here: a store in flight ends with the session (nothing of it was acked; what
@@ -1128,6 +1138,16 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 storing.cancel()
                 # asyncio.wait: never raises what the task did, yet lets our own cancellation through.
                 await asyncio.wait([storing])
+
+    def _heartbeat_answer(self, message: pb.SupervisorMessage) -> pb.GatewayMessage:
+        out = pb.GatewayMessage()
+        out.heartbeat.echo_unix_ms = message.heartbeat.sent_unix_ms
+        if self._metrics is not None:
+            self._metrics.heartbeats.inc()
+        if self._admission is not None:
+            # Kept current on live sessions: the fleet grows after most hellos.
+            out.heartbeat.reconnect_window_ms = self._admission.reconnect_window_ms()
+        return out
 
     async def _handle(self, session: Session, message: pb.SupervisorMessage) -> pb.GatewayMessage | None:
         """A message other than a heartbeat (answered in ``_serve``'s loop)."""

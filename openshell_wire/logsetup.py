@@ -114,9 +114,13 @@ def is_vanished_peer(record: logging.LogRecord) -> bool:
     if not isinstance(record.msg, str) or not record.msg.startswith(_VANISHED_MSG):
         return False
     exc = record.exc_info[1] if record.exc_info else None
-    return (
-        exc is not None and type(exc).__name__ == "ExecuteBatchError" and str(exc).startswith(_FAILED_IN_CORE)
-    )
+    return exc is not None and is_failed_batch(exc)
+
+
+def is_failed_batch(exc: BaseException) -> bool:
+    """gRPC's error for a batch its core failed (a message or status for a call whose client
+    left): raised by ``context.write`` in a handler, or by gRPC's own send of a yielded answer."""
+    return type(exc).__name__ == "ExecuteBatchError" and str(exc).startswith(_FAILED_IN_CORE)
 
 
 _vanished = VanishedPeerFilter()

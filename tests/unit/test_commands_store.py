@@ -23,6 +23,7 @@ from gateway.store.db import utcnow
 from gateway.store.schema import commands as commands_table
 from openshell_wire.records import CAP_COMMANDS, CommandKind, CommandResult, JournalEpoch, SandboxId
 from tests.support.gateway import gateway_config
+from tests.support.handler_call import HandlerCall
 
 
 @pytest.fixture
@@ -156,8 +157,8 @@ async def test_delivered_means_a_session_took_it_not_that_one_exists(db: Databas
 
 
 async def test_delivered_is_settled_by_the_write(db: Database, tmp_path: Path) -> None:
-    """The session's handler settles delivery after gRPC took the message (the generator resumed
-    past its yield), and as not delivered when it is closed at the yield (the write failed)."""
+    """The session's handler settles delivery after gRPC took the message (its context.write
+    returned), and as not delivered when the write is cancelled or fails."""
     registry = SessionRegistry()
     service = _service(db, tmp_path, registry)
     service._config.commands.delivery_wait_s = 30.0  # settled by the handler, never by the wait
@@ -172,7 +173,7 @@ async def test_delivered_is_settled_by_the_write(db: Database, tmp_path: Path) -
     for write_fails in (True, False):
         row = await commands.create("sb", CommandKind.SIGNAL, signal=10)
         delivering = asyncio.create_task(service.deliver(row))
-        handler = service._serve(session)
+        handler = HandlerCall.running(lambda call: service._serve(session, call.write))
         message = await anext(handler)
         assert message.command.command_id == row.command.command_id
         await asyncio.sleep(0)
@@ -190,5 +191,5 @@ async def test_delivered_is_settled_by_the_write(db: Database, tmp_path: Path) -
     delivering = asyncio.create_task(service.deliver(soon))
     await asyncio.sleep(0.3)
     session.inbox.put_nowait(Close("test: done"))
-    assert [m async for m in service._serve(session)] == []
+    assert [m async for m in HandlerCall.running(lambda call: service._serve(session, call.write))] == []
     assert await delivering is False

@@ -36,6 +36,7 @@ from openshell_wire.records import (
 )
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.gateway import gateway_config
+from tests.support.handler_call import HandlerCall
 
 
 def _open(registry: SessionRegistry, sandbox_id: str, *, stale_after_s: float) -> None:
@@ -166,13 +167,6 @@ def test_peer_host_drops_the_port() -> None:
 # -- a session's cleanup, on the real service ---------------------------------------------
 
 
-class _Peer:
-    """What the service reads of a gRPC call's context: its peer."""
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:5000"
-
-
 class _FlakySandboxes(SandboxStore):
     """A real SQLite store whose claims (``claim_many``: a hello's batched claim, and ``claim``
     and ``mark_connected``, batches of one) fail while ``failing`` (a store outage that begins
@@ -230,11 +224,11 @@ async def test_a_call_closed_at_a_yield_cleans_up_at_once(
     waits to send (gateway.rpc): the session must leave the registry then, and its disconnection
     be written, not whenever asyncio's finalizer of the inner generator runs."""
     svc, sandboxes, metrics = service
-    call = svc.ConnectSupervisor(_hello_then_wait("sb-closed"), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _hello_then_wait("sb-closed"))
     accepted = await anext(call)
     assert accepted.WhichOneof("payload") == "session_accepted"
     assert _live_sessions(metrics) == 1
-    await call.aclose()  # type: ignore[attr-defined]
+    await call.aclose()
     assert _live_sessions(metrics) == 0, "the session left the registry with the call"
     await svc.drain(timeout_s=5)
     row = await sandboxes.get("sb-closed")
@@ -248,11 +242,11 @@ async def test_a_hello_whose_claim_failed_leaves_the_owner_in_place(
     and never enters the registry, so S1, still the row's owner, keeps its session; when S1 ends,
     its own disconnection clears the row."""
     svc, sandboxes, metrics = service
-    first = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
+    first = HandlerCall(svc.ConnectSupervisor, _hello_then_wait("sb-replaced"))
     accepted = await anext(first)
     assert accepted.WhichOneof("payload") == "session_accepted"
     sandboxes.failing = True
-    second = svc.ConnectSupervisor(_hello_then_wait("sb-replaced"), _Peer())  # type: ignore[arg-type]
+    second = HandlerCall(svc.ConnectSupervisor, _hello_then_wait("sb-replaced"))
     rejected = await anext(second)
     assert rejected.session_rejected.retry_after_ms > 0, rejected
     with pytest.raises(Exception, match="store unavailable"):
@@ -263,7 +257,7 @@ async def test_a_hello_whose_claim_failed_leaves_the_owner_in_place(
     assert row is not None and row.connected
     assert row.session_id == accepted.session_accepted.session_id
     assert row.owner_epoch == accepted.session_accepted.owner_epoch
-    await first.aclose()  # type: ignore[attr-defined]
+    await first.aclose()
     assert _live_sessions(metrics) == 0
     await svc.drain(timeout_s=5)
     row = await sandboxes.get("sb-replaced")
@@ -430,7 +424,7 @@ async def test_a_hello_whose_store_work_hangs_is_rejected_with_a_retry_hint(tmp_
         events=EventStore(db),
         commands=CommandStore(db),
     )
-    call = svc.ConnectSupervisor(_hello_then_wait("sb-hung"), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _hello_then_wait("sb-hung"))
     first = asyncio.create_task(anext(call))
     try:
         done, _ = await asyncio.wait({first}, timeout=5)
@@ -447,7 +441,7 @@ async def test_a_hello_whose_store_work_hangs_is_rejected_with_a_retry_hint(tmp_
     finally:
         sandboxes.release.set()
         await asyncio.gather(first, return_exceptions=True)
-        await call.aclose()  # type: ignore[attr-defined]
+        await call.aclose()
         await svc.drain(timeout_s=5)
         await db.close()
 
@@ -491,7 +485,7 @@ async def test_an_event_batch_has_its_own_longer_store_deadline(tmp_path: Path) 
         events=_SlowEvents(db),
         commands=CommandStore(db),
     )
-    call = svc.ConnectSupervisor(_hello_then_one_batch("sb-slow"), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _hello_then_one_batch("sb-slow"))
     try:
         accepted = await asyncio.wait_for(anext(call), 5)
         assert accepted.WhichOneof("payload") == "session_accepted", accepted
@@ -499,7 +493,7 @@ async def test_an_event_batch_has_its_own_longer_store_deadline(tmp_path: Path) 
         assert answer.WhichOneof("payload") == "event_ack", answer
         assert answer.event_ack.acked_through_sequence == 1
     finally:
-        await call.aclose()  # type: ignore[attr-defined]
+        await call.aclose()
         await svc.drain(timeout_s=5)
         await db.close()
 
@@ -532,7 +526,7 @@ async def test_a_slower_heartbeat_widens_the_silence_only_once_written(
     """Review finding 9: a heartbeat command that expires in the inbox (never sent) must not
     widen the silence the session may keep; one written to the stream does."""
     svc, _, _ = service
-    call = svc.ConnectSupervisor(_hello_with_commands("sb-hb"), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _hello_with_commands("sb-hb"))
     assert (await anext(call)).WhichOneof("payload") == "session_accepted"
     session = svc._registry.get("sb-hb")
     assert session is not None
@@ -546,7 +540,7 @@ async def test_a_slower_heartbeat_widens_the_silence_only_once_written(
     assert handed.taken.result() is False
     assert session.stale_after_s == 1.0, "never sent: the allowed silence is the same"
 
-    call = svc.ConnectSupervisor(_hello_with_commands("sb-hb2"), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _hello_with_commands("sb-hb2"))
     assert (await anext(call)).WhichOneof("payload") == "session_accepted"
     session = svc._registry.get("sb-hb2")
     assert session is not None
@@ -555,7 +549,7 @@ async def test_a_slower_heartbeat_widens_the_silence_only_once_written(
     assert handed is not None
     assert (await asyncio.wait_for(anext(call), timeout=10)).WhichOneof("payload") == "command"
     assert session.stale_after_s > 60, "written: the session may now stay silent past the slower beat"
-    await call.aclose()  # type: ignore[attr-defined]
+    await call.aclose()
 
 
 @pytest.mark.parametrize("field", ["instance_id", "journal_epoch"])
@@ -574,9 +568,9 @@ async def test_a_hello_with_nul_in_its_ids_is_refused_before_any_store_work(
         yield msg
         await asyncio.Event().wait()
 
-    call = svc.ConnectSupervisor(hello(), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, hello())
     answer = await anext(call)
     assert answer.session_rejected.code == pb.REJECT_CODE_INVALID_HELLO, answer
     assert "NUL" in answer.session_rejected.reason
     assert await sandboxes.get("sb-nul") is None  # nothing registered or claimed
-    await call.aclose()  # type: ignore[attr-defined]
+    await call.aclose()

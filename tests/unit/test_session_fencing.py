@@ -20,11 +20,7 @@ from openshell_wire.convert import event_to_proto
 from openshell_wire.records import CAP_EVENTS, Event, JournalEpoch, LogRecord, LogStream, SandboxId
 from openshell_wire.v1 import openshell_pb2 as pb
 from tests.support.gateway import gateway_config
-
-
-class _Peer:
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:5000"
+from tests.support.handler_call import HandlerCall
 
 
 def _batch(sequence: int, message: str) -> pb.SupervisorMessage:
@@ -61,7 +57,7 @@ async def test_a_batch_after_another_replicas_claim_is_refused_and_ends_the_sess
     hello.hello.capabilities.append(CAP_EVENTS)
     hello.hello.journal_epoch = "e1"
     inbound.put_nowait(hello)
-    call = svc.ConnectSupervisor(_messages(inbound), _Peer())  # type: ignore[arg-type]
+    call = HandlerCall(svc.ConnectSupervisor, _messages(inbound))
     try:
         accepted = (await asyncio.wait_for(anext(call), 5)).session_accepted
         assert accepted.owner_epoch >= 1
@@ -90,7 +86,7 @@ async def test_a_batch_after_another_replicas_claim_is_refused_and_ends_the_sess
         assert value == 1
         assert len(registry) == 0
     finally:
-        await call.aclose()  # type: ignore[attr-defined]
+        await call.aclose()
         await svc.drain(timeout_s=5)
         await db.close()
 
