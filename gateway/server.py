@@ -5,8 +5,9 @@ ConnectSupervisor is a state machine per stream (docs/protocol.md draws it):
     AWAIT_HELLO --hello ok--> ACCEPTED --events/heartbeats--> ... --end/stale/replaced--> CLOSED
          \\--bad hello / timeout--> SessionRejected, CLOSED
 
-A reader task moves the supervisor's messages into the session's inbox; the handler takes
-them one at a time, so events of one sandbox are stored in order, and an acknowledgement is
+A reader task answers the supervisor's heartbeats itself (the hot path) and moves every other
+message into the session's inbox; the handler takes those one at a time, so events of one
+sandbox are stored in order, and an acknowledgement is
 sent only after the transaction that stored them has committed. Silence longer than the stale
 bound ends the stream: a blackholed supervisor cannot hold a session forever.
 
@@ -166,6 +167,23 @@ HELLO_BATCH_MAX = 64
 #: The session loop's reminders to itself (see ``_serve``).
 _STALE_CHECK = Wake("stale check")
 _STORED = Wake("stored")
+
+
+#: A call's ``context.write``.
+Write = Callable[[pb.GatewayMessage], Awaitable[None]]
+
+
+async def _write_in_turn(session: Session, write: Write, message: pb.GatewayMessage) -> None:
+    """A write of the session's loop, after the reader's heartbeat answer if one is being written
+    (gRPC takes one write at a time on a stream; the reader never waits: it queues instead)."""
+    while session.writing:
+        waiter = session.write_waiter = asyncio.get_running_loop().create_future()
+        await waiter
+    session.writing = True
+    try:
+        await write(message)
+    finally:
+        session.writing = False
 
 
 class _Admitted:
@@ -802,13 +820,13 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                         name=f"delivered-{sandbox_id}",
                     )
             reader = asyncio.create_task(
-                self._read_into(session, request_iterator), name=f"read-{sandbox_id}"
+                self._read_into(session, request_iterator, send), name=f"read-{sandbox_id}"
             )
             await self._serve(session, send)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("session ended by a protocol error: %s", exc, extra={"sandbox_id": sandbox_id})
-            await send(self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc)))
+            await _write_in_turn(session, send, self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, str(exc)))
         except Fenced as exc:
             # Nothing of the fenced write was committed, and nothing of it acknowledged.
             reason = f"fenced: {exc}"
@@ -819,7 +837,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 exc,
                 extra={"sandbox_id": sandbox_id, "session_id": session.session_id, "epoch": exc.epoch},
             )
-            await send(self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc)))
+            await _write_in_turn(session, send, self._rejection(pb.REJECT_CODE_SUPERSEDED, str(exc)))
         except MalformedFrame as exc:
             reason = str(exc)
             raise
@@ -985,22 +1003,40 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         return accepted
 
     async def _read_into(
-        self, session: Session, request_iterator: AsyncIterator[pb.SupervisorMessage]
+        self, session: Session, request_iterator: AsyncIterator[pb.SupervisorMessage], write: Write
     ) -> None:
+        """The session's reader: a heartbeat is answered here, the hot path (one per session per
+        interval) without a hop through the inbox to the session's loop; everything else is
+        queued for the loop, in order. A heartbeat that comes while the loop writes is queued
+        too (one write at a time on a stream; the loop answers it)."""
         error: str | None = None
         malformed: MalformedFrame | None = None
+        inbox = session.inbox
         try:
             async for message in request_iterator:
-                session.inbox.put_nowait(Inbound(message))
+                if session.writing or not message.HasField("heartbeat"):
+                    inbox.put_nowait(Inbound(message))
+                    continue
+                # What the flush writes is derived from this (SessionRegistry.take_heartbeats);
+                # the stale check reads it.
+                session.touch()
+                session.writing = True
+                try:
+                    await write(self._heartbeat_answer(message))
+                finally:
+                    session.writing = False
+                    session.wake_writer()
+                # Not bound to this frame while the next message is awaited.
+                del message
         except asyncio.CancelledError:
             raise
         except MalformedFrame as exc:  # the handler ends the call INVALID_ARGUMENT
             error, malformed = str(exc), exc
         except Exception as exc:  # the stream broke; the handler ends the session with this reason
             error = f"{type(exc).__name__}: {exc}"
-        session.inbox.put_nowait(InboundEnded(error, malformed=malformed))
+        inbox.put_nowait(InboundEnded(error, malformed=malformed))
 
-    async def _serve(self, session: Session, send: Callable[[pb.GatewayMessage], Awaitable[None]]) -> None:
+    async def _serve(self, session: Session, write: Write) -> None:
         """The session's loop: what the supervisor sends, and what is queued for it, in order.
 
         An event batch is stored in a task of the session's own (``storing``), at most one at a
@@ -1035,7 +1071,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 if storing is not None and storing.done():
                     ack = storing.result()  # what the store raised ends the session, as before
                     storing = None
-                    await send(ack)
+                    await _write_in_turn(session, write, ack)
                     continue
                 if storing is None and waiting:
                     storing = asyncio.create_task(
@@ -1069,10 +1105,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # What was received before the end is stored (and acked, if the stream can
                     # still carry it) first, as when batches were stored one by one in the loop.
                     if storing is not None:
-                        await send(await storing)
+                        await _write_in_turn(session, write, await storing)
                         storing = None
                     while waiting:
-                        await send(await self._store_batch(session, waiting.pop(0)))
+                        await _write_in_turn(session, write, await self._store_batch(session, waiting.pop(0)))
                 if isinstance(item, InboundEnded):
                     if item.malformed is not None:
                         raise item.malformed
@@ -1083,7 +1119,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     log.info("closing session: %s", item.reason, extra={"sandbox_id": session.sandbox_id})
                     if item.fenced:
                         self._count_fenced("heartbeats")
-                        await send(self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason))
+                        await _write_in_turn(
+                            session, write, self._rejection(pb.REJECT_CODE_SUPERSEDED, item.reason)
+                        )
                     return
                 if isinstance(item, _CommandOut):
                     if item.expires_at <= datetime.now(UTC):
@@ -1093,7 +1131,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # inbox or was never taken must not let a dead session stay silent longer.
                     self._expect_heartbeats(session, item.command)
                     try:
-                        await send(item.message)
+                        await _write_in_turn(session, write, item.message)
                     except BaseException:
                         # The write failed or the call was cancelled.
                         _settle(item.taken, False)
@@ -1106,12 +1144,12 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     # longer interval keeps the old pace, and one told a shorter one may still be
                     # in a sleep of the old length.
                     session.stale_after_s = max(session.stale_after_s, item.stale_after_s)
-                    await send(item.message)
+                    await _write_in_turn(session, write, item.message)
                     if self._metrics is not None:
                         self._metrics.session_updates.inc()
                     continue
                 if isinstance(item, Outbound):
-                    await send(item.message)
+                    await _write_in_turn(session, write, item.message)
                     continue
                 # What the flush writes is derived from this (SessionRegistry.take_heartbeats).
                 session.touch()
@@ -1121,7 +1159,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                 del item
                 if message.HasField("heartbeat"):
                     # The hot path, answered here: one message per session per interval.
-                    await send(self._heartbeat_answer(message))
+                    await _write_in_turn(session, write, self._heartbeat_answer(message))
                     del message
                     continue
                 if message.HasField("events"):
@@ -1129,7 +1167,7 @@ class OpenShellService(pb_grpc.OpenShellServicer):
                     continue
                 reply = await self._handle(session, message)
                 if reply is not None:
-                    await send(reply)
+                    await _write_in_turn(session, write, reply)
         finally:
             timer.cancel()
             # Owned here: a store in flight ends with the session (nothing of it was acked; what

@@ -185,6 +185,18 @@ class Session:
     last_flushed_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
     #: ``last_seen_monotonic`` as a wall time, once derived (None: not since the last touch).
     _seen_wall: datetime | None = field(default=None, init=False, repr=False)
+    #: A message is being written to the stream (by the reader or the loop: one at a time), and
+    #: the loop's wait for the reader's write to end (gateway.server).
+    writing: bool = field(default=False, init=False, repr=False)
+    write_waiter: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
+
+    def wake_writer(self) -> None:
+        """The reader's write ended: the loop's write waiting for it may go."""
+        waiter = self.write_waiter
+        if waiter is not None:
+            self.write_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def touch(self, now: float | None = None) -> None:
         self.last_seen_monotonic = time.monotonic() if now is None else now
