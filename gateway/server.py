@@ -152,6 +152,9 @@ class _Binding:
 DISCONNECT_RETRY_MAX_S = 10.0
 #: On shutdown, how long cancelled disconnection writes are given to end (see ``drain``).
 DRAIN_CANCEL_WAIT_S = 0.5
+#: How long a session's end waits for the heartbeat answer its reader is writing (a client that
+#: reads nothing holds it until its call ends; gRPC takes one write at a time).
+READER_WRITE_WAIT_S = 1.0
 #: SQLite: how many store calls given up at their deadline may still run (they are not cancelled:
 #: see ``_within``); past it, a new call is refused at once. SQLite's pool holds 15 connections
 #: (SQLAlchemy's 5 and 10 overflow): beyond that a new call would only queue behind calls nobody
@@ -184,6 +187,16 @@ async def _write_in_turn(session: Session, write: Write, message: pb.GatewayMess
         await write(message)
     finally:
         session.writing = False
+
+
+async def _reader_write_ended(session: Session, *, timeout_s: float) -> None:
+    """Wait until the reader's write in progress, if any, has ended (the session's loop is over:
+    only the reader writes now), at most ``timeout_s`` (a client that stopped reading)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while session.writing:
+                waiter = session.write_waiter = asyncio.get_running_loop().create_future()
+                await waiter
 
 
 class _Admitted:
@@ -563,9 +576,17 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             # Tell our supervisor on the stream (it backs off at least this long), then end the
             # call UNAVAILABLE with the same hint for any other client (gateway.rpc).
             retry_after_ms = store_retry_after_ms()
-            if self._metrics is not None:
-                self._metrics.sessions_rejected.labels(pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)).inc()
-            await context.write(_reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms))
+            try:
+                await context.write(_reject(pb.REJECT_CODE_OVERLOADED, STORE_UNAVAILABLE, retry_after_ms))
+            except Exception as write_failed:
+                # The client left, or a heartbeat answer still holds the stream past the wait
+                # for it: the status below carries the same hint.
+                log.debug("store-failure rejection not written: %r", write_failed)
+            else:
+                if self._metrics is not None:
+                    self._metrics.sessions_rejected.labels(
+                        pb.RejectCode.Name(pb.REJECT_CODE_OVERLOADED)
+                    ).inc()
             raise Unavailable(STORE_UNAVAILABLE, retry_after_ms=retry_after_ms, detail=str(exc)) from None
         finally:
             admitted.close()
@@ -846,6 +867,10 @@ class OpenShellService(pb_grpc.OpenShellServicer):
             raise
         finally:
             if reader is not None:
+                # A heartbeat answer the reader is writing is let finish first (bounded): a write
+                # cancelled in Python goes on in gRPC's core, and a rejection written after it
+                # (ConnectSupervisor's, on a store failure) would be refused as a second write.
+                await _reader_write_ended(session, timeout_s=READER_WRITE_WAIT_S)
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
@@ -1188,7 +1213,8 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         return out
 
     async def _handle(self, session: Session, message: pb.SupervisorMessage) -> pb.GatewayMessage | None:
-        """A message other than a heartbeat (answered in ``_serve``'s loop)."""
+        """A message other than a heartbeat (heartbeats are answered by the reader, or by
+        ``_serve``'s loop when one came while the loop was writing)."""
         kind = message.WhichOneof("payload")
         if kind == "events":
             return await self._store_batch(session, message.events)

@@ -270,7 +270,11 @@ class StreamWriter:
                 # would, not as an internal error of ours.
                 if not self._call.done():
                     raise
-                raise await finished_call_error(self._call) from None
+                ended = await finished_call_error(self._call)
+                if ended.code() == grpc.StatusCode.OK:
+                    # What a read would have returned as the end of the stream.
+                    raise SessionEnded("the gateway closed the stream") from None
+                raise ended from None
 
     async def half_close(self) -> None:
         # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it

@@ -217,12 +217,12 @@ def _live_sessions(metrics: GatewayMetrics) -> float | None:
     return metrics.registry.get_sample_value("openshell_gateway_sessions")
 
 
-async def test_a_call_closed_at_a_yield_cleans_up_at_once(
+async def test_a_call_cancelled_at_a_write_cleans_up_at_once(
     service: tuple[OpenShellService, _FlakySandboxes, GatewayMetrics],
 ) -> None:
-    """gRPC closes a streaming handler at its yield when the call is cancelled while the server
-    waits to send (gateway.rpc): the session must leave the registry then, and its disconnection
-    be written, not whenever asyncio's finalizer of the inner generator runs."""
+    """gRPC cancels the handler when the call is cancelled while a write waits (the peer left):
+    the session must leave the registry then, and its disconnection be written (when the handler
+    was a chain of async generators, not whenever asyncio's finalizer of the inner one ran)."""
     svc, sandboxes, metrics = service
     call = HandlerCall(svc.ConnectSupervisor, _hello_then_wait("sb-closed"))
     accepted = await anext(call)

@@ -40,6 +40,7 @@ from supervisor.session import (
     PUSHBACK_KEY,
     UPSTREAM_KEEPALIVE_S,
     Session,
+    SessionEnded,
     StreamWriter,
     pushback_s,
 )
@@ -635,11 +636,12 @@ async def test_a_lost_gateway_is_redialled_over_its_reconnect_window(tmp_path: P
 
 
 class _AcceptsThenAborts(pb_grpc.OpenShellServicer):
-    """A gateway that accepts, reads a little and ends the call with UNAVAILABLE and a pushback,
-    while the supervisor is still writing its backlog."""
+    """A gateway that accepts, reads a little and ends the call with UNAVAILABLE and a pushback
+    (or, ``clean``, returns: status OK), while the supervisor is still writing."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clean: bool = False) -> None:
         self.attempts: list[float] = []
+        self.clean = clean
 
     async def ConnectSupervisor(
         self,
@@ -656,6 +658,8 @@ class _AcceptsThenAborts(pb_grpc.OpenShellServicer):
         yield accepted
         async for _message in request_iterator:
             break
+        if self.clean:
+            return
         await context.abort(
             grpc.StatusCode.UNAVAILABLE, "stale session", trailing_metadata=((PUSHBACK_KEY, "20"),)
         )
@@ -685,6 +689,30 @@ async def test_a_write_to_a_call_the_gateway_ended_raises_the_calls_status(tmp_p
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ended.value.details() == "stale session"
         assert pushback_s(ended.value) == 0.02
+    finally:
+        await channel.close(None)
+        await server.stop(None)
+
+
+async def test_a_write_to_a_call_the_gateway_closed_cleanly_ends_the_session_as_a_read_would() -> None:
+    """The gateway ends a stale or closed session by returning (status OK): a write after that is
+    the stream's end, as a read's EOF is, not an error with code OK."""
+    server = aio.server()
+    pb_grpc.add_OpenShellServicer_to_server(_AcceptsThenAborts(clean=True), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+        writer = StreamWriter(call)
+        hello = pb.SupervisorMessage()
+        hello.hello.sandbox_id = "s"
+        await writer.write(hello)
+        assert (await call.read()).HasField("session_accepted")
+        await writer.write(hello)
+        assert await call.code() == grpc.StatusCode.OK
+        with pytest.raises(SessionEnded, match="the gateway closed the stream"):
+            await writer.write(hello)
     finally:
         await channel.close(None)
         await server.stop(None)
