@@ -248,6 +248,22 @@ async def finished_call_error(call: Any) -> aio.AioRpcError:
     )
 
 
+async def write_to(call: Any, message: pb.SupervisorMessage) -> None:
+    """``call.write(message)``; a call the gateway already ended raises its status instead of
+    gRPC's InvalidStateError (the reader sees the status a moment later): the session ends with
+    it, as with a read's (a refusal recognised as one, a pushback honoured), not as an internal
+    error of ours. Status OK is the stream's end, as a read's EOF is."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        if not call.done():
+            raise
+        ended = await finished_call_error(call)
+        if ended.code() == grpc.StatusCode.OK:
+            raise SessionEnded("the gateway closed the stream") from None
+        raise ended from None
+
+
 class StreamWriter:
     """The one way a session's tasks (heartbeats, sender, command answers) write to its stream:
     one message at a time, nothing after the half-close, and a call the gateway ended seen as its
@@ -262,19 +278,7 @@ class StreamWriter:
         async with self._lock:
             if self._half_closed:
                 return  # the session is ending on a reconnect hint: what is unsent is resent
-            try:
-                await self._call.write(message)
-            except asyncio.InvalidStateError:
-                # The gateway ended the call while a writer was between messages (the reader sees
-                # the status a moment later): end the session with that status, as the reader
-                # would, not as an internal error of ours.
-                if not self._call.done():
-                    raise
-                ended = await finished_call_error(self._call)
-                if ended.code() == grpc.StatusCode.OK:
-                    # What a read would have returned as the end of the stream.
-                    raise SessionEnded("the gateway closed the stream") from None
-                raise ended from None
+            await write_to(self._call, message)
 
     async def half_close(self) -> None:
         # The gateway then sees a clean end of the stream, not a cancelled call (cosmetic: it
@@ -759,7 +763,8 @@ class Session:
         h.journal_last_sequence = self._journal.last_sequence
         h.supervisor_version = __version__
         async with asyncio.timeout(self._config.gateway.connect_timeout_s):
-            await call.write(hello)
+            # A gateway may refuse the call before it reads the hello (a credential it rejects).
+            await write_to(call, hello)
             first = await call.read()
         if first is aio.EOF:
             raise SessionEnded("the gateway closed the stream before answering the hello")
