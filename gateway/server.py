@@ -7,9 +7,10 @@ ConnectSupervisor is a state machine per stream (docs/protocol.md draws it):
 
 A reader task answers the supervisor's heartbeats itself (the hot path) and moves every other
 message into the session's inbox; the handler takes those one at a time, so events of one
-sandbox are stored in order, and an acknowledgement is
-sent only after the transaction that stored them has committed. Silence longer than the stale
-bound ends the stream: a blackholed supervisor cannot hold a session forever.
+sandbox are stored in order, and an acknowledgement is sent only after the transaction that
+stored them has committed. The two take turns on the stream (gRPC takes one write at a time).
+Silence longer than the stale bound ends the stream: a blackholed supervisor cannot hold a
+session forever.
 
 Supervisors that speak only the upstream subset get the upstream behaviour: SessionAccepted,
 heartbeats both ways, and their logs and exit arrive through PushSandboxLogs and
