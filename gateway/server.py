@@ -180,9 +180,7 @@ Write = Callable[[pb.GatewayMessage], Awaitable[None]]
 async def _write_in_turn(session: Session, write: Write, message: pb.GatewayMessage) -> None:
     """A write of the session's loop, after the reader's heartbeat answer if one is being written
     (gRPC takes one write at a time on a stream; the reader never waits: it queues instead)."""
-    while session.writing:
-        waiter = session.write_waiter = asyncio.get_running_loop().create_future()
-        await waiter
+    await session.write_ended()
     session.writing = True
     try:
         await write(message)
@@ -195,9 +193,7 @@ async def _reader_write_ended(session: Session, *, timeout_s: float) -> None:
     only the reader writes now), at most ``timeout_s`` (a client that stopped reading)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
-            while session.writing:
-                waiter = session.write_waiter = asyncio.get_running_loop().create_future()
-                await waiter
+            await session.write_ended()
 
 
 class _Admitted:

@@ -190,6 +190,12 @@ class Session:
     writing: bool = field(default=False, init=False, repr=False)
     write_waiter: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
+    async def write_ended(self) -> None:
+        """Return once no write is in progress on the stream (the reader's, when the loop asks)."""
+        while self.writing:
+            waiter = self.write_waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
     def wake_writer(self) -> None:
         """The reader's write ended: the loop's write waiting for it may go."""
         waiter = self.write_waiter

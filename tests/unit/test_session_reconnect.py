@@ -124,24 +124,33 @@ _Servicer = _StoreDown | _Answering
 
 
 @contextlib.asynccontextmanager
-async def _session_against(tmp_path: Path, servicer: _Servicer, **session: object) -> AsyncIterator[Session]:
-    """A running Session against a real in-process gRPC server with ``servicer``."""
+async def _serving(servicer: pb_grpc.OpenShellServicer) -> AsyncIterator[str]:
+    """A real in-process gRPC server with ``servicer``; its address."""
     server = aio.server()
     pb_grpc.add_OpenShellServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    settings: dict[str, object] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.05, **session}
-    config = _config(tmp_path, f"127.0.0.1:{port}", **settings)
-    journal = Journal.open(journal_options(config))
-    live = Session(config=config, journal=journal, instance_id="i")
-    task = asyncio.create_task(live.run())
     try:
-        yield live
+        yield f"127.0.0.1:{port}"
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
-        journal.close()
+
+
+@contextlib.asynccontextmanager
+async def _session_against(tmp_path: Path, servicer: _Servicer, **session: object) -> AsyncIterator[Session]:
+    """A running Session against a real in-process gRPC server with ``servicer``."""
+    settings: dict[str, object] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.05, **session}
+    async with _serving(servicer) as address:
+        config = _config(tmp_path, address, **settings)
+        journal = Journal.open(journal_options(config))
+        live = Session(config=config, journal=journal, instance_id="i")
+        task = asyncio.create_task(live.run())
+        try:
+            yield live
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            journal.close()
 
 
 async def _until(predicate: Callable[[], bool], *, within: float, what: str) -> None:
@@ -665,54 +674,40 @@ class _AcceptsThenAborts(pb_grpc.OpenShellServicer):
         )
 
 
-async def test_a_write_to_a_call_the_gateway_ended_raises_the_calls_status(tmp_path: Path) -> None:
+async def _ended_under_a_writer(
+    channel: aio.Channel, code: grpc.StatusCode
+) -> tuple[StreamWriter, pb.SupervisorMessage]:
+    """A session's call that the servicer (``_AcceptsThenAborts``) ended with ``code`` after the
+    hello and one more message, its status not read by anyone; its writer and a message."""
+    call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
+    writer = StreamWriter(call)
+    hello = pb.SupervisorMessage()
+    hello.hello.sandbox_id = "s"
+    await writer.write(hello)
+    assert (await call.read()).HasField("session_accepted")  # status comes after the messages
+    await writer.write(hello)  # the servicer ends the call after reading the message after the hello
+    assert await call.code() == code  # finished; nothing read its status
+    return writer, hello
+
+
+async def test_a_write_to_a_call_the_gateway_ended_raises_the_calls_status() -> None:
     """The gateway ends a session's call while a writer of the supervisor is between messages (a
     stale bound on a loaded machine, say): the write must raise the call's status, as a read does,
     so the session ends with it and its pushback, not with gRPC's InvalidStateError taken for an
     internal error of ours (test_network_cut failed so once)."""
-    server = aio.server()
-    pb_grpc.add_OpenShellServicer_to_server(_AcceptsThenAborts(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
-        writer = StreamWriter(call)
-        hello = pb.SupervisorMessage()
-        hello.hello.sandbox_id = "s"
-        await writer.write(hello)
-        assert (await call.read()).HasField("session_accepted")  # status comes after the messages
-        await writer.write(hello)  # the servicer aborts after reading the message after the hello
-        assert await call.code() == grpc.StatusCode.UNAVAILABLE  # finished; nothing read its status
+    async with _serving(_AcceptsThenAborts()) as address, aio.insecure_channel(address) as channel:
+        writer, hello = await _ended_under_a_writer(channel, grpc.StatusCode.UNAVAILABLE)
         with pytest.raises(aio.AioRpcError) as ended:
             await writer.write(hello)
-        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert ended.value.details() == "stale session"
-        assert pushback_s(ended.value) == 0.02
-    finally:
-        await channel.close(None)
-        await server.stop(None)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ended.value.details() == "stale session"
+    assert pushback_s(ended.value) == 0.02
 
 
 async def test_a_write_to_a_call_the_gateway_closed_cleanly_ends_the_session_as_a_read_would() -> None:
     """The gateway ends a stale or closed session by returning (status OK): a write after that is
     the stream's end, as a read's EOF is, not an error with code OK."""
-    server = aio.server()
-    pb_grpc.add_OpenShellServicer_to_server(_AcceptsThenAborts(clean=True), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        call = pb_grpc.OpenShellStub(channel).ConnectSupervisor()
-        writer = StreamWriter(call)
-        hello = pb.SupervisorMessage()
-        hello.hello.sandbox_id = "s"
-        await writer.write(hello)
-        assert (await call.read()).HasField("session_accepted")
-        await writer.write(hello)
-        assert await call.code() == grpc.StatusCode.OK
+    async with _serving(_AcceptsThenAborts(clean=True)) as address, aio.insecure_channel(address) as channel:
+        writer, hello = await _ended_under_a_writer(channel, grpc.StatusCode.OK)
         with pytest.raises(SessionEnded, match="the gateway closed the stream"):
             await writer.write(hello)
-    finally:
-        await channel.close(None)
-        await server.stop(None)
