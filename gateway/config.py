@@ -299,7 +299,10 @@ class AdmissionSettings(_Section):
     )
     hellos_per_s: float = Field(1000.0, gt=0, description="Hellos admitted per second on this replica.")
     hello_burst: int = Field(
-        1000, ge=1, description="Hellos admitted at once above that rate (token bucket)."
+        2000,
+        ge=1,
+        description="Hellos admitted at once above that rate (token bucket): two seconds' worth, so "
+        "that a burst a replica takes faster than hellos_per_s is not refused for the bucket's sake.",
     )
     max_sessions: int = Field(
         0,

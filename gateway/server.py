@@ -597,7 +597,9 @@ class OpenShellService(pb_grpc.OpenShellServicer):
         peer = context.peer()
         send = context.write
         try:
-            first = await asyncio.wait_for(anext(request_iterator), self._config.grpc.hello_timeout_s)
+            # asyncio.timeout, not wait_for: no task wrapped around the read (one per hello).
+            async with asyncio.timeout(self._config.grpc.hello_timeout_s):
+                first = await anext(request_iterator)
         except (TimeoutError, StopAsyncIteration):
             log.info("stream closed before hello", extra={"peer": peer})
             await send(self._rejection(pb.REJECT_CODE_PROTOCOL_ERROR, "no hello received"))

@@ -733,14 +733,16 @@ class SandboxStore:
                 if registering:
                     # Before any lock, in id order (like the locks below): two batches
                     # registering the same new ids wait on each other in one order.
+                    # One statement run for many parameter sets (executemany), not a VALUES
+                    # list: its compiled form is cached, where a VALUES list of each batch's
+                    # length was compiled again for every batch (a third of the claim's CPU).
                     now = utcnow()
                     await conn.execute(
-                        self._insert().values(
-                            [
-                                {"id": i, "driver": "external", "created_at": now, "spec": None}
-                                for i in registering
-                            ]
-                        )
+                        self._insert(),
+                        [
+                            {"id": i, "driver": "external", "created_at": now, "spec": None}
+                            for i in registering
+                        ],
                     )
                 # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
                 # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the
@@ -754,8 +756,13 @@ class SandboxStore:
                             outcomes[index] = ClaimBusy(request.sandbox_id)
                     rounds = [[i for i in r if requests[i].sandbox_id in locked] for r in rounds]
                     rounds = [r for r in rounds if r]
-                else:
+                elif conn.dialect.name == "postgresql":
                     await conn.execute(_LOCK_ROWS.with_for_update(), {"ids": ids})
+                # SQLite: no row locks (its FOR UPDATE renders as a plain read); this process's
+                # writer lock (Database.begin) and the file's own already exclude every other
+                # writer, and a read first would only cost the batch a statement's round trips
+                # through the driver's thread and open the transaction as a reader that must
+                # then upgrade to a writer.
                 for round_ in rounds:
                     # The stale-connection rule is in the claim's own WHERE, not in a read before
                     # it: one statement is atomic on both dialects.

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from grpc import aio
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
+from sqlalchemy.engine.interfaces import CacheStats
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.app import Gateway
@@ -118,6 +119,43 @@ async def test_a_batch_claims_each_sandbox_with_its_own_epoch_and_high_water_mar
         assert outcome.generation == 1
         assert after[request.sandbox_id].session_id == request.session_id
         assert after[request.sandbox_id].connected
+
+
+async def test_a_batch_runs_the_same_cached_statements_whatever_its_size(db: Database) -> None:
+    """A batch's statements do not grow with it and are compiled once, not per batch size: the
+    registering INSERT is one statement run for many parameter sets (a VALUES list of the batch's
+    length was compiled again for every new length: a third of the claim's CPU in a burst), and
+    on SQLite there is no row-lock read before the UPDATE (no row locks there: a plain read that
+    cost each batch a statement's round trips through the driver's thread)."""
+    store = SandboxStore(db)
+    # Compiles what a batch needs (a batch of one registers with a single execution, its own form).
+    await store.claim_many([_request(f"sb-warm-{n}", register=True) for n in range(2)])
+    seen: list[tuple[str, Any]] = []
+
+    def record(*args: Any) -> None:
+        # before_cursor_execute(conn, cursor, statement, parameters, context, executemany)
+        statement, context = args[2], args[4]
+        seen.append((statement.split(None, 1)[0].upper(), context.cache_hit))
+
+    sync_engine = db.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", record)
+    try:
+        per_batch = []
+        for size in (3, 7, 20):
+            seen.clear()
+            outcomes = await store.claim_many(
+                [_request(f"sb-{size}-{n:02d}", register=True) for n in range(size)]
+            )
+            assert all(isinstance(o, Claim) for o in outcomes), outcomes
+            per_batch.append([kind for kind, _ in seen])
+            missed = [kind for kind, hit in seen if hit is not CacheStats.CACHE_HIT]
+            assert not missed, f"batch of {size}: compiled again: {missed} (all: {seen})"
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", record)
+    expected = ["INSERT", "UPDATE", "SELECT"]
+    if db.dialect == "postgresql":
+        expected = ["INSERT", "SELECT", "UPDATE", "SELECT"]  # the rows locked FOR UPDATE first
+    assert per_batch == [expected] * 3, per_batch
 
 
 def _single(request: ClaimRequest) -> dict[str, Any]:
