@@ -693,10 +693,11 @@ class SandboxStore:
         :class:`NoSuchSandbox`); the others are claimed all the same. A failure of the transaction
         raises StoreError: then nothing of any of them was written.
 
-        The statements: the registering INSERT (only with ``register`` requests, ids in order);
-        the rows locked FOR UPDATE in id order (two replicas' batches lock in the same order, so
-        they cannot deadlock); one UPDATE .. FROM the requests' values (a JSON array: the statement
-        text is the same whatever the batch's size) .. RETURNING the claimed rows, each with its
+        The statements: the registering INSERT (only with ``register`` requests, ids in order;
+        one statement run for their parameter sets); on PostgreSQL the rows locked FOR UPDATE in
+        id order (two replicas' batches lock in the same order, so they cannot deadlock); one
+        UPDATE .. FROM the requests' values (a JSON array: the statement text is the same whatever
+        the batch's size) .. RETURNING the claimed rows, each with its
         own generation pin and stale-connection rule; one SELECT of the high-water marks, after
         the UPDATE as :meth:`claim` requires. Two requests of one sandbox are claimed in their
         order, one UPDATE each (the later owns the row, the earlier is fenced as if it came
@@ -758,11 +759,11 @@ class SandboxStore:
                     rounds = [r for r in rounds if r]
                 elif conn.dialect.name == "postgresql":
                     await conn.execute(_LOCK_ROWS.with_for_update(), {"ids": ids})
-                # SQLite: no row locks (its FOR UPDATE renders as a plain read); this process's
-                # writer lock (Database.begin) and the file's own already exclude every other
-                # writer, and a read first would only cost the batch a statement's round trips
-                # through the driver's thread and open the transaction as a reader that must
-                # then upgrade to a writer.
+                # SQLite: no row locks (its FOR UPDATE renders as a plain read, run by pysqlite
+                # outside the write transaction, which begins at the first INSERT or UPDATE):
+                # this process's writer lock (Database.begin) and the file's own already exclude
+                # every other writer, and the read only cost the batch a statement's round trips
+                # through the driver's thread.
                 for round_ in rounds:
                     # The stale-connection rule is in the claim's own WHERE, not in a read before
                     # it: one statement is atomic on both dialects.

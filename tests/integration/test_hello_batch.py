@@ -123,8 +123,8 @@ async def test_a_batch_claims_each_sandbox_with_its_own_epoch_and_high_water_mar
 
 async def test_a_batch_runs_the_same_cached_statements_whatever_its_size(db: Database) -> None:
     """A batch's statements do not grow with it and are compiled once, not per batch size: the
-    registering INSERT is one statement run for many parameter sets (a VALUES list of the batch's
-    length was compiled again for every new length: a third of the claim's CPU in a burst), and
+    registering INSERT is one statement run for many parameter sets (a VALUES list has no cache
+    key: it was compiled again for every batch, a third of the claim's CPU in a burst), and
     on SQLite there is no row-lock read before the UPDATE (no row locks there: a plain read that
     cost each batch a statement's round trips through the driver's thread)."""
     store = SandboxStore(db)

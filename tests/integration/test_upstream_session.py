@@ -441,17 +441,17 @@ async def _refuses_an_epoch_out_of_range(gw: Gateway) -> None:
 # -- the stale-connection rule and the claim are one statement -------------------------------
 
 
-async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_sqlite(
+async def test_a_late_hello_paused_before_its_claims_update_cannot_win_on_sqlite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The late hello (epoch 1) is paused inside its claim, before its first statement; the newer
-    one (epoch 2) claims and commits meanwhile; the late one then must not claim: whatever it
-    decided before (a read of the row, on SQLite, would not lock it), the rule must be in the
-    UPDATE. (The pause is before the statement, not after it: on SQLite the claim's first
-    statement is now its UPDATE, which takes the file's write lock, and the newer claim would
-    wait for it.) The newer hello claims through a second Database on the file, as another
-    gateway process would: within one process the store's SQLite writer lock (Database.begin)
-    already keeps the two claims apart, so only another process can interleave."""
+    """The late hello (epoch 1) is paused inside its claim, right before its UPDATE; the newer one
+    (epoch 2) claims and commits meanwhile; the late one then must not claim: whatever its claim
+    read or decided before the UPDATE (on SQLite a read there runs outside the write transaction
+    and locks nothing), the rule must be in the UPDATE itself. (Paused before the UPDATE, not
+    after it: the UPDATE takes the file's write lock, and the newer claim would wait for it.)
+    The newer hello claims through a second Database on the file, as another gateway process
+    would: within one process the store's SQLite writer lock (Database.begin) already keeps the
+    two claims apart, so only another process can interleave."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
     db = await Database.open(url)
     other = await Database.open(url)
@@ -465,7 +465,8 @@ async def test_a_late_hello_paused_between_its_read_and_its_claim_cannot_win_on_
 
         async def execute(self: AsyncConnection, statement: Any, *args: Any, **kwargs: Any) -> Any:
             task = asyncio.current_task()
-            if task is not None and task.get_name() == "late" and not paused.is_set():
+            is_update = getattr(statement, "is_update", False)
+            if is_update and task is not None and task.get_name() == "late" and not paused.is_set():
                 paused.set()
                 await resume.wait()
             return await real_execute(self, statement, *args, **kwargs)
