@@ -301,8 +301,9 @@ class AdmissionSettings(_Section):
     hello_burst: int = Field(
         2000,
         ge=1,
-        description="Hellos admitted at once above that rate (token bucket): two seconds' worth, so "
-        "that a burst a replica takes faster than hellos_per_s is not refused for the bucket's sake.",
+        description="Hellos admitted at once above that rate (token bucket): two seconds' worth at the "
+        "default rate, so that a burst a replica takes faster than hellos_per_s is not refused for the "
+        "bucket's sake; lower it with the rate.",
     )
     max_sessions: int = Field(
         0,
