@@ -738,7 +738,16 @@ def _scene(binary: str, root: Path, pg_server: PgServer, election: Election | No
             _until(prom, 'ALERTS{alertname="OpenShellGatewayReplicasDown"}', "replicas-down pending")
             b.start()
             _until(prom, 'sum(openshell_gateway_reconnect_hints_total{reason="rebalance"})', "a move")
-            _until(prom, f'sum(openshell_gateway_sessions{{job="{job}"}}) == 4', "every supervisor back")
+            # Every supervisor back and the two replicas at their fair share: a moved supervisor
+            # lands on A again a third of the time (the next move follows a rebalance interval
+            # later), so "all four back" alone can hold a moment before the last move, which the
+            # panels' last five seconds then straddle.
+            _until(
+                prom,
+                f'sum(openshell_gateway_sessions{{job="{job}"}}) == 4'
+                f' and max(openshell_gateway_sessions{{job="{job}"}}) == 2',
+                "every supervisor back, two on each replica",
+            )
             time.sleep(5)  # the last moves' rates in a few more samples
             end = time.time()
             listed = _listed(a.http_port)
