@@ -624,13 +624,22 @@ def _cut_connections(server: PgServer) -> None:
     asyncio.run(cut())
 
 
-def _listed(http_port: int) -> dict[str, int]:
-    """The sandboxes the gateway's API lists, counted by state."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/sandboxes", timeout=10) as resp:
-        body = json.loads(resp.read())
+def _listed(http_port: int, *, timeout: float = 10) -> dict[str, int]:
+    """The sandboxes the gateway's API lists, counted by state, from a listing taken while BUSY's
+    main process runs: it exits every few seconds and is down for up to its 0.5 s restart backoff,
+    when the API rightly lists it exited; one listing at that instant disagreed with the panels'
+    five seconds, which show it running most of the time (a CI run failed on it once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/sandboxes", timeout=10) as resp:
+            body = json.loads(resp.read())
+        by_id = {sandbox["id"]: sandbox["state"] for sandbox in body["sandboxes"]}
+        if by_id.get(BUSY) != "exited" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
     states: dict[str, int] = {}
-    for sandbox in body["sandboxes"]:
-        states[sandbox["state"]] = states.get(sandbox["state"], 0) + 1
+    for state in by_id.values():
+        states[state] = states.get(state, 0) + 1
     return states
 
 
