@@ -697,9 +697,9 @@ class SandboxStore:
         one statement run for their parameter sets); on PostgreSQL the rows locked FOR UPDATE in
         id order (two replicas' batches lock in the same order, so they cannot deadlock); one
         UPDATE .. FROM the requests' values (a JSON array: the statement text is the same whatever
-        the batch's size) .. RETURNING the claimed rows, each with its
-        own generation pin and stale-connection rule; one SELECT of the high-water marks, after
-        the UPDATE as :meth:`claim` requires. Two requests of one sandbox are claimed in their
+        the batch's size) .. RETURNING the claimed rows, each with its own generation pin and
+        stale-connection rule; one SELECT of the high-water marks, after the UPDATE as
+        :meth:`claim` requires. Two requests of one sandbox are claimed in their
         order, one UPDATE each (the later owns the row, the earlier is fenced as if it came
         first). A request the UPDATE did not claim is explained by a read of its row.
 
@@ -745,25 +745,25 @@ class SandboxStore:
                             for i in registering
                         ],
                     )
-                # FOR UPDATE first (PostgreSQL; SQLite has one writer): it conflicts with the KEY
-                # SHARE lock a fenced write holds on the row (gateway/store/fencing.py), so the
-                # claim waits for writes in flight, and they for it; the UPDATE alone would not.
-                if skip_locked and conn.dialect.name == "postgresql":
-                    locked = set(
-                        await conn.scalars(_LOCK_ROWS.with_for_update(skip_locked=True), {"ids": ids})
-                    )
-                    for index, request in enumerate(requests):
-                        if request.sandbox_id not in locked:
-                            outcomes[index] = ClaimBusy(request.sandbox_id)
-                    rounds = [[i for i in r if requests[i].sandbox_id in locked] for r in rounds]
-                    rounds = [r for r in rounds if r]
-                elif conn.dialect.name == "postgresql":
-                    await conn.execute(_LOCK_ROWS.with_for_update(), {"ids": ids})
-                # SQLite: no row locks (its FOR UPDATE renders as a plain read, run by pysqlite
-                # outside the write transaction, which begins at the first INSERT or UPDATE):
-                # this process's writer lock (Database.begin) and the file's own already exclude
-                # every other writer, and the read only cost the batch a statement's round trips
-                # through the driver's thread.
+                # FOR UPDATE first, on PostgreSQL: it conflicts with the KEY SHARE lock a fenced
+                # write holds on the row (gateway/store/fencing.py), so the claim waits for writes
+                # in flight, and they for it; the UPDATE alone would not. SQLite has no row locks
+                # (its FOR UPDATE renders as a plain read, run by pysqlite outside the write
+                # transaction, which begins at the first INSERT or UPDATE): this process's writer
+                # lock (Database.begin) and the file's own already exclude every other writer,
+                # and the read only cost the batch a statement's round trips through the driver.
+                if conn.dialect.name == "postgresql":
+                    if skip_locked:
+                        locked = set(
+                            await conn.scalars(_LOCK_ROWS.with_for_update(skip_locked=True), {"ids": ids})
+                        )
+                        for index, request in enumerate(requests):
+                            if request.sandbox_id not in locked:
+                                outcomes[index] = ClaimBusy(request.sandbox_id)
+                        rounds = [[i for i in r if requests[i].sandbox_id in locked] for r in rounds]
+                        rounds = [r for r in rounds if r]
+                    else:
+                        await conn.execute(_LOCK_ROWS.with_for_update(), {"ids": ids})
                 for round_ in rounds:
                     # The stale-connection rule is in the claim's own WHERE, not in a read before
                     # it: one statement is atomic on both dialects.
